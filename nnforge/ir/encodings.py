@@ -1,0 +1,272 @@
+"""Weight encodings: how a weight tensor is stored.
+
+Compression is a change of encoding, not a new operator: a pass replaces a ``Dense`` weight by an
+encoded one, and every encoding can ``decode()`` to a dense float tensor, so the reference
+interpreter runs any compressed graph. Encodings are immutable; each is serialised as a few named
+tensors (stored in safetensors) plus JSON-able parameters, and registered by ``kind`` so a bundle
+can be read back without executing anything from it.
+
+Integer weights use a 2-D view: rows are the first axis (output channels of linear/conv,
+the vocabulary of an embedding) and columns all other axes flattened, which is the reduction
+axis of the layer. Scales are ``[R, G]`` with R = 1 (one scale for all rows) or R = rows, and
+G = ceil(cols / group_size) groups along the columns, which covers per-tensor, per-channel and
+per-group quantisation with one layout.
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from . import packing
+from .dtypes import DType, dtype as _dtype, float32
+
+ENCODINGS: dict[str, type["Encoding"]] = {}
+
+
+class EncodingError(ValueError):
+    """An encoding's parts disagree with each other or with its declared shape."""
+
+
+def register_encoding(cls):
+    ENCODINGS[cls.kind] = cls
+    return cls
+
+
+class Encoding(ABC):
+    kind: ClassVar[str]
+    shape: tuple[int, ...]
+
+    @property
+    @abstractmethod
+    def dtype(self) -> DType:
+        """The dtype ``decode()`` returns (the logical dtype of the weight)."""
+
+    @abstractmethod
+    def decode(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense tensor this encoding stands for."""
+
+    @abstractmethod
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The stored parts, by field name."""
+
+    def params(self) -> dict:
+        """JSON-able parameters besides the tensors."""
+        return {}
+
+    @classmethod
+    @abstractmethod
+    def from_parts(cls, params: dict, tensors: dict[str, torch.Tensor]) -> "Encoding":
+        """Rebuild from ``params()`` and ``tensors()``."""
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this encoding occupies when stored."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes / max(self.numel, 1)
+
+    def describe(self) -> str:
+        return self.kind
+
+
+def rows_cols(shape: tuple[int, ...]) -> tuple[int, int]:
+    if len(shape) == 0:
+        return 1, 1
+    return shape[0], math.prod(shape[1:])
+
+
+@register_encoding
+@dataclass(frozen=True, eq=False)
+class Dense(Encoding):
+    """A plain tensor (fp32/fp16/bf16 weights, integer or boolean constants)."""
+    kind: ClassVar[str] = "dense"
+    data: torch.Tensor
+    shape: tuple[int, ...] = field(init=False)
+
+    def __post_init__(self):
+        if not isinstance(self.data, torch.Tensor):
+            raise EncodingError(f"Dense needs a torch.Tensor, got {type(self.data).__name__}")
+        object.__setattr__(self, "data", self.data.detach().contiguous())
+        object.__setattr__(self, "shape", tuple(self.data.shape))
+
+    @property
+    def dtype(self) -> DType:
+        return _dtype(self.data.dtype)
+
+    def decode(self, dtype=None):
+        return self.data if dtype is None or not self.data.is_floating_point() else self.data.to(dtype)
+
+    def tensors(self):
+        return {"data": self.data}
+
+    @classmethod
+    def from_parts(cls, params, tensors):
+        return cls(tensors["data"])
+
+    def describe(self):
+        return f"dense {self.dtype.short}"
+
+
+@register_encoding
+@dataclass(frozen=True, eq=False)
+class IntQuant(Encoding):
+    """Integer codes with per-tensor / per-channel / per-group scales and optional zero points.
+
+    ``decode`` gives ``(code - zero_point) * scale`` on the 2-D view. With act-order (GPTQ), the
+    columns are stored in the order ``perm``: stored column j holds original column ``perm[j]``,
+    and groups are contiguous in stored order. Backends apply ``perm`` to the activations.
+    """
+    kind: ClassVar[str] = "int"
+    shape: tuple[int, ...]
+    bits: int
+    signed: bool
+    codes: torch.Tensor            # uint8 [rows, ceil(cols*bits/8)], packed (see packing.py)
+    scale: torch.Tensor            # float [R, G]
+    group_size: int
+    zero_point: torch.Tensor | None = None   # int [R, G], in the code domain
+    perm: torch.Tensor | None = None         # int64 [cols]
+    out_dtype: DType = float32
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        object.__setattr__(self, "out_dtype", _dtype(self.out_dtype))
+        rows, cols = rows_cols(self.shape)
+        if not 2 <= self.bits <= 8:
+            raise EncodingError(f"IntQuant supports 2..8 bits, got {self.bits}")
+        if self.codes.dtype != torch.uint8 or tuple(self.codes.shape) != (rows, packing.packed_cols(cols, self.bits)):
+            raise EncodingError(f"IntQuant codes must be uint8 {(rows, packing.packed_cols(cols, self.bits))} for "
+                                f"{self.bits}-bit codes of shape {self.shape}, got {self.codes.dtype} "
+                                f"{tuple(self.codes.shape)}")
+        if not 1 <= self.group_size <= cols:
+            raise EncodingError(f"group_size {self.group_size} outside 1..{cols}")
+        groups = -(-cols // self.group_size)
+        if self.scale.dim() != 2 or self.scale.shape[0] not in (1, rows) or self.scale.shape[1] != groups:
+            raise EncodingError(f"IntQuant scale must be [1 or {rows}, {groups}], got {tuple(self.scale.shape)}")
+        if not self.scale.is_floating_point():
+            raise EncodingError("IntQuant scale must be a float tensor")
+        if self.zero_point is not None and tuple(self.zero_point.shape) != tuple(self.scale.shape):
+            raise EncodingError(f"zero_point shape {tuple(self.zero_point.shape)} differs from scale "
+                                f"shape {tuple(self.scale.shape)}")
+        if self.perm is not None:
+            p = self.perm.to(torch.int64)
+            if p.shape != (cols,) or not torch.equal(torch.sort(p).values, torch.arange(cols)):
+                raise EncodingError(f"perm must be a permutation of range({cols})")
+            object.__setattr__(self, "perm", p)
+
+    @property
+    def dtype(self):
+        return self.out_dtype
+
+    @property
+    def code_dtype(self) -> DType:
+        return _dtype(f"{'int' if self.signed else 'uint'}{self.bits}")
+
+    @property
+    def granularity(self) -> str:
+        rows, cols = rows_cols(self.shape)
+        if self.scale.shape[1] > 1:
+            return "group"
+        return "channel" if self.scale.shape[0] == rows and rows > 1 else "tensor"
+
+    def int_codes(self) -> torch.Tensor:
+        """Codes as int64 [rows, cols] in stored (possibly permuted) column order."""
+        rows, cols = rows_cols(self.shape)
+        fields = packing.unpack_bits(self.codes, self.bits, cols)
+        return packing.to_signed(fields, self.bits) if self.signed else fields
+
+    def decode(self, dtype=None):
+        rows, cols = rows_cols(self.shape)
+        q = self.int_codes().to(torch.float64 if dtype == torch.float64 else torch.float32)
+        idx = torch.arange(cols) // self.group_size
+        scale = self.scale.to(q.dtype)[:, idx]
+        if self.zero_point is not None:
+            q = q - self.zero_point.to(q.dtype)[:, idx]
+        w = q * scale
+        if self.perm is not None:
+            out = torch.empty_like(w)
+            out[:, self.perm] = w
+            w = out
+        return w.reshape(self.shape).to(dtype or self.out_dtype.torch_dtype)
+
+    def tensors(self):
+        t = {"codes": self.codes, "scale": self.scale}
+        if self.zero_point is not None:
+            t["zero_point"] = self.zero_point
+        if self.perm is not None:
+            t["perm"] = self.perm
+        return t
+
+    def params(self):
+        return {"shape": list(self.shape), "bits": self.bits, "signed": self.signed,
+                "group_size": self.group_size, "out_dtype": self.out_dtype.name}
+
+    @classmethod
+    def from_parts(cls, params, tensors):
+        return cls(shape=tuple(params["shape"]), bits=params["bits"], signed=params["signed"],
+                   codes=tensors["codes"], scale=tensors["scale"], group_size=params["group_size"],
+                   zero_point=tensors.get("zero_point"), perm=tensors.get("perm"),
+                   out_dtype=params.get("out_dtype", "float32"))
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, *, bits: int, signed: bool, shape,
+                   group_size: int | None = None, zero_point=None, perm=None, out_dtype=float32) -> "IntQuant":
+        """Build from unpacked integer codes [rows, cols] (stored column order)."""
+        rows, cols = rows_cols(tuple(shape))
+        lo, hi = _dtype(f"{'int' if signed else 'uint'}{bits}").int_range
+        codes = codes.reshape(rows, cols).to(torch.int64)
+        if codes.numel() and (int(codes.min()) < lo or int(codes.max()) > hi):
+            raise EncodingError(f"codes outside [{lo}, {hi}] for {'signed' if signed else 'unsigned'} {bits}-bit")
+        fields = packing.to_unsigned(codes, bits) if signed else codes
+        zp_dtype = torch.int8 if signed else torch.uint8
+        return cls(tuple(shape), bits, signed, packing.pack_bits(fields, bits), scale.reshape(scale.shape[0], -1),
+                   group_size or cols, None if zero_point is None else zero_point.to(zp_dtype), perm, out_dtype)
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor, bits: int, *, group_size: int | None = None, symmetric: bool = True,
+                 per_tensor: bool = False, scale_dtype=torch.float32) -> "IntQuant":
+        """Round-to-nearest quantisation of ``w`` (per channel, per group of ``group_size``
+        columns, or per tensor). Symmetric grids use signed codes in [-(2^(b-1)-1), 2^(b-1)-1];
+        asymmetric grids unsigned codes in [0, 2^b-1] with an integer zero point."""
+        shape = tuple(w.shape)
+        rows, cols = rows_cols(shape)
+        gs = cols if group_size is None or per_tensor else int(group_size)
+        if cols % gs:
+            raise EncodingError(f"group_size {gs} does not divide the {cols} columns of a weight of shape {shape}")
+        x = w.detach().to(torch.float32).reshape(1 if per_tensor else rows, -1, gs)
+        if symmetric:
+            qmax = (1 << (bits - 1)) - 1
+            scale = (x.abs().amax(-1) / qmax).clamp(min=torch.finfo(torch.float32).tiny)
+            scale = scale.to(scale_dtype).to(torch.float32)
+            q = torch.round(x / scale.unsqueeze(-1)).clamp(-qmax - 1, qmax)
+            zp = None
+        else:
+            qmax = (1 << bits) - 1
+            lo, hi = x.amin(-1).clamp(max=0), x.amax(-1).clamp(min=0)
+            scale = ((hi - lo) / qmax).clamp(min=torch.finfo(torch.float32).tiny).to(scale_dtype).to(torch.float32)
+            zp = torch.round(-lo / scale).clamp(0, qmax)
+            q = torch.round(x / scale.unsqueeze(-1) + zp.unsqueeze(-1)).clamp(0, qmax)
+        return cls.from_codes(q.reshape(-1 if per_tensor else rows, cols), scale.to(scale_dtype), bits=bits,
+                              signed=symmetric, shape=shape, group_size=gs, zero_point=zp)
+
+    def describe(self):
+        g = {"group": f"g{self.group_size}", "channel": "per-channel", "tensor": "per-tensor"}[self.granularity]
+        extra = (" asym" if self.zero_point is not None else " sym") + (" act-order" if self.perm is not None else "")
+        return f"{self.code_dtype.short} {g}{extra}"
+
+
+def encoding_from_parts(kind: str, params: dict, tensors: dict[str, torch.Tensor]) -> Encoding:
+    try:
+        cls = ENCODINGS[kind]
+    except KeyError:
+        raise EncodingError(f"unknown weight encoding {kind!r}; known: {', '.join(sorted(ENCODINGS))}") from None
+    return cls.from_parts(params, tensors)

@@ -1,0 +1,281 @@
+"""Symbolic tensor dimensions.
+
+A dimension is an ``int`` or a ``str`` holding a small integer expression over named symbols,
+such as ``"batch"``, ``"12*batch"`` or ``"seq + 1"`` (grammar: ints, names, ``+ - * // %``,
+``max(..)``, ``min(..)``). Graph inputs introduce the symbols; every other shape is an expression
+over them, so one graph serves every batch size and sequence length.
+
+Expressions are parsed with :mod:`ast` and walked by hand: text read from a bundle is never
+evaluated as Python. Equality is decided on a polynomial normal form, where anything that is not
+a polynomial (a floor division that does not divide, a max) becomes an opaque atom.
+
+    >>> simplify("seq*batch + 0")
+    'batch*seq'
+    >>> evaluate("12*batch", {"batch": 2})
+    24
+"""
+from __future__ import annotations
+
+import ast
+import re
+from functools import lru_cache
+from typing import Union
+
+Dim = Union[int, str]
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_FUNCS = {"max": max, "min": min}
+_ARITH = {ast.Add: int.__add__, ast.Sub: int.__sub__, ast.Mult: int.__mul__,
+          ast.FloorDiv: int.__floordiv__, ast.Mod: int.__mod__}
+MAX_EXPR_LEN = 512
+
+
+class DimError(ValueError):
+    """A dimension expression is malformed or cannot be evaluated."""
+
+
+@lru_cache(maxsize=4096)
+def _parse(text: str) -> ast.expr:
+    if len(text) > MAX_EXPR_LEN:
+        raise DimError(f"dimension expression longer than {MAX_EXPR_LEN} characters")
+    try:
+        tree = ast.parse(text, mode="eval").body
+    except SyntaxError:
+        raise DimError(f"malformed dimension expression {text!r}") from None
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.FloorDiv, ast.Mod)):
+            stack += [node.left, node.right]
+        elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            stack.append(node.operand)
+        elif isinstance(node, ast.Constant) and type(node.value) is int:
+            pass
+        elif isinstance(node, ast.Name) and node.id not in _FUNCS:
+            pass
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCS
+              and node.args and not node.keywords):
+            stack += node.args
+        else:
+            raise DimError(f"dimension expression {text!r} uses unsupported syntax")
+    return tree
+
+
+def check(d: Dim) -> None:
+    """Raise DimError unless ``d`` is a valid dimension."""
+    if isinstance(d, bool) or not isinstance(d, (int, str)):
+        raise DimError(f"dimension must be an int or an expression string, got {d!r}")
+    if isinstance(d, int):
+        if d < 0:
+            raise DimError(f"negative dimension {d}")
+        return
+    _parse(d)
+
+
+def evaluate(d: Dim, env: dict[str, int]) -> int:
+    """Value of ``d`` with each symbol bound by ``env``."""
+    if isinstance(d, int):
+        return d
+    out: dict[int, int] = {}
+    stack: list[tuple[ast.expr, bool]] = [(_parse(d), False)]
+    while stack:                                  # iterative post-order walk
+        node, ready = stack.pop()
+        if isinstance(node, ast.Constant):
+            out[id(node)] = node.value
+        elif isinstance(node, ast.Name):
+            if node.id not in env:
+                raise DimError(f"symbol {node.id!r} of dimension {d!r} is not bound")
+            out[id(node)] = int(env[node.id])
+        elif not ready:
+            stack.append((node, True))
+            kids = [node.left, node.right] if isinstance(node, ast.BinOp) else (
+                [node.operand] if isinstance(node, ast.UnaryOp) else list(node.args))
+            stack += [(k, False) for k in kids]
+        elif isinstance(node, ast.BinOp):
+            a, b = out[id(node.left)], out[id(node.right)]
+            if isinstance(node.op, (ast.FloorDiv, ast.Mod)) and b == 0:
+                raise DimError(f"division by zero evaluating {d!r} with {env}")
+            out[id(node)] = _ARITH[type(node.op)](a, b)
+        elif isinstance(node, ast.UnaryOp):
+            out[id(node)] = -out[id(node.operand)]
+        else:
+            out[id(node)] = _FUNCS[node.func.id](out[id(a)] for a in node.args)
+    return out[id(_parse(d))]
+
+
+# --- polynomial normal form -------------------------------------------------------------------
+# A polynomial maps a monomial (sorted tuple of atoms) to its integer coefficient. An atom is a
+# symbol name or the canonical text of a non-polynomial sub-expression, written in parentheses.
+
+Poly = dict[tuple[str, ...], int]
+
+
+def _padd(a: Poly, b: Poly, sign: int = 1) -> Poly:
+    out = dict(a)
+    for m, c in b.items():
+        out[m] = out.get(m, 0) + sign * c
+    return {m: c for m, c in out.items() if c != 0}
+
+
+def _pmul(a: Poly, b: Poly) -> Poly:
+    out: Poly = {}
+    for ma, ca in a.items():
+        for mb, cb in b.items():
+            m = tuple(sorted(ma + mb))
+            out[m] = out.get(m, 0) + ca * cb
+    return {m: c for m, c in out.items() if c != 0}
+
+
+def _const(p: Poly) -> int | None:
+    if not p:
+        return 0
+    if len(p) == 1 and () in p:
+        return p[()]
+    return None
+
+
+def _atom(text: str) -> Poly:
+    return {(text,): 1}
+
+
+def _to_poly(tree: ast.expr) -> Poly:
+    done: dict[int, Poly] = {}
+    stack: list[tuple[ast.expr, bool]] = [(tree, False)]
+    while stack:
+        node, ready = stack.pop()
+        if isinstance(node, ast.Constant):
+            done[id(node)] = {(): node.value} if node.value else {}
+            continue
+        if isinstance(node, ast.Name):
+            done[id(node)] = _atom(node.id)
+            continue
+        kids = [node.left, node.right] if isinstance(node, ast.BinOp) else (
+            [node.operand] if isinstance(node, ast.UnaryOp) else list(node.args))
+        if not ready:
+            stack.append((node, True))
+            stack += [(k, False) for k in kids]
+            continue
+        ps = [done[id(k)] for k in kids]
+        if isinstance(node, ast.UnaryOp):
+            done[id(node)] = {m: -c for m, c in ps[0].items()}
+        elif isinstance(node, ast.Call):
+            consts = [_const(p) for p in ps]
+            if all(c is not None for c in consts):
+                done[id(node)] = _from_int(_FUNCS[node.func.id](consts))
+            else:
+                args = sorted(set(_print(p) for p in ps))
+                done[id(node)] = _atom(f"{node.func.id}({', '.join(args)})")
+        elif isinstance(node.op, ast.Add):
+            done[id(node)] = _padd(ps[0], ps[1])
+        elif isinstance(node.op, ast.Sub):
+            done[id(node)] = _padd(ps[0], ps[1], -1)
+        elif isinstance(node.op, ast.Mult):
+            done[id(node)] = _pmul(ps[0], ps[1])
+        else:
+            done[id(node)] = _divmod(ps[0], ps[1], isinstance(node.op, ast.FloorDiv))
+    return done[id(tree)]
+
+
+def _from_int(v: int) -> Poly:
+    return {(): v} if v else {}
+
+
+def _divmod(a: Poly, b: Poly, floordiv: bool) -> Poly:
+    ca, cb = _const(a), _const(b)
+    if cb == 0:
+        raise DimError("division by zero in a dimension expression")
+    if ca is not None and cb is not None:
+        return _from_int(ca // cb if floordiv else ca % cb)
+    if cb is not None and all(c % cb == 0 for c in a.values()):
+        return {m: c // cb for m, c in a.items()} if floordiv else {}
+    if cb == 1:
+        return a if floordiv else {}
+    op = "//" if floordiv else " % "
+    return _atom(f"({_operand(a)}{op}{_operand(b)})")
+
+
+def _operand(p: Poly) -> str:
+    """Text of ``p`` safe to use as an operand of a product or division."""
+    text = _print(p)
+    return text if len(p) <= 1 and not text.startswith("-") else f"({text})"
+
+
+def _print(p: Poly) -> str:
+    if not p:
+        return "0"
+    terms = sorted(p.items(), key=lambda mc: (-len(mc[0]), mc[0]))
+    parts = []
+    for m, c in terms:
+        body = "*".join(m)
+        if not body:
+            text = str(abs(c))
+        elif abs(c) == 1:
+            text = body
+        else:
+            text = f"{abs(c)}*{body}"
+        parts.append(("-" if c < 0 else "+", text))
+    sign, first = parts[0]
+    out = ("-" if sign == "-" else "") + first
+    for sign, text in parts[1:]:
+        out += f" {sign} {text}"
+    return out
+
+
+@lru_cache(maxsize=8192)
+def _simplify_str(text: str) -> Dim:
+    p = _to_poly(_parse(text))
+    c = _const(p)
+    return c if c is not None else _print(p)
+
+
+def simplify(d: Dim) -> Dim:
+    """Canonical form of ``d``: an int when it is constant, else a normalised expression."""
+    check(d)
+    return d if isinstance(d, int) else _simplify_str(d)
+
+
+def _wrap(d: Dim) -> str:
+    return str(d) if isinstance(d, int) else f"({d})"
+
+
+def add(a: Dim, b: Dim) -> Dim:
+    return simplify(a + b) if isinstance(a, int) and isinstance(b, int) else simplify(f"{_wrap(a)} + {_wrap(b)}")
+
+
+def sub(a: Dim, b: Dim) -> Dim:
+    return simplify(a - b) if isinstance(a, int) and isinstance(b, int) else simplify(f"{_wrap(a)} - {_wrap(b)}")
+
+
+def mul(a: Dim, b: Dim) -> Dim:
+    return a * b if isinstance(a, int) and isinstance(b, int) else simplify(f"{_wrap(a)}*{_wrap(b)}")
+
+
+def floordiv(a: Dim, b: Dim) -> Dim:
+    return a // b if isinstance(a, int) and isinstance(b, int) else simplify(f"{_wrap(a)}//{_wrap(b)}")
+
+
+def minimum(a: Dim, b: Dim) -> Dim:
+    return min(a, b) if isinstance(a, int) and isinstance(b, int) else simplify(f"min({a}, {b})")
+
+
+def prod(dims) -> Dim:
+    out: Dim = 1
+    for d in dims:
+        out = mul(out, d)
+    return out
+
+
+def equal(a: Dim, b: Dim) -> bool:
+    """True when ``a`` and ``b`` are provably the same dimension."""
+    return simplify(a) == simplify(b)
+
+
+def symbols(d: Dim) -> set[str]:
+    """Names of the symbols ``d`` depends on."""
+    if isinstance(d, int):
+        return set()
+    return {n.id for n in ast.walk(_parse(d)) if isinstance(n, ast.Name) and n.id not in _FUNCS}
+
+
+def is_symbol(d: Dim) -> bool:
+    return isinstance(d, str) and bool(_NAME.match(d))
