@@ -122,7 +122,8 @@ class Dense(Encoding):
 class IntQuant(Encoding):
     """Integer codes with per-tensor / per-channel / per-group scales and optional zero points.
 
-    ``decode`` gives ``(code - zero_point) * scale`` on the 2-D view. With act-order (GPTQ), the
+    ``decode`` gives ``(code - zero_point) * scale`` on the 2-D view. Signed codes are stored in
+    offset binary (``code + 2**(bits-1)``, see packing.to_unsigned). With act-order (GPTQ), the
     columns are stored in the order ``perm``: stored column j holds original column ``perm[j]``,
     and groups are contiguous in stored order. Backends apply ``perm`` to the activations.
     """

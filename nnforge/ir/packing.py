@@ -60,11 +60,14 @@ def unpack_bits(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
 
 
 def to_unsigned(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Two's-complement fields: signed codes in [-2**(b-1), 2**(b-1)) -> [0, 2**b)."""
-    return codes.to(torch.int64) & ((1 << bits) - 1)
+    """Signed codes in [-2**(b-1), 2**(b-1)) -> offset-binary fields ``code + 2**(b-1)``.
+
+    Offset binary (not two's complement) is the stored form of signed codes because it is what
+    the kernels read without conversion: ONNX Runtime's MatMulNBits with its default zero point
+    2**(b-1), DequantizeLinear on uint4/uint8 with that zero point, and MARLIN-style GPU kernels."""
+    return codes.to(torch.int64) + (1 << (bits - 1))
 
 
 def to_signed(fields: torch.Tensor, bits: int) -> torch.Tensor:
-    """Sign-extend b-bit two's-complement fields."""
-    fields = fields.to(torch.int64)
-    return fields - ((fields >> (bits - 1)) & 1) * (1 << bits)
+    """Offset-binary fields -> signed codes."""
+    return fields.to(torch.int64) - (1 << (bits - 1))

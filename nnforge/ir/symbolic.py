@@ -25,8 +25,8 @@ Dim = Union[int, str]
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _FUNCS = {"max": max, "min": min}
-_ARITH = {ast.Add: int.__add__, ast.Sub: int.__sub__, ast.Mult: int.__mul__,
-          ast.FloorDiv: int.__floordiv__, ast.Mod: int.__mod__}
+_ARITH = {"add": int.__add__, "sub": int.__sub__, "mul": int.__mul__, "floordiv": int.__floordiv__,
+          "mod": int.__mod__}
 MAX_EXPR_LEN = 512
 
 
@@ -72,35 +72,55 @@ def check(d: Dim) -> None:
     _parse(d)
 
 
-def evaluate(d: Dim, env: dict[str, int]) -> int:
-    """Value of ``d`` with each symbol bound by ``env``."""
+_OPNAMES = {ast.Add: "add", ast.Sub: "sub", ast.Mult: "mul", ast.FloorDiv: "floordiv", ast.Mod: "mod"}
+
+
+def fold(d: Dim, *, const, symbol, binop, call, neg):
+    """Evaluate ``d`` bottom-up with the given callbacks: ``const(int)``, ``symbol(name)``,
+    ``binop(op, a, b)`` with op in add/sub/mul/floordiv/mod, ``call(fname, args)`` for max/min,
+    ``neg(a)``. Backends use it to emit run-time shape arithmetic."""
     if isinstance(d, int):
-        return d
-    out: dict[int, int] = {}
-    stack: list[tuple[ast.expr, bool]] = [(_parse(d), False)]
+        return const(d)
+    root = _parse(d)
+    out: dict[int, object] = {}
+    stack: list[tuple[ast.expr, bool]] = [(root, False)]
     while stack:                                  # iterative post-order walk
         node, ready = stack.pop()
         if isinstance(node, ast.Constant):
-            out[id(node)] = node.value
+            out[id(node)] = const(node.value)
         elif isinstance(node, ast.Name):
-            if node.id not in env:
-                raise DimError(f"symbol {node.id!r} of dimension {d!r} is not bound")
-            out[id(node)] = int(env[node.id])
+            out[id(node)] = symbol(node.id)
         elif not ready:
             stack.append((node, True))
             kids = [node.left, node.right] if isinstance(node, ast.BinOp) else (
                 [node.operand] if isinstance(node, ast.UnaryOp) else list(node.args))
             stack += [(k, False) for k in kids]
         elif isinstance(node, ast.BinOp):
-            a, b = out[id(node.left)], out[id(node.right)]
-            if isinstance(node.op, (ast.FloorDiv, ast.Mod)) and b == 0:
-                raise DimError(f"division by zero evaluating {d!r} with {env}")
-            out[id(node)] = _ARITH[type(node.op)](a, b)
+            out[id(node)] = binop(_OPNAMES[type(node.op)], out[id(node.left)], out[id(node.right)])
         elif isinstance(node, ast.UnaryOp):
-            out[id(node)] = -out[id(node.operand)]
+            out[id(node)] = neg(out[id(node.operand)])
         else:
-            out[id(node)] = _FUNCS[node.func.id](out[id(a)] for a in node.args)
-    return out[id(_parse(d))]
+            out[id(node)] = call(node.func.id, [out[id(a)] for a in node.args])
+    return out[id(root)]
+
+
+def evaluate(d: Dim, env: dict[str, int]) -> int:
+    """Value of ``d`` with each symbol bound by ``env``."""
+    if isinstance(d, int):
+        return d
+
+    def symbol(name):
+        if name not in env:
+            raise DimError(f"symbol {name!r} of dimension {d!r} is not bound")
+        return int(env[name])
+
+    def binop(op, a, b):
+        if op in ("floordiv", "mod") and b == 0:
+            raise DimError(f"division by zero evaluating {d!r} with {env}")
+        return _ARITH[op](a, b)
+
+    return fold(d, const=int, symbol=symbol, binop=binop, call=lambda f, args: _FUNCS[f](args),
+                neg=lambda a: -a)
 
 
 # --- polynomial normal form -------------------------------------------------------------------
@@ -138,42 +158,25 @@ def _atom(text: str) -> Poly:
     return {(text,): 1}
 
 
-def _to_poly(tree: ast.expr) -> Poly:
-    done: dict[int, Poly] = {}
-    stack: list[tuple[ast.expr, bool]] = [(tree, False)]
-    while stack:
-        node, ready = stack.pop()
-        if isinstance(node, ast.Constant):
-            done[id(node)] = {(): node.value} if node.value else {}
-            continue
-        if isinstance(node, ast.Name):
-            done[id(node)] = _atom(node.id)
-            continue
-        kids = [node.left, node.right] if isinstance(node, ast.BinOp) else (
-            [node.operand] if isinstance(node, ast.UnaryOp) else list(node.args))
-        if not ready:
-            stack.append((node, True))
-            stack += [(k, False) for k in kids]
-            continue
-        ps = [done[id(k)] for k in kids]
-        if isinstance(node, ast.UnaryOp):
-            done[id(node)] = {m: -c for m, c in ps[0].items()}
-        elif isinstance(node, ast.Call):
-            consts = [_const(p) for p in ps]
-            if all(c is not None for c in consts):
-                done[id(node)] = _from_int(_FUNCS[node.func.id](consts))
-            else:
-                args = sorted(set(_print(p) for p in ps))
-                done[id(node)] = _atom(f"{node.func.id}({', '.join(args)})")
-        elif isinstance(node.op, ast.Add):
-            done[id(node)] = _padd(ps[0], ps[1])
-        elif isinstance(node.op, ast.Sub):
-            done[id(node)] = _padd(ps[0], ps[1], -1)
-        elif isinstance(node.op, ast.Mult):
-            done[id(node)] = _pmul(ps[0], ps[1])
-        else:
-            done[id(node)] = _divmod(ps[0], ps[1], isinstance(node.op, ast.FloorDiv))
-    return done[id(tree)]
+def _poly_call(fname: str, args: list[Poly]) -> Poly:
+    consts = [_const(p) for p in args]
+    if all(c is not None for c in consts):
+        return _from_int(_FUNCS[fname](consts))
+    return _atom(f"{fname}({', '.join(sorted(set(_print(p) for p in args)))})")
+
+
+_POLY_BINOP = {
+    "add": _padd,
+    "sub": lambda a, b: _padd(a, b, -1),
+    "mul": lambda a, b: _pmul(a, b),
+    "floordiv": lambda a, b: _divmod(a, b, True),
+    "mod": lambda a, b: _divmod(a, b, False),
+}
+
+
+def _to_poly(text: str) -> Poly:
+    return fold(text, const=lambda v: _from_int(v), symbol=_atom, binop=lambda op, a, b: _POLY_BINOP[op](a, b),
+                call=_poly_call, neg=lambda p: {m: -c for m, c in p.items()})
 
 
 def _from_int(v: int) -> Poly:
@@ -223,7 +226,7 @@ def _print(p: Poly) -> str:
 
 @lru_cache(maxsize=8192)
 def _simplify_str(text: str) -> Dim:
-    p = _to_poly(_parse(text))
+    p = _to_poly(text)
     c = _const(p)
     return c if c is not None else _print(p)
 

@@ -1,0 +1,113 @@
+"""The onnx backend: IR -> ONNX (opset 21 + com.microsoft MatMulNBits), run by ONNX Runtime.
+
+Dense weights are not copied: initializers point into the bundle's ``weights.safetensors`` with
+ONNX external-data offsets. Tensors the backend creates (converted scales, widened codes) go to
+``model.onnx.data``. The model passes ``onnx.checker.check_model(full_check=True)``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ...ir import Graph, symbolic as sym
+from ...targets import Target
+from ..base import Backend, BackendError, Fallback, Lowered, Runner
+from . import weights as W
+from .builder import INLINE_LIMIT, OnnxBuilder, onnx_type
+from .ops import LOWERINGS
+
+OPSET = 21
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+
+
+def _value_info(v):
+    dims = [d if isinstance(d, int) else (d if sym.is_symbol(d) else None) for d in v.shape]
+    return helper.make_tensor_value_info(v.name, onnx_type(v.dtype), dims)
+
+
+def build_model(graph: Graph, weights_path: Path, opset: int = OPSET) -> tuple[onnx.ModelProto, list[Fallback]]:
+    """The ONNX model for ``graph``; dense weights reference ``weights_path`` by offset."""
+    missing = sorted({n.op for n in graph.nodes if n.op not in LOWERINGS})
+    if missing:
+        raise BackendError(f"the onnx backend has no lowering for op(s) {', '.join(missing)} "
+                           f"(used by nodes {', '.join(n.name for n in graph.nodes if n.op in missing)[:300]})")
+    b = OnnxBuilder(graph, weights_path)
+    fallbacks: list[Fallback] = []
+    for node in graph.nodes:
+        try:
+            LOWERINGS[node.op](b, node, fallbacks)
+        except BackendError:
+            raise
+        except Exception as e:
+            raise BackendError(f"onnx backend: lowering node {node.name} ({node.op}) failed: {e}") from e
+    outputs = []
+    for v in graph.outputs:
+        if v.is_weight or v.producer is None:
+            # ONNX graph outputs must be produced by a node.
+            name = b.fresh(f"{v.name}_out")
+            b.node("Identity", [W.dense(b, v, fallbacks) if v.is_weight else v.name], name)
+            outputs.append(helper.make_tensor_value_info(name, onnx_type(v.dtype), None))
+        else:
+            outputs.append(_value_info(v))
+    g = helper.make_graph(b.nodes, graph.name, [_value_info(v) for v in graph.inputs], outputs, b.initializers)
+    opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, 1) for d in sorted(b.domains)]
+    model = helper.make_model(g, opset_imports=opsets, producer_name="nnforge")
+    model.ir_version = 10
+    return model, fallbacks
+
+
+class OnnxRunner(Runner):
+    def __init__(self, model_path: Path, threads: int | None = None):
+        import onnxruntime as ort
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or os.cpu_count() or 1
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(os.fspath(model_path), opts, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run_numpy(self, inputs: list) -> list:
+        if len(inputs) != len(self.input_names):
+            raise BackendError(f"model takes {len(self.input_names)} inputs ({', '.join(self.input_names)}), "
+                               f"got {len(inputs)}")
+        return self.session.run(None, {n: np.ascontiguousarray(x) for n, x in zip(self.input_names, inputs)})
+
+
+class OnnxBackend(Backend):
+    name = "onnx"
+    native = {
+        ("linear", "dense"): "Gemm", ("matmul", "dense"): "MatMul", ("conv", "dense"): "Conv",
+        ("embedding", "dense"): "Gather",
+        ("linear", "int"): "MatMulNBits (4-bit, blocks of 2^k >= 16) or DequantizeLinear (uint8/uint4) + Gemm",
+        ("conv", "int"): "DequantizeLinear + Conv", ("embedding", "int"): "DequantizeLinear + Gather",
+        ("matmul", "int"): "DequantizeLinear + MatMul",
+    }
+
+    def lower(self, graph: Graph, target: Target, out_dir: Path) -> Lowered:
+        opset = int(target.options.get("opset", OPSET))
+        model, fallbacks = build_model(graph, out_dir / "weights.safetensors", opset)
+        path = out_dir / MODEL_FILE
+        onnx.save_model(model, os.fspath(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=DATA_FILE, size_threshold=INLINE_LIMIT)
+        try:
+            onnx.checker.check_model(os.fspath(path), full_check=True)
+        except onnx.checker.ValidationError as e:
+            raise BackendError(f"onnx backend produced an invalid model for graph {graph.name}: "
+                               f"{str(e).splitlines()[0]}") from e
+        files = [MODEL_FILE] + ([DATA_FILE] if (out_dir / DATA_FILE).exists() else [])
+        return Lowered(files=files, entry={"model": MODEL_FILE, "opset": opset}, fallbacks=fallbacks,
+                       toolchain=self.toolchain())
+
+    def load(self, bundle_dir: Path, entry: dict, device: str | None = None) -> Runner:
+        if device not in (None, "cpu"):
+            raise BackendError(f"the onnx backend runs on the CPU; device {device!r} is not supported")
+        return OnnxRunner(bundle_dir / entry["model"])
+
+    def toolchain(self) -> dict[str, str]:
+        import onnxruntime
+        return {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}

@@ -1,0 +1,149 @@
+"""Weights in ONNX: dense tensors read in place from weights.safetensors, IntQuant weights as
+DequantizeLinear (int8/uint8 any granularity, uint4 packed) or, for 4-bit group-quantised linear
+layers, ORT's MatMulNBits reading our packed codes directly. What ONNX cannot hold compressed is
+decoded and reported as a Fallback."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from onnx import TensorProto
+
+from ...ir import Dense, IntQuant, Value
+from ...ir.encodings import rows_cols
+from ...ir.packing import pack_bits, unpack_bits
+from ..base import Fallback
+from .builder import INLINE_LIMIT, NP_TYPES, OnnxBuilder, onnx_type
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    if t.dtype == torch.bfloat16:
+        raise TypeError("bfloat16 has no numpy type")
+    return t.detach().cpu().numpy()
+
+
+def _tensor(b: OnnxBuilder, name: str, key: str, t: torch.Tensor, data_type: int, dims) -> str:
+    """An initializer with ``t``'s bytes: in place from safetensors when large, else inline."""
+    if t.numel() * t.element_size() > INLINE_LIMIT:
+        ref = b.external(b.fresh(name), key, data_type, dims)
+        if ref is not None:
+            return ref
+    if data_type == TensorProto.BFLOAT16:
+        return b.raw(b.fresh(name), data_type, dims, t.contiguous().view(torch.int16).numpy().tobytes())
+    return b.const(_np(t).reshape(dims), name)
+
+
+def dense(b: OnnxBuilder, v: Value, fallbacks: list[Fallback]) -> str:
+    """ONNX name of weight ``v`` as a dense tensor of its logical dtype and shape."""
+    if v.name in b.weight_cache:
+        return b.weight_cache[v.name]
+    enc = v.encoding
+    if isinstance(enc, Dense):
+        out = _tensor(b, v.name, f"{v.name}::data", enc.data, onnx_type(v.dtype), v.shape)
+    elif isinstance(enc, IntQuant):
+        out = dequantize(b, v, fallbacks)
+        if enc.perm is not None:
+            # Generic consumers need the original column order; linear layers avoid this by
+            # permuting their activations instead (see ops.lower_linear).
+            inv = torch.argsort(enc.perm)
+            out = b.node("Gather", [out, b.ints(inv.tolist())], axis=1)
+            fallbacks.append(Fallback(v.name, enc.describe(), "act-order columns re-ordered by a Gather on the "
+                                      "dequantised weight (consumer is not a linear layer)"))
+        if len(v.shape) != 2:
+            out = b.node("Reshape", [out, b.ints(v.shape)])
+    else:
+        fallbacks.append(Fallback(v.name, enc.describe(), "decoded to float32 (no ONNX form for this encoding)"))
+        out = b.const(enc.decode(torch.float32).numpy(), v.name)
+    b.weight_cache[v.name] = out
+    return out
+
+
+def _code_tensor(b: OnnxBuilder, v: Value, enc: IntQuant, fallbacks) -> tuple[str, int]:
+    """The codes as an ONNX uint8 or uint4 tensor [rows, cols] (stored column order)."""
+    rows, cols = rows_cols(enc.shape)
+    key = f"{v.name}::codes"
+    if enc.bits == 8:
+        return _tensor(b, f"{v.name}.codes", key, enc.codes, TensorProto.UINT8, [rows, cols]), TensorProto.UINT8
+    if enc.bits == 4 and cols % 2 == 0:
+        # Our per-row packing equals ONNX's flat low-nibble-first uint4 packing when rows are whole bytes.
+        ref = b.external(b.fresh(f"{v.name}.codes"), key, TensorProto.UINT4, [rows, cols]) \
+            if enc.codes.numel() > INLINE_LIMIT else None
+        return ref or b.raw(b.fresh(f"{v.name}.codes"), TensorProto.UINT4, [rows, cols],
+                            enc.codes.numpy().tobytes()), TensorProto.UINT4
+    fallbacks.append(Fallback(v.name, enc.describe(), f"{enc.bits}-bit codes widened to uint8 for DequantizeLinear"))
+    fields = unpack_bits(enc.codes, enc.bits, cols).to(torch.uint8)
+    return b.const(fields.numpy(), f"{v.name}.codes"), TensorProto.UINT8
+
+
+def _zero_points(b: OnnxBuilder, v: Value, enc: IntQuant, code_type: int, shape) -> str:
+    if enc.zero_point is not None:
+        zp = enc.zero_point.to(torch.int64)
+    else:
+        zp = torch.full(tuple(enc.scale.shape), 1 << (enc.bits - 1), dtype=torch.int64)   # offset binary
+    if zp.shape[0] == 1 and shape and len(shape) == 2 and shape[0] != 1:
+        zp = zp.expand(shape[0], -1)
+    zp = zp.reshape(shape)
+    if code_type == TensorProto.UINT4:
+        flat = zp.reshape(1, -1)
+        return b.raw(b.fresh(f"{v.name}.zero_point"), TensorProto.UINT4, list(shape),
+                     pack_bits(flat, 4).numpy().tobytes())
+    return b.const(zp.to(torch.uint8).numpy(), f"{v.name}.zero_point")
+
+
+def dequantize(b: OnnxBuilder, v: Value, fallbacks) -> str:
+    """DequantizeLinear of an IntQuant weight: float32 [rows, cols] in stored column order."""
+    enc: IntQuant = v.encoding
+    rows, cols = rows_cols(enc.shape)
+    codes, code_type = _code_tensor(b, v, enc, fallbacks)
+    scale = enc.scale.to(torch.float32)
+    gran = enc.granularity
+    attrs = {}
+    if gran == "tensor":
+        scale_name = b.const(scale.reshape(()).numpy(), f"{v.name}.scale")
+        zp_shape = []
+    elif gran == "channel":
+        scale_name = _tensor(b, f"{v.name}.scale", f"{v.name}::scale", scale, TensorProto.FLOAT, [rows]) \
+            if enc.scale.dtype == torch.float32 else b.const(scale.reshape(rows).numpy(), f"{v.name}.scale")
+        zp_shape, attrs = [rows], {"axis": 0}
+    else:
+        groups = scale.shape[1]
+        if scale.shape[0] == 1 and rows > 1:
+            scale = scale.expand(rows, groups).contiguous()
+            scale_name = b.const(scale.numpy(), f"{v.name}.scale")
+        elif enc.scale.dtype == torch.float32:
+            scale_name = _tensor(b, f"{v.name}.scale", f"{v.name}::scale", scale, TensorProto.FLOAT, [rows, groups])
+        else:
+            scale_name = b.const(scale.numpy(), f"{v.name}.scale")
+        zp_shape, attrs = [rows, groups], {"axis": 1, "block_size": enc.group_size}
+    zp = _zero_points(b, v, enc, code_type, zp_shape)
+    return b.node("DequantizeLinear", [codes, scale_name, zp], **attrs)
+
+
+def matmulnbits_ok(enc) -> bool:
+    """ORT's MatMulNBits holds 4-bit codes in blocks of a power of two >= 16 along K."""
+    if not isinstance(enc, IntQuant) or enc.bits != 4 or len(enc.shape) != 2:
+        return False
+    rows, cols = enc.shape
+    gs = enc.group_size
+    return (enc.granularity == "group" and enc.scale.shape[0] == rows and gs >= 16 and gs & (gs - 1) == 0
+            and cols % gs == 0)
+
+
+def matmulnbits(b: OnnxBuilder, x: str, v: Value, out: str | None) -> str:
+    """y = x @ W.T with W held as MatMulNBits blocks that read our packed codes in place."""
+    enc: IntQuant = v.encoding
+    n, k = enc.shape
+    gs = enc.group_size
+    groups = k // gs
+    codes = _tensor(b, f"{v.name}.codes", f"{v.name}::codes", enc.codes, TensorProto.UINT8, [n, groups, gs // 2])
+    if enc.scale.dtype == torch.float32:
+        scale = _tensor(b, f"{v.name}.scale", f"{v.name}::scale", enc.scale, TensorProto.FLOAT, [n * groups])
+    else:
+        scale = b.const(enc.scale.to(torch.float32).reshape(-1).numpy(), f"{v.name}.scale")
+    inputs = [x, codes, scale]
+    if enc.zero_point is not None:
+        zp = pack_bits(enc.zero_point.to(torch.int64), 4)            # [n, ceil(groups/2)]
+        inputs.append(b.const(zp.numpy(), f"{v.name}.zero_point"))
+    return b.node("MatMulNBits", inputs, out, domain="com.microsoft", K=k, N=n, bits=4, block_size=gs)
+
+
+__all__ = ["dense", "dequantize", "matmulnbits", "matmulnbits_ok", "NP_TYPES"]

@@ -1,0 +1,327 @@
+"""torch.export -> IR.
+
+The model is exported with ``torch.export`` and decomposed to core ATen (keeping ``aten.linear``
+whole, so compression passes see every linear layer with its weight). Each ATen op is converted by
+a small function from :mod:`.torch_ops`; users add or override converters with ``converters=``.
+Symbolic sizes from ``dynamic_shapes`` become IR dimension symbols named after the ``Dim``.
+
+    >>> from torch.export import Dim
+    >>> g = from_torch(model, (ids, mask), dynamic_shapes=({0: Dim("batch"), 1: Dim("seq")},) * 2)
+"""
+from __future__ import annotations
+
+import operator
+import re
+from typing import Any, Callable
+
+import torch
+import torch.fx
+
+from ..ir import Dense, Graph, Value, dtype as to_dtype, sanitize_name, symbolic as sym
+from ..ir.graph import GraphError
+from ..ir.types import TensorType
+from ..ir.verifier import verify
+from .errors import FrontendError, Unsupported, UnsupportedError, UnsupportedOpsError
+
+Converter = Callable[["TorchContext", torch.fx.Node], Any]
+
+# Nodes that only carry shape arithmetic or assertions: their SymInt values are read from meta.
+_SYM_OPS = {operator.mul, operator.add, operator.sub, operator.floordiv, operator.mod, operator.neg,
+            operator.truediv, torch.sym_max, torch.sym_min}
+
+
+def source_line(node: torch.fx.Node) -> str:
+    """'file.py:93' of the innermost user frame that produced ``node``, if known."""
+    trace = node.meta.get("stack_trace") or ""
+    frames = re.findall(r'File "([^"]+)", line (\d+)', trace)
+    if not frames:
+        return ""
+    path, line = frames[-1]
+    return f"{path.rsplit('/', 1)[-1]}:{line}"
+
+
+def module_path(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    return list(stack.values())[-1][0]
+
+
+def sympy_to_dim(expr, names: dict[str, str]) -> sym.Dim:
+    """A torch/sympy size expression -> IR dim text, renaming symbols by ``names``."""
+    import sympy
+    out: dict[int, str] = {}
+    stack = [(expr, False)]
+    while stack:                                   # iterative post-order over the sympy tree
+        e, ready = stack.pop()
+        if e.is_Integer:
+            out[id(e)] = str(int(e))
+            continue
+        if e.is_Symbol:
+            out[id(e)] = names.get(e.name, e.name)
+            continue
+        if not ready:
+            stack.append((e, True))
+            stack += [(a, False) for a in e.args]
+            continue
+        args = [out[id(a)] for a in e.args]
+        fname = type(e).__name__
+        if isinstance(e, sympy.Add):
+            out[id(e)] = "(" + " + ".join(args) + ")"
+        elif isinstance(e, sympy.Mul):
+            out[id(e)] = "(" + "*".join(args) + ")"
+        elif isinstance(e, sympy.Pow) and e.exp.is_Integer and int(e.exp) > 0:
+            out[id(e)] = "(" + "*".join([args[0]] * int(e.exp)) + ")"
+        elif fname == "FloorDiv":
+            out[id(e)] = f"(({args[0]})//({args[1]}))"
+        elif fname in ("Mod", "PythonMod"):
+            out[id(e)] = f"(({args[0]}) % ({args[1]}))"
+        elif fname in ("Max", "Min"):
+            out[id(e)] = f"{fname.lower()}({', '.join(args)})"
+        else:
+            raise FrontendError(f"size expression {expr} uses {fname}, which nnforge dims cannot express")
+    return sym.simplify(out[id(expr)])
+
+
+class TorchContext:
+    """State shared by converters while one ExportedProgram is translated."""
+
+    def __init__(self, ep: torch.export.ExportedProgram, graph: Graph, sym_names: dict[str, str]):
+        self.ep = ep
+        self.g = graph
+        self.sym_names = sym_names
+        self.values: dict[torch.fx.Node, Any] = {}
+        self.node: torch.fx.Node | None = None
+        self._consts: dict[tuple, Value] = {}
+
+    # --- reading fx arguments -------------------------------------------------------------------
+    def meta(self, n):
+        return n.meta.get("val") if isinstance(n, torch.fx.Node) else n
+
+    def value(self, arg) -> Value:
+        """The IR value of a tensor argument."""
+        if isinstance(arg, torch.fx.Node):
+            v = self.values.get(arg)
+            if isinstance(v, Value):
+                return v
+            raise UnsupportedError(f"argument {arg.name} is not a tensor value")
+        raise UnsupportedError(f"expected a tensor argument, got {arg!r}")
+
+    def dim(self, d) -> sym.Dim:
+        """An int / SymInt / fx node holding a SymInt -> IR dim."""
+        if isinstance(d, torch.fx.Node):
+            d = self.meta(d)
+        if isinstance(d, torch.SymInt):
+            return sympy_to_dim(d.node.expr, self.sym_names)
+        if isinstance(d, int) and not isinstance(d, bool):
+            return d
+        raise UnsupportedError(f"expected an integer size, got {d!r}")
+
+    def shape(self, n) -> tuple:
+        """Shape of fx node ``n`` (from export's fake tensor) as IR dims."""
+        return tuple(self.dim(d) for d in self.meta(n).shape)
+
+    def type_of(self, n) -> TensorType:
+        v = self.meta(n)
+        return TensorType(to_dtype(v.dtype), tuple(self.dim(d) for d in v.shape))
+
+    # --- emitting -------------------------------------------------------------------------------
+    def emit(self, op: str, *inputs, name: str | None = None, **attrs) -> Value:
+        n = self.node
+        meta = {"source_op": str(n.target)} if n is not None else {}
+        if n is not None:
+            if source_line(n):
+                meta["source"] = source_line(n)
+            if module_path(n):
+                meta["module"] = module_path(n)
+        base = name or (n.name if n is not None else op)
+        node_name = self.g.fresh_name(base, node=True)
+        return self.g.add_node(op, inputs, attrs, name=node_name, output_names=[self.g.fresh_name(node_name)],
+                               meta=meta).output
+
+    def const(self, value, dt: torch.dtype) -> Value:
+        """A constant weight: python scalars become 0-d tensors; equal scalars are shared."""
+        if isinstance(value, torch.Tensor):
+            return self.g.add_weight(self.g.fresh_name("const"), Dense(value.detach().clone()))
+        key = (str(dt), repr(value))
+        if key not in self._consts:
+            t = torch.tensor(value, dtype=dt)
+            self._consts[key] = self.g.add_weight(self.g.fresh_name("const"), Dense(t))
+        return self._consts[key]
+
+    def cast(self, v: Value, dt) -> Value:
+        dt = to_dtype(dt)
+        return v if v.dtype == dt else self.emit("cast", v, dtype=dt, name=f"{self.node.name}_cast")
+
+    def operand(self, arg, dt: torch.dtype) -> Value:
+        """A tensor or Python scalar operand, as a value of torch dtype ``dt``."""
+        if isinstance(arg, torch.fx.Node) and isinstance(self.values.get(arg), Value):
+            return self.cast(self.values[arg], dt)
+        if isinstance(arg, (bool, int, float)):
+            return self.const(arg, dt)
+        if isinstance(arg, torch.fx.Node) and isinstance(self.meta(arg), (torch.SymInt, torch.SymFloat)):
+            raise UnsupportedError(f"a tensor op reads the symbolic size {arg.name} as a value")
+        raise UnsupportedError(f"unsupported operand {arg!r}")
+
+
+def _symbol_names(ep, user_inputs: list[torch.fx.Node], input_names: list[str], dynamic_shapes) -> dict[str, str]:
+    """Map torch's shape symbols (s0, s23, ...) to readable names: the Dim's name when the user
+    gave one, else '<input>_<axis>'."""
+    specs: list = []
+    if isinstance(dynamic_shapes, dict):
+        specs = [dynamic_shapes.get(n) for n in input_names]
+    elif isinstance(dynamic_shapes, (list, tuple)):
+        specs = list(dynamic_shapes)
+    names: dict[str, str] = {}
+    used: set[str] = set()
+    for i, node in enumerate(user_inputs):
+        val = node.meta.get("val")
+        spec = specs[i] if i < len(specs) else None
+        for axis, d in enumerate(getattr(val, "shape", ())):
+            if not isinstance(d, torch.SymInt) or not d.node.expr.is_Symbol:
+                continue
+            s = d.node.expr.name
+            if s in names:
+                continue
+            want = None
+            if isinstance(spec, dict) and axis in spec:
+                want = getattr(spec[axis], "__name__", None)
+            elif isinstance(spec, (list, tuple)) and axis < len(spec):
+                want = getattr(spec[axis], "__name__", None)
+            want = re.sub(r"\W", "_", want) if want and re.match(r"^[A-Za-z_]\w*$", want) else None
+            name = want or f"{input_names[i]}_{axis}"
+            while name in used and want is None:
+                name += "_"
+            names[s] = name
+            used.add(name)
+    return names
+
+
+def export_module(model: torch.nn.Module, example_inputs, dynamic_shapes=None) -> torch.export.ExportedProgram:
+    """torch.export + core-ATen decomposition, keeping aten.linear intact."""
+    model = model.eval()
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
+    except Exception as e:
+        raise FrontendError(f"torch.export failed for {type(model).__name__}: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else e}") from e
+    table = torch.export.default_decompositions()
+    table.pop(torch.ops.aten.linear.default, None)
+    return ep.run_decompositions(table)
+
+
+def from_exported_program(ep: torch.export.ExportedProgram, *, name: str = "model",
+                          input_names: list[str] | None = None, output_names: list[str] | None = None,
+                          dynamic_shapes=None, converters: dict | None = None) -> Graph:
+    from .torch_ops import CONVERTERS, SKIP
+    table = {**CONVERTERS, **(converters or {})}
+    sig = ep.graph_signature
+    g = Graph(name)
+    state = dict(ep.state_dict)
+    state.update(getattr(ep, "constants", {}) or {})
+    placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
+    kinds = {spec.arg.name: spec for spec in sig.input_specs if hasattr(spec.arg, "name")}
+    user = [n for n in placeholders if kinds[n.name].kind == torch.export.graph_signature.InputKind.USER_INPUT]
+    names = list(input_names) if input_names else [sanitize_name(n.name) for n in user]
+    if len(names) != len(user):
+        raise FrontendError(f"{name}: {len(user)} model inputs but {len(names)} input names were given")
+    cx = TorchContext(ep, g, _symbol_names(ep, user, names, dynamic_shapes))
+
+    for n in placeholders:
+        spec = kinds[n.name]
+        if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT:
+            val = n.meta.get("val")
+            if not isinstance(val, torch.Tensor):
+                raise FrontendError(f"{name}: input {n.name} is a {type(val).__name__}; only tensor inputs are supported")
+            cx.values[n] = g.add_input(names[user.index(n)], cx.type_of(n))
+        else:
+            tensor = state.get(spec.target)
+            if tensor is None:
+                raise FrontendError(f"{name}: no tensor for {spec.kind.name.lower()} {spec.target}")
+            cx.values[n] = g.add_weight(g.fresh_name(spec.target), Dense(tensor.detach().clone()))
+
+    problems: list[Unsupported] = []
+    poisoned: set[torch.fx.Node] = set()
+    out_node = None
+    for n in ep.graph.nodes:
+        if n.op == "placeholder":
+            continue
+        if n.op == "output":
+            out_node = n
+            continue
+        if n.op != "call_function":
+            problems.append(Unsupported(n.op, n.name, source_line(n), "unsupported fx node kind"))
+            continue
+        if any(a in poisoned for a in n.all_input_nodes):
+            poisoned.add(n)
+            continue
+        val = n.meta.get("val")
+        if n.target in SKIP:
+            continue
+        if n.target in _SYM_OPS or str(n.target) == "aten.sym_size.int" or isinstance(val, torch.SymInt):
+            cx.values[n] = val          # shape arithmetic: read later through cx.dim()
+            continue
+        if n.target is operator.getitem:
+            src, idx = n.args
+            parts = cx.values.get(src)
+            if not isinstance(parts, (list, tuple)) or parts[idx] is None:
+                problems.append(Unsupported(f"{src.target}[{idx}]", n.name, source_line(n),
+                                            "this output of the op is not supported"))
+                poisoned.add(n)
+            else:
+                cx.values[n] = parts[idx]
+            continue
+        conv = table.get(n.target)
+        if conv is None:
+            problems.append(Unsupported(str(n.target), n.name, source_line(n)))
+            poisoned.add(n)
+            continue
+        cx.node = n
+        try:
+            result = conv(cx, n)
+        except (UnsupportedError, GraphError) as e:
+            problems.append(Unsupported(str(n.target), n.name, source_line(n), str(e)))
+            poisoned.add(n)
+            continue
+        cx.values[n] = result
+        if isinstance(result, Value) and isinstance(val, torch.Tensor):
+            want = cx.type_of(n)
+            if not result.type.same_as(want):
+                raise FrontendError(f"{name}: converting node {n.name} ({n.target}) gave {result.type}, "
+                                    f"torch says {want} [{source_line(n)}]")
+    if problems:
+        raise UnsupportedOpsError(name, problems)
+
+    outs = []
+    for i, a in enumerate(torch.utils._pytree.tree_leaves(out_node.args[0])):
+        v = cx.values.get(a) if isinstance(a, torch.fx.Node) else None
+        if not isinstance(v, Value):
+            raise FrontendError(f"{name}: output {i} is not a tensor computed by the graph")
+        outs.append(v)
+    g.set_outputs(outs)
+    _name_outputs(g, output_names or [f"output_{i}" if len(outs) > 1 else "output" for i in range(len(outs))])
+    g.remove_unused_weights()
+    g.meta.update({"frontend": "torch.export", "torch": torch.__version__})
+    return verify(g)
+
+
+def _name_outputs(g: Graph, names: list[str]) -> None:
+    """Give graph outputs stable, user-facing names (a node's output value is renamed in place)."""
+    if len(names) != len(g.outputs):
+        raise FrontendError(f"{g.name}: {len(g.outputs)} outputs but {len(names)} output names were given")
+    for v, want in zip(g.outputs, names):
+        if v.producer is None or v.name == want or g.outputs.count(v) > 1:
+            continue
+        g._value_names.discard(v.name)
+        v.name = g._claim(g.fresh_name(want), "output")
+
+
+def from_torch(model: torch.nn.Module, example_inputs, *, dynamic_shapes=None, input_names=None,
+               output_names=None, converters=None, name: str | None = None) -> Graph:
+    """Trace ``model`` with torch.export and convert it to an IR graph."""
+    if not isinstance(example_inputs, (tuple, list)):
+        example_inputs = (example_inputs,)
+    ep = export_module(model, example_inputs, dynamic_shapes)
+    return from_exported_program(ep, name=name or type(model).__name__, input_names=input_names,
+                                 output_names=output_names, dynamic_shapes=dynamic_shapes, converters=converters)

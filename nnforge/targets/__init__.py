@@ -1,0 +1,163 @@
+"""Hardware targets: one TOML file per target, holding its numbers; no code per target.
+
+Schema (every key is checked; an unknown key is an error naming the file):
+
+    name = "h100"                     # must equal the file name
+    description = "..."
+    backend = "triton"                # the backend that lowers for it
+    kind = "gpu"                      # portable | cpu | gpu | mobile | fpga
+    requires = ["cuda"]               # what must be present to *run* a bundle here (see REQUIREMENTS)
+    [memory]   bandwidth_gbps, capacity_gb, ...          # numbers, each with its source in a comment
+    [compute]  peak rates per format, e.g. fp16_tflops, int8_tops, cores, clock_ghz
+    [formats]  native = ["fp16", "int8", ...]            # number formats the hardware runs natively
+    [fpga]     dsp, lut, ff, bram_36k, uram, hbm_channels, clock_mhz   (FPGAs only)
+    [options]  backend-specific settings (llvm target string, deployment target, ...)
+
+    >>> import nnforge as nf
+    >>> [t.name for t in nf.targets()]
+"""
+from __future__ import annotations
+
+import importlib.util
+import platform
+import shutil
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+_DIR = Path(__file__).parent
+KINDS = ("portable", "cpu", "gpu", "mobile", "fpga")
+_TOP_KEYS = {"name", "description", "backend", "kind", "requires", "memory", "compute", "formats", "fpga", "options"}
+_SECTIONS = ("memory", "compute", "formats", "fpga", "options")
+
+
+class TargetError(ValueError):
+    """An unknown target name or a malformed target file."""
+
+
+def _has_module(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cuda() -> tuple[bool, str]:
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return True, torch.cuda.get_device_name(0)
+    except Exception:       # a broken CUDA install must not break `nnforge targets`
+        pass
+    return False, "no CUDA GPU visible"
+
+
+# Each requirement: a check returning (ok, detail).
+REQUIREMENTS = {
+    "onnxruntime": lambda: (_has_module("onnxruntime"), "python package onnxruntime"),
+    "tvm": lambda: (_has_module("tvm"), "python package apache-tvm"),
+    "triton": lambda: (_has_module("triton"), "python package triton"),
+    "coremltools": lambda: (_has_module("coremltools"), "python package coremltools"),
+    "hls4ml": lambda: (_has_module("hls4ml"), "python package hls4ml (ap_types headers)"),
+    "g++": lambda: (shutil.which("g++") is not None, "g++ on PATH"),
+    "cuda": _cuda,
+    "macos": lambda: (sys.platform == "darwin", "macOS (Core ML runtime)"),
+    "x86_64": lambda: (platform.machine() in ("x86_64", "AMD64"), "an x86-64 CPU"),
+    "avx512": lambda: ("avx512f" in _cpu_flags(), "a CPU with AVX-512"),
+    "amx": lambda: ("amx_tile" in _cpu_flags(), "a CPU with AMX"),
+    "amd-zen4": lambda: ("avx512f" in _cpu_flags() and "AuthenticAMD" in Path("/proc/cpuinfo").read_text()
+                         if Path("/proc/cpuinfo").exists() else False, "an AMD Zen 4 CPU"),
+    "fpga-board": lambda: (False, "an FPGA board with its Xilinx runtime (C-simulation runs via g++ instead)"),
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    description: str
+    backend: str
+    kind: str
+    requires: tuple[str, ...]
+    memory: dict = field(default_factory=dict)
+    compute: dict = field(default_factory=dict)
+    formats: dict = field(default_factory=dict)
+    fpga: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)
+    path: str = ""
+
+    def can_run(self) -> tuple[bool, str]:
+        """Whether a bundle for this target runs on this machine, and why not if it does not."""
+        missing = []
+        for r in self.requires:
+            ok, detail = REQUIREMENTS[r]()
+            if not ok:
+                missing.append(detail)
+        return (not missing, "ok" if not missing else "needs " + ", ".join(missing))
+
+    @property
+    def runs_here(self) -> bool:
+        return self.can_run()[0]
+
+    @property
+    def native_formats(self) -> tuple[str, ...]:
+        return tuple(self.formats.get("native", ()))
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "description": self.description, "backend": self.backend, "kind": self.kind,
+                "requires": list(self.requires), "memory": self.memory, "compute": self.compute,
+                "formats": self.formats, "fpga": self.fpga, "options": self.options}
+
+
+def _parse(path: Path) -> Target:
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise TargetError(f"{path}: cannot read target file: {e}") from None
+    unknown = sorted(set(data) - _TOP_KEYS)
+    if unknown:
+        raise TargetError(f"{path}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_TOP_KEYS))}")
+    for key in ("name", "description", "backend", "kind"):
+        if not isinstance(data.get(key), str):
+            raise TargetError(f"{path}: missing or non-string '{key}'")
+    if data["name"] != path.stem:
+        raise TargetError(f"{path}: name {data['name']!r} differs from the file name {path.stem!r}")
+    if data["kind"] not in KINDS:
+        raise TargetError(f"{path}: kind {data['kind']!r} is not one of {', '.join(KINDS)}")
+    requires = data.get("requires", [])
+    bad = [r for r in requires if r not in REQUIREMENTS]
+    if bad:
+        raise TargetError(f"{path}: unknown requirement(s) {', '.join(bad)}; known: {', '.join(REQUIREMENTS)}")
+    for sec in _SECTIONS:
+        if not isinstance(data.get(sec, {}), dict):
+            raise TargetError(f"{path}: [{sec}] must be a table")
+    if data["kind"] == "fpga" and not data.get("fpga"):
+        raise TargetError(f"{path}: an fpga target needs an [fpga] table (dsp, lut, bram_36k, ...)")
+    return Target(data["name"], data["description"], data["backend"], data["kind"], tuple(requires),
+                  *(data.get(sec, {}) for sec in _SECTIONS), path=str(path))
+
+
+@lru_cache(maxsize=1)
+def _all() -> dict[str, Target]:
+    return {p.stem: _parse(p) for p in sorted(_DIR.glob("*.toml"))}
+
+
+def get_target(name: str | Target) -> Target:
+    if isinstance(name, Target):
+        return name
+    targets = _all()
+    if name not in targets:
+        raise TargetError(f"unknown target {name!r}; known targets: {', '.join(targets)}")
+    return targets[name]
+
+
+def list_targets() -> list[Target]:
+    return list(_all().values())
