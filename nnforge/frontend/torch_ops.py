@@ -534,3 +534,20 @@ def _arange(cx, n):
     if not isinstance(step, int) or dt.is_floating_point:
         raise UnsupportedError("symbolic arange with a float step or dtype")
     return cx.emit("arange", start=cx.dim(start), end=cx.dim(end), step=step, dtype=dt)
+
+
+@register(aten.linalg_vector_norm.default)
+def _vector_norm(cx, n):
+    x = cx.cast(cx.value(n.args[0]), _tdt(cx, n))
+    order = n.args[1] if len(n.args) > 1 else n.kwargs.get("ord", 2)
+    dims = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim")
+    keep = bool(n.args[3] if len(n.args) > 3 else n.kwargs.get("keepdim", False))
+    axes = _axes(cx, n, dims)
+    if order == 2:
+        sq = cx.emit("mul", x, x, name=f"{n.name}_sq")
+        return cx.emit("sqrt", cx.emit("reduce_sum", sq, axes=axes, keepdim=keep, name=f"{n.name}_sum"))
+    if order == 1:
+        return cx.emit("reduce_sum", cx.emit("abs", x, name=f"{n.name}_abs"), axes=axes, keepdim=keep)
+    if order == float("inf"):
+        return cx.emit("reduce_max", cx.emit("abs", x, name=f"{n.name}_abs"), axes=axes, keepdim=keep)
+    raise UnsupportedError(f"vector norm of order {order}")

@@ -1,0 +1,12 @@
+"""nnforge: a hardware-targeted model compression compiler and export pipeline.
+
+    >>> import nnforge as nf
+    >>> bundle = nf.compile(model, target="onnx", recipe="w4-rtn", example_inputs=(x,))
+    >>> y = nf.load(bundle.path)(x)
+"""
+__version__ = "0.1.0"
+
+from .api import compile, load, targets, verify  # noqa: E402
+from .bundle import Bundle, BundleError  # noqa: E402
+
+__all__ = ["__version__", "compile", "load", "targets", "verify", "Bundle", "BundleError"]

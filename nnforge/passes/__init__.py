@@ -1,0 +1,10 @@
+"""Passes: the Pass interface and PassManager, cleanup passes, compression passes, recipes."""
+from .base import PASSES, LayerSelection, Pass, PassContext, PassError, PassManager, PassRecord, register_pass
+from .cleanup import (DeadCodeElimination, FoldConstants, FuseLinear, Simplify, cleanup_passes,
+                      eliminate_dead_code, rewrite)
+from .quantize import QuantizeRTN
+from .recipes import PRESETS, resolve_recipe
+
+__all__ = ["PASSES", "LayerSelection", "Pass", "PassContext", "PassError", "PassManager", "PassRecord",
+           "register_pass", "DeadCodeElimination", "FoldConstants", "FuseLinear", "Simplify", "cleanup_passes",
+           "eliminate_dead_code", "rewrite", "QuantizeRTN", "PRESETS", "resolve_recipe"]

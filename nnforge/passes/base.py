@@ -1,0 +1,162 @@
+"""Passes and the PassManager.
+
+A pass is a dataclass holding its options (one typed, validated config per technique, like
+torchao's ``AOBaseConfig``), registered by name so recipes can refer to it. ``run(graph, ctx)``
+returns the rewritten graph; it may edit the graph it is given (the PassManager hands each pass a
+graph it owns). Options travel in the pass object and the :class:`PassContext`, never in globals.
+
+    >>> pm = PassManager([DeadCodeElimination(), QuantizeRTN(bits=4, group_size=32)])
+    >>> graph = pm.run(graph, PassContext(calibration=batches))
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from ..ir import Graph, GraphError, Node, WEIGHT_OPS
+from ..ir.verifier import verify
+
+
+class PassError(ValueError):
+    """A pass cannot run as configured (bad option, missing calibration data, ...)."""
+
+
+@dataclass
+class PassContext:
+    """What passes may read besides the graph: calibration inputs, the target, and where to
+    record figures. ``figures`` collects per-pass numbers for the bundle manifest."""
+    calibration: list | None = None
+    target: Any = None
+    progress: bool = False
+    seed: int = 0
+    figures: dict[str, dict] = field(default_factory=dict)
+    current: str = ""
+
+    def record(self, key: str, value) -> None:
+        self.figures.setdefault(self.current, {})[key] = value
+
+
+PASSES: dict[str, type["Pass"]] = {}
+
+
+def register_pass(cls):
+    """Class decorator: make a Pass dataclass available to recipes under ``cls.name``."""
+    if cls.name in PASSES:
+        raise ValueError(f"pass {cls.name} registered twice")
+    PASSES[cls.name] = cls
+    return cls
+
+
+class Pass(ABC):
+    name: ClassVar[str]
+    needs_calibration: ClassVar[bool] = False
+
+    @abstractmethod
+    def run(self, graph: Graph, ctx: PassContext) -> Graph:
+        """Rewrite ``graph`` and return the result."""
+
+    def __call__(self, graph: Graph, ctx: PassContext | None = None) -> Graph:
+        ctx = ctx or PassContext()
+        if self.needs_calibration and not ctx.calibration:
+            raise PassError(f"pass {self.name} needs calibration data: pass calibration=[input tuples, ...] "
+                            "to nnforge.compile (shaped like example_inputs)")
+        return self.run(graph, ctx)
+
+    def options(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)} if dataclasses.is_dataclass(self) else {}
+
+    @classmethod
+    def from_options(cls, options: dict, where: str = "") -> "Pass":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise PassError(f"{where or cls.name}: unknown option(s) {', '.join(unknown)} for pass {cls.name}; "
+                            f"valid options: {', '.join(sorted(names)) or 'none'}")
+        try:
+            return cls(**options)
+        except (TypeError, ValueError) as e:
+            raise PassError(f"{where or cls.name}: {e}") from None
+
+
+@dataclass
+class LayerSelection:
+    """Which layers a weight pass touches: node-name patterns (fnmatch, matched against the node
+    name and its weight's name), exclusions, and op kinds."""
+    layers: list[str] = field(default_factory=lambda: ["*"])
+    exclude: list[str] = field(default_factory=list)
+    ops: list[str] = field(default_factory=lambda: ["linear"])
+
+    def __post_init__(self):
+        for key in ("layers", "exclude", "ops"):
+            value = getattr(self, key)
+            if isinstance(value, str):
+                setattr(self, key, [value])
+            elif not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise PassError(f"option {key} must be a list of strings, got {value!r}")
+        bad = sorted(set(self.ops) - set(WEIGHT_OPS))
+        if bad:
+            raise PassError(f"ops {bad} carry no weights; choose from {', '.join(WEIGHT_OPS)}")
+
+    def matches(self, node: Node) -> bool:
+        if node.op not in self.ops:
+            return False
+        w = node.input("weight")
+        names = [node.name] + ([w.name] if w is not None else [])
+        if not any(fnmatch.fnmatchcase(n, p) for n in names for p in self.layers):
+            return False
+        return not any(fnmatch.fnmatchcase(n, p) for n in names for p in self.exclude)
+
+    def select(self, graph: Graph) -> list[Node]:
+        """Selected nodes whose weight slot holds a graph weight, in graph order."""
+        out = []
+        for n in graph.nodes:
+            if n.op in WEIGHT_OPS and len(n.inputs) > 1 and n.inputs[1] is not None and n.inputs[1].is_weight \
+                    and self.matches(n):
+                out.append(n)
+        return out
+
+
+@dataclass
+class PassRecord:
+    name: str
+    seconds: float
+    nodes_before: int
+    nodes_after: int
+    figures: dict
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class PassManager:
+    """Runs passes in order on a copy of the graph, verifying after each one that the graph is
+    well-formed and that its inputs and outputs kept their names and types."""
+
+    def __init__(self, passes: list[Pass], *, verify_each: bool = True):
+        self.passes = list(passes)
+        self.verify_each = verify_each
+        self.records: list[PassRecord] = []
+
+    def run(self, graph: Graph, ctx: PassContext | None = None) -> Graph:
+        ctx = ctx or PassContext()
+        g = graph.copy()
+        signature = g.signature()
+        for p in self.passes:
+            before = len(g.nodes)
+            ctx.current = p.name
+            t0 = time.perf_counter()
+            g = p(g, ctx)
+            seconds = time.perf_counter() - t0
+            if self.verify_each:
+                try:
+                    verify(g)
+                except GraphError as e:
+                    raise GraphError(f"after pass {p.name}: {e}") from None
+                if g.signature() != signature:
+                    raise GraphError(f"pass {p.name} changed the graph's signature: {signature} -> {g.signature()}")
+            self.records.append(PassRecord(p.name, seconds, before, len(g.nodes), dict(ctx.figures.get(p.name, {}))))
+        return g

@@ -1,0 +1,253 @@
+"""Cleanup passes: dead code elimination, constant folding, algebraic simplification and
+matmul(+add) -> linear fusion.
+
+Local rewrites are tables of ``(ops, fn)`` rules (tinygrad's PatternMatcher style): ``fn(graph,
+node)`` returns the value that replaces the node's output, or None for "no match". One short
+comment per rule says what it matches.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+from ..ir import Dense, Graph, Node, Value, symbolic as sym
+from ..ir.ops import RunContext, get_op
+from .base import Pass, PassContext, register_pass
+
+Rule = tuple[tuple[str, ...], Callable[[Graph, Node], Value | None]]
+
+
+def rewrite(graph: Graph, rules: list[Rule], max_rounds: int = 10) -> int:
+    """Apply ``rules`` over the graph until nothing changes; returns the number of rewrites."""
+    by_op: dict[str, list] = {}
+    for ops, fn in rules:
+        for op in ops:
+            by_op.setdefault(op, []).append(fn)
+    total = 0
+    for _ in range(max_rounds):
+        changed = 0
+        for node in list(graph.nodes):
+            if len(node.outputs) != 1:
+                continue
+            for fn in by_op.get(node.op, ()):
+                new = fn(graph, node)
+                if new is not None and new is not node.output:
+                    _redirect(graph, node.output, new)
+                    changed += 1
+                    break
+        if not changed:
+            break
+        total += changed
+        eliminate_dead_code(graph)
+    return total
+
+
+def _redirect(graph: Graph, old: Value, new: Value) -> None:
+    """Replace ``old`` by ``new``; a graph output keeps its name (the signature must not change)."""
+    if old in graph.outputs and new.producer is not None and new not in graph.outputs \
+            and new.name not in {v.name for v in graph.inputs}:
+        old_name = old.name
+        graph.replace_uses(old, new)
+        graph._value_names.discard(old_name)
+        graph._value_names.discard(new.name)
+        new.name = old_name
+        graph._value_names.add(old_name)
+        return
+    if old in graph.outputs:
+        return              # cannot rename an input or weight into an output; keep the node
+    graph.replace_uses(old, new)
+
+
+def eliminate_dead_code(graph: Graph) -> int:
+    """Remove nodes whose outputs nothing reads, then unused weights; returns nodes removed."""
+    live = set(graph.outputs)
+    keep = []
+    for node in reversed(graph.nodes):
+        if any(o in live for o in node.outputs):
+            keep.append(node)
+            live.update(v for v in node.inputs if v is not None)
+    removed = len(graph.nodes) - len(keep)
+    if removed:
+        dead = [n for n in graph.nodes if n not in set(keep)]
+        graph.nodes = list(reversed(keep))
+        for n in dead:
+            graph._node_names.discard(n.name)
+            for o in n.outputs:
+                graph._value_names.discard(o.name)
+    graph.remove_unused_weights()
+    return removed
+
+
+@register_pass
+@dataclass
+class DeadCodeElimination(Pass):
+    name = "dce"
+
+    def run(self, graph, ctx):
+        ctx.record("nodes_removed", eliminate_dead_code(graph))
+        return graph
+
+
+# --- constant folding ---------------------------------------------------------------------------
+@register_pass
+@dataclass
+class FoldConstants(Pass):
+    """Evaluate nodes whose inputs are all dense constants (and nodes with no inputs and a static
+    shape) into new weights. Outputs larger than ``max_growth`` times their inputs (expanding a
+    constant, say) are not folded, and encoded (compressed) weights are never decoded here."""
+    name = "fold_constants"
+    max_growth: float = 1.0
+    min_elements: int = 1 << 16
+
+    def run(self, graph, ctx):
+        folded = 0
+        outputs = set(graph.outputs)
+        for node in list(graph.nodes):
+            if len(node.outputs) != 1 or node.output in outputs:
+                continue
+            ins = [v for v in node.inputs if v is not None]
+            if not all(v.is_weight and isinstance(v.encoding, Dense) for v in ins):
+                continue
+            out = node.output
+            if not out.type.is_static:
+                continue
+            in_size = sum(v.encoding.numel for v in ins)
+            if math.prod(out.shape) > max(self.min_elements, self.max_growth * in_size):
+                continue
+            args = [None if v is None else v.encoding.data for v in node.inputs]
+            value = get_op(node.op).run(RunContext(), args, node.attrs)[0]
+            const = graph.add_weight(graph.fresh_name(f"{out.name}_folded"), Dense(value.to(out.dtype.torch_dtype)))
+            graph.replace_uses(out, const)
+            folded += 1
+        eliminate_dead_code(graph)
+        ctx.record("nodes_folded", folded)
+        return graph
+
+
+# --- algebraic simplification ---------------------------------------------------------------------
+def _const_value(v: Value):
+    if v is not None and v.is_weight and isinstance(v.encoding, Dense) and v.encoding.numel <= 1:
+        return v.encoding.data.reshape(-1)[0].item() if v.encoding.numel else None
+    return None
+
+
+def _keeps_type(node: Node, v: Value) -> bool:
+    return v.type.same_as(node.output.type)
+
+
+def _identity_operand(neutral, commutes):
+    def fn(g, node):
+        a, b = node.inputs
+        if _const_value(b) == neutral and _keeps_type(node, a):
+            return a
+        if commutes and _const_value(a) == neutral and _keeps_type(node, b):
+            return b
+        return None
+    return fn
+
+
+def _reshape_noop(g, node):
+    x = node.inputs[0]
+    return x if _keeps_type(node, x) else None
+
+
+def _reshape_of_reshape(g, node):
+    x = node.inputs[0]
+    if x.producer is not None and x.producer.op == "reshape":
+        with g.inserting_before(node):
+            return g.op("reshape", x.producer.inputs[0], shape=list(node.output.shape), name=g.fresh_name(node.name, node=True))
+    return None
+
+
+def _permute_identity(g, node):
+    return node.inputs[0] if node.attrs["perm"] == sorted(node.attrs["perm"]) else None
+
+
+def _slice_full(g, node):
+    x = node.inputs[0]
+    a = node.attrs
+    full = a["start"] == 0 and a["step"] == 1 and sym.equal(a["end"], x.shape[a["axis"] % x.type.rank])
+    return x if full else None
+
+
+SIMPLIFY_RULES: list[Rule] = [
+    (("add",), _identity_operand(0, True)),          # x + 0 -> x
+    (("sub",), _identity_operand(0, False)),         # x - 0 -> x
+    (("mul",), _identity_operand(1, True)),          # x * 1 -> x
+    (("div",), _identity_operand(1, False)),         # x / 1 -> x
+    (("reshape", "expand", "cast"), _reshape_noop),  # to its own type -> x
+    (("reshape",), _reshape_of_reshape),             # reshape(reshape(x)) -> reshape(x)
+    (("permute",), _permute_identity),               # identity permutation -> x
+    (("slice",), _slice_full),                       # x[0:size:1] -> x
+]
+
+
+@register_pass
+@dataclass
+class Simplify(Pass):
+    name = "simplify"
+
+    def run(self, graph, ctx):
+        ctx.record("rewrites", rewrite(graph, SIMPLIFY_RULES))
+        return graph
+
+
+# --- matmul + add -> linear -----------------------------------------------------------------------
+def _dense_matrix(v: Value) -> bool:
+    return v is not None and v.is_weight and isinstance(v.encoding, Dense) and len(v.shape) == 2 \
+        and v.dtype.is_float
+
+
+def _linear_from_matmul(g: Graph, node: Node, bias: Value | None, at: Node) -> Value:
+    x, w = node.inputs
+    mm_name = node.name
+    layer = node.meta.get("module") or mm_name
+    wname = g.fresh_name(f"{layer}.weight")
+    weight = g.add_weight(wname, Dense(w.encoding.data.t().contiguous()))
+    with g.inserting_before(at):
+        return g.add_node("linear", [x, weight, bias], name=g.fresh_name(layer, node=True),
+                          meta=dict(node.meta)).output
+
+
+def _fuse_add(g, node):
+    # add(matmul(x, W), b) with W a constant [K, N] and b a constant [N] -> linear(x, W.T, b)
+    for mm, bias in ((node.inputs[0], node.inputs[1]), (node.inputs[1], node.inputs[0])):
+        p = mm.producer
+        if p is None or p.op != "matmul" or not _dense_matrix(p.inputs[1]):
+            continue
+        if not (bias.is_weight and len(bias.shape) == 1 and sym.equal(bias.shape[0], p.inputs[1].shape[1])
+                and bias.dtype == mm.dtype and len(g.uses().get(mm, [])) == 1):
+            continue
+        return _linear_from_matmul(g, p, bias, node)
+    return None
+
+
+def _fuse_matmul(g, node):
+    # matmul(x, W) with W a constant [K, N] -> linear(x, W.T)
+    # (FuseLinear runs the add rule first, so matmuls with a bias are already fused.)
+    if not _dense_matrix(node.inputs[1]) or node.inputs[0].type.rank < 1:
+        return None
+    return _linear_from_matmul(g, node, None, node)
+
+
+@register_pass
+@dataclass
+class FuseLinear(Pass):
+    """Turn matmuls by constant matrices (with a following bias add) into ``linear`` nodes, the
+    form every weight pass and backend expects (ONNX files arrive as MatMul + Add)."""
+    name = "fuse_linear"
+
+    def run(self, graph, ctx):
+        count = rewrite(graph, [(("add",), _fuse_add)]) + rewrite(graph, [(("matmul",), _fuse_matmul)])
+        ctx.record("fused", count)
+        return graph
+
+
+def cleanup_passes() -> list[Pass]:
+    """The passes ``nnforge.compile`` runs before any recipe."""
+    return [FoldConstants(), Simplify(), FuseLinear(), DeadCodeElimination()]
+
+
+__all__ = ["rewrite", "eliminate_dead_code", "DeadCodeElimination", "FoldConstants", "Simplify", "FuseLinear",
+           "cleanup_passes", "SIMPLIFY_RULES"]

@@ -1,0 +1,4 @@
+"""Quantisation passes."""
+from .rtn import QuantizeRTN
+
+__all__ = ["QuantizeRTN"]

@@ -1,0 +1,83 @@
+"""Recipes: which passes to run, as a preset name, a TOML file, or a list of pass configs.
+
+A TOML recipe:
+
+    description = "4-bit weights, attention output kept at 8 bits"
+    [[passes]]
+    pass = "quantize_rtn"
+    bits = 4
+    group_size = 32
+    exclude = ["*.attention.output.dense"]
+
+    [[passes]]
+    pass = "quantize_rtn"
+    bits = 8
+    layers = ["*.attention.output.dense"]
+
+Every key is checked: an unknown top-level key, pass name or option is an error naming it.
+"""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from .base import PASSES, Pass, PassError
+
+# Presets: name -> (description, list of pass configs)
+PRESETS: dict[str, tuple[str, list[dict]]] = {
+    "fp32": ("no compression", []),
+    "w8-rtn": ("int8 weights, per-channel, round-to-nearest",
+               [{"pass": "quantize_rtn", "bits": 8}]),
+    "w4-rtn": ("int4 weights, groups of 32, round-to-nearest",
+               [{"pass": "quantize_rtn", "bits": 4, "group_size": 32}]),
+}
+_TOP_KEYS = {"description", "passes"}
+
+
+def _build(entry, where: str) -> Pass:
+    if isinstance(entry, Pass):
+        return entry
+    if not isinstance(entry, dict):
+        raise PassError(f"{where}: a pass config must be a table/dict with a 'pass' key, got {entry!r}")
+    options = dict(entry)
+    name = options.pop("pass", None)
+    if name is None:
+        raise PassError(f"{where}: missing the 'pass' key (one of {', '.join(sorted(PASSES))})")
+    if name not in PASSES:
+        raise PassError(f"{where}: unknown pass {name!r}; known passes: {', '.join(sorted(PASSES))}")
+    return PASSES[name].from_options(options, where=f"{where} ({name})")
+
+
+def load_recipe_file(path: str | Path) -> tuple[str, list[Pass]]:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise PassError(f"cannot read recipe {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise PassError(f"recipe {path} is not valid TOML: {e}") from None
+    unknown = sorted(set(data) - _TOP_KEYS)
+    if unknown:
+        raise PassError(f"recipe {path}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_TOP_KEYS))}")
+    entries = data.get("passes", [])
+    if not isinstance(entries, list):
+        raise PassError(f"recipe {path}: 'passes' must be an array of tables ([[passes]])")
+    return path.stem, [_build(e, f"recipe {path}, pass {i}") for i, e in enumerate(entries)]
+
+
+def resolve_recipe(recipe) -> tuple[str, list[Pass]]:
+    """(recipe name, passes) for a preset name, TOML path, list of configs/passes, or None."""
+    if recipe is None:
+        return "fp32", []
+    if isinstance(recipe, (str, Path)):
+        text = str(recipe)
+        if text in PRESETS:
+            return text, [_build(e, f"preset {text}") for e in PRESETS[text][1]]
+        if text.endswith(".toml") or Path(text).exists():
+            return load_recipe_file(text)
+        raise PassError(f"unknown recipe {text!r}: not a preset ({', '.join(PRESETS)}) nor a .toml file")
+    if isinstance(recipe, (list, tuple)):
+        return "custom", [_build(e, f"recipe entry {i}") for i, e in enumerate(recipe)]
+    if isinstance(recipe, Pass):
+        return recipe.name, [recipe]
+    raise PassError(f"a recipe is a preset name, a .toml path or a list of pass configs, got {type(recipe).__name__}")
