@@ -191,6 +191,9 @@ def _divmod(a: Poly, b: Poly, floordiv: bool) -> Poly:
         return _from_int(ca // cb if floordiv else ca % cb)
     if cb is not None and all(c % cb == 0 for c in a.values()):
         return {m: c // cb for m, c in a.items()} if floordiv else {}
+    quotient = _exact_monomial_division(a, b)
+    if quotient is not None:
+        return quotient if floordiv else {}
     if cb == 1:
         return a if floordiv else {}
     op = "//" if floordiv else " % "
@@ -200,7 +203,27 @@ def _divmod(a: Poly, b: Poly, floordiv: bool) -> Poly:
 def _operand(p: Poly) -> str:
     """Text of ``p`` safe to use as an operand of a product or division."""
     text = _print(p)
-    return text if len(p) <= 1 and not text.startswith("-") else f"({text})"
+    return text if _NAME.match(text) or text.isdigit() or (text.startswith("(") and text.endswith(")")
+                                                           and len(p) == 1 and len(next(iter(p))) == 1) \
+        else f"({text})"
+
+
+def _exact_monomial_division(a: Poly, b: Poly) -> Poly | None:
+    """a / b when b is a single term that divides every term of a exactly (384*b*s // 32*b*s)."""
+    if len(b) != 1:
+        return None
+    (mb, cb), = b.items()
+    out: Poly = {}
+    for ma, ca in a.items():
+        rest = list(ma)
+        for atom in mb:
+            if atom not in rest:
+                return None
+            rest.remove(atom)
+        if ca % cb:
+            return None
+        out[tuple(rest)] = ca // cb
+    return out
 
 
 def _print(p: Poly) -> str:

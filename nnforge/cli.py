@@ -1,0 +1,259 @@
+"""The command line: ``nnforge compile|run|verify|inspect|targets|demo``.
+
+Bad input ends with a non-zero exit and one error line (``nnforge: error: ...``), followed by
+details only where they help (the list of unsupported ops, say).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+
+
+def _parse_dims(items: list[str]) -> dict[str, int]:
+    out = {}
+    for item in items or []:
+        name, _, value = item.partition("=")
+        if not name or not value.isdigit():
+            raise ValueError(f"--dim expects NAME=INT, got {item!r}")
+        out[name] = int(value)
+    return out
+
+
+def _model_and_inputs(spec: str, dims: dict[str, int]):
+    """(model, example_inputs, dynamic_shapes, input_names, output_names) for a zoo name or .onnx path."""
+    from .models import ZOO, zoo_model
+    if spec in ZOO or spec == "default":
+        return zoo_model("minilm" if spec == "default" else spec)
+    path = Path(spec)
+    if path.suffix.lower() == ".onnx":
+        if not path.is_file():
+            raise FileNotFoundError(f"model file {path} does not exist")
+        from .frontend.onnx_import import example_inputs_for
+        return str(path), example_inputs_for(path, dims), None, None, None
+    raise ValueError(f"MODEL must be one of {', '.join(list(ZOO) + ['default'])} or a path to an .onnx file, "
+                     f"got {spec!r}")
+
+
+def cmd_compile(args) -> int:
+    import nnforge as nf
+    model, example, dyn, ins, outs = _model_and_inputs(args.model, _parse_dims(args.dim))
+    calibration = None
+    if args.model in ("default", "minilm"):
+        from .models import default as dm
+        _, tok = dm.load_default_model()
+        calib, _ = dm.sentence_splits()
+        calibration = dm.batches(tok, calib[: args.calibration_samples], 32)
+    elif args.recipe not in (None, "fp32"):
+        calibration = [example]
+    bundle = nf.compile(model, args.target, args.recipe, example_inputs=example, calibration=calibration,
+                        out=args.out, dynamic_shapes=dyn, input_names=ins, output_names=outs, progress=True)
+    m = bundle.manifest
+    fid = m["numerics"]["fidelity_vs_fp32"]
+    print(f"wrote {bundle.path} ({bundle.size_bytes / 1e6:.1f} MB; weights {m['compression']['bytes_before'] / 1e6:.1f}"
+          f" -> {m['compression']['bytes_after'] / 1e6:.1f} MB; cosine vs fp32 {fid['cosine_min']:.6f}; "
+          f"runtime checked: {m['numerics']['runtime_checked']})")
+    for fb in m["fallbacks"]:
+        print(f"  fallback: {fb['where']}: {fb['what']} -> {fb['action']}")
+    return 0
+
+
+def _read_inputs(path: Path):
+    import numpy as np
+    from .bundle import load_tensors
+    if path.suffix == ".safetensors":
+        tensors = load_tensors(path)
+    elif path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as z:     # never unpickle user files
+            tensors = {k: z[k] for k in z.files}
+    else:
+        raise ValueError(f"{path}: inputs must be a .safetensors or .npz file")
+    return tensors
+
+
+def cmd_run(args) -> int:
+    import numpy as np
+    from .bundle import Bundle, save_tensors
+    bundle = Bundle.open(args.bundle)
+    runner = bundle.load(args.device)
+    if args.inputs:
+        tensors = _read_inputs(Path(args.inputs))
+        names = [i["name"] for i in bundle.manifest["signature"]["inputs"]]
+        missing = [n for n in names if n not in tensors]
+        if missing:
+            raise ValueError(f"{args.inputs}: missing input(s) {', '.join(missing)} (bundle takes {', '.join(names)})")
+        inputs = [np.asarray(tensors[n]) for n in names]
+    else:
+        inputs = [t.numpy() for t in bundle.reference()[0]]
+    outs = runner(*inputs)
+    outs = list(outs) if isinstance(outs, tuple) else [outs]
+    names = [o["name"] for o in bundle.manifest["signature"]["outputs"]]
+    for n, o in zip(names, outs):
+        print(f"{n}: shape {list(o.shape)} dtype {o.dtype} mean {float(np.mean(o)):.6g} std {float(np.std(o)):.6g}")
+    if args.out:
+        import torch
+        save_tensors(Path(args.out), {n: torch.from_numpy(np.ascontiguousarray(o)) for n, o in zip(names, outs)})
+        print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    import nnforge as nf
+    report = nf.verify(args.bundle)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(f"{report['path']}: {report['files']} files intact")
+        print(f"  interpreter vs expected: cosine {report['interpreter_vs_expected']['cosine_min']:.6f}")
+        rt = report["runtime_vs_expected"]
+        print(f"  runtime vs expected: " + (f"cosine {rt['cosine_min']:.6f}" if isinstance(rt, dict) else rt))
+        print(f"  fidelity vs fp32: cosine {report['fidelity_vs_fp32']['cosine_min']:.6f}, "
+              f"SQNR {report['fidelity_vs_fp32']['sqnr_db']} dB")
+        print("verified")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .bundle import Bundle
+    path = Path(args.path)
+    if path.is_dir():
+        bundle = Bundle.open(path)
+        m = bundle.manifest
+        if args.json:
+            print(json.dumps(m, indent=1))
+            return 0
+        c, n = m["compression"], m["numerics"]
+        print(f"bundle {bundle.path}: {m['model']['name']} for {m['target']['name']} ({m['backend']['name']} backend), "
+              f"recipe {m['recipe']['name']}, nnforge {m['nnforge_version']}")
+        print(f"  inputs:  " + ", ".join(f"{i['name']} {i['dtype']}{i['shape']}" for i in m["signature"]["inputs"]))
+        print(f"  outputs: " + ", ".join(f"{o['name']} {o['dtype']}{o['shape']}" for o in m["signature"]["outputs"]))
+        print(f"  weights: {c['bytes_before']:,} -> {c['bytes_after']:,} bytes ({c['ratio']}x); "
+              f"weight layers at {c['layer_bits_per_weight']} bits/weight")
+        print(f"  fidelity vs fp32: cosine min {n['fidelity_vs_fp32']['cosine_min']:.6f}, "
+              f"SQNR {n['fidelity_vs_fp32']['sqnr_db']} dB")
+        for fb in m["fallbacks"]:
+            print(f"  fallback: {fb['where']}: {fb['what']} -> {fb['action']}")
+        if args.layers:
+            for layer in c["layers"]:
+                print(f"    {layer['layer']:<60} {layer['op']:<10} {str(layer['shape']):<14} {layer['encoding']:<22} "
+                      f"{layer['bits_per_weight']:.2f} b/w")
+        if args.graph:
+            print(bundle.graph())
+        return 0
+    model, example, dyn, ins, outs = _model_and_inputs(args.path, _parse_dims(args.dim))
+    from .pipeline import import_model
+    graph, _ = import_model(model, example, dynamic_shapes=dyn, input_names=ins, output_names=outs)
+    print(graph if args.graph or not args.json else json.dumps(graph.signature()))
+    return 0
+
+
+def cmd_targets(args) -> int:
+    import nnforge as nf
+    from .backends.base import available_backends
+    rows = []
+    for t in nf.targets():
+        ok, why = t.can_run()
+        built = t.backend in available_backends()
+        rows.append((t.name, t.backend + ("" if built else " (not in this build)"), t.kind,
+                     "yes" if ok and built else "no", t.description if ok and built else
+                     ("backend not available" if not built else why)))
+    if args.json:
+        print(json.dumps([dict(zip(("name", "backend", "kind", "runs_here", "note"), r)) for r in rows], indent=1))
+        return 0
+    print(f"{'target':<15} {'backend':<26} {'kind':<9} {'runs here':<9} note")
+    for r in rows:
+        print(f"{r[0]:<15} {r[1]:<26} {r[2]:<9} {r[3]:<9} {r[4]}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import check_rows, format_table, run_demo
+    n_eval = 64 if args.quick else args.eval_sentences
+    rows = run_demo(args.out, n_eval=n_eval, quick=args.quick)
+    print()
+    print(format_table(rows, min(n_eval, 500)))
+    failures = check_rows(rows)
+    for f in failures:
+        print(f"FAIL: {f}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nnforge", description="Compress a model and compile it for a hardware target.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="compile a model into a bundle",
+                       description="Compile MODEL (a zoo name: default/minilm, resnet18, llama; or an .onnx file).")
+    c.add_argument("model")
+    c.add_argument("--target", required=True, help="a target name (see `nnforge targets`)")
+    c.add_argument("--recipe", default=None, help="preset name or .toml recipe (default: no compression)")
+    c.add_argument("--out", default=None, help="bundle directory (default: bundles/<model>-<target>)")
+    c.add_argument("--dim", action="append", default=[], metavar="NAME=INT",
+                   help="size of a symbolic input dim for example inputs of an .onnx model (default 1)")
+    c.add_argument("--calibration-samples", type=int, default=256, help="calibration sentences for the default model")
+    c.set_defaults(fn=cmd_compile)
+
+    r = sub.add_parser("run", help="run a bundle", description="Run a bundle on inputs (default: its reference inputs).")
+    r.add_argument("bundle")
+    r.add_argument("--inputs", help=".safetensors or .npz file with one tensor per input name")
+    r.add_argument("--out", help="write outputs to this .safetensors file")
+    r.add_argument("--device", default=None)
+    r.set_defaults(fn=cmd_run)
+
+    v = sub.add_parser("verify", help="check a bundle's files and numerics",
+                       description="Re-hash every file of a bundle and re-run its numerics check.")
+    v.add_argument("bundle")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(fn=cmd_verify)
+
+    i = sub.add_parser("inspect", help="describe a bundle or a model",
+                       description="Summarise a bundle (or print the IR of a model) with its compression figures.")
+    i.add_argument("path", help="bundle directory, zoo model name or .onnx file")
+    i.add_argument("--graph", action="store_true", help="print the IR graph")
+    i.add_argument("--layers", action="store_true", help="list weight layers and their encodings")
+    i.add_argument("--json", action="store_true")
+    i.add_argument("--dim", action="append", default=[], metavar="NAME=INT")
+    i.set_defaults(fn=cmd_inspect)
+
+    t = sub.add_parser("targets", help="list targets", description="List hardware targets and whether each runs here.")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(fn=cmd_targets)
+
+    d = sub.add_parser("demo", help="compile the default model for every target that runs here",
+                       description="Compile the embedded default model for every runnable target and print a table.")
+    d.add_argument("--out", default="bundles/demo")
+    d.add_argument("--eval-sentences", type=int, default=500)
+    d.add_argument("--quick", action="store_true", help="fewer sentences, for a fast check")
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from .backends.base import BackendError
+    from .bundle import BundleError
+    from .frontend.errors import FrontendError
+    from .ir import GraphError
+    from .ir.encodings import EncodingError
+    from .passes import PassError
+    from .targets import TargetError
+    return (BackendError, BundleError, FrontendError, GraphError, EncodingError, PassError, TargetError,
+            FileNotFoundError, ValueError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except _known_errors() as e:
+        first, _, rest = str(e).partition("\n")
+        print(f"nnforge: error: {first}", file=sys.stderr)
+        if rest:
+            print(rest, file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
