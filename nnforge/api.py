@@ -12,6 +12,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 
 from .backends.base import get_backend
 from .bundle import Bundle, BundleError, check_files, read_manifest
@@ -47,20 +49,27 @@ def compile(model, target: str | Target, recipe=None, *, example_inputs, calibra
         raise PassError(f"recipe {recipe_name} runs {', '.join(needing)}, which need calibration data: pass "
                         "calibration=[input tuples shaped like example_inputs]")
     example = as_tuple(example_inputs)
+    bar = tqdm(total=3, desc="import", unit="stage", disable=not progress, leave=False)
     t0 = time.perf_counter()
     graph, source = import_model(model, example, dynamic_shapes=dynamic_shapes, input_names=input_names,
                                  output_names=output_names, name=name)
     import_check = check_import(model, graph, example)
     timings["frontend_s"] = time.perf_counter() - t0
+    bar.update()
+    bar.set_description(f"compress ({recipe_name})")
     t0 = time.perf_counter()
     pm = PassManager(cleanup_passes() + passes)
     compressed = pm.run(graph, PassContext(calibration=calib, target=tgt, progress=progress))
     timings["passes_s"] = time.perf_counter() - t0
+    bar.update()
+    bar.set_description(f"lower for {tgt.name} and check")
     out_dir = Path(out) if out is not None else Path("bundles") / f"{graph.name.lower()}-{tgt.name}"
     write_bundle(out_dir, graph=compressed, original=graph, source=source, target=tgt, backend=backend,
                  recipe_name=recipe_name, passes=passes, records=pm.records,
                  check_inputs=as_tuple(check_inputs) if check_inputs is not None else example,
                  import_check=import_check, timings=timings, started=start)
+    bar.update()
+    bar.close()
     return Bundle.open(out_dir)
 
 

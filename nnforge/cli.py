@@ -247,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
+    except BrokenPipeError:          # output piped into `head` and closed early
+        sys.stderr.close()
+        return 0
     except _known_errors() as e:
         first, _, rest = str(e).partition("\n")
         print(f"nnforge: error: {first}", file=sys.stderr)

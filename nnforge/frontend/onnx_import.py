@@ -266,7 +266,8 @@ def from_onnx(path: str | Path, *, name: str | None = None, output_names: list[s
                             "(upgrade it with onnx.version_converter)")
     table = {**CONVERTERS, **(converters or {})}
     og = model.graph
-    g = Graph(name or og.name or path.stem)
+    generic = {"", "main_graph", "torch_jit", "torch-jit-export", "graph"}
+    g = Graph(name or (path.stem if og.name in generic else og.name))
     cx = OnnxContext(g, opset)
     init_names = {t.name for t in og.initializer}
     sym_names: dict[str, str] = {}

@@ -88,7 +88,7 @@ class LayerSelection:
     name and its weight's name), exclusions, and op kinds."""
     layers: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=list)
-    ops: list[str] = field(default_factory=lambda: ["linear"])
+    ops: list[str] = field(default_factory=lambda: ["linear", "conv"])
 
     def __post_init__(self):
         for key in ("layers", "exclude", "ops"):

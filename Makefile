@@ -1,0 +1,34 @@
+# The two commands of the README: `make demo` (sets everything up, compiles the default model for
+# every target that runs here, prints the summary table) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.nnforge-installed
+
+.PHONY: demo test test-slow bench install clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, pinned to the CPU build (a plain `torch` would pull a multi-GB CUDA build).
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e '.[all]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/nnforge demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(PY) benchmarks/onnx_latency.py
+
+clean:
+	rm -rf bundles build *.egg-info .pytest_cache

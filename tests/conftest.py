@@ -1,0 +1,40 @@
+"""Shared fixtures. Tests mirror the source tree; hardware-free tests only (CI has no GPU)."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+warnings.filterwarnings("ignore", category=FutureWarning)
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """(DefaultModel, tokenizer): all-MiniLM-L6-v2 + mean pooling, loaded offline."""
+    from nnforge.models import load_default_model
+    return load_default_model()
+
+
+@pytest.fixture(scope="session")
+def default_inputs(default_model):
+    """(input_ids, attention_mask) for 6 held-out sentences of different lengths."""
+    from nnforge.models import encode, sentence_splits
+    _, tok = default_model
+    _, evals = sentence_splits()
+    return encode(tok, evals[:6])
+
+
+@pytest.fixture
+def rng():
+    return torch.Generator().manual_seed(0)
+
+
+def tiny_mlp():
+    """A small torch MLP with a symbolic-batch-friendly structure."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8)).eval()
