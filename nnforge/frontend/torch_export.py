@@ -313,8 +313,7 @@ def _name_outputs(g: Graph, names: list[str]) -> None:
     for v, want in zip(g.outputs, names):
         if v.producer is None or v.name == want or g.outputs.count(v) > 1:
             continue
-        g._value_names.discard(v.name)
-        v.name = g._claim(g.fresh_name(want), "output")
+        g.rename(v, g.fresh_name(want))
 
 
 def from_torch(model: torch.nn.Module, example_inputs, *, dynamic_shapes=None, input_names=None,

@@ -264,6 +264,25 @@ class Graph:
         for o in node.outputs:
             self._value_names.discard(o.name)
 
+    def remove_nodes(self, nodes) -> None:
+        """Drop ``nodes`` (no use check: for passes that already know they are dead)."""
+        dead = set(nodes)
+        self.nodes = [n for n in self.nodes if n not in dead]
+        for n in dead:
+            self._node_names.discard(n.name)
+            for o in n.outputs:
+                self._value_names.discard(o.name)
+
+    def rename(self, value: Value, name: str) -> None:
+        """Give ``value`` a new name (which must be valid and unused)."""
+        if name == value.name:
+            return
+        self._claim(name, "value")
+        self._value_names.discard(value.name)
+        if value.is_weight:
+            self.weights = {(name if k == value.name else k): v for k, v in self.weights.items()}
+        value.name = name
+
     def remove_weight(self, name: str) -> None:
         self.weights.pop(name)
         self._value_names.discard(name)

@@ -49,10 +49,8 @@ def _redirect(graph: Graph, old: Value, new: Value) -> None:
             and new.name not in {v.name for v in graph.inputs}:
         old_name = old.name
         graph.replace_uses(old, new)
-        graph._value_names.discard(old_name)
-        graph._value_names.discard(new.name)
-        new.name = old_name
-        graph._value_names.add(old_name)
+        graph.rename(old, graph.fresh_name(f"{old_name}_replaced"))   # frees the name of the dead value
+        graph.rename(new, old_name)
         return
     if old in graph.outputs:
         return              # cannot rename an input or weight into an output; keep the node
@@ -69,12 +67,8 @@ def eliminate_dead_code(graph: Graph) -> int:
             live.update(v for v in node.inputs if v is not None)
     removed = len(graph.nodes) - len(keep)
     if removed:
-        dead = [n for n in graph.nodes if n not in set(keep)]
-        graph.nodes = list(reversed(keep))
-        for n in dead:
-            graph._node_names.discard(n.name)
-            for o in n.outputs:
-                graph._value_names.discard(o.name)
+        kept = set(keep)
+        graph.remove_nodes([n for n in graph.nodes if n not in kept])
     graph.remove_unused_weights()
     return removed
 
