@@ -98,6 +98,14 @@ def ordered(tensors: dict[str, torch.Tensor], prefix: str) -> list[torch.Tensor]
     return [tensors[k] for k in keys]
 
 
+def _is_bundle(root: Path) -> bool:
+    try:
+        read_manifest(root)
+    except BundleError:
+        return False
+    return True
+
+
 class BundleWriter:
     """Context manager that builds a bundle in a temporary sibling directory and renames it into
     place on success; on any error the temporary directory is removed."""
@@ -109,8 +117,7 @@ class BundleWriter:
     def __enter__(self) -> Path:
         if self.out.is_symlink():
             raise BundleError(f"refusing to write bundle to {self.out}: it is a symbolic link")
-        if self.out.exists() and (not self.out.is_dir() or (any(self.out.iterdir())
-                                                            and not (self.out / MANIFEST).is_file())):
+        if self.out.exists() and (not self.out.is_dir() or (any(self.out.iterdir()) and not _is_bundle(self.out))):
             raise BundleError(f"refusing to overwrite {self.out}: it exists and is not an nnforge bundle")
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))

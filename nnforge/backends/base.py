@@ -42,23 +42,69 @@ class Lowered:
     toolchain: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class InputSpec:
+    """What a runner accepts for one input: a numpy dtype and dims (int, or a symbol name shared
+    by inputs that must agree, or None for any size)."""
+    name: str
+    dtype: Any
+    dims: tuple
+
+
 class Runner(ABC):
-    """A loaded bundle: call it with numpy arrays or torch tensors."""
-    input_names: list[str]
+    """A loaded bundle: call it with numpy arrays or torch tensors (positionally or as a dict)."""
+    inputs: list[InputSpec]
     output_names: list[str]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.inputs]
 
     @abstractmethod
     def run_numpy(self, inputs: list) -> list:
-        """Run on numpy arrays, return numpy arrays."""
+        """Run on numpy arrays already checked against ``self.inputs``; return numpy arrays."""
+
+    def check_inputs(self, arrays: list) -> list:
+        """Arrays cast to the declared dtypes where that loses no meaning (float64 -> float32,
+        int32 -> int64); anything else, a wrong count, rank, or size is a BackendError naming the input."""
+        import numpy as np
+        if len(arrays) != len(self.inputs):
+            raise BackendError(f"model takes {len(self.inputs)} inputs ({', '.join(self.input_names)}), "
+                               f"got {len(arrays)}")
+        bound: dict[str, tuple[int, str]] = {}
+        out = []
+        for spec, a in zip(self.inputs, arrays):
+            want = np.dtype(spec.dtype)
+            if a.dtype != want:
+                same_kind = (a.dtype.kind == want.kind == "f") or (a.dtype.kind in "iu" and want.kind in "iu")
+                if not same_kind:
+                    raise BackendError(f"input {spec.name}: expected {want.name}, got {a.dtype.name}")
+                a = a.astype(want)
+            if a.ndim != len(spec.dims):
+                raise BackendError(f"input {spec.name}: expected rank {len(spec.dims)} {list(spec.dims)}, "
+                                   f"got shape {list(a.shape)}")
+            for axis, (d, n) in enumerate(zip(spec.dims, a.shape)):
+                if isinstance(d, int) and d != n:
+                    raise BackendError(f"input {spec.name}: dim {axis} must be {d}, got shape {list(a.shape)}")
+                if isinstance(d, str):
+                    if d in bound and bound[d][0] != n:
+                        raise BackendError(f"input {spec.name}: dim {axis} ({d}) is {n} but {bound[d][1]} "
+                                           f"has {d} = {bound[d][0]}")
+                    bound.setdefault(d, (n, spec.name))
+            out.append(np.ascontiguousarray(a))
+        return out
 
     def __call__(self, *inputs):
         import numpy as np
         import torch
         if len(inputs) == 1 and isinstance(inputs[0], dict):
+            missing = [n for n in self.input_names if n not in inputs[0]]
+            if missing:
+                raise BackendError(f"missing input(s) {', '.join(missing)}")
             inputs = tuple(inputs[0][n] for n in self.input_names)
         as_torch = any(isinstance(x, torch.Tensor) for x in inputs)
         arrays = [x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x) for x in inputs]
-        outs = self.run_numpy(arrays)
+        outs = self.run_numpy(self.check_inputs(arrays))
         if as_torch:
             outs = [torch.from_numpy(np.ascontiguousarray(o)) for o in outs]
         return outs[0] if len(outs) == 1 else tuple(outs)

@@ -221,7 +221,13 @@ def tensor_from_proto(t, base_dir: Path | None) -> torch.Tensor:
                             f"{numel * itemsize}")
     if dt.name == "bfloat16":
         return torch.frombuffer(bytearray(t.raw_data), dtype=torch.bfloat16).reshape(dims).clone()
-    return torch.from_numpy(np.array(numpy_helper.to_array(t))).reshape(dims)
+    try:
+        array = np.array(numpy_helper.to_array(t))
+    except ValueError as e:      # typed data (float_data, int32_data...) whose count disagrees with dims
+        raise FrontendError(f"tensor {t.name}: its data does not fit {dims} of {dt}: {e}") from None
+    if array.size != numel:
+        raise FrontendError(f"tensor {t.name}: holds {array.size} values, {dims} needs {numel}")
+    return torch.from_numpy(array).reshape(dims)
 
 
 def _input_type(vi, names: dict[str, str]) -> TensorType:
@@ -316,8 +322,7 @@ def from_onnx(path: str | Path, *, name: str | None = None, output_names: list[s
             raise FrontendError(f"{path}: graph output {vi.name} is not a tensor computed by the graph")
         outputs.append(v)
     g.set_outputs(outputs)
-    from .torch_export import _name_outputs
-    _name_outputs(g, output_names or [sanitize_name(vi.name) for vi in og.output])
+    g.name_outputs(output_names or [sanitize_name(vi.name) for vi in og.output])
     g.remove_unused_weights()
     g.meta.update({"frontend": "onnx", "opset": opset, "producer": model.producer_name})
     return verify(g)

@@ -159,8 +159,10 @@ def _binary(cx):
         raise UnsupportedError("Mod on tensors")
     if op == "Pow":
         b = cx.cast(b, a.dtype)
-    if op == "Div" and not a.dtype.is_float:       # ONNX integer division truncates
-        q = cx.emit("floor", cx.emit("div", a, b))
+    if op == "Div" and not a.dtype.is_float:
+        # ONNX integer division truncates toward zero, as a cast from float does; float64 keeps
+        # every int32 (and int64 below 2^53) exact.
+        q = cx.emit("div", cx.cast(a, "float64"), cx.cast(b, "float64"))
         return cx.cast(q, a.dtype)
     return cx.emit(_BINARY[op], a, b)
 
@@ -217,7 +219,8 @@ def _gemm(cx):
     if cx.attr("transA", 0):
         a = _transpose2(cx, a)
     trans_b = bool(cx.attr("transB", 0))
-    bias_ok = c is not None and beta == 1.0 and c.type.rank == 1
+    # alpha scales A @ B only, so a bias can join the linear layer only when alpha is 1.
+    bias_ok = c is not None and beta == 1.0 and alpha == 1.0 and c.type.rank == 1
     if b.is_weight and (trans_b or isinstance(b.encoding, Dense)):
         weight = b if trans_b else cx.const(b.encoding.data.t().contiguous(), f"{b.name}.T")
         y = cx.emit("linear", a, weight, c if bias_ok else None)
@@ -401,7 +404,8 @@ def _reshape(cx):
 @register("Flatten")
 def _flatten(cx):
     x = cx.value(0)
-    axis = int(cx.attr("axis", 1)) % max(x.type.rank, 1) if x.type.rank else 0
+    axis = int(cx.attr("axis", 1))
+    axis = axis + x.type.rank if axis < 0 else axis       # 0..rank inclusive
     return cx.emit("reshape", x, shape=[sym.prod(x.shape[:axis]), sym.prod(x.shape[axis:])])
 
 
@@ -538,9 +542,22 @@ def _gather(cx):
     return cx.emit("gather", x, idx, axis=axis)
 
 
+def _wrap_negative(cx, idx, size):
+    """ONNX gathers accept indices in [-size, size): negative ones count from the end."""
+    if isinstance(size, int):
+        size_v = cx.const(torch.tensor(size, dtype=torch.int64))
+    else:
+        size_v = cx.emit("arange", start=size, end=sym.add(size, 1), step=1, dtype="int64")
+    neg = cx.emit("lt", idx, cx.const(torch.tensor(0, dtype=torch.int64)))
+    return cx.emit("where", neg, cx.emit("add", idx, size_v), idx)
+
+
 @register("GatherElements")
 def _gather_elements(cx):
-    return cx.emit("gather_elements", cx.value(0), cx.cast(cx.value(1), "int64"), axis=int(cx.attr("axis", 0)))
+    x = cx.value(0)
+    axis = int(cx.attr("axis", 0)) % x.type.rank
+    idx = _wrap_negative(cx, cx.cast(cx.value(1), "int64"), x.shape[axis])
+    return cx.emit("gather_elements", x, idx, axis=axis)
 
 
 @register("GatherND")
@@ -590,7 +607,8 @@ def _constant(cx):
             t = torch.tensor(v, dtype=torch.float32 if "float" in a.name else torch.int64)
         else:
             raise UnsupportedError(f"Constant with attribute {a.name}")
-        if not t.is_floating_point() and t.dim() <= 1 and t.numel() <= 64:
+        # Shape arithmetic in ONNX is int64; other small integer constants stay tensors of their type.
+        if t.dtype == torch.int64 and t.dim() <= 1 and t.numel() <= 64:
             return DimVec([int(v) for v in t.reshape(-1).tolist()], scalar=t.dim() == 0)
         return cx.const(t)
     raise UnsupportedError("Constant without a value")

@@ -169,7 +169,8 @@ def _symbol_names(ep, user_inputs: list[torch.fx.Node], input_names: list[str], 
     gave one, else '<input>_<axis>'."""
     specs: list = []
     if isinstance(dynamic_shapes, dict):
-        specs = [dynamic_shapes.get(n) for n in input_names]
+        # torch keys them by forward() argument names, which name the export's placeholders.
+        specs = [dynamic_shapes.get(node.name, dynamic_shapes.get(n)) for node, n in zip(user_inputs, input_names)]
     elif isinstance(dynamic_shapes, (list, tuple)):
         specs = list(dynamic_shapes)
     names: dict[str, str] = {}
@@ -234,7 +235,13 @@ def from_exported_program(ep: torch.export.ExportedProgram, *, name: str = "mode
             val = n.meta.get("val")
             if not isinstance(val, torch.Tensor):
                 raise FrontendError(f"{name}: input {n.name} is a {type(val).__name__}; only tensor inputs are supported")
-            cx.values[n] = g.add_input(names[user.index(n)], cx.type_of(n))
+            itype = cx.type_of(n)
+            derived = [d for d in itype.shape if not isinstance(d, int) and not sym.is_symbol(d)]
+            if derived:
+                raise FrontendError(f"{name}: input {names[user.index(n)]} has the derived size(s) "
+                                    f"{', '.join(map(str, derived))} in {list(itype.shape)}; give each input axis "
+                                    "its own Dim (derived dims such as 2*Dim are not supported on inputs)")
+            cx.values[n] = g.add_input(names[user.index(n)], itype)
         else:
             tensor = state.get(spec.target)
             if tensor is None:
@@ -300,20 +307,12 @@ def from_exported_program(ep: torch.export.ExportedProgram, *, name: str = "mode
             raise FrontendError(f"{name}: output {i} is not a tensor computed by the graph")
         outs.append(v)
     g.set_outputs(outs)
-    _name_outputs(g, output_names or [f"output_{i}" if len(outs) > 1 else "output" for i in range(len(outs))])
+    if output_names is not None and len(output_names) != len(outs):
+        raise FrontendError(f"{name}: {len(outs)} outputs but {len(output_names)} output names were given")
+    g.name_outputs(output_names or [f"output_{i}" if len(outs) > 1 else "output" for i in range(len(outs))])
     g.remove_unused_weights()
     g.meta.update({"frontend": "torch.export", "torch": torch.__version__})
     return verify(g)
-
-
-def _name_outputs(g: Graph, names: list[str]) -> None:
-    """Give graph outputs stable, user-facing names (a node's output value is renamed in place)."""
-    if len(names) != len(g.outputs):
-        raise FrontendError(f"{g.name}: {len(g.outputs)} outputs but {len(names)} output names were given")
-    for v, want in zip(g.outputs, names):
-        if v.producer is None or v.name == want or g.outputs.count(v) > 1:
-            continue
-        g.rename(v, g.fresh_name(want))
 
 
 def from_torch(model: torch.nn.Module, example_inputs, *, dynamic_shapes=None, input_names=None,

@@ -361,8 +361,10 @@ def _argmax(cx, n):
     dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
     keep = bool(n.args[2]) if len(n.args) > 2 else bool(n.kwargs.get("keepdim", False))
     if dim is None:
-        x = cx.emit("reshape", x, shape=[-1], name=f"{n.name}_flat")
-        dim = 0
+        # Over the flattened tensor; keepdim then means a result of shape [1] * rank.
+        flat = cx.emit("reshape", x, shape=[-1], name=f"{n.name}_flat")
+        idx = cx.emit("argmax", flat, axis=0, keepdim=False, name=f"{n.name}_scalar" if keep else None)
+        return cx.emit("reshape", idx, shape=list(cx.shape(n))) if keep else idx
     return cx.emit("argmax", x, axis=dim, keepdim=keep)
 
 

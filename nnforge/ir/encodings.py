@@ -243,7 +243,9 @@ class IntQuant(Encoding):
         gs = cols if group_size is None or per_tensor else int(group_size)
         if cols % gs:
             raise EncodingError(f"group_size {gs} does not divide the {cols} columns of a weight of shape {shape}")
-        x = w.detach().to(torch.float32).reshape(1 if per_tensor else rows, -1, gs)
+        # One row of one group holding every element gives a single scale (and zero point).
+        x = w.detach().to(torch.float32).reshape(1, 1, -1) if per_tensor else \
+            w.detach().to(torch.float32).reshape(rows, -1, gs)
         if symmetric:
             qmax = (1 << (bits - 1)) - 1
             scale = (x.abs().amax(-1) / qmax).clamp(min=torch.finfo(torch.float32).tiny)
@@ -256,7 +258,7 @@ class IntQuant(Encoding):
             scale = ((hi - lo) / qmax).clamp(min=torch.finfo(torch.float32).tiny).to(scale_dtype).to(torch.float32)
             zp = torch.round(-lo / scale).clamp(0, qmax)
             q = torch.round(x / scale.unsqueeze(-1) + zp.unsqueeze(-1)).clamp(0, qmax)
-        return cls.from_codes(q.reshape(-1 if per_tensor else rows, cols), scale.to(scale_dtype), bits=bits,
+        return cls.from_codes(q.reshape(rows, cols), scale.to(scale_dtype), bits=bits,
                               signed=symmetric, shape=shape, group_size=gs, zero_point=zp)
 
     def describe(self):

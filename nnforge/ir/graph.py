@@ -283,6 +283,33 @@ class Graph:
             self.weights = {(name if k == value.name else k): v for k, v in self.weights.items()}
         value.name = name
 
+    def name_outputs(self, names: list[str]) -> None:
+        """Give computed graph outputs user-facing names. A wanted name held by an intermediate
+        value is taken from it (the intermediate gets a fresh one); a name held by an input, a
+        weight or an output already named makes the output take a fresh variant instead.
+        Outputs that are inputs or weights, or appear twice, keep their names."""
+        if len(names) != len(self.outputs):
+            raise GraphError(f"graph {self.name} has {len(self.outputs)} outputs but {len(names)} output names "
+                             "were given")
+        by_name = {v.name: v for v in self.values()}
+        fixed = {v for v in self.outputs if v.producer is None or self.outputs.count(v) > 1}
+        for v, want in zip(self.outputs, names):
+            want = sanitize_name(want)
+            if v in fixed or v.name == want:
+                fixed.add(v)
+                continue
+            holder = by_name.get(want)
+            if holder is not None and (holder in fixed or holder.producer is None):
+                want = self.fresh_name(want)
+            elif holder is not None:
+                moved = self.fresh_name(want)
+                self.rename(holder, moved)
+                by_name[moved] = holder
+            by_name.pop(v.name, None)
+            self.rename(v, want)
+            by_name[want] = v
+            fixed.add(v)
+
     def remove_weight(self, name: str) -> None:
         self.weights.pop(name)
         self._value_names.discard(name)

@@ -15,7 +15,7 @@ from onnx import helper
 
 from ...ir import Graph, symbolic as sym
 from ...targets import Target
-from ..base import Backend, BackendError, Fallback, Lowered, Runner
+from ..base import Backend, BackendError, Fallback, InputSpec, Lowered, Runner
 from . import weights as W
 from .builder import INLINE_LIMIT, OnnxBuilder, onnx_type
 from .ops import LOWERINGS
@@ -25,9 +25,9 @@ MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 
 
-def _value_info(v):
+def _value_info(v, name: str | None = None):
     dims = [d if isinstance(d, int) else (d if sym.is_symbol(d) else None) for d in v.shape]
-    return helper.make_tensor_value_info(v.name, onnx_type(v.dtype), dims)
+    return helper.make_tensor_value_info(name or v.name, onnx_type(v.dtype), dims)
 
 
 def build_model(graph: Graph, weights_path: Path, opset: int = OPSET) -> tuple[onnx.ModelProto, list[Fallback]]:
@@ -51,7 +51,7 @@ def build_model(graph: Graph, weights_path: Path, opset: int = OPSET) -> tuple[o
             # ONNX graph outputs must be produced by a node.
             name = b.fresh(f"{v.name}_out")
             b.node("Identity", [W.dense(b, v, fallbacks) if v.is_weight else v.name], name)
-            outputs.append(helper.make_tensor_value_info(name, onnx_type(v.dtype), None))
+            outputs.append(_value_info(v, name))
         else:
             outputs.append(_value_info(v))
     g = helper.make_graph(b.nodes, graph.name, [_value_info(v) for v in graph.inputs], outputs, b.initializers)
@@ -61,21 +61,57 @@ def build_model(graph: Graph, weights_path: Path, opset: int = OPSET) -> tuple[o
     return model, fallbacks
 
 
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16,
+              "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
+
+
+def check_external_data(model_path: Path) -> None:
+    """Every initializer's external data must be a plain file inside the bundle (checked before
+    ONNX Runtime opens anything)."""
+    from ...bundle import BundleError, safe_join
+    try:
+        model = onnx.load(os.fspath(model_path), load_external_data=False)
+    except Exception as e:
+        raise BundleError(f"{model_path}: not a readable ONNX model: {e}") from None
+    tensors = list(model.graph.initializer) + [a.t for n in model.graph.node for a in n.attribute if a.HasField("t")]
+    for t in tensors:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in t.external_data if e.key == "location"), None)
+        try:
+            safe_join(model_path.parent, location)
+        except BundleError as e:
+            raise BundleError(f"{model_path}: initializer {t.name} reads external data {location!r} "
+                              f"outside the bundle ({e})") from None
+
+
 class OnnxRunner(Runner):
     def __init__(self, model_path: Path, threads: int | None = None):
         import onnxruntime as ort
+        check_external_data(model_path)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or os.cpu_count() or 1
         opts.log_severity_level = 3
-        self.session = ort.InferenceSession(os.fspath(model_path), opts, providers=["CPUExecutionProvider"])
-        self.input_names = [i.name for i in self.session.get_inputs()]
+        try:
+            self.session = ort.InferenceSession(os.fspath(model_path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:       # ORT raises its own pybind exception types
+            raise BackendError(f"{model_path}: ONNX Runtime cannot load it: {str(e).splitlines()[0]}") from None
+        self.inputs = []
+        for i in self.session.get_inputs():
+            if i.type not in _ORT_TYPES:
+                raise BackendError(f"{model_path}: input {i.name} has type {i.type}, which nnforge does not feed")
+            dims = tuple(d if isinstance(d, (int, str)) else None for d in i.shape)
+            self.inputs.append(InputSpec(i.name, _ORT_TYPES[i.type], dims))
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run_numpy(self, inputs: list) -> list:
-        if len(inputs) != len(self.input_names):
-            raise BackendError(f"model takes {len(self.input_names)} inputs ({', '.join(self.input_names)}), "
-                               f"got {len(inputs)}")
-        return self.session.run(None, {n: np.ascontiguousarray(x) for n, x in zip(self.input_names, inputs)})
+        try:
+            return self.session.run(None, dict(zip(self.input_names, inputs)))
+        except Exception as e:
+            raise BackendError(f"ONNX Runtime failed on inputs "
+                               f"{', '.join(f'{n} {list(x.shape)}' for n, x in zip(self.input_names, inputs))}: "
+                               f"{str(e).splitlines()[0]}") from None
 
 
 class OnnxBackend(Backend):
@@ -96,7 +132,7 @@ class OnnxBackend(Backend):
                         location=DATA_FILE, size_threshold=INLINE_LIMIT)
         try:
             onnx.checker.check_model(os.fspath(path), full_check=True)
-        except onnx.checker.ValidationError as e:
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
             raise BackendError(f"onnx backend produced an invalid model for graph {graph.name}: "
                                f"{str(e).splitlines()[0]}") from e
         files = [MODEL_FILE] + ([DATA_FILE] if (out_dir / DATA_FILE).exists() else [])
@@ -106,7 +142,8 @@ class OnnxBackend(Backend):
     def load(self, bundle_dir: Path, entry: dict, device: str | None = None) -> Runner:
         if device not in (None, "cpu"):
             raise BackendError(f"the onnx backend runs on the CPU; device {device!r} is not supported")
-        return OnnxRunner(bundle_dir / entry["model"])
+        from ...bundle import safe_join
+        return OnnxRunner(safe_join(Path(bundle_dir), entry.get("model")))
 
     def toolchain(self) -> dict[str, str]:
         import onnxruntime

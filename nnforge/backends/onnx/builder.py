@@ -84,6 +84,10 @@ class OnnxBuilder:
             outs = [out] if isinstance(out, str) else list(out)
         if domain:
             self.domains.add(domain)
+        inputs = list(inputs)
+        while inputs and inputs[-1] is None:
+            # Trailing absent optionals are left out: ORT crashes on some given as "" (LayerNormalization).
+            inputs.pop()
         self.nodes.append(helper.make_node(op_type, ["" if i is None else i for i in inputs], outs,
                                            name=self.fresh(f"{op_type}_{outs[0]}"), domain=domain or None, **attrs))
         return outs[0] if len(outs) == 1 else outs

@@ -48,9 +48,16 @@ _SIMPLE = {
 }
 
 
+# ONNX arithmetic has no bool form; on bools torch's mul is a logical and, add a logical or.
+_BOOL = {"mul": "And", "add": "Or"}
+
+
 @rule(*_SIMPLE)
 def _simple(b, node, fb):
-    b.node(_SIMPLE[node.op], _ins(b, node, fb), _out(node))
+    op = _SIMPLE[node.op]
+    if node.op in _BOOL and node.outputs[0].dtype == bool_:
+        op = _BOOL[node.op]
+    b.node(op, _ins(b, node, fb), _out(node))
 
 
 @rule("rsqrt")

@@ -89,30 +89,40 @@ def _zero_points(b: OnnxBuilder, v: Value, enc: IntQuant, code_type: int, shape)
     return b.const(zp.to(torch.uint8).numpy(), f"{v.name}.zero_point")
 
 
+def _scales(b: OnnxBuilder, v: Value, enc: IntQuant, dims) -> str:
+    """The scales as an ONNX tensor of the weight's float type (DequantizeLinear and MatMulNBits
+    output the scale's type), read in place when stored in that type and shape already."""
+    want = v.dtype.torch_dtype
+    scale = enc.scale
+    full = scale.numel() == int(np.prod(dims)) if dims else scale.numel() == 1
+    if scale.dtype == want and full:
+        return _tensor(b, f"{v.name}.scale", f"{v.name}::scale", scale.reshape(dims), onnx_type(v.dtype), dims)
+    scale = scale.to(torch.float32)
+    if not full:                       # one shared row of group scales, repeated for every row
+        scale = scale.expand(dims[0], -1)
+    scale = scale.reshape(dims).to(want)
+    if want == torch.bfloat16:
+        return b.raw(b.fresh(f"{v.name}.scale"), TensorProto.BFLOAT16, dims,
+                     scale.contiguous().view(torch.int16).numpy().tobytes())
+    return b.const(scale.numpy(), f"{v.name}.scale")
+
+
 def dequantize(b: OnnxBuilder, v: Value, fallbacks) -> str:
-    """DequantizeLinear of an IntQuant weight: float32 [rows, cols] in stored column order."""
+    """DequantizeLinear of an IntQuant weight: [rows, cols] of the weight's dtype, stored column order."""
     enc: IntQuant = v.encoding
     rows, cols = rows_cols(enc.shape)
     codes, code_type = _code_tensor(b, v, enc, fallbacks)
-    scale = enc.scale.to(torch.float32)
     gran = enc.granularity
     attrs = {}
     if gran == "tensor":
-        scale_name = b.const(scale.reshape(()).numpy(), f"{v.name}.scale")
+        scale_name = _scales(b, v, enc, [])
         zp_shape = []
     elif gran == "channel":
-        scale_name = _tensor(b, f"{v.name}.scale", f"{v.name}::scale", scale, TensorProto.FLOAT, [rows]) \
-            if enc.scale.dtype == torch.float32 else b.const(scale.reshape(rows).numpy(), f"{v.name}.scale")
+        scale_name = _scales(b, v, enc, [rows])
         zp_shape, attrs = [rows], {"axis": 0}
     else:
-        groups = scale.shape[1]
-        if scale.shape[0] == 1 and rows > 1:
-            scale = scale.expand(rows, groups).contiguous()
-            scale_name = b.const(scale.numpy(), f"{v.name}.scale")
-        elif enc.scale.dtype == torch.float32:
-            scale_name = _tensor(b, f"{v.name}.scale", f"{v.name}::scale", scale, TensorProto.FLOAT, [rows, groups])
-        else:
-            scale_name = b.const(scale.numpy(), f"{v.name}.scale")
+        groups = enc.scale.shape[1]
+        scale_name = _scales(b, v, enc, [rows, groups])
         zp_shape, attrs = [rows, groups], {"axis": 1, "block_size": enc.group_size}
     zp = _zero_points(b, v, enc, code_type, zp_shape)
     return b.node("DequantizeLinear", [codes, scale_name, zp], **attrs)
@@ -125,7 +135,7 @@ def matmulnbits_ok(enc) -> bool:
     rows, cols = enc.shape
     gs = enc.group_size
     return (enc.granularity == "group" and enc.scale.shape[0] == rows and gs >= 16 and gs & (gs - 1) == 0
-            and cols % gs == 0)
+            and cols % gs == 0 and enc.out_dtype.name in ("float32", "float16"))
 
 
 def matmulnbits(b: OnnxBuilder, x: str, v: Value, out: str | None) -> str:
@@ -135,11 +145,7 @@ def matmulnbits(b: OnnxBuilder, x: str, v: Value, out: str | None) -> str:
     gs = enc.group_size
     groups = k // gs
     codes = _tensor(b, f"{v.name}.codes", f"{v.name}::codes", enc.codes, TensorProto.UINT8, [n, groups, gs // 2])
-    if enc.scale.dtype == torch.float32:
-        scale = _tensor(b, f"{v.name}.scale", f"{v.name}::scale", enc.scale, TensorProto.FLOAT, [n * groups])
-    else:
-        scale = b.const(enc.scale.to(torch.float32).reshape(-1).numpy(), f"{v.name}.scale")
-    inputs = [x, codes, scale]
+    inputs = [x, codes, _scales(b, v, enc, [n * groups])]
     if enc.zero_point is not None:
         zp = pack_bits(enc.zero_point.to(torch.int64), 4)            # [n, ceil(groups/2)]
         inputs.append(b.const(zp.numpy(), f"{v.name}.zero_point"))

@@ -85,12 +85,12 @@ def _conv_infer(x, weight, bias=None, *, stride, padding, dilation, groups):
     return x.with_shape((x.shape[0], weight.shape[0]) + spatial)
 
 
-def pad_input(x, padding, value=0.0):
-    """Apply (begins..., ends...) padding over the trailing spatial dims; returns x and whether
-    the padding was symmetric (so the caller can pass it to torch directly)."""
+def pad_input(x, padding, value=0.0, explicit=False):
+    """Apply (begins..., ends...) padding over the trailing spatial dims unless it is symmetric
+    and not ``explicit``; returns x and the padding left for torch to apply."""
     nd = len(padding) // 2
     begins, ends = padding[:nd], padding[nd:]
-    if list(begins) == list(ends):
+    if list(begins) == list(ends) and not explicit:
         return x, list(begins)
     torch_pad = []
     for i in reversed(range(nd)):

@@ -74,20 +74,42 @@ _MAXPOOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 _AVGPOOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
 
+def _window_shape(x, kernel, stride, padding, dilation, ceil_mode):
+    nd = len(kernel)
+    return [conv_out_dim(x.shape[2 + i], kernel[i], stride[i], padding[i], padding[nd + i], dilation[i], ceil_mode)
+            for i in range(nd)]
+
+
+def _crop(y, shape):
+    """Explicitly padded input under ceil_mode can give torch an extra trailing window (its
+    "last window starts inside" rule then sees the end padding as input); keep the IR's count."""
+    return y[(Ellipsis, *[slice(0, n) for n in shape])]
+
+
 def _max_pool_ref(ctx, x, *, kernel, stride, padding, dilation, ceil_mode):
-    x, pad = pad_input(x, padding, value=float("-inf"))
-    return _MAXPOOL[len(kernel)](x, kernel, stride, pad, dilation, ceil_mode=ceil_mode)
+    nd = len(kernel)
+    shape = _window_shape(x, kernel, stride, padding, dilation, ceil_mode)
+    # torch takes symmetric padding of at most half the kernel; anything else is padded explicitly.
+    if list(padding[:nd]) == list(padding[nd:]) and all(p <= k // 2 for p, k in zip(padding[:nd], kernel)):
+        return _MAXPOOL[nd](x, kernel, stride, list(padding[:nd]), dilation, ceil_mode=ceil_mode)
+    xp, _ = pad_input(x, padding, value=float("-inf"), explicit=True)
+    return _crop(_MAXPOOL[nd](xp, kernel, stride, 0, dilation, ceil_mode=ceil_mode), shape)
 
 
 def _avg_pool_ref(ctx, x, *, kernel, stride, padding, ceil_mode, count_include_pad):
     nd = len(kernel)
-    if list(padding[:nd]) != list(padding[nd:]):
-        if not count_include_pad:
-            raise ValueError("asymmetric padding with count_include_pad=False is not supported")
-        x, pad = pad_input(x, padding)
-    else:
-        pad = padding[:nd]
-    return _AVGPOOL[nd](x, kernel, stride, pad, ceil_mode=ceil_mode, count_include_pad=count_include_pad)
+    if list(padding[:nd]) == list(padding[nd:]) and all(p <= k // 2 for p, k in zip(padding[:nd], kernel)):
+        return _AVGPOOL[nd](x, kernel, stride, list(padding[:nd]), ceil_mode=ceil_mode,
+                            count_include_pad=count_include_pad)
+    shape = _window_shape(x, kernel, stride, padding, [1] * nd, ceil_mode)
+    xp, _ = pad_input(x, padding, explicit=True)
+    total = _AVGPOOL[nd](xp, kernel, stride, 0, ceil_mode=ceil_mode)
+    if not count_include_pad:
+        # Mean over the real elements only: the same pooling of a padded mask of ones gives each
+        # window's share of real elements.
+        mask, _ = pad_input(torch.ones_like(x[:1, :1]), padding, explicit=True)
+        total = total / _AVGPOOL[nd](mask, kernel, stride, 0, ceil_mode=ceil_mode)
+    return _crop(total, shape)
 
 
 _POOL_ATTRS = {"kernel": Attr("ints"), "stride": Attr("ints"), "padding": Attr("ints"), "ceil_mode": Attr("bool", False)}
