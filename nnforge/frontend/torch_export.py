@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import operator
 import re
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -201,15 +202,18 @@ def _symbol_names(ep, user_inputs: list[torch.fx.Node], input_names: list[str], 
 def export_module(model: torch.nn.Module, example_inputs, dynamic_shapes=None) -> torch.export.ExportedProgram:
     """torch.export + core-ATen decomposition, keeping aten.linear intact."""
     model = model.eval()
-    try:
-        with torch.no_grad():
-            ep = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
-    except Exception as e:
-        raise FrontendError(f"torch.export failed for {type(model).__name__}: {type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else e}") from e
-    table = torch.export.default_decompositions()
-    table.pop(torch.ops.aten.linear.default, None)
-    return ep.run_decompositions(table)
+    with warnings.catch_warnings():
+        # torch's own pytree code trips its LeafSpec deprecation while exporting; not the user's concern.
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        try:
+            with torch.no_grad():
+                ep = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
+        except Exception as e:
+            raise FrontendError(f"torch.export failed for {type(model).__name__}: {type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else e}") from e
+        table = torch.export.default_decompositions()
+        table.pop(torch.ops.aten.linear.default, None)
+        return ep.run_decompositions(table)
 
 
 def from_exported_program(ep: torch.export.ExportedProgram, *, name: str = "model",
