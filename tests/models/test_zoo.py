@@ -29,6 +29,17 @@ def test_zoo_names():
         zoo_model("alexnet")
 
 
+def test_resnet18_has_torchvisions_layout():
+    """torchvision itself cannot be imported beside CPU torch 2.13 here (its wheel's C ops need
+    CUDA), so the zoo carries the architecture; its state dict must line up with torchvision's."""
+    model = zoo_model("resnet18")[0]
+    sd = model.state_dict()
+    assert sum(p.numel() for p in model.parameters()) == 11_689_512       # torchvision's figure
+    assert len(sd) == 122
+    assert sd["layer2.0.downsample.0.weight"].shape == (128, 64, 1, 1)
+    assert sd["layer4.1.conv2.weight"].shape == (512, 512, 3, 3) and sd["fc.weight"].shape == (1000, 512)
+
+
 def test_resnet18_other_batch(tmp_path):
     model, example, bundle = compile_zoo("resnet18", tmp_path / "resnet18")
     m = bundle.manifest
