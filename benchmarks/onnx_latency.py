@@ -66,7 +66,7 @@ def main() -> None:
         tmp = Path(tmp)
         runners = {"torch eager": lambda ids, mask: model(ids, mask),
                    "ORT on torch.onnx.export": torch_onnx_peer(model, example, tmp)}
-        for recipe in ("fp32", "w8-rtn", "w4-rtn"):
+        for recipe in ("fp32", "w8", "w4-rtn"):
             b = nf.compile(model, "onnx", None if recipe == "fp32" else recipe, example_inputs=example,
                            dynamic_shapes=dm.dynamic_shapes(), input_names=["input_ids", "attention_mask"],
                            output_names=["embeddings"], out=tmp / recipe)

@@ -20,7 +20,7 @@ from .backends.base import available_backends
 from .models import default as dm
 
 # Recipes the demo runs per backend (those whose passes exist in this build).
-DEMO_RECIPES = {"onnx": ["fp32", "w8-rtn", "w4-rtn"]}
+DEMO_RECIPES = {"onnx": ["fp32", "w8", "w4-rtn"]}
 FP32_COSINE_FLOOR = 0.99999
 
 

@@ -79,7 +79,7 @@ def test_compile_from_onnx_file(tmp_path, mlp_onnx):
     assert b.manifest["signature"]["inputs"][0]["shape"][1] == 16
     np.testing.assert_allclose(nf.load(b.path)(X_NEW.numpy()), torch_out().numpy(), rtol=1e-4, atol=1e-5)
     # a str path works as well as a Path
-    b2 = nf.compile(str(mlp_onnx), "onnx", "w8-rtn", example_inputs=(X,), out=tmp_path / "o8")
+    b2 = nf.compile(str(mlp_onnx), "onnx", "w8", example_inputs=(X,), out=tmp_path / "o8")
     assert cosine(nf.load(b2.path)(X_NEW.numpy()), torch_out()) > 0.999
     assert nf.verify(b2.path)["passed"]
 
@@ -114,7 +114,7 @@ symmetric = false
 """
 
 
-@pytest.mark.parametrize("recipe", [None, "fp32", "w8-rtn", "w4-rtn", "toml", "list"])
+@pytest.mark.parametrize("recipe", [None, "fp32", "w8", "w4-rtn", "toml", "list"])
 def test_recipes(tmp_path, recipe):
     if recipe == "toml":
         path = tmp_path / "mixed.toml"
@@ -130,14 +130,14 @@ def test_recipes(tmp_path, recipe):
     encodings = [layer["encoding"] for layer in m["compression"]["layers"]]
     expected = {
         None: ["dense f32", "dense f32"], "fp32": ["dense f32", "dense f32"],
-        "w8-rtn": ["i8 per-channel sym", "i8 per-channel sym"],
+        "w8": ["i8 per-channel sym", "i8 per-channel sym"],
         "w4-rtn": ["i4 per-channel sym", "i4 per-channel sym"],   # 16 cols: fallback; 32 cols: one group
         "toml": ["i4 g8 sym", "u8 per-channel asym"],
         "list": ["i6 g8 sym", "i6 g8 sym"],
     }[recipe]
     assert encodings == expected
     passes = [p["pass"] for p in m["recipe"]["passes"]]
-    assert passes == {None: [], "fp32": [], "w8-rtn": ["quantize_rtn"], "w4-rtn": ["quantize_rtn"],
+    assert passes == {None: [], "fp32": [], "w8": ["quantize_rtn"], "w4-rtn": ["quantize_rtn"],
                       "toml": ["quantize_rtn", "quantize_rtn"], "list": ["quantize_rtn"]}[recipe]
     if recipe in (None, "fp32"):
         assert m["compression"]["ratio"] == 1.0
@@ -180,7 +180,7 @@ def test_target_whose_backend_is_not_available(tmp_path):
 
 
 def test_unknown_recipe(tmp_path):
-    _expect(tmp_path, PassError, r"unknown recipe 'w3-magic'.*w8-rtn", tiny_mlp(), "onnx", "w3-magic")
+    _expect(tmp_path, PassError, r"unknown recipe 'w3-magic'.*w8", tiny_mlp(), "onnx", "w3-magic")
 
 
 def test_recipe_with_unknown_option(tmp_path):
@@ -217,7 +217,7 @@ def test_recipe_of_the_wrong_type(tmp_path):
 
 
 def test_empty_calibration_list(tmp_path):
-    _expect(tmp_path, PassError, r"calibration is empty", tiny_mlp(), "onnx", "w8-rtn", calibration=[])
+    _expect(tmp_path, PassError, r"calibration is empty", tiny_mlp(), "onnx", "w8", calibration=[])
 
 
 def test_recipe_that_needs_calibration(tmp_path, monkeypatch):

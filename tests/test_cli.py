@@ -102,10 +102,10 @@ def test_compile_prints_wrote(capsys, onnx_file, tmp_path):
 
 def test_compile_with_recipe(capsys, onnx_file, tmp_path):
     out = tmp_path / "b8"
-    rc, stdout, _ = run_cli(capsys, "compile", onnx_file, "--target", "onnx", "--recipe", "w8-rtn", "--out", out)
+    rc, stdout, _ = run_cli(capsys, "compile", onnx_file, "--target", "onnx", "--recipe", "w8", "--out", out)
     assert rc == 0 and stdout.startswith("wrote")
     m = json.loads((out / "manifest.json").read_text())
-    assert m["recipe"]["name"] == "w8-rtn"
+    assert m["recipe"]["name"] == "w8"
     assert m["compression"]["bytes_after"] < m["compression"]["bytes_before"]
 
 

@@ -2,7 +2,7 @@
 reference interpreter."""
 from . import symbolic
 from .dtypes import DType, DTYPES, dtype
-from .encodings import ENCODINGS, Dense, Encoding, EncodingError, IntQuant, register_encoding
+from .encodings import ENCODINGS, Dense, Encoding, EncodingError, IntQuant, MiniFloat, register_encoding
 from .graph import Graph, GraphError, Node, Value, sanitize_name
 from .interpreter import Interpreter, InterpreterError, run_graph
 from .ops import OPS, WEIGHT_OPS, get_op
@@ -12,7 +12,7 @@ from .types import TensorType, tensor
 from .verifier import check, verify
 
 __all__ = [
-    "symbolic", "DType", "DTYPES", "dtype", "ENCODINGS", "Dense", "Encoding", "EncodingError", "IntQuant",
+    "symbolic", "DType", "DTYPES", "dtype", "ENCODINGS", "Dense", "Encoding", "EncodingError", "IntQuant", "MiniFloat",
     "register_encoding", "Graph", "GraphError", "Node", "Value", "sanitize_name", "Interpreter",
     "InterpreterError", "run_graph", "OPS", "WEIGHT_OPS", "get_op", "format_graph", "SerializationError",
     "graph_from_dict", "graph_to_dict", "load_graph", "save_graph", "TensorType", "tensor", "check", "verify",

@@ -85,6 +85,34 @@ def rows_cols(shape: tuple[int, ...]) -> tuple[int, int]:
     return shape[0], math.prod(shape[1:])
 
 
+def _check_grouping(name: str, shape, scale: torch.Tensor, group_size: int, perm) -> torch.Tensor | None:
+    """Shared checks of the [1 or rows, groups] scale layout and the act-order permutation;
+    returns the permutation as int64."""
+    rows, cols = rows_cols(shape)
+    if not 1 <= group_size <= cols:
+        raise EncodingError(f"{name}: group_size {group_size} outside 1..{cols}")
+    groups = -(-cols // group_size)
+    if scale.dim() != 2 or scale.shape[0] not in (1, rows) or scale.shape[1] != groups:
+        raise EncodingError(f"{name}: scale must be [1 or {rows}, {groups}], got {tuple(scale.shape)}")
+    if perm is None:
+        return None
+    p = perm.to(torch.int64)
+    if p.shape != (cols,) or not torch.equal(torch.sort(p).values, torch.arange(cols)):
+        raise EncodingError(f"{name}: perm must be a permutation of range({cols})")
+    return p
+
+
+def _apply_groups(q: torch.Tensor, scale: torch.Tensor, group_size: int, perm) -> torch.Tensor:
+    """q [rows, cols] (stored column order) times its group scales, back in original column order."""
+    idx = torch.arange(q.shape[1]) // group_size
+    w = q * scale.to(q.dtype)[:, idx]
+    if perm is not None:
+        out = torch.empty_like(w)
+        out[:, perm] = w
+        w = out
+    return w
+
+
 @register_encoding
 @dataclass(frozen=True, eq=False)
 class Dense(Encoding):
@@ -148,21 +176,13 @@ class IntQuant(Encoding):
             raise EncodingError(f"IntQuant codes must be uint8 {(rows, packing.packed_cols(cols, self.bits))} for "
                                 f"{self.bits}-bit codes of shape {self.shape}, got {self.codes.dtype} "
                                 f"{tuple(self.codes.shape)}")
-        if not 1 <= self.group_size <= cols:
-            raise EncodingError(f"group_size {self.group_size} outside 1..{cols}")
-        groups = -(-cols // self.group_size)
-        if self.scale.dim() != 2 or self.scale.shape[0] not in (1, rows) or self.scale.shape[1] != groups:
-            raise EncodingError(f"IntQuant scale must be [1 or {rows}, {groups}], got {tuple(self.scale.shape)}")
+        perm = _check_grouping("IntQuant", self.shape, self.scale, self.group_size, self.perm)
+        object.__setattr__(self, "perm", perm)
         if not self.scale.is_floating_point():
             raise EncodingError("IntQuant scale must be a float tensor")
         if self.zero_point is not None and tuple(self.zero_point.shape) != tuple(self.scale.shape):
             raise EncodingError(f"zero_point shape {tuple(self.zero_point.shape)} differs from scale "
                                 f"shape {tuple(self.scale.shape)}")
-        if self.perm is not None:
-            p = self.perm.to(torch.int64)
-            if p.shape != (cols,) or not torch.equal(torch.sort(p).values, torch.arange(cols)):
-                raise EncodingError(f"perm must be a permutation of range({cols})")
-            object.__setattr__(self, "perm", p)
 
     @property
     def dtype(self):
@@ -188,15 +208,10 @@ class IntQuant(Encoding):
     def decode(self, dtype=None):
         rows, cols = rows_cols(self.shape)
         q = self.int_codes().to(torch.float64 if dtype == torch.float64 else torch.float32)
-        idx = torch.arange(cols) // self.group_size
-        scale = self.scale.to(q.dtype)[:, idx]
         if self.zero_point is not None:
+            idx = torch.arange(cols) // self.group_size
             q = q - self.zero_point.to(q.dtype)[:, idx]
-        w = q * scale
-        if self.perm is not None:
-            out = torch.empty_like(w)
-            out[:, self.perm] = w
-            w = out
+        w = _apply_groups(q, self.scale, self.group_size, self.perm)
         return w.reshape(self.shape).to(dtype or self.out_dtype.torch_dtype)
 
     def tensors(self):
@@ -265,6 +280,131 @@ class IntQuant(Encoding):
         g = {"group": f"g{self.group_size}", "channel": "per-channel", "tensor": "per-tensor"}[self.granularity]
         extra = (" asym" if self.zero_point is not None else " sym") + (" act-order" if self.perm is not None else "")
         return f"{self.code_dtype.short} {g}{extra}"
+
+
+@register_encoding
+@dataclass(frozen=True, eq=False)
+class MiniFloat(Encoding):
+    """ExMy minifloat codes (OCP E4M3, E5M2, E3M2, E2M3, E2M1) with scales on the same
+    [1 or rows, groups] layout as IntQuant.
+
+    ``decode`` gives ``value(code) * scale * global_scale``. Scales are plain floats
+    (``scale_format`` float32/float16/bfloat16: per tensor, channel or group), or codes of a
+    minifloat scale format: E8M0 shared exponents for MX blocks of 32, or E4M3 block scales with an
+    fp32 ``global_scale`` (NVFP4: blocks of 16). Codes are packed ``fmt.bits`` bits each, so FP4
+    takes half a byte and FP6 three quarters. ``perm`` is the act-order column order, as in IntQuant.
+    """
+    kind: ClassVar[str] = "minifloat"
+    shape: tuple[int, ...]
+    fmt: DType
+    codes: torch.Tensor            # uint8 [rows, ceil(cols*bits/8)], packed
+    scale: torch.Tensor            # [R, G]: float values, or uint8 codes of scale_format
+    group_size: int
+    scale_format: DType = float32
+    global_scale: torch.Tensor | None = None      # float32 0-d
+    perm: torch.Tensor | None = None
+    out_dtype: DType = float32
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        for f in ("fmt", "scale_format", "out_dtype"):
+            object.__setattr__(self, f, _dtype(getattr(self, f)))
+        rows, cols = rows_cols(self.shape)
+        if self.fmt.kind != "minifloat" or not self.fmt.signed:
+            raise EncodingError(f"MiniFloat element format must be a signed minifloat (e4m3, e5m2, e3m2, e2m3, "
+                                f"e2m1), got {self.fmt.name}")
+        want = (rows, packing.packed_cols(cols, self.fmt.bits))
+        if self.codes.dtype != torch.uint8 or tuple(self.codes.shape) != want:
+            raise EncodingError(f"MiniFloat codes must be uint8 {want} for {self.fmt.short} codes of shape "
+                                f"{self.shape}, got {self.codes.dtype} {tuple(self.codes.shape)}")
+        perm = _check_grouping("MiniFloat", self.shape, self.scale, self.group_size, self.perm)
+        object.__setattr__(self, "perm", perm)
+        sf = self.scale_format
+        if sf.kind == "minifloat":
+            if sf.short not in ("e8m0", "e4m3") or self.scale.dtype != torch.uint8:
+                raise EncodingError(f"MiniFloat scales in {sf.name} must be uint8 codes of e8m0 or e4m3, "
+                                    f"got {self.scale.dtype}")
+        elif sf.kind != "float" or self.scale.dtype != sf.torch_dtype:
+            raise EncodingError(f"MiniFloat scale_format {sf.name} disagrees with scale dtype {self.scale.dtype}")
+        if self.global_scale is not None:
+            g = self.global_scale
+            if g.dim() != 0 or g.dtype != torch.float32:
+                raise EncodingError("MiniFloat global_scale must be a float32 scalar")
+
+    @property
+    def dtype(self):
+        return self.out_dtype
+
+    @property
+    def granularity(self) -> str:
+        rows, _ = rows_cols(self.shape)
+        if self.scale.shape[1] > 1:
+            return "group"
+        return "channel" if self.scale.shape[0] == rows and rows > 1 else "tensor"
+
+    def fields(self) -> torch.Tensor:
+        """Codes as int64 [rows, cols] in stored column order."""
+        _, cols = rows_cols(self.shape)
+        return packing.unpack_bits(self.codes, self.fmt.bits, cols)
+
+    def scale_values(self, dtype=torch.float32) -> torch.Tensor:
+        """The [R, G] scales as floats, the global scale folded in."""
+        from . import minifloat
+        s = minifloat.decode(self.scale, self.scale_format, torch.float64) if self.scale_format.kind == "minifloat" \
+            else self.scale.to(torch.float64)
+        if self.global_scale is not None:
+            s = s * self.global_scale.to(torch.float64)
+        return s.to(dtype)
+
+    def decode(self, dtype=None):
+        from . import minifloat
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        q = minifloat.decode(self.fields(), self.fmt, work)
+        w = _apply_groups(q, self.scale_values(work), self.group_size, self.perm)
+        return w.reshape(self.shape).to(dtype or self.out_dtype.torch_dtype)
+
+    def tensors(self):
+        t = {"codes": self.codes, "scale": self.scale}
+        if self.global_scale is not None:
+            t["global_scale"] = self.global_scale
+        if self.perm is not None:
+            t["perm"] = self.perm
+        return t
+
+    def params(self):
+        return {"shape": list(self.shape), "format": self.fmt.name, "group_size": self.group_size,
+                "scale_format": self.scale_format.name, "out_dtype": self.out_dtype.name}
+
+    @classmethod
+    def from_parts(cls, params, tensors):
+        return cls(shape=tuple(params["shape"]), fmt=params["format"], codes=tensors["codes"], scale=tensors["scale"],
+                   group_size=params["group_size"], scale_format=params.get("scale_format", "float32"),
+                   global_scale=tensors.get("global_scale"), perm=tensors.get("perm"),
+                   out_dtype=params.get("out_dtype", "float32"))
+
+    @classmethod
+    def from_fields(cls, fields: torch.Tensor, scale: torch.Tensor, *, fmt, shape, group_size: int | None = None,
+                    scale_format=float32, global_scale=None, perm=None, out_dtype=float32) -> "MiniFloat":
+        """Build from unpacked code fields [rows, cols] (stored column order)."""
+        fmt = _dtype(fmt)
+        rows, cols = rows_cols(tuple(shape))
+        fields = fields.reshape(rows, cols).to(torch.int64)
+        if fields.numel() and (int(fields.min()) < 0 or int(fields.max()) >= 1 << fmt.bits):
+            raise EncodingError(f"{fmt.short} code fields must lie in [0, {1 << fmt.bits})")
+        return cls(tuple(shape), fmt, packing.pack_bits(fields, fmt.bits), scale.reshape(scale.shape[0], -1),
+                   group_size or cols, scale_format, global_scale, perm, out_dtype)
+
+    def describe(self):
+        sf = self.scale_format
+        if sf.short == "e8m0":
+            scales = f"block {self.group_size} e8m0 scales"
+        elif sf.short == "e4m3":
+            scales = f"block {self.group_size} e4m3 scales" + (" + fp32 tensor scale" if self.global_scale is not None
+                                                                else "")
+        else:
+            scales = {"group": f"g{self.group_size}", "channel": "per-channel",
+                      "tensor": "per-tensor"}[self.granularity]
+        return f"{self.fmt.short} {scales}" + (" act-order" if self.perm is not None else "")
 
 
 def encoding_from_parts(kind: str, params: dict, tensors: dict[str, torch.Tensor]) -> Encoding:

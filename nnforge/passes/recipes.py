@@ -5,13 +5,13 @@ A TOML recipe:
     description = "4-bit weights, attention output kept at 8 bits"
     [[passes]]
     pass = "quantize_rtn"
-    bits = 4
+    format = "int4"
     group_size = 32
     exclude = ["*.attention.output.dense"]
 
     [[passes]]
     pass = "quantize_rtn"
-    bits = 8
+    format = "int8"
     layers = ["*.attention.output.dense"]
 
 Every key is checked: an unknown top-level key, pass name or option is an error naming it.
@@ -26,10 +26,10 @@ from .base import PASSES, Pass, PassError
 # Presets: name -> (description, list of pass configs)
 PRESETS: dict[str, tuple[str, list[dict]]] = {
     "fp32": ("no compression", []),
-    "w8-rtn": ("int8 weights, per-channel, round-to-nearest",
-               [{"pass": "quantize_rtn", "bits": 8}]),
-    "w4-rtn": ("int4 weights, groups of 32, round-to-nearest",
-               [{"pass": "quantize_rtn", "bits": 4, "group_size": 32}]),
+    "w8": ("int8 weights, per-channel, round-to-nearest",
+           [{"pass": "quantize_rtn", "format": "int8"}]),
+    "w4-rtn": ("int4 weights, groups of 128, round-to-nearest",
+               [{"pass": "quantize_rtn", "format": "int4", "group_size": 128, "ragged_groups": True}]),
 }
 _TOP_KEYS = {"description", "passes"}
 

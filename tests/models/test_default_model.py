@@ -1,6 +1,6 @@
 """The embedded default model (all-MiniLM-L6-v2 + mean pooling) and its sentence data, and the
 acceptance check: the fp32 onnx bundle reproduces the torch embeddings (cosine >= 0.99999, same
-nearest neighbours) on 128 held-out sentences; the w8-rtn bundle is >= 1.5x smaller and close."""
+nearest neighbours) on 128 held-out sentences; the w8 bundle is >= 1.5x smaller and close."""
 from __future__ import annotations
 
 import hashlib
@@ -118,7 +118,7 @@ def fp32_bundle(default_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def w8_bundle(default_model, tmp_path_factory):
     model, tok = default_model
-    return _compile(model, tok, "w8-rtn", tmp_path_factory.mktemp("minilm") / "w8")
+    return _compile(model, tok, "w8", tmp_path_factory.mktemp("minilm") / "w8")
 
 
 def test_fp32_bundle_reproduces_torch(fp32_bundle, eval_batch):

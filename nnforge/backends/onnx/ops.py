@@ -119,8 +119,10 @@ def lower_linear(b, node, fb):
     x, w, bias = (list(node.inputs) + [None])[:3]
     xin = x.name
     enc = w.encoding if w.is_weight else None
-    perm = getattr(enc, "perm", None)
-    if perm is not None:     # act-order: permute activation columns instead of the weight
+    # act-order: permute the activation columns instead of the weight, where the weight is
+    # dequantised from its stored (permuted) codes; a weight decoded at export is in original order.
+    perm = getattr(enc, "perm", None) if W.dequantize_ok(enc) else None
+    if perm is not None:
         xin = b.node("Gather", [xin, b.ints(perm.tolist())], axis=-1)
     out = _out(node)
     bias_name = operand(b, bias, fb)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from onnx import TensorProto
 
-from ...ir import Dense, IntQuant, Value
+from ...ir import Dense, IntQuant, MiniFloat, Value
 from ...ir.encodings import rows_cols
 from ...ir.packing import pack_bits, unpack_bits
 from ..base import Fallback
@@ -39,7 +39,7 @@ def dense(b: OnnxBuilder, v: Value, fallbacks: list[Fallback]) -> str:
     enc = v.encoding
     if isinstance(enc, Dense):
         out = _tensor(b, v.name, f"{v.name}::data", enc.data, onnx_type(v.dtype), v.shape)
-    elif isinstance(enc, IntQuant):
+    elif dequantize_ok(enc):
         out = dequantize(b, v, fallbacks)
         if enc.perm is not None:
             # Generic consumers need the original column order; linear layers avoid this by
@@ -51,16 +51,31 @@ def dense(b: OnnxBuilder, v: Value, fallbacks: list[Fallback]) -> str:
         if len(v.shape) != 2:
             out = b.node("Reshape", [out, b.ints(v.shape)])
     else:
-        fallbacks.append(Fallback(v.name, enc.describe(), "decoded to float32 (no ONNX form for this encoding)"))
-        out = b.const(enc.decode(torch.float32).numpy(), v.name)
+        fallbacks.append(Fallback(v.name, enc.describe(), f"decoded to {v.dtype.name} at export "
+                                  "(ONNX has no form for this encoding)"))
+        data = enc.decode(v.dtype.torch_dtype)
+        out = b.raw(b.fresh(v.name), onnx_type(v.dtype), list(v.shape), data.contiguous().view(torch.int16).numpy()
+                    .tobytes()) if data.dtype == torch.bfloat16 else b.const(data.numpy(), v.name)
     b.weight_cache[v.name] = out
     return out
 
 
-def _code_tensor(b: OnnxBuilder, v: Value, enc: IntQuant, fallbacks) -> tuple[str, int]:
-    """The codes as an ONNX uint8 or uint4 tensor [rows, cols] (stored column order)."""
+# Minifloats ONNX (opset 21) holds as tensor types; their bit patterns are our codes.
+FLOAT8 = {"e4m3": TensorProto.FLOAT8E4M3FN, "e5m2": TensorProto.FLOAT8E5M2}
+
+
+def dequantize_ok(enc) -> bool:
+    """Encodings that run as a DequantizeLinear of their stored codes."""
+    return isinstance(enc, IntQuant) or (isinstance(enc, MiniFloat) and enc.fmt.short in FLOAT8)
+
+
+def _code_tensor(b: OnnxBuilder, v: Value, enc, fallbacks) -> tuple[str, int]:
+    """The codes as an ONNX uint8, uint4 or float8 tensor [rows, cols] (stored column order)."""
     rows, cols = rows_cols(enc.shape)
     key = f"{v.name}::codes"
+    if isinstance(enc, MiniFloat):
+        return _tensor(b, f"{v.name}.codes", key, enc.codes, FLOAT8[enc.fmt.short], [rows, cols]), \
+            FLOAT8[enc.fmt.short]
     if enc.bits == 8:
         return _tensor(b, f"{v.name}.codes", key, enc.codes, TensorProto.UINT8, [rows, cols]), TensorProto.UINT8
     if enc.bits == 4 and cols % 2 == 0:
@@ -89,13 +104,15 @@ def _zero_points(b: OnnxBuilder, v: Value, enc: IntQuant, code_type: int, shape)
     return b.const(zp.to(torch.uint8).numpy(), f"{v.name}.zero_point")
 
 
-def _scales(b: OnnxBuilder, v: Value, enc: IntQuant, dims) -> str:
+def _scales(b: OnnxBuilder, v: Value, enc, dims) -> str:
     """The scales as an ONNX tensor of the weight's float type (DequantizeLinear and MatMulNBits
-    output the scale's type), read in place when stored in that type and shape already."""
+    output the scale's type), read in place when stored in that type and shape already. Scales
+    stored as E8M0/E4M3 codes (MX, NVFP4) have no ONNX form and are decoded (exactly) to floats."""
     want = v.dtype.torch_dtype
-    scale = enc.scale
+    in_place = isinstance(enc, IntQuant) or (enc.scale_format.kind == "float" and enc.global_scale is None)
+    scale = enc.scale if in_place else enc.scale_values(torch.float32)
     full = scale.numel() == int(np.prod(dims)) if dims else scale.numel() == 1
-    if scale.dtype == want and full:
+    if in_place and scale.dtype == want and full:
         return _tensor(b, f"{v.name}.scale", f"{v.name}::scale", scale.reshape(dims), onnx_type(v.dtype), dims)
     scale = scale.to(torch.float32)
     if not full:                       # one shared row of group scales, repeated for every row
@@ -108,8 +125,9 @@ def _scales(b: OnnxBuilder, v: Value, enc: IntQuant, dims) -> str:
 
 
 def dequantize(b: OnnxBuilder, v: Value, fallbacks) -> str:
-    """DequantizeLinear of an IntQuant weight: [rows, cols] of the weight's dtype, stored column order."""
-    enc: IntQuant = v.encoding
+    """DequantizeLinear of an IntQuant or float8 MiniFloat weight: [rows, cols] of the weight's
+    dtype, stored column order."""
+    enc = v.encoding
     rows, cols = rows_cols(enc.shape)
     codes, code_type = _code_tensor(b, v, enc, fallbacks)
     gran = enc.granularity
@@ -124,7 +142,7 @@ def dequantize(b: OnnxBuilder, v: Value, fallbacks) -> str:
         groups = enc.scale.shape[1]
         scale_name = _scales(b, v, enc, [rows, groups])
         zp_shape, attrs = [rows, groups], {"axis": 1, "block_size": enc.group_size}
-    zp = _zero_points(b, v, enc, code_type, zp_shape)
+    zp = None if isinstance(enc, MiniFloat) else _zero_points(b, v, enc, code_type, zp_shape)
     return b.node("DequantizeLinear", [codes, scale_name, zp], **attrs)
 
 
@@ -152,4 +170,4 @@ def matmulnbits(b: OnnxBuilder, x: str, v: Value, out: str | None) -> str:
     return b.node("MatMulNBits", inputs, out, domain="com.microsoft", K=k, N=n, bits=4, block_size=gs)
 
 
-__all__ = ["dense", "dequantize", "matmulnbits", "matmulnbits_ok", "NP_TYPES"]
+__all__ = ["dense", "dequantize", "dequantize_ok", "matmulnbits", "matmulnbits_ok", "NP_TYPES"]
