@@ -103,6 +103,13 @@ def batches(tokenizer, texts: list[str], batch_size: int = 32) -> list[tuple[tor
     return [encode(tokenizer, texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
 
 
+def calibration_batches(tokenizer, texts: list[str], batch_size: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of sentences of similar length: little padding, so calibration statistics come from
+    real tokens rather than from pad positions the model never attends to."""
+    order = sorted(texts, key=lambda t: len(tokenizer(t)["input_ids"]))
+    return batches(tokenizer, order, batch_size)
+
+
 @dataclass
 class Fidelity:
     cosine_mean: float

@@ -2,9 +2,9 @@
 from .base import PASSES, LayerSelection, Pass, PassContext, PassError, PassManager, PassRecord, register_pass
 from .cleanup import (DeadCodeElimination, FoldConstants, FuseLinear, Simplify, cleanup_passes,
                       eliminate_dead_code, rewrite)
-from .quantize import QuantizeRTN
+from .quantize import QuantizeGPTQ, QuantizeRTN
 from .recipes import PRESETS, resolve_recipe
 
 __all__ = ["PASSES", "LayerSelection", "Pass", "PassContext", "PassError", "PassManager", "PassRecord",
            "register_pass", "DeadCodeElimination", "FoldConstants", "FuseLinear", "Simplify", "cleanup_passes",
-           "eliminate_dead_code", "rewrite", "QuantizeRTN", "PRESETS", "resolve_recipe"]
+           "eliminate_dead_code", "rewrite", "QuantizeGPTQ", "QuantizeRTN", "PRESETS", "resolve_recipe"]

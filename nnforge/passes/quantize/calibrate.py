@@ -1,0 +1,92 @@
+"""Running a graph over all calibration batches at once, node by node, so that a pass can look at
+each layer's inputs and change its weight before the layer runs.
+
+This is how GPTQ and activation calibration go "block by block" without re-running the model per
+layer: every node runs once per batch, in graph order; the hook sees a node's inputs for every
+batch (a transformer block's inputs are computed once, from the already-quantised blocks before
+it) and may replace the node's weight encoding, which the node then runs with. Values are freed
+after their last use, as in the reference interpreter.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ...ir import Graph, Node
+from ...ir.interpreter import InterpreterError, bind_inputs
+from ...ir.ops import RunContext, get_op
+from ..base import PassError
+
+Hook = Callable[[Node, list[list]], None]
+
+
+def last_uses(graph: Graph) -> dict:
+    last: dict = {}
+    for i, n in enumerate(graph.nodes):
+        for v in n.inputs:
+            if v is not None:
+                last[v] = i
+    for v in graph.outputs:
+        last[v] = len(graph.nodes)
+    return last
+
+
+def check_calibration(graph: Graph, batches, who: str) -> list:
+    """The batches as lists of tensors, each checked against the graph inputs (a clear error
+    naming the pass, the batch and the input otherwise)."""
+    if not batches:
+        raise PassError(f"{who}: the calibration set is empty; pass calibration=[input tuples shaped like "
+                        "example_inputs]")
+    out = []
+    for i, b in enumerate(batches):
+        b = list(b) if isinstance(b, (list, tuple)) else [b]
+        try:
+            tensors, env = bind_inputs(graph, b)
+        except (ValueError, TypeError) as e:
+            raise PassError(f"{who}: calibration batch {i} does not fit the model's inputs: {e}") from None
+        out.append((tensors, env))
+    return out
+
+
+def run_calibration(graph: Graph, batches, before: Hook | None = None, *, who: str = "calibration",
+                    progress: bool = False) -> list[list[torch.Tensor]]:
+    """Run ``graph`` over every batch; ``before(node, args)`` is called with each node and its
+    inputs for every batch (``args[b][i]``: input i of batch b, weights decoded) before it runs.
+    Returns the outputs of every batch."""
+    bound = check_calibration(graph, batches, who)
+    ctxs = [RunContext(env=env) for _, env in bound]
+    vals: list[dict] = [dict(zip(graph.inputs, [t.float() if t.is_floating_point() else t for t in tensors]))
+                        for tensors, _ in bound]
+    last = last_uses(graph)
+    decoded: dict[str, tuple[object, torch.Tensor]] = {}
+
+    def weight(name: str) -> torch.Tensor:
+        enc = graph.weights[name].encoding
+        hit = decoded.get(name)
+        if hit is None or hit[0] is not enc:          # the hook may have re-encoded it
+            data = enc.decode(torch.float32 if enc.dtype.is_float else None)
+            hit = decoded[name] = (enc, data.float() if data.is_floating_point() else data)
+        return hit[1]
+
+    nodes = graph.nodes
+    if progress:
+        from tqdm import tqdm
+        nodes = tqdm(nodes, desc=who, unit="node", leave=False)
+    for i, node in enumerate(nodes):
+        def args_for(b):
+            return [None if v is None else weight(v.name) if v.is_weight else vals[b][v] for v in node.inputs]
+        if before is not None:
+            before(node, [args_for(b) for b in range(len(bound))])
+        op = get_op(node.op)
+        for b in range(len(bound)):
+            try:
+                outs = op.run(ctxs[b], args_for(b), node.attrs)
+            except Exception as e:
+                raise InterpreterError(f"{who}: node {node.name} ({node.op}) failed on calibration batch {b}: "
+                                       f"{e}") from e
+            vals[b].update(zip(node.outputs, outs))
+            for v in node.inputs:
+                if v is not None and not v.is_weight and last.get(v, -1) <= i:
+                    vals[b].pop(v, None)
+    return [[weight(v.name) if v.is_weight else vals[b][v] for v in graph.outputs] for b in range(len(bound))]

@@ -1,0 +1,210 @@
+"""GPTQ (Frantar et al., 2022): quantise a layer's weight column by column, pushing each
+column's rounding error onto the columns not yet quantised through the inverse Hessian of the
+layer's inputs, H = 2 XᵀX / n.
+
+Works with any :class:`~.formats.WeightFormat` (integer or minifloat grids, per channel, per
+group, MX/NVFP4 blocks), since it only needs a scale fit and a nearest-point function. Options:
+dampening (a fraction of the mean diagonal added to H), lazy block updates (``block_size``
+columns at a time), act-order (columns in order of decreasing Hessian diagonal) and static
+groups (scales fitted once on the original weight, in original column order).
+
+Where act-order is stored: with per-channel or per-tensor scales, or static groups, the codes go
+back to original column order and no permutation is stored. With groups fitted along the
+act-order (the accurate choice), codes and groups are stored in act-order with ``perm`` in the
+encoding, and backends permute the activations once (a Gather), never the weight at run time.
+
+The pass runs the model once over the calibration set (see :mod:`.calibrate`): each layer's
+Hessian comes from the inputs it receives with every earlier layer already quantised, and layers
+that read the same input (Q, K and V) share one Hessian.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ...ir import Graph, Node
+from ...ir.encodings import Encoding, rows_cols
+from ..base import Pass, PassContext, PassError, register_pass
+from .calibrate import run_calibration
+from .common import WeightQuantConfig
+from .formats import WeightFormat, grouped, quantize_rtn
+
+
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: WeightFormat, *, act_order: bool = True,
+                  static_groups: bool = False, damp: float = 0.01, block_size: int = 128,
+                  out_dtype="float32") -> tuple[Encoding, dict]:
+    """GPTQ of weight ``w`` (any shape; columns are all but the first axis) with Hessian ``h``
+    [cols, cols]. Returns the encoding and figures (the Hessian-weighted error, before/after)."""
+    shape = tuple(w.shape)
+    rows, cols = rows_cols(shape)
+    if h.shape != (cols, cols):
+        raise PassError(f"gptq: Hessian {tuple(h.shape)} does not match {cols} input columns")
+    W = w.detach().to(torch.float32).reshape(rows, cols).clone()
+    H = h.detach().to(torch.float32).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    g = fmt.global_scale(W)
+    gs = cols if fmt.per_tensor or fmt.group_size is None else min(fmt.group_size, cols)
+    groups_fixed = fmt.per_tensor or gs == cols or static_groups
+    if groups_fixed:
+        # One scale per row (or tensor), or static groups: fitted on the original weight.
+        groups, gs = grouped(W, fmt)
+        scale, zp = fmt.fit(groups, g)
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols)
+    try:
+        L = torch.linalg.cholesky(H)
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    except torch.linalg.LinAlgError:
+        raise PassError(f"gptq: the Hessian of a {rows}x{cols} weight is not positive definite even with "
+                        f"damp={damp}; raise damp or add calibration data") from None
+
+    orig_col = perm if perm is not None else torch.arange(cols)
+    if not groups_fixed:
+        n_groups = -(-cols // gs)
+        scale = torch.zeros(rows, n_groups)
+        zp = torch.zeros(rows, n_groups, dtype=torch.int64) if not (fmt.kind == "float" or fmt.symmetric) else None
+    Q = torch.zeros_like(W)
+    losses = torch.zeros(rows)
+    # Lazy batch updates need whole groups inside a block, so a block holds a multiple of gs columns.
+    block = block_size if groups_fixed else gs * max(1, block_size // gs)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            if not groups_fixed and j % gs == 0:
+                grp = j // gs
+                s, z = fmt.fit(W1[:, i:i + gs].unsqueeze(1), g)
+                scale[:, grp] = s[:, 0]
+                if zp is not None:
+                    zp[:, grp] = z[:, 0]
+            col_group = (orig_col[j] // gs) if groups_fixed else j // gs
+            s_col = scale[:, col_group]
+            z_col = None if zp is None else zp[:, col_group]
+            w_col = W1[:, i]
+            q = fmt.snap(w_col, s_col, z_col)
+            Q1[:, i] = q
+            d = Hinv1[i, i]
+            err = (w_col - q) / d
+            losses += (w_col - q) ** 2 / d ** 2 / 2
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        Q[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    if groups_fixed:
+        if perm is not None:
+            unperm = torch.empty_like(Q)
+            unperm[:, perm] = Q
+            Q = unperm
+        enc = fmt.encode(Q, scale, zp, shape=shape, group_size=gs, global_scale=g, out_dtype=out_dtype)
+    else:
+        enc = fmt.encode(Q, scale, zp, shape=shape, group_size=gs, perm=perm, global_scale=g, out_dtype=out_dtype)
+    return enc, {"loss": float(losses.sum())}
+
+
+def hessian_of(x: torch.Tensor, node: Node) -> tuple[torch.Tensor, int]:
+    """XᵀX of a layer input as the layer's matmul sees it, and the number of rows of X."""
+    if node.op == "linear":
+        X = x.reshape(-1, x.shape[-1])
+    else:                                                   # conv: im2col, columns like the weight's
+        a = node.attrs
+        kernel = tuple(node.input("weight").shape[2:])
+        if len(kernel) != 2:
+            raise PassError(f"gptq: node {node.name}: only 2-d convolutions are supported")
+        pad = a["padding"]
+        x = F.pad(x, [pad[1], pad[3], pad[0], pad[2]])
+        X = F.unfold(x, kernel, dilation=a["dilation"], stride=a["stride"])     # [N, C*kh*kw, L]
+        X = X.transpose(1, 2).reshape(-1, X.shape[1])
+    X = X.to(torch.float32)
+    return X.T @ X, X.shape[0]
+
+
+@register_pass
+@dataclass
+class QuantizeGPTQ(WeightQuantConfig, Pass):
+    """GPTQ weight quantisation to any format (see :func:`gptq_quantize`); needs calibration."""
+    name = "quantize_gptq"
+    needs_calibration = True
+    act_order: bool = True
+    static_groups: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.damp, (int, float)) or not 0 <= self.damp < 1:
+            raise PassError(f"{self.name}: damp must be in [0, 1), got {self.damp!r}")
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise PassError(f"{self.name}: block_size must be a positive integer, got {self.block_size!r}")
+
+    def run(self, graph: Graph, ctx: PassContext) -> Graph:
+        targets = {}
+        skipped = []
+        for node, w in self.targets(graph):
+            if node.op == "linear" or (node.op == "conv" and node.attrs["groups"] == 1 and len(w.shape) == 4):
+                targets[node.name] = w
+            else:
+                skipped.append(node.name)          # GPTQ needs a plain matmul view: RTN for these
+                graph.set_encoding(w.name, quantize_rtn(w.encoding.data, self.weight_format, out_dtype=w.dtype))
+        hessians: dict = {}                         # input value -> (H, rows); Q/K/V share theirs
+        kinds: Counter = Counter()
+        losses = {}
+
+        def before(node: Node, args):
+            w = targets.get(node.name)
+            if w is None or not _is_dense(graph, w.name):
+                return
+            key = (node.inputs[0], node.op, tuple(sorted(node.attrs.items())) if node.op == "conv" else ())
+            if key not in hessians:
+                H, n = None, 0
+                for batch in args:
+                    h, rows = hessian_of(batch[0], node)
+                    H = h if H is None else H + h
+                    n += rows
+                hessians[key] = 2.0 * H / max(n, 1)
+            enc, figs = gptq_quantize(graph.weights[w.name].encoding.data, hessians[key], self.weight_format,
+                                      act_order=self.act_order, static_groups=self.static_groups, damp=self.damp,
+                                      block_size=self.block_size, out_dtype=w.dtype)
+            graph.set_encoding(w.name, enc)
+            kinds[enc.describe()] += 1
+            losses[node.name] = round(figs["loss"], 6)
+            # Hessians of inputs no later target reads are dropped to bound memory.
+            for k in [k for k in hessians if k[0] is node.inputs[0]]:
+                if not any(n.inputs[0] is k[0] for n in _pending(graph, targets, node)):
+                    del hessians[k]
+
+        run_calibration(graph, ctx.calibration, before, who=self.name, progress=ctx.progress)
+        ctx.record("layers", sum(kinds.values()))
+        ctx.record("encodings", dict(kinds))
+        ctx.record("hessian_weighted_error", losses)
+        if skipped:
+            ctx.record("rtn_instead", skipped)
+        return graph
+
+
+def _is_dense(graph: Graph, name: str) -> bool:
+    from ...ir import Dense
+    return isinstance(graph.weights[name].encoding, Dense)
+
+
+def _pending(graph: Graph, targets: dict, node: Node):
+    """Target nodes after ``node`` whose weights are still dense."""
+    seen = False
+    for n in graph.nodes:
+        if n is node:
+            seen = True
+            continue
+        if seen and n.name in targets and _is_dense(graph, targets[n.name].name):
+            yield n
