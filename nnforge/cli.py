@@ -46,7 +46,7 @@ def cmd_compile(args) -> int:
         from .models import default as dm
         _, tok = dm.load_default_model()
         calib, _ = dm.sentence_splits()
-        calibration = dm.batches(tok, calib[: args.calibration_samples], 32)
+        calibration = dm.calibration_batches(tok, calib[: args.calibration_samples], 32)
     elif args.recipe not in (None, "fp32"):
         calibration = [example]
     bundle = nf.compile(model, args.target, args.recipe, example_inputs=example, calibration=calibration,
@@ -193,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default=None, help="bundle directory (default: bundles/<model>-<target>)")
     c.add_argument("--dim", action="append", default=[], metavar="NAME=INT",
                    help="size of a symbolic input dim for example inputs of an .onnx model (default 1)")
-    c.add_argument("--calibration-samples", type=int, default=256, help="calibration sentences for the default model")
+    c.add_argument("--calibration-samples", type=int, default=None,
+                   help="calibration sentences for the default model (default: all of its calibration split)")
     c.set_defaults(fn=cmd_compile)
 
     r = sub.add_parser("run", help="run a bundle", description="Run a bundle on inputs (default: its reference inputs).")

@@ -20,7 +20,7 @@ from .backends.base import available_backends
 from .models import default as dm
 
 # Recipes the demo runs per backend (those whose passes exist in this build).
-DEMO_RECIPES = {"onnx": ["fp32", "w8", "w4-rtn"]}
+DEMO_RECIPES = {"onnx": ["fp32", "w8", "w4-rtn", "w4-gptq", "w3-gptq", "fp8", "mxfp4", "nvfp4"]}
 FP32_COSINE_FLOOR = 0.99999
 
 
@@ -69,7 +69,7 @@ def run_demo(out: str | Path = "bundles/demo", n_eval: int = 500, quick: bool = 
     for tgt, recipe in tqdm(jobs, desc="compiling default model", unit="bundle"):
         bundle = nf_compile(model, tgt.name, None if recipe == "fp32" else recipe,
                             example_inputs=dm.encode(tok, evals[:8]), check_inputs=dm.encode(tok, evals[:64]),
-                            calibration=dm.batches(tok, calib, 32), dynamic_shapes=dm.dynamic_shapes(),
+                            calibration=dm.calibration_batches(tok, calib, 32), dynamic_shapes=dm.dynamic_shapes(),
                             input_names=["input_ids", "attention_mask"], output_names=["embeddings"],
                             name="minilm", out=Path(out) / f"minilm-{tgt.name}-{recipe}")
         runner = load(bundle.path)

@@ -24,12 +24,23 @@ from pathlib import Path
 from .base import PASSES, Pass, PassError
 
 # Presets: name -> (description, list of pass configs)
+_GPTQ = {"pass": "quantize_gptq", "act_order": True}
 PRESETS: dict[str, tuple[str, list[dict]]] = {
     "fp32": ("no compression", []),
-    "w8": ("int8 weights, per-channel, round-to-nearest",
+    "w8": ("int8 weights, per-channel scales, round-to-nearest",
            [{"pass": "quantize_rtn", "format": "int8"}]),
-    "w4-rtn": ("int4 weights, groups of 128, round-to-nearest",
-               [{"pass": "quantize_rtn", "format": "int4", "group_size": 128, "ragged_groups": True}]),
+    "w4-rtn": ("int4 weights with zero points, groups of 128, round-to-nearest",
+               [{"pass": "quantize_rtn", "format": "uint4", "group_size": 128, "ragged_groups": True}]),
+    "w4-gptq": ("int4 weights with zero points, groups of 128, GPTQ with act-order (needs calibration)",
+                [{**_GPTQ, "format": "uint4", "group_size": 128, "ragged_groups": True}]),
+    "w3-gptq": ("int3 weights with zero points, groups of 128, GPTQ with act-order (needs calibration)",
+                [{**_GPTQ, "format": "uint3", "group_size": 128, "ragged_groups": True}]),
+    "fp8": ("FP8 E4M3 weights, per-channel scales, round-to-nearest",
+            [{"pass": "quantize_rtn", "format": "e4m3"}]),
+    "mxfp4": ("OCP MXFP4 weights (E2M1, blocks of 32 with E8M0 scales), GPTQ (needs calibration)",
+              [{**_GPTQ, "format": "mxfp4"}]),
+    "nvfp4": ("NVFP4 weights (E2M1, blocks of 16 with E4M3 scales and an fp32 tensor scale), GPTQ "
+              "(needs calibration)", [{**_GPTQ, "format": "nvfp4"}]),
 }
 _TOP_KEYS = {"description", "passes"}
 
