@@ -131,7 +131,7 @@ def test_recipes(tmp_path, recipe):
     expected = {
         None: ["dense f32", "dense f32"], "fp32": ["dense f32", "dense f32"],
         "w8": ["i8 per-channel sym", "i8 per-channel sym"],
-        "w4-rtn": ["i4 per-channel sym", "i4 per-channel sym"],   # 16 cols: fallback; 32 cols: one group
+        "w4-rtn": ["u4 per-channel asym", "u4 per-channel asym"],   # narrower than a group of 128: one group
         "toml": ["i4 g8 sym", "u8 per-channel asym"],
         "list": ["i6 g8 sym", "i6 g8 sym"],
     }[recipe]

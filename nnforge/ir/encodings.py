@@ -238,6 +238,11 @@ class IntQuant(Encoding):
                    group_size: int | None = None, zero_point=None, perm=None, out_dtype=float32) -> "IntQuant":
         """Build from unpacked integer codes [rows, cols] (stored column order)."""
         rows, cols = rows_cols(tuple(shape))
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+            raise EncodingError(f"IntQuant supports 2..8 bits, got {bits!r}")
+        if codes.numel() != rows * cols:
+            raise EncodingError(f"IntQuant codes hold {codes.numel()} values; shape {tuple(shape)} needs "
+                                f"[{rows}, {cols}]")
         lo, hi = _dtype(f"{'int' if signed else 'uint'}{bits}").int_range
         codes = codes.reshape(rows, cols).to(torch.int64)
         if codes.numel() and (int(codes.min()) < lo or int(codes.max()) > hi):

@@ -370,14 +370,22 @@ class Graph:
         for name, v in self.weights.items():
             vmap[v] = g.add_weight(name, v.encoding)
             vmap[v].type = v.type
+        # Outputs first, then inputs: a graph whose node order is not (yet) topological copies too,
+        # in the order it has (the verifier copies such graphs to report their order).
+        copies = []
         for n in self.nodes:
-            new = Node(n.op, [None if v is None else vmap[v] for v in n.inputs], [], dict(n.attrs), n.name,
-                       dict(n.meta))
+            new = Node(n.op, [], [], dict(n.attrs), n.name, dict(n.meta))
             new.outputs = [Value(o.name, o.type, new) for o in n.outputs]
             for o, no in zip(n.outputs, new.outputs):
                 vmap[o] = no
                 g._value_names.add(o.name)
             g._node_names.add(n.name)
+            copies.append((n, new))
+        for n, new in copies:
+            missing = [v for v in n.inputs if v is not None and v not in vmap]
+            if missing:
+                raise GraphError(f"graph {self.name}: node {n.name} reads {missing[0].name}, which is not in the graph")
+            new.inputs = [None if v is None else vmap[v] for v in n.inputs]
             g.nodes.append(new)
         g.outputs = [vmap[v] for v in self.outputs]
         return g

@@ -27,6 +27,8 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     rows, cols = codes.shape
     if bits == 8:
         return codes.to(torch.uint8)
+    if rows == 0:
+        return torch.zeros(0, packed_cols(cols, bits), dtype=torch.uint8)
     if 8 % bits == 0:                       # 1, 2, 4: whole codes per byte, no straddling
         per = 8 // bits
         pad = (-cols) % per
@@ -50,6 +52,8 @@ def unpack_bits(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     p = packed.to(torch.int64)
     if bits == 8:
         return p
+    if rows == 0:
+        return torch.zeros(0, cols, dtype=torch.int64)
     if 8 % bits == 0:
         per = 8 // bits
         shifts = torch.arange(per, dtype=torch.int64) * bits

@@ -111,9 +111,11 @@ def graph_from_dict(doc: dict, tensors: dict[str, torch.Tensor], *, source: str 
                 if name is not None and name not in values:
                     raise SerializationError(f"{where} ({e.get('op')}): input {name!r} is not defined before it")
                 ins.append(None if name is None else values[name])
-            get_op(e["op"])
-            node = g.add_node(e["op"], ins, e["attrs"], name=e["name"],
-                              output_names=[o["name"] for o in e["outputs"]], meta=e.get("meta") or {})
+            try:
+                node = g.add_node(e["op"], ins, e["attrs"], name=e["name"],
+                                  output_names=[o["name"] for o in e["outputs"]], meta=e.get("meta") or {})
+            except GraphError as err:
+                raise SerializationError(f"{where} ({e.get('op')}): {err}") from None
             for o, rec in zip(node.outputs, e["outputs"]):
                 if not o.type.same_as(_parse_type(rec, where)):
                     raise SerializationError(f"{where} ({node.op}): recorded output type {rec} disagrees with "

@@ -277,6 +277,8 @@ def mul(a: Dim, b: Dim) -> Dim:
 
 
 def floordiv(a: Dim, b: Dim) -> Dim:
+    if isinstance(b, int) and b == 0:
+        raise DimError(f"dimension {a} divided by zero")
     return a // b if isinstance(a, int) and isinstance(b, int) else simplify(f"{_wrap(a)}//{_wrap(b)}")
 
 

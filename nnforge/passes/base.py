@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ..ir import Graph, GraphError, Node, WEIGHT_OPS
+from ..ir.ops import WEIGHT_SLOT
 from ..ir.verifier import verify
 
 
@@ -104,7 +105,7 @@ class LayerSelection:
     def matches(self, node: Node) -> bool:
         if node.op not in self.ops:
             return False
-        w = node.input("weight")
+        w = node.inputs[WEIGHT_SLOT] if len(node.inputs) > WEIGHT_SLOT else None
         names = [node.name] + ([w.name] if w is not None else [])
         if not any(fnmatch.fnmatchcase(n, p) for n in names for p in self.layers):
             return False
@@ -114,7 +115,8 @@ class LayerSelection:
         """Selected nodes whose weight slot holds a graph weight, in graph order."""
         out = []
         for n in graph.nodes:
-            if n.op in WEIGHT_OPS and len(n.inputs) > 1 and n.inputs[1] is not None and n.inputs[1].is_weight \
+            if n.op in WEIGHT_OPS and len(n.inputs) > WEIGHT_SLOT and n.inputs[WEIGHT_SLOT] is not None \
+                    and n.inputs[WEIGHT_SLOT].is_weight \
                     and self.matches(n):
                 out.append(n)
         return out
@@ -143,6 +145,8 @@ class PassManager:
 
     def run(self, graph: Graph, ctx: PassContext | None = None) -> Graph:
         ctx = ctx or PassContext()
+        if self.verify_each:
+            verify(graph)                 # a malformed input is reported as such, not as a pass failure
         g = graph.copy()
         signature = g.signature()
         for p in self.passes:

@@ -32,8 +32,7 @@ def rewrite(graph: Graph, rules: list[Rule], max_rounds: int = 10) -> int:
                 continue
             for fn in by_op.get(node.op, ()):
                 new = fn(graph, node)
-                if new is not None and new is not node.output:
-                    _redirect(graph, node.output, new)
+                if new is not None and new is not node.output and _redirect(graph, node.output, new):
                     changed += 1
                     break
         if not changed:
@@ -43,18 +42,20 @@ def rewrite(graph: Graph, rules: list[Rule], max_rounds: int = 10) -> int:
     return total
 
 
-def _redirect(graph: Graph, old: Value, new: Value) -> None:
-    """Replace ``old`` by ``new``; a graph output keeps its name (the signature must not change)."""
+def _redirect(graph: Graph, old: Value, new: Value) -> bool:
+    """Replace ``old`` by ``new``; a graph output keeps its name (the signature must not change).
+    Returns whether anything changed."""
     if old in graph.outputs and new.producer is not None and new not in graph.outputs \
             and new.name not in {v.name for v in graph.inputs}:
         old_name = old.name
         graph.replace_uses(old, new)
         graph.rename(old, graph.fresh_name(f"{old_name}_replaced"))   # frees the name of the dead value
         graph.rename(new, old_name)
-        return
+        return True
     if old in graph.outputs:
-        return              # cannot rename an input or weight into an output; keep the node
+        return False        # cannot rename an input or weight into an output; keep the node
     graph.replace_uses(old, new)
+    return True
 
 
 def eliminate_dead_code(graph: Graph) -> int:

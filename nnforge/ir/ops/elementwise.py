@@ -90,7 +90,8 @@ def _logic_infer(a, b):
 
 def _div_ref(ctx, a, b):
     out = torch.div(a, b)
-    return out if a.is_floating_point() else out.to(torch.float32)
+    # Integer division is typed float32, which the interpreter computes in its float precision.
+    return out if a.is_floating_point() else out.to(ctx.float_dtype)
 
 
 _ARITH = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "pow": torch.pow,

@@ -12,6 +12,7 @@ from .registry import Attr, broadcast_shapes, defop, same_dtype
 
 # Ops whose input slot "weight" holds a parameter tensor that compression may encode.
 WEIGHT_OPS = ("linear", "matmul", "conv", "embedding")
+WEIGHT_SLOT = 1      # the input that may hold a weight, for every op in WEIGHT_OPS
 
 
 def _linear_infer(x, weight, bias=None):

@@ -40,9 +40,10 @@ def _amin(x, axes, keepdim):
 
 
 def _prod(x, axes, keepdim):
+    dt = x.dtype                      # torch promotes integer products to int64; the IR keeps the type
     for a in sorted((a % x.dim() for a in axes), reverse=True):
         x = torch.prod(x, dim=a, keepdim=keepdim)
-    return x
+    return x.to(dt)
 
 
 def _any(x, axes, keepdim):
@@ -54,7 +55,7 @@ def _all(x, axes, keepdim):
 
 
 def _sum(x, axes, keepdim):
-    return torch.sum(x, dim=axes, keepdim=keepdim)
+    return torch.sum(x, dim=axes, keepdim=keepdim).to(x.dtype)      # as _prod: no int64 promotion
 
 
 def _mean(x, axes, keepdim):

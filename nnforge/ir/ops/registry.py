@@ -98,8 +98,10 @@ class OpDef:
                 out[key] = _normalize_attr(attrs[key], spec, f"{where}: attribute {key}")
             elif spec.default is REQUIRED:
                 raise GraphError(f"{where}: missing required attribute {key} ({spec.kind})")
+            elif spec.default is None:
+                out[key] = None
             else:
-                out[key] = spec.default
+                out[key] = _normalize_attr(spec.default, spec, f"{where}: default of attribute {key}")
         return out
 
     def infer_types(self, types: list[TensorType | None], attrs: dict, where: str) -> list[TensorType]:
@@ -109,7 +111,7 @@ class OpDef:
                 raise GraphError(f"{where}: required input {slot.rstrip('*')} is missing")
         try:
             out = self.infer(*types, **attrs)
-        except (GraphError, sym.DimError, ValueError, TypeError, IndexError) as e:
+        except (GraphError, sym.DimError, ValueError, TypeError, IndexError, ZeroDivisionError) as e:
             raise GraphError(f"{where}: {e}") from None
         return list(out) if isinstance(out, (list, tuple)) else [out]
 

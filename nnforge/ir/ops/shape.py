@@ -77,6 +77,10 @@ def _slice_infer(x, axis, start, end, step):
         if isinstance(v, int) and v < 0:
             raise ValueError("slice bounds must be normalised to 0 <= start <= end <= size "
                              "(use normalize_slice in frontends)")
+    size = x.shape[a]
+    for name, v in (("start", start), ("end", end)):
+        if isinstance(v, int) and isinstance(size, int) and v > size:
+            raise ValueError(f"slice {name} {v} is past the end of axis {a} of size {size}")
     length = sym.floordiv(sym.add(sym.sub(end, start), step - 1), step)
     if isinstance(length, int) and length < 0:
         raise ValueError(f"slice [{start}:{end}] is empty-negative")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...ir import Dense, Graph, Node, Value
+from ...ir.ops import WEIGHT_SLOT
 from ...ir.encodings import rows_cols
 from ..base import LayerSelection, PassError
 from .formats import FormatError, WeightFormat, parse_format
@@ -27,6 +28,9 @@ class WeightQuantConfig(LayerSelection):
 
     def __post_init__(self):
         super().__post_init__()
+        if "matmul" in self.ops:
+            raise PassError(f"{self.name}: matmul weights are [K, N], not [out, in]; quantise linear layers "
+                            "(the cleanup passes turn matmul + add with a 2-D weight into linear)")
         if self.format is not None and self.bits is not None:
             raise PassError(f"{self.name}: give format or bits, not both")
         if self.bits is not None and (isinstance(self.bits, bool) or not isinstance(self.bits, int)
@@ -45,7 +49,7 @@ class WeightQuantConfig(LayerSelection):
         seen, out = set(), []
         fmt = self.weight_format
         for node in self.select(graph):
-            w = node.input("weight")
+            w = node.inputs[WEIGHT_SLOT]
             if w.name in seen or not isinstance(w.encoding, Dense) or not w.dtype.is_float:
                 continue
             seen.add(w.name)

@@ -1,0 +1,139 @@
+"""Recipes: presets, TOML files and lists of pass configs resolve to configured passes; every key is
+checked and an unknown one is refused with a message naming it (and the file)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nnforge.ir import IntQuant, run_graph
+from nnforge.passes import PASSES, PRESETS, DeadCodeElimination, PassContext, PassError, PassManager, QuantizeRTN, \
+    resolve_recipe
+from nnforge.passes.recipes import load_recipe_file
+from tests.passes.graphs import cosine, inputs, mlp_graph, weight_bytes
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_resolves_and_runs(preset):
+    description, configs = PRESETS[preset]
+    assert isinstance(description, str) and description
+    name, passes = resolve_recipe(preset)
+    assert name == preset and len(passes) == len(configs)
+    for cfg, p in zip(configs, passes):
+        assert cfg["pass"] in PASSES and isinstance(p, PASSES[cfg["pass"]])
+        for key, value in cfg.items():
+            if key != "pass":
+                assert getattr(p, key) == value, (preset, key)
+    g = mlp_graph()
+    x = inputs(32, seed=2)
+    ctx = PassContext(calibration=[(inputs(8, seed=s),) for s in range(4)])
+    out = PassManager(passes).run(g, ctx)
+    assert cosine(run_graph(out, [x])[0], run_graph(g, [x])[0]) > 0.97
+    if passes:
+        assert weight_bytes(out) < weight_bytes(g)
+
+
+def test_fp32_and_none_mean_no_passes():
+    assert resolve_recipe(None) == ("fp32", [])
+    assert resolve_recipe("fp32") == ("fp32", [])
+
+
+def test_presets_are_fresh_objects():
+    a = resolve_recipe(next(p for p in PRESETS if PRESETS[p][1]))[1]
+    b = resolve_recipe(next(p for p in PRESETS if PRESETS[p][1]))[1]
+    assert a[0] is not b[0]
+
+
+RECIPE = '''
+description = "4-bit weights, the head kept at 8 bits"
+
+[[passes]]
+pass = "quantize_rtn"
+bits = 4
+group_size = 8
+exclude = ["fc2"]
+
+[[passes]]
+pass = "quantize_rtn"
+bits = 8
+layers = ["fc2"]
+
+[[passes]]
+pass = "dce"
+'''
+
+
+def write(tmp_path: Path, text: str, name: str = "recipe.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_toml_recipe(tmp_path):
+    path = write(tmp_path, RECIPE, "mixed.toml")
+    name, passes = resolve_recipe(path)
+    assert name == "mixed"
+    assert [type(p) for p in passes] == [QuantizeRTN, QuantizeRTN, DeadCodeElimination]
+    assert passes[0].bits == 4 and passes[0].group_size == 8 and passes[0].exclude == ["fc2"]
+    assert passes[1].layers == ["fc2"]
+    assert resolve_recipe(str(path))[0] == "mixed"
+    out = PassManager(passes).run(mlp_graph())
+    fc1, fc2 = out.weights["fc1.weight"].encoding, out.weights["fc2.weight"].encoding
+    assert isinstance(fc1, IntQuant) and fc1.bits == 4 and fc1.group_size == 8
+    assert isinstance(fc2, IntQuant) and fc2.bits == 8 and fc2.granularity == "channel"
+
+
+def test_empty_toml_recipe(tmp_path):
+    assert resolve_recipe(write(tmp_path, 'description = "nothing"\n', "none.toml")) == ("none", [])
+
+
+@pytest.mark.parametrize("text, message", [
+    ('colour = "red"\n' + RECIPE, "unknown key\\(s\\) colour; allowed: description, passes"),
+    ('[[passes]]\npass = "quantise_rtn"\nbits = 4\n',
+     "pass 0: unknown pass 'quantise_rtn'; known passes: .*quantize_rtn"),
+    ('[[passes]]\npass = "dce"\n[[passes]]\npass = "quantize_rtn"\nbitz = 4\n',
+     "pass 1 \\(quantize_rtn\\): unknown option\\(s\\) bitz for pass quantize_rtn; valid options: .*bits"),
+    ('[[passes]]\nbits = 4\n', "pass 0: missing the 'pass' key"),
+    ('passes = "quantize_rtn"\n', "'passes' must be an array of tables"),
+    ('passes = [1, 2]\n', "pass 0: a pass config must be a table/dict with a 'pass' key, got 1"),
+    ('[[passes]]\npass = "quantize_rtn"\nbits = 12\n', "pass 0 \\(quantize_rtn\\): .*bits must be an integer in 2..8"),
+    ('[[passes]]\npass = "quantize_rtn"\nops = ["relu"]\n', "pass 0 \\(quantize_rtn\\): .*carry no weights"),
+    ('[[passes]\npass = 3', "is not valid TOML"),
+])
+def test_bad_toml_recipes_name_file_and_key(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(PassError, match=f"recipe {path}.*{message}"):
+        resolve_recipe(path)
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(PassError, match="cannot read recipe .*missing.toml"):
+        resolve_recipe(tmp_path / "missing.toml")
+    with pytest.raises(PassError, match="cannot read recipe"):
+        load_recipe_file(tmp_path / "missing.toml")
+
+
+def test_unknown_preset():
+    with pytest.raises(PassError, match="unknown recipe 'w3-magic': not a preset \\(fp32, .*\\) nor a .toml file"):
+        resolve_recipe("w3-magic")
+
+
+def test_list_recipes():
+    name, passes = resolve_recipe([{"pass": "quantize_rtn", "bits": 8}, DeadCodeElimination()])
+    assert name == "custom" and isinstance(passes[0], QuantizeRTN) and passes[0].bits == 8
+    assert isinstance(passes[1], DeadCodeElimination)
+    with pytest.raises(PassError, match="recipe entry 1 \\(quantize_rtn\\): unknown option\\(s\\) colour"):
+        resolve_recipe([{"pass": "dce"}, {"pass": "quantize_rtn", "colour": 1}])
+    with pytest.raises(PassError, match="recipe entry 0: unknown pass 'nope'"):
+        resolve_recipe(({"pass": "nope"},))
+
+
+def test_single_pass_recipe():
+    p = QuantizeRTN(bits=4)
+    assert resolve_recipe(p) == ("quantize_rtn", [p])
+
+
+@pytest.mark.parametrize("bad", [42, {"pass": "dce"}, 1.5])
+def test_recipe_of_wrong_type(bad):
+    with pytest.raises(PassError, match="a recipe is a preset name, a .toml path or a list of pass configs"):
+        resolve_recipe(bad)
