@@ -111,6 +111,8 @@ EXAMPLES: dict[str, list] = {
     "gather": [ex(randn(5, 4), torch.tensor([[0, -1], [2, 4]]), axis=0),
                ex(randn(2, 5, 3), torch.tensor([1, -2, 0], dtype=torch.int32), axis=1)],
     "gather_elements": [ex(randn(3, 4), ints(0, 3, 2, 4), axis=0)],
+    "fake_quant": [ex(randn(3, 4), format="int8", scale=0.02), ex(randn(2, 5), format="uint8", scale=0.03, zero_point=100),
+                   ex(randn(3, 4), format="float8_e4m3fn", scale=0.01)],
     "index": [ex(randn(4, 5, 6), torch.tensor([[0], [3]]), torch.tensor([1, 2, 4])), ex(randn(4, 5), ints(0, 4, 3))],
     "pad": [ex(randn(2, 3), pads=[1, 0, 2, 3], value=-1.0), ex(ints(0, 4, 2, 2), pads=[0, 1, 0, 1], value=7)],
     # creation

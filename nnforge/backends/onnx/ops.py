@@ -6,6 +6,7 @@ Each rule gets the builder, the node and the fallback list, reads its inputs by 
 from __future__ import annotations
 
 import numpy as np
+from onnx import TensorProto
 
 from ...ir import Node, symbolic as sym
 from ...ir.dtypes import bool_, float32, int32
@@ -338,3 +339,20 @@ def _full(b, node, fb):
     a = node.attrs
     value = b.const(np.asarray([a["value"]], dtype=W.NP_TYPES[a["dtype"].name]))
     b.node("Expand", [value, b.dims_1d(a["shape"])], _out(node))
+
+
+# --- activation quantisation --------------------------------------------------------------------
+_QTYPES = {"int8": (TensorProto.INT8, np.int8), "uint8": (TensorProto.UINT8, np.uint8)}
+
+
+@rule("fake_quant")
+def _fake_quant(b, node, fb):
+    a = node.attrs
+    fmt = a["format"].name
+    scale = b.scalar(a["scale"], node.inputs[0].dtype)
+    if fmt in _QTYPES:
+        zp = b.const(np.asarray(a["zero_point"], dtype=_QTYPES[fmt][1]), "zero_point")
+    else:       # float8: the zero point only carries the type (its value is 0)
+        zp = b.raw(b.fresh("zero_point"), W.FLOAT8[node.attrs["format"].short], [], b"\x00")
+    q = b.node("QuantizeLinear", [_ins(b, node, fb)[0], scale, zp])
+    b.node("DequantizeLinear", [q, scale, zp], _out(node))

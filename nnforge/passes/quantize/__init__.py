@@ -1,6 +1,8 @@
-"""Quantisation passes: weight formats, round-to-nearest, GPTQ."""
+"""Quantisation passes: weight formats, round-to-nearest, GPTQ, activation quantisation, SmoothQuant."""
+from .activations import QuantizeActivations, SmoothQuant
 from .formats import FormatError, WeightFormat, parse_format
 from .gptq import QuantizeGPTQ, gptq_quantize
 from .rtn import QuantizeRTN
 
-__all__ = ["FormatError", "WeightFormat", "parse_format", "QuantizeGPTQ", "gptq_quantize", "QuantizeRTN"]
+__all__ = ["FormatError", "WeightFormat", "parse_format", "QuantizeActivations", "SmoothQuant", "QuantizeGPTQ",
+           "gptq_quantize", "QuantizeRTN"]

@@ -1,0 +1,42 @@
+"""Activation quantisation: a quantise-dequantise of a tensor on a static grid.
+
+``fake_quant`` stands for "this activation is held in ``format`` with this scale" (W8A8): the
+reference interpreter rounds through the grid, and a backend lowers it to its quantise/dequantise
+pair (ONNX QuantizeLinear + DequantizeLinear, which runtimes fuse into integer or FP8 matmuls).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import minifloat
+from .registry import Attr, defop
+
+FAKE_QUANT_FORMATS = ("int8", "uint8", "float8_e4m3fn", "float8_e5m2")
+
+
+def _infer(x, *, format, scale, zero_point):
+    if not x.dtype.is_float or x.dtype.kind == "minifloat":
+        raise TypeError(f"fake_quant needs a float input, got {x.dtype}")
+    if format.name not in FAKE_QUANT_FORMATS:
+        raise ValueError(f"fake_quant format must be one of {', '.join(FAKE_QUANT_FORMATS)}, got {format.name}")
+    if not scale > 0:
+        raise ValueError(f"fake_quant scale must be positive, got {scale}")
+    if format.kind == "minifloat" and zero_point != 0:
+        raise ValueError("float8 activations take no zero point")
+    if format.is_integer:
+        lo, hi = format.int_range
+        if not lo <= zero_point <= hi:
+            raise ValueError(f"zero point {zero_point} outside {format.name}'s range [{lo}, {hi}]")
+    return x
+
+
+def _ref(ctx, x, *, format, scale, zero_point):
+    if format.is_integer:
+        lo, hi = format.int_range
+        return (torch.clamp(torch.round(x / scale) + zero_point, lo, hi) - zero_point) * scale
+    return (minifloat.round_to(x / scale, format) * scale).to(x.dtype)
+
+
+defop("fake_quant", ["x"], {"format": Attr("dtype"), "scale": Attr("float"), "zero_point": Attr("int", 0)},
+      infer=_infer, ref=_ref, family="quant",
+      doc="Round x onto a static int8/uint8/FP8 grid (x/scale + zero_point, saturating) and back.")

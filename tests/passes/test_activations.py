@@ -1,0 +1,123 @@
+"""Activation quantisation (int8, uint8, FP8) and SmoothQuant: equivalence, calibrated scales,
+shared quantisers for layers reading one value, layer_norm folding, the onnx backend, and errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nnforge as nf
+from nnforge.ir import Dense, Graph, run_graph, tensor
+from nnforge.passes import PassContext, PassError, PassManager
+from nnforge.passes.quantize import QuantizeActivations, QuantizeRTN, SmoothQuant
+
+
+def attention_like(post_ln_residual: bool):
+    """layer_norm -> three linears reading its output (Q/K/V-like); optionally the layer_norm's
+    output also feeds a residual add (post-LN BERT), which blocks folding."""
+    gen = torch.Generator().manual_seed(0)
+    g = Graph("blk")
+    x = g.add_input("x", tensor("f32", "batch", 32))
+    gamma = g.add_weight("ln.weight", Dense(torch.rand(32, generator=gen) + 0.5))
+    beta = g.add_weight("ln.bias", Dense(torch.randn(32, generator=gen) * 0.1))
+    h = g.op("layer_norm", x, gamma, beta, name="ln")
+    outs = []
+    for name in ("q", "k", "v"):
+        w = g.add_weight(f"{name}.weight", Dense(torch.randn(16, 32, generator=gen) * 0.2))
+        outs.append(g.op("linear", h, w, None, name=name))
+    y = g.op("add", g.op("add", outs[0], outs[1]), outs[2])
+    if post_ln_residual:
+        y = g.op("concat", y, h, axis=-1)
+    g.set_outputs([y])
+    return g
+
+
+def outlier_batches(n=4, seed=1):
+    """Inputs whose channels 3 and 17 are 30x larger, like transformer activation outliers."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.randn(24, 32, generator=gen)
+        x[:, [3, 17]] *= 30
+        out.append((x,))
+    return out
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_smooth_quant_keeps_the_function(residual):
+    g = attention_like(residual)
+    calib = outlier_batches()
+    s = SmoothQuant(alpha=0.5)(g.copy(), PassContext(calibration=calib))
+    for b in outlier_batches(2, seed=7):
+        torch.testing.assert_close(run_graph(s, b)[0], run_graph(g, b)[0], rtol=1e-4, atol=1e-4)
+    muls = [n for n in s.nodes if n.op == "mul"]
+    # folded into the layer_norm when the linears are its only readers, else one shared multiply
+    assert len(muls) == (1 if residual else 0)
+    if not residual:
+        assert not torch.equal(s.weights["ln.weight"].encoding.data, g.weights["ln.weight"].encoding.data)
+
+
+def act_error(q, g, batches):
+    return max(float((run_graph(q, b)[0] - run_graph(g, b)[0]).norm() / run_graph(g, b)[0].norm()) for b in batches)
+
+
+def test_smooth_quant_helps_int8_activations_with_outliers():
+    g = attention_like(False)
+    calib, held = outlier_batches(), outlier_batches(2, seed=9)
+    plain = PassManager([QuantizeRTN(format="int8"), QuantizeActivations(format="int8")])
+    smooth = PassManager([SmoothQuant(alpha=0.5), QuantizeRTN(format="int8"), QuantizeActivations(format="int8")])
+    e_plain = act_error(plain.run(g, PassContext(calibration=calib)), g, held)
+    e_smooth = act_error(smooth.run(g, PassContext(calibration=calib)), g, held)
+    assert e_smooth < 0.7 * e_plain
+
+
+@pytest.mark.parametrize("fmt", ["int8", "uint8", "e4m3", "e5m2"])
+def test_static_scales_come_from_calibration(fmt):
+    g = attention_like(False)
+    calib = outlier_batches()
+    q = QuantizeActivations(format=fmt)(g.copy(), PassContext(calibration=calib))
+    fqs = [n for n in q.nodes if n.op == "fake_quant"]
+    assert len(fqs) == 1                                   # q, k and v share one quantiser
+    assert all(n.inputs[0] is fqs[0].output for n in q.nodes if n.op == "linear")
+    amax = max(float(run_graph_value(g, b, "ln").abs().max()) for b in calib)
+    a = fqs[0].attrs
+    if fmt == "int8":
+        assert a["scale"] == pytest.approx(amax / 127, rel=1e-5) and a["zero_point"] == 0
+    elif fmt == "e4m3":
+        assert a["scale"] == pytest.approx(amax / 448, rel=1e-5)
+    elif fmt == "uint8":
+        assert 0 < a["zero_point"] < 255
+    # in range, the round trip error is at most half a step (int) or 2^-4 relative (e4m3)
+    b = outlier_batches(1, seed=5)[0]
+    assert act_error(q, g, [b]) < 0.08
+
+
+def run_graph_value(g, batch, node_name):
+    seen = {}
+    from nnforge.ir import Interpreter
+    Interpreter(g).run(*batch, capture=lambda n, outs: seen.setdefault(n.name, outs[0]))
+    return seen[node_name]
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "fp8-w8a8"])
+def test_w8a8_presets_compile_and_run_in_onnx_runtime(tmp_path, recipe):
+    model = torch.nn.Sequential(torch.nn.LayerNorm(32), torch.nn.Linear(32, 64), torch.nn.GELU(),
+                                torch.nn.Linear(64, 8)).eval()
+    calib = outlier_batches()
+    bundle = nf.compile(model, "onnx", recipe, example_inputs=calib[0], calibration=calib, out=tmp_path / "b")
+    m = bundle.manifest
+    assert m["numerics"]["runtime_checked"] is True
+    x = outlier_batches(1, seed=11)[0][0]
+    got = torch.as_tensor(nf.load(bundle.path)(x.numpy()))
+    torch.testing.assert_close(got, run_graph(bundle.graph(), [x])[0], rtol=1e-3, atol=1e-3)
+    with torch.no_grad():
+        want = model(x)
+    assert float(torch.nn.functional.cosine_similarity(got, want, dim=-1).min()) > 0.99
+
+
+def test_errors_are_clear():
+    with pytest.raises(PassError, match="unknown activation format 'int4'"):
+        QuantizeActivations(format="int4")
+    with pytest.raises(PassError, match="alpha must be in"):
+        SmoothQuant(alpha=1.5)
+    with pytest.raises(PassError, match="needs calibration"):
+        QuantizeActivations()(attention_like(False), PassContext())
