@@ -18,6 +18,7 @@ Every key is checked: an unknown top-level key, pass name or option is an error 
 """
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 
@@ -91,9 +92,13 @@ def resolve_recipe(recipe) -> tuple[str, list[Pass]]:
         text = str(recipe)
         if text in PRESETS:
             return text, [_build(e, f"preset {text}") for e in PRESETS[text][1]]
+        mixed = re.fullmatch(r"mixed-(\d+(?:\.\d+)?)", text)
+        if mixed:
+            # mixed-<bits>: int8 / int4 g128 / int3 g128 per layer, GPTQ, at most <bits> bits per weight
+            return text, [_build({"pass": "mixed_precision", "bits": float(mixed.group(1))}, f"preset {text}")]
         if text.endswith(".toml") or Path(text).exists():
             return load_recipe_file(text)
-        raise PassError(f"unknown recipe {text!r}: not a preset ({', '.join(PRESETS)}) nor a .toml file")
+        raise PassError(f"unknown recipe {text!r}: not a preset ({', '.join(PRESETS)}, mixed-<bits>) nor a .toml file")
     if isinstance(recipe, (list, tuple)):
         return "custom", [_build(e, f"recipe entry {i}") for i, e in enumerate(recipe)]
     if isinstance(recipe, Pass):

@@ -2,7 +2,8 @@
 from .activations import QuantizeActivations, SmoothQuant
 from .formats import FormatError, WeightFormat, parse_format
 from .gptq import QuantizeGPTQ, gptq_quantize
+from .mixed import MixedPrecision, knapsack
 from .rtn import QuantizeRTN
 
 __all__ = ["FormatError", "WeightFormat", "parse_format", "QuantizeActivations", "SmoothQuant", "QuantizeGPTQ",
-           "gptq_quantize", "QuantizeRTN"]
+           "gptq_quantize", "MixedPrecision", "knapsack", "QuantizeRTN"]
