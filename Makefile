@@ -29,6 +29,7 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/onnx_latency.py
+	$(PY) benchmarks/quantization.py
 
 clean:
 	rm -rf bundles build *.egg-info .pytest_cache

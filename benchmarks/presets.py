@@ -1,0 +1,56 @@
+"""Fidelity and compression time of compression presets (or any recipe) on the default model,
+through the reference interpreter (what every backend is checked against).
+
+Same protocol as `nnforge demo`: all-MiniLM-L6-v2 + mean pooling, 500 evaluation sentences never
+used for calibration, calibration on the other 480 in length-sorted batches of 32; fidelity
+against fp32 torch as mean/min cosine and nearest-neighbour agreement.
+
+    python benchmarks/presets.py w8a8 fp8-w8a8 mixed-5
+    python benchmarks/presets.py '[{"pass": "quantize_gptq", "format": "uint4", "group_size": 128}]'
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+
+import torch
+
+from nnforge.ir import Interpreter
+from nnforge.models import default as dm
+from nnforge.passes import PassContext, PassManager, cleanup_passes, resolve_recipe
+from nnforge.pipeline import import_model
+
+warnings.filterwarnings("ignore")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("recipes", nargs="+", help="preset names or JSON lists of pass configs")
+    args = ap.parse_args()
+    model, tok = dm.load_default_model()
+    calib, evals = dm.sentence_splits()
+    graph, _ = import_model(model, dm.encode(tok, evals[:8]), dynamic_shapes=dm.dynamic_shapes(),
+                            input_names=["input_ids", "attention_mask"])
+    eval_batches = dm.batches(tok, evals[:500], 32)
+    with torch.no_grad():
+        reference = torch.cat([model(*b) for b in eval_batches])
+    calibration = dm.calibration_batches(tok, calib, 32)
+    print(f"{'recipe':<40} {'cos mean':>9} {'cos min':>9} {'NN agree':>8} {'passes s':>8}  figures")
+    for spec in args.recipes:
+        recipe = json.loads(spec) if spec.lstrip().startswith("[") else spec
+        name, passes = resolve_recipe(recipe)
+        pm = PassManager(cleanup_passes() + passes)
+        t0 = time.perf_counter()
+        q = pm.run(graph, PassContext(calibration=calibration))
+        seconds = time.perf_counter() - t0
+        interp = Interpreter(q)
+        fid = dm.evaluate_embeddings(reference, torch.cat([interp.run(*b)[0] for b in eval_batches]))
+        extra = {k: v for r in pm.records for k, v in r.figures.items() if k in ("formats", "bits_per_weight")}
+        print(f"{spec[:40]:<40} {fid.cosine_mean:>9.6f} {fid.cosine_min:>9.6f} {fid.nn_agreement:>8.1%} "
+              f"{seconds:>8.1f}  {json.dumps(extra) if extra else ''}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
