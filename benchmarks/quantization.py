@@ -1,5 +1,6 @@
-"""Weight quantisation of the default model: nnforge's RTN and GPTQ against ONNX Runtime's and
-Brevitas' quantisers, in one run, on the same sentences.
+"""Weight quantisation of the default model: nnforge's RTN and GPTQ against ONNX Runtime and Brevitas.
+
+All quantisers run in one process, on the same model, layers and sentences.
 
 Model: the embedded default model (all-MiniLM-L6-v2 + mean pooling + L2 normalisation). Every
 method quantises the weights of the same 36 linear layers (weight-only; activations stay fp32) and
