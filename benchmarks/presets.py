@@ -37,7 +37,7 @@ def main() -> None:
     with torch.no_grad():
         reference = torch.cat([model(*b) for b in eval_batches])
     calibration = dm.calibration_batches(tok, calib, 32)
-    print(f"{'recipe':<40} {'cos mean':>9} {'cos min':>9} {'NN agree':>8} {'passes s':>8}  figures")
+    print(f"{'recipe':<40} {'cos mean':>9} {'cos min':>9} {'NN agree':>8} {'NN query':>8} {'passes s':>8}  figures")
     for spec in args.recipes:
         recipe = json.loads(spec) if spec.lstrip().startswith("[") else spec
         name, passes = resolve_recipe(recipe)
@@ -47,8 +47,8 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         interp = Interpreter(q)
         fid = dm.evaluate_embeddings(reference, torch.cat([interp.run(*b)[0] for b in eval_batches]))
-        extra = {k: v for r in pm.records for k, v in r.figures.items() if k in ("formats", "bits_per_weight")}
-        print(f"{spec[:40]:<40} {fid.cosine_mean:>9.6f} {fid.cosine_min:>9.6f} {fid.nn_agreement:>8.1%} "
+        extra = {k: v for r in pm.records for k, v in r.figures.items() if k in ("formats", "bits_per_weight", "alpha")}
+        print(f"{spec[:40]:<40} {fid.cosine_mean:>9.6f} {fid.cosine_min:>9.6f} {fid.nn_agreement:>8.1%} {fid.query_agreement:>8.1%} "
               f"{seconds:>8.1f}  {json.dumps(extra) if extra else ''}", flush=True)
 
 

@@ -8,7 +8,8 @@ is scored against the fp32 torch model on the same 500 evaluation sentences (bat
 
 - cos mean / cos min: per-sentence cosine similarity of the embeddings to fp32 torch's;
 - NN agree: how often each sentence's nearest neighbour (among the 500) is the same as under fp32
-  (``nnforge.models.default.evaluate_embeddings``);
+  (``nnforge.models.default.evaluate_embeddings``), both sides embedded by the quantised model;
+- NN query: the same with quantised-model queries against the fp32 corpus;
 - quant s: wall seconds of the quantisation step itself (model loading, export and evaluation not
   included; for Brevitas, swapping in QuantLinear, GPTQ if any, and computing the quantised weights
   once); calibrated methods all use the same 480 calibration sentences, in length-sorted batches of
@@ -78,6 +79,7 @@ class Row:
     cosine_mean: float | None = None
     cosine_min: float | None = None
     nn_agreement: float | None = None
+    query_agreement: float | None = None
     quant_seconds: float | None = None
     weight_bytes: int | None = None
     fp32_weight_bytes: int | None = None
@@ -88,6 +90,7 @@ class Row:
     def score(self, setup: Setup, embeddings: torch.Tensor) -> "Row":
         fid = dm.evaluate_embeddings(setup.reference, embeddings)
         self.cosine_mean, self.cosine_min, self.nn_agreement = fid.cosine_mean, fid.cosine_min, fid.nn_agreement
+        self.query_agreement = fid.query_agreement
         return self
 
 
@@ -438,7 +441,7 @@ def brevitas_rows(setup: Setup, quick: bool) -> list[Row]:
 
 
 # --- output ---------------------------------------------------------------------------------------
-HEADER = f"{'method':<34} {'cos mean':>8} {'cos min':>8} {'NN agree':>8} {'quant s':>8} {'w MiB':>8} {'ratio':>6}"
+HEADER = f"{'method':<34} {'cos mean':>8} {'cos min':>8} {'NN agree':>8} {'NN query':>8} {'quant s':>8} {'w MiB':>8} {'ratio':>6}"
 
 
 def format_row(r: Row) -> str:
@@ -447,7 +450,7 @@ def format_row(r: Row) -> str:
     mib = f"{'~' if r.bytes_estimated else ''}{r.weight_bytes / MIB:.2f}" if r.weight_bytes is not None else "-"
     ratio = f"{r.weight_bytes / r.fp32_weight_bytes:.3f}" if r.weight_bytes and r.fp32_weight_bytes else "-"
     secs = f"{r.quant_seconds:.1f}" if r.quant_seconds is not None else "-"
-    return (f"{r.method:<34} {r.cosine_mean:>8.5f} {r.cosine_min:>8.5f} {r.nn_agreement:>8.3f} {secs:>8} "
+    return (f"{r.method:<34} {r.cosine_mean:>8.5f} {r.cosine_min:>8.5f} {r.nn_agreement:>8.3f} {r.query_agreement:>8.3f} {secs:>8} "
             f"{mib:>8} {ratio:>6}")
 
 

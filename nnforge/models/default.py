@@ -116,22 +116,30 @@ class Fidelity:
     cosine_min: float
     nn_agreement: float
     n: int
+    query_agreement: float = float("nan")
 
     def to_dict(self) -> dict:
         return {"cosine_mean": self.cosine_mean, "cosine_min": self.cosine_min, "nn_agreement": self.nn_agreement,
-                "sentences": self.n}
+                "query_agreement": self.query_agreement, "sentences": self.n}
 
 
 def evaluate_embeddings(reference: torch.Tensor, candidate: torch.Tensor) -> Fidelity:
-    """Per-sentence cosine similarity of embeddings, and how often each sentence's nearest
-    neighbour (excluding itself) is the same under both."""
+    """Per-sentence cosine similarity of embeddings, and two nearest-neighbour agreements:
+
+    - ``nn_agreement``: each sentence's nearest neighbour (excluding itself) is the same when the
+      compressed model embeds both the query and the corpus as when fp32 embeds both;
+    - ``query_agreement``: the same, with compressed-model queries searched against the fp32
+      corpus (an existing index, re-embedding only the queries). Only one side carries the error,
+      so it is the higher of the two."""
     ref = torch.nn.functional.normalize(reference.double(), dim=-1)
     cand = torch.nn.functional.normalize(candidate.double(), dim=-1)
     cos = (ref * cand).sum(-1)
     eye = torch.eye(len(ref), dtype=torch.bool)
     nn_ref = (ref @ ref.T).masked_fill(eye, -2).argmax(-1)
     nn_cand = (cand @ cand.T).masked_fill(eye, -2).argmax(-1)
-    return Fidelity(float(cos.mean()), float(cos.min()), float((nn_ref == nn_cand).double().mean()), len(ref))
+    nn_query = (cand @ ref.T).masked_fill(eye, -2).argmax(-1)
+    return Fidelity(float(cos.mean()), float(cos.min()), float((nn_ref == nn_cand).double().mean()), len(ref),
+                    float((nn_ref == nn_query).double().mean()))
 
 
 def dynamic_shapes():

@@ -42,10 +42,12 @@ PRESETS: dict[str, tuple[str, list[dict]]] = {
               [{**_GPTQ, "format": "mxfp4"}]),
     "nvfp4": ("NVFP4 weights (E2M1, blocks of 16 with E4M3 scales and an fp32 tensor scale), GPTQ "
               "(needs calibration)", [{**_GPTQ, "format": "nvfp4"}]),
-    # SmoothQuant is left out: on the default model it lowered int8-activation fidelity (see the
-    # benchmarks); add {"pass": "smooth_quant"} first in a recipe to use it.
-    "w8a8": ("int8 weights (per-channel) and int8 activations (static per-tensor) (needs calibration)",
-             [{"pass": "quantize_rtn", "format": "int8"}, {"pass": "quantize_activations", "format": "int8"}]),
+    # SmoothQuant with a per-layer alpha: a single alpha of 0.5 hurts the default model (see
+    # passes/quantize/activations.py); FP8 activations have the range to need none.
+    "w8a8": ("SmoothQuant (alpha per layer), int8 weights (per-channel) and int8 activations (static "
+             "per-tensor) (needs calibration)",
+             [{"pass": "smooth_quant"}, {"pass": "quantize_rtn", "format": "int8"},
+              {"pass": "quantize_activations", "format": "int8"}]),
     "fp8-w8a8": ("FP8 E4M3 weights (per-channel) and FP8 E4M3 activations (static per-tensor) "
                  "(needs calibration)",
                  [{"pass": "quantize_rtn", "format": "e4m3"}, {"pass": "quantize_activations", "format": "e4m3"}]),

@@ -57,9 +57,23 @@ def test_evaluate_embeddings_identical():
     ref = torch.randn(20, 16, generator=torch.Generator().manual_seed(0))
     f = evaluate_embeddings(ref, ref.clone())
     assert f.cosine_mean == pytest.approx(1.0, abs=1e-12) and f.cosine_min == pytest.approx(1.0, abs=1e-12)
-    assert f.nn_agreement == 1.0 and f.n == 20
+    assert f.nn_agreement == 1.0 and f.query_agreement == 1.0 and f.n == 20
     assert f.to_dict() == {"cosine_mean": f.cosine_mean, "cosine_min": f.cosine_min, "nn_agreement": 1.0,
-                           "sentences": 20}
+                           "query_agreement": 1.0, "sentences": 20}
+
+
+def test_query_agreement_searches_the_reference_corpus():
+    # candidate = reference with sentence 0 replaced by a copy of sentence 1's embedding: with both
+    # sides compressed, 0 and 1 become each other's nearest neighbours; searched against the fp32
+    # corpus, only query 0 can go astray
+    ref = torch.nn.functional.normalize(torch.randn(12, 8, generator=torch.Generator().manual_seed(1)), dim=-1)
+    cand = ref.clone()
+    cand[0] = ref[1]
+    f = evaluate_embeddings(ref, cand)
+    nn = (ref @ ref.T).fill_diagonal_(-2).argmax(-1)
+    want_query = float(((cand @ ref.T).fill_diagonal_(-2).argmax(-1) == nn).double().mean())
+    assert f.query_agreement == pytest.approx(want_query)
+    assert f.query_agreement >= 11 / 12 and f.nn_agreement < 1.0
     # scale does not matter (embeddings are normalised first)
     assert evaluate_embeddings(ref, 3.0 * ref).cosine_min == pytest.approx(1.0, abs=1e-12)
 

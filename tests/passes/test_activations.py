@@ -121,3 +121,61 @@ def test_errors_are_clear():
         SmoothQuant(alpha=1.5)
     with pytest.raises(PassError, match="needs calibration"):
         QuantizeActivations()(attention_like(False), PassContext())
+
+
+def test_auto_alpha_beats_no_smoothing_and_keeps_the_function():
+    calib, held = outlier_batches(), outlier_batches(2, seed=9)
+    g = attention_like(True)
+    s = SmoothQuant()(g.copy(), PassContext(calibration=calib))
+    for b in held:
+        torch.testing.assert_close(run_graph(s, b)[0], run_graph(g, b)[0], rtol=1e-4, atol=1e-4)
+    g = attention_like(False)
+    plain = PassManager([QuantizeRTN(format="int8"), QuantizeActivations(format="int8")])
+    auto = PassManager([SmoothQuant(), QuantizeRTN(format="int8"), QuantizeActivations(format="int8")])
+    e_plain = act_error(plain.run(g, PassContext(calibration=calib)), g, held)
+    e_auto = act_error(auto.run(g, PassContext(calibration=calib)), g, held)
+    assert e_auto < 0.7 * e_plain                      # on rows the calibration never saw
+    alphas = [r.figures["alpha"] for r in auto.records if r.name == "smooth_quant"][0]
+    assert set(alphas) == {"q"} and alphas["q"] is not None and 0 <= alphas["q"] <= 1
+
+
+def one_linear(w):
+    g = Graph("one")
+    x = g.add_input("x", tensor("f32", "batch", w.shape[1]))
+    g.set_outputs([g.op("linear", x, g.add_weight("fc.weight", Dense(w)), None, name="fc")])
+    return g
+
+
+def test_auto_alpha_is_never_worse_than_leaving_the_layer_alone():
+    # no activation outliers, weights with one large input column
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(16, 32, generator=gen) * 0.1
+    w[:, 5] *= 20
+    g = one_linear(w)
+    calib = [(torch.randn(64, 32, generator=gen),) for _ in range(4)]
+    plain = PassManager([QuantizeRTN(format="int8"), QuantizeActivations(format="int8")])
+    auto = PassManager([SmoothQuant(), QuantizeRTN(format="int8"), QuantizeActivations(format="int8")])
+    e_plain = act_error(plain.run(g, PassContext(calibration=calib)), g, calib)
+    e_auto = act_error(auto.run(g, PassContext(calibration=calib)), g, calib)
+    assert e_auto <= e_plain * 1.001
+
+
+def test_auto_alpha_leaves_a_layer_alone_when_nothing_is_gained():
+    # a dead input: every candidate is exact, and the first (no smoothing) is kept
+    g = one_linear(torch.randn(16, 32))
+    pm = PassManager([SmoothQuant()])
+    out = pm.run(g, PassContext(calibration=[(torch.zeros(8, 32),)]))
+    assert [r.figures["alpha"] for r in pm.records if r.name == "smooth_quant"] == [{"fc": None}]
+    assert not any(n.op == "mul" for n in out.nodes)
+    assert torch.equal(out.weights["fc.weight"].encoding.data, g.weights["fc.weight"].encoding.data)
+
+
+def test_smooth_quant_option_errors():
+    with pytest.raises(PassError, match="alpha must be in \\[0, 1\\] or 'auto'"):
+        SmoothQuant(alpha="best")
+    with pytest.raises(PassError, match="weight_format: unknown weight format 'int9x'"):
+        SmoothQuant(weight_format="int9x")
+    with pytest.raises(PassError, match="unknown activation format 'int4'"):
+        SmoothQuant(act_format="int4")
+    with pytest.raises(PassError, match="sample_rows must be an integer >= 16"):
+        SmoothQuant(sample_rows=4)

@@ -30,11 +30,17 @@ def _infer(x, *, format, scale, zero_point):
     return x
 
 
-def _ref(ctx, x, *, format, scale, zero_point):
+def fake_quantize(x: torch.Tensor, format, scale: float, zero_point: int = 0) -> torch.Tensor:
+    """``x`` rounded onto the static grid of ``format`` (a DType) and back: what ``fake_quant``
+    computes, for passes that need to predict its error."""
     if format.is_integer:
         lo, hi = format.int_range
         return (torch.clamp(torch.round(x / scale) + zero_point, lo, hi) - zero_point) * scale
     return (minifloat.round_to(x / scale, format) * scale).to(x.dtype)
+
+
+def _ref(ctx, x, *, format, scale, zero_point):
+    return fake_quantize(x, format, scale, zero_point)
 
 
 defop("fake_quant", ["x"], {"format": Attr("dtype"), "scale": Attr("float"), "zero_point": Attr("int", 0)},
