@@ -12,6 +12,20 @@ import torch
 # What the bundle's runtime must reproduce of the reference interpreter on the same (compressed)
 # graph: backends may reorder float sums and use their own fused kernels, but not change results.
 BACKEND_TOLERANCE = {"cosine_min": 0.9999}
+# Graphs that round activations at run time (W8A8) cannot be held to that: a last-bit difference
+# in a float sum moves a value across a rounding boundary, one code flips, and the flips multiply
+# layer by layer (MiniLM W8A8 in ONNX Runtime: 1e-5 of the codes differ after the first layer,
+# 10% after the sixth). Two correct implementations then differ about as much as either differs
+# from fp32, so the backend is held to being no further from fp32 than this many times the
+# reference's own distance (1 - cosine), plus a floor.
+ROUNDED_ACTIVATIONS_SLACK = 2.0
+ROUNDED_ACTIVATIONS_FLOOR = 1e-4
+
+
+def within_rounding(backend_vs_fp32: dict, reference_vs_fp32: dict) -> tuple[bool, float]:
+    """(passes, lowest allowed cosine) for a graph that rounds activations at run time."""
+    allowed = 1.0 - (ROUNDED_ACTIVATIONS_SLACK * (1.0 - reference_vs_fp32["cosine_min"]) + ROUNDED_ACTIVATIONS_FLOOR)
+    return backend_vs_fp32["cosine_min"] >= allowed, allowed
 # Uncompressed fp32 graphs must match the original model this closely (issue contract: >= 0.99999).
 FP32_TOLERANCE = {"cosine_min": 0.99999}
 

@@ -16,7 +16,7 @@ from .bundle import (FORMAT, FORMAT_VERSION, GRAPH_FILE, REF_EXPECTED, REF_FP32,
 from .backends.base import Backend, BackendError
 from .frontend.errors import FrontendError
 from .ir import Graph, Interpreter, WEIGHT_OPS, save_graph
-from .numerics import BACKEND_TOLERANCE, FP32_TOLERANCE, compare, json_safe, within
+from .numerics import BACKEND_TOLERANCE, FP32_TOLERANCE, compare, json_safe, within, within_rounding
 from .targets import Target
 
 
@@ -111,7 +111,20 @@ def write_bundle(out: Path, *, graph: Graph, original: Graph, source: str, targe
             got = list(got) if isinstance(got, tuple) else [got]
             metrics = compare(got, expected)
             timings["runtime_check_s"] = time.perf_counter() - t0
-            if not within(metrics, BACKEND_TOLERANCE):
+            rounds = any(n.op == "fake_quant" for n in graph.nodes)
+            if rounds and not within(metrics, BACKEND_TOLERANCE):
+                vs_fp32 = compare(got, fp32)
+                ok, allowed = within_rounding(vs_fp32, fidelity)
+                numerics["backend_vs_fp32"] = json_safe(vs_fp32)
+                numerics["check"] = (f"activations are rounded at run time: backend vs fp32 cosine "
+                                     f"{vs_fp32['cosine_min']:.6f} must be >= {allowed:.6f} (the reference's "
+                                     f"{fidelity['cosine_min']:.6f}, see nnforge.numerics)")
+                if not ok:
+                    raise BackendError(f"{backend.name} backend output drifts from fp32 further than rounding explains "
+                                       f"for {graph.name} on {target.name}: cosine vs fp32 "
+                                       f"{vs_fp32['cosine_min']:.6f} < {allowed:.6f} (reference interpreter: "
+                                       f"{fidelity['cosine_min']:.6f})")
+            elif not within(metrics, BACKEND_TOLERANCE):
                 raise BackendError(f"{backend.name} backend output disagrees with the reference interpreter for "
                                    f"{graph.name} on {target.name}: cosine {metrics['cosine_min']:.6f} < "
                                    f"{BACKEND_TOLERANCE['cosine_min']}, max abs error {metrics['max_abs_error']:.3g}")

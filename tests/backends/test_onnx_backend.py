@@ -25,7 +25,7 @@ import torch
 from nnforge.backends.base import BackendError, get_backend
 from nnforge.backends.onnx import DATA_FILE, MODEL_FILE, OnnxBackend
 from nnforge.backends.onnx.ops import LOWERINGS
-from nnforge.ir import Dense, Graph, IntQuant, run_graph, save_graph, tensor
+from nnforge.ir import Dense, Graph, IntQuant, dtype, run_graph, save_graph, tensor
 from nnforge.targets import get_target
 
 COS_MIN = 0.99999
@@ -513,3 +513,39 @@ def test_intquant_with_fp16_output_in_an_fp16_graph(tmp_path, bits, gran):
     got = runner(xin)
     assert got.dtype == torch.float16
     assert_close(got.float(), run_graph(g, [xin])[0].float(), rtol=2e-3)
+
+
+# --- session config -----------------------------------------------------------------------------
+def test_weight_only_dequantize_is_folded_at_load(tmp_path):
+    # weight-only DequantizeLinear: the bundle asks ORT to fold it into fp32 weights once at load
+    torch.manual_seed(2)
+    enc = make_intquant(torch.randn(64, 128), 8, "channel", True)
+    lowered, ops = lower_run_compare(_single_linear(enc, 128), tmp_path)
+    assert "DequantizeLinear" in ops
+    assert lowered.entry["session_config"] == {"session.disable_quant_qdq": "1"}
+
+
+def test_dense_and_activation_quantised_graphs_keep_ort_defaults(tmp_path):
+    torch.manual_seed(2)
+    dense = _single_linear(Dense(torch.randn(64, 128)), 128)
+    lowered, _ = lower_run_compare(dense, tmp_path / "dense")
+    assert "session_config" not in lowered.entry
+    g = _single_linear(make_intquant(torch.randn(64, 128), 8, "channel", True), 128)
+    lin = next(n for n in g.nodes if n.op == "linear")
+    with g.inserting_before(lin):
+        q = g.op("fake_quant", lin.inputs[0], format=dtype("int8"), scale=0.05, zero_point=0, name="act_q")
+    lin.inputs[0] = q
+    lowered, ops = lower_run_compare(g, tmp_path / "w8a8")
+    assert "QuantizeLinear" in ops and "session_config" not in lowered.entry
+
+
+@pytest.mark.parametrize("config, match", [
+    ({"session.disable_quant_qdq": "2"}, "'session.disable_quant_qdq' = '2' is not allowed"),
+    ({"session.use_env_allocators": "1"}, "'session.use_env_allocators' = '1' is not allowed"),
+    (["session.disable_quant_qdq"], "session_config must be a table of strings"),
+])
+def test_manifest_session_config_is_checked(tmp_path, config, match):
+    from nnforge.bundle import BundleError
+    backend, lowered = lower(_single_linear(Dense(torch.randn(8, 16)), 16), tmp_path)
+    with pytest.raises(BundleError, match=match):
+        backend.load(tmp_path, {**lowered.entry, "session_config": config})

@@ -179,3 +179,33 @@ def test_smooth_quant_option_errors():
         SmoothQuant(act_format="int4")
     with pytest.raises(PassError, match="sample_rows must be an integer >= 16"):
         SmoothQuant(sample_rows=4)
+
+
+def test_w8a8_bundle_with_3d_activations_loads_and_is_checked(tmp_path):
+    # linears on [batch, seq, features]: the onnx lowering flattens them with Flatten (ONNX
+    # Runtime's QDQ propagation breaks int8 Quantize/DequantizeLinear across a Reshape)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.LayerNorm(32), torch.nn.Linear(32, 64), torch.nn.GELU(),
+                                torch.nn.Linear(64, 8)).eval()
+    calib = [(torch.randn(4, 6, 32) * 3,) for _ in range(4)]
+    bundle = nf.compile(model, "onnx", "w8a8", example_inputs=calib[0], calibration=calib, out=tmp_path / "b")
+    n = bundle.manifest["numerics"]
+    assert n["runtime_checked"] is True
+    if "check" in n:            # rounding flips made it fall back to the fp32-distance check
+        assert "activations are rounded at run time" in n["check"]
+    x = torch.randn(4, 6, 32) * 3
+    got = torch.as_tensor(nf.load(bundle.path)(x.numpy()))
+    with torch.no_grad():
+        assert float(torch.nn.functional.cosine_similarity(got, model(x), dim=-1).min()) > 0.98
+
+
+def test_runtime_drift_beyond_rounding_is_an_error(tmp_path, monkeypatch):
+    from nnforge.backends.base import BackendError
+    from nnforge.backends.onnx import OnnxRunner
+    real = OnnxRunner.run_numpy
+    monkeypatch.setattr(OnnxRunner, "run_numpy", lambda self, inputs: [-y for y in real(self, inputs)])
+    model = torch.nn.Sequential(torch.nn.Linear(32, 8)).eval()
+    calib = outlier_batches()
+    with pytest.raises(BackendError, match="drifts from fp32 further than rounding explains"):
+        nf.compile(model, "onnx", "w8a8", example_inputs=calib[0], calibration=calib, out=tmp_path / "b")
+    assert not (tmp_path / "b").exists()

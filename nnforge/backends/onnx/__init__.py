@@ -86,13 +86,40 @@ def check_external_data(model_path: Path) -> None:
                               f"outside the bundle ({e})") from None
 
 
+# ONNX Runtime session config entries a bundle may ask for (anything else in a manifest is refused).
+# "session.disable_quant_qdq" = "1" lets constant folding dequantise weight-only DequantizeLinear
+# nodes (fp8, int8, widened int3) into fp32 initialisers once at load: ORT's CPU has no matmul
+# for those weights, and otherwise runs every dequantisation on every call (fp8 MiniLM: ~3.5x
+# slower at batch 1). Bundles with activation quantisation keep the QDQ fusions instead.
+SESSION_CONFIG_KEYS = {"session.disable_quant_qdq": {"0", "1"}}
+
+
+def session_config(graph: Graph, model: onnx.ModelProto) -> dict[str, str]:
+    weight_dq = any(n.op_type == "DequantizeLinear" for n in model.graph.node)
+    activation_q = any(n.op == "fake_quant" for n in graph.nodes)
+    return {"session.disable_quant_qdq": "1"} if weight_dq and not activation_q else {}
+
+
+def check_session_config(config, where: str) -> dict[str, str]:
+    from ...bundle import BundleError
+    if not isinstance(config, dict):
+        raise BundleError(f"{where}: session_config must be a table of strings, got {type(config).__name__}")
+    for k, v in config.items():
+        if k not in SESSION_CONFIG_KEYS or v not in SESSION_CONFIG_KEYS[k]:
+            raise BundleError(f"{where}: session_config entry {k!r} = {v!r} is not allowed; allowed: "
+                              + ", ".join(f"{a} in {sorted(b)}" for a, b in SESSION_CONFIG_KEYS.items()))
+    return config
+
+
 class OnnxRunner(Runner):
-    def __init__(self, model_path: Path, threads: int | None = None):
+    def __init__(self, model_path: Path, threads: int | None = None, config: dict[str, str] | None = None):
         import onnxruntime as ort
         check_external_data(model_path)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or os.cpu_count() or 1
         opts.log_severity_level = 3
+        for key, value in check_session_config(config or {}, str(model_path)).items():
+            opts.add_session_config_entry(key, value)
         try:
             self.session = ort.InferenceSession(os.fspath(model_path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:       # ORT raises its own pybind exception types
@@ -136,14 +163,18 @@ class OnnxBackend(Backend):
             raise BackendError(f"onnx backend produced an invalid model for graph {graph.name}: "
                                f"{str(e).splitlines()[0]}") from e
         files = [MODEL_FILE] + ([DATA_FILE] if (out_dir / DATA_FILE).exists() else [])
-        return Lowered(files=files, entry={"model": MODEL_FILE, "opset": opset}, fallbacks=fallbacks,
+        entry = {"model": MODEL_FILE, "opset": opset}
+        config = session_config(graph, model)
+        if config:
+            entry["session_config"] = config
+        return Lowered(files=files, entry=entry, fallbacks=fallbacks,
                        toolchain=self.toolchain())
 
     def load(self, bundle_dir: Path, entry: dict, device: str | None = None) -> Runner:
         if device not in (None, "cpu"):
             raise BackendError(f"the onnx backend runs on the CPU; device {device!r} is not supported")
         from ...bundle import safe_join
-        return OnnxRunner(safe_join(Path(bundle_dir), entry.get("model")))
+        return OnnxRunner(safe_join(Path(bundle_dir), entry.get("model")), config=entry.get("session_config"))
 
     def toolchain(self) -> dict[str, str]:
         import onnxruntime

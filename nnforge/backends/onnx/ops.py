@@ -136,11 +136,13 @@ def lower_linear(b, node, fb):
         weight = W.dequantize(b, w, fb)          # stored column order matches the permuted activations
     else:
         weight = operand(b, w, fb)
-    k = w.shape[1]
     if x.type.rank == 2:
         b.node("Gemm", [xin, weight, bias_name], out, transB=1)
         return
-    flat = b.node("Reshape", [xin, b.ints([-1, k])])
+    # Flatten, not Reshape: ONNX Runtime 1.32's QDQ propagation moves an int8 activation
+    # Quantize/DequantizeLinear pair across a Reshape and builds an invalid QuantizeLinear
+    # (onnxruntime#27845), so W8A8 bundles with 3-D activations would not load; it leaves Flatten alone.
+    flat = b.node("Flatten", [xin], axis=x.type.rank - 1)
     y = b.node("Gemm", [flat, weight, bias_name], transB=1)
     b.node("Reshape", [y, b.dims_1d(node.outputs[0].shape)], out)
 
