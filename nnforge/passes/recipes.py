@@ -32,8 +32,12 @@ PRESETS: dict[str, tuple[str, list[dict]]] = {
            [{"pass": "quantize_rtn", "format": "int8"}]),
     "w4-rtn": ("int4 weights with zero points, groups of 128, round-to-nearest",
                [{"pass": "quantize_rtn", "format": "uint4", "group_size": 128, "ragged_groups": True}]),
-    "w4-gptq": ("int4 weights with zero points, groups of 128, GPTQ with act-order (needs calibration)",
-                [{**_GPTQ, "format": "uint4", "group_size": 128, "ragged_groups": True}]),
+    # static groups: act-order decides the order GPTQ visits columns, but each group's scale is
+    # fixed up front on the original column order, so no permutation is stored and ONNX Runtime
+    # runs MatMulNBits directly (no Gather of the activations per call); same fidelity here.
+    "w4-gptq": ("int4 weights with zero points, groups of 128, GPTQ with act-order and static groups "
+                "(needs calibration)",
+                [{**_GPTQ, "static_groups": True, "format": "uint4", "group_size": 128, "ragged_groups": True}]),
     "w3-gptq": ("int3 weights with zero points, groups of 128, GPTQ with act-order (needs calibration)",
                 [{**_GPTQ, "format": "uint3", "group_size": 128, "ragged_groups": True}]),
     "fp8": ("FP8 E4M3 weights, per-channel scales, round-to-nearest",

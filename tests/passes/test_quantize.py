@@ -223,6 +223,19 @@ def test_presets_resolve():
     assert resolve_recipe("w4-gptq")[1][0].weight_format.describe() == "uint4 g128"
 
 
+def test_w4_gptq_preset_stores_no_permutation(tmp_path):
+    # act-order with static groups: codes stay in the original column order, so the onnx bundle
+    # is MatMulNBits alone, with no Gather of the activations per call
+    import onnx
+    model = torch.nn.Sequential(torch.nn.Linear(256, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16)).eval()
+    calib = correlated_batches(2, cols=256)
+    bundle = nf.compile(model, "onnx", "w4-gptq", example_inputs=calib[0], calibration=calib, out=tmp_path / "b")
+    g = bundle.graph()
+    assert all(getattr(w.encoding, "perm", None) is None for w in g.weights.values())
+    ops = {n.op_type for n in onnx.load(str(bundle.path / "model.onnx"), load_external_data=False).graph.node}
+    assert "MatMulNBits" in ops and "Gather" not in ops
+
+
 def test_pass_manager_records_gptq_figures():
     pm = PassManager([QuantizeGPTQ(format="int4", group_size=16)])
     pm.run(mlp(), PassContext(calibration=correlated_batches(2)))
