@@ -181,9 +181,36 @@ def test_onnx_backend_runs_every_format(tmp_path, spec, gs):
     xin = torch.randn(3, 128)
     torch.testing.assert_close(backend.load(tmp_path, lowered.entry)(xin), run_graph(g, [xin])[0],
                                rtol=1e-4, atol=1e-5)
-    decoded = [f for f in lowered.fallbacks if "decoded" in f.action]
-    # FP8 runs as DequantizeLinear of its codes; FP6/FP4 have no ONNX Runtime kernel and say so
-    assert bool(decoded) == (enc.fmt.short in ("e3m2", "e2m3", "e2m1") if isinstance(enc, MiniFloat) else False)
+    # FP8 runs as DequantizeLinear of its codes; FP6/FP4 (no ONNX type) widen exactly to integer
+    # multiples of their smallest subnormal, and say so; nothing is decoded to floats
+    assert not [f for f in lowered.fallbacks if "decoded" in f.action]
+    widened = [f.action for f in lowered.fallbacks if "widened exactly" in f.action]
+    small = isinstance(enc, MiniFloat) and enc.fmt.short in ("e3m2", "e2m3", "e2m1")
+    assert len(widened) == small
+    if small:
+        want = {"e2m1": "int8 multiples of 0.5", "e2m3": "int8 multiples of 0.125", "e3m2": "int16 multiples of 0.0625"}
+        assert want[enc.fmt.short] in widened[0]
+        import onnx
+        ops = {n.op_type for n in onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph.node}
+        assert "DequantizeLinear" in ops
+
+
+@pytest.mark.parametrize("spec", ["mxfp4", "nvfp4", "mxfp6"])
+def test_widened_minifloats_with_a_short_last_block_and_act_order(tmp_path, spec):
+    # 100 columns: MX blocks of 32 end with a block of 4; GPTQ act-order stores a permutation
+    W = weight(16, 100)
+    X = torch.randn(256, 100, generator=torch.Generator().manual_seed(1)) * torch.linspace(0.1, 3, 100)
+    enc, _ = gptq_quantize(W, 2 * X.T @ X / 256, parse_format(spec), act_order=True)
+    assert enc.perm is not None
+    g = Graph("one")
+    x = g.add_input("x", tensor("f32", "batch", 100))
+    g.set_outputs([g.op("linear", x, g.add_weight("fc.weight", enc), None, name="fc")])
+    save_graph(g, tmp_path / "graph.json", tmp_path / "weights.safetensors")
+    backend = get_backend("onnx")
+    lowered = backend.lower(g, get_target("onnx"), tmp_path)
+    xin = torch.randn(5, 100)
+    torch.testing.assert_close(backend.load(tmp_path, lowered.entry)(xin), run_graph(g, [xin])[0],
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_gptq_with_act_order_groups_through_compile(tmp_path):

@@ -1,7 +1,8 @@
 """Weights in ONNX: dense tensors read in place from weights.safetensors, IntQuant weights as
 DequantizeLinear (int8/uint8 any granularity, uint4 packed) or, for 4-bit group-quantised linear
-layers, ORT's MatMulNBits reading our packed codes directly. What ONNX cannot hold compressed is
-decoded and reported as a Fallback."""
+layers, ORT's MatMulNBits reading our packed codes directly; FP8 codes as float8 DequantizeLinear
+in place, and FP6/FP4 codes widened exactly to int8/int16 lattice values for DequantizeLinear.
+What ONNX cannot hold compressed is decoded and reported as a Fallback."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 from onnx import TensorProto
 
 from ...ir import Dense, IntQuant, MiniFloat, Value
+from ...ir import minifloat as mf
 from ...ir.encodings import rows_cols
 from ...ir.packing import pack_bits, unpack_bits
 from ..base import Fallback
@@ -64,18 +66,42 @@ def dense(b: OnnxBuilder, v: Value, fallbacks: list[Fallback]) -> str:
 FLOAT8 = {"e4m3": TensorProto.FLOAT8E4M3FN, "e5m2": TensorProto.FLOAT8E5M2}
 
 
+def lattice(enc) -> tuple[int, float] | None:
+    """(ONNX integer type, quantum) for a minifloat ONNX has no type for, where every value is a
+    whole multiple of the format's smallest subnormal (the quantum) and the largest multiple fits
+    int8 or int16: E2M1 (values x2 reach 12), E2M3 (x8: 60), E3M2 (x16: 448). Such codes widen
+    exactly to integers, the quantum folds into the scales, and DequantizeLinear runs them."""
+    if not isinstance(enc, MiniFloat) or enc.fmt.short in FLOAT8:
+        return None
+    quantum = 2.0 ** (1 - enc.fmt.bias - enc.fmt.man_bits)
+    top = enc.fmt.max_value / quantum
+    if top <= 127:
+        return TensorProto.INT8, quantum
+    if top <= 32767:
+        return TensorProto.INT16, quantum
+    return None
+
+
 def dequantize_ok(enc) -> bool:
-    """Encodings that run as a DequantizeLinear of their stored codes."""
-    return isinstance(enc, IntQuant) or (isinstance(enc, MiniFloat) and enc.fmt.short in FLOAT8)
+    """Encodings that run as a DequantizeLinear of their stored (or exactly widened) codes."""
+    return isinstance(enc, IntQuant) or (isinstance(enc, MiniFloat) and (enc.fmt.short in FLOAT8
+                                                                         or lattice(enc) is not None))
 
 
 def _code_tensor(b: OnnxBuilder, v: Value, enc, fallbacks) -> tuple[str, int]:
     """The codes as an ONNX uint8, uint4 or float8 tensor [rows, cols] (stored column order)."""
     rows, cols = rows_cols(enc.shape)
     key = f"{v.name}::codes"
-    if isinstance(enc, MiniFloat):
+    if isinstance(enc, MiniFloat) and enc.fmt.short in FLOAT8:
         return _tensor(b, f"{v.name}.codes", key, enc.codes, FLOAT8[enc.fmt.short], [rows, cols]), \
             FLOAT8[enc.fmt.short]
+    if isinstance(enc, MiniFloat):
+        code_type, quantum = lattice(enc)
+        np_type = np.int8 if code_type == TensorProto.INT8 else np.int16
+        fallbacks.append(Fallback(v.name, enc.describe(), f"{enc.fmt.short} codes widened exactly to "
+                                  f"{np.dtype(np_type).name} multiples of {quantum:g} for DequantizeLinear"))
+        ints = torch.round(mf.decode(enc.fields(), enc.fmt, torch.float64) / quantum)
+        return b.const(ints.numpy().astype(np_type), f"{v.name}.codes"), code_type
     if enc.bits == 8:
         return _tensor(b, f"{v.name}.codes", key, enc.codes, TensorProto.UINT8, [rows, cols]), TensorProto.UINT8
     if enc.bits == 4 and cols % 2 == 0:
@@ -107,10 +133,15 @@ def _zero_points(b: OnnxBuilder, v: Value, enc: IntQuant, code_type: int, shape)
 def _scales(b: OnnxBuilder, v: Value, enc, dims) -> str:
     """The scales as an ONNX tensor of the weight's float type (DequantizeLinear and MatMulNBits
     output the scale's type), read in place when stored in that type and shape already. Scales
-    stored as E8M0/E4M3 codes (MX, NVFP4) have no ONNX form and are decoded (exactly) to floats."""
+    stored as E8M0/E4M3 codes (MX, NVFP4) have no ONNX form and are decoded (exactly) to floats;
+    widened minifloat codes carry their quantum in the scales."""
     want = v.dtype.torch_dtype
-    in_place = isinstance(enc, IntQuant) or (enc.scale_format.kind == "float" and enc.global_scale is None)
+    widened = lattice(enc)
+    in_place = isinstance(enc, IntQuant) or (enc.scale_format.kind == "float" and enc.global_scale is None
+                                             and widened is None)
     scale = enc.scale if in_place else enc.scale_values(torch.float32)
+    if widened is not None:
+        scale = scale * widened[1]                 # a power of two: exact
     full = scale.numel() == int(np.prod(dims)) if dims else scale.numel() == 1
     if in_place and scale.dtype == want and full:
         return _tensor(b, f"{v.name}.scale", f"{v.name}::scale", scale.reshape(dims), onnx_type(v.dtype), dims)
