@@ -20,7 +20,7 @@ from .backends.base import available_backends
 from .models import default as dm
 
 # Recipes the demo runs per backend (those whose passes exist in this build).
-DEMO_RECIPES = {"onnx": ["fp32", "w8", "w4-rtn", "w4-gptq", "w3-gptq", "fp8", "mxfp4", "nvfp4"]}
+DEMO_RECIPES = {"onnx": ["fp32", "w8", "w4-rtn", "w4-gptq", "w3-gptq", "fp8", "mxfp4", "nvfp4", "w8a8", "fp8-w8a8"]}
 FP32_COSINE_FLOOR = 0.99999
 
 

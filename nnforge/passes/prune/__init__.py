@@ -1,0 +1,2 @@
+"""Pruning passes: N:M and block sparsity (magnitude, SparseGPT), and structured pruning that
+shrinks the graph (attention heads, MLP channels, blocks)."""
