@@ -30,6 +30,7 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/onnx_latency.py
 	$(PY) benchmarks/quantization.py
+	$(PY) benchmarks/compression.py
 
 clean:
 	rm -rf bundles build *.egg-info .pytest_cache
