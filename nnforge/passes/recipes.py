@@ -55,6 +55,29 @@ PRESETS: dict[str, tuple[str, list[dict]]] = {
     "fp8-w8a8": ("FP8 E4M3 weights (per-channel) and FP8 E4M3 activations (static per-tensor) "
                  "(needs calibration)",
                  [{"pass": "quantize_rtn", "format": "e4m3"}, {"pass": "quantize_activations", "format": "e4m3"}]),
+    "sparse24": ("2:4 sparsity (2-bit in-group indices), SparseGPT mask and update (needs calibration)",
+                 [{"pass": "prune_sparsegpt", "pattern": "2:4"}]),
+    "sparse24-w4": ("2:4 sparsity with the kept values in int4 (zero points, groups of 128), SparseGPT with "
+                    "joint quantisation (needs calibration)",
+                    [{"pass": "prune_sparsegpt", "pattern": "2:4", "format": "uint4", "group_size": 128}]),
+    # one LUT per output channel: at 16 rows per LUT 4-bit k-means reaches only 0.966 on the
+    # default model, at 1 row 0.980 (4.5 bits per weight with the fp16 LUTs)
+    "palettize-4": ("4-bit palettes (k-means++ with Hessian-diagonal weights), one fp16 LUT per output "
+                    "channel (needs calibration)",
+                    [{"pass": "palettize", "bits": 4, "group_size": 1, "weighting": "hessian"}]),
+    "palettize-3": ("3-bit palettes (k-means++ with Hessian-diagonal weights), one fp16 LUT per output "
+                    "channel (needs calibration)",
+                    [{"pass": "palettize", "bits": 3, "group_size": 1, "weighting": "hessian"}]),
+}
+# Presets with a number in their name: name -> (regex, description, builder of the pass configs).
+PARAMETRIC: dict[str, tuple[str, str, object]] = {
+    "mixed-<bits>": (r"mixed-(\d+(?:\.\d+)?)", "int8 / int4 g128 / int3 g128 per layer, GPTQ, at most <bits> "
+                     "bits per weight (needs calibration)",
+                     lambda v: [{"pass": "mixed_precision", "bits": float(v)}]),
+    # 4x1 blocks (4 output rows share a kept column) beat 16x1 at 50% on the default model (0.813 vs 0.747)
+    "block-sparse-<pct>": (r"block-sparse-(\d+)", "<pct>% sparsity in 4x1 blocks (BSR, for CPU SpMM), SparseGPT "
+                           "(needs calibration)",
+                           lambda v: [{"pass": "prune_sparsegpt", "pattern": "block4x1", "sparsity": int(v) / 100}]),
 }
 _TOP_KEYS = {"description", "passes"}
 
@@ -98,13 +121,13 @@ def resolve_recipe(recipe) -> tuple[str, list[Pass]]:
         text = str(recipe)
         if text in PRESETS:
             return text, [_build(e, f"preset {text}") for e in PRESETS[text][1]]
-        mixed = re.fullmatch(r"mixed-(\d+(?:\.\d+)?)", text)
-        if mixed:
-            # mixed-<bits>: int8 / int4 g128 / int3 g128 per layer, GPTQ, at most <bits> bits per weight
-            return text, [_build({"pass": "mixed_precision", "bits": float(mixed.group(1))}, f"preset {text}")]
+        for pattern, _, configs in PARAMETRIC.values():
+            m = re.fullmatch(pattern, text)
+            if m:
+                return text, [_build(e, f"preset {text}") for e in configs(m.group(1))]
         if text.endswith(".toml") or Path(text).exists():
             return load_recipe_file(text)
-        raise PassError(f"unknown recipe {text!r}: not a preset ({', '.join(PRESETS)}, mixed-<bits>) nor a .toml file")
+        raise PassError(f"unknown recipe {text!r}: not a preset ({', '.join(PRESETS)}, {', '.join(PARAMETRIC)}) nor a .toml file")
     if isinstance(recipe, (list, tuple)):
         return "custom", [_build(e, f"recipe entry {i}") for i, e in enumerate(recipe)]
     if isinstance(recipe, Pass):

@@ -28,7 +28,9 @@ def test_every_preset_resolves_and_runs(preset):
     x = inputs(32, seed=2)
     ctx = PassContext(calibration=[(inputs(8, seed=s),) for s in range(4)])
     out = PassManager(passes).run(g, ctx)
-    assert cosine(run_graph(out, [x])[0], run_graph(g, [x])[0]) > 0.97
+    # half the weights of a random MLP go with 2:4 sparsity: a looser floor there
+    floor = 0.85 if preset.startswith("sparse") else 0.97
+    assert cosine(run_graph(out, [x])[0], run_graph(g, [x])[0]) > floor
     if passes:
         assert weight_bytes(out) < weight_bytes(g)
 
@@ -111,6 +113,15 @@ def test_missing_recipe_file(tmp_path):
         resolve_recipe(tmp_path / "missing.toml")
     with pytest.raises(PassError, match="cannot read recipe"):
         load_recipe_file(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize("name, pass_name, option, value", [
+    ("mixed-4.5", "mixed_precision", "bits", 4.5),
+    ("block-sparse-80", "prune_sparsegpt", "sparsity", 0.8),
+])
+def test_parametric_presets(name, pass_name, option, value):
+    got, passes = resolve_recipe(name)
+    assert got == name and passes[0].name == pass_name and getattr(passes[0], option) == value
 
 
 def test_unknown_preset():
