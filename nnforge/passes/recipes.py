@@ -62,6 +62,10 @@ PRESETS: dict[str, tuple[str, list[dict]]] = {
                     [{"pass": "prune_sparsegpt", "pattern": "2:4", "format": "uint4", "group_size": 128}]),
     # one LUT per output channel: at 16 rows per LUT 4-bit k-means reaches only 0.966 on the
     # default model, at 1 row 0.980 (4.5 bits per weight with the fp16 LUTs)
+    "w4-gptq+eora": ("w4-gptq's grid (GPTQ act-order, int4 g128) plus an EoRA rank-32 low-rank branch per layer "
+                     "with int8 factors, fitted in the activation eigenspace (needs calibration)",
+                     [{"pass": "quantize_eora", "format": "uint4", "group_size": 128, "ragged_groups": True,
+                       "act_order": True, "rank": 32, "factor_format": "int8"}]),
     "palettize-4": ("4-bit palettes (k-means++ with Hessian-diagonal weights), one fp16 LUT per output "
                     "channel (needs calibration)",
                     [{"pass": "palettize", "bits": 4, "group_size": 1, "weighting": "hessian"}]),
@@ -78,6 +82,9 @@ PARAMETRIC: dict[str, tuple[str, str, object]] = {
     "block-sparse-<pct>": (r"block-sparse-(\d+)", "<pct>% sparsity in 4x1 blocks (BSR, for CPU SpMM), SparseGPT "
                            "(needs calibration)",
                            lambda v: [{"pass": "prune_sparsegpt", "pattern": "block4x1", "sparsity": int(v) / 100}]),
+    "lowrank-<pct>": (r"lowrank-(\d+)", "activation-aware SVD keeping <pct>% of the linear layers' parameters, "
+                      "one rank ratio for every layer (needs calibration)",
+                      lambda v: [{"pass": "lowrank_asvd", "param_budget": int(v) / 100}]),
 }
 _TOP_KEYS = {"description", "passes"}
 
