@@ -85,6 +85,14 @@ PARAMETRIC: dict[str, tuple[str, str, object]] = {
     "lowrank-<pct>": (r"lowrank-(\d+)", "activation-aware SVD keeping <pct>% of the linear layers' parameters, "
                       "one rank ratio for every layer (needs calibration)",
                       lambda v: [{"pass": "lowrank_asvd", "param_budget": int(v) / 100}]),
+    "prune-mlp-<pct>": (r"prune-mlp-(\d+)", "<pct>% of each MLP's intermediate channels removed (the weights "
+                        "shrink), OBS choice and least-squares update of the next layer, ZipLM-style (needs "
+                        "calibration)",
+                        lambda v: [{"pass": "prune_mlp", "fraction": int(v) / 100}]),
+    "prune-heads-<pct>": (r"prune-heads-(\d+)", "<pct>% of each attention layer's heads removed (the weights "
+                          "shrink), OBS choice and least-squares update of the output projection (needs "
+                          "calibration)",
+                          lambda v: [{"pass": "prune_heads", "fraction": int(v) / 100}]),
 }
 _TOP_KEYS = {"description", "passes"}
 

@@ -122,6 +122,9 @@ def test_missing_recipe_file(tmp_path):
 @pytest.mark.parametrize("name, pass_name, option, value", [
     ("mixed-4.5", "mixed_precision", "bits", 4.5),
     ("block-sparse-80", "prune_sparsegpt", "sparsity", 0.8),
+    ("lowrank-50", "lowrank_asvd", "param_budget", 0.5),
+    ("prune-mlp-25", "prune_mlp", "fraction", 0.25),
+    ("prune-heads-25", "prune_heads", "fraction", 0.25),
 ])
 def test_parametric_presets(name, pass_name, option, value):
     got, passes = resolve_recipe(name)
