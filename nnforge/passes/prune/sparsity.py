@@ -37,7 +37,7 @@ from ...ir.sparse import SparsePattern
 from ..base import LayerSelection, Pass, PassContext, PassError, register_pass
 from ..quantize.calibrate import run_calibration
 from ..quantize.formats import FormatError, WeightFormat, parse_format
-from ..quantize.gptq import hessian_of
+from ..quantize.gptq import hessian_of, inverse_from_cholesky
 from ..quantize.mixed import knapsack
 
 SCHEDULES = ("uniform", "sensitivity")
@@ -99,7 +99,7 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, pattern, sparsity: float =
     W[:, dead] = 0.0
     H += damp * torch.mean(torch.diag(H)) * torch.eye(cols)
     try:
-        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+        Hinv = torch.linalg.cholesky(inverse_from_cholesky(torch.linalg.cholesky(H)), upper=True)
     except torch.linalg.LinAlgError:
         raise PassError(f"sparsegpt: the Hessian of a {rows}x{cols} weight is not positive definite even with "
                         f"damp={damp}; raise damp or add calibration data") from None

