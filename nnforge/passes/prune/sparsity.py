@@ -37,7 +37,7 @@ from ...ir.sparse import SparsePattern
 from ..base import LayerSelection, Pass, PassContext, PassError, register_pass
 from ..quantize.calibrate import run_calibration
 from ..quantize.formats import FormatError, WeightFormat, parse_format
-from ..quantize.gptq import hessian_of, inverse_from_cholesky
+from ..quantize.gptq import hessian_of, obs_problem, upper_inverse
 from ..quantize.mixed import knapsack
 
 SCHEDULES = ("uniform", "sensitivity")
@@ -90,19 +90,8 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, pattern, sparsity: float =
     shape = tuple(w.shape)
     rows, cols = rows_cols(shape)
     p.check_shape(rows, cols, f"weight of shape {shape}")
-    if h.shape != (cols, cols):
-        raise PassError(f"sparsegpt: Hessian {tuple(h.shape)} does not match {cols} input columns")
-    W = w.detach().to(torch.float32).reshape(rows, cols).clone()
-    H = h.detach().to(torch.float32).clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols)
-    try:
-        Hinv = torch.linalg.cholesky(inverse_from_cholesky(torch.linalg.cholesky(H)), upper=True)
-    except torch.linalg.LinAlgError:
-        raise PassError(f"sparsegpt: the Hessian of a {rows}x{cols} weight is not positive definite even with "
-                        f"damp={damp}; raise damp or add calibration data") from None
+    W, H = obs_problem(w, h, "sparsegpt")
+    Hinv = upper_inverse(H, damp, f"sparsegpt: the Hessian of a {rows}x{cols} weight")
 
     joint = fmt is not None
     kept_cols = cols // p.m * p.n if p.kind == "nm" else cols

@@ -40,13 +40,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: WeightFormat, *, act_or
     [cols, cols]. Returns the encoding and figures (the Hessian-weighted error, before/after)."""
     shape = tuple(w.shape)
     rows, cols = rows_cols(shape)
-    if h.shape != (cols, cols):
-        raise PassError(f"gptq: Hessian {tuple(h.shape)} does not match {cols} input columns")
-    W = w.detach().to(torch.float32).reshape(rows, cols).clone()
-    H = h.detach().to(torch.float32).clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    W, H = obs_problem(w, h, "gptq")
     g = fmt.global_scale(W)
     gs = cols if fmt.per_tensor or fmt.group_size is None else min(fmt.group_size, cols)
     groups_fixed = fmt.per_tensor or gs == cols or static_groups
@@ -58,12 +52,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: WeightFormat, *, act_or
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols)
-    try:
-        Hinv = torch.linalg.cholesky(inverse_from_cholesky(torch.linalg.cholesky(H)), upper=True)
-    except torch.linalg.LinAlgError:
-        raise PassError(f"gptq: the Hessian of a {rows}x{cols} weight is not positive definite even with "
-                        f"damp={damp}; raise damp or add calibration data") from None
+    Hinv = upper_inverse(H, damp, f"gptq: the Hessian of a {rows}x{cols} weight")
 
     orig_col = perm if perm is not None else torch.arange(cols)
     if not groups_fixed:
@@ -111,6 +100,32 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: WeightFormat, *, act_or
     else:
         enc = fmt.encode(Q, scale, zp, shape=shape, group_size=gs, perm=perm, global_scale=g, out_dtype=out_dtype)
     return enc, {"loss": float(losses.sum())}
+
+
+def obs_problem(w: torch.Tensor, h: torch.Tensor, who: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The [rows, cols] float32 weight and a copy of its Hessian for an OBS-style sweep (GPTQ,
+    SparseGPT): columns no calibration input ever reached (zero diagonal) are zeroed and given a
+    unit diagonal, so the Hessian stays invertible and they cost nothing."""
+    rows, cols = rows_cols(tuple(w.shape))
+    if h.shape != (cols, cols):
+        raise PassError(f"{who}: Hessian {tuple(h.shape)} does not match {cols} input columns")
+    W = w.detach().to(torch.float32).reshape(rows, cols).clone()
+    H = h.detach().to(torch.float32).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    return W, H
+
+
+def upper_inverse(H: torch.Tensor, damp: float, what: str) -> torch.Tensor:
+    """The upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, which the OBS sweeps read row
+    by row; dampens ``H`` in place."""
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0])
+    try:
+        return torch.linalg.cholesky(inverse_from_cholesky(torch.linalg.cholesky(H)), upper=True)
+    except torch.linalg.LinAlgError:
+        raise PassError(f"{what} is not positive definite even with damp={damp}; raise damp or add "
+                        "calibration data") from None
 
 
 def inverse_from_cholesky(L: torch.Tensor) -> torch.Tensor:
