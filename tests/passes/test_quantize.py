@@ -268,3 +268,16 @@ def test_pass_manager_records_gptq_figures():
     pm.run(mlp(), PassContext(calibration=correlated_batches(2)))
     figs = pm.records[0].figures
     assert figs["layers"] == 2 and set(figs["hessian_weighted_error"]) == {"fc1", "fc2"}
+
+
+def test_indefinite_hessian_is_a_clear_error():
+    # a Hessian no dampening can rescue (negative curvature), for both OBS sweeps
+    from nnforge.passes.prune.sparsity import sparsegpt_prune
+    W, H = weight(8, 32), -torch.eye(32)
+    with pytest.raises(PassError, match="gptq: the Hessian of a 8x32 weight is not positive definite even with "
+                                        "damp=0.01; raise damp"):
+        gptq_quantize(W, H, parse_format("int4", group_size=16))
+    with pytest.raises(PassError, match="sparsegpt: the Hessian of a 8x32 weight is not positive definite"):
+        sparsegpt_prune(W, H, "2:4")
+    with pytest.raises(PassError, match="gptq: Hessian \\(16, 16\\) does not match 32 input columns"):
+        gptq_quantize(W, torch.eye(16), parse_format("int4", group_size=16))
