@@ -27,9 +27,9 @@ from ...ir import Graph, Node
 from ...ir.encodings import rows_cols
 from ..base import PassContext, PassError, register_pass
 from ..quantize.calibrate import run_calibration
-from ..quantize.formats import FormatError, parse_format, quantize_rtn
+from ..quantize.formats import quantize_rtn
 from ..quantize.gptq import QuantizeGPTQ, gptq_quantize
-from .svd import CovarianceCache, factors, spectrum, split_lowrank
+from .svd import CovarianceCache, factor_weight_format, factors, spectrum, split_lowrank
 
 
 def output_error(d: torch.Tensor, cov: torch.Tensor) -> float:
@@ -58,12 +58,7 @@ class QuantizeEoRA(QuantizeGPTQ):
         r = self.rank
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise PassError(f"{self.name}: rank must be a positive integer, got {r!r}")
-        self.factor_fmt = None
-        if self.factor_format is not None:
-            try:
-                self.factor_fmt = parse_format(self.factor_format)
-            except FormatError as e:
-                raise PassError(f"{self.name}: factor_format: {e}") from None
+        self.factor_fmt = factor_weight_format(self.factor_format, self.name)
 
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
         targets = {node.name: (node, w) for node, w in self.targets(graph)}

@@ -101,6 +101,16 @@ def factors(sp: Spectrum, rank: int, shape, *, dtype: torch.dtype, fmt: WeightFo
     return LowRank(tuple(shape), enc(a), enc(b), base)
 
 
+def factor_weight_format(spec: str | None, who: str) -> WeightFormat | None:
+    """The grid the low-rank factors are stored on (None: dense), checked once for every pass."""
+    if spec is None:
+        return None
+    try:
+        return parse_format(spec)
+    except FormatError as e:
+        raise PassError(f"{who}: factor_format: {e}") from None
+
+
 def saves_params(rank: int, rows: int, cols: int) -> bool:
     return rank * (rows + cols) < rows * cols
 
@@ -222,12 +232,7 @@ class LowRankConfig(LayerSelection):
             raise PassError(f"{self.name}: give exactly one of {', '.join(RANK_OPTIONS)}; got "
                             f"{' and '.join(given) if given else 'none'}")
         self._check_rank_option()
-        self.factor_fmt = None
-        if self.factor_format is not None:
-            try:
-                self.factor_fmt = parse_format(self.factor_format)
-            except FormatError as e:
-                raise PassError(f"{self.name}: factor_format: {e}") from None
+        self.factor_fmt = factor_weight_format(self.factor_format, self.name)
 
     def _check_rank_option(self):
         r = self.rank
