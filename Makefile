@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/onnx_latency.py
 	$(PY) benchmarks/quantization.py
 	$(PY) benchmarks/compression.py
+	$(PY) benchmarks/structured.py
 
 clean:
 	rm -rf bundles build *.egg-info .pytest_cache

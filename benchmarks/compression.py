@@ -12,7 +12,7 @@ axis. A recipe is on the Pareto front when no other recipe is both smaller and c
     python benchmarks/compression.py                 # the default list below
     python benchmarks/compression.py w8 sparse24 '[{"pass": "lowrank_svd", "rank_ratio": 0.5}]'
 
-Writes benchmarks/out/compression.json and benchmarks/out/pareto.svg.
+Writes compression.json and pareto.svg to benchmarks/out (or --out DIR).
 """
 from __future__ import annotations
 
@@ -31,7 +31,10 @@ from nnforge.pipeline import import_model
 
 warnings.filterwarnings("ignore")
 OUT = Path(__file__).parent / "out"
-DEFAULT = ["fp32", "w8", "fp8", "w4-rtn", "w4-gptq", "w3-gptq", "nvfp4", "w4-gptq+eora",
+# EoRA on w3-gptq at two ranks: the extra bytes its correction costs, next to w3-gptq itself
+_W3_EORA = ('[{"pass": "quantize_eora", "format": "uint3", "group_size": 128, "ragged_groups": true, '
+            '"act_order": true, "rank": %d, "factor_format": "int8"}]')
+DEFAULT = ["fp32", "w8", "fp8", "w4-rtn", "w4-gptq", "w3-gptq", _W3_EORA % 32, _W3_EORA % 64, "nvfp4", "w4-gptq+eora",
            "sparse24", "sparse24-w4", "block-sparse-50", "prune-mlp-25", "prune-heads-25",
            "lowrank-50", "palettize-4", "palettize-3"]
 
@@ -100,6 +103,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("recipes", nargs="*", help="preset names or JSON lists of pass configs (default: a list "
                                                "covering every family)")
+    ap.add_argument("--out", type=Path, default=OUT, help="directory for compression.json and pareto.svg")
     args = ap.parse_args()
     model, tok = dm.load_default_model()
     calib, evals = dm.sentence_splits()
@@ -139,10 +143,10 @@ def main() -> None:
           f"{fp32_bytes / 2**20:.1f} MiB):")
     for r in sorted((r for r in rows if r["pareto"]), key=lambda r: r["bytes"]):
         print(f"  {r['recipe'][:34]:<34} {r['ratio']:.3f}x  cos {r['cosine_mean']:.6f}")
-    OUT.mkdir(exist_ok=True)
-    (OUT / "compression.json").write_text(json.dumps({"fp32_layer_bytes": fp32_bytes, "rows": rows}, indent=1))
-    (OUT / "pareto.svg").write_text(svg(rows, fp32_bytes))
-    print(f"wrote {OUT / 'compression.json'} and {OUT / 'pareto.svg'}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "compression.json").write_text(json.dumps({"fp32_layer_bytes": fp32_bytes, "rows": rows}, indent=1))
+    (args.out / "pareto.svg").write_text(svg(rows, fp32_bytes))
+    print(f"wrote {args.out / 'compression.json'} and {args.out / 'pareto.svg'}")
 
 
 if __name__ == "__main__":
