@@ -19,6 +19,11 @@ Three patterns, each with the storage its kernels read (rows and columns are the
 The kept values are any non-sparse :class:`Encoding` of the layout above (``Dense``, ``IntQuant``,
 ``MiniFloat``...); their tensors are stored under ``values.<field>`` and their kind and parameters
 inside this encoding's parameters, so the serializer round-trips the nesting without knowing it.
+An optional ``row_scale`` (one float per output row) multiplies the decoded rows: it lets the
+kept values of a block pattern be plain integer codes with one scale per output channel (a kept
+block's values span several rows, so the values' own scales could only be per block). That is the
+layout integer SpMM kernels want: they accumulate u8 x s8 products in int32 along a whole row
+and rescale once per output.
 
     >>> w = torch.randn(8, 16); keep = (w.abs().reshape(8, 4, 4).argsort(-1).argsort(-1) >= 2).reshape(8, 16)
     >>> enc = Sparse.from_mask(w, keep, "2:4")
@@ -100,13 +105,15 @@ def _index_dtype(block_cols: int) -> torch.dtype:
 class Sparse(Encoding):
     """A weight that keeps only the values its ``pattern`` allows (see the module docstring for
     each pattern's layout). ``index``: N:M metadata, BSR block-column indices, or the bitmask;
-    ``row_ptr``: BSR row pointers (block patterns only)."""
+    ``row_ptr``: BSR row pointers (block patterns only); ``row_scale``: optional float [rows]
+    multiplying the decoded rows."""
     kind: ClassVar[str] = "sparse"
     shape: tuple[int, ...]
     pattern: SparsePattern
     values: Encoding
     index: torch.Tensor
     row_ptr: torch.Tensor | None = None
+    row_scale: torch.Tensor | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
@@ -123,6 +130,10 @@ class Sparse(Encoding):
         if tuple(self.values.shape) != want:
             raise EncodingError(f"{p.name} sparsity: kept values must have shape {want} for a weight of shape "
                                 f"{self.shape}, got {tuple(self.values.shape)}")
+        rs = self.row_scale
+        if rs is not None and (not rs.is_floating_point() or tuple(rs.shape) != (rows,)):
+            raise EncodingError(f"{p.name} sparsity: row_scale must be a float tensor [{rows}] (one per output row), "
+                                f"got {rs.dtype} {tuple(rs.shape)}")
 
     # --- consistency of the metadata ----------------------------------------------------------
     def _check_nm(self, rows, cols):
@@ -216,6 +227,8 @@ class Sparse(Encoding):
             out.view(rows // p.r, p.r, cols // p.c, p.c)[self._block_rows(), :, self.index.to(torch.int64), :] = vals
         else:
             out[self.bitmask()] = vals
+        if self.row_scale is not None:
+            out *= self.row_scale.to(out.dtype)[:, None]
         return out.reshape(self.shape)
 
     # --- storing --------------------------------------------------------------------------------
@@ -223,6 +236,8 @@ class Sparse(Encoding):
         t = {"index": self.index}
         if self.row_ptr is not None:
             t["row_ptr"] = self.row_ptr
+        if self.row_scale is not None:
+            t["row_scale"] = self.row_scale
         t.update({f"values.{k}": v for k, v in self.values.tensors().items()})
         return t
 
@@ -238,15 +253,18 @@ class Sparse(Encoding):
             values = encoding_from_parts(nested["kind"], nested["params"], inner)
         except EncodingError as e:
             raise EncodingError(f"Sparse values: {e}") from None
-        return cls(tuple(params["shape"]), params["pattern"], values, tensors["index"], tensors.get("row_ptr"))
+        return cls(tuple(params["shape"]), params["pattern"], values, tensors["index"], tensors.get("row_ptr"),
+                   tensors.get("row_scale"))
 
     @classmethod
     def from_mask(cls, w: torch.Tensor, keep: torch.Tensor, pattern,
-                  encode_values: Callable[[torch.Tensor], Encoding] | None = None) -> "Sparse":
+                  encode_values: Callable[[torch.Tensor], Encoding] | None = None, *,
+                  row_scale: torch.Tensor | None = None) -> "Sparse":
         """The sparse encoding of ``w`` keeping the entries where ``keep`` is True (which must
         follow ``pattern``). ``encode_values`` turns the kept values, in the pattern's layout
         (N:M: [rows, kept_cols]; block: [kept_blocks, R, C]; unstructured: [kept]), into their
-        encoding; the default stores them as they are (Dense)."""
+        encoding; the default stores them as they are (Dense). With ``row_scale``, ``w`` holds
+        the values already divided by it (e.g. integer codes)."""
         p = SparsePattern.parse(pattern)
         shape = tuple(w.shape)
         rows, cols = rows_cols(shape)
@@ -276,12 +294,13 @@ class Sparse(Encoding):
             values = w2[k2]
             index = packing.pack_bits(k2.to(torch.int64), 1)
         enc = (encode_values or Dense)(values.contiguous())
-        return cls(shape, p, enc, index, row_ptr)
+        return cls(shape, p, enc, index, row_ptr, row_scale)
 
     def describe(self):
         p = self.pattern
         kept = "" if p.kind == "nm" else f" {100 * (1 - self.density):.0f}%"
-        return f"{p.name} sparse{kept} ({self.values.describe()})"
+        rows = ", one scale per output row" if self.row_scale is not None else ""
+        return f"{p.name} sparse{kept} ({self.values.describe()}{rows})"
 
 
 __all__ = ["Sparse", "SparsePattern", "PATTERN_HELP"]

@@ -82,6 +82,11 @@ PARAMETRIC: dict[str, tuple[str, str, object]] = {
     "block-sparse-<pct>": (r"block-sparse-(\d+)", "<pct>% sparsity in 4x1 blocks (BSR, for CPU SpMM), SparseGPT "
                            "(needs calibration)",
                            lambda v: [{"pass": "prune_sparsegpt", "pattern": "block4x1", "sparsity": int(v) / 100}]),
+    "block-sparse-<pct>-w8": (r"block-sparse-(\d+)-w8", "<pct>% sparsity in 4x1 blocks with the kept values in int8, "
+                              "one scale per output row (for int8 CPU SpMM), SparseGPT with joint quantisation "
+                              "(needs calibration)",
+                              lambda v: [{"pass": "prune_sparsegpt", "pattern": "block4x1", "sparsity": int(v) / 100,
+                                          "format": "int8"}]),
     "lowrank-<pct>": (r"lowrank-(\d+)", "activation-aware SVD keeping <pct>% of the linear layers' parameters, "
                       "one rank ratio for every layer (needs calibration)",
                       lambda v: [{"pass": "lowrank_asvd", "param_budget": int(v) / 100}]),

@@ -129,6 +129,41 @@ def test_joint_two_four_and_int4():
                                            group_size=16, zero_point=v.zero_point).decode(), v.decode())
 
 
+@pytest.mark.parametrize("pattern", ["block4x1", "block1x4"])
+def test_joint_block_sparsity_and_int8_with_row_scales(pattern):
+    """Block patterns quantise their kept values to integer codes with one scale per output row
+    (Sparse.row_scale): the layout of integer SpMM kernels."""
+    g = graph()
+    gp, figs = prune(g, {"pass": "prune_sparsegpt", "pattern": pattern, "sparsity": 0.5, "format": "int8"},
+                     batches())
+    enc = gp.weights["fc1.weight"].encoding
+    v = enc.values
+    assert isinstance(v, IntQuant) and v.bits == 8 and v.signed and tuple(v.scale.shape) == (1, 1)
+    assert float(v.scale) == 1.0 and enc.row_scale.shape == (64,)
+    assert enc.describe() == f"{pattern} sparse 50% (i8 per-tensor sym, one scale per output row)"
+    codes = v.decode()                                      # the integer codes themselves
+    assert torch.equal(codes, codes.round()) and -128 <= float(codes.min()) and float(codes.max()) <= 127
+    d = enc.decode()
+    assert torch.equal(d, enc.mask() * d) and float(enc.density) == pytest.approx(0.5, abs=0.02)
+    assert torch.allclose(d, (enc.mask() * d / enc.row_scale.float()[:, None]).round() * enc.row_scale.float()[:, None])
+    # joint quantisation costs little against pruning alone, and beats magnitude pruning
+    held_out = batches(3, seed=11)
+    fp, _ = prune(g, {"pass": "prune_sparsegpt", "pattern": pattern, "sparsity": 0.5}, batches())
+    mag, _ = prune(g, {"pass": "prune_magnitude", "pattern": pattern, "sparsity": 0.5})
+    assert out_error(gp, g, held_out) < min(1.1 * out_error(fp, g, held_out), out_error(mag, g, held_out))
+    assert enc.nbytes < 0.3 * 4 * 64 * 48
+
+
+def test_row_scale_round_trips_and_is_checked(tmp_path):
+    g, _ = prune(graph(), {"pass": "prune_sparsegpt", "pattern": "block4x1", "format": "int8"}, batches())
+    save_graph(g, tmp_path / "g.json", tmp_path / "w.safetensors")
+    back = load_graph(tmp_path / "g.json", tmp_path / "w.safetensors")
+    a, b = g.weights["fc2.weight"].encoding, back.weights["fc2.weight"].encoding
+    assert torch.equal(a.row_scale, b.row_scale) and torch.equal(a.decode(), b.decode())
+    with pytest.raises(Exception, match=r"row_scale must be a float tensor \[32\]"):
+        Sparse(a.shape, a.pattern, a.values, a.index, a.row_ptr, torch.ones(31))
+
+
 def test_layer_sparsity_by_name_pattern():
     _, figs = prune(graph(), {"pass": "prune_magnitude", "pattern": "unstructured", "sparsity": 0.6,
                               "layer_sparsity": {"fc1*": 0.25}})
@@ -207,7 +242,10 @@ def test_bad_options_are_named(options, msg, method):
     ({"damp": 1.5}, r"damp must be in \[0, 1\)"),
     ({"block_size": 0}, "block_size must be a positive integer"),
     ({"group_size": 64}, "group_size applies to the format of the kept weights; give format too"),
-    ({"pattern": "unstructured", "format": "int4"}, "format .* needs an N:M pattern"),
+    ({"pattern": "unstructured", "format": "int4"}, "format .* needs an N:M or block pattern"),
+    ({"pattern": "block4x1", "format": "uint8"}, "block pattern block4x1, format must be a symmetric integer"),
+    ({"pattern": "block1x4", "format": "int8", "group_size": 16}, "one scale per output row"),
+    ({"pattern": "block16x1", "format": "e4m3"}, "symmetric integer format"),
     ({"format": "int12"}, "integer weights take 2..8 bits"),
     ({"pattern": "4:8", "format": "int4", "group_size": 6}, "group_size 6 must be a multiple of N=4"),
 ])

@@ -83,9 +83,11 @@ def magnitude_keep(w: torch.Tensor, pattern: SparsePattern, sparsity: float) -> 
 def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, pattern, sparsity: float = 0.5, *, damp: float = 0.01,
                     block_size: int = 128, fmt: WeightFormat | None = None) -> tuple[Sparse, dict]:
     """SparseGPT of weight ``w`` (columns: all but the first axis) with Hessian ``h`` [cols, cols].
-    ``sparsity`` is used by block and unstructured patterns (N:M fixes its own). With ``fmt`` (N:M
-    only) the kept weights are quantised in the same sweep, ``fmt.group_size`` counting kept
-    columns. Returns the encoding and figures (the Hessian-weighted error)."""
+    ``sparsity`` is used by block and unstructured patterns (N:M fixes its own). With ``fmt`` the
+    kept weights are quantised in the same sweep: for N:M on groups of ``fmt.group_size`` kept
+    columns; for block patterns (a symmetric integer format, one scale per output row, fitted on
+    the rows a first sweep without quantisation prunes and updates) the values become integer codes and the scales the
+    encoding's ``row_scale``. Returns the encoding and figures (the Hessian-weighted error)."""
     p = SparsePattern.parse(pattern)
     shape = tuple(w.shape)
     rows, cols = rows_cols(shape)
@@ -99,9 +101,16 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, pattern, sparsity: float =
     # A lazy block must hold whole N:M groups, whole RxC blocks, and with joint quantisation the
     # whole column span of each quantisation group, whose scale is fitted when the sweep reaches it.
     unit = {"nm": p.m, "block": p.c}.get(p.kind, 1)
-    span = gs * p.m // p.n if joint else unit
+    row_scaled = joint and p.kind == "block"
+    span = gs * p.m // p.n if joint and not row_scaled else unit
     block = span * max(1, block_size // span)
-    if joint:
+    if row_scaled:
+        # Row scales fitted on the original row clip: the OBS updates grow the kept weights. Fit
+        # them on the pruned and updated rows of a first sweep without quantisation instead.
+        g, zp = None, None
+        pruned = sparsegpt_prune(w, h, p, sparsity, damp=damp, block_size=block_size)[0].decode()
+        scale, _ = fmt.fit(pruned.reshape(rows, 1, cols))
+    elif joint:
         g = fmt.global_scale(W)
         n_groups = -(-kept_cols // gs)
         scale = torch.zeros(rows, n_groups)
@@ -123,7 +132,7 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, pattern, sparsity: float =
         for i in range(i2 - i1):
             if p.kind == "nm" and i % p.m == 0:
                 keep1[:, i:i + p.m] = nm_keep(W1[:, i:i + p.m] ** 2 / d1[i:i + p.m] ** 2, p.n, p.m)
-            if joint and i % span == 0:
+            if joint and not row_scaled and i % span == 0:
                 # Fit on the values the group would keep now; the final mask may still move a little.
                 seg = W1[:, i:i + span]
                 tentative = nm_keep(seg ** 2 / d1[i:i + span] ** 2, p.n, p.m)
@@ -135,7 +144,7 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, pattern, sparsity: float =
             w_col = W1[:, i]
             q = w_col * keep1[:, i]
             if joint:
-                grp = (i1 + i) // span
+                grp = 0 if row_scaled else (i1 + i) // span
                 q = fmt.snap(q, scale[:, grp], None if zp is None else zp[:, grp]) * keep1[:, i]
             Q1[:, i] = q
             err = (w_col - q) / Hinv1[i, i]
@@ -147,6 +156,14 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, pattern, sparsity: float =
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     out_dtype = w.dtype
+    if row_scaled:
+        def encode_codes(v: torch.Tensor) -> Encoding:
+            return fmt.encode(v.reshape(len(v), -1), torch.ones(1, 1), None, shape=tuple(v.shape), group_size=p.r * p.c,
+                              out_dtype=ir_dtype(out_dtype))
+        codes = torch.round(Q / scale).reshape(shape)
+        enc = Sparse.from_mask(codes, keep.reshape(shape), p, encode_codes,
+                               row_scale=scale[:, 0].to(fmt.scale_format.torch_dtype))
+        return enc, {"loss": float(losses.sum())}
     if joint:
         def encode_values(v: torch.Tensor) -> Encoding:
             return fmt.encode(v, scale, zp, shape=tuple(v.shape), group_size=gs, global_scale=g,
@@ -367,13 +384,18 @@ class PruneSparseGPT(SparsityConfig, Pass):
                 raise PassError(f"{self.name}: group_size applies to the format of the kept weights; give format too")
             return
         p = self.sparse_pattern
-        if p.kind != "nm":
-            raise PassError(f"{self.name}: format (joint quantisation) needs an N:M pattern, whose kept weights form a "
-                            f"dense matrix; pattern {p.name} does not")
+        if p.kind == "unstructured":
+            raise PassError(f"{self.name}: format (joint quantisation) needs an N:M or block pattern; unstructured "
+                            "kept values have no row or group layout to share scales")
         try:
             self.weight_format = parse_format(self.format, group_size=self.group_size)
         except FormatError as e:
             raise PassError(f"{self.name}: {e}") from None
+        f = self.weight_format
+        if p.kind == "block" and (f.kind != "int" or not f.symmetric or f.group_size is not None or f.per_tensor):
+            raise PassError(f"{self.name}: with block pattern {p.name}, format must be a symmetric integer format with "
+                            f"one scale per output row (such as 'int8', no group_size), got {f.describe()}: a kept "
+                            "block spans several rows, so integer SpMM kernels rescale once per row")
         gs = self.weight_format.group_size
         if gs is not None and gs % p.n:
             raise PassError(f"{self.name}: group_size {gs} must be a multiple of N={p.n} so that quantisation groups "
