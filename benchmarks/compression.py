@@ -36,7 +36,13 @@ _W3_EORA = ('[{"pass": "quantize_eora", "format": "uint3", "group_size": 128, "r
             '"act_order": true, "rank": %d, "factor_format": "int8"}]')
 DEFAULT = ["fp32", "w8", "fp8", "w4-rtn", "w4-gptq", "w3-gptq", _W3_EORA % 32, _W3_EORA % 64, "nvfp4", "w4-gptq+eora",
            "sparse24", "sparse24-w4", "block-sparse-50", "prune-mlp-25", "prune-heads-25",
-           "lowrank-50", "palettize-4", "palettize-3"]
+           "lowrank-50", "palettize-4", "palettize-3", "block-sparse-80", "block-sparse-80-w8"]
+# The plain methods the issue's floors were measured with, so every comparison prints in one run
+BASELINES = ['[{"pass": "prune_magnitude", "pattern": "2:4"}]',
+             '[{"pass": "prune_magnitude", "pattern": "unstructured", "sparsity": 0.5}]',
+             '[{"pass": "prune_sparsegpt", "pattern": "unstructured", "sparsity": 0.5}]',
+             '[{"pass": "lowrank_svd", "param_budget": 0.5}]',
+             '[{"pass": "palettize", "bits": 4}]', '[{"pass": "palettize", "bits": 3}]']
 
 
 def layer_bytes(graph) -> tuple[int, int]:
@@ -118,7 +124,7 @@ def main() -> None:
     rows = []
     head = f"{'recipe':<34} {'bytes':>7} {'cos mean':>9} {'cos min':>9} {'NN agree':>8} {'NN query':>8} {'s':>6}  pareto"
     print(head + "\n" + "-" * len(head), flush=True)
-    for spec in args.recipes or DEFAULT:
+    for spec in args.recipes or DEFAULT + BASELINES:
         recipe = json.loads(spec) if spec.lstrip().startswith("[") else spec
         try:
             _, passes = resolve_recipe(recipe)
