@@ -75,7 +75,8 @@ def compile(model, target: str | Target, recipe=None, *, example_inputs, calibra
 
 def load(path, device: str | None = None):
     """A runner for the bundle at ``path``: numpy in -> numpy out, torch in -> torch out.
-    The bundle's files are checked against its manifest first; nothing in it is executed."""
+    The bundle's files are checked against its manifest first; nothing in it is executed except the
+    native library of a CPU (tvm) bundle, loaded only when its sha256 matches (see nnforge.bundle)."""
     return Bundle.open(path).load(device)
 
 

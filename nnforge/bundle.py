@@ -3,8 +3,11 @@
 
 The manifest records every other file's sha256 and size; :func:`verify` re-hashes them and names
 every changed, missing or extra file. Writing goes to a temporary sibling directory that is
-renamed into place, so a failed compile never leaves a half-written bundle. Loading never executes
-code from a bundle, and any path that would leave the bundle directory is refused.
+renamed into place, so a failed compile never leaves a half-written bundle. Loading executes no
+code from a bundle except the native library of a CPU (tvm) bundle, which is its model: that file
+is checked against the manifest's sha256 here and against the digest the backend recorded at
+build time, and loaded from a private copy; as with any shared library, load such bundles only
+from sources you trust. Any path that would leave the bundle directory is refused.
 
     >>> b = Bundle.open("bundles/minilm-onnx")
     >>> runner = b.load()

@@ -121,13 +121,15 @@ class Backend(ABC):
 
     @abstractmethod
     def load(self, bundle_dir: Path, entry: dict, device: str | None = None) -> Runner:
-        """Open artifacts written by ``lower``; must not execute code from the bundle."""
+        """Open artifacts written by ``lower``. Must not execute code from the bundle, except a native
+        library the backend built itself (tvm): that is loaded only from a private copy whose
+        sha256 matches the digest ``lower`` recorded in ``entry``, for a CPU that has its ISA."""
 
     def toolchain(self) -> dict[str, str]:
         return {}
 
 
-_BACKENDS: dict[str, str] = {"onnx": "nnforge.backends.onnx:OnnxBackend"}
+_BACKENDS: dict[str, str] = {"onnx": "nnforge.backends.onnx:OnnxBackend", "tvm": "nnforge.backends.tvm:TvmBackend"}
 _LOADED: dict[str, Backend] = {}
 
 

@@ -1,0 +1,366 @@
+"""The tvm backend: IR -> Relax (node by node, :mod:`.lower`), compiled by TVM with LLVM into one
+native library per bundle, run by the Relax virtual machine on the CPU.
+
+Files it adds to a bundle:
+
+- ``model.so``: the Relax VM executable and every kernel, linked by g++ (``export_library``).
+  Its ``main`` takes the graph inputs, then every weight array (never embedded constants).
+- ``tvm_params.safetensors``: arrays the backend made (kernel layouts of encoded weights, weights
+  decoded for lack of a kernel, act-order permutations); graph weights that are used as stored
+  are read from the bundle's ``weights.safetensors`` instead. The manifest entry lists every
+  parameter in order with its file and key.
+
+Loading uses only TVM's runtime library (through ``tvm_ffi``), not its compiler: the library's
+sha256, recorded at lower time, is checked on a private copy of its bytes, and that copy is what
+gets dlopen-ed. Targets come from ``targets/*.toml`` as LLVM strings (``"llvm -mcpu=native"``);
+TVM 0.27 takes JSON-like dicts, see :func:`resolve_target` (``native`` means this host's CPU name
+*and* its feature list, so a VM that hides AVX-512 from a Zen 4 gets AVX2 code).
+
+    >>> backend = TvmBackend()
+    >>> lowered = backend.lower(graph, get_target("cpu"), out_dir)     # writes model.so, ...
+    >>> runner = backend.load(out_dir, lowered.entry)
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.util
+import json
+import os
+import shlex
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ...ir import Graph
+from ...targets import Target
+from ..base import Backend, BackendError, InputSpec, Lowered, Runner
+
+LIBRARY_FILE = "model.so"
+PARAMS_FILE = "tvm_params.safetensors"
+ENTRY_FUNCTION = "main"
+
+
+# --- targets ------------------------------------------------------------------------------------
+def parse_llvm_target(text: str) -> dict:
+    """TVM's dict form of an LLVM target string: ``"llvm -mcpu=znver4 -mattr=+avx2,+fma"`` ->
+    ``{"kind": "llvm", "mcpu": "znver4", "mattr": ["+avx2", "+fma"]}``. Keys are checked against
+    TVM's llvm target options; list options split on commas, ``-key`` alone means true."""
+    import tvm_ffi
+    words = shlex.split(text) if isinstance(text, str) else []
+    if not words or words[0] != "llvm":
+        raise BackendError(f"LLVM target {text!r} must start with 'llvm' (e.g. 'llvm -mcpu=native')")
+    options = dict(tvm_ffi.get_global_func("target.ListTargetKindOptionsFromName")("llvm"))
+    out: dict = {"kind": "llvm"}
+    for word in words[1:]:
+        key, eq, value = word.lstrip("-").partition("=")
+        if not word.startswith("-") or key not in options or key in ("kind", "host", "keys", "tag"):
+            raise BackendError(f"LLVM target {text!r}: unknown option {word!r}; known: "
+                               + ", ".join(f"-{k}" for k in sorted(options) if k not in ("kind", "host", "keys", "tag")))
+        kind = str(options[key])
+        if kind.startswith("Array"):
+            out[key] = [v for v in value.split(",") if v]
+        elif kind == "int":
+            try:
+                out[key] = int(value)
+            except ValueError:
+                raise BackendError(f"LLVM target {text!r}: -{key} needs an integer, got {value!r}") from None
+        elif kind == "bool":
+            out[key] = (not eq) or value.lower() in ("1", "true")
+        else:
+            out[key] = value
+    return out
+
+
+def host_cpu() -> tuple[str, list[str]]:
+    """(LLVM CPU name, explicit +/- feature list) of this host, as clang's -mcpu=native sees it.
+    The features matter: a hypervisor may hide extensions the CPU model implies."""
+    import tvm_ffi
+    import tvm  # noqa: F401  (registers the LLVM codegen functions)
+    name = str(tvm_ffi.get_global_func("tvm.codegen.llvm.GetHostCPUName")())
+    features = dict(tvm_ffi.get_global_func("tvm.codegen.llvm.GetHostCPUFeatures")())
+    return name, [("+" if bool(on) else "-") + str(f) for f, on in sorted(features.items())]
+
+
+def resolve_target(llvm_target):
+    """A ``tvm.target.Target`` for an LLVM target string (or Target, returned as is)."""
+    import tvm
+    if isinstance(llvm_target, tvm.target.Target):
+        return llvm_target
+    import tvm_ffi
+    from tvm.target import codegen
+    spec = parse_llvm_target(llvm_target)
+    if spec.get("mcpu") == "native":
+        spec["mcpu"], features = host_cpu()
+        spec["mattr"] = features + list(spec.get("mattr", []))
+    triple = spec.get("mtriple") or codegen.llvm_get_system_triple()
+    if "mcpu" in spec and not tvm_ffi.get_global_func("target.llvm_is_valid_cpu")(spec["mcpu"], triple):
+        # TVM would accept it and LLVM quietly fall back to a generic CPU
+        raise BackendError(f"LLVM target {llvm_target!r}: LLVM knows no CPU {spec['mcpu']!r} for {triple}; use "
+                           "'native' or a name such as sapphirerapids, znver4, skylake-avx512")
+    try:
+        return tvm.target.Target(spec)
+    except Exception as e:   # TVM raises its own error types from C++
+        raise BackendError(f"TVM rejects LLVM target {llvm_target!r} ({spec}): {str(e).splitlines()[0]}") from None
+
+
+# --- the CPU a library needs --------------------------------------------------------------------
+# LLVM feature names of the instruction sets generated code may use -> their /proc/cpuinfo flags.
+# A library is refused on a CPU missing any of them (it would die of SIGILL mid-run instead).
+LINUX_FLAGS = {
+    "sse4.1": "sse4_1", "sse4.2": "sse4_2", "avx": "avx", "avx2": "avx2", "fma": "fma", "f16c": "f16c",
+    "bmi": "bmi1", "bmi2": "bmi2", "popcnt": "popcnt", "lzcnt": "abm", "movbe": "movbe",
+    "avx512f": "avx512f", "avx512bw": "avx512bw", "avx512dq": "avx512dq", "avx512vl": "avx512vl",
+    "avx512cd": "avx512cd", "avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16",
+    "avx512fp16": "avx512_fp16", "avx512ifma": "avx512ifma", "avx512vbmi": "avx512vbmi",
+    "avx512vbmi2": "avx512_vbmi2", "avx512bitalg": "avx512_bitalg", "avx512vpopcntdq": "avx512_vpopcntdq",
+    "avxvnni": "avx_vnni", "gfni": "gfni", "vaes": "vaes", "vpclmulqdq": "vpclmulqdq",
+    "amx-tile": "amx_tile", "amx-int8": "amx_int8", "amx-bf16": "amx_bf16",
+}
+
+
+def target_cpu_features(target) -> list[str]:
+    """The instruction sets (LLVM names, those in LINUX_FLAGS) code for ``target`` may use."""
+    from tvm.target import codegen
+    return sorted(f for f in codegen.llvm_get_cpu_features(target) if f in LINUX_FLAGS)
+
+
+def host_cpu_flags() -> set[str] | None:
+    """This CPU's flags from /proc/cpuinfo (None where there is no such file)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def check_cpu(path: Path, entry: dict) -> None:
+    flags = host_cpu_flags()
+    if flags is None:
+        return
+    missing = [f for f in entry.get("cpu_features", []) if LINUX_FLAGS.get(f, f) not in flags]
+    if missing:
+        raise BackendError(f"{path} was compiled for {entry.get('llvm_target')!r} and uses {', '.join(missing)}, "
+                           "which this CPU lacks; compile the model for target 'cpu' on this machine")
+
+
+# --- the runtime, without TVM's compiler ----------------------------------------------------------
+def _load_tvm_runtime():
+    """tvm_ffi with libtvm_runtime loaded (RTLD_GLOBAL, as ``import tvm`` does), so a bundle runs
+    without importing TVM's 260 MB compiler library."""
+    import tvm_ffi
+    spec = importlib.util.find_spec("tvm")
+    if spec is None or spec.origin is None:
+        raise BackendError("the tvm backend needs the apache-tvm package: pip install 'nnforge[tvm]'")
+    lib = Path(spec.origin).parent / "lib" / "libtvm_runtime.so"
+    if not lib.is_file():
+        raise BackendError(f"apache-tvm is installed without its runtime library ({lib} is missing)")
+    ctypes.CDLL(os.fspath(lib), mode=ctypes.RTLD_GLOBAL)
+    return tvm_ffi
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:       # not on Linux
+        return os.cpu_count() or 1
+
+
+def _aligned(a: np.ndarray, align: int = 64) -> np.ndarray:
+    """A C-contiguous copy of ``a`` whose data starts on an ``align``-byte boundary."""
+    raw = np.empty(a.nbytes + align, dtype=np.uint8)
+    start = (-raw.ctypes.data) % align
+    out = raw[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+_KDL_CPU, _POOLED_ALLOCATOR = 1, 2
+
+
+class TvmRunner(Runner):
+    """Runs ``main`` of a bundle's ``model.so`` on the Relax VM; weights are read from the bundle's
+    safetensors once, at load, and passed on every call."""
+
+    def __init__(self, bundle_dir: Path, entry: dict):
+        from ...bundle import safe_join
+        try:
+            self.inputs = [InputSpec(i["name"], np.dtype(i["dtype"]), tuple(i["dims"])) for i in entry["inputs"]]
+            self.output_names = list(entry["outputs"])
+            library, digest, params = entry["library"], entry["sha256"], entry["params"]
+        except (KeyError, TypeError) as e:
+            raise BackendError(f"{bundle_dir}: tvm backend entry is missing or malformed ({e})") from None
+        path = safe_join(Path(bundle_dir), library)
+        check_cpu(path, entry)
+        # TVM's default pool halves the CPU count (it assumes two hyper-threads per core: one
+        # thread on this 2-CPU VM); use every CPU unless TVM_NUM_THREADS says otherwise (read
+        # when the pool starts, so it holds for the process).
+        os.environ.setdefault("TVM_NUM_THREADS", str(_cpu_count()))
+        tvm_ffi = _load_tvm_runtime()
+        self._module = _load_verified(tvm_ffi, path, digest)
+        self._vm = self._module["vm_load_executable"]()
+        self._vm["vm_initialization"](_KDL_CPU, 0, _POOLED_ALLOCATOR)
+        self._main = self._vm[entry.get("function", ENTRY_FUNCTION)]
+        self._from_dlpack = tvm_ffi.from_dlpack
+        stored = [self._from_dlpack(a) for a in _read_params(Path(bundle_dir), params)]
+        # prepare() makes main's parameters from the stored arrays once (packed weight panels)
+        try:
+            made = self._vm[entry.get("prepare", "prepare")](*stored)
+        except Exception as e:
+            raise BackendError(f"{path}: preparing the parameters failed: {str(e).splitlines()[0]}") from None
+        self._params = list(made)
+
+    def run_numpy(self, inputs: list) -> list:
+        args = [self._from_dlpack(_aligned(x)) for x in inputs]
+        try:
+            out = self._main(*args, *self._params)
+        except Exception as e:        # the VM raises tvm_ffi errors
+            raise BackendError(f"TVM VM failed on inputs "
+                               f"{', '.join(f'{n} {list(x.shape)}' for n, x in zip(self.input_names, inputs))}: "
+                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        outs = list(out) if len(self.output_names) > 1 else [out]
+        return [np.array(np.from_dlpack(o)) for o in outs]
+
+
+def _load_verified(tvm_ffi, path: Path, digest: str):
+    """dlopen a private copy of ``path`` whose bytes hash to ``digest`` (so the file that is
+    checked is the file that runs, even if the bundle changes in between)."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise BackendError(f"{path}: cannot read the TVM library: {e}") from None
+    got = hashlib.sha256(data).hexdigest()
+    if got != digest:
+        raise BackendError(f"{path}: sha256 {got} differs from the {digest} recorded when it was built; "
+                           "refusing to load a changed native library")
+    with tempfile.TemporaryDirectory(prefix="nnforge-tvm-") as tmp:
+        copy = Path(tmp) / "model.so"
+        copy.write_bytes(data)
+        try:
+            return tvm_ffi.load_module(os.fspath(copy))
+        except Exception as e:
+            raise BackendError(f"{path}: TVM cannot load the library: {str(e).splitlines()[0]}") from None
+
+
+def _read_params(bundle_dir: Path, specs: list) -> list[np.ndarray]:
+    """The stored arrays in ``prepare``'s order (only the tensors named, each checked against its
+    recorded dtype and shape), copied to 64-byte aligned memory."""
+    from safetensors import SafetensorError, safe_open
+    from ...bundle import safe_join
+    files: dict[str, object] = {}
+    out = []
+    try:
+        for spec in specs:
+            rel = spec["file"]
+            if rel not in files:
+                files[rel] = safe_open(os.fspath(safe_join(bundle_dir, rel)), framework="numpy")
+            f = files[rel]
+            if spec["key"] not in f.keys():
+                raise BackendError(f"{bundle_dir / rel}: parameter {spec['name']} needs tensor {spec['key']!r}, "
+                                   "which is missing")
+            a = f.get_tensor(spec["key"])
+            if a.dtype != np.dtype(spec["dtype"]) or list(a.shape) != list(spec["shape"]):
+                raise BackendError(f"{bundle_dir / rel}: tensor {spec['key']!r} is {a.dtype} {list(a.shape)}, "
+                                   f"parameter {spec['name']} needs {spec['dtype']} {spec['shape']}")
+            out.append(_aligned(a))
+    except (OSError, SafetensorError, ValueError) as e:
+        raise BackendError(f"{bundle_dir}: cannot read the parameters: {e}") from None
+    return out
+
+
+# --- building ---------------------------------------------------------------------------------------
+def cpu_pipeline(target):
+    """Relax's default CPU pipeline (dispatch, legalise, fuse, lower, finalise) with a default
+    schedule for the loops legalisation makes: dlight's CPU GEMV and Reduction rules (softmax,
+    layer norm), then :class:`~.schedule.Parallel` for the rest, and float32 ``exp`` as a
+    vectorisable polynomial (:func:`~.schedule.fast_exp`). Kernels of :mod:`.kernels` come
+    scheduled (``tirx.is_scheduled``) and are left alone."""
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+    from tvm.s_tir import dlight
+    from .kernels.dense import vector_lanes
+    from .schedule import Guarded, Parallel, fast_exp
+    lanes = vector_lanes(target)
+
+    @tvm.transform.module_pass(opt_level=0, name="NnforgeCpuPipeline")
+    def pipeline(mod, _ctx):
+        rules = [Guarded(dlight.cpu.GEMV()), Guarded(dlight.cpu.Reduction()), Guarded(Parallel(lanes))]
+        with target:
+            return tvm.transform.Sequential(
+                cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
+                + [dlight.ApplyDefaultSchedule(*rules), fast_exp()]
+                + cpu_generic.dataflow_lower_passes(target) + cpu_generic.finalize_passes(target))(mod)
+    return pipeline
+
+
+def build(graph: Graph, target: Target, out_dir: Path, toolchain: dict) -> Lowered:
+    """Lower ``graph``, compile it for ``target.options["llvm_target"]``, write the library and
+    the backend's parameter arrays into ``out_dir``."""
+    import tvm
+    from safetensors.numpy import save_file
+    from .lower import PREPARE_FUNCTION, lower_graph
+    llvm_target = target.options.get("llvm_target")
+    if not isinstance(llvm_target, str):
+        raise BackendError(f"target {target.name} ({target.path}) has no options.llvm_target string for the "
+                           "tvm backend")
+    tvm_target = resolve_target(llvm_target)
+    low = lower_graph(graph, llvm_target, tvm_target)
+    try:
+        executable = tvm.compile(low.mod, target=tvm_target, relax_pipeline=cpu_pipeline(tvm_target))
+        executable.export_library(os.fspath(out_dir / LIBRARY_FILE))
+    except Exception as e:       # TVM raises its own error types from C++
+        raise BackendError(f"tvm backend: compiling graph {graph.name} for {target.name} ({llvm_target}) failed: "
+                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    files = [LIBRARY_FILE]
+    if low.arrays:
+        save_file(low.arrays, os.fspath(out_dir / PARAMS_FILE), metadata={"producer": "nnforge tvm backend"})
+        files.append(PARAMS_FILE)
+    entry = {
+        "library": LIBRARY_FILE, "sha256": hashlib.sha256((out_dir / LIBRARY_FILE).read_bytes()).hexdigest(),
+        "function": ENTRY_FUNCTION, "prepare": PREPARE_FUNCTION, "llvm_target": llvm_target,
+        "tvm_target": json.loads(str(tvm_target)),
+        "inputs": [{"name": v.name, "dtype": v.dtype.name, "dims": list(v.shape)} for v in graph.inputs],
+        "outputs": [v.name for v in graph.outputs],
+        "cpu_features": target_cpu_features(tvm_target),
+        "params": [p.to_dict() for p in low.params],
+        "kernels": low.kernels,
+    }
+    import tvm_ffi
+    return Lowered(files=files, entry=entry, fallbacks=low.fallbacks,
+                   toolchain={**toolchain, "llvm": str(tvm_ffi.get_global_func("target.llvm_version_major")()),
+                              "llvm_target": llvm_target, "llvm_cpu": str(tvm_target.attrs.get("mcpu", ""))})
+
+
+class TvmBackend(Backend):
+    name = "tvm"
+    native = {
+        ("linear", "dense"): "scheduled fp32 GEMM (kernels.dense), weight read as stored",
+        ("matmul", "dense"): "scheduled fp32 batched GEMM (kernels.dense) or Relax matmul",
+        ("linear", "sparse"): "block-sparse (BSR) SpMM (kernels.bsr), fp32 blocks",
+        ("linear", "int"): "int8 / int4 weight-only GEMM (kernels.lowbit)",
+        ("conv", "dense"): "Relax conv", ("embedding", "dense"): "Relax take",
+    }
+
+    def lower(self, graph: Graph, target: Target, out_dir: Path) -> Lowered:
+        return build(graph, target, Path(out_dir), self.toolchain())
+
+    def load(self, bundle_dir: Path, entry: dict, device: str | None = None) -> Runner:
+        if device not in (None, "cpu"):
+            raise BackendError(f"the tvm backend runs on the CPU; device {device!r} is not supported")
+        return TvmRunner(Path(bundle_dir), entry)
+
+    def toolchain(self) -> dict[str, str]:
+        spec = importlib.util.find_spec("tvm")
+        if spec is None:
+            return {}
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            return {"tvm": version("apache-tvm")}
+        except PackageNotFoundError:
+            return {}
+
+
+__all__ = ["TvmBackend", "TvmRunner", "parse_llvm_target", "resolve_target", "LIBRARY_FILE", "PARAMS_FILE"]

@@ -1,0 +1,481 @@
+"""Weight-only int8 / int4 linear layers: ``y = x @ W.T`` with W read as integer codes.
+
+``W[n, j] = (code[n, j] - zero_point[n, j // group_size]) * scale[n, j // group_size]``, codes
+stored as nnforge packs them (``ir/packing.py``: 8-bit codes one a byte, 4-bit codes two a byte,
+low nibble first), signed codes in offset binary (zero point ``2**(bits-1)`` when none is given).
+No fp32 copy of W is ever kept in memory: both schedules read the codes and dequantise in the
+k loop.
+
+Layout the kernel reads (built once, from the stored bytes, by :func:`interleave_rows`): rows are
+taken in blocks of ``lanes`` (the target's fp32 vector width) and each block's bytes are
+transposed, ``codes[b, p, l] = stored[b * lanes + l, p]``. One byte load per k step then fills
+one vector lane per row (int8), or two k steps at once (int4: low and high nibble), so the
+vector loop runs over output features and needs no horizontal sums. Scales (float32) and zero
+points (uint8) get the same blocking, ``[blocks, groups, lanes]``. Rows are padded with zero
+scales up to whole tiles; padded columns of y are never written. Codes keep ``bits/8`` bytes a
+weight.
+
+Two schedules in one PrimFunc, chosen at run time on the row count ``m``:
+
+- GEMV (``m < GEMV_MAX_ROWS``, decoding): parallel over row blocks of W; rows of x in blocks of
+  ``GEMV_ROW_BLOCK`` so one unpack of the codes feeds every row of the block; per group,
+  up to ``GEMV_CHAINS`` independent vector partial sums of ``code * x`` (load, unpack, convert
+  and FMA fused), then scale and zero point once per group,
+  ``sum_j (c - z) s x = s (sum_j c x - z sum_j x)``, with ``sum_j x`` computed once per call.
+- Prefill (``m >= GEMV_MAX_ROWS``): parallel over tiles of ``tile_blocks * lanes`` columns; each
+  task dequantises a k-tile of its columns into an fp32 scratch sized to stay in L1, then runs a
+  ``row_block x tile`` register-tiled micro-kernel over all m rows (broadcast x, FMA into
+  accumulators that live in vector registers), accumulating into y across k-tiles.
+
+Both take the rows that do not fill a row block as static blocks of 4, 2 and 1 rows, so every
+loop body has a constant row count and its accumulators stay in registers.
+
+Supports 4 and 8 bits (2, 3 and 5..7 are refused); 4-bit codes need even ``k`` and an even
+``group_size`` (a byte never holds two groups). Any n; the last group may be shorter
+(``k % group_size != 0``). Zero points are integers in the stored-code domain, within
+``[0, 2**bits - 1]`` (a signed IntQuant with zero points passes ``zero_point + 2**(bits-1)``); a
+``[1, G]`` scale (or zero point) is repeated for every row.
+
+    >>> kern = int_weight_matmul("fc1.weight", codes, 4, scale, None, 128, n=3072, k=768,
+    ...                          target="llvm -mcpu=native")
+    >>> kern.func, [c.shape for c in kern.consts]   # PrimFunc (x, codes, scale, y) and its arrays
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from . import Kernel, KernelError
+
+SUPPORTED_BITS = (4, 8)
+# m below this runs the GEMV schedule, at or above it the prefill one. Measured on AVX2 (one
+# thread, K=768 N=3072 and K=3072 N=768): GEMV wins up to m = 9, prefill from m = 10 on (its
+# dequantisation costs about two GEMV passes over W and pays off over more rows).
+GEMV_MAX_ROWS = 10
+GEMV_ROW_BLOCK = 4          # GEMV rows sharing one unpack of the codes
+# GEMV partial sums in flight, by code width: 8 hides the FMA latency (4 cycles x 2 ports); int4
+# keeps 4, as its unpacking needs the other registers (measured: 8 spills and runs slower).
+GEMV_CHAINS = {8: 8, 4: 4}
+GEMV_STEP_CODES = 4         # codes a lane unpacks per GEMV k step; more spills registers (AVX2)
+SCRATCH_BYTES = 16 * 1024   # dequantised k-tile of one prefill task: half an L1 data cache
+
+
+# ---------------------------------------------------------------------------------------------
+# Target: vector width and register count from an LLVM target string
+# ---------------------------------------------------------------------------------------------
+
+@lru_cache(maxsize=None)
+def llvm_target(target: str):
+    """The ``tvm.target.Target`` of an LLVM target string, as the tvm backend resolves it
+    (``resolve_target``: TVM 0.27's dict form; ``-mcpu=native`` is this host's CPU name and
+    feature list, so a VM that hides AVX-512 from a Zen 4 gets AVX2)."""
+    from .. import resolve_target
+    from ...base import BackendError
+    try:
+        return resolve_target(target)
+    except BackendError as e:
+        raise KernelError(str(e)) from None
+
+
+@dataclass(frozen=True)
+class SimdShape:
+    lanes: int       # fp32 lanes of one vector register
+    registers: int   # architectural vector registers
+
+
+def simd_shape(target: str) -> SimdShape:
+    """fp32 vector lanes and register count of an x86 LLVM target (AVX-512, AVX2/AVX, SSE)."""
+    from tvm.target import codegen
+    t = llvm_target(target)
+    if codegen.llvm_cpu_has_features("avx512f", t):
+        return SimdShape(16, 32)
+    if codegen.llvm_cpu_has_features("avx", t):
+        return SimdShape(8, 16)
+    return SimdShape(4, 16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan: every build-time number the generated code depends on
+# ---------------------------------------------------------------------------------------------
+
+def _runs(total: int, size: int) -> list[tuple[int, int, int]]:
+    """(first index, count, length each) covering ``range(total)`` in pieces of ``size``: the
+    whole pieces, then a shorter last one if any. Lengths are static, so each run is a loop
+    with a constant extent."""
+    full, last = divmod(total, size)
+    return ([(0, full, size)] if full else []) + ([(full * size, 1, last)] if last else [])
+
+
+@dataclass(frozen=True)
+class Plan:
+    bits: int
+    n: int
+    k: int
+    group_size: int
+    has_zero_point: bool
+    lanes: int
+    tile_blocks: int    # prefill: row blocks (vectors) per column tile
+    row_block: int      # prefill: rows of x per micro-kernel step (register tile height)
+    k_tile: int         # prefill: columns of W dequantised at once
+    unroll: int         # GEMV, one row: bytes per k step, each feeding 8/bits partial sums
+
+    @property
+    def per_byte(self) -> int:
+        return 8 // self.bits
+
+    @property
+    def groups(self) -> int:
+        return -(-self.k // self.group_size)
+
+    @property
+    def blocks(self) -> int:
+        """Row blocks of ``lanes`` that hold real rows (the GEMV work items)."""
+        return -(-self.n // self.lanes)
+
+    @property
+    def tiles(self) -> int:
+        """Prefill column tiles (its work items)."""
+        return -(-self.blocks // self.tile_blocks)
+
+    @property
+    def padded_blocks(self) -> int:
+        return self.tiles * self.tile_blocks
+
+    @property
+    def tile(self) -> int:
+        return self.tile_blocks * self.lanes
+
+    @property
+    def chains(self) -> int:
+        return self.unroll * self.per_byte
+
+    def group_runs(self) -> list[tuple[int, int, int]]:
+        """(first group, count, columns each)."""
+        return [(first // self.group_size, count, length) for first, count, length in _runs(self.k, self.group_size)]
+
+    def k_tile_runs(self) -> list[tuple[int, int, int]]:
+        """(first column, count, columns each) of the prefill k-tiles."""
+        return _runs(self.k, self.k_tile)
+
+
+def make_plan(bits: int, n: int, k: int, group_size: int, has_zero_point: bool, target: str) -> Plan:
+    """Tile sizes from the target's vector shape: accumulators ``row_block x tile_blocks`` plus
+    one register per W vector and one for the broadcast x fit the register file; the k-tile
+    scratch fits ``SCRATCH_BYTES``; a GEMV step unpacks ``GEMV_STEP_CODES`` codes a lane."""
+    simd = simd_shape(target)
+    tile_blocks = 2
+    row_block = max(1, min(8, (simd.registers - tile_blocks - 1) // tile_blocks))
+    k_tile = max(2, SCRATCH_BYTES // (4 * tile_blocks * simd.lanes)) // 2 * 2
+    per_byte = 8 // bits
+    byte_lengths = [length // per_byte for _, _, length in _runs(k, group_size)]
+    unroll = next(u for u in (4, 2, 1)
+                  if u * per_byte <= GEMV_STEP_CODES and all(b % u == 0 for b in byte_lengths))
+    return Plan(bits, n, k, group_size, has_zero_point, simd.lanes, tile_blocks, row_block, k_tile, unroll)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout: the stored bytes, blocked by rows and transposed so a vector spans rows
+# ---------------------------------------------------------------------------------------------
+
+def interleave_rows(a: np.ndarray, lanes: int, blocks: int, fill=0) -> np.ndarray:
+    """``[rows, cols] -> [blocks, cols, lanes]`` with ``out[b, c, l] = a[b * lanes + l, c]``;
+    rows past the end hold ``fill``."""
+    rows, cols = a.shape
+    padded = np.full((blocks * lanes, cols), fill, dtype=a.dtype)
+    padded[:rows] = a
+    return np.ascontiguousarray(padded.reshape(blocks, lanes, cols).transpose(0, 2, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# The PrimFunc
+# ---------------------------------------------------------------------------------------------
+
+def build_func(plan: Plan, name: str):
+    """The PrimFunc ``name(x, codes, scale[, zero_point], y)`` of ``plan`` (see the module doc)."""
+    from contextlib import contextmanager
+
+    from tvm import tirx
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
+
+    P = plan
+    lanes, gs = P.lanes, P.group_size
+    m = tirx.Var("m", "int64")
+    x = tirx.decl_buffer((m, P.k), "float32", name="x")
+    codes = tirx.decl_buffer((P.padded_blocks, P.k // P.per_byte, lanes), "uint8", name="codes")
+    scale = tirx.decl_buffer((P.padded_blocks, P.groups, lanes), "float32", name="scale")
+    zp = tirx.decl_buffer((P.padded_blocks, P.groups, lanes), "uint8", name="zero_point") \
+        if P.has_zero_point else None
+    y = tirx.decl_buffer((m, P.n), "float32", name="y")
+
+    def f32(e):
+        return tirx.Cast("float32", e)
+
+    def store(buf, value, *idx):
+        T.buffer_store(buf, value, list(idx))
+
+    @contextmanager
+    def loop(kind, extent, var_name):
+        with kind(extent) as v:
+            IRBuilder.name(var_name, v)
+            yield v
+
+    def zero_point(b, g, lane):
+        return f32(zp[b, g, lane]) if zp is not None else tirx.const(float(1 << (P.bits - 1)), "float32")
+
+    def nibbles(byte):
+        """The codes in one stored byte, first column first."""
+        if P.bits == 8:
+            return [byte]
+        return [tirx.bitwise_and(byte, tirx.const(15, "uint8")), tirx.shift_right(byte, tirx.const(4, "uint8"))]
+
+    def each_column(item, count, width, body, rows=(0,)):
+        """``body(r, c)`` for each r in ``rows`` and column c < width of work item ``item`` of
+        ``count``, vectorised in chunks of ``lanes``; the last item stops at column n (its lanes
+        past n are padding, so y is never touched there)."""
+        def chunks(valid):
+            for r in rows:
+                for c0 in range(0, width, lanes):
+                    w = min(lanes, valid - c0)
+                    if w > 0:
+                        with loop(T.vectorized if w == lanes else T.serial, w, "l") as lane:
+                            body(r, c0 + lane)
+        last_valid = P.n - (count - 1) * width
+        if last_valid == width:
+            chunks(width)
+            return
+        with T.If(item < count - 1):
+            with T.Then():
+                chunks(width)
+            with T.Else():
+                chunks(last_valid)
+
+    def row_blocks(block, body):
+        """``body(row0, rows)`` over the m rows of x: blocks of ``block`` rows, then the
+        remainder (< block) as static blocks of 4, 2 and 1 rows, so every body has a constant
+        row count and keeps its accumulators in registers."""
+        full = tirx.floordiv(m, block)
+        with loop(T.serial, full, "rb") as rb:
+            body(rb * block, block)
+        rest = m - full * block
+        size = 1 << ((block - 1).bit_length() - 1) if block > 1 else 0     # largest power of 2 < block
+        while size >= 1:
+            with T.If(tirx.bitwise_and(rest, size) != 0):
+                with T.Then():
+                    body(full * block + tirx.bitwise_and(rest, ~(2 * size - 1)), size)
+            size //= 2
+
+    def gemv_rows(xsum, b, row0, rows):
+        """y[row0:row0+rows, block b]: per group, ``rows x chains`` partial sums of code * x
+        (each code unpacked once for all rows), then scale and zero point once per group."""
+        unroll = max(1, min(P.unroll, GEMV_CHAINS[P.bits] // (rows * P.per_byte)))
+        chains = unroll * P.per_byte
+        acc = T.alloc_buffer((rows, lanes), "float32")
+        part = T.alloc_buffer((rows, chains, lanes), "float32")
+        IRBuilder.name("acc", acc)
+        IRBuilder.name("part", part)
+        with loop(T.vectorized, lanes, "l") as lane:
+            for r in range(rows):
+                store(acc, tirx.const(0.0, "float32"), r, lane)
+        for g0, count, length in P.group_runs():
+            with loop(T.serial, count, "g") as gi:
+                g = g0 + gi
+                with loop(T.vectorized, lanes, "l") as lane:
+                    for r in range(rows):
+                        for c in range(chains):
+                            store(part, tirx.const(0.0, "float32"), r, c, lane)
+                with loop(T.serial, length // chains, "s") as step:
+                    with loop(T.vectorized, lanes, "l") as lane:
+                        for u in range(unroll):
+                            byte_col = g * (gs // P.per_byte) + step * unroll + u
+                            for h, code in enumerate(nibbles(codes[b, byte_col, lane])):
+                                c, w = u * P.per_byte + h, f32(code)
+                                for r in range(rows):
+                                    store(part, part[r, c, lane] + w * x[row0 + r, byte_col * P.per_byte + h],
+                                          r, c, lane)
+                with loop(T.vectorized, lanes, "l") as lane:
+                    for r in range(rows):
+                        total = part[r, 0, lane]
+                        for c in range(1, chains):
+                            total = total + part[r, c, lane]
+                        correction = zero_point(b, g, lane) * xsum[row0 + r, g]
+                        store(acc, acc[r, lane] + scale[b, g, lane] * (total - correction), r, lane)
+        each_column(b, P.blocks, lanes, lambda r, c: store(y, acc[r, c], row0 + r, b * lanes + c), range(rows))
+
+    def group_sums(xsum):
+        """xsum[i, g] = sum of x[i] over group g: one vector of partial sums, then its lanes."""
+        part = T.alloc_buffer((lanes,), "float32")
+        IRBuilder.name("part", part)
+        with loop(T.serial, m, "i") as i:
+            for g0, count, length in P.group_runs():
+                with loop(T.serial, count, "g") as gi:
+                    g = g0 + gi
+                    with loop(T.vectorized, lanes, "l") as lane:
+                        store(part, tirx.const(0.0, "float32"), lane)
+                    with loop(T.serial, length // lanes, "s") as step:
+                        with loop(T.vectorized, lanes, "l") as lane:
+                            store(part, part[lane] + x[i, g * gs + step * lanes + lane], lane)
+                    total = part[0]
+                    for lane in range(1, lanes):
+                        total = total + part[lane]
+                    store(xsum, total, i, g)
+                    with loop(T.serial, length % lanes, "j") as j:
+                        store(xsum, xsum[i, g] + x[i, g * gs + length // lanes * lanes + j], i, g)
+
+    def gemv():
+        xsum = T.alloc_buffer((GEMV_MAX_ROWS - 1, P.groups), "float32")
+        IRBuilder.name("x_group_sum", xsum)
+        group_sums(xsum)
+        with loop(T.parallel, P.blocks, "b") as b:
+            row_blocks(GEMV_ROW_BLOCK, lambda row0, rows: gemv_rows(xsum, b, row0, rows))
+
+    def dequantize(wt, t, k0, length):
+        """``wt[j, c] = W[t * tile + c, k0 + j]`` for j < length."""
+        with loop(T.serial, length // P.per_byte, "p") as p:
+            g = tirx.floordiv(k0 + p * P.per_byte, gs)
+            for v in range(P.tile_blocks):
+                b = t * P.tile_blocks + v
+                with loop(T.vectorized, lanes, "l") as lane:
+                    for h, code in enumerate(nibbles(codes[b, k0 // P.per_byte + p, lane])):
+                        store(wt, (f32(code) - zero_point(b, g, lane)) * scale[b, g, lane],
+                              p * P.per_byte + h, v * lanes + lane)
+
+    def micro_kernel(wt, t, k0, length, row0, rows):
+        """y[row0:row0+rows, tile t] += x[row0:row0+rows, k0:k0+length] @ wt[:length], the
+        ``rows x tile`` accumulators in registers (every index below is a constant)."""
+        acc = T.alloc_buffer((rows, P.tile), "float32")
+        IRBuilder.name("acc", acc)
+        with T.If(k0 == 0):
+            with T.Then():
+                with loop(T.vectorized, lanes, "l") as lane:
+                    for r in range(rows):
+                        for v in range(P.tile_blocks):
+                            store(acc, tirx.const(0.0, "float32"), r, v * lanes + lane)
+            with T.Else():
+                each_column(t, P.tiles, P.tile, lambda r, c: store(acc, y[row0 + r, t * P.tile + c], r, c),
+                            range(rows))
+        with loop(T.serial, length, "j") as j:
+            with loop(T.vectorized, lanes, "l") as lane:
+                for r in range(rows):
+                    for v in range(P.tile_blocks):
+                        c = v * lanes + lane
+                        store(acc, acc[r, c] + x[row0 + r, k0 + j] * wt[j, c], r, c)
+        each_column(t, P.tiles, P.tile, lambda r, c: store(y, acc[r, c], row0 + r, t * P.tile + c), range(rows))
+
+    def prefill():
+        with loop(T.parallel, P.tiles, "t") as t:
+            wt = T.alloc_buffer((P.k_tile, P.tile), "float32")
+            IRBuilder.name("w_tile", wt)
+            for c0, count, length in P.k_tile_runs():
+                with loop(T.serial, count, "kt") as kt:
+                    k0 = c0 + kt * P.k_tile
+                    dequantize(wt, t, k0, length)
+                    row_blocks(P.row_block, lambda row0, rows: micro_kernel(wt, t, k0, length, row0, rows))
+
+    with IRBuilder() as ib:
+        with T.prim_func():
+            T.func_name(name)
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            for buf in (x, codes, scale, zp, y):
+                if buf is not None:
+                    T.arg(buf.name, buf)
+            with T.If(m < GEMV_MAX_ROWS):
+                with T.Then():
+                    gemv()
+                with T.Else():
+                    prefill()
+    return ib.get()
+
+
+# ---------------------------------------------------------------------------------------------
+# The builder
+# ---------------------------------------------------------------------------------------------
+
+def _array(a, what: str, name: str) -> np.ndarray:
+    """numpy view of a numpy array or CPU torch tensor (bf16/fp16 scales widened to float32)."""
+    if hasattr(a, "detach"):
+        a = a.detach().cpu()
+        a = a.float() if a.is_floating_point() else a
+        a = a.numpy()
+    if not isinstance(a, np.ndarray):
+        raise KernelError(f"{name}: {what} must be a numpy array or torch tensor, got {type(a).__name__}")
+    return a
+
+
+def _checked(name, codes, bits, scale, zero_point, group_size, n, k):
+    """The inputs as numpy arrays, after checking they describe one [n, k] weight."""
+    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+        raise KernelError(f"{name}: {bits}-bit codes are not supported by the int weight matmul kernel "
+                          f"(supported: {', '.join(map(str, SUPPORTED_BITS))} bits)")
+    if n < 1 or k < 1:
+        raise KernelError(f"{name}: weight shape [{n}, {k}] must have n >= 1 and k >= 1")
+    if not 1 <= group_size <= k:
+        raise KernelError(f"{name}: group_size {group_size} outside 1..{k} (k = {k})")
+    if bits == 4 and k % 2:
+        raise KernelError(f"{name}: 4-bit codes need an even k (two codes a byte), got k = {k}")
+    if bits == 4 and group_size % 2:
+        raise KernelError(f"{name}: 4-bit codes need an even group_size (a byte must not straddle two "
+                          f"groups), got {group_size}")
+    codes = _array(codes, "codes", name)
+    want = (n, (k * bits + 7) // 8)
+    if codes.dtype != np.uint8 or codes.shape != want:
+        raise KernelError(f"{name}: codes must be uint8 {list(want)} ({bits}-bit codes of a [{n}, {k}] weight), "
+                          f"got {codes.dtype} {list(codes.shape)}")
+    groups = -(-k // group_size)
+    scale = _array(scale, "scale", name)
+    if scale.ndim != 2 or scale.shape[0] not in (1, n) or scale.shape[1] != groups:
+        raise KernelError(f"{name}: scale must be [{n} or 1, {groups}] ({groups} groups of {group_size} "
+                          f"along k = {k}), got {list(scale.shape)}")
+    if not np.issubdtype(scale.dtype, np.floating):
+        raise KernelError(f"{name}: scale must hold floats, got {scale.dtype}")
+    if zero_point is not None:
+        zero_point = _array(zero_point, "zero_point", name)
+        if zero_point.shape != scale.shape:
+            raise KernelError(f"{name}: zero_point shape {list(zero_point.shape)} differs from scale shape "
+                              f"{list(scale.shape)}")
+        if not np.issubdtype(zero_point.dtype, np.integer):
+            raise KernelError(f"{name}: zero_point must hold integers (in the code domain), got {zero_point.dtype}")
+        top = (1 << bits) - 1
+        if zero_point.size and (int(zero_point.min()) < 0 or int(zero_point.max()) > top):
+            raise KernelError(f"{name}: zero points must lie in the {bits}-bit code range [0, {top}], got "
+                              f"[{int(zero_point.min())}, {int(zero_point.max())}]")
+    return codes, scale, zero_point
+
+
+def int_weight_matmul(name: str, codes, bits: int, scale, zero_point, group_size: int, n: int, k: int,
+                      target: str) -> Kernel:
+    """``y = x @ W.T`` for an integer-coded weight W [n, k] (see the module doc for W and the layout).
+
+    codes: uint8 [n, ceil(k*bits/8)] packed by ``nnforge.ir.packing.pack_bits``; scale: float
+    [n or 1, G] with G = ceil(k / group_size); zero_point: integer [n or 1, G] in the code
+    domain, or None for signed codes stored offset-binary; target: an LLVM target string
+    (``"llvm -mcpu=native"``), which sets the vector width and tiles. The PrimFunc's parameters
+    are ``(x, codes, scale[, zero_point], y)``. Raises KernelError naming ``name`` for bits other
+    than 4 or 8, arrays that do not match [n, k] and group_size, an odd k or group_size with
+    4-bit codes, and zero points outside the code range.
+    """
+    codes, scale, zero_point = _checked(name, codes, bits, scale, zero_point, group_size, n, k)
+    try:
+        plan = make_plan(bits, n, k, group_size, zero_point is not None, target)
+    except KernelError as e:
+        raise KernelError(f"{name}: {e}") from None
+    blocks = plan.padded_blocks
+    scale = np.broadcast_to(scale.astype(np.float32), (n, plan.groups))
+    consts = [interleave_rows(codes, plan.lanes, blocks), interleave_rows(scale, plan.lanes, blocks)]
+    if zero_point is not None:
+        zp = np.broadcast_to(zero_point.astype(np.uint8), (n, plan.groups))
+        consts.append(interleave_rows(zp, plan.lanes, blocks))
+    func_name = "".join(ch if ch.isalnum() else "_" for ch in f"int{bits}_matmul_{name}")
+    return Kernel(func_name, build_func(plan, func_name), consts, n, k, notes={
+        "kernel": "int_weight_matmul", "bits": bits, "group_size": group_size,
+        "zero_point": zero_point is not None, "lanes": plan.lanes,
+        "schedules": {f"m < {GEMV_MAX_ROWS}": f"gemv: parallel over {plan.blocks} row blocks, "
+                                              f"{plan.chains} partial sums per group",
+                      f"m >= {GEMV_MAX_ROWS}": f"prefill: parallel over {plan.tiles} tiles of {plan.tile} "
+                                               f"columns, k-tile {plan.k_tile}, register tile "
+                                               f"{plan.row_block}x{plan.tile}"},
+        "layout": f"codes [{blocks}, {codes.shape[1]}, {plan.lanes}] (stored bytes, rows interleaved by "
+                  f"{plan.lanes})",
+        "const_bytes": int(sum(c.nbytes for c in consts))})

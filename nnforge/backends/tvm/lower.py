@@ -1,0 +1,275 @@
+"""IR -> Relax, node by node with ``relax.BlockBuilder``, each node by its rule in :mod:`.ops`.
+
+Dimension symbols of the graph inputs become ``tirx.Var``s of the Relax signature, and every
+symbolic dim expression is rebuilt from them (:meth:`Lowering.dim`), so one module runs any batch
+and length. Weights become parameters after the graph inputs, in first-use order, never constants
+(:class:`ParamSpec` says where each one's array lives). Linear layers run on the kernels of
+:mod:`.kernels`: dense fp32 weights on the scheduled GEMM, encoded weights on the kernel of their
+encoding (``KERNELS``); any other encoding is decoded to fp32 here and reported as a Fallback.
+
+The module has two functions: ``main(inputs..., params...)`` and ``prepare(stored...)``, which
+makes ``main``'s parameters from the arrays as stored, once, when a bundle loads (the dense
+kernel's weight panels, zero biases; everything else passes through unchanged).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ...ir import Dense, Graph, Node, Value, symbolic as sym
+from ...ir.dtypes import DType
+from ..base import BackendError, Fallback
+from .kernels import KernelError
+from .ops import RULES, c_name, numpy_of
+
+WEIGHTS_FILE = "weights.safetensors"     # written by the pipeline (save_graph); read in place
+PARAMS_FILE = "tvm_params.safetensors"   # arrays this backend makes
+SEP = "::"                               # safetensors key separator of nnforge.ir.serialize
+OPAQUE = 8                               # relax OpPatternKind kOpaque
+PREPARE_FUNCTION = "prepare"             # params as stored -> main's params (packed), run at load
+
+
+@dataclass
+class ParamSpec:
+    """One parameter of ``prepare`` (an array as stored): tensor ``key`` of bundle file ``file``."""
+    name: str
+    file: str
+    key: str
+    dtype: str
+    shape: list
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Lowered:
+    """What :func:`lower_graph` produces: the module, its parameters, the arrays to write to
+    ``tvm_params.safetensors``, fallbacks, and per-layer kernel notes."""
+    mod: object
+    params: list[ParamSpec]
+    arrays: dict[str, np.ndarray]
+    fallbacks: list[Fallback]
+    kernels: dict[str, dict] = field(default_factory=dict)
+
+
+class Lowering:
+    """The state of one lowering: the BlockBuilder, the Relax value of every IR value, the
+    parameters of ``main`` and ``prepare``, the kernels added, and the fallbacks taken."""
+
+    def __init__(self, graph: Graph, llvm_target: str, target):
+        from tvm import relax
+        self.relax = relax
+        self.graph = graph
+        self.llvm_target = llvm_target       # the string kernel builders take
+        self.target = target                  # the resolved tvm Target
+        self.bb = relax.BlockBuilder()
+        self.symbols: dict[str, object] = {}
+        self.values: dict[Value, object] = {}
+        self.params: list = []
+        self.specs: list[ParamSpec] = []
+        self.arrays: dict[str, np.ndarray] = {}
+        self.fallbacks: list[Fallback] = []
+        self.kernel_notes: dict[str, dict] = {}
+        self._dense: dict[str, object] = {}         # weight name -> param var of its dense form
+        self._funcs: dict[str, object] = {}         # kernel function name -> GlobalVar
+        self._linear: dict[str, tuple] = {}         # weight name -> ops.linear_kernel's answer
+        self._names: set[str] = set()
+        self.raw_params: list = []                  # prepare's parameters: the arrays in the files
+        self._prepare: list[Callable[[], object]] = []   # main's parameter i, computed in prepare
+        self._raw_for: dict[int, object] = {}       # main parameter -> its prepare parameter
+        self._panels: dict[tuple, object] = {}
+        self._zeros: dict[int, object] = {}
+
+    # --- dims and types -----------------------------------------------------------------------
+    def dim(self, d):
+        """The PrimExpr (int64) of an IR dim."""
+        from tvm import tirx
+
+        def symbol(name):
+            if name not in self.symbols:
+                raise BackendError(f"dimension symbol {name!r} is not defined by any graph input")
+            return self.symbols[name]
+        binops = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
+                  "floordiv": tirx.floordiv, "mod": tirx.floormod}
+        return sym.fold(d, const=lambda v: tirx.IntImm("int64", v), symbol=symbol,
+                        binop=lambda op, a, b: binops[op](a, b),
+                        call=lambda f, args: (tirx.max if f == "max" else tirx.min)(*args),
+                        neg=lambda a: -a)
+
+    def shape(self, dims) -> list:
+        return [self.dim(d) for d in dims]
+
+    def ttype(self, v: Value):
+        return self.relax.TensorType(self.shape(v.shape), v.dtype.name)
+
+    def const(self, value, dtype: DType | str):
+        name = dtype if isinstance(dtype, str) else dtype.name
+        return self.relax.const(value, name)
+
+    # --- values -------------------------------------------------------------------------------
+    def fresh(self, base: str) -> str:
+        name, i = c_name(base), 1
+        while name in self._names:
+            name, i = f"{c_name(base)}_{i}", i + 1
+        self._names.add(name)
+        return name
+
+    def param(self, name: str, shape, dtype: str, file: str, key: str, array: np.ndarray | None = None):
+        """A new array read from a bundle file: a parameter of ``prepare``, and (unchanged) of
+        ``main``; returns ``main``'s. ``array`` (if given) goes to tvm_params.safetensors."""
+        ttype = self.relax.TensorType([int(s) for s in shape], dtype)
+        raw = self.relax.Var(self.fresh(name), ttype)
+        self.raw_params.append(raw)
+        self.specs.append(ParamSpec(raw.name, file, key, dtype, [int(s) for s in shape]))
+        if array is not None:
+            self.arrays[key] = np.ascontiguousarray(array)
+        return self.made(raw.name, ttype, lambda: raw, raw)
+
+    def made(self, name: str, ttype, build: Callable[[], object], raw=None):
+        """A parameter of ``main`` that ``prepare`` computes (once, at load) with ``build()``."""
+        var = self.relax.Var(name if raw is not None else self.fresh(name), ttype)
+        self.params.append(var)
+        self._prepare.append(build)
+        if raw is not None:
+            self._raw_for[id(var)] = raw
+        return var
+
+    def raw(self, main_var):
+        """The ``prepare`` parameter behind a ``main`` parameter made by :meth:`param`."""
+        return self._raw_for[id(main_var)]
+
+    def extra(self, weight: str, label: str, array: np.ndarray):
+        """A parameter holding an array the backend made for ``weight``."""
+        array = np.ascontiguousarray(array)
+        return self.param(f"{weight}.{label}", array.shape, array.dtype.name, PARAMS_FILE, f"{weight}{SEP}{label}",
+                          array)
+
+    def weight(self, v: Value):
+        """The parameter holding weight ``v`` densely (decoded, with a Fallback, when encoded)."""
+        if v.name in self._dense:
+            return self._dense[v.name]
+        enc = v.encoding
+        if isinstance(enc, Dense):
+            dtype = numpy_of(enc.data).dtype.name
+            var = self.param(v.name, enc.shape, dtype, WEIGHTS_FILE, f"{v.name}{SEP}data")
+        else:
+            var = self.extra(v.name, "decoded", self.decoded(v))
+        self._dense[v.name] = var
+        return var
+
+    def panels(self, v: Value, transposed: bool = False):
+        """Weight ``v`` packed (at load) into the panels of the dense kernel; ``transposed``: ``v``
+        is ``[K, N]`` (a matmul operand) rather than a linear's ``[N, K]``."""
+        from .kernels.dense import pack_panels, panel_width, vector_lanes
+        key = (v.name, transposed)
+        if key not in self._panels:
+            lanes = vector_lanes(self.target)
+            n, k = (v.shape[1], v.shape[0]) if transposed else v.shape
+            raw = self.raw(self.weight(v))
+            nb = panel_width(lanes)
+            ttype = self.relax.TensorType([-(-n // nb), k, nb], "float32")
+            self._panels[key] = self.made(f"{v.name}.panels", ttype, lambda: pack_panels(raw, n, k, lanes, transposed))
+        return self._panels[key]
+
+    def zeros(self, n: int):
+        """A float32 zero vector [n] (made at load: the bias of layers without one)."""
+        if n not in self._zeros:
+            from tvm.relax import op
+            self._zeros[n] = self.made(f"zeros{n}", self.relax.TensorType([n], "float32"),
+                                       lambda: op.zeros([n], "float32"))
+        return self._zeros[n]
+
+    def decoded(self, v: Value, why: str = "") -> np.ndarray:
+        """``v`` decoded to its dense dtype, reported as a Fallback."""
+        enc = v.encoding
+        self.fallbacks.append(Fallback(v.name, enc.describe(), f"no TVM kernel for {enc.describe()}: decoded to "
+                                       f"{v.dtype.name}" + (f" ({why})" if why else "")))
+        return numpy_of(enc.decode(v.dtype.torch_dtype))
+
+    def arg(self, v: Value | None):
+        if v is None:
+            return None
+        if v.is_weight:
+            return self.weight(v)
+        return self.values[v]
+
+    def emit(self, expr, name: str = ""):
+        return self.bb.emit(expr, name_hint=c_name(name))
+
+    def func(self, name: str, prim_func):
+        """GlobalVar of a kernel PrimFunc, added to the module once per name."""
+        if name not in self._funcs:
+            # Opaque to FuseOps: a scheduled kernel must not be merged with Relax's own loops.
+            self._funcs[name] = self.bb.add_func(prim_func.with_attr("op_pattern", OPAQUE), name)
+        return self._funcs[name]
+
+    def call_kernel(self, name: str, kernel_func, args: list, out_shape: list, dtype: str = "float32"):
+        gv = self.func(name, kernel_func)
+        return self.emit(self.relax.call_tir(gv, args, self.relax.TensorType(out_shape, dtype)), name)
+
+    # --- the walk -----------------------------------------------------------------------------
+    def run(self) -> Lowered:
+        relax = self.relax
+        from tvm import tirx
+        g = self.graph
+        missing = sorted({n.op for n in g.nodes if n.op not in RULES})
+        if missing:
+            raise BackendError(f"the tvm backend has no lowering for op(s) {', '.join(missing)} (used by nodes "
+                               f"{', '.join(n.name for n in g.nodes if n.op in missing)[:300]})")
+        inputs = []
+        for v in g.inputs:
+            for d in v.shape:
+                if isinstance(d, str) and not sym.is_symbol(d):
+                    raise BackendError(f"input {v.name}: dim {d!r} is an expression; graph inputs take plain "
+                                       "symbols or integers")
+                if isinstance(d, str) and d not in self.symbols:
+                    self.symbols[d] = tirx.Var(d, "int64")
+            var = relax.Var(self.fresh(v.name), self.ttype(v))
+            inputs.append(var)
+            self.values[v] = var
+        with self.bb.function("main"):
+            with self.bb.dataflow():
+                for node in g.nodes:
+                    self.lower_node(node)
+                outs = [self.arg(v) for v in g.outputs]
+                result = outs[0] if len(outs) == 1 else relax.Tuple(outs)
+                gv = self.bb.emit_output(result)
+            self.bb.emit_func_output(gv, params=inputs + self.params)
+        with self.bb.function(PREPARE_FUNCTION, params=self.raw_params):
+            with self.bb.dataflow():
+                made = [build() for build in self._prepare]
+                made = [m if isinstance(m, relax.Var) else self.bb.emit(m) for m in made]
+                out = self.bb.emit_output(relax.Tuple(made))
+            self.bb.emit_func_output(out)
+        mod = self.bb.get()
+        return Lowered(mod, self.specs, self.arrays, self.fallbacks, self.kernel_notes)
+
+    def lower_node(self, node: Node) -> None:
+        try:
+            expr = RULES[node.op](self, node)
+            var = expr if isinstance(expr, self.relax.Var) else self.emit(expr, node.outputs[0].name)
+        except (BackendError, KernelError) as e:
+            raise BackendError(f"tvm backend: node {node.name} ({node.op}): {e}") from e
+        except Exception as e:      # TVM raises its own error types from C++
+            raise BackendError(f"tvm backend: lowering node {node.name} ({node.op}) failed: "
+                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        out = node.outputs[0]
+        got = var.ty
+        dtype = str(getattr(got, "dtype", out.dtype.name))
+        if dtype != out.dtype.name:
+            raise BackendError(f"tvm backend: node {node.name} ({node.op}) lowered to {dtype}, the graph says "
+                               f"{out.dtype.name}")
+        if getattr(got, "shape", None) is None:      # Relax could not infer it: state it
+            var = self.bb.match_cast(var, self.ttype(out))
+        self.values[out] = var
+
+
+def lower_graph(graph: Graph, llvm_target: str, target) -> Lowered:
+    """The Relax module of ``graph`` (``main(inputs..., params...)``) and what goes with it."""
+    return Lowering(graph, llvm_target, target).run()
+
+
+__all__ = ["Lowering", "Lowered", "ParamSpec", "lower_graph", "RULES", "PARAMS_FILE", "WEIGHTS_FILE", "PREPARE_FUNCTION"]

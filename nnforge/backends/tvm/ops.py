@@ -1,0 +1,578 @@
+"""Per-op lowering rules IR -> Relax, one small function per op, in ``RULES`` (as onnx/ops.py).
+
+Each rule gets the :class:`~.lower.Lowering` and the node and returns the Relax expression of the
+node's (single) output; the lowering emits it and checks its dtype against the IR. Weights are
+read through ``lw.arg`` (dense parameters) or, for linear layers, through the kernel dispatch
+``KERNELS``: dense fp32 weights run on the scheduled GEMM of kernels/dense.py (packed into panels
+at load), block-sparse and 8/4-bit integer weights on the kernels of kernels/bsr.py and
+kernels/lowbit.py, anything else decoded to fp32 with a reported Fallback.
+"""
+from __future__ import annotations
+
+import importlib
+import re
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+
+from ...ir import Dense, Value, symbolic as sym
+from ...ir.dtypes import DType
+from ..base import BackendError
+from .kernels import KernelError
+
+if TYPE_CHECKING:
+    from .lower import Lowering
+
+RULES: dict[str, Callable] = {}
+
+
+def rule(*ops):
+    def deco(fn):
+        for op in ops:
+            RULES[op] = fn
+        return fn
+    return deco
+
+
+def c_name(text: str) -> str:
+    """A C-identifier-safe function name."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", text)
+
+
+def numpy_of(t) -> np.ndarray:
+    import torch
+    if t.dtype == torch.bfloat16:
+        raise BackendError("bfloat16 tensors have no numpy form; the tvm backend takes fp32/fp16 graphs")
+    return t.detach().cpu().contiguous().numpy()
+
+
+def _jsonable(notes: dict) -> dict:
+    return {str(k): v if isinstance(v, (str, int, float, bool, type(None))) else str(v) for k, v in notes.items()}
+
+
+# --- elementwise ----------------------------------------------------------------------------------
+def _op(path: str):
+    """A relax.op function by dotted path (looked up when a rule runs: tvm is imported lazily)."""
+    def get():
+        from tvm.relax import op
+        obj = op
+        for part in path.split("."):
+            obj = getattr(obj, part)
+        return obj
+    return get
+
+
+_UNARY = {"exp": "exp", "log": "log", "sqrt": "sqrt", "rsqrt": "rsqrt", "sigmoid": "sigmoid", "tanh": "tanh",
+          "sin": "sin", "cos": "cos", "floor": "floor", "ceil": "ceil", "neg": "negative",
+          "abs": "abs", "relu": "nn.relu", "silu": "nn.silu", "not": "logical_not"}
+
+
+@rule(*_UNARY)
+def _unary(lw, node):
+    return _op(_UNARY[node.op])()(lw.arg(node.inputs[0]))
+
+
+@rule("reciprocal")
+def _reciprocal(lw, node):
+    from tvm.relax import op
+    x = node.inputs[0]
+    return op.divide(lw.const(1.0, x.dtype), lw.arg(x))
+
+
+@rule("hardswish", "hardsigmoid")
+def _hard(lw, node):
+    from tvm.relax import op
+    x = node.inputs[0]
+    xe = lw.arg(x)
+    # torch: relu6(x + 3) / 6, times x for hardswish
+    r6 = op.clip(op.add(xe, lw.const(3.0, x.dtype)), 0.0, 6.0)
+    y = op.divide(lw.emit(r6), lw.const(6.0, x.dtype))
+    return op.multiply(xe, lw.emit(y)) if node.op == "hardswish" else y
+
+
+def _fast_erf(x):
+    """erf through topi's rational approximation (float32 error ~1e-7): TIR's erf becomes a
+    scalar libm call per element on x86, 20x slower than this vectorised polynomial. Other
+    float types go through float32 (LLVM has no erf for them)."""
+    from tvm import topi
+    if x.dtype == "float32":
+        return topi.fast_erf(x)
+    return topi.cast(topi.fast_erf(topi.cast(x, "float32")), x.dtype)
+
+
+@rule("erf")
+def _erf(lw, node):
+    return lw.bb.call_te(_fast_erf, lw.arg(node.inputs[0]))
+
+
+@rule("gelu")
+def _gelu(lw, node):
+    from tvm import te
+    from tvm.relax import op
+    x = lw.arg(node.inputs[0])
+    if node.attrs["approximate"] == "tanh":
+        return op.nn.gelu_tanh(x)
+
+    def gelu(t):        # x * (1/2 + erf(x / sqrt 2) / 2), as torch's exact form
+        half = te.const(0.5, t.dtype)
+        e = _fast_erf(te.compute(t.shape, lambda *i: t(*i) * te.const(0.7071067811865476, t.dtype)))
+        return te.compute(t.shape, lambda *i: t(*i) * (half + e(*i) * half), name="gelu")
+    return lw.bb.call_te(gelu, x)
+
+
+@rule("leaky_relu")
+def _leaky_relu(lw, node):
+    from tvm.relax import op
+    return op.nn.leakyrelu(lw.arg(node.inputs[0]), node.attrs["negative_slope"])
+
+
+@rule("clamp")
+def _clamp(lw, node):
+    from tvm.relax import op
+    x = node.inputs[0]
+    y = lw.arg(x)
+    lo, hi = node.attrs["min"], node.attrs["max"]
+    if lo is not None:
+        y = lw.emit(op.maximum(y, lw.const(lo, x.dtype)))
+    if hi is not None:
+        y = lw.emit(op.minimum(y, lw.const(hi, x.dtype)))
+    return y
+
+
+@rule("cast")
+def _cast(lw, node):
+    from tvm.relax import op
+    x = node.inputs[0]
+    to = node.attrs["dtype"]
+    if to.name == "bool" and x.dtype.name != "bool":     # torch: nonzero is true
+        return op.not_equal(lw.arg(x), lw.const(0, x.dtype))
+    return op.astype(lw.arg(x), to.name)
+
+
+_BINARY = {"add": "add", "sub": "subtract", "mul": "multiply", "pow": "power", "maximum": "maximum",
+           "minimum": "minimum", "eq": "equal", "ne": "not_equal", "lt": "less", "le": "less_equal",
+           "gt": "greater", "ge": "greater_equal", "and": "logical_and", "or": "logical_or", "xor": "logical_xor"}
+# On bools torch's add is a logical or, its mul a logical and.
+_BOOL = {"add": "logical_or", "mul": "logical_and"}
+
+
+@rule(*_BINARY)
+def _binary(lw, node):
+    a, b = node.inputs
+    name = _BOOL.get(node.op) if a.dtype.name == "bool" and node.op in _BOOL else _BINARY[node.op]
+    return _op(name)()(lw.arg(a), lw.arg(b))
+
+
+@rule("div")
+def _div(lw, node):
+    from tvm.relax import op
+    a, b = (lw.arg(v) for v in node.inputs)
+    if not node.inputs[0].dtype.is_float:         # IR div is true division: ints give float32
+        a, b = lw.emit(op.astype(a, "float32")), lw.emit(op.astype(b, "float32"))
+    return op.divide(a, b)
+
+
+@rule("where")
+def _where(lw, node):
+    from tvm.relax import op
+    return op.where(*(lw.arg(v) for v in node.inputs))
+
+
+# --- layers with weights --------------------------------------------------------------------------
+def _flatten_rows(lw, x: Value):
+    """(x as [rows, K], rows as a PrimExpr)."""
+    from tvm.relax import op
+    xe = lw.arg(x)
+    if x.type.rank == 2:
+        return xe, lw.dim(x.shape[0])
+    rows = lw.dim(sym.prod(x.shape[:-1]))
+    return lw.emit(op.reshape(xe, [rows, lw.dim(x.shape[-1])])), rows
+
+
+def _bsr_args(w: Value) -> dict | None:
+    """bsr_matmul's arguments for a block-sparse weight with dense fp32 blocks."""
+    enc = w.encoding
+    import torch
+    if enc.pattern.kind != "block" or not isinstance(enc.values, Dense) or enc.values.data.dtype != torch.float32 \
+            or len(enc.shape) != 2:
+        return None
+    n, k = enc.shape
+    return {"row_ptr": numpy_of(enc.row_ptr), "col_idx": numpy_of(enc.index), "blocks": numpy_of(enc.values.data),
+            "n": n, "k": k}
+
+
+def _int_args(w: Value) -> dict | None:
+    """int_weight_matmul's arguments for an 8- or 4-bit IntQuant weight: zero points in the domain
+    of the stored code fields (a signed weight's offset-binary bias folded in), None for signed
+    symmetric codes (the kernel then subtracts 2**(bits-1))."""
+    enc = w.encoding
+    if enc.bits not in (4, 8) or len(enc.shape) != 2 or enc.out_dtype.name != "float32":
+        return None
+    n, k = enc.shape
+    zp = None
+    if enc.zero_point is not None:
+        zp = numpy_of(enc.zero_point).astype(np.int32) + ((1 << (enc.bits - 1)) if enc.signed else 0)
+    elif not enc.signed:
+        zp = np.zeros(tuple(enc.scale.shape), dtype=np.int32)
+    return {"codes": numpy_of(enc.codes), "bits": enc.bits, "scale": numpy_of(enc.scale.float()),
+            "zero_point": zp, "group_size": enc.group_size, "n": n, "k": k}
+
+
+# encoding kind -> (kernel module under kernels/, its builder, the function turning the weight into
+# the builder's keyword arguments, or None when the kernel does not take this variant)
+KERNELS: dict[str, tuple[str, str, Callable[[Value], dict | None]]] = {
+    "sparse": ("bsr", "bsr_matmul", _bsr_args),
+    "int": ("lowbit", "int_weight_matmul", _int_args),
+}
+
+
+def linear_kernel(lw: Lowering, w: Value) -> tuple:
+    """(GlobalVar, const param vars, n, act-order perm var or None, bias in the kernel) for the
+    linear weight ``w``, built once per weight."""
+    if w.name in lw._linear:
+        return lw._linear[w.name]
+    from .kernels.dense import dense_matmul
+    enc = w.encoding
+    name = c_name(f"nf_{enc.kind}_{w.name}")
+    kernel = perm = None
+    plan = KERNELS.get(enc.kind)
+    why = ""
+    if plan is not None:
+        module, builder, args_of = plan
+        args = args_of(w)
+        if args is None:
+            why = f"the {module} kernel does not take this variant"
+        else:
+            try:
+                mod = importlib.import_module(f"{__package__}.kernels.{module}")
+            except ModuleNotFoundError as e:
+                if e.name != f"{__package__}.kernels.{module}":
+                    raise
+                why = f"kernel module kernels/{module}.py is not available"
+            else:
+                try:
+                    kernel = getattr(mod, builder)(name, **args, target=lw.llvm_target)
+                except KernelError as e:
+                    why = str(e)
+    if kernel is not None:
+        consts = [lw.extra(w.name, f"{kernel.name}.{i}", c) for i, c in enumerate(kernel.consts)]
+        if getattr(enc, "perm", None) is not None:
+            perm = lw.extra(w.name, "perm", numpy_of(enc.perm).astype(np.int64))
+        entry = (lw.func(kernel.name, kernel.func), consts, kernel.n, perm, False)
+    else:
+        if not isinstance(enc, Dense) and w.name not in lw._dense:
+            lw._dense[w.name] = lw.extra(w.name, "decoded", lw.decoded(w, why))
+        n, k = w.shape
+        kernel = dense_matmul(c_name(f"nf_dense_{n}x{k}"), n, k, lw.target)
+        entry = (lw.func(kernel.name, kernel.func), [lw.panels(w)], n, None, True)
+    lw.kernel_notes[w.name] = {"function": kernel.name, **_jsonable(kernel.notes)}
+    lw._linear[w.name] = entry
+    return entry
+
+
+def _dense_call(lw, gv, x2, rows, args: list, n: int, name: str):
+    from tvm import relax
+    return lw.emit(relax.call_tir(gv, [x2, *args], relax.TensorType([rows, lw.dim(n)], "float32")), name)
+
+
+@rule("linear")
+def _linear(lw, node):
+    from tvm.relax import op
+    x, w, bias = (list(node.inputs) + [None])[:3]
+    out = node.outputs[0]
+    if not (w.is_weight and x.dtype.name == "float32" and w.dtype.name == "float32"):
+        return op.linear(lw.arg(x), lw.arg(w), lw.arg(bias))       # fp16 graphs, computed weights
+    gv, consts, n, perm, fused_bias = linear_kernel(lw, w)
+    x2, rows = _flatten_rows(lw, x)
+    if perm is not None:       # act-order: the kernel's columns are in stored order
+        x2 = lw.emit(op.take(x2, perm, axis=1))
+    if fused_bias:             # the dense kernel adds the bias as it stores
+        y = _dense_call(lw, gv, x2, rows, consts + [lw.arg(bias) if bias is not None else lw.zeros(n)], n, node.name)
+    else:
+        y = _dense_call(lw, gv, x2, rows, consts, n, node.name)
+        if bias is not None:
+            y = lw.emit(op.add(y, lw.arg(bias)))
+    if x.type.rank != 2:
+        y = lw.emit(op.reshape(y, lw.shape(out.shape)))
+    return y
+
+
+@rule("matmul")
+def _matmul(lw, node):
+    from tvm.relax import op
+    from .kernels.dense import batch_matmul, dense_matmul
+    a, b = node.inputs
+    out = node.outputs[0]
+    fp32 = a.dtype.name == "float32"
+    if fp32 and b.is_weight and b.type.rank == 2:
+        # x @ W with a [K, N] weight: the dense kernel on W's panels, packed from [K, N] at load
+        k, n = b.shape
+        if not isinstance(b.encoding, Dense) and b.name not in lw._dense:
+            lw._dense[b.name] = lw.extra(b.name, "decoded", lw.decoded(b))
+        kernel = dense_matmul(c_name(f"nf_dense_{n}x{k}"), n, k, lw.target)
+        lw.kernel_notes[b.name] = {"function": kernel.name, **_jsonable(kernel.notes)}
+        x2, rows = _flatten_rows(lw, a)
+        y = _dense_call(lw, lw.func(kernel.name, kernel.func), x2, rows, [lw.panels(b, transposed=True), lw.zeros(n)],
+                        n, node.name)
+        return op.reshape(y, lw.shape(out.shape)) if a.type.rank != 2 else y
+    same_batch = a.type.rank == b.type.rank and all(sym.equal(p, q) for p, q in zip(a.shape[:-2], b.shape[:-2]))
+    if fp32 and not b.is_weight and same_batch:
+        batch = sym.prod(a.shape[:-2])
+        k, n = a.shape[-1], b.shape[-1]
+        a3 = lw.emit(op.reshape(lw.arg(a), lw.shape([batch, a.shape[-2], k])))
+        b3 = lw.emit(op.reshape(lw.arg(b), lw.shape([batch, k, n])))
+        kernel = batch_matmul("nf_bmm", k if isinstance(k, int) else None, n if isinstance(n, int) else None,
+                              lw.target)
+        name = c_name(f"nf_bmm_k{k if isinstance(k, int) else 'dyn'}_n{n if isinstance(n, int) else 'dyn'}")
+        y = lw.call_kernel(name, kernel.func, [a3, b3], lw.shape([batch, a.shape[-2], n]))
+        return op.reshape(y, lw.shape(out.shape))
+    return op.matmul(lw.arg(a), lw.arg(b))
+
+
+_CONV = {1: "conv1d", 2: "conv2d", 3: "conv3d"}
+
+
+@rule("conv")
+def _conv(lw, node):
+    from tvm.relax import op
+    x, w, bias = (list(node.inputs) + [None])[:3]
+    a = node.attrs
+    nd = w.type.rank - 2
+    y = lw.emit(getattr(op.nn, _CONV[nd])(lw.arg(x), lw.arg(w), strides=a["stride"], padding=a["padding"],
+                                         dilation=a["dilation"], groups=a["groups"]))
+    if bias is None:
+        return y
+    return op.add(y, lw.emit(op.reshape(lw.arg(bias), [w.shape[0]] + [1] * nd)))
+
+
+@rule("embedding")
+def _embedding(lw, node):
+    from tvm.relax import op
+    idx, table = node.inputs
+    # "clip": an out-of-range token id reads the last row instead of memory past the table
+    return op.take(lw.arg(table), lw.arg(idx), axis=0, mode="clip")
+
+
+# --- normalisation, softmax, pooling -----------------------------------------------------------
+@rule("softmax", "log_softmax")
+def _softmax(lw, node):
+    from tvm.relax import op
+    from .kernels.dense import softmax_func, vector_lanes
+    x = node.inputs[0]
+    if node.op == "softmax" and x.dtype.name == "float32" and node.attrs["axis"] % x.type.rank == x.type.rank - 1:
+        # over the last axis (attention): the scheduled row-softmax kernel
+        n = x.shape[-1]
+        rows = sym.prod(x.shape[:-1])
+        x2 = lw.emit(op.reshape(lw.arg(x), lw.shape([rows, n])))
+        y = lw.call_kernel("nf_softmax", softmax_func(vector_lanes(lw.target)),
+                           [x2, lw.relax.prim_value(lw.dim(n))], lw.shape([rows, n]))
+        return op.reshape(y, lw.shape(x.shape))
+    fn = op.nn.softmax if node.op == "softmax" else op.nn.log_softmax
+    return fn(lw.arg(x), axis=node.attrs["axis"])
+
+
+@rule("layer_norm")
+def _layer_norm(lw, node):
+    from tvm.relax import op
+    x, w, bias = (list(node.inputs) + [None, None])[:3]
+    axis = node.attrs["axis"] % x.type.rank
+    norm_shape = lw.shape(x.shape[axis:])
+    gamma = lw.arg(w) if w is not None else lw.emit(op.ones(norm_shape, x.dtype.name))
+    beta = lw.arg(bias) if bias is not None else lw.emit(op.zeros(norm_shape, x.dtype.name))
+    return op.nn.layer_norm(lw.arg(x), gamma, beta, axes=list(range(axis, x.type.rank)), epsilon=node.attrs["eps"])
+
+
+@rule("batch_norm")
+def _batch_norm(lw, node):
+    from tvm.relax import op
+    x, mean, var, w, bias = (list(node.inputs) + [None, None])[:5]
+    per_channel = [x.shape[1]] + [1] * (x.type.rank - 2)
+
+    def channel(v):
+        return lw.emit(op.reshape(lw.arg(v), lw.shape(per_channel)))
+    y = op.multiply(op.subtract(lw.arg(x), channel(mean)),
+                    op.rsqrt(op.add(channel(var), lw.const(node.attrs["eps"], x.dtype))))
+    y = lw.emit(y)
+    if w is not None:
+        y = lw.emit(op.multiply(y, channel(w)))
+    return op.add(y, channel(bias)) if bias is not None else y
+
+
+_POOL = {1: "1d", 2: "2d", 3: "3d"}
+
+
+@rule("max_pool", "avg_pool")
+def _pool(lw, node):
+    from tvm.relax import op
+    a = node.attrs
+    nd = len(a["kernel"])
+    common = dict(pool_size=a["kernel"], strides=a["stride"], padding=a["padding"], ceil_mode=a["ceil_mode"],
+                  layout={1: "NCW", 2: "NCHW", 3: "NCDHW"}[nd])
+    if node.op == "max_pool":
+        return getattr(op.nn, f"max_pool{_POOL[nd]}")(lw.arg(node.inputs[0]), dilation=a["dilation"], **common)
+    return getattr(op.nn, f"avg_pool{_POOL[nd]}")(lw.arg(node.inputs[0]), count_include_pad=a["count_include_pad"],
+                                                  **common)
+
+
+@rule("adaptive_avg_pool")
+def _adaptive(lw, node):
+    from tvm.relax import op
+    size = node.attrs["output_size"]
+    nd = len(size)
+    return getattr(op.nn, f"adaptive_avg_pool{_POOL[nd]}")(lw.arg(node.inputs[0]), output_size=size,
+                                                           layout={1: "NCW", 2: "NCHW", 3: "NCDHW"}[nd])
+
+
+# --- reductions ---------------------------------------------------------------------------------
+_REDUCE = {"reduce_sum": "sum", "reduce_mean": "mean", "reduce_max": "max", "reduce_min": "min",
+           "reduce_prod": "prod"}
+
+
+@rule(*_REDUCE)
+def _reduce(lw, node):
+    return _op(_REDUCE[node.op])()(lw.arg(node.inputs[0]), axis=node.attrs["axes"], keepdims=node.attrs["keepdim"])
+
+
+@rule("reduce_any", "reduce_all")
+def _any_all(lw, node):
+    from tvm.relax import op
+    as_int = lw.emit(op.astype(lw.arg(node.inputs[0]), "int8"))
+    red = (op.max if node.op == "reduce_any" else op.min)(as_int, axis=node.attrs["axes"], keepdims=node.attrs["keepdim"])
+    return op.astype(lw.emit(red), "bool")
+
+
+@rule("argmax")
+def _argmax(lw, node):
+    from tvm.relax import op
+    return op.argmax(lw.arg(node.inputs[0]), axis=node.attrs["axis"], keepdims=node.attrs["keepdim"])
+
+
+@rule("cumsum")
+def _cumsum(lw, node):
+    from tvm.relax import op
+    x = node.inputs[0]
+    return op.cumsum(lw.arg(x), axis=node.attrs["axis"] % x.type.rank, dtype=x.dtype.name)
+
+
+# --- shapes -------------------------------------------------------------------------------------
+@rule("reshape")
+def _reshape(lw, node):
+    from tvm.relax import op
+    return op.reshape(lw.arg(node.inputs[0]), lw.shape(node.outputs[0].shape))
+
+
+@rule("permute")
+def _permute(lw, node):
+    from tvm.relax import op
+    return op.permute_dims(lw.arg(node.inputs[0]), node.attrs["perm"])
+
+
+@rule("expand")
+def _expand(lw, node):
+    from tvm.relax import op
+    return op.broadcast_to(lw.arg(node.inputs[0]), lw.shape(node.outputs[0].shape))
+
+
+@rule("slice")
+def _slice(lw, node):
+    from tvm.relax import op
+    x = node.inputs[0]
+    a = node.attrs
+    return op.strided_slice(lw.arg(x), axes=[a["axis"] % x.type.rank], begin=[lw.dim(a["start"])],
+                            end=[lw.dim(a["end"])], strides=[a["step"]], assume_inbound=True)
+
+
+@rule("concat")
+def _concat(lw, node):
+    from tvm.relax import op
+    return op.concat([lw.arg(v) for v in node.inputs], axis=node.attrs["axis"])
+
+
+@rule("gather")
+def _gather(lw, node):
+    from tvm.relax import op
+    x, idx = node.inputs
+    # "wrap" takes indices modulo the axis size: negative indices count from the end, as in the IR.
+    return op.take(lw.arg(x), lw.arg(idx), axis=node.attrs["axis"] % x.type.rank, mode="wrap")
+
+
+@rule("gather_elements")
+def _gather_elements(lw, node):
+    from tvm.relax import op
+    x, idx = node.inputs
+    return op.gather_elements(lw.arg(x), lw.arg(idx), axis=node.attrs["axis"] % x.type.rank)
+
+
+@rule("index")
+def _index(lw, node):
+    from tvm.relax import op
+    x, *idx = node.inputs
+    return op.index_tensor(lw.arg(x), [lw.arg(i) for i in idx])
+
+
+@rule("pad")
+def _pad(lw, node):
+    from tvm.relax import op
+    x = node.inputs[0]
+    pads = node.attrs["pads"]
+    r = x.type.rank
+    width = [p for i in range(r) for p in (pads[i], pads[r + i])]
+    return op.nn.pad(lw.arg(x), width, "constant", float(node.attrs["value"]))
+
+
+# --- creation -----------------------------------------------------------------------------------
+@rule("arange")
+def _arange(lw, node):
+    from tvm.relax import op
+    a = node.attrs
+    return op.arange(lw.dim(a["start"]), lw.dim(a["end"]), a["step"], dtype=a["dtype"].name)
+
+
+@rule("full")
+def _full(lw, node):
+    from tvm.relax import op
+    a = node.attrs
+    return op.full(lw.shape(a["shape"]), lw.const(a["value"], a["dtype"]), a["dtype"].name)
+
+
+# --- activation quantisation --------------------------------------------------------------------
+@rule("fake_quant")
+def _fake_quant(lw, node):
+    from tvm.relax import op
+    x = node.inputs[0]
+    a = node.attrs
+    fmt = a["format"]
+    scale = lw.const(a["scale"], x.dtype)
+    v = lw.emit(op.divide(lw.arg(x), scale))
+    if fmt.is_integer:
+        lo, hi = fmt.int_range
+        zp = lw.const(float(a["zero_point"]), x.dtype)
+        q = lw.emit(op.clip(op.add(op.round(v), zp), float(lo), float(hi)))   # round: half to even
+        y = lw.emit(op.multiply(op.subtract(q, zp), scale))
+        return op.where(op.isnan(v), v, y)        # clip would turn NaN into a bound; torch keeps it
+    return op.multiply(lw.emit(lw.bb.call_te(_minifloat_round(fmt), v)), scale)
+
+
+def _minifloat_round(fmt: DType):
+    """A TE function rounding fp32 values to the nearest ``fmt`` value (ties to even, saturating,
+    NaN kept), as nnforge.ir.minifloat.round_to: the quantum 2^(exponent - mantissa bits) is built
+    from the exponent field of the value's bits, so the arithmetic is exact."""
+    from tvm import te, tirx
+    from ...ir.minifloat import min_exponent
+    man, lowest, top = fmt.man_bits, min_exponent(fmt), fmt.max_value
+
+    def fn(x):
+        def element(*i):
+            v = x(*i)
+            mag = tirx.abs(v)
+            bits = tirx.reinterpret("int32", mag)
+            exp = tirx.max(tirx.shift_right(bits, 23) - 127, lowest)
+            quantum = tirx.reinterpret("float32", tirx.shift_left(exp - man + 127, 23))
+            r = tirx.min(tirx.round(mag / quantum) * quantum, tirx.const(top, "float32"))
+            r = tirx.Select(tirx.isnan(v), v, r)
+            return tirx.Select(v < tirx.const(0, "float32"), -r, r)
+        return te.compute(x.shape, element, name="minifloat_round")
+    return fn
+
+
+__all__ = ["RULES", "KERNELS", "rule", "linear_kernel", "c_name", "numpy_of"]

@@ -1,0 +1,292 @@
+"""The BSR SpMM kernels (fp32 and int8) against numpy, built once per weight and run at several m.
+
+Random block masks at several densities (with empty block-rows, and with no block at all), every fast
+block shape (1x4, 4x1, 16x1) and odd ones (2x2, 3x5), m in {0, 1, 3, 32, 37} through one built
+function (m is symbolic); int8 against the exact integer formula, rounding ties and clipping
+included. The AVX-512 tiling and the VNNI lane format run here too: LLVM splits 16-lane vectors
+for AVX2, and the dot instruction's arithmetic has a plain-vector emulation. The assembly is
+checked for the instructions each path exists for (native AVX2, and Sapphire Rapids cross-compiled,
+never run), and every documented error for its message.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+tvm = pytest.importorskip("tvm")
+
+from nnforge.backends.tvm.kernels import Kernel, KernelError  # noqa: E402
+from nnforge.backends.tvm.kernels import bsr  # noqa: E402
+from nnforge.backends.tvm.kernels.bsr import (bsr_matmul, bsr_matmul_int8, dense_from_bsr,  # noqa: E402
+                                              llvm_target)
+from nnforge.ir.sparse import Sparse  # noqa: E402
+
+NATIVE = "llvm -mcpu=native"
+MS = [0, 1, 3, 32, 37]
+FAST_BLOCKS = [(1, 4), (4, 1), (16, 1)]
+
+
+def random_bsr(n, k, r, c, density, seed=0, values=np.float32):
+    """BSR arrays of an [n, k] weight keeping each r x c block with probability ``density``; block-row 1
+    is always empty."""
+    rng = np.random.default_rng(seed)
+    mask = rng.random((n // r, k // c)) < density
+    mask[min(1, n // r - 1)] = False
+    nz = np.argwhere(mask)
+    row_ptr = np.concatenate([[0], np.cumsum(mask.sum(1))]).astype(np.int32)
+    if values == np.int8:
+        blocks = rng.integers(-128, 128, (len(nz), r, c)).astype(np.int8)
+    else:
+        blocks = rng.standard_normal((len(nz), r, c)).astype(np.float32)
+    return row_ptr, nz[:, 1].astype(np.int32), blocks
+
+
+def runner(kern: Kernel, target: str = NATIVE):
+    """Compile the kernel's PrimFunc alone; returns x -> y (numpy)."""
+    lib = tvm.compile(tvm.IRModule({kern.name: kern.func}), target=llvm_target(target).target)
+    dev = tvm.cpu()
+    consts = [tvm.runtime.tensor(a, dev) for a in kern.consts]
+
+    def run(x: np.ndarray) -> np.ndarray:
+        y = tvm.runtime.tensor(np.full((x.shape[0], kern.n), np.nan, np.float32), dev)
+        lib[kern.name](tvm.runtime.tensor(np.ascontiguousarray(x), dev), *consts, y)
+        return y.numpy()
+    return run
+
+
+def check_fp32(kern, w, ms=MS, target=NATIVE, seed=1):
+    run = runner(kern, target)
+    rng = np.random.default_rng(seed)
+    for m in ms:
+        x = rng.standard_normal((m, kern.k)).astype(np.float32)
+        np.testing.assert_allclose(run(x), x @ w.T, rtol=1e-4, atol=1e-4, err_msg=f"m={m}")
+
+
+def int8_reference(x, codes_dense, row_scale, x_scale, zero_point):
+    """The exact integer formula: x_scale * row_scale[n] * sum_k w[n, k] * (qx[m, k] - zp)."""
+    q = np.clip(np.rint(x / np.float32(x_scale)) + zero_point, 0, 255).astype(np.int64)   # rint: ties to even
+    return x_scale * row_scale.astype(np.float64) * ((q - zero_point) @ codes_dense.astype(np.int64).T)
+
+
+def check_int8(kern, codes_dense, row_scale, x_scale, zero_point, ms=MS, target=NATIVE, seed=1):
+    run = runner(kern, target)
+    rng = np.random.default_rng(seed)
+    for m in ms:
+        x = (rng.standard_normal((m, kern.k)) * 60 * x_scale).astype(np.float32)   # some values clip
+        want = int8_reference(x, codes_dense, row_scale, x_scale, zero_point)
+        np.testing.assert_allclose(run(x), want, rtol=2e-6, atol=1e-5, err_msg=f"m={m}")
+
+
+# --- fp32 ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("r,c,density", [(r, c, d) for r, c in FAST_BLOCKS for d in (0.0, 0.15, 0.6)]
+                         + [(2, 2, 0.3), (3, 5, 0.3)])
+def test_fp32_matches_numpy(r, c, density):
+    n, k = 48 // r * r, 80 // c * c
+    row_ptr, col_idx, blocks = random_bsr(n, k, r, c, density)
+    kern = bsr_matmul("fc", row_ptr, col_idx, blocks, n, k, NATIVE)
+    assert kern.notes["kept_blocks"] == blocks.shape[0] and len(kern.consts) == 3
+    check_fp32(kern, dense_from_bsr(row_ptr, col_idx, blocks, n, k))
+
+
+def test_fp32_reads_the_ir_sparse_encoding():
+    """The arrays exactly as nnforge.ir.sparse stores them (int16 block-columns, torch tensors)."""
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(3))
+    keep = (torch.rand(16, 96, generator=torch.Generator().manual_seed(4)) < 0.25).repeat_interleave(4, 0)
+    enc = Sparse.from_mask(w, keep, "block4x1")
+    assert enc.index.dtype == torch.int16
+    kern = bsr_matmul("enc", enc.row_ptr, enc.index, enc.values.decode(), 64, 96, NATIVE)
+    check_fp32(kern, enc.decode().numpy(), ms=[1, 37])
+
+
+def test_fp32_schedules_per_block_shape():
+    def schedule(r, c):
+        return bsr_matmul("s", *random_bsr(32, 32, r, c, 0.5), 32, 32, NATIVE).notes["schedule"]
+    lanes = llvm_target(NATIVE).lanes
+    assert schedule(16, 1).startswith("rows in lanes") == (16 % lanes == 0)
+    assert schedule(4, 1).startswith("tokens in lanes, tile 4 rows")
+    assert schedule(1, 4).startswith("tokens in lanes, tile 1 rows")
+
+
+@pytest.mark.parametrize("r,c", [(4, 1), (1, 4), (16, 1), (8, 2)])
+def test_fp32_avx512_tiling_runs_here(r, c, monkeypatch):
+    """The AVX-512 plan (16 lanes, 32 registers) compiled for this host: LLVM splits the vectors."""
+    native = llvm_target(NATIVE)
+    wide = bsr.CpuTarget(native.target, 16, 32, native.features)
+    monkeypatch.setattr(bsr, "llvm_target", lambda text: wide)
+    n, k = 64, 96
+    row_ptr, col_idx, blocks = random_bsr(n, k, r, c, 0.3)
+    kern = bsr_matmul("wide", row_ptr, col_idx, blocks, n, k, NATIVE)
+    assert kern.notes["lanes"] == 16
+    check_fp32(kern, dense_from_bsr(row_ptr, col_idx, blocks, n, k), ms=[1, 5, 16, 37, 64])
+
+
+# --- int8 ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("r,c,density", [(r, c, d) for r, c in FAST_BLOCKS for d in (0.0, 0.3)]
+                         + [(2, 2, 0.3), (3, 5, 0.3), (1, 8, 0.3)])
+def test_int8_matches_the_integer_formula(r, c, density):
+    n, k = 48 // r * r, 80 // c * c
+    row_ptr, col_idx, codes = random_bsr(n, k, r, c, density, values=np.int8)
+    row_scale = np.random.default_rng(2).uniform(0.001, 0.01, n).astype(np.float32)
+    kern = bsr_matmul_int8("fc", row_ptr, col_idx, codes, row_scale, 0.05, 131, n, k, NATIVE)
+    check_int8(kern, dense_from_bsr(row_ptr, col_idx, codes, n, k), row_scale, 0.05, 131)
+
+
+def test_int8_rounds_half_to_even_and_clips():
+    """x_scale 0.5 makes x / x_scale exact: 0.25 -> 0.5 -> 0, 0.75 -> 1.5 -> 2, -0.25 -> -0; far values clip."""
+    n, k = 8, 16
+    row_ptr, col_idx = np.array([0, 16, 16], np.int32), np.arange(16, dtype=np.int32)
+    codes = np.random.default_rng(0).integers(-128, 128, (16, 4, 1)).astype(np.int8)
+    row_scale = np.ones(n, np.float32)
+    kern = bsr_matmul_int8("ties", row_ptr, col_idx, codes, row_scale, 0.5, 7, n, k, NATIVE)
+    x = np.array([[0.25, 0.75, 1.25, -0.25, -0.75, 1e4, -1e4, 0.0, 3.0, -3.5, 63.5, 64.5, -2.5, 2.5, 0.5, -0.5]],
+                 np.float32)
+    want = int8_reference(x, dense_from_bsr(row_ptr, col_idx, codes, n, k), row_scale, 0.5, 7)
+    np.testing.assert_array_equal(runner(kern)(x), want.astype(np.float32))
+
+
+@pytest.mark.parametrize("group,r,c", [(4, 1, 4), (4, 4, 1), (4, 3, 5), (1, 4, 1), (2, 16, 1)])
+def test_int8_lane_formats_emulated(group, r, c, monkeypatch):
+    """vpdpbusd's 4-column lanes (paired for 1x4, gathered for 4x1), and the plain 1-column path,
+    with the dot instruction's arithmetic emulated in plain vectors so that they run on any CPU."""
+    monkeypatch.setattr(bsr, "_dot_instr", lambda cpu: bsr._DotInstr("emulated", cpu.lanes, group, None))
+    n, k = 48 // r * r, 80 // c * c
+    row_ptr, col_idx, codes = random_bsr(n, k, r, c, 0.3, values=np.int8)
+    row_scale = np.full(n, 0.01, np.float32)
+    kern = bsr_matmul_int8("emu", row_ptr, col_idx, codes, row_scale, 0.1, 255, n, k, NATIVE)
+    assert kern.notes["k_per_lane"] == group
+    check_int8(kern, dense_from_bsr(row_ptr, col_idx, codes, n, k), row_scale, 0.1, 255, ms=[1, 9, 37])
+
+
+def test_int8_groups_pack_a_block_row_in_order():
+    """4x1 blocks in vpmaddwd pairs: a block-row with 3 blocks gives 2 groups, the last padded with a
+    zero weight that reads a valid column."""
+    row_ptr = np.array([0, 3, 3], np.int32)
+    cols = np.array([1, 5, 6], np.int32)
+    codes = np.arange(12, dtype=np.int8).reshape(3, 4, 1)
+    grp_ptr, gk, gw, paired = bsr._int8_groups(row_ptr, cols, codes, 4, 1, 2)
+    assert not paired and grp_ptr.tolist() == [0, 2, 2]
+    assert gk.tolist() == [[1, 5], [6, 6]]
+    lanes = gw.view(np.int16).reshape(2, 4, 2)
+    assert lanes[0, :, 0].tolist() == [0, 1, 2, 3] and lanes[0, :, 1].tolist() == [4, 5, 6, 7]
+    assert lanes[1, :, 0].tolist() == [8, 9, 10, 11] and lanes[1, :, 1].tolist() == [0, 0, 0, 0]
+
+
+# --- the assembly -------------------------------------------------------------------------------
+
+
+def assembly(kern: Kernel, target: str) -> str:
+    lib = tvm.compile(tvm.IRModule({kern.name: kern.func}), target=llvm_target(target).target)
+    return lib.mod.inspect_source("asm")
+
+
+@pytest.mark.skipif("avx2" not in llvm_target(NATIVE).features, reason="this host has no AVX2")
+def test_native_assembly_uses_fma_and_pmaddwd():
+    args = random_bsr(64, 64, 4, 1, 0.3)
+    asm = assembly(bsr_matmul("f", *args, 64, 64, NATIVE), NATIVE)
+    assert "vfmadd" in asm and "%ymm" in asm
+    codes = random_bsr(64, 64, 4, 1, 0.3, values=np.int8)
+    asm8 = assembly(bsr_matmul_int8("q", *codes, np.ones(64, np.float32), 0.1, 3, 64, 64, NATIVE), NATIVE)
+    assert "vpmaddwd" in asm8 and "%ymm" in asm8
+    assert "vpmaddubsw" not in asm8           # it would saturate on 8-bit activations
+
+
+@pytest.mark.parametrize("cpu,r,c,dot,register", [
+    ("sapphirerapids", 4, 1, "vpdpbusd", "zmm"),
+    ("sapphirerapids", 1, 4, "vpdpbusd", "zmm"),
+    ("skylake-avx512", 4, 1, "vpmaddwd", "zmm"),       # AVX-512 without VNNI
+    ("alderlake", 4, 1, "vpdpbusd", "ymm"),            # AVX-VNNI without AVX-512
+])
+def test_cross_compiled_assembly(cpu, r, c, dot, register):
+    """Cross-compiled only, never run: the fp32 tile's FMAs and the int8 dot on the target's registers."""
+    target = f"llvm -mtriple=x86_64-linux-gnu -mcpu={cpu}"
+    lanes = 16 if register == "zmm" else 8
+    assert llvm_target(target).lanes == lanes
+    asm = assembly(bsr_matmul("f", *random_bsr(64, 64, r, c, 0.3), 64, 64, target), target)
+    assert "vfmadd" in asm and (f"%{register}" in asm)
+    codes = random_bsr(64, 64, r, c, 0.3, values=np.int8)
+    kern = bsr_matmul_int8("q", *codes, np.ones(64, np.float32), 0.1, 3, 64, 64, target)
+    assert kern.notes["dot"] == f"{dot} {register}" and kern.notes["lanes"] == lanes
+    asm8 = assembly(kern, target)
+    assert dot in asm8 and f"%{register}" in asm8 and "vpmaddubsw" not in asm8
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+def fp32_args(**change):
+    row_ptr, col_idx, blocks = random_bsr(16, 16, 4, 1, 0.5)
+    args = dict(name="enc.fc1", row_ptr=row_ptr, col_idx=col_idx, blocks=blocks, n=16, k=16, target=NATIVE)
+    args.update(change)
+    return args
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(n=18), r"'enc.fc1' \(18 x 16\): 4x1 blocks do not tile the 18 x 16 weight"),
+    (dict(blocks=np.zeros((3, 4, 3), np.float32)), r"4x3 blocks do not tile the 16 x 16 weight"),
+    (dict(blocks=np.zeros((0, 4, 1), np.float64)), r"blocks must be float32 \[kept, R, C\], got float64"),
+    (dict(blocks=np.zeros((4, 4), np.float32)), r"blocks must be float32 \[kept, R, C\], got float32 \(4, 4\)"),
+    (dict(row_ptr=np.zeros(4, np.int32)), r"row_ptr must have 5 entries"),
+    (dict(row_ptr=np.array([0, 1, 2, 3, 4.0])), r"row_ptr must be a 1-D integer array, got float64"),
+    (dict(col_idx=np.zeros(3, np.float32)), r"col_idx must be a 1-D integer array"),
+    (dict(row_ptr=np.array([0, 1, 1, 1, 1], np.int32)), r"inconsistent BSR arrays: row_ptr .* ends at 1"),
+    (dict(row_ptr=np.array([1, 1, 1, 1, 1], np.int32)), r"inconsistent BSR arrays"),
+    (dict(col_idx=np.full(9, 16, np.int32)), r"col_idx out of range: block-columns must lie in \[0, 16\)"),
+    (dict(col_idx=np.full(9, -1, np.int32)), r"col_idx out of range"),
+    (dict(target="x86 native"), r"expected an LLVM target string"),
+    (dict(target="llvm mcpu=native"), r"cannot read option 'mcpu=native'"),
+])
+def test_fp32_errors(change, message):
+    args = fp32_args()
+    if "col_idx" in change or "row_ptr" in change:
+        # keep the sizes consistent unless the case is about them
+        args["row_ptr"], args["col_idx"], args["blocks"] = (np.array([0, 2, 4, 7, 9], np.int32),
+                                                            np.array([0, 3, 1, 2, 0, 5, 9, 3, 4], np.int32),
+                                                            np.ones((9, 4, 1), np.float32))
+    args.update(change)
+    with pytest.raises(KernelError, match=message):
+        bsr_matmul(**args)
+
+
+def test_fp32_error_when_block_columns_repeat():
+    with pytest.raises(KernelError, match="'dup'.*col_idx must increase strictly within each block-row"):
+        bsr_matmul("dup", np.array([0, 2, 2], np.int32), np.array([3, 3], np.int32), np.ones((2, 1, 4), np.float32),
+                   2, 16, NATIVE)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(blocks_int8=np.ones((9, 4, 1), np.float32)), r"'q' \(16 x 16\): blocks must be int8"),
+    (dict(row_scale=np.ones(16, np.float64)), r"row_scale must be finite float32 \[16\]"),
+    (dict(row_scale=np.ones(8, np.float32)), r"row_scale must be finite float32 \[16\] .* got float32 \(8,\)"),
+    (dict(row_scale=np.full(16, np.inf, np.float32)), r"row_scale must be finite"),
+    (dict(x_scale=0.0), r"x_scale must be a positive finite number, got 0.0"),
+    (dict(x_scale=float("nan")), r"x_scale must be a positive finite number"),
+    (dict(x_zero_point=256), r"x_zero_point must be an integer in \[0, 255\]"),
+    (dict(x_zero_point=1.5), r"x_zero_point must be an integer"),
+])
+def test_int8_errors(change, message):
+    args = dict(name="q", row_ptr=np.array([0, 2, 4, 7, 9], np.int32),
+                col_idx=np.array([0, 3, 1, 2, 0, 5, 9, 3, 4], np.int32), blocks_int8=np.ones((9, 4, 1), np.int8),
+                row_scale=np.ones(16, np.float32), x_scale=0.1, x_zero_point=128, n=16, k=16, target=NATIVE)
+    args.update(change)
+    with pytest.raises(KernelError, match=message):
+        bsr_matmul_int8(**args)
+
+
+def test_int8_error_for_a_too_long_reduction():
+    with pytest.raises(KernelError, match=r"'long' \(4 x 70000\): k = 70000 is too long for exact int32 sums"):
+        bsr_matmul_int8("long", np.array([0, 1], np.int32), np.array([2], np.int32), np.ones((1, 4, 1), np.int8),
+                        np.ones(4, np.float32), 0.1, 0, 4, 70000, NATIVE)
+
+
+def test_native_target_matches_this_host():
+    cpu = llvm_target(NATIVE)
+    flags = bsr._host_cpu_flags()
+    if flags is None:
+        pytest.skip("no /proc/cpuinfo")
+    assert ("avx512f" in cpu.features) == ("avx512f" in flags)
+    assert cpu.lanes == (16 if "avx512f" in flags else 8 if "avx" in flags else 4)

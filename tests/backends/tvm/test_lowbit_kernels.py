@@ -1,0 +1,205 @@
+"""The int8 / int4 weight-only matmul kernel of the tvm backend against numpy.
+
+W is rebuilt in float64 from codes packed by ``nnforge.ir.packing.pack_bits``; each built kernel
+runs at several row counts (one PrimFunc, m symbolic) that cover both schedules (GEMV below
+``GEMV_MAX_ROWS``, prefill at or above it) and every remainder of their row blocks. Shapes are
+ragged on purpose: n not a multiple of the vector tile, k not a multiple of the group size.
+Also: the vector registers in the LLVM assembly for this host and, cross-compiled, for Sapphire
+Rapids; the kernel inside a Relax module (``call_tir``); the byte count of the consts; and every
+error message.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+tvm = pytest.importorskip("tvm")
+
+from nnforge.backends.tvm.kernels import KernelError                     # noqa: E402
+from nnforge.backends.tvm.kernels import lowbit                          # noqa: E402
+from nnforge.backends.tvm.kernels.lowbit import int_weight_matmul, llvm_target, simd_shape   # noqa: E402
+from nnforge.ir.packing import pack_bits                                 # noqa: E402
+
+NATIVE = "llvm -mcpu=native"
+SPR = "llvm -mtriple=x86_64-linux-gnu -mcpu=sapphirerapids"
+# GEMV (remainders 1 and 4+1), both sides of the switch, prefill (remainders and full blocks).
+ROWS = sorted({0, 1, 5, lowbit.GEMV_MAX_ROWS - 1, lowbit.GEMV_MAX_ROWS, 13, 64})
+
+
+def make_weight(bits, n, k, group_size, zero_point, seed=0, shared_scale=False, scale_dtype=np.float32):
+    """Random codes (packed), scales and zero points for an [n, k] weight, and W itself."""
+    rng = np.random.default_rng(seed)
+    groups = -(-k // group_size)
+    fields = rng.integers(0, 1 << bits, (n, k))
+    codes = pack_bits(torch.from_numpy(fields), bits).numpy()
+    scale = rng.uniform(0.005, 0.05, (1 if shared_scale else n, groups)).astype(scale_dtype)
+    zp = rng.integers(0, 1 << bits, scale.shape).astype(np.uint8) if zero_point else None
+    col_group = np.arange(k) // group_size
+    z = zp[:, col_group].astype(np.float64) if zp is not None else float(1 << (bits - 1))
+    w = (fields - z) * scale[:, col_group].astype(np.float64)
+    return codes, scale, zp, w
+
+
+def compiled(kernel, target=NATIVE):
+    lib = tvm.compile(kernel.func, target=llvm_target(target))
+    fn = lib[kernel.name]
+    consts = [tvm.runtime.tensor(c) for c in kernel.consts]
+
+    def run(x: np.ndarray) -> np.ndarray:
+        y = tvm.runtime.tensor(np.full((x.shape[0], kernel.n), np.nan, np.float32))
+        fn(tvm.runtime.tensor(x), *consts, y)
+        return y.numpy()
+    return run, lib
+
+
+def check_rows(run, w, rows=ROWS, seed=1):
+    rng = np.random.default_rng(seed)
+    for m in rows:
+        x = rng.standard_normal((m, w.shape[1])).astype(np.float32)
+        y = run(x)
+        want = x.astype(np.float64) @ w.T
+        assert y.shape == want.shape
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * np.abs(want).max(initial=1.0),
+                                   err_msg=f"m = {m}")
+
+
+@pytest.mark.parametrize("bits,zero_point,group_size,n,k", [
+    (8, False, 32, 37, 200),      # ragged last group (200 = 6*32 + 8), n not a multiple of the tile
+    (8, True, 128, 37, 200),      # 200 = 128 + 72
+    (8, False, None, 50, 300),    # per-channel (group_size = k)
+    (8, True, None, 16, 96),
+    (8, True, 32, 13, 203),       # odd k, last group of 11 columns, n below one tile
+    (4, False, 128, 37, 200),
+    (4, True, 32, 40, 200),
+    (4, False, None, 37, 300),
+    (4, True, 128, 64, 256),      # whole groups, whole tiles
+])
+def test_matches_numpy(bits, zero_point, group_size, n, k):
+    gs = group_size or k
+    codes, scale, zp, w = make_weight(bits, n, k, gs, zero_point)
+    run, _ = compiled(int_weight_matmul("layer.weight", codes, bits, scale, zp, gs, n, k, NATIVE))
+    check_rows(run, w)
+
+
+def test_every_row_count_from_one_to_twenty():
+    """Every remainder of the GEMV (4) and prefill row blocks, and the switch between them."""
+    codes, scale, zp, w = make_weight(4, 24, 64, 32, True, seed=3)
+    run, _ = compiled(int_weight_matmul("w", codes, 4, scale, zp, 32, 24, 64, NATIVE))
+    check_rows(run, w, rows=range(1, 21))
+
+
+def test_shared_scale_row_and_torch_inputs():
+    """A [1, G] scale serves every row; torch tensors (fp16 scales) are accepted as inputs."""
+    codes, scale, zp, w = make_weight(8, 20, 64, 32, True, shared_scale=True, scale_dtype=np.float16)
+    kern = int_weight_matmul("w", *map(torch.from_numpy, (codes,)), 8, torch.from_numpy(scale),
+                             torch.from_numpy(zp), 32, 20, 64, NATIVE)
+    run, _ = compiled(kern)
+    check_rows(run, w, rows=[1, 9])
+
+
+def test_consts_are_the_stored_bytes_interleaved():
+    """codes[b, p, l] = stored[b * lanes + l, p]: bits/8 bytes a weight, rows padded to the tile
+    with zero scales; scales blocked the same way."""
+    n, k = 90, 256
+    for bits in (8, 4):
+        codes, scale, _, _ = make_weight(bits, n, k, 128, False)
+        kern = int_weight_matmul("w", codes, bits, scale, None, 128, n, k, NATIVE)
+        packed, blocked_scale = kern.consts
+        blocks, cols, lanes = packed.shape
+        assert packed.dtype == np.uint8 and cols == k * bits // 8 and lanes == simd_shape(NATIVE).lanes
+        assert blocks * lanes >= n and blocks * lanes - n < 2 * lanes
+        rows = packed.transpose(0, 2, 1).reshape(blocks * lanes, cols)
+        np.testing.assert_array_equal(rows[:n], codes)
+        np.testing.assert_array_equal(rows[n:], 0)
+        scales = blocked_scale.transpose(0, 2, 1).reshape(blocks * lanes, -1)
+        np.testing.assert_array_equal(scales[:n], scale)
+        np.testing.assert_array_equal(scales[n:], 0)
+
+
+def _fma_registers(asm: str) -> set[str]:
+    return set(re.findall(r"vfmadd\w*ps\s+%([xyz]mm)", asm))
+
+
+def test_native_asm_uses_the_host_vector_width():
+    """-mcpu=native gets the host's widest fp32 FMA (ymm on AVX2, zmm only where the host
+    really has AVX-512, which a VM may hide from a CPU whose name says it has it)."""
+    with open("/proc/cpuinfo") as f:
+        avx512 = "avx512f" in f.read()
+    lanes = simd_shape(NATIVE).lanes
+    assert lanes == (16 if avx512 else 8)
+    codes, scale, _, _ = make_weight(4, 32, 256, 128, False)
+    _, lib = compiled(int_weight_matmul("w", codes, 4, scale, None, 128, 32, 256, NATIVE))
+    regs = _fma_registers(lib.mod.inspect_source("asm"))
+    assert regs == {"zmm" if avx512 else "ymm"}
+
+
+def test_sapphire_rapids_cross_compile_uses_zmm():
+    codes, scale, zp, _ = make_weight(8, 64, 256, 128, True)
+    kern = int_weight_matmul("w", codes, 8, scale, zp, 128, 64, 256, SPR)
+    assert kern.notes["lanes"] == 16
+    asm = tvm.compile(kern.func, target=llvm_target(SPR)).mod.inspect_source("asm")
+    assert "zmm" in _fma_registers(asm)
+
+
+def test_runs_inside_a_relax_module():
+    """The contract of kernels/__init__.py: relax.call_tir(func, [x, *consts]) -> y [m, n]."""
+    from tvm import relax
+    n, k = 24, 64
+    codes, scale, _, w = make_weight(4, n, k, 32, False, seed=5)
+    kern = int_weight_matmul("fc.weight", codes, 4, scale, None, 32, n, k, NATIVE)
+    bb = relax.BlockBuilder()
+    m = tvm.tirx.Var("m", "int64")
+    x = relax.Var("x", relax.TensorType((m, k), "float32"))
+    with bb.function("main", [x]):
+        gv = bb.add_func(kern.func, kern.name)
+        y = bb.emit(relax.call_tir(gv, [x, *map(relax.const, kern.consts)], relax.TensorType((m, n), "float32")))
+        bb.emit_func_output(y)
+    vm = relax.VirtualMachine(tvm.compile(bb.get(), target=llvm_target(NATIVE)), tvm.cpu())
+    rng = np.random.default_rng(0)
+    for rows in (1, 20):
+        xs = rng.standard_normal((rows, k)).astype(np.float32)
+        np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(xs)).numpy(), xs @ w.T, rtol=1e-5, atol=1e-5)
+
+
+# --- errors ------------------------------------------------------------------------------------
+def _args(**over):
+    codes, scale, zp, _ = make_weight(4, 8, 64, 32, True)
+    args = dict(name="enc.0.fc1.weight", codes=codes, bits=4, scale=scale, zero_point=zp, group_size=32, n=8, k=64,
+                target=NATIVE)
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize("over,message", [
+    (dict(bits=3), "3-bit codes are not supported by the int weight matmul kernel (supported: 4, 8 bits)"),
+    (dict(bits=2), "2-bit codes are not supported"),
+    (dict(codes=np.zeros((8, 31), np.uint8)), "codes must be uint8 [8, 32] (4-bit codes of a [8, 64] weight), "
+                                              "got uint8 [8, 31]"),
+    (dict(codes=np.zeros((8, 32), np.int8)), "codes must be uint8 [8, 32]"),
+    (dict(codes=np.zeros((8, 32), np.uint8), n=9), "codes must be uint8 [9, 32]"),
+    (dict(codes=[[0] * 32] * 8), "codes must be a numpy array or torch tensor, got list"),
+    (dict(scale=np.ones((8, 3), np.float32)), "scale must be [8 or 1, 2] (2 groups of 32 along k = 64), "
+                                              "got [8, 3]"),
+    (dict(scale=np.ones((4, 2), np.float32)), "scale must be [8 or 1, 2]"),
+    (dict(scale=np.ones((8, 2), np.int32)), "scale must hold floats, got int32"),
+    (dict(zero_point=np.zeros((8, 3), np.uint8)), "zero_point shape [8, 3] differs from scale shape [8, 2]"),
+    (dict(zero_point=np.zeros((8, 2), np.float32)), "zero_point must hold integers (in the code domain)"),
+    (dict(zero_point=np.full((8, 2), 16, np.int32)), "zero points must lie in the 4-bit code range [0, 15], "
+                                                     "got [16, 16]"),
+    (dict(k=63, codes=np.zeros((8, 32), np.uint8)), "4-bit codes need an even k (two codes a byte), got k = 63"),
+    (dict(group_size=33, scale=np.ones((8, 2), np.float32)), "4-bit codes need an even group_size"),
+    (dict(group_size=0), "group_size 0 outside 1..64"),
+    (dict(group_size=65), "group_size 65 outside 1..64"),
+    (dict(n=0), "weight shape [0, 64] must have n >= 1 and k >= 1"),
+    (dict(target="cuda -arch=sm_90"), "LLVM target 'cuda -arch=sm_90'"),
+    (dict(target="llvm -mcpu=sapphirerapids -bogus=1"), "LLVM target 'llvm -mcpu=sapphirerapids -bogus=1'"),
+])
+def test_errors_name_the_weight(over, message):
+    with pytest.raises(KernelError) as e:
+        int_weight_matmul(**_args(**over))
+    assert str(e.value).startswith("enc.0.fc1.weight: ")
+    assert message in str(e.value)
+
