@@ -106,6 +106,18 @@ def _minilm():
     return model, encode(tok, evals[:4]), dynamic_shapes(), ["input_ids", "attention_mask"], ["embeddings"]
 
 
+def _bert_base():
+    """BERT-base's shape (12 layers, hidden 768, FFN 3072, 12 heads) with random weights (seeded),
+    the pooling of the default model, and its tokenizer (the same 30,522-token vocabulary)."""
+    from transformers import BertConfig, BertModel
+    from .default import DefaultModel, dynamic_shapes, encode, load_default_model, sentence_splits
+    _, tok = load_default_model()
+    _, evals = sentence_splits()
+    torch.manual_seed(0)
+    model = DefaultModel(BertModel(BertConfig(), add_pooling_layer=False)).eval()
+    return model, encode(tok, evals[:4]), dynamic_shapes(), ["input_ids", "attention_mask"], ["embeddings"]
+
+
 def _resnet18():
     from torch.export import Dim
     return resnet18(), (torch.randn(2, 3, 224, 224),), ({0: Dim("batch", max=1024)},), ["image"], ["logits"]
@@ -118,7 +130,7 @@ def _llama():
 
 
 # name -> factory returning (model, example_inputs, dynamic_shapes, input_names, output_names)
-ZOO: dict[str, Callable] = {"minilm": _minilm, "resnet18": _resnet18, "llama": _llama}
+ZOO: dict[str, Callable] = {"minilm": _minilm, "bert-base": _bert_base, "resnet18": _resnet18, "llama": _llama}
 
 
 def zoo_model(name: str):

@@ -27,7 +27,6 @@ target's instruction (``vpdpbusd`` with VNNI, ``vpmaddwd`` on AVX2); see its doc
 """
 # no `from __future__ import annotations`: TVMScript reads the T.Buffer annotations as live objects
 import math
-import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -47,60 +46,28 @@ class CpuTarget:
     features: frozenset     # the LLVM features the target enables
 
 
-def _host_cpu_flags() -> set[str] | None:
-    """This host's CPU flags from /proc/cpuinfo, underscores dropped to match LLVM's names."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return {flag.replace("_", "") for flag in line.split(":", 1)[1].split()}
-    except OSError:
-        pass
-    return None
-
-
 @lru_cache(maxsize=None)
-def llvm_target(text: str) -> CpuTarget:
-    """Read an LLVM target string such as ``"llvm -mcpu=native"`` or ``"llvm -mtriple=x86_64-linux-gnu
-    -mcpu=sapphirerapids -mattr=+avx2"`` (TVM 0.27 takes only the dict form).
+def llvm_target(target) -> CpuTarget:
+    """What the kernels need of an LLVM target: a string such as ``"llvm -mcpu=native"`` or ``"llvm
+    -mtriple=x86_64-linux-gnu -mcpu=sapphirerapids"``, or a tvm Target. Strings are resolved by the
+    backend's :func:`nnforge.backends.tvm.resolve_target` (``native``: this host's CPU name *and*
+    features, so a VM hiding AVX-512 gets AVX2 code), the target the kernels must be compiled with.
 
-    ``-mcpu=native`` is resolved here, because TVM 0.27 falls back to a generic CPU (no AVX) on it:
-    LLVM names this host's CPU from its family and model, but a virtual machine may hide some of that
-    CPU's features (AVX-512 on a VM of a Zen 4 host), so each SIMD feature missing from the host's
-    /proc/cpuinfo is switched off explicitly. Compile the kernels with ``.target``.
-
-    >>> llvm_target("llvm -mcpu=native").lanes
-    8
+    >>> llvm_target("llvm -mtriple=x86_64-linux-gnu -mcpu=sapphirerapids").lanes
+    16
     """
-    import tvm
     from tvm.target import codegen
 
-    words = text.split()
-    if not words or words[0] != "llvm":
-        raise KernelError(f"target {text!r}: expected an LLVM target string such as 'llvm -mcpu=native'")
-    spec: dict = {"kind": "llvm"}
-    for word in words[1:]:
-        match = re.fullmatch(r"-{1,2}([\w-]+)=(\S+)", word)
-        if not match:
-            raise KernelError(f"target {text!r}: cannot read option {word!r} (expected -key=value)")
-        key, value = match.groups()
-        spec[key] = value.split(",") if key == "mattr" else value
-    if spec.get("mcpu") == "native":
-        spec["mcpu"] = codegen.llvm_get_system_cpu()
-        flags = _host_cpu_flags()
-        if flags is not None:
-            named = codegen.llvm_get_cpu_features(tvm.target.Target(dict(spec)))
-            hidden = sorted(f for f in named if re.match(r"(avx|amx|fma|f16c)", f)
-                            and re.sub(r"[-_]", "", f) not in flags)
-            spec["mattr"] = list(spec.get("mattr", [])) + [f"-{f}" for f in hidden]
+    from ...base import BackendError
+    from .. import resolve_target
     try:
-        target = tvm.target.Target(spec)
-    except Exception as e:      # TVM raises its own error types
-        raise KernelError(f"target {text!r}: TVM refused {spec}: {e}") from None
-    features = frozenset(codegen.llvm_get_cpu_features(target))
+        resolved = resolve_target(target)
+    except BackendError as e:
+        raise KernelError(str(e)) from None
+    features = frozenset(codegen.llvm_get_cpu_features(resolved))
     wide = "avx512f" in features
     lanes = 16 if wide else 8 if "avx" in features else 4
-    return CpuTarget(target, lanes, 32 if wide or "neon" in features else 16, features)
+    return CpuTarget(resolved, lanes, 32 if wide or "neon" in features else 16, features)
 
 
 # --- checking and reading BSR arrays ---------------------------------------------------------------
@@ -543,7 +510,8 @@ def _int8_func(n: int, k: int, r: int, groups: int, paired: bool, dot: _DotInstr
             return q
         word = T.Shuffle([q], [w * G for w in range(k_step)])
         for j in range(1, G):
-            word = word | (T.Shuffle([q], [w * G + j for w in range(k_step)]) << T.broadcast(T.uint32(bits * j), k_step))
+            field = T.Shuffle([q], [w * G + j for w in range(k_step)])
+            word = word | (field << T.broadcast(T.uint32(bits * j), k_step))
         return word
 
     def activations(xq, gk, g, t0):
@@ -636,8 +604,8 @@ def _emulated_dot(T, act, wb, group: int, lanes: int):
 def bsr_matmul_int8(name: str, row_ptr, col_idx, blocks_int8, row_scale, x_scale: float, x_zero_point: int,
                     n: int, k: int, target: str) -> Kernel:
     """int8 BSR SpMM ``y[m, n] = x_scale * row_scale[n] * sum_k W[n, k] * (qx[m, k] - x_zero_point)`` with
-    ``qx = clip(round_half_to_even(x / x_scale) + x_zero_point, 0, 255)``, quantised inside the kernel
-    (a static per-tensor scale and zero point), W's int8 codes ``blocks_int8`` [kept, R, C] and one
+    ``qx = clip(round_half_to_even(x / x_scale) + x_zero_point, 0, 255)`` (a float32 division),
+    quantised inside the kernel (a static per-tensor scale and zero point), W's int8 codes ``blocks_int8`` [kept, R, C] and one
     float32 ``row_scale`` per output row. The sums are exact int32; the zero point comes off through
     per-row code sums precomputed here.
 

@@ -1,0 +1,123 @@
+"""End to end on this CPU: block-sparse models compiled for the `cpu` target (TVM, our BSR kernels)
+against the same models dense in torch eager and in ONNX Runtime, in one run.
+
+Models: the default model (all-MiniLM-L6-v2, real weights) and a BERT-base-size encoder (12 x 768,
+FFN 3072; random weights from a `transformers` config, seeded; the default model's tokenizer and
+pooling). Each is pruned to 80% sparsity in 4x1 blocks: the default model with SparseGPT on the 480
+calibration sentences (`block-sparse-80`), BERT-base by magnitude (random weights have nothing for
+calibration to find, and SparseGPT on BERT-base costs minutes here). Runners:
+
+- torch eager, dense fp32 (the unpruned model; threads = CPU count)
+- ONNX Runtime, dense fp32: nnforge's `onnx` bundle of the unpruned model
+- nnforge `cpu` bundle, dense fp32 (TVM, our scheduled dense GEMM)
+- nnforge `cpu` bundle of the 80% block-sparse model (TVM, BSR kernels)
+
+Latency: real sentences padded to the longest of the batch; median over stretches of runs that
+alternate between the runners, with a warm-up run at the start of each stretch (thread pools of
+the other runtime spin after its runs). Fidelity: mean / min cosine of the sparse bundle's
+embeddings against fp32 torch (the default model: 500 held-out sentences, plus NN agreement).
+Writes benchmarks/out/cpu_e2e.json.
+
+    python benchmarks/cpu_e2e.py [--models minilm bert-base] [--batches 1 32] [--rounds 30]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import nnforge as nf
+from nnforge.models import default as dm
+from nnforge.models.zoo import zoo_model
+
+warnings.filterwarnings("ignore")
+OUT = Path(__file__).parent / "out"
+RECIPE = {"minilm": "block-sparse-80",
+          "bert-base": [{"pass": "prune_magnitude", "pattern": "block4x1", "sparsity": 0.8}]}
+
+
+def alternating_ms(runners: dict, batch, rounds: int, passes: int = 3) -> dict[str, float]:
+    samples = {k: [] for k in runners}
+    for _ in range(passes):
+        for name, run in runners.items():
+            run(*batch)
+            for _ in range(max(1, rounds // passes)):
+                t0 = time.perf_counter()
+                run(*batch)
+                samples[name].append(time.perf_counter() - t0)
+    return {k: 1000 * statistics.median(v) for k, v in samples.items()}
+
+
+def embed(run, batches) -> torch.Tensor:
+    return torch.cat([torch.as_tensor(np.asarray(run(*b))) for b in batches])
+
+
+def bench_model(name: str, args, tmp: Path) -> list[dict]:
+    model, _, dyn, ins, outs = zoo_model(name)
+    _, tok = dm.load_default_model()
+    calib, evals = dm.sentence_splits()
+    example = dm.encode(tok, evals[:8])
+    calibration = dm.calibration_batches(tok, calib, 32) if name == "minilm" else None
+    common = dict(example_inputs=example, dynamic_shapes=dyn, input_names=ins, output_names=outs)
+    t0 = time.perf_counter()
+    bundles = {"ORT dense fp32": nf.compile(model, "onnx", None, out=tmp / f"{name}-onnx", **common),
+               "nnforge cpu dense fp32": nf.compile(model, "cpu", None, out=tmp / f"{name}-cpu", **common),
+               "nnforge cpu 80% block4x1": nf.compile(model, "cpu", RECIPE[name], calibration=calibration,
+                                                      out=tmp / f"{name}-cpu-sparse", **common)}
+    print(f"{name}: compiled in {time.perf_counter() - t0:.0f} s", flush=True)
+    sparse = bundles["nnforge cpu 80% block4x1"]
+    fallbacks = sparse.manifest["fallbacks"]
+    torch.set_num_threads(os.cpu_count() or 1)
+    runners = {"torch eager dense fp32": lambda ids, mask: model(ids, mask)}
+    runners.update({k: nf.load(b.path) for k, b in bundles.items()})
+    eval_batches = dm.batches(tok, evals[:500] if name == "minilm" else evals[:64], 32)
+    with torch.no_grad():
+        reference = embed(runners["torch eager dense fp32"], eval_batches)
+        fid = dm.evaluate_embeddings(reference, embed(runners["nnforge cpu 80% block4x1"], eval_batches)).to_dict()
+        rows = []
+        for bs in args.batches:
+            batch = dm.encode(tok, evals[:bs])
+            ms = alternating_ms(runners, batch, args.rounds)
+            base, ort = ms["torch eager dense fp32"], ms["ORT dense fp32"]
+            for runner, v in ms.items():
+                rows.append({"model": name, "runner": runner, "batch": bs, "seq": int(batch[0].shape[1]),
+                             "ms": round(v, 3), "x_torch": round(base / v, 3), "x_ort": round(ort / v, 3)})
+    for r in rows:
+        r.update({"sparse_fidelity": fid, "sparse_fallbacks": len(fallbacks)})
+    print(f"{name}: 80% block-sparse bundle vs fp32 torch: mean cos {fid['cosine_mean']:.6f}, min "
+          f"{fid['cosine_min']:.6f}, NN agreement {fid['nn_agreement']:.1%}; fallbacks: {len(fallbacks)}", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["minilm", "bert-base"])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--rounds", type=int, default=30)
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            rows += bench_model(name, args, Path(tmp))
+    print(f"\n{'model':<10} {'runner':<26} {'batch':>5} {'seq':>4} {'ms':>9} {'x torch':>8} {'x ORT':>7}")
+    for r in rows:
+        print(f"{r['model']:<10} {r['runner']:<26} {r['batch']:>5} {r['seq']:>4} {r['ms']:>9.2f} "
+              f"{r['x_torch']:>8.2f} {r['x_ort']:>7.2f}")
+    OUT.mkdir(exist_ok=True)
+    meta = {"machine": f"{os.cpu_count()} CPU threads", "torch": torch.__version__,
+            "onnxruntime": __import__("onnxruntime").__version__, "rounds": args.rounds,
+            "load_average": os.getloadavg()}
+    (OUT / "cpu_e2e.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"wrote {OUT / 'cpu_e2e.json'}")
+
+
+if __name__ == "__main__":
+    main()
