@@ -87,6 +87,13 @@ PARAMETRIC: dict[str, tuple[str, str, object]] = {
                               "(needs calibration)",
                               lambda v: [{"pass": "prune_sparsegpt", "pattern": "block4x1", "sparsity": int(v) / 100,
                                           "format": "int8"}]),
+    "block-sparse-<pct>-w8a8": (r"block-sparse-(\d+)-w8a8", "SmoothQuant, <pct>% sparsity in 4x1 blocks with int8 "
+                                "kept values (one scale per output row), int8 activations (static per-tensor): the "
+                                "u8 x s8 SpMM of the cpu target (needs calibration)",
+                                lambda v: [{"pass": "smooth_quant"},
+                                           {"pass": "prune_sparsegpt", "pattern": "block4x1",
+                                            "sparsity": int(v) / 100, "format": "int8"},
+                                           {"pass": "quantize_activations", "format": "int8"}]),
     "lowrank-<pct>": (r"lowrank-(\d+)", "activation-aware SVD keeping <pct>% of the linear layers' parameters, "
                       "one rank ratio for every layer (needs calibration)",
                       lambda v: [{"pass": "lowrank_asvd", "param_budget": int(v) / 100}]),

@@ -17,7 +17,7 @@ import numpy as np
 
 from ...ir import Dense, Value, symbolic as sym
 from ...ir.dtypes import DType
-from ..base import BackendError
+from ..base import BackendError, Fallback
 from .kernels import KernelError
 
 if TYPE_CHECKING:
@@ -189,6 +189,19 @@ def _flatten_rows(lw, x: Value):
     return lw.emit(op.reshape(xe, [rows, lw.dim(x.shape[-1])])), rows
 
 
+def int8_blocks(enc) -> tuple[np.ndarray, np.ndarray] | None:
+    """(int8 codes [kept, R, C], float32 scale per output row) of a block-sparse weight whose kept
+    values are 8-bit signed codes under one scale per output row (``Sparse.row_scale``, as
+    ``prune_sparsegpt(format="int8")`` makes them), or None for any other layout."""
+    from ...ir import IntQuant
+    v = enc.values
+    if (enc.pattern.kind != "block" or enc.row_scale is None or not isinstance(v, IntQuant) or v.bits != 8
+            or not v.signed or v.zero_point is not None or v.scale.numel() != 1 or v.perm is not None):
+        return None
+    codes = numpy_of(v.int_codes()).reshape(v.shape).astype(np.int8)
+    return codes, (numpy_of(enc.row_scale.float()) * float(v.scale)).astype(np.float32)
+
+
 def _bsr_args(w: Value) -> dict | None:
     """bsr_matmul's arguments for a block-sparse weight with dense fp32 blocks."""
     enc = w.encoding
@@ -199,6 +212,63 @@ def _bsr_args(w: Value) -> dict | None:
     n, k = enc.shape
     return {"row_ptr": numpy_of(enc.row_ptr), "col_idx": numpy_of(enc.index), "blocks": numpy_of(enc.values.data),
             "n": n, "k": k}
+
+
+def _int8_activation(x: Value):
+    """(float input, scale, uint8 zero point) when ``x`` is a static int8/uint8 ``fake_quant`` of a
+    float32 tensor: the int8 SpMM kernel quantises that input itself, on the same grid (an int8
+    grid is the uint8 grid shifted by 128)."""
+    node = x.producer
+    if node is None or node.op != "fake_quant" or not node.attrs["format"].is_integer:
+        return None
+    src = node.inputs[0]
+    if src.dtype.name != "float32":
+        return None
+    shift = 128 if node.attrs["format"].int_range[0] < 0 else 0
+    return src, float(node.attrs["scale"]), int(node.attrs["zero_point"]) + shift
+
+
+def int8_bsr_kernel(lw: Lowering, w: Value, x: Value):
+    """(GlobalVar, const param vars, n, the float input to pass) of the u8 x s8 BSR kernel for a
+    linear whose int8 block-sparse weight reads a statically int8-quantised activation; None when
+    the weight or the activation is not in that form (or the kernel refuses it, reported)."""
+    act = _int8_activation(x)
+    found = int8_blocks(w.encoding) if len(w.shape) == 2 else None
+    if act is None or found is None:
+        return None
+    src, x_scale, zp = act
+    key = (w.name, x_scale, zp)
+    if key not in lw._linear:
+        from .kernels.bsr import bsr_matmul_int8
+        enc = w.encoding
+        codes, row_scale = found
+        n, k = enc.shape
+        try:
+            kernel = bsr_matmul_int8(c_name(f"nf_bsr_i8_{w.name}_{len(lw._linear)}"), numpy_of(enc.row_ptr),
+                                     numpy_of(enc.index), codes, row_scale, x_scale, zp, n, k, lw.llvm_target)
+        except KernelError as e:
+            lw.fallbacks.append(Fallback(w.name, enc.describe(), f"int8 BSR kernel refused it ({e}): ran as fp32"))
+            return None
+        consts = [lw.extra(w.name, f"{kernel.name}.{i}", c) for i, c in enumerate(kernel.consts)]
+        lw.kernel_notes[w.name] = {"function": kernel.name, **_jsonable(kernel.notes)}
+        lw._linear[key] = (lw.func(kernel.name, kernel.func), consts, kernel.n, src)
+    return lw._linear[key]
+
+
+def _bsr_int8_weight_args(w: Value) -> dict | None:
+    """bsr_matmul's arguments for int8 block codes with row scales read by fp32 activations: the
+    codes widened to fp32 blocks for the fp32 kernel (the int8 kernel needs int8 activations),
+    reported by the caller as a fallback."""
+    found = int8_blocks(w.encoding)
+    if found is None or len(w.shape) != 2:
+        return None
+    codes, row_scale = found
+    enc = w.encoding
+    n, k = enc.shape
+    rows = np.repeat(np.arange(n // enc.pattern.r), np.diff(numpy_of(enc.row_ptr).astype(np.int64)))
+    scale = row_scale.reshape(-1, enc.pattern.r)[rows][:, :, None]
+    return {"row_ptr": numpy_of(enc.row_ptr), "col_idx": numpy_of(enc.index),
+            "blocks": (codes.astype(np.float32) * scale).astype(np.float32), "n": n, "k": k}
 
 
 def _int_args(w: Value) -> dict | None:
@@ -221,7 +291,7 @@ def _int_args(w: Value) -> dict | None:
 # encoding kind -> (kernel module under kernels/, its builder, the function turning the weight into
 # the builder's keyword arguments, or None when the kernel does not take this variant)
 KERNELS: dict[str, tuple[str, str, Callable[[Value], dict | None]]] = {
-    "sparse": ("bsr", "bsr_matmul", _bsr_args),
+    "sparse": ("bsr", "bsr_matmul", lambda w: _bsr_args(w) or _bsr_int8_weight_args(w)),
     "int": ("lowbit", "int_weight_matmul", _int_args),
 }
 
@@ -255,6 +325,10 @@ def linear_kernel(lw: Lowering, w: Value) -> tuple:
                 except KernelError as e:
                     why = str(e)
     if kernel is not None:
+        if enc.kind == "sparse" and int8_blocks(enc) is not None:
+            lw.fallbacks.append(Fallback(w.name, enc.describe(), "int8 block codes widened to fp32 blocks for the fp32 "
+                                         "BSR kernel: the int8 kernel needs a static int8 activation "
+                                         "(quantize_activations) on this layer's input"))
         consts = [lw.extra(w.name, f"{kernel.name}.{i}", c) for i, c in enumerate(kernel.consts)]
         if getattr(enc, "perm", None) is not None:
             perm = lw.extra(w.name, "perm", numpy_of(enc.perm).astype(np.int64))
@@ -282,6 +356,14 @@ def _linear(lw, node):
     out = node.outputs[0]
     if not (w.is_weight and x.dtype.name == "float32" and w.dtype.name == "float32"):
         return op.linear(lw.arg(x), lw.arg(w), lw.arg(bias))       # fp16 graphs, computed weights
+    int8 = int8_bsr_kernel(lw, w, x) if w.encoding.kind == "sparse" else None
+    if int8 is not None:       # u8 x s8 SpMM: the kernel quantises the fake_quant's input itself
+        gv, consts, n, src = int8
+        x2, rows = _flatten_rows(lw, src)
+        y = _dense_call(lw, gv, x2, rows, consts, n, node.name)
+        if bias is not None:
+            y = lw.emit(op.add(y, lw.arg(bias)))
+        return lw.emit(op.reshape(y, lw.shape(out.shape))) if x.type.rank != 2 else y
     gv, consts, n, perm, fused_bias = linear_kernel(lw, w)
     x2, rows = _flatten_rows(lw, x)
     if perm is not None:       # act-order: the kernel's columns are in stored order

@@ -461,6 +461,40 @@ def test_block_sparse_linear_runs_on_the_bsr_kernel(tmp_path):
     assert "nf_sparse_fc_weight" in lowered.entry["kernels"]["fc.weight"]["function"]
 
 
+def _int8_block_codes(n: int, k: int, seed: int) -> Sparse:
+    """A 4x1 block-sparse weight of int8 codes with one scale per output row (Sparse.row_scale)."""
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-128, 128, (n, k), generator=gen).float()
+    keep = (torch.rand(n // 4, 1, k, 1, generator=gen) < 0.3).expand(n // 4, 4, k, 1).reshape(n, k)
+    row_scale = torch.rand(n, generator=gen) * 0.01 + 0.001
+
+    def as_codes(v):
+        return IntQuant.from_codes(v.reshape(len(v), -1).to(torch.int64), torch.ones(1, 1), bits=8, signed=True,
+                                   shape=tuple(v.shape), group_size=4)
+    return Sparse.from_mask(codes, keep, "block4x1", as_codes, row_scale=row_scale)
+
+
+@pytest.mark.parametrize("fmt,zero_point", [("int8", 3), ("uint8", 131)])
+def test_int8_block_codes_after_an_int8_activation_run_the_u8s8_kernel(tmp_path, fmt, zero_point):
+    _kernel_module("bsr")
+    g = Graph("lin8")
+    x = g.add_input("x", tensor("f32", "batch", "seq", 64))
+    q = g.op("fake_quant", x, format=dtype(fmt), scale=0.02, zero_point=zero_point)
+    g.set_outputs([g.op("linear", q, g.add_weight("fc.weight", _int8_block_codes(32, 64, 6)),
+                        w(g, "fc.bias", torch.randn(32)), name="fc")])
+    lowered = lower_run_compare(g, tmp_path)
+    assert not lowered.fallbacks, lowered.fallbacks
+    assert lowered.entry["kernels"]["fc.weight"]["kernel"] == "bsr_int8"
+
+
+def test_int8_block_codes_after_a_float_activation_widen_with_a_fallback(tmp_path):
+    _kernel_module("bsr")
+    lowered = lower_run_compare(_one_linear(_int8_block_codes(32, 64, 7), 64), tmp_path)
+    (fb,) = lowered.fallbacks
+    assert fb.where == "fc.weight" and "widened to fp32 blocks" in fb.action and "quantize_activations" in fb.action
+    assert "nf_sparse_fc_weight" in lowered.entry["kernels"]["fc.weight"]["function"]
+
+
 def test_variants_without_a_kernel_fall_back_and_say_why(tmp_path):
     torch.manual_seed(5)
     wt = torch.randn(16, 64)
