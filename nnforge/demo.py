@@ -20,7 +20,9 @@ from .backends.base import available_backends
 from .models import default as dm
 
 # Recipes the demo runs per backend (those whose passes exist in this build).
-DEMO_RECIPES = {"onnx": ["fp32", "w8", "w4-rtn", "w4-gptq", "w3-gptq", "fp8", "mxfp4", "nvfp4", "w8a8", "fp8-w8a8"]}
+DEMO_RECIPES = {"onnx": ["fp32", "w8", "w4-rtn", "w4-gptq", "w3-gptq", "fp8", "mxfp4", "nvfp4", "w8a8", "fp8-w8a8"],
+                # the cpu target's own kernels: int8/int4 weight GEMM, fp32 and u8 x s8 BSR SpMM
+                "tvm": ["fp32", "w8", "w4-rtn", "block-sparse-80", "block-sparse-80-w8a8"]}
 FP32_COSINE_FLOOR = 0.99999
 
 
