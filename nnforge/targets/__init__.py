@@ -41,14 +41,19 @@ def _has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def _cpu_flags() -> set[str]:
+def host_cpu_flags() -> set[str] | None:
+    """This CPU's flags from /proc/cpuinfo (None where there is no such file)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
                 return set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return None
+
+
+def _cpu_flags() -> set[str]:
+    return host_cpu_flags() or set()
 
 
 def _cuda() -> tuple[bool, str]:

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ...ir import Graph
-from ...targets import Target
+from ...targets import Target, host_cpu_flags
 from ..base import Backend, BackendError, InputSpec, Lowered, Runner
 
 LIBRARY_FILE = "model.so"
@@ -124,17 +124,6 @@ def target_cpu_features(target) -> list[str]:
     """The instruction sets (LLVM names, those in LINUX_FLAGS) code for ``target`` may use."""
     from tvm.target import codegen
     return sorted(f for f in codegen.llvm_get_cpu_features(target) if f in LINUX_FLAGS)
-
-
-def host_cpu_flags() -> set[str] | None:
-    """This CPU's flags from /proc/cpuinfo (None where there is no such file)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return None
 
 
 def check_cpu(path: Path, entry: dict) -> None:
