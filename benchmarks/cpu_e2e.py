@@ -13,8 +13,8 @@ calibration to find, and SparseGPT on BERT-base costs minutes here). Runners:
 - nnforge `cpu` bundle of the 80% block-sparse model (TVM, BSR kernels)
 
 Latency: real sentences padded to the longest of the batch; median over stretches of runs that
-alternate between the runners, with a warm-up run at the start of each stretch (thread pools of
-the other runtime spin after its runs). Fidelity: mean / min cosine of the sparse bundle's
+alternate between the runners, each after a pause and a warm-up run (benchmarks/timing.py: the
+other runtimes' threads spin after their runs). Fidelity: mean / min cosine of the sparse bundle's
 embeddings against fp32 torch (the default model: 500 held-out sentences, plus NN agreement).
 Writes benchmarks/out/cpu_e2e.json.
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
 import time
 import warnings
@@ -36,24 +35,13 @@ import torch
 
 import nnforge as nf
 from nnforge.models import default as dm
+from timing import alternating_ms
 from nnforge.models.zoo import zoo_model
 
 warnings.filterwarnings("ignore")
 OUT = Path(__file__).parent / "out"
 RECIPE = {"minilm": "block-sparse-80",
           "bert-base": [{"pass": "prune_magnitude", "pattern": "block4x1", "sparsity": 0.8}]}
-
-
-def alternating_ms(runners: dict, batch, rounds: int, passes: int = 3) -> dict[str, float]:
-    samples = {k: [] for k in runners}
-    for _ in range(passes):
-        for name, run in runners.items():
-            run(*batch)
-            for _ in range(max(1, rounds // passes)):
-                t0 = time.perf_counter()
-                run(*batch)
-                samples[name].append(time.perf_counter() - t0)
-    return {k: 1000 * statistics.median(v) for k, v in samples.items()}
 
 
 def embed(run, batches) -> torch.Tensor:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
 import time
 import warnings
@@ -26,6 +25,7 @@ import torch
 
 import nnforge as nf
 from nnforge.models import default as dm
+from timing import alternating_ms
 
 warnings.filterwarnings("ignore")
 OUT = Path(__file__).parent / "out"
@@ -43,21 +43,6 @@ def linear_params(bundle) -> tuple[int, int]:
             if ("intermediate" in n.name or n.name.endswith("output.dense")) and "attention" not in n.name:
                 mlp += size
     return mlp, total
-
-
-def alternating_ms(runners: dict, batch, rounds: int, passes: int = 3) -> dict[str, float]:
-    """Median ms per runner, its runs split into ``passes`` stretches that alternate between the
-    runners (a load change on the machine hits all alike). Runs are not interleaved one by one: an
-    ONNX Runtime session's threads spin after a run and would slow the next session's run."""
-    samples = {k: [] for k in runners}
-    for _ in range(passes):
-        for name, run in runners.items():
-            run(*batch)                      # warm-up: the other sessions ran in between
-            for _ in range(max(1, rounds // passes)):
-                t0 = time.perf_counter()
-                run(*batch)
-                samples[name].append(time.perf_counter() - t0)
-    return {k: 1000 * statistics.median(v) for k, v in samples.items()}
 
 
 def main() -> None:
