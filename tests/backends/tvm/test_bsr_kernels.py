@@ -3,7 +3,8 @@
 Random block masks at several densities (with empty block-rows, and with no block at all), every fast
 block shape (1x4, 4x1, 16x1) and odd ones (2x2, 3x5), m in {0, 1, 3, 32, 37} through one built
 function (m is symbolic); int8 against the exact integer formula, rounding ties and clipping
-included. The AVX-512 tiling and the VNNI lane format run here too: LLVM splits 16-lane vectors
+included, and its small-m (GEMV, rows in lanes) schedule at m = 1, 2, 3 shown to be the one that
+runs there. The AVX-512 tiling and the VNNI lane format run here too: LLVM splits 16-lane vectors
 for AVX2, and the dot instruction's arithmetic has a plain-vector emulation. The assembly is
 checked for the instructions each path exists for (this host's AVX2; Sapphire Rapids, Skylake-AVX512
 and Alder Lake cross-compiled, never run), and every documented error for its message.
@@ -43,14 +44,15 @@ def random_bsr(n, k, r, c, density, seed=0, values=np.float32):
 
 
 def runner(kern: Kernel, target: str = NATIVE):
-    """Compile the kernel's PrimFunc alone; returns x -> y (numpy)."""
+    """Compile the kernel's PrimFunc alone; returns (x, consts=kern.consts) -> y (numpy)."""
     lib = tvm.compile(tvm.IRModule({kern.name: kern.func}), target=llvm_target(target).target)
     dev = tvm.cpu()
     consts = [tvm.runtime.tensor(a, dev) for a in kern.consts]
 
-    def run(x: np.ndarray) -> np.ndarray:
+    def run(x: np.ndarray, other_consts=None) -> np.ndarray:
         y = tvm.runtime.tensor(np.full((x.shape[0], kern.n), np.nan, np.float32), dev)
-        lib[kern.name](tvm.runtime.tensor(np.ascontiguousarray(x), dev), *consts, y)
+        args = consts if other_consts is None else [tvm.runtime.tensor(a, dev) for a in other_consts]
+        lib[kern.name](tvm.runtime.tensor(np.ascontiguousarray(x), dev), *args, y)
         return y.numpy()
     return run
 
@@ -136,6 +138,94 @@ def test_int8_matches_the_integer_formula(r, c, density):
     check_int8(kern, dense_from_bsr(row_ptr, col_idx, codes, n, k), row_scale, 0.05, 131)
 
 
+SMALL_MS = [1, 2, 3]
+
+
+@pytest.mark.parametrize("r,c", FAST_BLOCKS + [(2, 2), (1, 8), (1, 6)])
+def test_int8_small_m_takes_rows_in_lanes(r, c):
+    """m = 1, 2, 3 run the GEMV schedule and m = 37 tokens in lanes: the results stay exact with the
+    other schedule's codes zeroed, and do not with the expected schedule's codes zeroed."""
+    n, k = 64 // r * r, 96 // c * c
+    row_ptr, col_idx, codes = random_bsr(n, k, r, c, 0.3, values=np.int8)
+    row_scale = np.random.default_rng(2).uniform(0.001, 0.01, n).astype(np.float32)
+    kern = bsr_matmul_int8("gemv", row_ptr, col_idx, codes, row_scale, 0.05, 131, n, k, NATIVE)
+    assert kern.notes["small_m_schedule"].startswith(f"rows in lanes for m < {max(SMALL_MS) + 1}")
+    dense = dense_from_bsr(row_ptr, col_idx, codes, n, k)
+    run, consts = runner(kern), kern.consts
+    tokens_codes_zeroed = consts[:2] + [np.zeros_like(consts[2])] + consts[3:]
+    gemv_codes_zeroed = consts[:-1] + [np.zeros_like(consts[-1])]
+    rng = np.random.default_rng(5)
+    for m in SMALL_MS + [37]:
+        x = (rng.standard_normal((m, k)) * 3).astype(np.float32)
+        want = int8_reference(x, dense, row_scale, 0.05, 131)
+        np.testing.assert_allclose(run(x), want, rtol=2e-6, atol=1e-5, err_msg=f"m={m}")
+        other_zeroed, expected_zeroed = ((tokens_codes_zeroed, gemv_codes_zeroed) if m in SMALL_MS
+                                         else (gemv_codes_zeroed, tokens_codes_zeroed))
+        np.testing.assert_allclose(run(x, other_zeroed), want, rtol=2e-6, atol=1e-5,
+                                   err_msg=f"m={m}: the other schedule ran")
+        assert not np.allclose(run(x, expected_zeroed), want, rtol=1e-3, atol=1e-3), \
+            f"m={m}: the expected schedule did not run"
+
+
+def test_int8_odd_block_heights_keep_tokens_in_lanes():
+    """3-row blocks neither fill nor split the lanes: tokens in lanes at every m, m = 1 included."""
+    n, k = 48, 80
+    row_ptr, col_idx, codes = random_bsr(n, k, 3, 5, 0.3, values=np.int8)
+    kern = bsr_matmul_int8("odd", row_ptr, col_idx, codes, np.ones(n, np.float32), 0.05, 0, n, k, NATIVE)
+    assert "small_m_schedule" not in kern.notes
+    check_int8(kern, dense_from_bsr(row_ptr, col_idx, codes, n, k), np.ones(n, np.float32), 0.05, 0,
+               ms=SMALL_MS)
+
+
+def test_int8_gemv_words_gather_a_block_row_in_order():
+    """4x1 blocks in vpmaddwd words (2 kept columns) with 8 lanes: 2 words of 4 rows a vector. Block-row
+    0 keeps columns 1, 2 and 5: words (1, 2) and (5, padding); block-row 1 is empty; block-row 2 keeps
+    column 7, one word padded with a zero word."""
+    dot = bsr._DotInstr("vpmaddwd ymm", 8, 2, "llvm.x86.avx2.pmadd.wd")
+    layout = bsr._gemv_layout(4, 1, dot)
+    assert (layout.rows, layout.span, layout.segments) == (4, 1, 2)
+    row_ptr = np.array([0, 3, 3, 4], np.int32)
+    cols = np.array([1, 2, 5, 7], np.int32)
+    codes = np.arange(1, 17, dtype=np.int8).reshape(4, 4, 1)
+    vec_ptr, vec_col, vec_w = bsr._gemv_words(row_ptr, cols, codes, 4, 1, 2, layout)
+    assert vec_ptr.tolist() == [0, 1, 1, 2]
+    assert vec_col.tolist() == [[1, 2, 5, 0], [7, 0, 0, 0]]
+    lanes = vec_w.reshape(2, 2, 4, 2)           # vector, segment, row, column of the word
+    assert lanes[0, 0, :, 0].tolist() == [1, 2, 3, 4] and lanes[0, 0, :, 1].tolist() == [5, 6, 7, 8]
+    assert lanes[0, 1, :, 0].tolist() == [9, 10, 11, 12] and lanes[0, 1, :, 1].tolist() == [0, 0, 0, 0]
+    assert lanes[1, 0, :, 0].tolist() == [13, 14, 15, 16] and not lanes[1, 0, :, 1].any()
+    assert not lanes[1, 1].any()
+
+
+def test_int8_gemv_units_of_wide_blocks_are_consecutive_columns():
+    """1x4 blocks on AVX2: a unit is a block (2 words, one load); 1x6 blocks in units of 4 columns leave
+    zero codes where a unit runs past a block into columns no block keeps."""
+    dot = bsr._DotInstr("vpmaddwd ymm", 8, 2, "llvm.x86.avx2.pmadd.wd")
+    row_ptr, cols = np.array([0, 2], np.int32), np.array([0, 3], np.int32)
+    codes = np.arange(1, 9, dtype=np.int8).reshape(2, 1, 4)
+    vec_ptr, vec_col, vec_w = bsr._gemv_words(row_ptr, cols, codes, 1, 4, 2, bsr._gemv_layout(1, 4, dot))
+    assert vec_ptr.tolist() == [0, 1] and vec_col.tolist() == [[0, 12, 0, 0]]
+    assert vec_w.reshape(4, 4).tolist() == [[1, 2, 3, 4], [5, 6, 7, 8], [0] * 4, [0] * 4]
+    wide = bsr._gemv_layout(1, 6, dot)
+    assert (wide.span, wide.segments, wide.gathered) == (2, 4, False)
+    codes6 = np.arange(1, 13, dtype=np.int8).reshape(2, 1, 6)
+    vec_ptr, vec_col, vec_w = bsr._gemv_words(row_ptr[:2], np.array([0, 2], np.int32), codes6, 1, 6, 2, wide)
+    assert vec_col.tolist() == [[0, 4, 12, 16]]
+    assert vec_w.reshape(4, 4).tolist() == [[1, 2, 3, 4], [5, 6, 0, 0], [7, 8, 9, 10], [11, 12, 0, 0]]
+
+
+def test_int8_gemv_layout_per_block_shape():
+    """A 1x4 block is one unit of two words on AVX2 (one 8-byte load a block), a 16x1 block-row two
+    8-row chunks; with 16-lane VNNI a 4x1 vector holds 4 words of 4 rows."""
+    avx2 = bsr._DotInstr("vpmaddwd ymm", 8, 2, "x")
+    vnni512 = bsr._DotInstr("vpdpbusd zmm", 16, 4, "x")
+    assert bsr._gemv_layout(1, 4, avx2) == bsr._GemvLayout(1, 2, 4, 4, False)
+    assert bsr._gemv_layout(16, 1, avx2) == bsr._GemvLayout(8, 1, 1, 4, True)
+    assert bsr._gemv_layout(4, 1, vnni512) == bsr._GemvLayout(4, 1, 4, 8, True)
+    assert bsr._gemv_layout(1, 4, vnni512) == bsr._GemvLayout(1, 1, 16, 8, False)
+    assert bsr._gemv_layout(3, 5, avx2) is None
+
+
 def test_int8_rounds_half_to_even_and_clips():
     """x_scale 0.5 makes x / x_scale exact: 0.25 -> 0.5 -> 0, 0.75 -> 1.5 -> 2, -0.25 -> -0; far values clip."""
     n, k = 8, 16
@@ -159,7 +249,7 @@ def test_int8_lane_formats_emulated(group, r, c, monkeypatch):
     row_scale = np.full(n, 0.01, np.float32)
     kern = bsr_matmul_int8("emu", row_ptr, col_idx, codes, row_scale, 0.1, 255, n, k, NATIVE)
     assert kern.notes["k_per_lane"] == group
-    check_int8(kern, dense_from_bsr(row_ptr, col_idx, codes, n, k), row_scale, 0.1, 255, ms=[1, 9, 37])
+    check_int8(kern, dense_from_bsr(row_ptr, col_idx, codes, n, k), row_scale, 0.1, 255, ms=SMALL_MS + [9, 37])
 
 
 def test_int8_groups_pack_a_block_row_in_order():
@@ -213,6 +303,28 @@ def test_cross_compiled_assembly(cpu, r, c, dot, register):
     assert kern.notes["dot"] == f"{dot} {register}" and kern.notes["lanes"] == lanes
     asm8 = assembly(kern, target)
     assert dot in asm8 and f"%{register}" in asm8 and "vpmaddubsw" not in asm8
+
+
+@pytest.mark.parametrize("cpu,r,c,dot", [
+    ("native", 4, 1, "vpmaddwd"),
+    ("sapphirerapids", 4, 1, "vpdpbusd"),
+    ("alderlake", 1, 4, "vpdpbusd"),
+])
+def test_gemv_schedule_assembly_uses_the_dot_instruction(cpu, r, c, dot, monkeypatch):
+    """The small-m branch is one more parallel function with the dot instruction than the
+    tokens-in-lanes kernel alone has (cross-compiled targets are never run)."""
+    target = NATIVE if cpu == "native" else f"llvm -mtriple=x86_64-linux-gnu -mcpu={cpu}"
+    if cpu == "native" and "avx2" not in llvm_target(NATIVE).features:
+        pytest.skip("this host has no AVX2")
+    args = (*random_bsr(64, 64, r, c, 0.3, values=np.int8), np.ones(64, np.float32), 0.1, 3, 64, 64, target)
+    with_gemv = assembly(bsr_matmul_int8("q", *args), target)
+    monkeypatch.setattr(bsr, "_gemv_layout", lambda r, c, dot: None)
+    tokens_only = assembly(bsr_matmul_int8("q", *args), target)
+
+    def functions_with_dot(asm):
+        return sum(dot in body for body in asm.split("@function")[1:])
+    assert functions_with_dot(with_gemv) == functions_with_dot(tokens_only) + 1 >= 2
+    assert "vpmaddubsw" not in with_gemv
 
 
 # --- errors -------------------------------------------------------------------------------------
