@@ -47,6 +47,11 @@ def parse_args():
     ap.add_argument("--shapes", nargs="+", default=[f"{k}x{n}" for k, n in SHAPES], help="KxN")
     ap.add_argument("--work-dir", default="/tmp/nnforge_metaschedule")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reuse", action="store_true",
+                    help="time the records already in --work-dir (and the tuning time saved there) instead of tuning")
+    ap.add_argument("--build-timeout", type=float, default=180.0,
+                    help="seconds per candidate build (MetaSchedule's 30 s default killed every build on a "
+                         "loaded 2-core host: each worker first spends ~15 s importing TVM)")
     return ap.parse_args()
 
 
@@ -54,11 +59,14 @@ ARGS = parse_args()
 os.environ["TVM_NUM_THREADS"] = str(ARGS.threads)    # read once, when TVM's thread pool starts
 
 import numpy as np                                    # noqa: E402
-import torch                                          # noqa: E402
-import torch.nn.functional as F                       # noqa: E402
 import tvm                                            # noqa: E402
 from tvm import te                                    # noqa: E402
 from tvm.s_tir import meta_schedule as ms             # noqa: E402
+# MetaSchedule registers its tensor intrinsics by parsing TVMScript, and the parser calls
+# inspect.stack() per function, which walks sys.modules: with torch loaded that took minutes.
+import tvm.s_tir.tensor_intrin                        # noqa: E402,F401
+import torch                                          # noqa: E402
+import torch.nn.functional as F                       # noqa: E402
 
 from nnforge.backends.tvm import resolve_target                          # noqa: E402
 from nnforge.backends.tvm.kernels.dense import dense_matmul, panel_width, vector_lanes   # noqa: E402
@@ -79,20 +87,39 @@ def te_matmul(m: int, n: int, k: int):
     return te.create_prim_func([x, w, y]).with_attr("global_symbol", "main")
 
 
-def tuned_runner(m: int, n: int, k: int, w: np.ndarray, target):
-    """(run(x), tuning seconds, records, best measured ms) for the MetaSchedule-tuned matmul."""
-    work_dir = Path(ARGS.work_dir) / f"{k}x{n}"
+def task_name(k: int, n: int) -> str:
+    return f"matmul_{k}x{n}"
+
+
+def tune_all(m: int, shapes: list[tuple[int, int]], target):
+    """Tune the matmul of every (K, N) in one MetaSchedule run (one task each, one pool of
+    builder/runner workers, which take a minute to start here). Returns (database, seconds)."""
+    work_dir = Path(ARGS.work_dir)
+    if ARGS.reuse:
+        return (ms.database.JSONDatabase(work_dir=str(work_dir), module_equality="structural"),
+                float((work_dir / "tuning_seconds.txt").read_text()))
     shutil.rmtree(work_dir, ignore_errors=True)
-    mod = tvm.IRModule({"main": te_matmul(m, n, k)})
+    mod = tvm.IRModule({task_name(k, n): te_matmul(m, n, k).with_attr("global_symbol", task_name(k, n))
+                        for k, n in shapes})
     start = time.perf_counter()
-    database = ms.tune_tir(mod, target, str(work_dir), max_trials_global=ARGS.trials,
-                           num_trials_per_iter=min(64, ARGS.trials), num_tuning_cores=ARGS.threads,
-                           seed=ARGS.seed)
+    database = ms.tune_tir(mod, target, str(work_dir), max_trials_global=ARGS.trials * len(shapes),
+                           max_trials_per_task=ARGS.trials, num_trials_per_iter=min(32, ARGS.trials),
+                           num_tuning_cores=ARGS.threads, seed=ARGS.seed,
+                           builder=ms.builder.LocalBuilder(max_workers=ARGS.threads, timeout_sec=ARGS.build_timeout))
     seconds = time.perf_counter() - start
-    sch = ms.tir_integration.compile_tir(database, mod, target)
+    (work_dir / "tuning_seconds.txt").write_text(f"{seconds:.1f}\n")
+    return database, seconds
+
+
+def tuned_runner(database, m: int, n: int, k: int, w: np.ndarray, target):
+    """(run(x), records, best measured ms) for the matmul built from the database's best record."""
+    # the workload is matched structurally, attributes included: rebuild the tuned function exactly
+    func = te_matmul(m, n, k).with_attr("global_symbol", task_name(k, n))
+    sch = ms.tir_integration.compile_tir(database, func, target)
     if sch is None:
         raise RuntimeError(f"{k}x{n}: MetaSchedule found no valid schedule in {ARGS.trials} trials")
-    records = database.get_all_tuning_records()
+    workload = database.commit_workload(tvm.IRModule({"main": func}))
+    records = database.get_top_k(workload, 10 ** 6)
     best = min((float(np.mean([float(c) for c in r.run_secs])) for r in records if r.run_secs), default=float("nan"))
     fn = tvm.compile(sch.mod, target=target)["main"]
     w_tvm = tvm.runtime.tensor(w)
@@ -104,7 +131,7 @@ def tuned_runner(m: int, n: int, k: int, w: np.ndarray, target):
         _, x_tvm, y = bound[id(x)]
         fn(x_tvm, w_tvm, y)
         return y
-    return run, seconds, len(records), best * 1e3
+    return run, len(records), best * 1e3
 
 
 def pack_panels_np(w: np.ndarray, lanes: int) -> np.ndarray:
@@ -119,7 +146,7 @@ def pack_panels_np(w: np.ndarray, lanes: int) -> np.ndarray:
 
 def hand_runner(n: int, k: int, w: np.ndarray, target):
     kern = dense_matmul("nf_dense", n, k, target)
-    fn = tvm.compile(kern.func, target=target)[kern.name]
+    fn = tvm.compile(tvm.IRModule({kern.name: kern.func}), target=target)[kern.name]
     panels = tvm.runtime.tensor(pack_panels_np(w, vector_lanes(target)))
     bias = tvm.runtime.tensor(np.zeros(n, np.float32))
     bound = {}
@@ -157,14 +184,16 @@ def main():
     target = tuning_target()
     m = ARGS.rows
     rows = []
-    for shape in ARGS.shapes:
-        k, n = (int(v) for v in shape.lower().split("x"))
+    shapes = [tuple(int(v) for v in shape.lower().split("x")) for shape in ARGS.shapes]
+    database, tune_s = tune_all(m, shapes, target)
+    print(f"tuned {len(shapes)} matmuls x {ARGS.trials} trials in {tune_s:.0f} s", flush=True)
+    for k, n in shapes:
         rng = np.random.default_rng(ARGS.seed)
         w = (rng.standard_normal((n, k)) / k ** 0.5).astype(np.float32)
         x = rng.standard_normal((m, k)).astype(np.float32)
         expected = x.astype(np.float64) @ w.T.astype(np.float64)
 
-        tuned, tune_s, n_records, best_ms = tuned_runner(m, n, k, w, target)
+        tuned, n_records, best_ms = tuned_runner(database, m, n, k, w, target)
         hand, notes = hand_runner(n, k, w, target)
         w_t = torch.from_numpy(w)
         runners = {"metaschedule": tuned, "nnforge dense": hand,
@@ -176,26 +205,28 @@ def main():
         ms_ = time_runners(runners, x)
         gflop = 2 * m * n * k / 1e9
         row = {"K": k, "N": n, "M": m, "trials": ARGS.trials, "records": n_records,
-               "tuning_s": round(tune_s, 1), "tuner_best_ms": round(best_ms, 3),
+               "tuner_best_ms": round(best_ms, 3),
                "ms": {name: round(v, 3) for name, v in ms_.items()},
                "gflops": {name: round(gflop / (v / 1e3), 1) for name, v in ms_.items()},
                "metaschedule_speedup_over_nnforge": round(ms_["nnforge dense"] / ms_["metaschedule"], 3),
                "max_abs_err": errors, "nnforge_kernel": notes}
         rows.append(row)
-        print(f"{k}x{n}: tuned in {tune_s:.0f} s ({n_records} records), "
+        print(f"{k}x{n}: {n_records} records, "
               + ", ".join(f"{name} {v:.3f} ms" for name, v in ms_.items()), flush=True)
 
-    print(f"\nM = {m}, threads = {ARGS.threads}, trials = {ARGS.trials}, target {TARGET}")
-    head = f"{'K x N':>10} {'tune s':>7} {'MS ms':>8} {'ours ms':>8} {'torch ms':>9} {'MS/ours':>8}  GFLOP/s MS / ours / torch"
+    print(f"\nM = {m}, threads = {ARGS.threads}, trials = {ARGS.trials} per shape, tuning {tune_s:.0f} s for all, "
+          f"target {TARGET}")
+    head = f"{'K x N':>10} {'MS ms':>8} {'ours ms':>8} {'torch ms':>9} {'MS/ours':>8}  GFLOP/s MS / ours / torch"
     print(head)
     for r in rows:
         t, g = r["ms"], r["gflops"]
-        print(f"{r['K']:>4} x {r['N']:<4} {r['tuning_s']:>7.0f} {t['metaschedule']:>8.3f} {t['nnforge dense']:>8.3f} "
+        print(f"{r['K']:>4} x {r['N']:<4} {t['metaschedule']:>8.3f} {t['nnforge dense']:>8.3f} "
               f"{t['torch F.linear']:>9.3f} {r['metaschedule_speedup_over_nnforge']:>7.2f}x  "
               f"{g['metaschedule']} / {g['nnforge dense']} / {g['torch F.linear']}")
     OUT.mkdir(exist_ok=True)
     result = {"benchmark": "metaschedule", "target": TARGET, "resolved_mcpu": str(target.attrs.get("mcpu", "")),
-              "threads": ARGS.threads, "repeat": ARGS.repeat, "rounds": ARGS.rounds, "seed": ARGS.seed,
+              "threads": ARGS.threads, "trials_per_shape": ARGS.trials,
+              "tuning_s_all_shapes": round(tune_s, 1), "repeat": ARGS.repeat, "rounds": ARGS.rounds, "seed": ARGS.seed,
               "machine": platform.processor() or platform.machine(), "tvm": tvm.__version__,
               "torch": torch.__version__, "shapes": rows,
               "note": "speedup > 1 means the MetaSchedule-tuned kernel is faster than nnforge's hand kernel"}

@@ -83,11 +83,12 @@ def run_demo(out: str | Path = "bundles/demo", n_eval: int = 500, quick: bool = 
 
 
 def format_table(rows: list[Row], n_eval: int) -> str:
-    head = (f"{'target':<10} {'recipe':<8} {'bundle MB':>9} {'deploy MB':>9} {'cos mean':>9} {'cos min':>9} "
+    rw = max([8] + [len(r.recipe) for r in rows])
+    head = (f"{'target':<10} {'recipe':<{rw}} {'bundle MB':>9} {'deploy MB':>9} {'cos mean':>9} {'cos min':>9} "
             f"{'NN agree':>8} {'NN query':>8} {'ms b=1':>8} {'torch b=1':>9} {'x':>5} {'ms b=32':>8} {'torch b=32':>10} {'x':>5}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.target:<10} {r.recipe:<8} {r.bundle_mb:>9.1f} {r.deploy_mb:>9.1f} {r.cos_mean:>9.6f} "
+        lines.append(f"{r.target:<10} {r.recipe:<{rw}} {r.bundle_mb:>9.1f} {r.deploy_mb:>9.1f} {r.cos_mean:>9.6f} "
                      f"{r.cos_min:>9.6f} {r.nn_agree:>8.1%} {r.query_agree:>8.1%} {r.ms_b1:>8.2f} {r.torch_ms_b1:>9.2f} "
                      f"{r.torch_ms_b1 / r.ms_b1:>5.2f} {r.ms_b32:>8.2f} {r.torch_ms_b32:>10.2f} "
                      f"{r.torch_ms_b32 / r.ms_b32:>5.2f}")
