@@ -19,6 +19,14 @@ tuned kernel's speed-up over ours (> 1: MetaSchedule wins). Tuning wall time is 
 shape. Outputs are checked against numpy x @ W.T. Writes benchmarks/out/metaschedule.json.
 
     python benchmarks/metaschedule.py [--trials 64] [--threads N] [--repeat 20] [--rounds 3]
+
+Needs MetaSchedule's extras (psutil, xgboost) and a tvm-ffi whose JSON serialisation works with
+apache-tvm 0.27.0.post1: with apache-tvm-ffi 0.1.15.post2 ``tvm.ir.save_json`` (hence the tuning
+database) segfaults, 0.1.14.post0 works. Two steps then, the first with that tvm-ffi on
+PYTHONPATH, the second timing the exported kernels with the project's own environment:
+
+    PYTHONPATH=<dir with tvm-ffi 0.1.14.post0, psutil, xgboost> python benchmarks/metaschedule.py --tune-only
+    python benchmarks/metaschedule.py --reuse
 """
 from __future__ import annotations
 
@@ -47,8 +55,10 @@ def parse_args():
     ap.add_argument("--shapes", nargs="+", default=[f"{k}x{n}" for k, n in SHAPES], help="KxN")
     ap.add_argument("--work-dir", default="/tmp/nnforge_metaschedule")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tune-only", action="store_true",
+                    help="tune, export the best kernel per shape to --work-dir, and stop")
     ap.add_argument("--reuse", action="store_true",
-                    help="time the records already in --work-dir (and the tuning time saved there) instead of tuning")
+                    help="time the kernels a --tune-only run exported to --work-dir instead of tuning")
     ap.add_argument("--build-timeout", type=float, default=180.0,
                     help="seconds per candidate build (MetaSchedule's 30 s default killed every build on a "
                          "loaded 2-core host: each worker first spends ~15 s importing TVM)")
@@ -95,9 +105,10 @@ def tune_all(m: int, shapes: list[tuple[int, int]], target):
     """Tune the matmul of every (K, N) in one MetaSchedule run (one task each, one pool of
     builder/runner workers, which take a minute to start here). Returns (database, seconds)."""
     work_dir = Path(ARGS.work_dir)
-    if ARGS.reuse:
-        return (ms.database.JSONDatabase(work_dir=str(work_dir), module_equality="structural"),
-                float((work_dir / "tuning_seconds.txt").read_text()))
+    if ARGS.reuse:      # with --tune-only: re-export from the saved records; else time the exports
+        database = (ms.database.JSONDatabase(work_dir=str(work_dir), module_equality="structural")
+                    if ARGS.tune_only else None)
+        return database, float((work_dir / "tuning_seconds.txt").read_text())
     shutil.rmtree(work_dir, ignore_errors=True)
     mod = tvm.IRModule({task_name(k, n): te_matmul(m, n, k).with_attr("global_symbol", task_name(k, n))
                         for k, n in shapes})
@@ -111,8 +122,15 @@ def tune_all(m: int, shapes: list[tuple[int, int]], target):
     return database, seconds
 
 
-def tuned_runner(database, m: int, n: int, k: int, w: np.ndarray, target):
-    """(run(x), records, best measured ms) for the matmul built from the database's best record."""
+def tuned_runner(database, m: int, n: int, k: int, target):
+    """(function (x, w, y), records, best measured ms) for the matmul built from the database's best record,
+    exported to the work dir (so --reuse can time it in a process that never reads the database)."""
+    lib_path = Path(ARGS.work_dir) / f"{task_name(k, n)}.so"
+    meta_path = lib_path.with_suffix(".json")
+    if database is None:
+        fn = tvm.runtime.load_module(str(lib_path))["main"]
+        meta = json.loads(meta_path.read_text())
+        return fn, meta["records"], meta["best_ms"]
     # the workload is matched structurally, attributes included: rebuild the tuned function exactly
     func = te_matmul(m, n, k).with_attr("global_symbol", task_name(k, n))
     sch = ms.tir_integration.compile_tir(database, func, target)
@@ -121,7 +139,13 @@ def tuned_runner(database, m: int, n: int, k: int, w: np.ndarray, target):
     workload = database.commit_workload(tvm.IRModule({"main": func}))
     records = database.get_top_k(workload, 10 ** 6)
     best = min((float(np.mean([float(c) for c in r.run_secs])) for r in records if r.run_secs), default=float("nan"))
-    fn = tvm.compile(sch.mod, target=target)["main"]
+    lib = tvm.compile(sch.mod, target=target)
+    lib.export_library(str(lib_path))
+    meta_path.write_text(json.dumps({"records": len(records), "best_ms": best * 1e3}))
+    return lib["main"], len(records), best * 1e3
+
+
+def _bind(fn, w: np.ndarray, n: int):
     w_tvm = tvm.runtime.tensor(w)
     bound = {}
 
@@ -131,7 +155,7 @@ def tuned_runner(database, m: int, n: int, k: int, w: np.ndarray, target):
         _, x_tvm, y = bound[id(x)]
         fn(x_tvm, w_tvm, y)
         return y
-    return run, len(records), best * 1e3
+    return run
 
 
 def pack_panels_np(w: np.ndarray, lanes: int) -> np.ndarray:
@@ -146,7 +170,8 @@ def pack_panels_np(w: np.ndarray, lanes: int) -> np.ndarray:
 
 def hand_runner(n: int, k: int, w: np.ndarray, target):
     kern = dense_matmul("nf_dense", n, k, target)
-    fn = tvm.compile(tvm.IRModule({kern.name: kern.func}), target=target)[kern.name]
+    # the kernel is private (the lowering links it into model.so): export it to call it alone
+    fn = tvm.compile(tvm.IRModule({kern.name: kern.func.with_attr("global_symbol", kern.name)}), target=target)[kern.name]
     panels = tvm.runtime.tensor(pack_panels_np(w, vector_lanes(target)))
     bias = tvm.runtime.tensor(np.zeros(n, np.float32))
     bound = {}
@@ -187,13 +212,17 @@ def main():
     shapes = [tuple(int(v) for v in shape.lower().split("x")) for shape in ARGS.shapes]
     database, tune_s = tune_all(m, shapes, target)
     print(f"tuned {len(shapes)} matmuls x {ARGS.trials} trials in {tune_s:.0f} s", flush=True)
+    tuned_all = {(k, n): tuned_runner(database, m, n, k, target) for k, n in shapes}
+    if ARGS.tune_only:
+        return
     for k, n in shapes:
         rng = np.random.default_rng(ARGS.seed)
         w = (rng.standard_normal((n, k)) / k ** 0.5).astype(np.float32)
         x = rng.standard_normal((m, k)).astype(np.float32)
         expected = x.astype(np.float64) @ w.T.astype(np.float64)
 
-        tuned, n_records, best_ms = tuned_runner(database, m, n, k, w, target)
+        tuned_fn, n_records, best_ms = tuned_all[(k, n)]
+        tuned = _bind(tuned_fn, w, n)
         hand, notes = hand_runner(n, k, w, target)
         w_t = torch.from_numpy(w)
         runners = {"metaschedule": tuned, "nnforge dense": hand,
