@@ -5,7 +5,7 @@ block sparsity (random block masks; 4x1 blocks unless --block says 1x4 or 16x1),
 
 - ``torch dense``: torch.nn.functional.linear on the dense fp32 weight (oneDNN/MKL);
 - ``ORT dense``: ONNX Runtime on a one-node MatMul model of the same weight (built with onnx.helper);
-- ``bsr fp32`` and ``bsr int8``: nnforge.backends.tvm.kernels.bsr, compiled for ``--target``; int8 has
+- ``bsr fp32`` and ``bsr int8``: nnforge.backends.tvm.kernels.bsr and .bsr_int8, compiled for ``--target``; int8 has
   per-row symmetric codes of the same weight and x quantised in the kernel (static scale and zero
   point from a calibration batch).
 
@@ -113,7 +113,8 @@ def main() -> None:
     import torch
     import tvm
 
-    from nnforge.backends.tvm.kernels.bsr import bsr_matmul, bsr_matmul_int8, dense_from_bsr, llvm_target
+    from nnforge.backends.tvm.kernels.bsr import bsr_matmul, dense_from_bsr, llvm_target
+    from nnforge.backends.tvm.kernels.bsr_int8 import bsr_matmul_int8
 
     torch.set_num_threads(args.threads)
     r, c = (int(v) for v in args.block.split("x"))

@@ -328,7 +328,8 @@ class TvmBackend(Backend):
     native = {
         ("linear", "dense"): "scheduled fp32 GEMM (kernels.dense), weight read as stored",
         ("matmul", "dense"): "scheduled fp32 batched GEMM (kernels.dense) or Relax matmul",
-        ("linear", "sparse"): "block-sparse (BSR) SpMM (kernels.bsr), fp32 blocks",
+        ("linear", "sparse"): "block-sparse (BSR) SpMM: fp32 blocks (kernels.bsr), int8 codes with row scales after a "
+                              "static int8 activation (kernels.bsr_int8)",
         ("linear", "int"): "int8 / int4 weight-only GEMM (kernels.lowbit)",
         ("conv", "dense"): "Relax conv", ("embedding", "dense"): "Relax take",
     }

@@ -239,7 +239,7 @@ def int8_bsr_kernel(lw: Lowering, w: Value, x: Value):
     src, x_scale, zp = act
     key = (w.name, x_scale, zp)
     if key not in lw._linear:
-        from .kernels.bsr import bsr_matmul_int8
+        from .kernels.bsr_int8 import bsr_matmul_int8
         enc = w.encoding
         codes, row_scale = found
         n, k = enc.shape

@@ -18,9 +18,9 @@ import torch
 tvm = pytest.importorskip("tvm")
 
 from nnforge.backends.tvm.kernels import Kernel, KernelError  # noqa: E402
-from nnforge.backends.tvm.kernels import bsr  # noqa: E402
-from nnforge.backends.tvm.kernels.bsr import (bsr_matmul, bsr_matmul_int8, dense_from_bsr,  # noqa: E402
-                                              llvm_target)
+from nnforge.backends.tvm.kernels import bsr, bsr_int8  # noqa: E402
+from nnforge.backends.tvm.kernels.bsr import bsr_matmul, dense_from_bsr, llvm_target  # noqa: E402
+from nnforge.backends.tvm.kernels.bsr_int8 import bsr_matmul_int8  # noqa: E402
 from nnforge.ir.sparse import Sparse  # noqa: E402
 
 NATIVE = "llvm -mcpu=native"
@@ -181,13 +181,13 @@ def test_int8_gemv_words_gather_a_block_row_in_order():
     """4x1 blocks in vpmaddwd words (2 kept columns) with 8 lanes: 2 words of 4 rows a vector. Block-row
     0 keeps columns 1, 2 and 5: words (1, 2) and (5, padding); block-row 1 is empty; block-row 2 keeps
     column 7, one word padded with a zero word."""
-    dot = bsr._DotInstr("vpmaddwd ymm", 8, 2, "llvm.x86.avx2.pmadd.wd")
-    layout = bsr._gemv_layout(4, 1, dot)
+    dot = bsr_int8._DotInstr("vpmaddwd ymm", 8, 2, "llvm.x86.avx2.pmadd.wd")
+    layout = bsr_int8._gemv_layout(4, 1, dot)
     assert (layout.rows, layout.span, layout.segments) == (4, 1, 2)
     row_ptr = np.array([0, 3, 3, 4], np.int32)
     cols = np.array([1, 2, 5, 7], np.int32)
     codes = np.arange(1, 17, dtype=np.int8).reshape(4, 4, 1)
-    vec_ptr, vec_col, vec_w = bsr._gemv_words(row_ptr, cols, codes, 4, 1, 2, layout)
+    vec_ptr, vec_col, vec_w = bsr_int8._gemv_words(row_ptr, cols, codes, 4, 1, 2, layout)
     assert vec_ptr.tolist() == [0, 1, 1, 2]
     assert vec_col.tolist() == [[1, 2, 5, 0], [7, 0, 0, 0]]
     lanes = vec_w.reshape(2, 2, 4, 2)           # vector, segment, row, column of the word
@@ -200,16 +200,16 @@ def test_int8_gemv_words_gather_a_block_row_in_order():
 def test_int8_gemv_units_of_wide_blocks_are_consecutive_columns():
     """1x4 blocks on AVX2: a unit is a block (2 words, one load); 1x6 blocks in units of 4 columns leave
     zero codes where a unit runs past a block into columns no block keeps."""
-    dot = bsr._DotInstr("vpmaddwd ymm", 8, 2, "llvm.x86.avx2.pmadd.wd")
+    dot = bsr_int8._DotInstr("vpmaddwd ymm", 8, 2, "llvm.x86.avx2.pmadd.wd")
     row_ptr, cols = np.array([0, 2], np.int32), np.array([0, 3], np.int32)
     codes = np.arange(1, 9, dtype=np.int8).reshape(2, 1, 4)
-    vec_ptr, vec_col, vec_w = bsr._gemv_words(row_ptr, cols, codes, 1, 4, 2, bsr._gemv_layout(1, 4, dot))
+    vec_ptr, vec_col, vec_w = bsr_int8._gemv_words(row_ptr, cols, codes, 1, 4, 2, bsr_int8._gemv_layout(1, 4, dot))
     assert vec_ptr.tolist() == [0, 1] and vec_col.tolist() == [[0, 12, 0, 0]]
     assert vec_w.reshape(4, 4).tolist() == [[1, 2, 3, 4], [5, 6, 7, 8], [0] * 4, [0] * 4]
-    wide = bsr._gemv_layout(1, 6, dot)
+    wide = bsr_int8._gemv_layout(1, 6, dot)
     assert (wide.span, wide.segments, wide.gathered) == (2, 4, False)
     codes6 = np.arange(1, 13, dtype=np.int8).reshape(2, 1, 6)
-    vec_ptr, vec_col, vec_w = bsr._gemv_words(row_ptr[:2], np.array([0, 2], np.int32), codes6, 1, 6, 2, wide)
+    vec_ptr, vec_col, vec_w = bsr_int8._gemv_words(row_ptr[:2], np.array([0, 2], np.int32), codes6, 1, 6, 2, wide)
     assert vec_col.tolist() == [[0, 4, 12, 16]]
     assert vec_w.reshape(4, 4).tolist() == [[1, 2, 3, 4], [5, 6, 0, 0], [7, 8, 9, 10], [11, 12, 0, 0]]
 
@@ -217,13 +217,13 @@ def test_int8_gemv_units_of_wide_blocks_are_consecutive_columns():
 def test_int8_gemv_layout_per_block_shape():
     """A 1x4 block is one unit of two words on AVX2 (one 8-byte load a block), a 16x1 block-row two
     8-row chunks; with 16-lane VNNI a 4x1 vector holds 4 words of 4 rows."""
-    avx2 = bsr._DotInstr("vpmaddwd ymm", 8, 2, "x")
-    vnni512 = bsr._DotInstr("vpdpbusd zmm", 16, 4, "x")
-    assert bsr._gemv_layout(1, 4, avx2) == bsr._GemvLayout(1, 2, 4, 4, False)
-    assert bsr._gemv_layout(16, 1, avx2) == bsr._GemvLayout(8, 1, 1, 4, True)
-    assert bsr._gemv_layout(4, 1, vnni512) == bsr._GemvLayout(4, 1, 4, 8, True)
-    assert bsr._gemv_layout(1, 4, vnni512) == bsr._GemvLayout(1, 1, 16, 8, False)
-    assert bsr._gemv_layout(3, 5, avx2) is None
+    avx2 = bsr_int8._DotInstr("vpmaddwd ymm", 8, 2, "x")
+    vnni512 = bsr_int8._DotInstr("vpdpbusd zmm", 16, 4, "x")
+    assert bsr_int8._gemv_layout(1, 4, avx2) == bsr_int8._GemvLayout(1, 2, 4, 4, False)
+    assert bsr_int8._gemv_layout(16, 1, avx2) == bsr_int8._GemvLayout(8, 1, 1, 4, True)
+    assert bsr_int8._gemv_layout(4, 1, vnni512) == bsr_int8._GemvLayout(4, 1, 4, 8, True)
+    assert bsr_int8._gemv_layout(1, 4, vnni512) == bsr_int8._GemvLayout(1, 1, 16, 8, False)
+    assert bsr_int8._gemv_layout(3, 5, avx2) is None
 
 
 def test_int8_rounds_half_to_even_and_clips():
@@ -243,7 +243,7 @@ def test_int8_rounds_half_to_even_and_clips():
 def test_int8_lane_formats_emulated(group, r, c, monkeypatch):
     """vpdpbusd's 4-column lanes (paired for 1x4, gathered for 4x1), and the plain 1-column path,
     with the dot instruction's arithmetic emulated in plain vectors so that they run on any CPU."""
-    monkeypatch.setattr(bsr, "_dot_instr", lambda cpu: bsr._DotInstr("emulated", cpu.lanes, group, None))
+    monkeypatch.setattr(bsr_int8, "_dot_instr", lambda cpu: bsr_int8._DotInstr("emulated", cpu.lanes, group, None))
     n, k = 48 // r * r, 80 // c * c
     row_ptr, col_idx, codes = random_bsr(n, k, r, c, 0.3, values=np.int8)
     row_scale = np.full(n, 0.01, np.float32)
@@ -258,7 +258,7 @@ def test_int8_groups_pack_a_block_row_in_order():
     row_ptr = np.array([0, 3, 3], np.int32)
     cols = np.array([1, 5, 6], np.int32)
     codes = np.arange(12, dtype=np.int8).reshape(3, 4, 1)
-    grp_ptr, gk, gw, paired = bsr._int8_groups(row_ptr, cols, codes, 4, 1, 2)
+    grp_ptr, gk, gw, paired = bsr_int8._int8_groups(row_ptr, cols, codes, 4, 1, 2)
     assert not paired and grp_ptr.tolist() == [0, 2, 2]
     assert gk.tolist() == [[1, 5], [6, 6]]
     lanes = gw.view(np.int16).reshape(2, 4, 2)
@@ -318,7 +318,7 @@ def test_gemv_schedule_assembly_uses_the_dot_instruction(cpu, r, c, dot, monkeyp
         pytest.skip("this host has no AVX2")
     args = (*random_bsr(64, 64, r, c, 0.3, values=np.int8), np.ones(64, np.float32), 0.1, 3, 64, 64, target)
     with_gemv = assembly(bsr_matmul_int8("q", *args), target)
-    monkeypatch.setattr(bsr, "_gemv_layout", lambda r, c, dot: None)
+    monkeypatch.setattr(bsr_int8, "_gemv_layout", lambda r, c, dot: None)
     tokens_only = assembly(bsr_matmul_int8("q", *args), target)
 
     def functions_with_dot(asm):
