@@ -32,6 +32,9 @@ bench: $(STAMP)
 	$(PY) benchmarks/quantization.py
 	$(PY) benchmarks/compression.py
 	$(PY) benchmarks/structured.py
+	$(PY) benchmarks/spmm.py
+	$(PY) benchmarks/lowbit_gemm.py
+	$(PY) benchmarks/cpu_e2e.py
 
 clean:
 	rm -rf bundles build *.egg-info .pytest_cache
