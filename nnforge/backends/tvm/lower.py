@@ -22,7 +22,8 @@ from ...ir import Dense, Graph, Node, Value, symbolic as sym
 from ...ir.dtypes import DType
 from ..base import BackendError, Fallback
 from .kernels import KernelError
-from .ops import RULES, c_name, numpy_of
+from .ops import RULES
+from .weights import c_name, numpy_of
 
 WEIGHTS_FILE = "weights.safetensors"     # written by the pipeline (save_graph); read in place
 PARAMS_FILE = "tvm_params.safetensors"   # arrays this backend makes
@@ -75,7 +76,7 @@ class Lowering:
         self.kernel_notes: dict[str, dict] = {}
         self._dense: dict[str, object] = {}         # weight name -> param var of its dense form
         self._funcs: dict[str, object] = {}         # kernel function name -> GlobalVar
-        self._linear: dict[str, tuple] = {}         # weight name -> ops.linear_kernel's answer
+        self._linear: dict[str, tuple] = {}         # weight name -> weights.linear_kernel's answer
         self._names: set[str] = set()
         self.raw_params: list = []                  # prepare's parameters: the arrays in the files
         self._prepare: list[Callable[[], object]] = []   # main's parameter i, computed in prepare
