@@ -11,6 +11,8 @@ calibration to find, and SparseGPT on BERT-base costs minutes here). Runners:
 - ONNX Runtime, dense fp32: nnforge's `onnx` bundle of the unpruned model
 - nnforge `cpu` bundle, dense fp32 (TVM, our scheduled dense GEMM)
 - nnforge `cpu` bundle of the 80% block-sparse model (TVM, BSR kernels)
+- with ``--tune``: the same two `cpu` bundles compiled with ``tune = true`` (each kernel template's
+  configs measured per shape on this host, tuning.py), to show whether tuning pays end to end
 
 Latency: real sentences padded to the longest of the batch; median over stretches of runs that
 alternate between the runners, each after a pause and a warm-up run (benchmarks/timing.py: the
@@ -18,7 +20,7 @@ other runtimes' threads spin after their runs). Fidelity: mean / min cosine of t
 embeddings against fp32 torch (the default model: 500 held-out sentences, plus NN agreement).
 Writes benchmarks/out/cpu_e2e.json.
 
-    python benchmarks/cpu_e2e.py [--models minilm bert-base] [--batches 1 32] [--rounds 30]
+    python benchmarks/cpu_e2e.py [--models minilm bert-base] [--batches 1 32] [--rounds 30] [--tune]
 """
 from __future__ import annotations
 
@@ -61,6 +63,13 @@ def bench_model(name: str, args, tmp: Path) -> list[dict]:
                "nnforge cpu 80% block4x1": nf.compile(model, "cpu", RECIPE[name], calibration=calibration,
                                                       out=tmp / f"{name}-cpu-sparse", **common)}
     print(f"{name}: compiled in {time.perf_counter() - t0:.0f} s", flush=True)
+    if args.tune:
+        tuned = nf.target("cpu").with_options(tune=True)
+        for label, recipe in (("nnforge cpu dense fp32 tuned", None), ("nnforge cpu 80% block4x1 tuned", RECIPE[name])):
+            t0 = time.perf_counter()
+            bundles[label] = nf.compile(model, tuned, recipe, calibration=calibration if recipe else None,
+                                        out=tmp / f"{name}-{label.split()[2]}-tuned", **common)
+            print(f"{name}: {label} compiled (and tuned) in {time.perf_counter() - t0:.0f} s", flush=True)
     sparse = bundles["nnforge cpu 80% block4x1"]
     fallbacks = sparse.manifest["fallbacks"]
     torch.set_num_threads(os.cpu_count() or 1)
@@ -90,14 +99,15 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["minilm", "bert-base"])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--tune", action="store_true", help="also time bundles compiled with tune = true")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             rows += bench_model(name, args, Path(tmp))
-    print(f"\n{'model':<10} {'runner':<26} {'batch':>5} {'seq':>4} {'ms':>9} {'x torch':>8} {'x ORT':>7}")
+    print(f"\n{'model':<10} {'runner':<32} {'batch':>5} {'seq':>4} {'ms':>9} {'x torch':>8} {'x ORT':>7}")
     for r in rows:
-        print(f"{r['model']:<10} {r['runner']:<26} {r['batch']:>5} {r['seq']:>4} {r['ms']:>9.2f} "
+        print(f"{r['model']:<10} {r['runner']:<32} {r['batch']:>5} {r['seq']:>4} {r['ms']:>9.2f} "
               f"{r['x_torch']:>8.2f} {r['x_ort']:>7.2f}")
     OUT.mkdir(exist_ok=True)
     meta = {"machine": f"{os.cpu_count()} CPU threads", "torch": torch.__version__,

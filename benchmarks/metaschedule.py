@@ -20,13 +20,9 @@ shape. Outputs are checked against numpy x @ W.T. Writes benchmarks/out/metasche
 
     python benchmarks/metaschedule.py [--trials 64] [--threads N] [--repeat 20] [--rounds 3]
 
-Needs MetaSchedule's extras (psutil, xgboost) and a tvm-ffi whose JSON serialisation works with
-apache-tvm 0.27.0.post1: with apache-tvm-ffi 0.1.15.post2 ``tvm.ir.save_json`` (hence the tuning
-database) segfaults, 0.1.14.post0 works. Two steps then, the first with that tvm-ffi on
-PYTHONPATH, the second timing the exported kernels with the project's own environment:
-
-    PYTHONPATH=<dir with tvm-ffi 0.1.14.post0, psutil, xgboost> python benchmarks/metaschedule.py --tune-only
-    python benchmarks/metaschedule.py --reuse
+Needs MetaSchedule's extras, the ``bench`` extra (``pip install -e '.[bench]'``: xgboost, psutil),
+and the tvm-ffi the ``tvm`` extra pins (0.1.14.post0: with 0.1.15.post2 ``tvm.ir.save_json``, hence
+the tuning database, segfaults). ``--tune-only`` / ``--reuse`` split tuning from timing.
 """
 from __future__ import annotations
 

@@ -119,9 +119,15 @@ def verify(path) -> dict:
     return report
 
 
+def target(name: str) -> Target:
+    """The target called ``name``; ``.with_options(...)`` adjusts its backend options, e.g.
+    ``nf.target("cpu").with_options(tune=True)`` (see nnforge.backends.tvm.tuning)."""
+    return get_target(name)
+
+
 def targets() -> list[Target]:
     """Every known target; ``t.can_run()`` says whether its bundles run on this machine."""
     return list_targets()
 
 
-__all__ = ["compile", "load", "verify", "targets", "Bundle"]
+__all__ = ["compile", "load", "verify", "target", "targets", "Bundle"]

@@ -23,7 +23,7 @@ import platform
 import shutil
 import sys
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -115,6 +115,13 @@ class Target:
     @property
     def native_formats(self) -> tuple[str, ...]:
         return tuple(self.formats.get("native", ()))
+
+    def with_options(self, **options) -> "Target":
+        """This target with backend options added or replaced, e.g. the tvm backend's tuning:
+
+        >>> nf.target("cpu").with_options(tune=True, tune_rows=[128])
+        """
+        return replace(self, options={**self.options, **options})
 
     def to_dict(self) -> dict:
         return {"name": self.name, "description": self.description, "backend": self.backend, "kind": self.kind,

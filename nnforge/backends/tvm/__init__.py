@@ -36,6 +36,7 @@ import numpy as np
 from ...ir import Graph
 from ...targets import Target, host_cpu_flags
 from ..base import Backend, BackendError, InputSpec, Lowered, Runner
+from .tuning import TUNING_FILE, Tuner
 
 LIBRARY_FILE = "model.so"
 PARAMS_FILE = "tvm_params.safetensors"
@@ -296,14 +297,15 @@ def build(graph: Graph, target: Target, out_dir: Path, toolchain: dict) -> Lower
         raise BackendError(f"target {target.name} ({target.path}) has no options.llvm_target string for the "
                            "tvm backend")
     tvm_target = resolve_target(llvm_target)
-    low = lower_graph(graph, llvm_target, tvm_target)
+    tuner = Tuner(target.options, tvm_target, target.can_run(), f"target {target.name}")
+    low = lower_graph(graph, llvm_target, tvm_target, tuner)
     try:
         executable = tvm.compile(low.mod, target=tvm_target, relax_pipeline=cpu_pipeline(tvm_target))
         executable.export_library(os.fspath(out_dir / LIBRARY_FILE))
     except Exception as e:       # TVM raises its own error types from C++
         raise BackendError(f"tvm backend: compiling graph {graph.name} for {target.name} ({llvm_target}) failed: "
                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
-    files = [LIBRARY_FILE]
+    files = [LIBRARY_FILE, tuner.write(out_dir)]
     if low.arrays:
         save_file(low.arrays, os.fspath(out_dir / PARAMS_FILE), metadata={"producer": "nnforge tvm backend"})
         files.append(PARAMS_FILE)
@@ -316,6 +318,9 @@ def build(graph: Graph, target: Target, out_dir: Path, toolchain: dict) -> Lower
         "cpu_features": target_cpu_features(tvm_target),
         "params": [p.to_dict() for p in low.params],
         "kernels": low.kernels,
+        "tuning": {"file": TUNING_FILE, "tune": tuner.enabled,
+                   "choices": {src: sum(r.source == src for r in tuner.records.values())
+                               for src in ("measured", "records", "default")}},
     }
     import tvm_ffi
     return Lowered(files=files, entry=entry, fallbacks=low.fallbacks,

@@ -23,6 +23,7 @@ from ...ir.dtypes import DType
 from ..base import BackendError, Fallback
 from .kernels import KernelError
 from .ops import RULES
+from .tuning import Tuner, time_kernel
 from .weights import c_name, numpy_of
 
 WEIGHTS_FILE = "weights.safetensors"     # written by the pipeline (save_graph); read in place
@@ -60,12 +61,13 @@ class Lowering:
     """The state of one lowering: the BlockBuilder, the Relax value of every IR value, the
     parameters of ``main`` and ``prepare``, the kernels added, and the fallbacks taken."""
 
-    def __init__(self, graph: Graph, llvm_target: str, target):
+    def __init__(self, graph: Graph, llvm_target: str, target, tuner: Tuner | None = None):
         from tvm import relax
         self.relax = relax
         self.graph = graph
         self.llvm_target = llvm_target       # the string kernel builders take
         self.target = target                  # the resolved tvm Target
+        self.tuner = tuner or Tuner({}, target, (False, "not asked to tune"), graph.name)
         self.bb = relax.BlockBuilder()
         self.symbols: dict[str, object] = {}
         self.values: dict[Value, object] = {}
@@ -167,13 +169,45 @@ class Lowering:
         from .kernels.dense import pack_panels, panel_width, vector_lanes
         key = (v.name, transposed)
         if key not in self._panels:
-            lanes = vector_lanes(self.target)
             n, k = (v.shape[1], v.shape[0]) if transposed else v.shape
             raw = self.raw(self.weight(v))
-            nb = panel_width(lanes)
+            nb = panel_width(vector_lanes(self.target), self.dense_config(n, k))
             ttype = self.relax.TensorType([-(-n // nb), k, nb], "float32")
-            self._panels[key] = self.made(f"{v.name}.panels", ttype, lambda: pack_panels(raw, n, k, lanes, transposed))
+            self._panels[key] = self.made(f"{v.name}.panels", ttype, lambda: pack_panels(raw, n, k, nb, transposed))
         return self._panels[key]
+
+    def dense_config(self, n: int, k: int) -> dict:
+        """The dense GEMM's schedule for an ``[n, k]`` weight: measured, reused or default (tuning.py)."""
+        from .kernels.bsr import llvm_target
+        from .kernels.dense import config_space, dense_matmul, panel_width, vector_lanes
+        lanes = vector_lanes(self.target)
+        space = config_space(lanes, llvm_target(self.llvm_target).registers)
+
+        def measure(config, rows):
+            nb = panel_width(lanes, config)
+            panels = np.random.default_rng(0).standard_normal((-(-n // nb), k, nb)).astype(np.float32)
+            kern = dense_matmul("nf_tune", n, k, self.target, config)
+            return time_kernel(kern.func, [panels, np.zeros(n, np.float32)], rows, k, n, self.target)
+        return self.tuner.choose("dense", f"{n}x{k}", space, measure)
+
+    def dense_kernel(self, n: int, k: int):
+        """The dense GEMM kernel of an ``[n, k]`` weight, with the schedule :meth:`dense_config` chose."""
+        from .kernels.dense import dense_matmul
+        return dense_matmul(c_name(f"nf_dense_{n}x{k}"), n, k, self.target, self.dense_config(n, k))
+
+    def kernel_config(self, module, builder: str, args: dict) -> dict | None:
+        """The schedule of weight kernel ``module.builder`` for ``args`` when the module declares a
+        ``config_space`` (tuning.py); None for modules with one schedule per shape."""
+        space_of = getattr(module, "config_space", None)
+        if space_of is None:
+            return None
+        key, space = space_of(**args, target=self.llvm_target)
+        build = getattr(module, builder)
+
+        def measure(config, rows):
+            kern = build("nf_tune", **args, target=self.llvm_target, config=config)
+            return time_kernel(kern.func, kern.consts, rows, kern.k, kern.n, self.target)
+        return self.tuner.choose(builder, key, space, measure)
 
     def zeros(self, n: int):
         """A float32 zero vector [n] (made at load: the bias of layers without one)."""
@@ -268,9 +302,9 @@ class Lowering:
         self.values[out] = var
 
 
-def lower_graph(graph: Graph, llvm_target: str, target) -> Lowered:
+def lower_graph(graph: Graph, llvm_target: str, target, tuner: Tuner | None = None) -> Lowered:
     """The Relax module of ``graph`` (``main(inputs..., params...)``) and what goes with it."""
-    return Lowering(graph, llvm_target, target).run()
+    return Lowering(graph, llvm_target, target, tuner).run()
 
 
 __all__ = ["Lowering", "Lowered", "ParamSpec", "lower_graph", "RULES", "PARAMS_FILE", "WEIGHTS_FILE", "PREPARE_FUNCTION"]

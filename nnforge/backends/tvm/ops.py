@@ -201,7 +201,7 @@ def _linear(lw, node):
 @rule("matmul")
 def _matmul(lw, node):
     from tvm.relax import op
-    from .kernels.dense import batch_matmul, dense_matmul
+    from .kernels.dense import batch_matmul
     a, b = node.inputs
     out = node.outputs[0]
     fp32 = a.dtype.name == "float32"
@@ -210,7 +210,7 @@ def _matmul(lw, node):
         k, n = b.shape
         if not isinstance(b.encoding, Dense) and b.name not in lw._dense:
             lw._dense[b.name] = lw.extra(b.name, "decoded", lw.decoded(b))
-        kernel = dense_matmul(c_name(f"nf_dense_{n}x{k}"), n, k, lw.target)
+        kernel = lw.dense_kernel(n, k)
         lw.kernel_notes[b.name] = {"function": kernel.name, **_jsonable(kernel.notes)}
         x2, rows = _flatten_rows(lw, a)
         y = _dense_call(lw, lw.func(kernel.name, kernel.func), x2, rows, [lw.panels(b, transposed=True), lw.zeros(n)],

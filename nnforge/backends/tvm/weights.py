@@ -150,7 +150,6 @@ def linear_kernel(lw: Lowering, w: Value) -> tuple:
     linear weight ``w``, built once per weight."""
     if w.name in lw._linear:
         return lw._linear[w.name]
-    from .kernels.dense import dense_matmul
     enc = w.encoding
     name = c_name(f"nf_{enc.kind}_{w.name}")
     kernel = perm = None
@@ -170,7 +169,9 @@ def linear_kernel(lw: Lowering, w: Value) -> tuple:
                 why = f"kernel module kernels/{module}.py is not available"
             else:
                 try:
-                    kernel = getattr(mod, builder)(name, **args, target=lw.llvm_target)
+                    config = lw.kernel_config(mod, builder, args)
+                    extra = {} if config is None else {"config": config}
+                    kernel = getattr(mod, builder)(name, **args, target=lw.llvm_target, **extra)
                 except KernelError as e:
                     why = str(e)
     if kernel is not None:
@@ -186,7 +187,7 @@ def linear_kernel(lw: Lowering, w: Value) -> tuple:
         if not isinstance(enc, Dense) and w.name not in lw._dense:
             lw._dense[w.name] = lw.extra(w.name, "decoded", lw.decoded(w, why))
         n, k = w.shape
-        kernel = dense_matmul(c_name(f"nf_dense_{n}x{k}"), n, k, lw.target)
+        kernel = lw.dense_kernel(n, k)
         entry = (lw.func(kernel.name, kernel.func), [lw.panels(w)], n, None, True)
     lw.kernel_notes[w.name] = {"function": kernel.name, **_jsonable(kernel.notes)}
     lw._linear[w.name] = entry

@@ -25,6 +25,7 @@ pytest.importorskip("tvm")
 import nnforge as nf                                             # noqa: E402
 from nnforge.backends.base import BackendError, get_backend      # noqa: E402
 from nnforge.backends.tvm import LIBRARY_FILE, PARAMS_FILE, TvmBackend, parse_llvm_target  # noqa: E402
+from nnforge.backends.tvm.tuning import TUNING_FILE                # noqa: E402
 from nnforge.backends.tvm.ops import RULES                        # noqa: E402
 from nnforge.ir import OPS, Dense, Graph, IntQuant, MiniFloat, Sparse, dtype, run_graph, save_graph, tensor  # noqa: E402
 from nnforge.ir import minifloat as mf                          # noqa: E402
@@ -287,7 +288,7 @@ def test_weights_are_parameters_read_from_the_bundle(tmp_path):
     # dense weights come from weights.safetensors as stored, each once (the dense kernel's panels
     # are made at load by the library's prepare function): the bundle adds no arrays of its own
     assert {k: p["file"] for k, p in by_key.items()} == {f"{n}::data": "weights.safetensors" for n in g.weights}
-    assert by_key["m.weight::data"]["shape"] == [8, 5] and lowered.files == [LIBRARY_FILE]
+    assert by_key["m.weight::data"]["shape"] == [8, 5] and lowered.files == [LIBRARY_FILE, TUNING_FILE]
     assert len({p["name"] for p in params}) == len(params) and lowered.entry["prepare"] == "prepare"
     assert lowered.entry["inputs"][2] == {"name": "q", "dtype": "float32", "dims": ["batch", 3, "seq", 8]}
     assert lowered.toolchain["tvm"].startswith("0.27") and lowered.toolchain["llvm_target"] == "llvm -mcpu=native"

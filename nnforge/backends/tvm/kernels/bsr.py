@@ -28,7 +28,7 @@ below V/2 tokens (its GEMV schedule, with codes regrouped for it); see its docst
 """
 # no `from __future__ import annotations`: TVMScript reads the T.Buffer annotations as live objects
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
@@ -252,17 +252,46 @@ class _Fp32Plan:
                 **notes}
 
 
-def _fp32_plan(r: int, c: int, cpu: CpuTarget) -> _Fp32Plan:
+def _fp32_plan(r: int, c: int, cpu: CpuTarget, config: dict | None = None) -> _Fp32Plan:
+    """The default schedule of an R x C block shape, with ``config``'s knobs (see :func:`config_space`) over it."""
     lanes = cpu.lanes
     if r % lanes == 0:
         # a block column is whole vectors: tokens fill the registers left after two in flight
         per_token = r // lanes
-        return _Fp32Plan(lanes, None, 0, max(1, min(6, (cpu.registers - 4) // per_token)), "cr")
-    layout = "cr" if r >= c else "rc"
-    # measured on Zen 4 (AVX2): rows in lanes wins for GEMV with tall blocks, and up to m = 3 for wide
-    # ones (whose tokens-in-lanes tile has a single row)
-    small_m = 2 if layout == "cr" else lanes // 2
-    return _Fp32Plan(lanes, _Tiling.fit(r, lanes, cpu.registers, spare=1), small_m, 1, layout)
+        plan = _Fp32Plan(lanes, None, 0, max(1, min(6, (cpu.registers - 4) // per_token)), "cr")
+    else:
+        layout = "cr" if r >= c else "rc"
+        # measured on Zen 4 (AVX2): rows in lanes wins for GEMV with tall blocks, and up to m = 3 for wide
+        # ones (whose tokens-in-lanes tile has a single row)
+        small_m = 2 if layout == "cr" else lanes // 2
+        plan = _Fp32Plan(lanes, _Tiling.fit(r, lanes, cpu.registers, spare=1), small_m, 1, layout)
+    for knob, value in (config or {}).items():
+        if knob == "vectors" and plan.tiling is not None and 1 <= value <= 4:
+            plan = replace(plan, tiling=replace(plan.tiling, vectors=int(value)))
+        elif knob == "tok_tile" and plan.tiling is None and 1 <= value <= 8:
+            plan = replace(plan, tok_tile=int(value))
+        else:
+            raise KernelError(f"fp32 BSR config {config}: {knob}={value!r} does not apply to {r}x{c} blocks "
+                              f"with {lanes} lanes")
+    return plan
+
+
+def config_space(n: int, k: int, blocks, target, **_) -> tuple[str, list[dict]]:
+    """(the key a tuned choice is shared under, the configs worth measuring, default first) for an
+    fp32 BSR weight: the token vectors of the tokens-in-lanes tile (1 up to what the registers
+    hold), or the tokens of a rows-in-lanes tile. Layers of one shape, block and density (to 5%)
+    share a choice: their speed depends on those, not on where the blocks are."""
+    cpu = llvm_target(target)
+    kept, r, c = np.asarray(blocks).shape
+    plan = _fp32_plan(r, c, cpu)
+    key = f"{n}x{k} block{r}x{c} d{round(kept * r * c / (n * k) * 20) / 20:.2f}"
+    if plan.tiling is not None:
+        rows = plan.tiling.rows
+        most = max(1, min(4, (cpu.registers - 1 - rows) // rows))
+        values = [plan.tiling.vectors] + [v for v in range(1, most + 1) if v != plan.tiling.vectors]
+        return key, [{"vectors": v} for v in values]
+    most = max(1, min(8, (cpu.registers - 2) // (r // cpu.lanes)))
+    return key, [{"tok_tile": t} for t in [plan.tok_tile] + [t for t in (1, 2, 4, most) if t != plan.tok_tile]]
 
 
 def _fp32_func(n: int, k: int, r: int, c: int, kept: int, plan: _Fp32Plan):
@@ -398,7 +427,7 @@ def _fp32_func(n: int, k: int, r: int, c: int, kept: int, plan: _Fp32Plan):
     return bsr_fp32
 
 
-def bsr_matmul(name: str, row_ptr, col_idx, blocks, n: int, k: int, target: str) -> Kernel:
+def bsr_matmul(name: str, row_ptr, col_idx, blocks, n: int, k: int, target: str, config: dict | None = None) -> Kernel:
     """fp32 BSR SpMM ``y[m, n] = x[m, k] @ W.T`` for any R x C blocks that tile ``[n, k]`` (fast paths:
     1x4, 4x1, 16x1), vectorised and parallelised over the output for the LLVM ``target``.
 
@@ -410,9 +439,11 @@ def bsr_matmul(name: str, row_ptr, col_idx, blocks, n: int, k: int, target: str)
     >>> kern = bsr_matmul("fc1", row_ptr, col_idx, blocks, n=768, k=3072, target="llvm -mcpu=native")
     >>> kern.notes["schedule"]
     'tokens in lanes, tile 4 rows x 2x8 tokens'
+
+    ``config``: knobs from :func:`config_space` (a tuned choice); None for the default schedule.
     """
     row_ptr, cols, blocks, r, c = _check_bsr(name, row_ptr, col_idx, blocks, n, k, np.float32)
-    plan = _fp32_plan(r, c, llvm_target(target))
+    plan = _fp32_plan(r, c, llvm_target(target), config)
     stored = blocks.transpose(0, 2, 1) if plan.layout == "cr" else blocks
     w = np.ascontiguousarray(stored).reshape(blocks.shape[0], r * c)
     func = _fp32_func(n, k, r, c, blocks.shape[0], plan).with_attr("global_symbol", name)

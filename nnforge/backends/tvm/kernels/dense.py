@@ -46,22 +46,49 @@ def vector_lanes(target) -> int:
 
 
 def _tile(lanes: int) -> tuple[int, int]:
-    """(MR rows, NB columns) of the register tile: 2 vectors wide, and as many rows as leave
+    """(MR rows, NB columns) of the default register tile: 2 vectors wide, and as many rows as leave
     registers for the two weight vectors and the broadcast (16 ymm on AVX2, 32 zmm on AVX-512)."""
     return (8 if lanes >= 16 else 6), 2 * lanes
 
 
-def panel_width(lanes: int) -> int:
-    """Output columns of one weight panel (two vectors)."""
-    return _tile(lanes)[1]
+def default_config(lanes: int) -> dict:
+    """The dense GEMM's schedule when nothing was measured: :func:`_tile`, ``ROWS_PER_TASK`` rows a task."""
+    mr, nb = _tile(lanes)
+    return {"mr": mr, "vectors": nb // lanes, "rows_per_task": ROWS_PER_TASK}
 
 
-def pack_panels(w, n: int, k: int, lanes: int, transposed: bool = False):
+def config_space(lanes: int, registers: int) -> list[dict]:
+    """Register tiles worth measuring: for 1..4 vectors of output columns, the most rows whose
+    accumulators, weight vectors and one broadcast fit the register file, and half of that (a
+    smaller tile leaves LLVM room when its estimate is off). Tasks keep about ROWS_PER_TASK rows."""
+    space = []
+    for vectors in (1, 2, 3, 4):
+        most = (registers - vectors - 1) // vectors
+        for mr in sorted({most, max(1, most // 2)}, reverse=True):
+            if mr >= 1:
+                space.append({"mr": mr, "vectors": vectors, "rows_per_task": mr * max(1, round(ROWS_PER_TASK / mr))})
+    default = default_config(lanes)
+    return [default] + [c for c in space if c != default]
+
+
+def _check_config(config: dict, lanes: int) -> tuple[int, int, int]:
+    mr, vectors, mc = (int(config.get(key, 0)) for key in ("mr", "vectors", "rows_per_task"))
+    if mr < 1 or vectors < 1 or mc < mr or mc % mr:
+        raise KernelError(f"dense GEMM config {config}: needs mr >= 1, vectors >= 1 and rows_per_task a "
+                          "multiple of mr")
+    return mr, vectors * lanes, mc
+
+
+def panel_width(lanes: int, config: dict | None = None) -> int:
+    """Output columns of one weight panel (``vectors`` vectors; two by default)."""
+    return _check_config(config or default_config(lanes), lanes)[1]
+
+
+def pack_panels(w, n: int, k: int, nb: int, transposed: bool = False):
     """The Relax expression packing weight ``w`` (``[n, k]``, or ``[k, n]`` if ``transposed``)
     into the panels :func:`dense_matmul_func` reads: ``[ceil(n / NB), k, NB]``, panel p holding
     output columns p*NB .. p*NB+NB-1 k-major, zero-padded past n. Run once, when a bundle loads."""
     from tvm.relax import op
-    nb = panel_width(lanes)
     blocks = -(-n // nb)
     if transposed:             # [k, n] -> [k, blocks, nb] -> [blocks, k, nb]
         padded = op.nn.pad(w, [0, 0, 0, blocks * nb - n]) if blocks * nb != n else w
@@ -71,14 +98,13 @@ def pack_panels(w, n: int, k: int, lanes: int, transposed: bool = False):
 
 
 @lru_cache(maxsize=64)
-def dense_matmul_func(n: int, k: int, lanes: int):
-    """The PrimFunc ``(x [m, k], panels [ceil(n/NB), k, NB], bias [n], y [m, n])``: the bias is
-    added as the tile is stored (a layer without one passes zeros)."""
+def dense_matmul_func(n: int, k: int, mr: int, nb: int, mc: int):
+    """The PrimFunc ``(x [m, k], panels [ceil(n/NB), k, NB], bias [n], y [m, n])`` with an ``mr`` x
+    ``nb`` register tile and ``mc`` rows a task: the bias is added as the tile is stored (a layer
+    without one passes zeros)."""
     from tvm.script import tirx as T
-    mr, nb = _tile(lanes)
     nblk = -(-n // nb)
     ragged = n % nb != 0           # the last panel is partial: its padding columns are not stored
-    mc = ROWS_PER_TASK
 
     @T.prim_func(private=True)
     def dense(x_h: T.handle, w: T.Buffer((nblk, k, nb), "float32"), b: T.Buffer((n,), "float32"), y_h: T.handle):
@@ -123,16 +149,19 @@ def dense_matmul_func(n: int, k: int, lanes: int):
     return dense
 
 
-def dense_matmul(name: str, n: int, k: int, target) -> Kernel:
+def dense_matmul(name: str, n: int, k: int, target, config: dict | None = None) -> Kernel:
     """Kernel for ``y = x @ w.T + bias``, ``w`` float32 ``[n, k]``. Its parameters are
     ``(x, panels, bias, y)``: the panels are made from the stored weight by :func:`pack_panels`
-    when a bundle loads, so ``consts`` is empty and the bundle keeps the graph's copy only."""
+    when a bundle loads, so ``consts`` is empty and the bundle keeps the graph's copy only.
+    ``config`` (``mr``, ``vectors``, ``rows_per_task``; see :func:`config_space`) is the schedule,
+    :func:`default_config` when None; the panels must be packed with its :func:`panel_width`."""
     if not (isinstance(n, int) and isinstance(k, int) and n > 0 and k > 0):
         raise KernelError(f"{name}: dense_matmul needs a non-empty static [n, k] weight, got [{n}, {k}]")
     lanes = vector_lanes(target)
-    mr, nb = _tile(lanes)
-    return Kernel(name, dense_matmul_func(n, k, lanes), [], n, k,
-                  notes={"kernel": "dense", "tile": f"{mr}x{nb}", "lanes": lanes, "panels": f"{-(-n // nb)}x{k}x{nb}"})
+    mr, nb, mc = _check_config(config or default_config(lanes), lanes)
+    return Kernel(name, dense_matmul_func(n, k, mr, nb, mc), [], n, k,
+                  notes={"kernel": "dense", "tile": f"{mr}x{nb}", "rows_per_task": mc, "lanes": lanes,
+                         "panels": f"{-(-n // nb)}x{k}x{nb}"})
 
 
 @lru_cache(maxsize=64)
