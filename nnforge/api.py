@@ -40,7 +40,7 @@ def compile(model, target: str | Target, recipe=None, *, example_inputs, calibra
     start = time.perf_counter()
     tgt = get_target(target)
     backend = get_backend(tgt.backend)
-    recipe_name, passes = resolve_recipe(recipe)
+    recipe_name, passes = resolve_recipe(recipe, tgt.options.get("pass_defaults"))
     calib = [as_tuple(b) for b in calibration] if calibration is not None else None
     if calib is not None and not calib:
         raise PassError("calibration is empty: pass at least one input tuple")

@@ -18,6 +18,8 @@ Every key is checked: an unknown top-level key, pass name or option is an error 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import re
 import tomllib
 from pathlib import Path
@@ -109,7 +111,7 @@ PARAMETRIC: dict[str, tuple[str, str, object]] = {
 _TOP_KEYS = {"description", "passes"}
 
 
-def _build(entry, where: str) -> Pass:
+def _build(entry, where: str, defaults: dict | None = None) -> Pass:
     if isinstance(entry, Pass):
         return entry
     if not isinstance(entry, dict):
@@ -120,10 +122,14 @@ def _build(entry, where: str) -> Pass:
         raise PassError(f"{where}: missing the 'pass' key (one of {', '.join(sorted(PASSES))})")
     if name not in PASSES:
         raise PassError(f"{where}: unknown pass {name!r}; known passes: {', '.join(sorted(PASSES))}")
+    fields = {f.name for f in dataclasses.fields(PASSES[name])} if dataclasses.is_dataclass(PASSES[name]) else set()
+    for key, value in (defaults or {}).items():
+        if key in fields and key not in options:       # the recipe's own setting wins
+            options[key] = value
     return PASSES[name].from_options(options, where=f"{where} ({name})")
 
 
-def load_recipe_file(path: str | Path) -> tuple[str, list[Pass]]:
+def load_recipe_file(path: str | Path, defaults: dict | None = None) -> tuple[str, list[Pass]]:
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
@@ -137,26 +143,29 @@ def load_recipe_file(path: str | Path) -> tuple[str, list[Pass]]:
     entries = data.get("passes", [])
     if not isinstance(entries, list):
         raise PassError(f"recipe {path}: 'passes' must be an array of tables ([[passes]])")
-    return path.stem, [_build(e, f"recipe {path}, pass {i}") for i, e in enumerate(entries)]
+    return path.stem, [_build(e, f"recipe {path}, pass {i}", defaults) for i, e in enumerate(entries)]
 
 
-def resolve_recipe(recipe) -> tuple[str, list[Pass]]:
-    """(recipe name, passes) for a preset name, TOML path, list of configs/passes, or None."""
+def resolve_recipe(recipe, defaults: dict | None = None) -> tuple[str, list[Pass]]:
+    """(recipe name, passes) for a preset name, TOML path, list of configs/passes, or None.
+    ``defaults`` (a target's ``pass_defaults`` option, e.g. ``{"scale_dtype": "float16"}`` for Core
+    ML, whose quantised constants hold fp16 scales) fill the options a pass config has and the
+    recipe leaves unset; Pass objects are taken as they are."""
     if recipe is None:
         return "fp32", []
     if isinstance(recipe, (str, Path)):
         text = str(recipe)
         if text in PRESETS:
-            return text, [_build(e, f"preset {text}") for e in PRESETS[text][1]]
+            return text, [_build(e, f"preset {text}", defaults) for e in PRESETS[text][1]]
         for pattern, _, configs in PARAMETRIC.values():
             m = re.fullmatch(pattern, text)
             if m:
-                return text, [_build(e, f"preset {text}") for e in configs(m.group(1))]
+                return text, [_build(e, f"preset {text}", defaults) for e in configs(m.group(1))]
         if text.endswith(".toml") or Path(text).exists():
-            return load_recipe_file(text)
+            return load_recipe_file(text, defaults)
         raise PassError(f"unknown recipe {text!r}: not a preset ({', '.join(PRESETS)}, {', '.join(PARAMETRIC)}) nor a .toml file")
     if isinstance(recipe, (list, tuple)):
-        return "custom", [_build(e, f"recipe entry {i}") for i, e in enumerate(recipe)]
+        return "custom", [_build(e, f"recipe entry {i}", defaults) for i, e in enumerate(recipe)]
     if isinstance(recipe, Pass):
         return recipe.name, [recipe]
     raise PassError(f"a recipe is a preset name, a .toml path or a list of pass configs, got {type(recipe).__name__}")

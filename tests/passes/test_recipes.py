@@ -155,3 +155,21 @@ def test_single_pass_recipe():
 def test_recipe_of_wrong_type(bad):
     with pytest.raises(PassError, match="a recipe is a preset name, a .toml path or a list of pass configs"):
         resolve_recipe(bad)
+
+
+def test_target_pass_defaults_fill_only_unset_options_of_passes_that_have_them():
+    defaults = {"scale_dtype": "float16"}
+    _, (rtn,) = resolve_recipe("w8", defaults)
+    assert rtn.scale_dtype == "float16" and rtn.weight_format.scale_format.name == "float16"
+    _, (own,) = resolve_recipe([{"pass": "quantize_rtn", "format": "int8", "scale_dtype": "float32"}], defaults)
+    assert own.scale_dtype == "float32"                    # the recipe's own setting wins
+    _, passes = resolve_recipe("sparse24-w4", defaults)
+    assert passes[0].weight_format.scale_format.name == "float16"
+    _, passes = resolve_recipe("palettize-4", defaults)     # no scale_dtype option: untouched, no error
+    assert not hasattr(passes[0], "scale_dtype")
+
+
+def test_core_ml_targets_quantise_with_fp16_scales():
+    from nnforge.targets import get_target
+    for name in ("apple-a17", "apple-m2"):
+        assert get_target(name).options["pass_defaults"] == {"scale_dtype": "float16"}

@@ -364,13 +364,15 @@ class PruneSparseGPT(SparsityConfig, Pass):
     """SparseGPT (see the module docstring); needs calibration. ``damp``: fraction of the mean
     Hessian diagonal added to it; ``block_size``: columns per lazy update; ``format`` (with
     ``group_size`` counted in kept columns, a shorter last group allowed) quantises the kept
-    weights of an N:M pattern jointly, e.g. ``format="uint4", group_size=128``."""
+    weights of an N:M pattern jointly, e.g. ``format="uint4", group_size=128``, with scales stored in
+    ``scale_dtype``."""
     name = "prune_sparsegpt"
     needs_calibration = True
     damp: float = 0.01
     block_size: int = 128
     format: str | None = None
     group_size: int | None = None
+    scale_dtype: str = "float32"
 
     def __post_init__(self):
         super().__post_init__()
@@ -388,7 +390,7 @@ class PruneSparseGPT(SparsityConfig, Pass):
             raise PassError(f"{self.name}: format (joint quantisation) needs an N:M or block pattern; unstructured "
                             "kept values have no row or group layout to share scales")
         try:
-            self.weight_format = parse_format(self.format, group_size=self.group_size)
+            self.weight_format = parse_format(self.format, group_size=self.group_size, scale_dtype=self.scale_dtype)
         except FormatError as e:
             raise PassError(f"{self.name}: {e}") from None
         f = self.weight_format
