@@ -18,7 +18,7 @@ Latency: real sentences padded to the longest of the batch; median over stretche
 alternate between the runners, each after a pause and a warm-up run (benchmarks/timing.py: the
 other runtimes' threads spin after their runs). Fidelity: mean / min cosine of the sparse bundle's
 embeddings against fp32 torch (the default model: 500 held-out sentences, plus NN agreement).
-Writes benchmarks/out/cpu_e2e.json.
+Writes benchmarks/out/cpu_e2e.json (rows of models not run this time are kept).
 
     python benchmarks/cpu_e2e.py [--models minilm bert-base] [--batches 1 32] [--rounds 30] [--tune]
 """
@@ -113,7 +113,13 @@ def main() -> None:
     meta = {"machine": f"{os.cpu_count()} CPU threads", "torch": torch.__version__,
             "onnxruntime": __import__("onnxruntime").__version__, "rounds": args.rounds,
             "load_average": os.getloadavg()}
-    (OUT / "cpu_e2e.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    # rows of models not run this time are kept, with the meta of the run that measured them
+    path = OUT / "cpu_e2e.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    old_meta = old.get("meta", {}) if isinstance(old.get("meta"), dict) else {}
+    kept = [r for r in old.get("rows", []) if r.get("model") not in args.models]
+    runs = {**(old_meta.get("runs") or {}), **{name: meta for name in args.models}}
+    path.write_text(json.dumps({"meta": {"runs": runs}, "rows": kept + rows}, indent=1))
     print(f"wrote {OUT / 'cpu_e2e.json'}")
 
 

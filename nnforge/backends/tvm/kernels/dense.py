@@ -59,11 +59,11 @@ def default_config(lanes: int) -> dict:
 
 def config_space(lanes: int, registers: int) -> list[dict]:
     """Register tiles worth measuring: for 1..4 vectors of output columns, the most rows whose
-    accumulators, weight vectors and one broadcast fit the register file, and half of that (a
-    smaller tile leaves LLVM room when its estimate is off). Tasks keep about ROWS_PER_TASK rows."""
+    accumulators, weight vectors, one broadcast and one spare fit the register file (a tile using
+    all 16 ymm registers spilled: 3-8x slower), and half of that. Tasks keep about ROWS_PER_TASK rows."""
     space = []
     for vectors in (1, 2, 3, 4):
-        most = (registers - vectors - 1) // vectors
+        most = (registers - vectors - 2) // vectors
         for mr in sorted({most, max(1, most // 2)}, reverse=True):
             if mr >= 1:
                 space.append({"mr": mr, "vectors": vectors, "rows_per_task": mr * max(1, round(ROWS_PER_TASK / mr))})
