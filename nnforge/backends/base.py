@@ -130,6 +130,8 @@ class Backend(ABC):
 
 
 _BACKENDS: dict[str, str] = {"onnx": "nnforge.backends.onnx:OnnxBackend", "tvm": "nnforge.backends.tvm:TvmBackend"}
+_BACKENDS["triton"] = "nnforge.backends.triton:TritonBackend"
+_BACKENDS["coreml"] = "nnforge.backends.coreml:CoremlBackend"
 _LOADED: dict[str, Backend] = {}
 
 

@@ -1,0 +1,218 @@
+"""The triton backend: encoded linear weights run by the Triton kernels of :mod:`.kernels`, the
+rest of the graph by torch, on one NVIDIA GPU (targets ``h100`` and ``a100``).
+
+Files it adds to a bundle (the graph itself is the bundle's ``graph.json`` + ``weights.safetensors``,
+read in place, so dense weights are stored once):
+
+- ``triton_weights.safetensors``: each kernel-run weight in its kernel's layout, under
+  ``<weight>.<field>``; the manifest entry keeps each one's module, format, shape and meta.
+- ``kernels/<module>.py``: the source of every kernel module used (and of the kernel package's
+  ``__init__`` and ``common``, and of any module one borrows from), with its sha256 in the entry.
+  They are a record, never imported: a load runs the installed nnforge's kernels and refuses a
+  bundle whose recorded sources differ from them (built by another nnforge: recompile), since
+  packed layouts are only defined by that source.
+
+Weights no kernel takes (3-bit codes, a ``matmul`` operand, an embedding table...) are decoded at
+load and run by torch; each is a :class:`~nnforge.backends.base.Fallback` in the manifest naming
+the weight and every kernel module's reason. Lowering needs no GPU; running needs CUDA, or
+``TRITON_INTERPRET=1`` (set before triton is imported) to run on the CPU in Triton's interpreter,
+slowly, which is how CI runs these bundles (the targets' "cuda" requirement counts the interpreter, so
+``nf.load``, ``nf.verify`` and the compile-time numerics check all run there).
+
+Target options it reads: ``compute_dtype`` ("float16", the default, or "bfloat16": the operand type
+of linears and matmuls) and ``cuda_graphs`` (default true; ``NNFORGE_CUDA_GRAPHS=0`` turns them off
+at load).
+
+    >>> lowered = TritonBackend().lower(graph, get_target("h100"), out_dir)
+    >>> runner = TritonBackend().load(out_dir, lowered.entry)          # CUDA, or TRITON_INTERPRET=1
+    >>> y = runner(x)
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ...ir import Graph, symbolic as sym
+from ...targets import Target
+from ..base import Backend, BackendError, InputSpec, Lowered, Runner
+from .kernels import interpreting
+from .lower import KERNEL_PACKAGE, PACKED_FILE, lower_graph, module_source, sha256_of
+
+COMPUTE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """The device to run on: CUDA when present (``None``), or the CPU under Triton's interpreter."""
+    cuda = torch.cuda.is_available()
+    if device is None:
+        device = "cuda" if cuda else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise BackendError(f"the triton backend runs on 'cuda' (or 'cpu' with TRITON_INTERPRET=1), not {device!r}") \
+            from None
+    if dev.type == "cuda" and not cuda:
+        raise BackendError(f"device {device!r}: no CUDA GPU is visible; the triton backend needs one "
+                           "(or TRITON_INTERPRET=1 and device 'cpu' to run in Triton's CPU interpreter, slowly)")
+    if dev.type == "cpu" and not interpreting():
+        raise BackendError("the triton backend needs a CUDA GPU" + ("" if cuda else ", and none is visible") +
+                           "; set TRITON_INTERPRET=1 before triton is imported to run on the CPU in Triton's "
+                           "interpreter (slow; this is how CI runs these bundles)")
+    if dev.type not in ("cuda", "cpu"):
+        raise BackendError(f"the triton backend runs on 'cuda' or 'cpu', not {device!r}")
+    return dev
+
+
+def check_kernel_sources(bundle_dir: Path, kernels: dict) -> dict:
+    """The installed kernel modules, after checking that each bundled source is unchanged and is
+    the source installed here (a packed layout means what its own source says, nothing else)."""
+    from ...bundle import safe_join
+    modules = {}
+    for name, info in kernels.items():
+        rel, digest = info["file"], info["sha256"]
+        path = safe_join(bundle_dir, rel)
+        if not path.is_file():
+            raise BackendError(f"{path}: kernel source {name} recorded by the bundle is missing")
+        if sha256_of(path) != digest:
+            raise BackendError(f"{path}: sha256 differs from the {digest} recorded when the bundle was built")
+        qualified = KERNEL_PACKAGE if name == "__init__" else f"{KERNEL_PACKAGE}.{name}"
+        try:
+            module = importlib.import_module(qualified)
+        except Exception as e:
+            raise BackendError(f"{path}: the bundle needs kernel module {qualified}, which this nnforge cannot "
+                               f"import ({type(e).__name__}: {e})") from None
+        installed = sha256_of(module_source(module))
+        if installed != digest:
+            raise BackendError(f"{path}: the bundle was built with a different {qualified} than the one installed "
+                               f"(sha256 {digest[:12]}... vs {installed[:12]}...): built by another nnforge version; "
+                               "recompile the model with this one")
+        fmt = getattr(module, "FORMAT", None)
+        if info.get("format") != fmt:
+            raise BackendError(f"{path}: kernel module {qualified} has FORMAT {fmt!r}, the bundle says "
+                               f"{info.get('format')!r}")
+        modules[name] = module
+    return modules
+
+
+def read_packed(bundle_dir: Path, entry: dict, modules: dict, device: torch.device) -> dict[str, tuple]:
+    """weight name -> (kernel module, PackedWeight on ``device``) as the entry describes them."""
+    linears = entry.get("linears") or {}
+    if not linears:
+        return {}
+    from safetensors import SafetensorError, safe_open
+    from ...bundle import safe_join
+    from .kernels import PackedWeight
+    path = safe_join(bundle_dir, entry.get("packed") or PACKED_FILE)
+    out = {}
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            keys = set(f.keys())
+            for wname, spec in linears.items():
+                tensors = {}
+                for field, key in spec["tensors"].items():
+                    if key not in keys:
+                        raise BackendError(f"{path}: weight {wname} needs tensor {key!r}, which is missing")
+                    tensors[field] = f.get_tensor(key)
+                if spec["module"] not in modules:
+                    raise BackendError(f"{path}: weight {wname} names kernel module {spec['module']!r}, "
+                                       "whose source the bundle does not record")
+                pw = PackedWeight(spec["format"], int(spec["n"]), int(spec["k"]), tensors, dict(spec.get("meta") or {}))
+                out[wname] = (modules[spec["module"]], pw.to(device))
+    except (OSError, SafetensorError) as e:
+        raise BackendError(f"{path}: cannot read the packed weights: {e}") from None
+    return out
+
+
+def dense_weights(graph: Graph, packed: dict, compute_dtype: torch.dtype, device: torch.device) -> dict:
+    """Every weight the plan reads as a tensor, decoded once. One only matmul-like ops read is
+    kept in the compute dtype (half the memory); any other stays fp32, as the interpreter has it."""
+    from .launcher import MATMUL_LIKE, to_compute
+    users: dict[str, set[str]] = {}
+    for node in graph.nodes:
+        for k, v in enumerate(node.inputs):
+            if v is not None and v.is_weight and not (node.op == "linear" and k == 1 and v.name in packed):
+                users.setdefault(v.name, set()).add(node.op)
+    for v in graph.outputs:
+        if v.is_weight:
+            users.setdefault(v.name, set()).add("output")
+    out = {}
+    for name, ops in users.items():
+        enc = graph.weights[name].encoding
+        try:
+            t = enc.decode(torch.float32 if enc.dtype.is_float else None)
+        except Exception as e:
+            raise BackendError(f"weight {name} ({enc.describe()}) failed to decode: {e}") from e
+        out[name] = (to_compute(t, compute_dtype) if ops <= set(MATMUL_LIKE) else t).to(device)
+    return out
+
+
+def _dims(shape) -> tuple:
+    return tuple(d if isinstance(d, int) or sym.is_symbol(d) else None for d in shape)
+
+
+class TritonRunner(Runner):
+    """A bundle's graph as a :class:`~.launcher.Plan` on ``device``. ``cuda_graphs`` (default:
+    the entry's, off when ``NNFORGE_CUDA_GRAPHS=0``) replays batch-1 calls from CUDA graphs."""
+
+    def __init__(self, bundle_dir: Path, entry: dict, device: torch.device, cuda_graphs: bool | None = None):
+        from ...bundle import safe_join
+        from ...ir import GraphError, load_graph
+        from .launcher import Launcher, Plan
+        try:
+            graph_rel, weights_rel = entry["graph"], entry["weights"]
+            kernels, cdt = dict(entry["kernels"]), COMPUTE_DTYPES[entry["compute_dtype"]]
+        except (KeyError, TypeError) as e:
+            raise BackendError(f"{bundle_dir}: triton backend entry is missing or malformed ({e!r})") from None
+        modules = check_kernel_sources(bundle_dir, kernels)
+        try:
+            graph = load_graph(safe_join(bundle_dir, graph_rel), safe_join(bundle_dir, weights_rel))
+        except GraphError as e:
+            raise BackendError(f"{bundle_dir}: cannot read the graph: {e}") from None
+        packed = read_packed(bundle_dir, entry, modules, device)
+        self.device = device
+        self.inputs = [InputSpec(v.name, np.dtype(v.dtype.name), _dims(v.shape)) for v in graph.inputs]
+        self.output_names = [v.name for v in graph.outputs]
+        plan = Plan(graph, dense_weights(graph, packed, cdt, device), packed, cdt, entry.get("fp8_linears"))
+        if cuda_graphs is None:
+            cuda_graphs = bool(entry.get("cuda_graphs", True)) and os.environ.get("NNFORGE_CUDA_GRAPHS", "1") != "0"
+        self.launcher = Launcher(plan, device, cuda_graphs)
+
+    def run_torch(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
+        """Run on torch tensors in the graph's dtypes; outputs stay on the device."""
+        return self.launcher(list(inputs))
+
+    def run_numpy(self, inputs: list) -> list:
+        outs = self.launcher([torch.from_numpy(x) for x in inputs])
+        return [(o.float() if o.dtype == torch.bfloat16 else o).cpu().numpy() for o in outs]
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    native = {
+        ("linear", "dense"): "torch F.linear on fp16 (cuBLAS)", ("matmul", "dense"): "torch matmul on fp16",
+        ("conv", "dense"): "torch conv on fp16", ("embedding", "dense"): "torch embedding (fp16 table)",
+        ("linear", "int"): "kernels.intweight: 4/8-bit weight-only GEMM (int-weight), act-order in the kernel",
+        ("linear", "minifloat"): "kernels.minifloat: FP8/FP6/FP4 weight GEMM (minifloat)",
+        ("linear", "palettized"): "kernels.lut: look-up-table GEMM (palettized)",
+        ("linear", "sparse"): "kernels.sparse24: 2:4 sparse GEMM with int4 or float values (sparse24)",
+    }
+
+    def lower(self, graph: Graph, target: Target, out_dir: Path) -> Lowered:
+        return lower_graph(graph, target, Path(out_dir), self.toolchain())
+
+    def load(self, bundle_dir: Path, entry: dict, device: str | None = None) -> Runner:
+        return TritonRunner(Path(bundle_dir), entry, resolve_device(device))
+
+    def toolchain(self) -> dict[str, str]:
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            return {"triton": version("triton")}
+        except PackageNotFoundError:
+            return {}
+
+
+__all__ = ["TritonBackend", "TritonRunner", "resolve_device", "check_kernel_sources", "interpreting"]

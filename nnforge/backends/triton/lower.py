@@ -1,0 +1,206 @@
+"""Lowering for the triton backend: which kernel module takes each encoded weight, its packed
+tensors, and the kernel sources a bundle carries.
+
+Only ``linear`` weights go to kernels: the kernel contract computes ``x @ W.T`` with W stored
+[out, in], which is how a linear weight is encoded; a ``matmul`` weight operand is [in, out], so
+an encoded one is decoded instead (a reported fallback, like every weight no kernel takes).
+
+    >>> lowered = lower_graph(graph, get_target("h100"), out_dir)
+    >>> lowered.entry["linears"]["fc.weight"]["module"]
+    'intweight'
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import shutil
+from pathlib import Path
+from types import ModuleType
+
+from ...ir import Graph
+from ...targets import Target
+from ..base import BackendError, Fallback, Lowered
+
+GRAPH_FILE = "graph.json"                 # written by the pipeline (save_graph); read in place
+WEIGHTS_FILE = "weights.safetensors"
+PACKED_FILE = "triton_weights.safetensors"
+KERNEL_DIR = "kernels"
+KERNEL_PACKAGE = "nnforge.backends.triton.kernels"
+# Tried in this order; the first whose supports() returns None takes the weight.
+KERNEL_MODULES = ("intweight", "minifloat", "lut", "sparse24")
+# Sources a bundle records besides the modules its weights use: the package, the helpers every
+# module imports, and the kernel modules a module borrows from (lut unpacks minifloat's bit planes).
+SHARED_SOURCES = ("__init__", "common")
+BORROWS = {"lut": ("minifloat",)}
+COMPUTE_DTYPES = ("float16", "bfloat16")
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def kernel_modules() -> tuple[dict[str, ModuleType], dict[str, str]]:
+    """(importable kernel modules by name, why each other one is unavailable). Imported lazily:
+    a module that is missing or broken costs its weights their kernel, not the whole backend."""
+    found, missing = {}, {}
+    for name in KERNEL_MODULES:
+        try:
+            found[name] = importlib.import_module(f"{KERNEL_PACKAGE}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{KERNEL_PACKAGE}.{name}":
+                missing[name] = f"import failed: {e}"
+            else:
+                missing[name] = "not installed"
+        except Exception as e:     # a half-written module must not take the backend down
+            missing[name] = f"import failed: {type(e).__name__}: {e}"
+    return found, missing
+
+
+def choose_kernel(enc, target: str, modules: dict[str, ModuleType], missing: dict[str, str]):
+    """(module name or None, {module: why not}) for one encoding."""
+    reasons = {}
+    for name in KERNEL_MODULES:
+        if name not in modules:
+            reasons[name] = missing.get(name, "not installed")
+            continue
+        try:
+            why = modules[name].supports(enc, target)
+        except Exception as e:       # supports() is meant to answer, not raise; say what it did
+            why = f"supports() raised {type(e).__name__}: {e}"
+        if why is None:
+            return name, reasons
+        reasons[name] = str(why)
+    return None, reasons
+
+
+def module_source(module: ModuleType) -> Path:
+    path = getattr(module, "__file__", None)
+    if not path or not Path(path).is_file():
+        raise BackendError(f"kernel module {module.__name__} has no source file to put in the bundle")
+    return Path(path)
+
+
+def compute_dtype(target: Target) -> str:
+    want = target.options.get("compute_dtype", "float16")
+    if want not in COMPUTE_DTYPES:
+        raise BackendError(f"target {target.name} ({target.path}): options.compute_dtype must be one of "
+                           f"{', '.join(COMPUTE_DTYPES)}, got {want!r}")
+    return want
+
+
+def _linear_weights(graph: Graph) -> dict[str, list[str]]:
+    """Encoded weights that some linear uses as its weight, with every node using them."""
+    users: dict[str, list[str]] = {}
+    for node in graph.nodes:
+        if node.op == "linear" and len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].is_weight:
+            w = node.inputs[1]
+            if w.encoding.kind != "dense":
+                users.setdefault(w.name, []).append(node.name)
+    return users
+
+
+def _other_encoded_uses(graph: Graph) -> list[tuple[str, str]]:
+    """(weight, node) for encoded weights read other than as a linear's weight (a tied embedding
+    table, a matmul operand): those are decoded whatever the kernels take."""
+    out = []
+    for node in graph.nodes:
+        for slot, v in enumerate(node.inputs):
+            if v is None or not v.is_weight or v.encoding.kind == "dense":
+                continue
+            if node.op == "linear" and slot == 1:
+                continue
+            out.append((v.name, node.name))
+    return out
+
+
+def fp8_linears(graph: Graph, target: str, linears: dict, modules: dict) -> dict[str, dict]:
+    """Linear nodes that run fp8 x fp8 (``minifloat.matmul_fp8act``): the input is a ``fake_quant``
+    to E4M3 with a static per-tensor scale (the fp8-w8a8 preset) and the minifloat module takes
+    the packed weight with e4m3 activations on ``target`` (H100 only). Node name -> the weight,
+    the fake_quant node whose input the step quantises itself, and its scale."""
+    out = {}
+    for node in graph.nodes:
+        w = node.inputs[1] if node.op == "linear" and len(node.inputs) > 1 else None
+        if w is None or w.name not in linears or linears[w.name]["module"] != "minifloat":
+            continue
+        q = node.inputs[0].producer
+        if q is None or q.op != "fake_quant" or q.attrs["format"].name != "float8_e4m3fn" or q.attrs["zero_point"]:
+            continue
+        if modules["minifloat"].supports(w.encoding, target, activations="e4m3") is None:
+            out[node.name] = {"weight": w.name, "quant": q.name, "scale": float(q.attrs["scale"])}
+    return out
+
+
+def lower_graph(graph: Graph, target: Target, out_dir: Path, toolchain: dict) -> Lowered:
+    """Pack every linear weight a kernel takes into ``triton_weights.safetensors``, copy the
+    kernel sources used into ``kernels/``, and describe the rest of the graph for the launcher."""
+    from safetensors.torch import save_file
+    from ...ir import save_graph
+    out_dir = Path(out_dir)
+    cdt = compute_dtype(target)
+    files = []
+    if not (out_dir / GRAPH_FILE).is_file() or not (out_dir / WEIGHTS_FILE).is_file():
+        save_graph(graph, out_dir / GRAPH_FILE, out_dir / WEIGHTS_FILE)     # lowered outside a bundle
+        files += [GRAPH_FILE, WEIGHTS_FILE]
+    modules, missing = kernel_modules()
+    fallbacks: list[Fallback] = []
+    linears, packed = {}, {}
+    used: set[str] = set()
+    for wname, nodes in _linear_weights(graph).items():
+        enc = graph.weights[wname].encoding
+        name, reasons = choose_kernel(enc, target.name, modules, missing)
+        if name is None:
+            why = "; ".join(f"{m}: {r}" for m, r in reasons.items())
+            fallbacks.append(Fallback(wname, f"{enc.describe()} weight of {', '.join(nodes)}",
+                                      f"decoded to {cdt} dense at load, run by torch "
+                                      f"(no Triton kernel takes it: {why})"))
+            continue
+        try:
+            pw = modules[name].pack(enc, target.name)
+        except Exception as e:
+            raise BackendError(f"triton backend: kernel {name} accepted weight {wname} ({enc.describe()}, used by "
+                               f"{', '.join(nodes)}) but pack() failed: {type(e).__name__}: {e}") from e
+        keys = {}
+        for field, t in pw.tensors.items():
+            keys[field] = f"{wname}.{field}"
+            packed[keys[field]] = t.detach().contiguous().cpu()
+        linears[wname] = {"module": name, "format": pw.format, "n": int(pw.n), "k": int(pw.k),
+                          "meta": pw.meta, "tensors": keys}
+        used.add(name)
+    for wname, node in _other_encoded_uses(graph):
+        enc = graph.weights[wname].encoding
+        what = "matmul weight operand [in, out]" if graph.node(node).op == "matmul" else f"{graph.node(node).op} weight"
+        fallbacks.append(Fallback(wname, f"{enc.describe()} {what} of node {node}",
+                                  "decoded to dense at load, run by torch (the kernels take linear weights only)"))
+    if packed:
+        save_file(packed, os.fspath(out_dir / PACKED_FILE), metadata={"producer": "nnforge triton backend"})
+        files.append(PACKED_FILE)
+    kernels = {}
+    if used:
+        (out_dir / KERNEL_DIR).mkdir(exist_ok=True)
+        package = importlib.import_module(KERNEL_PACKAGE)
+        sources = {n: package if n == "__init__" else importlib.import_module(f"{KERNEL_PACKAGE}.{n}")
+                   for n in SHARED_SOURCES}
+        for n in sorted(used | {b for u in used for b in BORROWS.get(u, ())}):
+            sources[n] = modules.get(n) or importlib.import_module(f"{KERNEL_PACKAGE}.{n}")
+        for name, module in sources.items():
+            rel = f"{KERNEL_DIR}/{name}.py"
+            shutil.copyfile(module_source(module), out_dir / rel)
+            kernels[name] = {"file": rel, "sha256": sha256_of(out_dir / rel),
+                             "format": getattr(module, "FORMAT", None)}
+            files.append(rel)
+    entry = {
+        "graph": GRAPH_FILE, "weights": WEIGHTS_FILE, "packed": PACKED_FILE if packed else None,
+        "target": target.name, "compute_capability": target.options.get("compute_capability"),
+        "compute_dtype": cdt, "cuda_graphs": bool(target.options.get("cuda_graphs", True)),
+        "inputs": [{"name": v.name, "dtype": v.dtype.name, "dims": list(v.shape)} for v in graph.inputs],
+        "outputs": [v.name for v in graph.outputs],
+        "kernels": kernels, "linears": linears, "fp8_linears": fp8_linears(graph, target.name, linears, modules),
+        "decoded": sorted({f.where for f in fallbacks}),
+    }
+    return Lowered(files=files, entry=entry, fallbacks=fallbacks, toolchain=toolchain)
+
+
+__all__ = ["lower_graph", "kernel_modules", "choose_kernel", "sha256_of", "KERNEL_MODULES", "PACKED_FILE",
+           "KERNEL_DIR", "KERNEL_PACKAGE", "fp8_linears", "GRAPH_FILE", "WEIGHTS_FILE"]
