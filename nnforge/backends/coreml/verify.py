@@ -1,0 +1,189 @@
+"""Check a saved Core ML package against the nnforge graph it was lowered from.
+
+Two checks, both on the package as written to disk (Linux has no Core ML runtime, so the saved
+MIL program is read back, never run):
+
+1. Weights: every weight of the graph is found by its MIL name, decoded from its stored tensors
+   with :func:`weights.decode_op`, and compared with ``enc.decode(torch.float16)`` bit for bit
+   (the columns taken in stored order for an act-order weight; +0 and -0 count as equal, since
+   Core ML fills dropped sparse entries with +0). A mismatch raises, naming the weight.
+2. Ops: ``op_map`` gives, per IR op, the MIL op types it lowers to, in order. The rule checked:
+   the concatenation, over the IR nodes in graph order, of ``op_map[node.op]`` is a subsequence
+   of the program's op types in program order (``const`` and ``constexpr_*`` left out). Gaps are
+   allowed (casts, gathers for act-order, ops coremltools inserts); order and presence are not.
+
+    >>> report = verify_package("m.mlpackage", graph, {"linear": ("linear",), "relu": ("relu",)})
+    >>> report.total_bytes, [w.op_types for w in report.weights]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .weights import decode_op, mil_name
+
+
+class CoreMLVerifyError(AssertionError):
+    """The package disagrees with the graph; the message names the weight or node at fault."""
+
+
+@dataclass
+class WeightCheck:
+    name: str                   # IR weight name
+    mil_name: str
+    op_types: list[str]         # the chain, outermost first
+    nbytes: int                 # bytes of the stored tensors of the chain
+    dense_fp16_bytes: int
+
+
+@dataclass
+class VerifyReport:
+    path: str
+    weights: list[WeightCheck] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)    # Dense weights coremltools folded away
+    ops_checked: int = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(w.nbytes for w in self.weights)
+
+
+def load_program(path: str):
+    """The pymil Program of a saved .mlpackage (read from its spec and weight file)."""
+    import coremltools as ct
+    from coremltools.converters.mil.frontend.milproto.load import load
+    model = ct.models.MLModel(str(path), skip_model_load=True)
+    spec = model.get_spec()
+    if spec.WhichOneof("Type") != "mlProgram":
+        raise CoreMLVerifyError(f"{path}: not an ML program package (model type {spec.WhichOneof('Type')})")
+    return load(spec, spec.specificationVersion, file_weights_dir=model.weights_dir)
+
+
+def _ops(prog):
+    """Every op of every function, nested blocks included, in program order (iterative walk)."""
+    out = []
+    for fn in prog.functions.values():
+        stack = [iter(fn.operations)]
+        while stack:
+            op = next(stack[-1], None)
+            if op is None:
+                stack.pop()
+                continue
+            out.append(op)
+            for block in reversed(getattr(op, "blocks", []) or []):
+                stack.append(iter(block.operations))
+    return out
+
+
+def _dtype_bits(var) -> int:
+    from coremltools.converters.mil.mil import types
+    name = types.builtin_to_string(var.dtype)
+    digits = "".join(c for c in name if c.isdigit())
+    return int(digits) if digits else 8
+
+
+def _chain(op):
+    """(op types, stored bytes) of the constexpr chain ending at ``op``."""
+    types_, nbytes, todo, seen = [], 0, [op], set()
+    while todo:
+        o = todo.pop()
+        if id(o) in seen:
+            continue
+        seen.add(id(o))
+        types_.append(o.op_type)
+        if o.op_type == "const":
+            v = o.outputs[0]
+            nbytes += -(-int(np.asarray(v.val).size) * _dtype_bits(v) // 8)
+            continue
+        for var in o.inputs.values():
+            if var.op is not None:
+                todo.append(var.op)
+    return types_, nbytes
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a16, b16 = (np.asarray(x, np.float16) + np.float16(0) for x in (a, b))   # -0 -> +0
+    return a16.view(np.uint16) == b16.view(np.uint16)
+
+
+def check_weights(prog, graph, names: dict | None = None) -> tuple[list[WeightCheck], list[str]]:
+    """Rule 1 of the module docstring. ``names``: IR weight name -> MIL name; by default
+    mil_name() over ``graph.weights`` in order with a fresh ``used`` set."""
+    if names is None:
+        used: set = set()
+        names = {n: mil_name(n, used) for n in graph.weights}
+    producers = {}
+    for op in _ops(prog):
+        for v in op.outputs:
+            producers[v.name] = op
+    checks, missing = [], []
+    for wname, value in graph.weights.items():
+        enc = value.encoding
+        op = producers.get(names.get(wname, ""))
+        if op is None:
+            if enc.kind == "dense":
+                missing.append(wname)       # const folding/dedup may rename plain consts
+                continue
+            raise CoreMLVerifyError(f"weight {wname!r} ({enc.describe()}): no op named {names.get(wname)!r} in "
+                                    "the package; was it emitted with emit_weight under that name?")
+        got = decode_op(op)
+        want = enc.decode(torch.float16)
+        perm = getattr(enc, "perm", None)
+        if perm is not None and len(enc.shape) == 2:
+            want = want[:, perm]            # emit_weight keeps act-order columns in stored order
+        want = want.numpy()
+        if enc.kind == "dense" and not want.dtype.kind == "f":
+            ok = np.array_equal(got, want.astype(got.dtype))
+            bad = 0 if ok else int((got != want.astype(got.dtype)).sum())
+        else:
+            want = np.clip(want, -65504, 65504) if enc.kind == "dense" else want
+            if tuple(got.shape) != tuple(want.shape):
+                raise CoreMLVerifyError(f"weight {wname!r}: package holds shape {tuple(got.shape)}, the graph "
+                                        f"{tuple(want.shape)}")
+            eq = _same_bits(got, want)
+            bad = int((~eq).sum())
+        if bad:
+            idx = np.argwhere(~eq)[0] if enc.kind != "dense" or want.dtype.kind == "f" else None
+            where = "" if idx is None else f"; first at {tuple(int(i) for i in idx)}: package " \
+                f"{float(got[tuple(idx)])!r} vs graph {float(want[tuple(idx)])!r}"
+            raise CoreMLVerifyError(f"weight {wname!r} ({enc.describe()}, MIL {op.op_type} {op.name!r}): {bad} of "
+                                    f"{want.size} values differ from the graph's fp16 decode{where}")
+        types_, nbytes = _chain(op)
+        checks.append(WeightCheck(wname, op.outputs[0].name, types_, nbytes, enc.numel * 2))
+    return checks, missing
+
+
+def check_ops(prog, graph, op_map: dict) -> int:
+    """Rule 2 of the module docstring; returns how many MIL ops were matched."""
+    unknown = sorted({n.op for n in graph.nodes if n.op not in op_map})
+    if unknown:
+        raise CoreMLVerifyError(f"op_map has no entry for IR op(s) {', '.join(unknown)}")
+    seq = [op.op_type for op in _ops(prog) if op.op_type != "const" and not op.op_type.startswith("constexpr_")]
+    pos, matched = 0, 0
+    for node in graph.nodes:
+        expected = op_map[node.op]
+        for t in ((expected,) if isinstance(expected, str) else expected):
+            try:
+                pos = seq.index(t, pos) + 1
+            except ValueError:
+                raise CoreMLVerifyError(
+                    f"node {node.name} ({node.op}): expected MIL op {t!r} after program position {pos}, none "
+                    f"found; program ops from there: {seq[pos:pos + 8]}") from None
+            matched += 1
+    return matched
+
+
+def verify_package(path, graph, op_map: dict, *, names: dict | None = None) -> VerifyReport:
+    """Check the package at ``path`` against ``graph``: weights bit for bit, op order by ``op_map``
+    (IR op -> MIL op type or tuple of types). Raises CoreMLVerifyError naming the weight or node."""
+    prog = load_program(path)
+    report = VerifyReport(str(path))
+    report.weights, report.missing = check_weights(prog, graph, names)
+    report.ops_checked = check_ops(prog, graph, op_map)
+    return report
+
+
+__all__ = ["CoreMLVerifyError", "VerifyReport", "WeightCheck", "load_program", "check_weights", "check_ops",
+           "verify_package"]
