@@ -92,6 +92,7 @@ def write_bundle(out: Path, *, graph: Graph, original: Graph, source: str, targe
     expected = Interpreter(graph).run(*check_inputs)
     fidelity = json_safe(compare(expected, fp32))
     timings["reference_s"] = time.perf_counter() - t0
+    graph.meta["recipe"] = recipe_name       # backends that label their artifacts (Core ML metadata) read it
     with BundleWriter(out) as tmp:
         t0 = time.perf_counter()
         save_graph(graph, tmp / GRAPH_FILE, tmp / WEIGHTS_FILE)

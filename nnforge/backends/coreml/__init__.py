@@ -166,8 +166,9 @@ class CoremlBackend(Backend):
         model.author = "nnforge"
         model.version = __version__
         model.license = ""
-        model.short_description = (f"{graph.name} compiled by nnforge {__version__} for {target.name} "
-                                   f"(weights: {_summary(graph) or 'none'})")
+        recipe = graph.meta.get("recipe", "unknown")
+        model.short_description = (f"{graph.name} compiled by nnforge {__version__} for {target.name}, recipe "
+                                   f"{recipe} (weights: {_summary(graph) or 'none'})")
         for spec in inputs:
             model.input_description[spec["mil_name"]] = (f"graph input {spec['name']}: {spec['dtype']} "
                                                          f"{spec['dims']} (fed as {spec['io_dtype']})")
@@ -178,6 +179,7 @@ class CoremlBackend(Backend):
         meta["nnforge.version"] = __version__
         meta["nnforge.graph"] = graph.name
         meta["nnforge.target"] = target.name
+        meta["nnforge.recipe"] = str(recipe)
         meta["nnforge.flexible_dims"] = json.dumps(symbols)
         meta["nnforge.inputs"] = json.dumps({s["name"]: s["mil_name"] for s in inputs})
         meta["nnforge.outputs"] = json.dumps({s["name"]: s["mil_name"] for s in outputs})
