@@ -14,6 +14,8 @@ macOS (the apple targets require it, so ``nf.load`` refuses earlier elsewhere).
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import sys
 from collections import Counter
@@ -90,10 +92,10 @@ class CoremlRunner(Runner):
     def run_numpy(self, inputs: list) -> list:
         feed = {}
         for spec, x in zip(self.entry["inputs"], inputs):
-            io = _IO_NP[spec["io_dtype"]]
-            if np.dtype(io).kind == "i" and x.dtype != io and x.size and (x.max() > 2**31 - 1 or x.min() < -2**31):
+            want = _IO_NP[spec["io_dtype"]]
+            if np.dtype(want).kind == "i" and x.dtype != want and x.size and (x.max() > 2**31 - 1 or x.min() < -2**31):
                 raise BackendError(f"input {spec['name']}: values beyond int32, which Core ML takes")
-            feed[spec["mil_name"]] = x.astype(io)       # int64 ids -> int32, bool -> int32 (stated casts)
+            feed[spec["mil_name"]] = x.astype(want)     # int64 ids -> int32, bool -> int32 (stated casts)
         try:
             got = self.model.predict(feed)
         except Exception as e:
@@ -134,14 +136,17 @@ class CoremlBackend(Backend):
                 else:
                     lo, hi = symbols.setdefault(d, list(_bounds(target, d)))
                     dims.append(ct.RangeDim(lower_bound=lo, upper_bound=hi, default=lo))
-            io = input_type(v)
-            specs.append(ct.TensorType(name=mil, shape=ct.Shape(dims), dtype=_IO_NP[io]))
+            io_dtype = input_type(v)
+            specs.append(ct.TensorType(name=mil, shape=ct.Shape(dims), dtype=_IO_NP[io_dtype]))
             entry_inputs.append({"name": v.name, "mil_name": mil, "dtype": _np_name(v.dtype),
-                                 "io_dtype": io, "dims": list(v.shape)})
+                                 "io_dtype": io_dtype, "dims": list(v.shape)})
         try:
-            model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=deploy, inputs=specs,
-                               compute_precision=ct.precision.FLOAT16,
-                               skip_model_load=sys.platform != "darwin")    # no Core ML runtime elsewhere
+            # coremltools draws a progress bar per pass pipeline on stderr, unasked: a compile's own
+            # progress (nf.compile(progress=True)) is the only one a user should see
+            with contextlib.redirect_stderr(io.StringIO()):
+                model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=deploy, inputs=specs,
+                                   compute_precision=ct.precision.FLOAT16,
+                                   skip_model_load=sys.platform != "darwin")    # no Core ML runtime elsewhere
         except Exception as e:
             raise BackendError(f"core ml backend: coremltools could not convert the program of graph {graph.name}: "
                                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
