@@ -1,4 +1,4 @@
-"""The command line: ``nnforge compile|run|verify|inspect|targets|demo``.
+"""The command line: ``nnforge compile|run|verify|inspect|simulate|targets|demo``.
 
 Bad input ends with a non-zero exit and one error line (``nnforge: error: ...``), followed by
 details only where they help (the list of unsupported ops, say).
@@ -150,6 +150,25 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_simulate(args) -> int:
+    from . import fpga
+    from .models import ZOO
+    model = args.model
+    if model in ZOO or model == "default":          # a zoo model: its fp32 graph, as imported
+        from .pipeline import import_model
+        m, example, dyn, ins, outs = _model_and_inputs(model, {})
+        model, _ = import_model(m, example, dynamic_shapes=dyn, input_names=ins, output_names=outs)
+    result = fpga.simulate(model, args.target, prompt=args.prompt, generate=args.generate)
+    if args.json:
+        print(json.dumps(result.summary(), indent=1))
+    else:
+        print(fpga.format_table(result))
+    if args.plots:
+        for path in fpga.write_plots(result, args.plots):
+            print(f"wrote {path}")
+    return 0
+
+
 def cmd_targets(args) -> int:
     import nnforge as nf
     from .backends.base import available_backends
@@ -219,6 +238,17 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--dim", action="append", default=[], metavar="NAME=INT")
     i.set_defaults(fn=cmd_inspect)
 
+    s = sub.add_parser("simulate", help="estimate latency, throughput, resources and energy on an FPGA",
+                       description="Cycle-approximate FPGA simulation (FlightLLM-style accelerator) of MODEL: "
+                                   "llama2-7b, opt-6.7b, a bundle directory, or a zoo model name.")
+    s.add_argument("model")
+    s.add_argument("--target", default="alveo-u280", help="an fpga target (alveo-u280, versal-vhk158)")
+    s.add_argument("--prompt", type=int, default=128, help="prefill tokens (default 128)")
+    s.add_argument("--generate", type=int, default=512, help="decoded tokens (default 512)")
+    s.add_argument("--plots", default=None, metavar="DIR", help="write roofline and breakdown SVGs here")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_simulate)
+
     t = sub.add_parser("targets", help="list targets", description="List hardware targets and whether each runs here.")
     t.add_argument("--json", action="store_true")
     t.set_defaults(fn=cmd_targets)
@@ -235,12 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _known_errors() -> tuple[type[BaseException], ...]:
     from .backends.base import BackendError
     from .bundle import BundleError
+    from .fpga.params import SimulatorError
     from .frontend.errors import FrontendError
     from .ir import GraphError
     from .ir.encodings import EncodingError
     from .passes import PassError
     from .targets import TargetError
     return (BackendError, BundleError, FrontendError, GraphError, EncodingError, PassError, TargetError,
+            SimulatorError,
             FileNotFoundError, ValueError)
 
 

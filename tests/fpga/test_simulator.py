@@ -1,0 +1,152 @@
+"""The FPGA simulator: sanity and monotonicity of the cost model, every number from the TOML, the
+CLI table, and the FlightLLM validation rows (hardware-free, a few seconds)."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from nnforge import cli
+from nnforge.fpga import (FLIGHTLLM_LLAMA2_COMPRESSION, FpgaParams, Linear, SimulatorError, Workload,
+                          decoder_workload, simulate, write_plots)
+from nnforge.fpga.simulator import simulate_workload
+from nnforge.targets import get_target
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def one_layer(**kw) -> Workload:
+    return Workload("one", (Linear("fc", 4096, 4096, repeat=32, **kw),))
+
+
+@pytest.fixture(scope="module")
+def u280():
+    return FpgaParams.from_target("alveo-u280")
+
+
+def test_more_sparsity_fewer_cycles(u280):
+    times = [simulate_workload(one_layer(density=d, pattern="nm"), u280, prompt=512, generate=4).prefill_s
+             for d in (1.0, 0.75, 0.5, 0.25)]
+    assert times == sorted(times, reverse=True) and times[-1] < 0.5 * times[0]
+
+
+def test_unsupported_pattern_is_computed_dense(u280):
+    dense = simulate_workload(one_layer(), u280, prompt=512, generate=1).prefill_ops[0].compute_s
+    unstructured = simulate_workload(one_layer(density=0.5, pattern="unstructured"), u280, prompt=512,
+                                     generate=1).prefill_ops[0].compute_s
+    assert unstructured == pytest.approx(dense)
+
+
+def test_int4_less_hbm_traffic_and_faster_decode(u280):
+    r8 = simulate_workload(one_layer(weight_bits=8), u280, prompt=16, generate=8)
+    r4 = simulate_workload(one_layer(weight_bits=4), u280, prompt=16, generate=8)
+    assert r4.decode_ops[0].hbm_bytes < 0.6 * r8.decode_ops[0].hbm_bytes
+    assert r4.decode_s < r8.decode_s
+
+
+def test_wide_weights_lose_dsp_packing(u280):
+    c8 = simulate_workload(one_layer(weight_bits=8), u280, prompt=512, generate=1).prefill_ops[0].compute_s
+    c16 = simulate_workload(one_layer(weight_bits=16), u280, prompt=512, generate=1).prefill_ops[0].compute_s
+    assert c16 == pytest.approx(c8 * u280.macs_per_dsp_int8 / u280.macs_per_dsp_wide)
+
+
+@pytest.mark.parametrize("target", ["alveo-u280", "versal-vhk158"])
+def test_decode_latency_is_bytes_over_bandwidth(target):
+    p = FpgaParams.from_target(target)
+    w = decoder_workload("llama2-7b", FLIGHTLLM_LLAMA2_COMPRESSION)
+    r = simulate_workload(w, p, prompt=128, generate=64)
+    floor = w.weight_bytes / p.hbm_bytes_per_s            # peak bandwidth, weights only
+    assert floor < r.decode_latency_s < 1.15 * floor / p.hbm_efficiency
+    assert r.prefill_s > 128 * w.params * 0.9 / (p.mm_macs_per_cycle * p.clock_hz)   # compute-bound prefill
+
+
+def test_longer_context_slower_decode(u280):
+    short = simulate("llama2-7b", u280, prompt=128, generate=64).decode_latency_s
+    long = simulate("llama2-7b", u280, prompt=1536, generate=64).decode_latency_s
+    assert long > short
+
+
+def test_resources_within_device():
+    for t in ("alveo-u280", "versal-vhk158"):
+        r = simulate("llama2-7b", t, prompt=128, generate=4)
+        assert set(r.resources) == {"DSP", "LUT", "FF", "BRAM36", "URAM"}
+        for used, total in r.resources.values():
+            assert 0 < used <= total
+
+
+def test_energy_from_board_power_or_na():
+    r = simulate("llama2-7b", "alveo-u280", prompt=128, generate=16)
+    assert r.energy_j_per_token == pytest.approx(r.power_w * r.total_s / 16)
+    v = simulate("llama2-7b", "versal-vhk158", prompt=128, generate=16)
+    assert v.energy_j_per_token is None and any("board_power_w" in n for n in v.notes)
+
+
+def test_every_parameter_comes_from_the_toml(tmp_path, monkeypatch):
+    """Change a design number in a copy of the TOML: the simulation must follow it."""
+    base = FpgaParams.from_target("alveo-u280")
+    faster = dataclasses.replace(base, hbm_efficiency=base.hbm_efficiency * 2)
+    w = decoder_workload("llama2-7b")
+    assert simulate_workload(w, faster, prompt=128, generate=8).decode_s < \
+        simulate_workload(w, base, prompt=128, generate=8).decode_s
+    src = Path(get_target("alveo-u280").path).read_text()
+    assert "mv_macs_per_cycle_per_slr" in src and "board_power_w" in src
+
+
+def _target_without(tmp_path, key: str) -> str:
+    from nnforge.targets import _parse
+    src = Path(get_target("alveo-u280").path).read_text()
+    lines = [l for l in src.splitlines() if not l.startswith(f"{key} =")]
+    path = tmp_path / "alveo-u280.toml"
+    path.write_text("\n".join(lines))
+    return _parse(path)
+
+
+@pytest.mark.parametrize("key", ["mm_macs_per_cycle_per_slr", "hbm_efficiency", "clock_mhz", "sparse_patterns"])
+def test_missing_key_is_a_clear_error(tmp_path, key):
+    t = _target_without(tmp_path, key)
+    with pytest.raises(SimulatorError, match=key) as e:
+        FpgaParams.from_target(t)
+    assert str(tmp_path / "alveo-u280.toml") in str(e.value)
+
+
+def test_non_fpga_target_and_unknown_model_are_errors():
+    with pytest.raises(SimulatorError, match="cpu"):
+        simulate("llama2-7b", "cpu")
+    with pytest.raises(SimulatorError, match="gpt-9"):
+        simulate("gpt-9", "alveo-u280")
+
+
+def test_bundle_workload_reads_encodings(tmp_path):
+    bundles = sorted((ROOT / "bundles" / "demo").glob("minilm-*block-sparse*"))
+    if not bundles:
+        pytest.skip("no demo bundle built here (make demo)")
+    r = simulate(bundles[0], "alveo-u280", prompt=128, generate=1)
+    sparse = [o for o in r.prefill_ops if o.kind == "linear" and o.macs]
+    assert sparse and r.prefill_s > 0
+
+
+def test_cli_prints_a_table(capsys, tmp_path):
+    assert cli.main(["simulate", "opt-6.7b", "--target", "versal-vhk158", "--generate", "8",
+                     "--plots", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "decode throughput" in out and "tokens/s" in out and "URAM" in out
+    assert len(list(tmp_path.glob("*.svg"))) == 2
+    assert cli.main(["simulate", "nope-model"]) == cli.EXIT_BAD_INPUT
+
+
+def test_plots_are_svg(tmp_path):
+    for p in write_plots(simulate("llama2-7b", "alveo-u280", prompt=128, generate=4), tmp_path):
+        text = p.read_text()
+        assert text.startswith("<svg") and text.rstrip().endswith("</svg>")
+
+
+def test_flightllm_rows_within_25_percent():
+    spec = importlib.util.spec_from_file_location("fpga_flightllm", ROOT / "benchmarks" / "fpga_flightllm.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = [r for r in mod.rows() if r["reported"] is not None]
+    assert len(rows) == 19
+    bad = [(r["target"], r["prompt"], r["generate"], r["metric"], r["error"]) for r in rows if not r["within_25pct"]]
+    assert not bad, bad
