@@ -216,18 +216,25 @@ def test_empty_rows():
 
 
 # Ahead-of-time builds, specialised as a real launch is (aligned pointers; N, K and the word and
-# panel counts multiples of 16): every declared config, with its decode variant split over K, and
-# the per-group-scaling path (int8, groups of 32, zero points, act-order, bf16) on each target.
-AOT = [(tgt, cap, i, variant) for tgt, cap in (("a100", 80), ("h100", 90))
-       for i in range(len(iw.CONFIGS[tgt])) for variant in (["whole-tile"] + (["per-group"] if i == 0 else []))]
+# panel counts multiples of 16): every declared config (each autotuning candidate of each M bucket),
+# with its decode variant split over K, and the per-group-scaling path (int8, groups of 32, zero
+# points, act-order, bf16) for every decode candidate on each target.
+AOT = [(tgt, cap, b, i, variant) for tgt, cap in (("a100", 80), ("h100", 90))
+       for b in range(len(iw.CONFIGS[tgt])) for i in range(len(iw.CONFIGS[tgt][b][1]))
+       for variant in (["whole-tile"] + (["per-group"] if b == 0 else []))]
 DIVISIBLE = ("N", "K", "KW", "NP")
+
+
+def _config(target, bucket, index):
+    max_m, cands = iw.CONFIGS[target][bucket]
+    return max_m, cands[index]
 
 
 @pytest.fixture(scope="module")
 def aot():
     builds = []
-    for target, capability, index, variant in AOT:
-        max_m, cfg = iw.CONFIGS[target][index]
+    for target, capability, bucket, index, variant in AOT:
+        max_m, cfg = _config(target, bucket, index)
         split = 4 if max_m is not None and max_m <= iw.SPLIT_M_MAX else 1
         if variant == "whole-tile":
             spec = iw.compile_spec(cfg, bits=4, group=128 if cfg.block_k <= 128 else 0, split_k=split)
@@ -237,8 +244,14 @@ def aot():
     return dict(zip(AOT, compile_many(builds)))
 
 
-@pytest.mark.parametrize("case", AOT, ids=[f"{t}-cfg{i}-{v}" for t, _, i, v in AOT])
+@pytest.mark.parametrize("case", AOT, ids=[f"{t}-m{b}-cfg{i}-{v}" for t, _, b, i, v in AOT])
 def test_compiles_for_target(aot, case):
-    target, capability, index, _ = case
+    target, capability, bucket, index, _ = case
     # sm_90's tiles of 64+ rows run on wgmma; the 16-row decode tile stays on mma.sync
-    check_build(aot[case], wgmma=capability == 90 and iw.CONFIGS[target][index][1].block_m >= 64)
+    check_build(aot[case], wgmma=capability == 90 and _config(target, bucket, index)[1].block_m >= 64)
+
+
+def test_default_config_is_the_first_candidate():
+    assert iw.config_for("h100", 4) == iw.CONFIGS["h100"][0][1][0]
+    assert iw.config_for("a100", 4096) == iw.CONFIGS["a100"][-1][1][0]
+    assert iw.candidates_for("interp", 4) == ("interp", (iw.INTERPRETER_CONFIG,))

@@ -125,7 +125,8 @@ def test_kernel_errors():
 
 
 # --- ahead-of-time compilation, specialised as a real launch is (aligned pointers, K and strides
-# multiples of 16): every config of each target per index width, 4-bit also for the other GPU. ------
+# multiples of 16): each target's default tiles per index width, 4-bit also for the other GPU, and
+# every autotuning alternative for its own target with 3-bit (two planes) and 8-bit indices. ------
 DIVISIBLE = ("K", "stride_xm", "stride_p0", "stride_p1", "stride_ym", "k_split")
 BASE = {"x_ptr": "*fp16", "p0_ptr": "*u8", "p1_ptr": "*u8", "lut_ptr": "*fp16", "bias_ptr": "*fp16", "y_ptr": "*fp16",
         **dict.fromkeys("M N K stride_xm stride_p0 stride_p1 stride_ym k_split".split(), "i32")}
@@ -140,18 +141,25 @@ def aot():
                                       bits=bits, shape=(64, 256), group_size=1)
         pw = lk.pack(enc, "h100")
         for tgt in CAP:
-            for cname, cfg in lk.CONFIGS[tgt].items():
-                split = 2 if cname == "decode" else 1
-                c = lk.kernel_args(pw, cfg, has_bias=True, split=split)
-                sig = dict(BASE, y_ptr="*fp32" if split > 1 else "*fp16", **dict.fromkeys(c, "constexpr"))
-                for cap in ((80, 90) if bits == 4 else (CAP[tgt],)):
-                    labels.append((f"{bits}bit/{tgt}/{cname}", cap))
-                    builds.append(Build(lk._lut_kernel, sig, c, cap, cfg.num_warps, cfg.num_stages, DIVISIBLE))
+            for cname, cands in lk.CONFIGS[tgt].items():
+                for i, cfg in enumerate(cands):
+                    if i > 0 and bits not in (3, 8):
+                        continue
+                    split = 2 if cname == "decode" else 1
+                    c = lk.kernel_args(pw, cfg, has_bias=True, split=split)
+                    sig = dict(BASE, y_ptr="*fp32" if split > 1 else "*fp16", **dict.fromkeys(c, "constexpr"))
+                    for cap in ((80, 90) if bits == 4 and i == 0 else (CAP[tgt],)):
+                        labels.append((f"{bits}bit/{tgt}/{cname}/{i}", cap))
+                        builds.append(Build(lk._lut_kernel, sig, c, cap, cfg.num_warps, cfg.num_stages, DIVISIBLE))
     return list(zip(labels, compile_many(builds)))
 
 
 def test_aot_configs_compile(aot):
     built = {(label.split("/")[1], label.split("/")[2], cap) for (label, cap), _ in aot}
     assert built == {(t, c, cap) for t in lk.TARGETS for c in ("decode", "gemm") for cap in (80, 90)}
+    # every autotuning candidate is built for its own target
+    cands = {(label.split("/")[1], label.split("/")[2], int(label.split("/")[3])) for (label, cap), _ in aot
+             if cap == CAP[label.split("/")[1]]}
+    assert cands == {(t, c, i) for t in lk.TARGETS for c, cs in lk.CONFIGS[t].items() for i in range(len(cs))}
     for (label, cap), k in aot:
         check_build(k, wgmma=cap == 90 and "gemm" in label)

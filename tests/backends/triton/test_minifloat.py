@@ -198,19 +198,26 @@ def _builds():
         pw = mk.pack(quantize_rtn(torch.randn(64, 256), parse_format(spec, group_size=gs)), "h100")
         sig = dict(BASE, s_ptr="*u8" if pw.meta["scale_format"] in ("e8m0", "e4m3") else "*fp32")
         for tgt in CAP:
-            for cname, cfg in mk.CONFIGS[tgt].items():
-                split = 2 if cname == "decode" else 1
-                runs = [(cap, False) for cap in (80, 90)] if name == "mxfp4" else [(CAP[tgt], False)]
-                if name == "e4m3" and tgt == "h100":
-                    runs.append((90, True))
-                for cap, native in runs:
-                    c = mk.kernel_args(pw, cfg, has_bias=True, native_fp8=native, split=split)
-                    add(f"{name}/{tgt}/{cname}/native={native}", mk._minifloat_kernel,
-                        dict(sig, y_ptr="*fp32" if split > 1 else "*fp16"), c, cap, cfg)
-    for cname, cfg in mk.FP8ACT_CONFIGS["h100"].items():
-        c = dict(HAS_PERM=False, HAS_BIAS=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
-        for cap in (80, 90):
-            add(f"fp8act/h100/{cname}", mk._fp8act_kernel, FP8, c, cap, cfg)
+            for cname, cands in mk.CONFIGS[tgt].items():
+                for i, cfg in enumerate(cands):
+                    split = 2 if cname == "decode" else 1
+                    # defaults: every format (mxfp4 for both GPUs); autotuning alternatives: their own
+                    # GPU, with the byte-aligned, the two-plane and (sm_90) the native-fp8 decode
+                    if i > 0 and name not in ("mxfp4", "e3m2-g32", "e4m3"):
+                        continue
+                    runs = [(cap, False) for cap in (80, 90)] if name == "mxfp4" and i == 0 else \
+                        [] if name == "e4m3" and i > 0 else [(CAP[tgt], False)]
+                    if name == "e4m3" and tgt == "h100":
+                        runs.append((90, True))
+                    for cap, native in runs:
+                        c = mk.kernel_args(pw, cfg, has_bias=True, native_fp8=native, split=split)
+                        add(f"{name}/{tgt}/{cname}/native={native}/{i}", mk._minifloat_kernel,
+                            dict(sig, y_ptr="*fp32" if split > 1 else "*fp16"), c, cap, cfg)
+    for cname, cands in mk.FP8ACT_CONFIGS["h100"].items():
+        for i, cfg in enumerate(cands):
+            c = dict(HAS_PERM=False, HAS_BIAS=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
+            for cap in ((80, 90) if i == 0 else (90,)):     # sm_80's refusal needs showing once
+                add(f"fp8act/h100/{cname}/{i}", mk._fp8act_kernel, FP8, c, cap, cfg)
     return labels, builds
 
 
@@ -224,6 +231,10 @@ def test_aot_weight_only_configs_compile(aot):
     rows = [(label, cap, k) for (label, cap), k in aot if not label.startswith("fp8act")]
     built = {(label.split("/")[1], label.split("/")[2], cap) for label, cap, _ in rows}
     assert built == {(t, c, cap) for t in mk.TARGETS for c in ("decode", "gemm") for cap in (80, 90)}
+    # every autotuning candidate is built for its own target
+    cands = {(label.split("/")[1], label.split("/")[2], int(label.split("/")[4])) for label, cap, _ in rows
+             if cap == CAP[label.split("/")[1]]}
+    assert cands == {(t, c, i) for t in mk.TARGETS for c, cs in mk.CONFIGS[t].items() for i in range(len(cs))}
     for label, cap, k in rows:
         check_build(k, wgmma=cap == 90 and "gemm" in label)
         assert ("cvt.rn.f16x2.e4m3x2" in k.ptx) == ("native=True" in label), label
@@ -231,7 +242,7 @@ def test_aot_weight_only_configs_compile(aot):
 
 def test_aot_fp8_dot_is_e4m3_wgmma_on_h100_only(aot):
     rows = [(cap, k) for (label, cap), k in aot if label.startswith("fp8act")]
-    assert len(rows) == 2 * len(mk.FP8ACT_CONFIGS["h100"])
+    assert len(rows) == sum(len(cs) + 1 for cs in mk.FP8ACT_CONFIGS["h100"].values())
     for cap, k in rows:
         if cap == 80:           # Triton has no fp8e4nv on sm_80: the path is H100-only
             assert isinstance(k, CompileError) and "fp8e4nv" in str(k), k

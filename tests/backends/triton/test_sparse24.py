@@ -242,9 +242,9 @@ def test_matmul_errors(sparsegpt_int4):
 
 
 # --- ahead-of-time compiles for the real GPUs, specialised as a real launch is (aligned pointers,
-# K, N and strides multiples of 16). Per config: the int4 kernel with every option on (act-order,
-# row scales, bias, split-K for the small tile, a per-pair scale gather via group_size 64 < BK/2)
-# and, for the small tile, the fp16-values kernel. -------------------------------------------------
+# K, N and strides multiples of 16). Per config (every autotuning candidate): the int4 kernel with
+# every option on (act-order, row scales, bias, split-K for the small tile, a per-pair scale gather
+# via group_size 64 < BK/2) and, for the default small tile, the fp16-values kernel. ---------------
 DIVISIBLE = ("N", "K", "KP", "stride_xm", "stride_ym")
 
 
@@ -252,25 +252,33 @@ DIVISIBLE = ("N", "K", "KP", "stride_xm", "stride_ym")
 def aot():
     labels, builds = [], []
     for target, cap in (("a100", 80), ("h100", 90)):
-        for tile, cfg in s24.CONFIGS[target].items():
-            variants = [("i32", dict(GS=64, IS_INT=True, HAS_PERM=True, HAS_RS=True, HAS_BIAS=True,
-                                     SPLIT_K=4 if tile == "small" else 1))]
-            if tile == "small":
-                variants.append(("fp16", dict(GS=1 << 20, IS_INT=False, HAS_PERM=False, HAS_RS=False,
-                                              HAS_BIAS=False, SPLIT_K=1)))
-            for vdt, flags in variants:
-                sig = s24.signature("bf16" if vdt == "i32" else "fp16", vdt)
-                consts = dict(BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, UPCAST=False, **flags)
-                labels.append((target, f"{tile}-{vdt}"))
-                builds.append(Build(s24.sparse24_kernel, sig, consts, cap, cfg.num_warps, cfg.num_stages,
-                                    DIVISIBLE))
+        for tile, cands in s24.CONFIGS[target].items():
+            for i, cfg in enumerate(cands):
+                variants = [("i32", dict(GS=64, IS_INT=True, HAS_PERM=True, HAS_RS=True, HAS_BIAS=True,
+                                         SPLIT_K=4 if tile == "small" else 1))]
+                if tile == "small" and i == 0:
+                    variants.append(("fp16", dict(GS=1 << 20, IS_INT=False, HAS_PERM=False, HAS_RS=False,
+                                                  HAS_BIAS=False, SPLIT_K=1)))
+                for vdt, flags in variants:
+                    sig = s24.signature("bf16" if vdt == "i32" else "fp16", vdt)
+                    consts = dict(BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, UPCAST=False, **flags)
+                    labels.append((target, f"{tile}-{vdt}-{i}"))
+                    builds.append(Build(s24.sparse24_kernel, sig, consts, cap, cfg.num_warps, cfg.num_stages,
+                                        DIVISIBLE))
     return list(zip(labels, compile_many(builds)))
 
 
 @pytest.mark.parametrize("target", ["a100", "h100"])
 def test_compiles_for_gpu(aot, target):
-    """Every declared config compiles for its GPU, uses tensor cores and fits in shared memory."""
+    """Every autotuning candidate compiles for its GPU, uses tensor cores and fits in shared memory."""
     built = {name: k for (t, name), k in aot if t == target}
-    assert set(built) == {f"{t}-i32" for t in s24.CONFIGS[target]} | {"small-fp16"}
+    assert set(built) == {f"{t}-i32-{i}" for t, cs in s24.CONFIGS[target].items() for i in range(len(cs))} \
+        | {"small-fp16-0"}
     for name, k in built.items():          # sm_90's prefill tile (64+ rows) runs on wgmma
         check_build(k, wgmma=target == "h100" and name.startswith("large"))
+
+
+def test_default_config_is_the_first_candidate():
+    assert s24.config_for("a100", 4) == s24.CONFIGS["a100"]["small"][0]
+    assert s24.config_for("h100", 64) == s24.CONFIGS["h100"]["large"][0]
+    assert s24.candidates_for("interp", 4) == (s24.INTERPRET_CONFIG,)

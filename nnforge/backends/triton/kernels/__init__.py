@@ -17,11 +17,16 @@ run unchanged: a load never re-packs.
 Every kernel runs on the CPU under ``TRITON_INTERPRET=1`` (set before triton is imported) on
 torch CPU tensors, which is how CI checks them, and is compiled ahead of time for sm_80 and sm_90
 in the tests (``compile_for`` / ``compile_many``, which work in an interpreting process too), which
-checks what the interpreter cannot: that the kernel is a valid GPU kernel for each target with its
-tile configs, specialised as a real launch specialises it.
+checks what the interpreter cannot: that the kernel is a valid GPU kernel for each target with
+every one of its candidate tile configs, specialised as a real launch specialises it.
+
+Tile configs are autotuned per target: each module declares only its candidates per target and M
+bucket (its hand-picked default first); on a CUDA device the first call of a shape times them with
+``triton.testing.do_bench`` on the real operands and the process keeps the fastest (in memory, not
+on disk); under the interpreter, or with ``NNFORGE_TRITON_AUTOTUNE=0``, the default runs untimed.
 
 What the modules share (tile config type, SM counts from ``nnforge/targets``, the runtime target,
-operand checks, split-K plumbing) is in :mod:`.common`.
+operand checks, split-K plumbing, the autotuner) is in :mod:`.common`.
 """
 from __future__ import annotations
 
@@ -101,14 +106,16 @@ def compile_many(builds: list[Build]) -> list[AotKernel | CompileError]:
 
     Under ``TRITON_INTERPRET=1`` ``@triton.jit`` makes interpreter functions, and Triton patches
     ``triton.language`` for the interpreter for good, so nothing can be compiled in that process:
-    the builds then run in one child process without the variable, which finds each kernel again
-    by its module and name."""
+    the builds then run in child processes without the variable (one per CPU, up to four: each
+    build is a single-threaded ptxas run, and the tests compile every autotuning candidate), which
+    find each kernel again by its module and name."""
     if not interpreting():
         return [_build(b.fn, b) for b in builds]
     import base64
     import json
     import subprocess
     import sys
+    from concurrent.futures import ThreadPoolExecutor
     from pathlib import Path
     jobs = [dict(module=_module_of(b.fn), name=_name_in_module(b.fn), signature=b.signature,
                  constexprs=b.constexprs, capability=b.capability, num_warps=b.num_warps,
@@ -116,13 +123,21 @@ def compile_many(builds: list[Build]) -> list[AotKernel | CompileError]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = str(Path(__file__).resolve().parents[3])          # the directory holding nnforge/
     env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    run = subprocess.run([sys.executable, "-c", f"import {__name__} as k; k._child()"], input=json.dumps(jobs),
-                         capture_output=True, text=True, env=env, timeout=1800)
-    lines = [ln for ln in run.stdout.splitlines() if ln.startswith("AOT ")]
-    if run.returncode != 0 or not lines:
-        raise CompileError(f"the compile process failed (exit {run.returncode}): {run.stderr[-3000:]}")
+    workers = max(1, min(len(jobs), os.cpu_count() or 1, 4))
+    chunks = [jobs[i::workers] for i in range(workers)]          # interleaved: similar work per child
+
+    def compile_chunk(chunk):
+        run = subprocess.run([sys.executable, "-c", f"import {__name__} as k; k._child()"], input=json.dumps(chunk),
+                             capture_output=True, text=True, env=env, timeout=1800)
+        lines = [ln for ln in run.stdout.splitlines() if ln.startswith("AOT ")]
+        if run.returncode != 0 or not lines:
+            raise CompileError(f"the compile process failed (exit {run.returncode}): {run.stderr[-3000:]}")
+        return json.loads(lines[-1][4:])
+    with ThreadPoolExecutor(workers) as pool:           # threads only wait on the child processes
+        results = list(pool.map(compile_chunk, chunks))
     out = []
-    for r in json.loads(lines[-1][4:]):
+    for i in range(len(jobs)):
+        r = results[i % workers][i // workers]
         out.append(CompileError(r["error"]) if "error" in r else
                    AotKernel(r["name"], r["capability"], r["ptx"], base64.b64decode(r["cubin"]), r["shared"]))
     return out

@@ -1,15 +1,19 @@
 """What every kernel module needs besides its kernel: the tile config type, the GPU a call runs on
-and its SM count (read from ``nnforge/targets``, never written here), the operand checks, and the
-split-K launch plumbing of the kernels that add fp32 partials atomically (minifloat, lut).
+and its SM count (read from ``nnforge/targets``, never written here), the operand checks, the
+split-K launch plumbing of the kernels that add fp32 partials atomically (minifloat, lut), and the
+autotuner that picks each call's tile config from its module's candidate list (:func:`autotune`).
 
     >>> target = runtime_target(x)                  # "interp", "a100" or "h100"
     >>> check_operands(x, w, bias, "minifloat", ("p0", "scale"))
+    >>> cfg = autotune("lut", target, key, CONFIGS[target]["decode"], lambda c: launch(x, w, c))
     >>> split = choose_split(m, n, k, cfg, target, split_k=None)
 """
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
@@ -139,10 +143,112 @@ def check_split_k(split_k) -> None:
         raise KernelError(f"split_k must be a positive integer or None, got {split_k!r}")
 
 
+# --- autotuning ----------------------------------------------------------------------------------
+# Each module declares, per target and M bucket, a short tuple of candidate tiles, its hand-picked
+# default first. On a GPU the first call with a new key times every candidate on the real operands
+# and keeps the fastest for the rest of the process; under the interpreter (and so in the tests) the
+# default runs with no timing, since interpreter times say nothing about a GPU. The choice is kept in
+# memory only: a JSON cache would have to be keyed by driver, Triton version and kernel source to be
+# safe, and a few hundred milliseconds per layer shape once per process is cheap next to loading.
+AUTOTUNE_ENV = "NNFORGE_TRITON_AUTOTUNE"     # "0": always the default tile (reproducible benchmarks)
+
+
+def _do_bench(fn: Callable[[], object]) -> float:
+    """Milliseconds per call of ``fn`` on the GPU (Triton's own timer, L2 flushed between calls);
+    short windows, since a candidate only has to be told apart from a few others."""
+    return triton.testing.do_bench(fn, warmup=5, rep=20)
+
+
+class Autotuner:
+    """Picks the fastest of a key's candidate configs once and remembers it.
+
+    ``bench(fn)`` times a zero-argument launch (default: ``triton.testing.do_bench``); it is a
+    parameter so the selection logic can be tested on the CPU with made-up times.
+
+    >>> tuner = Autotuner(bench=lambda fn: 1.0)
+    >>> tuner.choose(("lut", "h100", "decode", 4096, 4096), cands, lambda c: launch(x, w, c))"""
+
+    def __init__(self, bench: Callable[[Callable[[], object]], float] | None = None):
+        self.bench = bench or _do_bench
+        self.best: dict[tuple, TileConfig] = {}
+        self.times: dict[tuple, dict[TileConfig, float]] = {}      # what was measured, for reports
+
+    def choose(self, key: tuple, candidates: Sequence[TileConfig], trial: Callable[[TileConfig], object], *,
+               reset: Callable[[], object] | None = None) -> TileConfig:
+        """The fastest candidate for ``key``, measured on the first call only. ``trial(cfg)`` runs
+        one whole launch under ``cfg``: it must allocate its own outputs (split-K's fp32 zeros,
+        partial buffers), so no repetition adds onto another's partial sums. ``reset`` runs before
+        each candidate and after one that failed, to restore state that outlives a launch (the
+        int-weight lock counters, which a launch that died mid-way may leave non-zero). A
+        candidate that fails to compile or run is skipped; if all fail, the default (first) is
+        kept, and the caller's real launch then raises the real error."""
+        if key in self.best:
+            return self.best[key]
+        times: dict[TileConfig, float] = {}
+        for cfg in candidates:
+            if reset is not None:
+                reset()
+            try:
+                times[cfg] = float(self.bench(lambda cfg=cfg: trial(cfg)))
+            except Exception:          # noqa: BLE001 - e.g. OutOfResources: not a candidate here
+                if reset is not None:
+                    reset()
+        best = min(times, key=times.get) if times else candidates[0]
+        self.best[key], self.times[key] = best, times
+        return best
+
+
+TUNER = Autotuner()                  # the process's choices, shared by every kernel module
+
+
+def autotune(kernel: str, target: str, key: tuple, candidates: Sequence[TileConfig],
+             trial: Callable[[TileConfig], object], *, reset: Callable[[], object] | None = None) -> TileConfig:
+    """The tile config to launch ``kernel`` with on ``target``: ``candidates[0]`` under the
+    interpreter, with one candidate, or with ``NNFORGE_TRITON_AUTOTUNE=0``; otherwise
+    :data:`TUNER`'s choice for ``(kernel, target, *key)`` (see :meth:`Autotuner.choose`). ``key``
+    holds what changes the best tile besides the target: M's bucket, N, K, dtype, format options.
+
+    >>> cfg = autotune("minifloat", "h100", ("decode", m_class(m), n, k, x.dtype), cands, trial)"""
+    if target == INTERP or len(candidates) == 1 or os.environ.get(AUTOTUNE_ENV, "1") == "0":
+        return candidates[0]
+    if _capturing():
+        # Timing synchronises, which a CUDA graph capture forbids: use what is known. The launcher
+        # runs a shape eagerly before capturing it, so the choice is normally made by then.
+        return TUNER.best.get((kernel, target, *key), candidates[0])
+    return TUNER.choose((kernel, target, *key), candidates, trial, reset=reset)
+
+
+def _capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def m_class(m: int) -> int:
+    """M rounded up to a power of two: the part of M in a tuning key (M=4096 and M=17 share a
+    bucket's candidates but not their best tile; M=4000 and M=4096 do)."""
+    return 1 << max(0, (m - 1).bit_length())
+
+
+def tune_key(bucket_name: str, m: int, dtype, w: PackedWeight, *extra) -> tuple:
+    """What a weight GEMM's best tile depends on besides the target: M's bucket and power-of-two
+    class, N, K, the activation dtype, the packed format (its meta and which tensors it has: bits,
+    group size, zero points, act-order...), and ``extra`` (bias, a split_k override).
+
+    >>> tune_key("decode", 5, torch.float16, w, False, None)[:4]
+    ('decode', 8, 4096, 4096)"""
+    meta = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(w.meta.items()))
+    return (bucket_name, m_class(m), w.n, w.k, str(dtype), w.format, meta, tuple(sorted(w.tensors)), *extra)
+
+
 # --- split-K with atomically added fp32 partials (minifloat, lut) --------------------------------
-def pick(configs: dict, target: str, m: int) -> TileConfig:
-    """The "decode" (M <= SMALL_M) or "gemm" tile of ``configs[target]``."""
-    return configs[target]["decode" if m <= SMALL_M else "gemm"]
+def bucket(m: int) -> str:
+    """The M bucket of the split-K modules' ``CONFIGS[target]``: "decode" (M <= SMALL_M) or "gemm"."""
+    return "decode" if m <= SMALL_M else "gemm"
+
+
+def pick(configs: dict, target: str, m: int) -> tuple[TileConfig, ...]:
+    """The candidate tiles of ``configs[target]`` for ``m`` rows, default first."""
+    return tuple(configs[target][bucket(m)])
 
 
 def choose_split(m: int, n: int, k: int, cfg: TileConfig, target: str, split_k: int | None) -> int:
@@ -186,13 +292,13 @@ class SplitLaunch:
         return self.y.to(dtype) if self.split > 1 else self.y
 
 
-def split_launch(x: torch.Tensor, n: int, configs: dict, split_k: int | None) -> SplitLaunch:
-    """The launch of a split-K kernel for x on its runtime target with that target's ``configs``.
+def split_launch(x: torch.Tensor, n: int, cfg: TileConfig, split_k: int | None) -> SplitLaunch:
+    """The launch of a split-K kernel for x on its runtime target with tile ``cfg`` (from
+    :func:`autotune`); fresh outputs each time, so every autotuning trial starts from zeros.
 
-    >>> L = split_launch(x, w.n, CONFIGS, None); kernel[L.grid](..., L.y, ..., L.k_split, ...)"""
+    >>> L = split_launch(x, w.n, cfg, None); kernel[L.grid](..., L.y, ..., L.k_split, ...)"""
     target = runtime_target(x)
     m, k = x.shape
-    cfg = pick(configs, target, m)
     split = choose_split(m, n, k, cfg, target, split_k)
     return SplitLaunch(target, cfg, split, k_per_split(k, cfg, split), launch_out(x, n, split),
                        (-(-n // cfg.block_n), -(-m // cfg.block_m), split))
@@ -201,6 +307,7 @@ def split_launch(x: torch.Tensor, n: int, configs: dict, split_k: int | None) ->
 try:
     import triton
     import triton.language as tl
+    import triton.testing
 except ImportError:                    # the helpers above still serve supports() and pack()
     triton = None
 
@@ -231,4 +338,5 @@ if triton is not None:
 
 __all__ = ["TileConfig", "INTERP", "INTERP_SMS", "SMALL_M", "GPU_TARGETS", "target_sms", "native_formats",
            "runtime_target", "unsupported", "check_weight", "check_bias", "check_operands", "check_split_k", "pick",
+           "bucket", "m_class", "tune_key", "Autotuner", "TUNER", "AUTOTUNE_ENV", "autotune",
            "choose_split", "k_per_split", "launch_out", "SplitLaunch", "split_launch"]

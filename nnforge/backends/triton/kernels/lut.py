@@ -17,6 +17,10 @@ with a load from the table (``lut + group * 2^bits + index``): a table is at mos
 group and stays in L1, so the look-up costs issue slots, not DRAM bandwidth. Small M splits K
 across programs, with fp32 partials added atomically (:mod:`.common`'s launch plumbing); the
 bit-plane unpacking is :mod:`.minifloat`'s.
+
+Tiles are autotuned per target: ``CONFIGS[target][bucket]`` lists the candidates, the hand-picked
+default first; on a GPU :func:`.common.autotune` times them once per shape and keeps the fastest
+(each trial allocates its own zeroed split-K output); the interpreter always runs the default.
 """
 from __future__ import annotations
 
@@ -25,7 +29,8 @@ import torch
 from ....ir.encodings import rows_cols
 from ....ir.palette import Palettized
 from . import KernelError, PackedWeight
-from .common import INTERP, SMALL_M, TileConfig, check_operands, split_launch, unsupported
+from .common import (INTERP, SMALL_M, TileConfig, autotune, bucket, check_operands, pick, runtime_target,
+                     split_launch, tune_key, unsupported)
 from .minifloat import plane_widths, split_planes, triton
 
 if triton is not None:
@@ -36,11 +41,16 @@ if triton is not None:
 FORMAT = "palettized"
 TARGETS = ("a100", "h100")
 BITS = (1, 2, 3, 4, 5, 6, 8)
-# Same reasoning as the minifloat tiles; the look-up adds no shared memory.
+# Autotuning candidates per target and M bucket, the default first. Same reasoning as the
+# minifloat tiles (the look-up adds no shared memory); the alternatives trade N width (fewer
+# programs, more split-K) against K depth (bytes in flight per program) and warps against stages,
+# since the table loads make this kernel more issue-bound than minifloat's.
 CONFIGS = {
-    "a100": {"decode": TileConfig(16, 64, 128, 4, 4), "gemm": TileConfig(64, 128, 64, 4, 3)},
-    "h100": {"decode": TileConfig(16, 128, 128, 4, 4), "gemm": TileConfig(128, 128, 64, 8, 3)},
-    "interp": {"decode": TileConfig(16, 32, 64, 1, 1), "gemm": TileConfig(32, 32, 64, 1, 1)},
+    "a100": {"decode": (TileConfig(16, 64, 128, 4, 4), TileConfig(16, 128, 128, 4, 3), TileConfig(16, 64, 256, 8, 3)),
+             "gemm": (TileConfig(64, 128, 64, 4, 3), TileConfig(128, 128, 64, 8, 3), TileConfig(64, 64, 128, 4, 4))},
+    "h100": {"decode": (TileConfig(16, 128, 128, 4, 4), TileConfig(16, 64, 128, 4, 4), TileConfig(16, 128, 256, 8, 3)),
+             "gemm": (TileConfig(128, 128, 64, 8, 3), TileConfig(128, 256, 64, 8, 3), TileConfig(64, 128, 64, 4, 4))},
+    "interp": {"decode": (TileConfig(16, 32, 64, 1, 1),), "gemm": (TileConfig(32, 32, 64, 1, 1),)},
 }
 
 if triton is not None:
@@ -122,15 +132,22 @@ def matmul(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, *
     if len(w.meta.get("planes", ())) > 2 or w.tensors["lut"].shape[1] != 1 << w.meta["bits"]:
         raise KernelError(f"palettized PackedWeight meta {w.meta} disagrees with its LUT "
                           f"{tuple(w.tensors['lut'].shape)}")
-    run = split_launch(x, w.n, CONFIGS, split_k)
-    cfg, y = run.cfg, run.y
     x = x if x.stride(1) == 1 else x.contiguous()
+    target, m = runtime_target(x), x.shape[0]
+    key = tune_key(bucket(m), m, x.dtype, w, bias is not None, split_k)
+    cfg = autotune(FORMAT, target, key, pick(CONFIGS, target, m), lambda c: _launch(x, w, bias, c, split_k))
+    return _launch(x, w, bias, cfg, split_k)
+
+
+def _launch(x: torch.Tensor, w: PackedWeight, bias, cfg: TileConfig, split_k: int | None) -> torch.Tensor:
+    """One launch under ``cfg`` into fresh outputs (what an autotuning trial runs)."""
+    run = split_launch(x, w.n, cfg, split_k)
     t = w.tensors
     p0, p1 = t["p0"], t.get("p1", t["p0"])
     consts = kernel_args(w, cfg, has_bias=bias is not None, split=run.split,
                          bf16_in_fp32=run.target == INTERP and x.dtype == torch.bfloat16)
-    _lut_kernel[run.grid](x, p0, p1, t["lut"], bias if bias is not None else t["lut"], y,
-                          x.shape[0], w.n, w.k, x.stride(0), p0.shape[1], p1.shape[1], y.stride(0), run.k_split,
+    _lut_kernel[run.grid](x, p0, p1, t["lut"], bias if bias is not None else t["lut"], run.y,
+                          x.shape[0], w.n, w.k, x.stride(0), p0.shape[1], p1.shape[1], run.y.stride(0), run.k_split,
                           **consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return run.result(x.dtype)
 

@@ -25,6 +25,12 @@ partials meet in an fp32 buffer by atomic add (order-dependent in the last bits 
 The fp8-activation path (``matmul_fp8act``) is for graphs whose activations are quantised to E4M3
 with a static per-tensor scale (the fp8-w8a8 preset): tl.dot on float8e4nv operands, which Triton
 lowers to an e4m3 wgmma on sm_90 only (tiles of at least 64 rows).
+
+Tiles are autotuned per target: ``CONFIGS`` / ``FP8ACT_CONFIGS`` list, per target and M bucket,
+the candidates with the hand-picked default first; on a GPU :func:`.common.autotune` times them
+once per shape on the real operands and keeps the fastest (every trial allocates its own zeroed
+split-K output, so the atomics of one trial never add onto another's); the interpreter always runs
+the default.
 """
 from __future__ import annotations
 
@@ -32,8 +38,8 @@ import torch
 
 from ....ir.encodings import MiniFloat, rows_cols
 from . import KernelError, PackedWeight
-from .common import (INTERP, SMALL_M, TileConfig, check_bias, check_operands, check_weight, native_formats, pick,
-                     runtime_target, split_launch, unsupported)
+from .common import (INTERP, SMALL_M, TileConfig, autotune, bucket, check_bias, check_operands, check_weight,
+                     native_formats, pick, runtime_target, split_launch, tune_key, unsupported)
 
 try:
     import triton
@@ -47,17 +53,23 @@ TARGETS = ("a100", "h100")
 ELEMENTS = {"e4m3": (4, 3, 7), "e5m2": (5, 2, 15), "e3m2": (3, 2, 3), "e2m3": (2, 3, 1), "e2m1": (2, 1, 1)}
 SCALE_FORMATS = {"float32": 0, "float16": 0, "bfloat16": 0, "e8m0": 1, "e4m3": 2}
 
+# Autotuning candidates per target and M bucket, the default first.
 # "decode": M <= 16, memory-bound, narrow N tiles and deep K so many programs stream bytes;
 # "gemm": larger M, compute tiles. H100 gets wider tiles and more stages (228 KB smem, more SMs).
+# The alternatives move along the axes whose best point depends on N and K: N width against the
+# split-K count it implies, K depth (bytes in flight), and warps against pipeline stages.
 CONFIGS = {
-    "a100": {"decode": TileConfig(16, 64, 128, 4, 4), "gemm": TileConfig(64, 128, 64, 4, 3)},
-    "h100": {"decode": TileConfig(16, 128, 128, 4, 4), "gemm": TileConfig(128, 128, 64, 8, 3)},
-    "interp": {"decode": TileConfig(16, 32, 64, 1, 1), "gemm": TileConfig(32, 32, 64, 1, 1)},
+    "a100": {"decode": (TileConfig(16, 64, 128, 4, 4), TileConfig(16, 128, 128, 4, 3), TileConfig(16, 64, 256, 8, 3)),
+             "gemm": (TileConfig(64, 128, 64, 4, 3), TileConfig(128, 128, 64, 8, 3), TileConfig(64, 64, 128, 4, 4))},
+    "h100": {"decode": (TileConfig(16, 128, 128, 4, 4), TileConfig(16, 64, 128, 4, 4), TileConfig(16, 128, 256, 8, 3)),
+             "gemm": (TileConfig(128, 128, 64, 8, 3), TileConfig(128, 256, 64, 8, 3), TileConfig(64, 128, 64, 4, 4))},
+    "interp": {"decode": (TileConfig(16, 32, 64, 1, 1),), "gemm": (TileConfig(32, 32, 64, 1, 1),)},
 }
 # wgmma needs 64 rows per warpgroup; the decode tile is wasted MMA work but the path is memory-bound.
 FP8ACT_CONFIGS = {
-    "h100": {"decode": TileConfig(64, 64, 128, 4, 4), "gemm": TileConfig(128, 128, 128, 8, 3)},
-    "interp": {"decode": TileConfig(16, 32, 64, 1, 1), "gemm": TileConfig(32, 32, 64, 1, 1)},
+    "h100": {"decode": (TileConfig(64, 64, 128, 4, 4), TileConfig(64, 128, 128, 4, 4), TileConfig(64, 64, 256, 4, 3)),
+             "gemm": (TileConfig(128, 128, 128, 8, 3), TileConfig(128, 256, 128, 8, 3), TileConfig(128, 128, 64, 8, 4))},
+    "interp": {"decode": (TileConfig(16, 32, 64, 1, 1),), "gemm": (TileConfig(32, 32, 64, 1, 1),)},
 }
 
 
@@ -298,9 +310,17 @@ def matmul(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, *
 
     >>> y = matmul(torch.randn(4, 256, dtype=torch.float16), pack(enc, "h100"))"""
     check_operands(x, w, bias, FORMAT, ("p0", "scale"))
-    run = split_launch(x, w.n, CONFIGS, split_k)
-    cfg, y = run.cfg, run.y
     x = x if x.stride(1) == 1 else x.contiguous()
+    target, m = runtime_target(x), x.shape[0]
+    key = tune_key(bucket(m), m, x.dtype, w, bias is not None, split_k)
+    cfg = autotune(FORMAT, target, key, pick(CONFIGS, target, m), lambda c: _launch(x, w, bias, c, split_k))
+    return _launch(x, w, bias, cfg, split_k)
+
+
+def _launch(x: torch.Tensor, w: PackedWeight, bias, cfg: TileConfig, split_k: int | None) -> torch.Tensor:
+    """One launch under ``cfg`` into fresh outputs (what an autotuning trial runs)."""
+    run = split_launch(x, w.n, cfg, split_k)
+    y = run.y
     t = w.tensors
     p0, p1 = t["p0"], t.get("p1", t["p0"])
     scale = t["scale"]
@@ -344,9 +364,17 @@ def matmul_fp8act(xq: torch.Tensor, x_scale: float, w: PackedWeight, bias: torch
     target = runtime_target(xq)
     if target != INTERP and "fp8_e4m3" not in native_formats(target):
         raise KernelError(f"matmul_fp8act needs fp8 tensor cores (H100, sm_90): {target} has none; use matmul()")
-    m, n, k = xq.shape[0], w.n, w.k
-    cfg = pick(FP8ACT_CONFIGS, target, m)
+    m = xq.shape[0]
     xq = xq if xq.stride(1) == 1 else xq.contiguous()
+    key = tune_key(bucket(m), m, out_dtype, w, bias is not None, "fp8act")
+    cfg = autotune(FORMAT + "-fp8act", target, key, pick(FP8ACT_CONFIGS, target, m),
+                   lambda c: _launch_fp8act(xq, x_scale, w, bias, out_dtype, c))
+    return _launch_fp8act(xq, x_scale, w, bias, out_dtype, cfg)
+
+
+def _launch_fp8act(xq, x_scale, w: PackedWeight, bias, out_dtype, cfg: TileConfig) -> torch.Tensor:
+    """One fp8 x fp8 launch under ``cfg`` (no split-K: the output is written, never added to)."""
+    m, n, k = xq.shape[0], w.n, w.k
     t = w.tensors
     scale = t["scale"]
     y = torch.empty(m, n, dtype=out_dtype, device=xq.device)

@@ -42,8 +42,11 @@ Design choices:
   atomically added into an fp32 buffer (in L2: M*N*4 bytes) then cast.
 - One quantisation group per K tile when the group size is a multiple of BK/2 (the pass's g128):
   one [BN] scale load per tile; other group sizes gather the scale per pair.
-- Fixed per-target tile configs rather than autotuning, because the split-K atomics would need
-  a zeroed buffer per trial and decode shapes are few; compile tests check each config.
+- Tiles are autotuned per target: ``CONFIGS`` lists, per target and M bucket, the candidates with
+  the hand-picked default first; on a GPU :func:`.common.autotune` times them once per shape on
+  the real operands and keeps the fastest. The split-K atomics need a zeroed buffer per trial:
+  each trial is a whole launch that allocates its own zeroed fp32 output. The interpreter always
+  runs ``INTERPRET_CONFIG``. Compile tests check every candidate for its target.
 """
 from __future__ import annotations
 
@@ -54,19 +57,24 @@ import torch
 from ....ir import Dense, IntQuant, Sparse, packing
 from ....ir.encodings import rows_cols
 from . import KernelError, PackedWeight
-from .common import (INTERP, SMALL_M, TileConfig, check_operands, check_split_k, check_weight, runtime_target,
-                     target_sms, unsupported)
+from .common import (INTERP, SMALL_M, TileConfig, autotune, check_operands, check_split_k, check_weight,
+                     runtime_target, target_sms, tune_key, unsupported)
 
 FORMAT = "sparse24"
 TARGETS = ("a100", "h100")
 VERSION = 1
 
 
-# block_k counts dense K columns per tile (BK/2 kept values, BK/4 pairs).
-# small: decode (M <= 16, split-K, wide BK for long streaming runs); large: prefill.
+# block_k counts dense K columns per tile (BK/2 kept values, BK/4 pairs; a multiple of 32 for the
+# metadata words). Autotuning candidates per target and M bucket, the default first.
+# small: decode (M <= 16, split-K, wide BK for long streaming runs; the alternatives trade N width
+# and the split count it implies against K depth); large: prefill (alternatives: shallower K with
+# more stages, or half-height tiles for more programs).
 CONFIGS = {
-    "a100": {"small": TileConfig(16, 64, 256, 4, 3), "large": TileConfig(64, 128, 128, 4, 3)},
-    "h100": {"small": TileConfig(16, 128, 256, 4, 4), "large": TileConfig(128, 128, 128, 8, 3)},
+    "a100": {"small": (TileConfig(16, 64, 256, 4, 3), TileConfig(16, 128, 256, 4, 3), TileConfig(16, 64, 128, 4, 4)),
+             "large": (TileConfig(64, 128, 128, 4, 3), TileConfig(128, 128, 64, 8, 3), TileConfig(64, 128, 64, 4, 4))},
+    "h100": {"small": (TileConfig(16, 128, 256, 4, 4), TileConfig(16, 64, 256, 4, 4), TileConfig(16, 128, 128, 4, 4)),
+             "large": (TileConfig(128, 128, 128, 8, 3), TileConfig(128, 128, 64, 8, 4), TileConfig(64, 128, 128, 4, 3))},
 }
 INTERPRET_CONFIG = TileConfig(16, 32, 64, 1, 1)
 FP16_MAX = 65504.0
@@ -273,11 +281,16 @@ if triton is not None:
     sparse24_kernel = triton.jit(sparse24_kernel)
 
 
-def config_for(target: str, m: int) -> TileConfig:
-    """The tile config ``matmul`` launches for ``m`` rows of x on ``target`` (or "interp")."""
+def candidates_for(target: str, m: int) -> tuple[TileConfig, ...]:
+    """The candidate tiles for ``m`` rows of x on ``target`` (or "interp"), the default first."""
     if target == INTERP:
-        return INTERPRET_CONFIG
+        return (INTERPRET_CONFIG,)
     return CONFIGS[target]["small" if m <= SMALL_M else "large"]
+
+
+def config_for(target: str, m: int) -> TileConfig:
+    """The default tile config for ``m`` rows of x on ``target`` (what runs untuned)."""
+    return candidates_for(target, m)[0]
 
 
 def _split(m: int, n: int, k: int, cfg: TileConfig, sms: int) -> int:
@@ -318,17 +331,26 @@ def matmul(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, *
     check_split_k(split_k)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.k)
-    m, n, k = x2.shape[0], w.n, w.k
+    m, n = x2.shape[0], w.n
     if m == 0:
         return x.new_zeros(*lead, n)
     target = runtime_target(x)
-    cfg = config_for(target, m)
+    key = tune_key("small" if m <= SMALL_M else "large", m, x.dtype, w, bias is not None, split_k)
+    cfg = autotune(FORMAT, target, key, candidates_for(target, m), lambda c: _launch(x2, w, bias, c, split_k, target))
+    return _launch(x2, w, bias, cfg, split_k, target).reshape(*lead, n)
+
+
+def _launch(x2: torch.Tensor, w: PackedWeight, bias, cfg: TileConfig, split_k: int | None,
+            target: str) -> torch.Tensor:
+    """One launch under ``cfg`` into a fresh output (zeroed fp32 for split-K): what an autotuning
+    trial runs. Returns [M, N] in x's dtype."""
+    m, n, k = x2.shape[0], w.n, w.k
     k_tiles = math.ceil(k / cfg.block_k)
     split = split_k if split_k is not None else _split(m, n, k, cfg, target_sms(target))
     per = math.ceil(k_tiles / min(split, k_tiles))
     split = math.ceil(k_tiles / per)
-    y = torch.zeros(m, n, dtype=torch.float32, device=x.device) if split > 1 else \
-        torch.empty(m, n, dtype=x.dtype, device=x.device)
+    y = torch.zeros(m, n, dtype=torch.float32, device=x2.device) if split > 1 else \
+        torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     t = w.tensors
     is_int = w.meta["kind"] == "int4"
     q = t["qweight"] if is_int else t["values"]
@@ -339,9 +361,9 @@ def matmul(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, *
                     x2.stride(0), x2.stride(1), y.stride(0), per,
                     BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, GS=int(w.meta["group_size"]), IS_INT=is_int,
                     HAS_PERM="perm" in t, HAS_RS="row_scale" in t, HAS_BIAS=bias is not None, SPLIT_K=split,
-                    UPCAST=target == INTERP and x.dtype == torch.bfloat16,
+                    UPCAST=target == INTERP and x2.dtype == torch.bfloat16,
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return y.to(x.dtype).reshape(*lead, n)
+    return y.to(x2.dtype)
 
 
 def signature(x_dtype: str = "fp16", value_dtype: str = "i32") -> dict[str, str]:
@@ -355,5 +377,5 @@ def signature(x_dtype: str = "fp16", value_dtype: str = "i32") -> dict[str, str]
     return {**ptrs, **ints, **consts}
 
 
-__all__ = ["FORMAT", "CONFIGS", "INTERPRET_CONFIG", "TileConfig", "supports", "pack", "matmul", "config_for",
+__all__ = ["FORMAT", "CONFIGS", "INTERPRET_CONFIG", "TileConfig", "supports", "pack", "matmul", "candidates_for", "config_for",
            "signature", "sparse24_kernel"]
