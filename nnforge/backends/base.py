@@ -132,6 +132,7 @@ class Backend(ABC):
 _BACKENDS: dict[str, str] = {"onnx": "nnforge.backends.onnx:OnnxBackend", "tvm": "nnforge.backends.tvm:TvmBackend"}
 _BACKENDS["triton"] = "nnforge.backends.triton:TritonBackend"
 _BACKENDS["coreml"] = "nnforge.backends.coreml:CoremlBackend"
+_BACKENDS["hls"] = "nnforge.backends.hls:HlsBackend"
 _LOADED: dict[str, Backend] = {}
 
 

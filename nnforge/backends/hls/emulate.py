@@ -1,0 +1,177 @@
+"""Bit-accurate numpy emulation of the nnforge HLS templates (``nnforge/hls/nf_*.h``).
+
+Every function here works on the raw integers of fixed-point values (``raw = value * 2**frac``)
+and repeats the templates' arithmetic step for step: exact integer sums and products, then one
+``round_shift`` (round half up, AP_RND) and ``saturate`` (AP_SAT) where the template rounds. Arrays
+are int64 where the bounds proven by codegen fit in 63 bits, and Python-int object arrays where
+they do not (wide dense weights), so no step can overflow silently.
+
+    >>> fmt = Fixed(24, 8)
+    >>> to_float(from_float(np.array([0.1], np.float32), fmt), fmt)
+    array([0.10000229], dtype=float32)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Fixed:
+    """ap_fixed<width, int_bits, AP_RND, AP_SAT>."""
+    width: int
+    int_bits: int
+
+    @property
+    def frac(self) -> int:
+        return self.width - self.int_bits
+
+    @property
+    def lo(self) -> int:
+        return -(1 << (self.width - 1))
+
+    @property
+    def hi(self) -> int:
+        return (1 << (self.width - 1)) - 1
+
+    def cpp(self) -> str:
+        return f"ap_fixed<{self.width}, {self.int_bits}, AP_RND, AP_SAT>"
+
+
+def round_shift(v, s: int):
+    """v * 2**-s rounded half up (s <= 0: exact left shift), as nf::round_shift."""
+    if s <= 0:
+        return v << -s
+    return (v + (1 << (s - 1))) >> s
+
+
+def saturate(v, fmt: Fixed) -> np.ndarray:
+    return np.clip(v, fmt.lo, fmt.hi).astype(np.int64)
+
+
+def round_to(v, s: int, fmt: Fixed) -> np.ndarray:
+    return saturate(round_shift(v, s), fmt)
+
+
+def from_float(x, fmt: Fixed) -> np.ndarray:
+    """Raw integers of ``x`` in ``fmt``: floor(x * 2^F + 1/2), saturated, NaN -> 0 (nf::from_float)."""
+    s = np.floor(np.asarray(x, dtype=np.float64) * math.ldexp(1.0, fmt.frac) + 0.5)
+    s = np.nan_to_num(s, nan=0.0, posinf=fmt.hi, neginf=fmt.lo)
+    return np.clip(s, fmt.lo, fmt.hi).astype(np.int64)
+
+
+def to_float(raw, fmt: Fixed) -> np.ndarray:
+    return (np.asarray(raw, dtype=np.float64) * math.ldexp(1.0, -fmt.frac)).astype(np.float32)
+
+
+def matmat(x, w_eff, bias, scale_shift: int, fx: Fixed, fy: Fixed, *, exact64: bool) -> np.ndarray:
+    """nf::matmat. ``x`` raw [rows, K]; ``w_eff`` int64 [N, K] = code * scale mantissa of its group at
+    every kept position (0 elsewhere): sum_g m_g * sum_{j in g} code_j x_j equals x @ w_eff.T exactly.
+    ``bias`` raw [N] at fx (or None). ``exact64``: codegen proved every sum fits in int64; otherwise
+    w_eff is split in 20-bit limbs, each product summed exactly in int64, and the limbs recombined as
+    Python ints (only the [rows, N] result is object-typed)."""
+    x, w = np.asarray(x, np.int64), np.asarray(w_eff, np.int64)
+    if exact64:
+        total = x @ w.T
+        if bias is not None:
+            total = total + (np.asarray(bias, np.int64) << scale_shift)[None, :]
+    else:
+        lo, hi = w & ((1 << 20) - 1), w >> 20
+        xmax = int(np.abs(x).max(initial=0))
+        k = w.shape[1]
+        if xmax * max(1 << 20, int(np.abs(hi).max(initial=0))) * k < 1 << 62:
+            total = (x @ hi.T).astype(object) * (1 << 20) + (x @ lo.T).astype(object)
+        else:                                      # any width: Python ints throughout
+            total = x.astype(object).dot(w.astype(object).T)
+        if bias is not None:
+            total = total + np.array([int(b) << scale_shift for b in np.asarray(bias).ravel()], dtype=object)[None, :]
+    out = round_shift(total, scale_shift + fx.frac - fy.frac)
+    return np.clip(out, fy.lo, fy.hi).astype(np.int64)
+
+
+def _interp(d, table, step_shift: int):
+    """Linear interpolation in ``table`` at raw offsets d >= 0 (d >> step_shift < len(table))."""
+    t = np.asarray(table, np.int64)
+    k = d >> step_shift
+    f = d & ((1 << step_shift) - 1)
+    t0 = t[np.clip(k, 0, len(t) - 1)]
+    t1 = t[np.clip(k + 1, 0, len(t) - 1)]
+    return t0 + round_shift((t1 - t0) * f, step_shift)
+
+
+def activation_lut(x, table, lut_lo: int, step_shift: int, lut_n: int, below: int, identity_above: bool,
+                   fx: Fixed, fy: Fixed) -> np.ndarray:
+    """nf::activation_lut."""
+    v = np.asarray(x, np.int64)
+    d = v - lut_lo
+    inside = (d >= 0) & (d < (lut_n << step_shift))
+    above = round_shift(v, fx.frac - fy.frac) if identity_above else np.full_like(v, int(table[lut_n]))
+    out = np.where(d < 0, below, np.where(inside, _interp(np.clip(d, 0, None), table, step_shift), above))
+    return saturate(out, fy)
+
+
+def relu(x, fx: Fixed, fy: Fixed) -> np.ndarray:
+    return round_to(np.maximum(np.asarray(x, np.int64), 0), fx.frac - fy.frac, fy)
+
+
+def softmax(x, table, lut_lo: int, step_shift: int, e_frac: int, fy: Fixed) -> np.ndarray:
+    """nf::softmax over the last axis of raw ``x`` [rows, n]."""
+    v = np.asarray(x, np.int64)
+    d = v - v.max(axis=-1, keepdims=True) - lut_lo
+    e = np.where(d < 0, 0, _interp(np.clip(d, 0, None), table, step_shift))
+    recip = (1 << 62) // e.sum(axis=-1, keepdims=True)
+    return round_to(e * recip, 62 - fy.frac, fy)
+
+
+def layer_norm(x, gamma, beta, eps_raw: int, rms: bool, fx: Fixed, fy: Fixed) -> np.ndarray:
+    """nf::layer_norm over the last axis of raw ``x`` [rows, n]; gamma/beta raw at fx (or None)."""
+    v = np.asarray(x, np.int64)
+    n = v.shape[-1]
+    F = fx.frac
+    s = v.sum(axis=-1, keepdims=True)
+    mu = np.zeros_like(s) if rms else np.where(s >= 0, (s + n // 2) // n, -((-s + n // 2) // n))
+    d = v - mu
+    var = (d * d).sum(axis=-1) // n + eps_raw
+    g = np.full(n, 1 << F, np.int64) if gamma is None else np.asarray(gamma, np.int64)
+    b = np.zeros(n, np.int64) if beta is None else np.asarray(beta, np.int64)
+    out = np.empty_like(v)
+    for r in range(v.shape[0]):
+        vr = int(var[r])
+        sh = max(62 - vr.bit_length(), 0) & ~1
+        rcp = (1 << 62) // math.isqrt(vr << sh)
+        z = round_shift(d[r] * rcp, 62 - sh // 2 - F)
+        out[r] = round_to(z * g + (b << F), F + F - fy.frac, fy)
+    return out
+
+
+def binary(a, b, op: str, fa: int, fb: int, fy: Fixed) -> np.ndarray:
+    """nf::binary (numpy broadcasting); ``fa``/``fb``: fractional bits of the operands."""
+    va, vb = np.asarray(a, np.int64), np.asarray(b, np.int64)
+    if op == "mul":
+        return round_to(va * vb, fa + fb - fy.frac, fy)
+    f = max(fa, fb)
+    va, vb = va << (f - fa), vb << (f - fb)
+    return round_to(va + vb if op == "add" else va - vb, f - fy.frac, fy)
+
+
+def matmul(a, b, fa: Fixed, fb: Fixed, fy: Fixed) -> np.ndarray:
+    """nf::matmul: a [..., m, k] @ b [..., k, n] on raw integers (exact int64 sums), one rounding."""
+    return round_to(np.matmul(np.asarray(a, np.int64), np.asarray(b, np.int64)), fa.frac + fb.frac - fy.frac, fy)
+
+
+def attention_decode(q, k_new, v_new, cache: np.ndarray, pos: int, table, lut_lo: int, step_shift: int,
+                     scale_m: int, scale_shift: int, fx: Fixed, fy: Fixed) -> np.ndarray:
+    """nf::attention_decode: q, k_new, v_new raw [heads, head_dim]; ``cache`` int64
+    [2, heads, max_len, head_dim] is updated in place at ``pos``; returns raw out [heads, head_dim]."""
+    F = fx.frac
+    cache[0, :, pos] = k_new
+    cache[1, :, pos] = v_new
+    k, v = cache[0, :, :pos + 1], cache[1, :, :pos + 1]                      # [H, T, D]
+    acc = np.einsum("hd,htd->ht", np.asarray(q, np.int64), k)
+    s = round_shift(round_shift(acc, F) * scale_m, scale_shift)
+    d = s - s.max(axis=-1, keepdims=True) - lut_lo
+    e = np.where(d < 0, 0, _interp(np.clip(d, 0, None), table, step_shift))
+    p = round_shift(e * ((1 << 62) // e.sum(axis=-1, keepdims=True)), 62 - F)
+    return round_to(np.einsum("ht,htd->hd", p, v), F + F - fy.frac, fy)

@@ -1,0 +1,418 @@
+"""IR graph -> a complete HLS project: top function, one config struct per layer, the weight memory
+image, a testbench with recorded inputs and outputs, and a Vitis HLS Tcl script.
+
+Lowering is a table from op to a small rule returning :mod:`.layers` (one kernel call each); an op
+without a rule is a BackendError naming every such op and node at once. Names from the model become
+C++ identifiers (``v_`` values, ``in_``/``out_`` ports, ``cfg_n_`` configs, non-identifier characters
+as ``_``); two names that map to one identifier are an error.
+
+    >>> plan = build_plan(graph, HlsOptions())
+    >>> files = render(plan)             # {relative path: bytes}
+    >>> plan.emulate([x])                # bit-accurate outputs, equal to the C-simulation
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+
+from ...hls import HEADER_DIR  # noqa: F401  (re-exported for the project writer and tests)
+from ...ir import Graph
+from ...ir.encodings import Dense
+from ..base import BackendError
+from . import emulate as E
+from . import layers as L
+from .weights import WeightMemory, mat_weights
+
+PROJECT = "hls"        # folder of the project inside a bundle
+
+
+@dataclass(frozen=True)
+class HlsOptions:
+    """Fixed-point choices, read from the target's [options] (keys as the field names).
+
+    Activations: ap_fixed<act_width, act_int, AP_RND, AP_SAT> everywhere between layers.
+    Weights: int codes as encoded (int8/int4/int3 ...); float weights become dense_weight_bits-bit
+    codes per output channel; group scales are scale_bits-bit signed mantissas with one shift per
+    layer; accumulators are exact (width proven per layer). Tables (GELU/SiLU/exp) step by
+    2^lut_step_log2 with linear interpolation; softmax's exponentials carry exp_frac bits."""
+    act_width: int = 24
+    act_int: int = 8
+    scale_bits: int = 18
+    dense_weight_bits: int = 16
+    lut_step_log2: int = -6
+    exp_frac: int = 20
+    chain: int = 4
+    dataflow: bool = False             # one DATAFLOW region: layers as concurrent processes, on-chip channels
+    part: str = "xcu280-fsvh2892-2L-e"
+    clock_mhz: float = 225.0
+    onchip_bytes_max: int = 0          # BRAM + URAM of the device (0: unchecked)
+
+    @classmethod
+    def from_target(cls, target) -> "HlsOptions":
+        known = {f.name for f in fields(cls)}
+        opts = {k: v for k, v in target.options.items() if k in known}
+        fpga = getattr(target, "fpga", {}) or {}
+        opts.setdefault("part", fpga.get("part", cls.part))
+        opts.setdefault("clock_mhz", float(fpga.get("clock_mhz", cls.clock_mhz)))
+        opts.setdefault("onchip_bytes_max", int(fpga.get("bram_36k", 0) * 4608 + fpga.get("uram", 0) * 36864))
+        return cls.from_dict(opts, f"target {target.name}")
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "hls options") -> "HlsOptions":
+        types = {f.name: type(f.default) for f in fields(cls)}
+        unknown = sorted(set(d) - set(types))
+        if unknown:
+            raise BackendError(f"{where}: unknown hls option(s) {', '.join(unknown)}; known: {', '.join(types)}")
+        for k, v in d.items():
+            want = types[k]
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) if want is float else \
+                isinstance(v, want) and (want is bool or not isinstance(v, bool))
+            if not ok:
+                raise BackendError(f"{where}: hls option {k} must be {want.__name__}, got {v!r}")
+        o = cls(**{k: float(v) if types[k] is float else v for k, v in d.items()})
+        checks = [(2 <= o.act_width <= 32, "act_width must be 2..32 (raw activations are int32 in memory)"),
+                  (1 <= o.act_int < o.act_width, "act_int must be 1..act_width-1"),
+                  (2 <= o.scale_bits <= 31, "scale_bits must be 2..31"),
+                  (2 <= o.dense_weight_bits <= 16, "dense_weight_bits must be 2..16"),
+                  (o.act_width - o.act_int + o.lut_step_log2 >= 0, "lut_step_log2 finer than the activation LSB"),
+                  (8 <= o.exp_frac <= 30, "exp_frac must be 8..30"), (o.chain >= 1, "chain must be >= 1")]
+        bad = [msg for ok, msg in checks if not ok]
+        if bad:
+            raise BackendError(f"{where}: invalid hls options: {'; '.join(bad)}")
+        return o
+
+    @property
+    def act(self) -> E.Fixed:
+        return E.Fixed(self.act_width, self.act_int)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def cxx_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", name)
+
+
+class Names:
+    """Unique C++ identifiers for model names; a collision is an error naming both."""
+
+    def __init__(self):
+        self.owner: dict[str, str] = {}
+
+    def __call__(self, prefix: str, name: str, what: str) -> str:
+        ident = prefix + cxx_name(name)
+        prev = self.owner.setdefault(ident, f"{what} {name!r}")
+        if prev != f"{what} {name!r}":
+            raise BackendError(f"hls backend: {prev} and {what} {name!r} both become the C++ identifier {ident}; "
+                               f"rename one of them")
+        return ident
+
+
+@dataclass
+class Plan:
+    name: str                      # top function
+    opts: HlsOptions
+    layers: list = field(default_factory=list)
+    ids: dict = field(default_factory=dict)          # value name -> C++ buffer
+    sizes: dict = field(default_factory=dict)        # buffer -> elements
+    shapes: dict = field(default_factory=dict)       # value name -> shape
+    inputs: list = field(default_factory=list)       # value names
+    outputs: list = field(default_factory=list)
+    mem: WeightMemory = field(default_factory=WeightMemory)
+    fallbacks: list = field(default_factory=list)
+    pool: dict = field(default_factory=dict)         # on-chip buffer -> elements (shared by values)
+
+    @property
+    def onchip_bytes(self) -> int:
+        """On-chip activation memory of the top function's buffers."""
+        return sum(self.pool.values()) * ((self.opts.act_width + 7) // 8)
+
+    def emulate(self, inputs: list) -> list[np.ndarray]:
+        """Float outputs of the bit-accurate emulation (what the C-simulation returns)."""
+        act = self.opts.act
+        env = {v: E.from_float(np.asarray(x, np.float32).reshape(-1), act) for v, x in zip(self.inputs, inputs)}
+        for layer in self.layers:
+            env[layer.output] = np.asarray(layer.emulate(env, act)).reshape(-1)
+        return [E.to_float(env[v], act).reshape(self.shapes[v]) for v in self.outputs]
+
+
+# --- lowering rules: (plan, node, names) -> layers --------------------------------------------------
+def _dense(v, what: str) -> torch.Tensor:
+    if v is None:
+        return None
+    if not v.is_weight or not isinstance(v.encoding, Dense):
+        raise BackendError(f"{what}: expected a dense weight, got {'an activation' if not v.is_weight else v.encoding.describe()}")
+    return v.encoding.data.to(torch.float64)
+
+
+def _raw(t: torch.Tensor, frac: int) -> np.ndarray:
+    return np.floor(t.numpy().astype(np.float64) * 2.0 ** frac + 0.5).astype(np.int64)
+
+
+def _linear(plan, node, name):
+    x, w = node.inputs[0], node.inputs[1]
+    b = node.inputs[2] if len(node.inputs) > 2 else None
+    if not w.is_weight:
+        raise BackendError(f"node {node.name} (linear): the weight is an activation; the hls backend streams weights "
+                           f"from memory (use matmul for activation x activation)")
+    mw = mat_weights(w.encoding, f"node {node.name} ({w.name})", plan.opts.dense_weight_bits, plan.fallbacks)
+    bias = _raw(_dense(b, f"node {node.name} bias"), plan.opts.act.frac) if b is not None else None
+    rows = math.prod(x.shape[:-1])
+    return [L.MatMat(name, node.name, [x.name], node.output.name, w=mw, rows=rows, bias=bias,
+                     scale_bits=plan.opts.scale_bits, chain=plan.opts.chain)]
+
+
+def _matmul(plan, node, name):
+    a, b = node.inputs
+    if b.is_weight:                       # x @ W with a constant [K, N]: the matrix unit on W^T
+        w = _dense(b, f"node {node.name}")
+        if w.dim() != 2:
+            raise BackendError(f"node {node.name} (matmul): constant operand must be 2-D, got {list(w.shape)}")
+        mw = mat_weights(Dense(w.T.contiguous().float()), f"node {node.name} ({b.name})", plan.opts.dense_weight_bits,
+                         plan.fallbacks)
+        return [L.MatMat(name, node.name, [a.name], node.output.name, w=mw, rows=math.prod(a.shape[:-1]),
+                         scale_bits=plan.opts.scale_bits, chain=plan.opts.chain)]
+    if a.is_weight:
+        raise BackendError(f"node {node.name} (matmul): a constant left operand is not supported by the hls backend")
+    ab, bb = a.shape[:-2], b.shape[:-2]
+    batch = math.prod(node.output.shape[:-2])
+    a_b, b_b = math.prod(ab), math.prod(bb)
+    if a_b not in (1, batch) or b_b not in (1, batch):
+        raise BackendError(f"node {node.name} (matmul): batch dims {list(ab)} and {list(bb)} broadcast partially; "
+                           f"the hls matmul shares an operand only as a whole")
+    return [L.Matmul(name, node.name, [a.name, b.name], node.output.name, batch=batch, m=a.shape[-2],
+                     k=a.shape[-1], n=b.shape[-1], a_bcast=a_b == 1 and batch > 1, b_bcast=b_b == 1 and batch > 1,
+                     chain=plan.opts.chain)]
+
+
+def _lut(fn):
+    def rule(plan, node, name):
+        f = "gelu_tanh" if fn == "gelu" and node.attrs.get("approximate") == "tanh" else fn
+        return [L.Lut(name, node.name, [node.inputs[0].name], node.output.name, fn=f,
+                      n_in=math.prod(node.output.shape), step_log2=plan.opts.lut_step_log2, act=plan.opts.act)]
+    return rule
+
+
+def _relu(plan, node, name):
+    return [L.Relu(name, node.name, [node.inputs[0].name], node.output.name, n_in=math.prod(node.output.shape))]
+
+
+def _last_axis(node, axis):
+    rank = len(node.inputs[0].shape)
+    if axis not in (-1, rank - 1):
+        raise BackendError(f"node {node.name} ({node.op}): the hls backend normalises over the last axis only, "
+                           f"got axis {axis}")
+
+
+def _softmax(plan, node, name):
+    _last_axis(node, node.attrs["axis"])
+    shape = node.output.shape
+    return [L.Softmax(name, node.name, [node.inputs[0].name], node.output.name, rows=math.prod(shape[:-1]),
+                      n=shape[-1], step_log2=plan.opts.lut_step_log2, e_frac=plan.opts.exp_frac, act=plan.opts.act)]
+
+
+def _layer_norm(plan, node, name):
+    _last_axis(node, node.attrs["axis"])
+    shape, F = node.output.shape, plan.opts.act.frac
+    ins = list(node.inputs) + [None] * (3 - len(node.inputs))
+    g, b = (_dense(v, f"node {node.name} {s}") for v, s in zip(ins[1:], ("weight", "bias")))
+    return [L.Norm(name, node.name, [ins[0].name], node.output.name, rows=math.prod(shape[:-1]), n=shape[-1],
+                   eps=node.attrs["eps"], gamma=None if g is None else _raw(g.reshape(-1), F),
+                   beta=None if b is None else _raw(b.reshape(-1), F), act=plan.opts.act)]
+
+
+def _binary(op):
+    def rule(plan, node, name):
+        a, b = node.inputs
+        kind = op
+        if a.is_weight and op in ("add", "mul"):
+            a, b = b, a
+        if a.is_weight:
+            raise BackendError(f"node {node.name} ({node.op}): a constant left operand is not supported by the hls backend")
+        const = None
+        if b.is_weight:
+            t = _dense(b, f"node {node.name}")
+            if kind == "div":
+                t, kind = 1.0 / t, "mul"
+            const = _raw(t, plan.opts.act.frac)
+        elif kind == "div":
+            raise BackendError(f"node {node.name} (div): division by an activation is not supported by the hls backend")
+        if len(node.output.shape) > 4:
+            raise BackendError(f"node {node.name} ({node.op}): rank {len(node.output.shape)} > 4")
+        return [L.Binary(name, node.name, [a.name] + ([] if const is not None else [b.name]), node.output.name,
+                         op=kind, a_shape=tuple(a.shape), b_shape=tuple(b.shape), out_shape=tuple(node.output.shape),
+                         b_const=const, b_frac=plan.opts.act.frac)]
+    return rule
+
+
+def _permute(plan, node, name):
+    if len(node.output.shape) > 4:
+        raise BackendError(f"node {node.name} (permute): rank {len(node.output.shape)} > 4")
+    src = L.row_major_strides(node.inputs[0].shape)
+    perm = [p % len(src) for p in node.attrs["perm"]]
+    return [L.Strided(name, node.name, [node.inputs[0].name], node.output.name, out_shape=tuple(node.output.shape),
+                      strides=tuple(src[p] for p in perm), what=f"permute {perm}")]
+
+
+def _slice(plan, node, name):
+    x, out = node.inputs[0], node.output
+    if len(out.shape) > 4:
+        raise BackendError(f"node {node.name} (slice): rank {len(out.shape)} > 4")
+    from ...ir.ops.shape import normalize_slice
+    axis = node.attrs["axis"] % len(x.shape)
+    start, _, step = normalize_slice(x.shape[axis], node.attrs["start"], node.attrs["end"], node.attrs["step"])
+    src = L.row_major_strides(x.shape)
+    strides = list(src)
+    strides[axis] *= step
+    return [L.Strided(name, node.name, [x.name], out.name, out_shape=tuple(out.shape), strides=tuple(strides),
+                      offset=start * src[axis], what=f"slice axis {axis} from {start} step {step}")]
+
+
+def _expand(plan, node, name):
+    x, out = node.inputs[0], node.output
+    if len(out.shape) > 4:
+        raise BackendError(f"node {node.name} (expand): rank {len(out.shape)} > 4")
+    return [L.Strided(name, node.name, [x.name], out.name, out_shape=tuple(out.shape),
+                      strides=tuple(L.broadcast_strides(x.shape, out.shape)), what=f"expand to {list(out.shape)}")]
+
+
+def _clamp(plan, node, name):
+    act = plan.opts.act
+    lo, hi = node.attrs.get("min"), node.attrs.get("max")
+    lo = act.lo if lo is None else int(E.from_float(np.array([lo]), act)[0])
+    hi = act.hi if hi is None else int(E.from_float(np.array([hi]), act)[0])
+    return [L.Clamp(name, node.name, [node.inputs[0].name], node.output.name, n_in=math.prod(node.output.shape),
+                    lo=lo, hi=hi)]
+
+
+def _reshape(plan, node, name):
+    return [L.Copy(name, node.name, [node.inputs[0].name], node.output.name, n=math.prod(node.output.shape))]
+
+
+LOWERINGS = {
+    "linear": _linear, "matmul": _matmul, "gelu": _lut("gelu"), "silu": _lut("silu"), "relu": _relu,
+    "softmax": _softmax, "layer_norm": _layer_norm, "add": _binary("add"), "sub": _binary("sub"),
+    "mul": _binary("mul"), "div": _binary("div"), "permute": _permute, "reshape": _reshape, "slice": _slice,
+    "expand": _expand, "clamp": _clamp,
+}
+
+
+def build_plan(graph: Graph, opts: HlsOptions) -> Plan:
+    """Check the graph, lower every node, and place all weights in one memory image."""
+    missing = sorted({n.op for n in graph.nodes if n.op not in LOWERINGS})
+    if missing:
+        nodes = ", ".join(n.name for n in graph.nodes if n.op in missing)
+        raise BackendError(f"the hls backend has no lowering for op(s) {', '.join(missing)} (nodes {nodes[:300]}); "
+                           f"supported: {', '.join(sorted(LOWERINGS))}")
+    for v in list(graph.inputs) + [o for n in graph.nodes for o in n.outputs]:
+        if not all(isinstance(d, int) for d in v.shape):
+            raise BackendError(f"value {v.name} has shape {list(v.shape)}: the hls backend needs static shapes "
+                               f"(export the model with fixed input sizes)")
+        if v.dtype.kind != "float":
+            raise BackendError(f"value {v.name} is {v.dtype.name}: the hls backend runs float graphs in fixed point")
+    for v in graph.outputs:
+        if v.producer is None:
+            raise BackendError(f"graph output {v.name} is an input or weight; the hls backend outputs computed values")
+    if len({v.name for v in graph.outputs}) != len(graph.outputs):
+        raise BackendError("the hls backend needs distinct graph outputs")
+    names = Names()
+    plan = Plan(names("nf_", graph.name, "graph") + "_top", opts)
+    outs = {v.name for v in graph.outputs}
+    for v in graph.inputs:
+        plan.ids[v.name] = names("in_", v.name, "input")
+    for v in graph.outputs:
+        plan.ids[v.name] = names("out_", v.name, "output")
+    for v in list(graph.inputs) + [o for n in graph.nodes for o in n.outputs]:
+        plan.shapes[v.name] = tuple(v.shape)
+        plan.ids.setdefault(v.name, names("v_", v.name, "value"))
+        plan.sizes[plan.ids[v.name]] = max(1, math.prod(v.shape))
+    plan.inputs = [v.name for v in graph.inputs]
+    plan.outputs = [v.name for v in graph.outputs]
+    for node in graph.nodes:
+        name = names("n_", node.name, "node")
+        if node.op == "reshape" and node.output.name not in outs:      # same elements, same order: alias
+            plan.ids[node.output.name] = plan.ids[node.inputs[0].name]
+            plan.layers.append(L.Alias(name, node.name, [node.inputs[0].name], node.output.name))
+            continue
+        try:
+            layers = LOWERINGS[node.op](plan, node, name)
+        except BackendError:
+            raise
+        except Exception as e:
+            raise BackendError(f"hls backend: lowering node {node.name} ({node.op}) failed: {e}") from e
+        for layer in layers:
+            if hasattr(layer, "place"):
+                layer.place(plan.mem, opts.act)
+        plan.layers.extend(layers)
+    _check_widths(plan)
+    if opts.dataflow:
+        from .dataflow import to_dataflow
+        to_dataflow(plan)
+    else:
+        assign_buffers(plan)
+    if opts.onchip_bytes_max and plan.onchip_bytes > opts.onchip_bytes_max:
+        raise BackendError(f"graph {graph.name}: its live activations need {plan.onchip_bytes} bytes on chip, more "
+                           f"than the device's {opts.onchip_bytes_max} bytes of BRAM + URAM; use shorter inputs "
+                           f"or a narrower act_width")
+    return plan
+
+
+def assign_buffers(plan: Plan) -> None:
+    """Share on-chip activation buffers between values whose lifetimes do not overlap (greedy best
+    fit in layer order), so the on-chip footprint is the peak of live activations, not their sum.
+    A layer's output never shares a buffer with its own inputs. Sets ``plan.pool`` (buffer -> elements)."""
+    ports = {plan.ids[v] for v in plan.inputs + plan.outputs}
+    root: dict[str, str] = {}                       # value -> value that owns its buffer (aliases)
+    last: dict[str, int] = {}
+    for i, layer in enumerate(plan.layers):
+        if isinstance(layer, L.Alias):
+            root[layer.output] = root.get(layer.inputs[0], layer.inputs[0])
+        for v in layer.inputs:
+            last[root.get(v, v)] = i
+    for v in plan.outputs:
+        last[root.get(v, v)] = len(plan.layers)
+    pool: dict[str, int] = {}
+    free: list[str] = []
+    owner: dict[str, str] = {}                      # value -> pool buffer
+    for i, layer in enumerate(plan.layers):
+        out = layer.output
+        if isinstance(layer, L.Alias):
+            if out in plan.ids and plan.ids[out] not in ports and root[out] in owner:
+                plan.ids[out] = owner[root[out]]
+            continue
+        if plan.ids[out] not in ports:
+            n = plan.sizes[plan.ids[out]]
+            fits = sorted((b for b in free if pool[b] >= n), key=lambda b: pool[b])
+            if fits:
+                buf = fits[0]
+            elif free:
+                buf = max(free, key=lambda b: pool[b])
+                pool[buf] = n
+            else:
+                buf = f"buf{len(pool)}"
+                pool[buf] = n
+            if buf in free:
+                free.remove(buf)
+            owner[out] = buf
+            plan.ids[out] = buf
+        for v in {root.get(v, v) for v in layer.inputs}:
+            if last.get(v) == i and v in owner:
+                free.append(owner.pop(v))
+        if last.get(out, -1) < i and out in owner:   # computed but never read (dead value)
+            free.append(owner.pop(out))
+    plan.pool = pool
+    plan.sizes.update(pool)
+
+
+def _check_widths(plan: Plan) -> None:
+    """Every 64-bit intermediate of the element-wise kernels must provably fit."""
+    W = plan.opts.act_width
+    for layer in plan.layers:
+        n = getattr(layer, "k", None) if isinstance(layer, L.Matmul) else getattr(layer, "n", None)
+        if isinstance(layer, (L.Matmul, L.Norm)) and 2 * W + math.ceil(math.log2(max(n, 2))) > 62:
+            raise BackendError(f"node {layer.node}: act_width {W} is too wide for a 64-bit sum over {n} products; "
+                               f"lower act_width")

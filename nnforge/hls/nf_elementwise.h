@@ -1,0 +1,72 @@
+// nnforge HLS templates: broadcasting binary element-wise ops and axis permutations (rank <= 4).
+//
+// Shapes are padded to 4 dims; a_s* / b_s* are element strides of each operand for every output
+// dim (0 where it broadcasts). A constant operand (a weight) is read from weight memory as int32
+// raw activations at b's format.
+//   add: raw(y) = sat(round_shift(raw(a) * 2^(F - F_a) + raw(b) * 2^(F - F_b), F - F_y)), F = max(F_a, F_b)
+//   mul: raw(y) = sat(round_shift(raw(a) * raw(b), F_a + F_b - F_y))
+#ifndef NF_ELEMENTWISE_H_
+#define NF_ELEMENTWISE_H_
+
+#include "nf_types.h"
+
+namespace nf {
+
+struct binary_config {
+    static const unsigned d0 = 1, d1 = 1, d2 = 1, d3 = 16;    // output shape
+    static const unsigned a_s0 = 0, a_s1 = 0, a_s2 = 0, a_s3 = 1;
+    static const unsigned b_s0 = 0, b_s1 = 0, b_s2 = 0, b_s3 = 1;
+    static const bool b_const = false;                        // b is a weight (int32 raw in memory)
+    static const unsigned long b_off = 0;
+    static const int b_frac = 16;                             // fractional bits of b
+};
+
+enum binary_op { OP_ADD = 0, OP_SUB = 1, OP_MUL = 2 };
+
+template <class a_T, class b_T, class y_T, typename CONFIG_T, int OP>
+void binary(const a_T *a, const b_T *b, y_T *y, const unsigned char *wmem) {
+    const int fa = frac_bits<a_T>::value, fb = CONFIG_T::b_const ? CONFIG_T::b_frac : frac_bits<b_T>::value;
+    const int fy = frac_bits<y_T>::value, f = fa > fb ? fa : fb;
+    unsigned o = 0;
+D0: for (unsigned i0 = 0; i0 < CONFIG_T::d0; i0++)
+D1:     for (unsigned i1 = 0; i1 < CONFIG_T::d1; i1++)
+D2:         for (unsigned i2 = 0; i2 < CONFIG_T::d2; i2++)
+D3:             for (unsigned i3 = 0; i3 < CONFIG_T::d3; i3++) {
+                    #pragma HLS PIPELINE II=1
+                    const unsigned ia = i0 * CONFIG_T::a_s0 + i1 * CONFIG_T::a_s1 + i2 * CONFIG_T::a_s2 + i3 * CONFIG_T::a_s3;
+                    const unsigned ib = i0 * CONFIG_T::b_s0 + i1 * CONFIG_T::b_s1 + i2 * CONFIG_T::b_s2 + i3 * CONFIG_T::b_s3;
+                    wide_t va = raw(a[ia]);
+                    wide_t vb = CONFIG_T::b_const ? wide_t(read_i32(wmem + CONFIG_T::b_off + 4ul * ib)) : wide_t(raw(b[ib]));
+                    wide_t out;
+                    if (OP == OP_MUL) {
+                        out = round_shift<wide_t>(va * vb, fa + fb - fy);
+                    } else {
+                        va = va << (f - fa);
+                        vb = vb << (f - fb);
+                        out = round_shift<wide_t>(OP == OP_ADD ? va + vb : va - vb, f - fy);
+                    }
+                    y[o++] = saturate<y_T, wide_t>(out);
+                }
+}
+
+// Strided copy: permute (transpose), slice (offset + stepped strides) and any other view.
+struct permute_config {
+    static const unsigned d0 = 1, d1 = 1, d2 = 4, d3 = 4;    // output shape
+    static const unsigned s0 = 0, s1 = 0, s2 = 1, s3 = 4;    // input strides of each output dim
+    static const unsigned long off = 0;                      // input element of output 0
+};
+
+template <class T, typename CONFIG_T> void permute(const T *x, T *y) {
+    unsigned o = 0;
+D0: for (unsigned i0 = 0; i0 < CONFIG_T::d0; i0++)
+D1:     for (unsigned i1 = 0; i1 < CONFIG_T::d1; i1++)
+D2:         for (unsigned i2 = 0; i2 < CONFIG_T::d2; i2++)
+D3:             for (unsigned i3 = 0; i3 < CONFIG_T::d3; i3++) {
+                    #pragma HLS PIPELINE II=1
+                    y[o++] = x[CONFIG_T::off + i0 * CONFIG_T::s0 + i1 * CONFIG_T::s1 + i2 * CONFIG_T::s2 + i3 * CONFIG_T::s3];
+                }
+}
+
+}  // namespace nf
+
+#endif

@@ -1,0 +1,182 @@
+"""The hls backend end to end: nf.compile for alveo-u280 writes a Vitis HLS project, nf.load runs
+its C-simulation, which equals the bit-accurate emulation exactly and fp32 within tolerance."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+import nnforge as nf
+from nnforge.backends.base import BackendError, get_backend
+from nnforge.backends.hls import HlsBackend, csim
+from nnforge.backends.hls.project import HlsOptions, build_plan
+from nnforge.ir import Dense, Graph, tensor
+
+# Fixed-point tolerance vs the fp32 reference for this block (ap_fixed<24,8>, int16 weights):
+# max abs error <= 1e-3 and cosine >= 0.99999 (measured: 6e-5 and 0.9999999998).
+TOL_ABS, TOL_COS = 1e-3, 0.99999
+
+
+class Block(torch.nn.Module):
+    """A small pre-softmax-scaled encoder block: attention (2 heads), residual + layer norm, GELU MLP."""
+
+    def __init__(self, d=32, h=2, f=64):
+        super().__init__()
+        self.h = h
+        self.qkv, self.o = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
+        self.ln1, self.ln2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+        self.f1, self.f2 = torch.nn.Linear(d, f), torch.nn.Linear(f, d)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).split(D, dim=-1)
+        q = q.reshape(B, T, self.h, D // self.h).permute(0, 2, 1, 3)
+        k = k.reshape(B, T, self.h, D // self.h).permute(0, 2, 3, 1)
+        v = v.reshape(B, T, self.h, D // self.h).permute(0, 2, 1, 3)
+        a = torch.softmax(q @ k / (D // self.h) ** 0.5, dim=-1) @ v
+        x = self.ln1(x + self.o(a.permute(0, 2, 1, 3).reshape(B, T, D)))
+        return self.ln2(x + self.f2(torch.nn.functional.gelu(self.f1(x))))
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("NNFORGE_HLS_CACHE", str(tmp_path_factory.mktemp("hls-cache")))
+    torch.manual_seed(0)
+    model = Block().eval()
+    x = torch.randn(1, 8, 32)
+    b = nf.compile(model, target="alveo-u280", example_inputs=(x,), out=tmp_path_factory.mktemp("b") / "block")
+    yield model, x, b
+    mp.undo()
+
+
+def test_registry_and_target():
+    assert isinstance(get_backend("hls"), HlsBackend)
+    t = nf.target("alveo-u280")
+    assert t.backend == "hls"
+    assert HlsOptions.from_target(t).act_width == t.options["act_width"]
+
+
+def test_compile_load_run_matches_fp32(bundle):
+    model, x, b = bundle
+    assert b.manifest["backend"]["name"] == "hls"
+    assert b.manifest["numerics"]["runtime_checked"] is True
+    assert any("int16" in f["action"] for f in b.manifest["fallbacks"])       # fp32 weights: reported
+    files = b.manifest["backend"]["files"]
+    for want in ("hls/build_prj.tcl", "hls/weights.bin", "hls/tb/tb.cpp", "hls/src/parameters.h",
+                 "hls/src/nf/nf_matvec.h"):
+        assert want in files
+    runner = nf.load(b.path)
+    y = runner(x)
+    ref = model(x).detach()
+    assert (y - ref).abs().max().item() < TOL_ABS
+    assert torch.nn.functional.cosine_similarity(y.reshape(1, -1), ref.reshape(1, -1)).item() >= TOL_COS
+    # the C-simulation equals the emulation of the same fixed-point arithmetic exactly
+    emu = runner.plan.emulate([x.numpy()])[0]
+    assert np.array_equal(y.numpy(), emu)
+    assert nf.verify(b.path)["passed"]
+
+
+def test_activations_share_onchip_buffers(bundle):
+    _, _, b = bundle
+    runner = nf.load(b.path)
+    plan = runner.plan
+    every_value = sum(n for buf, n in plan.sizes.items() if buf.startswith("v_"))
+    assert 0 < sum(plan.pool.values()) < every_value / 2
+    assert b.manifest["backend"]["entry"]["onchip_activation_bytes"] == plan.onchip_bytes
+    tight = HlsOptions.from_dict({**b.manifest["backend"]["entry"]["options"], "onchip_bytes_max": 1000})
+    from nnforge.ir.serialize import load_graph
+    with pytest.raises(BackendError, match="on chip"):
+        build_plan(load_graph(b.path / "graph.json", b.path / "weights.safetensors"), tight)
+
+
+def test_dataflow_form_of_the_block(bundle):
+    """dataflow = true: one DATAFLOW region, every channel single-writer single-reader, same numbers."""
+    from nnforge.ir.serialize import load_graph
+    from tests.hls.test_kernels import channels_are_single_writer_single_reader
+    _, x, b = bundle
+    graph = load_graph(b.path / "graph.json", b.path / "weights.safetensors")
+    seq = build_plan(graph, HlsOptions())
+    df = build_plan(graph, HlsOptions(dataflow=True))
+    assert channels_are_single_writer_single_reader(df)
+    assert np.array_equal(seq.emulate([x.numpy()])[0], df.emulate([x.numpy()])[0])
+    assert df.onchip_bytes > seq.onchip_bytes          # channels are not shared across lifetimes
+
+
+def test_testbench_compiles_and_passes(bundle, tmp_path):
+    _, _, b = bundle
+    prj = tmp_path / "hls"
+    shutil.copytree(b.path / "hls", prj)
+    top = b.manifest["backend"]["entry"]["top"]
+    cmd = ["g++", "-std=c++14", "-O1", "-w", "-Isrc", "-Isrc/nf", f"-I{csim.ap_types_dir()}", "tb/tb.cpp",
+           "src/host.cpp", f"src/{top}.cpp", "-o", "tb_run"]
+    r = subprocess.run(cmd, cwd=prj, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run(["./tb_run"], cwd=prj, capture_output=True, text=True)
+    assert r.returncode == 0 and "PASS" in r.stdout, r.stdout
+    tcl = (prj / "build_prj.tcl").read_text()
+    assert f"set_top {top}" in tcl and "csim_design" in tcl and "xcu280" in tcl
+
+
+def test_load_refuses_edited_sources(bundle, tmp_path):
+    _, _, b = bundle
+    copy = tmp_path / "edited"
+    shutil.copytree(b.path, copy)
+    p = copy / "hls" / "src" / "parameters.h"
+    p.write_text(p.read_text().replace("scale_shift = ", "scale_shift = 1 + "))
+    with pytest.raises(BackendError, match="parameters.h differs"):
+        HlsBackend().load(copy, b.manifest["backend"]["entry"])
+
+
+def _graph(op="gelu", names=("x", "y")):
+    g = Graph("g")
+    x = g.add_input(names[0], tensor("f32", 2, 8))
+    y = g.op(op, x, name=names[1])
+    g.set_outputs([y])
+    return g
+
+
+def test_unsupported_ops_are_named():
+    g = Graph("g")
+    x = g.add_input("x", tensor("f32", 2, 8))
+    g.set_outputs([g.op("exp", g.op("tanh", x, name="t1"), name="e1")])
+    with pytest.raises(BackendError, match=r"no lowering for op\(s\) exp, tanh \(nodes t1, e1\)"):
+        build_plan(g, HlsOptions())
+
+
+def test_name_collision_is_an_error():
+    g = Graph("g")
+    x = g.add_input("a.b", tensor("f32", 2, 8))
+    g.set_outputs([g.op("relu", g.op("relu", x, name="a_b"), name="out")])
+    with pytest.raises(BackendError, match="both become the C\\+\\+ identifier"):
+        build_plan(g, HlsOptions())
+
+
+def test_symbolic_shapes_and_bad_options_are_errors():
+    g = Graph("g")
+    x = g.add_input("x", tensor("f32", "batch", 8))
+    g.set_outputs([g.op("relu", x, name="r")])
+    with pytest.raises(BackendError, match="static shapes"):
+        build_plan(g, HlsOptions())
+    with pytest.raises(BackendError, match="act_int"):
+        HlsOptions.from_dict({"act_width": 16, "act_int": 16})
+    with pytest.raises(BackendError, match="unknown hls option.*act_widht"):
+        HlsOptions.from_dict({"act_widht": 16})
+    with pytest.raises(BackendError, match="act_width must be int"):
+        HlsOptions.from_dict({"act_width": "16"})
+
+
+def test_quantised_recipe_lowers_natively(tmp_path):
+    """w8 (int8 per channel) keeps its codes: no fallback for the linears, bit-exact C-sim."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 16)).eval()
+    x = torch.randn(4, 64)
+    b = nf.compile(model, target="versal-vhk158", recipe="w8", example_inputs=(x,), out=tmp_path / "mlp")
+    assert not b.manifest["fallbacks"]
+    runner = nf.load(b.path)
+    y = runner(x)
+    assert np.array_equal(y.numpy(), runner.plan.emulate([x.numpy()])[0])
+    assert torch.nn.functional.cosine_similarity(y.reshape(1, -1), model(x).reshape(1, -1)).item() > 0.999
