@@ -23,6 +23,7 @@ from nnforge.backends.coreml import MODEL_DIR, CoremlBackend      # noqa: E402
 from nnforge.backends.coreml.ops import RULES                     # noqa: E402
 from nnforge.ir import OPS, Dense, Graph, dtype, save_graph, tensor  # noqa: E402
 from nnforge.targets import get_target                            # noqa: E402
+from tests.backends.tiny_encoder import TinyEncoder, encoder_inputs as _ids  # noqa: E402
 
 MACOS = sys.platform == "darwin"
 
@@ -277,36 +278,6 @@ def test_registered_and_load_needs_macos(tmp_path):
 
 
 # --- end to end -----------------------------------------------------------------------------------
-class TinyEncoder(torch.nn.Module):
-    """Embedding, masked single-head attention, GELU MLP, layer norm, masked mean pooling."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.emb = torch.nn.Embedding(50, 64)
-        self.qkv = torch.nn.Linear(64, 192)
-        self.mlp = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64))
-        self.norm = torch.nn.LayerNorm(64)
-
-    def forward(self, ids, mask):
-        h = self.emb(ids)
-        q, k, v = self.qkv(h).chunk(3, dim=-1)
-        scores = q @ k.transpose(1, 2) / 8.0
-        scores = scores.masked_fill(mask[:, None, :] == 0, float("-inf"))
-        h = self.norm(h + torch.softmax(scores, -1) @ v)
-        h = self.norm(h + self.mlp(h))
-        m = mask.unsqueeze(-1).to(h.dtype)
-        return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
-
-
-def _ids(batch: int, seq: int, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 50, (batch, seq), generator=gen)
-    mask = torch.ones(batch, seq, dtype=torch.int64)
-    mask[0, seq // 2:] = 0
-    return ids, mask
-
-
 @pytest.mark.parametrize("recipe,expect", [(None, None), ("w8", "constexpr_blockwise_shift_scale"),
                                            ("palettize-4", "constexpr_lut_to_dense"),
                                            ("sparse24-w4", "constexpr_sparse_to_dense")])
@@ -316,7 +287,7 @@ def test_compile_tiny_encoder_for_apple_a17(tmp_path, recipe, expect):
     from nnforge.passes import PRESETS
     if recipe is not None and recipe not in PRESETS:
         pytest.skip(f"no preset {recipe} in this nnforge")
-    model = TinyEncoder().eval()
+    model = TinyEncoder(width=64).eval()
     calibration = [_ids(2, 9, s) for s in range(4)]
     bundle = nf.compile(model, "apple-a17", recipe, example_inputs=_ids(3, 7, 0), calibration=calibration,
                         dynamic_shapes=({0: Dim("batch", max=64), 1: Dim("seq", max=512)},) * 2,
@@ -354,7 +325,7 @@ def test_compile_tiny_encoder_for_apple_a17(tmp_path, recipe, expect):
 @pytest.mark.skipif(not MACOS, reason="Core ML predictions need macOS (no Core ML runtime on this platform)")
 def test_predictions_on_macos(tmp_path):
     from torch.export import Dim
-    model = TinyEncoder().eval()
+    model = TinyEncoder(width=64).eval()
     bundle = nf.compile(model, "apple-m2", example_inputs=_ids(3, 7, 0),
                         dynamic_shapes=({0: Dim("batch", max=64), 1: Dim("seq", max=512)},) * 2,
                         input_names=["ids", "mask"], out=tmp_path / "b")

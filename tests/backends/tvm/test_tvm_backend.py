@@ -30,6 +30,7 @@ from nnforge.backends.tvm.ops import RULES                        # noqa: E402
 from nnforge.ir import OPS, Dense, Graph, IntQuant, MiniFloat, Sparse, dtype, run_graph, save_graph, tensor  # noqa: E402
 from nnforge.ir import minifloat as mf                          # noqa: E402
 from nnforge.targets import get_target                           # noqa: E402
+from tests.backends.tiny_encoder import TinyEncoder, encoder_inputs as _ids  # noqa: E402
 
 COS_MIN = 0.99999
 SIZES = [{"batch": 1, "seq": 3}, {"batch": 4, "seq": 11}]
@@ -512,36 +513,6 @@ def test_variants_without_a_kernel_fall_back_and_say_why(tmp_path):
 
 
 # --- end to end -----------------------------------------------------------------------------------
-class TinyEncoder(torch.nn.Module):
-    """Embedding, masked single-head attention, GELU MLP, layer norm, masked mean pooling."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.emb = torch.nn.Embedding(50, 16)
-        self.qkv = torch.nn.Linear(16, 48)
-        self.mlp = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16))
-        self.norm = torch.nn.LayerNorm(16)
-
-    def forward(self, ids, mask):
-        h = self.emb(ids)
-        q, k, v = self.qkv(h).chunk(3, dim=-1)
-        scores = q @ k.transpose(1, 2) / 4.0
-        scores = scores.masked_fill(mask[:, None, :] == 0, float("-inf"))
-        h = self.norm(h + torch.softmax(scores, -1) @ v)
-        h = self.norm(h + self.mlp(h))
-        m = mask.unsqueeze(-1).to(h.dtype)
-        return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
-
-
-def _ids(batch: int, seq: int, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 50, (batch, seq), generator=gen)
-    mask = torch.ones(batch, seq, dtype=torch.int64)
-    mask[0, seq // 2:] = 0
-    return ids, mask
-
-
 def test_compile_for_cpu_end_to_end_then_load_at_other_sizes(tmp_path):
     from torch.export import Dim
     model = TinyEncoder().eval()
