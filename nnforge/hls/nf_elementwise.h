@@ -5,6 +5,8 @@
 // raw activations at b's format.
 //   add: raw(y) = sat(round_shift(raw(a) * 2^(F - F_a) + raw(b) * 2^(F - F_b), F - F_y)), F = max(F_a, F_b)
 //   mul: raw(y) = sat(round_shift(raw(a) * raw(b), F_a + F_b - F_y))
+//   div (two activations): raw(y) = sat(floor(raw(a) * 2^(F_b + F_y - F_a) / raw(b) + 1/2)), exact
+//        integer division; b == 0 saturates to the sign of a (0 / 0 = 0)
 #ifndef NF_ELEMENTWISE_H_
 #define NF_ELEMENTWISE_H_
 
@@ -21,7 +23,19 @@ struct binary_config {
     static const int b_frac = 16;                             // fractional bits of b
 };
 
-enum binary_op { OP_ADD = 0, OP_SUB = 1, OP_MUL = 2 };
+enum binary_op { OP_ADD = 0, OP_SUB = 1, OP_MUL = 2, OP_DIV = 3 };
+
+// floor(n / d + 1/2) on exact integers (d == 0: +-2^62 by the sign of n, saturated by the caller).
+inline wide_t div_round(wide_t n, wide_t d) {
+    #pragma HLS INLINE
+    const wide_t big = wide_t(1) << 62, nbig = -big;
+    if (d == 0) return n > 0 ? big : (n < 0 ? nbig : wide_t(0));
+    if (d < 0) { n = -n; d = -d; }
+    const wide_t t = 2 * n + d, d2 = 2 * d;
+    wide_t q = t / d2;
+    if (t % d2 != 0 && t < 0) q -= 1;
+    return q;
+}
 
 template <class a_T, class b_T, class y_T, typename CONFIG_T, int OP>
 void binary(const a_T *a, const b_T *b, y_T *y, const unsigned char *wmem) {
@@ -40,6 +54,8 @@ D3:             for (unsigned i3 = 0; i3 < CONFIG_T::d3; i3++) {
                     wide_t out;
                     if (OP == OP_MUL) {
                         out = round_shift<wide_t>(va * vb, fa + fb - fy);
+                    } else if (OP == OP_DIV) {
+                        out = div_round(va << (fb + fy - fa), vb);
                     } else {
                         va = va << (f - fa);
                         vb = vb << (f - fb);

@@ -21,7 +21,7 @@ import numpy as np
 from ...ir import Graph
 from ...targets import Target
 from ..base import Backend, BackendError, InputSpec, Lowered, Runner
-from . import csim, render
+from . import csim, logic, render  # noqa: F401  (logic registers its lowering rules)
 from .project import PROJECT, HlsOptions, Plan, build_plan
 
 TB_SEED = 0
@@ -30,7 +30,8 @@ TB_SEED = 0
 class HlsRunner(Runner):
     def __init__(self, plan: Plan, sim: csim.CSim):
         self.plan, self.sim = plan, sim
-        self.inputs = [InputSpec(v, np.float32, plan.shapes[v]) for v in plan.inputs]
+        dt = {"act": np.float32, "int": np.int64, "bool": np.bool_}
+        self.inputs = [InputSpec(v, dt[plan.kinds[v]], plan.shapes[v]) for v in plan.inputs]
         self.output_names = list(plan.outputs)
 
     def run_numpy(self, inputs: list) -> list:
@@ -39,9 +40,12 @@ class HlsRunner(Runner):
 
 
 def tb_inputs(plan: Plan) -> list[np.ndarray]:
-    """The testbench's recorded inputs: seeded standard normal samples in the input shapes."""
+    """The testbench's recorded inputs: seeded standard normal samples in the input shapes (int
+    inputs: integers 0..15, bool inputs: 0 or 1)."""
     rng = np.random.default_rng(TB_SEED)
-    return [rng.standard_normal(plan.shapes[v]).astype(np.float32) for v in plan.inputs]
+    hi = {"int": 16, "bool": 2}
+    return [rng.standard_normal(plan.shapes[v]).astype(np.float32) if plan.kinds[v] == "act" else
+            rng.integers(0, hi[plan.kinds[v]], plan.shapes[v]).astype(np.float32) for v in plan.inputs]
 
 
 class HlsBackend(Backend):
@@ -51,6 +55,7 @@ class HlsBackend(Backend):
         ("linear", "sparse"): "matrix unit: N:M (2:4, 1:4, ...) kept values + in-group indices, int or float values",
         ("linear", "dense"): "matrix unit: float weights as int<dense_weight_bits> per output channel (reported)",
         ("matmul", "dense"): "matrix unit (constant operand) or activation x activation matmul",
+        ("embedding", "dense"): "table lookup in weight memory (int32 raw rows in the activation format)",
     }
 
     def lower(self, graph: Graph, target: Target, out_dir: Path) -> Lowered:

@@ -151,9 +151,59 @@ def binary(a, b, op: str, fa: int, fb: int, fy: Fixed) -> np.ndarray:
     va, vb = np.asarray(a, np.int64), np.asarray(b, np.int64)
     if op == "mul":
         return round_to(va * vb, fa + fb - fy.frac, fy)
+    if op == "div":
+        n, d = va << (fb + fy.frac - fa), vb
+        n, d = np.broadcast_arrays(np.where(d < 0, -n, n), np.abs(d))
+        q = (2 * n + d) // np.maximum(2 * d, 1)
+        return saturate(np.where(d == 0, np.sign(n) << 62, q), fy)
     f = max(fa, fb)
     va, vb = va << (f - fa), vb << (f - fb)
     return round_to(va + vb if op == "add" else va - vb, f - fy.frac, fy)
+
+
+INT32 = (-(1 << 31), (1 << 31) - 1)
+
+
+def int_from_float(x) -> np.ndarray:
+    """Integer inputs (ids, masks) from floats: floor(x + 1/2) saturated to int32, NaN -> 0 (nf::int_from_float)."""
+    s = np.nan_to_num(np.floor(np.asarray(x, np.float64) + 0.5), nan=0.0, posinf=INT32[1], neginf=INT32[0])
+    return np.clip(s, *INT32).astype(np.int64)
+
+
+def embedding(ids, table) -> np.ndarray:
+    """nf::embedding: rows of raw ``table`` [n_rows, dim] at ids clamped into [0, n_rows - 1]."""
+    t = np.asarray(table, np.int64)
+    return t[np.clip(np.asarray(ids, np.int64).reshape(-1), 0, len(t) - 1)]
+
+
+def ewise(op: str, vals: list, out_shape, shift: int, out_kind: str, fy: Fixed) -> np.ndarray:
+    """nf::ewise on raw operands (numpy broadcasting to ``out_shape``); stores as nf::store."""
+    v = [np.broadcast_to(np.asarray(x, np.int64), out_shape) for x in vals]
+    cmp = {"eq": np.equal, "ne": np.not_equal, "lt": np.less, "le": np.less_equal, "gt": np.greater,
+           "ge": np.greater_equal}
+    if op in cmp:
+        out = cmp[op](v[0], v[1])
+    elif op in ("and", "or"):
+        out = (np.logical_and if op == "and" else np.logical_or)(v[0] != 0, v[1] != 0)
+    elif op == "not":
+        out = v[0] == 0
+    elif op == "where":
+        out = np.where(v[0] != 0, v[1], v[2])
+    elif op == "cast":
+        out = v[0] << shift
+    else:
+        raise ValueError(f"ewise op {op}")
+    out = np.asarray(out, np.int64)
+    if out_kind == "bool":
+        return (out != 0).astype(np.int64)
+    return np.clip(out, *INT32).astype(np.int64) if out_kind == "int" else saturate(out, fy)
+
+
+def sqrt_fixed(x, fmt: Fixed) -> np.ndarray:
+    """nf::sqrt_fixed: floor(sqrt(raw * 2^F) + 1/2) = (isqrt(raw * 2^(F+2)) + 1) >> 1; raw <= 0 -> 0."""
+    v = np.asarray(x, np.int64).reshape(-1)
+    out = np.array([(math.isqrt(int(r) << (fmt.frac + 2)) + 1) >> 1 if r > 0 else 0 for r in v], np.int64)
+    return saturate(out, fmt)
 
 
 def matmul(a, b, fa: Fixed, fb: Fixed, fy: Fixed) -> np.ndarray:

@@ -298,7 +298,7 @@ def broadcast_strides(in_shape, out_shape) -> list[int]:
 
 @dataclass
 class Binary(Layer):
-    """add / sub / mul with broadcasting; b may be a constant (a weight, raw at b_frac)."""
+    """add / sub / mul with broadcasting, div of two activations; b may be a constant (a weight, raw at b_frac)."""
     op: str = "add"
     a_shape: tuple = ()
     b_shape: tuple = ()
@@ -324,7 +324,7 @@ class Binary(Layer):
 
     def call(self, ids):
         b = "(const act_t *)0" if self.b_const is not None else ids[self.inputs[1]]
-        op = {"add": "nf::OP_ADD", "sub": "nf::OP_SUB", "mul": "nf::OP_MUL"}[self.op]
+        op = {"add": "nf::OP_ADD", "sub": "nf::OP_SUB", "mul": "nf::OP_MUL", "div": "nf::OP_DIV"}[self.op]
         return f"nf::binary<act_t, act_t, act_t, {self.cfg}, {op}>({ids[self.inputs[0]]}, {b}, {ids[self.output]}, wmem);"
 
     def emulate(self, env, fmt):
@@ -343,6 +343,7 @@ class Strided(Layer):
     strides: tuple = ()
     offset: int = 0
     what: str = "permute"
+    ctype: str = "act_t"      # element type: act_t, int_t or bool_t
 
     def config(self):
         d, s = pad4(self.out_shape, self.strides)
@@ -351,7 +352,7 @@ class Strided(Layer):
                       + [("unsigned long", "off", self.offset)])
 
     def call(self, ids):
-        return f"nf::permute<act_t, {self.cfg}>({ids[self.inputs[0]]}, {ids[self.output]});"
+        return f"nf::permute<{self.ctype}, {self.cfg}>({ids[self.inputs[0]]}, {ids[self.output]});"
 
     def emulate(self, env, fmt):
         idx = np.full(self.out_shape, self.offset, np.int64)
@@ -383,12 +384,13 @@ class Alias(Layer):
 @dataclass
 class Copy(Layer):
     n: int = 0
+    ctype: str = "act_t"
 
     def config(self):
         return ""
 
     def call(self, ids):
-        return f"nf::copy<act_t, {self.n}>({ids[self.inputs[0]]}, {ids[self.output]});"
+        return f"nf::copy<{self.ctype}, {self.n}>({ids[self.inputs[0]]}, {ids[self.output]});"
 
     def emulate(self, env, fmt):
         return env[self.inputs[0]].copy()
@@ -436,3 +438,27 @@ class Matmul(Layer):
         a = env[self.inputs[0]].reshape((1 if self.a_bcast else self.batch), self.m, self.k)
         b = env[self.inputs[1]].reshape((1 if self.b_bcast else self.batch), self.k, self.n)
         return E.matmul(a, b, fmt, fmt, fmt)
+
+
+@dataclass
+class Embedding(Layer):
+    """y [n_ids, dim] = table[ids]: int ids in, table rows from weight memory (raw at the activation format)."""
+    table: np.ndarray = None          # raw int [n_rows, dim], saturated to the activation format
+    n_ids: int = 0
+    table_off: int = 0
+
+    def place(self, mem: WeightMemory, act: E.Fixed) -> None:
+        self.table = E.saturate(self.table, act)
+        self.table_off = mem.add_i32(self.table)
+
+    def config(self):
+        r, d = self.table.shape
+        return struct(self.cfg, f"{self.node}: embedding of {self.n_ids} ids in a {r} x {d} table", [
+            ("unsigned", "n_ids", self.n_ids), ("unsigned", "n_rows", r), ("unsigned", "dim", d),
+            ("unsigned long", "table_off", self.table_off)])
+
+    def call(self, ids):
+        return f"nf::embedding<int_t, act_t, {self.cfg}>({ids[self.inputs[0]]}, {ids[self.output]}, wmem);"
+
+    def emulate(self, env, fmt):
+        return E.embedding(env[self.inputs[0]], self.table)

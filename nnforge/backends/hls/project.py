@@ -1,6 +1,10 @@
 """IR graph -> a complete HLS project: top function, one config struct per layer, the weight memory
 image, a testbench with recorded inputs and outputs, and a Vitis HLS Tcl script.
 
+Values are activations (fixed point), integers (ids, masks: ap_int<32>) or booleans (ap_uint<1>);
+int/bool values enter only the ops in ``MIXED_OPS`` (mask logic and gathers: :mod:`.logic`), and
+int/bool graph inputs arrive as floats (exact up to 2^24) like every other port.
+
 Lowering is a table from op to a small rule returning :mod:`.layers` (one kernel call each); an op
 without a rule is a BackendError naming every such op and node at once. Names from the model become
 C++ identifiers (``v_`` values, ``in_``/``out_`` ports, ``cfg_n_`` configs, non-identifier characters
@@ -28,6 +32,17 @@ from . import layers as L
 from .weights import WeightMemory, mat_weights
 
 PROJECT = "hls"        # folder of the project inside a bundle
+
+# Value kinds and their C types: activations in fixed point, integers (ids, masks) as ap_int<32>
+# (int64 values saturate to 32 bits), booleans as ap_uint<1>.
+CTYPES = {"act": "act_t", "int": "int_t", "bool": "bool_t"}
+# Ops whose rule handles int / bool operands; every other op takes and gives activations only.
+MIXED_OPS = {"embedding", "permute", "reshape", "slice", "expand", "eq", "ne", "lt", "le", "gt", "ge", "and", "or",
+             "not", "where", "cast", "reduce_sum", "reduce_any", "index", "gather_elements"}
+
+
+def value_kind(v) -> str:
+    return "bool" if v.dtype.kind == "bool" else "int" if v.dtype.kind in ("int", "uint") else "act"
 
 
 @dataclass(frozen=True)
@@ -125,19 +140,31 @@ class Plan:
     mem: WeightMemory = field(default_factory=WeightMemory)
     fallbacks: list = field(default_factory=list)
     pool: dict = field(default_factory=dict)         # on-chip buffer -> elements (shared by values)
+    kinds: dict = field(default_factory=dict)        # value name -> "act" | "int" | "bool"
+    buf_kinds: dict = field(default_factory=dict)    # pool buffer -> kind
 
     @property
     def onchip_bytes(self) -> int:
         """On-chip activation memory of the top function's buffers."""
-        return sum(self.pool.values()) * ((self.opts.act_width + 7) // 8)
+        size = {"act": (self.opts.act_width + 7) // 8, "int": 4, "bool": 1}
+        return sum(n * size[self.buf_kinds.get(b, "act")] for b, n in self.pool.items())
+
+    def ctype(self, value: str) -> str:
+        return CTYPES[self.kinds.get(value, "act")]
 
     def emulate(self, inputs: list) -> list[np.ndarray]:
         """Float outputs of the bit-accurate emulation (what the C-simulation returns)."""
         act = self.opts.act
-        env = {v: E.from_float(np.asarray(x, np.float32).reshape(-1), act) for v, x in zip(self.inputs, inputs)}
+        env = {}
+        for v, x in zip(self.inputs, inputs):
+            x = np.asarray(x, np.float32).reshape(-1)
+            k = self.kinds.get(v, "act")
+            env[v] = E.from_float(x, act) if k == "act" else E.int_from_float(x) if k == "int" else \
+                (x != 0).astype(np.int64)
         for layer in self.layers:
             env[layer.output] = np.asarray(layer.emulate(env, act)).reshape(-1)
-        return [E.to_float(env[v], act).reshape(self.shapes[v]) for v in self.outputs]
+        return [(E.to_float(env[v], act) if self.kinds.get(v, "act") == "act" else env[v].astype(np.float32))
+                .reshape(self.shapes[v]) for v in self.outputs]
 
 
 # --- lowering rules: (plan, node, names) -> layers --------------------------------------------------
@@ -239,8 +266,8 @@ def _binary(op):
             if kind == "div":
                 t, kind = 1.0 / t, "mul"
             const = _raw(t, plan.opts.act.frac)
-        elif kind == "div":
-            raise BackendError(f"node {node.name} (div): division by an activation is not supported by the hls backend")
+        elif kind == "div" and plan.opts.act_width + plan.opts.act.frac + 2 > 63:
+            raise BackendError(f"node {node.name} (div): raw(a) * 2^F needs act_width + F + 2 <= 63 bits")
         if len(node.output.shape) > 4:
             raise BackendError(f"node {node.name} ({node.op}): rank {len(node.output.shape)} > 4")
         return [L.Binary(name, node.name, [a.name] + ([] if const is not None else [b.name]), node.output.name,
@@ -249,13 +276,25 @@ def _binary(op):
     return rule
 
 
+def _embedding(plan, node, name):
+    ids, table = node.inputs
+    if value_kind(ids) != "int":
+        raise BackendError(f"node {node.name} (embedding): ids must be integers, got {ids.dtype.name}")
+    t = _dense(table, f"node {node.name} table")
+    if t.dim() != 2:
+        raise BackendError(f"node {node.name} (embedding): table must be 2-D, got {list(t.shape)}")
+    return [L.Embedding(name, node.name, [ids.name], node.output.name, table=_raw(t, plan.opts.act.frac),
+                        n_ids=math.prod(ids.shape))]
+
+
 def _permute(plan, node, name):
     if len(node.output.shape) > 4:
         raise BackendError(f"node {node.name} (permute): rank {len(node.output.shape)} > 4")
     src = L.row_major_strides(node.inputs[0].shape)
     perm = [p % len(src) for p in node.attrs["perm"]]
     return [L.Strided(name, node.name, [node.inputs[0].name], node.output.name, out_shape=tuple(node.output.shape),
-                      strides=tuple(src[p] for p in perm), what=f"permute {perm}")]
+                      strides=tuple(src[p] for p in perm), what=f"permute {perm}",
+                      ctype=plan.ctype(node.output.name))]
 
 
 def _slice(plan, node, name):
@@ -269,7 +308,8 @@ def _slice(plan, node, name):
     strides = list(src)
     strides[axis] *= step
     return [L.Strided(name, node.name, [x.name], out.name, out_shape=tuple(out.shape), strides=tuple(strides),
-                      offset=start * src[axis], what=f"slice axis {axis} from {start} step {step}")]
+                      offset=start * src[axis], what=f"slice axis {axis} from {start} step {step}",
+                      ctype=plan.ctype(out.name))]
 
 
 def _expand(plan, node, name):
@@ -277,7 +317,8 @@ def _expand(plan, node, name):
     if len(out.shape) > 4:
         raise BackendError(f"node {node.name} (expand): rank {len(out.shape)} > 4")
     return [L.Strided(name, node.name, [x.name], out.name, out_shape=tuple(out.shape),
-                      strides=tuple(L.broadcast_strides(x.shape, out.shape)), what=f"expand to {list(out.shape)}")]
+                      strides=tuple(L.broadcast_strides(x.shape, out.shape)), what=f"expand to {list(out.shape)}",
+                      ctype=plan.ctype(out.name))]
 
 
 def _clamp(plan, node, name):
@@ -290,14 +331,15 @@ def _clamp(plan, node, name):
 
 
 def _reshape(plan, node, name):
-    return [L.Copy(name, node.name, [node.inputs[0].name], node.output.name, n=math.prod(node.output.shape))]
+    return [L.Copy(name, node.name, [node.inputs[0].name], node.output.name, n=math.prod(node.output.shape),
+                   ctype=plan.ctype(node.output.name))]
 
 
 LOWERINGS = {
     "linear": _linear, "matmul": _matmul, "gelu": _lut("gelu"), "silu": _lut("silu"), "relu": _relu,
     "softmax": _softmax, "layer_norm": _layer_norm, "add": _binary("add"), "sub": _binary("sub"),
     "mul": _binary("mul"), "div": _binary("div"), "permute": _permute, "reshape": _reshape, "slice": _slice,
-    "expand": _expand, "clamp": _clamp,
+    "expand": _expand, "clamp": _clamp, "embedding": _embedding,
 }
 
 
@@ -312,8 +354,14 @@ def build_plan(graph: Graph, opts: HlsOptions) -> Plan:
         if not all(isinstance(d, int) for d in v.shape):
             raise BackendError(f"value {v.name} has shape {list(v.shape)}: the hls backend needs static shapes "
                                f"(export the model with fixed input sizes)")
-        if v.dtype.kind != "float":
-            raise BackendError(f"value {v.name} is {v.dtype.name}: the hls backend runs float graphs in fixed point")
+        if v.dtype.kind not in ("float", "int", "uint", "bool"):
+            raise BackendError(f"value {v.name} is {v.dtype.name}: the hls backend takes float, int and bool values")
+    for n in graph.nodes:
+        odd = [v.name for v in list(n.inputs) + list(n.outputs) if v is not None and not v.is_weight
+               and value_kind(v) != "act"]
+        if odd and n.op not in MIXED_OPS:
+            raise BackendError(f"node {n.name} ({n.op}): int/bool operand(s) {', '.join(odd)}; the hls backend takes "
+                               f"int/bool values only in {', '.join(sorted(MIXED_OPS))}")
     for v in graph.outputs:
         if v.producer is None:
             raise BackendError(f"graph output {v.name} is an input or weight; the hls backend outputs computed values")
@@ -327,6 +375,7 @@ def build_plan(graph: Graph, opts: HlsOptions) -> Plan:
     for v in graph.outputs:
         plan.ids[v.name] = names("out_", v.name, "output")
     for v in list(graph.inputs) + [o for n in graph.nodes for o in n.outputs]:
+        plan.kinds[v.name] = value_kind(v)
         plan.shapes[v.name] = tuple(v.shape)
         plan.ids.setdefault(v.name, names("v_", v.name, "value"))
         plan.sizes[plan.ids[v.name]] = max(1, math.prod(v.shape))
@@ -350,6 +399,9 @@ def build_plan(graph: Graph, opts: HlsOptions) -> Plan:
         plan.layers.extend(layers)
     _check_widths(plan)
     if opts.dataflow:
+        if any(k != "act" for k in plan.kinds.values()):
+            raise BackendError(f"graph {graph.name}: the dataflow form takes activations only; this graph has "
+                               f"int/bool values (set dataflow = false)")
         from .dataflow import to_dataflow
         to_dataflow(plan)
     else:
@@ -385,21 +437,23 @@ def assign_buffers(plan: Plan) -> None:
                 plan.ids[out] = owner[root[out]]
             continue
         if plan.ids[out] not in ports:
-            n = plan.sizes[plan.ids[out]]
-            fits = sorted((b for b in free if pool[b] >= n), key=lambda b: pool[b])
+            n, kind = plan.sizes[plan.ids[out]], plan.kinds.get(out, "act")
+            same = [b for b in free if plan.buf_kinds[b] == kind]
+            fits = sorted((b for b in same if pool[b] >= n), key=lambda b: pool[b])
             if fits:
                 buf = fits[0]
-            elif free:
-                buf = max(free, key=lambda b: pool[b])
+            elif same:
+                buf = max(same, key=lambda b: pool[b])
                 pool[buf] = n
             else:
                 buf = f"buf{len(pool)}"
                 pool[buf] = n
+                plan.buf_kinds[buf] = kind
             if buf in free:
                 free.remove(buf)
             owner[out] = buf
             plan.ids[out] = buf
-        for v in {root.get(v, v) for v in layer.inputs}:
+        for v in dict.fromkeys(root.get(v, v) for v in layer.inputs):   # in input order: deterministic
             if last.get(v) == i and v in owner:
                 free.append(owner.pop(v))
         if last.get(out, -1) < i and out in owner:   # computed but never read (dead value)

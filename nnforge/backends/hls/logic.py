@@ -1,0 +1,255 @@
+"""Mask logic for the hls backend: comparisons, and / or / not, where and casts on int / bool /
+activation values (template ``nf::ewise`` in ``nnforge/hls/nf_logic.h``), with their lowering rules.
+
+Operands are raw integers (act: value * 2^F, int: the integer, bool: 0/1). A constant operand is
+placed in weight memory as int32 raw values at the format it is compared or selected in; float
+constants saturate there (finfo(float32).min becomes the activation minimum, -2^(act_int-1)), and
+so do the values they are compared with, so a mask test such as ``scores == finfo.min`` keeps its
+meaning in fixed point.
+
+    >>> LOWERINGS["eq"](plan, node, "n_eq")       # [Ewise(op="eq", ...)]
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..base import BackendError
+from . import emulate as E
+from .layers import Layer, broadcast_strides, pad4, struct
+from .project import CTYPES, LOWERINGS, _dense, value_kind
+from .weights import WeightMemory
+
+COMPARE = {"eq": "OP_EQ", "ne": "OP_NE", "lt": "OP_LT", "le": "OP_LE", "gt": "OP_GT", "ge": "OP_GE"}
+OPS = {**COMPARE, "and": "OP_AND", "or": "OP_OR", "not": "OP_NOT", "where": "OP_WHERE", "cast": "OP_CAST"}
+
+
+@dataclass
+class Ewise(Layer):
+    """One nf::ewise call: up to three operands (value or constant), broadcast to ``out_shape``."""
+    op: str = "eq"
+    shapes: list = field(default_factory=list)      # operand shapes
+    kinds: list = field(default_factory=list)       # operand kinds ("act" | "int" | "bool")
+    consts: list = field(default_factory=list)      # raw int array per operand, or None (a value)
+    out_shape: tuple = ()
+    out_kind: str = "bool"
+    shift: int = 0
+    offs: list = field(default_factory=list)
+
+    def place(self, mem: WeightMemory, act: E.Fixed) -> None:
+        self.offs = [mem.add_i32(c) if c is not None else 0 for c in self.consts]
+
+    def config(self):
+        d, _ = pad4(self.out_shape)
+        fields = [("unsigned", f"d{i}", d[i]) for i in range(4)]
+        for k, tag in enumerate("abc"):
+            shape = self.shapes[k] if k < len(self.shapes) else ()
+            _, s = pad4(self.out_shape, broadcast_strides(shape, self.out_shape))
+            fields += [("unsigned", f"{tag}_s{i}", s[i]) for i in range(4)]
+        for k, tag in enumerate("abc"):
+            const = k < len(self.consts) and self.consts[k] is not None
+            fields += [("bool", f"{tag}_const", const), ("unsigned long", f"{tag}_off", self.offs[k] if const else 0)]
+        fields.append(("int", "shift", self.shift))
+        return struct(self.cfg, f"{self.node}: {self.op} {[list(s) for s in self.shapes]} -> {list(self.out_shape)}",
+                      fields)
+
+    def call(self, ids):
+        args, types, it = [], [], iter(self.inputs)
+        for k in range(3):
+            if k < len(self.consts) and self.consts[k] is None:
+                args.append(ids[next(it)])
+                types.append(CTYPES[self.kinds[k]])
+            else:
+                args.append("(const act_t *)0")
+                types.append("act_t")
+        return (f"nf::ewise<{', '.join(types)}, {CTYPES[self.out_kind]}, {self.cfg}, nf::{OPS[self.op]}>"
+                f"({', '.join(args)}, {ids[self.output]}, wmem);")
+
+    def emulate(self, env, fmt):
+        it, vals = iter(self.inputs), []
+        for k, shape in enumerate(self.shapes):
+            v = self.consts[k] if self.consts[k] is not None else env[next(it)]
+            vals.append(np.asarray(v, np.int64).reshape(shape))
+        return E.ewise(self.op, vals, self.out_shape, self.shift, self.out_kind, fmt)
+
+
+def _operand(plan, v, kind: str, node):
+    """(value name or None, raw constant or None) of operand ``v`` read at ``kind``'s format."""
+    if not v.is_weight:
+        return v.name, None
+    t = _dense(v, f"node {node.name} ({v.name})")
+    act = plan.opts.act
+    if kind == "act":
+        return None, E.from_float(t.numpy(), act)
+    return None, np.clip(np.floor(t.numpy() + 0.5), *E.INT32).astype(np.int64)
+
+
+def _layer(plan, node, name, op, operands, kinds, out_kind, shift=0):
+    out = node.output
+    if len(out.shape) > 4:
+        raise BackendError(f"node {node.name} ({node.op}): rank {len(out.shape)} > 4")
+    pairs = [_operand(plan, v, k, node) for v, k in zip(operands, kinds)]
+    if all(c is not None for _, c in pairs):
+        raise BackendError(f"node {node.name} ({node.op}): every operand is a constant (fold it before lowering)")
+    return [Ewise(name, node.name, [n for n, _ in pairs if n is not None], out.name, op=op,
+                  shapes=[tuple(v.shape) for v in operands], kinds=kinds, consts=[c for _, c in pairs],
+                  out_shape=tuple(out.shape), out_kind=out_kind, shift=shift)]
+
+
+def _compare(op):
+    def rule(plan, node, name):
+        a, b = node.inputs
+        kinds = {value_kind(v) for v in (a, b) if not v.is_weight}       # a constant takes the other's format
+        if len(kinds) > 1:
+            raise BackendError(f"node {node.name} ({op}): operands {a.dtype.name} and {b.dtype.name} differ")
+        kind = kinds.pop() if kinds else "act"
+        return _layer(plan, node, name, op, [a, b], [kind, kind], "bool")
+    return rule
+
+
+def _logic(op):
+    def rule(plan, node, name):
+        return _layer(plan, node, name, op, list(node.inputs), ["bool"] * len(node.inputs), "bool")
+    return rule
+
+
+def _where(plan, node, name):
+    c, a, b = node.inputs
+    k = value_kind(node.output)
+    return _layer(plan, node, name, "where", [c, a, b], ["bool", k, k], k)
+
+
+def _cast(plan, node, name):
+    x, out = node.inputs[0], node.output
+    src, dst = value_kind(x), value_kind(out)
+    if dst == "bool" or src == dst:
+        shift = 0
+    elif dst == "act" and src in ("int", "bool"):
+        shift = plan.opts.act.frac
+    else:
+        raise BackendError(f"node {node.name} (cast): {x.dtype.name} -> {out.dtype.name} is not supported by the hls "
+                           f"backend (it casts to bool, and int/bool to float)")
+    return _layer(plan, node, name, "cast", [x], [src], dst, shift)
+
+
+RULES = {**{op: _compare(op) for op in COMPARE}, "and": _logic("and"), "or": _logic("or"), "not": _logic("not"),
+         "where": _where, "cast": _cast}
+LOWERINGS.update(RULES)
+
+
+@dataclass
+class Reduce(Layer):
+    """nf::reduce: sum (act / int) or any (bool) over the middle of [outer, n, inner]."""
+    op: str = "sum"
+    outer: int = 1
+    n: int = 1
+    inner: int = 1
+    in_kind: str = "act"
+    out_kind: str = "act"
+
+    def config(self):
+        return struct(self.cfg, f"{self.node}: reduce {self.op} over {self.n} ([{self.outer}, {self.n}, {self.inner}])",
+                      [("unsigned", "outer", self.outer), ("unsigned", "n", self.n), ("unsigned", "inner", self.inner)])
+
+    def call(self, ids):
+        op = "nf::RED_SUM" if self.op == "sum" else "nf::RED_ANY"
+        return (f"nf::reduce<{CTYPES[self.in_kind]}, {CTYPES[self.out_kind]}, {self.cfg}, {op}>"
+                f"({ids[self.inputs[0]]}, {ids[self.output]});")
+
+    def emulate(self, env, fmt):
+        x = np.asarray(env[self.inputs[0]], np.int64).reshape(self.outer, self.n, self.inner)
+        if self.op == "any":
+            return (x != 0).any(axis=1).astype(np.int64)
+        s = x.sum(axis=1)
+        return np.clip(s, *E.INT32).astype(np.int64) if self.out_kind == "int" else E.saturate(s, fmt)
+
+
+def _reduce(op):
+    def rule(plan, node, name):
+        x = node.inputs[0]
+        rank = len(x.shape)
+        axes = sorted({a % rank for a in node.attrs["axes"]}) if node.attrs.get("axes") else list(range(rank))
+        if axes != list(range(axes[0], axes[-1] + 1)):
+            raise BackendError(f"node {node.name} (reduce_{op}): axes {axes} are not contiguous")
+        k_in, k_out = value_kind(x), value_kind(node.output)
+        want = {"sum": ({"act", "int"}, k_in), "any": ({"bool"}, "bool")}[op]
+        if k_in not in want[0] or k_out != want[1]:
+            raise BackendError(f"node {node.name} (reduce_{op}): {x.dtype.name} -> {node.output.dtype.name} is not "
+                               f"supported by the hls backend")
+        n = math.prod(x.shape[axes[0]:axes[-1] + 1])
+        if op == "sum" and k_in == "act" and plan.opts.act_width + math.ceil(math.log2(max(n, 2))) > 62:
+            raise BackendError(f"node {node.name} (reduce_sum): a 64-bit sum of {n} activations may overflow")
+        return [Reduce(name, node.name, [x.name], node.output.name, op=op, outer=math.prod(x.shape[:axes[0]]), n=n,
+                       inner=math.prod(x.shape[axes[-1] + 1:]), in_kind=k_in, out_kind=k_out)]
+    return rule
+
+
+@dataclass
+class Sqrt(Layer):
+    """nf::sqrt_fixed: round-half-up square root in the activation format (x <= 0 -> 0)."""
+    n: int = 0
+
+    def config(self):
+        return ""
+
+    def call(self, ids):
+        return f"nf::sqrt_fixed<act_t, {self.n}>({ids[self.inputs[0]]}, {ids[self.output]});"
+
+    def emulate(self, env, fmt):
+        return E.sqrt_fixed(env[self.inputs[0]], fmt)
+
+
+def _sqrt(plan, node, name):
+    if plan.opts.act_width + plan.opts.act.frac + 2 > 64:
+        raise BackendError(f"node {node.name} (sqrt): raw * 2^(F+2) needs act_width + F + 2 <= 64 bits")
+    return [Sqrt(name, node.name, [node.inputs[0].name], node.output.name, n=math.prod(node.output.shape))]
+
+
+LOWERINGS.update({"reduce_sum": _reduce("sum"), "reduce_any": _reduce("any"), "sqrt": _sqrt})
+
+
+@dataclass
+class Gather(Layer):
+    """nf::gather: y[o] = x[offsets[o]] with a constant offset table (any element type)."""
+    offsets: np.ndarray = None
+    kind: str = "act"
+    offsets_off: int = 0
+
+    def place(self, mem: WeightMemory, act: E.Fixed) -> None:
+        self.offsets_off = mem.add_i32(self.offsets)
+
+    def config(self):
+        return struct(self.cfg, f"{self.node}: gather {self.offsets.size} elements by a constant offset table",
+                      [("unsigned", "n_out", self.offsets.size), ("unsigned long", "offsets_off", self.offsets_off)])
+
+    def call(self, ids):
+        return f"nf::gather<{CTYPES[self.kind]}, {self.cfg}>({ids[self.inputs[0]]}, {ids[self.output]}, wmem);"
+
+    def emulate(self, env, fmt):
+        return np.asarray(env[self.inputs[0]]).reshape(-1)[self.offsets.reshape(-1)]
+
+
+def _index(plan, node, name):
+    x, *idx = node.inputs
+    if not all(v is not None and v.is_weight for v in idx):
+        raise BackendError(f"node {node.name} (index): the hls backend indexes with constant index tensors only")
+    flat = np.arange(math.prod(x.shape), dtype=np.int64).reshape(x.shape)
+    offsets = flat[tuple(_dense(v, f"node {node.name} index").numpy().astype(np.int64) for v in idx)]
+    return [Gather(name, node.name, [x.name], node.output.name, offsets=offsets.reshape(-1),
+                   kind=value_kind(node.output))]
+
+
+def _gather_elements(plan, node, name):
+    x, idx = node.inputs
+    if not idx.is_weight:
+        raise BackendError(f"node {node.name} (gather_elements): the hls backend gathers with constant indices only")
+    flat = np.arange(math.prod(x.shape), dtype=np.int64).reshape(x.shape)
+    offsets = np.take_along_axis(flat, _dense(idx, f"node {node.name} indices").numpy().astype(np.int64),
+                                 node.attrs["axis"])
+    return [Gather(name, node.name, [x.name], node.output.name, offsets=offsets.reshape(-1),
+                   kind=value_kind(node.output))]
+
+
+LOWERINGS.update({"index": _index, "gather_elements": _gather_elements})
