@@ -20,7 +20,7 @@ from .backends.base import available_backends
 from .models import default as dm
 
 # Recipes the demo runs per backend. A backend joins the demo when it takes the whole default model
-# (the hls backend's C-simulation does not yet: it has no lowering for embeddings, masks, gathers).
+# (the hls backend takes MiniLM only with static shapes so far).
 DEMO_RECIPES = {"onnx": ["fp32", "w8", "w4-rtn", "w4-gptq", "w3-gptq", "fp8", "mxfp4", "nvfp4", "w8a8", "fp8-w8a8"],
                 # the cpu target's own kernels: int8/int4 weight GEMM, fp32 and u8 x s8 BSR SpMM
                 "tvm": ["fp32", "w8", "w4-rtn", "block-sparse-80", "block-sparse-80-w8a8"]}
