@@ -110,6 +110,24 @@ class Runner(ABC):
         return outs[0] if len(outs) == 1 else tuple(outs)
 
 
+def rule_table() -> tuple[dict[str, Callable], Callable]:
+    """A backend's per-op lowering table and the decorator that fills it (JAX's register_lowering):
+
+    >>> RULES, rule = rule_table()
+    >>> @rule("add", "sub")
+    ... def _binary(lw, node): ...
+    """
+    table: dict[str, Callable] = {}
+
+    def rule(*ops):
+        def deco(fn):
+            for op in ops:
+                table[op] = fn
+            return fn
+        return deco
+    return table, rule
+
+
 class Backend(ABC):
     name: str
     # (op, encoding kind) -> description of how it runs natively

@@ -9,22 +9,12 @@ express raises :func:`no_equivalent`, naming the op and the node.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 
 from ...ir import symbolic as sym
-from ..base import BackendError
+from ..base import BackendError, rule_table
 
-RULES: dict[str, Callable] = {}
-
-
-def rule(*ops):
-    def deco(fn):
-        for op in ops:
-            RULES[op] = fn
-        return fn
-    return deco
+RULES, rule = rule_table()
 
 
 def no_equivalent(node, detail: str = "") -> BackendError:

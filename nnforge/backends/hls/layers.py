@@ -7,6 +7,7 @@ Every layer reads raw activations by value key from ``env`` and writes its outpu
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,7 +28,7 @@ def struct(name: str, doc: str, fields: list[tuple[str, str, object]]) -> str:
 
 
 @dataclass
-class Layer:
+class Layer(ABC):
     name: str              # C++ identifier stem (config struct cfg_<name>)
     node: str              # IR node it comes from
     inputs: list[str]
@@ -39,14 +40,17 @@ class Layer:
     def cfg(self) -> str:
         return f"cfg_{self.name}"
 
+    @abstractmethod
     def config(self) -> str:
-        raise NotImplementedError
+        """The layer's config struct (C++)."""
 
+    @abstractmethod
     def call(self, ids: dict[str, str]) -> str:
-        raise NotImplementedError
+        """The template call in the top function, ``ids`` mapping values to buffer names."""
 
+    @abstractmethod
     def emulate(self, env: dict, fmt: E.Fixed) -> np.ndarray:
-        raise NotImplementedError
+        """The layer's output, computed as the template computes it (bit-exact emulation)."""
 
     def tables(self) -> str:
         return ""

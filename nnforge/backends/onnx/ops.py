@@ -10,19 +10,11 @@ from onnx import TensorProto
 
 from ...ir import Node, symbolic as sym
 from ...ir.dtypes import bool_, float32, int32
-from ..base import BackendError
+from ..base import BackendError, rule_table
 from . import weights as W
 from .builder import OnnxBuilder, onnx_type
 
-LOWERINGS: dict = {}
-
-
-def rule(*ops):
-    def deco(fn):
-        for op in ops:
-            LOWERINGS[op] = fn
-        return fn
-    return deco
+LOWERINGS, rule = rule_table()
 
 
 def operand(b: OnnxBuilder, v, fallbacks) -> str | None:

@@ -7,21 +7,12 @@ weights.py.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 from ...ir import Dense, Value, symbolic as sym
 from ...ir.dtypes import DType
+from ..base import rule_table
 from .weights import _jsonable, c_name, int8_bsr_kernel, linear_kernel
 
-RULES: dict[str, Callable] = {}
-
-
-def rule(*ops):
-    def deco(fn):
-        for op in ops:
-            RULES[op] = fn
-        return fn
-    return deco
+RULES, rule = rule_table()
 
 
 # --- elementwise ----------------------------------------------------------------------------------
