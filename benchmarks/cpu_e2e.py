@@ -50,6 +50,18 @@ def embed(run, batches) -> torch.Tensor:
     return torch.cat([torch.as_tensor(np.asarray(run(*b))) for b in batches])
 
 
+def print_tuning(path: Path) -> None:
+    """Per layer shape: the schedule kept, and how fast the best other candidate was (summed over
+    tune_rows) relative to the default: > 1 means an alternative beat the default."""
+    for r in json.loads(path.read_text())["records"]:
+        ms = {json.dumps(c["config"], sort_keys=True): sum(c["ms"].values()) for c in r["candidates"] if "ms" in c}
+        default = json.dumps(r["default"], sort_keys=True)
+        others = [v for k, v in ms.items() if k != default]
+        best = f"{ms[default] / min(others):.2f}x" if others and default in ms else "-"
+        kept = "default" if r["chosen"] == r["default"] else f"chose {r['chosen']}"
+        print(f"  tuning {r['kernel']:<10} {r['key']:<24} {kept:<44} best other vs default: {best}", flush=True)
+
+
 def bench_model(name: str, args, tmp: Path) -> list[dict]:
     model, _, dyn, ins, outs = zoo_model(name)
     _, tok = dm.load_default_model()
@@ -70,6 +82,7 @@ def bench_model(name: str, args, tmp: Path) -> list[dict]:
             bundles[label] = nf.compile(model, tuned, recipe, calibration=calibration if recipe else None,
                                         out=tmp / f"{name}-{label.split()[2]}-tuned", **common)
             print(f"{name}: {label} compiled (and tuned) in {time.perf_counter() - t0:.0f} s", flush=True)
+            print_tuning(bundles[label].path / "tvm_tuning.json")
     sparse = bundles["nnforge cpu 80% block4x1"]
     fallbacks = sparse.manifest["fallbacks"]
     torch.set_num_threads(os.cpu_count() or 1)
