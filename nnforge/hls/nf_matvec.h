@@ -72,6 +72,9 @@ void matmat(const x_T x[CONFIG_T::n_rows * CONFIG_T::n_in], y_T y[CONFIG_T::n_ro
     ap_int<32> scale[2][CONFIG_T::n_groups];
     acc_t bias[2];
     ap_int<32> lut[1 << CONFIG_T::w_bits];
+#ifdef NF_HOST_MAC
+    static long long wrow64[CONFIG_T::n_kept];   // host copy of lane 0's decoded row (static: rows can be long)
+#endif
     if (CONFIG_T::lut_decode) {
     LoadLut:
         for (unsigned c = 0; c < (1u << CONFIG_T::w_bits); c++) lut[c] = read_i32(wmem + CONFIG_T::lut_off + 4ul * c);
@@ -96,6 +99,9 @@ Rows:
                 const ap_uint<16> field = read_field(wr, j, CONFIG_T::w_bits);
                 wrow[l][j] = CONFIG_T::lut_decode ? code_t(lut[field])
                                                   : code_t(code_t(field) - code_t(1 << (CONFIG_T::w_bits - 1)));
+#ifdef NF_HOST_MAC
+                if (l == 0) wrow64[j] = wrow[0][j].to_int64();
+#endif
                 if (l == 0) {
                     if (CONFIG_T::sp_m > 1)
                         col[j] = (j / CONFIG_T::sp_n) * CONFIG_T::sp_m + read_field(ir, j, CONFIG_T::idx_bits);
@@ -116,6 +122,18 @@ Rows:
         Groups:
             for (unsigned g = 0; g < CONFIG_T::n_groups; g++) {
                 acc_t part[2] = {0, 0};
+#ifdef NF_HOST_MAC
+                if (!CONFIG_T::pack2 && CONFIG_T::acc_bits <= 64) {   // same sums on int64 (nf_types.h)
+                    long long p = 0;
+                    const unsigned end = (g + 1) * CONFIG_T::group < CONFIG_T::n_kept ? (g + 1) * CONFIG_T::group
+                                                                                    : CONFIG_T::n_kept;
+                    for (unsigned j = g * CONFIG_T::group; j < end; j++)
+                        p += wrow64[j] * raw64(x[i * CONFIG_T::n_in + col[j]]);
+                    part[0] = p;
+                    for (unsigned l = 0; l < lanes; l++) total[l] += part[l] * scale[l][g];
+                    continue;
+                }
+#endif
             Chain:
                 for (unsigned k = 0; k < CONFIG_T::group; k++) {
                     #pragma HLS PIPELINE II=1
@@ -159,12 +177,19 @@ Batch:
         Cols:
             for (unsigned j = 0; j < CONFIG_T::n; j++) {
                 wide_t acc = 0;
+#ifdef NF_HOST_MAC
+                long long a64 = 0;        // codegen proves 2 * act_width + log2(k) <= 62 (nf_types.h)
+                for (unsigned q = 0; q < CONFIG_T::k; q++)
+                    a64 += raw64(at[i * CONFIG_T::k + q]) * raw64(bt[q * CONFIG_T::n + j]);
+                acc = a64;
+#else
             Chain:
                 for (unsigned q = 0; q < CONFIG_T::k; q++) {
                     #pragma HLS PIPELINE II=1
                     #pragma HLS UNROLL factor=CONFIG_T::chain
                     acc += wide_t(raw(at[i * CONFIG_T::k + q])) * wide_t(raw(bt[q * CONFIG_T::n + j]));
                 }
+#endif
                 y[(t * CONFIG_T::m + i) * CONFIG_T::n + j] = round_to<y_T, wide_t>(acc, shift);
             }
         }

@@ -18,17 +18,28 @@ typedef ap_uint<64> uwide_t;
 
 template <class T> struct frac_bits { static const int value = T::width - T::iwidth; };
 
-// The raw integer of a fixed-point value, and back.
+// The raw integer of a fixed-point value, and back (the value's own bits: ap_fixed_base::V).
 template <class T> ap_int<T::width> raw(const T &x) {
-    ap_int<T::width> r;
-    r.range(T::width - 1, 0) = x.range(T::width - 1, 0);
-    return r;
+    #pragma HLS INLINE
+    return ap_int<T::width>(x.V);
 }
 template <class T> T from_raw(const ap_int<T::width> &r) {
+    #pragma HLS INLINE
     T x;
-    x.range(T::width - 1, 0) = r.range(T::width - 1, 0);
+    x.V = r;
     return x;
 }
+
+// C-simulation speed. hls4ml's ap_types spend tens of nanoseconds on every ap_int multiply-add on a
+// host (a product wider than 64 bits even allocates), which made one MiniLM forward pass take
+// minutes. Inner products whose accumulator codegen proves to fit 64 bits are therefore summed on
+// int64 when compiled for the host (NF_HOST_MAC): the same integers, since no step overflows.
+// Synthesis (__SYNTHESIS__) always sees the ap_int form with the exact widths; -DNF_AP_MAC forces
+// that form in C-simulation too (the tests build both and compare).
+#if !defined(__SYNTHESIS__) && !defined(NF_AP_MAC)
+#define NF_HOST_MAC 1
+#endif
+template <class T> inline long long raw64(const T &x) { return x.V.to_int64(); }
 
 // Clamp a wide integer to T's raw range (AP_SAT) and return it as T.
 template <class T, class W> T saturate(const W &v) {

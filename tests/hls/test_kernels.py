@@ -89,11 +89,11 @@ def kernel_graph() -> Graph:
     return g
 
 
-def _build(opts: HlsOptions):
+def _build(opts: HlsOptions, defines=()):
     g = kernel_graph()
     plan = build_plan(g, opts)
     files = render.sources(plan)
-    lib = csim.build(files, plan.name)
+    lib = csim.build(files, plan.name, defines=defines)
     sim = csim.CSim(lib, files["hls/weights.bin"], [plan.sizes[plan.ids[v]] for v in plan.inputs],
                     [plan.sizes[plan.ids[v]] for v in plan.outputs])
     return g, plan, sim
@@ -223,3 +223,14 @@ def test_dataflow_channels(built_narrow):
     g, plan, sim = built_narrow
     assert channels_are_single_writer_single_reader(plan)
     assert "#pragma HLS DATAFLOW" in render.top_cpp(plan)
+
+
+def test_host_int64_sums_equal_the_ap_int_form(built, cache):
+    """C-simulation sums inner products on int64 (nf_types.h NF_HOST_MAC); -DNF_AP_MAC builds the
+    ap_int form synthesis sees. Both must give the same bits, including the >64-bit layers."""
+    _, plan, sim = built
+    _, _, ap_sim = _build(HlsOptions(scale_bits=30), defines=("NF_AP_MAC",))
+    for kind in ("normal", "large", "wide"):
+        xs = _inputs(kind)
+        for a, b, v in zip(sim.run(xs), ap_sim.run(xs), plan.outputs):
+            assert np.array_equal(a, b), f"{v} ({kind})"

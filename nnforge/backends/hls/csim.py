@@ -44,15 +44,18 @@ def cache_root() -> Path:
     return Path(os.environ.get("NNFORGE_HLS_CACHE") or Path.home() / ".cache" / "nnforge" / "hls")
 
 
-def build(files: dict[str, bytes], top: str, project: str = "hls") -> Path:
-    """The shared library for the project ``files`` ({relative path: bytes}); built once per content."""
+def build(files: dict[str, bytes], top: str, project: str = "hls", defines: tuple[str, ...] = ()) -> Path:
+    """The shared library for the project ``files`` ({relative path: bytes}); built once per content.
+    ``defines``: preprocessor names, e.g. ``("NF_AP_MAC",)`` to sum inner products in ap_int as
+    synthesis does instead of the host's int64 (see nf_types.h)."""
     cxx = compiler()
     inc = ap_types_dir()
     h = hashlib.sha256()
     for rel in sorted(files):
         if rel.startswith(f"{project}/src/"):
             h.update(rel.encode() + b"\0" + hashlib.sha256(files[rel]).digest())
-    h.update(" ".join([cxx, *CXXFLAGS, str(inc)]).encode())
+    flags = [*CXXFLAGS, *(f"-D{d}" for d in defines)]
+    h.update(" ".join([cxx, *flags, str(inc)]).encode())
     out = cache_root() / h.hexdigest()[:32]
     lib = out / "libnf_csim.so"
     if lib.exists():
@@ -66,7 +69,7 @@ def build(files: dict[str, bytes], top: str, project: str = "hls") -> Path:
                 p.parent.mkdir(parents=True, exist_ok=True)
                 p.write_bytes(data)
         src = tmp / project / "src"
-        cmd = [cxx, *CXXFLAGS, f"-I{src}", f"-I{src / 'nf'}", f"-I{inc}", str(src / f"{top}.cpp"),
+        cmd = [cxx, *flags, f"-I{src}", f"-I{src / 'nf'}", f"-I{inc}", str(src / f"{top}.cpp"),
                str(src / "host.cpp"), "-o", str(tmp / "libnf_csim.so")]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
