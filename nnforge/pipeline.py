@@ -93,6 +93,8 @@ def write_bundle(out: Path, *, graph: Graph, original: Graph, source: str, targe
     fidelity = json_safe(compare(expected, fp32))
     timings["reference_s"] = time.perf_counter() - t0
     graph.meta["recipe"] = recipe_name       # backends that label their artifacts (Core ML metadata) read it
+    # backends that build fixed-size designs (hls) take the sizes the bundle is checked with
+    graph.meta["example_shapes"] = {v.name: list(torch.as_tensor(x).shape) for v, x in zip(graph.inputs, check_inputs)}
     with BundleWriter(out) as tmp:
         t0 = time.perf_counter()
         save_graph(graph, tmp / GRAPH_FILE, tmp / WEIGHTS_FILE)

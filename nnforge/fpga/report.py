@@ -16,10 +16,11 @@ def format_table(r) -> str:
     lines = [f"{r.workload} on {r.target} ({p.clock_hz / 1e6:.0f} MHz, HBM {p.hbm_bytes_per_s / 1e9:.0f} GB/s x "
              f"{p.hbm_efficiency:.2f}; parameters from {p.path})",
              f"  prompt {r.prompt} tokens, generate {r.generate} tokens",
-             f"  {'prefill latency':<28}{1e3 * r.prefill_s:>12.1f} ms",
-             f"  {'decode latency per token':<28}{1e3 * r.decode_latency_s:>12.2f} ms",
-             f"  {'decode throughput':<28}{r.decode_tokens_per_s:>12.1f} tokens/s",
-             f"  {'end-to-end':<28}{1e3 * r.total_s:>12.1f} ms"]
+             f"  {'prefill latency':<28}{1e3 * r.prefill_s:>12.3f} ms"]
+    if r.generate:          # an encoder (generate 0) has no decode phase to report
+        lines += [f"  {'decode latency per token':<28}{1e3 * r.decode_latency_s:>12.2f} ms",
+                  f"  {'decode throughput':<28}{r.decode_tokens_per_s:>12.1f} tokens/s"]
+    lines.append(f"  {'end-to-end':<28}{1e3 * r.total_s:>12.3f} ms")
     e = r.energy_j_per_token
     lines.append(f"  {'energy per generated token':<28}" + (f"{e:>12.3f} J  (board power {r.power_w:g} W)"
                                                               if e is not None else f"{'n/a':>12}"))
@@ -27,7 +28,7 @@ def format_table(r) -> str:
     for name, (used, total) in r.resources.items():
         lines.append(f"  {name:<10}{used:>12,}{total:>12,}{100 * used / total:>7.1f}%")
     lines.append(f"  {'phase':<8}{'op':<22}{'GMAC':>10}{'MB HBM':>10}{'ms':>10}  bound")
-    for phase, ops in (("prefill", r.prefill_ops), ("decode", r.decode_ops)):
+    for phase, ops in (("prefill", r.prefill_ops), ("decode", r.decode_ops if r.generate else [])):
         for name, (macs, hbm, t, bound) in _by_name(ops).items():
             lines.append(f"  {phase:<8}{name:<22}{macs / 1e9:>10.2f}{hbm / 1e6:>10.1f}{1e3 * t:>10.3f}  {bound}")
     lines += [f"  note: {n}" for n in r.notes]
@@ -58,7 +59,7 @@ def roofline_svg(results) -> str:
     peaks = {"MM (prefill)": p.mm_macs_per_cycle * p.clock_hz, "MV (decode)": p.mv_macs_per_cycle * p.clock_hz}
     pts = []
     for r in results:
-        for phase, ops in (("prefill", r.prefill_ops), ("decode", r.decode_ops)):
+        for phase, ops in (("prefill", r.prefill_ops), ("decode", r.decode_ops if r.generate else [])):
             macs = sum(o.macs for o in ops if o.kind in ("linear", "attention"))
             hbm = sum(o.hbm_bytes for o in ops if o.kind in ("linear", "attention"))
             t = sum(o.time_s for o in ops)

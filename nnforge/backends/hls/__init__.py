@@ -7,18 +7,25 @@ sources differ from them (so only code nnforge generated is ever compiled), buil
 returns a runner. Numbers: fixed point as chosen in :class:`.project.HlsOptions`; the C-simulation
 equals :meth:`.project.Plan.emulate` bit for bit.
 
+Hardware has fixed sizes: a graph with dimension symbols (batch, seq) is specialised before
+lowering, with the sizes from the target option ``dims`` (``nf.target("alveo-u280").with_options(
+dims={"seq": 128})``) and, for symbols it leaves open, from the bundle's check inputs; the sizes are
+recorded in the manifest entry. Called with other sizes, the runner generates and builds the design
+for those sizes from the bundle's graph (cached per size), as re-running HLS for a new shape would.
+
     >>> bundle = nf.compile(model, target="alveo-u280", example_inputs=(x,))
     >>> nf.load(bundle.path)(x)          # C-simulation of the generated project
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 from pathlib import Path
 
 import numpy as np
 
-from ...ir import Graph
+from ...ir import Graph, GraphError, bind_symbols, specialize
 from ...targets import Target
 from ..base import Backend, BackendError, InputSpec, Lowered, Runner
 from . import csim, logic, render  # noqa: F401  (logic registers its lowering rules)
@@ -27,16 +34,51 @@ from .project import PROJECT, HlsOptions, Plan, build_plan
 TB_SEED = 0
 
 
+def static_graph(graph: Graph, dims: dict | None, shapes: dict | None = None) -> tuple[Graph, dict]:
+    """``graph`` with its dimension symbols fixed (see the module docstring) and the sizes used."""
+    try:
+        env = bind_symbols(graph, dims, shapes)
+        return specialize(graph, env), env
+    except GraphError as e:
+        raise BackendError(f"the hls backend generates fixed-size hardware and needs every dimension fixed: {e} "
+                           f"(give sizes with the target option dims, e.g. with_options(dims={{'seq': 128}}))") from None
+
+
+def make_sim(plan: Plan, srcs: dict) -> csim.CSim:
+    lib = csim.build(srcs, plan.name, PROJECT)
+    return csim.CSim(lib, srcs[f"{PROJECT}/weights.bin"], [plan.sizes[plan.ids[v]] for v in plan.inputs],
+                     [plan.sizes[plan.ids[v]] for v in plan.outputs])
+
+
 class HlsRunner(Runner):
-    def __init__(self, plan: Plan, sim: csim.CSim):
-        self.plan, self.sim = plan, sim
+    """Runs the bundle's design; inputs of other sizes get a design generated for their sizes."""
+
+    def __init__(self, graph: Graph, opts: HlsOptions, env: dict, plan: Plan, sim: csim.CSim):
+        self.graph, self.opts, self.plan, self.sim = graph, opts, plan, sim
+        self.dims = dict(env)
+        self._designs = {tuple(sorted(env.items())): (plan, sim)}
         dt = {"act": np.float32, "int": np.int64, "bool": np.bool_}
-        self.inputs = [InputSpec(v, dt[plan.kinds[v]], plan.shapes[v]) for v in plan.inputs]
+        self.inputs = [InputSpec(v.name, dt[plan.kinds[v.name]], tuple(v.shape)) for v in graph.inputs]
         self.output_names = list(plan.outputs)
 
+    def design(self, inputs: list) -> tuple[Plan, csim.CSim]:
+        """The plan and C-simulation for the sizes of ``inputs`` (built on first use)."""
+        shapes = {v.name: list(np.shape(x)) for v, x in zip(self.graph.inputs, inputs)}
+        static, env = static_graph(self.graph, None, shapes)
+        key = tuple(sorted(env.items()))
+        if key not in self._designs:
+            plan = build_plan(static, self.opts)
+            self._designs[key] = (plan, make_sim(plan, render.sources(plan)))
+        return self._designs[key]
+
     def run_numpy(self, inputs: list) -> list:
-        outs = self.sim.run(inputs)
-        return [y.reshape(self.plan.shapes[v]) for y, v in zip(outs, self.plan.outputs)]
+        plan, sim = self.design(inputs)
+        outs = sim.run(inputs)
+        return [y.reshape(plan.shapes[v]) for y, v in zip(outs, plan.outputs)]
+
+    def emulate(self, inputs: list) -> list:
+        """The bit-accurate Python emulation of the design for these inputs (what run_numpy returns)."""
+        return self.design(inputs)[0].emulate(inputs)
 
 
 def tb_inputs(plan: Plan) -> list[np.ndarray]:
@@ -46,6 +88,29 @@ def tb_inputs(plan: Plan) -> list[np.ndarray]:
     hi = {"int": 16, "bool": 2}
     return [rng.standard_normal(plan.shapes[v]).astype(np.float32) if plan.kinds[v] == "act" else
             rng.integers(0, hi[plan.kinds[v]], plan.shapes[v]).astype(np.float32) for v in plan.inputs]
+
+
+REPORT_DIR = "fpga"
+
+
+def simulation_report(graph: Graph, target: Target, plan: Plan) -> dict[str, bytes]:
+    """The accelerator simulation of this graph on the target (nnforge.fpga): its table, JSON summary
+    and plots, as bundle files. One inference = a prefill of the tokens the linears see (the rows of
+    the weight-matrix layers); encoders generate nothing. A graph the simulator cannot model gets a
+    JSON file saying why, not a failed compile."""
+    from ... import fpga
+    from .layers import MatMat
+    rows = max([layer.rows for layer in plan.layers if isinstance(layer, MatMat)] + [1])
+    try:
+        r = fpga.simulate(graph, target.name, prompt=rows, generate=0)
+    except fpga.SimulatorError as e:
+        return {f"{REPORT_DIR}/simulation.json": json.dumps({"skipped": str(e)}, indent=1).encode()}
+    summary = {**r.summary(), "tokens_per_inference": rows, "inferences_per_s": 1.0 / r.prefill_s if r.prefill_s else None,
+               "notes": list(r.notes), "parameters": str(r.params.path)}
+    return {f"{REPORT_DIR}/simulation.json": json.dumps(summary, indent=1).encode(),
+            f"{REPORT_DIR}/simulation.txt": (fpga.format_table(r) + "\n").encode(),
+            f"{REPORT_DIR}/roofline.svg": fpga.roofline_svg([r]).encode(),
+            f"{REPORT_DIR}/breakdown.svg": fpga.breakdown_svg(r).encode()}
 
 
 class HlsBackend(Backend):
@@ -60,13 +125,18 @@ class HlsBackend(Backend):
 
     def lower(self, graph: Graph, target: Target, out_dir: Path) -> Lowered:
         opts = HlsOptions.from_target(target)
-        plan = build_plan(graph, opts)
+        dims = target.options.get("dims")
+        if dims is not None and not isinstance(dims, dict):
+            raise BackendError(f"target {target.name}: option dims must be a table of symbol = size, got {dims!r}")
+        static, env = static_graph(graph, dims, graph.meta.get("example_shapes"))
+        plan = build_plan(static, opts)
         files = render.render(plan, tb_inputs(plan))
+        files.update(simulation_report(static, target, plan))
         for rel, data in files.items():
             p = Path(out_dir) / rel
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(data)
-        entry = {"project": PROJECT, "top": plan.name, "options": opts.to_dict(),
+        entry = {"project": PROJECT, "top": plan.name, "options": opts.to_dict(), "dims": env,
                  "onchip_activation_bytes": plan.onchip_bytes, "weight_memory_bytes": len(plan.mem.image()),
                  "sources": {rel: hashlib.sha256(data).hexdigest() for rel, data in render.sources(plan).items()}}
         return Lowered(files=sorted(files), entry=entry, fallbacks=plan.fallbacks, toolchain=self.toolchain())
@@ -81,17 +151,19 @@ class HlsBackend(Backend):
         if not isinstance(entry, dict) or not isinstance(entry.get("options"), dict):
             raise BackendError(f"{bundle_dir}: hls backend entry is missing its options")
         graph = load_graph(safe_join(bundle_dir, GRAPH_FILE), safe_join(bundle_dir, WEIGHTS_FILE))
-        plan = build_plan(graph, HlsOptions.from_dict(entry["options"], f"{bundle_dir} manifest"))
+        opts = HlsOptions.from_dict(entry["options"], f"{bundle_dir} manifest")
+        dims = entry.get("dims", {})
+        if not isinstance(dims, dict):
+            raise BackendError(f"{bundle_dir}: hls backend entry dims must be a table, got {dims!r}")
+        static, env = static_graph(graph, dims)
+        plan = build_plan(static, opts)
         srcs = render.sources(plan)
         for rel, data in srcs.items():
             path = safe_join(bundle_dir, rel)
             if not path.is_file() or path.read_bytes() != data:
                 raise BackendError(f"{bundle_dir}: {rel} differs from the project nnforge generates from the bundle's "
                                    f"graph; the bundle was edited or made by another nnforge version: recompile it")
-        lib = csim.build(srcs, plan.name, PROJECT)
-        sim = csim.CSim(lib, srcs[f"{PROJECT}/weights.bin"], [plan.sizes[plan.ids[v]] for v in plan.inputs],
-                        [plan.sizes[plan.ids[v]] for v in plan.outputs])
-        return HlsRunner(plan, sim)
+        return HlsRunner(graph, opts, env, plan, make_sim(plan, srcs))
 
     def toolchain(self) -> dict[str, str]:
         out = {}

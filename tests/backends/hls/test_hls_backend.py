@@ -53,6 +53,20 @@ def bundle(tmp_path_factory):
     mp.undo()
 
 
+def test_simulation_report_is_in_the_bundle(bundle):
+    """The accelerator simulation of the block (nnforge.fpga) is written with the project and
+    listed (and hashed) in the manifest."""
+    import json
+    _, _, b = bundle
+    report = json.loads((b.path / "fpga" / "simulation.json").read_text())
+    assert report["target"] == "alveo-u280" and report["tokens_per_inference"] == 8
+    assert report["prefill_ms"] > 0 and report["resources"]["DSP"]["total"] == 9024
+    text = (b.path / "fpga" / "simulation.txt").read_text()
+    assert "prefill latency" in text and "decode throughput" not in text      # an encoder: no decode phase
+    for name in ("simulation.json", "simulation.txt", "roofline.svg", "breakdown.svg"):
+        assert f"fpga/{name}" in b.manifest["files"]
+
+
 def test_registry_and_target():
     assert isinstance(get_backend("hls"), HlsBackend)
     t = nf.target("alveo-u280")
@@ -159,7 +173,7 @@ def test_symbolic_shapes_and_bad_options_are_errors():
     g = Graph("g")
     x = g.add_input("x", tensor("f32", "batch", 8))
     g.set_outputs([g.op("relu", x, name="r")])
-    with pytest.raises(BackendError, match="static shapes"):
+    with pytest.raises(BackendError, match="static shapes"):     # the plan takes specialised graphs only
         build_plan(g, HlsOptions())
     with pytest.raises(BackendError, match="act_int"):
         HlsOptions.from_dict({"act_width": 16, "act_int": 16})
@@ -180,3 +194,48 @@ def test_quantised_recipe_lowers_natively(tmp_path):
     y = runner(x)
     assert np.array_equal(y.numpy(), runner.plan.emulate([x.numpy()])[0])
     assert torch.nn.functional.cosine_similarity(y.reshape(1, -1), model(x).reshape(1, -1)).item() > 0.999
+
+
+def test_dynamic_model_is_specialised_to_its_check_inputs_and_other_sizes_build(tmp_path, monkeypatch):
+    """Symbols (batch, seq) take the check inputs' sizes for the bundle's design, or the target
+    option dims; the runner builds a design for other sizes on first use, each bit-exact."""
+    monkeypatch.setenv("NNFORGE_HLS_CACHE", str(tmp_path / "cache"))
+    from torch.export import Dim
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8)).eval()
+    x = torch.randn(2, 5, 16)
+    dyn = ({0: Dim("batch", max=64), 1: Dim("seq", max=64)},)
+    b = nf.compile(model, "alveo-u280", example_inputs=(x,), dynamic_shapes=dyn, out=tmp_path / "dyn")
+    entry = b.manifest["backend"]["entry"]
+    assert entry["dims"] == {"batch": 2, "seq": 5}
+    assert b.manifest["signature"]["inputs"][0]["shape"] == ["batch", "seq", 16]
+    runner = nf.load(b.path)
+    for shape in [(2, 5, 16), (1, 3, 16)]:
+        xs = torch.randn(*shape)
+        y = runner(xs)
+        assert tuple(y.shape) == shape[:-1] + (8,)
+        assert np.array_equal(y.numpy(), runner.emulate([xs.numpy()])[0])
+        with torch.no_grad():
+            assert torch.nn.functional.cosine_similarity(y.flatten(), model(xs).flatten(), dim=0) > 0.999
+    tgt = nf.target("alveo-u280").with_options(dims={"seq": 3})
+    b = nf.compile(model, tgt, example_inputs=(x,), check_inputs=(torch.randn(2, 3, 16),), dynamic_shapes=dyn,
+                   out=tmp_path / "dims")
+    assert b.manifest["backend"]["entry"]["dims"] == {"batch": 2, "seq": 3}
+
+
+def test_specialise_errors_name_the_symbol():
+    from nnforge.backends.hls import static_graph
+    g = Graph("g")
+    x = g.add_input("x", tensor("f32", "batch", "seq"))
+    y = g.add_input("y", tensor("f32", "batch", 4))
+    g.set_outputs([g.op("relu", x, name="r"), g.op("relu", y, name="s")])
+    with pytest.raises(BackendError, match="no size for dimension symbol.*seq.*option dims"):
+        static_graph(g, None, {"x": None, "y": [2, 4]})
+    with pytest.raises(BackendError, match="batch is 3 in input y but 2 in x"):
+        static_graph(g, None, {"x": [2, 7], "y": [3, 4]})
+    with pytest.raises(BackendError, match="no dimension symbol.*sequence"):
+        static_graph(g, {"sequence": 8}, {})
+    with pytest.raises(BackendError, match="integers >= 1.*seq=0"):
+        static_graph(g, {"seq": 0, "batch": 1})
+    static, env = static_graph(g, {"seq": 6}, {"x": [2, 9], "y": [2, 4]})
+    assert env == {"batch": 2, "seq": 6} and static.outputs[0].shape == (2, 6)
