@@ -28,7 +28,7 @@ import numpy as np
 from ...ir import Graph, GraphError, bind_symbols, specialize
 from ...targets import Target
 from ..base import Backend, BackendError, InputSpec, Lowered, Runner
-from . import csim, logic, render  # noqa: F401  (logic registers its lowering rules)
+from . import csim, logic, render, resources  # noqa: F401  (logic registers its lowering rules)
 from .project import PROJECT, HlsOptions, Plan, build_plan
 
 TB_SEED = 0
@@ -36,9 +36,14 @@ TB_SEED = 0
 
 def static_graph(graph: Graph, dims: dict | None, shapes: dict | None = None) -> tuple[Graph, dict]:
     """``graph`` with its dimension symbols fixed (see the module docstring) and the sizes used."""
+    from ...passes import PassContext, PassManager
+    from ...passes.cleanup import DeadCodeElimination, FoldConstants, Simplify
     try:
         env = bind_symbols(graph, dims, shapes)
-        return specialize(graph, env), env
+        static = specialize(graph, env)
+        if static is not graph:     # what only the sizes made constant (aranges, masks, shape arithmetic) folds away
+            static = PassManager([FoldConstants(), Simplify(), DeadCodeElimination()]).run(static, PassContext())
+        return static, env
     except GraphError as e:
         raise BackendError(f"the hls backend generates fixed-size hardware and needs every dimension fixed: {e} "
                            f"(give sizes with the target option dims, e.g. with_options(dims={{'seq': 128}}))") from None
@@ -132,12 +137,16 @@ class HlsBackend(Backend):
         plan = build_plan(static, opts)
         files = render.render(plan, tb_inputs(plan))
         files.update(simulation_report(static, target, plan))
+        est = resources.estimate(plan, device=getattr(target, "fpga", None) or None)
+        files[f"{REPORT_DIR}/resources.json"] = json.dumps(est, indent=1).encode()
+        files[f"{REPORT_DIR}/resources.txt"] = (resources.format_estimate(est) + "\n").encode()
         for rel, data in files.items():
             p = Path(out_dir) / rel
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(data)
         entry = {"project": PROJECT, "top": plan.name, "options": opts.to_dict(), "dims": env,
-                 "onchip_activation_bytes": plan.onchip_bytes, "weight_memory_bytes": len(plan.mem.image()),
+                 "onchip_activation_bytes": plan.onchip_bytes,
+                 "resource_estimate": {k: est["total"][k] for k in ("dsp", "bram36", "lut", "ff")}, "weight_memory_bytes": len(plan.mem.image()),
                  "sources": {rel: hashlib.sha256(data).hexdigest() for rel, data in render.sources(plan).items()}}
         return Lowered(files=sorted(files), entry=entry, fallbacks=plan.fallbacks, toolchain=self.toolchain())
 

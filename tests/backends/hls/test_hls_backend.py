@@ -63,7 +63,9 @@ def test_simulation_report_is_in_the_bundle(bundle):
     assert report["prefill_ms"] > 0 and report["resources"]["DSP"]["total"] == 9024
     text = (b.path / "fpga" / "simulation.txt").read_text()
     assert "prefill latency" in text and "decode throughput" not in text      # an encoder: no decode phase
-    for name in ("simulation.json", "simulation.txt", "roofline.svg", "breakdown.svg"):
+    est = json.loads((b.path / "fpga" / "resources.json").read_text())
+    assert est["total"]["dsp"] > 0 and b.manifest["backend"]["entry"]["resource_estimate"]["dsp"] == est["total"]["dsp"]
+    for name in ("simulation.json", "simulation.txt", "roofline.svg", "breakdown.svg", "resources.json", "resources.txt"):
         assert f"fpga/{name}" in b.manifest["files"]
 
 
