@@ -109,6 +109,15 @@ template <class T, unsigned N> void copy(const T x[N], T y[N]) {
     }
 }
 
+// A buffer holding one value everywhere (a constant the graph builds from its sizes, e.g. a mask).
+template <class T, unsigned N> void fill(const T &v, T y[N]) {
+Fill:
+    for (unsigned i = 0; i < N; i++) {
+        #pragma HLS PIPELINE II=1
+        y[i] = v;
+    }
+}
+
 // Fan-out for task-level dataflow: one producer, two consumers each with its own channel.
 template <class T, unsigned N> void fanout2(const T x[N], T y0[N], T y1[N]) {
 Fanout:

@@ -154,3 +154,28 @@ def test_int_values_only_enter_mask_ops():
     g.set_outputs([g.op("embedding", ids, g.add_weight("t", Dense(torch.randn(8, 4))), name="e")])
     with pytest.raises(BackendError, match="dataflow form takes activations only"):
         build_plan(g, HlsOptions(dataflow=True))
+
+
+def test_full_is_a_constant_buffer(tmp_path, monkeypatch):
+    """IR ``full`` (masks and constants a graph builds from its sizes) of each value kind: C-sim
+    equals the emulation and the reference."""
+    monkeypatch.setenv("NNFORGE_HLS_CACHE", str(tmp_path))
+    from nnforge.backends.hls import csim, render
+    from nnforge.backends.hls.project import HlsOptions, build_plan
+    from nnforge.ir import Graph, Interpreter, tensor
+    g = Graph("fill")
+    x = g.add_input("x", tensor("f32", 2, 3))
+    f = g.op("full", name="f", shape=[2, 3], value=-1.25, dtype="float32")
+    i = g.op("full", name="i", shape=[2, 3], value=7, dtype="int64")
+    b = g.op("full", name="b", shape=[2, 3], value=True, dtype="bool")
+    g.set_outputs([g.op("add", x, f, name="xf"), g.op("add", g.op("cast", i, name="ic", dtype="float32"), x, name="xi"),
+                   g.op("where", b, x, f, name="xb")])
+    plan = build_plan(g, HlsOptions())
+    files = render.sources(plan)
+    sim = csim.CSim(csim.build(files, plan.name), files["hls/weights.bin"],
+                    [plan.sizes[plan.ids[v]] for v in plan.inputs], [plan.sizes[plan.ids[v]] for v in plan.outputs])
+    xs = [np.arange(6, dtype=np.float32).reshape(2, 3) / 4]
+    got = sim.run(xs)
+    ref = [t.numpy() for t in Interpreter(g).run(torch.as_tensor(xs[0]))]
+    for a, e, r in zip(got, plan.emulate(xs), ref):
+        assert np.array_equal(a.reshape(-1), e.reshape(-1)) and np.allclose(a.reshape(r.shape), r)

@@ -7,6 +7,7 @@ Every layer reads raw activations by value key from ``env`` and writes its outpu
 from __future__ import annotations
 
 import math
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -17,9 +18,16 @@ from . import emulate as E
 from .weights import MatWeights, WeightMemory
 
 
+def comment(text: str) -> str:
+    """``text`` made safe inside a ``//`` comment: one line of printable ASCII without ``\\`` (a line
+    splice) or ``?`` (trigraphs such as ``??/``); every other character becomes ``_``. Node and value
+    names reach the generated C++ only here and as identifiers (``project.Names``)."""
+    return re.sub(r"[^\x20-\x3e\x40-\x5b\x5d-\x7e]", "_", text)
+
+
 def struct(name: str, doc: str, fields: list[tuple[str, str, object]]) -> str:
     """``struct name { static const T f = v; ... };``"""
-    lines = [f"// {doc}", f"struct {name} {{"]
+    lines = [f"// {comment(doc)}", f"struct {name} {{"]
     for ctype, f, v in fields:
         if isinstance(v, bool):
             v = "true" if v else "false"
@@ -398,6 +406,24 @@ class Copy(Layer):
 
     def emulate(self, env, fmt):
         return env[self.inputs[0]].copy()
+
+
+@dataclass
+class Fill(Layer):
+    """A constant buffer (IR ``full``): ``raw`` in the value's own format (activation raw, int, 0/1)."""
+    n: int = 0
+    raw: int = 0
+    ctype: str = "act_t"
+
+    def config(self):
+        return ""
+
+    def call(self, ids):
+        value = f"nf::from_raw<act_t>({self.raw})" if self.ctype == "act_t" else f"{self.ctype}({self.raw})"
+        return f"nf::fill<{self.ctype}, {self.n}>({value}, {ids[self.output]});"
+
+    def emulate(self, env, fmt):
+        return np.full(self.n, self.raw, dtype=np.int64)
 
 
 @dataclass

@@ -37,7 +37,7 @@ PROJECT = "hls"        # folder of the project inside a bundle
 # (int64 values saturate to 32 bits), booleans as ap_uint<1>.
 CTYPES = {"act": "act_t", "int": "int_t", "bool": "bool_t"}
 # Ops whose rule handles int / bool operands; every other op takes and gives activations only.
-MIXED_OPS = {"embedding", "permute", "reshape", "slice", "expand", "eq", "ne", "lt", "le", "gt", "ge", "and", "or",
+MIXED_OPS = {"full", "embedding", "permute", "reshape", "slice", "expand", "eq", "ne", "lt", "le", "gt", "ge", "and", "or",
              "not", "where", "cast", "reduce_sum", "reduce_any", "index", "gather_elements"}
 
 
@@ -109,17 +109,22 @@ class HlsOptions:
 
 
 def cxx_name(name: str) -> str:
+    """Every character but ASCII letters, digits and ``_`` becomes ``_`` (keywords, leading digits,
+    unicode, newlines, quotes and comment or preprocessor text cannot survive)."""
     return re.sub(r"[^A-Za-z0-9_]", "_", name)
 
 
 class Names:
-    """Unique C++ identifiers for model names; a collision is an error naming both."""
+    """Unique C++ identifiers for model names: ``prefix`` + :func:`cxx_name` + ``suffix`` with runs
+    of ``_`` made one (an identifier containing ``__`` is reserved in C++); every prefix is letters
+    then ``_`` (never a keyword, never a leading digit or underscore). A collision is an error
+    naming both."""
 
     def __init__(self):
         self.owner: dict[str, str] = {}
 
-    def __call__(self, prefix: str, name: str, what: str) -> str:
-        ident = prefix + cxx_name(name)
+    def __call__(self, prefix: str, name: str, what: str, suffix: str = "") -> str:
+        ident = re.sub(r"_{2,}", "_", prefix + cxx_name(name) + suffix)
         prev = self.owner.setdefault(ident, f"{what} {name!r}")
         if prev != f"{what} {name!r}":
             raise BackendError(f"hls backend: {prev} and {what} {name!r} both become the C++ identifier {ident}; "
@@ -330,6 +335,14 @@ def _clamp(plan, node, name):
                     lo=lo, hi=hi)]
 
 
+def _full(plan, node, name):
+    out, value = node.output, float(node.attrs["value"])
+    kind = plan.kinds[out.name]
+    raw = int(E.from_float(np.array([value]), plan.opts.act)[0]) if kind == "act" else \
+        int(E.int_from_float(np.array([value]))[0]) if kind == "int" else int(value != 0)
+    return [L.Fill(name, node.name, [], out.name, n=math.prod(out.shape), raw=raw, ctype=plan.ctype(out.name))]
+
+
 def _reshape(plan, node, name):
     return [L.Copy(name, node.name, [node.inputs[0].name], node.output.name, n=math.prod(node.output.shape),
                    ctype=plan.ctype(node.output.name))]
@@ -339,7 +352,7 @@ LOWERINGS = {
     "linear": _linear, "matmul": _matmul, "gelu": _lut("gelu"), "silu": _lut("silu"), "relu": _relu,
     "softmax": _softmax, "layer_norm": _layer_norm, "add": _binary("add"), "sub": _binary("sub"),
     "mul": _binary("mul"), "div": _binary("div"), "permute": _permute, "reshape": _reshape, "slice": _slice,
-    "expand": _expand, "clamp": _clamp, "embedding": _embedding,
+    "expand": _expand, "clamp": _clamp, "embedding": _embedding, "full": _full,
 }
 
 
@@ -368,7 +381,7 @@ def build_plan(graph: Graph, opts: HlsOptions) -> Plan:
     if len({v.name for v in graph.outputs}) != len(graph.outputs):
         raise BackendError("the hls backend needs distinct graph outputs")
     names = Names()
-    plan = Plan(names("nf_", graph.name, "graph") + "_top", opts)
+    plan = Plan(names("nf_", graph.name, "graph", "_top"), opts)
     outs = {v.name for v in graph.outputs}
     for v in graph.inputs:
         plan.ids[v.name] = names("in_", v.name, "input")
