@@ -118,6 +118,23 @@ Fill:
     }
 }
 
+// A constant operand read from the weight memory: N int32 words, each the value's raw integer
+// (activations: raw at T's format; ints and booleans: the value).
+template <class T, unsigned N> void load_const(const unsigned char *p, T y[N]) {
+LoadConst:
+    for (unsigned i = 0; i < N; i++) {
+        #pragma HLS PIPELINE II=1
+        y[i] = from_raw<T>(ap_int<T::width>(read_i32(p + 4ul * i)));
+    }
+}
+template <class T, unsigned N> void load_const_int(const unsigned char *p, T y[N]) {
+LoadConstInt:
+    for (unsigned i = 0; i < N; i++) {
+        #pragma HLS PIPELINE II=1
+        y[i] = T(read_i32(p + 4ul * i));
+    }
+}
+
 // Fan-out for task-level dataflow: one producer, two consumers each with its own channel.
 template <class T, unsigned N> void fanout2(const T x[N], T y0[N], T y1[N]) {
 Fanout:

@@ -179,3 +179,27 @@ def test_full_is_a_constant_buffer(tmp_path, monkeypatch):
     ref = [t.numpy() for t in Interpreter(g).run(torch.as_tensor(xs[0]))]
     for a, e, r in zip(got, plan.emulate(xs), ref):
         assert np.array_equal(a.reshape(-1), e.reshape(-1)) and np.allclose(a.reshape(r.shape), r)
+
+
+def test_constant_operands_are_loaded_from_weight_memory(tmp_path, monkeypatch):
+    """A dense weight used as a value (folded position ids into an embedding) is loaded from the
+    weight memory into a buffer; a weight a rule takes as a parameter (the add's constant, where's
+    constant mask) is not."""
+    monkeypatch.setenv("NNFORGE_HLS_CACHE", str(tmp_path))
+    g = Graph("consts")
+    x = g.add_input("x", tensor("f32", 2, 3))
+    pos = g.add_weight("pos_ids", Dense(torch.tensor([[0, 2, 1], [1, 1, 0]], dtype=torch.int64)))
+    keep = g.add_weight("keep", Dense(torch.tensor([[True, False, True], [False, True, True]])))
+    table = g.add_weight("table", Dense(torch.randn(3, 4)))
+    emb = g.op("embedding", pos, table, name="emb")
+    g.set_outputs([g.op("where", keep, g.op("add", x, g.add_weight("c", Dense(torch.full((2, 3), 0.5))), name="xc"), x,
+                        name="sel"), emb])
+    plan = build_plan(g, HlsOptions())
+    assert [l.output for l in plan.layers if type(l).__name__ == "Const"] == ["pos_ids"]
+    files = render.sources(plan)
+    sim = csim.CSim(csim.build(files, plan.name), files["hls/weights.bin"],
+                    [plan.sizes[plan.ids[v]] for v in plan.inputs], [plan.sizes[plan.ids[v]] for v in plan.outputs])
+    xs = [np.arange(6, dtype=np.float32).reshape(2, 3) / 4]
+    ref = [t.numpy() for t in Interpreter(g).run(torch.as_tensor(xs[0]))]
+    for a, e, r in zip(sim.run(xs), plan.emulate(xs), ref):
+        assert np.array_equal(a.reshape(-1), e.reshape(-1)) and np.allclose(a.reshape(r.shape), r, atol=1e-5)

@@ -19,10 +19,11 @@ from .weights import MatWeights, WeightMemory
 
 
 def comment(text: str) -> str:
-    """``text`` made safe inside a ``//`` comment: one line of printable ASCII without ``\\`` (a line
-    splice) or ``?`` (trigraphs such as ``??/``); every other character becomes ``_``. Node and value
-    names reach the generated C++ only here and as identifiers (``project.Names``)."""
-    return re.sub(r"[^\x20-\x3e\x40-\x5b\x5d-\x7e]", "_", text)
+    """``text`` made safe inside a ``//`` comment: one line of letters, digits, spaces and
+    ``_.,:;+-=<>()[]{}@^%&|~!``; every other character becomes ``_`` (newlines, ``\\`` line splices,
+    ``?`` of trigraphs, ``/`` and ``*`` of comment markers, ``#``, quotes, non-ASCII). Model names
+    reach the generated C++ only here and as identifiers (``project.Names``)."""
+    return re.sub(r"[^A-Za-z0-9 _.,:;+\-=<>()\[\]{}@^%&|~!]", "_", text)
 
 
 def struct(name: str, doc: str, fields: list[tuple[str, str, object]]) -> str:
@@ -406,6 +407,28 @@ class Copy(Layer):
 
     def emulate(self, env, fmt):
         return env[self.inputs[0]].copy()
+
+
+@dataclass
+class Const(Layer):
+    """A constant operand (a dense weight read as a value, e.g. folded position ids or masks), loaded
+    from weight memory into a buffer: ``raw`` in the value's own format (activation raw, int, 0/1)."""
+    raw: np.ndarray = None
+    ctype: str = "act_t"
+    off: int = 0
+
+    def place(self, mem: WeightMemory, act: E.Fixed) -> None:
+        self.off = mem.add_i32(self.raw)
+
+    def config(self):
+        return ""
+
+    def call(self, ids):
+        fn = "load_const" if self.ctype == "act_t" else "load_const_int"
+        return f"nf::{fn}<{self.ctype}, {self.raw.size}>(wmem + {self.off}ul, {ids[self.output]});"
+
+    def emulate(self, env, fmt):
+        return self.raw.reshape(-1).copy()
 
 
 @dataclass

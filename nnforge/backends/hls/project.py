@@ -396,6 +396,7 @@ def build_plan(graph: Graph, opts: HlsOptions) -> Plan:
     plan.outputs = [v.name for v in graph.outputs]
     for node in graph.nodes:
         name = names("n_", node.name, "node")
+        consts = _const_operands(plan, node)
         if node.op == "reshape" and node.output.name not in outs:      # same elements, same order: alias
             plan.ids[node.output.name] = plan.ids[node.inputs[0].name]
             plan.layers.append(L.Alias(name, node.name, [node.inputs[0].name], node.output.name))
@@ -406,6 +407,12 @@ def build_plan(graph: Graph, opts: HlsOptions) -> Plan:
             raise
         except Exception as e:
             raise BackendError(f"hls backend: lowering node {node.name} ({node.op}) failed: {e}") from e
+        used = [c for c in consts if any(c.output in layer.inputs for layer in layers)]
+        for c in used:
+            c.name = names("k_", c.output, "constant load")
+            plan.ids[c.output] = names("c_", c.output, "constant")
+            plan.sizes[plan.ids[c.output]] = max(1, c.raw.size)
+        layers = used + layers
         for layer in layers:
             if hasattr(layer, "place"):
                 layer.place(plan.mem, opts.act)
@@ -424,6 +431,22 @@ def build_plan(graph: Graph, opts: HlsOptions) -> Plan:
                            f"than the device's {opts.onchip_bytes_max} bytes of BRAM + URAM; use shorter inputs "
                            f"or a narrower act_width")
     return plan
+
+
+def _const_operands(plan: Plan, node) -> list:
+    """Const layers for the node's dense weight operands not yet loaded; a rule that takes a weight
+    as a parameter (linear, norm, binary constant ...) leaves its Const unused and it is dropped."""
+    out = []
+    for v in node.inputs:
+        if v is None or not v.is_weight or v.name in plan.ids or not isinstance(v.encoding, Dense):
+            continue
+        kind = value_kind(v)
+        data = v.encoding.data.to(torch.float64).numpy().reshape(-1)
+        raw = E.from_float(data, plan.opts.act) if kind == "act" else E.int_from_float(data) if kind == "int" else \
+            (data != 0).astype(np.int64)
+        plan.kinds[v.name], plan.shapes[v.name] = kind, tuple(v.shape)
+        out.append(L.Const("", node.name, [], v.name, raw=raw, ctype=CTYPES[kind]))
+    return out
 
 
 def assign_buffers(plan: Plan) -> None:
