@@ -73,7 +73,11 @@ void matmat(const x_T x[CONFIG_T::n_rows * CONFIG_T::n_in], y_T y[CONFIG_T::n_ro
     acc_t bias[2];
     ap_int<32> lut[1 << CONFIG_T::w_bits];
 #ifdef NF_HOST_MAC
-    static long long wrow64[CONFIG_T::n_kept];   // host copy of lane 0's decoded row (static: rows can be long)
+    // host copies: lane 0's decoded row and columns, and every input raw (static: they can be long)
+    static long long wrow64[CONFIG_T::n_kept];
+    static unsigned col64[CONFIG_T::n_kept];
+    static long long x64[CONFIG_T::n_rows * CONFIG_T::n_in];
+    for (unsigned i = 0; i < CONFIG_T::n_rows * CONFIG_T::n_in; i++) x64[i] = raw64(x[i]);
 #endif
     if (CONFIG_T::lut_decode) {
     LoadLut:
@@ -100,7 +104,10 @@ Rows:
                 wrow[l][j] = CONFIG_T::lut_decode ? code_t(lut[field])
                                                   : code_t(code_t(field) - code_t(1 << (CONFIG_T::w_bits - 1)));
 #ifdef NF_HOST_MAC
-                if (l == 0) wrow64[j] = wrow[0][j].to_int64();
+                if (l == 0) {
+                    wrow64[j] = wrow[0][j].to_int64();
+                    col64[j] = CONFIG_T::sp_m > 1 ? (j / CONFIG_T::sp_n) * CONFIG_T::sp_m + unsigned(read_field(ir, j, CONFIG_T::idx_bits)) : j;
+                }
 #endif
                 if (l == 0) {
                     if (CONFIG_T::sp_m > 1)
@@ -127,8 +134,8 @@ Rows:
                     long long p = 0;
                     const unsigned end = (g + 1) * CONFIG_T::group < CONFIG_T::n_kept ? (g + 1) * CONFIG_T::group
                                                                                     : CONFIG_T::n_kept;
-                    for (unsigned j = g * CONFIG_T::group; j < end; j++)
-                        p += wrow64[j] * raw64(x[i * CONFIG_T::n_in + col[j]]);
+                    const long long *xi = x64 + i * CONFIG_T::n_in;
+                    for (unsigned j = g * CONFIG_T::group; j < end; j++) p += wrow64[j] * xi[col64[j]];
                     part[0] = p;
                     for (unsigned l = 0; l < lanes; l++) total[l] += part[l] * scale[l][g];
                     continue;
