@@ -6,8 +6,11 @@ symbolic dims, so that Reshape/Expand/Slice/Range/ConstantOfShape end up with st
 symbolic) IR attributes rather than run-time shape tensors. Nodes whose inputs are all constants
 are folded on the spot.
 
-External data is read by nnforge itself: a location must be a plain relative path inside the
-model's directory (no ``..``, no absolute path, no symlink), and offset/length must fit the file.
+External data is read by nnforge itself (never by onnx.load): a location must be a plain relative
+path inside the model's directory (no ``..``, no absolute path, no symlink, no hard-linked file),
+offset/length must fit the file's real size, and every tensor's byte count is checked against
+its dims x dtype before anything is read or allocated. Unknown external-data keys are ignored
+with a warning.
 
     >>> g = from_onnx("model.onnx")
 """
@@ -15,6 +18,8 @@ from __future__ import annotations
 
 import math
 import os
+import stat
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -137,40 +142,57 @@ class OnnxContext:
 
 
 # --- loading with safe external data -------------------------------------------------------------
-def _external_bytes(t, base_dir: Path | None) -> bytes:
+EXTERNAL_KEYS = ("location", "offset", "length", "checksum")     # checksum: recorded by some exporters, unused
+MAX_TENSOR_BYTES = 1 << 40
+
+
+def _external_bytes(t, base_dir: Path | None, nbytes: int) -> bytes:
+    """The ``nbytes`` bytes of a tensor's external data. Everything is checked before the file is
+    read: a plain relative location inside ``base_dir`` (no ``..``, absolute path or symbolic link
+    on the way), a regular file with no other hard link (checked on the opened descriptor), and
+    offset + length (which must equal ``nbytes``) within the file's real size."""
     if base_dir is None:
         raise FrontendError(f"tensor {t.name}: external data is only allowed for initializers")
     info = {e.key: e.value for e in t.external_data}
     for key in info:
-        if key not in ("location", "offset", "length", "checksum"):
-            import warnings
+        if key not in EXTERNAL_KEYS:
             warnings.warn(f"tensor {t.name}: ignoring unknown external-data key {key!r}", stacklevel=3)
     loc = info.get("location", "")
-    if not loc or os.path.isabs(loc) or loc.startswith(("/", "\\")) or ".." in Path(loc).parts or "\\" in loc:
+    if (not loc or os.path.isabs(loc) or loc.startswith(("/", "\\")) or ".." in Path(loc).parts or "\\" in loc
+            or "\0" in loc):
         raise FrontendError(f"tensor {t.name}: refusing external data location {loc!r} "
                             "(must be a plain relative path inside the model's directory)")
-    path = base_dir / loc
     p = base_dir
     for part in Path(loc).parts:
         p = p / part
         if p.is_symlink():
             raise FrontendError(f"tensor {t.name}: refusing external data {loc!r}: {part} is a symbolic link")
-    if not path.is_file():
-        raise FrontendError(f"tensor {t.name}: external data file {path} does not exist")
-    if path.stat().st_nlink > 1:
-        raise FrontendError(f"tensor {t.name}: refusing external data {loc!r}: the file has hard links")
-    size = path.stat().st_size
+    offset, length = info.get("offset", "0"), info.get("length")
+    if not offset.isdigit() or (length is not None and not length.isdigit()):
+        raise FrontendError(f"tensor {t.name}: external data offset/length are not non-negative integers "
+                            f"({offset!r}, {length!r})")
+    offset = int(offset)
+    if length is not None and int(length) != nbytes:
+        raise FrontendError(f"tensor {t.name}: external data length is {length} bytes, {list(t.dims)} of its "
+                            f"type needs {nbytes}")
+    path = base_dir / loc
     try:
-        offset = int(info.get("offset", "0"))
-        length = int(info["length"]) if "length" in info else size - offset
-    except ValueError:
-        raise FrontendError(f"tensor {t.name}: external data offset/length are not integers") from None
-    if offset < 0 or length < 0 or offset + length > size:
-        raise FrontendError(f"tensor {t.name}: external data range [{offset}, {offset + length}) exceeds "
-                            f"{loc} ({size} bytes)")
-    with open(path, "rb") as f:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise FrontendError(f"tensor {t.name}: external data file {path} does not exist") from None
+    except OSError as e:
+        raise FrontendError(f"tensor {t.name}: cannot open external data {loc!r}: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise FrontendError(f"tensor {t.name}: refusing external data {loc!r}: not a regular file")
+        if st.st_nlink > 1:
+            raise FrontendError(f"tensor {t.name}: refusing external data {loc!r}: the file has hard links")
+        if offset + nbytes > st.st_size:
+            raise FrontendError(f"tensor {t.name}: external data range [{offset}, {offset + nbytes}) exceeds "
+                                f"{loc} ({st.st_size} bytes)")
         f.seek(offset)
-        return f.read(length)
+        return f.read(nbytes)
 
 
 FOUR_BIT = {21: False, 22: True}     # UINT4, INT4 -> signed?
@@ -187,40 +209,46 @@ def _four_bit(t, raw: bytes, numel: int) -> torch.Tensor:
     return vals.to(torch.uint8)
 
 
-def tensor_from_proto(t, base_dir: Path | None) -> torch.Tensor:
-    """An ONNX TensorProto as a torch tensor, checking sizes before allocating. 4-bit types come
-    back unpacked as uint8/int8 codes."""
-    from onnx import TensorProto, numpy_helper
-    if t.data_type in FOUR_BIT:
-        dims = [int(d) for d in t.dims]
-        numel = math.prod(dims)
-        if numel > 1 << 40:
-            raise FrontendError(f"tensor {t.name}: {dims} is absurdly large")
-        raw = _external_bytes(t, base_dir) if t.data_location == TensorProto.EXTERNAL else t.raw_data
-        return _four_bit(t, raw, numel).reshape(dims)
-    if t.data_type not in ONNX_DTYPES:
-        raise FrontendError(f"tensor {t.name}: ONNX data type {t.data_type} is not supported")
-    dt = to_dtype(ONNX_DTYPES[t.data_type])
+def _checked_size(t, itemsize_bits: int) -> tuple[list[int], int, int]:
+    """(dims, element count, bytes) of a tensor, refusing negative dims and more than
+    MAX_TENSOR_BYTES before anything is allocated (Python integers: no overflow on the way)."""
     dims = [int(d) for d in t.dims]
     if any(d < 0 for d in dims):
         raise FrontendError(f"tensor {t.name}: negative dimension in {dims}")
     numel = math.prod(dims)
+    nbytes = (numel * itemsize_bits + 7) // 8
+    if nbytes > MAX_TENSOR_BYTES:
+        raise FrontendError(f"tensor {t.name}: {dims} needs {nbytes} bytes, more than nnforge reads "
+                            f"({MAX_TENSOR_BYTES})")
+    return dims, numel, nbytes
+
+
+def tensor_from_proto(t, base_dir: Path | None) -> torch.Tensor:
+    """An ONNX TensorProto as a torch tensor, checking sizes before allocating. 4-bit types come
+    back unpacked as uint8/int8 codes."""
+    from onnx import TensorProto, numpy_helper
+    external = t.data_location == TensorProto.EXTERNAL
+    if t.data_type in FOUR_BIT:
+        dims, numel, nbytes = _checked_size(t, 4)
+        raw = _external_bytes(t, base_dir, nbytes) if external else t.raw_data
+        return _four_bit(t, raw, numel).reshape(dims)
+    if t.data_type not in ONNX_DTYPES:
+        raise FrontendError(f"tensor {t.name}: ONNX data type {t.data_type} is not supported")
+    dt = to_dtype(ONNX_DTYPES[t.data_type])
     itemsize = torch.empty((), dtype=dt.torch_dtype).element_size()
-    if numel > (1 << 40) // max(itemsize, 1):
-        raise FrontendError(f"tensor {t.name}: {dims} is absurdly large")
-    if t.data_location == TensorProto.EXTERNAL:
-        raw = _external_bytes(t, base_dir)
-        if len(raw) != numel * itemsize:
-            raise FrontendError(f"tensor {t.name}: external data has {len(raw)} bytes, {dims} of {dt} needs "
-                                f"{numel * itemsize}")
-        buf = bytearray(raw)
-        out = torch.frombuffer(buf, dtype=dt.torch_dtype) if numel else torch.empty(0, dtype=dt.torch_dtype)
+    dims, numel, nbytes = _checked_size(t, 8 * itemsize)
+    if external or t.HasField("raw_data"):
+        raw = _external_bytes(t, base_dir, nbytes) if external else t.raw_data
+        if len(raw) != nbytes:
+            raise FrontendError(f"tensor {t.name}: {'external' if external else 'raw'} data has {len(raw)} bytes, "
+                                f"{dims} of {dt} needs {nbytes}")
+        out = torch.frombuffer(bytearray(raw), dtype=dt.torch_dtype) if numel else torch.empty(0, dtype=dt.torch_dtype)
         return out.reshape(dims).clone()
-    if t.HasField("raw_data") and len(t.raw_data) != numel * itemsize:
-        raise FrontendError(f"tensor {t.name}: raw data has {len(t.raw_data)} bytes, {dims} of {dt} needs "
-                            f"{numel * itemsize}")
-    if dt.name == "bfloat16":
-        return torch.frombuffer(bytearray(t.raw_data), dtype=torch.bfloat16).reshape(dims).clone()
+    if dt.name == "bfloat16":        # typed storage: one bfloat16 bit pattern per int32_data entry
+        if len(t.int32_data) != numel:
+            raise FrontendError(f"tensor {t.name}: holds {len(t.int32_data)} values, {dims} needs {numel}")
+        bits = torch.tensor(np.asarray(t.int32_data, dtype=np.int32).astype(np.uint16).view(np.int16))
+        return bits.view(torch.bfloat16).reshape(dims)
     try:
         array = np.array(numpy_helper.to_array(t))
     except ValueError as e:      # typed data (float_data, int32_data...) whose count disagrees with dims
