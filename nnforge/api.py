@@ -16,20 +16,22 @@ from tqdm import tqdm
 
 
 from .backends.base import get_backend
-from .bundle import Bundle, BundleError, check_files, read_manifest
+from .bundle import SIGNATURE, Bundle, BundleError, check_files, read_manifest, runtime_problems
 from .ir import GraphError, Interpreter
 from .numerics import compare, json_safe, within
 from .passes import PassContext, PassError, PassManager, cleanup_passes, resolve_recipe
-from .pipeline import as_tuple, check_import, import_model, write_bundle
+from .pipeline import as_tuple, check_import, import_model, load_state_dict, write_bundle
 from .targets import Target, get_target, list_targets
 
 
 def compile(model, target: str | Target, recipe=None, *, example_inputs, calibration=None, out=None,
             check_inputs=None, dynamic_shapes=None, input_names=None, output_names=None,
-            name: str | None = None, progress: bool = False) -> Bundle:
+            name: str | None = None, progress: bool = False, trust_code: bool = False) -> Bundle:
     """Import ``model``, compress it with ``recipe`` and write a bundle for ``target``.
 
-    model: torch.nn.Module, torch.export.ExportedProgram, or path to an .onnx file.
+    model: torch.nn.Module, torch.export.ExportedProgram, or path to an .onnx file; with
+        ``trust_code=True`` also a file whose loading runs code (TorchScript, a pickled module, .pt2),
+        which is refused otherwise (see nnforge.pipeline.import_model).
     recipe: None, a preset name (see ``nnforge.passes.PRESETS``), a .toml path, or a list of pass configs.
     calibration: iterable of input tuples shaped like example_inputs (for calibrated passes).
     check_inputs: held-out inputs for the numerics check (default: example_inputs).
@@ -52,8 +54,8 @@ def compile(model, target: str | Target, recipe=None, *, example_inputs, calibra
     bar = tqdm(total=3, desc="import", unit="stage", disable=not progress, leave=False)
     t0 = time.perf_counter()
     graph, source = import_model(model, example, dynamic_shapes=dynamic_shapes, input_names=input_names,
-                                 output_names=output_names, name=name)
-    import_check = check_import(model, graph, example)
+                                 output_names=output_names, name=name, trust_code=trust_code)
+    import_check = check_import(model, graph, example) or graph.meta.pop("frontend_check", {})
     timings["frontend_s"] = time.perf_counter() - t0
     bar.update()
     bar.set_description(f"compress ({recipe_name})")
@@ -73,20 +75,27 @@ def compile(model, target: str | Target, recipe=None, *, example_inputs, calibra
     return Bundle.open(out_dir)
 
 
-def load(path, device: str | None = None):
+def load(path, device: str | None = None, *, target: str | None = None, key=None):
     """A runner for the bundle at ``path``: numpy in -> numpy out, torch in -> torch out.
-    The bundle's files are checked against its manifest first; nothing in it is executed except the
-    native library of a CPU (tvm) bundle, loaded only when its sha256 matches (see nnforge.bundle)."""
-    return Bundle.open(path).load(device)
+    The bundle's files are checked against its manifest first (and the manifest against its
+    signature when ``key``, an Ed25519 public key, is given); a bundle for another ``target``, from
+    a newer nnforge or for another runtime version is refused. Nothing in it is executed except
+    the native library of a CPU (tvm) bundle, loaded only when its sha256 matches (see nnforge.bundle)."""
+    return Bundle.open(path, key=key).load(device, target=target)
 
 
-def verify(path) -> dict:
+def verify(path, key=None) -> dict:
     """Re-hash every file of a bundle and re-run its numerics check.
 
-    Raises BundleError naming every changed, missing or extra file, or the failed check.
-    Returns a report: file count, the runtime's agreement with the stored expected outputs
-    (when the target runs here), the reference interpreter's, and the fidelity against fp32."""
-    root, manifest = read_manifest(path)
+    Raises BundleError naming every changed, missing or extra file, or the failed check; with
+    ``key`` (an Ed25519 public key: PEM bytes/text or a path to a PEM file), also a missing or
+    wrong signature of the manifest. Returns a report: file count, signature, the runtime's
+    agreement with the stored expected outputs (when the target runs here), the reference
+    interpreter's, and the fidelity against fp32.
+
+        >>> nf.verify("bundles/mlp-onnx", key="release.pub.pem")["signature"]
+    """
+    root, manifest = read_manifest(path, key=key)
     problems = check_files(root, manifest)
     if problems:
         raise BundleError(f"bundle {root} failed verification: " + "; ".join(problems))
@@ -97,7 +106,8 @@ def verify(path) -> dict:
         raise BundleError(f"bundle {root}: graph.json/weights.safetensors do not form a valid graph: {e}") from None
     inputs, expected, fp32 = bundle.reference()
     tolerance = manifest["numerics"].get("tolerance", {})
-    report = {"path": str(root), "files": len(manifest["files"]), "integrity": "ok", "target": bundle.target}
+    report = {"path": str(root), "files": len(manifest["files"]), "integrity": "ok", "target": bundle.target,
+              "signature": _signature_status(root, key)}
     interp = compare(Interpreter(graph).run(*inputs), expected)
     if not within(interp, tolerance):
         raise BundleError(f"bundle {root}: its graph no longer reproduces its expected outputs "
@@ -105,7 +115,8 @@ def verify(path) -> dict:
     report["interpreter_vs_expected"] = json_safe(interp)
     report["fidelity_vs_fp32"] = json_safe(compare(expected, fp32))
     ok, why = get_target(bundle.target).can_run()
-    if ok:
+    runtime = runtime_problems(manifest) if ok else []
+    if ok and not runtime:
         got = bundle.load()(*inputs)
         got = list(got) if isinstance(got, tuple) else [got]
         metrics = compare(got, expected)
@@ -114,9 +125,28 @@ def verify(path) -> dict:
                               f"{metrics['cosine_min']:.6f} < {tolerance.get('cosine_min')}")
         report["runtime_vs_expected"] = json_safe(metrics)
     else:
-        report["runtime_vs_expected"] = f"skipped: target {bundle.target} {why}"
+        reason = "; ".join(runtime) if runtime else f"target {bundle.target} {why}"
+        report["runtime_vs_expected"] = f"skipped: {reason}"
     report["passed"] = True
     return report
+
+
+def _signature_status(root: Path, key) -> str:
+    if key is not None:
+        from .signing import key_id, load_public_key
+        return f"ok (ed25519, key {key_id(load_public_key(key))})"
+    return "present, not checked (pass key=)" if (root / SIGNATURE).exists() else "unsigned"
+
+
+def sign(path, private_key, *, password: bytes | None = None) -> Path:
+    """Sign the bundle at ``path`` with an Ed25519 private key (PEM bytes/text, a path to a PEM
+    file, or a cryptography key): writes ``manifest.sig``, which ``nf.verify(path, key=public_key)``
+    and ``nf.load(path, key=...)`` check. Needs the cryptography package (``nnforge[sign]``).
+
+        >>> nf.sign(bundle.path, Path("release.pem").read_bytes())
+    """
+    from .signing import sign as sign_bundle
+    return sign_bundle(path, private_key, password=password)
 
 
 def target(name: str) -> Target:
@@ -130,4 +160,4 @@ def targets() -> list[Target]:
     return list_targets()
 
 
-__all__ = ["compile", "load", "verify", "target", "targets", "Bundle"]
+__all__ = ["compile", "load", "verify", "sign", "load_state_dict", "target", "targets", "Bundle"]

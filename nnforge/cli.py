@@ -102,11 +102,12 @@ def cmd_run(args) -> int:
 
 def cmd_verify(args) -> int:
     import nnforge as nf
-    report = nf.verify(args.bundle)
+    report = nf.verify(args.bundle, key=Path(args.key) if args.key else None)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
         print(f"{report['path']}: {report['files']} files intact")
+        print(f"  signature: {report['signature']}")
         print(f"  interpreter vs expected: cosine {report['interpreter_vs_expected']['cosine_min']:.6f}")
         rt = report["runtime_vs_expected"]
         print(f"  runtime vs expected: " + (f"cosine {rt['cosine_min']:.6f}" if isinstance(rt, dict) else rt))
@@ -227,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Re-hash every file of a bundle and re-run its numerics check.")
     v.add_argument("bundle")
     v.add_argument("--json", action="store_true")
+    v.add_argument("--key", default=None, metavar="PUB.pem",
+                   help="Ed25519 public key (PEM): the manifest's signature (manifest.sig) must match it")
     v.set_defaults(fn=cmd_verify)
 
     i = sub.add_parser("inspect", help="describe a bundle or a model",
