@@ -11,9 +11,12 @@
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from ...hls import HEADER_DIR, HEADERS
+from .layers import comment
 from .project import CTYPES, PROJECT, Plan
 
 
@@ -65,9 +68,14 @@ def top_cpp(plan: Plan) -> str:
                      f"{plan.onchip_bytes} bytes; activations stay on chip between layers, weights stream from wmem")
     for buf, n in plan.pool.items():
         lines.append(f"    NF_BUF {CTYPES[plan.buf_kinds.get(buf, 'act')]} {buf}[{n}];")
-    for layer in plan.layers:
-        if layer.call(plan.ids):
-            lines.append(f"    {layer.call(plan.ids)}  // {layer.node}")
+    calls = [(layer.call(plan.ids), layer.node) for layer in plan.layers]
+    read = set(re.findall(r"\w+", " ".join(c for c, _ in calls)))
+    unread = [p for p in [plan.ids[v] for v in plan.inputs] + ["wmem"] if p not in read]
+    if unread:        # a port no layer reads (no weights, an unused input): keep g++ -Wunused-parameter quiet
+        lines += ["#ifndef __SYNTHESIS__", *(f"    (void){p};" for p in unread), "#endif"]
+    for call, node in calls:
+        if call:
+            lines.append(f"    {call}  // {comment(node)}")
     lines += ["}", ""]
     return "\n".join(lines)
 
