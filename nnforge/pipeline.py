@@ -123,16 +123,16 @@ def load_state_dict(path: str | os.PathLike) -> dict:
 
 
 def _unsafe_globals(path: Path, error: Exception) -> list[str]:
-    """What a refused pickle asked for, found without running it: from torch's error, from torch's
-    scan of a torch.save zip, or from the opcodes of a bare pickle."""
-    named = re.findall(r"GLOBAL ([\w.]+)", str(error))
-    if named:
-        return sorted(set(named))
+    """What a refused pickle asks for, found without running it: torch's scan of a torch.save zip,
+    the global named in torch's error, or the opcodes of a bare pickle."""
     try:
         from torch.serialization import get_unsafe_globals_in_checkpoint
-        return sorted(set(get_unsafe_globals_in_checkpoint(os.fspath(path))))
-    except Exception:           # not a torch.save zip: read the opcodes (pickletools never executes them)
-        pass
+        named = get_unsafe_globals_in_checkpoint(os.fspath(path))
+    except Exception:           # not a torch.save zip
+        named = re.findall(r"GLOBAL ([\w.]+)", str(error))
+    if named:
+        return sorted(set(named))
+    # a bare pickle: read its opcodes (pickletools never executes them)
     import pickletools
     try:
         from torch._weights_only_unpickler import _get_allowed_globals

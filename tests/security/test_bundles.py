@@ -446,3 +446,12 @@ def test_cli_verify_with_key(bundle, keys, tmp_path, capsys):
     edit_manifest(bundle, lambda m: m.__setitem__("created", "yesterday"))
     assert main(["verify", str(bundle), "--key", str(tmp_path / "pub.pem")]) == 2
     assert "does not match its signature" in capsys.readouterr().err
+
+
+def test_pack_replaces_a_planted_link_instead_of_writing_through_it(bundle, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    link = tmp_path / "b.tar.gz"
+    link.symlink_to(victim)
+    pack(bundle, link)
+    assert victim.read_text() == "keep" and not link.is_symlink() and tarfile.is_tarfile(link)
