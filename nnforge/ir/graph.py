@@ -15,6 +15,7 @@ methods here; :func:`nnforge.ir.verifier.verify` checks the result.
 """
 from __future__ import annotations
 
+import heapq
 import re
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
@@ -34,6 +35,32 @@ def check_name(name: str, what: str) -> str:
         raise GraphError(f"invalid {what} name {name!r}: names must match {NAME_RE.pattern} "
                          f"and be at most {MAX_NAME_LEN} characters")
     return name
+
+
+class _Names(set):
+    """The names taken in one namespace of a graph. :meth:`fresh` finds the lowest free
+    ``base_i`` in amortised constant time (a 100,000-node graph of unnamed ``relu`` nodes builds
+    in linear time): ``_next[base]`` is a suffix below which every ``base_j`` is taken, lowered
+    again when such a name is given back."""
+
+    def __init__(self, names=()):
+        super().__init__(names)
+        self._next: dict[str, int] = {}
+
+    def discard(self, name) -> None:
+        super().discard(name)
+        base, sep, num = name.rpartition("_") if isinstance(name, str) else ("", "", "")
+        if sep and num.isascii() and num.isdigit() and int(num) < self._next.get(base, 0):
+            self._next[base] = int(num)
+
+    def fresh(self, base: str) -> str:
+        if base not in self:
+            return base
+        i = self._next.get(base, 1)
+        while f"{base}_{i}" in self:
+            i += 1
+        self._next[base] = i
+        return f"{base}_{i}"
 
 
 def sanitize_name(raw: str) -> str:
@@ -115,21 +142,14 @@ class Graph:
         self.nodes: list[Node] = []
         self.weights: dict[str, Value] = {}
         self.meta: dict[str, Any] = {}
-        self._value_names: set[str] = set()
-        self._node_names: set[str] = set()
+        self._value_names = _Names()
+        self._node_names = _Names()
         self._insert_at: int | None = None
 
     # --- building ------------------------------------------------------------------------------
     def fresh_name(self, base: str, *, node: bool = False) -> str:
         """A valid name starting with ``base`` that is not used yet."""
-        taken = self._node_names if node else self._value_names
-        base = sanitize_name(base)
-        if base not in taken:
-            return base
-        i = 1
-        while f"{base}_{i}" in taken:
-            i += 1
-        return f"{base}_{i}"
+        return (self._node_names if node else self._value_names).fresh(sanitize_name(base))
 
     def _claim(self, name: str, what: str) -> str:
         check_name(name, what)
@@ -332,33 +352,63 @@ class Graph:
 
     def toposort(self) -> None:
         """Reorder nodes so that each value is defined before use (stable; raises on a cycle)."""
-        producer = {o: n for n in self.nodes for o in n.outputs}
-        indeg = {n: 0 for n in self.nodes}
-        readers: dict[Node, list[Node]] = {n: [] for n in self.nodes}
-        for n in self.nodes:
+        self.nodes = self.topological_order()
+
+    def topological_order(self) -> list[Node]:
+        """The nodes in an order where each value is defined before it is read, ties kept in the
+        current order (Kahn's algorithm, iterative). A cycle raises a GraphError that names the
+        nodes on one cycle and the order data flows round it:
+
+            graph mlp has a cycle through nodes: act, fc1, fc2 (data flows fc1 -> act -> fc2 -> fc1)
+        """
+        nodes = self.nodes
+        index = {n: i for i, n in enumerate(nodes)}
+        if len(index) != len(nodes):
+            twice = next(n for i, n in enumerate(nodes) if index[n] != i)
+            raise GraphError(f"graph {self.name}: node {twice.name} appears twice in the node list")
+        producer = {o: n for n in nodes for o in n.outputs}
+        indeg = [0] * len(nodes)
+        readers: list[list[int]] = [[] for _ in nodes]
+        for i, n in enumerate(nodes):
             for v in {id(v): v for v in n.inputs if v is not None}.values():
                 p = producer.get(v)
                 if p is not None:
-                    indeg[n] += 1
-                    readers[p].append(n)
-        order_index = {n: i for i, n in enumerate(self.nodes)}
-        import heapq
-        ready = [(order_index[n], n.name) for n in self.nodes if indeg[n] == 0]
-        by_name = {n.name: n for n in self.nodes}
+                    indeg[i] += 1
+                    readers[index[p]].append(i)
+        ready = [i for i, d in enumerate(indeg) if d == 0]
         heapq.heapify(ready)
         out = []
         while ready:
-            _, name = heapq.heappop(ready)
-            n = by_name[name]
-            out.append(n)
-            for r in readers[n]:
+            i = heapq.heappop(ready)
+            out.append(nodes[i])
+            for r in readers[i]:
                 indeg[r] -= 1
                 if indeg[r] == 0:
-                    heapq.heappush(ready, (order_index[r], r.name))
-        if len(out) != len(self.nodes):
-            stuck = sorted(n.name for n in self.nodes if indeg[n] > 0)
-            raise GraphError(f"graph {self.name} has a cycle through nodes: {', '.join(stuck[:10])}")
-        self.nodes = out
+                    heapq.heappush(ready, r)
+        if len(out) == len(nodes):
+            return out
+        # Every node left waits on a value of another node left: walking those reads back from one
+        # of them must come round to a node already seen, which closes a cycle.
+        stuck = [n for i, n in enumerate(nodes) if indeg[i] > 0]
+        seen: dict[Node, int] = {}
+        path: list[Node] = []
+        n = stuck[0]
+        while n not in seen:
+            seen[n] = len(path)
+            path.append(n)
+            n = next(producer[v] for v in n.inputs
+                     if v is not None and v in producer and indeg[index[producer[v]]] > 0)
+        cycle = path[seen[n]:][::-1]                      # in the direction data flows,
+        first = min(range(len(cycle)), key=lambda k: index[cycle[k]])
+        cycle = cycle[first:] + cycle[:first]             # from its first node in graph order
+        names = sorted(m.name for m in cycle)
+        flow = [m.name for m in cycle] + [cycle[0].name]
+        if len(flow) > 12:
+            flow = flow[:5] + [f"... ({len(cycle)} nodes) ..."] + flow[-5:]
+        rest = len(stuck) - len(cycle)
+        raise GraphError(f"graph {self.name} has a cycle through nodes: {', '.join(names[:10])}"
+                         f"{', ...' if len(names) > 10 else ''} (data flows {' -> '.join(flow)})"
+                         + (f"; {rest} more node(s) wait on the cycle" if rest else ""))
 
     def copy(self) -> "Graph":
         """A structural copy: new Values and Nodes; weight encodings (immutable) are shared."""

@@ -111,8 +111,12 @@ class Interpreter:
                     args.append(None)
                 elif v.is_weight:
                     args.append(self.weight(v.name))    # decoded on first use, then cached
-                else:
+                elif v in vals:
                     args.append(vals[v])
+                else:
+                    raise InterpreterError(f"node {node.name} ({node.op}) reads {v.name}, which no input or earlier "
+                                           "node has computed (nodes out of order, or a dangling value: "
+                                           "nnforge.ir.verify names the problem)")
             try:
                 outs = get_op(node.op).run(ctx, args, node.attrs)
             except Exception as e:
@@ -127,6 +131,10 @@ class Interpreter:
             for v in node.inputs:
                 if v is not None and not v.is_weight and self._last_use.get(v, -1) <= i and v in vals:
                     del vals[v]
+        missing = [v.name for v in self.graph.outputs if not v.is_weight and v not in vals]
+        if missing:
+            raise InterpreterError(f"graph output(s) {', '.join(missing[:5])} of graph {self.graph.name} were never "
+                                   "computed (nnforge.ir.verify names the problem)")
         return [self.weight(v.name) if v.is_weight else vals[v] for v in self.graph.outputs]
 
 

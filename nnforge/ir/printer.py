@@ -19,12 +19,18 @@ def _ref(v) -> str:
     return f"@{v.name}" if v.is_weight else f"%{v.name}"
 
 
+def _scalar(v) -> str:
+    if isinstance(v, (list, tuple, dict)):
+        return "[...]"          # never in a verified graph: op schemas allow flat lists only
+    return repr(v) if isinstance(v, str) else str(v)
+
+
 def _attr(v) -> str:
     if isinstance(v, list):
-        return "[" + ", ".join(_attr(x) for x in v) + "]"
-    if isinstance(v, str):
-        return repr(v)
-    return str(v)
+        return "[" + ", ".join(_scalar(x) for x in v) + "]"
+    if isinstance(v, tuple):
+        return "(" + ", ".join(_scalar(x) for x in v) + ")"
+    return _scalar(v)
 
 
 def format_node(n: Node) -> str:
