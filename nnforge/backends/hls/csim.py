@@ -20,7 +20,11 @@ import numpy as np
 
 from ..base import BackendError
 
-CXXFLAGS = ["-std=c++14", "-O1", "-fPIC", "-shared", "-w"]
+# Every generated project instantiates the same templates with config structs of the same names
+# (cfg_n_linear ...) but other contents; with default visibility a second library loaded into the
+# process would bind to the first one's instantiations. Hidden visibility keeps each library's own
+# code private; only nf_run (NF_EXPORT in host.cpp) is exported.
+CXXFLAGS = ["-std=c++14", "-O1", "-fPIC", "-shared", "-w", "-fvisibility=hidden", "-fvisibility-inlines-hidden"]
 
 
 def ap_types_dir() -> Path:

@@ -65,6 +65,7 @@ class HlsOptions:
     part: str = "xcu280-fsvh2892-2L-e"
     clock_mhz: float = 225.0
     onchip_bytes_max: int = 0          # BRAM + URAM of the device (0: unchecked)
+    uram_min_bits: int = 16 * 36864    # activation buffers this large are bound to UltraRAM (0: never)
 
     @classmethod
     def from_target(cls, target) -> "HlsOptions":
@@ -74,6 +75,11 @@ class HlsOptions:
         opts.setdefault("part", fpga.get("part", cls.part))
         opts.setdefault("clock_mhz", float(fpga.get("clock_mhz", cls.clock_mhz)))
         opts.setdefault("onchip_bytes_max", int(fpga.get("bram_36k", 0) * 4608 + fpga.get("uram", 0) * 36864))
+        design = fpga.get("design", {}) if isinstance(fpga.get("design"), dict) else {}
+        if fpga.get("uram", 0) and "uram_min_buffer_kib" in design:      # the simulator's binding rule too
+            opts.setdefault("uram_min_bits", int(design["uram_min_buffer_kib"] * 1024 * 8))
+        elif not fpga.get("uram", 0):
+            opts.setdefault("uram_min_bits", 0)
         return cls.from_dict(opts, f"target {target.name}")
 
     @classmethod
@@ -153,6 +159,15 @@ class Plan:
         """On-chip activation memory of the top function's buffers."""
         size = {"act": (self.opts.act_width + 7) // 8, "int": 4, "bool": 1}
         return sum(n * size[self.buf_kinds.get(b, "act")] for b, n in self.pool.items())
+
+    def buf_bits(self, buf: str) -> int:
+        return {"act": self.opts.act_width, "int": 32, "bool": 1}[self.buf_kinds.get(buf, "act")]
+
+    def in_uram(self, buf: str) -> bool:
+        """Large buffers go to UltraRAM (288 Kb blocks): a batch's activations overflow the BRAM
+        of a U280 long before its URAM; Vitis would map every array to BRAM unless told."""
+        m = self.opts.uram_min_bits
+        return bool(m) and not self.opts.dataflow and self.pool.get(buf, 0) * self.buf_bits(buf) >= m
 
     def ctype(self, value: str) -> str:
         return CTYPES[self.kinds.get(value, "act")]

@@ -68,6 +68,8 @@ def top_cpp(plan: Plan) -> str:
                      f"{plan.onchip_bytes} bytes; activations stay on chip between layers, weights stream from wmem")
     for buf, n in plan.pool.items():
         lines.append(f"    NF_BUF {CTYPES[plan.buf_kinds.get(buf, 'act')]} {buf}[{n}];")
+        if plan.in_uram(buf):
+            lines.append(f"    #pragma HLS BIND_STORAGE variable={buf} type=ram_2p impl=uram")
     calls = [(layer.call(plan.ids), layer.node) for layer in plan.layers]
     read = set(re.findall(r"\w+", " ".join(c for c, _ in calls)))
     unread = [p for p in [plan.ids[v] for v in plan.inputs] + ["wmem"] if p not in read]
@@ -83,7 +85,9 @@ def top_cpp(plan: Plan) -> str:
 def host_cpp(plan: Plan) -> str:
     lines = [f'// C-simulation entry (host only, not synthesised): floats in, floats out.',
              f'#include "{plan.name}.h"', "",
-             'extern "C" int nf_run(const float *const *inputs, float *const *outputs, const unsigned char *wmem) {']
+             "// the one symbol the C-simulation library exports (it is built with -fvisibility=hidden)",
+             '#define NF_EXPORT __attribute__((visibility("default")))', "",
+             'extern "C" NF_EXPORT int nf_run(const float *const *inputs, float *const *outputs, const unsigned char *wmem) {']
     args = []
     for i, v in enumerate(plan.inputs):
         n = plan.sizes[plan.ids[v]]

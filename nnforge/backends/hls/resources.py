@@ -124,6 +124,7 @@ class Cost:
     """One row of the estimate, built up item by item; ``items`` says why each count is there."""
     dsp: int = 0
     bram36: int = 0
+    uram: int = 0
     lut: int = 0
     ff: int = 0
     macs_per_cycle: int = 0
@@ -148,6 +149,12 @@ class Cost:
             self.lut += banks * math.ceil(depth / 64) * width
         self.items.append(f"{what} {banks} x [{depth} x {width}b]: "
                           + (f"{per} BRAM36 each" if per else "LUTRAM"))
+
+    def uram_array(self, what: str, depth: int, width: int) -> None:
+        """An array bound to UltraRAM (BIND_STORAGE impl=uram): blocks of 4K x 72 bits."""
+        n = math.ceil(depth / 4096) * math.ceil(width / 72)
+        self.uram += n
+        self.items.append(f"{what} [{depth} x {width}b]: {n} URAM288")
 
     def divider(self, n: int, bits: int, what: str) -> None:
         self.lut += n * bits * bits
@@ -263,7 +270,7 @@ def _layer_cost(layer, ctx: Ctx) -> tuple[Cost, bool]:
 
 
 def _row(name: str, kind: str, c: Cost, **extra) -> dict:
-    return {"name": name, "kind": kind, **extra, "dsp": c.dsp, "bram36": c.bram36, "lut": c.lut, "ff": c.ff,
+    return {"name": name, "kind": kind, **extra, "dsp": c.dsp, "bram36": c.bram36, "uram": c.uram, "lut": c.lut, "ff": c.ff,
             "macs_per_cycle": c.macs_per_cycle, "why": "; ".join(c.items)}
 
 
@@ -290,7 +297,10 @@ def estimate(plan, family: str | None = None, device: dict | None = None) -> dic
     buffers = []
     for buf, n in plan.pool.items():
         c = Cost()
-        c.array("ping-pong channel" if opts.dataflow else "buffer", n, width[plan.buf_kinds.get(buf, "act")], copies)
+        if plan.in_uram(buf):
+            c.uram_array("buffer (BIND_STORAGE impl=uram)", n, width[plan.buf_kinds.get(buf, "act")])
+        else:
+            c.array("ping-pong channel" if opts.dataflow else "buffer", n, width[plan.buf_kinds.get(buf, "act")], copies)
         buffers.append(_row(buf, "buffer", c, elements=n))
     c = Cost()
     c.logic(2 * INTERFACE["m_axi bundle"][0] + INTERFACE["s_axilite"][0],
@@ -298,26 +308,26 @@ def estimate(plan, family: str | None = None, device: dict | None = None) -> dic
             "m_axi gmem0 (weights) + gmem1 (ports) + s_axilite control (rough); burst FIFOs not counted")
     interface = _row("interface", "interface", c)
     rows = layers + buffers + [interface]
-    total = {k: sum(r[k] for r in rows) for k in ("dsp", "bram36", "lut", "ff", "macs_per_cycle")}
+    total = {k: sum(r[k] for r in rows) for k in ("dsp", "bram36", "uram", "lut", "ff", "macs_per_cycle")}
     out = {"method": "analytic estimate from the layer configs (nnforge.backends.hls.resources); not a synthesis "
                      "report: DSP and BRAM by explicit counting rules, LUT and FF rough",
            "part": opts.part, "dsp_family": fam, "dsp_ports": list(DSP_PORTS[fam]),
            "layers": layers, "buffers": buffers, "interface": interface, "total": total, "unrated": unrated}
     if device:
-        keys = {"dsp": "dsp", "bram36": "bram_36k", "lut": "lut", "ff": "ff"}
+        keys = {"dsp": "dsp", "bram36": "bram_36k", "uram": "uram", "lut": "lut", "ff": "ff"}
         out["utilisation"] = {k: total[k] / device[d] for k, d in keys.items() if device.get(d)}
     return out
 
 
 def format_estimate(est: dict) -> str:
     """The estimate as a text table (one line per layer call, buffer and the interface, then the total)."""
-    head = f"{'name':<24} {'kind':<10} {'DSP':>6} {'BRAM36':>7} {'LUT~':>9} {'FF~':>9} {'MAC/cyc':>8}"
+    head = f"{'name':<24} {'kind':<10} {'DSP':>6} {'BRAM36':>7} {'URAM':>5} {'LUT~':>9} {'FF~':>9} {'MAC/cyc':>8}"
     lines = [f"resource estimate ({est['dsp_family']}, {est['part']}): {est['method']}", head, "-" * len(head)]
     for r in est["layers"] + est["buffers"] + [est["interface"]]:
-        lines.append(f"{r['name'][:24]:<24} {r['kind'][:10]:<10} {r['dsp']:>6} {r['bram36']:>7} {r['lut']:>9} "
+        lines.append(f"{r['name'][:24]:<24} {r['kind'][:10]:<10} {r['dsp']:>6} {r['bram36']:>7} {r['uram']:>5} {r['lut']:>9} "
                      f"{r['ff']:>9} {r['macs_per_cycle']:>8}")
     t = est["total"]
-    lines += ["-" * len(head), f"{'total':<24} {'':<10} {t['dsp']:>6} {t['bram36']:>7} {t['lut']:>9} {t['ff']:>9} "
+    lines += ["-" * len(head), f"{'total':<24} {'':<10} {t['dsp']:>6} {t['bram36']:>7} {t['uram']:>5} {t['lut']:>9} {t['ff']:>9} "
                                 f"{t['macs_per_cycle']:>8}"]
     if "utilisation" in est:
         lines.append("utilisation: " + ", ".join(f"{k} {v:.2%}" for k, v in est["utilisation"].items()))

@@ -241,3 +241,22 @@ def test_specialise_errors_name_the_symbol():
         static_graph(g, {"seq": 0, "batch": 1})
     static, env = static_graph(g, {"seq": 6}, {"x": [2, 9], "y": [2, 4]})
     assert env == {"batch": 2, "seq": 6} and static.outputs[0].shape == (2, 6)
+
+
+def test_two_designs_with_the_same_layer_names_in_one_process(tmp_path, monkeypatch):
+    """Two C-simulation libraries instantiate the same templates with same-named config structs of
+    other sizes; each must run its own code (hidden visibility), not the first-loaded library's."""
+    monkeypatch.setenv("NNFORGE_HLS_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    runners, xs = [], []
+    for width in (8, 24):
+        model = torch.nn.Sequential(torch.nn.Linear(width, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+        x = torch.randn(3, width)
+        b = nf.compile(model, "alveo-u280", example_inputs=(x,), out=tmp_path / f"w{width}")
+        runners.append((nf.load(b.path), model))
+        xs.append(x)
+    for (runner, model), x in zip(runners * 2, xs * 2):        # interleaved calls
+        y = runner(x)
+        assert np.array_equal(y.numpy(), runner.emulate([x.numpy()])[0])
+        with torch.no_grad():
+            assert np.abs(y.numpy() - model(x).numpy()).max() < TOL_ABS

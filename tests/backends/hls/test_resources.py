@@ -14,7 +14,7 @@ from nnforge.backends.hls import resources as R
 from nnforge.backends.hls.project import HlsOptions, build_plan
 from nnforge.ir import Dense, Graph, tensor
 
-KEYS = ("dsp", "bram36", "lut", "ff", "macs_per_cycle")
+KEYS = ("dsp", "bram36", "uram", "lut", "ff", "macs_per_cycle")
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +132,30 @@ def test_every_layer_type_has_a_rule():
     missing = [c.__name__ for c in subclasses(L.Layer) if c not in R.RULES and c is not L.Alias]
     assert not missing, f"no resource rule for {missing}"
     assert G.Ewise in R.RULES
+
+
+def test_large_buffers_are_bound_to_uram(mlp):
+    """Activation buffers of at least uram_min_bits (the target's uram_min_buffer_kib, also the
+    simulator's rule) get BIND_STORAGE impl=uram in the top function and count as URAM288 blocks."""
+    from dataclasses import replace
+
+    from nnforge.backends.hls import render
+    _, plan = mlp
+    assert plan.opts.uram_min_bits == 1024 * 1024 * 8                  # alveo-u280.toml: 1 MiB
+    assert not any(plan.in_uram(b) for b in plan.pool)                # 4 x 64 activations: BRAM / LUTRAM
+    plan.opts = replace(plan.opts, uram_min_bits=64 * plan.opts.act_width)
+    try:
+        big = [b for b in plan.pool if plan.in_uram(b)]
+        assert big
+        top = render.top_cpp(plan)
+        for b in big:
+            assert f"#pragma HLS BIND_STORAGE variable={b} type=ram_2p impl=uram" in top
+        est = R.estimate(plan)
+        rows = {r["name"]: r for r in est["buffers"]}
+        for b in big:
+            n = plan.pool[b]
+            assert rows[b]["uram"] == math.ceil(n / 4096) * math.ceil(plan.opts.act_width / 72)
+            assert rows[b]["bram36"] == 0
+        assert est["total"]["uram"] == _sums(est)["uram"] > 0
+    finally:
+        plan.opts = replace(plan.opts, uram_min_bits=1024 * 1024 * 8)
