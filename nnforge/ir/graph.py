@@ -31,7 +31,8 @@ class GraphError(ValueError):
 
 
 def check_name(name: str, what: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name) or len(name) > MAX_NAME_LEN:
+    # fullmatch: NAME_RE's $ alone would also accept a name ending in a newline
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or len(name) > MAX_NAME_LEN:
         raise GraphError(f"invalid {what} name {name!r}: names must match {NAME_RE.pattern} "
                          f"and be at most {MAX_NAME_LEN} characters")
     return name

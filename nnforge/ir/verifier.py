@@ -32,7 +32,7 @@ Rule = Callable[[Graph], Iterator[str]]
 
 
 def _valid(name) -> bool:
-    return isinstance(name, str) and len(name) <= MAX_NAME_LEN and NAME_RE.match(name) is not None
+    return isinstance(name, str) and len(name) <= MAX_NAME_LEN and NAME_RE.fullmatch(name) is not None
 
 
 def _where(v) -> str:

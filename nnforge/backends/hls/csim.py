@@ -23,7 +23,7 @@ from ..base import BackendError
 # Every generated project instantiates the same templates with config structs of the same names
 # (cfg_n_linear ...) but other contents; with default visibility a second library loaded into the
 # process would bind to the first one's instantiations. Hidden visibility keeps each library's own
-# code private; only nf_run (NF_EXPORT in host.cpp) is exported.
+# code private; only nf_run (marked in host.cpp) is exported.
 CXXFLAGS = ["-std=c++14", "-O1", "-fPIC", "-shared", "-w", "-fvisibility=hidden", "-fvisibility-inlines-hidden"]
 
 

@@ -86,8 +86,7 @@ def host_cpp(plan: Plan) -> str:
     lines = [f'// C-simulation entry (host only, not synthesised): floats in, floats out.',
              f'#include "{plan.name}.h"', "",
              "// the one symbol the C-simulation library exports (it is built with -fvisibility=hidden)",
-             '#define NF_EXPORT __attribute__((visibility("default")))', "",
-             'extern "C" NF_EXPORT int nf_run(const float *const *inputs, float *const *outputs, const unsigned char *wmem) {']
+             'extern "C" __attribute__((visibility("default"))) int nf_run(const float *const *inputs, float *const *outputs, const unsigned char *wmem) {']
     args = []
     for i, v in enumerate(plan.inputs):
         n = plan.sizes[plan.ids[v]]
