@@ -151,6 +151,7 @@ _BACKENDS: dict[str, str] = {"onnx": "nnforge.backends.onnx:OnnxBackend", "tvm":
 _BACKENDS["triton"] = "nnforge.backends.triton:TritonBackend"
 _BACKENDS["coreml"] = "nnforge.backends.coreml:CoremlBackend"
 _BACKENDS["hls"] = "nnforge.backends.hls:HlsBackend"
+_BACKENDS["mlir"] = "nnforge.backends.mlir:MlirBackend"
 _LOADED: dict[str, Backend] = {}
 
 

@@ -1,0 +1,97 @@
+"""The mlir backend: IR -> a torch module -> torch.export -> torch-mlir -> ``model.mlir``, an MLIR
+module for IREE and other MLIR compilers, in linalg-on-tensors (default), TOSA or StableHLO.
+
+The module keeps the compression: every encoded weight is stored as integer constants (int8 codes,
+packed 4/2/1-bit codes, palette indices, N:M metadata) with the float ops that decode it
+(:mod:`.weights`), never as a pre-decoded float tensor, except where a :class:`Fallback` says so.
+Its sizes are those of the bundle's check inputs (see ``export.export_program`` for why it is not
+dynamic).
+
+After writing, the module is parsed back and verified with the MLIR Python bindings torch-mlir
+ships and its constants are counted by element type into the bundle entry. ``load`` compiles it
+for this CPU with torch-mlir's reference JIT (:mod:`.runtime`), so the bundle's numerics check
+runs the module itself.
+
+Target option (nnforge/targets/mlir.toml): ``dialect`` = "linalg-on-tensors" | "tosa" | "stablehlo".
+
+    >>> nf.compile(model, "mlir", "w8", example_inputs=(x,))
+    >>> nf.compile(model, nf.target("mlir").with_options(dialect="stablehlo"), "w8", example_inputs=(x,))
+"""
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+
+from ...ir import Graph
+from ...targets import Target
+from ..base import Backend, BackendError, Lowered, Runner
+from .export import DIALECTS, constant_stats, export_program, parse, to_mlir
+from .module import GraphModule
+from .runtime import MlirRunner, check_ops, signature
+
+MODEL_FILE = "model.mlir"
+
+
+def _dialect(target: Target) -> str:
+    dialect = target.options.get("dialect", "linalg-on-tensors")
+    if dialect not in DIALECTS:
+        raise BackendError(f"target {target.name}: option dialect = {dialect!r} is not one of {', '.join(DIALECTS)}")
+    return dialect
+
+
+def _require_torch_mlir() -> None:
+    try:
+        import torch_mlir  # noqa: F401
+    except ImportError:
+        raise BackendError("the mlir backend needs torch-mlir: pip install 'nnforge[mlir]' "
+                           "(torch-mlir==20261001)") from None
+
+
+class MlirBackend(Backend):
+    name = "mlir"
+    # Every weight-carrying op reads its weight as a decoded tensor; what stays compressed is the
+    # encoding, in any op (see weights.py for each form).
+    native = {(op, kind): form for op in ("linear", "matmul", "conv", "embedding") for kind, form in {
+        "dense": "float constant",
+        "int": "int8 constant (8-bit) or packed int8 bytes (1/2/4-bit) + shifts/masks, (q - zero) * scale",
+        "minifloat": "int8 code constant (FP8) or packed bytes (FP4) + gather from the format's value table",
+        "palettized": "packed index bytes + gather from the LUT",
+        "sparse": "N:M: kept values (own encoding) + packed in-group indices + select",
+        "lowrank": "both factors (own encodings) + their product",
+    }.items()}
+
+    def lower(self, graph: Graph, target: Target, out_dir: Path) -> Lowered:
+        _require_torch_mlir()
+        dialect = _dialect(target)
+        module, fallbacks = GraphModule.build(graph)
+        mlir_module = to_mlir(export_program(module, graph), dialect)
+        path = out_dir / MODEL_FILE
+        with open(path, "w") as f:
+            mlir_module.operation.print(file=f)
+        del mlir_module
+        written = parse(path.read_text())
+        check_ops(written, str(path))            # what load will compile
+        args, _ = signature(written, str(path))
+        entry = {"model": MODEL_FILE, "dialect": dialect, "function": "main",
+                 "inputs": [v.name for v in graph.inputs], "outputs": [v.name for v in graph.outputs],
+                 "input_shapes": {v.name: list(shape) for v, (_, shape) in zip(graph.inputs, args)},
+                 "bytes": path.stat().st_size,
+                 "encoded_weights": sum(1 for v in graph.weights.values() if v.encoding.kind != "dense"),
+                 **constant_stats(written)}
+        return Lowered(files=[MODEL_FILE], entry=entry, fallbacks=fallbacks, toolchain=self.toolchain())
+
+    def load(self, bundle_dir: Path, entry: dict, device: str | None = None) -> Runner:
+        if device not in (None, "cpu"):
+            raise BackendError(f"the mlir backend's runner is a CPU JIT; device {device!r} is not supported "
+                               "(compile model.mlir with an MLIR compiler such as IREE for other devices)")
+        from ...bundle import safe_join
+        return MlirRunner(safe_join(Path(bundle_dir), entry.get("model")), entry)
+
+    def toolchain(self) -> dict[str, str]:
+        try:
+            return {"torch-mlir": importlib.metadata.version("torch-mlir")}
+        except importlib.metadata.PackageNotFoundError:
+            return {}
+
+
+__all__ = ["MlirBackend", "MODEL_FILE"]

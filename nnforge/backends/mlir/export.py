@@ -1,0 +1,142 @@
+"""torch.export of the graph's module, torch-mlir's import and lowering, and the facts read back from
+the module (its constants, the dialects it uses).
+
+    >>> ep = export_program(module, graph)
+    >>> mod = to_mlir(ep, "linalg-on-tensors")            # a torch_mlir.ir.Module
+    >>> stats = constant_stats(parse(str(mod), "linalg-on-tensors"))
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import torch
+
+from ...ir import Graph
+from ..base import BackendError
+
+# The dialects torch-mlir 20261001 lowers to (OutputType names), all checked by the tests.
+DIALECTS = ("linalg-on-tensors", "tosa", "stablehlo")
+CONSTANT_OPS = {"arith.constant": "value", "tosa.const": "values", "stablehlo.constant": "value"}
+
+
+def example_inputs(graph: Graph) -> tuple[torch.Tensor, ...]:
+    """Tensors of the check inputs' shapes (``graph.meta["example_shapes"]``, else the graph's static
+    shapes), all ones: only their shapes and dtypes matter to tracing."""
+    shapes = graph.meta.get("example_shapes") or {}
+    out = []
+    for v in graph.inputs:
+        shape = shapes.get(v.name)
+        if shape is None:
+            if not all(isinstance(d, int) for d in v.shape):
+                raise BackendError(f"mlir backend: input {v.name} has symbolic shape {list(v.shape)} and the graph "
+                                   "carries no example shape for it (graph.meta['example_shapes'])")
+            shape = v.shape
+        out.append(torch.ones(tuple(shape), dtype=v.dtype.torch_dtype))
+    return tuple(out)
+
+
+def export_program(module: torch.nn.Module, graph: Graph):
+    """torch.export of ``module`` at the sizes of the graph's example (check) inputs.
+
+    The program is static on purpose: with dynamic dims, torch-mlir 20261001 miscompiles masked
+    attention (the token embedding of a BERT encoder is lowered for a sequence of length 1, so the
+    module reads and writes out of bounds: seen under its reference JIT with runtime verification),
+    and its TOSA and StableHLO lowerings refuse torch.export's runtime shape assertions."""
+    inputs = example_inputs(graph)
+    try:
+        return torch.export.export(module, inputs, strict=False)
+    except Exception as e:
+        raise BackendError(f"mlir backend: torch.export of graph {graph.name} failed: {type(e).__name__}: "
+                           f"{str(e).strip().splitlines()[0][:400]}") from e
+
+
+def to_mlir(ep, dialect: str):
+    """torch-mlir's FX import of ``ep`` (weights frozen into constants), lowered to ``dialect``."""
+    from torch_mlir import fx
+    if dialect not in DIALECTS:
+        raise BackendError(f"mlir backend: dialect {dialect!r} is not one torch-mlir lowers to here; "
+                           f"choose one of {', '.join(DIALECTS)}")
+    try:
+        return fx.export_and_import(ep, output_type=dialect, func_name="main")
+    except Exception as e:
+        raise BackendError(f"mlir backend: torch-mlir could not lower the program to {dialect}: "
+                           f"{type(e).__name__}: {' '.join(str(e).split())[:600]}") from e
+
+
+def context():
+    """An MLIR context of torch-mlir's bindings with every dialect a module here may use."""
+    from torch_mlir import ir
+    from torch_mlir._mlir_libs import _stablehlo
+    from torch_mlir.dialects import torch as torch_d
+    ctx = ir.Context()
+    torch_d.register_dialect(ctx)
+    _stablehlo.register_dialect(ctx)
+    return ctx
+
+
+def parse(text: str, ctx=None):
+    """The module parsed back (and verified) with torch-mlir's MLIR bindings."""
+    from torch_mlir import ir
+    ctx = ctx or context()
+    with ctx:
+        try:
+            module = ir.Module.parse(text)
+        except ir.MLIRError as e:
+            raise BackendError(f"mlir backend: the written module does not parse: {' '.join(str(e).split())[:600]}") \
+                from None
+        if not module.operation.verify():
+            raise BackendError("mlir backend: the written module parses but does not verify")
+    return module
+
+
+def constant_stats(module) -> dict:
+    """Counts and bytes of the module's tensor constants by element type ("i8", "f32", ...), the
+    largest float constant's shape, and how often each dialect's ops occur."""
+    from torch_mlir import ir
+    consts: Counter = Counter()
+    nbytes: Counter = Counter()
+    dialects: Counter = Counter()
+    largest_float: tuple[int, list] = (0, [])
+
+    def visit(op):
+        nonlocal largest_float
+        name = op.name
+        dialects[name.split(".")[0]] += 1
+        t = op.results[0].type if name in CONSTANT_OPS and len(op.results) == 1 else None
+        if isinstance(t, ir.RankedTensorType):        # (the bindings hand out the concrete type)
+            n = 1
+            for d in t.shape:
+                n *= d
+            if n > 1 and not _splat(op.attributes[CONSTANT_OPS[name]]):
+                et = str(t.element_type)
+                consts[et] += 1
+                nbytes[et] += n * max(_bits(et), 8) // 8
+                if et.startswith(("f", "bf")) and n > largest_float[0]:
+                    largest_float = (n, list(t.shape))
+        return ir.WalkResult.ADVANCE
+
+    module.operation.walk(visit)
+    ints = [et for et in consts if et.startswith(("i", "ui", "si"))]
+    return {"constants": dict(consts), "constant_bytes": dict(nbytes),
+            "integer_constants": sum(consts[et] for et in ints),
+            "integer_constant_bytes": sum(nbytes[et] for et in ints),
+            "float_constants": sum(n for et, n in consts.items() if et not in ints),
+            "float_constant_bytes": sum(b for et, b in nbytes.items() if et not in ints),
+            "largest_float_constant": largest_float[1],
+            "ops_by_dialect": dict(sorted(dialects.items()))}
+
+
+def _splat(attr) -> bool:
+    from torch_mlir import ir
+    return isinstance(attr, ir.DenseElementsAttr) and attr.is_splat
+
+
+def _bits(element_type: str) -> int:
+    """Bits of an MLIR element type: i8 -> 8, bf16 -> 16, f8E4M3FN -> 8, index -> 64."""
+    m = re.match(r"[a-z]+(\d+)", element_type)
+    return int(m.group(1)) if m else 64
+
+
+__all__ = ["DIALECTS", "example_inputs", "export_program", "to_mlir", "context", "parse",
+           "constant_stats"]

@@ -1,0 +1,289 @@
+"""Encoded weights as small torch modules: integer (or index) buffers plus the torch ops that decode
+them, so that torch.export, and then torch-mlir, see integer constants and the dequantisation, not
+a pre-decoded float weight.
+
+One table, by encoding kind (``DECODERS``), of builders ``fn(encoding, name, fallbacks) -> module``;
+calling the module returns the dense weight in the interpreter's compute type (fp32), computed with
+the same float operations as ``Encoding.decode`` so the two agree bit for bit on the CPU.
+
+What each encoding becomes (codes are on the 2-D view of nnforge.ir.encodings: rows x cols):
+
+- ``Dense``: the tensor itself (fp16/bf16 kept in their type, widened to fp32 in the module).
+- ``IntQuant``: 8-bit codes as an int8 (signed) or uint8 tensor [rows, cols]; 1/2/4-bit codes stay
+  packed (the uint8 bytes of nnforge.ir.packing) and are unpacked in the module with shifts and
+  masks; 3/5/6/7-bit codes are widened to one int8/uint8 per code (a reported Fallback). Scales stay
+  float [R, G], zero points become float [R, G] (small integers: exact), act-order becomes an
+  ``index_select`` of the columns.
+- ``MiniFloat``: the code fields as uint8 (8-bit formats) or packed (4-bit), decoded by a gather
+  from the format's value table (2^bits floats); scales decoded to float [R, G] (E8M0 / E4M3 scale
+  codes and the fp32 tensor scale folded in, exactly). FP6 codes are widened to uint8 (Fallback).
+- ``Palettized``: packed (1/2/4-bit) or uint8 indices, the LUT as is, decoded by a gather.
+- ``Sparse`` N:M: the kept values (any inner encoding, itself kept compressed) and the packed
+  in-group indices; the dense weight is a select over the M positions of each group. Block (BSR)
+  and unstructured patterns are decoded to dense at export (Fallback).
+- ``LowRank``: its factors (each kept in its own encoding) and their product in the module.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ...ir import Dense, Encoding, IntQuant, LowRank, MiniFloat, Palettized, Sparse
+from ...ir import minifloat as mf
+from ...ir.encodings import rows_cols
+from ...ir.packing import unpack_bits
+from ..base import Fallback
+
+DECODERS: dict[str, Callable[[Encoding, str, list[Fallback]], torch.nn.Module]] = {}
+
+
+def decoder(kind: str):
+    def deco(fn):
+        DECODERS[kind] = fn
+        return fn
+    return deco
+
+
+def weight_module(enc: Encoding, name: str, fallbacks: list[Fallback]) -> torch.nn.Module:
+    """The module whose call returns ``enc`` decoded (fp32 for float weights)."""
+    fn = DECODERS.get(enc.kind)
+    if fn is None:
+        fallbacks.append(Fallback(name, enc.describe(), f"decoded to {enc.dtype.name} at export (the mlir backend "
+                                  f"has no in-module form for {enc.kind} weights)"))
+        return Constant(enc.decode(torch.float32 if enc.dtype.is_float else None))
+    return fn(enc, name, fallbacks)
+
+
+class Constant(torch.nn.Module):
+    """A stored tensor; float tensors are returned in fp32 (the compute type)."""
+
+    def __init__(self, data: torch.Tensor):
+        super().__init__()
+        self.register_buffer("data", data.detach().contiguous())
+
+    def forward(self):
+        return self.data.to(torch.float32) if self.data.is_floating_point() else self.data
+
+
+@decoder("dense")
+def _dense(enc: Dense, name, fallbacks):
+    return Constant(enc.data)
+
+
+class Unpack(torch.nn.Module):
+    """Stored codes as a signed int8 tensor ``v`` with ``fields = v + base`` in [0, 2^bits).
+
+    Every stored tensor is int8, because TOSA has no unsigned integers (torch-mlir maps uint8 to a
+    signless i8 that TOSA reads as signed). 8-bit fields are stored minus 128 (``base`` = 128); 1, 2
+    and 4-bit fields stay packed (the bytes of nnforge.ir.packing, reinterpreted as int8) and are
+    unpacked with shifts and a mask, which ignore the sign; wider odd sizes (3, 5, 6, 7 bits) are
+    stored one per byte (``widen``)."""
+
+    def __init__(self, packed: torch.Tensor, bits: int, cols: int, widen: bool = False):
+        super().__init__()
+        self.bits, self.cols, self.packed = bits, cols, False
+        if bits == 8:
+            self.base = 128
+            self.register_buffer("data", (packed.to(torch.int16) - 128).to(torch.int8))
+        elif widen:
+            self.base = 0
+            self.register_buffer("data", unpack_bits(packed, bits, cols).to(torch.int8))
+        else:
+            self.base, self.packed = 0, True
+            self.register_buffer("data", packed.contiguous().view(torch.int8))
+            self.register_buffer("shifts", torch.arange(8 // bits, dtype=torch.int8) * bits)
+
+    def forward(self):
+        if not self.packed:
+            return self.data
+        rows, nbytes = self.data.shape
+        full = (rows, nbytes, self.shifts.shape[0])       # spelled out: StableHLO's shifts do not broadcast
+        fields = torch.bitwise_right_shift(self.data.unsqueeze(-1).expand(full), self.shifts.expand(full))
+        fields = torch.bitwise_and(fields, (1 << self.bits) - 1).reshape(rows, -1)
+        return fields if fields.shape[1] == self.cols else fields[:, : self.cols]
+
+
+def code_storage(packed: torch.Tensor, bits: int, cols: int, name: str, what: str,
+                 fallbacks: list[Fallback]) -> Unpack:
+    """Packed codes kept packed where the module can unpack them (8 % bits == 0), else widened to
+    one byte per code (reported)."""
+    if 8 % bits == 0:
+        return Unpack(packed, bits, cols)
+    fallbacks.append(Fallback(name, what, f"{bits}-bit codes widened to one byte each (int8 [rows, {cols}]); "
+                              "the module keeps them as integers and decodes in place"))
+    return Unpack(packed, bits, cols, widen=True)
+
+
+class Grouped(torch.nn.Module):
+    """Multiplies (or offsets) [rows, cols] values by per-group parameters [R, G] (R = 1 or rows),
+    groups of ``group_size`` consecutive columns; ragged last groups through an index."""
+
+    def __init__(self, cols: int, group_size: int):
+        super().__init__()
+        self.cols, self.group_size = cols, group_size
+        self.even = cols % group_size == 0
+        if not self.even:
+            self.register_buffer("group_of", torch.arange(cols, dtype=torch.int64) // group_size)
+
+    def expand(self, p: torch.Tensor) -> torch.Tensor:
+        """``p`` [R, G] as [R, cols] (or [R, G, group_size] flattened) for broadcasting."""
+        if self.even:
+            return p.unsqueeze(-1).expand(p.shape[0], p.shape[1], self.group_size).reshape(p.shape[0], self.cols)
+        return p.index_select(1, self.group_of)
+
+
+class IntQuantWeight(torch.nn.Module):
+    """(code - zero_point) * scale, columns back in original order, reshaped."""
+
+    def __init__(self, enc: IntQuant, name: str, fallbacks: list[Fallback]):
+        super().__init__()
+        rows, cols = rows_cols(enc.shape)
+        self.shape = tuple(enc.shape)
+        self.codes = code_storage(enc.codes, enc.bits, cols, name, enc.describe(), fallbacks)
+        # code = field - 2^(bits-1) for signed codes (offset binary), so code = stored + shift;
+        # signed 8-bit codes are stored as themselves (shift 0)
+        self.shift = float(self.codes.base - ((1 << (enc.bits - 1)) if enc.signed else 0))
+        self.groups = Grouped(cols, enc.group_size)
+        self.register_buffer("scale", enc.scale.contiguous())
+        self.has_zero = enc.zero_point is not None
+        if self.has_zero:
+            self.register_buffer("zero", enc.zero_point.to(torch.float32))
+        self.has_perm = enc.perm is not None
+        if self.has_perm:
+            self.register_buffer("inv_perm", torch.argsort(enc.perm))
+
+    def forward(self):
+        q = self.codes().to(torch.float32)
+        if self.shift:
+            q = q + self.shift
+        if self.has_zero:
+            q = q - self.groups.expand(self.zero)
+        w = q * self.groups.expand(self.scale.to(torch.float32))
+        if self.has_perm:
+            w = w.index_select(1, self.inv_perm)
+        return w.reshape(self.shape)
+
+
+@decoder("int")
+def _int(enc: IntQuant, name, fallbacks):
+    return IntQuantWeight(enc, name, fallbacks)
+
+
+class MiniFloatWeight(torch.nn.Module):
+    """table[code] * scale, columns back in original order, reshaped."""
+
+    def __init__(self, enc: MiniFloat, name: str, fallbacks: list[Fallback]):
+        super().__init__()
+        rows, cols = rows_cols(enc.shape)
+        self.shape, self.rows, self.cols = tuple(enc.shape), rows, cols
+        self.codes = code_storage(enc.codes, enc.fmt.bits, cols, name, enc.describe(), fallbacks)
+        self.register_buffer("table", mf.decode(torch.arange(1 << enc.fmt.bits), enc.fmt, torch.float32))
+        self.register_buffer("scale", enc.scale_values(torch.float32))
+        self.groups = Grouped(cols, enc.group_size)
+        self.has_perm = enc.perm is not None
+        if self.has_perm:
+            self.register_buffer("inv_perm", torch.argsort(enc.perm))
+
+    def forward(self):
+        idx = self.codes().to(torch.int64).reshape(-1)
+        if self.codes.base:
+            idx = idx + self.codes.base
+        q = self.table.index_select(0, idx).reshape(self.rows, self.cols)
+        w = q * self.groups.expand(self.scale)
+        if self.has_perm:
+            w = w.index_select(1, self.inv_perm)
+        return w.reshape(self.shape)
+
+
+@decoder("minifloat")
+def _minifloat(enc: MiniFloat, name, fallbacks):
+    return MiniFloatWeight(enc, name, fallbacks)
+
+
+class PalettizedWeight(torch.nn.Module):
+    """lut[row // group_size, index], reshaped."""
+
+    def __init__(self, enc: Palettized, name: str, fallbacks: list[Fallback]):
+        super().__init__()
+        rows, cols = rows_cols(enc.shape)
+        self.shape, self.rows, self.cols = tuple(enc.shape), rows, cols
+        self.indices = code_storage(enc.indices, enc.bits, cols, name, enc.describe(), fallbacks)
+        self.register_buffer("lut", enc.lut.contiguous())
+        self.per_row = enc.groups > 1
+        if self.per_row:       # where each row's table starts in the flattened LUT (+ the stored base)
+            row_base = ((torch.arange(rows) // enc.group_size) << enc.bits) + self.indices.base
+            self.register_buffer("row_base", row_base.unsqueeze(1))
+
+    def forward(self):
+        idx = self.indices().to(torch.int64)
+        if self.per_row:
+            idx = idx + self.row_base
+        elif self.indices.base:
+            idx = idx + self.indices.base
+        w = self.lut.to(torch.float32).reshape(-1).index_select(0, idx.reshape(-1))
+        return w.reshape(self.shape)
+
+
+@decoder("palettized")
+def _palettized(enc: Palettized, name, fallbacks):
+    return PalettizedWeight(enc, name, fallbacks)
+
+
+class NMSparseWeight(torch.nn.Module):
+    """N:M: dense[r, g, m] = the kept value of group g whose in-group index is m, else 0."""
+
+    def __init__(self, enc: Sparse, name: str, fallbacks: list[Fallback]):
+        super().__init__()
+        rows, cols = rows_cols(enc.shape)
+        p = enc.pattern
+        self.shape, self.rows, self.n, self.m = tuple(enc.shape), rows, p.n, p.m
+        kept = cols // p.m * p.n
+        self.values = weight_module(enc.values, f"{name}.values", fallbacks)
+        self.index = code_storage(enc.index, p.index_bits, kept, name, enc.describe(), fallbacks)
+        self.register_buffer("positions", torch.arange(p.m, dtype=torch.int64))
+        self.has_row_scale = enc.row_scale is not None
+        if self.has_row_scale:
+            self.register_buffer("row_scale", enc.row_scale.contiguous())
+
+    def forward(self):
+        vals = self.values().reshape(self.rows, -1, self.n, 1)
+        idx = self.index().to(torch.int64) + self.index.base
+        idx = idx.reshape(self.rows, -1, self.n, 1)
+        hit = idx == self.positions                              # [rows, groups, N, M]
+        w = torch.where(hit, vals, torch.zeros_like(vals)).sum(2).reshape(self.rows, -1)
+        if self.has_row_scale:
+            w = w * self.row_scale.to(torch.float32).unsqueeze(1)
+        return w.reshape(self.shape)
+
+
+@decoder("sparse")
+def _sparse(enc: Sparse, name, fallbacks):
+    if enc.pattern.kind == "nm":
+        return NMSparseWeight(enc, name, fallbacks)
+    fallbacks.append(Fallback(name, enc.describe(), f"{enc.pattern.name} sparsity decoded to a dense "
+                              f"{enc.dtype.name} tensor at export (the module has no sparse form for it)"))
+    return Constant(enc.decode(torch.float32))
+
+
+class LowRankWeight(torch.nn.Module):
+    """b @ a (+ base), each part in its own encoding."""
+
+    def __init__(self, enc: LowRank, name: str, fallbacks: list[Fallback]):
+        super().__init__()
+        self.shape = tuple(enc.shape)
+        self.a = weight_module(enc.a, f"{name}.a", fallbacks)
+        self.b = weight_module(enc.b, f"{name}.b", fallbacks)
+        self.base = None if enc.base is None else weight_module(enc.base, f"{name}.base", fallbacks)
+
+    def forward(self):
+        w = (self.b() @ self.a()).reshape(self.shape)
+        return w if self.base is None else w + self.base()
+
+
+@decoder("lowrank")
+def _lowrank(enc: LowRank, name, fallbacks):
+    return LowRankWeight(enc, name, fallbacks)
+
+
+__all__ = ["DECODERS", "weight_module", "Constant", "Unpack"]
