@@ -1,0 +1,473 @@
+"""Where accuracy goes: a per-layer account of how a bundle's compressed graph, and its runtime,
+depart from the fp32 model.
+
+:func:`compare_layers` runs the fp32 graph and the bundle's compressed graph on the reference
+interpreter with the same inputs, matches their values by name, and reports one row per float
+value both compute (weight layers are the rows whose node reads a weight). With ``F`` the fp32
+run's value, ``C`` the compressed run's and ``L`` the node re-run on the fp32 run's inputs with the
+bundle's weights (and any node a pass put in front of it, such as activation rounding):
+
+* ``sqnr_db``, ``cosine``: ``C`` against ``F`` (:func:`nnforge.numerics.compare`: the cosine is the
+  minimum over the leading axis, as in the manifest's ``fidelity_vs_fp32``).
+* own error ``L - F``: what this node adds by itself (``own_sqnr_db``, ``own_cosine``);
+  inherited error ``C - L``: what reaches it from upstream, carried through the node.
+  ``C - F = (L - F) + (C - L)`` exactly, so the noise powers relative to the signal (``noise`` =
+  ``|C - F|^2 / |F|^2`` = 10^(-SQNR/10)) add up: ``noise = own_noise + inherited_noise +
+  cross_noise``, the cross term being ``2 <L - F, C - L> / |F|^2``.
+* ``share``: each compressed weight's part of the end-to-end error. The weights are switched from
+  fp32 to their encodings one at a time in graph order (run k has the first k encoded), and the
+  output differences ``d_k = out_k - out_(k-1)`` telescope: ``C_out - F_out = residual + sum d_k``,
+  the residual ``out_0 - F_out`` being what is not in the weights (activation rounding, rewritten
+  structure). A weight's share is ``<d_k, e> / <e, e>`` with ``e = C_out - F_out`` over all float
+  outputs: shares and residual sum to 1, and a share times the end-to-end noise is the noise that
+  weight causes at the outputs. The graph outputs' rows are the end-to-end figures themselves.
+
+Where the bundle's runtime runs here and can show intermediate values (ONNX Runtime: every matched
+value becomes an output of a copy of model.onnx), each row also has the runtime's value against the
+reference interpreter's, and :attr:`Report.first_departure` is the first row, in graph order, beyond
+the manifest's tolerance: where a backend bug starts. Other runtimes are listed as not inspected.
+
+A bundle holds the compressed graph and the fp32 *outputs*, not the fp32 weights: pass ``original``
+(the fp32 Graph, or a torch module or .onnx path imported with ``inputs``); for zoo models (the
+default model included) it is rebuilt from the zoo. It must reproduce the bundle's stored fp32
+outputs on the reference inputs, or it is refused.
+
+    >>> report = compare_layers("bundles/minilm-onnx-w3-gptq")
+    >>> print(report.format_table())
+    >>> report.write_json("divergence.json"); report.write_svg("sqnr.svg")
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from .ir import Graph, Interpreter, WEIGHT_OPS
+from .ir.interpreter import bind_inputs
+from .ir.ops import RunContext, get_op
+from .numerics import BACKEND_TOLERANCE, FP32_TOLERANCE, compare, json_safe, within, within_rounding
+
+
+class DivergenceError(ValueError):
+    """The comparison cannot be made (no fp32 weights, an original that is not the bundle's model)."""
+
+
+@dataclass
+class Row:
+    """One value computed by both graphs (see the module docstring for the figures)."""
+    index: int                      # position of its node in the compressed graph
+    node: str
+    op: str
+    value: str
+    weight: str | None              # the weight the node reads, for weight layers
+    encoding: str | None
+    sqnr_db: float
+    cosine: float
+    own_sqnr_db: float
+    own_cosine: float
+    inherited_sqnr_db: float
+    noise: float
+    own_noise: float
+    inherited_noise: float
+    cross_noise: float
+    share: float | None = None      # part of the end-to-end error (first node reading a weight)
+    backend: dict | None = None     # the runtime's value: vs the reference interpreter and vs fp32
+
+
+@dataclass
+class Report:
+    bundle: str
+    target: str
+    backend_name: str
+    recipe: str
+    inputs: list                    # input shapes
+    end_to_end: dict                # compressed outputs vs fp32 (numerics.compare)
+    rows: list[Row]
+    attribution: dict | None = None   # {"residual": float, "weights": [{weight, node, share}]}
+    backend: dict = field(default_factory=dict)   # {"inspected": bool, "why"/"tolerance"/...}
+
+    @property
+    def layers(self) -> list[Row]:
+        """Rows of weight layers, in graph order."""
+        return [r for r in self.rows if r.weight is not None]
+
+    @property
+    def first_departure(self) -> Row | None:
+        """The first row where the runtime leaves the reference interpreter beyond tolerance."""
+        return next((r for r in self.rows if r.backend and not r.backend["within"]), None)
+
+    def worst(self, n: int = 10, by: str = "own_sqnr_db") -> list[Row]:
+        """The ``n`` weight layers with the lowest ``by`` (or the highest, for ``share``)."""
+        if by == "share":
+            return sorted((r for r in self.layers if r.share is not None), key=lambda r: -r.share)[:n]
+        return sorted(self.layers, key=lambda r: getattr(r, by))[:n]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["rows"] = [json_safe({k: v for k, v in asdict(r).items()}) for r in self.rows]
+        d["end_to_end"] = json_safe(self.end_to_end)
+        dep = self.first_departure
+        d["first_departure"] = None if dep is None else dep.node
+        return d
+
+    def write_json(self, path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=1))
+        return path
+
+    def format_table(self, top: int = 10) -> str:
+        return format_table(self, top)
+
+    def write_svg(self, path) -> Path:
+        path = Path(path)
+        path.write_text(sqnr_svg(self))
+        return path
+
+
+# --- inputs and the fp32 graph --------------------------------------------------------------------
+def _inputs(graph: Graph, inputs) -> list[torch.Tensor]:
+    tensors, _ = bind_inputs(graph, inputs)
+    return tensors
+
+
+def fp32_graph(bundle, original=None, inputs=None) -> Graph:
+    """The bundle's model in fp32 as a graph with the compressed graph's value names: ``original``
+    (a Graph, torch module or model path), or the zoo model the bundle was compiled from, imported
+    and cleaned up as ``nnforge.compile`` does before compressing."""
+    from .passes import PassManager, cleanup_passes
+    from .pipeline import import_model
+    if isinstance(original, Graph):
+        graph = original
+    elif original is not None:
+        graph, _ = import_model(original, tuple(inputs))
+    else:
+        from .models import ZOO, zoo_model
+        name = bundle.manifest["model"]["name"]
+        if name not in ZOO:
+            raise DivergenceError(f"bundle {bundle.path} holds compressed weights only, and its model {name!r} is "
+                                  f"not a zoo model ({', '.join(ZOO)}): pass the fp32 model (original=, or "
+                                  "--model MODEL on the command line)")
+        model, example, dyn, ins, outs = zoo_model(name)
+        graph, _ = import_model(model, example, dynamic_shapes=dyn, input_names=ins, output_names=outs)
+    return PassManager(cleanup_passes()).run(graph)
+
+
+def _check_original(bundle, fp32_outs: list, reference_fp32: list) -> None:
+    metrics = compare(fp32_outs, reference_fp32)
+    if not within(metrics, FP32_TOLERANCE):
+        raise DivergenceError(f"the fp32 model given for bundle {bundle.path} is not the one it was compiled from: "
+                              f"on the bundle's reference inputs it agrees with the stored fp32 outputs to cosine "
+                              f"{metrics['cosine_min']:.6f} < {FP32_TOLERANCE['cosine_min']}")
+
+
+# --- the reference runs ---------------------------------------------------------------------------
+class _Switched(Interpreter):
+    """The compressed graph with some weights given as tensors (fp32 or decoded, shared across runs)."""
+
+    def __init__(self, graph: Graph, given: Mapping[str, torch.Tensor]):
+        super().__init__(graph)
+        self._given = given
+
+    def weight(self, name: str) -> torch.Tensor:
+        return self._given[name] if name in self._given else super().weight(name)
+
+
+def _noise(a: torch.Tensor, b: torch.Tensor, signal: float) -> float:
+    return float(((a - b) ** 2).sum()) / signal
+
+
+def _sqnr(noise: float) -> float:
+    return math.inf if noise == 0 else 10 * math.log10(1 / noise)
+
+
+def _row(i, node, value, c, l, f, weight, encoding) -> Row:
+    total, own = compare([c], [f]), compare([l], [f])
+    cd, ld, fd = c.double(), l.double(), f.double()
+    signal = max(float((fd ** 2).sum()), 1e-300)
+    n, n_own, n_inh = _noise(cd, fd, signal), _noise(ld, fd, signal), _noise(cd, ld, signal)
+    cross = 2 * float(((ld - fd) * (cd - ld)).sum()) / signal
+    return Row(i, node.name, node.op, value.name, weight, encoding, total["sqnr_db"], total["cosine_min"],
+               own["sqnr_db"], own["cosine_min"], _sqnr(n_inh), n, n_own, n_inh, cross)
+
+
+def _layer_weight(node) -> str | None:
+    if node.op in WEIGHT_OPS and len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].is_weight:
+        return node.inputs[1].name
+    return next((v.name for v in node.inputs if v is not None and v.is_weight and v.encoding.kind != "dense"), None)
+
+
+def _runs(fp32: Graph, graph: Graph, inputs: list, backend_values: dict) -> tuple[list, list, list[Row], Interpreter]:
+    """(fp32 outputs, compressed outputs, rows, the compressed graph's interpreter)."""
+    f_vals: dict[str, torch.Tensor] = {v.name: t for v, t in zip(fp32.inputs, inputs)}
+
+    def keep(node, outs):
+        for o, t in zip(node.outputs, outs):
+            f_vals[o.name] = t
+    f_outs = Interpreter(fp32).run(*inputs, capture=keep)
+    _, env = bind_inputs(graph, inputs)
+    ctx = RunContext(env=env, float_dtype=torch.float32)
+    interp = Interpreter(graph)
+    local: dict[str, torch.Tensor] = {}      # values of nodes fp32 lacks, on the fp32 inputs' path
+    rows: list[Row] = []
+    index = {n: i for i, n in enumerate(graph.nodes)}
+
+    def matched(v, t) -> bool:
+        f = f_vals.get(v.name)
+        return f is not None and tuple(f.shape) == tuple(t.shape) and f.dtype == t.dtype
+
+    def step(node, outs):
+        args = []
+        for v in node.inputs:
+            if v is None:
+                args.append(None)
+            elif v.is_weight:
+                args.append(interp.weight(v.name))
+            else:
+                args.append(local[v.name] if v.name in local else f_vals[v.name])
+        own = get_op(node.op).run(ctx, args, node.attrs)
+        w = _layer_weight(node)
+        for o, c, l in zip(node.outputs, outs, own):
+            if not matched(o, c):
+                local[o.name] = l
+                continue
+            if not c.is_floating_point():
+                continue
+            row = _row(index[node], node, o, c, l, f_vals[o.name], w, graph.weights[w].encoding.describe() if w else None)
+            b = backend_values.pop(o.name, None)
+            if b is not None:
+                row.backend = _backend_figures(torch.as_tensor(b), c, f_vals[o.name], graph)
+            rows.append(row)
+    c_outs = interp.run(*inputs, capture=step)
+    return f_outs, c_outs, rows, interp
+
+
+def _flat(outs) -> torch.Tensor:
+    return torch.cat([o.double().flatten() for o in outs if o.is_floating_point()])
+
+
+def _attribution(fp32: Graph, graph: Graph, inputs: list, f_outs, c_outs, interp: Interpreter) -> dict:
+    """Telescoping shares of the end-to-end error, one per compressed weight (module docstring)."""
+    f_w = {name: Interpreter(fp32).weight(name) for name in fp32.weights}
+    order: list[str] = []
+    for node in graph.nodes:
+        for v in node.inputs:
+            if v is not None and v.is_weight and v.name not in order and v.name in f_w:
+                fw, cw = f_w[v.name], interp.weight(v.name)
+                if fw.shape == cw.shape and fw.dtype == cw.dtype and not torch.equal(fw, cw):
+                    order.append(v.name)
+    e = _flat(c_outs) - _flat(f_outs)
+    ee = float(e @ e)
+    if ee == 0:
+        return {"residual": 0.0, "weights": [], "end_to_end_noise": 0.0}
+    given = {name: f_w[name] for name in order}
+    prev = _flat(_Switched(graph, given).run(*inputs))
+    residual = float((prev - _flat(f_outs)) @ e) / ee
+    shares = []
+    for k, name in enumerate(order):
+        given[name] = interp.weight(name)
+        out = _flat(c_outs) if k == len(order) - 1 else _flat(_Switched(graph, given).run(*inputs))
+        shares.append({"weight": name, "share": float((out - prev) @ e) / ee})
+        prev = out
+    return {"residual": residual, "weights": shares,
+            "end_to_end_noise": ee / max(float(_flat(f_outs) @ _flat(f_outs)), 1e-300)}
+
+
+# --- the bundle's runtime -------------------------------------------------------------------------
+def _backend_figures(b: torch.Tensor, c: torch.Tensor, f: torch.Tensor, graph: Graph) -> dict:
+    b = b.to(c.dtype).reshape(c.shape) if b.numel() == c.numel() else b
+    vs_ref, vs_fp32 = compare([b], [c]), compare([b], [f])
+    if any(n.op == "fake_quant" for n in graph.nodes) and not within(vs_ref, BACKEND_TOLERANCE):
+        ok, _ = within_rounding(vs_fp32, compare([c], [f]))
+    else:
+        ok = within(vs_ref, BACKEND_TOLERANCE)
+    return {"cosine_vs_reference": vs_ref["cosine_min"], "max_abs_vs_reference": vs_ref["max_abs_error"],
+            "sqnr_db_vs_fp32": vs_fp32["sqnr_db"], "cosine_vs_fp32": vs_fp32["cosine_min"], "within": bool(ok)}
+
+
+def _onnx_values(bundle, graph: Graph, inputs: list) -> tuple[dict, dict]:
+    """Every float node value ONNX Runtime computes under its IR name, from a copy of model.onnx
+    with those values added as outputs; and the copy's final outputs against the bundle's own."""
+    import onnx
+    from .backends.onnx import OnnxRunner, check_external_data
+    from .backends.onnx.builder import onnx_type
+    from .bundle import safe_join
+    entry = bundle.manifest["backend"]["entry"]
+    path = safe_join(bundle.path, entry["model"])
+    check_external_data(path)
+    model = onnx.load(os.fspath(path), load_external_data=False)
+    produced = {o for n in model.graph.node for o in n.output}
+    have = {o.name for o in model.graph.output}
+    extra = [v for n in graph.nodes for v in n.outputs
+             if v.name in produced and v.name not in have and v.dtype.is_float]
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(v.name, onnx_type(v.dtype), None) for v in extra)
+    files = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    with tempfile.TemporaryDirectory(prefix="nnforge-divergence-") as tmp:
+        for rel in files:                   # ONNX Runtime reads external data next to the model
+            dst = Path(tmp, rel)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(safe_join(bundle.path, rel), dst)
+            except OSError:
+                shutil.copyfile(safe_join(bundle.path, rel), dst)
+        onnx.save_model(model, os.fspath(Path(tmp, "model.onnx")))
+        runner = OnnxRunner(Path(tmp, "model.onnx"), config=entry.get("session_config"))
+        feeds = [np.ascontiguousarray(t.numpy()) for t in inputs]
+        got = runner.run_numpy(feeds)
+    names = runner.output_names
+    values = dict(zip(names, got))
+    plain = bundle.load()(*feeds)
+    plain = list(plain) if isinstance(plain, (tuple, list)) else [plain]
+    exposed = compare([torch.as_tensor(values[n]) for n in names[:len(plain)]], [torch.as_tensor(p) for p in plain])
+    return values, {"exposed": len(extra), "exposed_vs_bundle": json_safe(exposed)}
+
+
+def _backend_values(bundle, graph: Graph, inputs: list) -> tuple[dict, dict]:
+    """(IR value name -> the runtime's value, what was done), or ({}, why not)."""
+    from .bundle import runtime_problems
+    from .targets import get_target
+    name = bundle.manifest["backend"]["name"]
+    ok, why = get_target(bundle.target).can_run()
+    problems = runtime_problems(bundle.manifest) if ok else [why]
+    if problems:
+        return {}, {"name": name, "inspected": False, "why": "; ".join(problems)}
+    if name != "onnx":
+        return {}, {"name": name, "inspected": False,
+                    "why": f"per-layer values of the {name} runtime are not exposed yet (its outputs are checked "
+                           "by nnforge verify)"}
+    values, info = _onnx_values(bundle, graph, inputs)
+    tol = bundle.manifest["numerics"].get("tolerance", BACKEND_TOLERANCE)
+    return values, {"name": name, "inspected": True, "tolerance": tol, **info}
+
+
+# --- the entry point ------------------------------------------------------------------------------
+def compare_layers(bundle, inputs=None, *, original=None, backends: bool = True, attribute: bool = True) -> Report:
+    """Per-layer divergence of a bundle from its fp32 model (see the module docstring).
+
+    bundle: a Bundle or its path. inputs: tensors in graph-input order or a mapping by input name
+    (default: the bundle's reference inputs). original: the fp32 model (Graph, torch module or
+    model path; default: rebuilt from the zoo). backends: also inspect the bundle's runtime where it
+    runs here. attribute: compute each weight's share of the end-to-end error (one extra run of
+    the graph per compressed weight).
+
+        >>> r = compare_layers("bundles/mlp-onnx-w8", original=fp32_graph)
+        >>> r.worst(3)[0].node, r.first_departure
+    """
+    from .bundle import Bundle
+    if not isinstance(bundle, Bundle):
+        bundle = Bundle.open(bundle)
+    graph = bundle.graph()
+    ref_inputs, _, ref_fp32 = bundle.reference()
+    tensors = _inputs(graph, ref_inputs if inputs is None else inputs)
+    fp32 = fp32_graph(bundle, original, tensors)
+    if inputs is not None:
+        _check_original(bundle, Interpreter(fp32).run(*_inputs(fp32, ref_inputs)), ref_fp32)
+    values, info = _backend_values(bundle, graph, tensors) if backends else \
+        ({}, {"inspected": False, "why": "not asked for"})
+    f_outs, c_outs, rows, interp = _runs(fp32, graph, tensors, values)
+    if inputs is None:
+        _check_original(bundle, f_outs, ref_fp32)
+    report = Report(str(bundle.path), bundle.target, bundle.manifest["backend"]["name"],
+                    bundle.manifest["recipe"]["name"], [list(t.shape) for t in tensors],
+                    compare(c_outs, f_outs), rows, backend=info)
+    if attribute:
+        report.attribution = _attribution(fp32, graph, tensors, f_outs, c_outs, interp)
+        first = {}
+        for r in rows:
+            first.setdefault(r.weight, r)
+        for s in report.attribution["weights"]:
+            if s["weight"] in first:
+                first[s["weight"]].share = s["share"]
+                s["node"] = first[s["weight"]].node
+    dep = report.first_departure
+    if info.get("inspected"):
+        info["first_departure"] = None if dep is None else dep.node
+    return report
+
+
+# --- the report -----------------------------------------------------------------------------------
+def _db(x: float) -> str:
+    return "inf" if math.isinf(x) else f"{x:.1f}"
+
+
+def format_table(report: Report, top: int = 10) -> str:
+    e = report.end_to_end
+    lines = [f"divergence of {report.bundle} ({report.recipe}, target {report.target}) on inputs "
+             f"{report.inputs}: end-to-end cosine {e['cosine_min']:.6f}, SQNR {_db(e['sqnr_db'])} dB",
+             f"  {len(report.rows)} values compared, {len(report.layers)} weight layers; "
+             f"the {min(top, len(report.layers))} that lose the most on their own:",
+             f"  {'node':<44} {'op':<10} {'encoding':<24} {'SQNR':>6} {'own':>6} {'inher.':>6} {'cosine':>9} "
+             f"{'share':>7}"]
+    for r in report.worst(top):
+        share = "" if r.share is None else f"{100 * r.share:6.1f}%"
+        lines.append(f"  {r.node[:44]:<44} {r.op:<10} {(r.encoding or '')[:24]:<24} {_db(r.sqnr_db):>6} "
+                     f"{_db(r.own_sqnr_db):>6} {_db(r.inherited_sqnr_db):>6} {r.cosine:9.6f} {share:>7}")
+    a = report.attribution
+    if a is not None:
+        lines.append(f"  shares of the end-to-end error: weights {100 * sum(s['share'] for s in a['weights']):.1f}%, "
+                     f"not in the weights (activations, structure) {100 * a['residual']:.1f}%")
+    b = report.backend
+    if not b.get("inspected"):
+        lines.append(f"  runtime ({b.get('name', report.backend_name)}): not inspected: {b.get('why')}")
+    else:
+        dep = report.first_departure
+        seen = sum(1 for r in report.rows if r.backend)
+        where = "none" if dep is None else (f"{dep.node} ({dep.op}): cosine vs reference "
+                                            f"{dep.backend['cosine_vs_reference']:.6f}")
+        lines.append(f"  runtime ({b['name']}): {seen} values compared with the reference interpreter "
+                     f"(tolerance {b['tolerance']}); first departure: {where}")
+    return "\n".join(lines)
+
+
+def sqnr_svg(report: Report) -> str:
+    """SQNR against fp32 by value in graph order: the compressed run (line), each weight layer's own
+    (dots), the runtime's (grey line, where inspected) and its first departure (red)."""
+    rows = report.rows
+    w, h, left, right, top, bottom = 900, 360, 50, 20, 30, 40
+    finite = [x for r in rows for x in (r.sqnr_db, r.own_sqnr_db) if not math.isinf(x)] or [0.0]
+    hi = max(finite) + 5
+    lo = min(min(finite) - 5, 0.0)
+
+    def xy(i, db):
+        db = hi if math.isinf(db) else min(db, hi)
+        return (left + (w - left - right) * i / max(len(rows) - 1, 1),
+                top + (h - top - bottom) * (hi - db) / max(hi - lo, 1e-9))
+
+    def line(key, colour):
+        pts = [xy(i, key(r)) for i, r in enumerate(rows) if key(r) is not None]
+        return f'<polyline fill="none" stroke="{colour}" stroke-width="1.2" points="' + \
+            " ".join(f"{x:.1f},{y:.1f}" for x, y in pts) + '"/>'
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
+             'font-size="11">', f'<rect width="{w}" height="{h}" fill="white"/>',
+             f'<text x="{w / 2}" y="18" text-anchor="middle">SQNR vs fp32 by value: {html.escape(report.recipe)} '
+             f'({html.escape(report.target)})</text>']
+    for tick in range(int(math.floor(lo / 10) * 10), int(hi) + 1, 10):
+        _, y = xy(0, tick)
+        parts.append(f'<line x1="{left}" x2="{w - right}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>'
+                     f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">{tick}</text>')
+    parts.append(f'<text x="12" y="{h / 2}" transform="rotate(-90 12 {h / 2})" text-anchor="middle">dB</text>')
+    parts.append(f'<text x="{w / 2}" y="{h - 8}" text-anchor="middle">value (graph order; dots: weight layers, '
+                 'own error)</text>')
+    parts.append(line(lambda r: r.sqnr_db, "#1f77b4"))
+    if any(r.backend for r in rows):
+        parts.append(line(lambda r: r.backend["sqnr_db_vs_fp32"] if r.backend else None, "#999"))
+    for i, r in enumerate(rows):
+        if r.weight is not None:
+            x, y = xy(i, r.own_sqnr_db)
+            parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="#ff7f0e"><title>{r.node}: own '
+                         f'{_db(r.own_sqnr_db)} dB</title></circle>')
+    dep = report.first_departure
+    if dep is not None:
+        x, _ = xy(rows.index(dep), 0)
+        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{h - bottom}" stroke="red"/>'
+                     f'<text x="{x + 3:.1f}" y="{top + 10}" fill="red">{dep.node}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
