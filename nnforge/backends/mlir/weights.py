@@ -6,18 +6,19 @@ One table, by encoding kind (``DECODERS``), of builders ``fn(encoding, name, fal
 calling the module returns the dense weight in the interpreter's compute type (fp32), computed with
 the same float operations as ``Encoding.decode`` so the two agree bit for bit on the CPU.
 
-What each encoding becomes (codes are on the 2-D view of nnforge.ir.encodings: rows x cols):
+What each encoding becomes (codes are on the 2-D view of nnforge.ir.encodings: rows x cols). Every
+stored code tensor is int8 (see ``Unpack``: TOSA has no unsigned integers):
 
 - ``Dense``: the tensor itself (fp16/bf16 kept in their type, widened to fp32 in the module).
-- ``IntQuant``: 8-bit codes as an int8 (signed) or uint8 tensor [rows, cols]; 1/2/4-bit codes stay
-  packed (the uint8 bytes of nnforge.ir.packing) and are unpacked in the module with shifts and
-  masks; 3/5/6/7-bit codes are widened to one int8/uint8 per code (a reported Fallback). Scales stay
-  float [R, G], zero points become float [R, G] (small integers: exact), act-order becomes an
-  ``index_select`` of the columns.
-- ``MiniFloat``: the code fields as uint8 (8-bit formats) or packed (4-bit), decoded by a gather
-  from the format's value table (2^bits floats); scales decoded to float [R, G] (E8M0 / E4M3 scale
-  codes and the fp32 tensor scale folded in, exactly). FP6 codes are widened to uint8 (Fallback).
-- ``Palettized``: packed (1/2/4-bit) or uint8 indices, the LUT as is, decoded by a gather.
+- ``IntQuant``: 8-bit codes as an int8 tensor [rows, cols] (signed codes as themselves, unsigned
+  ones minus 128); 1/2/4-bit codes stay packed (the bytes of nnforge.ir.packing, half a byte per
+  4-bit code) and are unpacked in the module with shifts and masks; 3/5/6/7-bit codes are widened
+  to one byte per code (a reported Fallback). Scales stay float [R, G], zero points become float
+  [R, G] (small integers: exact), act-order is an ``index_select`` of the columns.
+- ``MiniFloat``: the code fields as int8 (FP8) or packed (FP4), decoded by a gather from the
+  format's value table (2^bits floats); scales decoded to float [R, G] (E8M0 / E4M3 scale codes
+  and the fp32 tensor scale folded in, exactly). FP6 codes are widened to one byte (Fallback).
+- ``Palettized``: packed (1/2/4-bit) or one-byte indices and the LUT as it is, decoded by a gather.
 - ``Sparse`` N:M: the kept values (any inner encoding, itself kept compressed) and the packed
   in-group indices; the dense weight is a select over the M positions of each group. Block (BSR)
   and unstructured patterns are decoded to dense at export (Fallback).
