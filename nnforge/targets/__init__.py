@@ -77,6 +77,7 @@ REQUIREMENTS = {
     "triton": lambda: (_has_module("triton"), "python package triton"),
     "coremltools": lambda: (_has_module("coremltools"), "python package coremltools"),
     "hls4ml": lambda: (_has_module("hls4ml"), "python package hls4ml (ap_types headers)"),
+    "torch-mlir": lambda: (_has_module("torch_mlir"), "python package torch-mlir (its reference JIT runs the module)"),
     "g++": lambda: (shutil.which("g++") is not None, "g++ on PATH"),
     "cuda": _cuda,
     "macos": lambda: (sys.platform == "darwin", "macOS (Core ML runtime)"),
