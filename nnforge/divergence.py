@@ -181,22 +181,51 @@ class _Switched(Interpreter):
         return self._given[name] if name in self._given else super().weight(name)
 
 
-def _noise(a: torch.Tensor, b: torch.Tensor, signal: float) -> float:
-    return float(((a - b) ** 2).sum()) / signal
-
-
 def _sqnr(noise: float) -> float:
-    return math.inf if noise == 0 else 10 * math.log10(1 / noise)
+    return math.inf if noise == 0 else 10 * math.log10(1 / max(noise, 1e-300))
 
 
-def _row(i, node, value, c, l, f, weight, encoding) -> Row:
-    total, own = compare([c], [f]), compare([l], [f])
-    cd, ld, fd = c.double(), l.double(), f.double()
-    signal = max(float((fd ** 2).sum()), 1e-300)
-    n, n_own, n_inh = _noise(cd, fd, signal), _noise(ld, fd, signal), _noise(cd, ld, signal)
-    cross = 2 * float(((ld - fd) * (cd - ld)).sum()) / signal
-    return Row(i, node.name, node.op, value.name, weight, encoding, total["sqnr_db"], total["cosine_min"],
-               own["sqnr_db"], own["cosine_min"], _sqnr(n_inh), n, n_own, n_inh, cross)
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    t = t.double()
+    return t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(1, -1)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products of [rows, n] tensors."""
+    return torch.linalg.vecdot(a, b)
+
+
+def _cosine(ab, aa, bb) -> float:
+    """The smallest row cosine, as numerics.compare: rows zero in both count as 1."""
+    cos = ab / torch.clamp(torch.sqrt(aa * bb), min=1e-30)
+    cos = torch.where((aa == 0) & (bb == 0), torch.ones_like(cos), cos)
+    return float(cos.min())
+
+
+def _figures(c: torch.Tensor, l: torch.Tensor, f: torch.Tensor) -> dict:
+    """SQNR, cosine and noise powers of ``c`` (and ``l``) against ``f``; numerics.compare's
+    definitions, computed once per value in float64."""
+    c, l, f = _rows(c), _rows(l), _rows(f)
+    ff = _dot(f, f)
+    signal = max(float(ff.sum()), 1e-300)
+    e_own, e_inh = l - f, c - l
+    n_own = float(_dot(e_own, e_own).sum()) / signal
+    n_inh = float(_dot(e_inh, e_inh).sum()) / signal
+    cross = 2 * float(_dot(e_own, e_inh).sum()) / signal
+    e = e_own + e_inh
+    n = float(_dot(e, e).sum()) / signal
+    return {"sqnr_db": _sqnr(n), "cosine": _cosine(_dot(c, f), _dot(c, c), ff), "own_sqnr_db": _sqnr(n_own),
+            "own_cosine": _cosine(_dot(l, f), _dot(l, l), ff), "inherited_sqnr_db": _sqnr(n_inh), "noise": n,
+            "own_noise": n_own, "inherited_noise": n_inh, "cross_noise": cross}
+
+
+def _vs(a: torch.Tensor, ref: torch.Tensor) -> dict:
+    """cosine_min, sqnr_db and max_abs_error of ``a`` against ``ref`` (as numerics.compare)."""
+    a2, r2 = _rows(a), _rows(ref)
+    rr, e = _dot(r2, r2), a2 - r2
+    noise = float(_dot(e, e).sum()) / max(float(rr.sum()), 1e-300)
+    return {"cosine_min": _cosine(_dot(a2, r2), _dot(a2, a2), rr), "sqnr_db": _sqnr(noise),
+            "max_abs_error": float(e.abs().max()) if e.numel() else 0.0}
 
 
 def _layer_weight(node) -> str | None:
@@ -241,7 +270,8 @@ def _runs(fp32: Graph, graph: Graph, inputs: list, backend_values: dict) -> tupl
                 continue
             if not c.is_floating_point():
                 continue
-            row = _row(index[node], node, o, c, l, f_vals[o.name], w, graph.weights[w].encoding.describe() if w else None)
+            row = Row(index[node], node.name, node.op, o.name, w, graph.weights[w].encoding.describe() if w else None,
+                      **_figures(c, l, f_vals[o.name]))
             b = backend_values.pop(o.name, None)
             if b is not None:
                 row.backend = _backend_figures(torch.as_tensor(b), c, f_vals[o.name], graph)
@@ -284,9 +314,9 @@ def _attribution(fp32: Graph, graph: Graph, inputs: list, f_outs, c_outs, interp
 # --- the bundle's runtime -------------------------------------------------------------------------
 def _backend_figures(b: torch.Tensor, c: torch.Tensor, f: torch.Tensor, graph: Graph) -> dict:
     b = b.to(c.dtype).reshape(c.shape) if b.numel() == c.numel() else b
-    vs_ref, vs_fp32 = compare([b], [c]), compare([b], [f])
+    vs_ref, vs_fp32 = _vs(b, c), _vs(b, f)
     if any(n.op == "fake_quant" for n in graph.nodes) and not within(vs_ref, BACKEND_TOLERANCE):
-        ok, _ = within_rounding(vs_fp32, compare([c], [f]))
+        ok, _ = within_rounding(vs_fp32, _vs(c, f))
     else:
         ok = within(vs_ref, BACKEND_TOLERANCE)
     return {"cosine_vs_reference": vs_ref["cosine_min"], "max_abs_vs_reference": vs_ref["max_abs_error"],
