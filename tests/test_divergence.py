@@ -1,0 +1,203 @@
+"""The divergence locator: per-layer figures that add up to the end-to-end ones, and planted faults
+(one layer's scales x1.5, in the graph or in the runtime's model) found at the right layer."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+import nnforge as nf
+from nnforge.bundle import Bundle, write_manifest
+from nnforge.divergence import DivergenceError, compare_layers
+from nnforge.ir import save_graph
+from nnforge.numerics import compare
+from nnforge.pipeline import import_model
+
+from .backends.tiny_encoder import TinyEncoder, encoder_inputs
+
+PLANTED = "v_2"             # the middle linear layer of the MLP below
+
+
+def mlp(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.GELU(),
+                               torch.nn.Linear(32, 8)).eval()
+
+
+@pytest.fixture(scope="module")
+def mlp_case(tmp_path_factory):
+    """(bundle path, fp32 graph) of the MLP compiled with int8 weights for onnx."""
+    model, x = mlp(), torch.randn(6, 16, generator=torch.Generator().manual_seed(1))
+    out = tmp_path_factory.mktemp("div") / "mlp-w8"
+    nf.compile(model, "onnx", "w8", example_inputs=(x,), out=out)
+    return out, import_model(model, (x,))[0]
+
+
+def plant_in_graph(src, dst, layer: str = PLANTED, factor: float = 1.5) -> None:
+    """A copy of the bundle whose graph has ``layer``'s int8 scales times ``factor`` (its ONNX model,
+    which holds these small scales inline, is left as compiled); the manifest is re-hashed."""
+    import shutil
+    shutil.copytree(src, dst)
+    b = Bundle.open(dst)
+    g = b.graph()
+    w = g.weights[f"{layer}.weight"]
+    w.encoding = dataclasses.replace(w.encoding, scale=w.encoding.scale * factor)
+    save_graph(g, dst / "graph.json", dst / "weights.safetensors")
+    write_manifest(dst, b.manifest)
+
+
+def plant_in_runtime(src, dst, layer: str = PLANTED, factor: float = 1.5) -> None:
+    """A copy of the bundle whose model.onnx has ``layer``'s scale initializer times ``factor``."""
+    import shutil
+    shutil.copytree(src, dst)
+    m = onnx.load(str(dst / "model.onnx"), load_external_data=False)
+    (init,) = [t for t in m.graph.initializer if t.name == f"{layer}.weight.scale"]
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * factor, init.name))
+    onnx.save_model(m, str(dst / "model.onnx"))
+    write_manifest(dst, Bundle.open(dst, check=False).manifest)
+
+
+def test_figures_add_up(mlp_case):
+    path, fp32 = mlp_case
+    r = compare_layers(path, original=fp32)
+    bundle = Bundle.open(path)
+    _, expected, ref_fp32 = bundle.reference()
+    # the last value is the graph output: its figures are the end-to-end ones, and those are the
+    # manifest's (up to the last bits of float32 sums, which vary between runs of the same graph)
+    fidelity = bundle.manifest["numerics"]["fidelity_vs_fp32"]
+    last = r.rows[-1]
+    assert last.value == bundle.graph().outputs[0].name
+    assert last.cosine == pytest.approx(r.end_to_end["cosine_min"], abs=1e-12)
+    assert last.sqnr_db == pytest.approx(r.end_to_end["sqnr_db"], abs=1e-9)
+    assert last.cosine == pytest.approx(fidelity["cosine_min"], abs=1e-9)
+    assert last.sqnr_db == pytest.approx(fidelity["sqnr_db"], abs=1e-3)
+    assert r.end_to_end["cosine_min"] == pytest.approx(compare(expected, ref_fp32)["cosine_min"], abs=1e-9)
+    for row in r.rows:           # C - F = (L - F) + (C - L): noise powers add up with the cross term
+        assert row.noise == pytest.approx(row.own_noise + row.inherited_noise + row.cross_noise, rel=1e-9, abs=1e-18)
+        assert row.noise == pytest.approx(10 ** (-row.sqnr_db / 10), rel=1e-9)
+    # the first layer reads the graph input: it inherits nothing; ops without weights add nothing
+    assert r.rows[0].inherited_noise == 0 and math.isinf(r.rows[0].inherited_sqnr_db)
+    assert all(row.own_noise == 0 for row in r.rows if row.weight is None)
+    # weights' shares and the residual sum to the whole end-to-end error
+    a = r.attribution
+    assert [s["weight"] for s in a["weights"]] == ["v_0.weight", "v_2.weight", "v_4.weight"]
+    assert sum(s["share"] for s in a["weights"]) + a["residual"] == pytest.approx(1.0, abs=1e-9)
+    assert a["residual"] == pytest.approx(0.0, abs=1e-12)     # weight-only recipe
+    assert a["end_to_end_noise"] == pytest.approx(10 ** (-r.end_to_end["sqnr_db"] / 10), rel=1e-9)
+    # the runtime agrees with the reference everywhere, and exposing its values changed nothing
+    assert r.backend["inspected"] and r.first_departure is None
+    assert all(row.backend and row.backend["within"] for row in r.rows)
+    assert r.backend["exposed_vs_bundle"]["max_abs_error"] == 0.0
+
+
+def test_planted_fault_in_the_graph(mlp_case, tmp_path):
+    path, fp32 = mlp_case
+    plant_in_graph(path, tmp_path / "faulty")
+    r = compare_layers(tmp_path / "faulty", original=fp32)
+    assert r.worst(1)[0].node == PLANTED                     # the layer that loses the most on its own
+    assert r.worst(1, by="share")[0].node == PLANTED         # and causes most of the output error
+    clean = compare_layers(path, original=fp32, backends=False)
+    before = {row.node: row for row in clean.layers}
+    for row in r.layers:                                     # the other layers add what they did before
+        if row.node != PLANTED:
+            assert row.own_sqnr_db == pytest.approx(before[row.node].own_sqnr_db, abs=1e-6)
+    # the runtime kept the correct (inline) scales: it departs from the faulty graph at that layer
+    assert r.first_departure is not None and r.first_departure.node == PLANTED
+
+
+def test_planted_fault_in_the_runtime(mlp_case, tmp_path):
+    path, fp32 = mlp_case
+    plant_in_runtime(path, tmp_path / "faulty")
+    r = compare_layers(tmp_path / "faulty", original=fp32, attribute=False)
+    dep = r.first_departure
+    assert dep is not None and dep.node == PLANTED and dep.backend["cosine_vs_reference"] < 0.9999
+    assert all(row.backend["within"] for row in r.rows[: r.rows.index(dep)])
+    assert r.backend["first_departure"] == PLANTED
+    assert r.attribution is None
+
+
+def test_an_original_that_is_not_the_bundles_model_is_refused(mlp_case):
+    path, _ = mlp_case
+    x = torch.randn(6, 16)
+    with pytest.raises(DivergenceError, match="not the one it was compiled from"):
+        compare_layers(path, original=import_model(mlp(seed=5), (x,))[0])
+    with pytest.raises(DivergenceError, match="not a zoo model"):
+        compare_layers(path)
+
+
+def test_other_inputs(mlp_case):
+    path, fp32 = mlp_case
+    x = torch.randn(6, 16, generator=torch.Generator().manual_seed(7))
+    r = compare_layers(path, {"input": x}, original=fp32, attribute=False)
+    assert r.inputs == [[6, 16]] and len(r.layers) == 3
+    got = nf.load(path)(x)
+    assert r.end_to_end["cosine_min"] == pytest.approx(compare([got], [fp32_out(fp32, x)])["cosine_min"], abs=1e-5)
+
+
+def fp32_out(graph, x):
+    from nnforge.ir import Interpreter
+    return Interpreter(graph).run(x)[0]
+
+
+def test_encoder_with_rounded_activations(tmp_path):
+    # w8a8 inserts activation rounding (fake_quant) and rescales weights (SmoothQuant): values fp32
+    # lacks are followed on the fp32 inputs' path, and the error outside the weights is the residual
+    model = TinyEncoder().eval()
+    ids, mask = encoder_inputs(2, 8, seed=0)
+    calib = [encoder_inputs(2, 8, seed=s) for s in range(1, 4)]
+    nf.compile(model, "onnx", "w8a8", example_inputs=(ids, mask), calibration=calib, out=tmp_path / "enc")
+    fp32 = import_model(model, (ids, mask))[0]
+    r = compare_layers(tmp_path / "enc", original=fp32)
+    ops = {row.op for row in r.layers}
+    assert {"linear", "embedding"} <= ops
+    a = r.attribution
+    assert sum(s["share"] for s in a["weights"]) + a["residual"] == pytest.approx(1.0, abs=1e-9)
+    assert a["residual"] != 0.0
+    assert r.rows[-1].cosine == pytest.approx(r.end_to_end["cosine_min"], abs=1e-12)
+    assert r.backend["inspected"] and r.first_departure is None
+    masked = [row for row in r.rows if row.op == "where"]     # -inf at padded keys, in both runs
+    assert masked and all(row.nonfinite == 0 and math.isfinite(row.sqnr_db) for row in masked)
+
+
+def test_report_files(mlp_case, tmp_path):
+    path, fp32 = mlp_case
+    r = compare_layers(path, original=fp32)
+    data = json.loads(r.write_json(tmp_path / "r.json").read_text())
+    assert data["first_departure"] is None and len(data["rows"]) == len(r.rows)
+    assert data["rows"][0]["inherited_sqnr_db"] == "inf"
+    svg = r.write_svg(tmp_path / "r.svg").read_text()
+    assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>") and svg.count("<circle") == 3
+    text = r.format_table(2)
+    assert "end-to-end cosine" in text and "first departure: none" in text
+    assert len([line for line in text.splitlines() if "linear" in line]) == 2
+
+
+def test_exported_from_the_package():
+    assert nf.compare_layers is compare_layers and "compare_layers" in nf.__all__
+
+
+@pytest.mark.slow
+def test_default_model_w3_gptq(tmp_path):
+    """The default model with w3-gptq: the worst layers are named, and the figures add up."""
+    from nnforge.models import default as dm, zoo_model
+    model, example, dyn, ins, outs = zoo_model("minilm")
+    _, tok = dm.load_default_model()
+    calib, _ = dm.sentence_splits()
+    calibration = dm.calibration_batches(tok, calib[:64], 32)
+    nf.compile(model, "onnx", "w3-gptq", example_inputs=example, calibration=calibration, dynamic_shapes=dyn,
+               input_names=ins, output_names=outs, out=tmp_path / "w3")
+    r = compare_layers(tmp_path / "w3")                # the fp32 model is rebuilt from the zoo
+    assert len(r.layers) >= 36
+    worst = r.worst(5)
+    assert all(w.encoding.startswith("u3") for w in worst)
+    assert worst[0].own_sqnr_db < r.layers[0].own_sqnr_db or worst[0] is r.layers[0]
+    a = r.attribution
+    assert sum(s["share"] for s in a["weights"]) + a["residual"] == pytest.approx(1.0, abs=1e-6)
+    fidelity = Bundle.open(tmp_path / "w3").manifest["numerics"]["fidelity_vs_fp32"]
+    assert r.rows[-1].cosine == pytest.approx(fidelity["cosine_min"], abs=1e-9)
+    assert r.backend["inspected"] and r.first_departure is None
