@@ -120,6 +120,8 @@ def cmd_verify(args) -> int:
 def cmd_inspect(args) -> int:
     from .bundle import Bundle
     path = Path(args.path)
+    if args.compare:
+        return _inspect_compare(args, path)
     if path.is_dir():
         bundle = Bundle.open(path)
         m = bundle.manifest
@@ -148,6 +150,39 @@ def cmd_inspect(args) -> int:
     from .pipeline import import_model
     graph, _ = import_model(model, example, dynamic_shapes=dyn, input_names=ins, output_names=outs)
     print(graph if args.graph or not args.json else json.dumps(graph.signature()))
+    return 0
+
+
+def _inspect_compare(args, path: Path) -> int:
+    """``inspect BUNDLE --compare``: the per-layer divergence table, and the JSON and SVG files."""
+    from .bundle import Bundle
+    from .divergence import compare_layers
+    if not path.is_dir():
+        raise ValueError(f"--compare needs a bundle directory, got {path}")
+    bundle = Bundle.open(path)
+    inputs = None
+    if args.inputs:
+        tensors = _read_inputs(Path(args.inputs))
+        names = [i["name"] for i in bundle.manifest["signature"]["inputs"]]
+        missing = [n for n in names if n not in tensors]
+        if missing:
+            raise ValueError(f"{args.inputs}: missing input(s) {', '.join(missing)} (bundle takes {', '.join(names)})")
+        inputs = {n: tensors[n] for n in names}
+    original = None
+    if args.model:
+        original, example, dyn, ins, outs = _model_and_inputs(args.model, _parse_dims(args.dim))
+        from .pipeline import import_model
+        original, _ = import_model(original, example, dynamic_shapes=dyn, input_names=ins, output_names=outs)
+    report = compare_layers(bundle, inputs, original=original, backends=not args.no_runtime,
+                            attribute=not args.no_shares)
+    if args.json is True:
+        print(json.dumps(report.to_dict(), indent=1))
+    else:
+        print(report.format_table(args.top))
+    if isinstance(args.json, str):
+        print(f"wrote {report.write_json(args.json)}")
+    if args.plot:
+        print(f"wrote {report.write_svg(args.plot)}")
     return 0
 
 
@@ -237,8 +272,23 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path", help="bundle directory, zoo model name or .onnx file")
     i.add_argument("--graph", action="store_true", help="print the IR graph")
     i.add_argument("--layers", action="store_true", help="list weight layers and their encodings")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("--json", nargs="?", const=True, default=False, metavar="FILE",
+                   help="print JSON; with --compare and FILE, write the report there")
     i.add_argument("--dim", action="append", default=[], metavar="NAME=INT")
+    i.add_argument("--compare", action="store_true",
+                   help="locate where the bundle departs from fp32, layer by layer (nnforge.compare_layers): "
+                        "the reference interpreter in fp32 and with the bundle's encodings, and its runtime "
+                        "where it runs here and shows intermediate values (onnx)")
+    i.add_argument("--inputs", default=None, metavar="FILE",
+                   help="with --compare: .safetensors or .npz inputs by name (default: the bundle's reference inputs)")
+    i.add_argument("--model", default=None, metavar="MODEL",
+                   help="with --compare: the fp32 model (zoo name or .onnx file; a bundle holds only compressed "
+                        "weights; default: the zoo model the bundle names)")
+    i.add_argument("--plot", default=None, metavar="FILE", help="with --compare: write an SVG of SQNR by layer")
+    i.add_argument("--top", type=int, default=10, help="with --compare: weight layers listed (default 10)")
+    i.add_argument("--no-shares", action="store_true",
+                   help="with --compare: skip each weight's share of the end-to-end error (one graph run per weight)")
+    i.add_argument("--no-runtime", action="store_true", help="with --compare: the reference interpreter only")
     i.set_defaults(fn=cmd_inspect)
 
     s = sub.add_parser("simulate", help="estimate latency, throughput, resources and energy on an FPGA",

@@ -201,3 +201,49 @@ def test_default_model_w3_gptq(tmp_path):
     fidelity = Bundle.open(tmp_path / "w3").manifest["numerics"]["fidelity_vs_fp32"]
     assert r.rows[-1].cosine == pytest.approx(fidelity["cosine_min"], abs=1e-9)
     assert r.backend["inspected"] and r.first_departure is None
+
+
+# --- the command line -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cli_case(tmp_path_factory):
+    """(bundle, .onnx model) from `nnforge compile mlp.onnx --recipe w8`."""
+    from torch.export import Dim
+
+    from nnforge.cli import main
+    from tests.conftest import tiny_mlp
+    root = tmp_path_factory.mktemp("div_cli")
+    model = root / "mlp.onnx"
+    torch.onnx.export(tiny_mlp(), (torch.randn(2, 16),), str(model), dynamo=True,
+                      dynamic_shapes=({0: Dim("batch")},), input_names=["x"], output_names=["y"], verbose=False)
+    assert main(["compile", str(model), "--target", "onnx", "--recipe", "w8", "--out", str(root / "b"),
+                 "--dim", "batch=3"]) == 0
+    return root / "b", model
+
+
+def test_cli_compare(capsys, cli_case, tmp_path):
+    from nnforge.cli import main
+    bundle, model = cli_case
+    np_inputs = tmp_path / "in.npz"
+    import numpy as np
+    np.savez(np_inputs, x=np.random.default_rng(0).standard_normal((5, 16)).astype(np.float32))
+    capsys.readouterr()
+    rc = main(["inspect", str(bundle), "--compare", "--model", str(model), "--inputs", str(np_inputs),
+               "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.svg"), "--top", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "end-to-end cosine" in out and "first departure: none" in out
+    assert f"wrote {tmp_path / 'r.json'}" in out and f"wrote {tmp_path / 'r.svg'}" in out
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["inputs"] == [[5, 16]] and data["first_departure"] is None
+    assert (tmp_path / "r.svg").read_text().startswith("<svg")
+    rc = main(["inspect", str(bundle), "--compare", "--model", str(model), "--json", "--no-shares", "--no-runtime"])
+    data = json.loads(capsys.readouterr().out)
+    assert rc == 0 and data["attribution"] is None and data["backend"]["inspected"] is False
+
+
+def test_cli_compare_needs_the_fp32_model(capsys, cli_case):
+    from nnforge.cli import main
+    bundle, _ = cli_case
+    capsys.readouterr()
+    rc = main(["inspect", str(bundle), "--compare"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(err) == 1 and err[0].startswith("nnforge: error: ") and "--model MODEL" in err[0]
