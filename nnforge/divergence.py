@@ -379,6 +379,32 @@ def _onnx_values(bundle, graph: Graph, inputs: list) -> tuple[dict, dict]:
     return values, {"exposed": len(extra), "exposed_vs_bundle": json_safe(exposed)}
 
 
+def _hls_values(bundle, inputs: list) -> tuple[dict, dict]:
+    """Every activation the FPGA design computes, from the bit-accurate emulation of its layers
+    (Plan.emulate, step by step); the emulated outputs are checked against the C-simulation's."""
+    from .backends.hls import emulate as E
+    runner = bundle.load()
+    feeds = [np.ascontiguousarray(t.numpy()) for t in inputs]
+    plan, _ = runner.design(feeds)
+    act, env, values = plan.opts.act, {}, {}
+    for v, x in zip(plan.inputs, feeds):            # as Plan.emulate
+        x = np.asarray(x, np.float32).reshape(-1)
+        k = plan.kinds.get(v, "act")
+        env[v] = E.from_float(x, act) if k == "act" else E.int_from_float(x) if k == "int" else \
+            (x != 0).astype(np.int64)
+    for layer in plan.layers:
+        env[layer.output] = np.asarray(layer.emulate(env, act)).reshape(-1)
+        if plan.kinds.get(layer.output, "act") == "act":
+            values[layer.output] = E.to_float(env[layer.output], act).reshape(plan.shapes[layer.output])
+    csim = runner(*feeds)
+    csim = list(csim) if isinstance(csim, (tuple, list)) else [csim]
+    emulated = [torch.as_tensor(values[v]) if v in values else torch.as_tensor(env[v].astype(np.float32))
+                for v in plan.outputs]
+    exact = all(np.array_equal(np.asarray(e), np.asarray(c).reshape(e.shape)) for e, c in zip(emulated, csim))
+    return values, {"exposed": len(values), "how": "bit-accurate emulation of the design's layers (equal to its "
+                    "C-simulation bit for bit)", "emulation_equals_csim": exact}
+
+
 def _backend_values(bundle, graph: Graph, inputs: list) -> tuple[dict, dict]:
     """(IR value name -> the runtime's value, what was done), or ({}, why not)."""
     from .bundle import runtime_problems
@@ -388,11 +414,11 @@ def _backend_values(bundle, graph: Graph, inputs: list) -> tuple[dict, dict]:
     problems = runtime_problems(bundle.manifest) if ok else [why]
     if problems:
         return {}, {"name": name, "inspected": False, "why": "; ".join(problems)}
-    if name != "onnx":
+    if name not in ("onnx", "hls"):
         return {}, {"name": name, "inspected": False,
                     "why": f"per-layer values of the {name} runtime are not exposed yet (its outputs are checked "
                            "by nnforge verify)"}
-    values, info = _onnx_values(bundle, graph, inputs)
+    values, info = _onnx_values(bundle, graph, inputs) if name == "onnx" else _hls_values(bundle, inputs)
     tol = bundle.manifest["numerics"].get("tolerance", BACKEND_TOLERANCE)
     return values, {"name": name, "inspected": True, "tolerance": tol, **info}
 

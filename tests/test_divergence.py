@@ -247,3 +247,17 @@ def test_cli_compare_needs_the_fp32_model(capsys, cli_case):
     rc = main(["inspect", str(bundle), "--compare"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert rc == 2 and len(err) == 1 and err[0].startswith("nnforge: error: ") and "--model MODEL" in err[0]
+
+
+def test_fpga_design_layer_by_layer(tmp_path):
+    """An FPGA bundle: every activation of the design, from its bit-accurate emulation (checked equal
+    to the C-simulation on the outputs), against the reference interpreter."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 16)).eval()
+    x = torch.randn(4, 64)
+    nf.compile(model, "versal-vhk158", "w8", example_inputs=(x,), out=tmp_path / "fpga")
+    r = compare_layers(tmp_path / "fpga", original=import_model(model, (x,))[0])
+    assert r.backend["inspected"] and r.backend["emulation_equals_csim"] is True
+    assert [row.node for row in r.rows if row.backend] == ["v_0", "gelu", "v_2"]
+    assert r.first_departure is None
+    assert all(row.backend["cosine_vs_reference"] > 0.9999 for row in r.rows)
