@@ -151,15 +151,30 @@ def fp32_graph(bundle, original=None, inputs=None) -> Graph:
     elif original is not None:
         graph, _ = import_model(original, tuple(inputs))
     else:
-        from .models import ZOO, zoo_model
-        name = bundle.manifest["model"]["name"]
-        if name not in ZOO:
-            raise DivergenceError(f"bundle {bundle.path} holds compressed weights only, and its model {name!r} is "
-                                  f"not a zoo model ({', '.join(ZOO)}): pass the fp32 model (original=, or "
-                                  "--model MODEL on the command line)")
-        model, example, dyn, ins, outs = zoo_model(name)
+        model, example, dyn, ins, outs = _zoo_model_of(bundle)
         graph, _ = import_model(model, example, dynamic_shapes=dyn, input_names=ins, output_names=outs)
     return PassManager(cleanup_passes()).run(graph)
+
+
+def _zoo_model_of(bundle):
+    """The zoo entry whose module holds the bundle's uncompressed (dense float) weights: the one the
+    manifest names first, then the others (``nnforge compile default`` names its graph after the
+    module class, DefaultModel)."""
+    from .ir import Dense
+    from .models import ZOO, zoo_model
+    name = bundle.manifest["model"]["name"]
+    dense = {w.name: w.encoding.data for w in bundle.graph().weights.values()
+             if isinstance(w.encoding, Dense) and w.encoding.data.is_floating_point()}
+    for candidate in ([name] if name in ZOO else []) + [n for n in ZOO if n != name]:
+        entry = zoo_model(candidate)
+        state = entry[0].state_dict()
+        shared = [k for k in dense if k in state and tuple(state[k].shape) == tuple(dense[k].shape)]
+        same = sum(torch.equal(dense[k], state[k].to(dense[k].dtype)) for k in shared)
+        if shared and 2 * same >= len(shared):
+            return entry
+    raise DivergenceError(f"bundle {bundle.path} holds compressed weights only, and its model {name!r} is not a "
+                          f"zoo model ({', '.join(ZOO)}): pass the fp32 model (original=, or --model MODEL on the "
+                          "command line)")
 
 
 def _check_original(bundle, fp32_outs: list, reference_fp32: list) -> None:
