@@ -22,10 +22,12 @@ bundle's weights (and any node a pass put in front of it, such as activation rou
   outputs: shares and residual sum to 1, and a share times the end-to-end noise is the noise that
   weight causes at the outputs. The graph outputs' rows are the end-to-end figures themselves.
 
-Where the bundle's runtime runs here and can show intermediate values (ONNX Runtime: every matched
-value becomes an output of a copy of model.onnx), each row also has the runtime's value against the
-reference interpreter's, and :attr:`Report.first_departure` is the first row, in graph order, beyond
-the manifest's tolerance: where a backend bug starts. Other runtimes are listed as not inspected.
+Where the bundle's runtime runs here, each row also has the runtime's value against the reference
+interpreter's, and :attr:`Report.first_departure` is the first row, in graph order, beyond the
+manifest's tolerance: where a backend bug starts. ONNX Runtime shows every value (each becomes an
+output of a copy of model.onnx; the copy's outputs are checked against the bundle's own), an FPGA
+design every activation (from its bit-accurate emulation, checked equal to the C-simulation); other
+runtimes (tvm, Triton) are compared at the graph outputs only.
 
 A bundle holds the compressed graph and the fp32 *outputs*, not the fp32 weights: pass ``original``
 (the fp32 Graph, or a torch module or .onnx path imported with ``inputs``); for zoo models (the
@@ -513,6 +515,9 @@ def format_table(report: Report, top: int = 10) -> str:
                      f"{_db(r.own_sqnr_db):>6} {_db(r.inherited_sqnr_db):>6} {r.cosine:9.6f} {share:>7}")
     a = report.attribution
     if a is not None:
+        most = report.worst(min(top, 5), by="share")
+        lines.append(f"  the {len(most)} with the largest shares of the end-to-end error: "
+                     + ", ".join(f"{r.node} {100 * r.share:.1f}%" for r in most))
         lines.append(f"  shares of the end-to-end error: weights {100 * sum(s['share'] for s in a['weights']):.1f}%, "
                      f"not in the weights (activations, structure) {100 * a['residual']:.1f}%")
     b = report.backend
