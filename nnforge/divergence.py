@@ -148,7 +148,9 @@ def fp32_graph(bundle, original=None, inputs=None) -> Graph:
     and cleaned up as ``nnforge.compile`` does before compressing."""
     from .passes import PassManager, cleanup_passes
     from .pipeline import import_model
-    if isinstance(original, Graph):
+    if original is None and bundle.manifest["recipe"]["name"] == "fp32":
+        graph = bundle.graph()                  # nothing compressed: the bundle's graph is the fp32 one
+    elif isinstance(original, Graph):
         graph = original
     elif original is not None:
         graph, _ = import_model(original, tuple(inputs))
@@ -320,7 +322,8 @@ def _flat(outs) -> torch.Tensor:
 
 def _attribution(fp32: Graph, graph: Graph, inputs: list, f_outs, c_outs, interp: Interpreter) -> dict:
     """Telescoping shares of the end-to-end error, one per compressed weight (module docstring)."""
-    f_w = {name: Interpreter(fp32).weight(name) for name in fp32.weights}
+    f_interp = Interpreter(fp32)
+    f_w = {name: f_interp.weight(name) for name in fp32.weights}
     order: list[str] = []
     for node in graph.nodes:
         for v in node.inputs:

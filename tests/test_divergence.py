@@ -261,3 +261,12 @@ def test_fpga_design_layer_by_layer(tmp_path):
     assert [row.node for row in r.rows if row.backend] == ["v_0", "gelu", "v_2"]
     assert r.first_departure is None
     assert all(row.backend["cosine_vs_reference"] > 0.9999 for row in r.rows)
+
+
+def test_an_uncompressed_bundle_is_its_own_fp32_model(tmp_path):
+    model, x = mlp(), torch.randn(6, 16)
+    nf.compile(model, "onnx", example_inputs=(x,), out=tmp_path / "fp32")
+    r = compare_layers(tmp_path / "fp32")                   # no original needed
+    assert all(row.noise == 0 and math.isinf(row.sqnr_db) for row in r.rows)
+    assert r.attribution["weights"] == [] and r.first_departure is None
+    assert all(row.backend["within"] for row in r.rows)
