@@ -48,7 +48,7 @@ typedef {ACT.cpp()} act_t;
 {norm}
 static const int tbl[{len(t)}] = {{{",".join(map(str, t))}}};
 static int kv_mem[{2 * H * L * D}];   // stands in for HBM
-extern "C" int nf_run(const float *const *ins, float *const *outs, const unsigned char *wmem) {{
+extern "C" __attribute__((visibility("default"))) int nf_run(const float *const *ins, float *const *outs, const unsigned char *wmem) {{
     act_t q[{n}], k[{n}], v[{n}], o[{n}];
     for (unsigned t = 0; t < {T}; t++) {{
         for (unsigned e = 0; e < {n}; e++) {{
