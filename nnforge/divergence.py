@@ -270,13 +270,20 @@ def _layer_weight(node) -> str | None:
     return next((v.name for v in node.inputs if v is not None and v.is_weight and v.encoding.kind != "dense"), None)
 
 
+def _signature(node) -> tuple:
+    return node.op, node.attrs, tuple(None if v is None else v.name for v in node.inputs)
+
+
 def _runs(fp32: Graph, graph: Graph, inputs: list, backend_values: dict) -> tuple[list, list, list[Row], Interpreter]:
     """(fp32 outputs, compressed outputs, rows, the compressed graph's interpreter)."""
     f_vals: dict[str, torch.Tensor] = {v.name: t for v, t in zip(fp32.inputs, inputs)}
 
+    f_nodes: dict[str, tuple] = {}          # value name -> (op, attrs, inputs) of the fp32 node computing it
+
     def keep(node, outs):
         for o, t in zip(node.outputs, outs):
             f_vals[o.name] = t
+            f_nodes[o.name] = _signature(node)
     f_outs = Interpreter(fp32).run(*inputs, capture=keep)
     _, env = bind_inputs(graph, inputs)
     ctx = RunContext(env=env, float_dtype=torch.float32)
@@ -289,7 +296,12 @@ def _runs(fp32: Graph, graph: Graph, inputs: list, backend_values: dict) -> tupl
         f = f_vals.get(v.name)
         return f is not None and tuple(f.shape) == tuple(t.shape) and f.dtype == t.dtype
 
-    def step(node, outs):
+    def same_as_fp32(node) -> bool:
+        """The node reads no weight and only fp32 values, and fp32 has it as it is: L is F."""
+        return all(v is None or (not v.is_weight and v.name not in local) for v in node.inputs) and \
+            all(f_nodes.get(o.name) == _signature(node) for o in node.outputs)
+
+    def _args(node) -> list:
         args = []
         for v in node.inputs:
             if v is None:
@@ -298,7 +310,13 @@ def _runs(fp32: Graph, graph: Graph, inputs: list, backend_values: dict) -> tupl
                 args.append(interp.weight(v.name))
             else:
                 args.append(local[v.name] if v.name in local else f_vals[v.name])
-        own = get_op(node.op).run(ctx, args, node.attrs)
+        return args
+
+    def step(node, outs):
+        if same_as_fp32(node):
+            own = [f_vals.get(o.name, c) for o, c in zip(node.outputs, outs)]
+        else:
+            own = get_op(node.op).run(ctx, _args(node), node.attrs)
         w = _layer_weight(node)
         for o, c, l in zip(node.outputs, outs, own):
             if not matched(o, c):
