@@ -104,9 +104,19 @@ def file_table(root: Path) -> dict[str, dict]:
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Tensors sharing storage (a graph returning one value twice, or a view of another output)
+    are copied: safetensors refuses to write shared storage."""
     from safetensors.torch import save_file
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, os.fspath(path))
+    out, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().contiguous()
+        ptr = v.untyped_storage().data_ptr()
+        if ptr in seen:
+            v = v.clone()
+        seen.add(ptr)
+        out[k] = v
+    save_file(out, os.fspath(path))
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -91,7 +91,7 @@ class Runner(ABC):
                         raise BackendError(f"input {spec.name}: dim {axis} ({d}) is {n} but {bound[d][1]} "
                                            f"has {d} = {bound[d][0]}")
                     bound.setdefault(d, (n, spec.name))
-            out.append(np.ascontiguousarray(a))
+            out.append(np.asarray(a, order="C"))     # (np.ascontiguousarray makes 0-d arrays 1-d)
         return out
 
     def __call__(self, *inputs):
@@ -106,7 +106,7 @@ class Runner(ABC):
         arrays = [x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x) for x in inputs]
         outs = self.run_numpy(self.check_inputs(arrays))
         if as_torch:
-            outs = [torch.from_numpy(np.ascontiguousarray(o)) for o in outs]
+            outs = [torch.from_numpy(np.asarray(o, order="C")) for o in outs]
         return outs[0] if len(outs) == 1 else tuple(outs)
 
 

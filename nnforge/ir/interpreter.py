@@ -27,7 +27,7 @@ def _to_tensor(x, name: str) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.detach()
     if isinstance(x, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(x))
+        return torch.from_numpy(np.asarray(x, order="C"))      # 0-d stays 0-d
     if isinstance(x, (int, float, bool)):
         return torch.tensor(x)
     raise TypeError(f"input {name}: expected a torch tensor or numpy array, got {type(x).__name__}")

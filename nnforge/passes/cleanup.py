@@ -112,7 +112,9 @@ class FoldConstants(Pass):
                 continue
             args = [None if v is None else v.encoding.data for v in node.inputs]
             value = get_op(node.op).run(RunContext(), args, node.attrs)[0]
-            const = graph.add_weight(graph.fresh_name(f"{out.name}_folded"), Dense(value.to(out.dtype.torch_dtype)))
+            # .clone(): a kernel may return a view of its input (reshape, slice, a no-op cast),
+            # and weights sharing storage cannot be saved to safetensors
+            const = graph.add_weight(graph.fresh_name(f"{out.name}_folded"), Dense(value.to(out.dtype.torch_dtype).clone()))
             graph.replace_uses(out, const)
             folded += 1
         eliminate_dead_code(graph)

@@ -95,7 +95,7 @@ class OnnxBuilder:
     # --- constants --------------------------------------------------------------------------------
     def const(self, array: np.ndarray, base: str = "const") -> str:
         """An initializer holding ``array``; small equal constants are shared."""
-        array = np.ascontiguousarray(array)
+        array = np.asarray(array, order="C")      # keeps 0-d arrays 0-d (ascontiguousarray does not)
         key = None
         if array.nbytes <= INLINE_LIMIT:
             key = (array.dtype.str, array.shape, array.tobytes())

@@ -33,7 +33,7 @@ def _out(node: Node) -> str:
 
 _SIMPLE = {
     "neg": "Neg", "abs": "Abs", "exp": "Exp", "log": "Log", "sqrt": "Sqrt", "reciprocal": "Reciprocal",
-    "relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "erf": "Erf", "sin": "Sin", "cos": "Cos",
+    "sigmoid": "Sigmoid", "tanh": "Tanh", "erf": "Erf", "sin": "Sin", "cos": "Cos",
     "floor": "Floor", "ceil": "Ceil", "hardswish": "HardSwish", "not": "Not",
     "add": "Add", "sub": "Sub", "mul": "Mul", "pow": "Pow", "maximum": "Max", "minimum": "Min",
     "eq": "Equal", "lt": "Less", "le": "LessOrEqual", "gt": "Greater", "ge": "GreaterOrEqual",
@@ -51,6 +51,15 @@ def _simple(b, node, fb):
     if node.op in _BOOL and node.outputs[0].dtype == bool_:
         op = _BOOL[node.op]
     b.node(op, _ins(b, node, fb), _out(node))
+
+
+@rule("relu")
+def _relu(b, node, fb):
+    x = node.inputs[0]
+    if x.dtype.is_float:
+        b.node("Relu", _ins(b, node, fb), _out(node))
+    else:       # ONNX Runtime implements Relu for floats only (the spec allows integers)
+        b.node("Max", [operand(b, x, fb), b.scalar(0, x.dtype)], _out(node))
 
 
 @rule("rsqrt")
@@ -110,7 +119,7 @@ def _cast(b, node, fb):
 @rule("linear")
 def lower_linear(b, node, fb):
     x, w, bias = (list(node.inputs) + [None])[:3]
-    xin = x.name
+    xin = operand(b, x, fb)         # x may itself be a weight (a folded constant)
     enc = w.encoding if w.is_weight else None
     # act-order: permute the activation columns instead of the weight, where the weight is
     # dequantised from its stored (permuted) codes; a weight decoded at export is in original order.
@@ -171,7 +180,7 @@ def _layer_norm(b, node, fb):
     x, w, bias = (list(node.inputs) + [None, None])[:3]
     axis = node.attrs["axis"] % x.type.rank
     scale = operand(b, w, fb) if w is not None else _fill(b, x.shape[axis:], 1.0, x.dtype, f"node {node.name}")
-    b.node("LayerNormalization", [x.name, scale, operand(b, bias, fb)], _out(node), axis=axis,
+    b.node("LayerNormalization", [operand(b, x, fb), scale, operand(b, bias, fb)], _out(node), axis=axis,
            epsilon=node.attrs["eps"])
 
 
@@ -181,22 +190,39 @@ def _batch_norm(b, node, fb):
     c = x.shape[1]
     scale = operand(b, w, fb) if w is not None else _fill(b, [c], 1.0, x.dtype, f"node {node.name}")
     shift = operand(b, bias, fb) if bias is not None else _fill(b, [c], 0.0, x.dtype, f"node {node.name}")
-    b.node("BatchNormalization", [x.name, scale, shift, operand(b, mean, fb), operand(b, var, fb)], _out(node),
+    b.node("BatchNormalization", [operand(b, x, fb), scale, shift, operand(b, mean, fb), operand(b, var, fb)], _out(node),
            epsilon=node.attrs["eps"])
+
+
+def _pool(b, node, fb, op_type, **attrs):
+    """A pooling node; under ceil_mode, ONNX's shape inference (opset 21) counts a last window
+    that starts in the end padding, which the IR (as torch and ONNX Runtime's kernels) drops: the
+    result is then sliced to the IR's count, so static shapes agree downstream."""
+    a = node.attrs
+    want = list(node.outputs[0].shape[2:])
+    nd, x = len(a["kernel"]), node.inputs[0]
+    dil = a.get("dilation") or [1] * nd
+    onnx_count = [-(-(x.shape[2 + i] + a["padding"][i] + a["padding"][nd + i] - dil[i] * (a["kernel"][i] - 1) - 1)
+                    // a["stride"][i]) + 1 for i in range(nd)] if a["ceil_mode"] else want
+    if onnx_count == want:
+        b.node(op_type, _ins(b, node, fb), _out(node), **attrs)
+        return
+    y = b.node(op_type, _ins(b, node, fb), **attrs)
+    b.node("Slice", [y, b.ints([0] * nd), b.ints(want), b.ints(list(range(2, 2 + nd)))], _out(node))
 
 
 @rule("max_pool")
 def _max_pool(b, node, fb):
     a = node.attrs
-    b.node("MaxPool", _ins(b, node, fb), _out(node), kernel_shape=a["kernel"], strides=a["stride"],
-           pads=a["padding"], dilations=a["dilation"], ceil_mode=int(a["ceil_mode"]))
+    _pool(b, node, fb, "MaxPool", kernel_shape=a["kernel"], strides=a["stride"], pads=a["padding"],
+          dilations=a["dilation"], ceil_mode=int(a["ceil_mode"]))
 
 
 @rule("avg_pool")
 def _avg_pool(b, node, fb):
     a = node.attrs
-    b.node("AveragePool", _ins(b, node, fb), _out(node), kernel_shape=a["kernel"], strides=a["stride"],
-           pads=a["padding"], ceil_mode=int(a["ceil_mode"]), count_include_pad=int(a["count_include_pad"]))
+    _pool(b, node, fb, "AveragePool", kernel_shape=a["kernel"], strides=a["stride"], pads=a["padding"],
+          ceil_mode=int(a["ceil_mode"]), count_include_pad=int(a["count_include_pad"]))
 
 
 @rule("adaptive_avg_pool")
@@ -204,14 +230,14 @@ def _adaptive(b, node, fb):
     x = node.inputs[0]
     size = node.attrs["output_size"]
     if all(s == 1 for s in size):
-        b.node("GlobalAveragePool", [x.name], _out(node))
+        b.node("GlobalAveragePool", [operand(b, x, fb)], _out(node))
         return
     spatial = x.shape[2:]
     if not all(isinstance(d, int) and d % s == 0 for d, s in zip(spatial, size)):
         raise BackendError(f"node {node.name}: adaptive_avg_pool from {list(spatial)} to {size} is not a fixed "
                            "window; ONNX has no adaptive pooling")
     kernel = [d // s for d, s in zip(spatial, size)]
-    b.node("AveragePool", [x.name], _out(node), kernel_shape=kernel, strides=kernel)
+    b.node("AveragePool", [operand(b, x, fb)], _out(node), kernel_shape=kernel, strides=kernel)
 
 
 # --- reductions ---------------------------------------------------------------------------------
@@ -224,6 +250,11 @@ def _reduce(b, node, fb):
     x = _ins(b, node, fb)[0]
     axes = b.ints(node.attrs["axes"])
     keep = int(node.attrs["keepdim"])
+    if node.op in ("reduce_sum", "reduce_prod") and node.inputs[0].dtype == bool_:
+        # ONNX sums and multiplies no bools: count (or multiply) int32, then nonzero is true
+        red = b.node(_REDUCE[node.op], [b.node("Cast", [x], to=onnx_type(int32)), axes], keepdims=keep)
+        b.node("Cast", [red], _out(node), to=onnx_type(bool_))
+        return
     if node.op in ("reduce_any", "reduce_all"):
         as_int = b.node("Cast", [x], to=onnx_type(int32))
         red = b.node("ReduceMax" if node.op == "reduce_any" else "ReduceMin", [as_int, axes], keepdims=keep)
@@ -307,6 +338,9 @@ def _index(b, node, fb):
     x, *idx = _ins(b, node, fb)
     shape = node.outputs[0].shape[: len(node.outputs[0].shape) - (node.inputs[0].type.rank - len(idx))]
     target = b.dims_1d(shape)
+    # index tensors may mix int32 and int64; GatherND takes one int64 tensor
+    idx = [i if v.dtype.name == "int64" else b.node("Cast", [i], to=TensorProto.INT64)
+           for i, v in zip(idx, node.inputs[1:])]
     parts = [b.node("Unsqueeze", [b.node("Expand", [i, target]), b.ints([-1])]) for i in idx]
     stacked = parts[0] if len(parts) == 1 else b.node("Concat", parts, axis=-1)
     b.node("GatherND", [x, stacked], _out(node))
@@ -315,6 +349,9 @@ def _index(b, node, fb):
 @rule("pad")
 def _pad(b, node, fb):
     x = node.inputs[0]
+    if x.type.rank == 0:            # nothing to pad, and ONNX Runtime's Pad refuses rank 0
+        b.node("Identity", [operand(b, x, fb)], _out(node))
+        return
     b.node("Pad", [operand(b, x, fb), b.ints(node.attrs["pads"]), b.scalar(node.attrs["value"], x.dtype)],
            _out(node), mode="constant")
 

@@ -31,6 +31,9 @@ def _tensor(b: OnnxBuilder, name: str, key: str, t: torch.Tensor, data_type: int
             return ref
     if data_type == TensorProto.BFLOAT16:
         return b.raw(b.fresh(name), data_type, dims, t.contiguous().view(torch.int16).numpy().tobytes())
+    if data_type in (TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E5M2):
+        # float8 codes are stored as uint8: inline them with their ONNX type, not numpy's
+        return b.raw(b.fresh(name), data_type, dims, t.contiguous().numpy().tobytes())
     return b.const(_np(t).reshape(dims), name)
 
 

@@ -128,7 +128,7 @@ class Lowering:
         self.raw_params.append(raw)
         self.specs.append(ParamSpec(raw.name, file, key, dtype, [int(s) for s in shape]))
         if array is not None:
-            self.arrays[key] = np.ascontiguousarray(array)
+            self.arrays[key] = np.asarray(array, order="C")     # 0-d stays 0-d
         return self.made(raw.name, ttype, lambda: raw, raw)
 
     def made(self, name: str, ttype, build: Callable[[], object], raw=None):
@@ -146,7 +146,7 @@ class Lowering:
 
     def extra(self, weight: str, label: str, array: np.ndarray):
         """A parameter holding an array the backend made for ``weight``."""
-        array = np.ascontiguousarray(array)
+        array = np.asarray(array, order="C")
         return self.param(f"{weight}.{label}", array.shape, array.dtype.name, PARAMS_FILE, f"{weight}{SEP}{label}",
                           array)
 

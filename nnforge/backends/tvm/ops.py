@@ -8,7 +8,7 @@ weights.py.
 from __future__ import annotations
 
 from ...ir import Dense, Value, symbolic as sym
-from ...ir.dtypes import DType
+from ...ir.dtypes import DType, int32
 from ..base import rule_table
 from .weights import _jsonable, c_name, int8_bsr_kernel, linear_kernel
 
@@ -322,7 +322,13 @@ _REDUCE = {"reduce_sum": "sum", "reduce_mean": "mean", "reduce_max": "max", "red
 
 @rule(*_REDUCE)
 def _reduce(lw, node):
-    return _op(_REDUCE[node.op])()(lw.arg(node.inputs[0]), axis=node.attrs["axes"], keepdims=node.attrs["keepdim"])
+    from tvm.relax import op
+    x = node.inputs[0]
+    fn = _op(_REDUCE[node.op])()
+    if x.dtype.name == "bool":      # TIR has no max/min value for bool: reduce int32 (a sum counts), then != 0
+        red = fn(lw.emit(op.astype(lw.arg(x), "int32")), axis=node.attrs["axes"], keepdims=node.attrs["keepdim"])
+        return op.not_equal(lw.emit(red), lw.const(0, int32))
+    return fn(lw.arg(x), axis=node.attrs["axes"], keepdims=node.attrs["keepdim"])
 
 
 @rule("reduce_any", "reduce_all")
@@ -442,6 +448,9 @@ def _fake_quant(lw, node):
         q = lw.emit(op.clip(op.add(op.round(v), zp), float(lo), float(hi)))   # round: half to even
         y = lw.emit(op.multiply(op.subtract(q, zp), scale))
         return op.where(op.isnan(v), v, y)        # clip would turn NaN into a bound; torch keeps it
+    if x.dtype.name != "float32":       # the rounding reads float32 bits: round there, come back
+        r = lw.emit(lw.bb.call_te(_minifloat_round(fmt), lw.emit(op.astype(v, "float32"))))
+        return op.multiply(lw.emit(op.astype(r, x.dtype.name)), scale)
     return op.multiply(lw.emit(lw.bb.call_te(_minifloat_round(fmt), v)), scale)
 
 

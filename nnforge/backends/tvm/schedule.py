@@ -16,7 +16,7 @@ import tvm
 import tvm_ffi
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
-from tvm.s_tir.dlight.base import ScheduleRule, try_inline
+from tvm.s_tir.dlight.base import ScheduleRule
 
 
 class Guarded(ScheduleRule):
@@ -35,6 +35,33 @@ class Guarded(ScheduleRule):
         return None
 
 
+def inline(sch, infos: list) -> list:
+    """dlight's ``try_inline`` (compute-inline, else reverse-compute-inline, until neither
+    applies), except that nothing is reverse-inlined into a reduction block: when normalisation
+    has dropped a reduction's unit-extent loops, s_tir accepts it and repeats the epilogue in the
+    block's init and its update (a conv1d's bias added twice; found by nnforge.fuzz)."""
+    def into_reduction(block_rv) -> bool:
+        return any(sch.get(p).init is not None for p in sch.get_producers(block_rv))
+
+    while True:
+        done = None
+        for reverse, step in ((False, sch.compute_inline), (True, sch.reverse_compute_inline)):
+            for i, info in enumerate(infos):
+                if reverse and into_reduction(info.block_rv):
+                    continue
+                try:
+                    step(info.block_rv)
+                except Exception:      # noqa: BLE001 — s_tir raises ScheduleError from C++: not inlinable
+                    continue
+                done = i
+                break
+            if done is not None:
+                break
+        if done is None:
+            return infos
+        infos.pop(done)
+
+
 class Parallel(ScheduleRule):
     """Outer spatial loops of every block in parallel, the innermost vectorised when it is a
     static multiple of the vector width (else left to LLVM's loop vectoriser)."""
@@ -49,7 +76,7 @@ class Parallel(ScheduleRule):
         infos = normalize_prim_func(sch)
         if infos is None:
             return None
-        infos = try_inline(sch, infos)
+        infos = inline(sch, infos)
         scheduled = False
         for info in infos:
             block = info.block_rv
@@ -113,4 +140,4 @@ def fast_exp():
     return rewrite
 
 
-__all__ = ["Guarded", "Parallel", "fast_exp"]
+__all__ = ["Guarded", "Parallel", "fast_exp", "inline"]

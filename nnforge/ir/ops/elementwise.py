@@ -10,10 +10,6 @@ from ..types import TensorType
 from .registry import Attr, broadcast_shapes, defop, same_dtype
 
 
-def _same(x: TensorType, **_):
-    return x
-
-
 def _float_only(name):
     def infer(x, **_):
         if not x.dtype.is_float:
@@ -31,9 +27,18 @@ _FLOAT_UNARY = {
 for _name, _fn in _FLOAT_UNARY.items():
     defop(_name, ["x"], infer=_float_only(_name), ref=lambda ctx, x, _fn=_fn: _fn(x), family="unary")
 
-defop("neg", ["x"], infer=_same, ref=lambda ctx, x: torch.neg(x), family="unary")
-defop("abs", ["x"], infer=_same, ref=lambda ctx, x: torch.abs(x), family="unary")
-defop("relu", ["x"], infer=_same, ref=lambda ctx, x: torch.relu(x), family="unary")
+
+def _numeric(name):
+    def infer(x, **_):
+        if x.dtype == bool_:
+            raise TypeError(f"{name} needs a numeric input, got bool")
+        return x
+    return infer
+
+
+defop("neg", ["x"], infer=_numeric("neg"), ref=lambda ctx, x: torch.neg(x), family="unary")
+defop("abs", ["x"], infer=_numeric("abs"), ref=lambda ctx, x: torch.abs(x), family="unary")
+defop("relu", ["x"], infer=_numeric("relu"), ref=lambda ctx, x: torch.relu(x), family="unary")
 defop("gelu", ["x"], {"approximate": Attr("str", "none", ("none", "tanh"))}, infer=_float_only("gelu"),
       ref=lambda ctx, x, approximate: F.gelu(x, approximate=approximate), family="unary",
       doc="GELU; approximate='tanh' is the tanh form, 'none' the erf form.")
@@ -51,10 +56,15 @@ defop("not", ["x"], infer=_not_infer, ref=lambda ctx, x: torch.logical_not(x), f
 
 
 def _clamp_ref(ctx, x, min, max):
-    return torch.clamp(x, min=min, max=max)
+    if min is None and max is None:
+        return x                           # ONNX Clip without bounds: the identity
+    # an integer x keeps its type (a float bound would promote it): bounds act truncated, as in
+    # the backends, which make them constants of x's type
+    return torch.clamp(x, min=min, max=max).to(x.dtype)
 
 
-defop("clamp", ["x"], {"min": Attr("scalar", None), "max": Attr("scalar", None)}, infer=_same, ref=_clamp_ref,
+defop("clamp", ["x"], {"min": Attr("scalar", None), "max": Attr("scalar", None)}, infer=_numeric("clamp"),
+      ref=_clamp_ref,
       family="unary", doc="Clamp to [min, max]; either bound may be None. relu6 is clamp(0, 6).")
 
 

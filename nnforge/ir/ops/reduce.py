@@ -72,6 +72,8 @@ for _name, (_fn, _kind) in _REDUCE.items():
 
 
 def _argmax_infer(x, axis, keepdim):
+    if x.dtype == bool_:
+        raise TypeError("argmax needs a numeric input, got bool")
     return x.with_shape(_reduced_shape(x, [axis], keepdim)).with_dtype(int64)
 
 
@@ -80,6 +82,8 @@ defop("argmax", ["x"], {"axis": Attr("int"), "keepdim": Attr("bool", False)}, in
 
 
 def _cumsum_infer(x, axis):
+    if x.dtype == bool_:
+        raise TypeError("cumsum needs a numeric input, got bool")
     norm_axis(axis, x.rank)
     return x
 

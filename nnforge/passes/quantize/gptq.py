@@ -187,7 +187,9 @@ class QuantizeGPTQ(WeightQuantConfig, Pass):
             w = targets.get(node.name)
             if w is None or not _is_dense(graph, w.name):
                 return
-            key = (node.inputs[0], node.op, tuple(sorted(node.attrs.items())) if node.op == "conv" else ())
+            # conv attrs hold lists (stride, padding, ...): made hashable for the key
+            attrs = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in node.attrs.items()))
+            key = (node.inputs[0], node.op, attrs if node.op == "conv" else ())
             if key not in hessians:
                 H, n = None, 0
                 for batch in args:

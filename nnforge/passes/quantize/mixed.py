@@ -154,7 +154,9 @@ class MixedPrecision(LayerSelection, Pass):
             hessians: dict = {}
 
             def before(node: Node, args):
-                if node.name in wanted:
+                # a grouped conv has no single matmul view (its weight holds C/groups input
+                # channels): its layers are weighed by the plain weight error below
+                if node.name in wanted and (node.op == "linear" or node.attrs["groups"] == 1):
                     H, rows = None, 0
                     for batch in args:
                         h, r = hessian_of(batch[0], node)
@@ -164,7 +166,9 @@ class MixedPrecision(LayerSelection, Pass):
             run_calibration(graph, ctx.calibration, before, who=f"{self.name} (sensitivity)", progress=ctx.progress)
             for i, (n, w) in enumerate(layers):
                 W = w.encoding.data.float().reshape(rows_cols(w.shape))
-                H = hessians[n.name]
+                H = hessians.get(n.name)
+                if H is None:
+                    H = torch.eye(W.shape[1])
                 # Relative to the layer's output energy: layers after a normalisation matter by how
                 # much of their signal they lose, not by their raw scale.
                 energy = float(torch.einsum("ij,jk,ik->", W, H, W)) or 1.0
