@@ -79,7 +79,9 @@ class HlsRunner(Runner):
     def run_numpy(self, inputs: list) -> list:
         plan, sim = self.design(inputs)
         outs = sim.run(inputs)
-        return [y.reshape(plan.shapes[v]) for y, v in zip(outs, plan.outputs)]
+        # the C-simulation writes every output as floats; int and bool outputs get their own dtype back
+        dt = {"act": np.float32, "int": np.int64, "bool": np.bool_}
+        return [y.reshape(plan.shapes[v]).astype(dt[plan.kinds[v]], copy=False) for y, v in zip(outs, plan.outputs)]
 
     def emulate(self, inputs: list) -> list:
         """The bit-accurate Python emulation of the design for these inputs (what run_numpy returns)."""

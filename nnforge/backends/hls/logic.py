@@ -245,9 +245,12 @@ def _gather_elements(plan, node, name):
     x, idx = node.inputs
     if not idx.is_weight:
         raise BackendError(f"node {node.name} (gather_elements): the hls backend gathers with constant indices only")
+    axis = node.attrs["axis"] % len(x.shape)
+    ind = _dense(idx, f"node {node.name} indices").numpy().astype(np.int64)
+    # torch.gather: the output has the indices' shape, which may be smaller than x's off the axis
     flat = np.arange(math.prod(x.shape), dtype=np.int64).reshape(x.shape)
-    offsets = np.take_along_axis(flat, _dense(idx, f"node {node.name} indices").numpy().astype(np.int64),
-                                 node.attrs["axis"])
+    flat = flat[tuple(slice(None) if d == axis else slice(0, n) for d, n in enumerate(ind.shape))]
+    offsets = np.take_along_axis(flat, ind, axis)
     return [Gather(name, node.name, [x.name], node.output.name, offsets=offsets.reshape(-1),
                    kind=value_kind(node.output))]
 

@@ -422,7 +422,10 @@ def build_plan(graph: Graph, opts: HlsOptions) -> Plan:
             raise
         except Exception as e:
             raise BackendError(f"hls backend: lowering node {node.name} ({node.op}) failed: {e}") from e
-        used = [c for c in consts if any(c.output in layer.inputs for layer in layers)]
+        used = [c for v, c in consts if any(v.name in layer.inputs for layer in layers)]
+        for v, c in consts:
+            if c in used:
+                c.raw = _const_raw(plan, v)
         for c in used:
             c.name = names("k_", c.output, "constant load")
             plan.ids[c.output] = names("c_", c.output, "constant")
@@ -449,19 +452,25 @@ def build_plan(graph: Graph, opts: HlsOptions) -> Plan:
 
 
 def _const_operands(plan: Plan, node) -> list:
-    """Const layers for the node's dense weight operands not yet loaded; a rule that takes a weight
+    """Const layers for the node's weight operands not yet loaded; a rule that takes a weight
     as a parameter (linear, norm, binary constant ...) leaves its Const unused and it is dropped."""
     out = []
     for v in node.inputs:
-        if v is None or not v.is_weight or v.name in plan.ids or not isinstance(v.encoding, Dense):
+        if v is None or not v.is_weight or v.name in plan.ids:
             continue
         kind = value_kind(v)
-        data = v.encoding.data.to(torch.float64).numpy().reshape(-1)
-        raw = E.from_float(data, plan.opts.act) if kind == "act" else E.int_from_float(data) if kind == "int" else \
-            (data != 0).astype(np.int64)
         plan.kinds[v.name], plan.shapes[v.name] = kind, tuple(v.shape)
-        out.append(L.Const("", node.name, [], v.name, raw=raw, ctype=CTYPES[kind]))
+        out.append((v, L.Const("", node.name, [], v.name, ctype=CTYPES[kind])))
     return out
+
+
+def _const_raw(plan: Plan, v) -> np.ndarray:
+    """The raw words of a weight read as a value. An encoded weight (indexed, say) is loaded decoded:
+    the matrix unit is what streams codes, a plain buffer holds values."""
+    data = v.encoding.decode(torch.float64).numpy().reshape(-1)
+    kind = plan.kinds[v.name]
+    return E.from_float(data, plan.opts.act) if kind == "act" else E.int_from_float(data) if kind == "int" else \
+        (data != 0).astype(np.int64)
 
 
 def assign_buffers(plan: Plan) -> None:
