@@ -50,6 +50,18 @@ def compare(outputs, references) -> dict:
             exact.append(float((out == ref).double().mean()) if ref.numel() else 1.0)
             continue
         o, r = out.double(), ref.double()
+        # Non-finite elements must match exactly (NaN for NaN, the same infinity); left in, they
+        # would make the cosine NaN, which min() skips: a NaN output would read as cosine 1.
+        odd = ~torch.isfinite(o) | ~torch.isfinite(r)
+        if bool(odd.any()):
+            same = (o == r) | (torch.isnan(o) & torch.isnan(r))
+            if not bool(same[odd].all()):
+                cos_min = -1.0
+                cos_means.append(-1.0)
+                sqnrs.append(-math.inf)
+                max_abs = math.inf
+                continue
+            o, r = o.masked_fill(odd, 0.0), r.masked_fill(odd, 0.0)
         rows_o = o.reshape(o.shape[0], -1) if o.dim() > 1 else o.reshape(1, -1)
         rows_r = r.reshape(rows_o.shape)
         cos = torch.nn.functional.cosine_similarity(rows_o, rows_r, dim=-1, eps=1e-30)
