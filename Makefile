@@ -38,3 +38,13 @@ bench: $(STAMP)
 
 clean:
 	rm -rf bundles build *.egg-info .pytest_cache
+
+# Differential fuzzing (nnforge/fuzz): random graphs from the op registry, random compression
+# pipelines, every backend that runs here, each compared with the reference interpreter.
+# Findings (with reduced repros) go to build/fuzz-findings; exits 1 on an open finding.
+FUZZ_MINUTES ?= 10
+FUZZ_SEED ?= 1
+FUZZ_BACKENDS ?= onnx,tvm
+.PHONY: fuzz
+fuzz: $(STAMP)
+	$(PY) -m nnforge.fuzz --minutes $(FUZZ_MINUTES) --seed $(FUZZ_SEED) --backends $(FUZZ_BACKENDS) --out build/fuzz-findings

@@ -1,0 +1,319 @@
+"""Per-op proposers: inputs and attributes together, for ops whose inputs must be shaped to
+each other (a linear's weight to its input, a conv's weight to its channels and groups, a
+concat's operands along one axis, indices within the axis they index). ``PROPOSERS[op](gen)``
+returns ``(inputs, attrs)`` or None; the op's ``infer`` still has the last word."""
+from __future__ import annotations
+
+import math
+
+from ..ir import symbolic as sym
+from ..ir.ops.quant import FAKE_QUANT_FORMATS
+from .generator import SYMBOL, InputDist
+from .proposals import broadcast_variant, broadcastable, cast_dtype, fill_attrs, is_float, static_axes, weight_leaf
+
+PROPOSERS = {}
+
+
+def proposer(*ops):
+    def deco(fn):
+        for op in ops:
+            PROPOSERS[op] = fn
+        return fn
+    return deco
+
+
+@proposer("linear")
+def _linear(gen):
+    rng = gen.rng
+    x = gen.pick(lambda v: is_float(v) and v.type.rank >= 1 and isinstance(v.shape[-1], int))
+    if x is None:
+        return None
+    k = x.shape[-1]
+    n = rng.choice([1, 2, 3, 4, 8, 8, 12, 16, 16, 32, 64])
+    r = rng.random()
+    w = None
+    if r < 0.1:         # a weight shared with another layer
+        w = gen.pick(lambda v: v.is_weight and v.type.rank == 2 and v.shape[1] == k and v.dtype == x.dtype)
+    if w is None:
+        w = weight_leaf(gen, [n, k], k, "fc.weight", weight=r > 0.2 or rng.random() < 0.5)
+    if w is None:
+        return None
+    bias = gen.leaf([w.shape[0]], x.dtype.name, weight=True, dist=InputDist("float", -0.5, 0.5), name="fc.bias") \
+        if rng.random() < 0.6 else None
+    return [x, w] + ([bias] if bias is not None else []), {}
+
+
+@proposer("matmul")
+def _matmul(gen):
+    rng = gen.rng
+    a = gen.pick(lambda v: is_float(v) and v.type.rank >= 2 and isinstance(v.shape[-1], int))
+    if a is None:
+        return None
+    k, n = a.shape[-1], rng.choice([1, 2, 4, 8, 16])
+    r = rng.random()
+    if r < 0.5:
+        b = weight_leaf(gen, [k, n], k, "mm.weight")
+    elif r < 0.7:
+        b = gen.pick(lambda v: v.dtype == a.dtype and v.type.rank >= 2 and sym.equal(v.shape[-2], k)
+                     and broadcastable(v.shape[:-2], a.shape[:-2]))
+        if b is None:
+            return None
+    else:
+        batch = broadcast_variant(gen, a.shape[:-2]) if a.type.rank > 2 else []
+        b = weight_leaf(gen, batch + [k, n], k, "mm.b", weight=None)
+    return [a, b], {}
+
+
+def _spatial_input(gen, ranks=(3, 4)):
+    x = gen.pick(lambda v: is_float(v) and v.type.rank in ranks and all(isinstance(d, int) for d in v.shape[1:]))
+    if x is None or gen.rng.random() < 0.3:
+        rng = gen.rng
+        nd = rng.choice([r - 2 for r in ranks])
+        shape = [SYMBOL if gen.env and rng.random() < 0.7 else rng.choice([1, 2]), rng.choice([1, 2, 3, 4, 8])]
+        shape += [rng.randint(3, 10) for _ in range(nd)]
+        x = gen.leaf(shape, gen.fdt, weight=False)
+    return x
+
+
+@proposer("conv")
+def _conv(gen):
+    rng = gen.rng
+    x = _spatial_input(gen)
+    if x is None:
+        return None
+    c, spatial = x.shape[1], list(x.shape[2:])
+    nd = len(spatial)
+    groups = rng.choice([1, 1, 1, c] + [g for g in range(2, c) if c % g == 0])
+    cout = groups * rng.choice([1, 2, 3])
+    kernel = [rng.randint(1, min(3, s)) for s in spatial]
+    stride = [rng.choice([1, 1, 2]) for _ in range(nd)]
+    dilation = [rng.choice([1, 1, 2]) for _ in range(nd)]
+    begins = [rng.choice([0, 0, 1, 2]) for _ in range(nd)]
+    ends = list(begins) if rng.random() < 0.7 else [rng.choice([0, 1, 2]) for _ in range(nd)]
+    fan_in = c // groups * math.prod(kernel)
+    w = weight_leaf(gen, [cout, c // groups] + kernel, fan_in, "conv.weight")
+    bias = gen.leaf([cout], gen.fdt, weight=True, dist=InputDist("float", -0.5, 0.5), name="conv.bias") \
+        if rng.random() < 0.6 else None
+    attrs = {"stride": stride, "padding": begins + ends, "dilation": dilation, "groups": groups}
+    return [x, w] + ([bias] if bias is not None else []), attrs
+
+
+def _pool(gen):
+    rng = gen.rng
+    x = _spatial_input(gen)
+    if x is None:
+        return None
+    spatial = list(x.shape[2:])
+    nd = len(spatial)
+    kernel = [rng.randint(1, min(3, s)) for s in spatial]
+    stride = [rng.choice([1, 2, 3]) for _ in range(nd)]
+    begins = [rng.randint(0, k // 2) for k in kernel]
+    ends = list(begins) if rng.random() < 0.8 else [rng.randint(0, k // 2) for k in kernel]
+    return [x], {"kernel": kernel, "stride": stride, "padding": begins + ends, "ceil_mode": rng.random() < 0.3}
+
+
+@proposer("max_pool")
+def _max_pool(gen):
+    p = _pool(gen)
+    if p is None:
+        return None
+    ins, attrs = p
+    attrs["dilation"] = [gen.rng.choice([1, 1, 2]) for _ in attrs["kernel"]]
+    return ins, attrs
+
+
+@proposer("avg_pool")
+def _avg_pool(gen):
+    p = _pool(gen)
+    if p is None:
+        return None
+    ins, attrs = p
+    attrs["count_include_pad"] = gen.rng.random() < 0.5
+    return ins, attrs
+
+
+@proposer("adaptive_avg_pool")
+def _adaptive(gen):
+    rng = gen.rng
+    x = _spatial_input(gen)
+    if x is None:
+        return None
+    size = []
+    for s in x.shape[2:]:
+        divisors = [d for d in range(1, s + 1) if s % d == 0]
+        size.append(rng.choice([1] + divisors + ([rng.randint(1, s)] if rng.random() < 0.2 else [])))
+    return [x], {"output_size": size}
+
+
+@proposer("embedding")
+def _embedding(gen):
+    rng = gen.rng
+    num, dim = rng.choice([4, 8, 16, 32]), rng.choice([4, 8, 16, 32])
+    idx = None
+    if rng.random() < 0.25:
+        idx = gen.pick(lambda v: v in gen.ibound and v.dtype.name in ("int64", "int32")
+                       and gen.ibound[v][0] >= 0 and gen.ibound[v][1] <= 64)
+        if idx is not None:
+            num = max(num, gen.ibound[idx][1])
+    if idx is None:
+        shape = gen.random_shape(rng.choice([1, 2]))
+        idx = gen.leaf(shape, rng.choice(["int64", "int64", "int32"]), weight=rng.random() < 0.15,
+                       dist=InputDist("int", 0, num), name="ids")
+    table = gen.leaf([num, dim], gen.fdt, weight=True, dist=InputDist("float", -1, 1), name="emb.weight")
+    return [idx, table], {}
+
+
+@proposer("layer_norm")
+def _layer_norm(gen):
+    rng = gen.rng
+    x = gen.pick(lambda v: is_float(v) and v.type.rank >= 1 and isinstance(v.shape[-1], int))
+    if x is None:
+        return None
+    r = x.type.rank
+    k = 1
+    while k < r and isinstance(x.shape[r - k - 1], int) and rng.random() < 0.3:
+        k += 1
+    axis = r - k if rng.random() < 0.5 else -k
+    norm = list(x.shape[r - k:])
+    w = gen.leaf(norm, gen.fdt, weight=True, dist=InputDist("float", 0.5, 1.5), name="ln.weight") \
+        if rng.random() < 0.7 else None
+    b = gen.leaf(norm, gen.fdt, weight=True, dist=InputDist("float", -0.5, 0.5), name="ln.bias") \
+        if rng.random() < 0.6 else None
+    ins = [x, w, b] if b is not None else [x, w] if w is not None else [x]
+    return ins, fill_attrs(gen, "layer_norm", ins, {"axis": axis})
+
+
+@proposer("batch_norm")
+def _batch_norm(gen):
+    rng = gen.rng
+    x = gen.pick(lambda v: is_float(v) and v.type.rank >= 2 and isinstance(v.shape[1], int))
+    if x is None:
+        return None
+    c = [x.shape[1]]
+    mean = gen.leaf(c, gen.fdt, weight=True, dist=InputDist("float", -1, 1), name="bn.mean")
+    var = gen.leaf(c, gen.fdt, weight=True, dist=InputDist("float", 0.5, 2), name="bn.var")
+    w = gen.leaf(c, gen.fdt, weight=True, dist=InputDist("float", 0.5, 1.5), name="bn.weight") \
+        if rng.random() < 0.7 else None
+    b = gen.leaf(c, gen.fdt, weight=True, dist=InputDist("float", -0.5, 0.5), name="bn.bias") \
+        if rng.random() < 0.7 else None
+    ins = [x, mean, var, w, b] if b is not None else [x, mean, var, w] if w is not None else [x, mean, var]
+    return ins, fill_attrs(gen, "batch_norm", ins)
+
+
+def _indices(gen, shape, lo, hi, name="idx"):
+    return gen.leaf(shape, gen.rng.choice(["int64", "int64", "int32"]), weight=gen.rng.random() < 0.5,
+                    dist=InputDist("int", lo, hi), name=name)
+
+
+@proposer("gather")
+def _gather(gen):
+    rng = gen.rng
+    x = gen.pick(lambda v: v.type.rank >= 1 and bool(static_axes(v)))
+    if x is None:
+        return None
+    axis = rng.choice(static_axes(x))
+    n = x.shape[axis]
+    idx = gen.pick(lambda v: v in gen.ibound and gen.ibound[v][0] >= -n and gen.ibound[v][1] <= n) \
+        if rng.random() < 0.3 else None
+    if idx is None:
+        lo = -n if rng.random() < 0.3 else 0
+        idx = _indices(gen, gen.random_shape(rng.choice([0, 1, 1, 2])), lo, n)
+    return [x, idx], {"axis": axis - x.type.rank if rng.random() < 0.3 else axis}
+
+
+@proposer("gather_elements")
+def _gather_elements(gen):
+    rng = gen.rng
+    x = gen.pick(lambda v: v.type.rank >= 1 and bool(static_axes(v)))
+    if x is None:
+        return None
+    axis = rng.choice(static_axes(x))
+    n = x.shape[axis]
+    shape = list(x.shape)
+    shape[axis] = rng.randint(1, n + 2)
+    idx = _indices(gen, shape, 0, n)
+    return [x, idx], {"axis": axis}
+
+
+@proposer("index")
+def _index(gen):
+    rng = gen.rng
+    x = gen.pick(lambda v: v.type.rank >= 1 and isinstance(v.shape[0], int))
+    if x is None:
+        return None
+    k = 1
+    while k < min(x.type.rank, 3) and isinstance(x.shape[k], int) and rng.random() < 0.4:
+        k += 1
+    m = rng.randint(1, 5)
+    shapes = [[m], [m, 1], [1, m]] if rng.random() < 0.5 else [[m]]
+    idx = [_indices(gen, rng.choice(shapes), 0, x.shape[i], name=f"idx{i}") for i in range(k)]
+    return [x] + idx, {}
+
+
+@proposer("concat")
+def _concat(gen):
+    rng = gen.rng
+    x = gen.pick(lambda v: v.type.rank >= 1)
+    if x is None:
+        return None
+    axes = static_axes(x) if rng.random() < 0.9 else list(range(x.type.rank))
+    if not axes:
+        return None
+    axis = rng.choice(axes)
+    ins = [x]
+    for _ in range(rng.choice([1, 1, 2])):
+        r = rng.random()
+        if r < 0.3:
+            ins.append(x)
+            continue
+        other = None
+        if r < 0.6:
+            other = gen.pick(lambda v: v.dtype == x.dtype and v.type.rank == x.type.rank and all(
+                i == axis or sym.equal(p, q) for i, (p, q) in enumerate(zip(v.shape, x.shape))))
+        if other is None:
+            shape = list(x.shape)
+            shape[axis] = rng.randint(1, 6)
+            dist = InputDist("int", 0, 4) if x.dtype.is_integer else None
+            other = gen.leaf(shape, x.dtype.name, dist=dist)
+        ins.append(other)
+    return ins, {"axis": axis - x.type.rank if rng.random() < 0.3 else axis}
+
+
+@proposer("fake_quant")
+def _fake_quant(gen):
+    rng = gen.rng
+    x = gen.pick(lambda v: v.dtype.name == "float32")
+    if x is None:
+        return None
+    fmt = rng.choice(FAKE_QUANT_FORMATS)
+    top = {"int8": 127, "uint8": 127, "float8_e4m3fn": 448.0, "float8_e5m2": 57344.0}[fmt]
+    amax = float(gen.c32[x].abs().max()) or 1.0
+    scale = amax / top * rng.uniform(0.5, 1.5)
+    zp = rng.choice([0, 0, 3, -5]) if fmt == "int8" else rng.choice([128, 120, 0]) if fmt == "uint8" else 0
+    return [x], {"format": fmt, "scale": scale, "zero_point": zp}
+
+
+@proposer("arange")
+def _arange(gen):
+    rng = gen.rng
+    start = rng.randint(0, 3)
+    end = SYMBOL if gen.env and rng.random() < 0.4 else start + rng.randint(1, 16)
+    return [], {"start": start, "end": end, "step": rng.choice([1, 1, 2, 3]),
+                "dtype": rng.choice(["int64", "int32"])}
+
+
+@proposer("full")
+def _full(gen):
+    rng = gen.rng
+    dtype = rng.choice([gen.fdt, gen.fdt, "int64", "bool"])
+    value = rng.randint(-3, 5) if dtype == "int64" else rng.random() < 0.5 if dtype == "bool" else \
+        round(rng.uniform(-2, 2), 3)
+    return [], {"shape": gen.random_shape(), "value": value, "dtype": dtype}
+
+
+@proposer("cast")
+def _cast(gen):
+    x = gen.pick()
+    if x is None:
+        return None
+    return [x], {"dtype": cast_dtype(gen, [x], {})}
