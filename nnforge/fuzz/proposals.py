@@ -96,7 +96,9 @@ GUARDS = {
     "log": _guard_positive, "sqrt": _guard_positive, "rsqrt": _guard_positive,
     "reciprocal": lambda gen, ins: [nonzero(gen, ins[0])],
     "div": lambda gen, ins: [ins[0], nonzero(gen, ins[1])],
-    "pow": lambda gen, ins: [positive(gen, ins[0], 0.5, 3.0), gen.add("clamp", [ins[1]], {"min": -2.0, "max": 2.0})],
+    # integer powers take no negative exponents (torch refuses them)
+    "pow": lambda gen, ins: [positive(gen, ins[0], 0.5, 3.0),
+                             gen.add("clamp", [ins[1]], {"min": -2.0 if ins[1].dtype.is_float else 0, "max": 2.0})],
     "exp": lambda gen, ins: [gen.add("clamp", [ins[0]], {"min": -16.0, "max": 8.0})],
 }
 

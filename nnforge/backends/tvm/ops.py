@@ -124,6 +124,12 @@ _BOOL = {"add": "logical_or", "mul": "logical_and"}
 @rule(*_BINARY)
 def _binary(lw, node):
     a, b = node.inputs
+    if node.op == "pow" and not a.dtype.is_float:
+        # TIR's power takes floats only: integer powers through float64 (exact while the result
+        # fits its 53 bits), rounded back
+        from tvm.relax import op
+        p = op.power(lw.emit(op.astype(lw.arg(a), "float64")), lw.emit(op.astype(lw.arg(b), "float64")))
+        return op.astype(lw.emit(op.round(lw.emit(p))), a.dtype.name)
     name = _BOOL.get(node.op) if a.dtype.name == "bool" and node.op in _BOOL else _BINARY[node.op]
     return _op(name)()(lw.arg(a), lw.arg(b))
 
