@@ -77,6 +77,8 @@ class Stats:
             lines.append(f"  [{n}x] {sig}")
         for sig, n in self.ir_findings.most_common():
             lines.append(f"  [IR {n}x] {sig}")
+        for (backend, why), n in self.unsupported_why.most_common(5):
+            lines.append(f"  [unsupported {n}x] {backend}: {why}")
         if self.saved:
             lines.append("findings written to: " + ", ".join(self.saved[:10]) + (" ..." if len(self.saved) > 10 else ""))
         return "\n".join(lines)
