@@ -424,14 +424,8 @@ def _hls_values(bundle, inputs: list) -> tuple[dict, dict]:
     runner = bundle.load()
     feeds = [np.ascontiguousarray(t.numpy()) for t in inputs]
     plan, _ = runner.design(feeds)
-    act, env, values = plan.opts.act, {}, {}
-    for v, x in zip(plan.inputs, feeds):            # as Plan.emulate
-        x = np.asarray(x, np.float32).reshape(-1)
-        k = plan.kinds.get(v, "act")
-        env[v] = E.from_float(x, act) if k == "act" else E.int_from_float(x) if k == "int" else \
-            (x != 0).astype(np.int64)
+    act, env, values = plan.opts.act, plan.emulate_env(feeds), {}
     for layer in plan.layers:
-        env[layer.output] = np.asarray(layer.emulate(env, act)).reshape(-1)
         if plan.kinds.get(layer.output, "act") == "act":
             values[layer.output] = E.to_float(env[layer.output], act).reshape(plan.shapes[layer.output])
     csim = runner(*feeds)

@@ -172,8 +172,8 @@ class Plan:
     def ctype(self, value: str) -> str:
         return CTYPES[self.kinds.get(value, "act")]
 
-    def emulate(self, inputs: list) -> list[np.ndarray]:
-        """Float outputs of the bit-accurate emulation (what the C-simulation returns)."""
+    def emulate_env(self, inputs: list) -> dict[str, np.ndarray]:
+        """Every value's raw integers (flat) after the bit-accurate emulation, by value name."""
         act = self.opts.act
         env = {}
         for v, x in zip(self.inputs, inputs):
@@ -183,6 +183,11 @@ class Plan:
                 (x != 0).astype(np.int64)
         for layer in self.layers:
             env[layer.output] = np.asarray(layer.emulate(env, act)).reshape(-1)
+        return env
+
+    def emulate(self, inputs: list) -> list[np.ndarray]:
+        """Float outputs of the bit-accurate emulation (what the C-simulation returns)."""
+        act, env = self.opts.act, self.emulate_env(inputs)
         return [(E.to_float(env[v], act) if self.kinds.get(v, "act") == "act" else env[v].astype(np.float32))
                 .reshape(self.shapes[v]) for v in self.outputs]
 
