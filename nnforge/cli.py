@@ -61,6 +61,16 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def _bundle_inputs(bundle, path: str) -> dict:
+    """The tensors of ``path`` for the bundle's inputs, in signature order; a missing one is named."""
+    tensors = _read_inputs(Path(path))
+    names = [i["name"] for i in bundle.manifest["signature"]["inputs"]]
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise ValueError(f"{path}: missing input(s) {', '.join(missing)} (bundle takes {', '.join(names)})")
+    return {n: tensors[n] for n in names}
+
+
 def _read_inputs(path: Path):
     import numpy as np
     from .bundle import load_tensors
@@ -80,12 +90,7 @@ def cmd_run(args) -> int:
     bundle = Bundle.open(args.bundle)
     runner = bundle.load(args.device)
     if args.inputs:
-        tensors = _read_inputs(Path(args.inputs))
-        names = [i["name"] for i in bundle.manifest["signature"]["inputs"]]
-        missing = [n for n in names if n not in tensors]
-        if missing:
-            raise ValueError(f"{args.inputs}: missing input(s) {', '.join(missing)} (bundle takes {', '.join(names)})")
-        inputs = [np.asarray(tensors[n]) for n in names]
+        inputs = [np.asarray(t) for t in _bundle_inputs(bundle, args.inputs).values()]
     else:
         inputs = [t.numpy() for t in bundle.reference()[0]]
     outs = runner(*inputs)
@@ -162,12 +167,7 @@ def _inspect_compare(args, path: Path) -> int:
     bundle = Bundle.open(path)
     inputs = None
     if args.inputs:
-        tensors = _read_inputs(Path(args.inputs))
-        names = [i["name"] for i in bundle.manifest["signature"]["inputs"]]
-        missing = [n for n in names if n not in tensors]
-        if missing:
-            raise ValueError(f"{args.inputs}: missing input(s) {', '.join(missing)} (bundle takes {', '.join(names)})")
-        inputs = {n: tensors[n] for n in names}
+        inputs = _bundle_inputs(bundle, args.inputs)
     original = None
     if args.model:
         original, example, dyn, ins, outs = _model_and_inputs(args.model, _parse_dims(args.dim))
