@@ -20,13 +20,15 @@ from .bundle import SIGNATURE, Bundle, BundleError, check_files, read_manifest, 
 from .ir import GraphError, Interpreter
 from .numerics import compare, json_safe, within
 from .passes import PassContext, PassError, PassManager, cleanup_passes, resolve_recipe
-from .pipeline import as_tuple, check_import, import_model, load_state_dict, write_bundle
+from .pipeline import as_tuple, check_import, import_model, load_state_dict, speed_peer, write_bundle
+from .speed import check_batch_sizes, default_batch_sizes
 from .targets import Target, get_target, list_targets
 
 
 def compile(model, target: str | Target, recipe=None, *, example_inputs, calibration=None, out=None,
             check_inputs=None, dynamic_shapes=None, input_names=None, output_names=None,
-            name: str | None = None, progress: bool = False, trust_code: bool = False) -> Bundle:
+            name: str | None = None, progress: bool = False, trust_code: bool = False,
+            batch_sizes=None) -> Bundle:
     """Import ``model``, compress it with ``recipe`` and write a bundle for ``target``.
 
     model: torch.nn.Module, torch.export.ExportedProgram, or path to an .onnx file; with
@@ -37,9 +39,14 @@ def compile(model, target: str | Target, recipe=None, *, example_inputs, calibra
     check_inputs: held-out inputs for the numerics check (default: example_inputs).
     dynamic_shapes: torch.export dynamic shapes; symbols keep the names of their ``Dim``.
     out: bundle directory (default ./bundles/<model>-<target>); replaced atomically.
+    batch_sizes: where the target runs natively here, the manifest's speed records time the bundle
+        at these batch sizes against the same graph dense on its backend and against torch eager,
+        and the tvm backend picks per shape between each compressed kernel and the dense one
+        (nnforge.speed; default (1, 32), or $NNFORGE_BATCH_SIZES; () measures nothing).
     """
     timings: dict[str, float] = {}
     start = time.perf_counter()
+    batch_sizes = default_batch_sizes() if batch_sizes is None else check_batch_sizes(batch_sizes)
     tgt = get_target(target)
     backend = get_backend(tgt.backend)
     recipe_name, passes = resolve_recipe(recipe, tgt.options.get("pass_defaults"))
@@ -69,7 +76,8 @@ def compile(model, target: str | Target, recipe=None, *, example_inputs, calibra
     write_bundle(out_dir, graph=compressed, original=graph, source=source, target=tgt, backend=backend,
                  recipe_name=recipe_name, passes=passes, records=pm.records,
                  check_inputs=as_tuple(check_inputs) if check_inputs is not None else example,
-                 import_check=import_check, timings=timings, started=start)
+                 import_check=import_check, timings=timings, started=start, batch_sizes=batch_sizes,
+                 peer=speed_peer(model, source) if batch_sizes else None)
     bar.update()
     bar.close()
     return Bundle.open(out_dir)

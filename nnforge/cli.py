@@ -144,6 +144,8 @@ def cmd_inspect(args) -> int:
               f"SQNR {n['fidelity_vs_fp32']['sqnr_db']} dB")
         for fb in m["fallbacks"]:
             print(f"  fallback: {fb['where']}: {fb['what']} -> {fb['action']}")
+        from .speed import describe
+        print("\n".join(describe(m, layers=args.layers)))
         if args.layers:
             for layer in c["layers"]:
                 print(f"    {layer['layer']:<60} {layer['op']:<10} {str(layer['shape']):<14} {layer['encoding']:<22} "

@@ -18,6 +18,7 @@ from .bundle import (FORMAT, FORMAT_VERSION, GRAPH_FILE, REF_EXPECTED, REF_FP32,
 from .backends.base import Backend, BackendError
 from .frontend.errors import FrontendError
 from .ir import Graph, Interpreter, WEIGHT_OPS, sanitize_name, save_graph
+from .speed import speed_shapes
 from .numerics import BACKEND_TOLERANCE, FP32_TOLERANCE, compare, json_safe, within, within_rounding
 from .targets import Target
 
@@ -235,7 +236,11 @@ def compression_report(original: Graph, compressed: Graph) -> dict:
 
 def write_bundle(out: Path, *, graph: Graph, original: Graph, source: str, target: Target, backend: Backend,
                  recipe_name: str, passes, records, check_inputs: tuple, import_check: dict,
-                 timings: dict, started: float) -> None:
+                 timings: dict, started: float, batch_sizes: tuple = (), peer=None) -> None:
+    """Lower ``graph``, check it against the reference, and write the bundle at ``out`` (atomically).
+    With ``batch_sizes`` and a target whose runtime's speed means something here, the manifest
+    gets speed records (nnforge.speed): the bundle against ``original`` dense on the same backend
+    and against ``peer`` (``(label, function of the input list)``: the torch model), per batch size."""
     t0 = time.perf_counter()
     fp32 = Interpreter(original).run(*check_inputs)
     expected = Interpreter(graph).run(*check_inputs)
@@ -244,6 +249,9 @@ def write_bundle(out: Path, *, graph: Graph, original: Graph, source: str, targe
     graph.meta["recipe"] = recipe_name       # backends that label their artifacts (Core ML metadata) read it
     # backends that build fixed-size designs (hls) take the sizes the bundle is checked with
     graph.meta["example_shapes"] = {v.name: list(torch.as_tensor(x).shape) for v, x in zip(graph.inputs, check_inputs)}
+    timed, not_timed = backend.times_here(target) if batch_sizes else (False, "no batch sizes named")
+    if timed:       # backends that pick kernels per shape (tvm's dispatch) measure at these
+        graph.meta["speed_shapes"] = speed_shapes(graph, check_inputs, batch_sizes)
     with BundleWriter(out) as tmp:
         t0 = time.perf_counter()
         save_graph(graph, tmp / GRAPH_FILE, tmp / WEIGHTS_FILE)
@@ -282,9 +290,16 @@ def write_bundle(out: Path, *, graph: Graph, original: Graph, source: str, targe
                                    f"{BACKEND_TOLERANCE['cosine_min']}, max abs error {metrics['max_abs_error']:.3g}")
             numerics["backend_vs_reference"] = json_safe(metrics)
             numerics["runtime_checked"] = True
+            if timed:
+                t0 = time.perf_counter()
+                speed = speed_records(runner, lowered, graph, original, target, backend, check_inputs, batch_sizes,
+                                      peer)
+                timings["speed_s"] = time.perf_counter() - t0
         else:
             numerics["runtime_checked"] = False
             numerics["runtime_skipped_because"] = why
+        if not timed or not runs:
+            speed = {"measured": False, "why": not_timed if not timed else why}
         timings["total_s"] = time.perf_counter() - started
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "nnforge_version": __version__,
@@ -302,11 +317,99 @@ def write_bundle(out: Path, *, graph: Graph, original: Graph, source: str, targe
                                       for v in graph.outputs]},
             "compression": compression_report(original, graph),
             "numerics": numerics,
+            "speed": speed,
             "fallbacks": [f.to_dict() for f in lowered.fallbacks],
             "passes": [r.to_dict() for r in records],
             "timings": {k: round(v, 4) for k, v in timings.items()},
         }
         write_manifest(tmp, manifest)
+
+
+def speed_records(runner, lowered, graph: Graph, original: Graph, target: Target, backend: Backend,
+                  check_inputs: tuple, batch_sizes: tuple, peer) -> dict:
+    """The manifest's ``speed`` section: the bundle against its dense form on the same backend and
+    against ``peer`` per batch size, with the backend's per-shape dispatch where it has one."""
+    from . import speed
+    dense_label = f"dense on {backend.name}"
+    runners = {speed.BUNDLE: _bundle_call(runner, "auto")}
+    dispatch = lowered.entry.get("dispatch") if isinstance(lowered.entry, dict) else None
+    if dispatch and dispatch.get("dispatched"):
+        runners[speed.COMPRESSED_ONLY] = _bundle_call(runner, "compressed")
+    runners[dense_label] = _bundle_call(dense_runner(original, target, backend), None)
+    if peer is not None:
+        label, fn = peer
+        runners[label] = fn
+    records = speed.measure(runners, graph, check_inputs, batch_sizes)
+    if hasattr(runner, "dispatch"):
+        runner.dispatch("auto")
+    out = {"measured": True, "batch_sizes": list(batch_sizes), "machine": speed.machine(),
+           "dense_baseline": f"the imported graph after the cleanup passes only, lowered by {backend.name} for "
+                             f"{target.name}", "records": records, "verdicts": speed.verdicts(records, dense_label)}
+    if dispatch is None:
+        out["dispatch"] = f"the {backend.name} backend has no per-shape dispatch: its runtime picks its own kernels"
+    elif not dispatch.get("enabled"):
+        out["dispatch"] = f"off: {dispatch.get('why_not')}"
+    else:
+        out["dispatch"] = (f"{dispatch['dispatched']} of {len(dispatch['layers'])} compressed layers dispatch to the "
+                           "dense kernel at some shape (backend.entry.dispatch says which and why)")
+    return out
+
+
+def speed_peer(model, source: str):
+    """(label, function of the input list) timing ``model`` itself: torch eager for a module or
+    an ExportedProgram, ONNX Runtime for an .onnx file; None for an IR graph or a TorchScript file."""
+    if isinstance(model, torch.export.ExportedProgram):
+        model = model.module()
+    if isinstance(model, torch.nn.Module):
+        def eager(xs):
+            with torch.no_grad():
+                return model(*xs)
+        return "torch eager", eager
+    if source == "onnx":
+        import onnxruntime as ort
+        session = ort.InferenceSession(os.fspath(model), providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+        return "onnxruntime (source model)", lambda xs: session.run(None, {n: x.numpy() for n, x in zip(names, xs)})
+    return None
+
+
+def _bundle_call(runner, mode: str | None):
+    def call(xs):
+        if mode is not None and hasattr(runner, "dispatch"):
+            runner.dispatch(mode)
+        return runner(*xs)
+    return call
+
+
+_DENSE: dict = {}       # one dense baseline runner, kept across compiles of the same model and target
+
+
+def dense_runner(original: Graph, target: Target, backend: Backend):
+    """A runner of ``original`` after the cleanup passes, lowered by ``backend`` for ``target``:
+    the speed records' dense baseline. The last one is kept, so compiling one model with several
+    recipes (the demo) lowers it once."""
+    import hashlib
+    import json
+    import tempfile
+    from .ir import graph_to_dict
+    from .passes import PassContext, PassManager, cleanup_passes
+    doc, tensors = graph_to_dict(original)
+    h = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode())
+    for key in sorted(tensors):
+        h.update(key.encode())
+        h.update(tensors[key].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    key = (h.hexdigest(), backend.name, json.dumps(target.to_dict(), sort_keys=True, default=str))
+    if key not in _DENSE:
+        dense = PassManager(cleanup_passes()).run(original, PassContext(target=target))
+        dense.meta.pop("speed_shapes", None)
+        with tempfile.TemporaryDirectory(prefix="nnforge-dense-") as tmp:
+            tmp = Path(tmp)
+            save_graph(dense, tmp / GRAPH_FILE, tmp / WEIGHTS_FILE)
+            lowered = backend.lower(dense, target, tmp)
+            made = backend.load(tmp, lowered.entry)
+        _DENSE.clear()
+        _DENSE[key] = made
+    return _DENSE[key]
 
 
 def _jsonable(d: dict) -> dict:

@@ -9,6 +9,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# nf.compile times every bundle whose target runs here at batch sizes 1 and 32 (nnforge.speed);
+# the suite compiles hundreds of bundles, so that is off here and on in tests/test_speed.py.
+os.environ.setdefault("NNFORGE_BATCH_SIZES", "none")
 warnings.filterwarnings("ignore", category=FutureWarning)
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

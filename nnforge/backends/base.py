@@ -146,6 +146,12 @@ class Backend(ABC):
     def toolchain(self) -> dict[str, str]:
         return {}
 
+    def times_here(self, target: Target) -> tuple[bool, str]:
+        """Whether this backend's run time on this machine says anything about the target's
+        speed (it runs natively here), and why not: the pipeline's speed records (nnforge.speed)
+        are taken only where it does."""
+        return False, f"the {self.name} backend does not run natively on this machine"
+
 
 _BACKENDS: dict[str, str] = {"onnx": "nnforge.backends.onnx:OnnxBackend", "tvm": "nnforge.backends.tvm:TvmBackend"}
 _BACKENDS["triton"] = "nnforge.backends.triton:TritonBackend"

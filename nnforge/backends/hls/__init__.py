@@ -122,6 +122,10 @@ def simulation_report(graph: Graph, target: Target, plan: Plan) -> dict[str, byt
 
 class HlsBackend(Backend):
     name = "hls"
+
+    def times_here(self, target: Target) -> tuple[bool, str]:
+        return False, ("a C-simulation's run time says nothing about the FPGA: fpga/simulation.txt holds the "
+                       "accelerator model's latency estimate")
     native = {
         ("linear", "int"): "matrix unit: int2..int8 codes (zero points folded, +1 bit), per-group scale mantissas",
         ("linear", "sparse"): "matrix unit: N:M (2:4, 1:4, ...) kept values + in-group indices, int or float values",

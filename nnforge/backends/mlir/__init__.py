@@ -49,6 +49,10 @@ def _require_torch_mlir() -> None:
 
 class MlirBackend(Backend):
     name = "mlir"
+
+    def times_here(self, target: Target) -> tuple[bool, str]:
+        return False, ("the module runs here on torch-mlir's reference JIT, a correctness check; its speed is "
+                       "that of the MLIR compiler a user feeds it to (IREE, ...)")
     # Every weight-carrying op reads its weight as a decoded tensor; what stays compressed is the
     # encoding, in any op (see weights.py for each form).
     native = {(op, kind): form for op in ("linear", "matmul", "conv", "embedding") for kind, form in {

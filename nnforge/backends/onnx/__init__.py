@@ -179,3 +179,6 @@ class OnnxBackend(Backend):
     def toolchain(self) -> dict[str, str]:
         import onnxruntime
         return {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+    def times_here(self, target: Target) -> tuple[bool, str]:
+        return True, "ONNX Runtime runs natively on this CPU"

@@ -207,6 +207,12 @@ class TritonBackend(Backend):
     def load(self, bundle_dir: Path, entry: dict, device: str | None = None) -> Runner:
         return TritonRunner(Path(bundle_dir), entry, resolve_device(device))
 
+    def times_here(self, target: Target) -> tuple[bool, str]:
+        if interpreting() or not torch.cuda.is_available():
+            return False, ("Triton runs in its CPU interpreter here (TRITON_INTERPRET=1), whose times say nothing "
+                           "about a GPU; benchmarks/gpu_gemm.py measures the kernels on one")
+        return True, f"Triton kernels run on {torch.cuda.get_device_name()}"
+
     def toolchain(self) -> dict[str, str]:
         from importlib.metadata import PackageNotFoundError, version
         try:

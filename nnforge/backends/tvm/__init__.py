@@ -36,9 +36,11 @@ import numpy as np
 from ...ir import Graph
 from ...targets import Target, host_cpu_flags
 from ..base import Backend, BackendError, InputSpec, Lowered, Runner
+from .dispatch import NEVER, Dispatcher
 from .tuning import TUNING_FILE, Tuner
 
 LIBRARY_FILE = "model.so"
+GRAPH_FILE = "graph.json"               # written by the pipeline
 PARAMS_FILE = "tvm_params.safetensors"
 ENTRY_FUNCTION = "main"
 
@@ -202,6 +204,24 @@ class TvmRunner(Runner):
         except Exception as e:
             raise BackendError(f"{path}: preparing the parameters failed: {str(e).splitlines()[0]}") from None
         self._params = list(made)
+        self._dispatch = [layer for layer in (entry.get("dispatch") or {}).get("layers", [])
+                          if "threshold_param" in layer]
+        self.dispatch_mode = "auto"
+
+    def dispatch(self, mode: str = "auto") -> "TvmRunner":
+        """Which kernel the dispatched layers run (see dispatch.py): ``"auto"``, the measured
+        choice per row count; ``"compressed"`` or ``"dense"``, that kernel at every size (to time
+        or check either one on the same library)."""
+        if mode not in ("auto", "compressed", "dense"):
+            raise BackendError(f"dispatch mode must be 'auto', 'compressed' or 'dense', got {mode!r}")
+        for layer in self._dispatch:
+            if mode == "auto":
+                t = layer["threshold"]
+            else:       # rows < threshold run ``low``
+                t = NEVER if (mode == layer["low"]) else 0
+            self._params[layer["threshold_param"]] = self._from_dlpack(_aligned(np.array([t], np.int64)))
+        self.dispatch_mode = mode
+        return self
 
     def run_numpy(self, inputs: list) -> list:
         args = [self._from_dlpack(_aligned(x)) for x in inputs]
@@ -242,8 +262,16 @@ def _read_params(bundle_dir: Path, specs: list) -> list[np.ndarray]:
     from ...bundle import safe_join
     files: dict[str, object] = {}
     out = []
+    decoded = _decoded_weights(bundle_dir, [s["key"] for s in specs if s.get("decode")])
     try:
         for spec in specs:
+            if spec.get("decode"):
+                a = decoded[spec["key"]]
+                if a.dtype != np.dtype(spec["dtype"]) or list(a.shape) != list(spec["shape"]):
+                    raise BackendError(f"{bundle_dir}: weight {spec['key']!r} decodes to {a.dtype} {list(a.shape)}, "
+                                       f"parameter {spec['name']} needs {spec['dtype']} {spec['shape']}")
+                out.append(_aligned(a))
+                continue
             rel = spec["file"]
             if rel not in files:
                 files[rel] = safe_open(os.fspath(safe_join(bundle_dir, rel)), framework="numpy")
@@ -258,6 +286,26 @@ def _read_params(bundle_dir: Path, specs: list) -> list[np.ndarray]:
             out.append(_aligned(a))
     except (OSError, SafetensorError, ValueError) as e:
         raise BackendError(f"{bundle_dir}: cannot read the parameters: {e}") from None
+    return out
+
+
+def _decoded_weights(bundle_dir: Path, names: list[str]) -> dict[str, np.ndarray]:
+    """The dense float32 form of the graph weights ``names``, decoded from the bundle's own
+    encodings (graph.json + weights.safetensors): the dense copies dispatched layers run on."""
+    if not names:
+        return {}
+    import torch
+    from ...bundle import GRAPH_FILE, WEIGHTS_FILE, safe_join
+    from ...ir import GraphError, load_graph
+    try:
+        graph = load_graph(safe_join(bundle_dir, GRAPH_FILE), safe_join(bundle_dir, WEIGHTS_FILE))
+    except GraphError as e:
+        raise BackendError(f"{bundle_dir}: cannot read the graph whose weights dispatched layers decode: {e}") from None
+    out = {}
+    for name in names:
+        if name not in graph.weights:
+            raise BackendError(f"{bundle_dir}: a dispatched layer needs weight {name!r}, which the graph lacks")
+        out[name] = graph.weights[name].encoding.decode(torch.float32).contiguous().numpy()
     return out
 
 
@@ -298,7 +346,8 @@ def build(graph: Graph, target: Target, out_dir: Path, toolchain: dict) -> Lower
                            "tvm backend")
     tvm_target = resolve_target(llvm_target)
     tuner = Tuner(target.options, tvm_target, target.can_run(), f"target {target.name}")
-    low = lower_graph(graph, llvm_target, tvm_target, tuner)
+    dispatcher = Dispatcher(target.options, target.can_run(), graph, f"target {target.name}")
+    low = lower_graph(graph, llvm_target, tvm_target, tuner, dispatcher)
     try:
         executable = tvm.compile(low.mod, target=tvm_target, relax_pipeline=cpu_pipeline(tvm_target))
         executable.export_library(os.fspath(out_dir / LIBRARY_FILE))
@@ -306,6 +355,8 @@ def build(graph: Graph, target: Target, out_dir: Path, toolchain: dict) -> Lower
         raise BackendError(f"tvm backend: compiling graph {graph.name} for {target.name} ({llvm_target}) failed: "
                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     files = [LIBRARY_FILE, tuner.write(out_dir)]
+    if any(spec.decode for spec in low.params):
+        files.append(GRAPH_FILE)        # dispatched layers decode their dense copy from it at load
     if low.arrays:
         save_file(low.arrays, os.fspath(out_dir / PARAMS_FILE), metadata={"producer": "nnforge tvm backend"})
         files.append(PARAMS_FILE)
@@ -318,6 +369,7 @@ def build(graph: Graph, target: Target, out_dir: Path, toolchain: dict) -> Lower
         "cpu_features": target_cpu_features(tvm_target),
         "params": [p.to_dict() for p in low.params],
         "kernels": low.kernels,
+        "dispatch": low.dispatch,
         "tuning": {"file": TUNING_FILE, "tune": tuner.enabled,
                    "choices": {src: sum(r.source == src for r in tuner.records.values())
                                for src in ("measured", "records", "default")}},
@@ -346,6 +398,10 @@ class TvmBackend(Backend):
         if device not in (None, "cpu"):
             raise BackendError(f"the tvm backend runs on the CPU; device {device!r} is not supported")
         return TvmRunner(Path(bundle_dir), entry)
+
+    def times_here(self, target: Target) -> tuple[bool, str]:
+        runs, why = target.can_run()
+        return runs, ("its library runs natively on this CPU" if runs else why)
 
     def toolchain(self) -> dict[str, str]:
         spec = importlib.util.find_spec("tvm")

@@ -23,7 +23,8 @@ from ...ir.dtypes import DType
 from ..base import BackendError, Fallback
 from .kernels import KernelError
 from .ops import RULES
-from .tuning import Tuner, time_kernel
+from .dispatch import Dispatcher
+from .tuning import Tuner, kernel_timer, time_kernel
 from .weights import c_name, numpy_of
 
 WEIGHTS_FILE = "weights.safetensors"     # written by the pipeline (save_graph); read in place
@@ -41,6 +42,7 @@ class ParamSpec:
     key: str
     dtype: str
     shape: list
+    decode: bool = False        # ``key`` names a graph weight, decoded from its encoding at load
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,19 +57,24 @@ class Lowered:
     arrays: dict[str, np.ndarray]
     fallbacks: list[Fallback]
     kernels: dict[str, dict] = field(default_factory=dict)
+    dispatch: dict = field(default_factory=dict)
 
 
 class Lowering:
     """The state of one lowering: the BlockBuilder, the Relax value of every IR value, the
     parameters of ``main`` and ``prepare``, the kernels added, and the fallbacks taken."""
 
-    def __init__(self, graph: Graph, llvm_target: str, target, tuner: Tuner | None = None):
+    def __init__(self, graph: Graph, llvm_target: str, target, tuner: Tuner | None = None,
+                 dispatcher: Dispatcher | None = None):
         from tvm import relax
         self.relax = relax
         self.graph = graph
         self.llvm_target = llvm_target       # the string kernel builders take
         self.target = target                  # the resolved tvm Target
         self.tuner = tuner or Tuner({}, target, (False, "not asked to tune"), graph.name)
+        self.dispatcher = dispatcher or Dispatcher({"dispatch": False}, (False, ""), graph, graph.name)
+        self._timers: dict[str, Callable[[int], float]] = {}    # dispatch measurements, by kernel
+        self.dispatch_params: dict[str, int] = {}   # weight -> index in main's params of its rows threshold
         self.bb = relax.BlockBuilder()
         self.symbols: dict[str, object] = {}
         self.values: dict[Value, object] = {}
@@ -176,6 +183,37 @@ class Lowering:
             self._panels[key] = self.made(f"{v.name}.panels", ttype, lambda: pack_panels(raw, n, k, nb, transposed))
         return self._panels[key]
 
+    def dense_panels_at_load(self, v: Value, perm=None):
+        """Encoded weight ``v`` as the dense kernel's panels, made when the bundle loads: the runner
+        decodes the weight from the bundle's own encoding (the bundle stays compressed on disk);
+        ``perm`` (a ``main`` parameter): its columns in that act-order, as the compressed kernel reads x."""
+        from tvm.relax import op
+        from .kernels.dense import pack_panels, panel_width, vector_lanes
+        n, k = v.shape
+        ttype = self.relax.TensorType([n, k], "float32")
+        raw = self.relax.Var(self.fresh(f"{v.name}.dense"), ttype)
+        self.raw_params.append(raw)
+        self.specs.append(ParamSpec(raw.name, WEIGHTS_FILE, v.name, "float32", [n, k], decode=True))
+        nb = panel_width(vector_lanes(self.target), self.dense_config(n, k))
+        src = raw if perm is None else op.take(raw, self.raw(perm), axis=1)
+        return self.made(f"{v.name}.dense_panels", self.relax.TensorType([-(-n // nb), k, nb], "float32"),
+                         lambda: pack_panels(src, n, k, nb))
+
+    def timer(self, key: str, kernel, arrays: list) -> Callable[[int], float]:
+        """``rows -> ms`` of ``kernel`` with its weights cold (built once per ``key``: kernels that
+        differ only in their weight values time alike)."""
+        if key not in self._timers:
+            self._timers[key] = kernel_timer(kernel.func, arrays, kernel.k, kernel.n, self.target, cold=True)
+        return self._timers[key]
+
+    def dense_timer(self, n: int, k: int) -> Callable[[int], float]:
+        """``rows -> ms`` of the dense GEMM of an ``[n, k]`` weight, on random panels."""
+        from .kernels.dense import panel_width, vector_lanes
+        kernel = self.dense_kernel(n, k)
+        nb = panel_width(vector_lanes(self.target), self.dense_config(n, k))
+        panels = np.random.default_rng(0).standard_normal((-(-n // nb), k, nb)).astype(np.float32)
+        return self.timer(kernel.name, kernel, [panels, np.zeros(n, np.float32)])
+
     def dense_config(self, n: int, k: int) -> dict:
         """The dense GEMM's schedule for an ``[n, k]`` weight: measured, reused or default (tuning.py)."""
         from .kernels.bsr import llvm_target
@@ -280,7 +318,11 @@ class Lowering:
                 out = self.bb.emit_output(relax.Tuple(made))
             self.bb.emit_func_output(out)
         mod = self.bb.get()
-        return Lowered(mod, self.specs, self.arrays, self.fallbacks, self.kernel_notes)
+        dispatch = self.dispatcher.to_dict()
+        for layer in dispatch["layers"]:
+            if layer["weight"] in self.dispatch_params:
+                layer["threshold_param"] = self.dispatch_params[layer["weight"]]
+        return Lowered(mod, self.specs, self.arrays, self.fallbacks, self.kernel_notes, dispatch)
 
     def lower_node(self, node: Node) -> None:
         try:
@@ -302,9 +344,10 @@ class Lowering:
         self.values[out] = var
 
 
-def lower_graph(graph: Graph, llvm_target: str, target, tuner: Tuner | None = None) -> Lowered:
+def lower_graph(graph: Graph, llvm_target: str, target, tuner: Tuner | None = None,
+                dispatcher: Dispatcher | None = None) -> Lowered:
     """The Relax module of ``graph`` (``main(inputs..., params...)``) and what goes with it."""
-    return Lowering(graph, llvm_target, target, tuner).run()
+    return Lowering(graph, llvm_target, target, tuner, dispatcher).run()
 
 
 __all__ = ["Lowering", "Lowered", "ParamSpec", "lower_graph", "RULES", "PARAMS_FILE", "WEIGHTS_FILE", "PREPARE_FUNCTION"]

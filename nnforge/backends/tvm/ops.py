@@ -180,7 +180,7 @@ def _linear(lw, node):
         if bias is not None:
             y = lw.emit(op.add(y, lw.arg(bias)))
         return lw.emit(op.reshape(y, lw.shape(out.shape))) if x.type.rank != 2 else y
-    gv, consts, n, perm, fused_bias = linear_kernel(lw, w)
+    gv, consts, n, perm, fused_bias = linear_kernel(lw, w, node.name, sym.prod(x.shape[:-1]))
     x2, rows = _flatten_rows(lw, x)
     if perm is not None:       # act-order: the kernel's columns are in stored order
         x2 = lw.emit(op.take(x2, perm, axis=1))

@@ -145,9 +145,11 @@ KERNELS: dict[str, tuple[str, str, Callable[[Value], dict | None]]] = {
 }
 
 
-def linear_kernel(lw: Lowering, w: Value) -> tuple:
+def linear_kernel(lw: Lowering, w: Value, layer: str = "", rows=None) -> tuple:
     """(GlobalVar, const param vars, n, act-order perm var or None, bias in the kernel) for the
-    linear weight ``w``, built once per weight."""
+    linear weight ``w``, built once per weight. ``layer`` and ``rows`` (the IR dim of the rows x
+    has, flattened) let the dispatcher measure the compressed kernel against the dense one
+    (dispatch.py) the first time the weight is used."""
     if w.name in lw._linear:
         return lw._linear[w.name]
     enc = w.encoding
@@ -182,7 +184,8 @@ def linear_kernel(lw: Lowering, w: Value) -> tuple:
         consts = [lw.extra(w.name, f"{kernel.name}.{i}", c) for i, c in enumerate(kernel.consts)]
         if getattr(enc, "perm", None) is not None:
             perm = lw.extra(w.name, "perm", numpy_of(enc.perm).astype(np.int64))
-        entry = (lw.func(kernel.name, kernel.func), consts, kernel.n, perm, False)
+        entry = _with_dispatch(lw, w, kernel, consts, perm, layer, rows) or \
+            (lw.func(kernel.name, kernel.func), consts, kernel.n, perm, False)
     else:
         if not isinstance(enc, Dense) and w.name not in lw._dense:
             lw._dense[w.name] = lw.extra(w.name, "decoded", lw.decoded(w, why))
@@ -192,6 +195,39 @@ def linear_kernel(lw: Lowering, w: Value) -> tuple:
     lw.kernel_notes[w.name] = {"function": kernel.name, **_jsonable(kernel.notes)}
     lw._linear[w.name] = entry
     return entry
+
+
+def _timing_key(w: Value, kernel) -> str:
+    """Kernels whose time depends on the shape alone (integer codes) share one measurement;
+    a sparse kernel's time depends on its pattern, so it is measured per weight."""
+    enc = w.encoding
+    if enc.kind == "int":
+        return f"int{enc.bits}_{kernel.n}x{kernel.k}_g{enc.group_size}_zp{enc.zero_point is not None}"
+    return kernel.name
+
+
+def _with_dispatch(lw: Lowering, w: Value, kernel, consts: list, perm, layer: str, rows) -> tuple | None:
+    """The linear_kernel entry of a layer that dispatches between ``kernel`` and the dense GEMM on
+    its row count, when the dispatcher measured dense faster at some shape; None otherwise."""
+    if not lw.dispatcher.enabled or rows is None or w.dtype.name != "float32" or len(w.shape) != 2:
+        return None
+    n, k = kernel.n, kernel.k
+    dense = lw.dense_kernel(n, k)
+    decision = lw.dispatcher.decide(layer or w.name, w.name, kernel.name, rows,
+                                    lw.timer(_timing_key(w, kernel), kernel, kernel.consts), lw.dense_timer(n, k),
+                                    dense_bytes=4 * n * k)
+    if decision is None or not decision.dispatched:
+        return None
+    from .kernels.dispatch import rows_dispatch
+    name = c_name(f"nf_dispatch_{w.name}")
+    compressed_first = decision.low == "compressed"
+    func = rows_dispatch(name, kernel.func, dense.func) if compressed_first else rows_dispatch(name, dense.func,
+                                                                                               kernel.func)
+    dense_args = [lw.dense_panels_at_load(w, perm), lw.zeros(n)]
+    threshold = lw.extra(w.name, "rows_threshold", np.array([decision.threshold], np.int64))
+    lw.dispatch_params[w.name] = lw.params.index(threshold)
+    args = (consts + dense_args if compressed_first else dense_args + consts) + [threshold]
+    return lw.func(name, func), args, n, perm, False
 
 
 __all__ = ["KERNELS", "c_name", "int8_blocks", "int8_bsr_kernel", "linear_kernel", "numpy_of"]

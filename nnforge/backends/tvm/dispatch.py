@@ -1,0 +1,193 @@
+"""Per-shape dispatch for compressed linear layers: the faster of the compressed kernel and the
+dense GEMM, measured on this host at the row counts the bundle will run.
+
+A compressed kernel saves memory and bandwidth, not always time: on the default model an int4
+weight-only kernel beats the dense GEMM at batch 1 and loses at batch 32 (the dense kernel's
+register tiles then run compute-bound, the int4 one pays its dequantisation per tile), and a
+block-sparse SpMM at moderate density loses at every size. So when the pipeline names the shapes
+of its speed records (``graph.meta["speed_shapes"]``, set by :func:`nnforge.pipeline.write_bundle`
+from ``nf.compile(..., batch_sizes=...)``) and the target runs here, each compressed linear is
+timed against the dense kernel of its shape at each of those row counts. Where dense wins by more
+than ``dispatch_margin`` (default 5%, so noise does not buy a dense copy) the layer gets a
+:func:`~.kernels.dispatch.rows_dispatch` kernel: compressed below a row threshold, dense above (or
+the other way round), the threshold at the geometric mean of the measured row counts on either
+side of the change. Its dense weight is decoded from the bundle's own encoding when the bundle
+loads (the bundle on disk stays compressed; the manifest states the memory it costs).
+
+Target options: ``dispatch`` (default true; false keeps every compressed kernel) and
+``dispatch_margin``. Every decision, with the times behind it, is in the manifest's
+``backend.entry.dispatch`` and printed by ``nnforge inspect``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+from ...ir import Graph, symbolic as sym
+from ..base import BackendError
+
+OPTIONS = ("dispatch", "dispatch_margin")
+DEFAULT_MARGIN = 0.05
+NEVER = 2 ** 62                 # a row threshold no input reaches
+
+
+@dataclass
+class Decision:
+    """The kernel choice of one compressed linear layer."""
+    layer: str
+    weight: str
+    kernel: str                 # the compressed kernel's function
+    times: list[dict]           # per measured shape: label, rows, compressed_ms, dense_ms, faster
+    low: str                    # "compressed" | "dense": runs when rows < threshold
+    threshold: int              # 0: always the other kernel; NEVER: always ``low``
+    why: str
+    dense_bytes: int = 0        # the dense copy a dispatched layer holds in memory at run time
+
+    @property
+    def dispatched(self) -> bool:
+        return (self.low, self.threshold) != ("compressed", NEVER)
+
+    def runs_at(self, rows: int) -> str:
+        """The kernel this layer runs for ``rows`` rows."""
+        high = "dense" if self.low == "compressed" else "compressed"
+        return self.low if rows < self.threshold else high
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def choose(times: list[tuple[int, float, float]], margin: float) -> tuple[str, int]:
+    """(the kernel for rows below the threshold, the threshold) from ``(rows, compressed ms, dense
+    ms)`` measurements: the single split of the sorted row counts, in either orientation, that
+    costs least in time relative to the faster kernel at each size; compressed times count
+    ``1 - margin`` of their value, so dense must win by more than the margin to be picked."""
+    pts = sorted(times)
+    best = None
+    for low in ("compressed", "dense"):
+        for split in range(len(pts) + 1):
+            cost = dense_rows = 0.0
+            for i, (rows, c, d) in enumerate(pts):
+                kernel = low if i < split else ("dense" if low == "compressed" else "compressed")
+                cost += (c * (1 - margin) if kernel == "compressed" else d) / max(min(c, d), 1e-9)
+                dense_rows += kernel == "dense"
+            if split == 0:
+                threshold = 0
+            elif split == len(pts):
+                threshold = NEVER
+            else:
+                threshold = math.ceil(math.sqrt(pts[split - 1][0] * pts[split][0]))
+                if threshold <= pts[split - 1][0]:
+                    threshold = pts[split - 1][0] + 1
+            key = (round(cost, 9), dense_rows)          # ties: the plan with less dense work
+            if best is None or key < best[0]:
+                best = (key, low, threshold)
+    low, threshold = best[1], best[2]
+    # one kernel at every size has two spellings; keep one of each
+    if (low, threshold) in (("dense", 0), ("compressed", NEVER)):
+        return "compressed", NEVER
+    if (low, threshold) in (("dense", NEVER), ("compressed", 0)):
+        return "compressed", 0
+    return low, threshold
+
+
+class Dispatcher:
+    """The dispatch decisions of one lowering."""
+
+    def __init__(self, options: dict, can_measure: tuple[bool, str], graph: Graph, where: str):
+        unknown = sorted(k for k in options if k.startswith("dispatch") and k not in OPTIONS)
+        if unknown:
+            raise BackendError(f"{where}: unknown dispatch option(s) {', '.join(unknown)}; known: {', '.join(OPTIONS)}")
+        self.margin = float(options.get("dispatch_margin", DEFAULT_MARGIN))
+        if not 0 <= self.margin < 1:
+            raise BackendError(f"{where}: dispatch_margin must be in [0, 1), got {self.margin}")
+        self.points = self._points(graph)
+        self.why_not = ""
+        if not bool(options.get("dispatch", True)):
+            self.why_not = "turned off (target option dispatch = false)"
+        elif not can_measure[0]:
+            self.why_not = f"not measured: this target's bundles cannot run here ({can_measure[1]})"
+        elif not self.points:
+            self.why_not = "not measured: no shapes named (nf.compile(..., batch_sizes=...) names them)"
+        self.decisions: dict[str, Decision] = {}
+        self.skipped: dict[str, str] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return not self.why_not
+
+    @staticmethod
+    def _points(graph: Graph) -> list[tuple[str, dict[str, int]]]:
+        """(label, dimension symbol bindings) of each shape the pipeline asked to measure."""
+        out = []
+        for shape in graph.meta.get("speed_shapes") or []:
+            env: dict[str, int] = {}
+            for v in graph.inputs:
+                given = shape.get("inputs", {}).get(v.name)
+                if given is None or len(given) != len(v.shape):
+                    continue
+                for d, size in zip(v.shape, given):
+                    if isinstance(d, str) and sym.is_symbol(d):
+                        env[d] = int(size)
+            out.append((str(shape.get("label", "")), env))
+        return out
+
+    def rows(self, rows_dim) -> list[tuple[str, int]]:
+        """(label, row count) of ``rows_dim`` at each measured shape it can be evaluated at."""
+        out = []
+        for label, env in self.points:
+            try:
+                out.append((label, int(sym.evaluate(rows_dim, env))))
+            except Exception:        # a symbol the inputs of that shape do not bind
+                continue
+        return out
+
+    def decide(self, layer: str, weight: str, kernel: str, rows_dim, time_compressed: Callable[[int], float],
+               time_dense: Callable[[int], float], dense_bytes: int) -> Decision | None:
+        """Measure ``layer`` at each shape's row count and decide; None when there is nothing to measure."""
+        points = self.rows(rows_dim)
+        if not points:
+            self.skipped[layer] = f"its row count {rows_dim} is not bound by the measured shapes"
+            return None
+        times, measured = [], {}
+        for label, r in points:
+            if r not in measured:
+                measured[r] = (time_compressed(r), time_dense(r))
+            c, d = measured[r]
+            times.append({"shape": label, "rows": r, "compressed_ms": round(c, 4), "dense_ms": round(d, 4),
+                          "faster": "dense" if d < c else "compressed"})
+        low, threshold = choose([(r, c, d) for r, (c, d) in measured.items()], self.margin)
+        decision = Decision(layer, weight, kernel, times, low, threshold, "", dense_bytes)
+        decision.why = _why(decision, self.margin)
+        self.decisions[layer] = decision
+        return decision
+
+    def to_dict(self) -> dict:
+        dispatched = [d for d in self.decisions.values() if d.dispatched]
+        return {"enabled": self.enabled, "why_not": self.why_not or None, "margin": self.margin,
+                "shapes": [{"shape": label, "bindings": env} for label, env in self.points],
+                "dispatched": len(dispatched),
+                "dense_bytes_at_run_time": sum(d.dense_bytes for d in dispatched),
+                "layers": [d.to_dict() | {"dispatched": d.dispatched} for d in self.decisions.values()],
+                "skipped": self.skipped}
+
+
+def _why(d: Decision, margin: float) -> str:
+    parts = []
+    for t in d.times:
+        c, dn = t["compressed_ms"], t["dense_ms"]
+        ratio = c / max(dn, 1e-9)
+        parts.append(f"{t['shape']} ({t['rows']} rows): compressed {c:.3f} ms, dense {dn:.3f} ms "
+                     f"(compressed {ratio:.2f}x the dense time) -> {d.runs_at(t['rows'])}")
+    if not d.dispatched:
+        head = f"compressed kernel kept: dense is not faster by more than {margin:.0%} at any measured shape"
+    elif d.threshold == 0 or d.threshold == NEVER:
+        head = "dense kernel at every measured shape (the compressed kernel stays in the library, forced by " \
+               "runner.dispatch('compressed'))"
+    else:
+        high = "dense" if d.low == "compressed" else "compressed"
+        head = f"{d.low} below {d.threshold} rows, {high} from {d.threshold} rows"
+    return head + "; " + "; ".join(parts)
+
+
+__all__ = ["Decision", "Dispatcher", "choose", "OPTIONS", "NEVER", "DEFAULT_MARGIN"]
