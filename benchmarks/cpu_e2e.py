@@ -37,7 +37,7 @@ import torch
 
 import nnforge as nf
 from nnforge.models import default as dm
-from timing import alternating_ms
+from nnforge.speed import alternating_ms
 from nnforge.models.zoo import zoo_model
 
 warnings.filterwarnings("ignore")

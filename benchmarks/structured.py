@@ -25,7 +25,7 @@ import torch
 
 import nnforge as nf
 from nnforge.models import default as dm
-from timing import alternating_ms
+from nnforge.speed import alternating_ms
 
 warnings.filterwarnings("ignore")
 OUT = Path(__file__).parent / "out"
