@@ -49,8 +49,13 @@ def cmd_compile(args) -> int:
         calibration = dm.calibration_batches(tok, calib[: args.calibration_samples], 32)
     elif args.recipe not in (None, "fp32"):
         calibration = [example]
+    batch_sizes = None
+    if args.batch_sizes is not None:
+        text = args.batch_sizes.strip().lower()
+        batch_sizes = () if text in ("", "none") else tuple(int(b) for b in text.split(",") if b.strip())
     bundle = nf.compile(model, args.target, args.recipe, example_inputs=example, calibration=calibration,
-                        out=args.out, dynamic_shapes=dyn, input_names=ins, output_names=outs, progress=True)
+                        out=args.out, dynamic_shapes=dyn, input_names=ins, output_names=outs, progress=True,
+                        batch_sizes=batch_sizes)
     m = bundle.manifest
     fid = m["numerics"]["fidelity_vs_fp32"]
     print(f"wrote {bundle.path} ({bundle.size_bytes / 1e6:.1f} MB; weights {m['compression']['bytes_before'] / 1e6:.1f}"
@@ -58,6 +63,8 @@ def cmd_compile(args) -> int:
           f"runtime checked: {m['numerics']['runtime_checked']})")
     for fb in m["fallbacks"]:
         print(f"  fallback: {fb['where']}: {fb['what']} -> {fb['action']}")
+    from .speed import describe
+    print("\n".join(describe(m)))
     return 0
 
 
@@ -250,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default=None, help="bundle directory (default: bundles/<model>-<target>)")
     c.add_argument("--dim", action="append", default=[], metavar="NAME=INT",
                    help="size of a symbolic input dim for example inputs of an .onnx model (default 1)")
+    c.add_argument("--batch-sizes", default=None, metavar="B,B,...",
+                   help="batch sizes of the bundle's speed records and per-shape dispatch, where the target runs "
+                        "here (default 1,32 or $NNFORGE_BATCH_SIZES; 'none' measures nothing)")
     c.add_argument("--calibration-samples", type=int, default=None,
                    help="calibration sentences for the default model (default: all of its calibration split)")
     c.set_defaults(fn=cmd_compile)

@@ -1,0 +1,183 @@
+"""Per-shape dispatch between a compressed linear kernel and the dense GEMM (backends/tvm/dispatch.py,
+kernels/dispatch.py): the decision rule, the joined kernel on both sides of its threshold, and
+whole bundles whose dispatched layers give the reference's outputs in every mode. Decisions are
+driven by injected times here (a timed test would be flaky); the real measurements are in the
+manifests of bundles built by nf.compile (tests/test_speed.py) and in benchmarks/dispatch.py."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("tvm")
+
+from nnforge.backends.base import BackendError  # noqa: E402
+from nnforge.backends.tvm import TvmBackend  # noqa: E402
+from nnforge.backends.tvm.dispatch import NEVER, choose  # noqa: E402
+from nnforge.backends.tvm.lower import Lowering  # noqa: E402
+from nnforge.ir import Dense, Graph, IntQuant, Sparse, run_graph, save_graph, tensor  # noqa: E402
+from nnforge.targets import get_target  # noqa: E402
+
+SHAPES = [{"label": "batch 1", "inputs": {"x": [1, 5, 64]}}, {"label": "batch 32", "inputs": {"x": [32, 5, 64]}}]
+
+
+# --- the decision rule ---------------------------------------------------------------------------
+@pytest.mark.parametrize("times,want", [
+    ([(5, 1.0, 1.3), (160, 10.0, 6.0)], ("compressed", 29)),        # compressed small, dense large
+    ([(5, 1.4, 1.0), (160, 6.0, 10.0)], ("dense", 29)),             # the other way round
+    ([(5, 1.0, 1.3), (160, 6.0, 10.0)], ("compressed", NEVER)),     # compressed wins everywhere
+    ([(5, 2.0, 1.0), (160, 20.0, 10.0)], ("compressed", 0)),        # dense wins everywhere
+    ([(5, 1.0, 1.0), (160, 10.0, 9.7)], ("compressed", NEVER)),     # dense 3% faster: within the margin
+])
+def test_choose_splits_the_measured_sizes_once(times, want):
+    assert choose(times, margin=0.05) == want
+
+
+def test_choose_puts_the_threshold_between_the_sizes_it_separates():
+    low, t = choose([(1, 1.0, 2.0), (2, 1.0, 2.0), (1000, 9.0, 3.0)], 0.05)
+    assert low == "compressed" and 2 < t <= 1000
+
+
+# --- the joined kernel -----------------------------------------------------------------------------
+def test_rows_dispatch_runs_each_kernel_on_its_side_of_the_threshold():
+    import tvm
+    from nnforge.backends.tvm import resolve_target
+    from nnforge.backends.tvm.kernels.dense import dense_matmul
+    from nnforge.backends.tvm.kernels.dispatch import rows_dispatch
+    from nnforge.backends.tvm.kernels.lowbit import int_weight_matmul
+    n, k, target = 48, 64, "llvm -mcpu=native"
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 256, (n, k // 2), dtype=np.uint8)
+    scale = (rng.random((n, 1)) * 0.01).astype(np.float32)
+    low = int_weight_matmul("w", codes, 4, scale, None, 64, n=n, k=k, target=target)
+    dense = dense_matmul("d", n, k, target)
+    f = rows_dispatch("nf_dispatch_w", low.func, dense.func).with_attr("global_symbol", "f")
+    lib = tvm.compile(tvm.IRModule({"f": f}), target=resolve_target(target))
+    q = np.stack([codes & 15, codes >> 4], -1).reshape(n, k).astype(np.float32) - 8
+    wt = (q * scale).astype(np.float32)
+    # dense panels [n/16, k, 16] (AVX2 default tile) hold a different weight, so the result tells which ran
+    other = rng.standard_normal((n, k)).astype(np.float32)
+    nb = dense.notes["tile"].split("x")[1]
+    panels = np.ascontiguousarray(other.reshape(n // int(nb), int(nb), k).transpose(0, 2, 1))
+    dev = tvm.cpu()
+    for rows in (3, 9, 10, 40):
+        x = rng.standard_normal((rows, k)).astype(np.float32)
+        y = tvm.runtime.tensor(np.zeros((rows, n), np.float32), dev)
+        args = [x, *low.consts, panels, np.zeros(n, np.float32), np.array([10], np.int64)]
+        lib["f"](*[tvm.runtime.tensor(a, dev) for a in args], y)
+        want = x @ (wt if rows < 10 else other).T
+        np.testing.assert_allclose(y.numpy(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_rows_dispatch_refuses_kernels_of_different_shapes():
+    from nnforge.backends.tvm.kernels import KernelError
+    from nnforge.backends.tvm.kernels.dense import dense_matmul
+    from nnforge.backends.tvm.kernels.dispatch import rows_dispatch
+    a, b = dense_matmul("a", 48, 64, "llvm -mcpu=native"), dense_matmul("b", 32, 64, "llvm -mcpu=native")
+    with pytest.raises(KernelError, match="nf_dispatch_x: cannot dispatch between kernels whose y differ"):
+        rows_dispatch("nf_dispatch_x", a.func, b.func)
+
+
+# --- whole bundles ---------------------------------------------------------------------------------
+def _linear_graph(enc) -> Graph:
+    g = Graph("lin")
+    x = g.add_input("x", tensor("f32", "batch", "seq", enc.shape[1]))
+    bias = g.add_weight("fc.bias", Dense(torch.randn(enc.shape[0])))
+    h = g.op("linear", x, g.add_weight("fc.weight", enc), bias, name="fc")
+    g.set_outputs([g.op("relu", h, name="act")])
+    g.meta["speed_shapes"] = SHAPES
+    return g
+
+
+def _fake_times(monkeypatch, compressed, dense):
+    """Every compressed kernel times ``compressed(rows)`` ms, every dense one ``dense(rows)``."""
+    monkeypatch.setattr(Lowering, "timer", lambda self, key, kernel, arrays: compressed)
+    monkeypatch.setattr(Lowering, "dense_timer", lambda self, n, k: dense)
+
+
+def _lower(graph, tmp_path, **options):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    save_graph(graph, tmp_path / "graph.json", tmp_path / "weights.safetensors")
+    backend = TvmBackend()
+    lowered = backend.lower(graph, get_target("cpu").with_options(**options), tmp_path)
+    return backend, lowered
+
+
+def _encodings():
+    torch.manual_seed(0)
+    wt = torch.randn(32, 64)
+    keep = (torch.rand(8, 1, 64, 1) < 0.4).expand(8, 4, 64, 1).reshape(32, 64)
+    base = IntQuant.quantize(torch.randn(32, 64), 4, group_size=32)
+    act_order = IntQuant(base.shape, 4, True, base.codes, base.scale, 32, None, torch.randperm(64))
+    return {"int4": IntQuant.quantize(wt, 4, group_size=32, symmetric=False), "int4 act-order": act_order,
+            "block-sparse": Sparse.from_mask(wt, keep, "block4x1")}
+
+
+@pytest.mark.parametrize("kind", ["int4", "int4 act-order", "block-sparse"])
+def test_dispatched_layer_gives_the_reference_outputs_in_every_mode(tmp_path, monkeypatch, kind):
+    _fake_times(monkeypatch, compressed=lambda rows: 0.001 * rows, dense=lambda rows: 0.05 + 0.0005 * rows)
+    g = _linear_graph(_encodings()[kind])
+    backend, lowered = _lower(g, tmp_path)
+    d = lowered.entry["dispatch"]
+    assert d["enabled"] and d["dispatched"] == 1
+    (layer,) = d["layers"]
+    assert layer["layer"] == "fc" and layer["low"] == "compressed" and 5 < layer["threshold"] <= 160
+    assert [t["faster"] for t in layer["times"]] == ["compressed", "dense"]
+    assert "compressed below" in layer["why"] and "batch 32 (160 rows)" in layer["why"]
+    assert layer["dense_bytes"] == 32 * 64 * 4
+    # the bundle stays compressed on disk: the dense copy is decoded from the graph's encoding at load
+    decode = [p for p in lowered.entry["params"] if p.get("decode")]
+    assert [p["key"] for p in decode] == ["fc.weight"] and "graph.json" in lowered.files
+    assert not any(p["key"].endswith("::decoded") for p in lowered.entry["params"])
+    runner = backend.load(tmp_path, lowered.entry)
+    for batch, seq in ((1, 5), (32, 5), (2, 3)):
+        x = torch.randn(batch, seq, 64)
+        (want,) = run_graph(g, [x])
+        for mode in ("auto", "compressed", "dense"):
+            got = runner.dispatch(mode)(x)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"{kind} {mode} batch {batch}")
+
+
+def test_layer_where_the_compressed_kernel_wins_keeps_it(tmp_path, monkeypatch):
+    _fake_times(monkeypatch, compressed=lambda rows: 0.001 * rows, dense=lambda rows: 0.01 * rows)
+    backend, lowered = _lower(_linear_graph(_encodings()["int4"]), tmp_path)
+    d = lowered.entry["dispatch"]
+    assert d["dispatched"] == 0 and d["layers"][0]["dispatched"] is False
+    assert "compressed kernel kept" in d["layers"][0]["why"]
+    assert not any(p.get("decode") for p in lowered.entry["params"]) and "graph.json" not in lowered.files
+    assert "nf_int_fc_weight" in lowered.entry["kernels"]["fc.weight"]["function"]
+
+
+def test_dispatch_is_off_when_asked_or_without_shapes(tmp_path, monkeypatch):
+    def boom(*a):
+        raise AssertionError("measured although dispatch is off")
+    monkeypatch.setattr(Lowering, "timer", boom)
+    _, lowered = _lower(_linear_graph(_encodings()["int4"]), tmp_path / "off", dispatch=False)
+    assert lowered.entry["dispatch"]["why_not"] == "turned off (target option dispatch = false)"
+    g = _linear_graph(_encodings()["int4"])
+    del g.meta["speed_shapes"]
+    _, lowered = _lower(g, tmp_path / "none")
+    assert "no shapes named" in lowered.entry["dispatch"]["why_not"]
+
+
+@pytest.mark.parametrize("options,match", [({"dispatch_rows": [4]}, "unknown dispatch option.*dispatch_rows"),
+                                           ({"dispatch_margin": 1.5}, r"dispatch_margin must be in \[0, 1\)")])
+def test_bad_dispatch_options_are_errors_naming_them(tmp_path, options, match):
+    with pytest.raises(BackendError, match=match):
+        _lower(_linear_graph(_encodings()["int4"]), tmp_path, **options)
+
+
+def test_runner_refuses_an_unknown_dispatch_mode(tmp_path, monkeypatch):
+    _fake_times(monkeypatch, compressed=lambda rows: 0.001 * rows, dense=lambda rows: 0.05 + 0.0005 * rows)
+    backend, lowered = _lower(_linear_graph(_encodings()["int4"]), tmp_path)
+    with pytest.raises(BackendError, match="dispatch mode must be 'auto', 'compressed' or 'dense', got 'fast'"):
+        backend.load(tmp_path, lowered.entry).dispatch("fast")
+
+
+def test_missing_weight_for_a_dense_copy_is_an_error_naming_it(tmp_path, monkeypatch):
+    _fake_times(monkeypatch, compressed=lambda rows: 0.001 * rows, dense=lambda rows: 0.05 + 0.0005 * rows)
+    backend, lowered = _lower(_linear_graph(_encodings()["int4"]), tmp_path)
+    entry = dict(lowered.entry)
+    entry["params"] = [dict(p, key="nope") if p.get("decode") else p for p in entry["params"]]
+    with pytest.raises(BackendError, match="a dispatched layer needs weight 'nope', which the graph lacks"):
+        backend.load(tmp_path, entry)
