@@ -85,11 +85,15 @@ def test_onnx_bundle_records_speed_against_dense_and_torch(tmp_path):
     assert "speed_s" in m["timings"]
 
 
+def _dense_wins_at_batch_4(monkeypatch):
+    """In-model times where the dense kernel wins at batch 4 and loses at batch 1, whatever this CPU says."""
+    def fake(runner, layers, graph, inputs, shapes, rounds=3):
+        return {layer: {label: ((0.005, 0.008) if b == 1 else (0.02, 0.01)) for label, b in shapes} for layer in layers}
+    monkeypatch.setattr("nnforge.backends.tvm.measure_in_model", fake)
+
+
 def test_cpu_bundle_records_dispatch_decisions_and_both_kernel_modes(tmp_path, monkeypatch):
-    from nnforge.backends.tvm.lower import Lowering
-    # make the dense kernel win at 20 rows (batch 4) and lose at 5 rows (batch 1), whatever this CPU says
-    monkeypatch.setattr(Lowering, "timer", lambda self, key, kernel, arrays: lambda rows: 0.001 * rows)
-    monkeypatch.setattr(Lowering, "dense_timer", lambda self, n, k: lambda rows: 0.008 + 0.0001 * rows)
+    _dense_wins_at_batch_4(monkeypatch)
     m = _compile(tmp_path, "cpu", "w4-rtn").manifest
     d = m["backend"]["entry"]["dispatch"]
     assert d["dispatched"] == 2 and {x["threshold"] for x in d["layers"]} == {10}
@@ -124,9 +128,7 @@ def test_onnx_file_is_timed_against_onnxruntime_on_the_file(tmp_path):
 
 # --- inspect ---------------------------------------------------------------------------------------------
 def test_inspect_prints_the_speed_table_and_each_dispatched_layer(tmp_path, monkeypatch, capsys):
-    from nnforge.backends.tvm.lower import Lowering
-    monkeypatch.setattr(Lowering, "timer", lambda self, key, kernel, arrays: lambda rows: 0.001 * rows)
-    monkeypatch.setattr(Lowering, "dense_timer", lambda self, n, k: lambda rows: 0.008 + 0.0001 * rows)
+    _dense_wins_at_batch_4(monkeypatch)
     bundle = _compile(tmp_path, "cpu", "w4-rtn")
     capsys.readouterr()
     assert main(["inspect", str(bundle.path)]) == 0

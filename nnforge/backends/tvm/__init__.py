@@ -36,7 +36,7 @@ import numpy as np
 from ...ir import Graph
 from ...targets import Target, host_cpu_flags
 from ..base import Backend, BackendError, InputSpec, Lowered, Runner
-from .dispatch import NEVER, Dispatcher
+from .dispatch import NEVER, Dispatcher, measure_in_model
 from .tuning import TUNING_FILE, Tuner
 
 LIBRARY_FILE = "model.so"
@@ -208,12 +208,20 @@ class TvmRunner(Runner):
                           if "threshold_param" in layer]
         self.dispatch_mode = "auto"
 
+    def set_instrument(self, fn) -> None:
+        """Call ``fn(func, symbol, before, result, *args)`` around every VM call (None: stop);
+        how dispatch.measure_in_model times each layer inside the model."""
+        import tvm_ffi
+        self._vm["set_instrument"](None if fn is None else tvm_ffi.convert(fn))
+
     def dispatch(self, mode: str = "auto") -> "TvmRunner":
         """Which kernel the dispatched layers run (see dispatch.py): ``"auto"``, the measured
         choice per row count; ``"compressed"`` or ``"dense"``, that kernel at every size (to time
         or check either one on the same library)."""
         if mode not in ("auto", "compressed", "dense"):
             raise BackendError(f"dispatch mode must be 'auto', 'compressed' or 'dense', got {mode!r}")
+        if mode == self.dispatch_mode:
+            return self
         for layer in self._dispatch:
             if mode == "auto":
                 t = layer["threshold"]
@@ -336,31 +344,69 @@ def cpu_pipeline(target):
 
 def build(graph: Graph, target: Target, out_dir: Path, toolchain: dict) -> Lowered:
     """Lower ``graph``, compile it for ``target.options["llvm_target"]``, write the library and
-    the backend's parameter arrays into ``out_dir``."""
-    import tvm
-    from safetensors.numpy import save_file
-    from .lower import PREPARE_FUNCTION, lower_graph
+    the backend's parameter arrays into ``out_dir``. With per-shape dispatch (dispatch.py), a
+    first library with every candidate layer joined to the dense kernel is built and timed in the
+    model, and the final one is built from its decisions."""
+    from .lower import lower_graph
     llvm_target = target.options.get("llvm_target")
     if not isinstance(llvm_target, str):
         raise BackendError(f"target {target.name} ({target.path}) has no options.llvm_target string for the "
                            "tvm backend")
     tvm_target = resolve_target(llvm_target)
-    tuner = Tuner(target.options, tvm_target, target.can_run(), f"target {target.name}")
-    dispatcher = Dispatcher(target.options, target.can_run(), graph, f"target {target.name}")
+    where = f"target {target.name}"
+    tuner = Tuner(target.options, tvm_target, target.can_run(), where)
+    dispatcher = Dispatcher(target.options, target.can_run(), graph, where)
+    inputs = _reference_inputs(out_dir) if dispatcher.enabled else None
+    if dispatcher.enabled and inputs is None:
+        dispatcher.why_not = "not measured: the bundle directory has no reference inputs to time the model on"
     low = lower_graph(graph, llvm_target, tvm_target, tuner, dispatcher)
+    if dispatcher.measuring and dispatcher.candidates:
+        first = _write(graph, target, low, tvm_target, tuner, out_dir)
+        runner = TvmRunner(out_dir, first)
+        shapes = [(s.get("label", ""), int(s["batch"])) for s in graph.meta.get("speed_shapes", []) if "batch" in s]
+        times = measure_in_model(runner, dispatcher.candidates, graph, inputs, shapes)
+        del runner
+        dispatcher = Dispatcher(target.options, target.can_run(), graph, where, times=times)
+        low = lower_graph(graph, llvm_target, tvm_target, tuner, dispatcher)
+        (out_dir / PARAMS_FILE).unlink(missing_ok=True)
+    entry = _write(graph, target, low, tvm_target, tuner, out_dir)
+    files = [LIBRARY_FILE, tuner.write(out_dir)]
+    if any(spec.decode for spec in low.params):
+        files.append(GRAPH_FILE)        # dispatched layers decode their dense copy from it at load
+    if low.arrays:
+        files.append(PARAMS_FILE)
+    import tvm_ffi
+    return Lowered(files=files, entry=entry, fallbacks=low.fallbacks,
+                   toolchain={**toolchain, "llvm": str(tvm_ffi.get_global_func("target.llvm_version_major")()),
+                              "llvm_target": llvm_target, "llvm_cpu": str(tvm_target.attrs.get("mcpu", ""))})
+
+
+def _reference_inputs(out_dir: Path) -> tuple | None:
+    """The bundle's reference inputs (the pipeline writes them before lowering), or None."""
+    from ...bundle import REF_INPUTS, BundleError, load_tensors, ordered
+    if not (out_dir / REF_INPUTS).is_file():
+        return None
+    try:
+        return tuple(ordered(load_tensors(out_dir / REF_INPUTS), "input"))
+    except BundleError:
+        return None
+
+
+def _write(graph: Graph, target: Target, low, tvm_target, tuner: Tuner, out_dir: Path) -> dict:
+    """Compile ``low`` into ``out_dir`` (library and backend arrays); the manifest entry."""
+    import tvm
+    from safetensors.numpy import save_file
+    from .lower import PREPARE_FUNCTION
+    llvm_target = target.options["llvm_target"]
     try:
         executable = tvm.compile(low.mod, target=tvm_target, relax_pipeline=cpu_pipeline(tvm_target))
         executable.export_library(os.fspath(out_dir / LIBRARY_FILE))
     except Exception as e:       # TVM raises its own error types from C++
         raise BackendError(f"tvm backend: compiling graph {graph.name} for {target.name} ({llvm_target}) failed: "
                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
-    files = [LIBRARY_FILE, tuner.write(out_dir)]
-    if any(spec.decode for spec in low.params):
-        files.append(GRAPH_FILE)        # dispatched layers decode their dense copy from it at load
     if low.arrays:
         save_file(low.arrays, os.fspath(out_dir / PARAMS_FILE), metadata={"producer": "nnforge tvm backend"})
-        files.append(PARAMS_FILE)
-    entry = {
+    return {
         "library": LIBRARY_FILE, "sha256": hashlib.sha256((out_dir / LIBRARY_FILE).read_bytes()).hexdigest(),
         "function": ENTRY_FUNCTION, "prepare": PREPARE_FUNCTION, "llvm_target": llvm_target,
         "tvm_target": json.loads(str(tvm_target)),
@@ -374,10 +420,6 @@ def build(graph: Graph, target: Target, out_dir: Path, toolchain: dict) -> Lower
                    "choices": {src: sum(r.source == src for r in tuner.records.values())
                                for src in ("measured", "records", "default")}},
     }
-    import tvm_ffi
-    return Lowered(files=files, entry=entry, fallbacks=low.fallbacks,
-                   toolchain={**toolchain, "llvm": str(tvm_ffi.get_global_func("target.llvm_version_major")()),
-                              "llvm_target": llvm_target, "llvm_cpu": str(tvm_target.attrs.get("mcpu", ""))})
 
 
 class TvmBackend(Backend):

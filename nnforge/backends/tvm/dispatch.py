@@ -1,18 +1,24 @@
 """Per-shape dispatch for compressed linear layers: the faster of the compressed kernel and the
-dense GEMM, measured on this host at the row counts the bundle will run.
+dense GEMM, measured in the model on this host at the batch sizes the bundle will run.
 
-A compressed kernel saves memory and bandwidth, not always time: on the default model an int4
-weight-only kernel beats the dense GEMM at batch 1 and loses at batch 32 (the dense kernel's
-register tiles then run compute-bound, the int4 one pays its dequantisation per tile), and a
-block-sparse SpMM at moderate density loses at every size. So when the pipeline names the shapes
-of its speed records (``graph.meta["speed_shapes"]``, set by :func:`nnforge.pipeline.write_bundle`
-from ``nf.compile(..., batch_sizes=...)``) and the target runs here, each compressed linear is
-timed against the dense kernel of its shape at each of those row counts. Where dense wins by more
-than ``dispatch_margin`` (default 5%, so noise does not buy a dense copy) the layer gets a
-:func:`~.kernels.dispatch.rows_dispatch` kernel: compressed below a row threshold, dense above (or
-the other way round), the threshold at the geometric mean of the measured row counts on either
-side of the change. Its dense weight is decoded from the bundle's own encoding when the bundle
-loads (the bundle on disk stays compressed; the manifest states the memory it costs).
+A compressed kernel saves memory and bandwidth, not always time: an int4 weight-only kernel can beat
+the dense GEMM at batch 1 and lose at batch 32 (the dense kernel's register tiles then run
+compute-bound, the int4 one pays its dequantisation per tile), and a block-sparse SpMM at moderate
+density can lose at every size. When the pipeline names the shapes of its speed records
+(``graph.meta["speed_shapes"]``, from ``nf.compile(..., batch_sizes=...)``) and the target runs
+here, the tvm backend builds in two passes:
+
+1. every eligible compressed linear (fp32, on a kernel of kernels/) is lowered as a
+   :func:`~.kernels.dispatch.rows_dispatch` kernel joining it with the dense GEMM of its shape, its
+   dense weight decoded from the bundle's own encoding at load; the library runs the bundle's
+   reference inputs repeated to each batch size, once with every layer on its compressed kernel and
+   once on the dense one, and the VM's instrument hook times each layer's kernel call inside the
+   model (cache state, threads and neighbours as in a real run: timed alone, kernels mislead: a
+   dense weight that fits the L3 looks cheap);
+2. a layer keeps the joined kernel only where dense won by more than ``dispatch_margin`` (default
+   5%, so noise does not buy a dense copy) at some measured size, with its row threshold at the
+   geometric mean of the row counts on either side of the change (:func:`choose`); the others get
+   their compressed kernel alone, and the final library is built.
 
 Target options: ``dispatch`` (default true; false keeps every compressed kernel) and
 ``dispatch_margin``. Every decision, with the times behind it, is in the manifest's
@@ -21,8 +27,7 @@ Target options: ``dispatch`` (default true; false keeps every compressed kernel)
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Callable
+from dataclasses import asdict, dataclass
 
 from ...ir import Graph, symbolic as sym
 from ..base import BackendError
@@ -92,9 +97,12 @@ def choose(times: list[tuple[int, float, float]], margin: float) -> tuple[str, i
 
 
 class Dispatcher:
-    """The dispatch decisions of one lowering."""
+    """The dispatch decisions of one lowering: with ``times`` None, the first pass (every eligible
+    layer is a candidate, on its compressed kernel); with the in-model ``times`` of the first pass
+    ({layer: {shape label: (compressed ms, dense ms)}}), the decisions of the final one."""
 
-    def __init__(self, options: dict, can_measure: tuple[bool, str], graph: Graph, where: str):
+    def __init__(self, options: dict, can_measure: tuple[bool, str], graph: Graph, where: str,
+                 times: dict | None = None):
         unknown = sorted(k for k in options if k.startswith("dispatch") and k not in OPTIONS)
         if unknown:
             raise BackendError(f"{where}: unknown dispatch option(s) {', '.join(unknown)}; known: {', '.join(OPTIONS)}")
@@ -102,6 +110,7 @@ class Dispatcher:
         if not 0 <= self.margin < 1:
             raise BackendError(f"{where}: dispatch_margin must be in [0, 1), got {self.margin}")
         self.points = self._points(graph)
+        self.times = times
         self.why_not = ""
         if not bool(options.get("dispatch", True)):
             self.why_not = "turned off (target option dispatch = false)"
@@ -110,11 +119,17 @@ class Dispatcher:
         elif not self.points:
             self.why_not = "not measured: no shapes named (nf.compile(..., batch_sizes=...) names them)"
         self.decisions: dict[str, Decision] = {}
+        self.candidates: dict[str, str] = {}     # first pass: layer -> weight
         self.skipped: dict[str, str] = {}
 
     @property
     def enabled(self) -> bool:
         return not self.why_not
+
+    @property
+    def measuring(self) -> bool:
+        """The first pass: build every candidate joined, to be timed in the model."""
+        return self.enabled and self.times is None
 
     @staticmethod
     def _points(graph: Graph) -> list[tuple[str, dict[str, int]]]:
@@ -142,21 +157,36 @@ class Dispatcher:
                 continue
         return out
 
-    def decide(self, layer: str, weight: str, kernel: str, rows_dim, time_compressed: Callable[[int], float],
-               time_dense: Callable[[int], float], dense_bytes: int) -> Decision | None:
-        """Measure ``layer`` at each shape's row count and decide; None when there is nothing to measure."""
+    def plan(self, layer: str, weight: str, kernel: str, rows_dim, dense_bytes: int) -> Decision | None:
+        """Whether ``layer`` is built joined with the dense kernel (a candidate in the first pass,
+        or a dispatched layer in the final one), and its threshold; None when it keeps its
+        compressed kernel alone without a decision (nothing measured for it)."""
+        if not self.enabled:
+            return None
         points = self.rows(rows_dim)
         if not points:
             self.skipped[layer] = f"its row count {rows_dim} is not bound by the measured shapes"
             return None
-        times, measured = [], {}
+        if self.times is None:
+            self.candidates[layer] = weight
+            self.decisions[layer] = Decision(layer, weight, kernel, [], "compressed", NEVER, "candidate", dense_bytes)
+            return self.decisions[layer]
+        measured = self.times.get(layer)
+        if not measured:
+            self.skipped[layer] = "not timed in the model (its kernel never ran in the first pass)"
+            return None
+        times, by_rows = [], {}
         for label, r in points:
-            if r not in measured:
-                measured[r] = (time_compressed(r), time_dense(r))
-            c, d = measured[r]
+            if label not in measured:
+                continue
+            c, d = measured[label]
+            by_rows.setdefault(r, (c, d))
             times.append({"shape": label, "rows": r, "compressed_ms": round(c, 4), "dense_ms": round(d, 4),
                           "faster": "dense" if d < c else "compressed"})
-        low, threshold = choose([(r, c, d) for r, (c, d) in measured.items()], self.margin)
+        if not by_rows:
+            self.skipped[layer] = "not timed at any of its shapes"
+            return None
+        low, threshold = choose([(r, c, d) for r, (c, d) in by_rows.items()], self.margin)
         decision = Decision(layer, weight, kernel, times, low, threshold, "", dense_bytes)
         decision.why = _why(decision, self.margin)
         self.decisions[layer] = decision
@@ -165,11 +195,58 @@ class Dispatcher:
     def to_dict(self) -> dict:
         dispatched = [d for d in self.decisions.values() if d.dispatched]
         return {"enabled": self.enabled, "why_not": self.why_not or None, "margin": self.margin,
+                "measured": "in the model: each layer's kernel call timed by the VM's instrument hook",
                 "shapes": [{"shape": label, "bindings": env} for label, env in self.points],
                 "dispatched": len(dispatched),
                 "dense_bytes_at_run_time": sum(d.dense_bytes for d in dispatched),
                 "layers": [d.to_dict() | {"dispatched": d.dispatched} for d in self.decisions.values()],
                 "skipped": self.skipped}
+
+
+def measure_in_model(runner, layers: dict[str, str], graph: Graph, inputs: tuple,
+                     shapes: list[tuple[str, int]], rounds: int = 3) -> dict[str, dict[str, tuple[float, float]]]:
+    """{layer: {shape label: (compressed ms, dense ms)}}: each candidate layer's kernel call,
+    timed inside the model by the VM's instrument hook, on ``inputs`` repeated to each batch size
+    (``shapes``: (label, batch)), with every layer on its compressed kernel, then on the dense one;
+    the median of ``rounds`` calls after a warm-up."""
+    import statistics
+    import time
+    from ...speed import batch_inputs
+    from .weights import c_name
+    symbol_layer = {c_name(f"nf_dispatch_{w}"): layer for layer, w in layers.items()}
+    samples: dict[str, list[float]] = {}
+    started: dict[str, float] = {}
+
+    def instrument(func, symbol, before, ret, *args):
+        layer = symbol_layer.get(str(symbol))
+        if layer is not None:
+            if before:
+                started[layer] = time.perf_counter()
+            else:
+                samples.setdefault(layer, []).append(time.perf_counter() - started[layer])
+        return 0
+    out: dict[str, dict[str, tuple[float, float]]] = {layer: {} for layer in layers}
+    runner.set_instrument(instrument)
+    try:
+        for label, batch in shapes:
+            xs, _ = batch_inputs(graph, inputs, batch)
+            if xs is None:
+                continue
+            ms = {}
+            for mode in ("compressed", "dense"):
+                runner.dispatch(mode)
+                runner(*xs)                 # warm-up (and the pool's first allocations)
+                samples.clear()
+                for _ in range(rounds):
+                    runner(*xs)
+                ms[mode] = {layer: 1e3 * statistics.median(v) for layer, v in samples.items()}
+            for layer in layers:
+                if layer in ms["compressed"] and layer in ms["dense"]:
+                    out[layer][label] = (ms["compressed"][layer], ms["dense"][layer])
+    finally:
+        runner.set_instrument(None)
+        runner.dispatch("auto")
+    return out
 
 
 def _why(d: Decision, margin: float) -> str:
@@ -190,4 +267,4 @@ def _why(d: Decision, margin: float) -> str:
     return head + "; " + "; ".join(parts)
 
 
-__all__ = ["Decision", "Dispatcher", "choose", "OPTIONS", "NEVER", "DEFAULT_MARGIN"]
+__all__ = ["Decision", "Dispatcher", "choose", "measure_in_model", "OPTIONS", "NEVER", "DEFAULT_MARGIN"]

@@ -24,7 +24,7 @@ from ..base import BackendError, Fallback
 from .kernels import KernelError
 from .ops import RULES
 from .dispatch import Dispatcher
-from .tuning import Tuner, kernel_timer, time_kernel
+from .tuning import Tuner, time_kernel
 from .weights import c_name, numpy_of
 
 WEIGHTS_FILE = "weights.safetensors"     # written by the pipeline (save_graph); read in place
@@ -73,7 +73,6 @@ class Lowering:
         self.target = target                  # the resolved tvm Target
         self.tuner = tuner or Tuner({}, target, (False, "not asked to tune"), graph.name)
         self.dispatcher = dispatcher or Dispatcher({"dispatch": False}, (False, ""), graph, graph.name)
-        self._timers: dict[str, Callable[[int], float]] = {}    # dispatch measurements, by kernel
         self.dispatch_params: dict[str, int] = {}   # weight -> index in main's params of its rows threshold
         self.bb = relax.BlockBuilder()
         self.symbols: dict[str, object] = {}
@@ -198,27 +197,6 @@ class Lowering:
         src = raw if perm is None else op.take(raw, self.raw(perm), axis=1)
         return self.made(f"{v.name}.dense_panels", self.relax.TensorType([-(-n // nb), k, nb], "float32"),
                          lambda: pack_panels(src, n, k, nb))
-
-    def timer(self, key: str, kernel, arrays: list) -> Callable[[int], float]:
-        """``rows -> ms`` of ``kernel`` with its weights cold (built once per ``key``: kernels that
-        differ only in their weight values time alike)."""
-        if key not in self._timers:
-            timer, seen = kernel_timer(kernel.func, arrays, kernel.k, kernel.n, self.target, cold=True), {}
-
-            def ms(rows: int) -> float:     # one measurement per size, so equal kernels decide alike
-                if rows not in seen:
-                    seen[rows] = timer(rows)
-                return seen[rows]
-            self._timers[key] = ms
-        return self._timers[key]
-
-    def dense_timer(self, n: int, k: int) -> Callable[[int], float]:
-        """``rows -> ms`` of the dense GEMM of an ``[n, k]`` weight, on random panels."""
-        from .kernels.dense import panel_width, vector_lanes
-        kernel = self.dense_kernel(n, k)
-        nb = panel_width(vector_lanes(self.target), self.dense_config(n, k))
-        panels = np.random.default_rng(0).standard_normal((-(-n // nb), k, nb)).astype(np.float32)
-        return self.timer(kernel.name, kernel, [panels, np.zeros(n, np.float32)])
 
     def dense_config(self, n: int, k: int) -> dict:
         """The dense GEMM's schedule for an ``[n, k]`` weight: measured, reused or default (tuning.py)."""

@@ -197,28 +197,18 @@ def linear_kernel(lw: Lowering, w: Value, layer: str = "", rows=None) -> tuple:
     return entry
 
 
-def _timing_key(w: Value, kernel) -> str:
-    """Kernels whose time depends on the shape alone (integer codes) share one measurement;
-    a sparse kernel's time depends on its pattern, so it is measured per weight."""
-    enc = w.encoding
-    if enc.kind == "int":
-        return f"int{enc.bits}_{kernel.n}x{kernel.k}_g{enc.group_size}_zp{enc.zero_point is not None}"
-    return kernel.name
-
-
 def _with_dispatch(lw: Lowering, w: Value, kernel, consts: list, perm, layer: str, rows) -> tuple | None:
-    """The linear_kernel entry of a layer that dispatches between ``kernel`` and the dense GEMM on
-    its row count, when the dispatcher measured dense faster at some shape; None otherwise."""
+    """The linear_kernel entry of a layer joined with the dense GEMM on its row count
+    (kernels/dispatch.py): every eligible layer in the dispatcher's measuring pass, the layers
+    whose dense kernel won somewhere in its final pass; None otherwise."""
     if not lw.dispatcher.enabled or rows is None or w.dtype.name != "float32" or len(w.shape) != 2:
         return None
     n, k = kernel.n, kernel.k
-    dense = lw.dense_kernel(n, k)
-    decision = lw.dispatcher.decide(layer or w.name, w.name, kernel.name, rows,
-                                    lw.timer(_timing_key(w, kernel), kernel, kernel.consts), lw.dense_timer(n, k),
-                                    dense_bytes=4 * n * k)
-    if decision is None or not decision.dispatched:
+    decision = lw.dispatcher.plan(layer or w.name, w.name, kernel.name, rows, dense_bytes=4 * n * k)
+    if decision is None or not (decision.dispatched or lw.dispatcher.measuring):
         return None
     from .kernels.dispatch import rows_dispatch
+    dense = lw.dense_kernel(n, k)
     name = c_name(f"nf_dispatch_{w.name}")
     compressed_first = decision.low == "compressed"
     func = rows_dispatch(name, kernel.func, dense.func) if compressed_first else rows_dispatch(name, dense.func,

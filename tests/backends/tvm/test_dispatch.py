@@ -1,8 +1,8 @@
 """Per-shape dispatch between a compressed linear kernel and the dense GEMM (backends/tvm/dispatch.py,
 kernels/dispatch.py): the decision rule, the joined kernel on both sides of its threshold, and
 whole bundles whose dispatched layers give the reference's outputs in every mode. Decisions are
-driven by injected times here (a timed test would be flaky); the real measurements are in the
-manifests of bundles built by nf.compile (tests/test_speed.py) and in benchmarks/dispatch.py."""
+driven by injected in-model times here (a timed decision would be flaky); one test runs the real
+in-model measurement and checks what it returns, and benchmarks/dispatch.py reports real decisions."""
 from __future__ import annotations
 
 import numpy as np
@@ -14,11 +14,11 @@ pytest.importorskip("tvm")
 from nnforge.backends.base import BackendError  # noqa: E402
 from nnforge.backends.tvm import TvmBackend  # noqa: E402
 from nnforge.backends.tvm.dispatch import NEVER, choose  # noqa: E402
-from nnforge.backends.tvm.lower import Lowering  # noqa: E402
 from nnforge.ir import Dense, Graph, IntQuant, Sparse, run_graph, save_graph, tensor  # noqa: E402
 from nnforge.targets import get_target  # noqa: E402
 
-SHAPES = [{"label": "batch 1", "inputs": {"x": [1, 5, 64]}}, {"label": "batch 32", "inputs": {"x": [32, 5, 64]}}]
+SHAPES = [{"label": "batch 1", "batch": 1, "inputs": {"x": [1, 5, 64]}},
+          {"label": "batch 32", "batch": 32, "inputs": {"x": [32, 5, 64]}}]
 
 
 # --- the decision rule ---------------------------------------------------------------------------
@@ -90,14 +90,20 @@ def _linear_graph(enc) -> Graph:
 
 
 def _fake_times(monkeypatch, compressed, dense):
-    """Every compressed kernel times ``compressed(rows)`` ms, every dense one ``dense(rows)``."""
-    monkeypatch.setattr(Lowering, "timer", lambda self, key, kernel, arrays: compressed)
-    monkeypatch.setattr(Lowering, "dense_timer", lambda self, n, k: dense)
+    """In the model, every candidate layer's compressed kernel takes ``compressed(rows)`` ms and its
+    dense one ``dense(rows)`` (rows = batch x 5 here)."""
+    def fake(runner, layers, graph, inputs, shapes, rounds=3):
+        assert runner.dispatch_mode == "auto" and set(runner.dispatch("dense").dispatch("auto").input_names) == {"x"}
+        return {layer: {label: (compressed(5 * b), dense(5 * b)) for label, b in shapes} for layer in layers}
+    monkeypatch.setattr("nnforge.backends.tvm.measure_in_model", fake)
 
 
 def _lower(graph, tmp_path, **options):
+    from nnforge.bundle import REF_INPUTS, save_tensors
     tmp_path.mkdir(parents=True, exist_ok=True)
     save_graph(graph, tmp_path / "graph.json", tmp_path / "weights.safetensors")
+    (tmp_path / "reference").mkdir(exist_ok=True)
+    save_tensors(tmp_path / REF_INPUTS, {"input0": torch.randn(2, 5, graph.inputs[0].shape[-1])})
     backend = TvmBackend()
     lowered = backend.lower(graph, get_target("cpu").with_options(**options), tmp_path)
     return backend, lowered
@@ -149,9 +155,9 @@ def test_layer_where_the_compressed_kernel_wins_keeps_it(tmp_path, monkeypatch):
 
 
 def test_dispatch_is_off_when_asked_or_without_shapes(tmp_path, monkeypatch):
-    def boom(*a):
+    def boom(*a, **k):
         raise AssertionError("measured although dispatch is off")
-    monkeypatch.setattr(Lowering, "timer", boom)
+    monkeypatch.setattr("nnforge.backends.tvm.measure_in_model", boom)
     _, lowered = _lower(_linear_graph(_encodings()["int4"]), tmp_path / "off", dispatch=False)
     assert lowered.entry["dispatch"]["why_not"] == "turned off (target option dispatch = false)"
     g = _linear_graph(_encodings()["int4"])
@@ -181,3 +187,26 @@ def test_missing_weight_for_a_dense_copy_is_an_error_naming_it(tmp_path, monkeyp
     entry["params"] = [dict(p, key="nope") if p.get("decode") else p for p in entry["params"]]
     with pytest.raises(BackendError, match="a dispatched layer needs weight 'nope', which the graph lacks"):
         backend.load(tmp_path, entry)
+
+
+def test_in_model_measurement_times_every_candidate_at_every_size(tmp_path):
+    from nnforge.backends.tvm import TvmRunner
+    from nnforge.backends.tvm.dispatch import Dispatcher, measure_in_model
+    from nnforge.backends.tvm.lower import lower_graph
+    g = _linear_graph(_encodings()["int4"])
+    seen = {}
+
+    def spy(runner, layers, graph, inputs, shapes, rounds=3):
+        seen["times"] = measure_in_model(runner, layers, graph, inputs, shapes, rounds)
+        seen["mode"] = runner.dispatch_mode
+        return seen["times"]
+    import nnforge.backends.tvm as tvm_backend
+    original = tvm_backend.measure_in_model
+    tvm_backend.measure_in_model = spy
+    try:
+        _lower(g, tmp_path)
+    finally:
+        tvm_backend.measure_in_model = original
+    times = seen["times"]
+    assert set(times) == {"fc"} and set(times["fc"]) == {"batch 1", "batch 32"}
+    assert all(c > 0 and d > 0 for c, d in times["fc"].values()) and seen["mode"] == "auto"
