@@ -31,6 +31,7 @@ from functools import lru_cache
 from . import Kernel, KernelError
 
 ROWS_PER_TASK = 240          # rows of x one parallel task covers (a multiple of every MR below)
+STACK_BYTES = 1024           # TVM's kMaxStackAlloca: smaller "global" allocations are allocas on the stack
 
 
 def vector_lanes(target) -> int:
@@ -101,10 +102,44 @@ def pack_panels(w, n: int, k: int, nb: int, transposed: bool = False):
 def dense_matmul_func(n: int, k: int, mr: int, nb: int, mc: int):
     """The PrimFunc ``(x [m, k], panels [ceil(n/NB), k, NB], bias [n], y [m, n])`` with an ``mr`` x
     ``nb`` register tile and ``mc`` rows a task: the bias is added as the tile is stored (a layer
-    without one passes zeros)."""
+    without one passes zeros).
+
+    The tile's accumulators are "global" allocations under :data:`STACK_BYTES`, which TVM makes
+    stack allocas that LLVM keeps in registers whatever it knows of aliasing (two buffers of half
+    the rows when one would be too big). A "local" one becomes a TVMBackendAllocWorkspace pointer
+    that LLVM promotes only while the function's buffers are ``noalias``, and TVM 0.27's LLVM
+    codegen gives every function of a module the ``noalias`` setting of the last one by name: with
+    Relax's ``shape_func`` last (a graph with biases, so no ``zeros`` function sorts after it) the
+    tile went through memory at every FMA, 2.5-3x slower. ``jb``, ``m0``, ``rows`` are let-bound
+    for the same reason (assigned, they were 1-element "local" buffers, a workspace each per task)."""
     from tvm.script import tirx as T
     nblk = -(-n // nb)
     ragged = n % nb != 0           # the last panel is partial: its padding columns are not stored
+    lo = mr if mr * nb * 4 < STACK_BYTES else (mr + 1) // 2     # rows of the first accumulator
+    hi = mr - lo                                                # rows of the second (0: none)
+
+    @T.macro
+    def zero(acc, count):
+        for r in T.unroll(count):
+            for c in T.vectorized(nb):
+                acc[r, c] = T.float32(0)
+
+    @T.macro
+    def fma(acc, count, x, row, w, jb, kk):
+        for r in T.unroll(count):
+            for c in T.vectorized(nb):
+                acc[r, c] = acc[r, c] + x[row + r, kk] * w[jb, kk, c]
+
+    @T.macro
+    def store(acc, count, y, row, b, jb):
+        for r in T.unroll(count):
+            if ragged:
+                for c in range(nb):
+                    if jb * nb + c < n:
+                        y[row + r, jb * nb + c] = acc[r, c] + b[jb * nb + c]
+            else:
+                for c in T.vectorized(nb):
+                    y[row + r, jb * nb + c] = acc[r, c] + b[jb * nb + c]
 
     @T.prim_func(private=True)
     def dense(x_h: T.handle, w: T.Buffer((nblk, k, nb), "float32"), b: T.Buffer((n,), "float32"), y_h: T.handle):
@@ -113,39 +148,28 @@ def dense_matmul_func(n: int, k: int, mr: int, nb: int, mc: int):
         x = T.match_buffer(x_h, (m, k), "float32")
         y = T.match_buffer(y_h, (m, n), "float32")
         for t in T.parallel(nblk * ((m + mc - 1) // mc)):
-            acc = T.alloc_buffer((mr, nb), "float32", scope="local")
-            jb = t % nblk
-            m0 = t // nblk * mc
-            rows = T.min(mc, m - m0)
+            acc = T.alloc_buffer((lo, nb), "float32", scope="global")
+            if hi > 0:
+                acc_hi = T.alloc_buffer((hi, nb), "float32", scope="global")
+            jb: T.let[T.int64] = t % nblk
+            m0: T.let[T.int64] = t // nblk * mc
+            rows: T.let[T.int64] = T.min(mc, m - m0)
             for mo in range(rows // mr):
-                for r in T.unroll(mr):
-                    for c in T.vectorized(nb):
-                        acc[r, c] = T.float32(0)
+                zero(acc, lo)
+                if hi > 0:
+                    zero(acc_hi, hi)
                 for kk in range(k):
-                    for r in T.unroll(mr):
-                        for c in T.vectorized(nb):
-                            acc[r, c] = acc[r, c] + x[m0 + mo * mr + r, kk] * w[jb, kk, c]
-                for r in T.unroll(mr):
-                    if ragged:
-                        for c in range(nb):
-                            if jb * nb + c < n:
-                                y[m0 + mo * mr + r, jb * nb + c] = acc[r, c] + b[jb * nb + c]
-                    else:
-                        for c in T.vectorized(nb):
-                            y[m0 + mo * mr + r, jb * nb + c] = acc[r, c] + b[jb * nb + c]
+                    fma(acc, lo, x, m0 + mo * mr, w, jb, kk)
+                    if hi > 0:
+                        fma(acc_hi, hi, x, m0 + mo * mr + lo, w, jb, kk)
+                store(acc, lo, y, m0 + mo * mr, b, jb)
+                if hi > 0:
+                    store(acc_hi, hi, y, m0 + mo * mr + lo, b, jb)
             for mt in range(rows % mr):
-                for c in T.vectorized(nb):
-                    acc[0, c] = T.float32(0)
+                zero(acc, 1)
                 for kk in range(k):
-                    for c in T.vectorized(nb):
-                        acc[0, c] = acc[0, c] + x[m0 + rows // mr * mr + mt, kk] * w[jb, kk, c]
-                if ragged:
-                    for c in range(nb):
-                        if jb * nb + c < n:
-                            y[m0 + rows // mr * mr + mt, jb * nb + c] = acc[0, c] + b[jb * nb + c]
-                else:
-                    for c in T.vectorized(nb):
-                        y[m0 + rows // mr * mr + mt, jb * nb + c] = acc[0, c] + b[jb * nb + c]
+                    fma(acc, 1, x, m0 + rows // mr * mr + mt, w, jb, kk)
+                store(acc, 1, y, m0 + rows // mr * mr + mt, b, jb)
     return dense
 
 
