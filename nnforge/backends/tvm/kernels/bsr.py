@@ -411,7 +411,7 @@ def _fp32_func(n: int, k: int, r: int, c: int, kept: int, plan: _Fp32Plan):
     def bsr_fp32(x_handle: T.handle, row_ptr: T.Buffer((n_block_rows + 1,), "int32"),
                  kcol: T.Buffer((max(kept, 1),), "int32"), w: T.Buffer((max(kept, 1), r * c), "float32"),
                  y_handle: T.handle):
-        T.func_attr({"tir.noalias": True})
+        T.func_attr({"tirx.noalias": True})
         m = T.int64()
         x = T.match_buffer(x_handle, (m, k), "float32")
         y = T.match_buffer(y_handle, (m, n), "float32")

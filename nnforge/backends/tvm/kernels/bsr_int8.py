@@ -359,7 +359,7 @@ def _int8_func(n: int, k: int, r: int, groups: int, paired: bool, dot: _DotInstr
                  scale: T.Buffer((n,), "float32"), vec_ptr: T.Buffer((n // RL + 1,), "int32"),
                  vec_col: T.Buffer((max(gemv_vectors, 1), S * G if gathered else S), col_dtype),
                  vec_w: T.Buffer((max(gemv_vectors, 1), V * G), "int8"), y_handle: T.handle):
-        T.func_attr({"tir.noalias": True})
+        T.func_attr({"tirx.noalias": True})
         m = T.int64()
         x = T.match_buffer(x_handle, (m, k), "float32")
         y = T.match_buffer(y_handle, (m, n), "float32")
