@@ -383,7 +383,7 @@ def build(graph: Graph, target: Target, out_dir: Path, toolchain: dict) -> Lower
         first = _write(graph, target, low, tvm_target, tuner, out_dir)
         runner = TvmRunner(out_dir, first)
         shapes = [(s.get("label", ""), int(s["batch"])) for s in graph.meta.get("speed_shapes", []) if "batch" in s]
-        times = measure_in_model(runner, dispatcher.candidates, graph, inputs, shapes)
+        times = measure_in_model(runner, dispatcher.symbols, graph, inputs, shapes)
         del runner
         dispatcher = Dispatcher(target.options, target.can_run(), graph, where, times=times)
         low = lower_graph(graph, llvm_target, tvm_target, tuner, dispatcher)

@@ -120,6 +120,7 @@ class Dispatcher:
             self.why_not = "not measured: no shapes named (nf.compile(..., batch_sizes=...) names them)"
         self.decisions: dict[str, Decision] = {}
         self.candidates: dict[str, str] = {}     # first pass: layer -> weight
+        self.symbols: dict[str, str] = {}        # layer -> the function its joined kernel is, in call order
         self.skipped: dict[str, str] = {}
 
     @property
@@ -203,29 +204,36 @@ class Dispatcher:
                 "skipped": self.skipped}
 
 
-def measure_in_model(runner, layers: dict[str, str], graph: Graph, inputs: tuple,
+def measure_in_model(runner, symbols: dict[str, str], graph: Graph, inputs: tuple,
                      shapes: list[tuple[str, int]], rounds: int = 3) -> dict[str, dict[str, tuple[float, float]]]:
     """{layer: {shape label: (compressed ms, dense ms)}}: each candidate layer's kernel call,
     timed inside the model by the VM's instrument hook, on ``inputs`` repeated to each batch size
     (``shapes``: (label, batch)), with every layer on its compressed kernel, then on the dense one;
-    the median of ``rounds`` calls after a warm-up."""
+    the median of ``rounds`` calls after a warm-up. ``symbols`` maps each layer, in the order the
+    model runs them, to its kernel's function; layers sharing a function are told apart by the
+    order of its calls within a run."""
     import statistics
     import time
     from ...speed import batch_inputs
-    from .weights import c_name
-    symbol_layer = {c_name(f"nf_dispatch_{w}"): layer for layer, w in layers.items()}
+    by_symbol: dict[str, list[str]] = {}
+    for layer, symbol in symbols.items():
+        by_symbol.setdefault(symbol, []).append(layer)
     samples: dict[str, list[float]] = {}
+    calls: dict[str, int] = {}
     started: dict[str, float] = {}
 
     def instrument(func, symbol, before, ret, *args):
-        layer = symbol_layer.get(str(symbol))
-        if layer is not None:
+        layers = by_symbol.get(str(symbol))
+        if layers is not None:
             if before:
-                started[layer] = time.perf_counter()
+                started[str(symbol)] = time.perf_counter()
             else:
-                samples.setdefault(layer, []).append(time.perf_counter() - started[layer])
+                i = calls.get(str(symbol), 0)
+                calls[str(symbol)] = i + 1
+                if i < len(layers):
+                    samples.setdefault(layers[i], []).append(time.perf_counter() - started[str(symbol)])
         return 0
-    out: dict[str, dict[str, tuple[float, float]]] = {layer: {} for layer in layers}
+    out: dict[str, dict[str, tuple[float, float]]] = {layer: {} for layer in symbols}
     runner.set_instrument(instrument)
     try:
         for label, batch in shapes:
@@ -238,9 +246,10 @@ def measure_in_model(runner, layers: dict[str, str], graph: Graph, inputs: tuple
                 runner(*xs)                 # warm-up (and the pool's first allocations)
                 samples.clear()
                 for _ in range(rounds):
+                    calls.clear()           # call order counts within one run
                     runner(*xs)
                 ms[mode] = {layer: 1e3 * statistics.median(v) for layer, v in samples.items()}
-            for layer in layers:
+            for layer in symbols:
                 if layer in ms["compressed"] and layer in ms["dense"]:
                     out[layer][label] = (ms["compressed"][layer], ms["dense"][layer])
     finally:

@@ -217,7 +217,11 @@ def _with_dispatch(lw: Lowering, w: Value, kernel, consts: list, perm, layer: st
     threshold = lw.extra(w.name, "rows_threshold", np.array([decision.threshold], np.int64))
     lw.dispatch_params[w.name] = lw.params.index(threshold)
     args = (consts + dense_args if compressed_first else dense_args + consts) + [threshold]
-    return lw.func(name, func), args, n, perm, False
+    gv = lw.func(name, func)
+    # layers of one shape share one function (the BlockBuilder merges equal PrimFuncs; weights and
+    # threshold are arguments): the in-model timing tells them apart by call order
+    lw.dispatcher.symbols[layer or w.name] = gv.name_hint
+    return gv, args, n, perm, False
 
 
 __all__ = ["KERNELS", "c_name", "int8_blocks", "int8_bsr_kernel", "linear_kernel", "numpy_of"]

@@ -193,10 +193,18 @@ def test_in_model_measurement_times_every_candidate_at_every_size(tmp_path):
     from nnforge.backends.tvm import TvmRunner
     from nnforge.backends.tvm.dispatch import Dispatcher, measure_in_model
     from nnforge.backends.tvm.lower import lower_graph
-    g = _linear_graph(_encodings()["int4"])
+    # two layers of one shape and encoding: one shared function, told apart by call order
+    g = Graph("two")
+    x = g.add_input("x", tensor("f32", "batch", "seq", 64))
+    for name in ("fc1", "fc2"):
+        enc = IntQuant.quantize(torch.randn(64, 64), 4, group_size=32)
+        x = g.op("relu", g.op("linear", x, g.add_weight(f"{name}.weight", enc), name=name))
+    g.set_outputs([x])
+    g.meta["speed_shapes"] = SHAPES
     seen = {}
 
     def spy(runner, layers, graph, inputs, shapes, rounds=3):
+        assert len(set(layers.values())) == 1, layers          # the two layers share a function
         seen["times"] = measure_in_model(runner, layers, graph, inputs, shapes, rounds)
         seen["mode"] = runner.dispatch_mode
         return seen["times"]
@@ -208,5 +216,5 @@ def test_in_model_measurement_times_every_candidate_at_every_size(tmp_path):
     finally:
         tvm_backend.measure_in_model = original
     times = seen["times"]
-    assert set(times) == {"fc"} and set(times["fc"]) == {"batch 1", "batch 32"}
-    assert all(c > 0 and d > 0 for c, d in times["fc"].values()) and seen["mode"] == "auto"
+    assert set(times) == {"fc1", "fc2"} and all(set(t) == {"batch 1", "batch 32"} for t in times.values())
+    assert all(c > 0 and d > 0 for t in times.values() for c, d in t.values()) and seen["mode"] == "auto"
