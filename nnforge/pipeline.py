@@ -365,7 +365,8 @@ def speed_peer(model, source: str):
         def eager(xs):
             with torch.no_grad():
                 return model(*xs)
-        return "torch eager", eager
+        from .speed import TORCH
+        return TORCH, eager
     if source == "onnx":
         import onnxruntime as ort
         session = ort.InferenceSession(os.fspath(model), providers=["CPUExecutionProvider"])

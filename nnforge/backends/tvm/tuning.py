@@ -133,12 +133,10 @@ class Tuner:
 
 
 def kernel_timer(func, arrays: list[np.ndarray], k: int, n: int, tvm_target,
-                 budget_ms: float = 150.0, cold: bool = False) -> Callable[[int], float]:
+                 budget_ms: float = 150.0) -> Callable[[int], float]:
     """A function ``rows -> milliseconds per call`` of the PrimFunc ``func(x, *arrays, y)``, built
     once, alone, for ``tvm_target``, with x random ``[rows, k]``: the best of several repeats (the
-    least disturbed by other work). ``cold``: the weight arrays are flushed from the caches before
-    every call, as in a model whose other layers evict them (what a memory-bound kernel at few
-    rows sees in a real run; timed hot, a dense weight that fits the L3 looks cheap)."""
+    least disturbed by other work)."""
     import tvm
     name = "nf_tune"
     lib = tvm.compile(tvm.IRModule({name: func.with_attr("global_symbol", name)}), target=tvm_target)
@@ -152,11 +150,6 @@ def kernel_timer(func, arrays: list[np.ndarray], k: int, n: int, tvm_target,
         start = time.perf_counter()
         fn(x, *consts, y)                             # warm-up, and a first estimate for ``number``
         once = max(time.perf_counter() - start, 1e-6)
-        if cold:        # one call a repeat: the flush runs before each repeat
-            repeat = max(5, min(30, int(budget_ms / 1e3 / once)))
-            evaluator = lib.mod.time_evaluator(name, dev, number=1, repeat=repeat,
-                                               f_preproc="cache_flush_cpu_non_first_arg")
-            return 1e3 * float(np.median(evaluator(x, *consts, y).results))
         number = max(1, min(200, int(0.02 / once)))
         repeat = max(3, min(9, int(budget_ms / 1e3 / (once * number))))
         return 1e3 * min(lib.mod.time_evaluator(name, dev, number=number, repeat=repeat)(x, *consts, y).results)
