@@ -90,6 +90,7 @@ def _dense_wins_at_batch_4(monkeypatch):
     def fake(runner, layers, graph, inputs, shapes, rounds=3):
         return {layer: {label: ((0.005, 0.008) if b == 1 else (0.02, 0.01)) for label, b in shapes} for layer in layers}
     monkeypatch.setattr("nnforge.backends.tvm.measure_in_model", fake)
+    monkeypatch.setattr("nnforge.backends.tvm.check_in_model", lambda *a: [])
 
 
 def test_cpu_bundle_records_dispatch_decisions_and_both_kernel_modes(tmp_path, monkeypatch):

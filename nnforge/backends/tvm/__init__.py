@@ -36,7 +36,7 @@ import numpy as np
 from ...ir import Graph
 from ...targets import Target, host_cpu_flags
 from ..base import Backend, BackendError, InputSpec, Lowered, Runner
-from .dispatch import NEVER, Dispatcher, measure_in_model
+from .dispatch import NEVER, Dispatcher, check_in_model, measure_in_model
 from .tuning import TUNING_FILE, Tuner
 
 LIBRARY_FILE = "model.so"
@@ -382,13 +382,14 @@ def build(graph: Graph, target: Target, out_dir: Path, toolchain: dict) -> Lower
     if dispatcher.measuring and dispatcher.candidates:
         first = _write(graph, target, low, tvm_target, tuner, out_dir)
         runner = TvmRunner(out_dir, first)
-        shapes = [(s.get("label", ""), int(s["batch"])) for s in graph.meta.get("speed_shapes", []) if "batch" in s]
-        times = measure_in_model(runner, dispatcher.symbols, graph, inputs, shapes)
+        times = measure_in_model(runner, dispatcher.symbols, graph, inputs, _speed_shapes(graph))
         del runner
         dispatcher = Dispatcher(target.options, target.can_run(), graph, where, times=times)
         low = lower_graph(graph, llvm_target, tvm_target, tuner, dispatcher)
         (out_dir / PARAMS_FILE).unlink(missing_ok=True)
     entry = _write(graph, target, low, tvm_target, tuner, out_dir)
+    if dispatcher.times is not None and any(d.dispatched for d in dispatcher.decisions.values()):
+        _check_dispatch(graph, low, entry, dispatcher, inputs, out_dir)
     files = [LIBRARY_FILE, tuner.write(out_dir)]
     if any(spec.decode for spec in low.params):
         files.append(GRAPH_FILE)        # dispatched layers decode their dense copy from it at load
@@ -398,6 +399,29 @@ def build(graph: Graph, target: Target, out_dir: Path, toolchain: dict) -> Lower
     return Lowered(files=files, entry=entry, fallbacks=low.fallbacks,
                    toolchain={**toolchain, "llvm": str(tvm_ffi.get_global_func("target.llvm_version_major")()),
                               "llvm_target": llvm_target, "llvm_cpu": str(tvm_target.attrs.get("mcpu", ""))})
+
+
+def _speed_shapes(graph: Graph) -> list[tuple[str, int]]:
+    return [(s.get("label", ""), int(s["batch"])) for s in graph.meta.get("speed_shapes", []) if "batch" in s]
+
+
+def _check_dispatch(graph: Graph, low, entry: dict, dispatcher: Dispatcher, inputs, out_dir: Path) -> None:
+    """Time the final library whole (dispatch.check_in_model) and write back the thresholds it moved."""
+    from safetensors.numpy import save_file
+    from .lower import SEP
+    runner = TvmRunner(out_dir, entry)
+    changed = check_in_model(runner, dispatcher, graph, inputs, _speed_shapes(graph))
+    del runner
+    params = {layer["weight"]: layer["threshold_param"] for layer in entry["dispatch"]["layers"]
+              if "threshold_param" in layer}
+    for d in changed:
+        low.arrays[f"{d.weight}{SEP}rows_threshold"] = np.array([d.threshold], np.int64)
+    if changed:
+        save_file(low.arrays, os.fspath(out_dir / PARAMS_FILE), metadata={"producer": "nnforge tvm backend"})
+    entry["dispatch"] = dispatcher.to_dict()
+    for layer in entry["dispatch"]["layers"]:
+        if layer["weight"] in params:
+            layer["threshold_param"] = params[layer["weight"]]
 
 
 def _reference_inputs(out_dir: Path) -> tuple | None:

@@ -35,6 +35,7 @@ from ..base import BackendError
 OPTIONS = ("dispatch", "dispatch_margin")
 DEFAULT_MARGIN = 0.05
 NEVER = 2 ** 62                 # a row threshold no input reaches
+ROUND_BUDGET_S, MAX_ROUNDS = 0.5, 15     # in-model timing: calls per mode and size
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Decision:
     threshold: int              # 0: always the other kernel; NEVER: always ``low``
     why: str
     dense_bytes: int = 0        # the dense copy a dispatched layer holds in memory at run time
+    checked: list = None        # the whole-model checks that moved its threshold
 
     @property
     def dispatched(self) -> bool:
@@ -122,6 +124,7 @@ class Dispatcher:
         self.candidates: dict[str, str] = {}     # first pass: layer -> weight
         self.symbols: dict[str, str] = {}        # layer -> the function its joined kernel is, in call order
         self.skipped: dict[str, str] = {}
+        self.checks: list[dict] = []             # whole-model checks of the final library
 
     @property
     def enabled(self) -> bool:
@@ -201,7 +204,7 @@ class Dispatcher:
                 "dispatched": len(dispatched),
                 "dense_bytes_at_run_time": sum(d.dense_bytes for d in dispatched),
                 "layers": [d.to_dict() | {"dispatched": d.dispatched} for d in self.decisions.values()],
-                "skipped": self.skipped}
+                "checks": self.checks, "skipped": self.skipped}
 
 
 def measure_in_model(runner, symbols: dict[str, str], graph: Graph, inputs: tuple,
@@ -243,9 +246,12 @@ def measure_in_model(runner, symbols: dict[str, str], graph: Graph, inputs: tupl
             ms = {}
             for mode in ("compressed", "dense"):
                 runner.dispatch(mode)
+                t0 = time.perf_counter()
                 runner(*xs)                 # warm-up (and the pool's first allocations)
+                # more calls where they are cheap: small batches are the noisiest
+                calls_n = max(rounds, min(MAX_ROUNDS, int(ROUND_BUDGET_S / max(time.perf_counter() - t0, 1e-6))))
                 samples.clear()
-                for _ in range(rounds):
+                for _ in range(calls_n):
                     calls.clear()           # call order counts within one run
                     runner(*xs)
                 ms[mode] = {layer: 1e3 * statistics.median(v) for layer, v in samples.items()}
@@ -256,6 +262,45 @@ def measure_in_model(runner, symbols: dict[str, str], graph: Graph, inputs: tupl
         runner.set_instrument(None)
         runner.dispatch("auto")
     return out
+
+
+def check_in_model(runner, dispatcher: "Dispatcher", graph: Graph, inputs: tuple,
+                   shapes: list[tuple[str, int]]) -> list[Decision]:
+    """The final library, timed whole at each measured size with the dispatch on and with
+    compressed kernels only (alternating stretches): where the dispatch does not make the model
+    faster by half the margin, the layers that run dense at that size are moved back to their
+    compressed kernel there (their threshold is a parameter: nothing is rebuilt). Per-layer
+    times add noise that a whole-model time averages out. Returns the decisions it changed."""
+    from ...speed import alternating_ms, batch_inputs
+    import time
+    changed: list[Decision] = []
+    dispatched = [d for d in dispatcher.decisions.values() if d.dispatched]
+    for label, batch in shapes:
+        rows = {d.layer: next((t["rows"] for t in d.times if t["shape"] == label), None) for d in dispatched}
+        dense = [d for d in dispatched if rows[d.layer] is not None and d.runs_at(rows[d.layer]) == "dense"]
+        xs, _ = batch_inputs(graph, inputs, batch)
+        if not dense or xs is None:
+            continue
+        t0 = time.perf_counter()
+        runner.dispatch("auto")(*xs)
+        rounds = max(3, min(MAX_ROUNDS, int(2 * ROUND_BUDGET_S / max(time.perf_counter() - t0, 1e-6))))
+        ms = alternating_ms({"auto": lambda: runner.dispatch("auto")(*xs),
+                             "compressed": lambda: runner.dispatch("compressed")(*xs)}, (), rounds)
+        kept = ms["auto"] <= ms["compressed"] * (1 - dispatcher.margin / 2)
+        dispatcher.checks.append({"shape": label, "dispatched_ms": round(ms["auto"], 4),
+                                  "compressed_only_ms": round(ms["compressed"], 4), "kept": kept})
+        if kept:
+            continue
+        for d in dense:
+            r = rows[d.layer]
+            d.threshold = r + 1 if d.low == "compressed" else r      # ``r`` rows now run compressed
+            d.checked = (d.checked or []) + [label]
+            d.why = (_why(d, dispatcher.margin) + f"; whole model at {label}: dispatched {ms['auto']:.2f} ms vs "
+                     f"compressed kernels only {ms['compressed']:.2f} ms, so {r} rows run compressed")
+            if d not in changed:
+                changed.append(d)
+    runner.dispatch("auto")
+    return changed
 
 
 def _why(d: Decision, margin: float) -> str:
@@ -276,4 +321,4 @@ def _why(d: Decision, margin: float) -> str:
     return head + "; " + "; ".join(parts)
 
 
-__all__ = ["Decision", "Dispatcher", "choose", "measure_in_model", "OPTIONS", "NEVER", "DEFAULT_MARGIN"]
+__all__ = ["Decision", "Dispatcher", "check_in_model", "choose", "measure_in_model", "OPTIONS", "NEVER", "DEFAULT_MARGIN"]

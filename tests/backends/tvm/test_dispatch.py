@@ -96,6 +96,7 @@ def _fake_times(monkeypatch, compressed, dense):
         assert runner.dispatch_mode == "auto" and set(runner.dispatch("dense").dispatch("auto").input_names) == {"x"}
         return {layer: {label: (compressed(5 * b), dense(5 * b)) for label, b in shapes} for layer in layers}
     monkeypatch.setattr("nnforge.backends.tvm.measure_in_model", fake)
+    monkeypatch.setattr("nnforge.backends.tvm.check_in_model", lambda *a: [])
 
 
 def _lower(graph, tmp_path, **options):
@@ -218,3 +219,36 @@ def test_in_model_measurement_times_every_candidate_at_every_size(tmp_path):
     times = seen["times"]
     assert set(times) == {"fc1", "fc2"} and all(set(t) == {"batch 1", "batch 32"} for t in times.values())
     assert all(c > 0 and d > 0 for t in times.values() for c, d in t.values()) and seen["mode"] == "auto"
+
+
+class _SleepyRunner:
+    """A runner whose whole-model time depends on the dispatch mode only."""
+    def __init__(self, auto_s: float, compressed_s: float):
+        self.times, self.mode = {"auto": auto_s, "compressed": compressed_s}, "auto"
+
+    def dispatch(self, mode):
+        self.mode = mode
+        return self
+
+    def __call__(self, *xs):
+        import time
+        time.sleep(self.times[self.mode])
+
+
+@pytest.mark.parametrize("auto_s,kept", [(0.012, False), (0.002, True)])
+def test_whole_model_check_moves_back_layers_that_did_not_pay(monkeypatch, auto_s, kept):
+    from nnforge.backends.tvm.dispatch import Dispatcher, check_in_model
+    monkeypatch.setattr("nnforge.speed.PAUSE_S", 0.0)
+    g = _linear_graph(_encodings()["int4"])
+    times = {"fc": {"batch 1": (0.01, 0.02), "batch 32": (0.5, 0.2)}}     # dense wins at 160 rows
+    d = Dispatcher({}, (True, ""), g, "test", times=times)
+    decision = d.plan("fc", "fc.weight", "k", "batch*seq", 4)
+    assert decision.runs_at(160) == "dense" and decision.threshold == 29
+    changed = check_in_model(_SleepyRunner(auto_s, 0.006), d, g, (torch.randn(1, 5, 64),),
+                             [("batch 1", 1), ("batch 32", 32)])
+    assert [c["shape"] for c in d.checks] == ["batch 32"] and d.checks[0]["kept"] is kept
+    if kept:
+        assert changed == [] and decision.runs_at(160) == "dense"
+    else:
+        assert changed == [decision] and decision.runs_at(160) == "compressed" and decision.threshold == 161
+        assert "whole model at batch 32" in decision.why and decision.checked == ["batch 32"]
