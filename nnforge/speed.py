@@ -202,6 +202,10 @@ def describe(manifest: dict, layers: bool = False) -> list[str]:
         for d in dispatch["layers"]:
             if d.get("dispatched") or layers:
                 out.append(f"    {d['layer']} ({'dispatched' if d.get('dispatched') else 'compressed'}): {d['why']}")
+        for c in dispatch.get("checks") or []:
+            verdict = "kept" if c["kept"] else "did not pay: the layers running dense there were moved back"
+            out.append(f"    whole-model check at {c['shape']}: dispatched {c['dispatched_ms']:.3f} ms vs compressed "
+                       f"kernels only {c['compressed_only_ms']:.3f} ms -> {verdict}")
         kept = sum(not d.get("dispatched") for d in dispatch["layers"])
         if kept and not layers:
             out.append(f"    {kept} layer(s) keep the compressed kernel at every measured shape (--layers lists them)")
