@@ -32,8 +32,8 @@ from .ir import Graph, symbolic as sym
 DEFAULT_BATCH_SIZES = (1, 32)
 ENV = "NNFORGE_BATCH_SIZES"
 PAUSE_S = 0.3                   # libgomp and ONNX Runtime stop spinning well within this
-BUDGET_S = 1.0                  # time each runner gets per batch size, about
-MIN_ROUNDS, MAX_ROUNDS = 3, 30
+BUDGET_S = 2.0                  # time each runner gets per batch size, about
+MIN_ROUNDS, MAX_ROUNDS = 6, 30     # at least two calls a stretch (3 stretches)
 
 BUNDLE = "bundle"
 COMPRESSED_ONLY = "bundle, compressed kernels only"

@@ -283,7 +283,7 @@ def check_in_model(runner, dispatcher: "Dispatcher", graph: Graph, inputs: tuple
             continue
         t0 = time.perf_counter()
         runner.dispatch("auto")(*xs)
-        rounds = max(3, min(MAX_ROUNDS, int(2 * ROUND_BUDGET_S / max(time.perf_counter() - t0, 1e-6))))
+        rounds = max(6, min(MAX_ROUNDS, int(2 * ROUND_BUDGET_S / max(time.perf_counter() - t0, 1e-6))))
         ms = alternating_ms({"auto": lambda: runner.dispatch("auto")(*xs),
                              "compressed": lambda: runner.dispatch("compressed")(*xs)}, (), rounds)
         kept = ms["auto"] <= ms["compressed"] * (1 - dispatcher.margin / 2)
