@@ -6,7 +6,7 @@ same graph dense on tvm, against its compressed kernels alone and against torch 
 alternating stretches in one process, and every layer whose kernel the dispatch changed, with the
 kernel times it decided on. The manifests' speed sections go to benchmarks/out/dispatch.json.
 
-    python benchmarks/dispatch.py                      # w4-rtn, block-sparse-50
+    python benchmarks/dispatch.py                      # w4-rtn, block-sparse-30, block-sparse-50
     python benchmarks/dispatch.py --recipes w8 --calibration 64
 
 Inputs are the check inputs of the bundle: the first held-out sentences padded to one length;
@@ -31,7 +31,7 @@ from nnforge.speed import describe  # noqa: E402
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recipes", nargs="+", default=["w4-rtn", "block-sparse-50"])
+    ap.add_argument("--recipes", nargs="+", default=["w4-rtn", "block-sparse-30", "block-sparse-50"])
     ap.add_argument("--batch-sizes", default="1,32")
     ap.add_argument("--calibration", type=int, default=128, help="calibration sentences (SparseGPT, GPTQ)")
     ap.add_argument("--out", default=str(ROOT / "out" / "dispatch.json"))
