@@ -207,21 +207,21 @@ def _with_dispatch(lw: Lowering, w: Value, kernel, consts: list, perm, layer: st
     decision = lw.dispatcher.plan(layer or w.name, w.name, kernel.name, rows, dense_bytes=4 * n * k)
     if decision is None or not (decision.dispatched or lw.dispatcher.measuring):
         return None
+    from .kernels.dense import vector_lanes
     from .kernels.dispatch import rows_dispatch
     dense = lw.dense_kernel(n, k)
     name = c_name(f"nf_dispatch_{w.name}")
-    compressed_first = decision.low == "compressed"
-    func = rows_dispatch(name, kernel.func, dense.func) if compressed_first else rows_dispatch(name, dense.func,
-                                                                                               kernel.func)
-    dense_args = [lw.dense_panels_at_load(w, perm), lw.zeros(n)]
+    func = rows_dispatch(name, kernel.func, dense.func, compressed_below=decision.low == "compressed",
+                         lanes=vector_lanes(lw.target))
     threshold = lw.extra(w.name, "rows_threshold", np.array([decision.threshold], np.int64))
     lw.dispatch_params[w.name] = lw.params.index(threshold)
-    args = (consts + dense_args if compressed_first else dense_args + consts) + [threshold]
+    # (x, threshold, *compressed weights, panels, bias, y): the caller appends the bias, as for the dense GEMM
+    args = [threshold, *consts, lw.dense_panels_at_load(w, perm)]
     gv = lw.func(name, func)
     # layers of one shape share one function (the BlockBuilder merges equal PrimFuncs; weights and
     # threshold are arguments): the in-model timing tells them apart by call order
     lw.dispatcher.symbols[layer or w.name] = gv.name_hint
-    return gv, args, n, perm, False
+    return gv, args, n, perm, True
 
 
 __all__ = ["KERNELS", "c_name", "int8_blocks", "int8_bsr_kernel", "linear_kernel", "numpy_of"]

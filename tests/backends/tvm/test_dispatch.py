@@ -39,33 +39,40 @@ def test_choose_puts_the_threshold_between_the_sizes_it_separates():
 
 
 # --- the joined kernel -----------------------------------------------------------------------------
-def test_rows_dispatch_runs_each_kernel_on_its_side_of_the_threshold():
+@pytest.mark.parametrize("compressed_below", [True, False])
+def test_rows_dispatch_runs_each_kernel_on_its_side_of_the_threshold(compressed_below):
     import tvm
     from nnforge.backends.tvm import resolve_target
-    from nnforge.backends.tvm.kernels.dense import dense_matmul
+    from nnforge.backends.tvm.kernels.dense import dense_matmul, vector_lanes
     from nnforge.backends.tvm.kernels.dispatch import rows_dispatch
     from nnforge.backends.tvm.kernels.lowbit import int_weight_matmul
-    n, k, target = 48, 64, "llvm -mcpu=native"
+    n, k, target = 44, 64, "llvm -mcpu=native"       # n not a multiple of the vector: the epilogue's tail
     rng = np.random.default_rng(0)
     codes = rng.integers(0, 256, (n, k // 2), dtype=np.uint8)
     scale = (rng.random((n, 1)) * 0.01).astype(np.float32)
     low = int_weight_matmul("w", codes, 4, scale, None, 64, n=n, k=k, target=target)
     dense = dense_matmul("d", n, k, target)
-    f = rows_dispatch("nf_dispatch_w", low.func, dense.func).with_attr("global_symbol", "f")
+    f = rows_dispatch("nf_dispatch_w", low.func, dense.func, compressed_below,
+                      lanes=vector_lanes(target)).with_attr("global_symbol", "f")
     lib = tvm.compile(tvm.IRModule({"f": f}), target=resolve_target(target))
     q = np.stack([codes & 15, codes >> 4], -1).reshape(n, k).astype(np.float32) - 8
     wt = (q * scale).astype(np.float32)
-    # dense panels [n/16, k, 16] (AVX2 default tile) hold a different weight, so the result tells which ran
+    # the dense panels hold a different weight, so the result tells which kernel ran
     other = rng.standard_normal((n, k)).astype(np.float32)
-    nb = dense.notes["tile"].split("x")[1]
-    panels = np.ascontiguousarray(other.reshape(n // int(nb), int(nb), k).transpose(0, 2, 1))
+    nb = int(dense.notes["tile"].split("x")[1])
+    blocks = -(-n // nb)
+    padded = np.zeros((blocks * nb, k), np.float32)
+    padded[:n] = other
+    panels = np.ascontiguousarray(padded.reshape(blocks, nb, k).transpose(0, 2, 1))
+    bias = rng.standard_normal(n).astype(np.float32)
     dev = tvm.cpu()
     for rows in (3, 9, 10, 40):
         x = rng.standard_normal((rows, k)).astype(np.float32)
         y = tvm.runtime.tensor(np.zeros((rows, n), np.float32), dev)
-        args = [x, *low.consts, panels, np.zeros(n, np.float32), np.array([10], np.int64)]
+        args = [x, np.array([10], np.int64), *low.consts, panels, bias]
         lib["f"](*[tvm.runtime.tensor(a, dev) for a in args], y)
-        want = x @ (wt if rows < 10 else other).T
+        compressed = (rows < 10) == compressed_below
+        want = x @ (wt if compressed else other).T + bias
         np.testing.assert_allclose(y.numpy(), want, rtol=1e-4, atol=1e-4)
 
 
@@ -75,7 +82,7 @@ def test_rows_dispatch_refuses_kernels_of_different_shapes():
     from nnforge.backends.tvm.kernels.dispatch import rows_dispatch
     a, b = dense_matmul("a", 48, 64, "llvm -mcpu=native"), dense_matmul("b", 32, 64, "llvm -mcpu=native")
     with pytest.raises(KernelError, match="nf_dispatch_x: cannot dispatch between kernels whose y differ"):
-        rows_dispatch("nf_dispatch_x", a.func, b.func)
+        rows_dispatch("nf_dispatch_x", a.func, b.func, True)
 
 
 # --- whole bundles ---------------------------------------------------------------------------------
