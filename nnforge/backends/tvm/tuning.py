@@ -132,34 +132,24 @@ class Tuner:
         return TUNING_FILE
 
 
-def kernel_timer(func, arrays: list[np.ndarray], k: int, n: int, tvm_target,
-                 budget_ms: float = 150.0) -> Callable[[int], float]:
-    """A function ``rows -> milliseconds per call`` of the PrimFunc ``func(x, *arrays, y)``, built
-    once, alone, for ``tvm_target``, with x random ``[rows, k]``: the best of several repeats (the
-    least disturbed by other work)."""
+def time_kernel(func, arrays: list[np.ndarray], rows: int, k: int, n: int, tvm_target,
+                budget_ms: float = 150.0) -> float:
+    """Milliseconds per call of the PrimFunc ``func(x, *arrays, y)`` built alone for ``tvm_target``,
+    with x random ``[rows, k]``: the best of several repeats (the least disturbed by other work)."""
     import tvm
     name = "nf_tune"
     lib = tvm.compile(tvm.IRModule({name: func.with_attr("global_symbol", name)}), target=tvm_target)
     dev = tvm.cpu()
+    x = np.random.default_rng(0).standard_normal((rows, k)).astype(np.float32)
+    args = [tvm.runtime.tensor(a, dev) for a in [x, *arrays]]
+    y = tvm.runtime.tensor(np.zeros((rows, n), np.float32), dev)
     fn = lib[name]
-    consts = [tvm.runtime.tensor(a, dev) for a in arrays]
-
-    def ms(rows: int) -> float:
-        x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal((rows, k)).astype(np.float32), dev)
-        y = tvm.runtime.tensor(np.zeros((rows, n), np.float32), dev)
-        start = time.perf_counter()
-        fn(x, *consts, y)                             # warm-up, and a first estimate for ``number``
-        once = max(time.perf_counter() - start, 1e-6)
-        number = max(1, min(200, int(0.02 / once)))
-        repeat = max(3, min(9, int(budget_ms / 1e3 / (once * number))))
-        return 1e3 * min(lib.mod.time_evaluator(name, dev, number=number, repeat=repeat)(x, *consts, y).results)
-    return ms
+    start = time.perf_counter()
+    fn(*args, y)                                  # warm-up, and a first estimate for ``number``
+    once = max(time.perf_counter() - start, 1e-6)
+    number = max(1, min(200, int(0.02 / once)))
+    repeat = max(3, min(9, int(budget_ms / 1e3 / (once * number))))
+    return 1e3 * min(lib.mod.time_evaluator(name, dev, number=number, repeat=repeat)(*args, y).results)
 
 
-def time_kernel(func, arrays: list[np.ndarray], rows: int, k: int, n: int, tvm_target,
-                budget_ms: float = 150.0) -> float:
-    """Milliseconds per call of ``func(x, *arrays, y)`` at ``rows`` rows (see :func:`kernel_timer`)."""
-    return kernel_timer(func, arrays, k, n, tvm_target, budget_ms)(rows)
-
-
-__all__ = ["TUNING_FILE", "OPTIONS", "Record", "Tuner", "kernel_timer", "time_kernel"]
+__all__ = ["TUNING_FILE", "OPTIONS", "Record", "Tuner", "time_kernel"]
