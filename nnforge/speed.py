@@ -209,7 +209,7 @@ def describe(manifest: dict, layers: bool = False) -> list[str]:
         kept = sum(not d.get("dispatched") for d in dispatch["layers"])
         if kept and not layers:
             out.append(f"    {kept} layer(s) keep the compressed kernel at every measured shape (--layers lists them)")
-        if dispatch.get("dispatched"):
+        if dispatch.get("dense_bytes_at_run_time"):
             out.append(f"    dense copies made at load: {dispatch['dense_bytes_at_run_time'] / 1e6:.1f} MB of memory "
                        "(the bundle on disk stays compressed)")
     return out

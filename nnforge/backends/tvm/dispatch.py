@@ -49,7 +49,8 @@ class Decision:
     threshold: int              # 0: always the other kernel; NEVER: always ``low``
     why: str
     dense_bytes: int = 0        # the dense copy a dispatched layer holds in memory at run time
-    checked: list = None        # the whole-model checks that moved its threshold
+    checked: list = None        # the sizes whose whole-model check ruled the dense kernel out
+    joined: bool = False        # built as a joined kernel (its dense copy is in memory at run time)
 
     @property
     def dispatched(self) -> bool:
@@ -202,7 +203,7 @@ class Dispatcher:
                 "measured": "in the model: each layer's kernel call timed by the VM's instrument hook",
                 "shapes": [{"shape": label, "bindings": env} for label, env in self.points],
                 "dispatched": len(dispatched),
-                "dense_bytes_at_run_time": sum(d.dense_bytes for d in dispatched),
+                "dense_bytes_at_run_time": sum(d.dense_bytes for d in self.decisions.values() if d.joined),
                 "layers": [d.to_dict() | {"dispatched": d.dispatched} for d in self.decisions.values()],
                 "checks": self.checks, "skipped": self.skipped}
 
@@ -292,11 +293,13 @@ def check_in_model(runner, dispatcher: "Dispatcher", graph: Graph, inputs: tuple
         if kept:
             continue
         for d in dense:
-            r = rows[d.layer]
-            d.threshold = r + 1 if d.low == "compressed" else r      # ``r`` rows now run compressed
+            # decide again with the dense kernel ruled out at this size (and at any size overruled before)
             d.checked = (d.checked or []) + [label]
+            d.low, d.threshold = choose([(t["rows"], t["compressed_ms"],
+                                          math.inf if t["shape"] in d.checked else t["dense_ms"]) for t in d.times],
+                                        dispatcher.margin)
             d.why = (_why(d, dispatcher.margin) + f"; whole model at {label}: dispatched {ms['auto']:.2f} ms vs "
-                     f"compressed kernels only {ms['compressed']:.2f} ms, so {r} rows run compressed")
+                     f"compressed kernels only {ms['compressed']:.2f} ms, so the compressed kernel runs there")
             if d not in changed:
                 changed.append(d)
     runner.dispatch("auto")
@@ -310,7 +313,10 @@ def _why(d: Decision, margin: float) -> str:
         ratio = c / max(dn, 1e-9)
         parts.append(f"{t['shape']} ({t['rows']} rows): compressed {c:.3f} ms, dense {dn:.3f} ms "
                      f"(compressed {ratio:.2f}x the dense time) -> {d.runs_at(t['rows'])}")
-    if not d.dispatched:
+    if not d.dispatched and d.checked:
+        head = "compressed kernel kept: the whole-model check ruled the dense kernel out" + \
+            (" (its joined kernel and dense copy stay in the library)" if d.joined else "")
+    elif not d.dispatched:
         head = f"compressed kernel kept: dense is not faster by more than {margin:.0%} at any measured shape"
     elif d.threshold == 0 or d.threshold == NEVER:
         head = "dense kernel at every measured shape (the compressed kernel stays in the library, forced by " \

@@ -221,6 +221,7 @@ def _with_dispatch(lw: Lowering, w: Value, kernel, consts: list, perm, layer: st
     # layers of one shape share one function (the BlockBuilder merges equal PrimFuncs; weights and
     # threshold are arguments): the in-model timing tells them apart by call order
     lw.dispatcher.symbols[layer or w.name] = gv.name_hint
+    decision.joined = True
     return gv, args, n, perm, True
 
 

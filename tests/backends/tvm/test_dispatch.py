@@ -257,5 +257,29 @@ def test_whole_model_check_moves_back_layers_that_did_not_pay(monkeypatch, auto_
     if kept:
         assert changed == [] and decision.runs_at(160) == "dense"
     else:
-        assert changed == [decision] and decision.runs_at(160) == "compressed" and decision.threshold == 161
+        # decided again without the dense kernel at 160 rows: compressed at every measured size
+        assert changed == [decision] and decision.runs_at(160) == "compressed" and not decision.dispatched
+        assert decision.why.startswith("compressed kernel kept: the whole-model check ruled the dense kernel out")
         assert "whole model at batch 32" in decision.why and decision.checked == ["batch 32"]
+
+
+class _BatchRunner(_SleepyRunner):
+    """Dispatch loses at batch 1 and pays at larger batches."""
+    def __call__(self, *xs):
+        import time
+        if self.mode == "auto":
+            time.sleep(0.012 if xs[0].shape[0] == 1 else 0.002)
+        else:
+            time.sleep(0.006)
+
+
+def test_whole_model_check_rules_out_one_size_and_keeps_the_other(monkeypatch):
+    from nnforge.backends.tvm.dispatch import Dispatcher, check_in_model
+    monkeypatch.setattr("nnforge.speed.PAUSE_S", 0.0)
+    g = _linear_graph(_encodings()["int4"])
+    d = Dispatcher({}, (True, ""), g, "test", times={"fc": {"batch 1": (0.02, 0.01), "batch 32": (0.5, 0.2)}})
+    decision = d.plan("fc", "fc.weight", "k", "batch*seq", 4)
+    assert decision.runs_at(5) == decision.runs_at(160) == "dense"
+    check_in_model(_BatchRunner(0, 0), d, g, (torch.randn(1, 5, 64),), [("batch 1", 1), ("batch 32", 32)])
+    assert [c["kept"] for c in d.checks] == [False, True]
+    assert decision.runs_at(5) == "compressed" and decision.runs_at(160) == "dense" and decision.threshold == 29
