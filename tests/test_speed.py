@@ -105,6 +105,7 @@ def test_cpu_bundle_records_dispatch_decisions_and_both_kernel_modes(tmp_path, m
     assert m["speed"]["dispatch"].startswith("2 of 2 compressed layers dispatch to the dense kernel")
     runner = nf.load(tmp_path / "cpu-w4-rtn")
     assert runner.dispatch_mode == "auto"
+    assert nf.verify(tmp_path / "cpu-w4-rtn")["passed"]      # the dense copies decode from the bundle's graph
 
 
 def test_no_speed_records_where_times_mean_nothing_or_none_were_asked(tmp_path):
