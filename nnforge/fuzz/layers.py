@@ -205,14 +205,22 @@ def _indices(gen, shape, lo, hi, name="idx"):
                     dist=InputDist("int", lo, hi), name=name)
 
 
-@proposer("gather")
-def _gather(gen):
-    rng = gen.rng
+def _static_axis_operand(gen):
+    """(x, axis, size) for an operand with a static axis to index along, or None."""
     x = gen.pick(lambda v: v.type.rank >= 1 and bool(static_axes(v)))
     if x is None:
         return None
-    axis = rng.choice(static_axes(x))
-    n = x.shape[axis]
+    axis = gen.rng.choice(static_axes(x))
+    return x, axis, x.shape[axis]
+
+
+@proposer("gather")
+def _gather(gen):
+    rng = gen.rng
+    picked = _static_axis_operand(gen)
+    if picked is None:
+        return None
+    x, axis, n = picked
     idx = gen.pick(lambda v: v in gen.ibound and gen.ibound[v][0] >= -n and gen.ibound[v][1] <= n) \
         if rng.random() < 0.3 else None
     if idx is None:
@@ -224,11 +232,10 @@ def _gather(gen):
 @proposer("gather_elements")
 def _gather_elements(gen):
     rng = gen.rng
-    x = gen.pick(lambda v: v.type.rank >= 1 and bool(static_axes(v)))
-    if x is None:
+    picked = _static_axis_operand(gen)
+    if picked is None:
         return None
-    axis = rng.choice(static_axes(x))
-    n = x.shape[axis]
+    x, axis, n = picked
     shape = list(x.shape)
     shape[axis] = rng.randint(1, n + 2)
     idx = _indices(gen, shape, 0, n)

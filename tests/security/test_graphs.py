@@ -12,22 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from nnforge.ir import (Dense, Graph, GraphError, InterpreterError, SerializationError, Value, check, format_graph,
+from nnforge.ir import (Graph, GraphError, InterpreterError, SerializationError, Value, check, format_graph,
                         load_graph, run_graph, save_graph, tensor, verify)
 from nnforge.ir import serialize, verifier
 from nnforge.passes.base import PassContext, PassManager
 from nnforge.passes.cleanup import cleanup_passes
+from tests.ir.test_verifier import mlp_graph
 
 
-def mlp_graph() -> Graph:
-    g = Graph("mlp")
-    x = g.add_input("x", tensor("f32", "batch", 4))
-    w1 = g.add_weight("fc1.weight", Dense(torch.randn(8, 4)))
-    w2 = g.add_weight("fc2.weight", Dense(torch.randn(3, 8)))
-    h = g.op("linear", x, w1, None, name="fc1")
-    a = g.op("relu", h, name="act")
-    g.set_outputs([g.op("linear", a, w2, None, name="fc2")])
-    return g
 
 
 def chain(n: int, name: str = "chain") -> Graph:

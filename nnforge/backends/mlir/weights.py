@@ -134,6 +134,20 @@ class Grouped(torch.nn.Module):
         return p.index_select(1, self.group_of)
 
 
+class ActOrder(torch.nn.Module):
+    """Columns stored in act-order (GPTQ's ``perm``) put back in their original order; identity
+    when the encoding has no permutation."""
+
+    def __init__(self, perm: torch.Tensor | None):
+        super().__init__()
+        self.active = perm is not None
+        if self.active:
+            self.register_buffer("inv_perm", torch.argsort(perm))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w.index_select(1, self.inv_perm) if self.active else w
+
+
 class IntQuantWeight(torch.nn.Module):
     """(code - zero_point) * scale, columns back in original order, reshaped."""
 
@@ -150,9 +164,7 @@ class IntQuantWeight(torch.nn.Module):
         self.has_zero = enc.zero_point is not None
         if self.has_zero:
             self.register_buffer("zero", enc.zero_point.to(torch.float32))
-        self.has_perm = enc.perm is not None
-        if self.has_perm:
-            self.register_buffer("inv_perm", torch.argsort(enc.perm))
+        self.act_order = ActOrder(enc.perm)
 
     def forward(self):
         q = self.codes().to(torch.float32)
@@ -161,9 +173,7 @@ class IntQuantWeight(torch.nn.Module):
         if self.has_zero:
             q = q - self.groups.expand(self.zero)
         w = q * self.groups.expand(self.scale.to(torch.float32))
-        if self.has_perm:
-            w = w.index_select(1, self.inv_perm)
-        return w.reshape(self.shape)
+        return self.act_order(w).reshape(self.shape)
 
 
 @decoder("int")
@@ -182,9 +192,7 @@ class MiniFloatWeight(torch.nn.Module):
         self.register_buffer("table", mf.decode(torch.arange(1 << enc.fmt.bits), enc.fmt, torch.float32))
         self.register_buffer("scale", enc.scale_values(torch.float32))
         self.groups = Grouped(cols, enc.group_size)
-        self.has_perm = enc.perm is not None
-        if self.has_perm:
-            self.register_buffer("inv_perm", torch.argsort(enc.perm))
+        self.act_order = ActOrder(enc.perm)
 
     def forward(self):
         idx = self.codes().to(torch.int64).reshape(-1)
@@ -192,9 +200,7 @@ class MiniFloatWeight(torch.nn.Module):
             idx = idx + self.codes.base
         q = self.table.index_select(0, idx).reshape(self.rows, self.cols)
         w = q * self.groups.expand(self.scale)
-        if self.has_perm:
-            w = w.index_select(1, self.inv_perm)
-        return w.reshape(self.shape)
+        return self.act_order(w).reshape(self.shape)
 
 
 @decoder("minifloat")
