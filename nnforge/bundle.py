@@ -144,41 +144,67 @@ def _is_bundle(root: Path) -> bool:
     return isinstance(manifest, dict) and manifest.get("format") == FORMAT
 
 
+def check_out(out: Path) -> None:
+    """Refuse an output path that a bundle must not replace: a symbolic link (never followed), a
+    file, or a non-empty directory without an nnforge manifest."""
+    if out.is_symlink():
+        raise BundleError(f"refusing to write bundle to {out}: it is a symbolic link (remove the link or "
+                          "choose another output directory)")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise BundleError(f"refusing to overwrite {out}: it exists and is not an nnforge bundle (it is a file): "
+                          "remove it or choose another output directory")
+    if any(out.iterdir()) and not _is_bundle(out):
+        raise BundleError(f"refusing to overwrite {out}: it exists and is not an nnforge bundle (a directory "
+                          "with no nnforge manifest.json): choose another output directory, or empty this one")
+
+
 class BundleWriter:
     """Context manager that builds a bundle in a temporary sibling directory and renames it into
     place on success; on any error (the rename included) the temporary directory is removed and
-    whatever was at ``out`` before is left as it was. A symbolic link at ``out`` is refused, both
-    on entry and again just before the rename, and is never followed."""
+    whatever was at ``out`` before is left as it was. ``out`` is claimed for the duration
+    (:func:`nnforge.bundle_out.claim_out`: checked, locked against a second writer, cleared of a
+    killed compile's leftovers); a compile that claims it earlier keeps that claim. A symbolic
+    link at ``out`` is refused, both on entry and again just before the rename, and is never
+    followed. An OSError raised while writing (a full disk) is given ``out`` as its file name when
+    it names none, so the error says which bundle failed."""
 
     def __init__(self, out: str | Path):
         self.out = Path(out)
         self.tmp: Path | None = None
-
-    def _check_out(self) -> None:
-        if self.out.is_symlink():
-            raise BundleError(f"refusing to write bundle to {self.out}: it is a symbolic link")
-        if self.out.exists() and (not self.out.is_dir() or (any(self.out.iterdir()) and not _is_bundle(self.out))):
-            raise BundleError(f"refusing to overwrite {self.out}: it exists and is not an nnforge bundle")
+        self._claim = None
 
     def __enter__(self) -> Path:
-        self._check_out()
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        from .bundle_out import claim_out       # it builds on this module
+        claim = claim_out(self.out)
+        claim.__enter__()
+        try:
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        except BaseException:
+            claim.__exit__(None, None, None)
+            raise
+        self._claim = claim
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            try:
-                self._commit()
-            except BaseException:
+        try:
+            if exc_type is None:
+                try:
+                    self._commit()
+                except BaseException:
+                    shutil.rmtree(self.tmp, ignore_errors=True)
+                    raise
+            else:
                 shutil.rmtree(self.tmp, ignore_errors=True)
-                raise
-        else:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+                if isinstance(exc, OSError) and exc.filename is None:
+                    exc.filename = str(self.out)
+        finally:
+            self._claim.__exit__(None, None, None)
         return False
 
     def _commit(self) -> None:
-        self._check_out()           # again: something may have been planted there meanwhile
+        check_out(self.out)         # again: something may have been planted there meanwhile
         old = None
         if self.out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
