@@ -6,11 +6,13 @@ details only where they help (the list of unsupported ops, say).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130          # 128 + SIGINT, as shells report Ctrl-C
 
 
 def _parse_dims(items: list[str]) -> dict[str, int]:
@@ -39,6 +41,14 @@ def _model_and_inputs(spec: str, dims: dict[str, int]):
 
 
 def cmd_compile(args) -> int:
+    if args.out is not None:        # checked and locked before the model is even loaded
+        from .bundle_out import claim_out
+        with claim_out(args.out):
+            return _compile(args)
+    return _compile(args)
+
+
+def _compile(args) -> int:
     import nnforge as nf
     model, example, dyn, ins, outs = _model_and_inputs(args.model, _parse_dims(args.dim))
     calibration = None
@@ -337,8 +347,28 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from .passes import PassError
     from .targets import TargetError
     return (BackendError, BundleError, FrontendError, GraphError, EncodingError, PassError, TargetError,
-            SimulatorError,
-            FileNotFoundError, ValueError)
+            SimulatorError, ValueError)
+
+
+# what to do about the usual OSErrors
+_OS_HINTS = {errno.ENOSPC: "free some space or write somewhere else",
+             errno.EDQUOT: "free some space or write somewhere else",
+             errno.EACCES: "check its permissions or use another path",
+             errno.EPERM: "check its permissions or use another path",
+             errno.EROFS: "the file system is read-only: use another path",
+             errno.EISDIR: "it is a directory: give a file",
+             errno.ENOTDIR: "a part of the path is not a directory",
+             errno.ENOENT: "check the path"}
+
+
+def _os_error_line(e: OSError) -> str:
+    """'PATH: reason; what to do' for an OSError (both paths of a failed rename)."""
+    if not e.strerror:              # raised by nnforge with its own message
+        return str(e)
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    text = f"{where}: {e.strerror}" if where else e.strerror
+    hint = _OS_HINTS.get(e.errno)
+    return f"{text}; {hint}" if hint else text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -348,12 +378,17 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:          # output piped into `head` and closed early
         sys.stderr.close()
         return 0
+    except KeyboardInterrupt:
+        message, rc = "nnforge: interrupted", EXIT_INTERRUPTED
+    except OSError as e:
+        message, rc = f"nnforge: error: {_os_error_line(e)}", EXIT_BAD_INPUT
     except _known_errors() as e:
         first, _, rest = str(e).partition("\n")
-        print(f"nnforge: error: {first}", file=sys.stderr)
-        if rest:
-            print(rest, file=sys.stderr)
-        return EXIT_BAD_INPUT
+        message, rc = f"nnforge: error: {first}" + (f"\n{rest}" if rest else ""), EXIT_BAD_INPUT
+    # printed once the failed frames are gone: a progress bar still open in one of them (leave=False)
+    # is closed, and its line cleared, when its frame is freed
+    print(message, file=sys.stderr)
+    return rc
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ compile -> verify -> inspect -> run round trip on an .onnx file, and bad input e
 2 and one ``nnforge: error:`` line on stderr."""
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 from pathlib import Path
@@ -276,3 +277,53 @@ def test_run_where_the_target_cannot_run(capsys, cli_bundle, monkeypatch):
     assert_one_error_line(rc, err, "cannot run")
     rc, out, _ = run_cli(capsys, "targets")
     assert next(r for r in out.splitlines()[1:] if r.split()[0] == "onnx").split()[3] == "no"
+
+
+# --- failures of the machine, not the input: one line, nothing left behind --------------------------
+def test_out_is_checked_before_the_model_is_read(capsys, onnx_file, tmp_path, monkeypatch):
+    out = tmp_path / "afile"
+    out.write_text("mine")
+    monkeypatch.setattr("nnforge.cli._model_and_inputs", lambda *a: pytest.fail("the model was read first"))
+    rc, _, err = run_cli(capsys, "compile", onnx_file, "--target", "onnx", "--out", out)
+    assert_one_error_line(rc, err, f"refusing to overwrite {out}", "it is a file", "choose another output directory")
+    assert out.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_os_error_during_compile_is_one_line_after_the_cleared_progress_bar(capsys, onnx_file, tmp_path,
+                                                                              monkeypatch):
+    """A full disk while the backend writes: exit 2, one line naming the bundle, the progress bar's
+    line cleared before it (tqdm draws with carriage returns), no temporary directory left."""
+    from nnforge.backends.onnx import OnnxBackend
+
+    def full(self, graph, target, out_dir):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(OnnxBackend, "lower", full)
+    out = tmp_path / "b"
+    rc, _, err = run_cli(capsys, "compile", onnx_file, "--target", "onnx", "--out", out)
+    assert rc == EXIT_BAD_INPUT and err.endswith("\n") and err.count("\n") == 1, repr(err)
+    *bar, line = err.split("\r")
+    assert line == f"nnforge: error: {out}: No space left on device; free some space or write somewhere else\n"
+    assert bar and "import" in "".join(bar) and bar[-1].strip() == "", repr(err)   # drawn, then blanked
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("error, line", [
+    (PermissionError(errno.EACCES, "Permission denied", "/data/out.safetensors"),
+     "/data/out.safetensors: Permission denied; check its permissions or use another path"),
+    (IsADirectoryError(errno.EISDIR, "Is a directory", "/data"), "/data: Is a directory; it is a directory: give a file"),
+    (OSError(errno.EXDEV, "Invalid cross-device link", "/a", None, "/b"), "/a -> /b: Invalid cross-device link"),
+], ids=["permission", "directory", "rename"])
+def test_any_os_error_is_exit_2_and_one_line(capsys, monkeypatch, error, line):
+    def fail(args):
+        raise error
+    monkeypatch.setattr("nnforge.cli.cmd_targets", fail)
+    rc, _, err = run_cli(capsys, "targets")
+    assert rc == EXIT_BAD_INPUT and err == f"nnforge: error: {line}\n"
+
+
+def test_ctrl_c_exits_130_without_a_traceback(capsys, monkeypatch):
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr("nnforge.cli.cmd_targets", interrupted)
+    rc, out, err = run_cli(capsys, "targets")
+    assert rc == 130 and err == "nnforge: interrupted\n" and out == ""
