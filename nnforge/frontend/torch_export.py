@@ -199,7 +199,42 @@ def _symbol_names(ep, user_inputs: list[torch.fx.Node], input_names: list[str], 
     return names
 
 
-def export_module(model: torch.nn.Module, example_inputs, dynamic_shapes=None) -> torch.export.ExportedProgram:
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")
+
+
+def _example_input_names(model: torch.nn.Module, n: int, input_names=None) -> list[str]:
+    """Names for ``n`` example inputs: the given ones, else the parameters of ``forward``."""
+    if input_names:
+        return list(input_names)
+    import inspect
+    try:
+        params = [p.name for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = []
+    return (params + [f"input {i}" for i in range(len(params), n)])[:n]
+
+
+def _export_dtype_error(model, example_inputs, input_names, error: Exception) -> FrontendError | None:
+    """Where torch.export failed on a dtype clash (a conv given int64 inputs, say) and an example
+    input's dtype is none of the model's weight dtypes: an error naming that input."""
+    if "type" not in str(error).lower():
+        return None
+    weights = sorted({_dtype_name(p.dtype) for p in model.parameters() if p.is_floating_point()})
+    names = _example_input_names(model, len(example_inputs), input_names)
+    odd = [(n, _dtype_name(x.dtype)) for n, x in zip(names, example_inputs)
+           if isinstance(x, torch.Tensor) and weights and _dtype_name(x.dtype) not in weights]
+    if not odd:
+        return None
+    iname, dt = odd[0]
+    return FrontendError(f"{type(model).__name__}: input '{iname}' is {dt}, but the model's weights are "
+                         f"{' / '.join(weights)} and torch.export failed on the mix ({str(error).splitlines()[0]}): "
+                         f"give example inputs of dtype {weights[0]}, or convert the input inside the model")
+
+
+def export_module(model: torch.nn.Module, example_inputs, dynamic_shapes=None, *,
+                  input_names=None) -> torch.export.ExportedProgram:
     """torch.export + core-ATen decomposition, keeping aten.linear intact."""
     model = model.eval()
     with warnings.catch_warnings():
@@ -209,11 +244,41 @@ def export_module(model: torch.nn.Module, example_inputs, dynamic_shapes=None) -
             with torch.no_grad():
                 ep = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
         except Exception as e:
+            named = _export_dtype_error(model, example_inputs, input_names, e)
+            if named is not None:
+                raise named from e
             raise FrontendError(f"torch.export failed for {type(model).__name__}: {type(e).__name__}: "
                                 f"{str(e).splitlines()[0] if str(e) else e}") from e
         table = torch.export.default_decompositions()
         table.pop(torch.ops.aten.linear.default, None)
         return ep.run_decompositions(table)
+
+
+def _input_dtype_clash(name: str, n: torch.fx.Node, inputs: dict) -> FrontendError | None:
+    """An error naming the model input whose dtype reaches ``n`` unchanged and clashes with its
+    other operands (int64 ids into a Linear), where ``n`` could not be converted; None when the
+    operands agree or no input is to blame."""
+    operands = [a for a in n.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
+    dtypes = {a: a.meta["val"].dtype for a in operands}
+    if len(set(dtypes.values())) < 2:
+        return None
+    for a in operands:
+        stack, seen = [a], {a}
+        while stack:                                # the user inputs this operand comes from
+            x = stack.pop()
+            if x in inputs and x.meta["val"].dtype == dtypes[a]:
+                want = sorted({_dtype_name(d) for d in dtypes.values() if d != dtypes[a]})
+                return FrontendError(
+                    f"{name}: input '{inputs[x]}' is {_dtype_name(dtypes[a])}, but layer {module_path(n) or n.name} "
+                    f"({n.target}) takes "
+                    f"{' / '.join(want)} there: give example inputs of dtype {want[0]}, or convert the input "
+                    "inside the model" + ("" if dtypes[a].is_floating_point else
+                                          " (integer ids usually go through an embedding first)"))
+            for y in x.all_input_nodes:
+                if y not in seen:
+                    seen.add(y)
+                    stack.append(y)
+    return None
 
 
 def from_exported_program(ep: torch.export.ExportedProgram, *, name: str = "model",
@@ -292,6 +357,9 @@ def from_exported_program(ep: torch.export.ExportedProgram, *, name: str = "mode
         try:
             result = conv(cx, n)
         except (UnsupportedError, GraphError) as e:
+            clash = _input_dtype_clash(name, n, {p: names[i] for i, p in enumerate(user)})
+            if clash is not None:
+                raise clash from e
             problems.append(Unsupported(str(n.target), n.name, source_line(n), str(e)))
             poisoned.add(n)
             continue
@@ -324,6 +392,6 @@ def from_torch(model: torch.nn.Module, example_inputs, *, dynamic_shapes=None, i
     """Trace ``model`` with torch.export and convert it to an IR graph."""
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
-    ep = export_module(model, example_inputs, dynamic_shapes)
+    ep = export_module(model, example_inputs, dynamic_shapes, input_names=input_names)
     return from_exported_program(ep, name=name or type(model).__name__, input_names=input_names,
                                  output_names=output_names, dynamic_shapes=dynamic_shapes, converters=converters)

@@ -319,3 +319,37 @@ def test_output_name_that_an_intermediate_value_already_uses_is_honored():
     g = from_torch(Head().eval(), (torch.randn(2, 4),), output_names=["head"])
     assert [n.op for n in g.nodes] == ["linear", "relu"]
     assert [v.name for v in g.outputs] == ["head"], [v.name for v in g.outputs]
+
+
+class Classifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, ids, scale):
+        return self.fc(ids) * scale
+
+
+def test_int64_input_into_a_linear_names_the_input_not_the_op():
+    with pytest.raises(FrontendError) as info:
+        from_torch(Classifier(), (torch.randint(0, 5, (2, 8)), torch.ones(2, 4)))
+    msg = str(info.value)
+    assert not isinstance(info.value, UnsupportedOpsError) and "unsupported" not in msg
+    assert msg == ("Classifier: input 'ids' is int64, but layer fc (aten.linear.default) takes float32 there: give "
+                   "example inputs of dtype float32, or convert the input inside the model (integer ids usually go "
+                   "through an embedding first)")
+
+
+def test_int64_input_into_a_conv_names_the_input_where_torch_export_fails():
+    with pytest.raises(FrontendError) as info:
+        from_torch(nn.Sequential(nn.Conv2d(3, 4, 3)), (torch.randint(0, 5, (1, 3, 8, 8)),), input_names=["image"])
+    msg = str(info.value)
+    assert msg.startswith("Sequential: input 'image' is int64, but the model's weights are float32 and torch.export "
+                          "failed on the mix (")
+    assert msg.endswith("): give example inputs of dtype float32, or convert the input inside the model")
+
+
+def test_int64_ids_into_an_embedding_still_import():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2)).eval()
+    ids = torch.randint(0, 10, (2, 3))
+    torch.testing.assert_close(run_graph(from_torch(model, (ids,)), [ids])[0], model(ids))
