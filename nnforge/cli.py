@@ -207,7 +207,9 @@ def _inspect_compare(args, path: Path) -> int:
 
 def cmd_simulate(args) -> int:
     from . import fpga
+    from .fpga.simulator import check_lengths
     from .models import ZOO
+    check_lengths(args.prompt, args.generate)       # before a zoo model is imported
     model = args.model
     if model in ZOO or model == "default":          # a zoo model: its fp32 graph, as imported
         from .pipeline import import_model

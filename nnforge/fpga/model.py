@@ -61,6 +61,7 @@ class Workload:
     misc_per_token: int = 0       # elementwise/norm/activation elements per token per block
     source: str = ""
     notes: tuple[str, ...] = field(default_factory=tuple)
+    compression: str = ""         # the weight formats assumed, in words (tables and JSON print it)
 
     @property
     def weight_bytes(self) -> float:
@@ -89,13 +90,48 @@ FLIGHTLLM_LLAMA2_COMPRESSION = {
 }
 
 
+DEFAULT_DECODER_COMPRESSION = {"*": dict(weight_bits=8, density=1.0, pattern="dense")}
+
+
+def _format(weight_bits: int = 8, density: float = 1.0, pattern: str = "dense", **_) -> str:
+    """'8-bit dense', '8-bit block-sparse keeping 70%'."""
+    sparse = {"nm": "N:M-sparse", "block": "block-sparse"}.get(pattern, f"{pattern}-sparse")
+    kind = "dense" if pattern == "dense" else f"{sparse} keeping {density:.0%}"
+    return f"{weight_bits}-bit {kind}"
+
+
+def describe_compression(compression: dict | None) -> str:
+    """What a decoder ``compression`` (see :func:`decoder_workload`) assumes, in words, naming the
+    configuration it is when it is a known one."""
+    comp = dict(compression or DEFAULT_DECODER_COMPRESSION)
+    comp.setdefault("*", DEFAULT_DECODER_COMPRESSION["*"])       # what decoder_workload gives unnamed layers
+    groups: dict[str, list[str]] = {}
+    for layer, settings in comp.items():
+        groups.setdefault(_format(**settings), []).append("every other layer" if layer == "*" else layer)
+    text = "; ".join(f"{', '.join(layers)}: {fmt}" for fmt, layers in groups.items())
+    if comp == FLIGHTLLM_LLAMA2_COMPRESSION:
+        return f"FlightLLM's released Llama-2 configuration ({text})"
+    if comp == DEFAULT_DECODER_COMPRESSION:
+        return f"nnforge's default for a decoder: {_format(**comp['*'])} weights everywhere"
+    return text
+
+
+def describe_layers(linears) -> str:
+    """The weight formats of a graph's layers, counted: '36 layers 4-bit dense, 1 embedding 32-bit dense'."""
+    counts: dict[str, int] = {}
+    for l in linears:
+        key = ("embedding " if l.lookup else "layer ") + _format(l.weight_bits, l.density, l.pattern)
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{n} {key.replace(' ', 's ', 1) if n > 1 else key}" for key, n in counts.items())
+
+
 def decoder_workload(name: str, compression: dict | None = None) -> Workload:
     """A decoder LLM's linears from its config; ``compression`` maps a projection name (or "*")
     to weight_bits / density / pattern. Default: int8 dense everywhere."""
     if name not in DECODERS:
         raise SimulatorError(f"unknown decoder {name!r}; known: {', '.join(DECODERS)}")
     c = DECODERS[name]
-    comp = compression or {"*": dict(weight_bits=8, density=1.0, pattern="dense")}
+    comp = compression or DEFAULT_DECODER_COMPRESSION
     h, f, n = c["hidden"], c["ffn"], c["layers"]
     kv = h * c["kv_heads"] // c["heads"]
     shapes = [("q_proj", h, h), ("k_proj", kv, h), ("v_proj", kv, h), ("o_proj", h, h)]
@@ -107,7 +143,7 @@ def decoder_workload(name: str, compression: dict | None = None) -> Workload:
     # per token per block: 2 norms (2 passes each), residual adds, RoPE (LLaMA), activation (+ gate mul)
     misc = 2 * 2 * h + 2 * h + (2 * h if c["gated"] else 0) + (2 * f if c["gated"] else f)
     return Workload(name, tuple(linears), layers=n, hidden=h, heads=c["heads"], kv_dim=kv, ffn=f,
-                    misc_per_token=misc, source="config")
+                    misc_per_token=misc, source="config", compression=describe_compression(compression))
 
 
 def _encoding_fields(enc) -> dict:
@@ -151,7 +187,8 @@ def graph_workload(graph, name: str | None = None) -> Workload:
     if not linears:
         raise SimulatorError(f"graph {name or graph.name}: no weight layers (linear/matmul/conv/embedding) to simulate")
     return Workload(name or graph.name, tuple(linears), source="graph",
-                    notes=("attention and KV cache not modelled for a graph (no decoder structure known)",))
+                    notes=("attention and KV cache not modelled for a graph (no decoder structure known)",),
+                    compression=f"the weight encodings of {name or graph.name}: {describe_layers(linears)}")
 
 
 def bundle_workload(path: str | Path) -> Workload:

@@ -16,6 +16,7 @@ def format_table(r) -> str:
     lines = [f"{r.workload} on {r.target} ({p.clock_hz / 1e6:.0f} MHz, HBM {p.hbm_bytes_per_s / 1e9:.0f} GB/s x "
              f"{p.hbm_efficiency:.2f}; parameters from {p.path})",
              f"  prompt {r.prompt} tokens, generate {r.generate} tokens",
+             f"  compression assumed: {r.compression or 'not stated'}",
              f"  {'prefill latency':<28}{1e3 * r.prefill_s:>12.3f} ms"]
     if r.generate:          # an encoder (generate 0) has no decode phase to report
         lines += [f"  {'decode latency per token':<28}{1e3 * r.decode_latency_s:>12.2f} ms",

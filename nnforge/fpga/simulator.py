@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 
 from .model import Linear, Workload
-from .params import FpgaParams
+from .params import FpgaParams, SimulatorError
 
 
 @dataclass
@@ -51,6 +51,7 @@ class SimResult:
     power_w: float | None
     params: FpgaParams
     notes: list[str] = field(default_factory=list)
+    compression: str = ""             # the weight formats assumed (Workload.compression)
 
     @property
     def decode_latency_s(self) -> float:
@@ -65,7 +66,8 @@ class SimResult:
         return self.prefill_s + self.decode_s
 
     def summary(self) -> dict:
-        return {"workload": self.workload, "target": self.target, "prompt": self.prompt, "generate": self.generate,
+        return {"workload": self.workload, "target": self.target, "compression": self.compression,
+                "prompt": self.prompt, "generate": self.generate,
                 "prefill_ms": 1e3 * self.prefill_s, "decode_ms": 1e3 * self.decode_s,
                 "decode_ms_per_token": 1e3 * self.decode_latency_s, "decode_tokens_per_s": self.decode_tokens_per_s,
                 "energy_j_per_token": self.energy_j_per_token,
@@ -143,8 +145,19 @@ def resources(p: FpgaParams) -> dict:
             "URAM": (uram, p.uram)}
 
 
+def check_lengths(prompt, generate) -> None:
+    """A prompt (the prefill, or an encoder's sequence) is at least one token; generating none is
+    a prefill-only run, as for an encoder."""
+    if isinstance(prompt, bool) or not isinstance(prompt, int) or prompt < 1:
+        raise SimulatorError(f"prompt length (--prompt) must be a whole number of tokens >= 1, got {prompt!r}")
+    if isinstance(generate, bool) or not isinstance(generate, int) or generate < 0:
+        raise SimulatorError(f"generated tokens (--generate) must be a whole number >= 0 (0: prefill only, as for "
+                             f"an encoder), got {generate!r}")
+
+
 def simulate_workload(w: Workload, target, *, prompt: int = 128, generate: int = 512) -> SimResult:
     """Prefill `prompt` tokens, then decode `generate` tokens one at a time, on `target`."""
+    check_lengths(prompt, generate)
     p = target if isinstance(target, FpgaParams) else FpgaParams.from_target(target)
     notes = list(w.notes)
     padded = _align(prompt, p.prefill_align)
@@ -173,4 +186,4 @@ def simulate_workload(w: Workload, target, *, prompt: int = 128, generate: int =
     if p.board_power_w is None:
         notes.append(f"energy n/a: {p.path} has no [fpga.power] board_power_w (no published figure)")
     return SimResult(w.name, p.target, prompt, generate, pre, dec, prefill_s, decode_s, resources(p), energy,
-                     p.board_power_w, p, notes)
+                     p.board_power_w, p, notes, w.compression)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from nnforge import cli
 from nnforge.fpga import (FLIGHTLLM_LLAMA2_COMPRESSION, FpgaParams, Linear, SimulatorError, Workload,
                           decoder_workload, simulate, write_plots)
+from nnforge.fpga.model import describe_compression, describe_layers
 from nnforge.fpga.simulator import simulate_workload
 from nnforge.targets import get_target
 
@@ -150,3 +152,53 @@ def test_flightllm_rows_within_25_percent():
     assert len(rows) == 19
     bad = [(r["target"], r["prompt"], r["generate"], r["metric"], r["error"]) for r in rows if not r["within_25pct"]]
     assert not bad, bad
+
+
+@pytest.mark.parametrize("prompt, generate, message", [
+    (-3, 8, "prompt length (--prompt) must be a whole number of tokens >= 1, got -3"),
+    (0, 8, "prompt length (--prompt) must be a whole number of tokens >= 1, got 0"),
+    (128, -1, "generated tokens (--generate) must be a whole number >= 0 (0: prefill only, as for an encoder), got -1"),
+], ids=["negative-prompt", "empty-prompt", "negative-generate"])
+def test_lengths_that_mean_nothing_are_refused(capsys, prompt, generate, message):
+    with pytest.raises(SimulatorError) as e:
+        simulate("opt-6.7b", "alveo-u280", prompt=prompt, generate=generate)
+    assert str(e.value) == message
+    capsys.readouterr()
+    assert cli.main(["simulate", "opt-6.7b", "--prompt", str(prompt), "--generate", str(generate)]) == 2
+    assert capsys.readouterr().err == f"nnforge: error: {message}\n"
+
+
+def test_generating_nothing_is_a_prefill_only_run():
+    r = simulate("opt-6.7b", "alveo-u280", prompt=64, generate=0)
+    assert r.prefill_s > 0 and r.decode_s == 0 and r.energy_j_per_token is None
+
+
+FLIGHTLLM = ("FlightLLM's released Llama-2 configuration (q_proj, k_proj: 8-bit block-sparse keeping 70%; every "
+             "other layer: 8-bit dense)")
+
+
+@pytest.mark.parametrize("model, stated", [
+    ("llama2-7b", FLIGHTLLM),
+    ("opt-6.7b", "nnforge's default for a decoder: 8-bit dense weights everywhere"),
+])
+def test_table_and_json_say_which_compression_was_assumed(capsys, model, stated):
+    capsys.readouterr()
+    assert cli.main(["simulate", model, "--generate", "4"]) == 0
+    assert f"\n  compression assumed: {stated}\n" in capsys.readouterr().out
+    assert cli.main(["simulate", model, "--generate", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["compression"] == stated
+
+
+def test_a_graph_is_simulated_with_its_own_encodings_stated():
+    import torch
+    from nnforge.frontend import from_torch
+    from tests.conftest import tiny_mlp
+    graph = from_torch(tiny_mlp(), (torch.randn(2, 16),), name="mlp")
+    r = simulate(graph, "alveo-u280", prompt=16, generate=0)
+    assert r.summary()["compression"] == "the weight encodings of mlp: 2 layers 32-bit dense"
+    w = Workload("g", (Linear("a", 8, 8, weight_bits=4), Linear("b", 8, 8, weight_bits=4),
+                       Linear("c", 8, 8, weight_bits=8, density=0.5, pattern="nm"),
+                       Linear("emb", 100, 8, weight_bits=32, lookup=True)))
+    assert describe_layers(w.linears) == "2 layers 4-bit dense, 1 layer 8-bit N:M-sparse keeping 50%, 1 embedding 32-bit dense"
+    assert describe_compression({"q_proj": dict(weight_bits=4, density=0.5, pattern="nm")}) == \
+        "q_proj: 4-bit N:M-sparse keeping 50%; every other layer: 8-bit dense"
