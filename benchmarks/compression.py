@@ -12,7 +12,7 @@ axis. A recipe is on the Pareto front when no other recipe is both smaller and c
     python benchmarks/compression.py                 # the default list below
     python benchmarks/compression.py w8 sparse24 '[{"pass": "lowrank_svd", "rank_ratio": 0.5}]'
 
-Writes compression.json and pareto.svg to benchmarks/out (or --out DIR).
+Writes compression.json, pareto.svg and pareto.png to benchmarks/out (or --out DIR).
 """
 from __future__ import annotations
 
@@ -67,49 +67,30 @@ def pareto(rows: list[dict]) -> None:
                               and (o["bytes"] < r["bytes"] or o["cosine_mean"] > r["cosine_mean"]) for o in rows)
 
 
-def svg(rows: list[dict], fp32_bytes: int) -> str:
-    """A scatter plot of size ratio against mean cosine, Pareto front joined (plain SVG: no plotting
-    library is needed to read it)."""
-    w, h, m = 760, 480, 60
-    lo = min(0.0, min(r["cosine_mean"] for r in rows)) if any(r["cosine_mean"] < 0.5 for r in rows) else 0.5
-    xmax = max(1.0, max(r["bytes"] / fp32_bytes for r in rows)) * 1.05
+def label(spec: str) -> str:
+    """A short name for a recipe: the preset's own, or each pass of a JSON list with the settings
+    that tell it apart from the others in this benchmark."""
+    if not spec.lstrip().startswith("["):
+        return spec
+    keys = ("pattern", "sparsity", "bits", "rank", "param_budget", "rank_ratio")
+    return " + ".join(" ".join([p["pass"]] + [f"{k}={p[k]}" for k in keys if p.get(k, "unstructured") != "unstructured"])
+                      for p in json.loads(spec))
 
-    def xy(r):
-        x = m + (w - 2 * m) * (r["bytes"] / fp32_bytes) / xmax
-        y = h - m - (h - 2 * m) * (r["cosine_mean"] - lo) / (1.0 - lo)
-        return x, y
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
-             f'font-size="11">', f'<rect width="{w}" height="{h}" fill="white"/>',
-             f'<line x1="{m}" y1="{h - m}" x2="{w - m}" y2="{h - m}" stroke="black"/>',
-             f'<line x1="{m}" y1="{m}" x2="{m}" y2="{h - m}" stroke="black"/>',
-             f'<text x="{w / 2}" y="{h - 20}" text-anchor="middle">compressed layer bytes / fp32 bytes</text>',
-             f'<text x="16" y="{h / 2}" transform="rotate(-90 16 {h / 2})" text-anchor="middle">'
-             f'mean cosine vs fp32 (MiniLM, 500 held-out sentences)</text>']
-    for i in range(6):
-        v = lo + (1 - lo) * i / 5
-        y = h - m - (h - 2 * m) * i / 5
-        parts.append(f'<text x="{m - 6}" y="{y + 4}" text-anchor="end">{v:.2f}</text>')
-        x = m + (w - 2 * m) * i / 5
-        parts.append(f'<text x="{x}" y="{h - m + 16}" text-anchor="middle">{xmax * i / 5:.2f}</text>')
-    front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["bytes"])
-    if len(front) > 1:
-        pts = " ".join(f"{x:.1f},{y:.1f}" for x, y in map(xy, front))
-        parts.append(f'<polyline points="{pts}" fill="none" stroke="#c33" stroke-dasharray="4 3"/>')
-    for r in rows:
-        x, y = xy(r)
-        colour = "#c33" if r["pareto"] else "#369"
-        parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{colour}"/>')
-        parts.append(f'<text x="{x + 6:.1f}" y="{y - 5:.1f}">{r["recipe"][:28]}</text>')
-    parts.append("</svg>")
-    return "\n".join(parts)
+def plot(rows: list[dict], out: Path) -> list[Path]:
+    """pareto.svg and pareto.png: size ratio against mean cosine, each recipe labelled, the front joined."""
+    from nnforge import plots
+    fig = plots.pareto_figure([{**r, "label": label(r["recipe"])} for r in rows],
+                              title="Size against fidelity: every compression family on all-MiniLM-L6-v2",
+                              ylabel="mean cosine vs fp32 (500 held-out sentences)")
+    return plots.save(fig, out / "pareto.svg")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("recipes", nargs="*", help="preset names or JSON lists of pass configs (default: a list "
                                                "covering every family)")
-    ap.add_argument("--out", type=Path, default=OUT, help="directory for compression.json and pareto.svg")
+    ap.add_argument("--out", type=Path, default=OUT, help="directory for compression.json and the Pareto plot")
     args = ap.parse_args()
     model, tok = dm.load_default_model()
     calib, evals = dm.sentence_splits()
@@ -151,8 +132,8 @@ def main() -> None:
         print(f"  {r['recipe'][:34]:<34} {r['ratio']:.3f}x  cos {r['cosine_mean']:.6f}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "compression.json").write_text(json.dumps({"fp32_layer_bytes": fp32_bytes, "rows": rows}, indent=1))
-    (args.out / "pareto.svg").write_text(svg(rows, fp32_bytes))
-    print(f"wrote {args.out / 'compression.json'} and {args.out / 'pareto.svg'}")
+    figures = plot(rows, args.out)
+    print(f"wrote {args.out / 'compression.json'}, " + " and ".join(map(str, figures)))
 
 
 if __name__ == "__main__":

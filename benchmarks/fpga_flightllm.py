@@ -1,5 +1,5 @@
 """FlightLLM's own configurations through nnforge's FPGA simulator, next to the figures its authors
-published. Run: python benchmarks/fpga_flightllm.py [--out DIR]   (writes fpga_flightllm.json and SVGs)
+published. Run: python benchmarks/fpga_flightllm.py [--out DIR]   (writes fpga_flightllm.json and plots)
 
 Reported figures and where each comes from (FlightLLM: Zeng et al., FPGA'24, arXiv 2401.03868; the
 paper's own tables were not reachable from here, so every figure below is as quoted by the authors'
@@ -29,7 +29,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nnforge.fpga import FLIGHTLLM_LLAMA2_COMPRESSION, simulate, write_plots  # noqa: E402
-from nnforge.fpga.report import roofline_svg  # noqa: E402
 
 OUT = Path(__file__).parent / "out"
 TOLERANCE = 0.25

@@ -178,11 +178,14 @@ def cmd_inspect(args) -> int:
 
 
 def _inspect_compare(args, path: Path) -> int:
-    """``inspect BUNDLE --compare``: the per-layer divergence table, and the JSON and SVG files."""
+    """``inspect BUNDLE --compare``: the per-layer divergence table, and the JSON file and figure."""
     from .bundle import Bundle
     from .divergence import compare_layers
     if not path.is_dir():
         raise ValueError(f"--compare needs a bundle directory, got {path}")
+    if args.plot:
+        from .plots import paths
+        paths(args.plot)                # a file name it cannot write is refused before the long comparison
     bundle = Bundle.open(path)
     inputs = None
     if args.inputs:
@@ -201,7 +204,8 @@ def _inspect_compare(args, path: Path) -> int:
     if isinstance(args.json, str):
         print(f"wrote {report.write_json(args.json)}")
     if args.plot:
-        print(f"wrote {report.write_svg(args.plot)}")
+        for written in report.write_plot(args.plot):
+            print(f"wrote {written}")
     return 0
 
 
@@ -308,7 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--model", default=None, metavar="MODEL",
                    help="with --compare: the fp32 model (zoo name or .onnx file; a bundle holds only compressed "
                         "weights; default: the zoo model the bundle names)")
-    i.add_argument("--plot", default=None, metavar="FILE", help="with --compare: write an SVG of SQNR by layer")
+    i.add_argument("--plot", default=None, metavar="FILE",
+                   help="with --compare: draw SQNR by layer into FILE (.svg or .png; the other format is written "
+                        "beside it)")
     i.add_argument("--top", type=int, default=10, help="with --compare: weight layers listed (default 10)")
     i.add_argument("--no-shares", action="store_true",
                    help="with --compare: skip each weight's share of the end-to-end error (one graph run per weight)")
@@ -322,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--target", default="alveo-u280", help="an fpga target (alveo-u280, versal-vhk158)")
     s.add_argument("--prompt", type=int, default=128, help="prefill tokens (default 128)")
     s.add_argument("--generate", type=int, default=512, help="decoded tokens (default 512)")
-    s.add_argument("--plots", default=None, metavar="DIR", help="write roofline and breakdown SVGs here")
+    s.add_argument("--plots", default=None, metavar="DIR",
+                   help="write the roofline and time-breakdown figures (SVG and PNG) here")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_simulate)
 

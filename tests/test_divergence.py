@@ -19,6 +19,7 @@ from nnforge.numerics import compare
 from nnforge.pipeline import import_model
 
 from .backends.tiny_encoder import TinyEncoder, encoder_inputs
+from .test_plots import PNG_MAGIC, svg_text
 
 PLANTED = "v_2"             # the middle linear layer of the MLP below
 
@@ -170,8 +171,11 @@ def test_report_files(mlp_case, tmp_path):
     data = json.loads(r.write_json(tmp_path / "r.json").read_text())
     assert data["first_departure"] is None and len(data["rows"]) == len(r.rows)
     assert data["rows"][0]["inherited_sqnr_db"] == "inf"
-    svg = r.write_svg(tmp_path / "r.svg").read_text()
-    assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>") and svg.count("<circle") == 3
+    assert r.write_plot(tmp_path / "r.svg") == [tmp_path / "r.svg", tmp_path / "r.png"]
+    text = svg_text(tmp_path / "r.svg")
+    assert "SQNR vs fp32 by value: w8 on onnx" in text
+    assert all(layer.node in text for layer in r.layers)           # the three linears name the x axis
+    assert (tmp_path / "r.png").read_bytes().startswith(PNG_MAGIC)
     text = r.format_table(2)
     assert "end-to-end cosine" in text and "first departure: none" in text
     assert len([line for line in text.splitlines() if "linear" in line]) == 2
@@ -232,9 +236,11 @@ def test_cli_compare(capsys, cli_case, tmp_path):
     out = capsys.readouterr().out
     assert rc == 0 and "end-to-end cosine" in out and "first departure: none" in out
     assert f"wrote {tmp_path / 'r.json'}" in out and f"wrote {tmp_path / 'r.svg'}" in out
+    assert f"wrote {tmp_path / 'r.png'}" in out
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["inputs"] == [[5, 16]] and data["first_departure"] is None
-    assert (tmp_path / "r.svg").read_text().startswith("<svg")
+    assert "SQNR vs fp32 by value" in svg_text(tmp_path / "r.svg")
+    assert (tmp_path / "r.png").read_bytes().startswith(PNG_MAGIC)
     rc = main(["inspect", str(bundle), "--compare", "--model", str(model), "--json", "--no-shares", "--no-runtime"])
     data = json.loads(capsys.readouterr().out)
     assert rc == 0 and data["attribution"] is None and data["backend"]["inspected"] is False

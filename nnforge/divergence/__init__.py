@@ -36,7 +36,7 @@ outputs on the reference inputs, or it is refused.
 
     >>> report = compare_layers("bundles/minilm-onnx-w3-gptq")
     >>> print(report.format_table())
-    >>> report.write_json("divergence.json"); report.write_svg("sqnr.svg")
+    >>> report.write_json("divergence.json"); report.write_plot("sqnr.svg")     # and sqnr.png
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ from ..ir import Graph, Interpreter, WEIGHT_OPS
 from ..ir.interpreter import bind_inputs
 from ..ir.ops import RunContext, get_op
 from ..numerics import BACKEND_TOLERANCE, FP32_TOLERANCE, compare, json_safe, within, within_rounding
-from .report import format_table, sqnr_svg
+from .report import format_table
 
 
 class DivergenceError(ValueError):
@@ -130,10 +130,11 @@ class Report:
     def format_table(self, top: int = 10) -> str:
         return format_table(self, top)
 
-    def write_svg(self, path) -> Path:
-        path = Path(path)
-        path.write_text(sqnr_svg(self))
-        return path
+    def write_plot(self, path) -> list[Path]:
+        """SQNR by value (nnforge.plots.sqnr_figure) as ``path`` (.svg or .png) and the other
+        format beside it; returns both paths."""
+        from .. import plots
+        return plots.save(plots.sqnr_figure(self), path)
 
 
 # --- inputs and the fp32 graph --------------------------------------------------------------------

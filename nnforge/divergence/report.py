@@ -1,8 +1,7 @@
 """The divergence report as people read it: the terminal table of ``nnforge inspect --compare``
-and the SVG of SQNR by value (:func:`nnforge.divergence.compare_layers` makes the report)."""
+(:func:`nnforge.divergence.compare_layers` makes the report; nnforge.plots draws its figure)."""
 from __future__ import annotations
 
-import html
 import math
 from typing import TYPE_CHECKING
 
@@ -46,49 +45,3 @@ def format_table(report: Report, top: int = 10) -> str:
         if b.get("outputs_only"):
             lines.append(f"    ({b['outputs_only']})")
     return "\n".join(lines)
-
-
-def sqnr_svg(report: Report) -> str:
-    """SQNR against fp32 by value in graph order: the compressed run (line), each weight layer's own
-    (dots), the runtime's (grey line, where inspected) and its first departure (red)."""
-    rows = report.rows
-    w, h, left, right, top, bottom = 900, 360, 50, 20, 30, 40
-    finite = [x for r in rows for x in (r.sqnr_db, r.own_sqnr_db) if not math.isinf(x)] or [0.0]
-    hi = max(finite) + 5
-    lo = min(min(finite) - 5, 0.0)
-
-    def xy(i, db):
-        db = hi if math.isinf(db) else min(db, hi)
-        return (left + (w - left - right) * i / max(len(rows) - 1, 1),
-                top + (h - top - bottom) * (hi - db) / max(hi - lo, 1e-9))
-
-    def line(key, colour):
-        pts = [xy(i, key(r)) for i, r in enumerate(rows) if key(r) is not None]
-        return f'<polyline fill="none" stroke="{colour}" stroke-width="1.2" points="' + \
-            " ".join(f"{x:.1f},{y:.1f}" for x, y in pts) + '"/>'
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
-             'font-size="11">', f'<rect width="{w}" height="{h}" fill="white"/>',
-             f'<text x="{w / 2}" y="18" text-anchor="middle">SQNR vs fp32 by value: {html.escape(report.recipe)} '
-             f'({html.escape(report.target)})</text>']
-    for tick in range(int(math.floor(lo / 10) * 10), int(hi) + 1, 10):
-        _, y = xy(0, tick)
-        parts.append(f'<line x1="{left}" x2="{w - right}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>'
-                     f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">{tick}</text>')
-    parts.append(f'<text x="12" y="{h / 2}" transform="rotate(-90 12 {h / 2})" text-anchor="middle">dB</text>')
-    parts.append(f'<text x="{w / 2}" y="{h - 8}" text-anchor="middle">value (graph order; dots: weight layers, '
-                 'own error)</text>')
-    parts.append(line(lambda r: r.sqnr_db, "#1f77b4"))
-    if any(r.backend for r in rows):
-        parts.append(line(lambda r: r.backend["sqnr_db_vs_fp32"] if r.backend else None, "#999"))
-    for i, r in enumerate(rows):
-        if r.weight is not None:
-            x, y = xy(i, r.own_sqnr_db)
-            parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="#ff7f0e"><title>{r.node}: own '
-                         f'{_db(r.own_sqnr_db)} dB</title></circle>')
-    dep = report.first_departure
-    if dep is not None:
-        x, _ = xy(rows.index(dep), 0)
-        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{h - bottom}" stroke="red"/>'
-                     f'<text x="{x + 3:.1f}" y="{top + 10}" fill="red">{dep.node}</text>')
-    parts.append("</svg>")
-    return "\n".join(parts)

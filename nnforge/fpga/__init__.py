@@ -12,7 +12,7 @@ from pathlib import Path
 from .model import (DECODERS, FLIGHTLLM_LLAMA2_COMPRESSION, Linear, Workload, bundle_workload,
                     decoder_workload, graph_workload)
 from .params import FpgaParams, SimulatorError
-from .report import format_table, roofline_svg, breakdown_svg, write_plots
+from .report import format_table, plot_files, write_plots
 from .simulator import OpCost, SimResult, simulate_workload
 
 
@@ -39,5 +39,5 @@ def simulate(model, target: str = "alveo-u280", *, prompt: int = 128, generate: 
 
 
 __all__ = ["simulate", "workload_for", "SimResult", "OpCost", "Workload", "Linear", "FpgaParams", "SimulatorError",
-           "decoder_workload", "graph_workload", "bundle_workload", "format_table", "roofline_svg",
-           "breakdown_svg", "write_plots", "DECODERS", "FLIGHTLLM_LLAMA2_COMPRESSION"]
+           "decoder_workload", "graph_workload", "bundle_workload", "format_table", "plot_files",
+           "write_plots", "DECODERS", "FLIGHTLLM_LLAMA2_COMPRESSION"]

@@ -16,6 +16,8 @@ from nnforge.fpga.model import describe_compression, describe_layers
 from nnforge.fpga.simulator import simulate_workload
 from nnforge.targets import get_target
 
+from ..test_plots import PNG_MAGIC, svg_text
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -134,14 +136,18 @@ def test_cli_prints_a_table(capsys, tmp_path):
                      "--plots", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "decode throughput" in out and "tokens/s" in out and "URAM" in out
-    assert len(list(tmp_path.glob("*.svg"))) == 2
+    assert len(list(tmp_path.glob("*.svg"))) == 2 and len(list(tmp_path.glob("*.png"))) == 2
+    assert out.count("wrote ") == 4
     assert cli.main(["simulate", "nope-model"]) == cli.EXIT_BAD_INPUT
 
 
-def test_plots_are_svg(tmp_path):
-    for p in write_plots(simulate("llama2-7b", "alveo-u280", prompt=128, generate=4), tmp_path):
-        text = p.read_text()
-        assert text.startswith("<svg") and text.rstrip().endswith("</svg>")
+def test_plots_are_svg_and_png(tmp_path):
+    written = write_plots(simulate("llama2-7b", "alveo-u280", prompt=128, generate=4), tmp_path)
+    assert sorted(p.name for p in written) == [f"llama2-7b-alveo-u280-{n}" for n in
+                                               ("breakdown.png", "breakdown.svg", "roofline.png", "roofline.svg")]
+    assert "Roofline: llama2-7b on alveo-u280" in svg_text(tmp_path / "llama2-7b-alveo-u280-roofline.svg")
+    assert "FPGA time per op" in svg_text(tmp_path / "llama2-7b-alveo-u280-breakdown.svg")
+    assert all(p.read_bytes().startswith(PNG_MAGIC) for p in written if p.suffix == ".png")
 
 
 def test_flightllm_rows_within_25_percent():

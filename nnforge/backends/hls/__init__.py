@@ -116,8 +116,7 @@ def simulation_report(graph: Graph, target: Target, plan: Plan) -> dict[str, byt
                "notes": list(r.notes), "parameters": str(r.params.path)}
     return {f"{REPORT_DIR}/simulation.json": json.dumps(summary, indent=1).encode(),
             f"{REPORT_DIR}/simulation.txt": (fpga.format_table(r) + "\n").encode(),
-            f"{REPORT_DIR}/roofline.svg": fpga.roofline_svg([r]).encode(),
-            f"{REPORT_DIR}/breakdown.svg": fpga.breakdown_svg(r).encode()}
+            **{f"{REPORT_DIR}/{name}": data for name, data in fpga.plot_files(r).items()}}
 
 
 class HlsBackend(Backend):

@@ -15,6 +15,8 @@ from nnforge.backends.hls import HlsBackend, csim
 from nnforge.backends.hls.project import HlsOptions, build_plan
 from nnforge.ir import Dense, Graph, tensor
 
+from ...test_plots import PNG_MAGIC, svg_text
+
 # Fixed-point tolerance vs the fp32 reference for this block (ap_fixed<24,8>, int16 weights):
 # max abs error <= 1e-3 and cosine >= 0.99999 (measured: 6e-5 and 0.9999999998).
 TOL_ABS, TOL_COS = 1e-3, 0.99999
@@ -65,8 +67,20 @@ def test_simulation_report_is_in_the_bundle(bundle):
     assert "prefill latency" in text and "decode throughput" not in text      # an encoder: no decode phase
     est = json.loads((b.path / "fpga" / "resources.json").read_text())
     assert est["total"]["dsp"] > 0 and b.manifest["backend"]["entry"]["resource_estimate"]["dsp"] == est["total"]["dsp"]
-    for name in ("simulation.json", "simulation.txt", "roofline.svg", "breakdown.svg", "resources.json", "resources.txt"):
+    for name in ("simulation.json", "simulation.txt", "roofline.svg", "roofline.png", "breakdown.svg",
+                 "breakdown.png", "resources.json", "resources.txt"):
         assert f"fpga/{name}" in b.manifest["files"]
+    assert "Roofline: " in svg_text(b.path / "fpga" / "roofline.svg")
+    assert "FPGA time per op: " in svg_text(b.path / "fpga" / "breakdown.svg")
+    assert (b.path / "fpga" / "breakdown.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_figures_are_the_same_bytes_on_every_compile(bundle, tmp_path):
+    """Bundles are hashed and compared: compiling the same model again gives the same figures."""
+    model, x, b = bundle
+    again = nf.compile(model, target="alveo-u280", example_inputs=(x,), out=tmp_path / "again")
+    for name in ("roofline.svg", "roofline.png", "breakdown.svg", "breakdown.png"):
+        assert again.manifest["files"][f"fpga/{name}"] == b.manifest["files"][f"fpga/{name}"], name
 
 
 def test_registry_and_target():
