@@ -40,8 +40,8 @@ def _check_parent(out: Path) -> None:
         raise BundleError(f"cannot write a bundle to {out}: {anc} is not a directory; choose another output "
                           "directory")
     if not os.access(anc, os.W_OK | os.X_OK):
-        raise BundleError(f"cannot write a bundle to {out}: no permission to write in {anc}; choose another "
-                          "output directory or make it writable")
+        raise BundleError(f"cannot write a bundle to {out}: {anc} is not writable (no write permission, or a "
+                          "read-only file system); choose another output directory or make it writable")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
