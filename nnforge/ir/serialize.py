@@ -30,7 +30,7 @@ FORMAT = "nnforge.graph"
 VERSION = 1
 SEP = "::"      # separates weight name and field in safetensors keys (names cannot contain ':')
 
-MAX_JSON_BYTES = 1 << 30        # graph.json size (a 100,000-node chain takes about 25 MB)
+MAX_JSON_BYTES = 1 << 30        # graph.json size (far above what a 100,000-node chain takes)
 MAX_JSON_DEPTH = 64             # nesting of [ and { in graph.json (the format itself uses under 12)
 MAX_WEIGHTS_FILE_BYTES = MAX_WEIGHT_BYTES + (100 << 20)     # the weights plus a safetensors header
 

@@ -62,8 +62,8 @@ PRESETS: dict[str, tuple[str, list[dict]]] = {
     "sparse24-w4": ("2:4 sparsity with the kept values in int4 (zero points, groups of 128), SparseGPT with "
                     "joint quantisation (needs calibration)",
                     [{"pass": "prune_sparsegpt", "pattern": "2:4", "format": "uint4", "group_size": 128}]),
-    # one LUT per output channel: at 16 rows per LUT 4-bit k-means reaches only 0.966 on the
-    # default model, at 1 row 0.980 (4.5 bits per weight with the fp16 LUTs)
+    # one LUT per output channel: a LUT shared by several rows fits none of them well, and one fp16
+    # LUT per row costs half a bit per weight at these widths
     "w4-gptq+eora": ("w4-gptq's grid (GPTQ act-order, int4 g128) plus an EoRA rank-32 low-rank branch per layer "
                      "with int8 factors, fitted in the activation eigenspace (needs calibration)",
                      [{"pass": "quantize_eora", "format": "uint4", "group_size": 128, "ragged_groups": True,
@@ -80,7 +80,8 @@ PARAMETRIC: dict[str, tuple[str, str, object]] = {
     "mixed-<bits>": (r"mixed-(\d+(?:\.\d+)?)", "int8 / int4 g128 / int3 g128 per layer, GPTQ, at most <bits> "
                      "bits per weight (needs calibration)",
                      lambda v: [{"pass": "mixed_precision", "bits": float(v)}]),
-    # 4x1 blocks (4 output rows share a kept column) beat 16x1 at 50% on the default model (0.813 vs 0.747)
+    # 4x1 blocks (4 output rows share a kept column): finer than 16x1, so SparseGPT keeps more of
+    # what matters, and still one vector load a block for the kernel
     "block-sparse-<pct>": (r"block-sparse-(\d+)", "<pct>% sparsity in 4x1 blocks (BSR, for CPU SpMM), SparseGPT "
                            "(needs calibration)",
                            lambda v: [{"pass": "prune_sparsegpt", "pattern": "block4x1", "sparsity": int(v) / 100}]),

@@ -89,8 +89,8 @@ def check_external_data(model_path: Path) -> None:
 # ONNX Runtime session config entries a bundle may ask for (anything else in a manifest is refused).
 # "session.disable_quant_qdq" = "1" lets constant folding dequantise weight-only DequantizeLinear
 # nodes (fp8, int8, widened int3) into fp32 initialisers once at load: ORT's CPU has no matmul
-# for those weights, and otherwise runs every dequantisation on every call (fp8 MiniLM: ~3.5x
-# slower at batch 1). Bundles with activation quantisation keep the QDQ fusions instead.
+# for those weights, and otherwise runs every dequantisation on every call. Bundles with
+# activation quantisation keep the QDQ fusions instead.
 SESSION_CONFIG_KEYS = {"session.disable_quant_qdq": {"0", "1"}}
 
 

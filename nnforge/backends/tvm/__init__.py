@@ -142,7 +142,7 @@ def check_cpu(path: Path, entry: dict) -> None:
 # --- the runtime, without TVM's compiler ----------------------------------------------------------
 def _load_tvm_runtime():
     """tvm_ffi with libtvm_runtime loaded (RTLD_GLOBAL, as ``import tvm`` does), so a bundle runs
-    without importing TVM's 260 MB compiler library."""
+    without importing TVM's much larger compiler library."""
     import tvm_ffi
     spec = importlib.util.find_spec("tvm")
     if spec is None or spec.origin is None:
@@ -348,7 +348,7 @@ def _all_noalias():
     ``shape_func``, whose one pointer is the shape heap). TVM 0.27's LLVM codegen applies the
     noalias setting of the module's last function by name to all of them: with ``shape_func``
     last (a graph with biases has no ``zeros`` function to sort after it) every kernel lost its
-    noalias arguments and the dense GEMM ran 2.5-3x slower."""
+    noalias arguments and the dense GEMM ran several times slower."""
     import tvm
     from tvm import tirx
 

@@ -57,7 +57,7 @@ def _hard(lw, node):
 
 def _fast_erf(x):
     """erf through topi's rational approximation (float32 error ~1e-7): TIR's erf becomes a
-    scalar libm call per element on x86, 20x slower than this vectorised polynomial. Other
+    scalar libm call per element on x86, far slower than this vectorised polynomial. Other
     float types go through float32 (LLVM has no erf for them)."""
     from tvm import topi
     if x.dtype == "float32":

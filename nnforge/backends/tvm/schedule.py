@@ -94,7 +94,7 @@ class Parallel(ScheduleRule):
                 scheduled = True
                 continue
             # The innermost loop stays a loop of its own: fusing it too would cost an integer
-            # division per element to recover the indices (a transpose ran 10x slower).
+            # division per element to recover the indices (a transpose ran far slower).
             sch.parallel(sch.fuse(*spatial[:-1]))
             inner = sch.get(spatial[-1]).extent
             if isinstance(inner, tirx.IntImm) and int(inner) % self.lanes == 0:

@@ -17,9 +17,9 @@ measuring (records of another CPU, thread count or kernel version are ignored an
     >>> t = nf.target("cpu").with_options(tune=True, tune_rows=[128])
     >>> bundle = nf.compile(model, target=t, recipe="block-sparse-80", example_inputs=(ids, mask))
 
-Why not MetaSchedule: on the default model's shapes its tuned dense GEMM ran 2.5-3.2x slower
-than this template's default after 16 trials per shape and ~7 minutes of tuning
-(``benchmarks/metaschedule.py``), and it cannot tune our symbolic-row kernels, only static shapes.
+Why not MetaSchedule: on the default model's shapes its tuned dense GEMM stayed slower than this
+template's default after minutes of tuning (``benchmarks/metaschedule.py``, docs/measured/
+metaschedule.md), and it cannot tune our symbolic-row kernels, only static shapes.
 """
 from __future__ import annotations
 

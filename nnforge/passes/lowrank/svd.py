@@ -119,9 +119,9 @@ def allocate(spectra: list[torch.Tensor], shapes: list[tuple[int, int]], fractio
     """Ranks under a budget of ``fraction`` of the layers' parameters: one rank ratio for every
     layer (rank = ratio x min(rows, cols), at least 1, at most the largest rank that still saves
     parameters), the largest ratio that fits. On the default model this beats spending the budget
-    greedily on each layer's singular components by relative energy per parameter (ASVD at a 50%
-    budget: mean cosine 0.737 greedy, below a uniform ratio keeping only 37.5%, 0.763), because a
-    layer's share of the model's error is not its share of its own spectrum. ``spectra`` are
+    greedily on each layer's singular components by relative energy per parameter (ASVD's way,
+    which falls below a uniform ratio keeping less), because a layer's share of the model's error
+    is not its share of its own spectrum. ``spectra`` are
     singular values, descending (they bound each layer's rank)."""
     total = sum(r * c for r, c in shapes)
     budget = fraction * total

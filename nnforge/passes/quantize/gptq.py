@@ -130,8 +130,8 @@ def upper_inverse(H: torch.Tensor, damp: float, what: str) -> torch.Tensor:
 
 def inverse_from_cholesky(L: torch.Tensor) -> torch.Tensor:
     """H^-1 from H's lower Cholesky factor: a triangular solve against I, not
-    ``torch.cholesky_inverse``, which is 3-10x slower on this CPU build of torch (1.13 s against
-    0.33 s for a 1536x1536 Hessian) and was most of GPTQ's time on the default model."""
+    ``torch.cholesky_inverse``, which is several times slower on CPU builds of torch and would be
+    most of GPTQ's time."""
     return torch.cholesky_solve(torch.eye(L.shape[0], dtype=L.dtype), L)
 
 

@@ -2,7 +2,7 @@
 linear layers, batched GEMM for activation matmuls, row softmax.
 
 Relax legalises ``matmul`` into a plain loop nest that the default CPU pipeline leaves unscheduled
-(one thread, no register tiling: ~70x slower than torch on a MiniLM layer), so dense products
+(one thread, no register tiling: far slower than torch), so dense products
 run on these kernels instead. They follow the contract of :mod:`.` (``(x, *consts, y)``, fp32):
 
 - :func:`dense_matmul` — ``y[m, n] = sum_k x[m, k] * w[n, k] + bias[n]``. The weight is read as
@@ -61,7 +61,7 @@ def default_config(lanes: int) -> dict:
 def config_space(lanes: int, registers: int) -> list[dict]:
     """Register tiles worth measuring: for 1..4 vectors of output columns, the most rows whose
     accumulators, weight vectors, one broadcast and one spare fit the register file (a tile using
-    all 16 ymm registers spilled: 3-8x slower), and half of that. Tasks keep about ROWS_PER_TASK rows."""
+    all 16 ymm registers spills), and half of that. Tasks keep about ROWS_PER_TASK rows."""
     space = []
     for vectors in (1, 2, 3, 4):
         most = (registers - vectors - 2) // vectors
@@ -110,7 +110,7 @@ def dense_matmul_func(n: int, k: int, mr: int, nb: int, mc: int):
     that LLVM promotes only while the function's buffers are ``noalias``, and TVM 0.27's LLVM
     codegen gives every function of a module the ``noalias`` setting of the last one by name: with
     Relax's ``shape_func`` last (a graph with biases, so no ``zeros`` function sorts after it) the
-    tile went through memory at every FMA, 2.5-3x slower. ``jb``, ``m0``, ``rows`` are let-bound
+    tile went through memory at every FMA. ``jb``, ``m0``, ``rows`` are let-bound
     for the same reason (assigned, they were 1-element "local" buffers, a workspace each per task)."""
     from tvm.script import tirx as T
     nblk = -(-n // nb)
@@ -252,7 +252,7 @@ def softmax_func(lanes: int):
     """PrimFunc ``(x [rows, n], n, y [rows, n])``: softmax of each row. Rows run in parallel; each
     is three passes (max, exp and sum, scale) over vectors of the row plus a scalar tail.
     Relax's legalised softmax, once FuseOps merges the attention mask into it, recomputes a
-    clamped index per element and ran 10x slower. ``n`` is passed as a scalar: a call with one
+    clamped index per element and ran far slower. ``n`` is passed as a scalar: a call with one
     tensor argument is taken for a reshape by Relax's RewriteDataflowReshape, which then needs
     block-form TIR."""
     from tvm.script import tirx as T
