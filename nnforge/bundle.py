@@ -49,6 +49,7 @@ WEIGHTS_FILE = "weights.safetensors"
 REF_INPUTS = "reference/inputs.safetensors"
 REF_EXPECTED = "reference/expected.safetensors"     # reference interpreter on the compressed graph
 REF_FP32 = "reference/fp32.safetensors"             # the uncompressed model in fp32
+REF_HELD_OUT = "reference/held_out.safetensors"     # further held-out batches and their fp32 outputs
 
 
 class BundleError(ValueError):
@@ -411,6 +412,20 @@ class Bundle:
         exp = ordered(load_tensors(safe_join(self.path, REF_EXPECTED)), "output")
         fp32 = ordered(load_tensors(safe_join(self.path, REF_FP32)), "output")
         return ins, exp, fp32
+
+    def held_out(self) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+        """(inputs, fp32 outputs) of every held-out batch, the reference batch first: what the
+        manifest's fidelity figures were measured on."""
+        ins, _, fp32 = self.reference()
+        out = [(ins, fp32)]
+        path = self.path / REF_HELD_OUT
+        if REF_HELD_OUT in self.manifest.get("files", {}) or path.exists():
+            extra = load_tensors(safe_join(self.path, REF_HELD_OUT))
+            batches = sorted({int(k.split("/", 1)[0]) for k in extra})
+            for b in batches:
+                out.append((ordered({k.split("/", 1)[1]: v for k, v in extra.items() if k.startswith(f"{b}/")}, "input"),
+                            ordered({k.split("/", 1)[1]: v for k, v in extra.items() if k.startswith(f"{b}/")}, "fp32")))
+        return out
 
 
 # --- archives -------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
+DEFAULT_MODEL_CHECK_SENTENCES = 32     # held-out sentences the default model's bundles are checked on
 EXIT_INTERRUPTED = 130          # 128 + SIGINT, as shells report Ctrl-C
 
 
@@ -51,31 +52,95 @@ def cmd_compile(args) -> int:
 def _compile(args) -> int:
     import nnforge as nf
     model, example, dyn, ins, outs = _model_and_inputs(args.model, _parse_dims(args.dim))
-    calibration = None
-    if args.model in ("default", "minilm"):
-        from .models import default as dm
-        _, tok = dm.load_default_model()
-        calib, _ = dm.sentence_splits()
-        calibration = dm.calibration_batches(tok, calib[: args.calibration_samples], 32)
-    elif args.recipe not in (None, "fp32"):
-        calibration = [example]
+    names = ins or _onnx_input_names(args.model)
+    calibration = check = source = None
+    if args.calibration:
+        calibration = _batches_file(args.calibration, names, args.calibration_batch_size)
+        source = f"{args.calibration} ({sum(len(b[0]) for b in calibration)} rows)"
+    elif args.model in ("default", "minilm"):
+        calibration, check, source = _default_model_data(args.calibration_samples)
+    if args.check_inputs:
+        check = _batches_file(args.check_inputs, names, args.calibration_batch_size)
     batch_sizes = None
     if args.batch_sizes is not None:
         text = args.batch_sizes.strip().lower()
         batch_sizes = () if text in ("", "none") else tuple(int(b) for b in text.split(",") if b.strip())
     bundle = nf.compile(model, args.target, args.recipe, example_inputs=example, calibration=calibration,
-                        out=args.out, dynamic_shapes=dyn, input_names=ins, output_names=outs, progress=True,
-                        batch_sizes=batch_sizes)
+                        calibration_source=source, check_inputs=check, out=args.out, dynamic_shapes=dyn,
+                        input_names=ins, output_names=outs, progress=True, batch_sizes=batch_sizes,
+                        allow_nonfinite=args.allow_nonfinite)
     m = bundle.manifest
-    fid = m["numerics"]["fidelity_vs_fp32"]
-    print(f"wrote {bundle.path} ({bundle.size_bytes / 1e6:.1f} MB; weights {m['compression']['bytes_before'] / 1e6:.1f}"
-          f" -> {m['compression']['bytes_after'] / 1e6:.1f} MB; cosine vs fp32 {fid['cosine_min']:.6f}; "
-          f"runtime checked: {m['numerics']['runtime_checked']})")
+    c = m["compression"]
+    print(f"wrote {bundle.path} ({bundle.size_bytes / 1e6:.1f} MB; weights {c['bytes_before'] / 1e6:.1f} -> "
+          f"{c['bytes_after'] / 1e6:.1f} MB; runtime checked: {m['numerics']['runtime_checked']})")
+    print("  " + fidelity_line(m))
     for fb in m["fallbacks"]:
         print(f"  fallback: {fb['where']}: {fb['what']} -> {fb['action']}")
     from .speed import describe
     print("\n".join(describe(m)))
     return 0
+
+
+def _onnx_input_names(spec: str) -> list[str] | None:
+    if Path(spec).suffix.lower() != ".onnx":
+        return None
+    from .frontend.onnx_import import input_specs
+    return [name for name, _ in input_specs(spec)[0]]
+
+
+def _batches_file(path: str, names: list[str] | None, batch_size: int) -> list[tuple]:
+    """Batches of ``batch_size`` rows from a .safetensors or .npz file holding one tensor per
+    input name (rows on the first axis)."""
+    tensors = _read_inputs(Path(path))
+    if names is None:
+        raise ValueError(f"{path}: cannot tell which tensor is which input of this model")
+    missing = [n for n in names if n not in tensors]
+    extra = sorted(set(tensors) - set(names))
+    if missing or extra:
+        raise ValueError(f"{path}: " + "; ".join(
+            x for x in (f"no tensor for input(s) {', '.join(missing)}" if missing else "",
+                        f"tensor(s) {', '.join(extra)} name no input" if extra else "") if x)
+            + f" (the model's inputs: {', '.join(names)})")
+    import torch
+    ts = [torch.as_tensor(tensors[n]) for n in names]
+    rows = {int(t.shape[0]) if t.dim() else -1 for t in ts}
+    if len(rows) != 1 or -1 in rows:
+        raise ValueError(f"{path}: every tensor needs the same number of rows on its first axis; got "
+                         + ", ".join(f"{n} {list(t.shape)}" for n, t in zip(names, ts)))
+    (n,) = rows
+    if batch_size < 1:
+        raise ValueError(f"--calibration-batch-size must be positive, got {batch_size}")
+    return [tuple(t[s:s + batch_size] for t in ts) for s in range(0, n, batch_size)]
+
+
+def _default_model_data(samples: int | None):
+    """The default model's own sets: calibration sentences, and held-out sentences for the checks."""
+    from .models import default as dm
+    _, tok = dm.load_default_model()
+    calib, evals = dm.sentence_splits()
+    calib = calib[:samples]
+    source = (f"the default model's own calibration set: {len(calib)} sentences from Python's pydoc_data "
+              "(never used for evaluation)")
+    check = dm.batches(tok, evals[:DEFAULT_MODEL_CHECK_SENTENCES], 16)
+    return dm.calibration_batches(tok, calib, 32), check, source
+
+
+def fidelity_line(manifest: dict) -> str:
+    """The fidelity a bundle records, with what it was measured on."""
+    n = manifest["numerics"]
+    f, held = n["fidelity_vs_fp32"], n.get("held_out") or {}
+    line = f"fidelity vs fp32: cosine mean {f['cosine_mean']:.4f}"
+    if isinstance(f.get("fresh_inputs_margin"), (int, float)) and f.get("rows", 0) > 1:
+        line += f" (fresh inputs: within +-{f['fresh_inputs_margin']:.4f})"
+    line += f", min {f['cosine_min']:.4f}, SQNR {_db(f['sqnr_db'])} dB"
+    if held:
+        line += (f"; on {held.get('rows', '?')} held-out rows in {held.get('batches', '?')} batch(es): "
+                 f"{held.get('source', '?')}")
+    return line
+
+
+def _db(x) -> str:
+    return x if isinstance(x, str) else f"{x:.1f}"
 
 
 def _bundle_inputs(bundle, path: str) -> dict:
@@ -260,6 +325,18 @@ def cmd_demo(args) -> int:
         print(f"FAIL: {f}", file=sys.stderr)
     return 1 if failures else 0
 
+class _RecipeAction(argparse.Action):
+    """``--recipe help`` prints what a recipe can be and exits, like --help (the model and target
+    are not needed for it)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values in ("help", "list"):
+            from .passes.recipes import describe_recipes
+            print(describe_recipes())
+            parser.exit(0)
+        setattr(namespace, self.dest, values)
+
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nnforge", description="Compress a model and compile it for a hardware target.")
@@ -269,12 +346,25 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Compile MODEL (a zoo name: default/minilm, resnet18, llama; or an .onnx file).")
     c.add_argument("model")
     c.add_argument("--target", required=True, help="a target name (see `nnforge targets`)")
-    c.add_argument("--recipe", default=None, help="preset name or .toml recipe (default: no compression)")
+    c.add_argument("--recipe", default=None, action=_RecipeAction,
+                   help="a preset name, a .toml or .json recipe file, or a JSON list of pass configs (default: no "
+                        "compression); '--recipe help' lists the presets, the file format and every pass's options")
     c.add_argument("--out", default=None, help="bundle directory (default: bundles/<model>-<target>)")
     c.add_argument("--dim", action="append", default=[], metavar="NAME=INT",
                    help="size of a symbolic input dim for example inputs of an .onnx model (default 1)")
     c.add_argument("--batch-sizes", default=None, metavar="B,B,...",
                    help="batch sizes of the bundle's speed records and per-shape dispatch, where the target runs "
+    c.add_argument("--calibration", default=None, metavar="FILE",
+                   help="calibration data for data-driven passes (GPTQ, SparseGPT, SmoothQuant, activation ranges, "
+                        "Hessian palettes...): a .safetensors or .npz file with one tensor per input name, samples "
+                        "on the first axis. The default model brings its own set")
+    c.add_argument("--calibration-batch-size", type=int, default=32, metavar="N",
+                   help="rows per batch when reading --calibration and --check-inputs (default 32)")
+    c.add_argument("--check-inputs", default=None, metavar="FILE",
+                   help="held-out inputs the fidelity is measured on, same format (default: calibration batches "
+                        "held out from the passes, or the example inputs when no pass reads data)")
+    c.add_argument("--allow-nonfinite", action="store_true",
+                   help="accept NaN/inf in weights, inputs and outputs (refused by default, naming the tensor)")
                         "here (default 1,32 or $NNFORGE_BATCH_SIZES; 'none' measures nothing)")
     c.add_argument("--calibration-samples", type=int, default=None,
                    help="calibration sentences for the default model (default: all of its calibration split)")

@@ -34,48 +34,111 @@ def _as_tensor(x) -> torch.Tensor:
     return x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
 
 
-def compare(outputs, references) -> dict:
+def compare(outputs, references, *, nan_equal: bool = False) -> dict:
     """Agreement of ``outputs`` with ``references`` (lists of tensors or arrays, same order).
 
     cosine_min is the smallest cosine similarity over outputs and over rows (the leading axis,
-    e.g. one per sentence); sqnr_db the worst output's signal-to-quantisation-noise ratio."""
+    e.g. one per sentence); sqnr_db the worst output's signal-to-quantisation-noise ratio.
+    Non-finite elements must match exactly (the same infinity); a NaN output never scores as a
+    match unless ``nan_equal`` (a runtime reproducing a graph that is allowed NaN outputs)."""
+    rows = row_cosines(outputs, references, nan_equal=nan_equal)
+    cos_min, cos_means, sqnrs, max_abs, exact = 1.0, [], [], 0.0, []
+    for cos, out, ref in rows:
+        if cos is None:             # integer or boolean output: the share of equal elements
+            exact.append(float((out == ref).double().mean()) if ref.numel() else 1.0)
+            continue
+        if out is None:             # non-finite elements that do not match
+            cos_min = -1.0
+            cos_means.append(-1.0)
+            sqnrs.append(-math.inf)
+            max_abs = math.inf
+            continue
+        cos_min = min(cos_min, float(cos.min()))
+        cos_means.append(float(cos.mean()))
+        sqnrs.append(_sqnr_db(out, ref))
+        max_abs = max(max_abs, float((out - ref).abs().max()) if out.numel() else 0.0)
+    return {"cosine_min": cos_min, "cosine_mean": min(cos_means) if cos_means else 1.0,
+            "sqnr_db": min(sqnrs) if sqnrs else math.inf, "max_abs_error": max_abs,
+            "exact_match": min(exact) if exact else None}
+
+
+def _sqnr_db(out: torch.Tensor, ref: torch.Tensor) -> float:
+    noise = float(((out - ref) ** 2).sum())
+    signal = float((ref ** 2).sum())
+    return math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-300) / noise)
+
+
+def row_cosines(outputs, references, *, nan_equal: bool = False) -> list[tuple]:
+    """Per output: (cosine of each row, output, reference) in float64 with matching non-finite
+    elements zeroed; (None, out, ref) for an integer/boolean output; (-1 per row, None, None)
+    where non-finite elements do not match. Left in, a NaN would make the cosine NaN, which
+    ``min()`` skips: a NaN output would read as cosine 1."""
     if len(outputs) != len(references):
         raise ValueError(f"{len(outputs)} outputs but {len(references)} references")
-    cos_min, cos_means, sqnrs, max_abs, exact = 1.0, [], [], 0.0, []
+    out_rows = []
     for out, ref in zip(outputs, references):
         out, ref = _as_tensor(out), _as_tensor(ref)
         if tuple(out.shape) != tuple(ref.shape):
             raise ValueError(f"output shape {tuple(out.shape)} differs from reference {tuple(ref.shape)}")
         if not ref.is_floating_point():
-            exact.append(float((out == ref).double().mean()) if ref.numel() else 1.0)
+            out_rows.append((None, out, ref))
             continue
         o, r = out.double(), ref.double()
-        # Non-finite elements must match exactly (NaN for NaN, the same infinity); left in, they
-        # would make the cosine NaN, which min() skips: a NaN output would read as cosine 1.
+        rows_o = o.reshape(o.shape[0], -1) if o.dim() > 1 else o.reshape(1, -1)
         odd = ~torch.isfinite(o) | ~torch.isfinite(r)
         if bool(odd.any()):
-            same = (o == r) | (torch.isnan(o) & torch.isnan(r))
+            same = (o == r) | (torch.isnan(o) & torch.isnan(r) if nan_equal else torch.zeros_like(odd))
             if not bool(same[odd].all()):
-                cos_min = -1.0
-                cos_means.append(-1.0)
-                sqnrs.append(-math.inf)
-                max_abs = math.inf
+                out_rows.append((torch.full((rows_o.shape[0],), -1.0, dtype=torch.float64), None, None))
                 continue
             o, r = o.masked_fill(odd, 0.0), r.masked_fill(odd, 0.0)
-        rows_o = o.reshape(o.shape[0], -1) if o.dim() > 1 else o.reshape(1, -1)
+            rows_o = o.reshape(rows_o.shape)
         rows_r = r.reshape(rows_o.shape)
         cos = torch.nn.functional.cosine_similarity(rows_o, rows_r, dim=-1, eps=1e-30)
         both_zero = (rows_o.abs().sum(-1) == 0) & (rows_r.abs().sum(-1) == 0)
-        cos = torch.where(both_zero, torch.ones_like(cos), cos)
-        cos_min = min(cos_min, float(cos.min()))
-        cos_means.append(float(cos.mean()))
-        noise = float(((o - r) ** 2).sum())
-        signal = float((r ** 2).sum())
-        sqnrs.append(math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-300) / noise))
-        max_abs = max(max_abs, float((o - r).abs().max()) if o.numel() else 0.0)
-    return {"cosine_min": cos_min, "cosine_mean": min(cos_means) if cos_means else 1.0,
-            "sqnr_db": min(sqnrs) if sqnrs else math.inf, "max_abs_error": max_abs,
-            "exact_match": min(exact) if exact else None}
+        out_rows.append((torch.where(both_zero, torch.ones_like(cos), cos), o, r))
+    return out_rows
+
+
+# A fresh sample's mean cosine is expected within this many standard errors of the held-out one.
+FRESH_SAMPLE_Z = 3.0
+
+
+def fidelity(outputs_per_batch, references_per_batch) -> dict:
+    """:func:`compare` over several batches (each a list of outputs), plus what the figures rest
+    on: ``rows`` compared, the standard error of the mean cosine over rows, and the margin within
+    which the mean cosine of fresh inputs from the same distribution is expected
+    (:data:`FRESH_SAMPLE_Z` standard errors)."""
+    batches = [compare(o, r) for o, r in zip(outputs_per_batch, references_per_batch, strict=True)]
+    cosines = []
+    for o, r in zip(outputs_per_batch, references_per_batch):
+        for cos, out, _ in row_cosines(o, r):
+            if cos is not None:
+                cosines.append(cos)
+    cos = torch.cat(cosines) if cosines else torch.ones(1, dtype=torch.float64)
+    n = int(cos.numel())
+    stderr = float(cos.std() / math.sqrt(n)) if n > 1 else math.inf
+    exact = [b["exact_match"] for b in batches if b["exact_match"] is not None]
+    return {"cosine_min": min(b["cosine_min"] for b in batches), "cosine_mean": float(cos.mean()),
+            "sqnr_db": min(b["sqnr_db"] for b in batches),
+            "max_abs_error": max(b["max_abs_error"] for b in batches),
+            "exact_match": min(exact) if exact else None, "rows": n, "cosine_mean_stderr": stderr,
+            "fresh_inputs_margin": FRESH_SAMPLE_Z * stderr}
+
+
+def nonfinite(tensors) -> list[str]:
+    """``name: how many NaN / inf of how many`` for each named tensor holding non-finite values."""
+    out = []
+    for name, t in tensors:
+        t = _as_tensor(t)
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        nan = int(torch.isnan(t).sum())
+        inf = int(torch.isinf(t).sum())
+        if nan or inf:
+            what = " and ".join(f"{k} {w}" for k, w in ((nan, "NaN"), (inf, "inf")) if k)
+            out.append(f"{name} holds {what} of {t.numel()} values")
+    return out
 
 
 def within(metrics: dict, tolerance: dict) -> bool:

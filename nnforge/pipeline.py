@@ -2,6 +2,7 @@
 write the bundle. ``api.py`` only wires these together."""
 from __future__ import annotations
 
+import math
 import os
 import platform
 import re
@@ -13,13 +14,14 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .bundle import (FORMAT, FORMAT_VERSION, GRAPH_FILE, REF_EXPECTED, REF_FP32, REF_INPUTS, WEIGHTS_FILE,
+from .bundle import (FORMAT, FORMAT_VERSION, GRAPH_FILE, REF_EXPECTED, REF_FP32, REF_HELD_OUT, REF_INPUTS, WEIGHTS_FILE,
                      BundleWriter, save_tensors, write_manifest)
 from .backends.base import Backend, BackendError
 from .frontend.errors import FrontendError
 from .ir import Graph, Interpreter, WEIGHT_OPS, sanitize_name, save_graph
+from .ir.encodings import Dense
 from .speed import speed_shapes
-from .numerics import BACKEND_TOLERANCE, FP32_TOLERANCE, compare, json_safe, within, within_rounding
+from .numerics import BACKEND_TOLERANCE, FP32_TOLERANCE, compare, fidelity, json_safe, within, within_rounding
 from .targets import Target
 
 
@@ -207,7 +209,7 @@ def check_import(model, graph: Graph, inputs: tuple) -> dict:
         want = model(*inputs)
     want = list(want) if isinstance(want, (tuple, list)) else [want]
     got = Interpreter(graph).run(*inputs)
-    metrics = compare(got, want)
+    metrics = compare(got, want, nan_equal=True)        # reproducing the model's own NaN is right here
     if not within(metrics, FP32_TOLERANCE):
         raise FrontendError(f"{graph.name}: the imported graph disagrees with the torch model "
                             f"(cosine {metrics['cosine_min']:.6f} < {FP32_TOLERANCE['cosine_min']}); "
@@ -215,36 +217,114 @@ def check_import(model, graph: Graph, inputs: tuple) -> dict:
     return json_safe(metrics)
 
 
-def compression_report(original: Graph, compressed: Graph) -> dict:
-    """Bytes before/after and per-layer encodings of the weights of weight-carrying ops."""
+def compression_report(original: Graph, compressed: Graph, layer_outputs: dict | None = None) -> dict:
+    """:func:`graph_compression` of ``compressed`` with the bytes before, and per weight layer the
+    weight's SQNR against its fp32 original (where the layer kept its shape) and, from
+    ``layer_outputs`` (:func:`layer_fidelity`), its output's agreement with the fp32 model on
+    held-out inputs."""
+    report = graph_compression(compressed)
+    for row in report["layers"]:
+        before = original.weights.get(row["weight"])
+        if row["compressed"] and before is not None and list(before.shape) == row["shape"]:
+            row["weight_sqnr_db"] = _round_db(_weight_sqnr(before.encoding, compressed.weights[row["weight"]].encoding))
+        if layer_outputs and row["layer"] in layer_outputs:
+            row.update(layer_outputs[row["layer"]])
+    before = sum(v.encoding.nbytes for v in original.weights.values())
+    return {"bytes_before": before, "ratio": round(before / max(report["bytes_after"], 1), 4), **report}
+
+
+def graph_compression(graph: Graph) -> dict:
+    """What a compressed graph alone says about its compression: bytes, bits per weight for the
+    whole model and for its compressed layers apart, and each weight layer's encoding (``nf.verify``
+    recomputes this from a bundle's graph and compares it with the manifest)."""
     layers = []
-    for n in compressed.nodes:
+    for n in graph.nodes:
         if n.op not in WEIGHT_OPS or len(n.inputs) < 2 or n.inputs[1] is None or not n.inputs[1].is_weight:
             continue
         w = n.inputs[1]
         enc = w.encoding
         layers.append({"layer": n.name, "op": n.op, "weight": w.name, "shape": list(w.shape),
                        "encoding": enc.describe(), "bits_per_weight": round(enc.bits_per_weight, 4),
-                       "bytes": enc.nbytes})
-    before = sum(v.encoding.nbytes for v in original.weights.values())
-    after = sum(v.encoding.nbytes for v in compressed.weights.values())
-    layer_params = sum(torch.Size(layer["shape"]).numel() for layer in layers)
-    layer_bytes = sum(layer["bytes"] for layer in layers)
-    return {"bytes_before": before, "bytes_after": after, "ratio": round(before / max(after, 1), 4),
-            "layer_bits_per_weight": round(8 * layer_bytes / max(layer_params, 1), 4), "layers": layers}
+                       "bytes": enc.nbytes, "compressed": not isinstance(enc, Dense)})
+    stored = [v for v in graph.weights.values() if v.dtype.is_float or not isinstance(v.encoding, Dense)]
+    params = sum(_numel(v.shape) for v in stored)
+    layer_params = sum(_numel(layer["shape"]) for layer in layers)
+    packed = [layer for layer in layers if layer["compressed"]]
+    packed_params = sum(_numel(layer["shape"]) for layer in packed)
+    return {"bytes_after": sum(v.encoding.nbytes for v in graph.weights.values()),
+            "model_bits_per_weight": round(8 * sum(v.encoding.nbytes for v in stored) / max(params, 1), 4),
+            "layer_bits_per_weight": round(8 * sum(layer["bytes"] for layer in layers) / max(layer_params, 1), 4),
+            "compressed_layers": len(packed), "weight_layers": len(layers),
+            "compressed_bits_per_weight": round(8 * sum(layer["bytes"] for layer in packed) / packed_params, 4)
+            if packed_params else None,
+            "layers": layers}
+
+
+def _numel(shape) -> int:
+    return int(torch.Size([int(d) for d in shape]).numel())
+
+
+def _round_db(x: float):
+    return "inf" if math.isinf(x) else round(x, 2)
+
+
+def _weight_sqnr(before, after) -> float:
+    w = before.decode(torch.float64) if before.dtype.is_float else before.decode()
+    d = after.decode(torch.float64).reshape(w.shape)
+    noise = float(((d - w.double()) ** 2).sum())
+    return math.inf if noise == 0 else 10 * math.log10(max(float((w.double() ** 2).sum()), 1e-300) / noise)
+
+
+def layer_fidelity(original: Graph, compressed: Graph, inputs: tuple) -> tuple[list, list, dict]:
+    """(fp32 outputs, compressed outputs, per weight layer of the compressed graph: its output's
+    SQNR and cosine against the same layer of the fp32 graph) on one batch. Layers that a pass
+    renamed or reshaped (low-rank pairs, pruned channels) have no counterpart and are left out."""
+    kept: dict[str, torch.Tensor] = {}
+    wanted = {n.name for n in compressed.nodes if n.op in WEIGHT_OPS}
+
+    def keep(node, outs):
+        if node.name in wanted and outs and isinstance(outs[0], torch.Tensor) and outs[0].is_floating_point():
+            kept[node.name] = outs[0]
+    fp32 = Interpreter(original).run(*inputs, capture=keep)
+    per_layer: dict[str, dict] = {}
+
+    def score(node, outs):
+        ref = kept.pop(node.name, None)
+        if ref is None or not outs or tuple(outs[0].shape) != tuple(ref.shape):
+            return
+        m = compare([outs[0]], [ref])
+        per_layer[node.name] = {"output_sqnr_db": _round_db(m["sqnr_db"]), "output_cosine_min": round(m["cosine_min"], 6)}
+    expected = Interpreter(compressed).run(*inputs, capture=score)
+    return fp32, expected, per_layer
 
 
 def write_bundle(out: Path, *, graph: Graph, original: Graph, source: str, target: Target, backend: Backend,
-                 recipe_name: str, passes, records, check_inputs: tuple, import_check: dict,
-                 timings: dict, started: float, batch_sizes: tuple = (), peer=None) -> None:
+                 recipe_name: str, passes, records, check: list[tuple], import_check: dict,
+                 timings: dict, started: float, batch_sizes: tuple = (), peer=None, data_report: dict | None = None,
+                 allow_nonfinite: bool = False) -> None:
     """Lower ``graph``, check it against the reference, and write the bundle at ``out`` (atomically).
+
+    ``check`` holds the held-out batches (nnforge.heldout): the fidelity against fp32 is measured
+    on all of them, the runtime check and the bundle's reference files use the first (the others
+    go to reference/held_out.safetensors, so that ``nf.verify`` recomputes the recorded figures).
     With ``batch_sizes`` and a target whose runtime's speed means something here, the manifest
     gets speed records (nnforge.speed): the bundle against ``original`` dense on the same backend
     and against ``peer`` (``(label, function of the input list)``: the torch model), per batch size."""
     t0 = time.perf_counter()
-    fp32 = Interpreter(original).run(*check_inputs)
-    expected = Interpreter(graph).run(*check_inputs)
-    fidelity = json_safe(compare(expected, fp32))
+    check = [tuple(b) for b in check]
+    check_inputs = check[0]
+    fp32_0, expected, per_layer = layer_fidelity(original, graph, check_inputs)
+    fp32_runs, expected_runs = [fp32_0], [expected]
+    if len(check) > 1:
+        run_fp32, run_graph = Interpreter(original), Interpreter(graph)
+        for b in check[1:]:
+            fp32_runs.append(run_fp32.run(*b))
+            expected_runs.append(run_graph.run(*b))
+    if not allow_nonfinite:
+        from .heldout import refuse_nonfinite_outputs
+        refuse_nonfinite_outputs(original, fp32_runs, "held-out")
+    fp32 = fp32_0
+    fid = json_safe(fidelity(expected_runs, fp32_runs))
     timings["reference_s"] = time.perf_counter() - t0
     graph.meta["recipe"] = recipe_name       # backends that label their artifacts (Core ML metadata) read it
     # backends that build fixed-size designs (hls) take the sizes the bundle is checked with
@@ -259,32 +339,39 @@ def write_bundle(out: Path, *, graph: Graph, original: Graph, source: str, targe
         save_tensors(tmp / REF_INPUTS, {f"input{i}": torch.as_tensor(x) for i, x in enumerate(check_inputs)})
         save_tensors(tmp / REF_EXPECTED, {f"output{i}": t for i, t in enumerate(expected)})
         save_tensors(tmp / REF_FP32, {f"output{i}": t for i, t in enumerate(fp32)})
+        if len(check) > 1:
+            save_tensors(tmp / REF_HELD_OUT, held_out_tensors(check[1:], fp32_runs[1:]))
         lowered = backend.lower(graph, target, tmp)
         timings["lower_s"] = time.perf_counter() - t0
         runs, why = target.can_run()
         numerics = {"inputs": [list(torch.as_tensor(x).shape) for x in check_inputs],
+                    "held_out": (data_report or {}).get("held_out", {"source": "check inputs given to write_bundle",
+                                                                     "batches": len(check)}),
                     "reference": "nnforge reference interpreter (fp32)",
-                    "fidelity_vs_fp32": fidelity, "tolerance": BACKEND_TOLERANCE}
+                    "fidelity_vs_fp32": fid, "tolerance": BACKEND_TOLERANCE}
+        if allow_nonfinite:
+            numerics["allow_nonfinite"] = True
+        fidelity_0 = compare(expected, fp32)
         if runs:
             t0 = time.perf_counter()
             runner = backend.load(tmp, lowered.entry)
             got = runner(*[torch.as_tensor(x) for x in check_inputs])
             got = list(got) if isinstance(got, tuple) else [got]
-            metrics = compare(got, expected)
+            metrics = compare(got, expected, nan_equal=allow_nonfinite)
             timings["runtime_check_s"] = time.perf_counter() - t0
             rounds = any(n.op == "fake_quant" for n in graph.nodes)
             if rounds and not within(metrics, BACKEND_TOLERANCE):
                 vs_fp32 = compare(got, fp32)
-                ok, allowed = within_rounding(vs_fp32, fidelity)
+                ok, allowed = within_rounding(vs_fp32, fidelity_0)
                 numerics["backend_vs_fp32"] = json_safe(vs_fp32)
                 numerics["check"] = (f"activations are rounded at run time: backend vs fp32 cosine "
                                      f"{vs_fp32['cosine_min']:.6f} must be >= {allowed:.6f} (the reference's "
-                                     f"{fidelity['cosine_min']:.6f}, see nnforge.numerics)")
+                                     f"{fidelity_0['cosine_min']:.6f}, see nnforge.numerics)")
                 if not ok:
                     raise BackendError(f"{backend.name} backend output drifts from fp32 further than rounding explains "
                                        f"for {graph.name} on {target.name}: cosine vs fp32 "
                                        f"{vs_fp32['cosine_min']:.6f} < {allowed:.6f} (reference interpreter: "
-                                       f"{fidelity['cosine_min']:.6f})")
+                                       f"{fidelity_0['cosine_min']:.6f})")
             elif not within(metrics, BACKEND_TOLERANCE):
                 raise BackendError(f"{backend.name} backend output disagrees with the reference interpreter for "
                                    f"{graph.name} on {target.name}: cosine {metrics['cosine_min']:.6f} < "
@@ -311,12 +398,13 @@ def write_bundle(out: Path, *, graph: Graph, original: Graph, source: str, targe
                         "toolchain": lowered.toolchain},
             "toolchain": {"python": platform.python_version(), "torch": torch.__version__,
                           "platform": f"{sys.platform}-{platform.machine()}", **lowered.toolchain},
-            "recipe": {"name": recipe_name, "passes": [{"pass": p.name, **_jsonable(p.options())} for p in passes]},
+            "recipe": recipe_record(recipe_name, passes),
+            "calibration": (data_report or {}).get("calibration"),
             "signature": {"inputs": [{"name": v.name, "dtype": v.dtype.name, "shape": list(v.shape)}
                                      for v in graph.inputs],
                           "outputs": [{"name": v.name, "dtype": v.dtype.name, "shape": list(v.shape)}
                                       for v in graph.outputs]},
-            "compression": compression_report(original, graph),
+            "compression": compression_report(original, graph, per_layer),
             "numerics": numerics,
             "speed": speed,
             "fallbacks": [f.to_dict() for f in lowered.fallbacks],
@@ -324,6 +412,16 @@ def write_bundle(out: Path, *, graph: Graph, original: Graph, source: str, targe
             "timings": {k: round(v, 4) for k, v in timings.items()},
         }
         write_manifest(tmp, manifest)
+
+
+def held_out_tensors(batches: list[tuple], fp32_runs: list[list]) -> dict[str, torch.Tensor]:
+    """The held-out batches after the first, with their fp32 outputs, keyed ``{b}/input{i}`` and
+    ``{b}/fp32{i}`` (b counts from 1, as in the manifest)."""
+    out = {}
+    for b, (ins, outs) in enumerate(zip(batches, fp32_runs), start=1):
+        out.update({f"{b}/input{i}": torch.as_tensor(x) for i, x in enumerate(ins)})
+        out.update({f"{b}/fp32{i}": t for i, t in enumerate(outs)})
+    return out
 
 
 def speed_records(runner, lowered, graph: Graph, original: Graph, target: Target, backend: Backend,
@@ -412,6 +510,13 @@ def dense_runner(original: Graph, target: Target, backend: Backend):
         _DENSE.clear()
         _DENSE[key] = made
     return _DENSE[key]
+
+
+def recipe_record(name: str, passes) -> dict:
+    """The manifest's ``recipe``: its name and each pass with its options, as JSON reads them back."""
+    import json
+    return json.loads(json.dumps({"name": name, "passes": [{"pass": p.name, **_jsonable(p.options())} for p in passes]},
+                                 default=str))
 
 
 def _jsonable(d: dict) -> dict:

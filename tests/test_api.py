@@ -239,9 +239,12 @@ def test_recipe_that_needs_calibration(tmp_path, monkeypatch):
 
     monkeypatch.setitem(PASSES, "needs_data", NeedsData)
     _expect(tmp_path, PassError, r"needs_data.*calibration", tiny_mlp(), "onnx", [{"pass": "needs_data"}])
+    rows = torch.randn(8, X.shape[1])
     b = nf.compile(tiny_mlp(), "onnx", [{"pass": "needs_data"}], example_inputs=(X,),
-                   calibration=(x.unsqueeze(0) for x in X), out=tmp_path / "ok")       # a generator of batches
-    assert seen == [4] and b.manifest["recipe"]["passes"] == [{"pass": "needs_data"}]
+                   calibration=(x.unsqueeze(0) for x in rows), out=tmp_path / "ok")       # a generator of batches
+    # the model's batch axis is fixed at 4: the 8 rows become 2 batches, 1 held out for the checks
+    assert seen == [1] and b.manifest["recipe"]["passes"] == [{"pass": "needs_data"}]
+    assert b.manifest["numerics"]["held_out"]["rows"] == 4
 
 
 @pytest.mark.parametrize("model", [{"weights": 1}, 3.5, None], ids=["dict", "float", "none"])

@@ -96,7 +96,8 @@ def test_compile_prints_wrote(capsys, onnx_file, tmp_path):
     rc, stdout, _ = run_cli(capsys, "compile", onnx_file, "--target", "onnx", "--out", out)
     assert rc == 0
     assert stdout.startswith(f"wrote {out}")
-    assert "runtime checked: True" in stdout and "cosine vs fp32" in stdout
+    assert "runtime checked: True" in stdout and "fidelity vs fp32: cosine mean 1.0000" in stdout
+    assert "held-out rows in 1 batch(es): the example inputs (no pass reads data)" in stdout
     m = json.loads((out / "manifest.json").read_text())
     assert m["model"]["source"] == "onnx" and m["recipe"]["name"] == "fp32"
 

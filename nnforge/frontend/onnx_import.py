@@ -356,19 +356,29 @@ def from_onnx(path: str | Path, *, name: str | None = None, output_names: list[s
     return verify(g)
 
 
-def example_inputs_for(path: str | Path, dims: dict[str, int] | None = None, seed: int = 0) -> tuple:
-    """Random inputs matching an ONNX model's inputs; a symbolic dim takes ``dims[name]`` (its
-    dim_param as written in the file) or 1. Integer inputs get 0/1 values (valid ids and masks)."""
+def input_specs(path: str | Path) -> tuple[list[tuple[str, TensorType]], dict[str, str]]:
+    """([(input name, type)], {dim name as written in the file: its symbol}) of an ONNX model's
+    inputs (initializers listed as inputs excluded)."""
     model = load_onnx(path)
     init_names = {t.name for t in model.graph.initializer}
-    gen = torch.Generator().manual_seed(seed)
+    names: dict[str, str] = {}
+    specs = [(vi.name, _input_type(vi, names)) for vi in model.graph.input if vi.name not in init_names]
+    return specs, names
+
+
+def example_inputs_for(path: str | Path, dims: dict[str, int] | None = None, seed: int = 0) -> tuple:
+    """Random inputs matching an ONNX model's inputs; a symbolic dim takes ``dims[name]`` (its
+    dim_param as written in the file) or 1. Integer inputs get 0/1 values (valid ids and masks).
+    A name in ``dims`` that is no symbolic dim of the model is an error listing those that are."""
+    specs, names = input_specs(path)
     dims = dims or {}
+    unknown = sorted(set(dims) - set(names) - set(names.values()))
+    if unknown:
+        have = ", ".join(sorted(names)) or "none (every input dim is fixed)"
+        raise FrontendError(f"{path}: no symbolic input dim named {', '.join(unknown)}; its symbolic dims: {have}")
+    gen = torch.Generator().manual_seed(seed)
     out = []
-    for vi in model.graph.input:
-        if vi.name in init_names:
-            continue
-        names: dict[str, str] = {}
-        t = _input_type(vi, names)
+    for _, t in specs:
         sizes = {sym_name: dims.get(raw, dims.get(sym_name, 1)) for raw, sym_name in names.items()}
         shape = [d if isinstance(d, int) else sizes[d] for d in t.shape]
         if t.dtype.is_float:

@@ -158,5 +158,5 @@ def check_bundle(graph: Graph, original: Graph, recipe_name: str, passes, backen
         out = Path(tmp) / "bundle"
         write_bundle(out, graph=graph.copy(), original=original, source="ir", target=target,
                      backend=get_backend(target.backend), recipe_name=recipe_name, passes=passes, records=[],
-                     check_inputs=tuple(inputs), import_check={}, timings={}, started=time.perf_counter())
+                     check=[tuple(inputs)], import_check={}, timings={}, started=time.perf_counter())
         api.verify(out)

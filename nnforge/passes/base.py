@@ -112,14 +112,32 @@ class LayerSelection:
         return not any(fnmatch.fnmatchcase(n, p) for n in names for p in self.exclude)
 
     def select(self, graph: Graph) -> list[Node]:
-        """Selected nodes whose weight slot holds a graph weight, in graph order."""
-        out = []
-        for n in graph.nodes:
-            if n.op in WEIGHT_OPS and len(n.inputs) > WEIGHT_SLOT and n.inputs[WEIGHT_SLOT] is not None \
-                    and n.inputs[WEIGHT_SLOT].is_weight \
-                    and self.matches(n):
-                out.append(n)
+        """Selected nodes whose weight slot holds a graph weight, in graph order. A ``layers`` or
+        ``exclude`` pattern that matches no such layer, or a selection left empty, is an error
+        naming the pattern and some of the layers that exist: a typo must not compile silently
+        into a bundle that compressed nothing (or everything)."""
+        eligible = [n for n in graph.nodes if n.op in self.ops and len(n.inputs) > WEIGHT_SLOT
+                    and n.inputs[WEIGHT_SLOT] is not None and n.inputs[WEIGHT_SLOT].is_weight]
+        names = [[n.name, n.inputs[WEIGHT_SLOT].name] for n in eligible]
+        who = getattr(self, "name", "layer selection")
+        for key in ("layers", "exclude"):
+            for p in getattr(self, key):
+                if p != "*" and not any(fnmatch.fnmatchcase(x, p) for pair in names for x in pair):
+                    raise PassError(f"{who}: {key} pattern {p!r} matches no {'/'.join(self.ops)} layer of graph "
+                                    f"{graph.name}; {_some_layers(eligible)}")
+        out = [n for n in eligible if self.matches(n)]
+        if not out:
+            raise PassError(f"{who}: selects no layer of graph {graph.name} (layers={self.layers}, "
+                            f"exclude={self.exclude}, ops={self.ops}); {_some_layers(eligible)}")
         return out
+
+
+def _some_layers(nodes: list[Node], limit: int = 6) -> str:
+    if not nodes:
+        return "the graph has no such layer with a weight"
+    shown = ", ".join(f"{n.name} ({n.inputs[WEIGHT_SLOT].name})" for n in nodes[:limit])
+    more = f", ... ({len(nodes)} in all)" if len(nodes) > limit else ""
+    return f"its layers (node, weight): {shown}{more}"
 
 
 @dataclass

@@ -141,10 +141,62 @@ def load_recipe_file(path: str | Path, defaults: dict | None = None) -> tuple[st
     unknown = sorted(set(data) - _TOP_KEYS)
     if unknown:
         raise PassError(f"recipe {path}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_TOP_KEYS))}")
-    entries = data.get("passes", [])
+    entries = data.get("passes")
+    if entries is None or entries == []:
+        raise PassError(f"recipe {path} has no passes: add at least one [[passes]] table (for no compression, "
+                        "compile without a recipe)")
     if not isinstance(entries, list):
         raise PassError(f"recipe {path}: 'passes' must be an array of tables ([[passes]])")
     return path.stem, [_build(e, f"recipe {path}, pass {i}", defaults) for i, e in enumerate(entries)]
+
+
+def _json_list(text: str, where: str) -> list:
+    import json
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise PassError(f"{where} is not valid JSON: {e}") from None
+    if not isinstance(data, list):
+        raise PassError(f"{where}: a JSON recipe is a list of pass configs, got {type(data).__name__}")
+    return data
+
+
+def _build_list(entries, where: str, defaults: dict | None) -> list[Pass]:
+    if not entries:
+        raise PassError(f"{where} has no passes: give at least one pass config (for no compression, pass no recipe)")
+    return [_build(e, f"{where} entry {i}", defaults) for i, e in enumerate(entries)]
+
+
+def describe_recipes() -> str:
+    """What ``recipe=`` takes: the presets, the parametric presets, the file formats and every
+    pass with its options (``nnforge compile --recipe help`` prints it)."""
+    lines = ["Presets (recipe=NAME):"]
+    width = max(len(n) for n in list(PRESETS) + list(PARAMETRIC))
+    lines += [f"  {name:<{width}}  {desc}" for name, (desc, _) in PRESETS.items()]
+    lines += [f"  {name:<{width}}  {desc}" for name, (_, desc, _) in PARAMETRIC.items()]
+    lines += ["", "A recipe file (recipe=PATH.toml): an optional description and one [[passes]] table per pass,",
+              "each with a 'pass' key naming the pass and its options:", "",
+              '  description = "4-bit weights, attention output kept at 8 bits"',
+              "  [[passes]]", '  pass = "quantize_rtn"', '  format = "uint4"', "  group_size = 128",
+              '  exclude = ["*.attention.output.dense"]', "",
+              "The same list as JSON (recipe=PATH.json, or the text itself on the command line):",
+              '  \'[{"pass": "quantize_rtn", "format": "uint4", "group_size": 128}]\'', "",
+              "Layer selection (passes that take it): layers = [fnmatch patterns on node or weight names],",
+              "exclude = [...], ops = [linear, conv, ...]; a pattern that matches no layer is an error.", "",
+              "Passes and their options (defaults):"]
+    for name in sorted(PASSES):
+        cls = PASSES[name]
+        opts = []
+        if dataclasses.is_dataclass(cls):
+            for f in dataclasses.fields(cls):
+                if not f.init:
+                    continue
+                default = f.default if f.default is not dataclasses.MISSING else (
+                    f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
+                opts.append(f"{f.name}={default!r}")
+        calib = " (reads calibration data)" if getattr(cls, "needs_calibration", False) is True else ""
+        lines.append(f"  {name}{calib}: " + (", ".join(opts) or "no options"))
+    return "\n".join(lines)
 
 
 def resolve_recipe(recipe, defaults: dict | None = None) -> tuple[str, list[Pass]]:
@@ -154,6 +206,14 @@ def resolve_recipe(recipe, defaults: dict | None = None) -> tuple[str, list[Pass
     recipe leaves unset; Pass objects are taken as they are."""
     if recipe is None:
         return "fp32", []
+    if isinstance(recipe, str) and recipe.lstrip().startswith("["):
+        recipe = _json_list(recipe, "the recipe")
+    elif isinstance(recipe, (str, Path)) and str(recipe).lower().endswith(".json"):
+        try:
+            text = Path(recipe).read_text()
+        except OSError as e:
+            raise PassError(f"cannot read recipe {recipe}: {e.strerror}") from None
+        return Path(recipe).stem, _build_list(_json_list(text, f"recipe {recipe}"), f"recipe {recipe}", defaults)
     if isinstance(recipe, (str, Path)):
         text = str(recipe)
         if text in PRESETS:
@@ -166,7 +226,7 @@ def resolve_recipe(recipe, defaults: dict | None = None) -> tuple[str, list[Pass
             return load_recipe_file(text, defaults)
         raise PassError(f"unknown recipe {text!r}: not a preset ({', '.join(PRESETS)}, {', '.join(PARAMETRIC)}) nor a .toml file")
     if isinstance(recipe, (list, tuple)):
-        return "custom", [_build(e, f"recipe entry {i}", defaults) for i, e in enumerate(recipe)]
+        return "custom", _build_list(recipe, "recipe", defaults)
     if isinstance(recipe, Pass):
         return recipe.name, [recipe]
     raise PassError(f"a recipe is a preset name, a .toml path or a list of pass configs, got {type(recipe).__name__}")

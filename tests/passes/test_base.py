@@ -175,7 +175,18 @@ def test_layer_selection_patterns_and_exclusions():
     # patterns also match the weight's name
     assert names(LayerSelection(layers=["stem.weight"]).select(g)) == ["stem"]
     assert names(LayerSelection(layers="*.ffn").select(g)) == ["encoder.layer.1.ffn"]       # a string is one pattern
-    assert names(LayerSelection(layers=["nothing*"]).select(g)) == []
+
+
+def test_layer_pattern_matching_no_layer_is_an_error_naming_it():
+    """A typo in a recipe's layer pattern used to compile with nothing applied."""
+    g = selection_graph()
+    with pytest.raises(PassError, match=r"layers pattern 'nothing\*' matches no linear/conv layer of graph sel; "
+                                        r"its layers \(node, weight\): encoder.layer.0.attention.q"):
+        LayerSelection(layers=["nothing*"]).select(g)
+    with pytest.raises(PassError, match=r"exclude pattern '\*.atention.\*' matches no"):
+        LayerSelection(exclude=["*.atention.*"]).select(g)
+    with pytest.raises(PassError, match=r"selects no layer of graph sel"):
+        LayerSelection(layers=["stem"], exclude=["stem"]).select(g)
 
 
 def test_layer_selection_ops():

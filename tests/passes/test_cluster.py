@@ -253,6 +253,6 @@ def test_missing_calibration_for_hessian_weighting():
         PassManager([Palettize(weighting="hessian")]).run(mlp_graph())
     assert Palettize(weighting="hessian").needs_calibration and not Palettize().needs_calibration
     model = torch.nn.Sequential(torch.nn.Linear(16, 8)).eval()
-    with pytest.raises(PassError, match="runs palettize, which need calibration data"):
+    with pytest.raises(PassError, match="runs palettize, which needs calibration data"):
         nf.compile(model, "onnx", [{"pass": "palettize", "weighting": "hessian"}],
                    example_inputs=(torch.randn(2, 16),), out="/nonexistent/never-written")

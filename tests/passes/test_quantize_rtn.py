@@ -73,9 +73,8 @@ def test_skipped_layers_are_untouched():
     q2, _ = quantize(g, bits=4, layers=["fc2.weight"])                 # patterns match weight names too
     assert q2.weights["fc1.weight"].encoding is g.weights["fc1.weight"].encoding
     assert isinstance(q2.weights["fc2.weight"].encoding, IntQuant)
-    q3, ctx3 = quantize(g, bits=4, layers=["nothing"])
-    assert all(q3.weights[n].encoding is g.weights[n].encoding for n in g.weights)
-    assert ctx3.figures["quantize_rtn"]["layers"] == 0
+    with pytest.raises(PassError, match="quantize_rtn: layers pattern 'nothing' matches no linear/conv layer"):
+        quantize(g, bits=4, layers=["nothing"])
 
 
 def test_original_graph_is_not_modified():

@@ -89,8 +89,12 @@ def test_toml_recipe(tmp_path):
     assert isinstance(fc2, IntQuant) and fc2.bits == 8 and fc2.granularity == "channel"
 
 
-def test_empty_toml_recipe(tmp_path):
-    assert resolve_recipe(write(tmp_path, 'description = "nothing"\n', "none.toml")) == ("none", [])
+def test_recipe_without_passes_is_an_error(tmp_path):
+    """A TOML recipe without passes used to compile with nothing applied."""
+    with pytest.raises(PassError, match=r"recipe .*none.toml has no passes: add at least one \[\[passes\]\] table"):
+        resolve_recipe(write(tmp_path, 'description = "nothing"\n', "none.toml"))
+    with pytest.raises(PassError, match="recipe has no passes"):
+        resolve_recipe([])
 
 
 @pytest.mark.parametrize("text, message", [

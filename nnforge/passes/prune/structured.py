@@ -183,6 +183,11 @@ class StructuredPrune(Pass):
             found += find_mlp_channels(graph)
         if "heads" in self.kinds:
             found += find_attention_heads(graph)
+        for p in self.exclude:
+            if not any(fnmatch.fnmatchcase(s.name, p) for s in found):
+                names = ", ".join(s.name for s in found[:6]) + (f", ... ({len(found)} in all)" if len(found) > 6 else "")
+                raise PassError(f"{self.name}: exclude pattern {p!r} matches no prunable layer; they are: "
+                                f"{names or 'none'}")
         found = [s for s in found if not any(fnmatch.fnmatchcase(s.name, p) for p in self.exclude)]
         for s in found:
             for node in s.sources + [s.sink]:

@@ -69,10 +69,13 @@ def run_calibration(graph: Graph, batches, before: Hook | None = None, *, who: s
             hit = decoded[name] = (enc, data.float() if data.is_floating_point() else data)
         return hit[1]
 
-    nodes = graph.nodes
-    if progress:
-        from tqdm import tqdm
-        nodes = tqdm(nodes, desc=who, unit="node", leave=False)
+    from tqdm import tqdm
+    with tqdm(graph.nodes, desc=who, unit="node", leave=False, disable=not progress) as nodes:   # cleared on errors
+        _run_nodes(nodes, bound, vals, ctxs, last, weight, before, who)
+    return [[weight(v.name) if v.is_weight else vals[b][v] for v in graph.outputs] for b in range(len(bound))]
+
+
+def _run_nodes(nodes, bound, vals, ctxs, last, weight, before, who) -> None:
     for i, node in enumerate(nodes):
         def args_for(b):
             return [None if v is None else weight(v.name) if v.is_weight else vals[b][v] for v in node.inputs]
@@ -89,4 +92,3 @@ def run_calibration(graph: Graph, batches, before: Hook | None = None, *, who: s
             for v in node.inputs:
                 if v is not None and not v.is_weight and last.get(v, -1) <= i:
                     vals[b].pop(v, None)
-    return [[weight(v.name) if v.is_weight else vals[b][v] for v in graph.outputs] for b in range(len(bound))]

@@ -1,0 +1,172 @@
+"""Honest fidelity figures (nnforge.heldout): data-driven passes need calibration from the user,
+fidelity is measured on inputs no pass saw and predicts what a user measures on fresh inputs, and
+non-finite values are refused at the door."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.export import Dim
+
+import nnforge as nf
+from nnforge.cli import main
+from nnforge.frontend.errors import FrontendError
+from nnforge.numerics import compare, fidelity
+from nnforge.passes import PassError
+
+
+def mlp(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 256), torch.nn.GELU(),
+                               torch.nn.Linear(256, 16)).eval()
+
+
+BATCH = ({0: Dim("batch")},)
+
+
+def rows(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, 64, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def onnx_mlp(tmp_path_factory):
+    path = tmp_path_factory.mktemp("heldout") / "mlp.onnx"
+    torch.onnx.export(mlp(), (rows(2, 0),), str(path), dynamo=True, dynamic_shapes=BATCH, input_names=["x"],
+                      output_names=["y"], verbose=False)
+    return path
+
+
+def fresh_fidelity(bundle, model, n: int = 256) -> dict:
+    x = rows(n, 99)
+    with torch.no_grad():
+        want = model(x)
+    return fidelity([[torch.as_tensor(nf.load(bundle.path)(x))]], [[want]])
+
+
+# --- calibration must come from the user -------------------------------------------------------
+def test_gptq_without_calibration_names_the_pass(tmp_path):
+    with pytest.raises(PassError, match="recipe w4-gptq runs quantize_gptq, which needs calibration data, and none "
+                                        "was given.*nnforge does not make calibration data up"):
+        nf.compile(mlp(), "onnx", "w4-gptq", example_inputs=(rows(4, 0),), out=tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+
+
+def test_cli_gptq_without_calibration_exits_2_naming_the_pass(capsys, onnx_mlp, tmp_path):
+    """The CLI used to calibrate GPTQ on the one random example it made up, and report its
+    fidelity on that same example."""
+    rc = main(["compile", str(onnx_mlp), "--target", "onnx", "--recipe", "w4-gptq", "--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "quantize_gptq, which needs calibration data" in err and "--calibration FILE" in err
+
+
+def test_cli_calibration_file_fidelity_is_held_out_and_holds_on_fresh_inputs(capsys, onnx_mlp, tmp_path):
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=rows(512, 1).numpy())
+    out = tmp_path / "b"
+    rc = main(["compile", str(onnx_mlp), "--target", "onnx", "--recipe", "w4-gptq", "--out", str(out),
+               "--calibration", str(calib)])
+    stdout = capsys.readouterr().out
+    assert rc == 0, stdout
+    m = json.loads((out / "manifest.json").read_text())
+    held, fid = m["numerics"]["held_out"], m["numerics"]["fidelity_vs_fp32"]
+    assert held["source"].startswith("calibration batches") and "held out" in held["source"]
+    assert held["rows"] == fid["rows"] == 64 and held["batches"] == 2
+    assert m["calibration"]["rows"] == 512 and m["calibration"]["used_by_passes"]["rows"] == 448
+    assert "on 64 held-out rows in 2 batch(es)" in stdout
+    fresh = fresh_fidelity(nf.Bundle.open(out), mlp())
+    margin = fid["fresh_inputs_margin"] + fresh["fresh_inputs_margin"]
+    assert abs(fresh["cosine_mean"] - fid["cosine_mean"]) <= margin, (fresh, fid)
+
+
+def test_check_inputs_that_repeat_calibration_rows_are_refused(tmp_path):
+    calib = [(rows(16, s),) for s in range(4)]
+    check = (torch.cat([rows(8, 50), calib[2][0][:3]]),)
+    with pytest.raises(PassError, match="3 of the 11 check_inputs rows are also calibration rows"):
+        nf.compile(mlp(), "onnx", "w4-gptq", example_inputs=(rows(4, 0),), calibration=calib, check_inputs=check,
+                   dynamic_shapes=BATCH, out=tmp_path / "b")
+
+
+def test_user_check_inputs_are_what_fidelity_is_measured_on(tmp_path):
+    calib = [(rows(16, s),) for s in range(4)]
+    check = [(rows(8, 50),), (rows(5, 51),)]
+    b = nf.compile(mlp(), "onnx", "w4-gptq", example_inputs=(rows(4, 0),), calibration=calib, check_inputs=check,
+                   dynamic_shapes=BATCH, out=tmp_path / "b", batch_sizes=())
+    held = b.manifest["numerics"]["held_out"]
+    assert held == {"source": "check_inputs= (from the user)", "batches": 2, "rows": 13}
+    assert b.manifest["calibration"]["used_by_passes"] == {"batches": 4, "rows": 64}
+    assert [[list(t.shape) for t in x] for x, _ in b.held_out()] == [[[8, 64]], [[5, 64]]]
+
+
+def test_one_calibration_batch_gives_up_its_last_rows(tmp_path):
+    b = nf.compile(mlp(), "onnx", "w4-gptq", example_inputs=(rows(4, 0),), calibration=[(rows(64, 1),)],
+                   dynamic_shapes=BATCH, out=tmp_path / "b", batch_sizes=())
+    assert b.manifest["numerics"]["held_out"] == {
+        "source": "the last 8 of the 64 calibration rows, held out (the passes saw the others)", "batches": 1,
+        "rows": 8}
+
+
+def test_nothing_to_hold_out_is_an_error(tmp_path):
+    with pytest.raises(PassError, match="calibration is a single batch with no rows to spare.*check_inputs="):
+        nf.compile(mlp(), "onnx", "w4-gptq", example_inputs=(rows(2, 0),), calibration=[(rows(1, 1),)],
+                   dynamic_shapes=BATCH, out=tmp_path / "b")
+
+
+def test_fixed_batch_takes_calibration_of_another_batch_size(tmp_path):
+    """The batch axis is free in data: rows are regrouped into the model's fixed batch (here 4)."""
+    calib = [(rows(8, s),) for s in range(6)]
+    b = nf.compile(mlp(), "onnx", "w4-gptq", example_inputs=(rows(4, 0),), calibration=calib, out=tmp_path / "b",
+                   batch_sizes=())
+    assert b.manifest["signature"]["inputs"][0]["shape"] == [4, 64]
+    assert b.manifest["calibration"] == {"source": "calibration= (from the user)", "batches": 6, "rows": 48,
+                                         "used_by_passes": {"batches": 11, "rows": 44}}
+
+
+def test_calibration_of_another_feature_size_says_so_in_plain_words(tmp_path):
+    with pytest.raises(PassError, match=r"calibration batch 1, input x: shape \[8, 32\], but the model takes "
+                                        r"\[4, 64\] \(only the batch axis may differ\)"):
+        nf.compile(mlp(), "onnx", "w4-gptq", example_inputs=(rows(4, 0),), input_names=["x"],
+                   calibration=[(rows(8, 1),), (torch.randn(8, 32),)], out=tmp_path / "b")
+
+
+# --- non-finite values ----------------------------------------------------------------------------
+def test_nan_weights_are_refused_naming_the_tensor(tmp_path):
+    model = mlp()
+    with torch.no_grad():
+        model[2].weight[3, 5] = float("nan")
+        model[2].weight[7, 1] = float("inf")
+    with pytest.raises(FrontendError, match=r"weight .*2.weight holds 1 NaN and 1 inf of 65536 values; pass "
+                                            r"allow_nonfinite=True"):
+        nf.compile(model, "onnx", example_inputs=(rows(4, 0),), out=tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+
+
+def test_nan_calibration_is_refused_naming_batch_and_input(tmp_path):
+    bad = rows(16, 2)
+    bad[3, 3] = float("nan")
+    with pytest.raises(PassError, match="calibration batch 1, input x holds 1 NaN of 1024 values"):
+        nf.compile(mlp(), "onnx", "w4-gptq", example_inputs=(rows(4, 0),), input_names=["x"],
+                   calibration=[(rows(16, 1),), (bad,)], dynamic_shapes=BATCH, out=tmp_path / "b")
+
+
+def test_nan_outputs_are_refused_and_never_score_as_a_match(tmp_path):
+    class Log(torch.nn.Module):
+        def forward(self, x):
+            return torch.log(x)
+    x = torch.tensor([[1.0, -1.0, 2.0]])
+    with pytest.raises(FrontendError, match=r"model .* computes non-finite values on held-out batch 0: output .* "
+                                            r"holds 1 NaN of 3 values"):
+        nf.compile(Log(), "onnx", example_inputs=(x,), out=tmp_path / "b")
+    b = nf.compile(Log(), "onnx", example_inputs=(x,), out=tmp_path / "b", allow_nonfinite=True, batch_sizes=())
+    assert b.manifest["numerics"]["allow_nonfinite"] is True
+    assert b.manifest["numerics"]["fidelity_vs_fp32"]["cosine_min"] == -1.0     # NaN is not a match
+    assert nf.verify(b.path)["passed"]
+
+
+def test_compare_never_counts_nan_as_a_match():
+    nan = torch.tensor([[float("nan"), 1.0]])
+    assert compare([nan], [nan])["cosine_min"] == -1.0
+    assert compare([nan], [nan], nan_equal=True)["cosine_min"] == 1.0
+    inf = torch.tensor([[float("inf"), 1.0]])
+    assert compare([inf], [inf])["cosine_min"] == 1.0
