@@ -276,3 +276,15 @@ def test_an_uncompressed_bundle_is_its_own_fp32_model(tmp_path):
     assert all(row.noise == 0 and math.isinf(row.sqnr_db) for row in r.rows)
     assert r.attribution["weights"] == [] and r.first_departure is None
     assert all(row.backend["within"] for row in r.rows)
+
+
+def test_cli_plot_wants_svg_or_png(capsys, cli_case, tmp_path):
+    """A figure file name that is neither .svg nor .png is refused before the comparison runs."""
+    from nnforge.cli import EXIT_BAD_INPUT, main
+    bundle, model = cli_case
+    capsys.readouterr()
+    rc = main(["inspect", str(bundle), "--compare", "--model", str(model), "--plot", str(tmp_path / "r.pdf")])
+    captured = capsys.readouterr()
+    assert rc == EXIT_BAD_INPUT and "end-to-end cosine" not in captured.out
+    assert f"{tmp_path / 'r.pdf'}: a figure is written as .svg and .png" in captured.err
+    assert list(tmp_path.iterdir()) == []
