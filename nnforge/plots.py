@@ -149,24 +149,26 @@ def sqnr_figure(report) -> Figure:
     """SQNR against fp32 of every value a divergence report compares, in graph order: the
     compressed run (line), each weight layer's own error (dots), the runtime's values where it was
     inspected (dashed) and its first departure from the reference interpreter (red). The x axis is
-    labelled with the weight layers' names (thinned to at most 60); exact values (infinite SQNR)
-    are drawn on a line at the top marked "exact"."""
+    labelled with the weight layers' names (thinned to at most 60); exact values (infinite SQNR),
+    if any, are drawn on a line at the top marked "exact"; the limits are fitted to the values."""
     rows = report.rows
     layers = [i for i, r in enumerate(rows) if r.weight is not None]
     runtime = [(i, r.backend["sqnr_db_vs_fp32"]) for i, r in enumerate(rows) if r.backend]
-    finite = [v for r in rows for v in (r.sqnr_db, r.own_sqnr_db) if math.isfinite(v)]
-    finite += [v for _, v in runtime if math.isfinite(v)]
-    top = 10 * math.ceil((max(finite, default=0.0) + 5) / 10)
-    bottom = 10 * math.floor((min(finite, default=top - 10) - 5) / 10)
+    drawn = [r.sqnr_db for r in rows] + [rows[i].own_sqnr_db for i in layers] + [v for _, v in runtime]
+    finite = [v for v in drawn if math.isfinite(v)] or [0.0]
+    span = max(max(finite) - min(finite), 1.0)
+    exact = any(math.isinf(v) for v in drawn)
+    top = max(finite) + 0.12 * span               # where exact values are drawn, when there are any
 
     def cap(v: float) -> float:
-        return top if math.isinf(v) and v > 0 else v
+        return top if math.isinf(v) else v
     ticks = layers or list(range(len(rows)))
     every = max(1, math.ceil(len(ticks) / 60))
     ticks = ticks[::every]
     fig = _figure(min(20.0, max(8.0, 2.5 + 0.16 * len(ticks))), 5.6)
     ax = fig.add_subplot()
-    ax.axhline(top, color="#cccccc", lw=0.8, ls=":")
+    if exact:
+        ax.axhline(top, color="#cccccc", lw=0.8, ls=":")
     ax.plot(range(len(rows)), [cap(r.sqnr_db) for r in rows], color=_PALETTE[0], lw=1.3,
             label="compressed run vs fp32")
     if layers:
@@ -178,10 +180,11 @@ def sqnr_figure(report) -> Figure:
     dep = report.first_departure
     if dep is not None:
         ax.axvline(rows.index(dep), color=_PALETTE[3], lw=1.2, label=f"first departure: {_short(dep.node)}")
-    step = 10 if top - bottom <= 120 else 20
-    yticks = [t for t in range(int(bottom), int(top) - 4, step)] + [top]
-    ax.set_yticks(yticks, [str(t) for t in yticks[:-1]] + ["exact"])
-    ax.set_ylim(bottom, top + 0.04 * (top - bottom))
+    ax.set_ylim(min(finite) - 0.06 * span, (top if exact else max(finite)) + 0.06 * span)
+    if exact:
+        yticks = [t for t in ax.get_yticks() if t < top - 0.06 * span] + [top]
+        ax.set_yticks(yticks, [f"{t:g}" for t in yticks[:-1]] + ["exact"])
+        ax.set_ylim(min(finite) - 0.06 * span, top + 0.06 * span)
     ax.set_xlim(-0.5, max(len(rows) - 0.5, 0.5))
     ax.set_xticks(ticks, [_short(rows[i].node, 44) for i in ticks], rotation=90, fontsize=7)
     ax.grid(axis="y", color="#e5e5e5", lw=0.6)

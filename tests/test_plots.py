@@ -98,6 +98,18 @@ def test_sqnr_figure_without_runtime_or_departure(tmp_path):
     assert "runtime" not in text and "first departure" not in text
 
 
+def test_sqnr_axis_fits_the_values():
+    """No exact value: no "exact" line, and the axis ends near the lowest and highest SQNR."""
+    report = small_report()
+    report.rows = [r for r in report.rows if r.weight is not None]
+    for r in report.rows:
+        r.backend = None
+    ax = plots.sqnr_figure(report).axes[0]
+    lo, hi = ax.get_ylim()
+    assert 36 < lo < 39 and 52 < hi < 55
+    assert "exact" not in [t.get_text() for t in ax.get_yticklabels()]
+
+
 def test_breakdown_figure(tmp_path):
     files = plots.save(plots.breakdown_figure(small_result()), tmp_path / "breakdown.png")
     assert [p.suffix for p in files] == [".png", ".svg"]      # the one asked for first
