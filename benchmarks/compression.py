@@ -73,8 +73,10 @@ def label(spec: str) -> str:
     if not spec.lstrip().startswith("["):
         return spec
     keys = ("pattern", "sparsity", "bits", "rank", "param_budget", "rank_ratio")
-    return " + ".join(" ".join([p["pass"]] + [f"{k}={p[k]}" for k in keys if p.get(k, "unstructured") != "unstructured"])
-                      for p in json.loads(spec))
+
+    def settings(p: dict) -> list[str]:
+        return [f"{k}={p[k]}" for k in keys if p.get(k, "unstructured") != "unstructured"]
+    return " + ".join(" ".join([p["pass"]] + settings(p)) for p in json.loads(spec))
 
 
 def plot(rows: list[dict], out: Path) -> list[Path]:

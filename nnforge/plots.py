@@ -18,8 +18,8 @@ import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
-from matplotlib.transforms import Bbox
 from matplotlib.ticker import FixedLocator, FuncFormatter
+from matplotlib.transforms import Bbox
 
 FORMATS = (".svg", ".png")
 # svg.hashsalt fixes the ids matplotlib would otherwise draw at random; text stays text in the SVG

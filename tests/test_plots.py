@@ -113,7 +113,8 @@ def test_sqnr_axis_fits_the_values():
 def test_breakdown_figure(tmp_path):
     files = plots.save(plots.breakdown_figure(small_result()), tmp_path / "breakdown.png")
     assert [p.suffix for p in files] == [".png", ".svg"]      # the one asked for first
-    check_written(files, tmp_path, "FPGA time per op: tiny-decoder on alveo-u280", "prefill of 128 tokens: 7.7 ms in all",
+    check_written(files, tmp_path, "FPGA time per op: tiny-decoder on alveo-u280",
+                  "prefill of 128 tokens: 7.7 ms in all",
                   "one decode step (mean context): 415 µs in all", "q_proj", "up_proj", "attention", "norm/act")
     check_reproducible(lambda: plots.breakdown_figure(small_result()))
 
