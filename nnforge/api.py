@@ -67,7 +67,8 @@ def compile(model, target: str | Target, recipe=None, *, example_inputs, calibra
     with ExitStack() as claims:
         if out is not None:         # checked and locked before any work (nnforge.bundle_out)
             claims.enter_context(claim_out(out))
-        bar = tqdm(total=3, desc="import", unit="stage", disable=not progress, leave=False)
+        bar = tqdm(total=3, desc="import", unit="stage", leave=False,
+                   disable=None if progress else True)      # None: shown on a terminal only
         try:
             t0 = time.perf_counter()
             graph, source = import_model(model, example, dynamic_shapes=dynamic_shapes, input_names=input_names,

@@ -135,6 +135,19 @@ def ordered(tensors: dict[str, torch.Tensor], prefix: str) -> list[torch.Tensor]
     return [tensors[k] for k in keys]
 
 
+def load_inputs(path: Path, names: list[str]) -> list[torch.Tensor]:
+    """Inputs saved under the model's input names (as ``nnforge run --inputs`` reads them); bundles
+    written before that keep them as input0, input1, ..."""
+    tensors = load_tensors(path)
+    if all(n in tensors for n in names):
+        return [tensors[n] for n in names]
+    old = ordered(tensors, "input")
+    if len(old) != len(names):
+        raise BundleError(f"{path}: holds {', '.join(sorted(tensors)) or 'nothing'}, not the inputs "
+                          f"{', '.join(names)}")
+    return old
+
+
 def _is_bundle(root: Path) -> bool:
     """Whether ``root`` holds an nnforge manifest (of any version): only such a directory may be
     replaced by a new bundle."""
@@ -408,7 +421,7 @@ class Bundle:
 
     def reference(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """(inputs, expected outputs of the compressed graph, fp32 reference outputs)."""
-        ins = ordered(load_tensors(safe_join(self.path, REF_INPUTS)), "input")
+        ins = load_inputs(safe_join(self.path, REF_INPUTS), [i["name"] for i in self.manifest["signature"]["inputs"]])
         exp = ordered(load_tensors(safe_join(self.path, REF_EXPECTED)), "output")
         fp32 = ordered(load_tensors(safe_join(self.path, REF_FP32)), "output")
         return ins, exp, fp32

@@ -143,6 +143,77 @@ def _db(x) -> str:
     return x if isinstance(x, str) else f"{x:.1f}"
 
 
+def describe_bundle(bundle, layers: bool = False) -> list[str]:
+    """What ``nnforge inspect BUNDLE`` prints: where it is from, its signature status, compression
+    (whole model and compressed layers apart), fidelity with what it was measured on, fallbacks,
+    speed; with ``layers`` a table of every weight layer with its own fidelity."""
+    from .bundle import SIGNATURE
+    from .speed import describe
+    m = bundle.manifest
+    c, n = m["compression"], m["numerics"]
+    signed = (bundle.path / SIGNATURE).exists()
+    out = [f"bundle {bundle.path}: {m['model']['name']} for {m['target']['name']} ({m['backend']['name']} backend), "
+           f"recipe {m['recipe']['name']}, nnforge {m['nnforge_version']}",
+           "  signature: " + ("manifest.sig present (nnforge verify --key PUB.pem checks it)" if signed else
+                              "unsigned: anyone could have edited manifest.json; nnforge verify recomputes what "
+                              "the bundle's files confirm"),
+           "  inputs:  " + ", ".join(f"{i['name']} {i['dtype']}{i['shape']}" for i in m["signature"]["inputs"]),
+           "  outputs: " + ", ".join(f"{o['name']} {o['dtype']}{o['shape']}" for o in m["signature"]["outputs"])]
+    weights = f"  weights: {_size(c['bytes_before'])} -> {_size(c['bytes_after'])} ({c['ratio']:.2f}x)"
+    if "model_bits_per_weight" in c:
+        weights += f"; whole model {c['model_bits_per_weight']:.2f} bits/weight"
+        if c.get("compressed_layers"):
+            weights += (f"; {c['compressed_layers']} of {c['weight_layers']} weight layers compressed, at "
+                        f"{c['compressed_bits_per_weight']:.2f} bits/weight")
+        else:
+            weights += "; no layer compressed"
+    else:
+        weights += f"; weight layers at {c['layer_bits_per_weight']:.2f} bits/weight"
+    out.append(weights)
+    out.append("  " + fidelity_line(m))
+    calib = m.get("calibration")
+    if calib:
+        used = calib.get("used_by_passes")
+        used = used if isinstance(used, str) else f"the passes used {used['rows']} rows in {used['batches']} batch(es)"
+        out.append(f"  calibration: {calib['source']}; {calib['rows']} rows in {calib['batches']} batch(es); {used}")
+    for fb in m["fallbacks"]:
+        out.append(f"  fallback: {fb['where']}: {fb['what']} -> {fb['action']}")
+    out += describe(m, layers=layers)
+    if layers:
+        out += layer_table(m)
+    return out
+
+
+def layer_table(manifest: dict) -> list[str]:
+    """Every weight layer: encoding, bits per weight, the weight's SQNR against fp32, and its
+    output's SQNR and cosine against the fp32 model on the first held-out batch."""
+    rows = manifest["compression"]["layers"]
+    width = max([5] + [len(r["layer"]) for r in rows])
+    out = ["  layers (SQNR in dB against fp32; output figures on the first held-out batch, error accumulated "
+           "from the layers before):",
+           f"    {'layer':<{width}} {'op':<10} {'shape':<14} {'encoding':<26} {'bits/w':>6} {'w SQNR':>7} "
+           f"{'out SQNR':>8} {'out cos':>8}"]
+    fallbacks = {fb["where"]: fb for fb in manifest.get("fallbacks", [])}
+    for r in rows:
+        cos = r.get("output_cosine_min")
+        out.append(f"    {r['layer']:<{width}} {r['op']:<10} {str(r['shape']):<14} {r['encoding'][:26]:<26} "
+                   f"{r['bits_per_weight']:>6.2f} {_cell(r.get('weight_sqnr_db')):>7} "
+                   f"{_cell(r.get('output_sqnr_db')):>8} {('-' if cos is None else f'{cos:.4f}'):>8}"
+                   + (f"  fallback: {fallbacks[r['layer']]['action']}" if r["layer"] in fallbacks else ""))
+    return out
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _cell(x) -> str:
+    return "-" if x is None else _db(x)
+
+
 def _bundle_inputs(bundle, path: str) -> dict:
     """The tensors of ``path`` for the bundle's inputs, in signature order; a missing one is named."""
     tensors = _read_inputs(Path(path))
@@ -195,11 +266,13 @@ def cmd_verify(args) -> int:
     else:
         print(f"{report['path']}: {report['files']} files intact")
         print(f"  signature: {report['signature']}")
+        print(f"  manifest claims: {report['claims']}")
         print(f"  interpreter vs expected: cosine {report['interpreter_vs_expected']['cosine_min']:.6f}")
         rt = report["runtime_vs_expected"]
         print(f"  runtime vs expected: " + (f"cosine {rt['cosine_min']:.6f}" if isinstance(rt, dict) else rt))
-        print(f"  fidelity vs fp32: cosine {report['fidelity_vs_fp32']['cosine_min']:.6f}, "
-              f"SQNR {report['fidelity_vs_fp32']['sqnr_db']} dB")
+        f = report["fidelity_vs_fp32"]
+        print(f"  fidelity vs fp32 on {f['rows']} held-out rows: cosine mean {f['cosine_mean']:.4f}, "
+              f"min {f['cosine_min']:.4f}, SQNR {_db(f['sqnr_db'])} dB")
         print("verified")
     return 0
 
@@ -215,23 +288,8 @@ def cmd_inspect(args) -> int:
         if args.json:
             print(json.dumps(m, indent=1))
             return 0
-        c, n = m["compression"], m["numerics"]
-        print(f"bundle {bundle.path}: {m['model']['name']} for {m['target']['name']} ({m['backend']['name']} backend), "
-              f"recipe {m['recipe']['name']}, nnforge {m['nnforge_version']}")
-        print(f"  inputs:  " + ", ".join(f"{i['name']} {i['dtype']}{i['shape']}" for i in m["signature"]["inputs"]))
-        print(f"  outputs: " + ", ".join(f"{o['name']} {o['dtype']}{o['shape']}" for o in m["signature"]["outputs"]))
-        print(f"  weights: {c['bytes_before']:,} -> {c['bytes_after']:,} bytes ({c['ratio']}x); "
-              f"weight layers at {c['layer_bits_per_weight']} bits/weight")
-        print(f"  fidelity vs fp32: cosine min {n['fidelity_vs_fp32']['cosine_min']:.6f}, "
-              f"SQNR {n['fidelity_vs_fp32']['sqnr_db']} dB")
-        for fb in m["fallbacks"]:
-            print(f"  fallback: {fb['where']}: {fb['what']} -> {fb['action']}")
-        from .speed import describe
-        print("\n".join(describe(m, layers=args.layers)))
-        if args.layers:
-            for layer in c["layers"]:
-                print(f"    {layer['layer']:<60} {layer['op']:<10} {str(layer['shape']):<14} {layer['encoding']:<22} "
-                      f"{layer['bits_per_weight']:.2f} b/w")
+        for line in describe_bundle(bundle, layers=args.layers):
+            print(line)
         if args.graph:
             print(bundle.graph())
         return 0
@@ -325,6 +383,7 @@ def cmd_demo(args) -> int:
         print(f"FAIL: {f}", file=sys.stderr)
     return 1 if failures else 0
 
+
 class _RecipeAction(argparse.Action):
     """``--recipe help`` prints what a recipe can be and exits, like --help (the model and target
     are not needed for it)."""
@@ -335,7 +394,6 @@ class _RecipeAction(argparse.Action):
             print(describe_recipes())
             parser.exit(0)
         setattr(namespace, self.dest, values)
-
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -353,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dim", action="append", default=[], metavar="NAME=INT",
                    help="size of a symbolic input dim for example inputs of an .onnx model (default 1)")
     c.add_argument("--batch-sizes", default=None, metavar="B,B,...",
+                        "here (default 1,32 or $NNFORGE_BATCH_SIZES; 'none' measures nothing)")
                    help="batch sizes of the bundle's speed records and per-shape dispatch, where the target runs "
     c.add_argument("--calibration", default=None, metavar="FILE",
                    help="calibration data for data-driven passes (GPTQ, SparseGPT, SmoothQuant, activation ranges, "
@@ -365,7 +424,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "held out from the passes, or the example inputs when no pass reads data)")
     c.add_argument("--allow-nonfinite", action="store_true",
                    help="accept NaN/inf in weights, inputs and outputs (refused by default, naming the tensor)")
-                        "here (default 1,32 or $NNFORGE_BATCH_SIZES; 'none' measures nothing)")
     c.add_argument("--calibration-samples", type=int, default=None,
                    help="calibration sentences for the default model (default: all of its calibration split)")
     c.set_defaults(fn=cmd_compile)

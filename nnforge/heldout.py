@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .frontend.errors import FrontendError
-from .ir import Graph
+from .ir import WEIGHT_OPS, Graph
 from .ir.dtypes import dtype as ir_dtype
 from .numerics import nonfinite
 from .passes import PassError
@@ -235,9 +235,14 @@ def _dtype_name(dt: torch.dtype) -> str:
 def _refuse_nonfinite(graph: Graph, example: tuple, calib, check_inputs) -> None:
     from .ir.encodings import Dense
     hint = "; pass allow_nonfinite=True (command line: --allow-nonfinite) if the model means it"
-    weights = [(f"weight {name}", v.encoding.data) for name, v in graph.weights.items()
-               if isinstance(v.encoding, Dense)]
-    bad = nonfinite(weights)
+    # a layer's weights must be finite; other constants may hold infinities on purpose (an
+    # attention mask of -inf), but never NaN
+    layer_weights = {v.name for n in graph.nodes if n.op in WEIGHT_OPS for v in n.inputs[1:] if v is not None
+                     and v.is_weight}
+    bad = nonfinite((f"weight {name}", v.encoding.data) for name, v in graph.weights.items()
+                    if isinstance(v.encoding, Dense) and name in layer_weights)
+    bad += [b for b in nonfinite((f"constant {name}", v.encoding.data) for name, v in graph.weights.items()
+                                 if isinstance(v.encoding, Dense) and name not in layer_weights) if "NaN" in b]
     if bad:
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
         raise FrontendError(f"model {graph.name}: " + "; ".join(bad[:3]) + more + hint)

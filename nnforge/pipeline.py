@@ -336,7 +336,7 @@ def write_bundle(out: Path, *, graph: Graph, original: Graph, source: str, targe
         t0 = time.perf_counter()
         save_graph(graph, tmp / GRAPH_FILE, tmp / WEIGHTS_FILE)
         # before lowering: a backend that measures its kernels in the model (tvm's dispatch) runs these
-        save_tensors(tmp / REF_INPUTS, {f"input{i}": torch.as_tensor(x) for i, x in enumerate(check_inputs)})
+        save_tensors(tmp / REF_INPUTS, {v.name: torch.as_tensor(x) for v, x in zip(graph.inputs, check_inputs)})
         save_tensors(tmp / REF_EXPECTED, {f"output{i}": t for i, t in enumerate(expected)})
         save_tensors(tmp / REF_FP32, {f"output{i}": t for i, t in enumerate(fp32)})
         if len(check) > 1:

@@ -170,3 +170,23 @@ def test_compare_never_counts_nan_as_a_match():
     assert compare([nan], [nan], nan_equal=True)["cosine_min"] == 1.0
     inf = torch.tensor([[float("inf"), 1.0]])
     assert compare([inf], [inf])["cosine_min"] == 1.0
+
+
+class Masked(torch.nn.Module):
+    """A layer followed by a constant mask, as attention masks are: -inf there is meant."""
+
+    def __init__(self, fill: float):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+        self.register_buffer("mask", torch.tensor([0.0, fill, 0.0, 0.0]))
+
+    def forward(self, x):
+        return torch.softmax(self.fc(x) + self.mask, -1)
+
+
+def test_infinite_mask_constants_are_allowed_but_nan_constants_are_not(tmp_path):
+    x = torch.randn(2, 4)
+    b = nf.compile(Masked(float("-inf")), "onnx", example_inputs=(x,), out=tmp_path / "inf", batch_sizes=())
+    assert b.manifest["numerics"]["fidelity_vs_fp32"]["cosine_min"] == 1.0
+    with pytest.raises(FrontendError, match=r"constant .* holds 1 NaN of 4 values; pass allow_nonfinite=True"):
+        nf.compile(Masked(float("nan")), "onnx", example_inputs=(x,), out=tmp_path / "nan")

@@ -375,7 +375,7 @@ def build(graph: Graph, target: Target, out_dir: Path, toolchain: dict) -> Lower
     where = f"target {target.name}"
     tuner = Tuner(target.options, tvm_target, target.can_run(), where)
     dispatcher = Dispatcher(target.options, target.can_run(), graph, where)
-    inputs = _reference_inputs(out_dir) if dispatcher.enabled else None
+    inputs = _reference_inputs(out_dir, [v.name for v in graph.inputs]) if dispatcher.enabled else None
     if dispatcher.enabled and inputs is None:
         dispatcher.why_not = "not measured: the bundle directory has no reference inputs to time the model on"
     low = lower_graph(graph, llvm_target, tvm_target, tuner, dispatcher)
@@ -424,13 +424,13 @@ def _check_dispatch(graph: Graph, low, entry: dict, dispatcher: Dispatcher, inpu
             layer["threshold_param"] = params[layer["weight"]]
 
 
-def _reference_inputs(out_dir: Path) -> tuple | None:
+def _reference_inputs(out_dir: Path, names: list[str]) -> tuple | None:
     """The bundle's reference inputs (the pipeline writes them before lowering), or None."""
-    from ...bundle import REF_INPUTS, BundleError, load_tensors, ordered
+    from ...bundle import REF_INPUTS, BundleError, load_inputs
     if not (out_dir / REF_INPUTS).is_file():
         return None
     try:
-        return tuple(ordered(load_tensors(out_dir / REF_INPUTS), "input"))
+        return tuple(load_inputs(out_dir / REF_INPUTS, names))
     except BundleError:
         return None
 

@@ -70,7 +70,8 @@ def run_calibration(graph: Graph, batches, before: Hook | None = None, *, who: s
         return hit[1]
 
     from tqdm import tqdm
-    with tqdm(graph.nodes, desc=who, unit="node", leave=False, disable=not progress) as nodes:   # cleared on errors
+    # on a terminal only; closed (cleared) on errors too
+    with tqdm(graph.nodes, desc=who, unit="node", leave=False, disable=None if progress else True) as nodes:
         _run_nodes(nodes, bound, vals, ctxs, last, weight, before, who)
     return [[weight(v.name) if v.is_weight else vals[b][v] for v in graph.outputs] for b in range(len(bound))]
 
