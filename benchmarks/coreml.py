@@ -51,7 +51,7 @@ Non-linear weights (embeddings, LayerNorm, biases) are fp32 in both evaluations.
     python benchmarks/coreml.py --quick               # 64 eval / 96 calibration sentences
     python benchmarks/coreml.py --settings w4-gptq --eval-sentences 200
 
-Writes benchmarks/out/coreml.json.
+Writes benchmarks/out/coreml.json and the table in docs/measured/coreml.md.
 """
 from __future__ import annotations
 
@@ -60,6 +60,7 @@ import copy
 import json
 import logging
 import re
+import sys
 import tempfile
 import time
 import warnings
@@ -67,6 +68,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import docs_table  # noqa: E402
 
 warnings.filterwarnings("ignore")
 logging.getLogger("coremltools").setLevel(logging.ERROR)
@@ -237,6 +241,27 @@ def embed_torch(model, batches) -> torch.Tensor:
 
 
 # --- the run --------------------------------------------------------------------------------------
+def docs_rows(report: dict) -> tuple[list[str], list[list]]:
+    """The docs table of coreml.json: per setting, package size as a fraction of the fp16 package,
+    mean cosine and NN agreement, ours and coremltools.optimize's."""
+    columns = ["setting", "ours: x fp16, mean cos, NN agree", "coremltools.optimize: x fp16, mean cos, NN agree"]
+
+    def cell(r, side):
+        f = r[side]
+        return f"{r[side + '_x_fp16']:.3f}x, {f['cosine_mean']:.4f}, {f['nn_agreement']:.1%}"
+    return columns, [[f"`{r['setting']}`", cell(r, "ours"), cell(r, "theirs")] for r in report["rows"]
+                     if r["setting"] != "fp16"]
+
+
+def write_docs(report: dict, source: str) -> None:
+    m = report["meta"]
+    columns, rows = docs_rows(report)
+    docs_table.write("measured/coreml.md", "coreml", columns, rows, source=source,
+                     notes=[f"{m['eval_sentences']} held-out sentences, {m['calibration_sentences']} calibration "
+                            f"sentences, {m['layers_compressed']}; both sides' weights decoded from their saved "
+                            f"packages and run in fp32; coremltools {m['coremltools']}."])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--settings", nargs="+", default=SETTINGS, choices=SETTINGS,
@@ -327,8 +352,10 @@ def main() -> None:
     meta = {"eval_sentences": n_eval, "calibration_sentences": n_cal, "quick": args.quick,
             "coremltools": ct.__version__, "torch": torch.__version__, "nnforge": nf.__version__,
             "target": "apple-a17", "layers_compressed": "the 36 encoder nn.Linear weights (both sides)"}
-    (args.out / "coreml.json").write_text(json.dumps({"meta": meta, "rows": list(rows.values())}, indent=1))
+    report = {"meta": meta, "rows": list(rows.values())}
+    (args.out / "coreml.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out / 'coreml.json'}")
+    write_docs(report, str(args.out / "coreml.json"))
 
 
 if __name__ == "__main__":

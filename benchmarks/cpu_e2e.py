@@ -18,7 +18,8 @@ Latency: real sentences padded to the longest of the batch; median over stretche
 alternate between the runners, each after a pause and a warm-up run (benchmarks/timing.py: the
 other runtimes' threads spin after their runs). Fidelity: mean / min cosine of the sparse bundle's
 embeddings against fp32 torch (the default model: 500 held-out sentences, plus NN agreement).
-Writes benchmarks/out/cpu_e2e.json (rows of models not run this time are kept).
+Writes benchmarks/out/cpu_e2e.json (rows of models not run this time are kept) and the table in
+docs/measured/cpu_e2e.md.
 
     python benchmarks/cpu_e2e.py [--models minilm bert-base] [--batches 1 32] [--rounds 30] [--tune]
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -37,8 +39,11 @@ import torch
 
 import nnforge as nf
 from nnforge.models import default as dm
-from nnforge.speed import alternating_ms
+from nnforge.speed import alternating_ms, machine
 from nnforge.models.zoo import zoo_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import docs_table  # noqa: E402
 
 warnings.filterwarnings("ignore")
 OUT = Path(__file__).parent / "out"
@@ -107,6 +112,34 @@ def bench_model(name: str, args, tmp: Path) -> list[dict]:
     return rows
 
 
+SPARSE = "nnforge cpu 80% block4x1"
+
+
+def docs_rows(report: dict) -> tuple[list[str], list[list]]:
+    """The docs table of cpu_e2e.json: ms per runner for each model and batch, the sparse bundle's
+    speed-up over torch eager and ORT, and its fidelity."""
+    runners = list(dict.fromkeys(r["runner"] for r in report["rows"]))
+    columns = ["model", "batch", *(f"{r} ms" for r in runners), "sparse x torch / x ORT", "sparse mean cos"]
+    rows = []
+    for model, batch in dict.fromkeys((r["model"], r["batch"]) for r in report["rows"]):
+        got = {r["runner"]: r for r in report["rows"] if r["model"] == model and r["batch"] == batch}
+        sparse = got.get(SPARSE)
+        rows.append([model, batch, *(docs_table.fmt(got[n]["ms"], ".2f") if n in got else None for n in runners),
+                     f"{sparse['x_torch']:.2f}x / {sparse['x_ort']:.2f}x" if sparse else None,
+                     docs_table.fmt(sparse["sparse_fidelity"]["cosine_mean"]) if sparse else None])
+    return columns, rows
+
+
+def write_docs(report: dict) -> None:
+    columns, rows = docs_rows(report)
+    runs = report["meta"]["runs"]
+    docs_table.write("measured/cpu_e2e.md", "cpu_e2e", columns, rows, source="benchmarks/out/cpu_e2e.json",
+                     notes=["Median ms per call in stretches alternating between the runners; real sentences "
+                            "padded to the longest of the batch. Runs: " + "; ".join(
+                                f"{name}: {m.get('rounds')} calls, load average {m.get('load_average')}"
+                                for name, m in runs.items()) + "."])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["minilm", "bert-base"])
@@ -125,15 +158,17 @@ def main() -> None:
     OUT.mkdir(exist_ok=True)
     meta = {"machine": f"{os.cpu_count()} CPU threads", "torch": torch.__version__,
             "onnxruntime": __import__("onnxruntime").__version__, "rounds": args.rounds,
-            "load_average": os.getloadavg()}
+            "load_average": os.getloadavg(), "measured_on": machine()}
     # rows of models not run this time are kept, with the meta of the run that measured them
     path = OUT / "cpu_e2e.json"
     old = json.loads(path.read_text()) if path.exists() else {}
     old_meta = old.get("meta", {}) if isinstance(old.get("meta"), dict) else {}
     kept = [r for r in old.get("rows", []) if r.get("model") not in args.models]
     runs = {**(old_meta.get("runs") or {}), **{name: meta for name in args.models}}
-    path.write_text(json.dumps({"meta": {"runs": runs}, "rows": kept + rows}, indent=1))
+    report = {"meta": {"runs": runs}, "rows": kept + rows}
+    path.write_text(json.dumps(report, indent=1))
     print(f"wrote {OUT / 'cpu_e2e.json'}")
+    write_docs(report)
 
 
 if __name__ == "__main__":

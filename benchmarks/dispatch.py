@@ -4,7 +4,8 @@ Compiles all-MiniLM-L6-v2 with each recipe at batch sizes 1 and 32 (the default 
 nf.compile), then prints what `nnforge inspect` prints for each bundle: the bundle against the
 same graph dense on tvm, against its compressed kernels alone and against torch eager, measured in
 alternating stretches in one process, and every layer whose kernel the dispatch changed, with the
-kernel times it decided on. The manifests' speed sections go to benchmarks/out/dispatch.json.
+kernel times it decided on. The manifests' speed sections go to benchmarks/out/dispatch.json, and
+the table to docs/measured/dispatch.md.
 
     python benchmarks/dispatch.py                      # w4-rtn, block-sparse-30, block-sparse-50
     python benchmarks/dispatch.py --recipes w8 --calibration 64
@@ -23,10 +24,40 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
+sys.path.insert(0, str(ROOT))
+
+import docs_table  # noqa: E402
 
 import nnforge as nf  # noqa: E402
 from nnforge.models import default as dm  # noqa: E402
 from nnforge.speed import describe  # noqa: E402
+
+
+def docs_rows(results: dict) -> tuple[list[str], list[list]]:
+    """The docs table of dispatch.json: per recipe and batch, each runner's ms and the layers the
+    dispatch sent to the dense kernel."""
+    labels = list(dict.fromkeys(k for r in results.values() for rec in r["speed"].get("records", [])
+                                for k in rec.get("ms", {})))
+    columns = ["recipe", "batch", *labels, "layers dispatched"]
+    rows = []
+    for recipe, r in results.items():
+        layers = r["dispatch"].get("layers") or []
+        for i, rec in enumerate(r["speed"].get("records", [])):
+            count = f"{sum(bool(d.get('dispatched')) for d in layers)} of {len(layers)}" if i == 0 and layers else None
+            rows.append([f"`{recipe}`", rec["batch"], *(docs_table.fmt(rec.get("ms", {}).get(k), ".2f") for k in labels),
+                         count if "ms" in rec else f"not measured: {rec.get('skipped')}"])
+    return columns, rows
+
+
+def write_docs(results: dict) -> None:
+    columns, rows = docs_rows(results)
+    first = next(iter(results.values()))["speed"]
+    docs_table.write("measured/dispatch.md", "dispatch", columns, rows, source="benchmarks/out/dispatch.json",
+                     machine=first.get("machine"),
+                     notes=["ms per call, median, as `nnforge inspect` prints each bundle's speed record: the "
+                            "bundle, its compressed kernels alone, the same graph dense on tvm and torch eager, in "
+                            "alternating stretches of one process; inputs are the check inputs (held-out sentences "
+                            "padded to one length), batch 32 repeats them."])
 
 
 def main(argv=None) -> int:
@@ -59,6 +90,7 @@ def main(argv=None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     print(f"\nwrote {args.out}")
+    write_docs(results)
     return 0
 
 

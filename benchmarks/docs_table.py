@@ -32,14 +32,17 @@ def markdown(columns, rows) -> str:
     return "\n".join(lines)
 
 
+def relative(path) -> str:
+    """``path`` from the repository root where it lies inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(DOCS.parent))
+    except ValueError:
+        return str(path)
+
+
 def command() -> str:
     """The command line that runs this script, as a user would type it from the repository root."""
-    script = Path(sys.argv[0])
-    try:
-        script = script.resolve().relative_to(DOCS.parent)
-    except ValueError:
-        pass
-    return shlex.join(["python", str(script), *sys.argv[1:]])
+    return shlex.join(["python", relative(sys.argv[0]), *sys.argv[1:]])
 
 
 def stamp(source: str, cmd: str | None = None, when: datetime.date | None = None, machine: dict | None = None) -> str:
@@ -49,9 +52,11 @@ def stamp(source: str, cmd: str | None = None, when: datetime.date | None = None
         machine = probe()
     load = machine.get("load_average")
     where = f"{machine.get('cpus')} CPUs ({machine.get('processor') or machine.get('machine')})"
+    if machine.get("device"):
+        where += f", {machine['device']}"
     if load:
         where += f", load average {' / '.join(f'{x:.1f}' for x in load)} (1 / 5 / 15 min) at the end"
-    return (f"Written by `{cmd or command()}` from `{source}` on {(when or datetime.date.today()).isoformat()}, "
+    return (f"Written by `{cmd or command()}` from `{relative(source)}` on {(when or datetime.date.today()).isoformat()}, "
             f"{where}.")
 
 

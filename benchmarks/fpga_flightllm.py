@@ -30,6 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nnforge.fpga import FLIGHTLLM_LLAMA2_COMPRESSION, simulate, write_plots  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import docs_table  # noqa: E402
+
 OUT = Path(__file__).parent / "out"
 TOLERANCE = 0.25
 README = "demo repo profile/README.md, Output Example (VHK158 column; reproduces paper Fig. 12)"
@@ -77,6 +80,24 @@ def rows() -> list[dict]:
     return out
 
 
+def docs_rows(table: list[dict]) -> tuple[list[str], list[list]]:
+    """The docs table of fpga_flightllm.json: each reported figure next to the simulated one."""
+    columns = ["model", "target", "prompt", "generated", "metric", "reported", "simulated", "deviation"]
+    return columns, [[r["model"], r["target"], r["prompt"], r["generate"], r["metric"],
+                      docs_table.fmt(r["reported"], ".1f"), f"{r['simulated']:.1f}",
+                      docs_table.fmt(None if r["error"] is None else 100 * r["error"], "+.1f", "%")] for r in table]
+
+
+def write_docs(table: list[dict], source: str) -> None:
+    checked = [r for r in table if r["reported"] is not None]
+    within = sum(bool(r["within_25pct"]) for r in checked)
+    columns, rows = docs_rows(table)
+    docs_table.write("measured/fpga_flightllm.md", "fpga_flightllm", columns, rows,
+                     source=source,
+                     notes=[f"{within} of {len(checked)} reported figures within {TOLERANCE:.0%}. Why each target "
+                            "differs: " + " ".join(f"{t}: {why}." for t, why in WHY.items())])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=OUT)
@@ -96,6 +117,7 @@ def main() -> int:
         print(f"why {target} differs: {why}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "fpga_flightllm.json").write_text(json.dumps(table, indent=1))
+    write_docs(table, str(args.out / "fpga_flightllm.json"))
     results = [simulate("llama2-7b", t, prompt=128, generate=512) for t in ("alveo-u280", "versal-vhk158")]
     for r in results:
         for p in write_plots(r, args.out):

@@ -188,9 +188,31 @@ def main() -> int:
             "cuda": torch.version.cuda, "triton": triton.__version__, "host": platform.node(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     OUT.mkdir(exist_ok=True)
-    (OUT / "gpu_gemm.json").write_text(json.dumps({"meta": meta, "goals": goals, "rows": rows}, indent=1))
+    report = {"meta": meta, "goals": goals, "rows": rows}
+    (OUT / "gpu_gemm.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {OUT / 'gpu_gemm.json'}")
+    write_docs(report)
     return 0
+
+
+def docs_rows(report: dict) -> tuple[list[str], list[list]]:
+    """The docs table of gpu_gemm.json: each kernel against cuBLAS fp16, and the share it reaches
+    of the speed-up its bytes allow."""
+    columns = ["K x N", "format", "M", "ms", "cuBLAS fp16 ms", "speed-up", "ideal", "of ideal"]
+    return columns, [[f"{r['K']} x {r['N']}", r["format"], r["M"], f"{r['ms']:.4f}", f"{r['cublas_fp16_ms']:.4f}",
+                      f"{r['speedup']:.2f}x", f"{r['ideal_speedup']:.2f}x", f"{r['fraction_of_ideal']:.0%}"]
+                     for r in report["rows"]]
+
+
+def write_docs(report: dict) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import docs_table                   # beside this script
+    from nnforge.speed import machine
+    m = report["meta"]
+    docs_table.write("measured/gpu_gemm.md", "gpu_gemm", *docs_rows(report), source="benchmarks/out/gpu_gemm.json",
+                     machine={**machine(), "device": m["device"]},
+                     notes=[f"Target {m['target']}, torch {m['torch']}, CUDA {m['cuda']}, Triton {m['triton']}; "
+                            "medians of triton.testing.do_bench. Goals: " + json.dumps(report["goals"])])
 
 
 if __name__ == "__main__":

@@ -12,11 +12,11 @@ intra_op_num_threads; default os.cpu_count()):
   contrib op nnforge's onnx backend emits), one-node models over the same packed codes;
 - ORT dense MatMul on the fp32 weight.
 
-Each runner is timed in ``--rounds`` rounds of ``--repeat`` calls after a warm-up, rounds taken
-in turn across runners (with a pause so one runtime's spinning threads are idle before the
-next); the median over all calls is reported, with speed-ups over torch fp32 and over the ORT
-MatMulNBits of the same bit width. Outputs are checked against x @ W.T on the way. Writes
-benchmarks/out/lowbit_gemm.json.
+Each runner is timed in ``--rounds`` stretches of ``--repeat`` calls, stretches taken in turn
+across runners (nnforge.speed.alternating_ms: a pause so one runtime's spinning threads are idle
+before the next, and a warm-up); the median over all calls is reported, with speed-ups over torch
+fp32 and over the ORT MatMulNBits of the same bit width. Outputs are checked against x @ W.T on
+the way. Writes benchmarks/out/lowbit_gemm.json and the table in docs/measured/lowbit_gemm.md.
 
     python benchmarks/lowbit_gemm.py [--threads N] [--repeat 30] [--rounds 3]
 """
@@ -26,8 +26,7 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import time
+import sys
 from pathlib import Path
 
 OUT = Path(__file__).parent / "out"
@@ -58,6 +57,10 @@ from onnx import TensorProto, helper, numpy_helper     # noqa: E402
 
 from nnforge.backends.tvm.kernels.lowbit import int_weight_matmul, llvm_target   # noqa: E402
 from nnforge.ir import IntQuant                        # noqa: E402
+from nnforge.speed import alternating_ms, machine       # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import docs_table                                      # noqa: E402
 
 
 def ort_session(nodes, initializers, k: int, n: int):
@@ -126,18 +129,19 @@ def as_numpy(y) -> np.ndarray:
 
 
 def time_runners(runners: dict, x: np.ndarray) -> dict[str, float]:
-    """Median microseconds per call of each runner on x, over rounds taken in turn."""
-    samples = {name: [] for name in runners}
-    for _ in range(ARGS.rounds):
-        for name, (run, _) in runners.items():
-            time.sleep(0.05)              # let the previous runtime's spinning threads go idle
-            for _ in range(3):
-                run(x)
-            for _ in range(ARGS.repeat):
-                t0 = time.perf_counter()
-                run(x)
-                samples[name].append(time.perf_counter() - t0)
-    return {name: 1e6 * statistics.median(s) for name, s in samples.items()}
+    """Median microseconds per call of each runner on x, over stretches taken in turn."""
+    calls = {name: (lambda run=run: run(x)) for name, (run, _) in runners.items()}
+    ms = alternating_ms(calls, (), rounds=ARGS.repeat * ARGS.rounds, passes=ARGS.rounds)
+    return {name: 1000 * t for name, t in ms.items()}
+
+
+def docs_rows(report: dict) -> tuple[list[str], list[list]]:
+    """The docs table of lowbit_gemm.json: each kernel's speed-up over torch fp32 and over ORT's
+    MatMulNBits of the same bit width, per shape and row count."""
+    columns = ["K x N", "M", "int8 x torch fp32", "int8 x MatMulNBits 8", "int4 x torch fp32", "int4 x MatMulNBits 4"]
+    return columns, [[f"{r['K']} x {r['N']}", r["M"], *(f"{r[f'int{b}_vs_{peer}']:.2f}x" for b in (8, 4)
+                                                          for peer in ("torch_fp32", "ort_nbits"))]
+                     for r in report["rows"]]
 
 
 def main() -> None:
@@ -169,8 +173,13 @@ def main() -> None:
             "llvm_target": str(llvm_target(TARGET)), "repeat": ARGS.repeat, "rounds": ARGS.rounds,
             "torch": torch.__version__, "onnxruntime": ort.__version__, "tvm": tvm.__version__,
             "note": "ORT MatMulNBits 8 uses 128-blocks; the tvm int8 kernel is per-channel (as specified)"}
-    (OUT / "lowbit_gemm.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    report = {"meta": {**meta, "machine": machine()}, "rows": rows}
+    (OUT / "lowbit_gemm.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {OUT / 'lowbit_gemm.json'}")
+    docs_table.write("measured/lowbit_gemm.md", "lowbit_gemm", *docs_rows(report), source="benchmarks/out/lowbit_gemm.json",
+                     machine=report["meta"]["machine"],
+                     notes=[f"{meta['threads']} threads; median of {meta['rounds']} x {meta['repeat']} calls a runner "
+                            f"in alternating stretches; {meta['note']}."])
 
 
 if __name__ == "__main__":

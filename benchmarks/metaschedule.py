@@ -16,7 +16,8 @@ All runners use the same thread count (TVM_NUM_THREADS, set before TVM starts it
 torch.set_num_threads). Each is timed in ``--rounds`` rounds of ``--repeat`` calls after a
 warm-up, rounds taken in turn across runners; the median over all calls is reported, with the
 tuned kernel's speed-up over ours (> 1: MetaSchedule wins). Tuning wall time is recorded per
-shape. Outputs are checked against numpy x @ W.T. Writes benchmarks/out/metaschedule.json.
+shape. Outputs are checked against numpy x @ W.T. Writes benchmarks/out/metaschedule.json and the
+table in docs/measured/metaschedule.md.
 
     python benchmarks/metaschedule.py [--trials 64] [--threads N] [--repeat 20] [--rounds 3]
 
@@ -32,6 +33,7 @@ import os
 import platform
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -257,6 +259,26 @@ def main():
               "note": "speedup > 1 means the MetaSchedule-tuned kernel is faster than nnforge's hand kernel"}
     (OUT / "metaschedule.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {OUT / 'metaschedule.json'}")
+    write_docs(result)
+
+
+def docs_rows(result: dict) -> tuple[list[str], list[list]]:
+    """The docs table of metaschedule.json: per shape, each kernel's ms and MetaSchedule's speed
+    relative to nnforge's hand-scheduled dense GEMM (> 1: MetaSchedule is faster)."""
+    columns = ["K x N", "M", "MetaSchedule ms", "nnforge dense ms", "torch F.linear ms", "MetaSchedule vs nnforge"]
+    return columns, [[f"{r['K']} x {r['N']}", r["M"], f"{r['ms']['metaschedule']:.3f}", f"{r['ms']['nnforge dense']:.3f}",
+                      f"{r['ms']['torch F.linear']:.3f}", f"{r['metaschedule_speedup_over_nnforge']:.2f}x"]
+                     for r in result["shapes"]]
+
+
+def write_docs(result: dict) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import docs_table                   # beside this script
+    docs_table.write("measured/metaschedule.md", "metaschedule", *docs_rows(result),
+                     source="benchmarks/out/metaschedule.json",
+                     notes=[f"{result['trials_per_shape']} MetaSchedule trials per shape ({result['tuning_s_all_shapes']} s "
+                            f"of tuning for all), {result['threads']} threads, TVM {result['tvm']}, target "
+                            f"{result['target']}."])
 
 
 if __name__ == "__main__":

@@ -2,20 +2,20 @@
 
 Peers: torch eager (fp32) and ONNX Runtime running `torch.onnx.export`'s model of the same network
 (the usual way to get an ONNX model). All run on this machine's CPU with the same threads, on the
-same real sentences (batch sizes 1, 8, 32, padded to the longest sentence of the batch).
-Reported: median milliseconds per batch and the ratio to torch eager. Writes the table as JSON to
-benchmarks/out/onnx_latency.json.
+same real sentences (batch sizes 1, 8, 32, padded to the longest sentence of the batch), in
+stretches that alternate between the runners (nnforge.speed.alternating_ms), so a change of load
+hits them all alike. Reported: median milliseconds per batch and the ratio to torch eager. Writes
+benchmarks/out/onnx_latency.json and the table in docs/measured/onnx_latency.md.
 
-    python benchmarks/onnx_latency.py [--repeat 20]
+    python benchmarks/onnx_latency.py [--repeat 21]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import statistics
+import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -24,20 +24,13 @@ import torch
 
 import nnforge as nf
 from nnforge.models import default as dm
+from nnforge.speed import alternating_ms, machine
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import docs_table  # noqa: E402
 
 warnings.filterwarnings("ignore")
 OUT = Path(__file__).parent / "out"
-
-
-def median_ms(fn, args, repeat: int) -> float:
-    fn(*args)
-    fn(*args)
-    samples = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn(*args)
-        samples.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(samples)
 
 
 def torch_onnx_peer(model, example, tmp: Path):
@@ -55,7 +48,7 @@ def torch_onnx_peer(model, example, tmp: Path):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--repeat", type=int, default=21, help="calls per runner and batch size, in 3 stretches")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     args = ap.parse_args()
     model, tok = dm.load_default_model()
@@ -69,24 +62,48 @@ def main() -> None:
         for recipe in ("fp32", "w8", "w4-rtn"):
             b = nf.compile(model, "onnx", None if recipe == "fp32" else recipe, example_inputs=example,
                            dynamic_shapes=dm.dynamic_shapes(), input_names=["input_ids", "attention_mask"],
-                           output_names=["embeddings"], out=tmp / recipe)
+                           output_names=["embeddings"], out=tmp / recipe, batch_sizes=())
             runners[f"nnforge onnx {recipe}"] = nf.load(b.path)
         with torch.no_grad():
             for bs in args.batches:
                 batch = dm.encode(tok, evals[:bs])
-                base = median_ms(runners["torch eager"], batch, args.repeat)
-                for name, run in runners.items():
-                    ms = base if name == "torch eager" else median_ms(run, batch, args.repeat)
+                times = alternating_ms(runners, batch, args.repeat)
+                base = times["torch eager"]
+                for name, ms in times.items():
                     rows.append({"runner": name, "batch": bs, "seq": int(batch[0].shape[1]), "ms": round(ms, 3),
                                  "speedup_vs_torch": round(base / ms, 3)})
     print(f"{'runner':<28} {'batch':>5} {'seq':>4} {'ms':>9} {'x torch':>8}")
     for r in rows:
         print(f"{r['runner']:<28} {r['batch']:>5} {r['seq']:>4} {r['ms']:>9.2f} {r['speedup_vs_torch']:>8.2f}")
     OUT.mkdir(exist_ok=True)
-    meta = {"machine": f"{os.cpu_count()} CPU threads", "torch": torch.__version__,
+    meta = {"machine": machine(), "torch": torch.__version__,
             "onnxruntime": __import__("onnxruntime").__version__, "repeat": args.repeat}
-    (OUT / "onnx_latency.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    report = {"meta": meta, "rows": rows}
+    (OUT / "onnx_latency.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {OUT / 'onnx_latency.json'}")
+    write_docs(report)
+
+
+def docs_rows(report: dict) -> tuple[list[str], list[list]]:
+    """The docs table of onnx_latency.json: one line per runner, ms and x torch per batch size."""
+    batches = sorted({r["batch"] for r in report["rows"]})
+    columns = ["runner", *(f"batch {b}: ms (x torch)" for b in batches)]
+    rows = []
+    for runner in dict.fromkeys(r["runner"] for r in report["rows"]):
+        cells = {r["batch"]: f"{r['ms']:.2f} ({r['speedup_vs_torch']:.2f}x)" for r in report["rows"]
+                 if r["runner"] == runner}
+        rows.append([runner, *(cells.get(b) for b in batches)])
+    return columns, rows
+
+
+def write_docs(report: dict) -> None:
+    columns, rows = docs_rows(report)
+    m = report["meta"]
+    docs_table.write("measured/onnx_latency.md", "onnx_latency", columns, rows,
+                     source="benchmarks/out/onnx_latency.json", machine=m["machine"],
+                     notes=[f"torch {m['torch']}, onnxruntime {m['onnxruntime']}; median of {m['repeat']} calls a "
+                            "runner, in stretches alternating between the runners; real sentences padded to the "
+                            "longest of the batch."])
 
 
 if __name__ == "__main__":

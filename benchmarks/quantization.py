@@ -46,6 +46,7 @@ import logging
 import math
 import os
 import platform
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -54,6 +55,9 @@ from pathlib import Path
 import torch
 
 from nnforge.models import default as dm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import docs_table  # noqa: E402
 
 warnings.filterwarnings("ignore")
 OUT = Path(__file__).parent / "out"
@@ -478,6 +482,33 @@ def print_table(rows: list[Row]) -> None:
             print(f"  {r.method}: {extra}")
 
 
+def docs_rows(report: dict) -> tuple[list[str], list[list]]:
+    """The docs table of quantization.json: one line per method, a row that did not run says why."""
+    columns = ["method", "mean cos", "min cos", "NN agree", "NN query", "linear bytes vs fp32", "seconds"]
+    rows = []
+    for r in report["rows"]:
+        if r.get("error"):
+            rows.append([r["method"], f"not run: {r['error']}", None, None, None, None, None])
+            continue
+        ratio = (f"{'~' if r['bytes_estimated'] else ''}{r['weight_bytes'] / r['fp32_weight_bytes']:.3f}x"
+                 if r.get("weight_bytes") and r.get("fp32_weight_bytes") else None)
+        rows.append([r["method"], docs_table.fmt(r["cosine_mean"]), docs_table.fmt(r["cosine_min"]),
+                     docs_table.fmt(r["nn_agreement"], ".1%"), docs_table.fmt(r["query_agreement"], ".1%"), ratio,
+                     docs_table.fmt(r["quant_seconds"], ".1f")])
+    return columns, rows
+
+
+def write_docs(report: dict) -> None:
+    m = report["meta"]
+    columns, rows = docs_rows(report)
+    docs_table.write("measured/quantization.md", "quantization", columns, rows,
+                     source="benchmarks/out/quantization.json",
+                     notes=[f"{m['eval_sentences']} held-out sentences, {m['calibration_sentences']} calibration "
+                            f"sentences; versions {json.dumps(m['versions'])}. ~: packed size estimated from the "
+                            "format (Brevitas stores fake-quantised fp32 weights). Seconds: the quantisation step "
+                            "alone, on a machine that may have been shared."])
+
+
 def meta(args, seconds: float, setup: Setup) -> dict:
     import onnxruntime
     versions = {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
@@ -511,8 +542,10 @@ def main() -> None:
     print(f"\ntotal {seconds:.0f} s")
     OUT.mkdir(exist_ok=True)
     path = OUT / "quantization.json"
-    path.write_text(json.dumps({"meta": meta(args, seconds, setup), "rows": [asdict(r) for r in rows]}, indent=1))
+    report = {"meta": meta(args, seconds, setup), "rows": [asdict(r) for r in rows]}
+    path.write_text(json.dumps(report, indent=1))
     print(f"wrote {path}")
+    write_docs(report)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ All use the same threads (os.cpu_count() unless --threads: TVM_NUM_THREADS, torc
 ORT intra_op_num_threads). Each runner is timed on its own: warm-up calls, then the median (and, in
 the JSON, the minimum) of --repeat calls, with a pause between runners so that one's spinning
 worker threads do not steal the next one's cores. Prints speed-up ratios (dense time / sparse
-time) against torch and ORT and writes everything to benchmarks/out/spmm.json. On a machine shared with other work the timings
+time) against torch and ORT and writes everything to benchmarks/out/spmm.json, and the tables in
+docs/measured/spmm.md. On a machine shared with other work the timings
 move by tens of percent from run to run: compare ratios of one run, and rerun on a quiet machine.
 
     python benchmarks/spmm.py [--block 4x1] [--sparsity 0.7 0.8 0.9] [--m 1 32 128 384] [--repeat 25]
@@ -25,6 +26,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -32,6 +34,9 @@ from pathlib import Path
 # after a call) starve the next runner's thread pool for whole scheduler ticks
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import docs_table  # noqa: E402
 
 OUT = Path(__file__).parent / "out"
 SHAPES = [(768, 768), (768, 3072), (3072, 768)]     # (K, N) of BERT-base: attention out/QKV, FFN up, FFN down
@@ -96,6 +101,35 @@ def tvm_runner(kern, target):
         yd = tvm.runtime.tensor(np.zeros((x.shape[0], kern.n), np.float32), dev)
         return (lambda: func(xd, *consts, yd)), yd
     return prepare
+
+
+def docs_rows(report: dict, ratio: str) -> tuple[list[str], list[list]]:
+    """One docs table of spmm.json: per K x N shape and sparsity, the ``ratio`` column (e.g.
+    ``fp32_vs_torch``) at each M, joined as 'a / b / c'."""
+    ms = sorted({r["M"] for r in report["rows"]})
+    sparsities = sorted({r["sparsity"] for r in report["rows"]})
+    columns = ["K x N", *(f"{s:.0%} sparse" for s in sparsities)]
+    rows = []
+    for k, n in dict.fromkeys((r["K"], r["N"]) for r in report["rows"]):
+        cells = []
+        for sp in sparsities:
+            got = {r["M"]: r[ratio] for r in report["rows"] if (r["K"], r["N"], r["sparsity"]) == (k, n, sp)}
+            cells.append(" / ".join(f"{got[m]:.2f}" if m in got else "-" for m in ms))
+        rows.append([f"{k} x {n}", *cells])
+    return columns, rows
+
+
+def write_docs(report: dict, source: str) -> None:
+    ms = sorted({r["M"] for r in report["rows"]})
+    suffix = "-gemv" if ms == [1] else ""
+    where = (f"{report['block']} blocks, random block masks, {report['threads']} threads, {report['cpu']}; "
+             f"M = {' / '.join(map(str, ms))} tokens per cell; medians of {report['repeat']} calls, each runner "
+             "timed on its own after a pause (compare ratios of one run).")
+    for name, ratio, what in (("spmm", "fp32_vs_torch", "speed-up of the fp32 BSR kernel over torch dense fp32"),
+                              ("spmm-int8", "int8_vs_fp32", "speed-up of the int8 BSR kernel over the fp32 one")):
+        columns, rows = docs_rows(report, ratio)
+        docs_table.write("measured/spmm.md", name + suffix, columns, rows, source=source,
+                         notes=[f"{what.capitalize()}: {where}"])
 
 
 def main() -> None:
@@ -189,6 +223,7 @@ def main() -> None:
               "rows": rows}
     args.out.write_text(json.dumps(report, indent=1, default=str))
     print(f"wrote {args.out}")
+    write_docs(report, str(args.out))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -25,7 +26,10 @@ import torch
 
 import nnforge as nf
 from nnforge.models import default as dm
-from nnforge.speed import alternating_ms
+from nnforge.speed import alternating_ms, machine
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import docs_table  # noqa: E402
 
 warnings.filterwarnings("ignore")
 OUT = Path(__file__).parent / "out"
@@ -43,6 +47,32 @@ def linear_params(bundle) -> tuple[int, int]:
             if ("intermediate" in n.name or n.name.endswith("output.dense")) and "attention" not in n.name:
                 mlp += size
     return mlp, total
+
+
+def docs_rows(report: dict) -> tuple[list[str], list[list]]:
+    """The docs table of structured.json: one line per recipe, weights kept, fidelity, and the
+    speed-up over the unpruned fp32 bundle at each batch size."""
+    batches = sorted({r["batch"] for r in report["rows"]})
+    base = next(r for r in report["rows"] if r["recipe"] == "fp32")
+    columns = ["recipe", "MLP weights", "linear weights", "mean cos", "NN agree", *(f"batch {b} x fp32" for b in batches)]
+    rows = []
+    for recipe in dict.fromkeys(r["recipe"] for r in report["rows"] if r["recipe"] != "fp32"):
+        by_batch = {r["batch"]: r for r in report["rows"] if r["recipe"] == recipe}
+        r = next(iter(by_batch.values()))
+        rows.append([f"`{recipe}`", f"{r['mlp_params'] / base['mlp_params']:.3f}",
+                     f"{r['linear_params'] / base['linear_params']:.3f}", docs_table.fmt(r["cosine_mean"], ".6f"),
+                     docs_table.fmt(r["nn_agreement"], ".1%"),
+                     *(f"{by_batch[b]['speedup']:.2f}x" if b in by_batch else None for b in batches)])
+    return columns, rows
+
+
+def write_docs(report: dict) -> None:
+    columns, rows = docs_rows(report)
+    docs_table.write("measured/structured.md", "structured", columns, rows, source="benchmarks/out/structured.json",
+                     machine=report["meta"].get("measured_on"),
+                     notes=[f"`onnx` bundles in fp32, ONNX Runtime {report['meta']['onnxruntime']}, "
+                            f"{report['meta']['rounds']} calls a runner in alternating stretches; the speed-up is "
+                            "the unpruned bundle's time over the pruned one's in the same run."])
 
 
 def main() -> None:
@@ -90,9 +120,11 @@ def main() -> None:
               f"{r['nn_agreement']:>6.1%} {r['batch']:>5} {r['seq']:>4} {r['ms']:>8.2f} {r['speedup']:>7.3f}")
     OUT.mkdir(exist_ok=True)
     meta = {"machine": f"{os.cpu_count()} CPU threads", "onnxruntime": __import__("onnxruntime").__version__,
-            "rounds": args.rounds, "load_average": os.getloadavg()}
-    (OUT / "structured.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+            "rounds": args.rounds, "load_average": os.getloadavg(), "measured_on": machine()}
+    report = {"meta": meta, "rows": rows}
+    (OUT / "structured.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {OUT / 'structured.json'}")
+    write_docs(report)
 
 
 if __name__ == "__main__":
