@@ -133,7 +133,7 @@ def docs_rows(report: dict) -> tuple[list[str], list[list]]:
 def write_docs(report: dict) -> None:
     columns, rows = docs_rows(report)
     runs = report["meta"]["runs"]
-    docs_table.write("measured/cpu_e2e.md", "cpu_e2e", columns, rows, source="benchmarks/out/cpu_e2e.json",
+    docs_table.write("measured/cpu_e2e.md", "cpu_e2e", columns, rows, timed=True, source="benchmarks/out/cpu_e2e.json",
                      notes=["Median ms per call in stretches alternating between the runners; real sentences "
                             "padded to the longest of the batch. Runs: " + "; ".join(
                                 f"{name}: {m.get('rounds')} calls, load average {m.get('load_average')}"

@@ -47,7 +47,7 @@ def docs_rows(rows: list[dict]) -> tuple[list[str], list[list]]:
 def write_docs(report: dict) -> None:
     columns, rows = docs_rows(report["rows"])
     load = report["meta"]["machine"].get("load_average")
-    docs_table.write("measured/demo.md", "demo", columns, rows, source="benchmarks/out/demo.json",
+    docs_table.write("measured/demo.md", "demo", columns, rows, timed=True, source="benchmarks/out/demo.json",
                      machine=report["meta"]["machine"],
                      notes=[f"Calibration: {report['meta']['calibration_sentences']} sentences; fidelity against fp32 "
                             "torch on the first held-out sentences of each row. Speed: bundle against torch eager "

@@ -44,7 +44,8 @@ def docs_rows(results: dict) -> tuple[list[str], list[list]]:
         layers = r["dispatch"].get("layers") or []
         for i, rec in enumerate(r["speed"].get("records", [])):
             count = f"{sum(bool(d.get('dispatched')) for d in layers)} of {len(layers)}" if i == 0 and layers else None
-            rows.append([f"`{recipe}`", rec["batch"], *(docs_table.fmt(rec.get("ms", {}).get(k), ".2f") for k in labels),
+            ms = [docs_table.fmt(rec.get("ms", {}).get(k), ".2f") for k in labels]
+            rows.append([f"`{recipe}`", rec["batch"], *ms,
                          count if "ms" in rec else f"not measured: {rec.get('skipped')}"])
     return columns, rows
 
@@ -52,7 +53,8 @@ def docs_rows(results: dict) -> tuple[list[str], list[list]]:
 def write_docs(results: dict) -> None:
     columns, rows = docs_rows(results)
     first = next(iter(results.values()))["speed"]
-    docs_table.write("measured/dispatch.md", "dispatch", columns, rows, source="benchmarks/out/dispatch.json",
+    docs_table.write("measured/dispatch.md", "dispatch", columns, rows, timed=True,
+                     source="benchmarks/out/dispatch.json",
                      machine=first.get("machine"),
                      notes=["ms per call, median, as `nnforge inspect` prints each bundle's speed record: the "
                             "bundle, its compressed kernels alone, the same graph dense on tvm and torch eager, in "

@@ -45,19 +45,27 @@ def command() -> str:
     return shlex.join(["python", relative(sys.argv[0]), *sys.argv[1:]])
 
 
-def stamp(source: str, cmd: str | None = None, when: datetime.date | None = None, machine: dict | None = None) -> str:
-    """The line under a table: which command wrote it, from which JSON, when, and on what machine."""
+def stamp(source: str, cmd: str | None = None, when: datetime.date | None = None, machine: dict | None = None,
+          timed: bool = False) -> str:
+    """The line under a table: which command wrote it, from which JSON, when, and on what machine;
+    for a ``timed`` table on a busy machine, that its times are unreliable."""
     if machine is None:
         from nnforge.speed import machine as probe
         machine = probe()
     load = machine.get("load_average")
+    busy = False
+    if timed and load:
+        from nnforge.demo import UNRELIABLE_LOAD_PER_CPU     # the level at which the demo marks its rows
+        busy = load[0] / max(machine.get("cpus") or 1, 1) > UNRELIABLE_LOAD_PER_CPU
     where = f"{machine.get('cpus')} CPUs ({machine.get('processor') or machine.get('machine')})"
     if machine.get("device"):
         where += f", {machine['device']}"
     if load:
         where += f", load average {' / '.join(f'{x:.1f}' for x in load)} (1 / 5 / 15 min) at the end"
-    return (f"Written by `{cmd or command()}` from `{relative(source)}` on {(when or datetime.date.today()).isoformat()}, "
-            f"{where}.")
+    day = (when or datetime.date.today()).isoformat()
+    warning = (" The machine was busy with other work: compare the ratios within this table, not its "
+               "milliseconds with another run's.") if busy else ""
+    return f"Written by `{cmd or command()}` from `{relative(source)}` on {day}, {where}.{warning}"
 
 
 def replace_block(text: str, name: str, body: str, where: str = "the page") -> str:
@@ -79,11 +87,12 @@ def replace_block(text: str, name: str, body: str, where: str = "the page") -> s
 
 
 def write(page: str | Path, name: str, columns, rows, *, source: str, notes=(), cmd: str | None = None,
-          when: datetime.date | None = None, machine: dict | None = None) -> Path:
+          when: datetime.date | None = None, machine: dict | None = None, timed: bool = False) -> Path:
     """Replace table ``name`` in ``docs/<page>`` with ``rows`` under ``columns``, the ``notes``
-    (one paragraph each) and the stamp. Returns the page's path."""
+    (one paragraph each) and the stamp (``timed``: its figures are times, which a busy machine
+    makes unreliable). Returns the page's path."""
     path = Path(page) if Path(page).is_absolute() else DOCS / page
-    body = "\n\n".join([markdown(columns, rows), *notes, stamp(source, cmd, when, machine)])
+    body = "\n\n".join([markdown(columns, rows), *notes, stamp(source, cmd, when, machine, timed)])
     text = path.read_text() if path.exists() else f"# {path.stem}\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(replace_block(text, name, body, where=str(path)))

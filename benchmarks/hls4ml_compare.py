@@ -221,8 +221,8 @@ def write_docs(report: dict, source: str) -> None:
     columns, rows = docs_rows(report)
     docs_table.write("measured/hls4ml_compare.md", "hls4ml_compare", columns, rows,
                      source=source,
-                     notes=[f"{m['n_inputs']} seeded inputs per model, both sides as C-simulations, target {m['target']} "
-                            f"({m['part']}); hls4ml {m['hls4ml']}; nothing was synthesised."])
+                     notes=[f"{m['n_inputs']} seeded inputs per model, both sides as C-simulations, target "
+                            f"{m['target']} ({m['part']}); hls4ml {m['hls4ml']}; nothing was synthesised."])
 
 
 def main() -> None:

@@ -176,7 +176,8 @@ def main() -> None:
     report = {"meta": {**meta, "machine": machine()}, "rows": rows}
     (OUT / "lowbit_gemm.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {OUT / 'lowbit_gemm.json'}")
-    docs_table.write("measured/lowbit_gemm.md", "lowbit_gemm", *docs_rows(report), source="benchmarks/out/lowbit_gemm.json",
+    docs_table.write("measured/lowbit_gemm.md", "lowbit_gemm", *docs_rows(report), timed=True,
+                     source="benchmarks/out/lowbit_gemm.json",
                      machine=report["meta"]["machine"],
                      notes=[f"{meta['threads']} threads; median of {meta['rounds']} x {meta['repeat']} calls a runner "
                             f"in alternating stretches; {meta['note']}."])

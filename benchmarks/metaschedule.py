@@ -266,19 +266,19 @@ def docs_rows(result: dict) -> tuple[list[str], list[list]]:
     """The docs table of metaschedule.json: per shape, each kernel's ms and MetaSchedule's speed
     relative to nnforge's hand-scheduled dense GEMM (> 1: MetaSchedule is faster)."""
     columns = ["K x N", "M", "MetaSchedule ms", "nnforge dense ms", "torch F.linear ms", "MetaSchedule vs nnforge"]
-    return columns, [[f"{r['K']} x {r['N']}", r["M"], f"{r['ms']['metaschedule']:.3f}", f"{r['ms']['nnforge dense']:.3f}",
-                      f"{r['ms']['torch F.linear']:.3f}", f"{r['metaschedule_speedup_over_nnforge']:.2f}x"]
-                     for r in result["shapes"]]
+    return columns, [[f"{r['K']} x {r['N']}", r["M"], *(f"{r['ms'][k]:.3f}" for k in
+                                                       ("metaschedule", "nnforge dense", "torch F.linear")),
+                      f"{r['metaschedule_speedup_over_nnforge']:.2f}x"] for r in result["shapes"]]
 
 
 def write_docs(result: dict) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import docs_table                   # beside this script
     docs_table.write("measured/metaschedule.md", "metaschedule", *docs_rows(result),
-                     source="benchmarks/out/metaschedule.json",
-                     notes=[f"{result['trials_per_shape']} MetaSchedule trials per shape ({result['tuning_s_all_shapes']} s "
-                            f"of tuning for all), {result['threads']} threads, TVM {result['tvm']}, target "
-                            f"{result['target']}."])
+                     timed=True, source="benchmarks/out/metaschedule.json",
+                     notes=[f"{result['trials_per_shape']} MetaSchedule trials per shape "
+                            f"({result['tuning_s_all_shapes']} s of tuning for all), {result['threads']} threads, "
+                            f"TVM {result['tvm']}, target {result['target']}."])
 
 
 if __name__ == "__main__":

@@ -100,7 +100,7 @@ def write_docs(report: dict) -> None:
     columns, rows = docs_rows(report)
     m = report["meta"]
     docs_table.write("measured/onnx_latency.md", "onnx_latency", columns, rows,
-                     source="benchmarks/out/onnx_latency.json", machine=m["machine"],
+                     timed=True, source="benchmarks/out/onnx_latency.json", machine=m["machine"],
                      notes=[f"torch {m['torch']}, onnxruntime {m['onnxruntime']}; median of {m['repeat']} calls a "
                             "runner, in stretches alternating between the runners; real sentences padded to the "
                             "longest of the batch."])

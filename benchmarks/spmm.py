@@ -128,7 +128,7 @@ def write_docs(report: dict, source: str) -> None:
     for name, ratio, what in (("spmm", "fp32_vs_torch", "speed-up of the fp32 BSR kernel over torch dense fp32"),
                               ("spmm-int8", "int8_vs_fp32", "speed-up of the int8 BSR kernel over the fp32 one")):
         columns, rows = docs_rows(report, ratio)
-        docs_table.write("measured/spmm.md", name + suffix, columns, rows, source=source,
+        docs_table.write("measured/spmm.md", name + suffix, columns, rows, timed=True, source=source,
                          notes=[f"{what.capitalize()}: {where}"])
 
 

@@ -54,7 +54,8 @@ def docs_rows(report: dict) -> tuple[list[str], list[list]]:
     speed-up over the unpruned fp32 bundle at each batch size."""
     batches = sorted({r["batch"] for r in report["rows"]})
     base = next(r for r in report["rows"] if r["recipe"] == "fp32")
-    columns = ["recipe", "MLP weights", "linear weights", "mean cos", "NN agree", *(f"batch {b} x fp32" for b in batches)]
+    columns = ["recipe", "MLP weights", "linear weights", "mean cos", "NN agree",
+               *(f"batch {b} x fp32" for b in batches)]
     rows = []
     for recipe in dict.fromkeys(r["recipe"] for r in report["rows"] if r["recipe"] != "fp32"):
         by_batch = {r["batch"]: r for r in report["rows"] if r["recipe"] == recipe}
@@ -68,7 +69,8 @@ def docs_rows(report: dict) -> tuple[list[str], list[list]]:
 
 def write_docs(report: dict) -> None:
     columns, rows = docs_rows(report)
-    docs_table.write("measured/structured.md", "structured", columns, rows, source="benchmarks/out/structured.json",
+    docs_table.write("measured/structured.md", "structured", columns, rows, timed=True,
+                     source="benchmarks/out/structured.json",
                      machine=report["meta"].get("measured_on"),
                      notes=[f"`onnx` bundles in fp32, ONNX Runtime {report['meta']['onnxruntime']}, "
                             f"{report['meta']['rounds']} calls a runner in alternating stretches; the speed-up is "

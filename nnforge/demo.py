@@ -264,7 +264,7 @@ def format_table(rows: list[Row], full: bool = False) -> str:
         lines.append(f"{r.family:<{fw}} {r.target:<10} {r.recipe:<{rw}} {r.bundle_mb:>6.1f} {r.sentences:>5} "
                      f"{r.cos_mean:>8.4f} {r.cos_min:>8.4f} {r.nn_agree:>8.1%} {' '.join(speed)}  "
                      f"{','.join(marks)}")
-    lines.append(f"all-MiniLM-L6-v2 + mean pooling; fidelity against fp32 torch on the first 'sent.' held-out sentences "
+    lines.append("all-MiniLM-L6-v2 + mean pooling; fidelity against fp32 torch on the first 'sent.' held-out sentences "
                  f"(cosine of the embeddings; NN agree: same nearest neighbour among them); calibration: "
                  f"{FULL_CALIBRATION if full else QUICK_CALIBRATION} other sentences; x = torch ms / bundle ms, "
                  "timed alternately in the same stretches of this run"

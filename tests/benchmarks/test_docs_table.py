@@ -60,7 +60,8 @@ def test_missing_block_is_appended_and_missing_page_created(tmp_path):
     docs_table.write(page, "fresh", ["a"], [[1]], source="x.json", cmd="python x.py",
                      when=datetime.date(2026, 1, 2), machine=MACHINE)
     text = page.read_text()
-    assert text.startswith("# new\n\n<!-- table:fresh -->\n| a |\n|---|\n| 1 |\n") and text.endswith("<!-- /table -->\n")
+    assert text.startswith("# new\n\n<!-- table:fresh -->\n| a |\n|---|\n| 1 |\n")
+    assert text.endswith("<!-- /table -->\n")
     docs_table.write(page, "second", ["b"], [[2]], source="y.json", cmd="python y.py", machine=MACHINE)
     assert page.read_text().startswith(text.rstrip("\n") + "\n\n<!-- table:second -->")
 
@@ -77,3 +78,12 @@ def test_unclosed_or_repeated_block_is_refused_naming_the_page(tmp_path):
 def test_cells_are_escaped_and_command_is_relative():
     assert docs_table.markdown(["a|b"], [["x\ny"]]) == "| a\\|b |\n|---|\n| x y |"
     assert docs_table.command().startswith("python ")
+
+
+def test_a_timed_table_from_a_busy_machine_says_so():
+    busy = {"cpus": 2, "processor": "x86_64", "load_average": [5.6, 5.3, 4.7]}
+    quiet = {"cpus": 2, "processor": "x86_64", "load_average": [1.0, 1.0, 1.0]}
+    day = datetime.date(2026, 12, 6)
+    assert "busy with other work" in docs_table.stamp("x.json", "python x.py", day, busy, timed=True)
+    assert "busy" not in docs_table.stamp("x.json", "python x.py", day, busy, timed=False)
+    assert "busy" not in docs_table.stamp("x.json", "python x.py", day, quiet, timed=True)
