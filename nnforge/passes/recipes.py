@@ -63,7 +63,7 @@ PRESETS: dict[str, tuple[str, list[dict]]] = {
                     "joint quantisation (needs calibration)",
                     [{"pass": "prune_sparsegpt", "pattern": "2:4", "format": "uint4", "group_size": 128}]),
     # one LUT per output channel: a LUT shared by several rows fits none of them well, and one fp16
-    # LUT per row costs half a bit per weight at these widths
+    # LUT per row costs a fraction of a bit per weight
     "w4-gptq+eora": ("w4-gptq's grid (GPTQ act-order, int4 g128) plus an EoRA rank-32 low-rank branch per layer "
                      "with int8 factors, fitted in the activation eigenspace (needs calibration)",
                      [{"pass": "quantize_eora", "format": "uint4", "group_size": 128, "ragged_groups": True,
