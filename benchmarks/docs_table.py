@@ -61,7 +61,7 @@ def stamp(source: str, cmd: str | None = None, when: datetime.date | None = None
     if machine.get("device"):
         where += f", {machine['device']}"
     if load:
-        where += f", load average {' / '.join(f'{x:.1f}' for x in load)} (1 / 5 / 15 min) at the end"
+        where += f", load average {' / '.join(f'{x:.1f}' for x in load)} (1 / 5 / 15 min)"
     day = (when or datetime.date.today()).isoformat()
     warning = (" The machine was busy with other work: compare the ratios within this table, not its "
                "milliseconds with another run's.") if busy else ""

@@ -46,7 +46,7 @@ def test_replaces_exactly_the_marked_block(tmp_path):
     block = text[len(before):len(text) - len(after)]
     assert block == ("<!-- table:spmm -->\n| K x N | 70% |\n|---|---|\n| 768 x 768 | 2.82x |\n| 3072 x 768 | - |\n\n"
                      "A note.\n\nWritten by `python benchmarks/spmm.py --m 1` from `benchmarks/out/spmm.json` on "
-                     "2026-12-06, 2 CPUs (x86_64), load average 1.0 / 0.5 / 0.2 (1 / 5 / 15 min) at the end.\n"
+                     "2026-12-06, 2 CPUs (x86_64), load average 1.0 / 0.5 / 0.2 (1 / 5 / 15 min).\n"
                      "<!-- /table -->")
     # writing again gives the same page: the markers survive and nothing accumulates
     docs_table.write(page, "spmm", ["K x N", "70%"], [["768 x 768", "2.82x"], ["3072 x 768", None]],
