@@ -12,7 +12,10 @@ dimension; a graph whose batch dimension is fixed is measured at that size only.
 Times are medians over calls that alternate between the runners in stretches, after a pause for
 the previous runtime's spinning threads (:func:`alternating_ms`), so a change of load on the
 machine hits all of them alike. They are measurements of this machine at build time, recorded
-with its CPU count and load average, not promises.
+with its CPU count and load average, not promises. Each record also says how busy the machine was
+while it was timed (:class:`LoadMeter`: other processes' runnable threads, sampled between the
+stretches); one timed on a busy machine (:func:`busy`) is marked unreliable, and ``nnforge
+inspect`` says so.
 
     >>> bundle.manifest["speed"]["batches"][1]["ms"]
     {'bundle': 41.2, 'bundle, compressed kernels only': 55.0, 'dense on tvm': 44.9, 'torch eager': 160.3}
@@ -22,6 +25,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -34,6 +38,13 @@ ENV = "NNFORGE_BATCH_SIZES"
 PAUSE_S = 0.3                   # libgomp and ONNX Runtime stop spinning well within this
 BUDGET_S = 2.0                  # time each runner gets per batch size, about
 MIN_ROUNDS, MAX_ROUNDS = 6, 30     # at least two calls a stretch (3 stretches)
+
+# Other processes' runnable threads per CPU, averaged over the samples taken while timing, above
+# which the times are marked unreliable: the timed threads then wait for CPUs as often as not.
+BUSY_PER_CPU = 0.5
+# Where threads cannot be counted (no /proc): the 1-minute load average per CPU above which times
+# are unreliable; the timed runners count too (about one per CPU while they run).
+UNRELIABLE_LOAD_PER_CPU = 1.5
 
 BUNDLE = "bundle"
 COMPRESSED_ONLY = "bundle, compressed kernels only"
@@ -91,13 +102,17 @@ def speed_shapes(graph: Graph, inputs: tuple, batches) -> list[dict]:
     return out
 
 
-def alternating_ms(runners: dict[str, Callable], args=(), rounds: int = 10, passes: int = 3) -> dict[str, float]:
+def alternating_ms(runners: dict[str, Callable], args=(), rounds: int = 10, passes: int = 3,
+                   meter: "LoadMeter | None" = None) -> dict[str, float]:
     """Median milliseconds per call of each runner on ``args``, over ``rounds`` calls split into
-    ``passes`` stretches that alternate between the runners, each after a pause and a warm-up."""
+    ``passes`` stretches that alternate between the runners, each after a pause and a warm-up
+    (and, with a ``meter``, a sample of the machine's load)."""
     samples: dict[str, list[float]] = {k: [] for k in runners}
     for _ in range(passes):
         for name, run in runners.items():
             time.sleep(PAUSE_S)
+            if meter is not None:
+                meter.sample()
             run(*args)
             for _ in range(max(1, rounds // passes)):
                 t0 = time.perf_counter()
@@ -129,30 +144,94 @@ def measure(runners: dict[str, Callable[[list], object]], graph: Graph, inputs: 
             continue
         calls = {name: (lambda run=run: run(got)) for name, run in runners.items()}
         rounds = _rounds(calls, budget_s)
-        ms = alternating_ms(calls, (), rounds)
+        meter = LoadMeter()
+        ms = alternating_ms(calls, (), rounds, meter=meter)
         rec = {"batch": b, "inputs": {v.name: list(t.shape) for v, t in zip(graph.inputs, got)}, "rounds": rounds,
-               "ms": {k: round(v, 4) for k, v in ms.items()}}
+               "ms": {k: round(v, 4) for k, v in ms.items()}, "load": meter.summary()}
         mine = ms[BUNDLE]
         rec["speedup"] = {f"vs {k}": round(v / mine, 3) for k, v in ms.items() if k != BUNDLE}
         records.append(rec)
     return records
 
 
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _load_average() -> list[float] | None:
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
 def machine() -> dict:
     """What the times were measured on."""
     import platform
+    return {"cpus": _cpus(), "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
+            "processor": platform.processor() or platform.machine(), "load_average": _load_average()}
+
+
+def others_running() -> int | None:
+    """Threads of other processes that are runnable right now: the kernel's count of runnable
+    threads (``/proc/loadavg``) less this process's own; None where ``/proc`` cannot say."""
     try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count() or 1
-    load = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
-    return {"cpus": cpus, "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
-            "processor": platform.processor() or platform.machine(), "load_average": load}
+        running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+        tasks = os.listdir("/proc/self/task")
+    except (OSError, ValueError, IndexError):
+        return None
+    own = 0
+    for tid in tasks:
+        try:
+            stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+        except OSError:          # the thread ended meanwhile
+            continue
+        own += stat[stat.rindex(")") + 2:].startswith("R")
+    return max(running - own, 0)
+
+
+class LoadMeter:
+    """How busy the machine was while something was timed: :func:`others_running`, sampled by
+    whoever times (between stretches, when the timed runtime's own threads are idle)."""
+
+    def __init__(self):
+        self.samples: list[int] = []
+
+    def sample(self) -> None:
+        n = others_running()
+        if n is not None:
+            self.samples.append(n)
+
+    def summary(self) -> dict:
+        """The record's ``load``: the samples' mean per CPU, the load average, and whether the
+        machine was too busy for the times to mean much (:func:`busy`)."""
+        cpus = _cpus()
+        out = {"cpus": cpus, "samples": len(self.samples), "load_average": _load_average(),
+               "others_running_per_cpu": (round(statistics.fmean(self.samples) / cpus, 3) if self.samples else None)}
+        out["unreliable"] = busy(out)
+        return out
+
+
+def busy(load: dict | None) -> str:
+    """Why times taken under ``load`` (a :meth:`LoadMeter.summary`) are unreliable, or "" when
+    they are not: other processes' runnable threads per CPU above ``BUSY_PER_CPU`` while timing,
+    or, without samples, a 1-minute load average per CPU above ``UNRELIABLE_LOAD_PER_CPU``."""
+    if not load:
+        return ""
+    cpus = max(load.get("cpus") or 1, 1)
+    per_cpu = load.get("others_running_per_cpu")
+    if per_cpu is not None:
+        return (f"the machine was busy: other processes kept {per_cpu * cpus:.1f} threads runnable on {cpus} CPUs "
+                f"on average while timing ({per_cpu:.2f} per CPU, above {BUSY_PER_CPU})") if per_cpu > BUSY_PER_CPU else ""
+    avg = (load.get("load_average") or [0.0])[0]
+    return (f"the machine was busy: load average {avg:.2f} on {cpus} CPUs ({avg / cpus:.2f} per CPU, above "
+            f"{UNRELIABLE_LOAD_PER_CPU})") if avg / cpus > UNRELIABLE_LOAD_PER_CPU else ""
 
 
 def verdicts(records: list[dict], dense_label: str) -> list[str]:
     """One line per measured batch saying whether compression made the bundle faster or slower
-    than the dense graph on the same backend."""
+    than the dense graph on the same backend, and whether the per-shape dispatch made it faster
+    or slower than its compressed kernels alone; a record timed on a busy machine says so."""
     out = []
     for r in records:
         if "ms" not in r or f"vs {dense_label}" not in r["speedup"]:
@@ -162,8 +241,13 @@ def verdicts(records: list[dict], dense_label: str) -> list[str]:
                 f"{r['ms'][dense_label]:.2f} ms)")
         if COMPRESSED_ONLY in r["ms"]:
             alone = r["ms"][dense_label] / r["ms"][COMPRESSED_ONLY]
-            line += (f"; with compressed kernels only it would be {_word(alone)} dense ({alone:.2f}x), the "
-                     f"per-shape dispatch makes it {x / alone:.2f}x faster than that")
+            gain = r["ms"][COMPRESSED_ONLY] / r["ms"][BUNDLE]
+            line += (f"; with compressed kernels only it would be {_word(alone)} dense ({alone:.2f}x), so the "
+                     f"per-shape dispatch makes it {_word(gain)} its compressed kernels alone ({gain:.2f}x: "
+                     f"{r['ms'][BUNDLE]:.2f} ms vs {r['ms'][COMPRESSED_ONLY]:.2f} ms)")
+        why = busy(r.get("load"))
+        if why:
+            line += f" [unreliable: {why}]"
         out.append(line)
     return out
 
@@ -195,15 +279,28 @@ def describe(manifest: dict, layers: bool = False) -> list[str]:
         out.append("    " + f"{r['batch']:>5}  " + "  ".join(
             f"{r['ms'][n]:>{w}.3f}" if n in r["ms"] else f"{'-':>{w}}" for n, w in zip(names, widths)))
     out += [f"    {v}" for v in sp.get("verdicts", [])]
+    unreliable = [r["batch"] for r in sp["records"] if busy(r.get("load"))]
+    if unreliable:
+        out.append(f"    warning: batch {', '.join(map(str, unreliable))} timed on a busy machine: the times above say "
+                   "more about the other work than about the bundle; compile again on a quiet machine to compare")
     out.append(f"  dispatch: {sp.get('dispatch')}")
     entry = manifest.get("backend", {}).get("entry", {})
     dispatch = entry.get("dispatch") if isinstance(entry, dict) else None
+    evidence = (dispatch or {}).get("evidence") or {}
+    for label, c in (evidence.get("checks") or {}).items():
+        sums = ", ".join(f"{mode} {m['calls_ms']:.3f} of {m['whole_ms']:.3f} ms" for mode, m in c.get("modes", {}).items()
+                         if "calls_ms" in m)
+        out.append(f"    per-layer times at {label}: " + (
+            f"add up to the whole model's ({sums}; within +-{evidence.get('margin', 0):.0%})" if c.get("ok") else
+            f"refused, no decision rests on them: {c.get('why')}"))
     if dispatch and dispatch.get("layers"):
         for d in dispatch["layers"]:
             if d.get("dispatched") or layers:
                 out.append(f"    {d['layer']} ({'dispatched' if d.get('dispatched') else 'compressed'}): {d['why']}")
         for c in dispatch.get("checks") or []:
-            verdict = "kept" if c["kept"] else "did not pay: the layers running dense there were moved back"
+            why = busy(c.get("load"))
+            verdict = ("kept" if c["kept"] else f"{why}: the layers running dense there were moved back" if why else
+                       "did not pay: the layers running dense there were moved back")
             out.append(f"    whole-model check at {c['shape']}: dispatched {c['dispatched_ms']:.3f} ms vs compressed "
                        f"kernels only {c['compressed_only_ms']:.3f} ms -> {verdict}")
         kept = sum(not d.get("dispatched") for d in dispatch["layers"])
@@ -215,5 +312,6 @@ def describe(manifest: dict, layers: bool = False) -> list[str]:
     return out
 
 
-__all__ = ["DEFAULT_BATCH_SIZES", "describe", "alternating_ms", "batch_inputs", "check_batch_sizes", "default_batch_sizes",
-           "measure", "machine", "speed_shapes", "verdicts", "BUNDLE", "COMPRESSED_ONLY", "TORCH"]
+__all__ = ["DEFAULT_BATCH_SIZES", "describe", "alternating_ms", "batch_inputs", "busy", "check_batch_sizes",
+           "default_batch_sizes", "measure", "machine", "others_running", "speed_shapes", "verdicts", "LoadMeter",
+           "BUNDLE", "BUSY_PER_CPU", "COMPRESSED_ONLY", "TORCH", "UNRELIABLE_LOAD_PER_CPU"]

@@ -87,8 +87,12 @@ def test_onnx_bundle_records_speed_against_dense_and_torch(tmp_path):
 
 def _dense_wins_at_batch_4(monkeypatch):
     """In-model times where the dense kernel wins at batch 4 and loses at batch 1, whatever this CPU says."""
+    from nnforge.backends.tvm.layer_timing import InModelTimes
+
     def fake(runner, layers, graph, inputs, shapes, rounds=3):
-        return {layer: {label: ((0.005, 0.008) if b == 1 else (0.02, 0.01)) for label, b in shapes} for layer in layers}
+        return InModelTimes({layer: {label: ((0.005, 0.008) if b == 1 else (0.02, 0.01)) for label, b in shapes}
+                             for layer in layers}, checks={label: {"ok": True, "why": ""} for label, _ in shapes},
+                            clock={"clock": "perf_counter_ns", "tick_ns": 1})
     monkeypatch.setattr("nnforge.backends.tvm.measure_in_model", fake)
     monkeypatch.setattr("nnforge.backends.tvm.check_in_model", lambda *a: [])
 

@@ -36,8 +36,13 @@ import numpy as np
 from ...ir import Graph
 from ...targets import Target, host_cpu_flags
 from ..base import Backend, BackendError, InputSpec, Lowered, Runner
-from .dispatch import NEVER, Dispatcher, check_in_model, measure_in_model
+from . import threads
+from .dispatch import NEVER, Dispatcher, check_in_model
+from .layer_timing import measure_in_model
 from .tuning import TUNING_FILE, Tuner
+
+# before any kernel of this backend (tuning, dispatch timing, a runner) starts TVM's thread pool
+threads.configure()
 
 LIBRARY_FILE = "model.so"
 GRAPH_FILE = "graph.json"               # written by the pipeline
@@ -154,13 +159,6 @@ def _load_tvm_runtime():
     return tvm_ffi
 
 
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:       # not on Linux
-        return os.cpu_count() or 1
-
-
 def _aligned(a: np.ndarray, align: int = 64) -> np.ndarray:
     """A C-contiguous copy of ``a`` whose data starts on an ``align``-byte boundary."""
     raw = np.empty(a.nbytes + align, dtype=np.uint8)
@@ -187,10 +185,7 @@ class TvmRunner(Runner):
             raise BackendError(f"{bundle_dir}: tvm backend entry is missing or malformed ({e})") from None
         path = safe_join(Path(bundle_dir), library)
         check_cpu(path, entry)
-        # TVM's default pool halves the CPU count (it assumes two hyper-threads per core: one
-        # thread on this 2-CPU VM); use every CPU unless TVM_NUM_THREADS says otherwise (read
-        # when the pool starts, so it holds for the process).
-        os.environ.setdefault("TVM_NUM_THREADS", str(_cpu_count()))
+        self.threads = threads.configure()      # the pool settings it runs with (threads.py)
         tvm_ffi = _load_tvm_runtime()
         self._module = _load_verified(tvm_ffi, path, digest)
         self._vm = self._module["vm_load_executable"]()
@@ -459,6 +454,7 @@ def _write(graph: Graph, target: Target, low, tvm_target, tuner: Tuner, out_dir:
         "params": [p.to_dict() for p in low.params],
         "kernels": low.kernels,
         "dispatch": low.dispatch,
+        "threads": threads.configure(),     # the thread pool the timings of this build ran on
         "tuning": {"file": TUNING_FILE, "tune": tuner.enabled,
                    "choices": {src: sum(r.source == src for r in tuner.records.values())
                                for src in ("measured", "records", "default")}},

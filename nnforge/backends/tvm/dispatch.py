@@ -31,11 +31,12 @@ from dataclasses import asdict, dataclass
 
 from ...ir import Graph, symbolic as sym
 from ..base import BackendError
+from .layer_timing import InModelTimes
 
 OPTIONS = ("dispatch", "dispatch_margin")
 DEFAULT_MARGIN = 0.05
 NEVER = 2 ** 62                 # a row threshold no input reaches
-ROUND_BUDGET_S, MAX_ROUNDS = 0.5, 15     # in-model timing: calls per mode and size
+ROUND_BUDGET_S, MAX_ROUNDS = 0.5, 15     # the whole-model check: calls per mode and size
 
 
 @dataclass
@@ -44,7 +45,7 @@ class Decision:
     layer: str
     weight: str
     kernel: str                 # the compressed kernel's function
-    times: list[dict]           # per measured shape: label, rows, compressed_ms, dense_ms, faster
+    times: list[dict]           # per measured shape: label, rows, compressed_ms, dense_ms, faster (, refused)
     low: str                    # "compressed" | "dense": runs when rows < threshold
     threshold: int              # 0: always the other kernel; NEVER: always ``low``
     why: str
@@ -102,10 +103,10 @@ def choose(times: list[tuple[int, float, float]], margin: float) -> tuple[str, i
 class Dispatcher:
     """The dispatch decisions of one lowering: with ``times`` None, the first pass (every eligible
     layer is a candidate, on its compressed kernel); with the in-model ``times`` of the first pass
-    ({layer: {shape label: (compressed ms, dense ms)}}), the decisions of the final one."""
+    (:class:`~.layer_timing.InModelTimes`), the decisions of the final one."""
 
     def __init__(self, options: dict, can_measure: tuple[bool, str], graph: Graph, where: str,
-                 times: dict | None = None):
+                 times: InModelTimes | None = None):
         unknown = sorted(k for k in options if k.startswith("dispatch") and k not in OPTIONS)
         if unknown:
             raise BackendError(f"{where}: unknown dispatch option(s) {', '.join(unknown)}; known: {', '.join(OPTIONS)}")
@@ -176,7 +177,7 @@ class Dispatcher:
             self.candidates[layer] = weight
             self.decisions[layer] = Decision(layer, weight, kernel, [], "compressed", NEVER, "candidate", dense_bytes)
             return self.decisions[layer]
-        measured = self.times.get(layer)
+        measured = self.times.layers.get(layer)
         if not measured:
             self.skipped[layer] = "not timed in the model (its kernel never ran in the first pass)"
             return None
@@ -185,9 +186,14 @@ class Dispatcher:
             if label not in measured:
                 continue
             c, d = measured[label]
+            entry = {"shape": label, "rows": r, "compressed_ms": round(c, 4), "dense_ms": round(d, 4),
+                     "faster": "dense" if d < c else "compressed"}
+            refused = self.times.refused(layer, label)
+            if refused:         # evidence that failed its check decides nothing: the compressed kernel runs there
+                entry["refused"] = refused
+                d = math.inf
             by_rows.setdefault(r, (c, d))
-            times.append({"shape": label, "rows": r, "compressed_ms": round(c, 4), "dense_ms": round(d, 4),
-                          "faster": "dense" if d < c else "compressed"})
+            times.append(entry)
         if not by_rows:
             self.skipped[layer] = "not timed at any of its shapes"
             return None
@@ -201,6 +207,7 @@ class Dispatcher:
         dispatched = [d for d in self.decisions.values() if d.dispatched]
         return {"enabled": self.enabled, "why_not": self.why_not or None, "margin": self.margin,
                 "measured": "in the model: each layer's kernel call timed by the VM's instrument hook",
+                "evidence": self.times.to_dict() if self.times is not None else None,
                 "shapes": [{"shape": label, "bindings": env} for label, env in self.points],
                 "dispatched": len(dispatched),
                 "dense_bytes_at_run_time": sum(d.dense_bytes for d in self.decisions.values() if d.joined),
@@ -208,71 +215,15 @@ class Dispatcher:
                 "checks": self.checks, "skipped": self.skipped}
 
 
-def measure_in_model(runner, symbols: dict[str, str], graph: Graph, inputs: tuple,
-                     shapes: list[tuple[str, int]], rounds: int = 3) -> dict[str, dict[str, tuple[float, float]]]:
-    """{layer: {shape label: (compressed ms, dense ms)}}: each candidate layer's kernel call,
-    timed inside the model by the VM's instrument hook, on ``inputs`` repeated to each batch size
-    (``shapes``: (label, batch)), with every layer on its compressed kernel, then on the dense one;
-    the median of ``rounds`` calls after a warm-up. ``symbols`` maps each layer, in the order the
-    model runs them, to its kernel's function; layers sharing a function are told apart by the
-    order of its calls within a run."""
-    import statistics
-    import time
-    from ...speed import batch_inputs
-    by_symbol: dict[str, list[str]] = {}
-    for layer, symbol in symbols.items():
-        by_symbol.setdefault(symbol, []).append(layer)
-    samples: dict[str, list[float]] = {}
-    calls: dict[str, int] = {}
-    started: dict[str, float] = {}
-
-    def instrument(func, symbol, before, ret, *args):
-        layers = by_symbol.get(str(symbol))
-        if layers is not None:
-            if before:
-                started[str(symbol)] = time.perf_counter()
-            else:
-                i = calls.get(str(symbol), 0)
-                calls[str(symbol)] = i + 1
-                if i < len(layers):
-                    samples.setdefault(layers[i], []).append(time.perf_counter() - started[str(symbol)])
-        return 0
-    out: dict[str, dict[str, tuple[float, float]]] = {layer: {} for layer in symbols}
-    runner.set_instrument(instrument)
-    try:
-        for label, batch in shapes:
-            xs, _ = batch_inputs(graph, inputs, batch)
-            if xs is None:
-                continue
-            ms = {}
-            for mode in ("compressed", "dense"):
-                runner.dispatch(mode)
-                t0 = time.perf_counter()
-                runner(*xs)                 # warm-up (and the pool's first allocations)
-                # more calls where they are cheap: small batches are the noisiest
-                calls_n = max(rounds, min(MAX_ROUNDS, int(ROUND_BUDGET_S / max(time.perf_counter() - t0, 1e-6))))
-                samples.clear()
-                for _ in range(calls_n):
-                    calls.clear()           # call order counts within one run
-                    runner(*xs)
-                ms[mode] = {layer: 1e3 * statistics.median(v) for layer, v in samples.items()}
-            for layer in symbols:
-                if layer in ms["compressed"] and layer in ms["dense"]:
-                    out[layer][label] = (ms["compressed"][layer], ms["dense"][layer])
-    finally:
-        runner.set_instrument(None)
-        runner.dispatch("auto")
-    return out
-
-
 def check_in_model(runner, dispatcher: "Dispatcher", graph: Graph, inputs: tuple,
                    shapes: list[tuple[str, int]]) -> list[Decision]:
     """The final library, timed whole at each measured size with the dispatch on and with
     compressed kernels only (alternating stretches): where the dispatch does not make the model
-    faster by half the margin, the layers that run dense at that size are moved back to their
-    compressed kernel there (their threshold is a parameter: nothing is rebuilt). Per-layer
-    times add noise that a whole-model time averages out. Returns the decisions it changed."""
-    from ...speed import alternating_ms, batch_inputs
+    faster by half the margin, or the machine was too busy for the times to tell, the layers that
+    run dense at that size are moved back to their compressed kernel there (their threshold is a
+    parameter: nothing is rebuilt). Per-layer times add noise that a whole-model time averages
+    out. Returns the decisions it changed."""
+    from ...speed import LoadMeter, alternating_ms, batch_inputs, busy
     import time
     changed: list[Decision] = []
     dispatched = [d for d in dispatcher.decisions.values() if d.dispatched]
@@ -285,21 +236,24 @@ def check_in_model(runner, dispatcher: "Dispatcher", graph: Graph, inputs: tuple
         t0 = time.perf_counter()
         runner.dispatch("auto")(*xs)
         rounds = max(6, min(MAX_ROUNDS, int(2 * ROUND_BUDGET_S / max(time.perf_counter() - t0, 1e-6))))
+        meter = LoadMeter()
         ms = alternating_ms({"auto": lambda: runner.dispatch("auto")(*xs),
-                             "compressed": lambda: runner.dispatch("compressed")(*xs)}, (), rounds)
-        kept = ms["auto"] <= ms["compressed"] * (1 - dispatcher.margin / 2)
+                             "compressed": lambda: runner.dispatch("compressed")(*xs)}, (), rounds, meter=meter)
+        load = meter.summary()
+        kept = ms["auto"] <= ms["compressed"] * (1 - dispatcher.margin / 2) and not busy(load)
         dispatcher.checks.append({"shape": label, "dispatched_ms": round(ms["auto"], 4),
-                                  "compressed_only_ms": round(ms["compressed"], 4), "kept": kept})
+                                  "compressed_only_ms": round(ms["compressed"], 4), "kept": kept, "load": load})
         if kept:
             continue
         for d in dense:
             # decide again with the dense kernel ruled out at this size (and at any size overruled before)
             d.checked = (d.checked or []) + [label]
             d.low, d.threshold = choose([(t["rows"], t["compressed_ms"],
-                                          math.inf if t["shape"] in d.checked else t["dense_ms"]) for t in d.times],
-                                        dispatcher.margin)
+                                          math.inf if t["shape"] in d.checked or t.get("refused") else t["dense_ms"])
+                                         for t in d.times], dispatcher.margin)
             d.why = (_why(d, dispatcher.margin) + f"; whole model at {label}: dispatched {ms['auto']:.2f} ms vs "
-                     f"compressed kernels only {ms['compressed']:.2f} ms, so the compressed kernel runs there")
+                     f"compressed kernels only {ms['compressed']:.2f} ms" +
+                     (f", timed while {busy(load)}" if busy(load) else "") + ", so the compressed kernel runs there")
             if d not in changed:
                 changed.append(d)
     runner.dispatch("auto")
@@ -312,12 +266,17 @@ def _why(d: Decision, margin: float) -> str:
         c, dn = t["compressed_ms"], t["dense_ms"]
         ratio = c / max(dn, 1e-9)
         parts.append(f"{t['shape']} ({t['rows']} rows): compressed {c:.3f} ms, dense {dn:.3f} ms "
-                     f"(compressed {ratio:.2f}x the dense time) -> {d.runs_at(t['rows'])}")
-    if not d.dispatched and d.checked:
+                     f"(compressed {ratio:.2f}x the dense time) -> {d.runs_at(t['rows'])}"
+                     + (f" (these times decide nothing: {t['refused']})" if t.get("refused") else ""))
+    refused = [t["shape"] for t in d.times if t.get("refused")]
+    if not d.dispatched and len(refused) == len(d.times):
+        head = "compressed kernel kept: no measured shape's times passed the evidence check"
+    elif not d.dispatched and d.checked:
         head = "compressed kernel kept: the whole-model check ruled the dense kernel out" + \
             (" (its joined kernel and dense copy stay in the library)" if d.joined else "")
     elif not d.dispatched:
-        head = f"compressed kernel kept: dense is not faster by more than {margin:.0%} at any measured shape"
+        head = (f"compressed kernel kept: dense is not faster by more than {margin:.0%} at any measured shape"
+                + (" whose times passed the evidence check" if refused else ""))
     elif d.threshold == 0 or d.threshold == NEVER:
         head = "dense kernel at every measured shape (the compressed kernel stays in the library, forced by " \
                "runner.dispatch('compressed'))"
@@ -327,4 +286,4 @@ def _why(d: Decision, margin: float) -> str:
     return head + "; " + "; ".join(parts)
 
 
-__all__ = ["Decision", "Dispatcher", "check_in_model", "choose", "measure_in_model", "OPTIONS", "NEVER", "DEFAULT_MARGIN"]
+__all__ = ["Decision", "Dispatcher", "check_in_model", "choose", "OPTIONS", "NEVER", "DEFAULT_MARGIN"]

@@ -13,12 +13,20 @@ pytest.importorskip("tvm")
 
 from nnforge.backends.base import BackendError  # noqa: E402
 from nnforge.backends.tvm import TvmBackend  # noqa: E402
-from nnforge.backends.tvm.dispatch import NEVER, choose  # noqa: E402
+from nnforge.backends.tvm.dispatch import NEVER, Dispatcher, choose  # noqa: E402
+from nnforge.backends.tvm.layer_timing import InModelTimes  # noqa: E402
 from nnforge.ir import Dense, Graph, IntQuant, Sparse, run_graph, save_graph, tensor  # noqa: E402
 from nnforge.targets import get_target  # noqa: E402
 
 SHAPES = [{"label": "batch 1", "batch": 1, "inputs": {"x": [1, 5, 64]}},
           {"label": "batch 32", "batch": 32, "inputs": {"x": [32, 5, 64]}}]
+SHAPE_BATCHES = [("batch 1", 1), ("batch 32", 32)]
+
+
+@pytest.fixture
+def quiet_machine(monkeypatch):
+    """No other process competes for the CPUs, as far as the load meter can tell."""
+    monkeypatch.setattr("nnforge.speed.others_running", lambda: 0)
 
 
 # --- the decision rule ---------------------------------------------------------------------------
@@ -96,12 +104,19 @@ def _linear_graph(enc) -> Graph:
     return g
 
 
+def checked(layers: dict, shapes, ok=True, why="") -> InModelTimes:
+    """In-model times whose evidence check at every shape gave ``ok`` (with ``why``)."""
+    return InModelTimes(layers, checks={label: {"ok": ok, "why": why} for label, _ in shapes},
+                        clock={"clock": "perf_counter_ns", "tick_ns": 1})
+
+
 def _fake_times(monkeypatch, compressed, dense):
     """In the model, every candidate layer's compressed kernel takes ``compressed(rows)`` ms and its
-    dense one ``dense(rows)`` (rows = batch x 5 here)."""
+    dense one ``dense(rows)`` (rows = batch x 5 here), and the times passed their evidence check."""
     def fake(runner, layers, graph, inputs, shapes, rounds=3):
         assert runner.dispatch_mode == "auto" and set(runner.dispatch("dense").dispatch("auto").input_names) == {"x"}
-        return {layer: {label: (compressed(5 * b), dense(5 * b)) for label, b in shapes} for layer in layers}
+        return checked({layer: {label: (compressed(5 * b), dense(5 * b)) for label, b in shapes} for layer in layers},
+                       shapes)
     monkeypatch.setattr("nnforge.backends.tvm.measure_in_model", fake)
     monkeypatch.setattr("nnforge.backends.tvm.check_in_model", lambda *a: [])
 
@@ -198,9 +213,7 @@ def test_missing_weight_for_a_dense_copy_is_an_error_naming_it(tmp_path, monkeyp
 
 
 def test_in_model_measurement_times_every_candidate_at_every_size(tmp_path):
-    from nnforge.backends.tvm import TvmRunner
-    from nnforge.backends.tvm.dispatch import Dispatcher, measure_in_model
-    from nnforge.backends.tvm.lower import lower_graph
+    from nnforge.backends.tvm.layer_timing import measure_in_model
     # two layers of one shape and encoding: one shared function, told apart by call order
     g = Graph("two")
     x = g.add_input("x", tensor("f32", "batch", "seq", 64))
@@ -223,9 +236,16 @@ def test_in_model_measurement_times_every_candidate_at_every_size(tmp_path):
         _lower(g, tmp_path)
     finally:
         tvm_backend.measure_in_model = original
-    times = seen["times"]
+    times = seen["times"].layers
     assert set(times) == {"fc1", "fc2"} and all(set(t) == {"batch 1", "batch 32"} for t in times.values())
     assert all(c > 0 and d > 0 for t in times.values() for c, d in t.values()) and seen["mode"] == "auto"
+    # every shape was checked, and the check's numbers are there whatever its verdict on this machine
+    checks = seen["times"].checks
+    assert set(checks) == {"batch 1", "batch 32"}
+    for c in checks.values():
+        assert set(c["modes"]) == {"compressed", "dense"} and c["load"]["samples"] > 0
+        assert all(m["whole_ms"] > 0 and m["calls_ms"] > 0 and m["runs"] >= 3 for m in c["modes"].values())
+        assert c["ok"] or c["why"]
 
 
 class _SleepyRunner:
@@ -243,12 +263,12 @@ class _SleepyRunner:
 
 
 @pytest.mark.parametrize("auto_s,kept", [(0.012, False), (0.002, True)])
-def test_whole_model_check_moves_back_layers_that_did_not_pay(monkeypatch, auto_s, kept):
+def test_whole_model_check_moves_back_layers_that_did_not_pay(monkeypatch, quiet_machine, auto_s, kept):
     from nnforge.backends.tvm.dispatch import Dispatcher, check_in_model
     monkeypatch.setattr("nnforge.speed.PAUSE_S", 0.0)
     g = _linear_graph(_encodings()["int4"])
     times = {"fc": {"batch 1": (0.01, 0.02), "batch 32": (0.5, 0.2)}}     # dense wins at 160 rows
-    d = Dispatcher({}, (True, ""), g, "test", times=times)
+    d = Dispatcher({}, (True, ""), g, "test", times=checked(times, SHAPE_BATCHES))
     decision = d.plan("fc", "fc.weight", "k", "batch*seq", 4)
     assert decision.runs_at(160) == "dense" and decision.threshold == 29
     changed = check_in_model(_SleepyRunner(auto_s, 0.006), d, g, (torch.randn(1, 5, 64),),
@@ -273,13 +293,162 @@ class _BatchRunner(_SleepyRunner):
             time.sleep(0.006)
 
 
-def test_whole_model_check_rules_out_one_size_and_keeps_the_other(monkeypatch):
+def test_whole_model_check_rules_out_one_size_and_keeps_the_other(monkeypatch, quiet_machine):
     from nnforge.backends.tvm.dispatch import Dispatcher, check_in_model
     monkeypatch.setattr("nnforge.speed.PAUSE_S", 0.0)
     g = _linear_graph(_encodings()["int4"])
-    d = Dispatcher({}, (True, ""), g, "test", times={"fc": {"batch 1": (0.02, 0.01), "batch 32": (0.5, 0.2)}})
+    d = Dispatcher({}, (True, ""), g, "test", times=checked({"fc": {"batch 1": (0.02, 0.01), "batch 32": (0.5, 0.2)}},
+                                                            SHAPE_BATCHES))
     decision = d.plan("fc", "fc.weight", "k", "batch*seq", 4)
     assert decision.runs_at(5) == decision.runs_at(160) == "dense"
     check_in_model(_BatchRunner(0, 0), d, g, (torch.randn(1, 5, 64),), [("batch 1", 1), ("batch 32", 32)])
     assert [c["kept"] for c in d.checks] == [False, True]
     assert decision.runs_at(5) == "compressed" and decision.runs_at(160) == "dense" and decision.threshold == 29
+
+
+# --- the evidence behind a decision --------------------------------------------------------------------
+class _Clock:
+    """A nanosecond clock that moves only when read (``step`` per read) or when the fake VM runs;
+    ``quantum`` > 1 makes it coarse (it reads as multiples of the quantum)."""
+    def __init__(self, step: int = 1, quantum: int = 1):
+        self.t, self.step, self.quantum = 0, step, quantum
+
+    def __call__(self) -> int:
+        self.t += self.step
+        return self.t // self.quantum * self.quantum
+
+
+class _FakeVM:
+    """A runner that "runs" one candidate layer ``fc`` among other calls by moving ``clock``, and
+    calls the instrument hook around each call as the Relax VM does. A run without the hook also
+    spends ``unaccounted`` times the calls' total outside any call (time the calls do not show)."""
+    def __init__(self, clock: _Clock, layer_us: dict, unaccounted: float = 0.0):
+        self.clock, self.layer_us, self.unaccounted = clock, layer_us, unaccounted
+        self.hook, self.dispatch_mode = None, "auto"
+
+    def set_instrument(self, fn):
+        self.hook = fn
+
+    def dispatch(self, mode):
+        self.dispatch_mode = mode
+        return self
+
+    def __call__(self, *xs):
+        mode = "compressed" if self.dispatch_mode in ("auto", "compressed") else "dense"
+        rows = xs[0].shape[0] * xs[0].shape[1]
+        program = [("vm.builtin.alloc_tensor", 0), ("nf_dispatch_fc_weight", 1000 * self.layer_us[mode](rows)),
+                   ("vm.builtin.reshape", 0), ("relu", 2000)]
+        for symbol, ns in program:
+            if self.hook:
+                self.hook(None, symbol, True, None)
+            self.clock.t += int(ns)
+            if self.hook:
+                self.hook(None, symbol, False, None)
+        if not self.hook:
+            self.clock.t += int(self.unaccounted * sum(ns for _, ns in program))
+
+
+def _measure_fake(vm, clock):
+    from nnforge.backends.tvm.layer_timing import measure_in_model
+    g = _linear_graph(_encodings()["int4"])
+    return g, measure_in_model(vm, {"fc": "nf_dispatch_fc_weight"}, g, (torch.randn(1, 5, 64),), SHAPE_BATCHES,
+                               clock=clock)
+
+
+# dense wins at 160 rows by far: a decision to dispatch there, if the times may carry one
+LAYER_US = {"compressed": lambda rows: 10.0 * rows, "dense": lambda rows: 400.0 + 2.0 * rows}
+
+
+def test_times_that_add_up_carry_a_decision(quiet_machine):
+    clock = _Clock()
+    g, times = _measure_fake(_FakeVM(clock, LAYER_US, unaccounted=0.02), clock)
+    assert all(c["ok"] for c in times.checks.values()), times.checks
+    check = times.checks["batch 32"]["modes"]["dense"]
+    assert check["layers_ms"] == pytest.approx(0.72, rel=1e-3) and check["other_calls_ms"] == pytest.approx(0.002, rel=1e-2)
+    assert times.layers["fc"]["batch 32"] == pytest.approx((1.6, 0.72), rel=1e-3)
+    d = Dispatcher({}, (True, ""), g, "test", times=times)
+    decision = d.plan("fc", "fc.weight", "k", "batch*seq", 4)
+    assert decision.dispatched and decision.runs_at(5) == "compressed" and decision.runs_at(160) == "dense"
+    assert d.to_dict()["evidence"]["checks"]["batch 32"]["ok"]
+
+
+def test_times_that_do_not_add_up_decide_nothing(quiet_machine):
+    clock = _Clock()
+    # whole runs take three times what their calls add up to: the calls' times are not the model's
+    g, times = _measure_fake(_FakeVM(clock, LAYER_US, unaccounted=2.0), clock)
+    check = times.checks["batch 32"]
+    assert not check["ok"] and check["modes"]["dense"]["off"] == pytest.approx(-2 / 3, abs=0.01)
+    assert "with compressed kernels the calls add up to 1.602 ms" in check["why"]
+    assert "against 4.806 ms for the whole model (-67%, outside +-15%)" in check["why"]
+    d = Dispatcher({}, (True, ""), g, "test", times=times)
+    decision = d.plan("fc", "fc.weight", "k", "batch*seq", 4)
+    assert not decision.dispatched and decision.runs_at(160) == "compressed"
+    assert decision.why.startswith("compressed kernel kept: no measured shape's times passed the evidence check")
+    assert "these times decide nothing: with compressed kernels the calls add up to" in decision.why
+    assert all(t["refused"] == times.checks[t["shape"]]["why"] for t in decision.times)
+
+
+def test_times_the_clock_does_not_resolve_decide_nothing(quiet_machine):
+    # a clock that steps 4 ms at a time (a scheduler tick) against layer times well under that
+    clock = _Clock(step=1000, quantum=4_000_000)
+    g, times = _measure_fake(_FakeVM(clock, LAYER_US, unaccounted=0.02), clock)
+    assert times.clock["tick_ns"] == 4_000_000
+    d = Dispatcher({}, (True, ""), g, "test", times=times)
+    decision = d.plan("fc", "fc.weight", "k", "batch*seq", 4)
+    assert not decision.dispatched and decision.runs_at(160) == "compressed"
+    assert "span fewer than 20 steps of the clock" in decision.why and "smallest step 4.0000 ms" in decision.why
+
+
+def test_times_taken_on_a_busy_machine_decide_nothing(monkeypatch):
+    monkeypatch.setattr("nnforge.speed.others_running", lambda: 3)
+    monkeypatch.setattr("nnforge.speed._cpus", lambda: 2)
+    clock = _Clock()
+    g, times = _measure_fake(_FakeVM(clock, LAYER_US, unaccounted=0.02), clock)
+    assert all(not c["ok"] for c in times.checks.values())
+    assert times.checks["batch 1"]["why"] == ("the machine was busy: other processes kept 3.0 threads runnable on 2 "
+                                             "CPUs on average while timing (1.50 per CPU, above 0.5)")
+    decision = Dispatcher({}, (True, ""), g, "test", times=times).plan("fc", "fc.weight", "k", "batch*seq", 4)
+    assert not decision.dispatched and "the machine was busy" in decision.why
+
+
+def test_whole_model_check_on_a_busy_machine_moves_layers_back(monkeypatch):
+    from nnforge.backends.tvm.dispatch import check_in_model
+    monkeypatch.setattr("nnforge.speed.PAUSE_S", 0.0)
+    g = _linear_graph(_encodings()["int4"])
+    d = Dispatcher({}, (True, ""), g, "test", times=checked({"fc": {"batch 1": (0.01, 0.02), "batch 32": (0.5, 0.2)}},
+                                                            SHAPE_BATCHES))
+    decision = d.plan("fc", "fc.weight", "k", "batch*seq", 4)
+    monkeypatch.setattr("nnforge.speed.others_running", lambda: 4)
+    check_in_model(_SleepyRunner(0.002, 0.006), d, g, (torch.randn(1, 5, 64),), SHAPE_BATCHES)
+    assert d.checks[0]["kept"] is False and d.checks[0]["load"]["unreliable"].startswith("the machine was busy")
+    assert decision.runs_at(160) == "compressed" and "timed while the machine was busy" in decision.why
+
+
+def _busy_processes(n: int = 2):
+    import subprocess
+    import sys
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+def test_real_measurement_beside_busy_processes_decides_only_on_evidence(tmp_path):
+    """Two busy processes beside the real in-model timing: each shape's times either pass the
+    evidence check, or every layer keeps its compressed kernel there and says why."""
+    hogs = _busy_processes()
+    try:
+        _, lowered = _lower(_linear_graph(_encodings()["int4"]), tmp_path)
+    finally:
+        for p in hogs:
+            p.kill()
+            p.wait()
+    d = lowered.entry["dispatch"]
+    checks = d["evidence"]["checks"]
+    assert set(checks) == {"batch 1", "batch 32"}
+    for label, c in checks.items():
+        assert c["load"]["samples"] > 0 and c["load"]["others_running_per_cpu"] >= 1.5 / c["load"]["cpus"]
+        assert c["ok"] or c["why"]
+    for layer in d["layers"]:
+        for t in layer["times"]:
+            if not checks[t["shape"]]["ok"]:
+                high = "dense" if layer["low"] == "compressed" else "compressed"
+                assert (layer["low"] if t["rows"] < layer["threshold"] else high) == "compressed"
+                assert t["refused"] and t["refused"] in layer["why"]
