@@ -99,7 +99,8 @@ def _replay_pipeline(d: Path, record: dict) -> dict:
                     judge(compressed, graph, inputs, run.outputs[0])
             return {"status": "fixed"}
         if record["kind"] == "bundle":
-            check_bundle(compressed, graph, record["pipeline"]["name"], pm.passes, record["backend"], inputs)
+            check_bundle(compressed, graph, record["pipeline"]["name"], pm.passes, pm.records, record["backend"],
+                         inputs)
             return {"status": "fixed"}
         run = run_backend(compressed, record["backend"], [inputs])
     except Exception as e:      # noqa: BLE001

@@ -147,7 +147,7 @@ def _worst_output(got, expected) -> str:
     return where
 
 
-def check_bundle(graph: Graph, original: Graph, recipe_name: str, passes, backend: str, inputs) -> None:
+def check_bundle(graph: Graph, original: Graph, pipeline: str, passes, records, backend: str, inputs) -> None:
     """The case through :func:`nnforge.pipeline.write_bundle` and :func:`nnforge.verify`, as
     ``nf.compile`` writes and checks a bundle; raises what they raise."""
     import time
@@ -157,6 +157,6 @@ def check_bundle(graph: Graph, original: Graph, recipe_name: str, passes, backen
     with tempfile.TemporaryDirectory(prefix="nnforge-fuzz-bundle-") as tmp:
         out = Path(tmp) / "bundle"
         write_bundle(out, graph=graph.copy(), original=original, source="ir", target=target,
-                     backend=get_backend(target.backend), recipe_name=recipe_name, passes=passes, records=[],
+                     backend=get_backend(target.backend), recipe_name=f"fuzz pipeline {pipeline}", passes=passes, records=records,
                      check=[tuple(inputs)], import_check={}, timings={}, started=time.perf_counter())
         api.verify(out)

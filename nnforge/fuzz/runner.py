@@ -85,19 +85,20 @@ class Stats:
 
 
 def compress(case: Case, pipeline: Pipeline, seed: int):
-    """(compressed graph, None) or (None, "not applicable: ...") or raises on a pass failure."""
+    """(compressed graph, None, the PassManager's records) or (None, "not applicable: ...", []), or
+    raises on a pass failure."""
     calib = [tuple(case.sample_inputs(seed * 7 + k)) for k in range(3)]
     calib = [c for c in calib if all(bool(torch.isfinite(t).all()) for t in Interpreter(case.graph).run(*c)
                                      if t.is_floating_point())] or [tuple(case.inputs)]
     try:
         passes = pipeline.passes()
     except PassError as e:
-        return None, f"not applicable: {e}"
+        return None, f"not applicable: {e}", []
     pm = PassManager(passes)
     try:
-        return pm.run(case.graph, PassContext(calibration=calib, seed=seed)), None
+        return pm.run(case.graph, PassContext(calibration=calib, seed=seed)), None, pm.records
     except PassError as e:
-        return None, f"not applicable: {e}"
+        return None, f"not applicable: {e}", []
 
 
 def _roundtrip_problem(graph, inputs) -> str | None:
@@ -183,7 +184,7 @@ class Fuzzer:
         s.pipelines += 1
         base = {"seed": gseed, "pipeline_index": j, "pipeline": pipeline.to_dict(), "env": case.env}
         try:
-            compressed, why = compress(case, pipeline, gseed)
+            compressed, why, records = compress(case, pipeline, gseed)
         except Exception as e:      # noqa: BLE001 — a pass that crashes or breaks the graph is a finding
             self._finding({**base, "kind": "pass", "backend": "passes", "message": f"{type(e).__name__}: {e}"},
                           case, None, None, None)
@@ -224,15 +225,15 @@ class Fuzzer:
             if bad is None:
                 s.passed += 1
                 if random.Random(f"bundle-{gseed}-{j}-{backend}").random() < self.bundle_p:
-                    self._bundle(base, case, compressed, pipeline, backend, stable[0])
+                    self._bundle(base, case, compressed, pipeline, records, backend, stable[0])
             else:
                 self._failure(base, case, compressed, bad[0], backend, "mismatch", bad[1].detail, bad[1].metrics)
         return True
 
-    def _bundle(self, base, case, compressed, pipeline, backend, inputs) -> None:
+    def _bundle(self, base, case, compressed, pipeline, records, backend, inputs) -> None:
         self.stats.bundles += 1
         try:
-            check_bundle(compressed, case.graph, pipeline.name, pipeline.passes(), backend, inputs)
+            check_bundle(compressed, case.graph, pipeline.name, pipeline.passes(), records, backend, inputs)
         except Exception as e:      # noqa: BLE001
             self._finding({**base, "kind": "bundle", "backend": backend, "message": f"{type(e).__name__}: {e}"},
                           case, compressed, None, None)

@@ -361,7 +361,7 @@ def keys():
 
 def test_signed_bundle_verifies_with_its_key(bundle, keys, tmp_path):
     (priv, pub), _ = keys
-    assert nf.verify(bundle)["signature"] == "unsigned"
+    assert nf.verify(bundle)["signature"].startswith("unsigned")
     sig = sign(bundle, priv)
     assert sig == bundle / SIGNATURE
     pub_file = tmp_path / "pub.pem"
@@ -379,8 +379,10 @@ def test_tampered_signed_manifest_is_refused(bundle, keys):
     (priv, pub), _ = keys
     sign(bundle, priv)
     nf.verify(bundle, key=pub)
-    edit_manifest(bundle, lambda m: m["recipe"].__setitem__("name", "w4-gptq"))     # no file hash changes
-    assert nf.verify(bundle)["passed"], "without a key a manifest edit goes unnoticed: that is what signing is for"
+    # no file hash changes, and nothing in the files contradicts it (a recipe edit would be caught:
+    # tests/test_claims.py); without a key it goes unnoticed: that is what signing is for
+    edit_manifest(bundle, lambda m: m["model"].__setitem__("source", "a trusted vendor"))
+    assert nf.verify(bundle)["passed"]
     for call in (lambda: nf.verify(bundle, key=pub), lambda: nf.load(bundle, key=pub)):
         with pytest.raises(BundleError, match="manifest.json does not match its signature manifest.sig"):
             call()

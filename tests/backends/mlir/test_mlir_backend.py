@@ -144,7 +144,8 @@ def test_other_encodings_compile_and_run(tmp_path, recipe):
     """Packed codes, minifloat and palette gathers, the 2:4 select and low-rank products run in the
     module (linalg-on-tensors, through the JIT) with the reference's numbers; fallbacks are recorded."""
     model, x = mlp(), mlp_input()
-    b = nf.compile(model, "mlir", recipe, example_inputs=(x,), calibration=[(x,)], out=tmp_path / "b")
+    b = nf.compile(model, "mlir", recipe, example_inputs=(x,), calibration=[(mlp_input(s),) for s in range(2, 6)],
+                   out=tmp_path / "b")
     num = b.manifest["numerics"]
     assert num["runtime_checked"] and num["backend_vs_reference"]["max_abs_error"] <= MAX_ABS
     widened = recipe in ("w3-gptq", "block-sparse-50-w8")
