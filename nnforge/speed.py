@@ -290,8 +290,9 @@ def describe(manifest: dict, layers: bool = False) -> list[str]:
     for label, c in (evidence.get("checks") or {}).items():
         sums = ", ".join(f"{mode} {m['calls_ms']:.3f} of {m['whole_ms']:.3f} ms" for mode, m in c.get("modes", {}).items()
                          if "calls_ms" in m)
+        within = f"within +-{evidence.get('margin', 0):.0%}"
         out.append(f"    per-layer times at {label}: " + (
-            f"add up to the whole model's ({sums}; within +-{evidence.get('margin', 0):.0%})" if c.get("ok") else
+            f"add up to the whole model's ({sums + '; ' if sums else ''}{within})" if c.get("ok") else
             f"refused, no decision rests on them: {c.get('why')}"))
     if dispatch and dispatch.get("layers"):
         for d in dispatch["layers"]:

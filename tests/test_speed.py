@@ -132,6 +132,78 @@ def test_onnx_file_is_timed_against_onnxruntime_on_the_file(tmp_path):
     assert set(m["speed"]["records"][0]["ms"]) == {"bundle", "dense on onnx", "onnxruntime (source model)"}
 
 
+# --- verdicts and load ---------------------------------------------------------------------------------
+def _record(bundle, alone, dense, load=None):
+    r = {"batch": 1, "ms": {speed.BUNDLE: bundle, speed.COMPRESSED_ONLY: alone, "dense on tvm": dense},
+         "speedup": {"vs dense on tvm": dense / bundle}}
+    if load is not None:
+        r["load"] = load
+    return r
+
+
+def test_a_dispatch_that_slows_the_bundle_is_called_slower():
+    (line,) = speed.verdicts([_record(bundle=23.0, alone=19.8, dense=25.0)], "dense on tvm")
+    assert "the per-shape dispatch makes it slower than its compressed kernels alone (0.86x: 23.00 ms vs 19.80 ms)" \
+        in line
+    assert "faster than that" not in line
+    (line,) = speed.verdicts([_record(bundle=10.0, alone=15.0, dense=25.0)], "dense on tvm")
+    assert "makes it faster than its compressed kernels alone (1.50x: 10.00 ms vs 15.00 ms)" in line
+
+
+QUIET = {"cpus": 2, "samples": 12, "load_average": [3.0, 3.0, 3.0], "others_running_per_cpu": 0.1}
+BUSY = {"cpus": 2, "samples": 12, "load_average": [0.5, 0.5, 0.5], "others_running_per_cpu": 1.0}
+
+
+def test_busy_rule_reads_the_sampled_threads_and_falls_back_to_the_load_average():
+    assert speed.busy(QUIET) == "" and speed.busy(None) == ""        # the samples outrank a lagging load average
+    assert speed.busy(BUSY) == ("the machine was busy: other processes kept 2.0 threads runnable on 2 CPUs on "
+                                "average while timing (1.00 per CPU, above 0.5)")
+    unsampled = {"cpus": 2, "samples": 0, "others_running_per_cpu": None}
+    assert speed.busy(unsampled | {"load_average": [2.0, 1.0, 1.0]}) == ""
+    assert speed.busy(unsampled | {"load_average": [4.0, 1.0, 1.0]}).startswith(
+        "the machine was busy: load average 4.00 on 2 CPUs (2.00 per CPU, above 1.5)")
+
+
+def test_a_record_timed_on_a_busy_machine_says_it_is_unreliable():
+    (line,) = speed.verdicts([_record(10.0, 15.0, 25.0, load=BUSY)], "dense on tvm")
+    assert line.endswith("[unreliable: the machine was busy: other processes kept 2.0 threads runnable on 2 CPUs "
+                         "on average while timing (1.00 per CPU, above 0.5)]")
+    (line,) = speed.verdicts([_record(10.0, 15.0, 25.0, load=QUIET)], "dense on tvm")
+    assert "unreliable" not in line
+
+
+def test_the_load_meter_counts_other_busy_processes():
+    import subprocess
+    import sys
+    if speed.others_running() is None:
+        pytest.skip("no /proc to count runnable threads in")
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        meter = speed.LoadMeter()
+        import time
+        time.sleep(0.3)
+        for _ in range(5):
+            meter.sample()
+    finally:
+        for p in hogs:
+            p.kill()
+            p.wait()
+    load = meter.summary()
+    # both busy processes are runnable at every sample (others may be too); this process's own threads are not counted
+    assert min(meter.samples) >= 2 and load["samples"] == 5
+    assert load["others_running_per_cpu"] >= 2 / load["cpus"]
+
+
+def test_speed_records_carry_the_load_they_were_timed_under(tmp_path, monkeypatch):
+    monkeypatch.setattr(speed, "others_running", lambda: 3)
+    monkeypatch.setattr(speed, "_cpus", lambda: 2)
+    m = _compile(tmp_path, "onnx", batch_sizes=(1,)).manifest
+    (rec,) = m["speed"]["records"]
+    assert rec["load"]["samples"] >= 3 and rec["load"]["others_running_per_cpu"] == 1.5
+    assert rec["load"]["unreliable"].startswith("the machine was busy")
+    assert m["speed"]["verdicts"][0].endswith("(1.50 per CPU, above 0.5)]")
+
+
 # --- inspect ---------------------------------------------------------------------------------------------
 def test_inspect_prints_the_speed_table_and_each_dispatched_layer(tmp_path, monkeypatch, capsys):
     _dense_wins_at_batch_4(monkeypatch)
@@ -143,6 +215,24 @@ def test_inspect_prints_the_speed_table_and_each_dispatched_layer(tmp_path, monk
     assert "batch 4: the bundle is" in out
     assert "v_0 (dispatched): compressed below 10 rows, dense from 10 rows; batch 1 (5 rows)" in out
     assert "dense copies made at load: 0.0" in out
+
+
+def test_inspect_warns_of_records_timed_on_a_busy_machine(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(speed, "others_running", lambda: 4)
+    bundle = _compile(tmp_path, "onnx", batch_sizes=(1, 4))
+    capsys.readouterr()
+    assert main(["inspect", str(bundle.path)]) == 0
+    out = capsys.readouterr().out
+    assert "warning: batch 1, 4 timed on a busy machine: the times above say more about the other work" in out
+
+
+def test_inspect_prints_the_evidence_behind_the_dispatch(tmp_path, monkeypatch, capsys):
+    _dense_wins_at_batch_4(monkeypatch)
+    bundle = _compile(tmp_path, "cpu", "w4-rtn")
+    capsys.readouterr()
+    assert main(["inspect", str(bundle.path)]) == 0
+    out = capsys.readouterr().out
+    assert "per-layer times at batch 1: add up to the whole model's (within +-15%)" in out
 
 
 def test_inspect_says_why_nothing_was_measured(tmp_path, capsys):
