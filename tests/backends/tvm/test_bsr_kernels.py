@@ -3,11 +3,12 @@
 Random block masks at several densities (with empty block-rows, and with no block at all), every fast
 block shape (1x4, 4x1, 16x1) and odd ones (2x2, 3x5), m in {0, 1, 3, 32, 37} through one built
 function (m is symbolic); int8 against the exact integer formula, rounding ties and clipping
-included, and its small-m (GEMV, rows in lanes) schedule at m = 1, 2, 3 shown to be the one that
-runs there. The AVX-512 tiling and the VNNI lane format run here too: LLVM splits 16-lane vectors
-for AVX2, and the dot instruction's arithmetic has a plain-vector emulation. The assembly is
-checked for the instructions each path exists for (this host's AVX2; Sapphire Rapids, Skylake-AVX512
-and Alder Lake cross-compiled, never run), and every documented error for its message.
+included, and its small-m (GEMV, rows in lanes) schedule shown to be the one that runs below V/2
+tokens (V the dot instruction's int32 lanes on this host: 8 with AVX2, 16 with AVX-512). The AVX-512
+tiling and the VNNI lane format run on any host: LLVM splits 16-lane vectors for AVX2, and the dot
+instruction's arithmetic has a plain-vector emulation. The assembly is checked for the instructions
+each path exists for (this host's, whether AVX2 or AVX-512; Sapphire Rapids, Skylake-AVX512 and
+Alder Lake cross-compiled, never run), and every documented error for its message.
 """
 from __future__ import annotations
 
@@ -141,25 +142,48 @@ def test_int8_matches_the_integer_formula(r, c, density):
 SMALL_MS = [1, 2, 3]
 
 
+def isa_dot(features) -> tuple[str, str]:
+    """The int8 dot instruction and register an x86 CPU with these LLVM features should get, from its
+    instruction sets alone: u8 x s8 ``vpdpbusd`` with VNNI (on zmm with AVX-512), else the exact 16-bit
+    ``vpmaddwd`` (zmm with AVX-512BW)."""
+    if {"avx512f", "avx512vnni"} <= features:
+        return "vpdpbusd", "zmm"
+    if "avxvnni" in features or {"avx512vnni", "avx512vl"} <= features:
+        return "vpdpbusd", "ymm"
+    if {"avx512f", "avx512bw"} <= features:
+        return "vpmaddwd", "zmm"
+    return "vpmaddwd", "ymm"
+
+
+def host_dot() -> tuple[str, str, int]:
+    """This host's int8 dot instruction, its register and its int32 lanes."""
+    dot, register = isa_dot(llvm_target(NATIVE).features)
+    return dot, register, 16 if register == "zmm" else 8
+
+
 @pytest.mark.parametrize("r,c", FAST_BLOCKS + [(2, 2), (1, 8), (1, 6)])
 def test_int8_small_m_takes_rows_in_lanes(r, c):
-    """m = 1, 2, 3 run the GEMV schedule and m = 37 tokens in lanes: the results stay exact with the
+    """Below V/2 tokens (V this host's int32 dot lanes: m = 1..3 with AVX2, 1..7 with AVX-512) the
+    GEMV schedule runs, from V/2 on (and at m = 37) tokens in lanes: the results stay exact with the
     other schedule's codes zeroed, and do not with the expected schedule's codes zeroed."""
     n, k = 64 // r * r, 96 // c * c
     row_ptr, col_idx, codes = random_bsr(n, k, r, c, 0.3, values=np.int8)
     row_scale = np.random.default_rng(2).uniform(0.001, 0.01, n).astype(np.float32)
     kern = bsr_matmul_int8("gemv", row_ptr, col_idx, codes, row_scale, 0.05, 131, n, k, NATIVE)
-    assert kern.notes["small_m_schedule"].startswith(f"rows in lanes for m < {max(SMALL_MS) + 1}")
+    lanes = host_dot()[2]
+    small_ms = list(range(1, lanes // 2))
+    assert kern.notes["lanes"] == lanes
+    assert kern.notes["small_m_schedule"].startswith(f"rows in lanes for m < {lanes // 2}")
     dense = dense_from_bsr(row_ptr, col_idx, codes, n, k)
     run, consts = runner(kern), kern.consts
     tokens_codes_zeroed = consts[:2] + [np.zeros_like(consts[2])] + consts[3:]
     gemv_codes_zeroed = consts[:-1] + [np.zeros_like(consts[-1])]
     rng = np.random.default_rng(5)
-    for m in SMALL_MS + [37]:
+    for m in small_ms + [lanes // 2, 37]:
         x = (rng.standard_normal((m, k)) * 3).astype(np.float32)
         want = int8_reference(x, dense, row_scale, 0.05, 131)
         np.testing.assert_allclose(run(x), want, rtol=2e-6, atol=1e-5, err_msg=f"m={m}")
-        other_zeroed, expected_zeroed = ((tokens_codes_zeroed, gemv_codes_zeroed) if m in SMALL_MS
+        other_zeroed, expected_zeroed = ((tokens_codes_zeroed, gemv_codes_zeroed) if m in small_ms
                                          else (gemv_codes_zeroed, tokens_codes_zeroed))
         np.testing.assert_allclose(run(x, other_zeroed), want, rtol=2e-6, atol=1e-5,
                                    err_msg=f"m={m}: the other schedule ran")
@@ -276,12 +300,17 @@ def assembly(kern: Kernel, target: str) -> str:
 
 @pytest.mark.skipif("avx2" not in llvm_target(NATIVE).features, reason="this host has no AVX2")
 def test_native_assembly_uses_fma_and_pmaddwd():
+    """FMAs and the int8 dot instruction of this host's instruction sets, on its widest registers:
+    vpmaddwd on ymm with AVX2, vpdpbusd on zmm with AVX-512 VNNI."""
+    dot, register, lanes = host_dot()
     args = random_bsr(64, 64, 4, 1, 0.3)
     asm = assembly(bsr_matmul("f", *args, 64, 64, NATIVE), NATIVE)
-    assert "vfmadd" in asm and "%ymm" in asm
+    assert "vfmadd" in asm and f"%{register}" in asm
     codes = random_bsr(64, 64, 4, 1, 0.3, values=np.int8)
-    asm8 = assembly(bsr_matmul_int8("q", *codes, np.ones(64, np.float32), 0.1, 3, 64, 64, NATIVE), NATIVE)
-    assert "vpmaddwd" in asm8 and "%ymm" in asm8
+    kern = bsr_matmul_int8("q", *codes, np.ones(64, np.float32), 0.1, 3, 64, 64, NATIVE)
+    assert kern.notes["dot"] == f"{dot} {register}" and kern.notes["lanes"] == lanes
+    asm8 = assembly(kern, NATIVE)
+    assert dot in asm8 and f"%{register}" in asm8
     assert "vpmaddubsw" not in asm8           # it would saturate on 8-bit activations
 
 
@@ -295,7 +324,7 @@ def test_cross_compiled_assembly(cpu, r, c, dot, register):
     """Cross-compiled only, never run: the fp32 tile's FMAs and the int8 dot on the target's registers."""
     target = f"llvm -mtriple=x86_64-linux-gnu -mcpu={cpu}"
     lanes = 16 if register == "zmm" else 8
-    assert llvm_target(target).lanes == lanes
+    assert llvm_target(target).lanes == lanes and isa_dot(llvm_target(target).features) == (dot, register)
     asm = assembly(bsr_matmul("f", *random_bsr(64, 64, r, c, 0.3), 64, 64, target), target)
     assert "vfmadd" in asm and (f"%{register}" in asm)
     codes = random_bsr(64, 64, r, c, 0.3, values=np.int8)
@@ -306,7 +335,7 @@ def test_cross_compiled_assembly(cpu, r, c, dot, register):
 
 
 @pytest.mark.parametrize("cpu,r,c,dot", [
-    ("native", 4, 1, "vpmaddwd"),
+    pytest.param("native", 4, 1, None, id="native-4-1-host_dot"),     # vpmaddwd with AVX2, vpdpbusd with VNNI
     ("sapphirerapids", 4, 1, "vpdpbusd"),
     ("alderlake", 1, 4, "vpdpbusd"),
 ])
@@ -316,6 +345,7 @@ def test_gemv_schedule_assembly_uses_the_dot_instruction(cpu, r, c, dot, monkeyp
     target = NATIVE if cpu == "native" else f"llvm -mtriple=x86_64-linux-gnu -mcpu={cpu}"
     if cpu == "native" and "avx2" not in llvm_target(NATIVE).features:
         pytest.skip("this host has no AVX2")
+    dot = dot or host_dot()[0]
     args = (*random_bsr(64, 64, r, c, 0.3, values=np.int8), np.ones(64, np.float32), 0.1, 3, 64, 64, target)
     with_gemv = assembly(bsr_matmul_int8("q", *args), target)
     monkeypatch.setattr(bsr_int8, "_gemv_layout", lambda r, c, dot: None)
