@@ -444,6 +444,8 @@ def speed_records(runner, lowered, graph: Graph, original: Graph, target: Target
     out = {"measured": True, "batch_sizes": list(batch_sizes), "machine": speed.machine(),
            "dense_baseline": f"the imported graph after the cleanup passes only, lowered by {backend.name} for "
                              f"{target.name}", "records": records, "verdicts": speed.verdicts(records, dense_label)}
+    if hasattr(runner, "threads"):          # a runtime that sizes its thread pool by the load says how it ran
+        out["bundle_threads"] = runner.threads
     if dispatch is None:
         out["dispatch"] = f"the {backend.name} backend has no per-shape dispatch: its runtime picks its own kernels"
     elif not dispatch.get("enabled"):

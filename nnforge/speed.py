@@ -279,6 +279,10 @@ def describe(manifest: dict, layers: bool = False) -> list[str]:
         out.append("    " + f"{r['batch']:>5}  " + "  ".join(
             f"{r['ms'][n]:>{w}.3f}" if n in r["ms"] else f"{'-':>{w}}" for n, w in zip(names, widths)))
     out += [f"    {v}" for v in sp.get("verdicts", [])]
+    pool = sp.get("bundle_threads")
+    if pool and pool.get("calls_by_threads"):
+        by = ", ".join(f"{v} on {k}" for k, v in pool["calls_by_threads"].items())
+        out.append(f"    the bundle's calls by threads: {by} (pool size: {pool.get('size')})")
     unreliable = [r["batch"] for r in sp["records"] if busy(r.get("load"))]
     if unreliable:
         out.append(f"    warning: batch {', '.join(map(str, unreliable))} timed on a busy machine: the times above say "

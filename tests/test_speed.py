@@ -107,6 +107,7 @@ def test_cpu_bundle_records_dispatch_decisions_and_both_kernel_modes(tmp_path, m
                for r in records)
     assert "with compressed kernels only it would be" in m["speed"]["verdicts"][0]
     assert m["speed"]["dispatch"].startswith("2 of 2 compressed layers dispatch to the dense kernel")
+    assert sum(m["speed"]["bundle_threads"]["calls_by_threads"].values()) > 0      # the pool the bundle ran on
     runner = nf.load(tmp_path / "cpu-w4-rtn")
     assert runner.dispatch_mode == "auto"
     assert nf.verify(tmp_path / "cpu-w4-rtn")["passed"]      # the dense copies decode from the bundle's graph
@@ -214,6 +215,7 @@ def test_inspect_prints_the_speed_table_and_each_dispatched_layer(tmp_path, monk
     assert "speed (measured when built" in out and "dense on tvm" in out and "torch eager" in out
     assert "batch 4: the bundle is" in out
     assert "v_0 (dispatched): compressed below 10 rows, dense from 10 rows; batch 1 (5 rows)" in out
+    assert "the bundle's calls by threads: " in out and "(pool size: " in out
     assert "dense copies made at load: 0.0" in out
 
 

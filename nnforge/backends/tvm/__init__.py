@@ -185,7 +185,7 @@ class TvmRunner(Runner):
             raise BackendError(f"{bundle_dir}: tvm backend entry is missing or malformed ({e})") from None
         path = safe_join(Path(bundle_dir), library)
         check_cpu(path, entry)
-        self.threads = threads.configure()      # the pool settings it runs with (threads.py)
+        self._threads = threads.Usage()         # the pool it runs on, sized per call (threads.py)
         tvm_ffi = _load_tvm_runtime()
         self._module = _load_verified(tvm_ffi, path, digest)
         self._vm = self._module["vm_load_executable"]()
@@ -202,6 +202,11 @@ class TvmRunner(Runner):
         self._dispatch = [layer for layer in (entry.get("dispatch") or {}).get("layers", [])
                           if "threshold_param" in layer]
         self.dispatch_mode = "auto"
+
+    @property
+    def threads(self) -> dict:
+        """The thread pool settings it runs with, and how many calls ran on each pool size."""
+        return self._threads.to_dict()
 
     def set_instrument(self, fn) -> None:
         """Call ``fn(func, symbol, before, result, *args)`` around every VM call (None: stop);
@@ -228,6 +233,7 @@ class TvmRunner(Runner):
 
     def run_numpy(self, inputs: list) -> list:
         args = [self._from_dlpack(_aligned(x)) for x in inputs]
+        self._threads.fit()
         try:
             out = self._main(*args, *self._params)
         except Exception as e:        # the VM raises tvm_ffi errors
