@@ -410,8 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dim", action="append", default=[], metavar="NAME=INT",
                    help="size of a symbolic input dim for example inputs of an .onnx model (default 1)")
     c.add_argument("--batch-sizes", default=None, metavar="B,B,...",
-                        "here (default 1,32 or $NNFORGE_BATCH_SIZES; 'none' measures nothing)")
                    help="batch sizes of the bundle's speed records and per-shape dispatch, where the target runs "
+                        "here (default 1,32 or $NNFORGE_BATCH_SIZES; 'none' measures nothing)")
     c.add_argument("--calibration", default=None, metavar="FILE",
                    help="calibration data for data-driven passes (GPTQ, SparseGPT, SmoothQuant, activation ranges, "
                         "Hessian palettes...): a .safetensors or .npz file with one tensor per input name, samples "
