@@ -100,6 +100,9 @@ def summarise(rows: list[dict]) -> list[dict]:
                     "tvm_ms": round(statistics.median(x["ms"]["tvm"] for x in runs), 3),
                     "ort_ms": round(statistics.median(x["ms"]["ort"] for x in runs), 3),
                     "others_running_per_cpu": [x["load"]["others_running_per_cpu"] for x in runs]})
+    for r in out:
+        seen = [x for x in r["others_running_per_cpu"] if x is not None]
+        r["others_per_cpu_mean"] = round(statistics.fmean(seen), 2) if seen else None
     return out
 
 
@@ -107,14 +110,15 @@ def docs_rows(report: dict) -> tuple[list[str], list[list]]:
     table = report["summary"]
     busy = max(r["busy"] for r in table)
     columns = ["setting", "batch", "TVM quiet ms", f"TVM beside {busy} busy ms", "TVM slowdown",
-               "ORT quiet ms", f"ORT beside {busy} busy ms", "ORT slowdown"]
+               "ORT quiet ms", f"ORT beside {busy} busy ms", "ORT slowdown", "other threads per CPU (quiet / busy)"]
     rows = []
     for setting in dict.fromkeys(r["setting"] for r in table):
         for b in BATCHES:
             q = next(r for r in table if r["setting"] == setting and r["batch"] == b and r["busy"] == 0)
             l = next(r for r in table if r["setting"] == setting and r["batch"] == b and r["busy"] == busy)
             rows.append([setting, b, f"{q['tvm_ms']:.2f}", f"{l['tvm_ms']:.2f}", f"{l['tvm_ms'] / q['tvm_ms']:.1f}x",
-                         f"{q['ort_ms']:.2f}", f"{l['ort_ms']:.2f}", f"{l['ort_ms'] / q['ort_ms']:.1f}x"])
+                         f"{q['ort_ms']:.2f}", f"{l['ort_ms']:.2f}", f"{l['ort_ms'] / q['ort_ms']:.1f}x",
+                         f"{q['others_per_cpu_mean']} / {l['others_per_cpu_mean']}"])
     return columns, rows
 
 
@@ -126,12 +130,23 @@ def main() -> None:
     ap.add_argument("--bundles", nargs=2, metavar=("CPU_BUNDLE", "ONNX_BUNDLE"),
                     help="fp32 bundles of the default model to time (default: compile them)")
     ap.add_argument("--probe", nargs=2, metavar=("CPU_BUNDLE", "ONNX_BUNDLE"), help=argparse.SUPPRESS)
+    ap.add_argument("--table-only", action="store_true", help="rewrite the docs table from the last JSON")
     args = ap.parse_args()
     if args.probe:
         print(json.dumps(probe(*args.probe, args.rounds)))
         return
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import docs_table
+    path = OUT / "cpu_under_load.json"
+    if args.table_only:
+        report = json.loads(path.read_text())
+        report["summary"] = summarise(report["rows"])
+    else:
+        report = measure(args)
+        OUT.mkdir(exist_ok=True)
+        path.write_text(json.dumps(report, indent=1))
+    write_docs(report)
+
+
+def measure(args) -> dict:
     from nnforge.speed import machine
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -144,19 +159,26 @@ def main() -> None:
                     cells = "  ".join(f"b{b}: tvm {x['ms']['tvm']:8.2f} ort {x['ms']['ort']:8.2f} ms"
                                       for b, x in got["batches"].items())
                     print(f"{setting:40s} busy {busy}  {cells}", flush=True)
-    report = {"meta": {"machine": machine(), "repeats": args.repeats, "busy": args.busy, "rounds": args.rounds,
-                       "settings": SETTINGS}, "rows": rows, "summary": summarise(rows)}
-    OUT.mkdir(exist_ok=True)
-    (OUT / "cpu_under_load.json").write_text(json.dumps(report, indent=1))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import docs_table
+    return {"meta": {"machine": machine(), "repeats": args.repeats, "busy": args.busy, "rounds": args.rounds,
+                     "settings": SETTINGS, "command": docs_table.command()}, "rows": rows, "summary": summarise(rows)}
+
+
+def write_docs(report: dict) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import docs_table
+    m = report["meta"]
     columns, table = docs_rows(report)
     print("\n" + docs_table.markdown(columns, table))
     docs_table.write("measured/cpu_under_load.md", "cpu_under_load", columns, table, timed=True,
-                     source="benchmarks/out/cpu_under_load.json", machine=report["meta"]["machine"],
-                     notes=[f"Median over {args.repeats} runs of each setting; each run a fresh process, quiet or beside "
-                            f"{args.busy} processes that spin, timing the cpu (TVM) and onnx (ONNX Runtime) fp32 "
+                     source="benchmarks/out/cpu_under_load.json", machine=m["machine"], cmd=m.get("command"),
+                     notes=[f"Median over {m['repeats']} runs of each setting; each run a fresh process, quiet or beside "
+                            f"{m['busy']} processes that spin, timing the cpu (TVM) and onnx (ONNX Runtime) fp32 "
                             "bundles of the default model in alternating stretches. Slowdown: beside the busy "
-                            "processes over quiet."])
-
+                            "processes over quiet. Other threads per CPU: other processes' runnable threads, sampled "
+                            "between the stretches (nnforge.speed.LoadMeter); a quiet run above 0 shared the machine "
+                            "with other work."])
 
 if __name__ == "__main__":
     main()

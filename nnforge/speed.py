@@ -154,7 +154,8 @@ def measure(runners: dict[str, Callable[[list], object]], graph: Graph, inputs: 
     return records
 
 
-def _cpus() -> int:
+def cpu_count() -> int:
+    """The CPUs this process may run on."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:
@@ -168,7 +169,7 @@ def _load_average() -> list[float] | None:
 def machine() -> dict:
     """What the times were measured on."""
     import platform
-    return {"cpus": _cpus(), "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
+    return {"cpus": cpu_count(), "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
             "processor": platform.processor() or platform.machine(), "load_average": _load_average()}
 
 
@@ -205,7 +206,7 @@ class LoadMeter:
     def summary(self) -> dict:
         """The record's ``load``: the samples' mean per CPU, the load average, and whether the
         machine was too busy for the times to mean much (:func:`busy`)."""
-        cpus = _cpus()
+        cpus = cpu_count()
         out = {"cpus": cpus, "samples": len(self.samples), "load_average": _load_average(),
                "others_running_per_cpu": (round(statistics.fmean(self.samples) / cpus, 3) if self.samples else None)}
         out["unreliable"] = busy(out)
@@ -317,6 +318,6 @@ def describe(manifest: dict, layers: bool = False) -> list[str]:
     return out
 
 
-__all__ = ["DEFAULT_BATCH_SIZES", "describe", "alternating_ms", "batch_inputs", "busy", "check_batch_sizes",
+__all__ = ["DEFAULT_BATCH_SIZES", "describe", "alternating_ms", "batch_inputs", "busy", "check_batch_sizes", "cpu_count",
            "default_batch_sizes", "measure", "machine", "others_running", "speed_shapes", "verdicts", "LoadMeter",
            "BUNDLE", "BUSY_PER_CPU", "COMPRESSED_ONLY", "TORCH", "UNRELIABLE_LOAD_PER_CPU"]

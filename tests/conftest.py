@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -41,3 +43,17 @@ def tiny_mlp():
     """A small torch MLP with a symbolic-batch-friendly structure."""
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8)).eval()
+
+
+@pytest.fixture
+def busy_processes():
+    """``start(n)`` starts n processes that spin (a busy machine beside the test); all are killed
+    when the test ends."""
+    procs = []
+
+    def start(n: int = 2) -> None:
+        procs.extend(subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n))
+    yield start
+    for p in procs:
+        p.kill()
+        p.wait()

@@ -173,22 +173,15 @@ def test_a_record_timed_on_a_busy_machine_says_it_is_unreliable():
     assert "unreliable" not in line
 
 
-def test_the_load_meter_counts_other_busy_processes():
-    import subprocess
-    import sys
+def test_the_load_meter_counts_other_busy_processes(busy_processes):
+    import time
     if speed.others_running() is None:
         pytest.skip("no /proc to count runnable threads in")
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
-    try:
-        meter = speed.LoadMeter()
-        import time
-        time.sleep(0.3)
-        for _ in range(5):
-            meter.sample()
-    finally:
-        for p in hogs:
-            p.kill()
-            p.wait()
+    busy_processes(2)
+    time.sleep(0.3)
+    meter = speed.LoadMeter()
+    for _ in range(5):
+        meter.sample()
     load = meter.summary()
     # both busy processes are runnable at every sample (others may be too); this process's own threads are not counted
     assert min(meter.samples) >= 2 and load["samples"] == 5
@@ -197,7 +190,7 @@ def test_the_load_meter_counts_other_busy_processes():
 
 def test_speed_records_carry_the_load_they_were_timed_under(tmp_path, monkeypatch):
     monkeypatch.setattr(speed, "others_running", lambda: 3)
-    monkeypatch.setattr(speed, "_cpus", lambda: 2)
+    monkeypatch.setattr(speed, "cpu_count", lambda: 2)
     m = _compile(tmp_path, "onnx", batch_sizes=(1,)).manifest
     (rec,) = m["speed"]["records"]
     assert rec["load"]["samples"] >= 3 and rec["load"]["others_running_per_cpu"] == 1.5
@@ -206,12 +199,16 @@ def test_speed_records_carry_the_load_they_were_timed_under(tmp_path, monkeypatc
 
 
 # --- inspect ---------------------------------------------------------------------------------------------
-def test_inspect_prints_the_speed_table_and_each_dispatched_layer(tmp_path, monkeypatch, capsys):
-    _dense_wins_at_batch_4(monkeypatch)
-    bundle = _compile(tmp_path, "cpu", "w4-rtn")
+def _inspect(bundle, capsys) -> str:
+    """What `nnforge inspect` prints for ``bundle``."""
     capsys.readouterr()
     assert main(["inspect", str(bundle.path)]) == 0
-    out = capsys.readouterr().out
+    return capsys.readouterr().out
+
+
+def test_inspect_prints_the_speed_table_and_each_dispatched_layer(tmp_path, monkeypatch, capsys):
+    _dense_wins_at_batch_4(monkeypatch)
+    out = _inspect(_compile(tmp_path, "cpu", "w4-rtn"), capsys)
     assert "speed (measured when built" in out and "dense on tvm" in out and "torch eager" in out
     assert "batch 4: the bundle is" in out
     assert "v_0 (dispatched): compressed below 10 rows, dense from 10 rows; batch 1 (5 rows)" in out
@@ -221,19 +218,13 @@ def test_inspect_prints_the_speed_table_and_each_dispatched_layer(tmp_path, monk
 
 def test_inspect_warns_of_records_timed_on_a_busy_machine(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(speed, "others_running", lambda: 4)
-    bundle = _compile(tmp_path, "onnx", batch_sizes=(1, 4))
-    capsys.readouterr()
-    assert main(["inspect", str(bundle.path)]) == 0
-    out = capsys.readouterr().out
+    out = _inspect(_compile(tmp_path, "onnx", batch_sizes=(1, 4)), capsys)
     assert "warning: batch 1, 4 timed on a busy machine: the times above say more about the other work" in out
 
 
 def test_inspect_prints_the_evidence_behind_the_dispatch(tmp_path, monkeypatch, capsys):
     _dense_wins_at_batch_4(monkeypatch)
-    bundle = _compile(tmp_path, "cpu", "w4-rtn")
-    capsys.readouterr()
-    assert main(["inspect", str(bundle.path)]) == 0
-    out = capsys.readouterr().out
+    out = _inspect(_compile(tmp_path, "cpu", "w4-rtn"), capsys)
     assert "per-layer times at batch 1: add up to the whole model's (within +-15%)" in out
 
 

@@ -27,29 +27,22 @@ import threading
 import time
 from collections import Counter
 
+from ... import speed
+
 NUM_THREADS, SPIN_COUNT, BIND = "TVM_NUM_THREADS", "TVM_THREAD_POOL_SPIN_COUNT", "TVM_BIND_THREADS"
 RECHECK_S = 0.2                 # how long a decision on the pool's size stands
 KBIG = 1                        # TVM's affinity mode "big cores" (every core here; nothing is pinned)
 
 
-def cpu_count() -> int:
-    """The CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:       # not on Linux
-        return os.cpu_count() or 1
-
-
 @functools.lru_cache(maxsize=None)
 def can_count_others() -> bool:
-    from ...speed import others_running
-    return others_running() is not None
+    return speed.others_running() is not None
 
 
 def defaults() -> dict[str, str]:
     """The pool settings nnforge asks for. TVM's own default thread count halves the CPU count (it
     assumes two hyper-threads per core); every CPU is used instead."""
-    out = {NUM_THREADS: str(cpu_count()), BIND: "0"}
+    out = {NUM_THREADS: str(speed.cpu_count()), BIND: "0"}
     if not can_count_others():
         out[SPIN_COUNT] = "0"
     return out
@@ -97,16 +90,15 @@ _LOCAL = threading.local()      # TVM keeps one pool per calling thread
 def fit() -> int:
     """Size the calling thread's TVM pool for the machine as it is now (no more often than every
     ``RECHECK_S``); the threads its next kernels run on."""
-    most = int(os.environ.get(NUM_THREADS) or cpu_count())
+    most = int(os.environ.get(NUM_THREADS) or speed.cpu_count())
     if not adaptive():
         return most
     now = time.monotonic()
     if now - getattr(_LOCAL, "checked", -RECHECK_S) < RECHECK_S:
         return _LOCAL.size
-    from ...speed import others_running
     _LOCAL.checked = now
-    others = others_running()
-    size = most if others is None else pool_size(cpu_count(), others, most)
+    others = speed.others_running()
+    size = most if others is None else pool_size(speed.cpu_count(), others, most)
     if size != getattr(_LOCAL, "size", None):
         import tvm_ffi
         tvm_ffi.get_global_func("runtime.config_threadpool")(KBIG, size)
@@ -127,5 +119,5 @@ class Usage:
         return {**configure(), "calls_by_threads": {str(k): v for k, v in sorted(self.calls.items())}}
 
 
-__all__ = ["Usage", "adaptive", "configure", "cpu_count", "defaults", "fit", "pool_size", "policy", "RECHECK_S",
+__all__ = ["Usage", "adaptive", "configure", "defaults", "fit", "pool_size", "policy", "RECHECK_S",
            "NUM_THREADS", "SPIN_COUNT", "BIND"]

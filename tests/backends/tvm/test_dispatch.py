@@ -401,7 +401,7 @@ def test_times_the_clock_does_not_resolve_decide_nothing(quiet_machine):
 
 def test_times_taken_on_a_busy_machine_decide_nothing(monkeypatch):
     monkeypatch.setattr("nnforge.speed.others_running", lambda: 3)
-    monkeypatch.setattr("nnforge.speed._cpus", lambda: 2)
+    monkeypatch.setattr("nnforge.speed.cpu_count", lambda: 2)
     clock = _Clock()
     g, times = _measure_fake(_FakeVM(clock, LAYER_US, unaccounted=0.02), clock)
     assert all(not c["ok"] for c in times.checks.values())
@@ -424,22 +424,11 @@ def test_whole_model_check_on_a_busy_machine_moves_layers_back(monkeypatch):
     assert decision.runs_at(160) == "compressed" and "timed while the machine was busy" in decision.why
 
 
-def _busy_processes(n: int = 2):
-    import subprocess
-    import sys
-    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
-
-
-def test_real_measurement_beside_busy_processes_decides_only_on_evidence(tmp_path):
+def test_real_measurement_beside_busy_processes_decides_only_on_evidence(tmp_path, busy_processes):
     """Two busy processes beside the real in-model timing: each shape's times either pass the
     evidence check, or every layer keeps its compressed kernel there and says why."""
-    hogs = _busy_processes()
-    try:
-        _, lowered = _lower(_linear_graph(_encodings()["int4"]), tmp_path)
-    finally:
-        for p in hogs:
-            p.kill()
-            p.wait()
+    busy_processes(2)
+    _, lowered = _lower(_linear_graph(_encodings()["int4"]), tmp_path)
     d = lowered.entry["dispatch"]
     checks = d["evidence"]["checks"]
     assert set(checks) == {"batch 1", "batch 32"}

@@ -5,8 +5,6 @@ benchmarks/cpu_under_load.py), and runners and manifests saying which pool they 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ pytest.importorskip("tvm")
 
 from nnforge.backends.tvm import TvmBackend, threads  # noqa: E402
 from nnforge.ir import Dense, Graph, save_graph, tensor  # noqa: E402
+from nnforge.speed import cpu_count  # noqa: E402
 from nnforge.targets import get_target  # noqa: E402
 
 KEYS = (threads.NUM_THREADS, threads.SPIN_COUNT, threads.BIND)
@@ -35,7 +34,7 @@ needs_proc = pytest.mark.skipif(not threads.can_count_others(), reason="needs /p
 @needs_proc
 def test_configure_asks_for_every_cpu_unpinned_and_a_pool_sized_by_the_load(fresh_env):
     got = threads.configure()
-    assert got["env"] == {threads.NUM_THREADS: str(threads.cpu_count()), threads.BIND: "0"}
+    assert got["env"] == {threads.NUM_THREADS: str(cpu_count()), threads.BIND: "0"}
     assert got["user_set"] == [] and all(os.environ[k] == v for k, v in got["env"].items())
     assert threads.SPIN_COUNT not in os.environ and threads.adaptive()
     assert got["size"].startswith("CPUs less other processes' runnable threads (at least 1")
@@ -82,38 +81,33 @@ def test_runner_and_manifest_entry_say_which_pool_they_ran_on(tmp_path):
     assert got["size"] == threads.policy() and sum(got["calls_by_threads"].values()) == 1
 
 
-@needs_proc
-@pytest.mark.skipif(threads.cpu_count() < 2, reason="one CPU: a pool of one thread whatever the load")
-def test_the_pool_shrinks_while_other_processes_want_the_cpus(tmp_path, monkeypatch):
+@pytest.fixture
+def adaptive_runner(tmp_path, monkeypatch):
+    """A runner whose pool follows the load at every call (no user setting, no recheck delay)."""
+    if not threads.can_count_others() or cpu_count() < 2:
+        pytest.skip("needs /proc and two CPUs (one CPU: a pool of one thread whatever the load)")
     monkeypatch.setattr(threads, "_USER_SET", [])
     monkeypatch.setattr(threads, "RECHECK_S", 0.0)
-    runner = TvmBackend().load(tmp_path, _bundle(tmp_path).entry)
+    return TvmBackend().load(tmp_path, _bundle(tmp_path).entry)
+
+
+def test_the_pool_shrinks_while_other_processes_want_the_cpus(adaptive_runner, monkeypatch):
     x = torch.randn(64, 256)
-    monkeypatch.setattr("nnforge.speed.others_running", lambda: threads.cpu_count())
-    runner(x)
+    monkeypatch.setattr("nnforge.speed.others_running", lambda: cpu_count())
+    adaptive_runner(x)
     assert _pool_threads() == 1
     monkeypatch.setattr("nnforge.speed.others_running", lambda: 0)
-    want = runner(x)
-    assert _pool_threads() == threads.cpu_count()
-    assert runner.threads["calls_by_threads"] == {"1": 1, str(threads.cpu_count()): 1}
+    want = adaptive_runner(x)
+    assert _pool_threads() == cpu_count()
+    assert adaptive_runner.threads["calls_by_threads"] == {"1": 1, str(cpu_count()): 1}
     monkeypatch.undo()
-    torch.testing.assert_close(runner(x), want)
+    torch.testing.assert_close(adaptive_runner(x), want)
 
 
-@needs_proc
-@pytest.mark.skipif(threads.cpu_count() < 2, reason="one CPU: a pool of one thread whatever the load")
-def test_beside_two_busy_processes_the_pool_leaves_them_their_cpus(tmp_path, monkeypatch):
-    monkeypatch.setattr(threads, "_USER_SET", [])
-    monkeypatch.setattr(threads, "RECHECK_S", 0.0)
-    runner = TvmBackend().load(tmp_path, _bundle(tmp_path).entry)
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
-    try:
-        import time
-        time.sleep(0.3)
-        runner(torch.randn(64, 256))
-        size = _pool_threads()
-    finally:
-        for p in hogs:
-            p.kill()
-            p.wait()
-    assert size == max(1, threads.cpu_count() - 2) or size < threads.cpu_count() - 2     # others may be busy too
+def test_beside_two_busy_processes_the_pool_leaves_them_their_cpus(adaptive_runner, busy_processes):
+    import time
+    busy_processes(2)
+    time.sleep(0.3)
+    adaptive_runner(torch.randn(64, 256))
+    size = _pool_threads()
+    assert size == max(1, cpu_count() - 2) or size < cpu_count() - 2     # others may be busy too
