@@ -31,7 +31,7 @@ from ... import speed
 
 NUM_THREADS, SPIN_COUNT, BIND = "TVM_NUM_THREADS", "TVM_THREAD_POOL_SPIN_COUNT", "TVM_BIND_THREADS"
 RECHECK_S = 0.2                 # how long a decision on the pool's size stands
-KBIG = 1                        # TVM's affinity mode "big cores" (every core here; nothing is pinned)
+KBIG = 1                        # TVM's affinity mode "big cores" (every core here; TVM_BIND_THREADS=0 pins none)
 
 
 @functools.lru_cache(maxsize=None)
