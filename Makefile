@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/lowbit_gemm.py
 	$(PY) benchmarks/cpu_e2e.py --tune
 	$(PY) benchmarks/dispatch.py
+	$(PY) benchmarks/cpu_under_load.py
 	$(PY) benchmarks/coreml.py
 	$(PY) benchmarks/fpga_flightllm.py
 	$(PY) benchmarks/hls4ml_compare.py

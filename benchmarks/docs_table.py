@@ -53,10 +53,10 @@ def stamp(source: str, cmd: str | None = None, when: datetime.date | None = None
         from nnforge.speed import machine as probe
         machine = probe()
     load = machine.get("load_average")
-    busy = False
+    busy = ""
     if timed and load:
-        from nnforge.demo import UNRELIABLE_LOAD_PER_CPU     # the level at which the demo marks its rows
-        busy = load[0] / max(machine.get("cpus") or 1, 1) > UNRELIABLE_LOAD_PER_CPU
+        from nnforge.speed import busy as why_busy          # the rule the speed records and the demo use
+        busy = why_busy({"cpus": machine.get("cpus"), "load_average": load})
     where = f"{machine.get('cpus')} CPUs ({machine.get('processor') or machine.get('machine')})"
     if machine.get("device"):
         where += f", {machine['device']}"

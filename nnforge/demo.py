@@ -22,12 +22,9 @@ import torch
 from tqdm import tqdm
 
 from .models import default as dm
-from .speed import TORCH, alternating_ms, machine
+from .speed import TORCH, LoadMeter, alternating_ms, busy
 
 FP32_COSINE_FLOOR = 0.99999
-# 1-minute load average per CPU above which a speed ratio is marked unreliable. The demo's own
-# runners count too (about one per CPU while they run), so a quiet machine reads about 1.
-UNRELIABLE_LOAD_PER_CPU = 1.5
 SPEED_BATCHES = (1, 32)
 # calibration sentences (of the 480 set aside) in the short tour and in --full
 QUICK_CALIBRATION, FULL_CALIBRATION = 128, 480
@@ -86,8 +83,8 @@ class Row:
     query_agree: float | None = None
     # batch size -> {"bundle": ms, "torch eager": ms}, measured in alternating stretches
     ms: dict[int, dict[str, float]] = field(default_factory=dict)
-    load_per_cpu: float | None = None
-    unreliable: bool = False
+    load: dict | None = None    # speed.LoadMeter's summary of the machine while this row was timed
+    unreliable: str = ""        # why its speed ratios mean little (speed.busy), or ""
     notes: list[str] = field(default_factory=list)
     missing: str = ""           # why the family has no bundle here (a package not installed)
     seconds: float = 0.0        # compiling, scoring and timing this row
@@ -197,18 +194,12 @@ def _time_row(row: Row, runner, model, tok, evals) -> None:
     def eager(*xs):
         with torch.no_grad():
             return model(*xs)
-    loads = [_load_per_cpu()]
+    meter = LoadMeter()             # the same rule for "busy" as the bundles' speed records
     for b in SPEED_BATCHES:
         x = dm.encode(tok, evals[:b])
-        row.ms[b] = alternating_ms({"bundle": runner, TORCH: eager}, x, rounds=6 if b > 1 else 12)
-    loads.append(_load_per_cpu())
-    row.load_per_cpu = max(loads)
-    row.unreliable = row.load_per_cpu > UNRELIABLE_LOAD_PER_CPU
-
-
-def _load_per_cpu() -> float:
-    m = machine()
-    return (m["load_average"] or [0.0])[0] / max(m["cpus"], 1)
+        row.ms[b] = alternating_ms({"bundle": runner, TORCH: eager}, x, rounds=6 if b > 1 else 12, meter=meter)
+    row.load = meter.summary()
+    row.unreliable = busy(row.load)
 
 
 def _padded_batches(tok, texts, size: int):
@@ -259,8 +250,8 @@ def format_table(rows: list[Row], full: bool = False) -> str:
                       [f"{'-':>{w1}}", f"{'-':>{w2}}", f"{'-':>5}"])
         marks = [mark(f"{r.target} {r.recipe}: {n}") for n in r.notes]
         if r.unreliable:
-            marks.append(mark(f"timed at load {r.load_per_cpu:.1f} per CPU (other work shared the cores): the speed "
-                              "ratios of the rows marked with it are unreliable; rerun on a quiet machine"))
+            marks.append(mark(f"{r.unreliable}: the speed ratios of this row are unreliable; rerun on a quiet "
+                              "machine"))
         lines.append(f"{r.family:<{fw}} {r.target:<10} {r.recipe:<{rw}} {r.bundle_mb:>6.1f} {r.sentences:>5} "
                      f"{r.cos_mean:>8.4f} {r.cos_min:>8.4f} {r.nn_agree:>8.1%} {' '.join(speed)}  "
                      f"{','.join(marks)}")

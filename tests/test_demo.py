@@ -10,10 +10,12 @@ from nnforge.demo import FAMILIES, Row, check_rows, format_table, jobs, missing_
 from nnforge.speed import TORCH
 
 
-def _timed(target="onnx", recipe="w4-gptq", unreliable=False, load=0.9):
+BUSY = "the machine was busy: other processes kept 3.0 threads runnable on 2 CPUs on average while timing"
+
+
+def _timed(target="onnx", recipe="w4-gptq", unreliable=""):
     return Row("onnx", target, recipe, 54.1, 54.0, 128, 0.9914, 0.9596, 0.896, 0.918,
-               ms={1: {"bundle": 2.0, TORCH: 5.0}, 32: {"bundle": 80.0, TORCH: 160.0}},
-               load_per_cpu=load, unreliable=unreliable)
+               ms={1: {"bundle": 2.0, TORCH: 5.0}, 32: {"bundle": 80.0, TORCH: 160.0}}, unreliable=unreliable)
 
 
 def test_the_tour_has_one_row_per_family_and_full_has_every_recipe():
@@ -45,20 +47,23 @@ def test_table_shows_speed_where_timed_and_why_not_elsewhere():
 
 
 def test_rows_timed_under_load_share_one_unreliable_footnote():
-    text = format_table([_timed(unreliable=True, load=3.5), _timed("cpu", "fp32", unreliable=True, load=3.5),
-                         _timed("onnx", "fp32")])
+    text = format_table([_timed(unreliable=BUSY), _timed("cpu", "fp32", unreliable=BUSY), _timed("onnx", "fp32")])
     lines = text.splitlines()
     assert [l.split()[-1] for l in lines if l.startswith("onnx ") and "  " in l][:2] == ["1", "1"]
-    assert lines[-1].startswith("[1] timed at load 3.5 per CPU") and "unreliable" in lines[-1]
+    assert lines[-1].startswith(f"[1] {BUSY}: the speed ratios of this row are unreliable")
     assert sum(l.startswith("[") for l in lines) == 1
 
 
 def test_speed_alternates_with_torch_and_marks_high_load(monkeypatch):
     calls = []
-    monkeypatch.setattr(demo, "alternating_ms", lambda runners, args, rounds: (
-        calls.append((sorted(runners), args[0].shape[0], rounds)) or {"bundle": 1.0, TORCH: 2.0}))
-    loads = iter([0.5, 1.0, 3.4, 3.8])
-    monkeypatch.setattr(demo, "machine", lambda: {"cpus": 2, "load_average": [2 * next(loads), 0.0, 0.0]})
+    others = iter([0, 0, 6, 6])         # runnable threads of other processes, sampled by the demo's meter
+
+    def timed(runners, args, rounds, meter):
+        calls.append((sorted(runners), args[0].shape[0], rounds))
+        meter.samples.append(next(others))
+        return {"bundle": 1.0, TORCH: 2.0}
+    monkeypatch.setattr(demo, "alternating_ms", timed)
+    monkeypatch.setattr("nnforge.speed.cpu_count", lambda: 2)
 
     class Tok:
         pass
@@ -67,8 +72,9 @@ def test_speed_alternates_with_torch_and_marks_high_load(monkeypatch):
     demo._time_row(quiet, lambda *x: None, lambda *x: None, Tok(), ["s"] * 40)
     demo._time_row(busy, lambda *x: None, lambda *x: None, Tok(), ["s"] * 40)
     assert calls[:2] == [(["bundle", TORCH], 1, 12), (["bundle", TORCH], 32, 6)]
-    assert (quiet.load_per_cpu, quiet.unreliable) == (1.0, False)
-    assert (busy.load_per_cpu, busy.unreliable) == (3.8, True) and busy.speedup(32) == 2.0
+    assert quiet.unreliable == "" and quiet.load["others_running_per_cpu"] == 0.0
+    assert busy.unreliable.startswith("the machine was busy: other processes kept 6.0 threads runnable on 2 CPUs")
+    assert busy.speedup(32) == 2.0
 
 
 def test_a_family_whose_package_is_missing_says_how_to_get_it(monkeypatch):
@@ -98,5 +104,5 @@ def test_the_onnx_row_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "FAMILIES", (demo.Family(family.name, "onnx", None, "fp32", ("fp32",), (16, 16)),))
     (row,) = demo.run_demo(tmp_path, families=["onnx"], calibration=32, progress=False)
     assert row.sentences == 16 and row.cos_min > 0.99999 and row.bundle_mb > 50
-    assert set(row.ms) == {1, 32} and row.speedup(1) > 0 and row.load_per_cpu is not None
+    assert set(row.ms) == {1, 32} and row.speedup(1) > 0 and row.load["samples"] > 0
     assert check_rows([row]) == []
