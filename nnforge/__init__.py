@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 from .api import compile, load, load_state_dict, sign, target, targets, verify  # noqa: E402
 from .bundle import Bundle, BundleError  # noqa: E402
 from .divergence import compare_layers  # noqa: E402
+from .errors import NnforgeError  # noqa: E402
 
 __all__ = ["__version__", "compile", "load", "load_state_dict", "sign", "targets", "verify", "target", "Bundle", "BundleError",
-           "compare_layers"]
+           "compare_layers", "NnforgeError"]
