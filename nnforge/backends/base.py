@@ -13,11 +13,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..errors import NnforgeError
 from ..ir import Graph
 from ..targets import Target
 
 
-class BackendError(RuntimeError):
+class BackendError(NnforgeError, RuntimeError):
     """Lowering or loading failed; the message names the node, weight or file."""
 
 
@@ -108,24 +109,6 @@ class Runner(ABC):
         if as_torch:
             outs = [torch.from_numpy(np.asarray(o, order="C")) for o in outs]
         return outs[0] if len(outs) == 1 else tuple(outs)
-
-
-def rule_table() -> tuple[dict[str, Callable], Callable]:
-    """A backend's per-op lowering table and the decorator that fills it (JAX's register_lowering):
-
-    >>> RULES, rule = rule_table()
-    >>> @rule("add", "sub")
-    ... def _binary(lw, node): ...
-    """
-    table: dict[str, Callable] = {}
-
-    def rule(*ops):
-        def deco(fn):
-            for op in ops:
-                table[op] = fn
-            return fn
-        return deco
-    return table, rule
 
 
 class Backend(ABC):

@@ -49,15 +49,14 @@ def main(argv=None) -> int:
 
 
 def _ops(spec: str | None) -> list[str] | None:
-    """--ops: a comma list, or a backend's name for the ops its rule table lowers."""
-    tables = {"onnx": "nnforge.backends.onnx.ops:LOWERINGS", "tvm": "nnforge.backends.tvm.ops:RULES",
-              "hls": "nnforge.backends.hls.project:LOWERINGS"}
+    """--ops: a comma list, or a backend's name for the ops its LOWERINGS table lowers."""
+    tables = {"onnx": "nnforge.backends.onnx.ops", "tvm": "nnforge.backends.tvm.ops",
+              "hls": "nnforge.backends.hls.project"}
     if not spec:
         return None
     if spec in tables:
         import importlib
-        module, name = tables[spec].split(":")
-        return sorted(getattr(importlib.import_module(module), name))
+        return sorted(importlib.import_module(tables[spec]).LOWERINGS)
     return spec.split(",")
 
 

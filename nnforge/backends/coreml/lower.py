@@ -21,7 +21,7 @@ from ...ir import Dense, Graph, Value, symbolic as sym
 from ...ir.dtypes import DType
 from ..base import BackendError, Fallback
 from . import weights as W
-from .ops import RULES, no_equivalent
+from .ops import LOWERINGS, no_equivalent
 
 
 def mil_dtype(dt: DType) -> str:
@@ -172,7 +172,7 @@ def build_program(graph: Graph, opset):
     from coremltools.converters.mil.mil import Function, Program, get_new_symbol, types
     from coremltools.converters.mil import Builder as mb
 
-    missing = [n for n in graph.nodes if n.op not in RULES]
+    missing = [n for n in graph.nodes if n.op not in LOWERINGS]
     if missing:
         raise no_equivalent(missing[0], f"; nodes without a rule: "
                             f"{', '.join(f'{n.name} ({n.op})' for n in missing)[:300]}")
@@ -203,7 +203,7 @@ def build_program(graph: Graph, opset):
         for node in graph.nodes:
             before = len(func.operations)
             try:
-                out = RULES[node.op](lw, node)
+                out = LOWERINGS[node.op](lw, node)
             except BackendError:
                 raise
             except Exception as e:

@@ -1,5 +1,5 @@
-"""Per-op lowering rules IR -> MIL (iOS 18 / macOS 15 opset), one small function per op, in ``RULES``
-(as onnx/ops.py and tvm/ops.py).
+"""Per-op lowering rules IR -> MIL (iOS 18 / macOS 15 opset), one small function per op, in
+``LOWERINGS`` (as every backend).
 
 Each rule gets the :class:`~.lower.Lowering` and the node and returns the MIL value of the node's
 (single) output, in the MIL type that computes the IR dtype (fp16 / int32 / bool, see lower.py);
@@ -12,9 +12,11 @@ from __future__ import annotations
 import numpy as np
 
 from ...ir import symbolic as sym
-from ..base import BackendError, rule_table
+from ...registry import Registry
+from ..base import BackendError
 
-RULES, rule = rule_table()
+LOWERINGS = Registry("coreml lowering")
+rule = LOWERINGS.register
 
 
 def no_equivalent(node, detail: str = "") -> BackendError:

@@ -10,11 +10,13 @@ from onnx import TensorProto
 
 from ...ir import Node, symbolic as sym
 from ...ir.dtypes import bool_, float32, int32
-from ..base import BackendError, rule_table
+from ...registry import Registry
+from ..base import BackendError
 from . import weights as W
 from .builder import OnnxBuilder, onnx_type
 
-LOWERINGS, rule = rule_table()
+LOWERINGS = Registry("onnx lowering")
+rule = LOWERINGS.register
 
 
 def operand(b: OnnxBuilder, v, fallbacks) -> str | None:

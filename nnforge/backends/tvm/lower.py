@@ -22,7 +22,7 @@ from ...ir import Dense, Graph, Node, Value, symbolic as sym
 from ...ir.dtypes import DType
 from ..base import BackendError, Fallback
 from .kernels import KernelError
-from .ops import RULES
+from .ops import LOWERINGS
 from .dispatch import Dispatcher
 from .tuning import Tuner, time_kernel
 from .weights import c_name, numpy_of
@@ -272,7 +272,7 @@ class Lowering:
         relax = self.relax
         from tvm import tirx
         g = self.graph
-        missing = sorted({n.op for n in g.nodes if n.op not in RULES})
+        missing = LOWERINGS.missing(n.op for n in g.nodes)
         if missing:
             raise BackendError(f"the tvm backend has no lowering for op(s) {', '.join(missing)} (used by nodes "
                                f"{', '.join(n.name for n in g.nodes if n.op in missing)[:300]})")
@@ -310,7 +310,7 @@ class Lowering:
 
     def lower_node(self, node: Node) -> None:
         try:
-            expr = RULES[node.op](self, node)
+            expr = LOWERINGS[node.op](self, node)
             var = expr if isinstance(expr, self.relax.Var) else self.emit(expr, node.outputs[0].name)
         except (BackendError, KernelError) as e:
             raise BackendError(f"tvm backend: node {node.name} ({node.op}): {e}") from e
@@ -334,4 +334,4 @@ def lower_graph(graph: Graph, llvm_target: str, target, tuner: Tuner | None = No
     return Lowering(graph, llvm_target, target, tuner, dispatcher).run()
 
 
-__all__ = ["Lowering", "Lowered", "ParamSpec", "lower_graph", "RULES", "PARAMS_FILE", "WEIGHTS_FILE", "PREPARE_FUNCTION"]
+__all__ = ["Lowering", "Lowered", "ParamSpec", "lower_graph", "LOWERINGS", "PARAMS_FILE", "WEIGHTS_FILE", "PREPARE_FUNCTION"]

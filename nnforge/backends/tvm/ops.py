@@ -1,4 +1,4 @@
-"""Per-op lowering rules IR -> Relax, one small function per op, in ``RULES`` (as onnx/ops.py).
+"""Per-op lowering rules IR -> Relax, one small function per op, in ``LOWERINGS`` (as every backend).
 
 Each rule gets the :class:`~.lower.Lowering` and the node and returns the Relax expression of the
 node's (single) output; the lowering emits it and checks its dtype against the IR. Weights are
@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from ...ir import Dense, Value, symbolic as sym
 from ...ir.dtypes import DType, int32
-from ..base import rule_table
+from ...registry import Registry
 from .weights import _jsonable, c_name, int8_bsr_kernel, linear_kernel
 
-RULES, rule = rule_table()
+LOWERINGS = Registry("tvm lowering")
+rule = LOWERINGS.register
 
 
 # --- elementwise ----------------------------------------------------------------------------------
@@ -482,4 +483,4 @@ def _minifloat_round(fmt: DType):
     return fn
 
 
-__all__ = ["RULES", "rule"]
+__all__ = ["LOWERINGS", "rule"]

@@ -20,7 +20,7 @@ pytest.importorskip("coremltools")
 import nnforge as nf                                              # noqa: E402
 from nnforge.backends.base import BackendError, get_backend       # noqa: E402
 from nnforge.backends.coreml import MODEL_DIR, CoremlBackend      # noqa: E402
-from nnforge.backends.coreml.ops import RULES                     # noqa: E402
+from nnforge.backends.coreml.ops import LOWERINGS                 # noqa: E402
 from nnforge.ir import OPS, Dense, Graph, dtype, save_graph, tensor  # noqa: E402
 from nnforge.targets import get_target                            # noqa: E402
 from tests.backends.tiny_encoder import TinyEncoder, encoder_inputs as _ids  # noqa: E402
@@ -198,7 +198,7 @@ def test_registry_ops_build_convert_and_save(tmp_path, name):
 
 
 def test_every_registry_op_has_a_rule_and_a_graph():
-    assert sorted(set(OPS) - set(RULES)) == []
+    assert sorted(set(OPS) - set(LOWERINGS)) == []
     covered = {n.op for make in GRAPHS.values() for n in make().nodes}
     assert sorted(set(OPS) - covered) == []
 
@@ -250,7 +250,7 @@ def test_op_without_core_ml_equivalent_is_an_error_naming_it(tmp_path):
 
 
 def test_op_without_a_rule_is_an_error_naming_op_and_node(tmp_path, monkeypatch):
-    monkeypatch.delitem(RULES, "gelu")
+    monkeypatch.delitem(LOWERINGS, "gelu")
     g = Graph("norule")
     x = g.add_input("x", tensor("f32", "batch", 4))
     g.set_outputs([g.op("gelu", g.op("relu", x), name="act")])
@@ -261,7 +261,7 @@ def test_op_without_a_rule_is_an_error_naming_op_and_node(tmp_path, monkeypatch)
 def test_failure_inside_a_rule_names_the_node(tmp_path, monkeypatch):
     def broken(lw, node):
         raise KeyError("boom")
-    monkeypatch.setitem(RULES, "relu", broken)
+    monkeypatch.setitem(LOWERINGS, "relu", broken)
     g = Graph("broken")
     x = g.add_input("x", tensor("f32", "batch", 4))
     g.set_outputs([g.op("relu", x, name="r1")])

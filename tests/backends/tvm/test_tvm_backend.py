@@ -27,7 +27,7 @@ import nnforge as nf                                             # noqa: E402
 from nnforge.backends.base import BackendError, get_backend      # noqa: E402
 from nnforge.backends.tvm import LIBRARY_FILE, LINUX_FLAGS, PARAMS_FILE, TvmBackend, parse_llvm_target  # noqa: E402
 from nnforge.backends.tvm.tuning import TUNING_FILE                # noqa: E402
-from nnforge.backends.tvm.ops import RULES                        # noqa: E402
+from nnforge.backends.tvm.ops import LOWERINGS                    # noqa: E402
 from nnforge.ir import OPS, Dense, Graph, IntQuant, MiniFloat, Sparse, dtype, run_graph, save_graph, tensor  # noqa: E402
 from nnforge.ir import minifloat as mf                          # noqa: E402
 from nnforge.targets import get_target, host_cpu_flags           # noqa: E402
@@ -256,7 +256,7 @@ def test_ops_match_interpreter(tmp_path, name):
 
 
 def test_every_registry_op_has_a_rule_and_a_graph():
-    assert sorted(set(OPS) - set(RULES)) == []
+    assert sorted(set(OPS) - set(LOWERINGS)) == []
     covered = {n.op for make in GRAPHS.values() for n in make().nodes}
     assert sorted(set(OPS) - covered) == []
 
@@ -350,7 +350,7 @@ def test_unloadable_library_is_an_error(tmp_path):
 
 def test_rule_giving_the_wrong_dtype_is_an_error(tmp_path, monkeypatch):
     from tvm.relax import op
-    monkeypatch.setitem(RULES, "relu", lambda lw, node: op.astype(lw.arg(node.inputs[0]), "float16"))
+    monkeypatch.setitem(LOWERINGS, "relu", lambda lw, node: op.astype(lw.arg(node.inputs[0]), "float16"))
     with pytest.raises(BackendError, match="node relu \\(relu\\) lowered to float16, the graph says float32"):
         _relu_bundle(tmp_path)
 
@@ -567,7 +567,7 @@ def test_cross_compiled_library_uses_avx512(tmp_path, target, register):
 
 # --- errors ---------------------------------------------------------------------------------------
 def test_op_without_lowering_raises_backend_error_naming_the_node(tmp_path, monkeypatch):
-    monkeypatch.delitem(RULES, "gelu")
+    monkeypatch.delitem(LOWERINGS, "gelu")
     g = Graph("nolower")
     x = g.add_input("x", tensor("f32", "batch", 4))
     g.set_outputs([g.op("gelu", g.op("relu", x), name="act")])
@@ -580,7 +580,7 @@ def test_op_without_lowering_raises_backend_error_naming_the_node(tmp_path, monk
 def test_failure_inside_a_rule_names_the_node(tmp_path, monkeypatch):
     def broken(lw, node):
         raise KeyError("boom")
-    monkeypatch.setitem(RULES, "relu", broken)
+    monkeypatch.setitem(LOWERINGS, "relu", broken)
     g = Graph("broken")
     x = g.add_input("x", tensor("f32", "batch", 4))
     g.set_outputs([g.op("relu", x, name="the_relu")])
