@@ -13,8 +13,17 @@ Schema (every key is checked; an unknown key is an error naming the file):
     [fpga]     dsp, lut, ff, bram_36k, uram, hbm_channels, clock_mhz   (FPGAs only)
     [options]  backend-specific settings (llvm target string, deployment target, ...)
 
+A GPU target's ``options.compute_capability`` ("9.0") names its architecture file,
+``gpu/sm_90.toml`` (:mod:`.architectures`): what all GPUs of that architecture share (tile sizes,
+fp8 tensor cores, shared memory) lives there, so a new GPU of a known architecture is one file.
+
+More targets: ``NNFORGE_TARGETS_PATH`` lists, separated by ``os.pathsep``, target files and folders
+of them (each folder's ``*.toml``, and architecture files in its ``gpu/``); they join the built-in
+ones, and a name or architecture defined twice is an error naming both files.
+
     >>> import nnforge as nf
     >>> [t.name for t in nf.targets()]
+    $ NNFORGE_TARGETS_PATH=~/my-targets nnforge compile model.onnx --target l40s
 """
 from __future__ import annotations
 
@@ -29,6 +38,7 @@ from functools import lru_cache
 from pathlib import Path
 
 _DIR = Path(__file__).parent
+PATH_ENV = "NNFORGE_TARGETS_PATH"
 KINDS = ("portable", "cpu", "gpu", "mobile", "fpga")
 _TOP_KEYS = {"name", "description", "backend", "kind", "requires", "memory", "compute", "formats", "fpga", "options"}
 _SECTIONS = ("memory", "compute", "formats", "fpga", "options")
@@ -134,7 +144,9 @@ class Target:
                 "formats": self.formats, "fpga": self.fpga, "options": self.options}
 
 
-def _parse(path: Path) -> Target:
+def _parse(path: Path, archs: dict | None = None) -> Target:
+    """One target file, checked; ``archs`` (default: every known one) are the GPU architectures
+    a GPU target's compute capability is checked against."""
     try:
         data = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
@@ -158,13 +170,56 @@ def _parse(path: Path) -> Target:
             raise TargetError(f"{path}: [{sec}] must be a table")
     if data["kind"] == "fpga" and not data.get("fpga"):
         raise TargetError(f"{path}: an fpga target needs an [fpga] table (dsp, lut, bram_36k, ...)")
-    return Target(data["name"], data["description"], data["backend"], data["kind"], tuple(requires),
-                  *(data.get(sec, {}) for sec in _SECTIONS), path=str(path))
+    target = Target(data["name"], data["description"], data["backend"], data["kind"], tuple(requires),
+                    *(data.get(sec, {}) for sec in _SECTIONS), path=str(path))
+    if "compute_capability" in target.options:
+        from .architectures import check_gpu_target
+        check_gpu_target(target, archs)
+    return target
 
 
-@lru_cache(maxsize=1)
+@dataclass(frozen=True)
+class _Registry:
+    targets: dict            # name -> Target
+    archs: dict              # (major, minor) -> GpuArch
+
+
+def _extra_paths(value: str) -> tuple[list[Path], list[Path]]:
+    """(folders, files) that ``NNFORGE_TARGETS_PATH`` lists."""
+    dirs, files = [], []
+    for entry in filter(None, value.split(os.pathsep)):
+        p = Path(entry).expanduser()
+        if p.is_dir():
+            dirs.append(p)
+        elif p.is_file() and p.suffix == ".toml":
+            files.append(p)
+        else:
+            raise TargetError(f"{PATH_ENV} lists {entry!r}, which is neither a folder nor a .toml target file")
+    return dirs, files
+
+
+@lru_cache(maxsize=8)
+def _load(extra: str) -> _Registry:
+    from .architectures import load_archs
+    dirs, files = _extra_paths(extra)
+    archs = load_archs([_DIR, *dirs])
+    targets: dict[str, Target] = {}
+    for p in [*sorted(_DIR.glob("*.toml")), *(q for d in dirs for q in sorted(d.glob("*.toml"))), *files]:
+        t = _parse(p, archs)
+        if t.name in targets:
+            raise TargetError(f"{p}: target {t.name!r} is already defined by {targets[t.name].path}; "
+                              "give it another name (and file name)")
+        targets[t.name] = t
+    return _Registry(targets, archs)
+
+
+def _registry() -> _Registry:
+    """The built-in targets and architectures, with those of ``NNFORGE_TARGETS_PATH`` as it is now."""
+    return _load(os.environ.get(PATH_ENV, ""))
+
+
 def _all() -> dict[str, Target]:
-    return {p.stem: _parse(p) for p in sorted(_DIR.glob("*.toml"))}
+    return _registry().targets
 
 
 def get_target(name: str | Target) -> Target:
