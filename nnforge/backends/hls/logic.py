@@ -115,12 +115,14 @@ def _logic(op):
     return rule
 
 
+@LOWERINGS.register("where")
 def _where(plan, node, name):
     c, a, b = node.inputs
     k = value_kind(node.output)
     return _layer(plan, node, name, "where", [c, a, b], ["bool", k, k], k)
 
 
+@LOWERINGS.register("cast")
 def _cast(plan, node, name):
     x, out = node.inputs[0], node.output
     src, dst = value_kind(x), value_kind(out)
@@ -134,9 +136,10 @@ def _cast(plan, node, name):
     return _layer(plan, node, name, "cast", [x], [src], dst, shift)
 
 
-RULES = {**{op: _compare(op) for op in COMPARE}, "and": _logic("and"), "or": _logic("or"), "not": _logic("not"),
-         "where": _where, "cast": _cast}
-LOWERINGS.update(RULES)
+for _op in COMPARE:
+    LOWERINGS.register(_op)(_compare(_op))
+for _op in ("and", "or", "not"):
+    LOWERINGS.register(_op)(_logic(_op))
 
 
 @dataclass
@@ -201,13 +204,15 @@ class Sqrt(Layer):
         return E.sqrt_fixed(env[self.inputs[0]], fmt)
 
 
+@LOWERINGS.register("sqrt")
 def _sqrt(plan, node, name):
     if plan.opts.act_width + plan.opts.act.frac + 2 > 64:
         raise BackendError(f"node {node.name} (sqrt): raw * 2^(F+2) needs act_width + F + 2 <= 64 bits")
     return [Sqrt(name, node.name, [node.inputs[0].name], node.output.name, n=math.prod(node.output.shape))]
 
 
-LOWERINGS.update({"reduce_sum": _reduce("sum"), "reduce_any": _reduce("any"), "sqrt": _sqrt})
+LOWERINGS.register("reduce_sum")(_reduce("sum"))
+LOWERINGS.register("reduce_any")(_reduce("any"))
 
 
 @dataclass
@@ -231,6 +236,7 @@ class Gather(Layer):
         return np.asarray(env[self.inputs[0]]).reshape(-1)[self.offsets.reshape(-1)]
 
 
+@LOWERINGS.register("index")
 def _index(plan, node, name):
     x, *idx = node.inputs
     if not all(v is not None and v.is_weight for v in idx):
@@ -241,6 +247,7 @@ def _index(plan, node, name):
                    kind=value_kind(node.output))]
 
 
+@LOWERINGS.register("gather_elements")
 def _gather_elements(plan, node, name):
     x, idx = node.inputs
     if not idx.is_weight:
@@ -253,6 +260,3 @@ def _gather_elements(plan, node, name):
     offsets = np.take_along_axis(flat, ind, axis)
     return [Gather(name, node.name, [x.name], node.output.name, offsets=offsets.reshape(-1),
                    kind=value_kind(node.output))]
-
-
-LOWERINGS.update({"index": _index, "gather_elements": _gather_elements})

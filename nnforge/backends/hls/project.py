@@ -26,6 +26,7 @@ import torch
 from ...hls import HEADER_DIR  # noqa: F401  (re-exported for the project writer and tests)
 from ...ir import Graph
 from ...ir.encodings import Dense
+from ...registry import Registry
 from ..base import BackendError
 from . import emulate as E
 from . import layers as L
@@ -36,6 +37,8 @@ PROJECT = "hls"        # folder of the project inside a bundle
 # Value kinds and their C types: activations in fixed point, integers (ids, masks) as ap_int<32>
 # (int64 values saturate to 32 bits), booleans as ap_uint<1>.
 CTYPES = {"act": "act_t", "int": "int_t", "bool": "bool_t"}
+# Per-op lowering rules (plan, node, name) -> [Layer]; logic.py adds the mask logic, reductions and gathers.
+LOWERINGS = Registry("hls lowering")
 # Ops whose rule handles int / bool operands; every other op takes and gives activations only.
 MIXED_OPS = {"full", "embedding", "permute", "reshape", "slice", "expand", "eq", "ne", "lt", "le", "gt", "ge", "and", "or",
              "not", "where", "cast", "reduce_sum", "reduce_any", "index", "gather_elements"}
@@ -205,6 +208,7 @@ def _raw(t: torch.Tensor, frac: int) -> np.ndarray:
     return np.floor(t.numpy().astype(np.float64) * 2.0 ** frac + 0.5).astype(np.int64)
 
 
+@LOWERINGS.register("linear")
 def _linear(plan, node, name):
     x, w = node.inputs[0], node.inputs[1]
     b = node.inputs[2] if len(node.inputs) > 2 else None
@@ -218,6 +222,7 @@ def _linear(plan, node, name):
                      scale_bits=plan.opts.scale_bits, chain=plan.opts.chain)]
 
 
+@LOWERINGS.register("matmul")
 def _matmul(plan, node, name):
     a, b = node.inputs
     if b.is_weight:                       # x @ W with a constant [K, N]: the matrix unit on W^T
@@ -249,6 +254,11 @@ def _lut(fn):
     return rule
 
 
+for _fn in ("gelu", "silu"):
+    LOWERINGS.register(_fn)(_lut(_fn))
+
+
+@LOWERINGS.register("relu")
 def _relu(plan, node, name):
     return [L.Relu(name, node.name, [node.inputs[0].name], node.output.name, n_in=math.prod(node.output.shape))]
 
@@ -260,6 +270,7 @@ def _last_axis(node, axis):
                            f"got axis {axis}")
 
 
+@LOWERINGS.register("softmax")
 def _softmax(plan, node, name):
     _last_axis(node, node.attrs["axis"])
     shape = node.output.shape
@@ -267,6 +278,7 @@ def _softmax(plan, node, name):
                       n=shape[-1], step_log2=plan.opts.lut_step_log2, e_frac=plan.opts.exp_frac, act=plan.opts.act)]
 
 
+@LOWERINGS.register("layer_norm")
 def _layer_norm(plan, node, name):
     _last_axis(node, node.attrs["axis"])
     shape, F = node.output.shape, plan.opts.act.frac
@@ -301,6 +313,11 @@ def _binary(op):
     return rule
 
 
+for _op in ("add", "sub", "mul", "div"):
+    LOWERINGS.register(_op)(_binary(_op))
+
+
+@LOWERINGS.register("embedding")
 def _embedding(plan, node, name):
     ids, table = node.inputs
     if value_kind(ids) != "int":
@@ -312,6 +329,7 @@ def _embedding(plan, node, name):
                         n_ids=math.prod(ids.shape))]
 
 
+@LOWERINGS.register("permute")
 def _permute(plan, node, name):
     if len(node.output.shape) > 4:
         raise BackendError(f"node {node.name} (permute): rank {len(node.output.shape)} > 4")
@@ -322,6 +340,7 @@ def _permute(plan, node, name):
                       ctype=plan.ctype(node.output.name))]
 
 
+@LOWERINGS.register("slice")
 def _slice(plan, node, name):
     x, out = node.inputs[0], node.output
     if len(out.shape) > 4:
@@ -337,6 +356,7 @@ def _slice(plan, node, name):
                       ctype=plan.ctype(out.name))]
 
 
+@LOWERINGS.register("expand")
 def _expand(plan, node, name):
     x, out = node.inputs[0], node.output
     if len(out.shape) > 4:
@@ -346,6 +366,7 @@ def _expand(plan, node, name):
                       ctype=plan.ctype(out.name))]
 
 
+@LOWERINGS.register("clamp")
 def _clamp(plan, node, name):
     act = plan.opts.act
     lo, hi = node.attrs.get("min"), node.attrs.get("max")
@@ -355,6 +376,7 @@ def _clamp(plan, node, name):
                     lo=lo, hi=hi)]
 
 
+@LOWERINGS.register("full")
 def _full(plan, node, name):
     out, value = node.output, float(node.attrs["value"])
     kind = plan.kinds[out.name]
@@ -363,22 +385,15 @@ def _full(plan, node, name):
     return [L.Fill(name, node.name, [], out.name, n=math.prod(out.shape), raw=raw, ctype=plan.ctype(out.name))]
 
 
+@LOWERINGS.register("reshape")
 def _reshape(plan, node, name):
     return [L.Copy(name, node.name, [node.inputs[0].name], node.output.name, n=math.prod(node.output.shape),
                    ctype=plan.ctype(node.output.name))]
 
 
-LOWERINGS = {
-    "linear": _linear, "matmul": _matmul, "gelu": _lut("gelu"), "silu": _lut("silu"), "relu": _relu,
-    "softmax": _softmax, "layer_norm": _layer_norm, "add": _binary("add"), "sub": _binary("sub"),
-    "mul": _binary("mul"), "div": _binary("div"), "permute": _permute, "reshape": _reshape, "slice": _slice,
-    "expand": _expand, "clamp": _clamp, "embedding": _embedding, "full": _full,
-}
-
-
 def build_plan(graph: Graph, opts: HlsOptions) -> Plan:
     """Check the graph, lower every node, and place all weights in one memory image."""
-    missing = sorted({n.op for n in graph.nodes if n.op not in LOWERINGS})
+    missing = LOWERINGS.missing(n.op for n in graph.nodes)
     if missing:
         nodes = ", ".join(n.name for n in graph.nodes if n.op in missing)
         raise BackendError(f"the hls backend has no lowering for op(s) {', '.join(missing)} (nodes {nodes[:300]}); "

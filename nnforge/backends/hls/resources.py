@@ -248,7 +248,7 @@ def _sqrt(layer, ctx: Ctx) -> Cost:
     return c
 
 
-RULES = {
+RESOURCE_COSTS = {
     L.MatMat: _matmat, L.Matmul: _matmul, L.Lut: _lut, L.Softmax: _softmax, L.Norm: _norm, L.Binary: _binary,
     L.Relu: _moves, L.Clamp: _moves, L.Strided: _moves, L.Copy: _moves, L.Fanout2: _moves,
     L.Embedding: _moves, L.Fill: _moves, L.Const: _moves, G.Ewise: _moves, G.Reduce: _moves, G.Gather: _moves, G.Sqrt: _sqrt,
@@ -261,8 +261,8 @@ def _layer_cost(layer, ctx: Ctx) -> tuple[Cost, bool]:
     if isinstance(layer, L.Alias):
         return Cost(), True
     kernel = KERNELS.get(type(layer), "")
-    if type(layer) in RULES:
-        c, known = RULES[type(layer)](layer, ctx), True
+    if type(layer) in RESOURCE_COSTS:
+        c, known = RESOURCE_COSTS[type(layer)](layer, ctx), True
     else:
         c, known = Cost(items=["no rule: control share only"]), False
     c.logic(*CONTROL.get(kernel, CONTROL_DEFAULT), "control (rough)")

@@ -129,9 +129,9 @@ def test_every_layer_type_has_a_rule():
         for s in c.__subclasses__():
             yield s
             yield from subclasses(s)
-    missing = [c.__name__ for c in subclasses(L.Layer) if c not in R.RULES and c is not L.Alias]
+    missing = [c.__name__ for c in subclasses(L.Layer) if c not in R.RESOURCE_COSTS and c is not L.Alias]
     assert not missing, f"no resource rule for {missing}"
-    assert G.Ewise in R.RULES
+    assert G.Ewise in R.RESOURCE_COSTS
 
 
 def test_large_buffers_are_bound_to_uram(mlp):
