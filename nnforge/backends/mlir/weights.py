@@ -34,16 +34,11 @@ from ...ir import Dense, Encoding, IntQuant, LowRank, MiniFloat, Palettized, Spa
 from ...ir import minifloat as mf
 from ...ir.encodings import rows_cols
 from ...ir.packing import unpack_bits
+from ...registry import Registry
 from ..base import Fallback
 
-DECODERS: dict[str, Callable[[Encoding, str, list[Fallback]], torch.nn.Module]] = {}
-
-
-def decoder(kind: str):
-    def deco(fn):
-        DECODERS[kind] = fn
-        return fn
-    return deco
+DECODERS: Registry[Callable[[Encoding, str, list[Fallback]], torch.nn.Module]] = Registry("mlir weight decoder")
+decoder = DECODERS.register
 
 
 def weight_module(enc: Encoding, name: str, fallbacks: list[Fallback]) -> torch.nn.Module:
