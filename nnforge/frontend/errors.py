@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import NnforgeError
 
-class FrontendError(ValueError):
+
+class FrontendError(NnforgeError, ValueError):
     """A model could not be imported; the message names the node and source location."""
 
 

@@ -14,18 +14,12 @@ from ..ir import Dense, IntQuant, symbolic as sym
 from ..ir.ops.shape import normalize_slice, resolve_reshape
 from ..ir.ops.registry import broadcast_shapes
 from ..ir.packing import unpack_bits
+from ..registry import Registry
 from .errors import UnsupportedError
 from .onnx_import import ONNX_DTYPES, DimVec, OnnxContext
 
-CONVERTERS: dict = {}
-
-
-def register(*names):
-    def deco(fn):
-        for n in names:
-            CONVERTERS[n] = fn
-        return fn
-    return deco
+CONVERTERS = Registry("onnx converter")
+register = CONVERTERS.register
 
 
 def _dt(cx: OnnxContext, i: int):

@@ -11,11 +11,13 @@ import torch.fx
 
 from ..ir import symbolic as sym
 from ..ir.ops.shape import normalize_slice
+from ..registry import Registry
 from .errors import UnsupportedError
 from .torch_export import TorchContext
 
 aten = torch.ops.aten
-CONVERTERS: dict = {}
+CONVERTERS = Registry("torch converter")
+register = CONVERTERS.register
 
 # Ops with no data effect after export (copies, aliases, runtime assertions).
 SKIP = {aten._assert_tensor_metadata.default, aten._assert_scalar.default,
@@ -24,14 +26,6 @@ for _name in ("_assert_async", "_functional_assert_async"):
     for _ov in ("default", "msg"):
         if hasattr(getattr(aten, _name, None), _ov):
             SKIP.add(getattr(getattr(aten, _name), _ov))
-
-
-def register(*targets):
-    def deco(fn):
-        for t in targets:
-            CONVERTERS[t] = fn
-        return fn
-    return deco
 
 
 def _tdt(cx: TorchContext, n) -> torch.dtype:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import ir
+from ..errors import UsageError
 from ..ir import Dense, Graph, GraphError, Value, symbolic as sym
 from ..ir.ops import OPS, RunContext
 from . import stability
@@ -91,9 +92,9 @@ class GraphGenerator:
         self.float16_p = float16
         from .proposals import OP_WEIGHTS
         names = ops or [op for op in OPS if OP_WEIGHTS.get(op, 1.0) > 0]
-        unknown = sorted(set(names) - set(OPS))
+        unknown = OPS.missing(names)
         if unknown:
-            raise ValueError(f"unknown op(s) {', '.join(unknown)}; the registry has {', '.join(sorted(OPS))}")
+            raise UsageError(f"unknown op(s) {', '.join(unknown)}; the registry has {', '.join(sorted(OPS))}")
         self.ops = names
         self.op_weights = [OP_WEIGHTS.get(op, 1.0) for op in names]
 

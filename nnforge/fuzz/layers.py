@@ -8,18 +8,12 @@ import math
 
 from ..ir import symbolic as sym
 from ..ir.ops.quant import FAKE_QUANT_FORMATS
+from ..registry import Registry
 from .generator import SYMBOL, InputDist
 from .proposals import broadcast_variant, broadcastable, cast_dtype, fill_attrs, is_float, static_axes, weight_leaf
 
-PROPOSERS = {}
-
-
-def proposer(*ops):
-    def deco(fn):
-        for op in ops:
-            PROPOSERS[op] = fn
-        return fn
-    return deco
+PROPOSERS = Registry("fuzz proposer")
+proposer = PROPOSERS.register
 
 
 @proposer("linear")

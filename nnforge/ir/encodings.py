@@ -21,19 +21,18 @@ from typing import ClassVar
 
 import torch
 
+from ..errors import NnforgeError
+from ..registry import Registry
 from . import packing
 from .dtypes import DType, dtype as _dtype, float32
 
-ENCODINGS: dict[str, type["Encoding"]] = {}
+ENCODINGS: Registry[type["Encoding"]] = Registry("weight encoding", key="kind")
+# Class decorator: a bundle names an encoding by its ``kind``, and is read back through ENCODINGS.
+register_encoding = ENCODINGS.register()
 
 
-class EncodingError(ValueError):
+class EncodingError(NnforgeError, ValueError):
     """An encoding's parts disagree with each other or with its declared shape."""
-
-
-def register_encoding(cls):
-    ENCODINGS[cls.kind] = cls
-    return cls
 
 
 class Encoding(ABC):
@@ -413,8 +412,4 @@ class MiniFloat(Encoding):
 
 
 def encoding_from_parts(kind: str, params: dict, tensors: dict[str, torch.Tensor]) -> Encoding:
-    try:
-        cls = ENCODINGS[kind]
-    except KeyError:
-        raise EncodingError(f"unknown weight encoding {kind!r}; known: {', '.join(sorted(ENCODINGS))}") from None
-    return cls.from_parts(params, tensors)
+    return ENCODINGS.lookup(kind, EncodingError).from_parts(params, tensors)

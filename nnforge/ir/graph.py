@@ -20,13 +20,14 @@ import re
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
+from ..errors import NnforgeError
 from .types import TensorType
 
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 MAX_NAME_LEN = 200
 
 
-class GraphError(ValueError):
+class GraphError(NnforgeError, ValueError):
     """A graph is malformed, or an edit would make it so. The message names what is at fault."""
 
 

@@ -14,12 +14,13 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..errors import NnforgeError
 from . import symbolic as sym
 from .graph import Graph, GraphError, Node
 from .ops import RunContext, get_op
 
 
-class InterpreterError(RuntimeError):
+class InterpreterError(NnforgeError, RuntimeError):
     """A node failed while running; the message names it."""
 
 

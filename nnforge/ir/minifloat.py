@@ -16,10 +16,11 @@ from functools import lru_cache
 
 import torch
 
+from ..errors import NnforgeError
 from .dtypes import DType
 
 
-class MiniFloatError(ValueError):
+class MiniFloatError(NnforgeError, ValueError):
     """A value or format that minifloat arithmetic cannot take."""
 
 

@@ -21,6 +21,8 @@ import re
 from functools import lru_cache
 from typing import Union
 
+from ..errors import NnforgeError
+
 Dim = Union[int, str]
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -30,7 +32,7 @@ _ARITH = {"add": int.__add__, "sub": int.__sub__, "mul": int.__mul__, "floordiv"
 MAX_EXPR_LEN = 512
 
 
-class DimError(ValueError):
+class DimError(NnforgeError, ValueError):
     """A dimension expression is malformed or cannot be evaluated."""
 
 

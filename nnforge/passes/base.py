@@ -17,12 +17,14 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from ..errors import NnforgeError
 from ..ir import Graph, GraphError, Node, WEIGHT_OPS
 from ..ir.ops import WEIGHT_SLOT
 from ..ir.verifier import verify
+from ..registry import Registry
 
 
-class PassError(ValueError):
+class PassError(NnforgeError, ValueError):
     """A pass cannot run as configured (bad option, missing calibration data, ...)."""
 
 
@@ -41,15 +43,9 @@ class PassContext:
         self.figures.setdefault(self.current, {})[key] = value
 
 
-PASSES: dict[str, type["Pass"]] = {}
-
-
-def register_pass(cls):
-    """Class decorator: make a Pass dataclass available to recipes under ``cls.name``."""
-    if cls.name in PASSES:
-        raise ValueError(f"pass {cls.name} registered twice")
-    PASSES[cls.name] = cls
-    return cls
+PASSES: Registry[type["Pass"]] = Registry("pass")
+# Class decorator: make a Pass dataclass available to recipes under ``cls.name``.
+register_pass = PASSES.register()
 
 
 class Pass(ABC):

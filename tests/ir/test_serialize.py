@@ -167,7 +167,7 @@ def test_tampered_nodes_name_the_file(tmp_path, edit, what):
     """BUG: graph_from_dict only wraps KeyError/TypeError (and a few checks of its own) into
     SerializationError "<file>: ..."; the GraphErrors raised while rebuilding nodes (unknown op from
     get_op, bad attributes / arity / names from Graph.add_node) escape unwrapped, so the error for a
-    tampered graph.json says e.g. "unknown op 'frobnicate'; the registry has: ..." without naming
+    tampered graph.json says e.g. "unknown op 'frobnicate'; known: ..." without naming
     the file (and, for get_op, without naming the node)."""
     j, w = save(rich_graph(), tmp_path)
     _edit_json(j, edit)

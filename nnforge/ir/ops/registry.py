@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import torch
 
+from ...registry import Registry
 from .. import symbolic as sym
 from ..dtypes import DType, dtype as _dtype
 from ..graph import GraphError
@@ -185,22 +186,17 @@ def _norm_dim(d):
     raise TypeError
 
 
-OPS: dict[str, OpDef] = {}
+OPS: Registry[OpDef] = Registry("op")
 
 
 def defop(name: str, inputs, attrs=None, *, infer, ref, doc: str = "", family: str = "") -> OpDef:
-    if name in OPS:
-        raise ValueError(f"op {name} registered twice")
-    op = OpDef(name, tuple(inputs), dict(attrs or {}), infer, ref, doc, family)
-    OPS[name] = op
-    return op
+    """Define an op and enter it in ``OPS`` under ``name`` (a second op of that name is refused)."""
+    return OPS.register(name)(OpDef(name, tuple(inputs), dict(attrs or {}), infer, ref, doc, family))
 
 
 def get_op(name: str) -> OpDef:
-    try:
-        return OPS[name]
-    except KeyError:
-        raise GraphError(f"unknown op {name!r}; the registry has: {', '.join(sorted(OPS))}") from None
+    """The op called ``name``; an unknown name is a GraphError listing the known ops."""
+    return OPS.lookup(name, GraphError)
 
 
 # --- shared shape helpers ----------------------------------------------------------------------

@@ -22,13 +22,14 @@ from dataclasses import dataclass
 
 import torch
 
+from ...errors import NnforgeError
 from ...ir import IntQuant, MiniFloat, dtype
 from ...ir import minifloat as mf
 from ...ir.dtypes import DType
 from ...ir.encodings import Encoding, rows_cols
 
 
-class FormatError(ValueError):
+class FormatError(NnforgeError, ValueError):
     """An unknown or inconsistent weight format."""
 
 
