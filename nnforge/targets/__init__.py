@@ -37,6 +37,8 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
+from ..errors import NnforgeError
+
 _DIR = Path(__file__).parent
 PATH_ENV = "NNFORGE_TARGETS_PATH"
 KINDS = ("portable", "cpu", "gpu", "mobile", "fpga")
@@ -44,7 +46,7 @@ _TOP_KEYS = {"name", "description", "backend", "kind", "requires", "memory", "co
 _SECTIONS = ("memory", "compute", "formats", "fpga", "options")
 
 
-class TargetError(ValueError):
+class TargetError(NnforgeError, ValueError):
     """An unknown target name or a malformed target file."""
 
 
