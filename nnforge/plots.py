@@ -21,6 +21,8 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, FuncFormatter
 from matplotlib.transforms import Bbox
 
+from .errors import UsageError
+
 FORMATS = (".svg", ".png")
 # svg.hashsalt fixes the ids matplotlib would otherwise draw at random; text stays text in the SVG
 # (searchable, small) and falls back to any sans-serif font where DejaVu Sans is missing.
@@ -67,7 +69,7 @@ def paths(path) -> list[Path]:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix and suffix not in FORMATS:
-        raise ValueError(f"{path}: a figure is written as .svg and .png; give a file name ending in one of "
+        raise UsageError(f"{path}: a figure is written as .svg and .png; give a file name ending in one of "
                          "them (the other is written beside it)")
     first = suffix or FORMATS[0]
     return [path.with_suffix(first)] + [path.with_suffix(s) for s in FORMATS if s != first]

@@ -31,6 +31,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .errors import UsageError
 from .ir import Graph, symbolic as sym
 
 DEFAULT_BATCH_SIZES = (1, 32)
@@ -58,13 +59,17 @@ def default_batch_sizes() -> tuple[int, ...]:
         return DEFAULT_BATCH_SIZES
     if text.strip().lower() in ("", "none", "0", "off"):
         return ()
-    return check_batch_sizes([int(t) for t in text.replace(" ", "").split(",") if t], f"${ENV}")
+    try:
+        sizes = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise UsageError(f"${ENV}: batch sizes are a comma list of positive integers, got {text!r}") from None
+    return check_batch_sizes(sizes, f"${ENV}")
 
 
 def check_batch_sizes(sizes, where: str = "batch_sizes") -> tuple[int, ...]:
     out = tuple(sizes or ())
     if any(not isinstance(b, (int, np.integer)) or isinstance(b, bool) or b < 1 for b in out):
-        raise ValueError(f"{where}: batch sizes must be positive integers, got {list(sizes)}")
+        raise UsageError(f"{where}: batch sizes must be positive integers, got {list(sizes)}")
     return tuple(sorted(set(int(b) for b in out)))
 
 

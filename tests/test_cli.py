@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.export import Dim
 
+from nnforge import NnforgeError
 from nnforge.cli import EXIT_BAD_INPUT, build_parser, main
 from nnforge.targets import REQUIREMENTS
 
@@ -319,6 +320,38 @@ def test_any_os_error_is_exit_2_and_one_line(capsys, monkeypatch, error, line):
     monkeypatch.setattr("nnforge.cli.cmd_targets", fail)
     rc, _, err = run_cli(capsys, "targets")
     assert rc == EXIT_BAD_INPUT and err == f"nnforge: error: {line}\n"
+
+
+def test_any_nnforge_error_is_exit_2_and_one_line(capsys, monkeypatch):
+    """The CLI catches the root, not a list of classes: a stage's new error class needs no CLI edit."""
+    class NewStageError(NnforgeError):          # neither a ValueError nor a RuntimeError
+        pass
+
+    def fail(args):
+        raise NewStageError("layer fc1: no kernel for int3 weights; choose another recipe")
+    monkeypatch.setattr("nnforge.cli.cmd_targets", fail)
+    rc, out, err = run_cli(capsys, "targets")
+    assert rc == EXIT_BAD_INPUT and out == ""
+    assert err == "nnforge: error: layer fc1: no kernel for int3 weights; choose another recipe\n"
+
+
+def test_a_bug_is_not_dressed_as_bad_input(monkeypatch):
+    """A plain ValueError from nnforge's own code is a bug: it keeps its traceback."""
+    def fail(args):
+        raise ValueError("an invariant broke")
+    monkeypatch.setattr("nnforge.cli.cmd_targets", fail)
+    with pytest.raises(ValueError, match="an invariant broke"):
+        main(["targets"])
+
+
+def test_malformed_batch_sizes(capsys, onnx_file, tmp_path):
+    rc, _, err = run_cli(capsys, "compile", onnx_file, "--target", "onnx", "--out", tmp_path / "b",
+                         "--batch-sizes", "1,x")
+    assert_one_error_line(rc, err, "--batch-sizes", "'1,x'")
+    rc, _, err = run_cli(capsys, "compile", onnx_file, "--target", "onnx", "--out", tmp_path / "b",
+                         "--batch-sizes", "0")
+    assert_one_error_line(rc, err, "batch sizes must be positive integers, got [0]")
+    assert not (tmp_path / "b").exists()
 
 
 def test_ctrl_c_exits_130_without_a_traceback(capsys, monkeypatch):
