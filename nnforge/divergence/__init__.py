@@ -52,6 +52,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from ..errors import NnforgeError
 from ..ir import Graph, Interpreter, WEIGHT_OPS
 from ..ir.interpreter import bind_inputs
 from ..ir.ops import RunContext, get_op
@@ -59,7 +60,7 @@ from ..numerics import BACKEND_TOLERANCE, FP32_TOLERANCE, compare, json_safe, wi
 from .report import format_table
 
 
-class DivergenceError(ValueError):
+class DivergenceError(NnforgeError, ValueError):
     """The comparison cannot be made (no fp32 weights, an original that is not the bundle's model)."""
 
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import NnforgeError
 from ..targets import Target, TargetError, get_target
 
 
-class SimulatorError(ValueError):
+class SimulatorError(NnforgeError, ValueError):
     """Bad input to the FPGA simulator: a missing target key, an unknown model, an unreadable bundle."""
 
 

@@ -19,10 +19,12 @@ from functools import lru_cache
 
 import torch
 
+from ..errors import NnforgeError
+
 MAX_LEN = 128
 
 
-class MissingModelError(RuntimeError):
+class MissingModelError(NnforgeError, RuntimeError):
     """The default model's package is not installed."""
 
 

@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ...errors import NnforgeError
 from .weights import decode_op, mil_name
 
 
-class CoreMLVerifyError(AssertionError):
+class CoreMLVerifyError(NnforgeError, AssertionError):
     """The package disagrees with the graph; the message names the weight or node at fault."""
 
 

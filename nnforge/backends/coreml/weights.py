@@ -66,6 +66,7 @@ import re
 import numpy as np
 import torch
 
+from nnforge.errors import NnforgeError
 from nnforge.ir.encodings import Dense, Encoding, IntQuant, MiniFloat, rows_cols
 from nnforge.ir.palette import Palettized
 from nnforge.ir.sparse import Sparse
@@ -78,7 +79,7 @@ _RESERVED = {"any", "bool", "program", "func", "tensor", "list", "dict", "tuple"
 _INDEX_BITS = (1, 2, 3, 4, 6, 8)        # Core ML LUT index dtypes (IndicesT of constexpr_lut_to_dense)
 
 
-class CoreMLWeightError(ValueError):
+class CoreMLWeightError(NnforgeError, ValueError):
     """A weight or a saved constexpr op that this module cannot map or decode."""
 
 

@@ -18,9 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-
-class KernelError(ValueError):
-    """An encoding or shape a kernel cannot run; the message names the weight."""
+from ....errors import KernelError  # noqa: F401  (the kernel error triton's kernels raise too)
 
 
 @dataclass
