@@ -55,8 +55,8 @@ def kernel_modules() -> tuple[dict[str, ModuleType], dict[str, str]]:
     return found, missing
 
 
-def choose_kernel(enc, target: str, modules: dict[str, ModuleType], missing: dict[str, str]):
-    """(module name or None, {module: why not}) for one encoding."""
+def choose_kernel(enc, target: Target, modules: dict[str, ModuleType], missing: dict[str, str]):
+    """(module name or None, {module: why not}) for one encoding on ``target``."""
     reasons = {}
     for name in KERNEL_MODULES:
         if name not in modules:
@@ -112,11 +112,12 @@ def _other_encoded_uses(graph: Graph) -> list[tuple[str, str]]:
     return out
 
 
-def fp8_linears(graph: Graph, target: str, linears: dict, modules: dict) -> dict[str, dict]:
+def fp8_linears(graph: Graph, target: Target, linears: dict, modules: dict) -> dict[str, dict]:
     """Linear nodes that run fp8 x fp8 (``minifloat.matmul_fp8act``): the input is a ``fake_quant``
     to E4M3 with a static per-tensor scale (the fp8-w8a8 preset) and the minifloat module takes
-    the packed weight with e4m3 activations on ``target`` (H100 only). Node name -> the weight,
-    the fake_quant node whose input the step quantises itself, and its scale."""
+    the packed weight with e4m3 activations on ``target`` (one whose architecture file says it has
+    fp8 tensor cores). Node name -> the weight, the fake_quant node whose input the step quantises
+    itself, and its scale."""
     out = {}
     for node in graph.nodes:
         w = node.inputs[1] if node.op == "linear" and len(node.inputs) > 1 else None
@@ -130,6 +131,17 @@ def fp8_linears(graph: Graph, target: str, linears: dict, modules: dict) -> dict
     return out
 
 
+def check_gpu(target: Target) -> None:
+    """BackendError naming the file at fault unless ``target``'s TOML and its GPU architecture
+    file hold everything the kernels read (SM count, tile candidates of every kernel family)."""
+    from .kernels import KernelError
+    from .kernels.common import gpu_target
+    try:
+        gpu_target(target)
+    except KernelError as e:
+        raise BackendError(f"triton backend, target {target.name}: {e}") from None
+
+
 def lower_graph(graph: Graph, target: Target, out_dir: Path, toolchain: dict) -> Lowered:
     """Pack every linear weight a kernel takes into ``triton_weights.safetensors``, copy the
     kernel sources used into ``kernels/``, and describe the rest of the graph for the launcher."""
@@ -137,6 +149,7 @@ def lower_graph(graph: Graph, target: Target, out_dir: Path, toolchain: dict) ->
     from ...ir import save_graph
     out_dir = Path(out_dir)
     cdt = compute_dtype(target)
+    check_gpu(target)
     files = []
     if not (out_dir / GRAPH_FILE).is_file() or not (out_dir / WEIGHTS_FILE).is_file():
         save_graph(graph, out_dir / GRAPH_FILE, out_dir / WEIGHTS_FILE)     # lowered outside a bundle
@@ -147,7 +160,7 @@ def lower_graph(graph: Graph, target: Target, out_dir: Path, toolchain: dict) ->
     used: set[str] = set()
     for wname, nodes in _linear_weights(graph).items():
         enc = graph.weights[wname].encoding
-        name, reasons = choose_kernel(enc, target.name, modules, missing)
+        name, reasons = choose_kernel(enc, target, modules, missing)
         if name is None:
             why = "; ".join(f"{m}: {r}" for m, r in reasons.items())
             fallbacks.append(Fallback(wname, f"{enc.describe()} weight of {', '.join(nodes)}",
@@ -194,7 +207,7 @@ def lower_graph(graph: Graph, target: Target, out_dir: Path, toolchain: dict) ->
         "compute_dtype": cdt, "cuda_graphs": bool(target.options.get("cuda_graphs", True)),
         "inputs": [{"name": v.name, "dtype": v.dtype.name, "dims": list(v.shape)} for v in graph.inputs],
         "outputs": [v.name for v in graph.outputs],
-        "kernels": kernels, "linears": linears, "fp8_linears": fp8_linears(graph, target.name, linears, modules),
+        "kernels": kernels, "linears": linears, "fp8_linears": fp8_linears(graph, target, linears, modules),
         "decoded": sorted({f.where for f in fallbacks}),
     }
     return Lowered(files=files, entry=entry, fallbacks=fallbacks, toolchain=toolchain)

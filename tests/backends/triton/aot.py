@@ -1,10 +1,21 @@
 """What the ahead-of-time compile tests of every kernel module check on a build
 (:func:`nnforge.backends.triton.kernels.compile_many`): tensor-core instructions, cp.async
-pipelining and shared memory within the GPU's per-block limit."""
+pipelining and shared memory within the architecture's per-block limit; and the architectures
+they build for: every GPU architecture file nnforge ships (nnforge/targets/gpu/), each with its
+own tile candidates."""
 import re
 
-# Shared memory one block may use (CUDA programming guide, compute capability tables).
-SHARED_LIMIT = {80: 164 * 1024, 90: 227 * 1024}
+from nnforge.backends.triton.kernels.common import TileConfig
+from nnforge.targets.architectures import gpu_archs
+
+ARCHS = gpu_archs()
+# Shared memory one block may use, from each architecture file.
+SHARED_LIMIT = {a.sm: a.shared_memory_per_block_kb * 1024 for a in ARCHS}
+
+
+def tiles(arch, family: str) -> dict[str, tuple[TileConfig, ...]]:
+    """``arch``'s candidate tiles of kernel ``family`` per M bucket, the default first."""
+    return {b: tuple(TileConfig(*r) for r in rows) for b, rows in arch.tiles.get(family, {}).items()}
 
 
 def mma_ops(ptx: str) -> set[str]:

@@ -1,5 +1,5 @@
 """The int-weight (W4A16 / W8A16) Triton kernel: under the CPU interpreter against
-``x.float() @ enc.decode().T (+ bias)``, and compiled ahead of time for sm_80 and sm_90.
+``x.float() @ enc.decode().T (+ bias)``, and compiled ahead of time for every GPU architecture file.
 
 Encodings are real ones: RTN (``quantize_rtn``) and GPTQ with act-order (``gptq_quantize``), plus
 ``IntQuant.from_codes`` for the combinations no quantiser makes (signed codes with zero points,
@@ -26,7 +26,7 @@ from nnforge.ir.encodings import IntQuant                                       
 from nnforge.passes.quantize.formats import parse_format, quantize_rtn                    # noqa: E402
 from nnforge.passes.quantize.gptq import gptq_quantize                                    # noqa: E402
 
-from .aot import check_build                                                              # noqa: E402
+from .aot import ARCHS, check_build, tiles                                                # noqa: E402
 
 N, K = 100, 256
 RTOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -216,26 +216,24 @@ def test_empty_rows():
 
 
 # Ahead-of-time builds, specialised as a real launch is (aligned pointers; N, K and the word and
-# panel counts multiples of 16): every declared config (each autotuning candidate of each M bucket),
-# with its decode variant split over K, and the per-group-scaling path (int8, groups of 32, zero
-# points, act-order, bf16) for every decode candidate on each target.
-AOT = [(tgt, cap, b, i, variant) for tgt, cap in (("a100", 80), ("h100", 90))
-       for b in range(len(iw.CONFIGS[tgt])) for i in range(len(iw.CONFIGS[tgt][b][1]))
-       for variant in (["whole-tile"] + (["per-group"] if b == 0 else []))]
+# panel counts multiples of 16), for every GPU architecture file: each of its candidate tiles (each
+# autotuning candidate of each M bucket), with its decode variant split over K, and the per-group
+# scaling path (int8, groups of 32, zero points, act-order, bf16) for every decode candidate.
+AOT = [(arch.name, arch.sm, b, i, variant) for arch in ARCHS for b, cands in tiles(arch, "intweight").items()
+       for i in range(len(cands)) for variant in (["whole-tile"] + (["per-group"] if b == "decode" else []))]
 DIVISIBLE = ("N", "K", "KW", "NP")
 
 
-def _config(target, bucket, index):
-    max_m, cands = iw.CONFIGS[target][bucket]
-    return max_m, cands[index]
+def _config(arch_name, bucket, index):
+    return tiles(next(a for a in ARCHS if a.name == arch_name), "intweight")[bucket][index]
 
 
 @pytest.fixture(scope="module")
 def aot():
     builds = []
-    for target, capability, bucket, index, variant in AOT:
-        max_m, cfg = _config(target, bucket, index)
-        split = 4 if max_m is not None and max_m <= iw.SPLIT_M_MAX else 1
+    for arch_name, capability, bucket, index, variant in AOT:
+        cfg = _config(arch_name, bucket, index)
+        split = 4 if bucket == "decode" else 1
         if variant == "whole-tile":
             spec = iw.compile_spec(cfg, bits=4, group=128 if cfg.block_k <= 128 else 0, split_k=split)
         else:
@@ -244,14 +242,20 @@ def aot():
     return dict(zip(AOT, compile_many(builds)))
 
 
-@pytest.mark.parametrize("case", AOT, ids=[f"{t}-m{b}-cfg{i}-{v}" for t, _, b, i, v in AOT])
-def test_compiles_for_target(aot, case):
-    target, capability, bucket, index, _ = case
+@pytest.mark.parametrize("case", AOT, ids=[f"{a}-{b}-cfg{i}-{v}" for a, _, b, i, v in AOT])
+def test_compiles_for_architecture(aot, case):
+    arch_name, capability, bucket, index, _ = case
     # sm_90's tiles of 64+ rows run on wgmma; the 16-row decode tile stays on mma.sync
-    check_build(aot[case], wgmma=capability == 90 and _config(target, bucket, index)[1].block_m >= 64)
+    check_build(aot[case], wgmma=capability >= 90 and _config(arch_name, bucket, index).block_m >= 64)
+
+
+def test_every_bucket_of_every_architecture_is_built():
+    assert {(a, b) for a, _, b, _, _ in AOT} == {(a.name, b) for a in ARCHS for b in ("decode", "prefill", "gemm")}
 
 
 def test_default_config_is_the_first_candidate():
-    assert iw.config_for("h100", 4) == iw.CONFIGS["h100"][0][1][0]
-    assert iw.config_for("a100", 4096) == iw.CONFIGS["a100"][-1][1][0]
+    h100, a100 = (next(a for a in ARCHS if a.name == n) for n in ("sm_90", "sm_80"))
+    assert iw.config_for("h100", 4) == tiles(h100, "intweight")["decode"][0]
+    assert iw.config_for("h100", 17) == tiles(h100, "intweight")["prefill"][0]
+    assert iw.config_for("a100", 4096) == tiles(a100, "intweight")["gemm"][0]
     assert iw.candidates_for("interp", 4) == ("interp", (iw.INTERPRETER_CONFIG,))

@@ -1,5 +1,5 @@
 """The palettized-weight GEMM under Triton's CPU interpreter, checked against the IR's decode, and
-compiled ahead of time for sm_80 / sm_90.
+compiled ahead of time for every GPU architecture file (sm_80, sm_86, sm_89, sm_90).
 
 Tolerances: the largest error relative to max|reference| is held to 3e-3 for fp16 (fp16 table
 values, fp16 output) and 2.5e-2 for bf16 (table values and output rounded to bf16)."""
@@ -18,7 +18,7 @@ from nnforge.backends.triton.kernels import Build, KernelError, PackedWeight, co
 from nnforge.ir.palette import Palettized  # noqa: E402
 from nnforge.passes.cluster.kmeans import palettize_weight  # noqa: E402
 
-from .aot import check_build  # noqa: E402
+from .aot import ARCHS, check_build, tiles  # noqa: E402
 
 TOL = {torch.float16: 3e-3, torch.bfloat16: 2.5e-2}
 N, K = 72, 200                      # N and K not multiples of any tile
@@ -125,12 +125,11 @@ def test_kernel_errors():
 
 
 # --- ahead-of-time compilation, specialised as a real launch is (aligned pointers, K and strides
-# multiples of 16): each target's default tiles per index width, 4-bit also for the other GPU, and
-# every autotuning alternative for its own target with 3-bit (two planes) and 8-bit indices. ------
+# multiples of 16), for every GPU architecture file: its default tiles per index width, and every
+# autotuning alternative with 3-bit (two planes) and 8-bit indices. ----------------------------------
 DIVISIBLE = ("K", "stride_xm", "stride_p0", "stride_p1", "stride_ym", "k_split")
 BASE = {"x_ptr": "*fp16", "p0_ptr": "*u8", "p1_ptr": "*u8", "lut_ptr": "*fp16", "bias_ptr": "*fp16", "y_ptr": "*fp16",
         **dict.fromkeys("M N K stride_xm stride_p0 stride_p1 stride_ym k_split".split(), "i32")}
-CAP = {"a100": 80, "h100": 90}
 
 
 @pytest.fixture(scope="module")
@@ -140,26 +139,22 @@ def aot():
         enc = Palettized.from_indices(torch.randint(0, 1 << bits, (64, 256)), torch.randn(64, 1 << bits).half(),
                                       bits=bits, shape=(64, 256), group_size=1)
         pw = lk.pack(enc, "h100")
-        for tgt in CAP:
-            for cname, cands in lk.CONFIGS[tgt].items():
+        for arch in ARCHS:
+            for cname, cands in tiles(arch, "lut").items():
                 for i, cfg in enumerate(cands):
                     if i > 0 and bits not in (3, 8):
                         continue
                     split = 2 if cname == "decode" else 1
                     c = lk.kernel_args(pw, cfg, has_bias=True, split=split)
                     sig = dict(BASE, y_ptr="*fp32" if split > 1 else "*fp16", **dict.fromkeys(c, "constexpr"))
-                    for cap in ((80, 90) if bits == 4 and i == 0 else (CAP[tgt],)):
-                        labels.append((f"{bits}bit/{tgt}/{cname}/{i}", cap))
-                        builds.append(Build(lk._lut_kernel, sig, c, cap, cfg.num_warps, cfg.num_stages, DIVISIBLE))
+                    labels.append((f"{bits}bit/{arch.name}/{cname}/{i}", arch.sm, cfg))
+                    builds.append(Build(lk._lut_kernel, sig, c, arch.sm, cfg.num_warps, cfg.num_stages, DIVISIBLE))
     return list(zip(labels, compile_many(builds)))
 
 
 def test_aot_configs_compile(aot):
-    built = {(label.split("/")[1], label.split("/")[2], cap) for (label, cap), _ in aot}
-    assert built == {(t, c, cap) for t in lk.TARGETS for c in ("decode", "gemm") for cap in (80, 90)}
-    # every autotuning candidate is built for its own target
-    cands = {(label.split("/")[1], label.split("/")[2], int(label.split("/")[3])) for (label, cap), _ in aot
-             if cap == CAP[label.split("/")[1]]}
-    assert cands == {(t, c, i) for t in lk.TARGETS for c, cs in lk.CONFIGS[t].items() for i in range(len(cs))}
-    for (label, cap), k in aot:
-        check_build(k, wgmma=cap == 90 and "gemm" in label)
+    # every autotuning candidate of every architecture is built for it
+    cands = {(label.split("/")[1], label.split("/")[2], int(label.split("/")[3])) for (label, _, _), _ in aot}
+    assert cands == {(a.name, c, i) for a in ARCHS for c, cs in tiles(a, "lut").items() for i in range(len(cs))}
+    for (label, cap, cfg), k in aot:
+        check_build(k, wgmma=cap >= 90 and cfg.block_m >= 64)

@@ -1,5 +1,5 @@
 """The minifloat-weight GEMM under Triton's CPU interpreter, checked against the IR's decode, and
-compiled ahead of time for sm_80 / sm_90.
+compiled ahead of time for every GPU architecture file (sm_80, sm_86, sm_89, sm_90).
 
 Tolerances: the largest error relative to max|reference| is held to 3e-3 for fp16 (weights
 rounded to fp16 after scaling, fp16 output) and 2.5e-2 for bf16 (bf16 weights and output)."""
@@ -21,7 +21,7 @@ from nnforge.ir.dtypes import dtype  # noqa: E402
 from nnforge.ir.ops.quant import fake_quantize  # noqa: E402
 from nnforge.passes.quantize.formats import parse_format, quantize_rtn  # noqa: E402
 
-from .aot import check_build, mma_ops  # noqa: E402
+from .aot import ARCHS, check_build, mma_ops, tiles  # noqa: E402
 
 TOL = {torch.float16: 3e-3, torch.bfloat16: 2.5e-2}
 N, K = 72, 256                      # N not a multiple of any tile
@@ -174,8 +174,9 @@ def test_kernel_errors():
 
 
 # --- ahead-of-time compilation, specialised as a real launch is (aligned pointers, K and strides
-# multiples of 16): every config of each target, FP8 codes both by bit decode and natively on sm_90,
-# mxfp4 also for the other GPU, and the fp8 x fp8 kernel, which only sm_90 can build. --------------
+# multiples of 16), for every GPU architecture file: each of its candidate tiles, FP8 codes by bit
+# decode and, with fp8 tensor cores, natively; and the fp8 x fp8 kernel with each architecture's
+# own tiles where it has fp8 tensor cores, refused where it has none. --------------------------------
 DIVISIBLE = ("K", "stride_xm", "stride_p0", "stride_p1", "stride_w", "stride_sr", "stride_ym", "k_split")
 I32 = "M N K stride_xm stride_p0 stride_p1 stride_sr stride_sg stride_ym k_split".split()
 BASE = {"x_ptr": "*fp16", "p0_ptr": "*u8", "p1_ptr": "*u8", "s_ptr": "*fp32", "g_ptr": "*fp32", "perm_ptr": "*i32",
@@ -183,41 +184,41 @@ BASE = {"x_ptr": "*fp16", "p0_ptr": "*u8", "p1_ptr": "*u8", "s_ptr": "*fp32", "g
 FP8 = {"x_ptr": "*fp8e4nv", "w_ptr": "*u8", "s_ptr": "*fp32", "perm_ptr": "*i32", "bias_ptr": "*fp16",
        "y_ptr": "*fp16", "x_scale": "fp32",
        **dict.fromkeys("M N K stride_xm stride_w stride_sr stride_ym".split(), "i32")}
-CAP = {"a100": 80, "h100": 90}
+NO_FP8 = next(a for a in ARCHS if not a.fp8_tensor_cores)
 
 
 def _builds():
     labels, builds = [], []
 
     def add(label, kernel, sig, consts, cap, cfg):
-        labels.append((label, cap))
+        labels.append((label, cap, cfg))
         builds.append(Build(kernel, {**sig, **dict.fromkeys(consts, "constexpr")}, consts, cap, cfg.num_warps,
                             cfg.num_stages, DIVISIBLE))
     for name, spec, gs in (("mxfp4", "mxfp4", None), ("e4m3", "e4m3", None), ("e3m2-g32", "e3m2", 32),
                            ("nvfp4", "nvfp4", None)):
         pw = mk.pack(quantize_rtn(torch.randn(64, 256), parse_format(spec, group_size=gs)), "h100")
         sig = dict(BASE, s_ptr="*u8" if pw.meta["scale_format"] in ("e8m0", "e4m3") else "*fp32")
-        for tgt in CAP:
-            for cname, cands in mk.CONFIGS[tgt].items():
+        for arch in ARCHS:
+            for cname, cands in tiles(arch, "minifloat").items():
                 for i, cfg in enumerate(cands):
                     split = 2 if cname == "decode" else 1
-                    # defaults: every format (mxfp4 for both GPUs); autotuning alternatives: their own
-                    # GPU, with the byte-aligned, the two-plane and (sm_90) the native-fp8 decode
+                    # defaults: every format; autotuning alternatives: the byte-aligned, the two-plane
+                    # and (with fp8 tensor cores) the native-fp8 decode
                     if i > 0 and name not in ("mxfp4", "e3m2-g32", "e4m3"):
                         continue
-                    runs = [(cap, False) for cap in (80, 90)] if name == "mxfp4" and i == 0 else \
-                        [] if name == "e4m3" and i > 0 else [(CAP[tgt], False)]
-                    if name == "e4m3" and tgt == "h100":
-                        runs.append((90, True))
-                    for cap, native in runs:
+                    natives = ([False] if name != "e4m3" or i == 0 else []) + \
+                        ([True] if name == "e4m3" and arch.fp8_tensor_cores else [])
+                    for native in natives:
                         c = mk.kernel_args(pw, cfg, has_bias=True, native_fp8=native, split=split)
-                        add(f"{name}/{tgt}/{cname}/native={native}/{i}", mk._minifloat_kernel,
-                            dict(sig, y_ptr="*fp32" if split > 1 else "*fp16"), c, cap, cfg)
-    for cname, cands in mk.FP8ACT_CONFIGS["h100"].items():
-        for i, cfg in enumerate(cands):
-            c = dict(HAS_PERM=False, HAS_BIAS=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
-            for cap in ((80, 90) if i == 0 else (90,)):     # sm_80's refusal needs showing once
-                add(f"fp8act/h100/{cname}/{i}", mk._fp8act_kernel, FP8, c, cap, cfg)
+                        add(f"{name}/{arch.name}/{cname}/native={native}/{i}", mk._minifloat_kernel,
+                            dict(sig, y_ptr="*fp32" if split > 1 else "*fp16"), c, arch.sm, cfg)
+    for arch in ARCHS:
+        for cname, cands in tiles(arch, "fp8act").items():
+            for i, cfg in enumerate(cands):
+                c = dict(HAS_PERM=False, HAS_BIAS=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
+                # the refusal without fp8 tensor cores needs showing once
+                for cap in ((NO_FP8.sm, arch.sm) if i == 0 and cname == "decode" else (arch.sm,)):
+                    add(f"fp8act/{arch.name}/{cname}/{i}", mk._fp8act_kernel, FP8, c, cap, cfg)
     return labels, builds
 
 
@@ -228,24 +229,25 @@ def aot():
 
 
 def test_aot_weight_only_configs_compile(aot):
-    rows = [(label, cap, k) for (label, cap), k in aot if not label.startswith("fp8act")]
-    built = {(label.split("/")[1], label.split("/")[2], cap) for label, cap, _ in rows}
-    assert built == {(t, c, cap) for t in mk.TARGETS for c in ("decode", "gemm") for cap in (80, 90)}
-    # every autotuning candidate is built for its own target
-    cands = {(label.split("/")[1], label.split("/")[2], int(label.split("/")[4])) for label, cap, _ in rows
-             if cap == CAP[label.split("/")[1]]}
-    assert cands == {(t, c, i) for t in mk.TARGETS for c, cs in mk.CONFIGS[t].items() for i in range(len(cs))}
-    for label, cap, k in rows:
-        check_build(k, wgmma=cap == 90 and "gemm" in label)
+    rows = [(label, cap, cfg, k) for (label, cap, cfg), k in aot if not label.startswith("fp8act")]
+    # every autotuning candidate of every architecture is built for it
+    cands = {(label.split("/")[1], label.split("/")[2], int(label.split("/")[4])) for label, *_ in rows}
+    assert cands == {(a.name, c, i) for a in ARCHS for c, cs in tiles(a, "minifloat").items() for i in range(len(cs))}
+    assert {(label.split("/")[1], label.split("/")[2]) for label, *_ in rows if "native=True" in label} == \
+        {(a.name, c) for a in ARCHS if a.fp8_tensor_cores for c in tiles(a, "minifloat")}
+    for label, cap, cfg, k in rows:
+        check_build(k, wgmma=cap >= 90 and cfg.block_m >= 64)
         assert ("cvt.rn.f16x2.e4m3x2" in k.ptx) == ("native=True" in label), label
 
 
-def test_aot_fp8_dot_is_e4m3_wgmma_on_h100_only(aot):
-    rows = [(cap, k) for (label, cap), k in aot if label.startswith("fp8act")]
-    assert len(rows) == sum(len(cs) + 1 for cs in mk.FP8ACT_CONFIGS["h100"].values())
-    for cap, k in rows:
-        if cap == 80:           # Triton has no fp8e4nv on sm_80: the path is H100-only
+def test_aot_fp8_dot_is_e4m3_mma_only_with_fp8_tensor_cores(aot):
+    rows = [(label, cap, cfg, k) for (label, cap, cfg), k in aot if label.startswith("fp8act")]
+    fp8_archs = [a for a in ARCHS if a.fp8_tensor_cores]
+    assert fp8_archs and len(rows) == sum(len(cs) for a in fp8_archs for cs in tiles(a, "fp8act").values()) + \
+        len(fp8_archs)
+    for label, cap, cfg, k in rows:
+        if cap == NO_FP8.sm:       # Triton has no fp8e4nv without fp8 tensor cores
             assert isinstance(k, CompileError) and "fp8e4nv" in str(k), k
         else:
-            check_build(k, wgmma=True)
-            assert any("wgmma" in m and "e4m3.e4m3" in m for m in mma_ops(k.ptx)), k.name
+            check_build(k, wgmma=cap >= 90 and cfg.block_m >= 64)
+            assert any("e4m3.e4m3" in m for m in mma_ops(k.ptx)), (label, k.name)

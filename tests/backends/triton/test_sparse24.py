@@ -1,5 +1,5 @@
 """The sparse24 Triton kernel (2:4 sparse, int4 or float kept values) under the CPU interpreter,
-against ``x.float() @ enc.decode().T``, plus ahead-of-time compiles for sm_80 and sm_90.
+against ``x.float() @ enc.decode().T``, plus ahead-of-time compiles for every GPU architecture file.
 
 Tolerance: the kernel rounds weights (and the folded int4 shift) to x's dtype and y to x's dtype,
 so the error is bounded by RTOL * (|x| @ |W|.T) + RTOL * |y|, RTOL = 4e-3 for fp16 (2^-11 per
@@ -23,7 +23,7 @@ from nnforge.ir import Dense, IntQuant, MiniFloat, Sparse  # noqa: E402
 from nnforge.passes.prune.sparsity import nm_keep, sparsegpt_prune  # noqa: E402
 from nnforge.passes.quantize.formats import parse_format  # noqa: E402
 
-from .aot import check_build  # noqa: E402
+from .aot import ARCHS, check_build, tiles  # noqa: E402
 
 N, K = 72, 256                   # N not a multiple of the interpreter's BN = 32
 RTOL = {torch.float16: 4e-3, torch.bfloat16: 2e-2}
@@ -241,44 +241,47 @@ def test_matmul_errors(sparsegpt_int4):
             s24.matmul(args.pop("x"), args.pop("w"), **args)
 
 
-# --- ahead-of-time compiles for the real GPUs, specialised as a real launch is (aligned pointers,
-# K, N and strides multiples of 16). Per config (every autotuning candidate): the int4 kernel with
-# every option on (act-order, row scales, bias, split-K for the small tile, a per-pair scale gather
-# via group_size 64 < BK/2) and, for the default small tile, the fp16-values kernel. ---------------
+# --- ahead-of-time compiles for every GPU architecture file, specialised as a real launch is
+# (aligned pointers, K, N and strides multiples of 16). Per config (every autotuning candidate): the
+# int4 kernel with every option on (act-order, row scales, bias, split-K for the decode tile, a
+# per-pair scale gather via group_size 64 < BK/2) and, for the default decode tile, the fp16-values
+# kernel. ----------------------------------------------------------------------------------------------
 DIVISIBLE = ("N", "K", "KP", "stride_xm", "stride_ym")
 
 
 @pytest.fixture(scope="module")
 def aot():
     labels, builds = [], []
-    for target, cap in (("a100", 80), ("h100", 90)):
-        for tile, cands in s24.CONFIGS[target].items():
+    for arch in ARCHS:
+        for tile, cands in tiles(arch, "sparse24").items():
             for i, cfg in enumerate(cands):
                 variants = [("i32", dict(GS=64, IS_INT=True, HAS_PERM=True, HAS_RS=True, HAS_BIAS=True,
-                                         SPLIT_K=4 if tile == "small" else 1))]
-                if tile == "small" and i == 0:
+                                         SPLIT_K=4 if tile == "decode" else 1))]
+                if tile == "decode" and i == 0:
                     variants.append(("fp16", dict(GS=1 << 20, IS_INT=False, HAS_PERM=False, HAS_RS=False,
                                                   HAS_BIAS=False, SPLIT_K=1)))
                 for vdt, flags in variants:
                     sig = s24.signature("bf16" if vdt == "i32" else "fp16", vdt)
                     consts = dict(BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, UPCAST=False, **flags)
-                    labels.append((target, f"{tile}-{vdt}-{i}"))
-                    builds.append(Build(s24.sparse24_kernel, sig, consts, cap, cfg.num_warps, cfg.num_stages,
+                    labels.append((arch.name, f"{tile}-{vdt}-{i}", cfg))
+                    builds.append(Build(s24.sparse24_kernel, sig, consts, arch.sm, cfg.num_warps, cfg.num_stages,
                                         DIVISIBLE))
     return list(zip(labels, compile_many(builds)))
 
 
-@pytest.mark.parametrize("target", ["a100", "h100"])
-def test_compiles_for_gpu(aot, target):
-    """Every autotuning candidate compiles for its GPU, uses tensor cores and fits in shared memory."""
-    built = {name: k for (t, name), k in aot if t == target}
-    assert set(built) == {f"{t}-i32-{i}" for t, cs in s24.CONFIGS[target].items() for i in range(len(cs))} \
-        | {"small-fp16-0"}
-    for name, k in built.items():          # sm_90's prefill tile (64+ rows) runs on wgmma
-        check_build(k, wgmma=target == "h100" and name.startswith("large"))
+@pytest.mark.parametrize("arch", ARCHS, ids=[a.name for a in ARCHS])
+def test_compiles_for_gpu(aot, arch):
+    """Every autotuning candidate compiles for its architecture, uses tensor cores and fits in its
+    shared memory."""
+    built = {name: (cfg, k) for (a, name, cfg), k in aot if a == arch.name}
+    assert set(built) == {f"{t}-i32-{i}" for t, cs in tiles(arch, "sparse24").items() for i in range(len(cs))} \
+        | {"decode-fp16-0"}
+    for name, (cfg, k) in built.items():          # sm_90's tiles of 64+ rows run on wgmma
+        check_build(k, wgmma=arch.sm >= 90 and cfg.block_m >= 64)
 
 
 def test_default_config_is_the_first_candidate():
-    assert s24.config_for("a100", 4) == s24.CONFIGS["a100"]["small"][0]
-    assert s24.config_for("h100", 64) == s24.CONFIGS["h100"]["large"][0]
+    h100, a100 = (next(a for a in ARCHS if a.name == n) for n in ("sm_90", "sm_80"))
+    assert s24.config_for("a100", 4) == tiles(a100, "sparse24")["decode"][0]
+    assert s24.config_for("h100", 64) == tiles(h100, "sparse24")["gemm"][0]
     assert s24.candidates_for("interp", 4) == (s24.INTERPRET_CONFIG,)

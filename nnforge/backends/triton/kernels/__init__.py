@@ -4,7 +4,7 @@ Contract every kernel module keeps (the backend's launcher and the benchmarks re
 
     FORMAT: str                                   # e.g. "w4a16", the key in the bundle's manifest
     supports(enc, target) -> str | None           # None when this module runs ``enc`` for ``target``
-                                                  # ("h100" / "a100"); otherwise why not, naming the feature
+                                                  # (a Triton GPU target or its name); otherwise why not
     pack(enc, target) -> PackedWeight             # at compile time, on the CPU, from the IR encoding:
                                                   # the layout the kernel streams, as torch tensors
     matmul(x, w: PackedWeight, bias=None) -> y    # y[M, N] = x[M, K] @ W.T (+ bias), W = enc.decode();
@@ -15,18 +15,23 @@ the manifest (JSON-able), so ``PackedWeight(format, n, k, tensors, meta)`` rebui
 run unchanged: a load never re-packs.
 
 Every kernel runs on the CPU under ``TRITON_INTERPRET=1`` (set before triton is imported) on
-torch CPU tensors, which is how CI checks them, and is compiled ahead of time for sm_80 and sm_90
-in the tests (``compile_for`` / ``compile_many``, which work in an interpreting process too), which
-checks what the interpreter cannot: that the kernel is a valid GPU kernel for each target with
-every one of its candidate tile configs, specialised as a real launch specialises it.
+torch CPU tensors, which is how CI checks them, and is compiled ahead of time for every GPU
+architecture nnforge has a file for in the tests (``compile_for`` / ``compile_many``, which work
+in an interpreting process too), which checks what the interpreter cannot: that the kernel is a
+valid GPU kernel for each architecture with every one of its candidate tile configs, specialised
+as a real launch specialises it.
 
-Tile configs are autotuned per target: each module declares only its candidates per target and M
-bucket (its hand-picked default first); on a CUDA device the first call of a shape times them with
+Nothing about a GPU is written here: the kernels see a :class:`.common.GpuTarget` built from the
+target's TOML (``nnforge/targets/<name>.toml``) and its architecture file
+(``nnforge/targets/gpu/sm_XY.toml``: tile candidates, fp8 tensor cores), or at run time from the
+device (its SM count, and the architecture file of its compute capability). Tile configs are
+autotuned per GPU: the architecture file lists the candidates per kernel family and M bucket
+(the hand-picked default first); on a CUDA device the first call of a shape times them with
 ``triton.testing.do_bench`` on the real operands and the process keeps the fastest (in memory, not
 on disk); under the interpreter, or with ``NNFORGE_TRITON_AUTOTUNE=0``, the default runs untimed.
 
-What the modules share (tile config type, SM counts from ``nnforge/targets``, the runtime target,
-operand checks, split-K plumbing, the autotuner) is in :mod:`.common`.
+What the modules share (tile config type, the GPU view, operand checks, split-K plumbing, the
+autotuner) is in :mod:`.common`.
 """
 from __future__ import annotations
 
@@ -75,7 +80,7 @@ class AotKernel:
 @dataclass
 class Build:
     """One ahead-of-time build of ``fn`` (a module-level ``@triton.jit`` kernel) for compute
-    ``capability`` (80: A100, 90: H100). ``signature`` maps every argument to its Triton type
+    ``capability`` (80 for sm_80, 90 for sm_90: ``GpuArch.sm``). ``signature`` maps every argument to its Triton type
     ("*fp16", "i32", "constexpr", ...). Like a real launch, every pointer is taken as 16-byte
     aligned (torch allocations are) and the int arguments named in ``divisible`` as multiples of
     16, which is what lets Triton vectorise loads and pipeline them with cp.async."""

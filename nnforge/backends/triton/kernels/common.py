@@ -1,30 +1,45 @@
-"""What every kernel module needs besides its kernel: the tile config type, the GPU a call runs on
-and its SM count (read from ``nnforge/targets``, never written here), the operand checks, the
-split-K launch plumbing of the kernels that add fp32 partials atomically (minifloat, lut), and the
-autotuner that picks each call's tile config from its module's candidate list (:func:`autotune`).
+"""What every kernel module needs besides its kernel: the tile config type, the GPU a kernel is
+built or run for (:class:`GpuTarget`: everything about it read from ``nnforge/targets``, never
+written here), the operand checks, the split-K launch plumbing of the kernels that add fp32
+partials atomically (minifloat, lut), and the autotuner that picks each call's tile config from
+the candidates the GPU's architecture file lists (:func:`autotune`).
 
-    >>> target = runtime_target(x)                  # "interp", "a100" or "h100"
+    >>> gpu = runtime_target(x)                     # the interpreter, or the GPU x is on
     >>> check_operands(x, w, bias, "minifloat", ("p0", "scale"))
-    >>> cfg = autotune("lut", target, key, CONFIGS[target]["decode"], lambda c: launch(x, w, c))
-    >>> split = choose_split(m, n, k, cfg, target, split_k=None)
+    >>> cands = tiles_for(gpu, "lut", bucket_of("lut", m), minifloat.INTERP_TILES)
+    >>> cfg = autotune("lut", gpu.name, key, cands, lambda c: launch(x, w, c))
+    >>> split = choose_split(m, n, k, cfg, gpu, split_k=None)
 """
 from __future__ import annotations
 
 import functools
 import os
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
 from . import KernelError, PackedWeight, interpreting
 
-INTERP = "interp"              # the config key of Triton's CPU interpreter
+if TYPE_CHECKING:
+    from ....targets.architectures import GpuArch
+
+INTERP = "interp"              # the name of Triton's CPU interpreter as a GpuTarget
 # The interpreter runs programs one after another, so its "SM count" only decides how far split-K
 # is exercised in tests: a few is enough, and keeps the programs few.
 INTERP_SMS = 4
-GPU_TARGETS = ("a100", "h100")
 SMALL_M = 16                   # rows up to which a GEMM is a weight stream ("decode")
+# The M buckets of each kernel family, (name, largest M; None: every larger M). The tile candidates
+# of each bucket are data: ``[tiles.<family>] <bucket>`` in every GPU architecture file
+# (nnforge/targets/gpu/); "fp8act" (minifloat's fp8 x fp8 path) only where there are fp8 tensor cores.
+BUCKETS = {
+    "intweight": (("decode", SMALL_M), ("prefill", 64), ("gemm", None)),
+    "minifloat": (("decode", SMALL_M), ("gemm", None)),
+    "fp8act": (("decode", SMALL_M), ("gemm", None)),
+    "lut": (("decode", SMALL_M), ("gemm", None)),
+    "sparse24": (("decode", SMALL_M), ("gemm", None)),
+}
+FP8_FAMILIES = ("fp8act",)
 
 
 @dataclass(frozen=True)
@@ -37,66 +52,162 @@ class TileConfig:
     num_stages: int
 
 
+@dataclass(frozen=True)
+class GpuTarget:
+    """The GPU a kernel is built or run for, as the kernels see it: ``name`` (a target's name, a
+    device's name, or "interp"; only messages and autotuning keys read it), its SM count and its
+    architecture file (:class:`nnforge.targets.architectures.GpuArch`: tiles, fp8 tensor cores),
+    which is None for Triton's interpreter.
+
+    >>> gpu_target("h100").native_fp8, gpu_target("h100").arch.name
+    (True, 'sm_90')"""
+    name: str
+    sms: int
+    arch: GpuArch | None = None
+
+    @property
+    def interpreter(self) -> bool:
+        return self.arch is None
+
+    @property
+    def native_fp8(self) -> bool:
+        """Whether e4m3 codes convert and multiply natively (fp8 tensor cores); never in the interpreter."""
+        return self.arch is not None and self.arch.fp8_tensor_cores
+
+    def describe(self) -> str:
+        if self.arch is None:
+            return "Triton's interpreter"
+        return f"{self.name} ({self.arch.name}, {self.arch.description})"
+
+
+INTERP_GPU = GpuTarget(INTERP, INTERP_SMS)
+
+
+def check_tiles(arch) -> None:
+    """KernelError naming ``arch``'s file unless it lists candidates for every kernel family and
+    M bucket in :data:`BUCKETS` (fp8act only with fp8 tensor cores) and nothing else."""
+    need = {f: {b for b, _ in bs} for f, bs in BUCKETS.items() if f not in FP8_FAMILIES or arch.fp8_tensor_cores}
+    known = {f: {b for b, _ in bs} for f, bs in BUCKETS.items()}
+    problems = [f"[tiles.{f}] has no {b} = [...]" for f, bs in need.items() for b in sorted(bs)
+                if b not in arch.tiles.get(f, {})]
+    problems += [f"[tiles.{f}] is not a kernel family (families: {', '.join(BUCKETS)})" for f in arch.tiles
+                 if f not in known]
+    problems += [f"[tiles.{f}] {b} is not one of its M buckets ({', '.join(sorted(known[f]))})"
+                 for f, bs in arch.tiles.items() if f in known for b in bs if b not in known[f]]
+    if problems:
+        raise KernelError(f"{arch.path}: " + "; ".join(problems))
+
+
+def gpu_target(target) -> GpuTarget:
+    """The :class:`GpuTarget` of ``target``: a Triton GPU target (a name, or a ``Target``),
+    :data:`INTERP`, or a GpuTarget already. KernelError when it is not a Triton GPU target or its
+    files lack what the kernels need (the message names the file).
+
+    >>> gpu_target("a100").sms
+    108"""
+    if isinstance(target, GpuTarget):
+        return target
+    if isinstance(target, str) and target == INTERP:
+        return INTERP_GPU
+    from ....targets import TargetError, get_target
+    from ....targets.architectures import arch_of
+    try:
+        t = get_target(target)
+    except TargetError as e:
+        raise KernelError(str(e)) from None
+    if t.backend != "triton":
+        raise KernelError(f"target {t.name!r} is not a Triton GPU target (its backend is {t.backend!r})")
+    try:
+        arch = arch_of(t)
+    except TargetError as e:
+        raise KernelError(str(e)) from None
+    sms = t.compute.get("sms")
+    if not isinstance(sms, int) or isinstance(sms, bool) or sms < 1:
+        raise KernelError(f"{t.path}: target {t.name} states no [compute] sms (a positive integer); the split-K "
+                          "heuristics need it")
+    check_tiles(arch)
+    return GpuTarget(t.name, sms, arch)
+
+
+def device_gpu(name: str, capability: tuple[int, int], sms: int) -> GpuTarget:
+    """The :class:`GpuTarget` of a CUDA device: its own name and SM count, and the architecture
+    file of its compute capability (for one with no file of its own, the newest older one, whose
+    code it runs)."""
+    from ....targets.architectures import arch_for_capability, gpu_archs
+    arch = arch_for_capability(capability)
+    if arch is None:
+        raise KernelError(f"{name}: compute capability {capability[0]}.{capability[1]} is older than every GPU "
+                          f"architecture nnforge has a file for ({', '.join(a.name for a in gpu_archs())})")
+    check_tiles(arch)
+    return GpuTarget(name, sms, arch)
+
+
 @functools.lru_cache(maxsize=None)
-def target_sms(target: str) -> int:
-    """SMs of ``target`` as its ``nnforge/targets/<target>.toml`` states them (``compute.sms``);
-    the interpreter's small fixed count for ``"interp"``.
+def _device_gpu(index: int, targets_path: str) -> GpuTarget:
+    props = torch.cuda.get_device_properties(index)
+    return device_gpu(props.name, (props.major, props.minor), props.multi_processor_count)
+
+
+def target_sms(target) -> int:
+    """SMs of ``target`` (see :func:`gpu_target`): its TOML's ``compute.sms``, a device's own
+    count, or the interpreter's small fixed one.
 
     >>> target_sms("h100")
     132"""
-    if target == INTERP:
-        return INTERP_SMS
-    from ....targets import get_target
-    sms = get_target(target).compute.get("sms")
-    if not sms:
-        raise KernelError(f"target {target!r} states no compute.sms in its targets/{target}.toml; the split-K "
-                          "heuristics need it")
-    return int(sms)
+    return gpu_target(target).sms
 
 
-@functools.lru_cache(maxsize=None)
-def native_formats(target: str) -> frozenset:
-    """The number formats ``target``'s tensor cores take (``formats.native`` in its toml); none
-    for the interpreter, which decodes everything the portable way."""
-    if target == INTERP:
-        return frozenset()
-    from ....targets import get_target
-    return frozenset(get_target(target).formats.get("native", ()))
-
-
-@functools.lru_cache(maxsize=None)
-def _capabilities() -> tuple[tuple[tuple[int, int], str], ...]:
-    from ....targets import get_target
-    caps = []
-    for name in GPU_TARGETS:
-        major, minor = str(get_target(name).options["compute_capability"]).split(".")
-        caps.append(((int(major), int(minor)), name))
-    return tuple(sorted(caps))
-
-
-def runtime_target(x: torch.Tensor) -> str:
-    """Config key for where ``x`` runs: ``"interp"``, or the newest GPU target whose compute
-    capability (``options.compute_capability`` in its toml) the device of ``x`` has."""
+def runtime_target(x: torch.Tensor) -> GpuTarget:
+    """Where ``x`` runs: Triton's interpreter (:data:`INTERP_GPU`), or the CUDA device of ``x``
+    (:func:`device_gpu`)."""
     if interpreting():
-        return INTERP
+        return INTERP_GPU
     if not isinstance(x, torch.Tensor) or x.device.type != "cuda":
         raise KernelError(f"x is on {getattr(x, 'device', type(x).__name__)}; Triton kernels need a CUDA tensor "
                           f"(or TRITON_INTERPRET=1 set before triton is imported)")
-    have = torch.cuda.get_device_capability(x.device)
-    fits = [name for cap, name in _capabilities() if cap <= have]
-    if not fits:
-        raise KernelError(f"GPU of compute capability {have[0]}.{have[1]} is older than every Triton target "
-                          f"({', '.join(GPU_TARGETS)})")
-    return fits[-1]
+    from ....targets import PATH_ENV
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    return _device_gpu(index, os.environ.get(PATH_ENV, ""))
 
 
-def unsupported(enc, target: str, cls: type, fmt: str) -> str | None:
+def tiles_for(gpu: GpuTarget, family: str, bucket_name: str, interp: dict) -> tuple[TileConfig, ...]:
+    """The candidate tiles of kernel ``family`` for M bucket ``bucket_name`` on ``gpu``, the
+    default first: its architecture file's ``[tiles.<family>] <bucket>``, or ``interp[bucket]``
+    in Triton's interpreter.
+
+    >>> tiles_for(gpu_target("h100"), "minifloat", "decode", minifloat.INTERP_TILES)[0]
+    TileConfig(block_m=16, block_n=128, block_k=128, num_warps=4, num_stages=4)"""
+    if gpu.arch is None:
+        return interp[bucket_name]
+    rows = gpu.arch.tiles.get(family, {}).get(bucket_name)
+    if not rows:
+        raise KernelError(f"{gpu.arch.path}: no [tiles.{family}] {bucket_name} = [...] tile candidates")
+    return tuple(TileConfig(*r) for r in rows)
+
+
+def bucket_of(family: str, m: int) -> str:
+    """The M bucket of ``m`` rows for kernel ``family`` (:data:`BUCKETS`)."""
+    for name, max_m in BUCKETS[family]:
+        if max_m is None or m <= max_m:
+            return name
+    raise AssertionError(f"BUCKETS[{family!r}] must end with an open bucket")
+
+
+def unsupported(enc, target, cls: type, fmt: str) -> str | None:
     """Why a module cannot take ``enc`` for ``target`` on the grounds every module checks first:
-    Triton missing, a target that is not a Triton GPU, an encoding of another class; else None."""
+    Triton missing, a target that is not a Triton GPU, an encoding of another class; else None.
+    A Triton GPU target whose files lack what the kernels need raises (KernelError)."""
     if triton is None:
         return f"Triton is not installed (the {fmt} GEMM is a Triton kernel)"
-    if target not in GPU_TARGETS:
-        return f"target {target!r} is not a Triton GPU target (known: {', '.join(GPU_TARGETS)})"
+    if not isinstance(target, GpuTarget) and target != INTERP:
+        from ....targets import TargetError, get_target
+        try:
+            backend = get_target(target).backend
+        except TargetError as e:
+            return str(e)
+        if backend != "triton":
+            return f"target {getattr(target, 'name', target)!r} is not a Triton GPU target (its backend is {backend!r})"
+    gpu_target(target)
     if not isinstance(enc, cls):
         return f"{fmt} kernels take {cls.__name__} encodings, got a {getattr(enc, 'kind', type(enc).__name__)} encoding"
     return None
@@ -144,10 +255,11 @@ def check_split_k(split_k) -> None:
 
 
 # --- autotuning ----------------------------------------------------------------------------------
-# Each module declares, per target and M bucket, a short tuple of candidate tiles, its hand-picked
-# default first. On a GPU the first call with a new key times every candidate on the real operands
-# and keeps the fastest for the rest of the process; under the interpreter (and so in the tests) the
-# default runs with no timing, since interpreter times say nothing about a GPU. The choice is kept in
+# Each GPU architecture file lists, per kernel family and M bucket, a short tuple of candidate
+# tiles, the hand-picked default first. On a GPU the first call with a new key times every
+# candidate on the real operands and keeps the fastest for the rest of the process; under the
+# interpreter (and so in the tests) the default runs with no timing, since interpreter times say
+# nothing about a GPU. The choice is kept in
 # memory only: a JSON cache would have to be keyed by driver, Triton version and kernel source to be
 # safe, and a few hundred milliseconds per layer shape once per process is cheap next to loading.
 AUTOTUNE_ENV = "NNFORGE_TRITON_AUTOTUNE"     # "0": always the default tile (reproducible benchmarks)
@@ -166,7 +278,7 @@ class Autotuner:
     parameter so the selection logic can be tested on the CPU with made-up times.
 
     >>> tuner = Autotuner(bench=lambda fn: 1.0)
-    >>> tuner.choose(("lut", "h100", "decode", 4096, 4096), cands, lambda c: launch(x, w, c))"""
+    >>> tuner.choose(("lut", gpu.name, "decode", 4096, 4096), cands, lambda c: launch(x, w, c))"""
 
     def __init__(self, bench: Callable[[Callable[[], object]], float] | None = None):
         self.bench = bench or _do_bench
@@ -203,12 +315,13 @@ TUNER = Autotuner()                  # the process's choices, shared by every ke
 
 def autotune(kernel: str, target: str, key: tuple, candidates: Sequence[TileConfig],
              trial: Callable[[TileConfig], object], *, reset: Callable[[], object] | None = None) -> TileConfig:
-    """The tile config to launch ``kernel`` with on ``target``: ``candidates[0]`` under the
-    interpreter, with one candidate, or with ``NNFORGE_TRITON_AUTOTUNE=0``; otherwise
-    :data:`TUNER`'s choice for ``(kernel, target, *key)`` (see :meth:`Autotuner.choose`). ``key``
-    holds what changes the best tile besides the target: M's bucket, N, K, dtype, format options.
+    """The tile config to launch ``kernel`` with on the GPU named ``target`` (a GpuTarget's
+    name: part of the key only): ``candidates[0]`` under the interpreter, with one candidate, or
+    with ``NNFORGE_TRITON_AUTOTUNE=0``; otherwise :data:`TUNER`'s choice for ``(kernel, target,
+    *key)`` (see :meth:`Autotuner.choose`). ``key`` holds what changes the best tile besides the
+    GPU: M's bucket, N, K, dtype, format options.
 
-    >>> cfg = autotune("minifloat", "h100", ("decode", m_class(m), n, k, x.dtype), cands, trial)"""
+    >>> cfg = autotune("minifloat", gpu.name, ("decode", m_class(m), n, k, x.dtype), cands, trial)"""
     if target == INTERP or len(candidates) == 1 or os.environ.get(AUTOTUNE_ENV, "1") == "0":
         return candidates[0]
     if _capturing():
@@ -241,17 +354,7 @@ def tune_key(bucket_name: str, m: int, dtype, w: PackedWeight, *extra) -> tuple:
 
 
 # --- split-K with atomically added fp32 partials (minifloat, lut) --------------------------------
-def bucket(m: int) -> str:
-    """The M bucket of the split-K modules' ``CONFIGS[target]``: "decode" (M <= SMALL_M) or "gemm"."""
-    return "decode" if m <= SMALL_M else "gemm"
-
-
-def pick(configs: dict, target: str, m: int) -> tuple[TileConfig, ...]:
-    """The candidate tiles of ``configs[target]`` for ``m`` rows, default first."""
-    return tuple(configs[target][bucket(m)])
-
-
-def choose_split(m: int, n: int, k: int, cfg: TileConfig, target: str, split_k: int | None) -> int:
+def choose_split(m: int, n: int, k: int, cfg: TileConfig, gpu: GpuTarget, split_k: int | None) -> int:
     """How many programs share one output tile's K range: enough to give every SM two tiles at
     small M, never so many that a program gets fewer than two K steps."""
     check_split_k(split_k)
@@ -262,7 +365,7 @@ def choose_split(m: int, n: int, k: int, cfg: TileConfig, target: str, split_k: 
         return 1
     tiles = -(-n // cfg.block_n) * -(-m // cfg.block_m)
     split = 1
-    while tiles * split * 2 <= 2 * target_sms(target) and steps // (split * 2) >= 2:
+    while tiles * split * 2 <= 2 * gpu.sms and steps // (split * 2) >= 2:
         split *= 2
     return split
 
@@ -281,7 +384,7 @@ def launch_out(x: torch.Tensor, n: int, split: int) -> torch.Tensor:
 @dataclass
 class SplitLaunch:
     """Where and how a split-K GEMM of x [M, K] by an [N, K] weight launches (:func:`split_launch`)."""
-    target: str
+    target: GpuTarget
     cfg: TileConfig
     split: int
     k_split: int                # K columns per split
@@ -336,7 +439,8 @@ if triton is not None:
             tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-__all__ = ["TileConfig", "INTERP", "INTERP_SMS", "SMALL_M", "GPU_TARGETS", "target_sms", "native_formats",
-           "runtime_target", "unsupported", "check_weight", "check_bias", "check_operands", "check_split_k", "pick",
-           "bucket", "m_class", "tune_key", "Autotuner", "TUNER", "AUTOTUNE_ENV", "autotune",
+__all__ = ["TileConfig", "GpuTarget", "INTERP", "INTERP_GPU", "INTERP_SMS", "SMALL_M", "BUCKETS", "gpu_target",
+           "device_gpu", "check_tiles", "target_sms", "runtime_target", "tiles_for", "bucket_of", "unsupported",
+           "check_weight", "check_bias", "check_operands", "check_split_k", "m_class", "tune_key", "Autotuner",
+           "TUNER", "AUTOTUNE_ENV", "autotune",
            "choose_split", "k_per_split", "launch_out", "SplitLaunch", "split_launch"]

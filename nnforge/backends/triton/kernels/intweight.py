@@ -43,11 +43,12 @@ Why this layout and this kernel (decode is memory bound; the aim on H100 is ~4x 
   kernel), so groups stay contiguous in stored order and no gather launch or copy of x is needed.
 - CTAs are ordered M-tile fastest, so CTAs sharing a weight panel run together and it is read
   from DRAM once even for large M.
-- Tiles are autotuned per target: ``CONFIGS`` lists, per target and M bucket, the candidates with
-  the hand-picked default first; on a GPU :func:`.common.autotune` times them once per shape and
-  keeps the fastest. Each trial allocates its own partial buffer, and the lock counters are zeroed
-  before each candidate (a trial that dies mid-launch could leave them counting); the interpreter
-  always runs ``INTERPRETER_CONFIG``.
+- Tiles are autotuned per GPU: its architecture file (nnforge/targets/gpu/) lists the candidates
+  of ``[tiles.intweight]`` per M bucket (decode, prefill, gemm), the hand-picked default first; on
+  a GPU :func:`.common.autotune` times them once per shape and keeps the fastest. Each trial
+  allocates its own partial buffer, and the lock counters are zeroed before each candidate (a
+  trial that dies mid-launch could leave them counting); the interpreter always runs
+  ``INTERPRETER_CONFIG``.
 """
 from __future__ import annotations
 
@@ -59,8 +60,8 @@ import triton
 import triton.language as tl
 
 from . import KernelError, PackedWeight
-from .common import (INTERP, TileConfig, autotune, check_operands, check_split_k, runtime_target, target_sms,
-                     tune_key, unsupported)
+from .common import (INTERP, TileConfig, autotune, bucket_of, check_operands, check_split_k, gpu_target,
+                     runtime_target, tiles_for, tune_key, unsupported)
 
 FORMAT = "int-weight"
 PANEL = 64                      # output channels per panel of ``qweight``
@@ -69,36 +70,24 @@ _MAX_SPLIT = 16
 _FP16_MAX = 65504.0
 
 
-# (largest M, candidate configs) per target, chosen by M bucket (block_n a multiple of PANEL), the
-# hand-picked default first and the autotuner's alternatives after it. Decode tiles are narrow in N
-# and deep in K so each CTA has many bytes in flight (the alternatives trade N width, and with it
-# the split-K count, against K depth); prefill tiles are square enough to reuse x and W from shared
-# memory (the alternatives try wider N, deeper K, fewer warps). Every one is compiled for its
-# target in the tests.
-CONFIGS: dict[str, tuple[tuple[int | None, tuple[TileConfig, ...]], ...]] = {
-    "a100": ((16, (TileConfig(16, 64, 128, 4, 4), TileConfig(16, 128, 128, 4, 3), TileConfig(16, 64, 256, 4, 3))),
-             (64, (TileConfig(64, 128, 64, 4, 4), TileConfig(64, 64, 128, 4, 4), TileConfig(64, 128, 128, 8, 3))),
-             (None, (TileConfig(128, 128, 64, 8, 3), TileConfig(128, 256, 64, 8, 3), TileConfig(64, 128, 64, 4, 4)))),
-    "h100": ((16, (TileConfig(16, 64, 256, 4, 4), TileConfig(16, 128, 128, 4, 4), TileConfig(16, 64, 128, 4, 5))),
-             (64, (TileConfig(64, 128, 64, 4, 4), TileConfig(64, 256, 64, 8, 3), TileConfig(64, 128, 128, 4, 3))),
-             (None, (TileConfig(128, 128, 64, 8, 4), TileConfig(128, 256, 64, 8, 3), TileConfig(128, 128, 128, 8, 3)))),
-}
-# The CPU interpreter runs each program in numpy: one small tile keeps the tests fast.
+# The GPU's tiles come from its architecture file, [tiles.intweight] (block_n a multiple of PANEL):
+# decode tiles narrow in N and deep in K, so each CTA has many bytes in flight; prefill and gemm
+# tiles square enough to reuse x and W from shared memory. The CPU interpreter runs each program in
+# numpy: one small tile keeps the tests fast.
 INTERPRETER_CONFIG = TileConfig(16, 64, 64, 4, 1)
 
 
-def candidates_for(target: str, m: int) -> tuple[str, tuple[TileConfig, ...]]:
-    """The M bucket (its largest M, as text) and its candidate tiles for ``m`` rows on ``target``
-    ("a100" / "h100", or "interp"), the default first."""
-    if target == INTERP:
-        return "interp", (INTERPRETER_CONFIG,)
-    for max_m, cands in CONFIGS[target]:
-        if max_m is None or m <= max_m:
-            return f"m<={max_m}", cands
-    raise AssertionError("every CONFIGS list ends with an open bucket")
+def candidates_for(target, m: int) -> tuple[str, tuple[TileConfig, ...]]:
+    """The M bucket and its candidate tiles for ``m`` rows on ``target`` (a Triton GPU target,
+    its name, a GpuTarget, or "interp"), the default first."""
+    gpu = gpu_target(target)
+    if gpu.interpreter:
+        return INTERP, (INTERPRETER_CONFIG,)
+    name = bucket_of("intweight", m)
+    return name, tiles_for(gpu, "intweight", name, {})
 
 
-def config_for(target: str, m: int) -> TileConfig:
+def config_for(target, m: int) -> TileConfig:
     """The default tile config for ``m`` rows on ``target`` (what runs untuned)."""
     return candidates_for(target, m)[1][0]
 
@@ -156,7 +145,7 @@ def pack(enc, target) -> PackedWeight:
                       "scale/zero fp16 [G, N]; perm int32 [K]",
             "bits": bits, "group_size": enc.group_size if groups > 1 else k, "groups": groups,
             "zero_const": None if enc.zero_point is not None else offset, "act_order": enc.perm is not None,
-            "target": target}
+            "target": getattr(target, "name", target)}
     return PackedWeight(FORMAT, n, k, tensors, meta)
 
 
@@ -351,16 +340,18 @@ def matmul(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, *
     if n == 0 or k == 0:
         return y.zero_() if bias is None else y.copy_(bias.expand(m, n))
     x = x.contiguous()
-    target = runtime_target(x)
-    name, cands = candidates_for(target, m)
-    cfg = autotune(FORMAT, target, tune_key(name, m, x.dtype, w, bias is not None, split_k), cands,
-                   lambda c: _launch(x, w, bias, c, split_k, target), reset=lambda: _locks(x.device, 0).zero_())
-    return _launch(x, w, bias, cfg, split_k, target)
+    gpu = runtime_target(x)
+    name, cands = candidates_for(gpu, m)
+    cfg = autotune(FORMAT, gpu.name, tune_key(name, m, x.dtype, w, bias is not None, split_k), cands,
+                   lambda c: _launch(x, w, bias, c, split_k, gpu), reset=lambda: _locks(x.device, 0).zero_())
+    return _launch(x, w, bias, cfg, split_k, gpu)
 
 
 def _launch(x: torch.Tensor, w: PackedWeight, bias, cfg: TileConfig, split_k: int | None,
-            target: str) -> torch.Tensor:
-    """One launch under ``cfg`` into fresh outputs (what an autotuning trial runs)."""
+            target) -> torch.Tensor:
+    """One launch under ``cfg`` into fresh outputs (what an autotuning trial runs) on ``target``
+    (a GpuTarget, or anything :func:`.common.gpu_target` takes)."""
+    gpu = gpu_target(target)
     m, n, k = x.shape[0], w.n, w.k
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     meta = w.meta
@@ -368,7 +359,7 @@ def _launch(x: torch.Tensor, w: PackedWeight, bias, cfg: TileConfig, split_k: in
     bk = _block_k(cfg, k, group)
     k_tiles = -(-k // bk)
     tiles_mn = -(-m // cfg.block_m) * -(-n // cfg.block_n)
-    split = _split_k(tiles_mn, k_tiles, m, target_sms(target)) if split_k is None else min(split_k, k_tiles)
+    split = _split_k(tiles_mn, k_tiles, m, gpu.sms) if split_k is None else min(split_k, k_tiles)
     per_split = -(-k_tiles // split)
     split = -(-k_tiles // per_split)           # no empty splits
     q = w.tensors["qweight"]
@@ -383,7 +374,7 @@ def _launch(x: torch.Tensor, w: PackedWeight, bias, cfg: TileConfig, split_k: in
         BITS=meta["bits"], GROUP=group, ZERO_CONST=meta["zero_const"] or 0,
         HAS_ZERO=meta["zero_const"] is None, HAS_PERM=bool(meta["act_order"]), HAS_BIAS=bias is not None,
         BF16=x.dtype == torch.bfloat16,
-        UPCAST_DOT=x.dtype == torch.bfloat16 and target == INTERP,
+        UPCAST_DOT=x.dtype == torch.bfloat16 and gpu.interpreter,
         SPLIT_K=split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk,
         PANEL_N=PANEL, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
@@ -393,7 +384,7 @@ def compile_spec(cfg: TileConfig, *, bits: int = 4, group: int = 128, dtype: str
                  has_zero: bool = False, has_perm: bool = False, has_bias: bool = True):
     """``(kernel, signature, constexprs)`` for ``kernels.compile_for`` (ahead-of-time builds):
 
-    >>> fn, sig, consts = compile_spec(CONFIGS["h100"][0][1][0])
+    >>> fn, sig, consts = compile_spec(config_for("h100", 4))
     >>> compile_for(fn, sig, consts, 90, num_warps=4, num_stages=4)
     """
     fn = intweight_kernel
@@ -409,5 +400,5 @@ def compile_spec(cfg: TileConfig, *, bits: int = 4, group: int = 128, dtype: str
     return fn, sig, consts
 
 
-__all__ = ["FORMAT", "CONFIGS", "INTERPRETER_CONFIG", "candidates_for", "config_for", "supports", "pack", "matmul",
+__all__ = ["FORMAT", "INTERPRETER_CONFIG", "candidates_for", "config_for", "supports", "pack", "matmul",
            "compile_spec"]

@@ -18,9 +18,10 @@ group and stays in L1, so the look-up costs issue slots, not DRAM bandwidth. Sma
 across programs, with fp32 partials added atomically (:mod:`.common`'s launch plumbing); the
 bit-plane unpacking is :mod:`.minifloat`'s.
 
-Tiles are autotuned per target: ``CONFIGS[target][bucket]`` lists the candidates, the hand-picked
-default first; on a GPU :func:`.common.autotune` times them once per shape and keeps the fastest
-(each trial allocates its own zeroed split-K output); the interpreter always runs the default.
+Tiles are autotuned per GPU: its architecture file (nnforge/targets/gpu/) lists the candidates of
+``[tiles.lut]`` per M bucket, the hand-picked default first; on a GPU :func:`.common.autotune`
+times them once per shape and keeps the fastest (each trial allocates its own zeroed split-K
+output); the interpreter always runs minifloat's ``INTERP_TILES``.
 """
 from __future__ import annotations
 
@@ -29,9 +30,9 @@ import torch
 from ....ir.encodings import rows_cols
 from ....ir.palette import Palettized
 from . import KernelError, PackedWeight
-from .common import (INTERP, SMALL_M, TileConfig, autotune, bucket, check_operands, pick, runtime_target,
-                     split_launch, tune_key, unsupported)
-from .minifloat import plane_widths, split_planes, triton
+from .common import (SMALL_M, TileConfig, autotune, bucket_of, check_operands, runtime_target, split_launch,
+                     tiles_for, tune_key, unsupported)
+from .minifloat import INTERP_TILES, plane_widths, split_planes, triton
 
 if triton is not None:
     import triton.language as tl
@@ -39,19 +40,7 @@ if triton is not None:
     from .minifloat import load_codes
 
 FORMAT = "palettized"
-TARGETS = ("a100", "h100")
 BITS = (1, 2, 3, 4, 5, 6, 8)
-# Autotuning candidates per target and M bucket, the default first. Same reasoning as the
-# minifloat tiles (the look-up adds no shared memory); the alternatives trade N width (fewer
-# programs, more split-K) against K depth (bytes in flight per program) and warps against stages,
-# since the table loads make this kernel more issue-bound than minifloat's.
-CONFIGS = {
-    "a100": {"decode": (TileConfig(16, 64, 128, 4, 4), TileConfig(16, 128, 128, 4, 3), TileConfig(16, 64, 256, 8, 3)),
-             "gemm": (TileConfig(64, 128, 64, 4, 3), TileConfig(128, 128, 64, 8, 3), TileConfig(64, 64, 128, 4, 4))},
-    "h100": {"decode": (TileConfig(16, 128, 128, 4, 4), TileConfig(16, 64, 128, 4, 4), TileConfig(16, 128, 256, 8, 3)),
-             "gemm": (TileConfig(128, 128, 64, 8, 3), TileConfig(128, 256, 64, 8, 3), TileConfig(64, 128, 64, 4, 4))},
-    "interp": {"decode": (TileConfig(16, 32, 64, 1, 1),), "gemm": (TileConfig(32, 32, 64, 1, 1),)},
-}
 
 if triton is not None:
     @triton.jit
@@ -81,7 +70,7 @@ if triton is not None:
         store_tile(acc, y_ptr, bias_ptr, offs_m, offs_n, mask_m, mask_n, stride_ym, N, pid_k, HAS_BIAS, SPLIT)
 
 
-def supports(enc, target: str) -> str | None:
+def supports(enc, target) -> str | None:
     """None when ``enc`` runs on ``target``; otherwise why not.
 
     >>> supports(enc7bit, "h100")
@@ -95,7 +84,7 @@ def supports(enc, target: str) -> str | None:
     return None
 
 
-def pack(enc: Palettized, target: str) -> PackedWeight:
+def pack(enc: Palettized, target) -> PackedWeight:
     """The kernel layout of ``enc`` (module docstring): planes p0 (p1 for 3/5/6 bits) and the LUT.
 
     >>> pw = pack(Palettized.from_indices(idx, lut, bits=3, shape=(64, 128)), "a100")"""
@@ -109,7 +98,8 @@ def pack(enc: Palettized, target: str) -> PackedWeight:
     tensors["lut"] = enc.lut.contiguous()
     meta = {"bits": enc.bits, "planes": list(widths), "group_rows": enc.group_size,
             "lut_dtype": str(enc.lut.dtype).removeprefix("torch."),
-            "code_bytes": sum(p.numel() for p in planes), "stream_bytes": enc.indices.numel(), "target": target}
+            "code_bytes": sum(p.numel() for p in planes), "stream_bytes": enc.indices.numel(),
+            "target": getattr(target, "name", target)}
     return PackedWeight(FORMAT, n, k, tensors, meta)
 
 
@@ -133,9 +123,11 @@ def matmul(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, *
         raise KernelError(f"palettized PackedWeight meta {w.meta} disagrees with its LUT "
                           f"{tuple(w.tensors['lut'].shape)}")
     x = x if x.stride(1) == 1 else x.contiguous()
-    target, m = runtime_target(x), x.shape[0]
-    key = tune_key(bucket(m), m, x.dtype, w, bias is not None, split_k)
-    cfg = autotune(FORMAT, target, key, pick(CONFIGS, target, m), lambda c: _launch(x, w, bias, c, split_k))
+    gpu, m = runtime_target(x), x.shape[0]
+    b = bucket_of("lut", m)
+    key = tune_key(b, m, x.dtype, w, bias is not None, split_k)
+    cfg = autotune(FORMAT, gpu.name, key, tiles_for(gpu, "lut", b, INTERP_TILES),
+                   lambda c: _launch(x, w, bias, c, split_k))
     return _launch(x, w, bias, cfg, split_k)
 
 
@@ -145,11 +137,11 @@ def _launch(x: torch.Tensor, w: PackedWeight, bias, cfg: TileConfig, split_k: in
     t = w.tensors
     p0, p1 = t["p0"], t.get("p1", t["p0"])
     consts = kernel_args(w, cfg, has_bias=bias is not None, split=run.split,
-                         bf16_in_fp32=run.target == INTERP and x.dtype == torch.bfloat16)
+                         bf16_in_fp32=run.target.interpreter and x.dtype == torch.bfloat16)
     _lut_kernel[run.grid](x, p0, p1, t["lut"], bias if bias is not None else t["lut"], run.y,
                           x.shape[0], w.n, w.k, x.stride(0), p0.shape[1], p1.shape[1], run.y.stride(0), run.k_split,
                           **consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return run.result(x.dtype)
 
 
-__all__ = ["FORMAT", "CONFIGS", "SMALL_M", "supports", "pack", "matmul", "kernel_args"]
+__all__ = ["FORMAT", "SMALL_M", "supports", "pack", "matmul", "kernel_args"]

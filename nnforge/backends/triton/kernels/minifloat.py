@@ -16,18 +16,21 @@ Why this shape: at M <= 16 a linear layer is a stream of its weight bytes, so th
 to read every byte once, at full bandwidth, and hide the decode behind the loads. Codes are read as
 contiguous byte rows of a [BLOCK_N, BLOCK_K] tile (vector loads), unpacked by shifts, decoded to
 fp16 by placing the exponent/mantissa bits in an fp16 pattern and multiplying by 2^(15 - bias)
-(exact, subnormals included; E4M3's NaN code re-inserted), then scaled and fed to tl.dot. On
-sm_90 FP8 codes convert natively (``cvt.rn.f16x2.e4m3x2``); sm_80 has no fp8 type in Triton and
-uses the bit decode. Per-channel scales and the global scale multiply the accumulator once, not
-every weight. Small M splits K across programs (``split_k``) so a thin GEMM still fills all SMs;
-partials meet in an fp32 buffer by atomic add (order-dependent in the last bits on a GPU).
+(exact, subnormals included; E4M3's NaN code re-inserted), then scaled and fed to tl.dot. On a
+GPU with fp8 tensor cores (its architecture file's ``fp8_tensor_cores``) FP8 codes convert
+natively (``cvt.rn.f16x2.e4m3x2``); without them Triton has no fp8 type and the bit decode runs.
+Per-channel scales and the global scale multiply the accumulator once, not every weight. Small M
+splits K across programs (``split_k``) so a thin GEMM still fills all SMs; partials meet in an
+fp32 buffer by atomic add (order-dependent in the last bits on a GPU).
 
 The fp8-activation path (``matmul_fp8act``) is for graphs whose activations are quantised to E4M3
 with a static per-tensor scale (the fp8-w8a8 preset): tl.dot on float8e4nv operands, which Triton
-lowers to an e4m3 wgmma on sm_90 only (tiles of at least 64 rows).
+lowers to e4m3 tensor-core instructions (mma on sm_89, wgmma on sm_90 for tiles of 64+ rows) and
+refuses without fp8 tensor cores.
 
-Tiles are autotuned per target: ``CONFIGS`` / ``FP8ACT_CONFIGS`` list, per target and M bucket,
-the candidates with the hand-picked default first; on a GPU :func:`.common.autotune` times them
+Tiles are autotuned per GPU: its architecture file (nnforge/targets/gpu/) lists, per M bucket,
+the candidates of ``[tiles.minifloat]`` and ``[tiles.fp8act]`` with the hand-picked default first;
+under the interpreter ``INTERP_TILES`` run. On a GPU :func:`.common.autotune` times them
 once per shape on the real operands and keeps the fastest (every trial allocates its own zeroed
 split-K output, so the atomics of one trial never add onto another's); the interpreter always runs
 the default.
@@ -38,8 +41,8 @@ import torch
 
 from ....ir.encodings import MiniFloat, rows_cols
 from . import KernelError, PackedWeight
-from .common import (INTERP, SMALL_M, TileConfig, autotune, bucket, check_bias, check_operands, check_weight,
-                     native_formats, pick, runtime_target, split_launch, tune_key, unsupported)
+from .common import (SMALL_M, TileConfig, autotune, bucket_of, check_bias, check_operands, check_weight,
+                     gpu_target, runtime_target, split_launch, tiles_for, tune_key, unsupported)
 
 try:
     import triton
@@ -48,29 +51,13 @@ except ImportError:                     # the module still imports; supports() t
     triton = None
 
 FORMAT = "minifloat"
-TARGETS = ("a100", "h100")
 # (exponent bits, mantissa bits, bias) of the element formats the fp16 bit decode covers exactly.
 ELEMENTS = {"e4m3": (4, 3, 7), "e5m2": (5, 2, 15), "e3m2": (3, 2, 3), "e2m3": (2, 3, 1), "e2m1": (2, 1, 1)}
 SCALE_FORMATS = {"float32": 0, "float16": 0, "bfloat16": 0, "e8m0": 1, "e4m3": 2}
 
-# Autotuning candidates per target and M bucket, the default first.
-# "decode": M <= 16, memory-bound, narrow N tiles and deep K so many programs stream bytes;
-# "gemm": larger M, compute tiles. H100 gets wider tiles and more stages (228 KB smem, more SMs).
-# The alternatives move along the axes whose best point depends on N and K: N width against the
-# split-K count it implies, K depth (bytes in flight), and warps against pipeline stages.
-CONFIGS = {
-    "a100": {"decode": (TileConfig(16, 64, 128, 4, 4), TileConfig(16, 128, 128, 4, 3), TileConfig(16, 64, 256, 8, 3)),
-             "gemm": (TileConfig(64, 128, 64, 4, 3), TileConfig(128, 128, 64, 8, 3), TileConfig(64, 64, 128, 4, 4))},
-    "h100": {"decode": (TileConfig(16, 128, 128, 4, 4), TileConfig(16, 64, 128, 4, 4), TileConfig(16, 128, 256, 8, 3)),
-             "gemm": (TileConfig(128, 128, 64, 8, 3), TileConfig(128, 256, 64, 8, 3), TileConfig(64, 128, 64, 4, 4))},
-    "interp": {"decode": (TileConfig(16, 32, 64, 1, 1),), "gemm": (TileConfig(32, 32, 64, 1, 1),)},
-}
-# wgmma needs 64 rows per warpgroup; the decode tile is wasted MMA work but the path is memory-bound.
-FP8ACT_CONFIGS = {
-    "h100": {"decode": (TileConfig(64, 64, 128, 4, 4), TileConfig(64, 128, 128, 4, 4), TileConfig(64, 64, 256, 4, 3)),
-             "gemm": (TileConfig(128, 128, 128, 8, 3), TileConfig(128, 256, 128, 8, 3), TileConfig(128, 128, 64, 8, 4))},
-    "interp": {"decode": (TileConfig(16, 32, 64, 1, 1),), "gemm": (TileConfig(32, 32, 64, 1, 1),)},
-}
+# The interpreter's tiles per M bucket (both paths): small, so the tests stay fast. A GPU's come
+# from its architecture file.
+INTERP_TILES = {"decode": (TileConfig(16, 32, 64, 1, 1),), "gemm": (TileConfig(32, 32, 64, 1, 1),)}
 
 
 # --- shared with lut.py: bit planes --------------------------------------------------------------
@@ -225,12 +212,13 @@ if triton is not None:
 
 
 # --- the contract --------------------------------------------------------------------------------
-def supports(enc, target: str, *, activations: str | None = None) -> str | None:
-    """None when ``enc`` runs on ``target``; otherwise why not. ``activations="e4m3"`` asks about
-    the fp8 x fp8 tensor-core path (:func:`matmul_fp8act`), which only H100 has.
+def supports(enc, target, *, activations: str | None = None) -> str | None:
+    """None when ``enc`` runs on ``target`` (a Triton GPU target or its name); otherwise why not.
+    ``activations="e4m3"`` asks about the fp8 x fp8 tensor-core path (:func:`matmul_fp8act`),
+    which needs fp8 tensor cores (``fp8_tensor_cores`` in the target's architecture file).
 
     >>> supports(enc, "a100", activations="e4m3")
-    'fp8 x fp8 tensor-core dot (e4m3 activations) needs H100 (sm_90) ...'"""
+    'fp8 x fp8 tensor-core dot (e4m3 activations) needs fp8 tensor cores, which a100 (sm_80, ...) lacks ...'"""
     why = unsupported(enc, target, MiniFloat, FORMAT)
     if why is not None:
         return why
@@ -243,16 +231,22 @@ def supports(enc, target: str, *, activations: str | None = None) -> str | None:
         return None
     if activations != "e4m3":
         return f"activation format {activations!r} has no minifloat kernel (only e4m3 activations)"
-    if target != "h100":
-        return ("fp8 x fp8 tensor-core dot (e4m3 activations) needs H100 (sm_90); A100 has no fp8 MMA and no "
-                "fp8e4nv type in Triton: run the weight-only path instead")
+    gpu = gpu_target(target)
+    if not gpu.native_fp8:
+        return (f"fp8 x fp8 tensor-core dot (e4m3 activations) needs fp8 tensor cores, which {gpu.describe()} "
+                f"lacks (they come with {_fp8_archs()}): run the weight-only path instead")
     if fmt != "e4m3" or enc.scale.shape[1] != 1 or SCALE_FORMATS[sf] != 0 or enc.global_scale is not None:
         return ("fp8 x fp8 dot needs e4m3 weights with per-channel or per-tensor float scales, got "
                 f"{enc.describe()}")
     return None
 
 
-def pack(enc: MiniFloat, target: str) -> PackedWeight:
+def _fp8_archs() -> str:
+    from ....targets.architectures import gpu_archs
+    return "; ".join(f"{a.name}: {a.description}" for a in gpu_archs() if a.fp8_tensor_cores) or "no known GPU"
+
+
+def pack(enc: MiniFloat, target) -> PackedWeight:
     """The kernel layout of ``enc`` (see the module docstring): planes p0 (and p1 for FP6), scales as
     stored, global_scale and perm (int32) when present. meta records what the kernel needs and
     the code bytes against the encoding's own.
@@ -274,7 +268,8 @@ def pack(enc: MiniFloat, target: str) -> PackedWeight:
     sf = enc.scale_format
     meta = {"element": enc.fmt.short, "planes": list(widths), "group_size": enc.group_size,
             "scale_format": sf.short if sf.kind == "minifloat" else sf.name,
-            "code_bytes": sum(p.numel() for p in planes), "stream_bytes": enc.codes.numel(), "target": target}
+            "code_bytes": sum(p.numel() for p in planes), "stream_bytes": enc.codes.numel(),
+            "target": getattr(target, "name", target)}
     return PackedWeight(FORMAT, n, k, tensors, meta)
 
 
@@ -311,9 +306,11 @@ def matmul(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, *
     >>> y = matmul(torch.randn(4, 256, dtype=torch.float16), pack(enc, "h100"))"""
     check_operands(x, w, bias, FORMAT, ("p0", "scale"))
     x = x if x.stride(1) == 1 else x.contiguous()
-    target, m = runtime_target(x), x.shape[0]
-    key = tune_key(bucket(m), m, x.dtype, w, bias is not None, split_k)
-    cfg = autotune(FORMAT, target, key, pick(CONFIGS, target, m), lambda c: _launch(x, w, bias, c, split_k))
+    gpu, m = runtime_target(x), x.shape[0]
+    b = bucket_of("minifloat", m)
+    key = tune_key(b, m, x.dtype, w, bias is not None, split_k)
+    cfg = autotune(FORMAT, gpu.name, key, tiles_for(gpu, "minifloat", b, INTERP_TILES),
+                   lambda c: _launch(x, w, bias, c, split_k))
     return _launch(x, w, bias, cfg, split_k)
 
 
@@ -324,9 +321,9 @@ def _launch(x: torch.Tensor, w: PackedWeight, bias, cfg: TileConfig, split_k: in
     t = w.tensors
     p0, p1 = t["p0"], t.get("p1", t["p0"])
     scale = t["scale"]
-    native = w.meta["element"] == "e4m3" and "fp8_e4m3" in native_formats(run.target)
+    native = w.meta["element"] == "e4m3" and run.target.native_fp8
     consts = kernel_args(w, cfg, has_bias=bias is not None, native_fp8=native, split=run.split,
-                         bf16_in_fp32=run.target == INTERP and x.dtype == torch.bfloat16)
+                         bf16_in_fp32=run.target.interpreter and x.dtype == torch.bfloat16)
     _minifloat_kernel[run.grid](
         x, p0, p1, scale, t.get("global_scale", scale), t.get("perm", p0), bias if bias is not None else scale, y,
         x.shape[0], w.n, w.k, x.stride(0), p0.shape[1], p1.shape[1], scale.stride(0) if scale.shape[0] > 1 else 0,
@@ -343,7 +340,7 @@ def quantize_fp8(x: torch.Tensor, scale: float) -> torch.Tensor:
 
 def matmul_fp8act(xq: torch.Tensor, x_scale: float, w: PackedWeight, bias: torch.Tensor | None = None, *,
                   out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """y = (xq * x_scale) @ W.T (+ bias) on fp8 x fp8 tensor cores (H100): ``xq`` float8_e4m3fn
+    """y = (xq * x_scale) @ W.T (+ bias) on fp8 x fp8 tensor cores: ``xq`` float8_e4m3fn
     [M, K] (see :func:`quantize_fp8`), W packed from e4m3 codes with per-channel/tensor scales.
 
     >>> y = matmul_fp8act(quantize_fp8(x, 0.02), 0.02, pack(enc, "h100"), bias)"""
@@ -361,13 +358,14 @@ def matmul_fp8act(xq: torch.Tensor, x_scale: float, w: PackedWeight, bias: torch
         raise KernelError("matmul_fp8act needs e4m3 weights with per-channel or per-tensor float scales, got "
                           f"{w.meta.get('element')} with {w.meta.get('scale_format')} scales "
                           f"[{', '.join(map(str, w.tensors['scale'].shape))}]")
-    target = runtime_target(xq)
-    if target != INTERP and "fp8_e4m3" not in native_formats(target):
-        raise KernelError(f"matmul_fp8act needs fp8 tensor cores (H100, sm_90): {target} has none; use matmul()")
+    gpu = runtime_target(xq)
+    if not gpu.interpreter and not gpu.native_fp8:
+        raise KernelError(f"matmul_fp8act needs fp8 tensor cores, which {gpu.describe()} lacks; use matmul()")
     m = xq.shape[0]
     xq = xq if xq.stride(1) == 1 else xq.contiguous()
-    key = tune_key(bucket(m), m, out_dtype, w, bias is not None, "fp8act")
-    cfg = autotune(FORMAT + "-fp8act", target, key, pick(FP8ACT_CONFIGS, target, m),
+    b = bucket_of("fp8act", m)
+    key = tune_key(b, m, out_dtype, w, bias is not None, "fp8act")
+    cfg = autotune(FORMAT + "-fp8act", gpu.name, key, tiles_for(gpu, "fp8act", b, INTERP_TILES),
                    lambda c: _launch_fp8act(xq, x_scale, w, bias, out_dtype, c))
     return _launch_fp8act(xq, x_scale, w, bias, out_dtype, cfg)
 
@@ -388,5 +386,5 @@ def _launch_fp8act(xq, x_scale, w: PackedWeight, bias, out_dtype, cfg: TileConfi
     return y
 
 
-__all__ = ["FORMAT", "CONFIGS", "FP8ACT_CONFIGS", "SMALL_M", "TileConfig", "supports", "pack", "matmul", "matmul_fp8act",
+__all__ = ["FORMAT", "INTERP_TILES", "SMALL_M", "TileConfig", "supports", "pack", "matmul", "matmul_fp8act",
            "quantize_fp8", "kernel_args", "plane_widths", "split_planes"]

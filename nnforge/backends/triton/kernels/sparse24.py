@@ -42,11 +42,12 @@ Design choices:
   atomically added into an fp32 buffer (in L2: M*N*4 bytes) then cast.
 - One quantisation group per K tile when the group size is a multiple of BK/2 (the pass's g128):
   one [BN] scale load per tile; other group sizes gather the scale per pair.
-- Tiles are autotuned per target: ``CONFIGS`` lists, per target and M bucket, the candidates with
-  the hand-picked default first; on a GPU :func:`.common.autotune` times them once per shape on
-  the real operands and keeps the fastest. The split-K atomics need a zeroed buffer per trial:
-  each trial is a whole launch that allocates its own zeroed fp32 output. The interpreter always
-  runs ``INTERPRET_CONFIG``. Compile tests check every candidate for its target.
+- Tiles are autotuned per GPU: its architecture file (nnforge/targets/gpu/) lists the candidates
+  of ``[tiles.sparse24]`` per M bucket, the hand-picked default first; on a GPU
+  :func:`.common.autotune` times them once per shape on the real operands and keeps the fastest.
+  The split-K atomics need a zeroed buffer per trial: each trial is a whole launch that allocates
+  its own zeroed fp32 output. The interpreter always runs ``INTERPRET_CONFIG``. Compile tests
+  check every candidate for its architecture.
 """
 from __future__ import annotations
 
@@ -57,25 +58,16 @@ import torch
 from ....ir import Dense, IntQuant, Sparse, packing
 from ....ir.encodings import rows_cols
 from . import KernelError, PackedWeight
-from .common import (INTERP, SMALL_M, TileConfig, autotune, check_operands, check_split_k, check_weight,
-                     runtime_target, target_sms, tune_key, unsupported)
+from .common import (SMALL_M, TileConfig, autotune, bucket_of, check_operands, check_split_k, check_weight,
+                     gpu_target, runtime_target, tiles_for, tune_key, unsupported)
 
 FORMAT = "sparse24"
-TARGETS = ("a100", "h100")
 VERSION = 1
 
 
-# block_k counts dense K columns per tile (BK/2 kept values, BK/4 pairs; a multiple of 32 for the
-# metadata words). Autotuning candidates per target and M bucket, the default first.
-# small: decode (M <= 16, split-K, wide BK for long streaming runs; the alternatives trade N width
-# and the split count it implies against K depth); large: prefill (alternatives: shallower K with
-# more stages, or half-height tiles for more programs).
-CONFIGS = {
-    "a100": {"small": (TileConfig(16, 64, 256, 4, 3), TileConfig(16, 128, 256, 4, 3), TileConfig(16, 64, 128, 4, 4)),
-             "large": (TileConfig(64, 128, 128, 4, 3), TileConfig(128, 128, 64, 8, 3), TileConfig(64, 128, 64, 4, 4))},
-    "h100": {"small": (TileConfig(16, 128, 256, 4, 4), TileConfig(16, 64, 256, 4, 4), TileConfig(16, 128, 128, 4, 4)),
-             "large": (TileConfig(128, 128, 128, 8, 3), TileConfig(128, 128, 64, 8, 4), TileConfig(64, 128, 128, 4, 3))},
-}
+# A tile's block_k counts dense K columns (BK/2 kept values, BK/4 pairs; a multiple of 32 for the
+# metadata words). The GPU's tiles come from its architecture file, [tiles.sparse24]: decode
+# (M <= 16, split-K, wide BK for long streaming runs) and gemm. The interpreter runs one small tile.
 INTERPRET_CONFIG = TileConfig(16, 32, 64, 1, 1)
 FP16_MAX = 65504.0
 
@@ -93,7 +85,7 @@ def _pair_order(perm: torch.Tensor | None, kc: int) -> torch.Tensor | None:
     return p[:, 0] // 2
 
 
-def supports(enc, target: str) -> str | None:
+def supports(enc, target) -> str | None:
     """None when ``enc`` (a 2:4 Sparse with int4 or float kept values) runs here for ``target``,
     else why not. Example: ``supports(enc, "h100") is None``."""
     why = unsupported(enc, target, Sparse, FORMAT)
@@ -143,7 +135,7 @@ def _words(fields: torch.Tensor, per_pair: int, bits: int) -> torch.Tensor:
     return w.to(torch.int32).t().contiguous()
 
 
-def pack(enc, target: str) -> PackedWeight:
+def pack(enc, target) -> PackedWeight:
     """The streamed layout (module docstring) of a 2:4 Sparse weight. Example:
     ``pw = pack(enc, "a100")``; ``pw.tensors`` go to safetensors, ``pw.meta`` to the manifest."""
     reason = supports(enc, target)
@@ -161,7 +153,7 @@ def pack(enc, target: str) -> PackedWeight:
     # Padded pairs point at (0, 1) so the metadata stays a valid pattern; x is zero there.
     idx = torch.cat([idx, torch.tensor([0, 1]).expand(n, pad, 2)], 1)
     t = {"meta": _words(idx, 8, 2)}
-    meta = {"target": target, "version": VERSION, "k_padded": kp, "perm": order is not None,
+    meta = {"target": getattr(target, "name", target), "version": VERSION, "k_padded": kp, "perm": order is not None,
             "row_scale": enc.row_scale is not None}
     if isinstance(vals, IntQuant):
         fields = packing.unpack_bits(vals.codes, 4, kc).reshape(n, -1, 2)
@@ -281,14 +273,16 @@ if triton is not None:
     sparse24_kernel = triton.jit(sparse24_kernel)
 
 
-def candidates_for(target: str, m: int) -> tuple[TileConfig, ...]:
-    """The candidate tiles for ``m`` rows of x on ``target`` (or "interp"), the default first."""
-    if target == INTERP:
+def candidates_for(target, m: int) -> tuple[TileConfig, ...]:
+    """The candidate tiles for ``m`` rows of x on ``target`` (a Triton GPU target, its name, a
+    GpuTarget, or "interp"), the default first."""
+    gpu = gpu_target(target)
+    if gpu.interpreter:
         return (INTERPRET_CONFIG,)
-    return CONFIGS[target]["small" if m <= SMALL_M else "large"]
+    return tiles_for(gpu, "sparse24", bucket_of("sparse24", m), {})
 
 
-def config_for(target: str, m: int) -> TileConfig:
+def config_for(target, m: int) -> TileConfig:
     """The default tile config for ``m`` rows of x on ``target`` (what runs untuned)."""
     return candidates_for(target, m)[0]
 
@@ -334,19 +328,21 @@ def matmul(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, *
     m, n = x2.shape[0], w.n
     if m == 0:
         return x.new_zeros(*lead, n)
-    target = runtime_target(x)
-    key = tune_key("small" if m <= SMALL_M else "large", m, x.dtype, w, bias is not None, split_k)
-    cfg = autotune(FORMAT, target, key, candidates_for(target, m), lambda c: _launch(x2, w, bias, c, split_k, target))
-    return _launch(x2, w, bias, cfg, split_k, target).reshape(*lead, n)
+    gpu = runtime_target(x)
+    key = tune_key(bucket_of("sparse24", m), m, x.dtype, w, bias is not None, split_k)
+    cfg = autotune(FORMAT, gpu.name, key, candidates_for(gpu, m), lambda c: _launch(x2, w, bias, c, split_k, gpu))
+    return _launch(x2, w, bias, cfg, split_k, gpu).reshape(*lead, n)
 
 
 def _launch(x2: torch.Tensor, w: PackedWeight, bias, cfg: TileConfig, split_k: int | None,
-            target: str) -> torch.Tensor:
-    """One launch under ``cfg`` into a fresh output (zeroed fp32 for split-K): what an autotuning
-    trial runs. Returns [M, N] in x's dtype."""
+            target) -> torch.Tensor:
+    """One launch under ``cfg`` into a fresh output (zeroed fp32 for split-K) on ``target`` (a
+    GpuTarget, or anything :func:`.common.gpu_target` takes): what an autotuning trial runs.
+    Returns [M, N] in x's dtype."""
+    gpu = gpu_target(target)
     m, n, k = x2.shape[0], w.n, w.k
     k_tiles = math.ceil(k / cfg.block_k)
-    split = split_k if split_k is not None else _split(m, n, k, cfg, target_sms(target))
+    split = split_k if split_k is not None else _split(m, n, k, cfg, gpu.sms)
     per = math.ceil(k_tiles / min(split, k_tiles))
     split = math.ceil(k_tiles / per)
     y = torch.zeros(m, n, dtype=torch.float32, device=x2.device) if split > 1 else \
@@ -361,7 +357,7 @@ def _launch(x2: torch.Tensor, w: PackedWeight, bias, cfg: TileConfig, split_k: i
                     x2.stride(0), x2.stride(1), y.stride(0), per,
                     BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, GS=int(w.meta["group_size"]), IS_INT=is_int,
                     HAS_PERM="perm" in t, HAS_RS="row_scale" in t, HAS_BIAS=bias is not None, SPLIT_K=split,
-                    UPCAST=target == INTERP and x2.dtype == torch.bfloat16,
+                    UPCAST=gpu.interpreter and x2.dtype == torch.bfloat16,
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y.to(x2.dtype)
 
@@ -377,5 +373,5 @@ def signature(x_dtype: str = "fp16", value_dtype: str = "i32") -> dict[str, str]
     return {**ptrs, **ints, **consts}
 
 
-__all__ = ["FORMAT", "CONFIGS", "INTERPRET_CONFIG", "TileConfig", "supports", "pack", "matmul", "candidates_for", "config_for",
+__all__ = ["FORMAT", "INTERPRET_CONFIG", "TileConfig", "supports", "pack", "matmul", "candidates_for", "config_for",
            "signature", "sparse24_kernel"]
