@@ -68,7 +68,8 @@ def write_arch(folder: Path, name="sm_75", cap="7.5", extra="", tiles="[[16, 64,
 
 def test_good_architecture_file(tmp_path):
     arch = parse_arch(write_arch(tmp_path))
-    assert arch.capability == (7, 5) and arch.sm == 75 and arch.tiles == {"minifloat": {"decode": ((16, 64, 128, 4, 4),)}}
+    assert arch.capability == (7, 5) and arch.sm == 75
+    assert arch.tiles == {"minifloat": {"decode": ((16, 64, 128, 4, 4),)}}
 
 
 BAD = {

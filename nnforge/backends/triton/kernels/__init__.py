@@ -80,10 +80,11 @@ class AotKernel:
 @dataclass
 class Build:
     """One ahead-of-time build of ``fn`` (a module-level ``@triton.jit`` kernel) for compute
-    ``capability`` (80 for sm_80, 90 for sm_90: ``GpuArch.sm``). ``signature`` maps every argument to its Triton type
-    ("*fp16", "i32", "constexpr", ...). Like a real launch, every pointer is taken as 16-byte
-    aligned (torch allocations are) and the int arguments named in ``divisible`` as multiples of
-    16, which is what lets Triton vectorise loads and pipeline them with cp.async."""
+    ``capability`` (80 for sm_80, 90 for sm_90: ``GpuArch.sm``). ``signature`` maps every
+    argument to its Triton type ("*fp16", "i32", "constexpr", ...). Like a real launch, every
+    pointer is taken as 16-byte aligned (torch allocations are) and the int arguments named in
+    ``divisible`` as multiples of 16, which is what lets Triton vectorise loads and pipeline them
+    with cp.async."""
     fn: object
     signature: dict[str, str]
     constexprs: dict
