@@ -40,9 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-
-class KernelError(ValueError):
-    """A weight, shape or dtype a kernel cannot take; the message names it."""
+from ....errors import KernelError, NnforgeError  # noqa: F401  (KernelError: the one tvm's kernels raise too)
 
 
 @dataclass
@@ -63,7 +61,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-class CompileError(RuntimeError):
+class CompileError(NnforgeError, RuntimeError):
     """Triton could not build a kernel for a GPU; the message is Triton's."""
 
 
