@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 
 from .backends.base import get_backend
-from .bundle_out import claim_out
+from .bundle.format import claim_out
 from .bundle import SIGNATURE, Bundle, BundleError, check_files, read_manifest, runtime_problems
 from .ir import GraphError, Interpreter
 from .numerics import compare, fidelity, json_safe, within
@@ -65,7 +65,7 @@ def compile(model, target: str | Target, recipe=None, *, example_inputs, calibra
     require_calibration(passes, calibration, recipe_name)
     example = as_tuple(example_inputs)
     with ExitStack() as claims:
-        if out is not None:         # checked and locked before any work (nnforge.bundle_out)
+        if out is not None:         # checked and locked before any work (nnforge.bundle.format.claim_out)
             claims.enter_context(claim_out(out))
         bar = tqdm(total=3, desc="import", unit="stage", leave=False,
                    disable=None if progress else True)      # None: shown on a terminal only
@@ -168,7 +168,7 @@ def verify(path, key=None) -> dict:
 
 def _signature_status(root: Path, key) -> str:
     if key is not None:
-        from .signing import key_id, load_public_key
+        from .bundle.signing import key_id, load_public_key
         return f"ok (ed25519, key {key_id(load_public_key(key))})"
     return "present, not checked (pass key=)" if (root / SIGNATURE).exists() else \
         "unsigned: the manifest's claims rest on the recomputed checks alone (nf.sign signs a bundle)"
@@ -181,7 +181,7 @@ def sign(path, private_key, *, password: bytes | None = None) -> Path:
 
         >>> nf.sign(bundle.path, Path("release.pem").read_bytes())
     """
-    from .signing import sign as sign_bundle
+    from .bundle.signing import sign as sign_bundle
     return sign_bundle(path, private_key, password=password)
 
 

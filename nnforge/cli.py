@@ -46,7 +46,7 @@ def _model_and_inputs(spec: str, dims: dict[str, int]):
 
 def cmd_compile(args) -> int:
     if args.out is not None:        # checked and locked before the model is even loaded
-        from .bundle_out import claim_out
+        from .bundle.format import claim_out
         with claim_out(args.out):
             return _compile(args)
     return _compile(args)

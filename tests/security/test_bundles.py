@@ -355,7 +355,7 @@ def _installed(dist: str) -> bool:
 @pytest.fixture(scope="module")
 def keys():
     pytest.importorskip("cryptography")
-    from nnforge.signing import generate_keypair
+    from nnforge.bundle.signing import generate_keypair
     return generate_keypair(), generate_keypair()
 
 

@@ -1,18 +1,15 @@
-"""The bundle: one directory per compile, with ``manifest.json``, the compressed graph
-(``graph.json`` + ``weights.safetensors``), the backend's artifacts, and reference inputs/outputs.
-
-The manifest records every other file's sha256 and size; :func:`verify` re-hashes them and names
-every changed, missing or extra file. Writing goes to a temporary sibling directory that is
-renamed into place, so a failed compile never leaves a half-written bundle. Loading executes no
-code from a bundle except the native library of a CPU (tvm) bundle, which is its model: that file
-is checked against the manifest's sha256 here and against the digest the backend recorded at
-build time, and loaded from a private copy; as with any shared library, load such bundles only
-from sources you trust. Any path that would leave the bundle directory is refused.
+"""Opening, verifying, packing and extracting bundles: what reads a bundle back. A bundle's
+runtime is found through its backend (imported when a bundle is loaded); the format itself is
+:mod:`nnforge.bundle.format`. Loading executes no code from a bundle except the native library of
+a CPU (tvm) bundle, which is its model: that file is checked against the manifest's sha256 and
+against the digest the backend recorded at build time, and loaded from a private copy; as with any
+shared library, load such bundles only from sources you trust. Any path that would leave the
+bundle directory is refused.
 
 A bundle is refused when it was written by a newer nnforge, when its backend's runtime on this
-machine is not one its artifacts work with (:data:`RUNTIMES`), or when it is loaded as a bundle
-for another target; each message gives both versions (or both targets). ``manifest.sig`` (see
-:mod:`nnforge.signing`) is an Ed25519 signature of ``manifest.json``, which holds every other
+machine is not one its artifacts work with, or when it is loaded as a bundle for another target;
+each message gives both versions (or both targets). ``manifest.sig`` (see
+:mod:`nnforge.bundle.signing`) is an Ed25519 signature of ``manifest.json``, which holds every other
 file's sha256. :func:`pack` and :func:`extract` move a bundle as one .tar, .tar.gz or .zip file;
 extraction checks every entry before it writes anything.
 
@@ -23,11 +20,9 @@ extraction checks every entry before it writes anything.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import shutil
 import stat
 import tarfile
 import tempfile
@@ -38,215 +33,12 @@ from pathlib import Path
 
 import torch
 
-FORMAT = "nnforge.bundle"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-SIGNATURE = "manifest.sig"                          # optional, written by nnforge.signing.sign
-MAX_MANIFEST_BYTES = 1 << 26
-ARCHIVE_LIMIT = 1 << 36                             # bytes an archive may unpack to (64 GiB)
-GRAPH_FILE = "graph.json"
-WEIGHTS_FILE = "weights.safetensors"
-REF_INPUTS = "reference/inputs.safetensors"
-REF_EXPECTED = "reference/expected.safetensors"     # reference interpreter on the compressed graph
-REF_FP32 = "reference/fp32.safetensors"             # the uncompressed model in fp32
-REF_HELD_OUT = "reference/held_out.safetensors"     # further held-out batches and their fp32 outputs
+from .format import (ARCHIVE_LIMIT, FORMAT, FORMAT_VERSION, GRAPH_FILE, MANIFEST, REF_EXPECTED, REF_FP32,
+                     REF_HELD_OUT, REF_INPUTS, SIGNATURE, WEIGHTS_FILE, BundleError, BundleWriter, check_files,
+                     load_inputs, load_tensors, ordered, parse_manifest, read_manifest_bytes, safe_join)
+from .signing import check_signature
 
 
-class BundleError(ValueError):
-    """A bundle is missing, malformed, tampered with, or unsafe; the message names the file."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def check_rel(root: Path, rel) -> str:
-    """``rel`` if it is a plain relative path that stays inside ``root``: no absolute path, drive,
-    backslash, ``.`` or ``..`` component. Only the string is checked (see :func:`safe_join`)."""
-    if not isinstance(rel, str) or not rel or rel.startswith(("/", "\\")) or "\\" in rel or ":" in rel:
-        raise BundleError(f"bundle {root}: refusing file path {rel!r} (must be a plain relative path)")
-    if any(p in ("", ".", "..") for p in rel.split("/")):
-        raise BundleError(f"bundle {root}: refusing file path {rel!r} (escapes the bundle directory)")
-    return rel
-
-
-def safe_join(root: Path, rel: str) -> Path:
-    """``root / rel``, refusing absolute paths, ``..``, and symlinks anywhere on the way."""
-    check_rel(root, rel)
-    path = root
-    for p in rel.split("/"):
-        path = path / p
-        if path.is_symlink():
-            raise BundleError(f"bundle {root}: refusing {rel!r}: {path.name} is a symbolic link")
-    resolved_root = root.resolve()
-    if resolved_root not in path.resolve().parents:
-        raise BundleError(f"bundle {root}: refusing file path {rel!r} (resolves outside the bundle)")
-    return path
-
-
-def list_files(root: Path) -> list[str]:
-    """Every file under ``root`` except the manifest and its signature, as relative posix paths
-    (a symbolic link is listed, never followed)."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        for name in filenames + [d for d in dirnames if Path(dirpath, d).is_symlink()]:
-            rel = Path(dirpath, name).relative_to(root).as_posix()
-            if rel not in (MANIFEST, SIGNATURE):
-                out.append(rel)
-    return sorted(out)
-
-
-def file_table(root: Path) -> dict[str, dict]:
-    return {rel: {"sha256": sha256_file(root / rel), "size": (root / rel).stat().st_size} for rel in list_files(root)}
-
-
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Tensors sharing storage (a graph returning one value twice, or a view of another output)
-    are copied: safetensors refuses to write shared storage."""
-    from safetensors.torch import save_file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    out, seen = {}, set()
-    for k, v in tensors.items():
-        v = v.detach().contiguous()
-        ptr = v.untyped_storage().data_ptr()
-        if ptr in seen:
-            v = v.clone()
-        seen.add(ptr)
-        out[k] = v
-    save_file(out, os.fspath(path))
-
-
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    try:
-        return load_file(os.fspath(path))
-    except (OSError, SafetensorError, ValueError) as e:
-        raise BundleError(f"{path}: cannot read tensors: {e}") from None
-
-
-def ordered(tensors: dict[str, torch.Tensor], prefix: str) -> list[torch.Tensor]:
-    """Tensors saved as prefix0, prefix1, ... back in order."""
-    keys = sorted((k for k in tensors if k.startswith(prefix)), key=lambda k: int(k[len(prefix):]))
-    return [tensors[k] for k in keys]
-
-
-def load_inputs(path: Path, names: list[str]) -> list[torch.Tensor]:
-    """Inputs saved under the model's input names (as ``nnforge run --inputs`` reads them); bundles
-    written before that keep them as input0, input1, ..."""
-    tensors = load_tensors(path)
-    if all(n in tensors for n in names):
-        return [tensors[n] for n in names]
-    old = ordered(tensors, "input")
-    if len(old) != len(names):
-        raise BundleError(f"{path}: holds {', '.join(sorted(tensors)) or 'nothing'}, not the inputs "
-                          f"{', '.join(names)}")
-    return old
-
-
-def _is_bundle(root: Path) -> bool:
-    """Whether ``root`` holds an nnforge manifest (of any version): only such a directory may be
-    replaced by a new bundle."""
-    try:
-        manifest = json.loads(_read_manifest_bytes(root))
-    except (BundleError, ValueError):
-        return False
-    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
-
-
-def check_out(out: Path) -> None:
-    """Refuse an output path that a bundle must not replace: a symbolic link (never followed), a
-    file, or a non-empty directory without an nnforge manifest."""
-    if out.is_symlink():
-        raise BundleError(f"refusing to write bundle to {out}: it is a symbolic link (remove the link or "
-                          "choose another output directory)")
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise BundleError(f"refusing to overwrite {out}: it exists and is not an nnforge bundle (it is a file): "
-                          "remove it or choose another output directory")
-    if any(out.iterdir()) and not _is_bundle(out):
-        raise BundleError(f"refusing to overwrite {out}: it exists and is not an nnforge bundle (a directory "
-                          "with no nnforge manifest.json): choose another output directory, or empty this one")
-
-
-class BundleWriter:
-    """Context manager that builds a bundle in a temporary sibling directory and renames it into
-    place on success; on any error (the rename included) the temporary directory is removed and
-    whatever was at ``out`` before is left as it was. ``out`` is claimed for the duration
-    (:func:`nnforge.bundle_out.claim_out`: checked, locked against a second writer, cleared of a
-    killed compile's leftovers); a compile that claims it earlier keeps that claim. A symbolic
-    link at ``out`` is refused, both on entry and again just before the rename, and is never
-    followed. An OSError raised while writing (a full disk) is given ``out`` as its file name when
-    it names none, so the error says which bundle failed."""
-
-    def __init__(self, out: str | Path):
-        self.out = Path(out)
-        self.tmp: Path | None = None
-        self._claim = None
-
-    def __enter__(self) -> Path:
-        from .bundle_out import claim_out       # it builds on this module
-        claim = claim_out(self.out)
-        claim.__enter__()
-        try:
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
-        except BaseException:
-            claim.__exit__(None, None, None)
-            raise
-        self._claim = claim
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        try:
-            if exc_type is None:
-                try:
-                    self._commit()
-                except BaseException:
-                    shutil.rmtree(self.tmp, ignore_errors=True)
-                    raise
-            else:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                if isinstance(exc, OSError) and exc.filename is None:
-                    exc.filename = str(self.out)
-        finally:
-            self._claim.__exit__(None, None, None)
-        return False
-
-    def _commit(self) -> None:
-        check_out(self.out)         # again: something may have been planted there meanwhile
-        old = None
-        if self.out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
-            try:
-                os.rename(self.out, old / "b")
-            except OSError as e:
-                old.rmdir()
-                raise BundleError(f"cannot replace the bundle at {self.out}: {e}") from None
-        try:
-            os.rename(self.tmp, self.out)
-        except OSError as e:
-            if old is not None:
-                os.rename(old / "b", self.out)
-                shutil.rmtree(old, ignore_errors=True)
-            raise BundleError(f"cannot move the new bundle into {self.out}: {e}") from None
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)      # rmtree removes links, never what they point to
-
-
-def write_manifest(root: Path, manifest: dict) -> dict:
-    """Fill in the file table (every file but the manifest) and write manifest.json."""
-    manifest = dict(manifest)
-    manifest["files"] = file_table(root)
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
-    return manifest
-
-
-# --- versions -------------------------------------------------------------------------------------
 def _series(version) -> tuple[int, ...] | None:
     """The part of a version that must not be newer than ours: the major version, or major.minor
     before 1.0 (0.2 may break what 0.1 reads)."""
@@ -259,7 +51,7 @@ def _series(version) -> tuple[int, ...] | None:
 
 def check_versions(mpath: Path, manifest: dict) -> None:
     """Refuse a manifest of another format version or written by a newer nnforge series."""
-    from . import __version__ as ours
+    from .. import __version__ as ours
     theirs = manifest.get("nnforge_version")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise BundleError(f"{mpath}: bundle format version {manifest.get('format_version')!r} (written by nnforge "
@@ -301,64 +93,16 @@ def runtime_problems(manifest: dict) -> list[str]:
     return problems
 
 
-def _read_manifest_bytes(root: Path) -> bytes:
-    if not root.is_dir():
-        raise BundleError(f"{root} is not a bundle directory")
-    mpath = root / MANIFEST
-    if mpath.is_symlink() or not mpath.is_file():
-        raise BundleError(f"{root}: missing {MANIFEST}")
-    if mpath.stat().st_size > MAX_MANIFEST_BYTES:
-        raise BundleError(f"{mpath}: {mpath.stat().st_size} bytes, more than a manifest can be "
-                          f"({MAX_MANIFEST_BYTES})")
-    return mpath.read_bytes()
-
-
 def read_manifest(path: str | Path, *, key=None) -> tuple[Path, dict]:
     """(root, manifest) of the bundle at ``path``. With ``key`` (an Ed25519 public key, see
-    :mod:`nnforge.signing`) the manifest's signature is checked on the same bytes that are parsed."""
+    :mod:`nnforge.bundle.signing`) the manifest's signature is checked on the same bytes that are parsed."""
     root = Path(path)
-    data = _read_manifest_bytes(root)
-    mpath = root / MANIFEST
+    data = read_manifest_bytes(root)
     if key is not None:
-        from .signing import check_signature
         check_signature(root, data, key)
-    try:
-        manifest = json.loads(data)
-    except ValueError as e:
-        raise BundleError(f"{mpath}: not valid JSON: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise BundleError(f"{mpath}: not an nnforge bundle manifest")
-    check_versions(mpath, manifest)
-    if not isinstance(manifest.get("files"), dict):
-        raise BundleError(f"{mpath}: manifest has no file table")
-    for rel in manifest["files"]:
-        check_rel(root, rel)
+    manifest = parse_manifest(root, data)
+    check_versions(root / MANIFEST, manifest)
     return root, manifest
-
-
-def check_files(root: Path, manifest: dict) -> list[str]:
-    """Every changed, missing, extra or unsafe (symbolic link) file, as messages naming it."""
-    problems = []
-    recorded = manifest["files"]
-    present = set(list_files(root))
-    for rel, info in sorted(recorded.items()):
-        try:
-            path = safe_join(root, rel)
-        except BundleError as e:
-            problems.append(f"unsafe file {rel} ({str(e).split(': ', 1)[-1]})")
-            continue
-        if rel not in present or not path.is_file():
-            problems.append(f"missing file {rel}")
-            continue
-        info = info if isinstance(info, dict) else {}
-        size = path.stat().st_size
-        if size != info.get("size"):
-            problems.append(f"changed file {rel} (size {size}, manifest says {info.get('size')})")
-        elif sha256_file(path) != info.get("sha256"):
-            problems.append(f"changed file {rel} (sha256 differs from the manifest)")
-    for rel in sorted(present - set(recorded)):
-        problems.append(f"extra file {rel} (not in the manifest)")
-    return problems
 
 
 @dataclass
@@ -394,8 +138,8 @@ class Bundle:
     def load(self, device: str | None = None, *, target: str | None = None):
         """A runner for this bundle (numpy in -> numpy out, torch in -> torch out). With ``target``,
         a bundle built for another target is refused."""
-        from .backends.base import get_backend
-        from .targets import get_target
+        from ..backends.base import get_backend
+        from ..targets import get_target
         if target is not None and target != self.target:
             raise BundleError(f"bundle {self.path} was built for target {self.target}, not {target}: "
                               f"compile it for {target}")
@@ -416,7 +160,7 @@ class Bundle:
         return backend.load(self.path, self.manifest["backend"]["entry"], device)
 
     def graph(self):
-        from .ir import load_graph
+        from ..ir import load_graph
         return load_graph(safe_join(self.path, GRAPH_FILE), safe_join(self.path, WEIGHTS_FILE))
 
     def reference(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:

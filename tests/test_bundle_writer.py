@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from nnforge import bundle_out
+from nnforge.bundle import format as bundle_out
 from nnforge.bundle import FORMAT, MANIFEST, BundleError, BundleWriter
-from nnforge.bundle_out import claim_out
+from nnforge.bundle.format import claim_out
 
 
 def fake_bundle(d: Path, tag: str = "old") -> Path:
@@ -95,7 +95,7 @@ def test_missing_parents_are_created_and_the_lock_goes_at_the_end(tmp_path):
 def test_a_second_writer_is_refused_naming_the_first_ones_pid(tmp_path):
     out = tmp_path / "out"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from nnforge.bundle_out import claim_out\n"
+        [sys.executable, "-c", "import sys; from nnforge.bundle.format import claim_out\n"
                                f"with claim_out({str(out)!r}):\n    print('held', flush=True); sys.stdin.read()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:

@@ -22,7 +22,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .bundle import MANIFEST, SIGNATURE, BundleError, _read_manifest_bytes, check_files, read_manifest
+from .format import MANIFEST, SIGNATURE, BundleError, check_files, parse_manifest, read_manifest_bytes
 
 SIG_FORMAT = "nnforge.signature"
 MAX_SIGNATURE_BYTES = 1 << 16
@@ -107,13 +107,14 @@ def sign(path: str | Path, private_key, *, password: bytes | None = None) -> Pat
 
         >>> sign("bundles/mlp-onnx", Path("release.pem").read_bytes())
     """
-    root, manifest = read_manifest(path)
+    root = Path(path)
+    manifest = parse_manifest(root, read_manifest_bytes(root))
     problems = check_files(root, manifest)
     if problems:
         raise BundleError(f"bundle {root}: refusing to sign a bundle that fails its integrity check: "
                           + "; ".join(problems))
     key = load_private_key(private_key, password)
-    data = _read_manifest_bytes(root)
+    data = read_manifest_bytes(root)
     record = {"format": SIG_FORMAT, "algorithm": "ed25519", "key_id": key_id(key.public_key()),
               "manifest_sha256": hashlib.sha256(data).hexdigest(),
               "signature": base64.b64encode(key.sign(data)).decode()}
