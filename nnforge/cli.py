@@ -507,13 +507,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    """What ends as one error line: every error nnforge raises on purpose. BundleError is named
-    until it derives from NnforgeError (the bundle module is being split)."""
-    from .bundle import BundleError
-    return (NnforgeError, BundleError)
-
-
 # what to do about the usual OSErrors
 _OS_HINTS = {errno.ENOSPC: "free some space or write somewhere else",
              errno.EDQUOT: "free some space or write somewhere else",
@@ -546,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         message, rc = "nnforge: interrupted", EXIT_INTERRUPTED
     except OSError as e:
         message, rc = f"nnforge: error: {_os_error_line(e)}", EXIT_BAD_INPUT
-    except _known_errors() as e:
+    except NnforgeError as e:         # every error nnforge raises on purpose; anything else is a bug
         first, _, rest = str(e).partition("\n")
         message, rc = f"nnforge: error: {first}" + (f"\n{rest}" if rest else ""), EXIT_BAD_INPUT
     # printed once the failed frames are gone: a progress bar still open in one of them (leave=False)

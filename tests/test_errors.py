@@ -14,8 +14,6 @@ from nnforge.errors import KernelError, UnknownNameError, UsageError
 
 # Private control-flow signals, caught in their own module: a leak is a bug and should show its traceback.
 PRIVATE_SIGNALS = {"nnforge.passes.prune.structures._Refuse"}
-# Classes whose base changes with work in progress elsewhere (the bundle module is being split).
-PENDING = {"nnforge.bundle.BundleError"}
 
 
 def _module_names() -> list[str]:
@@ -52,15 +50,8 @@ def test_every_error_class_derives_from_nnforge_error():
     classes = _error_classes()
     assert {"nnforge.ir.graph.GraphError", "nnforge.backends.base.BackendError"} <= set(classes)
     outside = sorted(name for name, cls in classes.items()
-                     if not issubclass(cls, NnforgeError) and name not in PRIVATE_SIGNALS | PENDING)
+                     if not issubclass(cls, NnforgeError) and name not in PRIVATE_SIGNALS)
     assert outside == [], f"derive these from nnforge.errors.NnforgeError (keeping their other base): {outside}"
-
-
-def test_pending_classes_are_still_pending():
-    """Once a PENDING class derives from NnforgeError, take it off the list (and out of the CLI's catch)."""
-    classes = _error_classes()
-    done = sorted(name for name in PENDING if name in classes and issubclass(classes[name], NnforgeError))
-    assert done == [], f"remove from PENDING here and from nnforge.cli._known_errors: {done}"
 
 
 @pytest.mark.parametrize("name, builtin", [
