@@ -28,7 +28,7 @@ import torch
 from nnforge.ir import Interpreter, WEIGHT_OPS
 from nnforge.models import default as dm
 from nnforge.passes import PassContext, PassManager, cleanup_passes, resolve_recipe
-from nnforge.pipeline import import_model
+from nnforge.frontend import import_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import docs_table  # noqa: E402

@@ -158,7 +158,7 @@ def linear_weights(graph):
 def nnforge_base_graph(setup: Setup):
     """The imported graph after nnforge's cleanup passes (which fuse matmul + add into linear)."""
     from nnforge.passes import PassManager, cleanup_passes
-    from nnforge.pipeline import import_model
+    from nnforge.frontend import import_model
     g, _ = import_model(setup.model, setup.example, dynamic_shapes=dm.dynamic_shapes(),
                         input_names=["input_ids", "attention_mask"])
     return PassManager(cleanup_passes()).run(g)

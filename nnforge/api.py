@@ -1,5 +1,5 @@
-"""The public surface: compile, load, verify, targets. Thin: the work is in pipeline.py,
-bundle.py and the frontends, passes and backends.
+"""The public surface: compile, load, verify, sign, targets. Thin wrappers: the work is in
+nnforge.pipeline (compiling), nnforge.bundle (opening, verifying, signing) and the stages they call.
 
     >>> import nnforge as nf
     >>> bundle = nf.compile(model, target="onnx", recipe="w4-rtn", example_inputs=(x,))
@@ -9,22 +9,11 @@ bundle.py and the frontends, passes and backends.
 """
 from __future__ import annotations
 
-import time
-from contextlib import ExitStack
 from pathlib import Path
 
-from tqdm import tqdm
-
-
-from .backends.base import get_backend
-from .bundle.format import claim_out
-from .bundle import SIGNATURE, Bundle, BundleError, check_files, read_manifest, runtime_problems
-from .ir import GraphError, Interpreter
-from .numerics import compare, fidelity, json_safe, within
-from .passes import PassContext, PassError, PassManager, cleanup_passes, resolve_recipe
-from .heldout import calibration_batches, require_calibration, split
-from .pipeline import as_tuple, check_import, import_model, load_state_dict, speed_peer, write_bundle
-from .speed import check_batch_sizes, default_batch_sizes
+from . import pipeline
+from .bundle.store import Bundle
+from .frontend import load_state_dict
 from .targets import Target, get_target, list_targets
 
 
@@ -55,47 +44,11 @@ def compile(model, target: str | Target, recipe=None, *, example_inputs, calibra
 
         >>> nf.compile(model, "onnx", "w4-gptq", example_inputs=(x,), calibration=batches)
     """
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    batch_sizes = default_batch_sizes() if batch_sizes is None else check_batch_sizes(batch_sizes)
-    tgt = get_target(target)
-    backend = get_backend(tgt.backend)
-    recipe_name, passes = resolve_recipe(recipe, tgt.options.get("pass_defaults"))
-    calibration = calibration_batches(calibration)
-    require_calibration(passes, calibration, recipe_name)
-    example = as_tuple(example_inputs)
-    with ExitStack() as claims:
-        if out is not None:         # checked and locked before any work (nnforge.bundle.format.claim_out)
-            claims.enter_context(claim_out(out))
-        bar = tqdm(total=3, desc="import", unit="stage", leave=False,
-                   disable=None if progress else True)      # None: shown on a terminal only
-        try:
-            t0 = time.perf_counter()
-            graph, source = import_model(model, example, dynamic_shapes=dynamic_shapes, input_names=input_names,
-                                         output_names=output_names, name=name, trust_code=trust_code)
-            out_dir = Path(out) if out is not None else Path("bundles") / f"{graph.name.lower()}-{tgt.name}"
-            claims.enter_context(claim_out(out_dir))
-            data = split(graph, passes, example, calibration=calibration, check_inputs=check_inputs,
-                         calibration_source=calibration_source, allow_nonfinite=allow_nonfinite)
-            import_check = check_import(model, graph, example) or graph.meta.pop("frontend_check", {})
-            timings["frontend_s"] = time.perf_counter() - t0
-            bar.update()
-            bar.set_description(f"compress ({recipe_name})")
-            t0 = time.perf_counter()
-            pm = PassManager(cleanup_passes() + passes)
-            compressed = pm.run(graph, PassContext(calibration=data.calibration, target=tgt, progress=progress))
-            timings["passes_s"] = time.perf_counter() - t0
-            bar.update()
-            bar.set_description(f"lower for {tgt.name} and check")
-            write_bundle(out_dir, graph=compressed, original=graph, source=source, target=tgt, backend=backend,
-                         recipe_name=recipe_name, passes=passes, records=pm.records, check=data.check,
-                         data_report=data.report, allow_nonfinite=allow_nonfinite, import_check=import_check,
-                         timings=timings, started=start, batch_sizes=batch_sizes,
-                         peer=speed_peer(model, source) if batch_sizes else None)
-            bar.update()
-        finally:
-            bar.close()             # cleared before any error is printed
-        return Bundle.open(out_dir)
+    return pipeline.compile(model, target, recipe, example_inputs=example_inputs, calibration=calibration, out=out,
+                            check_inputs=check_inputs, dynamic_shapes=dynamic_shapes, input_names=input_names,
+                            output_names=output_names, name=name, progress=progress, trust_code=trust_code,
+                            batch_sizes=batch_sizes, allow_nonfinite=allow_nonfinite,
+                            calibration_source=calibration_source)
 
 
 def load(path, device: str | None = None, *, target: str | None = None, key=None):
@@ -120,58 +73,8 @@ def verify(path, key=None) -> dict:
 
         >>> nf.verify("bundles/mlp-onnx", key="release.pub.pem")["signature"]
     """
-    from .claims import disagreements
-    root, manifest = read_manifest(path, key=key)
-    problems = check_files(root, manifest)
-    if problems:
-        raise BundleError(f"bundle {root} failed verification: " + "; ".join(problems))
-    bundle = Bundle(root, manifest)
-    try:
-        graph = bundle.graph()
-    except GraphError as e:
-        raise BundleError(f"bundle {root}: graph.json/weights.safetensors do not form a valid graph: {e}") from None
-    inputs, expected, fp32 = bundle.reference()
-    numerics = manifest.get("numerics") or {}
-    tolerance = numerics.get("tolerance", {})
-    allow_nonfinite = bool(numerics.get("allow_nonfinite"))
-    report = {"path": str(root), "files": len(manifest["files"]), "integrity": "ok", "target": bundle.target,
-              "signature": _signature_status(root, key)}
-    interpreter = Interpreter(graph)
-    held = bundle.held_out()
-    outs = [interpreter.run(*ins) for ins, _ in held]
-    interp = compare(outs[0], expected, nan_equal=allow_nonfinite)
-    if not within(interp, tolerance):
-        raise BundleError(f"bundle {root}: its graph no longer reproduces its expected outputs "
-                          f"(cosine {interp['cosine_min']:.6f})")
-    wrong = disagreements(manifest, graph, outs, [f for _, f in held])
-    if wrong:
-        raise BundleError(f"bundle {root}: its manifest disagrees with its files: " + "; ".join(wrong))
-    report["interpreter_vs_expected"] = json_safe(interp)
-    report["fidelity_vs_fp32"] = json_safe(fidelity(outs, [f for _, f in held]))
-    report["claims"] = "recomputed and confirmed: signature, compression, fidelity on the held-out inputs, recipe"
-    ok, why = get_target(bundle.target).can_run()
-    runtime = runtime_problems(manifest) if ok else []
-    if ok and not runtime:
-        got = bundle.load()(*inputs)
-        got = list(got) if isinstance(got, tuple) else [got]
-        metrics = compare(got, expected, nan_equal=allow_nonfinite)
-        if not within(metrics, tolerance):
-            raise BundleError(f"bundle {root}: runtime output fails the numerics check: cosine "
-                              f"{metrics['cosine_min']:.6f} < {tolerance.get('cosine_min')}")
-        report["runtime_vs_expected"] = json_safe(metrics)
-    else:
-        reason = "; ".join(runtime) if runtime else f"target {bundle.target} {why}"
-        report["runtime_vs_expected"] = f"skipped: {reason}"
-    report["passed"] = True
-    return report
-
-
-def _signature_status(root: Path, key) -> str:
-    if key is not None:
-        from .bundle.signing import key_id, load_public_key
-        return f"ok (ed25519, key {key_id(load_public_key(key))})"
-    return "present, not checked (pass key=)" if (root / SIGNATURE).exists() else \
-        "unsigned: the manifest's claims rest on the recomputed checks alone (nf.sign signs a bundle)"
+    from .bundle.store import verify as verify_bundle
+    return verify_bundle(path, key=key)
 
 
 def sign(path, private_key, *, password: bytes | None = None) -> Path:

@@ -44,7 +44,7 @@ def _signature(manifest: dict, graph) -> list[str]:
 
 
 def _compression(manifest: dict, graph) -> list[str]:
-    from .pipeline import graph_compression
+    from .figures import graph_compression
     want = graph_compression(graph)
     got = manifest.get("compression") or {}
     out = []
@@ -113,7 +113,7 @@ def _recipe(manifest: dict, graph) -> list[str]:
             _, passes = resolve_recipe(name, (manifest.get("target") or {}).get("options", {}).get("pass_defaults"))
         except PassError as e:
             return [f"recipe.name: {name!r} does not resolve here: {e}"]
-        from .pipeline import recipe_record
+        from .passes.recipes import recipe_record
         want = recipe_record(name, passes)["passes"]
         if want != recorded:
             out.append(f"recipe.passes: preset {name} runs {want}, the manifest says {recorded}")

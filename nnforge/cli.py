@@ -157,7 +157,7 @@ def describe_bundle(bundle, layers: bool = False) -> list[str]:
     from .bundle import SIGNATURE
     from .speed import describe
     m = bundle.manifest
-    c, n = m["compression"], m["numerics"]
+    c = m["compression"]
     signed = (bundle.path / SIGNATURE).exists()
     out = [f"bundle {bundle.path}: {m['model']['name']} for {m['target']['name']} ({m['backend']['name']} backend), "
            f"recipe {m['recipe']['name']}, nnforge {m['nnforge_version']}",
@@ -279,7 +279,7 @@ def cmd_verify(args) -> int:
         print(f"  manifest claims: {report['claims']}")
         print(f"  interpreter vs expected: cosine {report['interpreter_vs_expected']['cosine_min']:.6f}")
         rt = report["runtime_vs_expected"]
-        print(f"  runtime vs expected: " + (f"cosine {rt['cosine_min']:.6f}" if isinstance(rt, dict) else rt))
+        print("  runtime vs expected: " + (f"cosine {rt['cosine_min']:.6f}" if isinstance(rt, dict) else rt))
         f = report["fidelity_vs_fp32"]
         print(f"  fidelity vs fp32 on {f['rows']} held-out rows: cosine mean {f['cosine_mean']:.4f}, "
               f"min {f['cosine_min']:.4f}, SQNR {_db(f['sqnr_db'])} dB")
@@ -304,7 +304,7 @@ def cmd_inspect(args) -> int:
             print(bundle.graph())
         return 0
     model, example, dyn, ins, outs = _model_and_inputs(args.path, _parse_dims(args.dim))
-    from .pipeline import import_model
+    from .frontend import import_model
     graph, _ = import_model(model, example, dynamic_shapes=dyn, input_names=ins, output_names=outs)
     print(graph if args.graph or not args.json else json.dumps(graph.signature()))
     return 0
@@ -326,7 +326,7 @@ def _inspect_compare(args, path: Path) -> int:
     original = None
     if args.model:
         original, example, dyn, ins, outs = _model_and_inputs(args.model, _parse_dims(args.dim))
-        from .pipeline import import_model
+        from .frontend import import_model
         original, _ = import_model(original, example, dynamic_shapes=dyn, input_names=ins, output_names=outs)
     report = compare_layers(bundle, inputs, original=original, backends=not args.no_runtime,
                             attribute=not args.no_shares)
@@ -349,7 +349,7 @@ def cmd_simulate(args) -> int:
     check_lengths(args.prompt, args.generate)       # before a zoo model is imported
     model = args.model
     if model in ZOO or model == "default":          # a zoo model: its fp32 graph, as imported
-        from .pipeline import import_model
+        from .frontend import import_model
         m, example, dyn, ins, outs = _model_and_inputs(model, {})
         model, _ = import_model(m, example, dynamic_shapes=dyn, input_names=ins, output_names=outs)
     result = fpga.simulate(model, args.target, prompt=args.prompt, generate=args.generate)

@@ -2,7 +2,7 @@
 backend and against the model in torch eager, per batch size, measured when the bundle is built.
 
 "Why is my compressed model not faster?" has an answer only next to a dense baseline measured in
-the same process on the same machine, so the pipeline (:func:`nnforge.pipeline.write_bundle`)
+the same process on the same machine, so the pipeline (:func:`nnforge.pipeline.build`)
 builds one: the imported graph after the cleanup passes alone, lowered by the same backend for the
 same target. Batch sizes come from ``nf.compile(..., batch_sizes=(1, 32))`` (the default; the
 environment variable ``NNFORGE_BATCH_SIZES``, e.g. ``"1,8"`` or ``"none"``, changes the default;

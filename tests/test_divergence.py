@@ -16,7 +16,7 @@ from nnforge.bundle import Bundle, write_manifest
 from nnforge.divergence import DivergenceError, compare_layers
 from nnforge.ir import save_graph
 from nnforge.numerics import compare
-from nnforge.pipeline import import_model
+from nnforge.frontend import import_model
 
 from .backends.tiny_encoder import TinyEncoder, encoder_inputs
 from .test_plots import PNG_MAGIC, svg_text

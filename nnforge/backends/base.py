@@ -1,9 +1,28 @@
-"""What every backend provides, and the registry that finds one by name.
+"""The backend contract: what every backend provides, and the one place backends register.
 
-A backend lowers a verified IR graph for a target into files in a directory, and loads such files
-back as a runner. It says what it runs natively as data: ``native`` maps (op, encoding kind) to
-the formats it keeps compressed; anything else is an explicit, reported fallback
-(:class:`Fallback`), recorded in the bundle manifest, or an error — never silent.
+A backend is a folder under ``backends/`` and one line in :data:`BUILTIN` (or a
+:func:`register_backend` call for one that lives elsewhere). It provides:
+
+- ``capabilities``: the (op, encoding) pairs it runs natively, as data (:class:`Capabilities`);
+  its lowering and ``nnforge targets --explain TARGET`` read the same table. Anything else is an
+  explicit, reported :class:`Fallback` in the manifest, or an error naming the node; never silent.
+- ``prepare(target, shapes)``: passes it needs run on the graph before lowering (a fixed-size
+  design's shape specialisation), as pass configs like a recipe's; none by default.
+- ``lower(graph, target, ctx) -> Artifact``: writes its files through ``ctx.files`` and returns
+  how to run them. :class:`LowerContext` carries everything else it may use: the recipe's name,
+  the input shapes to build for, the sizes it will be timed at, the first held-out batch and
+  the sizes the prepare passes fixed. Nothing travels in ``graph.meta``.
+- ``load(path, entry, device) -> Runner``: opens what ``lower`` wrote. A runner that can show its
+  intermediate values offers :meth:`Runner.values` (the divergence locator reads it).
+- ``runtime``: the package whose version a bundle's artifacts depend on, and how many leading
+  version numbers a machine must share with the build (checked when a bundle is loaded).
+- ``times_here(target)``: whether its run time on this machine means anything (speed records).
+
+Everything about a chip (tile sizes, native formats, bandwidth) comes from the target's TOML.
+
+    >>> backend = get_backend("onnx")
+    >>> artifact = backend.lower(graph, get_target("onnx"), ctx)
+    >>> runner = backend.load(bundle_dir, artifact.entry)
 """
 from __future__ import annotations
 
@@ -14,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import NnforgeError
+from ..registry import Registry
 from ..ir import Graph
 from ..targets import Target
 
@@ -34,13 +54,83 @@ class Fallback:
 
 
 @dataclass
-class Lowered:
-    """The result of ``Backend.lower``: files written (relative paths), how to run them, and
-    every fallback taken."""
+class Artifact:
+    """What ``Backend.lower`` returns: the files it wrote (bundle-relative paths), how to run them
+    (``entry``, kept in the manifest and handed back to ``load``), every fallback taken, and the
+    versions of the tools that built them."""
     files: list[str]
     entry: dict[str, Any]
     fallbacks: list[Fallback] = field(default_factory=list)
     toolchain: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class LowerContext:
+    """Everything a backend's ``lower`` may use besides the graph and the target.
+
+    recipe: the recipe's name (a label for artifacts that carry one, such as Core ML metadata).
+    files: where the backend writes (:class:`nnforge.bundle.format.ArtifactWriter`): paths inside
+        the bundle being built, and where each weight lies in its ``weights.safetensors``.
+    shapes: each input's shape in the first held-out batch: the size a fixed-size design builds
+        for when nothing else fixes it.
+    speed_shapes: the sizes the bundle will be timed at where it runs here (``nnforge.speed``):
+        ``[{"label", "batch", "inputs": {name: shape}}]``; empty when no timing is asked for.
+    reference: the first held-out batch (a list of tensors in input order), for a backend that
+        measures its kernels in the model; None when there is none.
+    symbols: the dimension sizes the ``prepare`` passes fixed (a pass records them as its
+        ``symbols`` figure); empty when none ran.
+    """
+    recipe: str
+    files: Any
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+    speed_shapes: list[dict] = field(default_factory=list)
+    reference: list | None = None
+    symbols: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Capability:
+    """One (op, encoding) pair a backend runs natively. ``encoding`` is an encoding kind
+    (``Encoding.kind``: dense, int, minifloat, sparse, palette, lowrank); ``how`` says how it runs;
+    ``accepts``, when given, takes the weight's encoding and returns why this backend cannot run
+    that particular one (a format, a group size, a pattern), or None when it can."""
+    op: str
+    encoding: str
+    how: str
+    accepts: Callable[[Any], str | None] | None = None
+
+
+class Capabilities:
+    """A backend's capability table: what lowering consults for each weight-carrying node and what
+    ``nnforge targets --explain`` prints.
+
+        >>> cap, why = backend.capabilities.find("linear", weight.encoding)
+    """
+
+    def __init__(self, rows: list[Capability]):
+        self.rows = list(rows)
+
+    def find(self, op: str, encoding) -> tuple[Capability | None, str]:
+        """(the row that runs ``op`` with ``encoding`` natively, "") or (None, why not)."""
+        kind = getattr(encoding, "kind", encoding)
+        rows = [r for r in self.rows if r.op == op and r.encoding == kind]
+        if not rows:
+            return None, f"no native {op} for {kind} weights"
+        whys = []
+        for r in rows:
+            why = r.accepts(encoding) if r.accepts is not None and not isinstance(encoding, str) else None
+            if why is None:
+                return r, ""
+            whys.append(why)
+        return None, "; ".join(whys)
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    def describe(self) -> list[str]:
+        """One line per row: ``op  encoding  how``."""
+        width = max([4] + [len(r.op) for r in self.rows])
+        return [f"{r.op:<{width}}  {r.encoding:<10}  {r.how}" for r in self.rows]
 
 
 @dataclass(frozen=True)
@@ -56,6 +146,12 @@ class Runner(ABC):
     """A loaded bundle: call it with numpy arrays or torch tensors (positionally or as a dict)."""
     inputs: list[InputSpec]
     output_names: list[str]
+
+    def values(self, inputs: list) -> tuple[dict, dict] | None:
+        """The runtime's intermediate values on ``inputs`` ({IR value name: array}) and how they
+        were taken ({"tolerance": ..., other notes}), for the divergence locator; None for a
+        runtime that shows only its outputs."""
+        return None
 
     @property
     def input_names(self) -> list[str]:
@@ -111,14 +207,29 @@ class Runner(ABC):
         return outs[0] if len(outs) == 1 else tuple(outs)
 
 
+@dataclass(frozen=True)
+class RuntimeSpec:
+    """The runtime a backend's artifacts depend on: the version key it records in its toolchain,
+    the installed distribution to compare with, and how many leading version numbers must agree."""
+    key: str
+    distribution: str
+    digits: int
+
+
 class Backend(ABC):
     name: str
-    # (op, encoding kind) -> description of how it runs natively
-    native: dict[tuple[str, str], str] = {}
+    capabilities: Capabilities = Capabilities([])
+    runtime: RuntimeSpec | None = None
+
+    def prepare(self, target: Target, shapes: dict[str, list[int]]) -> list[dict]:
+        """Passes to run on the graph before it is lowered for ``target`` (``shapes``: each
+        input's shape in the first held-out batch), as pass configs (``{"pass": name, options}``,
+        as a recipe lists them; the pipeline builds and runs them); none by default."""
+        return []
 
     @abstractmethod
-    def lower(self, graph: Graph, target: Target, out_dir: Path) -> Lowered:
-        """Write the artifacts for ``graph`` into ``out_dir``."""
+    def lower(self, graph: Graph, target: Target, ctx: LowerContext) -> Artifact:
+        """Write the artifacts for ``graph`` through ``ctx.files``; what to keep in the manifest."""
 
     @abstractmethod
     def load(self, bundle_dir: Path, entry: dict, device: str | None = None) -> Runner:
@@ -136,27 +247,30 @@ class Backend(ABC):
         return False, f"the {self.name} backend does not run natively on this machine"
 
 
-_BACKENDS: dict[str, str] = {"onnx": "nnforge.backends.onnx:OnnxBackend", "tvm": "nnforge.backends.tvm:TvmBackend"}
-_BACKENDS["triton"] = "nnforge.backends.triton:TritonBackend"
-_BACKENDS["coreml"] = "nnforge.backends.coreml:CoremlBackend"
-_BACKENDS["hls"] = "nnforge.backends.hls:HlsBackend"
-_BACKENDS["mlir"] = "nnforge.backends.mlir:MlirBackend"
+# The built-in backends: name -> "module:Class", imported on first use. Adding a backend is its
+# folder under backends/ and one line here (or register_backend from anywhere).
+BUILTIN = {"onnx": "nnforge.backends.onnx:OnnxBackend", "tvm": "nnforge.backends.tvm:TvmBackend",
+           "triton": "nnforge.backends.triton:TritonBackend", "coreml": "nnforge.backends.coreml:CoremlBackend",
+           "hls": "nnforge.backends.hls:HlsBackend", "mlir": "nnforge.backends.mlir:MlirBackend"}
+BACKENDS: Registry = Registry("backend")
+for _name, _path in BUILTIN.items():
+    BACKENDS.register(_name)(_path)
 _LOADED: dict[str, Backend] = {}
 
 
-def register_backend(name: str, factory: str | Callable[[], Backend]) -> None:
-    """Register a backend by import path ('module:Class') or factory; imported lazily."""
-    _BACKENDS[name] = factory
+def register_backend(name: str, factory: str | Callable[[], Backend], *, replace: bool = False) -> None:
+    """Register a backend by import path ('module:Class') or factory; imported lazily.
+
+        >>> register_backend("mybackend", "mypkg.backend:MyBackend")
+    """
+    BACKENDS.register(name, replace=replace)(factory)
     _LOADED.pop(name, None)
 
 
 def get_backend(name: str) -> Backend:
     if name in _LOADED:
         return _LOADED[name]
-    if name not in _BACKENDS:
-        raise BackendError(f"no backend named {name!r} is available in this nnforge; "
-                           f"available: {', '.join(sorted(_BACKENDS))}")
-    factory = _BACKENDS[name]
+    factory = BACKENDS.lookup(name, BackendError)
     if isinstance(factory, str):
         module, cls = factory.split(":")
         factory = getattr(importlib.import_module(module), cls)
@@ -165,4 +279,4 @@ def get_backend(name: str) -> Backend:
 
 
 def available_backends() -> list[str]:
-    return sorted(_BACKENDS)
+    return sorted(BACKENDS)

@@ -419,8 +419,80 @@ class claim_out:
         self.key = None
 
 
+class TensorIndex:
+    """Where each tensor of a safetensors file lies: ``span(key) -> (byte offset, length)`` (read
+    from the file's JSON header only), so that an artifact can read a weight in place."""
+
+    def __init__(self, path: Path):
+        import struct
+        self.path = Path(path)
+        self.entries: dict[str, dict] = {}
+        self.base = 0
+        if self.path.exists():
+            with open(self.path, "rb") as f:
+                n = struct.unpack("<Q", f.read(8))[0]
+                header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            self.entries, self.base = header, 8 + n
+
+    def span(self, key: str) -> tuple[int, int] | None:
+        e = self.entries.get(key)
+        if e is None:
+            return None
+        begin, end = e["data_offsets"]
+        return self.base + begin, end - begin
+
+
+class ArtifactWriter:
+    """What a backend writes its files through (``LowerContext.files``): paths inside the bundle
+    being built, refused when they would leave it, and where each weight lies in the bundle's
+    ``weights.safetensors`` (``weights``, with ``weights_file`` its bundle-relative name), which
+    the pipeline writes before lowering.
+
+        >>> onnx.save_model(model, ctx.files.path("model.onnx"))
+        >>> ctx.files.write_bytes("hls/weights.bin", image)
+    """
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.weights_file = WEIGHTS_FILE
+        self._weights: TensorIndex | None = None
+
+    @property
+    def weights(self) -> TensorIndex:
+        if self._weights is None:
+            self._weights = TensorIndex(self.root / WEIGHTS_FILE)
+        return self._weights
+
+    def path(self, rel: str) -> Path:
+        """The path of bundle file ``rel`` (its directories made), for a tool that writes files
+        itself."""
+        check_rel(self.root, rel)
+        path = self.root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return safe_join(self.root, rel)
+
+    def write_bytes(self, rel: str, data: bytes) -> str:
+        self.path(rel).write_bytes(data)
+        return rel
+
+    def exists(self, rel: str) -> bool:
+        return (self.root / check_rel(self.root, rel)).exists()
+
+
+def held_out_tensors(batches: list[tuple], fp32_runs: list[list]) -> dict[str, torch.Tensor]:
+    """The held-out batches after the first, with their fp32 outputs, keyed ``{b}/input{i}`` and
+    ``{b}/fp32{i}`` (b counts from 1, as in the manifest)."""
+    out = {}
+    for b, (ins, outs) in enumerate(zip(batches, fp32_runs), start=1):
+        out.update({f"{b}/input{i}": torch.as_tensor(x) for i, x in enumerate(ins)})
+        out.update({f"{b}/fp32{i}": t for i, t in enumerate(outs)})
+    return out
+
+
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "SIGNATURE", "MAX_MANIFEST_BYTES", "ARCHIVE_LIMIT", "GRAPH_FILE",
            "WEIGHTS_FILE", "REF_INPUTS", "REF_EXPECTED", "REF_FP32", "REF_HELD_OUT", "BundleError", "sha256_file",
            "check_rel", "safe_join", "list_files", "file_table", "save_tensors", "load_tensors", "ordered",
            "load_inputs", "is_bundle", "check_out", "BundleWriter", "write_manifest", "read_manifest_bytes",
-           "parse_manifest", "check_files", "claim_out"]
+           "parse_manifest", "check_files", "claim_out", "held_out_tensors", "TensorIndex",
+           "ArtifactWriter"]

@@ -20,7 +20,6 @@ extraction checks every entry before it writes anything.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import stat
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from .format import (ARCHIVE_LIMIT, FORMAT, FORMAT_VERSION, GRAPH_FILE, MANIFEST, REF_EXPECTED, REF_FP32,
+from .format import (ARCHIVE_LIMIT, FORMAT_VERSION, GRAPH_FILE, MANIFEST, REF_EXPECTED, REF_FP32,
                      REF_HELD_OUT, REF_INPUTS, SIGNATURE, WEIGHTS_FILE, BundleError, BundleWriter, check_files,
                      load_inputs, load_tensors, ordered, parse_manifest, read_manifest_bytes, safe_join)
 from .signing import check_signature
@@ -183,6 +182,76 @@ class Bundle:
                 out.append((ordered({k.split("/", 1)[1]: v for k, v in extra.items() if k.startswith(f"{b}/")}, "input"),
                             ordered({k.split("/", 1)[1]: v for k, v in extra.items() if k.startswith(f"{b}/")}, "fp32")))
         return out
+
+
+def verify(path, key=None) -> dict:
+    """Re-hash every file of a bundle, re-run its numerics check and recompute what its manifest
+    claims (nnforge.claims: signature, compression per layer, fidelity on the held-out inputs,
+    recipe).
+
+    Raises BundleError naming every changed, missing or extra file, the failed check, or every
+    manifest field its files contradict; with ``key`` (an Ed25519 public key: PEM bytes/text or a
+    path to a PEM file), also a missing or wrong signature of the manifest. Returns a report: file
+    count, signature, the runtime's agreement with the stored expected outputs (when the target
+    runs here), the reference interpreter's, and the fidelity against fp32.
+
+        >>> nf.verify("bundles/mlp-onnx", key="release.pub.pem")["signature"]
+    """
+    from ..claims import disagreements
+    from ..ir import GraphError, Interpreter
+    from ..numerics import compare, fidelity, json_safe, within
+    from ..targets import get_target
+    root, manifest = read_manifest(path, key=key)
+    problems = check_files(root, manifest)
+    if problems:
+        raise BundleError(f"bundle {root} failed verification: " + "; ".join(problems))
+    bundle = Bundle(root, manifest)
+    try:
+        graph = bundle.graph()
+    except GraphError as e:
+        raise BundleError(f"bundle {root}: graph.json/weights.safetensors do not form a valid graph: {e}") from None
+    inputs, expected, fp32 = bundle.reference()
+    numerics = manifest.get("numerics") or {}
+    tolerance = numerics.get("tolerance", {})
+    allow_nonfinite = bool(numerics.get("allow_nonfinite"))
+    report = {"path": str(root), "files": len(manifest["files"]), "integrity": "ok", "target": bundle.target,
+              "signature": _signature_status(root, key)}
+    interpreter = Interpreter(graph)
+    held = bundle.held_out()
+    outs = [interpreter.run(*ins) for ins, _ in held]
+    interp = compare(outs[0], expected, nan_equal=allow_nonfinite)
+    if not within(interp, tolerance):
+        raise BundleError(f"bundle {root}: its graph no longer reproduces its expected outputs "
+                          f"(cosine {interp['cosine_min']:.6f})")
+    wrong = disagreements(manifest, graph, outs, [f for _, f in held])
+    if wrong:
+        raise BundleError(f"bundle {root}: its manifest disagrees with its files: " + "; ".join(wrong))
+    report["interpreter_vs_expected"] = json_safe(interp)
+    report["fidelity_vs_fp32"] = json_safe(fidelity(outs, [f for _, f in held]))
+    report["claims"] = "recomputed and confirmed: signature, compression, fidelity on the held-out inputs, recipe"
+    ok, why = get_target(bundle.target).can_run()
+    runtime = runtime_problems(manifest) if ok else []
+    if ok and not runtime:
+        got = bundle.load()(*inputs)
+        got = list(got) if isinstance(got, tuple) else [got]
+        metrics = compare(got, expected, nan_equal=allow_nonfinite)
+        if not within(metrics, tolerance):
+            raise BundleError(f"bundle {root}: runtime output fails the numerics check: cosine "
+                              f"{metrics['cosine_min']:.6f} < {tolerance.get('cosine_min')}")
+        report["runtime_vs_expected"] = json_safe(metrics)
+    else:
+        reason = "; ".join(runtime) if runtime else f"target {bundle.target} {why}"
+        report["runtime_vs_expected"] = f"skipped: {reason}"
+    report["passed"] = True
+    return report
+
+
+def _signature_status(root: Path, key) -> str:
+    if key is not None:
+        from .bundle.signing import key_id, load_public_key
+        return f"ok (ed25519, key {key_id(load_public_key(key))})"
+    return "present, not checked (pass key=)" if (root / SIGNATURE).exists() else \
+        "unsigned: the manifest's claims rest on the recomputed checks alone (nf.sign signs a bundle)"
 
 
 # --- archives -------------------------------------------------------------------------------------

@@ -149,7 +149,7 @@ def fp32_graph(bundle, original=None, inputs=None) -> Graph:
     (a Graph, torch module or model path), or the zoo model the bundle was compiled from, imported
     and cleaned up as ``nnforge.compile`` does before compressing."""
     from ..passes import PassManager, cleanup_passes
-    from ..pipeline import import_model
+    from ..frontend import import_model
     if original is None and bundle.manifest["recipe"]["name"] == "fp32":
         graph = bundle.graph()                  # nothing compressed: the bundle's graph is the fp32 one
     elif isinstance(original, Graph):

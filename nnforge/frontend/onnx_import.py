@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..ir import Dense, Graph, Value, dtype as to_dtype, sanitize_name, symbolic as sym
+from ..ir import Dense, Graph, Value, dtype as to_dtype, sanitize_name
 from ..ir.graph import GraphError
 from ..ir.ops import RunContext, get_op
 from ..ir.packing import unpack_bits

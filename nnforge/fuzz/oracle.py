@@ -1,6 +1,6 @@
 """Running one graph on one backend and judging it against the reference interpreter.
 
-The judgement is the bundle check of :func:`nnforge.pipeline.write_bundle`: the backend's outputs
+The judgement is the bundle check of :func:`nnforge.pipeline.runtime_check`: the backend's outputs
 must be within ``BACKEND_TOLERANCE`` of the interpreter on the same (compressed) graph; a graph
 that rounds activations at run time (``fake_quant``) may instead be no further from the fp32
 original than ``within_rounding`` allows. Integer and boolean outputs must match exactly, and
@@ -23,13 +23,20 @@ from pathlib import Path
 import torch
 
 from ..backends.base import BackendError, get_backend
-from ..bundle import GRAPH_FILE, WEIGHTS_FILE
-from ..ir import Graph, Interpreter, save_graph
+from ..ir import Graph, Interpreter
 from ..numerics import BACKEND_TOLERANCE, compare, within, within_rounding
 from ..targets import get_target
 
-# backend name -> the target the fuzzer compiles for
-BACKEND_TARGETS = {"onnx": "onnx", "tvm": "cpu", "hls": "alveo-u280", "triton": "h100"}
+def fuzz_target(backend: str):
+    """The target the fuzzer compiles for with ``backend``: the first one of that backend whose
+    bundles run here, else the first one of that backend (a target name is taken as it is)."""
+    from ..targets import list_targets
+    mine = [t for t in list_targets() if t.backend == backend]
+    if not mine:
+        return get_target(backend)
+    return next((t for t in mine if t.can_run()[0]), mine[0])
+
+
 # A BackendError raised while lowering means "this backend does not take this graph" when the
 # backend raised it itself (no exception under it) or it says so in these words; never when it
 # reports a failure (an invalid model, a failed compile, a rule that broke its own contract).
@@ -63,22 +70,21 @@ def _unsupported(e: Exception) -> bool:
 
 
 def run_backend(graph: Graph, backend: str, input_sets: list[list[torch.Tensor]]) -> BackendRun:
-    """Lower ``graph`` for ``backend``'s fuzz target in a temporary bundle directory (graph and
-    weights written first, as write_bundle does: the onnx backend reads weights in place), load it
-    and run it on each input set."""
-    target = get_target(BACKEND_TARGETS.get(backend, backend))
-    g = graph.copy()
-    g.meta["recipe"] = "fuzz"
-    g.meta["example_shapes"] = {v.name: list(x.shape) for v, x in zip(g.inputs, input_sets[0])}
+    """Lower ``graph`` for ``backend``'s fuzz target into a temporary directory the way
+    ``nf.compile`` lowers (:func:`nnforge.pipeline.lower_into`: graph and weights written, the
+    backend's prepare passes run), load it and run it on each input set."""
+    from ..pipeline import lower_into
+    target = fuzz_target(backend)
+    shapes = {v.name: list(x.shape) for v, x in zip(graph.inputs, input_sets[0])}
     with tempfile.TemporaryDirectory(prefix="nnforge-fuzz-") as tmp:
         d = Path(tmp)
         stage = "lower"
         try:
             be = get_backend(target.backend)
-            save_graph(g, d / GRAPH_FILE, d / WEIGHTS_FILE)
-            lowered = be.lower(g, target, d)
+            artifact = lower_into(d, graph.copy(), target, be, recipe="fuzz", shapes=shapes,
+                                  reference=[x.clone() for x in input_sets[0]])
             stage = "load"
-            runner = be.load(d, lowered.entry)
+            runner = be.load(d, artifact.entry)
             stage = "run"
             outs = []
             for inputs in input_sets:
@@ -100,7 +106,7 @@ class Verdict:
 
 
 def judge(graph: Graph, original: Graph | None, inputs: list[torch.Tensor], got: list) -> Verdict:
-    """The bundle check of write_bundle, plus declared dtypes and shapes."""
+    """The bundle check of nnforge.pipeline.runtime_check, plus declared dtypes and shapes."""
     expected = Interpreter(graph).run(*inputs)
     if len(got) != len(expected):
         return Verdict(False, {}, f"{len(got)} outputs, the graph has {len(expected)}")
@@ -148,15 +154,16 @@ def _worst_output(got, expected) -> str:
 
 
 def check_bundle(graph: Graph, original: Graph, pipeline: str, passes, records, backend: str, inputs) -> None:
-    """The case through :func:`nnforge.pipeline.write_bundle` and :func:`nnforge.verify`, as
-    ``nf.compile`` writes and checks a bundle; raises what they raise."""
+    """The case through the pipeline's last stages (:func:`nnforge.pipeline.build`: reference runs,
+    lowering, the runtime check, the manifest) and :func:`nnforge.verify`, as ``nf.compile``
+    writes and checks a bundle; raises what they raise."""
     import time
     from .. import api
-    from ..pipeline import write_bundle
-    target = get_target(BACKEND_TARGETS.get(backend, backend))
+    from ..pipeline import build
+    target = fuzz_target(backend)
     with tempfile.TemporaryDirectory(prefix="nnforge-fuzz-bundle-") as tmp:
         out = Path(tmp) / "bundle"
-        write_bundle(out, graph=graph.copy(), original=original, source="ir", target=target,
-                     backend=get_backend(target.backend), recipe_name=f"fuzz pipeline {pipeline}", passes=passes, records=records,
-                     check=[tuple(inputs)], import_check={}, timings={}, started=time.perf_counter())
+        build(out, graph=graph.copy(), original=original, source="ir", target=target,
+              backend=get_backend(target.backend), recipe_name=f"fuzz pipeline {pipeline}", passes=passes,
+              records=records, check=[tuple(inputs)], import_check={}, timings={}, started=time.perf_counter())
         api.verify(out)

@@ -49,7 +49,7 @@ class Stats:
     not_applicable_why: Counter = field(default_factory=Counter)  # message signature -> count
     unstable: int = 0
     backend_runs: int = 0
-    bundles: int = 0                # cases also written with write_bundle and checked with nf.verify
+    bundles: int = 0                # cases also written with pipeline.build and checked with nf.verify
     passed: int = 0
     unsupported: Counter = field(default_factory=Counter)       # backend -> count
     unsupported_why: Counter = field(default_factory=Counter)   # (backend, message signature) -> count
@@ -125,7 +125,7 @@ def _second_size(case: Case, seed: int) -> list | None:
 
 class Fuzzer:
     """The loop of the module docstring; ``run`` returns its :class:`Stats`. Failures are written
-    under ``out``; ``bundle_p`` of the passing backend runs are also written with write_bundle
+    under ``out``; ``bundle_p`` of the passing backend runs are also written with pipeline.build
     and checked with nf.verify."""
 
     def __init__(self, *, seed: int = 0, backends=("onnx", "tvm"), out: str | Path = "build/fuzz-findings",

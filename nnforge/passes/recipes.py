@@ -230,3 +230,14 @@ def resolve_recipe(recipe, defaults: dict | None = None) -> tuple[str, list[Pass
     if isinstance(recipe, Pass):
         return recipe.name, [recipe]
     raise PassError(f"a recipe is a preset name, a .toml path or a list of pass configs, got {type(recipe).__name__}")
+
+
+def recipe_record(name: str, passes) -> dict:
+    """The manifest's ``recipe``: its name and each pass with its options, as JSON reads them back."""
+    import json
+    return json.loads(json.dumps({"name": name, "passes": [{"pass": p.name, **_jsonable(p.options())} for p in passes]},
+                                 default=str))
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: (v if isinstance(v, (int, float, str, bool, list, dict, type(None))) else str(v)) for k, v in d.items()}

@@ -22,6 +22,8 @@ import onnx
 import pytest
 import torch
 
+from tests import conftest
+
 from nnforge.backends.base import BackendError, get_backend
 from nnforge.backends.onnx import DATA_FILE, MODEL_FILE, OnnxBackend
 from nnforge.backends.onnx.ops import LOWERINGS
@@ -78,9 +80,8 @@ def make_intquant(w: torch.Tensor, bits: int, gran: str, symmetric: bool, scale_
 # --- lowering and running -------------------------------------------------------------------------
 def lower(graph: Graph, out_dir: Path):
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_graph(graph, out_dir / "graph.json", out_dir / "weights.safetensors")
     backend = OnnxBackend()
-    lowered = backend.lower(graph, get_target("onnx"), out_dir)
+    lowered = conftest.lower_into(backend, graph, "onnx", out_dir)
     onnx.checker.check_model(os.fspath(out_dir / MODEL_FILE), full_check=True)
     return backend, lowered
 
@@ -444,7 +445,7 @@ def test_registry_returns_the_onnx_backend():
     b = get_backend("onnx")
     assert isinstance(b, OnnxBackend) and b is get_backend("onnx")
     assert {"onnx", "onnxruntime"} <= set(b.toolchain())
-    with pytest.raises(BackendError, match="no backend named 'nope'"):
+    with pytest.raises(BackendError, match="unknown backend 'nope'; known: coreml, hls"):
         get_backend("nope")
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.conftest import lower_into
+
 import nnforge as nf
 from nnforge.backends.base import get_backend
 from nnforge.ir import Dense, Graph, IntQuant, MiniFloat, run_graph, tensor
@@ -175,9 +177,8 @@ def test_onnx_backend_runs_every_format(tmp_path, spec, gs):
     g = Graph("one")
     x = g.add_input("x", tensor("f32", "batch", 128))
     g.set_outputs([g.op("linear", x, g.add_weight("fc.weight", enc), None, name="fc")])
-    save_graph(g, tmp_path / "graph.json", tmp_path / "weights.safetensors")
     backend = get_backend("onnx")
-    lowered = backend.lower(g, get_target("onnx"), tmp_path)
+    lowered = lower_into(backend, g, "onnx", tmp_path)
     xin = torch.randn(3, 128)
     torch.testing.assert_close(backend.load(tmp_path, lowered.entry)(xin), run_graph(g, [xin])[0],
                                rtol=1e-4, atol=1e-5)
@@ -205,9 +206,8 @@ def test_widened_minifloats_with_a_short_last_block_and_act_order(tmp_path, spec
     g = Graph("one")
     x = g.add_input("x", tensor("f32", "batch", 100))
     g.set_outputs([g.op("linear", x, g.add_weight("fc.weight", enc), None, name="fc")])
-    save_graph(g, tmp_path / "graph.json", tmp_path / "weights.safetensors")
     backend = get_backend("onnx")
-    lowered = backend.lower(g, get_target("onnx"), tmp_path)
+    lowered = lower_into(backend, g, "onnx", tmp_path)
     xin = torch.randn(5, 100)
     torch.testing.assert_close(backend.load(tmp_path, lowered.entry)(xin), run_graph(g, [xin])[0],
                                rtol=1e-4, atol=1e-5)

@@ -14,7 +14,7 @@ from nnforge.ir import Dense, Graph, run_graph, tensor, verify
 from nnforge.passes import PASSES, PassContext, PassError, PassManager, cleanup_passes
 from nnforge.passes.prune.structured import obs_remove
 from nnforge.passes.prune.structures import find_attention_heads, find_mlp_channels, find_residual_branches
-from nnforge.pipeline import import_model
+from nnforge.frontend import import_model
 
 SEQ = {0: Dim("batch"), 1: Dim("seq")}
 

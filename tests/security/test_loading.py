@@ -19,7 +19,7 @@ import nnforge as nf
 from nnforge.frontend import FrontendError
 from nnforge.frontend import onnx_import
 from nnforge.frontend.onnx_import import from_onnx
-from nnforge.pipeline import load_state_dict
+from nnforge.frontend import load_state_dict
 
 from tests.conftest import tiny_mlp
 

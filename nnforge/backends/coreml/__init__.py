@@ -25,7 +25,7 @@ import numpy as np
 
 from ...ir import Graph
 from ...targets import Target
-from ..base import Backend, BackendError, Fallback, InputSpec, Lowered, Runner
+from ..base import Artifact, Backend, BackendError, Fallback, InputSpec, LowerContext, Runner, RuntimeSpec
 
 MODEL_DIR = "model.mlpackage"
 DEFAULT_MAX_DIM = 512           # upper bound of a flexible dim when the target gives none
@@ -106,6 +106,7 @@ class CoremlRunner(Runner):
 
 class CoremlBackend(Backend):
     name = "coreml"
+    runtime = RuntimeSpec("coremltools", "coremltools", 1)     # Core ML reads older packages within a major
     native = {
         ("linear", "dense"): "linear (fp16)", ("matmul", "dense"): "matmul (fp16)", ("conv", "dense"): "conv (fp16)",
         ("embedding", "dense"): "gather (fp16)",
@@ -116,10 +117,10 @@ class CoremlBackend(Backend):
         ("embedding", "int"): "constexpr_blockwise_shift_scale + gather",
     }
 
-    def lower(self, graph: Graph, target: Target, out_dir: Path) -> Lowered:
+    def lower(self, graph: Graph, target: Target, ctx: LowerContext) -> Artifact:
         """Write ``model.mlpackage`` for ``graph``. Example:
 
-        >>> CoremlBackend().lower(graph, get_target("apple-a17"), Path("bundle"))
+        >>> CoremlBackend().lower(graph, get_target("apple-a17"), ctx)
         """
         import coremltools as ct
         from .lower import build_program, input_type, op_signature, output_type
@@ -152,26 +153,26 @@ class CoremlBackend(Backend):
                                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
         entry_outputs = [{"name": v.name, "mil_name": lw.name_of_output(i), "dtype": _np_name(v.dtype),
                           "io_dtype": output_type(v)} for i, v in enumerate(graph.outputs)]
-        self._describe(model, graph, target, entry_inputs, entry_outputs, symbols)
-        path = out_dir / MODEL_DIR
+        self._describe(model, graph, target, ctx.recipe, entry_inputs, entry_outputs, symbols)
+        path = ctx.files.path(MODEL_DIR)
         model.save(str(path))
-        files = sorted(p.relative_to(out_dir).as_posix() for p in path.rglob("*") if p.is_file())
+        files = sorted(f"{MODEL_DIR}/{p.relative_to(path).as_posix()}" for p in path.rglob("*") if p.is_file())
         mil_ops = Counter(t for types in lw.op_map.values() for t in types)
         entry = {"model": MODEL_DIR, "deployment_target": deploy_name, "compute_precision": "float16",
                  "inputs": entry_inputs, "outputs": entry_outputs, "flexible_dims": symbols,
                  "renamed": {k: v for k, v in lw.renamed.items() if v}, "weights": lw.weight_names,
                  "mil_ops": dict(sorted(mil_ops.items()))}
         entry["verify"] = self._verify(path, graph, op_signature(graph, lw), lw.weight_names)
-        return Lowered(files=files, entry=entry, fallbacks=lw.fallbacks, toolchain=self.toolchain())
+        return Artifact(files=files, entry=entry, fallbacks=lw.fallbacks, toolchain=self.toolchain())
 
     @staticmethod
-    def _describe(model, graph: Graph, target: Target, inputs: list, outputs: list, symbols: dict) -> None:
+    def _describe(model, graph: Graph, target: Target, recipe: str, inputs: list, outputs: list,
+                  symbols: dict) -> None:
         """Metadata a person reads in Xcode, and nnforge's own keys (user_defined_metadata)."""
         from ... import __version__
         model.author = "nnforge"
         model.version = __version__
         model.license = ""
-        recipe = graph.meta.get("recipe", "unknown")
         model.short_description = (f"{graph.name} compiled by nnforge {__version__} for {target.name}, recipe "
                                    f"{recipe} (weights: {_summary(graph) or 'none'})")
         for spec in inputs:

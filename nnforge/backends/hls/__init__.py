@@ -25,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ...ir import Graph, GraphError, bind_symbols, specialize
+from ...ir import Graph, GraphError, bind_symbols
+from ...ir.simplify import static_form
 from ...targets import Target
-from ..base import Backend, BackendError, InputSpec, Lowered, Runner
+from ..base import Artifact, Backend, BackendError, InputSpec, LowerContext, Runner
 from . import csim, logic, render, resources  # noqa: F401  (logic registers its lowering rules)
 from .project import PROJECT, HlsOptions, Plan, build_plan
 
@@ -35,15 +36,12 @@ TB_SEED = 0
 
 
 def static_graph(graph: Graph, dims: dict | None, shapes: dict | None = None) -> tuple[Graph, dict]:
-    """``graph`` with its dimension symbols fixed (see the module docstring) and the sizes used."""
-    from ...passes import PassContext, PassManager
-    from ...passes.cleanup import DeadCodeElimination, FoldConstants, Simplify
+    """``graph`` with its dimension symbols fixed (see the module docstring) and the sizes used: the
+    same static form the ``specialize_shapes`` pass gives at compile time (nnforge.ir.simplify), so
+    a runner building a design for new sizes generates what a compile for them would."""
     try:
         env = bind_symbols(graph, dims, shapes)
-        static = specialize(graph, env)
-        if static is not graph:     # what only the sizes made constant (aranges, masks, shape arithmetic) folds away
-            static = PassManager([FoldConstants(), Simplify(), DeadCodeElimination()]).run(static, PassContext())
-        return static, env
+        return static_form(graph, env), env
     except GraphError as e:
         raise BackendError(f"the hls backend generates fixed-size hardware and needs every dimension fixed: {e} "
                            f"(give sizes with the target option dims, e.g. with_options(dims={{'seq': 128}}))") from None
@@ -133,12 +131,21 @@ class HlsBackend(Backend):
         ("embedding", "dense"): "table lookup in weight memory (int32 raw rows in the activation format)",
     }
 
-    def lower(self, graph: Graph, target: Target, out_dir: Path) -> Lowered:
-        opts = HlsOptions.from_target(target)
+    def prepare(self, target: Target, shapes: dict) -> list:
+        """Hardware has fixed sizes: every dimension symbol is fixed before lowering, from the target
+        option ``dims`` first and the check inputs' ``shapes`` for the rest."""
         dims = target.options.get("dims")
         if dims is not None and not isinstance(dims, dict):
             raise BackendError(f"target {target.name}: option dims must be a table of symbol = size, got {dims!r}")
-        static, env = static_graph(graph, dims, graph.meta.get("example_shapes"))
+        return [{"pass": "specialize_shapes", "dims": dims, "shapes": shapes}]
+
+    def lower(self, graph: Graph, target: Target, ctx: LowerContext) -> Artifact:
+        opts = HlsOptions.from_target(target)
+        if any(not isinstance(d, int) for v in graph.inputs for d in v.shape):
+            raise BackendError(f"the hls backend generates fixed-size hardware: graph {graph.name} still has "
+                               f"dimension symbols ({', '.join(str(list(v.shape)) for v in graph.inputs)}); lower it "
+                               "after its prepare passes")
+        static, env = graph, dict(ctx.symbols)
         plan = build_plan(static, opts)
         files = render.render(plan, tb_inputs(plan))
         files.update(simulation_report(static, target, plan))
@@ -146,14 +153,12 @@ class HlsBackend(Backend):
         files[f"{REPORT_DIR}/resources.json"] = json.dumps(est, indent=1).encode()
         files[f"{REPORT_DIR}/resources.txt"] = (resources.format_estimate(est) + "\n").encode()
         for rel, data in files.items():
-            p = Path(out_dir) / rel
-            p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_bytes(data)
+            ctx.files.write_bytes(rel, data)
         entry = {"project": PROJECT, "top": plan.name, "options": opts.to_dict(), "dims": env,
                  "onchip_activation_bytes": plan.onchip_bytes,
                  "resource_estimate": {k: est["total"][k] for k in ("dsp", "bram36", "lut", "ff")}, "weight_memory_bytes": len(plan.mem.image()),
                  "sources": {rel: hashlib.sha256(data).hexdigest() for rel, data in render.sources(plan).items()}}
-        return Lowered(files=sorted(files), entry=entry, fallbacks=plan.fallbacks, toolchain=self.toolchain())
+        return Artifact(files=sorted(files), entry=entry, fallbacks=plan.fallbacks, toolchain=self.toolchain())
 
     def load(self, bundle_dir: Path, entry: dict, device: str | None = None) -> Runner:
         if device not in (None, "cpu", "csim"):

@@ -23,7 +23,7 @@ from .project import CTYPES, PROJECT, Plan
 def _ports(plan: Plan) -> str:
     ins = [f"const {plan.ctype(v)} {plan.ids[v]}[{plan.sizes[plan.ids[v]]}]" for v in plan.inputs]
     outs = [f"{plan.ctype(v)} {plan.ids[v]}[{plan.sizes[plan.ids[v]]}]" for v in plan.outputs]
-    return ", ".join(ins + outs + [f"const unsigned char wmem[NF_WMEM_BYTES]"])
+    return ", ".join(ins + outs + ["const unsigned char wmem[NF_WMEM_BYTES]"])
 
 
 def parameters_h(plan: Plan) -> str:
@@ -83,7 +83,7 @@ def top_cpp(plan: Plan) -> str:
 
 
 def host_cpp(plan: Plan) -> str:
-    lines = [f'// C-simulation entry (host only, not synthesised): floats in, floats out.',
+    lines = ['// C-simulation entry (host only, not synthesised): floats in, floats out.',
              f'#include "{plan.name}.h"', "",
              "// the one symbol the C-simulation library exports (it is built with -fvisibility=hidden)",
              'extern "C" __attribute__((visibility("default"))) int nf_run(const float *const *inputs, float *const *outputs, const unsigned char *wmem) {']

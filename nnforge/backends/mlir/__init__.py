@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ...ir import Graph
 from ...targets import Target
-from ..base import Backend, BackendError, Lowered, Runner
+from ..base import Artifact, Backend, BackendError, LowerContext, Runner
 from .export import DIALECTS, constant_stats, export_program, parse, to_mlir
 from .module import GraphModule
 from .runtime import MlirRunner, check_ops, signature
@@ -64,12 +64,12 @@ class MlirBackend(Backend):
         "lowrank": "both factors (own encodings) + their product",
     }.items()}
 
-    def lower(self, graph: Graph, target: Target, out_dir: Path) -> Lowered:
+    def lower(self, graph: Graph, target: Target, ctx: LowerContext) -> Artifact:
         _require_torch_mlir()
         dialect = _dialect(target)
         module, fallbacks = GraphModule.build(graph)
-        mlir_module = to_mlir(export_program(module, graph), dialect)
-        path = out_dir / MODEL_FILE
+        mlir_module = to_mlir(export_program(module, graph, ctx.shapes), dialect)
+        path = ctx.files.path(MODEL_FILE)
         with open(path, "w") as f:
             mlir_module.operation.print(file=f)
         del mlir_module
@@ -82,7 +82,7 @@ class MlirBackend(Backend):
                  "bytes": path.stat().st_size,
                  "encoded_weights": sum(1 for v in graph.weights.values() if v.encoding.kind != "dense"),
                  **constant_stats(written)}
-        return Lowered(files=[MODEL_FILE], entry=entry, fallbacks=fallbacks, toolchain=self.toolchain())
+        return Artifact(files=[MODEL_FILE], entry=entry, fallbacks=fallbacks, toolchain=self.toolchain())
 
     def load(self, bundle_dir: Path, entry: dict, device: str | None = None) -> Runner:
         if device not in (None, "cpu"):

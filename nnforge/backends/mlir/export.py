@@ -20,30 +20,30 @@ DIALECTS = ("linalg-on-tensors", "tosa", "stablehlo")
 CONSTANT_OPS = {"arith.constant": "value", "tosa.const": "values", "stablehlo.constant": "value"}
 
 
-def example_inputs(graph: Graph) -> tuple[torch.Tensor, ...]:
-    """Tensors of the check inputs' shapes (``graph.meta["example_shapes"]``, else the graph's static
-    shapes), all ones: only their shapes and dtypes matter to tracing."""
-    shapes = graph.meta.get("example_shapes") or {}
+def example_inputs(graph: Graph, shapes: dict | None = None) -> tuple[torch.Tensor, ...]:
+    """Tensors of ``shapes`` (each input's shape in the check inputs: ``LowerContext.shapes``), else
+    the graph's static shapes, all ones: only their shapes and dtypes matter to tracing."""
+    shapes = shapes or {}
     out = []
     for v in graph.inputs:
         shape = shapes.get(v.name)
         if shape is None:
             if not all(isinstance(d, int) for d in v.shape):
-                raise BackendError(f"mlir backend: input {v.name} has symbolic shape {list(v.shape)} and the graph "
-                                   "carries no example shape for it (graph.meta['example_shapes'])")
+                raise BackendError(f"mlir backend: input {v.name} has symbolic shape {list(v.shape)} and no example "
+                                   "shape was given for it (the check inputs fix it)")
             shape = v.shape
         out.append(torch.ones(tuple(shape), dtype=v.dtype.torch_dtype))
     return tuple(out)
 
 
-def export_program(module: torch.nn.Module, graph: Graph):
+def export_program(module: torch.nn.Module, graph: Graph, shapes: dict | None = None):
     """torch.export of ``module`` at the sizes of the graph's example (check) inputs.
 
     The program is static on purpose: with dynamic dims, torch-mlir 20261001 miscompiles masked
     attention (the token embedding of a BERT encoder is lowered for a sequence of length 1, so the
     module reads and writes out of bounds: seen under its reference JIT with runtime verification),
     and its TOSA and StableHLO lowerings refuse torch.export's runtime shape assertions."""
-    inputs = example_inputs(graph)
+    inputs = example_inputs(graph, shapes)
     try:
         return torch.export.export(module, inputs, strict=False)
     except Exception as e:

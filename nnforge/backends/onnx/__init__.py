@@ -15,7 +15,7 @@ from onnx import helper
 
 from ...ir import Graph, symbolic as sym
 from ...targets import Target
-from ..base import Backend, BackendError, Fallback, InputSpec, Lowered, Runner
+from ..base import Artifact, Backend, BackendError, Fallback, InputSpec, LowerContext, Runner, RuntimeSpec
 from . import weights as W
 from .builder import INLINE_LIMIT, OnnxBuilder, onnx_type
 from .ops import LOWERINGS
@@ -30,13 +30,14 @@ def _value_info(v, name: str | None = None):
     return helper.make_tensor_value_info(name or v.name, onnx_type(v.dtype), dims)
 
 
-def build_model(graph: Graph, weights_path: Path, opset: int = OPSET) -> tuple[onnx.ModelProto, list[Fallback]]:
-    """The ONNX model for ``graph``; dense weights reference ``weights_path`` by offset."""
+def build_model(graph: Graph, weights, weights_file: str, opset: int = OPSET) -> tuple[onnx.ModelProto, list[Fallback]]:
+    """The ONNX model for ``graph``; dense weights reference ``weights_file`` (bundle-relative)
+    by the offsets ``weights`` gives (``span(key)``, :class:`nnforge.bundle.format.TensorIndex`)."""
     missing = sorted({n.op for n in graph.nodes if n.op not in LOWERINGS})
     if missing:
         raise BackendError(f"the onnx backend has no lowering for op(s) {', '.join(missing)} "
                            f"(used by nodes {', '.join(n.name for n in graph.nodes if n.op in missing)[:300]})")
-    b = OnnxBuilder(graph, weights_path)
+    b = OnnxBuilder(graph, weights, weights_file)
     fallbacks: list[Fallback] = []
     for node in graph.nodes:
         try:
@@ -143,6 +144,7 @@ class OnnxRunner(Runner):
 
 class OnnxBackend(Backend):
     name = "onnx"
+    runtime = RuntimeSpec("onnxruntime", "onnxruntime", 1)     # ONNX Runtime reads older files within a major
     native = {
         ("linear", "dense"): "Gemm", ("matmul", "dense"): "MatMul", ("conv", "dense"): "Conv",
         ("embedding", "dense"): "Gather",
@@ -151,10 +153,10 @@ class OnnxBackend(Backend):
         ("matmul", "int"): "DequantizeLinear + MatMul",
     }
 
-    def lower(self, graph: Graph, target: Target, out_dir: Path) -> Lowered:
+    def lower(self, graph: Graph, target: Target, ctx: LowerContext) -> Artifact:
         opset = int(target.options.get("opset", OPSET))
-        model, fallbacks = build_model(graph, out_dir / "weights.safetensors", opset)
-        path = out_dir / MODEL_FILE
+        model, fallbacks = build_model(graph, ctx.files.weights, ctx.files.weights_file, opset)
+        path = ctx.files.path(MODEL_FILE)
         onnx.save_model(model, os.fspath(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=DATA_FILE, size_threshold=INLINE_LIMIT)
         try:
@@ -162,12 +164,12 @@ class OnnxBackend(Backend):
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
             raise BackendError(f"onnx backend produced an invalid model for graph {graph.name}: "
                                f"{str(e).splitlines()[0]}") from e
-        files = [MODEL_FILE] + ([DATA_FILE] if (out_dir / DATA_FILE).exists() else [])
+        files = [MODEL_FILE] + ([DATA_FILE] if ctx.files.exists(DATA_FILE) else [])
         entry = {"model": MODEL_FILE, "opset": opset}
         config = session_config(graph, model)
         if config:
             entry["session_config"] = config
-        return Lowered(files=files, entry=entry, fallbacks=fallbacks,
+        return Artifact(files=files, entry=entry, fallbacks=fallbacks,
                        toolchain=self.toolchain())
 
     def load(self, bundle_dir: Path, entry: dict, device: str | None = None) -> Runner:

@@ -3,9 +3,6 @@ dims, and initializers that point into the bundle's ``weights.safetensors`` (ONN
 with offsets), so the model file holds no second copy of the weights."""
 from __future__ import annotations
 
-import json
-import struct
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -32,35 +29,13 @@ def onnx_type(dt: DType) -> int:
         raise BackendError(f"dtype {dt} has no ONNX tensor type") from None
 
 
-class SafetensorsIndex:
-    """Byte ranges of the tensors inside a safetensors file (read from its JSON header only)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.entries: dict[str, dict] = {}
-        self.base = 0
-        if path.exists():
-            with open(path, "rb") as f:
-                n = struct.unpack("<Q", f.read(8))[0]
-                header = json.loads(f.read(n))
-            header.pop("__metadata__", None)
-            self.entries, self.base = header, 8 + n
-
-    def span(self, key: str) -> tuple[int, int] | None:
-        e = self.entries.get(key)
-        if e is None:
-            return None
-        begin, end = e["data_offsets"]
-        return self.base + begin, end - begin
-
-
 class OnnxBuilder:
-    def __init__(self, graph: Graph, weights_path: Path):
+    def __init__(self, graph: Graph, weights, weights_file: str):
         self.graph = graph
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
-        self.index = SafetensorsIndex(weights_path)
-        self.weights_file = weights_path.name
+        self.index = weights           # where each weight lies in the bundle's weights file
+        self.weights_file = weights_file
         self._names = {v.name for v in graph.values()}
         self._consts: dict[tuple, str] = {}
         self._dims: dict[tuple, str] = {}

@@ -23,8 +23,8 @@ Target options it reads: ``compute_dtype`` ("float16", the default, or "bfloat16
 of linears and matmuls) and ``cuda_graphs`` (default true; ``NNFORGE_CUDA_GRAPHS=0`` turns them off
 at load).
 
-    >>> lowered = TritonBackend().lower(graph, get_target("h100"), out_dir)
-    >>> runner = TritonBackend().load(out_dir, lowered.entry)          # CUDA, or TRITON_INTERPRET=1
+    >>> artifact = TritonBackend().lower(graph, get_target("h100"), ctx)
+    >>> runner = TritonBackend().load(bundle_dir, artifact.entry)      # CUDA, or TRITON_INTERPRET=1
     >>> y = runner(x)
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ import torch
 
 from ...ir import Graph, symbolic as sym
 from ...targets import Target
-from ..base import Backend, BackendError, InputSpec, Lowered, Runner
+from ..base import Artifact, Backend, BackendError, InputSpec, LowerContext, Runner, RuntimeSpec
 from .kernels import interpreting
 from .lower import KERNEL_PACKAGE, PACKED_FILE, lower_graph, module_source, sha256_of
 
@@ -192,6 +192,7 @@ class TritonRunner(Runner):
 
 class TritonBackend(Backend):
     name = "triton"
+    runtime = RuntimeSpec("triton", "triton", 2)       # kernel sources follow the language of a major.minor
     native = {
         ("linear", "dense"): "torch F.linear on fp16 (cuBLAS)", ("matmul", "dense"): "torch matmul on fp16",
         ("conv", "dense"): "torch conv on fp16", ("embedding", "dense"): "torch embedding (fp16 table)",
@@ -201,8 +202,8 @@ class TritonBackend(Backend):
         ("linear", "sparse"): "kernels.sparse24: 2:4 sparse GEMM with int4 or float values (sparse24)",
     }
 
-    def lower(self, graph: Graph, target: Target, out_dir: Path) -> Lowered:
-        return lower_graph(graph, target, Path(out_dir), self.toolchain())
+    def lower(self, graph: Graph, target: Target, ctx: LowerContext) -> Artifact:
+        return lower_graph(graph, target, ctx.files, self.toolchain())
 
     def load(self, bundle_dir: Path, entry: dict, device: str | None = None) -> Runner:
         return TritonRunner(Path(bundle_dir), entry, resolve_device(device))

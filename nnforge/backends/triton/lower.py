@@ -5,7 +5,7 @@ Only ``linear`` weights go to kernels: the kernel contract computes ``x @ W.T`` 
 [out, in], which is how a linear weight is encoded; a ``matmul`` weight operand is [in, out], so
 an encoded one is decoded instead (a reported fallback, like every weight no kernel takes).
 
-    >>> lowered = lower_graph(graph, get_target("h100"), out_dir)
+    >>> artifact = lower_graph(graph, get_target("h100"), ctx.files, toolchain)
     >>> lowered.entry["linears"]["fc.weight"]["module"]
     'intweight'
 """
@@ -20,7 +20,7 @@ from types import ModuleType
 
 from ...ir import Graph
 from ...targets import Target
-from ..base import BackendError, Fallback, Lowered
+from ..base import Artifact, BackendError, Fallback
 
 GRAPH_FILE = "graph.json"                 # written by the pipeline (save_graph); read in place
 WEIGHTS_FILE = "weights.safetensors"
@@ -142,18 +142,15 @@ def check_gpu(target: Target) -> None:
         raise BackendError(f"triton backend, target {target.name}: {e}") from None
 
 
-def lower_graph(graph: Graph, target: Target, out_dir: Path, toolchain: dict) -> Lowered:
+def lower_graph(graph: Graph, target: Target, files_out, toolchain: dict) -> Artifact:
     """Pack every linear weight a kernel takes into ``triton_weights.safetensors``, copy the
-    kernel sources used into ``kernels/``, and describe the rest of the graph for the launcher."""
+    kernel sources used into ``kernels/`` (both through ``files_out``, the bundle's
+    :class:`~nnforge.bundle.format.ArtifactWriter`), and describe the rest of the graph for the
+    launcher, which reads the bundle's graph and weights files."""
     from safetensors.torch import save_file
-    from ...ir import save_graph
-    out_dir = Path(out_dir)
     cdt = compute_dtype(target)
     check_gpu(target)
     files = []
-    if not (out_dir / GRAPH_FILE).is_file() or not (out_dir / WEIGHTS_FILE).is_file():
-        save_graph(graph, out_dir / GRAPH_FILE, out_dir / WEIGHTS_FILE)     # lowered outside a bundle
-        files += [GRAPH_FILE, WEIGHTS_FILE]
     modules, missing = kernel_modules()
     fallbacks: list[Fallback] = []
     linears, packed = {}, {}
@@ -185,11 +182,10 @@ def lower_graph(graph: Graph, target: Target, out_dir: Path, toolchain: dict) ->
         fallbacks.append(Fallback(wname, f"{enc.describe()} {what} of node {node}",
                                   "decoded to dense at load, run by torch (the kernels take linear weights only)"))
     if packed:
-        save_file(packed, os.fspath(out_dir / PACKED_FILE), metadata={"producer": "nnforge triton backend"})
+        save_file(packed, os.fspath(files_out.path(PACKED_FILE)), metadata={"producer": "nnforge triton backend"})
         files.append(PACKED_FILE)
     kernels = {}
     if used:
-        (out_dir / KERNEL_DIR).mkdir(exist_ok=True)
         package = importlib.import_module(KERNEL_PACKAGE)
         sources = {n: package if n == "__init__" else importlib.import_module(f"{KERNEL_PACKAGE}.{n}")
                    for n in SHARED_SOURCES}
@@ -197,8 +193,8 @@ def lower_graph(graph: Graph, target: Target, out_dir: Path, toolchain: dict) ->
             sources[n] = modules.get(n) or importlib.import_module(f"{KERNEL_PACKAGE}.{n}")
         for name, module in sources.items():
             rel = f"{KERNEL_DIR}/{name}.py"
-            shutil.copyfile(module_source(module), out_dir / rel)
-            kernels[name] = {"file": rel, "sha256": sha256_of(out_dir / rel),
+            shutil.copyfile(module_source(module), files_out.path(rel))
+            kernels[name] = {"file": rel, "sha256": sha256_of(files_out.path(rel)),
                              "format": getattr(module, "FORMAT", None)}
             files.append(rel)
     entry = {
@@ -210,7 +206,7 @@ def lower_graph(graph: Graph, target: Target, out_dir: Path, toolchain: dict) ->
         "kernels": kernels, "linears": linears, "fp8_linears": fp8_linears(graph, target, linears, modules),
         "decoded": sorted({f.where for f in fallbacks}),
     }
-    return Lowered(files=files, entry=entry, fallbacks=fallbacks, toolchain=toolchain)
+    return Artifact(files=files, entry=entry, fallbacks=fallbacks, toolchain=toolchain)
 
 
 __all__ = ["lower_graph", "kernel_modules", "choose_kernel", "sha256_of", "KERNEL_MODULES", "PACKED_FILE",

@@ -17,8 +17,8 @@ TVM 0.27 takes JSON-like dicts, see :func:`resolve_target` (``native`` means thi
 *and* its feature list, so a VM that hides AVX-512 from a Zen 4 gets AVX2 code).
 
     >>> backend = TvmBackend()
-    >>> lowered = backend.lower(graph, get_target("cpu"), out_dir)     # writes model.so, ...
-    >>> runner = backend.load(out_dir, lowered.entry)
+    >>> artifact = backend.lower(graph, get_target("cpu"), ctx)     # writes model.so, ...
+    >>> runner = backend.load(bundle_dir, artifact.entry)
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ import numpy as np
 
 from ...ir import Graph
 from ...targets import Target, host_cpu_flags
-from ..base import Backend, BackendError, InputSpec, Lowered, Runner
+from ..base import Artifact, Backend, BackendError, InputSpec, LowerContext, Runner, RuntimeSpec
 from . import threads
 from .dispatch import NEVER, Dispatcher, check_in_model
 from .layer_timing import measure_in_model
@@ -362,11 +362,13 @@ def _all_noalias():
     return mark
 
 
-def build(graph: Graph, target: Target, out_dir: Path, toolchain: dict) -> Lowered:
+def build(graph: Graph, target: Target, ctx: LowerContext, toolchain: dict) -> Artifact:
     """Lower ``graph``, compile it for ``target.options["llvm_target"]``, write the library and
-    the backend's parameter arrays into ``out_dir``. With per-shape dispatch (dispatch.py), a
-    first library with every candidate layer joined to the dense kernel is built and timed in the
-    model, and the final one is built from its decisions."""
+    the backend's parameter arrays into the bundle (``ctx.files``). With per-shape dispatch
+    (dispatch.py), a first library with every candidate layer joined to the dense kernel is built
+    and timed in the model on ``ctx.reference`` at ``ctx.speed_shapes``, and the final one is
+    built from its decisions."""
+    out_dir = ctx.files.root        # the library is built, loaded and timed there before it is final
     from .lower import lower_graph
     llvm_target = target.options.get("llvm_target")
     if not isinstance(llvm_target, str):
@@ -375,43 +377,45 @@ def build(graph: Graph, target: Target, out_dir: Path, toolchain: dict) -> Lower
     tvm_target = resolve_target(llvm_target)
     where = f"target {target.name}"
     tuner = Tuner(target.options, tvm_target, target.can_run(), where)
-    dispatcher = Dispatcher(target.options, target.can_run(), graph, where)
-    inputs = _reference_inputs(out_dir, [v.name for v in graph.inputs]) if dispatcher.enabled else None
+    dispatcher = Dispatcher(target.options, target.can_run(), graph, where, shapes=ctx.speed_shapes)
+    inputs = tuple(ctx.reference) if dispatcher.enabled and ctx.reference is not None else None
     if dispatcher.enabled and inputs is None:
-        dispatcher.why_not = "not measured: the bundle directory has no reference inputs to time the model on"
+        dispatcher.why_not = "not measured: no reference inputs to time the model on"
+    speed = _speed_shapes(ctx.speed_shapes)
     low = lower_graph(graph, llvm_target, tvm_target, tuner, dispatcher)
     if dispatcher.measuring and dispatcher.candidates:
         first = _write(graph, target, low, tvm_target, tuner, out_dir)
         runner = TvmRunner(out_dir, first)
-        times = measure_in_model(runner, dispatcher.symbols, graph, inputs, _speed_shapes(graph))
+        times = measure_in_model(runner, dispatcher.symbols, graph, inputs, speed)
         del runner
-        dispatcher = Dispatcher(target.options, target.can_run(), graph, where, times=times)
+        dispatcher = Dispatcher(target.options, target.can_run(), graph, where, times=times, shapes=ctx.speed_shapes)
         low = lower_graph(graph, llvm_target, tvm_target, tuner, dispatcher)
         (out_dir / PARAMS_FILE).unlink(missing_ok=True)
     entry = _write(graph, target, low, tvm_target, tuner, out_dir)
     if dispatcher.times is not None and any(d.dispatched for d in dispatcher.decisions.values()):
-        _check_dispatch(graph, low, entry, dispatcher, inputs, out_dir)
+        _check_dispatch(graph, low, entry, dispatcher, inputs, out_dir, speed)
     files = [LIBRARY_FILE, tuner.write(out_dir)]
     if any(spec.decode for spec in low.params):
         files.append(GRAPH_FILE)        # dispatched layers decode their dense copy from it at load
     if low.arrays:
         files.append(PARAMS_FILE)
     import tvm_ffi
-    return Lowered(files=files, entry=entry, fallbacks=low.fallbacks,
+    return Artifact(files=files, entry=entry, fallbacks=low.fallbacks,
                    toolchain={**toolchain, "llvm": str(tvm_ffi.get_global_func("target.llvm_version_major")()),
                               "llvm_target": llvm_target, "llvm_cpu": str(tvm_target.attrs.get("mcpu", ""))})
 
 
-def _speed_shapes(graph: Graph) -> list[tuple[str, int]]:
-    return [(s.get("label", ""), int(s["batch"])) for s in graph.meta.get("speed_shapes", []) if "batch" in s]
+def _speed_shapes(shapes: list[dict]) -> list[tuple[str, int]]:
+    return [(s.get("label", ""), int(s["batch"])) for s in shapes if "batch" in s]
 
 
-def _check_dispatch(graph: Graph, low, entry: dict, dispatcher: Dispatcher, inputs, out_dir: Path) -> None:
+def _check_dispatch(graph: Graph, low, entry: dict, dispatcher: Dispatcher, inputs, out_dir: Path,
+                    speed: list[tuple[str, int]]) -> None:
     """Time the final library whole (dispatch.check_in_model) and write back the thresholds it moved."""
     from safetensors.numpy import save_file
     from .lower import SEP
     runner = TvmRunner(out_dir, entry)
-    changed = check_in_model(runner, dispatcher, graph, inputs, _speed_shapes(graph))
+    changed = check_in_model(runner, dispatcher, graph, inputs, speed)
     del runner
     params = {layer["weight"]: layer["threshold_param"] for layer in entry["dispatch"]["layers"]
               if "threshold_param" in layer}
@@ -423,17 +427,6 @@ def _check_dispatch(graph: Graph, low, entry: dict, dispatcher: Dispatcher, inpu
     for layer in entry["dispatch"]["layers"]:
         if layer["weight"] in params:
             layer["threshold_param"] = params[layer["weight"]]
-
-
-def _reference_inputs(out_dir: Path, names: list[str]) -> tuple | None:
-    """The bundle's reference inputs (the pipeline writes them before lowering), or None."""
-    from ...bundle import REF_INPUTS, BundleError, load_inputs
-    if not (out_dir / REF_INPUTS).is_file():
-        return None
-    try:
-        return tuple(load_inputs(out_dir / REF_INPUTS, names))
-    except BundleError:
-        return None
 
 
 def _write(graph: Graph, target: Target, low, tvm_target, tuner: Tuner, out_dir: Path) -> dict:
@@ -469,6 +462,7 @@ def _write(graph: Graph, target: Target, low, tvm_target, tuner: Tuner, out_dir:
 
 class TvmBackend(Backend):
     name = "tvm"
+    runtime = RuntimeSpec("tvm", "apache-tvm", 2)      # a native library built against its runtime's ABI
     native = {
         ("linear", "dense"): "scheduled fp32 GEMM (kernels.dense), weight read as stored",
         ("matmul", "dense"): "scheduled fp32 batched GEMM (kernels.dense) or Relax matmul",
@@ -478,8 +472,8 @@ class TvmBackend(Backend):
         ("conv", "dense"): "Relax conv", ("embedding", "dense"): "Relax take",
     }
 
-    def lower(self, graph: Graph, target: Target, out_dir: Path) -> Lowered:
-        return build(graph, target, Path(out_dir), self.toolchain())
+    def lower(self, graph: Graph, target: Target, ctx: LowerContext) -> Artifact:
+        return build(graph, target, ctx, self.toolchain())
 
     def load(self, bundle_dir: Path, entry: dict, device: str | None = None) -> Runner:
         if device not in (None, "cpu"):

@@ -5,7 +5,7 @@ A compressed kernel saves memory and bandwidth, not always time: an int4 weight-
 the dense GEMM at batch 1 and lose at batch 32 (the dense kernel's register tiles then run
 compute-bound, the int4 one pays its dequantisation per tile), and a block-sparse SpMM at moderate
 density can lose at every size. When the pipeline names the shapes of its speed records
-(``graph.meta["speed_shapes"]``, from ``nf.compile(..., batch_sizes=...)``) and the target runs
+(``LowerContext.speed_shapes``, from ``nf.compile(..., batch_sizes=...)``) and the target runs
 here, the tvm backend builds in two passes:
 
 1. every eligible compressed linear (fp32, on a kernel of kernels/) is lowered as a
@@ -106,14 +106,14 @@ class Dispatcher:
     (:class:`~.layer_timing.InModelTimes`), the decisions of the final one."""
 
     def __init__(self, options: dict, can_measure: tuple[bool, str], graph: Graph, where: str,
-                 times: InModelTimes | None = None):
+                 times: InModelTimes | None = None, shapes: list[dict] | None = None):
         unknown = sorted(k for k in options if k.startswith("dispatch") and k not in OPTIONS)
         if unknown:
             raise BackendError(f"{where}: unknown dispatch option(s) {', '.join(unknown)}; known: {', '.join(OPTIONS)}")
         self.margin = float(options.get("dispatch_margin", DEFAULT_MARGIN))
         if not 0 <= self.margin < 1:
             raise BackendError(f"{where}: dispatch_margin must be in [0, 1), got {self.margin}")
-        self.points = self._points(graph)
+        self.points = self._points(graph, shapes or [])
         self.times = times
         self.why_not = ""
         if not bool(options.get("dispatch", True)):
@@ -138,10 +138,11 @@ class Dispatcher:
         return self.enabled and self.times is None
 
     @staticmethod
-    def _points(graph: Graph) -> list[tuple[str, dict[str, int]]]:
-        """(label, dimension symbol bindings) of each shape the pipeline asked to measure."""
+    def _points(graph: Graph, shapes: list[dict]) -> list[tuple[str, dict[str, int]]]:
+        """(label, dimension symbol bindings) of each shape the pipeline asked to measure
+        (``LowerContext.speed_shapes``)."""
         out = []
-        for shape in graph.meta.get("speed_shapes") or []:
+        for shape in shapes:
             env: dict[str, int] = {}
             for v in graph.inputs:
                 given = shape.get("inputs", {}).get(v.name)

@@ -28,7 +28,7 @@ import torch
 
 from ...ir import Dense, Graph
 from ..base import Pass, PassContext, PassError, register_pass
-from ..cleanup import eliminate_dead_code
+from ...ir.simplify import eliminate_dead_code
 from ..quantize.calibrate import run_calibration
 from ..quantize.gptq import inverse_from_cholesky
 from .structures import (HeadGroup, find_attention_heads, find_mlp_channels,

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests import conftest
+
 pytest.importorskip("coremltools")
 
 import nnforge as nf                                              # noqa: E402
@@ -29,9 +31,7 @@ MACOS = sys.platform == "darwin"
 
 
 def lower(graph: Graph, out_dir: Path, target: str = "apple-a17"):
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_graph(graph, out_dir / "graph.json", out_dir / "weights.safetensors")
-    return CoremlBackend().lower(graph, get_target(target), out_dir)
+    return conftest.lower_into(CoremlBackend(), graph, target, out_dir)
 
 
 def saved_op_types(path: Path) -> list[str]:
@@ -209,8 +209,7 @@ def test_macos_target_and_flexible_dims_in_the_spec(tmp_path):
     x = g.add_input("x", tensor("f32", "batch", "seq", 8))
     g.set_outputs([g.op("softmax", g.op("linear", x, w(g, "fc.weight", torch.randn(4, 8)), None), axis=-1)])
     target = get_target("apple-m2").with_options(dim_bounds={"seq": [2, 128]}, max_dim=16)
-    tmp_path.mkdir(exist_ok=True)
-    lowered = CoremlBackend().lower(g, target, tmp_path)
+    lowered = conftest.lower_into(CoremlBackend(), g, target, tmp_path)
     assert lowered.entry["deployment_target"] == "macOS15"
     assert lowered.entry["flexible_dims"] == {"batch": [1, 16], "seq": [2, 128]}
     spec = ct.utils.load_spec(str(tmp_path / MODEL_DIR))

@@ -25,7 +25,7 @@ from nnforge.backends.mlir.module import GraphModule                   # noqa: E
 from nnforge.backends.mlir.runtime import check_ops, signature         # noqa: E402
 from nnforge.ir import run_graph                                       # noqa: E402
 from nnforge.passes import PassContext, PassManager, cleanup_passes, resolve_recipe  # noqa: E402
-from nnforge.pipeline import import_model                              # noqa: E402
+from nnforge.frontend import import_model                              # noqa: E402
 from tests.backends.tiny_encoder import TinyEncoder, encoder_inputs   # noqa: E402
 
 # the JIT's loops sum in another order than torch's kernels: a few ulps of the outputs

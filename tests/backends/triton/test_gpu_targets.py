@@ -18,6 +18,8 @@ from pathlib import Path                  # noqa: E402
 import pytest                             # noqa: E402
 import torch                              # noqa: E402
 
+from tests import conftest                # noqa: E402
+
 pytest.importorskip("triton")
 
 import nnforge as nf                                                        # noqa: E402
@@ -145,4 +147,4 @@ def test_lowering_refuses_a_gpu_target_without_an_sm_count(tmp_path, fixture_tar
     l40s = get_target("l40s")
     no_sms = dataclasses.replace(l40s, compute={k: v for k, v in l40s.compute.items() if k != "sms"})
     with pytest.raises(BackendError, match=r"target l40s: .*l40s.toml: target l40s states no \[compute\] sms"):
-        TritonBackend().lower(g, no_sms, tmp_path)
+        conftest.lower_into(TritonBackend(), g, no_sms, tmp_path)

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import lower_into
+
 pytest.importorskip("tvm")
 
 from nnforge.backends.base import BackendError  # noqa: E402
@@ -100,7 +102,6 @@ def _linear_graph(enc) -> Graph:
     bias = g.add_weight("fc.bias", Dense(torch.randn(enc.shape[0])))
     h = g.op("linear", x, g.add_weight("fc.weight", enc), bias, name="fc")
     g.set_outputs([g.op("relu", h, name="act")])
-    g.meta["speed_shapes"] = SHAPES
     return g
 
 
@@ -121,14 +122,10 @@ def _fake_times(monkeypatch, compressed, dense):
     monkeypatch.setattr("nnforge.backends.tvm.check_in_model", lambda *a: [])
 
 
-def _lower(graph, tmp_path, **options):
-    from nnforge.bundle import REF_INPUTS, save_tensors
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    save_graph(graph, tmp_path / "graph.json", tmp_path / "weights.safetensors")
-    (tmp_path / "reference").mkdir(exist_ok=True)
-    save_tensors(tmp_path / REF_INPUTS, {"input0": torch.randn(2, 5, graph.inputs[0].shape[-1])})
+def _lower(graph, tmp_path, speed=SHAPES, **options):
     backend = TvmBackend()
-    lowered = backend.lower(graph, get_target("cpu").with_options(**options), tmp_path)
+    lowered = lower_into(backend, graph, get_target("cpu").with_options(**options), tmp_path, speed=speed,
+                         reference=[torch.randn(2, 5, graph.inputs[0].shape[-1])])
     return backend, lowered
 
 
@@ -183,9 +180,7 @@ def test_dispatch_is_off_when_asked_or_without_shapes(tmp_path, monkeypatch):
     monkeypatch.setattr("nnforge.backends.tvm.measure_in_model", boom)
     _, lowered = _lower(_linear_graph(_encodings()["int4"]), tmp_path / "off", dispatch=False)
     assert lowered.entry["dispatch"]["why_not"] == "turned off (target option dispatch = false)"
-    g = _linear_graph(_encodings()["int4"])
-    del g.meta["speed_shapes"]
-    _, lowered = _lower(g, tmp_path / "none")
+    _, lowered = _lower(_linear_graph(_encodings()["int4"]), tmp_path / "none", speed=[])
     assert "no shapes named" in lowered.entry["dispatch"]["why_not"]
 
 
@@ -221,7 +216,6 @@ def test_in_model_measurement_times_every_candidate_at_every_size(tmp_path):
         enc = IntQuant.quantize(torch.randn(64, 64), 4, group_size=32)
         x = g.op("relu", g.op("linear", x, g.add_weight(f"{name}.weight", enc), name=name))
     g.set_outputs([x])
-    g.meta["speed_shapes"] = SHAPES
     seen = {}
 
     def spy(runner, layers, graph, inputs, shapes, rounds=3):
@@ -268,7 +262,7 @@ def test_whole_model_check_moves_back_layers_that_did_not_pay(monkeypatch, quiet
     monkeypatch.setattr("nnforge.speed.PAUSE_S", 0.0)
     g = _linear_graph(_encodings()["int4"])
     times = {"fc": {"batch 1": (0.01, 0.02), "batch 32": (0.5, 0.2)}}     # dense wins at 160 rows
-    d = Dispatcher({}, (True, ""), g, "test", times=checked(times, SHAPE_BATCHES))
+    d = Dispatcher({}, (True, ""), g, "test", shapes=SHAPES, times=checked(times, SHAPE_BATCHES))
     decision = d.plan("fc", "fc.weight", "k", "batch*seq", 4)
     assert decision.runs_at(160) == "dense" and decision.threshold == 29
     changed = check_in_model(_SleepyRunner(auto_s, 0.006), d, g, (torch.randn(1, 5, 64),),
@@ -297,7 +291,7 @@ def test_whole_model_check_rules_out_one_size_and_keeps_the_other(monkeypatch, q
     from nnforge.backends.tvm.dispatch import Dispatcher, check_in_model
     monkeypatch.setattr("nnforge.speed.PAUSE_S", 0.0)
     g = _linear_graph(_encodings()["int4"])
-    d = Dispatcher({}, (True, ""), g, "test", times=checked({"fc": {"batch 1": (0.02, 0.01), "batch 32": (0.5, 0.2)}},
+    d = Dispatcher({}, (True, ""), g, "test", shapes=SHAPES, times=checked({"fc": {"batch 1": (0.02, 0.01), "batch 32": (0.5, 0.2)}},
                                                             SHAPE_BATCHES))
     decision = d.plan("fc", "fc.weight", "k", "batch*seq", 4)
     assert decision.runs_at(5) == decision.runs_at(160) == "dense"
@@ -366,7 +360,7 @@ def test_times_that_add_up_carry_a_decision(quiet_machine):
     check = times.checks["batch 32"]["modes"]["dense"]
     assert check["layers_ms"] == pytest.approx(0.72, rel=1e-3) and check["other_calls_ms"] == pytest.approx(0.002, rel=1e-2)
     assert times.layers["fc"]["batch 32"] == pytest.approx((1.6, 0.72), rel=1e-3)
-    d = Dispatcher({}, (True, ""), g, "test", times=times)
+    d = Dispatcher({}, (True, ""), g, "test", shapes=SHAPES, times=times)
     decision = d.plan("fc", "fc.weight", "k", "batch*seq", 4)
     assert decision.dispatched and decision.runs_at(5) == "compressed" and decision.runs_at(160) == "dense"
     assert d.to_dict()["evidence"]["checks"]["batch 32"]["ok"]
@@ -380,7 +374,7 @@ def test_times_that_do_not_add_up_decide_nothing(quiet_machine):
     assert not check["ok"] and check["modes"]["dense"]["off"] == pytest.approx(-2 / 3, abs=0.01)
     assert "with compressed kernels the calls add up to 1.602 ms" in check["why"]
     assert "against 4.806 ms for the whole model (-67%, outside +-15%)" in check["why"]
-    d = Dispatcher({}, (True, ""), g, "test", times=times)
+    d = Dispatcher({}, (True, ""), g, "test", shapes=SHAPES, times=times)
     decision = d.plan("fc", "fc.weight", "k", "batch*seq", 4)
     assert not decision.dispatched and decision.runs_at(160) == "compressed"
     assert decision.why.startswith("compressed kernel kept: no measured shape's times passed the evidence check")
@@ -393,7 +387,7 @@ def test_times_the_clock_does_not_resolve_decide_nothing(quiet_machine):
     clock = _Clock(step=1000, quantum=4_000_000)
     g, times = _measure_fake(_FakeVM(clock, LAYER_US, unaccounted=0.02), clock)
     assert times.clock["tick_ns"] == 4_000_000
-    d = Dispatcher({}, (True, ""), g, "test", times=times)
+    d = Dispatcher({}, (True, ""), g, "test", shapes=SHAPES, times=times)
     decision = d.plan("fc", "fc.weight", "k", "batch*seq", 4)
     assert not decision.dispatched and decision.runs_at(160) == "compressed"
     assert "span fewer than 20 steps of the clock" in decision.why and "smallest step 4.0000 ms" in decision.why
@@ -407,7 +401,7 @@ def test_times_taken_on_a_busy_machine_decide_nothing(monkeypatch):
     assert all(not c["ok"] for c in times.checks.values())
     assert times.checks["batch 1"]["why"] == ("the machine was busy: other processes kept 3.0 threads runnable on 2 "
                                              "CPUs on average while timing (1.50 per CPU, above 0.5)")
-    decision = Dispatcher({}, (True, ""), g, "test", times=times).plan("fc", "fc.weight", "k", "batch*seq", 4)
+    decision = Dispatcher({}, (True, ""), g, "test", shapes=SHAPES, times=times).plan("fc", "fc.weight", "k", "batch*seq", 4)
     assert not decision.dispatched and "the machine was busy" in decision.why
 
 
@@ -415,7 +409,7 @@ def test_whole_model_check_on_a_busy_machine_moves_layers_back(monkeypatch):
     from nnforge.backends.tvm.dispatch import check_in_model
     monkeypatch.setattr("nnforge.speed.PAUSE_S", 0.0)
     g = _linear_graph(_encodings()["int4"])
-    d = Dispatcher({}, (True, ""), g, "test", times=checked({"fc": {"batch 1": (0.01, 0.02), "batch 32": (0.5, 0.2)}},
+    d = Dispatcher({}, (True, ""), g, "test", shapes=SHAPES, times=checked({"fc": {"batch 1": (0.01, 0.02), "batch 32": (0.5, 0.2)}},
                                                             SHAPE_BATCHES))
     decision = d.plan("fc", "fc.weight", "k", "batch*seq", 4)
     monkeypatch.setattr("nnforge.speed.others_running", lambda: 4)

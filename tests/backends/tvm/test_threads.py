@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests import conftest
+
 pytest.importorskip("tvm")
 
 from nnforge.backends.tvm import TvmBackend, threads  # noqa: E402
@@ -62,8 +64,7 @@ def _bundle(tmp_path: Path):
     for i in range(2):
         x = g.op("relu", g.op("linear", x, g.add_weight(f"fc{i}.weight", Dense(torch.randn(256, 256))), name=f"fc{i}"))
     g.set_outputs([x])
-    save_graph(g, tmp_path / "graph.json", tmp_path / "weights.safetensors")     # the runner reads weights there
-    return TvmBackend().lower(g, get_target("cpu"), tmp_path)
+    return conftest.lower_into(TvmBackend(), g, "cpu", tmp_path)
 
 
 def _pool_threads() -> int:

@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests import conftest
+
 pytest.importorskip("tvm")
 
 import nnforge as nf                                             # noqa: E402
@@ -40,9 +42,8 @@ SIZES = [{"batch": 1, "seq": 3}, {"batch": 4, "seq": 11}]
 # --- lowering, running, comparing -------------------------------------------------------------
 def lower(graph: Graph, out_dir: Path, target: str = "cpu"):
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_graph(graph, out_dir / "graph.json", out_dir / "weights.safetensors")
     backend = TvmBackend()
-    return backend, backend.lower(graph, get_target(target), out_dir)
+    return backend, conftest.lower_into(backend, graph, target, out_dir)
 
 
 def make_inputs(graph: Graph, env: dict, seed: int) -> list[torch.Tensor]:
@@ -617,7 +618,7 @@ def test_target_without_llvm_string_is_an_error(tmp_path):
     x = g.add_input("x", tensor("f32", "batch", 4))
     g.set_outputs([g.op("relu", x)])
     with pytest.raises(BackendError, match="no options.llvm_target"):
-        TvmBackend().lower(g, tgt, tmp_path)
+        conftest.lower_into(TvmBackend(), g, tgt, tmp_path)
 
 
 def test_registry_returns_the_tvm_backend():

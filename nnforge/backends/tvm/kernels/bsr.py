@@ -27,7 +27,6 @@ below V/2 tokens (its GEMV schedule, with codes regrouped for it); see its docst
     >>> lib = tvm.compile(tvm.IRModule({kern.name: kern.func}), target=llvm_target("llvm -mcpu=native").target)
 """
 # no `from __future__ import annotations`: TVMScript reads the T.Buffer annotations as live objects
-import math
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
