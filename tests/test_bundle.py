@@ -391,8 +391,8 @@ def test_empty_existing_directory_is_used(tmp_path):
 
 
 def _fail_lowering(monkeypatch):
-    def boom(self, graph, target, out_dir):
-        (Path(out_dir) / "model.onnx").write_bytes(b"partial")       # something was written already
+    def boom(self, graph, target, ctx):
+        ctx.files.write_bytes("model.onnx", b"partial")       # something was written already
         raise BackendError("injected lowering failure")
     monkeypatch.setattr(OnnxBackend, "lower", boom)
 

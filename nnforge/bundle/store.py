@@ -248,7 +248,7 @@ def verify(path, key=None) -> dict:
 
 def _signature_status(root: Path, key) -> str:
     if key is not None:
-        from .bundle.signing import key_id, load_public_key
+        from .signing import key_id, load_public_key
         return f"ok (ed25519, key {key_id(load_public_key(key))})"
     return "present, not checked (pass key=)" if (root / SIGNATURE).exists() else \
         "unsigned: the manifest's claims rest on the recomputed checks alone (nf.sign signs a bundle)"

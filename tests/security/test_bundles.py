@@ -109,8 +109,8 @@ def test_symlink_inside_a_replaced_bundle_is_not_followed(bundle, tmp_path):
 
 @pytest.mark.parametrize("failure", [BackendError("injected"), KeyboardInterrupt()], ids=["error", "interrupt"])
 def test_failing_backend_leaves_no_partial_directory(tmp_path, monkeypatch, failure):
-    def boom(self, graph, target, out_dir):
-        (Path(out_dir) / "model.onnx").write_bytes(b"partial")
+    def boom(self, graph, target, ctx):
+        ctx.files.write_bytes("model.onnx", b"partial")
         raise failure
     monkeypatch.setattr(OnnxBackend, "lower", boom)
     with pytest.raises(type(failure)):

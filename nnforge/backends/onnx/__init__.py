@@ -30,14 +30,17 @@ def _value_info(v, name: str | None = None):
     return helper.make_tensor_value_info(name or v.name, onnx_type(v.dtype), dims)
 
 
-def build_model(graph: Graph, weights, weights_file: str, opset: int = OPSET) -> tuple[onnx.ModelProto, list[Fallback]]:
-    """The ONNX model for ``graph``; dense weights reference ``weights_file`` (bundle-relative)
-    by the offsets ``weights`` gives (``span(key)``, :class:`nnforge.bundle.format.TensorIndex`)."""
+def build_model(graph: Graph, weights, opset: int = OPSET) -> tuple[onnx.ModelProto, list[Fallback]]:
+    """The ONNX model for ``graph``; dense weights are read in place from the safetensors file
+    ``weights`` (a path, or its :class:`nnforge.bundle.format.TensorIndex`) by offset, the file
+    named relative to the model (it lies beside it)."""
+    from ...bundle.format import TensorIndex
+    weights = weights if isinstance(weights, TensorIndex) else TensorIndex(Path(weights))
     missing = sorted({n.op for n in graph.nodes if n.op not in LOWERINGS})
     if missing:
         raise BackendError(f"the onnx backend has no lowering for op(s) {', '.join(missing)} "
                            f"(used by nodes {', '.join(n.name for n in graph.nodes if n.op in missing)[:300]})")
-    b = OnnxBuilder(graph, weights, weights_file)
+    b = OnnxBuilder(graph, weights, weights.path.name)
     fallbacks: list[Fallback] = []
     for node in graph.nodes:
         try:
@@ -155,7 +158,7 @@ class OnnxBackend(Backend):
 
     def lower(self, graph: Graph, target: Target, ctx: LowerContext) -> Artifact:
         opset = int(target.options.get("opset", OPSET))
-        model, fallbacks = build_model(graph, ctx.files.weights, ctx.files.weights_file, opset)
+        model, fallbacks = build_model(graph, ctx.files.weights, opset)
         path = ctx.files.path(MODEL_FILE)
         onnx.save_model(model, os.fspath(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=DATA_FILE, size_threshold=INLINE_LIMIT)

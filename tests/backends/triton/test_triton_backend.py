@@ -32,6 +32,8 @@ import numpy as np                        # noqa: E402
 import pytest                             # noqa: E402
 import torch                              # noqa: E402
 
+from tests import conftest                # noqa: E402
+
 pytest.importorskip("triton")
 
 import nnforge as nf                                                         # noqa: E402
@@ -228,8 +230,6 @@ def test_bfloat16_compute_option(tmp_path):
 # --- the packed path through a stand-in kernel module --------------------------------------------
 FAKE_SOURCE = '''"""Stand-in kernel for the backend tests: int8 IntQuant weights, stored decoded in fp16."""
 import torch
-
-from tests import conftest
 from nnforge.backends.triton.kernels import PackedWeight
 from nnforge.ir import IntQuant
 
