@@ -4,7 +4,7 @@
     >>> bundle = nf.compile(model, target="onnx", recipe="w4-rtn", example_inputs=(x,))
     >>> y = nf.load(bundle.path)(x)
 """
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401
 
 from .api import compile, load, load_state_dict, sign, target, targets, verify  # noqa: E402
 from .bundle import Bundle, BundleError  # noqa: E402

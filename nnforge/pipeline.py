@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import __version__
+from .version import __version__
 from .backends.base import Artifact, Backend, BackendError, LowerContext, get_backend
 from .bundle.format import (FORMAT, FORMAT_VERSION, GRAPH_FILE, REF_EXPECTED, REF_FP32, REF_HELD_OUT, REF_INPUTS,
                             WEIGHTS_FILE, ArtifactWriter, BundleWriter, claim_out, held_out_tensors, save_tensors,

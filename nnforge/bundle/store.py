@@ -50,7 +50,7 @@ def _series(version) -> tuple[int, ...] | None:
 
 def check_versions(mpath: Path, manifest: dict) -> None:
     """Refuse a manifest of another format version or written by a newer nnforge series."""
-    from .. import __version__ as ours
+    from ..version import __version__ as ours
     theirs = manifest.get("nnforge_version")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise BundleError(f"{mpath}: bundle format version {manifest.get('format_version')!r} (written by nnforge "

@@ -42,9 +42,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -382,63 +379,6 @@ def _backend_figures(b: torch.Tensor, c: torch.Tensor, f: torch.Tensor, graph: G
             "nonfinite_vs_reference": vs_ref["nonfinite"], "within": bool(ok)}
 
 
-def _onnx_values(bundle, graph: Graph, inputs: list) -> tuple[dict, dict]:
-    """Every float node value ONNX Runtime computes under its IR name, from a copy of model.onnx
-    with those values added as outputs; and the copy's final outputs against the bundle's own."""
-    import onnx
-    from ..backends.onnx import OnnxRunner, check_external_data
-    from ..backends.onnx.builder import onnx_type
-    from ..bundle import safe_join
-    entry = bundle.manifest["backend"]["entry"]
-    path = safe_join(bundle.path, entry["model"])
-    check_external_data(path)
-    model = onnx.load(os.fspath(path), load_external_data=False)
-    produced = {o for n in model.graph.node for o in n.output}
-    have = {o.name for o in model.graph.output}
-    extra = [v for n in graph.nodes for v in n.outputs
-             if v.name in produced and v.name not in have and v.dtype.is_float]
-    model.graph.output.extend(onnx.helper.make_tensor_value_info(v.name, onnx_type(v.dtype), None) for v in extra)
-    files = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
-    with tempfile.TemporaryDirectory(prefix="nnforge-divergence-") as tmp:
-        for rel in files:                   # ONNX Runtime reads external data next to the model
-            dst = Path(tmp, rel)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(safe_join(bundle.path, rel), dst)
-            except OSError:
-                shutil.copyfile(safe_join(bundle.path, rel), dst)
-        onnx.save_model(model, os.fspath(Path(tmp, "model.onnx")))
-        runner = OnnxRunner(Path(tmp, "model.onnx"), config=entry.get("session_config"))
-        feeds = [np.ascontiguousarray(t.numpy()) for t in inputs]
-        got = runner.run_numpy(feeds)
-    names = runner.output_names
-    values = dict(zip(names, got))
-    plain = bundle.load()(*feeds)
-    plain = list(plain) if isinstance(plain, (tuple, list)) else [plain]
-    exposed = compare([torch.as_tensor(values[n]) for n in names[:len(plain)]], [torch.as_tensor(p) for p in plain])
-    return values, {"exposed": len(extra), "exposed_vs_bundle": json_safe(exposed)}
-
-
-def _hls_values(bundle, inputs: list) -> tuple[dict, dict]:
-    """Every activation the FPGA design computes, from the bit-accurate emulation of its layers
-    (Plan.emulate, step by step); the emulated outputs are checked against the C-simulation's."""
-    from ..backends.hls import emulate as E
-    runner = bundle.load()
-    feeds = [np.ascontiguousarray(t.numpy()) for t in inputs]
-    plan, _ = runner.design(feeds)
-    act, env, values = plan.opts.act, plan.emulate_env(feeds), {}
-    for layer in plan.layers:
-        if plan.kinds.get(layer.output, "act") == "act":
-            values[layer.output] = E.to_float(env[layer.output], act).reshape(plan.shapes[layer.output])
-    csim = runner(*feeds)
-    csim = list(csim) if isinstance(csim, (tuple, list)) else [csim]
-    emulated = [torch.as_tensor(values[v]) if v in values else torch.as_tensor(env[v].astype(np.float32))
-                for v in plan.outputs]
-    exact = all(np.array_equal(np.asarray(e), np.asarray(c).reshape(e.shape)) for e, c in zip(emulated, csim))
-    return values, {"exposed": len(values), "how": "bit-accurate emulation of the design's layers (equal to its "
-                    "C-simulation bit for bit)", "emulation_equals_csim": exact}
-
-
 def _backend_values(bundle, graph: Graph, inputs: list) -> tuple[dict, dict]:
     """(IR value name -> the runtime's value, what was done), or ({}, why not)."""
     from ..bundle import runtime_problems
@@ -448,12 +388,13 @@ def _backend_values(bundle, graph: Graph, inputs: list) -> tuple[dict, dict]:
     problems = runtime_problems(bundle.manifest) if ok else [why]
     if problems:
         return {}, {"name": name, "inspected": False, "why": "; ".join(problems)}
-    if name == "onnx":
-        values, info = _onnx_values(bundle, graph, inputs)
-    elif name == "hls":
-        values, info = _hls_values(bundle, inputs)
+    runner = bundle.load()
+    wanted = [v for n in graph.nodes for v in n.outputs if v.dtype.is_float]
+    shown = runner.values([t.numpy() for t in inputs], wanted)
+    if shown is not None:
+        values, info = shown
     else:                               # the runtime's outputs only
-        outs = bundle.load()(*[t.numpy() for t in inputs])
+        outs = runner(*[t.numpy() for t in inputs])
         outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
         values = {v.name: np.asarray(o) for v, o in zip(graph.outputs, outs)}
         info = {"exposed": 0, "outputs_only": f"the {name} runtime does not show intermediate values: its outputs "

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from . import Report
 
 
 def _db(x: float) -> str:
     return "inf" if math.isinf(x) else f"{x:.1f}"
 
 
-def format_table(report: Report, top: int = 10) -> str:
+def format_table(report, top: int = 10) -> str:
+    """The terminal table of a :class:`nnforge.divergence.Report`: the ``top`` weight layers that lose
+    the most on their own, the shares of the end-to-end error, and the runtime's first departure."""
     e = report.end_to_end
     lines = [f"divergence of {report.bundle} ({report.recipe}, target {report.target}) on inputs "
              f"{report.inputs}: end-to-end cosine {e['cosine_min']:.6f}, SQNR {_db(e['sqnr_db'])} dB",

@@ -37,7 +37,8 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
-from ..errors import NnforgeError
+from . import architectures
+from .errors import TargetError
 
 _DIR = Path(__file__).parent
 PATH_ENV = "NNFORGE_TARGETS_PATH"
@@ -46,8 +47,6 @@ _TOP_KEYS = {"name", "description", "backend", "kind", "requires", "memory", "co
 _SECTIONS = ("memory", "compute", "formats", "fpga", "options")
 
 
-class TargetError(NnforgeError, ValueError):
-    """An unknown target name or a malformed target file."""
 
 
 def _has_module(name: str) -> bool:
@@ -175,8 +174,7 @@ def _parse(path: Path, archs: dict | None = None) -> Target:
     target = Target(data["name"], data["description"], data["backend"], data["kind"], tuple(requires),
                     *(data.get(sec, {}) for sec in _SECTIONS), path=str(path))
     if "compute_capability" in target.options:
-        from .architectures import check_gpu_target
-        check_gpu_target(target, archs)
+        architectures.check_gpu_target(target, archs)
     return target
 
 
@@ -202,9 +200,8 @@ def _extra_paths(value: str) -> tuple[list[Path], list[Path]]:
 
 @lru_cache(maxsize=8)
 def _load(extra: str) -> _Registry:
-    from .architectures import load_archs
     dirs, files = _extra_paths(extra)
-    archs = load_archs([_DIR, *dirs])
+    archs = architectures.load_archs([_DIR, *dirs])
     targets: dict[str, Target] = {}
     for p in [*sorted(_DIR.glob("*.toml")), *(q for d in dirs for q in sorted(d.glob("*.toml"))), *files]:
         t = _parse(p, archs)
@@ -218,6 +215,9 @@ def _load(extra: str) -> _Registry:
 def _registry() -> _Registry:
     """The built-in targets and architectures, with those of ``NNFORGE_TARGETS_PATH`` as it is now."""
     return _load(os.environ.get(PATH_ENV, ""))
+
+
+architectures.catalogue = lambda: _registry().archs
 
 
 def _all() -> dict[str, Target]:

@@ -26,6 +26,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import TargetError
+
 GPU_DIR = "gpu"                 # the folder of architecture files, beside target files
 _KEYS = {"name", "description", "compute_capability", "shared_memory_per_block_kb", "fp8_tensor_cores", "tiles"}
 _TILE_FIELDS = ("block_m", "block_n", "block_k", "num_warps", "num_stages")
@@ -33,7 +35,6 @@ _TILE_FIELDS = ("block_m", "block_n", "block_k", "num_warps", "num_stages")
 
 def parse_capability(text, where: str) -> tuple[int, int]:
     """``"8.9"`` -> ``(8, 9)``; a TargetError naming ``where`` for anything else."""
-    from . import TargetError
     parts = str(text).split(".") if isinstance(text, str) else []
     if len(parts) != 2 or not all(p.isdigit() for p in parts):
         raise TargetError(f"{where}: compute_capability must be a string \"major.minor\" such as \"8.9\", "
@@ -68,7 +69,6 @@ def _power_of_two(v: int) -> bool:
 
 
 def _check_tile(row, where: str) -> tuple[int, ...]:
-    from . import TargetError
     if not isinstance(row, list) or len(row) != 5 or not all(isinstance(v, int) and not isinstance(v, bool)
                                                              for v in row):
         raise TargetError(f"{where}: each tile is 5 integers [{', '.join(_TILE_FIELDS)}], got {row!r}")
@@ -83,7 +83,6 @@ def _check_tile(row, where: str) -> tuple[int, ...]:
 
 def parse_arch(path: Path) -> GpuArch:
     """One architecture file, checked; a TargetError naming the file and the key at fault."""
-    from . import TargetError
     try:
         data = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
@@ -123,7 +122,6 @@ def parse_arch(path: Path) -> GpuArch:
 def load_archs(dirs: list[Path]) -> dict[tuple[int, int], GpuArch]:
     """The architecture files of every ``<dir>/gpu/`` in ``dirs``, by capability; one capability
     in two files is an error naming both."""
-    from . import TargetError
     out: dict[tuple[int, int], GpuArch] = {}
     for d in dirs:
         for p in sorted((Path(d) / GPU_DIR).glob("*.toml")):
@@ -135,11 +133,15 @@ def load_archs(dirs: list[Path]) -> dict[tuple[int, int], GpuArch]:
     return dict(sorted(out.items()))
 
 
+# The known architectures when a caller names none: the catalogue (nnforge.targets) sets this when
+# it is imported, so that this module, which the catalogue's loader uses, does not import it back.
+catalogue = None
+
+
 def _known(archs: dict | None) -> dict:
     if archs is not None:
         return archs
-    from . import _registry
-    return _registry().archs
+    return catalogue()
 
 
 def gpu_archs() -> list[GpuArch]:
@@ -161,7 +163,6 @@ def arch_for_capability(capability: tuple[int, int], *, exact: bool = False,
 def arch_of(target, archs: dict | None = None) -> GpuArch:
     """The architecture of a GPU target, from its ``options.compute_capability``; a TargetError
     naming the target file when it states none or no architecture file describes it."""
-    from . import TargetError
     where = target.path or target.name
     cap_text = target.options.get("compute_capability")
     if cap_text is None:
@@ -180,7 +181,6 @@ def arch_of(target, archs: dict | None = None) -> GpuArch:
 def check_gpu_target(target, archs: dict | None = None) -> None:
     """A GPU target agrees with its architecture file: the file exists, and ``formats.native``
     lists fp8 exactly where the architecture has fp8 tensor cores."""
-    from . import TargetError
     arch = arch_of(target, archs)
     fp8 = sorted(f for f in target.native_formats if f.startswith("fp8"))
     if arch.fp8_tensor_cores and not fp8:

@@ -169,7 +169,7 @@ class CoremlBackend(Backend):
     def _describe(model, graph: Graph, target: Target, recipe: str, inputs: list, outputs: list,
                   symbols: dict) -> None:
         """Metadata a person reads in Xcode, and nnforge's own keys (user_defined_metadata)."""
-        from ... import __version__
+        from ...version import __version__
         model.author = "nnforge"
         model.version = __version__
         model.license = ""

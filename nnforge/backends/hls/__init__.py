@@ -85,6 +85,24 @@ class HlsRunner(Runner):
         """The bit-accurate Python emulation of the design for these inputs (what run_numpy returns)."""
         return self.design(inputs)[0].emulate(inputs)
 
+    def values(self, inputs: list, wanted: list) -> tuple[dict, dict]:
+        """Every activation the design computes (the ``wanted`` IR values it has), from the
+        bit-accurate emulation of its layers; the emulated outputs are checked against the
+        C-simulation's."""
+        from . import emulate as E
+        feeds = [np.ascontiguousarray(np.asarray(t)) for t in inputs]
+        plan, _ = self.design(feeds)
+        names = {v.name for v in wanted}
+        act, env, values = plan.opts.act, plan.emulate_env(feeds), {}
+        for layer in plan.layers:
+            if plan.kinds.get(layer.output, "act") == "act" and (not names or layer.output in names):
+                values[layer.output] = E.to_float(env[layer.output], act).reshape(plan.shapes[layer.output])
+        csim = self.run_numpy(self.check_inputs(feeds))
+        emulated = [values[v] if v in values else env[v].astype(np.float32) for v in plan.outputs]
+        exact = all(np.array_equal(np.asarray(e), np.asarray(c).reshape(np.shape(e))) for e, c in zip(emulated, csim))
+        return values, {"exposed": len(values), "how": "bit-accurate emulation of the design's layers (equal to its "
+                        "C-simulation bit for bit)", "emulation_equals_csim": exact}
+
 
 def tb_inputs(plan: Plan) -> list[np.ndarray]:
     """The testbench's recorded inputs: seeded standard normal samples in the input shapes (int

@@ -118,6 +118,7 @@ def check_session_config(config, where: str) -> dict[str, str]:
 class OnnxRunner(Runner):
     def __init__(self, model_path: Path, threads: int | None = None, config: dict[str, str] | None = None):
         import onnxruntime as ort
+        self.model_path, self.config = Path(model_path), config
         check_external_data(model_path)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or os.cpu_count() or 1
@@ -136,6 +137,10 @@ class OnnxRunner(Runner):
             self.inputs.append(InputSpec(i.name, _ORT_TYPES[i.type], dims))
         self.output_names = [o.name for o in self.session.get_outputs()]
 
+    def values(self, inputs: list, wanted: list) -> tuple[dict, dict]:
+        """Every value of ``wanted`` (IR values) ONNX Runtime computes, by its IR name."""
+        return _values(self, inputs, wanted)
+
     def run_numpy(self, inputs: list) -> list:
         try:
             return self.session.run(None, dict(zip(self.input_names, inputs)))
@@ -143,6 +148,40 @@ class OnnxRunner(Runner):
             raise BackendError(f"ONNX Runtime failed on inputs "
                                f"{', '.join(f'{n} {list(x.shape)}' for n, x in zip(self.input_names, inputs))}: "
                                f"{str(e).splitlines()[0]}") from None
+
+
+def _values(runner: OnnxRunner, inputs: list, wanted: list) -> tuple[dict, dict]:
+    """Every value of ``wanted`` (IR values) that ONNX Runtime computes, under its IR name, from a
+    copy of the model with those values added as outputs (its external data linked beside it); and
+    the copy's final outputs against the runner's own."""
+    import shutil
+    import tempfile
+    path = runner.model_path
+    model = onnx.load(os.fspath(path), load_external_data=False)
+    produced = {o for n in model.graph.node for o in n.output}
+    have = {o.name for o in model.graph.output}
+    extra = [v for v in wanted if v.name in produced and v.name not in have]
+    model.graph.output.extend(helper.make_tensor_value_info(v.name, onnx_type(v.dtype), None) for v in extra)
+    files = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    with tempfile.TemporaryDirectory(prefix="nnforge-values-") as tmp:
+        for rel in files:                   # ONNX Runtime reads external data next to the model
+            src, dst = path.parent / rel, Path(tmp, rel)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copyfile(src, dst)
+        onnx.save_model(model, os.fspath(Path(tmp, path.name)))
+        copy = OnnxRunner(Path(tmp, path.name), config=runner.config)
+        feeds = [np.ascontiguousarray(np.asarray(t)) for t in inputs]
+        got = copy.run_numpy(copy.check_inputs(feeds))
+    names = copy.output_names
+    values = dict(zip(names, got))
+    plain = runner.run_numpy(runner.check_inputs(feeds))
+    from ...numerics import compare, json_safe
+    import torch
+    exposed = compare([torch.as_tensor(values[n]) for n in names[:len(plain)]], [torch.as_tensor(p) for p in plain])
+    return values, {"exposed": len(extra), "exposed_vs_bundle": json_safe(exposed)}
 
 
 class OnnxBackend(Backend):
