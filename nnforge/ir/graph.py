@@ -20,15 +20,13 @@ import re
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
-from ..errors import NnforgeError
+from .errors import GraphError
+from .ops import get_op
+from .printer import format_graph
 from .types import TensorType
 
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 MAX_NAME_LEN = 200
-
-
-class GraphError(NnforgeError, ValueError):
-    """A graph is malformed, or an edit would make it so. The message names what is at fault."""
 
 
 def check_name(name: str, what: str) -> str:
@@ -125,7 +123,6 @@ class Node:
 
     @property
     def opdef(self):
-        from .ops import get_op
         return get_op(self.op)
 
     def input(self, slot: str):
@@ -173,7 +170,6 @@ class Graph:
     def add_node(self, op: str, inputs: Iterable, attrs: dict | None = None, *, name: str | None = None,
                  output_names: list[str] | None = None, meta: dict | None = None) -> Node:
         """Append (or insert, inside :meth:`inserting_before`) a node; output types are inferred."""
-        from .ops import get_op
         opdef = get_op(op)
         inputs = list(inputs)
         for i, v in enumerate(inputs):
@@ -465,7 +461,6 @@ class Graph:
         return G
 
     def __str__(self) -> str:
-        from .printer import format_graph
         return format_graph(self)
 
     def __repr__(self) -> str:

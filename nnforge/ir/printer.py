@@ -7,10 +7,10 @@
     }
 
 Values print as ``%name``, weights as ``@name``; the weight table lists each weight's encoding.
+The functions read graphs and nodes by their attributes and import nothing from graph.py, whose
+``Graph.__str__`` calls :func:`format_graph`.
 """
 from __future__ import annotations
-
-from .graph import Graph, Node
 
 
 def _ref(v) -> str:
@@ -33,7 +33,8 @@ def _attr(v) -> str:
     return _scalar(v)
 
 
-def format_node(n: Node) -> str:
+def format_node(n) -> str:
+    """One line of text for node ``n`` (a :class:`~nnforge.ir.graph.Node`)."""
     outs = ", ".join(f"%{o.name}" for o in n.outputs)
     args = [_ref(v) for v in n.inputs] + [f"{k}={_attr(v)}" for k, v in n.attrs.items()]
     types = ", ".join(str(o.type) for o in n.outputs)
@@ -46,7 +47,9 @@ def format_node(n: Node) -> str:
     return line
 
 
-def format_graph(g: Graph, *, max_weights: int | None = 40) -> str:
+def format_graph(g, *, max_weights: int | None = 40) -> str:
+    """The text of graph ``g`` (a :class:`~nnforge.ir.graph.Graph`), listing at most ``max_weights``
+    weights (None: all)."""
     sig = ", ".join(f"%{v.name}: {v.type}" for v in g.inputs)
     lines = [f"graph {g.name}({sig}) {{"]
     if g.weights:

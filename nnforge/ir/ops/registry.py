@@ -16,7 +16,7 @@ import torch
 from ...registry import Registry
 from .. import symbolic as sym
 from ..dtypes import DType, dtype as _dtype
-from ..graph import GraphError
+from ..errors import GraphError
 from ..types import TensorType
 
 REQUIRED = object()
