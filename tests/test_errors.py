@@ -48,14 +48,14 @@ def _error_classes() -> dict[str, type[BaseException]]:
 
 def test_every_error_class_derives_from_nnforge_error():
     classes = _error_classes()
-    assert {"nnforge.ir.graph.GraphError", "nnforge.backends.base.BackendError"} <= set(classes)
+    assert {"nnforge.ir.errors.GraphError", "nnforge.backends.base.BackendError"} <= set(classes)
     outside = sorted(name for name, cls in classes.items()
                      if not issubclass(cls, NnforgeError) and name not in PRIVATE_SIGNALS)
     assert outside == [], f"derive these from nnforge.errors.NnforgeError (keeping their other base): {outside}"
 
 
 @pytest.mark.parametrize("name, builtin", [
-    ("nnforge.ir.graph.GraphError", ValueError), ("nnforge.ir.serialize.SerializationError", ValueError),
+    ("nnforge.ir.errors.GraphError", ValueError), ("nnforge.ir.serialize.SerializationError", ValueError),
     ("nnforge.passes.base.PassError", ValueError), ("nnforge.frontend.errors.UnsupportedOpsError", ValueError),
     ("nnforge.backends.base.BackendError", RuntimeError), ("nnforge.ir.interpreter.InterpreterError", RuntimeError),
     ("nnforge.backends.coreml.verify.CoreMLVerifyError", AssertionError),
