@@ -39,7 +39,7 @@ import torch
 
 import nnforge as nf
 from nnforge.models import default as dm
-from nnforge.speed import alternating_ms, machine
+from nnforge.timing import alternating_ms, machine
 from nnforge.models.zoo import zoo_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -5,7 +5,7 @@ the `onnx` bundle on ONNX Runtime timed in the same stretches.
 Each setting runs in a fresh process (TVM reads its pool settings once, when the pool starts),
 quiet and then beside ``--busy`` processes that spin (``while True: pass``); in each, the two
 bundles are timed at batch 1 and 32 in stretches that alternate between them
-(nnforge.speed.alternating_ms), with the machine's load sampled between stretches. Reported: median
+(nnforge.timing.alternating_ms), with the machine's load sampled between stretches. Reported: median
 ms per call, and how much the busy processes slow each runtime. Writes
 benchmarks/out/cpu_under_load.json and the table in docs/measured/cpu_under_load.md.
 
@@ -57,7 +57,7 @@ def probe(cpu_dir: str, onnx_dir: str, rounds: int) -> dict:
     import numpy as np
     import nnforge as nf
     from nnforge.bundle import REF_INPUTS, load_inputs
-    from nnforge.speed import LoadMeter, alternating_ms
+    from nnforge.timing import LoadMeter, alternating_ms
     tvm, ort = nf.load(cpu_dir), nf.load(onnx_dir)
     xs = [np.asarray(t) for t in load_inputs(Path(cpu_dir) / REF_INPUTS, tvm.input_names)]
     out = {"threads": tvm.threads, "batches": {}}
@@ -147,7 +147,7 @@ def main() -> None:
 
 
 def measure(args) -> dict:
-    from nnforge.speed import machine
+    from nnforge.timing import machine
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         cpu_dir, onnx_dir = map(Path, args.bundles) if args.bundles else compile_bundles(Path(tmp))
@@ -177,7 +177,7 @@ def write_docs(report: dict) -> None:
                             f"{m['busy']} processes that spin, timing the cpu (TVM) and onnx (ONNX Runtime) fp32 "
                             "bundles of the default model in alternating stretches. Slowdown: beside the busy "
                             "processes over quiet. Other threads per CPU: other processes' runnable threads, sampled "
-                            "between the stretches (nnforge.speed.LoadMeter); a quiet run above 0 shared the machine "
+                            "between the stretches (nnforge.timing.LoadMeter); a quiet run above 0 shared the machine "
                             "with other work."])
 
 if __name__ == "__main__":

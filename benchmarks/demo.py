@@ -20,7 +20,7 @@ import docs_table  # noqa: E402
 
 from nnforge.demo import (FULL_CALIBRATION, QUICK_CALIBRATION, SPEED_BATCHES, check_rows, format_table,  # noqa: E402
                           rows_json, run_demo)
-from nnforge.speed import machine  # noqa: E402
+from nnforge.timing import machine  # noqa: E402
 
 OUT = Path(__file__).parent / "out"
 

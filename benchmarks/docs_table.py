@@ -50,12 +50,12 @@ def stamp(source: str, cmd: str | None = None, when: datetime.date | None = None
     """The line under a table: which command wrote it, from which JSON, when, and on what machine;
     for a ``timed`` table on a busy machine, that its times are unreliable."""
     if machine is None:
-        from nnforge.speed import machine as probe
+        from nnforge.timing import machine as probe
         machine = probe()
     load = machine.get("load_average")
     busy = ""
     if timed and load:
-        from nnforge.speed import busy as why_busy          # the rule the speed records and the demo use
+        from nnforge.timing import busy as why_busy          # the rule the speed records and the demo use
         busy = why_busy({"cpus": machine.get("cpus"), "load_average": load})
     where = f"{machine.get('cpus')} CPUs ({machine.get('processor') or machine.get('machine')})"
     if machine.get("device"):

@@ -207,7 +207,7 @@ def docs_rows(report: dict) -> tuple[list[str], list[list]]:
 def write_docs(report: dict) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import docs_table                   # beside this script
-    from nnforge.speed import machine
+    from nnforge.timing import machine
     m = report["meta"]
     docs_table.write("measured/gpu_gemm.md", "gpu_gemm", *docs_rows(report), source="benchmarks/out/gpu_gemm.json",
                      machine={**machine(), "device": m["device"]},

@@ -13,7 +13,7 @@ intra_op_num_threads; default os.cpu_count()):
 - ORT dense MatMul on the fp32 weight.
 
 Each runner is timed in ``--rounds`` stretches of ``--repeat`` calls, stretches taken in turn
-across runners (nnforge.speed.alternating_ms: a pause so one runtime's spinning threads are idle
+across runners (nnforge.timing.alternating_ms: a pause so one runtime's spinning threads are idle
 before the next, and a warm-up); the median over all calls is reported, with speed-ups over torch
 fp32 and over the ORT MatMulNBits of the same bit width. Outputs are checked against x @ W.T on
 the way. Writes benchmarks/out/lowbit_gemm.json and the table in docs/measured/lowbit_gemm.md.
@@ -57,7 +57,7 @@ from onnx import TensorProto, helper, numpy_helper     # noqa: E402
 
 from nnforge.backends.tvm.kernels.lowbit import int_weight_matmul, llvm_target   # noqa: E402
 from nnforge.ir import IntQuant                        # noqa: E402
-from nnforge.speed import alternating_ms, machine       # noqa: E402
+from nnforge.timing import alternating_ms, machine       # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import docs_table                                      # noqa: E402

@@ -3,7 +3,7 @@
 Peers: torch eager (fp32) and ONNX Runtime running `torch.onnx.export`'s model of the same network
 (the usual way to get an ONNX model). All run on this machine's CPU with the same threads, on the
 same real sentences (batch sizes 1, 8, 32, padded to the longest sentence of the batch), in
-stretches that alternate between the runners (nnforge.speed.alternating_ms), so a change of load
+stretches that alternate between the runners (nnforge.timing.alternating_ms), so a change of load
 hits them all alike. Reported: median milliseconds per batch and the ratio to torch eager. Writes
 benchmarks/out/onnx_latency.json and the table in docs/measured/onnx_latency.md.
 
@@ -24,7 +24,7 @@ import torch
 
 import nnforge as nf
 from nnforge.models import default as dm
-from nnforge.speed import alternating_ms, machine
+from nnforge.timing import alternating_ms, machine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import docs_table  # noqa: E402

@@ -26,7 +26,7 @@ import torch
 
 import nnforge as nf
 from nnforge.models import default as dm
-from nnforge.speed import alternating_ms, machine
+from nnforge.timing import alternating_ms, machine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import docs_table  # noqa: E402

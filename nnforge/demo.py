@@ -6,7 +6,7 @@ held-out sentences, and speed against torch eager where the target's runtime is 
 recipe of every family (``benchmarks/demo.py`` runs it and writes the table in docs/).
 
 Speed is a ratio measured in alternating stretches against torch eager in the same process
-(:func:`nnforge.speed.alternating_ms`), with the machine's load per CPU: a row timed while other
+(:func:`nnforge.timing.alternating_ms`), with the machine's load per CPU: a row timed while other
 work kept the cores busy is marked unreliable rather than printed as if it were a property of
 the bundle.
 """
@@ -22,7 +22,8 @@ import torch
 from tqdm import tqdm
 
 from .models import default as dm
-from .speed import TORCH, LoadMeter, alternating_ms, busy
+from .speed import TORCH
+from .timing import LoadMeter, alternating_ms, busy
 
 FP32_COSINE_FLOOR = 0.99999
 SPEED_BATCHES = (1, 32)
@@ -83,8 +84,8 @@ class Row:
     query_agree: float | None = None
     # batch size -> {"bundle": ms, "torch eager": ms}, measured in alternating stretches
     ms: dict[int, dict[str, float]] = field(default_factory=dict)
-    load: dict | None = None    # speed.LoadMeter's summary of the machine while this row was timed
-    unreliable: str = ""        # why its speed ratios mean little (speed.busy), or ""
+    load: dict | None = None    # timing.LoadMeter's summary of the machine while this row was timed
+    unreliable: str = ""        # why its speed ratios mean little (timing.busy), or ""
     notes: list[str] = field(default_factory=list)
     missing: str = ""           # why the family has no bundle here (a package not installed)
     seconds: float = 0.0        # compiling, scoring and timing this row

@@ -40,6 +40,7 @@ from .numerics import BACKEND_TOLERANCE, compare, fidelity, json_safe, within, w
 from .passes import PassContext, PassManager, cleanup_passes, resolve_recipe
 from .passes.recipes import recipe_record
 from .speed import check_batch_sizes, default_batch_sizes, speed_shapes
+from .timing import machine
 from .targets import Target, get_target
 
 
@@ -254,7 +255,7 @@ def speed_records(runner, artifact: Artifact, graph: Graph, original: Graph, tar
     records = speed.measure(runners, graph, check_inputs, batch_sizes)
     if hasattr(runner, "dispatch"):
         runner.dispatch("auto")
-    out = {"measured": True, "batch_sizes": list(batch_sizes), "machine": speed.machine(),
+    out = {"measured": True, "batch_sizes": list(batch_sizes), "machine": machine(),
            "dense_baseline": f"the imported graph after the cleanup passes only, lowered by {backend.name} for "
                              f"{target.name}", "records": records, "verdicts": speed.verdicts(records, dense_label)}
     if hasattr(runner, "threads"):          # a runtime that sizes its thread pool by the load says how it ran

@@ -10,11 +10,11 @@ the test suite turns it off). A batch of size b repeats the check inputs along t
 dimension; a graph whose batch dimension is fixed is measured at that size only.
 
 Times are medians over calls that alternate between the runners in stretches, after a pause for
-the previous runtime's spinning threads (:func:`alternating_ms`), so a change of load on the
+the previous runtime's spinning threads (:func:`nnforge.timing.alternating_ms`), so a change of load on the
 machine hits all of them alike. They are measurements of this machine at build time, recorded
 with its CPU count and load average, not promises. Each record also says how busy the machine was
-while it was timed (:class:`LoadMeter`: other processes' runnable threads, sampled between the
-stretches); one timed on a busy machine (:func:`busy`) is marked unreliable, and ``nnforge
+while it was timed (:class:`nnforge.timing.LoadMeter`: other processes' runnable threads, sampled
+between the stretches); one timed on a busy machine (:func:`nnforge.timing.busy`) is marked unreliable, and ``nnforge
 inspect`` says so.
 
     >>> bundle.manifest["speed"]["batches"][1]["ms"]
@@ -23,29 +23,20 @@ inspect`` says so.
 from __future__ import annotations
 
 import os
-import statistics
 import time
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
 from .errors import UsageError
-from .ir import Graph, symbolic as sym
+from .ir import Graph
+from .timing import LoadMeter, alternating_ms, batch_inputs, busy
 
 DEFAULT_BATCH_SIZES = (1, 32)
 ENV = "NNFORGE_BATCH_SIZES"
-PAUSE_S = 0.3                   # libgomp and ONNX Runtime stop spinning well within this
 BUDGET_S = 2.0                  # time each runner gets per batch size, about
 MIN_ROUNDS, MAX_ROUNDS = 6, 30     # at least two calls a stretch (3 stretches)
 
-# Other processes' runnable threads per CPU, averaged over the samples taken while timing, above
-# which the times are marked unreliable: the timed threads then wait for CPUs as often as not.
-BUSY_PER_CPU = 0.5
-# Where threads cannot be counted (no /proc): the 1-minute load average per CPU above which times
-# are unreliable; the timed runners count too (about one per CPU while they run).
-UNRELIABLE_LOAD_PER_CPU = 1.5
 
 BUNDLE = "bundle"
 COMPRESSED_ONLY = "bundle, compressed kernels only"
@@ -73,28 +64,6 @@ def check_batch_sizes(sizes, where: str = "batch_sizes") -> tuple[int, ...]:
     return tuple(sorted(set(int(b) for b in out)))
 
 
-def batch_inputs(graph: Graph, inputs: tuple, batch: int) -> tuple[list[torch.Tensor] | None, str]:
-    """``inputs`` resized to ``batch`` along the graph's batch dimension (the symbolic first dim
-    the inputs share; rows repeat cyclically), or (None, why) when the graph cannot take it."""
-    tensors = [torch.as_tensor(x) for x in inputs]
-    firsts = {v.shape[0] for v in graph.inputs if len(v.shape) > 0}
-    symbols = {d for d in firsts if isinstance(d, str) and sym.is_symbol(d)}
-    if len(symbols) != 1:
-        if firsts and all(isinstance(d, int) and d == batch for d in firsts):
-            return tensors, ""
-        fixed = sorted(str(d) for d in firsts if isinstance(d, int))
-        return None, (f"the graph's batch dimension is fixed at {', '.join(fixed)}" if fixed and not symbols else
-                      "the graph's inputs share no symbolic first dimension to take as the batch")
-    (name,) = symbols
-    out = []
-    for v, t in zip(graph.inputs, tensors):
-        if len(v.shape) > 0 and v.shape[0] == name:
-            idx = torch.arange(batch) % max(t.shape[0], 1)
-            t = t[idx].contiguous()
-        out.append(t)
-    return out, ""
-
-
 def speed_shapes(graph: Graph, inputs: tuple, batches) -> list[dict]:
     """The input shapes of each batch size the graph can take (graph.meta["speed_shapes"], read by
     backends that choose kernels per shape: the tvm backend's dispatch)."""
@@ -105,25 +74,6 @@ def speed_shapes(graph: Graph, inputs: tuple, batches) -> list[dict]:
             out.append({"label": f"batch {b}", "batch": b,
                         "inputs": {v.name: list(t.shape) for v, t in zip(graph.inputs, got)}})
     return out
-
-
-def alternating_ms(runners: dict[str, Callable], args=(), rounds: int = 10, passes: int = 3,
-                   meter: "LoadMeter | None" = None) -> dict[str, float]:
-    """Median milliseconds per call of each runner on ``args``, over ``rounds`` calls split into
-    ``passes`` stretches that alternate between the runners, each after a pause and a warm-up
-    (and, with a ``meter``, a sample of the machine's load)."""
-    samples: dict[str, list[float]] = {k: [] for k in runners}
-    for _ in range(passes):
-        for name, run in runners.items():
-            time.sleep(PAUSE_S)
-            if meter is not None:
-                meter.sample()
-            run(*args)
-            for _ in range(max(1, rounds // passes)):
-                t0 = time.perf_counter()
-                run(*args)
-                samples[name].append(time.perf_counter() - t0)
-    return {k: 1000 * statistics.median(v) for k, v in samples.items()}
 
 
 def _rounds(runners: dict[str, Callable], budget_s: float) -> int:
@@ -157,81 +107,6 @@ def measure(runners: dict[str, Callable[[list], object]], graph: Graph, inputs: 
         rec["speedup"] = {f"vs {k}": round(v / mine, 3) for k, v in ms.items() if k != BUNDLE}
         records.append(rec)
     return records
-
-
-def cpu_count() -> int:
-    """The CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def _load_average() -> list[float] | None:
-    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
-
-
-def machine() -> dict:
-    """What the times were measured on."""
-    import platform
-    return {"cpus": cpu_count(), "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
-            "processor": platform.processor() or platform.machine(), "load_average": _load_average()}
-
-
-def others_running() -> int | None:
-    """Threads of other processes that are runnable right now: the kernel's count of runnable
-    threads (``/proc/loadavg``) less this process's own; None where ``/proc`` cannot say."""
-    try:
-        running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
-        tasks = os.listdir("/proc/self/task")
-    except (OSError, ValueError, IndexError):
-        return None
-    own = 0
-    for tid in tasks:
-        try:
-            stat = Path(f"/proc/self/task/{tid}/stat").read_text()
-        except OSError:          # the thread ended meanwhile
-            continue
-        own += stat[stat.rindex(")") + 2:].startswith("R")
-    return max(running - own, 0)
-
-
-class LoadMeter:
-    """How busy the machine was while something was timed: :func:`others_running`, sampled by
-    whoever times (between stretches, when the timed runtime's own threads are idle)."""
-
-    def __init__(self):
-        self.samples: list[int] = []
-
-    def sample(self) -> None:
-        n = others_running()
-        if n is not None:
-            self.samples.append(n)
-
-    def summary(self) -> dict:
-        """The record's ``load``: the samples' mean per CPU, the load average, and whether the
-        machine was too busy for the times to mean much (:func:`busy`)."""
-        cpus = cpu_count()
-        out = {"cpus": cpus, "samples": len(self.samples), "load_average": _load_average(),
-               "others_running_per_cpu": (round(statistics.fmean(self.samples) / cpus, 3) if self.samples else None)}
-        out["unreliable"] = busy(out)
-        return out
-
-
-def busy(load: dict | None) -> str:
-    """Why times taken under ``load`` (a :meth:`LoadMeter.summary`) are unreliable, or "" when
-    they are not: other processes' runnable threads per CPU above ``BUSY_PER_CPU`` while timing,
-    or, without samples, a 1-minute load average per CPU above ``UNRELIABLE_LOAD_PER_CPU``."""
-    if not load:
-        return ""
-    cpus = max(load.get("cpus") or 1, 1)
-    per_cpu = load.get("others_running_per_cpu")
-    if per_cpu is not None:
-        return (f"the machine was busy: other processes kept {per_cpu * cpus:.1f} threads runnable on {cpus} CPUs "
-                f"on average while timing ({per_cpu:.2f} per CPU, above {BUSY_PER_CPU})") if per_cpu > BUSY_PER_CPU else ""
-    avg = (load.get("load_average") or [0.0])[0]
-    return (f"the machine was busy: load average {avg:.2f} on {cpus} CPUs ({avg / cpus:.2f} per CPU, above "
-            f"{UNRELIABLE_LOAD_PER_CPU})") if avg / cpus > UNRELIABLE_LOAD_PER_CPU else ""
 
 
 def verdicts(records: list[dict], dense_label: str) -> list[str]:
@@ -323,6 +198,5 @@ def describe(manifest: dict, layers: bool = False) -> list[str]:
     return out
 
 
-__all__ = ["DEFAULT_BATCH_SIZES", "describe", "alternating_ms", "batch_inputs", "busy", "check_batch_sizes", "cpu_count",
-           "default_batch_sizes", "measure", "machine", "others_running", "speed_shapes", "verdicts", "LoadMeter",
-           "BUNDLE", "BUSY_PER_CPU", "COMPRESSED_ONLY", "TORCH", "UNRELIABLE_LOAD_PER_CPU"]
+__all__ = ["DEFAULT_BATCH_SIZES", "describe", "check_batch_sizes", "default_batch_sizes", "measure", "speed_shapes",
+           "verdicts", "BUNDLE", "COMPRESSED_ONLY", "TORCH"]

@@ -63,7 +63,7 @@ def test_speed_alternates_with_torch_and_marks_high_load(monkeypatch):
         meter.samples.append(next(others))
         return {"bundle": 1.0, TORCH: 2.0}
     monkeypatch.setattr(demo, "alternating_ms", timed)
-    monkeypatch.setattr("nnforge.speed.cpu_count", lambda: 2)
+    monkeypatch.setattr("nnforge.timing.cpu_count", lambda: 2)
 
     class Tok:
         pass

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import nnforge as nf
-from nnforge import speed
+from nnforge import speed, timing
 from nnforge.backends.base import get_backend
 from nnforge.cli import main
 from nnforge.ir import Graph, tensor
@@ -17,7 +17,7 @@ from nnforge.targets import get_target
 @pytest.fixture(autouse=True)
 def quick_timing(monkeypatch):
     monkeypatch.setattr(speed, "BUDGET_S", 0.02)
-    monkeypatch.setattr(speed, "PAUSE_S", 0.0)
+    monkeypatch.setattr(timing, "PAUSE_S", 0.0)
 
 
 def _mlp():
@@ -43,7 +43,7 @@ def _graph(first) -> Graph:
 
 def test_a_batch_repeats_the_inputs_along_the_batch_symbol():
     a, b = torch.arange(12.).reshape(3, 4), torch.arange(6.).reshape(3, 2)
-    got, why = speed.batch_inputs(_graph("batch"), (a, b), 7)
+    got, why = timing.batch_inputs(_graph("batch"), (a, b), 7)
     assert why == "" and [t.shape[0] for t in got] == [7, 7]
     assert torch.equal(got[0][3:6], a) and torch.equal(got[1][6], b[0])
     assert speed.speed_shapes(_graph("batch"), (a, b), (1, 7)) == [
@@ -53,8 +53,8 @@ def test_a_batch_repeats_the_inputs_along_the_batch_symbol():
 
 def test_a_fixed_batch_is_measured_at_its_size_only():
     a, b = torch.zeros(3, 4), torch.zeros(3, 2)
-    assert speed.batch_inputs(_graph(3), (a, b), 3)[0] is not None
-    got, why = speed.batch_inputs(_graph(3), (a, b), 32)
+    assert timing.batch_inputs(_graph(3), (a, b), 3)[0] is not None
+    got, why = timing.batch_inputs(_graph(3), (a, b), 32)
     assert got is None and why == "the graph's batch dimension is fixed at 3"
 
 
@@ -156,12 +156,12 @@ BUSY = {"cpus": 2, "samples": 12, "load_average": [0.5, 0.5, 0.5], "others_runni
 
 
 def test_busy_rule_reads_the_sampled_threads_and_falls_back_to_the_load_average():
-    assert speed.busy(QUIET) == "" and speed.busy(None) == ""        # the samples outrank a lagging load average
-    assert speed.busy(BUSY) == ("the machine was busy: other processes kept 2.0 threads runnable on 2 CPUs on "
+    assert timing.busy(QUIET) == "" and timing.busy(None) == ""        # the samples outrank a lagging load average
+    assert timing.busy(BUSY) == ("the machine was busy: other processes kept 2.0 threads runnable on 2 CPUs on "
                                 "average while timing (1.00 per CPU, above 0.5)")
     unsampled = {"cpus": 2, "samples": 0, "others_running_per_cpu": None}
-    assert speed.busy(unsampled | {"load_average": [2.0, 1.0, 1.0]}) == ""
-    assert speed.busy(unsampled | {"load_average": [4.0, 1.0, 1.0]}).startswith(
+    assert timing.busy(unsampled | {"load_average": [2.0, 1.0, 1.0]}) == ""
+    assert timing.busy(unsampled | {"load_average": [4.0, 1.0, 1.0]}).startswith(
         "the machine was busy: load average 4.00 on 2 CPUs (2.00 per CPU, above 1.5)")
 
 
@@ -175,11 +175,11 @@ def test_a_record_timed_on_a_busy_machine_says_it_is_unreliable():
 
 def test_the_load_meter_counts_other_busy_processes(busy_processes):
     import time
-    if speed.others_running() is None:
+    if timing.others_running() is None:
         pytest.skip("no /proc to count runnable threads in")
     busy_processes(2)
     time.sleep(0.3)
-    meter = speed.LoadMeter()
+    meter = timing.LoadMeter()
     for _ in range(5):
         meter.sample()
     load = meter.summary()
@@ -189,8 +189,8 @@ def test_the_load_meter_counts_other_busy_processes(busy_processes):
 
 
 def test_speed_records_carry_the_load_they_were_timed_under(tmp_path, monkeypatch):
-    monkeypatch.setattr(speed, "others_running", lambda: 3)
-    monkeypatch.setattr(speed, "cpu_count", lambda: 2)
+    monkeypatch.setattr(timing, "others_running", lambda: 3)
+    monkeypatch.setattr(timing, "cpu_count", lambda: 2)
     m = _compile(tmp_path, "onnx", batch_sizes=(1,)).manifest
     (rec,) = m["speed"]["records"]
     assert rec["load"]["samples"] >= 3 and rec["load"]["others_running_per_cpu"] == 1.5
@@ -217,7 +217,7 @@ def test_inspect_prints_the_speed_table_and_each_dispatched_layer(tmp_path, monk
 
 
 def test_inspect_warns_of_records_timed_on_a_busy_machine(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(speed, "others_running", lambda: 4)
+    monkeypatch.setattr(timing, "others_running", lambda: 4)
     out = _inspect(_compile(tmp_path, "onnx", batch_sizes=(1, 4)), capsys)
     assert "warning: batch 1, 4 timed on a busy machine: the times above say more about the other work" in out
 

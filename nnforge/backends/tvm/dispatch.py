@@ -224,7 +224,7 @@ def check_in_model(runner, dispatcher: "Dispatcher", graph: Graph, inputs: tuple
     run dense at that size are moved back to their compressed kernel there (their threshold is a
     parameter: nothing is rebuilt). Per-layer times add noise that a whole-model time averages
     out. Returns the decisions it changed."""
-    from ...speed import LoadMeter, alternating_ms, batch_inputs, busy
+    from ...timing import LoadMeter, alternating_ms, batch_inputs, busy
     import time
     changed: list[Decision] = []
     dispatched = [d for d in dispatcher.decisions.values() if d.dispatched]

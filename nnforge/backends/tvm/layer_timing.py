@@ -13,7 +13,7 @@ without any error, and each is checked at every measured shape:
   must add up to the whole-model time of that mode within ``EVIDENCE_MARGIN``. Times that do not
   add up were taken under conditions the model does not run in (a busy machine: a call's median
   then misses the waits a whole run pays, or catches them all);
-- the load: a shape timed while other processes kept the CPUs busy (:func:`nnforge.speed.busy`)
+- the load: a shape timed while other processes kept the CPUs busy (:func:`nnforge.timing.busy`)
   is refused whatever its sums say.
 
 A layer and shape whose times fail are not used: the layer keeps its compressed kernel there,
@@ -86,7 +86,7 @@ def measure_in_model(runner, symbols: dict[str, str], graph: Graph, inputs: tupl
     dense one, and check the times add up (module docstring). ``symbols`` maps each layer, in the
     order the model runs them, to its kernel's function; layers sharing a function are told apart
     by the order of its calls within a run. ``clock`` returns integer nanoseconds."""
-    from ...speed import LoadMeter, batch_inputs
+    from ...timing import LoadMeter, batch_inputs
     tick = clock_tick(clock)
     out = InModelTimes({layer: {} for layer in symbols},
                        clock={"clock": getattr(clock, "__name__", repr(clock)),
@@ -162,7 +162,7 @@ def _mode_times(runs: list[list[tuple[str, int]]], whole: list[int], symbols: di
 def _check(per_mode: dict[str, dict], load: dict) -> dict:
     """The evidence check of one shape: both modes' calls add up to their whole-model time, on a
     machine that was not busy. The numbers go to the manifest with the verdict."""
-    from ...speed import busy
+    from ...timing import busy
     modes, problems = {}, []
     for mode, m in per_mode.items():
         whole = m["whole_ms"]

@@ -27,7 +27,7 @@ import threading
 import time
 from collections import Counter
 
-from ... import speed
+from ... import timing
 
 NUM_THREADS, SPIN_COUNT, BIND = "TVM_NUM_THREADS", "TVM_THREAD_POOL_SPIN_COUNT", "TVM_BIND_THREADS"
 RECHECK_S = 0.2                 # how long a decision on the pool's size stands
@@ -36,13 +36,13 @@ KBIG = 1                        # TVM's affinity mode "big cores" (every core he
 
 @functools.lru_cache(maxsize=None)
 def can_count_others() -> bool:
-    return speed.others_running() is not None
+    return timing.others_running() is not None
 
 
 def defaults() -> dict[str, str]:
     """The pool settings nnforge asks for. TVM's own default thread count halves the CPU count (it
     assumes two hyper-threads per core); every CPU is used instead."""
-    out = {NUM_THREADS: str(speed.cpu_count()), BIND: "0"}
+    out = {NUM_THREADS: str(timing.cpu_count()), BIND: "0"}
     if not can_count_others():
         out[SPIN_COUNT] = "0"
     return out
@@ -90,15 +90,15 @@ _LOCAL = threading.local()      # TVM keeps one pool per calling thread
 def fit() -> int:
     """Size the calling thread's TVM pool for the machine as it is now (no more often than every
     ``RECHECK_S``); the threads its next kernels run on."""
-    most = int(os.environ.get(NUM_THREADS) or speed.cpu_count())
+    most = int(os.environ.get(NUM_THREADS) or timing.cpu_count())
     if not adaptive():
         return most
     now = time.monotonic()
     if now - getattr(_LOCAL, "checked", -RECHECK_S) < RECHECK_S:
         return _LOCAL.size
     _LOCAL.checked = now
-    others = speed.others_running()
-    size = most if others is None else pool_size(speed.cpu_count(), others, most)
+    others = timing.others_running()
+    size = most if others is None else pool_size(timing.cpu_count(), others, most)
     if size != getattr(_LOCAL, "size", None):
         import tvm_ffi
         tvm_ffi.get_global_func("runtime.config_threadpool")(KBIG, size)

@@ -28,7 +28,7 @@ SHAPE_BATCHES = [("batch 1", 1), ("batch 32", 32)]
 @pytest.fixture
 def quiet_machine(monkeypatch):
     """No other process competes for the CPUs, as far as the load meter can tell."""
-    monkeypatch.setattr("nnforge.speed.others_running", lambda: 0)
+    monkeypatch.setattr("nnforge.timing.others_running", lambda: 0)
 
 
 # --- the decision rule ---------------------------------------------------------------------------
@@ -259,7 +259,7 @@ class _SleepyRunner:
 @pytest.mark.parametrize("auto_s,kept", [(0.012, False), (0.002, True)])
 def test_whole_model_check_moves_back_layers_that_did_not_pay(monkeypatch, quiet_machine, auto_s, kept):
     from nnforge.backends.tvm.dispatch import Dispatcher, check_in_model
-    monkeypatch.setattr("nnforge.speed.PAUSE_S", 0.0)
+    monkeypatch.setattr("nnforge.timing.PAUSE_S", 0.0)
     g = _linear_graph(_encodings()["int4"])
     times = {"fc": {"batch 1": (0.01, 0.02), "batch 32": (0.5, 0.2)}}     # dense wins at 160 rows
     d = Dispatcher({}, (True, ""), g, "test", shapes=SHAPES, times=checked(times, SHAPE_BATCHES))
@@ -289,7 +289,7 @@ class _BatchRunner(_SleepyRunner):
 
 def test_whole_model_check_rules_out_one_size_and_keeps_the_other(monkeypatch, quiet_machine):
     from nnforge.backends.tvm.dispatch import Dispatcher, check_in_model
-    monkeypatch.setattr("nnforge.speed.PAUSE_S", 0.0)
+    monkeypatch.setattr("nnforge.timing.PAUSE_S", 0.0)
     g = _linear_graph(_encodings()["int4"])
     d = Dispatcher({}, (True, ""), g, "test", shapes=SHAPES, times=checked({"fc": {"batch 1": (0.02, 0.01), "batch 32": (0.5, 0.2)}},
                                                             SHAPE_BATCHES))
@@ -394,8 +394,8 @@ def test_times_the_clock_does_not_resolve_decide_nothing(quiet_machine):
 
 
 def test_times_taken_on_a_busy_machine_decide_nothing(monkeypatch):
-    monkeypatch.setattr("nnforge.speed.others_running", lambda: 3)
-    monkeypatch.setattr("nnforge.speed.cpu_count", lambda: 2)
+    monkeypatch.setattr("nnforge.timing.others_running", lambda: 3)
+    monkeypatch.setattr("nnforge.timing.cpu_count", lambda: 2)
     clock = _Clock()
     g, times = _measure_fake(_FakeVM(clock, LAYER_US, unaccounted=0.02), clock)
     assert all(not c["ok"] for c in times.checks.values())
@@ -407,12 +407,12 @@ def test_times_taken_on_a_busy_machine_decide_nothing(monkeypatch):
 
 def test_whole_model_check_on_a_busy_machine_moves_layers_back(monkeypatch):
     from nnforge.backends.tvm.dispatch import check_in_model
-    monkeypatch.setattr("nnforge.speed.PAUSE_S", 0.0)
+    monkeypatch.setattr("nnforge.timing.PAUSE_S", 0.0)
     g = _linear_graph(_encodings()["int4"])
     d = Dispatcher({}, (True, ""), g, "test", shapes=SHAPES, times=checked({"fc": {"batch 1": (0.01, 0.02), "batch 32": (0.5, 0.2)}},
                                                             SHAPE_BATCHES))
     decision = d.plan("fc", "fc.weight", "k", "batch*seq", 4)
-    monkeypatch.setattr("nnforge.speed.others_running", lambda: 4)
+    monkeypatch.setattr("nnforge.timing.others_running", lambda: 4)
     check_in_model(_SleepyRunner(0.002, 0.006), d, g, (torch.randn(1, 5, 64),), SHAPE_BATCHES)
     assert d.checks[0]["kept"] is False and d.checks[0]["load"]["unreliable"].startswith("the machine was busy")
     assert decision.runs_at(160) == "compressed" and "timed while the machine was busy" in decision.why

@@ -16,7 +16,7 @@ pytest.importorskip("tvm")
 
 from nnforge.backends.tvm import TvmBackend, threads  # noqa: E402
 from nnforge.ir import Dense, Graph, save_graph, tensor  # noqa: E402
-from nnforge.speed import cpu_count  # noqa: E402
+from nnforge.timing import cpu_count  # noqa: E402
 from nnforge.targets import get_target  # noqa: E402
 
 KEYS = (threads.NUM_THREADS, threads.SPIN_COUNT, threads.BIND)
@@ -94,10 +94,10 @@ def adaptive_runner(tmp_path, monkeypatch):
 
 def test_the_pool_shrinks_while_other_processes_want_the_cpus(adaptive_runner, monkeypatch):
     x = torch.randn(64, 256)
-    monkeypatch.setattr("nnforge.speed.others_running", lambda: cpu_count())
+    monkeypatch.setattr("nnforge.timing.others_running", lambda: cpu_count())
     adaptive_runner(x)
     assert _pool_threads() == 1
-    monkeypatch.setattr("nnforge.speed.others_running", lambda: 0)
+    monkeypatch.setattr("nnforge.timing.others_running", lambda: 0)
     want = adaptive_runner(x)
     assert _pool_threads() == cpu_count()
     assert adaptive_runner.threads["calls_by_threads"] == {"1": 1, str(cpu_count()): 1}
