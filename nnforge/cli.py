@@ -366,6 +366,9 @@ def cmd_simulate(args) -> int:
 def cmd_targets(args) -> int:
     import nnforge as nf
     from .backends.base import available_backends
+    if args.explain:
+        print("\n".join(explain_target(args.explain)))
+        return 0
     rows = []
     for t in nf.targets():
         ok, why = t.can_run()
@@ -380,6 +383,26 @@ def cmd_targets(args) -> int:
     for r in rows:
         print(f"{r[0]:<15} {r[1]:<26} {r[2]:<9} {r[3]:<9} {r[4]}")
     return 0
+
+
+def explain_target(name: str) -> list[str]:
+    """What ``nnforge targets --explain TARGET`` prints: the target, its backend, whether it runs
+    here, its native formats, and the backend's capability table (the one its lowering reads)."""
+    from .backends.base import get_backend
+    from .targets import get_target
+    t = get_target(name)
+    backend = get_backend(t.backend)
+    ok, why = t.can_run()
+    out = [f"{t.name}: {t.description}", f"  backend: {backend.name}; runs here: {'yes' if ok else 'no (' + why + ')'}",
+           f"  native formats (from {Path(t.path).name if t.path else 'its TOML'}): "
+           + (", ".join(t.formats.get("native", [])) or "none listed")]
+    rows = list(backend.capabilities)
+    if not rows:
+        out.append("  capability table: none declared (every weight is decoded to dense)")
+        return out
+    out.append("  runs natively (op, weight encoding, how); any other weight is decoded and reported as a fallback:")
+    out += [f"    {line}" for line in backend.capabilities.describe()]
+    return out
 
 
 def cmd_demo(args) -> int:
@@ -492,6 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("targets", help="list targets", description="List hardware targets and whether each runs here.")
     t.add_argument("--json", action="store_true")
+    t.add_argument("--explain", default=None, metavar="TARGET",
+                   help="what TARGET's backend runs natively (op x weight encoding) and how, from its capability table")
     t.set_defaults(fn=cmd_targets)
 
     d = sub.add_parser("demo", help="compile the default model for one target of each family",

@@ -92,12 +92,14 @@ class LowerContext:
 class Capability:
     """One (op, encoding) pair a backend runs natively. ``encoding`` is an encoding kind
     (``Encoding.kind``: dense, int, minifloat, sparse, palette, lowrank); ``how`` says how it runs;
-    ``accepts``, when given, takes the weight's encoding and returns why this backend cannot run
-    that particular one (a format, a group size, a pattern), or None when it can."""
+    ``accepts``, when given, takes the weight's encoding and the target and returns why this backend
+    cannot run that particular one there (a format, a group size, a pattern, a chip without the
+    format), or None when it can. ``otherwise`` says what lowering does with a weight of this op
+    and kind that no row accepts (the reported fallback), when it is not an error."""
     op: str
     encoding: str
     how: str
-    accepts: Callable[[Any], str | None] | None = None
+    accepts: Callable[[Any, Any], str | None] | None = None
 
 
 class Capabilities:
@@ -110,15 +112,16 @@ class Capabilities:
     def __init__(self, rows: list[Capability]):
         self.rows = list(rows)
 
-    def find(self, op: str, encoding) -> tuple[Capability | None, str]:
-        """(the row that runs ``op`` with ``encoding`` natively, "") or (None, why not)."""
+    def find(self, op: str, encoding, target=None) -> tuple[Capability | None, str]:
+        """(the row that runs ``op`` with ``encoding`` natively on ``target``, "") or (None, why
+        not). ``encoding`` is an Encoding or just its kind (then every row of that kind matches)."""
         kind = getattr(encoding, "kind", encoding)
         rows = [r for r in self.rows if r.op == op and r.encoding == kind]
         if not rows:
             return None, f"no native {op} for {kind} weights"
         whys = []
         for r in rows:
-            why = r.accepts(encoding) if r.accepts is not None and not isinstance(encoding, str) else None
+            why = r.accepts(encoding, target) if r.accepts is not None and not isinstance(encoding, str) else None
             if why is None:
                 return r, ""
             whys.append(why)
