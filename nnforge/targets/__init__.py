@@ -6,7 +6,7 @@ Schema (every key is checked; an unknown key is an error naming the file):
     description = "..."
     backend = "triton"                # the backend that lowers for it
     kind = "gpu"                      # portable | cpu | gpu | mobile | fpga
-    requires = ["cuda"]               # what must be present to *run* a bundle here (see REQUIREMENTS)
+    requires = ["cuda"]               # what must be present to *run* a bundle here (see requirement())
     [memory]   bandwidth_gbps, capacity_gb, ...          # numbers, each with its source in a comment
     [compute]  peak rates per format, e.g. fp16_tflops, int8_tops, cores, clock_ghz
     [formats]  native = ["fp16", "int8", ...]            # number formats the hardware runs natively
@@ -101,6 +101,18 @@ REQUIREMENTS = {
 }
 
 
+def requirement(name: str):
+    """The check of requirement ``name``: one of :data:`REQUIREMENTS` (what a machine has), or
+    ``python:MODULE[=DISTRIBUTION]`` for any Python package (a new backend's target file names its
+    own package that way, with no change here); None for an unknown name."""
+    if name in REQUIREMENTS:
+        return REQUIREMENTS[name]
+    if name.startswith("python:") and len(name) > len("python:"):
+        module, _, dist = name[len("python:"):].partition("=")
+        return lambda: (_has_module(module), f"python package {dist or module}")
+    return None
+
+
 @dataclass(frozen=True)
 class Target:
     name: str
@@ -119,7 +131,7 @@ class Target:
         """Whether a bundle for this target runs on this machine, and why not if it does not."""
         missing = []
         for r in self.requires:
-            ok, detail = REQUIREMENTS[r]()
+            ok, detail = requirement(r)()
             if not ok:
                 missing.append(detail)
         return (not missing, "ok" if not missing else "needs " + ", ".join(missing))
@@ -163,9 +175,10 @@ def _parse(path: Path, archs: dict | None = None) -> Target:
     if data["kind"] not in KINDS:
         raise TargetError(f"{path}: kind {data['kind']!r} is not one of {', '.join(KINDS)}")
     requires = data.get("requires", [])
-    bad = [r for r in requires if r not in REQUIREMENTS]
+    bad = [r for r in requires if requirement(r) is None]
     if bad:
-        raise TargetError(f"{path}: unknown requirement(s) {', '.join(bad)}; known: {', '.join(REQUIREMENTS)}")
+        raise TargetError(f"{path}: unknown requirement(s) {', '.join(bad)}; known: {', '.join(REQUIREMENTS)}, or "
+                          "python:MODULE[=DISTRIBUTION] for a Python package")
     for sec in _SECTIONS:
         if not isinstance(data.get(sec, {}), dict):
             raise TargetError(f"{path}: [{sec}] must be a table")

@@ -1,0 +1,53 @@
+"""Adding a backend is its folder and one registration line: tests/backends/toy is a backend that
+nnforge does not ship, registered here in one line, with a target file on NNFORGE_TARGETS_PATH; a
+model compiles for it through the same pipeline, loads, runs and verifies like any bundle, and
+``nnforge targets --explain`` reads its capability table."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import nnforge as nf
+from nnforge.backends.base import BACKENDS, _LOADED, register_backend
+from nnforge.cli import explain_target
+from nnforge.targets import PATH_ENV
+
+from tests.conftest import tiny_mlp
+
+TOY = Path(__file__).parent / "toy"
+
+
+@pytest.fixture
+def toy(monkeypatch):
+    monkeypatch.setenv(PATH_ENV, str(TOY / "targets"))
+    register_backend("toy", "tests.backends.toy:ToyBackend")          # the one registration line
+    yield
+    BACKENDS.pop("toy", None)
+    _LOADED.pop("toy", None)
+
+
+def test_a_backend_outside_nnforge_compiles_runs_and_verifies(toy, tmp_path):
+    x = torch.randn(4, 16)
+    calib = [(torch.randn(8, 16),) for _ in range(4)]
+    bundle = nf.compile(tiny_mlp(), "toy", example_inputs=(x,), calibration=calib, out=tmp_path / "b",
+                        dynamic_shapes=({0: torch.export.Dim("batch")},), batch_sizes=())
+    m = bundle.manifest
+    assert m["backend"]["name"] == "toy" and m["numerics"]["runtime_checked"]
+    assert m["numerics"]["backend_vs_reference"]["cosine_min"] > 0.9999
+    assert sorted(m["backend"]["files"]) == ["toy/program.json", "toy/weights.npz"]
+    with torch.no_grad():
+        torch.testing.assert_close(nf.load(bundle.path)(x), tiny_mlp()(x), rtol=1e-4, atol=1e-5)
+    assert nf.verify(bundle.path)["passed"]
+
+
+def test_explain_reads_the_backends_capability_table(toy):
+    text = "\n".join(explain_target("toy"))
+    assert "backend: toy; runs here: yes" in text and "linear  dense       numpy matmul in float32" in text
+
+
+def test_an_unregistered_backend_is_named_with_the_known_ones(monkeypatch):
+    monkeypatch.setenv(PATH_ENV, str(TOY / "targets"))
+    with pytest.raises(nf.NnforgeError, match="unknown backend 'toy'; known: coreml, hls, mlir, onnx, triton, tvm"):
+        nf.compile(tiny_mlp(), "toy", example_inputs=(torch.randn(2, 16),))
