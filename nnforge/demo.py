@@ -119,7 +119,8 @@ def run_demo(out: str | Path = "bundles/demo", full: bool = False, families=None
     """Compile, score and time the demo's bundles; one Row each (a row saying what is missing for a
     family whose backend is not installed). ``families`` limits it to some (names or targets);
     ``sentences`` caps the held-out sentences of every row."""
-    from .api import compile as nf_compile, target as get_target
+    from .pipeline import compile as nf_compile
+    from .targets import get_target
     from .backends.base import get_backend
     from .frontend import export_module
 

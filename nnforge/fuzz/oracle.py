@@ -158,7 +158,7 @@ def check_bundle(graph: Graph, original: Graph, pipeline: str, passes, records, 
     lowering, the runtime check, the manifest) and :func:`nnforge.verify`, as ``nf.compile``
     writes and checks a bundle; raises what they raise."""
     import time
-    from .. import api
+    from ..bundle.store import verify
     from ..pipeline import build
     target = fuzz_target(backend)
     with tempfile.TemporaryDirectory(prefix="nnforge-fuzz-bundle-") as tmp:
@@ -166,4 +166,4 @@ def check_bundle(graph: Graph, original: Graph, pipeline: str, passes, records, 
         build(out, graph=graph.copy(), original=original, source="ir", target=target,
               backend=get_backend(target.backend), recipe_name=f"fuzz pipeline {pipeline}", passes=passes,
               records=records, check=[tuple(inputs)], import_check={}, timings={}, started=time.perf_counter())
-        api.verify(out)
+        verify(out)
