@@ -13,7 +13,7 @@ from ..ir import symbolic as sym
 from ..ir.ops.shape import normalize_slice
 from ..registry import Registry
 from .errors import UnsupportedError
-from .torch_export import TorchContext
+from .torch_context import TorchContext
 
 aten = torch.ops.aten
 CONVERTERS = Registry("torch converter")
