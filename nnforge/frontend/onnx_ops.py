@@ -16,7 +16,8 @@ from ..ir.ops.registry import broadcast_shapes
 from ..ir.packing import unpack_bits
 from ..registry import Registry
 from .errors import UnsupportedError
-from .onnx_import import ONNX_DTYPES, DimVec, OnnxContext
+from .onnx_context import DimVec, OnnxContext
+from .onnx_tensors import ONNX_DTYPES, tensor_from_proto
 
 CONVERTERS = Registry("onnx converter")
 register = CONVERTERS.register
@@ -592,7 +593,6 @@ def _pad(cx):
 @register("Constant")
 def _constant(cx):
     from onnx import helper
-    from .onnx_import import tensor_from_proto
     for a in cx.node.attribute:
         if a.name == "value":
             t = tensor_from_proto(a.t, None)
@@ -610,7 +610,6 @@ def _constant(cx):
 
 @register("ConstantOfShape")
 def _constant_of_shape(cx):
-    from .onnx_import import tensor_from_proto
     shape = cx.dims(0)
     if shape is None:
         raise UnsupportedError("ConstantOfShape with a shape computed from tensor data")
