@@ -21,21 +21,8 @@ from ...ir import Dense, Graph, Value, symbolic as sym
 from ...ir.dtypes import DType
 from ..base import BackendError, Fallback
 from . import weights as W
+from .mil_types import NP_OF, mil_dtype
 from .ops import LOWERINGS, no_equivalent
-
-
-def mil_dtype(dt: DType) -> str:
-    """The MIL type computing an IR dtype: every float in fp16, every integer in int32."""
-    if dt.name == "bool":
-        return "bool"
-    if dt.is_float:
-        return "fp16"
-    if dt.is_integer:
-        return "int32"
-    raise BackendError(f"core ml has no tensor type for {dt.name}")
-
-
-NP_OF = {"fp16": np.float16, "fp32": np.float32, "int32": np.int32, "bool": np.bool_}
 
 
 class Lowering:

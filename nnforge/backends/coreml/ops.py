@@ -14,6 +14,7 @@ import numpy as np
 from ...ir import symbolic as sym
 from ...registry import Registry
 from ..base import BackendError
+from .mil_types import mil_dtype
 
 LOWERINGS = Registry("coreml lowering")
 rule = LOWERINGS.register
@@ -98,7 +99,6 @@ def _clamp(lw, node):
 
 @rule("cast")
 def _cast(lw, node):
-    from .lower import mil_dtype
     src, dst = mil_dtype(node.inputs[0].dtype), mil_dtype(node.attrs["dtype"])
     x = _x(lw, node)
     if src == dst:          # int64 <-> int32, fp32 <-> fp16: one MIL type computes both
