@@ -30,31 +30,16 @@ from .. import ir
 from ..errors import UsageError
 from ..ir import Dense, Graph, GraphError, Value, symbolic as sym
 from ..ir.ops import OPS, RunContext
+from . import layers  # noqa: F401  (registers the per-op proposers)
 from . import stability
+from .input_dist import SYMBOL, InputDist
+from .proposals import OP_WEIGHTS, propose
+from .reduce import with_outputs
 
 MAX_ABS = 1e4          # values beyond this magnitude are rejected (float16 casts need < 65504)
 MAX_ABS_F16 = 200.0    # ... in float16 graphs, where ops' own sums of squares must stay finite
 F16_PARTIAL = 1.5e4    # bound on any partial sum or product a float16 reduction may form
 MIN_NONZERO = 1e-20    # ... and nonzero values below it (backends may flush denormals)
-SYMBOL = "batch"
-
-
-@dataclass
-class InputDist:
-    """How a graph input's values are drawn: floats uniform in [lo, hi), ints in [lo, hi), bools."""
-    kind: str
-    lo: float = 0.0
-    hi: float = 1.0
-
-    def sample(self, shape, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
-        if self.kind == "float":
-            return (torch.rand(shape, generator=gen, dtype=torch.float64) * (self.hi - self.lo) + self.lo).to(dtype)
-        if self.kind == "int":
-            return torch.randint(int(self.lo), int(self.hi), shape, generator=gen, dtype=dtype)
-        return torch.rand(shape, generator=gen) < 0.5
-
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, "lo": self.lo, "hi": self.hi}
 
 
 @dataclass
@@ -90,7 +75,6 @@ class GraphGenerator:
         self.max_inputs = max_inputs
         self.dynamic_p = dynamic
         self.float16_p = float16
-        from .proposals import OP_WEIGHTS
         names = ops or [op for op in OPS if OP_WEIGHTS.get(op, 1.0) > 0]
         unknown = OPS.missing(names)
         if unknown:
@@ -135,7 +119,6 @@ class GraphGenerator:
                     self.ir_findings)
 
     def _insert(self, op: str) -> Value | None:
-        from .proposals import propose
         try:
             proposal = propose(self, op)
         except (GraphError, ValueError, IndexError, ZeroDivisionError, sym.DimError):
@@ -162,7 +145,6 @@ class GraphGenerator:
 
     def _finish(self) -> tuple[Graph, list[torch.Tensor]]:
         """The graph without dead nodes, unused weights and unused inputs, and its sample inputs."""
-        from .reduce import with_outputs
         graph = with_outputs(self.g, self.g.outputs)
         if not graph.symbols():
             self.env = {}                               # the symbolic inputs all went unused

@@ -8,11 +8,10 @@ import math
 
 from ..ir import symbolic as sym
 from ..ir.ops.quant import FAKE_QUANT_FORMATS
-from ..registry import Registry
-from .generator import SYMBOL, InputDist
-from .proposals import broadcast_variant, broadcastable, cast_dtype, fill_attrs, is_float, static_axes, weight_leaf
+from .input_dist import SYMBOL, InputDist
+from .proposals import (PROPOSERS, broadcast_variant, broadcastable, cast_dtype, fill_attrs, is_float, static_axes,
+                        weight_leaf)
 
-PROPOSERS = Registry("fuzz proposer")
 proposer = PROPOSERS.register
 
 

@@ -2,7 +2,7 @@
 
 Three tables, each a dict of small functions (like the backends' rule tables):
 
-- ``PROPOSERS[op]`` (in :mod:`.layers`): inputs and attributes together, for ops whose inputs
+- ``PROPOSERS[op]`` (filled by :mod:`.layers`): inputs and attributes together, for ops whose inputs
   must be shaped to each other (a linear's weight to its input, a concat's operands along one axis);
 - ``FAMILY_INPUTS[family]``: inputs for every other op of a registry family (unary, binary, ...),
   its attributes then filled one by one from ``ATTR_HINTS[(op, name)]``, ``ATTR_HINTS[name]``, or
@@ -21,8 +21,10 @@ import math
 from ..ir import Value, symbolic as sym
 from ..ir.ops import OPS
 from ..ir.ops.registry import REQUIRED
-from .generator import InputDist
+from ..registry import Registry
+from .input_dist import InputDist
 
+PROPOSERS = Registry("fuzz proposer")     # filled by .layers, which the generator imports
 DEFAULT = object()      # a hint's answer "leave this attribute at its default"
 
 # Relative frequency of each op (1.0 when absent); layers with weights come often so the
@@ -319,7 +321,6 @@ FAMILY_INPUTS = {"unary": _one, "binary": _binary, "compare": _binary, "logic": 
 
 def propose(gen, op: str):
     """(inputs, attrs) for a candidate ``op`` node, or None."""
-    from .layers import PROPOSERS
     if op in PROPOSERS:
         return PROPOSERS[op](gen)
     family = FAMILY_INPUTS.get(OPS[op].family, _one)
