@@ -5,21 +5,20 @@ turning the weight into the builder's arguments: dense fp32 weights run on the s
 kernels/dense.py (packed into panels at load), block-sparse weights on kernels/bsr.py (fp32 blocks)
 or kernels/bsr_int8.py (int8 codes with row scales after a static int8 activation), 8/4-bit integer
 weights on kernels/lowbit.py; anything else is decoded to fp32 with a reported Fallback.
+The functions taking ``lw`` get the :class:`~.lower.Lowering` in progress, as the rules of
+:mod:`.ops` do.
 """
 from __future__ import annotations
 
 import importlib
 import re
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 
 from ...ir import Dense, Value
 from ..base import BackendError, Fallback
 from .kernels import KernelError
-
-if TYPE_CHECKING:
-    from .lower import Lowering
 
 
 def c_name(text: str) -> str:
@@ -77,7 +76,7 @@ def _int8_activation(x: Value):
     return src, float(node.attrs["scale"]), int(node.attrs["zero_point"]) + shift
 
 
-def int8_bsr_kernel(lw: Lowering, w: Value, x: Value):
+def int8_bsr_kernel(lw, w: Value, x: Value):
     """(GlobalVar, const param vars, n, the float input to pass) of the u8 x s8 BSR kernel for a
     linear whose int8 block-sparse weight reads a statically int8-quantised activation; None when
     the weight or the activation is not in that form (or the kernel refuses it, reported)."""
@@ -145,7 +144,7 @@ KERNELS: dict[str, tuple[str, str, Callable[[Value], dict | None]]] = {
 }
 
 
-def linear_kernel(lw: Lowering, w: Value, layer: str = "", rows=None) -> tuple:
+def linear_kernel(lw, w: Value, layer: str = "", rows=None) -> tuple:
     """(GlobalVar, const param vars, n, act-order perm var or None, bias in the kernel) for the
     linear weight ``w``, built once per weight. ``layer`` and ``rows`` (the IR dim of the rows x
     has, flattened) let the dispatcher measure the compressed kernel against the dense one
@@ -197,7 +196,7 @@ def linear_kernel(lw: Lowering, w: Value, layer: str = "", rows=None) -> tuple:
     return entry
 
 
-def _with_dispatch(lw: Lowering, w: Value, kernel, consts: list, perm, layer: str, rows) -> tuple | None:
+def _with_dispatch(lw, w: Value, kernel, consts: list, perm, layer: str, rows) -> tuple | None:
     """The linear_kernel entry of a layer joined with the dense GEMM on its row count
     (kernels/dispatch.py): every eligible layer in the dispatcher's measuring pass, the layers
     whose dense kernel won somewhere in its final pass; None otherwise."""

@@ -32,6 +32,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from ..llvm_targets import resolve_target
 from . import Kernel, KernelError
 
 # --- the LLVM target -------------------------------------------------------------------------------
@@ -59,7 +60,6 @@ def llvm_target(target) -> CpuTarget:
     from tvm.target import codegen
 
     from ...base import BackendError
-    from .. import resolve_target
     try:
         resolved = resolve_target(target)
     except BackendError as e:

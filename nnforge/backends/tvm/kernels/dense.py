@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from ..llvm_targets import resolve_target
 from . import Kernel, KernelError
 
 ROWS_PER_TASK = 240          # rows of x one parallel task covers (a multiple of every MR below)
@@ -37,7 +38,6 @@ STACK_BYTES = 1024           # TVM's kMaxStackAlloca: smaller "global" allocatio
 def vector_lanes(target) -> int:
     """fp32 lanes of one vector register of ``target`` (a string or a tvm Target)."""
     from tvm.target import codegen
-    from .. import resolve_target
     features = codegen.llvm_get_cpu_features(resolve_target(target))
     if "avx512f" in features:
         return 16

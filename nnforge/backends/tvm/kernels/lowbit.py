@@ -47,6 +47,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from ..llvm_targets import resolve_target
 from . import Kernel, KernelError
 
 SUPPORTED_BITS = (4, 8)
@@ -71,7 +72,6 @@ def llvm_target(target: str):
     """The ``tvm.target.Target`` of an LLVM target string, as the tvm backend resolves it
     (``resolve_target``: TVM 0.27's dict form; ``-mcpu=native`` is this host's CPU name and
     feature list, so a VM that hides AVX-512 from a Zen 4 gets AVX2)."""
-    from .. import resolve_target
     from ...base import BackendError
     try:
         return resolve_target(target)
