@@ -12,9 +12,10 @@ read in place, so dense weights are stored once):
   bundle whose recorded sources differ from them (built by another nnforge: recompile), since
   packed layouts are only defined by that source.
 
-Weights no kernel takes (3-bit codes, a ``matmul`` operand, an embedding table...) are decoded at
-load and run by torch; each is a :class:`~nnforge.backends.base.Fallback` in the manifest naming
-the weight and every kernel module's reason. Lowering needs no GPU; running needs CUDA, or
+Which weights run in a kernel is the capability table's answer (:mod:`.capabilities`, one row per
+op and encoding kind). Weights no row takes (3-bit codes, a ``matmul`` operand, an embedding
+table...) are decoded at load and run by torch; each is a :class:`~nnforge.backends.base.Fallback`
+in the manifest naming the weight and the table's reason. Lowering needs no GPU; running needs CUDA, or
 ``TRITON_INTERPRET=1`` (set before triton is imported) to run on the CPU in Triton's interpreter,
 slowly, which is how CI runs these bundles (the targets' "cuda" requirement counts the interpreter, so
 ``nf.load``, ``nf.verify`` and the compile-time numerics check all run there).
@@ -39,6 +40,7 @@ import torch
 from ...ir import Graph, symbolic as sym
 from ...targets import Target
 from ..base import Artifact, Backend, BackendError, InputSpec, LowerContext, Runner, RuntimeSpec
+from .capabilities import CAPABILITIES
 from .kernels import interpreting
 from .lower import KERNEL_PACKAGE, PACKED_FILE, lower_graph, module_source, sha256_of
 
@@ -193,14 +195,7 @@ class TritonRunner(Runner):
 class TritonBackend(Backend):
     name = "triton"
     runtime = RuntimeSpec("triton", "triton", 2)       # kernel sources follow the language of a major.minor
-    native = {
-        ("linear", "dense"): "torch F.linear on fp16 (cuBLAS)", ("matmul", "dense"): "torch matmul on fp16",
-        ("conv", "dense"): "torch conv on fp16", ("embedding", "dense"): "torch embedding (fp16 table)",
-        ("linear", "int"): "kernels.intweight: 4/8-bit weight-only GEMM (int-weight), act-order in the kernel",
-        ("linear", "minifloat"): "kernels.minifloat: FP8/FP6/FP4 weight GEMM (minifloat)",
-        ("linear", "palettized"): "kernels.lut: look-up-table GEMM (palettized)",
-        ("linear", "sparse"): "kernels.sparse24: 2:4 sparse GEMM with int4 or float values (sparse24)",
-    }
+    capabilities = CAPABILITIES
 
     def lower(self, graph: Graph, target: Target, ctx: LowerContext) -> Artifact:
         return lower_graph(graph, target, ctx.files, self.toolchain())

@@ -1,9 +1,9 @@
-"""Lowering for the triton backend: which kernel module takes each encoded weight, its packed
-tensors, and the kernel sources a bundle carries.
+"""Lowering for the triton backend: each encoded weight through the capability table (the row
+that takes it names its kernel module), its packed tensors, and the kernel sources a bundle carries.
 
 Only ``linear`` weights go to kernels: the kernel contract computes ``x @ W.T`` with W stored
 [out, in], which is how a linear weight is encoded; a ``matmul`` weight operand is [in, out], so
-an encoded one is decoded instead (a reported fallback, like every weight no kernel takes).
+an encoded one is decoded instead (a reported fallback, like every weight no row takes).
 
     >>> artifact = lower_graph(graph, get_target("h100"), ctx.files, toolchain)
     >>> lowered.entry["linears"]["fc.weight"]["module"]
@@ -21,14 +21,12 @@ from types import ModuleType
 from ...ir import Graph
 from ...targets import Target
 from ..base import Artifact, BackendError, Fallback
+from .capabilities import CAPABILITIES, KERNEL_PACKAGE, kernel_module
 
 GRAPH_FILE = "graph.json"                 # written by the pipeline (save_graph); read in place
 WEIGHTS_FILE = "weights.safetensors"
 PACKED_FILE = "triton_weights.safetensors"
 KERNEL_DIR = "kernels"
-KERNEL_PACKAGE = "nnforge.backends.triton.kernels"
-# Tried in this order; the first whose supports() returns None takes the weight.
-KERNEL_MODULES = ("intweight", "minifloat", "lut", "sparse24")
 # Sources a bundle records besides the modules its weights use: the package, the helpers every
 # module imports, and the kernel modules a module borrows from (lut unpacks minifloat's bit planes).
 SHARED_SOURCES = ("__init__", "common")
@@ -38,38 +36,6 @@ COMPUTE_DTYPES = ("float16", "bfloat16")
 
 def sha256_of(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def kernel_modules() -> tuple[dict[str, ModuleType], dict[str, str]]:
-    """(importable kernel modules by name, why each other one is unavailable). They are imported
-    lazily; only triton itself may be missing (then every weight says so). A shipped module that
-    fails to import is a bug, raised, never a silent loss of its kernels."""
-    found, missing = {}, {}
-    for name in KERNEL_MODULES:
-        try:
-            found[name] = importlib.import_module(f"{KERNEL_PACKAGE}.{name}")
-        except ModuleNotFoundError as e:
-            if e.name not in ("triton", "triton.language"):
-                raise
-            missing[name] = "the triton package is not installed"
-    return found, missing
-
-
-def choose_kernel(enc, target: Target, modules: dict[str, ModuleType], missing: dict[str, str]):
-    """(module name or None, {module: why not}) for one encoding on ``target``."""
-    reasons = {}
-    for name in KERNEL_MODULES:
-        if name not in modules:
-            reasons[name] = missing.get(name, "not installed")
-            continue
-        try:
-            why = modules[name].supports(enc, target)
-        except Exception as e:       # supports() is meant to answer, not raise; say what it did
-            why = f"supports() raised {type(e).__name__}: {e}"
-        if why is None:
-            return name, reasons
-        reasons[name] = str(why)
-    return None, reasons
 
 
 def module_source(module: ModuleType) -> Path:
@@ -112,7 +78,7 @@ def _other_encoded_uses(graph: Graph) -> list[tuple[str, str]]:
     return out
 
 
-def fp8_linears(graph: Graph, target: Target, linears: dict, modules: dict) -> dict[str, dict]:
+def fp8_linears(graph: Graph, target: Target, linears: dict) -> dict[str, dict]:
     """Linear nodes that run fp8 x fp8 (``minifloat.matmul_fp8act``): the input is a ``fake_quant``
     to E4M3 with a static per-tensor scale (the fp8-w8a8 preset) and the minifloat module takes
     the packed weight with e4m3 activations on ``target`` (one whose architecture file says it has
@@ -126,7 +92,7 @@ def fp8_linears(graph: Graph, target: Target, linears: dict, modules: dict) -> d
         q = node.inputs[0].producer
         if q is None or q.op != "fake_quant" or q.attrs["format"].name != "float8_e4m3fn" or q.attrs["zero_point"]:
             continue
-        if modules["minifloat"].supports(w.encoding, target, activations="e4m3") is None:
+        if kernel_module("minifloat")[0].supports(w.encoding, target, activations="e4m3") is None:
             out[node.name] = {"weight": w.name, "quant": q.name, "scale": float(q.attrs["scale"])}
     return out
 
@@ -151,21 +117,20 @@ def lower_graph(graph: Graph, target: Target, files_out, toolchain: dict) -> Art
     cdt = compute_dtype(target)
     check_gpu(target)
     files = []
-    modules, missing = kernel_modules()
     fallbacks: list[Fallback] = []
     linears, packed = {}, {}
     used: set[str] = set()
     for wname, nodes in _linear_weights(graph).items():
         enc = graph.weights[wname].encoding
-        name, reasons = choose_kernel(enc, target, modules, missing)
-        if name is None:
-            why = "; ".join(f"{m}: {r}" for m, r in reasons.items())
+        cap, why = CAPABILITIES.find("linear", enc, target)
+        if cap is None:
             fallbacks.append(Fallback(wname, f"{enc.describe()} weight of {', '.join(nodes)}",
                                       f"decoded to {cdt} dense at load, run by torch "
                                       f"(no Triton kernel takes it: {why})"))
             continue
+        name = cap.accepts.module          # every row of an encoded kind names its kernel module
         try:
-            pw = modules[name].pack(enc, target.name)
+            pw = kernel_module(name)[0].pack(enc, target.name)
         except Exception as e:
             raise BackendError(f"triton backend: kernel {name} accepted weight {wname} ({enc.describe()}, used by "
                                f"{', '.join(nodes)}) but pack() failed: {type(e).__name__}: {e}") from e
@@ -177,10 +142,12 @@ def lower_graph(graph: Graph, target: Target, files_out, toolchain: dict) -> Art
                           "meta": pw.meta, "tensors": keys}
         used.add(name)
     for wname, node in _other_encoded_uses(graph):
-        enc = graph.weights[wname].encoding
-        what = "matmul weight operand [in, out]" if graph.node(node).op == "matmul" else f"{graph.node(node).op} weight"
+        enc, op = graph.weights[wname].encoding, graph.node(node).op
+        why = "not its weight operand" if op == "linear" else CAPABILITIES.find(op, enc, target)[1]
+        what = "matmul weight operand [in, out]" if op == "matmul" else f"{op} weight"
         fallbacks.append(Fallback(wname, f"{enc.describe()} {what} of node {node}",
-                                  "decoded to dense at load, run by torch (the kernels take linear weights only)"))
+                                  f"decoded to dense at load, run by torch ({why}: the kernels take linear "
+                                  "weights only)"))
     if packed:
         save_file(packed, os.fspath(files_out.path(PACKED_FILE)), metadata={"producer": "nnforge triton backend"})
         files.append(PACKED_FILE)
@@ -190,7 +157,7 @@ def lower_graph(graph: Graph, target: Target, files_out, toolchain: dict) -> Art
         sources = {n: package if n == "__init__" else importlib.import_module(f"{KERNEL_PACKAGE}.{n}")
                    for n in SHARED_SOURCES}
         for n in sorted(used | {b for u in used for b in BORROWS.get(u, ())}):
-            sources[n] = modules.get(n) or importlib.import_module(f"{KERNEL_PACKAGE}.{n}")
+            sources[n] = importlib.import_module(f"{KERNEL_PACKAGE}.{n}")
         for name, module in sources.items():
             rel = f"{KERNEL_DIR}/{name}.py"
             shutil.copyfile(module_source(module), files_out.path(rel))
@@ -203,11 +170,11 @@ def lower_graph(graph: Graph, target: Target, files_out, toolchain: dict) -> Art
         "compute_dtype": cdt, "cuda_graphs": bool(target.options.get("cuda_graphs", True)),
         "inputs": [{"name": v.name, "dtype": v.dtype.name, "dims": list(v.shape)} for v in graph.inputs],
         "outputs": [v.name for v in graph.outputs],
-        "kernels": kernels, "linears": linears, "fp8_linears": fp8_linears(graph, target, linears, modules),
+        "kernels": kernels, "linears": linears, "fp8_linears": fp8_linears(graph, target, linears),
         "decoded": sorted({f.where for f in fallbacks}),
     }
     return Artifact(files=files, entry=entry, fallbacks=fallbacks, toolchain=toolchain)
 
 
-__all__ = ["lower_graph", "kernel_modules", "choose_kernel", "sha256_of", "KERNEL_MODULES", "PACKED_FILE",
-           "KERNEL_DIR", "KERNEL_PACKAGE", "fp8_linears", "GRAPH_FILE", "WEIGHTS_FILE"]
+__all__ = ["lower_graph", "sha256_of", "PACKED_FILE", "KERNEL_DIR", "KERNEL_PACKAGE", "fp8_linears", "GRAPH_FILE",
+           "WEIGHTS_FILE"]

@@ -37,8 +37,9 @@ from tests import conftest                # noqa: E402
 pytest.importorskip("triton")
 
 import nnforge as nf                                                         # noqa: E402
-from nnforge.backends.base import BackendError, get_backend                 # noqa: E402
+from nnforge.backends.base import BackendError, Capability, get_backend     # noqa: E402
 from nnforge.backends.triton import TritonBackend                           # noqa: E402
+from nnforge.backends.triton.capabilities import CAPABILITIES, Kernel       # noqa: E402
 from nnforge.backends.triton import lower as lower_mod                      # noqa: E402
 from nnforge.backends.triton.launcher import Launcher, ShapeCache           # noqa: E402
 from nnforge.ir import Interpreter                                          # noqa: E402
@@ -177,7 +178,7 @@ def test_weight_no_kernel_takes_is_a_reported_fallback(tmp_path):
     assert set(fallbacks) == {"qkv.weight", "proj.weight", "up.weight", "down.weight"}
     f = fallbacks["up.weight"]
     assert "u3" in f["what"] and "up" in f["what"] and "decoded" in f["action"]
-    assert all(f"{m}:" in f["action"] for m in lower_mod.KERNEL_MODULES), f["action"]   # every module's reason
+    assert "intweight: 3-bit codes" in f["action"], f["action"]         # the int row's reason
     assert bundle.manifest["backend"]["entry"]["linears"] == {}
     x = _x(1, 4, 3)
     assert_close(load(bundle)(x), Interpreter(bundle.graph()).run(x)[0], "w3-gptq fallback")
@@ -261,7 +262,7 @@ PACK_FAILS = False
 
 @pytest.fixture
 def fake_kernel(tmp_path, monkeypatch):
-    """A kernel module ``fake`` in the kernel package, tried first."""
+    """A kernel module ``fake`` in the kernel package, whose row comes first in the capability table."""
     path = tmp_path / "fake_kernel" / "fake.py"
     path.parent.mkdir()
     path.write_text(FAKE_SOURCE)
@@ -270,7 +271,7 @@ def fake_kernel(tmp_path, monkeypatch):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     monkeypatch.setitem(sys.modules, name, module)
-    monkeypatch.setattr(lower_mod, "KERNEL_MODULES", ("fake",) + lower_mod.KERNEL_MODULES)
+    monkeypatch.setattr(CAPABILITIES, "rows", [Capability("linear", "int", "fake", Kernel("fake"))] + CAPABILITIES.rows)
     return module
 
 
@@ -360,7 +361,7 @@ def test_bad_inputs_are_backend_errors_naming_the_input(fp32_bundle):
 
 def test_entry_and_registry(fp32_bundle):
     backend = get_backend("triton")
-    assert isinstance(backend, TritonBackend) and ("linear", "int") in backend.native
+    assert isinstance(backend, TritonBackend) and backend.capabilities is CAPABILITIES
     m = fp32_bundle.manifest
     entry = m["backend"]["entry"]
     assert entry["graph"] == "graph.json" and entry["weights"] == "weights.safetensors" and entry["packed"] is None
