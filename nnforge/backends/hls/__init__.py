@@ -30,6 +30,7 @@ from ...ir.simplify import static_form
 from ...targets import Target
 from ..base import Artifact, Backend, BackendError, InputSpec, LowerContext, Runner
 from . import csim, logic, render, resources  # noqa: F401  (logic registers its lowering rules)
+from .capabilities import CAPABILITIES
 from .project import PROJECT, HlsOptions, Plan, build_plan
 
 TB_SEED = 0
@@ -137,17 +138,11 @@ def simulation_report(graph: Graph, target: Target, plan: Plan) -> dict[str, byt
 
 class HlsBackend(Backend):
     name = "hls"
+    capabilities = CAPABILITIES
 
     def times_here(self, target: Target) -> tuple[bool, str]:
         return False, ("a C-simulation's run time says nothing about the FPGA: fpga/simulation.txt holds the "
                        "accelerator model's latency estimate")
-    native = {
-        ("linear", "int"): "matrix unit: int2..int8 codes (zero points folded, +1 bit), per-group scale mantissas",
-        ("linear", "sparse"): "matrix unit: N:M (2:4, 1:4, ...) kept values + in-group indices, int or float values",
-        ("linear", "dense"): "matrix unit: float weights as int<dense_weight_bits> per output channel (reported)",
-        ("matmul", "dense"): "matrix unit (constant operand) or activation x activation matmul",
-        ("embedding", "dense"): "table lookup in weight memory (int32 raw rows in the activation format)",
-    }
 
     def prepare(self, target: Target, shapes: dict) -> list:
         """Hardware has fixed sizes: every dimension symbol is fixed before lowering, from the target

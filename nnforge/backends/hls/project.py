@@ -27,9 +27,10 @@ from ...hls import HEADER_DIR  # noqa: F401  (re-exported for the project writer
 from ...ir import Graph
 from ...ir.encodings import Dense
 from ...registry import Registry
-from ..base import BackendError
+from ..base import BackendError, Fallback
 from . import emulate as E
 from . import layers as L
+from .capabilities import CAPABILITIES, refused
 from .weights import WeightMemory, mat_weights
 
 PROJECT = "hls"        # folder of the project inside a bundle
@@ -204,6 +205,31 @@ def _dense(v, what: str) -> torch.Tensor:
     return v.encoding.data.to(torch.float64)
 
 
+def _matrix_weights(plan, node, w):
+    """The matrix unit's weights for a linear's weight ``w``: its own codes when a row of the
+    capability table takes it; otherwise decoded and stored like a float weight (a reported
+    fallback), or an error for an encoding the backend refuses."""
+    where, enc, bits = f"node {node.name} ({w.name})", w.encoding, plan.opts.dense_weight_bits
+    cap, why = CAPABILITIES.find("linear", enc)
+    if cap is not None:
+        return mat_weights(enc, where, bits, plan.fallbacks)
+    if refused(enc):
+        raise BackendError(f"{where}: {why}")
+    plan.fallbacks.append(Fallback(where, f"{enc.describe()} weight",
+                                   f"decoded and stored as int{bits} per output channel ({why})"))
+    rows, cols = enc.shape[0], math.prod(enc.shape[1:])
+    return mat_weights(Dense(enc.decode(torch.float32).reshape(rows, cols)), where, bits, [])
+
+
+def _table_operand(node, v, op: str):
+    """A constant operand the capability table must take as it is (a matmul constant, an
+    embedding table): a BackendError naming the node and why otherwise."""
+    cap, why = CAPABILITIES.find(op, v.encoding)
+    if cap is None:
+        raise BackendError(f"node {node.name} ({op}): weight {v.name} is {v.encoding.describe()}: {why} in the hls "
+                           f"backend; keep it dense (leave it out of the recipe's compression)")
+
+
 def _raw(t: torch.Tensor, frac: int) -> np.ndarray:
     return np.floor(t.numpy().astype(np.float64) * 2.0 ** frac + 0.5).astype(np.int64)
 
@@ -215,7 +241,7 @@ def _linear(plan, node, name):
     if not w.is_weight:
         raise BackendError(f"node {node.name} (linear): the weight is an activation; the hls backend streams weights "
                            f"from memory (use matmul for activation x activation)")
-    mw = mat_weights(w.encoding, f"node {node.name} ({w.name})", plan.opts.dense_weight_bits, plan.fallbacks)
+    mw = _matrix_weights(plan, node, w)
     bias = _raw(_dense(b, f"node {node.name} bias"), plan.opts.act.frac) if b is not None else None
     rows = math.prod(x.shape[:-1])
     return [L.MatMat(name, node.name, [x.name], node.output.name, w=mw, rows=rows, bias=bias,
@@ -226,6 +252,7 @@ def _linear(plan, node, name):
 def _matmul(plan, node, name):
     a, b = node.inputs
     if b.is_weight:                       # x @ W with a constant [K, N]: the matrix unit on W^T
+        _table_operand(node, b, "matmul")
         w = _dense(b, f"node {node.name}")
         if w.dim() != 2:
             raise BackendError(f"node {node.name} (matmul): constant operand must be 2-D, got {list(w.shape)}")
@@ -322,6 +349,7 @@ def _embedding(plan, node, name):
     ids, table = node.inputs
     if value_kind(ids) != "int":
         raise BackendError(f"node {node.name} (embedding): ids must be integers, got {ids.dtype.name}")
+    _table_operand(node, table, "embedding")
     t = _dense(table, f"node {node.name} table")
     if t.dim() != 2:
         raise BackendError(f"node {node.name} (embedding): table must be 2-D, got {list(t.shape)}")

@@ -130,11 +130,8 @@ def _quantize_rows(w: torch.Tensor, bits: int) -> tuple[np.ndarray, np.ndarray]:
     return q.to(torch.int64).numpy(), scale.numpy()
 
 
-def _int_values(enc: IntQuant, where: str) -> tuple[np.ndarray, np.ndarray, int, int]:
+def _int_values(enc: IntQuant) -> tuple[np.ndarray, np.ndarray, int, int]:
     """(signed codes [rows, cols], float scales, w_bits, group) of an IntQuant matrix."""
-    if enc.perm is not None:
-        raise BackendError(f"{where}: act-order (permuted) int weights are not supported by the hls backend yet; "
-                           f"quantise without act_order")
     q = enc.int_codes().numpy()
     bits = enc.bits
     if enc.zero_point is not None:
@@ -147,37 +144,32 @@ def _int_values(enc: IntQuant, where: str) -> tuple[np.ndarray, np.ndarray, int,
 
 
 def mat_weights(enc, where: str, dense_bits: int, fallbacks: list[Fallback]) -> MatWeights:
-    """The matrix unit's view of a 2-D weight encoding [out, in]."""
+    """The matrix unit's view of a 2-D weight encoding [out, in] that the capability table takes
+    (:mod:`.capabilities`); float values are quantised to ``dense_bits`` per output channel and
+    reported in ``fallbacks``."""
     rows, cols = enc.shape[0], int(np.prod(enc.shape[1:]))
     sp_n = sp_m = 1
     inner = enc
     if isinstance(enc, Sparse):
-        if enc.pattern.kind != "nm":
-            fallbacks.append(Fallback(where, f"{enc.pattern.name} sparse weight",
-                                      f"decoded and stored dense as int{dense_bits} per output channel "
-                                      f"(the hls matrix unit runs N:M patterns)"))
-            return mat_weights(Dense(enc.decode(torch.float32)), where, dense_bits, [])
         sp_n, sp_m, inner = enc.pattern.n, enc.pattern.m, enc.values
     kept = cols * sp_n // sp_m
     fields = lut = None
     if isinstance(inner, IntQuant):
-        q, scales, bits, group = _int_values(inner, where)
-    elif isinstance(inner, MiniFloat) and inner.perm is None and _minifloat_lut(inner) is not None:
-        lut, frac = _minifloat_lut(inner)
+        q, scales, bits, group = _int_values(inner)
+    elif isinstance(inner, MiniFloat):
+        lut, frac = minifloat_lut(inner)
         fields = inner.fields().numpy()
         q, bits, group = lut[fields], inner.fmt.bits, inner.group_size
         scales = inner.scale_values(torch.float64).numpy() * 2.0 ** -frac
-    elif isinstance(inner, Dense) and inner.data.is_floating_point():
+    elif isinstance(inner, Dense):
         q, scales = _quantize_rows(inner.data.reshape(rows, kept), dense_bits)
         bits, group = dense_bits, kept
         fallbacks.append(Fallback(where, f"{inner.dtype.short} weight",
                                   f"quantised to int{dense_bits} per output channel (the FPGA datapath has no "
                                   f"float MACs; target option dense_weight_bits)"))
     else:
-        fallbacks.append(Fallback(where, f"{inner.describe()} weight",
-                                  f"decoded and stored as int{dense_bits} per output channel (no native "
-                                  f"decoder for this encoding in the hls backend yet)"))
-        return mat_weights(Dense(enc.decode(torch.float32).reshape(rows, cols)), where, dense_bits, [])
+        raise BackendError(f"{where}: {enc.describe()} reached the matrix unit without a layout for it; the hls "
+                           "capability table and mat_weights disagree (a bug: please report it)")
     if isinstance(enc, Sparse):
         gi = enc.group_indices().numpy()                         # [rows, groups, n]
         dense_cols = (np.arange(gi.shape[1])[None, :, None] * sp_m + gi).reshape(rows, kept)
@@ -195,7 +187,7 @@ def mat_weights(enc, where: str, dense_bits: int, fallbacks: list[Fallback]) -> 
 LUT_MAX_BITS = 24
 
 
-def _minifloat_lut(enc: MiniFloat) -> tuple[np.ndarray, int] | None:
+def minifloat_lut(enc: MiniFloat) -> tuple[np.ndarray, int] | None:
     """(integer value of every code times 2^frac, frac) for the codes' decoding LUT; None when a used
     code is not finite or the integers would need more than LUT_MAX_BITS bits (E5M2)."""
     from ...ir import minifloat
