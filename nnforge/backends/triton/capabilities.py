@@ -55,9 +55,9 @@ class Kernel:
 CAPABILITIES = Capabilities([
     *[Capability(op, "dense", f"torch {op} (the op's reference kernel) on fp16 operands, or bf16 with the "
                               "target option compute_dtype") for op in MATMUL_LIKE],
-    Capability("linear", "int", "kernels.intweight: weight-only GEMM on 4- or 8-bit codes, per-channel or group "
-                                "scales (groups a multiple of 16 dividing K), zero points, act-order applied in "
-                                "the kernel", Kernel("intweight")),
+    Capability("linear", "int", "kernels.intweight: weight-only GEMM on 4- or 8-bit codes, per-tensor, channel or "
+                                "group scales in fp16 (groups a multiple of 16 dividing K), zero points, act-order "
+                                "applied in the kernel", Kernel("intweight")),
     Capability("linear", "minifloat", "kernels.minifloat: weight GEMM on e4m3, e5m2, e3m2, e2m3 or e2m1 codes with "
                                       "float32/float16/bfloat16, e8m0 (MX) or e4m3 scales; fp8 x fp8 on tensor cores "
                                       "behind a static E4M3 fake_quant where the architecture has them",

@@ -129,7 +129,7 @@ def test_every_row_of_an_encoded_kind_names_a_kernel_module():
 def test_rows_say_what_their_kernels_take():
     """The prose of a row names the formats its module's supports() takes."""
     rows = {r.encoding: r.how for r in CAPABILITIES if r.op == "linear"}
-    assert all(f in rows["minifloat"] for f in minifloat.ELEMENTS)
+    assert all(f in rows["minifloat"] for f in [*minifloat.ELEMENTS, *minifloat.SCALE_FORMATS])
     assert lut.BITS == (1, 2, 3, 4, 5, 6, 8) and "1..6- or 8-bit indices" in rows["palettized"]
 
 
