@@ -18,6 +18,7 @@ from ...targets import Target
 from ..base import Artifact, Backend, BackendError, Fallback, InputSpec, LowerContext, Runner, RuntimeSpec
 from . import weights as W
 from .builder import INLINE_LIMIT, OnnxBuilder, onnx_type
+from .capabilities import CAPABILITIES
 from .ops import LOWERINGS
 
 OPSET = 21
@@ -30,17 +31,18 @@ def _value_info(v, name: str | None = None):
     return helper.make_tensor_value_info(name or v.name, onnx_type(v.dtype), dims)
 
 
-def build_model(graph: Graph, weights, opset: int = OPSET) -> tuple[onnx.ModelProto, list[Fallback]]:
-    """The ONNX model for ``graph``; dense weights are read in place from the safetensors file
-    ``weights`` (a path, or its :class:`nnforge.bundle.format.TensorIndex`) by offset, the file
-    named relative to the model (it lies beside it)."""
+def build_model(graph: Graph, weights, opset: int = OPSET,
+                target: Target | None = None) -> tuple[onnx.ModelProto, list[Fallback]]:
+    """The ONNX model for ``graph`` built for ``target``; dense weights are read in place from the
+    safetensors file ``weights`` (a path, or its :class:`nnforge.bundle.format.TensorIndex`) by
+    offset, the file named relative to the model (it lies beside it)."""
     from ...bundle.format import TensorIndex
     weights = weights if isinstance(weights, TensorIndex) else TensorIndex(Path(weights))
     missing = sorted({n.op for n in graph.nodes if n.op not in LOWERINGS})
     if missing:
         raise BackendError(f"the onnx backend has no lowering for op(s) {', '.join(missing)} "
                            f"(used by nodes {', '.join(n.name for n in graph.nodes if n.op in missing)[:300]})")
-    b = OnnxBuilder(graph, weights, weights.path.name)
+    b = OnnxBuilder(graph, weights, weights.path.name, target)
     fallbacks: list[Fallback] = []
     for node in graph.nodes:
         try:
@@ -187,17 +189,11 @@ def _values(runner: OnnxRunner, inputs: list, wanted: list) -> tuple[dict, dict]
 class OnnxBackend(Backend):
     name = "onnx"
     runtime = RuntimeSpec("onnxruntime", "onnxruntime", 1)     # ONNX Runtime reads older files within a major
-    native = {
-        ("linear", "dense"): "Gemm", ("matmul", "dense"): "MatMul", ("conv", "dense"): "Conv",
-        ("embedding", "dense"): "Gather",
-        ("linear", "int"): "MatMulNBits (4-bit, blocks of 2^k >= 16) or DequantizeLinear (uint8/uint4) + Gemm",
-        ("conv", "int"): "DequantizeLinear + Conv", ("embedding", "int"): "DequantizeLinear + Gather",
-        ("matmul", "int"): "DequantizeLinear + MatMul",
-    }
+    capabilities = CAPABILITIES
 
     def lower(self, graph: Graph, target: Target, ctx: LowerContext) -> Artifact:
         opset = int(target.options.get("opset", OPSET))
-        model, fallbacks = build_model(graph, ctx.files.weights, opset)
+        model, fallbacks = build_model(graph, ctx.files.weights, opset, target)
         path = ctx.files.path(MODEL_FILE)
         onnx.save_model(model, os.fspath(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=DATA_FILE, size_threshold=INLINE_LIMIT)

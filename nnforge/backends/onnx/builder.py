@@ -30,8 +30,9 @@ def onnx_type(dt: DType) -> int:
 
 
 class OnnxBuilder:
-    def __init__(self, graph: Graph, weights, weights_file: str):
+    def __init__(self, graph: Graph, weights, weights_file: str, target=None):
         self.graph = graph
+        self.target = target           # what the capability table's checks read; None outside a compile
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.index = weights           # where each weight lies in the bundle's weights file

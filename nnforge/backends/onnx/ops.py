@@ -13,6 +13,7 @@ from ...ir.dtypes import bool_, float32, int32
 from ...registry import Registry
 from ..base import BackendError
 from . import weights as W
+from .capabilities import MATMULNBITS
 from .builder import OnnxBuilder, onnx_type
 
 LOWERINGS = Registry("onnx lowering")
@@ -26,7 +27,9 @@ def operand(b: OnnxBuilder, v, fallbacks) -> str | None:
 
 
 def _ins(b, node, fallbacks):
-    return [operand(b, v, fallbacks) for v in node.inputs]
+    """The node's inputs by ONNX name; a layer's weight in the form the capability table gives it."""
+    return [W.dense(b, v, fallbacks, W.lookup(b, node)) if W.is_layer_weight(node, i) else operand(b, v, fallbacks)
+            for i, v in enumerate(node.inputs)]
 
 
 def _out(node: Node) -> str:
@@ -122,6 +125,7 @@ def _cast(b, node, fb):
 def lower_linear(b, node, fb):
     x, w, bias = (list(node.inputs) + [None])[:3]
     xin = operand(b, x, fb)         # x may itself be a weight (a folded constant)
+    cap, why = W.lookup(b, node) if w.is_weight else (None, "")
     enc = w.encoding if w.is_weight else None
     # act-order: permute the activation columns instead of the weight, where the weight is
     # dequantised from its stored (permuted) codes; a weight decoded at export is in original order.
@@ -130,15 +134,15 @@ def lower_linear(b, node, fb):
         xin = b.node("Gather", [xin, b.ints(perm.tolist())], axis=-1)
     out = _out(node)
     bias_name = operand(b, bias, fb)
-    if W.matmulnbits_ok(enc):
+    if cap is MATMULNBITS:
         y = W.matmulnbits(b, xin, w, None if bias is not None else out)
         if bias is not None:
             b.node("Add", [y, bias_name], out)
         return
-    if enc is not None and perm is not None:
-        weight = W.dequantize(b, w, fb)          # stored column order matches the permuted activations
+    if perm is not None:
+        weight = W.dequantize(b, w, fb, why)     # stored column order matches the permuted activations
     else:
-        weight = operand(b, w, fb)
+        weight = W.dense(b, w, fb, (cap, why)) if w.is_weight else operand(b, w, fb)
     if x.type.rank == 2:
         b.node("Gemm", [xin, weight, bias_name], out, transB=1)
         return

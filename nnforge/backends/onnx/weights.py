@@ -1,20 +1,23 @@
-"""Weights in ONNX: dense tensors read in place from weights.safetensors, IntQuant weights as
-DequantizeLinear (int8/uint8 any granularity, uint4 packed) or, for 4-bit group-quantised linear
-layers, ORT's MatMulNBits reading our packed codes directly; FP8 codes as float8 DequantizeLinear
-in place, and FP6/FP4 codes widened exactly to int8/int16 lattice values for DequantizeLinear.
-What ONNX cannot hold compressed is decoded and reported as a Fallback."""
+"""Weights in ONNX, in the form the capability table (:mod:`.capabilities`) gives each layer:
+dense tensors read in place from weights.safetensors, DequantizeLinear of uint8/uint4/float8
+codes in place, or ORT's MatMulNBits reading our packed 4-bit codes directly. A layer weight no
+row takes falls back, reported: 2/3/5/6/7-bit codes widened to uint8, FP6/FP4 codes widened
+exactly to int8/int16 lattice values (both for DequantizeLinear), act-order columns re-ordered by
+a Gather, anything else decoded to dense."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 from onnx import TensorProto
 
-from ...ir import Dense, IntQuant, MiniFloat, Value
+from ...ir import Dense, IntQuant, MiniFloat, Node, Value, WEIGHT_OPS
 from ...ir import minifloat as mf
 from ...ir.encodings import rows_cols
+from ...ir.ops import WEIGHT_SLOT
 from ...ir.packing import pack_bits, unpack_bits
-from ..base import Fallback
+from ..base import Capability, Fallback
 from .builder import INLINE_LIMIT, NP_TYPES, OnnxBuilder, onnx_type
+from .capabilities import CAPABILITIES, FLOAT8, code_type
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -37,36 +40,48 @@ def _tensor(b: OnnxBuilder, name: str, key: str, t: torch.Tensor, data_type: int
     return b.const(_np(t).reshape(dims), name)
 
 
-def dense(b: OnnxBuilder, v: Value, fallbacks: list[Fallback]) -> str:
-    """ONNX name of weight ``v`` as a dense tensor of its logical dtype and shape."""
+def lookup(b: OnnxBuilder, node: Node) -> tuple[Capability | None, str]:
+    """How ``node`` (a linear, matmul, conv or embedding) runs its weight: the row of
+    :data:`CAPABILITIES` for its op and its weight's encoding on the target being built, or None
+    and why not. The one place the onnx backend decides what runs natively."""
+    return CAPABILITIES.find(node.op, node.inputs[WEIGHT_SLOT].encoding, b.target)
+
+
+def is_layer_weight(node: Node, slot: int) -> bool:
+    """Input ``slot`` of ``node`` is a layer's weight, which the capability table decides."""
+    return node.op in WEIGHT_OPS and slot == WEIGHT_SLOT and node.inputs[slot] is not None \
+        and node.inputs[slot].is_weight
+
+
+def dense(b: OnnxBuilder, v: Value, fallbacks: list[Fallback], found=None) -> str:
+    """ONNX name of weight ``v`` as a dense tensor of its logical dtype and shape. ``found``: what
+    :func:`lookup` said for the layer reading ``v`` as its weight; None for any other weight
+    operand (a bias, a norm's parameters, a folded constant), which ONNX ops read as a plain
+    tensor, so an encoded one is decoded (no pass encodes those)."""
     if v.name in b.weight_cache:
         return b.weight_cache[v.name]
     enc = v.encoding
-    if isinstance(enc, Dense):
+    cap, why = found or (None, "only the weight of a linear, matmul, conv or embedding runs encoded")
+    if isinstance(enc, Dense) and (cap is not None or found is None):
         out = _tensor(b, v.name, f"{v.name}::data", enc.data, onnx_type(v.dtype), v.shape)
-    elif dequantize_ok(enc):
-        out = dequantize(b, v, fallbacks)
-        if enc.perm is not None:
+    elif cap is not None or found is not None and dequantize_ok(enc):
+        out = dequantize(b, v, fallbacks, why)
+        if cap is None and enc.perm is not None:
             # Generic consumers need the original column order; linear layers avoid this by
             # permuting their activations instead (see ops.lower_linear).
             inv = torch.argsort(enc.perm)
             out = b.node("Gather", [out, b.ints(inv.tolist())], axis=1)
             fallbacks.append(Fallback(v.name, enc.describe(), "act-order columns re-ordered by a Gather on the "
-                                      "dequantised weight (consumer is not a linear layer)"))
+                                      f"dequantised weight ({why})"))
         if len(v.shape) != 2:
             out = b.node("Reshape", [out, b.ints(v.shape)])
     else:
-        fallbacks.append(Fallback(v.name, enc.describe(), f"decoded to {v.dtype.name} at export "
-                                  "(ONNX has no form for this encoding)"))
+        fallbacks.append(Fallback(v.name, enc.describe(), f"decoded to {v.dtype.name} at export ({why})"))
         data = enc.decode(v.dtype.torch_dtype)
         out = b.raw(b.fresh(v.name), onnx_type(v.dtype), list(v.shape), data.contiguous().view(torch.int16).numpy()
                     .tobytes()) if data.dtype == torch.bfloat16 else b.const(data.numpy(), v.name)
     b.weight_cache[v.name] = out
     return out
-
-
-# Minifloats ONNX (opset 21) holds as tensor types; their bit patterns are our codes.
-FLOAT8 = {"e4m3": TensorProto.FLOAT8E4M3FN, "e5m2": TensorProto.FLOAT8E5M2}
 
 
 def lattice(enc) -> tuple[int, float] | None:
@@ -86,39 +101,40 @@ def lattice(enc) -> tuple[int, float] | None:
 
 
 def dequantize_ok(enc) -> bool:
-    """Encodings that run as a DequantizeLinear of their stored (or exactly widened) codes."""
+    """Encodings that run as a DequantizeLinear of their stored or widened codes (natively where
+    the capability table takes the stored ones, else as a reported fallback)."""
     return isinstance(enc, IntQuant) or (isinstance(enc, MiniFloat) and (enc.fmt.short in FLOAT8
                                                                          or lattice(enc) is not None))
 
 
-def _code_tensor(b: OnnxBuilder, v: Value, enc, fallbacks) -> tuple[str, int]:
-    """The codes as an ONNX uint8, uint4 or float8 tensor [rows, cols] (stored column order)."""
+def _code_tensor(b: OnnxBuilder, v: Value, enc, fallbacks, why: str) -> tuple[str, int]:
+    """The codes as an ONNX uint8, uint4, float8 or widened integer tensor [rows, cols] (stored
+    column order); widening is reported with ``why`` the codes did not run as stored."""
     rows, cols = rows_cols(enc.shape)
     key = f"{v.name}::codes"
-    if isinstance(enc, MiniFloat) and enc.fmt.short in FLOAT8:
-        return _tensor(b, f"{v.name}.codes", key, enc.codes, FLOAT8[enc.fmt.short], [rows, cols]), \
-            FLOAT8[enc.fmt.short]
-    if isinstance(enc, MiniFloat):
-        code_type, quantum = lattice(enc)
-        np_type = np.int8 if code_type == TensorProto.INT8 else np.int16
-        fallbacks.append(Fallback(v.name, enc.describe(), f"{enc.fmt.short} codes widened exactly to "
-                                  f"{np.dtype(np_type).name} multiples of {quantum:g} for DequantizeLinear"))
-        ints = torch.round(mf.decode(enc.fields(), enc.fmt, torch.float64) / quantum)
-        return b.const(ints.numpy().astype(np_type), f"{v.name}.codes"), code_type
-    if enc.bits == 8:
-        return _tensor(b, f"{v.name}.codes", key, enc.codes, TensorProto.UINT8, [rows, cols]), TensorProto.UINT8
-    if enc.bits == 4 and cols % 2 == 0:
+    stored = code_type(enc)
+    if stored in (TensorProto.UINT8, *FLOAT8.values()):
+        return _tensor(b, f"{v.name}.codes", key, enc.codes, stored, [rows, cols]), stored
+    if stored == TensorProto.UINT4:
         # Our per-row packing equals ONNX's flat low-nibble-first uint4 packing when rows are whole bytes.
         ref = b.external(b.fresh(f"{v.name}.codes"), key, TensorProto.UINT4, [rows, cols]) \
             if enc.codes.numel() > INLINE_LIMIT else None
         return ref or b.raw(b.fresh(f"{v.name}.codes"), TensorProto.UINT4, [rows, cols],
                             enc.codes.numpy().tobytes()), TensorProto.UINT4
-    fallbacks.append(Fallback(v.name, enc.describe(), f"{enc.bits}-bit codes widened to uint8 for DequantizeLinear"))
+    if isinstance(enc, MiniFloat):
+        widened, quantum = lattice(enc)
+        np_type = np.int8 if widened == TensorProto.INT8 else np.int16
+        fallbacks.append(Fallback(v.name, enc.describe(), f"{enc.fmt.short} codes widened exactly to "
+                                  f"{np.dtype(np_type).name} multiples of {quantum:g} for DequantizeLinear ({why})"))
+        ints = torch.round(mf.decode(enc.fields(), enc.fmt, torch.float64) / quantum)
+        return b.const(ints.numpy().astype(np_type), f"{v.name}.codes"), widened
+    fallbacks.append(Fallback(v.name, enc.describe(), f"{enc.bits}-bit codes widened to uint8 for "
+                              f"DequantizeLinear ({why})"))
     fields = unpack_bits(enc.codes, enc.bits, cols).to(torch.uint8)
     return b.const(fields.numpy(), f"{v.name}.codes"), TensorProto.UINT8
 
 
-def _zero_points(b: OnnxBuilder, v: Value, enc: IntQuant, code_type: int, shape) -> str:
+def _zero_points(b: OnnxBuilder, v: Value, enc: IntQuant, codes_type: int, shape) -> str:
     if enc.zero_point is not None:
         zp = enc.zero_point.to(torch.int64)
     else:
@@ -126,7 +142,7 @@ def _zero_points(b: OnnxBuilder, v: Value, enc: IntQuant, code_type: int, shape)
     if zp.shape[0] == 1 and shape and len(shape) == 2 and shape[0] != 1:
         zp = zp.expand(shape[0], -1)
     zp = zp.reshape(shape)
-    if code_type == TensorProto.UINT4:
+    if codes_type == TensorProto.UINT4:
         flat = zp.reshape(1, -1)
         return b.raw(b.fresh(f"{v.name}.zero_point"), TensorProto.UINT4, list(shape),
                      pack_bits(flat, 4).numpy().tobytes())
@@ -158,12 +174,13 @@ def _scales(b: OnnxBuilder, v: Value, enc, dims) -> str:
     return b.const(scale.numpy(), f"{v.name}.scale")
 
 
-def dequantize(b: OnnxBuilder, v: Value, fallbacks) -> str:
-    """DequantizeLinear of an IntQuant or float8 MiniFloat weight: [rows, cols] of the weight's
-    dtype, stored column order."""
+def dequantize(b: OnnxBuilder, v: Value, fallbacks, why: str = "") -> str:
+    """DequantizeLinear of an IntQuant or MiniFloat weight: [rows, cols] of the weight's dtype,
+    stored column order. ``why``: why the capability table did not take it as stored (reported
+    with any widening), empty where it did."""
     enc = v.encoding
     rows, cols = rows_cols(enc.shape)
-    codes, code_type = _code_tensor(b, v, enc, fallbacks)
+    codes, codes_type = _code_tensor(b, v, enc, fallbacks, why)
     gran = enc.granularity
     attrs = {}
     if gran == "tensor":
@@ -176,18 +193,8 @@ def dequantize(b: OnnxBuilder, v: Value, fallbacks) -> str:
         groups = enc.scale.shape[1]
         scale_name = _scales(b, v, enc, [rows, groups])
         zp_shape, attrs = [rows, groups], {"axis": 1, "block_size": enc.group_size}
-    zp = None if isinstance(enc, MiniFloat) else _zero_points(b, v, enc, code_type, zp_shape)
+    zp = None if isinstance(enc, MiniFloat) else _zero_points(b, v, enc, codes_type, zp_shape)
     return b.node("DequantizeLinear", [codes, scale_name, zp], **attrs)
-
-
-def matmulnbits_ok(enc) -> bool:
-    """ORT's MatMulNBits holds 4-bit codes in blocks of a power of two >= 16 along K."""
-    if not isinstance(enc, IntQuant) or enc.bits != 4 or len(enc.shape) != 2:
-        return False
-    rows, cols = enc.shape
-    gs = enc.group_size
-    return (enc.granularity == "group" and enc.scale.shape[0] == rows and gs >= 16 and gs & (gs - 1) == 0
-            and cols % gs == 0 and enc.out_dtype.name in ("float32", "float16"))
 
 
 def matmulnbits(b: OnnxBuilder, x: str, v: Value, out: str | None) -> str:
@@ -204,4 +211,4 @@ def matmulnbits(b: OnnxBuilder, x: str, v: Value, out: str | None) -> str:
     return b.node("MatMulNBits", inputs, out, domain="com.microsoft", K=k, N=n, bits=4, block_size=gs)
 
 
-__all__ = ["dense", "dequantize", "dequantize_ok", "matmulnbits", "matmulnbits_ok", "NP_TYPES"]
+__all__ = ["lookup", "is_layer_weight", "dense", "dequantize", "dequantize_ok", "matmulnbits", "NP_TYPES"]

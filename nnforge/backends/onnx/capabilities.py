@@ -1,0 +1,93 @@
+"""What the onnx backend runs natively: one row per (layer op, weight encoding kind), read by its
+lowering (:func:`.weights.lookup`) and by ``nnforge targets --explain``. A layer weight no row
+accepts is dequantised from widened codes or decoded to dense, and reported as a Fallback.
+
+    >>> cap, why = CAPABILITIES.find("linear", weight.encoding, target)
+"""
+from __future__ import annotations
+
+from onnx import TensorProto
+
+from ...ir import IntQuant, MiniFloat
+from ...ir.encodings import rows_cols
+from ..base import Capabilities, Capability
+
+# Minifloats ONNX (opset 21) holds as tensor types; their bit patterns are our codes.
+FLOAT8 = {"e4m3": TensorProto.FLOAT8E4M3FN, "e5m2": TensorProto.FLOAT8E5M2}
+
+
+def code_type(enc) -> int | None:
+    """The ONNX type DequantizeLinear reads ``enc``'s stored codes as, byte for byte: uint8 for
+    8-bit integers, uint4 for 4-bit integers whose rows are whole bytes (our per-row packing is
+    then ONNX's flat one), float8 for E4M3/E5M2; None when they must be widened or decoded first."""
+    if isinstance(enc, MiniFloat):
+        return FLOAT8.get(enc.fmt.short)
+    if isinstance(enc, IntQuant):
+        if enc.bits == 8:
+            return TensorProto.UINT8
+        if enc.bits == 4 and rows_cols(enc.shape)[1] % 2 == 0:
+            return TensorProto.UINT4
+    return None
+
+
+def codes_in_place(enc, target) -> str | None:
+    """Why DequantizeLinear cannot read ``enc``'s codes as they are stored."""
+    if code_type(enc) is not None:
+        return None
+    if isinstance(enc, MiniFloat):
+        return f"ONNX has no tensor type for {enc.fmt.short} codes (float8 e4m3 and e5m2 only)"
+    cols = rows_cols(enc.shape)[1]
+    if enc.bits == 4:
+        return f"4-bit codes in rows of {cols} (odd) do not pack as ONNX uint4"
+    return f"DequantizeLinear takes 8-bit or 4-bit codes, not {enc.bits}-bit"
+
+
+def in_column_order(enc, target) -> str | None:
+    """Why an op other than linear cannot take ``enc`` as stored: act-order columns, which only a
+    linear layer absorbs (by permuting its activations)."""
+    return None if enc.perm is None else "act-order columns, which only a linear layer absorbs"
+
+
+def dequantized(enc, target) -> str | None:
+    """A weight of a matmul, conv or embedding: codes in place and columns in order."""
+    whys = [w for w in (codes_in_place(enc, target), in_column_order(enc, target)) if w]
+    return "; ".join(whys) or None
+
+
+def matmulnbits(enc, target) -> str | None:
+    """Why ORT's MatMulNBits cannot hold ``enc``: it takes 4-bit codes in blocks along K of a power
+    of two >= 16, a scale per row and block, and an fp32 or fp16 output."""
+    if enc.bits != 4 or len(enc.shape) != 2:
+        return f"MatMulNBits takes 2-D 4-bit weights, not {len(enc.shape)}-D {enc.bits}-bit"
+    rows, cols = enc.shape
+    gs = enc.group_size
+    if enc.granularity != "group" or enc.scale.shape[0] != rows:
+        return "MatMulNBits takes a scale per row and group"
+    if gs < 16 or gs & (gs - 1) or cols % gs:
+        return f"MatMulNBits takes groups of a power of two >= 16 dividing K, not {gs} of {cols}"
+    if enc.out_dtype.name not in ("float32", "float16"):
+        return f"MatMulNBits outputs fp32 or fp16, not {enc.out_dtype.name}"
+    return None
+
+
+MATMULNBITS = Capability("linear", "int", "MatMulNBits (com.microsoft) reading the packed 4-bit codes in place",
+                         matmulnbits)
+CAPABILITIES = Capabilities([
+    Capability("linear", "dense", "Gemm on the tensor read in place from weights.safetensors"),
+    Capability("matmul", "dense", "MatMul on the tensor read in place"),
+    Capability("conv", "dense", "Conv on the tensor read in place"),
+    Capability("embedding", "dense", "Gather from the tensor read in place"),
+    MATMULNBITS,
+    Capability("linear", "int", "DequantizeLinear of uint8/uint4 codes in place + Gemm "
+               "(act-order: activations permuted)", codes_in_place),
+    Capability("matmul", "int", "DequantizeLinear of uint8/uint4 codes in place + MatMul", dequantized),
+    Capability("conv", "int", "DequantizeLinear of uint8/uint4 codes in place + Conv", dequantized),
+    Capability("embedding", "int", "DequantizeLinear of uint8/uint4 codes in place + Gather", dequantized),
+    Capability("linear", "minifloat", "DequantizeLinear of float8 (e4m3/e5m2) codes in place + Gemm "
+               "(act-order: activations permuted)", codes_in_place),
+    Capability("matmul", "minifloat", "DequantizeLinear of float8 codes in place + MatMul", dequantized),
+    Capability("conv", "minifloat", "DequantizeLinear of float8 codes in place + Conv", dequantized),
+    Capability("embedding", "minifloat", "DequantizeLinear of float8 codes in place + Gather", dequantized),
+])
+
+__all__ = ["CAPABILITIES", "MATMULNBITS", "FLOAT8", "code_type"]
