@@ -25,6 +25,7 @@ from pathlib import Path
 from ...ir import Graph
 from ...targets import Target
 from ..base import Artifact, Backend, BackendError, LowerContext, Runner
+from .capabilities import CAPABILITIES
 from .export import DIALECTS, constant_stats, export_program, parse, to_mlir
 from .module import GraphModule
 from .runtime import MlirRunner, check_ops, signature
@@ -49,25 +50,16 @@ def _require_torch_mlir() -> None:
 
 class MlirBackend(Backend):
     name = "mlir"
+    capabilities = CAPABILITIES
 
     def times_here(self, target: Target) -> tuple[bool, str]:
         return False, ("the module runs here on torch-mlir's reference JIT, a correctness check; its speed is "
                        "that of the MLIR compiler a user feeds it to (IREE, ...)")
-    # Every weight-carrying op reads its weight as a decoded tensor; what stays compressed is the
-    # encoding, in any op (see weights.py for each form).
-    native = {(op, kind): form for op in ("linear", "matmul", "conv", "embedding") for kind, form in {
-        "dense": "float constant",
-        "int": "int8 constant (8-bit) or packed int8 bytes (1/2/4-bit) + shifts/masks, (q - zero) * scale",
-        "minifloat": "int8 code constant (FP8) or packed bytes (FP4) + gather from the format's value table",
-        "palettized": "packed index bytes + gather from the LUT",
-        "sparse": "N:M: kept values (own encoding) + packed in-group indices + select",
-        "lowrank": "both factors (own encodings) + their product",
-    }.items()}
 
     def lower(self, graph: Graph, target: Target, ctx: LowerContext) -> Artifact:
         _require_torch_mlir()
         dialect = _dialect(target)
-        module, fallbacks = GraphModule.build(graph)
+        module, fallbacks = GraphModule.build(graph, target)
         mlir_module = to_mlir(export_program(module, graph, ctx.shapes), dialect)
         path = ctx.files.path(MODEL_FILE)
         with open(path, "w") as f:

@@ -4,42 +4,56 @@ buffers that decodes itself in ``forward`` (see :mod:`.weights`).
 
 Dimension symbols are bound from the inputs' sizes on every call, as the interpreter binds them.
 
-    >>> module, fallbacks = GraphModule.build(graph)
+    >>> module, fallbacks = GraphModule.build(graph, target)
     >>> module(x)      # == nnforge.ir.run_graph(graph, [x]) (same float operations on the CPU)
 """
 from __future__ import annotations
 
 import torch
 
-from ...ir import Graph, symbolic as sym
-from ...ir.ops import RunContext, get_op
+from ...ir import Graph, WEIGHT_OPS, symbolic as sym
+from ...ir.ops import WEIGHT_SLOT, RunContext, get_op
 from ..base import Fallback
-from .weights import weight_module
+from .weights import Site, weight_module
+
+
+def layer_ops(graph: Graph) -> dict[str, str]:
+    """Weight name -> the op of the first layer (linear, matmul, conv, embedding) reading it as its
+    weight; weights only other ops read (biases, norm parameters, constants) are not in it."""
+    ops: dict[str, str] = {}
+    for n in graph.nodes:
+        w = n.inputs[WEIGHT_SLOT] if n.op in WEIGHT_OPS and len(n.inputs) > WEIGHT_SLOT else None
+        if w is not None and w.is_weight:
+            ops.setdefault(w.name, n.op)
+    return ops
 
 
 class GraphModule(torch.nn.Module):
     """Runs ``graph`` node by node with the registry's reference kernels, in fp32."""
 
-    def __init__(self, graph: Graph, fallbacks: list[Fallback]):
+    def __init__(self, graph: Graph, target, fallbacks: list[Fallback]):
         super().__init__()
         self.graph = graph
         self.weight_slots: dict[str, str] = {}            # weight name -> submodule name
         self.decoders = torch.nn.ModuleDict()
         used = {v.name for n in graph.nodes for v in n.inputs if v is not None and v.is_weight}
         used |= {v.name for v in graph.outputs if v.is_weight}
+        layers = layer_ops(graph)
         for i, name in enumerate(w for w in graph.weights if w in used):
             slot = f"w{i}"
             self.weight_slots[name] = slot
-            self.decoders[slot] = weight_module(graph.weights[name].encoding, name, fallbacks)
+            self.decoders[slot] = weight_module(graph.weights[name].encoding, name,
+                                                Site(layers.get(name), target, fallbacks))
         # the inputs' symbolic axes, bound from the actual sizes on every call
         self.symbol_axes = [(i, axis, d) for i, v in enumerate(graph.inputs) for axis, d in enumerate(v.shape)
                             if isinstance(d, str) and sym.is_symbol(d)]
 
     @classmethod
-    def build(cls, graph: Graph) -> tuple["GraphModule", list[Fallback]]:
-        """The module and the fallbacks its weights took."""
+    def build(cls, graph: Graph, target=None) -> tuple["GraphModule", list[Fallback]]:
+        """The module for ``target`` (what the capability table's checks read) and the fallbacks
+        its weights took."""
         fallbacks: list[Fallback] = []
-        return cls(graph, fallbacks).eval(), fallbacks
+        return cls(graph, target, fallbacks).eval(), fallbacks
 
     def forward(self, *inputs):
         g = self.graph

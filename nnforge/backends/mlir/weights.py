@@ -2,9 +2,12 @@
 them, so that torch.export, and then torch-mlir, see integer constants and the dequantisation, not
 a pre-decoded float weight.
 
-One table, by encoding kind (``DECODERS``), of builders ``fn(encoding, name, fallbacks) -> module``;
-calling the module returns the dense weight in the interpreter's compute type (fp32), computed with
-the same float operations as ``Encoding.decode`` so the two agree bit for bit on the CPU.
+Whether a layer's weight runs natively is the capability table's answer (:mod:`.capabilities`),
+asked once per weight in :func:`weight_module`; then one table, by encoding kind (``DECODERS``), of
+builders ``fn(encoding, name, site, why) -> module`` builds it (its fallback form where ``why``
+says the table did not take it). Calling the module returns the dense weight in the interpreter's
+compute type (fp32), computed with the same float operations as ``Encoding.decode`` so the two
+agree bit for bit on the CPU.
 
 What each encoding becomes (codes are on the 2-D view of nnforge.ir.encodings: rows x cols). Every
 stored code tensor is int8 (see ``Unpack``: TOSA has no unsigned integers):
@@ -26,7 +29,8 @@ stored code tensor is int8 (see ``Unpack``: TOSA has no unsigned integers):
 """
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -36,19 +40,41 @@ from ...ir.encodings import rows_cols
 from ...ir.packing import unpack_bits
 from ...registry import Registry
 from ..base import Fallback
+from .capabilities import CAPABILITIES, nm_pattern, packs
 
-DECODERS: Registry[Callable[[Encoding, str, list[Fallback]], torch.nn.Module]] = Registry("mlir weight decoder")
+
+@dataclass
+class Site:
+    """Where a weight is read: the layer op reading it as its weight (None for any other operand:
+    a bias, a norm's parameters, a folded constant), the target, and the fallbacks reported."""
+    op: str | None
+    target: Any
+    fallbacks: list[Fallback]
+
+    def report(self, name: str, what: str, action: str, why: str) -> None:
+        self.fallbacks.append(Fallback(name, what, f"{action} ({why})"))
+
+
+DECODERS: Registry[Callable[[Encoding, str, Site, str], torch.nn.Module]] = Registry("mlir weight decoder")
 decoder = DECODERS.register
 
 
-def weight_module(enc: Encoding, name: str, fallbacks: list[Fallback]) -> torch.nn.Module:
-    """The module whose call returns ``enc`` decoded (fp32 for float weights)."""
-    fn = DECODERS.get(enc.kind)
+def weight_module(enc: Encoding, name: str, site: Site) -> torch.nn.Module:
+    """The module whose call returns ``enc`` decoded (fp32 for float weights): in the form
+    :data:`CAPABILITIES` gives the layer reading it, or, where no row takes it, the decoder's
+    fallback form (codes widened, parts decided one by one) or the decoded tensor, reported with
+    why. Only layer weights run encoded; any other weight operand is read as a plain tensor."""
+    if site.op is None:
+        if enc.kind == "dense":
+            return Constant(enc.data)
+        why = "only the weight of a linear, matmul, conv or embedding runs encoded"
+    else:
+        _, why = CAPABILITIES.find(site.op, enc, site.target)
+    fn = DECODERS.get(enc.kind) if site.op is not None else None
     if fn is None:
-        fallbacks.append(Fallback(name, enc.describe(), f"decoded to {enc.dtype.name} at export (the mlir backend "
-                                  f"has no in-module form for {enc.kind} weights)"))
+        site.report(name, enc.describe(), f"decoded to {enc.dtype.name} at export", why)
         return Constant(enc.decode(torch.float32 if enc.dtype.is_float else None))
-    return fn(enc, name, fallbacks)
+    return fn(enc, name, site, why)
 
 
 class Constant(torch.nn.Module):
@@ -63,7 +89,7 @@ class Constant(torch.nn.Module):
 
 
 @decoder("dense")
-def _dense(enc: Dense, name, fallbacks):
+def _dense(enc: Dense, name, site, why):
     return Constant(enc.data)
 
 
@@ -100,14 +126,13 @@ class Unpack(torch.nn.Module):
         return fields if fields.shape[1] == self.cols else fields[:, : self.cols]
 
 
-def code_storage(packed: torch.Tensor, bits: int, cols: int, name: str, what: str,
-                 fallbacks: list[Fallback]) -> Unpack:
-    """Packed codes kept packed where the module can unpack them (8 % bits == 0), else widened to
-    one byte per code (reported)."""
-    if 8 % bits == 0:
+def code_storage(packed: torch.Tensor, bits: int, cols: int, name: str, what: str, site: Site, why: str) -> Unpack:
+    """Packed codes kept packed where the module can unpack them, else (a weight the capability
+    table did not take, ``why``) widened to one byte per code, reported."""
+    if packs(bits):
         return Unpack(packed, bits, cols)
-    fallbacks.append(Fallback(name, what, f"{bits}-bit codes widened to one byte each (int8 [rows, {cols}]); "
-                              "the module keeps them as integers and decodes in place"))
+    site.report(name, what, f"{bits}-bit codes widened to one byte each (int8 [rows, {cols}]); "
+                "the module keeps them as integers and decodes in place", why)
     return Unpack(packed, bits, cols, widen=True)
 
 
@@ -146,11 +171,11 @@ class ActOrder(torch.nn.Module):
 class IntQuantWeight(torch.nn.Module):
     """(code - zero_point) * scale, columns back in original order, reshaped."""
 
-    def __init__(self, enc: IntQuant, name: str, fallbacks: list[Fallback]):
+    def __init__(self, enc: IntQuant, name: str, site: Site, why: str):
         super().__init__()
         rows, cols = rows_cols(enc.shape)
         self.shape = tuple(enc.shape)
-        self.codes = code_storage(enc.codes, enc.bits, cols, name, enc.describe(), fallbacks)
+        self.codes = code_storage(enc.codes, enc.bits, cols, name, enc.describe(), site, why)
         # code = field - 2^(bits-1) for signed codes (offset binary), so code = stored + shift;
         # signed 8-bit codes are stored as themselves (shift 0)
         self.shift = float(self.codes.base - ((1 << (enc.bits - 1)) if enc.signed else 0))
@@ -172,18 +197,18 @@ class IntQuantWeight(torch.nn.Module):
 
 
 @decoder("int")
-def _int(enc: IntQuant, name, fallbacks):
-    return IntQuantWeight(enc, name, fallbacks)
+def _int(enc: IntQuant, name, site, why):
+    return IntQuantWeight(enc, name, site, why)
 
 
 class MiniFloatWeight(torch.nn.Module):
     """table[code] * scale, columns back in original order, reshaped."""
 
-    def __init__(self, enc: MiniFloat, name: str, fallbacks: list[Fallback]):
+    def __init__(self, enc: MiniFloat, name: str, site: Site, why: str):
         super().__init__()
         rows, cols = rows_cols(enc.shape)
         self.shape, self.rows, self.cols = tuple(enc.shape), rows, cols
-        self.codes = code_storage(enc.codes, enc.fmt.bits, cols, name, enc.describe(), fallbacks)
+        self.codes = code_storage(enc.codes, enc.fmt.bits, cols, name, enc.describe(), site, why)
         self.register_buffer("table", mf.decode(torch.arange(1 << enc.fmt.bits), enc.fmt, torch.float32))
         self.register_buffer("scale", enc.scale_values(torch.float32))
         self.groups = Grouped(cols, enc.group_size)
@@ -199,18 +224,18 @@ class MiniFloatWeight(torch.nn.Module):
 
 
 @decoder("minifloat")
-def _minifloat(enc: MiniFloat, name, fallbacks):
-    return MiniFloatWeight(enc, name, fallbacks)
+def _minifloat(enc: MiniFloat, name, site, why):
+    return MiniFloatWeight(enc, name, site, why)
 
 
 class PalettizedWeight(torch.nn.Module):
     """lut[row // group_size, index], reshaped."""
 
-    def __init__(self, enc: Palettized, name: str, fallbacks: list[Fallback]):
+    def __init__(self, enc: Palettized, name: str, site: Site, why: str):
         super().__init__()
         rows, cols = rows_cols(enc.shape)
         self.shape, self.rows, self.cols = tuple(enc.shape), rows, cols
-        self.indices = code_storage(enc.indices, enc.bits, cols, name, enc.describe(), fallbacks)
+        self.indices = code_storage(enc.indices, enc.bits, cols, name, enc.describe(), site, why)
         self.register_buffer("lut", enc.lut.contiguous())
         self.per_row = enc.groups > 1
         if self.per_row:       # where each row's table starts in the flattened LUT (+ the stored base)
@@ -228,21 +253,21 @@ class PalettizedWeight(torch.nn.Module):
 
 
 @decoder("palettized")
-def _palettized(enc: Palettized, name, fallbacks):
-    return PalettizedWeight(enc, name, fallbacks)
+def _palettized(enc: Palettized, name, site, why):
+    return PalettizedWeight(enc, name, site, why)
 
 
 class NMSparseWeight(torch.nn.Module):
     """N:M: dense[r, g, m] = the kept value of group g whose in-group index is m, else 0."""
 
-    def __init__(self, enc: Sparse, name: str, fallbacks: list[Fallback]):
+    def __init__(self, enc: Sparse, name: str, site: Site, why: str):
         super().__init__()
         rows, cols = rows_cols(enc.shape)
         p = enc.pattern
         self.shape, self.rows, self.n, self.m = tuple(enc.shape), rows, p.n, p.m
         kept = cols // p.m * p.n
-        self.values = weight_module(enc.values, f"{name}.values", fallbacks)
-        self.index = code_storage(enc.index, p.index_bits, kept, name, enc.describe(), fallbacks)
+        self.values = weight_module(enc.values, f"{name}.values", site)
+        self.index = code_storage(enc.index, p.index_bits, kept, name, enc.describe(), site, why)
         self.register_buffer("positions", torch.arange(p.m, dtype=torch.int64))
         self.has_row_scale = enc.row_scale is not None
         if self.has_row_scale:
@@ -260,23 +285,23 @@ class NMSparseWeight(torch.nn.Module):
 
 
 @decoder("sparse")
-def _sparse(enc: Sparse, name, fallbacks):
-    if enc.pattern.kind == "nm":
-        return NMSparseWeight(enc, name, fallbacks)
-    fallbacks.append(Fallback(name, enc.describe(), f"{enc.pattern.name} sparsity decoded to a dense "
-                              f"{enc.dtype.name} tensor at export (the module has no sparse form for it)"))
+def _sparse(enc: Sparse, name, site, why):
+    if nm_pattern(enc) is None:
+        return NMSparseWeight(enc, name, site, why)
+    site.report(name, enc.describe(), f"{enc.pattern.name} sparsity decoded to a dense {enc.dtype.name} tensor "
+                "at export", why)
     return Constant(enc.decode(torch.float32))
 
 
 class LowRankWeight(torch.nn.Module):
     """b @ a (+ base), each part in its own encoding."""
 
-    def __init__(self, enc: LowRank, name: str, fallbacks: list[Fallback]):
+    def __init__(self, enc: LowRank, name: str, site: Site):
         super().__init__()
         self.shape = tuple(enc.shape)
-        self.a = weight_module(enc.a, f"{name}.a", fallbacks)
-        self.b = weight_module(enc.b, f"{name}.b", fallbacks)
-        self.base = None if enc.base is None else weight_module(enc.base, f"{name}.base", fallbacks)
+        self.a = weight_module(enc.a, f"{name}.a", site)
+        self.b = weight_module(enc.b, f"{name}.b", site)
+        self.base = None if enc.base is None else weight_module(enc.base, f"{name}.base", site)
 
     def forward(self):
         w = (self.b() @ self.a()).reshape(self.shape)
@@ -284,8 +309,8 @@ class LowRankWeight(torch.nn.Module):
 
 
 @decoder("lowrank")
-def _lowrank(enc: LowRank, name, fallbacks):
-    return LowRankWeight(enc, name, fallbacks)
+def _lowrank(enc: LowRank, name, site, why):
+    return LowRankWeight(enc, name, site)     # each factor is decided, and reported, on its own
 
 
-__all__ = ["DECODERS", "weight_module", "Constant", "Unpack"]
+__all__ = ["DECODERS", "Site", "weight_module", "Constant", "Unpack"]
