@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ir import Dense, Value, dtype as to_dtype, sanitize_name
+from ..ir import Dense, Graph, Value, dtype as to_dtype, sanitize_name
 from ..ir.ops import RunContext, get_op
 from .errors import FrontendError, UnsupportedError
 
