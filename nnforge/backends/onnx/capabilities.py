@@ -57,8 +57,10 @@ def dequantized(enc, target) -> str | None:
 def matmulnbits(enc, target) -> str | None:
     """Why ORT's MatMulNBits cannot hold ``enc``: it takes 4-bit codes in blocks along K of a power
     of two >= 16, a scale per row and block, and an fp32 or fp16 output."""
-    if enc.bits != 4 or len(enc.shape) != 2:
-        return f"MatMulNBits takes 2-D 4-bit weights, not {len(enc.shape)}-D {enc.bits}-bit"
+    if enc.bits != 4:
+        return f"MatMulNBits takes 4-bit codes, not {enc.bits}-bit"
+    if len(enc.shape) != 2:
+        return f"MatMulNBits takes a 2-D weight, not {len(enc.shape)}-D"
     rows, cols = enc.shape
     gs = enc.group_size
     if enc.granularity != "group" or enc.scale.shape[0] != rows:
