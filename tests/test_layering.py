@@ -1,4 +1,5 @@
-"""How nnforge's modules import each other: few import circles.
+"""How nnforge's modules import each other: few import circles, and no import from a layer of the
+pipeline up to a higher one (the layers of docs/pipeline.md).
 
 Every ``import`` / ``from ... import`` anywhere in a module (inside functions and ``if
 TYPE_CHECKING:`` too) is an edge to the module it names: a submodule when the imported name is
@@ -16,6 +17,28 @@ import networkx as nx
 import nnforge
 
 MAX_CIRCLES = 2
+# docs/pipeline.md, "Layers": a module may import from its own layer and the ones below. Names are
+# relative to nnforge; the longest name that prefixes a module places it ("" is the package itself).
+LAYERS = [
+    ["errors", "registry", "version"],
+    ["ir", "numerics", "targets", "plots"],
+    ["frontend", "passes", "timing", "bundle", "bundle.format"],
+    ["fpga", "hls", "backends"],
+    ["heldout", "figures", "speed", "claims", "bundle.store", "bundle.signing", "models"],
+    ["pipeline", "divergence", "fuzz", "demo"],
+    ["api", "cli", ""],
+]
+
+
+def layer_of(module: str) -> int | None:
+    rel = module.split(".", 1)[1] if "." in module else ""
+    best = None
+    for i, names in enumerate(LAYERS):
+        for n in names:
+            if rel == n or (n and rel.startswith(n + ".")):
+                if best is None or len(n) > best[1]:
+                    best = (i, len(n))
+    return None if best is None else best[0]
 
 
 def _modules(root: Path) -> dict[str, Path]:
@@ -85,3 +108,12 @@ def test_a_circle_is_found_wherever_its_imports_are(tmp_path):
     graph = import_graph(pkg)
     assert circles(graph) == [["nnforge.sub.a", "nnforge.sub.b"]]
     assert graph.has_edge("nnforge.sub", "nnforge.sub.b") and graph.has_edge("nnforge.c", "nnforge.sub.a")
+
+
+def test_no_import_runs_up_a_layer():
+    graph = import_graph(Path(nnforge.__file__).parent)
+    unplaced = sorted({m for m in graph.nodes if layer_of(m) is None})
+    assert not unplaced, f"modules in no layer (add them to LAYERS and docs/pipeline.md): {unplaced}"
+    upward = sorted(f"{a} (layer {layer_of(a)}) imports {b} (layer {layer_of(b)})" for a, b in graph.edges()
+                    if layer_of(b) > layer_of(a))
+    assert not upward, "imports from a higher layer:\n  " + "\n  ".join(upward)
