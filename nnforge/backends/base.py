@@ -94,8 +94,8 @@ class Capability:
     (``Encoding.kind``: dense, int, minifloat, sparse, palette, lowrank); ``how`` says how it runs;
     ``accepts``, when given, takes the weight's encoding and the target and returns why this backend
     cannot run that particular one there (a format, a group size, a pattern, a chip without the
-    format), or None when it can. ``otherwise`` says what lowering does with a weight of this op
-    and kind that no row accepts (the reported fallback), when it is not an error."""
+    format), or None when it can. A weight that no row takes is decoded (or widened) by the
+    backend's lowering and reported as a fallback, or is an error naming the node."""
     op: str
     encoding: str
     how: str
