@@ -94,6 +94,17 @@ EXAMPLES: dict[str, list] = {
         ex(randn(1, 1, 4, 4, 4), kernel=[2, 2, 2], stride=[2, 2, 2], padding=[0] * 6),
     ],
     "adaptive_avg_pool": [ex(randn(2, 3, 8, 6), output_size=[4, 3]), ex(randn(2, 3, 7), output_size=[1])],
+    # decoder
+    "rms_norm": [ex(randn(2, 3, 8), positive(8, seed=1), eps=1e-6), ex(randn(2, 5), eps=1e-5),
+                 ex(randn(2, 3, 8), randn(8, seed=1), eps=1e-6, offset=1.0)],
+    "rope": [ex(randn(2, 3, 4, 8), ints(0, 16, 2, 4, seed=1), positive(4, seed=2)),
+             ex(randn(1, 2, 3, 10), ints(0, 9, 1, 3, dtype=torch.int32), positive(3, seed=2), scale=1.2,
+                style="interleaved", rotary_dim=6)],
+    "cache_update": [ex(randn(2, 2, 8, 4), randn(2, 2, 3, 4, seed=1), torch.tensor([[0, 1, 2], [5, 3, 7]]))],
+    "attention": [ex(randn(2, 4, 3, 8), randn(2, 2, 6, 8, seed=1), randn(2, 2, 6, 8, seed=2),
+                     torch.tensor([[0, 1, 2], [3, 4, 5]]), scale=8 ** -0.5),
+                  ex(randn(1, 2, 2, 4), randn(1, 1, 5, 4, seed=1), randn(1, 1, 5, 4, seed=2), torch.tensor([[3, 4]]),
+                     scale=0.5, window=2, softcap=5.0)],
     # reductions
     **{f"reduce_{k}": [ex(randn(2, 3, 4), axes=[1]), ex(randn(2, 3, 4), axes=[0, -1], keepdim=True)]
        for k in ("sum", "mean", "max", "min", "prod")},
