@@ -1,18 +1,18 @@
-"""The triton backend's capability table is what its lowering does: for encodings of every row and
-some no row takes, ``CAPABILITIES.find`` says native exactly when lowering packed the weight for
-the row's kernel module (no fallback), and ``nnforge targets --explain`` prints every row."""
+"""The triton backend's capability table is what its lowering does: for each layer op and the
+shared representative encodings (tests/backends/capability_cases.py), ``CAPABILITIES.find`` takes
+the weight exactly when lowering reports no fallback for it, an encoded one then packed for the
+row's kernel module; ``nnforge targets --explain`` lists every row."""
 from __future__ import annotations
 
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"      # before triton is imported, anywhere
 
-import dataclasses                        # noqa: E402
-
 import pytest                             # noqa: E402
 import torch                              # noqa: E402
 
 from tests import conftest                # noqa: E402
+from tests.backends.capability_cases import cases, explained  # noqa: E402
 
 pytest.importorskip("triton")
 
@@ -22,96 +22,51 @@ from nnforge.backends.triton.capabilities import CAPABILITIES, Kernel           
 from nnforge.backends.triton.kernels import lut, minifloat                          # noqa: E402
 from nnforge.backends.triton.launcher import MATMUL_LIKE                           # noqa: E402
 from nnforge.cli import explain_target                                             # noqa: E402
-from nnforge.ir import Dense, Graph, IntQuant, LowRank, Palettized, Sparse, tensor  # noqa: E402
+from nnforge.ir import Graph, IntQuant, tensor                                     # noqa: E402
 from nnforge.passes.quantize.formats import parse_format, quantize_rtn             # noqa: E402
 from nnforge.targets import get_target                                             # noqa: E402
 
 N, K = 32, 64
+# every shared case on h100; the linear ones on a100 too (a chip without fp8 tensor cores)
+CASES = [("h100", *c) for c in cases()] + [("a100", *c) for c in cases() if c[0] == "linear"]
 
 
 def _w(seed: int, n: int = N, k: int = K) -> torch.Tensor:
     return torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
 
 
-def _pal(bits: int) -> Palettized:
-    g = torch.Generator().manual_seed(bits)
-    return Palettized.from_indices(torch.randint(0, 1 << bits, (N, K), generator=g),
-                                   torch.randn(1, 1 << bits, generator=g).half(), bits=bits, shape=(N, K))
+@pytest.mark.parametrize("target, op, label, graph", CASES, ids=[f"{t}-{op}-{label}" for t, op, label, _ in CASES])
+def test_table_agrees_with_lowering(tmp_path, target, op, label, graph):
+    """A row takes the weight exactly when lowering reports no fallback for it; an encoded one then
+    runs in the row's kernel module, a dense one is read by torch as stored."""
+    weight = graph.weights["layer.weight"]
+    cap, why = CAPABILITIES.find(op, weight.encoding, get_target(target))
+    lowered = conftest.lower_into(TritonBackend(), graph, target, tmp_path)
+    mine = [f for f in lowered.fallbacks if f.where == weight.name]
+    assert (cap is not None) == (not mine), (cap, why, mine)
+    assert all(why in f.action for f in mine), (why, mine)
+    module = lowered.entry["linears"].get(weight.name, {}).get("module")
+    assert module == (cap.accepts.module if cap is not None and cap.encoding != "dense" else None)
 
 
-def _two_four(w: torch.Tensor) -> torch.Tensor:
-    keep = torch.zeros_like(w, dtype=torch.bool).reshape(N, -1, 4)
-    keep.scatter_(2, w.abs().reshape(N, -1, 4).topk(2, dim=2).indices, True)
-    return keep.reshape(N, K)
+def test_every_row_is_covered():
+    """The cases reach every row, and kinds no row takes."""
+    reached = {id(CAPABILITIES.find(op, g.weights["layer.weight"].encoding, get_target(t))[0])
+               for t, op, _, g in CASES}
+    assert {id(r) for r in CAPABILITIES} | {id(None)} <= reached
 
 
-def linear_encodings() -> dict[str, object]:
-    """A linear weight per case: each row's kind, taken and refused."""
-    w = _w(0)
-    act_order = dataclasses.replace(IntQuant.quantize(w, 4, group_size=32, symmetric=False), perm=torch.randperm(K))
-    return {
-        "int4_g32": IntQuant.quantize(w, 4, group_size=32), "int8": IntQuant.quantize(w, 8),
-        "int4_act_order": act_order,
-        "int3": IntQuant.quantize(w, 3), "int4_g8": IntQuant.quantize(w, 4, group_size=8),
-        "e4m3": quantize_rtn(w, parse_format("e4m3")), "mxfp4": quantize_rtn(w, parse_format("mxfp4")),
-        "nvfp4": quantize_rtn(w, parse_format("nvfp4")),
-        "pal4": _pal(4), "pal7": _pal(7),
-        "sp24_int4": Sparse.from_mask(w, _two_four(w), "2:4", lambda v: IntQuant.quantize(v, 4)),
-        "sp24_float": Sparse.from_mask(w, _two_four(w), "2:4"),
-        "sp24_int8": Sparse.from_mask(w, _two_four(w), "2:4", lambda v: IntQuant.quantize(v, 8)),
-        "unstructured": Sparse.from_mask(w, w.abs() > 1, "unstructured"),
-        "lowrank": LowRank(shape=(N, K), a=Dense(torch.randn(4, K)), b=Dense(torch.randn(N, 4))),
-        "dense": Dense(w),
-    }
-
-
-def graph() -> tuple[Graph, dict[str, tuple[str, object]]]:
-    """One linear per linear case, and a matmul, an embedding and a conv each with a dense weight and an
-    int8 one. Returns the graph and weight name -> (op, encoding)."""
-    g = Graph("capabilities")
-    x = g.add_input("x", tensor("f32", "batch", K))
-    ids = g.add_input("ids", tensor("i64", "batch"))
-    img = g.add_input("img", tensor("f32", 1, 4, 8, 8))
-    weights, outs = {}, []
-    for case, enc in linear_encodings().items():
-        outs.append(g.op("linear", x, g.add_weight(f"{case}.weight", enc), None, name=case))
-        weights[f"{case}.weight"] = ("linear", enc)
-    for kind, enc in (("dense", Dense(_w(1, K, N))), ("int8", IntQuant.quantize(_w(1, K, N), 8))):
-        outs.append(g.op("matmul", x, g.add_weight(f"mm_{kind}.weight", enc), name=f"mm_{kind}"))
-        weights[f"mm_{kind}.weight"] = ("matmul", enc)
-    for kind, enc in (("dense", Dense(_w(2, 16, K))), ("int8", IntQuant.quantize(_w(2, 16, K), 8))):
-        outs.append(g.op("embedding", ids, g.add_weight(f"emb_{kind}.weight", enc), name=f"emb_{kind}"))
-        weights[f"emb_{kind}.weight"] = ("embedding", enc)
-    for kind, enc in (("dense", Dense(torch.randn(8, 4, 3, 3))), ("int8", IntQuant.quantize(torch.randn(8, 4, 3, 3), 8))):
-        outs.append(g.op("conv", img, g.add_weight(f"conv_{kind}.weight", enc), None, stride=[1, 1],
-                         padding=[1, 1, 1, 1], dilation=[1, 1]))
-        weights[f"conv_{kind}.weight"] = ("conv", enc)
-    g.set_outputs(outs)
-    return g, weights
-
-
-@pytest.mark.parametrize("target", ["h100", "a100"])
-def test_find_agrees_with_lowering(tmp_path, target):
-    g, weights = graph()
-    lowered = conftest.lower_into(TritonBackend(), g, target, tmp_path)
-    fallbacks = {f.where: f for f in lowered.fallbacks}
-    native = set()
-    for wname, (op, enc) in weights.items():
-        cap, why = CAPABILITIES.find(op, enc, get_target(target))
-        assert (cap is not None) == (wname not in fallbacks), (wname, why)
-        if cap is None:
-            assert why and why in fallbacks[wname].action, (wname, why, fallbacks[wname].action)
-            continue
-        native.add(wname)
-        if enc.kind == "dense":
-            assert wname not in lowered.entry["linears"]            # torch reads it as stored
-        else:
-            assert lowered.entry["linears"][wname]["module"] == cap.accepts.module
-    assert native == {f"{c}.weight" for c in ("int4_g32", "int8", "int4_act_order", "e4m3", "mxfp4", "nvfp4", "pal4",
-                                                "sp24_int4", "sp24_float", "dense")} | \
-        {f"{op}_dense.weight" for op in ("mm", "emb", "conv")}
-    assert "intweight: 3-bit codes" in fallbacks["int3.weight"].action
-    assert "no native matmul for int weights" in fallbacks["mm_int8.weight"].action
+def test_a_tied_weight_packed_for_its_linear_is_decoded_for_its_embedding(tmp_path):
+    """One int4 weight read by a linear (a kernel row takes it) and by an embedding (no row): packed
+    for the one, decoded for the other, with the table's reason."""
+    g = Graph("tied")
+    x, ids = g.add_input("x", tensor("f32", "batch", K)), g.add_input("ids", tensor("i64", "batch"))
+    w = g.add_weight("tied.weight", IntQuant.quantize(_w(0), 4))
+    g.set_outputs([g.op("linear", x, w, None, name="head"), g.op("embedding", ids, w, name="embed")])
+    lowered = conftest.lower_into(TritonBackend(), g, "h100", tmp_path)
+    assert lowered.entry["linears"]["tied.weight"]["module"] == "intweight"
+    [f] = lowered.fallbacks
+    assert "node embed" in f.what and "no native embedding for int weights" in f.action
 
 
 def test_every_row_of_an_encoded_kind_names_a_kernel_module():
@@ -150,8 +105,8 @@ def test_a_target_of_another_backend_is_refused():
 
 
 @pytest.mark.parametrize("target", ["h100", "a100"])
-def test_explain_lists_every_row(target):
-    text = "\n".join(explain_target(target))
+def test_backend_declares_the_table_and_explain_lists_every_row(target):
+    assert TritonBackend.capabilities is CAPABILITIES and not hasattr(TritonBackend, "native")
     assert get_backend("triton").capabilities is CAPABILITIES
-    for line in CAPABILITIES.describe():
-        assert line in text
+    lines = explain_target(target)
+    assert [r for r in CAPABILITIES if not explained(lines, r)] == []
