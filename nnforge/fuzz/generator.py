@@ -291,13 +291,15 @@ def _f16_partials_ok(op: str, attrs: dict, args: list) -> bool:
     """Backends may accumulate a float16 reduction in float16, in any order (the interpreter
     computes in fp32): every partial sum, product or sum of squares must stay well inside float16
     whatever the order, bounded by the sum (product) of the magnitudes."""
-    if op not in ("reduce_sum", "reduce_mean", "reduce_prod", "cumsum", "layer_norm"):
+    if op not in ("reduce_sum", "reduce_mean", "reduce_prod", "cumsum", "layer_norm", "rms_norm"):
         return True
     x = args[0].double().abs()
     if x.dim() == 0:
         return bool((x < F16_PARTIAL).all())
     if op == "layer_norm":
         dims, x = list(range(attrs["axis"] % x.dim(), x.dim())), x * x
+    elif op == "rms_norm":
+        dims, x = [x.dim() - 1], x * x
     else:
         dims = [a % x.dim() for a in (attrs["axes"] if "axes" in attrs else [attrs["axis"]])]
     if op == "reduce_prod":

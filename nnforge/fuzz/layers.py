@@ -9,8 +9,8 @@ import math
 from ..ir import symbolic as sym
 from ..ir.ops.quant import FAKE_QUANT_FORMATS
 from .input_dist import SYMBOL, InputDist
-from .proposals import (PROPOSERS, broadcast_variant, broadcastable, cast_dtype, fill_attrs, is_float, static_axes,
-                        weight_leaf)
+from .proposals import (PROPOSERS, bool_operand, broadcast_variant, broadcastable, cast_dtype, fill_attrs, is_float,
+                        static_axes, weight_leaf)
 
 proposer = PROPOSERS.register
 
@@ -311,9 +311,107 @@ def _full(gen):
     return [], {"shape": gen.random_shape(), "value": value, "dtype": dtype}
 
 
+def _bool_only(op):
+    def propose_bool(gen):
+        x = bool_operand(gen)
+        attrs = None if x is None else fill_attrs(gen, op, [x])
+        return None if attrs is None else ([x], attrs)
+    return propose_bool
+
+
+for _op in ("not", "reduce_any", "reduce_all"):
+    proposer(_op)(_bool_only(_op))
+
+
 @proposer("cast")
 def _cast(gen):
     x = gen.pick()
     if x is None:
         return None
     return [x], {"dtype": cast_dtype(gen, [x], {})}
+
+
+# --- decoder ops: heads [batch, heads, seq, head_dim], caches [batch, kv_heads, max_len, head_dim] ---
+def _batch(gen):
+    return SYMBOL if gen.env and gen.rng.random() < 0.7 else gen.rng.choice([1, 2])
+
+
+def _positions(gen, batch, seq: int, limit: int):
+    """Positions [batch, seq]: each row consecutive from its own start, an input drawn in
+    [0, limit - seq], so fresh samples stay distinct slots below ``limit`` as the cache ops need."""
+    ramp = gen.add("arange", [], {"start": 0, "end": seq, "dtype": "int64"})
+    ramp = ramp and gen.add("reshape", [ramp], {"shape": [1, seq]})
+    start = gen.leaf([batch, 1], "int64", weight=None if isinstance(batch, int) else False,
+                     dist=InputDist("int", 0, limit - seq + 1), name="start")
+    return None if ramp is None or start is None else gen.add("add", [ramp, start], {})
+
+
+def _heads(gen, pred, shape, name: str):
+    """An existing rank-4 float value that ``pred`` accepts (now and then), else a new input of ``shape``."""
+    x = gen.pick(lambda v: is_float(v) and v.type.rank == 4 and all(isinstance(d, int) for d in v.shape[1:])
+                 and pred(v)) if gen.rng.random() < 0.5 else None
+    return x or gen.leaf(shape, gen.fdt, weight=False, name=name)
+
+
+@proposer("rms_norm")
+def _rms_norm(gen):
+    rng = gen.rng
+    x = gen.pick(lambda v: is_float(v) and v.type.rank >= 1 and isinstance(v.shape[-1], int))
+    if x is None:
+        return None
+    offset = rng.choice([0.0, 0.0, 1.0])          # 1.0: Gemma's (1 + weight), weights near 0
+    attrs = {"eps": rng.choice([1e-6, 1e-5]), "offset": offset}
+    if not offset and rng.random() < 0.2:
+        return [x], {"eps": attrs["eps"]}
+    w = gen.leaf([x.shape[-1]], x.dtype.name, weight=True,
+                 dist=InputDist("float", *((-0.5, 0.5) if offset else (0.5, 1.5))), name="norm.weight")
+    return [x, w], attrs
+
+
+@proposer("rope")
+def _rope(gen):
+    rng = gen.rng
+    shape = [_batch(gen), rng.choice([1, 2, 4]), rng.choice([1, 2, 3, 5]), rng.choice([2, 4, 6, 8])]
+    x = _heads(gen, lambda v: v.shape[3] % 2 == 0, shape, "heads")
+    if x is None:
+        return None
+    d = x.shape[3]
+    rotary_dim = rng.choice([0, 0, 0] + list(range(2, d, 2)))
+    inv_freq = gen.leaf([(rotary_dim or d) // 2], "float32", weight=True, dist=InputDist("float", 0.01, 1.0),
+                        name="inv_freq")
+    pos = _positions(gen, x.shape[0], x.shape[2], 64)
+    return None if pos is None else ([x, pos, inv_freq], {"scale": rng.choice([1.0, 1.0, 1.2]),
+                                                          "style": rng.choice(["half", "interleaved"]),
+                                                          "rotary_dim": rotary_dim})
+
+
+@proposer("cache_update")
+def _cache_update(gen):
+    rng = gen.rng
+    shape = [_batch(gen), rng.choice([1, 2]), rng.choice([1, 2, 4]), rng.choice([2, 4, 8])]
+    new = _heads(gen, lambda v: True, shape, "new")
+    if new is None:
+        return None
+    b, kvh, s, d = new.shape
+    max_len = s + rng.choice([0, 1, 3, 8])
+    cache = gen.leaf([b, kvh, max_len, d], new.dtype.name, weight=False, name="cache")
+    pos = _positions(gen, b, s, max_len)
+    return None if cache is None or pos is None else ([cache, new, pos], {})
+
+
+@proposer("attention")
+def _attention(gen):
+    rng = gen.rng
+    shape = [_batch(gen), rng.choice([1, 2]), rng.choice([2, 4, 9]), rng.choice([2, 4, 8])]
+    k = _heads(gen, lambda v: True, shape, "cache")
+    if k is None:
+        return None
+    b, kvh, max_len, d = k.shape
+    v = gen.pick(lambda u: u is not k and u.dtype == k.dtype and u.type.same_as(k.type)) \
+        or gen.leaf(list(k.shape), k.dtype.name, weight=False, name="cache")
+    q = gen.leaf([b, kvh * rng.choice([1, 2, 3]), rng.randint(1, max_len), d], k.dtype.name, weight=False, name="q")
+    pos = None if q is None else _positions(gen, b, q.shape[2], max_len)
+    if v is None or pos is None:
+        return None
+    return [q, k, v, pos], {"scale": d ** -0.5, "window": rng.choice([0, 0, 1, 2, 4]),
+                            "softcap": rng.choice([0.0, 0.0, 5.0, 50.0])}

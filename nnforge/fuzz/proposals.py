@@ -297,8 +297,17 @@ def _binary(gen, op):
     return [b, a] if gen.rng.random() < 0.3 else [a, b]
 
 
+def bool_operand(gen) -> Value | None:
+    """An existing bool value, else now and then a new bool input: comparisons alone make too few
+    for the ops that take only bools."""
+    x = gen.pick(lambda v: v.dtype.name == "bool")
+    if x is None and gen.rng.random() < 0.5:
+        x = gen.leaf(gen.random_shape(), "bool", weight=False, name="mask")
+    return x
+
+
 def _logic(gen, op):
-    a = gen.pick(lambda v: v.dtype.name == "bool")
+    a = bool_operand(gen)
     return None if a is None else [a, operand_like(gen, a)]
 
 

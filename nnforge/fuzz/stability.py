@@ -35,7 +35,7 @@ PRECISION = 1e-6
 EXACT_OPS = frozenset({
     "reshape", "permute", "expand", "slice", "concat", "gather", "gather_elements", "index", "pad",
     "neg", "abs", "relu", "maximum", "minimum", "clamp", "where", "reduce_max", "reduce_min", "max_pool",
-    "floor", "ceil", "embedding", "full", "arange", "cast", "not", "and", "or", "xor",
+    "floor", "ceil", "embedding", "cache_update", "full", "arange", "cast", "not", "and", "or", "xor",
     "eq", "ne", "lt", "le", "gt", "ge", "reduce_any", "reduce_all", "argmax",
 })
 COMPARE_OPS = frozenset({"eq", "ne", "lt", "le", "gt", "ge"})

@@ -63,3 +63,19 @@ def test_restricted_op_list():
     assert {n.op for n in case.graph.nodes} <= {"add", "mul", "relu", "linear", "abs", "clamp"}
     with pytest.raises(ValueError, match="unknown op"):
         GraphGenerator(0, ops=["no_such_op"])
+
+
+def test_decoder_ops_read_positions_inside_their_cache():
+    """rope, cache_update and attention get positions the generator builds (a ramp plus a per-row
+    start input): fresh samples, at another batch size too, stay distinct slots inside the cache,
+    so the reference kernels never refuse them."""
+    decoder = ["rms_norm", "rope", "cache_update", "attention"]
+    seen = Counter()
+    for s in range(30):
+        case = GraphGenerator(s, ops=decoder, dynamic=0.5).generate()
+        verify(case.graph)
+        seen.update(n.op for n in case.graph.nodes)
+        for seed in (1, 2):
+            env = {k: v + 2 for k, v in case.env.items()}
+            Interpreter(case.graph).run(*case.sample_inputs(seed, env))
+    assert all(seen[op] >= 3 for op in decoder), seen
