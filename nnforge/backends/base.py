@@ -106,7 +106,7 @@ class Capabilities:
     """A backend's capability table: what lowering consults for each weight-carrying node and what
     ``nnforge targets --explain`` prints.
 
-        >>> cap, why = backend.capabilities.find("linear", weight.encoding)
+        >>> cap, why = backend.capabilities.find("linear", weight.encoding, target)
     """
 
     def __init__(self, rows: list[Capability]):
