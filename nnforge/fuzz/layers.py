@@ -346,10 +346,13 @@ def _positions(gen, batch, seq: int, limit: int):
     return None if ramp is None or start is None else gen.add("add", [ramp, start], {})
 
 
-def _heads(gen, pred, shape, name: str):
-    """An existing rank-4 float value that ``pred`` accepts (now and then), else a new input of ``shape``."""
+def _heads(gen, name: str, heads, seq, dims, pred=lambda v: True):
+    """An existing rank-4 float value that ``pred`` accepts (now and then), else a new input
+    [batch, heads, seq, dim] with sizes drawn from the given choices."""
+    rng = gen.rng
     x = gen.pick(lambda v: is_float(v) and v.type.rank == 4 and all(isinstance(d, int) for d in v.shape[1:])
-                 and pred(v)) if gen.rng.random() < 0.5 else None
+                 and pred(v)) if rng.random() < 0.5 else None
+    shape = [_batch(gen), rng.choice(heads), rng.choice(seq), rng.choice(dims)]
     return x or gen.leaf(shape, gen.fdt, weight=False, name=name)
 
 
@@ -371,8 +374,7 @@ def _rms_norm(gen):
 @proposer("rope")
 def _rope(gen):
     rng = gen.rng
-    shape = [_batch(gen), rng.choice([1, 2, 4]), rng.choice([1, 2, 3, 5]), rng.choice([2, 4, 6, 8])]
-    x = _heads(gen, lambda v: v.shape[3] % 2 == 0, shape, "heads")
+    x = _heads(gen, "heads", (1, 2, 4), (1, 2, 3, 5), (2, 4, 6, 8), pred=lambda v: v.shape[3] % 2 == 0)
     if x is None:
         return None
     d = x.shape[3]
@@ -388,8 +390,7 @@ def _rope(gen):
 @proposer("cache_update")
 def _cache_update(gen):
     rng = gen.rng
-    shape = [_batch(gen), rng.choice([1, 2]), rng.choice([1, 2, 4]), rng.choice([2, 4, 8])]
-    new = _heads(gen, lambda v: True, shape, "new")
+    new = _heads(gen, "new", (1, 2), (1, 2, 4), (2, 4, 8))
     if new is None:
         return None
     b, kvh, s, d = new.shape
@@ -402,8 +403,7 @@ def _cache_update(gen):
 @proposer("attention")
 def _attention(gen):
     rng = gen.rng
-    shape = [_batch(gen), rng.choice([1, 2]), rng.choice([2, 4, 9]), rng.choice([2, 4, 8])]
-    k = _heads(gen, lambda v: True, shape, "cache")
+    k = _heads(gen, "cache", (1, 2), (2, 4, 9), (2, 4, 8))
     if k is None:
         return None
     b, kvh, max_len, d = k.shape

@@ -67,7 +67,7 @@ def test_rms_norm_without_weight_and_in_float64():
 
 
 # --- rope -----------------------------------------------------------------------------------------
-def _positions(batch, seq, start=0, seed=0):
+def _positions(batch, seq, start=0):
     """Per-row positions: row b starts at start + b (rows of one batch need not be aligned)."""
     return torch.arange(seq)[None] + start + torch.arange(batch)[:, None]
 
@@ -232,6 +232,13 @@ def test_attention_in_float64():
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+def test_no_tokens_read_and_write_nothing():
+    cache, none = randn(2, 1, 4, 3), torch.zeros(2, 0, dtype=torch.int64)
+    assert torch.equal(run("cache_update", cache, randn(2, 1, 0, 3), none), cache)
+    assert run("attention", randn(2, 2, 0, 3), cache, cache, none, scale=0.5).shape == (2, 2, 0, 3)
+    assert run("rope", randn(2, 2, 0, 4), none, torch.ones(2)).shape == (2, 2, 0, 4)
+
+
 def test_attention_refuses_positions_past_the_cache():
     with pytest.raises(ValueError, match="position 5 \\(batch row 0, token 1\\) is outside the cache's 5 slots"):
         run("attention", randn(1, 2, 2, 4), randn(1, 1, 5, 4), randn(1, 1, 5, 4), torch.tensor([[4, 5]]), scale=0.5)
@@ -271,6 +278,8 @@ def test_shape_rules_with_symbolic_batch_seq_and_max_len():
     ("rms_norm", [("f32", 2, 8)], {"eps": -1e-6}, "eps must be a positive finite number"),
     ("rms_norm", [("f32", 2, 8)], {"eps": float("nan")}, "eps must be a positive finite number"),
     ("rms_norm", [("f32", 2, 8)], {"eps": 1e-6, "offset": 1.0}, "rms_norm offset 1.0 needs a weight"),
+    ("rms_norm", [("f32", 2, 8), ("f32", 8)], {"eps": 1e-6, "offset": float("inf")},
+     "rms_norm offset must be a finite number, got inf"),
     ("rope", [("f32", 1, 2, 3, 8), ("i64", 1, 3), ("f32", 3)], {}, "inv_freq f32\\[3\\] must hold one frequency "
      "per rotated pair \\(8 rotated dims: \\[4\\]\\)"),
     ("rope", [("f32", 1, 2, 3, 8), ("i64", 1, 4), ("f32", 4)], {}, "rope positions i64\\[1, 4\\] must be \\[1, 3\\]"),

@@ -50,8 +50,8 @@ def _same_dims(op: str, a_name: str, a, b_name: str, b, axes) -> None:
 
 def _finite(op: str, name: str, v: float, *, positive: bool = False, nonnegative: bool = False) -> None:
     if not math.isfinite(v) or (positive and v <= 0) or (nonnegative and v < 0):
-        want = "a positive" if positive else "a non-negative" if nonnegative else "a finite"
-        raise ValueError(f"{op} {name} must be {want} finite number, got {v}")
+        want = "a positive finite" if positive else "a non-negative finite" if nonnegative else "a finite"
+        raise ValueError(f"{op} {name} must be {want} number, got {v}")
 
 
 def check_positions_in_cache(positions: torch.Tensor, max_len: int, op: str) -> None:
@@ -204,7 +204,7 @@ def _attention_ref(ctx, q, k, v, positions, *, scale, window, softcap):
         raise ValueError(f"attention q has {h} heads, not a multiple of the {kvh} kv heads of k and v")
     check_positions_in_cache(positions, max_len, "attention")
     out = torch.empty_like(q)
-    if s == 0:
+    if q.numel() == 0:
         return out
     pos = positions.to(torch.int64)
     # Slots no query sees only add exact zeros to the softmax: leave them out.
