@@ -7,20 +7,18 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import LlamaConfig, Phi3Config
+from transformers.cache_utils import StaticLayer
+from transformers.models.cohere import modeling_cohere as cohere
+from transformers.models.gemma import modeling_gemma as gemma
+from transformers.models.gemma2 import modeling_gemma2 as gemma2
+from transformers.models.gptj import modeling_gptj as gptj
+from transformers.models.llama import modeling_llama as llama
+from transformers.models.phi3 import modeling_phi3 as phi3
 
 from nnforge.ir import Dense, Graph, GraphError, Interpreter, InterpreterError, load_graph, save_graph, tensor, verify
 from nnforge.ir.ops import RunContext, get_op
 from nnforge.ir.ops import decoder as decoder_ops
-
-transformers = pytest.importorskip("transformers")
-from transformers import LlamaConfig, Phi3Config  # noqa: E402
-from transformers.cache_utils import StaticLayer  # noqa: E402
-from transformers.models.cohere import modeling_cohere as cohere  # noqa: E402
-from transformers.models.gemma import modeling_gemma as gemma  # noqa: E402
-from transformers.models.gemma2 import modeling_gemma2 as gemma2  # noqa: E402
-from transformers.models.gptj import modeling_gptj as gptj  # noqa: E402
-from transformers.models.llama import modeling_llama as llama  # noqa: E402
-from transformers.models.phi3 import modeling_phi3 as phi3  # noqa: E402
 
 
 def randn(*shape, seed=0):
@@ -280,8 +278,8 @@ def test_shape_rules_with_symbolic_batch_seq_and_max_len():
     ("rms_norm", [("f32", 2, 8)], {"eps": 1e-6, "offset": 1.0}, "rms_norm offset 1.0 needs a weight"),
     ("rms_norm", [("f32", 2, 8), ("f32", 8)], {"eps": 1e-6, "offset": float("inf")},
      "rms_norm offset must be a finite number, got inf"),
-    ("rope", [("f32", 1, 2, 3, 8), ("i64", 1, 3), ("f32", 3)], {}, "inv_freq f32\\[3\\] must hold one frequency "
-     "per rotated pair \\(8 rotated dims: \\[4\\]\\)"),
+    ("rope", [("f32", 1, 2, 3, 8), ("i64", 1, 3), ("f32", 3)], {},
+     "inv_freq f32\\[3\\] must hold one frequency per rotated pair \\(8 rotated dims: \\[4\\]\\)"),
     ("rope", [("f32", 1, 2, 3, 8), ("i64", 1, 4), ("f32", 4)], {}, "rope positions i64\\[1, 4\\] must be \\[1, 3\\]"),
     ("rope", [("f32", 1, 2, 3, 8), ("f32", 1, 3), ("f32", 4)], {}, "rope positions must be int64 or int32"),
     ("rope", [("f32", 2, 3, 8), ("i64", 2, 3), ("f32", 4)], {}, "rope input must have rank 4"),
