@@ -200,7 +200,7 @@ def _attention_infer(q, k, v, positions, *, scale, window, softcap):
 def _attention_ref(ctx, q, k, v, positions, *, scale, window, softcap):
     b, h, s, d = q.shape
     kvh, max_len = k.shape[1], k.shape[2]
-    if h % kvh:
+    if kvh == 0 or h % kvh:
         raise ValueError(f"attention q has {h} heads, not a multiple of the {kvh} kv heads of k and v")
     check_positions_in_cache(positions, max_len, "attention")
     out = torch.empty_like(q)
