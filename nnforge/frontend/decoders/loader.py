@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -285,11 +286,51 @@ def _from_gguf(path: Path, trust_remote_code: bool) -> LoadedCausalLM:
 
 
 def _gguf_has_tokenizer(path: Path) -> bool:
-    from gguf import GGUFReader
     try:
-        return "tokenizer.ggml.tokens" in GGUFReader(os.fspath(path)).fields
-    except Exception as e:                      # gguf raises ValueError, struct.error... on a bad file
-        raise FrontendError(f"{path}: not a readable GGUF file ({type(e).__name__}: {str(e)[:200]})") from None
+        return "tokenizer.ggml.tokens" in _gguf_keys(path, until="tokenizer.ggml.tokens")
+    except (OSError, ValueError, struct.error) as e:
+        raise FrontendError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+
+# GGUF metadata value types -> fixed sizes in bytes (8 is a string, 9 an array)
+_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def _gguf_keys(path: Path, until: str | None = None) -> list[str]:
+    """The metadata keys of a GGUF (v2/v3) file, read up to ``until``. gguf's GGUFReader would parse
+    every value, the whole vocabulary among them, where this only steps over them."""
+    with open(path, "rb") as f:
+        def read(fmt: str):
+            return struct.unpack("<" + fmt, f.read(struct.calcsize("<" + fmt)))[0]
+
+        def skip(kind: int) -> None:
+            if kind == 8:
+                f.seek(read("Q"), 1)
+            elif kind == 9:
+                item, count = read("I"), read("Q")
+                if item in _GGUF_SIZES:
+                    f.seek(count * _GGUF_SIZES[item], 1)
+                else:
+                    for _ in range(count):
+                        skip(item)
+            elif kind in _GGUF_SIZES:
+                f.seek(_GGUF_SIZES[kind], 1)
+            else:
+                raise ValueError(f"unknown metadata value type {kind}")
+
+        if f.read(4) != b"GGUF":
+            raise ValueError("no GGUF magic number")
+        version = read("I")
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version}; transformers reads versions 2 and 3")
+        read("Q")                                   # tensor count
+        keys = []
+        for _ in range(read("Q")):
+            keys.append(f.read(read("Q")).decode("utf-8"))
+            if keys[-1] == until:
+                break
+            skip(read("I"))
+        return keys
 
 
 __all__ = ["load_causal_lm", "LoadedCausalLM", "SafetensorsWeights", "TOKENIZER_FILES"]
