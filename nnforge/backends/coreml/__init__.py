@@ -26,6 +26,7 @@ import numpy as np
 from ...ir import Graph
 from ...targets import Target
 from ..base import Artifact, Backend, BackendError, Fallback, InputSpec, LowerContext, Runner, RuntimeSpec
+from .capabilities import CAPABILITIES
 
 MODEL_DIR = "model.mlpackage"
 DEFAULT_MAX_DIM = 512           # upper bound of a flexible dim when the target gives none
@@ -107,15 +108,7 @@ class CoremlRunner(Runner):
 class CoremlBackend(Backend):
     name = "coreml"
     runtime = RuntimeSpec("coremltools", "coremltools", 1)     # Core ML reads older packages within a major
-    native = {
-        ("linear", "dense"): "linear (fp16)", ("matmul", "dense"): "matmul (fp16)", ("conv", "dense"): "conv (fp16)",
-        ("embedding", "dense"): "gather (fp16)",
-        ("linear", "int"): "constexpr_blockwise_shift_scale (int8/uint8/int4/uint4) + linear",
-        ("linear", "palette"): "constexpr_lut_to_dense + linear",
-        ("linear", "sparse"): "constexpr_sparse_to_dense (+ LUT / shift-scale compositions) + linear",
-        ("embedding", "palette"): "constexpr_lut_to_dense + gather",
-        ("embedding", "int"): "constexpr_blockwise_shift_scale + gather",
-    }
+    capabilities = CAPABILITIES
 
     def lower(self, graph: Graph, target: Target, ctx: LowerContext) -> Artifact:
         """Write ``model.mlpackage`` for ``graph``. Example:
@@ -125,7 +118,7 @@ class CoremlBackend(Backend):
         import coremltools as ct
         from .lower import build_program, input_type, op_signature, output_type
         deploy_name, deploy = _deployment(target)
-        prog, lw = build_program(graph, deploy)
+        prog, lw = build_program(graph, deploy, target)
         symbols: dict[str, list[int]] = {}
         specs, entry_inputs = [], []
         for v in graph.inputs:
@@ -162,7 +155,7 @@ class CoremlBackend(Backend):
                  "inputs": entry_inputs, "outputs": entry_outputs, "flexible_dims": symbols,
                  "renamed": {k: v for k, v in lw.renamed.items() if v}, "weights": lw.weight_names,
                  "mil_ops": dict(sorted(mil_ops.items()))}
-        entry["verify"] = self._verify(path, graph, op_signature(graph, lw), lw.weight_names)
+        entry["verify"] = self._verify(path, graph, op_signature(graph, lw), lw.weight_names, set(lw.perms))
         return Artifact(files=files, entry=entry, fallbacks=lw.fallbacks, toolchain=self.toolchain())
 
     @staticmethod
@@ -191,12 +184,13 @@ class CoremlBackend(Backend):
         meta["nnforge.outputs"] = json.dumps({s["name"]: s["mil_name"] for s in outputs})
 
     @staticmethod
-    def _verify(path: Path, graph: Graph, op_map: dict, names: dict) -> dict:
-        """verify.verify_package on the saved package: weights bit-exact, op order by ``op_map``."""
+    def _verify(path: Path, graph: Graph, op_map: dict, names: dict, permuted: set) -> dict:
+        """verify.verify_package on the saved package: weights bit-exact (``permuted``: those kept
+        in stored column order), op order by ``op_map``."""
         import dataclasses
         from . import verify
         try:
-            report = verify.verify_package(path, graph, op_map, names=names)
+            report = verify.verify_package(path, graph, op_map, names=names, permuted=permuted)
         except BackendError:
             raise
         except Exception as e:

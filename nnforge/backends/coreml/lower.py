@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...ir import Dense, Graph, Value, symbolic as sym
+from ...ir import WEIGHT_OPS, Dense, Graph, Value, symbolic as sym
 from ...ir.dtypes import DType
+from ...ir.ops import WEIGHT_SLOT
+from ...targets import Target
 from ..base import BackendError, Fallback
 from . import weights as W
+from .capabilities import CAPABILITIES
 from .mil_types import NP_OF, mil_dtype
 from .ops import LOWERINGS, no_equivalent
 
@@ -29,10 +32,12 @@ class Lowering:
     """The state of one lowering: the MIL value of every IR value, the symbols' run-time values,
     the MIL names given out, the notes of emitted weights, and the MIL ops each node became."""
 
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, target: Target | None = None):
         from coremltools.converters.mil import Builder as mb
         self.mb = mb
         self.graph = graph
+        self.target = target                        # what the capability table reads
+        self.layers = layer_ops(graph)              # weight -> the layer ops reading it as their weight
         self.values: dict[Value, object] = {}
         self.symbols: dict[str, object] = {}        # IR symbol -> int32 scalar var, made on first use
         self.used: set[str] = set()                 # MIL identifiers given out
@@ -121,7 +126,8 @@ class Lowering:
 
     def weight(self, v: Value):
         """The MIL value of a weight: float weights through ``weights.emit_weight`` (fp16, kept
-        compressed where Core ML can), integer and bool tables as int32/bool constants."""
+        compressed where Core ML can; a layer's weight that the capability table does not take,
+        reported with the table's reason), integer and bool tables as int32/bool constants."""
         mil = self.name(v.name, "weights")
         self.weight_names[v.name] = mil
         enc = v.encoding
@@ -132,10 +138,13 @@ class Lowering:
             if data.dtype == np.int64 and data.size and (data.max() > 2**31 - 1 or data.min() < -2**31):
                 raise BackendError(f"weight {v.name}: int64 values beyond int32, which Core ML computes in")
             return self.mb.const(val=data.astype(NP_OF[mil_dtype(v.dtype)]), name=mil)
-        out = W.emit_weight(enc, mil)
-        var, note = out[0], out[1]
-        if len(out) > 2 and out[2] is not None:      # kept in act-order: linear permutes x's columns
-            self.perms[v.name] = np.asarray(out[2])
+        ops = self.layers.get(v.name, [])
+        whys = [why for op in ops for cap, why in (CAPABILITIES.find(op, enc, self.target),) if cap is None]
+        var, note, perm = W.emit_weight(enc, mil, gather=all(op == "linear" for op in ops))
+        if perm is not None:        # kept in act-order: linear permutes x's columns
+            self.perms[v.name] = np.asarray(perm)
+        if whys:
+            note = f"{note or 'stored as it is'} ({'; '.join(dict.fromkeys(whys))})"
         if note:
             self.fallbacks.append(Fallback(where=v.name, what=enc.describe(), action=note))
         return var
@@ -147,6 +156,17 @@ _MIL_INT = {"add": "add", "sub": "sub", "mul": "mul", "floordiv": "floor_div", "
             "max": "maximum", "min": "minimum"}
 
 
+def layer_ops(graph: Graph) -> dict[str, list[str]]:
+    """Weight name -> the ops of the layers (linear, matmul, conv, embedding) reading it as their
+    weight, each once; weights only other ops read (biases, norm parameters) are not in it."""
+    out: dict[str, list[str]] = {}
+    for n in graph.nodes:
+        w = n.inputs[WEIGHT_SLOT] if n.op in WEIGHT_OPS and len(n.inputs) > WEIGHT_SLOT else None
+        if w is not None and w.is_weight and n.op not in out.setdefault(w.name, []):
+            out[w.name].append(n.op)
+    return out
+
+
 def input_type(v: Value) -> str:
     """The MIL type of a graph input as Core ML receives it (no int64, no bool I/O)."""
     if v.dtype.is_float:
@@ -154,8 +174,9 @@ def input_type(v: Value) -> str:
     return "int32"
 
 
-def build_program(graph: Graph, opset):
-    """(MIL Program, Lowering) for ``graph``; errors name the node and op at fault."""
+def build_program(graph: Graph, opset, target: Target | None = None):
+    """(MIL Program, Lowering) for ``graph`` on ``target`` (what the capability table reads); errors
+    name the node and op at fault."""
     from coremltools.converters.mil.mil import Function, Program, get_new_symbol, types
     from coremltools.converters.mil import Builder as mb
 
@@ -163,7 +184,7 @@ def build_program(graph: Graph, opset):
     if missing:
         raise no_equivalent(missing[0], f"; nodes without a rule: "
                             f"{', '.join(f'{n.name} ({n.op})' for n in missing)[:300]}")
-    lw = Lowering(graph)
+    lw = Lowering(graph, target)
     symbols: dict[str, object] = {}
     placeholders = {}
     for v in graph.inputs:

@@ -109,9 +109,12 @@ def _same_bits(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return a16.view(np.uint16) == b16.view(np.uint16)
 
 
-def check_weights(prog, graph, names: dict | None = None) -> tuple[list[WeightCheck], list[str]]:
+def check_weights(prog, graph, names: dict | None = None,
+                  permuted: set | None = None) -> tuple[list[WeightCheck], list[str]]:
     """Rule 1 of the module docstring. ``names``: IR weight name -> MIL name; by default
-    mil_name() over ``graph.weights`` in order with a fresh ``used`` set."""
+    mil_name() over ``graph.weights`` in order with a fresh ``used`` set. ``permuted``: the
+    act-order weights kept in stored column order (their linear gathers x); by default every 2-D
+    act-order weight."""
     if names is None:
         used: set = set()
         names = {n: mil_name(n, used) for n in graph.weights}
@@ -132,7 +135,7 @@ def check_weights(prog, graph, names: dict | None = None) -> tuple[list[WeightCh
         got = decode_op(op)
         want = enc.decode(torch.float16)
         perm = getattr(enc, "perm", None)
-        if perm is not None and len(enc.shape) == 2:
+        if perm is not None and len(enc.shape) == 2 and (permuted is None or wname in permuted):
             want = want[:, perm]            # emit_weight keeps act-order columns in stored order
         want = want.numpy()
         if enc.kind == "dense" and not want.dtype.kind == "f":
@@ -176,12 +179,14 @@ def check_ops(prog, graph, op_map: dict) -> int:
     return matched
 
 
-def verify_package(path, graph, op_map: dict, *, names: dict | None = None) -> VerifyReport:
-    """Check the package at ``path`` against ``graph``: weights bit for bit, op order by ``op_map``
-    (IR op -> MIL op type or tuple of types). Raises CoreMLVerifyError naming the weight or node."""
+def verify_package(path, graph, op_map: dict, *, names: dict | None = None,
+                   permuted: set | None = None) -> VerifyReport:
+    """Check the package at ``path`` against ``graph``: weights bit for bit (``permuted``: as
+    check_weights), op order by ``op_map`` (IR op -> MIL op type or tuple of types). Raises
+    CoreMLVerifyError naming the weight or node."""
     prog = load_program(path)
     report = VerifyReport(str(path))
-    report.weights, report.missing = check_weights(prog, graph, names)
+    report.weights, report.missing = check_weights(prog, graph, names, permuted)
     report.ops_checked = check_ops(prog, graph, op_map)
     return report
 

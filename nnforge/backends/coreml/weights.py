@@ -76,7 +76,8 @@ FP16_MAX = 65504.0
 _RESERVED = {"any", "bool", "program", "func", "tensor", "list", "dict", "tuple", "true", "false", "string",
              "bf16", "fp16", "fp32", "fp64", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
              "uint64", "state", "int4", "uint1", "uint2", "uint3", "uint4", "uint6"}
-_INDEX_BITS = (1, 2, 3, 4, 6, 8)        # Core ML LUT index dtypes (IndicesT of constexpr_lut_to_dense)
+INDEX_BITS = (1, 2, 3, 4, 6, 8)         # Core ML LUT index dtypes (IndicesT of constexpr_lut_to_dense)
+SHIFT_SCALE_BITS = (4, 8)               # data widths of constexpr_blockwise_shift_scale (int/uint)
 
 
 class CoreMLWeightError(NnforgeError, ValueError):
@@ -116,7 +117,7 @@ def _np_dtype(kind: str, bits: int):
 
 
 def _index_bits(bits: int) -> int:
-    return next(b for b in _INDEX_BITS if b >= bits)
+    return next(b for b in INDEX_BITS if b >= bits)
 
 
 def _fp16_exact(x: torch.Tensor) -> bool:
@@ -160,6 +161,11 @@ def _dense(w16: torch.Tensor, name: str):
     return _mb().const(val=w16.numpy(), name=name)
 
 
+def beyond_fp16(t: torch.Tensor) -> int:
+    """How many values of float tensor ``t`` lie beyond the fp16 range (a dense const clamps them)."""
+    return int((t.to(torch.float32).abs() > FP16_MAX).sum()) if t.numel() else 0
+
+
 def _fits(t: torch.Tensor, kind: str, bits: int) -> bool:
     lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if kind == "int" else (0, (1 << bits) - 1)
     return bool(((t >= lo) & (t <= hi)).all())
@@ -177,29 +183,47 @@ def _lut_plan(enc, name, fields, values16, ib, grid_shape):
     return (math.ceil(n * ib / 8) + lut.size * 2, build)
 
 
-def _int_plans(enc: IntQuant, name: str):
-    rows, cols = rows_cols(enc.shape)
-    R = enc.scale.shape[0]
+def _int_grid(enc: IntQuant):
+    """(block along the 2-D view's columns, its Core ML grid, fp32 scales and int64 zero points
+    (or None) per row block) of ``enc``'s scale groups."""
+    cols = rows_cols(enc.shape)[1]
     b, grid = _blocks(enc.shape, math.gcd(enc.group_size, cols))
     s32 = _grid_scales(enc.scale.to(torch.float32), enc.group_size, cols, b)           # [R, cols/b]
     zp = None if enc.zero_point is None else _grid_scales(enc.zero_point.to(torch.int64), enc.group_size, cols, b)
-    plans, widened = [], ""
-    if _fp16_exact(s32):
-        kind, dbits = ("int" if enc.signed else "uint"), (4 if enc.bits <= 4 else 8)
-        widened = f"{enc.bits}-bit codes widened to {kind}{dbits}; " if dbits != enc.bits else ""
-        data = enc.int_codes().reshape(enc.shape).numpy().astype(_np_dtype(kind, dbits))
-        scale = s32.to(torch.float16).reshape(R, *grid).numpy()
-        offset = None
-        if zp is not None:
-            # Offset in the data's dtype when it fits (compact), else fp16 (integers, exact).
-            offset = zp.reshape(R, *grid).numpy().astype(_np_dtype(kind, dbits) if _fits(zp, kind, dbits)
-                                                         else np.float16)
+    return b, grid, s32, zp
 
-        def build():
-            kw = {} if offset is None else {"offset": offset}
-            return _mb().constexpr_blockwise_shift_scale(data=data, scale=scale, name=name, **kw)
-        nbytes = math.ceil(data.size * dbits / 8) + scale.size * 2 + (0 if offset is None else offset.nbytes)
-        plans.append((nbytes, build, widened.rstrip("; ") or None))
+
+def shift_scale_plan(enc: IntQuant, name: str):
+    """The constexpr_blockwise_shift_scale plan of ``enc`` (bytes, build, note): its codes as
+    int4/uint4/int8/uint8 data (2-3 bit codes widened to 4, 5-7 bit to 8, said in the note), fp16
+    block scales, offsets from the zero points; None when the scales are not fp16 values."""
+    _, grid, s32, zp = _int_grid(enc)
+    if not _fp16_exact(s32):
+        return None
+    R = enc.scale.shape[0]
+    kind, dbits = ("int" if enc.signed else "uint"), (4 if enc.bits <= 4 else 8)
+    widened = f"{enc.bits}-bit codes widened to {kind}{dbits}" if dbits != enc.bits else None
+    data = enc.int_codes().reshape(enc.shape).numpy().astype(_np_dtype(kind, dbits))
+    scale = s32.to(torch.float16).reshape(R, *grid).numpy()
+    offset = None
+    if zp is not None:
+        # Offset in the data's dtype when it fits (compact), else fp16 (integers, exact).
+        offset = zp.reshape(R, *grid).numpy().astype(_np_dtype(kind, dbits) if _fits(zp, kind, dbits)
+                                                     else np.float16)
+
+    def build():
+        kw = {} if offset is None else {"offset": offset}
+        return _mb().constexpr_blockwise_shift_scale(data=data, scale=scale, name=name, **kw)
+    nbytes = math.ceil(data.size * dbits / 8) + scale.size * 2 + (0 if offset is None else offset.nbytes)
+    return nbytes, build, widened
+
+
+def _int_plans(enc: IntQuant, name: str):
+    rows, cols = rows_cols(enc.shape)
+    R = enc.scale.shape[0]
+    b, grid, s32, zp = _int_grid(enc)
+    shift_scale = shift_scale_plan(enc, name)
+    plans = [] if shift_scale is None else [shift_scale]
     # Per-block LUT of fp16((k - z) * s), computed with the same fp32 operations as IntQuant.decode.
     ib = _index_bits(enc.bits)
     k = torch.arange(1 << enc.bits)
@@ -259,21 +283,46 @@ def _grid_quantum(values: torch.Tensor):
     return None
 
 
-def _pal_plans(enc: Palettized, name: str):
+def lut_plan(enc: Palettized, name: str):
+    """The constexpr_lut_to_dense plan of ``enc`` (bytes, build, note): its indices as uint1..uint8
+    (5 and 7 bits widened, said in the note), its LUT per tensor or group in fp16."""
     ib = _index_bits(enc.bits)
     lut = torch.zeros(enc.groups, 1 << ib, dtype=torch.float16)
     lut[:, : 1 << enc.bits] = enc.lut.to(torch.float16)   # decode(fp16) rounds the LUT entry once
     grid = (enc.groups, *([1] * (len(enc.shape) - 1)))
     note = f"{enc.bits}-bit indices widened to uint{ib}" if ib != enc.bits else None
-    return [(*_lut_plan(enc, name, enc.index_values(), lut, ib, grid), note)]
+    return (*_lut_plan(enc, name, enc.index_values(), lut, ib, grid), note)
+
+
+def _pal_plans(enc: Palettized, name: str):
+    return [lut_plan(enc, name)]
+
+
+def _sparse_mask(enc: Sparse):
+    """(mask, as uint1, kept positions row-major (Core ML's order), mask bytes) of ``enc``."""
+    mask = enc.mask().reshape(enc.shape)
+    return (mask, mask.numpy().astype(_types().np_uint1_dtype), mask.reshape(-1).nonzero().squeeze(1),
+            math.ceil(mask.numel() / 8))
+
+
+def kept_fp16_plan(enc: Sparse, name: str):
+    """The constexpr_sparse_to_dense plan of ``enc`` with fp16 kept values (bytes, build, note):
+    always exact, the decode at the kept positions (row_scale folded in); the note says when the
+    kept values were encoded otherwise."""
+    _, mask_np, sel, mbytes = _sparse_mask(enc)
+    v = enc.values
+    nz16 = enc.decode(torch.float16).reshape(-1)[sel].numpy()
+
+    def build():
+        return _mb().constexpr_sparse_to_dense(nonzero_data=nz16, mask=mask_np, name=name)
+    what = None if isinstance(v, Dense) and enc.row_scale is None else \
+        f"kept values ({v.describe()}{', row_scale' if enc.row_scale is not None else ''}) stored as fp16"
+    return mbytes + nz16.size * 2, build, what
 
 
 def _sparse_plans(enc: Sparse, name: str):
-    mb, types = _mb(), _types()
-    mask = enc.mask().reshape(enc.shape)
-    mask_np = mask.numpy().astype(types.np_uint1_dtype)
-    sel = mask.reshape(-1).nonzero().squeeze(1)            # kept positions, row-major (Core ML's order)
-    mbytes = math.ceil(mask.numel() / 8)
+    mb = _mb()
+    mask, mask_np, sel, mbytes = _sparse_mask(enc)
     v, p = enc.values, enc.pattern
     plain = enc.row_scale is None and getattr(v, "perm", None) is None
     plans = []
@@ -296,13 +345,7 @@ def _sparse_plans(enc: Sparse, name: str):
             plans.append((mbytes + math.ceil(nz_idx.size * ib / 8) + lut_np.size * 2, build,
                           f"{p.name} sparse + palettized (uint{ib}) via constexpr_lut_to_sparse"))
     # Always exact: the fp16 decode at the kept positions (row_scale and perm folded by decode).
-    nz16 = enc.decode(torch.float16).reshape(-1)[sel].numpy()
-
-    def build_fp16():
-        return mb.constexpr_sparse_to_dense(nonzero_data=nz16, mask=mask_np, name=name)
-    what = "" if isinstance(v, Dense) and enc.row_scale is None else \
-        f"kept values ({v.describe()}{', row_scale' if enc.row_scale is not None else ''}) stored as fp16"
-    plans.append((mbytes + nz16.size * 2, build_fp16, what or None))
+    plans.append(kept_fp16_plan(enc, name))
     return plans
 
 
@@ -355,8 +398,10 @@ def _joint_int(qd: IntQuant, mask_np, sel, name, mbytes):
 
 
 # --- the contract -----------------------------------------------------------------------------
-def emit_weight(enc: Encoding, name: str):
+def emit_weight(enc: Encoding, name: str, gather: bool = True):
     """The fp16 weight of ``enc`` as a const-like MIL var named ``name`` (see the module docstring).
+    ``gather``: the layers reading it can take their input with its columns permuted (linear
+    layers only); without that, an act-order weight is stored decoded, in column order.
 
     >>> var, note, perm = emit_weight(IntQuant.quantize(torch.randn(8, 64), 4, group_size=32), "fc_w")
     """
@@ -369,6 +414,9 @@ def emit_weight(enc: Encoding, name: str):
         # Only a linear's input can be gathered; other layouts get the decoded (un-permuted) weight.
         return _dense(enc.decode(torch.float16), name), f"act-order {enc.describe()} on a rank-{len(enc.shape)} " \
             "weight stored as dense fp16", None
+    if perm is not None and not gather:
+        return _dense(enc.decode(torch.float16), name), f"act-order {enc.describe()} stored as dense fp16 in column " \
+            "order", None
     rows, cols = rows_cols(enc.shape)
     if len(enc.shape) == 0 or enc.numel == 0:
         return _dense(enc.decode(torch.float16), name), f"{enc.describe()} stored as dense fp16 (empty/scalar)", None
@@ -401,7 +449,7 @@ def _emit_dense(enc: Dense, name: str):
         return _mb().const(val=val, name=name), ("int64 constant narrowed to int32" if d.dtype == torch.int64
                                                  else None), None
     f = d.to(torch.float32)
-    over = int((f.abs() > FP16_MAX).sum()) if f.numel() else 0
+    over = beyond_fp16(f)
     note = None
     if over:
         f = f.clamp(-FP16_MAX, FP16_MAX)
@@ -480,4 +528,5 @@ def decode_op(op) -> np.ndarray:
     return out[1] if isinstance(out, tuple) else out
 
 
-__all__ = ["CoreMLWeightError", "mil_name", "emit_weight", "decode_op"]
+__all__ = ["CoreMLWeightError", "mil_name", "emit_weight", "decode_op", "beyond_fp16", "shift_scale_plan", "lut_plan",
+           "kept_fp16_plan", "FP16_MAX", "INDEX_BITS", "SHIFT_SCALE_BITS"]

@@ -36,6 +36,7 @@ from ...ir import Graph
 from ...targets import Target, host_cpu_flags
 from ..base import Artifact, Backend, BackendError, InputSpec, LowerContext, Runner, RuntimeSpec
 from . import threads
+from .capabilities import CAPABILITIES
 from .dispatch import NEVER, Dispatcher, check_in_model
 from .layer_timing import measure_in_model
 from .llvm_targets import parse_llvm_target, resolve_target
@@ -320,14 +321,14 @@ def build(graph: Graph, target: Target, ctx: LowerContext, toolchain: dict) -> A
     if dispatcher.enabled and inputs is None:
         dispatcher.why_not = "not measured: no reference inputs to time the model on"
     speed = _speed_shapes(ctx.speed_shapes)
-    low = lower_graph(graph, llvm_target, tvm_target, tuner, dispatcher)
+    low = lower_graph(graph, target, tvm_target, tuner, dispatcher)
     if dispatcher.measuring and dispatcher.candidates:
         first = _write(graph, target, low, tvm_target, tuner, out_dir)
         runner = TvmRunner(out_dir, first)
         times = measure_in_model(runner, dispatcher.symbols, graph, inputs, speed)
         del runner
         dispatcher = Dispatcher(target.options, target.can_run(), graph, where, times=times, shapes=ctx.speed_shapes)
-        low = lower_graph(graph, llvm_target, tvm_target, tuner, dispatcher)
+        low = lower_graph(graph, target, tvm_target, tuner, dispatcher)
         (out_dir / PARAMS_FILE).unlink(missing_ok=True)
     entry = _write(graph, target, low, tvm_target, tuner, out_dir)
     if dispatcher.times is not None and any(d.dispatched for d in dispatcher.decisions.values()):
@@ -401,14 +402,7 @@ def _write(graph: Graph, target: Target, low, tvm_target, tuner: Tuner, out_dir:
 class TvmBackend(Backend):
     name = "tvm"
     runtime = RuntimeSpec("tvm", "apache-tvm", 2)      # a native library built against its runtime's ABI
-    native = {
-        ("linear", "dense"): "scheduled fp32 GEMM (kernels.dense), weight read as stored",
-        ("matmul", "dense"): "scheduled fp32 batched GEMM (kernels.dense) or Relax matmul",
-        ("linear", "sparse"): "block-sparse (BSR) SpMM: fp32 blocks (kernels.bsr), int8 codes with row scales after a "
-                              "static int8 activation (kernels.bsr_int8)",
-        ("linear", "int"): "int8 / int4 weight-only GEMM (kernels.lowbit)",
-        ("conv", "dense"): "Relax conv", ("embedding", "dense"): "Relax take",
-    }
+    capabilities = CAPABILITIES
 
     def lower(self, graph: Graph, target: Target, ctx: LowerContext) -> Artifact:
         return build(graph, target, ctx, self.toolchain())

@@ -3,9 +3,10 @@
 Dimension symbols of the graph inputs become ``tirx.Var``s of the Relax signature, and every
 symbolic dim expression is rebuilt from them (:meth:`Lowering.dim`), so one module runs any batch
 and length. Weights become parameters after the graph inputs, in first-use order, never constants
-(:class:`ParamSpec` says where each one's array lives). Linear layers run on the kernels of
-:mod:`.kernels`: dense fp32 weights on the scheduled GEMM, encoded weights on the kernel of their
-encoding (``KERNELS``); any other encoding is decoded to fp32 here and reported as a Fallback.
+(:class:`ParamSpec` says where each one's array lives). Whether a layer's weight runs natively is
+the capability table's answer (:mod:`.capabilities`, asked by :meth:`Lowering.native`): dense
+weights as stored, encoded linear weights on the kernel of their row; any other weight is decoded
+here and reported as a Fallback with the table's reason.
 
 The module has two functions: ``main(inputs..., params...)`` and ``prepare(stored...)``, which
 makes ``main``'s parameters from the arrays as stored, once, when a bundle loads (the dense
@@ -20,7 +21,9 @@ import numpy as np
 
 from ...ir import Dense, Graph, Node, Value, symbolic as sym
 from ...ir.dtypes import DType
-from ..base import BackendError, Fallback
+from ...targets import Target
+from ..base import BackendError, Capability, Fallback
+from .capabilities import CAPABILITIES
 from .kernels import KernelError
 from .ops import LOWERINGS
 from .dispatch import Dispatcher
@@ -64,12 +67,13 @@ class Lowering:
     """The state of one lowering: the BlockBuilder, the Relax value of every IR value, the
     parameters of ``main`` and ``prepare``, the kernels added, and the fallbacks taken."""
 
-    def __init__(self, graph: Graph, llvm_target: str, target, tuner: Tuner | None = None,
+    def __init__(self, graph: Graph, spec: Target, target, tuner: Tuner | None = None,
                  dispatcher: Dispatcher | None = None):
         from tvm import relax
         self.relax = relax
         self.graph = graph
-        self.llvm_target = llvm_target       # the string kernel builders take
+        self.spec = spec                      # the nnforge target: what the capability table reads
+        self.llvm_target = spec.options["llvm_target"]     # the string kernel builders take
         self.target = target                  # the resolved tvm Target
         self.tuner = tuner or Tuner({}, target, (False, "not asked to tune"), graph.name)
         self.dispatcher = dispatcher or Dispatcher({"dispatch": False}, (False, ""), graph, graph.name)
@@ -156,8 +160,20 @@ class Lowering:
         return self.param(f"{weight}.{label}", array.shape, array.dtype.name, PARAMS_FILE, f"{weight}{SEP}{label}",
                           array)
 
-    def weight(self, v: Value):
-        """The parameter holding weight ``v`` densely (decoded, with a Fallback, when encoded)."""
+    def native(self, op: str, v: Value) -> tuple[Capability | None, str]:
+        """(the capability row that runs weight ``v`` of an ``op`` layer natively, "") or (None, why
+        not): what every rule of a layer op asks before it reads its weight."""
+        return CAPABILITIES.find(op, v.encoding, self.spec)
+
+    def layer_weight(self, op: str, v: Value):
+        """The weight of an ``op`` layer that Relax runs on a dense tensor (conv, embedding,
+        matmul): as stored where the table has a row for it, else decoded with the table's reason."""
+        _, why = self.native(op, v)
+        return self.weight(v, why)
+
+    def weight(self, v: Value, why: str = ""):
+        """The parameter holding weight ``v`` densely (decoded, with a Fallback saying ``why``,
+        when encoded)."""
         if v.name in self._dense:
             return self._dense[v.name]
         enc = v.encoding
@@ -165,7 +181,7 @@ class Lowering:
             dtype = numpy_of(enc.data).dtype.name
             var = self.param(v.name, enc.shape, dtype, WEIGHTS_FILE, f"{v.name}{SEP}data")
         else:
-            var = self.extra(v.name, "decoded", self.decoded(v))
+            var = self.extra(v.name, "decoded", self.decoded(v, why))
         self._dense[v.name] = var
         return var
 
@@ -328,10 +344,11 @@ class Lowering:
         self.values[out] = var
 
 
-def lower_graph(graph: Graph, llvm_target: str, target, tuner: Tuner | None = None,
+def lower_graph(graph: Graph, spec: Target, target, tuner: Tuner | None = None,
                 dispatcher: Dispatcher | None = None) -> Lowered:
-    """The Relax module of ``graph`` (``main(inputs..., params...)``) and what goes with it."""
-    return Lowering(graph, llvm_target, target, tuner, dispatcher).run()
+    """The Relax module of ``graph`` (``main(inputs..., params...)``) for the nnforge target
+    ``spec`` (resolved to the tvm Target ``target``) and what goes with it."""
+    return Lowering(graph, spec, target, tuner, dispatcher).run()
 
 
 __all__ = ["Lowering", "Lowered", "ParamSpec", "lower_graph", "LOWERINGS", "PARAMS_FILE", "WEIGHTS_FILE", "PREPARE_FUNCTION"]

@@ -2,12 +2,13 @@
 
 Each rule gets the :class:`~.lower.Lowering` and the node and returns the Relax expression of the
 node's (single) output; the lowering emits it and checks its dtype against the IR. Weights are
-read through ``lw.arg`` (dense parameters) or, for linear layers, through the kernel dispatch of
-weights.py.
+read through ``lw.arg`` (dense parameters); a layer op's weight after asking the capability
+table (``lw.native``): linear layers through the kernels of weights.py, the others through
+``lw.layer_weight``.
 """
 from __future__ import annotations
 
-from ...ir import Dense, Value, symbolic as sym
+from ...ir import Value, symbolic as sym
 from ...ir.dtypes import DType, int32
 from ...registry import Registry
 from .weights import _jsonable, c_name, int8_bsr_kernel, linear_kernel
@@ -171,9 +172,13 @@ def _linear(lw, node):
     from tvm.relax import op
     x, w, bias = (list(node.inputs) + [None])[:3]
     out = node.outputs[0]
-    if not (w.is_weight and x.dtype.name == "float32" and w.dtype.name == "float32"):
-        return op.linear(lw.arg(x), lw.arg(w), lw.arg(bias))       # fp16 graphs, computed weights
-    int8 = int8_bsr_kernel(lw, w, x) if w.encoding.kind == "sparse" else None
+    if not w.is_weight:        # a computed weight
+        return op.linear(lw.arg(x), lw.arg(w), lw.arg(bias))
+    cap, why = lw.native(node.op, w)
+    kernel = cap.accepts if cap is not None else None         # a capabilities.Kernel, or None: dense GEMM
+    if x.dtype.name != "float32":       # fp16 graphs: Relax linear (no kernel row takes their weights)
+        return op.linear(lw.arg(x), lw.weight(w, why), lw.arg(bias))
+    int8 = int8_bsr_kernel(lw, w, x, kernel) if kernel is not None and kernel.module == "bsr_int8" else None
     if int8 is not None:       # u8 x s8 SpMM: the kernel quantises the fake_quant's input itself
         gv, consts, n, src = int8
         x2, rows = _flatten_rows(lw, src)
@@ -181,7 +186,7 @@ def _linear(lw, node):
         if bias is not None:
             y = lw.emit(op.add(y, lw.arg(bias)))
         return lw.emit(op.reshape(y, lw.shape(out.shape))) if x.type.rank != 2 else y
-    gv, consts, n, perm, fused_bias = linear_kernel(lw, w, node.name, sym.prod(x.shape[:-1]))
+    gv, consts, n, perm, fused_bias = linear_kernel(lw, w, kernel, why, node.name, sym.prod(x.shape[:-1]))
     x2, rows = _flatten_rows(lw, x)
     if perm is not None:       # act-order: the kernel's columns are in stored order
         x2 = lw.emit(op.take(x2, perm, axis=1))
@@ -206,8 +211,7 @@ def _matmul(lw, node):
     if fp32 and b.is_weight and b.type.rank == 2:
         # x @ W with a [K, N] weight: the dense kernel on W's panels, packed from [K, N] at load
         k, n = b.shape
-        if not isinstance(b.encoding, Dense) and b.name not in lw._dense:
-            lw._dense[b.name] = lw.extra(b.name, "decoded", lw.decoded(b))
+        lw.layer_weight(node.op, b)
         kernel = lw.dense_kernel(n, k)
         lw.kernel_notes[b.name] = {"function": kernel.name, **_jsonable(kernel.notes)}
         x2, rows = _flatten_rows(lw, a)
@@ -225,7 +229,7 @@ def _matmul(lw, node):
         name = c_name(f"nf_bmm_k{k if isinstance(k, int) else 'dyn'}_n{n if isinstance(n, int) else 'dyn'}")
         y = lw.call_kernel(name, kernel.func, [a3, b3], lw.shape([batch, a.shape[-2], n]))
         return op.reshape(y, lw.shape(out.shape))
-    return op.matmul(lw.arg(a), lw.arg(b))
+    return op.matmul(lw.arg(a), lw.layer_weight(node.op, b) if b.is_weight else lw.arg(b))
 
 
 _CONV = {1: "conv1d", 2: "conv2d", 3: "conv3d"}
@@ -237,7 +241,8 @@ def _conv(lw, node):
     x, w, bias = (list(node.inputs) + [None])[:3]
     a = node.attrs
     nd = w.type.rank - 2
-    y = lw.emit(getattr(op.nn, _CONV[nd])(lw.arg(x), lw.arg(w), strides=a["stride"], padding=a["padding"],
+    y = lw.emit(getattr(op.nn, _CONV[nd])(lw.arg(x), lw.layer_weight(node.op, w) if w.is_weight else lw.arg(w),
+                                         strides=a["stride"], padding=a["padding"],
                                          dilation=a["dilation"], groups=a["groups"]))
     if bias is None:
         return y
@@ -249,7 +254,8 @@ def _embedding(lw, node):
     from tvm.relax import op
     idx, table = node.inputs
     # "clip": an out-of-range token id reads the last row instead of memory past the table
-    return op.take(lw.arg(table), lw.arg(idx), axis=0, mode="clip")
+    return op.take(lw.layer_weight(node.op, table) if table.is_weight else lw.arg(table), lw.arg(idx), axis=0,
+                   mode="clip")
 
 
 # --- normalisation, softmax, pooling -----------------------------------------------------------

@@ -11,6 +11,7 @@ library is loaded; and the errors.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -469,6 +470,17 @@ def test_block_sparse_linear_runs_on_the_bsr_kernel(tmp_path):
     assert "nf_sparse_fc_weight" in lowered.entry["kernels"]["fc.weight"]["function"]
 
 
+def test_fp32_blocks_with_a_row_scale_are_decoded_not_run_without_it(tmp_path):
+    """kernels.bsr reads the blocks alone: a row_scale on fp32 blocks would be lost there, so the
+    capability table refuses them and the decoded weight (scaled) runs instead."""
+    torch.manual_seed(8)
+    keep = (torch.rand(8, 1, 64, 1) < 0.3).expand(8, 4, 64, 1).reshape(32, 64)
+    enc = dataclasses.replace(Sparse.from_mask(torch.randn(32, 64), keep, "block4x1"), row_scale=torch.rand(32) + 0.5)
+    lowered = lower_run_compare(_one_linear(enc, 64), tmp_path)
+    (fb,) = lowered.fallbacks
+    assert fb.where == "fc.weight" and "row_scale, which the kernel does not apply" in fb.action
+
+
 def _int8_block_codes(n: int, k: int, seed: int) -> Sparse:
     """A 4x1 block-sparse weight of int8 codes with one scale per output row (Sparse.row_scale)."""
     gen = torch.Generator().manual_seed(seed)
@@ -514,8 +526,9 @@ def test_variants_without_a_kernel_fall_back_and_say_why(tmp_path):
     lowered = lower_run_compare(g, tmp_path)
     why = {f.where: f.action for f in lowered.fallbacks}
     assert set(why) == {"fc.weight", "q3.weight"}
-    assert "2:4 sparse" in why["fc.weight"] and "does not take this variant" in why["fc.weight"]
+    assert "2:4 sparse" in why["fc.weight"] and "kernels.bsr: 2:4 is not a block (R x C) pattern" in why["fc.weight"]
     assert why["q3.weight"].startswith("no TVM kernel for i3 g32 sym")
+    assert "kernels.lowbit: 3-bit codes are not supported" in why["q3.weight"]
 
 
 # --- end to end -----------------------------------------------------------------------------------

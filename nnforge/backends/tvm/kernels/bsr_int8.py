@@ -390,6 +390,12 @@ def _emulated_dot(T, act, wb, group: int, lanes: int):
     return total
 
 
+def sums_problem(k: int) -> str | None:
+    """Why int32 sums of ``k`` products of a uint8 activation and an int8 code may overflow, or None
+    (the tvm capability table asks this too)."""
+    return f"k = {k} is too long for exact int32 sums of 8-bit products" if k * 128 * 255 >= 2 ** 31 else None
+
+
 def bsr_matmul_int8(name: str, row_ptr, col_idx, blocks_int8, row_scale, x_scale: float, x_zero_point: int,
                     n: int, k: int, target: str) -> Kernel:
     """int8 BSR SpMM ``y[m, n] = x_scale * row_scale[n] * sum_k W[n, k] * (qx[m, k] - x_zero_point)`` with
@@ -433,8 +439,8 @@ def bsr_matmul_int8(name: str, row_ptr, col_idx, blocks_int8, row_scale, x_scale
                                               and 0 <= int(x_zero_point) <= 255):
         raise KernelError(f"{where}: x_zero_point must be an integer in [0, 255] (uint8 activations), got "
                           f"{x_zero_point!r}")
-    if k * 128 * 255 >= 2 ** 31:
-        raise KernelError(f"{where}: k = {k} is too long for exact int32 sums of 8-bit products")
+    if sums_problem(k) is not None:
+        raise KernelError(f"{where}: {sums_problem(k)}")
     cpu = llvm_target(target)
     dot = _dot_instr(cpu)
     grp_ptr, gk, gw, paired = _int8_groups(row_ptr, cols, codes, r, c, dot.group)

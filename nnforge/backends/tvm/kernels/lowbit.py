@@ -404,20 +404,32 @@ def _array(a, what: str, name: str) -> np.ndarray:
     return a
 
 
+def layout_problem(bits: int, group_size: int, n: int, k: int) -> str | None:
+    """Why the kernel cannot read ``bits``-bit codes of an ``[n, k]`` weight in groups of
+    ``group_size`` along k, or None when it can (the tvm capability table asks this too).
+
+    >>> layout_problem(4, 33, 8, 64)
+    '4-bit codes need an even group_size (a byte must not straddle two groups), got 33'
+    """
+    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+        return (f"{bits}-bit codes are not supported by the int weight matmul kernel "
+                f"(supported: {', '.join(map(str, SUPPORTED_BITS))} bits)")
+    if n < 1 or k < 1:
+        return f"weight shape [{n}, {k}] must have n >= 1 and k >= 1"
+    if not 1 <= group_size <= k:
+        return f"group_size {group_size} outside 1..{k} (k = {k})"
+    if bits == 4 and k % 2:
+        return f"4-bit codes need an even k (two codes a byte), got k = {k}"
+    if bits == 4 and group_size % 2:
+        return f"4-bit codes need an even group_size (a byte must not straddle two groups), got {group_size}"
+    return None
+
+
 def _checked(name, codes, bits, scale, zero_point, group_size, n, k):
     """The inputs as numpy arrays, after checking they describe one [n, k] weight."""
-    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
-        raise KernelError(f"{name}: {bits}-bit codes are not supported by the int weight matmul kernel "
-                          f"(supported: {', '.join(map(str, SUPPORTED_BITS))} bits)")
-    if n < 1 or k < 1:
-        raise KernelError(f"{name}: weight shape [{n}, {k}] must have n >= 1 and k >= 1")
-    if not 1 <= group_size <= k:
-        raise KernelError(f"{name}: group_size {group_size} outside 1..{k} (k = {k})")
-    if bits == 4 and k % 2:
-        raise KernelError(f"{name}: 4-bit codes need an even k (two codes a byte), got k = {k}")
-    if bits == 4 and group_size % 2:
-        raise KernelError(f"{name}: 4-bit codes need an even group_size (a byte must not straddle two "
-                          f"groups), got {group_size}")
+    why = layout_problem(bits, group_size, n, k)
+    if why is not None:
+        raise KernelError(f"{name}: {why}")
     codes = _array(codes, "codes", name)
     want = (n, (k * bits + 7) // 8)
     if codes.dtype != np.uint8 or codes.shape != want:

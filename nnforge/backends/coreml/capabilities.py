@@ -1,0 +1,91 @@
+"""What the coreml backend runs natively: its capability table, read by its lowering
+(:meth:`.lower.Lowering.weight`, once per layer weight) and by ``nnforge targets --explain``.
+
+Every layer op (linear, matmul, conv, embedding) reads its weight as a const-like MIL value, so
+each has the same rows: an fp16 const, or an iOS 18 constexpr op holding the encoding as it is
+stored, which Core ML decodes exactly when the model loads. A weight no row takes is stored in the
+smallest other exact form (codes widened, per-block LUTs of the decoded values, fp16 kept values,
+a dense fp16 const; :func:`.weights.emit_weight`) and reported as a Fallback with the table's
+reason. The deployment target (iOS 18 / macOS 15 or later, checked before lowering) has every op
+of the table.
+
+    >>> cap, why = CAPABILITIES.find("linear", weight.encoding, get_target("apple-a17"))
+"""
+from __future__ import annotations
+
+from ...ir import WEIGHT_OPS
+from ..base import Capabilities, Capability
+from . import weights as W
+
+# The MIL op each layer op becomes (what reads the const-like weight).
+LAYER_MIL = {"linear": "linear", "matmul": "matmul", "conv": "conv", "embedding": "gather"}
+
+
+def _compact(plan, enc) -> str | None:
+    """Why a constexpr form helps nobody: it is no smaller than the fp16 weight."""
+    nbytes, fp16 = plan[0], enc.numel * 2
+    return None if nbytes < fp16 else f"its constexpr form ({nbytes} bytes) is not smaller than fp16 ({fp16} bytes)"
+
+
+def _form(enc) -> str | None:
+    return "an empty or scalar weight has no constexpr form" if len(enc.shape) == 0 or enc.numel == 0 else None
+
+
+def fp16_range(enc, target) -> str | None:
+    """Why an fp16 const cannot hold a dense weight as it is: values beyond the fp16 range."""
+    over = W.beyond_fp16(enc.data) if enc.data.is_floating_point() else 0
+    return f"{over} value(s) beyond the fp16 range (+-{W.FP16_MAX:g})" if over else None
+
+
+def shift_scale(enc, target) -> str | None:
+    """Why constexpr_blockwise_shift_scale cannot hold ``enc``'s codes and scales as they are."""
+    if enc.bits not in W.SHIFT_SCALE_BITS:
+        return (f"{enc.bits}-bit codes (constexpr_blockwise_shift_scale holds "
+                f"{' or '.join(map(str, W.SHIFT_SCALE_BITS))}-bit data)")
+    why = _form(enc)
+    if why is None:
+        plan = W.shift_scale_plan(enc, "weight")
+        why = "scales are not fp16 values" if plan is None else _compact(plan, enc)
+    return why
+
+
+def lut(enc, target) -> str | None:
+    """Why constexpr_lut_to_dense cannot hold ``enc``'s indices and LUT as they are."""
+    if enc.bits not in W.INDEX_BITS:
+        return f"{enc.bits}-bit indices (Core ML LUT indices have {', '.join(map(str, W.INDEX_BITS))} bits)"
+    return _form(enc) or _compact(W.lut_plan(enc, "weight"), enc)
+
+
+def kept_fp16(enc, target) -> str | None:
+    """Why constexpr_sparse_to_dense with fp16 kept values cannot hold ``enc`` as it is: its kept
+    values are encoded themselves (those compositions are mapped, and reported) or row-scaled."""
+    v = enc.values
+    if v.kind != "dense" or enc.row_scale is not None:
+        return (f"kept values {v.describe()}{' with a row_scale' if enc.row_scale is not None else ''} are not "
+                "fp16 values")
+    return _form(enc) or _compact(W.kept_fp16_plan(enc, "weight"), enc)
+
+
+def in_column_order(enc, target) -> str | None:
+    """Why a layer other than linear cannot read ``enc``: act-order columns, which only a linear
+    absorbs (by gathering its input's columns)."""
+    return "act-order columns, which only a linear layer absorbs" if enc.perm is not None else None
+
+
+def _int(op: str):
+    if op == "linear":
+        return shift_scale
+    return lambda enc, target: in_column_order(enc, target) or shift_scale(enc, target)
+
+
+CAPABILITIES = Capabilities([row for op in WEIGHT_OPS for mil in (LAYER_MIL[op],) for row in (
+    Capability(op, "dense", f"const fp16 (fp32/bf16 cast) + {mil}", fp16_range),
+    Capability(op, "int", "constexpr_blockwise_shift_scale: int4/uint4/int8/uint8 codes, fp16 block scales, "
+                          f"zero points as offsets{' (act-order: x gathered)' if op == 'linear' else ''} + {mil}",
+               _int(op)),
+    Capability(op, "palettized", f"constexpr_lut_to_dense: 1/2/3/4/6/8-bit indices, fp16 LUT per tensor or group "
+                                 f"+ {mil}", lut),
+    Capability(op, "sparse", f"constexpr_sparse_to_dense: uint1 mask + fp16 kept values + {mil}", kept_fp16),
+)])
+
+__all__ = ["CAPABILITIES", "LAYER_MIL"]

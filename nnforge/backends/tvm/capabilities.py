@@ -1,0 +1,113 @@
+"""What the tvm backend runs natively: its capability table, read by its lowering
+(:meth:`.lower.Lowering.native`, once per layer weight) and by ``nnforge targets --explain``.
+
+Dense weights of every layer op run as stored. An encoded ``linear`` weight runs on the TensorIR
+kernel its row names (the row's ``accepts`` is a :class:`Kernel`: the kernel module, its builder,
+the checks the weight must pass, and how the weight becomes the builder's arguments). Any other
+encoded weight is decoded to dense when lowered, a reported Fallback giving the table's reason.
+The kernels take any LLVM CPU target: they read its vector width and dot-product instructions
+from the target's ``options.llvm_target`` (schedules, never refusals).
+
+    >>> cap, why = CAPABILITIES.find("linear", weight.encoding, get_target("cpu"))
+    >>> cap.accepts.module if cap else why
+    'lowbit'
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ...ir import Dense, IntQuant
+from ..base import Capabilities, Capability
+from .kernels.bsr_int8 import sums_problem
+from .kernels.lowbit import layout_problem
+from .weights import bsr_args, int8_bsr_args, int_args
+
+
+def llvm_problem(target) -> str | None:
+    """Why ``target`` gets no kernels of this backend: it names no LLVM target string."""
+    if target is None or isinstance(target.options.get("llvm_target"), str):
+        return None
+    return f"target {target.name!r} has no options.llvm_target (the tvm kernels are compiled by LLVM)"
+
+
+def fp32_problem(enc) -> str | None:
+    """The kernels read fp32 activations and write fp32 outputs; an fp16/bf16 layer runs on Relax."""
+    return None if enc.dtype.name == "float32" else f"the kernels compute in float32, not {enc.dtype.name}"
+
+
+def int_codes(enc) -> str | None:
+    """Why kernels.lowbit cannot read ``enc``'s codes as stored (widths, groups: the kernel's own check)."""
+    if len(enc.shape) != 2:
+        return f"it takes [n, k] weights, not {len(enc.shape)}-D ones"
+    return layout_problem(enc.bits, enc.group_size, *enc.shape)
+
+
+def _blocks(enc) -> str | None:
+    if enc.pattern.kind != "block" or len(enc.shape) != 2:
+        return f"{enc.pattern.name} is not a block (R x C) pattern"
+    return None
+
+
+def fp32_blocks(enc) -> str | None:
+    """Why kernels.bsr cannot run ``enc``: it reads BSR blocks of fp32 values, nothing else."""
+    why = _blocks(enc)
+    if why is None and not isinstance(enc.values, Dense):
+        why = f"kept values are {enc.values.describe()}, not fp32 blocks"
+    if why is None and enc.row_scale is not None:
+        why = "the fp32 blocks carry a row_scale, which the kernel does not apply"
+    return why
+
+
+def int8_block_codes(enc) -> str | None:
+    """Why kernels.bsr_int8 cannot run ``enc``: it reads signed 8-bit block codes under one scale,
+    with one scale per output row (``Sparse.row_scale``, as ``prune_sparsegpt(format="int8")``
+    makes them), and sums k products exactly in int32."""
+    why = _blocks(enc)
+    if why is not None:
+        return why
+    v = enc.values
+    if (enc.row_scale is None or not isinstance(v, IntQuant) or v.bits != 8 or not v.signed
+            or v.zero_point is not None or v.scale.numel() != 1 or v.perm is not None):
+        return (f"kept values {v.describe()}{' with a row_scale' if enc.row_scale is not None else ''} are not "
+                "signed int8 codes under one scale with a row_scale")
+    return sums_problem(enc.shape[1])
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A row's ``accepts``: ``builder`` of kernels/``module``.py runs the weight when ``check``
+    finds nothing against it (and the target is an LLVM one); ``args`` turns the encoding into
+    the builder's keyword arguments. Its reasons are prefixed with the module."""
+    module: str
+    builder: str
+    check: Callable[[Any], str | None]
+    args: Callable[[Any], dict]
+
+    def __call__(self, enc, target) -> str | None:
+        why = llvm_problem(target) or fp32_problem(enc) or self.check(enc)
+        return None if why is None else f"kernels.{self.module}: {why}"
+
+
+LOWBIT = Kernel("lowbit", "int_weight_matmul", int_codes, int_args)
+BSR = Kernel("bsr", "bsr_matmul", fp32_blocks, bsr_args)
+BSR_INT8 = Kernel("bsr_int8", "bsr_matmul_int8", int8_block_codes, int8_bsr_args)
+
+CAPABILITIES = Capabilities([
+    Capability("linear", "dense", "kernels.dense: scheduled GEMM on the fp32 weight packed into panels at load "
+                                  "(fp16 layers: Relax linear)"),
+    Capability("matmul", "dense", "kernels.dense: scheduled GEMM on an fp32 [K, N] weight packed into panels at "
+                                  "load (other layouts: Relax matmul)"),
+    Capability("conv", "dense", "Relax conv1d/conv2d/conv3d"),
+    Capability("embedding", "dense", "Relax take (an out-of-range id reads the last row)"),
+    Capability("linear", "int", "kernels.lowbit: fp32 GEMM reading 8- or 4-bit codes (4-bit: even K and group "
+                                "size) with per-tensor, channel or group scales and zero points; act-order by "
+                                "permuting x", LOWBIT),
+    Capability("linear", "sparse", "kernels.bsr: fp32 BSR SpMM on R x C blocks of fp32 values", BSR),
+    Capability("linear", "sparse", "kernels.bsr_int8: u8 x s8 BSR SpMM on int8 block codes with row scales, x "
+                                   "quantised in the kernel on the grid of the static int8 fake_quant before the "
+                                   "layer (without one: codes widened to fp32 blocks for kernels.bsr, reported)",
+               BSR_INT8),
+])
+
+__all__ = ["CAPABILITIES", "Kernel", "LOWBIT", "BSR", "BSR_INT8", "llvm_problem"]
