@@ -6,8 +6,11 @@ A backend is a folder under ``backends/`` and one line in :data:`BUILTIN` (or a
 - ``capabilities``: the (op, encoding) pairs it runs natively, as data (:class:`Capabilities`);
   its lowering and ``nnforge targets --explain TARGET`` read the same table. Anything else is an
   explicit, reported :class:`Fallback` in the manifest, or an error naming the node; never silent.
-- ``prepare(target, shapes)``: passes it needs run on the graph before lowering (a fixed-size
-  design's shape specialisation), as pass configs like a recipe's; none by default.
+- ``lowers``: the IR ops its lowering table writes (None: it takes every op as it comes). The
+  decoder ops it lacks (``nnforge.passes.decompose``) are written out in primitive ops by its
+  prepare passes, so a backend may start without attention kernels and gain them one by one.
+- ``prepare(target, shapes)``: passes it needs run on the graph before lowering (those
+  decompositions, a fixed-size design's shape specialisation), as pass configs like a recipe's.
 - ``lower(graph, target, ctx) -> Artifact``: writes its files through ``ctx.files`` and returns
   how to run them. :class:`LowerContext` carries everything else it may use: the recipe's name,
   the input shapes to build for, the sizes it will be timed at, the first held-out batch and
@@ -30,6 +33,7 @@ import importlib
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Collection
 from typing import Any, Callable
 
 from ..errors import NnforgeError
@@ -223,12 +227,22 @@ class Backend(ABC):
     name: str
     capabilities: Capabilities = Capabilities([])
     runtime: RuntimeSpec | None = None
+    lowers: Collection[str] | None = None
 
     def prepare(self, target: Target, shapes: dict[str, list[int]]) -> list[dict]:
         """Passes to run on the graph before it is lowered for ``target`` (``shapes``: each
         input's shape in the first held-out batch), as pass configs (``{"pass": name, options}``,
-        as a recipe lists them; the pipeline builds and runs them); none by default."""
-        return []
+        as a recipe lists them; the pipeline builds and runs them): by default the
+        :meth:`decompositions`."""
+        return self.decompositions()
+
+    def decompositions(self) -> list[dict]:
+        """The decompose pass for the ops with a primitive form that :attr:`lowers` lacks."""
+        if self.lowers is None:
+            return []
+        from ..passes.decompose import decomposable
+        missing = sorted(decomposable() - set(self.lowers))
+        return [{"pass": "decompose", "ops": missing}] if missing else []
 
     @abstractmethod
     def lower(self, graph: Graph, target: Target, ctx: LowerContext) -> Artifact:

@@ -33,3 +33,41 @@ def weight_bytes(g: Graph) -> int:
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.reshape(-1).double(), b.reshape(-1).double(), dim=0))
+
+
+# --- a decoder attention block (the decoder ops) -------------------------------------------------
+B, H, KVH, L, D = 2, 4, 2, 16, 8
+
+
+def _randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def decoder_block(*, window=0, softcap=0.0, style="half", rotary_dim=0, offset=0.0, group=H // KVH) -> Graph:
+    """One attention block over a cache: norm, rotary q/k, cache write, attention."""
+    heads = KVH * group
+    g = Graph("block")
+    x = g.add_input("x", tensor("f32", "batch", heads, "seq", D))
+    kv = g.add_input("kv", tensor("f32", "batch", KVH, "seq", D))
+    pos = g.add_input("positions", tensor("i64", "batch", "seq"))
+    cache = g.add_input("cache", tensor("f32", "batch", KVH, L, D))
+    w = g.add_weight("norm.weight", Dense(_randn(D, seed=3) * 0.1))
+    rotated = rotary_dim or D
+    inv = g.add_weight("inv_freq", Dense(1.0 / 10000 ** (torch.arange(0, rotated, 2).float() / rotated)))
+    q = g.op("rope", g.op("rms_norm", x, w, eps=1e-6, offset=offset), pos, inv, style=style, rotary_dim=rotary_dim,
+             scale=1.25)
+    k = g.op("rope", kv, pos, inv, style=style, rotary_dim=rotary_dim)
+    new_cache = g.op("cache_update", cache, k, pos)
+    out = g.op("attention", q, new_cache, new_cache, pos, scale=D ** -0.5, window=window, softcap=softcap)
+    g.set_outputs([out, new_cache])
+    return g
+
+
+def decoder_inputs(seq, start, group=H // KVH, seed=0):
+    """Inputs for decoder_block: ``seq`` tokens from position ``start`` (row 1 one further on),
+    the cache filled up to the last slot they read."""
+    positions = torch.arange(start, start + seq).repeat(B, 1)
+    positions[1] += 1                                  # rows at different places in their sequence
+    cache = torch.zeros(B, KVH, L, D)
+    cache[:, :, :start + 1] = _randn(B, KVH, start + 1, D, seed=seed + 2)
+    return [_randn(B, KVH * group, seq, D, seed=seed), _randn(B, KVH, seq, D, seed=seed + 1), positions, cache]

@@ -110,6 +110,11 @@ class CoremlBackend(Backend):
     runtime = RuntimeSpec("coremltools", "coremltools", 1)     # Core ML reads older packages within a major
     capabilities = CAPABILITIES
 
+    @property
+    def lowers(self):
+        from .ops import LOWERINGS             # (imported when asked: the rules import coremltools lazily)
+        return LOWERINGS
+
     def lower(self, graph: Graph, target: Target, ctx: LowerContext) -> Artifact:
         """Write ``model.mlpackage`` for ``graph``. Example:
 

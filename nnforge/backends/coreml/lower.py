@@ -112,7 +112,8 @@ class Lowering:
     def const(self, value, dt: DType | str):
         """A numpy scalar/array of the MIL type computing ``dt`` (operands of elementwise ops)."""
         kind = dt if isinstance(dt, str) else mil_dtype(dt)
-        return np.asarray(value).astype(NP_OF[kind])
+        with np.errstate(over="ignore"):          # past float16's range is its inf, as an fp16 op computes
+            return np.asarray(value).astype(NP_OF[kind])
 
     def arg(self, v: Value | None):
         if v is None:

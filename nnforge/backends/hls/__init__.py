@@ -31,7 +31,7 @@ from ...targets import Target
 from ..base import Artifact, Backend, BackendError, InputSpec, LowerContext, Runner
 from . import csim, logic, render, resources  # noqa: F401  (logic registers its lowering rules)
 from .capabilities import CAPABILITIES
-from .project import PROJECT, HlsOptions, Plan, build_plan
+from .project import LOWERINGS, PROJECT, HlsOptions, Plan, build_plan
 
 TB_SEED = 0
 
@@ -139,6 +139,7 @@ def simulation_report(graph: Graph, target: Target, plan: Plan) -> dict[str, byt
 class HlsBackend(Backend):
     name = "hls"
     capabilities = CAPABILITIES
+    lowers = LOWERINGS
 
     def times_here(self, target: Target) -> tuple[bool, str]:
         return False, ("a C-simulation's run time says nothing about the FPGA: fpga/simulation.txt holds the "
@@ -150,7 +151,7 @@ class HlsBackend(Backend):
         dims = target.options.get("dims")
         if dims is not None and not isinstance(dims, dict):
             raise BackendError(f"target {target.name}: option dims must be a table of symbol = size, got {dims!r}")
-        return [{"pass": "specialize_shapes", "dims": dims, "shapes": shapes}]
+        return self.decompositions() + [{"pass": "specialize_shapes", "dims": dims, "shapes": shapes}]
 
     def lower(self, graph: Graph, target: Target, ctx: LowerContext) -> Artifact:
         opts = HlsOptions.from_target(target)

@@ -190,6 +190,7 @@ class OnnxBackend(Backend):
     name = "onnx"
     runtime = RuntimeSpec("onnxruntime", "onnxruntime", 1)     # ONNX Runtime reads older files within a major
     capabilities = CAPABILITIES
+    lowers = LOWERINGS
 
     def lower(self, graph: Graph, target: Target, ctx: LowerContext) -> Artifact:
         opset = int(target.options.get("opset", OPSET))

@@ -404,6 +404,11 @@ class TvmBackend(Backend):
     runtime = RuntimeSpec("tvm", "apache-tvm", 2)      # a native library built against its runtime's ABI
     capabilities = CAPABILITIES
 
+    @property
+    def lowers(self):
+        from .ops import LOWERINGS             # (imported when asked: the rules import tvm lazily)
+        return LOWERINGS
+
     def lower(self, graph: Graph, target: Target, ctx: LowerContext) -> Artifact:
         return build(graph, target, ctx, self.toolchain())
 
