@@ -17,15 +17,21 @@ from .frontend import load_state_dict
 from .targets import Target, get_target, list_targets
 
 
-def compile(model, target: str | Target, recipe=None, *, example_inputs, calibration=None, out=None,
+def compile(model, target: str | Target, recipe=None, *, example_inputs=None, calibration=None, out=None,
             check_inputs=None, dynamic_shapes=None, input_names=None, output_names=None,
             name: str | None = None, progress: bool = False, trust_code: bool = False,
-            batch_sizes=None, allow_nonfinite: bool = False, calibration_source: str | None = None) -> Bundle:
+            batch_sizes=None, allow_nonfinite: bool = False, calibration_source: str | None = None,
+            max_len: int | None = None) -> Bundle:
     """Import ``model``, compress it with ``recipe`` and write a bundle for ``target``.
 
     model: torch.nn.Module, torch.export.ExportedProgram, or path to an .onnx file; with
         ``trust_code=True`` also a file whose loading runs code (TorchScript, a pickled module, .pt2),
-        which is refused otherwise (see nnforge.pipeline.import_model).
+        which is refused otherwise (see nnforge.pipeline.import_model). A causal LM (a transformers
+        model with a generation head, a model directory, a .gguf file) becomes a decoder bundle:
+        one graph for prefill and decode with its KV cache as state for ``max_len`` tokens (default
+        512 or the model's own limit), its tokenizer, and ``Bundle.generate``/``perplexity``; it
+        takes no example_inputs, and ``calibration``/``check_inputs`` may be text (a .txt path, a
+        string or a list of strings, cut into token windows).
     recipe: None, a preset name (see ``nnforge.passes.PRESETS``), a .toml path, or a list of pass configs.
     calibration: input tuples shaped like example_inputs (the batch size may differ); data-driven
         passes (GPTQ, SparseGPT, SmoothQuant, activation ranges, Hessian palettes, ...) refuse to
@@ -48,7 +54,7 @@ def compile(model, target: str | Target, recipe=None, *, example_inputs, calibra
                             check_inputs=check_inputs, dynamic_shapes=dynamic_shapes, input_names=input_names,
                             output_names=output_names, name=name, progress=progress, trust_code=trust_code,
                             batch_sizes=batch_sizes, allow_nonfinite=allow_nonfinite,
-                            calibration_source=calibration_source)
+                            calibration_source=calibration_source, max_len=max_len)
 
 
 def load(path, device: str | None = None, *, target: str | None = None, key=None):

@@ -40,8 +40,11 @@ def _model_and_inputs(spec: str, dims: dict[str, int]):
             raise FileNotFoundError(f"model file {path} does not exist")
         from .frontend.onnx_import import example_inputs_for
         return str(path), example_inputs_for(path, dims), None, None, None
-    raise UsageError(f"MODEL must be one of {', '.join(list(ZOO) + ['default'])} or a path to an .onnx file, "
-                     f"got {spec!r}")
+    from .frontend.decoders.importer import is_causal_lm
+    if is_causal_lm(path):          # a causal LM: the decoder frontend makes its own inputs
+        return str(path), None, None, None, None
+    raise UsageError(f"MODEL must be one of {', '.join(list(ZOO) + ['default'])}, a path to an .onnx file, a causal "
+                     f"LM's model directory (config.json, *.safetensors, tokenizer files) or a .gguf file, got {spec!r}")
 
 
 def cmd_compile(args) -> int:
@@ -57,13 +60,19 @@ def _compile(args) -> int:
     model, example, dyn, ins, outs = _model_and_inputs(args.model, _parse_dims(args.dim))
     names = ins or _onnx_input_names(args.model)
     calibration = check = source = None
-    if args.calibration:
+    decoding = example is None
+    if args.calibration and decoding:
+        calibration = _text_file(args.calibration)
+    elif args.calibration:
         calibration = _batches_file(args.calibration, names, args.calibration_batch_size)
         source = f"{args.calibration} ({sum(len(b[0]) for b in calibration)} rows)"
     elif args.model in ("default", "minilm"):
         calibration, check, source = _default_model_data(args.calibration_samples)
     if args.check_inputs:
-        check = _batches_file(args.check_inputs, names, args.calibration_batch_size)
+        check = _text_file(args.check_inputs) if decoding else \
+            _batches_file(args.check_inputs, names, args.calibration_batch_size)
+    if args.max_len is not None and not decoding:
+        raise UsageError("--max-len is the KV cache length of a causal LM; this model is not one")
     batch_sizes = None
     if args.batch_sizes is not None:
         text = args.batch_sizes.strip().lower()
@@ -75,7 +84,7 @@ def _compile(args) -> int:
     bundle = nf.compile(model, args.target, args.recipe, example_inputs=example, calibration=calibration,
                         calibration_source=source, check_inputs=check, out=args.out, dynamic_shapes=dyn,
                         input_names=ins, output_names=outs, progress=True, batch_sizes=batch_sizes,
-                        allow_nonfinite=args.allow_nonfinite)
+                        allow_nonfinite=args.allow_nonfinite, max_len=args.max_len)
     m = bundle.manifest
     c = m["compression"]
     print(f"wrote {bundle.path} ({bundle.size_bytes / 1e6:.1f} MB; weights {c['bytes_before'] / 1e6:.1f} -> "
@@ -93,6 +102,15 @@ def _onnx_input_names(spec: str) -> list[str] | None:
         return None
     from .frontend.onnx_import import input_specs
     return [name for name, _ in input_specs(spec)[0]]
+
+
+def _text_file(path: str) -> str:
+    """A causal LM's calibration or check data: a UTF-8 .txt file (cut into token windows)."""
+    if Path(path).suffix.lower() != ".txt":
+        raise UsageError(f"{path}: a causal LM takes its calibration and check data as text, a .txt file")
+    if not Path(path).is_file():
+        raise UsageError(f"{path}: no such file")
+    return path
 
 
 def _batches_file(path: str, names: list[str] | None, batch_size: int) -> list[tuple]:
@@ -268,6 +286,55 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _decoder_runner(path: str, device: str | None):
+    from .bundle import Bundle
+    bundle = Bundle.open(path)
+    if "decoder" not in bundle.manifest:
+        raise UsageError(f"{path} is not a decoder bundle (it was compiled from a model that is not a causal LM): "
+                         "`nnforge run` runs it")
+    return bundle.load(device)
+
+
+def cmd_generate(args) -> int:
+    lm = _decoder_runner(args.bundle, args.device)
+    prompt = args.prompt
+    if args.ids:
+        try:
+            prompt = [int(t) for t in args.prompt.replace(",", " ").split()]
+        except ValueError:
+            raise UsageError(f"--ids takes the prompt as token ids separated by spaces or commas, got "
+                             f"{args.prompt!r}") from None
+    elif lm.tokenizer is None:
+        raise UsageError(f"{args.bundle} has no tokenizer (the model came without one): give the prompt as token "
+                         "ids with --ids")
+
+    def show(token: int, piece: str | None) -> None:
+        print(piece if piece is not None else f"{token} ", end="", flush=True)
+
+    result = lm.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, seed=args.seed, on_token=show)
+    print()
+    decode = result.decode_tokens_per_s
+    print(f"prefill: {result.prompt_tokens} tokens at {result.prefill_tokens_per_s:.1f} tokens/s; decode: "
+          f"{len(result.tokens)} tokens" + (f" at {decode:.1f} tokens/s" if decode else "")
+          + (" (stopped at a stop token)" if result.stopped else ""), file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .frontend.decoders.importer import read_text
+    lm = _decoder_runner(args.bundle, args.device)
+    text = read_text(Path(args.perplexity))
+    ids = text if lm.tokenizer is not None else None
+    if ids is None:
+        raise UsageError(f"{args.bundle} has no tokenizer, so it cannot read {args.perplexity}")
+    result = lm.perplexity(ids, window=args.window, stride=args.stride)
+    print(f"perplexity {result.perplexity:.4f} (mean NLL {result.nll:.5f} nats) on {result.tokens} tokens of "
+          f"{args.perplexity}, {result.windows} window(s) of <= {args.window or lm.max_len} tokens, stride "
+          f"{args.stride or args.window or lm.max_len}")
+    return 0
+
+
 def cmd_verify(args) -> int:
     import nnforge as nf
     report = nf.verify(args.bundle, key=Path(args.key) if args.key else None)
@@ -433,7 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compile", help="compile a model into a bundle",
-                       description="Compile MODEL (a zoo name: default/minilm, resnet18, llama; or an .onnx file).")
+                       description="Compile MODEL (a zoo name: default/minilm, resnet18, llama; an .onnx file; or a "
+                                   "causal LM: a transformers model directory or a .gguf file, whose --calibration "
+                                   "and --check-inputs are .txt files).")
     c.add_argument("model")
     c.add_argument("--target", required=True, help="a target name (see `nnforge targets`)")
     c.add_argument("--recipe", default=None, action=_RecipeAction,
@@ -448,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calibration", default=None, metavar="FILE",
                    help="calibration data for data-driven passes (GPTQ, SparseGPT, SmoothQuant, activation ranges, "
                         "Hessian palettes...): a .safetensors or .npz file with one tensor per input name, samples "
-                        "on the first axis. The default model brings its own set")
+                        "on the first axis (a causal LM: a .txt file). The default model brings its own set")
     c.add_argument("--calibration-batch-size", type=int, default=32, metavar="N",
                    help="rows per batch when reading --calibration and --check-inputs (default 32)")
     c.add_argument("--check-inputs", default=None, metavar="FILE",
@@ -456,6 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "held out from the passes, or the example inputs when no pass reads data)")
     c.add_argument("--allow-nonfinite", action="store_true",
                    help="accept NaN/inf in weights, inputs and outputs (refused by default, naming the tensor)")
+    c.add_argument("--max-len", type=int, default=None, metavar="N",
+                   help="a causal LM's static KV cache length: the longest prompt plus generation (default 512, or "
+                        "the model's own limit when smaller)")
     c.add_argument("--calibration-samples", type=int, default=None,
                    help="calibration sentences for the default model (default: all of its calibration split)")
     c.set_defaults(fn=cmd_compile)
@@ -466,6 +538,29 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="write outputs to this .safetensors file")
     r.add_argument("--device", default=None)
     r.set_defaults(fn=cmd_run)
+
+    g = sub.add_parser("generate", help="generate text with a decoder bundle",
+                       description="Generate from PROMPT with a decoder bundle, streaming the tokens; ends with the "
+                                   "prefill and decode rates in tokens/s.")
+    g.add_argument("bundle")
+    g.add_argument("prompt")
+    g.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    g.add_argument("--top-k", type=int, default=0, metavar="K", help="sample from the K likeliest tokens (0: all)")
+    g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling (1: off)")
+    g.add_argument("--seed", type=int, default=None, help="seed of sampled decoding (the same seed, the same text)")
+    g.add_argument("--ids", action="store_true", help="PROMPT is token ids (for a bundle without a tokenizer)")
+    g.add_argument("--device", default=None)
+    g.set_defaults(fn=cmd_generate)
+
+    e = sub.add_parser("eval", help="evaluate a decoder bundle",
+                       description="Perplexity of a decoder bundle on a text file, by sliding windows.")
+    e.add_argument("bundle")
+    e.add_argument("--perplexity", required=True, metavar="FILE", help="a UTF-8 .txt file")
+    e.add_argument("--window", type=int, default=None, metavar="N", help="tokens per window (default: max_len)")
+    e.add_argument("--stride", type=int, default=None, metavar="N", help="tokens between windows (default: window)")
+    e.add_argument("--device", default=None)
+    e.set_defaults(fn=cmd_eval)
 
     v = sub.add_parser("verify", help="check a bundle's files and numerics",
                        description="Re-hash every file of a bundle and re-run its numerics check.")

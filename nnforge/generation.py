@@ -335,5 +335,53 @@ def perplexity(decoder: Decoder, ids, *, window: int | None = None, stride: int 
     return PerplexityResult(perplexity=math.exp(mean), nll=mean, tokens=scored, windows=windows)
 
 
-__all__ = ["Decoder", "GenerationError", "GenerationResult", "PerplexityResult", "filter_top_k", "filter_top_p",
+# --- a decoder bundle's runner ---------------------------------------------------------------------
+class DecoderRunner:
+    """A decoder bundle's runner: called as the backend's runner is (the graph's inputs in order,
+    its outputs back), and with :meth:`generate` and :meth:`perplexity` over a :class:`Decoder`
+    that carries the cache between its calls. ``section`` is the manifest's ``decoder`` section;
+    the stop tokens default to its generation settings.
+
+        >>> lm = nf.load("bundles/llama-onnx")
+        >>> lm.generate("The river", 32, on_token=lambda t, s: print(s, end="")).decode_tokens_per_s
+    """
+
+    def __init__(self, runner, section: dict, input_names: Sequence[str], output_names: Sequence[str],
+                 tokenizer=None):
+        self.runner, self.section, self.tokenizer = runner, section, tokenizer
+        self.input_names, self.output_names = list(input_names), list(output_names)
+        self.max_len = int(section["max_len"])
+
+    def __call__(self, *inputs):
+        return self.runner(*inputs)
+
+    def __getattr__(self, name):                  # the backend runner's own attributes (dispatch, values...)
+        return getattr(self.runner, name)
+
+    def _step(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        outs = self.runner(*[inputs[n] for n in self.input_names])
+        return dict(zip(self.output_names, outs if isinstance(outs, (list, tuple)) else [outs]))
+
+    def decoder(self, *, prefill_chunk: int | None = None) -> Decoder:
+        """A fresh :class:`Decoder` over this bundle (its own cache)."""
+        state = self.section["state"]
+        return Decoder(self._step, [(s["input"], s["output"]) for s in state],
+                       {s["input"]: s["shape"] for s in state}, self.max_len, prefill_chunk=prefill_chunk)
+
+    def generate(self, prompt, max_new_tokens: int = 64, *, stop_tokens=None, prefill_chunk: int | None = None,
+                 **sampling) -> GenerationResult:
+        """:func:`generate` on this bundle: ``prompt`` is text (the bundle's tokenizer) or token ids;
+        ``sampling``: temperature, top_k, top_p, seed, on_token."""
+        stops = self.section.get("generation", {}).get("stop_token_ids", []) if stop_tokens is None else stop_tokens
+        return generate(self.decoder(prefill_chunk=prefill_chunk), prompt, max_new_tokens, stop_tokens=stops,
+                        tokenizer=self.tokenizer, **sampling)
+
+    def perplexity(self, text, *, window: int | None = None, stride: int | None = None,
+                   prefill_chunk: int | None = None) -> PerplexityResult:
+        """:func:`perplexity` of ``text`` (or token ids) on this bundle."""
+        return perplexity(self.decoder(prefill_chunk=prefill_chunk), text, window=window, stride=stride,
+                          tokenizer=self.tokenizer)
+
+
+__all__ = ["Decoder", "DecoderRunner", "GenerationError", "GenerationResult", "PerplexityResult", "filter_top_k", "filter_top_p",
            "generate", "next_token", "perplexity"]

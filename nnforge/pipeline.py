@@ -29,11 +29,12 @@ from tqdm import tqdm
 from .version import __version__
 from .backends.base import Artifact, Backend, BackendError, LowerContext, get_backend
 from .bundle.format import (FORMAT, FORMAT_VERSION, GRAPH_FILE, REF_EXPECTED, REF_FP32, REF_HELD_OUT, REF_INPUTS,
-                            WEIGHTS_FILE, ArtifactWriter, BundleWriter, claim_out, held_out_tensors, save_tensors,
-                            write_manifest)
+                            TOKENIZER_DIR, WEIGHTS_FILE, ArtifactWriter, BundleWriter, claim_out, held_out_tensors,
+                            save_tensors, write_manifest)
 from .bundle.store import Bundle
 from .figures import compression_report, layer_fidelity
-from .frontend import as_tuple, check_import, import_model
+from .frontend import FrontendError, as_tuple, check_import, import_model
+from .frontend.decoders.importer import describe_text, import_decoder, is_causal_lm, is_text
 from .heldout import calibration_batches, refuse_nonfinite_outputs, require_calibration, split
 from .ir import Graph, Interpreter, save_graph
 from .numerics import BACKEND_TOLERANCE, compare, fidelity, json_safe, within, within_rounding
@@ -44,20 +45,30 @@ from .timing import machine
 from .targets import Target, get_target
 
 
-def compile(model, target: str | Target, recipe=None, *, example_inputs, calibration=None, out=None,
+def compile(model, target: str | Target, recipe=None, *, example_inputs=None, calibration=None, out=None,
             check_inputs=None, dynamic_shapes=None, input_names=None, output_names=None,
             name: str | None = None, progress: bool = False, trust_code: bool = False,
-            batch_sizes=None, allow_nonfinite: bool = False, calibration_source: str | None = None) -> Bundle:
+            batch_sizes=None, allow_nonfinite: bool = False, calibration_source: str | None = None,
+            max_len: int | None = None) -> Bundle:
     """Stages 1-7 (module docstring); the arguments are ``nnforge.compile``'s."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    batch_sizes = default_batch_sizes() if batch_sizes is None else check_batch_sizes(batch_sizes)
     tgt = get_target(target)
     backend = get_backend(tgt.backend)
     recipe_name, passes = resolve_recipe(recipe, tgt.options.get("pass_defaults"))
-    calibration = calibration_batches(calibration)
-    require_calibration(passes, calibration, recipe_name)
-    example = as_tuple(example_inputs)
+    decoding = is_causal_lm(model)
+    if decoding:                # timed in tokens/s by generation (nnforge generate, benchmarks/llm.py)
+        batch_sizes = ()
+        require_calibration(passes, None if calibration is None else [calibration], recipe_name)
+    else:
+        batch_sizes = default_batch_sizes() if batch_sizes is None else check_batch_sizes(batch_sizes)
+        calibration = calibration_batches(calibration)
+        require_calibration(passes, calibration, recipe_name)
+        if example_inputs is None:
+            raise FrontendError("example_inputs is required (a tuple of input tensors) for a model that is not a "
+                                "causal LM; a causal LM (transformers model, model directory, .gguf) takes none")
+    example = as_tuple(example_inputs) if example_inputs is not None else ()
+    decoder = None
     with ExitStack() as claims:
         if out is not None:         # checked and locked before any work
             claims.enter_context(claim_out(out))
@@ -65,13 +76,27 @@ def compile(model, target: str | Target, recipe=None, *, example_inputs, calibra
                    disable=None if progress else True)      # None: shown on a terminal only
         try:
             t0 = time.perf_counter()
-            graph, source = import_model(model, example, dynamic_shapes=dynamic_shapes, input_names=input_names,
-                                         output_names=output_names, name=name, trust_code=trust_code)
+            if decoding:
+                decoder = import_decoder(model, max_len=max_len, name=name, trust_code=trust_code)
+                graph, source = decoder.graph, decoder.source
+                example = decoder.example()
+                if is_text(calibration):
+                    calibration_source = calibration_source or f"text: {describe_text(calibration)}"
+                    calibration = decoder.text_batches(calibration)
+                calibration = calibration_batches(calibration)
+                if is_text(check_inputs):
+                    check_inputs = decoder.text_batches(check_inputs)
+            else:
+                graph, source = import_model(model, example, dynamic_shapes=dynamic_shapes, input_names=input_names,
+                                             output_names=output_names, name=name, trust_code=trust_code)
             out_dir = Path(out) if out is not None else Path("bundles") / f"{graph.name.lower()}-{tgt.name}"
             claims.enter_context(claim_out(out_dir))
             data = split(graph, passes, example, calibration=calibration, check_inputs=check_inputs,
                          calibration_source=calibration_source, allow_nonfinite=allow_nonfinite)
-            import_check = check_import(model, graph, example) or graph.meta.pop("frontend_check", {})
+            if decoding:
+                import_check = decoder.check_import(data.check[0])
+            else:
+                import_check = check_import(model, graph, example) or graph.meta.pop("frontend_check", {})
             timings["frontend_s"] = time.perf_counter() - t0
             bar.update()
             bar.set_description(f"compress ({recipe_name})")
@@ -85,7 +110,7 @@ def compile(model, target: str | Target, recipe=None, *, example_inputs, calibra
                              recipe_name=recipe_name, passes=passes, records=pm.records, check=data.check,
                              data_report=data.report, allow_nonfinite=allow_nonfinite, import_check=import_check,
                              timings=timings, started=start, batch_sizes=batch_sizes,
-                             peer=speed_peer(model, source) if batch_sizes else None)
+                             peer=speed_peer(model, source) if batch_sizes else None, decoder=decoder)
             bar.update()
         finally:
             bar.close()             # cleared before any error is printed
@@ -121,7 +146,7 @@ def lower_into(root: Path, graph: Graph, target: Target, backend: Backend, *, re
 def build(out: Path, *, graph: Graph, original: Graph, source: str, target: Target, backend: Backend,
           recipe_name: str, passes, records, check: list[tuple], import_check: dict, timings: dict,
           started: float, batch_sizes: tuple = (), peer=None, data_report: dict | None = None,
-          allow_nonfinite: bool = False) -> dict:
+          allow_nonfinite: bool = False, decoder=None) -> dict:
     """Stages 5-7 for a compressed ``graph``: its bundle at ``out`` (written atomically); returns
     the manifest.
 
@@ -130,7 +155,9 @@ def build(out: Path, *, graph: Graph, original: Graph, source: str, target: Targ
     go to reference/held_out.safetensors, so that ``nf.verify`` recomputes the recorded figures).
     With ``batch_sizes`` and a target whose runtime's speed means something here, the manifest
     gets speed records (nnforge.speed): the bundle against ``original`` dense on the same backend
-    and against ``peer`` (``(label, function of the input list)``: the torch model), per batch size."""
+    and against ``peer`` (``(label, function of the input list)``: the torch model), per batch size.
+    A ``decoder`` (frontend.decoders.DecoderImport) adds its tokenizer and the manifest's
+    ``decoder`` section (state pairs, max_len, generation settings)."""
     t0 = time.perf_counter()
     check = [tuple(b) for b in check]
     check_inputs = check[0]
@@ -147,6 +174,8 @@ def build(out: Path, *, graph: Graph, original: Graph, source: str, target: Targ
     timings["reference_s"] = time.perf_counter() - t0
     shapes = {v.name: list(torch.as_tensor(x).shape) for v, x in zip(graph.inputs, check_inputs)}
     timed, not_timed = backend.times_here(target) if batch_sizes else (False, "no batch sizes named")
+    if decoder is not None:
+        not_timed = "a decoder is timed in tokens/s while it generates (nnforge generate, benchmarks/llm.py)"
     with BundleWriter(out) as tmp:
         t0 = time.perf_counter()
         save_tensors(tmp / REF_INPUTS, {v.name: torch.as_tensor(x) for v, x in zip(graph.inputs, check_inputs)})
@@ -154,6 +183,8 @@ def build(out: Path, *, graph: Graph, original: Graph, source: str, target: Targ
         save_tensors(tmp / REF_FP32, {f"output{i}": t for i, t in enumerate(fp32)})
         if len(check) > 1:
             save_tensors(tmp / REF_HELD_OUT, held_out_tensors(check[1:], fp32_runs[1:]))
+        if decoder is not None and decoder.tokenizer is not None:
+            decoder.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
         artifact = lower_into(tmp, graph, target, backend, recipe=recipe_name, shapes=shapes,
                               speed=speed_shapes(graph, check_inputs, batch_sizes) if timed else [],
                               reference=[torch.as_tensor(x) for x in check_inputs])
@@ -204,6 +235,8 @@ def build(out: Path, *, graph: Graph, original: Graph, source: str, target: Targ
             "passes": [r.to_dict() for r in records],
             "timings": {k: round(v, 4) for k, v in timings.items()},
         }
+        if decoder is not None:
+            manifest["decoder"] = decoder.manifest_section()
         return write_manifest(tmp, manifest)
 
 

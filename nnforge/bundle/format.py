@@ -40,6 +40,7 @@ REF_INPUTS = "reference/inputs.safetensors"
 REF_EXPECTED = "reference/expected.safetensors"     # reference interpreter on the compressed graph
 REF_FP32 = "reference/fp32.safetensors"             # the uncompressed model in fp32
 REF_HELD_OUT = "reference/held_out.safetensors"     # further held-out batches and their fp32 outputs
+TOKENIZER_DIR = "tokenizer"                          # a decoder's tokenizer (transformers' save_pretrained files)
 
 
 class BundleError(NnforgeError, ValueError):
@@ -490,7 +491,7 @@ def held_out_tensors(batches: list[tuple], fp32_runs: list[list]) -> dict[str, t
     return out
 
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "SIGNATURE", "MAX_MANIFEST_BYTES", "ARCHIVE_LIMIT", "GRAPH_FILE",
+__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "SIGNATURE", "MAX_MANIFEST_BYTES", "ARCHIVE_LIMIT", "GRAPH_FILE", "TOKENIZER_DIR",
            "WEIGHTS_FILE", "REF_INPUTS", "REF_EXPECTED", "REF_FP32", "REF_HELD_OUT", "BundleError", "sha256_file",
            "check_rel", "safe_join", "list_files", "file_table", "save_tensors", "load_tensors", "ordered",
            "load_inputs", "is_bundle", "check_out", "BundleWriter", "write_manifest", "read_manifest_bytes",

@@ -156,7 +156,23 @@ class Bundle:
         backend = get_backend(built_by)
         for rel in self.manifest["backend"].get("files", []):
             safe_join(self.path, rel)
-        return backend.load(self.path, self.manifest["backend"]["entry"], device)
+        runner = backend.load(self.path, self.manifest["backend"]["entry"], device)
+        if "decoder" not in self.manifest:
+            return runner
+        from ..generation import DecoderRunner
+        sig = self.manifest["signature"]
+        return DecoderRunner(runner, self.manifest["decoder"], [i["name"] for i in sig["inputs"]],
+                             [o["name"] for o in sig["outputs"]], self.tokenizer())
+
+    def tokenizer(self):
+        """A decoder bundle's tokenizer (transformers, read from its ``tokenizer/`` files; nothing
+        in them runs), or None when the model came without one."""
+        section = self.manifest.get("decoder") or {}
+        if not section.get("tokenizer"):
+            return None
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(safe_join(self.path, section["tokenizer"]), local_files_only=True,
+                                             trust_remote_code=False)
 
     def graph(self):
         from ..ir import load_graph

@@ -1,0 +1,142 @@
+"""A causal LM through nf.compile and `nnforge compile`: the decoder bundle (graph, manifest decoder
+section, tokenizer), text calibration and held-out text windows, the import check against
+transformers, and the errors of the decoder front door."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+import nnforge as nf
+from nnforge.cli import main
+from nnforge.frontend import FrontendError
+from nnforge.passes import PassError
+from tests.frontend.decoders.families import tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Llama saved as a transformers model directory with a word-level tokenizer, and text."""
+    root = tmp_path_factory.mktemp("llm")
+    tiny_model("llama").save_pretrained(root / "model")
+    tiny_tokenizer().save_pretrained(root / "model")
+    r = random.Random(0)
+    (root / "calib.txt").write_text(" ".join(f"w{r.randrange(4, 128)}" for _ in range(1200)))
+    (root / "check.txt").write_text(" ".join(f"w{r.randrange(4, 128)}" for _ in range(300)))
+    return root
+
+
+def test_module_compiles_to_a_decoder_bundle(tmp_path):
+    model = tiny_model("gemma3")
+    bundle = nf.compile(model, "onnx", out=tmp_path / "b", max_len=40)
+    m = bundle.manifest
+    d = m["decoder"]
+    assert (d["family"], d["max_len"], d["tied_embeddings"], d["windows"]) == ("gemma3", 40, True, [0, 16])
+    assert [(s["input"], s["output"]) for s in d["state"]] == [(f"cache.{i}.{k}", f"cache.{i}.{k}.next")
+                                                                for i in range(4) for k in "kv"]
+    assert d["state"][0]["shape"] == ["batch", 1, 40, 32]
+    assert d["generation"]["eos_token_ids"] == [2] and d["tokenizer"] is None
+    assert m["model"]["frontend_check"]["checked"] and m["model"]["frontend_check"]["cosine_min"] > 0.99999
+    assert m["numerics"]["runtime_checked"] and m["numerics"]["held_out"]["source"].startswith("the example inputs")
+    assert m["speed"]["why"].startswith("a decoder is timed in tokens/s")
+    assert [i["name"] for i in m["signature"]["inputs"]][:2] == ["input_ids", "positions"]
+
+
+def test_directory_with_text_calibration_on_cpu(model_dir, tmp_path):
+    bundle = nf.compile(model_dir / "model", "cpu", "w4-gptq", calibration=model_dir / "calib.txt",
+                        check_inputs=str(model_dir / "check.txt"), out=tmp_path / "b", max_len=64)
+    m = bundle.manifest
+    assert m["calibration"]["source"] == f"text: {model_dir / 'calib.txt'}"
+    assert m["calibration"]["batches"] == len(range(0, 1199, 64))            # 64-token windows (max_len caps 128)
+    assert m["numerics"]["held_out"]["source"] == "check_inputs= (from the user)"
+    assert m["decoder"]["tokenizer"] == "tokenizer" and (bundle.path / "tokenizer" / "tokenizer.json").is_file()
+    assert "tokenizer/tokenizer.json" in m["files"]
+    assert 0.9 < m["numerics"]["fidelity_vs_fp32"]["cosine_mean"] < 1.0
+    assert m["numerics"]["runtime_checked"]
+
+
+def test_cli_compiles_a_model_directory(model_dir, tmp_path, capsys):
+    out = tmp_path / "b"
+    assert main(["compile", str(model_dir / "model"), "--target", "onnx", "--recipe", "w4-rtn", "--max-len", "48",
+                 "--check-inputs", str(model_dir / "check.txt"), "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["decoder"]["max_len"] == 48
+    assert "a decoder is timed in tokens/s" in capsys.readouterr().out
+
+
+def test_errors_of_the_decoder_front_door(model_dir, tmp_path, capsys):
+    with pytest.raises(PassError, match="runs quantize_gptq, which needs calibration data"):
+        nf.compile(model_dir / "model", "onnx", "w4-gptq", out=tmp_path / "a")
+    with pytest.raises(FrontendError, match="came without a tokenizer, so text cannot be read"):
+        nf.compile(tiny_model("llama"), "onnx", "w4-gptq", calibration=["w5 w6 w7"], out=tmp_path / "b")
+    with pytest.raises(FrontendError, match="max_len must be an integer >= 2"):
+        nf.compile(tiny_model("llama"), "onnx", max_len=1, out=tmp_path / "c")
+    with pytest.raises(FrontendError, match="example_inputs is required"):
+        nf.compile(torch.nn.Linear(4, 4), "onnx", out=tmp_path / "d")
+    assert main(["compile", str(model_dir / "model"), "--target", "onnx", "--calibration",
+                 str(model_dir / "model" / "config.json"), "--recipe", "w4-gptq"]) == 2
+    assert "takes its calibration and check data as text, a .txt file" in capsys.readouterr().err
+    assert main(["compile", "default", "--target", "onnx", "--max-len", "64"]) == 2
+    assert "--max-len is the KV cache length of a causal LM" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_state_pairs_follow_the_graph(tmp_path):
+    bundle = nf.compile(tiny_model("gpt2"), "onnx", out=tmp_path / "b", max_len=32)
+    graph = bundle.graph()
+    pairs = [(s["input"], s["output"]) for s in bundle.manifest["decoder"]["state"]]
+    assert pairs == state_pairs_of(graph)
+
+
+def state_pairs_of(graph):
+    outs = {v.name for v in graph.outputs}
+    return [(v.name, v.name + ".next") for v in graph.inputs if v.name + ".next" in outs]
+
+
+@pytest.mark.parametrize("target", ["onnx", "cpu"])
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_fp32_bundle_generates_and_scores_like_transformers(tmp_path, family, target):
+    model = tiny_model(family)
+    lm = nf.compile(model, target, out=tmp_path / "b", max_len=48).load()
+    prompt = torch.tensor([[1, 17, 42, 99, 5, 23]])
+    with torch.no_grad():
+        want = model.generate(prompt, max_new_tokens=24, min_new_tokens=24, do_sample=False)[0, 6:].tolist()
+    pieces = []
+    result = lm.generate(prompt, 24, stop_tokens=[], on_token=lambda t, s: pieces.append(t))
+    assert result.tokens == want and pieces == want
+    assert result.decode_steps == 23 and result.decode_tokens_per_s > 0
+    ids = torch.randint(4, 128, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        loss = float(model(ids, labels=ids).loss)
+    got = lm.perplexity(ids[0], window=48)
+    assert got.tokens == 39 and got.nll == pytest.approx(loss, rel=1e-4)
+
+
+def test_cli_generate_and_eval(model_dir, tmp_path, capsys):
+    out = tmp_path / "b"
+    assert main(["compile", str(model_dir / "model"), "--target", "onnx", "--max-len", "64", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(out), "w5 w6 w7", "--max-new-tokens", "6"]) == 0
+    got = capsys.readouterr()
+    lm = nf.load(out)
+    want = lm.generate("w5 w6 w7", 6)
+    assert got.out.strip() == want.text.strip() and want.text
+    assert "prefill: 3 tokens at" in got.err and "decode: " in got.err and "tokens/s" in got.err
+    assert main(["generate", str(out), "4 5 6", "--ids", "--max-new-tokens", "3", "--temperature", "0.7",
+                 "--seed", "1"]) == 0
+    assert main(["eval", str(out), "--perplexity", str(model_dir / "check.txt"), "--window", "32",
+                 "--stride", "16"]) == 0
+    line = capsys.readouterr().out
+    ppl = lm.perplexity((model_dir / "check.txt").read_text(), window=32, stride=16)
+    assert f"perplexity {ppl.perplexity:.4f}" in line and f"on {ppl.tokens} tokens" in line
+    assert main(["generate", str(out), " ".join(["w5"] * 60), "--max-new-tokens", "10"]) == 2
+    assert "need 69 cache positions, but the decoder was compiled with max_len 64" in capsys.readouterr().err
+
+
+def test_generate_refuses_a_bundle_that_is_not_a_decoder(tmp_path, capsys):
+    from tests.conftest import tiny_mlp
+    nf.compile(tiny_mlp(), "onnx", example_inputs=(torch.randn(2, 16),), out=tmp_path / "b", batch_sizes=())
+    assert main(["generate", str(tmp_path / "b"), "hi"]) == 2
+    assert "is not a decoder bundle" in capsys.readouterr().err
