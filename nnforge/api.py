@@ -21,7 +21,7 @@ def compile(model, target: str | Target, recipe=None, *, example_inputs=None, ca
             check_inputs=None, dynamic_shapes=None, input_names=None, output_names=None,
             name: str | None = None, progress: bool = False, trust_code: bool = False,
             batch_sizes=None, allow_nonfinite: bool = False, calibration_source: str | None = None,
-            max_len: int | None = None) -> Bundle:
+            max_len: int | None = None, head: str = "w8") -> Bundle:
     """Import ``model``, compress it with ``recipe`` and write a bundle for ``target``.
 
     model: torch.nn.Module, torch.export.ExportedProgram, or path to an .onnx file; with
@@ -31,7 +31,9 @@ def compile(model, target: str | Target, recipe=None, *, example_inputs=None, ca
         one graph for prefill and decode with its KV cache as state for ``max_len`` tokens (default
         512 or the model's own limit), its tokenizer, and ``Bundle.generate``/``perplexity``; it
         takes no example_inputs, and ``calibration``/``check_inputs`` may be text (a .txt path, a
-        string or a list of strings, cut into token windows).
+        string or a list of strings, cut into token windows). ``head`` is the LM head's format
+        (with the embedding, when they are tied): "w8" (int8 per channel, the default, as llama.cpp
+        keeps it at 6-8 bits), "fp32", or "recipe" (compressed like every other layer).
     recipe: None, a preset name (see ``nnforge.passes.PRESETS``), a .toml path, or a list of pass configs.
     calibration: input tuples shaped like example_inputs (the batch size may differ); data-driven
         passes (GPTQ, SparseGPT, SmoothQuant, activation ranges, Hessian palettes, ...) refuse to
@@ -54,7 +56,7 @@ def compile(model, target: str | Target, recipe=None, *, example_inputs=None, ca
                             check_inputs=check_inputs, dynamic_shapes=dynamic_shapes, input_names=input_names,
                             output_names=output_names, name=name, progress=progress, trust_code=trust_code,
                             batch_sizes=batch_sizes, allow_nonfinite=allow_nonfinite,
-                            calibration_source=calibration_source, max_len=max_len)
+                            calibration_source=calibration_source, max_len=max_len, head=head)
 
 
 def load(path, device: str | None = None, *, target: str | None = None, key=None):

@@ -34,12 +34,13 @@ from .bundle.format import (FORMAT, FORMAT_VERSION, GRAPH_FILE, REF_EXPECTED, RE
 from .bundle.store import Bundle
 from .figures import compression_report, layer_fidelity
 from .frontend import FrontendError, as_tuple, check_import, import_model
+from .frontend.decoders.builder import HEAD_LAYER
 from .frontend.decoders.importer import describe_text, import_decoder, is_causal_lm, is_text
 from .heldout import calibration_batches, refuse_nonfinite_outputs, require_calibration, split
 from .ir import Graph, Interpreter, save_graph
 from .numerics import BACKEND_TOLERANCE, compare, fidelity, json_safe, within, within_rounding
 from .passes import PassContext, PassManager, cleanup_passes, resolve_recipe
-from .passes.recipes import recipe_record
+from .passes.recipes import recipe_record, with_head_format
 from .speed import check_batch_sizes, default_batch_sizes, speed_shapes
 from .timing import machine
 from .targets import Target, get_target
@@ -49,7 +50,7 @@ def compile(model, target: str | Target, recipe=None, *, example_inputs=None, ca
             check_inputs=None, dynamic_shapes=None, input_names=None, output_names=None,
             name: str | None = None, progress: bool = False, trust_code: bool = False,
             batch_sizes=None, allow_nonfinite: bool = False, calibration_source: str | None = None,
-            max_len: int | None = None) -> Bundle:
+            max_len: int | None = None, head: str = "w8") -> Bundle:
     """Stages 1-7 (module docstring); the arguments are ``nnforge.compile``'s."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -79,6 +80,8 @@ def compile(model, target: str | Target, recipe=None, *, example_inputs=None, ca
             if decoding:
                 decoder = import_decoder(model, max_len=max_len, name=name, trust_code=trust_code)
                 graph, source = decoder.graph, decoder.source
+                passes = with_head_format(passes, head, HEAD_LAYER, tgt.options.get("pass_defaults"))
+                decoder.head = head if passes else "fp32"
                 example = decoder.example()
                 if is_text(calibration):
                     calibration_source = calibration_source or f"text: {describe_text(calibration)}"

@@ -140,3 +140,22 @@ def test_generate_refuses_a_bundle_that_is_not_a_decoder(tmp_path, capsys):
     nf.compile(tiny_mlp(), "onnx", example_inputs=(torch.randn(2, 16),), out=tmp_path / "b", batch_sizes=())
     assert main(["generate", str(tmp_path / "b"), "hi"]) == 2
     assert "is not a decoder bundle" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("head,want", [("w8", "i8 per-channel sym"), ("fp32", "dense"), ("recipe", "u4 per-channel asym")])
+def test_the_head_has_its_own_format(tmp_path, head, want):
+    bundle = nf.compile(tiny_model("llama"), "onnx", "w4-rtn", out=tmp_path / "b", max_len=32, head=head)
+    graph = bundle.graph()
+    assert graph.node("lm_head").inputs[1].encoding.describe().startswith(want)
+    assert graph.node("model.layers.0.mlp.up_proj").inputs[1].encoding.describe() == "u4 per-channel asym"
+    d = bundle.manifest["decoder"]["head"]
+    assert d["format"] == head and d["embedding"].startswith("tied: the token embedding reads the head's weight")
+    passes = bundle.manifest["recipe"]["passes"]
+    if head == "w8":
+        assert passes[-1]["layers"] == ["lm_head"] and "lm_head" in passes[0]["exclude"]
+
+
+def test_an_unknown_head_format_is_refused(tmp_path):
+    with pytest.raises(PassError, match=r"head format 'w4': choose from w8, fp32, recipe"):
+        nf.compile(tiny_model("llama"), "onnx", "w4-rtn", out=tmp_path / "b", max_len=32, head="w4")
+    assert not (tmp_path / "b").exists()

@@ -232,6 +232,31 @@ def resolve_recipe(recipe, defaults: dict | None = None) -> tuple[str, list[Pass
     raise PassError(f"a recipe is a preset name, a .toml path or a list of pass configs, got {type(recipe).__name__}")
 
 
+# A decoder's LM head (with the token embedding when they are tied) in its own format, as llama.cpp
+# keeps output and token-embedding tensors at 6-8 bits: the head maps every hidden state to the whole
+# vocabulary, so its error reaches every logit. "recipe": the recipe's passes treat it as any layer.
+HEAD_FORMATS = {"w8": ("int8 per output channel, round-to-nearest", [{"pass": "quantize_rtn", "format": "int8"}]),
+                "fp32": ("left as it is", []), "recipe": ("as the recipe's layers", None)}
+
+
+def with_head_format(passes: list[Pass], head: str, layer: str, defaults: dict | None = None) -> list[Pass]:
+    """``passes`` for a decoder whose LM head is the linear node ``layer``: unless ``head`` is
+    "recipe", every pass that selects layers leaves it out, and ``head``'s passes (HEAD_FORMATS)
+    run on it alone."""
+    if head not in HEAD_FORMATS:
+        raise PassError(f"head format {head!r}: choose from {', '.join(HEAD_FORMATS)} "
+                        f"({'; '.join(f'{k}: {v[0]}' for k, v in HEAD_FORMATS.items())})")
+    configs = HEAD_FORMATS[head][1]
+    if configs is None or not passes:
+        return list(passes)
+    out = []
+    for p in passes:
+        if isinstance(getattr(p, "exclude", None), list):
+            p = dataclasses.replace(p, exclude=[*p.exclude, layer])
+        out.append(p)
+    return out + [_build({**c, "layers": [layer]}, f"head format {head}", defaults) for c in configs]
+
+
 def recipe_record(name: str, passes) -> dict:
     """The manifest's ``recipe``: its name and each pass with its options, as JSON reads them back."""
     import json

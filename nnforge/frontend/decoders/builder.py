@@ -30,6 +30,7 @@ from ..errors import FrontendError
 from .spec import DecoderSpec, LayerSpec
 
 INPUT_IDS, POSITIONS, LOGITS = "input_ids", "positions", "logits"
+HEAD_LAYER = "lm_head"                  # the LM head's node, whatever the checkpoint calls it
 
 
 def cache_name(layer: int, kind: str, nxt: bool = False) -> str:
@@ -202,7 +203,7 @@ def build(spec: DecoderSpec, weights: Mapping[str, torch.Tensor], max_len: int |
         x = e.op("add", x, h, name=f"{names.module('down', i).rsplit('.', 2)[0]}.mlp_residual")
     x = e.norm(x, "final_norm")
     head = e.weight(names.weight("lm_head"))       # a tied head names the embedding: the same value
-    logits = e.op("linear", x, head, None, name="lm_head" if spec.tied_embeddings else names.lm_head)
+    logits = e.op("linear", x, head, None, name=HEAD_LAYER)
     if spec.logit_softcap:
         cap = e.scalar(spec.logit_softcap, "logit_softcap")
         logits = e.op("mul", e.op("tanh", e.op("div", logits, cap, name="logits.scaled")), cap, name="logits.capped")
@@ -211,4 +212,4 @@ def build(spec: DecoderSpec, weights: Mapping[str, torch.Tensor], max_len: int |
     return g
 
 
-__all__ = ["build", "state_pairs", "cache_name", "cache_shape", "INPUT_IDS", "POSITIONS", "LOGITS"]
+__all__ = ["build", "state_pairs", "cache_name", "cache_shape", "INPUT_IDS", "POSITIONS", "LOGITS", "HEAD_LAYER"]

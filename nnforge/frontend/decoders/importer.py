@@ -16,6 +16,7 @@ import torch
 
 from ...ir import Graph, Interpreter
 from ...numerics import FP32_TOLERANCE, compare, json_safe, within
+from ...passes.recipes import HEAD_FORMATS
 from ..errors import FrontendError
 from .builder import INPUT_IDS, LOGITS, POSITIONS, build, cache_shape, state_pairs
 from .loader import LoadedCausalLM, load_causal_lm
@@ -59,6 +60,7 @@ class DecoderImport:
     generation: dict
     loaded: LoadedCausalLM = field(repr=False)
     module: torch.nn.Module | None = field(default=None, repr=False)
+    head: str = "fp32"                  # the LM head's format (passes.recipes.HEAD_FORMATS), set by the pipeline
 
     # --- inputs -----------------------------------------------------------------------------------
     def inputs(self, ids: torch.Tensor) -> tuple:
@@ -144,6 +146,9 @@ class DecoderImport:
             "functions": {"prefill": "the graph on a prompt (seq >= 1) from its first free position",
                           "decode": "the graph on one token (seq = 1) per step"},
             "tied_embeddings": s.tied_embeddings,
+            "head": {"format": self.head, "how": HEAD_FORMATS[self.head][0],
+                     "embedding": ("tied: the token embedding reads the head's weight, in the head's format"
+                                   if s.tied_embeddings else "its own weight, left out of the weight passes")},
             "windows": sorted({layer.window for layer in s.layers}),
             "tokenizer": "tokenizer" if self.tokenizer is not None else None,
             "generation": self.generation,
