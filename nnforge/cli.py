@@ -73,6 +73,9 @@ def _compile(args) -> int:
             _batches_file(args.check_inputs, names, args.calibration_batch_size)
     if args.max_len is not None and not decoding:
         raise UsageError("--max-len is the KV cache length of a causal LM; this model is not one")
+    if args.head is not None and not decoding:
+        raise UsageError("--head is the format of a causal LM's LM head; this model is not one")
+    decoder_options = {"max_len": args.max_len, "head": args.head or "w8"} if decoding else {}
     batch_sizes = None
     if args.batch_sizes is not None:
         text = args.batch_sizes.strip().lower()
@@ -84,7 +87,7 @@ def _compile(args) -> int:
     bundle = nf.compile(model, args.target, args.recipe, example_inputs=example, calibration=calibration,
                         calibration_source=source, check_inputs=check, out=args.out, dynamic_shapes=dyn,
                         input_names=ins, output_names=outs, progress=True, batch_sizes=batch_sizes,
-                        allow_nonfinite=args.allow_nonfinite, max_len=args.max_len)
+                        allow_nonfinite=args.allow_nonfinite, **decoder_options)
     m = bundle.manifest
     c = m["compression"]
     print(f"wrote {bundle.path} ({bundle.size_bytes / 1e6:.1f} MB; weights {c['bytes_before'] / 1e6:.1f} -> "
@@ -528,6 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-len", type=int, default=None, metavar="N",
                    help="a causal LM's static KV cache length: the longest prompt plus generation (default 512, or "
                         "the model's own limit when smaller)")
+    c.add_argument("--head", default=None, choices=["w8", "fp32", "recipe"],
+                   help="a causal LM's LM head format (with a tied embedding): w8 (default: int8 per channel), "
+                        "fp32, or recipe (compressed like the other layers)")
     c.add_argument("--calibration-samples", type=int, default=None,
                    help="calibration sentences for the default model (default: all of its calibration split)")
     c.set_defaults(fn=cmd_compile)

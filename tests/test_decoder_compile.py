@@ -60,9 +60,9 @@ def test_directory_with_text_calibration_on_cpu(model_dir, tmp_path):
 def test_cli_compiles_a_model_directory(model_dir, tmp_path, capsys):
     out = tmp_path / "b"
     assert main(["compile", str(model_dir / "model"), "--target", "onnx", "--recipe", "w4-rtn", "--max-len", "48",
-                 "--check-inputs", str(model_dir / "check.txt"), "--out", str(out)]) == 0
+                 "--check-inputs", str(model_dir / "check.txt"), "--head", "fp32", "--out", str(out)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["decoder"]["max_len"] == 48
+    assert manifest["decoder"]["max_len"] == 48 and manifest["decoder"]["head"]["format"] == "fp32"
     assert "a decoder is timed in tokens/s" in capsys.readouterr().out
 
 
@@ -80,6 +80,8 @@ def test_errors_of_the_decoder_front_door(model_dir, tmp_path, capsys):
     assert "takes its calibration and check data as text, a .txt file" in capsys.readouterr().err
     assert main(["compile", "default", "--target", "onnx", "--max-len", "64"]) == 2
     assert "--max-len is the KV cache length of a causal LM" in capsys.readouterr().err
+    assert main(["compile", "default", "--target", "onnx", "--head", "fp32"]) == 2
+    assert "--head is the format of a causal LM's LM head" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
