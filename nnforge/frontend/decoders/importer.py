@@ -61,6 +61,7 @@ class DecoderImport:
     loaded: LoadedCausalLM = field(repr=False)
     module: torch.nn.Module | None = field(default=None, repr=False)
     head: str = "fp32"                  # the LM head's format (passes.recipes.HEAD_FORMATS), set by the pipeline
+    _zero_caches: dict = field(default_factory=dict, repr=False)
 
     # --- inputs -----------------------------------------------------------------------------------
     def inputs(self, ids: torch.Tensor) -> tuple:
@@ -72,8 +73,11 @@ class DecoderImport:
             raise FrontendError(f"{ids.shape[1]} tokens do not fit the cache of {self.max_len} (max_len): use shorter "
                                 "windows or a larger max_len")
         b, n = ids.shape
-        caches = [torch.zeros(cache_shape(self.spec, self.max_len, b)) for _ in state_pairs(self.spec)]
-        return (ids, torch.arange(n).repeat(b, 1), *caches)
+        # one zero cache per batch size, shared by every batch made here: a calibration set of many
+        # windows must not hold a cache per window and layer (nothing writes into its inputs)
+        if b not in self._zero_caches:
+            self._zero_caches[b] = [torch.zeros(cache_shape(self.spec, self.max_len, b)) for _ in state_pairs(self.spec)]
+        return (ids, torch.arange(n).repeat(b, 1), *self._zero_caches[b])
 
     def tokenize(self, text: str) -> torch.Tensor:
         if self.tokenizer is None:

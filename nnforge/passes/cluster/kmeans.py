@@ -374,7 +374,7 @@ class Palettize(LayerSelection, Pass):
                     return
                 encode(node, w, sum(input_importance(batch[0], node) for batch in args))
 
-            run_calibration(graph, ctx.calibration, before, who=self.name, progress=ctx.progress)
+            run_calibration(graph, ctx.calibration, before, who=self.name, progress=ctx.progress, until=weighted)
         ctx.record("layers", sum(kinds.values()))
         ctx.record("encodings", dict(kinds))
         ctx.record("bits_per_weight", round(8 * stored[0] / max(stored[1], 1), 4))

@@ -92,7 +92,7 @@ class QuantizeEoRA(QuantizeGPTQ):
                                  "extra_bytes": enc.a.nbytes + enc.b.nbytes,
                                  "error_kept": round(after_err / before_err, 6) if before_err > 0 else 0.0}
 
-        run_calibration(graph, ctx.calibration, before, who=self.name, progress=ctx.progress)
+        run_calibration(graph, ctx.calibration, before, who=self.name, progress=ctx.progress, until=targets)
         kept = split_lowrank(graph, [v["weight"] for v in layers.values()], tag="eora")
         extra = sum(v["extra_bytes"] for v in layers.values())
         base = sum(v["base_bytes"] for v in layers.values())

@@ -318,7 +318,8 @@ class SparsityConfig(LayerSelection):
                 D = W * ~magnitude_keep(W, self.sparse_pattern, s)
                 errors[i, j] = float(((D @ H) * D).sum()) / base
 
-        run_calibration(graph, ctx.calibration, before, who=f"{self.name} (sensitivity)", progress=ctx.progress)
+        run_calibration(graph, ctx.calibration, before, who=f"{self.name} (sensitivity)", progress=ctx.progress,
+                        until=nodes)
         return errors
 
 
@@ -427,7 +428,7 @@ class PruneSparseGPT(SparsityConfig, Pass):
             encodings[node.name] = enc
             losses[node.name] = round(figs["loss"], 6)
 
-        run_calibration(graph, ctx.calibration, before, who=self.name, progress=ctx.progress)
+        run_calibration(graph, ctx.calibration, before, who=self.name, progress=ctx.progress, until=todo)
         extra = {"hessian_weighted_error": losses}
         if magnitude:
             extra["magnitude_instead"] = magnitude

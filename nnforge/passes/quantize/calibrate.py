@@ -9,6 +9,7 @@ after their last use, as in the reference interpreter.
 """
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Callable
 
 import torch
@@ -50,10 +51,12 @@ def check_calibration(graph: Graph, batches, who: str) -> list:
 
 
 def run_calibration(graph: Graph, batches, before: Hook | None = None, *, who: str = "calibration",
-                    progress: bool = False) -> list[list[torch.Tensor]]:
+                    progress: bool = False, until: Collection[str] | None = None) -> list[list[torch.Tensor]] | None:
     """Run ``graph`` over every batch; ``before(node, args)`` is called with each node and its
     inputs for every batch (``args[b][i]``: input i of batch b, weights decoded) before it runs.
-    Returns the outputs of every batch."""
+    Returns the outputs of every batch; with ``until`` (the names of the nodes the hook works on),
+    the run stops once the last of them has been seen, and returns None: what comes after (an LM
+    head over the whole vocabulary, for every batch) is neither run nor held."""
     bound = check_calibration(graph, batches, who)
     ctxs = [RunContext(env=env) for _, env in bound]
     vals: list[dict] = [dict(zip(graph.inputs, [t.float() if t.is_floating_point() else t for t in tensors]))
@@ -71,17 +74,28 @@ def run_calibration(graph: Graph, batches, before: Hook | None = None, *, who: s
 
     from tqdm import tqdm
     # on a terminal only; closed (cleared) on errors too
-    with tqdm(graph.nodes, desc=who, unit="node", leave=False, disable=None if progress else True) as nodes:
-        _run_nodes(nodes, bound, vals, ctxs, last, weight, before, who)
+    nodes = graph.nodes
+    if until is not None:
+        wanted = set(until)
+        stop = max((i for i, n in enumerate(nodes) if n.name in wanted), default=-1)
+        nodes = nodes[:stop + 1]
+        if not nodes:
+            return None
+    with tqdm(nodes, desc=who, unit="node", leave=False, disable=None if progress else True) as shown:
+        _run_nodes(shown, bound, vals, ctxs, last, weight, before, who, hook_only=nodes[-1] if until else None)
+    if until is not None:
+        return None
     return [[weight(v.name) if v.is_weight else vals[b][v] for v in graph.outputs] for b in range(len(bound))]
 
 
-def _run_nodes(nodes, bound, vals, ctxs, last, weight, before, who) -> None:
+def _run_nodes(nodes, bound, vals, ctxs, last, weight, before, who, hook_only=None) -> None:
     for i, node in enumerate(nodes):
         def args_for(b):
             return [None if v is None else weight(v.name) if v.is_weight else vals[b][v] for v in node.inputs]
         if before is not None:
             before(node, [args_for(b) for b in range(len(bound))])
+        if node is hook_only:                   # the last node a hook works on: nothing after it is needed
+            return
         op = get_op(node.op)
         for b in range(len(bound)):
             try:

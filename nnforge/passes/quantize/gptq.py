@@ -208,7 +208,7 @@ class QuantizeGPTQ(WeightQuantConfig, Pass):
                 if not any(n.inputs[0] is k[0] for n in _pending(graph, targets, node)):
                     del hessians[k]
 
-        run_calibration(graph, ctx.calibration, before, who=self.name, progress=ctx.progress)
+        run_calibration(graph, ctx.calibration, before, who=self.name, progress=ctx.progress, until=targets)
         ctx.record("layers", sum(kinds.values()))
         ctx.record("encodings", dict(kinds))
         ctx.record("hessian_weighted_error", losses)
