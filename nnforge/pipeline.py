@@ -124,9 +124,10 @@ def prepare(graph: Graph, backend: Backend, target: Target, shapes: dict) -> tup
     """``graph`` after the passes ``backend`` asks for before lowering, and the dimension sizes
     they fixed (each such pass records them as its ``symbols`` figure)."""
     configs = backend.prepare(target, shapes)
-    if not configs:
+    _, passes = resolve_recipe(list(configs)) if configs else ("", [])
+    passes = [p for p in passes if p.applies(graph)]
+    if not passes:
         return graph, {}
-    _, passes = resolve_recipe(list(configs))
     pm = PassManager(passes)
     prepared = pm.run(graph, PassContext(target=target))
     symbols: dict = {}

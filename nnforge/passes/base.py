@@ -58,6 +58,11 @@ class Pass(ABC):
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
         """Rewrite ``graph`` and return the result."""
 
+    def applies(self, graph: Graph) -> bool:
+        """Whether the pass has anything to do on ``graph`` (a backend's prepare pass that does not
+        is left out, so that lowering a graph is not held to what it would rewrite)."""
+        return True
+
     def __call__(self, graph: Graph, ctx: PassContext | None = None) -> Graph:
         ctx = ctx or PassContext()
         if self.needs_calibration and not ctx.calibration:

@@ -180,6 +180,10 @@ class DecomposeOps(Pass):
                 raise PassError(f"{self.name}: no primitive form for op(s) {', '.join(unknown)}; "
                                 f"ops with one: {', '.join(sorted(FORMS))}")
 
+    def applies(self, graph: Graph) -> bool:
+        wanted = set(FORMS if self.ops is None else self.ops)
+        return any(n.op in wanted for n in graph.nodes)
+
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
         wanted = set(FORMS if self.ops is None else self.ops)
         counts: dict[str, int] = {}

@@ -40,6 +40,11 @@ def test_primitive_forms_compute_the_reference(case, seq, start):
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
 
 
+def test_it_applies_only_where_the_ops_are():
+    from tests.passes.graphs import mlp_graph
+    assert DecomposeOps().applies(block()) and not DecomposeOps(ops=["rope"]).applies(mlp_graph())
+
+
 def test_only_the_named_ops_are_rewritten():
     flat = DecomposeOps(ops=["attention"])(block())
     assert {"rms_norm", "rope", "cache_update"} <= {n.op for n in flat.nodes}
