@@ -223,6 +223,12 @@ class RuntimeSpec:
     digits: int
 
 
+def decoder_ops() -> frozenset[str]:
+    """The IR's decoder ops (family "decoder"): each has a primitive form in the decompose pass."""
+    from ..ir.ops import OPS
+    return frozenset(name for name, op in OPS.items() if op.family == "decoder")
+
+
 class Backend(ABC):
     name: str
     capabilities: Capabilities = Capabilities([])
@@ -240,8 +246,7 @@ class Backend(ABC):
         """The decompose pass for the ops with a primitive form that :attr:`lowers` lacks."""
         if self.lowers is None:
             return []
-        from ..passes.decompose import decomposable
-        missing = sorted(decomposable() - set(self.lowers))
+        missing = sorted(decoder_ops() - set(self.lowers))
         return [{"pass": "decompose", "ops": missing}] if missing else []
 
     @abstractmethod

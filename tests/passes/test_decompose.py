@@ -51,6 +51,11 @@ def test_only_the_named_ops_are_rewritten():
     assert "attention" not in {n.op for n in flat.nodes}
 
 
+def test_every_decoder_op_has_a_form():
+    from nnforge.backends.base import decoder_ops
+    assert decomposable() == decoder_ops() == {"rms_norm", "rope", "cache_update", "attention"}
+
+
 def test_an_op_without_a_form_is_refused_by_name():
     with pytest.raises(PassError, match=r"decompose: no primitive form for op\(s\) linear; ops with one: "
                                         r"attention, cache_update, rms_norm, rope"):
