@@ -117,3 +117,13 @@ def test_no_import_runs_up_a_layer():
     upward = sorted(f"{a} (layer {layer_of(a)}) imports {b} (layer {layer_of(b)})" for a, b in graph.edges()
                     if layer_of(b) > layer_of(a))
     assert not upward, "imports from a higher layer:\n  " + "\n  ".join(upward)
+
+
+def test_backends_import_no_passes_speed_or_bundle_store():
+    """A backend gets what it needs through its LowerContext and writes through the writer it is
+    handed: it imports the bundle format's names at most, never passes, speed or the bundle store."""
+    graph = import_graph(Path(nnforge.__file__).parent)
+    banned = ("nnforge.passes", "nnforge.speed", "nnforge.pipeline", "nnforge.bundle.store", "nnforge.bundle.signing")
+    bad = sorted((a, b) for a, b in graph.edges
+                 if a.startswith("nnforge.backends") and any(b == x or b.startswith(x + ".") for x in banned))
+    assert not bad
