@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from .numerics import fidelity, json_safe
 
 # how far a recomputed figure may move: float sums in another order, JSON rounding
@@ -81,7 +83,10 @@ def _fidelity(manifest: dict, outputs_per_batch: list, fp32_per_batch: list) -> 
                        f"{want[key]!r}")
     held = numerics.get("held_out")
     if isinstance(held, dict):
-        for key, value in (("batches", len(outputs_per_batch)), ("rows", want["rows"])):
+        # rows of the batches, read off the first output (the fidelity's own "rows" counts every
+        # output's rows: a decoder's caches too)
+        rows = sum(int(o[0].shape[0]) if torch.as_tensor(o[0]).dim() else 1 for o in outputs_per_batch)
+        for key, value in (("batches", len(outputs_per_batch)), ("rows", rows)):
             if key in held and held[key] != value:
                 out.append(f"numerics.held_out.{key}: the manifest says {held[key]!r}, the bundle stores {value!r}")
     return out
@@ -100,7 +105,8 @@ def _close(a, b, db: bool = False) -> bool:
 def _recipe(manifest: dict, graph) -> list[str]:
     import re
     from .passes import PassError, resolve_recipe
-    from .passes.recipes import PARAMETRIC, PRESETS
+    from .frontend.decoders.builder import HEAD_LAYER
+    from .passes.recipes import PARAMETRIC, PRESETS, with_head_format
     recipe = manifest.get("recipe") or {}
     name, recorded = recipe.get("name"), recipe.get("passes")
     out = []
@@ -110,7 +116,11 @@ def _recipe(manifest: dict, graph) -> list[str]:
     preset = isinstance(name, str) and (name in PRESETS or any(re.fullmatch(p, name) for p, _, _ in PARAMETRIC.values()))
     if preset:
         try:
-            _, passes = resolve_recipe(name, (manifest.get("target") or {}).get("options", {}).get("pass_defaults"))
+            defaults = (manifest.get("target") or {}).get("options", {}).get("pass_defaults")
+            _, passes = resolve_recipe(name, defaults)
+            head = ((manifest.get("decoder") or {}).get("head") or {}).get("format")
+            if head is not None:                # a decoder's LM head format joins the preset
+                passes = with_head_format(passes, head, HEAD_LAYER, defaults)
         except PassError as e:
             return [f"recipe.name: {name!r} does not resolve here: {e}"]
         from .passes.recipes import recipe_record

@@ -42,7 +42,7 @@ from .numerics import BACKEND_TOLERANCE, compare, fidelity, json_safe, within, w
 from .passes import PassContext, PassManager, cleanup_passes, resolve_recipe
 from .passes.recipes import recipe_record, with_head_format
 from .speed import check_batch_sizes, default_batch_sizes, speed_shapes
-from .timing import machine
+from .timing import machine, peak_rss_bytes
 from .targets import Target, get_target
 
 
@@ -53,6 +53,7 @@ def compile(model, target: str | Target, recipe=None, *, example_inputs=None, ca
             max_len: int | None = None, head: str = "w8") -> Bundle:
     """Stages 1-7 (module docstring); the arguments are ``nnforge.compile``'s."""
     timings: dict[str, float] = {}
+    memory: dict[str, int | None] = {}
     start = time.perf_counter()
     tgt = get_target(target)
     backend = get_backend(tgt.backend)
@@ -101,19 +102,22 @@ def compile(model, target: str | Target, recipe=None, *, example_inputs=None, ca
             else:
                 import_check = check_import(model, graph, example) or graph.meta.pop("frontend_check", {})
             timings["frontend_s"] = time.perf_counter() - t0
+            memory["after_import"] = peak_rss_bytes()
             bar.update()
             bar.set_description(f"compress ({recipe_name})")
             t0 = time.perf_counter()
             pm = PassManager(cleanup_passes() + passes)
             compressed = pm.run(graph, PassContext(calibration=data.calibration, target=tgt, progress=progress))
             timings["passes_s"] = time.perf_counter() - t0
+            memory["after_passes"] = peak_rss_bytes()
             bar.update()
             bar.set_description(f"lower for {tgt.name} and check")
             manifest = build(out_dir, graph=compressed, original=graph, source=source, target=tgt, backend=backend,
                              recipe_name=recipe_name, passes=passes, records=pm.records, check=data.check,
                              data_report=data.report, allow_nonfinite=allow_nonfinite, import_check=import_check,
                              timings=timings, started=start, batch_sizes=batch_sizes,
-                             peer=speed_peer(model, source) if batch_sizes else None, decoder=decoder)
+                             peer=speed_peer(model, source) if batch_sizes else None, decoder=decoder,
+                             memory=memory)
             bar.update()
         finally:
             bar.close()             # cleared before any error is printed
@@ -150,7 +154,7 @@ def lower_into(root: Path, graph: Graph, target: Target, backend: Backend, *, re
 def build(out: Path, *, graph: Graph, original: Graph, source: str, target: Target, backend: Backend,
           recipe_name: str, passes, records, check: list[tuple], import_check: dict, timings: dict,
           started: float, batch_sizes: tuple = (), peer=None, data_report: dict | None = None,
-          allow_nonfinite: bool = False, decoder=None) -> dict:
+          allow_nonfinite: bool = False, decoder=None, memory: dict | None = None) -> dict:
     """Stages 5-7 for a compressed ``graph``: its bundle at ``out`` (written atomically); returns
     the manifest.
 
@@ -217,6 +221,8 @@ def build(out: Path, *, graph: Graph, original: Graph, source: str, target: Targ
             numerics["runtime_checked"] = False
             numerics["runtime_skipped_because"] = why
         timings["total_s"] = time.perf_counter() - started
+        if memory is not None:
+            memory["after_lowering"] = peak_rss_bytes()
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "nnforge_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -239,6 +245,9 @@ def build(out: Path, *, graph: Graph, original: Graph, source: str, target: Targ
             "passes": [r.to_dict() for r in records],
             "timings": {k: round(v, 4) for k, v in timings.items()},
         }
+        if memory is not None:
+            manifest["memory"] = {"peak_rss_bytes": memory,
+                                  "what": "the compiling process's peak resident memory at the end of each stage"}
         if decoder is not None:
             manifest["decoder"] = decoder.manifest_section()
         return write_manifest(tmp, manifest)

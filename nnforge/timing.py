@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -67,6 +68,16 @@ def alternating_ms(runners: dict[str, Callable], args=(), rounds: int = 10, pass
                 run(*args)
                 samples[name].append(time.perf_counter() - t0)
     return {k: 1000 * statistics.median(v) for k, v in samples.items()}
+
+
+def peak_rss_bytes() -> int | None:
+    """The most resident memory this process has held so far (None where the OS does not say)."""
+    try:
+        import resource
+    except ImportError:                     # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024       # bytes on macOS, KiB elsewhere
 
 
 def cpu_count() -> int:

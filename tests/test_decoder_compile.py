@@ -161,3 +161,21 @@ def test_an_unknown_head_format_is_refused(tmp_path):
     with pytest.raises(PassError, match=r"head format 'w4': choose from w8, fp32, recipe"):
         nf.compile(tiny_model("llama"), "onnx", "w4-rtn", out=tmp_path / "b", max_len=32, head="w4")
     assert not (tmp_path / "b").exists()
+
+
+def test_the_manifest_records_peak_memory_and_pass_time(tmp_path):
+    m = nf.compile(tiny_model("llama"), "onnx", "w4-rtn", out=tmp_path / "b", max_len=32).manifest
+    peaks = m["memory"]["peak_rss_bytes"]
+    assert list(peaks) == ["after_import", "after_passes", "after_lowering"]
+    assert 0 < peaks["after_import"] <= peaks["after_passes"] <= peaks["after_lowering"]
+    assert m["timings"]["passes_s"] > 0
+
+
+def test_verify_confirms_a_decoder_bundles_claims(tmp_path):
+    bundle = nf.compile(tiny_model("llama"), "onnx", "w4-rtn", out=tmp_path / "b", max_len=32)
+    assert nf.verify(bundle.path)["claims"].startswith("recomputed and confirmed")
+    manifest = json.loads((bundle.path / "manifest.json").read_text())
+    manifest["decoder"]["head"]["format"] = "fp32"
+    (bundle.path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(Exception, match="recipe.passes: preset w4-rtn runs"):
+        nf.verify(bundle.path)
