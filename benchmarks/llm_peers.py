@@ -21,6 +21,7 @@ only in the runtime. Artifacts are built once under a cache folder (``work``) an
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -132,7 +133,7 @@ def _built(out: Path):
 
 class TorchEager:
     """transformers' module for the config, loaded with the weights in float32, eager attention;
-    decoding reuses the module's own KV cache (``past_key_values``)."""
+    decoding reuses the module's own KV cache."""
 
     def __init__(self, loaded, *, threads: int = 2, name: str = "torch eager fp32"):
         import torch
@@ -148,6 +149,8 @@ class TorchEager:
             raise ValueError(f"the weights do not fit transformers' {type(model).__name__}: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}; pass the LoadedCausalLM that load_causal_lm gave")
         self.model = model.float().eval()
+        # transformers 5 names the cache argument and output `cache` (`past_key_values` before it)
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         # what save_pretrained would write: each stored tensor once (a tied head shares the embedding)
         seen = {}
         for t in self.model.state_dict().values():
@@ -165,14 +168,14 @@ class TorchEager:
         import torch
         with _torch_threads(self.threads), torch.inference_mode():
             out = self.model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1)
-        self._cache = out.past_key_values
+        self._cache = getattr(out, self._cache_arg)
         return out.logits[0, -1].float().numpy()
 
     def _step(self, token: int) -> np.ndarray:
         import torch
         with _torch_threads(self.threads), torch.inference_mode():
-            out = self.model(input_ids=torch.tensor([[token]]), past_key_values=self._cache, use_cache=True)
-        self._cache = out.past_key_values
+            out = self.model(input_ids=torch.tensor([[token]]), use_cache=True, **{self._cache_arg: self._cache})
+        self._cache = getattr(out, self._cache_arg)
         return out.logits[0, -1].float().numpy()
 
     def perplexity(self, ids, window: int, stride: int) -> tuple[float, int]:
@@ -206,6 +209,11 @@ def hf_directory(loaded, work: Path) -> Path:
     with _built(out) as tmp:
         model.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
+        # a config read from a GGUF keeps its quantization_config, which would make readers treat
+        # the float32 weights written here as a quantised checkpoint
+        config = json.loads((tmp / "config.json").read_text())
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
     return out
 
 
@@ -214,11 +222,11 @@ def hf_directory(loaded, work: Path) -> Path:
 class LlamaCpp:
     """llama.cpp (llama-cpp-python) on one GGUF file, ``threads`` CPU threads. Perplexity runs each
     window through a context that keeps every position's logits; speed uses a second context that
-    keeps only the last position's, as llama.cpp's generation does."""
+    computes only the last position's, as llama.cpp's generation does."""
 
-    def __init__(self, gguf: Path, *, name: str, threads: int = 2, n_ctx: int = 2048):
+    def __init__(self, gguf: Path, *, name: str, threads: int = 2):
         import llama_cpp
-        self.gguf, self.name, self.threads, self.n_ctx = Path(gguf), name, threads, n_ctx
+        self.gguf, self.name, self.threads = Path(gguf), name, threads
         self.bytes = self.gguf.stat().st_size
         self._llama_cpp = llama_cpp
         self._scoring = self._speed = None
@@ -255,40 +263,40 @@ class LlamaCpp:
             tmp.rename(out)
         return cls(out, name=f"llama.cpp {ftype.upper()} (llama.cpp quantiser, from F32)", **kw)
 
-    def _context(self, logits_all: bool):
-        return self._llama_cpp.Llama(model_path=str(self.gguf), n_ctx=self.n_ctx, n_batch=self.n_ctx,
-                                     n_ubatch=self.n_ctx, n_threads=self.threads, n_threads_batch=self.threads,
-                                     logits_all=logits_all, verbose=False)
+    def _context(self, held, n_ctx: int, logits_all: bool):
+        """``held`` if it holds ``n_ctx`` tokens, else a new context that does (the logits of every
+        position of a window take n_ctx x vocab floats, so contexts are sized to their use)."""
+        if held is not None and held.n_ctx() >= n_ctx:
+            return held
+        return self._llama_cpp.Llama(model_path=str(self.gguf), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                                     n_threads=self.threads, n_threads_batch=self.threads, logits_all=logits_all,
+                                     verbose=False)
 
     def _logits(self, chunk: list[int]) -> np.ndarray:
-        if len(chunk) > self.n_ctx:
-            raise ValueError(f"a window of {len(chunk)} tokens is longer than the context ({self.n_ctx}): give "
-                             f"n_ctx >= window")
-        if self._scoring is None:
-            self._scoring = self._context(logits_all=True)
-        llm = self._scoring
+        self._scoring = llm = self._context(self._scoring, len(chunk), logits_all=True)
         llm.reset()                                   # a fresh state: the cache from position 0
         llm.eval(chunk)
         return llm.scores[:len(chunk)]
 
+    def _last_logits(self) -> np.ndarray:
+        llm = self._speed
+        row = self._llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+        return np.ctypeslib.as_array(row, shape=(llm.n_vocab(),)).copy()
+
     def _prefill(self, ids: list[int]) -> np.ndarray:
-        if self._speed is None:
-            self._speed = self._context(logits_all=False)
         self._speed.reset()
         self._speed.eval(ids)
-        return self._speed.scores[self._speed.n_tokens - 1]
+        return self._last_logits()
 
     def _step(self, token: int) -> np.ndarray:
         self._speed.eval([token])
-        return self._speed.scores[self._speed.n_tokens - 1]
+        return self._last_logits()
 
     def perplexity(self, ids, window: int, stride: int) -> tuple[float, int]:
         return sliding_window_perplexity(ids, window, stride, self._logits)
 
     def speed(self, prompt_ids, new_tokens: int) -> dict:
-        if len(prompt_ids) + new_tokens > self.n_ctx:
-            raise ValueError(f"{len(prompt_ids)} prompt + {new_tokens} new tokens exceed the context ({self.n_ctx}): "
-                             "give a larger n_ctx")
+        self._speed = self._context(self._speed, len(prompt_ids) + new_tokens, logits_all=False)
         return greedy_speed(self._prefill, self._step, prompt_ids, new_tokens)
 
 
@@ -338,6 +346,32 @@ def write_f32_gguf(src: Path, out: Path) -> Path:
 
 # --- ONNX Runtime GenAI ----------------------------------------------------------------------------
 
+# The model builder (onnxruntime-genai 0.18) reads Gemma 3's rope settings in transformers 4's form
+# (rope_theta for the global layers, rope_local_base_freq for the sliding ones); transformers 5 keeps
+# them per layer type in rope_parameters, on which the builder stops with KeyError 'rope_type'. The
+# builder runs with its config reader giving the same settings in the older form; nothing else
+# about the model changes. Without the per-type form this does nothing.
+_BUILDER_SHIM = """
+import runpy, sys
+import transformers
+_read = transformers.AutoConfig.from_pretrained.__func__
+def from_pretrained(cls, *args, **kwargs):
+    config = _read(cls, *args, **kwargs)
+    rope = getattr(config, "rope_parameters", None)
+    if isinstance(rope, dict) and {"full_attention", "sliding_attention"} <= rope.keys():
+        if rope["sliding_attention"].get("rope_type", "default") != "default":
+            sys.exit("the sliding layers' rope is " + rope["sliding_attention"]["rope_type"] + ": the model builder "
+                     "gives them a plain rope only")
+        config.rope_local_base_freq = rope["sliding_attention"]["rope_theta"]
+        config.rope_parameters = dict(rope["full_attention"])
+        config.rope_theta = config.rope_parameters["rope_theta"]
+    return config
+transformers.AutoConfig.from_pretrained = classmethod(from_pretrained)
+sys.argv[0] = "onnxruntime_genai.models.builder"
+runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__", alter_sys=True)
+"""
+
+
 class OrtGenAI:
     """ONNX Runtime GenAI on the model its model builder makes (``-p int4 -e cpu``, the builder's
     defaults otherwise) from the model written as a transformers directory; ``threads`` intra-op
@@ -353,6 +387,9 @@ class OrtGenAI:
         self.name = name or f"ORT GenAI {precision} (model builder)"
         self.threads = threads
         self.bytes = _files_bytes(p for p in self.out.iterdir() if p.name.endswith((".onnx", ".onnx.data")))
+        # the sliding layers' cache is allocated at least a window long (GroupQueryAttention refuses less)
+        genai = json.loads((self.out / "genai_config.json").read_text())
+        self._min_length = int(genai["model"]["decoder"].get("sliding_window", {}).get("window_size", 0))
         config = og.Config(str(self.out))
         config.overlay(json.dumps({"model": {"decoder": {"session_options": {
             "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
@@ -360,7 +397,7 @@ class OrtGenAI:
 
     def _build(self, hf: Path, work: Path, precision: str) -> None:
         with _built(self.out) as tmp:
-            cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(tmp),
+            cmd = [sys.executable, "-c", _BUILDER_SHIM, "-i", str(hf), "-o", str(tmp),
                    "-p", precision, "-e", "cpu", "-c", str(work / "ort-genai-cache")]
             run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
             if run.returncode != 0 or not (tmp / "genai_config.json").is_file():
@@ -369,7 +406,7 @@ class OrtGenAI:
 
     def _generator(self, max_length: int):
         params = self._og.GeneratorParams(self.model)
-        params.set_search_options(max_length=max_length, do_sample=False)
+        params.set_search_options(max_length=max(max_length, self._min_length), do_sample=False)
         return self._og.Generator(self.model, params)
 
     def _logits(self, chunk: list[int]) -> np.ndarray:
