@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ir import Graph, Node, Value
+from ..ir import Graph, Node, Value, symbolic as sym
 from ..ir.dtypes import float32
 from ..registry import Registry
 from .base import Pass, PassContext, PassError, register_pass
@@ -135,34 +135,38 @@ def _cache_update(b: _Builder, n: Node) -> Value:
 
 @FORMS.register("attention")
 def _attention(b: _Builder, n: Node) -> Value:
+    """Scores are computed as k [L, d] @ q^T [d, g*s] per kv head and then transposed, so that the
+    cache is never transposed nor copied per query head (repeat_kv): only q and the scores move.
+    The g query heads that share a kv head are rows of one product, and the softmax runs over the
+    last axis (where compilers schedule it well)."""
     q, k, v, positions = n.inputs
     batch, heads, seq, d = q.shape
     kv_heads, max_len = k.shape[1], k.shape[2]
     group = heads // kv_heads
-    if group > 1:                                 # repeat_kv: each kv head serves `group` query heads
-        def repeat(t: Value) -> Value:
-            t = b.op("expand", b.op("reshape", t, shape=[batch, kv_heads, 1, max_len, d]),
-                     shape=[batch, kv_heads, group, max_len, d])
-            return b.op("reshape", t, shape=[batch, heads, max_len, d])
-        k, v = repeat(k), repeat(v)
-    scores = b.op("matmul", q, b.op("permute", k, perm=[0, 1, 3, 2]))            # [b, h, s, L]
+    rows = group * seq if isinstance(seq, int) else sym.mul(group, seq)
+    qt = b.op("permute", b.op("reshape", q, shape=[batch, kv_heads, rows, d]), perm=[0, 1, 3, 2])  # [b, kvh, d, g*s]
+    scores = b.op("permute", b.op("matmul", k, qt), perm=[0, 1, 3, 2])              # [b, kvh, g*s, L]
     scores = b.op("mul", scores, b.const(n.attrs["scale"], q.dtype))
     if n.attrs["softcap"]:
         cap = b.const(n.attrs["softcap"], q.dtype)
         scores = b.op("mul", b.op("tanh", b.op("div", scores, cap)), cap)
-    pos, slots = _slots(b, positions, k)
-    visible = b.op("le", slots, pos)                                               # [b, 1, s, L]
+    batch_p, seq_p = positions.shape
+    pos = b.op("reshape", positions, shape=[batch_p, 1, 1, seq_p, 1])              # [b, 1, 1, s, 1]
+    slots = b.op("arange", start=0, end=max_len, dtype=positions.dtype)             # [L]
+    visible = b.op("le", slots, pos)                                                # [b, 1, 1, s, L]
     if n.attrs["window"]:
         near = b.op("lt", b.op("sub", pos, slots), b.const(n.attrs["window"], positions.dtype))
         visible = b.op("and", visible, near)
     ct = b.compute_dtype(q)
+    scores = b.op("reshape", b.cast(scores, ct), shape=[batch, kv_heads, group, seq, max_len])
     # Hidden slots get the lowest finite float, as transformers' masks do, not -inf: the softmax
     # weight underflows to the same exact zero (a visible slot always exists: a token's own), and
     # not every compiler takes an infinite constant (TVM's relax build does not).
     lowest = torch.finfo(ct.torch_dtype).min
-    scores = b.op("where", visible, b.cast(scores, ct), b.const(lowest, ct))
+    scores = b.op("where", visible, scores, b.const(lowest, ct))
     probs = b.cast(b.op("softmax", scores, axis=-1), q.dtype)
-    return b.op("matmul", probs, v)
+    out = b.op("matmul", b.op("reshape", probs, shape=[batch, kv_heads, rows, max_len]), v)   # [b, kvh, g*s, d]
+    return b.op("reshape", out, shape=[batch, heads, seq, d])
 
 
 @register_pass
