@@ -35,3 +35,10 @@ def test_until_stops_after_the_last_named_node(monkeypatch):
     assert out is None and seen == [n.name for n in graph.nodes[:graph.nodes.index(graph.node("fc1")) + 1]]
     assert "gelu" not in ran and ran.count("linear") == 0          # fc1 itself is hooked, not run
     assert run_calibration(graph, [(torch.randn(2, 16),)], None, until=set()) is None
+
+
+def test_until_frees_outputs_no_one_reads_back():
+    from nnforge.passes.quantize.calibrate import last_uses
+    graph = mlp_graph()
+    assert last_uses(graph)[graph.outputs[0]] == len(graph.nodes)
+    assert graph.outputs[0] not in last_uses(graph, outputs=False)

@@ -22,14 +22,16 @@ from ..base import PassError
 Hook = Callable[[Node, list[list]], None]
 
 
-def last_uses(graph: Graph) -> dict:
+def last_uses(graph: Graph, outputs: bool = True) -> dict:
+    """Value -> index of the last node reading it (graph outputs: past the end, when ``outputs``)."""
     last: dict = {}
     for i, n in enumerate(graph.nodes):
         for v in n.inputs:
             if v is not None:
                 last[v] = i
-    for v in graph.outputs:
-        last[v] = len(graph.nodes)
+    if outputs:
+        for v in graph.outputs:
+            last[v] = len(graph.nodes)
     return last
 
 
@@ -61,7 +63,7 @@ def run_calibration(graph: Graph, batches, before: Hook | None = None, *, who: s
     ctxs = [RunContext(env=env) for _, env in bound]
     vals: list[dict] = [dict(zip(graph.inputs, [t.float() if t.is_floating_point() else t for t in tensors]))
                         for tensors, _ in bound]
-    last = last_uses(graph)
+    last = last_uses(graph, outputs=until is None)     # outputs no one reads back are freed too (a decoder's caches)
     decoded: dict[str, tuple[object, torch.Tensor]] = {}
 
     def weight(name: str) -> torch.Tensor:
