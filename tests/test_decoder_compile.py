@@ -49,6 +49,7 @@ def test_directory_with_text_calibration_on_cpu(model_dir, tmp_path):
                         check_inputs=str(model_dir / "check.txt"), out=tmp_path / "b", max_len=64)
     m = bundle.manifest
     assert m["calibration"]["source"] == f"text: {model_dir / 'calib.txt'}"
+    assert m["model"]["frontend_check"]["checked"] and m["model"]["frontend_check"]["max_abs_error"] < 1e-4
     assert m["calibration"]["batches"] == len(range(0, 1199, 64))            # 64-token windows (max_len caps 128)
     assert m["numerics"]["held_out"]["source"] == "check_inputs= (from the user)"
     assert m["decoder"]["tokenizer"] == "tokenizer" and (bundle.path / "tokenizer" / "tokenizer.json").is_file()

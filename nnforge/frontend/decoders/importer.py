@@ -108,10 +108,9 @@ class DecoderImport:
     # --- the import check -------------------------------------------------------------------------
     def check_import(self, inputs: tuple) -> dict:
         """The graph's logits against transformers' forward on ``inputs``' tokens (FP32 tolerance)."""
-        module = self.module or self._rebuilt_module()
+        module, why = (self.module, "") if self.module is not None else self._rebuilt_module()
         if module is None:
-            return {"checked": False, "why": f"more than {IMPORT_CHECK_MAX_PARAMS:,} parameters: not rebuilt in "
-                                             "transformers to compare"}
+            return {"checked": False, "why": why}
         ids = inputs[0]
         with torch.no_grad():
             want = module(ids).logits.float()
@@ -124,19 +123,25 @@ class DecoderImport:
         return {"checked": True, "against": f"transformers {type(module).__name__} forward", **json_safe(metrics)}
 
     def _rebuilt_module(self):
+        """(transformers' module over the loaded weights, "") or (None, why it is not made)."""
         params = sum(int(torch.Size(t.shape).numel()) for t in _tensors(self.loaded.weights))
         if params > IMPORT_CHECK_MAX_PARAMS:
-            return None
+            return None, f"more than {IMPORT_CHECK_MAX_PARAMS:,} parameters: not rebuilt in transformers to compare"
         from transformers import AutoModelForCausalLM
         config = self.loaded.config
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
-        missing, _ = model.load_state_dict({k: self.loaded.weights[k] for k in self.loaded.weights}, strict=False)
+        # parameters made empty (buffers such as rotary tables made for real) and given the loaded
+        # tensors themselves (assign): no second copy of the weights
+        from accelerate import init_empty_weights
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+        weights = {k: self.loaded.weights[k].to(torch.float32) for k in self.loaded.weights}
+        missing, _ = model.load_state_dict(weights, strict=False, assign=True)
         missing = [m for m in missing if not m.endswith("inv_freq")]
         if missing and not (self.spec.tied_embeddings and all(m.endswith("lm_head.weight") for m in missing)):
-            return None
+            return None, f"transformers' {type(model).__name__} has parameters the checkpoint lacks: {missing[:3]}"
         if self.spec.tied_embeddings:
             model.tie_weights()
-        return model.eval()
+        return model.eval(), ""
 
     # --- what the bundle records --------------------------------------------------------------
     def manifest_section(self) -> dict:
