@@ -180,3 +180,13 @@ def test_verify_confirms_a_decoder_bundles_claims(tmp_path):
     (bundle.path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(Exception, match="recipe.passes: preset w4-rtn runs"):
         nf.verify(bundle.path)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "gemma2", "phi3-plain", "gpt2", "llama-yarn"])
+def test_every_family_generates_like_transformers_on_onnx(tmp_path, family):
+    model = tiny_model(family)
+    lm = nf.compile(model, "onnx", out=tmp_path / "b", max_len=48).load()
+    prompt = torch.tensor([[1, 17, 42, 99, 5, 23, 8, 61, 30, 12, 77, 45, 9, 100, 3, 66, 21, 90]])    # past the windows
+    with torch.no_grad():
+        want = model.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False)[0, 18:].tolist()
+    assert lm.generate(prompt, 16, stop_tokens=[]).tokens == want
