@@ -14,6 +14,11 @@ Every peer takes token ids (the same ids for all; nothing is re-tokenised), scor
 :func:`sliding_window_perplexity` and times decoding with :func:`greedy_speed`, so the rows differ
 only in the runtime. Artifacts are built once under a cache folder (``work``) and reused.
 
+torch and llama.cpp wait at OpenMP barriers by spinning: on a machine whose cores other processes
+also use, a descheduled thread stalls every barrier for a scheduler slice and their rates collapse
+while ONNX Runtime's hardly move. Time on idle cores, or set OMP_WAIT_POLICY=PASSIVE before torch
+or llama_cpp is imported, and record the load with the figures.
+
     >>> loaded = load_causal_lm(gguf)
     >>> for peer in make_peers(loaded, gguf, Path("benchmarks/out/llm_peers"))[0]:
     ...     print(peer.name, peer.bytes, peer.perplexity(ids, 256, 128), peer.speed(ids[:128], 32))
@@ -374,49 +379,67 @@ runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__", alter_
 
 class OrtGenAI:
     """ONNX Runtime GenAI on the model its model builder makes (``-p int4 -e cpu``, the builder's
-    defaults otherwise) from the model written as a transformers directory; ``threads`` intra-op
-    threads. Perplexity appends each window to a fresh generator and reads every position's logits."""
+    defaults unless ``extra_options`` says otherwise, e.g. ``{"matmul_mixed_precision":
+    "last_matmul:int8"}``) from the model written as a transformers directory; ``threads`` intra-op
+    threads. Perplexity appends each window to a fresh generator and reads every position's logits.
+    Speed runs a second build with the builder's ``prune_lm_head`` (the same weights; prefill computes
+    the last position's logits only, as the other peers' prefill does); decoding appends one token
+    per call, the forward pass of ``generate_next_token``, the greedy choice made by
+    :func:`greedy_speed` as for every peer."""
 
     def __init__(self, loaded, work: Path, *, threads: int = 2, precision: str = "int4",
-                 name: str | None = None):
+                 extra_options: dict[str, str] | None = None, name: str | None = None):
         import onnxruntime_genai as og
-        work = Path(work)
-        self.out = work / f"ort-genai-{precision}-cpu"
-        if not (self.out / "genai_config.json").is_file():
-            self._build(hf_directory(loaded, work), work, precision)
-        self.name = name or f"ORT GenAI {precision} (model builder)"
-        self.threads = threads
+        self._og, self.loaded, self.work = og, loaded, Path(work)
+        self.precision, self.extra, self.threads = precision, dict(extra_options or {}), threads
+        options = " ".join(f"{k}={v}" for k, v in sorted(self.extra.items()))
+        self.name = name or f"ORT GenAI {precision} (model builder{', ' + options if options else ''})"
+        self.out = self._built(self.extra)
         self.bytes = _files_bytes(p for p in self.out.iterdir() if p.name.endswith((".onnx", ".onnx.data")))
-        # the sliding layers' cache is allocated at least a window long (GroupQueryAttention refuses less)
-        genai = json.loads((self.out / "genai_config.json").read_text())
-        self._min_length = int(genai["model"]["decoder"].get("sliding_window", {}).get("window_size", 0))
-        config = og.Config(str(self.out))
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-            "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
-        self._og, self.model, self._gen = og, og.Model(config), None
+        self._scoring = self._load(self.out)
+        self._speed = self._gen = None
 
-    def _build(self, hf: Path, work: Path, precision: str) -> None:
-        with _built(self.out) as tmp:
-            cmd = [sys.executable, "-c", _BUILDER_SHIM, "-i", str(hf), "-o", str(tmp),
-                   "-p", precision, "-e", "cpu", "-c", str(work / "ort-genai-cache")]
-            run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    def _built(self, extra: dict[str, str]) -> Path:
+        """The builder's output folder for these options, built once."""
+        options = " ".join(f"{k}={v}" for k, v in sorted(extra.items()))
+        slug = "".join(c if c.isalnum() else "-" for c in options)
+        out = self.work / f"ort-genai-{self.precision}-cpu{'-' + slug if slug else ''}"
+        if (out / "genai_config.json").is_file():
+            return out
+        hf = hf_directory(self.loaded, self.work)
+        with _built(out) as tmp:
+            cmd = [sys.executable, "-c", _BUILDER_SHIM, "-i", str(hf), "-o", str(tmp), "-p", self.precision,
+                   "-e", "cpu", "-c", str(self.work / "ort-genai-cache")]
+            if extra:
+                cmd += ["--extra_options", *(f"{k}={v}" for k, v in extra.items())]
+            run = subprocess.run(cmd, check=False, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
             if run.returncode != 0 or not (tmp / "genai_config.json").is_file():
                 raise RuntimeError(f"ONNX Runtime GenAI's model builder failed on {hf} (exit {run.returncode}):\n"
                                    f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
+        return out
 
-    def _generator(self, max_length: int):
-        params = self._og.GeneratorParams(self.model)
+    def _load(self, out: Path):
+        config = self._og.Config(str(out))
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+            "intra_op_num_threads": self.threads, "inter_op_num_threads": 1}}}}))
+        # the sliding layers' cache is allocated at least a window long (GroupQueryAttention refuses less)
+        genai = json.loads((out / "genai_config.json").read_text())
+        self._min_length = int(genai["model"]["decoder"].get("sliding_window", {}).get("window_size", 0))
+        return self._og.Model(config)
+
+    def _generator(self, model, max_length: int):
+        params = self._og.GeneratorParams(model)
         params.set_search_options(max_length=max(max_length, self._min_length), do_sample=False)
-        return self._og.Generator(self.model, params)
+        return self._og.Generator(model, params)
 
     def _logits(self, chunk: list[int]) -> np.ndarray:
-        gen = self._generator(len(chunk) + 1)
+        gen = self._generator(self._scoring, len(chunk) + 1)
         gen.append_tokens(np.asarray([chunk], dtype=np.int32))
         logits = gen.get_output("logits")
         return logits.reshape(-1, logits.shape[-1])[-len(chunk):]
 
     def _prefill(self, ids: list[int]) -> np.ndarray:
-        self._gen = self._generator(self._max_length)
+        self._gen = self._generator(self._speed, self._max_length)
         self._gen.append_tokens(np.asarray([ids], dtype=np.int32))
         return self._gen.get_output("logits")[0, -1]
 
@@ -428,6 +451,8 @@ class OrtGenAI:
         return sliding_window_perplexity(ids, window, stride, self._logits)
 
     def speed(self, prompt_ids, new_tokens: int) -> dict:
+        if self._speed is None:
+            self._speed = self._load(self._built({**self.extra, "prune_lm_head": "true"}))
         self._max_length = len(prompt_ids) + new_tokens + 1
         return greedy_speed(self._prefill, self._step, prompt_ids, new_tokens)
 
