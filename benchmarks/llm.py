@@ -130,6 +130,29 @@ def table(results: list[dict], fp32: dict | None) -> tuple[list[str], list[list]
     return columns, rows
 
 
+def write_table(results: list[dict], args: dict, machine: dict, cmd: str | None = None) -> None:
+    fp32 = next((r for r in results if r.get("name", "").startswith("nnforge fp32")), None)
+    columns, rows = table(results, fp32)
+    notes = [f"Perplexity: {args.get('eval_tokens_scored', args['eval_tokens'])} held-out tokens of Python's reference "
+             f"text (topics calibration never saw), windows of {args['window']} every {args['stride']}, the same token "
+             f"ids for every row. Prefill: a {args.get('prompt_tokens', 512)}-token prompt in one call; decode: "
+             f"{args['new_tokens']} greedy tokens one call each after a context of 128 or 1024 tokens, batch 1. "
+             "MB: the files each row runs from (nnforge: the backend's artifacts and the weights they read).",
+             "The package ships the model as a Q4_K_M GGUF only: the fp32 rows run it dequantised, so llama.cpp's "
+             "Q4_K_M row runs the very weights fp32 stands for, while Q4_0, ORT GenAI's int4 and nnforge's presets "
+             "quantise those fp32 weights again. nnforge keeps the tied embedding and LM head in int8 (head='w8'); "
+             "ORT GenAI's builder puts them in int4 by default, llama.cpp's Q4_0 in Q8_0."]
+    falls = [f"{r['name']}: {r['fallbacks']} fallback(s) ({r['fallback_example']})" for r in results
+             if r.get("fallbacks")]
+    if falls:
+        notes.append("Fallbacks, from the bundles' manifests: " + "; ".join(falls) + ".")
+    skipped = [r for r in results if "skipped" in r]
+    if skipped:
+        notes.append("Not measured here: " + "; ".join(f"{r['name']} ({r['skipped']})" for r in skipped))
+    docs_table.write("measured/llm.md", "llm", columns, rows, source=str(OUT / "llm.json"), notes=notes,
+                     timed=True, machine=machine, cmd=cmd)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", default=",".join(DEFAULT_PRESETS))
@@ -141,7 +164,12 @@ def main(argv=None) -> int:
     p.add_argument("--stride", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--work", default=str(OUT / "llm"))
+    p.add_argument("--from-json", action="store_true", help="rewrite the table from benchmarks/out/llm.json only")
     args = p.parse_args(argv)
+    if args.from_json:
+        saved = json.loads((OUT / "llm.json").read_text())
+        write_table(saved["results"], saved["args"], saved["machine"], saved.get("command"))
+        return 0
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     calib, held = text_split()
@@ -165,25 +193,20 @@ def main(argv=None) -> int:
             r["passes_s"] = bundle.manifest["timings"].get("passes_s") if preset != "fp32" else None
             r["peak_rss_bytes"] = (bundle.manifest.get("memory") or {}).get("peak_rss_bytes")
             r["fallbacks"] = len(bundle.manifest["fallbacks"])
+            if bundle.manifest["fallbacks"]:
+                fb = bundle.manifest["fallbacks"][0]
+                r["fallback_example"] = f"{fb['where']}: {fb['action']}"
             results.append(r)
     ran, left_out = peers([x for x in args.peers.split(",") if x], loaded, gguf, work)
     for peer in ran:
         results.append(measure(peer, ids, args.window, args.stride, prompt, contexts, args.new_tokens))
     results += [{"name": line.split(":", 1)[0], "skipped": line.split(":", 1)[1].strip()} for line in left_out]
-    fp32 = next((r for r in results if r.get("name", "").startswith("nnforge fp32")), None)
     OUT.mkdir(exist_ok=True)
-    source = OUT / "llm.json"
-    source.write_text(json.dumps({"results": results, "args": vars(args),
-                                  "machine": __import__("nnforge.timing", fromlist=["machine"]).machine()}, indent=1))
-    columns, rows = table(results, fp32)
-    notes = [f"Perplexity: {len(ids)} held-out tokens of Python's reference text (topics calibration never saw), "
-             f"windows of {args.window} every {args.stride}, the same token ids for every row. Prefill: a "
-             f"{len(prompt)}-token prompt in one call; decode: {args.new_tokens} greedy tokens one call each after "
-             "a context of 128 or 1024 tokens, batch 1. MB: the files each row runs from."]
-    skipped = [r for r in results if "skipped" in r]
-    if skipped:
-        notes.append("Not measured here: " + "; ".join(f"{r['name']} ({r['skipped']})" for r in skipped))
-    docs_table.write("measured/llm.md", "llm", columns, rows, source=str(source), notes=notes, timed=True)
+    from nnforge.timing import machine
+    saved = {"results": results, "args": {**vars(args), "prompt_tokens": len(prompt), "eval_tokens_scored": len(ids)},
+             "machine": machine(), "command": docs_table.command()}
+    (OUT / "llm.json").write_text(json.dumps(saved, indent=1))
+    write_table(results, saved["args"], saved["machine"], saved["command"])
     return 0
 
 
