@@ -64,15 +64,17 @@ class BundleRow:
         return r.perplexity, r.tokens
 
     def speed(self, prompt_ids: list[int], new_tokens: int) -> dict:
+        """The peers' timer (llm_peers.greedy_speed) on one decoder: the same warm-up and timed calls."""
+        import llm_peers
         decoder = self.lm.decoder()
-        t0 = time.perf_counter()
-        logits = decoder.prefill(torch.tensor([prompt_ids]), all_logits=False)[0, -1]
-        prefill_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for _ in range(new_tokens):
-            logits = decoder.step(torch.tensor([int(logits.argmax())]))[0]
-        decode_s = time.perf_counter() - t0
-        return {"prefill_tokens_per_s": len(prompt_ids) / prefill_s, "decode_tokens_per_s": new_tokens / decode_s}
+
+        def prefill(ids: list[int]):
+            return decoder.prefill(torch.tensor([ids]), all_logits=False)[0, -1].numpy()
+
+        def step(token: int):
+            return decoder.step(torch.tensor([token]))[0].numpy()
+
+        return llm_peers.greedy_speed(prefill, step, prompt_ids, new_tokens)
 
 
 def compile_row(hf: Path, target: str, preset: str, calib: str, max_len: int, work: Path) -> Bundle:
@@ -114,18 +116,22 @@ def peers(names: list[str], loaded, gguf: Path, work: Path) -> tuple[list, list[
 
 
 def table(results: list[dict], fp32: dict | None) -> tuple[list[str], list[list]]:
+    torch_row = next((r for r in results if r.get("name", "").startswith("torch eager")), None)
+    base = (torch_row or {}).get("decode_tokens_per_s@128")
     columns = ["model", "MB", "perplexity", "vs fp32", "prefill tok/s", "decode tok/s @128", "decode tok/s @1024",
-               "calibration + passes s"]
+               "decode @128 x torch", "calibration + passes s"]
     rows = []
     for r in results:
         if "skipped" in r:
-            rows.append([r["name"], None, None, None, None, None, None, None])
+            rows.append([r["name"], None, None, None, None, None, None, None, None])
             continue
         vs = None if fp32 is None else f"{r['perplexity'] / fp32['perplexity'] - 1:+.1%}"
         rows.append([r["name"], f"{r['bytes'] / 1e6:.0f}", f"{r['perplexity']:.3f}", vs,
                      docs_table.fmt(r.get("prefill_tokens_per_s"), ".1f"),
                      docs_table.fmt(r.get("decode_tokens_per_s@128"), ".1f"),
                      docs_table.fmt(r.get("decode_tokens_per_s@1024"), ".1f"),
+                     None if not base or r.get("decode_tokens_per_s@128") is None
+                     else f"{r['decode_tokens_per_s@128'] / base:.2f}x",
                      docs_table.fmt(r.get("passes_s"), ".0f")])
     return columns, rows
 

@@ -69,15 +69,9 @@ def load(path, device: str | None = None, *, target: str | None = None, key=None
 
 
 def verify(path, key=None) -> dict:
-    """Re-hash every file of a bundle, re-run its numerics check and recompute what its manifest
-    claims (nnforge.claims: signature, compression per layer, fidelity on the held-out inputs,
-    recipe).
-
-    Raises BundleError naming every changed, missing or extra file, the failed check, or every
-    manifest field its files contradict; with ``key`` (an Ed25519 public key: PEM bytes/text or a
-    path to a PEM file), also a missing or wrong signature of the manifest. Returns a report: file
-    count, signature, the runtime's agreement with the stored expected outputs (when the target
-    runs here), the reference interpreter's, and the fidelity against fp32.
+    """Re-hash every file of the bundle at ``path``, re-run its numerics check and recompute what
+    its manifest claims; raises BundleError naming what disagrees. See
+    :func:`nnforge.bundle.store.verify` for the checks and the report.
 
         >>> nf.verify("bundles/mlp-onnx", key="release.pub.pem")["signature"]
     """

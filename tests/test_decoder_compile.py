@@ -190,3 +190,23 @@ def test_every_family_generates_like_transformers_on_onnx(tmp_path, family):
     with torch.no_grad():
         want = model.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False)[0, 18:].tolist()
     assert lm.generate(prompt, 16, stop_tokens=[]).tokens == want
+
+
+def test_text_and_token_input_errors(tmp_path, capsys):
+    from nnforge.frontend.decoders.importer import import_decoder, read_text
+    with pytest.raises(FrontendError, match=r"missing.txt: cannot read the text file"):
+        read_text(str(tmp_path / "missing.txt"))
+    with pytest.raises(FrontendError, match="a .txt path, a string or a list of strings, not int"):
+        read_text(3)
+    imp = import_decoder(tiny_model("llama"), max_len=16)
+    with pytest.raises(FrontendError, match="17 tokens do not fit the cache of 16"):
+        imp.inputs(torch.zeros(1, 17, dtype=torch.int64))
+    with pytest.raises(FrontendError, match=r"token ids must be \[batch, tokens\]"):
+        imp.inputs(torch.zeros(5, dtype=torch.int64))
+    out = tmp_path / "b"
+    nf.compile(tiny_model("llama"), "onnx", out=out, max_len=16)
+    (tmp_path / "t.txt").write_text("w5 w6")
+    assert main(["eval", str(out), "--perplexity", str(tmp_path / "t.txt")]) == 2
+    assert "has no tokenizer, so it cannot read" in capsys.readouterr().err
+    assert main(["generate", str(out), "hi"]) == 2
+    assert "give the prompt as token ids with --ids" in capsys.readouterr().err
