@@ -40,6 +40,8 @@ class Decoder:
     cache input), or a mapping from cache input name to its shape with the batch axis first (what
     that axis holds, a number or a symbol, is replaced by the batch size). ``prefill_chunk`` runs a
     long prompt that many tokens at a time, so no step scores the whole prompt at once.
+    ``resident`` (a backend runner's :meth:`~nnforge.backends.base.Runner.resident`) keeps the
+    cache in the runtime's memory instead, and ``step`` is then not called.
 
         >>> decoder.prefill(torch.tensor([[1, 17, 42]]))[:, -1]      # logits after the prompt
         >>> decoder.step(torch.tensor([99]))                         # logits after one more token
@@ -47,7 +49,7 @@ class Decoder:
 
     def __init__(self, step: StepFn, state_pairs: Sequence[tuple[str, str]],
                  cache_shape: Callable[[int], Sequence[int]] | Mapping[str, Sequence], max_len: int, *,
-                 prefill_chunk: int | None = None, dtype: torch.dtype = torch.float32):
+                 prefill_chunk: int | None = None, dtype: torch.dtype = torch.float32, resident=None):
         if max_len < 1:
             raise GenerationError(f"max_len {max_len}: a decoder's cache holds at least one position")
         if prefill_chunk is not None and prefill_chunk < 1:
@@ -59,10 +61,17 @@ class Decoder:
             if missing:
                 raise GenerationError(f"cache_shape gives no shape for the cache inputs {missing}: give one per "
                                       "input of state_pairs, batch axis first")
-        self._step, self._cache_shape = step, cache_shape
+        self._step, self._cache_shape, self._resident = step, cache_shape, resident
         self.max_len, self.prefill_chunk, self.dtype = max_len, prefill_chunk, dtype
-        self.cache: dict[str, torch.Tensor] | None = None
+        self._cache: dict[str, torch.Tensor] | None = None
         self.batch, self.position = 0, 0
+
+    @property
+    def cache(self) -> dict[str, torch.Tensor] | None:
+        """The state inputs' current values by name (None before the first prefill or reset)."""
+        if self._resident is None or not self.batch:
+            return self._cache
+        return {inp: torch.from_numpy(self._resident.read(inp)) for inp, _ in self.state_pairs}
 
     def shape_of(self, cache_input: str, batch: int) -> list[int]:
         if isinstance(self._cache_shape, Mapping):
@@ -73,7 +82,11 @@ class Decoder:
         """A fresh, all-zero cache for ``batch`` sequences, at position 0."""
         if batch < 1:
             raise GenerationError(f"batch {batch}: give at least one sequence")
-        self.cache = {inp: torch.zeros(self.shape_of(inp, batch), dtype=self.dtype) for inp, _ in self.state_pairs}
+        if self._resident is not None:
+            self._resident.reset({inp: self.shape_of(inp, batch) for inp, _ in self.state_pairs})
+        else:
+            self._cache = {inp: torch.zeros(self.shape_of(inp, batch), dtype=self.dtype)
+                           for inp, _ in self.state_pairs}
         self.batch, self.position = batch, 0
 
     def prefill(self, ids, *, all_logits: bool = True) -> torch.Tensor:
@@ -96,7 +109,7 @@ class Decoder:
     def extend(self, ids, *, all_logits: bool = True) -> torch.Tensor:
         """Feed ``ids`` [batch, n] at the next n positions of the current sequences."""
         ids = _as_ids(ids)
-        if self.cache is None:
+        if not self.batch:
             raise GenerationError("the decoder has no cache yet: call prefill(ids) or reset(batch) first")
         if ids.dim() != 2 or ids.shape[0] != self.batch:
             raise GenerationError(f"token ids of shape {tuple(ids.shape)} for a cache of {self.batch} sequences: "
@@ -119,13 +132,17 @@ class Decoder:
     def _run(self, ids: torch.Tensor) -> torch.Tensor:
         n = ids.shape[1]
         positions = torch.arange(self.position, self.position + n, dtype=torch.int64).repeat(self.batch, 1)
-        out = self._step({INPUT_IDS: ids.contiguous(), POSITIONS: positions, **self.cache})
+        if self._resident is not None:
+            logits = self._resident.run(ids.contiguous().numpy(), positions.numpy())
+            self.position += n
+            return torch.from_numpy(logits)
+        out = self._step({INPUT_IDS: ids.contiguous(), POSITIONS: positions, **self._cache})
         wanted = [LOGITS] + [o for _, o in self.state_pairs]
         missing = [name for name in wanted if name not in out]
         if missing:
             raise GenerationError(f"the step function returned no {missing} (it returned {sorted(out)}): it must "
                                   "return the decoder graph's outputs by name")
-        self.cache = {inp: torch.as_tensor(out[o]) for inp, o in self.state_pairs}
+        self._cache = {inp: torch.as_tensor(out[o]) for inp, o in self.state_pairs}
         self.position += n
         return torch.as_tensor(out[LOGITS])
 
@@ -365,8 +382,11 @@ class DecoderRunner:
     def decoder(self, *, prefill_chunk: int | None = None) -> Decoder:
         """A fresh :class:`Decoder` over this bundle (its own cache)."""
         state = self.section["state"]
-        return Decoder(self._step, [(s["input"], s["output"]) for s in state],
-                       {s["input"]: s["shape"] for s in state}, self.max_len, prefill_chunk=prefill_chunk)
+        pairs = [(s["input"], s["output"]) for s in state]
+        resident = getattr(self.runner, "resident", None)
+        return Decoder(self._step, pairs, {s["input"]: s["shape"] for s in state}, self.max_len,
+                       prefill_chunk=prefill_chunk,
+                       resident=resident(pairs, (INPUT_IDS, POSITIONS), LOGITS) if resident else None)
 
     def generate(self, prompt, max_new_tokens: int = 64, *, stop_tokens=None, prefill_chunk: int | None = None,
                  **sampling) -> GenerationResult:

@@ -117,6 +117,24 @@ def test_fp32_bundle_generates_and_scores_like_transformers(tmp_path, family, ta
     assert got.tokens == 39 and got.nll == pytest.approx(loss, rel=1e-4)
 
 
+def test_cpu_keeps_the_cache_in_tvm_memory_and_agrees_with_numpy_steps(tmp_path):
+    from nnforge.generation import Decoder
+    lm = nf.compile(tiny_model("gemma3"), "cpu", out=tmp_path / "b", max_len=48).load()
+    kept = lm.decoder()
+    assert kept._resident is not None
+    state = lm.section["state"]
+    plain = Decoder(lm._step, [(s["input"], s["output"]) for s in state], {s["input"]: s["shape"] for s in state},
+                    lm.max_len)
+    ids = torch.randint(4, 128, (2, 30), generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(kept.prefill(ids), plain.prefill(ids), rtol=0, atol=0)
+    for token in (7, 99, 3, 42, 11):
+        torch.testing.assert_close(kept.step(torch.tensor([token, token + 1])),
+                                   plain.step(torch.tensor([token, token + 1])), rtol=0, atol=0)
+    assert sorted(kept.cache) == sorted(plain.cache)
+    for name, value in plain.cache.items():
+        torch.testing.assert_close(kept.cache[name], value, rtol=0, atol=0)
+
+
 def test_cli_generate_and_eval(model_dir, tmp_path, capsys):
     out = tmp_path / "b"
     assert main(["compile", str(model_dir / "model"), "--target", "onnx", "--max-len", "64", "--out", str(out)]) == 0

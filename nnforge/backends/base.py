@@ -164,6 +164,14 @@ class Runner(ABC):
     def input_names(self) -> list[str]:
         return [i.name for i in self.inputs]
 
+    def resident(self, state_pairs: list[tuple[str, str]], tokens: tuple[str, str],
+                 logits: str) -> "ResidentState | None":
+        """Decode steps with the state (``state_pairs``: (input, output) names, the KV cache) kept
+        in the runtime's own memory between calls, so a step does not copy every layer's cache in
+        and out through numpy; ``tokens`` names the token-id and position inputs, ``logits`` the
+        output returned. None (the default): the state goes through numpy on every call."""
+        return None
+
     @abstractmethod
     def run_numpy(self, inputs: list) -> list:
         """Run on numpy arrays already checked against ``self.inputs``; return numpy arrays."""
@@ -212,6 +220,23 @@ class Runner(ABC):
         if as_torch:
             outs = [torch.from_numpy(np.asarray(o, order="C")) for o in outs]
         return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+class ResidentState(ABC):
+    """State a runner keeps between decode steps (:meth:`Runner.resident`)."""
+
+    @abstractmethod
+    def reset(self, shapes: dict[str, list[int]]) -> None:
+        """Fresh all-zero state, one array per state input of these shapes."""
+
+    @abstractmethod
+    def run(self, token_ids, positions):
+        """One call on int64 ``token_ids`` and ``positions`` [batch, n] (numpy), the state carried
+        over; the logits as a numpy array."""
+
+    @abstractmethod
+    def read(self, name: str):
+        """The current value of state input ``name``, as a numpy array."""
 
 
 @dataclass(frozen=True)

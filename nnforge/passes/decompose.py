@@ -173,9 +173,11 @@ def _attention(b: _Builder, n: Node) -> Value:
 @dataclass
 class DecomposeOps(Pass):
     """Every node of the ops named (all the ops with a primitive form when ``ops`` is None)
-    replaced by its primitive form; the pass records how many of each it rewrote."""
+    replaced by its primitive form, except those whose output is of a dtype in ``keep_dtypes`` (the
+    ones a backend's own kernel takes); the pass records how many of each it rewrote."""
     name = "decompose"
     ops: list | None = None
+    keep_dtypes: list | None = None
 
     def __post_init__(self):
         if self.ops is not None:
@@ -184,14 +186,17 @@ class DecomposeOps(Pass):
                 raise PassError(f"{self.name}: no primitive form for op(s) {', '.join(unknown)}; "
                                 f"ops with one: {', '.join(sorted(FORMS))}")
 
+    def _wanted(self, graph: Graph) -> list[Node]:
+        ops = set(FORMS if self.ops is None else self.ops)
+        keep = set(self.keep_dtypes or ())
+        return [n for n in graph.nodes if n.op in ops and n.output.dtype.name not in keep]
+
     def applies(self, graph: Graph) -> bool:
-        wanted = set(FORMS if self.ops is None else self.ops)
-        return any(n.op in wanted for n in graph.nodes)
+        return bool(self._wanted(graph))
 
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
-        wanted = set(FORMS if self.ops is None else self.ops)
         counts: dict[str, int] = {}
-        for node in [n for n in graph.nodes if n.op in wanted]:
+        for node in self._wanted(graph):
             with graph.inserting_before(node):
                 value = FORMS[node.op](_Builder(graph, node), node)
             graph.replace_uses(node.output, value)

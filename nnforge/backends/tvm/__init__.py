@@ -34,7 +34,7 @@ import numpy as np
 
 from ...ir import Graph
 from ...targets import Target, host_cpu_flags
-from ..base import Artifact, Backend, BackendError, InputSpec, LowerContext, Runner, RuntimeSpec
+from ..base import Artifact, Backend, BackendError, InputSpec, LowerContext, ResidentState, Runner, RuntimeSpec
 from . import threads
 from .capabilities import CAPABILITIES
 from .dispatch import NEVER, Dispatcher, check_in_model
@@ -171,16 +171,61 @@ class TvmRunner(Runner):
         return self
 
     def run_numpy(self, inputs: list) -> list:
-        args = [self._from_dlpack(_aligned(x)) for x in inputs]
+        outs = self._call([self._from_dlpack(_aligned(x)) for x in inputs], [list(x.shape) for x in inputs])
+        return [np.array(np.from_dlpack(o)) for o in outs]
+
+    def _call(self, args: list, shapes: list) -> list:
+        """``main`` on TVM tensors; its outputs as TVM tensors."""
         self._threads.fit()
         try:
             out = self._main(*args, *self._params)
         except Exception as e:        # the VM raises tvm_ffi errors
             raise BackendError(f"TVM VM failed on inputs "
-                               f"{', '.join(f'{n} {list(x.shape)}' for n, x in zip(self.input_names, inputs))}: "
+                               f"{', '.join(f'{n} {s}' for n, s in zip(self.input_names, shapes))}: "
                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-        outs = list(out) if len(self.output_names) > 1 else [out]
-        return [np.array(np.from_dlpack(o)) for o in outs]
+        return list(out) if len(self.output_names) > 1 else [out]
+
+    def resident(self, state_pairs, tokens, logits):
+        return _Resident(self, state_pairs, tokens, logits)
+
+
+class _Resident(ResidentState):
+    """A decoder's cache held as TVM tensors between steps. The library updates caches in place
+    (kernels/decoder.py), so a step passes each layer's cache buffer in and gets the same buffer
+    back; nothing of the cache is copied."""
+
+    def __init__(self, runner: TvmRunner, state_pairs, tokens, logits):
+        names = runner.input_names
+        missing = [n for n in [*tokens, *(i for i, _ in state_pairs)] if n not in names] + \
+            [n for n in [logits, *(o for _, o in state_pairs)] if n not in runner.output_names]
+        if missing:
+            raise BackendError(f"the library has no input or output {missing} of the decoder's state")
+        self.runner, self.pairs, self.tokens = runner, list(state_pairs), tokens
+        self.logits = runner.output_names.index(logits)
+        self.outputs = {i: runner.output_names.index(o) for i, o in self.pairs}
+        self.state: dict[str, object] = {}
+        self._arrays: dict[str, np.ndarray] = {}     # the memory behind the first tensors
+
+    def reset(self, shapes):
+        self._arrays = {i: _aligned(np.zeros(shapes[i], np.float32)) for i, _ in self.pairs}
+        self.state = {i: self.runner._from_dlpack(a) for i, a in self._arrays.items()}
+
+    def run(self, token_ids, positions):
+        given = {self.tokens[0]: np.asarray(token_ids, np.int64), self.tokens[1]: np.asarray(positions, np.int64)}
+        args, shapes = [], []
+        for name in self.runner.input_names:
+            if name in given:
+                args.append(self.runner._from_dlpack(_aligned(given[name])))
+                shapes.append(list(given[name].shape))
+            else:
+                args.append(self.state[name])
+                shapes.append(list(self.state[name].shape))
+        outs = self.runner._call(args, shapes)
+        self.state = {i: outs[k] for i, k in self.outputs.items()}
+        return np.array(np.from_dlpack(outs[self.logits]))
+
+    def read(self, name):
+        return np.array(np.from_dlpack(self.state[name]))
 
 
 def _load_verified(tvm_ffi, path: Path, digest: str):
@@ -408,6 +453,12 @@ class TvmBackend(Backend):
     def lowers(self):
         from .ops import LOWERINGS             # (imported when asked: the rules import tvm lazily)
         return LOWERINGS
+
+    def prepare(self, target: Target, shapes: dict) -> list:
+        """The decompositions, and the decoder ops of dtypes other than float32 written out too:
+        their kernels (kernels/decoder.py) take float32."""
+        return self.decompositions() + [{"pass": "decompose", "ops": ["attention", "cache_update"],
+                                         "keep_dtypes": ["float32"]}]
 
     def lower(self, graph: Graph, target: Target, ctx: LowerContext) -> Artifact:
         return build(graph, target, ctx, self.toolchain())

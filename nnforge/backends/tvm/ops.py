@@ -258,6 +258,37 @@ def _embedding(lw, node):
                    mode="clip")
 
 
+# --- decoder ops (float32; the tvm backend's prepare writes out the others, see __init__.py) --------
+@rule("cache_update")
+def _cache_update(lw, node):
+    from tvm.relax import op
+    from .kernels.decoder import cache_update_func
+    from .kernels.dense import vector_lanes
+    cache, new, positions = node.inputs
+    _, kvh, max_len, d = cache.shape
+    c = lw.arg(cache)
+    if not lw.only_reader(cache, node):     # another reader still needs the cache as it was
+        c = lw.emit(op.add(c, op.zeros_like(c)), f"{node.name}.copy")
+    gv = lw.func(f"nf_cache_update_{kvh}x{max_len}x{d}", cache_update_func(kvh, max_len, d, vector_lanes(lw.target)))
+    return lw.relax.call_tir_inplace(gv, [c, lw.arg(new), lw.arg(positions)], [0],
+                                     lw.relax.TensorType(lw.shape(cache.shape), "float32"))
+
+
+@rule("attention")
+def _attention(lw, node):
+    from .kernels.decoder import attention_func
+    from .kernels.dense import vector_lanes
+    q, k, v, positions = node.inputs
+    _, h, _, d = q.shape
+    kvh, max_len = k.shape[1], k.shape[2]
+    a = node.attrs
+    name = c_name(f"nf_attention_{h}x{kvh}x{max_len}x{d}_w{a['window']}_c{a['softcap']:g}_s{a['scale']:.9g}")
+    func = attention_func(h, kvh, max_len, d, float(a["scale"]), int(a["window"]), float(a["softcap"]),
+                          vector_lanes(lw.target))
+    return lw.relax.call_tir(lw.func(name, func), [lw.arg(q), lw.arg(k), lw.arg(v), lw.arg(positions)],
+                             lw.relax.TensorType(lw.shape(q.shape), "float32"))
+
+
 # --- normalisation, softmax, pooling -----------------------------------------------------------
 @rule("softmax", "log_softmax")
 def _softmax(lw, node):

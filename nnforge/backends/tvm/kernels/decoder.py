@@ -1,0 +1,114 @@
+"""TensorIR kernels of the decoder ops ``cache_update`` and ``attention`` (float32).
+
+Their primitive forms (passes/decompose.py) are correct on every backend but cost what a static
+cache costs when written out in dense ops: the cache update is a one-hot product over every slot,
+and attention scores every slot and masks the ones no query sees, so one decode step reads and
+writes the whole cache of every layer whatever the context length. These kernels do what
+llama.cpp's and ONNX Runtime GenAI's decode paths do instead:
+
+- ``cache_update`` writes the new rows at their slots *in place* (the lowering calls it with
+  ``call_tir_inplace``: the cache output is the cache input's buffer), so a step touches
+  ``tokens x kv_heads x head_dim`` values of the cache;
+- ``attention`` loops each query row over the slots it sees only, ``[positions - window + 1,
+  positions]`` read from the positions tensor at run time, so a step at context ``c`` reads ``c``
+  slots of K and V, not ``max_len``.
+
+Both clamp slots to the cache (a position past it reads and writes the last slot instead of
+memory outside the buffer); the runner that feeds positions keeps them inside, and the reference
+kernels refuse them.
+"""
+from __future__ import annotations
+
+
+def cache_update_func(kv_heads: int, max_len: int, head_dim: int, lanes: int):
+    """PrimFunc ``(cache [b, kvh, L, d], new [b, kvh, s, d], positions [b, s])`` writing
+    ``new[:, :, j]`` into ``cache[:, :, positions[:, j]]``; the cache is updated in place."""
+    from tvm.script import tirx as T
+    vec = lanes if head_dim % lanes == 0 else 1
+
+    @T.prim_func(private=True, s_tir=True)
+    def cache_update(c_h: T.handle, n_h: T.handle, p_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        b, s = T.int64(), T.int64()
+        cache = T.match_buffer(c_h, (b, kv_heads, max_len, head_dim), "float32")
+        new = T.match_buffer(n_h, (b, kv_heads, s, head_dim), "float32")
+        pos = T.match_buffer(p_h, (b, s), "int64")
+        with T.sblock("root"):
+            for bi, h, j in T.grid(b, kv_heads, s):
+                for do in range(head_dim // vec):
+                    for dv in T.vectorized(vec):
+                        cache[bi, h, T.max(T.min(pos[bi, j], T.int64(max_len - 1)), T.int64(0)),
+                              do * vec + dv] = new[bi, h, j, do * vec + dv]
+    return cache_update
+
+
+def attention_func(heads: int, kv_heads: int, max_len: int, head_dim: int, scale: float, window: int,
+                   softcap: float, lanes: int):
+    """PrimFunc ``(q [b, h, s, d], k [b, kvh, L, d], v [b, kvh, L, d], positions [b, s], out [b, h,
+    s, d])``: causal grouped-query attention, each query row over its visible slots only. Rows run
+    in parallel; each is three passes over its slots (scores and their maximum, exponentials and
+    their sum, the weighted sum of V rows), vectorised over ``head_dim``."""
+    from tvm.script import tirx as T
+    group = heads // kv_heads
+    seen = window if window else max_len + 1        # slots a query sees, at most
+    vec = lanes if head_dim % lanes == 0 else 1
+    chunks = head_dim // vec
+    f32 = "float32"
+
+    @T.prim_func(private=True, s_tir=True)
+    def attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, p_h: T.handle, o_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        b, s = T.int64(), T.int64()
+        q = T.match_buffer(q_h, (b, heads, s, head_dim), f32)
+        k = T.match_buffer(k_h, (b, kv_heads, max_len, head_dim), f32)
+        v = T.match_buffer(v_h, (b, kv_heads, max_len, head_dim), f32)
+        pos = T.match_buffer(p_h, (b, s), "int64")
+        out = T.match_buffer(o_h, (b, heads, s, head_dim), f32)
+        with T.sblock("root"):
+            for r in T.parallel(b * heads * s):
+                scores = T.alloc_buffer((max_len,), f32, scope="global")
+                acc = T.alloc_buffer((head_dim,), f32, scope="local")
+                part = T.alloc_buffer((vec,), f32, scope="local")
+                span = T.alloc_buffer((2,), "int64", scope="local")     # first slot, slot count
+                top = T.alloc_buffer((1,), f32, scope="local")
+                total = T.alloc_buffer((1,), f32, scope="local")
+                bi = r // (heads * s)
+                h = r // s % heads
+                j = r % s
+                kh = h // group
+                span[1] = T.max(T.min(pos[bi, j], T.int64(max_len - 1)), T.int64(0)) + T.int64(1)
+                span[0] = T.max(span[1] - T.int64(seen), T.int64(0))
+                span[1] = span[1] - span[0]
+                top[0] = T.min_value(f32)
+                for t in range(span[1]):
+                    for dv in T.vectorized(vec):
+                        part[dv] = T.float32(0)
+                    for do in range(chunks):
+                        for dv in T.vectorized(vec):
+                            part[dv] = part[dv] + q[bi, h, j, do * vec + dv] * k[bi, kh, span[0] + t, do * vec + dv]
+                    scores[t] = T.float32(0)
+                    for dv in range(vec):
+                        scores[t] = scores[t] + part[dv]
+                    scores[t] = scores[t] * T.float32(scale)
+                    if softcap > 0:
+                        scores[t] = T.tanh(scores[t] / T.float32(softcap)) * T.float32(softcap)
+                    top[0] = T.max(top[0], scores[t])
+                total[0] = T.float32(0)
+                for t in range(span[1]):
+                    scores[t] = T.exp(scores[t] - top[0])
+                    total[0] = total[0] + scores[t]
+                for do in range(chunks):
+                    for dv in T.vectorized(vec):
+                        acc[do * vec + dv] = T.float32(0)
+                for t in range(span[1]):
+                    for do in range(chunks):
+                        for dv in T.vectorized(vec):
+                            acc[do * vec + dv] = acc[do * vec + dv] + scores[t] * v[bi, kh, span[0] + t, do * vec + dv]
+                total[0] = T.float32(1) / total[0]
+                for do in range(chunks):
+                    for dv in T.vectorized(vec):
+                        out[bi, h, j, do * vec + dv] = acc[do * vec + dv] * total[0]
+    return attention
+
+
+__all__ = ["attention_func", "cache_update_func"]

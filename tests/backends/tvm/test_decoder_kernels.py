@@ -1,0 +1,72 @@
+"""The tvm backend's own kernels for the decoder ops (kernels/decoder.py) against the interpreter:
+attention over the visible slots only and the cache written in place, at prefill and decode, with
+grouped-query heads, sliding windows, softcapping, rows at different positions and a head size that
+fills whole vectors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nnforge.backends.base import get_backend
+from nnforge.ir import Graph, run_graph, tensor
+from nnforge.passes.base import PassContext
+from nnforge.passes.decompose import DecomposeOps
+from tests import conftest
+
+B, H, KVH, L, D = 2, 4, 2, 24, 32
+
+
+def _randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def block(*, window=0, softcap=0.0, keep_cache=False) -> Graph:
+    g = Graph("attn")
+    q = g.add_input("q", tensor("f32", "batch", H, "seq", D))
+    kv = g.add_input("kv", tensor("f32", "batch", KVH, "seq", D))
+    pos = g.add_input("positions", tensor("i64", "batch", "seq"))
+    cache = g.add_input("cache", tensor("f32", "batch", KVH, L, D))
+    new = g.op("cache_update", cache, kv, pos)
+    out = g.op("attention", q, new, new, pos, scale=D ** -0.5, window=window, softcap=softcap)
+    # keep_cache: the old cache is read after the update too, so it must not be written in place
+    g.set_outputs([out, new] + ([g.op("mul", cache, cache)] if keep_cache else []))
+    return g
+
+
+def inputs(seq, start, seed=0):
+    positions = torch.arange(start, start + seq).repeat(B, 1)
+    positions[1] += 3
+    cache = torch.zeros(B, KVH, L, D)
+    cache[:, :, :start + 3] = _randn(B, KVH, start + 3, D, seed=seed + 2)
+    return [_randn(B, H, seq, D, seed=seed), _randn(B, KVH, seq, D, seed=seed + 1), positions, cache]
+
+
+@pytest.mark.parametrize("window,softcap,keep_cache", [(0, 0.0, False), (5, 0.0, False), (0, 30.0, True),
+                                                       (7, 12.0, False)])
+def test_decoder_kernels_match_the_interpreter(tmp_path, window, softcap, keep_cache):
+    graph = block(window=window, softcap=softcap, keep_cache=keep_cache)
+    prefill, decode, late = inputs(9, 0), inputs(1, 13, seed=1), inputs(3, L - 6, seed=2)
+    backend = get_backend("tvm")
+    lowered = conftest.lower_into(backend, graph, "cpu", tmp_path,
+                                  shapes={v.name: list(t.shape) for v, t in zip(graph.inputs, prefill)})
+    assert not lowered.fallbacks
+    library = (tmp_path / "model.so").read_bytes()
+    assert b"nf_attention" in library and b"nf_cache_update" in library
+    runner = backend.load(tmp_path, lowered.entry)
+    for case in (prefill, decode, late):
+        given = [t.clone() for t in case]
+        for got, want in zip(runner(*case), run_graph(graph, case)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for a, b in zip(case, given):               # the caller's arrays are never written into
+            assert torch.equal(a, b)
+
+
+def test_decoder_ops_of_other_dtypes_are_written_out_for_tvm():
+    configs = get_backend("tvm").prepare(None, {})
+    keep = [c for c in configs if c.get("keep_dtypes")]
+    assert keep == [{"pass": "decompose", "ops": ["attention", "cache_update"], "keep_dtypes": ["float32"]}]
+    graph = block()
+    DecomposeOps(ops=["attention", "cache_update"], keep_dtypes=["float32"]).run(graph, PassContext())
+    assert {"attention", "cache_update"} <= {n.op for n in graph.nodes}
+    DecomposeOps(ops=["attention", "cache_update"]).run(graph, PassContext())
+    assert not {"attention", "cache_update"} & {n.op for n in graph.nodes}
