@@ -25,6 +25,7 @@ from nnforge.ir.packing import pack_bits                                 # noqa:
 
 NATIVE = "llvm -mcpu=native"
 SPR = "llvm -mtriple=x86_64-linux-gnu -mcpu=sapphirerapids"
+SKX = "llvm -mtriple=x86_64-linux-gnu -mcpu=skylake-avx512"      # AVX-512 without VNNI
 # GEMV (remainders 1 and 4+1), both sides of the switch, prefill (remainders and full blocks).
 ROWS = sorted({0, 1, 5, lowbit.GEMV_MAX_ROWS - 1, lowbit.GEMV_MAX_ROWS, 13, 64})
 
@@ -101,12 +102,13 @@ def test_shared_scale_row_and_torch_inputs():
 
 
 def test_consts_are_the_stored_bytes_interleaved():
-    """codes[b, p, l] = stored[b * lanes + l, p]: bits/8 bytes a weight, rows padded to the tile
-    with zero scales; scales blocked the same way."""
+    """Without VNNI: codes[b, p, l] = stored[b * lanes + l, p]: bits/8 bytes a weight, rows padded
+    to the tile with zero scales; scales blocked the same way."""
     n, k = 90, 256
     for bits in (8, 4):
         codes, scale, _, _ = make_weight(bits, n, k, 128, False)
-        kern = int_weight_matmul("w", codes, bits, scale, None, 128, n, k, NATIVE)
+        kern = int_weight_matmul("w", codes, bits, scale, None, 128, n, k, SKX)
+        assert not lowbit.has_vnni(SKX) and "dot" not in kern.notes["layout"]
         packed, blocked_scale = kern.consts
         blocks, cols, lanes = packed.shape
         assert packed.dtype == np.uint8 and cols == k * bits // 8 and lanes == simd_shape(NATIVE).lanes
@@ -117,6 +119,48 @@ def test_consts_are_the_stored_bytes_interleaved():
         scales = blocked_scale.transpose(0, 2, 1).reshape(blocks * lanes, -1)
         np.testing.assert_array_equal(scales[:n], scale)
         np.testing.assert_array_equal(scales[n:], 0)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_vnni_targets_get_the_dot_layout(bits):
+    """With AVX-512 VNNI: codes[b, q, 4 l + j] holds columns 4q + j (8-bit), or 8q + j in the low
+    and 8q + 4 + j in the high nibble (4-bit), of row b * lanes + l; the same bytes a weight."""
+    n, k = 40, 192
+    codes, scale, _, _ = make_weight(bits, n, k, 64, False)
+    kern = int_weight_matmul("w", codes, bits, scale, None, 64, n, k, SPR)
+    assert lowbit.has_vnni(SPR) and "dot layout" in kern.notes["layout"]
+    assert "vpdpbusd" in kern.notes["schedules"][f"m < {lowbit.GEMV_MAX_ROWS}"]
+    packed = kern.consts[0]
+    step = 4 * (8 // bits)
+    blocks = packed.shape[0]
+    assert packed.shape == (blocks, k // step, 64) and packed.nbytes == blocks * 16 * k * bits // 8
+    fields = np.zeros((blocks * 16, k), np.int64)
+    fields[:n] = codes if bits == 8 else np.stack([codes & 15, codes >> 4], -1).reshape(n, k)
+    for b, q, lane, j in [(0, 0, 0, 0), (1, 5, 7, 3), (2, k // step - 1, 15, 2), (2, 3, 9, 1)]:
+        byte = int(packed[b, q, 4 * lane + j])
+        row = b * 16 + lane
+        if bits == 8:
+            assert byte == fields[row, 4 * q + j]
+        else:
+            assert (byte & 15, byte >> 4) == (fields[row, 8 * q + j], fields[row, 8 * q + 4 + j])
+
+
+@pytest.mark.skipif(not lowbit.has_vnni(NATIVE), reason="this host has no AVX-512 VNNI")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_dot_gemv_keeps_float32_accuracy_on_outliers(bits):
+    """The three-piece split of x keeps the float32 result where one int8 a value would not: a
+    row with a 1000x outlier, a row of zeros, and one tiny group."""
+    n, k, gs = 64, 256, 64
+    codes, scale, zp, w = make_weight(bits, n, k, gs, True, seed=4)
+    run, lib = compiled(int_weight_matmul("w", codes, bits, scale, zp, gs, n, k, NATIVE))
+    assert "vpdpbusd" in lib.mod.inspect_source("asm")
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    x[0, 5] = 1000.0
+    x[1] = 0.0
+    x[2, :gs] *= 1e-6
+    want = x.astype(np.float64) @ w.T
+    np.testing.assert_allclose(run(x), want, rtol=1e-5, atol=2e-6 * np.abs(want).max())
 
 
 def _fma_registers(asm: str) -> set[str]:

@@ -15,6 +15,19 @@ points (uint8) get the same blocking, ``[blocks, groups, lanes]``. Rows are padd
 scales up to whole tiles; padded columns of y are never written. Codes keep ``bits/8`` bytes a
 weight.
 
+On CPUs with AVX-512 VNNI the layout is the *dot* layout instead, the one ``vpdpbusd`` reads:
+a block's codes for four consecutive columns of a row are one 32-bit lane,
+``codes[b, q, 4 * l + j] = code(row b * lanes + l, column 4 q + j)`` for 8-bit codes; 4-bit codes
+pair columns ``8 q + j`` (low nibble) and ``8 q + 4 + j`` (high nibble) in byte ``4 * l + j``.
+Its GEMV multiplies the codes as integers: each row of x is split into three signed bytes per
+element, ``x = s (a1 + a2 / 254 + a3 / 254**2)`` with ``s`` a per-row-and-group scale, so the
+split is exact to float32 precision (its error is below ``2**-23`` of the group's largest
+``|x|``) and one ``vpdpbusd`` multiplies 64 codes by 64 bytes of x. A 64-byte load then feeds 64
+(8-bit) or 128 (4-bit) weights with one to two instructions per piece, where converting each code
+to float and multiplying it costs three; that is what lets decoding stream the weights at memory
+bandwidth, as llama.cpp's quantised dot products do (llama.cpp rounds x to one int8 per element;
+the three pieces keep the float32 result).
+
 Two schedules in one PrimFunc, chosen at run time on the row count ``m``:
 
 - GEMV (``m < GEMV_MAX_ROWS``, decoding): parallel over row blocks of W; rows of x in blocks of
@@ -61,6 +74,9 @@ GEMV_ROW_BLOCK = 4          # GEMV rows sharing one unpack of the codes
 GEMV_CHAINS = {8: 8, 4: 4}
 GEMV_STEP_CODES = 4         # codes a lane unpacks per GEMV k step; more spills registers (AVX2)
 SCRATCH_BYTES = 16 * 1024   # dequantised k-tile of one prefill task: half an L1 data cache
+DOT_PIECES = 3              # signed bytes each element of x is split into (dot GEMV)
+DOT_RADIX = 254.0           # the weight of each piece relative to the one before: |piece| <= 127
+DOT_LANE_CODES = 4          # codes of one row in a 32-bit lane of vpdpbusd
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,6 +136,7 @@ class Plan:
     row_block: int      # prefill: rows of x per micro-kernel step (register tile height)
     k_tile: int         # prefill: columns of W dequantised at once
     unroll: int         # GEMV, one row: bytes per k step, each feeding 8/bits partial sums
+    dot: bool = False   # AVX-512 VNNI: the dot layout and its integer GEMV (module doc)
 
     @property
     def per_byte(self) -> int:
@@ -151,6 +168,11 @@ class Plan:
     def chains(self) -> int:
         return self.unroll * self.per_byte
 
+    @property
+    def dot_step(self) -> int:
+        """Columns one 64-byte dot-layout step of a row block holds: 4 (8-bit) or 8 (4-bit)."""
+        return DOT_LANE_CODES * self.per_byte
+
     def group_runs(self) -> list[tuple[int, int, int]]:
         """(first group, count, columns each)."""
         return [(first // self.group_size, count, length) for first, count, length in _runs(self.k, self.group_size)]
@@ -172,7 +194,16 @@ def make_plan(bits: int, n: int, k: int, group_size: int, has_zero_point: bool, 
     byte_lengths = [length // per_byte for _, _, length in _runs(k, group_size)]
     unroll = next(u for u in (4, 2, 1)
                   if u * per_byte <= GEMV_STEP_CODES and all(b % u == 0 for b in byte_lengths))
-    return Plan(bits, n, k, group_size, has_zero_point, simd.lanes, tile_blocks, row_block, k_tile, unroll)
+    step = DOT_LANE_CODES * per_byte
+    dot = (has_vnni(target) and simd.lanes == 16 and k_tile % step == 0
+           and all(length % step == 0 for _, _, length in _runs(k, group_size)))
+    return Plan(bits, n, k, group_size, has_zero_point, simd.lanes, tile_blocks, row_block, k_tile, unroll, dot)
+
+
+def has_vnni(target: str) -> bool:
+    """Whether ``target`` has AVX-512 VNNI (``vpdpbusd`` on 512-bit vectors)."""
+    from tvm.target import codegen
+    return bool(codegen.llvm_cpu_has_features(["avx512f", "avx512vnni"], llvm_target(target)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,6 +217,23 @@ def interleave_rows(a: np.ndarray, lanes: int, blocks: int, fill=0) -> np.ndarra
     padded = np.full((blocks * lanes, cols), fill, dtype=a.dtype)
     padded[:rows] = a
     return np.ascontiguousarray(padded.reshape(blocks, lanes, cols).transpose(0, 2, 1))
+
+
+def dot_layout(codes: np.ndarray, bits: int, k: int, lanes: int, blocks: int) -> np.ndarray:
+    """Stored codes ``[rows, k * bits / 8]`` -> the dot layout ``[blocks, k / step, lanes * 4]``
+    (module doc); rows past the end hold zero codes."""
+    rows = codes.shape[0]
+    padded = np.zeros((blocks * lanes, k), np.uint8)
+    if bits == 8:
+        padded[:rows] = codes
+    else:                               # nnforge's packing: column 2p in the low nibble of byte p
+        padded[:rows, 0::2] = codes & 15
+        padded[:rows, 1::2] = codes >> 4
+    if bits == 4:                       # byte j of a step: column 8q + j low, 8q + 4 + j high
+        pairs = padded.reshape(blocks * lanes, k // 8, 2, DOT_LANE_CODES)
+        padded = pairs[:, :, 0] | (pairs[:, :, 1] << 4)
+    steps = padded.reshape(blocks, lanes, -1, DOT_LANE_CODES).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(steps.reshape(blocks, steps.shape[1], lanes * DOT_LANE_CODES))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,7 +252,8 @@ def build_func(plan: Plan, name: str):
     lanes, gs = P.lanes, P.group_size
     m = tirx.Var("m", "int64")
     x = tirx.decl_buffer((m, P.k), "float32", name="x")
-    codes = tirx.decl_buffer((P.padded_blocks, P.k // P.per_byte, lanes), "uint8", name="codes")
+    codes = tirx.decl_buffer((P.padded_blocks, P.k // P.dot_step, lanes * DOT_LANE_CODES) if P.dot
+                             else (P.padded_blocks, P.k // P.per_byte, lanes), "uint8", name="codes")
     scale = tirx.decl_buffer((P.padded_blocks, P.groups, lanes), "float32", name="scale")
     zp = tirx.decl_buffer((P.padded_blocks, P.groups, lanes), "uint8", name="zero_point") \
         if P.has_zero_point else None
@@ -331,8 +380,97 @@ def build_func(plan: Plan, name: str):
         with loop(T.parallel, P.blocks, "b") as b:
             row_blocks(GEMV_ROW_BLOCK, lambda row0, rows: gemv_rows(xsum, b, row0, rows))
 
+    def split_x(xq, xs):
+        """Each row of x as DOT_PIECES signed bytes an element, ``x = s (a1 + a2 / R + a3 / R**2)``
+        with ``s = max |x| / 127`` of its group (xs; 1 for an all-zero group) and R = DOT_RADIX:
+        ``a1 = round(x / s)``, and each next piece rounds the remainder of the one before, times R."""
+        top = T.alloc_buffer((1,), "float32")
+        IRBuilder.name("top", top)
+        with loop(T.serial, m, "i") as i:
+            for g0, count, length in P.group_runs():
+                with loop(T.serial, count, "g") as gi:
+                    g = g0 + gi
+                    store(top, tirx.const(0.0, "float32"), 0)
+                    with loop(T.serial, length, "j") as j:
+                        store(top, tirx.max(top[0], tirx.abs(x[i, g * gs + j])), 0)
+                    store(xs, tirx.Select(top[0] > tirx.const(0.0, "float32"), top[0] / tirx.const(127.0, "float32"),
+                                          tirx.const(1.0, "float32")), i, g)
+
+                    def pieces(col):
+                        u = x[i, col] / xs[i, g]
+                        for piece in range(DOT_PIECES):
+                            a = tirx.round(u)
+                            store(xq, tirx.Cast("int8", a), i, piece, col)
+                            u = (u - a) * tirx.const(DOT_RADIX, "float32")
+                    with loop(T.serial, length // lanes, "c") as c:
+                        with loop(T.vectorized, lanes, "l") as lane:
+                            pieces(g * gs + c * lanes + lane)
+                    with loop(T.serial, length % lanes, "t") as t:
+                        pieces(g * gs + length // lanes * lanes + t)
+
+    def dot_row(xq, xs, xsum, b, i):
+        """y[i, block b] by vpdpbusd: per group, int32 sums of code * piece for each piece (two
+        chains each), then ``scale (s sum_p acc_p / R**p - zero_point sum x)`` in float32."""
+        vec = tirx.Ramp(0, 1, lanes)
+        acc = T.alloc_buffer((DOT_PIECES * 2, lanes), "int32")
+        out = T.alloc_buffer((lanes,), "float32")
+        IRBuilder.name("acc", acc)
+        IRBuilder.name("out", out)
+        with loop(T.vectorized, lanes, "l") as lane:
+            store(out, tirx.const(0.0, "float32"), lane)
+        for g0, count, length in P.group_runs():
+            steps = length // P.dot_step
+            unroll = 2 if steps % 2 == 0 else 1
+            with loop(T.serial, count, "g") as gi:
+                g = g0 + gi
+                with loop(T.vectorized, lanes, "l") as lane:
+                    for c in range(DOT_PIECES * 2):
+                        store(acc, tirx.const(0, "int32"), c, lane)
+                with loop(T.serial, steps // unroll, "s") as step:
+                    for u in range(unroll):
+                        q = tirx.floordiv(g * gs, P.dot_step) + step * unroll + u
+                        v = codes[b, q, tirx.Ramp(0, 1, lanes * DOT_LANE_CODES)]
+                        if P.bits == 8:
+                            parts = [(v, q * P.dot_step)]
+                        else:
+                            parts = [(tirx.bitwise_and(v, tirx.Broadcast(tirx.const(15, "uint8"), 64)), q * 8),
+                                     (tirx.shift_right(v, tirx.Broadcast(tirx.const(4, "uint8"), 64)), q * 8 + 4)]
+                        for h, (w, col) in enumerate(parts):
+                            w = tirx.reinterpret("int8x64", w)
+                            chain = (u * len(parts) + h) % 2
+                            for piece in range(DOT_PIECES):
+                                four = tirx.reinterpret("int32", xq[i, piece, tirx.Ramp(col, 1, DOT_LANE_CODES)])
+                                xb = tirx.reinterpret("int8x64", tirx.Broadcast(four, lanes))
+                                c = piece * 2 + chain
+                                T.buffer_store(acc, tirx.call_llvm_pure_intrin(
+                                    "int32x16", "llvm.x86.avx512.vpdpbusd.512", acc[c, vec], w, xb), [c, vec])
+                with loop(T.vectorized, lanes, "l") as lane:
+                    total = tirx.const(0.0, "float32")
+                    for piece in reversed(range(DOT_PIECES)):
+                        total = total * tirx.const(1.0 / DOT_RADIX, "float32") + \
+                            f32(acc[piece * 2, lane] + acc[piece * 2 + 1, lane])
+                    correction = zero_point(b, g, lane) * xsum[i, g]
+                    store(out, out[lane] + scale[b, g, lane] * (xs[i, g] * total - correction), lane)
+        each_column(b, P.blocks, lanes, lambda r, c: store(y, out[c], i, b * lanes + c))
+
+    def dot_gemv():
+        xsum = T.alloc_buffer((GEMV_MAX_ROWS - 1, P.groups), "float32")
+        xs = T.alloc_buffer((GEMV_MAX_ROWS - 1, P.groups), "float32")
+        xq = T.alloc_buffer((GEMV_MAX_ROWS - 1, DOT_PIECES, P.k), "int8")
+        IRBuilder.name("x_group_sum", xsum)
+        IRBuilder.name("x_scale", xs)
+        IRBuilder.name("x_pieces", xq)
+        group_sums(xsum)
+        split_x(xq, xs)
+        with loop(T.parallel, P.blocks, "b") as b:
+            with loop(T.serial, m, "i") as i:
+                dot_row(xq, xs, xsum, b, i)
+
     def dequantize(wt, t, k0, length):
         """``wt[j, c] = W[t * tile + c, k0 + j]`` for j < length."""
+        if P.dot:
+            dequantize_dot(wt, t, k0, length)
+            return
         with loop(T.serial, length // P.per_byte, "p") as p:
             g = tirx.floordiv(k0 + p * P.per_byte, gs)
             for v in range(P.tile_blocks):
@@ -341,6 +479,29 @@ def build_func(plan: Plan, name: str):
                     for h, code in enumerate(nibbles(codes[b, k0 // P.per_byte + p, lane])):
                         store(wt, (f32(code) - zero_point(b, g, lane)) * scale[b, g, lane],
                               p * P.per_byte + h, v * lanes + lane)
+
+    def dequantize_dot(wt, t, k0, length):
+        """:func:`dequantize` from the dot layout (k0 and length are whole steps): one 64-byte
+        load a step and row block, its bytes for each column taken apart by a shuffle."""
+        vec, fvec = tirx.Ramp(0, 1, lanes), f"float32x{lanes}"
+        with loop(T.serial, length // P.dot_step, "q") as qq:
+            q = k0 // P.dot_step + qq
+            g = tirx.floordiv(k0 + qq * P.dot_step, gs)       # a step never straddles two groups
+            for v in range(P.tile_blocks):
+                b = t * P.tile_blocks + v
+                raw = codes[b, q, tirx.Ramp(0, 1, lanes * DOT_LANE_CODES)]
+                z = tirx.Cast(fvec, zp[b, g, vec]) if zp is not None else \
+                    tirx.Broadcast(tirx.const(float(1 << (P.bits - 1)), "float32"), lanes)
+                for j in range(DOT_LANE_CODES):
+                    byte = tirx.Shuffle([raw], [DOT_LANE_CODES * lane + j for lane in range(lanes)])
+                    if P.bits == 8:
+                        parts = [byte]
+                    else:
+                        parts = [tirx.bitwise_and(byte, tirx.Broadcast(tirx.const(15, "uint8"), lanes)),
+                                 tirx.shift_right(byte, tirx.Broadcast(tirx.const(4, "uint8"), lanes))]
+                    for h, code in enumerate(parts):
+                        T.buffer_store(wt, (tirx.Cast(fvec, code) - z) * scale[b, g, vec],
+                                       [qq * P.dot_step + h * DOT_LANE_CODES + j, tirx.Ramp(v * lanes, 1, lanes)])
 
     def micro_kernel(wt, t, k0, length, row0, rows):
         """y[row0:row0+rows, tile t] += x[row0:row0+rows, k0:k0+length] @ wt[:length], the
@@ -383,7 +544,7 @@ def build_func(plan: Plan, name: str):
                     T.arg(buf.name, buf)
             with T.If(m < GEMV_MAX_ROWS):
                 with T.Then():
-                    gemv()
+                    dot_gemv() if P.dot else gemv()
                 with T.Else():
                     prefill()
     return ib.get()
@@ -475,7 +636,8 @@ def int_weight_matmul(name: str, codes, bits: int, scale, zero_point, group_size
         raise KernelError(f"{name}: {e}") from None
     blocks = plan.padded_blocks
     scale = np.broadcast_to(scale.astype(np.float32), (n, plan.groups))
-    consts = [interleave_rows(codes, plan.lanes, blocks), interleave_rows(scale, plan.lanes, blocks)]
+    layout = dot_layout(codes, bits, k, plan.lanes, blocks) if plan.dot else interleave_rows(codes, plan.lanes, blocks)
+    consts = [layout, interleave_rows(scale, plan.lanes, blocks)]
     if zero_point is not None:
         zp = np.broadcast_to(zero_point.astype(np.uint8), (n, plan.groups))
         consts.append(interleave_rows(zp, plan.lanes, blocks))
@@ -483,11 +645,15 @@ def int_weight_matmul(name: str, codes, bits: int, scale, zero_point, group_size
     return Kernel(func_name, build_func(plan, func_name), consts, n, k, notes={
         "kernel": "int_weight_matmul", "bits": bits, "group_size": group_size,
         "zero_point": zero_point is not None, "lanes": plan.lanes,
-        "schedules": {f"m < {GEMV_MAX_ROWS}": f"gemv: parallel over {plan.blocks} row blocks, "
-                                              f"{plan.chains} partial sums per group",
+        "schedules": {f"m < {GEMV_MAX_ROWS}": (f"dot gemv (AVX-512 VNNI): parallel over {plan.blocks} row blocks, "
+                                               f"x split into {DOT_PIECES} int8 pieces, vpdpbusd per group"
+                                               if plan.dot else f"gemv: parallel over {plan.blocks} row blocks, "
+                                               f"{plan.chains} partial sums per group"),
                       f"m >= {GEMV_MAX_ROWS}": f"prefill: parallel over {plan.tiles} tiles of {plan.tile} "
                                                f"columns, k-tile {plan.k_tile}, register tile "
                                                f"{plan.row_block}x{plan.tile}"},
-        "layout": f"codes [{blocks}, {codes.shape[1]}, {plan.lanes}] (stored bytes, rows interleaved by "
-                  f"{plan.lanes})",
+        "layout": (f"codes {list(layout.shape)} (dot layout: {DOT_LANE_CODES} columns of a row a 32-bit lane, "
+                   f"rows interleaved by {plan.lanes})" if plan.dot else
+                   f"codes [{blocks}, {codes.shape[1]}, {plan.lanes}] (stored bytes, rows interleaved by "
+                   f"{plan.lanes})"),
         "const_bytes": int(sum(c.nbytes for c in consts))})
