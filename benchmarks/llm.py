@@ -56,8 +56,11 @@ class BundleRow:
     def __init__(self, bundle: Bundle):
         self.bundle, self.lm = bundle, bundle.load()
         m = bundle.manifest
-        self.name = f"nnforge {m['recipe']['name']} on {m['target']['name']}"
+        recipe, head = m["recipe"]["name"], m["decoder"]["head"]["format"]
+        shown = "" if recipe == "fp32" or head == "w8" else f" (head {head})"
+        self.name = f"nnforge {recipe}{shown} on {m['target']['name']}"
         self.bytes = bundle.deploy_bytes
+        self.streamed = streamed_bytes(m)
 
     def perplexity(self, ids: list[int], window: int, stride: int):
         r = self.lm.perplexity(torch.tensor(ids), window=window, stride=stride)
@@ -77,16 +80,50 @@ class BundleRow:
         return llm_peers.greedy_speed(prefill, step, prompt_ids, new_tokens)
 
 
-def compile_row(hf: Path, target: str, preset: str, calib: str, max_len: int, work: Path) -> Bundle:
-    """The preset's bundle for ``target``, compiled once (reused while its recipe and max_len agree)."""
+def streamed_bytes(manifest: dict) -> int:
+    """Weight bytes one decode step reads: every linear layer's weight (the LM head's included,
+    a tied one once), as stored in the bundle. The embedding's single row, the norms and the KV
+    cache are left out (they add a few percent at a context of 128)."""
+    seen: dict[str, int] = {}
+    for layer in manifest["compression"]["layers"]:
+        if layer["op"] in ("linear", "matmul"):
+            seen[layer["weight"]] = int(layer["bytes"])
+    return sum(seen.values())
+
+
+def copy_bandwidth(mib: int = 512, repeats: int = 5) -> float:
+    """This machine's memory bandwidth in bytes/s, as STREAM's Copy counts it (bytes read plus
+    bytes written): the best of ``repeats`` copies of a ``mib`` MiB array on one thread."""
+    import numpy as np
+    a = np.ones(mib * 2 ** 20 // 4, np.float32)
+    b = np.empty_like(a)
+    np.copyto(b, a)
+    best = min(_timed(lambda: np.copyto(b, a)) for _ in range(repeats))
+    return 2 * a.nbytes / best
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def compile_row(hf: Path, target: str, preset: str, calib: str, max_len: int, work: Path,
+                recompile: bool = False) -> Bundle:
+    """The preset's bundle for ``target``, compiled once (reused while its recipe, head format and
+    max_len agree, unless ``recompile``: after a change to nnforge). ``preset`` may name the LM
+    head's format after an @ (``w4-gptq@recipe``: the head quantised like the other layers)."""
+    name, _, head = preset.partition("@")
+    head = head or "w8"
     out = work / "bundles" / f"{preset}-{target}"
-    if (out / "manifest.json").is_file():
+    if (out / "manifest.json").is_file() and not recompile:
         bundle = Bundle.open(out)
         m = bundle.manifest
-        if m["recipe"]["name"] == preset and m["decoder"]["max_len"] == max_len:
+        if (m["recipe"]["name"] == name and m["decoder"]["max_len"] == max_len
+                and (name == "fp32" or m["decoder"]["head"]["format"] == head)):
             return bundle
-    recipe = None if preset == "fp32" else preset
-    return nf.compile(hf, target, recipe, out=out, max_len=max_len,
+    recipe = None if name == "fp32" else name
+    return nf.compile(hf, target, recipe, out=out, max_len=max_len, head=head,
                       calibration=calib if recipe else None, progress=True)
 
 
@@ -95,7 +132,7 @@ def measure(row, ids: list[int], window: int, stride: int, prompt: list[int], co
     t0 = time.perf_counter()
     ppl, scored = row.perplexity(ids, window, stride)
     out = {"name": row.name, "bytes": row.bytes, "perplexity": ppl, "tokens_scored": scored,
-           "perplexity_s": time.perf_counter() - t0}
+           "perplexity_s": time.perf_counter() - t0, "streamed_bytes": getattr(row, "streamed", None)}
     out["prefill_tokens_per_s"] = row.speed(prompt, 1)["prefill_tokens_per_s"]
     for c in contexts:
         out[f"decode_tokens_per_s@{c}"] = row.speed(ids[:c], new_tokens)["decode_tokens_per_s"]
@@ -115,15 +152,15 @@ def peers(names: list[str], loaded, gguf: Path, work: Path) -> tuple[list, list[
             [s for s in skipped if any(s.lower().startswith(w.lower()) for w in wanted)])
 
 
-def table(results: list[dict], fp32: dict | None) -> tuple[list[str], list[list]]:
+def table(results: list[dict], fp32: dict | None, bandwidth: float | None = None) -> tuple[list[str], list[list]]:
     torch_row = next((r for r in results if r.get("name", "").startswith("torch eager")), None)
     base = (torch_row or {}).get("decode_tokens_per_s@128")
     columns = ["model", "MB", "perplexity", "vs fp32", "prefill tok/s", "decode tok/s @128", "decode tok/s @1024",
-               "decode @128 x torch", "calibration + passes s"]
+               "decode @128 x torch", "decode @128 / bandwidth ideal", "calibration + passes s"]
     rows = []
     for r in results:
         if "skipped" in r:
-            rows.append([r["name"], None, None, None, None, None, None, None, None])
+            rows.append([r["name"], None, None, None, None, None, None, None, None, None])
             continue
         vs = None if fp32 is None else f"{r['perplexity'] / fp32['perplexity'] - 1:+.1%}"
         rows.append([r["name"], f"{r['bytes'] / 1e6:.0f}", f"{r['perplexity']:.3f}", vs,
@@ -132,13 +169,16 @@ def table(results: list[dict], fp32: dict | None) -> tuple[list[str], list[list]
                      docs_table.fmt(r.get("decode_tokens_per_s@1024"), ".1f"),
                      None if not base or r.get("decode_tokens_per_s@128") is None
                      else f"{r['decode_tokens_per_s@128'] / base:.2f}x",
+                     None if not (bandwidth and r.get("streamed_bytes") and r.get("decode_tokens_per_s@128"))
+                     else f"{r['decode_tokens_per_s@128'] * r['streamed_bytes'] / bandwidth:.0%}",
                      docs_table.fmt(r.get("passes_s"), ".0f")])
     return columns, rows
 
 
 def write_table(results: list[dict], args: dict, machine: dict, cmd: str | None = None) -> None:
     fp32 = next((r for r in results if r.get("name", "").startswith("nnforge fp32")), None)
-    columns, rows = table(results, fp32)
+    bandwidth = args.get("copy_bandwidth")
+    columns, rows = table(results, fp32, bandwidth)
     notes = [f"Perplexity: {args.get('eval_tokens_scored', args['eval_tokens'])} held-out tokens of Python's reference "
              f"text (topics calibration never saw), windows of {args['window']} every {args['stride']}, the same token "
              f"ids for every row. Prefill: a {args.get('prompt_tokens', 512)}-token prompt in one call; decode: "
@@ -148,6 +188,11 @@ def write_table(results: list[dict], args: dict, machine: dict, cmd: str | None 
              "Q4_K_M row runs the very weights fp32 stands for, while Q4_0, ORT GenAI's int4 and nnforge's presets "
              "quantise those fp32 weights again. nnforge keeps the tied embedding and LM head in int8 (head='w8'); "
              "ORT GenAI's builder puts them in int4 by default, llama.cpp's Q4_0 in Q8_0."]
+    if bandwidth:
+        notes.append(f"Bandwidth ideal: the decode tokens/s this machine's memory bandwidth allows if a step did "
+                     f"nothing but read the row's weights once: {bandwidth / 1e9:.1f} GB/s (copy of 512 MiB, read + "
+                     f"written, as STREAM counts it) over the weight bytes a step reads (every linear layer and "
+                     f"the LM head as stored; the embedding row, norms and KV cache not counted). nnforge rows only.")
     falls = [f"{r['name']}: {r['fallbacks']} fallback(s) ({r['fallback_example']})" for r in results
              if r.get("fallbacks")]
     if falls:
@@ -170,6 +215,7 @@ def main(argv=None) -> int:
     p.add_argument("--stride", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--work", default=str(OUT / "llm"))
+    p.add_argument("--recompile", action="store_true", help="compile every bundle again (after a change to nnforge)")
     p.add_argument("--from-json", action="store_true", help="rewrite the table from benchmarks/out/llm.json only")
     args = p.parse_args(argv)
     if args.from_json:
@@ -194,7 +240,7 @@ def main(argv=None) -> int:
     results = []
     for target in [t for t in args.targets.split(",") if t]:
         for preset in [x for x in args.presets.split(",") if x]:
-            bundle = compile_row(hf, target, preset, calib, args.max_len, work)
+            bundle = compile_row(hf, target, preset, calib, args.max_len, work, args.recompile)
             r = measure(BundleRow(bundle), ids, args.window, args.stride, prompt, contexts, args.new_tokens)
             r["passes_s"] = bundle.manifest["timings"].get("passes_s") if preset != "fp32" else None
             r["peak_rss_bytes"] = (bundle.manifest.get("memory") or {}).get("peak_rss_bytes")
@@ -209,7 +255,8 @@ def main(argv=None) -> int:
     results += [{"name": line.split(":", 1)[0], "skipped": line.split(":", 1)[1].strip()} for line in left_out]
     OUT.mkdir(exist_ok=True)
     from nnforge.timing import machine
-    saved = {"results": results, "args": {**vars(args), "prompt_tokens": len(prompt), "eval_tokens_scored": len(ids)},
+    saved = {"results": results, "args": {**vars(args), "prompt_tokens": len(prompt), "eval_tokens_scored": len(ids),
+                                          "copy_bandwidth": copy_bandwidth()},
              "machine": machine(), "command": docs_table.command()}
     (OUT / "llm.json").write_text(json.dumps(saved, indent=1))
     write_table(results, saved["args"], saved["machine"], saved["command"])
