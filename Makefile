@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nnforge-installed
 
-.PHONY: demo test test-slow bench install clean
+.PHONY: demo demo-llm test test-slow bench install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/nnforge demo
+
+# the small real LLM (Gemma 3 270M) with w4-gptq on onnx and cpu next to fp32 (minutes: two compiles)
+demo-llm: $(STAMP)
+	$(VENV)/bin/nnforge demo --llm
 
 test: $(STAMP)
 	$(PY) -m pytest -q

