@@ -6,6 +6,8 @@ accepts is dequantised from widened codes or decoded to dense, and reported as a
 """
 from __future__ import annotations
 
+import math
+
 from onnx import TensorProto
 
 from ...ir import IntQuant, MiniFloat
@@ -54,32 +56,68 @@ def dequantized(enc, target) -> str | None:
     return "; ".join(whys) or None
 
 
+def block_size(enc) -> int | None:
+    """The MatMulNBits block for ``enc``: the largest power of two >= 16 dividing its group (the
+    whole row for per-channel and per-tensor scales) and K, so that each block lies in one group
+    and its scale is the group's, repeated; None when there is none."""
+    cols = rows_cols(enc.shape)[1]
+    group = enc.group_size if enc.granularity == "group" else cols
+    if cols % group:                     # a short last group
+        return None
+    both = math.gcd(group, cols)
+    block = both & -both                 # the largest power of two dividing both
+    return block if block >= 16 else None
+
+
+# The target option that lets 8-bit weights run as MatMulNBits: ORT's only 8-bit kernel rounds the
+# activations to int8 per block (accuracy_level 4), which the reference interpreter does not.
+INT8_ACTIVATIONS = "int8_activations"
+
+
 def matmulnbits(enc, target) -> str | None:
-    """Why ORT's MatMulNBits cannot hold ``enc``: it takes 4-bit codes in blocks along K of a power
-    of two >= 16, a scale per row and block, and an fp32 or fp16 output."""
-    if enc.bits != 4:
-        return f"MatMulNBits takes 4-bit codes, not {enc.bits}-bit"
+    """Why ORT's MatMulNBits cannot hold ``enc``: it takes 4-bit codes in per-row groups, or 8-bit
+    codes with any scales where ``target`` allows int8 activations (:data:`INT8_ACTIVATIONS`), in
+    blocks along K of a power of two >= 16 (:func:`block_size`), and outputs fp32 or fp16."""
+    if enc.bits not in (4, 8):
+        return f"MatMulNBits takes 4-bit or 8-bit codes, not {enc.bits}-bit"
+    if enc.bits == 8 and not (target is not None and target.options.get(INT8_ACTIVATIONS)):
+        return f"8-bit MatMulNBits rounds activations to int8 (target option {INT8_ACTIVATIONS} is off)"
     if len(enc.shape) != 2:
         return f"MatMulNBits takes a 2-D weight, not {len(enc.shape)}-D"
     rows, cols = enc.shape
     gs = enc.group_size
-    if enc.granularity != "group" or enc.scale.shape[0] != rows:
-        return "MatMulNBits takes a scale per row and group"
-    if gs < 16 or gs & (gs - 1) or cols % gs:
+    if enc.bits == 4 and (enc.granularity != "group" or enc.scale.shape[0] != rows):
+        return "MatMulNBits takes 4-bit codes with a scale per row and group"
+    if enc.bits == 4 and (gs < 16 or gs & (gs - 1) or cols % gs):
         return f"MatMulNBits takes groups of a power of two >= 16 dividing K, not {gs} of {cols}"
+    if block_size(enc) is None:
+        return f"MatMulNBits takes blocks of a power of two >= 16 dividing K and the group; {cols} columns " \
+               f"in groups of {gs if enc.granularity == 'group' else cols} have none"
     if enc.out_dtype.name not in ("float32", "float16"):
         return f"MatMulNBits outputs fp32 or fp16, not {enc.out_dtype.name}"
     return None
 
 
-MATMULNBITS = Capability("linear", "int", "MatMulNBits (com.microsoft) reading the packed 4-bit codes in place",
-                         matmulnbits)
+def gathered_rows(enc, target) -> str | None:
+    """Why an embedding cannot gather ``enc``'s code rows and scale rows and dequantise only the
+    rows it gathered: that takes 8-bit codes in column order."""
+    if enc.bits != 8:
+        return f"gathering code rows takes 8-bit codes, not {enc.bits}-bit"
+    return in_column_order(enc, target)
+
+
+MATMULNBITS = Capability("linear", "int", "MatMulNBits (com.microsoft) reading the codes in place: 4-bit per-row "
+                         "groups in fp32; 8-bit codes with any scales (repeated per block) only with target option "
+                         f"{INT8_ACTIVATIONS}, as ORT rounds their activations to int8 per block", matmulnbits)
+GATHER_ROWS = Capability("embedding", "int", "Gather of the uint8 code rows read in place and of their scale rows, "
+                         "dequantised after the gather (no float table is made)", gathered_rows)
 CAPABILITIES = Capabilities([
     Capability("linear", "dense", "Gemm on the tensor read in place from weights.safetensors"),
     Capability("matmul", "dense", "MatMul on the tensor read in place"),
     Capability("conv", "dense", "Conv on the tensor read in place"),
     Capability("embedding", "dense", "Gather from the tensor read in place"),
     MATMULNBITS,
+    GATHER_ROWS,
     Capability("linear", "int", "DequantizeLinear of uint8/uint4 codes in place + Gemm "
                "(act-order: activations permuted)", codes_in_place),
     Capability("matmul", "int", "DequantizeLinear of uint8/uint4 codes in place + MatMul", dequantized),
@@ -92,4 +130,4 @@ CAPABILITIES = Capabilities([
     Capability("embedding", "minifloat", "DequantizeLinear of float8 codes in place + Gather", dequantized),
 ])
 
-__all__ = ["CAPABILITIES", "MATMULNBITS", "FLOAT8", "code_type"]
+__all__ = ["CAPABILITIES", "MATMULNBITS", "GATHER_ROWS", "FLOAT8", "INT8_ACTIVATIONS", "block_size", "code_type"]

@@ -13,7 +13,7 @@ from ...ir.dtypes import bool_, float32, int32
 from ...registry import Registry
 from ..base import BackendError
 from . import weights as W
-from .capabilities import MATMULNBITS
+from .capabilities import GATHER_ROWS, MATMULNBITS
 from .builder import OnnxBuilder, onnx_type
 
 LOWERINGS = Registry("onnx lowering")
@@ -164,6 +164,10 @@ def _conv(b, node, fb):
 
 @rule("embedding")
 def _embedding(b, node, fb):
+    ids, w = node.inputs
+    if w.is_weight and W.lookup(b, node)[0] is GATHER_ROWS:
+        W.gather_rows(b, operand(b, ids, fb), w, _out(node))
+        return
     idx, table = _ins(b, node, fb)
     b.node("Gather", [table, idx], _out(node), axis=0)
 

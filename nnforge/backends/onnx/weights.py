@@ -17,7 +17,7 @@ from ...ir.ops import WEIGHT_SLOT
 from ...ir.packing import pack_bits, unpack_bits
 from ..base import Capability, Fallback
 from .builder import INLINE_LIMIT, NP_TYPES, OnnxBuilder, onnx_type
-from .capabilities import CAPABILITIES, FLOAT8, code_type
+from .capabilities import CAPABILITIES, FLOAT8, block_size, code_type
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -135,10 +135,7 @@ def _code_tensor(b: OnnxBuilder, v: Value, enc, fallbacks, why: str) -> tuple[st
 
 
 def _zero_points(b: OnnxBuilder, v: Value, enc: IntQuant, codes_type: int, shape) -> str:
-    if enc.zero_point is not None:
-        zp = enc.zero_point.to(torch.int64)
-    else:
-        zp = torch.full(tuple(enc.scale.shape), 1 << (enc.bits - 1), dtype=torch.int64)   # offset binary
+    zp = _zero_points_of(enc)
     if zp.shape[0] == 1 and shape and len(shape) == 2 and shape[0] != 1:
         zp = zp.expand(shape[0], -1)
     zp = zp.reshape(shape)
@@ -197,18 +194,72 @@ def dequantize(b: OnnxBuilder, v: Value, fallbacks, why: str = "") -> str:
     return b.node("DequantizeLinear", [codes, scale_name, zp], **attrs)
 
 
+def _per_block(enc: IntQuant, t: torch.Tensor, block: int) -> torch.Tensor:
+    """A [1 or rows, groups] tensor of ``enc`` (scales, zero points) as [rows, K / block]: each
+    group's value repeated for every block in it (exact)."""
+    rows = enc.shape[0]
+    per_group = (enc.group_size if enc.granularity == "group" else enc.shape[1]) // block
+    return t.expand(rows, -1).repeat_interleave(per_group, dim=1)
+
+
 def matmulnbits(b: OnnxBuilder, x: str, v: Value, out: str | None) -> str:
-    """y = x @ W.T with W held as MatMulNBits blocks that read our packed codes in place."""
+    """y = x @ W.T with W held as MatMulNBits blocks (:func:`.capabilities.block_size`) that read
+    our packed codes in place; each group's scale (and zero point) repeated for its blocks."""
     enc: IntQuant = v.encoding
     n, k = enc.shape
-    gs = enc.group_size
-    groups = k // gs
-    codes = _tensor(b, f"{v.name}.codes", f"{v.name}::codes", enc.codes, TensorProto.UINT8, [n, groups, gs // 2])
-    inputs = [x, codes, _scales(b, v, enc, [n * groups])]
-    if enc.zero_point is not None:
-        zp = pack_bits(enc.zero_point.to(torch.int64), 4)            # [n, ceil(groups/2)]
+    block = block_size(enc)
+    blocks = k // block
+    codes = _tensor(b, f"{v.name}.codes", f"{v.name}::codes", enc.codes, TensorProto.UINT8,
+                    [n, blocks, block * enc.bits // 8])
+    if enc.group_size == block and enc.scale.shape[0] == n:
+        scales = _scales(b, v, enc, [n * blocks])
+    else:
+        scales = b.const(_per_block(enc, enc.scale.to(torch.float32), block).reshape(-1).to(v.dtype.torch_dtype)
+                         .numpy(), f"{v.name}.scale")
+    inputs = [x, codes, scales]
+    if enc.zero_point is not None or not enc.signed:       # signed codes are offset binary: ORT's default
+        zp = _per_block(enc, _zero_points_of(enc), block)
+        zp = pack_bits(zp, 4) if enc.bits == 4 else zp.to(torch.uint8)          # [n, ceil(blocks * bits / 8)]
         inputs.append(b.const(zp.numpy(), f"{v.name}.zero_point"))
-    return b.node("MatMulNBits", inputs, out, domain="com.microsoft", K=k, N=n, bits=4, block_size=gs)
+    # ORT's only fast 8-bit kernel rounds activations to int8 per block (the capability row lets
+    # 8-bit weights here only where the target allows that); its fp32 form dequantises the whole
+    # weight on every call.
+    attrs = {"accuracy_level": 4} if enc.bits == 8 else {}
+    return b.node("MatMulNBits", inputs, out, domain="com.microsoft", K=k, N=n, bits=enc.bits, block_size=block,
+                  **attrs)
 
 
-__all__ = ["lookup", "is_layer_weight", "dense", "dequantize", "dequantize_ok", "matmulnbits", "NP_TYPES"]
+def _zero_points_of(enc: IntQuant) -> torch.Tensor:
+    """The zero point of every group [1 or rows, groups], in the stored code domain (signed codes
+    are stored in offset binary)."""
+    if enc.zero_point is not None:
+        return enc.zero_point.to(torch.int64)
+    return torch.full(tuple(enc.scale.shape), 1 << (enc.bits - 1) if enc.signed else 0, dtype=torch.int64)
+
+
+def gather_rows(b: OnnxBuilder, ids: str, v: Value, out: str) -> str:
+    """Rows ``ids`` of 8-bit weight ``v`` (an embedding): the uint8 code rows (read in place) and
+    their scale and zero-point rows gathered first, then only those rows dequantised, in float32
+    as the reference decodes, so no float table of the whole weight is made."""
+    enc: IntQuant = v.encoding
+    rows, cols = enc.shape
+    codes = _tensor(b, f"{v.name}.codes", f"{v.name}::codes", enc.codes, TensorProto.UINT8, [rows, cols])
+    q = b.node("Cast", [b.node("Gather", [codes, ids], axis=0)], to=TensorProto.FLOAT)
+    by_column = b.ints((torch.arange(cols) // enc.group_size).tolist()) if enc.scale.shape[1] > 1 else None
+
+    def rows_of(t: torch.Tensor, name: str) -> str:
+        """[1 or rows, groups] -> per column of the gathered rows, or a 1-D row every row shares."""
+        if t.shape[0] == rows and rows > 1:
+            picked = b.node("Gather", [b.const(t.numpy(), f"{v.name}.{name}"), ids], axis=0)
+        else:
+            picked = b.const(t.reshape(-1).numpy(), f"{v.name}.{name}")
+        return picked if by_column is None else b.node("Gather", [picked, by_column], axis=-1)
+
+    q = b.node("Sub", [q, rows_of(_zero_points_of(enc).to(torch.float32), "zero_point")])
+    y = b.node("Mul", [q, rows_of(enc.scale.to(torch.float32), "scale")],
+               out if v.dtype.name == "float32" else None)
+    return y if v.dtype.name == "float32" else b.node("Cast", [y], out, to=onnx_type(v.dtype))
+
+
+__all__ = ["lookup", "is_layer_weight", "dense", "dequantize", "dequantize_ok", "gather_rows", "matmulnbits",
+           "NP_TYPES"]
