@@ -71,8 +71,13 @@ def _rms_norm(b: _Builder, n: Node) -> Value:
 
 @FORMS.register("rope")
 def _rope(b: _Builder, n: Node) -> Value:
-    x, positions, inv_freq = n.inputs
+    x, positions, inv_freq = n.inputs[:3]
+    long = n.inputs[3] if len(n.inputs) > 3 else None
     batch, heads, seq, d = x.shape
+    if long is not None:            # the long table once the call's largest position + 1 passes switch_at
+        top = b.op("reduce_max", positions, axes=[0, 1], keepdim=False)
+        past = b.op("ge", top, b.const(n.attrs["switch_at"], positions.dtype))
+        inv_freq = b.op("where", past, long, inv_freq)
     rotated = n.attrs["rotary_dim"] or d
     half = rotated // 2
     style, scale = n.attrs["style"], n.attrs["scale"]

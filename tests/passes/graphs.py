@@ -43,8 +43,10 @@ def _randn(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-def decoder_block(*, window=0, softcap=0.0, style="half", rotary_dim=0, offset=0.0, group=H // KVH) -> Graph:
-    """One attention block over a cache: norm, rotary q/k, cache write, attention."""
+def decoder_block(*, window=0, softcap=0.0, style="half", rotary_dim=0, offset=0.0, group=H // KVH,
+                  switch_at=0) -> Graph:
+    """One attention block over a cache: norm, rotary q/k, cache write, attention. ``switch_at``:
+    a second rope table (longrope) for calls past that length."""
     heads = KVH * group
     g = Graph("block")
     x = g.add_input("x", tensor("f32", "batch", heads, "seq", D))
@@ -54,9 +56,13 @@ def decoder_block(*, window=0, softcap=0.0, style="half", rotary_dim=0, offset=0
     w = g.add_weight("norm.weight", Dense(_randn(D, seed=3) * 0.1))
     rotated = rotary_dim or D
     inv = g.add_weight("inv_freq", Dense(1.0 / 10000 ** (torch.arange(0, rotated, 2).float() / rotated)))
-    q = g.op("rope", g.op("rms_norm", x, w, eps=1e-6, offset=offset), pos, inv, style=style, rotary_dim=rotary_dim,
-             scale=1.25)
-    k = g.op("rope", kv, pos, inv, style=style, rotary_dim=rotary_dim)
+    tables, extra = (inv,), {}
+    if switch_at:
+        tables = (inv, g.add_weight("inv_freq_long", Dense(inv.encoding.decode(torch.float32) / 3.0)))
+        extra = {"switch_at": switch_at}
+    q = g.op("rope", g.op("rms_norm", x, w, eps=1e-6, offset=offset), pos, *tables, style=style,
+             rotary_dim=rotary_dim, scale=1.25, **extra)
+    k = g.op("rope", kv, pos, *tables, style=style, rotary_dim=rotary_dim, **extra)
     new_cache = g.op("cache_update", cache, k, pos)
     out = g.op("attention", q, new_cache, new_cache, pos, scale=D ** -0.5, window=window, softcap=softcap)
     g.set_outputs([out, new_cache])

@@ -1,6 +1,6 @@
 """The primitive forms of the decoder ops against the ops' reference kernels (the interpreter), on
-every attribute branch: GQA, sliding window, softcap, partial and interleaved rotary, Gemma's
-offset norm, prefill and decode positions."""
+every attribute branch: GQA, sliding window, softcap, partial and interleaved rotary, longrope's
+two tables, Gemma's offset norm, prefill and decode positions."""
 from __future__ import annotations
 
 import pytest
@@ -20,6 +20,7 @@ CASES = {
     "partial": {"rotary_dim": 4},
     "partial_interleaved": {"rotary_dim": 4, "style": "interleaved"},
     "gemma_norm": {"offset": 1.0},
+    "longrope": {"switch_at": 8},          # prefill (positions < 8) on the short table, decode on the long one
 }
 
 

@@ -115,7 +115,7 @@ def _heads(e: _Emitter, x: Value, heads: int, where: str) -> Value:
     return e.op("permute", x, perm=[0, 2, 1, 3], name=f"{where}.transpose")
 
 
-def _attention(e: _Emitter, x: Value, layer: LayerSpec, positions: Value, inv_freq: Value | None,
+def _attention(e: _Emitter, x: Value, layer: LayerSpec, positions: Value, inv_freq: Value | tuple | None,
                outputs: list[Value]) -> Value:
     s, names, i = e.spec, e.spec.names, layer.index
     prefix = names.module("o", i).rsplit(".", 1)[0]           # model.layers.{i}.self_attn
@@ -130,8 +130,11 @@ def _attention(e: _Emitter, x: Value, layer: LayerSpec, positions: Value, inv_fr
     if layer.rope is not None:
         rotary = layer.rope.rotary_dim if layer.rope.rotary_dim < s.head_dim else 0
         attrs = dict(scale=layer.rope.scale, style=layer.rope.style, rotary_dim=rotary)
-        q = e.op("rope", q, positions, inv_freq, name=f"{prefix}.q_rope", **attrs)
-        k = e.op("rope", k, positions, inv_freq, name=f"{prefix}.k_rope", **attrs)
+        tables = (inv_freq,) if isinstance(inv_freq, Value) else inv_freq        # (short, long): longrope
+        if len(tables) > 1:
+            attrs["switch_at"] = layer.rope.switch_at
+        q = e.op("rope", q, positions, *tables, name=f"{prefix}.q_rope", **attrs)
+        k = e.op("rope", k, positions, *tables, name=f"{prefix}.k_rope", **attrs)
     caches = []
     for kind, new in (("k", k), ("v", v)):
         past = e.g.add_input(cache_name(i, kind), tensor("f32", *cache_shape(s, e.max_len)))
@@ -183,7 +186,7 @@ def build(spec: DecoderSpec, weights: Mapping[str, torch.Tensor], max_len: int |
     if spec.positions == "learned":
         pos = e.op("embedding", positions, e.weight(names.weight("pos_embed")), name=names.pos_embed)
         x = e.op("add", x, pos, name=f"{names.pos_embed}.add")
-    inv_freqs: dict[str, Value] = {}
+    inv_freqs: dict[str, Value | tuple[Value, Value]] = {}
     caches: list[Value] = []
     for layer in spec.layers:
         i = layer.index
@@ -192,6 +195,9 @@ def build(spec: DecoderSpec, weights: Mapping[str, torch.Tensor], max_len: int |
             key = f"rope.{layer.attention}.inv_freq"
             if key not in inv_freqs:
                 inv_freqs[key] = g.add_weight(key, Dense(layer.rope.inv_freq.to(torch.float32).clone()))
+                if layer.rope.long_inv_freq is not None:
+                    inv_freqs[key] = (inv_freqs[key], g.add_weight(
+                        f"{key}_long", Dense(layer.rope.long_inv_freq.to(torch.float32).clone())))
             inv_freq = inv_freqs[key]
         h = _attention(e, e.norm(x, "attn_norm", i), layer, positions, inv_freq, caches)
         if spec.post_norms:

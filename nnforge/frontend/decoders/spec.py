@@ -42,6 +42,10 @@ class RopeSpec:
     rope_type: str              # transformers' rope_type: default, linear, dynamic, yarn, longrope, llama3...
     theta: float                # base frequency
     style: str = "half"         # transformers' rotate_half pairing (GGUF weights are de-permuted to it)
+    # longrope: the long-factor table, used by a call whose largest position + 1 exceeds switch_at
+    # (the original context length), as transformers switches per forward call; None: one table
+    long_inv_freq: torch.Tensor | None = None
+    switch_at: int = 0
 
 
 @dataclass(frozen=True)
@@ -201,6 +205,16 @@ def _rope(config, default_init, layer_type: str | None, max_len: int | None) -> 
     by_layer = {} if layer_type is None else {"layer_type": layer_type}
     if rope_type == "default":
         inv_freq, scale = default_init(config, **by_layer)
+    elif rope_type == "longrope":
+        # short factors until a call reaches past the original context, long ones after (if the cache can)
+        inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](config, None, seq_len=None, **by_layer)
+        original = int(params.get("original_max_position_embeddings")
+                       or getattr(config, "original_max_position_embeddings", 0) or 0)
+        if original and (max_len is None or max_len > original):
+            long, _ = ROPE_INIT_FUNCTIONS[rope_type](config, None, seq_len=original + 1, **by_layer)
+            return RopeSpec(inv_freq=inv_freq.detach().to(torch.float32).cpu(), scale=float(scale),
+                            rotary_dim=2 * inv_freq.numel(), rope_type=rope_type, theta=float(params["rope_theta"]),
+                            long_inv_freq=long.detach().to(torch.float32).cpu(), switch_at=original)
     elif rope_type in ROPE_INIT_FUNCTIONS:
         seq_len = max_len
         if rope_type == "dynamic":

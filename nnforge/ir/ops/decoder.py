@@ -100,11 +100,18 @@ defop("rms_norm", ["x", "weight?"], {"eps": Attr("float"), "offset": Attr("float
 
 
 # --- rope ----------------------------------------------------------------------------------------
-def _rope_infer(x, positions, inv_freq, *, scale, style, rotary_dim):
+def _rope_infer(x, positions, inv_freq, inv_freq_long=None, *, scale, style, rotary_dim, switch_at):
     _activation(x, "rope", "input", rank=4)
     _positions(positions, x.shape[0], x.shape[2], "rope")
     _activation(inv_freq, "rope", "inv_freq", rank=1)
     _finite("rope", "scale", scale, positive=True)
+    if inv_freq_long is not None:
+        _activation(inv_freq_long, "rope", "inv_freq_long", rank=1)
+        if not inv_freq_long.same_as(inv_freq):
+            raise ValueError(f"rope inv_freq_long {inv_freq_long} must have inv_freq's shape {inv_freq}")
+        if switch_at < 1:
+            raise ValueError(f"rope with inv_freq_long needs switch_at >= 1 (the length past which it is used), "
+                             f"got {switch_at}")
     d = x.shape[3]
     if rotary_dim < 0 or rotary_dim % 2:
         raise ValueError(f"rope rotary_dim must be even and >= 0 (0: the whole head dim), got {rotary_dim}")
@@ -126,9 +133,11 @@ def _rotate(x: torch.Tensor, style: str) -> torch.Tensor:
     return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
 
 
-def _rope_ref(ctx, x, positions, inv_freq, *, scale, style, rotary_dim):
+def _rope_ref(ctx, x, positions, inv_freq, inv_freq_long=None, *, scale, style, rotary_dim, switch_at):
     rotated = rotary_dim or x.shape[-1]
     ct = _compute_dtype(x.dtype)
+    if inv_freq_long is not None and positions.numel() and int(positions.max()) + 1 > switch_at:
+        inv_freq = inv_freq_long
     freqs = positions[..., None].to(ct) * inv_freq.to(ct)                       # [b, s, rotated/2]
     emb = torch.cat((freqs, freqs), -1) if style == "half" else torch.repeat_interleave(freqs, 2, -1)
     cos = (emb.cos() * scale).to(x.dtype)[:, None]                               # [b, 1, s, rotated]
@@ -138,11 +147,14 @@ def _rope_ref(ctx, x, positions, inv_freq, *, scale, style, rotary_dim):
     return torch.cat((out, x[..., rotated:]), -1) if rotated < x.shape[-1] else out
 
 
-defop("rope", ["x", "positions", "inv_freq"],
-      {"scale": Attr("float", 1.0), "style": Attr("str", "half", ROPE_STYLES), "rotary_dim": Attr("int", 0)},
+defop("rope", ["x", "positions", "inv_freq", "inv_freq_long?"],
+      {"scale": Attr("float", 1.0), "style": Attr("str", "half", ROPE_STYLES), "rotary_dim": Attr("int", 0),
+       "switch_at": Attr("int", 0)},
       infer=_rope_infer, ref=_rope_ref, family="decoder",
       doc="Rotary embedding of x [b, h, s, d] at positions [b, s]: angles positions x inv_freq, cos/sin "
-          "times scale; style half (Llama) or interleaved (GPT-J) pairs; dims past rotary_dim (0: d) pass.")
+          "times scale; style half (Llama) or interleaved (GPT-J) pairs; dims past rotary_dim (0: d) pass. "
+          "With inv_freq_long, a call whose largest position + 1 exceeds switch_at uses it instead "
+          "(Phi-3's longrope, as transformers switches per forward call).")
 
 
 # --- cache_update --------------------------------------------------------------------------------

@@ -25,9 +25,9 @@ def _graph(name: str, max_len: int = MAX_LEN):
 class Stepper:
     """Runs the decoder graph step by step, carrying its cache."""
 
-    def __init__(self, spec, graph, batch: int):
+    def __init__(self, spec, graph, batch: int, max_len: int = MAX_LEN):
         self.interp, self.spec = Interpreter(graph), spec
-        self.cache = {inp: torch.zeros(cache_shape(spec, MAX_LEN, batch)) for inp, _ in state_pairs(spec)}
+        self.cache = {inp: torch.zeros(cache_shape(spec, max_len, batch)) for inp, _ in state_pairs(spec)}
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         outs = self.interp.run({"input_ids": ids, "positions": positions, **self.cache})
@@ -52,6 +52,30 @@ def test_prefill_then_decode_match_transformers(name):
     for t in range(prompt, ids.shape[1]):
         got = step(ids[:, t:t + 1], torch.full((2, 1), t))
         torch.testing.assert_close(got[:, 0], want[:, t], rtol=1e-4, atol=1e-4)
+
+
+def test_longrope_switches_tables_per_call_as_transformers_does():
+    """Phi-3's longrope: short factors while a call's positions stay within the original context
+    (32 here), long factors for a call past it; keys cached before the switch keep their rotation,
+    exactly as transformers' cache does."""
+    model, spec, graph = _graph("phi3", max_len=48)
+    assert spec.layers[0].rope.switch_at == 32 and spec.layers[0].rope.long_inv_freq is not None
+    ids = torch.randint(4, VOCAB, (1, 44), generator=torch.Generator().manual_seed(2))
+    step = Stepper(spec, graph, batch=1, max_len=48)
+    prompt = 20
+    with torch.no_grad():
+        out = model(ids[:, :prompt], use_cache=True)
+        torch.testing.assert_close(step(ids[:, :prompt], torch.arange(prompt)[None]), out.logits, rtol=1e-4, atol=1e-4)
+        cache = out.past_key_values
+        for t in range(prompt, ids.shape[1]):
+            out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            got = step(ids[:, t:t + 1], torch.full((1, 1), t))
+            torch.testing.assert_close(got, out.logits, rtol=1e-4, atol=1e-4, msg=f"position {t}")
+        # a prompt past the original context in one call: long factors for all of it
+        step = Stepper(spec, graph, batch=1, max_len=48)
+        torch.testing.assert_close(step(ids[:, :40], torch.arange(40)[None]), model(ids[:, :40]).logits,
+                                   rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma3", "gpt2", "phi3"])

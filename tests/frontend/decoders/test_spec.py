@@ -128,10 +128,13 @@ def test_rope_is_what_the_module_computes_at_that_length(max_len):
             cos, sin = rotary(x, positions, **kwargs)
             prefix = f"{layer.attention}_" if per_type else ""
             inv_freq, scale = getattr(rotary, prefix + "inv_freq"), getattr(rotary, prefix + "attention_scaling")
-            assert torch.equal(layer.rope.inv_freq, inv_freq), (name, layer.index)
+            # longrope keeps both tables; the long one is what a call past switch_at uses
+            rope = layer.rope
+            table = rope.long_inv_freq if rope.long_inv_freq is not None and max_len > rope.switch_at else rope.inv_freq
+            assert torch.equal(table, inv_freq), (name, layer.index)
             assert layer.rope.scale == scale and layer.rope.rotary_dim == cos.shape[-1]
             assert layer.rope.style == "half"
-            freqs = positions[..., None].float() * layer.rope.inv_freq
+            freqs = positions[..., None].float() * table
             emb = torch.cat((freqs, freqs), dim=-1)
             assert torch.equal(emb.cos() * layer.rope.scale, cos) and torch.equal(emb.sin() * layer.rope.scale, sin)
 
