@@ -200,7 +200,7 @@ def test_verify_confirms_a_decoder_bundles_claims(tmp_path):
         nf.verify(bundle.path)
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "gemma2", "phi3-plain", "gpt2", "llama-yarn"])
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "gemma2", "phi3", "phi3-plain", "gpt2", "llama-yarn"])
 def test_every_family_generates_like_transformers_on_onnx(tmp_path, family):
     model = tiny_model(family)
     lm = nf.compile(model, "onnx", out=tmp_path / "b", max_len=48).load()
