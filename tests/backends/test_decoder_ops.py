@@ -58,3 +58,68 @@ def test_hls_names_the_decoder_nodes_it_cannot_build(tmp_path):
     shapes = {v.name: list(t.shape) for v, t in zip(graph.inputs, decoder_inputs(5, 0))}
     with pytest.raises(Exception, match=r"the hls backend has no lowering for op\(s\) .*cos.*\(nodes rms_norm\."):
         conftest.lower_into(get_backend("hls"), graph, "alveo-u280", tmp_path, shapes=shapes)
+
+
+# --- onnx: GroupQueryAttention over caches written in place -------------------------------------
+def kv_block(*, window=0, softcap=0.0, group=2, max_len=16):
+    """An attention block with its own k and v caches (the decoder builder's form), which the onnx
+    backend runs as one GroupQueryAttention writing both caches in place."""
+    from nnforge.ir import Dense, Graph, tensor
+    from tests.passes.graphs import D, KVH
+    g = Graph("kv_block")
+    q = g.add_input("q", tensor("f32", "batch", KVH * group, "seq", D))
+    k = g.add_input("k", tensor("f32", "batch", KVH, "seq", D))
+    v = g.add_input("v", tensor("f32", "batch", KVH, "seq", D))
+    pos = g.add_input("positions", tensor("i64", "batch", "seq"))
+    caches = [g.add_input(f"cache.{x}", tensor("f32", "batch", KVH, max_len, D)) for x in "kv"]
+    inv = g.add_weight("inv_freq", Dense(1.0 / 10000 ** (torch.arange(0, D, 2).float() / D)))
+    q, k = (g.op("rope", x, pos, inv) for x in (q, k))
+    written = [g.op("cache_update", c, new, pos, name=f"write_{x}") for c, new, x in zip(caches, (k, v), "kv")]
+    out = g.op("attention", q, *written, pos, scale=D ** -0.5, window=window, softcap=softcap, name="attn")
+    g.set_outputs([out, *written])
+    return g
+
+
+def kv_inputs(positions, group=2, max_len=16, seed=0):
+    """Inputs for kv_block at ``positions`` [batch, seq], every cache slot holding values."""
+    from tests.passes.graphs import D, KVH
+    positions = torch.as_tensor(positions)
+    b, s = positions.shape
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, KVH * group, s, D, generator=gen), torch.randn(b, KVH, s, D, generator=gen),
+            torch.randn(b, KVH, s, D, generator=gen), positions,
+            torch.randn(b, KVH, max_len, D, generator=gen), torch.randn(b, KVH, max_len, D, generator=gen)]
+
+
+GQA_CASES = {
+    "prefill-from-0-batch-2": [list(range(7))] * 2,
+    "decode-rows-at-different-positions": [[9], [4]],
+    "chunk-after-a-prefix": [[5, 6, 7, 8]],
+    "chunk-batch-2-rows-apart": [[3, 4, 5], [8, 9, 10]],       # run row by row (GQA takes these per row)
+    "late-position-near-max-len": [[15], [14]],
+    "last-chunk-up-to-max-len": [[13, 14, 15]],
+}
+
+
+@pytest.mark.parametrize("window, softcap, group", [(0, 0.0, 2), (6, 0.0, 2), (0, 20.0, 1), (4, 30.0, 4), (1, 0.0, 2)],
+                         ids=["plain", "window", "softcap-mha", "window-softcap-group4", "window-1"])
+def test_onnx_runs_attention_over_its_caches_as_group_query_attention(tmp_path, window, softcap, group):
+    import onnx
+    from nnforge.backends.onnx import MODEL_FILE
+    graph = kv_block(window=window, softcap=softcap, group=group)
+    backend = get_backend("onnx")
+    lowered = conftest.lower_into(backend, graph, "onnx", tmp_path,
+                                  shapes={v.name: list(t.shape) for v, t in zip(graph.inputs, kv_inputs([[0, 1]]))})
+    ops = [n.op_type for n in onnx.load(str(tmp_path / MODEL_FILE), load_external_data=False).graph.node]
+    assert ops.count("GroupQueryAttention") == 1 and "ScatterElements" not in ops and "Softmax" not in ops
+    assert lowered.entry["kv_cache"] == {"positions": "positions",
+                                         "shared_buffers": {"write_k": "cache.k", "write_v": "cache.v"}}
+    runner = backend.load(tmp_path, lowered.entry)
+    for i, (case, positions) in enumerate(GQA_CASES.items()):
+        inputs = kv_inputs(positions, group, seed=i)
+        given = [t.clone() for t in inputs]
+        got = runner(*inputs)
+        for name, g, want in zip(("out", "cache.k", "cache.v"), got, run_graph(graph, inputs)):
+            torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{case} {name}: {m}")
+        for t, before in zip(inputs, given):            # the caller's caches are not written
+            assert torch.equal(t, before), case

@@ -1,4 +1,5 @@
-"""The onnx backend: IR -> ONNX (opset 21 + com.microsoft MatMulNBits), run by ONNX Runtime.
+"""The onnx backend: IR -> ONNX (opset 21 + com.microsoft MatMulNBits and GroupQueryAttention), run
+by ONNX Runtime. A decoder's caches are written in place by GroupQueryAttention (state.py).
 
 Dense weights are not copied: initializers point into the bundle's ``weights.safetensors`` with
 ONNX external-data offsets. Tensors the backend creates (converted scales, widened codes) go to
@@ -6,6 +7,7 @@ ONNX external-data offsets. Tensors the backend creates (converted scales, widen
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from . import weights as W
 from .builder import INLINE_LIMIT, OnnxBuilder, onnx_type
 from .capabilities import CAPABILITIES
 from .ops import LOWERINGS
+from .state import METADATA_KEY as KV_METADATA, KvCache, Resident, spec_of
 
 OPSET = 21
 MODEL_FILE = "model.onnx"
@@ -64,6 +67,8 @@ def build_model(graph: Graph, weights, opset: int = OPSET,
     opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, 1) for d in sorted(b.domains)]
     model = helper.make_model(g, opset_imports=opsets, producer_name="nnforge")
     model.ir_version = 10
+    if b.kv_cache:
+        helper.set_model_props(model, {KV_METADATA: json.dumps(b.kv_cache, sort_keys=True)})
     return model, fallbacks
 
 
@@ -118,7 +123,12 @@ def check_session_config(config, where: str) -> dict[str, str]:
 
 
 class OnnxRunner(Runner):
-    def __init__(self, model_path: Path, threads: int | None = None, config: dict[str, str] | None = None):
+    """Runs a bundle's model.onnx on ONNX Runtime's CPU provider. ``kv_cache``: which outputs share
+    which input's buffer (the bundle entry's record; by default the model's own metadata), for
+    caches that GroupQueryAttention writes in place (state.py)."""
+
+    def __init__(self, model_path: Path, threads: int | None = None, config: dict[str, str] | None = None,
+                 kv_cache: dict | None = None):
         import onnxruntime as ort
         self.model_path, self.config = Path(model_path), config
         check_external_data(model_path)
@@ -138,12 +148,25 @@ class OnnxRunner(Runner):
             dims = tuple(d if isinstance(d, (int, str)) else None for d in i.shape)
             self.inputs.append(InputSpec(i.name, _ORT_TYPES[i.type], dims))
         self.output_names = [o.name for o in self.session.get_outputs()]
+        spec = kv_cache if kv_cache is not None else spec_of(self.session)
+        self.kv = KvCache(self, spec, str(model_path)) if spec else None
+
+    def resident(self, state_pairs, tokens, logits):
+        """The caches GroupQueryAttention writes in place kept between decode steps (None when the
+        model writes none in place: they then go through numpy)."""
+        return Resident(self, self.kv, state_pairs, tokens, logits) if self.kv is not None else None
 
     def values(self, inputs: list, wanted: list) -> tuple[dict, dict]:
         """Every value of ``wanted`` (IR values) ONNX Runtime computes, by its IR name."""
         return _values(self, inputs, wanted)
 
     def run_numpy(self, inputs: list) -> list:
+        if self.kv is not None:
+            feeds = dict(zip(self.input_names, inputs))
+            # ORT writes these caches in place: on copies, so the caller's arrays stay as they were
+            caches = {name: np.array(feeds.pop(name), order="C") for name in set(self.kv.shared.values())}
+            outs = self.kv.run(feeds, caches)
+            return [outs[name] for name in self.output_names]
         try:
             return self.session.run(None, dict(zip(self.input_names, inputs)))
         except Exception as e:
@@ -192,6 +215,12 @@ class OnnxBackend(Backend):
     capabilities = CAPABILITIES
     lowers = LOWERINGS
 
+    def prepare(self, target: Target, shapes: dict) -> list:
+        """The decompositions, and the decoder ops of dtypes other than float32 written out too:
+        its attention and cache_update rules (attention.py) take float32."""
+        return self.decompositions() + [{"pass": "decompose", "ops": ["attention", "cache_update"],
+                                         "keep_dtypes": ["float32"]}]
+
     def lower(self, graph: Graph, target: Target, ctx: LowerContext) -> Artifact:
         opset = int(target.options.get("opset", OPSET))
         model, fallbacks = build_model(graph, ctx.files.weights, opset, target)
@@ -205,6 +234,9 @@ class OnnxBackend(Backend):
                                f"{str(e).splitlines()[0]}") from e
         files = [MODEL_FILE] + ([DATA_FILE] if ctx.files.exists(DATA_FILE) else [])
         entry = {"model": MODEL_FILE, "opset": opset}
+        kv = next((p.value for p in model.metadata_props if p.key == KV_METADATA), None)
+        if kv:
+            entry["kv_cache"] = json.loads(kv)
         config = session_config(graph, model)
         if config:
             entry["session_config"] = config
@@ -215,7 +247,8 @@ class OnnxBackend(Backend):
         if device not in (None, "cpu"):
             raise BackendError(f"the onnx backend runs on the CPU; device {device!r} is not supported")
         from ...bundle import safe_join
-        return OnnxRunner(safe_join(Path(bundle_dir), entry.get("model")), config=entry.get("session_config"))
+        return OnnxRunner(safe_join(Path(bundle_dir), entry.get("model")), config=entry.get("session_config"),
+                          kv_cache=entry.get("kv_cache"))
 
     def toolchain(self) -> dict[str, str]:
         import onnxruntime

@@ -43,6 +43,8 @@ class OnnxBuilder:
         self._symbols = graph.symbols()
         self.domains: set[str] = set()
         self.weight_cache: dict[str, str] = {}    # weight name -> ONNX name of its dense form
+        self.memo: dict = {}                      # what rules work out once per graph (attention.py)
+        self.kv_cache: dict = {}                  # what the runner needs to know of caches written in place
 
     def fresh(self, base: str) -> str:
         name, i = base, 1

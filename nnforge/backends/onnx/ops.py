@@ -397,3 +397,6 @@ def _fake_quant(b, node, fb):
         zp = b.raw(b.fresh("zero_point"), W.FLOAT8[node.attrs["format"].short], [], b"\x00")
     q = b.node("QuantizeLinear", [_ins(b, node, fb)[0], scale, zp])
     b.node("DequantizeLinear", [q, scale, zp], _out(node))
+
+
+from . import attention  # noqa: E402,F401  (registers the decoder ops' rules: attention, cache_update)
