@@ -43,6 +43,11 @@ def int_codes(enc) -> str | None:
     return layout_problem(enc.bits, enc.group_size, *enc.shape)
 
 
+def in_order(enc) -> str | None:
+    """An embedding's table cannot take act-order columns (only a linear layer absorbs them)."""
+    return None if getattr(enc, "perm", None) is None else "act-order columns, which only a linear layer absorbs"
+
+
 def _blocks(enc) -> str | None:
     if enc.pattern.kind != "block" or len(enc.shape) != 2:
         return f"{enc.pattern.name} is not a block (R x C) pattern"
@@ -90,6 +95,7 @@ class Kernel:
 
 
 LOWBIT = Kernel("lowbit", "int_weight_matmul", int_codes, int_args)
+LOWBIT_ROWS = Kernel("lowbit", "gather_rows", lambda enc: int_codes(enc) or in_order(enc), int_args)
 BSR = Kernel("bsr", "bsr_matmul", fp32_blocks, bsr_args)
 BSR_INT8 = Kernel("bsr_int8", "bsr_matmul_int8", int8_block_codes, int8_bsr_args)
 
@@ -100,6 +106,9 @@ CAPABILITIES = Capabilities([
                                   "load (other layouts: Relax matmul)"),
     Capability("conv", "dense", "Relax conv1d/conv2d/conv3d"),
     Capability("embedding", "dense", "Relax take (an out-of-range id reads the last row)"),
+    Capability("embedding", "int", "kernels.lowbit rows: 8- or 4-bit codes gathered from the layout the int GEMM "
+                                   "reads and dequantised (a table tied to an LM head shares the head's arrays); "
+                                   "columns in order", LOWBIT_ROWS),
     Capability("linear", "int", "kernels.lowbit: fp32 GEMM reading 8- or 4-bit codes (4-bit: even K and group "
                                 "size) with per-tensor, channel or group scales and zero points; act-order by "
                                 "permuting x", LOWBIT),
@@ -110,4 +119,4 @@ CAPABILITIES = Capabilities([
                BSR_INT8),
 ])
 
-__all__ = ["CAPABILITIES", "Kernel", "LOWBIT", "BSR", "BSR_INT8", "llvm_problem"]
+__all__ = ["CAPABILITIES", "Kernel", "LOWBIT", "LOWBIT_ROWS", "BSR", "BSR_INT8", "llvm_problem"]

@@ -112,6 +112,7 @@ def int8_bsr_kernel(lw, w: Value, x: Value, kernel):
         built = build(c_name(f"nf_bsr_i8_{w.name}_{len(lw._linear)}"), **kernel.args(w.encoding), x_scale=x_scale,
                       x_zero_point=zp, target=lw.llvm_target)
         consts = [lw.extra(w.name, f"{built.name}.{i}", c) for i, c in enumerate(built.consts)]
+        lw.kernel_consts[w.name] = consts          # what embedding_rows reads for a tied table
         lw.kernel_notes[w.name] = {"function": built.name, **_jsonable(built.notes)}
         lw._linear[key] = (lw.func(built.name, built.func), consts, built.n, src)
     return lw._linear[key]
@@ -141,6 +142,7 @@ def linear_kernel(lw, w: Value, kernel=None, why: str = "", layer: str = "", row
         built = getattr(mod, builder)(c_name(f"nf_{enc.kind}_{w.name}"), **args, target=lw.llvm_target,
                                       **({} if config is None else {"config": config}))
         consts = [lw.extra(w.name, f"{built.name}.{i}", c) for i, c in enumerate(built.consts)]
+        lw.kernel_consts[w.name] = consts          # what embedding_rows reads for a tied table
         perm = lw.extra(w.name, "perm", numpy_of(enc.perm).astype(np.int64)) if getattr(enc, "perm", None) is not None \
             else None
         entry = _with_dispatch(lw, w, built, consts, perm, layer, rows) or \
@@ -153,6 +155,23 @@ def linear_kernel(lw, w: Value, kernel=None, why: str = "", layer: str = "", row
     lw.kernel_notes[w.name] = {"function": built.name, **_jsonable(built.notes)}
     lw._linear[w.name] = entry
     return entry
+
+
+def embedding_rows(lw, w: Value, ids: Value):
+    """The embedding of token ids ``ids`` (an IR value of any shape) in the int8/int4 table ``w``:
+    rows gathered and dequantised from the arrays of its lowbit kernel (kernels.lowbit.gather_rows),
+    so a table tied to an LM head is read from the head's arrays and no float copy of it is made."""
+    from tvm.relax import op
+    from ...ir import symbolic as sym
+    from .capabilities import LOWBIT
+    from .kernels.lowbit import gather_rows
+    linear_kernel(lw, w, LOWBIT)
+    name, func, plan = gather_rows(c_name(w.name), **int_args(w.encoding), target=lw.llvm_target)
+    count = lw.dim(sym.prod(ids.shape))
+    flat = lw.emit(op.reshape(lw.arg(ids), lw.relax.ShapeExpr([count])))
+    rows = lw.emit(lw.relax.call_tir(lw.func(name, func), [flat, *lw.kernel_consts[w.name]],
+                                     lw.relax.TensorType([count, plan.k], "float32")), name)
+    return op.reshape(rows, lw.relax.ShapeExpr(lw.shape([*ids.shape, plan.k])))
 
 
 def _with_dispatch(lw, w: Value, kernel, consts: list, perm, layer: str, rows) -> tuple | None:

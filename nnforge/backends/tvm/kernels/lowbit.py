@@ -550,6 +550,64 @@ def build_func(plan: Plan, name: str):
     return ib.get()
 
 
+def gather_rows_func(plan: Plan, name: str):
+    """PrimFunc ``name(ids [t], codes, scale[, zero_point], out [t, k])``: rows ``ids`` of W,
+    dequantised from the kernel's own layout (so an embedding tied to an LM head reads the head's
+    codes, and no float copy of the table exists). An id outside ``[0, n)`` reads the nearest row,
+    as Relax's ``take(mode="clip")`` does for a dense table."""
+    from tvm import tirx
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
+
+    P, lanes, gs = plan, plan.lanes, plan.group_size
+    t = tirx.Var("t", "int64")
+    ids = tirx.decl_buffer((t,), "int64", name="ids")
+    codes = tirx.decl_buffer((P.padded_blocks, P.k // P.dot_step, lanes * DOT_LANE_CODES) if P.dot
+                             else (P.padded_blocks, P.k // P.per_byte, lanes), "uint8", name="codes")
+    scale = tirx.decl_buffer((P.padded_blocks, P.groups, lanes), "float32", name="scale")
+    zp = tirx.decl_buffer((P.padded_blocks, P.groups, lanes), "uint8", name="zero_point") \
+        if P.has_zero_point else None
+    out = tirx.decl_buffer((t, P.k), "float32", name="out")
+
+    def field(byte, which):
+        if P.bits == 8:
+            return byte
+        return tirx.bitwise_and(tirx.shift_right(byte, tirx.Cast("uint8", which * 4)), tirx.const(15, "uint8"))
+
+    with IRBuilder() as ib:
+        with T.prim_func():
+            T.func_name(name)
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            for buf in (ids, codes, scale, zp, out):
+                if buf is not None:
+                    T.arg(buf.name, buf)
+            with T.serial(t) as i:
+                row = tirx.max(tirx.min(ids[i], tirx.const(P.n - 1, "int64")), tirx.const(0, "int64"))
+                b, lane = tirx.floordiv(row, lanes), tirx.floormod(row, lanes)
+                with T.serial(P.k) as c:
+                    if P.dot:
+                        step, r = tirx.floordiv(c, P.dot_step), tirx.floormod(c, P.dot_step)
+                        byte = codes[b, step, lane * DOT_LANE_CODES + tirx.floormod(r, DOT_LANE_CODES)]
+                        code = field(byte, tirx.floordiv(r, DOT_LANE_CODES))
+                    else:
+                        code = field(codes[b, tirx.floordiv(c, P.per_byte), lane], tirx.floormod(c, P.per_byte))
+                    g = tirx.floordiv(c, gs)
+                    z = tirx.Cast("float32", zp[b, g, lane]) if zp is not None else \
+                        tirx.const(float(1 << (P.bits - 1)), "float32")
+                    T.buffer_store(out, (tirx.Cast("float32", code) - z) * scale[b, g, lane], [i, c])
+    return ib.get()
+
+
+def gather_rows(name: str, codes, bits: int, scale, zero_point, group_size: int, n: int, k: int,
+                target: str) -> tuple[str, object, Plan]:
+    """(function name, PrimFunc, plan) gathering rows of the weight :func:`int_weight_matmul` builds from the same
+    arguments, from the arrays (``Kernel.consts``) that kernel reads."""
+    codes, scale, zero_point = _checked(name, codes, bits, scale, zero_point, group_size, n, k)
+    plan = make_plan(bits, n, k, group_size, zero_point is not None, target)
+    func_name = "".join(ch if ch.isalnum() else "_" for ch in f"int{bits}_rows_{name}")
+    return func_name, gather_rows_func(plan, func_name), plan
+
+
 # ---------------------------------------------------------------------------------------------
 # The builder
 # ---------------------------------------------------------------------------------------------
