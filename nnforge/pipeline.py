@@ -42,7 +42,7 @@ from .numerics import BACKEND_TOLERANCE, compare, fidelity, json_safe, within, w
 from .passes import PassContext, PassManager, cleanup_passes, resolve_recipe
 from .passes.recipes import recipe_record, with_head_format
 from .speed import check_batch_sizes, default_batch_sizes, speed_shapes
-from .timing import machine, peak_rss_bytes
+from .timing import machine, peak_rss_bytes, reset_peak_rss
 from .targets import Target, get_target
 
 
@@ -54,6 +54,7 @@ def compile(model, target: str | Target, recipe=None, *, example_inputs=None, ca
     """Stages 1-7 (module docstring); the arguments are ``nnforge.compile``'s."""
     timings: dict[str, float] = {}
     memory: dict[str, int | None] = {}
+    since = "this compile started" if reset_peak_rss() else "the process started"
     start = time.perf_counter()
     tgt = get_target(target)
     backend = get_backend(tgt.backend)
@@ -117,7 +118,7 @@ def compile(model, target: str | Target, recipe=None, *, example_inputs=None, ca
                              data_report=data.report, allow_nonfinite=allow_nonfinite, import_check=import_check,
                              timings=timings, started=start, batch_sizes=batch_sizes,
                              peer=speed_peer(model, source) if batch_sizes else None, decoder=decoder,
-                             memory=memory)
+                             memory=memory, memory_since=since)
             bar.update()
         finally:
             bar.close()             # cleared before any error is printed
@@ -154,7 +155,8 @@ def lower_into(root: Path, graph: Graph, target: Target, backend: Backend, *, re
 def build(out: Path, *, graph: Graph, original: Graph, source: str, target: Target, backend: Backend,
           recipe_name: str, passes, records, check: list[tuple], import_check: dict, timings: dict,
           started: float, batch_sizes: tuple = (), peer=None, data_report: dict | None = None,
-          allow_nonfinite: bool = False, decoder=None, memory: dict | None = None) -> dict:
+          allow_nonfinite: bool = False, decoder=None, memory: dict | None = None,
+          memory_since: str = "the process started") -> dict:
     """Stages 5-7 for a compressed ``graph``: its bundle at ``out`` (written atomically); returns
     the manifest.
 
@@ -247,7 +249,8 @@ def build(out: Path, *, graph: Graph, original: Graph, source: str, target: Targ
         }
         if memory is not None:
             manifest["memory"] = {"peak_rss_bytes": memory,
-                                  "what": "the compiling process's peak resident memory at the end of each stage"}
+                                  "what": "the compiling process's peak resident memory at the end of each stage, "
+                                          f"since {memory_since}"}
         if decoder is not None:
             manifest["decoder"] = decoder.manifest_section()
         return write_manifest(tmp, manifest)

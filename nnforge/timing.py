@@ -70,8 +70,28 @@ def alternating_ms(runners: dict[str, Callable], args=(), rounds: int = 10, pass
     return {k: 1000 * statistics.median(v) for k, v in samples.items()}
 
 
+def reset_peak_rss() -> bool:
+    """Start :func:`peak_rss_bytes` over from the memory held now (Linux: ``/proc/self/clear_refs``),
+    so a compile reports its own peak, not an earlier one of the same process; False where the OS
+    cannot (the peak then counts from the process's start)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_bytes() -> int | None:
-    """The most resident memory this process has held so far (None where the OS does not say)."""
+    """The most resident memory this process has held since it started or since the last
+    :func:`reset_peak_rss` (None where the OS does not say)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     try:
         import resource
     except ImportError:                     # Windows
