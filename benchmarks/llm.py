@@ -199,6 +199,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", default=",".join(DEFAULT_PRESETS))
     p.add_argument("--targets", default="onnx,cpu")
+    p.add_argument("--rows", default="", help="target:preset pairs instead of targets x presets "
+                   "(cpu:w4-gptq,onnx:w4-gptq,...)")
     p.add_argument("--peers", default="torch,llamacpp,ortgenai")
     p.add_argument("--max-len", type=int, default=1152, help="cache length: a 1024-token context plus decoding")
     p.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens scored for perplexity")
@@ -229,17 +231,18 @@ def main(argv=None) -> int:
     prompt = ids[:512]
     contexts = [c for c in (128, 1024) if c + args.new_tokens <= args.max_len]
     results = []
-    for target in [t for t in args.targets.split(",") if t]:
-        for preset in [x for x in args.presets.split(",") if x]:
-            bundle = compile_row(hf, target, preset, calib, args.max_len, work, args.recompile)
-            r = measure(BundleRow(bundle), ids, args.window, args.stride, prompt, contexts, args.new_tokens)
-            r["passes_s"] = bundle.manifest["timings"].get("passes_s") if preset != "fp32" else None
-            r["peak_rss_bytes"] = (bundle.manifest.get("memory") or {}).get("peak_rss_bytes")
-            r["fallbacks"] = len(bundle.manifest["fallbacks"])
-            if bundle.manifest["fallbacks"]:
-                fb = bundle.manifest["fallbacks"][0]
-                r["fallback_example"] = f"{fb['where']}: {fb['action']}"
-            results.append(r)
+    rows = ([tuple(r.split(":", 1)) for r in args.rows.split(",") if r] if args.rows else
+            [(t, p) for t in args.targets.split(",") if t for p in args.presets.split(",") if p])
+    for target, preset in rows:
+        bundle = compile_row(hf, target, preset, calib, args.max_len, work, args.recompile)
+        r = measure(BundleRow(bundle), ids, args.window, args.stride, prompt, contexts, args.new_tokens)
+        r["passes_s"] = bundle.manifest["timings"].get("passes_s") if preset != "fp32" else None
+        r["peak_rss_bytes"] = (bundle.manifest.get("memory") or {}).get("peak_rss_bytes")
+        r["fallbacks"] = len(bundle.manifest["fallbacks"])
+        if bundle.manifest["fallbacks"]:
+            fb = bundle.manifest["fallbacks"][0]
+            r["fallback_example"] = f"{fb['where']}: {fb['action']}"
+        results.append(r)
     ran, left_out = peers([x for x in args.peers.split(",") if x], loaded, gguf, work)
     for peer in ran:
         results.append(measure(peer, ids, args.window, args.stride, prompt, contexts, args.new_tokens))
