@@ -25,7 +25,7 @@ LAYERS = [
     ["frontend", "passes", "timing", "generation", "bundle", "bundle.format"],
     ["fpga", "hls", "backends"],
     ["heldout", "figures", "speed", "claims", "bundle.store", "bundle.signing", "models"],
-    ["pipeline", "divergence", "fuzz", "demo"],
+    ["pipeline", "divergence", "fuzz", "demo", "demo_llm"],
     ["api", "cli", ""],
 ]
 
