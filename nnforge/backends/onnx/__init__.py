@@ -22,6 +22,7 @@ from . import weights as W
 from .builder import INLINE_LIMIT, OnnxBuilder, onnx_type
 from .capabilities import CAPABILITIES
 from .ops import LOWERINGS
+from . import attention  # noqa: E402,F401  (registers the decoder ops' rules in LOWERINGS: attention, cache_update)
 from .state import METADATA_KEY as KV_METADATA, KvCache, Resident, spec_of
 
 OPSET = 21

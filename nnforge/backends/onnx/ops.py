@@ -398,5 +398,3 @@ def _fake_quant(b, node, fb):
     q = b.node("QuantizeLinear", [_ins(b, node, fb)[0], scale, zp])
     b.node("DequantizeLinear", [q, scale, zp], _out(node))
 
-
-from . import attention  # noqa: E402,F401  (registers the decoder ops' rules: attention, cache_update)

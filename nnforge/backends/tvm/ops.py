@@ -252,10 +252,11 @@ def _conv(lw, node):
 @rule("embedding")
 def _embedding(lw, node):
     from tvm.relax import op
+    from .capabilities import LOWBIT
     from .weights import embedding_rows
     idx, table = node.inputs
     if table.is_weight and table.encoding.kind == "int" and lw.native(node.op, table)[0] is not None:
-        return embedding_rows(lw, table, idx)
+        return embedding_rows(lw, table, idx, LOWBIT)
     # "clip": an out-of-range token id reads the last row instead of memory past the table
     return op.take(lw.layer_weight(node.op, table) if table.is_weight else lw.arg(table), lw.arg(idx), axis=0,
                    mode="clip")

@@ -157,15 +157,15 @@ def linear_kernel(lw, w: Value, kernel=None, why: str = "", layer: str = "", row
     return entry
 
 
-def embedding_rows(lw, w: Value, ids: Value):
+def embedding_rows(lw, w: Value, ids: Value, kernel):
     """The embedding of token ids ``ids`` (an IR value of any shape) in the int8/int4 table ``w``:
     rows gathered and dequantised from the arrays of its lowbit kernel (kernels.lowbit.gather_rows),
-    so a table tied to an LM head is read from the head's arrays and no float copy of it is made."""
+    so a table tied to an LM head is read from the head's arrays and no float copy of it is made.
+    ``kernel``: the capability row's Kernel of a linear layer on ``w`` (capabilities.LOWBIT)."""
     from tvm.relax import op
     from ...ir import symbolic as sym
-    from .capabilities import LOWBIT
     from .kernels.lowbit import gather_rows
-    linear_kernel(lw, w, LOWBIT)
+    linear_kernel(lw, w, kernel)
     name, func, plan = gather_rows(c_name(w.name), **int_args(w.encoding), target=lw.llvm_target)
     count = lw.dim(sym.prod(ids.shape))
     flat = lw.emit(op.reshape(lw.arg(ids), lw.relax.ShapeExpr([count])))
