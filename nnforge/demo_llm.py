@@ -51,16 +51,17 @@ class _TorchDecoder:
 
 def _torch_decode_speed(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, list[int]]:
     """Greedy decode tokens/s of the transformers model with its own KV cache (step calls timed)."""
+    import inspect
+    # transformers 5 names the cache argument and output `cache` (`past_key_values` before it)
+    arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     tokens, decode_s = [], 0.0
     with torch.inference_mode():
         out = model(input_ids=ids, use_cache=True)
-        cache = out.past_key_values
         for _ in range(new_tokens):
             tokens.append(int(out.logits[0, -1].argmax()))
             t0 = time.perf_counter()
-            out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True)
+            out = model(input_ids=torch.tensor([[tokens[-1]]]), use_cache=True, **{arg: getattr(out, arg)})
             decode_s += time.perf_counter() - t0
-            cache = out.past_key_values
     return new_tokens / decode_s, tokens
 
 
@@ -70,6 +71,7 @@ def run_llm_demo(out: str | Path = "bundles/demo-llm", targets=("onnx", "cpu"), 
     from .generation import perplexity
     from .pipeline import compile as nf_compile
     model, tok, gguf = small.load_small_llm()
+    directory = small.small_llm_directory(Path(out) / "model")      # (with its tokenizer, for text calibration)
     calib_text, held_text = small.text_split()
     calibration = tok.decode(tok(calib_text)["input_ids"][:CALIBRATION_TOKENS])
     ids = torch.tensor(tok(held_text)["input_ids"][:EVAL_TOKENS])
@@ -83,7 +85,7 @@ def run_llm_demo(out: str | Path = "bundles/demo-llm", targets=("onnx", "cpu"), 
                    time.perf_counter() - start, [f"weights dequantised from {gguf.name}"])]
     for target in targets:
         start = time.perf_counter()
-        bundle = nf_compile(model, target, preset, out=Path(out) / f"gemma3-270m-{target}-{preset}",
+        bundle = nf_compile(directory, target, preset, out=Path(out) / f"gemma3-270m-{target}-{preset}",
                             max_len=MAX_LEN, calibration=calibration, progress=progress)
         lm = bundle.load()
         ppl = lm.perplexity(ids, window=WINDOW, stride=STRIDE).perplexity

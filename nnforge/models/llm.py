@@ -60,4 +60,24 @@ def load_small_llm():
     return model.float().eval(), loaded.tokenizer, gguf
 
 
-__all__ = ["load_small_llm", "small_llm_gguf", "text_split"]
+def small_llm_directory(root: str | Path) -> Path:
+    """The small LLM as a transformers model directory (float32 safetensors, config, tokenizer)
+    under ``root``, written once: what ``nf.compile`` takes with its tokenizer, without reading
+    the GGUF again."""
+    import json
+    out = Path(root) / "gemma3-270m"
+    if (out / "config.json").is_file() and (out / "tokenizer.json").is_file():
+        return out
+    model, tokenizer, _ = load_small_llm()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    # a config read from a GGUF keeps its quantization_config, which would make readers take the
+    # float32 weights written here for a quantised checkpoint
+    config = json.loads((out / "config.json").read_text())
+    config.pop("quantization_config", None)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+__all__ = ["load_small_llm", "small_llm_directory", "small_llm_gguf", "text_split"]
