@@ -21,7 +21,7 @@ from .models import llm as small
 
 PROMPT = "A Python function is defined with"
 MAX_LEN = 512
-CALIBRATION_TOKENS = 4096      # 32 windows of 128 tokens
+CALIBRATION_TOKENS = 16384     # 128 windows of 128 tokens (the compile's default cap)
 EVAL_TOKENS = 2048
 WINDOW, STRIDE = 512, 256
 NEW_TOKENS = 24
