@@ -395,7 +395,7 @@ def test_block_survives_serialisation_and_verifies(tmp_path):
     assert str(g2) == str(g)
     node = g2.node("self_attn.attention")
     assert node.attrs == {"scale": HEAD_DIM ** -0.5, "window": 4, "softcap": 30.0}
-    assert g2.node("q.rope").attrs == {"scale": 1.0, "style": "half", "rotary_dim": 0}
+    assert g2.node("q.rope").attrs == {"scale": 1.0, "style": "half", "rotary_dim": 0, "switch_at": 0}
     x, pos = randn(1, 3, HIDDEN), _positions(1, 3)
     cache = torch.zeros(1, KV_HEADS, MAX_LEN, HEAD_DIM)
     for a, b in zip(Interpreter(g).run(x, pos, cache, cache), Interpreter(g2).run(x, pos, cache, cache)):
