@@ -183,7 +183,11 @@ def write_table(results: list[dict], args: dict, machine: dict, cmd: str | None 
         notes.append(f"Bandwidth ideal: the decode tokens/s this machine's memory bandwidth allows if a step did "
                      f"nothing but read the row's weights once: {bandwidth / 1e9:.1f} GB/s (copy of 512 MiB, read + "
                      f"written, as STREAM counts it) over the weight bytes a step reads (every linear layer and "
-                     f"the LM head as stored; the embedding row, norms and KV cache not counted). nnforge rows only.")
+                     f"the LM head as stored; the embedding row, norms and KV cache not counted). nnforge rows only. "
+                     f"A step that only reads can beat a copy's rate (the fp32 rows do), since a copy also pays for "
+                     f"its writes. Weights a backend decodes for lack of a kernel (the fallbacks below) and, on "
+                     f"onnx, the int8 LM head (dequantised to float32 when the model loads, unless the target sets "
+                     f"int8_activations) are streamed as float32, so their rows read more than the figure assumes.")
     falls = [f"{r['name']}: {r['fallbacks']} fallback(s) ({r['fallback_example']})" for r in results
              if r.get("fallbacks")]
     if falls:
