@@ -475,18 +475,15 @@ def explain_target(name: str) -> list[str]:
     return out
 
 
-DEMO_OUT = "bundles/demo"
-
-
 def cmd_demo(args) -> int:
     if args.llm:
         from .demo_llm import format_llm_table, run_llm_demo
-        rows = run_llm_demo(args.out if args.out != DEMO_OUT else "bundles/demo-llm")
+        rows = run_llm_demo(args.out or "bundles/demo-llm")
         print()
         print(format_llm_table(rows))
         return 0
     from .demo import check_rows, format_table, run_demo
-    rows = run_demo(args.out, full=args.full, sentences=args.sentences)
+    rows = run_demo(args.out or "bundles/demo", full=args.full, sentences=args.sentences)
     print()
     print(format_table(rows, full=args.full))
     failures = check_rows(rows)
@@ -633,7 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Compile the embedded default model for one target of each family (onnx, "
                                    "CPU, GPU, phone, FPGA, MLIR) with the recipe it is known for, and print size, "
                                    "fidelity on held-out sentences and speed against torch eager.")
-    d.add_argument("--out", default=DEMO_OUT)
+    d.add_argument("--out", default=None, help="where the bundles go (default bundles/demo, or bundles/demo-llm)")
     d.add_argument("--full", action="store_true",
                    help="every recipe of every family, on more sentences (what `make bench` records)")
     d.add_argument("--sentences", type=int, default=None, metavar="N",

@@ -379,14 +379,15 @@ class DecoderRunner:
         outs = self.runner(*[inputs[n] for n in self.input_names])
         return dict(zip(self.output_names, outs if isinstance(outs, (list, tuple)) else [outs]))
 
-    def decoder(self, *, prefill_chunk: int | None = None) -> Decoder:
-        """A fresh :class:`Decoder` over this bundle (its own cache)."""
+    def decoder(self, *, prefill_chunk: int | None = None, resident: bool = True) -> Decoder:
+        """A fresh :class:`Decoder` over this bundle (its own cache), kept in the runtime's memory
+        between steps where the backend can (``resident``; False: through numpy every call)."""
         state = self.section["state"]
         pairs = [(s["input"], s["output"]) for s in state]
-        resident = getattr(self.runner, "resident", None)
+        keep = getattr(self.runner, "resident", None) if resident else None
         return Decoder(self._step, pairs, {s["input"]: s["shape"] for s in state}, self.max_len,
                        prefill_chunk=prefill_chunk,
-                       resident=resident(pairs, (INPUT_IDS, POSITIONS), LOGITS) if resident else None)
+                       resident=keep(pairs, (INPUT_IDS, POSITIONS), LOGITS) if keep else None)
 
     def generate(self, prompt, max_new_tokens: int = 64, *, stop_tokens=None, prefill_chunk: int | None = None,
                  **sampling) -> GenerationResult:

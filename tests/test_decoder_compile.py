@@ -117,46 +117,39 @@ def test_fp32_bundle_generates_and_scores_like_transformers(tmp_path, family, ta
     assert got.tokens == 39 and got.nll == pytest.approx(loss, rel=1e-4)
 
 
-def test_cpu_keeps_the_cache_in_tvm_memory_and_agrees_with_numpy_steps(tmp_path):
-    from nnforge.generation import Decoder
-    lm = nf.compile(tiny_model("gemma3"), "cpu", out=tmp_path / "b", max_len=48).load()
-    kept = lm.decoder()
-    assert kept._resident is not None
-    state = lm.section["state"]
-    plain = Decoder(lm._step, [(s["input"], s["output"]) for s in state], {s["input"]: s["shape"] for s in state},
-                    lm.max_len)
-    ids = torch.randint(4, 128, (2, 30), generator=torch.Generator().manual_seed(5))
-    torch.testing.assert_close(kept.prefill(ids), plain.prefill(ids), rtol=0, atol=0)
+IDS = torch.randint(4, 128, (2, 30), generator=torch.Generator().manual_seed(5))
+
+
+def assert_resident_agrees(lm):
+    """The decoder keeping its cache in the runtime's memory gives exactly the logits and caches of
+    the one passing them through numpy, over a batch of 2: prefill, then five steps."""
+    kept, plain = lm.decoder(), lm.decoder(resident=False)
+    assert kept._resident is not None and plain._resident is None
+    torch.testing.assert_close(kept.prefill(IDS), plain.prefill(IDS), rtol=0, atol=0)
     for token in (7, 99, 3, 42, 11):
         torch.testing.assert_close(kept.step(torch.tensor([token, token + 1])),
                                    plain.step(torch.tensor([token, token + 1])), rtol=0, atol=0)
     assert sorted(kept.cache) == sorted(plain.cache)
     for name, value in plain.cache.items():
         torch.testing.assert_close(kept.cache[name], value, rtol=0, atol=0)
+    return plain
+
+
+def test_cpu_keeps_the_cache_in_tvm_memory_and_agrees_with_numpy_steps(tmp_path):
+    assert_resident_agrees(nf.compile(tiny_model("gemma3"), "cpu", out=tmp_path / "b", max_len=48).load())
 
 
 def test_onnx_keeps_the_cache_in_ort_memory_and_agrees_with_numpy_steps(tmp_path):
     """GroupQueryAttention writes every layer's caches in place: the resident decoder binds them
     between steps, the numpy steps bind copies; both agree, also for a batch of 2 prefilled in
     chunks (several tokens per row after a prefix: run row by row)."""
-    from nnforge.generation import Decoder
     bundle = nf.compile(tiny_model("gemma3"), "onnx", out=tmp_path / "b", max_len=48)
     state = bundle.manifest["decoder"]["state"]
     assert bundle.manifest["backend"]["entry"]["kv_cache"]["shared_buffers"] == {s["output"]: s["input"] for s in state}
     lm = bundle.load()
-    kept, chunked = lm.decoder(), lm.decoder(prefill_chunk=7)
-    assert kept._resident is not None
-    plain = Decoder(lm._step, [(s["input"], s["output"]) for s in state], {s["input"]: s["shape"] for s in state},
-                    lm.max_len)
-    ids = torch.randint(4, 128, (2, 30), generator=torch.Generator().manual_seed(5))
-    torch.testing.assert_close(kept.prefill(ids), plain.prefill(ids), rtol=0, atol=0)
-    torch.testing.assert_close(chunked.prefill(ids), plain.prefill(ids), rtol=1e-5, atol=1e-5)
-    for token in (7, 99, 3, 42, 11):
-        torch.testing.assert_close(kept.step(torch.tensor([token, token + 1])),
-                                   plain.step(torch.tensor([token, token + 1])), rtol=0, atol=0)
-    assert sorted(kept.cache) == sorted(plain.cache)
-    for name, value in plain.cache.items():
-        torch.testing.assert_close(kept.cache[name], value, rtol=0, atol=0)
+    assert_resident_agrees(lm)
+    chunked, plain = lm.decoder(prefill_chunk=7), lm.decoder(resident=False)
+    torch.testing.assert_close(chunked.prefill(IDS), plain.prefill(IDS), rtol=1e-5, atol=1e-5)
 
 
 def test_cli_generate_and_eval(model_dir, tmp_path, capsys):

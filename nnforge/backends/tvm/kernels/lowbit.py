@@ -240,6 +240,37 @@ def dot_layout(codes: np.ndarray, bits: int, k: int, lanes: int, blocks: int) ->
 # The PrimFunc
 # ---------------------------------------------------------------------------------------------
 
+def weight_buffers(plan: Plan):
+    """(codes, scale, zero_point or None): the buffers of the arrays ``int_weight_matmul`` makes
+    (``Kernel.consts``), in the layout ``plan`` chose; every PrimFunc reading them declares these."""
+    from tvm import tirx
+    P, lanes = plan, plan.lanes
+    codes = tirx.decl_buffer((P.padded_blocks, P.k // P.dot_step, lanes * DOT_LANE_CODES) if P.dot
+                             else (P.padded_blocks, P.k // P.per_byte, lanes), "uint8", name="codes")
+    scale = tirx.decl_buffer((P.padded_blocks, P.groups, lanes), "float32", name="scale")
+    zp = tirx.decl_buffer((P.padded_blocks, P.groups, lanes), "uint8", name="zero_point") \
+        if P.has_zero_point else None
+    return codes, scale, zp
+
+
+def _scheduled_func(name: str, buffers):
+    """The IRBuilder frame of a scheduled PrimFunc ``name`` taking ``buffers`` (None: left out)."""
+    from contextlib import contextmanager
+
+    from tvm.script.ir_builder import tirx as T
+
+    @contextmanager
+    def frame():
+        with T.prim_func():
+            T.func_name(name)
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            for buf in buffers:
+                if buf is not None:
+                    T.arg(buf.name, buf)
+            yield
+    return frame()
+
+
 def build_func(plan: Plan, name: str):
     """The PrimFunc ``name(x, codes, scale[, zero_point], y)`` of ``plan`` (see the module doc)."""
     from contextlib import contextmanager
@@ -252,11 +283,7 @@ def build_func(plan: Plan, name: str):
     lanes, gs = P.lanes, P.group_size
     m = tirx.Var("m", "int64")
     x = tirx.decl_buffer((m, P.k), "float32", name="x")
-    codes = tirx.decl_buffer((P.padded_blocks, P.k // P.dot_step, lanes * DOT_LANE_CODES) if P.dot
-                             else (P.padded_blocks, P.k // P.per_byte, lanes), "uint8", name="codes")
-    scale = tirx.decl_buffer((P.padded_blocks, P.groups, lanes), "float32", name="scale")
-    zp = tirx.decl_buffer((P.padded_blocks, P.groups, lanes), "uint8", name="zero_point") \
-        if P.has_zero_point else None
+    codes, scale, zp = weight_buffers(P)
     y = tirx.decl_buffer((m, P.n), "float32", name="y")
 
     def f32(e):
@@ -536,12 +563,7 @@ def build_func(plan: Plan, name: str):
                     row_blocks(P.row_block, lambda row0, rows: micro_kernel(wt, t, k0, length, row0, rows))
 
     with IRBuilder() as ib:
-        with T.prim_func():
-            T.func_name(name)
-            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-            for buf in (x, codes, scale, zp, y):
-                if buf is not None:
-                    T.arg(buf.name, buf)
+        with _scheduled_func(name, (x, codes, scale, zp, y)):
             with T.If(m < GEMV_MAX_ROWS):
                 with T.Then():
                     dot_gemv() if P.dot else gemv()
@@ -562,11 +584,7 @@ def gather_rows_func(plan: Plan, name: str):
     P, lanes, gs = plan, plan.lanes, plan.group_size
     t = tirx.Var("t", "int64")
     ids = tirx.decl_buffer((t,), "int64", name="ids")
-    codes = tirx.decl_buffer((P.padded_blocks, P.k // P.dot_step, lanes * DOT_LANE_CODES) if P.dot
-                             else (P.padded_blocks, P.k // P.per_byte, lanes), "uint8", name="codes")
-    scale = tirx.decl_buffer((P.padded_blocks, P.groups, lanes), "float32", name="scale")
-    zp = tirx.decl_buffer((P.padded_blocks, P.groups, lanes), "uint8", name="zero_point") \
-        if P.has_zero_point else None
+    codes, scale, zp = weight_buffers(P)
     out = tirx.decl_buffer((t, P.k), "float32", name="out")
 
     def field(byte, which):
@@ -575,12 +593,7 @@ def gather_rows_func(plan: Plan, name: str):
         return tirx.bitwise_and(tirx.shift_right(byte, tirx.Cast("uint8", which * 4)), tirx.const(15, "uint8"))
 
     with IRBuilder() as ib:
-        with T.prim_func():
-            T.func_name(name)
-            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-            for buf in (ids, codes, scale, zp, out):
-                if buf is not None:
-                    T.arg(buf.name, buf)
+        with _scheduled_func(name, (ids, codes, scale, zp, out)):
             with T.serial(t) as i:
                 row = tirx.max(tirx.min(ids[i], tirx.const(P.n - 1, "int64")), tirx.const(0, "int64"))
                 b, lane = tirx.floordiv(row, lanes), tirx.floormod(row, lanes)
