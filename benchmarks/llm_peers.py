@@ -210,15 +210,10 @@ def hf_directory(loaded, work: Path) -> Path:
     if loaded.tokenizer is None:
         raise ValueError(f"{loaded.source}: no tokenizer came with the model, and the model builder needs one "
                          "beside the weights; load a GGUF or a model directory that carries its tokenizer")
+    from nnforge.models.llm import save_model_directory
     model = TorchEager(loaded).model
     with _built(out) as tmp:
-        model.save_pretrained(tmp)
-        loaded.tokenizer.save_pretrained(tmp)
-        # a config read from a GGUF keeps its quantization_config, which would make readers treat
-        # the float32 weights written here as a quantised checkpoint
-        config = json.loads((tmp / "config.json").read_text())
-        config.pop("quantization_config", None)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        save_model_directory(model, loaded.tokenizer, tmp)
     return out
 
 

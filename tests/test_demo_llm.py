@@ -32,3 +32,19 @@ def test_the_real_llm_keeps_its_perplexity_at_w4_gptq_on_cpu(tmp_path):
     from nnforge.demo_llm import run_llm_demo
     fp32, w4 = run_llm_demo(tmp_path, targets=("cpu",), progress=False)
     assert w4.perplexity < 1.1 * fp32.perplexity and w4.decode_tokens_per_s > 0 and w4.text.strip()
+
+
+def test_a_saved_model_directory_reads_back_as_float32_without_quantization_config(tmp_path):
+    import json
+
+    from nnforge.frontend.decoders import load_causal_lm
+    from nnforge.models.llm import save_model_directory
+    from tests.frontend.decoders.families import tiny_tokenizer
+    model = tiny_model("llama")
+    model.config.quantization_config = {"quant_method": "gguf"}        # as a config read from a GGUF keeps
+    out = save_model_directory(model, tiny_tokenizer(), tmp_path)
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    loaded = load_causal_lm(out)
+    assert loaded.tokenizer is not None
+    name = "model.layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(loaded.weights[name], model.state_dict()[name], rtol=0, atol=0)

@@ -60,16 +60,11 @@ def load_small_llm():
     return model.float().eval(), loaded.tokenizer, gguf
 
 
-def small_llm_directory(root: str | Path) -> Path:
-    """The small LLM as a transformers model directory (float32 safetensors, config, tokenizer)
-    under ``root``, written once: what ``nf.compile`` takes with its tokenizer, without reading
-    the GGUF again."""
+def save_model_directory(model, tokenizer, out: str | Path) -> Path:
+    """``model`` and ``tokenizer`` written as a transformers model directory (safetensors, config,
+    tokenizer files) in ``out``: what ``nf.compile`` and ONNX Runtime GenAI's model builder read."""
     import json
-    out = Path(root) / "gemma3-270m"
-    if (out / "config.json").is_file() and (out / "tokenizer.json").is_file():
-        return out
-    model, tokenizer, _ = load_small_llm()
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     # a config read from a GGUF keeps its quantization_config, which would make readers take the
@@ -80,4 +75,15 @@ def small_llm_directory(root: str | Path) -> Path:
     return out
 
 
-__all__ = ["load_small_llm", "small_llm_directory", "small_llm_gguf", "text_split"]
+def small_llm_directory(root: str | Path) -> Path:
+    """The small LLM as a model directory (float32) under ``root``, written once: what
+    ``nf.compile`` takes with its tokenizer, without reading the GGUF again."""
+    out = Path(root) / "gemma3-270m"
+    if (out / "config.json").is_file() and (out / "tokenizer.json").is_file():
+        return out
+    model, tokenizer, _ = load_small_llm()
+    out.mkdir(parents=True, exist_ok=True)
+    return save_model_directory(model, tokenizer, out)
+
+
+__all__ = ["load_small_llm", "save_model_directory", "small_llm_directory", "small_llm_gguf", "text_split"]
