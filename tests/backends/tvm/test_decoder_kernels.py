@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nnforge.backends.base import get_backend
+from nnforge.backends.base import BackendError, get_backend
 from nnforge.ir import Graph, run_graph, tensor
 from nnforge.passes.base import PassContext
 from nnforge.passes.decompose import DecomposeOps
@@ -53,6 +53,8 @@ def test_decoder_kernels_match_the_interpreter(tmp_path, window, softcap, keep_c
     library = (tmp_path / "model.so").read_bytes()
     assert b"nf_attention" in library and b"nf_cache_update" in library
     runner = backend.load(tmp_path, lowered.entry)
+    with pytest.raises(BackendError, match=r"the library has no input or output \['tokens', 'logits'"):
+        runner.resident([("cache", "cache.next")], ("tokens", "positions"), "logits")
     for case in (prefill, decode, late):
         given = [t.clone() for t in case]
         for got, want in zip(runner(*case), run_graph(graph, case)):
