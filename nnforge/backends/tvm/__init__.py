@@ -457,7 +457,7 @@ class TvmBackend(Backend):
     def prepare(self, target: Target, shapes: dict) -> list:
         """The decompositions, and the decoder ops of dtypes other than float32 written out too:
         their kernels (kernels/decoder.py) take float32."""
-        return self.decompositions() + [{"pass": "decompose", "ops": ["attention", "cache_update"],
+        return self.decompositions() + [{"pass": "decompose", "ops": ["attention", "cache_update", "rms_norm", "rope"],
                                          "keep_dtypes": ["float32"]}]
 
     def lower(self, graph: Graph, target: Target, ctx: LowerContext) -> Artifact:

@@ -293,6 +293,47 @@ def _attention(lw, node):
                              lw.relax.TensorType(lw.shape(q.shape), "float32"))
 
 
+def _as(lw, v, dtype: str):
+    """``v`` as the dtype a decoder kernel takes (int32 positions, a bf16 norm weight)."""
+    from tvm.relax import op
+    return lw.arg(v) if v.dtype.name == dtype else op.astype(lw.arg(v), dtype)
+
+
+@rule("rope")
+def _rope(lw, node):
+    from .kernels.decoder import rope_func
+    x, positions, inv_freq = node.inputs[:3]
+    long = node.inputs[3] if len(node.inputs) > 3 else None
+    _, h, _, d = x.shape
+    a = node.attrs
+    rotated = a["rotary_dim"] or d
+    switch_at = int(a["switch_at"]) if long is not None else None
+    name = c_name(f"nf_rope_{h}x{d}_r{rotated}_{a['style']}_s{a['scale']:.9g}"
+                  + (f"_long{switch_at}" if long is not None else ""))
+    args = [lw.arg(x), _as(lw, positions, "int64"), _as(lw, inv_freq, "float32")] + \
+        ([_as(lw, long, "float32")] if long is not None else [])
+    return lw.relax.call_tir(lw.func(name, rope_func(h, d, rotated, a["style"], float(a["scale"]), switch_at)),
+                             args, lw.relax.TensorType(lw.shape(x.shape), "float32"))
+
+
+@rule("rms_norm")
+def _rms_norm(lw, node):
+    from tvm.relax import op
+    from .kernels.decoder import rms_norm_func
+    from .kernels.dense import vector_lanes
+    x = node.inputs[0]
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    d = x.shape[-1]
+    a = node.attrs
+    rows = lw.shape([sym.prod(x.shape[:-1]), d])
+    name = c_name(f"nf_rms_norm_{d}_e{a['eps']:.9g}_o{a['offset']:g}" + ("" if weight is not None else "_plain"))
+    func = rms_norm_func(d, float(a["eps"]), float(a["offset"]), weight is not None, vector_lanes(lw.target))
+    x2 = lw.emit(op.reshape(lw.arg(x), rows))
+    args = [x2] + ([_as(lw, weight, "float32")] if weight is not None else [])
+    y = lw.call_kernel(name, func, args, rows)
+    return op.reshape(y, lw.shape(x.shape))
+
+
 # --- normalisation, softmax, pooling -----------------------------------------------------------
 @rule("softmax", "log_softmax")
 def _softmax(lw, node):

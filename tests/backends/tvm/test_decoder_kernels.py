@@ -1,14 +1,15 @@
 """The tvm backend's own kernels for the decoder ops (kernels/decoder.py) against the interpreter:
 attention over the visible slots only and the cache written in place, at prefill and decode, with
 grouped-query heads, sliding windows, softcapping, rows at different positions and a head size that
-fills whole vectors."""
+fills whole vectors; rope in both pair styles, partial rotation and the long table; rms_norm with and
+without a weight."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from nnforge.backends.base import BackendError, get_backend
-from nnforge.ir import Graph, run_graph, tensor
+from nnforge.ir import Dense, Graph, run_graph, tensor
 from nnforge.passes.base import PassContext
 from nnforge.passes.decompose import DecomposeOps
 from tests import conftest
@@ -63,10 +64,43 @@ def test_decoder_kernels_match_the_interpreter(tmp_path, window, softcap, keep_c
             assert torch.equal(a, b)
 
 
+def rope_norm_block(style: str, rotary: int, long: bool) -> Graph:
+    g = Graph("rope_norm")
+    x = g.add_input("x", tensor("f32", "batch", 3, "seq", 16))
+    pos = g.add_input("positions", tensor("i32", "batch", "seq"))
+    freqs = [g.add_weight(f"inv_freq{i}", Dense(base / 10000 ** (torch.arange(0, rotary, 2).float() / rotary)))
+             for i, base in enumerate((1.0, 0.25)[:1 + long])]
+    y = g.op("rope", x, pos, *freqs, style=style, rotary_dim=0 if rotary == 16 else rotary, scale=1.5,
+             switch_at=10 if long else 0)
+    weighted = g.op("rms_norm", y, g.add_weight("norm.weight", Dense(_randn(16, seed=4))), eps=1e-6, offset=1.0)
+    g.set_outputs([y, weighted, g.op("rms_norm", x, eps=1e-5)])
+    return g
+
+
+@pytest.mark.parametrize("style,rotary,long", [("half", 16, False), ("half", 8, True), ("interleaved", 16, True),
+                                               ("interleaved", 8, False)])
+def test_rope_and_rms_norm_kernels_match_the_interpreter(tmp_path, style, rotary, long):
+    graph = rope_norm_block(style, rotary, long)
+    backend = get_backend("tvm")
+    lowered = conftest.lower_into(backend, graph, "cpu", tmp_path, shapes={"x": [2, 3, 5, 16], "positions": [2, 5]})
+    assert not lowered.fallbacks
+    library = (tmp_path / "model.so").read_bytes()
+    assert b"nf_rope" in library and b"nf_rms_norm" in library
+    runner = backend.load(tmp_path, lowered.entry)
+    # prefill, a decode step, and a call past switch_at (positions up to 12: the long table)
+    for seq, start in ((5, 0), (1, 6), (4, 7)):
+        x = _randn(2, 3, seq, 16, seed=seq)
+        positions = torch.arange(start, start + seq, dtype=torch.int32).repeat(2, 1)
+        positions[1] += 2
+        for got, want in zip(runner(x, positions), run_graph(graph, [x, positions])):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_decoder_ops_of_other_dtypes_are_written_out_for_tvm():
     configs = get_backend("tvm").prepare(None, {})
     keep = [c for c in configs if c.get("keep_dtypes")]
-    assert keep == [{"pass": "decompose", "ops": ["attention", "cache_update"], "keep_dtypes": ["float32"]}]
+    assert keep == [{"pass": "decompose", "ops": ["attention", "cache_update", "rms_norm", "rope"],
+                     "keep_dtypes": ["float32"]}]
     graph = block()
     DecomposeOps(ops=["attention", "cache_update"], keep_dtypes=["float32"]).run(graph, PassContext())
     assert {"attention", "cache_update"} <= {n.op for n in graph.nodes}
