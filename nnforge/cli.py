@@ -505,6 +505,7 @@ class _RecipeAction(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .passes.recipes import HEAD_FORMATS
     p = argparse.ArgumentParser(prog="nnforge", description="Compress a model and compile it for a hardware target.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -537,9 +538,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-len", type=int, default=None, metavar="N",
                    help="a causal LM's static KV cache length: the longest prompt plus generation (default 512, or "
                         "the model's own limit when smaller)")
-    c.add_argument("--head", default=None, choices=["w8", "fp32", "recipe"],
+    c.add_argument("--head", default=None, choices=list(HEAD_FORMATS),
                    help="a causal LM's LM head format (with a tied embedding): w8 (default: int8 per channel), "
-                        "fp32, or recipe (compressed like the other layers)")
+                        "w4-g32 (int4 in groups of 32, GPTQ: fewer bytes a decode step reads), fp32, or recipe "
+                        "(compressed like the other layers)")
     c.add_argument("--calibration-samples", type=int, default=None,
                    help="calibration sentences for the default model (default: all of its calibration split)")
     c.set_defaults(fn=cmd_compile)

@@ -193,8 +193,22 @@ def test_the_head_has_its_own_format(tmp_path, head, want):
         assert passes[-1]["layers"] == ["lm_head"] and "lm_head" in passes[0]["exclude"]
 
 
+def test_an_int4_head_runs_natively_on_cpu_and_keeps_float16_scales(model_dir, tmp_path):
+    """head="w4-g32": GPTQ on the head's own calibration inputs, float16 scales kept as stored by the
+    cpu kernel (no fallback for the head or the tied embedding), and the bundle verified."""
+    bundle = nf.compile(model_dir / "model", "cpu", "w4-rtn", calibration=model_dir / "calib.txt",
+                        out=tmp_path / "b", max_len=64, head="w4-g32")
+    enc = bundle.graph().node("lm_head").inputs[1].encoding
+    assert (enc.bits, enc.group_size, str(enc.scale.dtype)) == (4, 32, "torch.float16")
+    m = bundle.manifest
+    assert m["decoder"]["head"]["format"] == "w4-g32" and not m["fallbacks"] and m["numerics"]["runtime_checked"]
+    assert m["recipe"]["passes"][-1]["pass"] == "quantize_gptq" and m["recipe"]["passes"][-1]["layers"] == ["lm_head"]
+    lm = bundle.load()
+    assert len(lm.generate("w1 w2 w3", max_new_tokens=4).tokens) == 4
+
+
 def test_an_unknown_head_format_is_refused(tmp_path):
-    with pytest.raises(PassError, match=r"head format 'w4': choose from w8, fp32, recipe"):
+    with pytest.raises(PassError, match=r"head format 'w4': choose from w8, w4-g32, fp32, recipe"):
         nf.compile(tiny_model("llama"), "onnx", "w4-rtn", out=tmp_path / "b", max_len=32, head="w4")
     assert not (tmp_path / "b").exists()
 

@@ -236,6 +236,10 @@ def resolve_recipe(recipe, defaults: dict | None = None) -> tuple[str, list[Pass
 # keeps output and token-embedding tensors at 6-8 bits: the head maps every hidden state to the whole
 # vocabulary, so its error reaches every logit. "recipe": the recipe's passes treat it as any layer.
 HEAD_FORMATS = {"w8": ("int8 per output channel, round-to-nearest", [{"pass": "quantize_rtn", "format": "int8"}]),
+                "w4-g32": ("int4 with zero points in groups of 32 and float16 scales, GPTQ with act-order and "
+                           "static groups (needs calibration)",
+                           [{**_GPTQ, "static_groups": True, "format": "uint4", "group_size": 32,
+                             "ragged_groups": True, "scale_dtype": "float16"}]),
                 "fp32": ("left as it is", []), "recipe": ("as the recipe's layers", None)}
 
 

@@ -79,7 +79,9 @@ def int_args(enc) -> dict:
         zp = numpy_of(enc.zero_point).astype(np.int32) + ((1 << (enc.bits - 1)) if enc.signed else 0)
     elif not enc.signed:
         zp = np.zeros(tuple(enc.scale.shape), dtype=np.int32)
-    return {"codes": numpy_of(enc.codes), "bits": enc.bits, "scale": numpy_of(enc.scale.float()),
+    # float16 scales as stored (the kernel reads them so); bfloat16 ones, which numpy lacks, widened
+    scale = enc.scale if str(enc.scale.dtype) == "torch.float16" else enc.scale.float()
+    return {"codes": numpy_of(enc.codes), "bits": enc.bits, "scale": numpy_of(scale),
             "zero_point": zp, "group_size": enc.group_size, "n": n, "k": k}
 
 

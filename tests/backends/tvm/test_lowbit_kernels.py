@@ -101,6 +101,25 @@ def test_shared_scale_row_and_torch_inputs():
     check_rows(run, w, rows=[1, 9])
 
 
+@pytest.mark.parametrize("target", [NATIVE, SKX])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_float16_scales_are_read_as_stored(target, bits):
+    """float16 scales stay float16 in the kernel's arrays (half the scale bytes a step streams) and
+    are widened in the kernel: GEMV and prefill, with and without the dot layout, and the row gather."""
+    n, k = 40, 256
+    codes, scale, zp, w = make_weight(bits, n, k, 32, True, seed=5, scale_dtype=np.float16)
+    kern = int_weight_matmul("w", codes, bits, scale, zp, 32, n, k, target)
+    assert kern.consts[1].dtype == np.float16
+    run, _ = compiled(kern, target)
+    check_rows(run, w)
+    name, func, _ = lowbit.gather_rows("w", codes, bits, scale, zp, 32, n, k, target)
+    gather = tvm.compile(func, target=llvm_target(target))[name]
+    ids = np.array([3, 0, 39, 17], np.int64)
+    out = tvm.runtime.tensor(np.zeros((4, k), np.float32))
+    gather(tvm.runtime.tensor(ids), *[tvm.runtime.tensor(c) for c in kern.consts], out)
+    np.testing.assert_allclose(out.numpy(), w[ids], rtol=1e-6, atol=1e-7)
+
+
 def test_consts_are_the_stored_bytes_interleaved():
     """Without VNNI: codes[b, p, l] = stored[b * lanes + l, p]: bits/8 bytes a weight, rows padded
     to the tile with zero scales; scales blocked the same way."""

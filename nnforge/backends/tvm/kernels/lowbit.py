@@ -137,6 +137,7 @@ class Plan:
     k_tile: int         # prefill: columns of W dequantised at once
     unroll: int         # GEMV, one row: bytes per k step, each feeding 8/bits partial sums
     dot: bool = False   # AVX-512 VNNI: the dot layout and its integer GEMV (module doc)
+    scale_dtype: str = "float32"    # float16 where the weight's scales are: half the bytes a step streams
 
     @property
     def per_byte(self) -> int:
@@ -182,7 +183,8 @@ class Plan:
         return _runs(self.k, self.k_tile)
 
 
-def make_plan(bits: int, n: int, k: int, group_size: int, has_zero_point: bool, target: str) -> Plan:
+def make_plan(bits: int, n: int, k: int, group_size: int, has_zero_point: bool, target: str,
+              scale_dtype: str = "float32") -> Plan:
     """Tile sizes from the target's vector shape: accumulators ``row_block x tile_blocks`` plus
     one register per W vector and one for the broadcast x fit the register file; the k-tile
     scratch fits ``SCRATCH_BYTES``; a GEMV step unpacks ``GEMV_STEP_CODES`` codes a lane."""
@@ -197,7 +199,8 @@ def make_plan(bits: int, n: int, k: int, group_size: int, has_zero_point: bool, 
     step = DOT_LANE_CODES * per_byte
     dot = (has_vnni(target) and simd.lanes == 16 and k_tile % step == 0
            and all(length % step == 0 for _, _, length in _runs(k, group_size)))
-    return Plan(bits, n, k, group_size, has_zero_point, simd.lanes, tile_blocks, row_block, k_tile, unroll, dot)
+    return Plan(bits, n, k, group_size, has_zero_point, simd.lanes, tile_blocks, row_block, k_tile, unroll, dot,
+                scale_dtype)
 
 
 def has_vnni(target: str) -> bool:
@@ -247,7 +250,7 @@ def weight_buffers(plan: Plan):
     P, lanes = plan, plan.lanes
     codes = tirx.decl_buffer((P.padded_blocks, P.k // P.dot_step, lanes * DOT_LANE_CODES) if P.dot
                              else (P.padded_blocks, P.k // P.per_byte, lanes), "uint8", name="codes")
-    scale = tirx.decl_buffer((P.padded_blocks, P.groups, lanes), "float32", name="scale")
+    scale = tirx.decl_buffer((P.padded_blocks, P.groups, lanes), P.scale_dtype, name="scale")
     zp = tirx.decl_buffer((P.padded_blocks, P.groups, lanes), "uint8", name="zero_point") \
         if P.has_zero_point else None
     return codes, scale, zp
@@ -377,7 +380,7 @@ def build_func(plan: Plan, name: str):
                         for c in range(1, chains):
                             total = total + part[r, c, lane]
                         correction = zero_point(b, g, lane) * xsum[row0 + r, g]
-                        store(acc, acc[r, lane] + scale[b, g, lane] * (total - correction), r, lane)
+                        store(acc, acc[r, lane] + f32(scale[b, g, lane]) * (total - correction), r, lane)
         each_column(b, P.blocks, lanes, lambda r, c: store(y, acc[r, c], row0 + r, b * lanes + c), range(rows))
 
     def group_sums(xsum):
@@ -477,7 +480,7 @@ def build_func(plan: Plan, name: str):
                         total = total * tirx.const(1.0 / DOT_RADIX, "float32") + \
                             f32(acc[piece * 2, lane] + acc[piece * 2 + 1, lane])
                     correction = zero_point(b, g, lane) * xsum[i, g]
-                    store(out, out[lane] + scale[b, g, lane] * (xs[i, g] * total - correction), lane)
+                    store(out, out[lane] + f32(scale[b, g, lane]) * (xs[i, g] * total - correction), lane)
         each_column(b, P.blocks, lanes, lambda r, c: store(y, out[c], i, b * lanes + c))
 
     def dot_gemv():
@@ -504,7 +507,7 @@ def build_func(plan: Plan, name: str):
                 b = t * P.tile_blocks + v
                 with loop(T.vectorized, lanes, "l") as lane:
                     for h, code in enumerate(nibbles(codes[b, k0 // P.per_byte + p, lane])):
-                        store(wt, (f32(code) - zero_point(b, g, lane)) * scale[b, g, lane],
+                        store(wt, (f32(code) - zero_point(b, g, lane)) * f32(scale[b, g, lane]),
                               p * P.per_byte + h, v * lanes + lane)
 
     def dequantize_dot(wt, t, k0, length):
@@ -527,7 +530,7 @@ def build_func(plan: Plan, name: str):
                         parts = [tirx.bitwise_and(byte, tirx.Broadcast(tirx.const(15, "uint8"), lanes)),
                                  tirx.shift_right(byte, tirx.Broadcast(tirx.const(4, "uint8"), lanes))]
                     for h, code in enumerate(parts):
-                        T.buffer_store(wt, (tirx.Cast(fvec, code) - z) * scale[b, g, vec],
+                        T.buffer_store(wt, (tirx.Cast(fvec, code) - z) * tirx.Cast(fvec, scale[b, g, vec]),
                                        [qq * P.dot_step + h * DOT_LANE_CODES + j, tirx.Ramp(v * lanes, 1, lanes)])
 
     def micro_kernel(wt, t, k0, length, row0, rows):
@@ -607,7 +610,7 @@ def gather_rows_func(plan: Plan, name: str):
                     g = tirx.floordiv(c, gs)
                     z = tirx.Cast("float32", zp[b, g, lane]) if zp is not None else \
                         tirx.const(float(1 << (P.bits - 1)), "float32")
-                    T.buffer_store(out, (tirx.Cast("float32", code) - z) * scale[b, g, lane], [i, c])
+                    T.buffer_store(out, (tirx.Cast("float32", code) - z) * tirx.Cast("float32", scale[b, g, lane]), [i, c])
     return ib.get()
 
 
@@ -616,7 +619,7 @@ def gather_rows(name: str, codes, bits: int, scale, zero_point, group_size: int,
     """(function name, PrimFunc, plan) gathering rows of the weight :func:`int_weight_matmul` builds from the same
     arguments, from the arrays (``Kernel.consts``) that kernel reads."""
     codes, scale, zero_point = _checked(name, codes, bits, scale, zero_point, group_size, n, k)
-    plan = make_plan(bits, n, k, group_size, zero_point is not None, target)
+    plan = make_plan(bits, n, k, group_size, zero_point is not None, target, _scale_dtype(scale))
     func_name = "".join(ch if ch.isalnum() else "_" for ch in f"int{bits}_rows_{name}")
     return func_name, gather_rows_func(plan, func_name), plan
 
@@ -626,14 +629,19 @@ def gather_rows(name: str, codes, bits: int, scale, zero_point, group_size: int,
 # ---------------------------------------------------------------------------------------------
 
 def _array(a, what: str, name: str) -> np.ndarray:
-    """numpy view of a numpy array or CPU torch tensor (bf16/fp16 scales widened to float32)."""
+    """numpy view of a numpy array or CPU torch tensor (bf16 scales widened to float32; float16
+    ones kept: the kernel reads them as stored)."""
     if hasattr(a, "detach"):
         a = a.detach().cpu()
-        a = a.float() if a.is_floating_point() else a
+        a = a.float() if a.is_floating_point() and str(a.dtype) != "torch.float16" else a
         a = a.numpy()
     if not isinstance(a, np.ndarray):
         raise KernelError(f"{name}: {what} must be a numpy array or torch tensor, got {type(a).__name__}")
     return a
+
+
+def _scale_dtype(scale: np.ndarray) -> str:
+    return "float16" if scale.dtype == np.float16 else "float32"
 
 
 def layout_problem(bits: int, group_size: int, n: int, k: int) -> str | None:
@@ -702,11 +710,11 @@ def int_weight_matmul(name: str, codes, bits: int, scale, zero_point, group_size
     """
     codes, scale, zero_point = _checked(name, codes, bits, scale, zero_point, group_size, n, k)
     try:
-        plan = make_plan(bits, n, k, group_size, zero_point is not None, target)
+        plan = make_plan(bits, n, k, group_size, zero_point is not None, target, _scale_dtype(scale))
     except KernelError as e:
         raise KernelError(f"{name}: {e}") from None
     blocks = plan.padded_blocks
-    scale = np.broadcast_to(scale.astype(np.float32), (n, plan.groups))
+    scale = np.broadcast_to(scale.astype(plan.scale_dtype), (n, plan.groups))
     layout = dot_layout(codes, bits, k, plan.lanes, blocks) if plan.dot else interleave_rows(codes, plan.lanes, blocks)
     consts = [layout, interleave_rows(scale, plan.lanes, blocks)]
     if zero_point is not None:
