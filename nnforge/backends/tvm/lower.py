@@ -96,6 +96,7 @@ class Lowering:
         self._raw_for: dict[int, object] = {}       # main parameter -> its prepare parameter
         self._panels: dict[tuple, object] = {}
         self._zeros: dict[int, object] = {}
+        self._stored: dict[tuple, object] = {}      # (weight, field) -> prepare param of that stored tensor
         self._uses: dict | None = None
 
     # --- dims and types -----------------------------------------------------------------------
@@ -199,6 +200,19 @@ class Lowering:
             ttype = self.relax.TensorType([-(-n // nb), k, nb], "float32")
             self._panels[key] = self.made(f"{v.name}.panels", ttype, lambda: pack_panels(raw, n, k, nb, transposed))
         return self._panels[key]
+
+    def stored(self, v: Value, field: str, array: np.ndarray):
+        """A ``prepare`` parameter (``main`` never sees it): tensor ``field`` of weight ``v``'s
+        encoding as the bundle stores it (``array``: that tensor, for its shape and dtype), for
+        arrays a kernel needs made from it when the bundle loads."""
+        key = (v.name, field)
+        if key not in self._stored:
+            shape = [int(d) for d in array.shape]
+            raw = self.relax.Var(self.fresh(f"{v.name}.{field}"), self.relax.TensorType(shape, array.dtype.name))
+            self.raw_params.append(raw)
+            self.specs.append(ParamSpec(raw.name, WEIGHTS_FILE, f"{v.name}{SEP}{field}", array.dtype.name, shape))
+            self._stored[key] = raw
+        return self._stored[key]
 
     def dense_panels_at_load(self, v: Value, perm=None):
         """Encoded weight ``v`` as the dense kernel's panels, made when the bundle loads: the runner

@@ -143,7 +143,8 @@ def linear_kernel(lw, w: Value, kernel=None, why: str = "", layer: str = "", row
         config = lw.kernel_config(mod, builder, args)
         built = getattr(mod, builder)(c_name(f"nf_{enc.kind}_{w.name}"), **args, target=lw.llvm_target,
                                       **({} if config is None else {"config": config}))
-        consts = [lw.extra(w.name, f"{built.name}.{i}", c) for i, c in enumerate(built.consts)]
+        consts = (lowbit_consts_at_load(lw, w, built, args) if module == "lowbit" else None) or \
+            [lw.extra(w.name, f"{built.name}.{i}", c) for i, c in enumerate(built.consts)]
         lw.kernel_consts[w.name] = consts          # what embedding_rows reads for a tied table
         perm = lw.extra(w.name, "perm", numpy_of(enc.perm).astype(np.int64)) if getattr(enc, "perm", None) is not None \
             else None
@@ -157,6 +158,51 @@ def linear_kernel(lw, w: Value, kernel=None, why: str = "", layer: str = "", row
     lw.kernel_notes[w.name] = {"function": built.name, **_jsonable(built.notes)}
     lw._linear[w.name] = entry
     return entry
+
+
+def lowbit_consts_at_load(lw, w: Value, built, args: dict) -> list | None:
+    """The lowbit kernel's arrays (``built.consts``: codes, scales, zero points in its layout) as
+    ``main`` parameters that ``prepare`` makes from the weight's stored tensors when the bundle loads
+    (kernels/lowbit_layout.py), so the bundle stores the weight once, in nnforge's encoding; None
+    where a stored tensor is not what the kernel reads as is (bfloat16 scales), which then go to
+    tvm_params.safetensors as made here."""
+    from tvm.relax import op
+    from .kernels.lowbit import make_plan
+    from .kernels.lowbit_layout import relax_dot_layout, relax_interleave_rows
+    enc = w.encoding
+    scale = numpy_of(enc.scale) if str(enc.scale.dtype) in ("torch.float32", "torch.float16") else None
+    if scale is None or scale.dtype != args["scale"].dtype:
+        return None
+    n, k, bits, zp = args["n"], args["k"], args["bits"], args["zero_point"]
+    plan = make_plan(bits, n, k, args["group_size"], zp is not None, lw.llvm_target, scale.dtype.name)
+    lanes, blocks, groups = plan.lanes, plan.padded_blocks, plan.groups
+    # prepare's parameters exist before its body is built: every stored tensor is asked for here
+    codes = lw.stored(w, "codes", numpy_of(enc.codes))
+    stored_scale = lw.stored(w, "scale", scale)
+    stored_zp = lw.stored(w, "zero_point", numpy_of(enc.zero_point)) if enc.zero_point is not None else None
+
+    def layout():
+        return relax_dot_layout(codes, n, bits, k, lanes, blocks) if plan.dot else \
+            relax_interleave_rows(codes, n, int(enc.codes.shape[1]), "uint8", lanes, blocks)
+
+    def scales():
+        full = stored_scale if scale.shape[0] == n else op.broadcast_to(stored_scale, [n, groups])
+        return relax_interleave_rows(full, n, groups, scale.dtype.name, lanes, blocks)
+
+    def zero_points():       # int_args: the stored zero points in the code domain, or zeros
+        if enc.zero_point is None:
+            return relax_interleave_rows(op.zeros([n, groups], "uint8"), n, groups, "uint8", lanes, blocks)
+        offset = (1 << (bits - 1)) if enc.signed else 0
+        z = op.astype(stored_zp, "int32")
+        z = op.astype(op.add(z, lw.relax.const(offset, "int32")) if offset else z, "uint8")
+        z = z if enc.zero_point.shape[0] == n else op.broadcast_to(z, [n, groups])
+        return relax_interleave_rows(z, n, groups, "uint8", lanes, blocks)
+
+    builds = [layout, scales] + ([zero_points] if zp is not None else [])
+    if len(builds) != len(built.consts):
+        return None
+    return [lw.made(f"{w.name}.{built.name}.{i}", lw.relax.TensorType(list(c.shape), c.dtype.name), make)
+            for i, (c, make) in enumerate(zip(built.consts, builds))]
 
 
 def embedding_rows(lw, w: Value, ids: Value, kernel):

@@ -120,6 +120,31 @@ def test_float16_scales_are_read_as_stored(target, bits):
     np.testing.assert_allclose(out.numpy(), w[ids], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("bits,n,k", [(8, 37, 64), (4, 37, 64), (4, 32, 96)])
+def test_the_layouts_made_at_load_equal_the_numpy_ones(bits, n, k):
+    """lowbit_layout's Relax forms (what a bundle's prepare runs) give the arrays of its numpy forms:
+    the dot layout and the interleaved rows, padded to whole tiles."""
+    from tvm import relax
+    from nnforge.backends.tvm.kernels import lowbit_layout as L
+    codes, scale, _, _ = make_weight(bits, n, k, 32, False, seed=7)
+    lanes, blocks = 16, -(-n // 16) + 1
+    bb = relax.BlockBuilder()
+    c = relax.Var("c", relax.TensorType(list(codes.shape), "uint8"))
+    s = relax.Var("s", relax.TensorType(list(scale.shape), "float32"))
+    with bb.function("main", [c, s]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.Tuple([
+                bb.emit(L.relax_dot_layout(c, n, bits, k, lanes, blocks)),
+                bb.emit(L.relax_interleave_rows(c, n, codes.shape[1], "uint8", lanes, blocks)),
+                bb.emit(L.relax_interleave_rows(s, n, scale.shape[1], "float32", lanes, blocks))]))
+        bb.emit_func_output(out)
+    vm = relax.VirtualMachine(tvm.compile(bb.get(), target=llvm_target(NATIVE)), tvm.cpu())
+    dot, rows, scales = (t.numpy() for t in vm["main"](tvm.runtime.tensor(codes), tvm.runtime.tensor(scale)))
+    np.testing.assert_array_equal(dot, L.dot_layout(codes, bits, k, lanes, blocks))
+    np.testing.assert_array_equal(rows, L.interleave_rows(codes, lanes, blocks))
+    np.testing.assert_array_equal(scales, L.interleave_rows(scale, lanes, blocks))
+
+
 def test_consts_are_the_stored_bytes_interleaved():
     """Without VNNI: codes[b, p, l] = stored[b * lanes + l, p]: bits/8 bytes a weight, rows padded
     to the tile with zero scales; scales blocked the same way."""

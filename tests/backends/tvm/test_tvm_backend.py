@@ -442,14 +442,20 @@ def _kernel_module(name: str):
     return pytest.importorskip(f"nnforge.backends.tvm.kernels.{name}", reason=f"kernels/{name}.py not written yet")
 
 
-@pytest.mark.parametrize("bits,zero_point", [(8, False), (4, True)])
-def test_intquant_linear_runs_on_the_lowbit_kernel(tmp_path, bits, zero_point):
+@pytest.mark.parametrize("bits,zero_point,scale_dtype", [(8, False, torch.float32), (4, True, torch.float32),
+                                                       (4, False, torch.float16), (8, True, torch.float16)])
+def test_intquant_linear_runs_on_the_lowbit_kernel(tmp_path, bits, zero_point, scale_dtype):
+    """The kernel's arrays are made at load from the weight as the bundle stores it: nothing of
+    the weight is written to tvm_params.safetensors."""
     _kernel_module("lowbit")
     torch.manual_seed(bits)
     enc = IntQuant.quantize(torch.randn(48, 64), bits, group_size=32, symmetric=not zero_point)
+    enc = dataclasses.replace(enc, scale=enc.scale.to(scale_dtype))
     lowered = lower_run_compare(_one_linear(enc, 64), tmp_path)
     assert not lowered.fallbacks, lowered.fallbacks
     assert "nf_int_fc_weight" in lowered.entry["kernels"]["fc.weight"]["function"]
+    read = {p["key"]: p["file"] for p in lowered.entry["params"] if p["key"].startswith("fc.weight")}
+    assert read == {f"fc.weight::{f}": "weights.safetensors" for f in ["codes", "scale"] + ["zero_point"] * zero_point}
 
 
 def test_act_order_intquant_permutes_the_activations(tmp_path):

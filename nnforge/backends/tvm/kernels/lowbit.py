@@ -62,6 +62,7 @@ import numpy as np
 
 from ..llvm_targets import resolve_target
 from . import Kernel, KernelError
+from .lowbit_layout import DOT_LANE_CODES, dot_layout, interleave_rows  # noqa: F401  (tests read them here)
 
 SUPPORTED_BITS = (4, 8)
 # m below this runs the GEMV schedule, at or above it the prefill one. Measured on AVX2 (one
@@ -76,7 +77,6 @@ GEMV_STEP_CODES = 4         # codes a lane unpacks per GEMV k step; more spills 
 SCRATCH_BYTES = 16 * 1024   # dequantised k-tile of one prefill task: half an L1 data cache
 DOT_PIECES = 3              # signed bytes each element of x is split into (dot GEMV)
 DOT_RADIX = 254.0           # the weight of each piece relative to the one before: |piece| <= 127
-DOT_LANE_CODES = 4          # codes of one row in a 32-bit lane of vpdpbusd
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,36 +207,6 @@ def has_vnni(target: str) -> bool:
     """Whether ``target`` has AVX-512 VNNI (``vpdpbusd`` on 512-bit vectors)."""
     from tvm.target import codegen
     return bool(codegen.llvm_cpu_has_features(["avx512f", "avx512vnni"], llvm_target(target)))
-
-
-# ---------------------------------------------------------------------------------------------
-# Layout: the stored bytes, blocked by rows and transposed so a vector spans rows
-# ---------------------------------------------------------------------------------------------
-
-def interleave_rows(a: np.ndarray, lanes: int, blocks: int, fill=0) -> np.ndarray:
-    """``[rows, cols] -> [blocks, cols, lanes]`` with ``out[b, c, l] = a[b * lanes + l, c]``;
-    rows past the end hold ``fill``."""
-    rows, cols = a.shape
-    padded = np.full((blocks * lanes, cols), fill, dtype=a.dtype)
-    padded[:rows] = a
-    return np.ascontiguousarray(padded.reshape(blocks, lanes, cols).transpose(0, 2, 1))
-
-
-def dot_layout(codes: np.ndarray, bits: int, k: int, lanes: int, blocks: int) -> np.ndarray:
-    """Stored codes ``[rows, k * bits / 8]`` -> the dot layout ``[blocks, k / step, lanes * 4]``
-    (module doc); rows past the end hold zero codes."""
-    rows = codes.shape[0]
-    padded = np.zeros((blocks * lanes, k), np.uint8)
-    if bits == 8:
-        padded[:rows] = codes
-    else:                               # nnforge's packing: column 2p in the low nibble of byte p
-        padded[:rows, 0::2] = codes & 15
-        padded[:rows, 1::2] = codes >> 4
-    if bits == 4:                       # byte j of a step: column 8q + j low, 8q + 4 + j high
-        pairs = padded.reshape(blocks * lanes, k // 8, 2, DOT_LANE_CODES)
-        padded = pairs[:, :, 0] | (pairs[:, :, 1] << 4)
-    steps = padded.reshape(blocks, lanes, -1, DOT_LANE_CODES).transpose(0, 2, 1, 3)
-    return np.ascontiguousarray(steps.reshape(blocks, steps.shape[1], lanes * DOT_LANE_CODES))
 
 
 # ---------------------------------------------------------------------------------------------
