@@ -230,6 +230,8 @@ def test_sapphire_rapids_cross_compile_uses_zmm():
     assert kern.notes["lanes"] == 16
     asm = tvm.compile(kern.func, target=llvm_target(SPR)).mod.inspect_source("asm")
     assert "zmm" in _fma_registers(asm)
+    # the dot GEMV asks for its codes ahead of the loads (a decode step streams them from DRAM)
+    assert "vpdpbusd" in asm and "prefetcht0" in asm
 
 
 def test_runs_inside_a_relax_module():

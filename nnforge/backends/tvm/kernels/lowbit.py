@@ -77,6 +77,11 @@ GEMV_STEP_CODES = 4         # codes a lane unpacks per GEMV k step; more spills 
 SCRATCH_BYTES = 16 * 1024   # dequantised k-tile of one prefill task: half an L1 data cache
 DOT_PIECES = 3              # signed bytes each element of x is split into (dot GEMV)
 DOT_RADIX = 254.0           # the weight of each piece relative to the one before: |piece| <= 127
+# How far ahead (64-byte steps) the dot GEMV asks for its codes. Its integer work per byte is high
+# enough that the hardware prefetcher alone leaves DRAM idle between loads once the weights no longer
+# fit in the last-level cache (a decode step streams every layer's); a software prefetch this far
+# ahead keeps enough lines in flight. Past the end of the codes it is a hint for memory never read.
+DOT_PREFETCH_STEPS = 128
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,6 +434,11 @@ def build_func(plan: Plan, name: str):
                 with loop(T.serial, steps // unroll, "s") as step:
                     for u in range(unroll):
                         q = tirx.floordiv(g * gs, P.dot_step) + step * unroll + u
+                        # llvm.prefetch(address, read, keep in all cache levels, data)
+                        T.evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch.p0",
+                                                         tirx.address_of(codes[b, q + DOT_PREFETCH_STEPS, 0]),
+                                                         tirx.const(0, "int32"), tirx.const(3, "int32"),
+                                                         tirx.const(1, "int32")))
                         v = codes[b, q, tirx.Ramp(0, 1, lanes * DOT_LANE_CODES)]
                         if P.bits == 8:
                             parts = [(v, q * P.dot_step)]
