@@ -93,6 +93,17 @@ def copy_bandwidth(mib: int = 512, repeats: int = 5) -> float:
     return 2 * a.nbytes / best
 
 
+def last_level_cache() -> int | None:
+    """Bytes of the largest cache CPU 0 reports (sysfs), or None where it reports none."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip()
+        units = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}
+        if text and text[-1] in units and text[:-1].isdigit():
+            sizes.append(int(text[:-1]) * units[text[-1]])
+    return max(sizes, default=None)
+
+
 def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -103,7 +114,7 @@ def compile_row(hf: Path, target: str, preset: str, calib: str, max_len: int, wo
                 recompile: bool = False) -> Bundle:
     """The preset's bundle for ``target``, compiled once (reused while its recipe, head format and
     max_len agree, unless ``recompile``: after a change to nnforge). ``preset`` may name the LM
-    head's format after an @ (``w4-gptq@recipe``: the head quantised like the other layers)."""
+    head's format after an @ (``w4-gptq@w4-g32``: the LM head in int4 groups of 32)."""
     name, _, head = preset.partition("@")
     head = head or "w8"
     out = work / "bundles" / f"{preset}-{target}"
@@ -177,8 +188,14 @@ def write_table(results: list[dict], args: dict, machine: dict, cmd: str | None 
              "MB: the files each row runs from (nnforge: the backend's artifacts and the weights they read).",
              "The package ships the model as a Q4_K_M GGUF only: the fp32 rows run it dequantised, so llama.cpp's "
              "Q4_K_M row runs the very weights fp32 stands for, while Q4_0, ORT GenAI's int4 and nnforge's presets "
-             "quantise those fp32 weights again. nnforge keeps the tied embedding and LM head in int8 (head='w8'); "
+             "quantise those fp32 weights again. nnforge keeps the tied embedding and LM head in int8 (head='w8') "
+             "unless the row names another head format (w4-g32: int4 in groups of 32 with float16 scales, GPTQ); "
              "ORT GenAI's builder puts them in int4 by default, llama.cpp's Q4_0 in Q8_0."]
+    if args.get("llc_bytes"):
+        notes.append(f"This machine's last-level cache holds {args['llc_bytes'] / 2 ** 20:.0f} MiB, shared with "
+                     f"whatever else runs on the host: a row whose step reads fewer bytes than that can find part of "
+                     f"its weights still cached from the step before, so its decode rate can pass the bandwidth "
+                     f"ideal and varies more between runs than a row that reads more.")
     if bandwidth:
         notes.append(f"Bandwidth ideal: the decode tokens/s this machine's memory bandwidth allows if a step did "
                      f"nothing but read the row's weights once: {bandwidth / 1e9:.1f} GB/s (copy of 512 MiB, read + "
@@ -254,7 +271,7 @@ def main(argv=None) -> int:
     OUT.mkdir(exist_ok=True)
     from nnforge.timing import machine
     saved = {"results": results, "args": {**vars(args), "prompt_tokens": len(prompt), "eval_tokens_scored": len(ids),
-                                          "copy_bandwidth": copy_bandwidth()},
+                                          "copy_bandwidth": copy_bandwidth(), "llc_bytes": last_level_cache()},
              "machine": machine(), "command": docs_table.command()}
     (OUT / "llm.json").write_text(json.dumps(saved, indent=1))
     write_table(results, saved["args"], saved["machine"], saved["command"])
