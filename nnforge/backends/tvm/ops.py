@@ -293,6 +293,9 @@ def _attention(lw, node):
                              lw.relax.TensorType(lw.shape(q.shape), "float32"))
 
 
+NEVER_SWITCH = 2 ** 62        # rope's switch_at for an op without a long table
+
+
 def _as(lw, v, dtype: str):
     """``v`` as the dtype a decoder kernel takes (int32 positions, a bf16 norm weight)."""
     from tvm.relax import op
@@ -307,11 +310,11 @@ def _rope(lw, node):
     _, h, _, d = x.shape
     a = node.attrs
     rotated = a["rotary_dim"] or d
-    switch_at = int(a["switch_at"]) if long is not None else None
+    switch_at = int(a["switch_at"]) if long is not None else NEVER_SWITCH
     name = c_name(f"nf_rope_{h}x{d}_r{rotated}_{a['style']}_s{a['scale']:.9g}"
                   + (f"_long{switch_at}" if long is not None else ""))
-    args = [lw.arg(x), _as(lw, positions, "int64"), _as(lw, inv_freq, "float32")] + \
-        ([_as(lw, long, "float32")] if long is not None else [])
+    freqs = _as(lw, inv_freq, "float32")
+    args = [lw.arg(x), _as(lw, positions, "int64"), freqs, _as(lw, long, "float32") if long is not None else freqs]
     return lw.relax.call_tir(lw.func(name, rope_func(h, d, rotated, a["style"], float(a["scale"]), switch_at)),
                              args, lw.relax.TensorType(lw.shape(x.shape), "float32"))
 
@@ -326,11 +329,11 @@ def _rms_norm(lw, node):
     d = x.shape[-1]
     a = node.attrs
     rows = lw.shape([sym.prod(x.shape[:-1]), d])
-    name = c_name(f"nf_rms_norm_{d}_e{a['eps']:.9g}_o{a['offset']:g}" + ("" if weight is not None else "_plain"))
-    func = rms_norm_func(d, float(a["eps"]), float(a["offset"]), weight is not None, vector_lanes(lw.target))
+    offset = float(a["offset"]) if weight is not None else 1.0     # no weight: zeros + 1 scale by exactly one
+    name = c_name(f"nf_rms_norm_{d}_e{a['eps']:.9g}_o{offset:g}")
+    func = rms_norm_func(d, float(a["eps"]), offset, vector_lanes(lw.target))
     x2 = lw.emit(op.reshape(lw.arg(x), rows))
-    args = [x2] + ([_as(lw, weight, "float32")] if weight is not None else [])
-    y = lw.call_kernel(name, func, args, rows)
+    y = lw.call_kernel(name, func, [x2, _as(lw, weight, "float32") if weight is not None else lw.zeros(d)], rows)
     return op.reshape(y, lw.shape(x.shape))
 
 

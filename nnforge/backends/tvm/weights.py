@@ -198,9 +198,7 @@ def lowbit_consts_at_load(lw, w: Value, built, args: dict) -> list | None:
         z = z if enc.zero_point.shape[0] == n else op.broadcast_to(z, [n, groups])
         return relax_interleave_rows(z, n, groups, "uint8", lanes, blocks)
 
-    builds = [layout, scales] + ([zero_points] if zp is not None else [])
-    if len(builds) != len(built.consts):
-        return None
+    builds = [layout, scales] + ([zero_points] if zp is not None else [])      # built.consts' order
     return [lw.made(f"{w.name}.{built.name}.{i}", lw.relax.TensorType(list(c.shape), c.dtype.name), make)
             for i, (c, make) in enumerate(zip(built.consts, builds))]
 

@@ -117,11 +117,11 @@ def attention_func(heads: int, kv_heads: int, max_len: int, head_dim: int, scale
     return attention
 
 
-def rope_func(heads: int, head_dim: int, rotary_dim: int, style: str, scale: float, switch_at: int | None):
-    """PrimFunc ``(x [b, h, s, d], positions [b, s], inv_freq [r/2], (inv_freq_long [r/2],) out)``:
-    the rotary embedding of the ``rope`` op. Angles are ``float(position) * inv_freq`` in float32, as
-    the reference computes them; with a long table (``switch_at`` not None) the call uses it when its
-    largest position + 1 exceeds ``switch_at``. Rows ``(b, s)`` run in parallel."""
+def rope_func(heads: int, head_dim: int, rotary_dim: int, style: str, scale: float, switch_at: int):
+    """PrimFunc ``(x [b, h, s, d], positions [b, s], inv_freq [r/2], inv_freq_long [r/2], out)``: the
+    rotary embedding of the ``rope`` op. Angles are ``float(position) * inv_freq`` in float32, as the
+    reference computes them; a call whose largest position + 1 exceeds ``switch_at`` uses the long
+    table (an op without one passes ``inv_freq`` twice). Rows ``(b, s)`` run in parallel."""
     from tvm.script import tirx as T
     half = rotary_dim // 2
     f32 = "float32"
@@ -129,30 +129,7 @@ def rope_func(heads: int, head_dim: int, rotary_dim: int, style: str, scale: flo
     lo, hi = (lambda i: i, lambda i: i + half) if style == "half" else (lambda i: 2 * i, lambda i: 2 * i + 1)
 
     @T.prim_func(private=True, s_tir=True)
-    def rope(x_h: T.handle, p_h: T.handle, f_h: T.handle, o_h: T.handle):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        b, s = T.int64(), T.int64()
-        x = T.match_buffer(x_h, (b, heads, s, head_dim), f32)
-        pos = T.match_buffer(p_h, (b, s), "int64")
-        freq = T.match_buffer(f_h, (half,), f32)
-        out = T.match_buffer(o_h, (b, heads, s, head_dim), f32)
-        with T.sblock("root"):
-            for r in T.parallel(b * s):
-                cs = T.alloc_buffer((2, half), f32, scope="local")
-                for i in range(half):
-                    cs[0, i] = T.cos(T.Cast(f32, pos[r // s, r % s]) * freq[i]) * T.float32(scale)
-                    cs[1, i] = T.sin(T.Cast(f32, pos[r // s, r % s]) * freq[i]) * T.float32(scale)
-                for h in range(heads):
-                    for i in range(half):
-                        out[r // s, h, r % s, lo(i)] = (x[r // s, h, r % s, lo(i)] * cs[0, i]
-                                                        - x[r // s, h, r % s, hi(i)] * cs[1, i])
-                        out[r // s, h, r % s, hi(i)] = (x[r // s, h, r % s, hi(i)] * cs[0, i]
-                                                        + x[r // s, h, r % s, lo(i)] * cs[1, i])
-                    for i in range(head_dim - rotary_dim):
-                        out[r // s, h, r % s, rotary_dim + i] = x[r // s, h, r % s, rotary_dim + i]
-
-    @T.prim_func(private=True, s_tir=True)
-    def rope_long(x_h: T.handle, p_h: T.handle, f_h: T.handle, l_h: T.handle, o_h: T.handle):
+    def rope(x_h: T.handle, p_h: T.handle, f_h: T.handle, l_h: T.handle, o_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         b, s = T.int64(), T.int64()
         x = T.match_buffer(x_h, (b, heads, s, head_dim), f32)
@@ -167,7 +144,7 @@ def rope_func(heads: int, head_dim: int, rotary_dim: int, style: str, scale: flo
             for r in range(b * s):
                 top[0] = T.max(top[0], pos[r // s, r % s])
             for i in range(half):
-                freq[i] = T.if_then_else(top[0] + T.int64(1) > T.int64(switch_at or 0), long[i], short[i])
+                freq[i] = T.if_then_else(top[0] + T.int64(1) > T.int64(switch_at), long[i], short[i])
             for r in T.parallel(b * s):
                 cs = T.alloc_buffer((2, half), f32, scope="local")
                 for i in range(half):
@@ -181,13 +158,13 @@ def rope_func(heads: int, head_dim: int, rotary_dim: int, style: str, scale: flo
                                                         + x[r // s, h, r % s, lo(i)] * cs[1, i])
                     for i in range(head_dim - rotary_dim):
                         out[r // s, h, r % s, rotary_dim + i] = x[r // s, h, r % s, rotary_dim + i]
-    return rope if switch_at is None else rope_long
+    return rope
 
 
-def rms_norm_func(dim: int, eps: float, offset: float, weighted: bool, lanes: int):
-    """PrimFunc ``(x [rows, dim], (weight [dim],) out [rows, dim])``: ``x * rsqrt(mean(x^2) + eps) *
-    (offset + weight)`` per row in float32, the sum of squares in ``lanes`` partial sums. Rows run
-    in parallel."""
+def rms_norm_func(dim: int, eps: float, offset: float, lanes: int):
+    """PrimFunc ``(x [rows, dim], weight [dim], out [rows, dim])``: ``x * rsqrt(mean(x^2) + eps) *
+    (offset + weight)`` per row in float32, the sum of squares in ``lanes`` partial sums (an op
+    without a weight passes zeros with offset 1). Rows run in parallel."""
     from tvm.script import tirx as T
     vec = lanes if dim % lanes == 0 else 1
     chunks = dim // vec
@@ -218,29 +195,7 @@ def rms_norm_func(dim: int, eps: float, offset: float, weighted: bool, lanes: in
                         out[r, do * vec + dv] = x[r, do * vec + dv] * norm[0] * (
                             T.float32(offset) + w[do * vec + dv])
 
-    @T.prim_func(private=True, s_tir=True)
-    def rms_norm_plain(x_h: T.handle, o_h: T.handle):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        rows = T.int64()
-        x = T.match_buffer(x_h, (rows, dim), f32)
-        out = T.match_buffer(o_h, (rows, dim), f32)
-        with T.sblock("root"):
-            for r in T.parallel(rows):
-                part = T.alloc_buffer((vec,), f32, scope="local")
-                norm = T.alloc_buffer((1,), f32, scope="local")
-                for dv in T.vectorized(vec):
-                    part[dv] = T.float32(0)
-                for do in range(chunks):
-                    for dv in T.vectorized(vec):
-                        part[dv] = part[dv] + x[r, do * vec + dv] * x[r, do * vec + dv]
-                norm[0] = T.float32(0)
-                for dv in range(vec):
-                    norm[0] = norm[0] + part[dv]
-                norm[0] = T.rsqrt(norm[0] / T.float32(dim) + T.float32(eps))
-                for do in range(chunks):
-                    for dv in T.vectorized(vec):
-                        out[r, do * vec + dv] = x[r, do * vec + dv] * norm[0]
-    return rms_norm if weighted else rms_norm_plain
+    return rms_norm
 
 
 __all__ = ["attention_func", "cache_update_func", "rms_norm_func", "rope_func"]
