@@ -36,8 +36,8 @@ import docs_table  # noqa: E402
 warnings.filterwarnings("ignore")
 OUT = Path(__file__).parent / "out"
 # EoRA on w3-gptq at two ranks: the extra bytes its correction costs, next to w3-gptq itself
-_W3_EORA = ('[{"pass": "quantize_eora", "format": "uint3", "group_size": 128, "ragged_groups": true, '
-            '"act_order": true, "rank": %d, "factor_format": "int8"}]')
+_W3_EORA = ('[{"pass": "quantize_eora", "format": "uint3", "group_size": 32, "scale_dtype": "float16", '
+            '"ragged_groups": true, "act_order": true, "rank": %d, "factor_format": "int8"}]')
 DEFAULT = ["fp32", "w8", "fp8", "w4-rtn", "w4-gptq", "w3-gptq", _W3_EORA % 32, _W3_EORA % 64, "nvfp4", "w4-gptq+eora",
            "sparse24", "sparse24-w4", "block-sparse-50", "prune-mlp-25", "prune-heads-25",
            "lowrank-50", "palettize-4", "palettize-3", "block-sparse-80", "block-sparse-80-w8"]

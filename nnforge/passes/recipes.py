@@ -40,8 +40,11 @@ PRESETS: dict[str, tuple[str, list[dict]]] = {
     "w4-gptq": ("int4 weights with zero points, groups of 128, GPTQ with act-order and static groups "
                 "(needs calibration)",
                 [{**_GPTQ, "static_groups": True, "format": "uint4", "group_size": 128, "ragged_groups": True}]),
-    "w3-gptq": ("int3 weights with zero points, groups of 128, GPTQ with act-order (needs calibration)",
-                [{**_GPTQ, "format": "uint3", "group_size": 128, "ragged_groups": True}]),
+    # groups of 32 with fp16 scales (as llama.cpp's 3-bit formats): at 3 bits a group of 128 spans
+    # too wide a range for eight levels, and half-width scales pay for most of the finer groups
+    "w3-gptq": ("int3 weights with zero points, groups of 32 with fp16 scales, GPTQ with act-order "
+                "(needs calibration)",
+                [{**_GPTQ, "format": "uint3", "group_size": 32, "scale_dtype": "float16", "ragged_groups": True}]),
     "fp8": ("FP8 E4M3 weights, per-channel scales, round-to-nearest",
             [{"pass": "quantize_rtn", "format": "e4m3"}]),
     "mxfp4": ("OCP MXFP4 weights (E2M1, blocks of 32 with E8M0 scales), GPTQ (needs calibration)",
