@@ -65,6 +65,12 @@ def bind_inputs(graph: Graph, inputs) -> tuple[list[torch.Tensor], dict[str, int
     return tensors, env
 
 
+# Decoded copies of encoded weights kept between runs, at most this many bytes: past it (a
+# quantised model of a billion parameters decodes to gigabytes of float32) a weight is decoded
+# where it is read and dropped after. A decode that copies nothing (a float32 Dense) is always kept.
+DECODED_CACHE_BYTES = 1 << 30
+
+
 class Interpreter:
     def __init__(self, graph: Graph, dtype: torch.dtype = torch.float32):
         if dtype not in (torch.float32, torch.float64):
@@ -72,6 +78,7 @@ class Interpreter:
         self.graph = graph
         self.dtype = dtype
         self._weights: dict[str, torch.Tensor] = {}
+        self._cached_bytes = 0
         self._last_use = self._compute_last_use()
 
     def _compute_last_use(self) -> dict:
@@ -88,14 +95,23 @@ class Interpreter:
         return t.to(self.dtype) if t.is_floating_point() and t.dtype != self.dtype else t
 
     def weight(self, name: str) -> torch.Tensor:
-        """The decoded weight, in the interpreter's compute precision (cached)."""
-        if name not in self._weights:
-            enc = self.graph.weights[name].encoding
-            try:
-                self._weights[name] = self._cast(enc.decode(self.dtype if enc.dtype.is_float else None))
-            except Exception as e:
-                raise InterpreterError(f"weight {name} ({enc.describe()}) failed to decode: {e}") from e
-        return self._weights[name]
+        """The decoded weight, in the interpreter's compute precision (cached up to
+        DECODED_CACHE_BYTES of copies)."""
+        hit = self._weights.get(name)
+        if hit is not None:
+            return hit
+        enc = self.graph.weights[name].encoding
+        try:
+            t = self._cast(enc.decode(self.dtype if enc.dtype.is_float else None))
+        except Exception as e:
+            raise InterpreterError(f"weight {name} ({enc.describe()}) failed to decode: {e}") from e
+        shared = any(t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+                     for x in enc.tensors().values() if isinstance(x, torch.Tensor))
+        size = 0 if shared else t.numel() * t.element_size()
+        if self._cached_bytes + size <= DECODED_CACHE_BYTES:
+            self._weights[name] = t
+            self._cached_bytes += size
+        return t
 
     def run(self, *inputs, capture: Callable[[Node, list[torch.Tensor]], None] | None = None) -> list[torch.Tensor]:
         """Run the graph. ``inputs`` positional (or one mapping by input name); ``capture`` is

@@ -135,6 +135,25 @@ def test_encoded_weights_are_decoded_once_and_used(monkeypatch):
     torch.testing.assert_close(y64, reference(x.double(), enc.decode(torch.float64), b1.double(), w2.double()))
 
 
+def test_decoded_copies_past_the_budget_are_not_kept(monkeypatch):
+    """Past DECODED_CACHE_BYTES a decoded copy is made where it is read and dropped after (a
+    quantised model of a billion parameters would otherwise hold its float32 twin); a float32
+    Dense decodes to itself, copies nothing and is always kept."""
+    from nnforge.ir import interpreter
+    g, (w1, b1, w2) = mlp()
+    g.set_encoding("fc1.weight", IntQuant.quantize(w1, 4, group_size=2))
+    x = torch.randn(3, 4)
+    want = Interpreter(g).run(x)[0]
+    monkeypatch.setattr(interpreter, "DECODED_CACHE_BYTES", 0)
+    calls = []
+    real = IntQuant.decode
+    monkeypatch.setattr(IntQuant, "decode", lambda self, dtype=None: calls.append(dtype) or real(self, dtype))
+    interp = Interpreter(g)
+    assert torch.equal(interp.run(x)[0], want) and torch.equal(interp.run(x)[0], want)
+    assert len(calls) == 2 and "fc1.weight" not in interp._weights
+    assert interp._weights["fc2.weight"] is g.weights["fc2.weight"].encoding.data
+
+
 def test_weight_decode_failure_names_weight():
     g, _ = mlp()
 

@@ -14,7 +14,8 @@ Layers are ordinary ``linear`` nodes named after transformers' modules
 (``model.layers.3.self_attn.q_proj``), so every weight pass applies to them and a recipe selects
 them by those names. A fused weight (Phi-3's qkv_proj and gate_up_proj, GPT-2's c_attn) stays one
 linear whose output is sliced: one product, as the checkpoint stores it. Weights are read once
-each, as float32. A tied LM head reads the embedding's weight value.
+each, as float32 (memory-mapped where the checkpoint is float32 safetensors). A tied LM head reads
+the embedding's weight value.
 
     >>> loaded = load_causal_lm("path/to/model")
     >>> graph = build(spec_from_config(loaded.config, max_len=512), loaded.weights, max_len=512)
@@ -66,7 +67,9 @@ class _Emitter:
         t = t.detach().to(torch.float32)
         if transpose:                           # GPT-2's Conv1D keeps [in, out]
             t = t.t()
-        self.taken[key] = self.g.add_weight(key, Dense(t.contiguous().clone()))
+        # not cloned: a float32 checkpoint's tensors stay pages of its (privately) mapped file, so
+        # a model larger than memory is not held twice; loader.load_causal_lm copies a caller's own
+        self.taken[key] = self.g.add_weight(key, Dense(t.contiguous()))
         return self.taken[key]
 
     def op(self, op: str, *inputs, name: str | None = None, **attrs) -> Value:

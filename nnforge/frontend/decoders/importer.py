@@ -124,7 +124,7 @@ class DecoderImport:
 
     def _rebuilt_module(self):
         """(transformers' module over the loaded weights, "") or (None, why it is not made)."""
-        params = sum(int(torch.Size(t.shape).numel()) for t in _tensors(self.loaded.weights))
+        params = sum(w.encoding.numel for w in self.graph.weights.values())
         if params > IMPORT_CHECK_MAX_PARAMS:
             return None, f"more than {IMPORT_CHECK_MAX_PARAMS:,} parameters: not rebuilt in transformers to compare"
         from transformers import AutoModelForCausalLM
@@ -162,11 +162,6 @@ class DecoderImport:
             "tokenizer": "tokenizer" if self.tokenizer is not None else None,
             "generation": self.generation,
         }
-
-
-def _tensors(weights):
-    for k in weights:
-        yield weights[k]
 
 
 def read_text(text) -> str:

@@ -89,7 +89,7 @@ def _from_module(model: torch.nn.Module, trust_remote_code: bool) -> LoadedCausa
                             f"({KNOWN_FAMILIES}), a model directory or a .gguf file")
     config = model.config
     family_of(config, where=name)
-    weights = model.state_dict()         # tensors shared with the module, nothing copied
+    weights = _Copied(model.state_dict())
     _check_weights(config, weights, name)
     tokenizer, where = None, ""
     origin = Path(str(getattr(config, "_name_or_path", "") or ""))
@@ -103,7 +103,7 @@ def _from_module(model: torch.nn.Module, trust_remote_code: bool) -> LoadedCausa
 def _from_directory(path: Path, state_dict, trust_remote_code: bool) -> LoadedCausalLM:
     config = _read_config(path, trust_remote_code)
     if state_dict is not None:
-        weights, files = _renamed(dict(state_dict), config), "tensors passed as state_dict"
+        weights, files = _Copied(_renamed(dict(state_dict), config)), "tensors passed as state_dict"
     else:
         weights = _safetensors_weights(path, config)
         files = f"{len(weights.files)} safetensors file(s)"
@@ -209,6 +209,29 @@ class SafetensorsWeights(Mapping):
 
     def __contains__(self, name) -> bool:
         return name in self._where
+
+
+class _Copied(Mapping):
+    """Module name -> a float32 copy of the caller's tensor, made when asked for: the graph must not
+    share memory with a module or state dict the caller may go on changing. (A checkpoint's
+    tensors need no copy: safetensors maps its files privately, so the graph's weights stay pages
+    of the file, and nothing written to them reaches it.)"""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        self._tensors = tensors
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        t = self._tensors[name].detach()
+        return t.to(torch.float32, copy=True) if t.is_floating_point() else t.clone()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __contains__(self, name) -> bool:
+        return name in self._tensors
 
 
 def _expected_keys(config) -> set[str]:

@@ -83,14 +83,22 @@ def run_calibration(graph: Graph, batches, before: Hook | None = None, *, who: s
         nodes = nodes[:stop + 1]
         if not nodes:
             return None
+    def done_with(node: Node, i: int) -> None:
+        # a decoded weight (a float copy of a quantised one: as large as the fp32 model in all) is
+        # dropped after the last node reading it, as values are
+        for v in node.inputs:
+            if v is not None and v.is_weight and last.get(v, -1) <= i:
+                decoded.pop(v.name, None)
+
     with tqdm(nodes, desc=who, unit="node", leave=False, disable=None if progress else True) as shown:
-        _run_nodes(shown, bound, vals, ctxs, last, weight, before, who, hook_only=nodes[-1] if until else None)
+        _run_nodes(shown, bound, vals, ctxs, last, weight, before, who, hook_only=nodes[-1] if until else None,
+                   done_with=done_with)
     if until is not None:
         return None
     return [[weight(v.name) if v.is_weight else vals[b][v] for v in graph.outputs] for b in range(len(bound))]
 
 
-def _run_nodes(nodes, bound, vals, ctxs, last, weight, before, who, hook_only=None) -> None:
+def _run_nodes(nodes, bound, vals, ctxs, last, weight, before, who, hook_only=None, done_with=None) -> None:
     for i, node in enumerate(nodes):
         def args_for(b):
             return [None if v is None else weight(v.name) if v.is_weight else vals[b][v] for v in node.inputs]
@@ -109,3 +117,5 @@ def _run_nodes(nodes, bound, vals, ctxs, last, weight, before, who, hook_only=No
             for v in node.inputs:
                 if v is not None and not v.is_weight and last.get(v, -1) <= i:
                     vals[b].pop(v, None)
+        if done_with is not None:
+            done_with(node, i)

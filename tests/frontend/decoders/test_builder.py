@@ -118,3 +118,40 @@ def test_errors_name_what_is_wrong():
     gpt2 = load_causal_lm(tiny_model("gpt2"))
     with pytest.raises(FrontendError, match="learned positions for 64 tokens"):
         build(spec_from_config(gpt2.config), gpt2.weights, 128)
+
+
+def _mapped_ranges(path) -> list[tuple[int, int]]:
+    """The address ranges of this process's memory maps of ``path`` (Linux /proc/self/maps)."""
+    ranges = []
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        if len(fields) >= 6 and fields[5] == str(path):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
+def test_a_float32_checkpoints_weights_stay_pages_of_its_file(tmp_path):
+    """A model directory's float32 weights are not copied into the graph: each is a view of the
+    privately mapped safetensors file (so a model larger than memory is held once, and nothing a
+    pass could write reaches the file). A module object's weights are copied instead."""
+    model = tiny_model("qwen3")
+    model.save_pretrained(tmp_path / "m")
+    file = (tmp_path / "m" / "model.safetensors").resolve()
+    loaded = load_causal_lm(tmp_path / "m")
+    spec = spec_from_config(loaded.config, max_len=MAX_LEN)
+    graph = build(spec, loaded.weights, MAX_LEN)
+    ranges = _mapped_ranges(file)
+    assert ranges
+    checkpoint = [w for w in graph.weights.values() if not w.name.startswith("rope.")]
+    assert checkpoint and all(any(a <= w.encoding.data.data_ptr() < b for a, b in ranges) for w in checkpoint)
+    before = (tmp_path / "m" / "model.safetensors").read_bytes()
+    graph.weights["model.norm.weight"].encoding.data.add_(1.0)       # copy-on-write: the file keeps its bytes
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
+
+    module_graph = build(spec, load_causal_lm(model).weights, MAX_LEN)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.mul_(2.0)
+    assert not torch.equal(module_graph.weights[q].encoding.data, model.model.layers[0].self_attn.q_proj.weight)
