@@ -21,7 +21,7 @@ from ...ir import Dense, IntQuant
 from ..base import Capabilities, Capability
 from .kernels.bsr_int8 import sums_problem
 from .kernels.lowbit import layout_problem
-from .weights import bsr_args, int8_bsr_args, int_args
+from .weights import bsr_args, int8_bsr_args, int_args, kernel_bits
 
 
 def llvm_problem(target) -> str | None:
@@ -37,10 +37,14 @@ def fp32_problem(enc) -> str | None:
 
 
 def int_codes(enc) -> str | None:
-    """Why kernels.lowbit cannot read ``enc``'s codes as stored (widths, groups: the kernel's own check)."""
+    """Why kernels.lowbit cannot read ``enc``'s codes (widths, groups: the kernel's own check; 3-bit
+    codes are read as 4-bit ones, see weights.kernel_bits)."""
     if len(enc.shape) != 2:
         return f"it takes [n, k] weights, not {len(enc.shape)}-D ones"
-    return layout_problem(enc.bits, enc.group_size, *enc.shape)
+    if enc.bits == 3 and enc.shape[1] % 8:
+        return f"3-bit codes are widened to 4 bits eight at a time (three bytes), so k must be a multiple of 8, " \
+               f"got k = {enc.shape[1]}"
+    return layout_problem(kernel_bits(enc), enc.group_size, *enc.shape)
 
 
 def in_order(enc) -> str | None:
@@ -106,12 +110,13 @@ CAPABILITIES = Capabilities([
                                   "load (other layouts: Relax matmul)"),
     Capability("conv", "dense", "Relax conv1d/conv2d/conv3d"),
     Capability("embedding", "dense", "Relax take (an out-of-range id reads the last row)"),
-    Capability("embedding", "int", "kernels.lowbit rows: 8- or 4-bit codes gathered from the layout the int GEMM "
+    Capability("embedding", "int", "kernels.lowbit rows: 8-, 4- or 3-bit codes (3-bit read as 4-bit) gathered from the layout the int GEMM "
                                    "reads and dequantised (a table tied to an LM head shares the head's arrays); "
                                    "columns in order", LOWBIT_ROWS),
     Capability("linear", "int", "kernels.lowbit: fp32 GEMM reading 8- or 4-bit codes (4-bit: even K and group "
-                                "size) with per-tensor, channel or group scales and zero points; act-order by "
-                                "permuting x", LOWBIT),
+                                "size; 3-bit codes widened to 4-bit when the bundle loads, K a multiple of 8) with "
+                                "per-tensor, channel or group scales and zero points; act-order by permuting x",
+               LOWBIT),
     Capability("linear", "sparse", "kernels.bsr: fp32 BSR SpMM on R x C blocks of fp32 values", BSR),
     Capability("linear", "sparse", "kernels.bsr_int8: u8 x s8 BSR SpMM on int8 block codes with row scales, x "
                                    "quantised in the kernel on the grid of the static int8 fake_quant before the "

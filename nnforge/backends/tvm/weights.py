@@ -13,6 +13,7 @@ import re
 import numpy as np
 
 from ...ir import Value
+from ...ir.packing import pack_bits, unpack_bits
 from ..base import BackendError, Fallback
 
 
@@ -69,19 +70,34 @@ def widened_int8_args(enc) -> dict:
             "blocks": (codes.astype(np.float32) * scale).astype(np.float32), "n": n, "k": k}
 
 
+def kernel_bits(enc) -> int:
+    """The code width kernels.lowbit reads ``enc`` at: 3-bit codes as 4-bit ones (a code of 0..7
+    is the same code in a nibble), so int3 weights stay 3 bits a weight in the bundle and run on
+    the int4 kernel (which streams 4 bits a weight) instead of being decoded to fp32."""
+    return 4 if enc.bits == 3 else enc.bits
+
+
 def int_args(enc) -> dict:
-    """int_weight_matmul's arguments for an 8- or 4-bit IntQuant weight: zero points in the domain
-    of the stored code fields (a signed weight's offset-binary bias folded in), None for signed
-    symmetric codes (the kernel then subtracts 2**(bits-1))."""
+    """int_weight_matmul's arguments for an 8-, 4- or 3-bit IntQuant weight (3-bit codes repacked
+    as 4-bit ones): zero points in the domain of the stored code fields (a signed weight's
+    offset-binary bias folded in), None for signed symmetric codes (the kernel then subtracts
+    2**(bits-1), so a signed 3-bit code is moved into the 4-bit offset-binary range)."""
     n, k = enc.shape
+    bits = kernel_bits(enc)
     zp = None
     if enc.zero_point is not None:
         zp = numpy_of(enc.zero_point).astype(np.int32) + ((1 << (enc.bits - 1)) if enc.signed else 0)
     elif not enc.signed:
         zp = np.zeros(tuple(enc.scale.shape), dtype=np.int32)
+    codes = numpy_of(enc.codes)
+    if bits != enc.bits:
+        wide = unpack_bits(enc.codes, enc.bits, k)
+        if enc.signed and zp is None:       # offset binary around 4, not 8: keep the value, move the code
+            wide = wide + ((1 << (bits - 1)) - (1 << (enc.bits - 1)))
+        codes = numpy_of(pack_bits(wide, bits))
     # float16 scales as stored (the kernel reads them so); bfloat16 ones, which numpy lacks, widened
     scale = enc.scale if str(enc.scale.dtype) == "torch.float16" else enc.scale.float()
-    return {"codes": numpy_of(enc.codes), "bits": enc.bits, "scale": numpy_of(scale),
+    return {"codes": codes, "bits": bits, "scale": numpy_of(scale),
             "zero_point": zp, "group_size": enc.group_size, "n": n, "k": k}
 
 
@@ -168,7 +184,7 @@ def lowbit_consts_at_load(lw, w: Value, built, args: dict) -> list | None:
     tvm_params.safetensors as made here."""
     from tvm.relax import op
     from .kernels.lowbit import make_plan
-    from .kernels.lowbit_layout import relax_dot_layout, relax_interleave_rows
+    from .kernels.lowbit_layout import relax_dot_layout, relax_interleave_rows, relax_widened_codes
     enc = w.encoding
     scale = numpy_of(enc.scale) if str(enc.scale.dtype) in ("torch.float32", "torch.float16") else None
     if scale is None or scale.dtype != args["scale"].dtype:
@@ -178,12 +194,15 @@ def lowbit_consts_at_load(lw, w: Value, built, args: dict) -> list | None:
     lanes, blocks, groups = plan.lanes, plan.padded_blocks, plan.groups
     # prepare's parameters exist before its body is built: every stored tensor is asked for here
     codes = lw.stored(w, "codes", numpy_of(enc.codes))
+    if enc.bits != bits:                    # 3-bit codes as 4-bit ones (kernel_bits)
+        shift = (1 << (bits - 1)) - (1 << (enc.bits - 1)) if enc.signed and zp is None else 0
+        codes = relax_widened_codes(codes, n, k, enc.bits, bits, shift)
     stored_scale = lw.stored(w, "scale", scale)
     stored_zp = lw.stored(w, "zero_point", numpy_of(enc.zero_point)) if enc.zero_point is not None else None
 
     def layout():
         return relax_dot_layout(codes, n, bits, k, lanes, blocks) if plan.dot else \
-            relax_interleave_rows(codes, n, int(enc.codes.shape[1]), "uint8", lanes, blocks)
+            relax_interleave_rows(codes, n, k * bits // 8, "uint8", lanes, blocks)
 
     def scales():
         full = stored_scale if scale.shape[0] == n else op.broadcast_to(stored_scale, [n, groups])

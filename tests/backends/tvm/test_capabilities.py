@@ -95,12 +95,15 @@ def test_every_row_is_reached_and_some_weights_are_refused():
 
 def test_the_reasons_name_the_kernel_and_what_it_lacks():
     linear = encodings(SHAPES["linear"])
-    reasons = {label: CAPABILITIES.find("linear", linear[label], CPU)[1] for label in ("int3", "sparse-2:4", "e4m3")}
-    assert reasons["int3"].startswith("kernels.lowbit: 3-bit codes are not supported")
+    reasons = {label: CAPABILITIES.find("linear", linear[label], CPU)[1] for label in ("sparse-2:4", "e4m3")}
     assert "kernels.bsr: 2:4 is not a block (R x C) pattern" in reasons["sparse-2:4"]
     assert reasons["e4m3"] == "no native linear for minifloat weights"
     odd = IntQuant.quantize(torch.randn(8, 63), 4)
     assert "4-bit codes need an even k" in CAPABILITIES.find("linear", odd, CPU)[1]
+    three = IntQuant.quantize(torch.randn(8, 60), 3)
+    assert CAPABILITIES.find("linear", three, CPU)[1].startswith(
+        "kernels.lowbit: 3-bit codes are widened to 4 bits eight at a time (three bytes), so k must be a multiple of 8")
+    assert CAPABILITIES.find("linear", linear["int3"], CPU)[0] is not None
     assert "kernels.lowbit: the kernels compute in float32, not float16" == \
         CAPABILITIES.find("linear", _fp16(linear["int4-g16"]), CPU)[1]
 

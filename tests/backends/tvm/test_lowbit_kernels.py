@@ -145,6 +145,28 @@ def test_the_layouts_made_at_load_equal_the_numpy_ones(bits, n, k):
     np.testing.assert_array_equal(scales, L.interleave_rows(scale, lanes, blocks))
 
 
+@pytest.mark.parametrize("add", [0, 4])
+def test_3bit_codes_widened_at_load_are_nnforges_4bit_packing(add):
+    """relax_widened_codes: 3-bit codes (nnforge's bit stream, eight in three bytes) as nibbles,
+    each plus ``add`` (a signed symmetric weight's offset moves from 4 to 8)."""
+    from tvm import relax
+    from nnforge.backends.tvm.kernels import lowbit_layout as L
+    rng = np.random.default_rng(add)
+    n, k = 5, 48
+    wide = torch.from_numpy(rng.integers(0, 8, (n, k)))
+    stored = pack_bits(wide, 3).numpy()
+    bb = relax.BlockBuilder()
+    c = relax.Var("c", relax.TensorType(list(stored.shape), "uint8"))
+    with bb.function("main", [c]):
+        with bb.dataflow():
+            out = bb.emit_output(L.relax_widened_codes(c, n, k, 3, 4, add))
+        bb.emit_func_output(out)
+    vm = relax.VirtualMachine(tvm.compile(bb.get(), target=llvm_target(NATIVE)), tvm.cpu())
+    np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(stored)).numpy(), pack_bits(wide + add, 4).numpy())
+    with pytest.raises(ValueError, match="k a multiple of 8"):
+        L.relax_widened_codes(c, n, 44, 3, 4)
+
+
 def test_consts_are_the_stored_bytes_interleaved():
     """Without VNNI: codes[b, p, l] = stored[b * lanes + l, p]: bits/8 bytes a weight, rows padded
     to the tile with zero scales; scales blocked the same way."""

@@ -443,10 +443,11 @@ def _kernel_module(name: str):
 
 
 @pytest.mark.parametrize("bits,zero_point,scale_dtype", [(8, False, torch.float32), (4, True, torch.float32),
-                                                       (4, False, torch.float16), (8, True, torch.float16)])
+                                                       (4, False, torch.float16), (8, True, torch.float16),
+                                                       (3, True, torch.float16), (3, False, torch.float32)])
 def test_intquant_linear_runs_on_the_lowbit_kernel(tmp_path, bits, zero_point, scale_dtype):
     """The kernel's arrays are made at load from the weight as the bundle stores it: nothing of
-    the weight is written to tvm_params.safetensors."""
+    the weight is written to tvm_params.safetensors (3-bit codes too, widened to nibbles there)."""
     _kernel_module("lowbit")
     torch.manual_seed(bits)
     enc = IntQuant.quantize(torch.randn(48, 64), bits, group_size=32, symmetric=not zero_point)
@@ -466,6 +467,21 @@ def test_act_order_intquant_permutes_the_activations(tmp_path):
     enc = IntQuant(base.shape, 8, True, base.codes, base.scale, 32, None, perm)
     lowered = lower_run_compare(_one_linear(enc, 64), tmp_path)
     assert any(p["key"] == "fc.weight::perm" for p in lowered.entry["params"]) and not lowered.fallbacks
+
+
+def test_int3_act_order_runs_on_the_int4_kernel_and_odd_widths_are_decoded(tmp_path):
+    """w3-gptq's weights (uint3 with zero points, act-order) run on the int4 kernel; a 3-bit weight
+    whose K is not a multiple of 8 cannot be widened eight codes at a time and is decoded, named."""
+    _kernel_module("lowbit")
+    torch.manual_seed(5)
+    base = IntQuant.quantize(torch.randn(24, 64), 3, group_size=32, symmetric=False)
+    enc = IntQuant(base.shape, 3, False, base.codes, base.scale, 32, base.zero_point, torch.randperm(64))
+    lowered = lower_run_compare(_one_linear(enc, 64), tmp_path / "a")
+    assert not lowered.fallbacks and "nf_int_fc_weight" in lowered.entry["kernels"]["fc.weight"]["function"]
+    odd = IntQuant.quantize(torch.randn(8, 60), 3, group_size=30, symmetric=False)
+    lowered = lower_run_compare(_one_linear(odd, 60), tmp_path / "b")
+    assert [f.where for f in lowered.fallbacks] == ["fc.weight"]
+    assert "k must be a multiple of 8, got k = 60" in lowered.fallbacks[0].action
 
 
 def test_block_sparse_linear_runs_on_the_bsr_kernel(tmp_path):
@@ -528,15 +544,15 @@ def test_variants_without_a_kernel_fall_back_and_say_why(tmp_path):
     wt = torch.randn(16, 64)
     keep = wt.abs().reshape(16, 16, 4).argsort(-1).argsort(-1).reshape(16, 64) >= 2
     g = _one_linear(Sparse.from_mask(wt, keep, "2:4"), 64)
-    i3 = IntQuant.quantize(torch.randn(16, 64), 3, group_size=32)
+    i2 = IntQuant.quantize(torch.randn(16, 64), 2, group_size=32)
     x = g.inputs[0]
-    g.set_outputs(g.outputs + [g.op("linear", x, g.add_weight("q3.weight", i3), None, name="q3")])
+    g.set_outputs(g.outputs + [g.op("linear", x, g.add_weight("q2.weight", i2), None, name="q2")])
     lowered = lower_run_compare(g, tmp_path)
     why = {f.where: f.action for f in lowered.fallbacks}
-    assert set(why) == {"fc.weight", "q3.weight"}
+    assert set(why) == {"fc.weight", "q2.weight"}
     assert "2:4 sparse" in why["fc.weight"] and "kernels.bsr: 2:4 is not a block (R x C) pattern" in why["fc.weight"]
-    assert why["q3.weight"].startswith("no TVM kernel for i3 g32 sym")
-    assert "kernels.lowbit: 3-bit codes are not supported" in why["q3.weight"]
+    assert why["q2.weight"].startswith("no TVM kernel for i2 g32 sym")
+    assert "kernels.lowbit: 2-bit codes are not supported" in why["q2.weight"]
 
 
 # --- end to end -----------------------------------------------------------------------------------

@@ -78,4 +78,25 @@ def relax_dot_layout(codes, rows: int, bits: int, k: int, lanes: int, blocks: in
     return op.reshape(steps, [blocks, k // (DOT_LANE_CODES * 8 // bits), lanes * DOT_LANE_CODES])
 
 
-__all__ = ["DOT_LANE_CODES", "dot_layout", "interleave_rows", "relax_dot_layout", "relax_interleave_rows"]
+def relax_widened_codes(codes, rows: int, k: int, bits: int, to_bits: int, add: int = 0):
+    """Stored ``bits``-bit codes (nnforge's packing: a little-endian bit stream per row) as
+    ``to_bits``-bit stored codes, each plus ``add``: 3-bit codes (eight in three bytes) as nibbles,
+    for the 4-bit kernel. ``k`` is a multiple of 8."""
+    from tvm import relax
+    from tvm.relax import op
+    if (bits, to_bits) != (3, 4) or k % 8:
+        raise ValueError(f"widens 3-bit codes to 4 bits, k a multiple of 8; got {bits} -> {to_bits}, k = {k}")
+    triples = op.astype(op.reshape(codes, [rows, k // 8, 3]), "int32")
+    byte = [op.reshape(op.strided_slice(triples, axes=[2], begin=[i], end=[i + 1]), [rows, k // 8]) for i in range(3)]
+    word = op.bitwise_or(op.bitwise_or(byte[0], op.left_shift(byte[1], relax.const(8, "int32"))),
+                         op.left_shift(byte[2], relax.const(16, "int32")))
+    seven, extra = relax.const(7, "int32"), relax.const(add, "int32")
+    one = [op.add(op.bitwise_and(op.right_shift(word, relax.const(3 * j, "int32")), seven), extra) for j in range(8)]
+    # code 2p in the low nibble of byte p, 2p + 1 in the high one
+    nibbles = [op.bitwise_or(one[2 * p], op.left_shift(one[2 * p + 1], relax.const(4, "int32"))) for p in range(4)]
+    packed = op.concat([op.expand_dims(b, 2) for b in nibbles], axis=2)
+    return op.astype(op.reshape(packed, [rows, k // 2]), "uint8")
+
+
+__all__ = ["DOT_LANE_CODES", "dot_layout", "interleave_rows", "relax_dot_layout", "relax_interleave_rows",
+           "relax_widened_codes"]
