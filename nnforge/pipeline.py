@@ -249,9 +249,9 @@ def build(out: Path, *, graph: Graph, original: Graph, source: str, target: Targ
         }
         if memory is not None:
             manifest["memory"] = {"peak_rss_bytes": memory,
-                                  "what": "the compiling process's peak resident memory at the end of each stage, "
-                                          f"since {memory_since}; it counts the pages of a memory-mapped "
-                                          "checkpoint it has read, which the kernel can drop"}
+                                  "what": "the compiling process's peak resident memory (with the pages of a "
+                                          "memory-mapped checkpoint it read, which the kernel can drop) at the end "
+                                          f"of each stage, since {memory_since}"}
         if decoder is not None:
             manifest["decoder"] = decoder.manifest_section()
         return write_manifest(tmp, manifest)

@@ -100,17 +100,21 @@ def matmulnbits(enc, target) -> str | None:
 
 def gathered_rows(enc, target) -> str | None:
     """Why an embedding cannot gather ``enc``'s code rows and scale rows and dequantise only the
-    rows it gathered: that takes 8-bit codes in column order."""
-    if enc.bits != 8:
-        return f"gathering code rows takes 8-bit codes, not {enc.bits}-bit"
+    rows it gathered: that takes 8-bit codes, or 4-bit ones two a byte (an even row length), in
+    column order."""
+    if enc.bits not in (8, 4):
+        return f"gathering code rows takes 8- or 4-bit codes, not {enc.bits}-bit"
+    if enc.bits == 4 and enc.shape[1] % 2:
+        return f"gathering 4-bit code rows takes an even row length (two codes a byte), not {enc.shape[1]}"
     return in_column_order(enc, target)
 
 
 MATMULNBITS = Capability("linear", "int", "MatMulNBits (com.microsoft) reading the codes in place: 4-bit per-row "
                          "groups in fp32; 8-bit codes with any scales (repeated per block) only with target option "
                          f"{INT8_ACTIVATIONS}, as ORT rounds their activations to int8 per block", matmulnbits)
-GATHER_ROWS = Capability("embedding", "int", "Gather of the uint8 code rows read in place and of their scale rows, "
-                         "dequantised after the gather (no float table is made)", gathered_rows)
+GATHER_ROWS = Capability("embedding", "int", "Gather of the 8- or 4-bit code rows read in place (uint8 bytes; "
+                         "nibbles split after the gather) and of their scale rows, dequantised after the gather (no "
+                         "float table is made)", gathered_rows)
 CAPABILITIES = Capabilities([
     Capability("linear", "dense", "Gemm on the tensor read in place from weights.safetensors"),
     Capability("matmul", "dense", "MatMul on the tensor read in place"),

@@ -166,7 +166,7 @@ def _conv(b, node, fb):
 def _embedding(b, node, fb):
     ids, w = node.inputs
     if w.is_weight and W.lookup(b, node)[0] is GATHER_ROWS:
-        W.gather_rows(b, operand(b, ids, fb), w, _out(node))
+        W.gather_rows(b, operand(b, ids, fb), w, _out(node), len(ids.shape))
         return
     idx, table = _ins(b, node, fb)
     b.node("Gather", [table, idx], _out(node), axis=0)

@@ -237,14 +237,24 @@ def _zero_points_of(enc: IntQuant) -> torch.Tensor:
     return torch.full(tuple(enc.scale.shape), 1 << (enc.bits - 1) if enc.signed else 0, dtype=torch.int64)
 
 
-def gather_rows(b: OnnxBuilder, ids: str, v: Value, out: str) -> str:
-    """Rows ``ids`` of 8-bit weight ``v`` (an embedding): the uint8 code rows (read in place) and
-    their scale and zero-point rows gathered first, then only those rows dequantised, in float32
-    as the reference decodes, so no float table of the whole weight is made."""
+def gather_rows(b: OnnxBuilder, ids: str, v: Value, out: str, ids_rank: int) -> str:
+    """Rows ``ids`` (a tensor of rank ``ids_rank``) of 8- or 4-bit weight ``v`` (an embedding):
+    the code rows (uint8 bytes read in place; 4-bit ones split into their two nibbles, low first
+    as nnforge packs them) and their scale and zero-point rows gathered first, then only those
+    rows dequantised, in float32 as the reference decodes, so no float table of the whole weight
+    is made."""
     enc: IntQuant = v.encoding
     rows, cols = enc.shape
-    codes = _tensor(b, f"{v.name}.codes", f"{v.name}::codes", enc.codes, TensorProto.UINT8, [rows, cols])
-    q = b.node("Cast", [b.node("Gather", [codes, ids], axis=0)], to=TensorProto.FLOAT)
+    width = cols * enc.bits // 8
+    codes = _tensor(b, f"{v.name}.codes", f"{v.name}::codes", enc.codes, TensorProto.UINT8, [rows, width])
+    q = b.node("Gather", [codes, ids], axis=0)
+    if enc.bits == 4:
+        low = b.node("BitwiseAnd", [q, b.const(np.array(15, np.uint8), f"{v.name}.low_mask")])
+        high = b.node("BitShift", [q, b.const(np.array(4, np.uint8), f"{v.name}.high_shift")], direction="RIGHT")
+        last = b.ints([-1])
+        pairs = b.node("Concat", [b.node("Unsqueeze", [low, last]), b.node("Unsqueeze", [high, last])], axis=-1)
+        q = b.node("Reshape", [pairs, b.ints([0] * ids_rank + [cols])])
+    q = b.node("Cast", [q], to=TensorProto.FLOAT)
     by_column = b.ints((torch.arange(cols) // enc.group_size).tolist()) if enc.scale.shape[1] > 1 else None
 
     def rows_of(t: torch.Tensor, name: str) -> str:

@@ -1,6 +1,6 @@
 """8-bit weights on the onnx backend: linear layers as MatMulNBits where the target allows int8
 activations (per-channel and per-tensor scales repeated per block, codes read in place), and
-embeddings that gather code rows and dequantise only those (no float table)."""
+embeddings that gather 8- or 4-bit code rows and dequantise only those (no float table)."""
 from __future__ import annotations
 
 import dataclasses
@@ -19,7 +19,7 @@ from nnforge.numerics import BACKEND_TOLERANCE, compare, within
 from nnforge.targets import get_target
 from tests import conftest
 from tests.backends.test_onnx_backend import _external, _inits, _st_span, make_intquant
-from tests.frontend.decoders.families import tiny_model
+from tests.frontend.decoders.families import tiny_model, tiny_tokenizer
 
 INT8_TARGET = dataclasses.replace(get_target("onnx"), options={**get_target("onnx").options, INT8_ACTIVATIONS: True})
 
@@ -82,11 +82,14 @@ def test_8bit_linear_runs_as_matmulnbits_reading_codes_in_place(tmp_path, gran, 
     torch.testing.assert_close(torch.from_numpy(exact), want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("gran", ["tensor", "channel", "group", "group_shared"])
-def test_8bit_embedding_gathers_code_rows_and_makes_no_float_table(tmp_path, gran, symmetric):
+def test_embedding_gathers_code_rows_and_makes_no_float_table(tmp_path, gran, symmetric, bits):
+    """8-bit code rows, or 4-bit ones split into nibbles after the gather (an int4 table tied to
+    an LM head in w4-g32)."""
     torch.manual_seed(1)
-    enc = make_intquant(torch.randn(300, 64), 8, gran, symmetric, torch.float16, 16)
+    enc = make_intquant(torch.randn(300, 64), bits, gran, symmetric, torch.float16, 16)
     g = Graph("emb")
     ids = g.add_input("ids", tensor("i64", "batch", "seq"))
     g.set_outputs([g.op("embedding", ids, g.add_weight("tok.weight", enc), name="emb")])
@@ -117,5 +120,21 @@ def test_int8_head_of_a_decoder_runs_as_matmulnbits_like_the_interpreter(tmp_pat
     head_codes = {t.name for t in model.graph.initializer if t.name.startswith(f"{weight}.codes")}
     readers = {n.op_type for n in model.graph.node if head_codes & set(n.input)}
     assert readers == {"MatMulNBits", "Gather"}
+    numerics = bundle.manifest["numerics"]
+    assert numerics["runtime_checked"] and numerics["backend_vs_reference"]["cosine_min"] >= 0.9999
+
+
+def test_int4_head_tied_to_the_embedding_is_gathered_not_dequantised(tmp_path):
+    """With the w4-g32 head a tiny Llama's tied table is int4: the head is a 4-bit MatMulNBits and
+    the embedding gathers its code rows, so no DequantizeLinear makes a float table of it."""
+    tiny_model("llama").save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    text = " ".join(f"w{4 + (7 * i) % 124}" for i in range(800))
+    bundle = nf.compile(tmp_path / "m", "onnx", "w4-rtn", out=tmp_path / "b", max_len=32, head="w4-g32",
+                        calibration=text)
+    model, _ = _mnb(bundle.path)
+    weight = bundle.graph().node("lm_head").inputs[1].name
+    head_codes = {t.name for t in model.graph.initializer if t.name.startswith(f"{weight}.codes")}
+    assert {n.op_type for n in model.graph.node if head_codes & set(n.input)} == {"MatMulNBits", "Gather"}
     numerics = bundle.manifest["numerics"]
     assert numerics["runtime_checked"] and numerics["backend_vs_reference"]["cosine_min"] >= 0.9999
