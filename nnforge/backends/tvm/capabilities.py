@@ -110,9 +110,9 @@ CAPABILITIES = Capabilities([
                                   "load (other layouts: Relax matmul)"),
     Capability("conv", "dense", "Relax conv1d/conv2d/conv3d"),
     Capability("embedding", "dense", "Relax take (an out-of-range id reads the last row)"),
-    Capability("embedding", "int", "kernels.lowbit rows: 8-, 4- or 3-bit codes (3-bit read as 4-bit) gathered from the layout the int GEMM "
-                                   "reads and dequantised (a table tied to an LM head shares the head's arrays); "
-                                   "columns in order", LOWBIT_ROWS),
+    Capability("embedding", "int", "kernels.lowbit rows: 8-, 4- or 3-bit codes (3-bit read as 4-bit) gathered "
+                                   "from the layout the int GEMM reads and dequantised (a table tied to an LM head "
+                                   "shares the head's arrays); columns in order", LOWBIT_ROWS),
     Capability("linear", "int", "kernels.lowbit: fp32 GEMM reading 8- or 4-bit codes (4-bit: even K and group "
                                 "size; 3-bit codes widened to 4-bit when the bundle loads, K a multiple of 8) with "
                                 "per-tensor, channel or group scales and zero points; act-order by permuting x",

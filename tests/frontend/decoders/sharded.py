@@ -40,10 +40,11 @@ def write_llama(path: Path, *, hidden: int, intermediate: int, layers: int, head
             p = f"model.layers.{i}."
             yield p + "input_layernorm.weight", torch.ones(hidden)
             yield p + "post_attention_layernorm.weight", torch.ones(hidden)
-            for name, rows, cols in (("self_attn.q_proj", heads * d, hidden), ("self_attn.k_proj", kv_heads * d, hidden),
-                                     ("self_attn.v_proj", kv_heads * d, hidden), ("self_attn.o_proj", hidden, heads * d),
-                                     ("mlp.gate_proj", intermediate, hidden), ("mlp.up_proj", intermediate, hidden),
-                                     ("mlp.down_proj", hidden, intermediate)):
+            shapes = (("self_attn.q_proj", heads * d, hidden), ("self_attn.k_proj", kv_heads * d, hidden),
+                      ("self_attn.v_proj", kv_heads * d, hidden), ("self_attn.o_proj", hidden, heads * d),
+                      ("mlp.gate_proj", intermediate, hidden), ("mlp.up_proj", intermediate, hidden),
+                      ("mlp.down_proj", hidden, intermediate))
+            for name, rows, cols in shapes:
                 # scaled like a trained layer's: activations keep their size through the blocks
                 yield p + name + ".weight", torch.randn(rows, cols, generator=gen) / cols ** 0.5
         yield "model.norm.weight", torch.ones(hidden)
