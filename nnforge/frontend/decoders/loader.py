@@ -178,11 +178,14 @@ def _safetensors_keys(file: Path) -> list[str]:
 
 class SafetensorsWeights(Mapping):
     """Module name -> tensor, read from safetensors files when asked for (safetensors memory-maps
-    each file). Each access reads the tensor again: hold on to the ones you need."""
+    each file). Floating tensors come out as float32: a bfloat16 or float16 one is widened into a
+    temporary file (:data:`WIDENED_DIR`, default the system's temporary directory) and mapped back,
+    once, so a half-precision checkpoint is not held in memory at twice its size either."""
 
     def __init__(self, where: dict[str, tuple[Path, str]]):
         self._where = where
         self._open: dict[Path, Any] = {}
+        self._widened: dict[str, torch.Tensor] = {}
 
     @property
     def files(self) -> list[Path]:
@@ -192,14 +195,19 @@ class SafetensorsWeights(Mapping):
         return self._where[name][0]
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self._widened:
+            return self._widened[name]
         file, key = self._where[name]
         from safetensors import SafetensorError, safe_open
         try:
             if file not in self._open:
                 self._open[file] = safe_open(os.fspath(file), framework="pt")
-            return self._open[file].get_tensor(key)
+            t = self._open[file].get_tensor(key)
         except (OSError, SafetensorError, ValueError) as e:
             raise FrontendError(f"{file}: cannot read tensor {key} ({e})") from None
+        if t.is_floating_point() and t.dtype != torch.float32:
+            t = self._widened[name] = widened(t)
+        return t
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
@@ -209,6 +217,38 @@ class SafetensorsWeights(Mapping):
 
     def __contains__(self, name) -> bool:
         return name in self._where
+
+
+# where half-precision checkpoint tensors are widened to float32 files (None: tempfile's default)
+WIDENED_DIR: str | None = os.environ.get("NNFORGE_WIDENED_DIR")
+WIDEN_IN_MEMORY_BELOW = 1 << 20         # bytes of float32: smaller tensors are not worth a file
+
+
+def widened(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as float32, in a file of its own mapped back privately and unlinked at once (its pages
+    are the kernel's to drop and re-read; nothing written to them reaches the disk), written in
+    chunks so that no float32 copy of the whole tensor is made in memory. Small tensors, or a
+    directory that cannot take the file, give an ordinary copy."""
+    import tempfile
+    if t.numel() * 4 < WIDEN_IN_MEMORY_BELOW:
+        return t.to(torch.float32)
+    try:
+        fd, name = tempfile.mkstemp(prefix="nnforge-widened-", suffix=".f32", dir=WIDENED_DIR)
+    except OSError:
+        return t.to(torch.float32)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in t.reshape(-1).split(1 << 22):
+                f.write(memoryview(chunk.to(torch.float32).numpy()))
+        out = torch.from_file(name, shared=False, size=t.numel(), dtype=torch.float32).reshape(t.shape)
+    except OSError:                     # a full disk: the copy in memory, as without the file
+        out = t.to(torch.float32)
+    finally:
+        try:
+            os.unlink(name)
+        except OSError:                 # (Windows keeps a mapped file; the temporary directory has it)
+            pass
+    return out
 
 
 class _Copied(Mapping):

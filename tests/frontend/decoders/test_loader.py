@@ -5,6 +5,7 @@ tokenizer, bad GGUF), each naming the file."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -73,6 +74,26 @@ def test_sharded_directory(tmp_path):
     assert len(weights.files) > 2 and tokenizer is None and "tokenizer: none" in source
     assert_same_weights(weights, model)
     assert weights.file_of("model.norm.weight").name.startswith("model-")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
+def test_a_bfloat16_checkpoint_is_widened_into_mapped_files_not_memory(tmp_path, monkeypatch):
+    """Half-precision tensors come out as float32 views of temporary files (unlinked once mapped),
+    each made once, so a bfloat16 checkpoint is not held in memory at twice its size."""
+    from nnforge.frontend.decoders import loader
+    monkeypatch.setattr(loader, "WIDEN_IN_MEMORY_BELOW", 0)
+    monkeypatch.setattr(loader, "WIDENED_DIR", str(tmp_path))
+    model = tiny_model("qwen3").to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "m")
+    weights = load_causal_lm(tmp_path / "m").weights
+    key = "model.layers.1.mlp.down_proj.weight"
+    t = weights[key]
+    assert t.dtype == torch.float32 and torch.equal(t, model.state_dict()[key].float())
+    assert weights[key] is t                                     # widened once
+    maps = [line.split() for line in open("/proc/self/maps") if "nnforge-widened-" in line]
+    assert any(int(m[0].split("-")[0], 16) <= t.data_ptr() < int(m[0].split("-")[1], 16) and m[-1] == "(deleted)"
+               for m in maps)
+    assert not list(tmp_path.glob("nnforge-widened-*"))         # unlinked: the mapping holds the pages
 
 
 @pytest.mark.parametrize("name", ["mistral", "qwen2", "gemma2", "gemma3", "gemma3-multimodal", "phi3", "gpt2-untied"])
