@@ -89,6 +89,7 @@ class Lowering:
         self._dense: dict[str, object] = {}         # weight name -> param var of its dense form
         self._funcs: dict[str, object] = {}         # kernel function name -> GlobalVar
         self._linear: dict[str, tuple] = {}         # weight name -> weights.linear_kernel's answer
+        self.fused: dict[str, object] = {}          # layer -> its output, made with its siblings' (ops._linear)
         self.kernel_consts: dict[str, list] = {}    # weight name -> its kernel's array parameters
         self._names: set[str] = set()
         self.raw_params: list = []                  # prepare's parameters: the arrays in the files

@@ -11,7 +11,7 @@ from __future__ import annotations
 from ...ir import Value, symbolic as sym
 from ...ir.dtypes import DType, int32
 from ...registry import Registry
-from .weights import _jsonable, c_name, int8_bsr_kernel, linear_kernel
+from .weights import _jsonable, c_name, fusable_siblings, fused_linear_kernel, int8_bsr_kernel, linear_kernel
 
 LOWERINGS = Registry("tvm lowering")
 rule = LOWERINGS.register
@@ -186,6 +186,11 @@ def _linear(lw, node):
         if bias is not None:
             y = lw.emit(op.add(y, lw.arg(bias)))
         return lw.emit(op.reshape(y, lw.shape(out.shape))) if x.type.rank != 2 else y
+    if node.name in lw.fused:  # made with a sibling's call
+        return lw.fused.pop(node.name)
+    group = fusable_siblings(lw, node, kernel)
+    if len(group) > 1:
+        return _stacked_linears(lw, group, kernel)[node.name]
     gv, consts, n, perm, fused_bias = linear_kernel(lw, w, kernel, why, node.name, sym.prod(x.shape[:-1]))
     x2, rows = _flatten_rows(lw, x)
     if perm is not None:       # act-order: the kernel's columns are in stored order
@@ -199,6 +204,27 @@ def _linear(lw, node):
     if x.type.rank != 2:
         y = lw.emit(op.reshape(y, lw.shape(out.shape)))
     return y
+
+
+def _stacked_linears(lw, group: list, kernel) -> dict:
+    """The outputs of the linear layers ``group`` (one input, :func:`fusable_siblings`) from one
+    call of the lowbit kernel over their stacked weights, each sliced off its rows (and its bias
+    added); the layers after the first take theirs from ``lw.fused``."""
+    from tvm.relax import op
+    x = group[0].inputs[0]
+    gv, consts, sizes = fused_linear_kernel(lw, [n.inputs[1] for n in group], kernel)
+    x2, rows = _flatten_rows(lw, x)
+    y = _dense_call(lw, gv, x2, rows, consts, sum(sizes), f"{group[0].name}.stacked")
+    outs, start = {}, 0
+    for n, size in zip(group, sizes):
+        part = lw.emit(op.strided_slice(y, axes=[1], begin=[start], end=[start + size]), n.name)
+        start += size
+        bias = n.inputs[2] if len(n.inputs) > 2 else None
+        if bias is not None:
+            part = lw.emit(op.add(part, lw.arg(bias)))
+        outs[n.name] = lw.emit(op.reshape(part, lw.shape(n.outputs[0].shape))) if x.type.rank != 2 else part
+    lw.fused.update({name: out for name, out in outs.items() if name != group[0].name})
+    return outs
 
 
 @rule("matmul")

@@ -159,7 +159,7 @@ def linear_kernel(lw, w: Value, kernel=None, why: str = "", layer: str = "", row
         config = lw.kernel_config(mod, builder, args)
         built = getattr(mod, builder)(c_name(f"nf_{enc.kind}_{w.name}"), **args, target=lw.llvm_target,
                                       **({} if config is None else {"config": config}))
-        consts = (lowbit_consts_at_load(lw, w, built, args) if module == "lowbit" else None) or \
+        consts = (lowbit_consts_at_load(lw, [w], built, args) if module == "lowbit" else None) or \
             [lw.extra(w.name, f"{built.name}.{i}", c) for i, c in enumerate(built.consts)]
         lw.kernel_consts[w.name] = consts          # what embedding_rows reads for a tied table
         perm = lw.extra(w.name, "perm", numpy_of(enc.perm).astype(np.int64)) if getattr(enc, "perm", None) is not None \
@@ -176,50 +176,121 @@ def linear_kernel(lw, w: Value, kernel=None, why: str = "", layer: str = "", row
     return entry
 
 
-def lowbit_consts_at_load(lw, w: Value, built, args: dict) -> list | None:
+def lowbit_consts_at_load(lw, parts: list[Value], built, args: dict) -> list | None:
     """The lowbit kernel's arrays (``built.consts``: codes, scales, zero points in its layout) as
-    ``main`` parameters that ``prepare`` makes from the weight's stored tensors when the bundle loads
-    (kernels/lowbit_layout.py), so the bundle stores the weight once, in nnforge's encoding; None
-    where a stored tensor is not what the kernel reads as is (bfloat16 scales), which then go to
-    tvm_params.safetensors as made here."""
+    ``main`` parameters that ``prepare`` makes from the stored tensors of the weights ``parts`` (one
+    weight, or several stacked along the output rows: :func:`fused_linear_kernel`) when the bundle
+    loads (kernels/lowbit_layout.py), so the bundle stores each weight once, in nnforge's encoding;
+    None where a stored tensor is not what the kernel reads as is (bfloat16 scales), which then go
+    to tvm_params.safetensors as made here."""
     from tvm.relax import op
     from .kernels.lowbit import make_plan
     from .kernels.lowbit_layout import relax_dot_layout, relax_interleave_rows, relax_widened_codes
-    enc = w.encoding
-    scale = numpy_of(enc.scale) if str(enc.scale.dtype) in ("torch.float32", "torch.float16") else None
-    if scale is None or scale.dtype != args["scale"].dtype:
+    encs = [w.encoding for w in parts]
+    if any(str(e.scale.dtype) not in ("torch.float32", "torch.float16") for e in encs):
+        return None
+    scales_np = [numpy_of(e.scale) for e in encs]
+    if any(s.dtype != args["scale"].dtype for s in scales_np):
         return None
     n, k, bits, zp = args["n"], args["k"], args["bits"], args["zero_point"]
-    plan = make_plan(bits, n, k, args["group_size"], zp is not None, lw.llvm_target, scale.dtype.name)
+    plan = make_plan(bits, n, k, args["group_size"], zp is not None, lw.llvm_target, scales_np[0].dtype.name)
     lanes, blocks, groups = plan.lanes, plan.padded_blocks, plan.groups
     # prepare's parameters exist before its body is built: every stored tensor is asked for here
-    codes = lw.stored(w, "codes", numpy_of(enc.codes))
-    if enc.bits != bits:                    # 3-bit codes as 4-bit ones (kernel_bits)
-        shift = (1 << (bits - 1)) - (1 << (enc.bits - 1)) if enc.signed and zp is None else 0
-        codes = relax_widened_codes(codes, n, k, enc.bits, bits, shift)
-    stored_scale = lw.stored(w, "scale", scale)
-    stored_zp = lw.stored(w, "zero_point", numpy_of(enc.zero_point)) if enc.zero_point is not None else None
+    stored = [(lw.stored(w, "codes", numpy_of(e.codes)), lw.stored(w, "scale", s),
+               lw.stored(w, "zero_point", numpy_of(e.zero_point)) if e.zero_point is not None else None)
+              for w, e, s in zip(parts, encs, scales_np)]
+
+    def stacked(per_part):
+        pieces = [per_part(w, e, *st) for w, e, st in zip(parts, encs, stored)]
+        return pieces[0] if len(pieces) == 1 else op.concat(pieces, axis=0)
+
+    def codes_of(w, e, codes, scale, z):
+        if e.bits == bits:
+            return codes
+        shift = (1 << (bits - 1)) - (1 << (e.bits - 1)) if e.signed and zp is None else 0
+        return relax_widened_codes(codes, w.shape[0], k, e.bits, bits, shift)    # kernel_bits
+
+    def scale_of(w, e, codes, scale, z):
+        return scale if e.scale.shape[0] == w.shape[0] else op.broadcast_to(scale, [w.shape[0], groups])
+
+    def zero_point_of(w, e, codes, scale, z):    # int_args: the stored zero points in the code domain, or zeros
+        rows = w.shape[0]
+        if z is None:
+            return op.zeros([rows, groups], "uint8")
+        offset = (1 << (e.bits - 1)) if e.signed else 0
+        z = op.astype(z, "int32")
+        z = op.astype(op.add(z, lw.relax.const(offset, "int32")) if offset else z, "uint8")
+        return z if e.zero_point.shape[0] == rows else op.broadcast_to(z, [rows, groups])
 
     def layout():
+        codes = stacked(codes_of)
         return relax_dot_layout(codes, n, bits, k, lanes, blocks) if plan.dot else \
             relax_interleave_rows(codes, n, k * bits // 8, "uint8", lanes, blocks)
 
     def scales():
-        full = stored_scale if scale.shape[0] == n else op.broadcast_to(stored_scale, [n, groups])
-        return relax_interleave_rows(full, n, groups, scale.dtype.name, lanes, blocks)
+        return relax_interleave_rows(stacked(scale_of), n, groups, scales_np[0].dtype.name, lanes, blocks)
 
-    def zero_points():       # int_args: the stored zero points in the code domain, or zeros
-        if enc.zero_point is None:
-            return relax_interleave_rows(op.zeros([n, groups], "uint8"), n, groups, "uint8", lanes, blocks)
-        offset = (1 << (bits - 1)) if enc.signed else 0
-        z = op.astype(stored_zp, "int32")
-        z = op.astype(op.add(z, lw.relax.const(offset, "int32")) if offset else z, "uint8")
-        z = z if enc.zero_point.shape[0] == n else op.broadcast_to(z, [n, groups])
-        return relax_interleave_rows(z, n, groups, "uint8", lanes, blocks)
+    def zero_points():
+        return relax_interleave_rows(stacked(zero_point_of), n, groups, "uint8", lanes, blocks)
 
     builds = [layout, scales] + ([zero_points] if zp is not None else [])      # built.consts' order
-    return [lw.made(f"{w.name}.{built.name}.{i}", lw.relax.TensorType(list(c.shape), c.dtype.name), make)
+    return [lw.made(f"{parts[0].name}.{built.name}.{i}", lw.relax.TensorType(list(c.shape), c.dtype.name), make)
             for i, (c, make) in enumerate(zip(built.consts, builds))]
+
+
+def fusable_siblings(lw, node, kernel) -> list:
+    """The linear layers that read ``node``'s input and can run with it as one lowbit GEMM over
+    their stacked weights (a decoder block's q/k/v and gate/up projections): ``kernel`` (LOWBIT)
+    takes every weight, at one code width, group size, signedness and scale type, with zero points
+    in all or none, columns in order, each weight read by its layer alone, and no per-shape
+    dispatch to join. In graph order, ``node`` among them; [node] when it has no such sibling.
+    One launch then streams what several did, and the activations are split once."""
+    if lw.dispatcher.enabled or kernel is None or kernel.module != "lowbit":
+        return [node]
+    if lw._uses is None:
+        lw._uses = lw.graph.uses()
+
+    def key(n):
+        if n.op != "linear" or len(n.inputs) < 2 or n.inputs[0] is not node.inputs[0]:
+            return None
+        w = n.inputs[1]
+        if not w.is_weight or len(w.shape) != 2 or [r for r, _ in lw._uses.get(w, [])] != [n]:
+            return None
+        cap, _ = lw.native("linear", w)
+        e = w.encoding
+        if cap is None or cap.accepts is not kernel or getattr(e, "perm", None) is not None:
+            return None
+        return (e.bits, e.group_size, e.signed, e.zero_point is None, str(e.scale.dtype), w.shape[1])
+    mine = key(node)
+    readers = [n for n, _ in lw._uses.get(node.inputs[0], [])]
+    group = [n for n in lw.graph.nodes if n in readers and mine is not None and key(n) == mine]
+    return group if len(group) > 1 else [node]
+
+
+def fused_linear_kernel(lw, parts: list[Value], kernel) -> tuple:
+    """(GlobalVar, const param vars, rows of each part) of one lowbit GEMM over the weights
+    ``parts`` stacked along their output rows (:func:`fusable_siblings`)."""
+    mod = importlib.import_module(f"{__package__}.kernels.lowbit")
+    each = [int_args(w.encoding) for w in parts]
+    sizes = [a["n"] for a in each]
+    groups = -(-each[0]["k"] // each[0]["group_size"])
+
+    def rows(a, name):
+        x = a[name]
+        return x if x is None or x.shape[0] == a["n"] else np.broadcast_to(x, (a["n"], groups))
+    args = dict(each[0], n=sum(sizes), codes=np.concatenate([a["codes"] for a in each]),
+                scale=np.concatenate([rows(a, "scale") for a in each]),
+                zero_point=None if each[0]["zero_point"] is None else
+                np.concatenate([rows(a, "zero_point") for a in each]))
+    config = lw.kernel_config(mod, "int_weight_matmul", args)
+    built = mod.int_weight_matmul(c_name(f"nf_int_{parts[0].name}_and_{len(parts) - 1}"), **args,
+                                  target=lw.llvm_target, **({} if config is None else {"config": config}))
+    consts = lowbit_consts_at_load(lw, parts, built, args) or \
+        [lw.extra(parts[0].name, f"{built.name}.{i}", c) for i, c in enumerate(built.consts)]
+    for w in parts:
+        lw.kernel_notes[w.name] = {"function": built.name, "stacked_with": [p.name for p in parts if p is not w],
+                                   **_jsonable(built.notes)}
+    return lw.func(built.name, built.func), consts, sizes
 
 
 def embedding_rows(lw, w: Value, ids: Value, kernel):
