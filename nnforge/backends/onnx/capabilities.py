@@ -126,7 +126,6 @@ CAPABILITIES = Capabilities([
                "(act-order: activations permuted)", codes_in_place),
     Capability("matmul", "int", "DequantizeLinear of uint8/uint4 codes in place + MatMul", dequantized),
     Capability("conv", "int", "DequantizeLinear of uint8/uint4 codes in place + Conv", dequantized),
-    Capability("embedding", "int", "DequantizeLinear of uint8/uint4 codes in place + Gather", dequantized),
     Capability("linear", "minifloat", "DequantizeLinear of float8 (e4m3/e5m2) codes in place + Gemm "
                "(act-order: activations permuted)", codes_in_place),
     Capability("matmul", "minifloat", "DequantizeLinear of float8 codes in place + MatMul", dequantized),
