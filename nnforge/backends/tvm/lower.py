@@ -296,12 +296,16 @@ class Lowering:
             self._funcs[name] = self.bb.add_func(prim_func.with_attr("op_pattern", OPAQUE), name)
         return self._funcs[name]
 
+    def readers(self, v: Value) -> list:
+        """The nodes that read ``v``, in graph order (once per input slot)."""
+        if self._uses is None:
+            self._uses = self.graph.uses()
+        return [n for n, _ in self._uses.get(v, [])]
+
     def only_reader(self, v: Value, node) -> bool:
         """Whether ``node`` is the one reader of ``v`` and ``v`` is no graph output: a kernel of
         ``node`` may then write its result into ``v``'s buffer (``call_tir_inplace``)."""
-        if self._uses is None:
-            self._uses = self.graph.uses()
-        return [n for n, _ in self._uses.get(v, [])] == [node] and v not in self.graph.outputs
+        return self.readers(v) == [node] and v not in self.graph.outputs
 
     def call_kernel(self, name: str, kernel_func, args: list, out_shape: list, dtype: str = "float32"):
         gv = self.func(name, kernel_func)

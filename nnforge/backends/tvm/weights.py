@@ -247,14 +247,12 @@ def fusable_siblings(lw, node, kernel) -> list:
     One launch then streams what several did, and the activations are split once."""
     if lw.dispatcher.enabled or kernel is None or kernel.module != "lowbit":
         return [node]
-    if lw._uses is None:
-        lw._uses = lw.graph.uses()
 
     def key(n):
         if n.op != "linear" or len(n.inputs) < 2 or n.inputs[0] is not node.inputs[0]:
             return None
         w = n.inputs[1]
-        if not w.is_weight or len(w.shape) != 2 or [r for r, _ in lw._uses.get(w, [])] != [n]:
+        if not w.is_weight or len(w.shape) != 2 or lw.readers(w) != [n]:
             return None
         cap, _ = lw.native("linear", w)
         e = w.encoding
@@ -262,8 +260,7 @@ def fusable_siblings(lw, node, kernel) -> list:
             return None
         return (e.bits, e.group_size, e.signed, e.zero_point is None, str(e.scale.dtype), w.shape[1])
     mine = key(node)
-    readers = [n for n, _ in lw._uses.get(node.inputs[0], [])]
-    group = [n for n in lw.graph.nodes if n in readers and mine is not None and key(n) == mine]
+    group = [n for n in dict.fromkeys(lw.readers(node.inputs[0])) if mine is not None and key(n) == mine]
     return group if len(group) > 1 else [node]
 
 
