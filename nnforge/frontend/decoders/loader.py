@@ -176,14 +176,29 @@ def _safetensors_keys(file: Path) -> list[str]:
         raise FrontendError(f"{file}: not a readable safetensors file ({e})") from None
 
 
-class SafetensorsWeights(Mapping):
+class _ReadOnAccess(Mapping):
+    """Module name -> tensor, each made by ``__getitem__`` when asked for; the names are the keys
+    of ``self._names``."""
+    _names: Mapping
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name) -> bool:
+        return name in self._names
+
+
+class SafetensorsWeights(_ReadOnAccess):
     """Module name -> tensor, read from safetensors files when asked for (safetensors memory-maps
     each file). Floating tensors come out as float32: a bfloat16 or float16 one is widened into a
     temporary file (:data:`WIDENED_DIR`, default the system's temporary directory) and mapped back,
     once, so a half-precision checkpoint is not held in memory at twice its size either."""
 
     def __init__(self, where: dict[str, tuple[Path, str]]):
-        self._where = where
+        self._where = self._names = where
         self._open: dict[Path, Any] = {}
         self._widened: dict[str, torch.Tensor] = {}
 
@@ -208,15 +223,6 @@ class SafetensorsWeights(Mapping):
         if t.is_floating_point() and t.dtype != torch.float32:
             t = self._widened[name] = widened(t)
         return t
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._where)
-
-    def __len__(self) -> int:
-        return len(self._where)
-
-    def __contains__(self, name) -> bool:
-        return name in self._where
 
 
 # where half-precision checkpoint tensors are widened to float32 files (None: tempfile's default)
@@ -251,27 +257,18 @@ def widened(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class _Copied(Mapping):
+class _Copied(_ReadOnAccess):
     """Module name -> a float32 copy of the caller's tensor, made when asked for: the graph must not
     share memory with a module or state dict the caller may go on changing. (A checkpoint's
     tensors need no copy: safetensors maps its files privately, so the graph's weights stay pages
     of the file, and nothing written to them reaches it.)"""
 
     def __init__(self, tensors: Mapping[str, torch.Tensor]):
-        self._tensors = tensors
+        self._names = tensors
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        t = self._tensors[name].detach()
+        t = self._names[name].detach()
         return t.to(torch.float32, copy=True) if t.is_floating_point() else t.clone()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._tensors)
-
-    def __len__(self) -> int:
-        return len(self._tensors)
-
-    def __contains__(self, name) -> bool:
-        return name in self._tensors
 
 
 def _expected_keys(config) -> set[str]:

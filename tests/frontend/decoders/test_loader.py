@@ -95,6 +95,12 @@ def test_a_bfloat16_checkpoint_is_widened_into_mapped_files_not_memory(tmp_path,
                for m in maps)
     assert not list(tmp_path.glob("nnforge-widened-*"))         # unlinked: the mapping holds the pages
 
+    # a directory that cannot take the file: an ordinary copy, the same values
+    monkeypatch.setattr(loader, "WIDENED_DIR", str(tmp_path / "no-such-dir"))
+    t = loader.widened(model.state_dict()[key])
+    assert t.dtype == torch.float32 and torch.equal(t, model.state_dict()[key].float())
+    assert not any(a <= t.data_ptr() < b for a, b in [tuple(int(x, 16) for x in m[0].split("-")) for m in maps])
+
 
 @pytest.mark.parametrize("name", ["mistral", "qwen2", "gemma2", "gemma3", "gemma3-multimodal", "phi3", "gpt2-untied"])
 def test_every_family_round_trips_through_a_directory(tmp_path, name):
