@@ -112,19 +112,27 @@ def _timed(fn) -> float:
 
 def compile_row(hf: Path, target: str, preset: str, calib: str, max_len: int, work: Path,
                 recompile: bool = False) -> Bundle:
-    """The preset's bundle for ``target``, compiled once (reused while its recipe, head format and
-    max_len agree, unless ``recompile``: after a change to nnforge). ``preset`` may name the LM
-    head's format after an @ (``w4-gptq@w4-g32``: the LM head in int4 groups of 32)."""
+    """The preset's bundle for ``target``, compiled once: reused while the passes it recorded are
+    the ones this nnforge resolves the preset and head format to (a preset that changed is compiled
+    again) and its max_len agrees, unless ``recompile`` (after a change to a backend, which no
+    recipe shows). ``preset`` may name the LM head's format after an @ (``w4-gptq@w4-g32``: the LM
+    head in int4 groups of 32)."""
+    from nnforge.frontend.decoders.builder import HEAD_LAYER
+    from nnforge.passes import resolve_recipe
+    from nnforge.passes.recipes import recipe_record, with_head_format
+    from nnforge.targets import get_target
     name, _, head = preset.partition("@")
     head = head or "w8"
+    recipe = None if name == "fp32" else name
     out = work / "bundles" / f"{preset}-{target}"
     if (out / "manifest.json").is_file() and not recompile:
         bundle = Bundle.open(out)
         m = bundle.manifest
-        if (m["recipe"]["name"] == name and m["decoder"]["max_len"] == max_len
-                and (name == "fp32" or m["decoder"]["head"]["format"] == head)):
+        defaults = get_target(target).options.get("pass_defaults")
+        recipe_name, passes = resolve_recipe(recipe, defaults)
+        if (m["recipe"] == recipe_record(recipe_name, with_head_format(passes, head, HEAD_LAYER, defaults))
+                and m["decoder"]["max_len"] == max_len):
             return bundle
-    recipe = None if name == "fp32" else name
     return nf.compile(hf, target, recipe, out=out, max_len=max_len, head=head,
                       calibration=calib if recipe else None, progress=True)
 
