@@ -103,14 +103,14 @@ def compile(model, target: str | Target, recipe=None, *, example_inputs=None, ca
             else:
                 import_check = check_import(model, graph, example) or graph.meta.pop("frontend_check", {})
             timings["frontend_s"] = time.perf_counter() - t0
-            memory["after_import"] = peak_rss_bytes()
+            memory["after_import"] = _peak_so_far(memory)
             bar.update()
             bar.set_description(f"compress ({recipe_name})")
             t0 = time.perf_counter()
             pm = PassManager(cleanup_passes() + passes)
             compressed = pm.run(graph, PassContext(calibration=data.calibration, target=tgt, progress=progress))
             timings["passes_s"] = time.perf_counter() - t0
-            memory["after_passes"] = peak_rss_bytes()
+            memory["after_passes"] = _peak_so_far(memory)
             bar.update()
             bar.set_description(f"lower for {tgt.name} and check")
             manifest = build(out_dir, graph=compressed, original=graph, source=source, target=tgt, backend=backend,
@@ -123,6 +123,14 @@ def compile(model, target: str | Target, recipe=None, *, example_inputs=None, ca
         finally:
             bar.close()             # cleared before any error is printed
         return Bundle(out_dir, manifest)
+
+
+def _peak_so_far(memory: dict) -> int | None:
+    """The peak resident memory now, never below a stage recorded before it: Linux stores VmHWM's
+    high-water mark only at some events (a reading folds in the RSS of that moment), so memory
+    freed by other paths can make a later reading come out a little lower."""
+    now = peak_rss_bytes()
+    return None if now is None else max([now, *(v for v in memory.values() if v is not None)])
 
 
 def prepare(graph: Graph, backend: Backend, target: Target, shapes: dict) -> tuple[Graph, dict]:
@@ -224,7 +232,7 @@ def build(out: Path, *, graph: Graph, original: Graph, source: str, target: Targ
             numerics["runtime_skipped_because"] = why
         timings["total_s"] = time.perf_counter() - started
         if memory is not None:
-            memory["after_lowering"] = peak_rss_bytes()
+            memory["after_lowering"] = _peak_so_far(memory)
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "nnforge_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
