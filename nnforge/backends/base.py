@@ -83,6 +83,9 @@ class LowerContext:
         measures its kernels in the model; None when there is none.
     symbols: the dimension sizes the ``prepare`` passes fixed (a pass records them as its
         ``symbols`` figure); empty when none ran.
+    steps: bindings of dimension symbols the bundle will run at far more often than any other
+        (a decoder's one-token step at batch 1: ``{"batch": 1, "seq": 1}``), for a backend that can
+        add a function specialised to them beside the general one; empty for other graphs.
     """
     recipe: str
     files: Any
@@ -90,6 +93,7 @@ class LowerContext:
     speed_shapes: list[dict] = field(default_factory=list)
     reference: list | None = None
     symbols: dict[str, int] = field(default_factory=dict)
+    steps: list[dict[str, int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

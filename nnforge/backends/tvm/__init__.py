@@ -40,6 +40,8 @@ from .capabilities import CAPABILITIES
 from .dispatch import NEVER, Dispatcher, check_in_model
 from .layer_timing import measure_in_model
 from .llvm_targets import parse_llvm_target, resolve_target
+from .lower import ENTRY_FUNCTION
+from .specialise import Specialised, add_specialised
 from .llvm_targets import host_cpu  # noqa: F401  (re-exported: it was defined here)
 from .tuning import TUNING_FILE, Tuner
 
@@ -49,7 +51,6 @@ threads.configure()
 LIBRARY_FILE = "model.so"
 GRAPH_FILE = "graph.json"               # written by the pipeline
 PARAMS_FILE = "tvm_params.safetensors"
-ENTRY_FUNCTION = "main"
 
 
 # --- the CPU a library needs --------------------------------------------------------------------
@@ -129,7 +130,11 @@ class TvmRunner(Runner):
         self._module = _load_verified(tvm_ffi, path, digest)
         self._vm = self._module["vm_load_executable"]()
         self._vm["vm_initialization"](_KDL_CPU, 0, _POOLED_ALLOCATOR)
-        self._main = self._vm[entry.get("function", ENTRY_FUNCTION)]
+        self._function_name = entry.get("function", ENTRY_FUNCTION)
+        self._functions = {self._function_name: self._vm[self._function_name]}
+        # copies of main with the symbols of a decode step fixed (specialise.py), chosen per call
+        self._specialised = Specialised(entry.get("specialised", []), [list(i.dims) for i in self.inputs])
+        self.last_function = None       # the function the last call ran
         self._from_dlpack = tvm_ffi.from_dlpack
         stored = [self._from_dlpack(a) for a in _read_params(Path(bundle_dir), params)]
         # prepare() makes main's parameters from the stored arrays once (packed weight panels)
@@ -170,6 +175,12 @@ class TvmRunner(Runner):
         self.dispatch_mode = mode
         return self
 
+    def specialised(self, enabled: bool = True) -> "TvmRunner":
+        """Whether calls at the shapes of a specialised copy of ``main`` run that copy (the
+        default) or ``main`` itself (to time or check the general function on the same library)."""
+        self._specialised.enabled = bool(enabled) and bool(self._specialised.checks)
+        return self
+
     def run_numpy(self, inputs: list) -> list:
         outs = self._call([self._from_dlpack(_aligned(x)) for x in inputs], [list(x.shape) for x in inputs])
         return [np.array(np.from_dlpack(o)) for o in outs]
@@ -177,8 +188,12 @@ class TvmRunner(Runner):
     def _call(self, args: list, shapes: list) -> list:
         """``main`` on TVM tensors; its outputs as TVM tensors."""
         self._threads.fit()
+        name = self._specialised.function_for(shapes) if self._specialised.enabled else self._function_name
+        self.last_function = name
+        if name not in self._functions:
+            self._functions[name] = self._vm[name]
         try:
-            out = self._main(*args, *self._params)
+            out = self._functions[name](*args, *self._params)
         except Exception as e:        # the VM raises tvm_ffi errors
             raise BackendError(f"TVM VM failed on inputs "
                                f"{', '.join(f'{n} {s}' for n, s in zip(self.input_names, shapes))}: "
@@ -375,7 +390,7 @@ def build(graph: Graph, target: Target, ctx: LowerContext, toolchain: dict) -> A
         dispatcher = Dispatcher(target.options, target.can_run(), graph, where, times=times, shapes=ctx.speed_shapes)
         low = lower_graph(graph, target, tvm_target, tuner, dispatcher)
         (out_dir / PARAMS_FILE).unlink(missing_ok=True)
-    entry = _write(graph, target, low, tvm_target, tuner, out_dir)
+    entry = _write(graph, target, low, tvm_target, tuner, out_dir, steps=ctx.steps)
     if dispatcher.times is not None and any(d.dispatched for d in dispatcher.decisions.values()):
         _check_dispatch(graph, low, entry, dispatcher, inputs, out_dir, speed)
     files = [LIBRARY_FILE, tuner.write(out_dir)]
@@ -413,12 +428,15 @@ def _check_dispatch(graph: Graph, low, entry: dict, dispatcher: Dispatcher, inpu
             layer["threshold_param"] = params[layer["weight"]]
 
 
-def _write(graph: Graph, target: Target, low, tvm_target, tuner: Tuner, out_dir: Path) -> dict:
-    """Compile ``low`` into ``out_dir`` (library and backend arrays); the manifest entry."""
+def _write(graph: Graph, target: Target, low, tvm_target, tuner: Tuner, out_dir: Path,
+           steps: list | None = None) -> dict:
+    """Compile ``low`` into ``out_dir`` (library and backend arrays), with a copy of ``main`` for
+    each binding of ``steps`` (specialise.py); the manifest entry."""
     import tvm
     from safetensors.numpy import save_file
     from .lower import PREPARE_FUNCTION
     llvm_target = target.options["llvm_target"]
+    specialised = add_specialised(low.mod, steps or [])
     try:
         executable = tvm.compile(low.mod, target=tvm_target, relax_pipeline=cpu_pipeline(tvm_target))
         executable.export_library(os.fspath(out_dir / LIBRARY_FILE))
@@ -429,7 +447,8 @@ def _write(graph: Graph, target: Target, low, tvm_target, tuner: Tuner, out_dir:
         save_file(low.arrays, os.fspath(out_dir / PARAMS_FILE), metadata={"producer": "nnforge tvm backend"})
     return {
         "library": LIBRARY_FILE, "sha256": hashlib.sha256((out_dir / LIBRARY_FILE).read_bytes()).hexdigest(),
-        "function": ENTRY_FUNCTION, "prepare": PREPARE_FUNCTION, "llvm_target": llvm_target,
+        "function": ENTRY_FUNCTION, "prepare": PREPARE_FUNCTION, "specialised": specialised,
+        "llvm_target": llvm_target,
         "tvm_target": json.loads(str(tvm_target)),
         "inputs": [{"name": v.name, "dtype": v.dtype.name, "dims": list(v.shape)} for v in graph.inputs],
         "outputs": [v.name for v in graph.outputs],

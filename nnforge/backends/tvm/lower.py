@@ -34,6 +34,7 @@ WEIGHTS_FILE = "weights.safetensors"     # written by the pipeline (save_graph);
 PARAMS_FILE = "tvm_params.safetensors"   # arrays this backend makes
 SEP = "::"                               # safetensors key separator of nnforge.ir.serialize
 OPAQUE = 8                               # relax OpPatternKind kOpaque
+ENTRY_FUNCTION = "main"                  # inputs..., params... -> outputs
 PREPARE_FUNCTION = "prepare"             # params as stored -> main's params (packed), run at load
 
 
@@ -331,7 +332,7 @@ class Lowering:
             var = relax.Var(self.fresh(v.name), self.ttype(v))
             inputs.append(var)
             self.values[v] = var
-        with self.bb.function("main"):
+        with self.bb.function(ENTRY_FUNCTION):
             with self.bb.dataflow():
                 for node in g.nodes:
                     self.lower_node(node)
@@ -379,4 +380,4 @@ def lower_graph(graph: Graph, spec: Target, target, tuner: Tuner | None = None,
     return Lowering(graph, spec, target, tuner, dispatcher).run()
 
 
-__all__ = ["Lowering", "Lowered", "ParamSpec", "lower_graph", "LOWERINGS", "PARAMS_FILE", "WEIGHTS_FILE", "PREPARE_FUNCTION"]
+__all__ = ["Lowering", "Lowered", "ParamSpec", "lower_graph", "LOWERINGS", "PARAMS_FILE", "WEIGHTS_FILE", "ENTRY_FUNCTION", "PREPARE_FUNCTION"]

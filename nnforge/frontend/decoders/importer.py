@@ -143,6 +143,12 @@ class DecoderImport:
             model.tie_weights()
         return model.eval(), ""
 
+    def step_symbols(self) -> dict[str, int]:
+        """The dimension symbols of one decode step at batch 1, bound: the call a backend may
+        build a function for beside the general one (LowerContext.steps)."""
+        ids = next(v for v in self.graph.inputs if v.name == INPUT_IDS)
+        return {d: 1 for d in ids.shape if isinstance(d, str)}
+
     # --- what the bundle records --------------------------------------------------------------
     def manifest_section(self) -> dict:
         s = self.spec
