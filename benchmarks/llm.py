@@ -25,6 +25,7 @@ from pathlib import Path
 # when anything else holds a core; set before either is imported (llm_peers says more)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -85,7 +86,6 @@ def streamed_bytes(manifest: dict) -> int:
 def copy_bandwidth(mib: int = 512, repeats: int = 5) -> float:
     """This machine's memory bandwidth in bytes/s, as STREAM's Copy counts it (bytes read plus
     bytes written): the best of ``repeats`` copies of a ``mib`` MiB array on one thread."""
-    import numpy as np
     a = np.ones(mib * 2 ** 20 // 4, np.float32)
     b = np.empty_like(a)
     np.copyto(b, a)
@@ -137,17 +137,29 @@ def compile_row(hf: Path, target: str, preset: str, calib: str, max_len: int, wo
                       calibration=calib if recipe else None, progress=True)
 
 
-def measure(row, ids: list[int], window: int, stride: int, prompt: list[int], contexts: list[int],
-            new_tokens: int) -> dict:
+def quality(row, ids: list[int], window: int, stride: int) -> dict:
     t0 = time.perf_counter()
     ppl, scored = row.perplexity(ids, window, stride)
     out = {"name": row.name, "bytes": row.bytes, "perplexity": ppl, "tokens_scored": scored,
            "perplexity_s": time.perf_counter() - t0, "streamed_bytes": getattr(row, "streamed", None)}
-    out["prefill_tokens_per_s"] = row.speed(prompt, 1)["prefill_tokens_per_s"]
-    for c in contexts:
-        out[f"decode_tokens_per_s@{c}"] = row.speed(ids[:c], new_tokens)["decode_tokens_per_s"]
     print(json.dumps(out), flush=True)
     return out
+
+
+def speeds(rows: list, prompt: list[int], ids: list[int], contexts: list[int], new_tokens: int,
+           rounds: int) -> list[dict]:
+    """Each row's prefill and decode rates, in ``rounds`` rounds that time every row in turn (all
+    of them loaded), so that what else the host runs slows all rows alike rather than the ones
+    timed while it ran; each figure is the median of its rounds (every round's is kept)."""
+    runs = [{} for _ in rows]
+    for i in range(rounds):
+        for row, got in zip(rows, runs):
+            got.setdefault("prefill_tokens_per_s", []).append(row.speed(prompt, 1)["prefill_tokens_per_s"])
+            for c in contexts:
+                got.setdefault(f"decode_tokens_per_s@{c}", []).append(
+                    row.speed(ids[:c], new_tokens)["decode_tokens_per_s"])
+            print(json.dumps({"round": i, "name": row.name, **{k: v[-1] for k, v in got.items()}}), flush=True)
+    return [{**{k: float(np.median(v)) for k, v in got.items()}, "rounds": got} for got in runs]
 
 
 def peers(names: list[str], loaded, gguf: Path, work: Path) -> tuple[list, list[str]]:
@@ -193,6 +205,8 @@ def write_table(results: list[dict], args: dict, machine: dict, cmd: str | None 
              f"text (topics calibration never saw), windows of {args['window']} every {args['stride']}, the same token "
              f"ids for every row. Prefill: a {args.get('prompt_tokens', 512)}-token prompt in one call; decode: "
              f"{args['new_tokens']} greedy tokens one call each after a context of 128 or 1024 tokens, batch 1. "
+             f"Speed: the median of {args.get('rounds', 1)} round(s), each timing every row in turn with all rows "
+             "loaded (benchmarks/out/llm.json keeps every round's figure). "
              "MB: the files each row runs from (nnforge: the backend's artifacts and the weights they read).",
              "The package ships the model as a Q4_K_M GGUF only: the fp32 rows run it dequantised, so llama.cpp's "
              "Q4_K_M row runs the very weights fp32 stands for, while Q4_0, ORT GenAI's int4 and nnforge's presets "
@@ -236,6 +250,7 @@ def main(argv=None) -> int:
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--stride", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=3, help="timing rounds over all rows (median of each row's)")
     p.add_argument("--work", default=str(OUT / "llm"))
     p.add_argument("--recompile", action="store_true", help="compile every bundle again (after a change to nnforge)")
     p.add_argument("--from-json", action="store_true", help="rewrite the table from benchmarks/out/llm.json only")
@@ -259,12 +274,13 @@ def main(argv=None) -> int:
     ids = tok(held)["input_ids"][: args.eval_tokens]
     prompt = ids[:512]
     contexts = [c for c in (128, 1024) if c + args.new_tokens <= args.max_len]
-    results = []
+    results, timed = [], []
     rows = ([tuple(r.split(":", 1)) for r in args.rows.split(",") if r] if args.rows else
             [(t, p) for t in args.targets.split(",") if t for p in args.presets.split(",") if p])
     for target, preset in rows:
         bundle = compile_row(hf, target, preset, calib, args.max_len, work, args.recompile)
-        r = measure(BundleRow(bundle), ids, args.window, args.stride, prompt, contexts, args.new_tokens)
+        timed.append(BundleRow(bundle))
+        r = quality(timed[-1], ids, args.window, args.stride)
         r["passes_s"] = bundle.manifest["timings"].get("passes_s") if preset != "fp32" else None
         r["peak_rss_bytes"] = (bundle.manifest.get("memory") or {}).get("peak_rss_bytes")
         r["fallbacks"] = len(bundle.manifest["fallbacks"])
@@ -274,7 +290,10 @@ def main(argv=None) -> int:
         results.append(r)
     ran, left_out = peers([x for x in args.peers.split(",") if x], loaded, gguf, work)
     for peer in ran:
-        results.append(measure(peer, ids, args.window, args.stride, prompt, contexts, args.new_tokens))
+        results.append(quality(peer, ids, args.window, args.stride))
+    timed += ran
+    for r, got in zip(results, speeds(timed, prompt, ids, contexts, args.new_tokens, args.rounds)):
+        r.update(got)
     results += [{"name": line.split(":", 1)[0], "skipped": line.split(":", 1)[1].strip()} for line in left_out]
     OUT.mkdir(exist_ok=True)
     from nnforge.timing import machine
