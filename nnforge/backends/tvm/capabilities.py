@@ -21,7 +21,8 @@ from ...ir import Dense, IntQuant
 from ..base import Capabilities, Capability
 from .kernels.bsr_int8 import sums_problem
 from .kernels.lowbit import layout_problem
-from .weights import bsr_args, int8_bsr_args, int_args, kernel_bits
+from .kernels.lowbit_minifloat import format_problem
+from .weights import bsr_args, int8_bsr_args, int_args, kernel_bits, minifloat_args
 
 
 def llvm_problem(target) -> str | None:
@@ -45,6 +46,15 @@ def int_codes(enc) -> str | None:
         return f"3-bit codes are widened to 4 bits eight at a time (three bytes), so k must be a multiple of 8, " \
                f"got k = {enc.shape[1]}"
     return layout_problem(kernel_bits(enc), enc.group_size, *enc.shape)
+
+
+def minifloat_codes(enc) -> str | None:
+    """Why kernels.lowbit_minifloat cannot read ``enc``'s codes (formats, widths, groups: the
+    kernel's own check). Its scales may be floats or E8M0 / E4M3 codes: they are decoded to float32
+    when the bundle loads."""
+    if len(enc.shape) != 2:
+        return f"it takes [n, k] weights, not {len(enc.shape)}-D ones"
+    return format_problem(enc.fmt.short, enc.group_size, *enc.shape)
 
 
 def in_order(enc) -> str | None:
@@ -100,6 +110,7 @@ class Kernel:
 
 LOWBIT = Kernel("lowbit", "int_weight_matmul", int_codes, int_args)
 LOWBIT_ROWS = Kernel("lowbit", "gather_rows", lambda enc: int_codes(enc) or in_order(enc), int_args)
+MINIFLOAT = Kernel("lowbit_minifloat", "minifloat_weight_matmul", minifloat_codes, minifloat_args)
 BSR = Kernel("bsr", "bsr_matmul", fp32_blocks, bsr_args)
 BSR_INT8 = Kernel("bsr_int8", "bsr_matmul_int8", int8_block_codes, int8_bsr_args)
 
@@ -117,6 +128,11 @@ CAPABILITIES = Capabilities([
                                 "size; 3-bit codes widened to 4-bit when the bundle loads, K a multiple of 8) with "
                                 "per-tensor, channel or group scales and zero points; act-order by permuting x",
                LOWBIT),
+    Capability("linear", "minifloat", "kernels.lowbit_minifloat: the lowbit GEMM reading FP4 (e2m1: MXFP4, NVFP4; "
+                                      "even K and group size; the VNNI dot GEMV through a vpshufb table) or FP8 (e4m3, "
+                                      "e5m2: float paths) codes, with float scales per tensor, channel or group, or "
+                                      "E8M0 / E4M3 block scales decoded to float32 when the bundle loads; act-order "
+                                      "by permuting x", MINIFLOAT),
     Capability("linear", "sparse", "kernels.bsr: fp32 BSR SpMM on R x C blocks of fp32 values", BSR),
     Capability("linear", "sparse", "kernels.bsr_int8: u8 x s8 BSR SpMM on int8 block codes with row scales, x "
                                    "quantised in the kernel on the grid of the static int8 fake_quant before the "
@@ -124,4 +140,4 @@ CAPABILITIES = Capabilities([
                BSR_INT8),
 ])
 
-__all__ = ["CAPABILITIES", "Kernel", "LOWBIT", "LOWBIT_ROWS", "BSR", "BSR_INT8", "llvm_problem"]
+__all__ = ["CAPABILITIES", "Kernel", "LOWBIT", "LOWBIT_ROWS", "MINIFLOAT", "BSR", "BSR_INT8", "llvm_problem"]

@@ -101,6 +101,15 @@ def int_args(enc) -> dict:
             "zero_point": zp, "group_size": enc.group_size, "n": n, "k": k}
 
 
+def minifloat_args(enc) -> dict:
+    """minifloat_weight_matmul's arguments for a MiniFloat weight: its codes as stored, and its
+    scales decoded to float32 (E8M0 or E4M3 scale codes read, the global scale folded in)."""
+    import torch
+    n, k = enc.shape
+    return {"codes": numpy_of(enc.codes), "fmt": enc.fmt.short, "scale": numpy_of(enc.scale_values(torch.float32)),
+            "group_size": enc.group_size, "n": n, "k": k}
+
+
 def _int8_activation(x: Value):
     """(float input, scale, uint8 zero point) when ``x`` is a static int8/uint8 ``fake_quant`` of a
     float32 tensor: the int8 SpMM kernel quantises that input itself, on the same grid (an int8
@@ -159,7 +168,9 @@ def linear_kernel(lw, w: Value, kernel=None, why: str = "", layer: str = "", row
         config = lw.kernel_config(mod, builder, args)
         built = getattr(mod, builder)(c_name(f"nf_{enc.kind}_{w.name}"), **args, target=lw.llvm_target,
                                       **({} if config is None else {"config": config}))
-        consts = (lowbit_consts_at_load(lw, [w], built, args) if module == "lowbit" else None) or \
+        at_load = {"lowbit": lambda: lowbit_consts_at_load(lw, [w], built, args),
+                   "lowbit_minifloat": lambda: minifloat_consts_at_load(lw, w, built)}.get(module)
+        consts = (at_load() if at_load is not None else None) or \
             [lw.extra(w.name, f"{built.name}.{i}", c) for i, c in enumerate(built.consts)]
         lw.kernel_consts[w.name] = consts          # what embedding_rows reads for a tied table
         perm = lw.extra(w.name, "perm", numpy_of(enc.perm).astype(np.int64)) if getattr(enc, "perm", None) is not None \
@@ -236,6 +247,49 @@ def lowbit_consts_at_load(lw, parts: list[Value], built, args: dict) -> list | N
     builds = [layout, scales] + ([zero_points] if zp is not None else [])      # built.consts' order
     return [lw.made(f"{parts[0].name}.{built.name}.{i}", lw.relax.TensorType(list(c.shape), c.dtype.name), make)
             for i, (c, make) in enumerate(zip(built.consts, builds))]
+
+
+def minifloat_consts_at_load(lw, w: Value, built) -> list | None:
+    """The arrays of kernels.lowbit_minifloat (codes in the lowbit layout, float32 scales) as
+    ``main`` parameters that ``prepare`` makes from the weight's stored codes, scales (float, or
+    E8M0 / E4M3 codes read through their table) and global scale when the bundle loads, as
+    :func:`lowbit_consts_at_load` does for int codes; None for bfloat16 scales (no numpy form), which
+    then go to tvm_params.safetensors as made here."""
+    import torch
+    from tvm.relax import op
+    from ...ir import minifloat as mf
+    from .kernels.lowbit import make_plan
+    from .kernels.lowbit_layout import relax_dot_layout, relax_interleave_rows
+    from .kernels.minifloat_codes import BITS, SCALE_FACTOR
+    enc, relax = w.encoding, lw.relax
+    if str(enc.scale.dtype) == "torch.bfloat16":
+        return None
+    n, k = enc.shape
+    fmt, bits = enc.fmt.short, BITS[enc.fmt.short]
+    plan = make_plan(bits, n, k, enc.group_size, False, lw.llvm_target, "float32", fmt)
+    codes = lw.stored(w, "codes", numpy_of(enc.codes))
+    scale = lw.stored(w, "scale", numpy_of(enc.scale))
+    g = lw.stored(w, "global_scale", numpy_of(enc.global_scale)) if enc.global_scale is not None else None
+
+    def layout():
+        return relax_dot_layout(codes, n, bits, k, plan.lanes, plan.padded_blocks) if plan.dot else \
+            relax_interleave_rows(codes, n, k * bits // 8, "uint8", plan.lanes, plan.padded_blocks)
+
+    def scales():       # MiniFloat.scale_values, then kernels.lowbit_minifloat.kernel_scale
+        if enc.scale_format.kind == "minifloat":
+            table = relax.const(mf.decode(torch.arange(256), enc.scale_format).numpy())
+            s = op.take(table, op.astype(scale, "int32"), axis=0, mode="clip")     # a uint8 code is in range
+        else:
+            s = op.astype(scale, "float32")
+        if g is not None:
+            s = op.multiply(s, g)
+        s = op.multiply(s, relax.const(SCALE_FACTOR[fmt], "float32"))
+        if enc.scale.shape[0] != n:
+            s = op.broadcast_to(s, [n, plan.groups])
+        return relax_interleave_rows(s, n, plan.groups, "float32", plan.lanes, plan.padded_blocks)
+
+    return [lw.made(f"{w.name}.{built.name}.{i}", relax.TensorType(list(c.shape), c.dtype.name), make)
+            for i, (c, make) in enumerate(zip(built.consts, [layout, scales]))]
 
 
 def fusable_siblings(lw, node, kernel) -> list:
@@ -336,4 +390,4 @@ def _with_dispatch(lw, w: Value, kernel, consts: list, perm, layer: str, rows) -
 
 
 __all__ = ["bsr_args", "c_name", "int8_blocks", "int8_bsr_args", "int8_bsr_kernel", "int_args", "linear_kernel",
-           "numpy_of", "widened_int8_args"]
+           "minifloat_args", "numpy_of", "widened_int8_args"]

@@ -24,7 +24,8 @@ from nnforge.targets import get_target                               # noqa: E40
 
 CPU = get_target("cpu")
 # what each kernel module writes as its notes' "kernel"
-NOTED = {"lowbit": "int_weight_matmul", "bsr": "bsr_fp32", "bsr_int8": "bsr_int8"}
+NOTED = {"lowbit": "int_weight_matmul", "lowbit_minifloat": "minifloat_weight_matmul", "bsr": "bsr_fp32",
+         "bsr_int8": "bsr_int8"}
 
 
 def int8_block_codes(n: int = 16, k: int = 64, seed: int = 0) -> Sparse:
@@ -95,9 +96,14 @@ def test_every_row_is_reached_and_some_weights_are_refused():
 
 def test_the_reasons_name_the_kernel_and_what_it_lacks():
     linear = encodings(SHAPES["linear"])
-    reasons = {label: CAPABILITIES.find("linear", linear[label], CPU)[1] for label in ("sparse-2:4", "e4m3")}
+    reasons = {label: CAPABILITIES.find("linear", linear[label], CPU)[1] for label in ("sparse-2:4", "mxfp6")}
     assert "kernels.bsr: 2:4 is not a block (R x C) pattern" in reasons["sparse-2:4"]
-    assert reasons["e4m3"] == "no native linear for minifloat weights"
+    assert reasons["mxfp6"] == "kernels.lowbit_minifloat: e3m2 codes are not read by the minifloat weight matmul " \
+                               "kernel (it reads e2m1, e4m3, e5m2)"
+    assert all(CAPABILITIES.find("linear", linear[label], CPU)[0].accepts.module == "lowbit_minifloat"
+               for label in ("e4m3", "e5m2-g32", "e2m1", "nvfp4"))
+    assert CAPABILITIES.find("embedding", encodings(SHAPES["embedding"])["e4m3"], CPU)[1] == \
+        "no native embedding for minifloat weights"
     odd = IntQuant.quantize(torch.randn(8, 63), 4)
     assert "4-bit codes need an even k" in CAPABILITIES.find("linear", odd, CPU)[1]
     three = IntQuant.quantize(torch.randn(8, 60), 3)

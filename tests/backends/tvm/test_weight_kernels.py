@@ -1,7 +1,7 @@
 """Which encoded weight reaches which tvm kernel, against the reference interpreter: int8/int4
-(and int3, widened) codes on the lowbit kernel, act-order, linears on one input stacked into one
-call, block-sparse weights on the BSR kernels (fp32, and u8 x s8 after a static int8
-activation), and the fallbacks (decoded to fp32) that name why a weight has no kernel."""
+(and int3, widened) codes on the lowbit kernel, FP4 / FP8 minifloat codes on it too, act-order,
+linears on one input stacked into one call, block-sparse weights on the BSR kernels (fp32, and
+u8 x s8 after a static int8 activation), and the fallbacks (decoded to fp32) that name why a weight has no kernel."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,8 +12,8 @@ import torch
 pytest.importorskip("tvm")
 
 from nnforge.backends.tvm import PARAMS_FILE                      # noqa: E402
-from nnforge.ir import Graph, IntQuant, MiniFloat, Sparse, dtype, tensor  # noqa: E402
-from nnforge.ir import minifloat as mf                            # noqa: E402
+from nnforge.ir import Graph, IntQuant, Sparse, dtype, tensor    # noqa: E402
+from nnforge.passes.quantize.formats import parse_format, quantize_rtn  # noqa: E402
 from tests.backends.tvm.test_tvm_backend import lower_run_compare, w  # noqa: E402
 
 
@@ -25,15 +25,42 @@ def _one_linear(enc, k: int) -> Graph:
     return g
 
 
-def test_fp8_weight_is_decoded_with_a_reported_fallback(tmp_path):
-    torch.manual_seed(0)
-    wt = torch.randn(24, 32) * 0.1
-    scale = wt.abs().amax(1, keepdim=True) / 448.0
-    enc = MiniFloat.from_fields(mf.encode(wt / scale, dtype("e4m3")), scale, fmt="e4m3", shape=(24, 32))
-    lowered = lower_run_compare(_one_linear(enc, 32), tmp_path)
-    assert [f.where for f in lowered.fallbacks] == ["fc.weight"]
-    fb = lowered.fallbacks[0]
-    assert fb.action.startswith("no TVM kernel for e4m3 per-channel: decoded to float32")
+@pytest.mark.parametrize("spec,group_size", [("mxfp4", None), ("nvfp4", None), ("e4m3", None), ("e2m1", 16),
+                                             ("e5m2", 32)])
+def test_minifloat_linear_runs_on_its_codes(tmp_path, spec, group_size):
+    """MXFP4, NVFP4, FP8 (and e2m1 / e5m2 with float scales) run on kernels.lowbit_minifloat, no
+    fallback: the kernel's arrays are made at load from the codes, scales (E8M0 / E4M3 codes
+    decoded there) and global scale as the bundle stores them, and nothing else is written."""
+    torch.manual_seed(1)
+    enc = quantize_rtn(torch.randn(40, 96) * 0.1, parse_format(spec, group_size=group_size))
+    lowered = lower_run_compare(_one_linear(enc, 96), tmp_path)
+    assert not lowered.fallbacks, lowered.fallbacks
+    notes = lowered.entry["kernels"]["fc.weight"]
+    assert notes["kernel"] == "minifloat_weight_matmul" and notes["codes"] == enc.fmt.short
+    read = {p["key"]: p["file"] for p in lowered.entry["params"] if p["key"].startswith("fc.weight")}
+    assert read == {f"fc.weight::{f}": "weights.safetensors" for f in enc.tensors()}
+
+
+def test_act_order_minifloat_permutes_the_activations(tmp_path):
+    """GPTQ's MXFP4 / NVFP4 keep act-order columns (no static groups): x is permuted, as for int codes."""
+    torch.manual_seed(2)
+    enc = dataclasses.replace(quantize_rtn(torch.randn(24, 64) * 0.1, parse_format("nvfp4")), perm=torch.randperm(64))
+    lowered = lower_run_compare(_one_linear(enc, 64), tmp_path)
+    assert not lowered.fallbacks, lowered.fallbacks
+    assert any(p["key"] == "fc.weight::perm" for p in lowered.entry["params"])
+
+
+@pytest.mark.parametrize("spec,k,why", [
+    ("mxfp6", 64, "kernels.lowbit_minifloat: e3m2 codes are not read by the minifloat weight matmul kernel"),
+    ("e2m1", 62, "kernels.lowbit_minifloat: 4-bit codes need an even group_size"),
+])
+def test_minifloat_weights_the_kernel_cannot_read_are_decoded_and_say_why(tmp_path, spec, k, why):
+    torch.manual_seed(3)
+    enc = quantize_rtn(torch.randn(24, k) * 0.1, parse_format(spec, group_size=31 if k == 62 else None))
+    lowered = lower_run_compare(_one_linear(enc, k), tmp_path)
+    (fb,) = lowered.fallbacks
+    assert fb.where == "fc.weight" and fb.action.startswith(f"no TVM kernel for {enc.describe()}: decoded to float32")
+    assert why in fb.action
     assert any(p["key"] == "fc.weight::decoded" and p["file"] == PARAMS_FILE for p in lowered.entry["params"])
 
 

@@ -43,6 +43,10 @@ Two schedules in one PrimFunc, chosen at run time on the row count ``m``:
 Both take the rows that do not fill a row block as static blocks of 4, 2 and 1 rows, so every
 loop body has a constant row count and its accumulators stay in registers.
 
+Minifloat codes (kernels/lowbit_minifloat.py: FP4 on the 4-bit schedules, dot GEMV included,
+FP8 on the 8-bit float ones) take the same layouts: ``Plan.codes`` says how a code field becomes
+a number (kernels/minifloat_codes.py), with no zero point.
+
 Supports 4 and 8 bits (2, 3 and 5..7 are refused); 4-bit codes need even ``k`` and an even
 ``group_size`` (a byte never holds two groups). Any n; the last group may be shorter
 (``k % group_size != 0``). Zero points are integers in the stored-code domain, within
@@ -63,6 +67,7 @@ import numpy as np
 from ..llvm_targets import resolve_target
 from . import Kernel, KernelError
 from .lowbit_layout import DOT_LANE_CODES, dot_layout, interleave_rows  # noqa: F401  (tests read them here)
+from .minifloat_codes import FP4_DOT_ZERO, code_value, fp4_lookup
 
 SUPPORTED_BITS = (4, 8)
 # m below this runs the GEMV schedule, at or above it the prefill one. Measured on AVX2 (one
@@ -143,6 +148,19 @@ class Plan:
     unroll: int         # GEMV, one row: bytes per k step, each feeding 8/bits partial sums
     dot: bool = False   # AVX-512 VNNI: the dot layout and its integer GEMV (module doc)
     scale_dtype: str = "float32"    # float16 where the weight's scales are: half the bytes a step streams
+    codes: str = "int"      # what a code field is: an integer, or minifloat bits (minifloat_codes.py)
+
+    @property
+    def implicit_zero(self) -> float:
+        """The zero point of a plan without zero-point arrays, on the float paths: offset binary for
+        integer codes, none for minifloat ones (their values carry a sign)."""
+        return float(1 << (self.bits - 1)) if self.codes == "int" else 0.0
+
+    @property
+    def dot_zero(self) -> float:
+        """The same for the dot GEMV, whose codes are unsigned bytes: FP4 codes are looked up as
+        ``FP4_DOT_ZERO + 2 e2m1(c)``."""
+        return float(FP4_DOT_ZERO) if self.codes == "e2m1" else self.implicit_zero
 
     @property
     def per_byte(self) -> int:
@@ -189,7 +207,7 @@ class Plan:
 
 
 def make_plan(bits: int, n: int, k: int, group_size: int, has_zero_point: bool, target: str,
-              scale_dtype: str = "float32") -> Plan:
+              scale_dtype: str = "float32", codes: str = "int") -> Plan:
     """Tile sizes from the target's vector shape: accumulators ``row_block x tile_blocks`` plus
     one register per W vector and one for the broadcast x fit the register file; the k-tile
     scratch fits ``SCRATCH_BYTES``; a GEMV step unpacks ``GEMV_STEP_CODES`` codes a lane."""
@@ -202,10 +220,11 @@ def make_plan(bits: int, n: int, k: int, group_size: int, has_zero_point: bool, 
     unroll = next(u for u in (4, 2, 1)
                   if u * per_byte <= GEMV_STEP_CODES and all(b % u == 0 for b in byte_lengths))
     step = DOT_LANE_CODES * per_byte
-    dot = (has_vnni(target) and simd.lanes == 16 and k_tile % step == 0
+    # the dot GEMV multiplies integers: FP8 codes are not, FP4 ones are (twice their value)
+    dot = (codes in ("int", "e2m1") and has_vnni(target) and simd.lanes == 16 and k_tile % step == 0
            and all(length % step == 0 for _, _, length in _runs(k, group_size)))
     return Plan(bits, n, k, group_size, has_zero_point, simd.lanes, tile_blocks, row_block, k_tile, unroll, dot,
-                scale_dtype)
+                scale_dtype, codes)
 
 
 def has_vnni(target: str) -> bool:
@@ -276,8 +295,17 @@ def build_func(plan: Plan, name: str):
             IRBuilder.name(var_name, v)
             yield v
 
-    def zero_point(b, g, lane):
-        return f32(zp[b, g, lane]) if zp is not None else tirx.const(float(1 << (P.bits - 1)), "float32")
+    def zero_point(b, g, lane, dot=False):
+        return f32(zp[b, g, lane]) if zp is not None else tirx.const(P.dot_zero if dot else P.implicit_zero, "float32")
+
+    def offset(total, b, g, lane, sums=None, dot=False):
+        """A group's ``sum code * x`` less ``zero_point * sums`` (``sums``: the group's sum of x), or
+        one code less its zero point (``sums`` None); as it is for codes without one (minifloat
+        values carry their sign)."""
+        if zp is None and (P.dot_zero if dot else P.implicit_zero) == 0:
+            return total
+        z = zero_point(b, g, lane, dot)
+        return total - (z if sums is None else z * sums)
 
     def nibbles(byte):
         """The codes in one stored byte, first column first."""
@@ -345,7 +373,7 @@ def build_func(plan: Plan, name: str):
                         for u in range(unroll):
                             byte_col = g * (gs // P.per_byte) + step * unroll + u
                             for h, code in enumerate(nibbles(codes[b, byte_col, lane])):
-                                c, w = u * P.per_byte + h, f32(code)
+                                c, w = u * P.per_byte + h, code_value(P.codes, code)
                                 for r in range(rows):
                                     store(part, part[r, c, lane] + w * x[row0 + r, byte_col * P.per_byte + h],
                                           r, c, lane)
@@ -354,8 +382,8 @@ def build_func(plan: Plan, name: str):
                         total = part[r, 0, lane]
                         for c in range(1, chains):
                             total = total + part[r, c, lane]
-                        correction = zero_point(b, g, lane) * xsum[row0 + r, g]
-                        store(acc, acc[r, lane] + f32(scale[b, g, lane]) * (total - correction), r, lane)
+                        store(acc, acc[r, lane] + f32(scale[b, g, lane]) * offset(total, b, g, lane, xsum[row0 + r, g]),
+                              r, lane)
         each_column(b, P.blocks, lanes, lambda r, c: store(y, acc[r, c], row0 + r, b * lanes + c), range(rows))
 
     def group_sums(xsum):
@@ -381,7 +409,8 @@ def build_func(plan: Plan, name: str):
     def gemv():
         xsum = T.alloc_buffer((GEMV_MAX_ROWS - 1, P.groups), "float32")
         IRBuilder.name("x_group_sum", xsum)
-        group_sums(xsum)
+        if zp is not None or P.implicit_zero:
+            group_sums(xsum)
         with loop(T.parallel, P.blocks, "b") as b:
             row_blocks(GEMV_ROW_BLOCK, lambda row0, rows: gemv_rows(xsum, b, row0, rows))
 
@@ -446,7 +475,7 @@ def build_func(plan: Plan, name: str):
                             parts = [(tirx.bitwise_and(v, tirx.Broadcast(tirx.const(15, "uint8"), 64)), q * 8),
                                      (tirx.shift_right(v, tirx.Broadcast(tirx.const(4, "uint8"), 64)), q * 8 + 4)]
                         for h, (w, col) in enumerate(parts):
-                            w = tirx.reinterpret("int8x64", w)
+                            w = fp4_lookup(w, 64, FP4_DOT_ZERO) if P.codes == "e2m1" else tirx.reinterpret("int8x64", w)
                             chain = (u * len(parts) + h) % 2
                             for piece in range(DOT_PIECES):
                                 four = tirx.reinterpret("int32", xq[i, piece, tirx.Ramp(col, 1, DOT_LANE_CODES)])
@@ -459,8 +488,8 @@ def build_func(plan: Plan, name: str):
                     for piece in reversed(range(DOT_PIECES)):
                         total = total * tirx.const(1.0 / DOT_RADIX, "float32") + \
                             f32(acc[piece * 2, lane] + acc[piece * 2 + 1, lane])
-                    correction = zero_point(b, g, lane) * xsum[i, g]
-                    store(out, out[lane] + f32(scale[b, g, lane]) * (xs[i, g] * total - correction), lane)
+                    part = offset(xs[i, g] * total, b, g, lane, xsum[i, g], dot=True)
+                    store(out, out[lane] + f32(scale[b, g, lane]) * part, lane)
         each_column(b, P.blocks, lanes, lambda r, c: store(y, out[c], i, b * lanes + c))
 
     def dot_gemv():
@@ -487,7 +516,7 @@ def build_func(plan: Plan, name: str):
                 b = t * P.tile_blocks + v
                 with loop(T.vectorized, lanes, "l") as lane:
                     for h, code in enumerate(nibbles(codes[b, k0 // P.per_byte + p, lane])):
-                        store(wt, (f32(code) - zero_point(b, g, lane)) * f32(scale[b, g, lane]),
+                        store(wt, offset(code_value(P.codes, code), b, g, lane) * f32(scale[b, g, lane]),
                               p * P.per_byte + h, v * lanes + lane)
 
     def dequantize_dot(wt, t, k0, length):
@@ -501,7 +530,7 @@ def build_func(plan: Plan, name: str):
                 b = t * P.tile_blocks + v
                 raw = codes[b, q, tirx.Ramp(0, 1, lanes * DOT_LANE_CODES)]
                 z = tirx.Cast(fvec, zp[b, g, vec]) if zp is not None else \
-                    tirx.Broadcast(tirx.const(float(1 << (P.bits - 1)), "float32"), lanes)
+                    tirx.Broadcast(tirx.const(P.implicit_zero, "float32"), lanes)
                 for j in range(DOT_LANE_CODES):
                     byte = tirx.Shuffle([raw], [DOT_LANE_CODES * lane + j for lane in range(lanes)])
                     if P.bits == 8:
@@ -510,7 +539,10 @@ def build_func(plan: Plan, name: str):
                         parts = [tirx.bitwise_and(byte, tirx.Broadcast(tirx.const(15, "uint8"), lanes)),
                                  tirx.shift_right(byte, tirx.Broadcast(tirx.const(4, "uint8"), lanes))]
                     for h, code in enumerate(parts):
-                        T.buffer_store(wt, (tirx.Cast(fvec, code) - z) * tirx.Cast(fvec, scale[b, g, vec]),
+                        value = tirx.Cast(fvec, fp4_lookup(code, lanes, 0) if P.codes == "e2m1" else code)
+                        if zp is not None or P.implicit_zero:
+                            value = value - z
+                        T.buffer_store(wt, value * tirx.Cast(fvec, scale[b, g, vec]),
                                        [qq * P.dot_step + h * DOT_LANE_CODES + j, tirx.Ramp(v * lanes, 1, lanes)])
 
     def micro_kernel(wt, t, k0, length, row0, rows):
@@ -689,8 +721,15 @@ def int_weight_matmul(name: str, codes, bits: int, scale, zero_point, group_size
     4-bit codes, and zero points outside the code range.
     """
     codes, scale, zero_point = _checked(name, codes, bits, scale, zero_point, group_size, n, k)
+    return checked_kernel(name, codes, bits, scale, zero_point, group_size, n, k, target, "int_weight_matmul")
+
+
+def checked_kernel(name: str, codes, bits: int, scale, zero_point, group_size: int, n: int, k: int, target: str,
+                   kernel: str, code_format: str = "int") -> Kernel:
+    """The Kernel of arrays ``_checked`` passed, reading codes as ``code_format`` (Plan.codes), its
+    notes naming it ``kernel``: :func:`int_weight_matmul`, and kernels.lowbit_minifloat."""
     try:
-        plan = make_plan(bits, n, k, group_size, zero_point is not None, target, _scale_dtype(scale))
+        plan = make_plan(bits, n, k, group_size, zero_point is not None, target, _scale_dtype(scale), code_format)
     except KernelError as e:
         raise KernelError(f"{name}: {e}") from None
     blocks = plan.padded_blocks
@@ -700,9 +739,10 @@ def int_weight_matmul(name: str, codes, bits: int, scale, zero_point, group_size
     if zero_point is not None:
         zp = np.broadcast_to(zero_point.astype(np.uint8), (n, plan.groups))
         consts.append(interleave_rows(zp, plan.lanes, blocks))
-    func_name = "".join(ch if ch.isalnum() else "_" for ch in f"int{bits}_matmul_{name}")
+    prefix = f"int{bits}" if code_format == "int" else code_format
+    func_name = "".join(ch if ch.isalnum() else "_" for ch in f"{prefix}_matmul_{name}")
     return Kernel(func_name, build_func(plan, func_name), consts, n, k, notes={
-        "kernel": "int_weight_matmul", "bits": bits, "group_size": group_size,
+        "kernel": kernel, "codes": code_format, "bits": bits, "group_size": group_size,
         "zero_point": zero_point is not None, "lanes": plan.lanes,
         "schedules": {f"m < {GEMV_MAX_ROWS}": (f"dot gemv (AVX-512 VNNI): parallel over {plan.blocks} row blocks, "
                                                f"x split into {DOT_PIECES} int8 pieces, vpdpbusd per group"
