@@ -5,6 +5,8 @@ driven by injected in-model times here (a timed decision would be flaky); one te
 in-model measurement and checks what it returns, and benchmarks/dispatch.py reports real decisions."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,7 @@ from nnforge.backends.tvm import TvmBackend  # noqa: E402
 from nnforge.backends.tvm.dispatch import NEVER, Dispatcher, choose  # noqa: E402
 from nnforge.backends.tvm.layer_timing import InModelTimes  # noqa: E402
 from nnforge.ir import Dense, Graph, IntQuant, Sparse, run_graph, save_graph, tensor  # noqa: E402
+from nnforge.passes.quantize.formats import parse_format, quantize_rtn  # noqa: E402
 from nnforge.targets import get_target  # noqa: E402
 
 SHAPES = [{"label": "batch 1", "batch": 1, "inputs": {"x": [1, 5, 64]}},
@@ -135,11 +138,14 @@ def _encodings():
     keep = (torch.rand(8, 1, 64, 1) < 0.4).expand(8, 4, 64, 1).reshape(32, 64)
     base = IntQuant.quantize(torch.randn(32, 64), 4, group_size=32)
     act_order = IntQuant(base.shape, 4, True, base.codes, base.scale, 32, None, torch.randperm(64))
+    nvfp4 = quantize_rtn(wt * 0.1, parse_format("nvfp4"))
     return {"int4": IntQuant.quantize(wt, 4, group_size=32, symmetric=False), "int4 act-order": act_order,
-            "block-sparse": Sparse.from_mask(wt, keep, "block4x1")}
+            "block-sparse": Sparse.from_mask(wt, keep, "block4x1"),
+            "nvfp4 act-order": dataclasses.replace(nvfp4, perm=torch.randperm(64)),
+            "fp8": quantize_rtn(wt * 0.1, parse_format("e4m3"))}
 
 
-@pytest.mark.parametrize("kind", ["int4", "int4 act-order", "block-sparse"])
+@pytest.mark.parametrize("kind", ["int4", "int4 act-order", "block-sparse", "nvfp4 act-order", "fp8"])
 def test_dispatched_layer_gives_the_reference_outputs_in_every_mode(tmp_path, monkeypatch, kind):
     _fake_times(monkeypatch, compressed=lambda rows: 0.001 * rows, dense=lambda rows: 0.05 + 0.0005 * rows)
     g = _linear_graph(_encodings()[kind])
