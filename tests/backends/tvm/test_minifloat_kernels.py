@@ -1,7 +1,8 @@
 """The lowbit kernel reading minifloat codes (kernels/lowbit_minifloat.py) against the reference
 decode (``MiniFloat.decode``): FP4 (MXFP4 blocks of 32, NVFP4 blocks of 16, e2m1 with float
 scales) and FP8 (e4m3, e5m2), on this host's schedules (the AVX-512 VNNI dot GEMV for FP4 where
-the host has it) and on Skylake-AVX512's, which has no VNNI (the float GEMV and prefill), at row
+the host has it) and on Skylake-AVX512's, which has no VNNI (the float GEMV and prefill; Haswell's
+8 lanes too for every code), at row
 counts on both sides of the GEMV / prefill switch; every code of each format; the layouts and
 instructions each target gets; and the errors."""
 from __future__ import annotations
@@ -20,6 +21,8 @@ from nnforge.backends.tvm.kernels.lowbit_minifloat import minifloat_weight_matmu
 from nnforge.ir import MiniFloat                                              # noqa: E402
 from nnforge.passes.quantize.formats import parse_format, quantize_rtn        # noqa: E402
 from tests.backends.tvm.test_lowbit_kernels import NATIVE, ROWS, SKX, SPR, compiled, check_rows  # noqa: E402
+
+HSW = "llvm -mtriple=x86_64-linux-gnu -mcpu=haswell"       # AVX2: 8 lanes
 
 
 def kernel(enc: MiniFloat, target: str, name: str = "w"):
@@ -60,7 +63,7 @@ def _every_code(fmt: str, n: int, k: int) -> MiniFloat:
     return MiniFloat.from_fields(fields, scale, fmt=fmt, shape=(n, k))
 
 
-@pytest.mark.parametrize("target", [NATIVE, SKX])
+@pytest.mark.parametrize("target", [NATIVE, SKX, HSW])
 @pytest.mark.parametrize("fmt", ["e2m1", "e4m3", "e5m2"])
 def test_every_code_reads_as_its_value(target, fmt):
     """Signs, subnormals and the largest values of each format: W itself comes back through one-hot

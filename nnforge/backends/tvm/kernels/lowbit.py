@@ -67,7 +67,7 @@ import numpy as np
 from ..llvm_targets import resolve_target
 from . import Kernel, KernelError
 from .lowbit_layout import DOT_LANE_CODES, dot_layout, interleave_rows  # noqa: F401  (tests read them here)
-from .minifloat_codes import FP4_DOT_ZERO, code_value, fp4_lookup
+from .minifloat_codes import FLOAT_UNIT, FP4_DOT_ZERO, code_value, fp4_lookup
 
 SUPPORTED_BITS = (4, 8)
 # m below this runs the GEMV schedule, at or above it the prefill one. Measured on AVX2 (one
@@ -307,6 +307,11 @@ def build_func(plan: Plan, name: str):
         z = zero_point(b, g, lane, dot)
         return total - (z if sums is None else z * sums)
 
+    def in_units(value):
+        """A float path's sum of code values in the units of the scales (minifloat_codes.FLOAT_UNIT)."""
+        unit = FLOAT_UNIT[P.codes]
+        return value if unit == 1 else value * tirx.const(unit, "float32")
+
     def nibbles(byte):
         """The codes in one stored byte, first column first."""
         if P.bits == 8:
@@ -382,8 +387,8 @@ def build_func(plan: Plan, name: str):
                         total = part[r, 0, lane]
                         for c in range(1, chains):
                             total = total + part[r, c, lane]
-                        store(acc, acc[r, lane] + f32(scale[b, g, lane]) * offset(total, b, g, lane, xsum[row0 + r, g]),
-                              r, lane)
+                        part_sum = in_units(offset(total, b, g, lane, xsum[row0 + r, g]))
+                        store(acc, acc[r, lane] + f32(scale[b, g, lane]) * part_sum, r, lane)
         each_column(b, P.blocks, lanes, lambda r, c: store(y, acc[r, c], row0 + r, b * lanes + c), range(rows))
 
     def group_sums(xsum):
@@ -516,7 +521,7 @@ def build_func(plan: Plan, name: str):
                 b = t * P.tile_blocks + v
                 with loop(T.vectorized, lanes, "l") as lane:
                     for h, code in enumerate(nibbles(codes[b, k0 // P.per_byte + p, lane])):
-                        store(wt, offset(code_value(P.codes, code), b, g, lane) * f32(scale[b, g, lane]),
+                        store(wt, in_units(offset(code_value(P.codes, code), b, g, lane)) * f32(scale[b, g, lane]),
                               p * P.per_byte + h, v * lanes + lane)
 
     def dequantize_dot(wt, t, k0, length):

@@ -2,17 +2,17 @@
 
 The kernel computes ``W = (value(code) - zero) * scale`` for every code format it reads
 (kernels/lowbit.py); for minifloat codes ``value`` is the format's value up to a power of two
-that the scales carry instead (:data:`SCALE_FACTOR`, folded into the kernel's scale array), so
-the k loop does no extra multiply:
+that the scales carry instead (:data:`SCALE_FACTOR`, folded into the kernel's scale array, and
+:data:`FLOAT_UNIT`, applied once a group), so the k loop does no extra multiply:
 
-- ``e2m1`` (FP4): twice the E2M1 value, an integer in ``{0, 1, 2, 3, 4, 6, 8, 12}`` with a sign.
-  The float paths compute it with selects; the VNNI dot path, whose ``vpdpbusd`` takes unsigned
-  bytes, looks the nibble up in a 16-byte table (``vpshufb``) that adds :data:`FP4_DOT_ZERO`, so
-  ``t[c] = 12 + 2 e2m1(c)`` lies in 0..24 and the kernel's zero-point correction takes the 12 off.
-- ``e4m3`` (FP8): the code's bits placed in a float16 pattern (sign on top, exponent and mantissa
-  shifted under it), whose value is the E4M3 value times ``2**-8`` for normals and subnormals
-  alike (the float16 bias is 8 more, and float16 subnormals convert exactly).
-- ``e5m2`` (FP8): the top byte of a float16, so its bits shifted up are the value.
+- On the float paths a code's bits are placed in a float16 pattern (sign on top, exponent and
+  mantissa under float16's exponent) and widened to float32: its value is the code's times a power
+  of two for normals and subnormals alike (float16 has the larger exponent range, and its
+  subnormals widen exactly). E5M2 is the top byte of a float16 as it is.
+- FP4 on the VNNI dot path, whose ``vpdpbusd`` takes unsigned bytes: twice an E2M1 value is an
+  integer in ``{0, 1, 2, 3, 4, 6, 8, 12}`` with a sign, so one ``vpshufb`` of the nibbles through
+  a 16-byte table gives ``t[c] = 12 + 2 e2m1(c)`` in 0..24, and the kernel's zero-point correction
+  takes the 12 (:data:`FP4_DOT_ZERO`) off. The scales carry the 1/2.
 
 Codes are the unsigned fields nnforge stores (``ir/minifloat.py``: sign bit on top). E4M3's NaN
 code reads as 480; the quantisers saturate, so no weight holds it.
@@ -23,6 +23,9 @@ FORMATS = ("e2m1", "e4m3", "e5m2")
 BITS = {"e2m1": 4, "e4m3": 8, "e5m2": 8}
 SCALE_FACTOR = {"e2m1": 0.5, "e4m3": 2.0 ** 8, "e5m2": 1.0}
 FP4_DOT_ZERO = 12
+# what a float path multiplies a group's sum by: the float16 value of an e2m1 code is 2**-15 of
+# twice its value (the bias is 14 more), the unit its scales carry
+FLOAT_UNIT = {"int": 1.0, "e2m1": 2.0 ** 15, "e4m3": 1.0, "e5m2": 1.0}
 _E2M1_TWICE = (0, 1, 2, 3, 4, 6, 8, 12)      # twice the E2M1 magnitude of codes 0..7
 
 
@@ -32,28 +35,26 @@ def fp4_table(offset: int) -> list[int]:
 
 
 def code_value(fmt: str, code):
-    """The float32 value the kernel gives the code field ``code`` (a uint8 expression, scalar or
-    inside a vectorised loop) of format ``fmt`` ("int": the field itself)."""
+    """The float32 value the kernel's float paths give the code field ``code`` (a uint8 expression,
+    scalar or inside a vectorised loop) of format ``fmt`` ("int": the field itself): the code's
+    bits placed in a float16 pattern and widened (``vcvtph2ps`` on x86), to be multiplied by
+    :data:`FLOAT_UNIT` once a group."""
     from tvm import tirx
-
-    def u8(v):
-        return tirx.const(v, "uint8")
     if fmt == "int":
         return tirx.Cast("float32", code)
-    if fmt == "e2m1":
-        mag = tirx.bitwise_and(code, u8(7))
-        # 0..3 are themselves; 4, 5 -> 4, 6 (steps of 2); 6, 7 -> 8, 12 (steps of 4)
-        twice = tirx.Select(mag < u8(4), mag, tirx.Select(mag < u8(6), (mag - u8(2)) * u8(2), (mag - u8(4)) * u8(4)))
-        value = tirx.Cast("float32", twice)
-        return tirx.Select(code > u8(7), -value, value)
+
+    def signed16(byte):     # the byte's sign bit copied into bits 8..15
+        return tirx.reinterpret("uint16", tirx.Cast("int16", tirx.reinterpret("int8", byte)))
+
     def u16(v):
         return tirx.const(v, "uint16")
-    wide = tirx.Cast("uint16", code)
-    if fmt == "e4m3":       # sign to bit 15, exponent and mantissa under float16's 5-bit exponent
-        bits = tirx.bitwise_or(tirx.shift_left(tirx.bitwise_and(wide, u16(0x80)), u16(8)),
-                               tirx.shift_left(tirx.bitwise_and(wide, u16(0x7F)), u16(7)))
+    if fmt == "e2m1":       # the sign to bit 15, exponent and mantissa to bits 11..9 (the copies cleared)
+        bits = tirx.bitwise_and(tirx.shift_left(signed16(tirx.shift_left(code, tirx.const(4, "uint8"))), u16(5)),
+                                u16(0x8FFF))
+    elif fmt == "e4m3":     # the sign to bit 15, exponent and mantissa to bits 13..7
+        bits = tirx.bitwise_and(tirx.shift_left(signed16(code), u16(7)), u16(0xBFFF))
     elif fmt == "e5m2":
-        bits = tirx.shift_left(wide, u16(8))
+        bits = tirx.shift_left(tirx.Cast("uint16", code), u16(8))
     else:
         raise ValueError(f"no code value for format {fmt!r} (known: int, {', '.join(FORMATS)})")
     return tirx.Cast("float32", tirx.reinterpret("float16", bits))
