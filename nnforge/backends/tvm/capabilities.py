@@ -22,7 +22,8 @@ from ..base import Capabilities, Capability
 from .kernels.bsr_int8 import sums_problem
 from .kernels.lowbit import layout_problem
 from .kernels.lowbit_minifloat import format_problem
-from .weights import bsr_args, int8_bsr_args, int_args, kernel_bits, minifloat_args
+from .weights import bsr_args, int8_bsr_args, int_args, kernel_bits
+from .weights_minifloat import minifloat_args
 
 
 def llvm_problem(target) -> str | None:

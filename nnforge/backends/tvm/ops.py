@@ -212,8 +212,10 @@ def _stacked_linears(lw, group: list, kernel) -> dict:
     added); the layers after the first take theirs from ``lw.fused``."""
     from tvm.relax import op
     x = group[0].inputs[0]
-    gv, consts, sizes = fused_linear_kernel(lw, [n.inputs[1] for n in group], kernel)
+    gv, consts, sizes, perm = fused_linear_kernel(lw, [n.inputs[1] for n in group], kernel)
     x2, rows = _flatten_rows(lw, x)
+    if perm is not None:       # act-order, one for every weight of the stack
+        x2 = lw.emit(op.take(x2, perm, axis=1))
     y = _dense_call(lw, gv, x2, rows, consts, sum(sizes), f"{group[0].name}.stacked")
     outs, start = {}, 0
     for n, size in zip(group, sizes):

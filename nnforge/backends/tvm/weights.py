@@ -101,15 +101,6 @@ def int_args(enc) -> dict:
             "zero_point": zp, "group_size": enc.group_size, "n": n, "k": k}
 
 
-def minifloat_args(enc) -> dict:
-    """minifloat_weight_matmul's arguments for a MiniFloat weight: its codes as stored, and its
-    scales decoded to float32 (E8M0 or E4M3 scale codes read, the global scale folded in)."""
-    import torch
-    n, k = enc.shape
-    return {"codes": numpy_of(enc.codes), "fmt": enc.fmt.short, "scale": numpy_of(enc.scale_values(torch.float32)),
-            "group_size": enc.group_size, "n": n, "k": k}
-
-
 def _int8_activation(x: Value):
     """(float input, scale, uint8 zero point) when ``x`` is a static int8/uint8 ``fake_quant`` of a
     float32 tensor: the int8 SpMM kernel quantises that input itself, on the same grid (an int8
@@ -164,12 +155,13 @@ def linear_kernel(lw, w: Value, kernel=None, why: str = "", layer: str = "", row
             lw.fallbacks.append(Fallback(w.name, enc.describe(), "int8 block codes widened to fp32 blocks for the fp32 "
                                          "BSR kernel: the int8 kernel needs a static int8 activation "
                                          "(quantize_activations) on this layer's input"))
+        from .weights_minifloat import minifloat_consts_at_load
         mod, args = importlib.import_module(f"{__package__}.kernels.{module}"), args(enc)
         config = lw.kernel_config(mod, builder, args)
         built = getattr(mod, builder)(c_name(f"nf_{enc.kind}_{w.name}"), **args, target=lw.llvm_target,
                                       **({} if config is None else {"config": config}))
         at_load = {"lowbit": lambda: lowbit_consts_at_load(lw, [w], built, args),
-                   "lowbit_minifloat": lambda: minifloat_consts_at_load(lw, w, built)}.get(module)
+                   "lowbit_minifloat": lambda: minifloat_consts_at_load(lw, [w], built)}.get(module)
         consts = (at_load() if at_load is not None else None) or \
             [lw.extra(w.name, f"{built.name}.{i}", c) for i, c in enumerate(built.consts)]
         lw.kernel_consts[w.name] = consts          # what embedding_rows reads for a tied table
@@ -249,57 +241,17 @@ def lowbit_consts_at_load(lw, parts: list[Value], built, args: dict) -> list | N
             for i, (c, make) in enumerate(zip(built.consts, builds))]
 
 
-def minifloat_consts_at_load(lw, w: Value, built) -> list | None:
-    """The arrays of kernels.lowbit_minifloat (codes in the lowbit layout, float32 scales) as
-    ``main`` parameters that ``prepare`` makes from the weight's stored codes, scales (float, or
-    E8M0 / E4M3 codes read through their table) and global scale when the bundle loads, as
-    :func:`lowbit_consts_at_load` does for int codes; None for bfloat16 scales (no numpy form), which
-    then go to tvm_params.safetensors as made here."""
-    import torch
-    from tvm.relax import op
-    from ...ir import minifloat as mf
-    from .kernels.lowbit import make_plan
-    from .kernels.lowbit_layout import relax_dot_layout, relax_interleave_rows
-    from .kernels.minifloat_codes import BITS, SCALE_FACTOR
-    enc, relax = w.encoding, lw.relax
-    if str(enc.scale.dtype) == "torch.bfloat16":
-        return None
-    n, k = enc.shape
-    fmt, bits = enc.fmt.short, BITS[enc.fmt.short]
-    plan = make_plan(bits, n, k, enc.group_size, False, lw.llvm_target, "float32", fmt)
-    codes = lw.stored(w, "codes", numpy_of(enc.codes))
-    scale = lw.stored(w, "scale", numpy_of(enc.scale))
-    g = lw.stored(w, "global_scale", numpy_of(enc.global_scale)) if enc.global_scale is not None else None
-
-    def layout():
-        return relax_dot_layout(codes, n, bits, k, plan.lanes, plan.padded_blocks) if plan.dot else \
-            relax_interleave_rows(codes, n, k * bits // 8, "uint8", plan.lanes, plan.padded_blocks)
-
-    def scales():       # MiniFloat.scale_values, then kernels.lowbit_minifloat.kernel_scale
-        if enc.scale_format.kind == "minifloat":
-            table = relax.const(mf.decode(torch.arange(256), enc.scale_format).numpy())
-            s = op.take(table, op.astype(scale, "int32"), axis=0, mode="clip")     # a uint8 code is in range
-        else:
-            s = op.astype(scale, "float32")
-        if g is not None:
-            s = op.multiply(s, g)
-        s = op.multiply(s, relax.const(SCALE_FACTOR[fmt], "float32"))
-        if enc.scale.shape[0] != n:
-            s = op.broadcast_to(s, [n, plan.groups])
-        return relax_interleave_rows(s, n, plan.groups, "float32", plan.lanes, plan.padded_blocks)
-
-    return [lw.made(f"{w.name}.{built.name}.{i}", relax.TensorType(list(c.shape), c.dtype.name), make)
-            for i, (c, make) in enumerate(zip(built.consts, [layout, scales]))]
-
-
 def fusable_siblings(lw, node, kernel) -> list:
     """The linear layers that read ``node``'s input and can run with it as one lowbit GEMM over
     their stacked weights (a decoder block's q/k/v and gate/up projections): ``kernel`` (LOWBIT)
     takes every weight, at one code width, group size, signedness and scale type, with zero points
     in all or none, columns in order, each weight read by its layer alone, and no per-shape
-    dispatch to join. In graph order, ``node`` among them; [node] when it has no such sibling.
-    One launch then streams what several did, and the activations are split once."""
-    if lw.dispatcher.enabled or kernel is None or kernel.module != "lowbit":
+    dispatch to join; or (LOWBIT's minifloat kin, MINIFLOAT) at one format, group size and column
+    order (GPTQ gives the layers of one input one act-order). In graph order, ``node`` among them;
+    [node] when it has no such sibling. One launch then streams what several did, and the
+    activations are split once."""
+    from .weights_minifloat import minifloat_sibling_key
+    if lw.dispatcher.enabled or kernel is None or kernel.module not in ("lowbit", "lowbit_minifloat"):
         return [node]
 
     def key(n):
@@ -310,7 +262,11 @@ def fusable_siblings(lw, node, kernel) -> list:
             return None
         cap, _ = lw.native("linear", w)
         e = w.encoding
-        if cap is None or cap.accepts is not kernel or getattr(e, "perm", None) is not None:
+        if cap is None or cap.accepts is not kernel:
+            return None
+        if kernel.module == "lowbit_minifloat":
+            return minifloat_sibling_key(e)
+        if e.perm is not None:
             return None
         return (e.bits, e.group_size, e.signed, e.zero_point is None, str(e.scale.dtype), w.shape[1])
     mine = key(node)
@@ -319,8 +275,11 @@ def fusable_siblings(lw, node, kernel) -> list:
 
 
 def fused_linear_kernel(lw, parts: list[Value], kernel) -> tuple:
-    """(GlobalVar, const param vars, rows of each part) of one lowbit GEMM over the weights
-    ``parts`` stacked along their output rows (:func:`fusable_siblings`)."""
+    """(GlobalVar, const param vars, rows of each part, act-order perm var or None) of one lowbit
+    GEMM over the weights ``parts`` stacked along their output rows (:func:`fusable_siblings`)."""
+    if kernel.module == "lowbit_minifloat":
+        from .weights_minifloat import fused_minifloat_kernel
+        return fused_minifloat_kernel(lw, parts)
     mod = importlib.import_module(f"{__package__}.kernels.lowbit")
     each = [int_args(w.encoding) for w in parts]
     sizes = [a["n"] for a in each]
@@ -341,7 +300,7 @@ def fused_linear_kernel(lw, parts: list[Value], kernel) -> tuple:
     for w in parts:
         lw.kernel_notes[w.name] = {"function": built.name, "stacked_with": [p.name for p in parts if p is not w],
                                    **_jsonable(built.notes)}
-    return lw.func(built.name, built.func), consts, sizes
+    return lw.func(built.name, built.func), consts, sizes, None
 
 
 def embedding_rows(lw, w: Value, ids: Value, kernel):
@@ -390,4 +349,4 @@ def _with_dispatch(lw, w: Value, kernel, consts: list, perm, layer: str, rows) -
 
 
 __all__ = ["bsr_args", "c_name", "int8_blocks", "int8_bsr_args", "int8_bsr_kernel", "int_args", "linear_kernel",
-           "minifloat_args", "numpy_of", "widened_int8_args"]
+           "numpy_of", "widened_int8_args"]

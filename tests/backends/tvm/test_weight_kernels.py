@@ -50,6 +50,37 @@ def test_act_order_minifloat_permutes_the_activations(tmp_path):
     assert any(p["key"] == "fc.weight::perm" for p in lowered.entry["params"])
 
 
+def test_minifloat_linears_on_one_input_run_as_one_stacked_call(tmp_path):
+    """NVFP4 q/k/v with one act-order (GPTQ gives the layers of one input the same) run as one call
+    on x permuted once, each with its own global scale; FP8 gate/up on another input stack too; a
+    weight with another act-order, or another format, runs alone."""
+    torch.manual_seed(7)
+    g = Graph("block")
+    x = g.add_input("x", tensor("f32", "batch", "seq", 64))
+    perm = torch.randperm(64)
+
+    def fp4(rows, order=perm):
+        return dataclasses.replace(quantize_rtn(torch.randn(rows, 64) * 0.1, parse_format("nvfp4")), perm=order.clone())
+    encs = {"q": fp4(48), "k": fp4(16), "v": fp4(16), "other_order": fp4(8, torch.randperm(64)),
+            "mx": quantize_rtn(torch.randn(8, 64) * 0.1, parse_format("mxfp4"))}
+    outs = [g.op("linear", x, g.add_weight(f"{name}.weight", enc),
+                 w(g, f"{name}.bias", torch.randn(enc.shape[0])) if name == "k" else None, name=name)
+            for name, enc in encs.items()]
+    h = g.op("relu", outs[0])
+    outs += [g.op("linear", h, g.add_weight(f"{name}.weight", quantize_rtn(torch.randn(24, 48) * 0.1,
+                                                                              parse_format("e4m3"))), None, name=name)
+             for name in ("gate", "up")]
+    g.set_outputs(outs)
+    lowered = lower_run_compare(g, tmp_path)
+    assert not lowered.fallbacks, lowered.fallbacks
+    kernels = lowered.entry["kernels"]
+    assert kernels["q.weight"]["stacked_with"] == ["k.weight", "v.weight"]
+    assert kernels["gate.weight"]["stacked_with"] == ["up.weight"]
+    assert all("stacked_with" not in kernels[f"{name}.weight"] for name in ("other_order", "mx"))
+    perms = [p["key"] for p in lowered.entry["params"] if p["key"].endswith("::perm")]
+    assert sorted(perms) == ["other_order.weight::perm", "q.weight::perm"]
+
+
 @pytest.mark.parametrize("spec,k,why", [
     ("mxfp6", 64, "kernels.lowbit_minifloat: e3m2 codes are not read by the minifloat weight matmul kernel"),
     ("e2m1", 62, "kernels.lowbit_minifloat: 4-bit codes need an even group_size"),
