@@ -112,6 +112,8 @@ class Kernel:
 LOWBIT = Kernel("lowbit", "int_weight_matmul", int_codes, int_args)
 LOWBIT_ROWS = Kernel("lowbit", "gather_rows", lambda enc: int_codes(enc) or in_order(enc), int_args)
 MINIFLOAT = Kernel("lowbit_minifloat", "minifloat_weight_matmul", minifloat_codes, minifloat_args)
+MINIFLOAT_ROWS = Kernel("lowbit_minifloat", "minifloat_gather_rows", lambda enc: minifloat_codes(enc) or in_order(enc),
+                        minifloat_args)
 BSR = Kernel("bsr", "bsr_matmul", fp32_blocks, bsr_args)
 BSR_INT8 = Kernel("bsr_int8", "bsr_matmul_int8", int8_block_codes, int8_bsr_args)
 
@@ -125,6 +127,9 @@ CAPABILITIES = Capabilities([
     Capability("embedding", "int", "kernels.lowbit rows: 8-, 4- or 3-bit codes (3-bit read as 4-bit) gathered "
                                    "from the layout the int GEMM reads and dequantised (a table tied to an LM head "
                                    "shares the head's arrays); columns in order", LOWBIT_ROWS),
+    Capability("embedding", "minifloat", "kernels.lowbit_minifloat rows: FP4 / FP8 codes gathered from the layout "
+                                         "the minifloat GEMM reads and decoded (a table tied to an LM head shares the "
+                                         "head's arrays); columns in order", MINIFLOAT_ROWS),
     Capability("linear", "int", "kernels.lowbit: fp32 GEMM reading 8- or 4-bit codes (4-bit: even K and group "
                                 "size; 3-bit codes widened to 4-bit when the bundle loads, K a multiple of 8) with "
                                 "per-tensor, channel or group scales and zero points; act-order by permuting x",
@@ -141,4 +146,5 @@ CAPABILITIES = Capabilities([
                BSR_INT8),
 ])
 
-__all__ = ["CAPABILITIES", "Kernel", "LOWBIT", "LOWBIT_ROWS", "MINIFLOAT", "BSR", "BSR_INT8", "llvm_problem"]
+__all__ = ["CAPABILITIES", "Kernel", "LOWBIT", "LOWBIT_ROWS", "MINIFLOAT", "MINIFLOAT_ROWS", "BSR", "BSR_INT8",
+           "llvm_problem"]

@@ -280,11 +280,12 @@ def _conv(lw, node):
 @rule("embedding")
 def _embedding(lw, node):
     from tvm.relax import op
-    from .capabilities import LOWBIT
+    from .capabilities import LOWBIT, MINIFLOAT
     from .weights import embedding_rows
     idx, table = node.inputs
-    if table.is_weight and table.encoding.kind == "int" and lw.native(node.op, table)[0] is not None:
-        return embedding_rows(lw, table, idx, LOWBIT)
+    linear = {"int": LOWBIT, "minifloat": MINIFLOAT}.get(table.encoding.kind) if table.is_weight else None
+    if linear is not None and lw.native(node.op, table)[0] is not None:
+        return embedding_rows(lw, table, idx, linear)
     # "clip": an out-of-range token id reads the last row instead of memory past the table
     return op.take(lw.layer_weight(node.op, table) if table.is_weight else lw.arg(table), lw.arg(idx), axis=0,
                    mode="clip")

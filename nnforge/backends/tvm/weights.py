@@ -304,15 +304,20 @@ def fused_linear_kernel(lw, parts: list[Value], kernel) -> tuple:
 
 
 def embedding_rows(lw, w: Value, ids: Value, kernel):
-    """The embedding of token ids ``ids`` (an IR value of any shape) in the int8/int4 table ``w``:
-    rows gathered and dequantised from the arrays of its lowbit kernel (kernels.lowbit.gather_rows),
-    so a table tied to an LM head is read from the head's arrays and no float copy of it is made.
-    ``kernel``: the capability row's Kernel of a linear layer on ``w`` (capabilities.LOWBIT)."""
+    """The embedding of token ids ``ids`` (an IR value of any shape) in the int8/int4 (or FP4/FP8)
+    table ``w``: rows gathered and dequantised from the arrays of its lowbit kernel
+    (kernels.lowbit.gather_rows), so a table tied to an LM head is read from the head's arrays and
+    no float copy of it is made. ``kernel``: the capability row's Kernel of a linear layer on ``w``
+    (capabilities.LOWBIT or MINIFLOAT)."""
     from tvm.relax import op
     from ...ir import symbolic as sym
     from .kernels.lowbit import gather_rows
+    from .kernels.lowbit_minifloat import minifloat_gather_rows
+    from .weights_minifloat import minifloat_args
     linear_kernel(lw, w, kernel)
-    name, func, plan = gather_rows(c_name(w.name), **int_args(w.encoding), target=lw.llvm_target)
+    gather, args = (minifloat_gather_rows, minifloat_args) if kernel.module == "lowbit_minifloat" else \
+        (gather_rows, int_args)
+    name, func, plan = gather(c_name(w.name), **args(w.encoding), target=lw.llvm_target)
     count = lw.dim(sym.prod(ids.shape))
     flat = lw.emit(op.reshape(lw.arg(ids), lw.relax.ShapeExpr([count])))
     rows = lw.emit(lw.relax.call_tir(lw.func(name, func), [flat, *lw.kernel_consts[w.name]],

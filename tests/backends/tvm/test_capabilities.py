@@ -102,8 +102,10 @@ def test_the_reasons_name_the_kernel_and_what_it_lacks():
                                "kernel (it reads e2m1, e4m3, e5m2)"
     assert all(CAPABILITIES.find("linear", linear[label], CPU)[0].accepts.module == "lowbit_minifloat"
                for label in ("e4m3", "e5m2-g32", "e2m1", "nvfp4"))
-    assert CAPABILITIES.find("embedding", encodings(SHAPES["embedding"])["e4m3"], CPU)[1] == \
-        "no native embedding for minifloat weights"
+    embedding = encodings(SHAPES["embedding"])
+    assert CAPABILITIES.find("embedding", embedding["nvfp4"], CPU)[0].accepts.builder == "minifloat_gather_rows"
+    assert CAPABILITIES.find("embedding", embedding["mxfp6"], CPU)[1].startswith(
+        "kernels.lowbit_minifloat: e3m2 codes are not read")
     odd = IntQuant.quantize(torch.randn(8, 63), 4)
     assert "4-bit codes need an even k" in CAPABILITIES.find("linear", odd, CPU)[1]
     three = IntQuant.quantize(torch.randn(8, 60), 3)

@@ -625,19 +625,26 @@ def gather_rows_func(plan: Plan, name: str):
                     else:
                         code = field(codes[b, tirx.floordiv(c, P.per_byte), lane], tirx.floormod(c, P.per_byte))
                     g = tirx.floordiv(c, gs)
-                    z = tirx.Cast("float32", zp[b, g, lane]) if zp is not None else \
-                        tirx.const(float(1 << (P.bits - 1)), "float32")
-                    T.buffer_store(out, (tirx.Cast("float32", code) - z) * tirx.Cast("float32", scale[b, g, lane]), [i, c])
+                    value = code_value(P.codes, code)       # the float paths' reading, in the scales' units
+                    if FLOAT_UNIT[P.codes] != 1:
+                        value = value * tirx.const(FLOAT_UNIT[P.codes], "float32")
+                    if zp is not None:
+                        value = value - tirx.Cast("float32", zp[b, g, lane])
+                    elif P.implicit_zero:
+                        value = value - tirx.const(P.implicit_zero, "float32")
+                    T.buffer_store(out, value * tirx.Cast("float32", scale[b, g, lane]), [i, c])
     return ib.get()
 
 
 def gather_rows(name: str, codes, bits: int, scale, zero_point, group_size: int, n: int, k: int,
-                target: str) -> tuple[str, object, Plan]:
+                target: str, code_format: str = "int") -> tuple[str, object, Plan]:
     """(function name, PrimFunc, plan) gathering rows of the weight :func:`int_weight_matmul` builds from the same
-    arguments, from the arrays (``Kernel.consts``) that kernel reads."""
+    arguments, from the arrays (``Kernel.consts``) that kernel reads (``code_format``: as
+    :func:`checked_kernel` reads them, for kernels.lowbit_minifloat)."""
     codes, scale, zero_point = _checked(name, codes, bits, scale, zero_point, group_size, n, k)
-    plan = make_plan(bits, n, k, group_size, zero_point is not None, target, _scale_dtype(scale))
-    func_name = "".join(ch if ch.isalnum() else "_" for ch in f"int{bits}_rows_{name}")
+    plan = make_plan(bits, n, k, group_size, zero_point is not None, target, _scale_dtype(scale), code_format)
+    prefix = f"int{bits}" if code_format == "int" else code_format
+    func_name = "".join(ch if ch.isalnum() else "_" for ch in f"{prefix}_rows_{name}")
     return func_name, gather_rows_func(plan, func_name), plan
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import Kernel, KernelError
-from .lowbit import _checked, checked_kernel, layout_problem
+from .lowbit import _checked, checked_kernel, gather_rows, layout_problem
 from .minifloat_codes import BITS, FORMATS, SCALE_FACTOR
 
 
@@ -60,4 +60,15 @@ def minifloat_weight_matmul(name: str, codes, fmt: str, scale, group_size: int, 
                           "minifloat_weight_matmul", fmt)
 
 
-__all__ = ["format_problem", "kernel_scale", "minifloat_weight_matmul"]
+def minifloat_gather_rows(name: str, codes, fmt: str, scale, group_size: int, n: int, k: int, target: str):
+    """(function name, PrimFunc, plan) gathering rows of the weight :func:`minifloat_weight_matmul`
+    builds from the same arguments, from the arrays that kernel reads (a token embedding tied to a
+    minifloat LM head reads the head's codes)."""
+    why = format_problem(fmt, group_size, n, k)
+    if why is not None:
+        raise KernelError(f"{name}: {why}")
+    return gather_rows(name, codes, BITS[fmt], kernel_scale(np.asarray(scale), fmt), None, group_size, n, k, target,
+                       fmt)
+
+
+__all__ = ["format_problem", "kernel_scale", "minifloat_gather_rows", "minifloat_weight_matmul"]
