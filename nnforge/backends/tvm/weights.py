@@ -241,13 +241,26 @@ def lowbit_consts_at_load(lw, parts: list[Value], built, args: dict) -> list | N
             for i, (c, make) in enumerate(zip(built.consts, builds))]
 
 
+def perm_key(enc) -> tuple | None:
+    """A weight's act-order column order as a comparable key (None: columns in order). GPTQ gives
+    the layers of one input one order (they share a Hessian), so they still stack: x is permuted
+    once for all of them."""
+    return None if getattr(enc, "perm", None) is None else tuple(int(i) for i in enc.perm)
+
+
+def stacked_perm(lw, parts: list[Value]):
+    """The ``main`` parameter of the act-order shared by the stacked weights ``parts``, or None."""
+    perm = parts[0].encoding.perm
+    return None if perm is None else lw.extra(parts[0].name, "perm", numpy_of(perm).astype(np.int64))
+
+
 def fusable_siblings(lw, node, kernel) -> list:
     """The linear layers that read ``node``'s input and can run with it as one lowbit GEMM over
     their stacked weights (a decoder block's q/k/v and gate/up projections): ``kernel`` (LOWBIT)
-    takes every weight, at one code width, group size, signedness and scale type, with zero points
-    in all or none, columns in order, each weight read by its layer alone, and no per-shape
-    dispatch to join; or (LOWBIT's minifloat kin, MINIFLOAT) at one format, group size and column
-    order (GPTQ gives the layers of one input one act-order). In graph order, ``node`` among them;
+    takes every weight, at one code width, group size, signedness, scale type and column order
+    (:func:`perm_key`), with zero points in all or none, each weight read by its layer alone, and
+    no per-shape dispatch to join; or (LOWBIT's minifloat kin, MINIFLOAT) at one format, group
+    size and column order. In graph order, ``node`` among them;
     [node] when it has no such sibling. One launch then streams what several did, and the
     activations are split once."""
     from .weights_minifloat import minifloat_sibling_key
@@ -266,9 +279,7 @@ def fusable_siblings(lw, node, kernel) -> list:
             return None
         if kernel.module == "lowbit_minifloat":
             return minifloat_sibling_key(e)
-        if e.perm is not None:
-            return None
-        return (e.bits, e.group_size, e.signed, e.zero_point is None, str(e.scale.dtype), w.shape[1])
+        return (e.bits, e.group_size, e.signed, e.zero_point is None, str(e.scale.dtype), w.shape[1], perm_key(e))
     mine = key(node)
     group = [n for n in dict.fromkeys(lw.readers(node.inputs[0])) if mine is not None and key(n) == mine]
     return group if len(group) > 1 else [node]
@@ -300,7 +311,7 @@ def fused_linear_kernel(lw, parts: list[Value], kernel) -> tuple:
     for w in parts:
         lw.kernel_notes[w.name] = {"function": built.name, "stacked_with": [p.name for p in parts if p is not w],
                                    **_jsonable(built.notes)}
-    return lw.func(built.name, built.func), consts, sizes, None
+    return lw.func(built.name, built.func), consts, sizes, stacked_perm(lw, parts)
 
 
 def embedding_rows(lw, w: Value, ids: Value, kernel):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...ir import Value
-from .weights import _jsonable, c_name, numpy_of
+from .weights import _jsonable, c_name, numpy_of, perm_key, stacked_perm
 
 
 def minifloat_args(enc) -> dict:
@@ -24,8 +24,7 @@ def minifloat_args(enc) -> dict:
 def minifloat_sibling_key(enc) -> tuple:
     """What MiniFloat weights of layers reading one input share to run as one stacked call: format,
     group size, columns and their act-order (scales of any kind are decoded per weight at load)."""
-    perm = None if enc.perm is None else tuple(int(i) for i in enc.perm)
-    return ("minifloat", enc.fmt.short, enc.group_size, enc.shape[1], perm)
+    return ("minifloat", enc.fmt.short, enc.group_size, enc.shape[1], perm_key(enc))
 
 
 def minifloat_consts_at_load(lw, parts: list[Value], built) -> list | None:
@@ -98,9 +97,7 @@ def fused_minifloat_kernel(lw, parts: list[Value]) -> tuple:
     for w in parts:
         lw.kernel_notes[w.name] = {"function": built.name, "stacked_with": [p.name for p in parts if p is not w],
                                    **_jsonable(built.notes)}
-    perm = parts[0].encoding.perm
-    perm = lw.extra(parts[0].name, "perm", numpy_of(perm).astype(np.int64)) if perm is not None else None
-    return lw.func(built.name, built.func), consts, sizes, perm
+    return lw.func(built.name, built.func), consts, sizes, stacked_perm(lw, parts)
 
 
 __all__ = ["fused_minifloat_kernel", "minifloat_args", "minifloat_consts_at_load", "minifloat_sibling_key"]

@@ -143,17 +143,23 @@ def test_int3_act_order_runs_on_the_int4_kernel_and_odd_widths_are_decoded(tmp_p
 
 def test_linears_on_one_input_run_as_one_stacked_lowbit_call(tmp_path):
     """Layers reading one input with weights of one format (a block's q/k/v, gate/up) run as one
-    lowbit GEMM over their stacked weights, each output sliced off with its bias; a weight of
-    another group size, one with act-order columns, and an input read by one layer run alone."""
+    lowbit GEMM over their stacked weights, each output sliced off with its bias; weights with one
+    act-order (GPTQ's layers of one input), int3 ones too, stack with x permuted once; a weight of
+    another group size, one with another act-order, and an input read by one layer run alone."""
     _kernel_module("lowbit")
     torch.manual_seed(6)
     g = Graph("block")
     x = g.add_input("x", tensor("f32", "batch", "seq", 64))
-    def int4(rows, cols, group_size=32):
-        return IntQuant.quantize(torch.randn(rows, cols), 4, group_size=group_size, symmetric=False)
+    def int4(rows, cols, group_size=32, bits=4):
+        return IntQuant.quantize(torch.randn(rows, cols), bits, group_size=group_size, symmetric=False)
+
+    def ordered(enc, perm):
+        return dataclasses.replace(enc, perm=perm.clone())
     encs = {"q": int4(48, 64), "k": int4(16, 64), "v": int4(16, 64), "g16": int4(8, 64, 16)}
-    base = int4(8, 64)
-    encs["perm"] = IntQuant(base.shape, 4, False, base.codes, base.scale, 32, base.zero_point, torch.randperm(64))
+    encs["perm"] = ordered(int4(8, 64), torch.randperm(64))
+    shared, shared3 = torch.randperm(64), torch.randperm(64)
+    encs.update({"pa": ordered(int4(24, 64), shared), "pb": ordered(int4(8, 64), shared),
+                 "ta": ordered(int4(16, 64, bits=3), shared3), "tb": ordered(int4(8, 64, bits=3), shared3)})
     outs = [g.op("linear", x, g.add_weight(f"{name}.weight", enc),
                  w(g, f"{name}.bias", torch.randn(enc.shape[0])) if name == "k" else None, name=name)
             for name, enc in encs.items()]
@@ -164,6 +170,7 @@ def test_linears_on_one_input_run_as_one_stacked_lowbit_call(tmp_path):
     assert kernels["q.weight"]["stacked_with"] == ["k.weight", "v.weight"]
     assert kernels["q.weight"]["function"] == kernels["v.weight"]["function"]
     assert all("stacked_with" not in kernels[f"{name}.weight"] for name in ("g16", "perm", "o"))
+    assert kernels["pa.weight"]["stacked_with"] == ["pb.weight"] and kernels["ta.weight"]["stacked_with"] == ["tb.weight"]
     read = {p["key"] for p in lowered.entry["params"] if p["file"] == "tvm_params.safetensors"}
     assert not any(key.startswith(("q.weight", "k.weight", "v.weight")) for key in read)   # made at load
 
