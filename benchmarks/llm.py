@@ -43,16 +43,27 @@ OUT = HERE / "out"
 
 
 class BundleRow:
-    """An nnforge bundle with the peers' interface (llm_peers): perplexity and speed at batch 1."""
+    """An nnforge bundle with the peers' interface (llm_peers): perplexity and speed at batch 1.
+    It is loaded when first used and dropped by :meth:`release`: fifteen bundles loaded at once
+    do not fit this machine's memory."""
 
     def __init__(self, bundle: Bundle):
-        self.bundle, self.lm = bundle, bundle.load()
+        self.bundle, self._lm = bundle, None
         m = bundle.manifest
         recipe, head = m["recipe"]["name"], m["decoder"]["head"]["format"]
         shown = "" if recipe == "fp32" or head == "w8" else f" (head {head})"
         self.name = f"nnforge {recipe}{shown} on {m['target']['name']}"
         self.bytes = bundle.deploy_bytes
         self.streamed = streamed_bytes(m)
+
+    @property
+    def lm(self):
+        if self._lm is None:
+            self._lm = self.bundle.load()
+        return self._lm
+
+    def release(self) -> None:
+        self._lm = None
 
     def perplexity(self, ids: list[int], window: int, stride: int):
         r = self.lm.perplexity(torch.tensor(ids), window=window, stride=stride)
@@ -148,9 +159,10 @@ def quality(row, ids: list[int], window: int, stride: int) -> dict:
 
 def speeds(rows: list, prompt: list[int], ids: list[int], contexts: list[int], new_tokens: int,
            rounds: int) -> list[dict]:
-    """Each row's prefill and decode rates, in ``rounds`` rounds that time every row in turn (all
-    of them loaded), so that what else the host runs slows all rows alike rather than the ones
-    timed while it ran; each figure is the median of its rounds (every round's is kept)."""
+    """Each row's prefill and decode rates, in ``rounds`` rounds that time every row in turn, so
+    that what else the host runs slows all rows alike rather than the ones timed while it ran;
+    each figure is the median of its rounds (every round's is kept). A row with a ``release``
+    method is loaded for its turn and released after it (greedy_speed warms each one up)."""
     runs = [{} for _ in rows]
     for i in range(rounds):
         for row, got in zip(rows, runs):
@@ -159,6 +171,7 @@ def speeds(rows: list, prompt: list[int], ids: list[int], contexts: list[int], n
                 got.setdefault(f"decode_tokens_per_s@{c}", []).append(
                     row.speed(ids[:c], new_tokens)["decode_tokens_per_s"])
             print(json.dumps({"round": i, "name": row.name, **{k: v[-1] for k, v in got.items()}}), flush=True)
+            getattr(row, "release", lambda: None)()
     return [{**{k: float(np.median(v)) for k, v in got.items()}, "rounds": got} for got in runs]
 
 
@@ -205,8 +218,8 @@ def write_table(results: list[dict], args: dict, machine: dict, cmd: str | None 
              f"text (topics calibration never saw), windows of {args['window']} every {args['stride']}, the same token "
              f"ids for every row. Prefill: a {args.get('prompt_tokens', 512)}-token prompt in one call; decode: "
              f"{args['new_tokens']} greedy tokens one call each after a context of 128 or 1024 tokens, batch 1. "
-             f"Speed: the median of {args.get('rounds', 1)} round(s), each timing every row in turn with all rows "
-             "loaded (benchmarks/out/llm.json keeps every round's figure). "
+             f"Speed: the median of {args.get('rounds', 1)} round(s), each timing every row in turn (nnforge's "
+             "bundles loaded for their turn) (benchmarks/out/llm.json keeps every round's figure). "
              "MB: the files each row runs from (nnforge: the backend's artifacts and the weights they read).",
              "The package ships the model as a Q4_K_M GGUF only: the fp32 rows run it dequantised, so llama.cpp's "
              "Q4_K_M row runs the very weights fp32 stands for, while Q4_0, ORT GenAI's int4 and nnforge's presets "
@@ -281,6 +294,7 @@ def main(argv=None) -> int:
         bundle = compile_row(hf, target, preset, calib, args.max_len, work, args.recompile)
         timed.append(BundleRow(bundle))
         r = quality(timed[-1], ids, args.window, args.stride)
+        timed[-1].release()
         r["passes_s"] = bundle.manifest["timings"].get("passes_s") if preset != "fp32" else None
         r["peak_rss_bytes"] = (bundle.manifest.get("memory") or {}).get("peak_rss_bytes")
         r["fallbacks"] = len(bundle.manifest["fallbacks"])

@@ -45,7 +45,10 @@ def test_speeds_interleave_the_rows_and_take_each_ones_median():
             return {"prefill_tokens_per_s": rate, "decode_tokens_per_s": rate}
 
     a, b = Row("a", [1, 2, 3, 10, 20, 30, 5, 6, 7]), Row("b", [4, 4, 4, 4, 4, 4, 4, 4, 4])
+    b.release = lambda: calls.append(("b released",))
     got = llm.speeds([a, b], [0] * 8, list(range(64)), [16, 32], 4, rounds=3)
+    assert calls.count(("b released",)) == 3
+    calls[:] = [c for c in calls if c != ("b released",)]
     assert [c[0] for c in calls] == ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3
     assert calls[:3] == [("a", 8, 1), ("a", 16, 4), ("a", 32, 4)]
     assert got[0]["prefill_tokens_per_s"] == 5 and got[0]["decode_tokens_per_s@16"] == 6
