@@ -41,7 +41,11 @@ class Decoder:
     that axis holds, a number or a symbol, is replaced by the batch size). ``prefill_chunk`` runs a
     long prompt that many tokens at a time, so no step scores the whole prompt at once.
     ``resident`` (a backend runner's :meth:`~nnforge.backends.base.Runner.resident`) keeps the
-    cache in the runtime's memory instead, and ``step`` is then not called.
+    cache in the runtime's memory instead, and ``step`` is then not called. ``recompute_at``
+    (the manifest's ``decoder.recompute_at``; 0: never): when a call first takes the sequence past
+    that many positions, the whole sequence so far runs again in that one call. A longrope model
+    (Phi-3) switches to its long rotary factors once a call reaches past its original context, and
+    transformers then recomputes the cache so that every key has them; so does this.
 
         >>> decoder.prefill(torch.tensor([[1, 17, 42]]))[:, -1]      # logits after the prompt
         >>> decoder.step(torch.tensor([99]))                         # logits after one more token
@@ -49,7 +53,8 @@ class Decoder:
 
     def __init__(self, step: StepFn, state_pairs: Sequence[tuple[str, str]],
                  cache_shape: Callable[[int], Sequence[int]] | Mapping[str, Sequence], max_len: int, *,
-                 prefill_chunk: int | None = None, dtype: torch.dtype = torch.float32, resident=None):
+                 prefill_chunk: int | None = None, dtype: torch.dtype = torch.float32, resident=None,
+                 recompute_at: int = 0):
         if max_len < 1:
             raise GenerationError(f"max_len {max_len}: a decoder's cache holds at least one position")
         if prefill_chunk is not None and prefill_chunk < 1:
@@ -63,7 +68,9 @@ class Decoder:
                                       "input of state_pairs, batch axis first")
         self._step, self._cache_shape, self._resident = step, cache_shape, resident
         self.max_len, self.prefill_chunk, self.dtype = max_len, prefill_chunk, dtype
+        self.recompute_at = int(recompute_at)
         self._cache: dict[str, torch.Tensor] | None = None
+        self._fed = torch.zeros(0, 0, dtype=torch.int64)    # the tokens the cache holds, for recompute_at
         self.batch, self.position = 0, 0
 
     @property
@@ -87,6 +94,7 @@ class Decoder:
         else:
             self._cache = {inp: torch.zeros(self.shape_of(inp, batch), dtype=self.dtype)
                            for inp, _ in self.state_pairs}
+        self._fed = torch.zeros(batch, 0, dtype=torch.int64)
         self.batch, self.position = batch, 0
 
     def prefill(self, ids, *, all_logits: bool = True) -> torch.Tensor:
@@ -125,9 +133,23 @@ class Decoder:
         logits = []
         for start in range(0, n, chunk):
             part = ids[:, start:start + chunk]
-            out = self._run(part)
+            out = self._feed(part)
             logits.append(out if all_logits else out[:, -1:])
         return torch.cat(logits, dim=1) if all_logits else logits[-1]
+
+    def _feed(self, part: torch.Tensor) -> torch.Tensor:
+        """Logits of ``part`` at the next positions: run on its own, or with every token before it
+        when it takes the sequence past ``recompute_at`` (see the class doc)."""
+        before, n = self.position, part.shape[1]
+        if self.recompute_at and 0 < before <= self.recompute_at < before + n:
+            everything = torch.cat([self._fed, part], dim=1)
+            self.reset(self.batch)
+            out = self._run(everything)[:, -n:]
+        else:
+            out = self._run(part)
+        if self.recompute_at:
+            self._fed = torch.cat([self._fed, part], dim=1)
+        return out
 
     def _run(self, ids: torch.Tensor) -> torch.Tensor:
         n = ids.shape[1]
@@ -386,7 +408,7 @@ class DecoderRunner:
         pairs = [(s["input"], s["output"]) for s in state]
         keep = getattr(self.runner, "resident", None) if resident else None
         return Decoder(self._step, pairs, {s["input"]: s["shape"] for s in state}, self.max_len,
-                       prefill_chunk=prefill_chunk,
+                       prefill_chunk=prefill_chunk, recompute_at=int(self.section.get("recompute_at", 0)),
                        resident=keep(pairs, (INPUT_IDS, POSITIONS), LOGITS) if keep else None)
 
     def generate(self, prompt, max_new_tokens: int = 64, *, stop_tokens=None, prefill_chunk: int | None = None,

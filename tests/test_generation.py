@@ -97,6 +97,33 @@ def test_chunked_prefill_continues_the_positions(llama):
     torch.testing.assert_close(last, whole[:, -1:], rtol=1e-5, atol=1e-5)
 
 
+def test_the_call_that_passes_recompute_at_runs_the_whole_sequence_again():
+    """Phi-3's longrope: once a call takes the sequence past the original context, every token so
+    far runs again in that call (as transformers' generate recomputes its cache), chunked prefill
+    included; the logits returned are the new tokens' only."""
+    calls = []
+
+    def step(inputs):
+        ids, positions = inputs["input_ids"], inputs["positions"]
+        calls.append(positions[0].tolist())
+        logits = (ids[..., None] + positions[..., None] * 1000).float().expand(*ids.shape, 3)
+        return {"logits": logits, "c.next": inputs["c"] + ids.shape[1]}
+    dec = Decoder(step, [("c", "c.next")], lambda b: [b, 1], 16, recompute_at=4, prefill_chunk=3)
+    out = dec.prefill(torch.tensor([[10, 11, 12, 13, 14]]))
+    assert calls == [[0, 1, 2], [0, 1, 2, 3, 4]]                 # the second chunk crossed: all again
+    assert out[0, :, 0].tolist() == [10, 1011, 2012, 3013, 4014] and dec.position == 5
+    dec.step(torch.tensor([15]))
+    assert calls[-1] == [5] and dec.cache["c"].tolist() == [[6]]
+    calls.clear()
+    plain = Decoder(step, [("c", "c.next")], lambda b: [b, 1], 16, recompute_at=4)
+    plain.prefill(torch.tensor([[10, 11, 12]]))
+    plain.step(torch.tensor([13]))
+    logits = plain.step(torch.tensor([14]))                       # position 4: the fifth token
+    assert calls == [[0, 1, 2], [3], [0, 1, 2, 3, 4]] and logits[0, 0] == 4014
+    plain.step(torch.tensor([15]))
+    assert calls[-1] == [5]
+
+
 def test_cache_shapes_by_name_with_a_symbolic_batch(llama):
     shapes = {v.name: list(v.shape) for v in llama.graph.inputs if v.name.startswith("cache.")}
     assert shapes["cache.0.k"][0] == "batch"

@@ -165,6 +165,10 @@ class DecoderImport:
                      "embedding": ("tied: the token embedding reads the head's weight, in the head's format"
                                    if s.tied_embeddings else "its own weight, left out of the weight passes")},
             "windows": sorted({layer.window for layer in s.layers}),
+            # longrope (Phi-3): past this length the long factors apply, and generation recomputes
+            # the cache as transformers does (generation.Decoder)
+            "recompute_at": max((layer.rope.switch_at for layer in s.layers
+                                 if layer.rope is not None and layer.rope.long_inv_freq is not None), default=0),
             "tokenizer": "tokenizer" if self.tokenizer is not None else None,
             "generation": self.generation,
         }
