@@ -95,6 +95,8 @@ def _compile(args) -> int:
     print("  " + fidelity_line(m))
     for fb in m["fallbacks"]:
         print(f"  fallback: {fb['where']}: {fb['what']} -> {fb['action']}")
+    for line in pass_warnings(m):
+        print(line)
     from .speed import describe
     print("\n".join(describe(m)))
     return 0
@@ -167,6 +169,11 @@ def fidelity_line(manifest: dict) -> str:
     return line
 
 
+def pass_warnings(manifest: dict) -> list[str]:
+    """The warnings the passes recorded (bundles written before passes kept warnings have none)."""
+    return [f"  warning: {w}" for r in manifest.get("passes", []) for w in r.get("warnings", [])]
+
+
 def _db(x) -> str:
     return x if isinstance(x, str) else f"{x:.1f}"
 
@@ -206,6 +213,7 @@ def describe_bundle(bundle, layers: bool = False) -> list[str]:
         out.append(f"  calibration: {calib['source']}; {calib['rows']} rows in {calib['batches']} batch(es); {used}")
     for fb in m["fallbacks"]:
         out.append(f"  fallback: {fb['where']}: {fb['what']} -> {fb['action']}")
+    out += pass_warnings(m)
     out += describe(m, layers=layers)
     if layers:
         out += layer_table(m)

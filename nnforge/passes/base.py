@@ -31,16 +31,23 @@ class PassError(NnforgeError, ValueError):
 @dataclass
 class PassContext:
     """What passes may read besides the graph: calibration inputs, the target, and where to
-    record figures. ``figures`` collects per-pass numbers for the bundle manifest."""
+    record figures. ``figures`` collects per-pass numbers for the bundle manifest; ``warnings``
+    what a pass did that the user should know about (the manifest's pass record and the CLI's
+    compile output carry them)."""
     calibration: list | None = None
     target: Any = None
     progress: bool = False
     seed: int = 0
     figures: dict[str, dict] = field(default_factory=dict)
+    warnings: dict[str, list[str]] = field(default_factory=dict)
     current: str = ""
 
     def record(self, key: str, value) -> None:
         self.figures.setdefault(self.current, {})[key] = value
+
+    def warn(self, message: str) -> None:
+        """Note something the compile should say out loud: it names the layers and what to do."""
+        self.warnings.setdefault(self.current, []).append(message)
 
 
 PASSES: Registry[type["Pass"]] = Registry("pass")
@@ -150,6 +157,7 @@ class PassRecord:
     nodes_before: int
     nodes_after: int
     figures: dict
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -183,6 +191,8 @@ class PassManager:
         for p in self.passes:
             before = len(g.nodes)
             ctx.current = p.name
+            # a recipe may run one pass twice (a decoder's head format): each record keeps its own warnings
+            warned = len(ctx.warnings.get(p.name, []))
             t0 = time.perf_counter()
             g = p(g, ctx)
             seconds = time.perf_counter() - t0
@@ -193,5 +203,6 @@ class PassManager:
                     raise GraphError(f"after pass {p.name}: {e}") from None
                 if g.signature() != signature and (p.keeps_signature or not _same_but_sizes(g, graph)):
                     raise GraphError(f"pass {p.name} changed the graph's signature: {signature} -> {g.signature()}")
-            self.records.append(PassRecord(p.name, seconds, before, len(g.nodes), dict(ctx.figures.get(p.name, {}))))
+            self.records.append(PassRecord(p.name, seconds, before, len(g.nodes), dict(ctx.figures.get(p.name, {})),
+                                           ctx.warnings.get(p.name, [])[warned:]))
         return g

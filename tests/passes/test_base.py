@@ -72,8 +72,26 @@ def test_pass_manager_runs_on_a_copy_and_records():
     assert pm.records[2].figures == {"nodes_removed": 0}
     assert all(r.nodes_before == r.nodes_after == 3 and r.seconds >= 0 for r in pm.records)
     assert pm.records[0].to_dict() == {"name": "recorder", "seconds": pm.records[0].seconds, "nodes_before": 3,
-                                       "nodes_after": 3, "figures": {"value": 3, "calibration_batches": 2}}
+                                       "nodes_after": 3, "figures": {"value": 3, "calibration_batches": 2},
+                                       "warnings": []}
     assert ctx.figures["quantize_rtn"]["layers"] == 2
+
+
+@dataclass
+class Warner(Pass):
+    name = "warner"
+    says: str = ""
+
+    def run(self, graph, ctx):
+        ctx.warn(f"warner: {self.says}")
+        return graph
+
+
+def test_pass_records_keep_their_own_warnings_when_a_pass_runs_twice():
+    pm = PassManager([Warner(says="first"), Recorder(), Warner(says="second")])
+    pm.run(mlp_graph(), PassContext())
+    assert [r.warnings for r in pm.records] == [["warner: first"], [], ["warner: second"]]
+    assert pm.records[2].to_dict()["warnings"] == ["warner: second"]
 
 
 def test_pass_manager_verifies_after_each_pass():
