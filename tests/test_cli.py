@@ -410,3 +410,19 @@ def test_layer_pattern_typo_exits_2_naming_the_pattern(capsys, onnx_file, tmp_pa
 def test_dim_typo_exits_2_naming_the_dims(capsys, onnx_file, tmp_path):
     rc, _, err = run_cli(capsys, "compile", onnx_file, "--target", "onnx", "--dim", "bacth=4", "--out", tmp_path / "b")
     assert_one_error_line(rc, err, "no symbolic input dim named bacth; its symbolic dims: batch")
+
+
+def test_compile_prints_the_passes_warnings_and_inspect_shows_them(capsys, onnx_file, tmp_path):
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((24, 16)).astype(np.float32))
+    out = tmp_path / "w4"
+    rc, stdout, _ = run_cli(capsys, "compile", onnx_file, "--target", "onnx", "--recipe", "w4-gptq",
+                            "--calibration", calib, "--out", out)
+    assert rc == 0
+    warned = [line for line in stdout.splitlines() if line.startswith("  warning: quantize_gptq: the calibration set")]
+    assert len(warned) == 1 and "calibration tokens per input column" in warned[0]
+    m = json.loads((out / "manifest.json").read_text())
+    (gptq,) = [r for r in m["passes"] if r["name"] == "quantize_gptq"]
+    assert gptq["warnings"] == [warned[0].removeprefix("  warning: ")]
+    rc, shown, _ = run_cli(capsys, "inspect", out)
+    assert rc == 0 and warned[0] in shown.splitlines()

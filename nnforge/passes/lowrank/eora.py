@@ -27,6 +27,7 @@ from ...ir import Graph, Node
 from ...ir.encodings import rows_cols
 from ..base import PassContext, PassError, register_pass
 from ..quantize.calibrate import run_calibration
+from ..quantize.coverage import CalibrationCoverage, report_damping
 from ..quantize.formats import quantize_rtn
 from ..quantize.gptq import QuantizeGPTQ, gptq_quantize
 from .svd import CovarianceCache, factor_weight_format, factors, spectrum, split_lowrank
@@ -68,6 +69,7 @@ class QuantizeEoRA(QuantizeGPTQ):
                                 f"{list(w.shape)}), at most {min(rows_cols(w.shape))}")
         covs = CovarianceCache(graph, [n for n, _ in targets.values()])
         layers: dict[str, dict] = {}
+        coverage, raised = CalibrationCoverage(), {}
 
         def before(node: Node, args):
             if node.name not in targets:
@@ -75,15 +77,21 @@ class QuantizeEoRA(QuantizeGPTQ):
             _, w = targets[node.name]
             cov = covs.collect(node, args)
             rows, cols = rows_cols(w.shape)
+            coverage.note(node.name, covs.rows(node), cols)
             W = w.encoding.data.to(torch.float32).reshape(rows, cols)
             if self.method == "gptq":
-                base, _ = gptq_quantize(W.reshape(w.shape), 2.0 * cov, self.weight_format, act_order=self.act_order,
-                                        static_groups=self.static_groups, damp=self.damp,
-                                        block_size=self.block_size, out_dtype=w.dtype)
+                base, figs = gptq_quantize(W.reshape(w.shape), 2.0 * cov, self.weight_format,
+                                           act_order=self.act_order, static_groups=self.static_groups,
+                                           damp=self.damp, block_size=self.block_size, out_dtype=w.dtype,
+                                           layer=node.name)
+                if figs["damp"] != self.damp:
+                    raised[node.name] = figs["damp"]
             else:
                 base = quantize_rtn(W.reshape(w.shape), self.weight_format, out_dtype=w.dtype)
             err = W - base.decode(torch.float32).reshape(rows, cols)
             sp = spectrum(err, cov, damp=self.damp, whitening="eigen", where=f"{self.name}: layer {node.name}")
+            if sp.damp != self.damp:
+                raised[node.name] = max(sp.damp, raised.get(node.name, sp.damp))
             enc = factors(sp, self.rank, w.shape, dtype=w.dtype.torch_dtype, fmt=self.factor_fmt, base=base)
             graph.set_encoding(w.name, enc)
             before_err = output_error(err, cov)
@@ -105,6 +113,9 @@ class QuantizeEoRA(QuantizeGPTQ):
         ctx.record("output_error_kept", {k: v["error_kept"] for k, v in layers.items()})
         if kept:
             ctx.record("kept_encoded", kept)
+        coverage.report(ctx, self.name, plain="round-to-nearest" if self.method == "gptq"
+                        else "round-to-nearest without the low-rank path")
+        report_damping(ctx, self.name, self.damp, raised)
         return graph
 
 

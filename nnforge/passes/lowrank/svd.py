@@ -44,7 +44,8 @@ from ...ir.encodings import Encoding, rows_cols
 from ..base import LayerSelection, Pass, PassContext, PassError, register_pass
 from ..quantize.calibrate import run_calibration
 from ..quantize.formats import FormatError, WeightFormat, parse_format, quantize_rtn
-from ..quantize.gptq import hessian_of
+from ..quantize.coverage import report_damping
+from ..quantize.gptq import damping_steps, hessian_of
 
 RANK_OPTIONS = ("rank", "rank_ratio", "energy", "param_budget")
 
@@ -57,6 +58,7 @@ class Spectrum:
     u: torch.Tensor      # [rows, k]
     s: torch.Tensor      # [k], descending
     vh: torch.Tensor     # [k, cols]
+    damp: float = 0.0    # the damping the whitening took (raised where the covariance needed more)
 
 
 def damped(cov: torch.Tensor, damp: float) -> torch.Tensor:
@@ -70,23 +72,36 @@ def spectrum(w: torch.Tensor, cov: torch.Tensor | None = None, *, damp: float = 
              whitening: str = "cholesky", where: str = "") -> Spectrum:
     """The (whitened) SVD of ``w`` [rows, cols]. ``cov`` is XᵀX of the layer's inputs [cols, cols];
     ``whitening`` "cholesky" (S = chol(C), SVD-LLM) or "eigen" (S = Q Λ^½ for C = Q Λ Qᵀ, EoRA):
-    both give the rank-r minimiser of ||(W - W_r) Xᵀ||_F, they differ only in the factor basis."""
+    both give the rank-r minimiser of ||(W - W_r) Xᵀ||_F, they differ only in the factor basis.
+    A covariance not positive definite with ``damp`` (a singular one, from fewer calibration rows
+    than columns) takes the first of ``damping_steps(damp)`` that makes it so; the spectrum says
+    which (``damp``)."""
     W = w.detach().to(torch.float64)
     if cov is None:
         U, s, Vh = torch.linalg.svd(W, full_matrices=False)
         return Spectrum(U, s, Vh)
-    C = damped(cov, damp)
-    if whitening == "cholesky":
-        L, info = torch.linalg.cholesky_ex(C)
-        if int(info):
-            raise PassError(f"{where}: the input covariance is not positive definite even with damp={damp}; "
-                            "raise damp or add calibration data")
-        U, s, Vh = torch.linalg.svd(W @ L, full_matrices=False)
-        return Spectrum(U, s, torch.linalg.solve_triangular(L, Vh, upper=False, left=False))
-    lam, Q = torch.linalg.eigh(C)
-    root = lam.clamp(min=torch.finfo(torch.float64).tiny).sqrt()
-    U, s, Vh = torch.linalg.svd((W @ Q) * root, full_matrices=False)
-    return Spectrum(U, s, (Vh / root) @ Q.T)
+    if not bool(torch.isfinite(cov).all()):
+        raise PassError(f"{where}: the input covariance has non-finite entries: the layer's calibration inputs "
+                        "overflow when squared; check the calibration data (its scale) or exclude the layer")
+    steps = damping_steps(damp)
+    for d in steps:
+        C = damped(cov, d)
+        if whitening == "cholesky":
+            L, info = torch.linalg.cholesky_ex(C)
+            if int(info):
+                continue
+            U, s, Vh = torch.linalg.svd(W @ L, full_matrices=False)
+            return Spectrum(U, s, torch.linalg.solve_triangular(L, Vh, upper=False, left=False), d)
+        lam, Q = torch.linalg.eigh(C)
+        # eigenvalues within eigh's rounding of zero would whiten by their noise
+        if float(lam.min()) <= len(lam) * torch.finfo(torch.float64).eps * float(lam.max().abs()):
+            continue
+        root = lam.sqrt()
+        U, s, Vh = torch.linalg.svd((W @ Q) * root, full_matrices=False)
+        return Spectrum(U, s, (Vh / root) @ Q.T, d)
+    raise PassError(f"{where}: the input covariance is not positive definite with damping "
+                    f"{', '.join(f'{d:g}' for d in steps)} (x the mean diagonal); its calibration statistics are "
+                    "broken: check the calibration data reaching the layer, or exclude the layer")
 
 
 def factors(sp: Spectrum, rank: int, shape, *, dtype: torch.dtype, fmt: WeightFormat | None = None,
@@ -378,13 +393,15 @@ class LowRankASVD(_LowRankPass):
             run_calibration(graph, ctx.calibration, collect, who=self.name, progress=ctx.progress)
             fixed = self._allocate(targets, dense.by_layer)
         covs = CovarianceCache(graph, nodes)
-        done, skipped = {}, []
+        done, skipped, raised = {}, [], {}
 
         def before(node: Node, args):
             if node.name not in targets:
                 return
             _, w = targets[node.name]
             sp = self._spectrum(node, w, covs.collect(node, args))
+            if sp.damp != self.damp:
+                raised[node.name] = sp.damp
             r = fixed[node.name] if fixed else self.layer_rank(node, w, sp.s)
             if r is None:
                 skipped.append(node.name)
@@ -393,7 +410,9 @@ class LowRankASVD(_LowRankPass):
             done[node.name] = (node, w, r)
 
         run_calibration(graph, ctx.calibration, before, who=self.name, progress=ctx.progress)
-        return self._finish(graph, ctx, done, skipped, encoded)
+        graph = self._finish(graph, ctx, done, skipped, encoded)
+        report_damping(ctx, self.name, self.damp, raised)
+        return graph
 
 
 class CovarianceCache:
@@ -405,18 +424,24 @@ class CovarianceCache:
         self.last = {n.inputs[0]: n for n in nodes}          # graph order: the last reader wins
         self.cache: dict[Value, torch.Tensor] = {}
         self.by_layer: dict[str, torch.Tensor] = {}
+        self.counts: dict[Value, int] = {}            # calibration rows behind each input's covariance
 
     def collect(self, node: Node, args) -> torch.Tensor:
         x = node.inputs[0]
         if x not in self.cache:
             parts = [hessian_of(b[0], node) for b in args]
-            self.cache[x] = sum(h for h, _ in parts) / max(sum(n for _, n in parts), 1)
+            self.counts[x] = sum(n for _, n in parts)
+            self.cache[x] = sum(h for h, _ in parts) / max(self.counts[x], 1)
         cov = self.cache[x]
         if self.keep_all:
             self.by_layer[node.name] = cov
         elif self.last.get(x) is node:
             del self.cache[x]
         return cov
+
+    def rows(self, node: Node) -> int:
+        """How many calibration rows the covariance of ``node``'s input was estimated from."""
+        return self.counts[node.inputs[0]]
 
 
 __all__ = ["LowRankSVD", "LowRankASVD", "LowRankConfig", "Spectrum", "spectrum", "factors", "allocate",

@@ -36,6 +36,7 @@ from ...ir.ops import WEIGHT_SLOT
 from ...ir.sparse import SparsePattern
 from ..base import LayerSelection, Pass, PassContext, PassError, register_pass
 from ..quantize.calibrate import run_calibration
+from ..quantize.coverage import CalibrationCoverage, report_damping
 from ..quantize.formats import FormatError, WeightFormat, parse_format
 from ..quantize.gptq import hessian_of, obs_problem, upper_inverse
 from ..quantize.mixed import knapsack
@@ -80,19 +81,22 @@ def magnitude_keep(w: torch.Tensor, pattern: SparsePattern, sparsity: float) -> 
 
 # --- SparseGPT --------------------------------------------------------------------------------
 def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, pattern, sparsity: float = 0.5, *, damp: float = 0.01,
-                    block_size: int = 128, fmt: WeightFormat | None = None) -> tuple[Sparse, dict]:
+                    block_size: int = 128, fmt: WeightFormat | None = None, layer: str = "") -> tuple[Sparse, dict]:
     """SparseGPT of weight ``w`` (columns: all but the first axis) with Hessian ``h`` [cols, cols].
     ``sparsity`` is used by block and unstructured patterns (N:M fixes its own). With ``fmt`` the
     kept weights are quantised in the same sweep: for N:M on groups of ``fmt.group_size`` kept
     columns; for block patterns (a symmetric integer format, one scale per output row, fitted on
     the rows a first sweep without quantisation prunes and updates) the values become integer codes and the scales the
-    encoding's ``row_scale``. Returns the encoding and figures (the Hessian-weighted error)."""
+    encoding's ``row_scale``. Returns the encoding and figures: the Hessian-weighted error
+    (``loss``) and the damping used (``damp``, raised where the Hessian needed more: see
+    ``quantize.gptq.upper_inverse``). ``layer`` names the layer in errors."""
     p = SparsePattern.parse(pattern)
     shape = tuple(w.shape)
     rows, cols = rows_cols(shape)
     p.check_shape(rows, cols, f"weight of shape {shape}")
     W, H = obs_problem(w, h, "sparsegpt")
-    Hinv = upper_inverse(H, damp, f"sparsegpt: the Hessian of a {rows}x{cols} weight")
+    where = f"layer {layer}: " if layer else ""
+    Hinv, damp = upper_inverse(H, damp, f"sparsegpt: {where}the Hessian of a {rows}x{cols} weight")
 
     joint = fmt is not None
     kept_cols = cols // p.m * p.n if p.kind == "nm" else cols
@@ -107,7 +111,7 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, pattern, sparsity: float =
         # Row scales fitted on the original row clip: the OBS updates grow the kept weights. Fit
         # them on the pruned and updated rows of a first sweep without quantisation instead.
         g, zp = None, None
-        pruned = sparsegpt_prune(w, h, p, sparsity, damp=damp, block_size=block_size)[0].decode()
+        pruned = sparsegpt_prune(w, h, p, sparsity, damp=damp, block_size=block_size, layer=layer)[0].decode()
         scale, _ = fmt.fit(pruned.reshape(rows, 1, cols))
     elif joint:
         g = fmt.global_scale(W)
@@ -162,7 +166,7 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, pattern, sparsity: float =
         codes = torch.round(Q / scale).reshape(shape)
         enc = Sparse.from_mask(codes, keep.reshape(shape), p, encode_codes,
                                row_scale=scale[:, 0].to(fmt.scale_format.torch_dtype))
-        return enc, {"loss": float(losses.sum())}
+        return enc, {"loss": float(losses.sum()), "damp": damp}
     if joint:
         def encode_values(v: torch.Tensor) -> Encoding:
             return fmt.encode(v, scale, zp, shape=tuple(v.shape), group_size=gs, global_scale=g,
@@ -171,7 +175,7 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, pattern, sparsity: float =
         def encode_values(v: torch.Tensor) -> Encoding:
             return Dense(v.to(out_dtype))
     enc = Sparse.from_mask(Q.reshape(shape), keep.reshape(shape), p, encode_values)
-    return enc, {"loss": float(losses.sum())}
+    return enc, {"loss": float(losses.sum()), "damp": damp}
 
 
 # --- Hessians shared by layers reading the same input -------------------------------------------
@@ -187,7 +191,8 @@ class _Hessians:
         self.left = Counter(_hessian_key(n) for n in nodes)
         self.cache: dict = {}
 
-    def take(self, node: Node, args) -> torch.Tensor:
+    def take(self, node: Node, args) -> tuple[torch.Tensor, int]:
+        """The layer's Hessian and the calibration rows it was estimated from."""
         key = _hessian_key(node)
         if key not in self.cache:
             H, n = None, 0
@@ -195,7 +200,7 @@ class _Hessians:
                 h, rows = hessian_of(batch[0], node)
                 H = h if H is None else H + h
                 n += rows
-            self.cache[key] = 2.0 * H / max(n, 1)
+            self.cache[key] = (2.0 * H / max(n, 1), n)
         self.left[key] -= 1
         return self.cache[key] if self.left[key] > 0 else self.cache.pop(key)
 
@@ -312,7 +317,7 @@ class SparsityConfig(LayerSelection):
             i, w = hit
             rows, cols = rows_cols(w.shape)
             W = w.encoding.data.to(torch.float32).reshape(rows, cols)
-            H = hessians.take(node, args) if _plain_matmul(node) else torch.eye(cols)
+            H = hessians.take(node, args)[0] if _plain_matmul(node) else torch.eye(cols)
             base = float(((W @ H) * W).sum()) or 1.0
             for j, s in enumerate(grid):
                 D = W * ~magnitude_keep(W, self.sparse_pattern, s)
@@ -409,6 +414,7 @@ class PruneSparseGPT(SparsityConfig, Pass):
         todo = {n.name: w for n, w in items if _plain_matmul(n)}
         hessians = _Hessians([n for n, _ in items if n.name in todo])
         encodings, losses, magnitude = {}, {}, []
+        coverage, raised = CalibrationCoverage(), {}
         for node, w in items:
             if node.name not in todo:           # no single matmul for a Hessian to describe
                 magnitude.append(node.name)
@@ -421,18 +427,23 @@ class PruneSparseGPT(SparsityConfig, Pass):
             w = todo.get(node.name)
             if w is None:
                 return
-            enc, figs = sparsegpt_prune(w.encoding.data, hessians.take(node, args), self.sparse_pattern,
-                                        plan[w.name], damp=self.damp, block_size=self.block_size,
-                                        fmt=self.weight_format)
+            H, rows = hessians.take(node, args)
+            coverage.note(node.name, rows, H.shape[0])
+            enc, figs = sparsegpt_prune(w.encoding.data, H, self.sparse_pattern, plan[w.name], damp=self.damp,
+                                        block_size=self.block_size, fmt=self.weight_format, layer=node.name)
             graph.set_encoding(w.name, enc)
             encodings[node.name] = enc
             losses[node.name] = round(figs["loss"], 6)
+            if figs["damp"] != self.damp:
+                raised[node.name] = figs["damp"]
 
         run_calibration(graph, ctx.calibration, before, who=self.name, progress=ctx.progress, until=todo)
         extra = {"hessian_weighted_error": losses}
         if magnitude:
             extra["magnitude_instead"] = magnitude
         _record(ctx, self.sparse_pattern, encodings, extra)
+        coverage.report(ctx, self.name, plain="magnitude pruning")
+        report_damping(ctx, self.name, self.damp, raised)
         return graph
 
 

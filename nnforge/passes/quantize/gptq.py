@@ -4,7 +4,8 @@ layer's inputs, H = 2 XᵀX / n.
 
 Works with any :class:`~.formats.WeightFormat` (integer or minifloat grids, per channel, per
 group, MX/NVFP4 blocks), since it only needs a scale fit and a nearest-point function. Options:
-dampening (a fraction of the mean diagonal added to H), lazy block updates (``block_size``
+dampening (a fraction of the mean diagonal added to H, raised per layer where H needs more: see
+:func:`upper_inverse`), lazy block updates (``block_size``
 columns at a time), act-order (columns in order of decreasing Hessian diagonal) and static
 groups (scales fitted once on the original weight, in original column order).
 
@@ -30,14 +31,17 @@ from ...ir.encodings import Encoding, rows_cols
 from ..base import Pass, PassContext, PassError, register_pass
 from .calibrate import run_calibration
 from .common import WeightQuantConfig
+from .coverage import CalibrationCoverage, report_damping
 from .formats import WeightFormat, grouped, quantize_rtn
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: WeightFormat, *, act_order: bool = True,
                   static_groups: bool = False, damp: float = 0.01, block_size: int = 128,
-                  out_dtype="float32") -> tuple[Encoding, dict]:
+                  out_dtype="float32", layer: str = "") -> tuple[Encoding, dict]:
     """GPTQ of weight ``w`` (any shape; columns are all but the first axis) with Hessian ``h``
-    [cols, cols]. Returns the encoding and figures (the Hessian-weighted error, before/after)."""
+    [cols, cols]. Returns the encoding and figures: the Hessian-weighted error (``loss``) and the
+    damping used (``damp``: above the one asked for when the Hessian needed more, see
+    :func:`upper_inverse`). ``layer`` names the layer in errors."""
     shape = tuple(w.shape)
     rows, cols = rows_cols(shape)
     W, H = obs_problem(w, h, "gptq")
@@ -52,7 +56,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: WeightFormat, *, act_or
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
-    Hinv = upper_inverse(H, damp, f"gptq: the Hessian of a {rows}x{cols} weight")
+    Hinv, damp = upper_inverse(H, damp, f"gptq: {_layer(layer)}the Hessian of a {rows}x{cols} weight")
 
     orig_col = perm if perm is not None else torch.arange(cols)
     if not groups_fixed:
@@ -99,7 +103,11 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: WeightFormat, *, act_or
         enc = fmt.encode(Q, scale, zp, shape=shape, group_size=gs, global_scale=g, out_dtype=out_dtype)
     else:
         enc = fmt.encode(Q, scale, zp, shape=shape, group_size=gs, perm=perm, global_scale=g, out_dtype=out_dtype)
-    return enc, {"loss": float(losses.sum())}
+    return enc, {"loss": float(losses.sum()), "damp": damp}
+
+
+def _layer(name: str) -> str:
+    return f"layer {name}: " if name else ""
 
 
 def obs_problem(w: torch.Tensor, h: torch.Tensor, who: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,15 +125,43 @@ def obs_problem(w: torch.Tensor, h: torch.Tensor, who: str) -> tuple[torch.Tenso
     return W, H
 
 
-def upper_inverse(H: torch.Tensor, damp: float, what: str) -> torch.Tensor:
-    """The upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, which the OBS sweeps read row
-    by row; dampens ``H`` in place."""
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0])
-    try:
-        return torch.linalg.cholesky(inverse_from_cholesky(torch.linalg.cholesky(H)), upper=True)
-    except torch.linalg.LinAlgError:
-        raise PassError(f"{what} is not positive definite even with damp={damp}; raise damp or add "
-                        "calibration data") from None
+# Damping is raised tenfold per failed factorisation up to this fraction of the mean diagonal: at the
+# cap the damping weighs as much as the average input column, and what fails there is not a matter
+# of damping (non-finite or indefinite statistics).
+DAMP_CAP = 1.0
+
+
+def damping_steps(damp: float) -> list[float]:
+    """``damp`` and the dampings tried after it, tenfold each (from 0.001 when ``damp`` is 0), up to
+    :data:`DAMP_CAP`."""
+    steps = [damp]
+    while steps[-1] < DAMP_CAP:
+        steps.append(min(DAMP_CAP, steps[-1] * 10 if steps[-1] > 0 else 0.001))
+    return steps
+
+
+def upper_inverse(H: torch.Tensor, damp: float, what: str) -> tuple[torch.Tensor, float]:
+    """The upper Cholesky factor of (H + d * mean(diag H) * I)^-1, which the OBS sweeps read row
+    by row, and the damping ``d`` it took: ``damp`` or, where the factorisation fails (a singular
+    Hessian from too little calibration data, or rounding), the first of :func:`damping_steps`
+    that works. Dampens ``H`` in place. ``what`` names the layer in the errors."""
+    if not bool(torch.isfinite(H).all()):
+        raise PassError(f"{what} has non-finite entries: the layer's calibration inputs overflow float32 when "
+                        "squared; check the calibration data (its scale) or exclude the layer")
+    mean = torch.mean(torch.diag(H))
+    eye = torch.eye(H.shape[0])
+    added = 0.0
+    steps = damping_steps(damp)
+    for d in steps:
+        H += (d - added) * mean * eye
+        added = d
+        try:
+            return torch.linalg.cholesky(inverse_from_cholesky(torch.linalg.cholesky(H)), upper=True), d
+        except torch.linalg.LinAlgError:
+            continue
+    raise PassError(f"{what} is not positive definite with damping {', '.join(f'{d:g}' for d in steps)} (x the mean "
+                    "diagonal); its calibration statistics are broken: check the calibration data reaching the "
+                    "layer, or exclude the layer") from None
 
 
 def inverse_from_cholesky(L: torch.Tensor) -> torch.Tensor:
@@ -182,6 +218,8 @@ class QuantizeGPTQ(WeightQuantConfig, Pass):
         hessians: dict = {}                         # input value -> (H, rows); Q/K/V share theirs
         kinds: Counter = Counter()
         losses = {}
+        coverage = CalibrationCoverage()
+        raised: dict[str, float] = {}
 
         def before(node: Node, args):
             w = targets.get(node.name)
@@ -196,13 +234,17 @@ class QuantizeGPTQ(WeightQuantConfig, Pass):
                     h, rows = hessian_of(batch[0], node)
                     H = h if H is None else H + h
                     n += rows
-                hessians[key] = 2.0 * H / max(n, 1)
-            enc, figs = gptq_quantize(graph.weights[w.name].encoding.data, hessians[key], self.weight_format,
+                hessians[key] = (2.0 * H / max(n, 1), n)
+            H, n = hessians[key]
+            coverage.note(node.name, n, H.shape[0])
+            enc, figs = gptq_quantize(graph.weights[w.name].encoding.data, H, self.weight_format,
                                       act_order=self.act_order, static_groups=self.static_groups, damp=self.damp,
-                                      block_size=self.block_size, out_dtype=w.dtype)
+                                      block_size=self.block_size, out_dtype=w.dtype, layer=node.name)
             graph.set_encoding(w.name, enc)
             kinds[enc.describe()] += 1
             losses[node.name] = round(figs["loss"], 6)
+            if figs["damp"] != self.damp:
+                raised[node.name] = figs["damp"]
             # Hessians of inputs no later target reads are dropped to bound memory.
             for k in [k for k in hessians if k[0] is node.inputs[0]]:
                 if not any(n.inputs[0] is k[0] for n in _pending(graph, targets, node)):
@@ -214,6 +256,8 @@ class QuantizeGPTQ(WeightQuantConfig, Pass):
         ctx.record("hessian_weighted_error", losses)
         if skipped:
             ctx.record("rtn_instead", skipped)
+        coverage.report(ctx, self.name)
+        report_damping(ctx, self.name, self.damp, raised)
         return graph
 
 
