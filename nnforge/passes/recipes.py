@@ -14,6 +14,10 @@ A TOML recipe:
     format = "int8"
     layers = ["*.attention.output.dense"]
 
+A recipe entry may also start from a preset and change its options, e.g. to raise GPTQ's damping:
+``{"preset": "w4-gptq", "damp": 0.1}`` (in TOML, ``preset = "w4-gptq"`` in a [[passes]] table).
+Each option is set on every pass of the preset that takes it.
+
 Every key is checked: an unknown top-level key, pass name or option is an error naming it.
 """
 from __future__ import annotations
@@ -133,6 +137,41 @@ def _build(entry, where: str, defaults: dict | None = None) -> Pass:
     return PASSES[name].from_options(options, where=f"{where} ({name})")
 
 
+def _preset_configs(name: str) -> list[dict] | None:
+    """The pass configs of preset ``name`` (plain or parametric), or None when it is not one."""
+    if name in PRESETS:
+        return PRESETS[name][1]
+    for pattern, _, configs in PARAMETRIC.values():
+        m = re.fullmatch(pattern, name)
+        if m:
+            return configs(m.group(1))
+    return None
+
+
+def _expand(entry, where: str, defaults: dict | None = None) -> list[Pass]:
+    """The passes of one recipe entry: a pass config, a Pass, or ``{"preset": NAME, option: value,
+    ...}``, the preset's passes with each option set on every one of them that takes it."""
+    if not (isinstance(entry, dict) and "preset" in entry):
+        return [_build(entry, where, defaults)]
+    options = dict(entry)
+    name = options.pop("preset")
+    if "pass" in options:
+        raise PassError(f"{where}: give 'pass' or 'preset', not both")
+    configs = _preset_configs(name) if isinstance(name, str) else None
+    if configs is None:
+        raise PassError(f"{where}: unknown preset {name!r}; presets: {', '.join(PRESETS)}, {', '.join(PARAMETRIC)}")
+    if not configs:
+        raise PassError(f"{where}: preset {name!r} runs no pass, so it has no option to set")
+    taken = [{f.name for f in dataclasses.fields(PASSES[c["pass"]])} for c in configs]
+    unknown = sorted(k for k in options if not any(k in t for t in taken))
+    if unknown:
+        valid = ", ".join(sorted(set().union(*taken)))
+        raise PassError(f"{where}: unknown option(s) {', '.join(unknown)} for preset {name} (passes "
+                        f"{', '.join(c['pass'] for c in configs)}); valid options: {valid}")
+    return [_build({**c, **{k: v for k, v in options.items() if k in t}}, f"{where} (preset {name})", defaults)
+            for c, t in zip(configs, taken)]
+
+
 def load_recipe_file(path: str | Path, defaults: dict | None = None) -> tuple[str, list[Pass]]:
     path = Path(path)
     try:
@@ -150,7 +189,7 @@ def load_recipe_file(path: str | Path, defaults: dict | None = None) -> tuple[st
                         "compile without a recipe)")
     if not isinstance(entries, list):
         raise PassError(f"recipe {path}: 'passes' must be an array of tables ([[passes]])")
-    return path.stem, [_build(e, f"recipe {path}, pass {i}", defaults) for i, e in enumerate(entries)]
+    return path.stem, [p for i, e in enumerate(entries) for p in _expand(e, f"recipe {path}, pass {i}", defaults)]
 
 
 def _json_list(text: str, where: str) -> list:
@@ -167,7 +206,7 @@ def _json_list(text: str, where: str) -> list:
 def _build_list(entries, where: str, defaults: dict | None) -> list[Pass]:
     if not entries:
         raise PassError(f"{where} has no passes: give at least one pass config (for no compression, pass no recipe)")
-    return [_build(e, f"{where} entry {i}", defaults) for i, e in enumerate(entries)]
+    return [p for i, e in enumerate(entries) for p in _expand(e, f"{where} entry {i}", defaults)]
 
 
 def describe_recipes() -> str:
@@ -184,6 +223,8 @@ def describe_recipes() -> str:
               '  exclude = ["*.attention.output.dense"]', "",
               "The same list as JSON (recipe=PATH.json, or the text itself on the command line):",
               '  \'[{"pass": "quantize_rtn", "format": "uint4", "group_size": 128}]\'', "",
+              "A preset with some options changed (each set on every pass of the preset that takes it):",
+              '  \'[{"preset": "w4-gptq", "damp": 0.1}]\'', "",
               "Layer selection (passes that take it): layers = [fnmatch patterns on node or weight names],",
               "exclude = [...], ops = [linear, conv, ...]; a pattern that matches no layer is an error.", "",
               "Passes and their options (defaults):"]
@@ -219,12 +260,9 @@ def resolve_recipe(recipe, defaults: dict | None = None) -> tuple[str, list[Pass
         return Path(recipe).stem, _build_list(_json_list(text, f"recipe {recipe}"), f"recipe {recipe}", defaults)
     if isinstance(recipe, (str, Path)):
         text = str(recipe)
-        if text in PRESETS:
-            return text, [_build(e, f"preset {text}", defaults) for e in PRESETS[text][1]]
-        for pattern, _, configs in PARAMETRIC.values():
-            m = re.fullmatch(pattern, text)
-            if m:
-                return text, [_build(e, f"preset {text}", defaults) for e in configs(m.group(1))]
+        configs = _preset_configs(text)
+        if configs is not None:
+            return text, [_build(e, f"preset {text}", defaults) for e in configs]
         if text.endswith(".toml") or Path(text).exists():
             return load_recipe_file(text, defaults)
         raise PassError(f"unknown recipe {text!r}: not a preset ({', '.join(PRESETS)}, {', '.join(PARAMETRIC)}) nor a .toml file")

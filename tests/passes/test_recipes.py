@@ -177,3 +177,38 @@ def test_core_ml_targets_quantise_with_fp16_scales():
     from nnforge.targets import get_target
     for name in ("apple-a17", "apple-m2"):
         assert get_target(name).options["pass_defaults"] == {"scale_dtype": "float16"}
+
+
+def test_a_preset_entry_sets_damp_on_the_passes_that_take_it(tmp_path):
+    _, (gptq,) = resolve_recipe([{"preset": "w4-gptq", "damp": 0.1}])
+    assert gptq.name == "quantize_gptq" and gptq.damp == 0.1
+    assert gptq.static_groups and gptq.group_size == 128             # the rest of the preset is kept
+    _, (sparse,) = resolve_recipe('[{"preset": "block-sparse-50", "damp": 0.05}]')
+    assert sparse.name == "prune_sparsegpt" and sparse.damp == 0.05 and sparse.sparsity == 0.5
+    _, (eora,) = resolve_recipe([{"preset": "w4-gptq+eora", "damp": 0.2}])
+    assert eora.name == "quantize_eora" and eora.damp == 0.2
+    path = tmp_path / "damped.toml"
+    path.write_text('[[passes]]\npreset = "sparse24"\ndamp = 0.1\n\n[[passes]]\npass = "dce"\n')
+    name, (p, dce) = resolve_recipe(str(path))
+    assert name == "damped" and p.name == "prune_sparsegpt" and p.damp == 0.1 and dce.name == "dce"
+
+
+def test_a_preset_entry_reaches_the_pass_record_and_the_run():
+    _, passes = resolve_recipe([{"preset": "w4-gptq", "damp": 0.0}])
+    pm = PassManager(passes)
+    pm.run(mlp_graph(), PassContext(calibration=[(inputs(4),)]))  # 4 rows: singular Hessians without damping
+    assert pm.records[0].figures["damp_raised"] == {"fc1": 0.001, "fc2": 0.001}
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"preset": "w4-gptq", "dmap": 0.1}, "unknown option\\(s\\) dmap for preset w4-gptq \\(passes quantize_gptq\\); "
+                                         "valid options: act_order"),
+    ({"preset": "w8", "damp": 0.1}, "unknown option\\(s\\) damp for preset w8 \\(passes quantize_rtn\\)"),
+    ({"preset": "w4-gptq", "damp": 2.0}, "preset w4-gptq\\) \\(quantize_gptq\\): quantize_gptq: damp must be in"),
+    ({"preset": "w4-gtpq"}, "unknown preset 'w4-gtpq'"),
+    ({"preset": "fp32", "damp": 0.1}, "preset 'fp32' runs no pass"),
+    ({"preset": "w4-gptq", "pass": "quantize_gptq"}, "give 'pass' or 'preset', not both"),
+])
+def test_bad_preset_entries_name_the_option(entry, message):
+    with pytest.raises(PassError, match=message):
+        resolve_recipe([entry])
