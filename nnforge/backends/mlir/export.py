@@ -8,12 +8,15 @@ the module (its constants, the dialects it uses).
 from __future__ import annotations
 
 import re
+import traceback
 from collections import Counter
 
 import torch
+from torch.fx.traceback import preserve_node_meta
 
 from ...ir import Graph
 from ..base import BackendError
+from .module import NODE_KEY, OP_KEY
 
 # The dialects torch-mlir 20261001 lowers to (OutputType names), all checked by the tests.
 DIALECTS = ("linalg-on-tensors", "tosa", "stablehlo")
@@ -45,23 +48,64 @@ def export_program(module: torch.nn.Module, graph: Graph, shapes: dict | None = 
     and its TOSA and StableHLO lowerings refuse torch.export's runtime shape assertions."""
     inputs = example_inputs(graph, shapes)
     try:
-        return torch.export.export(module, inputs, strict=False)
+        with preserve_node_meta():          # keeps the IR node each op came from (module.NODE_KEY)
+            return torch.export.export(module, inputs, strict=False)
     except Exception as e:
         raise BackendError(f"mlir backend: torch.export of graph {graph.name} failed: {type(e).__name__}: "
                            f"{str(e).strip().splitlines()[0][:400]}") from e
 
 
 def to_mlir(ep, dialect: str):
-    """torch-mlir's FX import of ``ep`` (weights frozen into constants), lowered to ``dialect``."""
+    """torch-mlir's FX import of ``ep`` (weights frozen into constants), lowered to ``dialect``.
+
+    A failure names the IR node (and op) whose traced ops torch-mlir could not import or lower."""
     from torch_mlir import fx
     if dialect not in DIALECTS:
         raise BackendError(f"mlir backend: dialect {dialect!r} is not one torch-mlir lowers to here; "
                            f"choose one of {', '.join(DIALECTS)}")
+    _locate_by_node(ep)
     try:
-        return fx.export_and_import(ep, output_type=dialect, func_name="main")
+        # import_program, not the default frozen import: that one swaps each buffer's placeholder for
+        # the tensor itself, which it cannot import inside a list operand (a cat of ViT's class token,
+        # an index by BERT's mask positions: "Heterogeneous lists are not supported"); import_program
+        # binds every buffer to a constant first, so each use, in a list or not, reads that value.
+        return fx.export_and_import(ep, output_type=dialect, func_name="main", experimental_support_mutation=True)
     except Exception as e:
-        raise BackendError(f"mlir backend: torch-mlir could not lower the program to {dialect}: "
-                           f"{type(e).__name__}: {' '.join(str(e).split())[:600]}") from e
+        error = f"{type(e).__name__}: {' '.join(str(e).split())[:600]}"
+        node = _failed_node(e)
+        if node is None:
+            raise BackendError(f"mlir backend: torch-mlir could not lower the program to {dialect} (no single IR "
+                               f"node could be named): {error}") from e
+        name, op = node
+        others = ", ".join(d for d in DIALECTS if d != dialect)
+        raise BackendError(f"mlir backend: torch-mlir could not lower node {name} (op {op}) to {dialect}: {error}. "
+                           f"Try another dialect (nf.target('mlir').with_options(dialect=...): {others}), or compile "
+                           f"this graph for another target") from e
+
+
+# MLIR locations are made from each FX node's stack trace; one naming the IR node makes a lowering
+# diagnostic name it too (torch-mlir reads "File ..., line N," out of the trace).
+_LOCATION = 'File "nnforge node {name} (op {op})", line 1, in forward'
+_LOCATION_RE = re.compile(r"nnforge node (\S+) \(op (\w+)\)")
+
+
+def _locate_by_node(ep) -> None:
+    for n in ep.graph.nodes:
+        custom = n.meta.get("custom") or {}
+        if NODE_KEY in custom:
+            n.meta["stack_trace"] = _LOCATION.format(name=custom[NODE_KEY], op=custom.get(OP_KEY, "?"))
+
+
+def _failed_node(e: BaseException) -> tuple[str, str] | None:
+    """(name, op) of the IR node a torch-mlir failure came from: the FX node its importer was at when
+    it raised (innermost first), else the first node a lowering diagnostic's location names."""
+    for frame, _ in reversed(list(traceback.walk_tb(e.__traceback__))):
+        n = frame.f_locals.get("node")
+        custom = n.meta.get("custom") if isinstance(n, torch.fx.Node) else None
+        if custom and NODE_KEY in custom:
+            return custom[NODE_KEY], custom.get(OP_KEY, "?")
+    m = _LOCATION_RE.search(str(e))
+    return (m.group(1), m.group(2)) if m else None
 
 
 def context():

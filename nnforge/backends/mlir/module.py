@@ -10,11 +10,16 @@ Dimension symbols are bound from the inputs' sizes on every call, as the interpr
 from __future__ import annotations
 
 import torch
+from torch.fx.traceback import annotate
 
 from ...ir import Graph, WEIGHT_OPS, symbolic as sym
 from ...ir.ops import WEIGHT_SLOT, RunContext, get_op
 from ..base import Fallback
 from .weights import Site, weight_module
+
+# The keys under which every traced op carries the IR node it came from (torch.export keeps them in
+# each FX node's meta["custom"]), so that a failure further down can name the node.
+NODE_KEY, OP_KEY = "nnforge_node", "nnforge_op"
 
 
 def layer_ops(graph: Graph) -> dict[str, str]:
@@ -70,12 +75,13 @@ class GraphModule(torch.nn.Module):
             return weights[name]
 
         for node in g.nodes:
-            args = [None if v is None else weight(v.name) if v.is_weight else vals[v] for v in node.inputs]
-            outs = get_op(node.op).run(ctx, args, node.attrs)
+            with annotate({NODE_KEY: node.name, OP_KEY: node.op}):
+                args = [None if v is None else weight(v.name) if v.is_weight else vals[v] for v in node.inputs]
+                outs = get_op(node.op).run(ctx, args, node.attrs)
             for o, t in zip(node.outputs, outs):
                 vals[o] = t
         outs = tuple(weight(v.name) if v.is_weight else vals[v] for v in g.outputs)
         return outs[0] if len(outs) == 1 else outs
 
 
-__all__ = ["GraphModule"]
+__all__ = ["GraphModule", "NODE_KEY", "OP_KEY"]

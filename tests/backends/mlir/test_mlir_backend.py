@@ -8,6 +8,7 @@ quantised weights as i8 constants and no float copy of them, and runs under torc
 reference JIT with the reference's numbers (the bundle's runtime check). Packed 4-bit, FP8/FP4,
 palettes, 2:4 sparsity, low-rank and the widened/decoded fallbacks compile and run too; a module
 that declares an external function, or has dynamic sizes, is refused before anything is compiled.
+Small random-init BERT (with a mask) and ViT configurations compile and run with the reference's numbers.
 The default model (all-MiniLM-L6-v2, with and without w8) is marked slow.
 """
 from __future__ import annotations
@@ -175,6 +176,54 @@ def compressed_encoder(ids, mask):
     graph, _ = import_model(TinyEncoder(), (ids, mask), input_names=["ids", "mask"])
     _, passes = resolve_recipe("w8", None)
     return PassManager(cleanup_passes() + passes).run(graph, PassContext())
+
+
+# --- transformers models ---------------------------------------------------------------------------------
+class LastHidden(torch.nn.Module):
+    """A Hugging Face encoder's last hidden state (its output object is not a tensor)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs):
+        return self.model(*inputs).last_hidden_state
+
+
+def bert_and_inputs(seed):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64)
+    model = LastHidden(transformers.BertModel(cfg, add_pooling_layer=False)).eval()
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.ones(2, 8, dtype=torch.int64)
+    mask[1, 5:] = 0
+    return model, (torch.randint(0, 100, (2, 8), generator=gen), mask)
+
+
+def vit_and_inputs(seed):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=64)
+    model = LastHidden(transformers.ViTModel(cfg, add_pooling_layer=False)).eval()
+    return model, (torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed)),)
+
+
+@pytest.mark.parametrize("make", [bert_and_inputs, vit_and_inputs], ids=["bert", "vit"])
+def test_transformers_encoders(tmp_path, make):
+    """BERT with an attention mask (its mask positions index a constant) and ViT (its class token is
+    a constant concatenated to the patches): the module runs with the reference's numbers, on the
+    check inputs and on fresh ones."""
+    model, x = make(seed=1)
+    b = nf.compile(model, "mlir", "fp32", example_inputs=x, out=tmp_path / "b")
+    num = b.manifest["numerics"]
+    assert num["runtime_checked"] and num["backend_vs_reference"]["max_abs_error"] <= MAX_ABS
+    _, fresh = make(seed=2)
+    graph, _ = import_model(model, x)
+    want = run_graph(PassManager(cleanup_passes()).run(graph, PassContext()), list(fresh))[0]
+    assert torch.allclose(nf.load(b.path)(*fresh), want, rtol=0, atol=MAX_ABS)
 
 
 # --- errors ----------------------------------------------------------------------------------------------
