@@ -160,7 +160,8 @@ class CoremlBackend(Backend):
                  "inputs": entry_inputs, "outputs": entry_outputs, "flexible_dims": symbols,
                  "renamed": {k: v for k, v in lw.renamed.items() if v}, "weights": lw.weight_names,
                  "mil_ops": dict(sorted(mil_ops.items()))}
-        entry["verify"] = self._verify(path, graph, op_signature(graph, lw), lw.weight_names, set(lw.perms))
+        entry["verify"] = self._verify(path, graph, op_signature(graph, lw), lw.weight_names, set(lw.perms),
+                                       lw.plain)
         return Artifact(files=files, entry=entry, fallbacks=lw.fallbacks, toolchain=self.toolchain())
 
     @staticmethod
@@ -189,13 +190,14 @@ class CoremlBackend(Backend):
         meta["nnforge.outputs"] = json.dumps({s["name"]: s["mil_name"] for s in outputs})
 
     @staticmethod
-    def _verify(path: Path, graph: Graph, op_map: dict, names: dict, permuted: set) -> dict:
+    def _verify(path: Path, graph: Graph, op_map: dict, names: dict, permuted: set, plain: set) -> dict:
         """verify.verify_package on the saved package: weights bit-exact (``permuted``: those kept
-        in stored column order), op order by ``op_map``."""
+        in stored column order; ``plain``: those stored as plain consts, which coremltools may
+        fold away), op order by ``op_map``."""
         import dataclasses
         from . import verify
         try:
-            report = verify.verify_package(path, graph, op_map, names=names, permuted=permuted)
+            report = verify.verify_package(path, graph, op_map, names=names, permuted=permuted, plain=plain)
         except BackendError:
             raise
         except Exception as e:

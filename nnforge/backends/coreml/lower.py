@@ -45,6 +45,7 @@ class Lowering:
         self.weight_names: dict[str, str] = {}      # IR weight -> MIL name of its value
         self.fallbacks: list[Fallback] = []
         self.perms: dict[str, np.ndarray] = {}      # act-order weight -> column order of its stored form
+        self.plain: set[str] = set()                # weights emitted as a plain const (coremltools may fold them)
         self.op_map: dict[str, list[str]] = {}      # IR node -> MIL op types it became
         self.input_names: list[str] = []            # MIL names of the graph inputs, in order
         self.output_names: list[str] = []           # ... and of the graph outputs
@@ -138,10 +139,13 @@ class Lowering:
             data = enc.decode().numpy()
             if data.dtype == np.int64 and data.size and (data.max() > 2**31 - 1 or data.min() < -2**31):
                 raise BackendError(f"weight {v.name}: int64 values beyond int32, which Core ML computes in")
+            self.plain.add(v.name)
             return self.mb.const(val=data.astype(NP_OF[mil_dtype(v.dtype)]), name=mil)
         ops = self.layers.get(v.name, [])
         whys = [why for op in ops for cap, why in (CAPABILITIES.find(op, enc, self.target),) if cap is None]
         var, note, perm = W.emit_weight(enc, mil, gather=all(op == "linear" for op in ops))
+        if var.op.op_type == "const":
+            self.plain.add(v.name)
         if perm is not None:        # kept in act-order: linear permutes x's columns
             self.perms[v.name] = np.asarray(perm)
         if whys:
@@ -251,7 +255,8 @@ def op_signature(graph: Graph, lw: Lowering) -> dict[str, tuple]:
     """IR op -> the MIL op types every node of that op leaves in the saved program, in order
     (verify.py's op map). Empty for an op whose nodes differ, or for a node on constants only
     (coremltools folds those away); matmul is anchored only between two activations (with a
-    constant operand coremltools may fuse it into linear)."""
+    constant operand coremltools may fuse it into linear), batch_norm only where it does not
+    follow a conv whose weight is a plain const (coremltools fuses that pair into one conv)."""
     live: set = set(graph.inputs)
     for node in graph.nodes:
         if any(v in live for v in node.inputs if v is not None):
@@ -261,10 +266,17 @@ def op_signature(graph: Graph, lw: Lowering) -> dict[str, tuple]:
         anchors = set(ANCHORS.get(node.op, ()))
         if node.op == "matmul" and not any(v.is_weight for v in node.inputs):
             anchors = {"matmul"}
+        if node.op == "batch_norm" and _after_plain_conv(node, lw):
+            anchors = set()
         ok = node.outputs[0] in live and all(v is None or v in live or v.is_weight for v in node.inputs)
         sig = tuple(t for t in lw.op_map[node.name] if t in anchors) if ok else ()
         per_op.setdefault(node.op, set()).add(sig)
     return {op: (next(iter(sigs)) if len(sigs) == 1 else ()) for op, sigs in per_op.items()}
+
+
+def _after_plain_conv(node, lw: Lowering) -> bool:
+    src = node.inputs[0].producer
+    return src is not None and src.op == "conv" and src.inputs[WEIGHT_SLOT].name in lw.plain
 
 
 def output_type(v: Value) -> str:

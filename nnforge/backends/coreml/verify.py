@@ -6,7 +6,11 @@ MIL program is read back, never run):
 1. Weights: every weight of the graph is found by its MIL name, decoded from its stored tensors
    with :func:`weights.decode_op`, and compared with ``enc.decode(torch.float16)`` bit for bit
    (the columns taken in stored order for an act-order weight; +0 and -0 count as equal, since
-   Core ML fills dropped sparse entries with +0). A mismatch raises, naming the weight.
+   Core ML fills dropped sparse entries with +0). A mismatch raises, naming the weight. A weight
+   stored as a plain fp16 ``const`` (Dense, or a compressed encoding with no smaller Core ML form)
+   is ordinary data to coremltools, whose passes may fold it into another constant (conv +
+   batch_norm fusion, deduplication): such a weight, when absent, is listed as missing. A weight
+   kept in a ``constexpr_*`` chain must be there.
 2. Ops: ``op_map`` gives, per IR op, the MIL op types it lowers to, in order. The rule checked:
    the concatenation, over the IR nodes in graph order, of ``op_map[node.op]`` is a subsequence
    of the program's op types in program order (``const`` and ``constexpr_*`` left out). Gaps are
@@ -43,7 +47,7 @@ class WeightCheck:
 class VerifyReport:
     path: str
     weights: list[WeightCheck] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)    # Dense weights coremltools folded away
+    missing: list[str] = field(default_factory=list)    # plain-const weights coremltools folded away
     ops_checked: int = 0
 
     @property
@@ -109,12 +113,13 @@ def _same_bits(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return a16.view(np.uint16) == b16.view(np.uint16)
 
 
-def check_weights(prog, graph, names: dict | None = None,
-                  permuted: set | None = None) -> tuple[list[WeightCheck], list[str]]:
+def check_weights(prog, graph, names: dict | None = None, permuted: set | None = None,
+                  plain: set | None = None) -> tuple[list[WeightCheck], list[str]]:
     """Rule 1 of the module docstring. ``names``: IR weight name -> MIL name; by default
     mil_name() over ``graph.weights`` in order with a fresh ``used`` set. ``permuted``: the
     act-order weights kept in stored column order (their linear gathers x); by default every 2-D
-    act-order weight."""
+    act-order weight. ``plain``: the compressed weights emitted as a plain ``const`` (Dense ones
+    always count as plain)."""
     if names is None:
         used: set = set()
         names = {n: mil_name(n, used) for n in graph.weights}
@@ -127,11 +132,14 @@ def check_weights(prog, graph, names: dict | None = None,
         enc = value.encoding
         op = producers.get(names.get(wname, ""))
         if op is None:
-            if enc.kind == "dense":
+            if enc.kind == "dense" or wname in (plain or ()):
                 missing.append(wname)       # const folding/dedup may rename plain consts
                 continue
-            raise CoreMLVerifyError(f"weight {wname!r} ({enc.describe()}): no op named {names.get(wname)!r} in "
-                                    "the package; was it emitted with emit_weight under that name?")
+            raise CoreMLVerifyError(
+                f"weight {wname!r} of {_readers(graph, value)} ({enc.describe()}) is not in the saved package "
+                f"under its name {names.get(wname)!r}: coremltools' conversion replaced its compressed form, so "
+                "the package would not hold the weight the graph has. This is an nnforge bug: please report it "
+                "with the model; compiling without this recipe for apple targets avoids it meanwhile")
         got = decode_op(op)
         want = enc.decode(torch.float16)
         perm = getattr(enc, "perm", None)
@@ -159,6 +167,14 @@ def check_weights(prog, graph, names: dict | None = None,
     return checks, missing
 
 
+def _readers(graph, value) -> str:
+    """'layer fc1 (linear)' / 'layers a (conv), b (matmul)': the nodes reading weight ``value``."""
+    nodes = [n for n in graph.nodes if any(i is value for i in n.inputs)]
+    if not nodes:
+        return "no layer"
+    return f"layer{'s' if len(nodes) > 1 else ''} " + ", ".join(f"{n.name} ({n.op})" for n in nodes)
+
+
 def check_ops(prog, graph, op_map: dict) -> int:
     """Rule 2 of the module docstring; returns how many MIL ops were matched."""
     unknown = sorted({n.op for n in graph.nodes if n.op not in op_map})
@@ -180,13 +196,13 @@ def check_ops(prog, graph, op_map: dict) -> int:
 
 
 def verify_package(path, graph, op_map: dict, *, names: dict | None = None,
-                   permuted: set | None = None) -> VerifyReport:
-    """Check the package at ``path`` against ``graph``: weights bit for bit (``permuted``: as
-    check_weights), op order by ``op_map`` (IR op -> MIL op type or tuple of types). Raises
-    CoreMLVerifyError naming the weight or node."""
+                   permuted: set | None = None, plain: set | None = None) -> VerifyReport:
+    """Check the package at ``path`` against ``graph``: weights bit for bit (``permuted``,
+    ``plain``: as check_weights), op order by ``op_map`` (IR op -> MIL op type or tuple of
+    types). Raises CoreMLVerifyError naming the weight or node."""
     prog = load_program(path)
     report = VerifyReport(str(path))
-    report.weights, report.missing = check_weights(prog, graph, names, permuted)
+    report.weights, report.missing = check_weights(prog, graph, names, permuted, plain)
     report.ops_checked = check_ops(prog, graph, op_map)
     return report
 

@@ -65,3 +65,22 @@ def test_verify_names_missing_op(tmp_path):
         verify_package(path, g, {**OP_MAP, "linear": ("linear", "gelu")})
     with pytest.raises(CoreMLVerifyError, match="no entry for IR op"):
         verify_package(path, g, {"linear": ("linear",)})
+
+
+def test_verify_names_the_layer_of_a_compressed_weight_the_package_lost(tmp_path):
+    g = _graph()
+    path = _package(g, tmp_path)
+    names = {"fc1.weight": "fc1_weight_elsewhere", "fc2.weight": "fc2_weight"}
+    with pytest.raises(CoreMLVerifyError, match=r"weight 'fc1.weight' of layer fc1 \(linear\).*not in the "
+                                                r"saved package.*report it"):
+        verify_package(path, g, OP_MAP, names=names)
+
+
+def test_verify_accepts_a_plain_const_coremltools_folded_away(tmp_path):
+    # a compressed weight that emit_weight stored as a plain fp16 const (the lowering says so in
+    # ``plain``) may be folded into another constant by coremltools, like a Dense one
+    g = _graph()
+    path = _package(g, tmp_path)
+    names = {"fc1.weight": "fc1_weight_folded", "fc2.weight": "fc2_weight"}
+    report = verify_package(path, g, OP_MAP, names=names, plain={"fc1.weight", "fc2.weight"})
+    assert report.missing == ["fc1.weight"] and [w.name for w in report.weights] == ["fc2.weight"]
