@@ -204,7 +204,8 @@ def check_import(model, graph: Graph, inputs: tuple) -> dict:
         return {}
     with torch.no_grad():
         want = model(*inputs)
-    want = list(want) if isinstance(want, (tuple, list)) else [want]
+    # torch.export flattens outputs as pytrees (tuples, dicts, transformers' ModelOutput), leaves in order
+    want = torch.utils._pytree.tree_leaves(want)
     got = Interpreter(graph).run(*inputs)
     metrics = compare(got, want, nan_equal=True)        # reproducing the model's own NaN is right here
     if not within(metrics, FP32_TOLERANCE):
