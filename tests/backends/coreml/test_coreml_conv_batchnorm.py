@@ -76,3 +76,24 @@ def test_palettized_conv_batchnorm_builds_verifies_and_matches_the_interpreter(t
         got = Interpreter(graph).run(x)[0]
         cos = torch.nn.functional.cosine_similarity(got.flatten(), model(x).detach().flatten(), dim=0)
         assert cos > 0.99, cos
+
+
+def _hf_model(name: str):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if name == "resnet":
+        config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")
+        return transformers.ResNetModel(config)
+    return transformers.MobileNetV2Model(transformers.MobileNetV2Config(depth_multiplier=0.25, image_size=32))
+
+
+@pytest.mark.parametrize("name", ["resnet", pytest.param("mobilenet_v2", marks=pytest.mark.slow)])
+def test_random_init_hf_vision_models_build_with_palettize_4(tmp_path, name):
+    # both return a ModelOutput; ResNet's shortcut is a 1x1 conv + BN, MobileNetV2's depthwise convs + BN
+    bundle = _compile(_hf_model(name), tmp_path, shape=(1, 3, 32, 32))
+    m = bundle.manifest
+    assert m["backend"]["entry"]["verify"]["missing"]          # small conv weights fused with their BN
+    assert any(w["op_types"][0] == "constexpr_lut_to_dense" for w in m["backend"]["entry"]["verify"]["weights"])
+    # 16-entry palettes of random-init weights: close to the fp32 model, not equal to it
+    assert m["numerics"]["fidelity_vs_fp32"]["cosine_min"] > 0.95
+    assert nf.verify(bundle.path)["passed"]
