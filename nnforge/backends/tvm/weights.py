@@ -331,6 +331,8 @@ def embedding_rows(lw, w: Value, ids: Value, kernel):
     name, func, plan = gather(c_name(w.name), **args(w.encoding), target=lw.llvm_target)
     count = lw.dim(sym.prod(ids.shape))
     flat = lw.emit(op.reshape(lw.arg(ids), lw.relax.ShapeExpr([count])))
+    if ids.dtype.name != "int64":       # the gather kernels index with int64 (token ids may come as int32)
+        flat = lw.emit(op.astype(flat, "int64"))
     rows = lw.emit(lw.relax.call_tir(lw.func(name, func), [flat, *lw.kernel_consts[w.name]],
                                      lw.relax.TensorType([count, plan.k], "float32")), name)
     return op.reshape(rows, lw.relax.ShapeExpr(lw.shape([*ids.shape, plan.k])))

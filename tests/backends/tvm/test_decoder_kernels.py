@@ -131,3 +131,18 @@ def test_an_embedding_tied_to_the_head_reads_the_heads_arrays(tmp_path, spec, gr
     for batch in (torch.tensor([[0, 5, 69, 33]]), torch.tensor([[7], [1]])):
         for got, want in zip(runner(batch), run_graph(g, [batch])):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec,group", [("int8", None), ("mxfp8", None)])
+def test_an_int32_token_id_gathers_the_same_rows(tmp_path, spec, group):
+    """Token ids of int32 (an ONNX model's, a fuzzer's) index the gather kernels, which take int64."""
+    from nnforge.passes.quantize.formats import parse_format, quantize_rtn
+    table = quantize_rtn(_randn(6, 32, seed=5), parse_format(spec, group_size=group))
+    g = Graph("ids32")
+    ids = g.add_input("ids", tensor("i32", 3))
+    g.set_outputs([g.op("embedding", ids, g.add_weight("emb.weight", table), name="emb")])
+    backend = get_backend("tvm")
+    lowered = conftest.lower_into(backend, g, "cpu", tmp_path)
+    assert not lowered.fallbacks
+    batch = torch.tensor([5, 0, 2], dtype=torch.int32)
+    torch.testing.assert_close(backend.load(tmp_path, lowered.entry)(batch), run_graph(g, [batch])[0])
