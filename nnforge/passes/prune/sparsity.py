@@ -40,6 +40,7 @@ from ..quantize.coverage import CalibrationCoverage, report_damping
 from ..quantize.formats import FormatError, WeightFormat, parse_format
 from ..quantize.gptq import hessian_of, obs_problem, upper_inverse
 from ..quantize.mixed import knapsack
+from .reach import WeightReach
 
 SCHEDULES = ("uniform", "sensitivity")
 # The sensitivity schedule keeps each layer within the target +- SPREAD (OWL's lambda): a narrow
@@ -252,13 +253,18 @@ class SparsityConfig(LayerSelection):
         if self.layer_sparsity and self.schedule != "uniform":
             raise PassError(f"{self.name}: give layer_sparsity or schedule='sensitivity', not both")
 
-    def prune_targets(self, graph: Graph) -> list[tuple[Node, Value]]:
-        """(first node, weight) for every selected float weight, each once; a layer the pattern
-        does not fit, or one already compressed, is an error naming it."""
+    def prune_targets(self, graph: Graph) -> tuple[list[tuple[Node, Value]], WeightReach]:
+        """(first node, weight) for every selected float weight, each once, and the model's weights
+        with a reason for each layer left out; a layer the pattern does not fit, or one already
+        compressed, is an error naming it."""
+        reach = WeightReach.of(graph)
         seen, out = set(), []
         for node in self.select(graph):
             w = node.inputs[WEIGHT_SLOT]
-            if w.name in seen or not w.dtype.is_float:
+            if w.name in seen:
+                continue
+            if not w.dtype.is_float:
+                reach.skip(node, f"{w.dtype} weights are not float")
                 continue
             seen.add(w.name)
             if not isinstance(w.encoding, Dense):
@@ -275,7 +281,14 @@ class SparsityConfig(LayerSelection):
         if not out:
             raise PassError(f"{self.name}: no selected layer has a float weight to prune (layers={self.layers}, "
                             f"exclude={self.exclude}, ops={self.ops})")
-        return out
+        for node in reach.layers.values():
+            if node.op not in self.ops:
+                hint = "; matmul weights are [K, N], not [out, in]" if node.op == "matmul" else (
+                    f"; add \"{node.op}\" to ops to prune them" if node.op != "embedding" else "")
+                reach.skip(node, f"{node.op} is not in ops={self.ops}{hint}")
+            elif not self.matches(node):
+                reach.skip(node, "left out by the layers / exclude options")
+        return out, reach
 
     def plan(self, graph: Graph, items: list[tuple[Node, Value]], ctx: PassContext) -> dict[str, float]:
         """Sparsity (fraction removed) per weight name."""
@@ -328,7 +341,8 @@ class SparsityConfig(LayerSelection):
         return errors
 
 
-def _record(ctx: PassContext, pattern: SparsePattern, encodings: dict[str, Sparse], extra: dict | None = None):
+def _record(ctx: PassContext, who: str, pattern: SparsePattern, encodings: dict[str, Sparse], reach: WeightReach,
+            reached: set[str], extra: dict | None = None):
     numel = sum(e.numel for e in encodings.values())
     ctx.record("pattern", pattern.name)
     ctx.record("layers", len(encodings))
@@ -338,6 +352,7 @@ def _record(ctx: PassContext, pattern: SparsePattern, encodings: dict[str, Spars
     ctx.record("encodings", dict(Counter(e.describe() for e in encodings.values())))
     for k, v in (extra or {}).items():
         ctx.record(k, v)
+    reach.report(ctx, who, reached)
 
 
 @register_pass
@@ -349,7 +364,7 @@ class PruneMagnitude(SparsityConfig, Pass):
     name = "prune_magnitude"
 
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
-        items = self.prune_targets(graph)
+        items, reach = self.prune_targets(graph)
         plan = self.plan(graph, items, ctx)
         encodings = {}
         for node, w in items:
@@ -359,7 +374,7 @@ class PruneMagnitude(SparsityConfig, Pass):
             enc = Sparse.from_mask(data, keep.reshape(data.shape), self.sparse_pattern)
             graph.set_encoding(w.name, enc)
             encodings[node.name] = enc
-        _record(ctx, self.sparse_pattern, encodings)
+        _record(ctx, self.name, self.sparse_pattern, encodings, reach, {w.name for _, w in items})
         return graph
 
 
@@ -409,7 +424,7 @@ class PruneSparseGPT(SparsityConfig, Pass):
                             f"hold whole {p.name} groups")
 
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
-        items = self.prune_targets(graph)
+        items, reach = self.prune_targets(graph)
         plan = self.plan(graph, items, ctx)
         todo = {n.name: w for n, w in items if _plain_matmul(n)}
         hessians = _Hessians([n for n, _ in items if n.name in todo])
@@ -441,7 +456,7 @@ class PruneSparseGPT(SparsityConfig, Pass):
         extra = {"hessian_weighted_error": losses}
         if magnitude:
             extra["magnitude_instead"] = magnitude
-        _record(ctx, self.sparse_pattern, encodings, extra)
+        _record(ctx, self.name, self.sparse_pattern, encodings, reach, {w.name for _, w in items}, extra)
         coverage.report(ctx, self.name, plain="magnitude pruning")
         report_damping(ctx, self.name, self.damp, raised)
         return graph
