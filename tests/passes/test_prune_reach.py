@@ -7,6 +7,7 @@ import torch
 from nnforge.frontend import from_torch
 from nnforge.passes import PassContext, PassManager
 from nnforge.passes.prune.sparsity import PruneMagnitude
+from nnforge.passes.prune.structured import PruneMLP
 
 
 class TinyConvNet(torch.nn.Module):
@@ -66,3 +67,33 @@ def test_a_pass_that_reaches_nearly_everything_does_not_warn():
     _, rec = run(g, PruneMagnitude(pattern="unstructured", ops=["linear", "conv"]))
     assert rec.figures["reach"]["fraction"] == 1.0 and rec.figures["not_reached"] == []
     assert rec.warnings == []
+
+
+class PatchMLP(torch.nn.Module):
+    """A conv patch embedding, then one transformer-style MLP over the patches."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = torch.nn.Conv2d(3, 32, 4, stride=4)
+        self.up = torch.nn.Linear(32, 64)
+        self.down = torch.nn.Linear(64, 32)
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        return self.down(torch.nn.functional.gelu(self.up(t)))
+
+
+def test_structured_pruning_names_the_conv_it_cannot_shrink():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    g = from_torch(PatchMLP().eval(), (x,))
+    ctx = PassContext(calibration=[(torch.randn(2, 3, 8, 8),) for _ in range(4)])
+    pm = PassManager([PruneMLP(fraction=0.25)])
+    pm.run(g, ctx)
+    rec = pm.records[0]
+    total, linear = weight_count(g), weight_count(g, "linear")
+    assert rec.figures["reach"] == {"weights": linear, "of": total, "fraction": round(linear / total, 4)}
+    (left,) = rec.figures["not_reached"]
+    assert left["kind"] == "conv" and "not in a linear -> activation -> linear structure" in left["why"]
+    (warning,) = rec.warnings
+    assert "prune_mlp pruned" in warning and "conv layers: " in warning

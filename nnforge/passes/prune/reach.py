@@ -41,6 +41,7 @@ class WeightReach:
     """Every weight of a weight-carrying layer (each weight once, by its first layer), and why a
     pass left the ones it did not prune."""
     layers: dict[str, Node]                          # weight name -> first layer reading it
+    size: dict[str, int]                             # weight name -> parameters before the pass
     why: dict[str, str] = field(default_factory=dict)  # weight name -> why it was left
 
     @classmethod
@@ -50,17 +51,17 @@ class WeightReach:
             w = n.inputs[WEIGHT_SLOT] if n.op in WEIGHT_OPS and len(n.inputs) > WEIGHT_SLOT else None
             if w is not None and w.is_weight:
                 layers.setdefault(w.name, n)
-        return cls(layers)
+        return cls(layers, {name: n.inputs[WEIGHT_SLOT].encoding.numel for name, n in layers.items()})
 
     def skip(self, node: Node, why: str) -> None:
         """Note that the pass leaves ``node``'s weight, and why (the first reason given stands)."""
         self.why.setdefault(node.inputs[WEIGHT_SLOT].name, why)
 
     def report(self, ctx, who: str, reached: set[str], unselected: str = "not selected by the pass") -> None:
-        """Record ``reach`` (weights pruned, of how many, the fraction) and ``not_reached`` (per kind
+        """Record ``reach`` (weights pruned, of how many before the pass, the fraction) and ``not_reached`` (per kind
         and reason: layers, weights) in ``ctx``; warn when the share left is large. A weight neither
         reached nor skipped with a reason is put down to ``unselected``."""
-        size = {name: n.inputs[WEIGHT_SLOT].encoding.numel for name, n in self.layers.items()}
+        size = self.size
         total = sum(size.values())
         done = sum(size[w] for w in reached if w in size)
         groups: dict[tuple[str, str], list[int]] = {}

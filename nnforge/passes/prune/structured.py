@@ -31,10 +31,12 @@ from ..base import Pass, PassContext, PassError, register_pass
 from ...ir.simplify import eliminate_dead_code
 from ..quantize.calibrate import run_calibration
 from ..quantize.gptq import inverse_from_cholesky
+from .reach import WeightReach
 from .structures import (HeadGroup, find_attention_heads, find_mlp_channels,
                          find_residual_branches, reinfer, replace_weight, rescale_heads)
 
 CRITERIA = ("obs", "magnitude")
+STRUCTURE_SHAPES = {"mlp": "linear -> activation -> linear", "heads": "Q/K/V -> attention -> output projection"}
 MAX_STEPS = 64
 SCOPES = ("layer", "global")
 
@@ -205,6 +207,8 @@ class StructuredPrune(Pass):
             raise PassError(f"{self.name}: graph {graph.name} has no {' or '.join(self.kinds)} structure to prune "
                             "(looked for linear -> activation -> linear and Q/K/V -> attention -> output projection)")
         bytes_before = sum(v.encoding.nbytes for v in graph.weights.values())
+        reach = WeightReach.of(graph)
+        reached = {n.inputs[1].name for s in found for n in s.sources + [s.sink]}
         if self.speedup is None and self.scope == "layer":
             counts = {s.name: self._layer_count(s) for s in found}
         else:
@@ -221,6 +225,8 @@ class StructuredPrune(Pass):
                                for s in found if counts[s.name]})
         ctx.record("weight_bytes", {"before": bytes_before,
                                     "after": sum(v.encoding.nbytes for v in graph.weights.values())})
+        reach.report(ctx, self.name, reached, unselected=f"not in a {' or '.join(STRUCTURE_SHAPES[k] for k in self.kinds)} "
+                     "structure, the only ones this pass shrinks")
         return graph
 
     def _layer_count(self, s) -> int:
