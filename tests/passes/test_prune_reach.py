@@ -2,9 +2,12 @@
 a tiny convolutional net (convs, a depthwise conv, a classifier) under block and N:M patterns."""
 from __future__ import annotations
 
+import pytest
 import torch
 
+import nnforge as nf
 from nnforge.frontend import from_torch
+from nnforge.ir import Dense, Sparse, run_graph
 from nnforge.passes import PassContext, PassManager
 from nnforge.passes.prune.sparsity import PruneMagnitude
 from nnforge.passes.prune.structured import PruneMLP
@@ -62,11 +65,51 @@ def test_a_pass_that_leaves_the_convs_says_so():
     assert "add \"conv\" to ops" in warning
 
 
-def test_a_pass_that_reaches_nearly_everything_does_not_warn():
+def test_block_sparsity_reaches_the_convs_and_names_the_depthwise_one():
     g = conv_graph()
-    _, rec = run(g, PruneMagnitude(pattern="unstructured", ops=["linear", "conv"]))
-    assert rec.figures["reach"]["fraction"] == 1.0 and rec.figures["not_reached"] == []
+    out, rec = run(g, PruneMagnitude(pattern="block4x1"))
+    dw = out.weights["dw.weight"].encoding.numel
+    assert rec.figures["reach"]["weights"] == weight_count(g) - dw
+    (left,) = rec.figures["not_reached"]
+    assert left["kind"] == "depthwise conv" and left["weights"] == dw and "depthwise: one input channel" in left["why"]
     assert rec.warnings == []
+    for name in ("stem.weight", "c1.weight", "c2.weight", "pw.weight", "fc.weight"):
+        enc = out.weights[name].encoding
+        assert isinstance(enc, Sparse) and enc.shape == tuple(g.weights[name].shape)
+        # the im2col view [out, in*kh*kw] holds the 4x1 blocks: whole blocks kept or dropped
+        rows = enc.shape[0]
+        kept = enc.mask().reshape(rows // 4, 4, -1)
+        assert torch.equal(kept.all(1), kept.any(1)) and abs(1 - enc.density - 0.5) < 0.05
+        dense = g.weights[name].encoding.data
+        torch.testing.assert_close(enc.decode(), dense * enc.mask())
+
+
+def test_a_conv_the_pattern_does_not_tile_is_left_with_its_reason():
+    g = conv_graph()
+    out, rec = run(g, PruneMagnitude(pattern="2:4"))
+    assert isinstance(out.weights["stem.weight"].encoding, Dense)       # 3*3*3 = 27 columns
+    assert isinstance(out.weights["c1.weight"].encoding, Sparse)
+    why = {x["kind"]: x["why"] for x in rec.figures["not_reached"]}
+    assert "does not divide the 27 columns" in why["conv"] and "[out, in*kh*kw]" in why["conv"]
+
+
+@pytest.mark.parametrize("target", ["cpu", "onnx"])
+def test_block_sparse_convs_compile_and_match_the_interpreter(target, tmp_path):
+    torch.manual_seed(0)
+    m = TinyConvNet().eval()
+    calib = [(torch.randn(2, 3, 8, 8),) for _ in range(4)]
+    bundle = nf.compile(m, target, "block-sparse-50", example_inputs=calib[0], calibration=calib,
+                        out=tmp_path / "b")
+    g = bundle.graph()
+    for name in ("c1.weight", "c2.weight", "pw.weight"):
+        assert isinstance(g.weights[name].encoding, Sparse)
+    fallbacks = {f["where"] for f in bundle.manifest["fallbacks"]}
+    assert {"stem.weight", "c1.weight", "c2.weight", "pw.weight"} <= fallbacks
+    (sgpt,) = [p for p in bundle.manifest["passes"] if p["name"] == "prune_sparsegpt"]
+    assert "magnitude_instead" not in sgpt["figures"]          # SparseGPT on the im2col inputs, not a fallback
+    x = torch.randn(2, 3, 8, 8)
+    got = torch.as_tensor(nf.load(bundle.path)(x.numpy()))
+    torch.testing.assert_close(got, run_graph(g, [x])[0], rtol=1e-4, atol=1e-5)
 
 
 class PatchMLP(torch.nn.Module):

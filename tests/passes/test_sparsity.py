@@ -271,7 +271,7 @@ def test_runtime_errors_are_clear():
     with pytest.raises(PassError, match=r"layer fc1 \(fc1.weight\) is already encoded as i8 per-channel sym; prune "
                                         "before quantising"):
         PruneMagnitude()(q)
-    with pytest.raises(PassError, match=r"prune_magnitude: layers pattern 'nope' matches no linear layer"):
+    with pytest.raises(PassError, match=r"prune_magnitude: layers pattern 'nope' matches no linear/conv layer"):
         PruneMagnitude(layers=["nope"])(g.copy())
     with pytest.raises(PassError, match="schedule='sensitivity' measures each layer's output error on calibration"):
         PruneMagnitude(pattern="unstructured", schedule="sensitivity")(g.copy())

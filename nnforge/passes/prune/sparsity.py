@@ -181,7 +181,9 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, pattern, sparsity: float =
 
 # --- Hessians shared by layers reading the same input -------------------------------------------
 def _hessian_key(node: Node):
-    return node.inputs[0], node.op, tuple(sorted(node.attrs.items())) if node.op == "conv" else ()
+    # conv attrs hold lists (stride, padding, ...): made hashable for the key
+    attrs = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in node.attrs.items()))
+    return node.inputs[0], node.op, attrs if node.op == "conv" else ()
 
 
 class _Hessians:
@@ -212,11 +214,23 @@ def _plain_matmul(node: Node) -> bool:
                                    and len(node.input("weight").shape) == 4)
 
 
+def _conv_problem(node: Node) -> str | None:
+    """Why a conv's weight is left unpruned: a sparse pattern runs over a conv's im2col view
+    [out, in*kh*kw], one matmul only when the conv has a single group."""
+    if node.op != "conv" or node.attrs.get("groups", 1) == 1:
+        return None
+    if node.input("weight").shape[1] == 1:
+        return ("depthwise: one input channel per group, so each output reads only its own kh*kw window and "
+                "there is no shared im2col matmul for a sparse kernel to skip work in")
+    return (f"groups={node.attrs['groups']}: its [out, in/groups*kh*kw] view is one matmul per group, not one "
+            "that a block or N:M kernel runs")
+
+
 # --- the passes -------------------------------------------------------------------------------
 @dataclass
 class SparsityConfig(LayerSelection):
     """Options both sparsity passes share (see the module docstring)."""
-    ops: list[str] = field(default_factory=lambda: ["linear"])
+    ops: list[str] = field(default_factory=lambda: ["linear", "conv"])
     pattern: str = "2:4"
     sparsity: float | None = None
     layer_sparsity: dict = field(default_factory=dict)
@@ -271,10 +285,17 @@ class SparsityConfig(LayerSelection):
                 raise PassError(f"{self.name}: layer {node.name} ({w.name}) is already encoded as "
                                 f"{w.encoding.describe()}; prune before quantising (prune_sparsegpt's format "
                                 f"option quantises the kept weights), or exclude the layer")
+            why = _conv_problem(node)
+            if why is not None:
+                reach.skip(node, why)
+                continue
             rows, cols = rows_cols(w.shape)
             try:
                 self.sparse_pattern.check_shape(rows, cols, f"weight {w.name} {list(w.shape)}")
             except EncodingError as e:
+                if node.op == "conv":   # a stem over few input channels: the rest of the net still prunes
+                    reach.skip(node, f"{e}; the pattern does not tile its [out, in*kh*kw] view")
+                    continue
                 raise PassError(f"{self.name}: layer {node.name}: {e}; exclude it (exclude=[\"{node.name}\"]) or "
                                 f"choose another pattern") from None
             out.append((node, w))
