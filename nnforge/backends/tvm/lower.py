@@ -28,7 +28,7 @@ from .kernels import KernelError
 from .ops import LOWERINGS
 from .dispatch import Dispatcher
 from .tuning import Tuner, time_kernel
-from .weights import c_name, numpy_of
+from .weight_arrays import c_name, numpy_of
 
 WEIGHTS_FILE = "weights.safetensors"     # written by the pipeline (save_graph); read in place
 PARAMS_FILE = "tvm_params.safetensors"   # arrays this backend makes

@@ -11,7 +11,8 @@ from __future__ import annotations
 from ...ir import Value, symbolic as sym
 from ...ir.dtypes import DType, int32
 from ...registry import Registry
-from .weights import _jsonable, c_name, fusable_siblings, fused_linear_kernel, int8_bsr_kernel, linear_kernel
+from .weight_arrays import _jsonable, c_name
+from .weights import fusable_siblings, fused_linear_kernel, int8_bsr_kernel, linear_kernel
 
 LOWERINGS = Registry("tvm lowering")
 rule = LOWERINGS.register

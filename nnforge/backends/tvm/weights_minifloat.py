@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...ir import Value
-from .weights import _jsonable, c_name, numpy_of, perm_key, stacked_perm
+from .weight_arrays import _jsonable, c_name, numpy_of, perm_key, stacked_perm
 
 
 def minifloat_args(enc) -> dict:
