@@ -30,6 +30,10 @@ _FUNCS = {"max": max, "min": min}
 _ARITH = {"add": int.__add__, "sub": int.__sub__, "mul": int.__mul__, "floordiv": int.__floordiv__,
           "mod": int.__mod__}
 MAX_EXPR_LEN = 512
+# A condition on sizes, "left op right" (a shape guard: "seq <= 64", "batch*seq > 5").
+COMPARISON = re.compile(r"^(.*?)\s*(<=|>=|==|!=|<|>)\s*(.*)$")
+_COMPARE_OPS = {"<=": int.__le__, ">=": int.__ge__, "==": int.__eq__, "!=": int.__ne__, "<": int.__lt__,
+                ">": int.__gt__}
 
 
 class DimError(NnforgeError, ValueError):
@@ -185,6 +189,31 @@ def _from_int(v: int) -> Poly:
     return {(): v} if v else {}
 
 
+# Atoms standing for N // c (c a positive constant), by their text: what a later division of such
+# an atom by a constant needs to merge the two (N // a) // c into N // (a*c).
+_FLOORDIV_ATOMS: dict[str, tuple[tuple, int]] = {}
+
+
+def _floordiv_const(a: Poly, c: int) -> Poly:
+    """a // c for a positive constant c, in a normal form: whole multiples of c leave the division
+    (a = c*q + r with r's coefficients in [0, c), so a // c = q + r // c), and r = N // d + k, a
+    division of a division plus a constant, becomes (N + k*d) // (d*c). So conv output sizes written
+    as (h - 4)//4 + 1 and h//4, or ((h - 1)//2)//2 and (h - 1)//4, have one form each."""
+    q = {m: k // c for m, k in a.items() if k // c}
+    r = {m: k % c for m, k in a.items() if k % c}
+    atoms = [m for m in r if m]
+    if not atoms:                   # a constant remainder in [0, c)
+        return q
+    if len(atoms) == 1 and len(atoms[0]) == 1 and r[atoms[0]] == 1 and atoms[0][0] in _FLOORDIV_ATOMS:
+        num, d = _FLOORDIV_ATOMS[atoms[0][0]]
+        return _padd(q, _floordiv_const(_padd(dict(num), _from_int(r.get((), 0) * d)), d * c))
+    if c == 1:
+        return _padd(q, r)
+    text = f"({_operand(r)}//{c})"
+    _FLOORDIV_ATOMS.setdefault(text, (tuple(sorted(r.items())), c))
+    return _padd(q, _atom(text))
+
+
 def _divmod(a: Poly, b: Poly, floordiv: bool) -> Poly:
     ca, cb = _const(a), _const(b)
     if cb == 0:
@@ -193,6 +222,8 @@ def _divmod(a: Poly, b: Poly, floordiv: bool) -> Poly:
         return _from_int(ca // cb if floordiv else ca % cb)
     if cb is not None and all(c % cb == 0 for c in a.values()):
         return {m: c // cb for m, c in a.items()} if floordiv else {}
+    if floordiv and cb is not None and cb > 0:
+        return _floordiv_const(a, cb)
     quotient = _exact_monomial_division(a, b)
     if quotient is not None:
         return quotient if floordiv else {}
@@ -309,3 +340,19 @@ def symbols(d: Dim) -> set[str]:
 
 def is_symbol(d: Dim) -> bool:
     return isinstance(d, str) and bool(_NAME.match(d))
+
+
+def condition_symbols(condition: str) -> set[str]:
+    """Names of the symbols a condition ("seq <= 64") reads."""
+    m = COMPARISON.match(condition)
+    if m is None:
+        raise DimError(f"not a condition on sizes: {condition!r}")
+    return symbols(m.group(1)) | symbols(m.group(3))
+
+
+def holds(condition: str, env: dict[str, int]) -> bool:
+    """Whether ``condition`` ("batch*seq > 5": two expressions and a comparison) holds for ``env``."""
+    m = COMPARISON.match(condition)
+    if m is None or m.group(2) not in _COMPARE_OPS:
+        raise DimError(f"not a condition on sizes: {condition!r}")
+    return _COMPARE_OPS[m.group(2)](evaluate(m.group(1), env), evaluate(m.group(3), env))
