@@ -194,6 +194,8 @@ def describe_bundle(bundle, layers: bool = False) -> list[str]:
                               "the bundle's files confirm"),
            "  inputs:  " + ", ".join(f"{i['name']} {i['dtype']}{i['shape']}" for i in m["signature"]["inputs"]),
            "  outputs: " + ", ".join(f"{o['name']} {o['dtype']}{o['shape']}" for o in m["signature"]["outputs"])]
+    if m["signature"].get("guards"):
+        out.append("  traced under: " + "; ".join(m["signature"]["guards"]) + " (inputs outside are refused)")
     weights = f"  weights: {_size(c['bytes_before'])} -> {_size(c['bytes_after'])} ({c['ratio']:.2f}x)"
     if "model_bits_per_weight" in c:
         weights += f"; whole model {c['model_bits_per_weight']:.2f} bits/weight"

@@ -237,7 +237,8 @@ def build(out: Path, *, graph: Graph, original: Graph, source: str, target: Targ
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "nnforge_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "model": {"name": graph.name, "source": source, "frontend_check": import_check},
+            "model": {"name": graph.name, "source": source, "frontend_check": import_check,
+                      **({"shapes": original.meta["shapes"]} if "shapes" in original.meta else {})},
             "target": target.to_dict(),
             "backend": {"name": backend.name, "entry": artifact.entry, "files": artifact.files,
                         "toolchain": artifact.toolchain},
@@ -248,7 +249,8 @@ def build(out: Path, *, graph: Graph, original: Graph, source: str, target: Targ
             "signature": {"inputs": [{"name": v.name, "dtype": v.dtype.name, "shape": list(v.shape)}
                                      for v in graph.inputs],
                           "outputs": [{"name": v.name, "dtype": v.dtype.name, "shape": list(v.shape)}
-                                      for v in graph.outputs]},
+                                      for v in graph.outputs],
+                          **({"guards": original.meta["shape_guards"]} if original.meta.get("shape_guards") else {})},
             "compression": compression_report(original, graph, per_layer),
             "numerics": numerics,
             "speed": speed,

@@ -144,6 +144,13 @@ class Capabilities:
         return [f"{r.op:<{width}}  {r.encoding:<10}  {r.how}" for r in self.rows]
 
 
+# Why an axis is fixed, and how to free it: said wherever a bundle refuses an input's size.
+STATIC_AXIS_HINT = ("this bundle fixed that axis (compiled with dynamic_shapes='static', or torch.export found the "
+                    "model needs that size: the manifest's model.shapes says which); compile without "
+                    "dynamic_shapes='static', or name the axis with torch.export.Dim in dynamic_shapes, for a "
+                    "bundle that takes other sizes")
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """What a runner accepts for one input: a numpy dtype and dims (int, or a symbol name shared
@@ -157,6 +164,9 @@ class Runner(ABC):
     """A loaded bundle: call it with numpy arrays or torch tensors (positionally or as a dict)."""
     inputs: list[InputSpec]
     output_names: list[str]
+    # Conditions on the input sizes the model was traced under ("seq <= 64"), checked on every
+    # call: the manifest's signature.guards, set by Bundle.load.
+    guards: tuple[str, ...] = ()
 
     def values(self, inputs: list) -> tuple[dict, dict] | None:
         """The runtime's intermediate values on ``inputs`` ({IR value name: array}) and how they
@@ -201,14 +211,27 @@ class Runner(ABC):
                                    f"got shape {list(a.shape)}")
             for axis, (d, n) in enumerate(zip(spec.dims, a.shape)):
                 if isinstance(d, int) and d != n:
-                    raise BackendError(f"input {spec.name}: dim {axis} must be {d}, got shape {list(a.shape)}")
+                    raise BackendError(f"input {spec.name}: dim {axis} must be {d}, got shape {list(a.shape)}; "
+                                       f"{STATIC_AXIS_HINT}")
                 if isinstance(d, str):
                     if d in bound and bound[d][0] != n:
                         raise BackendError(f"input {spec.name}: dim {axis} ({d}) is {n} but {bound[d][1]} "
                                            f"has {d} = {bound[d][0]}")
                     bound.setdefault(d, (n, spec.name))
             out.append(np.asarray(a, order="C"))     # (np.ascontiguousarray makes 0-d arrays 1-d)
+        self._check_guards({d: n for d, (n, _) in bound.items()})
         return out
+
+    def _check_guards(self, sizes: dict[str, int]) -> None:
+        from ..ir import symbolic as sym
+        for guard in self.guards:
+            reads = sym.condition_symbols(guard)
+            if reads <= set(sizes) and not sym.holds(guard, sizes):
+                given = ", ".join(f"{k} = {v}" for k, v in sizes.items() if k in reads)
+                raise BackendError(f"input sizes {given} break '{guard}', a condition the model was traced under "
+                                   "(torch.export took the branch that holds there; the bundle would compute the "
+                                   "wrong one): give inputs within it, or compile the model again with an example "
+                                   "on the other side of it")
 
     def __call__(self, *inputs):
         import numpy as np

@@ -157,6 +157,7 @@ class Bundle:
         for rel in self.manifest["backend"].get("files", []):
             safe_join(self.path, rel)
         runner = backend.load(self.path, self.manifest["backend"]["entry"], device)
+        runner.guards = tuple(self.manifest["signature"].get("guards", ()))
         if "decoder" not in self.manifest:
             return runner
         from ..generation import DecoderRunner

@@ -21,6 +21,8 @@ from ..ir import Dense, Graph, Value, sanitize_name, symbolic as sym
 from ..ir.graph import GraphError
 from ..ir.verifier import verify
 from .errors import FrontendError, Unsupported, UnsupportedError, UnsupportedOpsError
+from .free_axes import (UnkeptGuard, attempts, axis_name, constraint_error, fixed_widened_axis, is_static_request,
+                         shape_guards)
 from .torch_context import TorchContext, module_path, source_line
 from .torch_context import Converter, sympy_to_dim  # noqa: F401  (re-exported: they were defined here)
 from .torch_ops import CONVERTERS, SKIP
@@ -57,7 +59,9 @@ def _symbol_names(ep, user_inputs: list[torch.fx.Node], input_names: list[str], 
             elif isinstance(spec, (list, tuple)) and axis < len(spec):
                 want = getattr(spec[axis], "__name__", None)
             want = re.sub(r"\W", "_", want) if want and re.match(r"^[A-Za-z_]\w*$", want) else None
-            name = want or f"{input_names[i]}_{axis}"
+            name = want or axis_name(input_names[i], val, axis)
+            if want is None and name in used:
+                name = f"{input_names[i]}_{axis}"
             while name in used and want is None:
                 name += "_"
             names[s] = name
@@ -238,7 +242,14 @@ def from_exported_program(ep: torch.export.ExportedProgram, *, name: str = "mode
         raise UnsupportedOpsError(name, problems)
 
     outs = []
-    for i, a in enumerate(torch.utils._pytree.tree_leaves(out_node.args[0])):
+    # Outputs beyond the user's are buffers the model writes (a rope table it refreshes): state
+    # torch.export hands back, not results.
+    user_outputs = [s.arg.name for s in sig.output_specs
+                    if s.kind == torch.export.graph_signature.OutputKind.USER_OUTPUT and hasattr(s.arg, "name")]
+    leaves = torch.utils._pytree.tree_leaves(out_node.args[0])
+    if len(user_outputs) < len(leaves):
+        leaves = [a for a in leaves if isinstance(a, torch.fx.Node) and a.name in set(user_outputs)]
+    for i, a in enumerate(leaves):
         v = cx.values.get(a) if isinstance(a, torch.fx.Node) else None
         if not isinstance(v, Value):
             raise FrontendError(f"{name}: output {i} is not a tensor computed by the graph")
@@ -257,6 +268,41 @@ def from_torch(model: torch.nn.Module, example_inputs, *, dynamic_shapes=None, i
     """Trace ``model`` with torch.export and convert it to an IR graph."""
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
-    ep = export_module(model, example_inputs, dynamic_shapes, input_names=input_names)
-    return from_exported_program(ep, name=name or type(model).__name__, input_names=input_names,
-                                 output_names=output_names, dynamic_shapes=dynamic_shapes, converters=converters)
+    first: FrontendError | None = None
+    example = tuple(example_inputs)
+    for tried in attempts(model, example, dynamic_shapes):
+        imported = False
+        try:
+            ep = export_module(model, tried.example, tried.spec, input_names=input_names)
+            imported = True
+            if fixed_widened_axis(ep, tried, example):
+                continue
+            g = from_exported_program(ep, name=name or type(model).__name__, input_names=input_names,
+                                      output_names=output_names, dynamic_shapes=tried.spec, converters=converters)
+            g.meta["shape_guards"] = shape_guards(ep, model, [list(v.shape) for v in g.inputs])
+        except (FrontendError, UnkeptGuard) as e:
+            if tried.last and isinstance(e, UnkeptGuard):
+                raise FrontendError(f"{name or type(model).__name__}: torch.export traced the model under a condition "
+                                    f"on its input sizes that nnforge cannot check when it runs ({e}); mark fewer "
+                                    "axes free in dynamic_shapes") from e
+            if tried.last and tried.spec is not None and constraint_error(model, e) is not e:
+                raise constraint_error(model, e) from e
+            # an op with no converter at all fails every shape alike
+            if tried.last or isinstance(e, UnsupportedOpsError) and any(not i.reason for i in e.items):
+                raise
+            # a widened example the model refuses only says the batch of one is the model's own
+            if isinstance(e, FrontendError) and (tried.example is example or imported):
+                first = first or e
+            continue
+        note = tried.note
+        free = any(not isinstance(d, int) for v in g.inputs for d in v.shape)
+        if not free and not is_static_request(dynamic_shapes):
+            note = "static: the model fixes every input axis (torch.export found none free)"
+            if first is not None:
+                why = str(first.items[0]) if isinstance(first, UnsupportedOpsError) else str(first).splitlines()[0]
+                note = f"static: torch.export could not trace {g.name} with free axes nnforge keeps ({why})"
+                warnings.warn(note + "; its inputs take the example's shapes only. Give dynamic_shapes explicitly "
+                              "to free the axes it allows.", stacklevel=3)
+        g.meta["shapes"] = note
+        return g
+    raise AssertionError("the last attempt returns or raises")
