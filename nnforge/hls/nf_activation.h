@@ -6,7 +6,12 @@
 //   i = d >> step_shift;  f = d & (2^step_shift - 1)
 //   raw(y) = T[i] + round_shift((T[i+1] - T[i]) * f, step_shift)
 // With x at 16 fractional bits and a step of 2^-6 over [-8, 8) (1024 + 1 entries) the
-// interpolation error of GELU is below 2.5e-5.
+// interpolation error of GELU is below 2.5e-5. Sigmoid and tanh use the same kernel with saturating
+// tails: below the table y = T[0], at or past its end y = T[lut_n].
+//
+// neg:     raw(y) = sat(-raw(x))
+// pow_int: x^k for an integer k >= 2 as k - 1 products, each rounded back to x's format and saturated:
+//          p_1 = raw(x);  p_j = sat(round_shift(p_(j-1) * raw(x), F_x));  raw(y) = round_to(p_k, F_x - F_y)
 #ifndef NF_ACTIVATION_H_
 #define NF_ACTIVATION_H_
 
@@ -73,6 +78,41 @@ Elements:
         wide_t v = raw(x[e]);
         v = v < wide_t(CONFIG_T::lo) ? wide_t(CONFIG_T::lo) : (v > wide_t(CONFIG_T::hi) ? wide_t(CONFIG_T::hi) : v);
         y[e] = round_to<y_T, wide_t>(v, frac_bits<x_T>::value - frac_bits<y_T>::value);
+    }
+}
+
+struct neg_config {
+    static const unsigned n_in = 16;
+};
+
+template <class x_T, class y_T, typename CONFIG_T> void neg(const x_T x[CONFIG_T::n_in], y_T y[CONFIG_T::n_in]) {
+Elements:
+    for (unsigned e = 0; e < CONFIG_T::n_in; e++) {
+        #pragma HLS PIPELINE II=1
+        wide_t v = raw(x[e]);
+        y[e] = round_to<y_T, wide_t>(-v, frac_bits<x_T>::value - frac_bits<y_T>::value);
+    }
+}
+
+struct pow_config {
+    static const unsigned n_in = 16;
+    static const unsigned exponent = 2;       // >= 2 (codegen lowers 0 and 1 to a fill and a copy)
+};
+
+template <class x_T, class y_T, typename CONFIG_T> void pow_int(const x_T x[CONFIG_T::n_in], y_T y[CONFIG_T::n_in]) {
+    const int F = frac_bits<x_T>::value;
+    const wide_t hi = (wide_t(1) << (x_T::width - 1)) - 1, lo = -hi - 1;
+Elements:
+    for (unsigned e = 0; e < CONFIG_T::n_in; e++) {
+        #pragma HLS PIPELINE II=1
+        const wide_t v = raw(x[e]);
+        wide_t p = v;
+    Power:
+        for (unsigned j = 1; j < CONFIG_T::exponent; j++) {
+            p = round_shift<wide_t>(p * v, F);
+            p = p > hi ? hi : (p < lo ? lo : p);
+        }
+        y[e] = round_to<y_T, wide_t>(p, F - frac_bits<y_T>::value);
     }
 }
 

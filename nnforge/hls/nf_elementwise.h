@@ -7,6 +7,8 @@
 //   mul: raw(y) = sat(round_shift(raw(a) * raw(b), F_a + F_b - F_y))
 //   div (two activations): raw(y) = sat(floor(raw(a) * 2^(F_b + F_y - F_a) / raw(b) + 1/2)), exact
 //        integer division; b == 0 saturates to the sign of a (0 / 0 = 0)
+// concat2: a [outer, n_a, inner] and b [outer, n_b, inner] -> y [outer, n_a + n_b, inner] (a copy;
+//        codegen chains calls for more than two inputs)
 #ifndef NF_ELEMENTWISE_H_
 #define NF_ELEMENTWISE_H_
 
@@ -81,6 +83,28 @@ D3:             for (unsigned i3 = 0; i3 < CONFIG_T::d3; i3++) {
                     #pragma HLS PIPELINE II=1
                     y[o++] = x[CONFIG_T::off + i0 * CONFIG_T::s0 + i1 * CONFIG_T::s1 + i2 * CONFIG_T::s2 + i3 * CONFIG_T::s3];
                 }
+}
+
+struct concat_config {
+    static const unsigned outer = 1, n_a = 8, n_b = 8, inner = 1;
+};
+
+template <class T, typename CONFIG_T> void concat2(const T *a, const T *b, T *y) {
+    const unsigned ra = CONFIG_T::n_a * CONFIG_T::inner, rb = CONFIG_T::n_b * CONFIG_T::inner;
+    unsigned o = 0;
+Outer:
+    for (unsigned i = 0; i < CONFIG_T::outer; i++) {
+    A:
+        for (unsigned k = 0; k < ra; k++) {
+            #pragma HLS PIPELINE II=1
+            y[o++] = a[i * ra + k];
+        }
+    B:
+        for (unsigned k = 0; k < rb; k++) {
+            #pragma HLS PIPELINE II=1
+            y[o++] = b[i * rb + k];
+        }
+    }
 }
 
 }  // namespace nf

@@ -116,6 +116,26 @@ def relu(x, fx: Fixed, fy: Fixed) -> np.ndarray:
     return round_to(np.maximum(np.asarray(x, np.int64), 0), fx.frac - fy.frac, fy)
 
 
+def neg(x, fx: Fixed, fy: Fixed) -> np.ndarray:
+    """nf::neg."""
+    return round_to(-np.asarray(x, np.int64), fx.frac - fy.frac, fy)
+
+
+def pow_int(x, exponent: int, fx: Fixed, fy: Fixed) -> np.ndarray:
+    """nf::pow_int: ``exponent`` >= 2, each product rounded back to fx and saturated."""
+    v = np.asarray(x, np.int64)
+    p = v
+    for _ in range(exponent - 1):
+        p = saturate(round_shift(p * v, fx.frac), fx)
+    return round_to(p, fx.frac - fy.frac, fy)
+
+
+def mean_round(s, n: int) -> np.ndarray:
+    """round(s / n) half away from zero on exact integers (nf::layer_norm's and nf::reduce's mean)."""
+    s = np.asarray(s, np.int64)
+    return np.where(s >= 0, (s + n // 2) // n, -((-s + n // 2) // n))
+
+
 def softmax(x, table, lut_lo: int, step_shift: int, e_frac: int, fy: Fixed) -> np.ndarray:
     """nf::softmax over the last axis of raw ``x`` [rows, n]."""
     v = np.asarray(x, np.int64)
@@ -131,7 +151,7 @@ def layer_norm(x, gamma, beta, eps_raw: int, rms: bool, fx: Fixed, fy: Fixed) ->
     n = v.shape[-1]
     F = fx.frac
     s = v.sum(axis=-1, keepdims=True)
-    mu = np.zeros_like(s) if rms else np.where(s >= 0, (s + n // 2) // n, -((-s + n // 2) // n))
+    mu = np.zeros_like(s) if rms else mean_round(s, n)
     d = v - mu
     var = (d * d).sum(axis=-1) // n + eps_raw
     g = np.full(n, 1 << F, np.int64) if gamma is None else np.asarray(gamma, np.int64)
@@ -204,6 +224,22 @@ def sqrt_fixed(x, fmt: Fixed) -> np.ndarray:
     v = np.asarray(x, np.int64).reshape(-1)
     out = np.array([(math.isqrt(int(r) << (fmt.frac + 2)) + 1) >> 1 if r > 0 else 0 for r in v], np.int64)
     return saturate(out, fmt)
+
+
+def rsqrt_fixed(x, fmt: Fixed) -> np.ndarray:
+    """nf::rsqrt_fixed (see nf_reduce.h); raw <= 0 -> the format's maximum."""
+    F = fmt.frac
+    p = F & 1
+    out = []
+    for r in np.asarray(x, np.int64).reshape(-1):
+        if r <= 0:
+            out.append(fmt.hi)
+            continue
+        u = int(r) << p
+        sh = max(62 - u.bit_length(), 0) & ~1
+        rcp = (1 << 62) // math.isqrt(u << sh)
+        out.append(int(round_shift(rcp, 62 - sh // 2 - F - (F + p) // 2)))
+    return saturate(np.array(out, np.int64), fmt)
 
 
 def matmul(a, b, fa: Fixed, fb: Fixed, fy: Fixed) -> np.ndarray:

@@ -139,11 +139,14 @@ class MatMat(Layer):
         return y
 
 
-# Functions tabulated by activation_lut: (torch function, table range).
+# Functions tabulated by activation_lut: (torch function, table range, saturating tails). Outside the
+# range a saturating function is its end value (sigmoid, tanh), the others 0 below and x above.
 LUT_FUNCTIONS = {
-    "gelu": (lambda x: torch.nn.functional.gelu(x), (-8.0, 8.0)),
-    "gelu_tanh": (lambda x: torch.nn.functional.gelu(x, approximate="tanh"), (-8.0, 8.0)),
-    "silu": (torch.nn.functional.silu, (-16.0, 16.0)),
+    "gelu": (lambda x: torch.nn.functional.gelu(x), (-8.0, 8.0), False),
+    "gelu_tanh": (lambda x: torch.nn.functional.gelu(x, approximate="tanh"), (-8.0, 8.0), False),
+    "silu": (torch.nn.functional.silu, (-16.0, 16.0), False),
+    "sigmoid": (torch.sigmoid, (-12.0, 12.0), True),
+    "tanh": (torch.tanh, (-8.0, 8.0), True),
 }
 
 
@@ -161,7 +164,7 @@ def _table_cpp(name: str, t: np.ndarray) -> str:
 
 @dataclass
 class Lut(Layer):
-    """gelu / silu through an interpolated table."""
+    """gelu / silu / sigmoid / tanh through an interpolated table."""
     fn: str = "gelu"
     n_in: int = 0
     step_log2: int = -6
@@ -169,7 +172,7 @@ class Lut(Layer):
     kernel = "activation_lut"
 
     def _params(self):
-        fn, (lo, hi) = LUT_FUNCTIONS[self.fn]
+        fn, (lo, hi), _ = LUT_FUNCTIONS[self.fn]
         step_shift = self.act.frac + self.step_log2
         if step_shift < 0:
             raise ValueError(f"table step 2^{self.step_log2} is finer than the activations' {self.act.frac} "
@@ -179,18 +182,23 @@ class Lut(Layer):
     def tables(self):
         return _table_cpp(f"tbl_{self.name}", self._params()[0])
 
+    def _tails(self, t) -> tuple[int, bool]:
+        """(raw y below the table, whether y = x past its end)."""
+        return (int(t[0]), False) if LUT_FUNCTIONS[self.fn][2] else (0, True)
+
     def config(self):
         t, lo, s = self._params()
+        below, identity = self._tails(t)
         return struct(self.cfg, f"{self.node}: {self.fn} by table, {len(t)} entries", [
             ("unsigned", "n_in", self.n_in), ("long", "lut_lo", lo), ("unsigned", "step_shift", s),
-            ("unsigned", "lut_n", len(t) - 1), ("int", "below", 0), ("bool", "identity_above", True)])
+            ("unsigned", "lut_n", len(t) - 1), ("int", "below", below), ("bool", "identity_above", identity)])
 
     def call(self, ids):
         return f"nf::activation_lut<act_t, act_t, {self.cfg}>({ids[self.inputs[0]]}, {ids[self.output]}, tbl_{self.name});"
 
     def emulate(self, env, fmt):
         t, lo, s = self._params()
-        return E.activation_lut(env[self.inputs[0]], t, lo, s, len(t) - 1, 0, True, fmt, fmt)
+        return E.activation_lut(env[self.inputs[0]], t, lo, s, len(t) - 1, *self._tails(t), fmt, fmt)
 
 
 @dataclass
@@ -374,6 +382,42 @@ class Strided(Layer):
             shape[axis] = n
             idx = idx + (np.arange(n, dtype=np.int64) * s).reshape(shape)
         return env[self.inputs[0]].reshape(-1)[idx.reshape(-1)]
+
+
+@dataclass
+class Concat(Layer):
+    """Two values along one axis: a [outer, n_a, inner] and b [outer, n_b, inner] (nf::concat2)."""
+    outer: int = 1
+    n_a: int = 0
+    n_b: int = 0
+    inner: int = 1
+    ctype: str = "act_t"
+
+    def config(self):
+        return struct(self.cfg, f"{self.node}: concat {self.n_a} + {self.n_b} ([{self.outer}, n, {self.inner}])", [
+            ("unsigned", "outer", self.outer), ("unsigned", "n_a", self.n_a), ("unsigned", "n_b", self.n_b),
+            ("unsigned", "inner", self.inner)])
+
+    def call(self, ids):
+        return f"nf::concat2<{self.ctype}, {self.cfg}>({ids[self.inputs[0]]}, {ids[self.inputs[1]]}, {ids[self.output]});"
+
+    def emulate(self, env, fmt):
+        a = env[self.inputs[0]].reshape(self.outer, self.n_a * self.inner)
+        b = env[self.inputs[1]].reshape(self.outer, self.n_b * self.inner)
+        return np.concatenate([a, b], axis=1)
+
+
+def collapse_view(shape, strides) -> tuple[tuple, tuple]:
+    """The same strided view in the fewest dims: size-1 dims dropped, and a dim merged into the one
+    before it where the input steps over it contiguously (a rank-5 GQA expand becomes rank 4)."""
+    dims = [(n, s) for n, s in zip(shape, strides) if n != 1]
+    out: list[list[int]] = []
+    for n, s in dims:
+        if out and out[-1][1] == s * n:
+            out[-1] = [out[-1][0] * n, s]
+        else:
+            out.append([n, s])
+    return tuple(n for n, _ in out) or (1,), tuple(s for _, s in out) or (0,)
 
 
 def row_major_strides(shape) -> list[int]:

@@ -144,7 +144,7 @@ for _op in ("and", "or", "not"):
 
 @dataclass
 class Reduce(Layer):
-    """nf::reduce: sum (act / int) or any (bool) over the middle of [outer, n, inner]."""
+    """nf::reduce: sum (act / int), mean (act) or any (bool) over the middle of [outer, n, inner]."""
     op: str = "sum"
     outer: int = 1
     n: int = 1
@@ -157,7 +157,7 @@ class Reduce(Layer):
                       [("unsigned", "outer", self.outer), ("unsigned", "n", self.n), ("unsigned", "inner", self.inner)])
 
     def call(self, ids):
-        op = "nf::RED_SUM" if self.op == "sum" else "nf::RED_ANY"
+        op = {"sum": "nf::RED_SUM", "mean": "nf::RED_MEAN", "any": "nf::RED_ANY"}[self.op]
         return (f"nf::reduce<{CTYPES[self.in_kind]}, {CTYPES[self.out_kind]}, {self.cfg}, {op}>"
                 f"({ids[self.inputs[0]]}, {ids[self.output]});")
 
@@ -166,6 +166,8 @@ class Reduce(Layer):
         if self.op == "any":
             return (x != 0).any(axis=1).astype(np.int64)
         s = x.sum(axis=1)
+        if self.op == "mean":
+            s = E.mean_round(s, self.n)
         return np.clip(s, *E.INT32).astype(np.int64) if self.out_kind == "int" else E.saturate(s, fmt)
 
 
@@ -177,13 +179,13 @@ def _reduce(op):
         if axes != list(range(axes[0], axes[-1] + 1)):
             raise BackendError(f"node {node.name} (reduce_{op}): axes {axes} are not contiguous")
         k_in, k_out = value_kind(x), value_kind(node.output)
-        want = {"sum": ({"act", "int"}, k_in), "any": ({"bool"}, "bool")}[op]
+        want = {"sum": ({"act", "int"}, k_in), "mean": ({"act"}, "act"), "any": ({"bool"}, "bool")}[op]
         if k_in not in want[0] or k_out != want[1]:
             raise BackendError(f"node {node.name} (reduce_{op}): {x.dtype.name} -> {node.output.dtype.name} is not "
                                f"supported by the hls backend")
         n = math.prod(x.shape[axes[0]:axes[-1] + 1])
-        if op == "sum" and k_in == "act" and plan.opts.act_width + math.ceil(math.log2(max(n, 2))) > 62:
-            raise BackendError(f"node {node.name} (reduce_sum): a 64-bit sum of {n} activations may overflow")
+        if op != "any" and k_in == "act" and plan.opts.act_width + math.ceil(math.log2(max(n, 2))) > 62:
+            raise BackendError(f"node {node.name} (reduce_{op}): a 64-bit sum of {n} activations may overflow")
         return [Reduce(name, node.name, [x.name], node.output.name, op=op, outer=math.prod(x.shape[:axes[0]]), n=n,
                        inner=math.prod(x.shape[axes[-1] + 1:]), in_kind=k_in, out_kind=k_out)]
     return rule
@@ -212,6 +214,7 @@ def _sqrt(plan, node, name):
 
 
 LOWERINGS.register("reduce_sum")(_reduce("sum"))
+LOWERINGS.register("reduce_mean")(_reduce("mean"))
 LOWERINGS.register("reduce_any")(_reduce("any"))
 
 

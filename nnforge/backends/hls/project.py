@@ -31,6 +31,7 @@ from ..base import BackendError, Fallback
 from . import emulate as E
 from . import layers as L
 from .capabilities import CAPABILITIES, refused
+from .patterns import fuse_patterns
 from .weights import WeightMemory, mat_weights
 
 PROJECT = "hls"        # folder of the project inside a bundle
@@ -42,7 +43,7 @@ CTYPES = {"act": "act_t", "int": "int_t", "bool": "bool_t"}
 LOWERINGS = Registry("hls lowering")
 # Ops whose rule handles int / bool operands; every other op takes and gives activations only.
 MIXED_OPS = {"full", "embedding", "permute", "reshape", "slice", "expand", "eq", "ne", "lt", "le", "gt", "ge", "and", "or",
-             "not", "where", "cast", "reduce_sum", "reduce_any", "index", "gather_elements"}
+             "not", "where", "cast", "reduce_sum", "reduce_any", "index", "gather_elements", "concat"}
 
 
 def value_kind(v) -> str:
@@ -172,6 +173,12 @@ class Plan:
         of a U280 long before its URAM; Vitis would map every array to BRAM unless told."""
         m = self.opts.uram_min_bits
         return bool(m) and not self.opts.dataflow and self.pool.get(buf, 0) * self.buf_bits(buf) >= m
+
+    def temp(self, value: str, ident: str, shape: tuple, kind: str = "act") -> str:
+        """A value a lowering rule makes between its own layers (``ident``: its C++ name)."""
+        self.ids[value], self.kinds[value], self.shapes[value] = ident, kind, tuple(shape)
+        self.sizes[ident] = max(1, math.prod(shape))
+        return value
 
     def ctype(self, value: str) -> str:
         return CTYPES[self.kinds.get(value, "act")]
@@ -316,6 +323,15 @@ def _layer_norm(plan, node, name):
                    beta=None if b is None else _raw(b.reshape(-1), F), act=plan.opts.act)]
 
 
+@LOWERINGS.register("rms_norm")
+def _rms_norm(plan, node, name):
+    shape, F = node.output.shape, plan.opts.act.frac
+    w = _dense(node.inputs[1] if len(node.inputs) > 1 else None, f"node {node.name} weight")
+    gamma = None if w is None else _raw(w.reshape(-1) + node.attrs["offset"], F)
+    return [L.Norm(name, node.name, [node.inputs[0].name], node.output.name, rows=math.prod(shape[:-1]), n=shape[-1],
+                   eps=node.attrs["eps"], rms=True, gamma=gamma, act=plan.opts.act)]
+
+
 def _binary(op):
     def rule(plan, node, name):
         a, b = node.inputs
@@ -329,7 +345,9 @@ def _binary(op):
             t = _dense(b, f"node {node.name}")
             if kind == "div":
                 t, kind = 1.0 / t, "mul"
-            const = _raw(t, plan.opts.act.frac)
+            # saturated to the int32 words of the weight memory: a mask's finfo.min stays a value
+            # that drives any sum to the activation minimum, as -inf would
+            const = E.from_float(t.numpy(), E.Fixed(32, 32 - plan.opts.act.frac))
         elif kind == "div" and plan.opts.act_width + plan.opts.act.frac + 2 > 63:
             raise BackendError(f"node {node.name} (div): raw(a) * 2^F needs act_width + F + 2 <= 63 bits")
         if len(node.output.shape) > 4:
@@ -344,54 +362,86 @@ for _op in ("add", "sub", "mul", "div"):
     LOWERINGS.register(_op)(_binary(_op))
 
 
+def _embedding_table(plan, node, table) -> torch.Tensor:
+    """The table's float values. An encoded table (an LM head's int8 weight tied to the token
+    embedding) is decoded into the activation format, a reported fallback: the embedding unit reads
+    raw activation rows, it has no code decoder."""
+    cap, why = CAPABILITIES.find("embedding", table.encoding)
+    if cap is not None:
+        return _dense(table, f"node {node.name} table")
+    plan.fallbacks.append(Fallback(f"node {node.name} ({table.name})", f"{table.encoding.describe()} table",
+                                   f"decoded into the activation format ({why})"))
+    return table.encoding.decode(torch.float64)
+
+
 @LOWERINGS.register("embedding")
 def _embedding(plan, node, name):
     ids, table = node.inputs
     if value_kind(ids) != "int":
         raise BackendError(f"node {node.name} (embedding): ids must be integers, got {ids.dtype.name}")
-    _table_operand(node, table, "embedding")
-    t = _dense(table, f"node {node.name} table")
+    t = _embedding_table(plan, node, table)
     if t.dim() != 2:
         raise BackendError(f"node {node.name} (embedding): table must be 2-D, got {list(t.shape)}")
     return [L.Embedding(name, node.name, [ids.name], node.output.name, table=_raw(t, plan.opts.act.frac),
                         n_ids=math.prod(ids.shape))]
 
 
+def _strided(plan, node, name, shape, strides, offset: int, what: str) -> L.Strided:
+    """One nf::permute call for a strided view of the node's input, in at most 4 dims."""
+    shape, strides = L.collapse_view(shape, strides)
+    if len(shape) > 4:
+        raise BackendError(f"node {node.name} ({node.op}): a view of rank {len(shape)} > 4 even with its contiguous "
+                           f"dims merged; the hls backend copies views of rank <= 4")
+    return L.Strided(name, node.name, [node.inputs[0].name], node.output.name, out_shape=shape, strides=strides,
+                     offset=offset, what=what, ctype=plan.ctype(node.output.name))
+
+
 @LOWERINGS.register("permute")
 def _permute(plan, node, name):
-    if len(node.output.shape) > 4:
-        raise BackendError(f"node {node.name} (permute): rank {len(node.output.shape)} > 4")
     src = L.row_major_strides(node.inputs[0].shape)
     perm = [p % len(src) for p in node.attrs["perm"]]
-    return [L.Strided(name, node.name, [node.inputs[0].name], node.output.name, out_shape=tuple(node.output.shape),
-                      strides=tuple(src[p] for p in perm), what=f"permute {perm}",
-                      ctype=plan.ctype(node.output.name))]
+    return [_strided(plan, node, name, node.output.shape, [src[p] for p in perm], 0, f"permute {perm}")]
 
 
 @LOWERINGS.register("slice")
 def _slice(plan, node, name):
     x, out = node.inputs[0], node.output
-    if len(out.shape) > 4:
-        raise BackendError(f"node {node.name} (slice): rank {len(out.shape)} > 4")
     from ...ir.ops.shape import normalize_slice
     axis = node.attrs["axis"] % len(x.shape)
     start, _, step = normalize_slice(x.shape[axis], node.attrs["start"], node.attrs["end"], node.attrs["step"])
     src = L.row_major_strides(x.shape)
     strides = list(src)
     strides[axis] *= step
-    return [L.Strided(name, node.name, [x.name], out.name, out_shape=tuple(out.shape), strides=tuple(strides),
-                      offset=start * src[axis], what=f"slice axis {axis} from {start} step {step}",
-                      ctype=plan.ctype(out.name))]
+    return [_strided(plan, node, name, out.shape, strides, start * src[axis], f"slice axis {axis} from {start} step {step}")]
+
+
+@LOWERINGS.register("concat")
+def _concat(plan, node, name):
+    """Two inputs: one nf::concat2; more: a chain of them through temporary buffers."""
+    xs, out = [v for v in node.inputs], node.output
+    axis = node.attrs["axis"] % len(out.shape)
+    outer, inner = math.prod(out.shape[:axis]), math.prod(out.shape[axis + 1:])
+    kind = plan.kinds[out.name]
+    if any(value_kind(v) != kind for v in xs):
+        raise BackendError(f"node {node.name} (concat): inputs {', '.join(v.dtype.name for v in xs)} differ in kind")
+    if len(xs) == 1:
+        return [L.Copy(name, node.name, [xs[0].name], out.name, n=math.prod(out.shape), ctype=CTYPES[kind])]
+    layers, acc, n_acc = [], xs[0].name, xs[0].shape[axis]
+    for i, v in enumerate(xs[1:], 1):
+        n_acc_next = n_acc + v.shape[axis]
+        dst = out.name if i == len(xs) - 1 else plan.temp(f"{node.output.name}.part{i}", f"t_{name[2:]}_{i}",
+                                                           out.shape[:axis] + (n_acc_next,) + out.shape[axis + 1:], kind)
+        layers.append(L.Concat(name if i == 1 else f"{name}_{i}", node.name, [acc, v.name], dst, outer=outer,
+                               n_a=n_acc, n_b=v.shape[axis], inner=inner, ctype=CTYPES[kind]))
+        acc, n_acc = dst, n_acc_next
+    return layers
 
 
 @LOWERINGS.register("expand")
 def _expand(plan, node, name):
     x, out = node.inputs[0], node.output
-    if len(out.shape) > 4:
-        raise BackendError(f"node {node.name} (expand): rank {len(out.shape)} > 4")
-    return [L.Strided(name, node.name, [x.name], out.name, out_shape=tuple(out.shape),
-                      strides=tuple(L.broadcast_strides(x.shape, out.shape)), what=f"expand to {list(out.shape)}",
-                      ctype=plan.ctype(out.name))]
+    return [_strided(plan, node, name, out.shape, L.broadcast_strides(x.shape, out.shape), 0,
+                     f"expand to {list(out.shape)}")]
 
 
 @LOWERINGS.register("clamp")
@@ -420,7 +470,9 @@ def _reshape(plan, node, name):
 
 
 def build_plan(graph: Graph, opts: HlsOptions) -> Plan:
-    """Check the graph, lower every node, and place all weights in one memory image."""
+    """Fuse the patterns of :mod:`.patterns`, check the graph, lower every node, and place all
+    weights in one memory image."""
+    graph = fuse_patterns(graph)
     missing = LOWERINGS.missing(n.op for n in graph.nodes)
     if missing:
         nodes = ", ".join(n.name for n in graph.nodes if n.op in missing)

@@ -33,7 +33,9 @@ DSP (per kernel call; every call is its own function instance, so nothing is sha
                       variance: by the constant n, which HLS may turn into a multiply-high instead;
                       2^62 / sqrt) and one isqrt.
     binary            mul: one 64 x 64 -> 64; div: one divider; add / sub: none.
-    everything else   (relu, clamp, copies, permutes, gathers, embedding, logic, reduce, sqrt): no DSP.
+    pow_int           one act_width x act_width product (reused for each of the k - 1 steps).
+    rsqrt             one divider (2^62 / sqrt) and one isqrt.
+    everything else   (relu, neg, clamp, copies, permutes, concat, gathers, embedding, logic, reduce, sqrt): no DSP.
 
 BRAM36 (on-chip arrays; the weights are off chip behind the m_axi port ``wmem``: 0 BRAM for them,
     and the graph's input / output ports are m_axi too)
@@ -63,6 +65,7 @@ from dataclasses import dataclass, field
 
 from . import layers as L
 from . import logic as G
+from . import pointwise as P
 
 # Multiplier ports (signed a x b) of one DSP slice: AMD UG579 (DSP48E2: 27 x 18), AM004 (DSP58: 27 x 24).
 DSP_PORTS = {"dsp48e2": (27, 18), "dsp58": (27, 24)}
@@ -242,6 +245,19 @@ def _moves(layer, ctx: Ctx) -> Cost:
     return Cost()
 
 
+def _pow(layer: P.PowInt, ctx: Ctx) -> Cost:
+    c = Cost()
+    c.mult(1, ctx.act_width, ctx.act_width, ctx.family, f"x^{layer.exponent}: one product per step")
+    return c
+
+
+def _rsqrt(layer, ctx: Ctx) -> Cost:
+    c = Cost()
+    c.divider(1, WIDE, "2^62 / sqrt")
+    c.logic(3 * WIDE, 3 * WIDE, "isqrt64: 64-bit compare-subtract")
+    return c
+
+
 def _sqrt(layer, ctx: Ctx) -> Cost:
     c = Cost()
     c.logic(3 * WIDE, 3 * WIDE, "isqrt64: 64-bit compare-subtract")
@@ -252,6 +268,7 @@ RESOURCE_COSTS = {
     L.MatMat: _matmat, L.Matmul: _matmul, L.Lut: _lut, L.Softmax: _softmax, L.Norm: _norm, L.Binary: _binary,
     L.Relu: _moves, L.Clamp: _moves, L.Strided: _moves, L.Copy: _moves, L.Fanout2: _moves,
     L.Embedding: _moves, L.Fill: _moves, L.Const: _moves, G.Ewise: _moves, G.Reduce: _moves, G.Gather: _moves, G.Sqrt: _sqrt,
+    L.Concat: _moves, P.Neg: _moves, P.PowInt: _pow, P.Rsqrt: _rsqrt,
 }
 KERNELS = {L.MatMat: "matmat", L.Matmul: "matmul"}
 
