@@ -44,7 +44,7 @@ def test_table_agrees_with_lowering(op, label, graph):
         assert cap is None and why in str(e) and "node layer" in str(e), (why, e)
         assert op != "linear" or refused(enc)
         return
-    assert op == "linear" or cap is not None  # only a linear weight is ever decoded
+    assert op in ("linear", "embedding") or cap is not None  # a linear weight or a table may be decoded
     mine = [f for f in plan.fallbacks if f.where == "node layer (layer.weight)"]
     decoded = [f for f in mine if f.action.startswith("decoded")]
     assert (cap is not None) == (not decoded), (why, mine)
@@ -81,9 +81,21 @@ def test_act_order_int_is_refused_naming_the_node(values):
         _plan(layer_graph("linear", enc))
 
 
-@pytest.mark.parametrize("op", ["matmul", "embedding"])
-def test_an_encoded_matmul_constant_or_table_is_an_error_saying_what_to_do(op):
-    enc = rtn(torch.randn(64, 16) if op == "matmul" else torch.randn(50, 64), "int8")
+def test_an_encoded_embedding_table_is_decoded_and_reported():
+    """An LM head quantised by the recipe is also the token embedding when the two are tied: the
+    table is decoded into the activation format, as a reported fallback."""
+    enc = rtn(torch.randn(50, 64), "int8")
+    plan = _plan(layer_graph("embedding", enc))
+    [f] = plan.fallbacks
+    assert f.where == "node layer (layer.weight)" and f.action.startswith("decoded into the activation format")
+    table = next(layer for layer in plan.layers if isinstance(layer, L.Embedding)).table
+    want = torch.floor(enc.decode(torch.float64) * 2.0 ** 16 + 0.5).numpy()
+    assert (table == want).all()
+
+
+@pytest.mark.parametrize("op", ["matmul"])
+def test_an_encoded_matmul_constant_is_an_error_saying_what_to_do(op):
+    enc = rtn(torch.randn(64, 16), "int8")
     why = CAPABILITIES.find(op, enc)[1]
     assert why == f"no native {op} for int weights"
     with pytest.raises(BackendError, match=rf"node layer \({op}\): weight layer\.weight is i8 .*{why} in the hls "
