@@ -137,7 +137,10 @@ SCALES = [(("mul",), _rms_scale)]
 
 
 def fuse_patterns(graph: Graph) -> Graph:
-    """A copy of ``graph`` with the chains above replaced by their fused ops."""
+    """A copy of ``graph`` with the chains above replaced by their fused ops (``graph`` itself when
+    it has none of the ops every chain ends in)."""
+    if not any(n.op in ("rsqrt", "tanh", "sigmoid") for n in graph.nodes):
+        return graph
     g = graph.copy()
     if rewrite(g, FUSIONS):
         rewrite(g, SCALES)        # a norm's weight once the norm itself is one node
