@@ -160,3 +160,12 @@ def test_an_op_without_a_template_is_refused_naming_node_and_op():
     g.set_outputs([g.op("erf", x, name="the_erf")])
     with pytest.raises(BackendError, match=r"no lowering for op\(s\) erf \(nodes the_erf\)"):
         build_plan(g, HlsOptions())
+
+
+def test_every_new_layer_has_a_resource_rule(built):
+    from nnforge.backends.hls import resources
+    g, plan, sim = built
+    est = resources.estimate(plan)
+    assert est["unrated"] == []
+    rows = {r["node"]: r for r in est["layers"]}
+    assert rows["pow3"]["dsp"] >= 1 and rows["neg"]["dsp"] == 0 and "isqrt64" in rows["rsqrt"]["why"]
