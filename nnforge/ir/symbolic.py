@@ -7,7 +7,8 @@ over them, so one graph serves every batch size and sequence length.
 
 Expressions are parsed with :mod:`ast` and walked by hand: text read from a bundle is never
 evaluated as Python. Equality is decided on a polynomial normal form, where anything that is not
-a polynomial (a floor division that does not divide, a max) becomes an opaque atom.
+a polynomial (a floor division that does not divide, a max) becomes an opaque atom. Symbols stand
+for sizes of at least 1, so ``max(batch*seq, seq)`` simplifies to ``batch*seq``.
 
     >>> simplify("seq*batch + 0")
     'batch*seq'
@@ -164,11 +165,34 @@ def _atom(text: str) -> Poly:
     return {(text,): 1}
 
 
+def _provably_nonneg(p: Poly) -> bool:
+    """True when ``p`` >= 0 for every value of its symbols (each at least 1): writing each symbol
+    as 1 + x with x >= 0 leaves no negative coefficient. Opaque atoms (a floor division, a max)
+    may be anything, so a polynomial holding one is never proved."""
+    shifted: Poly = {}
+    for mono, coef in p.items():
+        term: Poly = {(): coef}
+        for atom in mono:
+            if not _NAME.match(atom):
+                return False
+            term = _pmul(term, {(): 1, (atom,): 1})
+        shifted = _padd(shifted, term)
+    return all(c >= 0 for c in shifted.values())
+
+
 def _poly_call(fname: str, args: list[Poly]) -> Poly:
     consts = [_const(p) for p in args]
     if all(c is not None for c in consts):
         return _from_int(_FUNCS[fname](consts))
-    return _atom(f"{fname}({', '.join(sorted(set(_print(p) for p in args)))})")
+    # Drop every argument another one provably bounds (max(batch*seq, seq) is batch*seq); the
+    # arguments are distinct, so no two bound each other.
+    uniq = list({_print(p): p for p in args}.values())
+    bounds = (lambda q, p: _provably_nonneg(_padd(q, p, -1))) if fname == "max" else \
+        (lambda q, p: _provably_nonneg(_padd(p, q, -1)))
+    kept = [p for p in uniq if not any(q is not p and bounds(q, p) for q in uniq)]
+    if len(kept) == 1:
+        return kept[0]
+    return _atom(f"{fname}({', '.join(sorted(_print(p) for p in kept))})")
 
 
 _POLY_BINOP = {

