@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ir import Dense, Graph, Value, dtype as to_dtype, sanitize_name
+from ..ir import Dense, Graph, Value, dtype as to_dtype, sanitize_name, symbolic as sym
 from ..ir.ops import RunContext, get_op
-from .errors import FrontendError, UnsupportedError
+from .errors import FrontendError
 
 FOLD_LIMIT = 1 << 20        # constant-fold node outputs up to this many elements
 
@@ -55,7 +55,12 @@ class OnnxContext:
     def materialize(self, v: "DimVec", name: str) -> Value:
         if v.static:
             return self.const(torch.tensor(v.dims[0] if v.scalar else v.dims, dtype=torch.int64))
-        raise UnsupportedError(f"{name} is a symbolic shape {v.dims} used as tensor data")
+        # A size used as data (a mask built from Range and a sequence length) is computed at run
+        # time: arange(d, d + 1) holds d, for any expression the IR's dims can state.
+        parts = [self.const(torch.tensor([d], dtype=torch.int64)) if isinstance(d, int) else
+                 self.emit("arange", start=d, end=sym.add(d, 1), step=1, dtype="int64") for d in v.dims]
+        out = parts[0] if len(parts) == 1 else self.emit("concat", *parts, axis=0)
+        return self.emit("reshape", out, shape=[]) if v.scalar else out
 
     def const_tensor(self, i: int) -> torch.Tensor | None:
         """Input ``i`` as a tensor when it is a constant, else None."""

@@ -15,7 +15,7 @@ from ..ir.ops.shape import normalize_slice, resolve_reshape
 from ..ir.ops.registry import broadcast_shapes
 from ..ir.packing import unpack_bits
 from ..registry import Registry
-from .errors import UnsupportedError
+from .errors import FrontendError, UnsupportedError
 from .onnx_context import DimVec, OnnxContext
 from .onnx_tensors import ONNX_DTYPES, tensor_from_proto
 
@@ -143,9 +143,47 @@ def _dimvec_binary(cx) -> DimVec | None:
     return DimVec([_DIM_ARITH[cx.node.op_type](p, q) for p, q in zip(da, db)], scalar)
 
 
+_DIM_COMPARE = {"Equal": lambda d: d == 0, "Less": lambda d: d < 0, "LessOrEqual": lambda d: d <= 0,
+                "Greater": lambda d: d > 0, "GreaterOrEqual": lambda d: d >= 0}
+
+
+def _dim_sign(cx, a, b) -> int:
+    """-1, 0 or 1 as ``a - b`` is for every size of the symbols; an error naming the node when
+    it depends on the sizes."""
+    d = sym.sub(a, b)
+    if isinstance(d, int):
+        return (d > 0) - (d < 0)
+    if sym.provably_nonneg(sym.sub(d, 1)):
+        return 1
+    if sym.provably_nonneg(sym.sub(sym.simplify(f"-({d})"), 1)):
+        return -1
+    raise FrontendError(f"node {cx.node.name or cx.node.op_type} ({cx.node.op_type}) compares shape values {a} and "
+                        f"{b}, whose order depends on the input sizes; give those sizes fixed values in the "
+                        "ONNX file's inputs to import it")
+
+
+def _dimvec_compare(cx):
+    """A comparison of shape values is decided while importing (torch's legacy exporter writes
+    Expand's target as Where(Equal(shape, -1), 1, shape)), so the shape stays known."""
+    a, b = cx.raw(0), cx.raw(1)
+    if not (isinstance(a, DimVec) or isinstance(b, DimVec)) or cx.node.op_type not in _DIM_COMPARE:
+        return None
+    da, db = cx.dims(0), cx.dims(1)
+    if da is None or db is None:
+        return None
+    n = max(len(da), len(db))
+    da, db = da * (n // len(da)), db * (n // len(db))
+    out = torch.tensor([_DIM_COMPARE[cx.node.op_type](_dim_sign(cx, p, q)) for p, q in zip(da, db)])
+    scalar = all(isinstance(x, DimVec) and x.scalar or (not isinstance(x, DimVec) and cx.const_tensor(i).dim() == 0)
+                 for i, x in enumerate((a, b)))
+    return cx.const(out.reshape(()) if scalar else out)
+
+
 @register(*_BINARY, "Mod")
 def _binary(cx):
     dv = _dimvec_binary(cx)
+    if dv is None:
+        dv = _dimvec_compare(cx)
     if dv is not None:
         return dv
     op = cx.node.op_type
@@ -176,6 +214,13 @@ def _max_min(cx):
 
 @register("Where")
 def _where(cx):
+    cond = cx.const_tensor(0)
+    if cond is not None and cond.dim() <= 1 and any(isinstance(cx.raw(i), DimVec) for i in (1, 2)):
+        x, y = cx.dims(1), cx.dims(2)
+        if x is not None and y is not None:
+            n = max(len(x), len(y), cond.numel())
+            c, x, y = cond.reshape(-1).tolist() * (n // cond.numel()), x * (n // len(x)), y * (n // len(y))
+            return DimVec([p if k else q for k, p, q in zip(c, x, y)])
     return cx.emit("where", cx.value(0), cx.value(1), cx.value(2))
 
 

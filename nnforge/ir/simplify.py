@@ -80,6 +80,17 @@ def eliminate_dead_code(graph: Graph) -> int:
     return removed
 
 
+def _symbolic_attrs(node) -> bool:
+    """True when an attribute holds a symbolic dim: arange(seq, seq + 1) has a static shape but
+    a value known only at run time."""
+    specs = get_op(node.op).attrs
+    for key, v in node.attrs.items():
+        if key in specs and specs[key].kind in ("dim", "dims"):
+            if any(isinstance(d, str) for d in (v if isinstance(v, (list, tuple)) else [v])):
+                return True
+    return False
+
+
 def fold_constants(graph: Graph, max_growth: float = 1.0, min_elements: int = 1 << 16) -> int:
     """Evaluate nodes whose inputs are all dense constants (and nodes with no inputs and a static
     shape) into new weights; returns how many. Outputs larger than ``max_growth`` times their
@@ -93,7 +104,7 @@ def fold_constants(graph: Graph, max_growth: float = 1.0, min_elements: int = 1 
         if not all(v.is_weight and isinstance(v.encoding, Dense) for v in ins):
             continue
         out = node.output
-        if not out.type.is_static:
+        if not out.type.is_static or _symbolic_attrs(node):
             continue
         in_size = sum(v.encoding.numel for v in ins)
         if math.prod(out.shape) > max(min_elements, max_growth * in_size):

@@ -355,6 +355,11 @@ def equal(a: Dim, b: Dim) -> bool:
     return simplify(a) == simplify(b)
 
 
+def provably_nonneg(d: Dim) -> bool:
+    """True when ``d`` >= 0 for every size of its symbols (each at least 1)."""
+    return d >= 0 if isinstance(d, int) else _provably_nonneg(_to_poly(d))
+
+
 def symbols(d: Dim) -> set[str]:
     """Names of the symbols ``d`` depends on."""
     if isinstance(d, int):
