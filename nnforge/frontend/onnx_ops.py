@@ -435,7 +435,10 @@ def _reshape(cx):
     if isinstance(x, DimVec):
         if len(spec) == 1 and spec[0] in (-1, len(x.dims)) or spec == []:
             return DimVec(list(x.dims), scalar=spec == [])
-        raise UnsupportedError("Reshape of a shape vector")
+        if not x.static:
+            raise UnsupportedError(f"Reshape of the symbolic shape vector {x.dims} to {spec}")
+        # torch's legacy exporter reshapes Pad's amounts to [-1, 2] to reorder them: a constant
+        x = cx.value(0)
     if not cx.attr("allowzero", 0):
         spec = [x.shape[i] if d == 0 else d for i, d in enumerate(spec)]
     return cx.emit("reshape", x, shape=list(resolve_reshape(x.shape, spec)))
@@ -512,6 +515,10 @@ def _slice(cx):
         raise UnsupportedError("Slice bounds that are not known at import time")
     axes = axes or list(range(len(starts)))
     steps = steps or [1] * len(starts)
+    const = cx.const_tensor(0)
+    if const is not None and all(isinstance(v, int) for v in [*starts, *ends, *axes, *steps]) and \
+            (min(steps) < 0 or isinstance(x, DimVec) and not (axes == [0] and steps == [1])):
+        return cx.const(_slice_constant(const, starts, ends, axes, steps))
     if isinstance(x, DimVec):
         if axes != [0] or steps[0] != 1 or not all(isinstance(v, int) for v in (starts[0], ends[0])):
             raise UnsupportedError("this Slice of a shape vector")
@@ -530,6 +537,15 @@ def _slice(cx):
             continue
         out = cx.emit("slice", out, axis=ax, start=s, end=e, step=step)
     return out
+
+
+def _slice_constant(t: torch.Tensor, starts, ends, axes, steps) -> torch.Tensor:
+    """ONNX Slice of a constant, any step (the legacy exporter reverses Pad's amounts with step -1):
+    numpy's slicing clamps bounds as ONNX does."""
+    index = [slice(None)] * t.dim()
+    for st, en, ax, step in zip(starts, ends, axes, steps):
+        index[ax % t.dim()] = slice(st, en, step)
+    return torch.from_numpy(t.numpy()[tuple(index)].copy())
 
 
 @register("Concat")
