@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import nnforge as nf
+from nnforge.frontend import FrontendError
 from nnforge.frontend.onnx_import import from_onnx
 
 transformers = pytest.importorskip("transformers")
@@ -40,3 +41,21 @@ def test_legacy_bert_export_with_shapes_used_as_data(tmp_path):
     for b, t in [(3, 5), (1, 11)]:
         x = _inputs(b, t)
         torch.testing.assert_close(runner(*x), model(*x), atol=1e-4, rtol=1e-4)
+
+
+def test_dynamo_export_with_a_batch_of_one_is_refused_naming_the_output(tmp_path):
+    """With a batch-1 example torch.export fixes the batch (its Reshape targets start with 1) while
+    the file's input still says 'batch': the declared output gives it away."""
+    from tests.architectures import Logits
+    from tests.frontend.decoders.families import tiny_model
+    model = Logits(tiny_model("llama")).eval()
+    path = tmp_path / "llama.onnx"
+    axes = {"input_ids": {0: "batch", 1: "seq"}, "out": {0: "batch", 1: "seq"}}
+    torch.onnx.export(model, (torch.randint(3, 100, (1, 8)),), str(path), dynamo=True, input_names=["input_ids"],
+                      output_names=["out"], dynamic_axes=axes, verbose=False)
+    with pytest.raises(FrontendError) as info:
+        nf.compile(path, "onnx", example_inputs=(torch.randint(3, 100, (1, 8)),), out=tmp_path / "bundle")
+    msg = str(info.value)
+    assert "graph output out is declared [1, seq, 128] but the imported graph computes [batch, " in msg
+    assert "fixed axis 0" in msg and "sizes of at least 2" in msg
+    assert not (tmp_path / "bundle").exists()
