@@ -27,8 +27,9 @@ from ..ir import Dense, Graph, Value, dtype as to_dtype, sanitize_name
 from ..ir.graph import GraphError
 from ..ir.types import TensorType
 from ..ir.verifier import verify
-from .errors import FrontendError, Unsupported, UnsupportedError, UnsupportedOpsError
+from .errors import FailedNode, FrontendError, ShapeRuleError, Unsupported, UnsupportedError, UnsupportedOpsError
 from .onnx_context import DimVec, OnnxContext
+from .onnx_declared_shapes import check_declared_outputs
 from .onnx_context import FOLD_LIMIT  # noqa: F401  (re-exported: it was defined here)
 from .onnx_ops import CONVERTERS
 from .onnx_tensors import FOUR_BIT, ONNX_DTYPES, tensor_from_proto
@@ -54,6 +55,16 @@ def _input_type(vi, names: dict[str, str]) -> TensorType:
                 names[raw] = cand
             shape.append(names[raw])
     return TensorType(to_dtype(ONNX_DTYPES[tt.elem_type]), tuple(shape))
+
+
+def _input_text(cx: OnnxContext) -> str:
+    """The types of the current node's inputs, for an error message."""
+    parts = []
+    for name in cx.node.input:
+        v = cx.env.get(name) if name else None
+        parts.append(str(v.type) if isinstance(v, Value) else f"shape value {v.dims}" if isinstance(v, DimVec)
+                     else "none" if not name else "?")
+    return ", ".join(parts)
 
 
 def load_onnx(path: str | Path):
@@ -93,6 +104,7 @@ def from_onnx(path: str | Path, *, name: str | None = None, output_names: list[s
             cx.code_bits[t.name] = 4
 
     problems: list[Unsupported] = []
+    failed: list[FailedNode] = []
     poisoned: set[str] = set()
     for i, node in enumerate(og.node):
         label = node.name or f"{node.op_type}_{i}"
@@ -108,8 +120,12 @@ def from_onnx(path: str | Path, *, name: str | None = None, output_names: list[s
         cx.node = node
         try:
             outs = conv(cx)
-        except (UnsupportedError, GraphError, ValueError) as e:      # ValueError: shape rules
+        except UnsupportedError as e:
             problems.append(Unsupported(key, label, str(path.name), str(e)))
+            poisoned.update(node.output)
+            continue
+        except (GraphError, ValueError) as e:      # a shape rule (or a shape comparison) refused the inputs
+            failed.append(FailedNode(key, label, str(path.name), _input_text(cx), str(e)))
             poisoned.update(node.output)
             continue
         outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
@@ -117,7 +133,9 @@ def from_onnx(path: str | Path, *, name: str | None = None, output_names: list[s
             if o_name:
                 cx.env[o_name] = o
     if problems:
-        raise UnsupportedOpsError(str(path), problems)
+        raise UnsupportedOpsError(str(path), problems, failed)
+    if failed:
+        raise ShapeRuleError(str(path), failed)
 
     outputs = []
     for vi in og.output:
@@ -127,6 +145,7 @@ def from_onnx(path: str | Path, *, name: str | None = None, output_names: list[s
         if not isinstance(v, Value):
             raise FrontendError(f"{path}: graph output {vi.name} is not a tensor computed by the graph")
         outputs.append(v)
+    check_declared_outputs(path, list(og.output), outputs, sym_names)
     g.set_outputs(outputs)
     g.name_outputs(output_names or [sanitize_name(vi.name) for vi in og.output])
     g.remove_unused_weights()

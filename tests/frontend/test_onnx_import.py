@@ -20,7 +20,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from nnforge.frontend import FrontendError, UnsupportedOpsError
+from nnforge.frontend import FrontendError, ShapeRuleError, UnsupportedOpsError
 from nnforge.frontend.onnx_import import from_onnx
 from nnforge.frontend.onnx_ops import CONVERTERS
 from nnforge.ir import Dense, Graph, IntQuant, run_graph, save_graph, tensor
@@ -411,6 +411,17 @@ CASES: list[OCase] = [
           [vi("y", F, ["batch", None, 4])], [ints("p", [0, 1, 0, 0, 2, 1]), init("v", np.float32(-2.5))]),
     OCase("Pad_axes_input", [node("Pad", ["x", "p", "", "ax"], ["y"])], [vi("x", F, ["batch", "seq", 3])],
           [vi("y", F, ["batch", "seq", 6])], [ints("p", [2, 1]), ints("ax", [-1])], opset=18),
+    # torch's legacy exporter writes F.pad's amounts as Concat -> Reshape [-1, 2] -> Slice step -1 ->
+    # Transpose -> Reshape: shape-vector ops on constants, which import as constants (MobileNetV2)
+    OCase("Pad_amounts_reordered_by_the_legacy_exporter",
+          [node("Constant", [], ["c"], value=numpy_helper.from_array(np.array([0, 1, 0, 1], np.int64))),
+           node("ConstantOfShape", ["four"], ["z"], value=numpy_helper.from_array(np.array([0], np.int64))),
+           node("Concat", ["c", "z"], ["cz"], axis=0), node("Reshape", ["cz", "pairs"], ["p2"]),
+           node("Slice", ["p2", "st", "en", "ax", "step"], ["rev"]), node("Transpose", ["rev"], ["tr"], perm=[1, 0]),
+           node("Reshape", ["tr", "flat"], ["p"]), node("Pad", ["x", "p"], ["y"])],
+          [vi("x", F, ["batch", 3, "seq", 4])], [vi("y", F, ["batch", 3, None, 5])],
+          [ints("four", [4]), ints("pairs", [-1, 2]), ints("st", [-1]), ints("en", [-INT64_MAX]), ints("ax", [0]),
+           ints("step", [-1]), ints("flat", [-1])], check=attr_has("pad", pads=[0, 0, 0, 0, 0, 0, 1, 1])),
     OCase("Expand_lower_rank_target", [node("Expand", ["x", "s"], ["y"])], [vi("x", F, ["batch", 1])],
           [vi("y", F, [2, "batch", 4])], [ints("s", [2, 1, 4])]),
     OCase("Shape_cast_int32_roundtrip", [node("Shape", ["x"], ["s"]), node("Cast", ["s"], ["s32"], to=I32),
@@ -823,6 +834,75 @@ def test_converter_refusal_carries_reason(tmp_path):
         from_onnx(save(model, tmp_path))
     (item,) = info.value.items
     assert item.op == "CumSum" and item.node == "cs" and "exclusive" in item.reason
+
+
+def test_failed_shape_rule_is_not_reported_as_an_unsupported_op(tmp_path):
+    nodes = [node("MatMul", ["x", "w"], ["y"], name="mm")]
+    model = make_model(nodes, [X], [vi("y", F, ["batch", 3])], [init("w", np.ones((5, 3), np.float32))])
+    with pytest.raises(ShapeRuleError) as info:
+        from_onnx(save(model, tmp_path, "bad_matmul.onnx"))
+    msg = str(info.value)
+    assert not isinstance(info.value, UnsupportedOpsError) and "unsupported" not in msg
+    (item,) = info.value.failed
+    assert (item.op, item.node, item.inputs) == ("MatMul", "mm", "f32[batch, 6], f32[5, 3]")
+    assert "MatMul at node mm (bad_matmul.onnx), inputs f32[batch, 6], f32[5, 3]" in msg
+    assert "inner dimensions differ" in msg and "ONNX Runtime" in msg
+
+
+def test_undecidable_shape_comparison_names_the_node_and_its_shape_values(tmp_path):
+    """batch < seq holds for some sizes and not others: the Less node is supported, but this use of
+    it cannot be decided while importing."""
+    nodes = [node("Shape", ["x"], ["s"]),
+             node("Gather", ["s", "i0"], ["b"], axis=0), node("Gather", ["s", "i1"], ["t"], axis=0),
+             node("Less", ["b", "t"], ["lt"], name="cmp"), node("Cast", ["lt"], ["lf"], to=F),
+             node("Add", ["x", "lf"], ["y"])]
+    model = make_model(nodes, [vi("x", F, ["batch", "seq"])], [vi("y", F, ["batch", "seq"])],
+                       [ints("i0", 0), ints("i1", 1)])
+    with pytest.raises(ShapeRuleError) as info:
+        from_onnx(save(model, tmp_path))
+    (item,) = info.value.failed
+    assert (item.op, item.node, item.inputs) == ("Less", "cmp", "shape value ['batch'], shape value ['seq']")
+    assert "compares shape values batch and seq" in item.reason
+
+
+def test_unsupported_ops_and_failed_nodes_are_reported_together(tmp_path):
+    nodes = [node("Softplus", ["x"], ["sp"], name="soft"), node("MatMul", ["x", "w"], ["y"], name="mm")]
+    model = make_model(nodes, [X], [vi("sp", F, ["batch", 6]), vi("y", F, ["batch", 3])],
+                       [init("w", np.ones((5, 3), np.float32))])
+    with pytest.raises(UnsupportedOpsError) as info:
+        from_onnx(save(model, tmp_path))
+    assert [i.node for i in info.value.items] == ["soft"] and [f.node for f in info.value.failed] == ["mm"]
+    assert "1 node(s) failed" in str(info.value) and "inner dimensions differ" in str(info.value)
+
+
+# --- declared output shapes -----------------------------------------------------------------------
+def test_output_declared_with_a_fixed_batch_is_refused_with_advice(tmp_path):
+    """An exporter that specialised the batch to the example's 1 declares it fixed at the output
+    while the input leaves it free."""
+    nodes = [node("Relu", ["x"], ["y"])]
+    model = make_model(nodes, [X], [vi("y", F, [1, 6])])
+    with pytest.raises(FrontendError) as info:
+        from_onnx(save(model, tmp_path, "specialised.onnx"))
+    msg = str(info.value)
+    assert msg.startswith("specialised.onnx: graph output y is declared [1, 6] but the imported graph computes "
+                          "[batch, 6]")
+    assert "fixed axis 0" in msg and "sizes of at least 2" in msg
+
+
+def test_output_declared_with_another_expression_is_refused(tmp_path):
+    nodes = [node("Relu", ["x"], ["y"])]
+    model = make_model(nodes, [vi("x", F, ["batch", "seq"])], [vi("y", F, ["seq", "batch"])])
+    with pytest.raises(FrontendError, match=r"graph output y is declared \[seq, batch\] but the imported graph "
+                                            r"computes \[batch, seq\].*open an issue"):
+        from_onnx(save(model, tmp_path))
+
+
+@pytest.mark.parametrize("declared", [["batch", "seq", 4], ["batch", "seq*4//4", "2*2"], ["unk__0", "seq", 4],
+                                      ["batch", "Floor(seq)", 4], [None, None, None]])
+def test_declared_outputs_that_agree_or_say_nothing_checkable_pass(tmp_path, declared):
+    nodes = [node("Reshape", ["x", "shape"], ["y"])]
+    model = make_model(nodes, [vi("x", F, ["batch", "seq", 2, 2])], [vi("y", F, declared)], [ints("shape", [0, 0, 4])])
+    assert from_onnx(save(model, tmp_path)).outputs[0].shape == ("batch", "seq", 4)
 
 
 def test_old_opset_is_refused(tmp_path):
