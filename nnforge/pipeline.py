@@ -238,7 +238,7 @@ def build(out: Path, *, graph: Graph, original: Graph, source: str, target: Targ
             "format": FORMAT, "format_version": FORMAT_VERSION, "nnforge_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "model": {"name": graph.name, "source": source, "frontend_check": import_check,
-                      **({"shapes": original.meta["shapes"]} if "shapes" in original.meta else {})},
+                      **{k: original.meta[k] for k in ("shapes", "guards_dropped") if k in original.meta}},
             "target": target.to_dict(),
             "backend": {"name": backend.name, "entry": artifact.entry, "files": artifact.files,
                         "toolchain": artifact.toolchain},

@@ -240,7 +240,7 @@ def test_recipe_that_needs_calibration(tmp_path, monkeypatch):
     monkeypatch.setitem(PASSES, "needs_data", NeedsData)
     _expect(tmp_path, PassError, r"needs_data.*calibration", tiny_mlp(), "onnx", [{"pass": "needs_data"}])
     rows = torch.randn(8, X.shape[1])
-    b = nf.compile(tiny_mlp(), "onnx", [{"pass": "needs_data"}], example_inputs=(X,),
+    b = nf.compile(tiny_mlp(), "onnx", [{"pass": "needs_data"}], example_inputs=(X,), dynamic_shapes="static",
                    calibration=(x.unsqueeze(0) for x in rows), out=tmp_path / "ok")       # a generator of batches
     # the model's batch axis is fixed at 4: the 8 rows become 2 batches, 1 held out for the checks
     assert seen == [1] and b.manifest["recipe"]["passes"] == [{"pass": "needs_data"}]

@@ -131,8 +131,10 @@ def attempts(model, example: tuple, dynamic_shapes) -> Iterator[Attempt]:
                             "unset (free axes found by torch.export), 'static' for the example's exact shapes, or "
                             "a torch.export specification (Dim per input axis)")
     if dynamic_shapes is None or isinstance(dynamic_shapes, str):
-        batch = [[0] if isinstance(x, torch.Tensor) and x.dim() > 1 else [] for x in example]
-        wide = _widened(example, batch)
+        batched = [isinstance(x, torch.Tensor) and x.dim() > 1 for x in example]
+        # a row of one beside bigger batches is a broadcast operand, not a batch of one
+        one_row = all(x.shape[0] == 1 for x, b in zip(example, batched) if b)
+        wide = _widened(example, [[0] if b and one_row else [] for b in batched])
         for axes, note in ((None, AUTO_NOTE), ({0}, BATCH_NOTE)):
             for ex in ([wide] if wide is not None else []) + [example]:
                 yield Attempt(ex, auto_spec(ex, axes), note)
@@ -209,11 +211,47 @@ def shape_guards(ep: torch.export.ExportedProgram, model, input_shapes: list[lis
 
 
 def _canonical(text: str, code: str) -> str | None:
-    """``text`` ("(seq) <= 64") as "left op right" with both sides simplified; None when it holds
-    whatever the symbols are (or reads no symbol: true of the example, and so of every input)."""
+    """``text`` with every comparison in it simplified: "(seq) <= 64", or comparisons joined by
+    "or" (torch's broadcast guards: "a == 1 or a == b"); None when it holds whatever the symbols
+    are (or reads no symbol: true of the example, and so of every input)."""
+    text = _unwrapped(text)
+    parts = _split_top(text, " or ")
+    if len(parts) > 1:
+        kept = []
+        for p in parts:
+            c = _comparison(p, code)
+            if c is None:
+                return None             # one side always holds
+            kept.append(c)
+        return " or ".join(dict.fromkeys(kept))
+    return _comparison(text, code)
+
+
+def _unwrapped(text: str) -> str:
     text = text.strip()
     while text.startswith("(") and text.endswith(")") and _balanced(text[1:-1]):
         text = text[1:-1].strip()
+    return text
+
+
+def _split_top(text: str, word: str) -> list[str]:
+    """``text`` split at ``word`` outside parentheses."""
+    parts, depth, start, i = [], 0, 0, 0
+    while i < len(text):
+        depth += (text[i] == "(") - (text[i] == ")")
+        if depth == 0 and text.startswith(word, i):
+            parts.append(text[start:i])
+            i += len(word)
+            start = i
+            continue
+        i += 1
+    return parts + [text[start:]]
+
+
+def _comparison(text: str, code: str) -> str | None:
+    text = _unwrapped(text)
+    if " and " in text or " or " in text or text.startswith("not "):
+        raise UnkeptGuard(f"guard {code!r} is not comparisons of sizes joined by 'or'")
     m = sym.COMPARISON.match(text)
     if m is None or any(c in m.group(3) for c in "<>=!"):
         raise UnkeptGuard(f"guard {code!r} is not one comparison of sizes")
@@ -237,6 +275,89 @@ def _balanced(text: str) -> bool:
     return depth == 0
 
 
+# Sizes tried for a symbol when looking for inputs that break a guard: small ones first (cheap to
+# run), then around and above the example's.
+def _candidates(example_size: int) -> list[int]:
+    e = example_size
+    return sorted({v for v in (1, 2, 3, 4, e // 2, e - 1, e + 1, 2 * e, 4 * e) if v >= 1})
+
+
+MAX_TRIES = 256
+
+
+def _breaking_sizes(guard: str, env: dict[str, int]) -> list[dict[str, int]]:
+    """The smallest sizes (the example's, with the guard's symbols changed) under which ``guard``
+    is false, and the largest with no size 1 among them: a size of 1 can hide a difference (a sum
+    and a mean of one element agree)."""
+    import itertools
+    names = sorted(sym.condition_symbols(guard))
+    if not set(names) <= set(env):
+        return []
+    combos = itertools.product(*[_candidates(env[n]) for n in names])
+    breaking = [dict(env, **dict(zip(names, vs))) for vs in sorted(itertools.islice(combos, MAX_TRIES),
+                                                                      key=lambda vs: (sum(vs), vs))]
+    breaking = [t for t in breaking if not sym.holds(guard, t)]
+    if len(breaking) < 2:
+        return breaking
+    no_ones = [t for t in breaking if all(t[n] > 1 for n in names)]
+    return [breaking[0], (no_ones or breaking)[-1]]
+
+
+def _inputs_at(graph, example: tuple, env: dict[str, int], seed: int = 0) -> tuple:
+    """Inputs shaped by ``env``, with values like the example's (integer ids within its range)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for v, x in zip(graph.inputs, example):
+        shape = [d if isinstance(d, int) else sym.evaluate(d, env) for d in v.shape]
+        if x.dtype == torch.bool:
+            out.append(torch.rand(shape, generator=g) > 0.5)
+        elif x.is_floating_point():
+            out.append(torch.randn(shape, generator=g).to(x.dtype))
+        else:
+            lo, hi = (int(x.min()), int(x.max())) if x.numel() else (0, 1)
+            out.append(torch.randint(lo, hi + 1, shape, generator=g, dtype=x.dtype))
+    return tuple(out)
+
+
+def settle_guards(model, graph, example: tuple, guards: list[str]) -> tuple[list[str], list[dict]]:
+    """(guards kept, guards dropped with the sizes they were checked at). Many guards come from
+    inside torch's decompositions (a pooled map of size 1 taking an identity path, a stride test)
+    and change nothing computed. Each guard is tried at sizes that break it: where the model runs
+    there and the graph gives the model's result, it is dropped; where either fails or they differ,
+    the bundle keeps refusing such sizes."""
+    if not guards:
+        return [], []
+    env = {}
+    for v, x in zip(graph.inputs, example):
+        for d, n in zip(v.shape, getattr(x, "shape", ())):
+            if sym.is_symbol(d):
+                env.setdefault(d, int(n))
+    kept, dropped = [], []
+    for guard in guards:
+        trials = _breaking_sizes(guard, env)
+        if trials and all(_same_there(model, graph, example, t) for t in trials):
+            reads = sorted(sym.condition_symbols(guard))
+            dropped.append({"guard": guard, "checked_at": [{k: t[k] for k in reads} for t in trials]})
+        else:
+            kept.append(guard)
+    return kept, dropped
+
+
+def _same_there(model, graph, example: tuple, env: dict[str, int]) -> bool:
+    from ..ir import Interpreter
+    try:
+        inputs = _inputs_at(graph, example, env)
+        with torch.no_grad():
+            want = torch.utils._pytree.tree_leaves(model(*inputs))
+        got = Interpreter(graph).run(*inputs)
+    except Exception:                   # the model or the graph cannot run there: a real limit
+        return False
+    # values, not just directions: the other branch may compute the same up to a scale
+    return len(got) == len(want) and all(
+        a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5, equal_nan=True)
+        for a, b in zip(got, want))
+
+
 def axis_name(input_name: str, value, axis: int) -> str:
     """A readable name for a free axis torch found on its own: by the role it usually has."""
     rank = len(getattr(value, "shape", ()))
@@ -251,4 +372,4 @@ def axis_name(input_name: str, value, axis: int) -> str:
 
 
 __all__ = ["AUTO_NOTE", "Attempt", "STATIC", "UnkeptGuard", "attempts", "auto_spec", "axis_name",
-           "constraint_error", "fixed_widened_axis", "is_static_request", "shape_guards"]
+           "constraint_error", "fixed_widened_axis", "is_static_request", "settle_guards", "shape_guards"]

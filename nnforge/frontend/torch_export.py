@@ -22,7 +22,7 @@ from ..ir.graph import GraphError
 from ..ir.verifier import verify
 from .errors import FrontendError, Unsupported, UnsupportedError, UnsupportedOpsError
 from .free_axes import (UnkeptGuard, attempts, axis_name, constraint_error, fixed_widened_axis, is_static_request,
-                         shape_guards)
+                         settle_guards, shape_guards)
 from .torch_context import TorchContext, module_path, source_line
 from .torch_context import Converter, sympy_to_dim  # noqa: F401  (re-exported: they were defined here)
 from .torch_ops import CONVERTERS, SKIP
@@ -304,5 +304,8 @@ def from_torch(model: torch.nn.Module, example_inputs, *, dynamic_shapes=None, i
                 warnings.warn(note + "; its inputs take the example's shapes only. Give dynamic_shapes explicitly "
                               "to free the axes it allows.", stacklevel=3)
         g.meta["shapes"] = note
+        g.meta["shape_guards"], dropped = settle_guards(model, g, example, g.meta["shape_guards"])
+        if dropped:
+            g.meta["guards_dropped"] = dropped
         return g
     raise AssertionError("the last attempt returns or raises")

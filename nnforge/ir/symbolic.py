@@ -371,17 +371,23 @@ def is_symbol(d: Dim) -> bool:
     return isinstance(d, str) and bool(_NAME.match(d))
 
 
+def _comparisons(condition: str) -> list[re.Match]:
+    out = []
+    for part in condition.split(" or "):
+        m = COMPARISON.match(part.strip())
+        if m is None or m.group(2) not in _COMPARE_OPS:
+            raise DimError(f"not a condition on sizes: {condition!r}")
+        out.append(m)
+    return out
+
+
 def condition_symbols(condition: str) -> set[str]:
-    """Names of the symbols a condition ("seq <= 64") reads."""
-    m = COMPARISON.match(condition)
-    if m is None:
-        raise DimError(f"not a condition on sizes: {condition!r}")
-    return symbols(m.group(1)) | symbols(m.group(3))
+    """Names of the symbols a condition ("seq <= 64", "a == 1 or a == b") reads."""
+    return set().union(*(symbols(m.group(1)) | symbols(m.group(3)) for m in _comparisons(condition)))
 
 
 def holds(condition: str, env: dict[str, int]) -> bool:
-    """Whether ``condition`` ("batch*seq > 5": two expressions and a comparison) holds for ``env``."""
-    m = COMPARISON.match(condition)
-    if m is None or m.group(2) not in _COMPARE_OPS:
-        raise DimError(f"not a condition on sizes: {condition!r}")
-    return _COMPARE_OPS[m.group(2)](evaluate(m.group(1), env), evaluate(m.group(3), env))
+    """Whether ``condition`` (comparisons of two expressions, joined by " or ": "batch*seq > 5")
+    holds for ``env``."""
+    return any(_COMPARE_OPS[m.group(2)](evaluate(m.group(1), env), evaluate(m.group(3), env))
+               for m in _comparisons(condition))

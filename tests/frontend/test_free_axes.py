@@ -220,3 +220,28 @@ def test_bundle_takes_other_sizes_and_a_static_one_says_how_to_free_them(tmp_pat
     with pytest.raises(BackendError, match=r"input ids: dim 1 must be 8, got shape \[1, 24\]; .*compile without "
                                            r"dynamic_shapes='static'"):
         fixed.load()(_ids(1, 24))
+
+
+def test_a_guard_whose_other_side_computes_the_same_is_dropped():
+    # adaptive pooling to 1x1 takes an identity path where the map is already 1x1: a guard that
+    # changes nothing computed
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    g = from_torch(m, (torch.randn(1, 3, 16, 16),))
+    assert _shapes(g) == [["batch", 3, "height", "width"]]
+    assert g.meta["shape_guards"] == []
+    assert g.meta["guards_dropped"] and all("checked_at" in d for d in g.meta["guards_dropped"])
+    x = torch.randn(2, 3, 2, 2)              # a 1x1 map
+    torch.testing.assert_close(run_graph(g, [x])[0], m(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_row_of_one_beside_a_bigger_batch_stays_a_broadcast_operand():
+    class Scaled(nn.Module):
+        def forward(self, a, b):
+            return a * 2 + b
+
+    m = Scaled()
+    g = from_torch(m, (torch.randn(2, 3, 4), torch.randn(1, 3, 4)))
+    assert g.inputs[0].shape[0] == "batch" and g.inputs[1].shape[0] == 1
+    a, b = torch.randn(5, 3, 4), torch.randn(1, 3, 4)
+    torch.testing.assert_close(run_graph(g, [a, b])[0], m(a, b))

@@ -196,14 +196,18 @@ def test_default_names_come_from_forward_arguments():
     assert [v.name for v in g.outputs] == ["output"]
 
 
-def test_unnamed_dynamic_dims_get_input_axis_names():
+def test_unnamed_dynamic_dims_get_role_or_input_axis_names():
     model = TwoInTwoOut().eval()
     auto = torch.export.Dim.AUTO
     g = from_torch(model, _two_in_inputs(2, 5), dynamic_shapes=({0: auto, 1: auto}, {0: auto, 1: auto}),
                    input_names=["tokens", "attention"])
-    # one symbol per distinct torch symbol, named after the first input/axis that carries it
-    assert g.inputs[0].shape == ("tokens_0", "tokens_1")
-    assert g.inputs[1].shape == ("tokens_0", "tokens_1")
+    # one symbol per distinct torch symbol, named by its role (batch, seq of integer ids) where
+    # the first input/axis that carries it has one
+    assert g.inputs[0].shape == ("batch", "seq")
+    assert g.inputs[1].shape == ("batch", "seq")
+    g = from_torch(model, _two_in_inputs(2, 5), dynamic_shapes=({0: auto}, {0: auto, 1: auto}),
+                   input_names=["tokens", "attention"])
+    assert g.inputs[0].shape[0] == "batch" and g.inputs[1].shape == ("batch", 5)
 
 
 def test_dict_dynamic_shapes_keep_dim_names_when_input_names_are_given():

@@ -315,3 +315,12 @@ def test_floor_divisions_by_constants_have_one_form(a, b):
 def test_floor_division_keeps_what_does_not_divide():
     assert not sym.equal("(h + 1)//2", "h//2")
     assert sym.simplify("(2*h + 3)//2") == "h + 1"
+
+
+def test_conditions_on_sizes():
+    assert sym.holds("batch*seq > 5", {"batch": 2, "seq": 3})
+    assert not sym.holds("seq <= 64", {"seq": 65})
+    assert sym.holds("a == 1 or a == b", {"a": 1, "b": 7}) and not sym.holds("a == 1 or a == b", {"a": 2, "b": 7})
+    assert sym.condition_symbols("a == 1 or c*a == b") == {"a", "b", "c"}
+    with pytest.raises(DimError, match="not a condition on sizes"):
+        sym.holds("seq", {"seq": 1})
