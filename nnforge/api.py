@@ -43,7 +43,12 @@ def compile(model, target: str | Target, recipe=None, *, example_inputs=None, ca
         when no pass reads data (nnforge.heldout); the manifest says which, and how many rows.
     allow_nonfinite: accept NaN/inf in weights, inputs and fp32 outputs (refused by default,
         naming the tensor); a NaN output still never scores as a match.
-    dynamic_shapes: torch.export dynamic shapes; symbols keep the names of their ``Dim``.
+    dynamic_shapes: which input axes of a torch module stay free. Unset (the default): every axis
+        torch.export finds the model takes at any size (``Dim.AUTO``; a batch of one is traced as
+        two rows so that the batch stays free), named batch / seq / height / width by role; the
+        conditions the trace took ("seq <= 64") become the signature's guards, which the bundle
+        checks on every call (nnforge.frontend.free_axes). ``"static"``: the example's exact
+        shapes. Or a torch.export specification; symbols keep the names of their ``Dim``.
     out: bundle directory (default ./bundles/<model>-<target>); replaced atomically.
     batch_sizes: where the target runs natively here, the manifest's speed records time the bundle
         at these batch sizes against the same graph dense on its backend and against torch eager,
