@@ -4,7 +4,7 @@ The file table catches a changed file, but the manifest itself is only protected
 edited by hand, its recipe, compression figures or fidelity would pass for true. So verify
 recomputes what the files determine and names every field that disagrees:
 
-- ``signature``: the graph's inputs and outputs;
+- ``signature``: the graph's inputs and outputs, and the guards on their sizes;
 - ``compression``: every weight layer's encoding, bits and bytes, and the totals (the graph alone
   fixes them; only ``bytes_before`` needs the original model, and the ratio must agree with it);
 - ``numerics.fidelity_vs_fp32`` and ``numerics.held_out``: the compressed graph re-run on the
@@ -41,6 +41,8 @@ def disagreements(manifest: dict, graph, outputs_per_batch: list, fp32_per_batch
 def _signature(manifest: dict, graph) -> list[str]:
     want = {"inputs": [{"name": v.name, "dtype": v.dtype.name, "shape": list(v.shape)} for v in graph.inputs],
             "outputs": [{"name": v.name, "dtype": v.dtype.name, "shape": list(v.shape)} for v in graph.outputs]}
+    if graph.meta.get("shape_guards"):
+        want["guards"] = list(graph.meta["shape_guards"])
     got = manifest.get("signature")
     return [] if got == want else [f"signature: the manifest says {got}, graph.json has {want}"]
 

@@ -250,7 +250,7 @@ def build(out: Path, *, graph: Graph, original: Graph, source: str, target: Targ
                                      for v in graph.inputs],
                           "outputs": [{"name": v.name, "dtype": v.dtype.name, "shape": list(v.shape)}
                                       for v in graph.outputs],
-                          **({"guards": original.meta["shape_guards"]} if original.meta.get("shape_guards") else {})},
+                          **({"guards": graph.meta["shape_guards"]} if graph.meta.get("shape_guards") else {})},
             "compression": compression_report(original, graph, per_layer),
             "numerics": numerics,
             "speed": speed,

@@ -167,6 +167,8 @@ class Runner(ABC):
     # Conditions on the input sizes the model was traced under ("seq <= 64"), checked on every
     # call: the manifest's signature.guards, set by Bundle.load.
     guards: tuple[str, ...] = ()
+    # Set by a backend whose artifacts always have fixed sizes: why, said when a size is refused.
+    fixed_sizes: str | None = None
 
     def values(self, inputs: list) -> tuple[dict, dict] | None:
         """The runtime's intermediate values on ``inputs`` ({IR value name: array}) and how they
@@ -212,7 +214,7 @@ class Runner(ABC):
             for axis, (d, n) in enumerate(zip(spec.dims, a.shape)):
                 if isinstance(d, int) and d != n:
                     raise BackendError(f"input {spec.name}: dim {axis} must be {d}, got shape {list(a.shape)}; "
-                                       f"{STATIC_AXIS_HINT}")
+                                       f"{self.fixed_sizes or STATIC_AXIS_HINT}")
                 if isinstance(d, str):
                     if d in bound and bound[d][0] != n:
                         raise BackendError(f"input {spec.name}: dim {axis} ({d}) is {n} but {bound[d][1]} "

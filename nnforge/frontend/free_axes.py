@@ -207,6 +207,28 @@ def shape_guards(ep: torch.export.ExportedProgram, model, input_shapes: list[lis
         guard = _canonical(_SIZE.sub(dim, code), code)
         if guard is not None and guard not in out:
             out.append(guard)
+    return out + [g for g in _range_guards(ep, input_shapes) if g not in out]
+
+
+def _range_guards(ep: torch.export.ExportedProgram, input_shapes: list[list]) -> list[str]:
+    """The ranges torch found for the free axes ("height >= 64", "seq <= 512"), as guards. A lower
+    bound of 2 is torch's own specialisation of sizes 0 and 1, not the model's: left out."""
+    user = [n for n in ep.graph.nodes if n.op == "placeholder" and n.name in set(ep.graph_signature.user_inputs)]
+    names: dict = {}
+    for n, shape in zip(user, input_shapes):
+        val = n.meta.get("val")
+        for d, ours in zip(getattr(val, "shape", ()), shape):
+            if isinstance(d, torch.SymInt) and d.node.expr.is_Symbol and sym.is_symbol(ours):
+                names.setdefault(d.node.expr, ours)
+    out = []
+    for s, r in ep.range_constraints.items():
+        if s not in names:
+            continue
+        lower, upper = int(r.lower), r.upper
+        if lower > 2:
+            out.append(f"{names[s]} >= {lower}")
+        if getattr(upper, "is_Integer", False) or isinstance(upper, int):       # int_oo is neither
+            out.append(f"{names[s]} <= {int(upper)}")
     return out
 
 
@@ -286,9 +308,9 @@ MAX_TRIES = 256
 
 
 def _breaking_sizes(guard: str, env: dict[str, int]) -> list[dict[str, int]]:
-    """The smallest sizes (the example's, with the guard's symbols changed) under which ``guard``
-    is false, and the largest with no size 1 among them: a size of 1 can hide a difference (a sum
-    and a mean of one element agree)."""
+    """A few sizes (the example's, with the guard's symbols changed) under which ``guard`` is
+    false, from the smallest to the largest with no size 1 among them: a size of 1 can hide a
+    difference (a sum and a mean of one element agree)."""
     import itertools
     names = sorted(sym.condition_symbols(guard))
     if not set(names) <= set(env):
@@ -296,11 +318,19 @@ def _breaking_sizes(guard: str, env: dict[str, int]) -> list[dict[str, int]]:
     combos = itertools.product(*[_candidates(env[n]) for n in names])
     breaking = [dict(env, **dict(zip(names, vs))) for vs in sorted(itertools.islice(combos, MAX_TRIES),
                                                                       key=lambda vs: (sum(vs), vs))]
-    breaking = [t for t in breaking if not sym.holds(guard, t)]
-    if len(breaking) < 2:
+    breaking = [t for t in breaking if _breaks(guard, t)]
+    if len(breaking) < 3:
         return breaking
-    no_ones = [t for t in breaking if all(t[n] > 1 for n in names)]
-    return [breaking[0], (no_ones or breaking)[-1]]
+    no_ones = [t for t in breaking if all(t[n] > 1 for n in names)] or breaking
+    picks = [breaking[0], breaking[len(breaking) // 3], no_ones[len(no_ones) // 2], no_ones[-1]]
+    return list({tuple(sorted(t.items())): t for t in picks}.values())
+
+
+def _breaks(guard: str, env: dict[str, int]) -> bool:
+    try:
+        return not sym.holds(guard, env)
+    except sym.DimError:                # sizes where the guard itself is undefined (x % 0): skipped
+        return False
 
 
 def _inputs_at(graph, example: tuple, env: dict[str, int], seed: int = 0) -> tuple:
@@ -322,9 +352,9 @@ def _inputs_at(graph, example: tuple, env: dict[str, int], seed: int = 0) -> tup
 def settle_guards(model, graph, example: tuple, guards: list[str]) -> tuple[list[str], list[dict]]:
     """(guards kept, guards dropped with the sizes they were checked at). Many guards come from
     inside torch's decompositions (a pooled map of size 1 taking an identity path, a stride test)
-    and change nothing computed. Each guard is tried at sizes that break it: where the model runs
-    there and the graph gives the model's result, it is dropped; where either fails or they differ,
-    the bundle keeps refusing such sizes."""
+    and change nothing computed. Each guard is tried at a few sizes that break it: where the model
+    runs at some of them and the graph gives the model's result at every one of those, it is
+    dropped; where they differ, or the model runs at none, the bundle keeps refusing such sizes."""
     if not guards:
         return [], []
     env = {}
@@ -333,24 +363,40 @@ def settle_guards(model, graph, example: tuple, guards: list[str]) -> tuple[list
             if sym.is_symbol(d):
                 env.setdefault(d, int(n))
     kept, dropped = [], []
+    seen: dict[tuple, bool | None] = {}
     for guard in guards:
         trials = _breaking_sizes(guard, env)
-        if trials and all(_same_there(model, graph, example, t) for t in trials):
+        results = []
+        for t in trials:
+            key = tuple(sorted(t.items()))
+            if key not in seen:
+                seen[key] = _same_there(model, graph, example, t)
+            results.append(seen[key])
+        valid = [r for r in results if r is not None]
+        # dropped only where the model runs on the other side and the graph agrees there every
+        # time; sizes the model itself refuses stay refused by the bundle too
+        if valid and all(valid):
             reads = sorted(sym.condition_symbols(guard))
-            dropped.append({"guard": guard, "checked_at": [{k: t[k] for k in reads} for t in trials]})
+            dropped.append({"guard": guard, "checked_at": [{k: t[k] for k in reads}
+                                                           for t, r in zip(trials, results) if r]})
         else:
             kept.append(guard)
     return kept, dropped
 
 
-def _same_there(model, graph, example: tuple, env: dict[str, int]) -> bool:
+def _same_there(model, graph, example: tuple, env: dict[str, int]) -> bool | None:
+    """Whether the graph gives the model's result at sizes ``env``; None where the model itself
+    does not run there (sizes it refuses: no evidence either way)."""
     from ..ir import Interpreter
     try:
         inputs = _inputs_at(graph, example, env)
         with torch.no_grad():
             want = torch.utils._pytree.tree_leaves(model(*inputs))
+    except Exception:
+        return None
+    try:
         got = Interpreter(graph).run(*inputs)
-    except Exception:                   # the model or the graph cannot run there: a real limit
+    except Exception:
         return False
     # values, not just directions: the other branch may compute the same up to a scale
     return len(got) == len(want) and all(

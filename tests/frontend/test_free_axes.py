@@ -156,6 +156,15 @@ def test_conditions_the_trace_took_become_guards_the_bundle_checks(tmp_path):
     with pytest.raises(BackendError, match=r"input sizes batch = 1, seq = 3 break 'batch\*seq > 5', a condition "
                                            r"the model was traced under"):
         run(torch.randn(1, 3, 4))
+    nf.verify(b.path)
+    # the guards are a claim of the manifest that graph.json confirms
+    import json
+    path = b.path / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["signature"]["guards"]
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(Exception, match=r"signature: the manifest says .*'guards': \['batch\*seq > 5'\]"):
+        nf.verify(b.path)
 
 
 def test_a_position_table_bound_is_a_guard():

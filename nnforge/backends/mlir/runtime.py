@@ -97,6 +97,8 @@ def signature(module, where: str) -> tuple[list[tuple[type, tuple]], list[type]]
 
 class MlirRunner(Runner):
     """A module compiled for this CPU by torch-mlir's reference JIT."""
+    fixed_sizes = ("the mlir backend compiles the sizes of the bundle's check inputs (torch-mlir miscompiles dynamic "
+                   "ones, see nnforge.backends.mlir.export): compile with check_inputs of the size you will run")
 
     def __init__(self, path: Path, entry: dict):
         try:
