@@ -112,6 +112,7 @@ EXAMPLES: dict[str, list] = {
        for k in ("any", "all")},
     "argmax": [ex(randn(2, 3, 4), axis=1), ex(randn(2, 3, 4), axis=-1, keepdim=True)],
     "cumsum": [ex(randn(2, 3, 4), axis=1), ex(ints(0, 5, 6), axis=0)],
+    "topk_indices": [ex(randn(2, 3, 5), k=2), ex(ints(0, 4, 7), k=7, axis=0, largest=False)],
     # shape
     "reshape": [ex(randn(2, 3, 4), shape=[6, -1]), ex(randn(2, 3, 4), shape=[4, 3, 2]), ex(randn(6), shape=[1, 6, 1])],
     "permute": [ex(randn(2, 3, 4), perm=[2, 0, 1])],
@@ -125,6 +126,8 @@ EXAMPLES: dict[str, list] = {
     "fake_quant": [ex(randn(3, 4), format="int8", scale=0.02), ex(randn(2, 5), format="uint8", scale=0.03, zero_point=100),
                    ex(randn(3, 4), format="float8_e4m3fn", scale=0.01)],
     "index": [ex(randn(4, 5, 6), torch.tensor([[0], [3]]), torch.tensor([1, 2, 4])), ex(randn(4, 5), ints(0, 4, 3))],
+    "index_put": [ex(randn(5, 3), randn(4, 3, seed=1), ints(0, 5, 4), accumulate=True),
+                  ex(randn(4, 5), randn(2, seed=1), torch.tensor([0, 3]), torch.tensor([4, 1]))],
     "pad": [ex(randn(2, 3), pads=[1, 0, 2, 3], value=-1.0), ex(ints(0, 4, 2, 2), pads=[0, 1, 0, 1], value=7)],
     # creation
     "arange": [ex(end=5, dtype="int64"), ex(start=1, end=8, step=3, dtype="int32")],
@@ -350,6 +353,30 @@ def test_gather_embedding_index_by_hand():
                                torch.stack([torch.stack([e[gi[r, c], c] for c in range(4)]) for r in range(2)]))
 
 
+def test_topk_indices_match_torch_topk_and_a_stable_sort():
+    x = randn(3, 7)
+    for largest in (True, False):
+        want = torch.topk(x, 3, dim=1, largest=largest).indices
+        assert torch.equal(run1("topk_indices", x, k=3, axis=1, largest=largest), want)
+    ids = torch.tensor([2, 0, 3, 0, 2, 1, 3, 0])                 # ties: lower index first, like a stable sort
+    assert torch.equal(run1("topk_indices", ids, k=8, largest=False), torch.sort(ids, stable=True).indices)
+    assert torch.equal(run1("topk_indices", ids, k=3), torch.tensor([2, 6, 0]))
+
+
+def test_index_put_writes_and_accumulates_like_a_loop():
+    x, v = randn(5, 3), randn(4, 3, seed=1)
+    idx = torch.tensor([4, 1, 4, 0])
+    added, written = x.clone(), x.clone()
+    for i, r in enumerate(idx.tolist()):
+        added[r] += v[i]
+    for i, r in enumerate(idx.tolist()[:2]):
+        written[r] = v[i]
+    torch.testing.assert_close(run1("index_put", x, v, idx, accumulate=True), added)
+    torch.testing.assert_close(run1("index_put", x, v[:2], idx[:2]), written)
+    grid = run1("index_put", torch.zeros(3, 4), torch.tensor(7.0), torch.tensor([0, 2]), torch.tensor([3, 1]))
+    assert grid[0, 3] == 7 and grid[2, 1] == 7 and grid.sum() == 14
+
+
 def test_shape_ops_by_hand():
     x = randn(4, 10)
     torch.testing.assert_close(run1("slice", x, axis=1, start=1, end=9, step=3), x[:, 1:9:3])
@@ -446,6 +473,9 @@ def _graph_with(*shapes_dtypes):
     ("exp", [("i64", (2,))], {}, "exp needs a float input, got int64"),
     ("not", [("f32", (2,))], {}, "not needs a bool input"),
     ("matmul", [("f32", (2, 3)), ("f32", (4, 5))], {}, "matmul inner dimensions differ"),
+    ("topk_indices", [("f32", (2, 3))], {"k": 4}, "topk_indices k=4 is outside \\[0, 3\\]"),
+    ("index_put", [("f32", (4, 3)), ("f32", (2, 5)), ("i64", (2,))], {},
+     "values .* do not broadcast to the indexed shape \\[2, 3\\]"),
     ("matmul", [("f32", (3,)), ("f32", (3, 5))], {}, "matmul needs operands of rank >= 2"),
     ("linear", [("f32", (2, 3)), ("f32", (4, 5))], {}, "last dim must be 5"),
     ("softmax", [("f32", (2, 3))], {"axis": 2}, "axis 2 out of range for rank 2"),

@@ -1,4 +1,4 @@
-"""Reductions over a list of axes, argmax, and cumulative sum."""
+"""Reductions over a list of axes, argmax, top-k indices, and cumulative sum."""
 from __future__ import annotations
 
 import torch
@@ -90,3 +90,25 @@ def _cumsum_infer(x, axis):
 
 defop("cumsum", ["x"], {"axis": Attr("int")}, infer=_cumsum_infer,
       ref=lambda ctx, x, axis: torch.cumsum(x, axis, dtype=x.dtype), family="reduce")
+
+
+def _topk_infer(x, k, axis, largest):
+    if x.dtype == bool_:
+        raise TypeError("topk_indices needs a numeric input, got bool")
+    axis = norm_axis(axis, x.rank)
+    size = x.shape[axis]
+    if isinstance(k, int) and isinstance(size, int) and not 0 <= k <= size:
+        raise ValueError(f"topk_indices k={k} is outside [0, {size}] (the size of axis {axis} of {x})")
+    return x.with_shape(x.shape[:axis] + (k,) + x.shape[axis + 1:]).with_dtype(int64)
+
+
+def _topk_ref(ctx, x, k, axis, largest):
+    # a stable sort fixes the order of ties (lower index first), which torch.topk leaves open
+    order = torch.sort(x, dim=axis, descending=largest, stable=True).indices
+    return order.narrow(axis, 0, ctx.dim(k))
+
+
+defop("topk_indices", ["x"], {"k": Attr("dim"), "axis": Attr("int", -1), "largest": Attr("bool", True)},
+      infer=_topk_infer, ref=_topk_ref, family="reduce",
+      doc="Indices of the k largest (or smallest) elements along axis, best first; ties in index order. "
+          "The values are gather_elements(x, indices, axis); k = the axis' size is an argsort.")

@@ -199,3 +199,29 @@ def _pad_ref(ctx, x, pads, value):
 
 defop("pad", ["x"], {"pads": Attr("ints"), "value": Attr("scalar", 0.0)}, infer=_pad_infer, ref=_pad_ref,
       family="shape", doc="Constant padding; pads lists begins for every axis, then ends.")
+
+
+def _index_put_infer(x, values, *indices, accumulate):
+    for t in indices:
+        _index_dtype(t)
+    if len(indices) > x.rank:
+        raise ValueError(f"{len(indices)} index tensors for {x}")
+    same_dtype(x, values)
+    target = broadcast_shapes(*(t.shape for t in indices)) + x.shape[len(indices):]
+    try:
+        fits = broadcast_shapes(target, values.shape) == tuple(target)
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(f"values {values} do not broadcast to the indexed shape {list(target)}")
+    return x
+
+
+def _index_put_ref(ctx, x, values, *indices, accumulate):
+    return torch.index_put(x, tuple(indices), values, accumulate=accumulate)
+
+
+defop("index_put", ["x", "values", "indices*"], {"accumulate": Attr("bool", False)}, infer=_index_put_infer,
+      ref=_index_put_ref, family="shape",
+      doc="x with x[i0, i1, ...] = values (broadcast), or += values when accumulate (index_add); the write "
+          "side of index. Without accumulate, a position indexed twice takes one of its values.")
