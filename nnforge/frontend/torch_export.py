@@ -25,6 +25,7 @@ from .free_axes import (UnkeptGuard, attempts, axis_name, constraint_error, fixe
                          settle_guards, shape_guards)
 from .torch_context import TorchContext, module_path, source_line
 from .torch_context import Converter, sympy_to_dim  # noqa: F401  (re-exported: they were defined here)
+from . import torch_routing  # noqa: F401  (registers the routing converters)
 from .torch_ops import CONVERTERS, SKIP
 
 
@@ -128,7 +129,9 @@ def _input_dtype_clash(name: str, n: torch.fx.Node, inputs: dict) -> FrontendErr
     """An error naming the model input whose dtype reaches ``n`` unchanged and clashes with its
     other operands (int64 ids into a Linear), where ``n`` could not be converted; None when the
     operands agree or no input is to blame."""
-    operands = [a for a in n.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
+    # tensors passed directly: those inside a list (index_put's indices) are integer by nature
+    direct = [a for a in (*n.args, *n.kwargs.values()) if isinstance(a, torch.fx.Node)]
+    operands = [a for a in direct if isinstance(a.meta.get("val"), torch.Tensor)]
     dtypes = {a: a.meta["val"].dtype for a in operands}
     if len(set(dtypes.values())) < 2:
         return None
@@ -151,10 +154,19 @@ def _input_dtype_clash(name: str, n: torch.fx.Node, inputs: dict) -> FrontendErr
     return None
 
 
+def _converter(target, converters: dict | None):
+    """The user's converter for ``target`` (keyed by the op or by its name, "aten.topk.default"),
+    else nnforge's own; None when neither has one."""
+    for table in (converters or {}, CONVERTERS):
+        for key in (target, str(target)):
+            if key in table:
+                return table[key]
+    return None
+
+
 def from_exported_program(ep: torch.export.ExportedProgram, *, name: str = "model",
                           input_names: list[str] | None = None, output_names: list[str] | None = None,
                           dynamic_shapes=None, converters: dict | None = None) -> Graph:
-    table = {**CONVERTERS, **(converters or {})}
     sig = ep.graph_signature
     g = Graph(name)
     state = dict(ep.state_dict)
@@ -217,7 +229,7 @@ def from_exported_program(ep: torch.export.ExportedProgram, *, name: str = "mode
             else:
                 cx.values[n] = parts[idx]
             continue
-        conv = table.get(n.target)
+        conv = _converter(n.target, converters)
         if conv is None:
             problems.append(Unsupported(str(n.target), n.name, source_line(n)))
             poisoned.add(n)

@@ -169,6 +169,11 @@ def _div_mode(cx, n):
     if mode == "floor" and out.is_floating_point:
         q = cx.emit("div", cx.operand(n.args[0], out), cx.operand(n.args[1], out))
         return cx.emit("floor", q)
+    if mode == "floor" and out in (torch.int64, torch.int32):
+        # IR div of integers is float32 true division; its floor is exact while both operands are
+        # below 2**24 in magnitude (integers float32 holds exactly), as index arithmetic is
+        q = cx.emit("div", cx.operand(n.args[0], out), cx.operand(n.args[1], out), name=f"{n.name}_true")
+        return cx.cast(cx.emit("floor", q, name=f"{n.name}_floor"), out)
     raise UnsupportedError(f"div with rounding_mode={mode!r} on {out}")
 
 
@@ -498,12 +503,17 @@ def _scalar_tensor(cx, n):
     return cx.const(n.args[0], _tdt(cx, n))
 
 
+_EMPTY = (aten.empty_permuted.default, aten.empty.memory_format, aten.empty_like.default, aten.new_empty.default)
+
+
 @register(aten.full.default, aten.full_like.default, aten.zeros_like.default, aten.ones_like.default,
-          aten.zeros.default, aten.ones.default, aten.new_zeros.default, aten.new_ones.default, aten.new_full.default)
+          aten.zeros.default, aten.ones.default, aten.new_zeros.default, aten.new_ones.default, aten.new_full.default,
+          *_EMPTY)
 def _full(cx, n):
     shape = cx.shape(n)
     t = n.target
-    if t in (aten.zeros_like.default, aten.zeros.default, aten.new_zeros.default):
+    # an uninitialised tensor may hold anything; zeros make the graph deterministic
+    if t in (aten.zeros_like.default, aten.zeros.default, aten.new_zeros.default) + _EMPTY:
         value = 0
     elif t in (aten.ones_like.default, aten.ones.default, aten.new_ones.default):
         value = 1

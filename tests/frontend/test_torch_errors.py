@@ -30,16 +30,16 @@ def _absent(packet) -> bool:
     return all(getattr(packet, o) not in CONVERTERS for o in packet.overloads())
 
 
-class SortTopk(nn.Module):
+class CummaxKthvalue(nn.Module):
     def __init__(self):
         super().__init__()
         self.proj = nn.Linear(6, 6)
 
     def forward(self, x):
         h = self.proj(x)
-        s = torch.sort(h, dim=-1).values  # <sort>
-        t = torch.topk(h, 2, dim=-1).values  # <topk>
-        return s[..., :2] + t
+        s = torch.cummax(h, dim=-1).values  # <cummax>
+        t = torch.kthvalue(h, 2, dim=-1).values  # <kthvalue>
+        return s[..., :2] + t.unsqueeze(-1)
 
 
 class FlipCumprod(nn.Module):
@@ -50,27 +50,27 @@ class FlipCumprod(nn.Module):
 
 
 def test_ops_under_test_really_have_no_converter():
-    for packet in (aten.sort, aten.topk, aten.flip, aten.cumprod):
+    for packet in (aten.cummax, aten.kthvalue, aten.flip, aten.cumprod):
         assert _absent(packet), f"{packet} now has a converter: pick other unsupported ops for these tests"
 
 
 def test_unsupported_ops_are_all_listed_with_nodes_and_source_lines():
     x = torch.randn(3, 6)
     with pytest.raises(UnsupportedOpsError) as info:
-        from_torch(SortTopk(), (x,), dynamic_shapes=({0: Dim("batch")},))
+        from_torch(CummaxKthvalue(), (x,), dynamic_shapes=({0: Dim("batch")},))
     err = info.value
     msg = str(err)
     assert isinstance(err, FrontendError)
     # both ops, each once, with its fx node name and its line in this file
-    assert "aten.sort.default" in msg and "aten.topk.default" in msg
-    assert "2 unsupported op(s)" in msg and msg.startswith("SortTopk:")
+    assert "aten.cummax.default" in msg and "aten.kthvalue.default" in msg
+    assert "2 unsupported op(s)" in msg and msg.startswith("CummaxKthvalue:")
     by_op = {i.op: i for i in err.items}
-    assert set(by_op) == {"aten.sort.default", "aten.topk.default"}, err.items
-    assert by_op["aten.sort.default"].node == "sort" and by_op["aten.topk.default"].node == "topk"
-    assert by_op["aten.sort.default"].source == f"{THIS_FILE}:{line_of('# <sort>')}"
-    assert by_op["aten.topk.default"].source == f"{THIS_FILE}:{line_of('# <topk>')}"
-    assert f"aten.sort.default at node sort ({THIS_FILE}:{line_of('# <sort>')})" in msg
-    assert f"aten.topk.default at node topk ({THIS_FILE}:{line_of('# <topk>')})" in msg
+    assert set(by_op) == {"aten.cummax.default", "aten.kthvalue.default"}, err.items
+    assert by_op["aten.cummax.default"].node == "cummax" and by_op["aten.kthvalue.default"].node == "kthvalue"
+    assert by_op["aten.cummax.default"].source == f"{THIS_FILE}:{line_of('# <cummax>')}"
+    assert by_op["aten.kthvalue.default"].source == f"{THIS_FILE}:{line_of('# <kthvalue>')}"
+    assert f"aten.cummax.default at node cummax ({THIS_FILE}:{line_of('# <cummax>')})" in msg
+    assert f"aten.kthvalue.default at node kthvalue ({THIS_FILE}:{line_of('# <kthvalue>')})" in msg
     # users of the unsupported results are not reported as further problems
     assert len(err.items) == 2
     assert "converters=" in msg

@@ -219,6 +219,13 @@ def int_float_inputs(b, s, g):
     return torch.randint(-5, 6, (b, s), generator=g), torch.randn(b, s, generator=g)
 
 
+def _grouped_mm_of_counts(m, x, ids):
+    """transformers' grouped matmul (its fallback op), rows split among experts by counts of ``ids``."""
+    import transformers.integrations.moe  # noqa: F401  (defines torch.ops.transformers)
+    offs = torch.cumsum(torch.histc(ids.float(), bins=3, min=0, max=2), 0, dtype=torch.int32)
+    return torch.ops.transformers.grouped_mm_fallback(x, m.w, offs)
+
+
 CASES = [
     # --- linear algebra ------------------------------------------------------------------------
     Case("linear_bias_3d", seq_module(lambda: nn.Linear(8, 6)), randn("B", "S", 8), BS, symbols=BS_SYM),
@@ -479,6 +486,26 @@ CASES = [
     Case("stack", fn(lambda m, a, b: torch.stack([a, b], 1)), randn2(("B", 4), ("B", 4)), B2),
     Case("any_all_prod", fn(lambda m, x: ((x > 0).any(-1) & (x > -3).all(-1), x.prod(-1))), randn("B", 4)),
     Case("logsumexp", fn(lambda m, x: torch.logsumexp(x, -1)), randn("B", "S", 4), BS, symbols=BS_SYM),
+    # --- routing (mixture-of-experts layers) ----------------------------------------------------
+    Case("topk", fn(lambda m, x: torch.topk(x, 2)), randn("B", 6)),
+    Case("topk_smallest_middle_axis", fn(lambda m, x: torch.topk(x, 3, dim=1, largest=False)), randn("B", 5, 4)),
+    Case("sort_descending_symbolic_axis", fn(lambda m, x: torch.sort(x, dim=-1, descending=True)), randn("B", "S"),
+         BS, symbols=BS_SYM),
+    Case("sort_int_ties_stable", fn(lambda m, i: torch.sort(i, stable=True)), ints(0, 4, "B", 8)),
+    Case("histc", fn(lambda m, x: torch.histc(x, bins=5, min=-2, max=2)), randn("B", 6)),
+    Case("histc_expert_counts", fn(lambda m, i: torch.histc(i.float(), bins=4, min=0, max=3)), ints(0, 4, "B", 2)),
+    Case("index_put_permutation", fn(lambda m, x: torch.zeros_like(x).index_put((m.perm,), x),
+                                     perm=torch.tensor([3, 0, 5, 1, 4, 2])),
+         lambda b, s, g: (torch.randn(6, b, generator=g),), lambda B, S: ({1: B},)),
+    Case("index_put_accumulate", fn(lambda m, x, i: x.new_zeros(5, 3).index_put((i,), x, accumulate=True)),
+         lambda b, s, g: (torch.randn(b, 3, generator=g), torch.randint(0, 5, (b,), generator=g)), B2),
+    Case("index_add_axis_1", fn(lambda m, x: x.new_zeros(x.shape[0], 4).index_add(1, m.i, x, alpha=2),
+                                i=torch.tensor([3, 0, 3, 1, 0, 3])), randn("B", 6)),
+    Case("empty_then_inverse_permutation", fn(lambda m, p: torch.empty_like(p).index_put_((p,), torch.arange(p.shape[0]))),
+         lambda b, s, g: (torch.randperm(b, generator=g),), lambda B, S: ({0: B},)),
+    Case("floor_divide_int", fn(lambda m, i: i // 3), ints(-20, 20, "B", 4)),
+    Case("grouped_mm_by_expert_counts", fn(_grouped_mm_of_counts, w=seeded((3, 4, 5))),
+         lambda b, s, g: (torch.randn(b, 4, generator=g), torch.randint(0, 3, (b,), generator=g)), B2),
     # --- padding -------------------------------------------------------------------------------
     Case("pad_last_dim", fn(lambda m, x: F.pad(x, (1, 2))), randn("B", "S", 3), BS, symbols=BS_SYM),
     Case("pad_two_dims_value", fn(lambda m, x: F.pad(x, (1, 0, 2, 1), value=-3.0)), randn("B", 2, 4, 5)),

@@ -10,6 +10,7 @@ from onnx import TensorProto
 
 from ...ir import Node, symbolic as sym
 from ...ir.dtypes import bool_, float32, int32
+from ...ir.ops.registry import broadcast_shapes
 from ...registry import Registry
 from ..base import BackendError
 from . import weights as W
@@ -343,17 +344,36 @@ def _gather_elements(b, node, fb):
     b.node("GatherElements", _ins(b, node, fb), _out(node), axis=node.attrs["axis"])
 
 
+def _stacked_indices(b, names: list[str], values, shape) -> str:
+    """Index tensors broadcast to ``shape`` and stacked on a last axis: the indices of GatherND and
+    ScatterND, which take one int64 tensor (IR index tensors may mix int32 and int64)."""
+    target = b.dims_1d(shape)
+    names = [i if v.dtype.name == "int64" else b.node("Cast", [i], to=TensorProto.INT64) for i, v in zip(names, values)]
+    parts = [b.node("Unsqueeze", [b.node("Expand", [i, target]), b.ints([-1])]) for i in names]
+    return parts[0] if len(parts) == 1 else b.node("Concat", parts, axis=-1)
+
+
 @rule("index")
 def _index(b, node, fb):
     x, *idx = _ins(b, node, fb)
     shape = node.outputs[0].shape[: len(node.outputs[0].shape) - (node.inputs[0].type.rank - len(idx))]
-    target = b.dims_1d(shape)
-    # index tensors may mix int32 and int64; GatherND takes one int64 tensor
-    idx = [i if v.dtype.name == "int64" else b.node("Cast", [i], to=TensorProto.INT64)
-           for i, v in zip(idx, node.inputs[1:])]
-    parts = [b.node("Unsqueeze", [b.node("Expand", [i, target]), b.ints([-1])]) for i in idx]
-    stacked = parts[0] if len(parts) == 1 else b.node("Concat", parts, axis=-1)
-    b.node("GatherND", [x, stacked], _out(node))
+    b.node("GatherND", [x, _stacked_indices(b, idx, node.inputs[1:], shape)], _out(node))
+
+
+@rule("index_put")
+def _index_put(b, node, fb):
+    x, values, *idx = _ins(b, node, fb)
+    shape = broadcast_shapes(*(v.shape for v in node.inputs[2:]))
+    updates = b.node("Expand", [values, b.dims_1d(shape + node.inputs[0].shape[len(idx):])])
+    b.node("ScatterND", [x, _stacked_indices(b, idx, node.inputs[2:], shape), updates], _out(node),
+           reduction="add" if node.attrs["accumulate"] else "none")
+
+
+@rule("topk_indices")
+def _topk_indices(b, node, fb):
+    # TopK orders ties by index, as the reference does; only its indices output is used
+    b.node("TopK", [_ins(b, node, fb)[0], b.dims_1d([node.attrs["k"]])], [b.fresh(f"{_out(node)}_values"), _out(node)],
+           axis=node.attrs["axis"], largest=int(node.attrs["largest"]), sorted=1)
 
 
 @rule("pad")
