@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from ...ir import Value, symbolic as sym
 from ...ir.dtypes import DType, int32
+from ...ir.ops.registry import broadcast_shapes
 from ...registry import Registry
+from ..base import BackendError
 from .weight_arrays import _jsonable, c_name
 from .weights import fusable_siblings, fused_linear_kernel, int8_bsr_kernel, linear_kernel
 
@@ -528,6 +530,30 @@ def _index(lw, node):
     from tvm.relax import op
     x, *idx = node.inputs
     return op.index_tensor(lw.arg(x), [lw.arg(i) for i in idx])
+
+
+@rule("index_put")
+def _index_put(lw, node):
+    from tvm.relax import op
+    x, values, *idx = node.inputs
+    where = broadcast_shapes(*(i.shape for i in idx))
+    # scatter_nd takes the index tensors broadcast and stacked on a last axis, as ONNX ScatterND
+    parts = [op.expand_dims(op.broadcast_to(op.astype(lw.arg(i), "int64"), lw.shape(where)), -1) for i in idx]
+    stacked = parts[0] if len(parts) == 1 else op.concat(parts, axis=-1)
+    updates = op.broadcast_to(lw.arg(values), lw.shape(tuple(where) + tuple(x.shape[len(idx):])))
+    return op.scatter_nd(lw.arg(x), stacked, updates, reduction="add" if node.attrs["accumulate"] else "update")
+
+
+@rule("topk_indices")
+def _topk_indices(lw, node):
+    from tvm.relax import op
+    x, k, axis = node.inputs[0], node.attrs["k"], node.attrs["axis"] % node.inputs[0].type.rank
+    if sym.equal(k, x.shape[axis]):
+        k = 0                                   # relax's topk takes k < 1 for "all": an argsort
+    if not isinstance(k, int):
+        raise BackendError(f"node {node.name} (topk_indices): k = {k} is symbolic and not the whole axis; "
+                           "the tvm backend needs it fixed: compile with static shapes")
+    return op.topk(lw.arg(x), k=k, axis=axis, ret_type="indices", largest=node.attrs["largest"], dtype="int64")
 
 
 @rule("pad")
