@@ -347,20 +347,47 @@ def _gather_elements(lw, node):
     return _undata(node, y)
 
 
-@rule("index")
-def _index(lw, node):
+def _coords(lw, x, idx):
+    """The index tensors of x[i0, i1, ...] as gather_nd / scatter_nd coordinates: each broadcast
+    to the common shape (adding zeros of the others), then stacked on a last axis."""
     mb = _mb()
-    x, *idx = node.inputs
     parts = [_index_operand(lw, v, x.shape[k]) for k, v in enumerate(idx)]
-    # broadcast every index tensor to the common shape (adding zeros of the others), then stack
-    # them on a last axis for gather_nd
     zero = None
     for p in parts:
         z = mb.mul(x=p, y=np.int32(0))
         zero = z if zero is None else mb.add(x=zero, y=z)
     stacked = [mb.expand_dims(x=mb.add(x=p, y=zero), axes=[-1]) for p in parts]
-    coords = stacked[0] if len(stacked) == 1 else mb.concat(values=stacked, axis=-1)
-    return _undata(node, mb.gather_nd(x=_data(lw, x), indices=coords))
+    return stacked[0] if len(stacked) == 1 else mb.concat(values=stacked, axis=-1)
+
+
+@rule("index")
+def _index(lw, node):
+    x, *idx = node.inputs
+    return _undata(node, _mb().gather_nd(x=_data(lw, x), indices=_coords(lw, x, idx)))
+
+
+@rule("index_put")
+def _index_put(lw, node):
+    mb = _mb()
+    x, values, *idx = node.inputs
+    coords = _coords(lw, x, idx)
+    data = _data(lw, x)
+    # scatter_nd takes updates of the indexed shape: the values broadcast onto zeros of it
+    zeros = mb.fill(shape=mb.shape(x=mb.gather_nd(x=data, indices=coords)), value=lw.const(0, x.dtype))
+    updates = mb.add(x=zeros, y=_data(lw, values))
+    return _undata(node, mb.scatter_nd(data=data, indices=coords, updates=updates,
+                                       mode="add" if node.attrs["accumulate"] else "update"))
+
+
+@rule("topk_indices")
+def _topk_indices(lw, node):
+    mb, x = _mb(), node.inputs[0]
+    axis, k = node.attrs["axis"] % x.type.rank, node.attrs["k"]
+    if sym.equal(k, x.shape[axis]):
+        return mb.argsort(x=_x(lw, node), axis=axis, ascending=not node.attrs["largest"])
+    if not isinstance(k, int):
+        raise no_equivalent(node, f": k = {k} is symbolic and not the whole axis; MIL topk takes a fixed k")
+    return mb.topk(x=_x(lw, node), k=k, axis=axis, ascending=not node.attrs["largest"])[1]
 
 
 @rule("pad")

@@ -169,8 +169,24 @@ def creation_quant_graph() -> Graph:
     return g
 
 
+def routing_graph() -> Graph:
+    """A mixture-of-experts layer's routing ops: top-k, an argsort of a symbolic axis, scatter-add."""
+    g = Graph("routing")
+    x = g.add_input("x", tensor("f32", "batch", "seq", 6))
+    i = g.add_input("i", tensor("i64", "batch", "seq"))
+    best = g.op("topk_indices", x, k=2)
+    order = g.op("topk_indices", x, k="seq", axis=1, largest=False)
+    rows = g.op("reshape", x, shape=[-1, 6])
+    added = g.op("index_put", w(g, "table", torch.randn(4, 6)), rows, g.op("reshape", i, shape=[-1]), accumulate=True)
+    first = g.op("neg", g.op("slice", x, axis=0, start=0, end=1))
+    written = g.op("index_put", x, first, w(g, "row0", torch.tensor([0])))
+    g.set_outputs([best, order, added, written])
+    return g
+
+
 GRAPHS = {"unary": unary_graph, "binary": binary_graph, "shapes": shape_graph, "reduce": reduce_graph,
-          "nn": nn_graph, "conv": conv_graph, "linalg": linalg_graph, "creation_quant": creation_quant_graph}
+          "nn": nn_graph, "conv": conv_graph, "linalg": linalg_graph, "creation_quant": creation_quant_graph,
+          "routing": routing_graph}
 # MIL op types each graph's saved program must hold (coremltools' passes may fuse others)
 EXPECTED_MIL = {
     "unary": {"exp", "sigmoid", "tanh", "erf", "silu", "sin", "cos", "floor", "ceil", "sigmoid_hard", "gelu",
@@ -184,6 +200,7 @@ EXPECTED_MIL = {
     "conv": {"conv", "max_pool", "avg_pool", "reduce_mean"},
     "linalg": {"linear", "matmul"},
     "creation_quant": {"fill", "quantize", "dequantize"},
+    "routing": {"topk", "argsort", "scatter_nd"},
 }
 
 
