@@ -529,6 +529,10 @@ def _gather_elements(lw, node):
 def _index(lw, node):
     from tvm.relax import op
     x, *idx = node.inputs
+    if len(idx) == 1:
+        # x[i] is a take along axis 0; index_tensor fused after an elementwise producer of its
+        # indices fails TVM's FuseTIR ("global_name != fused")
+        return op.take(lw.arg(x), lw.arg(idx[0]), axis=0, mode="wrap")
     return op.index_tensor(lw.arg(x), [lw.arg(i) for i in idx])
 
 

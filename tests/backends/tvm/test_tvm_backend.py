@@ -257,7 +257,9 @@ def routing_graph() -> Graph:
     added = g.op("index_put", w(g, "table", torch.randn(4, 6)), rows, g.op("reshape", i, shape=[-1]), accumulate=True)
     first = g.op("neg", g.op("slice", x, axis=0, start=0, end=1))
     written = g.op("index_put", x, first, w(g, "row0", torch.tensor([0])))
-    g.set_outputs([best, order, added, written])
+    # rows picked by computed indices (index fused after an elementwise op failed TVM's FuseTIR)
+    picked = g.op("index", w(g, "experts", torch.randn(8, 3)), g.op("add", i, w(g, "offset", torch.tensor(4))))
+    g.set_outputs([best, order, added, written, picked])
     return g
 
 
