@@ -21,7 +21,7 @@ def compile(model, target: str | Target, recipe=None, *, example_inputs=None, ca
             check_inputs=None, dynamic_shapes=None, input_names=None, output_names=None,
             name: str | None = None, progress: bool = False, trust_code: bool = False,
             batch_sizes=None, allow_nonfinite: bool = False, calibration_source: str | None = None,
-            max_len: int | None = None, head: str = "w8") -> Bundle:
+            max_len: int | None = None, head: str = "w8", converters: dict | None = None) -> Bundle:
     """Import ``model``, compress it with ``recipe`` and write a bundle for ``target``.
 
     model: torch.nn.Module, torch.export.ExportedProgram, or path to an .onnx file; with
@@ -54,14 +54,25 @@ def compile(model, target: str | Target, recipe=None, *, example_inputs=None, ca
         at these batch sizes against the same graph dense on its backend and against torch eager,
         and the tvm backend picks per shape between each compressed kernel and the dense one
         (nnforge.speed; default (1, 32), or $NNFORGE_BATCH_SIZES; () measures nothing).
+    converters: converters for ops the importer lacks, or replacing its own, by op: for a torch model
+        a torch op or its name ("aten.topk.default") -> ``fn(cx, node)`` returning the IR value (a
+        tuple for an op with several outputs), where ``node`` is the torch.fx node and ``cx`` the
+        :class:`~nnforge.frontend.torch_context.TorchContext` (``cx.value(arg)``, ``cx.emit(op, *inputs,
+        **attrs)``, ``cx.const``, ``cx.shape``); for an .onnx file an op type ("TopK") -> ``fn(cx)``
+        reading ``cx.node``. nnforge's own are in nnforge/frontend/torch_ops.py and onnx_ops.py.
 
         >>> nf.compile(model, "onnx", "w4-gptq", example_inputs=(x,), calibration=batches)
+        >>> def cumprod(cx, node):            # exp(cumsum(log x)), for positive x
+        ...     x = cx.emit("log", cx.value(node.args[0]), name=f"{node.name}_log")
+        ...     return cx.emit("exp", cx.emit("cumsum", x, axis=node.args[1], name=f"{node.name}_sum"))
+        >>> nf.compile(model, "cpu", example_inputs=(x,), converters={"aten.cumprod.default": cumprod})
     """
     return pipeline.compile(model, target, recipe, example_inputs=example_inputs, calibration=calibration, out=out,
                             check_inputs=check_inputs, dynamic_shapes=dynamic_shapes, input_names=input_names,
                             output_names=output_names, name=name, progress=progress, trust_code=trust_code,
                             batch_sizes=batch_sizes, allow_nonfinite=allow_nonfinite,
-                            calibration_source=calibration_source, max_len=max_len, head=head)
+                            calibration_source=calibration_source, max_len=max_len, head=head,
+                            converters=converters)
 
 
 def load(path, device: str | None = None, *, target: str | None = None, key=None):

@@ -84,10 +84,14 @@ def _compile(args) -> int:
         except ValueError:
             raise UsageError(f"--batch-sizes takes a comma list of positive integers or 'none', "
                              f"got {args.batch_sizes!r}") from None
-    bundle = nf.compile(model, args.target, args.recipe, example_inputs=example, calibration=calibration,
-                        calibration_source=source, check_inputs=check, out=args.out, dynamic_shapes=dyn,
-                        input_names=ins, output_names=outs, progress=True, batch_sizes=batch_sizes,
-                        allow_nonfinite=args.allow_nonfinite, **decoder_options)
+    from .frontend.errors import UnsupportedOpsError
+    try:
+        bundle = nf.compile(model, args.target, args.recipe, example_inputs=example, calibration=calibration,
+                            calibration_source=source, check_inputs=check, out=args.out, dynamic_shapes=dyn,
+                            input_names=ins, output_names=outs, progress=True, batch_sizes=batch_sizes,
+                            allow_nonfinite=args.allow_nonfinite, **decoder_options)
+    except UnsupportedOpsError as e:        # its hint names a Python argument the CLI has no flag for
+        raise UnsupportedOpsError(e.model, e.items, e.failed, e.frontend, cli=True) from None
     m = bundle.manifest
     c = m["compression"]
     print(f"wrote {bundle.path} ({bundle.size_bytes / 1e6:.1f} MB; weights {c['bytes_before'] / 1e6:.1f} -> "

@@ -50,7 +50,7 @@ def compile(model, target: str | Target, recipe=None, *, example_inputs=None, ca
             check_inputs=None, dynamic_shapes=None, input_names=None, output_names=None,
             name: str | None = None, progress: bool = False, trust_code: bool = False,
             batch_sizes=None, allow_nonfinite: bool = False, calibration_source: str | None = None,
-            max_len: int | None = None, head: str = "w8") -> Bundle:
+            max_len: int | None = None, head: str = "w8", converters: dict | None = None) -> Bundle:
     """Stages 1-7 (module docstring); the arguments are ``nnforge.compile``'s."""
     timings: dict[str, float] = {}
     memory: dict[str, int | None] = {}
@@ -93,7 +93,8 @@ def compile(model, target: str | Target, recipe=None, *, example_inputs=None, ca
                     check_inputs = decoder.text_batches(check_inputs)
             else:
                 graph, source = import_model(model, example, dynamic_shapes=dynamic_shapes, input_names=input_names,
-                                             output_names=output_names, name=name, trust_code=trust_code)
+                                             output_names=output_names, name=name, trust_code=trust_code,
+                                             converters=converters)
             out_dir = Path(out) if out is not None else Path("bundles") / f"{graph.name.lower()}-{tgt.name}"
             claims.enter_context(claim_out(out_dir))
             data = split(graph, passes, example, calibration=calibration, check_inputs=check_inputs,

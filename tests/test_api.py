@@ -295,3 +295,26 @@ def test_targets():
     assert onnx_t.can_run() == (True, "ok")
     assert onnx_t.backend == "onnx" and onnx_t.kind == "portable"
     assert "int8" in onnx_t.native_formats
+
+
+class _Cumprod(torch.nn.Module):
+    def forward(self, x):
+        return torch.cumprod(x, 1) * 2
+
+
+def _cumprod(cx, node):                       # exp(cumsum(log x)): for the positive inputs of this test
+    x = cx.emit("log", cx.value(node.args[0]), name=f"{node.name}_log")
+    return cx.emit("exp", cx.emit("cumsum", x, axis=node.args[1], name=f"{node.name}_sum"))
+
+
+def test_compile_takes_converters_by_op_name(tmp_path):
+    x = torch.rand(3, 5) + 0.5
+    with pytest.raises(FrontendError) as info:
+        nf.compile(_Cumprod(), "onnx", example_inputs=(x,), out=tmp_path / "refused")
+    assert ("Add a converter for each: nf.compile(..., converters={'aten.cumprod.default': fn}) with "
+            "fn(cx, node) returning the IR value") in str(info.value)
+    assert not (tmp_path / "refused").exists()
+    bundle = nf.compile(_Cumprod(), "onnx", example_inputs=(x,), out=tmp_path / "b",
+                        converters={"aten.cumprod.default": _cumprod})
+    fresh = torch.rand(3, 5) + 0.5
+    torch.testing.assert_close(nf.load(bundle.path)(fresh), _Cumprod()(fresh), rtol=1e-5, atol=1e-5)

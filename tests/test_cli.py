@@ -426,3 +426,19 @@ def test_compile_prints_the_passes_warnings_and_inspect_shows_them(capsys, onnx_
     assert gptq["warnings"] == [warned[0].removeprefix("  warning: ")]
     rc, shown, _ = run_cli(capsys, "inspect", out)
     assert rc == 0 and warned[0] in shown.splitlines()
+
+
+def test_an_unsupported_op_says_the_cli_takes_no_converters(capsys, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+    graph = helper.make_graph([helper.make_node("Hardmax", ["x"], ["y"], axis=-1)], "hardmax",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])])
+    path = tmp_path / "hardmax.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), str(path))
+    rc, _, err = run_cli(capsys, "compile", path, "--target", "onnx", "--out", tmp_path / "b")
+    assert rc == EXIT_BAD_INPUT
+    assert "1 unsupported op(s) (Hardmax)" in err and "Hardmax at node" in err
+    assert ("The CLI cannot take converters (they are Python functions): compile from Python with "
+            "nf.compile(..., converters={'Hardmax': fn})") in err
+    assert not (tmp_path / "b").exists()

@@ -35,34 +35,37 @@ MODEL_FILES = ".onnx (ONNX), .pt2 (torch.export.save; trust_code=True), .pt/.pth
 
 
 def import_model(model, example_inputs, *, dynamic_shapes=None, input_names=None, output_names=None,
-                 name=None, trust_code: bool = False) -> tuple[Graph, str]:
+                 name=None, trust_code: bool = False, converters: dict | None = None) -> tuple[Graph, str]:
     """(IR graph, source kind) for a torch module, an ExportedProgram, a Graph, or a model file.
 
     A model file is an .onnx file, or with ``trust_code=True`` a file whose loading runs code: a
     TorchScript archive, a pickled nn.Module or a torch.export .pt2 archive. Without it these are
-    refused before anything in them is unpickled or run (see :func:`read_torch_file`)."""
+    refused before anything in them is unpickled or run (see :func:`read_torch_file`). ``converters``
+    add or override the frontend's op converters (see ``nnforge.compile``)."""
     if isinstance(model, Graph):
         return model, "ir"
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
         if path.suffix.lower() == ".onnx":
             from .onnx_import import from_onnx
-            return from_onnx(path, name=name, output_names=output_names), "onnx"
+            return from_onnx(path, name=name, output_names=output_names, converters=converters), "onnx"
         loaded, source = read_torch_file(path, trust_code=trust_code)
         program = _script_to_export(loaded, example_inputs, path) if source == "torchscript" else loaded
         graph, _ = import_model(program, example_inputs, dynamic_shapes=dynamic_shapes, input_names=input_names,
-                                output_names=output_names, name=name or sanitize_name(path.stem))
+                                output_names=output_names, name=name or sanitize_name(path.stem),
+                                converters=converters)
         if isinstance(loaded, torch.nn.Module):
             graph.meta["frontend_check"] = check_import(loaded, graph, as_tuple(example_inputs))
         return graph, source
     if isinstance(model, torch.export.ExportedProgram):
         from .torch_export import from_exported_program
         return from_exported_program(model, name=name or "model", input_names=input_names,
-                                     output_names=output_names, dynamic_shapes=dynamic_shapes), "torch.export"
+                                     output_names=output_names, dynamic_shapes=dynamic_shapes,
+                                     converters=converters), "torch.export"
     if isinstance(model, torch.nn.Module):
         from .torch_export import from_torch
         return from_torch(model, as_tuple(example_inputs), dynamic_shapes=dynamic_shapes, input_names=input_names,
-                          output_names=output_names, name=name), "torch"
+                          output_names=output_names, name=name, converters=converters), "torch"
     raise FrontendError(f"cannot compile a {type(model).__name__}: pass a torch.nn.Module, an ExportedProgram "
                         "or the path of a model file: " + MODEL_FILES)
 

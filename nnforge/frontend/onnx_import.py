@@ -133,7 +133,7 @@ def from_onnx(path: str | Path, *, name: str | None = None, output_names: list[s
             if o_name:
                 cx.env[o_name] = o
     if problems:
-        raise UnsupportedOpsError(str(path), problems, failed)
+        raise UnsupportedOpsError(str(path), problems, failed, "onnx")
     if failed:
         raise ShapeRuleError(str(path), failed)
 
