@@ -35,7 +35,7 @@ from .bundle.store import Bundle
 from .figures import compression_report, layer_fidelity
 from .frontend import FrontendError, as_tuple, check_import, import_model
 from .frontend.decoders.builder import HEAD_LAYER
-from .frontend.decoders.importer import describe_text, import_decoder, is_causal_lm, is_text
+from .frontend.decoders.importer import describe_text, import_decoder, is_causal_lm, is_text, stateless_lm
 from .heldout import calibration_batches, refuse_nonfinite_outputs, require_calibration, split
 from .ir import Graph, Interpreter, save_graph
 from .numerics import BACKEND_TOLERANCE, compare, fidelity, json_safe, within, within_rounding
@@ -60,6 +60,10 @@ def compile(model, target: str | Target, recipe=None, *, example_inputs=None, ca
     backend = get_backend(tgt.backend)
     recipe_name, passes = resolve_recipe(recipe, tgt.options.get("pass_defaults"))
     decoding = is_causal_lm(model)
+    if decoding and isinstance(model, torch.nn.Module):
+        wrapped = stateless_lm(model, example_inputs)
+        if wrapped is not None:             # a family with no decoder builder: its logits as a graph
+            name, model, decoding = name or type(model).__name__, wrapped, False
     if decoding:                # timed in tokens/s by generation (nnforge generate, benchmarks/llm.py)
         batch_sizes = ()
         require_calibration(passes, None if calibration is None else [calibration], recipe_name)

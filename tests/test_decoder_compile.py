@@ -272,3 +272,20 @@ def test_text_and_token_input_errors(tmp_path, capsys):
     assert "has no tokenizer, so it cannot read" in capsys.readouterr().err
     assert main(["generate", str(out), "hi"]) == 2
     assert "give the prompt as token ids with --ids" in capsys.readouterr().err
+
+
+def test_a_causal_lm_of_an_unknown_family_compiles_as_a_stateless_graph_of_its_logits(tmp_path):
+    from tests.architectures import ARCHITECTURES
+    arch = ARCHITECTURES["mixtral"]
+    lm = arch.build().lm                                        # MixtralForCausalLM itself, no wrapper
+    with pytest.raises(FrontendError, match=r"model_type 'mixtral'\) is not a decoder family nnforge knows; .*"
+                                            r"To compile it as a stateless graph of its logits \(no KV cache, no "
+                                            r"generate\(\)\), give example_inputs=\(input_ids,\)"):
+        nf.compile(lm, "onnx", out=tmp_path / "refused")
+    with pytest.warns(UserWarning, match=r"MixtralForCausalLM: .*compiling it as a stateless graph of its logits"):
+        bundle = nf.compile(lm, "onnx", example_inputs=arch.inputs(batch=1, size=8, seed=0), out=tmp_path / "b")
+    assert bundle.manifest["model"]["name"] == "MixtralForCausalLM"
+    ids = arch.inputs(batch=1, size=8, seed=3)[0]
+    with torch.no_grad():
+        want = lm(ids, use_cache=False).logits
+    torch.testing.assert_close(nf.load(bundle.path)(ids), want, rtol=1e-4, atol=1e-4)

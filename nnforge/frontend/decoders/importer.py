@@ -8,6 +8,7 @@ for the held-out check, as input tuples of the graph (ids, positions, a zero cac
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from ...passes.recipes import HEAD_FORMATS
 from ..errors import FrontendError
 from .builder import INPUT_IDS, LOGITS, POSITIONS, build, cache_shape, state_pairs
 from .loader import LoadedCausalLM, load_causal_lm
-from .spec import DecoderSpec, spec_from_config
+from .spec import DecoderSpec, family_of, spec_from_config
 
 DEFAULT_MAX_LEN = 512
 # Text for the held-out check when no data is given and no pass reads any (nnforge.heldout): a
@@ -48,6 +49,38 @@ def is_causal_lm(model) -> bool:
         return isinstance(model, PreTrainedModel) and isinstance(model, GenerationMixin) and \
             not getattr(model.config, "is_encoder_decoder", False)
     return False
+
+
+class CausalLMLogits(torch.nn.Module):
+    """forward(input_ids, ...) -> the logits of a causal LM run without a cache: a stateless graph,
+    which is how a causal LM of a family the decoder frontend does not know is compiled."""
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, *rest):
+        return self.lm(input_ids, *rest, use_cache=False).logits
+
+
+def stateless_lm(model: torch.nn.Module, example_inputs) -> CausalLMLogits | None:
+    """For a transformers causal LM whose family has no decoder builder: with ``example_inputs``,
+    the model wrapped as :class:`CausalLMLogits`, with a warning saying what the bundle is; without,
+    the family error, saying how to compile it that way. None for a family the frontend knows."""
+    config = getattr(model, "config", None)
+    try:
+        family_of(config, where=type(model).__name__)
+        return None
+    except FrontendError as e:
+        unknown = str(e)
+    if example_inputs is None:
+        raise FrontendError(f"{unknown}. To compile it as a stateless graph of its logits (no KV cache, no "
+                            "generate()), give example_inputs=(input_ids,): nnforge then traces the logits of "
+                            "forward(input_ids, use_cache=False), as a module returning model(ids, "
+                            "use_cache=False).logits would")
+    warnings.warn(f"{unknown}: compiling it as a stateless graph of its logits, forward(input_ids, "
+                  "use_cache=False).logits traced with example_inputs (no KV cache, no generate())", stacklevel=4)
+    return CausalLMLogits(model).eval()
 
 
 @dataclass
