@@ -18,7 +18,7 @@ from tests.architectures import ARCHITECTURES
 MIXTRAL = ARCHITECTURES["mixtral"]
 # (target, largest error allowed against torch, relative to the logits' scale): float32 backends
 # are float32 apart; Triton computes in float16
-RUNS_HERE = {"onnx": 1e-5, "cpu": 1e-5, "h100": 5e-3}
+RUNS_HERE = {"onnx": 1e-5, "cpu": 1e-5, "mlir": 1e-5, "h100": 5e-3}
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +33,8 @@ def _compile(model, target, out):
 
 @pytest.mark.parametrize("target", sorted(RUNS_HERE))
 def test_mixtral_compiles_verifies_and_matches_torch(model, tmp_path, target):
-    if target == "cpu":
-        pytest.importorskip("tvm")
+    if target in ("cpu", "mlir"):
+        pytest.importorskip({"cpu": "tvm", "mlir": "torch_mlir"}[target])
     bundle = _compile(model, target, tmp_path / "b")
     assert nf.verify(bundle.path)["passed"]
     runner = nf.load(bundle.path)

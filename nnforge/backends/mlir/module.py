@@ -1,5 +1,6 @@
 """An IR graph as a ``torch.nn.Module`` that torch.export can trace: every node runs through its op's
-reference kernel (the interpreter's dispatch), every encoded weight is a submodule of integer
+reference kernel (the interpreter's dispatch; :mod:`.linalg_kernels` for the few torch-mlir cannot
+lower to linalg), every encoded weight is a submodule of integer
 buffers that decodes itself in ``forward`` (see :mod:`.weights`).
 
 Dimension symbols are bound from the inputs' sizes on every call, as the interpreter binds them.
@@ -15,6 +16,7 @@ from torch.fx.traceback import annotate
 from ...ir import Graph, WEIGHT_OPS, symbolic as sym
 from ...ir.ops import WEIGHT_SLOT, RunContext, get_op
 from ..base import Fallback
+from .linalg_kernels import KERNELS
 from .weights import Site, weight_module
 
 # The keys under which every traced op carries the IR node it came from (torch.export keeps them in
@@ -77,7 +79,10 @@ class GraphModule(torch.nn.Module):
         for node in g.nodes:
             with annotate({NODE_KEY: node.name, OP_KEY: node.op}):
                 args = [None if v is None else weight(v.name) if v.is_weight else vals[v] for v in node.inputs]
-                outs = get_op(node.op).run(ctx, args, node.attrs)
+                if node.op in KERNELS:
+                    outs = [KERNELS[node.op](ctx, *args, **node.attrs)]
+                else:
+                    outs = get_op(node.op).run(ctx, args, node.attrs)
             for o, t in zip(node.outputs, outs):
                 vals[o] = t
         outs = tuple(weight(v.name) if v.is_weight else vals[v] for v in g.outputs)

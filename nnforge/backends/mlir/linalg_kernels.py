@@ -1,0 +1,58 @@
+"""Kernels the mlir backend's module runs in place of an op's reference kernel, where torch-mlir
+lowers the reference's torch call to its ``tm_tensor`` dialect (sort, scatter, scan), which the
+linalg-on-tensors, TOSA and StableHLO modules cannot hold: the same results from compares,
+sums and gathers it lowers everywhere. They compute in O(n^2) (top-k, cumsum) and O(rows x
+updates) (index_put) memory, like the one-hot forms of nnforge.passes.decompose."""
+from __future__ import annotations
+
+import torch
+
+
+def topk_indices(ctx, x, k, axis, largest):
+    """Each element's place in the stable order is the count of elements before it (better, or
+    equal at a lower index); the indices are read off the first k places."""
+    k = ctx.dim(k)
+    xs = x.movedim(axis, -1)
+    n = xs.shape[-1]
+    mine, other = xs.unsqueeze(-1), xs.unsqueeze(-2)                 # [..., i, 1] and [..., 1, j]
+    beats = other > mine if largest else other < mine
+    order = torch.arange(n, device=x.device)
+    earlier = order.unsqueeze(0) < order.unsqueeze(1)                  # [i, j]: j comes before i
+    place = (beats | ((other == mine) & earlier)).sum(-1)              # [..., i]
+    at = place.unsqueeze(-2) == torch.arange(k, device=x.device).unsqueeze(-1)     # [..., place, i]
+    return torch.where(at, order, torch.zeros_like(order)).sum(-1).movedim(-1, axis)
+
+
+def index_put(ctx, x, values, *indices, accumulate):
+    """x's indexed axes flattened to one of P rows; each of the N writes is a one-hot row of a
+    [P, N] match, summed when accumulating, else the last write to a row wins."""
+    used = len(indices)
+    lead, rest = x.shape[:used], x.shape[used:]
+    idx = torch.broadcast_tensors(*indices)
+    flat = torch.zeros_like(idx[0], dtype=torch.int64)
+    for i, size in zip(idx, lead):
+        i = i.to(torch.int64)
+        flat = flat * size + torch.where(i < 0, i + size, i)
+    flat = flat.reshape(-1)
+    rows, writes = x.reshape(-1, *rest), values.broadcast_to(*idx[0].shape, *rest).reshape(flat.shape[0], *rest)
+    match = torch.arange(rows.shape[0], device=x.device).unsqueeze(1) == flat.unsqueeze(0)     # [P, N]
+    spread = match.reshape(*match.shape, *[1] * len(rest))
+    if accumulate:
+        added = torch.where(spread, writes.unsqueeze(0), torch.zeros_like(writes).unsqueeze(0)).sum(1)
+        return (rows + added.to(rows.dtype)).reshape(x.shape)
+    order = torch.arange(flat.shape[0], device=x.device)
+    last = torch.where(match, order, torch.full_like(order, -1)).amax(1)                     # [P]
+    taken = torch.index_select(writes, 0, last.clamp(min=0))
+    written = (last >= 0).reshape(-1, *[1] * len(rest))
+    return torch.where(written, taken, rows).reshape(x.shape)
+
+
+def cumsum(ctx, x, axis):
+    """Element i is the sum of elements 0..i: a lower-triangular match summed."""
+    xs = x.movedim(axis, -1)
+    order = torch.arange(xs.shape[-1], device=x.device)
+    upto = order.unsqueeze(0) <= order.unsqueeze(1)                    # [i, j]: j at or before i
+    return torch.where(upto, xs.unsqueeze(-2), torch.zeros_like(xs).unsqueeze(-2)).sum(-1, dtype=x.dtype).movedim(-1, axis)
+
+
+KERNELS = {"topk_indices": topk_indices, "index_put": index_put, "cumsum": cumsum}
