@@ -49,9 +49,10 @@ class Fn(torch.nn.Module):
 
 
 @pytest.mark.parametrize("f, message", [
-    (lambda x: torch.histc(x, bins=4), r"aten.histc.default at node histc .*: histc with min == max takes its "
-                                       r"range from the data; give the range explicitly"),
-    (_write_around_a_whole_axis, r"aten.index_put.default at node index_put .*None \(whole\) dimensions between its index tensors"),
+    (lambda x: torch.histc(x, bins=4), (r"aten.histc.default at node histc .*: histc with min == max takes its "
+                                        r"range from the data; give the range explicitly")),
+    (_write_around_a_whole_axis,
+     r"aten.index_put.default at node index_put .*None \(whole\) dimensions between its index tensors"),
 ], ids=["histc-without-range", "index_put-gap"])
 def test_routing_calls_nnforge_cannot_convert_name_their_node(f, message):
     with pytest.raises(UnsupportedOpsError, match=message):
