@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from nnforge.frontend.decoders.importer import CausalLMLogits as Logits  # forward(input_ids) -> logits
 from tests.frontend.decoders.families import tiny_model
 
 VOCAB = 128
@@ -33,17 +34,6 @@ class Architecture:
     input_names: tuple[str, ...]
     sizes: tuple[int, ...] = (8, 12, 16)             # example size first, then two others
     convolutional: bool = False
-
-
-class Logits(nn.Module):
-    """forward(input_ids) -> logits of a causal LM, without a cache (a stateless graph)."""
-
-    def __init__(self, lm):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, input_ids):
-        return self.lm(input_ids=input_ids, use_cache=False).logits
 
 
 class FirstOutput(nn.Module):

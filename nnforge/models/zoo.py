@@ -15,6 +15,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..frontend.decoders.importer import CausalLMLogits
+
 
 class BasicBlock(nn.Module):
     expansion = 1
@@ -76,17 +78,6 @@ class ResNet(nn.Module):
 def resnet18(num_classes: int = 1000) -> ResNet:
     torch.manual_seed(0)
     return ResNet((2, 2, 2, 2), num_classes).eval()
-
-
-class CausalLMLogits(nn.Module):
-    """Wraps a transformers causal LM so that forward(input_ids) returns logits only."""
-
-    def __init__(self, lm):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, input_ids):
-        return self.lm(input_ids=input_ids, use_cache=False).logits
 
 
 def llama(hidden: int = 256, layers: int = 2, heads: int = 8, kv_heads: int = 4, vocab: int = 1024,
