@@ -25,7 +25,9 @@ in the example traced at size 2, the same way.
 from __future__ import annotations
 
 import inspect
+import logging
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -50,6 +52,19 @@ class Attempt:
     spec: object
     note: str
     last: bool = False
+
+
+@contextmanager
+def quiet_specialisation():
+    """torch.export logs a warning for each Dim.AUTO axis it fixes at an example size of 1; nnforge
+    widens such axes itself and reports what it kept (the manifest's model.shapes)."""
+    log = logging.getLogger("torch._export.non_strict_utils")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def is_static_request(dynamic_shapes) -> bool:
@@ -418,4 +433,4 @@ def axis_name(input_name: str, value, axis: int) -> str:
 
 
 __all__ = ["AUTO_NOTE", "Attempt", "STATIC", "UnkeptGuard", "attempts", "auto_spec", "axis_name",
-           "constraint_error", "fixed_widened_axis", "is_static_request", "settle_guards", "shape_guards"]
+           "constraint_error", "fixed_widened_axis", "is_static_request", "quiet_specialisation", "settle_guards", "shape_guards"]

@@ -22,7 +22,7 @@ from ..ir.graph import GraphError
 from ..ir.verifier import verify
 from .errors import FrontendError, Unsupported, UnsupportedError, UnsupportedOpsError
 from .free_axes import (UnkeptGuard, attempts, axis_name, constraint_error, fixed_widened_axis, is_static_request,
-                         settle_guards, shape_guards)
+                         quiet_specialisation, settle_guards, shape_guards)
 from .torch_context import TorchContext, module_path, source_line
 from .torch_context import Converter, sympy_to_dim  # noqa: F401  (re-exported: they were defined here)
 from . import torch_routing  # noqa: F401  (registers the routing converters)
@@ -285,7 +285,8 @@ def from_torch(model: torch.nn.Module, example_inputs, *, dynamic_shapes=None, i
     for tried in attempts(model, example, dynamic_shapes):
         imported = False
         try:
-            ep = export_module(model, tried.example, tried.spec, input_names=input_names)
+            with quiet_specialisation():
+                ep = export_module(model, tried.example, tried.spec, input_names=input_names)
             imported = True
             if fixed_widened_axis(ep, tried, example):
                 continue

@@ -474,9 +474,22 @@ def _gather(cx, n):
 @register(aten.index.Tensor)
 def _index(cx, n):
     x, indices = n.args
-    if any(i is None for i in indices):
-        raise UnsupportedError("advanced indexing with None (skipped) dimensions")
-    return cx.emit("index", cx.value(x), *(cx.value(i) for i in indices))
+    lead = next((k for k, i in enumerate(indices) if i is not None), len(indices))
+    last = max((k for k, i in enumerate(indices) if i is not None), default=-1)
+    picked = list(indices[lead:last + 1])       # trailing Nones: whole axes, as if not listed
+    if any(i is None for i in picked):
+        raise UnsupportedError("advanced indexing with index tensors on axes that are not next to each other "
+                               "(a None, that is a whole axis, between two of them)")
+    if lead == 0:
+        return cx.emit("index", cx.value(x), *(cx.value(i) for i in picked))
+    # x[:, :, i, j] (reflect and replicate padding, say): the indexed axes moved to the front, indexed,
+    # and the whole leading axes moved back before the indexed result's axes
+    rank = cx.meta(x).dim()
+    order = list(range(lead, rank)) + list(range(lead))
+    front = cx.emit("permute", cx.value(x), perm=order, name=f"{n.name}_front")
+    got = cx.emit("index", front, *(cx.value(i) for i in picked), name=f"{n.name}_picked")
+    out_rank = cx.meta(n).dim()
+    return cx.emit("permute", got, perm=list(range(out_rank - lead, out_rank)) + list(range(out_rank - lead)))
 
 
 @register(aten.constant_pad_nd.default)

@@ -511,6 +511,10 @@ CASES = [
     Case("pad_two_dims_value", fn(lambda m, x: F.pad(x, (1, 0, 2, 1), value=-3.0)), randn("B", 2, 4, 5)),
     Case("pad_int_value", fn(lambda m, i: F.pad(i, (2, 1), value=7)), ints(0, 3, "B", "S"), BS, symbols=BS_SYM),
     Case("pad_symbolic_axis", fn(lambda m, x: F.pad(x, (0, 0, 1, 1))), randn("B", "S", 3), BS, symbols=BS_SYM),
+    # reflect and replicate padding index whole leading axes with None: x[:, :, rows] then x[..., cols]
+    Case("pad_reflect_2d", fn(lambda m, x: F.pad(x, (1, 2, 2, 1), mode="reflect")), randn("B", 2, 6, 5)),
+    Case("pad_replicate_1d", fn(lambda m, x: F.pad(x, (3, 1), mode="replicate")), randn("B", 3, 7)),
+    Case("index_middle_axis", fn(lambda m, x: x[:, torch.tensor([2, 0, 1])] * 2), randn("B", 3, 4)),
 ]
 
 _ids = [c.id for c in CASES]
