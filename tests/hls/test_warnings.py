@@ -5,7 +5,8 @@ A few graphs hold the parameter sets as separate layers (int2..int8 codes with p
 group scales, symmetric and not; N:M 2:4 / 1:4 / 2:8 with int or minifloat kept values; dense and
 fp32 weights (int16 codes, accumulators past 64 bits); LUT-decoded minifloats e2m1 / e2m3 / e3m2 /
 e4m3; activations, norms, softmax, element-wise and index ops; int / bool values; constant buffers
-(IR full, weights read as values)); four option sets vary the activation format (9, 16, 24 and 32
+(IR full, weights read as values); convolutions (1-D, 2-D, depthwise, dense, int4, minifloat and
+2:4 weights), max pooling and batch norm); four option sets vary the activation format (9, 16, 24 and 32
 bits), two MACs per DSP (pack2) on and off, the dataflow form and the scale width; one more project
 has ports no kernel reads, and tests/hls/test_attention.py's harness brings in the templates no IR op
 reaches yet (decode attention, RMS norm). Each project is one translation unit (the top function,
@@ -80,6 +81,37 @@ def linears(g: Graph, x, formats: str) -> list:
     return outs
 
 
+def convs(g: Graph, x) -> list:
+    """The convolution unit with dense, int4 group, minifloat and 2:4 weights, 1-D, 2-D, strided,
+    padded, dilated and depthwise; max pooling and batch norm (x seen as a [1, 4, 4, 4] image)."""
+    torch.manual_seed(1)
+    img = g.op("reshape", g.op("slice", x, axis=0, start=0, end=1, name="x0"), shape=[1, 4, 4, 4], name="img")
+    seq = g.op("reshape", x, shape=[1, 8, 16], name="seq")
+    w = torch.randn(6, 4, 3, 3) * 0.1
+    encs = {"dense": Dense(w), "int4_g12": IntQuant.quantize(w, 4, group_size=12),
+            "e4m3": _conv_view(per_channel(w.reshape(6, -1), "e4m3"), w.shape),
+            "sparse24": Sparse.from_mask(w, nm_mask(w.reshape(6, -1), 2, 4).reshape(w.shape), "2:4")}
+    outs = [g.op("conv", img, g.add_weight(f"conv_{k}.w", e), g.add_weight(f"conv_{k}.b", Dense(torch.randn(6))),
+                 stride=[2, 1], padding=[1, 0, 1, 1], dilation=[1, 1], groups=1, name=f"conv_{k}")
+            for k, e in encs.items()]
+    outs += [
+        g.op("conv", img, g.add_weight("dw.w", Dense(torch.randn(8, 1, 3, 3))), None, stride=[1, 1],
+             padding=[2, 2, 2, 2], dilation=[2, 2], groups=4, name="conv_depthwise"),
+        g.op("conv", seq, g.add_weight("c1d.w", Dense(torch.randn(4, 8, 3))), None, stride=[2], padding=[1, 1],
+             dilation=[1], groups=1, name="conv1d"),
+        g.op("max_pool", img, kernel=[3, 3], stride=[2, 2], padding=[1, 1, 1, 1], dilation=[1, 1], ceil_mode=False,
+             name="max_pool"),
+        g.op("batch_norm", img, *[g.add_weight(f"bn.{k}", Dense(torch.rand(4) + 0.5)) for k in ("m", "v", "w", "b")],
+             eps=1e-5, name="batch_norm"),
+    ]
+    return outs
+
+
+def _conv_view(enc, shape):
+    from dataclasses import replace
+    return replace(enc, shape=tuple(shape))
+
+
 def warnings_graph(name: str, formats: str, wide_sums: bool, ints: bool) -> Graph:
     """Every kernel once or more (``formats``: which weight formats, see :func:`linears`);
     ``wide_sums``: the activation x activation matmul and the norms (2 * act_width + log2(n) <= 62
@@ -88,6 +120,8 @@ def warnings_graph(name: str, formats: str, wide_sums: bool, ints: bool) -> Grap
     x = g.add_input("x", tensor("f32", ROWS, K))
     y = g.add_input("y", tensor("f32", ROWS, K))
     outs = linears(g, x, formats)
+    if formats in ("all", "pack2"):
+        outs += convs(g, x)
     outs += [
         g.op("gelu", x, name="gelu"), g.op("gelu", y, name="gelu_tanh", approximate="tanh"),
         g.op("silu", x, name="silu"), g.op("relu", x, name="relu"), g.op("softmax", y, name="softmax", axis=-1),
@@ -250,6 +284,9 @@ def test_parameter_sets_cover_the_kernel_variants(compiled):
     assert {"int2_gch", "int4_g16"} <= pack2_16 and "int8_g32" not in pack2_16
     kinds = {type(l).__name__ for p in plans.values() for l in p.layers}
     assert kinds >= {"MatMat", "Matmul", "Lut", "Relu", "Clamp", "Softmax", "Norm", "Binary", "Strided", "Copy",
-                     "Alias", "Fanout2", "Embedding", "Ewise", "Reduce", "Sqrt", "Gather", "Fill", "Const"}
+                     "Alias", "Fanout2", "Embedding", "Ewise", "Reduce", "Sqrt", "Gather", "Fill", "Const", "Conv",
+                     "MaxPool"}
+    conv_units = [l for p in plans.values() for l in p.layers if type(l).__name__ == "Conv"]
+    assert {l.w.lut is not None for l in conv_units} == {True, False} and {l.w.sp_m for l in conv_units} == {1, 4}
     consts = {l.ctype for p in plans.values() for l in p.layers if type(l).__name__ in ("Fill", "Const")}
     assert consts == {"act_t", "int_t", "bool_t"}

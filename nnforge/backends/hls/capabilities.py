@@ -3,10 +3,11 @@
 
 The matrix unit (``nf::matmat``) streams a linear's weight as integer codes with group scales:
 int codes as stored, minifloat codes through an integer decoding table, N:M sparse kept values
-with their in-group indices, float weights quantised per output channel. A linear weight no row
-takes is decoded and stored like a float one (a reported fallback); an act-order int weight is
-an error, as is an encoded matmul constant or embedding table. Every FPGA target runs the same
-templates, so no row reads the target (a runner rebuilds its design from the bundle's options).
+with their in-group indices, float weights quantised per output channel. A convolution's weight,
+flattened to [out, in/groups * kernel], takes the same rows. A linear or conv weight no row takes
+is decoded and stored like a float one (a reported fallback); an act-order int weight is an
+error, as is an encoded matmul constant. Every FPGA target runs the same templates, so no row
+reads the target (a runner rebuilds its design from the bundle's options).
 
     >>> cap, why = CAPABILITIES.find("linear", weight.encoding)
 """
@@ -71,6 +72,14 @@ CAPABILITIES = Capabilities([
                                    "(reported)", nm_sparse),
     Capability("linear", "dense", "matrix unit: float weights quantised to int<dense_weight_bits> per output "
                                   "channel (target option; reported)", float_data),
+    Capability("conv", "int", "convolution unit (line buffer) on the matrix unit's rows: int codes as for a "
+                              "linear, the weight flattened to [out, in/groups * kernel]", int_codes),
+    Capability("conv", "minifloat", "convolution unit: ExMy codes through the integer decoding table, as for a "
+                                    "linear", minifloat_codes),
+    Capability("conv", "sparse", "convolution unit: N:M kept values of the flattened weight, as for a linear",
+               nm_sparse),
+    Capability("conv", "dense", "convolution unit: float weights quantised to int<dense_weight_bits> per output "
+                                "channel (target option; reported)", float_data),
     Capability("matmul", "dense", "matrix unit on the constant operand's transpose, quantised like a dense linear "
                                   "(reported)"),
     Capability("embedding", "dense", "table rows in weight memory, in the activation fixed-point format"),

@@ -261,3 +261,45 @@ def attention_decode(q, k_new, v_new, cache: np.ndarray, pos: int, table, lut_lo
     e = np.where(d < 0, 0, _interp(np.clip(d, 0, None), table, step_shift))
     p = round_shift(e * ((1 << 62) // e.sum(axis=-1, keepdims=True)), 62 - F)
     return round_to(np.einsum("ht,htd->hd", p, v), F + F - fy.frac, fy)
+
+
+def windows(x, shape, out_hw, filt, stride, dil, pad, fill: int = 0) -> np.ndarray:
+    """The sliding windows of raw ``x`` [N, C, H, W] (``shape``) as nf_conv.h's scan meets them:
+    [N, C, OH, OW, KH, KW], ``fill`` outside the image (the padding)."""
+    n, c, h, w = shape
+    (oh, ow), (kh, kw), (sh, sw), (dh, dw), (pt, pl) = out_hw, filt, stride, dil, pad
+    rows = (np.arange(oh) * sh)[:, None] + (np.arange(kh) * dh)[None, :]
+    cols = (np.arange(ow) * sw)[:, None] + (np.arange(kw) * dw)[None, :]
+    xp = np.full((n, c, max(int(rows.max()) + 1, pt + h), max(int(cols.max()) + 1, pl + w)), fill, np.int64)
+    xp[:, :, pt:pt + h, pl:pl + w] = np.asarray(x, np.int64).reshape(shape)
+    return xp[:, :, rows[:, None, :, None], cols[None, :, None, :]]
+
+
+def conv(x, shape, w_eff, bias, scale_shift: int, groups: int, out_hw, filt, stride, dil, pad, fx: Fixed, fy: Fixed,
+         *, exact64: bool) -> np.ndarray:
+    """nf::conv: nf::matmat's arithmetic on every window; ``w_eff`` [O, C/groups * KH * KW] as
+    :func:`matmat` takes it, ``bias`` raw [O] (or None). Returns raw y [N, O, OH, OW]."""
+    n, c = shape[:2]
+    (oh, ow), (kh, kw) = out_hw, filt
+    cg, nf = c // groups, w_eff.shape[0] // groups
+    win = windows(x, shape, out_hw, filt, stride, dil, pad).reshape(n, groups, cg, oh, ow, kh, kw)
+    win = win.transpose(0, 1, 3, 4, 2, 5, 6).reshape(n, groups, oh * ow, cg * kh * kw)
+    w = np.asarray(w_eff, np.int64).reshape(groups, nf, cg * kh * kw)
+    if exact64:
+        total = np.matmul(win, w.transpose(0, 2, 1))                              # [N, G, P, nf]
+        if bias is not None:
+            total = total + (np.asarray(bias, np.int64).reshape(groups, 1, nf) << scale_shift)
+        out = saturate(round_shift(total, scale_shift + fx.frac - fy.frac), fy)
+    else:
+        out = np.empty((n, groups, oh * ow, nf), np.int64)
+        for b in range(n):
+            for g in range(groups):
+                bg = None if bias is None else np.asarray(bias).reshape(groups, nf)[g]
+                out[b, g] = matmat(win[b, g], w[g], bg, scale_shift, fx, fy, exact64=False)
+    return out.transpose(0, 1, 3, 2).reshape(n, groups * nf, oh, ow)
+
+
+def max_pool(x, shape, out_hw, filt, stride, dil, pad, fx: Fixed, fy: Fixed) -> np.ndarray:
+    """nf::max_pool on raw x [N, C, H, W]: the padding is the format's minimum, never above a value."""
+    win = windows(x, shape, out_hw, filt, stride, dil, pad, fill=fx.lo)
+    return round_to(win.max(axis=(-2, -1)), fx.frac - fy.frac, fy)

@@ -5,6 +5,7 @@ norm unit) instead of a rounding per primitive.
     rms_norm   x * rsqrt(mean(x^2, last axis) + eps) [* w]      (Llama's RMSNorm, traced)
     gelu tanh  0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))  (GPT-2's NewGELU)
     silu       x * sigmoid(x)                                   (SwiGLU's gate)
+    conv       conv(pad(x) with zeros on the spatial axes)      (MobileNetV2's TF-style padding)
 
 The rules are a table of ``(ops, fn)`` as in :mod:`nnforge.passes.cleanup`; ``fn`` returns None for
 "no match". Primitives that are not part of such a chain keep their own templates.
@@ -132,14 +133,28 @@ def _silu(g, node):
     return None
 
 
-FUSIONS = [(("mul",), _rms_norm), (("mul",), _tanh_gelu), (("mul",), _silu)]
+def _padded_conv(g, node):
+    # conv(pad(x, zeros on the spatial axes)) -> conv(x) with the pad added to its own padding
+    p = _made_by(node.inputs[0], "pad")
+    if p is None or float(p.attrs["value"]) != 0.0:
+        return None
+    r, pads, padding = len(p.inputs[0].shape), list(p.attrs["pads"]), list(node.attrs["padding"])
+    nd = r - 2
+    if nd < 1 or any(pads[i] or pads[r + i] for i in (0, 1)):
+        return None
+    merged = [padding[i] + pads[2 + i] for i in range(nd)] + [padding[nd + i] + pads[r + 2 + i] for i in range(nd)]
+    return _new(g, node, "conv", [p.inputs[0], *node.inputs[1:]], {**node.attrs, "padding": merged}, "conv")
+
+
+FUSIONS = [(("mul",), _rms_norm), (("mul",), _tanh_gelu), (("mul",), _silu), (("conv",), _padded_conv)]
+ENDS = ("rsqrt", "tanh", "sigmoid", "pad")      # an op in every chain above
 SCALES = [(("mul",), _rms_scale)]
 
 
 def fuse_patterns(graph: Graph) -> Graph:
     """A copy of ``graph`` with the chains above replaced by their fused ops (``graph`` itself when
-    it has none of the ops every chain ends in)."""
-    if not any(n.op in ("rsqrt", "tanh", "sigmoid") for n in graph.nodes):
+    it has none of the ops in ``ENDS``)."""
+    if not any(n.op in ENDS for n in graph.nodes):
         return graph
     g = graph.copy()
     if rewrite(g, FUSIONS):

@@ -213,11 +213,11 @@ def _dense(v, what: str) -> torch.Tensor:
 
 
 def _matrix_weights(plan, node, w):
-    """The matrix unit's weights for a linear's weight ``w``: its own codes when a row of the
-    capability table takes it; otherwise decoded and stored like a float weight (a reported
-    fallback), or an error for an encoding the backend refuses."""
+    """The matrix unit's weights for the weight ``w`` of a linear or conv ``node``: its own codes
+    when a row of the capability table takes it; otherwise decoded and stored like a float weight
+    (a reported fallback), or an error for an encoding the backend refuses."""
     where, enc, bits = f"node {node.name} ({w.name})", w.encoding, plan.opts.dense_weight_bits
-    cap, why = CAPABILITIES.find("linear", enc)
+    cap, why = CAPABILITIES.find(node.op, enc)
     if cap is not None:
         return mat_weights(enc, where, bits, plan.fallbacks)
     if refused(enc):

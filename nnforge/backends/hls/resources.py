@@ -26,6 +26,8 @@ DSP (per kernel call; every call is its own function instance, so nothing is sha
                       (decoded weight x activation); with ``pack2`` each multiplier is the packed
                       (act_width + 2 val_bits) x act_width product of nf::mac2 and does 2 MACs (one DSP,
                       WP486); plus one group-scale multiplier acc_bits x 32 (part * scale, once per group).
+    conv              as matmat without pack2 (one filter row at a time): ``chain`` multipliers
+                      val_bits x act_width and one group-scale multiplier acc_bits x 32.
     matmul            ``chain`` multipliers act_width x act_width (activation x activation).
     activation_lut    one interpolation product 33 x step_shift.
     softmax           one interpolation product 33 x step_shift, one 64 x 64 -> 64 (e * recip); one divider.
@@ -35,7 +37,7 @@ DSP (per kernel call; every call is its own function instance, so nothing is sha
     binary            mul: one 64 x 64 -> 64; div: one divider; add / sub: none.
     pow_int           one act_width x act_width product (reused for each of the k - 1 steps).
     rsqrt             one divider (2^62 / sqrt) and one isqrt.
-    everything else   (relu, neg, clamp, copies, permutes, concat, gathers, embedding, logic, reduce, sqrt): no DSP.
+    everything else   (max_pool, relu, neg, clamp, copies, permutes, concat, gathers, embedding, logic, reduce, sqrt): no DSP.
 
 BRAM36 (on-chip arrays; the weights are off chip behind the m_axi port ``wmem``: 0 BRAM for them,
     and the graph's input / output ports are m_axi too)
@@ -47,7 +49,9 @@ BRAM36 (on-chip arrays; the weights are off chip behind the m_axi port ``wmem``:
     32 / 1 bits for act / int / bool values; x2 in the dataflow form, whose channels are ping-pong
     buffers); matmat's decoded rows ``wrow[2][n_kept]`` and columns ``col[n_kept]`` (16 bits), split
     into ``chain`` banks by their ARRAY_PARTITION cyclic factor=chain, its scales ``[2][n_groups]``
-    (32 bits) and, for LUT-decoded codes, ``lut[2^w_bits]`` (32 bits); softmax's ``e[n]`` (64 bits);
+    (32 bits) and, for LUT-decoded codes, ``lut[2^w_bits]`` (32 bits); conv's the same for one row
+    plus its line buffer (one bank per image row it holds, scan width x channels deep, act_width
+    bits) and window ``win[n_in]``; softmax's ``e[n]`` (64 bits);
     the function tables of activation_lut / softmax (ROMs of lut_n + 1 x 32 bits). Interface
     adapters' burst FIFOs are not counted.
 
@@ -63,6 +67,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from . import conv as C
 from . import layers as L
 from . import logic as G
 from . import pointwise as P
@@ -79,7 +84,7 @@ WIDE = 64                      # the templates' wide_t / uwide_t
 TABLE_BITS = 32                # function tables are int arrays
 
 # ROUGH constants (LUT, FF), not calibrated against a synthesis report:
-CONTROL = {"matmat": (600, 800), "matmul": (300, 400)}   # weight-field decode, addresses, nested loops
+CONTROL = {"matmat": (600, 800), "conv": (800, 1000), "matmul": (300, 400)}   # weight-field decode, addresses, nested loops
 CONTROL_DEFAULT = (150, 200)                             # one pipelined loop nest, its counters and FSM
 INTERFACE = {"m_axi bundle": (1500, 2000), "s_axilite": (300, 400)}
 
@@ -194,6 +199,23 @@ def _matmat(layer: L.MatMat, ctx: Ctx) -> Cost:
     return c
 
 
+def _conv(layer: C.Conv, ctx: Ctx) -> Cost:
+    c, w, xw, fam = Cost(), layer.w, layer.x_width, ctx.family
+    c.mult(layer.chain, w.val_bits, xw, fam, "weight x window element", acc=layer.acc_bits)
+    c.mult(1, layer.acc_bits, 32, fam, "group sum x scale", keep=layer.acc_bits)
+    banks = min(layer.chain, w.n_kept)
+    c.array("wrow", math.ceil(w.n_kept / banks), w.val_bits, banks)
+    c.array("col", math.ceil(w.n_kept / banks), 16, banks)
+    c.array("scale", w.n_groups, 32)
+    if w.lut is not None:
+        c.array("code lut", 1 << w.w_bits, 32)
+    span_h = (layer.filt[0] - 1) * layer.dil[0] + 1
+    scan_w = (layer.out_hw[1] - 1) * layer.stride[1] + (layer.filt[1] - 1) * layer.dil[1] + 1
+    c.array("line buffer", scan_w * (layer.shape[1] // layer.groups), xw, span_h)
+    c.array("window", w.n_in, xw)
+    return c
+
+
 def _matmul(layer: L.Matmul, ctx: Ctx) -> Cost:
     c = Cost()
     c.mult(layer.chain, ctx.act_width, ctx.act_width, ctx.family, "activation x activation", acc=WIDE)
@@ -268,9 +290,9 @@ RESOURCE_COSTS = {
     L.MatMat: _matmat, L.Matmul: _matmul, L.Lut: _lut, L.Softmax: _softmax, L.Norm: _norm, L.Binary: _binary,
     L.Relu: _moves, L.Clamp: _moves, L.Strided: _moves, L.Copy: _moves, L.Fanout2: _moves,
     L.Embedding: _moves, L.Fill: _moves, L.Const: _moves, G.Ewise: _moves, G.Reduce: _moves, G.Gather: _moves, G.Sqrt: _sqrt,
-    L.Concat: _moves, P.Neg: _moves, P.PowInt: _pow, P.Rsqrt: _rsqrt,
+    L.Concat: _moves, P.Neg: _moves, P.PowInt: _pow, P.Rsqrt: _rsqrt, C.Conv: _conv, C.MaxPool: _moves,
 }
-KERNELS = {L.MatMat: "matmat", L.Matmul: "matmul"}
+KERNELS = {L.MatMat: "matmat", C.Conv: "conv", L.Matmul: "matmul"}
 
 
 def _layer_cost(layer, ctx: Ctx) -> tuple[Cost, bool]:

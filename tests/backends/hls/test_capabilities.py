@@ -1,6 +1,6 @@
 """The hls backend's capability table is what its lowering does: for each layer op it lowers and
 the shared representative encodings (tests/backends/capability_cases.py), ``CAPABILITIES.find``
-takes the weight exactly when the matrix unit keeps its codes or structure (no "decoded"
+takes the weight exactly when the matrix unit (or the convolution unit on its rows) keeps its codes or structure (no "decoded"
 fallback); the encodings it refuses are errors naming the node and the table's reason;
 ``nnforge targets --explain`` lists every row."""
 from __future__ import annotations
@@ -21,8 +21,7 @@ from nnforge.cli import explain_target
 from nnforge.ir import Dense, Sparse
 from nnforge.targets import get_target
 
-# the hls backend has no conv lowering at all (an error naming the op, whatever its weight)
-CASES = [c for c in cases() if c[0] != "conv"]
+CASES = cases()
 
 
 def _plan(graph):
@@ -42,9 +41,9 @@ def test_table_agrees_with_lowering(op, label, graph):
         plan = _plan(graph)
     except BackendError as e:                 # refused: act-order int codes, an encoded matmul or table
         assert cap is None and why in str(e) and "node layer" in str(e), (why, e)
-        assert op != "linear" or refused(enc)
+        assert op not in ("linear", "conv") or refused(enc)
         return
-    assert op in ("linear", "embedding") or cap is not None  # a linear weight or a table may be decoded
+    assert op in ("linear", "conv", "embedding") or cap is not None  # a linear or conv weight, a table may be decoded
     mine = [f for f in plan.fallbacks if f.where == "node layer (layer.weight)"]
     decoded = [f for f in mine if f.action.startswith("decoded")]
     assert (cap is not None) == (not decoded), (why, mine)
