@@ -85,6 +85,28 @@ D3:             for (unsigned i3 = 0; i3 < CONFIG_T::d3; i3++) {
                 }
 }
 
+// Constant padding (IR pad) of a tensor of rank <= 4: x where the output index minus the padding
+// before falls inside x, the fill value elsewhere (an unsigned difference below 0 wraps past n).
+struct pad_config {
+    static const unsigned d0 = 1, d1 = 1, d2 = 4, d3 = 4;     // output shape
+    static const unsigned n0 = 1, n1 = 1, n2 = 2, n3 = 2;     // input shape
+    static const unsigned b0 = 0, b1 = 0, b2 = 1, b3 = 1;     // padding before each dim
+};
+
+template <class T, typename CONFIG_T> void pad(const T *x, const T &fill, T *y) {
+    unsigned o = 0;
+D0: for (unsigned i0 = 0; i0 < CONFIG_T::d0; i0++)
+D1:     for (unsigned i1 = 0; i1 < CONFIG_T::d1; i1++)
+D2:         for (unsigned i2 = 0; i2 < CONFIG_T::d2; i2++)
+D3:             for (unsigned i3 = 0; i3 < CONFIG_T::d3; i3++) {
+                    #pragma HLS PIPELINE II=1
+                    const unsigned j0 = i0 - CONFIG_T::b0, j1 = i1 - CONFIG_T::b1, j2 = i2 - CONFIG_T::b2,
+                                   j3 = i3 - CONFIG_T::b3;
+                    const bool inside = j0 < CONFIG_T::n0 && j1 < CONFIG_T::n1 && j2 < CONFIG_T::n2 && j3 < CONFIG_T::n3;
+                    y[o++] = inside ? x[((j0 * CONFIG_T::n1 + j1) * CONFIG_T::n2 + j2) * CONFIG_T::n3 + j3] : fill;
+                }
+}
+
 struct concat_config {
     static const unsigned outer = 1, n_a = 8, n_b = 8, inner = 1;
 };

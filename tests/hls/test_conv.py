@@ -1,5 +1,5 @@
 """Convolution on the hls backend (nnforge/hls/nf_conv.h): 1-D and 2-D, strided, padded
-(symmetric, asymmetric, a zero ``pad`` folded in), dilated, grouped and depthwise, with float, int8,
+(symmetric, asymmetric, a zero ``pad`` folded in; a ``pad`` no conv reads on its own), dilated, grouped and depthwise, with float, int8,
 int4-group, minifloat and 2:4 sparse weights and a bias; max pooling and batch norm beside them. The
 C-simulation equals nnforge.backends.hls.emulate bit for bit (host int64 sums and the ap_int form),
 and the fp32 reference interpreter within the fixed-point tolerance.
@@ -15,7 +15,7 @@ import torch
 
 from nnforge.backends.base import BackendError
 from nnforge.backends.hls import csim, render, resources
-from nnforge.backends.hls.conv import Conv, MaxPool
+from nnforge.backends.hls.conv import Conv, MaxPool, Pad
 from nnforge.backends.hls.patterns import fuse_patterns
 from nnforge.backends.hls.project import HlsOptions, build_plan
 from nnforge.ir import Dense, Graph, tensor
@@ -67,6 +67,8 @@ def conv_graph() -> Graph:
                      ceil_mode=True, name="maxpool2_ceil"))
     outs.append(g.op("max_pool", z, kernel=[3], stride=[2], padding=[1, 1], dilation=[1], ceil_mode=False,
                      name="maxpool1d"))
+    outs.append(g.op("pad", x, pads=[0, 1, 2, 0, 0, 0, 1, 3], value=-1.5, name="pad_fill"))   # no conv reads it
+    outs.append(g.op("pad", z, pads=[0, 0, 2, 0, 0, 1], value=0.0, name="pad_1d"))
     stats = [g.add_weight(f"bn.{k}", Dense(t)) for k, t in
              (("mean", torch.randn(C) * 0.3), ("var", torch.rand(C) + 0.5), ("w", torch.randn(C)),
               ("b", torch.randn(C) * 0.2))]
@@ -138,6 +140,7 @@ def test_layers_and_geometry(built):
     padded = [n for n in convs if n.startswith("after_pad")]
     assert len(padded) == 1 and convs[padded[0]].pad == (0, 1)          # the pad (left 1) is folded in
     assert sum(isinstance(layer, MaxPool) for layer in plan.layers) == 3
+    assert sorted(layer.node for layer in plan.layers if isinstance(layer, Pad)) == ["pad_1d", "pad_fill"]
     assert [layer.op for layer in plan.layers if layer.node == "bn"] == ["mul", "add"]
 
 

@@ -83,7 +83,7 @@ def linears(g: Graph, x, formats: str) -> list:
 
 def convs(g: Graph, x) -> list:
     """The convolution unit with dense, int4 group, minifloat and 2:4 weights, 1-D, 2-D, strided,
-    padded, dilated and depthwise; max pooling and batch norm (x seen as a [1, 4, 4, 4] image)."""
+    padded, dilated and depthwise; max pooling, pad and batch norm (x seen as a [1, 4, 4, 4] image)."""
     torch.manual_seed(1)
     img = g.op("reshape", g.op("slice", x, axis=0, start=0, end=1, name="x0"), shape=[1, 4, 4, 4], name="img")
     seq = g.op("reshape", x, shape=[1, 8, 16], name="seq")
@@ -101,6 +101,7 @@ def convs(g: Graph, x) -> list:
              dilation=[1], groups=1, name="conv1d"),
         g.op("max_pool", img, kernel=[3, 3], stride=[2, 2], padding=[1, 1, 1, 1], dilation=[1, 1], ceil_mode=False,
              name="max_pool"),
+        g.op("pad", img, pads=[0, 1, 0, 2, 0, 0, 1, 0], value=-2.0, name="pad"),
         g.op("batch_norm", img, *[g.add_weight(f"bn.{k}", Dense(torch.rand(4) + 0.5)) for k in ("m", "v", "w", "b")],
              eps=1e-5, name="batch_norm"),
     ]
@@ -285,7 +286,7 @@ def test_parameter_sets_cover_the_kernel_variants(compiled):
     kinds = {type(l).__name__ for p in plans.values() for l in p.layers}
     assert kinds >= {"MatMat", "Matmul", "Lut", "Relu", "Clamp", "Softmax", "Norm", "Binary", "Strided", "Copy",
                      "Alias", "Fanout2", "Embedding", "Ewise", "Reduce", "Sqrt", "Gather", "Fill", "Const", "Conv",
-                     "MaxPool"}
+                     "MaxPool", "Pad"}
     conv_units = [l for p in plans.values() for l in p.layers if type(l).__name__ == "Conv"]
     assert {l.w.lut is not None for l in conv_units} == {True, False} and {l.w.sp_m for l in conv_units} == {1, 4}
     consts = {l.ctype for p in plans.values() for l in p.layers if type(l).__name__ in ("Fill", "Const")}

@@ -6,7 +6,8 @@ A convolution's weight is the matrix unit's: the IR's [O, C/groups, kh, kw] flat
 [O, C/groups * kh * kw] matrix a linear would have, so the capability table's conv rows are the
 linear's (int codes as stored, minifloat codes by table, N:M kept values, float weights quantised
 per output channel) and ``mat_weights`` lays it out. Zero padding a convolution reads through
-(MobileNetV2's TF-style ``pad``) is folded into it by :mod:`.patterns`.
+(MobileNetV2's TF-style ``pad``) is folded into it by :mod:`.patterns`; any other ``pad`` of rank
+<= 4 is a copy with a fill value (``nf::pad`` in ``nf_elementwise.h``).
 
     >>> LOWERINGS["conv"](plan, node, "n_conv")     # [Conv(groups=1, filt=(3, 3), ...)]
 """
@@ -14,11 +15,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..base import BackendError
 from . import emulate as E
-from .layers import Binary, Layer, MatMat, struct
+from .layers import Binary, Layer, MatMat, pad4, struct
 from .project import LOWERINGS, _dense, _matrix_weights, _raw
 
 
@@ -113,6 +115,41 @@ class MaxPool(Layer):
                           fmt, fmt)
 
 
+@dataclass
+class Pad(Layer):
+    """IR pad of an activation, rank <= 4, that no conv reads (those fold it in): nf::pad."""
+    in_shape: tuple = ()
+    out_shape: tuple = ()
+    begins: tuple = ()
+    raw: int = 0                # the fill value, raw at the activation format
+
+    def config(self):
+        (d, _), (n, b) = pad4(self.out_shape), pad4(self.in_shape, self.begins)
+        return struct(self.cfg, f"{self.node}: pad {list(self.in_shape)} -> {list(self.out_shape)}",
+                      [("unsigned", f"d{i}", d[i]) for i in range(4)] + [("unsigned", f"n{i}", n[i]) for i in range(4)]
+                      + [("unsigned", f"b{i}", b[i]) for i in range(4)])
+
+    def call(self, ids):
+        return (f"nf::pad<act_t, {self.cfg}>({ids[self.inputs[0]]}, nf::from_raw<act_t>({self.raw}), "
+                f"{ids[self.output]});")
+
+    def emulate(self, env, fmt):
+        y = np.full(self.out_shape, self.raw, np.int64)
+        y[tuple(slice(b, b + n) for b, n in zip(self.begins, self.in_shape))] = env[self.inputs[0]].reshape(self.in_shape)
+        return y
+
+
+@LOWERINGS.register("pad")
+def _pad(plan, node, name):
+    x, out = node.inputs[0], node.output
+    r = len(x.shape)
+    if r > 4:
+        raise BackendError(f"node {node.name} (pad): rank {r} > 4; the hls backend pads tensors of rank <= 4")
+    raw = int(E.from_float(np.array([float(node.attrs["value"])]), plan.opts.act)[0])
+    return [Pad(name, node.name, [x.name], out.name, in_shape=tuple(x.shape), out_shape=tuple(out.shape),
+                begins=tuple(node.attrs["pads"][:r]), raw=raw)]
+
+
 @LOWERINGS.register("conv")
 def _conv(plan, node, name):
     x, w = node.inputs[0], node.inputs[1]
@@ -163,4 +200,4 @@ def _batch_norm(plan, node, name):
                    b_const=E.from_float(t.numpy(), words), **common)]
 
 
-__all__ = ["Conv", "MaxPool"]
+__all__ = ["Conv", "MaxPool", "Pad"]

@@ -37,7 +37,7 @@ DSP (per kernel call; every call is its own function instance, so nothing is sha
     binary            mul: one 64 x 64 -> 64; div: one divider; add / sub: none.
     pow_int           one act_width x act_width product (reused for each of the k - 1 steps).
     rsqrt             one divider (2^62 / sqrt) and one isqrt.
-    everything else   (max_pool, relu, neg, clamp, copies, permutes, concat, gathers, embedding, logic, reduce, sqrt): no DSP.
+    everything else   (max_pool, pad, relu, neg, clamp, copies, permutes, concat, gathers, embedding, logic, reduce, sqrt): no DSP.
 
 BRAM36 (on-chip arrays; the weights are off chip behind the m_axi port ``wmem``: 0 BRAM for them,
     and the graph's input / output ports are m_axi too)
@@ -290,7 +290,7 @@ RESOURCE_COSTS = {
     L.MatMat: _matmat, L.Matmul: _matmul, L.Lut: _lut, L.Softmax: _softmax, L.Norm: _norm, L.Binary: _binary,
     L.Relu: _moves, L.Clamp: _moves, L.Strided: _moves, L.Copy: _moves, L.Fanout2: _moves,
     L.Embedding: _moves, L.Fill: _moves, L.Const: _moves, G.Ewise: _moves, G.Reduce: _moves, G.Gather: _moves, G.Sqrt: _sqrt,
-    L.Concat: _moves, P.Neg: _moves, P.PowInt: _pow, P.Rsqrt: _rsqrt, C.Conv: _conv, C.MaxPool: _moves,
+    L.Concat: _moves, P.Neg: _moves, P.PowInt: _pow, P.Rsqrt: _rsqrt, C.Conv: _conv, C.MaxPool: _moves, C.Pad: _moves,
 }
 KERNELS = {L.MatMat: "matmat", C.Conv: "conv", L.Matmul: "matmul"}
 
