@@ -117,6 +117,16 @@ def test_ap_int_form_equals_the_host_sums(built):
         assert np.array_equal(a.reshape(-1), b.reshape(-1))
 
 
+def test_narrow_activations_in_the_dataflow_form_bit_exact(built):
+    """16-bit activations, 8-bit codes for float weights, 12-bit scales, every layer a process."""
+    g, _, _ = built
+    plan = build_plan(g, HlsOptions(act_width=16, act_int=6, lut_step_log2=-8, scale_bits=12, dense_weight_bits=8,
+                                    dataflow=True))
+    xs = _inputs("normal")
+    for v, a, b in zip(plan.outputs, _sim(plan).run(xs), plan.emulate(xs)):
+        assert np.array_equal(a.reshape(-1), b.reshape(-1)), v
+
+
 def test_close_to_the_fp32_reference(built):
     """Within the error of the weights' own quantisation (int16 per channel for float weights, the
     stored codes otherwise, which the reference decodes) and the activations' 16 fractional bits."""
