@@ -50,7 +50,7 @@ def bundle(tmp_path_factory):
     torch.manual_seed(0)
     model = Block().eval()
     x = torch.randn(1, 8, 32)
-    b = nf.compile(model, target="alveo-u280", example_inputs=(x,), out=tmp_path_factory.mktemp("b") / "block")
+    b = nf.compile(model, target="alveo-u280", example_inputs=(x,), dynamic_shapes="static", out=tmp_path_factory.mktemp("b") / "block")
     yield model, x, b
     mp.undo()
 

@@ -24,7 +24,7 @@ def mlp(tmp_path_factory):
     mp.setenv("NNFORGE_HLS_CACHE", str(tmp_path_factory.mktemp("hls-cache")))
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).eval()
-    b = nf.compile(model, "alveo-u280", example_inputs=(torch.randn(4, 16),), out=tmp_path_factory.mktemp("b") / "mlp",
+    b = nf.compile(model, "alveo-u280", example_inputs=(torch.randn(4, 16),), dynamic_shapes="static", out=tmp_path_factory.mktemp("b") / "mlp",
                    progress=False)
     yield b, nf.load(b.path).plan
     mp.undo()
