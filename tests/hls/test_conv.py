@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from nnforge.backends.base import BackendError
-from nnforge.backends.hls import csim, render, resources
+from nnforge.backends.hls import make_sim, render, resources
 from nnforge.backends.hls.conv import Conv, MaxPool, Pad
 from nnforge.backends.hls.patterns import fuse_patterns
 from nnforge.backends.hls.project import HlsOptions, build_plan
@@ -78,10 +78,7 @@ def conv_graph() -> Graph:
 
 
 def _sim(plan, defines=()):
-    files = render.sources(plan)
-    lib = csim.build(files, plan.name, defines=defines)
-    return csim.CSim(lib, files["hls/weights.bin"], [plan.sizes[plan.ids[v]] for v in plan.inputs],
-                     [plan.sizes[plan.ids[v]] for v in plan.outputs])
+    return make_sim(plan, render.sources(plan), defines)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nnforge.backends.base import BackendError
-from nnforge.backends.hls import csim, render
+from nnforge.backends.hls import make_sim, render
 from nnforge.backends.hls.project import HlsOptions, build_plan
 from nnforge.ir import Dense, Graph, tensor
 from nnforge.ir.interpreter import Interpreter
@@ -59,8 +59,7 @@ def built(tmp_path_factory):
     g = index_graph()
     plan = build_plan(g, HlsOptions())
     files = render.sources(plan)
-    sim = csim.CSim(csim.build(files, plan.name), files["hls/weights.bin"],
-                    [plan.sizes[plan.ids[v]] for v in plan.inputs], [plan.sizes[plan.ids[v]] for v in plan.outputs])
+    sim = make_sim(plan, files)
     yield g, plan, sim
     mp.undo()
 
@@ -160,7 +159,7 @@ def test_full_is_a_constant_buffer(tmp_path, monkeypatch):
     """IR ``full`` (masks and constants a graph builds from its sizes) of each value kind: C-sim
     equals the emulation and the reference."""
     monkeypatch.setenv("NNFORGE_HLS_CACHE", str(tmp_path))
-    from nnforge.backends.hls import csim, render
+    from nnforge.backends.hls import make_sim, render
     from nnforge.backends.hls.project import HlsOptions, build_plan
     from nnforge.ir import Graph, Interpreter, tensor
     g = Graph("fill")
@@ -172,8 +171,7 @@ def test_full_is_a_constant_buffer(tmp_path, monkeypatch):
                    g.op("where", b, x, f, name="xb")])
     plan = build_plan(g, HlsOptions())
     files = render.sources(plan)
-    sim = csim.CSim(csim.build(files, plan.name), files["hls/weights.bin"],
-                    [plan.sizes[plan.ids[v]] for v in plan.inputs], [plan.sizes[plan.ids[v]] for v in plan.outputs])
+    sim = make_sim(plan, files)
     xs = [np.arange(6, dtype=np.float32).reshape(2, 3) / 4]
     got = sim.run(xs)
     ref = [t.numpy() for t in Interpreter(g).run(torch.as_tensor(xs[0]))]
@@ -197,8 +195,7 @@ def test_constant_operands_are_loaded_from_weight_memory(tmp_path, monkeypatch):
     plan = build_plan(g, HlsOptions())
     assert [l.output for l in plan.layers if type(l).__name__ == "Const"] == ["pos_ids"]
     files = render.sources(plan)
-    sim = csim.CSim(csim.build(files, plan.name), files["hls/weights.bin"],
-                    [plan.sizes[plan.ids[v]] for v in plan.inputs], [plan.sizes[plan.ids[v]] for v in plan.outputs])
+    sim = make_sim(plan, files)
     xs = [np.arange(6, dtype=np.float32).reshape(2, 3) / 4]
     ref = [t.numpy() for t in Interpreter(g).run(torch.as_tensor(xs[0]))]
     for a, e, r in zip(sim.run(xs), plan.emulate(xs), ref):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from nnforge.backends.hls import csim, render
+from nnforge.backends.hls import make_sim, render
 from nnforge.backends.hls.project import HlsOptions, build_plan
 from nnforge.ir import Dense, Graph, tensor
 from nnforge.ir import minifloat
@@ -92,11 +92,7 @@ def kernel_graph() -> Graph:
 def _build(opts: HlsOptions, defines=()):
     g = kernel_graph()
     plan = build_plan(g, opts)
-    files = render.sources(plan)
-    lib = csim.build(files, plan.name, defines=defines)
-    sim = csim.CSim(lib, files["hls/weights.bin"], [plan.sizes[plan.ids[v]] for v in plan.inputs],
-                    [plan.sizes[plan.ids[v]] for v in plan.outputs])
-    return g, plan, sim
+    return g, plan, make_sim(plan, render.sources(plan), defines)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from nnforge.backends.base import BackendError
-from nnforge.backends.hls import csim, render
+from nnforge.backends.hls import make_sim, render
 from nnforge.backends.hls.patterns import fuse_patterns
 from nnforge.backends.hls.project import HlsOptions, build_plan
 from nnforge.ir import Dense, Graph, tensor
@@ -74,11 +74,7 @@ def built(tmp_path_factory):
     mp.setenv("NNFORGE_HLS_CACHE", str(tmp_path_factory.mktemp("hls-cache")))
     g = pointwise_graph()
     plan = build_plan(g, HlsOptions())
-    files = render.sources(plan)
-    lib = csim.build(files, plan.name)
-    sim = csim.CSim(lib, files["hls/weights.bin"], [plan.sizes[plan.ids[v]] for v in plan.inputs],
-                    [plan.sizes[plan.ids[v]] for v in plan.outputs])
-    yield g, plan, sim
+    yield g, plan, make_sim(plan, render.sources(plan))
     mp.undo()
 
 

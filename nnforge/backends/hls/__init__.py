@@ -48,8 +48,9 @@ def static_graph(graph: Graph, dims: dict | None, shapes: dict | None = None) ->
                            f"(give sizes with the target option dims, e.g. with_options(dims={{'seq': 128}}))") from None
 
 
-def make_sim(plan: Plan, srcs: dict) -> csim.CSim:
-    lib = csim.build(srcs, plan.name, PROJECT)
+def make_sim(plan: Plan, srcs: dict, defines: tuple[str, ...] = ()) -> csim.CSim:
+    """The C-simulation of ``plan`` from its rendered sources (``defines``: see csim.build)."""
+    lib = csim.build(srcs, plan.name, PROJECT, defines=defines)
     return csim.CSim(lib, srcs[f"{PROJECT}/weights.bin"], [plan.sizes[plan.ids[v]] for v in plan.inputs],
                      [plan.sizes[plan.ids[v]] for v in plan.outputs])
 

@@ -53,7 +53,6 @@ def top_h(plan: Plan) -> str:
 
 
 def top_cpp(plan: Plan) -> str:
-    ports = set(plan.ids[v] for v in plan.inputs + plan.outputs)
     lines = [f'#include "{plan.name}.h"', "", f"void {plan.name}({_ports(plan)}) {{",
              f"    #pragma HLS INTERFACE m_axi port=wmem offset=slave bundle=gmem0 depth={len(plan.mem.image())}"]
     for v in plan.inputs + plan.outputs:

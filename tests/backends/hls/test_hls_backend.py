@@ -13,7 +13,7 @@ import nnforge as nf
 from nnforge.backends.base import BackendError, get_backend
 from nnforge.backends.hls import HlsBackend, csim
 from nnforge.backends.hls.project import HlsOptions, build_plan
-from nnforge.ir import Dense, Graph, tensor
+from nnforge.ir import Graph, tensor
 
 from ...test_plots import PNG_MAGIC, svg_text
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from nnforge.backends.base import BackendError
-from nnforge.backends.hls import csim, render, tb_inputs
+from nnforge.backends.hls import csim, make_sim, render, tb_inputs
 from nnforge.backends.hls import project as P
 from nnforge.backends.hls.layers import comment
 from nnforge.backends.hls.project import HlsOptions, Names, build_plan
@@ -138,8 +138,7 @@ def test_keywords_and_odd_names_compile_and_run(cache, tmp_path):
     assert "// trailing_newline: relu" in text
     _syntax_check(files, tmp_path, plan.name)
     srcs = render.sources(plan)
-    sim = csim.CSim(csim.build(srcs, plan.name), srcs["hls/weights.bin"],
-                    [plan.sizes[plan.ids[v]] for v in plan.inputs], [plan.sizes[plan.ids[v]] for v in plan.outputs])
+    sim = make_sim(plan, srcs)
     xs = [np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32) for _ in range(2)]
     for v, a, b in zip(plan.outputs, sim.run(xs), plan.emulate(xs)):
         assert np.array_equal(a.reshape(-1), b.reshape(-1)), v
