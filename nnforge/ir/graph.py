@@ -26,6 +26,8 @@ from .printer import format_graph
 from .types import TensorType
 
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+# A graph's state (a decoder's KV cache): input X is carried to the next call as output X + STATE_NEXT.
+STATE_NEXT = ".next"
 MAX_NAME_LEN = 200
 
 
@@ -251,6 +253,12 @@ class Graph:
                     out[d] = (v, axis)
         return out
 
+    def state_pairs(self) -> list[tuple[str, str]]:
+        """(input, output) names of the graph's state, in input order: each input ``X`` that has an
+        output ``X.next``, which the runner feeds back as ``X`` on the next call."""
+        outputs = {v.name for v in self.outputs}
+        return [(v.name, v.name + STATE_NEXT) for v in self.inputs if v.name + STATE_NEXT in outputs]
+
     def signature(self) -> dict:
         """Names and types of inputs and outputs: what every pass must keep."""
         return {"inputs": [(v.name, str(v.type)) for v in self.inputs],
@@ -281,6 +289,15 @@ class Graph:
         self._node_names.discard(node.name)
         for o in node.outputs:
             self._value_names.discard(o.name)
+
+    def remove_input(self, value: Value) -> None:
+        """Drop graph input ``value``, which no node or graph output may read any more."""
+        readers = [n.name for n in self.nodes if any(v is value for v in n.inputs)]
+        readers += ["a graph output"] if any(v is value for v in self.outputs) else []
+        if readers:
+            raise GraphError(f"cannot remove input {value.name}: it is read by {', '.join(readers)}")
+        self.inputs = [v for v in self.inputs if v is not value]
+        self._value_names.discard(value.name)
 
     def remove_nodes(self, nodes) -> None:
         """Drop ``nodes`` (no use check: for passes that already know they are dead)."""
