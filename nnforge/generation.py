@@ -22,6 +22,7 @@ import torch
 
 from .errors import NnforgeError
 from .frontend.decoders.builder import INPUT_IDS, LOGITS, POSITIONS
+from .ir.dtypes import dtype as dtype_of
 
 StepFn = Callable[[dict[str, Any]], Mapping[str, Any]]
 
@@ -38,7 +39,9 @@ class Decoder:
     ``state_pairs``) and returns its outputs by name, as numpy arrays or torch tensors.
     ``cache_shape`` gives a cache input's shape: a function of the batch size (the same for every
     cache input), or a mapping from cache input name to its shape with the batch axis first (what
-    that axis holds, a number or a symbol, is replaced by the batch size). ``prefill_chunk`` runs a
+    that axis holds, a number or a symbol, is replaced by the batch size); ``dtypes`` gives the
+    torch dtype of state inputs that are not ``dtype`` (an encoded KV cache's codes and scales,
+    docs/kv_cache.md). ``prefill_chunk`` runs a
     long prompt that many tokens at a time, so no step scores the whole prompt at once.
     ``resident`` (a backend runner's :meth:`~nnforge.backends.base.Runner.resident`) keeps the
     cache in the runtime's memory instead, and ``step`` is then not called. ``recompute_at``
@@ -54,7 +57,7 @@ class Decoder:
     def __init__(self, step: StepFn, state_pairs: Sequence[tuple[str, str]],
                  cache_shape: Callable[[int], Sequence[int]] | Mapping[str, Sequence], max_len: int, *,
                  prefill_chunk: int | None = None, dtype: torch.dtype = torch.float32, resident=None,
-                 recompute_at: int = 0):
+                 recompute_at: int = 0, dtypes: Mapping[str, torch.dtype] | None = None):
         if max_len < 1:
             raise GenerationError(f"max_len {max_len}: a decoder's cache holds at least one position")
         if prefill_chunk is not None and prefill_chunk < 1:
@@ -68,6 +71,7 @@ class Decoder:
                                       "input of state_pairs, batch axis first")
         self._step, self._cache_shape, self._resident = step, cache_shape, resident
         self.max_len, self.prefill_chunk, self.dtype = max_len, prefill_chunk, dtype
+        self.dtypes = dict(dtypes or {})
         self.recompute_at = int(recompute_at)
         self._cache: dict[str, torch.Tensor] | None = None
         self._fed = torch.zeros(0, 0, dtype=torch.int64)    # the tokens the cache holds, for recompute_at
@@ -92,7 +96,7 @@ class Decoder:
         if self._resident is not None:
             self._resident.reset({inp: self.shape_of(inp, batch) for inp, _ in self.state_pairs})
         else:
-            self._cache = {inp: torch.zeros(self.shape_of(inp, batch), dtype=self.dtype)
+            self._cache = {inp: torch.zeros(self.shape_of(inp, batch), dtype=self.dtypes.get(inp, self.dtype))
                            for inp, _ in self.state_pairs}
         self._fed = torch.zeros(batch, 0, dtype=torch.int64)
         self.batch, self.position = batch, 0
@@ -407,7 +411,8 @@ class DecoderRunner:
         state = self.section["state"]
         pairs = [(s["input"], s["output"]) for s in state]
         keep = getattr(self.runner, "resident", None) if resident else None
-        return Decoder(self._step, pairs, {s["input"]: s["shape"] for s in state}, self.max_len,
+        dtypes = {s["input"]: dtype_of(s["dtype"]).torch_dtype for s in state if "dtype" in s}
+        return Decoder(self._step, pairs, {s["input"]: s["shape"] for s in state}, self.max_len, dtypes=dtypes,
                        prefill_chunk=prefill_chunk, recompute_at=int(self.section.get("recompute_at", 0)),
                        resident=keep(pairs, (INPUT_IDS, POSITIONS), LOGITS) if keep else None)
 

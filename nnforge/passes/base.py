@@ -60,6 +60,9 @@ class Pass(ABC):
     needs_calibration: ClassVar[bool] = False
     # a pass that fixes dimension sizes (a backend's prepare pass) may turn symbols into numbers
     keeps_signature: ClassVar[bool] = True
+    # a pass that re-encodes the graph's state (the KV-cache pass) may replace its state pairs
+    # (Graph.state_pairs); every other input and output stays as it was
+    rewrites_state: ClassVar[bool] = False
 
     @abstractmethod
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
@@ -173,6 +176,18 @@ def _same_but_sizes(g: Graph, before: Graph) -> bool:
                and all(isinstance(y, str) or x == y for x, y in zip(a.shape, b.shape)) for a, b in pairs)
 
 
+def _same_but_state(g: Graph, before: Graph) -> bool:
+    """Inputs and outputs that are not state keep their names, types and order, and each state
+    input has the type of its output."""
+    def plain(graph: Graph) -> tuple[list, list]:
+        ins = {i for i, _ in graph.state_pairs()}
+        outs = {o for _, o in graph.state_pairs()}
+        return ([(v.name, str(v.type)) for v in graph.inputs if v.name not in ins],
+                [(v.name, str(v.type)) for v in graph.outputs if v.name not in outs])
+    types = {v.name: str(v.type) for v in [*g.inputs, *g.outputs]}
+    return plain(g) == plain(before) and all(types[i] == types[o] for i, o in g.state_pairs())
+
+
 class PassManager:
     """Runs passes in order on a copy of the graph, verifying after each one that the graph is
     well-formed and that its inputs and outputs kept their names and types."""
@@ -201,7 +216,12 @@ class PassManager:
                     verify(g)
                 except GraphError as e:
                     raise GraphError(f"after pass {p.name}: {e}") from None
-                if g.signature() != signature and (p.keeps_signature or not _same_but_sizes(g, graph)):
+                if p.rewrites_state:
+                    if not _same_but_state(g, graph):
+                        raise GraphError(f"pass {p.name} changed inputs or outputs that are not the graph's state: "
+                                         f"{signature} -> {g.signature()}")
+                    signature = g.signature()
+                elif g.signature() != signature and (p.keeps_signature or not _same_but_sizes(g, graph)):
                     raise GraphError(f"pass {p.name} changed the graph's signature: {signature} -> {g.signature()}")
             self.records.append(PassRecord(p.name, seconds, before, len(g.nodes), dict(ctx.figures.get(p.name, {})),
                                            ctx.warnings.get(p.name, [])[warned:]))

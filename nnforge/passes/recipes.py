@@ -81,6 +81,14 @@ PRESETS: dict[str, tuple[str, list[dict]]] = {
     "palettize-3": ("3-bit palettes (k-means++ with Hessian-diagonal weights), one fp16 LUT per output "
                     "channel (needs calibration)",
                     [{"pass": "palettize", "bits": 3, "group_size": 1, "weighting": "hessian"}]),
+    # KV-cache encodings (docs/kv_cache.md): alone they leave the weights as they are; after a
+    # weight preset with '+' they run after its passes (w4-gptq+kv4)
+    "kv8": ("int8 KV cache, symmetric, one float16 scale per token and head",
+            [{"pass": "kv_cache", "encoding": "kv8"}]),
+    "kv4": ("KIVI 4-bit KV cache: keys per channel in groups of 32 tokens, values per token, the 128 most "
+            "recent tokens (up to 159) in float32", [{"pass": "kv_cache", "encoding": "kv4"}]),
+    "kv-fp8": ("FP8 E4M3 KV cache, one float16 scale per token and head",
+               [{"pass": "kv_cache", "encoding": "kv-fp8"}]),
 }
 # Presets with a number in their name: name -> (regex, description, builder of the pass configs).
 PARAMETRIC: dict[str, tuple[str, str, object]] = {
@@ -138,14 +146,31 @@ def _build(entry, where: str, defaults: dict | None = None) -> Pass:
 
 
 def _preset_configs(name: str) -> list[dict] | None:
-    """The pass configs of preset ``name`` (plain or parametric), or None when it is not one."""
+    """The pass configs of preset ``name`` (plain, parametric, or presets joined by '+', each
+    one's passes after the previous one's), or None when it is not one."""
     if name in PRESETS:
         return PRESETS[name][1]
     for pattern, _, configs in PARAMETRIC.values():
         m = re.fullmatch(pattern, name)
         if m:
             return configs(m.group(1))
+    if "+" in name:
+        parts = [_preset_configs(part) if part else None for part in name.split("+")]
+        if any(p is None for p in parts):
+            return None
+        configs = [c for p in parts for c in p]
+        _check_state_last(configs, name)
+        return configs
     return None
+
+
+def _check_state_last(configs: list[dict], name: str) -> None:
+    """A pass that re-encodes the state (the KV cache) changes the graph inputs calibration data
+    is made for, so it comes after every weight pass."""
+    state = [i for i, c in enumerate(configs) if getattr(PASSES.get(c["pass"]), "rewrites_state", False)]
+    if state and any(not getattr(PASSES.get(c["pass"]), "rewrites_state", False) for c in configs[state[0]:]):
+        raise PassError(f"recipe {name!r}: a KV-cache preset goes after the weight presets (e.g. 'w4-gptq+kv4', "
+                        "not 'kv4+w4-gptq'): it changes the cache state that calibration data is made for")
 
 
 def _expand(entry, where: str, defaults: dict | None = None) -> list[Pass]:
@@ -265,7 +290,8 @@ def resolve_recipe(recipe, defaults: dict | None = None) -> tuple[str, list[Pass
             return text, [_build(e, f"preset {text}", defaults) for e in configs]
         if text.endswith(".toml") or Path(text).exists():
             return load_recipe_file(text, defaults)
-        raise PassError(f"unknown recipe {text!r}: not a preset ({', '.join(PRESETS)}, {', '.join(PARAMETRIC)}) nor a .toml file")
+        raise PassError(f"unknown recipe {text!r}: not a preset ({', '.join(PRESETS)}, {', '.join(PARAMETRIC)}; "
+                        "presets joined by '+', e.g. w4-gptq+kv4) nor a .toml file")
     if isinstance(recipe, (list, tuple)):
         return "custom", _build_list(recipe, "recipe", defaults)
     if isinstance(recipe, Pass):
@@ -292,11 +318,12 @@ def with_head_format(passes: list[Pass], head: str, layer: str, defaults: dict |
         raise PassError(f"head format {head!r}: choose from {', '.join(HEAD_FORMATS)} "
                         f"({'; '.join(f'{k}: {v[0]}' for k, v in HEAD_FORMATS.items())})")
     configs = HEAD_FORMATS[head][1]
-    if configs is None or not passes:
+    # a recipe that only encodes the KV cache leaves every weight, the head's too, as it is
+    if configs is None or all(p.rewrites_state for p in passes):
         return list(passes)
     out = []
     for p in passes:
-        if isinstance(getattr(p, "exclude", None), list):
+        if isinstance(getattr(p, "exclude", None), list) and not p.rewrites_state:
             p = dataclasses.replace(p, exclude=[*p.exclude, layer])
         out.append(p)
     return out + [_build({**c, "layers": [layer]}, f"head format {head}", defaults) for c in configs]

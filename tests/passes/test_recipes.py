@@ -27,6 +27,10 @@ def test_every_preset_resolves_and_runs(preset):
     g = mlp_graph()
     x = inputs(32, seed=2)
     ctx = PassContext(calibration=[(inputs(8, seed=s),) for s in range(4)])
+    if preset.startswith("kv"):           # KV-cache encodings: decoders only (tests/passes/test_kvcache.py)
+        with pytest.raises(PassError, match="has no KV cache"):
+            PassManager(passes).run(g, ctx)
+        return
     if preset == "w4-gptq+eora":          # rank 32 is for real layers; this MLP's are 16 wide
         with pytest.raises(PassError, match="rank 32 exceeds the rank of layer fc1"):
             PassManager(passes).run(g, ctx)
@@ -212,3 +216,31 @@ def test_a_preset_entry_reaches_the_pass_record_and_the_run():
 def test_bad_preset_entries_name_the_option(entry, message):
     with pytest.raises(PassError, match=message):
         resolve_recipe([entry])
+
+
+def test_presets_joined_by_plus_run_in_order():
+    name, passes = resolve_recipe("w4-gptq+kv4")
+    assert name == "w4-gptq+kv4" and [p.name for p in passes] == ["quantize_gptq", "kv_cache"]
+    assert passes[1].encoding == "kv4" and (passes[1].group_size, passes[1].residual) == (32, 128)
+    assert [p.name for p in resolve_recipe("w8+kv-fp8")[1]] == ["quantize_rtn", "kv_cache"]
+    assert resolve_recipe("w4-gptq+eora")[1][0].name == "quantize_eora"        # a preset of its own
+
+
+@pytest.mark.parametrize("recipe,message", [
+    ("kv4+w4-gptq", "a KV-cache preset goes after the weight presets"),
+    ("w4-gptq+kv9", "unknown recipe 'w4-gptq\+kv9'.*joined by '\+'"),
+    ("w8+", "unknown recipe"),
+])
+def test_bad_plus_combinations(recipe, message):
+    with pytest.raises(PassError, match=message):
+        resolve_recipe(recipe)
+
+
+def test_the_head_format_joins_weight_passes_only():
+    from nnforge.passes.recipes import with_head_format
+    _, kv = resolve_recipe("kv8")
+    assert with_head_format(kv, "w8", "lm_head") == kv                        # the head stays float
+    _, both = resolve_recipe("w8+kv8")
+    out = with_head_format(both, "w8", "lm_head")
+    assert [p.name for p in out] == ["quantize_rtn", "kv_cache", "quantize_rtn"]
+    assert out[0].exclude == ["lm_head"] and out[1].exclude == [] and out[2].layers == ["lm_head"]

@@ -1,0 +1,124 @@
+"""The kv_cache pass on a tiny Llama: the float caches become encoded state chosen per cache, the
+rest of the signature stays, and the graph generates on the reference interpreter (prefill, then
+decode steps) close to the float cache's logits."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from nnforge.frontend.decoders import build, load_causal_lm, spec_from_config
+from nnforge.generation import Decoder
+from nnforge.ir import GraphError, Interpreter
+from nnforge.passes import Pass, PassContext, PassError, PassManager
+from nnforge.passes.kvcache import EncodeKVCache
+from tests.frontend.decoders.families import VOCAB, tiny_model
+
+MAX_LEN = 32
+
+
+@pytest.fixture(scope="module")
+def llama():
+    loaded = load_causal_lm(tiny_model("llama"))
+    return build(spec_from_config(loaded.config, max_len=MAX_LEN), loaded.weights, MAX_LEN)
+
+
+def encoded(graph, **options):
+    pm = PassManager([EncodeKVCache(**options)])
+    return pm.run(graph, PassContext()), pm.records[0]
+
+
+def decoder(graph) -> Decoder:
+    interp, names = Interpreter(graph), [v.name for v in graph.outputs]
+    state = {v.name: v for v in graph.inputs}
+    pairs = graph.state_pairs()
+    return Decoder(lambda inputs: dict(zip(names, interp.run(inputs))), pairs,
+                   {i: list(state[i].shape) for i, _ in pairs}, MAX_LEN,
+                   dtypes={i: state[i].dtype.torch_dtype for i, _ in pairs})
+
+
+def run(graph, prompt: torch.Tensor, steps: int) -> torch.Tensor:
+    """Logits of a prefill of ``prompt`` then ``steps`` greedy decode steps, stacked [1, n, vocab]."""
+    d = decoder(graph)
+    out = [d.prefill(prompt[None])]
+    for _ in range(steps):
+        out.append(d.step(out[-1][:, -1].argmax(-1))[:, None])
+    return torch.cat(out, dim=1)
+
+
+def cosine(a, b):
+    return torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
+
+
+def test_caches_become_encoded_state_and_the_rest_of_the_signature_stays(llama):
+    g, record = encoded(llama, encoding="kv4", group_size=4, residual=4)
+    assert [v.name for v in g.inputs][:6] == ["input_ids", "positions", "cache.0.k.codes", "cache.0.k.scale",
+                                              "cache.0.k.min", "cache.0.k.window"]
+    assert g.outputs[0].name == "logits" and len(g.state_pairs()) == 4 * 4
+    assert {n.op for n in g.nodes} >= {"kv_cache_write", "kv_cache_read"} and "cache_update" not in {
+        n.op for n in g.nodes}
+    assert record.figures == {"caches": 4, "encodings": {"kv4 k": 2, "kv4 v": 2}}
+
+
+def test_layers_and_exclude_select_caches(llama):
+    g, _ = encoded(llama, encoding="kv8", exclude=["model.layers.0.*"])
+    names = [v.name for v in g.inputs]
+    assert "cache.0.k" in names and "cache.0.v" in names and "cache.1.k.codes" in names
+    g, _ = encoded(llama, encoding="kv8", layers=["cache.1.v"])
+    assert [i for i, _ in g.state_pairs()] == ["cache.0.k", "cache.0.v", "cache.1.k", "cache.1.v.codes",
+                                               "cache.1.v.scale"]
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(layers=["cache.9.*"]), "layers pattern 'cache.9.\\*' matches no KV cache .* model.layers.0.self_attn.k_cache "
+                                 "\\(cache.0.k\\)"),
+    (dict(exclude=["*"]), "selects no KV cache"),
+    (dict(encoding="kv3"), "unknown encoding 'kv3'; choose from kv8, kv-fp8, kv4"),
+    (dict(encoding="kv8", group_size=8), "kv8 takes no option"),
+])
+def test_bad_options_name_what_to_fix(llama, options, message):
+    with pytest.raises(PassError, match=message):
+        encoded(llama, **{"encoding": "kv8", **options})
+
+
+def test_a_graph_without_a_kv_cache_is_refused():
+    from tests.passes.graphs import mlp_graph
+    with pytest.raises(PassError, match="has no KV cache.*decoder LMs only"):
+        encoded(mlp_graph(), encoding="kv8")
+
+
+def test_kv8_generates_close_to_the_float_cache(llama):
+    prompt = torch.randint(0, VOCAB, (12,), generator=torch.Generator().manual_seed(0))
+    want = run(llama, prompt, 6)
+    got = run(encoded(llama, encoding="kv8")[0], prompt, 6)
+    assert got.shape == (1, 18, VOCAB)
+    assert cosine(got, want) > 0.9999
+
+
+@pytest.mark.parametrize("encoding,options,floor", [("kv-fp8", {}, 0.999),
+                                                    ("kv4", dict(group_size=4, residual=4), 0.99)])
+def test_prompts_longer_than_the_window_then_decode_steps(llama, encoding, options, floor):
+    prompt = torch.randint(0, VOCAB, (13,), generator=torch.Generator().manual_seed(1))
+    g = encoded(llama, encoding=encoding, **options)[0]
+    d = decoder(g)
+    d.prefill(prompt[None])
+    for t in range(7):                       # across two more kv4 groups
+        d.step(torch.tensor([t]))
+    cache = d.cache
+    assert {str(cache[i].dtype) for i in cache} <= {"torch.int8", "torch.uint8", "torch.float16", "torch.float32"}
+    assert cosine(run(g, prompt, 7), run(llama, prompt, 7)) > floor
+
+
+def test_the_pass_manager_holds_a_state_pass_to_the_rest_of_the_signature(llama):
+    @dataclasses.dataclass
+    class RenamesIds(Pass):
+        name = "renames_ids"
+        rewrites_state = True
+
+        def run(self, graph, ctx):
+            graph.rename(graph.inputs[0], "tokens")
+            return graph
+
+    with pytest.raises(GraphError, match="pass renames_ids changed inputs or outputs that are not the graph's state"):
+        PassManager([RenamesIds()]).run(llama, PassContext())
