@@ -87,7 +87,7 @@ def compile(model, target: str | Target, recipe=None, *, example_inputs=None, ca
                 decoder = import_decoder(model, max_len=max_len, name=name, trust_code=trust_code)
                 graph, source = decoder.graph, decoder.source
                 passes = with_head_format(passes, head, HEAD_LAYER, tgt.options.get("pass_defaults"))
-                decoder.head = head if passes else "fp32"
+                decoder.head = head if any(not p.rewrites_state for p in passes) else "fp32"
                 example = decoder.example()
                 if is_text(calibration):
                     calibration_source = calibration_source or f"text: {describe_text(calibration)}"
@@ -114,6 +114,7 @@ def compile(model, target: str | Target, recipe=None, *, example_inputs=None, ca
             t0 = time.perf_counter()
             pm = PassManager(cleanup_passes() + passes)
             compressed = pm.run(graph, PassContext(calibration=data.calibration, target=tgt, progress=progress))
+            backend.check_cache_encodings(compressed, tgt)      # before the reference runs and the bundle
             timings["passes_s"] = time.perf_counter() - t0
             memory["after_passes"] = _peak_so_far(memory)
             bar.update()
@@ -158,6 +159,7 @@ def lower_into(root: Path, graph: Graph, target: Target, backend: Backend, *, re
                speed: list | None = None, reference: list | None = None, steps: list | None = None) -> Artifact:
     """Write ``graph`` and its weights into ``root`` (the bundle format: a backend may read weights
     in place), run the backend's prepare passes and lower the result for ``target``."""
+    backend.check_cache_encodings(graph, target)
     save_graph(graph, root / GRAPH_FILE, root / WEIGHTS_FILE)
     prepared, symbols = prepare(graph, backend, target, shapes)
     ctx = LowerContext(recipe=recipe, files=ArtifactWriter(root), shapes=shapes, speed_shapes=list(speed or []),
@@ -269,7 +271,7 @@ def build(out: Path, *, graph: Graph, original: Graph, source: str, target: Targ
                                           "memory-mapped checkpoint it read, which the kernel can drop) at the end "
                                           f"of each stage, since {memory_since}"}
         if decoder is not None:
-            manifest["decoder"] = decoder.manifest_section()
+            manifest["decoder"] = decoder.manifest_section(graph)
         return write_manifest(tmp, manifest)
 
 

@@ -44,6 +44,18 @@ def test_module_compiles_to_a_decoder_bundle(tmp_path):
     assert [i["name"] for i in m["signature"]["inputs"]][:2] == ["input_ids", "positions"]
 
 
+@pytest.mark.parametrize("target,recipe", [("onnx", "kv8"), ("cpu", "w8+kv4")])
+def test_an_encoded_kv_cache_is_refused_before_a_bundle_is_written(tmp_path, target, recipe):
+    from nnforge.backends.base import BackendError
+    with pytest.raises(BackendError) as e:
+        nf.compile(tiny_model("llama"), target, recipe, out=tmp_path / "b", max_len=16)
+    backend = {"onnx": "onnx", "cpu": "tvm"}[target]
+    encoding = recipe.rsplit("+", 1)[-1]
+    assert f"the {backend} backend cannot run the encoded KV cache of 4 cache(s) on {target}" in str(e.value)
+    assert f"cache.1.v of layer model.layers.1.self_attn ({encoding}: " in str(e.value)
+    assert not (tmp_path / "b").exists()
+
+
 def test_directory_with_text_calibration_on_cpu(model_dir, tmp_path):
     bundle = nf.compile(model_dir / "model", "cpu", "w4-gptq", calibration=model_dir / "calib.txt",
                         check_inputs=str(model_dir / "check.txt"), out=tmp_path / "b", max_len=64)

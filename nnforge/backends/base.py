@@ -296,6 +296,31 @@ class Backend(ABC):
         :meth:`decompositions`."""
         return self.decompositions()
 
+    def check_cache_encodings(self, graph: Graph, target: Target) -> None:
+        """Refuse a graph whose encoded KV caches (docs/kv_cache.md) this backend cannot run on
+        ``target``: a BackendError naming every such cache, its layer and its encoding, from the
+        capability rows for ``kv_cache_write`` and ``kv_cache_read``."""
+        from ..ir.graph import STATE_NEXT
+        from ..ir.ops.kvcache import CACHE_OPS, encoding_of
+        refused: dict[str, str] = {}
+        for node in graph.nodes:
+            if node.op not in CACHE_OPS:
+                continue
+            enc = encoding_of(node.attrs)
+            cap, why = self.capabilities.find(node.op, enc, target)
+            if cap is None:
+                if not any(r.op == node.op and r.encoding == enc.kind for r in self.capabilities):
+                    why = f"the {self.name} capability table has no {node.op} row for {enc.kind}"
+                part = node.inputs[2 if node.op == "kv_cache_write" else 1].name.removesuffix(STATE_NEXT)
+                cache = part.rsplit(".", 1)[0]                       # cache.3.k
+                layer = node.name.rsplit(".", 2)[0]                  # model.layers.3.self_attn
+                refused.setdefault(cache, f"{cache} of layer {layer} ({enc.kind}: {why})")
+        if refused:
+            raise BackendError(f"the {self.name} backend cannot run the encoded KV cache of {len(refused)} cache(s) on "
+                               f"{target.name}: {'; '.join(refused.values())}. Compile with a recipe without the "
+                               "KV-cache encoding (e.g. 'w4-gptq' instead of 'w4-gptq+kv4'), or for a target whose "
+                               "backend runs it (nnforge targets --explain TARGET lists what each backend runs)")
+
     def decompositions(self) -> list[dict]:
         """The decompose pass for the ops with a primitive form that :attr:`lowers` lacks."""
         if self.lowers is None:

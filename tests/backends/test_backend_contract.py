@@ -51,3 +51,41 @@ def test_an_unregistered_backend_is_named_with_the_known_ones(monkeypatch):
     monkeypatch.setenv(PATH_ENV, str(TOY / "targets"))
     with pytest.raises(nf.NnforgeError, match="unknown backend 'toy'; known: coreml, hls, mlir, onnx, triton, tvm"):
         nf.compile(tiny_mlp(), "toy", example_inputs=(torch.randn(2, 16),))
+
+
+# --- encoded KV caches: refused by every backend whose capability table lacks them ------------------
+@pytest.fixture(scope="module")
+def kv8_llama():
+    from nnforge.frontend.decoders import build, load_causal_lm, spec_from_config
+    from nnforge.passes import PassContext, PassManager
+    from nnforge.passes.kvcache import EncodeKVCache
+    from tests.frontend.decoders.families import tiny_model
+    loaded = load_causal_lm(tiny_model("llama"))
+    graph = build(spec_from_config(loaded.config, max_len=16), loaded.weights, 16)
+    return PassManager([EncodeKVCache(encoding="kv8", exclude=["cache.1.*"])]).run(graph, PassContext())
+
+
+@pytest.mark.parametrize("backend,target", [("onnx", "onnx"), ("tvm", "cpu"), ("triton", "h100"),
+                                            ("coreml", "apple-a17"), ("hls", "alveo-u280"), ("mlir", "mlir")])
+def test_every_backend_refuses_an_encoded_kv_cache_naming_the_layer_and_encoding(kv8_llama, backend, target):
+    from nnforge.backends.base import BackendError, get_backend
+    from nnforge.targets import get_target
+    with pytest.raises(BackendError) as e:
+        get_backend(backend).check_cache_encodings(kv8_llama, get_target(target))
+    msg = str(e.value)
+    assert f"the {backend} backend cannot run the encoded KV cache of 2 cache(s)" in msg
+    assert "cache.0.k of layer model.layers.0.self_attn (kv8: " in msg and "cache.0.v of layer" in msg
+    assert "cache.1" not in msg and "without the KV-cache encoding" in msg
+
+
+def test_a_backend_whose_table_has_the_rows_takes_the_cache(kv8_llama):
+    from nnforge.backends.base import Capabilities, Capability, get_backend
+    from nnforge.targets import get_target
+
+    class Runs(type(get_backend("onnx"))):
+        capabilities = Capabilities([Capability("kv_cache_write", "kv8", "int8 codes in place"),
+                                     Capability("kv_cache_read", "kv8", "fused into attention",
+                                                accepts=lambda enc, target: None if enc.role == "k" else "keys only")])
+    with pytest.raises(Exception, match="cache.0.v of layer model.layers.0.self_attn \\(kv8: keys only\\)") as e:
+        Runs().check_cache_encodings(kv8_llama, get_target("onnx"))
+    assert "cache.0.k " not in str(e.value)

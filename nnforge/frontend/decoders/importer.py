@@ -17,6 +17,7 @@ import torch
 
 from ...ir import Graph, Interpreter
 from ...numerics import FP32_TOLERANCE, compare, json_safe, within
+from ...passes.kvcache import cache_report
 from ...passes.recipes import HEAD_FORMATS
 from ..errors import FrontendError
 from .builder import INPUT_IDS, LOGITS, POSITIONS, build, cache_shape, state_pairs
@@ -183,14 +184,19 @@ class DecoderImport:
         return {d: 1 for d in ids.shape if isinstance(d, str)}
 
     # --- what the bundle records --------------------------------------------------------------
-    def manifest_section(self) -> dict:
-        s = self.spec
+    def manifest_section(self, graph: Graph | None = None) -> dict:
+        """The manifest's ``decoder`` section for ``graph`` (the compressed graph: its state, which a
+        KV-cache encoding changes; default the imported one)."""
+        s, graph = self.spec, graph or self.graph
+        inputs = {v.name: v for v in graph.inputs}
         return {
             "family": s.family, "architecture": s.architecture, "max_len": self.max_len,
             "layers": s.num_layers, "heads": s.heads, "kv_heads": s.kv_heads, "head_dim": s.head_dim,
             "vocab": s.vocab, "hidden": s.hidden,
             "inputs": {"ids": INPUT_IDS, "positions": POSITIONS}, "logits": LOGITS,
-            "state": [{"input": i, "output": o, "shape": cache_shape(s, self.max_len)} for i, o in state_pairs(s)],
+            "state": [{"input": i, "output": o, "shape": list(inputs[i].shape), "dtype": inputs[i].dtype.name}
+                      for i, o in graph.state_pairs()],
+            "kv_cache": cache_report(graph, self.max_len),
             "functions": {"prefill": "the graph on a prompt (seq >= 1) from its first free position",
                           "decode": "the graph on one token (seq = 1) per step"},
             "tied_embeddings": s.tied_embeddings,
