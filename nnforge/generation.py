@@ -168,7 +168,10 @@ class Decoder:
         if missing:
             raise GenerationError(f"the step function returned no {missing} (it returned {sorted(out)}): it must "
                                   "return the decoder graph's outputs by name")
-        self._cache = {inp: torch.as_tensor(out[o]) for inp, o in self.state_pairs}
+        # a state input of its own dtype (an encoded cache's float16 scales) goes back as declared:
+        # the interpreter hands float values over in its compute type
+        self._cache = {inp: torch.as_tensor(out[o]) if inp not in self.dtypes else
+                       torch.as_tensor(out[o]).to(self.dtypes[inp]) for inp, o in self.state_pairs}
         self.position += n
         return torch.as_tensor(out[LOGITS])
 

@@ -54,7 +54,10 @@ def _write_infer(new, positions, *parts, **attrs):
 
 def _write_ref(ctx, new, positions, *parts, **attrs):
     check_positions_in_cache(positions, attrs["max_len"], "kv_cache_write")
-    return encoding_of(attrs).write(list(parts), new, positions.long())
+    state = encoding_of(attrs).write(list(parts), new, positions.long())
+    # float parts in the interpreter's compute type, as every float value there (their values are
+    # those of the declared float16 / float32 storage)
+    return [t.to(ctx.float_dtype) if t.is_floating_point() else t for t in state]
 
 
 def _read_infer(positions, *parts, **attrs):
