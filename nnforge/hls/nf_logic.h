@@ -10,6 +10,8 @@
 //   not:      y = (a == 0)
 //   where:    y = a != 0 ? b : c                      b, c raw at y's format
 //   cast:     to bool_t: a != 0; int / bool -> act_t: sat(a * 2^F_y)
+//   trunc:    act_t -> int_t: a * 2^-F_a rounded toward zero (C's and torch's float -> int cast)
+//   min, max: of a and b at one format
 // Stores into act_t saturate (AP_SAT); stores into int_t saturate to 32 bits.
 #ifndef NF_LOGIC_H_
 #define NF_LOGIC_H_
@@ -32,7 +34,7 @@ template <int W> void store(ap_int<W> &y, const wide_t &v) {
 }
 inline void store(ap_uint<1> &y, const wide_t &v) { y = v != 0; }
 
-enum ewise_op { OP_EQ = 0, OP_NE, OP_LT, OP_LE, OP_GT, OP_GE, OP_AND, OP_OR, OP_NOT, OP_WHERE, OP_CAST };
+enum ewise_op { OP_EQ = 0, OP_NE, OP_LT, OP_LE, OP_GT, OP_GE, OP_AND, OP_OR, OP_NOT, OP_WHERE, OP_CAST, OP_TRUNC, OP_MIN, OP_MAX };
 
 struct ewise_config {
     static const unsigned d0 = 1, d1 = 1, d2 = 1, d3 = 16;    // output shape
@@ -41,7 +43,7 @@ struct ewise_config {
     static const unsigned c_s0 = 0, c_s1 = 0, c_s2 = 0, c_s3 = 1;
     static const bool a_const = false, b_const = false, c_const = false;
     static const unsigned long a_off = 0, b_off = 0, c_off = 0;
-    static const int shift = 0;                               // cast: left shift into y's format
+    static const int shift = 0;                               // cast: left shift into y's format; trunc: right
 };
 
 template <class T> wide_t load(const T *p, bool is_const, unsigned long off, unsigned i, const unsigned char *wmem) {
@@ -64,6 +66,7 @@ D3:             for (unsigned i3 = 0; i3 < CONFIG_T::d3; i3++) {
                     wide_t out = 0;
                     if (OP == OP_NOT) out = va == 0;
                     else if (OP == OP_CAST) out = va << CONFIG_T::shift;
+                    else if (OP == OP_TRUNC) out = va >= 0 ? wide_t(va >> CONFIG_T::shift) : wide_t(-((-va) >> CONFIG_T::shift));
                     else if (OP == OP_WHERE) out = va != 0 ? load(b, CONFIG_T::b_const, CONFIG_T::b_off, ib, wmem)
                                                            : load(c, CONFIG_T::c_const, CONFIG_T::c_off, ic, wmem);
                     else {
@@ -77,6 +80,8 @@ D3:             for (unsigned i3 = 0; i3 < CONFIG_T::d3; i3++) {
                             case OP_GE: out = va >= vb; break;
                             case OP_AND: out = (va != 0) && (vb != 0); break;
                             case OP_OR: out = (va != 0) || (vb != 0); break;
+                            case OP_MIN: out = va < vb ? va : vb; break;
+                            case OP_MAX: out = va > vb ? va : vb; break;
                             default: break;
                         }
                     }

@@ -29,7 +29,7 @@ from ...ir import Graph, GraphError, bind_symbols
 from ...ir.simplify import static_form
 from ...targets import Target
 from ..base import Artifact, Backend, BackendError, InputSpec, LowerContext, Runner
-from . import conv, csim, logic, pointwise, render, resources  # noqa: F401  (conv, logic, pointwise register lowering rules)
+from . import conv, csim, logic, pointwise, render, resources, routing  # noqa: F401  (conv, logic, pointwise, routing register lowering rules)
 from .capabilities import CAPABILITIES
 from .project import LOWERINGS, PROJECT, HlsOptions, Plan, build_plan
 

@@ -211,6 +211,10 @@ def ewise(op: str, vals: list, out_shape, shift: int, out_kind: str, fy: Fixed) 
         out = np.where(v[0] != 0, v[1], v[2])
     elif op == "cast":
         out = v[0] << shift
+    elif op == "trunc":
+        out = np.where(v[0] >= 0, v[0] >> shift, -((-v[0]) >> shift))
+    elif op in ("min", "max"):
+        out = (np.minimum if op == "min" else np.maximum)(v[0], v[1])
     else:
         raise ValueError(f"ewise op {op}")
     out = np.asarray(out, np.int64)
@@ -303,3 +307,59 @@ def max_pool(x, shape, out_hw, filt, stride, dil, pad, fx: Fixed, fy: Fixed) -> 
     """nf::max_pool on raw x [N, C, H, W]: the padding is the format's minimum, never above a value."""
     win = windows(x, shape, out_hw, filt, stride, dil, pad, fill=fx.lo)
     return round_to(win.max(axis=(-2, -1)), fx.frac - fy.frac, fy)
+
+
+def topk(x, outer: int, n: int, inner: int, k: int, largest: bool) -> np.ndarray:
+    """nf::topk: indices of the k largest (smallest) raw values along n, ties lower index first."""
+    v = np.asarray(x, np.int64).reshape(outer, n, inner)
+    order = np.argsort(-v if largest else v, axis=1, kind="stable")      # raw values are far from int64's ends
+    return order[:, :k, :].reshape(-1)
+
+
+def cumsum(x, outer: int, n: int, inner: int, out_kind: str, fy: Fixed) -> np.ndarray:
+    """nf::cumsum: exact running sums, each saturated to y's format."""
+    s = np.cumsum(np.asarray(x, np.int64).reshape(outer, n, inner), axis=1).reshape(-1)
+    return np.clip(s, *INT32).astype(np.int64) if out_kind == "int" else saturate(s, fy)
+
+
+def floor_fixed(x, fmt: Fixed) -> np.ndarray:
+    """nf::floor_fixed: the fractional bits cleared."""
+    return (np.asarray(x, np.int64) >> fmt.frac) << fmt.frac
+
+
+def position(idx, n: int, wrap: bool) -> np.ndarray:
+    """nf::position: an index on an axis of n, negative from the end when ``wrap``, then clamped."""
+    r = np.asarray(idx, np.int64)
+    if wrap:
+        r = np.where(r < 0, r + n, r)
+    return np.clip(r, 0, n - 1)
+
+
+def take_rows(x, idx, n_rows: int) -> np.ndarray:
+    """nf::take_rows: rows of x [n_rows, row] at the indices."""
+    return np.asarray(x).reshape(n_rows, -1)[position(idx, n_rows, True).reshape(-1)].reshape(-1)
+
+
+def gather_axis(x, idx, shape, strides, axis: int, n_axis: int) -> np.ndarray:
+    """nf::gather_axis: y[i] = x[i with its ``axis`` coordinate replaced by idx[i]] (shape: idx's, strides: x's)."""
+    off = position(idx, n_axis, False).reshape(shape) * strides[axis]
+    for d, (n, s) in enumerate(zip(shape, strides)):
+        if d != axis:
+            off = off + (np.arange(n, dtype=np.int64) * s).reshape([n if e == d else 1 for e in range(len(shape))])
+    return np.asarray(x).reshape(-1)[off.reshape(-1)]
+
+
+def scatter_rows(x, v, idx, n_rows: int, row: int, v_si: int, v_sc: int, accumulate: bool, kind: str,
+                 fy: Fixed) -> np.ndarray:
+    """nf::scatter_rows: x with rows idx[i] set to (or, saturating, increased by) values row i, in index order."""
+    y = np.asarray(x, np.int64).reshape(n_rows, row).copy()
+    v = np.asarray(v, np.int64).reshape(-1)
+    cols = np.arange(row) * v_sc
+    for i, r in enumerate(position(idx, n_rows, True).reshape(-1)):
+        val = v[i * v_si + cols]
+        if accumulate:
+            s = y[r] + val
+            y[r] = np.clip(s, *INT32) if kind == "int" else (s != 0) if kind == "bool" else saturate(s, fy)
+        else:
+            y[r] = val
+    return y.reshape(-1)

@@ -15,15 +15,21 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from ..base import BackendError
 from . import emulate as E
 from .layers import Layer, broadcast_strides, pad4, struct
 from .project import CTYPES, LOWERINGS, _dense, value_kind
+from .routing import gather_axis, take_rows
 from .weights import WeightMemory
 
 COMPARE = {"eq": "OP_EQ", "ne": "OP_NE", "lt": "OP_LT", "le": "OP_LE", "gt": "OP_GT", "ge": "OP_GE"}
-OPS = {**COMPARE, "and": "OP_AND", "or": "OP_OR", "not": "OP_NOT", "where": "OP_WHERE", "cast": "OP_CAST"}
+OPS = {**COMPARE, "and": "OP_AND", "or": "OP_OR", "not": "OP_NOT", "where": "OP_WHERE", "cast": "OP_CAST",
+       "trunc": "OP_TRUNC", "min": "OP_MIN", "max": "OP_MAX"}
+# ops whose output is one of their inputs' elements, so its bound is theirs (see int_bound)
+SAME_ELEMENTS = {"reshape", "permute", "slice", "expand", "concat", "cast", "gather_elements", "index", "index_put",
+                 "minimum", "maximum", "where"}
 
 
 @dataclass
@@ -122,18 +128,96 @@ def _where(plan, node, name):
     return _layer(plan, node, name, "where", [c, a, b], ["bool", k, k], k)
 
 
+def int_bound(v) -> int | None:
+    """The largest magnitude an int / bool value can hold where the graph proves it: constants,
+    booleans, top-k indices (below their axis' size) and what only moves or picks such elements;
+    None where it proves nothing (a graph input, a sum)."""
+    todo, seen, bound = [v], set(), 0
+    while todo:
+        u = todo.pop()
+        if u is None or u.name in seen:
+            continue
+        seen.add(u.name)
+        p = u.producer
+        if u.is_weight:
+            bound = max(bound, int(u.encoding.decode(torch.float64).abs().max().item()) if u.encoding.numel else 0)
+        elif value_kind(u) == "bool":
+            bound = max(bound, 1)
+        elif p is not None and p.op == "topk_indices":
+            bound = max(bound, p.inputs[0].shape[p.attrs["axis"] % len(p.inputs[0].shape)] - 1)
+        elif p is not None and p.op in SAME_ELEMENTS and value_kind(u) == "int":
+            data = p.inputs[1:] if p.op == "where" else p.inputs[:2] if p.op == "index_put" else \
+                p.inputs[:1] if p.op in ("gather_elements", "index") else p.inputs
+            if p.op == "cast" and value_kind(p.inputs[0]) == "act":
+                return None
+            todo.extend(data)
+        else:
+            return None
+    return bound
+
+
+def check_exact_in_act(plan, node, v) -> None:
+    """An int value read as an activation must fit its integer part, or indices computed from it
+    (the routing of a mixture-of-experts layer) would saturate into other indices."""
+    top, b = (1 << (plan.opts.act_int - 1)) - 1, int_bound(v)
+    if b is not None and b > top:
+        raise BackendError(f"node {node.name} ({node.op}): integer {v.name} reaches {b}, beyond the {top} that "
+                           f"act_int = {plan.opts.act_int} holds exactly; raise the target option act_int to at "
+                           f"least {b.bit_length() + 1} (or use shorter inputs)")
+
+
+def int_as_act(plan, node, v, name: str, layers: list, tag: str):
+    """``v`` itself when it is an activation or a constant; an int / bool value is cast into the
+    activation format first (a temporary, its layer appended to ``layers``)."""
+    if v.is_weight or value_kind(v) == "act":
+        return v
+    check_exact_in_act(plan, node, v)
+    tmp = plan.temp(f"{node.name}.{tag}.as_act", f"t_{name[2:]}_{tag}", v.shape)
+    layers.append(Ewise(f"{name}_{tag}", node.name, [v.name], tmp, op="cast", shapes=[tuple(v.shape)],
+                        kinds=[value_kind(v)], consts=[None], out_shape=tuple(v.shape), out_kind="act",
+                        shift=plan.opts.act.frac))
+    return _Named(tmp, tuple(v.shape))
+
+
+@dataclass(frozen=True)
+class _Named:
+    """A temporary value where a rule expects an IR value: its name and shape."""
+    name: str
+    shape: tuple
+    is_weight: bool = False
+
+
 @LOWERINGS.register("cast")
 def _cast(plan, node, name):
     x, out = node.inputs[0], node.output
     src, dst = value_kind(x), value_kind(out)
-    if dst == "bool" or src == dst:
+    op = "cast"
+    if dst == "bool" or src == dst or (src, dst) == ("bool", "int"):
         shift = 0
     elif dst == "act" and src in ("int", "bool"):
+        check_exact_in_act(plan, node, x)
         shift = plan.opts.act.frac
+    elif dst == "int" and src == "act":          # torch's float -> int: toward zero
+        op, shift = "trunc", plan.opts.act.frac
     else:
         raise BackendError(f"node {node.name} (cast): {x.dtype.name} -> {out.dtype.name} is not supported by the hls "
-                           f"backend (it casts to bool, and int/bool to float)")
-    return _layer(plan, node, name, "cast", [x], [src], dst, shift)
+                           f"backend (it casts to bool, bool to int, between int and float, and bool to float)")
+    return _layer(plan, node, name, op, [x], [src], dst, shift)
+
+
+def _extremum(op):
+    def rule(plan, node, name):
+        a, b = node.inputs
+        kind = value_kind(node.output)
+        if kind == "bool" or any(value_kind(v) != kind for v in (a, b) if not v.is_weight):
+            raise BackendError(f"node {node.name} ({node.op}): operands {a.dtype.name} and {b.dtype.name}; the hls "
+                               f"backend takes two ints or two activations")
+        return _layer(plan, node, name, op, [a, b], [kind, kind], kind)
+    return rule
+
+
+LOWERINGS.register("minimum")(_extremum("min"))
+LOWERINGS.register("maximum")(_extremum("max"))
 
 
 for _op in COMPARE:
@@ -242,8 +326,11 @@ class Gather(Layer):
 @LOWERINGS.register("index")
 def _index(plan, node, name):
     x, *idx = node.inputs
+    if len(idx) == 1 and idx[0] is not None and not idx[0].is_weight:
+        return take_rows(plan, node, name)
     if not all(v is not None and v.is_weight for v in idx):
-        raise BackendError(f"node {node.name} (index): the hls backend indexes with constant index tensors only")
+        raise BackendError(f"node {node.name} (index): the hls backend indexes with constant index tensors, or with "
+                           f"one computed index tensor (x[i]); got {len(idx)} index tensors")
     flat = np.arange(math.prod(x.shape), dtype=np.int64).reshape(x.shape)
     offsets = flat[tuple(_dense(v, f"node {node.name} index").numpy().astype(np.int64) for v in idx)]
     return [Gather(name, node.name, [x.name], node.output.name, offsets=offsets.reshape(-1),
@@ -254,7 +341,7 @@ def _index(plan, node, name):
 def _gather_elements(plan, node, name):
     x, idx = node.inputs
     if not idx.is_weight:
-        raise BackendError(f"node {node.name} (gather_elements): the hls backend gathers with constant indices only")
+        return gather_axis(plan, node, name)
     axis = node.attrs["axis"] % len(x.shape)
     ind = _dense(idx, f"node {node.name} indices").numpy().astype(np.int64)
     # torch.gather: the output has the indices' shape, which may be smaller than x's off the axis

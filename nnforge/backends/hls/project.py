@@ -39,11 +39,13 @@ PROJECT = "hls"        # folder of the project inside a bundle
 # Value kinds and their C types: activations in fixed point, integers (ids, masks) as ap_int<32>
 # (int64 values saturate to 32 bits), booleans as ap_uint<1>.
 CTYPES = {"act": "act_t", "int": "int_t", "bool": "bool_t"}
-# Per-op lowering rules (plan, node, name) -> [Layer]; logic.py adds the mask logic, reductions and gathers.
+# Per-op lowering rules (plan, node, name) -> [Layer]; logic.py adds the mask logic, reductions and gathers,
+# routing.py the routing of mixture-of-experts layers (top-k, running sums, computed gathers and scatters).
 LOWERINGS = Registry("hls lowering")
 # Ops whose rule handles int / bool operands; every other op takes and gives activations only.
 MIXED_OPS = {"full", "embedding", "permute", "reshape", "slice", "expand", "eq", "ne", "lt", "le", "gt", "ge", "and", "or",
-             "not", "where", "cast", "reduce_sum", "reduce_any", "index", "gather_elements", "concat"}
+             "not", "where", "cast", "reduce_sum", "reduce_any", "index", "gather_elements", "concat", "topk_indices",
+             "cumsum", "index_put", "minimum", "maximum", "div"}
 
 
 def value_kind(v) -> str:
@@ -261,6 +263,8 @@ def _matmul(plan, node, name):
     if b.is_weight:                       # x @ W with a constant [K, N]: the matrix unit on W^T
         _table_operand(node, b, "matmul")
         w = _dense(b, f"node {node.name}")
+        if w.dim() > 2:
+            return _matmul_stacked(plan, node, name, w)
         if w.dim() != 2:
             raise BackendError(f"node {node.name} (matmul): constant operand must be 2-D, got {list(w.shape)}")
         mw = mat_weights(Dense(w.T.contiguous().float()), f"node {node.name} ({b.name})", plan.opts.dense_weight_bits,
@@ -278,6 +282,26 @@ def _matmul(plan, node, name):
     return [L.Matmul(name, node.name, [a.name, b.name], node.output.name, batch=batch, m=a.shape[-2],
                      k=a.shape[-1], n=b.shape[-1], a_bcast=a_b == 1 and batch > 1, b_bcast=b_b == 1 and batch > 1,
                      chain=plan.opts.chain)]
+
+
+def _matmul_stacked(plan, node, name, w: torch.Tensor) -> list:
+    """x @ W with a constant stack W [*batch, K, N] (every expert's weight applied to every row, as
+    the dense form of a grouped matmul is): one matrix unit on the stack's rows side by side, then
+    a permute of [rows, batch, N] into [batch, rows, N]."""
+    a, out = node.inputs[0], node.output
+    rows, k, n = math.prod(a.shape[:-1]), w.shape[-2], w.shape[-1]
+    stack = math.prod(w.shape[:-2])
+    if math.prod(a.shape[:-2]) != 1:
+        raise BackendError(f"node {node.name} (matmul): a stack of constant matrices {list(w.shape)} times a batch "
+                           f"{list(a.shape)}; the hls backend applies a stack to one matrix of rows only")
+    wt = w.reshape(stack, k, n).permute(0, 2, 1).reshape(stack * n, k).contiguous().float()
+    mw = mat_weights(Dense(wt), f"node {node.name} ({node.inputs[1].name})", plan.opts.dense_weight_bits,
+                     plan.fallbacks)
+    side = plan.temp(f"{out.name}.side_by_side", f"t_{name[2:]}_rows", (rows, stack * n))
+    return [L.MatMat(name, node.name, [a.name], side, w=mw, rows=rows, scale_bits=plan.opts.scale_bits,
+                     chain=plan.opts.chain),
+            L.Strided(f"{name}_stack", node.name, [side], out.name, out_shape=(stack, rows, n),
+                      strides=(n, stack * n, 1), offset=0, what=f"[rows, {stack}, {n}] -> [{stack}, rows, {n}]")]
 
 
 def _lut(fn):
@@ -340,10 +364,14 @@ def _binary(op):
             a, b = b, a
         if a.is_weight:
             raise BackendError(f"node {node.name} ({node.op}): a constant left operand is not supported by the hls backend")
+        pre = []
+        if op == "div":          # int / int is a float division in the IR: integers enter as activations
+            from .logic import int_as_act
+            a, b = (int_as_act(plan, node, v, name, pre, tag) for v, tag in ((a, "a"), (b, "b")))
         const = None
         if b.is_weight:
             t = _dense(b, f"node {node.name}")
-            if kind == "div":
+            if kind == "div" and not _exact_divisor(t, plan.opts):
                 t, kind = 1.0 / t, "mul"
             # saturated to the int32 words of the weight memory: a mask's finfo.min stays a value
             # that drives any sum to the activation minimum, as -inf would
@@ -352,10 +380,21 @@ def _binary(op):
             raise BackendError(f"node {node.name} (div): raw(a) * 2^F needs act_width + F + 2 <= 63 bits")
         if len(node.output.shape) > 4:
             raise BackendError(f"node {node.name} ({node.op}): rank {len(node.output.shape)} > 4")
-        return [L.Binary(name, node.name, [a.name] + ([] if const is not None else [b.name]), node.output.name,
+        return pre + [L.Binary(name, node.name, [a.name] + ([] if const is not None else [b.name]), node.output.name,
                          op=kind, a_shape=tuple(a.shape), b_shape=tuple(b.shape), out_shape=tuple(node.output.shape),
                          b_const=const, b_frac=plan.opts.act.frac)]
     return rule
+
+
+def _exact_divisor(t: torch.Tensor, opts: HlsOptions) -> bool:
+    """Divide by a constant exactly (one divider) where it is a whole number that is not a power of
+    two: a floor or a comparison after x / 3 must see the exact quotient (an integer floor division,
+    a histogram's bin), which a product with a rounded 1/3 misses at exact multiples. Powers of two
+    and fractions keep the product, which is as exact or cheaper."""
+    a = t.abs()
+    whole = bool(((t == t.round()) & (a >= 1) & (a < 2.0 ** (31 - opts.act.frac))).all())
+    pow2 = bool((a == 2.0 ** a.log2().round()).all())
+    return whole and not pow2 and opts.act_width + opts.act.frac + 2 <= 63
 
 
 for _op in ("add", "sub", "mul", "div"):

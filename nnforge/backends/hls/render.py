@@ -32,7 +32,7 @@ def parameters_h(plan: Plan) -> str:
              "#ifndef NF_PARAMETERS_H_", "#define NF_PARAMETERS_H_", "",
              '#include "nf/nf_types.h"', '#include "nf/nf_matvec.h"', '#include "nf/nf_activation.h"',
              '#include "nf/nf_softmax.h"', '#include "nf/nf_norm.h"', '#include "nf/nf_elementwise.h"', '#include "nf/nf_index.h"', '#include "nf/nf_logic.h"', '#include "nf/nf_reduce.h"',
-             '#include "nf/nf_conv.h"', "",
+             '#include "nf/nf_conv.h"', '#include "nf/nf_route.h"', "",
              "using nf::int_t;   // integer values (ids, masks): ap_int<32>",
              "using nf::bool_t;  // booleans: ap_uint<1>", "",
              f"// activations between layers: {o.act_width} bits, {o.act_int} integer, round half up, saturate",
