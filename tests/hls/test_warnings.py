@@ -4,7 +4,8 @@ g++ warning under -Wall -Wextra -Werror, for every supported parameter set.
 A few graphs hold the parameter sets as separate layers (int2..int8 codes with per-channel and
 group scales, symmetric and not; N:M 2:4 / 1:4 / 2:8 with int or minifloat kept values; dense and
 fp32 weights (int16 codes, accumulators past 64 bits); LUT-decoded minifloats e2m1 / e2m3 / e3m2 /
-e4m3; activations, norms, softmax, element-wise and index ops; int / bool values; constant buffers
+e4m3; activations, norms, softmax, element-wise and index ops; int / bool values; the routing ops of
+mixture-of-experts layers; constant buffers
 (IR full, weights read as values); convolutions (1-D, 2-D, depthwise, dense, int4, minifloat and
 2:4 weights), max pooling and batch norm); four option sets vary the activation format (9, 16, 24 and 32
 bits), two MACs per DSP (pack2) on and off, the dataflow form and the scale width; one more project
@@ -180,8 +181,31 @@ def warnings_graph(name: str, formats: str, wide_sums: bool, ints: bool) -> Grap
             g.op("permute", g.add_weight("const_bool", Dense(torch.rand(3, 2) > 0.5)), name="const_bool_t",
                  perm=[1, 0]),
         ]
+        outs += routing(g, xs, ids)
     g.set_outputs(outs)
     return g
+
+
+def routing(g: Graph, xs, ids) -> list:
+    """The routing ops of a mixture-of-experts layer on [ROWS, 6] scores and ids."""
+    top = g.op("topk_indices", xs, k=2, axis=1, largest=True, name="topk_act")
+    flat = g.op("reshape", ids, shape=[ROWS * 6], name="ids_flat6")
+    order = g.op("topk_indices", flat, k=ROWS * 6, axis=0, largest=False, name="argsort_int")
+    rows = g.op("minimum", flat, g.add_weight("last", Dense(torch.tensor(ROWS - 1))), name="minimum_int")
+    return [
+        g.op("gather_elements", xs, top, axis=1, name="gather_computed_act"),
+        g.op("gather_elements", flat, order, axis=0, name="gather_computed_int"),
+        g.op("cumsum", ids, axis=1, name="cumsum_int"), g.op("cumsum", xs, axis=0, name="cumsum_act"),
+        g.op("cast", g.op("floor", g.op("div", flat, g.add_weight("k2i", Dense(torch.tensor(3)))), name="floor"),
+             dtype="i64", name="trunc"),
+        g.op("maximum", xs, g.op("relu", xs, name="relu_max"), name="maximum_act"),
+        g.op("index", xs, rows, name="take_rows"),
+        g.op("index_put", g.add_weight("zeros_i", Dense(torch.zeros(ROWS * 6, dtype=torch.int64))),
+             g.add_weight("arange_i", Dense(torch.arange(ROWS * 6))), order, accumulate=False, name="scatter_int"),
+        g.op("index_put", xs, g.add_weight("bump", Dense(torch.ones(6))), rows, accumulate=True, name="scatter_add"),
+        g.op("matmul", g.op("reshape", xs, shape=[1, ROWS, 6], name="xs3"),
+             g.add_weight("experts", Dense(torch.randn(3, 6, 5))), name="matmul_stacked"),
+    ]
 
 
 def ports_graph(name: str) -> Graph:
@@ -286,7 +310,7 @@ def test_parameter_sets_cover_the_kernel_variants(compiled):
     kinds = {type(l).__name__ for p in plans.values() for l in p.layers}
     assert kinds >= {"MatMat", "Matmul", "Lut", "Relu", "Clamp", "Softmax", "Norm", "Binary", "Strided", "Copy",
                      "Alias", "Fanout2", "Embedding", "Ewise", "Reduce", "Sqrt", "Gather", "Fill", "Const", "Conv",
-                     "MaxPool", "Pad"}
+                     "MaxPool", "Pad", "TopK", "Cumsum", "Floor", "TakeRows", "GatherAxis", "ScatterRows"}
     conv_units = [l for p in plans.values() for l in p.layers if type(l).__name__ == "Conv"]
     assert {l.w.lut is not None for l in conv_units} == {True, False} and {l.w.sp_m for l in conv_units} == {1, 4}
     consts = {l.ctype for p in plans.values() for l in p.layers if type(l).__name__ in ("Fill", "Const")}

@@ -37,7 +37,8 @@ DSP (per kernel call; every call is its own function instance, so nothing is sha
     binary            mul: one 64 x 64 -> 64; div: one divider; add / sub: none.
     pow_int           one act_width x act_width product (reused for each of the k - 1 steps).
     rsqrt             one divider (2^62 / sqrt) and one isqrt.
-    everything else   (max_pool, pad, relu, neg, clamp, copies, permutes, concat, gathers, embedding, logic, reduce, sqrt): no DSP.
+    everything else   (max_pool, pad, relu, neg, clamp, copies, permutes, concat, gathers, embedding, logic, reduce, sqrt,
+                      top-k, cumsum, floor, gathers and scatters by computed indices): no DSP.
 
 BRAM36 (on-chip arrays; the weights are off chip behind the m_axi port ``wmem``: 0 BRAM for them,
     and the graph's input / output ports are m_axi too)
@@ -71,6 +72,7 @@ from . import conv as C
 from . import layers as L
 from . import logic as G
 from . import pointwise as P
+from . import routing as R
 
 # Multiplier ports (signed a x b) of one DSP slice: AMD UG579 (DSP48E2: 27 x 18), AM004 (DSP58: 27 x 24).
 DSP_PORTS = {"dsp48e2": (27, 18), "dsp58": (27, 24)}
@@ -286,10 +288,25 @@ def _sqrt(layer, ctx: Ctx) -> Cost:
     return c
 
 
+def _topk(layer: R.TopK, ctx: Ctx) -> Cost:
+    c = Cost()
+    c.logic(2 * WIDE, WIDE + 32, "top-k: one 64-bit compare pair (beats, ties) and a rank counter")
+    return c
+
+
+def _running_sum(layer, ctx: Ctx) -> Cost:
+    c = Cost()
+    if not isinstance(layer, R.ScatterRows) or layer.accumulate:
+        c.logic(WIDE, WIDE, "one 64-bit adder and its register")
+    return c
+
+
 RESOURCE_COSTS = {
     L.MatMat: _matmat, L.Matmul: _matmul, L.Lut: _lut, L.Softmax: _softmax, L.Norm: _norm, L.Binary: _binary,
     L.Relu: _moves, L.Clamp: _moves, L.Strided: _moves, L.Copy: _moves, L.Fanout2: _moves,
     L.Embedding: _moves, L.Fill: _moves, L.Const: _moves, G.Ewise: _moves, G.Reduce: _moves, G.Gather: _moves, G.Sqrt: _sqrt,
+    R.TopK: _topk, R.Cumsum: _running_sum, R.ScatterRows: _running_sum, R.Floor: _moves, R.TakeRows: _moves,
+    R.GatherAxis: _moves,
     L.Concat: _moves, P.Neg: _moves, P.PowInt: _pow, P.Rsqrt: _rsqrt, C.Conv: _conv, C.MaxPool: _moves, C.Pad: _moves,
 }
 KERNELS = {L.MatMat: "matmat", C.Conv: "conv", L.Matmul: "matmul"}
