@@ -1,15 +1,19 @@
 """Issue 21's architectures on the FPGA target: tiny random-init configs (tests/architectures.py)
 compiled for alveo-u280 with ``w8`` build, verify, match the fp32 reference within the bundle's
 tolerance, and their C-simulation equals the bit-accurate emulation on fresh inputs: the language
-models, and the convolutional networks at their example's static shapes.
+models, the mixture-of-experts Mixtral, and the convolutional networks at their example's static
+shapes.
 
 Causal LMs are wrapped in ``Logits`` so that they trace as one stateless graph."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 import nnforge as nf
+from nnforge.ir.interpreter import Interpreter
+from nnforge.numerics import BACKEND_TOLERANCE, compare, within
 from tests.architectures import ARCHITECTURES, Logits
 
 
@@ -69,3 +73,25 @@ def test_convolutional_networks_build_verify_and_simulate_bit_exactly(name, tmp_
         assert any(c.groups > 1 and c.groups == c.shape[1] for c in convs)          # depthwise
     if name == "whisper_encoder":
         assert all(c.shape[2] == 1 for c in convs) and {c.stride for c in convs} == {(1, 1), (1, 2)}
+
+
+@pytest.mark.slow
+def test_mixtral_routes_like_the_reference_and_simulates_bit_exactly(tmp_path, hls_cache):
+    """Top-2 of 4 experts per token, the argsort of the choices, the per-expert counts and the
+    scatter back: every bundle output within the runtime check's tolerance of the reference
+    interpreter on fresh inputs, with the experts it picks equal to the reference's."""
+    runner = _builds_verifies_and_simulates_bit_exactly("mixtral", tmp_path / "mixtral", dynamic_shapes="static")
+    kinds = {type(layer).__name__ for layer in runner.plan.layers}
+    assert {"TopK", "Cumsum", "Floor", "TakeRows", "GatherAxis", "ScatterRows"} <= kinds
+    arch, graph = ARCHITECTURES["mixtral"], runner.graph
+    routers = [n.output.name for n in graph.nodes if n.op == "topk_indices" and n.attrs["largest"]]
+    assert len(routers) == 2                           # one per layer
+    for seed in (4, 5, 6):
+        ids = arch.inputs(batch=1, size=arch.sizes[0], seed=seed)[0]
+        picked = {}
+        want = Interpreter(graph).run(ids, capture=lambda n, outs: picked.update({n.output.name: outs[0]}))
+        got = runner.run_numpy([ids.numpy()])
+        assert within(compare([torch.from_numpy(g) for g in got], want), BACKEND_TOLERANCE), seed
+        env = runner.plan.emulate_env([ids.numpy()])
+        for v in routers:
+            assert np.array_equal(env[v], picked[v].numpy().reshape(-1)), (seed, v)
