@@ -63,6 +63,9 @@ class Pass(ABC):
     # a pass that re-encodes the graph's state (the KV-cache pass) may replace its state pairs
     # (Graph.state_pairs); every other input and output stays as it was
     rewrites_state: ClassVar[bool] = False
+    # inputs and outputs (fnmatch patterns) a pass that rewrites the state may also add: the
+    # token-reduction pass's slots input and query outputs
+    adds_io: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
@@ -176,14 +179,16 @@ def _same_but_sizes(g: Graph, before: Graph) -> bool:
                and all(isinstance(y, str) or x == y for x, y in zip(a.shape, b.shape)) for a, b in pairs)
 
 
-def _same_but_state(g: Graph, before: Graph) -> bool:
-    """Inputs and outputs that are not state keep their names, types and order, and each state
-    input has the type of its output."""
+def _same_but_state(g: Graph, before: Graph, added: tuple[str, ...] = ()) -> bool:
+    """Inputs and outputs that are not state (nor named by a pattern of ``added``) keep their
+    names, types and order, and each state input has the type of its output."""
     def plain(graph: Graph) -> tuple[list, list]:
         ins = {i for i, _ in graph.state_pairs()}
         outs = {o for _, o in graph.state_pairs()}
-        return ([(v.name, str(v.type)) for v in graph.inputs if v.name not in ins],
-                [(v.name, str(v.type)) for v in graph.outputs if v.name not in outs])
+        new = [v.name for v in [*graph.inputs, *graph.outputs] if any(fnmatch.fnmatchcase(v.name, p) for p in added)
+               and v.name not in {x.name for x in [*before.inputs, *before.outputs]}]
+        return ([(v.name, str(v.type)) for v in graph.inputs if v.name not in ins and v.name not in new],
+                [(v.name, str(v.type)) for v in graph.outputs if v.name not in outs and v.name not in new])
     types = {v.name: str(v.type) for v in [*g.inputs, *g.outputs]}
     return plain(g) == plain(before) and all(types[i] == types[o] for i, o in g.state_pairs())
 
@@ -217,7 +222,7 @@ class PassManager:
                 except GraphError as e:
                     raise GraphError(f"after pass {p.name}: {e}") from None
                 if p.rewrites_state:
-                    if not _same_but_state(g, graph):
+                    if not _same_but_state(g, graph, p.adds_io):
                         raise GraphError(f"pass {p.name} changed inputs or outputs that are not the graph's state: "
                                          f"{signature} -> {g.signature()}")
                     signature = g.signature()

@@ -115,6 +115,10 @@ class EncodeKVCache(Pass):
         return out
 
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
+        from .kvreduce import SLOTS
+        if any(v.name == SLOTS for v in graph.inputs):
+            raise PassError(f"kv_cache: graph {graph.name} has token reduction (kv-evict/kv-merge), and the runner "
+                            "reduces float caches only: drop the encoding preset, or the reduction")
         kinds: Counter = Counter()
         for cache in self.select(graph):
             encode_cache(graph, cache, self.encoding, self.group_size, self.residual)

@@ -119,6 +119,14 @@ PARAMETRIC: dict[str, tuple[str, str, object]] = {
                         "shrink), OBS choice and least-squares update of the next layer, ZipLM-style (needs "
                         "calibration)",
                         lambda v: [{"pass": "prune_mlp", "fraction": int(v) / 100}]),
+    # token reduction (docs/kv_cache.md): the runner keeps the cache within <budget> tokens
+    "kv-evict-<budget>": (r"kv-evict-(\d+)", "KV cache kept within <budget> tokens by evicting all but the heavy "
+                          "hitters (accumulated attention, H2O) and the budget/2 most recent tokens",
+                          lambda v: [{"pass": "kv_reduce", "method": "evict", "budget": int(v)}]),
+    "kv-merge-<budget>": (r"kv-merge-(\d+)", "KV cache kept within <budget> tokens by merging adjacent similar "
+                          "keys and their values, weighted by attention (KVMerger), the budget/2 most recent "
+                          "tokens kept as they are",
+                          lambda v: [{"pass": "kv_reduce", "method": "merge", "budget": int(v)}]),
     "prune-heads-<pct>": (r"prune-heads-(\d+)", "<pct>% of each attention layer's heads removed (the weights "
                           "shrink), OBS choice and least-squares update of the output projection (needs "
                           "calibration)",
