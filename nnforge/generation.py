@@ -49,6 +49,10 @@ class Decoder:
     that many positions, the whole sequence so far runs again in that one call. A longrope model
     (Phi-3) switches to its long rotary factors once a call reaches past its original context, and
     transformers then recomputes the cache so that every key has them; so does this.
+    ``reduction`` (the manifest's ``decoder.kv_reduce``, :class:`~nnforge.kvreduce.Reduction`):
+    each step writes the next free cache slot (the graph's ``slots`` input) and the cache is
+    reduced to the budget between steps (docs/kv_cache.md), so a sequence may run past
+    ``max_len`` positions; the cache then goes through this process every step, never resident.
 
         >>> decoder.prefill(torch.tensor([[1, 17, 42]]))[:, -1]      # logits after the prompt
         >>> decoder.step(torch.tensor([99]))                         # logits after one more token
@@ -57,7 +61,7 @@ class Decoder:
     def __init__(self, step: StepFn, state_pairs: Sequence[tuple[str, str]],
                  cache_shape: Callable[[int], Sequence[int]] | Mapping[str, Sequence], max_len: int, *,
                  prefill_chunk: int | None = None, dtype: torch.dtype = torch.float32, resident=None,
-                 recompute_at: int = 0, dtypes: Mapping[str, torch.dtype] | None = None):
+                 recompute_at: int = 0, dtypes: Mapping[str, torch.dtype] | None = None, reduction=None):
         if max_len < 1:
             raise GenerationError(f"max_len {max_len}: a decoder's cache holds at least one position")
         if prefill_chunk is not None and prefill_chunk < 1:
@@ -73,6 +77,15 @@ class Decoder:
         self.max_len, self.prefill_chunk, self.dtype = max_len, prefill_chunk, dtype
         self.dtypes = dict(dtypes or {})
         self.recompute_at = int(recompute_at)
+        self.reducer = None
+        if reduction is not None:
+            if self.recompute_at:
+                raise GenerationError("token reduction cannot recompute the cache past recompute_at (longrope): the "
+                                      "evicted tokens are gone; compile this model without kv-evict/kv-merge")
+            if resident is not None:
+                raise GenerationError("token reduction changes the cache between steps: run it with resident=False")
+            from .kvreduce import CacheReducer
+            self.reducer = CacheReducer(reduction)
         self._cache: dict[str, torch.Tensor] | None = None
         self._fed = torch.zeros(0, 0, dtype=torch.int64)    # the tokens the cache holds, for recompute_at
         self.batch, self.position = 0, 0
@@ -83,6 +96,19 @@ class Decoder:
         if self._resident is None or not self.batch:
             return self._cache
         return {inp: torch.from_numpy(self._resident.read(inp)) for inp, _ in self.state_pairs}
+
+    @property
+    def capacity(self) -> int:
+        """How many positions a sequence may reach: the cache's max_len, or with token reduction
+        the model's learned positions (no limit for rotary ones)."""
+        if self.reducer is None:
+            return self.max_len
+        return self.reducer.reduction.max_positions or 2 ** 62
+
+    @property
+    def tokens_held(self) -> int:
+        """The cache slots in use: the position, or with token reduction at most the budget."""
+        return self.reducer.count if self.reducer is not None else self.position
 
     def shape_of(self, cache_input: str, batch: int) -> list[int]:
         if isinstance(self._cache_shape, Mapping):
@@ -100,6 +126,8 @@ class Decoder:
                            for inp, _ in self.state_pairs}
         self._fed = torch.zeros(batch, 0, dtype=torch.int64)
         self.batch, self.position = batch, 0
+        if self.reducer is not None:
+            self.reducer.reset()
 
     def prefill(self, ids, *, all_logits: bool = True) -> torch.Tensor:
         """Start new sequences from their prompts ``ids`` ([batch, n], or [n] for one) and return the
@@ -129,11 +157,14 @@ class Decoder:
         n = ids.shape[1]
         if n == 0:
             raise GenerationError("no tokens to feed: give at least one")
-        if self.position + n > self.max_len:
+        if self.position + n > self.capacity:
+            what = (f"the decoder was compiled with max_len {self.max_len}" if self.reducer is None else
+                    f"the model has learned positions for {self.capacity} tokens")
             raise GenerationError(f"{n} tokens at position {self.position} need {self.position + n} cache positions, "
-                                  f"but the decoder was compiled with max_len {self.max_len}: compile it with a "
-                                  "larger max_len, or give fewer tokens")
+                                  f"but {what}: compile it with a larger max_len, or give fewer tokens")
         chunk = self.prefill_chunk or n
+        if self.reducer is not None:      # a step's tokens fit beside a full budget
+            chunk = min(chunk, self.max_len - self.reducer.reduction.budget)
         logits = []
         for start in range(0, n, chunk):
             part = ids[:, start:start + chunk]
@@ -162,7 +193,11 @@ class Decoder:
             logits = self._resident.run(ids.contiguous().numpy(), positions.numpy())
             self.position += n
             return torch.from_numpy(logits)
-        out = self._step({INPUT_IDS: ids.contiguous(), POSITIONS: positions, **self._cache})
+        inputs = {INPUT_IDS: ids.contiguous(), POSITIONS: positions, **self._cache}
+        if self.reducer is not None:
+            slots = torch.arange(self.reducer.count, self.reducer.count + n, dtype=torch.int64).repeat(self.batch, 1)
+            inputs[self.reducer.reduction.slots] = slots
+        out = self._step(inputs)
         wanted = [LOGITS] + [o for _, o in self.state_pairs]
         missing = [name for name in wanted if name not in out]
         if missing:
@@ -172,6 +207,8 @@ class Decoder:
         # the interpreter hands float values over in its compute type
         self._cache = {inp: torch.as_tensor(out[o]) if inp not in self.dtypes else
                        torch.as_tensor(out[o]).to(self.dtypes[inp]) for inp, o in self.state_pairs}
+        if self.reducer is not None:
+            self._cache = self.reducer.after_step(self._cache, out, slots)
         self.position += n
         return torch.as_tensor(out[LOGITS])
 
@@ -299,9 +336,9 @@ def generate(decoder: Decoder, prompt, max_new_tokens: int, *, temperature: floa
     if max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens {max_new_tokens}: ask for at least one new token")
     needed = n + max_new_tokens - 1                  # the last new token is never fed back
-    if needed > decoder.max_len:
+    if needed > decoder.capacity:
         raise GenerationError(f"a prompt of {n} tokens and {max_new_tokens} new tokens need {needed} cache positions, "
-                              f"but the decoder was compiled with max_len {decoder.max_len}: compile it with "
+                              f"but the decoder takes {decoder.capacity} (max_len {decoder.max_len}): compile it with "
                               f"max_len >= {needed}, or shorten the prompt or max_new_tokens")
     stops = {stop_tokens} if isinstance(stop_tokens, int) else {int(t) for t in stop_tokens}
     generator = torch.Generator()
@@ -413,11 +450,15 @@ class DecoderRunner:
         between steps where the backend can (``resident``; False: through numpy every call)."""
         state = self.section["state"]
         pairs = [(s["input"], s["output"]) for s in state]
+        reduction = None
+        if self.section.get("kv_reduce"):             # the runner reduces the cache: never resident
+            from .kvreduce import Reduction
+            reduction, resident = Reduction.from_section(self.section["kv_reduce"]), False
         keep = getattr(self.runner, "resident", None) if resident else None
         dtypes = {s["input"]: dtype_of(s["dtype"]).torch_dtype for s in state if "dtype" in s}
         return Decoder(self._step, pairs, {s["input"]: s["shape"] for s in state}, self.max_len, dtypes=dtypes,
                        prefill_chunk=prefill_chunk, recompute_at=int(self.section.get("recompute_at", 0)),
-                       resident=keep(pairs, (INPUT_IDS, POSITIONS), LOGITS) if keep else None)
+                       resident=keep(pairs, (INPUT_IDS, POSITIONS), LOGITS) if keep else None, reduction=reduction)
 
     def generate(self, prompt, max_new_tokens: int = 64, *, stop_tokens=None, prefill_chunk: int | None = None,
                  **sampling) -> GenerationResult:
