@@ -337,9 +337,11 @@ def generate(decoder: Decoder, prompt, max_new_tokens: int, *, temperature: floa
         raise GenerationError(f"max_new_tokens {max_new_tokens}: ask for at least one new token")
     needed = n + max_new_tokens - 1                  # the last new token is never fed back
     if needed > decoder.capacity:
+        what = (f"the decoder was compiled with max_len {decoder.max_len}" if decoder.reducer is None else
+                f"the model has learned positions for {decoder.capacity} tokens")
         raise GenerationError(f"a prompt of {n} tokens and {max_new_tokens} new tokens need {needed} cache positions, "
-                              f"but the decoder takes {decoder.capacity} (max_len {decoder.max_len}): compile it with "
-                              f"max_len >= {needed}, or shorten the prompt or max_new_tokens")
+                              f"but {what}: compile it with max_len >= {needed}, or shorten the prompt or "
+                              "max_new_tokens")
     stops = {stop_tokens} if isinstance(stop_tokens, int) else {int(t) for t in stop_tokens}
     generator = torch.Generator()
     if seed is None:
