@@ -40,6 +40,7 @@ from .heldout import calibration_batches, refuse_nonfinite_outputs, require_cali
 from .ir import Graph, Interpreter, save_graph
 from .numerics import BACKEND_TOLERANCE, compare, fidelity, json_safe, within, within_rounding
 from .passes import PassContext, PassManager, cleanup_passes, resolve_recipe
+from .passes.kvreduce import reduction_record
 from .passes.recipes import recipe_record, with_head_format
 from .speed import check_batch_sizes, default_batch_sizes, speed_shapes
 from .timing import machine, peak_rss_bytes, reset_peak_rss
@@ -271,7 +272,7 @@ def build(out: Path, *, graph: Graph, original: Graph, source: str, target: Targ
                                           "memory-mapped checkpoint it read, which the kernel can drop) at the end "
                                           f"of each stage, since {memory_since}"}
         if decoder is not None:
-            manifest["decoder"] = decoder.manifest_section(graph)
+            manifest["decoder"] = decoder.manifest_section(graph, reduction_record(graph, passes))
         return write_manifest(tmp, manifest)
 
 

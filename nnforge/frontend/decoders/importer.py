@@ -184,12 +184,14 @@ class DecoderImport:
         return {d: 1 for d in ids.shape if isinstance(d, str)}
 
     # --- what the bundle records --------------------------------------------------------------
-    def manifest_section(self, graph: Graph | None = None) -> dict:
+    def manifest_section(self, graph: Graph | None = None, kv_reduce: dict | None = None) -> dict:
         """The manifest's ``decoder`` section for ``graph`` (the compressed graph: its state, which a
-        KV-cache encoding changes; default the imported one)."""
+        KV-cache encoding changes; default the imported one), with the runner's token reduction
+        settings ``kv_reduce`` (passes/kvreduce.py) when the recipe has one."""
         s, graph = self.spec, graph or self.graph
         inputs = {v.name: v for v in graph.inputs}
         return {
+            **({"kv_reduce": kv_reduce} if kv_reduce else {}),
             "family": s.family, "architecture": s.architecture, "max_len": self.max_len,
             "layers": s.num_layers, "heads": s.heads, "kv_heads": s.kv_heads, "head_dim": s.head_dim,
             "vocab": s.vocab, "hidden": s.hidden,

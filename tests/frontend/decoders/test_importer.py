@@ -7,6 +7,7 @@ import pytest
 from nnforge.frontend.decoders.importer import import_decoder
 from nnforge.passes import PassContext, PassManager
 from nnforge.passes.kvcache import EncodeKVCache
+from nnforge.passes.kvreduce import ReduceKVCache, reduction_record
 from tests.frontend.decoders.families import tiny_model
 
 MAX_LEN = 16
@@ -45,3 +46,12 @@ def test_kv4_bytes_count_scales_and_the_window(llama):
     k = 2 * (MAX_LEN * 8 + 2 * 4 * 16 * 2 + 7 * 16 * 4)       # codes, scale and min per group, window
     v = 2 * (MAX_LEN * 8 + 2 * MAX_LEN * 2 + 7 * 16 * 4)
     assert kv["bytes_per_token"] == 2 * (k + v) / MAX_LEN
+
+
+def test_token_reduction_settings_are_recorded_for_the_runner(llama):
+    p = ReduceKVCache(method="merge", budget=8, recent=2)
+    graph = PassManager([p]).run(llama.graph, PassContext())
+    section = llama.manifest_section(graph, reduction_record(graph, [p]))
+    assert {k: section["kv_reduce"][k] for k in ("method", "budget", "recent", "slots")} == {
+        "method": "merge", "budget": 8, "recent": 2, "slots": "slots"}
+    assert "kv_reduce" not in llama.manifest_section()
