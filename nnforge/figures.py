@@ -76,10 +76,13 @@ def _weight_sqnr(before, after) -> float:
     return math.inf if noise == 0 else 10 * math.log10(max(float((w.double() ** 2).sum()), 1e-300) / noise)
 
 
-def layer_fidelity(original: Graph, compressed: Graph, inputs: tuple) -> tuple[list, list, dict]:
+def layer_fidelity(original: Graph, compressed: Graph, inputs: tuple,
+                   compressed_inputs: tuple | None = None) -> tuple[list, list, dict]:
     """(fp32 outputs, compressed outputs, per weight layer of the compressed graph: its output's
-    SQNR and cosine against the same layer of the fp32 graph) on one batch. Layers that a pass
-    renamed or reshaped (low-rank pairs, pruned channels) have no counterpart and are left out."""
+    SQNR and cosine against the same layer of the fp32 graph) on one batch (``compressed_inputs``:
+    the same batch as the compressed graph takes it, when its inputs differ: an encoded KV cache's
+    state). Layers that a pass renamed or reshaped (low-rank pairs, pruned channels) have no
+    counterpart and are left out."""
     kept: dict[str, torch.Tensor] = {}
     wanted = {n.name for n in compressed.nodes if n.op in WEIGHT_OPS}
 
@@ -95,5 +98,6 @@ def layer_fidelity(original: Graph, compressed: Graph, inputs: tuple) -> tuple[l
             return
         m = compare([outs[0]], [ref])
         per_layer[node.name] = {"output_sqnr_db": _round_db(m["sqnr_db"]), "output_cosine_min": round(m["cosine_min"], 6)}
-    expected = Interpreter(compressed).run(*inputs, capture=score)
+    expected = Interpreter(compressed).run(*(inputs if compressed_inputs is None else compressed_inputs),
+                                           capture=score)
     return fp32, expected, per_layer

@@ -269,3 +269,36 @@ def refuse_nonfinite_outputs(graph: Graph, outputs_per_batch, what: str) -> None
         if bad:
             raise FrontendError(f"model {graph.name} computes non-finite values on {what} batch {i}: " + "; ".join(bad)
                                 + "; pass allow_nonfinite=True (command line: --allow-nonfinite) if it means to")
+
+
+def inputs_for(graph: Graph, like: Graph, batch: tuple) -> tuple:
+    """``batch``, inputs of ``like`` (the fp32 graph), as inputs of ``graph`` (the compressed one):
+    every input carried over by name, and each state input that only ``graph`` has (a KV-cache
+    encoding's codes and scales, docs/kv_cache.md) empty, as a new sequence starts: zeros of its
+    dtype, its batch axis sized like the others. A check batch therefore prefills from an empty
+    cache, and ``like``'s state inputs that ``graph`` dropped must be empty too.
+
+        >>> inputs_for(compressed, original, (ids, positions, *zero_caches))   # ids, positions, *zero states
+    """
+    names = [v.name for v in graph.inputs]
+    given = dict(zip((v.name for v in like.inputs), batch))
+    if names == list(given):
+        return tuple(batch)
+    for v in like.inputs:
+        if v.name not in names and bool(torch.as_tensor(given[v.name]).any()):
+            raise PassError(f"check input {v.name} holds a non-empty cache, but the compressed graph {graph.name} "
+                            f"replaced that state (by {', '.join(n for n in names if n.startswith(v.name + '.'))}): "
+                            "its check batches must prefill from an empty cache (zeros, positions from 0)")
+    from .ir.specialize import bind_symbols
+    carried = {v.name: list(torch.as_tensor(given[v.name]).shape) for v in graph.inputs if v.name in given}
+    env = bind_symbols(graph, shapes=carried)
+    return tuple(given[v.name] if v.name in given else torch.zeros(v.type.concrete(env), dtype=v.dtype.torch_dtype)
+                 for v in graph.inputs)
+
+
+def shared_outputs(graph: Graph, like: Graph) -> list[tuple[int, int]]:
+    """(index in ``graph``'s outputs, index in ``like``'s) of the outputs both have by name, in
+    ``graph``'s order: what the compressed graph's fidelity against fp32 compares (a KV-cache
+    encoding leaves the logits and replaces the cache outputs)."""
+    theirs = {v.name: i for i, v in enumerate(like.outputs)}
+    return [(i, theirs[v.name]) for i, v in enumerate(graph.outputs) if v.name in theirs]

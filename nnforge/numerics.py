@@ -26,6 +26,12 @@ def within_rounding(backend_vs_fp32: dict, reference_vs_fp32: dict) -> tuple[boo
     """(passes, lowest allowed cosine) for a graph that rounds activations at run time."""
     allowed = 1.0 - (ROUNDED_ACTIVATIONS_SLACK * (1.0 - reference_vs_fp32["cosine_min"]) + ROUNDED_ACTIVATIONS_FLOOR)
     return backend_vs_fp32["cosine_min"] >= allowed, allowed
+# An encoded KV cache's state is an output holding integer codes: they re-round the keys and values
+# the backend computed in its own float order, so a last-bit difference upstream flips a code (or a
+# float16 scale, and with it codes of that token) exactly where the reference's value lies on a
+# rounding boundary. The logits stay held to BACKEND_TOLERANCE; the state's codes to this share of
+# equal elements (a wrong lowering differs in most of them).
+ENCODED_STATE_TOLERANCE = {**BACKEND_TOLERANCE, "exact_match": 0.99}
 # Uncompressed fp32 graphs must match the original model this closely (issue contract: >= 0.99999).
 FP32_TOLERANCE = {"cosine_min": 0.99999}
 

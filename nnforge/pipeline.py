@@ -36,9 +36,10 @@ from .figures import compression_report, layer_fidelity
 from .frontend import FrontendError, as_tuple, check_import, import_model
 from .frontend.decoders.builder import HEAD_LAYER
 from .frontend.decoders.importer import describe_text, import_decoder, is_causal_lm, is_text, stateless_lm
-from .heldout import calibration_batches, refuse_nonfinite_outputs, require_calibration, split
+from .heldout import (calibration_batches, inputs_for, refuse_nonfinite_outputs, require_calibration,
+                      shared_outputs, split)
 from .ir import Graph, Interpreter, save_graph
-from .numerics import BACKEND_TOLERANCE, compare, fidelity, json_safe, within, within_rounding
+from .numerics import BACKEND_TOLERANCE, ENCODED_STATE_TOLERANCE, compare, fidelity, json_safe, within, within_rounding
 from .passes import PassContext, PassManager, cleanup_passes, resolve_recipe
 from .passes.kvreduce import reduction_record
 from .passes.recipes import recipe_record, with_head_format
@@ -186,17 +187,24 @@ def build(out: Path, *, graph: Graph, original: Graph, source: str, target: Targ
     ``decoder`` section (state pairs, max_len, generation settings)."""
     t0 = time.perf_counter()
     check = [tuple(b) for b in check]
-    check_inputs = check[0]
-    fp32, expected, per_layer = layer_fidelity(original, graph, check_inputs)
+    # the compressed graph's own inputs (an encoded KV cache's empty state for the fp32 zero caches)
+    graph_check = [inputs_for(graph, original, b) for b in check]
+    check_inputs = graph_check[0]
+    fp32, expected, per_layer = layer_fidelity(original, graph, check[0], check_inputs)
     fp32_runs, expected_runs = [fp32], [expected]
     if len(check) > 1:
         run_fp32, run_graph = Interpreter(original), Interpreter(graph)
-        for b in check[1:]:
+        for b, mine in zip(check[1:], graph_check[1:]):
             fp32_runs.append(run_fp32.run(*b))
-            expected_runs.append(run_graph.run(*b))
+            expected_runs.append(run_graph.run(*mine))
     if not allow_nonfinite:
         refuse_nonfinite_outputs(original, fp32_runs, "held-out")
-    fid = json_safe(fidelity(expected_runs, fp32_runs))
+    # fidelity on the outputs both graphs have (an encoded cache's state outputs are not the fp32 cache)
+    shared = shared_outputs(graph, original)
+    compared = [i for i, _ in shared]
+    fp32_runs = [[outs[j] for _, j in shared] for outs in fp32_runs]
+    fp32 = fp32_runs[0]
+    fid = json_safe(fidelity([[outs[i] for i in compared] for outs in expected_runs], fp32_runs))
     timings["reference_s"] = time.perf_counter() - t0
     shapes = {v.name: list(torch.as_tensor(x).shape) for v, x in zip(graph.inputs, check_inputs)}
     timed, not_timed = backend.times_here(target) if batch_sizes else (False, "no batch sizes named")
@@ -208,7 +216,7 @@ def build(out: Path, *, graph: Graph, original: Graph, source: str, target: Targ
         save_tensors(tmp / REF_EXPECTED, {f"output{i}": t for i, t in enumerate(expected)})
         save_tensors(tmp / REF_FP32, {f"output{i}": t for i, t in enumerate(fp32)})
         if len(check) > 1:
-            save_tensors(tmp / REF_HELD_OUT, held_out_tensors(check[1:], fp32_runs[1:]))
+            save_tensors(tmp / REF_HELD_OUT, held_out_tensors(graph_check[1:], fp32_runs[1:]))
         if decoder is not None and decoder.tokenizer is not None:
             decoder.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
         artifact = lower_into(tmp, graph, target, backend, recipe=recipe_name, shapes=shapes,
@@ -220,7 +228,9 @@ def build(out: Path, *, graph: Graph, original: Graph, source: str, target: Targ
                     "held_out": (data_report or {}).get("held_out", {"source": "check inputs given to build",
                                                                      "batches": len(check)}),
                     "reference": "nnforge reference interpreter (fp32)",
-                    "fidelity_vs_fp32": fid, "tolerance": BACKEND_TOLERANCE}
+                    "fidelity_vs_fp32": fid, "tolerance": runtime_tolerance(graph)}
+        if len(compared) != len(graph.outputs):
+            numerics["compared_outputs"] = [graph.outputs[i].name for i in compared]
         if allow_nonfinite:
             numerics["allow_nonfinite"] = True
         runs, why = target.can_run()
@@ -229,7 +239,7 @@ def build(out: Path, *, graph: Graph, original: Graph, source: str, target: Targ
             t0 = time.perf_counter()
             runner = backend.load(tmp, artifact.entry)
             numerics.update(runtime_check(runner, graph, backend, target, check_inputs, expected, fp32,
-                                          allow_nonfinite))
+                                          allow_nonfinite, compared=compared))
             timings["runtime_check_s"] = time.perf_counter() - t0
             if timed:
                 t0 = time.perf_counter()
@@ -276,18 +286,28 @@ def build(out: Path, *, graph: Graph, original: Graph, source: str, target: Targ
         return write_manifest(tmp, manifest)
 
 
+def runtime_tolerance(graph: Graph) -> dict:
+    """What the bundle's runtime is held to against the reference interpreter: BACKEND_TOLERANCE,
+    or ENCODED_STATE_TOLERANCE for a graph whose outputs hold an encoded KV cache's codes."""
+    return ENCODED_STATE_TOLERANCE if any(n.op == "kv_cache_write" for n in graph.nodes) else BACKEND_TOLERANCE
+
+
 def runtime_check(runner, graph: Graph, backend: Backend, target: Target, inputs: tuple, expected: list,
-                  fp32: list, allow_nonfinite: bool = False) -> dict:
+                  fp32: list, allow_nonfinite: bool = False, compared: list[int] | None = None) -> dict:
     """The manifest's record of the bundle's runtime against the reference interpreter on
     ``inputs``; a BackendError when it disagrees beyond the tolerance (or, for a graph that rounds
-    activations at run time, drifts from fp32 further than rounding explains: nnforge.numerics)."""
+    activations at run time, drifts from fp32 further than rounding explains: nnforge.numerics).
+    ``fp32`` holds the fp32 graph's outputs at the indices ``compared`` of the graph's (default:
+    all of them)."""
     got = runner(*[torch.as_tensor(x) for x in inputs])
     got = list(got) if isinstance(got, tuple) else [got]
     metrics = compare(got, expected, nan_equal=allow_nonfinite)
+    tolerance = runtime_tolerance(graph)
     out = {}
-    if any(n.op == "fake_quant" for n in graph.nodes) and not within(metrics, BACKEND_TOLERANCE):
-        reference = compare(expected, fp32)
-        vs_fp32 = compare(got, fp32)
+    if any(n.op == "fake_quant" for n in graph.nodes) and not within(metrics, tolerance):
+        picked = list(range(len(expected))) if compared is None else compared
+        reference = compare([expected[i] for i in picked], fp32)
+        vs_fp32 = compare([got[i] for i in picked], fp32)
         ok, allowed = within_rounding(vs_fp32, reference)
         out["backend_vs_fp32"] = json_safe(vs_fp32)
         out["check"] = (f"activations are rounded at run time: backend vs fp32 cosine {vs_fp32['cosine_min']:.6f} "
@@ -297,10 +317,11 @@ def runtime_check(runner, graph: Graph, backend: Backend, target: Target, inputs
             raise BackendError(f"{backend.name} backend output drifts from fp32 further than rounding explains for "
                                f"{graph.name} on {target.name}: cosine vs fp32 {vs_fp32['cosine_min']:.6f} < "
                                f"{allowed:.6f} (reference interpreter: {reference['cosine_min']:.6f})")
-    elif not within(metrics, BACKEND_TOLERANCE):
+    elif not within(metrics, tolerance):
+        codes = "" if metrics["exact_match"] is None else f", integer outputs equal {metrics['exact_match']:.6f}"
         raise BackendError(f"{backend.name} backend output disagrees with the reference interpreter for "
-                           f"{graph.name} on {target.name}: cosine {metrics['cosine_min']:.6f} < "
-                           f"{BACKEND_TOLERANCE['cosine_min']}, max abs error {metrics['max_abs_error']:.3g}")
+                           f"{graph.name} on {target.name}: cosine {metrics['cosine_min']:.6f} (at least "
+                           f"{tolerance['cosine_min']}){codes}, max abs error {metrics['max_abs_error']:.3g}")
     out["backend_vs_reference"] = json_safe(metrics)
     out["runtime_checked"] = True
     return out

@@ -190,3 +190,36 @@ def test_infinite_mask_constants_are_allowed_but_nan_constants_are_not(tmp_path)
     assert b.manifest["numerics"]["fidelity_vs_fp32"]["cosine_min"] == 1.0
     with pytest.raises(FrontendError, match=r"constant .* holds 1 NaN of 4 values; pass allow_nonfinite=True"):
         nf.compile(Masked(float("nan")), "onnx", example_inputs=(x,), out=tmp_path / "nan")
+
+
+def _cache_graphs():
+    """A float-cache decoder (fp32) and the same with its layer-0 caches encoded kv8."""
+    from nnforge.frontend.decoders import build, load_causal_lm, spec_from_config
+    from nnforge.passes import PassContext, PassManager
+    from nnforge.passes.kvcache import EncodeKVCache
+    from tests.frontend.decoders.families import tiny_model
+    loaded = load_causal_lm(tiny_model("llama"))
+    fp32 = build(spec_from_config(loaded.config, max_len=16), loaded.weights, 16)
+    encoded = PassManager([EncodeKVCache(encoding="kv8", layers=["cache.0.*"])]).run(fp32, PassContext())
+    return fp32, encoded
+
+
+def test_check_batches_follow_an_encoded_caches_state():
+    """A check batch of the fp32 graph (zero caches) becomes the encoded graph's: ids, positions and
+    the float caches left carried over, the encoded state empty in its stored dtypes; the outputs
+    compared are those both graphs have."""
+    from nnforge.heldout import inputs_for, shared_outputs
+    fp32, encoded = _cache_graphs()
+    ids = torch.tensor([[5, 6, 7]] * 2)
+    batch = (ids, torch.arange(3).repeat(2, 1), *[torch.zeros(2, *v.shape[1:]) for v in fp32.inputs[2:]])
+    got = inputs_for(encoded, fp32, batch)
+    assert [tuple(t.shape) for t in got[2:]] == [(2, *v.shape[1:]) for v in encoded.inputs[2:]]
+    assert [t.dtype for t in got[2:6]] == [torch.int8, torch.float16, torch.int8, torch.float16]
+    assert got[0] is ids and all(not t.any() for t in got[2:])
+    assert inputs_for(fp32, fp32, batch) == batch
+    names = [encoded.outputs[i].name for i, _ in shared_outputs(encoded, fp32)]
+    assert names == ["logits", "cache.1.k.next", "cache.1.v.next"]
+    full = list(batch)
+    full[2] = torch.ones_like(full[2])
+    with pytest.raises(PassError, match="check input cache.0.k holds a non-empty cache.*cache.0.k.codes"):
+        inputs_for(encoded, fp32, tuple(full))
