@@ -65,7 +65,7 @@ def kv8_llama():
     return PassManager([EncodeKVCache(encoding="kv8", exclude=["cache.1.*"])]).run(graph, PassContext())
 
 
-@pytest.mark.parametrize("backend,target", [("onnx", "onnx"), ("tvm", "cpu"), ("triton", "h100"),
+@pytest.mark.parametrize("backend,target", [("tvm", "cpu"), ("triton", "h100"),
                                             ("coreml", "apple-a17"), ("hls", "alveo-u280"), ("mlir", "mlir")])
 def test_every_backend_refuses_an_encoded_kv_cache_naming_the_layer_and_encoding(kv8_llama, backend, target):
     from nnforge.backends.base import BackendError, get_backend

@@ -115,6 +115,22 @@ MATMULNBITS = Capability("linear", "int", "MatMulNBits (com.microsoft) reading t
 GATHER_ROWS = Capability("embedding", "int", "Gather of the 8- or 4-bit code rows read in place (uint8 bytes; "
                          "nibbles split after the gather) and of their scale rows, dequantised after the gather (no "
                          "float table is made)", gathered_rows)
+# An encoded KV cache (docs/kv_cache.md), lowered by kvcache.py: the state stays in its stored dtypes.
+KV_CACHE = [
+    Capability("kv_cache_write", "kv8", "int8 codes and float16 per-token scales scattered into the state "
+               "(ScatterElements), quantised in float32 ops as the reference rounds"),
+    Capability("kv_cache_read", "kv8", "int8 codes times their float16 scales (Cast, Mul) before attention"),
+    Capability("kv_cache_write", "kv-fp8", "E4M3 codes (uint8 bit patterns, worked out arithmetically) and float16 "
+               "per-token scales scattered into the state"),
+    Capability("kv_cache_read", "kv-fp8", "E4M3 codes through a 256-entry table (Gather) times their float16 "
+               "scales before attention"),
+    Capability("kv_cache_write", "kv4", "KIVI: groups and tokens completed by the step quantised to packed 4-bit "
+               "codes and float16 scales and minimums (Where over the state), the float window refilled; needs "
+               "each row's positions consecutive, continuing its sequence"),
+    Capability("kv_cache_read", "kv4", "KIVI: unpacked codes times scales plus minimums for the quantised tokens, "
+               "the float window for the recent ones, zeros past the last position"),
+]
+
 CAPABILITIES = Capabilities([
     Capability("linear", "dense", "Gemm on the tensor read in place from weights.safetensors"),
     Capability("matmul", "dense", "MatMul on the tensor read in place"),
@@ -131,6 +147,7 @@ CAPABILITIES = Capabilities([
     Capability("matmul", "minifloat", "DequantizeLinear of float8 codes in place + MatMul", dequantized),
     Capability("conv", "minifloat", "DequantizeLinear of float8 codes in place + Conv", dequantized),
     Capability("embedding", "minifloat", "DequantizeLinear of float8 codes in place + Gather", dequantized),
+    *KV_CACHE,
 ])
 
-__all__ = ["CAPABILITIES", "MATMULNBITS", "GATHER_ROWS", "FLOAT8", "INT8_ACTIVATIONS", "block_size", "code_type"]
+__all__ = ["CAPABILITIES", "KV_CACHE", "MATMULNBITS", "GATHER_ROWS", "FLOAT8", "INT8_ACTIVATIONS", "block_size", "code_type"]

@@ -117,10 +117,13 @@ class Resident(ResidentState):
             raise BackendError(f"the model has inputs {sorted(set(names) - fed)} a decoder step does not feed")
         self.kv, self.pairs, self.tokens, self.logits = kv, list(state_pairs), tokens, logits
         self.in_place = {i for i, o in self.pairs if kv.shared.get(o) == i}
+        # each state input in the model's own dtype: an encoded cache's codes and scales beside
+        # the float caches written in place (docs/kv_cache.md)
+        self.dtypes = {s.name: s.dtype for s in runner.inputs}
         self.arrays: dict[str, np.ndarray] = {}
 
     def reset(self, shapes):
-        self.arrays = {i: np.zeros(shapes[i], np.float32) for i, _ in self.pairs}
+        self.arrays = {i: np.zeros(shapes[i], self.dtypes[i]) for i, _ in self.pairs}
 
     def run(self, token_ids, positions):
         feeds = {self.tokens[0]: np.asarray(token_ids, np.int64), self.tokens[1]: np.asarray(positions, np.int64)}

@@ -1,0 +1,232 @@
+"""An encoded KV cache (docs/kv_cache.md) in ONNX ops: ``kv_cache_write`` quantises a step's keys or
+values and scatters codes and scales into the state, ``kv_cache_read`` dequantises the state into
+the float cache attention reads. The state is graph input and output in its stored dtypes (int8 or
+uint8 codes, float16 scales), so it stays compressed between steps.
+
+Every rounding is the reference's (ir/kvcache.py), op for op in float32: float16 scales by a
+saturating Clip and Cast (nearest even), codes by Round (half to even). E4M3 codes are worked out
+arithmetically (ONNX has no bit cast from float8 to uint8): the binade by comparisons with powers of
+two, the mantissa by an exact division by the binade's quantum.
+
+Their capability rows (``capabilities.KV_CACHE``) name each encoding.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from onnx import TensorProto
+
+from ...ir import Node
+from ...ir.kvcache import FP16_MAX, KV4, KVFP8
+from ...ir.minifloat import decode as decode_minifloat
+from ...ir.ops.kvcache import encoding_of
+from .builder import OnnxBuilder
+from .ops import operand, rule
+
+F32, F16, I64 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT64
+
+
+def _f32(b: OnnxBuilder, x: float) -> str:
+    return b.const(np.asarray(x, np.float32), "scalar")
+
+
+def _i64(b: OnnxBuilder, x: int) -> str:
+    return b.const(np.asarray(x, np.int64), "scalar")
+
+
+def _f16(b: OnnxBuilder, x: str) -> str:
+    """float32 -> float16, nearest even, saturating (ir/kvcache.f16)."""
+    return b.node("Cast", [b.node("Clip", [x, _f32(b, -FP16_MAX), _f32(b, FP16_MAX)])], to=F16)
+
+
+def _safe_ratio(b: OnnxBuilder, x: str, s: str) -> tuple[str, str]:
+    """(s > 0, x / s where s > 0 else 0) as the reference divides."""
+    positive = b.node("Greater", [s, _f32(b, 0.0)])
+    return positive, b.node("Div", [x, b.node("Where", [positive, s, _f32(b, 1.0)])])
+
+
+def _per_token_scale(b: OnnxBuilder, x: str, top: float) -> tuple[str, str]:
+    """(float16 scale [.., 1] = f16(max|x| / top), x / scale (0 where the scale is 0))."""
+    amax = b.node("ReduceMax", [b.node("Abs", [x]), b.ints([-1])], keepdims=1)
+    scale = _f16(b, b.node("Div", [amax, _f32(b, top)]))
+    positive, ratio = _safe_ratio(b, x, b.node("Cast", [scale], to=F32))
+    return scale, b.node("Where", [positive, ratio, _f32(b, 0.0)])
+
+
+def _scatter_tokens(b: OnnxBuilder, state: str, rows: str, positions: str, out: str) -> None:
+    """``state`` [b, h, L, c] with ``rows`` [b, h, s, c] written at slots ``positions`` [b, s]."""
+    index = b.node("Unsqueeze", [b.node("Cast", [positions], to=I64), b.ints([1, 3])])
+    b.node("ScatterElements", [state, b.node("Expand", [index, b.node("Shape", [rows])]), rows], out, axis=2)
+
+
+def _e4m3_codes(b: OnnxBuilder, ratio: str) -> str:
+    """uint8 E4M3 codes of float32 ``ratio``, nearest even, saturating at 448 (ir/minifloat.encode):
+    binade e = how many of 2^-6 .. 2^8 |x| reaches (0: subnormal), at least 1; n = round(|x| /
+    2^(e - 10)); code = 8 (e - 1) + n, at most 126 (448), with the sign bit of x (-0 included)."""
+    a = b.node("Abs", [ratio])
+    steps = b.const(np.asarray([2.0 ** k for k in range(-6, 9)], np.float32), "e4m3_binades")
+    reached = b.node("Cast", [b.node("GreaterOrEqual", [b.node("Unsqueeze", [a, b.ints([-1])]), steps])], to=F32)
+    binade = b.node("Max", [b.node("ReduceSum", [reached, b.ints([-1])], keepdims=0), _f32(b, 1.0)])
+    quantum = b.node("Gather", [b.const(np.asarray([2.0 ** (e - 10) for e in range(16)], np.float32), "e4m3_quanta"),
+                                b.node("Cast", [binade], to=I64)])
+    n = b.node("Round", [b.node("Div", [a, quantum])])
+    code = b.node("Min", [b.node("Add", [b.node("Mul", [b.node("Sub", [binade, _f32(b, 1.0)]), _f32(b, 8.0)]), n]),
+                          _f32(b, 126.0)])
+    negative = b.node("Less", [b.node("Div", [_f32(b, 1.0), ratio]), _f32(b, 0.0)])     # 1 / -0 is -inf
+    code = b.node("Add", [code, b.node("Mul", [b.node("Cast", [negative], to=F32), _f32(b, 128.0)])])
+    return b.node("Cast", [code], to=TensorProto.UINT8)
+
+
+def _e4m3_values(b: OnnxBuilder, codes: str) -> str:
+    table = decode_minifloat(torch.arange(256), KVFP8.FORMAT, torch.float32).numpy()
+    return b.node("Gather", [b.const(table, "e4m3_values"), b.node("Cast", [codes], to=I64)])
+
+
+@rule("kv_cache_write")
+def _write(b: OnnxBuilder, node: Node, fb) -> None:
+    enc = encoding_of(node.attrs)
+    new, positions, *state = (operand(b, v, fb) for v in node.inputs)
+    new = b.node("Cast", [new], to=F32)
+    outs = [v.name for v in node.outputs]
+    if isinstance(enc, KV4):
+        _kv4_write(b, node, enc, new, positions, state, outs)
+        return
+    scale, ratio = _per_token_scale(b, new, enc.top)
+    if isinstance(enc, KVFP8):
+        codes = _e4m3_codes(b, ratio)
+    else:
+        codes = b.node("Cast", [b.node("Clip", [b.node("Round", [ratio]), _f32(b, -127.0), _f32(b, 127.0)])],
+                       to=TensorProto.INT8)
+    _scatter_tokens(b, state[0], codes, positions, outs[0])
+    _scatter_tokens(b, state[1], scale, positions, outs[1])
+
+
+@rule("kv_cache_read")
+def _read(b: OnnxBuilder, node: Node, fb) -> None:
+    enc = encoding_of(node.attrs)
+    positions, *state = (operand(b, v, fb) for v in node.inputs)
+    out = node.output.name
+    if isinstance(enc, KV4):
+        _kv4_read(b, node, enc, positions, state, out)
+        return
+    values = _e4m3_values(b, state[0]) if isinstance(enc, KVFP8) else b.node("Cast", [state[0]], to=F32)
+    b.node("Mul", [values, b.node("Cast", [state[1]], to=F32)], out)
+
+
+# --- kv4 ---------------------------------------------------------------------------------------
+def _row_scalar(b: OnnxBuilder, positions: str, which: str) -> str:
+    """Per batch row, as int64 [b, 1, 1, 1]: the step's first position ("first") or how many tokens
+    the sequence holds after it ("end": the largest position + 1)."""
+    p = b.node("Cast", [positions], to=I64)
+    if which == "first":
+        p = b.node("Slice", [p, b.ints([0]), b.ints([1]), b.ints([1])])
+    else:
+        p = b.node("Add", [b.node("ReduceMax", [p, b.ints([1])], keepdims=1), _i64(b, 1)])
+    return b.node("Reshape", [p, b.ints([-1, 1, 1, 1])])
+
+
+def _quantized(b: OnnxBuilder, enc: KV4, n: str) -> str:
+    """KV4.quantized in int64 ops: G * floor(max(n - R, 0) / G) (Div of non-negatives floors)."""
+    past = b.node("Max", [b.node("Sub", [n, _i64(b, enc.residual)]), _i64(b, 0)])
+    return b.node("Mul", [b.node("Div", [past, _i64(b, enc.group)]), _i64(b, enc.group)])
+
+
+def _slots(b: OnnxBuilder, count: int, base: str) -> str:
+    """0 .. count-1 as int64 [1, 1, count, 1]."""
+    return b.const(np.arange(count, dtype=np.int64).reshape(1, 1, count, 1), base)
+
+
+def _between(b: OnnxBuilder, t: str, lo: str, hi: str) -> str:
+    """lo <= t < hi."""
+    return b.node("And", [b.node("GreaterOrEqual", [t, lo]), b.node("Less", [t, hi])])
+
+
+def _asym4(b: OnnxBuilder, x: str, axis: int) -> tuple[str, str, str]:
+    """(float32 codes 0..15, float16 scale, float16 min) over ``axis`` (kept): ir/kvcache.quantize_asym4."""
+    lo = b.node("ReduceMin", [x, b.ints([axis])], keepdims=1)
+    hi = b.node("ReduceMax", [x, b.ints([axis])], keepdims=1)
+    m, scale = _f16(b, lo), _f16(b, b.node("Div", [b.node("Sub", [hi, lo]), _f32(b, 15.0)]))
+    positive, ratio = _safe_ratio(b, b.node("Sub", [x, b.node("Cast", [m], to=F32)]), b.node("Cast", [scale], to=F32))
+    q = b.node("Where", [positive, b.node("Round", [ratio]), _f32(b, 0.0)])
+    return b.node("Clip", [q, _f32(b, 0.0), _f32(b, 15.0)]), scale, m
+
+
+def _pack4(b: OnnxBuilder, codes: str, length: int, d: int) -> str:
+    """float32 codes [b, h, length, d] -> uint8 [b, h, length, d/2], low nibble first (ir/packing.py)."""
+    pairs = b.node("Reshape", [codes, b.ints([0, 0, length, d // 2, 2])])
+    packed = b.node("ReduceSum", [b.node("Mul", [pairs, b.const(np.asarray([1.0, 16.0], np.float32), "nibbles")]),
+                                  b.ints([-1])], keepdims=0)
+    return b.node("Cast", [packed], to=TensorProto.UINT8)
+
+
+def _unpack4(b: OnnxBuilder, packed: str, length: int, d: int) -> str:
+    """uint8 [b, h, length, d/2] -> float32 codes [b, h, length, d]."""
+    byte = b.node("Cast", [packed], to=F32)
+    high = b.node("Floor", [b.node("Div", [byte, _f32(b, 16.0)])])
+    low = b.node("Sub", [byte, b.node("Mul", [high, _f32(b, 16.0)])])
+    pairs = b.node("Concat", [b.node("Unsqueeze", [x, b.ints([-1])]) for x in (low, high)], axis=-1)
+    return b.node("Reshape", [pairs, b.ints([0, 0, length, d])])
+
+
+def _kv4_write(b: OnnxBuilder, node: Node, enc: KV4, new: str, positions: str, state: list[str],
+               outs: list[str]) -> None:
+    """The step's tokens and the window's earlier ones laid out at their positions (``seq``, valid
+    from the first token not yet quantised to the last one written); the groups (keys) or tokens
+    (values) the step completes quantised from it into the state; the window refilled from it."""
+    codes, scale, mn, window = state
+    L, d, g, w = node.attrs["max_len"], node.attrs["head_dim"], enc.group, enc.window
+    first, end = _row_scalar(b, positions, "first"), _row_scalar(b, positions, "end")
+    q_old, q_new = _quantized(b, enc, first), _quantized(b, enc, end)
+    t = _slots(b, L, "kv4_slots")
+    last_new = b.node("Sub", [b.node("Shape", [new], start=2, end=3), _i64(b, 1)])
+    in_new = b.node("Min", [b.node("Max", [b.node("Sub", [t, first]), _i64(b, 0)]), last_new])   # [b, 1, L, 1]
+    shape = b.node("Concat", [b.node("Shape", [new], start=0, end=2), b.ints([L, d])], axis=0)
+    from_new = b.node("GatherElements", [new, b.node("Expand", [in_new, shape])], axis=2)
+    from_window = b.node("Gather", [window, b.const(np.arange(L, dtype=np.int64) % w, "kv4_window_rows")], axis=2)
+    seq = b.node("Where", [b.node("GreaterOrEqual", [t, first]), from_new, from_window])      # [b, h, L, d]
+    done = _between(b, t, q_old, q_new)                                                       # [b, 1, L, 1]
+    if enc.role == "k":
+        groups = -(-L // g)
+        padded = seq if groups * g == L else b.node("Pad", [seq, b.ints([0, 0, 0, 0, 0, 0, groups * g - L, 0])])
+        c, s, m = _asym4(b, b.node("Reshape", [padded, b.ints([0, 0, groups, g, d])]), 3)
+        c = b.node("Reshape", [c, b.ints([0, 0, groups * g, d])])
+        if groups * g != L:
+            c = b.node("Slice", [c, b.ints([0]), b.ints([L]), b.ints([2])])
+        j = _slots(b, groups, "kv4_groups")
+        group_done = b.node("And", [b.node("GreaterOrEqual", [b.node("Mul", [j, _i64(b, g)]), q_old]),
+                                    b.node("LessOrEqual", [b.node("Mul", [b.node("Add", [j, _i64(b, 1)]), _i64(b, g)]),
+                                                           q_new])])
+        s, m = (b.node("Reshape", [x, b.ints([0, 0, groups, d])]) for x in (s, m))
+        b.node("Where", [group_done, s, scale], outs[1])
+        b.node("Where", [group_done, m, mn], outs[2])
+    else:
+        c, s, m = _asym4(b, seq, 3)
+        b.node("Where", [done, s, scale], outs[1])
+        b.node("Where", [done, m, mn], outs[2])
+    b.node("Where", [done, _pack4(b, c, L, d), codes], outs[0])
+    # window row r holds the token t = q_new + ((r - q_new) mod W) when it is written (t < end)
+    r = _slots(b, w, "kv4_rows")
+    token = b.node("Add", [q_new, b.node("Mod", [b.node("Sub", [r, q_new]), _i64(b, w)], fmod=0)])   # [b, 1, W, 1]
+    index = b.node("Min", [token, _i64(b, L - 1)])
+    rows_shape = b.node("Concat", [b.node("Shape", [new], start=0, end=2), b.ints([w, d])], axis=0)
+    held = b.node("GatherElements", [seq, b.node("Expand", [index, rows_shape])], axis=2)
+    b.node("Where", [b.node("Less", [token, end]), held, _f32(b, 0.0)], outs[3])
+
+
+def _kv4_read(b: OnnxBuilder, node: Node, enc: KV4, positions: str, state: list[str], out: str) -> None:
+    codes, scale, mn, window = state
+    L, d = node.attrs["max_len"], node.attrs["head_dim"]
+    end = _row_scalar(b, positions, "end")
+    q = _quantized(b, enc, end)
+    t = _slots(b, L, "kv4_slots")
+    s, m = (b.node("Cast", [x], to=F32) for x in (scale, mn))
+    if enc.role == "k":            # one scale and min per channel and group: each token's group's
+        group_of = b.const(np.arange(L, dtype=np.int64) // enc.group, "kv4_group_of")
+        s, m = (b.node("Gather", [x, group_of], axis=2) for x in (s, m))
+    deq = b.node("Add", [b.node("Mul", [_unpack4(b, codes, L, d), s]), m])
+    recent = b.node("Gather", [window, b.const(np.arange(L, dtype=np.int64) % enc.window, "kv4_window_rows")], axis=2)
+    recent = b.node("Where", [b.node("Less", [t, end]), recent, _f32(b, 0.0)])
+    b.node("Where", [b.node("Less", [t, q]), deq, recent], out)
+
+
+__all__: list[str] = []
