@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
 from onnx import TensorProto
 
 from ...ir import Node

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from nnforge.backends.base import get_backend
-from nnforge.backends.onnx.capabilities import CAPABILITIES, KV_CACHE
 from nnforge.backends.onnx import MODEL_FILE
+from nnforge.backends.onnx.capabilities import CAPABILITIES, KV_CACHE
 from nnforge.ir import Graph, Interpreter, tensor
 from nnforge.ir.kvcache import CACHE_ENCODINGS, cache_encoding
 from nnforge.targets import get_target
