@@ -273,9 +273,10 @@ def refuse_nonfinite_outputs(graph: Graph, outputs_per_batch, what: str) -> None
 
 def inputs_for(graph: Graph, like: Graph, batch: tuple) -> tuple:
     """``batch``, inputs of ``like`` (the fp32 graph), as inputs of ``graph`` (the compressed one):
-    every input carried over by name, and each state input that only ``graph`` has (a KV-cache
-    encoding's codes and scales, docs/kv_cache.md) empty, as a new sequence starts: zeros of its
-    dtype, its batch axis sized like the others. A check batch therefore prefills from an empty
+    every input carried over by name, one that ``graph.meta["input_copies"]`` says starts as a copy
+    of another (token reduction's slots: the positions) copied, and each state input that only
+    ``graph`` has (a KV-cache encoding's codes and scales, docs/kv_cache.md) empty, as a new
+    sequence starts: zeros of its dtype, its batch axis sized like the others. A check batch therefore prefills from an empty
     cache, and ``like``'s state inputs that ``graph`` dropped must be empty too.
 
         >>> inputs_for(compressed, original, (ids, positions, *zero_caches))   # ids, positions, *zero states
@@ -292,8 +293,9 @@ def inputs_for(graph: Graph, like: Graph, batch: tuple) -> tuple:
     from .ir.specialize import bind_symbols
     carried = {v.name: list(torch.as_tensor(given[v.name]).shape) for v in graph.inputs if v.name in given}
     env = bind_symbols(graph, shapes=carried)
-    return tuple(given[v.name] if v.name in given else torch.zeros(v.type.concrete(env), dtype=v.dtype.torch_dtype)
-                 for v in graph.inputs)
+    copies = graph.meta.get("input_copies", {})       # an input that starts as a copy of another (slots)
+    return tuple(given[v.name] if v.name in given else given[copies[v.name]] if copies.get(v.name) in given
+                 else torch.zeros(v.type.concrete(env), dtype=v.dtype.torch_dtype) for v in graph.inputs)
 
 
 def shared_outputs(graph: Graph, like: Graph) -> list[tuple[int, int]]:

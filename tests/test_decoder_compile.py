@@ -56,6 +56,25 @@ def test_an_encoded_kv_cache_is_refused_before_a_bundle_is_written(tmp_path, tar
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize("method", ["evict", "merge"])
+def test_a_reduced_kv_cache_compiles_and_its_bundle_generates_past_the_budget(tmp_path, method):
+    """kv-evict / kv-merge on onnx: the check batches feed slots = positions (a sequence that lost no
+    token), the bundle verifies, and its runner keeps the cache within the budget while it generates
+    past it; with a budget the sequence fits in, the tokens are the unreduced bundle's."""
+    from nnforge.generation import generate
+    model = tiny_model("llama")
+    plain = nf.compile(model, "onnx", None, out=tmp_path / "plain", max_len=64).load()
+    roomy = nf.compile(model, "onnx", f"kv-{method}-60", out=tmp_path / "roomy", max_len=64)
+    tight = nf.compile(model, "onnx", f"kv-{method}-16", out=tmp_path / "tight", max_len=64)
+    assert tight.manifest["decoder"]["kv_reduce"]["budget"] == 16 and nf.verify(tight.path)["passed"]
+    prompt = IDS[0, :6]
+    want = generate(plain.decoder(), prompt, 40, stop_tokens=[]).tokens
+    assert generate(roomy.load().decoder(), prompt, 40, stop_tokens=[]).tokens == want
+    decoder = tight.load().decoder()
+    got = generate(decoder, prompt, 40, stop_tokens=[])
+    assert len(got.tokens) == 40 and got.tokens[:8] == want[:8]       # the budget binds only past 16 tokens
+
+
 KV4_SMALL = [{"pass": "kv_cache", "encoding": "kv4", "group_size": 8, "residual": 12}]
 KV8_BUT_LAYER_1 = [{"pass": "kv_cache", "encoding": "kv8", "exclude": ["cache.1.*"]}]     # layer 1's in place
 

@@ -117,16 +117,18 @@ def test_fixed_batch_takes_calibration_of_another_batch_size(tmp_path):
     """The batch axis is free in data: rows are regrouped into the model's fixed batch (here 4)."""
     calib = [(rows(8, s),) for s in range(6)]
     b = nf.compile(mlp(), "onnx", "w4-gptq", example_inputs=(rows(4, 0),), calibration=calib, out=tmp_path / "b",
-                   batch_sizes=())
+                   batch_sizes=(), dynamic_shapes="static")
     assert b.manifest["signature"]["inputs"][0]["shape"] == [4, 64]
     assert b.manifest["calibration"] == {"source": "calibration= (from the user)", "batches": 6, "rows": 48,
                                          "used_by_passes": {"batches": 11, "rows": 44}}
 
 
-def test_calibration_of_another_feature_size_says_so_in_plain_words(tmp_path):
+@pytest.mark.parametrize("shapes, takes", [("static", r"\[4, 64\] \(only the batch axis may differ\)"),
+                                           (None, r"\['batch', 64\]")])
+def test_calibration_of_another_feature_size_says_so_in_plain_words(tmp_path, shapes, takes):
     with pytest.raises(PassError, match=r"calibration batch 1, input x: shape \[8, 32\], but the model takes "
-                                        r"\[4, 64\] \(only the batch axis may differ\)"):
-        nf.compile(mlp(), "onnx", "w4-gptq", example_inputs=(rows(4, 0),), input_names=["x"],
+                                        + takes):
+        nf.compile(mlp(), "onnx", "w4-gptq", example_inputs=(rows(4, 0),), input_names=["x"], dynamic_shapes=shapes,
                    calibration=[(rows(8, 1),), (torch.randn(8, 32),)], out=tmp_path / "b")
 
 
@@ -223,3 +225,19 @@ def test_check_batches_follow_an_encoded_caches_state():
     full[2] = torch.ones_like(full[2])
     with pytest.raises(PassError, match="check input cache.0.k holds a non-empty cache.*cache.0.k.codes"):
         inputs_for(encoded, fp32, tuple(full))
+
+
+def test_an_input_that_starts_as_a_copy_of_another_is_fed_that_copy():
+    """Token reduction's slots: a check batch of the fp32 graph has no slots; a sequence that lost no
+    token writes slot == position, so slots get the positions (graph.meta["input_copies"])."""
+    from nnforge.heldout import inputs_for
+    from nnforge.ir import Graph, tensor
+    like = Graph("fp32")
+    like.add_input("positions", tensor("int64", "batch", "seq"))
+    g = Graph("reduced")
+    g.add_input("positions", tensor("int64", "batch", "seq"))
+    g.add_input("slots", tensor("int64", "batch", "seq"))
+    g.meta["input_copies"] = {"slots": "positions"}
+    positions = torch.arange(5).reshape(1, 5)
+    fed = inputs_for(g, like, (positions,))
+    assert fed[0] is positions and torch.equal(fed[1], positions)

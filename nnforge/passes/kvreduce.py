@@ -144,6 +144,8 @@ class ReduceKVCache(Pass):
         settings = self.settings(graph)               # refuses a budget the graph cannot take
         positions = graph.value(POSITIONS)
         slots = graph.add_input(SLOTS, positions.type)
+        # a sequence that has lost no token writes slot == position: what a check batch feeds it
+        graph.meta.setdefault("input_copies", {})[SLOTS] = POSITIONS
         for att, k, v in _attentions(graph):
             for node in (att, k, v):
                 node.inputs = [slots if x is positions else x for x in node.inputs]
