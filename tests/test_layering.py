@@ -22,7 +22,7 @@ MAX_CIRCLES = 2
 LAYERS = [
     ["errors", "registry", "version"],
     ["ir", "numerics", "targets", "plots"],
-    ["frontend", "passes", "timing", "generation", "bundle", "bundle.format"],
+    ["frontend", "passes", "timing", "generation", "kvreduce", "bundle", "bundle.format"],
     ["fpga", "hls", "backends"],
     ["heldout", "figures", "speed", "claims", "bundle.store", "bundle.signing", "models"],
     ["pipeline", "divergence", "fuzz", "demo", "demo_llm"],

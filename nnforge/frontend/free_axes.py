@@ -35,6 +35,7 @@ import torch
 from torch.export import Dim
 
 from ..ir import symbolic as sym
+from ..errors import NnforgeError
 from .errors import FrontendError
 
 STATIC = "static"
@@ -195,7 +196,7 @@ def constraint_error(model, error: Exception) -> Exception:
 _SIZE = re.compile(r"L\['(\w+)'\]((?:\[\d+\])?)\.size\(\)\[(\d+)\]")
 
 
-class UnkeptGuard(Exception):
+class UnkeptGuard(NnforgeError):
     """A guard of the trace that nnforge cannot state over its symbols."""
 
 

@@ -235,6 +235,19 @@ def _clamp_max(gen, ins, attrs):
     return None if gen.rng.random() < 0.3 else _scalar_for(gen, ins, 0, 2)
 
 
+def _topk_k(gen, ins, attrs):
+    """k no larger than the axis at any size: up to a fixed axis's size, else 1 or the whole axis
+    (its symbol: an argsort). Picks the axis too, which the op lists after k."""
+    r = ins[0].type.rank
+    if not r:
+        return DEFAULT
+    attrs["axis"] = axis = gen.rng.randrange(r)
+    size = ins[0].shape[axis]
+    if isinstance(size, int):
+        return gen.rng.randint(1, size) if size >= 1 else DEFAULT
+    return gen.rng.choice([1, size])
+
+
 def cast_dtype(gen, ins, attrs):
     return gen.rng.choices(["float32", "int64", "int32", "bool", "float16"], [3, 2, 1, 1, 0.5])[0]
 
@@ -246,7 +259,7 @@ ATTR_HINTS = {
     ("slice", "step"): lambda gen, ins, attrs: gen.rng.choice([1, 1, 1, 2, 3]),
     ("pad", "pads"): _pads, ("pad", "value"): lambda gen, ins, attrs: _scalar_for(gen, ins),
     ("clamp", "min"): _clamp_min, ("clamp", "max"): _clamp_max,
-    ("cast", "dtype"): cast_dtype,
+    ("cast", "dtype"): cast_dtype, ("topk_indices", "k"): _topk_k,
     "negative_slope": lambda gen, ins, attrs: round(gen.rng.uniform(-1, 1), 3),
     "eps": lambda gen, ins, attrs: gen.rng.choice([DEFAULT, 1e-5, 1e-3]),
 }

@@ -56,7 +56,7 @@ def test_coreml_converts_the_decoder_block(tmp_path):
 def test_hls_names_the_decoder_nodes_it_cannot_build(tmp_path):
     graph = decoder_block()
     shapes = {v.name: list(t.shape) for v, t in zip(graph.inputs, decoder_inputs(5, 0))}
-    with pytest.raises(Exception, match=r"the hls backend has no lowering for op\(s\) .*cos.*\(nodes rms_norm\."):
+    with pytest.raises(Exception, match=r"the hls backend has no lowering for op\(s\) cos, sin \(nodes rope\.cos, rope\.sin"):
         conftest.lower_into(get_backend("hls"), graph, "alveo-u280", tmp_path, shapes=shapes)
 
 

@@ -53,15 +53,18 @@ def is_causal_lm(model) -> bool:
 
 
 class CausalLMLogits(torch.nn.Module):
-    """forward(input_ids, ...) -> the logits of a causal LM run without a cache: a stateless graph,
-    which is how a causal LM of a family the decoder frontend does not know is compiled."""
+    """forward(input_ids, attention_mask=None) -> the logits of a causal LM run without a cache: a
+    stateless graph, which is how a causal LM of a family the decoder frontend does not know is
+    compiled. Named arguments, not ``*args``: exporters key dynamic shapes by them."""
 
     def __init__(self, lm: torch.nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, *rest):
-        return self.lm(input_ids, *rest, use_cache=False).logits
+    def forward(self, input_ids, attention_mask=None):
+        if attention_mask is None:
+            return self.lm(input_ids=input_ids, use_cache=False).logits
+        return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
 def stateless_lm(model: torch.nn.Module, example_inputs) -> CausalLMLogits | None:

@@ -265,7 +265,6 @@ def test_unsupported_layers_name_the_node_and_op():
     cases = [
         (_one("softmax", (2, 8), axis=0), "node the_node (softmax)", "last axis only"),
         (_one("layer_norm", (2, 8), axis=0, eps=1e-5), "node the_node (layer_norm)", "last axis only"),
-        (_one("cast", (2, 8), dtype="i64"), "node the_node (cast)", "float32 -> int64 is not supported"),
         (_one("add", (1, 1, 1, 1, 2), (1, 1, 1, 1, 2)), "node the_node (add)", "rank 5 > 4"),
         (_one("reduce_sum", (2, 3, 4), axes=[0, 2]), "node the_node (reduce_sum)", "not contiguous"),
         (_one("relu", (2, 8), dtypes=["i64"]), "node the_node (relu)", "int/bool operand"),
