@@ -30,7 +30,8 @@ def _compile(model, target, out):
                       batch_sizes=())
 
 
-@pytest.mark.parametrize("target", sorted(RUNS_HERE))
+@pytest.mark.parametrize("target", [t if t in ("onnx", "cpu") else pytest.param(t, marks=pytest.mark.slow)
+                                    for t in sorted(RUNS_HERE)])
 def test_mixtral_compiles_verifies_and_matches_torch(model, tmp_path, target):
     if target in ("cpu", "mlir"):
         pytest.importorskip({"cpu": "tvm", "mlir": "torch_mlir"}[target])
@@ -46,6 +47,7 @@ def test_mixtral_compiles_verifies_and_matches_torch(model, tmp_path, target):
         assert err <= RUNS_HERE[target] * max(1.0, float(want.abs().max())), f"{target} seed {seed}: {err}"
 
 
+@pytest.mark.slow
 def test_mixtral_builds_a_core_ml_package_that_verifies(model, tmp_path):
     pytest.importorskip("coremltools")
     from nnforge.backends.coreml.verify import load_program

@@ -93,11 +93,17 @@ def _ort(path):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
+# In the default run: a decoder, an encoder with a mask and a CNN, with both exporters; the rest under -m slow.
+DEFAULT_RUN = {"llama", "bert", "resnet"}
+
+
 def _cases():
     for name in ARCHITECTURES:
         for exporter in ("dynamo", "legacy"):
             why = EXPORT_FAILS.get((name, exporter))
             marks = [pytest.mark.xfail(raises=torch.onnx.OnnxExporterError, reason=why, strict=False)] if why else []
+            if name not in DEFAULT_RUN:
+                marks.append(pytest.mark.slow)
             yield pytest.param(name, exporter, id=f"{name}-{exporter}", marks=marks)
 
 
@@ -121,6 +127,7 @@ def test_exported_onnx_imports_compiles_and_matches(tmp_path, name, exporter):
                                    err_msg=f"{batch=} {size=} vs ONNX Runtime on the original file")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, exporter", list(FIXED_SIZE))
 def test_exporter_fixes_the_image_size(tmp_path, name, exporter):
     """The cases above check only the batch here: this notices when torch stops fixing the size."""

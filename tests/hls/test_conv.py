@@ -106,6 +106,7 @@ def test_csim_equals_emulation_bit_for_bit(built, kind):
     assert not bad, bad
 
 
+@pytest.mark.slow
 def test_ap_int_form_equals_the_host_sums(built):
     """-DNF_AP_MAC: the window products summed in ap_int, as synthesis sees them."""
     g, plan, _ = built
@@ -114,6 +115,7 @@ def test_ap_int_form_equals_the_host_sums(built):
         assert np.array_equal(a.reshape(-1), b.reshape(-1))
 
 
+@pytest.mark.slow
 def test_narrow_activations_in_the_dataflow_form_bit_exact(built):
     """16-bit activations, 8-bit codes for float weights, 12-bit scales, every layer a process."""
     g, _, _ = built

@@ -63,7 +63,7 @@ CONV_NETS = {"resnet": {"MaxPool"}, "vit": set(), "whisper_encoder": set(), "mob
              "convnext": set()}
 
 
-@pytest.mark.parametrize("name", list(CONV_NETS))
+@pytest.mark.parametrize("name", [n if n == "resnet" else pytest.param(n, marks=pytest.mark.slow) for n in CONV_NETS])
 def test_convolutional_networks_build_verify_and_simulate_bit_exactly(name, tmp_path, hls_cache):
     runner = _builds_verifies_and_simulates_bit_exactly(name, tmp_path / name, dynamic_shapes="static")
     kinds = {type(layer).__name__ for layer in runner.plan.layers}
