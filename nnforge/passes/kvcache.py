@@ -15,6 +15,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
+from ..frontend.decoders.builder import SLOTS
 from ..ir import Graph, Node, TensorType
 from ..ir.graph import STATE_NEXT as NEXT
 from ..ir.kvcache import CACHE_ENCODINGS, CacheEncodingError, cache_encoding
@@ -115,7 +116,6 @@ class EncodeKVCache(Pass):
         return out
 
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
-        from .kvreduce import SLOTS
         if any(v.name == SLOTS for v in graph.inputs):
             raise PassError(f"kv_cache: graph {graph.name} has token reduction (kv-evict/kv-merge), and the runner "
                             "reduces float caches only: drop the encoding preset, or the reduction")

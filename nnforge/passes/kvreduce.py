@@ -19,11 +19,10 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..frontend.decoders.builder import POSITIONS
+from ..frontend.decoders.builder import POSITIONS, SLOTS
 from ..ir import Graph, Node
 from .base import Pass, PassContext, PassError, register_pass
-
-SLOTS = "slots"
+from .kvcache import cache_report
 METHODS = ("evict", "merge")
 
 
@@ -104,7 +103,6 @@ class ReduceKVCache(Pass):
         """The budget in tokens (``budget_bytes`` over the state's bytes per token)."""
         if self.budget is not None:
             return self.budget
-        from .kvcache import cache_report
         per_token = cache_report(graph, max_len)["bytes_per_token"]
         tokens = int(self.budget_bytes // per_token)
         if tokens < 2:

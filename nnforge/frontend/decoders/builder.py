@@ -31,6 +31,7 @@ from ..errors import FrontendError
 from .spec import DecoderSpec, LayerSpec
 
 INPUT_IDS, POSITIONS, LOGITS = "input_ids", "positions", "logits"
+SLOTS = "slots"         # the cache slot each token writes, where token reduction adds it (passes/kvreduce.py)
 HEAD_LAYER = "lm_head"                  # the LM head's node, whatever the checkpoint calls it
 
 
