@@ -20,7 +20,7 @@ import torch
 from ..base import BackendError
 from . import emulate as E
 from .layers import Layer, broadcast_strides, pad4, struct
-from .project import CTYPES, LOWERINGS, _dense, value_kind
+from .project import CTYPES, LOWERINGS, OPERAND_RULES, _dense, value_kind
 from .routing import gather_axis, take_rows
 from .weights import WeightMemory
 
@@ -177,6 +177,14 @@ def int_as_act(plan, node, v, name: str, layers: list, tag: str):
                         kinds=[value_kind(v)], consts=[None], out_shape=tuple(v.shape), out_kind="act",
                         shift=plan.opts.act.frac))
     return _Named(tmp, tuple(v.shape))
+
+
+def _int_operands_as_act(plan, node, a, b, name: str, layers: list):
+    # int / int is a float division in the IR: integers enter the divider as activations
+    return tuple(int_as_act(plan, node, v, name, layers, tag) for v, tag in ((a, "a"), (b, "b")))
+
+
+OPERAND_RULES["div"] = _int_operands_as_act
 
 
 @dataclass(frozen=True)

@@ -356,6 +356,11 @@ def _rms_norm(plan, node, name):
                    eps=node.attrs["eps"], rms=True, gamma=gamma, act=plan.opts.act)]
 
 
+# op -> fn(plan, node, a, b, name, layers) -> (a, b): operands a binary op's rule converts first,
+# appending the layers that convert them (logic.py: int operands of div enter as activations)
+OPERAND_RULES: dict = {}
+
+
 def _binary(op):
     def rule(plan, node, name):
         a, b = node.inputs
@@ -365,9 +370,8 @@ def _binary(op):
         if a.is_weight:
             raise BackendError(f"node {node.name} ({node.op}): a constant left operand is not supported by the hls backend")
         pre = []
-        if op == "div":          # int / int is a float division in the IR: integers enter as activations
-            from .logic import int_as_act
-            a, b = (int_as_act(plan, node, v, name, pre, tag) for v, tag in ((a, "a"), (b, "b")))
+        if op in OPERAND_RULES:
+            a, b = OPERAND_RULES[op](plan, node, a, b, name, pre)
         const = None
         if b.is_weight:
             t = _dense(b, f"node {node.name}")
