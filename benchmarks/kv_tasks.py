@@ -55,9 +55,15 @@ def passkey_case(tokenizer, context: int, depth: float, seed: int) -> PasskeyCas
 
 
 def passkey_right(answer: str, continuation: str) -> bool:
-    """Whether the decoded continuation gives the key first (spaces and punctuation before it aside)."""
-    digits = "".join(ch for ch in continuation.strip().lstrip(":").strip() if ch.isdigit() or ch == " ")
-    return digits.replace(" ", "").startswith(answer)
+    """Whether the decoded continuation gives the key first: after any spaces and punctuation, its
+    leading digits (spaces between them allowed) start with the key's."""
+    text = continuation.lstrip(" \t\n:*\"'")
+    lead = ""
+    for ch in text:
+        if not (ch.isdigit() or ch == " "):
+            break
+        lead += ch
+    return lead.replace(" ", "").startswith(answer)
 
 
 def continuation_split(ids: list[int], context: int, continuation: int) -> tuple[list[int], list[int]]:

