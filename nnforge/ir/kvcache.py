@@ -14,6 +14,7 @@ call them, and backends name the encodings they run by :attr:`CacheEncoding.kind
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
@@ -58,6 +59,7 @@ def _scatter_tokens(state: torch.Tensor, rows: torch.Tensor, positions: torch.Te
 
 class CacheEncoding(ABC):
     kind: ClassVar[str]
+    options: ClassVar[tuple[str, ...]] = ()       # the keyword options cache_encoding passes on
     role: str
 
     @abstractmethod
@@ -187,12 +189,11 @@ class KV4(CacheEncoding):
     token, the most recent tokens (``residual`` to ``residual + group - 1`` of them) in a float
     window until their group completes."""
     kind = "kv4"
+    options = ("group", "residual")
 
     def __init__(self, role: str, group: int = 32, residual: int = 128):
-        if isinstance(group, bool) or not isinstance(group, int) or group < 1:
-            raise CacheEncodingError(f"kv4 group must be a positive number of tokens, got {group!r}")
-        if isinstance(residual, bool) or not isinstance(residual, int) or residual < 0:
-            raise CacheEncodingError(f"kv4 residual must be a number of tokens >= 0, got {residual!r}")
+        _check_count(self.kind, "group", group, 1, "tokens")
+        _check_count(self.kind, "residual", residual, 0, "tokens")
         self.role, self.group, self.residual = role, group, residual
 
     @property
@@ -204,7 +205,7 @@ class KV4(CacheEncoding):
 
     def check_head_dim(self, head_dim, where):
         if head_dim % 2:
-            raise CacheEncodingError(f"{where}: kv4 packs two 4-bit codes a byte along the head dim, which is "
+            raise CacheEncodingError(f"{where}: {self.kind} packs two 4-bit codes a byte along the head dim, which is "
                                      f"{head_dim} (odd); choose kv8 or kv-fp8 for this cache")
 
     def parts(self, max_len, head_dim):
@@ -226,16 +227,18 @@ class KV4(CacheEncoding):
         p = positions[row]
         p0, s = int(p[0]), p.numel()
         if not torch.equal(p, torch.arange(p0, p0 + s, dtype=p.dtype)):
-            raise CacheEncodingError(f"kv4: batch row {row} has positions {p.tolist()[:8]}: a kv4 cache needs each "
-                                     "step's positions consecutive, continuing the sequence (its window holds the "
-                                     "most recent tokens); feed tokens in order, or use kv8 for this cache")
+            raise CacheEncodingError(f"kv4: batch row {row} has positions {p.tolist()[:8]}: a kv4 or kv-gear4 cache "
+                                     "needs each step's positions consecutive, continuing the sequence (its window "
+                                     "holds the most recent tokens); feed tokens in order, or use kv8 for this cache")
         return p0, s
 
     def write(self, state, new, positions):
-        codes, scale, mn, window = (t.clone() for t in state)
-        scale, mn = scale.to(torch.float16), mn.to(torch.float16)
+        # the interpreter hands float state over in its compute type: each part goes back as stored
+        d = new.shape[-1]
+        state = [t.to(p.dtype.torch_dtype) for t, p in zip(state, self.parts(state[0].shape[2], d))]
+        window = state[3]
         new = new.to(torch.float32)
-        g, w = self.group, self.window
+        w = self.window
         for b in range(new.shape[0]):
             p0, s = self._span(positions, b)
             n = p0 + s
@@ -244,32 +247,49 @@ class KV4(CacheEncoding):
             seq = torch.cat([window[b][:, held % w].to(torch.float32), new[b]], dim=1)   # positions q_old..n-1
             done = seq[:, : q_new - q_old]                          # tokens whose group completes now
             if done.shape[1]:
-                if self.role == "k":
-                    h, _, d = done.shape
-                    c, sc, m = quantize_asym4(done.reshape(h, -1, g, d), dim=2)
-                    scale[b, :, q_old // g: q_new // g] = sc[:, :, 0]
-                    mn[b, :, q_old // g: q_new // g] = m[:, :, 0]
-                    c = c.reshape(h, -1, d)
-                else:
-                    c, sc, m = quantize_asym4(done, dim=-1)
-                    scale[b, :, q_old:q_new], mn[b, :, q_old:q_new] = sc, m
-                codes[b, :, q_old:q_new] = _pack4(c)
+                self.encode_tokens(state, b, done, q_old, q_new)
             live = torch.arange(q_new, n)
             window[b].zero_()
             window[b][:, live % w] = seq[:, q_new - q_old:].to(window.dtype)
-        return [codes, scale, mn, window]
+        return state
 
-    def read(self, state, positions, head_dim):
-        codes, scale, mn, window = state
-        b, h, max_len, _ = codes.shape
-        out = torch.zeros(b, h, max_len, head_dim, dtype=torch.float32)
+    def encode_tokens(self, state: list[torch.Tensor], b: int, done: torch.Tensor, q_old: int,
+                      q_new: int) -> torch.Tensor:
+        """Quantise batch row ``b``'s tokens ``q_old .. q_new - 1`` (float32 [h, n, d], whole
+        groups) into ``state`` in place; their dequantised values (float32 [h, n, d])."""
+        codes, scale, mn = state[:3]
+        g = self.group
+        if self.role == "k":
+            h, _, d = done.shape
+            c, sc, m = quantize_asym4(done.reshape(h, -1, g, d), dim=2)
+            scale[b, :, q_old // g: q_new // g] = sc[:, :, 0]
+            mn[b, :, q_old // g: q_new // g] = m[:, :, 0]
+            deq = (c.to(torch.float32) * sc.to(torch.float32) + m.to(torch.float32)).reshape(h, -1, d)
+            c = c.reshape(h, -1, d)
+        else:
+            c, sc, m = quantize_asym4(done, dim=-1)
+            scale[b, :, q_old:q_new], mn[b, :, q_old:q_new] = sc, m
+            deq = c.to(torch.float32) * sc.to(torch.float32) + m.to(torch.float32)
+        codes[b, :, q_old:q_new] = _pack4(c)
+        return deq
+
+    def dequantized(self, state: list[torch.Tensor], head_dim: int) -> torch.Tensor:
+        """The float32 values [b, h, max_len, d] the codes stand for at every slot (meaningful at
+        the quantised ones)."""
+        codes, scale, mn = state[:3]
         values = _unpack4(codes, head_dim).to(torch.float32)
         if self.role == "k":
-            rows = torch.arange(max_len) // self.group
+            rows = torch.arange(codes.shape[2]) // self.group
             s, m = scale[:, :, rows].to(torch.float32), mn[:, :, rows].to(torch.float32)
         else:
             s, m = scale.to(torch.float32), mn.to(torch.float32)
-        deq = values * s + m
+        return values * s + m
+
+    def read(self, state, positions, head_dim):
+        window = state[3]
+        b, h, max_len, _ = state[0].shape
+        out = torch.zeros(b, h, max_len, head_dim, dtype=torch.float32)
+        deq = self.dequantized(state, head_dim)
         for row in range(b):
             n = int(positions[row].max()) + 1 if positions.shape[1] else 0
             q = self.quantized(n)
@@ -279,20 +299,228 @@ class KV4(CacheEncoding):
         return out
 
 
-CACHE_ENCODINGS: dict[str, type[CacheEncoding]] = {c.kind: c for c in (KV8, KVFP8, KV4)}
+# --- kv-gear4: GEAR on KIVI ---------------------------------------------------------------------
+def tree_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the last axis in a fixed order a backend can follow op for op: zeros pad it to a
+    power of two, then its second half is added to its first until one element is left (a
+    library's sum picks its own order, and a last-bit difference would reach the stored factors)."""
+    n = x.shape[-1]
+    width = 1 << max(n - 1, 0).bit_length()
+    if width != n:
+        x = torch.nn.functional.pad(x, (0, width - n))
+    while x.shape[-1] > 1:
+        half = x.shape[-1] // 2
+        x = x[..., :half] + x[..., half:]
+    return x[..., 0]
+
+
+def sqrt32(x: torch.Tensor) -> torch.Tensor:
+    """The float32 square root of float32 ``x`` >= 0 rounded to nearest as IEEE defines it (what
+    ONNX Runtime's and numpy's sqrt give): torch's float32 sqrt is off by an ulp on some CPUs, so
+    the float64 root is rounded to float32 and moved to a neighbour when the midpoint towards it
+    squares (exactly, in float64: 25 bits) to the other side of ``x``."""
+    y = torch.sqrt(x.to(torch.float64)).to(torch.float32)
+    wide = x.to(torch.float64)
+    for towards, too_far in ((math.inf, lambda m: m * m < wide), (-math.inf, lambda m: m * m > wide)):
+        other = torch.nextafter(y, torch.full_like(y, towards))
+        y = torch.where((x > 0) & too_far((y.to(torch.float64) + other.to(torch.float64)) / 2), other, y)
+    return y
+
+
+def gram_schmidt(x: torch.Tensor) -> torch.Tensor:
+    """float32 [..., n, r] with orthonormal columns, modified Gram-Schmidt in column order: column
+    j less its projections on columns 0 .. j-1 (each in turn, on the running remainder), divided by
+    its norm; a column of norm 0 stays 0."""
+    cols = []
+    for j in range(x.shape[-1]):
+        v = x[..., j]
+        for q in cols:
+            v = v - tree_sum(q * v)[..., None] * q
+        norm = sqrt32(tree_sum(v * v))[..., None]
+        cols.append(torch.where(norm > 0, v / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(v)))
+    return torch.stack(cols, dim=-1)
+
+
+def power_start(cols: int, rank: int) -> torch.Tensor:
+    """The fixed start of the power iteration, float32 [cols, rank]: Walsh signs (-1)^popcount(i & j),
+    exact in any arithmetic; column 0 is all ones."""
+    i, j = torch.arange(cols)[:, None], torch.arange(rank)[None, :]
+    bits = i & j
+    parity = torch.zeros_like(bits)
+    while bool(bits.any()):
+        parity ^= bits & 1
+        bits = bits >> 1
+    return (1 - 2 * parity).to(torch.float32)
+
+
+def low_rank(e: torch.Tensor, rank: int, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A [..., n, rank], B [..., rank, d]) float32 with A @ B the projection of ``e`` [..., n, d]
+    onto a rank-``rank`` row space found by ``iterations`` steps of subspace iteration from
+    :func:`power_start`: U = gs(E V), V = gs(E^T U); then A = E V, B = V^T. Every product is an
+    elementwise product summed by :func:`tree_sum`."""
+    v = power_start(e.shape[-1], rank).expand(*e.shape[:-2], -1, -1)
+    for _ in range(iterations):
+        u = gram_schmidt(tree_sum(e[..., :, None, :] * v.transpose(-1, -2)[..., None, :, :]))
+        v = gram_schmidt(tree_sum(e.transpose(-1, -2)[..., :, None, :] * u.transpose(-1, -2)[..., None, :, :]))
+    a = tree_sum(e[..., :, None, :] * v.transpose(-1, -2)[..., None, :, :])
+    return a, v.transpose(-1, -2)
+
+
+def low_rank_term(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A @ B [..., n, d] of A [..., n, r], B [..., r, d] as a backend computes it: the rank-1
+    products a_j b_j added in order j = 0 .. r-1 (no fused multiply-add, no library matmul)."""
+    out = a[..., :, 0:1] * b[..., 0:1, :]
+    for j in range(1, a.shape[-1]):
+        out = out + a[..., :, j:j + 1] * b[..., j:j + 1, :]
+    return out
+
+
+def top_magnitudes(x: torch.Tensor, k: int) -> torch.Tensor:
+    """int64 indices [..., k] of the ``k`` entries of largest magnitude along the last axis, the
+    largest first, equal magnitudes lower index first (ONNX TopK's order)."""
+    return torch.sort(x.abs(), dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+class KVGear4(KV4):
+    """GEAR on KIVI: kv4's codes, groups and window, and per completed group of G tokens (G x d,
+    per head) each token's ``outliers`` largest-magnitude values kept aside in float16, and a
+    rank-``rank`` approximation A @ B of the rest's quantisation error (A per token, B per group)."""
+    kind = "kv-gear4"
+    options = ("group", "residual", "rank", "outliers")
+    ITERATIONS = 4
+
+    def __init__(self, role: str, group: int = 64, residual: int = 64, rank: int = 2, outliers: int = 2):
+        super().__init__(role, group, residual)
+        _check_count(self.kind, "rank", rank, 1, "factors")
+        _check_count(self.kind, "outliers", outliers, 1, "values per token")
+        self.rank, self.outliers = rank, outliers
+
+    def attrs(self):
+        return {**super().attrs(), "rank": self.rank, "outliers": self.outliers}
+
+    def check_head_dim(self, head_dim, where):
+        super().check_head_dim(head_dim, where)
+        if self.outliers >= head_dim:
+            raise CacheEncodingError(f"{where}: kv-gear4 keeps {self.outliers} outliers of each token's {head_dim} "
+                                     "values aside, which leaves none to quantise; choose fewer outliers")
+        if head_dim > 1 << 15:
+            raise CacheEncodingError(f"{where}: kv-gear4 stores outlier indices as int16, and the head dim is "
+                                     f"{head_dim}")
+
+    def parts(self, max_len, head_dim):
+        f16t = _dtype("float16")
+        index = _dtype("uint8" if head_dim <= 256 else "int16")
+        return [*super().parts(max_len, head_dim),
+                Part("outlier", f16t, max_len, self.outliers), Part("outlier_index", index, max_len, self.outliers),
+                Part("a", f16t, max_len, self.rank), Part("b", f16t, -(-max_len // self.group) * self.rank, head_dim)]
+
+    def encode_tokens(self, state, b, done, q_old, q_new):
+        h, n, d = done.shape
+        g, r = self.group, self.rank
+        index = top_magnitudes(done, self.outliers)
+        zero = torch.zeros(h, n, self.outliers)
+        kept = done.scatter(-1, index, zero)
+        deq = super().encode_tokens(state, b, kept, q_old, q_new)
+        error = (kept - deq).scatter(-1, index, zero)            # the outliers are stored as they are
+        a, bf = low_rank(error.reshape(h, n // g, g, d), r, self.ITERATIONS)
+        outlier, outlier_index, fa, fb = state[4:]
+        outlier[b, :, q_old:q_new] = f16(done.gather(-1, index))
+        outlier_index[b, :, q_old:q_new] = index.to(outlier_index.dtype)
+        fa[b, :, q_old:q_new] = f16(a.reshape(h, n, r))
+        fb[b, :, q_old // g * r: q_new // g * r] = f16(bf.reshape(h, -1, d))
+        return deq
+
+    def dequantized(self, state, head_dim):
+        deq = super().dequantized(state, head_dim)
+        outlier, outlier_index, fa, fb = state[4:]
+        b, h, max_len, _ = deq.shape
+        g, r = self.group, self.rank
+        groups = fb.shape[2] // r
+        per_token = fb.to(torch.float32).reshape(b, h, groups, 1, r, head_dim).expand(-1, -1, -1, g, -1, -1)
+        per_token = per_token.reshape(b, h, groups * g, r, head_dim)[:, :, :max_len]
+        values = deq + low_rank_term(fa.to(torch.float32)[..., None, :], per_token)[..., 0, :]
+        return values.scatter(-1, outlier_index.to(torch.int64), outlier.to(torch.float32))
+
+
+# --- kv-nvfp4 --------------------------------------------------------------------------------------
+class KVNVFP4(CacheEncoding):
+    """NVFP4 per token: E2M1 codes two a byte, an E4M3 scale per block of 16 head_dim values, and a
+    float16 second-level scale per token and head (NVFP4's calibrated per-tensor scale has no
+    calibration to come from in a cache)."""
+    kind = "kv-nvfp4"
+    BLOCK = 16
+    CODE = _dtype("e2m1")
+    SCALE = _dtype("e4m3")
+    TOP = 6.0          # the largest E2M1 value
+    SCALE_TOP = 448.0  # the largest E4M3 value
+
+    def __init__(self, role: str):
+        self.role = role
+
+    def check_head_dim(self, head_dim, where):
+        if head_dim % self.BLOCK:
+            raise CacheEncodingError(f"{where}: kv-nvfp4 scales blocks of {self.BLOCK} head_dim values, and the "
+                                     f"head dim is {head_dim}; choose kv8 or kv-fp8 for this cache")
+
+    def parts(self, max_len, head_dim):
+        return [Part("codes", _dtype("uint8"), max_len, head_dim // 2),
+                Part("block_scale", _dtype("uint8"), max_len, head_dim // self.BLOCK),
+                Part("scale", _dtype("float16"), max_len, 1)]
+
+    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(E2M1 codes int64 [..., d], E4M3 block scale codes uint8 [..., d/16], float16 scale
+        [..., 1]) of float32 ``x`` [..., d]."""
+        x = x.to(torch.float32)
+        scale = f16(x.abs().amax(-1, keepdim=True) / (self.SCALE_TOP * self.TOP))
+        s2 = scale.to(torch.float32)
+        blocks = x.reshape(*x.shape[:-1], -1, self.BLOCK)
+        wanted = blocks.abs().amax(-1) / self.TOP / torch.where(s2 > 0, s2, torch.ones_like(s2))
+        block_scale = minifloat.encode(torch.where(s2 > 0, wanted, torch.zeros_like(wanted)), self.SCALE)
+        step = (self.block_values(block_scale) * s2)[..., None]
+        ratio = torch.where(step > 0, blocks / torch.where(step > 0, step, torch.ones_like(step)),
+                            torch.zeros_like(blocks))
+        codes = minifloat.encode(ratio, self.CODE).to(torch.int64).reshape(x.shape)
+        return codes, block_scale, scale
+
+    def block_values(self, block_scale: torch.Tensor) -> torch.Tensor:
+        return minifloat.decode(block_scale, self.SCALE, torch.float32)
+
+    def write(self, state, new, positions):
+        codes, block_scale, scale = self.quantize(new)
+        return [_scatter_tokens(state[0], _pack4(codes), positions),
+                _scatter_tokens(state[1], block_scale, positions),
+                _scatter_tokens(state[2].to(torch.float16), scale, positions)]
+
+    def read(self, state, positions, head_dim):
+        codes, block_scale, scale = state
+        values = minifloat.decode(_unpack4(codes, head_dim), self.CODE, torch.float32)
+        step = self.block_values(block_scale) * scale.to(torch.float32)
+        blocks = values.reshape(*values.shape[:-1], -1, self.BLOCK) * step[..., None]
+        return blocks.reshape(values.shape)
+
+
+CACHE_ENCODINGS: dict[str, type[CacheEncoding]] = {c.kind: c for c in (KV8, KVFP8, KV4, KVNVFP4, KVGear4)}
+
+
+def _check_count(kind: str, name: str, value, least: int, unit: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise CacheEncodingError(f"{kind} {name} must be a {'positive' if least else 'non-negative'} number of "
+                                 f"{unit}, got {value!r}")
 
 
 def cache_encoding(kind: str, role: str, **attrs) -> CacheEncoding:
-    """The encoding ``kind`` for a K (``role`` "k") or V cache, with its options (kv4: group, residual)."""
+    """The encoding ``kind`` for a K (``role`` "k") or V cache, with its options (kv4: group,
+    residual; kv-gear4: those and rank, outliers); options given as None take the defaults."""
     if kind not in CACHE_ENCODINGS:
         raise CacheEncodingError(f"unknown KV-cache encoding {kind!r}; known: {', '.join(CACHE_ENCODINGS)}")
     if role not in ROLES:
         raise CacheEncodingError(f"a cache's role is 'k' or 'v', got {role!r}")
     cls = CACHE_ENCODINGS[kind]
     options = {k: v for k, v in attrs.items() if v is not None}
-    if cls is not KV4 and options:
-        raise CacheEncodingError(f"{kind} takes no option(s) {', '.join(sorted(options))} (only kv4 takes group and "
-                                 "residual)")
+    unknown = sorted(set(options) - set(cls.options))
+    if unknown:
+        takes = f"it takes {', '.join(cls.options)}" if cls.options else "it takes none"
+        raise CacheEncodingError(f"{kind} takes no option(s) {', '.join(unknown)} ({takes})")
     return cls(role, **options)
 
 
@@ -301,5 +529,6 @@ def float_bytes_per_token(kv_heads: int, head_dim: int, itemsize: int = 4) -> in
     return kv_heads * head_dim * itemsize
 
 
-__all__ = ["CacheEncoding", "CacheEncodingError", "Part", "KV8", "KVFP8", "KV4", "CACHE_ENCODINGS", "cache_encoding",
-           "quantize_asym4", "float_bytes_per_token", "f16"]
+__all__ = ["CacheEncoding", "CacheEncodingError", "Part", "KV8", "KVFP8", "KV4", "KVNVFP4", "KVGear4",
+           "CACHE_ENCODINGS", "cache_encoding", "quantize_asym4", "tree_sum", "sqrt32", "gram_schmidt", "power_start", "low_rank",
+           "low_rank_term", "top_magnitudes", "float_bytes_per_token", "f16"]

@@ -60,13 +60,17 @@ def _caches(graph: Graph) -> list[_Cache]:
 class EncodeKVCache(Pass):
     """Encode a decoder's KV caches: ``encoding`` kv8 (int8, per-token scales), kv4 (KIVI: int4
     keys per channel in groups of ``group_size`` tokens, values per token, a float window of the
-    ``residual`` most recent tokens) or kv-fp8 (E4M3, per-token scales); ``layers`` / ``exclude``
-    select caches by cache-update node or cache input name."""
+    ``residual`` most recent tokens), kv-fp8 (E4M3, per-token scales), kv-nvfp4 (E2M1 with E4M3
+    scales per 16 values and a float16 scale per token) or kv-gear4 (kv4 plus ``outliers`` float16
+    values per token and a rank-``rank`` approximation of each group's error); ``layers`` /
+    ``exclude`` select caches by cache-update node or cache input name."""
     name = "kv_cache"
     rewrites_state = True
     encoding: str = "kv8"
     group_size: int | None = None
     residual: int | None = None
+    rank: int | None = None
+    outliers: int | None = None
     layers: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=list)
 
@@ -79,14 +83,18 @@ class EncodeKVCache(Pass):
                 setattr(self, key, [value])
             elif not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise PassError(f"kv_cache: option {key} must be a list of strings, got {value!r}")
-        if self.encoding == "kv4":
-            self.group_size = 32 if self.group_size is None else self.group_size
-            self.residual = 128 if self.residual is None else self.residual
         try:
-            for role in ("k", "v"):
-                cache_encoding(self.encoding, role, group=self.group_size, residual=self.residual)
+            # the encoding's defaults fill the options left out, so the record and the ops name them
+            defaults = cache_encoding(self.encoding, "k", **self.options()).attrs()
+            self.group_size, self.residual = defaults.get("group"), defaults.get("residual")
+            self.rank, self.outliers = defaults.get("rank"), defaults.get("outliers")
+            cache_encoding(self.encoding, "v", **self.options())
         except CacheEncodingError as e:
             raise PassError(f"kv_cache: {e}") from None
+
+    def options(self) -> dict:
+        """The encoding's options as cache_encoding takes them (None: its default)."""
+        return {"group": self.group_size, "residual": self.residual, "rank": self.rank, "outliers": self.outliers}
 
     def applies(self, graph: Graph) -> bool:
         return bool(_caches(graph))
@@ -121,20 +129,20 @@ class EncodeKVCache(Pass):
                             "reduces float caches only: drop the encoding preset, or the reduction")
         kinds: Counter = Counter()
         for cache in self.select(graph):
-            encode_cache(graph, cache, self.encoding, self.group_size, self.residual)
+            encode_cache(graph, cache, self.encoding, self.options())
             kinds[f"{self.encoding} {cache.role}"] += 1
         ctx.record("caches", sum(kinds.values()))
         ctx.record("encodings", dict(kinds))
         return graph
 
 
-def encode_cache(graph: Graph, cache: _Cache, kind: str, group: int | None, residual: int | None) -> None:
+def encode_cache(graph: Graph, cache: _Cache, kind: str, options: dict) -> None:
     """Replace ``cache``'s float state by the encoding's state tensors, its update by a
     kv_cache_write and the attention's read by a kv_cache_read, in place."""
     node, past = cache.node, graph.inputs[[v.name for v in graph.inputs].index(cache.past)]
     new, positions = node.inputs[1], node.inputs[2]
     batch, kv_heads, max_len, head_dim = past.shape
-    enc = cache_encoding(kind, cache.role, group=group, residual=residual)
+    enc = cache_encoding(kind, cache.role, **options)
     try:
         enc.check_head_dim(head_dim, f"cache {past.name} (node {node.name})")
     except CacheEncodingError as e:

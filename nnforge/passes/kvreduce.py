@@ -137,7 +137,7 @@ class ReduceKVCache(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
         if any(n.op in ("kv_cache_write", "kv_cache_read") for n in graph.nodes):
-            raise PassError(f"kv_reduce: graph {graph.name} has an encoded KV cache (kv8, kv4, kv-fp8); the runner "
+            raise PassError(f"kv_reduce: graph {graph.name} has an encoded KV cache (kv8, kv4, kv-fp8, ...); the runner "
                             "reduces float caches only: drop the encoding preset, or the reduction")
         settings = self.settings(graph)               # refuses a budget the graph cannot take
         positions = graph.value(POSITIONS)

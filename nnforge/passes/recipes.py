@@ -89,6 +89,11 @@ PRESETS: dict[str, tuple[str, list[dict]]] = {
             "recent tokens (up to 159) in float32", [{"pass": "kv_cache", "encoding": "kv4"}]),
     "kv-fp8": ("FP8 E4M3 KV cache, one float16 scale per token and head",
                [{"pass": "kv_cache", "encoding": "kv-fp8"}]),
+    "kv-nvfp4": ("NVFP4 KV cache: E2M1 codes, an E4M3 scale per 16 values, a float16 scale per token and head",
+                 [{"pass": "kv_cache", "encoding": "kv-nvfp4"}]),
+    "kv-gear4": ("GEAR KV cache: KIVI 4-bit in groups of 64 tokens (the 64 most recent, up to 127, in float32), "
+                 "per token 2 float16 outliers, per group a rank-2 float16 approximation of the quantisation error",
+                 [{"pass": "kv_cache", "encoding": "kv-gear4"}]),
 }
 # Presets with a number in their name: name -> (regex, description, builder of the pass configs).
 PARAMETRIC: dict[str, tuple[str, str, object]] = {

@@ -13,13 +13,15 @@ from .decoder import _activation, _positions, check_positions_in_cache
 from .registry import Attr, defop
 
 CACHE_OPS = ("kv_cache_write", "kv_cache_read")
+OPTIONS = ("group", "residual", "rank", "outliers")       # every encoding's options, as optional attributes
 _ATTRS = {"encoding": Attr("str", choices=tuple(CACHE_ENCODINGS)), "role": Attr("str", choices=ROLES),
-          "max_len": Attr("int"), "head_dim": Attr("int"), "group": Attr("int", None), "residual": Attr("int", None)}
+          "max_len": Attr("int"), "head_dim": Attr("int"), "group": Attr("int", None), "residual": Attr("int", None),
+          "rank": Attr("int", None), "outliers": Attr("int", None)}
 
 
 def encoding_of(attrs: dict):
     """The :class:`~nnforge.ir.kvcache.CacheEncoding` a kv_cache_write / kv_cache_read node's attributes name."""
-    return cache_encoding(attrs["encoding"], attrs["role"], group=attrs.get("group"), residual=attrs.get("residual"))
+    return cache_encoding(attrs["encoding"], attrs["role"], **{k: attrs.get(k) for k in OPTIONS})
 
 
 def _check_state(op: str, parts, batch, kv_heads, attrs) -> list[TensorType]:
