@@ -129,6 +129,10 @@ KV_CACHE = [
                "each row's positions consecutive, continuing its sequence"),
     Capability("kv_cache_read", "kv4", "KIVI: unpacked codes times scales plus minimums for the quantised tokens, "
                "the float window for the recent ones, zeros past the last position"),
+    Capability("kv_cache_write", "kv-nvfp4", "E2M1 codes packed two a byte, E4M3 block scales (both worked out "
+               "arithmetically) and float16 per-token scales scattered into the state"),
+    Capability("kv_cache_read", "kv-nvfp4", "E2M1 and E4M3 codes through their tables (Gather), times the float16 "
+               "scales, before attention"),
 ]
 
 CAPABILITIES = Capabilities([

@@ -18,8 +18,8 @@ import torch
 from onnx import TensorProto
 
 from ...ir import Node
-from ...ir.kvcache import FP16_MAX, KV4, KVFP8
-from ...ir.minifloat import decode as decode_minifloat
+from ...ir.kvcache import FP16_MAX, KV4, KVFP8, KVNVFP4
+from ...ir.minifloat import decode as decode_minifloat, encode as encode_minifloat
 from ...ir.ops.kvcache import encoding_of
 from .builder import OnnxBuilder
 from .ops import operand, rule
@@ -60,27 +60,33 @@ def _scatter_tokens(b: OnnxBuilder, state: str, rows: str, positions: str, out: 
     b.node("ScatterElements", [state, b.node("Expand", [index, b.node("Shape", [rows])]), rows], out, axis=2)
 
 
-def _e4m3_codes(b: OnnxBuilder, ratio: str) -> str:
-    """uint8 E4M3 codes of float32 ``ratio``, nearest even, saturating at 448 (ir/minifloat.encode):
-    binade e = how many of 2^-6 .. 2^8 |x| reaches (0: subnormal), at least 1; n = round(|x| /
-    2^(e - 10)); code = 8 (e - 1) + n, at most 126 (448), with the sign bit of x (-0 included)."""
+def _minifloat_codes(b: OnnxBuilder, ratio: str, fmt) -> str:
+    """float32 codes (the integer fields) of the minifloat ``fmt`` (E4M3, E2M1) of float32 ``ratio``,
+    nearest even, saturating (ir/minifloat.encode): binade e = how many of the normal binades'
+    lower bounds 2^(1 - bias) .. |x| reaches (0: subnormal), at least 1; n = round(|x| / 2^(e -
+    bias - m)); code = 2^m (e - 1) + n, at most the largest finite value's, with the sign bit of x
+    (-0 included)."""
+    m, bias = fmt.man_bits, fmt.bias
+    top = int(encode_minifloat(torch.tensor([fmt.max_value]), fmt)[0])
     a = b.node("Abs", [ratio])
-    steps = b.const(np.asarray([2.0 ** k for k in range(-6, 9)], np.float32), "e4m3_binades")
+    steps = b.const(np.asarray([2.0 ** (e - bias) for e in range(1, top // 2 ** m + 1)], np.float32),
+                    f"{fmt.short}_binades")
     reached = b.node("Cast", [b.node("GreaterOrEqual", [b.node("Unsqueeze", [a, b.ints([-1])]), steps])], to=F32)
     binade = b.node("Max", [b.node("ReduceSum", [reached, b.ints([-1])], keepdims=0), _f32(b, 1.0)])
-    quantum = b.node("Gather", [b.const(np.asarray([2.0 ** (e - 10) for e in range(16)], np.float32), "e4m3_quanta"),
-                                b.node("Cast", [binade], to=I64)])
+    quanta = np.asarray([2.0 ** (e - bias - m) for e in range(top // 2 ** m + 1)], np.float32)
+    quantum = b.node("Gather", [b.const(quanta, f"{fmt.short}_quanta"), b.node("Cast", [binade], to=I64)])
     n = b.node("Round", [b.node("Div", [a, quantum])])
-    code = b.node("Min", [b.node("Add", [b.node("Mul", [b.node("Sub", [binade, _f32(b, 1.0)]), _f32(b, 8.0)]), n]),
-                          _f32(b, 126.0)])
+    code = b.node("Min", [b.node("Add", [b.node("Mul", [b.node("Sub", [binade, _f32(b, 1.0)]), _f32(b, 2.0 ** m)]),
+                                         n]), _f32(b, float(top))])
     negative = b.node("Less", [b.node("Div", [_f32(b, 1.0), ratio]), _f32(b, 0.0)])     # 1 / -0 is -inf
-    code = b.node("Add", [code, b.node("Mul", [b.node("Cast", [negative], to=F32), _f32(b, 128.0)])])
-    return b.node("Cast", [code], to=TensorProto.UINT8)
+    sign = _f32(b, 2.0 ** (fmt.exp_bits + m))
+    return b.node("Add", [code, b.node("Mul", [b.node("Cast", [negative], to=F32), sign])])
 
 
-def _e4m3_values(b: OnnxBuilder, codes: str) -> str:
-    table = decode_minifloat(torch.arange(256), KVFP8.FORMAT, torch.float32).numpy()
-    return b.node("Gather", [b.const(table, "e4m3_values"), b.node("Cast", [codes], to=I64)])
+def _minifloat_values(b: OnnxBuilder, codes: str, fmt) -> str:
+    """float32 values of integer ``codes`` of ``fmt``, through its table."""
+    table = decode_minifloat(torch.arange(2 ** fmt.bits), fmt, torch.float32).numpy()
+    return b.node("Gather", [b.const(table, f"{fmt.short}_values"), b.node("Cast", [codes], to=I64)])
 
 
 @rule("kv_cache_write")
@@ -92,9 +98,13 @@ def _write(b: OnnxBuilder, node: Node, fb) -> None:
     if isinstance(enc, KV4):
         _kv4_write(b, node, enc, new, positions, state, outs)
         return
+    if isinstance(enc, KVNVFP4):
+        for part, rows, out in zip(state, _nvfp4_quantize(b, enc, new, node.attrs["head_dim"]), outs):
+            _scatter_tokens(b, part, rows, positions, out)
+        return
     scale, ratio = _per_token_scale(b, new, enc.top)
     if isinstance(enc, KVFP8):
-        codes = _e4m3_codes(b, ratio)
+        codes = b.node("Cast", [_minifloat_codes(b, ratio, enc.FORMAT)], to=TensorProto.UINT8)
     else:
         codes = b.node("Cast", [b.node("Clip", [b.node("Round", [ratio]), _f32(b, -127.0), _f32(b, 127.0)])],
                        to=TensorProto.INT8)
@@ -110,7 +120,11 @@ def _read(b: OnnxBuilder, node: Node, fb) -> None:
     if isinstance(enc, KV4):
         _kv4_read(b, node, enc, positions, state, out)
         return
-    values = _e4m3_values(b, state[0]) if isinstance(enc, KVFP8) else b.node("Cast", [state[0]], to=F32)
+    if isinstance(enc, KVNVFP4):
+        _nvfp4_read(b, node, enc, state, out)
+        return
+    values = _minifloat_values(b, state[0], enc.FORMAT) if isinstance(enc, KVFP8) else b.node("Cast", [state[0]],
+                                                                                                to=F32)
     b.node("Mul", [values, b.node("Cast", [state[1]], to=F32)], out)
 
 
@@ -228,6 +242,34 @@ def _kv4_read(b: OnnxBuilder, node: Node, enc: KV4, positions: str, state: list[
     recent = b.node("Gather", [window, b.const(np.arange(L, dtype=np.int64) % enc.window, "kv4_window_rows")], axis=2)
     recent = b.node("Where", [b.node("Less", [t, end]), recent, _f32(b, 0.0)])
     b.node("Where", [b.node("Less", [t, q]), deq, recent], out)
+
+
+# --- kv-nvfp4 ------------------------------------------------------------------------------------
+def _nvfp4_quantize(b: OnnxBuilder, enc: KVNVFP4, new: str, d: int) -> tuple[str, str, str]:
+    """(packed E2M1 codes, E4M3 block scale codes, float16 scale) of float32 ``new`` [b, h, s, d]:
+    KVNVFP4.quantize op for op."""
+    amax = b.node("ReduceMax", [b.node("Abs", [new]), b.ints([-1])], keepdims=1)
+    scale = _f16(b, b.node("Div", [amax, _f32(b, enc.SCALE_TOP * enc.TOP)]))
+    s2 = b.node("Cast", [scale], to=F32)                                              # [b, h, s, 1]
+    blocks = b.node("Reshape", [new, b.ints([0, 0, 0, d // enc.BLOCK, enc.BLOCK])])
+    block_max = b.node("ReduceMax", [b.node("Abs", [blocks]), b.ints([-1])], keepdims=0)
+    positive, wanted = _safe_ratio(b, b.node("Div", [block_max, _f32(b, enc.TOP)]), s2)
+    block_codes = _minifloat_codes(b, b.node("Where", [positive, wanted, _f32(b, 0.0)]), enc.SCALE)
+    block_scale = b.node("Cast", [block_codes], to=TensorProto.UINT8)
+    step = b.node("Unsqueeze", [b.node("Mul", [_minifloat_values(b, block_codes, enc.SCALE), s2]), b.ints([-1])])
+    positive, ratio = _safe_ratio(b, blocks, step)
+    codes = _minifloat_codes(b, b.node("Where", [positive, ratio, _f32(b, 0.0)]), enc.CODE)
+    return _pack4(b, b.node("Reshape", [codes, b.ints([0, 0, 0, d])]), 0, d), block_scale, scale
+
+
+def _nvfp4_read(b: OnnxBuilder, node: Node, enc: KVNVFP4, state: list[str], out: str) -> None:
+    codes, block_scale, scale = state
+    L, d = node.attrs["max_len"], node.attrs["head_dim"]
+    values = _minifloat_values(b, _unpack4(b, codes, L, d), enc.CODE)
+    step = b.node("Mul", [_minifloat_values(b, block_scale, enc.SCALE), b.node("Cast", [scale], to=F32)])
+    blocks = b.node("Mul", [b.node("Reshape", [values, b.ints([0, 0, L, d // enc.BLOCK, enc.BLOCK])]),
+                            b.node("Unsqueeze", [step, b.ints([-1])])])
+    b.node("Reshape", [blocks, b.ints([0, 0, L, d])], out)
 
 
 __all__: list[str] = []

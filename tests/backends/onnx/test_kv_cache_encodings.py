@@ -1,4 +1,4 @@
-"""The onnx backend runs the encoded KV caches (kv8, kv-fp8, kv4) natively: a kv_cache_write and
+"""The onnx backend runs the encoded KV caches (kv8, kv-fp8, kv4, kv-nvfp4) natively: a kv_cache_write and
 kv_cache_read pair lowered to ONNX and run step by step, the state fed back from ONNX Runtime's
 own outputs, equal bit for bit to the reference interpreter's state and reads."""
 from __future__ import annotations
@@ -16,8 +16,9 @@ from nnforge.ir.kvcache import CACHE_ENCODINGS, cache_encoding
 from nnforge.targets import get_target
 from tests import conftest
 
-MAX_LEN, HEAD_DIM, KV_HEADS = 24, 8, 2
-ENCODINGS = [("kv8", {}), ("kv-fp8", {}), ("kv4", {"group": 4, "residual": 3}), ("kv4", {"group": 5, "residual": 0})]
+MAX_LEN, HEAD_DIM, KV_HEADS = 24, 16, 2
+ENCODINGS = [("kv8", {}), ("kv-fp8", {}), ("kv4", {"group": 4, "residual": 3}), ("kv4", {"group": 5, "residual": 0}),
+             ("kv-nvfp4", {})]
 
 
 def cache_graph(kind: str, role: str, **options) -> Graph:
@@ -43,7 +44,7 @@ def hard_values(batch: int, seq: int, seed: int) -> torch.Tensor:
     if seq > 2:
         x[:, 0, 1] = 0.0
         x[:, 1, 1, 0] = -0.0
-        x[:, 1, 2] = torch.tensor([127.0, 0.5, -1.5, 2.5, 63.5, -0.0, 1e9, -3e8])
+        x[:, 1, 2] = torch.tensor([127.0, 0.5, -1.5, 2.5, 63.5, -0.0, 1e9, -3e8]).repeat(HEAD_DIM // 8)
     return x
 
 
