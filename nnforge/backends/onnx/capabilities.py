@@ -129,6 +129,11 @@ KV_CACHE = [
                "each row's positions consecutive, continuing its sequence"),
     Capability("kv_cache_read", "kv4", "KIVI: unpacked codes times scales plus minimums for the quantised tokens, "
                "the float window for the recent ones, zeros past the last position"),
+    Capability("kv_cache_write", "kv-gear4", "GEAR: kv4's write, and per token its outliers (TopK) and per "
+               "completed group the factors of the error, by a power iteration unrolled in elementwise ops and "
+               "halving sums, as the reference orders them"),
+    Capability("kv_cache_read", "kv-gear4", "GEAR: kv4's read with each quantised token's rank-1 terms added and its "
+               "outliers put back (ScatterElements)"),
     Capability("kv_cache_write", "kv-nvfp4", "E2M1 codes packed two a byte, E4M3 block scales (both worked out "
                "arithmetically) and float16 per-token scales scattered into the state"),
     Capability("kv_cache_read", "kv-nvfp4", "E2M1 and E4M3 codes through their tables (Gather), times the float16 "

@@ -18,10 +18,10 @@ import torch
 from onnx import TensorProto
 
 from ...ir import Node
-from ...ir.kvcache import FP16_MAX, KV4, KVFP8, KVNVFP4
+from ...ir.kvcache import FP16_MAX, KV4, KVFP8, KVGear4, KVNVFP4, power_start
 from ...ir.minifloat import decode as decode_minifloat, encode as encode_minifloat
 from ...ir.ops.kvcache import encoding_of
-from .builder import OnnxBuilder
+from .builder import OnnxBuilder, onnx_type
 from .ops import operand, rule
 
 F32, F16, I64 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT64
@@ -35,9 +35,9 @@ def _i64(b: OnnxBuilder, x: int) -> str:
     return b.const(np.asarray(x, np.int64), "scalar")
 
 
-def _f16(b: OnnxBuilder, x: str) -> str:
+def _f16(b: OnnxBuilder, x: str, out: str | None = None) -> str:
     """float32 -> float16, nearest even, saturating (ir/kvcache.f16)."""
-    return b.node("Cast", [b.node("Clip", [x, _f32(b, -FP16_MAX), _f32(b, FP16_MAX)])], to=F16)
+    return b.node("Cast", [b.node("Clip", [x, _f32(b, -FP16_MAX), _f32(b, FP16_MAX)])], out, to=F16)
 
 
 def _safe_ratio(b: OnnxBuilder, x: str, s: str) -> tuple[str, str]:
@@ -188,7 +188,7 @@ def _kv4_write(b: OnnxBuilder, node: Node, enc: KV4, new: str, positions: str, s
     """The step's tokens and the window's earlier ones laid out at their positions (``seq``, valid
     from the first token not yet quantised to the last one written); the groups (keys) or tokens
     (values) the step completes quantised from it into the state; the window refilled from it."""
-    codes, scale, mn, window = state
+    codes, scale, mn, window = state[:4]
     L, d, g, w = node.attrs["max_len"], node.attrs["head_dim"], enc.group, enc.window
     first, end = _row_scalar(b, positions, "first"), _row_scalar(b, positions, "end")
     q_old, q_new = _quantized(b, enc, first), _quantized(b, enc, end)
@@ -200,24 +200,26 @@ def _kv4_write(b: OnnxBuilder, node: Node, enc: KV4, new: str, positions: str, s
     from_window = b.node("Gather", [window, b.const(np.arange(L, dtype=np.int64) % w, "kv4_window_rows")], axis=2)
     seq = b.node("Where", [b.node("GreaterOrEqual", [t, first]), from_new, from_window])      # [b, h, L, d]
     done = _between(b, t, q_old, q_new)                                                       # [b, 1, L, 1]
+    x = seq
+    if isinstance(enc, KVGear4):
+        index, outlier, x = _gear_outliers(b, enc, seq, d)
     if enc.role == "k":
         groups = -(-L // g)
-        padded = seq if groups * g == L else b.node("Pad", [seq, b.ints([0, 0, 0, 0, 0, 0, groups * g - L, 0])])
+        padded = x if groups * g == L else b.node("Pad", [x, b.ints([0, 0, 0, 0, 0, 0, groups * g - L, 0])])
         c, s, m = _asym4(b, b.node("Reshape", [padded, b.ints([0, 0, groups, g, d])]), 3)
-        c = b.node("Reshape", [c, b.ints([0, 0, groups * g, d])])
-        if groups * g != L:
-            c = b.node("Slice", [c, b.ints([0]), b.ints([L]), b.ints([2])])
-        j = _slots(b, groups, "kv4_groups")
-        group_done = b.node("And", [b.node("GreaterOrEqual", [b.node("Mul", [j, _i64(b, g)]), q_old]),
-                                    b.node("LessOrEqual", [b.node("Mul", [b.node("Add", [j, _i64(b, 1)]), _i64(b, g)]),
-                                                           q_new])])
-        s, m = (b.node("Reshape", [x, b.ints([0, 0, groups, d])]) for x in (s, m))
+        deq = _unpad(b, _dequantize(b, c, s, m), groups * g, L, d) if isinstance(enc, KVGear4) else None
+        c = _unpad(b, c, groups * g, L, d)
+        group_done = _groups_done(b, g, groups, q_old, q_new)
+        s, m = (b.node("Reshape", [y, b.ints([0, 0, groups, d])]) for y in (s, m))
         b.node("Where", [group_done, s, scale], outs[1])
         b.node("Where", [group_done, m, mn], outs[2])
     else:
-        c, s, m = _asym4(b, seq, 3)
+        c, s, m = _asym4(b, x, 3)
+        deq = _dequantize(b, c, s, m) if isinstance(enc, KVGear4) else None
         b.node("Where", [done, s, scale], outs[1])
         b.node("Where", [done, m, mn], outs[2])
+    if isinstance(enc, KVGear4):
+        _gear_write(b, enc, node, x, deq, index, outlier, done, q_old, q_new, state[4:], outs[4:])
     b.node("Where", [done, _pack4(b, c, L, d), codes], outs[0])
     # window row r holds the token t = q_new + ((r - q_new) mod W) when it is written (t < end)
     r = _slots(b, w, "kv4_rows")
@@ -228,8 +230,26 @@ def _kv4_write(b: OnnxBuilder, node: Node, enc: KV4, new: str, positions: str, s
     b.node("Where", [b.node("Less", [token, end]), held, _f32(b, 0.0)], outs[3])
 
 
+def _dequantize(b: OnnxBuilder, codes: str, scale: str, mn: str) -> str:
+    """codes * scale + min in float32, the float16 scale and min widened (ir/kvcache.KV4.dequantized)."""
+    return b.node("Add", [b.node("Mul", [codes, b.node("Cast", [scale], to=F32)]), b.node("Cast", [mn], to=F32)])
+
+
+def _groups_done(b: OnnxBuilder, g: int, groups: int, q_old: str, q_new: str) -> str:
+    """Which groups of ``g`` tokens the step quantises: [b, 1, groups, 1], q_old <= j g and (j + 1) g <= q_new."""
+    j = _slots(b, groups, "kv4_groups")
+    return b.node("And", [b.node("GreaterOrEqual", [b.node("Mul", [j, _i64(b, g)]), q_old]),
+                          b.node("LessOrEqual", [b.node("Mul", [b.node("Add", [j, _i64(b, 1)]), _i64(b, g)]), q_new])])
+
+
+def _unpad(b: OnnxBuilder, x: str, padded: int, length: int, d: int) -> str:
+    """[b, h, groups, g, d] -> [b, h, length, d]: the tokens, less the padding of the last group."""
+    x = b.node("Reshape", [x, b.ints([0, 0, padded, d])])
+    return x if padded == length else b.node("Slice", [x, b.ints([0]), b.ints([length]), b.ints([2])])
+
+
 def _kv4_read(b: OnnxBuilder, node: Node, enc: KV4, positions: str, state: list[str], out: str) -> None:
-    codes, scale, mn, window = state
+    codes, scale, mn, window = state[:4]
     L, d = node.attrs["max_len"], node.attrs["head_dim"]
     end = _row_scalar(b, positions, "end")
     q = _quantized(b, enc, end)
@@ -239,9 +259,115 @@ def _kv4_read(b: OnnxBuilder, node: Node, enc: KV4, positions: str, state: list[
         group_of = b.const(np.arange(L, dtype=np.int64) // enc.group, "kv4_group_of")
         s, m = (b.node("Gather", [x, group_of], axis=2) for x in (s, m))
     deq = b.node("Add", [b.node("Mul", [_unpack4(b, codes, L, d), s]), m])
+    if isinstance(enc, KVGear4):
+        deq = _gear_read(b, enc, L, d, deq, state[4:])
     recent = b.node("Gather", [window, b.const(np.arange(L, dtype=np.int64) % enc.window, "kv4_window_rows")], axis=2)
     recent = b.node("Where", [b.node("Less", [t, end]), recent, _f32(b, 0.0)])
     b.node("Where", [b.node("Less", [t, q]), deq, recent], out)
+
+
+# --- kv-gear4 ------------------------------------------------------------------------------------
+def _tree_sum(b: OnnxBuilder, x: str, n: int) -> str:
+    """ir/kvcache.tree_sum over the last axis (static length ``n``), the axis dropped: zero-padded
+    to a power of two, then second halves added to first halves."""
+    width = 1 << max(n - 1, 0).bit_length()
+    if width != n:
+        pad_shape = b.node("Concat", [b.node("Shape", [x], end=-1), b.ints([width - n])], axis=0)
+        x = b.node("Concat", [x, b.node("Expand", [_f32(b, 0.0), pad_shape])], axis=-1)
+    while width > 1:
+        width //= 2
+        x = b.node("Add", [b.node("Slice", [x, b.ints([0]), b.ints([width]), b.ints([-1])]),
+                           b.node("Slice", [x, b.ints([width]), b.ints([2 * width]), b.ints([-1])])])
+    return b.node("Squeeze", [x, b.ints([-1])])
+
+
+def _gram_schmidt(b: OnnxBuilder, x: str, n: int, r: int) -> str:
+    """ir/kvcache.gram_schmidt of float32 x [..., n, r]."""
+    cols = []
+    for j in range(r):
+        v = b.node("Gather", [x, _i64(b, j)], axis=-1)
+        for q in cols:
+            v = b.node("Sub", [v, b.node("Mul", [b.node("Unsqueeze", [_tree_sum(b, b.node("Mul", [q, v]), n),
+                                                                     b.ints([-1])]), q])])
+        norm = b.node("Unsqueeze", [b.node("Sqrt", [_tree_sum(b, b.node("Mul", [v, v]), n)]), b.ints([-1])])
+        positive, ratio = _safe_ratio(b, v, norm)
+        cols.append(b.node("Where", [positive, ratio, _f32(b, 0.0)]))
+    return b.node("Concat", [b.node("Unsqueeze", [c, b.ints([-1])]) for c in cols], axis=-1)
+
+
+def _products(b: OnnxBuilder, x: str, y: str, n: int) -> str:
+    """[..., p, r] of x [..., p, n] and y [..., n, r], each entry tree-summed over n."""
+    pairs = b.node("Mul", [b.node("Unsqueeze", [x, b.ints([-2])]), b.node("Unsqueeze", [_swap(b, y), b.ints([-3])])])
+    return _tree_sum(b, pairs, n)
+
+
+def _swap(b: OnnxBuilder, x: str) -> str:
+    """The last two axes of a rank-5 x swapped."""
+    return b.node("Transpose", [x], perm=[0, 1, 2, 4, 3])
+
+
+def _low_rank(b: OnnxBuilder, enc: KVGear4, e: str, g: int, d: int) -> tuple[str, str]:
+    """ir/kvcache.low_rank of the groups' errors e [b, h, groups, g, d]: (A [.., g, r], B [.., r, d])."""
+    r = enc.rank
+    v = b.const(power_start(d, r).numpy().reshape(1, 1, 1, d, r), "gear_start")
+    et = _swap(b, e)
+    for _ in range(enc.ITERATIONS):
+        u = _gram_schmidt(b, _products(b, e, v, d), g, r)
+        v = _gram_schmidt(b, _products(b, et, u, g), d, r)
+    return _products(b, e, v, d), _swap(b, v)
+
+
+def _gear_outliers(b: OnnxBuilder, enc: KVGear4, seq: str, d: int) -> tuple[str, str, str]:
+    """(int64 indices [b, h, L, k] of each token's largest magnitudes, their float32 values, seq with
+    them zeroed): TopK's order is top_magnitudes' (largest first, ties lower index first)."""
+    k = b.ints([enc.outliers])
+    _, index = b.node("TopK", [b.node("Abs", [seq]), k], axis=-1, largest=1, sorted=1, n_out=2)
+    values = b.node("GatherElements", [seq, index], axis=-1)
+    zeros = b.node("Expand", [_f32(b, 0.0), b.node("Shape", [index])])
+    return index, values, b.node("ScatterElements", [seq, index, zeros], axis=-1)
+
+
+def _gear_write(b: OnnxBuilder, enc: KVGear4, node: Node, kept: str, deq: str, index: str, outlier: str, done: str,
+                q_old: str, q_new: str, state: list[str], outs: list[str]) -> None:
+    """KVGear4.encode_tokens past kv4's codes: the outliers, and the factors of every group's error
+    (the error of ``kept`` [b, h, L, d], less the outliers, against its dequantised ``deq``), each
+    written where the step completes its token or group."""
+    L, d, g, r = node.attrs["max_len"], node.attrs["head_dim"], enc.group, enc.rank
+    groups = -(-L // g)
+    error = b.node("ScatterElements", [b.node("Sub", [kept, deq]), index,
+                                       b.node("Expand", [_f32(b, 0.0), b.node("Shape", [index])])], axis=-1)
+    if groups * g != L:
+        error = b.node("Pad", [error, b.ints([0, 0, 0, 0, 0, 0, groups * g - L, 0])])
+    a, factor_b = _low_rank(b, enc, b.node("Reshape", [error, b.ints([0, 0, groups, g, d])]), g, d)
+    old_outlier, old_index, old_a, old_b = state
+    # chosen in float32 and rounded after: ONNX Runtime's CPU Where has no float16 kernel, and the
+    # casts it puts around one drop the rounding of a float16 Cast feeding it
+    _f16(b, b.node("Where", [done, outlier, b.node("Cast", [old_outlier], to=F32)]), outs[0])
+    b.node("Cast", [b.node("Where", [done, index, b.node("Cast", [old_index], to=I64)])],
+           outs[1], to=onnx_type(enc.parts(L, d)[5].dtype))
+    _f16(b, b.node("Where", [done, _unpad(b, a, groups * g, L, r), b.node("Cast", [old_a], to=F32)]), outs[2])
+    rows_done = b.node("Gather", [_groups_done(b, g, groups, q_old, q_new),
+                                  b.const(np.arange(groups * r, dtype=np.int64) // r, "gear_b_groups")], axis=2)
+    _f16(b, b.node("Where", [rows_done, b.node("Reshape", [factor_b, b.ints([0, 0, groups * r, d])]),
+                             b.node("Cast", [old_b], to=F32)]), outs[3])
+
+
+def _gear_read(b: OnnxBuilder, enc: KVGear4, L: int, d: int, deq: str, state: list[str]) -> str:
+    """KVGear4.dequantized past kv4's: each token's group's B, A's rank-1 terms added in order to
+    the dequantised codes, then the outliers put back."""
+    outlier, index, fa, fb = state
+    g, r = enc.group, enc.rank
+    groups = -(-L // g)
+    per_group = b.node("Reshape", [b.node("Cast", [fb], to=F32), b.ints([0, 0, groups, r, d])])
+    per_token = b.node("Gather", [per_group, b.const(np.arange(L, dtype=np.int64) // g, "kv4_group_of")], axis=2)
+    terms = b.node("Mul", [b.node("Unsqueeze", [b.node("Cast", [fa], to=F32), b.ints([-1])]), per_token])
+    term = None
+    for j in range(r):
+        t = b.node("Squeeze", [b.node("Slice", [terms, b.ints([j]), b.ints([j + 1]), b.ints([3])]), b.ints([3])])
+        term = t if term is None else b.node("Add", [term, t])
+    values = b.node("Add", [deq, term])
+    return b.node("ScatterElements", [values, b.node("Cast", [index], to=I64), b.node("Cast", [outlier], to=F32)],
+                  axis=-1)
 
 
 # --- kv-nvfp4 ------------------------------------------------------------------------------------

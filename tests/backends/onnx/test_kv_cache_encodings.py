@@ -1,4 +1,4 @@
-"""The onnx backend runs the encoded KV caches (kv8, kv-fp8, kv4, kv-nvfp4) natively: a kv_cache_write and
+"""The onnx backend runs the encoded KV caches (kv8, kv-fp8, kv4, kv-nvfp4, kv-gear4) natively: a kv_cache_write and
 kv_cache_read pair lowered to ONNX and run step by step, the state fed back from ONNX Runtime's
 own outputs, equal bit for bit to the reference interpreter's state and reads."""
 from __future__ import annotations
@@ -18,7 +18,8 @@ from tests import conftest
 
 MAX_LEN, HEAD_DIM, KV_HEADS = 24, 16, 2
 ENCODINGS = [("kv8", {}), ("kv-fp8", {}), ("kv4", {"group": 4, "residual": 3}), ("kv4", {"group": 5, "residual": 0}),
-             ("kv-nvfp4", {})]
+             ("kv-nvfp4", {}), ("kv-gear4", {"group": 4, "residual": 3}),
+             ("kv-gear4", {"group": 5, "residual": 0, "rank": 3, "outliers": 1})]
 
 
 def cache_graph(kind: str, role: str, **options) -> Graph:
