@@ -79,11 +79,13 @@ KV4_SMALL = [{"pass": "kv_cache", "encoding": "kv4", "group_size": 8, "residual"
 KV8_BUT_LAYER_1 = [{"pass": "kv_cache", "encoding": "kv8", "exclude": ["cache.1.*"]}]     # layer 1's in place
 
 
-@pytest.mark.parametrize("recipe", ["kv8", "kv-fp8", "kv4", "w4-gptq+kv8", KV4_SMALL, KV8_BUT_LAYER_1],
-                         ids=["kv8", "kv-fp8", "kv4", "w4-gptq+kv8", "kv4-g8-r12", "kv8-but-layer-1"])
+@pytest.mark.parametrize("recipe", ["kv8", "kv-fp8", "kv4", "kv-nvfp4", "kv-gear4", "w4-gptq+kv8", KV4_SMALL,
+                                    KV8_BUT_LAYER_1],
+                         ids=["kv8", "kv-fp8", "kv4", "kv-nvfp4", "kv-gear4", "w4-gptq+kv8", "kv4-g8-r12",
+                              "kv8-but-layer-1"])
 def test_an_encoded_kv_cache_generates_on_onnx_as_on_the_interpreter(model_dir, tmp_path, recipe):
     """32 greedy tokens after a short prompt and after one longer than kv4's window (128 + 32 - 1
-    tokens), equal on ONNX Runtime and on the reference interpreter, the state fed back through
+    tokens; kv-gear4's is 64 + 64 - 1), equal on ONNX Runtime and on the reference interpreter, the state fed back through
     numpy in its stored dtypes (or, beside float caches GroupQueryAttention writes in place, kept in
 ONNX Runtime's memory); the manifest's bytes per token are those of the real state arrays,
     and the fidelity against fp32 compares the outputs both graphs have."""

@@ -61,6 +61,23 @@ def test_caches_become_encoded_state_and_the_rest_of_the_signature_stays(llama):
     assert record.figures == {"caches": 4, "encodings": {"kv4 k": 2, "kv4 v": 2}}
 
 
+def test_gear_takes_its_options_and_its_state_has_the_factors(llama):
+    g, record = encoded(llama, encoding="kv-gear4", group_size=4, residual=4, rank=3, outliers=1)
+    assert [v.name for v in g.inputs][2:10] == [f"cache.0.k.{p}" for p in ("codes", "scale", "min", "window", "outlier",
+                                                                           "outlier_index", "a", "b")]
+    write = next(n for n in g.nodes if n.op == "kv_cache_write")
+    assert (write.attrs["group"], write.attrs["residual"], write.attrs["rank"], write.attrs["outliers"]) == (4, 4, 3, 1)
+    assert record.figures["encodings"] == {"kv-gear4 k": 2, "kv-gear4 v": 2}
+
+
+def test_a_head_dim_an_encoding_cannot_hold_is_refused_naming_the_cache():
+    loaded = load_causal_lm(tiny_model("mistral", head_dim=24))
+    graph = build(spec_from_config(loaded.config, max_len=MAX_LEN), loaded.weights, MAX_LEN)
+    with pytest.raises(PassError, match="kv_cache: cache cache.0.k \\(node model.layers.0.self_attn.k_cache\\): "
+                                        "kv-nvfp4 scales blocks of 16 head_dim values, and the head dim is 24"):
+        encoded(graph, encoding="kv-nvfp4")
+
+
 def test_layers_and_exclude_select_caches(llama):
     g, _ = encoded(llama, encoding="kv8", exclude=["model.layers.0.*"])
     names = [v.name for v in g.inputs]
@@ -76,6 +93,7 @@ def test_layers_and_exclude_select_caches(llama):
     (dict(exclude=["*"]), "selects no KV cache"),
     (dict(encoding="kv3"), "unknown encoding 'kv3'; choose from kv8, kv-fp8, kv4"),
     (dict(encoding="kv8", group_size=8), "kv8 takes no option"),
+    (dict(encoding="kv-gear4", rank=0), "kv-gear4 rank must be a positive number"),
 ])
 def test_bad_options_name_what_to_fix(llama, options, message):
     with pytest.raises(PassError, match=message):
@@ -97,7 +115,9 @@ def test_kv8_generates_close_to_the_float_cache(llama):
 
 
 @pytest.mark.parametrize("encoding,options,floor", [("kv-fp8", {}, 0.999),
-                                                    ("kv4", dict(group_size=4, residual=4), 0.99)])
+                                                    ("kv4", dict(group_size=4, residual=4), 0.99),
+                                                    ("kv-nvfp4", {}, 0.99),
+                                                    ("kv-gear4", dict(group_size=4, residual=4), 0.99)])
 def test_prompts_longer_than_the_window_then_decode_steps(llama, encoding, options, floor):
     prompt = torch.randint(0, VOCAB, (13,), generator=torch.Generator().manual_seed(1))
     g = encoded(llama, encoding=encoding, **options)[0]
