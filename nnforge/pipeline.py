@@ -41,6 +41,7 @@ from .heldout import (calibration_batches, inputs_for, refuse_nonfinite_outputs,
 from .ir import Graph, Interpreter, save_graph
 from .numerics import BACKEND_TOLERANCE, ENCODED_STATE_TOLERANCE, compare, fidelity, json_safe, within, within_rounding
 from .passes import PassContext, PassManager, cleanup_passes, resolve_recipe
+from .passes.kvcache import compared_outputs
 from .passes.kvreduce import reduction_record
 from .passes.recipes import recipe_record, with_head_format
 from .speed import check_batch_sizes, default_batch_sizes, speed_shapes
@@ -301,7 +302,7 @@ def runtime_check(runner, graph: Graph, backend: Backend, target: Target, inputs
     all of them)."""
     got = runner(*[torch.as_tensor(x) for x in inputs])
     got = list(got) if isinstance(got, tuple) else [got]
-    metrics = compare(got, expected, nan_equal=allow_nonfinite)
+    metrics = compare(compared_outputs(graph, got), compared_outputs(graph, expected), nan_equal=allow_nonfinite)
     tolerance = runtime_tolerance(graph)
     out = {}
     if any(n.op == "fake_quant" for n in graph.nodes) and not within(metrics, tolerance):

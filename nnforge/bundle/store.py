@@ -217,6 +217,7 @@ def verify(path, key=None) -> dict:
     from ..claims import disagreements
     from ..ir import GraphError, Interpreter
     from ..numerics import compare, fidelity, json_safe, within
+    from ..passes.kvcache import compared_outputs
     from ..targets import get_target
     root, manifest = read_manifest(path, key=key)
     problems = check_files(root, manifest)
@@ -260,7 +261,7 @@ def verify(path, key=None) -> dict:
     if ok and not runtime:
         got = bundle.load()(*inputs)
         got = list(got) if isinstance(got, tuple) else [got]
-        metrics = compare(got, expected, nan_equal=allow_nonfinite)
+        metrics = compare(compared_outputs(graph, got), compared_outputs(graph, expected), nan_equal=allow_nonfinite)
         if not within(metrics, tolerance):
             raise BundleError(f"bundle {root}: runtime output fails the numerics check: cosine "
                               f"{metrics['cosine_min']:.6f} < {tolerance.get('cosine_min')}")

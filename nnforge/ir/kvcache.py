@@ -94,6 +94,11 @@ class CacheEncoding(ABC):
     def check_head_dim(self, head_dim: int, where: str) -> None:
         """Refuse a head dim the layout cannot hold."""
 
+    def compared_state(self, state: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The state as a backend's is checked against the reference's (numerics.ENCODED_STATE_TOLERANCE):
+        its parts, or what they stand for where the parts are not fixed by the keys to the last bits."""
+        return state
+
 
 # --- per-token encodings: kv8, kv-fp8 -------------------------------------------------------------
 class _PerToken(CacheEncoding):
@@ -430,16 +435,27 @@ class KVGear4(KV4):
         fb[b, :, q_old // g * r: q_new // g * r] = f16(bf.reshape(h, -1, d))
         return deq
 
+    def low_rank_values(self, fa: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
+        """A @ B [b, h, max_len, d] of each token: its row of A times its group's B (float32)."""
+        b, h, max_len, r = fa.shape
+        groups, d = fb.shape[2] // r, fb.shape[3]
+        per_token = fb.to(torch.float32).reshape(b, h, groups, 1, r, d).expand(-1, -1, -1, self.group, -1, -1)
+        per_token = per_token.reshape(b, h, groups * self.group, r, d)[:, :, :max_len]
+        return low_rank_term(fa.to(torch.float32)[..., None, :], per_token)[..., 0, :]
+
     def dequantized(self, state, head_dim):
-        deq = super().dequantized(state, head_dim)
         outlier, outlier_index, fa, fb = state[4:]
-        b, h, max_len, _ = deq.shape
-        g, r = self.group, self.rank
-        groups = fb.shape[2] // r
-        per_token = fb.to(torch.float32).reshape(b, h, groups, 1, r, head_dim).expand(-1, -1, -1, g, -1, -1)
-        per_token = per_token.reshape(b, h, groups * g, r, head_dim)[:, :, :max_len]
-        values = deq + low_rank_term(fa.to(torch.float32)[..., None, :], per_token)[..., 0, :]
+        values = super().dequantized(state, head_dim) + self.low_rank_values(fa, fb)
         return values.scatter(-1, outlier_index.to(torch.int64), outlier.to(torch.float32))
+
+    def compared_state(self, state):
+        # The factors are not fixed by the keys to the last bits: a code that flips on a rounding
+        # boundary moves its group's error by a whole step, and close singular values let a
+        # last-bit change turn the factors within their plane. What the group stands for (codes,
+        # outliers and A @ B together) moves by about the flip itself, so A and B are held through
+        # the dequantised values, beside the codes' share of equal elements.
+        state = [torch.as_tensor(t) for t in state]
+        return [*state[:-2], self.dequantized(state, state[0].shape[-1] * 2)]
 
 
 # --- kv-nvfp4 --------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
+import torch
+
 from ..frontend.decoders.builder import SLOTS
 from ..ir import Graph, Node, TensorType
 from ..ir.graph import STATE_NEXT as NEXT
@@ -188,4 +190,21 @@ def cache_report(graph: Graph, max_len: int) -> dict:
                     "scales and float windows included)"}
 
 
-__all__ = ["EncodeKVCache", "encode_cache", "cache_report"]
+def compared_outputs(graph: Graph, outputs: list) -> list:
+    """``outputs`` (the graph's, in order) with each encoded cache's state as its encoding has a
+    backend's checked (``CacheEncoding.compared_state``): what the runtime check compares."""
+    from ..ir.ops.kvcache import encoding_of
+    index = {id(v): i for i, v in enumerate(graph.outputs)}
+    out, dropped = list(outputs), set()
+    for n in graph.nodes:
+        at = [index.get(id(v)) for v in n.outputs] if n.op == "kv_cache_write" else [None]
+        if None in at:
+            continue
+        parts = encoding_of(n.attrs).compared_state([torch.as_tensor(out[i]) for i in at])
+        for i, part in zip(at, parts):
+            out[i] = part
+        dropped |= set(at[len(parts):])
+    return [o for i, o in enumerate(out) if i not in dropped]
+
+
+__all__ = ["EncodeKVCache", "encode_cache", "cache_report", "compared_outputs"]

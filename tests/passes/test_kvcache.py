@@ -142,3 +142,22 @@ def test_the_pass_manager_holds_a_state_pass_to_the_rest_of_the_signature(llama)
 
     with pytest.raises(GraphError, match="pass renames_ids changed inputs or outputs that are not the graph's state"):
         PassManager([RenamesIds()]).run(llama, PassContext())
+
+
+def test_the_runtime_check_compares_gear_factors_through_the_dequantised_values(llama):
+    from nnforge.ir.kvcache import cache_encoding
+    from nnforge.passes.kvcache import compared_outputs
+    g, _ = encoded(llama, encoding="kv-gear4", group_size=4, residual=4, layers=["cache.1.k"])
+    d = decoder(g)
+    names = [v.name for v in g.outputs]
+    d.prefill(torch.randint(0, VOCAB, (13,), generator=torch.Generator().manual_seed(2))[None])
+    outputs = [torch.ones(1)] * len(names)
+    for i, name in enumerate(names):
+        if name.startswith("cache.1.k."):
+            outputs[i] = d.cache[name.removesuffix(".next")]
+    compared = compared_outputs(g, outputs)
+    at = names.index("cache.1.k.a.next")
+    assert len(compared) == len(names) - 1 and names[at + 1] == "cache.1.k.b.next"
+    enc = cache_encoding("kv-gear4", "k", group=4, residual=4)
+    state = [d.cache[n.removesuffix(".next")] for n in names if n.startswith("cache.1.k.")]
+    assert torch.equal(compared[at], enc.dequantized(state, 16)) and compared[at][..., :12, :].abs().sum() > 0
