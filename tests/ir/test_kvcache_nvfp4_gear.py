@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from nnforge.ir.kvcache import CacheEncodingError, cache_encoding, float_bytes_per_token, tree_sum
+from nnforge.ir.kvcache import CacheEncodingError, cache_encoding, float_bytes_per_token
+from nnforge.ir.ordered import tree_sum
 from tests.ir.test_kvcache import np_f16, oracle_asym4
 
 B, H, L, D = 2, 2, 48, 32

@@ -18,7 +18,8 @@ import torch
 from onnx import TensorProto
 
 from ...ir import Node
-from ...ir.kvcache import FP16_MAX, KV4, KVFP8, KVGear4, KVNVFP4, power_start
+from ...ir.kvcache import FP16_MAX, KV4, KVFP8, KVGear4, KVNVFP4
+from ...ir.ordered import power_start
 from ...ir.minifloat import decode as decode_minifloat, encode as encode_minifloat
 from ...ir.ops.kvcache import encoding_of
 from .builder import OnnxBuilder, onnx_type
@@ -268,7 +269,7 @@ def _kv4_read(b: OnnxBuilder, node: Node, enc: KV4, positions: str, state: list[
 
 # --- kv-gear4 ------------------------------------------------------------------------------------
 def _tree_sum(b: OnnxBuilder, x: str, n: int) -> str:
-    """ir/kvcache.tree_sum over the last axis (static length ``n``), the axis dropped: zero-padded
+    """ir/ordered.tree_sum over the last axis (static length ``n``), the axis dropped: zero-padded
     to a power of two, then second halves added to first halves."""
     width = 1 << max(n - 1, 0).bit_length()
     if width != n:
@@ -282,7 +283,7 @@ def _tree_sum(b: OnnxBuilder, x: str, n: int) -> str:
 
 
 def _gram_schmidt(b: OnnxBuilder, x: str, n: int, r: int) -> str:
-    """ir/kvcache.gram_schmidt of float32 x [..., n, r]."""
+    """ir/ordered.gram_schmidt of float32 x [..., n, r]."""
     cols = []
     for j in range(r):
         v = b.node("Gather", [x, _i64(b, j)], axis=-1)
@@ -307,7 +308,7 @@ def _swap(b: OnnxBuilder, x: str) -> str:
 
 
 def _low_rank(b: OnnxBuilder, enc: KVGear4, e: str, g: int, d: int) -> tuple[str, str]:
-    """ir/kvcache.low_rank of the groups' errors e [b, h, groups, g, d]: (A [.., g, r], B [.., r, d])."""
+    """ir/ordered.low_rank of the groups' errors e [b, h, groups, g, d]: (A [.., g, r], B [.., r, d])."""
     r = enc.rank
     v = b.const(power_start(d, r).numpy().reshape(1, 1, 1, d, r), "gear_start")
     et = _swap(b, e)
