@@ -203,6 +203,9 @@ def test_gear_options_and_head_dims_are_checked():
         cache_encoding("kv-gear4", "v", outliers=8).check_head_dim(8, "cache.1.v")
     with pytest.raises(CacheEncodingError, match="cache.1.v: kv-gear4 packs .* 7 \\(odd\\)"):
         cache_encoding("kv-gear4", "v").check_head_dim(7, "cache.1.v")
+    with pytest.raises(CacheEncodingError, match="cache.1.v: kv-gear4 stores outlier indices as int16, and the head "
+                                                 "dim is 32770"):
+        cache_encoding("kv-gear4", "v").check_head_dim(32770, "cache.1.v")
     assert [p.dtype.name for p in cache_encoding("kv-gear4", "k").parts(64, 512)][-3] == "int16"
 
 
