@@ -22,6 +22,17 @@ ROUNDED_ACTIVATIONS_SLACK = 2.0
 ROUNDED_ACTIVATIONS_FLOOR = 1e-4
 
 
+# The ops that round activations at run time: fake-quantised activations, and an encoded KV cache,
+# which rounds every key and value it stores and feeds them back to later layers and steps (a deep
+# decoder's codes flip in cascade as a W8A8 encoder's do).
+ROUNDING_OPS = ("fake_quant", "kv_cache_write")
+
+
+def rounds_at_run_time(graph) -> bool:
+    """Whether ``graph`` (an nnforge Graph) rounds activations at run time (ROUNDING_OPS)."""
+    return any(n.op in ROUNDING_OPS for n in graph.nodes)
+
+
 def within_rounding(backend_vs_fp32: dict, reference_vs_fp32: dict) -> tuple[bool, float]:
     """(passes, lowest allowed cosine) for a graph that rounds activations at run time."""
     allowed = 1.0 - (ROUNDED_ACTIVATIONS_SLACK * (1.0 - reference_vs_fp32["cosine_min"]) + ROUNDED_ACTIVATIONS_FLOOR)

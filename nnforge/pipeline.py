@@ -39,7 +39,8 @@ from .frontend.decoders.importer import describe_text, import_decoder, is_causal
 from .heldout import (calibration_batches, inputs_for, refuse_nonfinite_outputs, require_calibration,
                       shared_outputs, split)
 from .ir import Graph, Interpreter, save_graph
-from .numerics import BACKEND_TOLERANCE, ENCODED_STATE_TOLERANCE, compare, fidelity, json_safe, within, within_rounding
+from .numerics import (BACKEND_TOLERANCE, ENCODED_STATE_TOLERANCE, compare, fidelity, json_safe, rounds_at_run_time,
+                       within, within_rounding)
 from .passes import PassContext, PassManager, cleanup_passes, resolve_recipe
 from .passes.kvcache import compared_outputs
 from .passes.kvreduce import reduction_record
@@ -305,7 +306,7 @@ def runtime_check(runner, graph: Graph, backend: Backend, target: Target, inputs
     metrics = compare(compared_outputs(graph, got), compared_outputs(graph, expected), nan_equal=allow_nonfinite)
     tolerance = runtime_tolerance(graph)
     out = {}
-    if any(n.op == "fake_quant" for n in graph.nodes) and not within(metrics, tolerance):
+    if rounds_at_run_time(graph) and not within(metrics, tolerance):
         picked = list(range(len(expected))) if compared is None else compared
         reference = compare([expected[i] for i in picked], fp32)
         vs_fp32 = compare([got[i] for i in picked], fp32)

@@ -359,3 +359,45 @@ def test_a_causal_lm_of_an_unknown_family_compiles_as_a_stateless_graph_of_its_l
     with torch.no_grad():
         want = lm(ids, use_cache=False).logits
     torch.testing.assert_close(nf.load(bundle.path)(ids), want, rtol=1e-4, atol=1e-4)
+
+
+def test_an_encoded_cache_is_held_to_rounding_where_codes_flip_in_cascade(model_dir, tmp_path, monkeypatch):
+    """In a deep decoder, a key the backend computes a last bit away from the interpreter's flips
+    a code, and later layers see the flipped value: codes then differ in more than
+    ENCODED_STATE_TOLERANCE's share while the logits stay as close to fp32 as the reference's.
+    The runtime check (compile and nf.verify) then holds the backend to fp32 as for rounded
+    activations, and refuses a runtime that drifts further."""
+    from nnforge.backends.base import BackendError, get_backend
+    from nnforge.ir import Interpreter
+    from nnforge.pipeline import runtime_check
+    from nnforge.targets import get_target
+    bundle = nf.compile(model_dir / "model", "onnx", "kv8", out=tmp_path / "b", max_len=64)
+    graph, tgt = bundle.graph(), get_target("onnx")
+    inputs, expected, fp32 = bundle.reference()
+    runner = bundle.load()
+    names = [v.name for v in graph.outputs]
+    codes = names.index("cache.0.k.codes.next")
+
+    def flipping(scale):
+        def run(*xs):
+            out = [torch.as_tensor(o).clone() for o in runner(*xs)]
+            c = out[codes]
+            mask = torch.rand(c.shape, generator=torch.Generator().manual_seed(0)) < 0.05
+            c[mask] = (c[mask].to(torch.int16) + 1).clamp(-127, 127).to(c.dtype)
+            out[0] = out[0] + scale * out[0].std() * torch.randn(out[0].shape, generator=torch.Generator().manual_seed(1))
+            return tuple(out)
+        return run
+
+    reference = Interpreter(graph).run(*inputs)
+    got = runtime_check(flipping(0.0), graph, get_backend("onnx"), tgt, inputs, reference, [fp32[0]],
+                        compared=[0])
+    assert got["backend_vs_reference"]["exact_match"] < 0.99 and "rounded at run time" in got["check"]
+    with pytest.raises(BackendError, match="drifts from fp32 further than rounding explains"):
+        runtime_check(flipping(0.2), graph, get_backend("onnx"), tgt, inputs, reference, [fp32[0]], compared=[0])
+    from nnforge.bundle import Bundle
+    from nnforge.bundle.store import BundleError
+    monkeypatch.setattr(Bundle, "load", lambda self: flipping(0.0))
+    assert nf.verify(bundle.path)["passed"]
+    monkeypatch.setattr(Bundle, "load", lambda self: flipping(0.2))
+    with pytest.raises(BundleError, match="drifts from fp32 further than rounding explains"):
+        nf.verify(bundle.path)

@@ -216,7 +216,7 @@ def verify(path, key=None) -> dict:
     """
     from ..claims import disagreements
     from ..ir import GraphError, Interpreter
-    from ..numerics import compare, fidelity, json_safe, within
+    from ..numerics import compare, fidelity, json_safe, rounds_at_run_time, within, within_rounding
     from ..passes.kvcache import compared_outputs
     from ..targets import get_target
     root, manifest = read_manifest(path, key=key)
@@ -262,7 +262,16 @@ def verify(path, key=None) -> dict:
         got = bundle.load()(*inputs)
         got = list(got) if isinstance(got, tuple) else [got]
         metrics = compare(compared_outputs(graph, got), compared_outputs(graph, expected), nan_equal=allow_nonfinite)
-        if not within(metrics, tolerance):
+        if not within(metrics, tolerance) and rounds_at_run_time(graph):
+            # as the compile's runtime check: no further from fp32 than rounding explains
+            picked = ([names.index(n) for n in numerics["compared_outputs"]] if "compared_outputs" in numerics
+                      else list(range(len(got))))
+            vs_fp32 = compare([got[i] for i in picked], fp32)
+            passed, allowed = within_rounding(vs_fp32, compare([expected[i] for i in picked], fp32))
+            if not passed:
+                raise BundleError(f"bundle {root}: runtime output drifts from fp32 further than rounding explains: "
+                                  f"cosine vs fp32 {vs_fp32['cosine_min']:.6f} < {allowed:.6f}")
+        elif not within(metrics, tolerance):
             raise BundleError(f"bundle {root}: runtime output fails the numerics check: cosine "
                               f"{metrics['cosine_min']:.6f} < {tolerance.get('cosine_min')}")
         report["runtime_vs_expected"] = json_safe(metrics)
