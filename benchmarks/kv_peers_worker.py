@@ -86,21 +86,20 @@ def _cache_stats(cache) -> tuple[list[int], int]:
 
 
 class Runner:
-    """The model and tokenizer, loaded once, and the two tasks. After a prefill every token goes
-    through the model one at a time: transformers sizes the causal mask from layer 0's cache, and
-    Gemma 3's layer 0 is a sliding layer the press leaves whole, so in a multi-token step the
-    compressed layers' mask would let each token see the ones after it (kvpress's pipeline feeds its
-    question in one step; here the question is fed a token at a time)."""
+    """The model and tokenizer, loaded once, and the two tasks."""
 
-    def __init__(self, model_dir: str, threads: int):
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        self.question = list(tokenizer(kv_tasks.QUESTION, add_special_tokens=False)["input_ids"]) if tokenizer else []
+        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+        self.eos = set(eos if isinstance(eos, list) else [eos])
+
+    @classmethod
+    def load(cls, model_dir: str, threads: int) -> "Runner":
         from transformers import AutoModelForCausalLM, AutoTokenizer
         torch.set_num_threads(threads)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
-                                                          attn_implementation="sdpa").eval()
-        self.question = list(self.tokenizer(kv_tasks.QUESTION, add_special_tokens=False)["input_ids"])
-        eos = self.model.generation_config.eos_token_id
-        self.eos = set(eos if isinstance(eos, list) else [eos])
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+        return cls(model.eval(), AutoTokenizer.from_pretrained(model_dir))
 
     def attention(self, press_name: str) -> None:
         self.model.set_attn_implementation("eager" if press_name in EAGER else "sdpa")
@@ -115,10 +114,37 @@ class Runner:
             out = self.model(input_ids=torch.tensor([ids]), past_key_values=cache, logits_to_keep=1)
         return cache, out.logits[0, -1]
 
-    def step(self, cache, token: int, position: int):
-        """The next token's logits after ``token`` at ``position``, appended to ``cache``."""
-        return self.model(input_ids=torch.tensor([[token]]), past_key_values=cache,
-                          position_ids=torch.tensor([[position]])).logits[0, -1]
+    def masks(self, cache, start: int, n: int) -> dict:
+        """Additive attention masks, per layer type, for ``n`` tokens at positions ``start``.. after
+        ``cache``. The transformers kvpress accepts (<5.3) sizes them from layer 0's cache, which on
+        Gemma 3 is a sliding layer the press leaves whole, so in the compressed layers each new token
+        would see the ones after it (kvpress's pipeline feeds its question so). Here a compressed layer's kept tokens are all visible (all came before), the new
+        ones causally; a sliding layer holds the last tokens before ``start`` in order, seen within
+        the window."""
+        config = self.model.config
+        types = getattr(config, "layer_types", None) or ["full_attention"] * len(cache.layers)
+        q = torch.arange(n)[:, None]
+        out = {}
+        for kind in set(types):
+            lengths = {layer.keys.shape[-2] for layer, t in zip(cache.layers, types) if t == kind}
+            if len(lengths) != 1:
+                raise ValueError(f"the {kind} layers keep different numbers of tokens ({sorted(lengths)}): one mask "
+                                 "per layer type cannot serve them")
+            c = lengths.pop()
+            kv = torch.arange(c + n)[None, :]
+            visible = (kv < c) | (kv - c <= q)
+            if kind == "sliding_attention":
+                visible &= (start + q) - (start - c + kv) < config.sliding_window
+            out[kind] = torch.where(visible, 0.0, torch.finfo(self.model.dtype).min)[None, None].to(self.model.dtype)
+        return out
+
+    def feed(self, cache, tokens: list[int], start: int):
+        """Logits after each of ``tokens`` (at positions ``start``..), appended to ``cache`` in one
+        forward."""
+        masks = self.masks(cache, start, len(tokens))
+        positions = torch.arange(start, start + len(tokens))
+        return self.model(input_ids=torch.tensor([tokens]), past_key_values=cache, attention_mask=masks,
+                          position_ids=positions[None], cache_position=positions).logits[0]
 
     def passkey(self, press, case: dict, new_tokens: int) -> dict:
         ids = case["ids"]
@@ -130,14 +156,13 @@ class Runner:
         with torch.inference_mode():
             cache, logits = self.prefill(press, ids[:-q])
             kept, nbytes = _cache_stats(cache)
-            for p in range(len(ids) - q, len(ids)):
-                logits = self.step(cache, ids[p], p)
+            logits = self.feed(cache, ids[-q:], len(ids) - q)[-1]
             answer = []
             for p in range(len(ids), len(ids) + new_tokens):      # greedy, as kvpress's pipeline decodes
                 answer.append(int(logits.argmax()))
                 if answer[-1] in self.eos:
                     break
-                logits = self.step(cache, answer[-1], p)
+                logits = self.feed(cache, answer[-1:], p)[-1]
         text = self.tokenizer.decode(answer, skip_special_tokens=True)
         return {"right": kv_tasks.passkey_right(case["answer"], text), "text": text, "kept": kept, "bytes": nbytes,
                 "tokens": len(ids) - q, "seconds": time.perf_counter() - start}
@@ -148,11 +173,9 @@ class Runner:
         with torch.inference_mode():
             cache, logits = self.prefill(press, context)
             kept, nbytes = _cache_stats(cache)
-            nll = 0.0
-            for i, token in enumerate(cont):     # teacher-forced: each token scored, then fed
-                nll -= float(logits.double().log_softmax(-1)[token])
-                if i + 1 < len(cont):
-                    logits = self.step(cache, token, len(context) + i)
+            # teacher-forced: the continuation but its last token in one forward
+            rows = torch.cat([logits[None], self.feed(cache, cont[:-1], len(context))]) if len(cont) > 1 else logits[None]
+            nll = -float(rows.double().log_softmax(-1)[torch.arange(len(cont)), torch.tensor(cont)].sum())
         return {"nll": nll, "scored": len(cont), "kept": kept, "bytes": nbytes, "tokens": len(context),
                 "seconds": time.perf_counter() - start}
 
@@ -179,7 +202,7 @@ def _row(press_name: str, ratio: float, context: int, runs: list[dict], errors: 
 def run(request: dict) -> dict:
     import kvpress
     import transformers
-    runner = Runner(request["model_dir"], int(request.get("threads", 2)))
+    runner = Runner.load(request["model_dir"], int(request.get("threads", 2)))
     ratio, new_tokens = float(request["ratio"]), int(request.get("new_tokens", 8))
     groups: dict[int, tuple[list, list]] = {}
     for case in request.get("passkey", []):
