@@ -14,16 +14,10 @@ to a newer transformers that nnforge is tested with. In the ``bench`` extra kvpr
 whole environment back to the older transformers, so it is not there. torch is pinned to the CPU
 build, as the Makefile installs it.
 
-Per press (at ``ratio``, the share of the context's cache removed) and context length, a row has:
-passkey accuracy (the context before kv_tasks.QUESTION compressed, the question kept out of the
-press as kvpress's pipeline does, then kvpress's greedy decoding), continuation perplexity (the
-context compressed, then the continuation scored teacher-forced against that cache, its first
-token from the context's last logits), the tokens each layer's cache keeps and the bytes per
-context token, and the wall seconds. The model runs in float32 on CPU (``bytes_per_token``, with
-``bytes_per_token_fp16`` the same cache at 2 bytes an element). Gemma 3's sliding-window layers
-are left uncompressed, as kvpress does for Gemma 3 (the worker says why); transformers keeps their
-last window of tokens only, so their share of a long context's bytes is small. A press that fails
-keeps its row, with its error.
+Per press (at ``ratio``, the share of the context's cache removed) and context length, a row has
+passkey accuracy, continuation perplexity, the tokens each layer's cache keeps, the bytes per
+context token and the wall seconds; the model runs in float32 on CPU. docs/kv_cache.md ("Beside
+NVIDIA's kvpress") says how each is measured and where the worker departs from kvpress's pipeline.
 """
 from __future__ import annotations
 
