@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--contexts", default="1024,2048")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1")
-    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--seeds", default="0")
     p.add_argument("--continuation", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)

@@ -39,8 +39,7 @@ def make_press(name: str, ratio: float):
     import kvpress
     cls = getattr(kvpress, name, None)
     if cls is None or not isinstance(cls, type):
-        raise ValueError(f"kvpress {kvpress.__version__ if hasattr(kvpress, '__version__') else ''} has no press "
-                         f"{name!r}")
+        raise ValueError(f"kvpress {_version('kvpress')} has no press {name!r}")
     press = cls(compression_ratio=ratio)
     # kvpress leaves Gemma 3's sliding-window layers uncompressed (a compressed window breaks the
     # window mask, which counts cache slots as positions) but only checks for the multimodal
@@ -180,11 +179,12 @@ class Runner:
                 "seconds": time.perf_counter() - start}
 
 
-def _row(press_name: str, ratio: float, context: int, runs: list[dict], errors: list[str], element_bytes: int) -> dict:
+def _row(press_name: str, ratio: float, context: int, runs: list[dict], errors: list[str], dtype) -> dict:
     passkey = [r for r in runs if "right" in r]
     scored = [r for r in runs if "nll" in r]
     row = {"press": press_name, "ratio": 0.0 if press_name == NO_PRESS else ratio, "context": context,
-           "dtype": "float32", "passkey_right": sum(r["right"] for r in passkey), "passkey_cases": len(passkey),
+           "dtype": str(dtype).removeprefix("torch."), "attention": "eager" if press_name in EAGER else "sdpa",
+           "passkey_right": sum(r["right"] for r in passkey), "passkey_cases": len(passkey),
            "passkey_accuracy": sum(r["right"] for r in passkey) / len(passkey) if passkey else None,
            "passkey_answers": [r["text"] for r in passkey],
            "perplexity": math.exp(sum(r["nll"] for r in scored) / sum(r["scored"] for r in scored)) if scored else None,
@@ -195,7 +195,7 @@ def _row(press_name: str, ratio: float, context: int, runs: list[dict], errors: 
         per_token = [r["bytes"] / r["tokens"] for r in runs]
         row["kept_tokens_per_layer"] = [sum(r["kept"][i] for r in runs) / len(runs) for i in range(len(runs[0]["kept"]))]
         row["bytes_per_token"] = sum(per_token) / len(per_token)
-        row["bytes_per_token_fp16"] = row["bytes_per_token"] * 2 / element_bytes
+        row["bytes_per_token_fp16"] = row["bytes_per_token"] * 2 / dtype.itemsize
     return row
 
 
@@ -224,13 +224,13 @@ def run(request: dict) -> dict:
                     try:
                         runs.append(runner.passkey(press, case, new_tokens))
                     except Exception as exc:   # reported in the row, the other presses go on
-                        errors.append(f"passkey: {type(exc).__name__}: {exc}")
+                        errors.append(f"passkey at depth {case['depth']}: {type(exc).__name__}: {exc}")
                 for case in groups[context][1]:
                     try:
                         runs.append(runner.continuation(press, case))
                     except Exception as exc:
                         errors.append(f"continuation: {type(exc).__name__}: {exc}")
-            rows.append(_row(name, ratio, context, runs, errors, runner.model.dtype.itemsize))
+            rows.append(_row(name, ratio, context, runs, errors, runner.model.dtype))
             print(f"kvpress worker: {name} at {context} tokens: {rows[-1]['seconds']:.1f} s"
                   f"{' (error)' if rows[-1]['error'] else ''}", file=sys.stderr, flush=True)
     runner.attention(NO_PRESS)

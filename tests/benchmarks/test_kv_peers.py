@@ -99,15 +99,15 @@ def test_a_row_pools_the_continuation_tokens_and_counts_bytes_per_context_token(
             {"right": False, "text": " 9", "kept": [4, 4], "bytes": 800, "tokens": 10, "seconds": 2.0},
             {"nll": 3.0, "scored": 2, "kept": [4, 2], "bytes": 1200, "tokens": 20, "seconds": 0.5},
             {"nll": 5.0, "scored": 6, "kept": [4, 2], "bytes": 1200, "tokens": 20, "seconds": 0.5}]
-    row = worker._row("SnapKVPress", 0.5, 10, runs, ["passkey: E: x", "passkey: E: x"], 4)
+    row = worker._row("SnapKVPress", 0.5, 10, runs, ["passkey: E: x", "passkey: E: x"], torch.float32)
     assert (row["passkey_right"], row["passkey_cases"], row["passkey_accuracy"]) == (1, 2, 0.5)
     assert row["perplexity"] == pytest.approx(math.exp(8.0 / 8))
     assert row["scored_tokens"] == 8 and row["seconds"] == pytest.approx(4.0)
     assert row["bytes_per_token"] == pytest.approx((60 + 80 + 60 + 60) / 4)
     assert row["bytes_per_token_fp16"] == pytest.approx(row["bytes_per_token"] / 2)
     assert row["kept_tokens_per_layer"] == [4, 2.5]
-    assert row["error"] == "passkey: E: x"
-    none = worker._row("none", 0.5, 10, [], ["ValueError: no"], 4)
+    assert row["error"] == "passkey: E: x" and row["dtype"] == "float32"
+    none = worker._row("none", 0.5, 10, [], ["ValueError: no"], torch.float32)
     assert none["ratio"] == 0.0 and none["perplexity"] is None and "bytes_per_token" not in none
     assert "ValueError: no" in peers.table([none])
 
