@@ -97,6 +97,7 @@ class Runner:
     def load(cls, model_dir: str, threads: int) -> "Runner":
         from transformers import AutoModelForCausalLM, AutoTokenizer
         torch.set_num_threads(threads)
+        # float32: in float16 Gemma 3's activations overflow (non-finite logits), and CPU float16 is slower
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
         return cls(model.eval(), AutoTokenizer.from_pretrained(model_dir))
 
