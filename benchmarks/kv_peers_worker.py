@@ -118,9 +118,9 @@ class Runner:
         """Additive attention masks, per layer type, for ``n`` tokens at positions ``start``.. after
         ``cache``. The transformers kvpress accepts (<5.3) sizes them from layer 0's cache, which on
         Gemma 3 is a sliding layer the press leaves whole, so in the compressed layers each new token
-        would see the ones after it (kvpress's pipeline feeds its question so). Here a compressed layer's kept tokens are all visible (all came before), the new
-        ones causally; a sliding layer holds the last tokens before ``start`` in order, seen within
-        the window."""
+        would see the ones after it (kvpress's pipeline feeds its question so). Here a compressed
+        layer's kept tokens are all visible (all came before), the new ones causally; a sliding
+        layer holds the last tokens before ``start`` in order, seen within the window."""
         config = self.model.config
         types = getattr(config, "layer_types", None) or ["full_attention"] * len(cache.layers)
         q = torch.arange(n)[:, None]
@@ -154,7 +154,7 @@ class Runner:
                              "with kv_tasks.QUESTION's tokens, so the question cannot be kept out of the press")
         start = time.perf_counter()
         with torch.inference_mode():
-            cache, logits = self.prefill(press, ids[:-q])
+            cache, _ = self.prefill(press, ids[:-q])
             kept, nbytes = _cache_stats(cache)
             logits = self.feed(cache, ids[-q:], len(ids) - q)[-1]
             answer = []
@@ -174,7 +174,9 @@ class Runner:
             cache, logits = self.prefill(press, context)
             kept, nbytes = _cache_stats(cache)
             # teacher-forced: the continuation but its last token in one forward
-            rows = torch.cat([logits[None], self.feed(cache, cont[:-1], len(context))]) if len(cont) > 1 else logits[None]
+            if len(cont) > 1:
+                logits = torch.cat([logits[None], self.feed(cache, cont[:-1], len(context))])
+            rows = logits.reshape(len(cont), -1)
             nll = -float(rows.double().log_softmax(-1)[torch.arange(len(cont)), torch.tensor(cont)].sum())
         return {"nll": nll, "scored": len(cont), "kept": kept, "bytes": nbytes, "tokens": len(context),
                 "seconds": time.perf_counter() - start}
@@ -194,7 +196,7 @@ def _row(press_name: str, ratio: float, context: int, runs: list[dict], errors: 
     if runs:
         # per token of the context the cache was built over (the question and answer not counted)
         per_token = [r["bytes"] / r["tokens"] for r in runs]
-        row["kept_tokens_per_layer"] = [sum(r["kept"][i] for r in runs) / len(runs) for i in range(len(runs[0]["kept"]))]
+        row["kept_tokens_per_layer"] = [sum(kept) / len(runs) for kept in zip(*(r["kept"] for r in runs))]
         row["bytes_per_token"] = sum(per_token) / len(per_token)
         row["bytes_per_token_fp16"] = row["bytes_per_token"] * 2 / dtype.itemsize
     return row
