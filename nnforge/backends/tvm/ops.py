@@ -314,6 +314,10 @@ def _cache_update(lw, node):
 def _attention(lw, node):
     from .kernels.decoder import attention_func
     from .kernels.dense import vector_lanes
+    from .ops_kvcache import fused_attention
+    fused = fused_attention(lw, node)          # K and V read from an encoded state
+    if fused is not None:
+        return fused
     q, k, v, positions = node.inputs
     _, h, _, d = q.shape
     kvh, max_len = k.shape[1], k.shape[2]
@@ -607,25 +611,15 @@ def _fake_quant(lw, node):
 
 
 def _minifloat_round(fmt: DType):
-    """A TE function rounding fp32 values to the nearest ``fmt`` value (ties to even, saturating,
-    NaN kept), as nnforge.ir.minifloat.round_to: the quantum 2^(exponent - mantissa bits) is built
-    from the exponent field of the value's bits, so the arithmetic is exact."""
-    from tvm import te, tirx
-    from ...ir.minifloat import min_exponent
-    man, lowest, top = fmt.man_bits, min_exponent(fmt), fmt.max_value
+    """A TE function rounding fp32 values to the nearest ``fmt`` value (kernels/minifloat_codes.py)."""
+    from tvm import te
+    from .kernels.minifloat_codes import round_value
 
     def fn(x):
-        def element(*i):
-            v = x(*i)
-            mag = tirx.abs(v)
-            bits = tirx.reinterpret("int32", mag)
-            exp = tirx.max(tirx.shift_right(bits, 23) - 127, lowest)
-            quantum = tirx.reinterpret("float32", tirx.shift_left(exp - man + 127, 23))
-            r = tirx.min(tirx.round(mag / quantum) * quantum, tirx.const(top, "float32"))
-            r = tirx.Select(tirx.isnan(v), v, r)
-            return tirx.Select(v < tirx.const(0, "float32"), -r, r)
-        return te.compute(x.shape, element, name="minifloat_round")
+        return te.compute(x.shape, lambda *i: round_value(x(*i), fmt), name="minifloat_round")
     return fn
 
+
+from . import ops_kvcache  # noqa: E402,F401  (registers the encoded KV-cache rules)
 
 __all__ = ["LOWERINGS", "rule"]

@@ -71,4 +71,43 @@ def fp4_lookup(nibbles, lanes: int, offset: int):
     return tirx.call_llvm_pure_intrin(f"int8x{lanes}", intrin, consts, tirx.reinterpret(f"int8x{lanes}", nibbles))
 
 
-__all__ = ["BITS", "FORMATS", "FP4_DOT_ZERO", "SCALE_FACTOR", "code_value", "fp4_lookup", "fp4_table"]
+def round_value(v, fmt):
+    """The float32 expression ``v`` rounded to the nearest value of minifloat ``fmt`` (a DType;
+    ties to even, saturating at its largest finite value, NaN kept), as
+    nnforge.ir.minifloat.round_to: the quantum 2^(exponent - mantissa bits) is built from the
+    exponent field of the value's bits, so the arithmetic is exact."""
+    from tvm import tirx
+    from ....ir.minifloat import min_exponent
+    mag = tirx.abs(v)
+    bits = tirx.reinterpret("int32", mag)
+    exp = tirx.max(tirx.shift_right(bits, 23) - 127, min_exponent(fmt))
+    quantum = tirx.reinterpret("float32", tirx.shift_left(exp - fmt.man_bits + 127, 23))
+    r = tirx.min(tirx.nearbyint(mag / quantum) * quantum, tirx.const(fmt.max_value, "float32"))
+    r = tirx.Select(tirx.isnan(v), v, r)
+    return tirx.Select(v < tirx.const(0, "float32"), -r, r)
+
+
+def e4m3_code(v):
+    """The E4M3 code (uint8: sign on top, nnforge.ir.minifloat.encode's field) of float32 ``v``
+    rounded to E4M3 (nearest even, saturating; NaN gives the NaN code 0x7F, -0.0 keeps its sign)."""
+    from tvm import tirx
+    from ....ir.dtypes import dtype
+    from ....ir.minifloat import min_exponent
+    fmt = dtype("e4m3")
+    r = round_value(v, fmt)
+    mag = tirx.abs(r)
+    bits = tirx.reinterpret("int32", mag)
+    exp = tirx.shift_right(bits, 23) - 127
+    normal = tirx.bitwise_or(tirx.shift_left(exp + fmt.bias, fmt.man_bits),
+                             tirx.bitwise_and(tirx.shift_right(bits, 23 - fmt.man_bits), (1 << fmt.man_bits) - 1))
+    # below the smallest normal a code counts quanta of 2^(min exponent - mantissa bits), exactly
+    sub = tirx.Cast("int32", mag * tirx.const(2.0 ** (fmt.man_bits - min_exponent(fmt)), "float32"))
+    code = tirx.Select(exp >= min_exponent(fmt), normal, sub)
+    # the input's sign bit: round_value gives -0.0 as +0.0, and a value rounding to zero keeps its sign
+    sign = tirx.Select(tirx.reinterpret("int32", v) < 0, 1 << (fmt.exp_bits + fmt.man_bits), 0)
+    code = tirx.Select(tirx.isnan(r), (1 << (fmt.exp_bits + fmt.man_bits)) - 1, tirx.bitwise_or(code, sign))
+    return tirx.Cast("uint8", code)
+
+
+__all__ = ["BITS", "FORMATS", "FP4_DOT_ZERO", "SCALE_FACTOR", "code_value", "e4m3_code", "fp4_lookup", "fp4_table",
+           "round_value"]
