@@ -206,7 +206,8 @@ class TvmRunner(Runner):
 
 class _Resident(ResidentState):
     """A decoder's cache held as TVM tensors between steps. The library updates caches in place
-    (kernels/decoder.py), so a step passes each layer's cache buffer in and gets the same buffer
+    (kernels/decoder.py; an encoded cache's state tensors in their stored dtypes,
+    kernels/kvcache.py), so a step passes each layer's cache buffer in and gets the same buffer
     back; nothing of the cache is copied."""
 
     def __init__(self, runner: TvmRunner, state_pairs, tokens, logits):
@@ -222,7 +223,8 @@ class _Resident(ResidentState):
         self._arrays: dict[str, np.ndarray] = {}     # the memory behind the first tensors
 
     def reset(self, shapes):
-        self._arrays = {i: _aligned(np.zeros(shapes[i], np.float32)) for i, _ in self.pairs}
+        dtypes = {spec.name: spec.dtype for spec in self.runner.inputs}     # an encoded cache's own dtypes
+        self._arrays = {i: _aligned(np.zeros(shapes[i], dtypes[i])) for i, _ in self.pairs}
         self.state = {i: self.runner._from_dlpack(a) for i, a in self._arrays.items()}
 
     def run(self, token_ids, positions):

@@ -117,6 +117,27 @@ MINIFLOAT_ROWS = Kernel("lowbit_minifloat", "minifloat_gather_rows", lambda enc:
 BSR = Kernel("bsr", "bsr_matmul", fp32_blocks, bsr_args)
 BSR_INT8 = Kernel("bsr_int8", "bsr_matmul_int8", int8_block_codes, int8_bsr_args)
 
+def _llvm(enc, target) -> str | None:
+    return llvm_problem(target)
+
+
+KV_CACHE = [
+    Capability("kv_cache_write", "kv8", "kernels.kvcache: int8 codes and float16 per-token scales written in place "
+               "at each token's slot, rounded as the reference", _llvm),
+    Capability("kv_cache_read", "kv8", "kernels.kvcache: attention on the int8 codes, each token's scale taken out "
+               "of the q.k and p.v products (another reader: the codes dequantised)", _llvm),
+    Capability("kv_cache_write", "kv-fp8", "kernels.kvcache: E4M3 codes (uint8 bit patterns) and float16 per-token "
+               "scales written in place", _llvm),
+    Capability("kv_cache_read", "kv-fp8", "kernels.kvcache: attention on the E4M3 codes read as float16 patterns, "
+               "each token's scale taken out of the products (another reader: dequantised)", _llvm),
+    Capability("kv_cache_write", "kv4", "kernels.kvcache: KIVI, the groups and tokens a step completes quantised to "
+               "packed 4-bit codes and float16 scales and minimums in place, the float window refilled; needs each "
+               "row's positions consecutive, continuing its sequence", _llvm),
+    Capability("kv_cache_read", "kv4", "kernels.kvcache: KIVI attention on the packed nibbles, key scales and "
+               "minimums folded into the query once a group, value ones into the softmax weights; recent tokens "
+               "from the float window (another reader: dequantised)", _llvm),
+]
+
 CAPABILITIES = Capabilities([
     Capability("linear", "dense", "kernels.dense: scheduled GEMM on the fp32 weight packed into panels at load "
                                   "(fp16 layers: Relax linear)"),
@@ -144,7 +165,8 @@ CAPABILITIES = Capabilities([
                                    "quantised in the kernel on the grid of the static int8 fake_quant before the "
                                    "layer (without one: codes widened to fp32 blocks for kernels.bsr, reported)",
                BSR_INT8),
+    *KV_CACHE,
 ])
 
-__all__ = ["CAPABILITIES", "Kernel", "LOWBIT", "LOWBIT_ROWS", "MINIFLOAT", "MINIFLOAT_ROWS", "BSR", "BSR_INT8",
+__all__ = ["CAPABILITIES", "KV_CACHE", "Kernel", "LOWBIT", "LOWBIT_ROWS", "MINIFLOAT", "MINIFLOAT_ROWS", "BSR", "BSR_INT8",
            "llvm_problem"]

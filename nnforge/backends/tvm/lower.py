@@ -354,23 +354,31 @@ class Lowering:
         return Lowered(mod, self.specs, self.arrays, self.fallbacks, self.kernel_notes, dispatch)
 
     def lower_node(self, node: Node) -> None:
+        """Emit ``node`` by its rule. A rule returns the expression of the node's output (a tuple
+        for a node of several outputs), or None for a node whose every reader reads its inputs
+        instead (a kv_cache_read fused into attention): its output then has no value."""
         try:
             expr = LOWERINGS[node.op](self, node)
+            if expr is None:
+                return
             var = expr if isinstance(expr, self.relax.Var) else self.emit(expr, node.outputs[0].name)
+            if len(node.outputs) > 1:
+                items = [self.emit(self.relax.TupleGetItem(var, i), out.name) for i, out in enumerate(node.outputs)]
         except (BackendError, KernelError) as e:
             raise BackendError(f"tvm backend: node {node.name} ({node.op}): {e}") from e
         except Exception as e:      # TVM raises its own error types from C++
             raise BackendError(f"tvm backend: lowering node {node.name} ({node.op}) failed: "
                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
-        out = node.outputs[0]
-        got = var.ty
-        dtype = str(getattr(got, "dtype", out.dtype.name))
-        if dtype != out.dtype.name:
-            raise BackendError(f"tvm backend: node {node.name} ({node.op}) lowered to {dtype}, the graph says "
-                               f"{out.dtype.name}")
-        if getattr(got, "shape", None) is None:      # Relax could not infer it: state it
-            var = self.bb.match_cast(var, self.ttype(out))
-        self.values[out] = var
+        for out, var in zip(node.outputs, items if len(node.outputs) > 1 else [var]):
+            got = var.ty
+            dtype = str(getattr(got, "dtype", out.dtype.name))
+            if dtype != out.dtype.name:
+                which = f" {out.name}" if len(node.outputs) > 1 else ""
+                raise BackendError(f"tvm backend: node {node.name} ({node.op}) lowered{which} to {dtype}, the graph "
+                                   f"says {out.dtype.name}")
+            if getattr(got, "shape", None) is None:      # Relax could not infer it: state it
+                var = self.bb.match_cast(var, self.ttype(out))
+            self.values[out] = var
 
 
 def lower_graph(graph: Graph, spec: Target, target, tuner: Tuner | None = None,

@@ -1,0 +1,139 @@
+"""The tvm backend runs the encoded KV caches (kv8, kv-fp8, kv4) natively (kernels/kvcache.py): the
+state written in place equal to the reference interpreter's bit for bit, attention on the stored
+codes close to the interpreter's attention on the dequantised cache, step by step across kv4's
+group boundaries, with grouped-query heads, a sliding window and softcapping."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nnforge.backends.base import BackendError, get_backend
+from nnforge.backends.tvm.capabilities import CAPABILITIES, KV_CACHE
+from nnforge.ir import Graph, Interpreter, tensor
+from nnforge.ir.kvcache import CACHE_ENCODINGS, cache_encoding
+from nnforge.targets import get_target
+from tests import conftest
+from tests.backends.onnx.test_kv_cache_encodings import ENCODINGS, cache_graph, hard_values
+
+pytest.importorskip("tvm")
+
+B, H, KVH, L, D = 2, 4, 2, 24, 8
+STEPS = [7, 1, 1, 4, 1, 6, 1]          # past several kv4 groups and the window
+
+
+def attention_graph(kind: str, window: int = 0, softcap: float = 0.0, **options) -> Graph:
+    """New keys and values written into encoded K and V caches, attention on their reads."""
+    g = Graph("kv_attention")
+    q = g.add_input("q", tensor("f32", "batch", H, "seq", D))
+    pos = g.add_input("positions", tensor("i64", "batch", "seq"))
+    reads, outputs = [], []
+    for role in "kv":
+        new = g.add_input(f"{role}", tensor("f32", "batch", KVH, "seq", D))
+        enc = cache_encoding(kind, role, **options)
+        attrs = {"encoding": kind, "role": role, "max_len": L, "head_dim": D, **enc.attrs()}
+        state = [g.add_input(f"cache.{role}.{p.name}", tensor(p.dtype, "batch", KVH, p.rows, p.cols))
+                 for p in enc.parts(L, D)]
+        write = g.add_node("kv_cache_write", [new, pos, *state], attrs, name=f"layer.{role}_cache.write",
+                           output_names=[f"{v.name}.next" for v in state])
+        reads.append(g.op("kv_cache_read", pos, *write.outputs, **attrs, name=f"layer.{role}_cache.read"))
+        outputs += write.outputs
+    g.set_outputs([g.op("attention", q, *reads, pos, scale=D ** -0.5, window=window, softcap=softcap,
+                        name="layer.attn"), *outputs])
+    return g
+
+
+def _lower(graph, path, seq=7):
+    backend = get_backend("tvm")
+    shapes = {v.name: [B if d == "batch" else seq if d == "seq" else d for d in v.shape] for v in graph.inputs}
+    lowered = conftest.lower_into(backend, graph, "cpu", path, shapes=shapes)
+    assert not lowered.fallbacks
+    return backend.load(path, lowered.entry), (path / "model.so").read_bytes()
+
+
+def _check_state(step, names, got, want):
+    for name, a, w in zip(names, got, want):
+        w = w.to(torch.as_tensor(a).dtype)
+        assert torch.equal(torch.as_tensor(a), w), f"step {step}: {name} differs"
+
+
+@pytest.mark.parametrize("role", ["k", "v"])
+@pytest.mark.parametrize("kind, options", ENCODINGS, ids=lambda x: x if isinstance(x, str) else str(x))
+def test_the_written_state_equals_the_interpreters_bit_for_bit(tmp_path, kind, options, role):
+    """kv_cache_write in place, and a read that is a graph output (so not fused: the dequantising
+    kernel), on the values rounding must get right (zeros, -0.0, saturating scales, ties)."""
+    graph = cache_graph(kind, role, **options)
+    enc = cache_encoding(kind, role, **options)
+    runner, library = _lower(graph, tmp_path)
+    assert f"nf_{kind.replace('-', '_')}_read".encode() in library
+    interpreter = Interpreter(graph)
+    state = [t.numpy() for t in enc.zeros(2, 2, 24, 8)]
+    start = 0
+    for step, seq in enumerate(STEPS):
+        x = hard_values(2, seq, seed=step)
+        positions = torch.arange(start, start + seq).repeat(2, 1)
+        got = runner(x.numpy(), positions.numpy(), *state)
+        want = interpreter.run(x, positions, *[torch.from_numpy(s) for s in state])
+        _check_state(step, [p.name for p in enc.parts(24, 8)], got[1:], want[1:])
+        torch.testing.assert_close(torch.as_tensor(got[0]), want[0], rtol=1e-6, atol=0)
+        state = list(got[1:])
+        start += seq
+
+
+@pytest.mark.parametrize("window,softcap", [(0, 0.0), (5, 20.0)])
+@pytest.mark.parametrize("kind, options", ENCODINGS, ids=lambda x: x if isinstance(x, str) else str(x))
+def test_attention_reads_the_stored_encoding(tmp_path, kind, options, window, softcap):
+    """One kernel reads the codes (no dequantised cache is made), prefill then decode steps, the
+    state fed back from the runner's outputs; rows at different positions."""
+    graph = attention_graph(kind, window, softcap, **options)
+    runner, library = _lower(graph, tmp_path)
+    assert f"nf_{kind.replace('-', '_')}_attention".encode() in library
+    assert b"_read_" not in library and b"nf_attention" not in library
+    interpreter = Interpreter(graph)
+    names = [v.name for v in graph.outputs[1:]]
+    state = [torch.zeros(B, *v.shape[1:], dtype=v.dtype.torch_dtype).numpy()
+             for v in graph.inputs if v.name.startswith("cache.")]
+    start = 0
+    for step, seq in enumerate(STEPS):
+        gen = torch.Generator().manual_seed(step)
+        q, k, v = (torch.randn(B, n, seq, D, generator=gen) for n in (H, KVH, KVH))
+        positions = torch.arange(start, start + seq).repeat(B, 1)
+        k_state, v_state = state[:len(state) // 2], state[len(state) // 2:]
+        got = runner(q.numpy(), positions.numpy(), k.numpy(), *k_state, v.numpy(), *v_state)
+        want = interpreter.run(q, positions, k, *map(torch.from_numpy, k_state), v, *map(torch.from_numpy, v_state))
+        torch.testing.assert_close(torch.as_tensor(got[0]), want[0], rtol=1e-4, atol=1e-5)
+        _check_state(step, names, got[1:], want[1:])
+        state = list(got[1:])
+        start += seq
+
+
+def test_a_kv4_write_refuses_positions_that_skip(tmp_path):
+    graph = cache_graph("kv4", "k", group=4, residual=3)
+    runner, _ = _lower(graph, tmp_path)
+    state = [t.numpy() for t in cache_encoding("kv4", "k", group=4, residual=3).zeros(2, 2, 24, 8)]
+    x = hard_values(2, 2, seed=0).numpy()
+    with pytest.raises(BackendError, match=r"node layer.k_cache.write: a kv4 cache needs each row's positions "
+                                           r"consecutive, continuing the sequence, and within its 24 slots"):
+        runner(x, torch.tensor([[0, 2], [0, 1]]).numpy(), *state)
+
+
+def test_every_encoding_has_its_rows_and_others_are_refused_by_name(monkeypatch):
+    from nnforge.ir import kvcache
+    assert {(r.op, r.encoding) for r in KV_CACHE} == {(op, kind) for op in ("kv_cache_write", "kv_cache_read")
+                                                      for kind in CACHE_ENCODINGS}
+    for kind, options in ENCODINGS:
+        for op in ("kv_cache_write", "kv_cache_read"):
+            assert CAPABILITIES.find(op, cache_encoding(kind, "v", **options), get_target("cpu"))[0] in KV_CACHE
+    # an encoding the table has no row for (one added to the IR after these kernels) is refused by name
+
+    class Other(kvcache.KV8):
+        kind = "kv-other"
+    monkeypatch.setitem(kvcache.CACHE_ENCODINGS, "kv-other", Other)
+    graph = attention_graph("kv8")
+    for n in graph.nodes:
+        if n.op in ("kv_cache_write", "kv_cache_read"):
+            n.attrs["encoding"] = "kv-other"
+    with pytest.raises(BackendError) as e:
+        get_backend("tvm").check_cache_encodings(graph, get_target("cpu"))
+    assert "the tvm backend cannot run the encoded KV cache of 2 cache(s) on cpu" in str(e.value)
+    assert "cache.k of layer layer (kv-other: the tvm capability table has no kv_cache_write row for kv-other)" \
+        in str(e.value)
