@@ -44,12 +44,12 @@ def test_module_compiles_to_a_decoder_bundle(tmp_path):
     assert [i["name"] for i in m["signature"]["inputs"]][:2] == ["input_ids", "positions"]
 
 
-@pytest.mark.parametrize("target,recipe", [("cpu", "kv8"), ("cpu", "w8+kv4"), ("cpu", "kv-gear4")])
+@pytest.mark.parametrize("target,recipe", [("mlir", "kv8"), ("mlir", "w8+kv4"), ("cpu", "kv-gear4")])
 def test_an_encoded_kv_cache_is_refused_before_a_bundle_is_written(tmp_path, target, recipe):
     from nnforge.backends.base import BackendError
     with pytest.raises(BackendError) as e:
         nf.compile(tiny_model("llama"), target, recipe, out=tmp_path / "b", max_len=16)
-    backend = {"onnx": "onnx", "cpu": "tvm"}[target]
+    backend = {"onnx": "onnx", "cpu": "tvm", "mlir": "mlir"}[target]
     encoding = recipe.rsplit("+", 1)[-1]
     assert f"the {backend} backend cannot run the encoded KV cache of 4 cache(s) on {target}" in str(e.value)
     assert f"cache.1.v of layer model.layers.1.self_attn ({encoding}: " in str(e.value)
@@ -112,6 +112,38 @@ ONNX Runtime's memory); the manifest's bytes per token are those of the real sta
     assert all(str(a.dtype).removeprefix("torch.") == declared[name] for name, a in state.items())
     per_sequence = sum(a.element_size() * a[0].numel() for a in state.values())
     assert m["decoder"]["kv_cache"]["bytes_per_token"] == per_sequence / 224
+
+
+@pytest.mark.parametrize("recipe", ["kv4", "kv8", "kv-fp8"])
+def test_an_encoded_kv_cache_generates_on_cpu_as_on_the_interpreter(model_dir, tmp_path, recipe):
+    """The tvm backend runs the encoded caches natively: 32 greedy tokens after a short prompt and
+    after one longer than kv4's window, equal to the reference interpreter's, the resident state
+    held between steps as TVM tensors of the encoded dtypes (no float cache) and equal to the state
+    passed through numpy."""
+    from nnforge.generation import DecoderRunner, generate
+    from nnforge.ir import Interpreter
+    bundle = nf.compile(model_dir / "model", "cpu", recipe, out=tmp_path / "b", max_len=224)
+    m = bundle.manifest
+    assert m["numerics"]["runtime_checked"] and m["numerics"]["compared_outputs"] == ["logits"]
+    library = (bundle.path / "model.so").read_bytes()
+    assert f"nf_{recipe.replace('-', '_')}_attention".encode() in library and b"nf_attention" not in library
+    sig = m["signature"]
+    graph = bundle.graph()
+    reference = DecoderRunner(lambda *xs: Interpreter(graph).run(*xs), m["decoder"], [i["name"] for i in sig["inputs"]],
+                              [o["name"] for o in sig["outputs"]])
+    lm = bundle.load()
+    for prompt in (IDS[0, :6], torch.randint(4, 128, (170,), generator=torch.Generator().manual_seed(8))):
+        cpu_decoder = lm.decoder()
+        got = generate(cpu_decoder, prompt, 32, stop_tokens=[])
+        want = generate(reference.decoder(resident=False), prompt, 32, stop_tokens=[])
+        assert got.tokens == want.tokens
+    assert cpu_decoder._resident is not None
+    declared = {i["name"]: i["dtype"] for i in sig["inputs"]}
+    held = cpu_decoder._resident.state
+    assert sorted(held) == sorted(s["input"] for s in m["decoder"]["state"])
+    assert {str(t.dtype) for t in held.values()} == {declared[name] for name in held} >= {"float16"}
+    assert all(str(t.dtype) == declared[name] for name, t in held.items())
+    assert_resident_agrees(lm)          # in place in TVM's memory as through numpy, bit for bit
 
 
 def test_directory_with_text_calibration_on_cpu(model_dir, tmp_path):
