@@ -213,11 +213,13 @@ def kv4_write_func(role: str, kv_heads: int, max_len: int, head_dim: int, group:
 def per_token_attention_func(kind: str, heads: int, kv_heads: int, max_len: int, head_dim: int, scale: float,
                              window: int, softcap: float, lanes: int):
     """PrimFunc ``(q [b, h, s, d], k codes, k scale, v codes, v scale, positions [b, s], out)``:
-    the float attention kernel's loops (decoder.attention_func) on ``kv8`` / ``kv-fp8`` codes, each
-    token's scale taken out of its dot products."""
+    causal grouped-query attention over each query's visible slots (as decoder.attention_func) on
+    ``kv8`` / ``kv-fp8`` codes, each token's scale taken out of its dot products. The query heads
+    sharing a kv head run together, so each K and V row is decoded once for all of them;
+    (batch, kv head, query) triples run in parallel."""
     from tvm.script import tirx as T
     code_dtype, _ = PER_TOKEN[kind]
-    group = heads // kv_heads
+    grp = heads // kv_heads
     seen = window if window else max_len + 1
     vec = _lanes(head_dim, lanes)
     chunks = head_dim // vec
@@ -237,61 +239,73 @@ def per_token_attention_func(kind: str, heads: int, kv_heads: int, max_len: int,
         pos = T.match_buffer(p_h, (b, s), "int64")
         out = T.match_buffer(o_h, (b, heads, s, head_dim), f32)
         with T.sblock("root"):
-            for r in T.parallel(b * heads * s):
-                scores = T.alloc_buffer((max_len,), f32, scope="global")
-                acc = T.alloc_buffer((head_dim,), f32, scope="local")
+            for r in T.parallel(b * kv_heads * s):
+                scores = T.alloc_buffer((grp, max_len), f32, scope="global")
+                row = T.alloc_buffer((head_dim,), f32, scope="local")        # a K or V row, decoded
+                acc = T.alloc_buffer((grp, head_dim), f32, scope="local")
                 part = T.alloc_buffer((vec,), f32, scope="local")
                 span = T.alloc_buffer((2,), "int64", scope="local")     # first slot, slot count
-                top = T.alloc_buffer((1,), f32, scope="local")
-                total = T.alloc_buffer((1,), f32, scope="local")
-                bi = r // (heads * s)
-                h = r // s % heads
+                top = T.alloc_buffer((grp,), f32, scope="local")
+                total = T.alloc_buffer((grp,), f32, scope="local")
+                bi = r // (kv_heads * s)
+                kh = r // s % kv_heads
                 j = r % s
-                kh = h // group
                 span[1] = T.max(T.min(pos[bi, j], T.int64(max_len - 1)), T.int64(0)) + T.int64(1)
                 span[0] = T.max(span[1] - T.int64(seen), T.int64(0))
                 span[1] = span[1] - span[0]
-                top[0] = T.min_value(f32)
+                for hg in range(grp):
+                    top[hg] = T.min_value(f32)
                 for t in range(span[1]):
-                    for dv in T.vectorized(vec):
-                        part[dv] = T.float32(0)
                     for do in range(chunks):
                         for dv in T.vectorized(vec):
-                            part[dv] = part[dv] + q[bi, h, j, do * vec + dv] * _value(
-                                kind, kc[bi, kh, span[0] + t, do * vec + dv])
-                    scores[t] = T.float32(0)
-                    for dv in range(vec):
-                        scores[t] = scores[t] + part[dv]
-                    scores[t] = scores[t] * (T.Cast(f32, ks[bi, kh, span[0] + t, 0]) * T.float32(unit * scale))
-                    if softcap > 0:
-                        scores[t] = T.tanh(scores[t] / T.float32(softcap)) * T.float32(softcap)
-                    top[0] = T.max(top[0], scores[t])
-                total[0] = T.float32(0)
-                for t in range(span[1]):
-                    scores[t] = T.exp(scores[t] - top[0])
-                    total[0] = total[0] + scores[t]
-                for do in range(chunks):
-                    for dv in T.vectorized(vec):
-                        acc[do * vec + dv] = T.float32(0)
-                for t in range(span[1]):
-                    scores[t] = scores[t] * (T.Cast(f32, vs[bi, kh, span[0] + t, 0]) * T.float32(unit))
+                            row[do * vec + dv] = _value(kind, kc[bi, kh, span[0] + t, do * vec + dv])
+                    for hg in range(grp):
+                        for dv in T.vectorized(vec):
+                            part[dv] = T.float32(0)
+                        for do in range(chunks):
+                            for dv in T.vectorized(vec):
+                                part[dv] = part[dv] + q[bi, kh * grp + hg, j, do * vec + dv] * row[do * vec + dv]
+                        scores[hg, t] = T.float32(0)
+                        for dv in range(vec):
+                            scores[hg, t] = scores[hg, t] + part[dv]
+                        scores[hg, t] = scores[hg, t] * (T.Cast(f32, ks[bi, kh, span[0] + t, 0])
+                                                         * T.float32(unit * scale))
+                        if softcap > 0:
+                            scores[hg, t] = T.tanh(scores[hg, t] / T.float32(softcap)) * T.float32(softcap)
+                        top[hg] = T.max(top[hg], scores[hg, t])
+                for hg in range(grp):
+                    total[hg] = T.float32(0)
+                    for t in range(span[1]):
+                        scores[hg, t] = T.exp(scores[hg, t] - top[hg])
+                        total[hg] = total[hg] + scores[hg, t]
                     for do in range(chunks):
                         for dv in T.vectorized(vec):
-                            acc[do * vec + dv] = acc[do * vec + dv] + scores[t] * _value(
-                                kind, vc[bi, kh, span[0] + t, do * vec + dv])
-                total[0] = T.float32(1) / total[0]
-                for do in range(chunks):
-                    for dv in T.vectorized(vec):
-                        out[bi, h, j, do * vec + dv] = acc[do * vec + dv] * total[0]
+                            acc[hg, do * vec + dv] = T.float32(0)
+                for t in range(span[1]):
+                    for do in range(chunks):
+                        for dv in T.vectorized(vec):
+                            row[do * vec + dv] = _value(kind, vc[bi, kh, span[0] + t, do * vec + dv])
+                    for hg in range(grp):
+                        top[hg] = scores[hg, t] * (T.Cast(f32, vs[bi, kh, span[0] + t, 0]) * T.float32(unit))
+                        for do in range(chunks):
+                            for dv in T.vectorized(vec):
+                                acc[hg, do * vec + dv] = acc[hg, do * vec + dv] + top[hg] * row[do * vec + dv]
+                for hg in range(grp):
+                    total[hg] = T.float32(1) / total[hg]
+                    for do in range(chunks):
+                        for dv in T.vectorized(vec):
+                            out[bi, kh * grp + hg, j, do * vec + dv] = acc[hg, do * vec + dv] * total[hg]
     return attention
 
 
 def kv4_attention_func(heads: int, kv_heads: int, max_len: int, head_dim: int, group: int, residual: int,
                        scale: float, window: int, softcap: float, lanes: int):
     """PrimFunc ``(q [b, h, s, d], k codes, k scale, k min, k window, v codes, v scale, v min, v
-    window, positions [b, s], out)``: the float attention kernel's loops on a kv4 K and V state.
-    A row's first ``q(n)`` slots (n: its largest position + 1) are read as codes, the rest from the
-    windows. The packed nibbles are read as even and odd channels, vectorised over bytes."""
+    window, positions [b, s], out)``: causal grouped-query attention over each query's visible
+    slots on a kv4 K and V state. A row's first ``q(n)`` slots (n: its largest position + 1) are
+    read as codes, the rest from the windows. The packed nibbles are read as even and odd
+    channels, vectorised over bytes, once per token for all the query heads sharing a kv head;
+    (batch, kv head, query) triples run in parallel."""
     from tvm.script import tirx as T
     grp = heads // kv_heads
     seen = window if window else max_len + 1
@@ -323,20 +337,21 @@ def kv4_attention_func(heads: int, kv_heads: int, max_len: int, head_dim: int, g
         pos = T.match_buffer(p_h, (b, s), "int64")
         out = T.match_buffer(o_h, (b, heads, s, head_dim), f32)
         with T.sblock("root"):
-            for r in T.parallel(b * heads * s):
-                scores = T.alloc_buffer((max_len,), f32, scope="global")
-                qe = T.alloc_buffer((half,), f32, scope="local")      # q * s, even channels
-                qo = T.alloc_buffer((half,), f32, scope="local")      # odd channels
-                ae = T.alloc_buffer((half,), f32, scope="local")      # p * s * codes, even channels
-                ao = T.alloc_buffer((half,), f32, scope="local")
-                aw = T.alloc_buffer((head_dim,), f32, scope="local")  # p * window rows
+            for r in T.parallel(b * kv_heads * s):
+                scores = T.alloc_buffer((grp, max_len), f32, scope="global")
+                qe = T.alloc_buffer((grp, half), f32, scope="local")     # q * s, even channels
+                qo = T.alloc_buffer((grp, half), f32, scope="local")     # odd channels
+                parts = T.alloc_buffer((2, grp, hvec), f32, scope="local")   # partial sums, per head
+                qs = T.alloc_buffer((head_dim,), f32, scope="local")
+                ae = T.alloc_buffer((grp, half), f32, scope="local")     # p * s * codes, even channels
+                ao = T.alloc_buffer((grp, half), f32, scope="local")
+                aw = T.alloc_buffer((grp, head_dim), f32, scope="local")  # p * window rows
                 part = T.alloc_buffer((vec,), f32, scope="local")
-                span = T.alloc_buffer((4,), "int64", scope="local")   # first slot, count, q(n), key group read
-                num = T.alloc_buffer((4,), f32, scope="local")        # max score, sum, q . min, sum of p * min
-                bi = r // (heads * s)
-                h = r // s % heads
+                span = T.alloc_buffer((4,), "int64", scope="local")   # first slot, count, q(n), coded slots
+                num = T.alloc_buffer((4, grp), f32, scope="local")    # max score, sum, q . min, sum of p * min
+                bi = r // (kv_heads * s)
+                kh = r // s % kv_heads
                 j = r % s
-                kh = h // grp
                 span[2] = T.int64(-1)
                 for i in range(s):
                     span[2] = T.max(span[2], pos[bi, i])
@@ -345,71 +360,105 @@ def kv4_attention_func(heads: int, kv_heads: int, max_len: int, head_dim: int, g
                 span[1] = T.max(T.min(pos[bi, j], T.int64(max_len - 1)), T.int64(0)) + T.int64(1)
                 span[0] = T.max(span[1] - T.int64(seen), T.int64(0))
                 span[1] = span[1] - span[0]
-                span[3] = T.int64(-1)
-                num[0] = T.min_value(f32)
-                for t in range(span[1]):
-                    if span[0] + t < span[2]:
-                        if (span[0] + t) // T.int64(group) != span[3]:
-                            span[3] = (span[0] + t) // T.int64(group)
-                            for i in range(half):
-                                qe[i] = q[bi, h, j, 2 * i] * T.Cast(f32, ks[bi, kh, span[3], 2 * i])
-                                qo[i] = q[bi, h, j, 2 * i + 1] * T.Cast(f32, ks[bi, kh, span[3], 2 * i + 1])
-                            num[2] = T.float32(0)
-                            for d in range(head_dim):
-                                num[2] = num[2] + q[bi, h, j, d] * T.Cast(f32, km[bi, kh, span[3], d])
-                        for dv in T.vectorized(hvec):
-                            part[dv] = T.float32(0)
-                        for io in range(hchunks):
-                            for dv in T.vectorized(hvec):
-                                part[dv] = part[dv] + qe[io * hvec + dv] * nib(
-                                    kc[bi, kh, span[0] + t, io * hvec + dv], False) + qo[io * hvec + dv] * nib(
-                                    kc[bi, kh, span[0] + t, io * hvec + dv], True)
-                        scores[t] = num[2]
-                        for dv in range(hvec):
-                            scores[t] = scores[t] + part[dv]
-                    else:
+                # slots span[0] .. span[0] + span[3] - 1 are codes, the rest of the span the window's
+                span[3] = T.max(T.min(span[2] - span[0], span[1]), T.int64(0))
+                for g in range(T.Select(span[3] > T.int64(0), (span[0] + span[3] - T.int64(1)) // T.int64(group)
+                                        - span[0] // T.int64(group) + T.int64(1), T.int64(0))):
+                    # q * s and q . m in channel order (vectorised), then q * s split into even and odd
+                    for hg in range(grp):
                         for dv in T.vectorized(vec):
                             part[dv] = T.float32(0)
                         for do in range(chunks):
                             for dv in T.vectorized(vec):
-                                part[dv] = part[dv] + q[bi, h, j, do * vec + dv] * kw[
-                                    bi, kh, (span[0] + t) % T.int64(w_len), do * vec + dv]
-                        scores[t] = T.float32(0)
+                                qs[do * vec + dv] = q[bi, kh * grp + hg, j, do * vec + dv] * T.Cast(
+                                    f32, ks[bi, kh, span[0] // T.int64(group) + g, do * vec + dv])
+                                part[dv] = part[dv] + q[bi, kh * grp + hg, j, do * vec + dv] * T.Cast(
+                                    f32, km[bi, kh, span[0] // T.int64(group) + g, do * vec + dv])
+                        for i in range(half):
+                            qe[hg, i] = qs[2 * i]
+                            qo[hg, i] = qs[2 * i + 1]
+                        num[2, hg] = T.float32(0)
                         for dv in range(vec):
-                            scores[t] = scores[t] + part[dv]
-                    scores[t] = scores[t] * T.float32(scale)
-                    if softcap > 0:
-                        scores[t] = T.tanh(scores[t] / T.float32(softcap)) * T.float32(softcap)
-                    num[0] = T.max(num[0], scores[t])
-                num[1] = T.float32(0)
-                for t in range(span[1]):
-                    scores[t] = T.exp(scores[t] - num[0])
-                    num[1] = num[1] + scores[t]
-                for i in T.vectorized(half):
-                    ae[i] = T.float32(0)
-                    ao[i] = T.float32(0)
-                for d in T.vectorized(head_dim):
-                    aw[d] = T.float32(0)
-                num[3] = T.float32(0)
-                for t in range(span[1]):
-                    if span[0] + t < span[2]:
-                        num[3] = num[3] + scores[t] * T.Cast(f32, vm[bi, kh, span[0] + t, 0])
-                        scores[t] = scores[t] * T.Cast(f32, vs[bi, kh, span[0] + t, 0])
-                        for io in range(hchunks):
+                            num[2, hg] = num[2, hg] + part[dv]
+                    # the group's slots within the span, as offsets from span[0]
+                    for t in range(T.max(span[0], (span[0] // T.int64(group) + g) * T.int64(group)) - span[0],
+                                   T.min(span[0] + span[3], (span[0] // T.int64(group) + g + T.int64(1))
+                                         * T.int64(group)) - span[0]):
+                        # the heads unrolled inside a chunk: its nibbles are decoded once, in registers
+                        for hg in T.unroll(grp):
                             for dv in T.vectorized(hvec):
-                                ae[io * hvec + dv] = ae[io * hvec + dv] + scores[t] * nib(
-                                    vc[bi, kh, span[0] + t, io * hvec + dv], False)
-                                ao[io * hvec + dv] = ao[io * hvec + dv] + scores[t] * nib(
-                                    vc[bi, kh, span[0] + t, io * hvec + dv], True)
-                    else:
+                                parts[0, hg, dv] = T.float32(0)
+                                parts[1, hg, dv] = T.float32(0)
+                        for io in range(hchunks):
+                            for hg in T.unroll(grp):
+                                for dv in T.vectorized(hvec):
+                                    parts[0, hg, dv] = parts[0, hg, dv] + qe[hg, io * hvec + dv] * nib(
+                                        kc[bi, kh, span[0] + t, io * hvec + dv], False)
+                                    parts[1, hg, dv] = parts[1, hg, dv] + qo[hg, io * hvec + dv] * nib(
+                                        kc[bi, kh, span[0] + t, io * hvec + dv], True)
+                        for hg in range(grp):
+                            scores[hg, t] = num[2, hg]
+                            for dv in range(hvec):
+                                scores[hg, t] = scores[hg, t] + (parts[0, hg, dv] + parts[1, hg, dv])
+                for t in range(span[3], span[1]):
+                    for hg in range(grp):
+                        for dv in T.vectorized(vec):
+                            part[dv] = T.float32(0)
                         for do in range(chunks):
                             for dv in T.vectorized(vec):
-                                aw[do * vec + dv] = aw[do * vec + dv] + scores[t] * vw[
+                                part[dv] = part[dv] + q[bi, kh * grp + hg, j, do * vec + dv] * kw[
                                     bi, kh, (span[0] + t) % T.int64(w_len), do * vec + dv]
-                num[1] = T.float32(1) / num[1]
-                for i in range(half):
-                    out[bi, h, j, 2 * i] = (ae[i] + aw[2 * i] + num[3]) * num[1]
-                    out[bi, h, j, 2 * i + 1] = (ao[i] + aw[2 * i + 1] + num[3]) * num[1]
+                        scores[hg, t] = T.float32(0)
+                        for dv in range(vec):
+                            scores[hg, t] = scores[hg, t] + part[dv]
+                for hg in range(grp):
+                    num[0, hg] = T.min_value(f32)
+                    for t in range(span[1]):
+                        scores[hg, t] = scores[hg, t] * T.float32(scale)
+                        if softcap > 0:
+                            scores[hg, t] = T.tanh(scores[hg, t] / T.float32(softcap)) * T.float32(softcap)
+                        num[0, hg] = T.max(num[0, hg], scores[hg, t])
+                for hg in range(grp):
+                    num[1, hg] = T.float32(0)
+                    for t in range(span[1]):
+                        scores[hg, t] = T.exp(scores[hg, t] - num[0, hg])
+                        num[1, hg] = num[1, hg] + scores[hg, t]
+                    for d in T.vectorized(head_dim):
+                        aw[hg, d] = T.float32(0)
+                    num[3, hg] = T.float32(0)
+                for t in range(span[3]):
+                    for hg in range(grp):
+                        num[3, hg] = num[3, hg] + scores[hg, t] * T.Cast(f32, vm[bi, kh, span[0] + t, 0])
+                        scores[hg, t] = scores[hg, t] * T.Cast(f32, vs[bi, kh, span[0] + t, 0])
+                # a chunk of channels at a time over every token, its sums held in registers
+                for io in range(hchunks):
+                    for hg in T.unroll(grp):
+                        for dv in T.vectorized(hvec):
+                            parts[0, hg, dv] = T.float32(0)
+                            parts[1, hg, dv] = T.float32(0)
+                    for t in range(span[3]):
+                        for hg in T.unroll(grp):
+                            for dv in T.vectorized(hvec):
+                                parts[0, hg, dv] = parts[0, hg, dv] + scores[hg, t] * nib(
+                                    vc[bi, kh, span[0] + t, io * hvec + dv], False)
+                                parts[1, hg, dv] = parts[1, hg, dv] + scores[hg, t] * nib(
+                                    vc[bi, kh, span[0] + t, io * hvec + dv], True)
+                    for hg in T.unroll(grp):
+                        for dv in T.vectorized(hvec):
+                            ae[hg, io * hvec + dv] = parts[0, hg, dv]
+                            ao[hg, io * hvec + dv] = parts[1, hg, dv]
+                for t in range(span[3], span[1]):
+                    for hg in range(grp):
+                        for do in range(chunks):
+                            for dv in T.vectorized(vec):
+                                aw[hg, do * vec + dv] = aw[hg, do * vec + dv] + scores[hg, t] * vw[
+                                    bi, kh, (span[0] + t) % T.int64(w_len), do * vec + dv]
+                for hg in range(grp):
+                    num[1, hg] = T.float32(1) / num[1, hg]
+                    for i in range(half):
+                        out[bi, kh * grp + hg, j, 2 * i] = (ae[hg, i] + aw[hg, 2 * i] + num[3, hg]) * num[1, hg]
+                        out[bi, kh * grp + hg, j, 2 * i + 1] = (ao[hg, i] + aw[hg, 2 * i + 1] + num[3, hg]) \
+                            * num[1, hg]
     return attention
 
 
