@@ -241,9 +241,8 @@ def per_token_attention_func(kind: str, heads: int, kv_heads: int, max_len: int,
         with T.sblock("root"):
             for r in T.parallel(b * kv_heads * s):
                 scores = T.alloc_buffer((grp, max_len), f32, scope="global")
-                row = T.alloc_buffer((head_dim,), f32, scope="local")        # a K or V row, decoded
                 acc = T.alloc_buffer((grp, head_dim), f32, scope="local")
-                part = T.alloc_buffer((vec,), f32, scope="local")
+                part = T.alloc_buffer((grp, vec), f32, scope="local")      # partial sums, per head
                 span = T.alloc_buffer((2,), "int64", scope="local")     # first slot, slot count
                 top = T.alloc_buffer((grp,), f32, scope="local")
                 total = T.alloc_buffer((grp,), f32, scope="local")
@@ -256,18 +255,19 @@ def per_token_attention_func(kind: str, heads: int, kv_heads: int, max_len: int,
                 for hg in range(grp):
                     top[hg] = T.min_value(f32)
                 for t in range(span[1]):
+                    # the heads unrolled inside a chunk: its codes are decoded once, in registers
+                    for hg in T.unroll(grp):
+                        for dv in T.vectorized(vec):
+                            part[hg, dv] = T.float32(0)
                     for do in range(chunks):
-                        for dv in T.vectorized(vec):
-                            row[do * vec + dv] = _value(kind, kc[bi, kh, span[0] + t, do * vec + dv])
-                    for hg in range(grp):
-                        for dv in T.vectorized(vec):
-                            part[dv] = T.float32(0)
-                        for do in range(chunks):
+                        for hg in T.unroll(grp):
                             for dv in T.vectorized(vec):
-                                part[dv] = part[dv] + q[bi, kh * grp + hg, j, do * vec + dv] * row[do * vec + dv]
+                                part[hg, dv] = part[hg, dv] + q[bi, kh * grp + hg, j, do * vec + dv] * _value(
+                                    kind, kc[bi, kh, span[0] + t, do * vec + dv])
+                    for hg in range(grp):
                         scores[hg, t] = T.float32(0)
                         for dv in range(vec):
-                            scores[hg, t] = scores[hg, t] + part[dv]
+                            scores[hg, t] = scores[hg, t] + part[hg, dv]
                         scores[hg, t] = scores[hg, t] * (T.Cast(f32, ks[bi, kh, span[0] + t, 0])
                                                          * T.float32(unit * scale))
                         if softcap > 0:
@@ -278,18 +278,22 @@ def per_token_attention_func(kind: str, heads: int, kv_heads: int, max_len: int,
                     for t in range(span[1]):
                         scores[hg, t] = T.exp(scores[hg, t] - top[hg])
                         total[hg] = total[hg] + scores[hg, t]
-                    for do in range(chunks):
-                        for dv in T.vectorized(vec):
-                            acc[hg, do * vec + dv] = T.float32(0)
                 for t in range(span[1]):
-                    for do in range(chunks):
-                        for dv in T.vectorized(vec):
-                            row[do * vec + dv] = _value(kind, vc[bi, kh, span[0] + t, do * vec + dv])
                     for hg in range(grp):
-                        top[hg] = scores[hg, t] * (T.Cast(f32, vs[bi, kh, span[0] + t, 0]) * T.float32(unit))
-                        for do in range(chunks):
+                        scores[hg, t] = scores[hg, t] * (T.Cast(f32, vs[bi, kh, span[0] + t, 0]) * T.float32(unit))
+                # a chunk of channels at a time over every token, its sums held in registers
+                for do in range(chunks):
+                    for hg in T.unroll(grp):
+                        for dv in T.vectorized(vec):
+                            part[hg, dv] = T.float32(0)
+                    for t in range(span[1]):
+                        for hg in T.unroll(grp):
                             for dv in T.vectorized(vec):
-                                acc[hg, do * vec + dv] = acc[hg, do * vec + dv] + top[hg] * row[do * vec + dv]
+                                part[hg, dv] = part[hg, dv] + scores[hg, t] * _value(
+                                    kind, vc[bi, kh, span[0] + t, do * vec + dv])
+                    for hg in T.unroll(grp):
+                        for dv in T.vectorized(vec):
+                            acc[hg, do * vec + dv] = part[hg, dv]
                 for hg in range(grp):
                     total[hg] = T.float32(1) / total[hg]
                     for do in range(chunks):
