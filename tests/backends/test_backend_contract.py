@@ -65,8 +65,8 @@ def kv8_llama():
     return PassManager([EncodeKVCache(encoding="kv8", exclude=["cache.1.*"])]).run(graph, PassContext())
 
 
-@pytest.mark.parametrize("backend,target", [("tvm", "cpu"), ("triton", "h100"),
-                                            ("coreml", "apple-a17"), ("hls", "alveo-u280"), ("mlir", "mlir")])
+@pytest.mark.parametrize("backend,target", [("triton", "h100"), ("coreml", "apple-a17"), ("hls", "alveo-u280"),
+                                            ("mlir", "mlir")])
 def test_every_backend_refuses_an_encoded_kv_cache_naming_the_layer_and_encoding(kv8_llama, backend, target):
     from nnforge.backends.base import BackendError, get_backend
     from nnforge.targets import get_target
@@ -76,6 +76,13 @@ def test_every_backend_refuses_an_encoded_kv_cache_naming_the_layer_and_encoding
     assert f"the {backend} backend cannot run the encoded KV cache of 2 cache(s)" in msg
     assert "cache.0.k of layer model.layers.0.self_attn (kv8: " in msg and "cache.0.v of layer" in msg
     assert "cache.1" not in msg and "without the KV-cache encoding" in msg
+
+
+@pytest.mark.parametrize("backend,target", [("onnx", "onnx"), ("tvm", "cpu")])
+def test_the_backends_that_run_encoded_caches_take_them(kv8_llama, backend, target):
+    from nnforge.backends.base import get_backend
+    from nnforge.targets import get_target
+    get_backend(backend).check_cache_encodings(kv8_llama, get_target(target))
 
 
 def test_a_backend_whose_table_has_the_rows_takes_the_cache(kv8_llama):
