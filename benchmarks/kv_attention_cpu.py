@@ -1,7 +1,8 @@
 """One decode step's attention on the cpu (tvm) backend's kernels, float cache vs the encoded ones
 (docs/kv_cache.md): the float attention kernel (kernels/decoder.py) on float32 K and V, and the
-fused kernels of kernels/kvcache.py on kv8, kv-fp8 and kv4 state, one query token at the end of a
-full context. Prints milliseconds per call and each encoding's speed-up over the float cache.
+fused kernels of kernels/kvcache_attention.py on kv8, kv-fp8 and kv4 state, one query token at
+the end of a full context. Prints milliseconds per call and each encoding's speed-up over the
+float cache.
 
     python benchmarks/kv_attention_cpu.py                       # contexts 1024 and 4096
     python benchmarks/kv_attention_cpu.py --contexts 4096 --heads 32 --kv-heads 8 --head-dim 128
@@ -55,7 +56,7 @@ def run(contexts: list[int], heads: int, kv_heads: int, head_dim: int, group: in
         target: str, rounds: int) -> list[dict]:
     from nnforge.backends.tvm.kernels.decoder import attention_func
     from nnforge.backends.tvm.kernels.dense import vector_lanes
-    from nnforge.backends.tvm.kernels.kvcache import kv4_attention_func, per_token_attention_func
+    from nnforge.backends.tvm.kernels.kvcache_attention import kv4_attention_func, per_token_attention_func
     from nnforge.backends.tvm.llvm_targets import resolve_target
     tvm_target = resolve_target(target)
     lanes = vector_lanes(tvm_target)

@@ -1,4 +1,5 @@
-"""Lowering rules of the encoded KV-cache ops (docs/kv_cache.md) onto kernels/kvcache.py.
+"""Lowering rules of the encoded KV-cache ops (docs/kv_cache.md) onto kernels/kvcache.py and
+kernels/kvcache_attention.py.
 
 ``kv_cache_write`` updates the state tensors in place (``call_tir_inplace``), so between steps
 the state a resident decoder holds is the encoded arrays themselves. An attention whose K and V
@@ -84,7 +85,7 @@ def fused_attention(lw, node):
     """The attention ``node`` on the encoded state its K and V reads stand for, or None (float K
     and V, or reads :func:`fused_reads` does not fuse)."""
     from .kernels.dense import vector_lanes
-    from .kernels.kvcache import kv4_attention_func, per_token_attention_func
+    from .kernels.kvcache_attention import kv4_attention_func, per_token_attention_func
     reads = fused_reads(lw, node)
     if reads is None:
         return None

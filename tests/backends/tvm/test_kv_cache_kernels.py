@@ -1,7 +1,8 @@
-"""The tvm backend runs the encoded KV caches (kv8, kv-fp8, kv4) natively (kernels/kvcache.py): the
-state written in place equal to the reference interpreter's bit for bit, attention on the stored
-codes close to the interpreter's attention on the dequantised cache, step by step across kv4's
-group boundaries, with grouped-query heads, a sliding window and softcapping."""
+"""The tvm backend runs the encoded KV caches (kv8, kv-fp8, kv4) natively (kernels/kvcache.py,
+kvcache_attention.py): the state written in place equal to the reference interpreter's bit for
+bit, attention on the stored codes close to the interpreter's attention on the dequantised cache,
+step by step across kv4's group boundaries, with grouped-query heads, a sliding window and
+softcapping; an encoded K beside a float V read through the dequantising kernel."""
 from __future__ import annotations
 
 import pytest
@@ -102,6 +103,41 @@ def test_attention_reads_the_stored_encoding(tmp_path, kind, options, window, so
         want = interpreter.run(q, positions, k, *map(torch.from_numpy, k_state), v, *map(torch.from_numpy, v_state))
         torch.testing.assert_close(torch.as_tensor(got[0]), want[0], rtol=1e-4, atol=1e-5)
         _check_state(step, names, got[1:], want[1:])
+        state = list(got[1:])
+        start += seq
+
+
+def test_an_encoded_k_beside_a_float_v_is_dequantised_for_the_float_kernel(tmp_path):
+    """kv4 keys, a float V cache updated in place: the K read runs the dequantising kernel and
+    attention the float kernel, equal to the interpreter over the steps."""
+    g = Graph("k_only")
+    q = g.add_input("q", tensor("f32", "batch", H, "seq", D))
+    pos = g.add_input("positions", tensor("i64", "batch", "seq"))
+    k = g.add_input("k", tensor("f32", "batch", KVH, "seq", D))
+    enc = cache_encoding("kv4", "k", group=4, residual=3)
+    attrs = {"encoding": "kv4", "role": "k", "max_len": L, "head_dim": D, **enc.attrs()}
+    state = [g.add_input(f"cache.k.{p.name}", tensor(p.dtype, "batch", KVH, p.rows, p.cols)) for p in enc.parts(L, D)]
+    write = g.add_node("kv_cache_write", [k, pos, *state], attrs, name="layer.k_cache.write",
+                       output_names=[f"{v.name}.next" for v in state])
+    v = g.add_input("v", tensor("f32", "batch", KVH, "seq", D))
+    v_cache = g.op("cache_update", g.add_input("cache.v", tensor("f32", "batch", KVH, L, D)), v, pos)
+    read = g.op("kv_cache_read", pos, *write.outputs, **attrs, name="layer.k_cache.read")
+    g.set_outputs([g.op("attention", q, read, v_cache, pos, scale=D ** -0.5, name="layer.attn"), *write.outputs,
+                   v_cache])
+    runner, library = _lower(g, tmp_path)
+    assert b"nf_kv4_read" in library and b"nf_attention" in library and b"nf_kv4_attention" not in library
+    interpreter = Interpreter(g)
+    state = [torch.zeros(B, *x.shape[1:], dtype=x.dtype.torch_dtype).numpy() for x in g.inputs
+             if x.name.startswith("cache.")]
+    start = 0
+    for step, seq in enumerate(STEPS[:4]):
+        gen = torch.Generator().manual_seed(step)
+        qs, ks, vs = (torch.randn(B, n, seq, D, generator=gen) for n in (H, KVH, KVH))
+        positions = torch.arange(start, start + seq).repeat(B, 1)
+        got = runner(qs.numpy(), positions.numpy(), ks.numpy(), *state[:4], vs.numpy(), state[4])
+        want = interpreter.run(qs, positions, ks, *map(torch.from_numpy, state[:4]), vs, torch.from_numpy(state[4]))
+        torch.testing.assert_close(torch.as_tensor(got[0]), want[0], rtol=1e-5, atol=1e-5)
+        _check_state(step, [x.name for x in g.outputs[1:5]], got[1:5], want[1:5])
         state = list(got[1:])
         start += seq
 

@@ -1,26 +1,12 @@
 """TensorIR kernels of the encoded KV caches (docs/kv_cache.md): ``kv_cache_write`` in place on the
-state tensors, and attention reading the stored encoding directly.
+state tensors, and the dequantised cache for a ``kv_cache_read`` that no attention kernel fuses
+(kvcache_attention.py reads the codes directly).
 
 The writes round exactly as ``nnforge/ir/kvcache.py`` does (float32 divisions, never a multiply
 by a reciprocal; ``nearbyint``, ties to even; float16 scales saturating), so their codes and
 scales are the interpreter's on the same keys and values. They are called with
 ``call_tir_inplace``: a step touches the rows it writes (kv4: the groups it completes and the
 window), never the whole state.
-
-Attention reads the codes where the float attention kernel (decoder.py) reads float rows, over the
-same visible slots, and never materialises the float cache:
-
-- ``kv8`` / ``kv-fp8``: a token's scale is one number, so it multiplies the q.k dot product of the
-  codes, and the softmax weight before the p.v sum (E4M3 codes are read as float16 patterns,
-  ``minifloat_codes.code_value``, whose power of two goes into the same product);
-- ``kv4`` (KIVI): a key group's per-channel scale and minimum fold into the query once per group
-  (``q * s`` deinterleaved into the even and odd channels of the packed nibbles, and ``q . m``), so
-  each key costs the dot product of the nibbles; a value token's scale multiplies its softmax weight
-  and its minimum sums into one number per query, added once. Tokens still in the float window
-  are read as floats.
-
-A ``kv_cache_read`` that is not fused (read by something other than an attention that reads both
-caches in the same encoding) runs :func:`read_func`, the dequantised cache.
 """
 from __future__ import annotations
 
@@ -52,12 +38,13 @@ def _code(kind: str, ratio):
                                       tirx.const(127, "float32")))
 
 
-def _value(kind: str, code):
-    """A code as float32, up to :func:`_unit` (which the token's scale carries)."""
+def code_float(kind: str, code):
+    """A code as float32, up to :func:`code_unit` (which the token's scale carries)."""
     return code_value("e4m3" if kind == "kv-fp8" else "int", code)
 
 
-def _unit(kind: str) -> float:
+def code_unit(kind: str) -> float:
+    """The power of two a :func:`code_float` value is short of the code's value."""
     return SCALE_FACTOR["e4m3"] if kind == "kv-fp8" else 1.0
 
 
@@ -68,7 +55,8 @@ def _code4(x, m, s):
     return tirx.Cast("int32", q)
 
 
-def _lanes(n: int, lanes: int) -> int:
+def fit_lanes(n: int, lanes: int) -> int:
+    """``lanes`` when they divide ``n`` (a vectorised loop), else 1."""
     return lanes if n % lanes == 0 else 1
 
 
@@ -78,7 +66,7 @@ def per_token_write_func(kind: str, kv_heads: int, max_len: int, head_dim: int, 
     E4M3 bit patterns), in place. Tokens run in parallel."""
     from tvm.script import tirx as T
     code_dtype, top = PER_TOKEN[kind]
-    vec = _lanes(head_dim, lanes)
+    vec = fit_lanes(head_dim, lanes)
     chunks = head_dim // vec
     f32 = "float32"
 
@@ -210,262 +198,6 @@ def kv4_write_func(role: str, kv_heads: int, max_len: int, head_dim: int, group:
     return write
 
 
-def per_token_attention_func(kind: str, heads: int, kv_heads: int, max_len: int, head_dim: int, scale: float,
-                             window: int, softcap: float, lanes: int):
-    """PrimFunc ``(q [b, h, s, d], k codes, k scale, v codes, v scale, positions [b, s], out)``:
-    causal grouped-query attention over each query's visible slots (as decoder.attention_func) on
-    ``kv8`` / ``kv-fp8`` codes, each token's scale taken out of its dot products. The query heads
-    sharing a kv head run together, so each K and V row is decoded once for all of them;
-    (batch, kv head, query) triples run in parallel."""
-    from tvm.script import tirx as T
-    code_dtype, _ = PER_TOKEN[kind]
-    grp = heads // kv_heads
-    seen = window if window else max_len + 1
-    vec = _lanes(head_dim, lanes)
-    chunks = head_dim // vec
-    unit = _unit(kind)
-    f32 = "float32"
-
-    @T.prim_func(private=True, s_tir=True)
-    def attention(q_h: T.handle, kc_h: T.handle, ks_h: T.handle, vc_h: T.handle, vs_h: T.handle, p_h: T.handle,
-                  o_h: T.handle):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        b, s = T.int64(), T.int64()
-        q = T.match_buffer(q_h, (b, heads, s, head_dim), f32)
-        kc = T.match_buffer(kc_h, (b, kv_heads, max_len, head_dim), code_dtype)
-        ks = T.match_buffer(ks_h, (b, kv_heads, max_len, 1), "float16")
-        vc = T.match_buffer(vc_h, (b, kv_heads, max_len, head_dim), code_dtype)
-        vs = T.match_buffer(vs_h, (b, kv_heads, max_len, 1), "float16")
-        pos = T.match_buffer(p_h, (b, s), "int64")
-        out = T.match_buffer(o_h, (b, heads, s, head_dim), f32)
-        with T.sblock("root"):
-            for r in T.parallel(b * kv_heads * s):
-                scores = T.alloc_buffer((grp, max_len), f32, scope="global")
-                acc = T.alloc_buffer((grp, head_dim), f32, scope="local")
-                part = T.alloc_buffer((grp, vec), f32, scope="local")      # partial sums, per head
-                span = T.alloc_buffer((2,), "int64", scope="local")     # first slot, slot count
-                top = T.alloc_buffer((grp,), f32, scope="local")
-                total = T.alloc_buffer((grp,), f32, scope="local")
-                bi = r // (kv_heads * s)
-                kh = r // s % kv_heads
-                j = r % s
-                span[1] = T.max(T.min(pos[bi, j], T.int64(max_len - 1)), T.int64(0)) + T.int64(1)
-                span[0] = T.max(span[1] - T.int64(seen), T.int64(0))
-                span[1] = span[1] - span[0]
-                for hg in range(grp):
-                    top[hg] = T.min_value(f32)
-                for t in range(span[1]):
-                    # the heads unrolled inside a chunk: its codes are decoded once, in registers
-                    for hg in T.unroll(grp):
-                        for dv in T.vectorized(vec):
-                            part[hg, dv] = T.float32(0)
-                    for do in range(chunks):
-                        for hg in T.unroll(grp):
-                            for dv in T.vectorized(vec):
-                                part[hg, dv] = part[hg, dv] + q[bi, kh * grp + hg, j, do * vec + dv] * _value(
-                                    kind, kc[bi, kh, span[0] + t, do * vec + dv])
-                    for hg in range(grp):
-                        scores[hg, t] = T.float32(0)
-                        for dv in range(vec):
-                            scores[hg, t] = scores[hg, t] + part[hg, dv]
-                        scores[hg, t] = scores[hg, t] * (T.Cast(f32, ks[bi, kh, span[0] + t, 0])
-                                                         * T.float32(unit * scale))
-                        if softcap > 0:
-                            scores[hg, t] = T.tanh(scores[hg, t] / T.float32(softcap)) * T.float32(softcap)
-                        top[hg] = T.max(top[hg], scores[hg, t])
-                for hg in range(grp):
-                    total[hg] = T.float32(0)
-                    for t in range(span[1]):
-                        scores[hg, t] = T.exp(scores[hg, t] - top[hg])
-                        total[hg] = total[hg] + scores[hg, t]
-                for t in range(span[1]):
-                    for hg in range(grp):
-                        scores[hg, t] = scores[hg, t] * (T.Cast(f32, vs[bi, kh, span[0] + t, 0]) * T.float32(unit))
-                # a chunk of channels at a time over every token, its sums held in registers
-                for do in range(chunks):
-                    for hg in T.unroll(grp):
-                        for dv in T.vectorized(vec):
-                            part[hg, dv] = T.float32(0)
-                    for t in range(span[1]):
-                        for hg in T.unroll(grp):
-                            for dv in T.vectorized(vec):
-                                part[hg, dv] = part[hg, dv] + scores[hg, t] * _value(
-                                    kind, vc[bi, kh, span[0] + t, do * vec + dv])
-                    for hg in T.unroll(grp):
-                        for dv in T.vectorized(vec):
-                            acc[hg, do * vec + dv] = part[hg, dv]
-                for hg in range(grp):
-                    total[hg] = T.float32(1) / total[hg]
-                    for do in range(chunks):
-                        for dv in T.vectorized(vec):
-                            out[bi, kh * grp + hg, j, do * vec + dv] = acc[hg, do * vec + dv] * total[hg]
-    return attention
-
-
-def kv4_attention_func(heads: int, kv_heads: int, max_len: int, head_dim: int, group: int, residual: int,
-                       scale: float, window: int, softcap: float, lanes: int):
-    """PrimFunc ``(q [b, h, s, d], k codes, k scale, k min, k window, v codes, v scale, v min, v
-    window, positions [b, s], out)``: causal grouped-query attention over each query's visible
-    slots on a kv4 K and V state. A row's first ``q(n)`` slots (n: its largest position + 1) are
-    read as codes, the rest from the windows. The packed nibbles are read as even and odd
-    channels, vectorised over bytes, once per token for all the query heads sharing a kv head;
-    (batch, kv head, query) triples run in parallel."""
-    from tvm.script import tirx as T
-    grp = heads // kv_heads
-    seen = window if window else max_len + 1
-    w_len = max(1, residual + group - 1)
-    groups = -(-max_len // group)
-    half = head_dim // 2
-    vec = _lanes(head_dim, lanes)
-    hvec = _lanes(half, lanes)
-    chunks, hchunks = head_dim // vec, half // hvec
-    f32 = "float32"
-
-    def nib(byte, high: bool):
-        return T.Cast(f32, (byte >> T.uint8(4)) if high else (byte & T.uint8(15)))
-
-    @T.prim_func(private=True, s_tir=True)
-    def attention(q_h: T.handle, kc_h: T.handle, ks_h: T.handle, km_h: T.handle, kw_h: T.handle, vc_h: T.handle,
-                  vs_h: T.handle, vm_h: T.handle, vw_h: T.handle, p_h: T.handle, o_h: T.handle):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        b, s = T.int64(), T.int64()
-        q = T.match_buffer(q_h, (b, heads, s, head_dim), f32)
-        kc = T.match_buffer(kc_h, (b, kv_heads, max_len, half), "uint8")
-        ks = T.match_buffer(ks_h, (b, kv_heads, groups, head_dim), "float16")
-        km = T.match_buffer(km_h, (b, kv_heads, groups, head_dim), "float16")
-        kw = T.match_buffer(kw_h, (b, kv_heads, w_len, head_dim), f32)
-        vc = T.match_buffer(vc_h, (b, kv_heads, max_len, half), "uint8")
-        vs = T.match_buffer(vs_h, (b, kv_heads, max_len, 1), "float16")
-        vm = T.match_buffer(vm_h, (b, kv_heads, max_len, 1), "float16")
-        vw = T.match_buffer(vw_h, (b, kv_heads, w_len, head_dim), f32)
-        pos = T.match_buffer(p_h, (b, s), "int64")
-        out = T.match_buffer(o_h, (b, heads, s, head_dim), f32)
-        with T.sblock("root"):
-            for r in T.parallel(b * kv_heads * s):
-                scores = T.alloc_buffer((grp, max_len), f32, scope="global")
-                qe = T.alloc_buffer((grp, half), f32, scope="local")     # q * s, even channels
-                qo = T.alloc_buffer((grp, half), f32, scope="local")     # odd channels
-                parts = T.alloc_buffer((2, grp, hvec), f32, scope="local")   # partial sums, per head
-                qs = T.alloc_buffer((head_dim,), f32, scope="local")
-                ae = T.alloc_buffer((grp, half), f32, scope="local")     # p * s * codes, even channels
-                ao = T.alloc_buffer((grp, half), f32, scope="local")
-                aw = T.alloc_buffer((grp, head_dim), f32, scope="local")  # p * window rows
-                part = T.alloc_buffer((vec,), f32, scope="local")
-                span = T.alloc_buffer((4,), "int64", scope="local")   # first slot, count, q(n), coded slots
-                num = T.alloc_buffer((4, grp), f32, scope="local")    # max score, sum, q . min, sum of p * min
-                bi = r // (kv_heads * s)
-                kh = r // s % kv_heads
-                j = r % s
-                span[2] = T.int64(-1)
-                for i in range(s):
-                    span[2] = T.max(span[2], pos[bi, i])
-                span[2] = T.min(span[2], T.int64(max_len - 1)) + T.int64(1)
-                span[2] = T.int64(group) * (T.max(span[2] - T.int64(residual), T.int64(0)) // T.int64(group))
-                span[1] = T.max(T.min(pos[bi, j], T.int64(max_len - 1)), T.int64(0)) + T.int64(1)
-                span[0] = T.max(span[1] - T.int64(seen), T.int64(0))
-                span[1] = span[1] - span[0]
-                # slots span[0] .. span[0] + span[3] - 1 are codes, the rest of the span the window's
-                span[3] = T.max(T.min(span[2] - span[0], span[1]), T.int64(0))
-                for g in range(T.Select(span[3] > T.int64(0), (span[0] + span[3] - T.int64(1)) // T.int64(group)
-                                        - span[0] // T.int64(group) + T.int64(1), T.int64(0))):
-                    # q * s and q . m in channel order (vectorised), then q * s split into even and odd
-                    for hg in range(grp):
-                        for dv in T.vectorized(vec):
-                            part[dv] = T.float32(0)
-                        for do in range(chunks):
-                            for dv in T.vectorized(vec):
-                                qs[do * vec + dv] = q[bi, kh * grp + hg, j, do * vec + dv] * T.Cast(
-                                    f32, ks[bi, kh, span[0] // T.int64(group) + g, do * vec + dv])
-                                part[dv] = part[dv] + q[bi, kh * grp + hg, j, do * vec + dv] * T.Cast(
-                                    f32, km[bi, kh, span[0] // T.int64(group) + g, do * vec + dv])
-                        for i in range(half):
-                            qe[hg, i] = qs[2 * i]
-                            qo[hg, i] = qs[2 * i + 1]
-                        num[2, hg] = T.float32(0)
-                        for dv in range(vec):
-                            num[2, hg] = num[2, hg] + part[dv]
-                    # the group's slots within the span, as offsets from span[0]
-                    for t in range(T.max(span[0], (span[0] // T.int64(group) + g) * T.int64(group)) - span[0],
-                                   T.min(span[0] + span[3], (span[0] // T.int64(group) + g + T.int64(1))
-                                         * T.int64(group)) - span[0]):
-                        # the heads unrolled inside a chunk: its nibbles are decoded once, in registers
-                        for hg in T.unroll(grp):
-                            for dv in T.vectorized(hvec):
-                                parts[0, hg, dv] = T.float32(0)
-                                parts[1, hg, dv] = T.float32(0)
-                        for io in range(hchunks):
-                            for hg in T.unroll(grp):
-                                for dv in T.vectorized(hvec):
-                                    parts[0, hg, dv] = parts[0, hg, dv] + qe[hg, io * hvec + dv] * nib(
-                                        kc[bi, kh, span[0] + t, io * hvec + dv], False)
-                                    parts[1, hg, dv] = parts[1, hg, dv] + qo[hg, io * hvec + dv] * nib(
-                                        kc[bi, kh, span[0] + t, io * hvec + dv], True)
-                        for hg in range(grp):
-                            scores[hg, t] = num[2, hg]
-                            for dv in range(hvec):
-                                scores[hg, t] = scores[hg, t] + (parts[0, hg, dv] + parts[1, hg, dv])
-                for t in range(span[3], span[1]):
-                    for hg in range(grp):
-                        for dv in T.vectorized(vec):
-                            part[dv] = T.float32(0)
-                        for do in range(chunks):
-                            for dv in T.vectorized(vec):
-                                part[dv] = part[dv] + q[bi, kh * grp + hg, j, do * vec + dv] * kw[
-                                    bi, kh, (span[0] + t) % T.int64(w_len), do * vec + dv]
-                        scores[hg, t] = T.float32(0)
-                        for dv in range(vec):
-                            scores[hg, t] = scores[hg, t] + part[dv]
-                for hg in range(grp):
-                    num[0, hg] = T.min_value(f32)
-                    for t in range(span[1]):
-                        scores[hg, t] = scores[hg, t] * T.float32(scale)
-                        if softcap > 0:
-                            scores[hg, t] = T.tanh(scores[hg, t] / T.float32(softcap)) * T.float32(softcap)
-                        num[0, hg] = T.max(num[0, hg], scores[hg, t])
-                for hg in range(grp):
-                    num[1, hg] = T.float32(0)
-                    for t in range(span[1]):
-                        scores[hg, t] = T.exp(scores[hg, t] - num[0, hg])
-                        num[1, hg] = num[1, hg] + scores[hg, t]
-                    for d in T.vectorized(head_dim):
-                        aw[hg, d] = T.float32(0)
-                    num[3, hg] = T.float32(0)
-                for t in range(span[3]):
-                    for hg in range(grp):
-                        num[3, hg] = num[3, hg] + scores[hg, t] * T.Cast(f32, vm[bi, kh, span[0] + t, 0])
-                        scores[hg, t] = scores[hg, t] * T.Cast(f32, vs[bi, kh, span[0] + t, 0])
-                # a chunk of channels at a time over every token, its sums held in registers
-                for io in range(hchunks):
-                    for hg in T.unroll(grp):
-                        for dv in T.vectorized(hvec):
-                            parts[0, hg, dv] = T.float32(0)
-                            parts[1, hg, dv] = T.float32(0)
-                    for t in range(span[3]):
-                        for hg in T.unroll(grp):
-                            for dv in T.vectorized(hvec):
-                                parts[0, hg, dv] = parts[0, hg, dv] + scores[hg, t] * nib(
-                                    vc[bi, kh, span[0] + t, io * hvec + dv], False)
-                                parts[1, hg, dv] = parts[1, hg, dv] + scores[hg, t] * nib(
-                                    vc[bi, kh, span[0] + t, io * hvec + dv], True)
-                    for hg in T.unroll(grp):
-                        for dv in T.vectorized(hvec):
-                            ae[hg, io * hvec + dv] = parts[0, hg, dv]
-                            ao[hg, io * hvec + dv] = parts[1, hg, dv]
-                for t in range(span[3], span[1]):
-                    for hg in range(grp):
-                        for do in range(chunks):
-                            for dv in T.vectorized(vec):
-                                aw[hg, do * vec + dv] = aw[hg, do * vec + dv] + scores[hg, t] * vw[
-                                    bi, kh, (span[0] + t) % T.int64(w_len), do * vec + dv]
-                for hg in range(grp):
-                    num[1, hg] = T.float32(1) / num[1, hg]
-                    for i in range(half):
-                        out[bi, kh * grp + hg, j, 2 * i] = (ae[hg, i] + aw[hg, 2 * i] + num[3, hg]) * num[1, hg]
-                        out[bi, kh * grp + hg, j, 2 * i + 1] = (ao[hg, i] + aw[hg, 2 * i + 1] + num[3, hg]) \
-                            * num[1, hg]
-    return attention
-
-
 def read_func(kind: str, role: str, kv_heads: int, max_len: int, head_dim: int, group: int = 1,
               residual: int = 0):
     """PrimFunc ``(positions [b, s], *state, out [b, kvh, L, d] f32)``: the float cache the state
@@ -475,7 +207,7 @@ def read_func(kind: str, role: str, kv_heads: int, max_len: int, head_dim: int, 
     f32 = "float32"
     if kind in PER_TOKEN:
         code_dtype, _ = PER_TOKEN[kind]
-        unit = _unit(kind)
+        unit = code_unit(kind)
 
         @T.prim_func(private=True, s_tir=True)
         def read(p_h: T.handle, c_h: T.handle, s_h: T.handle, o_h: T.handle):
@@ -488,8 +220,9 @@ def read_func(kind: str, role: str, kv_heads: int, max_len: int, head_dim: int, 
             with T.sblock("root"):
                 for r in T.parallel(b * kv_heads):
                     for t, d in T.grid(max_len, head_dim):
-                        out[r // kv_heads, r % kv_heads, t, d] = _value(kind, codes[r // kv_heads, r % kv_heads, t, d]) \
-                            * (T.Cast(f32, sc[r // kv_heads, r % kv_heads, t, 0]) * T.float32(unit))
+                        out[r // kv_heads, r % kv_heads, t, d] = code_float(
+                            kind, codes[r // kv_heads, r % kv_heads, t, d]) * (
+                            T.Cast(f32, sc[r // kv_heads, r % kv_heads, t, 0]) * T.float32(unit))
         return read
 
     w_len = max(1, residual + group - 1)
@@ -534,5 +267,5 @@ def read_func(kind: str, role: str, kv_heads: int, max_len: int, head_dim: int, 
     return read4
 
 
-__all__ = ["PER_TOKEN", "kv4_attention_func", "kv4_write_func", "per_token_attention_func", "per_token_write_func",
+__all__ = ["PER_TOKEN", "code_float", "code_unit", "fit_lanes", "kv4_write_func", "per_token_write_func",
            "read_func"]
