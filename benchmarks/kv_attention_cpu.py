@@ -54,6 +54,7 @@ def _best(timers: dict, rounds: int) -> dict:
 
 def run(contexts: list[int], heads: int, kv_heads: int, head_dim: int, group: int, residual: int,
         target: str, rounds: int) -> list[dict]:
+    from nnforge.backends.tvm import threads
     from nnforge.backends.tvm.kernels.decoder import attention_func
     from nnforge.backends.tvm.kernels.dense import vector_lanes
     from nnforge.backends.tvm.kernels.kvcache_attention import kv4_attention_func, per_token_attention_func
@@ -71,10 +72,12 @@ def run(contexts: list[int], heads: int, kv_heads: int, head_dim: int, group: in
         timers = {"float": _compile(attention_func(heads, kv_heads, ctx, head_dim, scale, 0, 0.0, lanes),
                                     [q, k.numpy(), v.numpy(), positions, out], tvm_target)}
         for kind in ("kv8", "kv-fp8"):
-            func = per_token_attention_func(kind, heads, kv_heads, ctx, head_dim, scale, 0, 0.0, lanes)
+            func = per_token_attention_func(kind, heads, kv_heads, ctx, head_dim, scale, 0, 0.0, lanes,
+                                            threads.most())
             state = _state(kind, "k", k, group, residual) + _state(kind, "v", v, group, residual)
             timers[kind] = _compile(func, [q, *state, positions, out], tvm_target)
-        func = kv4_attention_func(heads, kv_heads, ctx, head_dim, group, residual, scale, 0, 0.0, lanes)
+        func = kv4_attention_func(heads, kv_heads, ctx, head_dim, group, residual, scale, 0, 0.0, lanes,
+                                  threads.most())
         state = _state("kv4", "k", k, group, residual) + _state("kv4", "v", v, group, residual)
         timers["kv4"] = _compile(func, [q, *state, positions, out], tvm_target)
         times = _best(timers, rounds)

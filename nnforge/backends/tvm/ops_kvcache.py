@@ -9,6 +9,7 @@ such a read then emits nothing. Any other read is dequantised by its own kernel.
 from __future__ import annotations
 
 from ...ir.ops.kvcache import encoding_of
+from . import threads
 from .ops import _as, rule
 from .weight_arrays import c_name
 
@@ -96,15 +97,17 @@ def fused_attention(lw, node):
     kvh, max_len = kr.inputs[1].shape[1], kr.attrs["max_len"]
     a = node.attrs
     lanes = vector_lanes(lw.target)
+    # the threads of this process's pool: few kv heads are cut into blocks of query heads to fill them
+    most = threads.most()
     tail = f"w{a['window']}_c{a['softcap']:g}_s{a['scale']:.9g}"
     if enc.kind == "kv4":
         name = c_name(f"nf_kv4_attention_{h}x{kvh}x{max_len}x{d}_g{enc.group}_r{enc.residual}_{tail}")
         func = kv4_attention_func(h, kvh, max_len, d, enc.group, enc.residual, float(a["scale"]), int(a["window"]),
-                                  float(a["softcap"]), lanes)
+                                  float(a["softcap"]), lanes, most)
     else:
         name = c_name(f"nf_{enc.kind}_attention_{h}x{kvh}x{max_len}x{d}_{tail}")
         func = per_token_attention_func(enc.kind, h, kvh, max_len, d, float(a["scale"]), int(a["window"]),
-                                        float(a["softcap"]), lanes)
+                                        float(a["softcap"]), lanes, most)
     args = [lw.arg(q), *_state(lw, kr), *_state(lw, vr), _as(lw, positions, "int64")]
     return lw.relax.call_tir(lw.func(name, func), args, lw.relax.TensorType(lw.shape(q.shape), "float32"))
 

@@ -87,18 +87,23 @@ def pool_size(cpus: int, others: int, most: int) -> int:
 _LOCAL = threading.local()      # TVM keeps one pool per calling thread
 
 
+def most() -> int:
+    """The most threads a pool of this process runs kernels on (its size on a quiet machine)."""
+    return int(os.environ.get(NUM_THREADS) or timing.cpu_count())
+
+
 def fit() -> int:
     """Size the calling thread's TVM pool for the machine as it is now (no more often than every
     ``RECHECK_S``); the threads its next kernels run on."""
-    most = int(os.environ.get(NUM_THREADS) or timing.cpu_count())
+    most_threads = most()
     if not adaptive():
-        return most
+        return most_threads
     now = time.monotonic()
     if now - getattr(_LOCAL, "checked", -RECHECK_S) < RECHECK_S:
         return _LOCAL.size
     _LOCAL.checked = now
     others = timing.others_running()
-    size = most if others is None else pool_size(timing.cpu_count(), others, most)
+    size = most_threads if others is None else pool_size(timing.cpu_count(), others, most_threads)
     if size != getattr(_LOCAL, "size", None):
         import tvm_ffi
         tvm_ffi.get_global_func("runtime.config_threadpool")(KBIG, size)

@@ -8,24 +8,25 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nnforge.backends.base import BackendError, get_backend
-from nnforge.backends.tvm.capabilities import CAPABILITIES, KV_CACHE
-from nnforge.ir import Graph, Interpreter, tensor
-from nnforge.ir.kvcache import CACHE_ENCODINGS, cache_encoding
-from nnforge.targets import get_target
-from tests import conftest
-from tests.backends.onnx.test_kv_cache_encodings import ENCODINGS, cache_graph, hard_values
-
 pytest.importorskip("tvm")
+
+from nnforge.backends.base import BackendError, get_backend  # noqa: E402
+from nnforge.backends.tvm.capabilities import CAPABILITIES, KV_CACHE  # noqa: E402
+from nnforge.backends.tvm.kernels.kvcache_attention import head_block  # noqa: E402
+from nnforge.ir import Graph, Interpreter, tensor  # noqa: E402
+from nnforge.ir.kvcache import CACHE_ENCODINGS, cache_encoding  # noqa: E402
+from nnforge.targets import get_target  # noqa: E402
+from tests import conftest  # noqa: E402
+from tests.backends.onnx.test_kv_cache_encodings import ENCODINGS, cache_graph, hard_values  # noqa: E402
 
 B, H, KVH, L, D = 2, 4, 2, 24, 8
 STEPS = [7, 1, 1, 4, 1, 6, 1]          # past several kv4 groups and the window
 
 
-def attention_graph(kind: str, window: int = 0, softcap: float = 0.0, **options) -> Graph:
+def attention_graph(kind: str, window: int = 0, softcap: float = 0.0, heads: int = H, **options) -> Graph:
     """New keys and values written into encoded K and V caches, attention on their reads."""
     g = Graph("kv_attention")
-    q = g.add_input("q", tensor("f32", "batch", H, "seq", D))
+    q = g.add_input("q", tensor("f32", "batch", heads, "seq", D))
     pos = g.add_input("positions", tensor("i64", "batch", "seq"))
     reads, outputs = [], []
     for role in "kv":
@@ -80,12 +81,15 @@ def test_the_written_state_equals_the_interpreters_bit_for_bit(tmp_path, kind, o
         start += seq
 
 
-@pytest.mark.parametrize("window,softcap", [(0, 0.0), (5, 20.0)])
+@pytest.mark.parametrize("window,softcap,heads,threads", [(0, 0.0, H, 1), (5, 20.0, 16, 8)])
 @pytest.mark.parametrize("kind, options", ENCODINGS, ids=lambda x: x if isinstance(x, str) else str(x))
-def test_attention_reads_the_stored_encoding(tmp_path, kind, options, window, softcap):
+def test_attention_reads_the_stored_encoding(tmp_path, monkeypatch, kind, options, window, softcap, heads, threads):
     """One kernel reads the codes (no dequantised cache is made), prefill then decode steps, the
-    state fed back from the runner's outputs; rows at different positions."""
-    graph = attention_graph(kind, window, softcap, **options)
+    state fed back from the runner's outputs; 4 heads on 2 kv heads in whole groups of 2, 16 in
+    blocks of 2 (for 8 threads: kvcache_attention.head_block)."""
+    from nnforge.backends.tvm import threads as pool
+    monkeypatch.setattr(pool, "most", lambda: threads)
+    graph = attention_graph(kind, window, softcap, heads, **options)
     runner, library = _lower(graph, tmp_path)
     assert f"nf_{kind.replace('-', '_')}_attention".encode() in library
     assert b"_read_" not in library and b"nf_attention" not in library
@@ -96,7 +100,7 @@ def test_attention_reads_the_stored_encoding(tmp_path, kind, options, window, so
     start = 0
     for step, seq in enumerate(STEPS):
         gen = torch.Generator().manual_seed(step)
-        q, k, v = (torch.randn(B, n, seq, D, generator=gen) for n in (H, KVH, KVH))
+        q, k, v = (torch.randn(B, n, seq, D, generator=gen) for n in (heads, KVH, KVH))
         positions = torch.arange(start, start + seq).repeat(B, 1)
         k_state, v_state = state[:len(state) // 2], state[len(state) // 2:]
         got = runner(q.numpy(), positions.numpy(), k.numpy(), *k_state, v.numpy(), *v_state)
@@ -140,6 +144,13 @@ def test_an_encoded_k_beside_a_float_v_is_dequantised_for_the_float_kernel(tmp_p
         _check_state(step, [x.name for x in g.outputs[1:5]], got[1:5], want[1:5])
         state = list(got[1:])
         start += seq
+
+
+def test_query_heads_run_in_blocks_that_fill_the_threads():
+    assert head_block(32, 8, 2) == (4, 1)           # kv heads enough: each group whole
+    assert head_block(8, 1, 2) == (4, 2)            # one kv head on 2 threads: 2 blocks of 4
+    assert head_block(8, 1, 16) == (1, 8)           # at most a block per query head
+    assert head_block(16, 2, 8) == (2, 4) and head_block(14, 2, 2) == (7, 1) and head_block(14, 2, 4) == (1, 7)
 
 
 def test_a_kv4_write_refuses_positions_that_skip(tmp_path):

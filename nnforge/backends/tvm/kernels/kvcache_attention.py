@@ -1,7 +1,7 @@
 """Attention on an encoded KV cache's state (docs/kv_cache.md), one kernel that reads the codes where
 the float attention kernel (decoder.attention_func) reads float rows, over the same visible slots,
 and never materialises the float cache. The query heads sharing a kv head run together, so each
-K and V row is decoded once for all of them:
+K and V row is decoded once for all of them (:func:`head_block` cuts the groups of few kv heads):
 
 - ``kv8`` / ``kv-fp8``: a token's scale is one number, so it multiplies the q.k dot product of the
   codes, and the softmax weight before the p.v sum (E4M3 codes are read as float16 patterns,
@@ -16,17 +16,28 @@ from __future__ import annotations
 
 from .kvcache import PER_TOKEN, code_float, code_unit, fit_lanes
 
+def head_block(heads: int, kv_heads: int, threads: int) -> tuple[int, int]:
+    """(query heads one kernel iteration runs together, blocks per kv head): a kv head's whole
+    group (its K and V rows decoded once for all of them) while the kv heads fill the ``threads``
+    a decode step runs on (at most one row per query head), else the largest block that does."""
+    group = heads // kv_heads
+    want = max(1, min(threads, heads))
+    for size in range(group, 0, -1):
+        if group % size == 0 and kv_heads * (group // size) >= want:
+            return size, group // size
+    return 1, group
+
 
 def per_token_attention_func(kind: str, heads: int, kv_heads: int, max_len: int, head_dim: int, scale: float,
-                             window: int, softcap: float, lanes: int):
+                             window: int, softcap: float, lanes: int, threads: int = 1):
     """PrimFunc ``(q [b, h, s, d], k codes, k scale, v codes, v scale, positions [b, s], out)``:
     causal grouped-query attention over each query's visible slots (as decoder.attention_func) on
     ``kv8`` / ``kv-fp8`` codes, each token's scale taken out of its dot products. The query heads
-    sharing a kv head run together, so each K and V row is decoded once for all of them;
-    (batch, kv head, query) triples run in parallel."""
+    sharing a kv head run together (in blocks, :func:`head_block`), so each K and V row is decoded
+    once for all of them; (batch, head block, query) triples run in parallel."""
     from tvm.script import tirx as T
     code_dtype, _ = PER_TOKEN[kind]
-    grp = heads // kv_heads
+    grp, blocks = head_block(heads, kv_heads, threads)
     seen = window if window else max_len + 1
     vec = fit_lanes(head_dim, lanes)
     chunks = head_dim // vec
@@ -46,15 +57,16 @@ def per_token_attention_func(kind: str, heads: int, kv_heads: int, max_len: int,
         pos = T.match_buffer(p_h, (b, s), "int64")
         out = T.match_buffer(o_h, (b, heads, s, head_dim), f32)
         with T.sblock("root"):
-            for r in T.parallel(b * kv_heads * s):
+            for r in T.parallel(b * kv_heads * blocks * s):
                 scores = T.alloc_buffer((grp, max_len), f32, scope="global")
                 acc = T.alloc_buffer((grp, head_dim), f32, scope="local")
                 part = T.alloc_buffer((grp, vec), f32, scope="local")      # partial sums, per head
                 span = T.alloc_buffer((2,), "int64", scope="local")     # first slot, slot count
                 top = T.alloc_buffer((grp,), f32, scope="local")
                 total = T.alloc_buffer((grp,), f32, scope="local")
-                bi = r // (kv_heads * s)
-                kh = r // s % kv_heads
+                bi = r // (kv_heads * blocks * s)
+                kb = r // s % (kv_heads * blocks)       # the block of query heads
+                kh = kb // T.int64(blocks)
                 j = r % s
                 span[1] = T.max(T.min(pos[bi, j], T.int64(max_len - 1)), T.int64(0)) + T.int64(1)
                 span[0] = T.max(span[1] - T.int64(seen), T.int64(0))
@@ -69,7 +81,7 @@ def per_token_attention_func(kind: str, heads: int, kv_heads: int, max_len: int,
                     for do in range(chunks):
                         for hg in T.unroll(grp):
                             for dv in T.vectorized(vec):
-                                part[hg, dv] = part[hg, dv] + q[bi, kh * grp + hg, j, do * vec + dv] * code_float(
+                                part[hg, dv] = part[hg, dv] + q[bi, kb * grp + hg, j, do * vec + dv] * code_float(
                                     kind, kc[bi, kh, span[0] + t, do * vec + dv])
                     for hg in range(grp):
                         scores[hg, t] = T.float32(0)
@@ -105,20 +117,20 @@ def per_token_attention_func(kind: str, heads: int, kv_heads: int, max_len: int,
                     total[hg] = T.float32(1) / total[hg]
                     for do in range(chunks):
                         for dv in T.vectorized(vec):
-                            out[bi, kh * grp + hg, j, do * vec + dv] = acc[hg, do * vec + dv] * total[hg]
+                            out[bi, kb * grp + hg, j, do * vec + dv] = acc[hg, do * vec + dv] * total[hg]
     return attention
 
 
 def kv4_attention_func(heads: int, kv_heads: int, max_len: int, head_dim: int, group: int, residual: int,
-                       scale: float, window: int, softcap: float, lanes: int):
+                       scale: float, window: int, softcap: float, lanes: int, threads: int = 1):
     """PrimFunc ``(q [b, h, s, d], k codes, k scale, k min, k window, v codes, v scale, v min, v
     window, positions [b, s], out)``: causal grouped-query attention over each query's visible
     slots on a kv4 K and V state. A row's first ``q(n)`` slots (n: its largest position + 1) are
     read as codes, the rest from the windows. The packed nibbles are read as even and odd
-    channels, vectorised over bytes, once per token for all the query heads sharing a kv head;
-    (batch, kv head, query) triples run in parallel."""
+    channels, vectorised over bytes, once per token for the query heads of a block (:func:`head_block`);
+    (batch, head block, query) triples run in parallel."""
     from tvm.script import tirx as T
-    grp = heads // kv_heads
+    grp, blocks = head_block(heads, kv_heads, threads)
     seen = window if window else max_len + 1
     w_len = max(1, residual + group - 1)
     groups = -(-max_len // group)
@@ -148,7 +160,7 @@ def kv4_attention_func(heads: int, kv_heads: int, max_len: int, head_dim: int, g
         pos = T.match_buffer(p_h, (b, s), "int64")
         out = T.match_buffer(o_h, (b, heads, s, head_dim), f32)
         with T.sblock("root"):
-            for r in T.parallel(b * kv_heads * s):
+            for r in T.parallel(b * kv_heads * blocks * s):
                 scores = T.alloc_buffer((grp, max_len), f32, scope="global")
                 qe = T.alloc_buffer((grp, half), f32, scope="local")     # q * s, even channels
                 qo = T.alloc_buffer((grp, half), f32, scope="local")     # odd channels
@@ -160,8 +172,9 @@ def kv4_attention_func(heads: int, kv_heads: int, max_len: int, head_dim: int, g
                 part = T.alloc_buffer((vec,), f32, scope="local")
                 span = T.alloc_buffer((4,), "int64", scope="local")   # first slot, count, q(n), coded slots
                 num = T.alloc_buffer((4, grp), f32, scope="local")    # max score, sum, q . min, sum of p * min
-                bi = r // (kv_heads * s)
-                kh = r // s % kv_heads
+                bi = r // (kv_heads * blocks * s)
+                kb = r // s % (kv_heads * blocks)       # the block of query heads
+                kh = kb // T.int64(blocks)
                 j = r % s
                 span[2] = T.int64(-1)
                 for i in range(s):
@@ -181,9 +194,9 @@ def kv4_attention_func(heads: int, kv_heads: int, max_len: int, head_dim: int, g
                             part[dv] = T.float32(0)
                         for do in range(chunks):
                             for dv in T.vectorized(vec):
-                                qs[do * vec + dv] = q[bi, kh * grp + hg, j, do * vec + dv] * T.Cast(
+                                qs[do * vec + dv] = q[bi, kb * grp + hg, j, do * vec + dv] * T.Cast(
                                     f32, ks[bi, kh, span[0] // T.int64(group) + g, do * vec + dv])
-                                part[dv] = part[dv] + q[bi, kh * grp + hg, j, do * vec + dv] * T.Cast(
+                                part[dv] = part[dv] + q[bi, kb * grp + hg, j, do * vec + dv] * T.Cast(
                                     f32, km[bi, kh, span[0] // T.int64(group) + g, do * vec + dv])
                         for i in range(half):
                             qe[hg, i] = qs[2 * i]
@@ -217,7 +230,7 @@ def kv4_attention_func(heads: int, kv_heads: int, max_len: int, head_dim: int, g
                             part[dv] = T.float32(0)
                         for do in range(chunks):
                             for dv in T.vectorized(vec):
-                                part[dv] = part[dv] + q[bi, kh * grp + hg, j, do * vec + dv] * kw[
+                                part[dv] = part[dv] + q[bi, kb * grp + hg, j, do * vec + dv] * kw[
                                     bi, kh, (span[0] + t) % T.int64(w_len), do * vec + dv]
                         scores[hg, t] = T.float32(0)
                         for dv in range(vec):
@@ -267,10 +280,10 @@ def kv4_attention_func(heads: int, kv_heads: int, max_len: int, head_dim: int, g
                 for hg in range(grp):
                     num[1, hg] = T.float32(1) / num[1, hg]
                     for i in range(half):
-                        out[bi, kh * grp + hg, j, 2 * i] = (ae[hg, i] + aw[hg, 2 * i] + num[3, hg]) * num[1, hg]
-                        out[bi, kh * grp + hg, j, 2 * i + 1] = (ao[hg, i] + aw[hg, 2 * i + 1] + num[3, hg]) \
+                        out[bi, kb * grp + hg, j, 2 * i] = (ae[hg, i] + aw[hg, 2 * i] + num[3, hg]) * num[1, hg]
+                        out[bi, kb * grp + hg, j, 2 * i + 1] = (ao[hg, i] + aw[hg, 2 * i + 1] + num[3, hg]) \
                             * num[1, hg]
     return attention
 
 
-__all__ = ["kv4_attention_func", "per_token_attention_func"]
+__all__ = ["head_block", "kv4_attention_func", "per_token_attention_func"]
