@@ -124,17 +124,17 @@ def _llvm(enc, target) -> str | None:
 KV_CACHE = [
     Capability("kv_cache_write", "kv8", "kernels.kvcache: int8 codes and float16 per-token scales written in place "
                "at each token's slot, rounded as the reference", _llvm),
-    Capability("kv_cache_read", "kv8", "kernels.kvcache: attention on the int8 codes, each token's scale taken out "
-               "of the q.k and p.v products (another reader: the codes dequantised)", _llvm),
+    Capability("kv_cache_read", "kv8", "kernels.kvcache_attention: attention on the int8 codes, each token's scale "
+               "taken out of the q.k and p.v products (another reader: the codes dequantised)", _llvm),
     Capability("kv_cache_write", "kv-fp8", "kernels.kvcache: E4M3 codes (uint8 bit patterns) and float16 per-token "
                "scales written in place", _llvm),
-    Capability("kv_cache_read", "kv-fp8", "kernels.kvcache: attention on the E4M3 codes read as float16 patterns, "
-               "each token's scale taken out of the products (another reader: dequantised)", _llvm),
+    Capability("kv_cache_read", "kv-fp8", "kernels.kvcache_attention: attention on the E4M3 codes read as float16 "
+               "patterns, each token's scale taken out of the products (another reader: dequantised)", _llvm),
     Capability("kv_cache_write", "kv4", "kernels.kvcache: KIVI, the groups and tokens a step completes quantised to "
                "packed 4-bit codes and float16 scales and minimums in place, the float window refilled; needs each "
                "row's positions consecutive, continuing its sequence", _llvm),
-    Capability("kv_cache_read", "kv4", "kernels.kvcache: KIVI attention on the packed nibbles, key scales and "
-               "minimums folded into the query once a group, value ones into the softmax weights; recent tokens "
+    Capability("kv_cache_read", "kv4", "kernels.kvcache_attention: KIVI attention on the packed nibbles, key scales "
+               "and minimums folded into the query once a group, value ones into the softmax weights; recent tokens "
                "from the float window (another reader: dequantised)", _llvm),
 ]
 
@@ -168,5 +168,5 @@ CAPABILITIES = Capabilities([
     *KV_CACHE,
 ])
 
-__all__ = ["CAPABILITIES", "KV_CACHE", "Kernel", "LOWBIT", "LOWBIT_ROWS", "MINIFLOAT", "MINIFLOAT_ROWS", "BSR", "BSR_INT8",
-           "llvm_problem"]
+__all__ = ["CAPABILITIES", "KV_CACHE", "Kernel", "LOWBIT", "LOWBIT_ROWS", "MINIFLOAT", "MINIFLOAT_ROWS", "BSR",
+           "BSR_INT8", "llvm_problem"]
