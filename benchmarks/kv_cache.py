@@ -117,6 +117,11 @@ def quality_row(bundle, args, held_ids: list[int], cases: list, tokenizer, conti
     m = bundle.manifest
     row = {"name": m["recipe"]["name"], "target": m["target"]["name"]}
     row["bytes_per_token"], row["fp16_bytes_per_token"] = bytes_per_token(m)
+    reduction = m["decoder"].get("kv_reduce")
+    # the state is allocated for max_len slots whatever the context: per token of the context it
+    # serves (a reduced cache's context is twice its budget here)
+    context = 2 * int(reduction["budget"]) if reduction else int(m["decoder"]["max_len"])
+    row["bytes_per_context_token"] = row["bytes_per_token"] * int(m["decoder"]["max_len"]) / context
     t0 = time.perf_counter()
     for w in args.windows:
         total, count = 0.0, 0
@@ -186,16 +191,43 @@ def compile_or_skip(hf, target, preset, calib, max_len, work, recompile) -> tupl
         return None, f"{type(e).__name__}: {first if len(first) < 300 else first[:300] + '...'}"
 
 
+def peer_rows(raw: list[dict], cases: list, continuation_context: int) -> list[dict]:
+    """kv_peers' rows (one per press and context) as one row per press, passkey by context and
+    depth as nnforge's rows have it (the worker answers a context's cases in the order given)."""
+    rows: dict[str, dict] = {}
+    for r in raw:
+        press = r["press"]
+        row = rows.setdefault(press, {
+            "kind": "peer", "name": press, "passkey": {}, "errors": [],
+            "label": f"{r['peer']} {press}" + (f" at ratio {r['ratio']:g}" if r["ratio"] else
+                                               " (no press: transformers' own cache)")})
+        if r.get("error"):
+            row["errors"].append(r["error"])
+        for case, text in zip([c for c in cases if c.context == r["context"]], r.get("passkey_answers") or []):
+            got = row["passkey"].setdefault(f"{case.context}@{case.depth:g}", [0, 0, []])
+            got[0] += int(kv_tasks.passkey_right(case.answer, text))
+            got[1] += 1
+            got[2].append(f"{case.answer}: {text!r}")
+        if r["context"] == continuation_context and r.get("perplexity") is not None:
+            row["continuation_ppl"] = r["perplexity"]
+            row["bytes_per_context_token"] = r.get("bytes_per_token")
+            row["kept_tokens_per_layer"] = r.get("kept_tokens_per_layer")
+    for row in rows.values():
+        if row["errors"] and not row["passkey"]:
+            row["skipped"] = "; ".join(dict.fromkeys(row["errors"]))
+    return list(rows.values())
+
+
 def earlier_rows(path: Path, sizes: dict) -> dict[str, dict]:
-    """The quality and peer rows of an earlier run on the same task sizes, by label (rows that
-    were skipped are measured again)."""
+    """The rows of an earlier run on the same task sizes, by label (rows that were skipped are
+    measured again; speed rows are kept only by a run that times none)."""
     if not path.is_file():
         return {}
     saved = json.loads(path.read_text())
     if saved.get("sizes") != sizes:
         return {}
     return {r["label"]: r for r in saved["results"]
-            if r.get("kind") in ("quality", "peer") and "skipped" not in r and "label" in r}
+            if r.get("kind") in ("quality", "peer", "speed") and "skipped" not in r and "label" in r}
 
 
 # --- tables ----------------------------------------------------------------------------------------
@@ -210,7 +242,8 @@ def write_tables(saved: dict) -> None:
     windows = args["windows"]
     depths_cols = sorted({k for r in results for k in (r.get("passkey") or {})},
                          key=lambda k: (int(k.split("@")[0]), float(k.split("@")[1])))
-    cols = (["cache", "bytes/token", "x fp16 cache"] + [f"ppl @{w}" for w in windows] + [f"vs float @{w}" for w in windows]
+    full16 = (base or {}).get("fp16_bytes_per_token")
+    cols = (["cache", "bytes / context token", "x full fp16 cache"] + [f"ppl @{w}" for w in windows] + [f"vs float @{w}" for w in windows]
             + ["continuation ppl"] + [f"passkey {k}" for k in depths_cols])
     rows = []
     for r in results:
@@ -220,8 +253,8 @@ def write_tables(saved: dict) -> None:
             rows.append([r["label"], None, None] + [None] * (2 * len(windows) + 1 + len(depths_cols)))
             continue
         pk = r.get("passkey") or {}
-        rows.append([r["label"], docs_table.fmt(r.get("bytes_per_token"), ".0f"),
-                     None if not r.get("fp16_bytes_per_token") else f"{r['bytes_per_token'] / r['fp16_bytes_per_token']:.3f}"]
+        per = r.get("bytes_per_context_token")
+        rows.append([r["label"], docs_table.fmt(per, ".0f"), None if not (per and full16) else f"{per / full16:.3f}"]
                     + [docs_table.fmt(r.get(f"ppl@{w}"), ".3f") for w in windows]
                     + [_pct(r.get(f"ppl@{w}"), (base or {}).get(f"ppl@{w}")) if r.get("kind") == "quality" else None
                        for w in windows]
@@ -354,13 +387,18 @@ def main(argv=None) -> int:
         peers = [r for r in kept.values() if r.get("kind") == "peer"]
         if not peers:
             import kv_peers
-            peers = [{"kind": "peer", **r} for r in kv_peers.kvpress_results(
-                hf, cases, continuation, ratio=0.5, work=OUT / "kvpress", answer_tokens=args.answer_tokens)]
+            raw = kv_peers.kvpress_results(hf, {"passkey": cases, "continuation": [continuation]},
+                                           kv_peers.PRESSES, ratio=0.5, work=OUT / "kvpress",
+                                           new_tokens=args.answer_tokens)
+            peers = peer_rows(raw, cases, cont[0])
             for r in peers:
                 print(json.dumps(r), flush=True)
         results += peers
         save()
-    for preset in [x for x in args.speed_presets.split(",") if x]:
+    speed_presets = [x for x in args.speed_presets.split(",") if x]
+    if not speed_presets:            # speed rows are compared within one run: keep the last run's together
+        results += [r for r in kept.values() if r.get("kind") == "speed"]
+    for preset in speed_presets:
         bundle, why = compile_or_skip(hf, args.speed_target, preset, calib, speed_len, work, args.recompile)
         if bundle is None:
             results.append({"kind": "speed", "label": f"nnforge {preset} on {args.speed_target}", "skipped": why})

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
 INTRO = "There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it.\n"
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
-QUESTION = "\nWhat is the pass key? The pass key is"
+# the number's length is said in the question: without it the small base model mostly goes on with
+# a definition ("the secret code that is used ...") at any depth, cache or not
+QUESTION = "\nWhat is the pass key (a five-digit number)? The pass key is"
 
 
 @dataclass(frozen=True)
