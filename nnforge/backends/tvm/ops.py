@@ -13,6 +13,7 @@ from ...ir.dtypes import DType, int32
 from ...ir.ops.registry import broadcast_shapes
 from ...registry import Registry
 from ..base import BackendError
+from . import threads
 from .weight_arrays import _jsonable, c_name
 from .weights import fusable_siblings, fused_linear_kernel, int8_bsr_kernel, linear_kernel
 
@@ -323,8 +324,9 @@ def _attention(lw, node):
     kvh, max_len = k.shape[1], k.shape[2]
     a = node.attrs
     name = c_name(f"nf_attention_{h}x{kvh}x{max_len}x{d}_w{a['window']}_c{a['softcap']:g}_s{a['scale']:.9g}")
+    # the threads of this process's pool, as the encoded caches' kernels take them (ops_kvcache)
     func = attention_func(h, kvh, max_len, d, float(a["scale"]), int(a["window"]), float(a["softcap"]),
-                          vector_lanes(lw.target))
+                          vector_lanes(lw.target), threads.most())
     return lw.relax.call_tir(lw.func(name, func), [lw.arg(q), lw.arg(k), lw.arg(v), lw.arg(positions)],
                              lw.relax.TensorType(lw.shape(q.shape), "float32"))
 

@@ -42,9 +42,13 @@ def inputs(seq, start, seed=0):
     return [_randn(B, H, seq, D, seed=seed), _randn(B, KVH, seq, D, seed=seed + 1), positions, cache]
 
 
-@pytest.mark.parametrize("window,softcap,keep_cache", [(0, 0.0, False), (5, 0.0, False), (0, 30.0, True),
-                                                       (7, 12.0, False)])
-def test_decoder_kernels_match_the_interpreter(tmp_path, window, softcap, keep_cache):
+@pytest.mark.parametrize("window,softcap,keep_cache,threads", [(0, 0.0, False, 1), (5, 0.0, False, 8),
+                                                               (0, 30.0, True, 2), (7, 12.0, False, 1)])
+def test_decoder_kernels_match_the_interpreter(tmp_path, monkeypatch, window, softcap, keep_cache, threads):
+    """threads: the pool the attention kernel is built for; 4 query heads on 2 kv heads run as
+    whole groups of 2 for 1 or 2 threads, in blocks of 1 for 8 (kvcache_attention.head_block)."""
+    from nnforge.backends.tvm import threads as pool
+    monkeypatch.setattr(pool, "most", lambda: threads)
     graph = block(window=window, softcap=softcap, keep_cache=keep_cache)
     prefill, decode, late = inputs(9, 0), inputs(1, 13, seed=1), inputs(3, L - 6, seed=2)
     backend = get_backend("tvm")

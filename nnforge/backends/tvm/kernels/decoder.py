@@ -49,13 +49,17 @@ def cache_update_func(kv_heads: int, max_len: int, head_dim: int, lanes: int):
 
 
 def attention_func(heads: int, kv_heads: int, max_len: int, head_dim: int, scale: float, window: int,
-                   softcap: float, lanes: int):
+                   softcap: float, lanes: int, threads: int = 1):
     """PrimFunc ``(q [b, h, s, d], k [b, kvh, L, d], v [b, kvh, L, d], positions [b, s], out [b, h,
-    s, d])``: causal grouped-query attention, each query row over its visible slots only. Rows run
-    in parallel; each is three passes over its slots (scores and their maximum, exponentials and
-    their sum, the weighted sum of V rows), vectorised over ``head_dim``."""
+    s, d])``: causal grouped-query attention, each query row over its visible slots only. The
+    query heads sharing a kv head run together (in blocks: kvcache_attention.head_block), so each K
+    and V row is read once for all of them, as the encoded-cache kernels read their codes; (batch,
+    head block, query) triples run in parallel. Three passes over the slots: scores and their
+    maximum, exponentials and their sum, then the weighted sum of V rows a chunk of channels at a
+    time, its sums held in registers."""
     from tvm.script import tirx as T
-    group = heads // kv_heads
+    from .kvcache_attention import head_block
+    grp, blocks = head_block(heads, kv_heads, threads)
     seen = window if window else max_len + 1        # slots a query sees, at most
     vec = lanes if head_dim % lanes == 0 else 1
     chunks = head_dim // vec
@@ -71,49 +75,60 @@ def attention_func(heads: int, kv_heads: int, max_len: int, head_dim: int, scale
         pos = T.match_buffer(p_h, (b, s), "int64")
         out = T.match_buffer(o_h, (b, heads, s, head_dim), f32)
         with T.sblock("root"):
-            for r in T.parallel(b * heads * s):
-                scores = T.alloc_buffer((max_len,), f32, scope="global")
-                acc = T.alloc_buffer((head_dim,), f32, scope="local")
-                part = T.alloc_buffer((vec,), f32, scope="local")
+            for r in T.parallel(b * kv_heads * blocks * s):
+                scores = T.alloc_buffer((grp, max_len), f32, scope="global")
+                acc = T.alloc_buffer((grp, head_dim), f32, scope="local")
+                part = T.alloc_buffer((grp, vec), f32, scope="local")      # partial sums, per head
                 span = T.alloc_buffer((2,), "int64", scope="local")     # first slot, slot count
-                top = T.alloc_buffer((1,), f32, scope="local")
-                total = T.alloc_buffer((1,), f32, scope="local")
-                bi = r // (heads * s)
-                h = r // s % heads
+                top = T.alloc_buffer((grp,), f32, scope="local")
+                total = T.alloc_buffer((grp,), f32, scope="local")
+                bi = r // (kv_heads * blocks * s)
+                kb = r // s % (kv_heads * blocks)       # the block of query heads
+                kh = kb // T.int64(blocks)
                 j = r % s
-                kh = h // group
                 span[1] = T.max(T.min(pos[bi, j], T.int64(max_len - 1)), T.int64(0)) + T.int64(1)
                 span[0] = T.max(span[1] - T.int64(seen), T.int64(0))
                 span[1] = span[1] - span[0]
-                top[0] = T.min_value(f32)
+                for hg in range(grp):
+                    top[hg] = T.min_value(f32)
                 for t in range(span[1]):
-                    for dv in T.vectorized(vec):
-                        part[dv] = T.float32(0)
+                    for hg in T.unroll(grp):
+                        for dv in T.vectorized(vec):
+                            part[hg, dv] = T.float32(0)
+                    for do in range(chunks):
+                        for hg in T.unroll(grp):
+                            for dv in T.vectorized(vec):
+                                part[hg, dv] = part[hg, dv] + q[bi, kb * grp + hg, j, do * vec + dv] * k[
+                                    bi, kh, span[0] + t, do * vec + dv]
+                    for hg in range(grp):
+                        scores[hg, t] = T.float32(0)
+                        for dv in range(vec):
+                            scores[hg, t] = scores[hg, t] + part[hg, dv]
+                        scores[hg, t] = scores[hg, t] * T.float32(scale)
+                        if softcap > 0:
+                            scores[hg, t] = T.tanh(scores[hg, t] / T.float32(softcap)) * T.float32(softcap)
+                        top[hg] = T.max(top[hg], scores[hg, t])
+                for hg in range(grp):
+                    total[hg] = T.float32(0)
+                    for t in range(span[1]):
+                        scores[hg, t] = T.exp(scores[hg, t] - top[hg])
+                        total[hg] = total[hg] + scores[hg, t]
+                for do in range(chunks):
+                    for hg in T.unroll(grp):
+                        for dv in T.vectorized(vec):
+                            part[hg, dv] = T.float32(0)
+                    for t in range(span[1]):
+                        for hg in T.unroll(grp):
+                            for dv in T.vectorized(vec):
+                                part[hg, dv] = part[hg, dv] + scores[hg, t] * v[bi, kh, span[0] + t, do * vec + dv]
+                    for hg in T.unroll(grp):
+                        for dv in T.vectorized(vec):
+                            acc[hg, do * vec + dv] = part[hg, dv]
+                for hg in range(grp):
+                    total[hg] = T.float32(1) / total[hg]
                     for do in range(chunks):
                         for dv in T.vectorized(vec):
-                            part[dv] = part[dv] + q[bi, h, j, do * vec + dv] * k[bi, kh, span[0] + t, do * vec + dv]
-                    scores[t] = T.float32(0)
-                    for dv in range(vec):
-                        scores[t] = scores[t] + part[dv]
-                    scores[t] = scores[t] * T.float32(scale)
-                    if softcap > 0:
-                        scores[t] = T.tanh(scores[t] / T.float32(softcap)) * T.float32(softcap)
-                    top[0] = T.max(top[0], scores[t])
-                total[0] = T.float32(0)
-                for t in range(span[1]):
-                    scores[t] = T.exp(scores[t] - top[0])
-                    total[0] = total[0] + scores[t]
-                for do in range(chunks):
-                    for dv in T.vectorized(vec):
-                        acc[do * vec + dv] = T.float32(0)
-                for t in range(span[1]):
-                    for do in range(chunks):
-                        for dv in T.vectorized(vec):
-                            acc[do * vec + dv] = acc[do * vec + dv] + scores[t] * v[bi, kh, span[0] + t, do * vec + dv]
-                total[0] = T.float32(1) / total[0]
-                for do in range(chunks):
-                    for dv in T.vectorized(vec):
-                        out[bi, h, j, do * vec + dv] = acc[do * vec + dv] * total[0]
+                            out[bi, kb * grp + hg, j, do * vec + dv] = acc[hg, do * vec + dv] * total[hg]
     return attention
 
 
