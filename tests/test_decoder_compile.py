@@ -114,7 +114,7 @@ ONNX Runtime's memory); the manifest's bytes per token are those of the real sta
     assert m["decoder"]["kv_cache"]["bytes_per_token"] == per_sequence / 224
 
 
-@pytest.mark.parametrize("recipe", ["kv4", "kv8", "kv-fp8"])
+@pytest.mark.parametrize("recipe", ["kv4", "kv8", "kv-fp8", "kv-nvfp4"])
 def test_an_encoded_kv_cache_generates_on_cpu_as_on_the_interpreter(model_dir, tmp_path, recipe):
     """The tvm backend runs the encoded caches natively: 32 greedy tokens after a short prompt and
     after one longer than kv4's window, equal to the reference interpreter's, the resident state

@@ -136,6 +136,11 @@ KV_CACHE = [
     Capability("kv_cache_read", "kv4", "kernels.kvcache_attention: KIVI attention on the packed nibbles, key scales "
                "and minimums folded into the query once a group, value ones into the softmax weights; recent tokens "
                "from the float window (another reader: dequantised)", _llvm),
+    Capability("kv_cache_write", "kv-nvfp4", "kernels.kvcache: NVFP4 per token, packed E2M1 codes, E4M3 scales per "
+               "block of 16 values and a float16 token scale written in place, rounded as the reference", _llvm),
+    Capability("kv_cache_read", "kv-nvfp4", "kernels.kvcache_attention: attention on the packed E2M1 codes read as "
+               "float16 patterns, each block's E4M3 scale out of its partial q.k sum and into the softmax weight, the "
+               "token scale once a token (another reader: dequantised)", _llvm),
 ]
 
 CAPABILITIES = Capabilities([

@@ -41,7 +41,7 @@ def _state(lw, read):
 def _kv_cache_write(lw, node):
     from tvm.relax import op
     from .kernels.dense import vector_lanes
-    from .kernels.kvcache import kv4_write_func, per_token_write_func
+    from .kernels.kvcache import kv4_write_func, nvfp4_write_func, per_token_write_func
     new, positions, *state = node.inputs
     a = node.attrs
     enc = encoding_of(a)
@@ -56,6 +56,9 @@ def _kv_cache_write(lw, node):
         # one kernel per cache: its assertion on the positions names the node
         name = c_name(f"nf_kv4_write_{node.name}")
         func = kv4_write_func(enc.role, kvh, max_len, d, enc.group, enc.residual, f"node {node.name}")
+    elif enc.kind == "kv-nvfp4":
+        name = c_name(f"nf_kv_nvfp4_write_{kvh}x{max_len}x{d}")
+        func = nvfp4_write_func(kvh, max_len, d, vector_lanes(lw.target))
     else:
         name = c_name(f"nf_{enc.kind}_write_{kvh}x{max_len}x{d}")
         func = per_token_write_func(enc.kind, kvh, max_len, d, vector_lanes(lw.target))
@@ -86,7 +89,7 @@ def fused_attention(lw, node):
     """The attention ``node`` on the encoded state its K and V reads stand for, or None (float K
     and V, or reads :func:`fused_reads` does not fuse)."""
     from .kernels.dense import vector_lanes
-    from .kernels.kvcache_attention import kv4_attention_func, per_token_attention_func
+    from .kernels.kvcache_attention import kv4_attention_func, nvfp4_attention_func, per_token_attention_func
     reads = fused_reads(lw, node)
     if reads is None:
         return None
@@ -104,6 +107,10 @@ def fused_attention(lw, node):
         name = c_name(f"nf_kv4_attention_{h}x{kvh}x{max_len}x{d}_g{enc.group}_r{enc.residual}_{tail}")
         func = kv4_attention_func(h, kvh, max_len, d, enc.group, enc.residual, float(a["scale"]), int(a["window"]),
                                   float(a["softcap"]), lanes, most)
+    elif enc.kind == "kv-nvfp4":
+        name = c_name(f"nf_kv_nvfp4_attention_{h}x{kvh}x{max_len}x{d}_{tail}")
+        func = nvfp4_attention_func(h, kvh, max_len, d, float(a["scale"]), int(a["window"]), float(a["softcap"]),
+                                    most)
     else:
         name = c_name(f"nf_{enc.kind}_attention_{h}x{kvh}x{max_len}x{d}_{tail}")
         func = per_token_attention_func(enc.kind, h, kvh, max_len, d, float(a["scale"]), int(a["window"]),

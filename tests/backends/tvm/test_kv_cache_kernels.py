@@ -1,4 +1,4 @@
-"""The tvm backend runs the encoded KV caches (kv8, kv-fp8, kv4) natively (kernels/kvcache.py,
+"""The tvm backend runs the encoded KV caches (kv8, kv-fp8, kv4, kv-nvfp4) natively (kernels/kvcache.py,
 kvcache_attention.py): the state written in place equal to the reference interpreter's bit for
 bit, attention on the stored codes close to the interpreter's attention on the dequantised cache,
 step by step across kv4's group boundaries, with grouped-query heads, a sliding window and
@@ -20,10 +20,10 @@ from tests import conftest  # noqa: E402
 from tests.backends.onnx.test_kv_cache_encodings import ENCODINGS as ALL_ENCODINGS  # noqa: E402
 from tests.backends.onnx.test_kv_cache_encodings import HEAD_DIM, cache_graph, hard_values  # noqa: E402
 
-CPU_KINDS = ("kv8", "kv-fp8", "kv4")           # kv-nvfp4 and kv-gear4 have no cpu kernels yet: refused by name
+CPU_KINDS = ("kv8", "kv-fp8", "kv4", "kv-nvfp4")           # kv-gear4 has no cpu kernels yet: refused by name
 ENCODINGS = [(kind, options) for kind, options in ALL_ENCODINGS if kind in CPU_KINDS]
 
-B, H, KVH, L, D = 2, 4, 2, 24, 8
+B, H, KVH, L, D = 2, 4, 2, 24, 16       # D: kv-nvfp4's block
 STEPS = [7, 1, 1, 4, 1, 6, 1]          # past several kv4 groups and the window
 
 

@@ -10,10 +10,15 @@ window), never the whole state.
 """
 from __future__ import annotations
 
-from .minifloat_codes import SCALE_FACTOR, code_value, e4m3_code
+from ....ir.kvcache import KVNVFP4
+from .minifloat_codes import FLOAT_UNIT, SCALE_FACTOR, code_value, minifloat_code
 
 FP16_MAX = 65504.0
 PER_TOKEN = {"kv8": ("int8", 127.0), "kv-fp8": ("uint8", 448.0)}      # code dtype, max|x| maps onto
+# what a code_value of an E4M3 / E2M1 code is multiplied by to give the code's value (a power of
+# two, so the product is exact)
+E4M3_UNIT = SCALE_FACTOR["e4m3"]
+E2M1_UNIT = FLOAT_UNIT["e2m1"] * SCALE_FACTOR["e2m1"]
 
 
 def _f16(v):
@@ -33,7 +38,7 @@ def _ratio(x, s):
 def _code(kind: str, ratio):
     from tvm import tirx
     if kind == "kv-fp8":
-        return e4m3_code(ratio)
+        return minifloat_code(ratio, "e4m3")
     return tirx.Cast("int8", tirx.min(tirx.max(tirx.nearbyint(ratio), tirx.const(-127, "float32")),
                                       tirx.const(127, "float32")))
 
@@ -99,6 +104,74 @@ def per_token_write_func(kind: str, kv_heads: int, max_len: int, head_dim: int, 
                 for do in range(chunks):
                     for dv in T.vectorized(vec):
                         codes[bi, h, slot, do * vec + dv] = _code(kind, _ratio(new[bi, h, j, do * vec + dv], sc[0]))
+    return write
+
+
+def nvfp4_step(block_code, s2):
+    """A kv-nvfp4 block's step, its E4M3 block scale times the token's float16 scale ``s2`` (as
+    float32), rounded as ir/kvcache.KVNVFP4 rounds it."""
+    from tvm import tirx
+    return code_value("e4m3", block_code) * tirx.const(E4M3_UNIT, "float32") * s2
+
+
+def e2m1_float(byte, high: bool):
+    """The E2M1 code of a packed byte's low (first) or high nibble as float32, up to
+    :data:`E2M1_UNIT` (which a kernel multiplies in once, with the scales)."""
+    from tvm import tirx
+    code = tirx.shift_right(byte, tirx.const(4, "uint8")) if high else byte    # code_value drops the high bits
+    return code_value("e2m1", code)
+
+
+def nvfp4_write_func(kv_heads: int, max_len: int, head_dim: int, lanes: int):
+    """PrimFunc ``(new [b, kvh, s, d] f32, positions [b, s], codes [b, kvh, L, d/2] u8, block_scale
+    [b, kvh, L, d/16] u8, scale [b, kvh, L, 1] f16)`` writing each new token at its slot, in place:
+    the float16 token scale, an E4M3 scale per block of 16 values and the E2M1 codes packed two a
+    byte (low nibble first). Tokens run in parallel."""
+    from tvm.script import tirx as T
+    blk = KVNVFP4.BLOCK
+    blocks, half = head_dim // blk, head_dim // 2
+    top = KVNVFP4.SCALE_TOP * KVNVFP4.TOP
+    vec = fit_lanes(head_dim, lanes)
+    chunks = head_dim // vec
+    f32 = "float32"
+
+    @T.prim_func(private=True, s_tir=True)
+    def write(n_h: T.handle, p_h: T.handle, c_h: T.handle, b_h: T.handle, s_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        b, s = T.int64(), T.int64()
+        new = T.match_buffer(n_h, (b, kv_heads, s, head_dim), f32)
+        pos = T.match_buffer(p_h, (b, s), "int64")
+        codes = T.match_buffer(c_h, (b, kv_heads, max_len, half), "uint8")
+        bscale = T.match_buffer(b_h, (b, kv_heads, max_len, blocks), "uint8")
+        scale = T.match_buffer(s_h, (b, kv_heads, max_len, 1), "float16")
+        with T.sblock("root"):
+            for r in T.parallel(b * kv_heads * s):
+                part = T.alloc_buffer((vec,), f32, scope="local")
+                sc = T.alloc_buffer((2,), f32, scope="local")      # the token's scale, a block's
+                bi = r // (kv_heads * s)
+                h = r // s % kv_heads
+                j = r % s
+                slot = T.max(T.min(pos[bi, j], T.int64(max_len - 1)), T.int64(0))
+                for dv in T.vectorized(vec):
+                    part[dv] = T.float32(0)
+                for do in range(chunks):
+                    for dv in T.vectorized(vec):
+                        part[dv] = T.max(part[dv], T.fabs(new[bi, h, j, do * vec + dv]))
+                sc[0] = T.float32(0)
+                for dv in range(vec):
+                    sc[0] = T.max(sc[0], part[dv])
+                scale[bi, h, slot, 0] = _f16(sc[0] / T.float32(top))
+                sc[0] = T.Cast(f32, scale[bi, h, slot, 0])
+                for k in range(blocks):
+                    sc[1] = T.float32(0)
+                    for i in range(blk):
+                        sc[1] = T.max(sc[1], T.fabs(new[bi, h, j, k * blk + i]))
+                    bscale[bi, h, slot, k] = minifloat_code(_ratio(sc[1] / T.float32(KVNVFP4.TOP), sc[0]), "e4m3")
+                    sc[1] = nvfp4_step(bscale[bi, h, slot, k], sc[0])
+                    for i in range(blk // 2):
+                        codes[bi, h, slot, k * (blk // 2) + i] = minifloat_code(
+                            _ratio(new[bi, h, j, k * blk + 2 * i], sc[1]), "e2m1") | (minifloat_code(
+                                _ratio(new[bi, h, j, k * blk + 2 * i + 1], sc[1]), "e2m1") << T.uint8(4))
     return write
 
 
@@ -225,6 +298,8 @@ def read_func(kind: str, role: str, kv_heads: int, max_len: int, head_dim: int, 
                             T.Cast(f32, sc[r // kv_heads, r % kv_heads, t, 0]) * T.float32(unit))
         return read
 
+    if kind == "kv-nvfp4":
+        return _nvfp4_read_func(kv_heads, max_len, head_dim)
     w_len = max(1, residual + group - 1)
     half = head_dim // 2
     srows, scols = (-(-max_len // group), head_dim) if role == "k" else (max_len, 1)
@@ -267,5 +342,30 @@ def read_func(kind: str, role: str, kv_heads: int, max_len: int, head_dim: int, 
     return read4
 
 
-__all__ = ["PER_TOKEN", "code_float", "code_unit", "fit_lanes", "kv4_write_func", "per_token_write_func",
-           "read_func"]
+def _nvfp4_read_func(kv_heads: int, max_len: int, head_dim: int):
+    from tvm.script import tirx as T
+    blk = KVNVFP4.BLOCK
+    f32 = "float32"
+
+    @T.prim_func(private=True, s_tir=True)
+    def read(p_h: T.handle, c_h: T.handle, b_h: T.handle, s_h: T.handle, o_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        b, s = T.int64(), T.int64()
+        T.match_buffer(p_h, (b, s), "int64")
+        codes = T.match_buffer(c_h, (b, kv_heads, max_len, head_dim // 2), "uint8")
+        bscale = T.match_buffer(b_h, (b, kv_heads, max_len, head_dim // blk), "uint8")
+        sc = T.match_buffer(s_h, (b, kv_heads, max_len, 1), "float16")
+        out = T.match_buffer(o_h, (b, kv_heads, max_len, head_dim), f32)
+        with T.sblock("root"):
+            for r in T.parallel(b * kv_heads):
+                bi = r // kv_heads
+                h = r % kv_heads
+                for t, i in T.grid(max_len, head_dim // 2):
+                    step = nvfp4_step(bscale[bi, h, t, 2 * i // blk], T.Cast(f32, sc[bi, h, t, 0]))
+                    out[bi, h, t, 2 * i] = e2m1_float(codes[bi, h, t, i], False) * T.float32(E2M1_UNIT) * step
+                    out[bi, h, t, 2 * i + 1] = e2m1_float(codes[bi, h, t, i], True) * T.float32(E2M1_UNIT) * step
+    return read
+
+
+__all__ = ["E2M1_UNIT", "E4M3_UNIT", "PER_TOKEN", "code_float", "code_unit", "e2m1_float", "fit_lanes",
+           "kv4_write_func", "nvfp4_step", "nvfp4_write_func", "per_token_write_func", "read_func"]

@@ -11,10 +11,17 @@ K and V row is decoded once for all of them (:func:`head_block` cuts the groups 
   each key costs the dot product of its nibbles; a value token's scale multiplies its softmax
   weight and its minimum sums into one number per query, added once. Tokens still in the float
   window are read as floats.
+- ``kv-nvfp4``: the packed E2M1 codes (read as float16 patterns, as kv-fp8's) are summed per block
+  of 16 channels against the query's even and odd channels, each block's sum multiplied by its
+  E4M3 scale and the total by the token's float16 scale; on the value side the softmax weight times
+  a block's scale weighs that block's codes.
 """
 from __future__ import annotations
 
-from .kvcache import PER_TOKEN, code_float, code_unit, fit_lanes
+from ....ir.kvcache import KVNVFP4
+from .kvcache import E2M1_UNIT, E4M3_UNIT, PER_TOKEN, code_float, code_unit, e2m1_float, fit_lanes
+from .minifloat_codes import code_value
+
 
 def head_block(heads: int, kv_heads: int, threads: int) -> tuple[int, int]:
     """(query heads one kernel iteration runs together, blocks per kv head): a kv head's whole
@@ -286,4 +293,111 @@ def kv4_attention_func(heads: int, kv_heads: int, max_len: int, head_dim: int, g
     return attention
 
 
-__all__ = ["head_block", "kv4_attention_func", "per_token_attention_func"]
+def nvfp4_attention_func(heads: int, kv_heads: int, max_len: int, head_dim: int, scale: float, window: int,
+                         softcap: float, threads: int = 1):
+    """PrimFunc ``(q [b, h, s, d], k codes, k block_scale, k scale, v codes, v block_scale, v scale,
+    positions [b, s], out)``: causal grouped-query attention over each query's visible slots on a
+    kv-nvfp4 K and V state. The packed nibbles are read as even and odd channels, a block of 16
+    channels (8 bytes, vectorised) at a time, once per token for the query heads of a block
+    (:func:`head_block`); (batch, head block, query) triples run in parallel."""
+    from tvm.script import tirx as T
+    grp, blocks = head_block(heads, kv_heads, threads)
+    seen = window if window else max_len + 1
+    nb, bb = head_dim // KVNVFP4.BLOCK, KVNVFP4.BLOCK // 2        # blocks a row, bytes a block
+    half = head_dim // 2
+    f32 = "float32"
+    # the code values are read short of powers of two; the product's goes in once, with the scales
+    unit = E2M1_UNIT * E4M3_UNIT
+
+    def e4m3(code):
+        return code_value("e4m3", code)
+
+    @T.prim_func(private=True, s_tir=True)
+    def attention(q_h: T.handle, kc_h: T.handle, kb_h: T.handle, ks_h: T.handle, vc_h: T.handle, vb_h: T.handle,
+                  vs_h: T.handle, p_h: T.handle, o_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        b, s = T.int64(), T.int64()
+        q = T.match_buffer(q_h, (b, heads, s, head_dim), f32)
+        kc = T.match_buffer(kc_h, (b, kv_heads, max_len, half), "uint8")
+        kb = T.match_buffer(kb_h, (b, kv_heads, max_len, nb), "uint8")
+        ks = T.match_buffer(ks_h, (b, kv_heads, max_len, 1), "float16")
+        vc = T.match_buffer(vc_h, (b, kv_heads, max_len, half), "uint8")
+        vb = T.match_buffer(vb_h, (b, kv_heads, max_len, nb), "uint8")
+        vs = T.match_buffer(vs_h, (b, kv_heads, max_len, 1), "float16")
+        pos = T.match_buffer(p_h, (b, s), "int64")
+        out = T.match_buffer(o_h, (b, heads, s, head_dim), f32)
+        with T.sblock("root"):
+            for r in T.parallel(b * kv_heads * blocks * s):
+                scores = T.alloc_buffer((grp, max_len), f32, scope="global")
+                qe = T.alloc_buffer((grp, half), f32, scope="local")     # the query's even channels
+                qo = T.alloc_buffer((grp, half), f32, scope="local")     # odd channels
+                ae = T.alloc_buffer((grp, half), f32, scope="local")     # sums of p * step * codes, even
+                ao = T.alloc_buffer((grp, half), f32, scope="local")
+                part = T.alloc_buffer((grp, bb), f32, scope="local")     # a block's partial sums, per head
+                w = T.alloc_buffer((grp,), f32, scope="local")
+                span = T.alloc_buffer((2,), "int64", scope="local")     # first slot, slot count
+                top = T.alloc_buffer((grp,), f32, scope="local")
+                total = T.alloc_buffer((grp,), f32, scope="local")
+                bi = r // (kv_heads * blocks * s)
+                kbk = r // s % (kv_heads * blocks)       # the block of query heads
+                kh = kbk // T.int64(blocks)
+                j = r % s
+                span[1] = T.max(T.min(pos[bi, j], T.int64(max_len - 1)), T.int64(0)) + T.int64(1)
+                span[0] = T.max(span[1] - T.int64(seen), T.int64(0))
+                span[1] = span[1] - span[0]
+                for hg in range(grp):
+                    top[hg] = T.min_value(f32)
+                    for i in range(half):
+                        qe[hg, i] = q[bi, kbk * grp + hg, j, 2 * i]
+                        qo[hg, i] = q[bi, kbk * grp + hg, j, 2 * i + 1]
+                for t in range(span[1]):
+                    for hg in range(grp):
+                        scores[hg, t] = T.float32(0)
+                    for k in range(nb):
+                        # the heads unrolled inside a block: its nibbles are decoded once, in registers
+                        for hg in T.unroll(grp):
+                            for dv in T.vectorized(bb):
+                                part[hg, dv] = qe[hg, k * bb + dv] * e2m1_float(kc[bi, kh, span[0] + t, k * bb + dv],
+                                                                                False) \
+                                    + qo[hg, k * bb + dv] * e2m1_float(kc[bi, kh, span[0] + t, k * bb + dv], True)
+                        for hg in range(grp):
+                            w[hg] = T.float32(0)
+                            for dv in range(bb):
+                                w[hg] = w[hg] + part[hg, dv]
+                            scores[hg, t] = scores[hg, t] + w[hg] * e4m3(kb[bi, kh, span[0] + t, k])
+                    for hg in range(grp):
+                        scores[hg, t] = scores[hg, t] * (T.Cast(f32, ks[bi, kh, span[0] + t, 0])
+                                                         * T.float32(scale * unit))
+                        if softcap > 0:
+                            scores[hg, t] = T.tanh(scores[hg, t] / T.float32(softcap)) * T.float32(softcap)
+                        top[hg] = T.max(top[hg], scores[hg, t])
+                for hg in range(grp):
+                    total[hg] = T.float32(0)
+                    for t in range(span[1]):
+                        scores[hg, t] = T.exp(scores[hg, t] - top[hg])
+                        total[hg] = total[hg] + scores[hg, t]
+                    for i in range(half):
+                        ae[hg, i] = T.float32(0)
+                        ao[hg, i] = T.float32(0)
+                for t in range(span[1]):
+                    for hg in range(grp):
+                        scores[hg, t] = scores[hg, t] * (T.Cast(f32, vs[bi, kh, span[0] + t, 0])
+                                                         * T.float32(unit))
+                    for k in range(nb):
+                        for hg in range(grp):
+                            w[hg] = scores[hg, t] * e4m3(vb[bi, kh, span[0] + t, k])
+                        for hg in T.unroll(grp):
+                            for dv in T.vectorized(bb):
+                                ae[hg, k * bb + dv] = ae[hg, k * bb + dv] + w[hg] * e2m1_float(
+                                    vc[bi, kh, span[0] + t, k * bb + dv], False)
+                                ao[hg, k * bb + dv] = ao[hg, k * bb + dv] + w[hg] * e2m1_float(
+                                    vc[bi, kh, span[0] + t, k * bb + dv], True)
+                for hg in range(grp):
+                    total[hg] = T.float32(1) / total[hg]
+                    for i in range(half):
+                        out[bi, kbk * grp + hg, j, 2 * i] = ae[hg, i] * total[hg]
+                        out[bi, kbk * grp + hg, j, 2 * i + 1] = ao[hg, i] * total[hg]
+    return attention
+
+
+__all__ = ["head_block", "kv4_attention_func", "nvfp4_attention_func", "per_token_attention_func"]

@@ -87,13 +87,14 @@ def round_value(v, fmt):
     return tirx.Select(v < tirx.const(0, "float32"), -r, r)
 
 
-def e4m3_code(v):
-    """The E4M3 code (uint8: sign on top, nnforge.ir.minifloat.encode's field) of float32 ``v``
-    rounded to E4M3 (nearest even, saturating; NaN gives the NaN code 0x7F, -0.0 keeps its sign)."""
+def minifloat_code(v, name: str):
+    """The code (uint8: sign on top, nnforge.ir.minifloat.encode's field) of float32 ``v`` rounded
+    to minifloat ``name`` (nearest even, saturating; for a format with NaN, NaN gives its NaN code;
+    -0.0 keeps its sign)."""
     from tvm import tirx
     from ....ir.dtypes import dtype
     from ....ir.minifloat import min_exponent
-    fmt = dtype("e4m3")
+    fmt = dtype(name)
     r = round_value(v, fmt)
     mag = tirx.abs(r)
     bits = tirx.reinterpret("int32", mag)
@@ -105,9 +106,11 @@ def e4m3_code(v):
     code = tirx.Select(exp >= min_exponent(fmt), normal, sub)
     # the input's sign bit: round_value gives -0.0 as +0.0, and a value rounding to zero keeps its sign
     sign = tirx.Select(tirx.reinterpret("int32", v) < 0, 1 << (fmt.exp_bits + fmt.man_bits), 0)
-    code = tirx.Select(tirx.isnan(r), (1 << (fmt.exp_bits + fmt.man_bits)) - 1, tirx.bitwise_or(code, sign))
+    code = tirx.bitwise_or(code, sign)
+    if fmt.nan != "none":
+        code = tirx.Select(tirx.isnan(r), (1 << (fmt.exp_bits + fmt.man_bits)) - 1, code)
     return tirx.Cast("uint8", code)
 
 
-__all__ = ["BITS", "FORMATS", "FP4_DOT_ZERO", "SCALE_FACTOR", "code_value", "e4m3_code", "fp4_lookup", "fp4_table",
-           "round_value"]
+__all__ = ["BITS", "FORMATS", "FP4_DOT_ZERO", "SCALE_FACTOR", "code_value", "fp4_lookup", "fp4_table",
+           "minifloat_code", "round_value"]
