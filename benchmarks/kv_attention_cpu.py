@@ -1,6 +1,6 @@
 """One decode step's attention on the cpu (tvm) backend's kernels, float cache vs the encoded ones
 (docs/kv_cache.md): the float attention kernel (kernels/decoder.py) on float32 K and V, and the
-fused kernels of kernels/kvcache_attention.py on kv8, kv-fp8 and kv4 state, one query token at
+fused kernels of kernels/kvcache_attention.py on kv8, kv-fp8, kv4 and kv-nvfp4 state, one query token at
 the end of a full context. Prints milliseconds per call and each encoding's speed-up over the
 float cache.
 
@@ -57,7 +57,8 @@ def run(contexts: list[int], heads: int, kv_heads: int, head_dim: int, group: in
     from nnforge.backends.tvm import threads
     from nnforge.backends.tvm.kernels.decoder import attention_func
     from nnforge.backends.tvm.kernels.dense import vector_lanes
-    from nnforge.backends.tvm.kernels.kvcache_attention import kv4_attention_func, per_token_attention_func
+    from nnforge.backends.tvm.kernels.kvcache_attention import (kv4_attention_func, nvfp4_attention_func,
+                                                                per_token_attention_func)
     from nnforge.backends.tvm.llvm_targets import resolve_target
     tvm_target = resolve_target(target)
     lanes = vector_lanes(tvm_target)
@@ -80,6 +81,9 @@ def run(contexts: list[int], heads: int, kv_heads: int, head_dim: int, group: in
                                   threads.most())
         state = _state("kv4", "k", k, group, residual) + _state("kv4", "v", v, group, residual)
         timers["kv4"] = _compile(func, [q, *state, positions, out], tvm_target)
+        func = nvfp4_attention_func(heads, kv_heads, ctx, head_dim, scale, 0, 0.0, threads.most())
+        state = _state("kv-nvfp4", "k", k, group, residual) + _state("kv-nvfp4", "v", v, group, residual)
+        timers["kv-nvfp4"] = _compile(func, [q, *state, positions, out], tvm_target)
         times = _best(timers, rounds)
         rows.append({"context": ctx, "ms": times, "speedup": {kind: times["float"] / t for kind, t in times.items()
                                                              if kind != "float"}})
