@@ -141,6 +141,11 @@ KV_CACHE = [
     Capability("kv_cache_read", "kv-nvfp4", "kernels.kvcache_attention: attention on the packed E2M1 codes read as "
                "float16 patterns, each block's E4M3 scale out of its partial q.k sum and into the softmax weight, the "
                "token scale once a token (another reader: dequantised)", _llvm),
+    Capability("kv_cache_write", "kv-gear4", "kernels.kvcache: GEAR on KIVI, each group a step completes: outliers "
+               "taken out, kv4's codes, the error's low-rank factors by subspace iteration in ir/ordered.py's float32 "
+               "order, in place; positions as kv4's", _llvm),
+    Capability("kv_cache_read", "kv-gear4", "kernels.kvcache: codes, low-rank term and outliers dequantised, then "
+               "the float attention kernel (no fused kernel)", _llvm),
 ]
 
 CAPABILITIES = Capabilities([

@@ -14,6 +14,11 @@ from .ops import _as, rule
 from .weight_arrays import c_name
 
 
+# the encodings kernels/kvcache_attention.py attends on; kv-gear4 has no fused kernel yet, so its
+# reads are dequantised for the float attention kernel
+FUSED = ("kv8", "kv-fp8", "kv4", "kv-nvfp4")
+
+
 def _attrs_key(attrs: dict) -> tuple:
     return tuple(sorted((k, v) for k, v in attrs.items() if k != "role"))
 
@@ -25,6 +30,8 @@ def fused_reads(lw, node):
     if q.dtype.name != "float32" or any(r is None or r.op != "kv_cache_read" for r in reads):
         return None
     kr, vr = reads
+    if encoding_of(kr.attrs).kind not in FUSED:
+        return None
     if (kr.attrs["role"], vr.attrs["role"]) != ("k", "v") or _attrs_key(kr.attrs) != _attrs_key(vr.attrs):
         return None
     if any(r.inputs[0] is not positions or r.output in lw.graph.outputs for r in reads):
@@ -41,7 +48,7 @@ def _state(lw, read):
 def _kv_cache_write(lw, node):
     from tvm.relax import op
     from .kernels.dense import vector_lanes
-    from .kernels.kvcache import kv4_write_func, nvfp4_write_func, per_token_write_func
+    from .kernels.kvcache import gear4_write_func, kv4_write_func, nvfp4_write_func, per_token_write_func
     new, positions, *state = node.inputs
     a = node.attrs
     enc = encoding_of(a)
@@ -56,6 +63,10 @@ def _kv_cache_write(lw, node):
         # one kernel per cache: its assertion on the positions names the node
         name = c_name(f"nf_kv4_write_{node.name}")
         func = kv4_write_func(enc.role, kvh, max_len, d, enc.group, enc.residual, f"node {node.name}")
+    elif enc.kind == "kv-gear4":
+        name = c_name(f"nf_kv_gear4_write_{node.name}")
+        func = gear4_write_func(enc.role, kvh, max_len, d, enc.group, enc.residual, enc.rank, enc.outliers,
+                                f"node {node.name}")
     elif enc.kind == "kv-nvfp4":
         name = c_name(f"nf_kv_nvfp4_write_{kvh}x{max_len}x{d}")
         func = nvfp4_write_func(kvh, max_len, d, vector_lanes(lw.target))
@@ -77,9 +88,9 @@ def _kv_cache_read(lw, node):
     a = node.attrs
     enc = encoding_of(a)
     kvh = node.inputs[1].shape[1]
-    extra = {"group": enc.group, "residual": enc.residual} if enc.kind == "kv4" else {}
+    extra = enc.attrs()
     name = c_name(f"nf_{enc.kind}_read_{enc.role}_{kvh}x{a['max_len']}x{a['head_dim']}"
-                  + "".join(f"_{k[0]}{v}" for k, v in extra.items()))
+                  + "".join(f"_{k}{v}" for k, v in extra.items()))
     func = read_func(enc.kind, enc.role, kvh, a["max_len"], a["head_dim"], **extra)
     return lw.relax.call_tir(lw.func(name, func), [_as(lw, node.inputs[0], "int64"), *_state(lw, node)],
                              lw.ttype(node.output))
@@ -119,4 +130,4 @@ def fused_attention(lw, node):
     return lw.relax.call_tir(lw.func(name, func), args, lw.relax.TensorType(lw.shape(q.shape), "float32"))
 
 
-__all__ = ["fused_attention", "fused_reads"]
+__all__ = ["FUSED", "fused_attention", "fused_reads"]

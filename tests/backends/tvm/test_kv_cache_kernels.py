@@ -1,7 +1,8 @@
-"""The tvm backend runs the encoded KV caches (kv8, kv-fp8, kv4, kv-nvfp4) natively (kernels/kvcache.py,
-kvcache_attention.py): the state written in place equal to the reference interpreter's bit for
-bit, attention on the stored codes close to the interpreter's attention on the dequantised cache,
-step by step across kv4's group boundaries, with grouped-query heads, a sliding window and
+"""The tvm backend runs the encoded KV caches (kv8, kv-fp8, kv4, kv-nvfp4, kv-gear4) natively
+(kernels/kvcache.py, kvcache_attention.py): the state written in place equal to the reference
+interpreter's bit for bit (kv-gear4's low-rank factors included), attention on the stored codes
+close to the interpreter's attention on the dequantised cache, step by step across kv4's group
+boundaries, with grouped-query heads, a sliding window and
 softcapping; an encoded K beside a float V read through the dequantising kernel."""
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ pytest.importorskip("tvm")
 from nnforge.backends.base import BackendError, get_backend  # noqa: E402
 from nnforge.backends.tvm.capabilities import CAPABILITIES, KV_CACHE  # noqa: E402
 from nnforge.backends.tvm.kernels.kvcache_attention import head_block  # noqa: E402
+from nnforge.backends.tvm.ops_kvcache import FUSED  # noqa: E402
 from nnforge.ir import Graph, Interpreter, tensor  # noqa: E402
 from nnforge.ir.kvcache import CACHE_ENCODINGS, cache_encoding  # noqa: E402
 from nnforge.targets import get_target  # noqa: E402
@@ -20,7 +22,7 @@ from tests import conftest  # noqa: E402
 from tests.backends.onnx.test_kv_cache_encodings import ENCODINGS as ALL_ENCODINGS  # noqa: E402
 from tests.backends.onnx.test_kv_cache_encodings import HEAD_DIM, cache_graph, hard_values  # noqa: E402
 
-CPU_KINDS = ("kv8", "kv-fp8", "kv4", "kv-nvfp4")           # kv-gear4 has no cpu kernels yet: refused by name
+CPU_KINDS = ("kv8", "kv-fp8", "kv4", "kv-nvfp4", "kv-gear4")
 ENCODINGS = [(kind, options) for kind, options in ALL_ENCODINGS if kind in CPU_KINDS]
 
 B, H, KVH, L, D = 2, 4, 2, 24, 16       # D: kv-nvfp4's block
@@ -88,15 +90,19 @@ def test_the_written_state_equals_the_interpreters_bit_for_bit(tmp_path, kind, o
 @pytest.mark.parametrize("window,softcap,heads,threads", [(0, 0.0, H, 1), (5, 20.0, 16, 8)])
 @pytest.mark.parametrize("kind, options", ENCODINGS, ids=lambda x: x if isinstance(x, str) else str(x))
 def test_attention_reads_the_stored_encoding(tmp_path, monkeypatch, kind, options, window, softcap, heads, threads):
-    """One kernel reads the codes (no dequantised cache is made), prefill then decode steps, the
-    state fed back from the runner's outputs; 4 heads on 2 kv heads in whole groups of 2, 16 in
-    blocks of 2 (for 8 threads: kvcache_attention.head_block)."""
+    """One kernel reads the codes (no dequantised cache is made; kv-gear4, which has no fused
+    kernel: its reads dequantised for the float kernel), prefill then decode steps, the state fed
+    back from the runner's outputs; 4 heads on 2 kv heads in whole groups of 2, 16 in blocks of 2
+    (for 8 threads: kvcache_attention.head_block)."""
     from nnforge.backends.tvm import threads as pool
     monkeypatch.setattr(pool, "most", lambda: threads)
     graph = attention_graph(kind, window, softcap, heads, **options)
     runner, library = _lower(graph, tmp_path)
-    assert f"nf_{kind.replace('-', '_')}_attention".encode() in library
-    assert b"_read_" not in library and b"nf_attention" not in library
+    if kind in FUSED:
+        assert f"nf_{kind.replace('-', '_')}_attention".encode() in library
+        assert b"_read_" not in library and b"nf_attention" not in library
+    else:
+        assert f"nf_{kind.replace('-', '_')}_read".encode() in library and b"nf_attention" in library
     interpreter = Interpreter(graph)
     names = [v.name for v in graph.outputs[1:]]
     state = [torch.zeros(B, *v.shape[1:], dtype=v.dtype.torch_dtype).numpy()
@@ -157,12 +163,13 @@ def test_query_heads_run_in_blocks_that_fill_the_threads():
     assert head_block(16, 2, 8) == (2, 4) and head_block(14, 2, 2) == (7, 1) and head_block(14, 2, 4) == (1, 7)
 
 
-def test_a_kv4_write_refuses_positions_that_skip(tmp_path):
-    graph = cache_graph("kv4", "k", group=4, residual=3)
+@pytest.mark.parametrize("kind", ["kv4", "kv-gear4"])
+def test_a_kv4_write_refuses_positions_that_skip(tmp_path, kind):
+    graph = cache_graph(kind, "k", group=4, residual=3)
     runner, _ = _lower(graph, tmp_path)
-    state = [t.numpy() for t in cache_encoding("kv4", "k", group=4, residual=3).zeros(2, 2, 24, HEAD_DIM)]
+    state = [t.numpy() for t in cache_encoding(kind, "k", group=4, residual=3).zeros(2, 2, 24, HEAD_DIM)]
     x = hard_values(2, 2, seed=0).numpy()
-    with pytest.raises(BackendError, match=r"node layer.k_cache.write: a kv4 cache needs each row's positions "
+    with pytest.raises(BackendError, match=rf"node layer.k_cache.write: a {kind} cache needs each row's positions "
                                            r"consecutive, continuing the sequence, and within its 24 slots"):
         runner(x, torch.tensor([[0, 2], [0, 1]]).numpy(), *state)
 
@@ -171,7 +178,7 @@ def test_every_encoding_has_its_rows_and_others_are_refused_by_name(monkeypatch)
     from nnforge.ir import kvcache
     assert {(r.op, r.encoding) for r in KV_CACHE} == {(op, kind) for op in ("kv_cache_write", "kv_cache_read")
                                                       for kind in CPU_KINDS}
-    assert set(CPU_KINDS) < set(CACHE_ENCODINGS)
+    assert set(CPU_KINDS) == set(CACHE_ENCODINGS)
     for kind, options in ENCODINGS:
         for op in ("kv_cache_write", "kv_cache_read"):
             assert CAPABILITIES.find(op, cache_encoding(kind, "v", **options), get_target("cpu"))[0] in KV_CACHE
