@@ -128,3 +128,26 @@ def test_greedy_follows_the_argmax():
 def test_continuation_split_refuses_short_text():
     with pytest.raises(ValueError, match="needs 30"):
         kv_tasks.continuation_split(list(range(20)), 20, 10)
+
+
+def test_goals_are_worked_out_from_the_rows():
+    pk = {"2048@0": [1, 1, []], "2048@0.5": [1, 1, []]}
+    rows = [{"kind": "quality", "name": "fp32", "ppl@2048": 10.0, "fp16_bytes_per_token": 1000.0,
+             "bytes_per_context_token": 2000.0, "passkey": pk},
+            {"kind": "quality", "name": "kv8", "ppl@2048": 10.04, "bytes_per_context_token": 500.0, "passkey": pk},
+            {"kind": "quality", "name": "kv4", "ppl@2048": 10.2, "bytes_per_context_token": 300.0,
+             "passkey": {"2048@0": [1, 1, []], "2048@0.5": [0, 1, []]}},
+            {"kind": "quality", "name": "kv-gear4", "ppl@2048": 10.1, "bytes_per_context_token": 340.0, "passkey": pk},
+            {"kind": "quality", "name": "kv-evict-1024", "bytes_per_context_token": 1000.0, "passkey": pk},
+            {"kind": "peer", "label": "kvpress SnapKVPress at ratio 0.5", "passkey": {"2048@0": [1, 1, []]}},
+            {"kind": "speed", "name": "w8", "decode_tokens_per_s@4096": 10.0},
+            {"kind": "speed", "name": "w8+kv4", "decode_tokens_per_s@4096": 14.0}]
+    got = {g[0]: (g[1], g[2]) for g in kv_cache.goals(rows, [2048])}
+    assert got["`kv8` perplexity within 0.5% of the float cache"] == ("perplexity +0.40% (worst window) at 0.500x the bytes",
+                                                                      "yes")
+    assert got["`kv4` perplexity within 3.0% of the float cache at 0.27x the bytes of a float16 cache"][1] == "no"
+    assert got["`kv-gear4` closer to the float cache than `kv4`, under 0.35x the bytes"][1] == "yes"
+    assert got["`kv4` passkey accuracy equal to the float cache's at every depth"][1] == "no"
+    assert got["`kv-evict-1024` (half the cache) passkey at least the best kvpress press's"] == (
+        "2/2 vs kvpress SnapKVPress at ratio 0.5 1/1", "yes")
+    assert got["`kv4` bundle decoding at 4096 context at least 1.5x the float-cache bundle on cpu"] == ("1.40x", "no")
