@@ -48,7 +48,8 @@ def _state(lw, read):
 def _kv_cache_write(lw, node):
     from tvm.relax import op
     from .kernels.dense import vector_lanes
-    from .kernels.kvcache import gear4_write_func, kv4_write_func, nvfp4_write_func, per_token_write_func
+    from .kernels.kvcache import kv4_write_func, nvfp4_write_func, per_token_write_func
+    from .kernels.kvcache_gear import gear4_write_func
     new, positions, *state = node.inputs
     a = node.attrs
     enc = encoding_of(a)

@@ -7,11 +7,11 @@ by a reciprocal; ``nearbyint``, ties to even; float16 scales saturating), so the
 scales are the interpreter's on the same keys and values (kv-gear4's low-rank factors too: its
 power iteration follows ir/ordered.py op for op). They are called with ``call_tir_inplace``: a step
 touches the rows it writes (kv4, kv-gear4: the groups it completes and the window), never the
-whole state.
+whole state. kv-gear4's kernels are in kvcache_gear.py.
 """
 from __future__ import annotations
 
-from ....ir.kvcache import KVGear4, KVNVFP4
+from ....ir.kvcache import KVNVFP4
 from .minifloat_codes import FLOAT_UNIT, SCALE_FACTOR, code_value, minifloat_code
 
 FP16_MAX = 65504.0
@@ -22,14 +22,14 @@ E4M3_UNIT = SCALE_FACTOR["e4m3"]
 E2M1_UNIT = FLOAT_UNIT["e2m1"] * SCALE_FACTOR["e2m1"]
 
 
-def _f16(v):
+def f16_sat(v):
     """float32 -> float16, nearest even, saturating at 65504 (ir/kvcache.f16)."""
     from tvm import tirx
     return tirx.Cast("float16", tirx.min(tirx.max(v, tirx.const(-FP16_MAX, "float32")),
                                          tirx.const(FP16_MAX, "float32")))
 
 
-def _ratio(x, s):
+def safe_ratio(x, s):
     """``x / s`` where ``s > 0``, else 0 (the reference's guard against an all-zero token)."""
     from tvm import tirx
     zero, one = tirx.const(0, "float32"), tirx.const(1, "float32")
@@ -54,10 +54,10 @@ def code_unit(kind: str) -> float:
     return SCALE_FACTOR["e4m3"] if kind == "kv-fp8" else 1.0
 
 
-def _code4(x, m, s):
+def code4(x, m, s):
     """kv4's code of ``x`` (int32 0..15): clamp(round((x - m) / s), 0, 15), 0 where s is 0."""
     from tvm import tirx
-    q = tirx.min(tirx.max(tirx.nearbyint(_ratio(x - m, s)), tirx.const(0, "float32")), tirx.const(15, "float32"))
+    q = tirx.min(tirx.max(tirx.nearbyint(safe_ratio(x - m, s)), tirx.const(0, "float32")), tirx.const(15, "float32"))
     return tirx.Cast("int32", q)
 
 
@@ -100,11 +100,11 @@ def per_token_write_func(kind: str, kv_heads: int, max_len: int, head_dim: int, 
                 sc[0] = T.float32(0)
                 for dv in range(vec):
                     sc[0] = T.max(sc[0], part[dv])
-                scale[bi, h, slot, 0] = _f16(sc[0] / T.float32(top))
+                scale[bi, h, slot, 0] = f16_sat(sc[0] / T.float32(top))
                 sc[0] = T.Cast(f32, scale[bi, h, slot, 0])
                 for do in range(chunks):
                     for dv in T.vectorized(vec):
-                        codes[bi, h, slot, do * vec + dv] = _code(kind, _ratio(new[bi, h, j, do * vec + dv], sc[0]))
+                        codes[bi, h, slot, do * vec + dv] = _code(kind, safe_ratio(new[bi, h, j, do * vec + dv], sc[0]))
     return write
 
 
@@ -161,22 +161,22 @@ def nvfp4_write_func(kv_heads: int, max_len: int, head_dim: int, lanes: int):
                 sc[0] = T.float32(0)
                 for dv in range(vec):
                     sc[0] = T.max(sc[0], part[dv])
-                scale[bi, h, slot, 0] = _f16(sc[0] / T.float32(top))
+                scale[bi, h, slot, 0] = f16_sat(sc[0] / T.float32(top))
                 sc[0] = T.Cast(f32, scale[bi, h, slot, 0])
                 for k in range(blocks):
                     sc[1] = T.float32(0)
                     for i in range(blk):
                         sc[1] = T.max(sc[1], T.fabs(new[bi, h, j, k * blk + i]))
-                    bscale[bi, h, slot, k] = minifloat_code(_ratio(sc[1] / T.float32(KVNVFP4.TOP), sc[0]), "e4m3")
+                    bscale[bi, h, slot, k] = minifloat_code(safe_ratio(sc[1] / T.float32(KVNVFP4.TOP), sc[0]), "e4m3")
                     sc[1] = nvfp4_step(bscale[bi, h, slot, k], sc[0])
                     for i in range(blk // 2):
                         codes[bi, h, slot, k * (blk // 2) + i] = minifloat_code(
-                            _ratio(new[bi, h, j, k * blk + 2 * i], sc[1]), "e2m1") | (minifloat_code(
-                                _ratio(new[bi, h, j, k * blk + 2 * i + 1], sc[1]), "e2m1") << T.uint8(4))
+                            safe_ratio(new[bi, h, j, k * blk + 2 * i], sc[1]), "e2m1") | (minifloat_code(
+                                safe_ratio(new[bi, h, j, k * blk + 2 * i + 1], sc[1]), "e2m1") << T.uint8(4))
     return write
 
 
-def _window_macros(kind: str, max_len: int, head_dim: int, group: int, residual: int, where: str):
+def window_macros(kind: str, max_len: int, head_dim: int, group: int, residual: int, where: str):
     """(quantized(n), value(new, window, bi, h, p, p0, d), check(pos, b, s), refill(new, window, bi,
     h, p0, s, q_new)): what kv4's and kv-gear4's writes share. ``check`` asserts each row's positions
     consecutive and within the cache (the message names ``where``); ``refill`` leaves in the window
@@ -228,7 +228,7 @@ def kv4_write_func(role: str, kv_heads: int, max_len: int, head_dim: int, group:
     srows = groups if role == "k" else max_len
     scols = head_dim if role == "k" else 1
     f32 = "float32"
-    quantized, value, check, refill = _window_macros("kv4", max_len, head_dim, group, residual, where)
+    quantized, value, check, refill = window_macros("kv4", max_len, head_dim, group, residual, where)
 
     @T.prim_func(private=True, s_tir=True)
     def write(n_h: T.handle, p_h: T.handle, c_h: T.handle, s_h: T.handle, m_h: T.handle, w_h: T.handle):
@@ -262,15 +262,15 @@ def kv4_write_func(role: str, kv_heads: int, max_len: int, head_dim: int, group:
                                 lo[d] = T.min(lo[d], value(new, window, bi, h, first + t, p0, d))
                                 hi[d] = T.max(hi[d], value(new, window, bi, h, first + t, p0, d))
                         for d in range(head_dim):
-                            scale[bi, h, g, d] = _f16((hi[d] - lo[d]) / T.float32(15))
-                            mins[bi, h, g, d] = _f16(lo[d])
+                            scale[bi, h, g, d] = f16_sat((hi[d] - lo[d]) / T.float32(15))
+                            mins[bi, h, g, d] = f16_sat(lo[d])
                             lo[d] = T.Cast(f32, mins[bi, h, g, d])
                             hi[d] = T.Cast(f32, scale[bi, h, g, d])
                         for t in range(g_len):
                             for i in range(half):
-                                codes[bi, h, first + t, i] = T.Cast("uint8", _code4(
+                                codes[bi, h, first + t, i] = T.Cast("uint8", code4(
                                     value(new, window, bi, h, first + t, p0, 2 * i), lo[2 * i], hi[2 * i])
-                                    | (_code4(value(new, window, bi, h, first + t, p0, 2 * i + 1), lo[2 * i + 1],
+                                    | (code4(value(new, window, bi, h, first + t, p0, 2 * i + 1), lo[2 * i + 1],
                                               hi[2 * i + 1]) << 4))
                 else:
                     for t in range(q_new - q_old):
@@ -279,195 +279,14 @@ def kv4_write_func(role: str, kv_heads: int, max_len: int, head_dim: int, group:
                         for d in range(1, head_dim):
                             lo[0] = T.min(lo[0], value(new, window, bi, h, q_old + t, p0, d))
                             hi[0] = T.max(hi[0], value(new, window, bi, h, q_old + t, p0, d))
-                        scale[bi, h, q_old + t, 0] = _f16((hi[0] - lo[0]) / T.float32(15))
-                        mins[bi, h, q_old + t, 0] = _f16(lo[0])
+                        scale[bi, h, q_old + t, 0] = f16_sat((hi[0] - lo[0]) / T.float32(15))
+                        mins[bi, h, q_old + t, 0] = f16_sat(lo[0])
                         lo[0] = T.Cast(f32, mins[bi, h, q_old + t, 0])
                         hi[0] = T.Cast(f32, scale[bi, h, q_old + t, 0])
                         for i in range(half):
-                            codes[bi, h, q_old + t, i] = T.Cast("uint8", _code4(
+                            codes[bi, h, q_old + t, i] = T.Cast("uint8", code4(
                                 value(new, window, bi, h, q_old + t, p0, 2 * i), lo[0], hi[0])
-                                | (_code4(value(new, window, bi, h, q_old + t, p0, 2 * i + 1), lo[0], hi[0]) << 4))
-                refill(new, window, bi, h, p0, s, q_new)
-    return write
-
-
-def _rounded(v):
-    """float32 ``v`` (a product) rounded on its own: TVM builds with LLVM's floating-point
-    contraction on, which would fuse a product into the add that takes it (one rounding, where
-    ir/ordered.py rounds twice)."""
-    from tvm import tirx
-    return tirx.call_llvm_pure_intrin("float32", "llvm.arithmetic.fence", v)
-
-
-def _pow2(n: int) -> tuple[int, int]:
-    """(the power of two ir/ordered.tree_sum pads ``n`` values to, its log2)."""
-    width = 1 << max(n - 1, 0).bit_length()
-    return width, width.bit_length() - 1
-
-
-def gear4_write_func(role: str, kv_heads: int, max_len: int, head_dim: int, group: int, residual: int, rank: int,
-                     outliers: int, where: str):
-    """PrimFunc ``(new [b, kvh, s, d] f32, positions [b, s], codes, scale, min, window, outlier,
-    outlier_index, a, b)`` (the kv-gear4 state, ir/kvcache.KVGear4.parts) writing a step in place:
-    each group of G tokens the step completes has its outliers taken out, is quantised as kv4
-    quantises it, and its error approximated at rank ``rank`` by subspace iteration, op for op in
-    ir/ordered.py's float32 order; the window then holds the tokens not yet quantised. Positions
-    as kv4's (an assertion naming ``where``). (batch, kv head) pairs run in parallel."""
-    from tvm import tirx
-    from tvm.script import tirx as T
-    enc = KVGear4(role, group, residual, rank, outliers)
-    g_len, rk = group, rank
-    w_len = enc.window
-    half = head_dim // 2
-    groups = -(-max_len // group)
-    srows = groups if role == "k" else max_len
-    scols = head_dim if role == "k" else 1
-    index_dtype = {p.name: p.dtype.name for p in enc.parts(max_len, head_dim)}["outlier_index"]
-    wg, lg = _pow2(group)
-    wd, ld = _pow2(head_dim)
-    f32 = "float32"
-    quantized, value, check, refill = _window_macros("kv-gear4", max_len, head_dim, group, residual, where)
-
-    @T.macro
-    def tree(tmp, width, levels):
-        # tmp[0] = ir/ordered.tree_sum of tmp[0 .. width - 1] (zeros past the values)
-        for lv in range(levels):
-            for i in range(T.shift_right(T.int32(width), lv + 1)):
-                tmp[i] = tmp[i] + tmp[i + T.shift_right(T.int32(width), lv + 1)]
-
-    @T.macro
-    def gram_schmidt(x, n, width, levels, tmp, dot):
-        # ir/ordered.gram_schmidt on the columns of x [n, rank], in place
-        for j in range(rk):
-            for qc in range(j):
-                for i in range(width):
-                    tmp[i] = T.Select(i < n, _rounded(x[T.min(i, n - 1), qc] * x[T.min(i, n - 1), j]), T.float32(0))
-                tree(tmp, width, levels)
-                dot[0] = tmp[0]
-                for i in range(n):
-                    x[i, j] = x[i, j] - _rounded(dot[0] * x[i, qc])
-            for i in range(width):
-                tmp[i] = T.Select(i < n, _rounded(x[T.min(i, n - 1), j] * x[T.min(i, n - 1), j]), T.float32(0))
-            tree(tmp, width, levels)
-            dot[0] = T.sqrt(tmp[0])
-            for i in range(n):
-                x[i, j] = _ratio(x[i, j], dot[0])
-
-    @T.prim_func(private=True, s_tir=True)
-    def write(n_h: T.handle, p_h: T.handle, c_h: T.handle, s_h: T.handle, m_h: T.handle, w_h: T.handle,
-              o_h: T.handle, i_h: T.handle, a_h: T.handle, b_h: T.handle):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        b, s = T.int64(), T.int64()
-        new = T.match_buffer(n_h, (b, kv_heads, s, head_dim), f32)
-        pos = T.match_buffer(p_h, (b, s), "int64")
-        codes = T.match_buffer(c_h, (b, kv_heads, max_len, half), "uint8")
-        scale = T.match_buffer(s_h, (b, kv_heads, srows, scols), "float16")
-        mins = T.match_buffer(m_h, (b, kv_heads, srows, scols), "float16")
-        window = T.match_buffer(w_h, (b, kv_heads, w_len, head_dim), f32)
-        out_v = T.match_buffer(o_h, (b, kv_heads, max_len, outliers), "float16")
-        out_i = T.match_buffer(i_h, (b, kv_heads, max_len, outliers), index_dtype)
-        fa = T.match_buffer(a_h, (b, kv_heads, max_len, rk), "float16")
-        fb = T.match_buffer(b_h, (b, kv_heads, groups * rk, head_dim), "float16")
-        with T.sblock("root"):
-            check(pos, b, s)
-            for r in T.parallel(b * kv_heads):
-                ex = T.alloc_buffer((g_len, head_dim), f32, scope="global")    # the group: kept values, then errors
-                vv = T.alloc_buffer((head_dim, rk), f32, scope="global")
-                uu = T.alloc_buffer((g_len, rk), f32, scope="global")
-                tmp = T.alloc_buffer((max(wg, wd),), f32, scope="global")
-                mag = T.alloc_buffer((head_dim,), f32, scope="global")
-                lo = T.alloc_buffer((head_dim,), f32, scope="global")
-                hi = T.alloc_buffer((head_dim,), f32, scope="global")
-                dot = T.alloc_buffer((1,), f32, scope="local")
-                best = T.alloc_buffer((1,), "int32", scope="local")
-                bi = r // kv_heads
-                h = r % kv_heads
-                p0 = pos[bi, 0]
-                q_old = quantized(p0)
-                q_new = quantized(p0 + s)
-                for gi in range((q_new - q_old) // T.int64(g_len)):
-                    first = q_old + gi * T.int64(g_len)
-                    g = first // T.int64(g_len)
-                    for t, d in T.grid(g_len, head_dim):
-                        ex[t, d] = value(new, window, bi, h, first + t, p0, d)
-                    # each token's outliers: largest magnitude first, equal ones lower index first
-                    for t in range(g_len):
-                        for d in range(head_dim):
-                            mag[d] = T.fabs(ex[t, d])
-                        for o in range(outliers):
-                            best[0] = 0
-                            dot[0] = T.float32(-1)          # below every magnitude: taken ones are marked so
-                            for d in range(head_dim):
-                                if mag[d] > dot[0]:
-                                    dot[0] = mag[d]
-                                    best[0] = d
-                            out_v[bi, h, first + t, o] = _f16(ex[t, best[0]])
-                            out_i[bi, h, first + t, o] = T.Cast(index_dtype, best[0])
-                            mag[best[0]] = T.float32(-1)
-                        for o in range(outliers):
-                            ex[t, T.Cast("int32", out_i[bi, h, first + t, o])] = T.float32(0)
-                    # kv4's codes of the kept values, and their error (0 at the outliers)
-                    if role == "k":
-                        for d in range(head_dim):
-                            lo[d] = ex[0, d]
-                            hi[d] = lo[d]
-                        for t, d in T.grid(g_len - 1, head_dim):
-                            lo[d] = T.min(lo[d], ex[t + 1, d])
-                            hi[d] = T.max(hi[d], ex[t + 1, d])
-                        for d in range(head_dim):
-                            scale[bi, h, g, d] = _f16((hi[d] - lo[d]) / T.float32(15))
-                            mins[bi, h, g, d] = _f16(lo[d])
-                            lo[d] = T.Cast(f32, mins[bi, h, g, d])
-                            hi[d] = T.Cast(f32, scale[bi, h, g, d])
-                    for t in range(g_len):
-                        if role == "v":
-                            lo[0] = ex[t, 0]
-                            hi[0] = lo[0]
-                            for d in range(1, head_dim):
-                                lo[0] = T.min(lo[0], ex[t, d])
-                                hi[0] = T.max(hi[0], ex[t, d])
-                            scale[bi, h, first + t, 0] = _f16((hi[0] - lo[0]) / T.float32(15))
-                            mins[bi, h, first + t, 0] = _f16(lo[0])
-                            lo[0] = T.Cast(f32, mins[bi, h, first + t, 0])
-                            hi[0] = T.Cast(f32, scale[bi, h, first + t, 0])
-                            for d in range(1, head_dim):
-                                lo[d] = lo[0]
-                                hi[d] = hi[0]
-                        for i in range(half):
-                            codes[bi, h, first + t, i] = T.Cast("uint8", _code4(ex[t, 2 * i], lo[2 * i], hi[2 * i])
-                                                                | (_code4(ex[t, 2 * i + 1], lo[2 * i + 1],
-                                                                          hi[2 * i + 1]) << 4))
-                        for d in range(head_dim):
-                            ex[t, d] = ex[t, d] - (_rounded(T.Cast(f32, _code4(ex[t, d], lo[d], hi[d])) * hi[d])
-                                                   + lo[d])
-                        for o in range(outliers):
-                            ex[t, T.Cast("int32", out_i[bi, h, first + t, o])] = T.float32(0)
-                    # the error's rank-r approximation: subspace iteration from the Walsh signs
-                    for k, j in T.grid(head_dim, rk):
-                        vv[k, j] = T.Select(tirx.popcount(k & j) % 2 == 1, T.float32(-1), T.float32(1))
-                    for it in range(enc.ITERATIONS):
-                        for i, j in T.grid(g_len, rk):
-                            for k in range(wd):
-                                tmp[k] = T.Select(k < head_dim, _rounded(ex[i, T.min(k, head_dim - 1)]
-                                                                         * vv[T.min(k, head_dim - 1), j]), T.float32(0))
-                            tree(tmp, wd, ld)
-                            uu[i, j] = tmp[0]
-                        gram_schmidt(uu, g_len, wg, lg, tmp, dot)
-                        for k, j in T.grid(head_dim, rk):
-                            for i in range(wg):
-                                tmp[i] = T.Select(i < g_len, _rounded(ex[T.min(i, g_len - 1), k]
-                                                                      * uu[T.min(i, g_len - 1), j]), T.float32(0))
-                            tree(tmp, wg, lg)
-                            vv[k, j] = tmp[0]
-                        gram_schmidt(vv, head_dim, wd, ld, tmp, dot)
-                    for i, j in T.grid(g_len, rk):
-                        for k in range(wd):
-                            tmp[k] = T.Select(k < head_dim, _rounded(ex[i, T.min(k, head_dim - 1)]
-                                                                     * vv[T.min(k, head_dim - 1), j]), T.float32(0))
-                        tree(tmp, wd, ld)
-                        fa[bi, h, first + i, j] = _f16(tmp[0])
-                    for j, k in T.grid(rk, head_dim):
-                        fb[bi, h, g * T.int64(rk) + j, k] = _f16(vv[k, j])
+                                | (code4(value(new, window, bi, h, q_old + t, p0, 2 * i + 1), lo[0], hi[0]) << 4))
                 refill(new, window, bi, h, p0, s, q_new)
     return write
 
@@ -502,7 +321,8 @@ def read_func(kind: str, role: str, kv_heads: int, max_len: int, head_dim: int, 
     if kind == "kv-nvfp4":
         return _nvfp4_read_func(kv_heads, max_len, head_dim)
     if kind == "kv-gear4":
-        return _gear4_read_func(role, kv_heads, max_len, head_dim, group, residual, rank, outliers)
+        from .kvcache_gear import gear4_read_func
+        return gear4_read_func(role, kv_heads, max_len, head_dim, group, residual, rank, outliers)
     w_len = max(1, residual + group - 1)
     half = head_dim // 2
     srows, scols = (-(-max_len // group), head_dim) if role == "k" else (max_len, 1)
@@ -545,73 +365,6 @@ def read_func(kind: str, role: str, kv_heads: int, max_len: int, head_dim: int, 
     return read4
 
 
-def _gear4_read_func(role: str, kv_heads: int, max_len: int, head_dim: int, group: int, residual: int, rank: int,
-                     outliers: int):
-    """kv-gear4's: kv4's codes dequantised, plus each token's row of A times its group's B (the
-    rank-1 terms added in order), the outliers put back; the window's tokens as floats."""
-    from tvm.script import tirx as T
-    enc = KVGear4(role, group, residual, rank, outliers)
-    w_len = enc.window
-    half = head_dim // 2
-    groups = -(-max_len // group)
-    srows, scols = (groups, head_dim) if role == "k" else (max_len, 1)
-    index_dtype = {p.name: p.dtype.name for p in enc.parts(max_len, head_dim)}["outlier_index"]
-    f32 = "float32"
-
-    def row(t):
-        return t // T.int64(group) if role == "k" else t
-
-    def col(d):
-        return d if role == "k" else 0
-
-    @T.prim_func(private=True, s_tir=True)
-    def read(p_h: T.handle, c_h: T.handle, s_h: T.handle, m_h: T.handle, w_h: T.handle, o_h: T.handle,
-             i_h: T.handle, a_h: T.handle, b_h: T.handle, out_h: T.handle):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        b, s = T.int64(), T.int64()
-        pos = T.match_buffer(p_h, (b, s), "int64")
-        codes = T.match_buffer(c_h, (b, kv_heads, max_len, half), "uint8")
-        sc = T.match_buffer(s_h, (b, kv_heads, srows, scols), "float16")
-        mn = T.match_buffer(m_h, (b, kv_heads, srows, scols), "float16")
-        win = T.match_buffer(w_h, (b, kv_heads, w_len, head_dim), f32)
-        out_v = T.match_buffer(o_h, (b, kv_heads, max_len, outliers), "float16")
-        out_i = T.match_buffer(i_h, (b, kv_heads, max_len, outliers), index_dtype)
-        fa = T.match_buffer(a_h, (b, kv_heads, max_len, rank), "float16")
-        fb = T.match_buffer(b_h, (b, kv_heads, groups * rank, head_dim), "float16")
-        out = T.match_buffer(out_h, (b, kv_heads, max_len, head_dim), f32)
-        with T.sblock("root"):
-            for r in T.parallel(b * kv_heads):
-                n = T.alloc_buffer((2,), "int64", scope="local")     # tokens written, tokens quantised
-                lr = T.alloc_buffer((1,), f32, scope="local")
-                bi = r // kv_heads
-                h = r % kv_heads
-                n[0] = T.int64(-1)
-                for i in range(s):
-                    n[0] = T.max(n[0], pos[bi, i])
-                n[0] = T.min(n[0], T.int64(max_len - 1)) + T.int64(1)
-                n[1] = T.int64(group) * (T.max(n[0] - T.int64(residual), T.int64(0)) // T.int64(group))
-                for t in range(T.int64(max_len)):
-                    if t < n[1]:
-                        for d in range(T.int64(head_dim)):
-                            lr[0] = _rounded(T.Cast(f32, fa[bi, h, t, 0]) * T.Cast(
-                                f32, fb[bi, h, t // T.int64(group) * T.int64(rank), d]))
-                            for j in range(1, rank):
-                                lr[0] = lr[0] + _rounded(T.Cast(f32, fa[bi, h, t, j]) * T.Cast(
-                                    f32, fb[bi, h, t // T.int64(group) * T.int64(rank) + j, d]))
-                            out[bi, h, t, d] = (_rounded(T.Cast(f32, (codes[bi, h, t, d // 2] >> T.Cast(
-                                "uint8", d % 2 * 4)) & T.uint8(15)) * T.Cast(f32, sc[bi, h, row(t), col(d)]))
-                                + T.Cast(f32, mn[bi, h, row(t), col(d)])) + lr[0]
-                        for o in range(outliers):
-                            out[bi, h, t, T.Cast("int64", out_i[bi, h, t, o])] = T.Cast(f32, out_v[bi, h, t, o])
-                    else:
-                        for d in range(T.int64(head_dim)):
-                            if t < n[0]:
-                                out[bi, h, t, d] = win[bi, h, t % T.int64(w_len), d]
-                            else:
-                                out[bi, h, t, d] = T.float32(0)
-    return read
-
-
 def _nvfp4_read_func(kv_heads: int, max_len: int, head_dim: int):
     from tvm.script import tirx as T
     blk = KVNVFP4.BLOCK
@@ -637,5 +390,6 @@ def _nvfp4_read_func(kv_heads: int, max_len: int, head_dim: int):
     return read
 
 
-__all__ = ["E2M1_UNIT", "E4M3_UNIT", "PER_TOKEN", "code_float", "code_unit", "e2m1_float", "fit_lanes",
-           "gear4_write_func", "kv4_write_func", "nvfp4_step", "nvfp4_write_func", "per_token_write_func", "read_func"]
+__all__ = ["E2M1_UNIT", "E4M3_UNIT", "PER_TOKEN", "code4", "code_float", "code_unit", "e2m1_float", "f16_sat",
+           "fit_lanes", "kv4_write_func", "nvfp4_step", "nvfp4_write_func", "per_token_write_func", "read_func",
+           "safe_ratio", "window_macros"]
