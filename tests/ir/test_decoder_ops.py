@@ -387,7 +387,10 @@ def test_prefill_then_decode_equals_one_prefill(window, softcap):
         y, k, v = interp.run(x[:, a:b], pos[:, a:b], k, v)
         ys.append(y)
     torch.testing.assert_close(torch.cat(ys, 1), y_all, rtol=1e-5, atol=1e-6)
-    assert torch.equal(k, k_all) and torch.equal(v, v_all)
+    # the keys and values come from projections of 4, 1, 1, 1 rows or of 7: on a CPU whose matmul
+    # kernels sum in another order by shape, they differ in the last bits
+    torch.testing.assert_close(k, k_all, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(v, v_all, rtol=1e-5, atol=1e-6)
     assert k_all[:, :, :2].abs().sum() == 0 and k_all[0, :, 2:9].abs().sum() > 0
 
 
