@@ -35,11 +35,13 @@ class CacheEncodingError(NnforgeError, ValueError):
 
 @dataclass(frozen=True)
 class Part:
-    """One state tensor of an encoded cache: ``cache.{i}.{k|v}.{name}``, ``[batch, kv_heads, rows, cols]``."""
+    """One state tensor of an encoded cache: ``cache.{i}.{k|v}.{name}``, ``[batch, kv_heads, rows, cols]``;
+    ``fixed`` for one whose rows do not grow with the cache's length (kv4's window of recent tokens)."""
     name: str
     dtype: DType
     rows: int
     cols: int
+    fixed: bool = False
 
     @property
     def bytes_per_row(self) -> int:
@@ -215,7 +217,7 @@ class KV4(CacheEncoding):
 
     def parts(self, max_len, head_dim):
         f16t, codes = _dtype("float16"), Part("codes", _dtype("uint8"), max_len, head_dim // 2)
-        window = Part("window", _dtype("float32"), self.window, head_dim)
+        window = Part("window", _dtype("float32"), self.window, head_dim, fixed=True)
         if self.role == "k":
             groups = -(-max_len // self.group)
             return [codes, Part("scale", f16t, groups, head_dim), Part("min", f16t, groups, head_dim), window]

@@ -169,25 +169,35 @@ def encode_cache(graph: Graph, cache: _Cache, kind: str, options: dict) -> None:
 
 def cache_report(graph: Graph, max_len: int) -> dict:
     """What a bundle's manifest records of a decoder's KV cache: each cache's encoding (``float32``
-    for one left as it was) and the state's real bytes per token of ``max_len`` (per sequence, all
-    layers, K and V), beside the float32 cache's."""
+    for one left as it was), the state's real bytes per token of ``max_len`` (per sequence, all
+    layers, K and V) beside the float32 cache's, and how much of it is fixed-size (kv4's windows of
+    recent tokens), so that what each further token of context costs is read off too."""
     from ..ir.ops.kvcache import encoding_of
-    caches = {}
+    caches, fixed = {}, 0
     for n in graph.nodes:
         if n.op == "kv_cache_write":
             past = n.inputs[2].name.rsplit(".", 1)[0]
-            caches[past] = {"node": n.name.removesuffix(".write"), **encoding_of(n.attrs).describe()}
+            enc = encoding_of(n.attrs)
+            caches[past] = {"node": n.name.removesuffix(".write"), **enc.describe()}
+            parts = enc.parts(n.attrs["max_len"], n.attrs["head_dim"])
+            fixed += sum(_bytes(v) for v, p in zip(n.inputs[2:], parts) if p.fixed)
         elif n.op == "cache_update" and n.inputs[0].producer is None:
             caches[n.inputs[0].name] = {"node": n.name, "encoding": "float32"}
     inputs = {v.name: v for v in graph.inputs}
-    state = [inputs[i] for i, _ in graph.state_pairs()]
-    total = sum(v.dtype.torch_dtype.itemsize * math.prod(d for d in v.shape[1:]) for v in state)
+    total = sum(_bytes(inputs[i]) for i, _ in graph.state_pairs())
     # the float32 cache each one stands for: the read node's output, or the float state itself
     float_total = sum(4 * math.prod(graph.node(rec["node"] + ".read").output.shape[1:] if rec["encoding"] != "float32"
                                     else inputs[name].shape[1:]) for name, rec in caches.items())
     return {"caches": caches, "bytes_per_token": total / max_len, "float32_bytes_per_token": float_total / max_len,
+            "fixed_bytes": fixed, "bytes_per_token_past_fixed": (total - fixed) / max_len,
             "what": "the state's bytes per token of max_len, one sequence, every layer's K and V (encoded parts, "
-                    "scales and float windows included)"}
+                    "scales and float windows included); fixed_bytes: the parts whose size does not grow with the "
+                    "context (float windows of recent tokens), bytes_per_token_past_fixed: the rest per token"}
+
+
+def _bytes(v) -> int:
+    """Bytes of one sequence's share of state tensor ``v`` (batch axis first)."""
+    return v.dtype.torch_dtype.itemsize * math.prod(d for d in v.shape[1:])
 
 
 def compared_outputs(graph: Graph, outputs: list) -> list:

@@ -136,6 +136,7 @@ def test_goals_are_worked_out_from_the_rows():
              "bytes_per_context_token": 2000.0, "passkey": pk},
             {"kind": "quality", "name": "kv8", "ppl@2048": 10.04, "bytes_per_context_token": 500.0, "passkey": pk},
             {"kind": "quality", "name": "kv4", "ppl@2048": 10.2, "bytes_per_context_token": 300.0,
+             "growing_bytes_per_token": 260.0, "fixed_bytes": 40960, "max_len": 4096,
              "passkey": {"2048@0": [1, 1, []], "2048@0.5": [0, 1, []]}},
             {"kind": "quality", "name": "kv-gear4", "ppl@2048": 10.1, "bytes_per_context_token": 340.0, "passkey": pk},
             {"kind": "quality", "name": "kv-evict-1024", "bytes_per_context_token": 1000.0, "passkey": pk},
@@ -143,10 +144,13 @@ def test_goals_are_worked_out_from_the_rows():
             {"kind": "speed", "name": "w8", "decode_tokens_per_s@4096": 10.0},
             {"kind": "speed", "name": "w8+kv4", "decode_tokens_per_s@4096": 14.0}]
     got = {g[0]: (g[1], g[2]) for g in kv_cache.goals(rows, [2048])}
-    assert got["`kv8` perplexity within 0.5% of the float cache"] == ("perplexity +0.40% (worst window) at 0.500x the bytes",
+    assert got["`kv8` perplexity within 0.5% of the float cache"] == ("perplexity +0.40% (worst window) at 0.500x per token",
                                                                       "yes")
-    assert got["`kv4` perplexity within 3.0% of the float cache at 0.27x the bytes of a float16 cache"][1] == "no"
-    assert got["`kv-gear4` closer to the float cache than `kv4`, under 0.35x the bytes"][1] == "yes"
+    # kv4's bytes are what each further token costs, its fixed window said beside them
+    assert got["`kv4` perplexity within 3.0% of the float cache at 0.27x the bytes per token of a float16 cache"] == (
+        "perplexity +2.00% (worst window) at 0.260x per token + a fixed window of 40 KiB (0.300x all told at max_len "
+        "4096)", "yes")
+    assert got["`kv-gear4` closer to the float cache than `kv4`, under 0.35x the bytes per token"][1] == "yes"
     assert got["`kv4` passkey accuracy equal to the float cache's at every depth"][1] == "no"
     assert got["`kv-evict-1024` (half the cache) passkey at least the best kvpress press's"] == (
         "2/2 vs kvpress SnapKVPress at ratio 0.5 1/1", "yes")

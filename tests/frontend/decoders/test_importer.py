@@ -22,7 +22,8 @@ def llama():
 def test_a_float_cache_is_recorded_as_float32(llama):
     kv = llama.manifest_section()["kv_cache"]
     assert kv["caches"]["cache.0.k"] == {"node": "model.layers.0.self_attn.k_cache", "encoding": "float32"}
-    assert kv["bytes_per_token"] == kv["float32_bytes_per_token"] == FLOAT32
+    assert kv["bytes_per_token"] == kv["float32_bytes_per_token"] == kv["bytes_per_token_past_fixed"] == FLOAT32
+    assert kv["fixed_bytes"] == 0
 
 
 def test_encoded_caches_record_encoding_state_and_bytes_per_token(llama):
@@ -46,6 +47,9 @@ def test_kv4_bytes_count_scales_and_the_window(llama):
     k = 2 * (MAX_LEN * 8 + 2 * 4 * 16 * 2 + 7 * 16 * 4)       # codes, scale and min per group, window
     v = 2 * (MAX_LEN * 8 + 2 * MAX_LEN * 2 + 7 * 16 * 4)
     assert kv["bytes_per_token"] == 2 * (k + v) / MAX_LEN
+    window = 2 * 2 * 2 * 7 * 16 * 4                           # layers, K and V, kv heads, window rows x head dim
+    assert kv["fixed_bytes"] == window
+    assert kv["bytes_per_token_past_fixed"] == (2 * (k + v) - window) / MAX_LEN
 
 
 def test_token_reduction_settings_are_recorded_for_the_runner(llama):
