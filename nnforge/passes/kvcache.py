@@ -6,7 +6,7 @@ Each selected ``cache_update`` of a state input ``cache.{i}.k`` (paired with the
 reads. A recipe selects caches with ``layers`` / ``exclude`` patterns on the cache-update node
 (``model.layers.3.self_attn.k_cache``) or the cache input (``cache.3.k``).
 
-    >>> EncodeKVCache(encoding="kv4", group_size=32, residual=128, exclude=["model.layers.0.*"])(graph)
+    >>> EncodeKVCache(encoding="kv4", group_size=64, residual=64, exclude=["model.layers.0.*"])(graph)
 """
 from __future__ import annotations
 

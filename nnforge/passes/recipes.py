@@ -85,8 +85,8 @@ PRESETS: dict[str, tuple[str, list[dict]]] = {
     # weight preset with '+' they run after its passes (w4-gptq+kv4)
     "kv8": ("int8 KV cache, symmetric, one float16 scale per token and head",
             [{"pass": "kv_cache", "encoding": "kv8"}]),
-    "kv4": ("KIVI 4-bit KV cache: keys per channel in groups of 32 tokens, values per token, the 128 most "
-            "recent tokens (up to 159) in float32", [{"pass": "kv_cache", "encoding": "kv4"}]),
+    "kv4": ("KIVI 4-bit KV cache: keys per channel in groups of 64 tokens, values per token, the 64 most "
+            "recent tokens (up to 127) in float32", [{"pass": "kv_cache", "encoding": "kv4"}]),
     "kv-fp8": ("FP8 E4M3 KV cache, one float16 scale per token and head",
                [{"pass": "kv_cache", "encoding": "kv-fp8"}]),
     "kv-nvfp4": ("NVFP4 KV cache: E2M1 codes, an E4M3 scale per 16 values, a float16 scale per token and head",

@@ -221,7 +221,7 @@ def test_bad_preset_entries_name_the_option(entry, message):
 def test_presets_joined_by_plus_run_in_order():
     name, passes = resolve_recipe("w4-gptq+kv4")
     assert name == "w4-gptq+kv4" and [p.name for p in passes] == ["quantize_gptq", "kv_cache"]
-    assert passes[1].encoding == "kv4" and (passes[1].group_size, passes[1].residual) == (32, 128)
+    assert passes[1].encoding == "kv4" and (passes[1].group_size, passes[1].residual) == (64, 64)
     assert [p.name for p in resolve_recipe("w8+kv-fp8")[1]] == ["quantize_rtn", "kv_cache"]
     assert resolve_recipe("w4-gptq+eora")[1][0].name == "quantize_eora"        # a preset of its own
 
