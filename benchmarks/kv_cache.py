@@ -317,10 +317,15 @@ def earlier_rows(path: Path, sizes: dict) -> dict[str, dict]:
     if not path.is_file():
         return {}
     saved = json.loads(path.read_text())
-    if saved.get("sizes") != sizes:
+    # kvpress's rows do not depend on how or where nnforge's rows are scored
+    own = ("score_chunk", "quality_target")
+    same_tasks = {k: v for k, v in (saved.get("sizes") or {}).items() if k not in own} == \
+        {k: v for k, v in sizes.items() if k not in own}
+    if not same_tasks:
         return {}
+    kinds = ("quality", "peer", "speed") if saved.get("sizes") == sizes else ("peer",)
     return {r["label"]: r for r in saved["results"]
-            if r.get("kind") in ("quality", "peer", "speed") and "skipped" not in r and "label" in r}
+            if r.get("kind") in kinds and "skipped" not in r and "label" in r}
 
 
 # --- tables ----------------------------------------------------------------------------------------

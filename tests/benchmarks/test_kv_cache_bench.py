@@ -4,6 +4,7 @@ model is built)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -155,3 +156,16 @@ def test_goals_are_worked_out_from_the_rows():
     assert got["`kv-evict-1024` (half the cache) passkey at least the best kvpress press's"] == (
         "2/2 vs kvpress SnapKVPress at ratio 0.5 1/1", "yes")
     assert got["`kv4` bundle decoding at 4096 context at least 1.5x the float-cache bundle on cpu"] == ("1.40x", "no")
+
+
+def test_earlier_rows_keep_peers_when_only_the_scoring_changed(tmp_path):
+    sizes = {"windows": [2048], "score_chunk": 1, "quality_target": "cpu"}
+    rows = [{"kind": "quality", "label": "nnforge kv4 on onnx"}, {"kind": "peer", "label": "kvpress none"},
+            {"kind": "peer", "label": "kvpress SnapKVPress", "skipped": "no GPU"}]
+    path = tmp_path / "kv_cache.json"
+    path.write_text(json.dumps({"sizes": {"windows": [2048], "score_chunk": 512, "quality_target": "onnx"},
+                                "results": rows}))
+    assert list(kv_cache.earlier_rows(path, sizes)) == ["kvpress none"]
+    path.write_text(json.dumps({"sizes": sizes, "results": rows}))
+    assert list(kv_cache.earlier_rows(path, sizes)) == ["nnforge kv4 on onnx", "kvpress none"]
+    assert kv_cache.earlier_rows(path, {**sizes, "windows": [4096]}) == {}
