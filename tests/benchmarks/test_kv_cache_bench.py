@@ -104,11 +104,11 @@ def test_window_score_does_not_depend_on_the_chunk(chunk):
     assert count == n == 22 and total == pytest.approx(want, rel=1e-12)
 
 
-@pytest.mark.parametrize("chunk", [2, 5, 100])
-def test_continuation_scores_each_continuation_token_once(chunk):
+@pytest.mark.parametrize("chunk,score_chunk", [(2, 1), (5, 3), (100, 8)])
+def test_continuation_scores_each_continuation_token_once(chunk, score_chunk):
     ids = [(5 * i + 1) % HistoryDecoder.VOCAB for i in range(20)]
     ctx, cont = kv_tasks.continuation_split(ids, 12, 8)
-    total, count = kv_cache.continuation_nll(HistoryDecoder(), ctx, cont, chunk)
+    total, count = kv_cache.continuation_nll(HistoryDecoder(), ctx, cont, chunk, score_chunk)
     want, n = _direct_nll(ids, start=12)
     assert count == n == 8 and total == pytest.approx(want, rel=1e-12)
     assert math.isfinite(total)
@@ -142,8 +142,8 @@ def test_goals_are_worked_out_from_the_rows():
             {"kind": "quality", "name": "kv-gear4", "ppl@2048": 10.1, "bytes_per_context_token": 340.0, "passkey": pk},
             {"kind": "quality", "name": "kv-evict-1024", "bytes_per_context_token": 1000.0, "passkey": pk},
             {"kind": "peer", "label": "kvpress SnapKVPress at ratio 0.5", "passkey": {"2048@0": [1, 1, []]}},
-            {"kind": "speed", "name": "w8", "decode_tokens_per_s@4096": 10.0},
-            {"kind": "speed", "name": "w8+kv4", "decode_tokens_per_s@4096": 14.0}]
+            {"kind": "speed", "name": "w8", "decode_tokens_per_s@4096": 10.0, "decode_tokens_per_s@4096x8": 20.0},
+            {"kind": "speed", "name": "w8+kv4", "decode_tokens_per_s@4096": 14.0, "decode_tokens_per_s@4096x8": 40.0}]
     got = {g[0]: (g[1], g[2]) for g in kv_cache.goals(rows, [2048])}
     assert got["`kv8` perplexity within 0.5% of the float cache"] == ("perplexity +0.40% (worst window) at 0.500x per token",
                                                                       "yes")
@@ -155,7 +155,16 @@ def test_goals_are_worked_out_from_the_rows():
     assert got["`kv4` passkey accuracy equal to the float cache's at every depth"][1] == "no"
     assert got["`kv-evict-1024` (half the cache) passkey at least the best kvpress press's"] == (
         "2/2 vs kvpress SnapKVPress at ratio 0.5 1/1", "yes")
-    assert got["`kv4` bundle decoding at 4096 context at least 1.5x the float-cache bundle on cpu"] == ("1.40x", "no")
+    assert got["`kv4` bundle decoding at 4096 context at least 1.5x the float32-cache bundle on cpu (batch 1)"] == (
+        "1.40x", "no")
+    assert got["`kv4` bundle decoding at 4096 context at least 1.5x the float32-cache bundle on cpu (batch 8)"] == (
+        "2.00x", "yes")
+    # a float16-cache bundle, where one was timed, is the baseline the goal names
+    rows.append({"kind": "speed", "name": "w8+kv-f16", "decode_tokens_per_s@4096": 12.0})
+    got = {g[0]: (g[1], g[2]) for g in kv_cache.goals(rows, [2048])}
+    assert got["`kv4` bundle decoding at 4096 context at least 1.5x the float16-cache bundle on cpu (batch 1)"] == (
+        "1.17x", "no")
+    assert not any("float32-cache" in g or "batch 8" in g for g in got)
 
 
 def test_earlier_rows_keep_peers_when_only_the_scoring_changed(tmp_path):
