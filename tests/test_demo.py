@@ -3,6 +3,7 @@ is not installed, speed columns timed against torch in alternating stretches and
 unreliable under load, and its table."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from nnforge import demo
@@ -97,6 +98,7 @@ def test_fp32_rows_are_held_to_torch_and_missing_rows_are_not():
         "onnx fp32: min cosine 0.999800 < 0.99999"]
 
 
+@pytest.mark.slow  # make demo runs every row; the rows are unit-tested above
 def test_the_onnx_row_end_to_end(tmp_path, monkeypatch):
     """The tour's path for one family, cut to fp32 on a few sentences: compiled from the exported
     program, scored on held-out sentences, timed against torch."""

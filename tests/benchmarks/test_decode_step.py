@@ -16,6 +16,7 @@ decode_step = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(decode_step)
 
 
+@pytest.mark.slow  # compiles a decoder twice
 def test_the_step_copy_runs_fewer_vm_calls_than_main(tmp_path):
     nf.compile(tiny_model("llama"), "cpu", "w4-rtn", out=tmp_path / "b", max_len=32)
     r = decode_step.measure(tmp_path / "b", context=8, steps=2, rounds=2)

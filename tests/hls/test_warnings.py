@@ -284,6 +284,7 @@ def compiled(tmp_path_factory):
         return {job: (projects[job[0]][0], *res) for job, res in zip(JOBS, results)}
 
 
+@pytest.mark.slow  # compiles every template under -Wall -Werror for each parameter set
 @pytest.mark.parametrize("key,defines", JOBS, ids=[f"{k}-{d}" for k, d in JOBS])
 def test_templates_and_generated_code_compile_without_warnings(compiled, key, defines):
     plan, rc, err, _ = compiled[key, defines]

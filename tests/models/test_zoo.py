@@ -40,6 +40,7 @@ def test_resnet18_has_torchvisions_layout():
     assert sd["layer4.1.conv2.weight"].shape == (512, 512, 3, 3) and sd["fc.weight"].shape == (1000, 512)
 
 
+@pytest.mark.slow  # a second whole resnet18 compile, at another batch
 def test_resnet18_other_batch(tmp_path):
     model, example, bundle = compile_zoo("resnet18", tmp_path / "resnet18")
     m = bundle.manifest

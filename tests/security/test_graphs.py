@@ -299,6 +299,7 @@ def test_malformed_entries_are_named(tmp_path):
 
 
 # --- a 100,000-node chain --------------------------------------------------------------------------
+@pytest.mark.slow  # 100k nodes through every walk; the smaller graphs above run by default
 def test_100k_node_chain_goes_through_every_walk(tmp_path):
     """Build, verify, save + load, interpret, print, toposort and clean up a 100,000-node chain
     under Python's default recursion limit: every walk is iterative, and none is quadratic

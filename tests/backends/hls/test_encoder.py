@@ -34,6 +34,7 @@ def hls_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("NNFORGE_HLS_CACHE", str(tmp_path / "hls-cache"))
 
 
+@pytest.mark.slow  # gpt2 on hls (test_architectures) covers attention in the default run
 def test_small_encoder_with_mask_matches_emulation_and_fp32(tmp_path, hls_cache):
     transformers = pytest.importorskip("transformers")
     from nnforge.models.default import DefaultModel

@@ -75,6 +75,7 @@ def test_simulation_report_is_in_the_bundle(bundle):
     assert (b.path / "fpga" / "breakdown.png").read_bytes().startswith(PNG_MAGIC)
 
 
+@pytest.mark.slow  # compiles the design twice
 def test_figures_are_the_same_bytes_on_every_compile(bundle, tmp_path):
     """Bundles are hashed and compared: compiling the same model again gives the same figures."""
     model, x, b = bundle
@@ -212,6 +213,7 @@ def test_quantised_recipe_lowers_natively(tmp_path):
     assert torch.nn.functional.cosine_similarity(y.reshape(1, -1), model(x).reshape(1, -1)).item() > 0.999
 
 
+@pytest.mark.slow  # builds several sizes
 def test_dynamic_model_is_specialised_to_its_check_inputs_and_other_sizes_build(tmp_path, monkeypatch):
     """Symbols (batch, seq) take the check inputs' sizes for the bundle's design, or the target
     option dims; the runner builds a design for other sizes on first use, each bit-exact."""
@@ -257,6 +259,7 @@ def test_specialise_errors_name_the_symbol():
     assert env == {"batch": 2, "seq": 6} and static.outputs[0].shape == (2, 6)
 
 
+@pytest.mark.slow  # builds two designs
 def test_two_designs_with_the_same_layer_names_in_one_process(tmp_path, monkeypatch):
     """Two C-simulation libraries instantiate the same templates with same-named config structs of
     other sizes; each must run its own code (hidden visibility), not the first-loaded library's."""

@@ -211,6 +211,7 @@ def vit_and_inputs(seed):
     return model, (torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed)),)
 
 
+@pytest.mark.slow  # the architecture matrix runs bert on mlir in the default run
 @pytest.mark.parametrize("make", [bert_and_inputs, vit_and_inputs], ids=["bert", "vit"])
 def test_transformers_encoders(tmp_path, make):
     """BERT with an attention mask (its mask positions index a constant) and ViT (its class token is

@@ -142,6 +142,7 @@ def test_records_of_another_cpu_are_ignored_and_said_so(tmp_path):
     assert "some-other-cpu" in reused["ignored"][0]
 
 
+@pytest.mark.slow  # tunes a whole model; the tuning tests above cover the choice
 def test_block_sparse_layers_share_a_choice_per_shape_and_density(tmp_path):
     recipe = [{"pass": "prune_magnitude", "pattern": "block4x1", "sparsity": 0.75}]
     bundle, tuning = compile_cpu(tmp_path, "sparse", recipe, tune=True, tune_rows=[16])
