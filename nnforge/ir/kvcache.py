@@ -168,6 +168,27 @@ class KVFP8(_PerToken):
         return minifloat.decode(codes, self.FORMAT, torch.float32)
 
 
+# --- kv-f16: the float cache in float16 -----------------------------------------------------------
+class KVF16(CacheEncoding):
+    """The float cache held in float16, as ExecuTorch's and ONNX Runtime GenAI's decoders keep it:
+    each value ``f16(x)`` at its token's slot, read back widened to float32. No scale: float16's
+    own exponent is the range, and what it costs is the rounding of each value to 11 bits."""
+    kind = "kv-f16"
+
+    def __init__(self, role: str):
+        self.role = role
+
+    def parts(self, max_len, head_dim):
+        return [Part("values", _dtype("float16"), max_len, head_dim)]
+
+    def write(self, state, new, positions):
+        # the interpreter hands float state over in its compute type: it goes back as stored
+        return [_scatter_tokens(state[0].to(torch.float16), f16(new.to(torch.float32)), positions)]
+
+    def read(self, state, positions, head_dim):
+        return state[0].to(torch.float16).to(torch.float32)
+
+
 # --- kv4: KIVI ----------------------------------------------------------------------------------
 def quantize_asym4(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(codes int64 in 0..15, float16 scale, float16 min) of float32 ``x`` over axis ``dim``
@@ -439,7 +460,7 @@ class KVNVFP4(CacheEncoding):
         return blocks.reshape(values.shape)
 
 
-CACHE_ENCODINGS: dict[str, type[CacheEncoding]] = {c.kind: c for c in (KV8, KVFP8, KV4, KVNVFP4, KVGear4)}
+CACHE_ENCODINGS: dict[str, type[CacheEncoding]] = {c.kind: c for c in (KV8, KVFP8, KV4, KVNVFP4, KVGear4, KVF16)}
 
 
 def _check_count(kind: str, name: str, value, least: int, unit: str) -> None:
@@ -469,5 +490,5 @@ def float_bytes_per_token(kv_heads: int, head_dim: int, itemsize: int = 4) -> in
     return kv_heads * head_dim * itemsize
 
 
-__all__ = ["CacheEncoding", "CacheEncodingError", "Part", "KV8", "KVFP8", "KV4", "KVNVFP4", "KVGear4",
+__all__ = ["CacheEncoding", "CacheEncodingError", "Part", "KV8", "KVFP8", "KVF16", "KV4", "KVNVFP4", "KVGear4",
            "CACHE_ENCODINGS", "cache_encoding", "quantize_asym4", "float_bytes_per_token", "f16"]

@@ -103,6 +103,43 @@ def test_per_token_writes_only_their_slots():
     assert not codes[~written[:, None].expand(B, H, L)].any() and not scale[~written[:, None].expand(B, H, L)].any()
 
 
+def test_kv_f16_holds_each_value_rounded_to_float16_and_reads_it_widened():
+    x = tokens()
+    enc = cache_encoding("kv-f16", "v")
+    pos = torch.arange(L).repeat(B, 1)
+    (values,) = enc.write(enc.zeros(B, H, L, D), x, pos)
+    assert values.dtype == torch.float16
+    want = np_f16(x.numpy())
+    np.testing.assert_array_equal(values.numpy().view(np.uint16), want.view(np.uint16))
+    np.testing.assert_array_equal(enc.read([values], pos, D).numpy(), want.astype(np.float32))
+    # handed back in the interpreter's compute type, the next write keeps the stored values
+    (again,) = enc.write([values.to(torch.float32)], x[:, :, :1], pos[:, :1])
+    assert again.dtype == torch.float16 and torch.equal(again, values)
+
+
+def test_kv_f16_rounds_to_nearest_even_and_saturates():
+    tiny = 2.0 ** -24                       # float16's smallest subnormal
+    x = torch.tensor([1 + 2.0 ** -11, 1 + 3 * 2.0 ** -11, tiny / 2, 3 * tiny / 2, 1e7, -1e9, float("inf"), -0.0])
+    enc = cache_encoding("kv-f16", "k")
+    (values,) = enc.write(enc.zeros(1, 1, 1, D), x.reshape(1, 1, 1, D), torch.zeros(1, 1, dtype=torch.long))
+    got = values.flatten()
+    assert got.tolist() == [1.0, 1 + 2.0 ** -9, 0.0, 2 * tiny, 65504.0, -65504.0, 65504.0, 0.0]
+    assert torch.signbit(got[-1])
+
+
+def test_kv_f16_writes_only_their_slots_and_holds_two_bytes_a_value():
+    enc = cache_encoding("kv-f16", "k")
+    pos = torch.tensor([[7, 2, 40], [0, 1, 2]])
+    (values,) = enc.write(enc.zeros(B, H, L, D), tokens(3) + 1, pos)
+    written = torch.zeros(B, L, dtype=torch.bool)
+    written[0, [7, 2, 40]] = written[1, [0, 1, 2]] = True
+    assert not values[~written[:, None].expand(B, H, L)].any() and values[written[:, None].expand(B, H, L)].all()
+    assert [(p.name, p.dtype.name, p.rows, p.cols) for p in enc.parts(512, 64)] == [("values", "float16", 512, 64)]
+    assert enc.state_bytes(2, 512, 64) == 2 * 512 * 64 * 2
+    with pytest.raises(CacheEncodingError, match="kv-f16 takes no option"):
+        cache_encoding("kv-f16", "k", group=4)
+
+
 @pytest.mark.parametrize("role", ["k", "v"])
 @pytest.mark.parametrize("group,residual", [(4, 8), (8, 4), (4, 0), (1, 3)])
 def test_kv4_prefill_then_decode_matches_the_history_oracle(role, group, residual):
