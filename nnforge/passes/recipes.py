@@ -94,6 +94,8 @@ PRESETS: dict[str, tuple[str, list[dict]]] = {
     "kv-gear4": ("GEAR KV cache: KIVI 4-bit in groups of 64 tokens (the 64 most recent, up to 127, in float32), "
                  "per token 2 float16 outliers, per group a rank-2 float16 approximation of the quantisation error",
                  [{"pass": "kv_cache", "encoding": "kv-gear4"}]),
+    "kv-f16": ("float16 KV cache, each value rounded to float16 (the float cache decoders usually keep)",
+               [{"pass": "kv_cache", "encoding": "kv-f16"}]),
 }
 # Presets with a number in their name: name -> (regex, description, builder of the pass configs).
 PARAMETRIC: dict[str, tuple[str, str, object]] = {

@@ -117,7 +117,8 @@ def test_kv8_generates_close_to_the_float_cache(llama):
 @pytest.mark.parametrize("encoding,options,floor", [("kv-fp8", {}, 0.999),
                                                     ("kv4", dict(group_size=4, residual=4), 0.99),
                                                     ("kv-nvfp4", {}, 0.99),
-                                                    ("kv-gear4", dict(group_size=4, residual=4), 0.99)])
+                                                    ("kv-gear4", dict(group_size=4, residual=4), 0.99),
+                                                    ("kv-f16", {}, 0.9999)])
 def test_prompts_longer_than_the_window_then_decode_steps(llama, encoding, options, floor):
     prompt = torch.randint(0, VOCAB, (13,), generator=torch.Generator().manual_seed(1))
     g = encoded(llama, encoding=encoding, **options)[0]

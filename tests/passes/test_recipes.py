@@ -223,6 +223,8 @@ def test_presets_joined_by_plus_run_in_order():
     assert name == "w4-gptq+kv4" and [p.name for p in passes] == ["quantize_gptq", "kv_cache"]
     assert passes[1].encoding == "kv4" and (passes[1].group_size, passes[1].residual) == (64, 64)
     assert [p.name for p in resolve_recipe("w8+kv-fp8")[1]] == ["quantize_rtn", "kv_cache"]
+    name, passes = resolve_recipe("w8+kv-f16")
+    assert [p.name for p in passes] == ["quantize_rtn", "kv_cache"] and passes[1].encoding == "kv-f16"
     assert resolve_recipe("w4-gptq+eora")[1][0].name == "quantize_eora"        # a preset of its own
 
 
