@@ -138,6 +138,8 @@ KV_CACHE = [
                "arithmetically) and float16 per-token scales scattered into the state"),
     Capability("kv_cache_read", "kv-nvfp4", "E2M1 and E4M3 codes through their tables (Gather), times the float16 "
                "scales, before attention"),
+    Capability("kv_cache_write", "kv-f16", "float16 values (a saturating Clip and Cast) scattered into the state"),
+    Capability("kv_cache_read", "kv-f16", "float16 values widened (Cast) before attention"),
 ]
 
 CAPABILITIES = Capabilities([

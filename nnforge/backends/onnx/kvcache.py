@@ -1,7 +1,7 @@
 """An encoded KV cache (docs/kv_cache.md) in ONNX ops: ``kv_cache_write`` quantises a step's keys or
 values and scatters codes and scales into the state, ``kv_cache_read`` dequantises the state into
 the float cache attention reads. The state is graph input and output in its stored dtypes (int8 or
-uint8 codes, float16 scales), so it stays compressed between steps.
+uint8 codes, float16 scales; kv-f16's float16 values), so it stays compressed between steps.
 
 Every rounding is the reference's (ir/kvcache.py), op for op in float32: float16 scales by a
 saturating Clip and Cast (nearest even), codes by Round (half to even). E4M3 codes are worked out
@@ -18,7 +18,7 @@ import torch
 from onnx import TensorProto
 
 from ...ir import Node
-from ...ir.kvcache import FP16_MAX, KV4, KVFP8, KVGear4, KVNVFP4
+from ...ir.kvcache import FP16_MAX, KV4, KVF16, KVFP8, KVGear4, KVNVFP4
 from ...ir.ordered import power_start
 from ...ir.minifloat import decode as decode_minifloat, encode as encode_minifloat
 from ...ir.ops.kvcache import encoding_of
@@ -103,6 +103,9 @@ def _write(b: OnnxBuilder, node: Node, fb) -> None:
         for part, rows, out in zip(state, _nvfp4_quantize(b, enc, new, node.attrs["head_dim"]), outs):
             _scatter_tokens(b, part, rows, positions, out)
         return
+    if isinstance(enc, KVF16):
+        _scatter_tokens(b, state[0], _f16(b, new), positions, outs[0])
+        return
     scale, ratio = _per_token_scale(b, new, enc.top)
     if isinstance(enc, KVFP8):
         codes = b.node("Cast", [_minifloat_codes(b, ratio, enc.FORMAT)], to=TensorProto.UINT8)
@@ -123,6 +126,9 @@ def _read(b: OnnxBuilder, node: Node, fb) -> None:
         return
     if isinstance(enc, KVNVFP4):
         _nvfp4_read(b, node, enc, state, out)
+        return
+    if isinstance(enc, KVF16):
+        b.node("Cast", [state[0]], out, to=F32)
         return
     values = _minifloat_values(b, state[0], enc.FORMAT) if isinstance(enc, KVFP8) else b.node("Cast", [state[0]],
                                                                                                 to=F32)

@@ -1,5 +1,5 @@
-"""The onnx backend runs the encoded KV caches (kv8, kv-fp8, kv4, kv-nvfp4, kv-gear4) natively: a kv_cache_write and
-kv_cache_read pair lowered to ONNX and run step by step, the state fed back from ONNX Runtime's
+"""The onnx backend runs the encoded KV caches (kv8, kv-fp8, kv4, kv-nvfp4, kv-gear4, kv-f16) natively: a
+kv_cache_write and kv_cache_read pair lowered to ONNX and run step by step, the state fed back from ONNX Runtime's
 own outputs, equal bit for bit to the reference interpreter's state and reads."""
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from tests import conftest
 MAX_LEN, HEAD_DIM, KV_HEADS = 24, 16, 2
 ENCODINGS = [("kv8", {}), ("kv-fp8", {}), ("kv4", {"group": 4, "residual": 3}), ("kv4", {"group": 5, "residual": 0}),
              ("kv-nvfp4", {}), ("kv-gear4", {"group": 4, "residual": 3}),
-             ("kv-gear4", {"group": 5, "residual": 0, "rank": 3, "outliers": 1})]
+             ("kv-gear4", {"group": 5, "residual": 0, "rank": 3, "outliers": 1}), ("kv-f16", {})]
 
 
 def cache_graph(kind: str, role: str, **options) -> Graph:
@@ -39,13 +39,15 @@ def cache_graph(kind: str, role: str, **options) -> Graph:
 
 def hard_values(batch: int, seq: int, seed: int) -> torch.Tensor:
     """Keys or values with the cases rounding must get right: a token of zeros, a -0.0, huge tokens
-    (float16 scales saturate), tiny ones (E4M3 subnormals), ties of x / scale."""
+    (float16 scales saturate), tiny ones (E4M3 subnormals), ties of x / scale and of float16 itself."""
     x = torch.randn(batch, KV_HEADS, seq, HEAD_DIM, generator=torch.Generator().manual_seed(seed))
     x[:, :, 0] *= torch.logspace(-6, 6, HEAD_DIM)
     if seq > 2:
         x[:, 0, 1] = 0.0
         x[:, 1, 1, 0] = -0.0
         x[:, 1, 2] = torch.tensor([127.0, 0.5, -1.5, 2.5, 63.5, -0.0, 1e9, -3e8]).repeat(HEAD_DIM // 8)
+    if seq > 3:
+        x[:, 0, 3, :4] = torch.tensor([1 + 2.0 ** -11, -1 - 3 * 2.0 ** -11, 2.0 ** -25, 3 * 2.0 ** -25])
     return x
 
 
