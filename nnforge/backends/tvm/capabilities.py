@@ -146,6 +146,10 @@ KV_CACHE = [
                "order, in place; positions as kv4's", _llvm),
     Capability("kv_cache_read", "kv-gear4", "kernels.kvcache: codes, low-rank term and outliers dequantised, then "
                "the float attention kernel (no fused kernel)", _llvm),
+    Capability("kv_cache_write", "kv-f16", "kernels.kvcache: float16 values (saturating, nearest even) written in "
+               "place at each token's slot", _llvm),
+    Capability("kv_cache_read", "kv-f16", "kernels.decoder: the float attention kernel on the float16 rows, widened "
+               "in registers (another reader: widened)", _llvm),
 ]
 
 CAPABILITIES = Capabilities([

@@ -14,9 +14,10 @@ from .ops import _as, rule
 from .weight_arrays import c_name
 
 
-# the encodings kernels/kvcache_attention.py attends on; kv-gear4 has no fused kernel yet, so its
-# reads are dequantised for the float attention kernel
-FUSED = ("kv8", "kv-fp8", "kv4", "kv-nvfp4")
+# the encodings whose state an attention kernel reads (kernels/kvcache_attention.py; kv-f16's float16
+# rows: the float kernel); kv-gear4 has no fused kernel yet, so its reads are dequantised for the
+# float attention kernel
+FUSED = ("kv8", "kv-fp8", "kv4", "kv-nvfp4", "kv-f16")
 
 
 def _attrs_key(attrs: dict) -> tuple:
@@ -48,7 +49,7 @@ def _state(lw, read):
 def _kv_cache_write(lw, node):
     from tvm.relax import op
     from .kernels.dense import vector_lanes
-    from .kernels.kvcache import kv4_write_func, nvfp4_write_func, per_token_write_func
+    from .kernels.kvcache import f16_write_func, kv4_write_func, nvfp4_write_func, per_token_write_func
     from .kernels.kvcache_gear import gear4_write_func
     new, positions, *state = node.inputs
     a = node.attrs
@@ -71,6 +72,9 @@ def _kv_cache_write(lw, node):
     elif enc.kind == "kv-nvfp4":
         name = c_name(f"nf_kv_nvfp4_write_{kvh}x{max_len}x{d}")
         func = nvfp4_write_func(kvh, max_len, d, vector_lanes(lw.target))
+    elif enc.kind == "kv-f16":
+        name = c_name(f"nf_kv_f16_write_{kvh}x{max_len}x{d}")
+        func = f16_write_func(kvh, max_len, d, vector_lanes(lw.target))
     else:
         name = c_name(f"nf_{enc.kind}_write_{kvh}x{max_len}x{d}")
         func = per_token_write_func(enc.kind, kvh, max_len, d, vector_lanes(lw.target))
@@ -100,6 +104,7 @@ def _kv_cache_read(lw, node):
 def fused_attention(lw, node):
     """The attention ``node`` on the encoded state its K and V reads stand for, or None (float K
     and V, or reads :func:`fused_reads` does not fuse)."""
+    from .kernels.decoder import attention_func
     from .kernels.dense import vector_lanes
     from .kernels.kvcache_attention import kv4_attention_func, nvfp4_attention_func, per_token_attention_func
     reads = fused_reads(lw, node)
@@ -123,6 +128,11 @@ def fused_attention(lw, node):
         name = c_name(f"nf_kv_nvfp4_attention_{h}x{kvh}x{max_len}x{d}_{tail}")
         func = nvfp4_attention_func(h, kvh, max_len, d, float(a["scale"]), int(a["window"]), float(a["softcap"]),
                                     most)
+    elif enc.kind == "kv-f16":
+        # the float kernel on the float16 rows: the same loops, each chunk widened as it is loaded
+        name = c_name(f"nf_kv_f16_attention_{h}x{kvh}x{max_len}x{d}_{tail}")
+        func = attention_func(h, kvh, max_len, d, float(a["scale"]), int(a["window"]), float(a["softcap"]), lanes,
+                              most, cache_dtype="float16")
     else:
         name = c_name(f"nf_{enc.kind}_attention_{h}x{kvh}x{max_len}x{d}_{tail}")
         func = per_token_attention_func(enc.kind, h, kvh, max_len, d, float(a["scale"]), int(a["window"]),

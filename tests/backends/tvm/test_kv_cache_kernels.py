@@ -1,9 +1,9 @@
-"""The tvm backend runs the encoded KV caches (kv8, kv-fp8, kv4, kv-nvfp4, kv-gear4) natively
-(kernels/kvcache.py, kvcache_attention.py): the state written in place equal to the reference
-interpreter's bit for bit (kv-gear4's low-rank factors included), attention on the stored codes
-close to the interpreter's attention on the dequantised cache, step by step across kv4's group
-boundaries, with grouped-query heads, a sliding window and
-softcapping; an encoded K beside a float V read through the dequantising kernel."""
+"""The tvm backend runs the encoded KV caches (kv8, kv-fp8, kv4, kv-nvfp4, kv-gear4, kv-f16) natively
+(kernels/kvcache.py, kvcache_attention.py; kv-f16's attention: the float kernel on float16 rows):
+the state written in place equal to the reference interpreter's bit for bit (kv-gear4's low-rank
+factors included), attention on the stored codes close to the interpreter's attention on the
+dequantised cache, step by step across kv4's group boundaries, with grouped-query heads, a sliding
+window and softcapping; an encoded K beside a float V read through the dequantising kernel."""
 from __future__ import annotations
 
 import pytest
@@ -22,7 +22,7 @@ from tests import conftest  # noqa: E402
 from tests.backends.onnx.test_kv_cache_encodings import ENCODINGS as ALL_ENCODINGS  # noqa: E402
 from tests.backends.onnx.test_kv_cache_encodings import HEAD_DIM, cache_graph, hard_values  # noqa: E402
 
-CPU_KINDS = ("kv8", "kv-fp8", "kv4", "kv-nvfp4", "kv-gear4")
+CPU_KINDS = ("kv8", "kv-fp8", "kv4", "kv-nvfp4", "kv-gear4", "kv-f16")
 ENCODINGS = [(kind, options) for kind, options in ALL_ENCODINGS if kind in CPU_KINDS]
 
 B, H, KVH, L, D = 2, 4, 2, 24, 16       # D: kv-nvfp4's block

@@ -49,14 +49,15 @@ def cache_update_func(kv_heads: int, max_len: int, head_dim: int, lanes: int):
 
 
 def attention_func(heads: int, kv_heads: int, max_len: int, head_dim: int, scale: float, window: int,
-                   softcap: float, lanes: int, threads: int = 1):
+                   softcap: float, lanes: int, threads: int = 1, cache_dtype: str = "float32"):
     """PrimFunc ``(q [b, h, s, d], k [b, kvh, L, d], v [b, kvh, L, d], positions [b, s], out [b, h,
     s, d])``: causal grouped-query attention, each query row over its visible slots only. The
     query heads sharing a kv head run together (in blocks: kvcache_attention.head_block), so each K
     and V row is read once for all of them, as the encoded-cache kernels read their codes; (batch,
     head block, query) triples run in parallel. Three passes over the slots: scores and their
     maximum, exponentials and their sum, then the weighted sum of V rows a chunk of channels at a
-    time, its sums held in registers."""
+    time, its sums held in registers. K and V are ``cache_dtype``: float32, or float16 (a kv-f16
+    cache's state, widened to float32 in registers as each chunk is loaded)."""
     from tvm.script import tirx as T
     from .kvcache_attention import head_block
     grp, blocks = head_block(heads, kv_heads, threads)
@@ -64,14 +65,19 @@ def attention_func(heads: int, kv_heads: int, max_len: int, head_dim: int, scale
     vec = lanes if head_dim % lanes == 0 else 1
     chunks = head_dim // vec
     f32 = "float32"
+    if cache_dtype not in ("float32", "float16"):
+        raise ValueError(f"attention_func reads a float32 or float16 cache, not {cache_dtype}")
+
+    def row(x):         # a K or V element as float32
+        return x if cache_dtype == f32 else T.Cast(f32, x)
 
     @T.prim_func(private=True, s_tir=True)
     def attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, p_h: T.handle, o_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         b, s = T.int64(), T.int64()
         q = T.match_buffer(q_h, (b, heads, s, head_dim), f32)
-        k = T.match_buffer(k_h, (b, kv_heads, max_len, head_dim), f32)
-        v = T.match_buffer(v_h, (b, kv_heads, max_len, head_dim), f32)
+        k = T.match_buffer(k_h, (b, kv_heads, max_len, head_dim), cache_dtype)
+        v = T.match_buffer(v_h, (b, kv_heads, max_len, head_dim), cache_dtype)
         pos = T.match_buffer(p_h, (b, s), "int64")
         out = T.match_buffer(o_h, (b, heads, s, head_dim), f32)
         with T.sblock("root"):
@@ -98,8 +104,8 @@ def attention_func(heads: int, kv_heads: int, max_len: int, head_dim: int, scale
                     for do in range(chunks):
                         for hg in T.unroll(grp):
                             for dv in T.vectorized(vec):
-                                part[hg, dv] = part[hg, dv] + q[bi, kb * grp + hg, j, do * vec + dv] * k[
-                                    bi, kh, span[0] + t, do * vec + dv]
+                                part[hg, dv] = part[hg, dv] + q[bi, kb * grp + hg, j, do * vec + dv] * row(k[
+                                    bi, kh, span[0] + t, do * vec + dv])
                     for hg in range(grp):
                         scores[hg, t] = T.float32(0)
                         for dv in range(vec):
@@ -120,7 +126,8 @@ def attention_func(heads: int, kv_heads: int, max_len: int, head_dim: int, scale
                     for t in range(span[1]):
                         for hg in T.unroll(grp):
                             for dv in T.vectorized(vec):
-                                part[hg, dv] = part[hg, dv] + scores[hg, t] * v[bi, kh, span[0] + t, do * vec + dv]
+                                part[hg, dv] = part[hg, dv] + scores[hg, t] * row(v[bi, kh, span[0] + t,
+                                                                                    do * vec + dv])
                     for hg in T.unroll(grp):
                         for dv in T.vectorized(vec):
                             acc[hg, do * vec + dv] = part[hg, dv]

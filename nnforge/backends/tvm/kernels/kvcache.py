@@ -1,6 +1,7 @@
 """TensorIR kernels of the encoded KV caches (docs/kv_cache.md): ``kv_cache_write`` in place on the
 state tensors, and the dequantised cache for a ``kv_cache_read`` that no attention kernel fuses
-(kvcache_attention.py reads the codes directly).
+(kvcache_attention.py reads the codes directly; a kv-f16 cache's float16 rows are read by the float
+attention kernel, decoder.attention_func).
 
 The writes round exactly as ``nnforge/ir/kvcache.py`` does (float32 divisions, never a multiply
 by a reciprocal; ``nearbyint``, ties to even; float16 scales saturating), so their codes and
@@ -105,6 +106,33 @@ def per_token_write_func(kind: str, kv_heads: int, max_len: int, head_dim: int, 
                 for do in range(chunks):
                     for dv in T.vectorized(vec):
                         codes[bi, h, slot, do * vec + dv] = _code(kind, safe_ratio(new[bi, h, j, do * vec + dv], sc[0]))
+    return write
+
+
+def f16_write_func(kv_heads: int, max_len: int, head_dim: int, lanes: int):
+    """PrimFunc ``(new [b, kvh, s, d] f32, positions [b, s], values [b, kvh, L, d] f16)`` writing
+    each new token's values rounded to float16 (``kv-f16``, saturating as ir/kvcache.f16) at its
+    slot, in place. Tokens run in parallel."""
+    from tvm.script import tirx as T
+    vec = fit_lanes(head_dim, lanes)
+    chunks = head_dim // vec
+
+    @T.prim_func(private=True, s_tir=True)
+    def write(n_h: T.handle, p_h: T.handle, v_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        b, s = T.int64(), T.int64()
+        new = T.match_buffer(n_h, (b, kv_heads, s, head_dim), "float32")
+        pos = T.match_buffer(p_h, (b, s), "int64")
+        values = T.match_buffer(v_h, (b, kv_heads, max_len, head_dim), "float16")
+        with T.sblock("root"):
+            for r in T.parallel(b * kv_heads * s):
+                bi = r // (kv_heads * s)
+                h = r // s % kv_heads
+                j = r % s
+                slot = T.max(T.min(pos[bi, j], T.int64(max_len - 1)), T.int64(0))
+                for do in range(chunks):
+                    for dv in T.vectorized(vec):
+                        values[bi, h, slot, do * vec + dv] = f16_sat(new[bi, h, j, do * vec + dv])
     return write
 
 
@@ -320,6 +348,8 @@ def read_func(kind: str, role: str, kv_heads: int, max_len: int, head_dim: int, 
 
     if kind == "kv-nvfp4":
         return _nvfp4_read_func(kv_heads, max_len, head_dim)
+    if kind == "kv-f16":
+        return _f16_read_func(kv_heads, max_len, head_dim)
     if kind == "kv-gear4":
         from .kvcache_gear import gear4_read_func
         return gear4_read_func(role, kv_heads, max_len, head_dim, group, residual, rank, outliers)
@@ -365,6 +395,24 @@ def read_func(kind: str, role: str, kv_heads: int, max_len: int, head_dim: int, 
     return read4
 
 
+def _f16_read_func(kv_heads: int, max_len: int, head_dim: int):
+    from tvm.script import tirx as T
+
+    @T.prim_func(private=True, s_tir=True)
+    def read(p_h: T.handle, v_h: T.handle, o_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        b, s = T.int64(), T.int64()
+        T.match_buffer(p_h, (b, s), "int64")
+        values = T.match_buffer(v_h, (b, kv_heads, max_len, head_dim), "float16")
+        out = T.match_buffer(o_h, (b, kv_heads, max_len, head_dim), "float32")
+        with T.sblock("root"):
+            for r in T.parallel(b * kv_heads):
+                for t, d in T.grid(max_len, head_dim):
+                    out[r // kv_heads, r % kv_heads, t, d] = T.Cast("float32",
+                                                                    values[r // kv_heads, r % kv_heads, t, d])
+    return read
+
+
 def _nvfp4_read_func(kv_heads: int, max_len: int, head_dim: int):
     from tvm.script import tirx as T
     blk = KVNVFP4.BLOCK
@@ -391,5 +439,5 @@ def _nvfp4_read_func(kv_heads: int, max_len: int, head_dim: int):
 
 
 __all__ = ["E2M1_UNIT", "E4M3_UNIT", "PER_TOKEN", "code4", "code_float", "code_unit", "e2m1_float", "f16_sat",
-           "fit_lanes", "kv4_write_func", "nvfp4_step", "nvfp4_write_func", "per_token_write_func", "read_func",
+           "f16_write_func", "fit_lanes", "kv4_write_func", "nvfp4_step", "nvfp4_write_func", "per_token_write_func", "read_func",
            "safe_ratio", "window_macros"]

@@ -15,6 +15,9 @@ K and V row is decoded once for all of them (:func:`head_block` cuts the groups 
   of 16 channels against the query's even and odd channels, each block's sum multiplied by its
   E4M3 scale and the total by the token's float16 scale; on the value side the softmax weight times
   a block's scale weighs that block's codes.
+
+A ``kv-f16`` cache needs no kernel here: its float16 rows are what the float attention kernel
+reads, widened in registers (``decoder.attention_func(..., cache_dtype="float16")``).
 """
 from __future__ import annotations
 
