@@ -1,7 +1,7 @@
 """One decode step's attention on the cpu (tvm) backend's kernels, float cache vs the encoded ones
-(docs/kv_cache.md): the float attention kernel (kernels/decoder.py) on float32 K and V, and the
-fused kernels of kernels/kvcache_attention.py on kv8, kv-fp8, kv4 and kv-nvfp4 state, one query token at
-the end of a full context. Prints milliseconds per call and each encoding's speed-up over the
+(docs/kv_cache.md): the float attention kernel (kernels/decoder.py) on float32 K and V and on
+kv-f16's float16 ones, and the fused kernels of kernels/kvcache_attention.py on kv8, kv-fp8, kv4 and
+kv-nvfp4 state, one query token at the end of a full context. Prints milliseconds per call and each encoding's speed-up over the
 float cache.
 
     python benchmarks/kv_attention_cpu.py                       # contexts 1024 and 4096
@@ -70,8 +70,14 @@ def run(contexts: list[int], heads: int, kv_heads: int, head_dim: int, group: in
         q = torch.randn(1, heads, 1, head_dim, generator=gen).numpy()
         positions = np.array([[ctx - 1]], np.int64)
         out = np.zeros_like(q)
-        timers = {"float": _compile(attention_func(heads, kv_heads, ctx, head_dim, scale, 0, 0.0, lanes),
+        # the float kernel with the threads the lowering gives it (ops.py), as the encoded ones get them
+        timers = {"float": _compile(attention_func(heads, kv_heads, ctx, head_dim, scale, 0, 0.0, lanes,
+                                                   threads.most()),
                                     [q, k.numpy(), v.numpy(), positions, out], tvm_target)}
+        func = attention_func(heads, kv_heads, ctx, head_dim, scale, 0, 0.0, lanes, threads.most(),
+                              cache_dtype="float16")
+        state = _state("kv-f16", "k", k, group, residual) + _state("kv-f16", "v", v, group, residual)
+        timers["kv-f16"] = _compile(func, [q, *state, positions, out], tvm_target)
         for kind in ("kv8", "kv-fp8"):
             func = per_token_attention_func(kind, heads, kv_heads, ctx, head_dim, scale, 0, 0.0, lanes,
                                             threads.most())
