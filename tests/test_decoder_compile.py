@@ -79,9 +79,9 @@ KV4_SMALL = [{"pass": "kv_cache", "encoding": "kv4", "group_size": 8, "residual"
 KV8_BUT_LAYER_1 = [{"pass": "kv_cache", "encoding": "kv8", "exclude": ["cache.1.*"]}]     # layer 1's in place
 
 
-@pytest.mark.parametrize("recipe", ["kv8", "kv-fp8", "kv4", "kv-nvfp4", "kv-gear4", "w4-gptq+kv8", KV4_SMALL,
-                                    KV8_BUT_LAYER_1],
-                         ids=["kv8", "kv-fp8", "kv4", "kv-nvfp4", "kv-gear4", "w4-gptq+kv8", "kv4-g8-r12",
+@pytest.mark.parametrize("recipe", ["kv8", "kv-fp8", "kv4", "kv-nvfp4", "kv-gear4", "kv-f16", "w4-gptq+kv8",
+                                    KV4_SMALL, KV8_BUT_LAYER_1],
+                         ids=["kv8", "kv-fp8", "kv4", "kv-nvfp4", "kv-gear4", "kv-f16", "w4-gptq+kv8", "kv4-g8-r12",
                               "kv8-but-layer-1"])
 def test_an_encoded_kv_cache_generates_on_onnx_as_on_the_interpreter(model_dir, tmp_path, recipe):
     """32 greedy tokens after a short prompt and after one longer than kv4's window (128 + 32 - 1
@@ -120,7 +120,7 @@ ONNX Runtime's memory); the manifest's bytes per token are those of the real sta
 # -m slow to keep the default suite in its budget
 @pytest.mark.parametrize("recipe", ["kv4", pytest.param("kv8", marks=pytest.mark.slow),
                                     pytest.param("kv-fp8", marks=pytest.mark.slow), "kv-nvfp4",
-                                    pytest.param("kv-gear4", marks=pytest.mark.slow)])
+                                    pytest.param("kv-gear4", marks=pytest.mark.slow), "kv-f16"])
 def test_an_encoded_kv_cache_generates_on_cpu_as_on_the_interpreter(model_dir, tmp_path, recipe):
     """The tvm backend runs the encoded caches natively: 32 greedy tokens after a short prompt and
     after one longer than kv4's window, equal to the reference interpreter's, the resident state
