@@ -186,7 +186,7 @@ class KVF16(CacheEncoding):
         return [_scatter_tokens(state[0].to(torch.float16), f16(new.to(torch.float32)), positions)]
 
     def read(self, state, positions, head_dim):
-        return state[0].to(torch.float16).to(torch.float32)
+        return state[0].to(torch.float32)
 
 
 # --- kv4: KIVI ----------------------------------------------------------------------------------
