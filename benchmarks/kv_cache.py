@@ -53,7 +53,7 @@ from nnforge.models.llm import small_llm_directory, text_split  # noqa: E402
 OUT = HERE / "out"
 QUALITY_PRESETS = ["fp32", "kv8", "kv-fp8", "kv4", "kv-nvfp4", "kv-gear4"]
 REDUCE_METHODS = ["kv-evict", "kv-merge"]
-SPEED_PRESETS = ["w8", "w8+kv8", "w8+kv4"]
+SPEED_PRESETS = ["w8", "w8+kv-f16", "w8+kv8", "w8+kv4"]
 
 
 # --- scoring ---------------------------------------------------------------------------------------
