@@ -457,6 +457,8 @@ def main(argv=None) -> int:
     p.add_argument("--fresh", action="store_true", help="measure every quality and peer row again; by default a row "
                    "kv_cache.json holds from a run with the same task sizes is kept (speed rows are always measured "
                    "together, as their ratios need)")
+    p.add_argument("--redo", default="", help="presets whose kept rows are measured again (after a change to "
+                   "what they run that their recipe does not show)")
     p.add_argument("--smoke", action="store_true", help="small sizes: check the plumbing in a few minutes")
     p.add_argument("--from-json", action="store_true", help="rewrite the tables from benchmarks/out/kv_cache.json")
     args = p.parse_args(argv)
@@ -492,6 +494,8 @@ def main(argv=None) -> int:
              "score_chunk": args.score_chunk, "quality_target": args.quality_target}
     name = "kv_cache_smoke.json" if args.smoke else "kv_cache.json"
     kept = {} if args.fresh else earlier_rows(OUT / name, sizes)
+    redo = {x for x in args.redo.split(",") if x}
+    kept = {label: r for label, r in kept.items() if r.get("name") not in redo}
     results = []
     OUT.mkdir(exist_ok=True)
 
