@@ -1,6 +1,8 @@
 """Token reduction in the runner: a decoder's KV cache kept within a budget of tokens by evicting
-(H2O: accumulated attention, a recent window always kept) or merging (KVMerger: adjacent keys of
-high cosine similarity averaged with their values, weighted by attention) between steps.
+(attention-score based, as H2O: a recent window always kept, the older tokens ranked by the
+largest attention any query gave them, or by their accumulated attention as H2O ranks them) or
+merging (KVMerger: adjacent keys of high cosine similarity averaged with their values, weighted by
+attention) between steps.
 
 The graph (``passes/kvreduce.py``) writes each new token at the next free cache ``slot`` and masks
 attention by slots, while rotary embeddings use the token's true position; so the runner may
@@ -21,6 +23,9 @@ import torch
 from .errors import NnforgeError
 
 
+SCORES = ("peak", "sum")
+
+
 class ReductionError(NnforgeError, ValueError):
     """A token-reduction setting or cache the runner cannot take; the message says what to do."""
 
@@ -28,8 +33,10 @@ class ReductionError(NnforgeError, ValueError):
 @dataclass(frozen=True)
 class Reduction:
     """The manifest's ``decoder.kv_reduce``: ``method`` evict or merge, ``budget`` tokens held
-    between steps, the ``recent`` tokens always kept as they are, the merge ``threshold``, and per
-    attention layer its cache inputs, query output, scale, softcap and window."""
+    between steps, the ``recent`` tokens always kept as they are, the merge ``threshold``, the
+    ``score`` older tokens are ranked by (``peak``: the largest attention weight any query gave
+    them; ``sum``: their accumulated attention, H2O's), and per attention layer its cache inputs,
+    query output, scale, softcap and window."""
     method: str
     budget: int
     recent: int
@@ -37,19 +44,24 @@ class Reduction:
     layers: tuple[dict, ...]
     slots: str = "slots"
     max_positions: int | None = None
+    score: str = "sum"
 
     @classmethod
     def from_section(cls, section: Mapping) -> "Reduction":
         try:
             r = cls(method=section["method"], budget=int(section["budget"]), recent=int(section["recent"]),
                     threshold=float(section["threshold"]), layers=tuple(dict(x) for x in section["layers"]),
-                    slots=section.get("slots", "slots"), max_positions=section.get("max_positions"))
+                    slots=section.get("slots", "slots"), max_positions=section.get("max_positions"),
+                    # a bundle compiled before the score was recorded ranked by accumulated attention
+                    score=section.get("score", "sum"))
         except (KeyError, TypeError, ValueError) as e:
             raise ReductionError(f"the manifest's decoder.kv_reduce section is incomplete ({e}): recompile the "
                                  "bundle with a kv-evict-<budget> or kv-merge-<budget> recipe") from None
         if r.method not in ("evict", "merge") or not 1 <= r.recent < r.budget:
             raise ReductionError(f"decoder.kv_reduce: method {r.method!r}, budget {r.budget}, recent {r.recent}: "
                                  "give method evict or merge and 1 <= recent < budget")
+        if r.score not in SCORES:
+            raise ReductionError(f"decoder.kv_reduce: score {r.score!r}: give one of {', '.join(SCORES)}")
         return r
 
     def protected(self, layer: dict) -> int:
@@ -62,6 +74,13 @@ def attention_mass(q: torch.Tensor, k: torch.Tensor, slots: torch.Tensor, count:
     """The attention each of the first ``count`` cache slots got from the step's queries ``q``
     [b, h, n, d] (summed over queries and the heads sharing a kv head): [b, kv_heads, count],
     with the graph's scale, softcap and slot mask."""
+    return attention_weights(q, k, slots, count, layer).sum(dim=(2, 3))
+
+
+def attention_weights(q: torch.Tensor, k: torch.Tensor, slots: torch.Tensor, count: int, layer: dict) -> torch.Tensor:
+    """The attention weights of the step's queries ``q`` [b, h, n, d] over the first ``count``
+    cache slots, [b, kv_heads, heads per kv head, n, count], with the graph's scale, softcap and
+    slot mask."""
     b, h, n, d = q.shape
     kvh = k.shape[1]
     qg = q.to(torch.float32).reshape(b, kvh, h // kvh, n, d)
@@ -74,13 +93,13 @@ def attention_mass(q: torch.Tensor, k: torch.Tensor, slots: torch.Tensor, count:
     visible = t <= s
     if layer["window"]:
         visible &= s - t < int(layer["window"])
-    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
-    return probs.sum(dim=(2, 3))
+    return torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
 
 
 class CacheReducer:
     """The runner's side of token reduction for one sequence batch: how many slots are filled,
-    and per layer each slot's accumulated attention mass and how many tokens it stands for."""
+    and per layer each slot's accumulated attention mass, the largest attention weight it got
+    (its peak) and how many tokens it stands for."""
 
     def __init__(self, reduction: Reduction):
         self.reduction = reduction
@@ -88,8 +107,10 @@ class CacheReducer:
 
     def reset(self) -> None:
         self.count = 0
-        self.mass: dict[str, torch.Tensor] = {}      # per K cache input: [b, kvh, max_len] float64
-        self.tokens: dict[str, torch.Tensor] = {}    # per K cache input: tokens merged into each slot
+        # per K cache input, [b, kvh, max_len]: "sum" (float64, the accumulated attention mass),
+        # "peak" (float64), "tokens" (int64, how many tokens are merged into each slot); a score
+        # names the statistic it ranks by
+        self.stats: dict[str, dict[str, torch.Tensor]] = {}
 
     def after_step(self, cache: dict[str, torch.Tensor], outputs: Mapping, slots: torch.Tensor) -> dict:
         """The cache after a step that wrote ``slots`` [b, n] (the next free ones): its slots'
@@ -101,22 +122,24 @@ class CacheReducer:
             if layer["q"] not in outputs:
                 raise ReductionError(f"the step returned no {layer['q']}: a bundle with token reduction outputs each "
                                      "attention's queries; recompile it with the kv-evict/kv-merge recipe")
-            if layer["k"] not in self.mass:
+            if layer["k"] not in self.stats:
                 shape = (k.shape[0], k.shape[1], k.shape[2])
-                self.mass[layer["k"]] = torch.zeros(shape, dtype=torch.float64)
-                self.tokens[layer["k"]] = torch.zeros(shape, dtype=torch.int64)
-            q = torch.as_tensor(outputs[layer["q"]])
-            self.mass[layer["k"]][:, :, :self.count] += attention_mass(q, k, slots, self.count, layer).double()
-            self.tokens[layer["k"]][:, :, self.count - n:self.count] = 1
+                self.stats[layer["k"]] = {"sum": torch.zeros(shape, dtype=torch.float64),
+                                          "peak": torch.zeros(shape, dtype=torch.float64),
+                                          "tokens": torch.zeros(shape, dtype=torch.int64)}
+            stats, c = self.stats[layer["k"]], self.count
+            w = attention_weights(torch.as_tensor(outputs[layer["q"]]), k, slots, c, layer).double()
+            stats["sum"][:, :, :c] += w.sum(dim=(2, 3))
+            stats["peak"][:, :, :c] = torch.maximum(stats["peak"][:, :, :c], w.amax(dim=(2, 3)))
+            stats["tokens"][:, :, c - n:c] = 1
         if self.count <= self.reduction.budget:
             return cache
         cache = dict(cache)
         reduce = _evict if self.reduction.method == "evict" else _merge
         for layer in self.reduction.layers:
-            kv = (cache[layer["k"]], cache[layer["v"]], self.mass[layer["k"]], self.tokens[layer["k"]])
-            out = reduce(*kv, self.count, self.reduction.budget, self.reduction.protected(layer),
-                         self.reduction.threshold)
-            cache[layer["k"]], cache[layer["v"]], self.mass[layer["k"]], self.tokens[layer["k"]] = out
+            cache[layer["k"]], cache[layer["v"]], self.stats[layer["k"]] = reduce(
+                cache[layer["k"]], cache[layer["v"]], self.stats[layer["k"]], self.reduction.score, self.count,
+                self.reduction.budget, self.reduction.protected(layer), self.reduction.threshold)
         self.count = self.reduction.budget
         return cache
 
@@ -133,11 +156,11 @@ def _compact(rows: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _evict(k, v, mass, tokens, count, budget, protected, threshold):
-    """Keep the ``protected`` most recent slots and, of the older ones, the heavy hitters: those
-    of most accumulated attention, in their order."""
+def _evict(k, v, stats, score, count, budget, protected, threshold):
+    """Keep the ``protected`` most recent slots and, of the older ones, those of the highest
+    ``score`` statistic, in their order."""
     older = count - protected
-    keep = torch.topk(mass[:, :, :older], budget - protected, dim=-1).indices.sort(-1).values
+    keep = torch.topk(stats[score][:, :, :older], budget - protected, dim=-1).indices.sort(-1).values
     recent = torch.arange(older, count).expand(*keep.shape[:2], protected)
     index = torch.cat([keep, recent], dim=-1)                           # [b, kvh, budget]
 
@@ -146,20 +169,23 @@ def _evict(k, v, mass, tokens, count, budget, protected, threshold):
         idx = index.reshape(*index.shape, *([1] * (x.dim() - 3))).expand(*index.shape, *x.shape[3:])
         out[:, :, :budget] = torch.gather(x, 2, idx)
         return out
-    return take(k), take(v), take(mass), take(tokens)
+    return take(k), take(v), {name: take(x) for name, x in stats.items()}
 
 
-def _merge(k, v, mass, tokens, count, budget, protected, threshold):
+def _merge(k, v, stats, score, count, budget, protected, threshold):
     """Per kv head, until ``budget`` slots are left: of the adjacent older pairs (neither in the
     ``protected`` recent window), the one of most similar keys is merged into one slot (keys and
-    values averaged, weighted by attention mass, by tokens when neither got any); when no pair
-    reaches ``threshold``, the older slot of least attention is evicted instead."""
-    rows: dict[str, list] = {"k": [], "v": [], "m": [], "t": []}
+    values averaged, weighted by attention mass, by tokens when neither got any; the masses and
+    token counts add, the peaks take the larger); when no pair reaches ``threshold``, the older
+    slot of the lowest ``score`` statistic is evicted instead."""
+    names = list(stats)
+    rows: dict[str, list] = {name: [] for name in ["k", "v", *names]}
     b, h = k.shape[:2]
     for i in range(b):
         for j in range(h):
             hk, hv = k[i, j, :count].clone(), v[i, j, :count].clone()
-            hm, ht = mass[i, j, :count].clone(), tokens[i, j, :count].clone()
+            hs = {name: stats[name][i, j, :count].clone() for name in names}
+            hm, ht = hs["sum"], hs["tokens"]
             while hk.shape[0] > budget:
                 older = hk.shape[0] - protected
                 drop = None
@@ -174,15 +200,20 @@ def _merge(k, v, mass, tokens, count, budget, protected, threshold):
                         hk[t] = hk[t] + (hk[t + 1] - hk[t]) * w
                         hv[t] = hv[t] + (hv[t + 1] - hv[t]) * w
                         hm[t], ht[t] = total, ht[t] + ht[t + 1]
+                        hs["peak"][t] = torch.maximum(hs["peak"][t], hs["peak"][t + 1])
                         drop = t + 1
                 if drop is None:
-                    drop = int(torch.argmin(hm[:older]))
+                    drop = int(torch.argmin(hs[score][:older]))
                 keep = torch.arange(hk.shape[0]) != drop
-                hk, hv, hm, ht = hk[keep], hv[keep], hm[keep], ht[keep]
-            for key, x in zip("kvmt", (hk, hv, hm, ht)):
-                rows[key].append(x)
-    return (_compact(rows["k"], k), _compact(rows["v"], v), _compact(rows["m"], mass),
-            _compact(rows["t"], tokens))
+                hk, hv = hk[keep], hv[keep]
+                hs = {name: x[keep] for name, x in hs.items()}
+                hm, ht = hs["sum"], hs["tokens"]
+            rows["k"].append(hk)
+            rows["v"].append(hv)
+            for name in names:
+                rows[name].append(hs[name])
+    return (_compact(rows["k"], k), _compact(rows["v"], v),
+            {name: _compact(rows[name], stats[name]) for name in names})
 
 
-__all__ = ["CacheReducer", "Reduction", "ReductionError", "attention_mass"]
+__all__ = ["CacheReducer", "Reduction", "ReductionError", "SCORES", "attention_mass", "attention_weights"]

@@ -5,6 +5,8 @@ eviction keeps the recent window with the rotation each key was written with, an
 merges identical keys into exactly that key."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -99,10 +101,27 @@ def test_eviction_keeps_the_recent_window_with_its_rotation(loaded):
             assert (every[head] == row).all(-1).any()
 
 
-def reduction(method: str, budget: int = 3, recent: int = 1, threshold: float = 0.9) -> Reduction:
+def reduction(method: str, budget: int = 3, recent: int = 1, threshold: float = 0.9, score: str = "sum") -> Reduction:
     layer = {"layer": 0, "k": "cache.0.k", "v": "cache.0.v", "q": "attention.0.q", "scale": 1.0, "softcap": 0.0,
              "window": 0}
-    return Reduction(method=method, budget=budget, recent=recent, threshold=threshold, layers=(layer,))
+    return Reduction(method=method, budget=budget, recent=recent, threshold=threshold, layers=(layer,), score=score)
+
+
+@pytest.mark.parametrize("score, kept", [("peak", [0, 2, 3]), ("sum", [0, 1, 3])])
+def test_eviction_ranks_older_tokens_by_their_peak_or_their_summed_attention(score, kept):
+    """Three tokens attended evenly by the queries that see them, then one query that gives
+    token 2 a weight of 0.56: token 1 keeps the larger sum (0.5 + 1/3 + 0.15), token 2 the larger
+    peak, and a budget of 3 (one recent) keeps one of them."""
+    keys = torch.eye(4)[None, None]
+    cache = {"cache.0.k": keys, "cache.0.v": keys.clone()}
+    reducer = CacheReducer(reduction("evict", budget=3, recent=1, score=score))
+    cache = reducer.after_step(cache, {"attention.0.q": torch.zeros(1, 1, 3, 4)}, torch.arange(3)[None])
+    c = math.log(0.56 * 3 / 0.44)                        # softmax weight 0.56 on slot 2, 0.44 / 3 elsewhere
+    q = torch.tensor([0.0, 0.0, c, 0.0]).reshape(1, 1, 1, 4)
+    out = reducer.after_step(cache, {"attention.0.q": q}, torch.tensor([[3]]))
+    assert torch.equal(out["cache.0.k"][0, 0, :3], torch.eye(4)[kept])
+    peaks = {0: 1.0, 1: 0.5, 2: 0.56}                     # the statistics move with their tokens
+    assert reducer.stats["cache.0.k"]["peak"][0, 0, :2].tolist() == pytest.approx([peaks[t] for t in kept[:2]])
 
 
 def test_merging_merges_identical_keys_into_exactly_that_key():
@@ -119,7 +138,7 @@ def test_merging_merges_identical_keys_into_exactly_that_key():
     m0, m1 = sum(1 / j for j in range(1, 6)), sum(1 / j for j in range(2, 6))
     assert torch.allclose(v[0], (m0 * values[0, 0, 0] + m1 * values[0, 0, 1]) / (m0 + m1))
     assert torch.equal(v[1:4], values[0, 0, 2:])
-    assert reducer.tokens["cache.0.k"][0, 0, :4].tolist() == [2, 1, 1, 1] and reducer.count == 4
+    assert reducer.stats["cache.0.k"]["tokens"][0, 0, :4].tolist() == [2, 1, 1, 1] and reducer.count == 4
 
 
 def test_merging_below_the_threshold_evicts_the_least_attended_instead():
@@ -150,3 +169,9 @@ def test_a_reduction_refuses_a_resident_cache_a_recompute_and_an_incomplete_sect
         Reduction.from_section({"method": "evict", "budget": 8})
     with pytest.raises(ReductionError, match="1 <= recent < budget"):
         Reduction.from_section({"method": "evict", "budget": 8, "recent": 8, "threshold": 0.5, "layers": []})
+    with pytest.raises(ReductionError, match="score 'mean': give one of peak, sum"):
+        Reduction.from_section({"method": "evict", "budget": 8, "recent": 4, "threshold": 0.5, "layers": [],
+                                "score": "mean"})
+    # a bundle compiled before the score was recorded goes on ranking by accumulated attention
+    assert Reduction.from_section({"method": "evict", "budget": 8, "recent": 4, "threshold": 0.5,
+                                   "layers": []}).score == "sum"

@@ -21,6 +21,7 @@ from typing import ClassVar
 
 from ..frontend.decoders.builder import POSITIONS, SLOTS
 from ..ir import Graph, Node
+from ..kvreduce import SCORES
 from .base import Pass, PassContext, PassError, register_pass
 from .kvcache import cache_report
 METHODS = ("evict", "merge")
@@ -64,11 +65,13 @@ def reduction_layers(graph: Graph) -> list[dict]:
 @dataclass
 class ReduceKVCache(Pass):
     """Keep a decoder's KV cache within ``budget`` tokens (or ``budget_bytes``, converted with the
-    state's bytes per token) by ``method`` evict (heavy hitters by accumulated attention, H2O) or
-    merge (adjacent keys of cosine similarity >= ``threshold`` averaged, weighted by attention,
-    KVMerger); the ``recent`` most recent tokens (default half the budget) are always kept as
-    they are. The graph gains the ``slots`` input and ``attention.{i}.q`` outputs; the runner
-    reduces."""
+    state's bytes per token) by ``method`` evict (the older tokens of the highest attention
+    ``score`` kept: ``peak``, the largest weight any query gave a token, or ``sum``, its
+    accumulated attention as H2O ranks heavy hitters) or merge (adjacent keys of cosine similarity
+    >= ``threshold`` averaged, weighted by attention, KVMerger; where none is that similar, the
+    token of the lowest score goes); the ``recent`` most recent tokens (default half the budget)
+    are always kept as they are. The graph gains the ``slots`` input and ``attention.{i}.q``
+    outputs; the runner reduces."""
     name = "kv_reduce"
     rewrites_state = True            # it goes after weight passes, as the KV-cache encodings do
     adds_io: ClassVar[tuple[str, ...]] = (SLOTS, "attention.*.q")
@@ -77,6 +80,9 @@ class ReduceKVCache(Pass):
     budget_bytes: int | None = None
     recent: int | None = None
     threshold: float = 0.8
+    # peak rather than H2O's sum: a sum favours old tokens (more queries have seen them) and a
+    # fact read once, as a passkey is, gets few but strong weights (docs/kv_cache.md)
+    score: str = "peak"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -93,6 +99,8 @@ class ReduceKVCache(Pass):
         if self.budget is not None and self.recent is not None and self.recent >= self.budget:
             raise PassError(f"kv_reduce: recent {self.recent} must be below the budget {self.budget}, which "
                             "leaves no slot to choose")
+        if self.score not in SCORES:
+            raise PassError(f"kv_reduce: unknown score {self.score!r}; choose from {', '.join(SCORES)}")
         if not -1.0 <= float(self.threshold) <= 1.0:
             raise PassError(f"kv_reduce: threshold {self.threshold}: a cosine similarity, in [-1, 1]")
 
@@ -133,6 +141,7 @@ class ReduceKVCache(Pass):
                                 f"give a budget of at least {layer['window']}")
         limit = [n.inputs[1].shape[0] for n in graph.nodes if n.op == "embedding" and n.inputs[0].name == POSITIONS]
         return {"method": self.method, "budget": budget, "recent": recent, "threshold": float(self.threshold),
+                "score": self.score,
                 "slots": SLOTS, "max_positions": limit[0] if limit else None, "layers": layers}
 
     def run(self, graph: Graph, ctx: PassContext) -> Graph:

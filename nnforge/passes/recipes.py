@@ -127,8 +127,9 @@ PARAMETRIC: dict[str, tuple[str, str, object]] = {
                         "calibration)",
                         lambda v: [{"pass": "prune_mlp", "fraction": int(v) / 100}]),
     # token reduction (docs/kv_cache.md): the runner keeps the cache within <budget> tokens
-    "kv-evict-<budget>": (r"kv-evict-(\d+)", "KV cache kept within <budget> tokens by evicting all but the heavy "
-                          "hitters (accumulated attention, H2O) and the budget/2 most recent tokens",
+    "kv-evict-<budget>": (r"kv-evict-(\d+)", "KV cache kept within <budget> tokens by evicting all but the most "
+                          "attended older tokens (by the largest attention weight each got, as H2O "
+                          "ranks by attention) and the budget/2 most recent tokens",
                           lambda v: [{"pass": "kv_reduce", "method": "evict", "budget": int(v)}]),
     "kv-merge-<budget>": (r"kv-merge-(\d+)", "KV cache kept within <budget> tokens by merging adjacent similar "
                           "keys and their values, weighted by attention (KVMerger), the budget/2 most recent "

@@ -36,6 +36,7 @@ def test_slots_feed_cache_writes_and_masks_while_rope_keeps_positions(llama):
     assert all(n.inputs[0].name.startswith("attention.") for n in g.nodes if n.op == "attention")
     record = reduction_record(g, [p])
     assert record["budget"] == 8 and record["recent"] == 4 and record["max_positions"] is None
+    assert record["score"] == "peak"
     assert [(x["k"], x["v"], x["q"]) for x in record["layers"]] == [
         ("cache.0.k", "cache.0.v", "attention.0.q"), ("cache.1.k", "cache.1.v", "attention.1.q")]
 
@@ -54,6 +55,7 @@ def test_a_byte_budget_is_converted_with_the_state_bytes_per_token(llama):
     (dict(budget=8, budget_bytes=100), "exactly one"),
     (dict(budget=8, method="drop"), "unknown method"),
     (dict(budget=8, threshold=2.0), "in \\[-1, 1\\]"),
+    (dict(budget=8, score="mean"), "unknown score 'mean'; choose from peak, sum"),
     (dict(budget_bytes=600), "holds 1 token"),
 ])
 def test_bad_budgets_are_refused(llama, options, message):
