@@ -104,16 +104,22 @@ class CacheEncoding(ABC):
 
 # --- per-token encodings: kv8, kv-fp8 -------------------------------------------------------------
 class _PerToken(CacheEncoding):
-    """Each token's head_dim values share one float16 scale; codes and scale written at its slot."""
+    """Each token's values share float16 scales, one per group of consecutive channels (kv-fp8: one
+    group, the whole head); codes and scales written at its slot."""
 
     code_dtype: ClassVar[str]
-    top: ClassVar[float]          # the largest code magnitude: max|x| maps onto it
+    top: ClassVar[float]          # the largest code magnitude: a group's max|x| maps onto it
 
     def __init__(self, role: str):
         self.role = role
 
+    def channels(self, head_dim: int) -> int:
+        """Channels that share one scale."""
+        return head_dim
+
     def parts(self, max_len, head_dim):
-        return [Part("codes", _dtype(self.code_dtype), max_len, head_dim), Part("scale", _dtype("float16"), max_len, 1)]
+        return [Part("codes", _dtype(self.code_dtype), max_len, head_dim),
+                Part("scale", _dtype("float16"), max_len, head_dim // self.channels(head_dim))]
 
     @abstractmethod
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,12 +130,14 @@ class _PerToken(CacheEncoding):
         """float32 values of ``codes``."""
 
     def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(codes, float16 scale [..., 1]) of float32 ``x`` [..., d]."""
+        """(codes [..., d], float16 scales [..., d / channels]) of float32 ``x`` [..., d]."""
         x = x.to(torch.float32)
-        scale = f16(x.abs().amax(-1, keepdim=True) / self.top)
+        d = x.shape[-1]
+        groups = x.reshape(*x.shape[:-1], d // self.channels(d), -1)
+        scale = f16(groups.abs().amax(-1, keepdim=True) / self.top)
         s = scale.to(torch.float32)
-        ratio = torch.where(s > 0, x / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(x))
-        return self.encode(ratio), scale
+        ratio = torch.where(s > 0, groups / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(groups))
+        return self.encode(ratio).reshape(x.shape), scale[..., 0]
 
     def write(self, state, new, positions):
         codes, scale = self.quantize(new)
@@ -138,14 +146,40 @@ class _PerToken(CacheEncoding):
                 _scatter_tokens(state[1].to(torch.float16), scale, positions)]
 
     def read(self, state, positions, head_dim):
-        return self.decode(state[0]) * state[1].to(torch.float32)
+        values = self.decode(state[0])
+        scale = state[1].to(torch.float32)
+        groups = values.reshape(*values.shape[:-1], scale.shape[-1], -1) * scale[..., None]
+        return groups.reshape(values.shape)
 
 
 class KV8(_PerToken):
-    """int8 codes, symmetric, one float16 scale per token and head."""
+    """int8 codes, symmetric, one float16 scale per token and group of ``group`` consecutive channels
+    (the whole head where it has fewer)."""
     kind = "kv8"
+    options = ("group",)
     code_dtype = "int8"
     top = 127.0
+
+    # a scale per group of channels rather than per head: a few outlier channels of the keys would
+    # set one scale for the whole head and flatten the other channels' codes; each further group
+    # costs one float16 per token
+    def __init__(self, role: str, group: int = 64):
+        _check_count(self.kind, "group", group, 1, "channels")
+        super().__init__(role)
+        self.group = group
+
+    def attrs(self):
+        return {"group": self.group}
+
+    def channels(self, head_dim):
+        return min(self.group, head_dim)
+
+    def check_head_dim(self, head_dim, where):
+        if head_dim % self.channels(head_dim):
+            fits = max(g for g in range(1, self.group + 1) if head_dim % g == 0)
+            raise CacheEncodingError(f"{where}: kv8 scales groups of {self.group} channels, and the head dim "
+                                     f"{head_dim} is not a multiple of {self.group}; give the kv_cache pass "
+                                     f"group_size={fits} (or another divisor of {head_dim})")
 
     def encode(self, x):
         return torch.round(x).clamp(-127, 127).to(torch.int8)
@@ -470,8 +504,9 @@ def _check_count(kind: str, name: str, value, least: int, unit: str) -> None:
 
 
 def cache_encoding(kind: str, role: str, **attrs) -> CacheEncoding:
-    """The encoding ``kind`` for a K (``role`` "k") or V cache, with its options (kv4: group,
-    residual; kv-gear4: those and rank, outliers); options given as None take the defaults."""
+    """The encoding ``kind`` for a K (``role`` "k") or V cache, with its options (kv8: group, in
+    channels; kv4: group, in tokens, residual; kv-gear4: those and rank, outliers); options given as
+    None take the defaults."""
     if kind not in CACHE_ENCODINGS:
         raise CacheEncodingError(f"unknown KV-cache encoding {kind!r}; known: {', '.join(CACHE_ENCODINGS)}")
     if role not in ROLES:

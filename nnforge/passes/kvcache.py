@@ -60,9 +60,10 @@ def _caches(graph: Graph) -> list[_Cache]:
 @register_pass
 @dataclass
 class EncodeKVCache(Pass):
-    """Encode a decoder's KV caches: ``encoding`` kv8 (int8, per-token scales), kv4 (KIVI: int4
-    keys per channel in groups of ``group_size`` tokens, values per token, a float window of the
-    ``residual`` most recent tokens), kv-fp8 (E4M3, per-token scales), kv-nvfp4 (E2M1 with E4M3
+    """Encode a decoder's KV caches: ``encoding`` kv8 (int8, a float16 scale per token and group of
+    ``group_size`` channels, default 64), kv4 (KIVI: int4 keys per channel in groups of
+    ``group_size`` tokens, values per token, a float window of the ``residual`` most recent
+    tokens), kv-fp8 (E4M3, per-token scales), kv-nvfp4 (E2M1 with E4M3
     scales per 16 values and a float16 scale per token), kv-gear4 (kv4 plus ``outliers`` float16
     values per token and a rank-``rank`` approximation of each group's error) or kv-f16 (each value
     in float16); ``layers`` / ``exclude`` select caches by cache-update node or cache input name."""

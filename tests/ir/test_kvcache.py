@@ -18,13 +18,15 @@ def np_f16(x):
     return np.clip(x, -65504, 65504).astype(np.float16)
 
 
-def oracle_kv8(x):
-    """(codes, scale) of float32 x [..., d]: s = f16(max|x| / 127), code = clamp(rint(x / s))."""
-    s = np_f16(np.abs(x).max(-1, keepdims=True) / np.float32(127))
+def oracle_kv8(x, group):
+    """(codes, scales [..., d / group]) of float32 x [..., d]: per group of ``group`` channels
+    s = f16(max|x| / 127), code = clamp(rint(x / s))."""
+    g = x.reshape(*x.shape[:-1], -1, group)
+    s = np_f16(np.abs(g).max(-1, keepdims=True) / np.float32(127))
     s32 = s.astype(np.float32)
     with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(s32 > 0, np.rint(x / s32), 0)
-    return np.clip(q, -127, 127).astype(np.int8), s
+        q = np.where(s32 > 0, np.rint(g / s32), 0)
+    return np.clip(q, -127, 127).astype(np.int8).reshape(x.shape), s[..., 0]
 
 
 def oracle_fp8(x):
@@ -34,6 +36,12 @@ def oracle_fp8(x):
         r = np.where(s32 > 0, (x / s32).astype(np.float32), 0).astype(np.float32)
     codes = np.clip(r, -448, 448).astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
     return codes, s
+
+
+def kv8_decoded(codes, scale):
+    """float32 values of kv8 ``codes`` [..., d] and their per-group ``scale`` [..., d / group]."""
+    groups = codes.astype(np.float32).reshape(*scale.shape, -1) * scale.astype(np.float32)[..., None]
+    return groups.reshape(codes.shape)
 
 
 def oracle_asym4(x, axis):
@@ -70,20 +78,64 @@ def tokens(n=L, seed=0):
     return x[:, :, :n].contiguous()
 
 
-@pytest.mark.parametrize("kind,oracle", [("kv8", oracle_kv8), ("kv-fp8", oracle_fp8)])
-def test_per_token_codes_and_scales_match_numpy_bit_for_bit(kind, oracle):
+@pytest.mark.parametrize("kind,options,group", [("kv8", {}, D), ("kv8", {"group": 2}, 2), ("kv8", {"group": 4}, 4),
+                                                ("kv-fp8", {}, D)])
+def test_per_token_codes_and_scales_match_numpy_bit_for_bit(kind, options, group):
+    # the default kv8 group (64 channels) is more than D: one group of the whole head
     x = tokens()
-    enc = cache_encoding(kind, "k")
+    enc = cache_encoding(kind, "k", **options)
     pos = torch.arange(L).repeat(B, 1)
     codes, scale = enc.write(enc.zeros(B, H, L, D), x, pos)
-    want_codes, want_scale = oracle(x.numpy())
     assert codes.dtype == (torch.int8 if kind == "kv8" else torch.uint8) and scale.dtype == torch.float16
+    assert scale.shape == (B, H, L, D // group)
+    got = enc.read([codes, scale], pos, D)
+    if kind == "kv8":
+        want_codes, want_scale = oracle_kv8(x.numpy(), group)
+        decoded = kv8_decoded(want_codes, want_scale)
+    else:
+        want_codes, want_scale = oracle_fp8(x.numpy())
+        decoded = want_codes.view(ml_dtypes.float8_e4m3fn).astype(np.float32) * want_scale.astype(np.float32)
+    np.testing.assert_array_equal(codes.numpy(), want_codes)
+    np.testing.assert_array_equal(scale.numpy().reshape(want_scale.shape).view(np.uint16), want_scale.view(np.uint16))
+    np.testing.assert_array_equal(got.numpy(), decoded)
+
+
+def test_kv8_groups_keep_an_outlier_channel_from_flattening_the_others():
+    # channel 0 is 1000 times the rest: with one scale per head the other channels round to a code
+    # of at most 1; with groups of 4 channels the second group has a scale of its own
+    x = torch.full((1, 1, 1, D), 0.5)
+    x[..., 0] = 500.0
+    x[..., 5] = -0.25
+    head = cache_encoding("kv8", "k", group=D)
+    grouped = cache_encoding("kv8", "k", group=4)
+    (hc, hs), (gc, gs) = head.quantize(x), grouped.quantize(x)
+    assert hs.shape[-1] == 1 and gs.shape[-1] == 2
+    assert gs[..., 0] == hs[..., 0] and gs[..., 1] < gs[..., 0]
+    assert hc.flatten()[4:].abs().max() <= 1
+    assert gc.flatten()[4:].tolist() == [127, -64, 127, 127]
+    pos = torch.zeros(1, 1, dtype=torch.int64)
+    err = [(enc.read(enc.write(enc.zeros(1, 1, 1, D), x, pos), pos, D) - x)[..., 4:].abs().max()
+           for enc in (head, grouped)]
+    assert err[1] < err[0] / 100
+
+
+def test_kv8_head_dim_below_the_group_takes_one_group():
+    enc = cache_encoding("kv8", "v", group=64)
+    assert [(p.name, p.rows, p.cols) for p in enc.parts(16, 8)] == [("codes", 16, 8), ("scale", 16, 1)]
+    enc.check_head_dim(8, "cache.0.v")
+    codes, scale = enc.quantize(tokens())
+    want_codes, want_scale = oracle_kv8(tokens().numpy(), D)
     np.testing.assert_array_equal(codes.numpy(), want_codes)
     np.testing.assert_array_equal(scale.numpy().view(np.uint16), want_scale.view(np.uint16))
-    got = enc.read([codes, scale], pos, D)
-    decoded = (want_codes.astype(np.float32) if kind == "kv8" else
-               want_codes.view(ml_dtypes.float8_e4m3fn).astype(np.float32)) * want_scale.astype(np.float32)
-    np.testing.assert_array_equal(got.numpy(), decoded)
+
+
+def test_kv8_refuses_a_head_dim_not_a_multiple_of_the_group():
+    enc = cache_encoding("kv8", "k", group=64)
+    enc.check_head_dim(128, "cache.0.k")
+    with pytest.raises(CacheEncodingError, match=r"cache\.3\.k \(node n\): kv8 scales groups of 64 channels, and "
+                                                 r"the head dim 80 is not a multiple of 64; give the kv_cache pass "
+                                                 r"group_size=40"):
+        enc.check_head_dim(80, "cache.3.k (node n)")
 
 
 def test_kv8_rounds_half_to_even():
@@ -177,6 +229,8 @@ def test_kv4_state_layout_and_bytes():
     assert [(p.name, p.rows, p.cols) for p in v.parts(512, 64)][1:3] == [("scale", 512, 1), ("min", 512, 1)]
     assert k.state_bytes(2, 512, 64) == 2 * (512 * 32 + 2 * 16 * 64 * 2 + 159 * 64 * 4)
     assert cache_encoding("kv8", "k").state_bytes(2, 512, 64) == 2 * 512 * (64 + 2)
+    assert cache_encoding("kv8", "k", group=16).state_bytes(2, 512, 64) == 2 * 512 * (64 + 4 * 2)
+    assert cache_encoding("kv8", "k").state_bytes(1, 512, 256) == 512 * (256 + 256 // 64 * 2)
 
 
 def test_kv4_refuses_positions_that_do_not_continue_the_sequence():
@@ -188,8 +242,10 @@ def test_kv4_refuses_positions_that_do_not_continue_the_sequence():
 def test_encoding_options_are_checked():
     with pytest.raises(CacheEncodingError, match="unknown KV-cache encoding 'kv3'"):
         cache_encoding("kv3", "k")
-    with pytest.raises(CacheEncodingError, match="kv8 takes no option"):
-        cache_encoding("kv8", "k", group=4)
+    with pytest.raises(CacheEncodingError, match="kv-fp8 takes no option"):
+        cache_encoding("kv-fp8", "k", group=4)
+    with pytest.raises(CacheEncodingError, match="kv8 group must be a positive number of channels"):
+        cache_encoding("kv8", "k", group=0)
     with pytest.raises(CacheEncodingError, match="group must be a positive"):
         cache_encoding("kv4", "k", group=0)
     with pytest.raises(CacheEncodingError, match="odd"):

@@ -70,12 +70,26 @@ def test_gear_takes_its_options_and_its_state_has_the_factors(llama):
     assert record.figures["encodings"] == {"kv-gear4 k": 2, "kv-gear4 v": 2}
 
 
-def test_a_head_dim_an_encoding_cannot_hold_is_refused_naming_the_cache():
+@pytest.mark.parametrize("options,message", [
+    (dict(encoding="kv-nvfp4"), "kv-nvfp4 scales blocks of 16 head_dim values, and the head dim is 24"),
+    (dict(encoding="kv8", group_size=16), "kv8 scales groups of 16 channels, and the head dim 24 is not a multiple "
+                                          "of 16; give the kv_cache pass group_size=12"),
+])
+def test_a_head_dim_an_encoding_cannot_hold_is_refused_naming_the_cache(options, message):
     loaded = load_causal_lm(tiny_model("mistral", head_dim=24))
     graph = build(spec_from_config(loaded.config, max_len=MAX_LEN), loaded.weights, MAX_LEN)
     with pytest.raises(PassError, match="kv_cache: cache cache.0.k \\(node model.layers.0.self_attn.k_cache\\): "
-                                        "kv-nvfp4 scales blocks of 16 head_dim values, and the head dim is 24"):
-        encoded(graph, encoding="kv-nvfp4")
+                                        + message):
+        encoded(graph, **options)
+
+
+def test_group_size_sets_kv8s_channels_per_scale(llama):
+    # the tiny Llama's head dim is 16: the default group (64) takes the whole head, 4 makes 4 scales
+    for options, scales in ((dict(), 1), (dict(group_size=4), 4)):
+        g, _ = encoded(llama, encoding="kv8", **options)
+        write = next(n for n in g.nodes if n.op == "kv_cache_write")
+        assert write.attrs["group"] == options.get("group_size", 64)
+        assert next(v for v in g.inputs if v.name == "cache.0.k.scale").shape[-1] == scales
 
 
 def test_layers_and_exclude_select_caches(llama):
@@ -92,7 +106,8 @@ def test_layers_and_exclude_select_caches(llama):
                                  "\\(cache.0.k\\)"),
     (dict(exclude=["*"]), "selects no KV cache"),
     (dict(encoding="kv3"), "unknown encoding 'kv3'; choose from kv8, kv-fp8, kv4"),
-    (dict(encoding="kv8", group_size=8), "kv8 takes no option"),
+    (dict(encoding="kv-fp8", group_size=8), "kv-fp8 takes no option"),
+    (dict(encoding="kv8", group_size=0), "kv8 group must be a positive number of channels"),
     (dict(encoding="kv-gear4", rank=0), "kv-gear4 rank must be a positive number"),
 ])
 def test_bad_options_name_what_to_fix(llama, options, message):
@@ -109,9 +124,10 @@ def test_a_graph_without_a_kv_cache_is_refused():
 def test_kv8_generates_close_to_the_float_cache(llama):
     prompt = torch.randint(0, VOCAB, (12,), generator=torch.Generator().manual_seed(0))
     want = run(llama, prompt, 6)
-    got = run(encoded(llama, encoding="kv8")[0], prompt, 6)
-    assert got.shape == (1, 18, VOCAB)
-    assert cosine(got, want) > 0.9999
+    for group in (64, 4):
+        got = run(encoded(llama, encoding="kv8", group_size=group)[0], prompt, 6)
+        assert got.shape == (1, 18, VOCAB)
+        assert cosine(got, want) > 0.9999
 
 
 @pytest.mark.parametrize("encoding,options,floor", [("kv-fp8", {}, 0.999),

@@ -34,9 +34,17 @@ def test_encoded_caches_record_encoding_state_and_bytes_per_token(llama):
                                         "shape": ["batch", 2, MAX_LEN, 16], "dtype": "int8"}
     assert state["cache.0.v.scale"]["dtype"] == "float16" and state["cache.1.k"]["dtype"] == "float32"
     kv = section["kv_cache"]
-    assert kv["caches"]["cache.0.v"] == {"node": "model.layers.0.self_attn.v_cache", "encoding": "kv8"}
+    assert kv["caches"]["cache.0.v"] == {"node": "model.layers.0.self_attn.v_cache", "encoding": "kv8", "group": 64}
     assert kv["caches"]["cache.1.v"]["encoding"] == "float32"
     assert kv["bytes_per_token"] == 2 * 2 * (16 + 2) + FLOAT32 / 2 and kv["float32_bytes_per_token"] == FLOAT32
+
+
+def test_kv8_bytes_count_a_scale_per_group_of_channels(llama):
+    graph = PassManager([EncodeKVCache(encoding="kv8", group_size=4)]).run(llama.graph, PassContext())
+    kv = llama.manifest_section(graph)["kv_cache"]
+    assert kv["caches"]["cache.1.k"]["group"] == 4
+    # layers x (K, V) x kv_heads x (16 int8 codes + 16 / 4 float16 scales)
+    assert kv["bytes_per_token"] == kv["bytes_per_token_past_fixed"] == 2 * 2 * 2 * (16 + 16 // 4 * 2)
 
 
 def test_kv4_bytes_count_scales_and_the_window(llama):
