@@ -117,8 +117,8 @@ GATHER_ROWS = Capability("embedding", "int", "Gather of the 8- or 4-bit code row
                          "float table is made)", gathered_rows)
 # An encoded KV cache (docs/kv_cache.md), lowered by kvcache.py: the state stays in its stored dtypes.
 KV_CACHE = [
-    Capability("kv_cache_write", "kv8", "int8 codes and float16 per-token scales scattered into the state "
-               "(ScatterElements), quantised in float32 ops as the reference rounds"),
+    Capability("kv_cache_write", "kv8", "int8 codes and float16 scales per token and group of channels scattered "
+               "into the state (ScatterElements), quantised in float32 ops as the reference rounds"),
     Capability("kv_cache_read", "kv8", "int8 codes times their float16 scales (Cast, Mul) before attention"),
     Capability("kv_cache_write", "kv-fp8", "E4M3 codes (uint8 bit patterns, worked out arithmetically) and float16 "
                "per-token scales scattered into the state"),

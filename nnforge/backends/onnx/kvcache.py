@@ -106,7 +106,11 @@ def _write(b: OnnxBuilder, node: Node, fb) -> None:
     if isinstance(enc, KVF16):
         _scatter_tokens(b, state[0], _f16(b, new), positions, outs[0])
         return
-    scale, ratio = _per_token_scale(b, new, enc.top)
+    d = node.attrs["head_dim"]
+    groups = d // enc.channels(d)
+    scale, ratio = _per_token_scale(b, _split_groups(b, new, groups, d), enc.top)
+    if groups > 1:             # back to [b, h, s, groups] scales and [b, h, s, d] ratios
+        scale, ratio = (b.node("Reshape", [y, b.ints([0, 0, 0, cols])]) for y, cols in ((scale, groups), (ratio, d)))
     if isinstance(enc, KVFP8):
         codes = b.node("Cast", [_minifloat_codes(b, ratio, enc.FORMAT)], to=TensorProto.UINT8)
     else:
@@ -132,7 +136,20 @@ def _read(b: OnnxBuilder, node: Node, fb) -> None:
         return
     values = _minifloat_values(b, state[0], enc.FORMAT) if isinstance(enc, KVFP8) else b.node("Cast", [state[0]],
                                                                                                 to=F32)
-    b.node("Mul", [values, b.node("Cast", [state[1]], to=F32)], out)
+    scale = b.node("Cast", [state[1]], to=F32)
+    L, d = node.attrs["max_len"], node.attrs["head_dim"]
+    groups = d // enc.channels(d)
+    if groups == 1:
+        b.node("Mul", [values, scale], out)
+        return
+    grouped = b.node("Mul", [_split_groups(b, values, groups, d), b.node("Unsqueeze", [scale, b.ints([-1])])])
+    b.node("Reshape", [grouped, b.ints([0, 0, L, d])], out)
+
+
+def _split_groups(b: OnnxBuilder, x: str, groups: int, d: int) -> str:
+    """[b, h, n, d] -> [b, h, n, groups, d / groups]: the channels that share a kv8 scale (x itself
+    where the head is one group)."""
+    return x if groups == 1 else b.node("Reshape", [x, b.ints([0, 0, 0, groups, d // groups])])
 
 
 # --- kv4 ---------------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ from nnforge.targets import get_target
 from tests import conftest
 
 MAX_LEN, HEAD_DIM, KV_HEADS = 24, 16, 2
-ENCODINGS = [("kv8", {}), ("kv-fp8", {}), ("kv4", {"group": 4, "residual": 3}), ("kv4", {"group": 5, "residual": 0}),
-             ("kv-nvfp4", {}), ("kv-gear4", {"group": 4, "residual": 3}),
+ENCODINGS = [("kv8", {}), ("kv8", {"group": 4}), ("kv-fp8", {}), ("kv4", {"group": 4, "residual": 3}),
+             ("kv4", {"group": 5, "residual": 0}), ("kv-nvfp4", {}), ("kv-gear4", {"group": 4, "residual": 3}),
              ("kv-gear4", {"group": 5, "residual": 0, "rank": 3, "outliers": 1}), ("kv-f16", {})]
 
 
