@@ -60,6 +60,7 @@ def run(contexts: list[int], heads: int, kv_heads: int, head_dim: int, group: in
     from nnforge.backends.tvm.kernels.kvcache_attention import (kv4_attention_func, nvfp4_attention_func,
                                                                 per_token_attention_func)
     from nnforge.backends.tvm.llvm_targets import resolve_target
+    from nnforge.ir.kvcache import cache_encoding
     tvm_target = resolve_target(target)
     lanes = vector_lanes(tvm_target)
     scale = head_dim ** -0.5
@@ -79,8 +80,9 @@ def run(contexts: list[int], heads: int, kv_heads: int, head_dim: int, group: in
         state = _state("kv-f16", "k", k, group, residual) + _state("kv-f16", "v", v, group, residual)
         timers["kv-f16"] = _compile(func, [q, *state, positions, out], tvm_target)
         for kind in ("kv8", "kv-fp8"):
+            # the channels a scale covers as the preset's encoding sets them (kv8: groups, kv-fp8: the head)
             func = per_token_attention_func(kind, heads, kv_heads, ctx, head_dim, scale, 0, 0.0, lanes,
-                                            threads.most())
+                                            threads.most(), cache_encoding(kind, "k").channels(head_dim))
             state = _state(kind, "k", k, group, residual) + _state(kind, "v", v, group, residual)
             timers[kind] = _compile(func, [q, *state, positions, out], tvm_target)
         func = kv4_attention_func(heads, kv_heads, ctx, head_dim, group, residual, scale, 0, 0.0, lanes,

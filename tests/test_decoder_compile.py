@@ -76,13 +76,14 @@ def test_a_reduced_kv_cache_compiles_and_its_bundle_generates_past_the_budget(tm
 
 
 KV4_SMALL = [{"pass": "kv_cache", "encoding": "kv4", "group_size": 8, "residual": 12}]
-KV8_BUT_LAYER_1 = [{"pass": "kv_cache", "encoding": "kv8", "exclude": ["cache.1.*"]}]     # layer 1's in place
+# layer 1's in place; layer 0's kv8 in groups of 8 channels, two scales a token of the 16-channel heads
+KV8_BUT_LAYER_1 = [{"pass": "kv_cache", "encoding": "kv8", "group_size": 8, "exclude": ["cache.1.*"]}]
 
 
 @pytest.mark.parametrize("recipe", ["kv8", "kv-fp8", "kv4", "kv-nvfp4", "kv-gear4", "kv-f16", "w4-gptq+kv8",
                                     KV4_SMALL, KV8_BUT_LAYER_1],
                          ids=["kv8", "kv-fp8", "kv4", "kv-nvfp4", "kv-gear4", "kv-f16", "w4-gptq+kv8", "kv4-g8-r12",
-                              "kv8-but-layer-1"])
+                              "kv8-g8-but-layer-1"])
 def test_an_encoded_kv_cache_generates_on_onnx_as_on_the_interpreter(model_dir, tmp_path, recipe):
     """32 greedy tokens after a short prompt and after one longer than kv4's window (128 + 32 - 1
     tokens; kv-gear4's is 64 + 64 - 1), equal on ONNX Runtime and on the reference interpreter, the state fed back through

@@ -122,10 +122,10 @@ def _llvm(enc, target) -> str | None:
 
 
 KV_CACHE = [
-    Capability("kv_cache_write", "kv8", "kernels.kvcache: int8 codes and float16 per-token scales written in place "
-               "at each token's slot, rounded as the reference", _llvm),
-    Capability("kv_cache_read", "kv8", "kernels.kvcache_attention: attention on the int8 codes, each token's scale "
-               "taken out of the q.k and p.v products (another reader: the codes dequantised)", _llvm),
+    Capability("kv_cache_write", "kv8", "kernels.kvcache: int8 codes and float16 scales per token and group of "
+               "channels written in place at each token's slot, rounded as the reference", _llvm),
+    Capability("kv_cache_read", "kv8", "kernels.kvcache_attention: attention on the int8 codes, each group's scale "
+               "taken out of its share of the q.k and p.v products (another reader: the codes dequantised)", _llvm),
     Capability("kv_cache_write", "kv-fp8", "kernels.kvcache: E4M3 codes (uint8 bit patterns) and float16 per-token "
                "scales written in place", _llvm),
     Capability("kv_cache_read", "kv-fp8", "kernels.kvcache_attention: attention on the E4M3 codes read as float16 "

@@ -76,8 +76,9 @@ def _kv_cache_write(lw, node):
         name = c_name(f"nf_kv_f16_write_{kvh}x{max_len}x{d}")
         func = f16_write_func(kvh, max_len, d, vector_lanes(lw.target))
     else:
-        name = c_name(f"nf_{enc.kind}_write_{kvh}x{max_len}x{d}")
-        func = per_token_write_func(enc.kind, kvh, max_len, d, vector_lanes(lw.target))
+        group = enc.channels(d)
+        name = c_name(f"nf_{enc.kind}_write_{kvh}x{max_len}x{d}_g{group}")
+        func = per_token_write_func(enc.kind, kvh, max_len, d, vector_lanes(lw.target), group)
     x = lw.arg(new) if new.dtype.name == "float32" else lw.emit(op.astype(lw.arg(new), "float32"))
     return lw.relax.call_tir_inplace(lw.func(name, func), [x, _as(lw, positions, "int64"), *parts],
                                      list(range(2, 2 + len(parts))), [lw.ttype(v) for v in node.outputs])
@@ -85,7 +86,7 @@ def _kv_cache_write(lw, node):
 
 @rule("kv_cache_read")
 def _kv_cache_read(lw, node):
-    from .kernels.kvcache import read_func
+    from .kernels.kvcache import PER_TOKEN, read_func
     readers = lw.readers(node.output)
     if readers and node.output not in lw.graph.outputs and all(
             r.op == "attention" and fused_reads(lw, r) is not None for r in readers):
@@ -93,7 +94,8 @@ def _kv_cache_read(lw, node):
     a = node.attrs
     enc = encoding_of(a)
     kvh = node.inputs[1].shape[1]
-    extra = enc.attrs()
+    # kv8 / kv-fp8: the channels a scale covers, as the head dim sets them (the whole of a small head)
+    extra = {"group": enc.channels(a["head_dim"])} if enc.kind in PER_TOKEN else enc.attrs()
     name = c_name(f"nf_{enc.kind}_read_{enc.role}_{kvh}x{a['max_len']}x{a['head_dim']}"
                   + "".join(f"_{k}{v}" for k, v in extra.items()))
     func = read_func(enc.kind, enc.role, kvh, a["max_len"], a["head_dim"], **extra)
@@ -134,9 +136,10 @@ def fused_attention(lw, node):
         func = attention_func(h, kvh, max_len, d, float(a["scale"]), int(a["window"]), float(a["softcap"]), lanes,
                               most, cache_dtype="float16")
     else:
-        name = c_name(f"nf_{enc.kind}_attention_{h}x{kvh}x{max_len}x{d}_{tail}")
+        group = enc.channels(d)
+        name = c_name(f"nf_{enc.kind}_attention_{h}x{kvh}x{max_len}x{d}_g{group}_{tail}")
         func = per_token_attention_func(enc.kind, h, kvh, max_len, d, float(a["scale"]), int(a["window"]),
-                                        float(a["softcap"]), lanes, most)
+                                        float(a["softcap"]), lanes, most, group)
     args = [lw.arg(q), *_state(lw, kr), *_state(lw, vr), _as(lw, positions, "int64")]
     return lw.relax.call_tir(lw.func(name, func), args, lw.relax.TensorType(lw.shape(q.shape), "float32"))
 

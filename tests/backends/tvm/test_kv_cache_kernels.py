@@ -23,7 +23,8 @@ from tests.backends.onnx.test_kv_cache_encodings import ENCODINGS as ALL_ENCODIN
 from tests.backends.onnx.test_kv_cache_encodings import HEAD_DIM, cache_graph, hard_values  # noqa: E402
 
 CPU_KINDS = ("kv8", "kv-fp8", "kv4", "kv-nvfp4", "kv-gear4", "kv-f16")
-ENCODINGS = [(kind, options) for kind, options in ALL_ENCODINGS if kind in CPU_KINDS]
+# kv8 in groups of 8 channels besides 4: whole vectors of 8 lanes a group
+ENCODINGS = [(kind, options) for kind, options in ALL_ENCODINGS if kind in CPU_KINDS] + [("kv8", {"group": 8})]
 
 B, H, KVH, L, D = 2, 4, 2, 24, 16       # D: kv-nvfp4's block
 STEPS = [7, 1, 1, 4, 1, 6, 1]          # past several kv4 groups and the window

@@ -67,14 +67,17 @@ def fit_lanes(n: int, lanes: int) -> int:
     return lanes if n % lanes == 0 else 1
 
 
-def per_token_write_func(kind: str, kv_heads: int, max_len: int, head_dim: int, lanes: int):
+def per_token_write_func(kind: str, kv_heads: int, max_len: int, head_dim: int, lanes: int, group: int | None = None):
     """PrimFunc ``(new [b, kvh, s, d] f32, positions [b, s], codes [b, kvh, L, d], scale [b, kvh,
-    L, 1] f16)`` writing each new token's codes and scale at its slot (``kv8``: int8, ``kv-fp8``:
-    E4M3 bit patterns), in place. Tokens run in parallel."""
+    L, d / group] f16)`` writing each new token's codes and scales at its slot (``kv8``: int8, a
+    scale per ``group`` channels; ``kv-fp8``: E4M3 bit patterns, one scale, ``group`` None: the
+    head), in place. Tokens run in parallel."""
     from tvm.script import tirx as T
     code_dtype, top = PER_TOKEN[kind]
-    vec = fit_lanes(head_dim, lanes)
-    chunks = head_dim // vec
+    group = group or head_dim
+    n_groups = head_dim // group
+    vec = fit_lanes(group, lanes)
+    chunks = group // vec
     f32 = "float32"
 
     @T.prim_func(private=True, s_tir=True)
@@ -84,7 +87,7 @@ def per_token_write_func(kind: str, kv_heads: int, max_len: int, head_dim: int, 
         new = T.match_buffer(n_h, (b, kv_heads, s, head_dim), f32)
         pos = T.match_buffer(p_h, (b, s), "int64")
         codes = T.match_buffer(c_h, (b, kv_heads, max_len, head_dim), code_dtype)
-        scale = T.match_buffer(s_h, (b, kv_heads, max_len, 1), "float16")
+        scale = T.match_buffer(s_h, (b, kv_heads, max_len, n_groups), "float16")
         with T.sblock("root"):
             for r in T.parallel(b * kv_heads * s):
                 part = T.alloc_buffer((vec,), f32, scope="local")
@@ -93,19 +96,21 @@ def per_token_write_func(kind: str, kv_heads: int, max_len: int, head_dim: int, 
                 h = r // s % kv_heads
                 j = r % s
                 slot = T.max(T.min(pos[bi, j], T.int64(max_len - 1)), T.int64(0))
-                for dv in T.vectorized(vec):
-                    part[dv] = T.float32(0)
-                for do in range(chunks):
+                for gi in range(n_groups):
                     for dv in T.vectorized(vec):
-                        part[dv] = T.max(part[dv], T.fabs(new[bi, h, j, do * vec + dv]))
-                sc[0] = T.float32(0)
-                for dv in range(vec):
-                    sc[0] = T.max(sc[0], part[dv])
-                scale[bi, h, slot, 0] = f16_sat(sc[0] / T.float32(top))
-                sc[0] = T.Cast(f32, scale[bi, h, slot, 0])
-                for do in range(chunks):
-                    for dv in T.vectorized(vec):
-                        codes[bi, h, slot, do * vec + dv] = _code(kind, safe_ratio(new[bi, h, j, do * vec + dv], sc[0]))
+                        part[dv] = T.float32(0)
+                    for do in range(chunks):
+                        for dv in T.vectorized(vec):
+                            part[dv] = T.max(part[dv], T.fabs(new[bi, h, j, gi * group + do * vec + dv]))
+                    sc[0] = T.float32(0)
+                    for dv in range(vec):
+                        sc[0] = T.max(sc[0], part[dv])
+                    scale[bi, h, slot, gi] = f16_sat(sc[0] / T.float32(top))
+                    sc[0] = T.Cast(f32, scale[bi, h, slot, gi])
+                    for do in range(chunks):
+                        for dv in T.vectorized(vec):
+                            codes[bi, h, slot, gi * group + do * vec + dv] = _code(
+                                kind, safe_ratio(new[bi, h, j, gi * group + do * vec + dv], sc[0]))
     return write
 
 
@@ -323,6 +328,7 @@ def read_func(kind: str, role: str, kv_heads: int, max_len: int, head_dim: int, 
               residual: int = 0, rank: int = 0, outliers: int = 0):
     """PrimFunc ``(positions [b, s], *state, out [b, kvh, L, d] f32)``: the float cache the state
     stands for (ir/kvcache ``read``), for a ``kv_cache_read`` that no attention kernel fuses.
+    ``group``: kv8's and kv-fp8's channels a scale, kv4's and kv-gear4's tokens a key group.
     (batch, kv head) pairs run in parallel."""
     from tvm.script import tirx as T
     f32 = "float32"
@@ -336,14 +342,14 @@ def read_func(kind: str, role: str, kv_heads: int, max_len: int, head_dim: int, 
             b, s = T.int64(), T.int64()
             T.match_buffer(p_h, (b, s), "int64")
             codes = T.match_buffer(c_h, (b, kv_heads, max_len, head_dim), code_dtype)
-            sc = T.match_buffer(s_h, (b, kv_heads, max_len, 1), "float16")
+            sc = T.match_buffer(s_h, (b, kv_heads, max_len, head_dim // group), "float16")
             out = T.match_buffer(o_h, (b, kv_heads, max_len, head_dim), f32)
             with T.sblock("root"):
                 for r in T.parallel(b * kv_heads):
                     for t, d in T.grid(max_len, head_dim):
                         out[r // kv_heads, r % kv_heads, t, d] = code_float(
                             kind, codes[r // kv_heads, r % kv_heads, t, d]) * (
-                            T.Cast(f32, sc[r // kv_heads, r % kv_heads, t, 0]) * T.float32(unit))
+                            T.Cast(f32, sc[r // kv_heads, r % kv_heads, t, d // group]) * T.float32(unit))
         return read
 
     if kind == "kv-nvfp4":

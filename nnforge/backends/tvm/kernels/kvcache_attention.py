@@ -3,8 +3,9 @@ the float attention kernel (decoder.attention_func) reads float rows, over the s
 and never materialises the float cache. The query heads sharing a kv head run together, so each
 K and V row is decoded once for all of them (:func:`head_block` cuts the groups of few kv heads):
 
-- ``kv8`` / ``kv-fp8``: a token's scale is one number, so it multiplies the q.k dot product of the
-  codes, and the softmax weight before the p.v sum (E4M3 codes are read as float16 patterns,
+- ``kv8`` / ``kv-fp8``: a token's scale is one number per group of channels (kv-fp8: one group), so
+  it multiplies that group's share of the q.k dot product of the codes, and the softmax weight
+  before the group's p.v sums (E4M3 codes are read as float16 patterns,
   ``minifloat_codes.code_value``, whose power of two goes into the same product);
 - ``kv4`` (KIVI): a key group's per-channel scale and minimum fold into the query once per group
   (``q * s`` deinterleaved into the even and odd channels of the packed nibbles, and ``q . m``), so
@@ -39,19 +40,25 @@ def head_block(heads: int, kv_heads: int, threads: int) -> tuple[int, int]:
 
 
 def per_token_attention_func(kind: str, heads: int, kv_heads: int, max_len: int, head_dim: int, scale: float,
-                             window: int, softcap: float, lanes: int, threads: int = 1):
+                             window: int, softcap: float, lanes: int, threads: int = 1, group: int | None = None):
     """PrimFunc ``(q [b, h, s, d], k codes, k scale, v codes, v scale, positions [b, s], out)``:
     causal grouped-query attention over each query's visible slots (as decoder.attention_func) on
-    ``kv8`` / ``kv-fp8`` codes, each token's scale taken out of its dot products. The query heads
-    sharing a kv head run together (in blocks, :func:`head_block`), so each K and V row is decoded
-    once for all of them; (batch, head block, query) triples run in parallel."""
+    ``kv8`` / ``kv-fp8`` codes, each token's scale per ``group`` channels (None: the head) taken
+    out of its share of the dot products. The query heads sharing a kv head run together (in
+    blocks, :func:`head_block`), so each K and V row is decoded once for all of them; (batch, head
+    block, query) triples run in parallel."""
     from tvm.script import tirx as T
     code_dtype, _ = PER_TOKEN[kind]
     grp, blocks = head_block(heads, kv_heads, threads)
     seen = window if window else max_len + 1
-    vec = fit_lanes(head_dim, lanes)
-    chunks = head_dim // vec
+    group = group or head_dim
+    n_groups = head_dim // group
+    vec = fit_lanes(group, lanes)
+    chunks = group // vec
     unit = code_unit(kind)
+    # with several scales a token, each group's softmax weights (p times its scale) go in rows of
+    # their own below the scores; one scale a token weighs the scores in place
+    wrow = grp if n_groups > 1 else 0
     f32 = "float32"
 
     @T.prim_func(private=True, s_tir=True)
@@ -61,16 +68,17 @@ def per_token_attention_func(kind: str, heads: int, kv_heads: int, max_len: int,
         b, s = T.int64(), T.int64()
         q = T.match_buffer(q_h, (b, heads, s, head_dim), f32)
         kc = T.match_buffer(kc_h, (b, kv_heads, max_len, head_dim), code_dtype)
-        ks = T.match_buffer(ks_h, (b, kv_heads, max_len, 1), "float16")
+        ks = T.match_buffer(ks_h, (b, kv_heads, max_len, n_groups), "float16")
         vc = T.match_buffer(vc_h, (b, kv_heads, max_len, head_dim), code_dtype)
-        vs = T.match_buffer(vs_h, (b, kv_heads, max_len, 1), "float16")
+        vs = T.match_buffer(vs_h, (b, kv_heads, max_len, n_groups), "float16")
         pos = T.match_buffer(p_h, (b, s), "int64")
         out = T.match_buffer(o_h, (b, heads, s, head_dim), f32)
         with T.sblock("root"):
             for r in T.parallel(b * kv_heads * blocks * s):
-                scores = T.alloc_buffer((grp, max_len), f32, scope="global")
+                scores = T.alloc_buffer((grp + wrow, max_len), f32, scope="global")
                 acc = T.alloc_buffer((grp, head_dim), f32, scope="local")
                 part = T.alloc_buffer((grp, vec), f32, scope="local")      # partial sums, per head
+                scaled = T.alloc_buffer((grp, vec), f32, scope="local")    # the groups' scaled partial sums
                 span = T.alloc_buffer((2,), "int64", scope="local")     # first slot, slot count
                 top = T.alloc_buffer((grp,), f32, scope="local")
                 total = T.alloc_buffer((grp,), f32, scope="local")
@@ -84,21 +92,37 @@ def per_token_attention_func(kind: str, heads: int, kv_heads: int, max_len: int,
                 for hg in range(grp):
                     top[hg] = T.min_value(f32)
                 for t in range(span[1]):
-                    # the heads unrolled inside a chunk: its codes are decoded once, in registers
-                    for hg in T.unroll(grp):
-                        for dv in T.vectorized(vec):
-                            part[hg, dv] = T.float32(0)
-                    for do in range(chunks):
+                    if n_groups > 1:
                         for hg in T.unroll(grp):
                             for dv in T.vectorized(vec):
-                                part[hg, dv] = part[hg, dv] + q[bi, kb * grp + hg, j, do * vec + dv] * code_float(
-                                    kind, kc[bi, kh, span[0] + t, do * vec + dv])
+                                scaled[hg, dv] = T.float32(0)
+                    for gi in range(n_groups):
+                        # the heads unrolled inside a chunk: its codes are decoded once, in registers
+                        for hg in T.unroll(grp):
+                            for dv in T.vectorized(vec):
+                                part[hg, dv] = T.float32(0)
+                        for do in range(chunks):
+                            for hg in T.unroll(grp):
+                                for dv in T.vectorized(vec):
+                                    part[hg, dv] = part[hg, dv] + q[bi, kb * grp + hg, j, gi * group + do * vec + dv] \
+                                        * code_float(kind, kc[bi, kh, span[0] + t, gi * group + do * vec + dv])
+                        if n_groups > 1:
+                            # the group's scale on its partial sums, still in lanes: one horizontal sum a token
+                            for hg in T.unroll(grp):
+                                for dv in T.vectorized(vec):
+                                    scaled[hg, dv] = scaled[hg, dv] + part[hg, dv] * T.Cast(
+                                        f32, ks[bi, kh, span[0] + t, gi])
                     for hg in range(grp):
                         scores[hg, t] = T.float32(0)
-                        for dv in range(vec):
-                            scores[hg, t] = scores[hg, t] + part[hg, dv]
-                        scores[hg, t] = scores[hg, t] * (T.Cast(f32, ks[bi, kh, span[0] + t, 0])
-                                                         * T.float32(unit * scale))
+                        if n_groups > 1:
+                            for dv in range(vec):
+                                scores[hg, t] = scores[hg, t] + scaled[hg, dv]
+                            scores[hg, t] = scores[hg, t] * T.float32(unit * scale)
+                        else:
+                            for dv in range(vec):
+                                scores[hg, t] = scores[hg, t] + part[hg, dv]
+                            scores[hg, t] = scores[hg, t] * (T.Cast(f32, ks[bi, kh, span[0] + t, 0])
+                                                             * T.float32(unit * scale))
                         if softcap > 0:
                             scores[hg, t] = T.tanh(scores[hg, t] / T.float32(softcap)) * T.float32(softcap)
                         top[hg] = T.max(top[hg], scores[hg, t])
@@ -107,25 +131,27 @@ def per_token_attention_func(kind: str, heads: int, kv_heads: int, max_len: int,
                     for t in range(span[1]):
                         scores[hg, t] = T.exp(scores[hg, t] - top[hg])
                         total[hg] = total[hg] + scores[hg, t]
-                for t in range(span[1]):
-                    for hg in range(grp):
-                        scores[hg, t] = scores[hg, t] * (T.Cast(f32, vs[bi, kh, span[0] + t, 0]) * T.float32(unit))
-                # a chunk of channels at a time over every token, its sums held in registers
-                for do in range(chunks):
-                    for hg in T.unroll(grp):
-                        for dv in T.vectorized(vec):
-                            part[hg, dv] = T.float32(0)
+                for gi in range(n_groups):
                     for t in range(span[1]):
+                        for hg in range(grp):
+                            scores[wrow + hg, t] = scores[hg, t] * (T.Cast(f32, vs[bi, kh, span[0] + t, gi])
+                                                                    * T.float32(unit))
+                    # a chunk of the group's channels at a time over every token, its sums held in registers
+                    for do in range(chunks):
                         for hg in T.unroll(grp):
                             for dv in T.vectorized(vec):
-                                part[hg, dv] = part[hg, dv] + scores[hg, t] * code_float(
-                                    kind, vc[bi, kh, span[0] + t, do * vec + dv])
-                    for hg in T.unroll(grp):
-                        for dv in T.vectorized(vec):
-                            acc[hg, do * vec + dv] = part[hg, dv]
+                                part[hg, dv] = T.float32(0)
+                        for t in range(span[1]):
+                            for hg in T.unroll(grp):
+                                for dv in T.vectorized(vec):
+                                    part[hg, dv] = part[hg, dv] + scores[wrow + hg, t] * code_float(
+                                        kind, vc[bi, kh, span[0] + t, gi * group + do * vec + dv])
+                        for hg in T.unroll(grp):
+                            for dv in T.vectorized(vec):
+                                acc[hg, gi * group + do * vec + dv] = part[hg, dv]
                 for hg in range(grp):
                     total[hg] = T.float32(1) / total[hg]
-                    for do in range(chunks):
+                    for do in range(head_dim // vec):
                         for dv in T.vectorized(vec):
                             out[bi, kb * grp + hg, j, do * vec + dv] = acc[hg, do * vec + dv] * total[hg]
     return attention
