@@ -83,7 +83,7 @@ PRESETS: dict[str, tuple[str, list[dict]]] = {
                     [{"pass": "palettize", "bits": 3, "group_size": 1, "weighting": "hessian"}]),
     # KV-cache encodings (docs/kv_cache.md): alone they leave the weights as they are; after a
     # weight preset with '+' they run after its passes (w4-gptq+kv4)
-    "kv8": ("int8 KV cache, symmetric, one float16 scale per token and head",
+    "kv8": ("int8 KV cache, symmetric, a float16 scale per token and group of 64 channels",
             [{"pass": "kv_cache", "encoding": "kv8"}]),
     "kv4": ("KIVI 4-bit KV cache: keys per channel in groups of 64 tokens, values per token, the 64 most "
             "recent tokens (up to 127) in float32", [{"pass": "kv_cache", "encoding": "kv4"}]),
