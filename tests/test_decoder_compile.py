@@ -120,6 +120,8 @@ ONNX Runtime's memory); the manifest's bytes per token are those of the real sta
 # interpreter in tests/backends/tvm/test_kv_cache_kernels.py: their whole-decoder runs go under
 # -m slow to keep the default suite in its budget
 @pytest.mark.parametrize("recipe", ["kv4", pytest.param("kv8", marks=pytest.mark.slow),
+                                    pytest.param([{"pass": "kv_cache", "encoding": "kv8", "group_size": 8}],
+                                                 marks=pytest.mark.slow, id="kv8-g8"),
                                     pytest.param("kv-fp8", marks=pytest.mark.slow), "kv-nvfp4",
                                     pytest.param("kv-gear4", marks=pytest.mark.slow), "kv-f16"])
 def test_an_encoded_kv_cache_generates_on_cpu_as_on_the_interpreter(model_dir, tmp_path, recipe):
@@ -134,10 +136,11 @@ def test_an_encoded_kv_cache_generates_on_cpu_as_on_the_interpreter(model_dir, t
     m = bundle.manifest
     assert m["numerics"]["runtime_checked"] and m["numerics"]["compared_outputs"] == ["logits"]
     library = (bundle.path / "model.so").read_bytes()
-    if recipe in FUSED:
-        assert f"nf_{recipe.replace('-', '_')}_attention".encode() in library and b"nf_attention" not in library
+    kind = recipe if isinstance(recipe, str) else recipe[0]["encoding"]
+    if kind in FUSED:
+        assert f"nf_{kind.replace('-', '_')}_attention".encode() in library and b"nf_attention" not in library
     else:
-        assert f"nf_{recipe.replace('-', '_')}_read".encode() in library and b"nf_attention" in library
+        assert f"nf_{kind.replace('-', '_')}_read".encode() in library and b"nf_attention" in library
     sig = m["signature"]
     graph = bundle.graph()
     reference = DecoderRunner(lambda *xs: Interpreter(graph).run(*xs), m["decoder"], [i["name"] for i in sig["inputs"]],
