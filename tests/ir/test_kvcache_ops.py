@@ -58,6 +58,11 @@ def test_state_that_disagrees_with_the_encoding_is_refused():
     scale = g.add_input("scale", tensor("f32", 1, 2, 16, 1))
     with pytest.raises(GraphError, match="state part scale must be f16\\[1, 2, 16, 1\\]"):
         g.add_node("kv_cache_write", [new, pos, codes, scale], dict(ATTRS, encoding="kv8", group=None, residual=None))
+    # kv8 in groups of 4 channels: two scales a token of the 8-channel head; groups of 3 do not fit it
+    with pytest.raises(GraphError, match="state part scale must be f16\\[1, 2, 16, 2\\]"):
+        g.add_node("kv_cache_write", [new, pos, codes, scale], dict(ATTRS, encoding="kv8", group=4, residual=None))
+    with pytest.raises(GraphError, match="kv8 scales groups of 3 channels, and the head dim 8 is not a multiple of 3"):
+        g.add_node("kv_cache_write", [new, pos, codes, scale], dict(ATTRS, encoding="kv8", group=3, residual=None))
 
 
 def test_positions_outside_the_cache_are_refused():
