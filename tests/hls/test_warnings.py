@@ -291,6 +291,7 @@ def test_templates_and_generated_code_compile_without_warnings(compiled, key, de
     assert rc == 0 and not err.strip(), f"{key} ({defines}):\n{err[-6000:]}"
 
 
+@pytest.mark.slow  # it reads the compiles of the test above
 def test_parameter_sets_cover_the_kernel_variants(compiled):
     """The compiles above instantiate what the module docstring claims."""
     plans = {key: compiled[key, "host_mac"][0] for key, (_, spec) in PARAMETER_SETS.items() if spec != "attention"}
