@@ -345,6 +345,18 @@ def earlier_rows(path: Path, sizes: dict) -> dict[str, dict]:
             if r.get("kind") in kinds and "skipped" not in r and "label" in r}
 
 
+def join_rows(saved: dict, other: dict, where: str) -> dict:
+    """``saved`` with the rows of ``other`` (a run of the same task sizes, in file ``where``) in
+    place of its rows of the same label, or after them; the speed batches either timed."""
+    if other.get("sizes") != saved.get("sizes"):
+        raise SystemExit(f"{where} holds rows of other task sizes ({other.get('sizes')}, here {saved.get('sizes')}): "
+                         "run it again with the same sizes")
+    rows = {r["label"]: r for r in other["results"] if "label" in r}
+    results = [rows.pop(r["label"], r) if "label" in r else r for r in saved["results"]] + list(rows.values())
+    batches = sorted(set(saved["args"].get("speed_batches", [1])) | set(other["args"].get("speed_batches", [1])))
+    return {**saved, "results": results, "args": {**saved["args"], "speed_batches": batches}}
+
+
 # --- tables ----------------------------------------------------------------------------------------
 def _pct(x, base):
     return None if x is None or not base else f"{x / base - 1:+.2%}"
@@ -461,9 +473,17 @@ def main(argv=None) -> int:
                    "what they run that their recipe does not show)")
     p.add_argument("--smoke", action="store_true", help="small sizes: check the plumbing in a few minutes")
     p.add_argument("--from-json", action="store_true", help="rewrite the tables from benchmarks/out/kv_cache.json")
+    p.add_argument("--json", default="kv_cache.json", help="the file in benchmarks/out this run keeps its rows in "
+                   "(another name lets a second run measure beside a first; --join brings its rows in)")
+    p.add_argument("--join", default="", help="with --from-json: files in benchmarks/out whose rows (of the same "
+                   "task sizes) replace kv_cache.json's rows of the same label, or join them")
     args = p.parse_args(argv)
     if args.from_json:
-        write_tables(json.loads((OUT / "kv_cache.json").read_text()))
+        saved = json.loads((OUT / args.json).read_text())
+        for other in [x for x in args.join.split(",") if x]:
+            saved = join_rows(saved, json.loads((OUT / other).read_text()), other)
+        (OUT / args.json).write_text(json.dumps(saved, indent=1))
+        write_tables(saved)
         return 0
     if args.smoke:
         args.presets, args.windows, args.windows_each = "fp32,kv4", "256", 1
@@ -492,7 +512,7 @@ def main(argv=None) -> int:
     sizes = {"windows": windows, "windows_each": args.windows_each, "continuation": list(cont), "depths": depths,
              "passkey_contexts": pk_contexts, "seeds": args.seeds, "chunk": args.chunk, "max_len": max_len,
              "score_chunk": args.score_chunk, "quality_target": args.quality_target}
-    name = "kv_cache_smoke.json" if args.smoke else "kv_cache.json"
+    name = "kv_cache_smoke.json" if args.smoke else args.json
     kept = {} if args.fresh else earlier_rows(OUT / name, sizes)
     redo = {x for x in args.redo.split(",") if x}
     kept = {label: r for label, r in kept.items() if r.get("name") not in redo}

@@ -178,3 +178,16 @@ def test_earlier_rows_keep_peers_when_only_the_scoring_changed(tmp_path):
     path.write_text(json.dumps({"sizes": sizes, "results": rows}))
     assert list(kv_cache.earlier_rows(path, sizes)) == ["nnforge kv4 on onnx", "kvpress none"]
     assert kv_cache.earlier_rows(path, {**sizes, "windows": [4096]}) == {}
+
+
+def test_join_rows_takes_another_runs_rows_by_label_and_refuses_other_sizes():
+    sizes = {"windows": [2048]}
+    saved = {"sizes": sizes, "args": {"speed_batches": [1]},
+             "results": [{"kind": "quality", "label": "a", "v": 1}, {"kind": "speed", "label": "s", "v": 1}]}
+    other = {"sizes": sizes, "args": {"speed_batches": [1, 8]},
+             "results": [{"kind": "speed", "label": "s", "v": 2}, {"kind": "quality", "label": "b", "v": 3}]}
+    got = kv_cache.join_rows(saved, other, "b.json")
+    assert [(r["label"], r["v"]) for r in got["results"]] == [("a", 1), ("s", 2), ("b", 3)]
+    assert got["args"]["speed_batches"] == [1, 8]
+    with pytest.raises(SystemExit, match="b.json holds rows of other task sizes"):
+        kv_cache.join_rows(saved, {**other, "sizes": {"windows": [4096]}}, "b.json")
