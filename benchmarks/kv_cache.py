@@ -197,8 +197,11 @@ def speed_row(bundle, contexts: list[int], ids: list[int], new_tokens: int, chun
             prompts = torch.tensor([[ids[(b * c + i) % len(ids)] for i in range(c)] for b in range(batch)])
             decoder = lm.decoder()
             logits = None
-            for start in range(0, c, chunk):
-                part = prompts[:, start:start + chunk]
+            # the step's logits over the whole vocabulary are batch x tokens x vocab floats: the
+            # prefill takes chunk tokens in all, not per sequence
+            per = max(1, chunk // batch)
+            for start in range(0, c, per):
+                part = prompts[:, start:start + per]
                 logits = decoder.prefill(part, all_logits=False) if start == 0 else decoder.extend(part, all_logits=False)
             tokens = logits[:, -1].argmax(-1)
             tokens = decoder.step(tokens).argmax(-1)
