@@ -384,7 +384,9 @@ def write_tables(saved: dict) -> None:
             continue
         pk = r.get("passkey") or {}
         per = r.get("bytes_per_context_token")
-        grow = r.get("growing_bytes_per_token") if r.get("kind") == "quality" else None
+        # a reduced cache's state is a float32 cache of budget + chunk slots: per context token is its figure
+        reduced = r.get("name", "").startswith(("kv-evict-", "kv-merge-"))
+        grow = r.get("growing_bytes_per_token") if r.get("kind") == "quality" and not reduced else None
         rows.append([r["label"], docs_table.fmt(per, ".0f"), None if not (per and full16) else f"{per / full16:.3f}",
                      None if not (grow and full16) else f"{grow / full16:.3f}"]
                     + [docs_table.fmt(r.get(f"ppl@{w}"), ".3f") for w in windows]
