@@ -129,6 +129,25 @@ class Decoder:
         if self.reducer is not None:
             self.reducer.reset()
 
+    def fork(self, copies: int) -> None:
+        """Continue each sequence as ``copies`` sequences from where it stands (several sampled
+        continuations of one prompt, which is prefilled once): batch b becomes b x copies, the
+        copies of sequence i at rows i*copies to i*copies+copies-1, each with the cache it had."""
+        if copies < 1:
+            raise GenerationError(f"copies {copies}: give at least one copy of each sequence")
+        if not self.batch:
+            raise GenerationError("the decoder has no sequences to fork yet: call prefill(ids) first")
+        tiled = {inp: value.repeat_interleave(copies, dim=0) for inp, value in self.cache.items()}
+        if self._resident is not None:
+            self._resident.write({inp: value.numpy() for inp, value in tiled.items()})
+        else:
+            self._cache = tiled
+        if self.reducer is not None:        # each copy keeps its slots' attention statistics
+            self.reducer.stats = {k: {s: v.repeat_interleave(copies, dim=0) for s, v in stats.items()}
+                                  for k, stats in self.reducer.stats.items()}
+        self._fed = self._fed.repeat_interleave(copies, dim=0)
+        self.batch *= copies
+
     def prefill(self, ids, *, all_logits: bool = True) -> torch.Tensor:
         """Start new sequences from their prompts ``ids`` ([batch, n], or [n] for one) and return the
         logits [batch, n, vocab] of every prompt position (of the last one only, [batch, 1, vocab],

@@ -73,6 +73,18 @@ def test_a_reduced_kv_cache_compiles_and_its_bundle_generates_past_the_budget(tm
     decoder = tight.load().decoder()
     got = generate(decoder, prompt, 40, stop_tokens=[])
     assert len(got.tokens) == 40 and got.tokens[:8] == want[:8]       # the budget binds only past 16 tokens
+    # a fork past the budget: each copy keeps its slots' statistics, so it reduces as the original does
+    one, two = tight.load().decoder(), tight.load().decoder()
+    one.prefill(prompt)
+    two.prefill(prompt)
+    for token in got.tokens[:20]:
+        one.step(torch.tensor([token]))
+        two.step(torch.tensor([token]))
+    two.fork(2)
+    for token in got.tokens[20:30]:
+        want_logits = one.step(torch.tensor([token]))
+        both = two.step(torch.tensor([token, token]))
+        torch.testing.assert_close(both, want_logits.expand(2, -1), rtol=0, atol=0)
 
 
 KV4_SMALL = [{"pass": "kv_cache", "encoding": "kv4", "group_size": 8, "residual": 12}]
@@ -253,6 +265,10 @@ def assert_resident_agrees(lm):
     for token in (7, 99, 3, 42, 11):
         torch.testing.assert_close(kept.step(torch.tensor([token, token + 1])),
                                    plain.step(torch.tensor([token, token + 1])), rtol=0, atol=0)
+    kept.fork(2)                                            # the state written back into the runtime
+    plain.fork(2)
+    torch.testing.assert_close(kept.step(torch.tensor([5, 6, 7, 8])), plain.step(torch.tensor([5, 6, 7, 8])),
+                               rtol=0, atol=0)
     assert sorted(kept.cache) == sorted(plain.cache)
     for name, value in plain.cache.items():
         torch.testing.assert_close(kept.cache[name], value, rtol=0, atol=0)

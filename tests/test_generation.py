@@ -97,6 +97,26 @@ def test_chunked_prefill_continues_the_positions(llama):
     torch.testing.assert_close(last, whole[:, -1:], rtol=1e-5, atol=1e-5)
 
 
+def test_a_forked_sequence_continues_as_each_of_its_copies_would_alone(llama):
+    """Two prompts forked into three copies each: every copy, fed its own tokens, gives the logits
+    of a decoder that ran its prompt and those tokens alone."""
+    prompts = torch.stack([_ids(7, seed=1), _ids(7, seed=2)])
+    forked = llama.decoder()
+    forked.prefill(prompts)
+    forked.fork(3)
+    assert (forked.batch, forked.position) == (6, 7)
+    tokens = torch.tensor([5, 9, 13, 17, 21, 25])
+    got = forked.step(tokens)
+    for row in range(6):
+        alone = llama.decoder()
+        alone.prefill(prompts[row // 3][None])
+        torch.testing.assert_close(got[row], alone.step(tokens[row:row + 1])[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(GenerationError, match="copies 0: give at least one copy"):
+        forked.fork(0)
+    with pytest.raises(GenerationError, match=r"no sequences to fork yet: call prefill\(ids\) first"):
+        llama.decoder().fork(2)
+
+
 def test_the_call_that_passes_recompute_at_runs_the_whole_sequence_again():
     """Phi-3's longrope: once a call takes the sequence past the original context, every token so
     far runs again in that call (as transformers' generate recomputes its cache), chunked prefill

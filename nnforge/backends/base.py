@@ -267,6 +267,11 @@ class ResidentState(ABC):
     def read(self, name: str):
         """The current value of state input ``name``, as a numpy array."""
 
+    @abstractmethod
+    def write(self, values: dict) -> None:
+        """The state set to ``values`` (numpy arrays, one per state input, of any batch size), in
+        place of what it held."""
+
 
 @dataclass(frozen=True)
 class RuntimeSpec:

@@ -137,5 +137,8 @@ class Resident(ResidentState):
     def read(self, name):
         return self.arrays[name].copy()
 
+    def write(self, values):
+        self.arrays = {i: np.array(values[i], self.dtypes[i], order="C") for i, _ in self.pairs}
+
 
 __all__ = ["KvCache", "METADATA_KEY", "Resident", "spec_of"]

@@ -244,6 +244,11 @@ class _Resident(ResidentState):
     def read(self, name):
         return np.array(np.from_dlpack(self.state[name]))
 
+    def write(self, values):
+        dtypes = {spec.name: spec.dtype for spec in self.runner.inputs}
+        self._arrays = {i: _aligned(np.ascontiguousarray(values[i], dtypes[i])) for i, _ in self.pairs}
+        self.state = {i: self.runner._from_dlpack(a) for i, a in self._arrays.items()}
+
 
 def _load_verified(tvm_ffi, path: Path, digest: str):
     """dlopen a private copy of ``path`` whose bytes hash to ``digest`` (so the file that is
