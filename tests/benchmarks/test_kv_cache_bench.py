@@ -182,12 +182,83 @@ def test_earlier_rows_keep_peers_when_only_the_scoring_changed(tmp_path):
 
 def test_join_rows_takes_another_runs_rows_by_label_and_refuses_other_sizes():
     sizes = {"windows": [2048]}
-    saved = {"sizes": sizes, "args": {"speed_batches": [1]},
-             "results": [{"kind": "quality", "label": "a", "v": 1}, {"kind": "speed", "label": "s", "v": 1}]}
-    other = {"sizes": sizes, "args": {"speed_batches": [1, 8]},
+    saved = {"sizes": sizes, "args": {"speed_batches": [1], "speed_contexts": [4096], "windows": [2048]},
+             "results": [{"kind": "quality", "label": "a", "v": 1}, {"kind": "speed", "label": "s", "v": 1},
+                         {"kind": "speed", "label": "old", "v": 0}]}
+    other = {"sizes": sizes, "args": {"speed_batches": [1, 8], "speed_contexts": [4096, 16384], "windows": [1]},
              "results": [{"kind": "speed", "label": "s", "v": 2}, {"kind": "quality", "label": "b", "v": 3}]}
     got = kv_cache.join_rows(saved, other, "b.json")
+    # the other run's speed rows replace every speed row, with the settings they were timed with
     assert [(r["label"], r["v"]) for r in got["results"]] == [("a", 1), ("s", 2), ("b", 3)]
-    assert got["args"]["speed_batches"] == [1, 8]
+    assert got["args"] == {"speed_batches": [1, 8], "speed_contexts": [4096, 16384], "windows": [2048]}
+    # a run that timed nothing leaves the speed rows alone
+    quiet = {"sizes": sizes, "args": {"speed_batches": [2]}, "results": [{"kind": "quality", "label": "a", "v": 5}]}
+    got = kv_cache.join_rows(saved, quiet, "c.json")
+    assert [(r["label"], r["v"]) for r in got["results"]] == [("a", 5), ("s", 1), ("old", 0)]
+    assert got["args"]["speed_batches"] == [1]
     with pytest.raises(SystemExit, match="b.json holds rows of other task sizes"):
         kv_cache.join_rows(saved, {**other, "sizes": {"windows": [4096]}}, "b.json")
+
+
+class TurnTakingBundle:
+    """A bundle whose decoder logs each step in a shared log, and whose runner (when ``kernels`` is
+    given) reports calls to the instrument hook as the TVM VM does, ``kernels`` as (symbol, ns),
+    each call advancing ``clock`` (a one-item list of nanoseconds) by its ns."""
+
+    def __init__(self, name, log, kernels=None, clock=None):
+        self.clock = clock
+        self.manifest = {"recipe": {"name": name}, "target": {"name": "cpu"},
+                         "decoder": {"kv_cache": {"bytes_per_token": 10.0, "float32_bytes_per_token": 40.0}}}
+        self.name, self.log, self.kernels = name, log, kernels
+        self.runner = self
+        self.hook = None
+        if kernels is not None:
+            self.set_instrument = lambda hook: setattr(self, "hook", hook)
+
+    def load(self):
+        return self
+
+    def decoder(self):
+        bundle = self
+
+        class Stepper(HistoryDecoder):
+            def fork(self, copies):
+                bundle.log.append((bundle.name, "fork", copies))
+
+            def step(self, token):
+                bundle.log.append((bundle.name, "step", tuple(token.tolist())))
+                for symbol, ns in (bundle.kernels or []) if bundle.hook else []:
+                    bundle.hook(None, symbol, True, None)
+                    bundle.clock[0] += ns
+                    bundle.hook(None, symbol, False, None)
+                return torch.randn(len(token), self.VOCAB, generator=torch.Generator().manual_seed(len(bundle.log)))
+        return Stepper()
+
+
+def test_speed_rows_fork_the_prefill_and_time_the_bundles_in_turns(monkeypatch):
+    log, clock = [], [0]
+    monkeypatch.setattr(kv_cache.time, "perf_counter_ns", lambda: clock[0])
+    bundles = [TurnTakingBundle("w8+kv-f16", log, kernels=[("nf_kv_f16_attention_x", 3_000_000),
+                                                            ("int8_matmul_head", 1_000_000)], clock=clock),
+               TurnTakingBundle("w8+kv4", log)]
+    rows = kv_cache.speed_rows(bundles, contexts=[5], ids=[3, 1, 4, 1, 5, 9, 2], new_tokens=3, chunk=2, batches=[4])
+    assert [r["name"] for r in rows] == ["w8+kv-f16", "w8+kv4"]
+    assert ("w8+kv-f16", "fork", 4) in log and ("w8+kv4", "fork", 4) in log
+    steps = [(name, tokens) for name, what, tokens in log if what == "step"]
+    # after each bundle's warm-up step, the timed steps alternate between the bundles
+    timed = [name for name, _ in steps[2:8]]
+    assert timed == ["w8+kv-f16", "w8+kv4"] * 3 and all(len(t) == 4 for _, t in steps)
+    assert rows[0]["decode_tokens_per_s@5x4"] > 0 and rows[1]["decode_tokens_per_s@5x4"] > 0
+    # the attention kernels' share of the instrumented steps; none where the runner cannot time calls
+    assert rows[0]["attention_share@5x4"] == 0.75
+    assert "attention_share@5x4" not in rows[1]
+
+
+def test_the_speed_goal_is_read_at_4k_with_the_attention_bound():
+    rows = [{"kind": "speed", "name": "w8+kv-f16", "decode_tokens_per_s@4096x8": 10.0,
+             "attention_share@4096x8": 0.25, "decode_tokens_per_s@16384x8": 5.0},
+            {"kind": "speed", "name": "w8+kv4", "decode_tokens_per_s@4096x8": 12.0, "decode_tokens_per_s@16384x8": 9.0}]
+    got = kv_cache.goals(rows, [2048])
+    assert got == [["`kv4` bundle decoding at 4096 context at least 1.5x the float16-cache bundle on cpu (batch 8)",
+                    "1.20x (attention 25% of the float16-cache step: a cache read in no time at all would make it "
+                    "1.33x)", "no"]]
