@@ -77,6 +77,12 @@ class CacheEncoding(ABC):
         """The float32 cache [b, h, L, d] the state stands for after the write of the step at
         ``positions``: zero past each row's last position."""
 
+    def token_rows(self, new: torch.Tensor) -> list[torch.Tensor] | None:
+        """Each state part's rows for the tokens of ``new`` [b, h, s, d] as stored, for an encoding
+        that writes every token on its own at its slot (so a backend may scatter them into its state
+        in place); None for one whose write also reads the state (kv4's groups and window)."""
+        return None
+
     def attrs(self) -> dict:
         """The op attributes besides ``encoding`` and ``role`` that rebuild this encoding."""
         return {}
@@ -139,8 +145,11 @@ class _PerToken(CacheEncoding):
         ratio = torch.where(s > 0, groups / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(groups))
         return self.encode(ratio).reshape(x.shape), scale[..., 0]
 
+    def token_rows(self, new):
+        return list(self.quantize(new))
+
     def write(self, state, new, positions):
-        codes, scale = self.quantize(new)
+        codes, scale = self.token_rows(new)
         # the interpreter hands float state over in its compute type: the scale goes back as stored
         return [_scatter_tokens(state[0], codes, positions),
                 _scatter_tokens(state[1].to(torch.float16), scale, positions)]
@@ -215,9 +224,12 @@ class KVF16(CacheEncoding):
     def parts(self, max_len, head_dim):
         return [Part("values", _dtype("float16"), max_len, head_dim)]
 
+    def token_rows(self, new):
+        return [f16(new.to(torch.float32))]
+
     def write(self, state, new, positions):
         # the interpreter hands float state over in its compute type: it goes back as stored
-        return [_scatter_tokens(state[0].to(torch.float16), f16(new.to(torch.float32)), positions)]
+        return [_scatter_tokens(state[0].to(torch.float16), *self.token_rows(new), positions)]
 
     def read(self, state, positions, head_dim):
         return state[0].to(torch.float32)
@@ -480,9 +492,13 @@ class KVNVFP4(CacheEncoding):
     def block_values(self, block_scale: torch.Tensor) -> torch.Tensor:
         return minifloat.decode(block_scale, self.SCALE, torch.float32)
 
-    def write(self, state, new, positions):
+    def token_rows(self, new):
         codes, block_scale, scale = self.quantize(new)
-        return [_scatter_tokens(state[0], _pack4(codes), positions),
+        return [_pack4(codes), block_scale, scale]
+
+    def write(self, state, new, positions):
+        codes, block_scale, scale = self.token_rows(new)
+        return [_scatter_tokens(state[0], codes, positions),
                 _scatter_tokens(state[1], block_scale, positions),
                 _scatter_tokens(state[2].to(torch.float16), scale, positions)]
 

@@ -39,7 +39,7 @@ import torch
 
 from ...ir import Graph, symbolic as sym
 from ...targets import Target
-from ..base import Artifact, Backend, BackendError, InputSpec, LowerContext, Runner, RuntimeSpec
+from ..base import Artifact, Backend, BackendError, InputSpec, LowerContext, ResidentState, Runner, RuntimeSpec
 from .capabilities import CAPABILITIES
 from .kernels import interpreting
 from .lower import KERNEL_PACKAGE, PACKED_FILE, lower_graph, module_source, sha256_of
@@ -191,6 +191,60 @@ class TritonRunner(Runner):
         outs = self.launcher([torch.from_numpy(x) for x in inputs])
         return [(o.float() if o.dtype == torch.bfloat16 else o).cpu().numpy() for o in outs]
 
+    def resident(self, state_pairs, tokens, logits):
+        return Resident(self, state_pairs, tokens, logits)
+
+
+class Resident(ResidentState):
+    """A decoder's KV cache held on the device between steps, in its stored dtypes (an encoded
+    cache's codes and scales). The plan writes caches in place (:mod:`.decoder`), so a step hands
+    each state tensor in and gets the same tensor back; only the logits leave the device. On CUDA
+    (and with the runner's CUDA graphs on) a one-token step of each batch size is captured once,
+    the state tensors inside the graph as themselves, and replayed; ``reset`` zeroes the state
+    where it lies so that those captures stay valid."""
+
+    def __init__(self, runner: TritonRunner, state_pairs, tokens, logits):
+        from .launcher import ShapeCache, capture_cuda_graph
+        names, outs = runner.input_names, runner.output_names
+        missing = [n for n in [*tokens, *(i for i, _ in state_pairs)] if n not in names] + \
+            [n for n in [logits, *(o for _, o in state_pairs)] if n not in outs]
+        if missing:
+            raise BackendError(f"the bundle's graph has no input or output {missing} of the decoder's state")
+        self.runner, self.pairs, self.tokens = runner, list(state_pairs), tokens
+        self.logits = outs.index(logits)
+        self.outputs = {i: outs.index(o) for i, o in self.pairs}
+        self.state: dict[str, torch.Tensor] = {}
+        launcher = runner.launcher
+        slots = [names.index(i) for i, _ in self.pairs]
+        self.graphs = None
+        if launcher.graphs is not None and set(slots) <= set(launcher.plan.written_inputs):
+            self.graphs = ShapeCache(launcher._eager, lambda xs: capture_cuda_graph(
+                launcher._eager, xs, keep=set(slots), returns={self.logits}))
+
+    def reset(self, shapes):
+        dtypes = {spec.name: torch.from_numpy(np.zeros(0, spec.dtype)).dtype for spec in self.runner.inputs}
+        if self.state and all(list(self.state[i].shape) == list(shapes[i]) for i, _ in self.pairs):
+            for t in self.state.values():
+                t.zero_()
+            return
+        self.state = {i: torch.zeros(shapes[i], dtype=dtypes[i], device=self.runner.device) for i, _ in self.pairs}
+        if self.graphs is not None:        # captured on the old tensors
+            self.graphs.entries.clear()
+
+    def run(self, token_ids, positions):
+        given = {self.tokens[0]: torch.from_numpy(np.asarray(token_ids, np.int64)),
+                 self.tokens[1]: torch.from_numpy(np.asarray(positions, np.int64))}
+        launcher = self.runner.launcher
+        inputs = launcher.own_inputs([given[n] if n in given else self.state[n] for n in self.runner.input_names],
+                                     copy=False)
+        one_token = np.asarray(token_ids).shape[1] == 1
+        outs = self.graphs(inputs) if self.graphs is not None and one_token else launcher._eager(inputs)
+        self.state = {i: outs[k] for i, k in self.outputs.items()}
+        return outs[self.logits].float().cpu().numpy()
+
+    def read(self, name):
+        return self.state[name].cpu().numpy()
+
 
 class TritonBackend(Backend):
     name = "triton"
@@ -217,4 +271,4 @@ class TritonBackend(Backend):
             return {}
 
 
-__all__ = ["TritonBackend", "TritonRunner", "resolve_device", "check_kernel_sources", "interpreting"]
+__all__ = ["TritonBackend", "TritonRunner", "Resident", "resolve_device", "check_kernel_sources", "interpreting"]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from types import ModuleType
 
 from ..base import Capabilities, Capability
+from .decoder import FUSED, IN_PLACE
 from .launcher import MATMUL_LIKE
 
 KERNEL_PACKAGE = "nnforge.backends.triton.kernels"
@@ -66,6 +67,12 @@ CAPABILITIES = Capabilities([
                                        "tensor or per group of rows", Kernel("lut")),
     Capability("linear", "sparse", "kernels.sparse24: 2:4 sparse GEMM with int4 or float kept values",
                Kernel("sparse24")),
+    *[Capability("kv_cache_write", kind, "the encoding's rows of each token scattered into the state in place "
+                                         "(backends/triton/decoder.py)") for kind in IN_PLACE],
+    *[Capability("kv_cache_read", kind, f"kernels.attention reads the {codes} state in registers, no float "
+                                        "cache is made") for kind, codes in FUSED.items()],
+    *[Capability("kv_cache_read", kind, "the op's reference read (a float cache each step), feeding the attention "
+                                        "kernel") for kind in IN_PLACE if kind not in FUSED],
 ])
 
 __all__ = ["CAPABILITIES", "KERNEL_PACKAGE", "Kernel", "kernel_module"]

@@ -25,6 +25,7 @@ batch 1.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Collection
 from typing import Callable
 
 import torch
@@ -33,6 +34,7 @@ from ...ir import Graph, GraphError
 from ...ir.interpreter import bind_inputs
 from ...ir.ops import RunContext, get_op
 from ..base import BackendError
+from . import decoder
 
 MATMUL_LIKE = ("linear", "matmul", "conv", "embedding")
 
@@ -57,8 +59,16 @@ class Plan:
         self._converted: dict[str, torch.Tensor] = {}     # one compute-dtype copy per weight
         reads = {n: self._reads(n, packed) for n in graph.nodes}
         read = {v for ins in reads.values() for v in ins} | set(graph.outputs)
-        # a fake_quant whose every reader now quantises its input itself
-        nodes = [n for n in graph.nodes if n.op != "fake_quant" or any(o in read for o in n.outputs)]
+        # a fake_quant whose every reader now quantises its input itself, a kv_cache_read whose
+        # attention reads the state itself
+        nodes = [n for n in graph.nodes if n.op not in ("fake_quant", "kv_cache_read") or
+                 any(o in read for o in n.outputs)]
+        readers: dict = {}
+        for n in nodes:
+            for v in dict.fromkeys(reads[n]):
+                readers.setdefault(v, []).append(n)
+        in_place = [n for n in nodes if n.op in ("cache_update", "kv_cache_write")
+                    and decoder.writes_in_place(graph, n, readers)]
         slot: dict = {}
         for v in graph.inputs:
             slot[v] = len(slot)
@@ -77,15 +87,23 @@ class Plan:
                     for k, v in enumerate(reads[node])]
             free = sorted({slot[v] for v in reads[node] if v is not None and not v.is_weight and last.get(v) == i}
                           | {slot[o] for o in node.outputs if o not in last})
-            self.steps.append((node, self._callable(node, packed), args, [slot[o] for o in node.outputs], free))
+            fn = decoder.write_step(node) if node in in_place else self._callable(node, packed)
+            self.steps.append((node, fn, args, [slot[o] for o in node.outputs], free))
         self.n_slots = len(slot)
+        # graph inputs the steps write in place (the launcher owns them), and the positions each
+        # such write is checked against before a call
+        self.written_inputs = sorted(slot[v] for n in in_place for v in decoder.state_of(n))
+        self.position_checks = [(slot[decoder.positions_of(n)], decoder.cache_length(n), n) for n in in_place]
         self.input_slots = [slot[v] for v in graph.inputs]
         self.outputs = [("w", weights[v.name]) if v.is_weight else ("s", slot[v]) for v in graph.outputs]
         self.output_dtypes = [v.dtype.torch_dtype for v in graph.outputs]
+        self.input_dtypes = [v.dtype.torch_dtype for v in graph.inputs]
 
     def _reads(self, node, packed) -> list:
         """The values ``node``'s step reads: its inputs, but an fp8 linear reads the input of
         the fake_quant in front of it."""
+        if node.op == "attention":
+            return decoder.attention_reads(self.graph, node)
         rec = self.fp8_linears.get(node.name)
         if rec is None:
             return list(node.inputs)
@@ -128,6 +146,8 @@ class Plan:
                                   None if bias is None else bias.to(cdt))
                 return [y.reshape(*shape[:-1], pw.n).float()]
             return kernel_linear
+        if node.op == "attention":
+            return decoder.attention_step(self.graph, node)
         if node.op in MATMUL_LIKE:
             def compute(ctx, *args):
                 args = [a.to(cdt) if a is not None and a.is_floating_point() else a for a in args]
@@ -202,11 +222,15 @@ class ShapeCache:
         return replay(inputs)
 
 
-def capture_cuda_graph(fn: Callable, inputs: list[torch.Tensor], warmup: int = 2) -> Callable:
+def capture_cuda_graph(fn: Callable, inputs: list[torch.Tensor], warmup: int = 2, *, keep: Collection[int] = (),
+                       returns: Collection[int] | None = None) -> Callable:
     """Capture ``fn(static inputs)`` into a ``torch.cuda.CUDAGraph`` and return its replayer.
     Warm-up runs on a side stream first, so Triton compiles and cuBLAS allocates its workspace
-    outside the capture (the pattern of the torch CUDA graphs notes)."""
-    static_in = [x.clone() for x in inputs]
+    outside the capture (the pattern of the torch CUDA graphs notes). Inputs at the indices in
+    ``keep`` are captured as themselves, not copied (a resident KV cache the graph writes in
+    place: the replays must be given those same tensors); only the outputs at ``returns`` (default
+    all) are copied out of the graph's buffers, the others are returned as those buffers."""
+    static_in = [x if i in keep else x.clone() for i, x in enumerate(inputs)]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -218,10 +242,14 @@ def capture_cuda_graph(fn: Callable, inputs: list[torch.Tensor], warmup: int = 2
         static_out = fn(static_in)
 
     def replay(new_inputs):
-        for s, x in zip(static_in, new_inputs):
-            s.copy_(x)
+        for i, (s, x) in enumerate(zip(static_in, new_inputs)):
+            if i not in keep:
+                s.copy_(x)
+            elif x is not s:
+                raise BackendError(f"a CUDA graph captured on input {i} in place was replayed on another tensor")
         graph.replay()
-        return [o.clone() for o in static_out]     # the next replay overwrites static_out
+        # the next replay overwrites static_out
+        return [o.clone() if returns is None or i in returns else o for i, o in enumerate(static_out)]
     return replay
 
 
@@ -238,14 +266,25 @@ class Launcher:
             _, env = bind_inputs(self.plan.graph, inputs)
         except GraphError as e:          # run_torch skips the Runner's input checks
             raise BackendError(str(e)) from None
+        written = self.plan.written_inputs     # already in their stored dtypes (own_inputs)
         with torch.device(self.device), torch.no_grad():
-            return self.plan.run([x.float() if x.is_floating_point() else x for x in inputs], env)
+            return self.plan.run([x if i in written else x.float() if x.is_floating_point() else x
+                                  for i, x in enumerate(inputs)], env)
 
     def _capture(self, inputs):
         return capture_cuda_graph(self._eager, inputs)
 
+    def own_inputs(self, inputs: list[torch.Tensor], *, copy: bool = True) -> list[torch.Tensor]:
+        """``inputs`` on the device, after checking the positions of every in-place cache write;
+        the inputs the steps write in place are copies in their graph dtypes (``copy``: False for
+        a resident decoder's state, written where it lies)."""
+        decoder.check_positions(self.plan.position_checks, inputs)
+        dtypes = self.plan.input_dtypes
+        return [x.to(self.device, dtypes[i], copy=copy) if i in self.plan.written_inputs else
+                x.to(self.device, non_blocking=True) for i, x in enumerate(inputs)]
+
     def __call__(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        inputs = [x.to(self.device, non_blocking=True) for x in inputs]
+        inputs = self.own_inputs(inputs)
         if self.graphs is not None and all(x.dim() >= 1 and x.shape[0] == 1 for x in inputs):
             return self.graphs(inputs)
         return self._eager(inputs)

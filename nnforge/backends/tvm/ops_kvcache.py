@@ -8,7 +8,7 @@ such a read then emits nothing. Any other read is dequantised by its own kernel.
 """
 from __future__ import annotations
 
-from ...ir.ops.kvcache import encoding_of
+from ...ir.ops.kvcache import attention_cache_reads, encoding_of
 from . import threads
 from .ops import _as, rule
 from .weight_arrays import c_name
@@ -20,24 +20,9 @@ from .weight_arrays import c_name
 FUSED = ("kv8", "kv-fp8", "kv4", "kv-nvfp4", "kv-f16")
 
 
-def _attrs_key(attrs: dict) -> tuple:
-    return tuple(sorted((k, v) for k, v in attrs.items() if k != "role"))
-
-
 def fused_reads(lw, node):
     """(the K read, the V read) an attention ``node`` reads the state of directly, or None."""
-    q, k, v, positions = node.inputs
-    reads = [x.producer for x in (k, v)]
-    if q.dtype.name != "float32" or any(r is None or r.op != "kv_cache_read" for r in reads):
-        return None
-    kr, vr = reads
-    if encoding_of(kr.attrs).kind not in FUSED:
-        return None
-    if (kr.attrs["role"], vr.attrs["role"]) != ("k", "v") or _attrs_key(kr.attrs) != _attrs_key(vr.attrs):
-        return None
-    if any(r.inputs[0] is not positions or r.output in lw.graph.outputs for r in reads):
-        return None
-    return kr, vr
+    return attention_cache_reads(lw.graph, node, FUSED)
 
 
 def _state(lw, read):

@@ -24,6 +24,28 @@ def encoding_of(attrs: dict):
     return cache_encoding(attrs["encoding"], attrs["role"], **{k: attrs.get(k) for k in OPTIONS})
 
 
+def _attrs_key(attrs: dict) -> tuple:
+    return tuple(sorted((k, v) for k, v in attrs.items() if k != "role"))
+
+
+def attention_cache_reads(graph, node, kinds) -> tuple | None:
+    """(the K read, the V read) whose state a backend's attention kernel can read in place of
+    ``node``'s k and v: float32 attention over ``kv_cache_read`` outputs of one encoding whose kind
+    is in ``kinds`` (same options, the attention's positions, neither a graph output); else None."""
+    q, k, v, positions = node.inputs
+    reads = [x.producer for x in (k, v)]
+    if q.dtype.name != "float32" or any(r is None or r.op != "kv_cache_read" for r in reads):
+        return None
+    kr, vr = reads
+    if encoding_of(kr.attrs).kind not in kinds:
+        return None
+    if (kr.attrs["role"], vr.attrs["role"]) != ("k", "v") or _attrs_key(kr.attrs) != _attrs_key(vr.attrs):
+        return None
+    if any(r.inputs[0] is not positions or r.output in graph.outputs for r in reads):
+        return None
+    return kr, vr
+
+
 def _check_state(op: str, parts, batch, kv_heads, attrs) -> list[TensorType]:
     """The state's types as the encoding lays them out, checked against ``parts``."""
     enc = encoding_of(attrs)
