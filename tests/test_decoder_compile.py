@@ -44,12 +44,12 @@ def test_module_compiles_to_a_decoder_bundle(tmp_path):
     assert [i["name"] for i in m["signature"]["inputs"]][:2] == ["input_ids", "positions"]
 
 
-@pytest.mark.parametrize("target,recipe", [("mlir", "kv8"), ("mlir", "w8+kv4"), ("mlir", "kv-gear4")])
+@pytest.mark.parametrize("target,recipe", [("mlir", "kv8"), ("mlir", "w8+kv4"), ("mlir", "kv-gear4"), ("h100", "kv4")])
 def test_an_encoded_kv_cache_is_refused_before_a_bundle_is_written(tmp_path, target, recipe):
     from nnforge.backends.base import BackendError
     with pytest.raises(BackendError) as e:
         nf.compile(tiny_model("llama"), target, recipe, out=tmp_path / "b", max_len=16)
-    backend = {"onnx": "onnx", "cpu": "tvm", "mlir": "mlir"}[target]
+    backend = {"onnx": "onnx", "cpu": "tvm", "mlir": "mlir", "h100": "triton"}[target]
     encoding = recipe.rsplit("+", 1)[-1]
     assert f"the {backend} backend cannot run the encoded KV cache of 4 cache(s) on {target}" in str(e.value)
     assert f"cache.1.v of layer model.layers.1.self_attn ({encoding}: " in str(e.value)
