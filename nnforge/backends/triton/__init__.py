@@ -221,8 +221,11 @@ class Resident(ResidentState):
             self.graphs = ShapeCache(launcher._eager, lambda xs: capture_cuda_graph(
                 launcher._eager, xs, keep=set(slots), returns={self.logits}))
 
+    def _dtypes(self) -> dict:
+        return {spec.name: torch.from_numpy(np.zeros(0, spec.dtype)).dtype for spec in self.runner.inputs}
+
     def reset(self, shapes):
-        dtypes = {spec.name: torch.from_numpy(np.zeros(0, spec.dtype)).dtype for spec in self.runner.inputs}
+        dtypes = self._dtypes()
         if self.state and all(list(self.state[i].shape) == list(shapes[i]) for i, _ in self.pairs):
             for t in self.state.values():
                 t.zero_()
@@ -244,6 +247,13 @@ class Resident(ResidentState):
 
     def read(self, name):
         return self.state[name].cpu().numpy()
+
+    def write(self, values):
+        dtypes = self._dtypes()
+        self.state = {i: torch.from_numpy(np.ascontiguousarray(values[i])).to(self.runner.device, dtypes[i]).clone()
+                      for i, _ in self.pairs}
+        if self.graphs is not None:        # captured on the old tensors
+            self.graphs.entries.clear()
 
 
 class TritonBackend(Backend):

@@ -113,6 +113,13 @@ def test_a_quantised_llama_generates_like_the_interpreter(model_dir, tmp_path, r
     before = {name: t.data_ptr() for name, t in held.items()}
     decoder.step(torch.tensor([[got.tokens[-1]]]))
     assert {name: t.data_ptr() for name, t in decoder._resident.state.items()} == before      # written in place
+    # a fork puts the state back on the device: its copies step as the numpy-carried decoder's do
+    plain = lm.decoder(resident=False)
+    plain.prefill(PROMPT[None])
+    decoder.prefill(PROMPT[None])
+    plain.fork(2)
+    decoder.fork(2)
+    torch.testing.assert_close(decoder.step(torch.tensor([5, 9])), plain.step(torch.tensor([5, 9])), rtol=0, atol=0)
 
 
 def test_positions_outside_the_cache_are_refused_naming_the_write(model_dir, tmp_path):
