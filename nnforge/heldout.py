@@ -247,7 +247,16 @@ def _refuse_nonfinite(graph: Graph, example: tuple, calib, check_inputs) -> None
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
         raise FrontendError(f"model {graph.name}: " + "; ".join(bad[:3]) + more + hint)
     names = [v.name for v in graph.inputs]
-    bad = nonfinite((f"example input {n}", x) for n, x in zip(names, example))
+    # a tensor shared by many batches (a decoder's zero KV caches, the same for every window) is
+    # checked where it first appears: at a long max_len, checking it again per batch is most of a compile
+    seen: set[int] = set()
+
+    def first_seen(named):
+        for name, x in named:
+            if id(x) not in seen:
+                seen.add(id(x))
+                yield name, x
+    bad = nonfinite(first_seen((f"example input {n}", x) for n, x in zip(names, example)))
     if bad:
         raise FrontendError("; ".join(bad) + hint)
     for what, data, err in (("calibration", calib, PassError), ("check_inputs", check_inputs, FrontendError)):
@@ -255,7 +264,7 @@ def _refuse_nonfinite(graph: Graph, example: tuple, calib, check_inputs) -> None
             continue
         batches = data if what == "calibration" else check_batches(data)
         for i, b in enumerate(batches):
-            bad = nonfinite((f"{what} batch {i}, input {n}", x) for n, x in zip(names, b))
+            bad = nonfinite(first_seen((f"{what} batch {i}, input {n}", x) for n, x in zip(names, b)))
             if bad:
                 raise err("; ".join(bad) + hint)
 

@@ -148,7 +148,7 @@ def nonfinite(tensors) -> list[str]:
     out = []
     for name, t in tensors:
         t = _as_tensor(t)
-        if not t.is_floating_point() or t.numel() == 0:
+        if not t.is_floating_point() or t.numel() == 0 or bool(torch.isfinite(t).all()):
             continue
         nan = int(torch.isnan(t).sum())
         inf = int(torch.isinf(t).sum())

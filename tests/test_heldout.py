@@ -152,6 +152,22 @@ def test_nan_calibration_is_refused_naming_batch_and_input(tmp_path):
                    calibration=[(rows(16, 1),), (bad,)], dynamic_shapes=BATCH, out=tmp_path / "b")
 
 
+def test_a_tensor_shared_by_batches_is_checked_once_and_named_where_it_first_appears(monkeypatch):
+    from nnforge import heldout
+    from nnforge.frontend.model_files import import_model
+    graph = import_model(mlp(), (rows(4, 0),), input_names=["x"], dynamic_shapes=BATCH)[0]
+    shared = rows(8, 1)
+    checked = []
+    real = heldout.nonfinite
+    monkeypatch.setattr(heldout, "nonfinite", lambda named: real(checked.append(n) or (n, x) for n, x in named))
+    heldout._refuse_nonfinite(graph, (rows(4, 0),), [(shared,), (shared,), (rows(8, 2),)], None)
+    assert [n for n in checked if not n.startswith("weight")] == ["example input x", "calibration batch 0, input x",
+                                                                  "calibration batch 2, input x"]
+    shared[0, 0] = float("nan")
+    with pytest.raises(PassError, match="calibration batch 0, input x holds 1 NaN of 512 values"):
+        heldout._refuse_nonfinite(graph, (rows(4, 0),), [(shared,), (shared,)], None)
+
+
 def test_nan_outputs_are_refused_and_never_score_as_a_match(tmp_path):
     class Log(torch.nn.Module):
         def forward(self, x):
