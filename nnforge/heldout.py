@@ -269,11 +269,11 @@ def _refuse_nonfinite(graph: Graph, example: tuple, calib, check_inputs) -> None
                 raise err("; ".join(bad) + hint)
 
 
-def refuse_nonfinite_outputs(graph: Graph, outputs_per_batch, what: str) -> None:
-    """The fp32 model's outputs on the held-out batches must be finite (its figures would mean
-    nothing otherwise)."""
+def refuse_nonfinite_outputs(graph: Graph, outputs_per_batch, what: str, first: int = 0) -> None:
+    """The fp32 model's outputs on the held-out batches (numbered from ``first``) must be finite
+    (its figures would mean nothing otherwise)."""
     names = [v.name for v in graph.outputs]
-    for i, outs in enumerate(outputs_per_batch):
+    for i, outs in enumerate(outputs_per_batch, start=first):
         bad = nonfinite((f"output {n}", t) for n, t in zip(names, outs))
         if bad:
             raise FrontendError(f"model {graph.name} computes non-finite values on {what} batch {i}: " + "; ".join(bad)

@@ -121,26 +121,43 @@ def row_cosines(outputs, references, *, nan_equal: bool = False) -> list[tuple]:
 FRESH_SAMPLE_Z = 3.0
 
 
+class Fidelity:
+    """:func:`fidelity` taken one batch at a time, so that no more than one batch's outputs need be
+    held (a decoder's held-out batches each carry every layer's KV cache).
+
+        >>> f = Fidelity(); f.add(outputs, references); f.result()["cosine_min"]
+    """
+
+    def __init__(self):
+        self.batches: list[dict] = []
+        self.cosines: list[torch.Tensor] = []
+
+    def add(self, outputs, references) -> None:
+        self.batches.append(compare(outputs, references))
+        self.cosines += [cos for cos, _, _ in row_cosines(outputs, references) if cos is not None]
+
+    def result(self) -> dict:
+        batches = self.batches
+        cos = torch.cat(self.cosines) if self.cosines else torch.ones(1, dtype=torch.float64)
+        n = int(cos.numel())
+        stderr = float(cos.std() / math.sqrt(n)) if n > 1 else math.inf
+        exact = [b["exact_match"] for b in batches if b["exact_match"] is not None]
+        return {"cosine_min": min(b["cosine_min"] for b in batches), "cosine_mean": float(cos.mean()),
+                "sqnr_db": min(b["sqnr_db"] for b in batches),
+                "max_abs_error": max(b["max_abs_error"] for b in batches),
+                "exact_match": min(exact) if exact else None, "rows": n, "cosine_mean_stderr": stderr,
+                "fresh_inputs_margin": FRESH_SAMPLE_Z * stderr}
+
+
 def fidelity(outputs_per_batch, references_per_batch) -> dict:
     """:func:`compare` over several batches (each a list of outputs), plus what the figures rest
     on: ``rows`` compared, the standard error of the mean cosine over rows, and the margin within
     which the mean cosine of fresh inputs from the same distribution is expected
     (:data:`FRESH_SAMPLE_Z` standard errors)."""
-    batches = [compare(o, r) for o, r in zip(outputs_per_batch, references_per_batch, strict=True)]
-    cosines = []
-    for o, r in zip(outputs_per_batch, references_per_batch):
-        for cos, out, _ in row_cosines(o, r):
-            if cos is not None:
-                cosines.append(cos)
-    cos = torch.cat(cosines) if cosines else torch.ones(1, dtype=torch.float64)
-    n = int(cos.numel())
-    stderr = float(cos.std() / math.sqrt(n)) if n > 1 else math.inf
-    exact = [b["exact_match"] for b in batches if b["exact_match"] is not None]
-    return {"cosine_min": min(b["cosine_min"] for b in batches), "cosine_mean": float(cos.mean()),
-            "sqnr_db": min(b["sqnr_db"] for b in batches),
-            "max_abs_error": max(b["max_abs_error"] for b in batches),
-            "exact_match": min(exact) if exact else None, "rows": n, "cosine_mean_stderr": stderr,
-            "fresh_inputs_margin": FRESH_SAMPLE_Z * stderr}
+    f = Fidelity()
+    for o, r in zip(outputs_per_batch, references_per_batch, strict=True):
+        f.add(o, r)
+    return f.result()
 
 
 def nonfinite(tensors) -> list[str]:

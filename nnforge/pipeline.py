@@ -30,7 +30,7 @@ from .version import __version__
 from .backends.base import Artifact, Backend, BackendError, LowerContext, get_backend
 from .bundle.format import (FORMAT, FORMAT_VERSION, GRAPH_FILE, REF_EXPECTED, REF_FP32, REF_HELD_OUT, REF_INPUTS,
                             TOKENIZER_DIR, WEIGHTS_FILE, ArtifactWriter, BundleWriter, claim_out, held_out_tensors,
-                            save_tensors, write_manifest)
+                            save_tensors, tail_trimmed, write_manifest)
 from .bundle.store import Bundle
 from .figures import compression_report, layer_fidelity
 from .frontend import FrontendError, as_tuple, check_import, import_model
@@ -39,7 +39,7 @@ from .frontend.decoders.importer import describe_text, import_decoder, is_causal
 from .heldout import (calibration_batches, inputs_for, refuse_nonfinite_outputs, require_calibration,
                       shared_outputs, split)
 from .ir import Graph, Interpreter, save_graph
-from .numerics import (BACKEND_TOLERANCE, ENCODED_STATE_TOLERANCE, compare, fidelity, json_safe, rounds_at_run_time,
+from .numerics import (BACKEND_TOLERANCE, ENCODED_STATE_TOLERANCE, Fidelity, compare, json_safe, rounds_at_run_time,
                        within, within_rounding)
 from .passes import PassContext, PassManager, cleanup_passes, resolve_recipe
 from .passes.kvcache import compared_outputs
@@ -193,20 +193,30 @@ def build(out: Path, *, graph: Graph, original: Graph, source: str, target: Targ
     graph_check = [inputs_for(graph, original, b) for b in check]
     check_inputs = graph_check[0]
     fp32, expected, per_layer = layer_fidelity(original, graph, check[0], check_inputs)
-    fp32_runs, expected_runs = [fp32], [expected]
-    if len(check) > 1:
-        run_fp32, run_graph = Interpreter(original), Interpreter(graph)
-        for b, mine in zip(check[1:], graph_check[1:]):
-            fp32_runs.append(run_fp32.run(*b))
-            expected_runs.append(run_graph.run(*mine))
-    if not allow_nonfinite:
-        refuse_nonfinite_outputs(original, fp32_runs, "held-out")
     # fidelity on the outputs both graphs have (an encoded cache's state outputs are not the fp32 cache)
     shared = shared_outputs(graph, original)
     compared = [i for i, _ in shared]
-    fp32_runs = [[outs[j] for _, j in shared] for outs in fp32_runs]
-    fp32 = fp32_runs[0]
-    fid = json_safe(fidelity([[outs[i] for i in compared] for outs in expected_runs], fp32_runs))
+    acc = Fidelity()
+    held: dict[str, torch.Tensor] = {}         # the batches after the first, stored as zero_tail boxes
+    held_shapes: dict[str, list[int]] = {}
+
+    def take(b: int, fp32_outs, graph_outs):
+        """One held-out batch's figures; later batches keep only their boxes (a decoder's outputs
+        carry every layer's cache of max_len slots, of which a check writes a few)."""
+        if not allow_nonfinite:
+            refuse_nonfinite_outputs(original, [fp32_outs], "held-out", first=b)
+        fp32_outs = [fp32_outs[j] for _, j in shared]
+        acc.add([graph_outs[i] for i in compared], fp32_outs)
+        return fp32_outs
+    fp32 = take(0, fp32, expected)
+    if len(check) > 1:
+        run_fp32, run_graph = Interpreter(original), Interpreter(graph)
+        for b, (ins, mine) in enumerate(zip(check[1:], graph_check[1:]), start=1):
+            outs = take(b, run_fp32.run(*ins), run_graph.run(*mine))
+            boxes, full = tail_trimmed(held_out_tensors([mine], [outs], first=b))
+            held.update(boxes)
+            held_shapes.update(full)
+    fid = json_safe(acc.result())
     timings["reference_s"] = time.perf_counter() - t0
     shapes = {v.name: list(torch.as_tensor(x).shape) for v, x in zip(graph.inputs, check_inputs)}
     timed, not_timed = backend.times_here(target) if batch_sizes else (False, "no batch sizes named")
@@ -214,11 +224,13 @@ def build(out: Path, *, graph: Graph, original: Graph, source: str, target: Targ
         not_timed = "a decoder is timed in tokens/s while it generates (nnforge generate, benchmarks/llm.py)"
     with BundleWriter(out) as tmp:
         t0 = time.perf_counter()
-        save_tensors(tmp / REF_INPUTS, {v.name: torch.as_tensor(x) for v, x in zip(graph.inputs, check_inputs)})
-        save_tensors(tmp / REF_EXPECTED, {f"output{i}": t for i, t in enumerate(expected)})
-        save_tensors(tmp / REF_FP32, {f"output{i}": t for i, t in enumerate(fp32)})
+        # a decoder's reference tensors are mostly its caches' unwritten slots: stored as boxes
+        save_tensors(tmp / REF_INPUTS, *tail_trimmed({v.name: torch.as_tensor(x)
+                                                      for v, x in zip(graph.inputs, check_inputs)}))
+        save_tensors(tmp / REF_EXPECTED, *tail_trimmed({f"output{i}": t for i, t in enumerate(expected)}))
+        save_tensors(tmp / REF_FP32, *tail_trimmed({f"output{i}": t for i, t in enumerate(fp32)}))
         if len(check) > 1:
-            save_tensors(tmp / REF_HELD_OUT, held_out_tensors(graph_check[1:], fp32_runs[1:]))
+            save_tensors(tmp / REF_HELD_OUT, held, held_shapes)
         if decoder is not None and decoder.tokenizer is not None:
             decoder.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
         artifact = lower_into(tmp, graph, target, backend, recipe=recipe_name, shapes=shapes,

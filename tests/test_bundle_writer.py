@@ -180,3 +180,23 @@ def test_an_os_error_while_writing_names_the_bundle(tmp_path):
             raise OSError(28, "No space left on device")
     assert e.value.filename == str(out) and "No space left on device" in str(e.value)
     assert siblings(tmp_path) == []
+
+
+def test_zero_tail_boxes_come_back_whole_and_bad_metadata_names_the_file(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+    cache = torch.zeros(2, 3, 100, 8)
+    cache[0, 1, :5] = torch.randn(5, 8)
+    cache[1, 0, 3, 7] = 2.0
+    dense = torch.randn(4, 4)
+    boxes, shapes = bundle_out.tail_trimmed({"cache": cache, "dense": dense, "empty": torch.zeros(3, 2)})
+    assert list(boxes["cache"].shape) == [2, 2, 5, 8] and boxes["dense"] is dense
+    assert list(boxes["empty"].shape) == [0, 0]
+    bundle_out.save_tensors(tmp_path / "t.safetensors", boxes, shapes)
+    back = bundle_out.load_tensors(tmp_path / "t.safetensors")
+    assert torch.equal(back["cache"], cache) and torch.equal(back["dense"], dense)
+    assert torch.equal(back["empty"], torch.zeros(3, 2))
+    save_file({"x": torch.ones(2, 5)}, str(tmp_path / "bad.safetensors"), metadata={"nnforge.shape.x": "2,3"})
+    with pytest.raises(BundleError, match=r"bad.safetensors: tensor x of shape \[2, 5\] does not fit the full shape "
+                                          r"'2,3' its metadata records"):
+        bundle_out.load_tensors(tmp_path / "bad.safetensors")

@@ -4,6 +4,7 @@ transformers, and the errors of the decoder front door."""
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -373,8 +374,14 @@ def test_the_manifest_records_peak_memory_and_pass_time(tmp_path):
 
 
 def test_verify_confirms_a_decoder_bundles_claims(tmp_path):
-    bundle = nf.compile(tiny_model("llama"), "onnx", "w4-rtn", out=tmp_path / "b", max_len=32)
+    bundle = nf.compile(tiny_model("llama"), "onnx", "w4-rtn", out=tmp_path / "b", max_len=512)
     assert nf.verify(bundle.path)["claims"].startswith("recomputed and confirmed")
+    # the reference files hold the slots the check windows wrote, not every cache's max_len
+    cache_bytes = sum(4 * math.prod([1, *s["shape"][1:]]) for s in bundle.manifest["decoder"]["state"])
+    ref = bundle.path / "reference"
+    assert sum(f.stat().st_size for f in ref.iterdir()) < cache_bytes
+    inputs, _, fp32 = bundle.reference()
+    assert list(inputs[2].shape) == [1, *bundle.manifest["decoder"]["state"][0]["shape"][1:]]
     manifest = json.loads((bundle.path / "manifest.json").read_text())
     manifest["decoder"]["head"]["format"] = "fp32"
     (bundle.path / "manifest.json").write_text(json.dumps(manifest))

@@ -95,9 +95,33 @@ def file_table(root: Path) -> dict[str, dict]:
     return {rel: {"sha256": sha256_file(root / rel), "size": (root / rel).stat().st_size} for rel in list_files(root)}
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+SHAPE_KEY = "nnforge.shape."     # metadata: the full shape of a tensor stored as its zero_tail box
+
+
+def zero_tail(t: torch.Tensor) -> torch.Tensor:
+    """The smallest box of ``t`` from index 0 on every axis that holds all its nonzero values, as a
+    copy (``t`` itself when that is all of it): the slots of a decoder's KV cache a check's few
+    tokens wrote, out of ``max_len``. Everything outside the box is zero."""
+    t = torch.as_tensor(t)
+    if t.dim() == 0 or t.numel() == 0:
+        return t
+    nonzero = t.ne(0)
+    box = []
+    for axis in range(t.dim()):
+        along = nonzero.flatten(0, axis - 1).any(0) if axis else nonzero
+        along = along.flatten(1).any(1) if along.dim() > 1 else along
+        hits = along.nonzero()
+        box.append(int(hits[-1]) + 1 if hits.numel() else 0)
+    if box == list(t.shape):
+        return t
+    return t[tuple(slice(0, n) for n in box)].clone()
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], shapes: dict[str, list[int]] | None = None) -> None:
     """Tensors sharing storage (a graph returning one value twice, or a view of another output)
-    are copied: safetensors refuses to write shared storage."""
+    are copied: safetensors refuses to write shared storage. ``shapes``: the full shape of each
+    tensor given as its :func:`zero_tail` box, kept in the file's metadata so that
+    :func:`load_tensors` pads it back with zeros."""
     from safetensors.torch import save_file
     path.parent.mkdir(parents=True, exist_ok=True)
     out, seen = {}, set()
@@ -108,16 +132,42 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
             v = v.clone()
         seen.add(ptr)
         out[k] = v
-    save_file(out, os.fspath(path))
+    meta = {SHAPE_KEY + k: ",".join(str(int(n)) for n in shape) for k, shape in (shapes or {}).items()
+            if list(shape) != list(out[k].shape)}
+    save_file(out, os.fspath(path), metadata=meta or None)
+
+
+def tail_trimmed(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
+    """(each tensor as its :func:`zero_tail` box, the full shapes): what :func:`save_tensors`
+    takes to store reference tensors that are mostly zero padding."""
+    return {k: zero_tail(v) for k, v in tensors.items()}, {k: list(torch.as_tensor(v).shape) for k, v in tensors.items()}
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
     try:
-        return load_file(os.fspath(path))
+        tensors = load_file(os.fspath(path))
+        with safe_open(os.fspath(path), "pt") as f:
+            meta = f.metadata() or {}
     except (OSError, SafetensorError, ValueError) as e:
         raise BundleError(f"{path}: cannot read tensors: {e}") from None
+    for key, text in meta.items():
+        name = key[len(SHAPE_KEY):]
+        if not key.startswith(SHAPE_KEY) or name not in tensors:
+            continue
+        box = tensors[name]
+        try:
+            shape = [int(n) for n in text.split(",")]
+        except ValueError:
+            shape = None
+        if shape is None or len(shape) != box.dim() or any(b > n for b, n in zip(box.shape, shape)):
+            raise BundleError(f"{path}: tensor {name} of shape {list(box.shape)} does not fit the full shape "
+                              f"{text!r} its metadata records")
+        full = torch.zeros(shape, dtype=box.dtype)
+        full[tuple(slice(0, n) for n in box.shape)] = box
+        tensors[name] = full
+    return tensors
 
 
 def ordered(tensors: dict[str, torch.Tensor], prefix: str) -> list[torch.Tensor]:
@@ -481,11 +531,12 @@ class ArtifactWriter:
         return (self.root / check_rel(self.root, rel)).exists()
 
 
-def held_out_tensors(batches: list[tuple], fp32_runs: list[list]) -> dict[str, torch.Tensor]:
+def held_out_tensors(batches: list[tuple], fp32_runs: list[list], first: int = 1) -> dict[str, torch.Tensor]:
     """The held-out batches after the first, with their fp32 outputs, keyed ``{b}/input{i}`` and
-    ``{b}/fp32{i}`` (b counts from 1, as in the manifest)."""
+    ``{b}/fp32{i}`` (b counts from 1, as in the manifest; these batches from ``first``). The tensors may be :func:`zero_tail`
+    boxes; save them with :func:`tail_trimmed`'s shapes."""
     out = {}
-    for b, (ins, outs) in enumerate(zip(batches, fp32_runs), start=1):
+    for b, (ins, outs) in enumerate(zip(batches, fp32_runs), start=first):
         out.update({f"{b}/input{i}": torch.as_tensor(x) for i, x in enumerate(ins)})
         out.update({f"{b}/fp32{i}": t for i, t in enumerate(outs)})
     return out
@@ -494,6 +545,7 @@ def held_out_tensors(batches: list[tuple], fp32_runs: list[list]) -> dict[str, t
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "SIGNATURE", "MAX_MANIFEST_BYTES", "ARCHIVE_LIMIT", "GRAPH_FILE", "TOKENIZER_DIR",
            "WEIGHTS_FILE", "REF_INPUTS", "REF_EXPECTED", "REF_FP32", "REF_HELD_OUT", "BundleError", "sha256_file",
            "check_rel", "safe_join", "list_files", "file_table", "save_tensors", "load_tensors", "ordered",
+           "zero_tail", "tail_trimmed",
            "load_inputs", "is_bundle", "check_out", "BundleWriter", "write_manifest", "read_manifest_bytes",
            "parse_manifest", "check_files", "claim_out", "held_out_tensors", "TensorIndex",
            "ArtifactWriter"]
