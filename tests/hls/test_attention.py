@@ -1,5 +1,6 @@
-"""nf_attention.h: batch-1 decode attention with the KV cache in off-chip memory, step by step,
-against its emulation (bit for bit, cache included) and against fp32 causal attention; and nf_norm.h
+"""nf_attention.h: batch-1 decode steps (nf::kv_write then nf::attention) with the KV cache in
+off-chip memory, step by step, against their emulation (bit for bit, cache included) and against
+fp32 causal attention; and nf_norm.h
 in RMS mode (no IR op maps to it yet), built into the same harness."""
 from __future__ import annotations
 
@@ -32,11 +33,16 @@ def _table():
 def _harness() -> str:
     t = _table()
     cfg = struct("cfg_att", "decode attention", [
-        ("unsigned", "n_heads", H), ("unsigned", "head_dim", D), ("unsigned", "max_len", L),
+        ("unsigned", "n_batch", 1), ("unsigned", "n_heads", H), ("unsigned", "kv_heads", H), ("unsigned", "n_rows", 1),
+        ("unsigned", "head_dim", D), ("unsigned", "max_len", L), ("unsigned", "window", 0),
+        ("unsigned long", "k_off", 0), ("unsigned long", "v_off", H * L * D),
         ("long", "scale_m", SCALE_M), ("unsigned", "scale_shift", SCALE_SHIFT),
         ("long", "lut_lo", -16 * 2 ** ACT.frac), ("unsigned", "step_shift", ACT.frac + STEP_LOG2),
         ("unsigned", "lut_n", len(t) - 1), ("unsigned", "e_frac", E_FRAC)])
     n = H * D
+    cache = {kind: struct(f"cfg_{kind}", f"{kind} cache write", [
+        ("unsigned", "n_batch", 1), ("unsigned", "kv_heads", H), ("unsigned", "n_rows", 1), ("unsigned", "head_dim", D),
+        ("unsigned", "max_len", L), ("unsigned long", "off", off)]) for kind, off in (("k", 0), ("v", H * L * D))}
     norm = struct("cfg_rms", "rms norm", [("unsigned", "n_rows", T * H), ("unsigned", "n", D), ("bool", "rms", True),
                                           ("long", "eps_raw", RMS_EPS_RAW), ("bool", "has_gamma", True),
                                           ("bool", "has_beta", False), ("unsigned long", "gamma_off", 0),
@@ -45,18 +51,24 @@ def _harness() -> str:
 #include "nf/nf_norm.h"
 typedef {ACT.cpp()} act_t;
 {cfg}
+{cache["k"]}
+{cache["v"]}
 {norm}
 static const int tbl[{len(t)}] = {{{",".join(map(str, t))}}};
 static int kv_mem[{2 * H * L * D}];   // stands in for HBM
 extern "C" __attribute__((visibility("default"))) int nf_run(const float *const *ins, float *const *outs, const unsigned char *wmem) {{
     act_t q[{n}], k[{n}], v[{n}], o[{n}];
+    nf::int_t pos[1];
     for (unsigned t = 0; t < {T}; t++) {{
         for (unsigned e = 0; e < {n}; e++) {{
             q[e] = nf::from_float<act_t>(ins[0][t * {n} + e]);
             k[e] = nf::from_float<act_t>(ins[1][t * {n} + e]);
             v[e] = nf::from_float<act_t>(ins[2][t * {n} + e]);
         }}
-        nf::attention_decode<act_t, act_t, cfg_att>(q, k, v, kv_mem, t, o, tbl);
+        pos[0] = t;
+        nf::kv_write<act_t, cfg_k>(k, pos, kv_mem);
+        nf::kv_write<act_t, cfg_v>(v, pos, kv_mem);
+        nf::attention<act_t, act_t, cfg_att>(q, kv_mem, pos, o, tbl);
         for (unsigned e = 0; e < {n}; e++) outs[0][t * {n} + e] = nf::to_float(o[e]);
     }}
     for (unsigned e = 0; e < {2 * H * L * D}; e++) outs[1][e] = (float)kv_mem[e];
@@ -73,7 +85,8 @@ extern "C" __attribute__((visibility("default"))) int nf_run(const float *const 
 def sim(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("NNFORGE_HLS_CACHE", str(tmp_path_factory.mktemp("hls-cache")))
-    files = {f"hls/src/nf/{h}": (HEADER_DIR / h).read_bytes() for h in ("nf_types.h", "nf_attention.h", "nf_norm.h")}
+    files = {f"hls/src/nf/{h}": (HEADER_DIR / h).read_bytes() for h in ("nf_types.h", "nf_index.h", "nf_attention.h",
+                                                                           "nf_norm.h")}
     files["hls/src/att.cpp"] = _harness().encode()
     files["hls/src/host.cpp"] = b""
     gamma = GAMMA_RAW.astype("<i4").tobytes() + b"\0" * 4
@@ -82,13 +95,16 @@ def sim(tmp_path_factory):
 
 
 def _emulate(q, k, v):
-    cache = np.zeros((2, H, L, D), np.int64)
+    cache = np.zeros((2, 1, H, L, D), np.int64)
     outs = []
     for t in range(T):
-        raw = [E.from_float(a[t].reshape(H, D), ACT) for a in (q, k, v)]
-        outs.append(E.attention_decode(*raw, cache, t, _table(), -16 * 2 ** ACT.frac, ACT.frac + STEP_LOG2,
-                                       SCALE_M, SCALE_SHIFT, ACT, ACT))
-    return E.to_float(np.stack(outs), ACT), cache
+        raw = [E.from_float(a[t].reshape(1, H, 1, D), ACT) for a in (q, k, v)]
+        pos = np.array([[t]])
+        E.kv_write(raw[1], pos, cache[0])
+        E.kv_write(raw[2], pos, cache[1])
+        outs.append(E.attention(raw[0], pos, cache[0], cache[1], 0, _table(), -16 * 2 ** ACT.frac, ACT.frac + STEP_LOG2,
+                                SCALE_M, SCALE_SHIFT, ACT, ACT).reshape(H, D))
+    return E.to_float(np.stack(outs), ACT), cache.reshape(2, H, L, D)
 
 
 @pytest.mark.parametrize("scale", [1.0, 4.0])

@@ -28,8 +28,9 @@ import numpy as np
 from ...ir import Graph, GraphError, bind_symbols
 from ...ir.simplify import static_form
 from ...targets import Target
-from ..base import Artifact, Backend, BackendError, InputSpec, LowerContext, Runner
-from . import conv, csim, logic, pointwise, render, resources, routing  # noqa: F401  (conv, logic, pointwise, routing register lowering rules)
+from ..base import Artifact, Backend, BackendError, InputSpec, LowerContext, ResidentState, Runner
+from . import emulate as E
+from . import conv, csim, decoder, logic, pointwise, render, resources, routing  # noqa: F401  (conv, decoder, logic, pointwise, routing register lowering rules)
 from .capabilities import CAPABILITIES
 from .project import LOWERINGS, PROJECT, HlsOptions, Plan, build_plan
 
@@ -52,23 +53,26 @@ def make_sim(plan: Plan, srcs: dict, defines: tuple[str, ...] = ()) -> csim.CSim
     """The C-simulation of ``plan`` from its rendered sources (``defines``: see csim.build)."""
     lib = csim.build(srcs, plan.name, PROJECT, defines=defines)
     return csim.CSim(lib, srcs[f"{PROJECT}/weights.bin"], [plan.sizes[plan.ids[v]] for v in plan.inputs],
-                     [plan.sizes[plan.ids[v]] for v in plan.outputs])
+                     [plan.sizes[plan.ids[v]] for v in plan.outputs], kv_words=plan.kv_words)
+
+
+DTYPES = {"act": np.float32, "int": np.int64, "bool": np.bool_}
 
 
 class HlsRunner(Runner):
-    """Runs the bundle's design; inputs of other sizes get a design generated for their sizes."""
+    """Runs the bundle's design; inputs of other sizes get a design generated for their sizes. A
+    decoder's KV cache is the design's off-chip memory: a call through numpy loads the caches given
+    into it and reads them back as the ``.next`` outputs; :meth:`resident` keeps it between steps."""
 
     def __init__(self, graph: Graph, opts: HlsOptions, env: dict, plan: Plan, sim: csim.CSim):
         self.graph, self.opts, self.plan, self.sim = graph, opts, plan, sim
         self.dims = dict(env)
         self._designs = {tuple(sorted(env.items())): (plan, sim)}
-        dt = {"act": np.float32, "int": np.int64, "bool": np.bool_}
-        self.inputs = [InputSpec(v.name, dt[plan.kinds[v.name]], tuple(v.shape)) for v in graph.inputs]
-        self.output_names = list(plan.outputs)
+        self.inputs = [InputSpec(v.name, DTYPES[plan.kinds[v.name]], tuple(v.shape)) for v in graph.inputs]
+        self.output_names = [v.name for v in graph.outputs]
 
-    def design(self, inputs: list) -> tuple[Plan, csim.CSim]:
-        """The plan and C-simulation for the sizes of ``inputs`` (built on first use)."""
-        shapes = {v.name: list(np.shape(x)) for v, x in zip(self.graph.inputs, inputs)}
+    def design_for(self, shapes: dict) -> tuple[Plan, csim.CSim]:
+        """The plan and C-simulation for the input sizes ``shapes`` ({input: shape}; built on first use)."""
         static, env = static_graph(self.graph, None, shapes)
         key = tuple(sorted(env.items()))
         if key not in self._designs:
@@ -76,34 +80,97 @@ class HlsRunner(Runner):
             self._designs[key] = (plan, make_sim(plan, render.sources(plan)))
         return self._designs[key]
 
-    def run_numpy(self, inputs: list) -> list:
+    def design(self, inputs: list) -> tuple[Plan, csim.CSim]:
+        """The plan and C-simulation for the sizes of ``inputs`` (built on first use)."""
+        return self.design_for({v.name: list(np.shape(x)) for v, x in zip(self.graph.inputs, inputs)})
+
+    def _call(self, inputs: list, emulated: bool) -> list:
         plan, sim = self.design(inputs)
-        outs = sim.run(inputs)
+        given = dict(zip(self.input_names, inputs))
+        check_positions(plan, given)
+        act, ports = plan.opts.act, [given[v] for v in plan.inputs]
+        kv = np.zeros(plan.kv_words, np.int64 if emulated else np.int32)
+        for inp, _ in plan.state:
+            plan.kv_region(kv, inp)[...] = E.from_float(given[inp], act).reshape(plan.kv[inp][1])
+        outs = plan.emulate(ports, kv) if emulated else sim.run(ports, kv if plan.kv_words else None)
         # the C-simulation writes every output as floats; int and bool outputs get their own dtype back
-        dt = {"act": np.float32, "int": np.int64, "bool": np.bool_}
-        return [y.reshape(plan.shapes[v]).astype(dt[plan.kinds[v]], copy=False) for y, v in zip(outs, plan.outputs)]
+        got = {v: y.reshape(plan.shapes[v]).astype(DTYPES[plan.kinds[v]], copy=False) for y, v in zip(outs, plan.outputs)}
+        got.update({out: E.to_float(plan.kv_region(kv, inp), act) for inp, out in plan.state})
+        return [got[v] for v in self.output_names]
+
+    def run_numpy(self, inputs: list) -> list:
+        return self._call(inputs, emulated=False)
 
     def emulate(self, inputs: list) -> list:
         """The bit-accurate Python emulation of the design for these inputs (what run_numpy returns)."""
-        return self.design(inputs)[0].emulate(inputs)
+        return self._call(inputs, emulated=True)
+
+    def resident(self, state_pairs, tokens, logits):
+        if not self.plan.state or set(self.plan.inputs) != set(tokens) or logits not in self.plan.outputs:
+            return None
+        return ResidentKv(self, tokens, logits)
 
     def values(self, inputs: list, wanted: list) -> tuple[dict, dict]:
         """Every activation the design computes (the ``wanted`` IR values it has), from the
         bit-accurate emulation of its layers; the emulated outputs are checked against the
         C-simulation's."""
-        from . import emulate as E
         feeds = [np.ascontiguousarray(np.asarray(t)) for t in inputs]
         plan, _ = self.design(feeds)
+        given = dict(zip(self.input_names, feeds))
+        kv = np.zeros(plan.kv_words, np.int64)
+        for inp, _ in plan.state:
+            plan.kv_region(kv, inp)[...] = E.from_float(given[inp], plan.opts.act).reshape(plan.kv[inp][1])
         names = {v.name for v in wanted}
-        act, env, values = plan.opts.act, plan.emulate_env(feeds), {}
+        act, env, values = plan.opts.act, plan.emulate_env([given[v] for v in plan.inputs], kv), {}
         for layer in plan.layers:
             if plan.kinds.get(layer.output, "act") == "act" and (not names or layer.output in names):
                 values[layer.output] = E.to_float(env[layer.output], act).reshape(plan.shapes[layer.output])
         csim = self.run_numpy(self.check_inputs(feeds))
-        emulated = [values[v] if v in values else env[v].astype(np.float32) for v in plan.outputs]
+        emulated = self.emulate(feeds)
         exact = all(np.array_equal(np.asarray(e), np.asarray(c).reshape(np.shape(e))) for e, c in zip(emulated, csim))
         return values, {"exposed": len(values), "how": "bit-accurate emulation of the design's layers (equal to its "
                         "C-simulation bit for bit)", "emulation_equals_csim": exact}
+
+
+def check_positions(plan: Plan, given: dict) -> None:
+    """A decoder's positions must be slots of its cache: the design would read its last slot for a
+    later one (and write none), so the runner refuses them before anything runs."""
+    from .decoder import KvWrite
+    for layer in plan.layers:
+        if isinstance(layer, KvWrite):
+            pos = np.asarray(given[layer.inputs[1]])
+            if pos.size and (pos.min() < 0 or pos.max() >= layer.max_len):
+                raise BackendError(f"input {layer.inputs[1]}: positions {int(pos.min())}..{int(pos.max())} are outside "
+                                   f"the KV cache of {layer.max_len} slots written by node {layer.node}")
+
+
+class ResidentKv(ResidentState):
+    """The decoder's KV cache kept in the design's off-chip memory (an int32 array the C-simulation
+    reads and writes in place) between prefill and decode calls: only the logits come back."""
+
+    def __init__(self, runner: HlsRunner, tokens: tuple[str, str], logits: str):
+        self.runner, self.tokens, self.logits = runner, tokens, logits
+        self.shapes: dict = {}
+        self.kv = np.zeros(0, np.int32)
+
+    def reset(self, shapes: dict) -> None:
+        # the regions in the graph's state order, as project._kv_state lays them out
+        self.shapes = {inp: list(shapes[inp]) for inp, _ in self.runner.graph.state_pairs()}
+        self.offsets, n = {}, 0
+        for inp, shape in self.shapes.items():
+            self.offsets[inp], n = n, n + int(np.prod(shape))
+        self.kv = np.zeros(n, np.int32)
+
+    def run(self, token_ids, positions):
+        given = {self.tokens[0]: np.asarray(token_ids), self.tokens[1]: np.asarray(positions)}
+        plan, sim = self.runner.design_for({**{k: list(np.shape(v)) for k, v in given.items()}, **self.shapes})
+        check_positions(plan, given)
+        outs = sim.run([given[v] for v in plan.inputs], self.kv)
+        return outs[plan.outputs.index(self.logits)].reshape(plan.shapes[self.logits])
+
+    def read(self, name: str):
+        off, shape = self.offsets[name], self.shapes[name]
+        return E.to_float(self.kv[off:off + int(np.prod(shape))], self.runner.opts.act).reshape(shape)
 
 
 def tb_inputs(plan: Plan) -> list[np.ndarray]:

@@ -89,18 +89,21 @@ def build(files: dict[str, bytes], top: str, project: str = "hls", defines: tupl
 
 
 class CSim:
-    """A built C-simulation: ``run(inputs) -> outputs`` (float32 arrays in port order)."""
+    """A built C-simulation: ``run(inputs) -> outputs`` (float32 arrays in port order). A design
+    with a KV cache (``kv_words`` > 0) takes its off-chip memory as an int32 array that ``run``
+    updates in place, so the caller keeps the cache between calls."""
 
-    def __init__(self, lib: Path, weights: bytes, in_sizes: list[int], out_sizes: list[int]):
+    def __init__(self, lib: Path, weights: bytes, in_sizes: list[int], out_sizes: list[int], kv_words: int = 0):
         self._lib = ctypes.CDLL(os.fspath(lib))
         self._run = self._lib.nf_run
         self._run.restype = ctypes.c_int
         self._run.argtypes = [ctypes.POINTER(ctypes.POINTER(ctypes.c_float)),
-                              ctypes.POINTER(ctypes.POINTER(ctypes.c_float)), ctypes.c_char_p]
+                              ctypes.POINTER(ctypes.POINTER(ctypes.c_float)), ctypes.c_char_p] + \
+            ([ctypes.POINTER(ctypes.c_int32)] if kv_words else [])
         self._weights = bytes(weights)
-        self.in_sizes, self.out_sizes = in_sizes, out_sizes
+        self.in_sizes, self.out_sizes, self.kv_words = in_sizes, out_sizes, kv_words
 
-    def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    def run(self, inputs: list[np.ndarray], kv: np.ndarray | None = None) -> list[np.ndarray]:
         xs = [np.ascontiguousarray(x, dtype=np.float32).reshape(-1) for x in inputs]
         for x, n in zip(xs, self.in_sizes):
             if x.size != n:
@@ -109,7 +112,12 @@ class CSim:
         P = ctypes.POINTER(ctypes.c_float)
         ins = (P * max(1, len(xs)))(*[x.ctypes.data_as(P) for x in xs])
         outs = (P * max(1, len(ys)))(*[y.ctypes.data_as(P) for y in ys])
-        rc = self._run(ins, outs, self._weights)
+        extra = []
+        if self.kv_words:
+            if kv is None or kv.dtype != np.int32 or kv.size != self.kv_words or not kv.flags.c_contiguous:
+                raise BackendError(f"C-simulation needs its KV-cache memory as {self.kv_words} contiguous int32 words")
+            extra = [kv.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))]
+        rc = self._run(ins, outs, self._weights, *extra)
         if rc != 0:
             raise BackendError(f"C-simulation returned {rc}")
         return ys

@@ -251,20 +251,50 @@ def matmul(a, b, fa: Fixed, fb: Fixed, fy: Fixed) -> np.ndarray:
     return round_to(np.matmul(np.asarray(a, np.int64), np.asarray(b, np.int64)), fa.frac + fb.frac - fy.frac, fy)
 
 
-def attention_decode(q, k_new, v_new, cache: np.ndarray, pos: int, table, lut_lo: int, step_shift: int,
-                     scale_m: int, scale_shift: int, fx: Fixed, fy: Fixed) -> np.ndarray:
-    """nf::attention_decode: q, k_new, v_new raw [heads, head_dim]; ``cache`` int64
-    [2, heads, max_len, head_dim] is updated in place at ``pos``; returns raw out [heads, head_dim]."""
-    F = fx.frac
-    cache[0, :, pos] = k_new
-    cache[1, :, pos] = v_new
-    k, v = cache[0, :, :pos + 1], cache[1, :, :pos + 1]                      # [H, T, D]
-    acc = np.einsum("hd,htd->ht", np.asarray(q, np.int64), k)
-    s = round_shift(round_shift(acc, F) * scale_m, scale_shift)
-    d = s - s.max(axis=-1, keepdims=True) - lut_lo
-    e = np.where(d < 0, 0, _interp(np.clip(d, 0, None), table, step_shift))
-    p = round_shift(e * ((1 << 62) // e.sum(axis=-1, keepdims=True)), 62 - F)
-    return round_to(np.einsum("ht,htd->hd", p, v), F + F - fy.frac, fy)
+def rope(x, positions, cos, sin, interleaved: bool, fx: Fixed, fy: Fixed) -> np.ndarray:
+    """nf::rope: x raw [b, h, s, d], positions [b, s], ``cos`` / ``sin`` raw [slots, rotated] (sin with
+    the rotation's sign folded in); dims past ``rotated`` pass through."""
+    x = np.asarray(x, np.int64)
+    r = cos.shape[1]
+    slot = np.clip(np.asarray(positions, np.int64), 0, cos.shape[0] - 1)            # [b, s]
+    d = np.arange(r)
+    partner = d ^ 1 if interleaved else np.where(d < r // 2, d + r // 2, d - r // 2)
+    c, s = cos[slot][:, None], sin[slot][:, None]                                   # [b, 1, s, r]
+    y = round_to(x[..., :r] * c + x[..., partner] * s, 2 * fx.frac - fy.frac, fy)
+    return np.concatenate([y, round_to(x[..., r:], fx.frac - fy.frac, fy)], axis=-1)
+
+
+def kv_write(x, positions, cache: np.ndarray) -> None:
+    """nf::kv_write: rows x raw [b, kvh, s, d] into ``cache`` [b, kvh, max_len, d] (a view of the
+    kv memory) at slots positions [b, s]; a slot past the cache is not written."""
+    x, pos = np.asarray(x, np.int64), np.asarray(positions, np.int64)
+    for b in range(x.shape[0]):
+        for j in range(x.shape[2]):
+            if 0 <= pos[b, j] < cache.shape[2]:
+                cache[b, :, pos[b, j]] = x[b, :, j]
+
+
+def attention(q, positions, k, v, window: int, table, lut_lo: int, step_shift: int, scale_m: int,
+              scale_shift: int, fx: Fixed, fy: Fixed) -> np.ndarray:
+    """nf::attention: q raw [b, h, s, d] over the caches k, v raw [b, kvh, max_len, d]; query row j
+    sees the slots lo..pos of its kv head (pos = positions[b, j] clamped to the cache)."""
+    q = np.asarray(q, np.int64)
+    nb, h, rows, _ = q.shape
+    L, group, F = k.shape[2], h // k.shape[1], fx.frac
+    out = np.empty_like(q)
+    for b in range(nb):
+        for j in range(rows):
+            hi = int(np.clip(positions[b, j], 0, L - 1))
+            lo = hi + 1 - window if window and hi + 1 > window else 0
+            kk = np.asarray(k[b, :, lo:hi + 1], np.int64).repeat(group, axis=0)      # [h, T, d]
+            vv = np.asarray(v[b, :, lo:hi + 1], np.int64).repeat(group, axis=0)
+            acc = np.einsum("hd,htd->ht", q[b, :, j], kk)
+            s = round_shift(round_shift(acc, F) * scale_m, scale_shift)
+            d = s - s.max(axis=-1, keepdims=True) - lut_lo
+            e = np.where(d < 0, 0, _interp(np.clip(d, 0, None), table, step_shift))
+            p = round_shift(e * ((1 << 62) // e.sum(axis=-1, keepdims=True)), 62 - F)
+            out[b, :, j] = round_to(np.einsum("ht,htd->hd", p, vv), F + F - fy.frac, fy)
+    return out
 
 
 def windows(x, shape, out_hw, filt, stride, dil, pad, fill: int = 0) -> np.ndarray:

@@ -35,6 +35,7 @@ from .patterns import fuse_patterns
 from .weights import WeightMemory, mat_weights
 
 PROJECT = "hls"        # folder of the project inside a bundle
+KV_PORT = "kv_mem"     # the off-chip memory port that holds the KV cache
 
 # Value kinds and their C types: activations in fixed point, integers (ids, masks) as ap_int<32>
 # (int64 values saturate to 32 bits), booleans as ap_uint<1>.
@@ -45,7 +46,7 @@ LOWERINGS = Registry("hls lowering")
 # Ops whose rule handles int / bool operands; every other op takes and gives activations only.
 MIXED_OPS = {"full", "embedding", "permute", "reshape", "slice", "expand", "eq", "ne", "lt", "le", "gt", "ge", "and", "or",
              "not", "where", "cast", "reduce_sum", "reduce_any", "index", "gather_elements", "concat", "topk_indices",
-             "cumsum", "index_put", "minimum", "maximum", "div"}
+             "cumsum", "index_put", "minimum", "maximum", "div", "rope", "cache_update", "attention"}
 
 
 def value_kind(v) -> str:
@@ -160,6 +161,11 @@ class Plan:
     pool: dict = field(default_factory=dict)         # on-chip buffer -> elements (shared by values)
     kinds: dict = field(default_factory=dict)        # value name -> "act" | "int" | "bool"
     buf_kinds: dict = field(default_factory=dict)    # pool buffer -> kind
+    # the KV cache in off-chip memory (the kv_mem port, int32 raw activations): each state value and
+    # the cache_update outputs that write it -> (word offset, shape); state: (input, output) pairs
+    kv: dict = field(default_factory=dict)
+    state: list = field(default_factory=list)
+    kv_words: int = 0
 
     @property
     def onchip_bytes(self) -> int:
@@ -185,10 +191,11 @@ class Plan:
     def ctype(self, value: str) -> str:
         return CTYPES[self.kinds.get(value, "act")]
 
-    def emulate_env(self, inputs: list) -> dict[str, np.ndarray]:
-        """Every value's raw integers (flat) after the bit-accurate emulation, by value name."""
+    def emulate_env(self, inputs: list, kv: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Every value's raw integers (flat) after the bit-accurate emulation, by value name.
+        ``kv``: the KV-cache memory (int64 raw words, updated in place; zeros when None)."""
         act = self.opts.act
-        env = {}
+        env = {KV_PORT: np.zeros(self.kv_words, np.int64) if kv is None else kv}
         for v, x in zip(self.inputs, inputs):
             x = np.asarray(x, np.float32).reshape(-1)
             k = self.kinds.get(v, "act")
@@ -198,9 +205,14 @@ class Plan:
             env[layer.output] = np.asarray(layer.emulate(env, act)).reshape(-1)
         return env
 
-    def emulate(self, inputs: list) -> list[np.ndarray]:
+    def kv_region(self, kv: np.ndarray, value: str) -> np.ndarray:
+        """The view of the KV-cache memory ``kv`` that holds ``value`` (a state value), in its shape."""
+        off, shape = self.kv[value]
+        return kv[off:off + math.prod(shape)].reshape(shape)
+
+    def emulate(self, inputs: list, kv: np.ndarray | None = None) -> list[np.ndarray]:
         """Float outputs of the bit-accurate emulation (what the C-simulation returns)."""
-        act, env = self.opts.act, self.emulate_env(inputs)
+        act, env = self.opts.act, self.emulate_env(inputs, kv)
         return [(E.to_float(env[v], act) if self.kinds.get(v, "act") == "act" else env[v].astype(np.float32))
                 .reshape(self.shapes[v]) for v in self.outputs]
 
@@ -540,18 +552,23 @@ def build_plan(graph: Graph, opts: HlsOptions) -> Plan:
         raise BackendError("the hls backend needs distinct graph outputs")
     names = Names()
     plan = Plan(names("nf_", graph.name, "graph", "_top"), opts)
+    _kv_state(graph, plan)
+    stateful = {v for pair in plan.state for v in pair}
     outs = {v.name for v in graph.outputs}
     for v in graph.inputs:
-        plan.ids[v.name] = names("in_", v.name, "input")
+        if v.name not in stateful:
+            plan.ids[v.name] = names("in_", v.name, "input")
     for v in graph.outputs:
-        plan.ids[v.name] = names("out_", v.name, "output")
+        if v.name not in stateful:
+            plan.ids[v.name] = names("out_", v.name, "output")
     for v in list(graph.inputs) + [o for n in graph.nodes for o in n.outputs]:
         plan.kinds[v.name] = value_kind(v)
         plan.shapes[v.name] = tuple(v.shape)
-        plan.ids.setdefault(v.name, names("v_", v.name, "value"))
+        plan.ids.setdefault(v.name, KV_PORT if v.name in plan.kv else names("v_", v.name, "value"))
         plan.sizes[plan.ids[v.name]] = max(1, math.prod(v.shape))
-    plan.inputs = [v.name for v in graph.inputs]
-    plan.outputs = [v.name for v in graph.outputs]
+    plan.sizes[KV_PORT] = max(1, plan.kv_words)
+    plan.inputs = [v.name for v in graph.inputs if v.name not in stateful]
+    plan.outputs = [v.name for v in graph.outputs if v.name not in stateful]
     for node in graph.nodes:
         name = names("n_", node.name, "node")
         consts = _const_operands(plan, node)
@@ -580,6 +597,9 @@ def build_plan(graph: Graph, opts: HlsOptions) -> Plan:
         plan.layers.extend(layers)
     _check_widths(plan)
     if opts.dataflow:
+        if plan.kv_words:
+            raise BackendError(f"graph {graph.name}: the dataflow form has no off-chip KV cache; compile this "
+                               f"decoder with dataflow = false")
         if any(k != "act" for k in plan.kinds.values()):
             raise BackendError(f"graph {graph.name}: the dataflow form takes activations only; this graph has "
                                f"int/bool values (set dataflow = false)")
@@ -592,6 +612,35 @@ def build_plan(graph: Graph, opts: HlsOptions) -> Plan:
                            f"than the device's {opts.onchip_bytes_max} bytes of BRAM + URAM; use shorter inputs "
                            f"or a narrower act_width")
     return plan
+
+
+def _kv_state(graph: Graph, plan: Plan) -> None:
+    """The KV cache: every state input (``X`` with a graph output ``X.next``) gets a region of the
+    off-chip kv memory, which the cache_update writing ``X.next`` updates in place; the value is
+    then no port of the top function, and only cache_update and attention may read it."""
+    from ...ir.graph import STATE_NEXT
+    values = {v.name: v for v in list(graph.inputs) + list(graph.outputs)}
+    for name, out in graph.state_pairs():
+        v, nxt = values[name], values[out]
+        p = nxt.producer
+        if p is None or p.op != "cache_update" or p.inputs[0] is not v:
+            raise BackendError(f"state {v.name}: the hls backend keeps a KV cache in off-chip memory and needs "
+                               f"{nxt.name} written by a cache_update of {v.name}; it is made by "
+                               f"{f'node {p.name} ({p.op})' if p is not None else 'no node'}")
+        plan.kv[v.name] = plan.kv[nxt.name] = (plan.kv_words, tuple(v.shape))
+        plan.kv_words += math.prod(v.shape)
+        plan.state.append((v.name, nxt.name))
+    for n in graph.nodes:
+        for v in n.inputs:
+            if v is not None and v.name in plan.kv and n.op not in ("cache_update", "attention"):
+                raise BackendError(f"node {n.name} ({n.op}) reads the KV cache {v.name}; in the hls design only "
+                                   f"cache_update and attention reach the cache in off-chip memory")
+        if n.op == "cache_update" and n.inputs[0].name not in plan.kv:
+            raise BackendError(f"node {n.name} (cache_update): its cache {n.inputs[0].name} is not a state input "
+                               f"with a {n.inputs[0].name}{STATE_NEXT} output; the hls design updates only the KV "
+                               f"cache it keeps in off-chip memory")
+        if n.op == "cache_update":
+            plan.kv.setdefault(n.output.name, plan.kv[n.inputs[0].name])
 
 
 def _const_operands(plan: Plan, node) -> list:
@@ -620,7 +669,7 @@ def assign_buffers(plan: Plan) -> None:
     """Share on-chip activation buffers between values whose lifetimes do not overlap (greedy best
     fit in layer order), so the on-chip footprint is the peak of live activations, not their sum.
     A layer's output never shares a buffer with its own inputs. Sets ``plan.pool`` (buffer -> elements)."""
-    ports = {plan.ids[v] for v in plan.inputs + plan.outputs}
+    ports = {plan.ids[v] for v in plan.inputs + plan.outputs} | {KV_PORT}
     root: dict[str, str] = {}                       # value -> value that owns its buffer (aliases)
     last: dict[str, int] = {}
     for i, layer in enumerate(plan.layers):

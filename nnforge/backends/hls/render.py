@@ -17,13 +17,14 @@ import numpy as np
 
 from ...hls import HEADER_DIR, HEADERS
 from .layers import comment
-from .project import CTYPES, PROJECT, Plan
+from .project import CTYPES, KV_PORT, PROJECT, Plan
 
 
 def _ports(plan: Plan) -> str:
     ins = [f"const {plan.ctype(v)} {plan.ids[v]}[{plan.sizes[plan.ids[v]]}]" for v in plan.inputs]
     outs = [f"{plan.ctype(v)} {plan.ids[v]}[{plan.sizes[plan.ids[v]]}]" for v in plan.outputs]
-    return ", ".join(ins + outs + ["const unsigned char wmem[NF_WMEM_BYTES]"])
+    kv = [f"int {KV_PORT}[NF_KV_WORDS]"] if plan.kv_words else []
+    return ", ".join(ins + outs + ["const unsigned char wmem[NF_WMEM_BYTES]"] + kv)
 
 
 def parameters_h(plan: Plan) -> str:
@@ -32,12 +33,14 @@ def parameters_h(plan: Plan) -> str:
              "#ifndef NF_PARAMETERS_H_", "#define NF_PARAMETERS_H_", "",
              '#include "nf/nf_types.h"', '#include "nf/nf_matvec.h"', '#include "nf/nf_activation.h"',
              '#include "nf/nf_softmax.h"', '#include "nf/nf_norm.h"', '#include "nf/nf_elementwise.h"', '#include "nf/nf_index.h"', '#include "nf/nf_logic.h"', '#include "nf/nf_reduce.h"',
-             '#include "nf/nf_conv.h"', '#include "nf/nf_route.h"', "",
+             '#include "nf/nf_conv.h"', '#include "nf/nf_route.h"', '#include "nf/nf_attention.h"', "",
              "using nf::int_t;   // integer values (ids, masks): ap_int<32>",
              "using nf::bool_t;  // booleans: ap_uint<1>", "",
              f"// activations between layers: {o.act_width} bits, {o.act_int} integer, round half up, saturate",
              f"typedef {o.act.cpp()} act_t;",
              f"#define NF_WMEM_BYTES {len(plan.mem.image())}",
+             *([f"// the KV cache in off-chip memory: {len(plan.state)} caches of raw activations in int32 words",
+                f"#define NF_KV_WORDS {plan.kv_words}"] if plan.kv_words else []),
              "#ifdef __SYNTHESIS__", "#define NF_BUF", "#else",
              "#define NF_BUF static  // C-simulation: activation buffers off the stack", "#endif", ""]
     for layer in plan.layers:
@@ -58,6 +61,8 @@ def top_cpp(plan: Plan) -> str:
     for v in plan.inputs + plan.outputs:
         lines.append(f"    #pragma HLS INTERFACE m_axi port={plan.ids[v]} offset=slave bundle=gmem1 "
                      f"depth={plan.sizes[plan.ids[v]]}")
+    if plan.kv_words:        # read and written in place every call: the state between prefill and decode steps
+        lines.append(f"    #pragma HLS INTERFACE m_axi port={KV_PORT} offset=slave bundle=gmem2 depth={plan.kv_words}")
     lines.append("    #pragma HLS INTERFACE s_axilite port=return")
     if plan.opts.dataflow:
         lines += ["    #pragma HLS DATAFLOW",
@@ -86,7 +91,8 @@ def host_cpp(plan: Plan) -> str:
     lines = ['// C-simulation entry (host only, not synthesised): floats in, floats out.',
              f'#include "{plan.name}.h"', "",
              "// the one symbol the C-simulation library exports (it is built with -fvisibility=hidden)",
-             'extern "C" __attribute__((visibility("default"))) int nf_run(const float *const *inputs, float *const *outputs, const unsigned char *wmem) {']
+             'extern "C" __attribute__((visibility("default"))) int nf_run(const float *const *inputs, float *const *outputs, '
+             f'const unsigned char *wmem{", int *kv_mem" if plan.kv_words else ""}) {{']
     args = []
     for i, v in enumerate(plan.inputs):
         n = plan.sizes[plan.ids[v]]
@@ -98,7 +104,7 @@ def host_cpp(plan: Plan) -> str:
     for i, v in enumerate(plan.outputs):
         lines.append(f"    static {plan.ctype(v)} out{i}[{plan.sizes[plan.ids[v]]}];")
         args.append(f"out{i}")
-    lines.append(f"    {plan.name}({', '.join(args)}, wmem);")
+    lines.append(f"    {plan.name}({', '.join(args + ['wmem'] + ([KV_PORT] if plan.kv_words else []))});")
     for i, v in enumerate(plan.outputs):
         n = plan.sizes[plan.ids[v]]
         conv = f"nf::to_float(out{i}[e])" if plan.kinds[v] == "act" else f"(float)out{i}[e].to_int64()"
@@ -110,14 +116,15 @@ def host_cpp(plan: Plan) -> str:
 def tb_cpp(plan: Plan) -> str:
     n_in = sum(plan.sizes[plan.ids[v]] for v in plan.inputs)
     n_out = sum(plan.sizes[plan.ids[v]] for v in plan.outputs)
-    return f"""// Testbench: feeds the recorded inputs, compares every output bit for bit with the recorded
+    kv_decl, kv_arg = (", int *kv_mem", f", std::vector<int>({plan.kv_words}, 0).data()") if plan.kv_words else ("", "")
+    return f"""// Testbench: feeds the recorded inputs (a decoder's KV cache empty), compares every output bit for bit with the recorded
 // outputs of nnforge's bit-accurate emulation. Run from the project folder (hls/).
 #include <cstdio>
 #include <cstring>
 #include <vector>
 #include "../src/{plan.name}.h"
 
-extern "C" int nf_run(const float *const *inputs, float *const *outputs, const unsigned char *wmem);
+extern "C" int nf_run(const float *const *inputs, float *const *outputs, const unsigned char *wmem{kv_decl});
 
 static bool slurp(const char *path, std::vector<unsigned char> &buf, size_t want) {{
     FILE *f = std::fopen(path, "rb");
@@ -139,7 +146,7 @@ int main() {{
     std::memcpy(want.data(), exp.data(), {4 * n_out});
     const float *ins[] = {{{", ".join(f"xs.data() + {o}" for o in _offsets(plan, plan.inputs)) or "0"}}};
     float *outs[] = {{{", ".join(f"ys.data() + {o}" for o in _offsets(plan, plan.outputs))}}};
-    nf_run(ins, outs, w.data());
+    nf_run(ins, outs, w.data(){kv_arg});  // a decoder's KV cache starts empty
     int bad = 0;
     for (unsigned i = 0; i < {n_out}; i++)
         if (std::memcmp(&ys[i], &want[i], 4) != 0 && bad++ < 10) std::printf("output %u: %.9g != %.9g\\n", i, ys[i], want[i]);

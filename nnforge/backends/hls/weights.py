@@ -28,6 +28,7 @@ class WeightMemory:
     def __init__(self):
         self.parts: list[bytes] = []
         self.size = 0
+        self._once: dict[bytes, int] = {}
 
     def add(self, data: bytes) -> int:
         pad = (-self.size) % 4
@@ -38,6 +39,13 @@ class WeightMemory:
         self.parts.append(bytes(data))
         self.size += len(data)
         return off
+
+    def add_once(self, data: bytes) -> int:
+        """The offset of ``data``, added on its first call only (tables several layers read)."""
+        data = bytes(data)
+        if data not in self._once:
+            self._once[data] = self.add(data)
+        return self._once[data]
 
     def add_i32(self, values) -> int:
         v = np.asarray(values, dtype=np.int64).ravel()
