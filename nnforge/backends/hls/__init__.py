@@ -60,32 +60,41 @@ DTYPES = {"act": np.float32, "int": np.int64, "bool": np.bool_}
 
 
 class HlsRunner(Runner):
-    """Runs the bundle's design; inputs of other sizes get a design generated for their sizes. A
+    """Runs the bundle's design; inputs of other sizes get a design generated for their sizes (its
+    C-simulation built on first use: :meth:`emulate` needs none). A
     decoder's KV cache is the design's off-chip memory: a call through numpy loads the caches given
     into it and reads them back as the ``.next`` outputs; :meth:`resident` keeps it between steps."""
 
-    def __init__(self, graph: Graph, opts: HlsOptions, env: dict, plan: Plan, sim: csim.CSim):
+    def __init__(self, graph: Graph, opts: HlsOptions, env: dict, plan: Plan, sim: csim.CSim | None):
         self.graph, self.opts, self.plan, self.sim = graph, opts, plan, sim
         self.dims = dict(env)
-        self._designs = {tuple(sorted(env.items())): (plan, sim)}
+        self._plans = {tuple(sorted(env.items())): plan}
+        self._sims = {tuple(sorted(env.items())): sim} if sim is not None else {}
         self.inputs = [InputSpec(v.name, DTYPES[plan.kinds[v.name]], tuple(v.shape)) for v in graph.inputs]
         self.output_names = [v.name for v in graph.outputs]
 
-    def design_for(self, shapes: dict) -> tuple[Plan, csim.CSim]:
-        """The plan and C-simulation for the input sizes ``shapes`` ({input: shape}; built on first use)."""
+    def plan_for(self, shapes: dict) -> tuple[tuple, Plan]:
+        """The design's key and plan for the input sizes ``shapes`` ({input: shape})."""
         static, env = static_graph(self.graph, None, shapes)
         key = tuple(sorted(env.items()))
-        if key not in self._designs:
-            plan = build_plan(static, self.opts)
-            self._designs[key] = (plan, make_sim(plan, render.sources(plan)))
-        return self._designs[key]
+        if key not in self._plans:
+            self._plans[key] = build_plan(static, self.opts)
+        return key, self._plans[key]
+
+    def design_for(self, shapes: dict) -> tuple[Plan, csim.CSim]:
+        """The plan and C-simulation for the input sizes ``shapes`` (built on first use)."""
+        key, plan = self.plan_for(shapes)
+        if key not in self._sims:
+            self._sims[key] = make_sim(plan, render.sources(plan))
+        return plan, self._sims[key]
 
     def design(self, inputs: list) -> tuple[Plan, csim.CSim]:
         """The plan and C-simulation for the sizes of ``inputs`` (built on first use)."""
         return self.design_for({v.name: list(np.shape(x)) for v, x in zip(self.graph.inputs, inputs)})
 
     def _call(self, inputs: list, emulated: bool) -> list:
-        plan, sim = self.design(inputs)
+        shapes = {v.name: list(np.shape(x)) for v, x in zip(self.graph.inputs, inputs)}
+        plan, sim = (self.plan_for(shapes)[1], None) if emulated else self.design_for(shapes)
         given = dict(zip(self.input_names, inputs))
         check_positions(plan, given)
         act, ports = plan.opts.act, [given[v] for v in plan.inputs]
@@ -115,7 +124,7 @@ class HlsRunner(Runner):
         bit-accurate emulation of its layers; the emulated outputs are checked against the
         C-simulation's."""
         feeds = [np.ascontiguousarray(np.asarray(t)) for t in inputs]
-        plan, _ = self.design(feeds)
+        plan = self.plan_for({v.name: list(np.shape(x)) for v, x in zip(self.graph.inputs, feeds)})[1]
         given = dict(zip(self.input_names, feeds))
         kv = np.zeros(plan.kv_words, np.int64)
         for inp, _ in plan.state:

@@ -1,0 +1,114 @@
+"""Decoders on the hls backend: a small random-init Llama decodes token by token with its KV cache
+in the design's off-chip memory (nnforge/backends/hls/decoder.py), the bit-accurate emulation
+against the reference interpreter (fast), and the C-simulation of the compiled bundle, prefill and
+decode designs with the cache kept between calls, against that emulation (slow: each design is a
+g++ build)."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import nnforge as nf
+from nnforge.backends.base import BackendError, get_backend
+from nnforge.backends.hls import HlsRunner, static_graph
+from nnforge.backends.hls.project import HlsOptions, build_plan
+from nnforge.frontend.decoders.importer import import_decoder
+from nnforge.generation import DecoderRunner, generate
+from nnforge.ir import Interpreter
+from tests import conftest
+from tests.frontend.decoders.families import tiny_model, tiny_tokenizer
+from tests.passes.graphs import decoder_block, decoder_inputs
+
+MAX_LEN = 32
+PROMPT = torch.tensor([1, 17, 42, 9, 77, 5])
+
+
+def _runners(graph, section):
+    """(the reference interpreter's decoder runner, the hls design's emulation as one)."""
+    names = [v.name for v in graph.inputs], [v.name for v in graph.outputs]
+    static, env = static_graph(graph, None, {v.name: [1, *v.shape[1:]] if v.name.startswith("cache") else [1, 1]
+                                             for v in graph.inputs})
+    hls = HlsRunner(graph, HlsOptions(), env, build_plan(static, HlsOptions()), None)
+    reference = DecoderRunner(lambda *xs: Interpreter(graph).run(*xs), section, *names)
+    emulated = DecoderRunner(lambda *xs: hls.emulate([np.asarray(x) for x in xs]), section, *names)
+    return reference, emulated, hls
+
+
+@pytest.fixture(scope="module")
+def llama():
+    imported = import_decoder(tiny_model("llama"), max_len=MAX_LEN)
+    return imported.graph, imported.manifest_section()
+
+
+def test_emulated_design_generates_as_the_interpreter(llama):
+    """16 greedy tokens after a 6-token prefill, then one at a time: the design's fixed point
+    (24-bit activations, 16 fractional bits) keeps the logits within a few LSBs of float32, so the
+    random-init model's tokens are the interpreter's."""
+    graph, section = llama
+    reference, emulated, hls = _runners(graph, section)
+    want = generate(reference.decoder(resident=False), PROMPT, 16, stop_tokens=[]).tokens
+    got = generate(emulated.decoder(resident=False), PROMPT, 16, stop_tokens=[]).tokens
+    assert got == want
+    feeds = [torch.tensor([[1, 17, 42, 9, 77, 5, 33, 100]]), torch.arange(8)[None]] + \
+        [torch.zeros(1, *v.shape[1:]) for v in graph.inputs[2:]]
+    diff = np.abs(hls.emulate([x.numpy() for x in feeds])[0] - Interpreter(graph).run(*feeds)[0].numpy())
+    assert diff.max() < 2e-3
+    plan = hls.plan
+    assert [layer.kernel or type(layer).__name__ for layer in plan.layers if type(layer).__name__ in
+            ("Rope", "KvWrite", "Attention")].count("KvWrite") == 4
+    assert plan.state == [(f"cache.{i}.{k}", f"cache.{i}.{k}.next") for i in range(2) for k in "kv"]
+    assert plan.inputs == ["input_ids", "positions"] and plan.outputs == ["logits"]
+
+
+def test_positions_outside_the_cache_are_refused(llama):
+    graph, section = llama
+    _, _, hls = _runners(graph, section)
+    feeds = [np.array([[3]]), np.array([[MAX_LEN]])] + [np.zeros((1, *v.shape[1:]), np.float32) for v in graph.inputs[2:]]
+    with pytest.raises(BackendError, match=rf"input positions: positions {MAX_LEN}\.\.{MAX_LEN} are outside the KV "
+                                           rf"cache of {MAX_LEN} slots written by node model.layers.0.self_attn.k_cache"):
+        hls.emulate(feeds)
+
+
+def test_a_cache_that_is_not_state_and_a_softcap_are_named(tmp_path):
+    graph = decoder_block()
+    shapes = {v.name: list(t.shape) for v, t in zip(graph.inputs, decoder_inputs(5, 0))}
+    with pytest.raises(BackendError, match=r"node cache_update(\.\d+)? \(cache_update\): its cache cache is not a state "
+                                           r"input with a cache.next output"):
+        conftest.lower_into(get_backend("hls"), graph, "alveo-u280", tmp_path / "a", shapes=shapes)
+    graph = decoder_block(softcap=20.0)
+    graph.outputs[1].name = "cache.next"                   # the cache as state, as the decoder builder makes it
+    with pytest.raises(BackendError, match=r"node attention(\.\d+)? \(attention\): a score softcap \(tanh\) is not "
+                                           r"supported by the hls backend"):
+        conftest.lower_into(get_backend("hls"), graph, "alveo-u280", tmp_path / "b", shapes=shapes)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", [None, "w4-gptq"])
+def test_csim_generates_token_by_token_as_the_emulation(tmp_path, monkeypatch, recipe):
+    """nf.compile for alveo-u280; the C-simulation generates 16 tokens after the prompt (the prefill
+    design, then the one-token decode design), the cache resident in the design's kv memory between
+    calls and equal to the cache fed back through numpy; the tokens are the bit-accurate
+    emulation's, and with fp32 weights the interpreter's."""
+    monkeypatch.setenv("NNFORGE_HLS_CACHE", str(tmp_path / "hls-cache"))
+    tiny_model("llama").save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    r = random.Random(0)
+    calibration = " ".join(f"w{r.randrange(4, 128)}" for _ in range(1200)) if recipe else None
+    bundle = nf.compile(tmp_path / "model", "alveo-u280", recipe, out=tmp_path / "b", max_len=MAX_LEN,
+                        calibration=calibration)
+    lm = bundle.load()
+    graph = bundle.graph()
+    reference, emulated, _ = _runners(graph, bundle.manifest["decoder"])
+    resident = lm.decoder()
+    got = generate(resident, PROMPT, 16, stop_tokens=[]).tokens
+    assert got == generate(lm.decoder(resident=False), PROMPT, 16, stop_tokens=[]).tokens
+    emulated_runner = DecoderRunner(lambda *xs: lm.runner.emulate([np.asarray(x) for x in xs]), bundle.manifest["decoder"],
+                                    [v.name for v in graph.inputs], [v.name for v in graph.outputs])
+    assert got == generate(emulated_runner.decoder(resident=False), PROMPT, 16, stop_tokens=[]).tokens
+    if recipe is None:
+        assert got == generate(reference.decoder(resident=False), PROMPT, 16, stop_tokens=[]).tokens
+    cache = resident.cache["cache.1.v"]
+    assert cache.shape == (1, 2, MAX_LEN, 16) and bool(cache[:, :, :len(PROMPT) + 15].abs().sum(-1).gt(0).all())
