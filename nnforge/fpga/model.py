@@ -186,9 +186,29 @@ def graph_workload(graph, name: str | None = None) -> Workload:
         linears.append(Linear(node.name, rows, cols, lookup=node.op == "embedding", **fields))
     if not linears:
         raise SimulatorError(f"graph {name or graph.name}: no weight layers (linear/matmul/conv/embedding) to simulate")
-    return Workload(name or graph.name, tuple(linears), source="graph",
-                    notes=("attention and KV cache not modelled for a graph (no decoder structure known)",),
+    attention = [n for n in graph.nodes if n.op == "attention"]
+    if not attention:
+        return Workload(name or graph.name, tuple(linears), source="graph",
+                        notes=("attention and KV cache not modelled for a graph (no decoder structure known)",),
+                        compression=f"the weight encodings of {name or graph.name}: {describe_layers(linears)}")
+    # a decoder graph names its attention: each attention node is a block over its own k/v cache
+    q, k = attention[0].inputs[0], attention[0].inputs[1]
+    heads, head_dim, kv_heads = q.shape[1], q.shape[3], k.shape[1]
+    misc = sum(_per_token(n.output) for n in graph.nodes if n.op in MISC_OPS)
+    return Workload(name or graph.name, tuple(linears), layers=len(attention), hidden=heads * head_dim, heads=heads,
+                    kv_dim=kv_heads * head_dim, misc_per_token=misc // len(attention), source="graph",
+                    notes=(f"decoder structure from the graph: {len(attention)} attention layers of {heads} heads "
+                           f"over {kv_heads} kv heads of {head_dim}",),
                     compression=f"the weight encodings of {name or graph.name}: {describe_layers(linears)}")
+
+
+# element-wise, norm and activation ops the misc unit runs (per token elements of their outputs)
+MISC_OPS = frozenset({"rms_norm", "layer_norm", "rope", "add", "mul", "silu", "gelu", "softmax"})
+
+
+def _per_token(v) -> int:
+    """Elements of ``v`` per token: the product of its fixed dims (batch and seq are symbols)."""
+    return math.prod(d for d in v.shape if isinstance(d, int))
 
 
 def bundle_workload(path: str | Path) -> Workload:

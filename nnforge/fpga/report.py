@@ -14,7 +14,8 @@ def format_table(r) -> str:
              f"{p.hbm_efficiency:.2f}; parameters from {p.path})",
              f"  prompt {r.prompt} tokens, generate {r.generate} tokens",
              f"  compression assumed: {r.compression or 'not stated'}",
-             f"  {'prefill latency':<28}{1e3 * r.prefill_s:>12.3f} ms"]
+             f"  {'prefill latency':<28}{1e3 * r.prefill_s:>12.3f} ms",
+             f"  {'prefill throughput':<28}{r.prefill_tokens_per_s:>12.1f} tokens/s"]
     if r.generate:          # an encoder (generate 0) has no decode phase to report
         lines += [f"  {'decode latency per token':<28}{1e3 * r.decode_latency_s:>12.2f} ms",
                   f"  {'decode throughput':<28}{r.decode_tokens_per_s:>12.1f} tokens/s"]
@@ -22,9 +23,9 @@ def format_table(r) -> str:
     e = r.energy_j_per_token
     lines.append(f"  {'energy per generated token':<28}" + (f"{e:>12.3f} J  (board power {r.power_w:g} W)"
                                                               if e is not None else f"{'n/a':>12}"))
-    lines.append(f"  {'resource':<10}{'used':>12}{'device':>12}{'use':>8}")
+    lines.append(f"  {'resource':<10}{'used':>16}{'device':>16}{'use':>8}")
     for name, (used, total) in r.resources.items():
-        lines.append(f"  {name:<10}{used:>12,}{total:>12,}{100 * used / total:>7.1f}%")
+        lines.append(f"  {name:<10}{used:>16,}{total:>16,}{100 * used / total:>7.1f}%")
     lines.append(f"  {'phase':<8}{'op':<22}{'GMAC':>10}{'MB HBM':>10}{'ms':>10}  bound")
     for phase, ops in (("prefill", r.prefill_ops), ("decode", r.decode_ops if r.generate else [])):
         for name, (macs, hbm, t, bound) in _by_name(ops).items():

@@ -62,13 +62,18 @@ class SimResult:
         return self.generate / self.decode_s if self.decode_s else 0.0
 
     @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt / self.prefill_s if self.prefill_s else 0.0
+
+    @property
     def total_s(self) -> float:
         return self.prefill_s + self.decode_s
 
     def summary(self) -> dict:
         return {"workload": self.workload, "target": self.target, "compression": self.compression,
                 "prompt": self.prompt, "generate": self.generate,
-                "prefill_ms": 1e3 * self.prefill_s, "decode_ms": 1e3 * self.decode_s,
+                "prefill_ms": 1e3 * self.prefill_s, "prefill_tokens_per_s": self.prefill_tokens_per_s,
+                "decode_ms": 1e3 * self.decode_s,
                 "decode_ms_per_token": 1e3 * self.decode_latency_s, "decode_tokens_per_s": self.decode_tokens_per_s,
                 "energy_j_per_token": self.energy_j_per_token,
                 "resources": {k: {"used": u, "total": t} for k, (u, t) in self.resources.items()}}
@@ -185,5 +190,7 @@ def simulate_workload(w: Workload, target, *, prompt: int = 128, generate: int =
     energy = p.board_power_w * (prefill_s + decode_s) / generate if p.board_power_w and generate else None
     if p.board_power_w is None:
         notes.append(f"energy n/a: {p.path} has no [fpga.power] board_power_w (no published figure)")
-    return SimResult(w.name, p.target, prompt, generate, pre, dec, prefill_s, decode_s, resources(p), energy,
+    # HBM (bytes) holds the weights and the KV cache of the whole sequence
+    use = {**resources(p), "HBM": (math.ceil(w.weight_bytes + kv), int(p.hbm_capacity_bytes))}
+    return SimResult(w.name, p.target, prompt, generate, pre, dec, prefill_s, decode_s, use, energy,
                      p.board_power_w, p, notes, w.compression)

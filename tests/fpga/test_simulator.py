@@ -75,7 +75,7 @@ def test_longer_context_slower_decode(u280):
 def test_resources_within_device():
     for t in ("alveo-u280", "versal-vhk158"):
         r = simulate("llama2-7b", t, prompt=128, generate=4)
-        assert set(r.resources) == {"DSP", "LUT", "FF", "BRAM36", "URAM"}
+        assert set(r.resources) == {"DSP", "LUT", "FF", "BRAM36", "URAM", "HBM"}
         for used, total in r.resources.values():
             assert 0 < used <= total
 
