@@ -208,3 +208,18 @@ def test_a_graph_is_simulated_with_its_own_encodings_stated():
     assert describe_layers(w.linears) == "2 layers 4-bit dense, 1 layer 8-bit N:M-sparse keeping 50%, 1 embedding 32-bit dense"
     assert describe_compression({"q_proj": dict(weight_bits=4, density=0.5, pattern="nm")}) == \
         "q_proj: 4-bit N:M-sparse keeping 50%; every other layer: 8-bit dense"
+
+
+def test_a_decoder_graph_is_simulated_with_its_attention_and_kv_cache():
+    """A decoder bundle's graph (here as imported) names its attention: the workload has its blocks,
+    heads and KV width, so decode slows with the context and the KV cache takes HBM."""
+    from nnforge.fpga import graph_workload
+    from nnforge.frontend.decoders.importer import import_decoder
+    from tests.frontend.decoders.families import tiny_model
+    w = graph_workload(import_decoder(tiny_model("llama"), max_len=32).graph, name="tiny-llama")
+    assert (w.layers, w.heads, w.hidden, w.kv_dim) == (2, 4, 64, 32) and w.misc_per_token > 0
+    short, long = (simulate(w, "alveo-u280", prompt=p, generate=8) for p in (16, 4000))
+    assert long.decode_latency_s > short.decode_latency_s
+    assert short.prefill_tokens_per_s == 16 / short.prefill_s
+    hbm, capacity = short.resources["HBM"]
+    assert w.weight_bytes < hbm < capacity and short.summary()["prefill_tokens_per_s"] > 0
