@@ -69,6 +69,7 @@ import math
 from dataclasses import dataclass, field
 
 from . import conv as C
+from . import decoder as D
 from . import layers as L
 from . import logic as G
 from . import pointwise as P
@@ -301,7 +302,30 @@ def _running_sum(layer, ctx: Ctx) -> Cost:
     return c
 
 
+def _rope(layer: D.Rope, ctx: Ctx) -> Cost:
+    c = Cost()
+    c.mult(2, ctx.act_width, ctx.act_width, ctx.family, "x cos and its partner's sin, a channel a cycle", keep=WIDE)
+    return c
+
+
+def _attention(layer: D.Attention, ctx: Ctx) -> Cost:
+    """A key row a cycle (q . k over every channel at once), then the softmax of nf::softmax over
+    the visible slots, then one product a cycle for the weighted sum of value rows."""
+    c, fam, d = Cost(), ctx.family, layer.shape[3]
+    c.mult(d, ctx.act_width, ctx.act_width, fam, "q x k, every channel of a key row", acc=WIDE)
+    c.mult(1, WIDE, WIDE, fam, "score x scale", keep=WIDE)
+    _table(layer, c, fam)
+    c.mult(1, WIDE, WIDE, fam, "e * recip", keep=WIDE)
+    c.divider(1, WIDE, "2^62 / sum")
+    c.mult(1, WIDE, ctx.act_width, fam, "p x v", acc=WIDE)
+    c.array("scores", layer.max_len, WIDE)
+    c.array("probabilities", layer.max_len, WIDE)
+    c.logic(d * WIDE, d * WIDE, "the query row in registers")
+    return c
+
+
 RESOURCE_COSTS = {
+    D.Rope: _rope, D.KvWrite: _moves, D.Attention: _attention,
     L.MatMat: _matmat, L.Matmul: _matmul, L.Lut: _lut, L.Softmax: _softmax, L.Norm: _norm, L.Binary: _binary,
     L.Relu: _moves, L.Clamp: _moves, L.Strided: _moves, L.Copy: _moves, L.Fanout2: _moves,
     L.Embedding: _moves, L.Fill: _moves, L.Const: _moves, G.Ewise: _moves, G.Reduce: _moves, G.Gather: _moves, G.Sqrt: _sqrt,
@@ -359,9 +383,11 @@ def estimate(plan, family: str | None = None, device: dict | None = None) -> dic
             c.array("ping-pong channel" if opts.dataflow else "buffer", n, width[plan.buf_kinds.get(buf, "act")], copies)
         buffers.append(_row(buf, "buffer", c, elements=n))
     c = Cost()
-    c.logic(2 * INTERFACE["m_axi bundle"][0] + INTERFACE["s_axilite"][0],
-            2 * INTERFACE["m_axi bundle"][1] + INTERFACE["s_axilite"][1],
-            "m_axi gmem0 (weights) + gmem1 (ports) + s_axilite control (rough); burst FIFOs not counted")
+    bundles = 3 if plan.kv else 2          # gmem2: a decoder's KV cache memory
+    c.logic(bundles * INTERFACE["m_axi bundle"][0] + INTERFACE["s_axilite"][0],
+            bundles * INTERFACE["m_axi bundle"][1] + INTERFACE["s_axilite"][1],
+            "m_axi gmem0 (weights) + gmem1 (ports)" + (" + gmem2 (KV cache)" if bundles == 3 else "")
+            + " + s_axilite control (rough); burst FIFOs not counted")
     interface = _row("interface", "interface", c)
     rows = layers + buffers + [interface]
     total = {k: sum(r[k] for r in rows) for k in ("dsp", "bram36", "uram", "lut", "ff", "macs_per_cycle")}

@@ -61,6 +61,11 @@ def test_emulated_design_generates_as_the_interpreter(llama):
             ("Rope", "KvWrite", "Attention")].count("KvWrite") == 4
     assert plan.state == [(f"cache.{i}.{k}", f"cache.{i}.{k}.next") for i in range(2) for k in "kv"]
     assert plan.inputs == ["input_ids", "positions"] and plan.outputs == ["logits"]
+    from nnforge.backends.hls.resources import estimate
+    est = estimate(plan)
+    assert not est["unrated"] and "gmem2 (KV cache)" in est["interface"]["why"]
+    # a key row a cycle: a multiplier per channel of the 16-channel heads in each attention
+    assert all(r["dsp"] >= 16 for r in est["layers"] if r["kind"] == "Attention")
 
 
 def test_positions_outside_the_cache_are_refused(llama):
@@ -112,3 +117,9 @@ def test_csim_generates_token_by_token_as_the_emulation(tmp_path, monkeypatch, r
         assert got == generate(reference.decoder(resident=False), PROMPT, 16, stop_tokens=[]).tokens
     cache = resident.cache["cache.1.v"]
     assert cache.shape == (1, 2, MAX_LEN, 16) and bool(cache[:, :, :len(PROMPT) + 15].abs().sum(-1).gt(0).all())
+    # a fork writes the fixed-point cache back into the design's kv memory, exactly
+    plain = lm.decoder(resident=False)
+    for d in (resident, plain):
+        d.prefill(PROMPT[None])
+        d.fork(2)
+    torch.testing.assert_close(resident.step(torch.tensor([5, 9])), plain.step(torch.tensor([5, 9])), rtol=0, atol=0)
