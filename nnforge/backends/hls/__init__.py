@@ -201,20 +201,33 @@ def tb_inputs(plan: Plan) -> list[np.ndarray]:
 REPORT_DIR = "fpga"
 
 
+DECODE_PROMPT, DECODE_TOKENS = 128, 512     # a decoder's simulated inference, within its max_len
+
+
 def simulation_report(graph: Graph, target: Target, plan: Plan) -> dict[str, bytes]:
     """The accelerator simulation of this graph on the target (nnforge.fpga): its table, JSON summary
-    and plots, as bundle files. One inference = a prefill of the tokens the linears see (the rows of
-    the weight-matrix layers); encoders generate nothing. A graph the simulator cannot model gets a
-    JSON file saying why, not a failed compile."""
+    and plots, as bundle files. An encoder's inference is a prefill of the tokens the linears see
+    (the rows of the weight-matrix layers), generating nothing; a decoder's (a graph with a KV cache
+    as state) is a prefill of DECODE_PROMPT tokens, then DECODE_TOKENS decode steps, both cut to fit
+    its max_len, so the summary carries prefill and decode tokens/s. A graph the simulator cannot
+    model gets a JSON file saying why, not a failed compile."""
     from ... import fpga
     from .layers import MatMat
-    rows = max([layer.rows for layer in plan.layers if isinstance(layer, MatMat)] + [1])
+    caches = [v for v in graph.inputs if v.name in dict(graph.state_pairs()) and len(v.shape) == 4]
+    if caches and any(n.op == "attention" for n in graph.nodes):
+        max_len = int(caches[0].shape[2])
+        rows = max(1, min(DECODE_PROMPT, max_len // 2))
+        generate = max(1, min(DECODE_TOKENS, max_len - rows))
+    else:
+        rows = max([layer.rows for layer in plan.layers if isinstance(layer, MatMat)] + [1])
+        generate = 0
     try:
-        r = fpga.simulate(graph, target.name, prompt=rows, generate=0)
+        r = fpga.simulate(graph, target.name, prompt=rows, generate=generate)
     except fpga.SimulatorError as e:
         return {f"{REPORT_DIR}/simulation.json": json.dumps({"skipped": str(e)}, indent=1).encode()}
-    summary = {**r.summary(), "tokens_per_inference": rows, "inferences_per_s": 1.0 / r.prefill_s if r.prefill_s else None,
-               "notes": list(r.notes), "parameters": str(r.params.path)}
+    summary = {**r.summary(), "notes": list(r.notes), "parameters": str(r.params.path)}
+    if not generate:
+        summary.update(tokens_per_inference=rows, inferences_per_s=1.0 / r.prefill_s if r.prefill_s else None)
     return {f"{REPORT_DIR}/simulation.json": json.dumps(summary, indent=1).encode(),
             f"{REPORT_DIR}/simulation.txt": (fpga.format_table(r) + "\n").encode(),
             **{f"{REPORT_DIR}/{name}": data for name, data in fpga.plot_files(r).items()}}
@@ -256,6 +269,10 @@ class HlsBackend(Backend):
                  "onchip_activation_bytes": plan.onchip_bytes,
                  "resource_estimate": {k: est["total"][k] for k in ("dsp", "bram36", "lut", "ff")}, "weight_memory_bytes": len(plan.mem.image()),
                  "sources": {rel: hashlib.sha256(data).hexdigest() for rel, data in render.sources(plan).items()}}
+        sim = json.loads(files[f"{REPORT_DIR}/simulation.json"])
+        if "skipped" not in sim:      # the accelerator model's estimate (nnforge.fpga), not a measurement
+            entry["simulation"] = {"estimated_by": "nnforge.fpga simulator", **{k: sim[k] for k in (
+                "prompt", "generate", "prefill_tokens_per_s", "decode_tokens_per_s", "resources")}}
         return Artifact(files=sorted(files), entry=entry, fallbacks=plan.fallbacks, toolchain=self.toolchain())
 
     def load(self, bundle_dir: Path, entry: dict, device: str | None = None) -> Runner:

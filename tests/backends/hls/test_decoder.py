@@ -86,6 +86,13 @@ def test_a_w4_gptq_bundle_for_the_fpga_generates_as_the_interpreter(tmp_path):
     want = generate(reference.decoder(resident=False), PROMPT, 16, stop_tokens=[]).tokens
     assert generate(emulated.decoder(resident=False), PROMPT, 16, stop_tokens=[]).tokens == want
     assert len(set(want)) > 2
+    # the manifest carries the accelerator model's prefill and decode rates and resources for the
+    # bundle's own graph: a prompt of half the cache, then decode steps to fill it
+    sim = bundle.manifest["backend"]["entry"]["simulation"]
+    assert (sim["prompt"], sim["generate"]) == (MAX_LEN // 2, MAX_LEN // 2)
+    assert sim["prefill_tokens_per_s"] > 0 and sim["decode_tokens_per_s"] > 0
+    assert {"DSP", "HBM"} <= set(sim["resources"])
+    assert "decode throughput" in (bundle.path / "fpga" / "simulation.txt").read_text()
 
 
 def test_positions_outside_the_cache_are_refused(llama):
