@@ -27,6 +27,7 @@ from ...ir.ops import OPS
 from ...targets import Target
 from ..base import Artifact, Backend, BackendError, LowerContext, Runner
 from .capabilities import CAPABILITIES
+from .decoder import entry_fields, function_shapes
 from .export import DIALECTS, constant_stats, export_program, parse, to_mlir
 from .module import GraphModule
 from .runtime import MlirRunner, check_ops, signature
@@ -65,17 +66,22 @@ class MlirBackend(Backend):
         _require_torch_mlir()
         dialect = _dialect(target)
         module, fallbacks = GraphModule.build(graph, target)
-        mlir_module = to_mlir(export_program(module, graph, ctx.shapes), dialect)
+        decoder = function_shapes(graph, ctx)
+        functions = decoder[0] if decoder else {"main": ctx.shapes}
+        mlir_module = to_mlir({name: export_program(module, graph, shapes) for name, shapes in functions.items()},
+                              dialect)
         path = ctx.files.path(MODEL_FILE)
         with open(path, "w") as f:
             mlir_module.operation.print(file=f)
         del mlir_module
         written = parse(path.read_text())
-        check_ops(written, str(path))            # what load will compile
-        args, _ = signature(written, str(path))
-        entry = {"model": MODEL_FILE, "dialect": dialect, "function": "main",
+        check_ops(written, str(path), tuple(functions))            # what load will compile
+        shapes = {name: {v.name: list(shape) for v, (_, shape) in zip(graph.inputs, signature(written, str(path), name)[0])}
+                  for name in functions}
+        entry = {"model": MODEL_FILE, "dialect": dialect,
+                 **({"functions": list(functions), "input_shapes": shapes, **entry_fields(graph, decoder[1])} if decoder
+                    else {"function": "main", "input_shapes": shapes["main"]}),
                  "inputs": [v.name for v in graph.inputs], "outputs": [v.name for v in graph.outputs],
-                 "input_shapes": {v.name: list(shape) for v, (_, shape) in zip(graph.inputs, args)},
                  "bytes": path.stat().st_size,
                  "encoded_weights": sum(1 for v in graph.weights.values() if v.encoding.kind != "dense"),
                  **constant_stats(written)}

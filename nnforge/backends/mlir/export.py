@@ -55,21 +55,39 @@ def export_program(module: torch.nn.Module, graph: Graph, shapes: dict | None = 
                            f"{str(e).strip().splitlines()[0][:400]}") from e
 
 
-def to_mlir(ep, dialect: str):
-    """torch-mlir's FX import of ``ep`` (weights frozen into constants), lowered to ``dialect``.
+def to_mlir(programs, dialect: str):
+    """torch-mlir's FX import of ``programs`` (one ExportedProgram, imported as ``main``, or
+    ``{function name: program}``, one function each in one module; weights frozen into constants),
+    lowered to ``dialect``.
 
-    A failure names the IR node (and op) whose traced ops torch-mlir could not import or lower."""
-    from torch_mlir import fx
+    The programs of one module share their weights: the importer keeps one constant per tensor it
+    has seen (a ``dense_resource`` blob the functions' constants name), so a tensor the programs
+    all read is stored once. A failure names the IR node (and op) whose traced ops torch-mlir could
+    not import or lower."""
+    from torch_mlir import fx, ir
+    from torch_mlir.dialects import torch as torch_d
+    from torch_mlir.extras.fx_decomp_util import get_decomposition_table
+    from torch_mlir.extras.fx_importer import FxImporter
     if dialect not in DIALECTS:
         raise BackendError(f"mlir backend: dialect {dialect!r} is not one torch-mlir lowers to here; "
                            f"choose one of {', '.join(DIALECTS)}")
-    _locate_by_node(ep)
+    programs = programs if isinstance(programs, dict) else {"main": programs}
+    for ep in programs.values():
+        _locate_by_node(ep)
+    context = ir.Context()
+    torch_d.register_dialect(context)
+    importer = FxImporter(context=context)
+    *first, (last_name, last) = programs.items()
     try:
         # import_program, not the default frozen import: that one swaps each buffer's placeholder for
         # the tensor itself, which it cannot import inside a list operand (a cat of ViT's class token,
         # an index by BERT's mask positions: "Heterogeneous lists are not supported"); import_program
         # binds every buffer to a constant first, so each use, in a list or not, reads that value.
-        return fx.export_and_import(ep, output_type=dialect, func_name="main", experimental_support_mutation=True)
+        for name, ep in first:
+            importer.import_program(ep.run_decompositions(get_decomposition_table()), func_name=name)
+        # the last one through export_and_import, which lowers the whole module
+        return fx.export_and_import(last, output_type=dialect, fx_importer=importer, func_name=last_name,
+                                    experimental_support_mutation=True)
     except Exception as e:
         error = f"{type(e).__name__}: {' '.join(str(e).split())[:600]}"
         node = _failed_node(e)
@@ -135,13 +153,15 @@ def parse(text: str, ctx=None):
 
 
 def constant_stats(module) -> dict:
-    """Counts and bytes of the module's tensor constants by element type ("i8", "f32", ...), the
-    largest float constant's shape, and how often each dialect's ops occur."""
+    """Counts and bytes of the module's tensor constants by element type ("i8", "f32", ...), each
+    value once however many constants (of a decoder's two functions) read it, the largest float
+    constant's shape, and how often each dialect's ops occur."""
     from torch_mlir import ir
     consts: Counter = Counter()
     nbytes: Counter = Counter()
     dialects: Counter = Counter()
     largest_float: tuple[int, list] = (0, [])
+    seen: set = set()
 
     def visit(op):
         nonlocal largest_float
@@ -152,7 +172,9 @@ def constant_stats(module) -> dict:
             n = 1
             for d in t.shape:
                 n *= d
-            if n > 1 and not _splat(op.attributes[CONSTANT_OPS[name]]):
+            attr = op.attributes[CONSTANT_OPS[name]]
+            if n > 1 and not _splat(attr) and attr not in seen:
+                seen.add(attr)
                 et = str(t.element_type)
                 consts[et] += 1
                 nbytes[et] += n * max(_bits(et), 8) // 8

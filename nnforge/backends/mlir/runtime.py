@@ -8,8 +8,9 @@ at [2, 16] runs in about 10 s). It is there so that every bundle's numerics chec
 that was written, not the torch program it came from.
 
 Before anything is compiled, the module must consist only of tensor-level ops from the dialects
-the exporter emits (``ALLOWED``), with one public function ``main`` and no declarations or calls:
-the JIT links against this process, so a module that named an external symbol could run it.
+the exporter emits (``ALLOWED``), with the public functions the bundle entry names (``main``, or a
+decoder's ``prefill`` and ``decode``: :mod:`.decoder`) and no declarations or calls: the JIT links
+against this process, so a module that named an external symbol could run it.
 
     >>> runner = MlirRunner(Path("bundle/model.mlir"), entry)
     >>> runner(ids, mask)
@@ -52,8 +53,9 @@ _ELEMENT_NP = {"f32": np.float32, "f64": np.float64, "f16": np.float16, "i64": n
                "i8": np.int8, "i1": np.bool_}
 
 
-def check_ops(module, where: str) -> None:
-    """Refuse anything but tensor ops of ``ALLOWED`` dialects in one public ``main`` with a body."""
+def check_ops(module, where: str, functions: tuple[str, ...] = ("main",)) -> None:
+    """Refuse anything but tensor ops of ``ALLOWED`` dialects in the public ``functions``, each with
+    a body."""
     from torch_mlir import ir
     bad: list[str] = []
     funcs: list[str] = []
@@ -72,22 +74,24 @@ def check_ops(module, where: str) -> None:
     module.operation.walk(visit)
     if bad:
         raise BackendError(f"{where}: the module uses {', '.join(sorted(set(bad))[:8])}, which nnforge does not "
-                           "compile (only tensor ops of the dialects it exports, in one function main)")
-    if funcs != ["main"]:
-        raise BackendError(f"{where}: expected exactly one function, main; found {', '.join(funcs) or 'none'}")
+                           f"compile (only tensor ops of the dialects it exports, in the functions {', '.join(functions)})")
+    if funcs != list(functions):
+        raise BackendError(f"{where}: expected the functions {', '.join(functions)}; found {', '.join(funcs) or 'none'}")
 
 
-def signature(module, where: str) -> tuple[list[tuple[type, tuple]], list[type]]:
-    """(numpy dtype, shape) of each argument and the numpy dtype of each result of ``main``."""
+def signature(module, where: str, function: str = "main") -> tuple[list[tuple[type, tuple]], list[type]]:
+    """(numpy dtype, shape) of each argument and the numpy dtype of each result of ``function``."""
     from torch_mlir import ir
-    fn = next(iter(module.body))
+    fn = next((op for op in module.body if ir.StringAttr(op.attributes["sym_name"]).value == function), None)
+    if fn is None:
+        raise BackendError(f"{where}: the module has no function {function}")
     ftype = ir.TypeAttr(fn.attributes["function_type"]).value
 
     def np_type(t, what):
         if not isinstance(t, ir.RankedTensorType) or str(t.element_type) not in _ELEMENT_NP:
-            raise BackendError(f"{where}: {what} of main has type {t}, which the runner does not pass")
+            raise BackendError(f"{where}: {what} of {function} has type {t}, which the runner does not pass")
         if any(d < 0 for d in t.shape):
-            raise BackendError(f"{where}: {what} of main has a dynamic size ({t}); the runner runs static modules")
+            raise BackendError(f"{where}: {what} of {function} has a dynamic size ({t}); the runner runs static modules")
         return _ELEMENT_NP[str(t.element_type)], tuple(t.shape)
 
     args = [np_type(t, f"argument {i}") for i, t in enumerate(ftype.inputs)]
@@ -116,13 +120,25 @@ class MlirRunner(Runner):
             raise BackendError(f"{path}: cannot read the module: {e}") from None
         self.context = context()
         module = parse(text, self.context)
-        check_ops(module, str(path))
-        args, self._result_types = signature(module, str(path))
+        functions = tuple(entry.get("functions") or ["main"])
+        check_ops(module, str(path), functions)
+        self._signatures = {f: signature(module, str(path), f) for f in functions}
+        args, results = self._signatures[functions[0]]
         names = list(entry.get("inputs") or [f"input{i}" for i in range(len(args))])
-        if len(names) != len(args):
-            raise BackendError(f"{path}: main takes {len(args)} arguments, the bundle entry names {len(names)} inputs")
+        self.output_names = list(entry.get("outputs") or [f"output{i}" for i in range(len(results))])
+        for f, (a, r) in self._signatures.items():
+            if (len(a), len(r)) != (len(names), len(self.output_names)):
+                raise BackendError(f"{path}: {f} takes {len(a)} arguments and returns {len(r)} results; the bundle "
+                                   f"entry names {len(names)} inputs and {len(self.output_names)} outputs")
         self.inputs = [InputSpec(n, dt, shape) for n, (dt, shape) in zip(names, args)]
-        self.output_names = list(entry.get("outputs") or [f"output{i}" for i in range(len(self._result_types))])
+        self._calls = None
+        if "prefill_chunk" in entry:           # a decoder: any batch and token count, through its two functions
+            from .decoder import DecoderCalls
+            dims = entry["input_dims"]
+            self.inputs = [InputSpec(n, dt, tuple(dims[n])) for n, (dt, _) in zip(names, args)]
+            self._calls = DecoderCalls(entry, names, self.output_names, batch=args[0][1][0])
+            self.fixed_sizes = ("the mlir backend compiles a decoder's KV cache at the bundle's max_len: compile "
+                                "with max_len of the cache you will run")
         with self.context:
             try:
                 if TO_LINALG[dialect]:
@@ -151,12 +167,18 @@ class MlirRunner(Runner):
                          for m, dt in zip(memrefs, self._result_types)]
 
     def run_numpy(self, inputs: list) -> list:
+        if self._calls is not None:
+            return self._calls.run(self.invoke, inputs)
+        return self.invoke("main", inputs)
+
+    def invoke(self, function: str, inputs: list) -> list:
+        """Call ``function`` of the module on arrays of its argument types and shapes."""
         from torch_mlir.runtime import get_unranked_memref_descriptor
         arrays = [np.asarray(x, order="C") for x in inputs]      # (ascontiguousarray makes 0-d arrays 1-d)
         descriptors = [get_unranked_memref_descriptor(a) for a in arrays]
         args = [ctypes.pointer(ctypes.pointer(d)) for d in descriptors]
-        self._outputs = None
-        self.engine.invoke("main", *args)
+        self._outputs, self._result_types = None, self._signatures[function][1]
+        self.engine.invoke(function, *args)
         outs, self._outputs = self._outputs, None
         if outs is None:
             raise BackendError("the module returned without producing its outputs")
