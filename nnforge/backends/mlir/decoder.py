@@ -32,13 +32,13 @@ def function_shapes(graph: Graph, ctx: LowerContext) -> tuple[dict[str, dict[str
     ids = next((v for v in graph.inputs if v.name == INPUT_IDS), None)
     if not ctx.steps or ids is None or not isinstance(ids.shape[1], str):
         return None
+    missing = [v.name for v in graph.inputs if v.name not in ctx.shapes]
+    if missing:
+        raise BackendError(f"mlir backend: no check input shape for the decoder's inputs {', '.join(missing)}: the "
+                           "check inputs set the sizes of the prefill and decode functions")
     token = ids.shape[1]
-    sizes = {d: ctx.shapes[v.name][axis] for d, (v, axis) in graph.symbols().items() if v.name in ctx.shapes}
-    step = ctx.steps[0]
-    chunk = sizes.get(token)
-    if chunk is None:
-        raise BackendError(f"mlir backend: no check input gives the size of {INPUT_IDS}'s token axis ({token}), "
-                           "which sets the prefill function's chunk")
+    sizes = {d: ctx.shapes[v.name][axis] for d, (v, axis) in graph.symbols().items()}
+    chunk = sizes[token]
     state = {o for _, o in graph.state_pairs()}
     for v in graph.outputs:
         if v.name not in state and (len(v.shape) < 2 or v.shape[1] != token):
@@ -46,14 +46,9 @@ def function_shapes(graph: Graph, ctx: LowerContext) -> tuple[dict[str, dict[str
                                f"per token (axis 1 = {token}): the runner cannot join its chunks")
 
     def bind(binding: dict) -> dict[str, list[int]]:
-        out = {}
-        for v in graph.inputs:
-            missing = [d for d in v.shape if isinstance(d, str) and d not in binding]
-            if missing:
-                raise BackendError(f"mlir backend: decoder input {v.name} {list(v.shape)}: no size for {missing}")
-            out[v.name] = [binding[d] if isinstance(d, str) else d for d in v.shape]
-        return out
+        return {v.name: [binding[d] if isinstance(d, str) else d for d in v.shape] for v in graph.inputs}
 
+    step = ctx.steps[0]
     return {PREFILL: bind({**sizes, **step, token: chunk}), DECODE: bind({**sizes, **step})}, chunk
 
 

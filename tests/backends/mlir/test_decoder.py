@@ -1,0 +1,125 @@
+"""A decoder on the mlir backend: one module with ``prefill`` and ``decode`` functions that share
+their weights and take the KV cache as arguments, parsed back and run under torch-mlir's reference
+JIT, generating the reference interpreter's greedy tokens (fp32 and w4-gptq, under -m slow: each
+compiles and JIT-compiles a module). In the default run, the runner's chunking and padding
+(nnforge.backends.mlir.decoder) is checked on the torch module the backend exports, against the
+interpreter, and the errors of the decoder's function shapes."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import nnforge as nf
+from nnforge.backends.base import BackendError, LowerContext
+from nnforge.backends.mlir.decoder import DECODE, PREFILL, DecoderCalls, entry_fields, function_shapes
+from nnforge.backends.mlir.module import GraphModule
+from nnforge.frontend.decoders.importer import import_decoder
+from nnforge.generation import DecoderRunner, generate
+from nnforge.ir import Interpreter
+from nnforge.passes.decompose import DecomposeOps
+from tests.frontend.decoders.families import tiny_model, tiny_tokenizer
+
+MAX_LEN = 24
+
+
+def decoder_graph():
+    return import_decoder(tiny_model("llama"), max_len=MAX_LEN).graph
+
+
+def context(graph, batch: int, tokens: int, step_batch: int = 1) -> LowerContext:
+    shapes = {v.name: [batch if d == "batch" else tokens if d == "seq" else d for d in v.shape] for v in graph.inputs}
+    return LowerContext(recipe="", files=None, shapes=shapes, steps=[{"batch": step_batch, "seq": 1}])
+
+
+def test_prefill_and_decode_calls_give_the_interpreters_outputs():
+    """Three sequences through functions of batch 2 (the second group padded with an empty row),
+    7 prompt tokens through a 4-token prefill (the second chunk padded at position -1), then one
+    token through decode: the logits and caches of the whole graph on the interpreter, and the
+    cache slots past the tokens fed stay zero (padding writes nothing)."""
+    graph = decoder_graph()
+    prepared = DecomposeOps(ops=["attention", "cache_update"])(graph)
+    shapes, chunk = function_shapes(prepared, context(prepared, batch=3, tokens=4, step_batch=2))
+    assert chunk == 4 and shapes[PREFILL]["input_ids"] == [2, 4] and shapes[DECODE]["positions"] == [2, 1]
+    assert shapes[DECODE]["cache.0.k"] == [2, 2, MAX_LEN, 16]
+    module, _ = GraphModule.build(prepared)
+    names, outputs = [v.name for v in graph.inputs], [v.name for v in graph.outputs]
+    calls_made = []
+
+    def invoke(function, args):
+        assert [list(a.shape) for a in args] == [shapes[function][n] for n in names]
+        calls_made.append(function)
+        with torch.no_grad():
+            return [t.numpy() for t in module(*[torch.from_numpy(a) for a in args])]
+
+    calls = DecoderCalls(entry_fields(prepared, chunk), names, outputs, batch=2)
+    interpreter = Interpreter(graph)
+    ids = torch.randint(4, 128, (3, 8), generator=torch.Generator().manual_seed(2))
+    caches = [torch.zeros(3, 2, MAX_LEN, 16) for _ in range(4)]
+    fed = 0
+    for n in (7, 1):
+        positions = torch.arange(fed, fed + n).repeat(3, 1)
+        inputs = [ids[:, fed:fed + n], positions, *caches]
+        got = calls.run(invoke, [x.numpy() for x in inputs])
+        want = interpreter.run(*inputs)
+        for name, g, w in zip(outputs, got, want):
+            torch.testing.assert_close(torch.from_numpy(g), w, rtol=1e-5, atol=1e-5, msg=name)
+        caches = [torch.from_numpy(g) for g in got[1:]]
+        fed += n
+        assert all(not c[:, :, fed:].any() for c in caches)
+    assert calls_made == [PREFILL, PREFILL, PREFILL, PREFILL, DECODE, DECODE]
+
+
+def test_the_decoders_function_shapes_name_what_they_cannot_take():
+    graph = decoder_graph()
+    ctx = context(graph, batch=1, tokens=4)
+    ctx.shapes.pop("cache.1.v")
+    with pytest.raises(BackendError, match="no check input shape for the decoder's inputs cache.1.v: the check inputs "
+                                           "set the sizes of the prefill and decode functions"):
+        function_shapes(graph, ctx)
+    last = graph.op("reduce_max", graph.outputs[0], axes=[1], keepdim=False)
+    graph.set_outputs([*graph.outputs, last])
+    with pytest.raises(BackendError, match=rf"decoder output {last.name} \['batch', 128\] is neither a state output "
+                                           r"nor per token \(axis 1 = seq\)"):
+        function_shapes(graph, context(graph, batch=1, tokens=4))
+    assert function_shapes(graph, LowerContext(recipe="", files=None, shapes=ctx.shapes)) is None   # not a decoder step
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llm")
+    tiny_model("llama").save_pretrained(root / "model")
+    tiny_tokenizer().save_pretrained(root / "model")
+    r = random.Random(0)
+    (root / "calib.txt").write_text(" ".join(f"w{r.randrange(4, 128)}" for _ in range(1200)))
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", [None, "w4-gptq"], ids=["fp32", "w4-gptq"])
+def test_a_decoder_module_generates_the_interpreters_tokens(model_dir, tmp_path, recipe):
+    """16 greedy tokens from the module's two functions under torch-mlir's JIT, equal to the
+    interpreter's on the bundle's graph; the weights are stored once (each constant the two
+    functions read names one resource blob), as integer codes for w4-gptq."""
+    pytest.importorskip("torch_mlir")
+    calibration = model_dir / "calib.txt" if recipe else None
+    bundle = nf.compile(model_dir / "model", "mlir", recipe, calibration=calibration, out=tmp_path / "b",
+                        max_len=MAX_LEN)
+    m = bundle.manifest
+    entry = m["backend"]["entry"]
+    assert entry["functions"] == [PREFILL, DECODE] and entry["prefill_chunk"] == MAX_LEN
+    assert m["numerics"]["runtime_checked"]
+    text = (bundle.path / entry["model"]).read_text()
+    blobs = [line.split(":")[0].strip() for line in text.split("dialect_resources")[1].splitlines() if '"0x' in line]
+    assert blobs and all(text.count(f"dense_resource<{b}>") == 2 for b in blobs)
+    if recipe:
+        assert entry["integer_constants"] > 0
+    sig = m["signature"]
+    graph = bundle.graph()
+    reference = DecoderRunner(lambda *xs: Interpreter(graph).run(*xs), m["decoder"], [i["name"] for i in sig["inputs"]],
+                              [o["name"] for o in sig["outputs"]])
+    prompt = torch.tensor([1, 17, 42, 99, 5, 23])
+    want = generate(reference.decoder(resident=False), prompt, 16, stop_tokens=[]).tokens
+    assert bundle.load().generate(prompt, 16, stop_tokens=[]).tokens == want
