@@ -5,7 +5,9 @@ The module keeps the compression: every encoded weight is stored as integer cons
 packed 4/2/1-bit codes, palette indices, N:M metadata) with the float ops that decode it
 (:mod:`.weights`), never as a pre-decoded float tensor, except where a :class:`Fallback` says so.
 Its sizes are those of the bundle's check inputs (see ``export.export_program`` for why it is not
-dynamic).
+dynamic). A decoder's module holds two functions instead of ``main``, ``prefill`` and ``decode``, at
+fixed sizes too, over the same weight constants, the KV cache passed in and returned
+(:mod:`.decoder`).
 
 After writing, the module is parsed back and verified with the MLIR Python bindings torch-mlir
 ships and its constants are counted by element type into the bundle entry. ``load`` compiles it
