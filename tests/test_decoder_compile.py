@@ -45,7 +45,7 @@ def test_module_compiles_to_a_decoder_bundle(tmp_path):
     assert [i["name"] for i in m["signature"]["inputs"]][:2] == ["input_ids", "positions"]
 
 
-@pytest.mark.parametrize("target,recipe", [("mlir", "kv8"), ("mlir", "w8+kv4"), ("mlir", "kv-gear4"), ("h100", "kv4")])
+@pytest.mark.parametrize("target,recipe", [("mlir", "kv-fp8"), ("mlir", "w8+kv4"), ("mlir", "kv-gear4"), ("h100", "kv4")])
 def test_an_encoded_kv_cache_is_refused_before_a_bundle_is_written(tmp_path, target, recipe):
     from nnforge.backends.base import BackendError
     with pytest.raises(BackendError) as e:

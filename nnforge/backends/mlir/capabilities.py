@@ -68,7 +68,16 @@ FORMS = {
     "sparse": ("N:M: kept values (own encoding) + packed in-group indices + select", nm_sparse),
     "lowrank": ("both factors (own encodings) + their product", factors),
 }
+# An encoded KV cache (docs/kv_cache.md) whose state is codes and scales per token: written and read
+# by the module's own ops (linalg_kernels.kv_cache_write / kv_cache_read), kept in its stored dtypes
+# between the decoder's calls.
+CACHE_FORMS = {
+    "kv8": ("int8 codes and float16 scales per token and group of channels, gathered into their slots",
+            "int8 codes times their float16 scales"),
+}
 CAPABILITIES = Capabilities([Capability(op, kind, how, accepts)
-                             for op in WEIGHT_OPS for kind, (how, accepts) in FORMS.items()])
+                             for op in WEIGHT_OPS for kind, (how, accepts) in FORMS.items()]
+                            + [Capability(op, kind, how) for kind, hows in CACHE_FORMS.items()
+                               for op, how in zip(("kv_cache_write", "kv_cache_read"), hows)])
 
 __all__ = ["CAPABILITIES", "packs", "nm_pattern"]

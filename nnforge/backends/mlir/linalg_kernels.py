@@ -2,10 +2,18 @@
 lowers the reference's torch call to its ``tm_tensor`` dialect (sort, scatter, scan), which the
 linalg-on-tensors, TOSA and StableHLO modules cannot hold: the same results from compares,
 sums and gathers it lowers everywhere. They compute in O(n^2) (top-k, cumsum) and O(rows x
-updates) (index_put) memory, like the one-hot forms of nnforge.passes.decompose."""
+updates) (index_put) memory, like the one-hot forms of nnforge.passes.decompose.
+
+An encoded KV cache's write and read (kv8: codes and scales per token, docs/kv_cache.md)
+run here too: their reference kernels refuse out-of-cache positions by reading the positions'
+values, which torch.export cannot trace, and scatter the step's rows. Here the encoding quantises
+as the reference does and each slot gathers the row of the token written there; a position outside
+the cache writes nothing, as the decompose pass's cache update (the decoder runner pads with one)."""
 from __future__ import annotations
 
 import torch
+
+from ...ir.ops.kvcache import encoding_of
 
 
 def topk_indices(ctx, x, k, axis, largest):
@@ -55,4 +63,33 @@ def cumsum(ctx, x, axis):
     return torch.where(upto, xs.unsqueeze(-2), torch.zeros_like(xs).unsqueeze(-2)).sum(-1, dtype=x.dtype).movedim(-1, axis)
 
 
-KERNELS = {"topk_indices": topk_indices, "index_put": index_put, "cumsum": cumsum}
+def write_slots(state, rows, positions):
+    """``state`` [b, h, L, c] with ``rows`` [b, h, s, c] at the slots ``positions`` [b, s] (distinct
+    within a row); a position outside 0..L-1 writes nothing."""
+    b, h, slots, c = state.shape
+    seq = rows.shape[2]
+    hit = positions.unsqueeze(-1) == torch.arange(slots, device=state.device)                 # [b, s, L]
+    order = torch.arange(seq, device=state.device).reshape(1, seq, 1)
+    token = torch.where(hit, order, torch.zeros_like(order)).sum(1)                            # [b, L]
+    taken = torch.gather(rows.to(state.dtype), 2, token.reshape(b, 1, slots, 1).expand(b, h, slots, c))
+    written = hit.any(1).reshape(b, 1, slots, 1)
+    return torch.where(written, taken, state)
+
+
+def kv_cache_write(ctx, new, positions, *parts, **attrs):
+    """The step's codes and scales (the encoding's own quantisation) at their slots, each part in
+    its stored dtype."""
+    enc = encoding_of(attrs)
+    stored = [p.dtype.torch_dtype for p in enc.parts(attrs["max_len"], attrs["head_dim"])]
+    codes, scale = enc.quantize(new)
+    return [write_slots(part.to(dt), rows, positions) for part, rows, dt in zip(parts, (codes, scale), stored)]
+
+
+def kv_cache_read(ctx, positions, *parts, **attrs):
+    return encoding_of(attrs).read(list(parts), positions, attrs["head_dim"]).to(ctx.float_dtype)
+
+
+KERNELS = {"topk_indices": topk_indices, "index_put": index_put, "cumsum": cumsum,
+           "kv_cache_write": kv_cache_write, "kv_cache_read": kv_cache_read}
+# ops whose kernel returns a list of outputs (one per state part), not one tensor
+MULTI_OUTPUT = {"kv_cache_write"}

@@ -16,7 +16,7 @@ from torch.fx.traceback import annotate
 from ...ir import Graph, WEIGHT_OPS, symbolic as sym
 from ...ir.ops import WEIGHT_SLOT, RunContext, get_op
 from ..base import Fallback
-from .linalg_kernels import KERNELS
+from .linalg_kernels import KERNELS, MULTI_OUTPUT
 from .weights import Site, weight_module
 
 # The keys under which every traced op carries the IR node it came from (torch.export keeps them in
@@ -80,7 +80,8 @@ class GraphModule(torch.nn.Module):
             with annotate({NODE_KEY: node.name, OP_KEY: node.op}):
                 args = [None if v is None else weight(v.name) if v.is_weight else vals[v] for v in node.inputs]
                 if node.op in KERNELS:
-                    outs = [KERNELS[node.op](ctx, *args, **node.attrs)]
+                    outs = KERNELS[node.op](ctx, *args, **node.attrs)
+                    outs = outs if node.op in MULTI_OUTPUT else [outs]
                 else:
                     outs = get_op(node.op).run(ctx, args, node.attrs)
             for o, t in zip(node.outputs, outs):

@@ -1,9 +1,10 @@
 """A decoder on the mlir backend: one module with ``prefill`` and ``decode`` functions that share
 their weights and take the KV cache as arguments, parsed back and run under torch-mlir's reference
-JIT, generating the reference interpreter's greedy tokens (fp32 and w4-gptq, under -m slow: each
-compiles and JIT-compiles a module). In the default run, the runner's chunking and padding
-(nnforge.backends.mlir.decoder) is checked on the torch module the backend exports, against the
-interpreter, and the errors of the decoder's function shapes."""
+JIT, generating the reference interpreter's greedy tokens (fp32, w4-gptq and w4-gptq+kv8, under
+-m slow: each compiles and JIT-compiles a module). In the default run, the runner's chunking and
+padding (nnforge.backends.mlir.decoder) and the kv8 cache's write and read kernels are checked on
+the torch module the backend exports, against the interpreter, and the errors of the decoder's
+function shapes."""
 from __future__ import annotations
 
 import random
@@ -19,6 +20,7 @@ from nnforge.backends.mlir.module import GraphModule
 from nnforge.frontend.decoders.importer import import_decoder
 from nnforge.generation import DecoderRunner, generate
 from nnforge.ir import Interpreter
+from nnforge.passes import resolve_recipe
 from nnforge.passes.decompose import DecomposeOps
 from tests.frontend.decoders.families import tiny_model, tiny_tokenizer
 
@@ -34,16 +36,20 @@ def context(graph, batch: int, tokens: int, step_batch: int = 1) -> LowerContext
     return LowerContext(recipe="", files=None, shapes=shapes, steps=[{"batch": step_batch, "seq": 1}])
 
 
-def test_prefill_and_decode_calls_give_the_interpreters_outputs():
+@pytest.mark.parametrize("recipe", [None, "kv8"], ids=["fp32-cache", "kv8"])
+def test_prefill_and_decode_calls_give_the_interpreters_outputs(recipe):
     """Three sequences through functions of batch 2 (the second group padded with an empty row),
     7 prompt tokens through a 4-token prefill (the second chunk padded at position -1), then one
-    token through decode: the logits and caches of the whole graph on the interpreter, and the
-    cache slots past the tokens fed stay zero (padding writes nothing)."""
+    token through decode: the logits and caches (kv8: int8 codes and float16 scales, in those
+    dtypes) of the whole graph on the interpreter, and the cache slots past the tokens fed stay
+    zero (padding writes nothing)."""
     graph = decoder_graph()
+    if recipe:
+        graph = resolve_recipe(recipe)[1][0](graph)
     prepared = DecomposeOps(ops=["attention", "cache_update"])(graph)
     shapes, chunk = function_shapes(prepared, context(prepared, batch=3, tokens=4, step_batch=2))
     assert chunk == 4 and shapes[PREFILL]["input_ids"] == [2, 4] and shapes[DECODE]["positions"] == [2, 1]
-    assert shapes[DECODE]["cache.0.k"] == [2, 2, MAX_LEN, 16]
+    assert shapes[DECODE][graph.inputs[2].name][:3] == [2, 2, MAX_LEN]
     module, _ = GraphModule.build(prepared)
     names, outputs = [v.name for v in graph.inputs], [v.name for v in graph.outputs]
     calls_made = []
@@ -57,15 +63,16 @@ def test_prefill_and_decode_calls_give_the_interpreters_outputs():
     calls = DecoderCalls(entry_fields(prepared, chunk), names, outputs, batch=2)
     interpreter = Interpreter(graph)
     ids = torch.randint(4, 128, (3, 8), generator=torch.Generator().manual_seed(2))
-    caches = [torch.zeros(3, 2, MAX_LEN, 16) for _ in range(4)]
+    caches = [torch.zeros([3, *v.shape[1:]], dtype=v.dtype.torch_dtype) for v in graph.inputs[2:]]
     fed = 0
     for n in (7, 1):
         positions = torch.arange(fed, fed + n).repeat(3, 1)
         inputs = [ids[:, fed:fed + n], positions, *caches]
         got = calls.run(invoke, [x.numpy() for x in inputs])
         want = interpreter.run(*inputs)
-        for name, g, w in zip(outputs, got, want):
-            torch.testing.assert_close(torch.from_numpy(g), w, rtol=1e-5, atol=1e-5, msg=name)
+        for name, g, w, v in zip(outputs, got, want, graph.outputs):
+            assert torch.from_numpy(g).dtype == v.dtype.torch_dtype, name
+            torch.testing.assert_close(torch.from_numpy(g).to(w.dtype), w, rtol=1e-5, atol=1e-5, msg=name)
         caches = [torch.from_numpy(g) for g in got[1:]]
         fed += n
         assert all(not c[:, :, fed:].any() for c in caches)
@@ -98,11 +105,12 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", [None, "w4-gptq"], ids=["fp32", "w4-gptq"])
+@pytest.mark.parametrize("recipe", [None, "w4-gptq", "w4-gptq+kv8"], ids=["fp32", "w4-gptq", "w4-gptq+kv8"])
 def test_a_decoder_module_generates_the_interpreters_tokens(model_dir, tmp_path, recipe):
     """16 greedy tokens from the module's two functions under torch-mlir's JIT, equal to the
     interpreter's on the bundle's graph; the weights are stored once (each constant the two
-    functions read names one resource blob), as integer codes for w4-gptq."""
+    functions read names one resource blob), as integer codes for w4-gptq; a kv8 cache stays int8
+    codes and float16 scales in the functions' arguments and results."""
     pytest.importorskip("torch_mlir")
     calibration = model_dir / "calib.txt" if recipe else None
     bundle = nf.compile(model_dir / "model", "mlir", recipe, calibration=calibration, out=tmp_path / "b",
@@ -116,6 +124,8 @@ def test_a_decoder_module_generates_the_interpreters_tokens(model_dir, tmp_path,
     assert blobs and all(text.count(f"dense_resource<{b}>") == 2 for b in blobs)
     if recipe:
         assert entry["integer_constants"] > 0
+    if recipe == "w4-gptq+kv8":
+        assert "tensor<1x2x24x16xi8>, %arg3: tensor<1x2x24x1xf16>" in text.split("func.func @decode(")[1].split("{")[0]
     sig = m["signature"]
     graph = bundle.graph()
     reference = DecoderRunner(lambda *xs: Interpreter(graph).run(*xs), m["decoder"], [i["name"] for i in sig["inputs"]],
