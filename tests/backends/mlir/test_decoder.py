@@ -133,3 +133,28 @@ def test_a_decoder_module_generates_the_interpreters_tokens(model_dir, tmp_path,
     prompt = torch.tensor([1, 17, 42, 99, 5, 23])
     want = generate(reference.decoder(resident=False), prompt, 16, stop_tokens=[]).tokens
     assert bundle.load().generate(prompt, 16, stop_tokens=[]).tokens == want
+
+
+TWO_FUNCTIONS = """
+module {
+  func.func @prefill(%arg0: tensor<1x4xi64>) -> tensor<1x4xi64> {
+    return %arg0 : tensor<1x4xi64>
+  }
+  func.func @decode(%arg0: tensor<1x1xi64>) -> tensor<1x1xi64> {
+    return %arg0 : tensor<1x1xi64>
+  }
+}
+"""
+
+
+def test_the_loader_refuses_functions_the_entry_does_not_name(tmp_path):
+    pytest.importorskip("torch_mlir")
+    from nnforge.backends.base import get_backend
+    (tmp_path / "model.mlir").write_text(TWO_FUNCTIONS)
+    load = get_backend("mlir").load
+    with pytest.raises(BackendError, match="model.mlir: expected the functions main; found prefill, decode"):
+        load(tmp_path, {"model": "model.mlir"})
+    with pytest.raises(BackendError, match="model.mlir: prefill takes 1 arguments and returns 1 results; the bundle "
+                                           "entry names 2 inputs and 1 outputs"):
+        load(tmp_path, {"model": "model.mlir", "functions": [PREFILL, DECODE], "inputs": ["input_ids", "positions"],
+                        "outputs": ["logits"]})
