@@ -78,7 +78,8 @@ class MlirBackend(Backend):
         del mlir_module
         written = parse(path.read_text())
         check_ops(written, str(path), tuple(functions))            # what load will compile
-        shapes = {name: {v.name: list(shape) for v, (_, shape) in zip(graph.inputs, signature(written, str(path), name)[0])}
+        shapes = {name: {v.name: list(shape) for v, (_, shape) in zip(graph.inputs, signature(written, str(path),
+                                                                                             name)[0])}
                   for name in functions}
         entry = {"model": MODEL_FILE, "dialect": dialect,
                  **({"functions": list(functions), "input_shapes": shapes, **entry_fields(graph, decoder[1])} if decoder

@@ -68,9 +68,9 @@ def write_slots(state, rows, positions):
     within a row); a position outside 0..L-1 writes nothing."""
     b, h, slots, c = state.shape
     seq = rows.shape[2]
-    hit = positions.unsqueeze(-1) == torch.arange(slots, device=state.device)                 # [b, s, L]
+    hit = positions.unsqueeze(-1) == torch.arange(slots, device=state.device)          # [b, s, L]
     order = torch.arange(seq, device=state.device).reshape(1, seq, 1)
-    token = torch.where(hit, order, torch.zeros_like(order)).sum(1)                            # [b, L]
+    token = torch.where(hit, order, torch.zeros_like(order)).sum(1)                     # [b, L]
     taken = torch.gather(rows.to(state.dtype), 2, token.reshape(b, 1, slots, 1).expand(b, h, slots, c))
     written = hit.any(1).reshape(b, 1, slots, 1)
     return torch.where(written, taken, state)

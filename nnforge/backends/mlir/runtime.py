@@ -74,9 +74,11 @@ def check_ops(module, where: str, functions: tuple[str, ...] = ("main",)) -> Non
     module.operation.walk(visit)
     if bad:
         raise BackendError(f"{where}: the module uses {', '.join(sorted(set(bad))[:8])}, which nnforge does not "
-                           f"compile (only tensor ops of the dialects it exports, in the functions {', '.join(functions)})")
+                           f"compile (only tensor ops of the dialects it exports, in the functions "
+                           f"{', '.join(functions)})")
     if funcs != list(functions):
-        raise BackendError(f"{where}: expected the functions {', '.join(functions)}; found {', '.join(funcs) or 'none'}")
+        raise BackendError(f"{where}: expected the functions {', '.join(functions)}; "
+                           f"found {', '.join(funcs) or 'none'}")
 
 
 def signature(module, where: str, function: str = "main") -> tuple[list[tuple[type, tuple]], list[type]]:
@@ -91,7 +93,8 @@ def signature(module, where: str, function: str = "main") -> tuple[list[tuple[ty
         if not isinstance(t, ir.RankedTensorType) or str(t.element_type) not in _ELEMENT_NP:
             raise BackendError(f"{where}: {what} of {function} has type {t}, which the runner does not pass")
         if any(d < 0 for d in t.shape):
-            raise BackendError(f"{where}: {what} of {function} has a dynamic size ({t}); the runner runs static modules")
+            raise BackendError(f"{where}: {what} of {function} has a dynamic size ({t}); the runner runs static "
+                               "modules")
         return _ELEMENT_NP[str(t.element_type)], tuple(t.shape)
 
     args = [np_type(t, f"argument {i}") for i, t in enumerate(ftype.inputs)]
