@@ -59,7 +59,7 @@ def busy_processes():
         p.wait()
 
 
-def lower_into(backend, graph, target, out_dir, *, shapes=None, speed=None, reference=None):
+def lower_into(backend, graph, target, out_dir, *, shapes=None, speed=None, reference=None, steps=None):
     """``backend`` lowering ``graph`` for ``target`` into ``out_dir`` the way ``nf.compile`` does
     (nnforge.pipeline.lower_into: graph and weights written, prepare passes run, a LowerContext)."""
     from nnforge.pipeline import lower_into as pipeline_lower_into
@@ -67,4 +67,4 @@ def lower_into(backend, graph, target, out_dir, *, shapes=None, speed=None, refe
     out_dir.mkdir(parents=True, exist_ok=True)
     target = get_target(target) if isinstance(target, str) else target
     return pipeline_lower_into(out_dir, graph, target, backend, recipe="test", shapes=shapes or {}, speed=speed,
-                               reference=reference)
+                               reference=reference, steps=steps)

@@ -4,12 +4,12 @@ JIT, generating the reference interpreter's greedy tokens (fp32, w4-gptq and w4-
 -m slow: each compiles and JIT-compiles a module). In the default run, the runner's chunking and
 padding (nnforge.backends.mlir.decoder) and the kv8 cache's write and read kernels are checked on
 the torch module the backend exports, against the interpreter, and the errors of the decoder's
-function shapes."""
+function shapes; a one-layer module runs under the JIT through both functions, against the
+interpreter."""
 from __future__ import annotations
 
 import random
 
-import numpy as np
 import pytest
 import torch
 
@@ -92,6 +92,28 @@ def test_the_decoders_function_shapes_name_what_they_cannot_take():
                                            r"nor per token \(axis 1 = seq\)"):
         function_shapes(graph, context(graph, batch=1, tokens=4))
     assert function_shapes(graph, LowerContext(recipe="", files=None, shapes=ctx.shapes)) is None   # not a decoder step
+
+
+def test_the_jit_run_module_gives_the_interpreters_outputs(tmp_path):
+    """The module itself, one layer: a 6-token prompt (a 4-token prefill and a padded one), then a
+    decode step, under torch-mlir's JIT; the logits and caches of the interpreter."""
+    pytest.importorskip("torch_mlir")
+    from nnforge.backends.base import get_backend
+    from tests.conftest import lower_into
+    graph = import_decoder(tiny_model("llama", num_hidden_layers=1), max_len=8).graph
+    ctx = context(graph, batch=1, tokens=4)
+    backend = get_backend("mlir")
+    lowered = lower_into(backend, graph, "mlir", tmp_path, shapes=ctx.shapes, steps=ctx.steps)
+    runner = backend.load(tmp_path, lowered.entry)
+    interpreter = Interpreter(graph)
+    ids = torch.randint(4, 128, (1, 7), generator=torch.Generator().manual_seed(4))
+    caches = [torch.zeros(1, 2, 8, 16) for _ in range(2)]
+    for start, n in ((0, 6), (6, 1)):
+        inputs = [ids[:, start:start + n], torch.arange(start, start + n)[None], *caches]
+        got, want = runner(*inputs), interpreter.run(*inputs)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+        caches = list(got[1:])
 
 
 @pytest.fixture(scope="module")
