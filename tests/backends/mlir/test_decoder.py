@@ -18,7 +18,7 @@ from nnforge.backends.base import BackendError, LowerContext
 from nnforge.backends.mlir.decoder import DECODE, PREFILL, DecoderCalls, entry_fields, function_shapes
 from nnforge.backends.mlir.module import GraphModule
 from nnforge.frontend.decoders.importer import import_decoder
-from nnforge.generation import DecoderRunner, generate
+from nnforge.generation import DecoderRunner, generate, perplexity
 from nnforge.ir import Interpreter
 from nnforge.passes import resolve_recipe
 from nnforge.passes.decompose import DecomposeOps
@@ -130,7 +130,8 @@ def model_dir(tmp_path_factory):
 @pytest.mark.parametrize("recipe", [None, "w4-gptq", "w4-gptq+kv8"], ids=["fp32", "w4-gptq", "w4-gptq+kv8"])
 def test_a_decoder_module_generates_the_interpreters_tokens(model_dir, tmp_path, recipe):
     """16 greedy tokens from the module's two functions under torch-mlir's JIT, equal to the
-    interpreter's on the bundle's graph; the weights are stored once (each constant the two
+    interpreter's on the bundle's graph, and the perplexity of two windows of 20 tokens (each
+    one prefill, padded to the 24-token chunk); the weights are stored once (each constant the two
     functions read names one resource blob), as integer codes for w4-gptq; a kv8 cache stays int8
     codes and float16 scales in the functions' arguments and results."""
     pytest.importorskip("torch_mlir")
@@ -154,7 +155,12 @@ def test_a_decoder_module_generates_the_interpreters_tokens(model_dir, tmp_path,
                               [o["name"] for o in sig["outputs"]])
     prompt = torch.tensor([1, 17, 42, 99, 5, 23])
     want = generate(reference.decoder(resident=False), prompt, 16, stop_tokens=[]).tokens
-    assert bundle.load().generate(prompt, 16, stop_tokens=[]).tokens == want
+    lm = bundle.load()
+    assert lm.generate(prompt, 16, stop_tokens=[]).tokens == want
+    ids = torch.randint(4, 128, (30,), generator=torch.Generator().manual_seed(1))
+    got = lm.perplexity(ids, window=20, stride=10)
+    assert got.windows == 2 and got.nll == pytest.approx(
+        perplexity(reference.decoder(resident=False), ids, window=20, stride=10).nll, rel=1e-5)
 
 
 TWO_FUNCTIONS = """
