@@ -96,7 +96,8 @@ def test_the_decoders_function_shapes_name_what_they_cannot_take():
 
 def test_the_jit_run_module_gives_the_interpreters_outputs(tmp_path):
     """The module itself, one layer: a 6-token prompt (a 4-token prefill and a padded one), then a
-    decode step, under torch-mlir's JIT; the logits and caches of the interpreter."""
+    decode step, under torch-mlir's JIT; the logits and caches of the interpreter. A cache of
+    another length, and a call without tokens, are refused by name."""
     pytest.importorskip("torch_mlir")
     from nnforge.backends.base import get_backend
     from tests.conftest import lower_into
@@ -114,6 +115,11 @@ def test_the_jit_run_module_gives_the_interpreters_outputs(tmp_path):
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
         caches = list(got[1:])
+    with pytest.raises(BackendError, match=r"input cache.0.k: dim 2 must be 8, got shape \[1, 2, 9, 16\]; the mlir "
+                                           "backend compiles a decoder's KV cache at the bundle's max_len"):
+        runner(ids, torch.arange(7)[None], *[torch.zeros(1, 2, 9, 16)] * 2)
+    with pytest.raises(BackendError, match="input input_ids has no tokens: give at least one"):
+        runner(ids[:, :0], ids[:, :0], *caches)
 
 
 @pytest.fixture(scope="module")
