@@ -69,6 +69,12 @@ class MlirBackend(Backend):
         dialect = _dialect(target)
         module, fallbacks = GraphModule.build(graph, target)
         decoder = function_shapes(graph, ctx)
+        if decoder and dialect == "stablehlo":
+            # checked against the interpreter: from an empty cache it agrees, so the bundle's own check
+            # (which prefills from one) would pass a module that goes wrong from the second call on
+            raise BackendError(f"mlir backend: graph {graph.name} is a decoder, and torch-mlir's StableHLO lowering of "
+                               "it computes other logits and caches than the reference once its KV cache holds "
+                               "tokens; compile it with dialect 'linalg-on-tensors' (the default) or 'tosa'")
         functions = decoder[0] if decoder else {"main": ctx.shapes}
         mlir_module = to_mlir({name: export_program(module, graph, shapes) for name, shapes in functions.items()},
                               dialect)

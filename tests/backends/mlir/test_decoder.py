@@ -94,17 +94,20 @@ def test_the_decoders_function_shapes_name_what_they_cannot_take():
     assert function_shapes(graph, LowerContext(recipe="", files=None, shapes=ctx.shapes)) is None   # not a decoder step
 
 
-def test_the_jit_run_module_gives_the_interpreters_outputs(tmp_path):
+@pytest.mark.parametrize("dialect", ["linalg-on-tensors", pytest.param("tosa", marks=pytest.mark.slow)])
+def test_the_jit_run_module_gives_the_interpreters_outputs(tmp_path, dialect):
     """The module itself, one layer: a 6-token prompt (a 4-token prefill and a padded one), then a
-    decode step, under torch-mlir's JIT; the logits and caches of the interpreter. A cache of
-    another length, and a call without tokens, are refused by name."""
+    decode step, under torch-mlir's JIT; the logits and caches of the interpreter (the TOSA module,
+    lowered to linalg by the runner, under -m slow). A cache of another length, and a call without
+    tokens, are refused by name."""
     pytest.importorskip("torch_mlir")
     from nnforge.backends.base import get_backend
     from tests.conftest import lower_into
     graph = import_decoder(tiny_model("llama", num_hidden_layers=1), max_len=8).graph
     ctx = context(graph, batch=1, tokens=4)
     backend = get_backend("mlir")
-    lowered = lower_into(backend, graph, "mlir", tmp_path, shapes=ctx.shapes, steps=ctx.steps)
+    target = nf.target("mlir").with_options(dialect=dialect)
+    lowered = lower_into(backend, graph, target, tmp_path, shapes=ctx.shapes, steps=ctx.steps)
     runner = backend.load(tmp_path, lowered.entry)
     interpreter = Interpreter(graph)
     ids = torch.randint(4, 128, (1, 7), generator=torch.Generator().manual_seed(4))
@@ -120,6 +123,16 @@ def test_the_jit_run_module_gives_the_interpreters_outputs(tmp_path):
         runner(ids, torch.arange(7)[None], *[torch.zeros(1, 2, 9, 16)] * 2)
     with pytest.raises(BackendError, match="input input_ids has no tokens: give at least one"):
         runner(ids[:, :0], ids[:, :0], *caches)
+
+
+def test_a_decoder_is_refused_in_stablehlo_before_a_bundle_is_written(tmp_path):
+    pytest.importorskip("torch_mlir")
+    target = nf.target("mlir").with_options(dialect="stablehlo")
+    with pytest.raises(BackendError, match="is a decoder, and torch-mlir's StableHLO lowering of it computes other "
+                                           "logits and caches than the reference once its KV cache holds tokens; "
+                                           "compile it with dialect 'linalg-on-tensors'"):
+        nf.compile(tiny_model("llama", num_hidden_layers=1), target, out=tmp_path / "b", max_len=8)
+    assert not (tmp_path / "b").exists()
 
 
 @pytest.fixture(scope="module")
