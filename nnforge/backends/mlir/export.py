@@ -77,11 +77,7 @@ def to_mlir(programs, dialect: str):
     context = ir.Context()
     torch_d.register_dialect(context)
     importer = FxImporter(context=context)
-    # StableHLO's pipeline refines shapes from the function named main of a module that has several
-    # (it refuses one without): the first is imported as main and gets its own name once lowered
-    first_name = next(iter(programs))
-    named = {("main" if name == first_name else name): ep for name, ep in programs.items()}
-    *first, (last_name, last) = named.items()
+    *first, (last_name, last) = programs.items()
     try:
         # import_program, not the default frozen import: that one swaps each buffer's placeholder for
         # the tensor itself, which it cannot import inside a list operand (a cat of ViT's class token,
@@ -90,8 +86,8 @@ def to_mlir(programs, dialect: str):
         for name, ep in first:
             importer.import_program(ep.run_decompositions(get_decomposition_table()), func_name=name)
         # the last one through export_and_import, which lowers the whole module
-        module = fx.export_and_import(last, output_type=dialect, fx_importer=importer, func_name=last_name,
-                                      experimental_support_mutation=True)
+        return fx.export_and_import(last, output_type=dialect, fx_importer=importer, func_name=last_name,
+                                    experimental_support_mutation=True)
     except Exception as e:
         error = f"{type(e).__name__}: {' '.join(str(e).split())[:600]}"
         node = _failed_node(e)
@@ -103,11 +99,6 @@ def to_mlir(programs, dialect: str):
         raise BackendError(f"mlir backend: torch-mlir could not lower node {name} (op {op}) to {dialect}: {error}. "
                            f"Try another dialect (nf.target('mlir').with_options(dialect=...): {others}), or compile "
                            f"this graph for another target") from e
-    if first_name != "main":
-        with context:
-            main = next(op for op in module.body if ir.StringAttr(op.attributes["sym_name"]).value == "main")
-            main.attributes["sym_name"] = ir.StringAttr.get(first_name)
-    return module
 
 
 # MLIR locations are made from each FX node's stack trace; one naming the IR node makes a lowering
