@@ -1,16 +1,16 @@
 """A decoder in the mlir backend: one module with two functions over one set of weights, ``prefill``
 (a chunk of a fixed number of tokens) and ``decode`` (one token), both at a fixed batch, taking the
-KV cache as tensor arguments and returning it updated, as ExecuTorch's and IREE's LLM exports lay
-them out. The runner feeds any batch and any number of tokens through them (:class:`DecoderCalls`).
+KV cache as tensor arguments and returning it updated. The runner feeds any batch and any number
+of tokens through them (:class:`DecoderCalls`).
 
 A chunk shorter than ``prefill`` takes is padded with token 0 at position -1. The module's cache
-update is the decompose pass's one-hot product, which writes nothing for a position outside the
-cache, and its rope and attention take any position (a padded query's logits are dropped, and its
+update is the decompose pass's one-hot product (a kv8 cache's, ``linalg_kernels.write_slots``), which
+writes nothing for a position outside the cache, and its rope and attention take any position (a padded query's logits are dropped, and its
 all-hidden row softmaxes over equal finite scores), so padding changes no cache slot and no real
 token's logits; -1 also stays below every real position, which longrope's switch reads.
 
     >>> shapes, chunk = function_shapes(graph, ctx)      # {"prefill": {input: shape}, "decode": ...}
-    >>> calls = DecoderCalls(entry, runner.input_names, runner.output_names)
+    >>> calls = DecoderCalls(entry, runner.input_names, runner.output_names, batch=1)
     >>> calls.run(runner.invoke, inputs)                  # the graph's outputs, as one call would give
 """
 from __future__ import annotations
