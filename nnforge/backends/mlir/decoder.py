@@ -4,10 +4,11 @@ KV cache as tensor arguments and returning it updated. The runner feeds any batc
 of tokens through them (:class:`DecoderCalls`).
 
 A chunk shorter than ``prefill`` takes is padded with token 0 at position -1. The module's cache
-update is the decompose pass's one-hot product (a kv8 cache's, ``linalg_kernels.write_slots``), which
-writes nothing for a position outside the cache, and its rope and attention take any position (a padded query's logits are dropped, and its
-all-hidden row softmaxes over equal finite scores), so padding changes no cache slot and no real
-token's logits; -1 also stays below every real position, which longrope's switch reads.
+update is the decompose pass's one-hot product (a kv8 cache's: ``linalg_kernels.write_slots``),
+which writes nothing for a position outside the cache, and its rope and attention take any
+position (a padded query's logits are dropped, and its all-hidden row softmaxes over equal finite
+scores), so padding changes no cache slot and no real token's logits; -1 also stays below every
+real position, which longrope's switch reads.
 
     >>> shapes, chunk = function_shapes(graph, ctx)      # {"prefill": {input: shape}, "decode": ...}
     >>> calls = DecoderCalls(entry, runner.input_names, runner.output_names, batch=1)
