@@ -188,9 +188,9 @@ def speed_rows(bundles: list, contexts: list[int], ids: list[int], new_tokens: i
                batches: list[int] = (1,)) -> list[dict]:
     """Decode tokens/s (every sequence's tokens counted) of each bundle at each context and batch.
 
-    Per context, every bundle prefills the same stretch of ``ids`` (chunked, untimed) and forks it
-    into ``batch`` sequences (Decoder.fork: the same work per step as distinct texts, without
-    prefilling each), then takes a warm-up step. The ``new_tokens`` greedy steps are timed one by
+    Per context, every bundle prefills the same stretch of ``ids`` once (chunked, untimed); each
+    batch size restores that prefill as ``batch`` copies (Decoder.restore: the same work per step
+    as distinct texts, without prefilling each), then takes a warm-up step. The ``new_tokens`` greedy steps are timed one by
     one, the bundles taking turns step by step, so that a change in the machine's load falls on
     every bundle alike and their ratios stay fair. Where the runner can time its kernels
     (``set_instrument``, the cpu backend), a few more steps say how much of a step the attention
@@ -202,20 +202,24 @@ def speed_rows(bundles: list, contexts: list[int], ids: list[int], new_tokens: i
         row = {"name": m["recipe"]["name"], "target": m["target"]["name"]}
         row["bytes_per_token"], row["fp16_bytes_per_token"] = bytes_per_token(m)
         rows.append(row)
-    for batch in batches:
-        for c in contexts:
+    for c in contexts:
+        prompt = torch.tensor([ids[i % len(ids)] for i in range(c)])[None]
+        decoders, prefilled, first = [], [], []
+        for lm in lms:
+            decoder = lm.decoder()
+            logits = None
+            for start in range(0, c, chunk):
+                part = prompt[:, start:start + chunk]
+                logits = decoder.prefill(part, all_logits=False) if start == 0 else decoder.extend(part, all_logits=False)
+            decoders.append(decoder)
+            prefilled.append(decoder.snapshot())     # each batch size starts from this one prefill
+            first.append(logits[:, -1].argmax(-1))
+        for batch in batches:
             key = speed_key(c, batch)
-            prompt = torch.tensor([ids[i % len(ids)] for i in range(c)])[None]
-            decoders, tokens = [], []
-            for lm in lms:
-                decoder = lm.decoder()
-                logits = None
-                for start in range(0, c, chunk):
-                    part = prompt[:, start:start + chunk]
-                    logits = decoder.prefill(part, all_logits=False) if start == 0 else decoder.extend(part, all_logits=False)
-                decoder.fork(batch)
-                tokens.append(decoder.step(logits[:, -1].argmax(-1).repeat(batch)).argmax(-1))
-                decoders.append(decoder)
+            tokens = []
+            for decoder, state, token in zip(decoders, prefilled, first):
+                decoder.restore(state, copies=batch)
+                tokens.append(decoder.step(token.repeat(batch)).argmax(-1))
             spent = [0.0] * len(lms)
             for _ in range(new_tokens):
                 for i, decoder in enumerate(decoders):
@@ -229,7 +233,7 @@ def speed_rows(bundles: list, contexts: list[int], ids: list[int], new_tokens: i
                 if share is not None:
                     rows[i]["attention_share" + key.removeprefix("decode_tokens_per_s")] = share
                 print(json.dumps({"name": rows[i]["name"], key: rows[i][key], "attention_share": share}), flush=True)
-            del decoders
+        del decoders, prefilled
     return rows
 
 
@@ -534,6 +538,9 @@ def main(argv=None) -> int:
     p.add_argument("--answer-tokens", type=int, default=6)
     p.add_argument("--speed-contexts", default="1024,4096")
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--speed-max-len", type=int, default=0, help="the max_len the speed bundles are compiled with "
+                   "(0: the longest speed context and its steps, rounded up to 64; a longer one reuses bundles "
+                   "compiled for longer contexts: a step's time depends on the context, not on max_len)")
     p.add_argument("--speed-batches", default="1,8", help="decode batch sizes timed (the KV cache's share of a step "
                    "grows with the batch: the weights are read once per step for all sequences)")
     p.add_argument("--chunk", type=int, default=512, help="tokens fed per call while prefilling")
@@ -575,7 +582,9 @@ def main(argv=None) -> int:
     speed_batches = [int(x) for x in args.speed_batches.split(",") if x]
     longest = max(windows + [sum(cont)] + [c + args.answer_tokens for c in pk_contexts])
     max_len = -(-longest // 64) * 64
-    speed_len = -(-(max(speed_ctx) + args.new_tokens + 2) // 64) * 64
+    speed_len = args.speed_max_len or -(-(max(speed_ctx) + args.new_tokens + ATTENTION_STEPS + 2) // 64) * 64
+    if speed_len < max(speed_ctx) + args.new_tokens + ATTENTION_STEPS + 2:
+        raise SystemExit(f"--speed-max-len {speed_len} holds no {max(speed_ctx)}-token context and its timed steps")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     hf = small_llm_directory(OUT / "models")

@@ -32,6 +32,17 @@ class GenerationError(NnforgeError, ValueError):
     says which and what to do."""
 
 
+@dataclass(frozen=True)
+class DecoderState:
+    """A :class:`Decoder`'s state at one point (:meth:`Decoder.snapshot`): each state input's value
+    (batch axis first), the position, the tokens fed (for ``recompute_at``), and with token
+    reduction the reducer's slot count and statistics."""
+    cache: dict
+    position: int
+    fed: torch.Tensor
+    stats: tuple | None = None
+
+
 class Decoder:
     """A decoder-form step function with its KV cache and position carried between calls.
 
@@ -129,24 +140,54 @@ class Decoder:
         if self.reducer is not None:
             self.reducer.reset()
 
-    def fork(self, copies: int) -> None:
-        """Continue each sequence as ``copies`` sequences from where it stands (several sampled
-        continuations of one prompt, which is prefilled once): batch b becomes b x copies, the
-        copies of sequence i at rows i*copies to i*copies+copies-1, each with the cache it had."""
+    def snapshot(self) -> DecoderState:
+        """What the decoder holds now (every sequence's cache, the position), to :meth:`restore`
+        later: a prompt prefilled once and continued many times (one system prompt, many requests)."""
+        if not self.batch:
+            raise GenerationError("the decoder has no sequences to snapshot yet: call prefill(ids) first")
+        stats = None
+        if self.reducer is not None:
+            stats = (self.reducer.count, {k: {s: v.clone() for s, v in st.items()}
+                                          for k, st in self.reducer.stats.items()})
+        return DecoderState({inp: value.clone() for inp, value in self.cache.items()}, self.position,
+                            self._fed.clone(), stats)
+
+    def restore(self, state: DecoderState, copies: int = 1) -> None:
+        """Continue from ``state`` (a :meth:`snapshot`), each of its sequences as ``copies``
+        sequences: batch b becomes b x copies, the copies of sequence i at rows i*copies to
+        i*copies+copies-1, each with the cache it had (several sampled continuations of one
+        prompt). The cache is written back into the runtime's memory where the backend keeps it."""
         if copies < 1:
             raise GenerationError(f"copies {copies}: give at least one copy of each sequence")
-        if not self.batch:
-            raise GenerationError("the decoder has no sequences to fork yet: call prefill(ids) first")
-        tiled = {inp: value.repeat_interleave(copies, dim=0) for inp, value in self.cache.items()}
+        if sorted(state.cache) != sorted(inp for inp, _ in self.state_pairs):
+            raise GenerationError(f"the snapshot holds the state {sorted(state.cache)}, not this decoder's "
+                                  f"{sorted(inp for inp, _ in self.state_pairs)}: restore a snapshot of the same bundle")
+        if (state.stats is None) != (self.reducer is None):
+            raise GenerationError("the snapshot was taken with" + (" no" if state.stats is None else "") +
+                                  " token reduction and this decoder runs" + (" none" if self.reducer is None else
+                                                                               " one") + ": restore it into a decoder "
+                                  "of the same bundle")
+        tiled = {inp: value.repeat_interleave(copies, dim=0) for inp, value in state.cache.items()}
         if self._resident is not None:
             self._resident.write({inp: value.numpy() for inp, value in tiled.items()})
         else:
             self._cache = tiled
         if self.reducer is not None:        # each copy keeps its slots' attention statistics
-            self.reducer.stats = {k: {s: v.repeat_interleave(copies, dim=0) for s, v in stats.items()}
-                                  for k, stats in self.reducer.stats.items()}
-        self._fed = self._fed.repeat_interleave(copies, dim=0)
-        self.batch *= copies
+            self.reducer.count = state.stats[0]
+            self.reducer.stats = {k: {s: v.repeat_interleave(copies, dim=0) for s, v in st.items()}
+                                  for k, st in state.stats[1].items()}
+        self._fed = state.fed.repeat_interleave(copies, dim=0)
+        self.batch = next(iter(tiled.values())).shape[0]
+        self.position = state.position
+
+    def fork(self, copies: int) -> None:
+        """Continue each sequence as ``copies`` sequences from where it stands: :meth:`restore` of
+        a :meth:`snapshot` taken now."""
+        if copies < 1:
+            raise GenerationError(f"copies {copies}: give at least one copy of each sequence")
+        if not self.batch:
+            raise GenerationError("the decoder has no sequences to fork yet: call prefill(ids) first")
+        self.restore(self.snapshot(), copies)
 
     def prefill(self, ids, *, all_logits: bool = True) -> torch.Tensor:
         """Start new sequences from their prompts ``ids`` ([batch, n], or [n] for one) and return the
@@ -496,5 +537,5 @@ class DecoderRunner:
                           tokenizer=self.tokenizer)
 
 
-__all__ = ["Decoder", "DecoderRunner", "GenerationError", "GenerationResult", "PerplexityResult", "filter_top_k", "filter_top_p",
+__all__ = ["Decoder", "DecoderRunner", "DecoderState", "GenerationError", "GenerationResult", "PerplexityResult", "filter_top_k", "filter_top_p",
            "generate", "next_token", "perplexity"]

@@ -17,6 +17,7 @@ from nnforge.frontend.decoders import (
 )
 from nnforge.generation import (
     Decoder,
+    DecoderState,
     GenerationError,
     filter_top_k,
     filter_top_p,
@@ -111,8 +112,21 @@ def test_a_forked_sequence_continues_as_each_of_its_copies_would_alone(llama):
         alone = llama.decoder()
         alone.prefill(prompts[row // 3][None])
         torch.testing.assert_close(got[row], alone.step(tokens[row:row + 1])[0], rtol=1e-5, atol=1e-5)
+    # a snapshot restored later continues as if nothing ran in between
+    prefilled = llama.decoder()
+    prefilled.prefill(prompts)
+    saved = prefilled.snapshot()
+    first = prefilled.step(tokens[::3])
+    prefilled.step(tokens[1::3])
+    prefilled.restore(saved, copies=3)
+    assert (prefilled.batch, prefilled.position) == (6, 7)
+    torch.testing.assert_close(prefilled.step(tokens), got, rtol=0, atol=0)
+    prefilled.restore(saved)
+    torch.testing.assert_close(prefilled.step(tokens[::3]), first, rtol=0, atol=0)
     with pytest.raises(GenerationError, match="copies 0: give at least one copy"):
         forked.fork(0)
+    with pytest.raises(GenerationError, match=r"the snapshot holds the state \['x'\], not this decoder's "):
+        forked.restore(DecoderState({"x": torch.zeros(1)}, 3, torch.zeros(1, 0)))
     with pytest.raises(GenerationError, match=r"no sequences to fork yet: call prefill\(ids\) first"):
         llama.decoder().fork(2)
 

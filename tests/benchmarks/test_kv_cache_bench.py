@@ -222,8 +222,15 @@ class TurnTakingBundle:
         bundle = self
 
         class Stepper(HistoryDecoder):
-            def fork(self, copies):
-                bundle.log.append((bundle.name, "fork", copies))
+            def prefill(self, ids, all_logits=True):
+                bundle.log.append((bundle.name, "prefill", ids.shape[1]))
+                return super().prefill(ids, all_logits)
+
+            def snapshot(self):
+                return ("prefilled", len(self.seen))
+
+            def restore(self, state, copies=1):
+                bundle.log.append((bundle.name, "restore", (state, copies)))
 
             def step(self, token):
                 bundle.log.append((bundle.name, "step", tuple(token.tolist())))
@@ -235,22 +242,28 @@ class TurnTakingBundle:
         return Stepper()
 
 
-def test_speed_rows_fork_the_prefill_and_time_the_bundles_in_turns(monkeypatch):
+def test_speed_rows_prefill_once_restore_each_batch_and_time_the_bundles_in_turns(monkeypatch):
     log, clock = [], [0]
     monkeypatch.setattr(kv_cache.time, "perf_counter_ns", lambda: clock[0])
     bundles = [TurnTakingBundle("w8+kv-f16", log, kernels=[("nf_kv_f16_attention_x", 3_000_000),
                                                             ("int8_matmul_head", 1_000_000)], clock=clock),
                TurnTakingBundle("w8+kv4", log)]
-    rows = kv_cache.speed_rows(bundles, contexts=[5], ids=[3, 1, 4, 1, 5, 9, 2], new_tokens=3, chunk=2, batches=[4])
+    rows = kv_cache.speed_rows(bundles, contexts=[5], ids=[3, 1, 4, 1, 5, 9, 2], new_tokens=3, chunk=2,
+                               batches=[1, 4])
     assert [r["name"] for r in rows] == ["w8+kv-f16", "w8+kv4"]
-    assert ("w8+kv-f16", "fork", 4) in log and ("w8+kv4", "fork", 4) in log
+    # one prefill per bundle and context (chunked from position 0), restored as each batch
+    assert [(n, what) for n, what, _ in log if what == "prefill"] == [("w8+kv-f16", "prefill"), ("w8+kv4", "prefill")]
+    restored = [(n, x) for n, what, x in log if what == "restore"]
+    assert restored == [("w8+kv-f16", (("prefilled", 5), 1)), ("w8+kv4", (("prefilled", 5), 1)),
+                        ("w8+kv-f16", (("prefilled", 5), 4)), ("w8+kv4", (("prefilled", 5), 4))]
     steps = [(name, tokens) for name, what, tokens in log if what == "step"]
+    batch4 = steps[-(2 + 2 * 3 + kv_cache.ATTENTION_STEPS):]
     # after each bundle's warm-up step, the timed steps alternate between the bundles
-    timed = [name for name, _ in steps[2:8]]
-    assert timed == ["w8+kv-f16", "w8+kv4"] * 3 and all(len(t) == 4 for _, t in steps)
-    assert rows[0]["decode_tokens_per_s@5x4"] > 0 and rows[1]["decode_tokens_per_s@5x4"] > 0
+    timed = [name for name, _ in batch4[2:8]]
+    assert timed == ["w8+kv-f16", "w8+kv4"] * 3 and all(len(t) == 4 for _, t in batch4)
+    assert rows[0]["decode_tokens_per_s@5x4"] > 0 and rows[1]["decode_tokens_per_s@5"] > 0
     # the attention kernels' share of the instrumented steps; none where the runner cannot time calls
-    assert rows[0]["attention_share@5x4"] == 0.75
+    assert rows[0]["attention_share@5x4"] == 0.75 and rows[0]["attention_share@5"] == 0.75
     assert "attention_share@5x4" not in rows[1]
 
 
