@@ -123,6 +123,9 @@ class CoremlBackend(Backend):
         import coremltools as ct
         from .lower import build_program, input_type, op_signature, output_type
         deploy_name, deploy = _deployment(target)
+        from .decoder import is_decoder, lower_decoder
+        if is_decoder(graph, ctx):
+            return lower_decoder(self, graph, target, ctx, deploy_name, deploy)
         prog, lw = build_program(graph, deploy, target)
         symbols: dict[str, list[int]] = {}
         specs, entry_inputs = [], []
@@ -190,14 +193,17 @@ class CoremlBackend(Backend):
         meta["nnforge.outputs"] = json.dumps({s["name"]: s["mil_name"] for s in outputs})
 
     @staticmethod
-    def _verify(path: Path, graph: Graph, op_map: dict, names: dict, permuted: set, plain: set) -> dict:
+    def _verify(path: Path, graph: Graph, op_map: dict, names: dict, permuted: set, plain: set,
+                functions: dict | None = None) -> dict:
         """verify.verify_package on the saved package: weights bit-exact (``permuted``: those kept
         in stored column order; ``plain``: those stored as plain consts, which coremltools may
-        fold away), op order by ``op_map``."""
+        fold away), op order by ``op_map`` (``functions``: per function of a multifunction
+        package, each checked on its own)."""
         import dataclasses
         from . import verify
         try:
-            report = verify.verify_package(path, graph, op_map, names=names, permuted=permuted, plain=plain)
+            report = verify.verify_package(path, graph, op_map, names=names, permuted=permuted, plain=plain,
+                                           functions=functions)
         except BackendError:
             raise
         except Exception as e:
@@ -215,6 +221,9 @@ class CoremlBackend(Backend):
         if not isinstance(entry, dict) or not isinstance(entry.get("inputs"), list) or \
                 not isinstance(entry.get("outputs"), list):
             raise BackendError("coreml backend entry is missing or malformed (needs model, inputs, outputs)")
+        if entry.get("stateful"):
+            from .decoder import load_stateful
+            return load_stateful(safe_join(Path(bundle_dir), entry.get("model")), entry, device)
         return CoremlRunner(safe_join(Path(bundle_dir), entry.get("model")), entry, device)
 
     def toolchain(self) -> dict[str, str]:

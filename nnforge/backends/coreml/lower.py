@@ -32,7 +32,7 @@ class Lowering:
     """The state of one lowering: the MIL value of every IR value, the symbols' run-time values,
     the MIL names given out, the notes of emitted weights, and the MIL ops each node became."""
 
-    def __init__(self, graph: Graph, target: Target | None = None):
+    def __init__(self, graph: Graph, target: Target | None = None, bind: dict[str, int] | None = None):
         from coremltools.converters.mil import Builder as mb
         self.mb = mb
         self.graph = graph
@@ -50,6 +50,7 @@ class Lowering:
         self.input_names: list[str] = []            # MIL names of the graph inputs, in order
         self.output_names: list[str] = []           # ... and of the graph outputs
         self._sym_source = graph.symbols()           # symbol -> (input, axis) it is read from
+        self.bind = dict(bind or {})                 # symbols fixed for this function (a decoder's step)
 
     def name_of_input(self, v: Value) -> str:
         return self.input_names[self.graph.inputs.index(v)]
@@ -92,6 +93,8 @@ class Lowering:
         return getattr(self.mb, _MIL_INT[op])(x=a, y=b)
 
     def _symbol(self, name: str):
+        if name in self.bind:
+            return self.bind[name]
         if name not in self.symbols:
             if name not in self._sym_source:
                 raise BackendError(f"dimension symbol {name!r} is not defined by any graph input")
@@ -179,9 +182,13 @@ def input_type(v: Value) -> str:
     return "int32"
 
 
-def build_program(graph: Graph, opset, target: Target | None = None):
+def build_program(graph: Graph, opset, target: Target | None = None, *, bind: dict[str, int] | None = None,
+                  state: list[tuple[str, str]] | None = None):
     """(MIL Program, Lowering) for ``graph`` on ``target`` (what the capability table reads); errors
-    name the node and op at fault."""
+    name the node and op at fault. ``bind`` fixes dimension symbols to sizes (every dim of a state
+    must end up fixed); ``state`` lists (input, output) pairs held as Core ML state: the input is an
+    fp16 state read with ``read_state`` and the output is written back into it with
+    ``coreml_update_state`` instead of being returned."""
     from coremltools.converters.mil.mil import Function, Program, get_new_symbol, types
     from coremltools.converters.mil import Builder as mb
 
@@ -189,13 +196,16 @@ def build_program(graph: Graph, opset, target: Target | None = None):
     if missing:
         raise no_equivalent(missing[0], f"; nodes without a rule: "
                             f"{', '.join(f'{n.name} ({n.op})' for n in missing)[:300]}")
-    lw = Lowering(graph, target)
+    lw = Lowering(graph, target, bind)
+    held = dict(state or [])                    # state input -> its output
     symbols: dict[str, object] = {}
     placeholders = {}
     for v in graph.inputs:
         dims = []
         for axis, d in enumerate(v.shape):
-            if isinstance(d, int):
+            if isinstance(d, str) and d in lw.bind:
+                dims.append(lw.bind[d])
+            elif isinstance(d, int):
                 dims.append(d)
             elif sym.is_symbol(d):
                 dims.append(symbols.setdefault(d, get_new_symbol()))
@@ -204,14 +214,25 @@ def build_program(graph: Graph, opset, target: Target | None = None):
                                    "or a range per dim (give the input its own symbol)")
         mil = lw.name(v.name, "inputs")
         lw.input_names.append(mil)
+        if v.name in held:
+            if not all(isinstance(d, int) for d in dims):
+                raise BackendError(f"state {v.name}: Core ML state has a fixed shape, got {list(v.shape)} with "
+                                   f"{', '.join(str(d) for d in dims if not isinstance(d, int))} unbound")
+            placeholders[mil] = mb.state_tensor_placeholder(shape=dims, dtype=types.fp16)
+            continue
         mtype = {"fp16": types.fp16, "fp32": types.fp32, "int32": types.int32}[input_type(v)]
         placeholders[mil] = mb.placeholder(shape=dims, dtype=mtype)
+    written = {out: inp for inp, out in held.items()}
     for v in graph.outputs:           # named before any weight, so outputs keep their names first
-        lw.output_names.append(lw.name(v.name, "outputs"))
+        lw.output_names.append(lw.input_names[[i.name for i in graph.inputs].index(written[v.name])]
+                               if v.name in written else lw.name(v.name, "outputs"))
     with Function(placeholders, opset) as func:
         for v, mil in zip(graph.inputs, lw.input_names):
             var = func.inputs[mil]
             want = mil_dtype(v.dtype)
+            if v.name in held:
+                lw.values[v] = mb.read_state(input=var)
+                continue
             lw.values[v] = var if input_type(v) == want else mb.cast(x=var, dtype=want)
         for node in graph.nodes:
             before = len(func.operations)
@@ -232,6 +253,9 @@ def build_program(graph: Graph, opset, target: Target | None = None):
         outs = []
         for v, mil in zip(graph.outputs, lw.output_names):
             var = lw.arg(v)
+            if v.name in written:
+                mb.coreml_update_state(state=func.inputs[mil], value=var)
+                continue
             kind = output_type(v)
             outs.append(mb.cast(x=var, dtype=kind, name=mil) if kind != mil_dtype(v.dtype)
                         else mb.identity(x=var, name=mil))

@@ -49,6 +49,7 @@ class VerifyReport:
     weights: list[WeightCheck] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)    # plain-const weights coremltools folded away
     ops_checked: int = 0
+    shared_blobs: int | None = None                     # a multifunction package: blobs every function reads
 
     @property
     def total_bytes(self) -> int:
@@ -66,10 +67,13 @@ def load_program(path: str):
     return load(spec, spec.specificationVersion, file_weights_dir=model.weights_dir)
 
 
-def _ops(prog):
-    """Every op of every function, nested blocks included, in program order (iterative walk)."""
+def _ops(prog, function: str | None = None):
+    """Every op of every function (or of ``function``), nested blocks included, in program order
+    (iterative walk)."""
     out = []
-    for fn in prog.functions.values():
+    for name, fn in prog.functions.items():
+        if function is not None and name != function:
+            continue
         stack = [iter(fn.operations)]
         while stack:
             op = next(stack[-1], None)
@@ -175,12 +179,13 @@ def _readers(graph, value) -> str:
     return f"layer{'s' if len(nodes) > 1 else ''} " + ", ".join(f"{n.name} ({n.op})" for n in nodes)
 
 
-def check_ops(prog, graph, op_map: dict) -> int:
-    """Rule 2 of the module docstring; returns how many MIL ops were matched."""
+def check_ops(prog, graph, op_map: dict, function: str | None = None) -> int:
+    """Rule 2 of the module docstring (in ``function`` alone, when given); returns how many MIL
+    ops were matched."""
     unknown = sorted({n.op for n in graph.nodes if n.op not in op_map})
     if unknown:
         raise CoreMLVerifyError(f"op_map has no entry for IR op(s) {', '.join(unknown)}")
-    seq = [op.op_type for op in _ops(prog) if op.op_type != "const" and not op.op_type.startswith("constexpr_")]
+    seq = [op.op_type for op in _ops(prog, function) if op.op_type != "const" and not op.op_type.startswith("constexpr_")]
     pos, matched = 0, 0
     for node in graph.nodes:
         expected = op_map[node.op]
@@ -189,22 +194,67 @@ def check_ops(prog, graph, op_map: dict) -> int:
                 pos = seq.index(t, pos) + 1
             except ValueError:
                 raise CoreMLVerifyError(
-                    f"node {node.name} ({node.op}): expected MIL op {t!r} after program position {pos}, none "
+                    f"{f'function {function}: ' if function else ''}node {node.name} ({node.op}): expected MIL op {t!r} after program position {pos}, none "
                     f"found; program ops from there: {seq[pos:pos + 8]}") from None
             matched += 1
     return matched
 
 
 def verify_package(path, graph, op_map: dict, *, names: dict | None = None,
-                   permuted: set | None = None, plain: set | None = None) -> VerifyReport:
+                   permuted: set | None = None, plain: set | None = None,
+                   functions: dict | None = None) -> VerifyReport:
     """Check the package at ``path`` against ``graph``: weights bit for bit (``permuted``,
     ``plain``: as check_weights), op order by ``op_map`` (IR op -> MIL op type or tuple of
-    types). Raises CoreMLVerifyError naming the weight or node."""
+    types). ``functions`` (function name -> its op map) checks each function of a multifunction
+    package on its own, and that every function reads each compressed weight from the same
+    stored blobs (:func:`check_shared`). Raises CoreMLVerifyError naming the weight or node."""
     prog = load_program(path)
     report = VerifyReport(str(path))
     report.weights, report.missing = check_weights(prog, graph, names, permuted, plain)
-    report.ops_checked = check_ops(prog, graph, op_map)
+    if functions:
+        missing = sorted(set(functions) - set(prog.functions))
+        if missing:
+            raise CoreMLVerifyError(f"{path}: the package has no function(s) {', '.join(missing)} (it has "
+                                    f"{', '.join(prog.functions)})")
+        report.ops_checked = sum(check_ops(prog, graph, m, fn) for fn, m in functions.items())
+        report.shared_blobs = check_shared(path, [w.mil_name for w in report.weights], list(functions))
+    else:
+        report.ops_checked = check_ops(prog, graph, op_map)
     return report
+
+
+def check_shared(path, weights: list[str], functions: list[str]) -> int:
+    """That every function of the saved package reads the stored tensors of each constexpr chain
+    of ``weights`` (MIL names) from the same offsets of the weight file: one copy of the weights,
+    whichever function runs. Returns how many blobs the functions share."""
+    import coremltools as ct
+    spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
+    offsets: dict[str, dict[str, int]] = {}
+    for fn in functions:
+        ops = {}
+        for block in spec.mlProgram.functions[fn].block_specializations.values():
+            for op in block.operations:
+                for out in op.outputs:
+                    ops[out.name] = op
+        blobs = {}
+        todo = [w for w in weights if w in ops]
+        while todo:
+            op = ops.get(todo.pop())
+            if op is None:
+                continue
+            for attr in op.attributes.values():
+                if attr.HasField("blobFileValue"):
+                    blobs[op.outputs[0].name] = attr.blobFileValue.offset
+            for arg in op.inputs.values():
+                todo.extend(a.name for a in arg.arguments if a.HasField("name"))
+        offsets[fn] = blobs
+    first, *others = functions
+    for fn in others:
+        differ = sorted(n for n in offsets[first] if offsets[fn].get(n) != offsets[first][n])
+        if differ:
+            raise CoreMLVerifyError(f"{path}: functions {first} and {fn} read {len(differ)} stored tensor(s) from "
+                                    f"different blobs (first: {differ[0]}); the package holds the weights twice")
+    return len(offsets[first])
 
 
 __all__ = ["CoreMLVerifyError", "VerifyReport", "WeightCheck", "load_program", "check_weights", "check_ops",

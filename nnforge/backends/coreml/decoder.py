@@ -1,0 +1,254 @@
+"""A decoder graph (one with state: docs/decoders.md) as a stateful iOS 18 / macOS 15 package.
+
+The KV cache is Core ML state: each cache input is an fp16 state tensor of the graph's fixed
+shape at batch 1, read with ``read_state`` and written back with ``coreml_update_state``, so a
+step hands back only the logits. The graph is lowered twice, with the token axis fixed at
+``prefill_chunk`` (function ``prefill``) and at 1 (function ``decode``, the default), and
+coremltools' ``save_multifunction`` joins the two into one package whose functions share each
+weight's stored blobs.
+
+:class:`StatefulRunner` runs either function over an *engine*: Core ML itself on macOS
+(:class:`CoremlEngine`), or ``mil_numpy.NumpyEngine``, the verification path that evaluates the
+saved MIL program in numpy on any machine.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from ...ir import Graph
+from ...targets import Target
+from ..base import Artifact, BackendError, InputSpec, LowerContext, ResidentState, Runner
+
+PREFILL, DECODE = "prefill", "decode"
+# tokens a prefill call takes when the target names none: long enough that a prompt is a few
+# calls, short enough that a prompt's remainder (run one token at a time) stays short
+DEFAULT_PREFILL_CHUNK = 32
+INPUT_IDS, POSITIONS, LOGITS = "input_ids", "positions", "logits"
+
+
+def is_decoder(graph: Graph, ctx: LowerContext) -> bool:
+    """A decoder graph with its one-token step (``ctx.steps``) and its state."""
+    return bool(ctx.steps) and bool(graph.state_pairs())
+
+
+def step_bindings(graph: Graph, target: Target, ctx: LowerContext) -> dict[str, dict[str, int]]:
+    """Function name -> the dimension symbols it fixes: batch 1 for both, the token axis at the
+    prefill chunk (``options.prefill_chunk``, at most the cache length) or at 1."""
+    names = {v.name: v for v in graph.inputs}
+    held = {i for i, _ in graph.state_pairs()}
+    extra = [n for n in names if n not in held and n not in (INPUT_IDS, POSITIONS)]
+    if extra or INPUT_IDS not in names or POSITIONS not in names:
+        raise BackendError(f"the coreml backend's stateful decoder takes {INPUT_IDS}, {POSITIONS} and the KV cache; "
+                           f"graph {graph.name} has input(s) {', '.join(extra) or 'without ' + INPUT_IDS}: compile "
+                           "without the recipe that adds them (kv-evict / kv-merge keep the cache in the runner)")
+    batch, seq = names[INPUT_IDS].shape
+    lengths = {names[i].shape[2] for i in held}
+    if len(lengths) != 1 or not isinstance(next(iter(lengths)), int):
+        raise BackendError(f"the coreml backend holds the KV cache as state of one fixed length; graph {graph.name} "
+                           f"has cache lengths {sorted(map(str, lengths))}")
+    chunk = target.options.get("prefill_chunk", DEFAULT_PREFILL_CHUNK)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise BackendError(f"target {target.name}: prefill_chunk must be a positive integer, got {chunk!r}")
+    chunk = min(chunk, next(iter(lengths)))
+    decode = {**dict(ctx.steps[0]), **({batch: 1} if isinstance(batch, str) else {})}
+    return {PREFILL: {**decode, **({seq: chunk} if isinstance(seq, str) else {})}, DECODE: decode}
+
+
+def lower_decoder(backend, graph: Graph, target: Target, ctx: LowerContext, deploy_name: str, deploy) -> Artifact:
+    """Write ``model.mlpackage`` with functions ``prefill`` and ``decode`` over the cache as state."""
+    import coremltools as ct
+    from . import MODEL_DIR, _IO_NP, _np_name
+    from .lower import build_program, input_type, op_signature
+    pairs = graph.state_pairs()
+    binds = step_bindings(graph, target, ctx)
+    held = dict(pairs)
+    lowered, fallbacks = {}, None
+    with tempfile.TemporaryDirectory(prefix="nnforge-coreml-") as tmp:
+        desc = ct.utils.MultiFunctionDescriptor()
+        for fn, bind in binds.items():
+            prog, lw = build_program(graph, deploy, target, bind=bind, state=pairs)
+            specs = [ct.TensorType(name=lw.name_of_input(v), shape=[bind.get(d, d) for d in v.shape],
+                                   dtype=_IO_NP[input_type(v)]) for v in graph.inputs if v.name not in held]
+            try:
+                with contextlib.redirect_stderr(io.StringIO()):     # coremltools' unasked progress bars
+                    model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=deploy, inputs=specs,
+                                       compute_precision=ct.precision.FLOAT16, skip_model_load=True)
+            except Exception as e:
+                raise BackendError(f"core ml backend: coremltools could not convert function {fn} of graph "
+                                   f"{graph.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+            model.save(f"{tmp}/{fn}.mlpackage")
+            desc.add_function(f"{tmp}/{fn}.mlpackage", src_function_name="main", target_function_name=fn)
+            lowered[fn] = lw
+            fallbacks = fallbacks if fallbacks is not None else lw.fallbacks     # the same graph: reported once
+        desc.default_function_name = DECODE
+        with contextlib.redirect_stderr(io.StringIO()):
+            ct.utils.save_multifunction(desc, f"{tmp}/joined.mlpackage")
+        # save_multifunction keeps no metadata: it is added to the joined package, then saved in place
+        model = ct.models.MLModel(f"{tmp}/joined.mlpackage", skip_model_load=True)
+        lw = lowered[DECODE]
+        inputs = [v for v in graph.inputs if v.name not in held]
+        entry_inputs = [{"name": v.name, "mil_name": lw.name_of_input(v), "dtype": _np_name(v.dtype),
+                         "io_dtype": input_type(v), "dims": [1 if d == v.shape[0] else d for d in v.shape]}
+                        for v in inputs]
+        by_name = {v.name: v for v in graph.inputs}
+        state = [{"input": i, "output": o, "mil_name": lw.name_of_input(by_name[i]),
+                  "shape": [binds[DECODE].get(d, d) for d in by_name[i].shape], "dtype": "float16"} for i, o in pairs]
+        logits = next(v for v in graph.outputs if v.name == LOGITS)
+        entry_outputs = [{"name": LOGITS, "mil_name": lw.name_of_output(graph.outputs.index(logits)),
+                          "dtype": _np_name(logits.dtype), "io_dtype": "fp32"}]
+        backend._describe(model, graph, target, ctx.recipe, [], [], {})     # (features are per function here)
+        meta = model.user_defined_metadata
+        meta["nnforge.inputs"] = json.dumps({s["name"]: s["mil_name"] for s in entry_inputs})
+        meta["nnforge.outputs"] = json.dumps({s["name"]: s["mil_name"] for s in entry_outputs})
+        meta["nnforge.functions"] = json.dumps({fn: b for fn, b in binds.items()})
+        meta["nnforge.state"] = json.dumps({s["input"]: s["mil_name"] for s in state})
+        path = ctx.files.path(MODEL_DIR)
+        with contextlib.redirect_stderr(io.StringIO()):
+            model.save(str(path))
+    files = sorted(f"{MODEL_DIR}/{p.relative_to(path).as_posix()}" for p in path.rglob("*") if p.is_file())
+    seq = next(v for v in graph.inputs if v.name == INPUT_IDS).shape[1]
+    entry = {"model": MODEL_DIR, "deployment_target": deploy_name, "compute_precision": "float16",
+             "stateful": True, "default_function": DECODE,
+             "functions": {fn: {"tokens": b.get(seq, seq) if isinstance(seq, str) else seq,
+                                "mil_ops": dict(sorted(Counter(t for types in lowered[fn].op_map.values()
+                                                               for t in types).items()))}
+                           for fn, b in binds.items()},
+             "inputs": entry_inputs, "outputs": entry_outputs, "state": state,
+             "renamed": {k: v for k, v in lw.renamed.items() if v}, "weights": lw.weight_names}
+    entry["verify"] = backend._verify(path, graph, op_signature(graph, lw), lw.weight_names, set(lw.perms), lw.plain,
+                                      functions={fn: op_signature(graph, lowered[fn]) for fn in binds})
+    return Artifact(files=files, entry=entry, fallbacks=list(fallbacks or []), toolchain=backend.toolchain())
+
+
+# --- running it ------------------------------------------------------------------------------------
+class StatefulRunner(Runner):
+    """A stateful decoder package run by ``engine`` (Core ML, or the numpy MIL evaluator): called
+    with the graph's inputs (token ids, positions, every cache) it writes the caches into a fresh
+    state, runs the tokens through ``prefill`` in whole chunks and the rest through ``decode``, and
+    returns the logits and the caches as the graph's outputs. :meth:`resident` keeps the state in
+    the engine between decode steps."""
+
+    fixed_sizes = ("the stateful Core ML package holds one sequence: its KV cache is state of a fixed shape at "
+                   "batch 1; run the sequences of a batch one at a time")
+
+    def __init__(self, engine, entry: dict):
+        try:
+            self.engine, self.entry = engine, entry
+            self.state = list(entry["state"])
+            self.chunk = int(entry["functions"][PREFILL]["tokens"])
+            self.ids, self.positions = (next(i for i in entry["inputs"] if i["name"] == n) for n in (INPUT_IDS,
+                                                                                                     POSITIONS))
+            self.logits = entry["outputs"][0]["mil_name"]
+        except (KeyError, TypeError, ValueError, StopIteration) as e:
+            raise BackendError(f"coreml backend entry of a stateful decoder is malformed ({e!r}): it needs "
+                               "functions.prefill.tokens, inputs input_ids and positions, outputs and state") from None
+        self.max_len = int(self.state[0]["shape"][2])
+        self.inputs = [InputSpec(i["name"], np.dtype(i["dtype"]), tuple(i["dims"])) for i in entry["inputs"]] + \
+            [InputSpec(s["input"], np.dtype("float32"), tuple(s["shape"])) for s in self.state]
+        self.output_names = [LOGITS] + [s["output"] for s in self.state]
+
+    def run_numpy(self, inputs: list) -> list:
+        named = dict(zip(self.input_names, inputs))
+        state = self.engine.new_state()
+        for s in self.state:
+            self.engine.write(state, s["mil_name"], named[s["input"]])
+        logits = self.tokens(state, named[INPUT_IDS], named[POSITIONS])
+        return [logits] + [np.asarray(self.engine.read(state, s["mil_name"]), np.float32) for s in self.state]
+
+    def tokens(self, state, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """The logits [1, n, vocab] of ``ids`` at ``positions`` ([1, n]), the state updated."""
+        if ids.shape[0] != 1:
+            raise BackendError(f"input {INPUT_IDS}: batch {ids.shape[0]}; {self.fixed_sizes}")
+        if positions.size and (positions.min() < 0 or positions.max() >= self.max_len):
+            raise BackendError(f"input {POSITIONS}: positions {int(positions.min())}..{int(positions.max())} reach "
+                               f"outside the cache's {self.max_len} slots: the sequence is longer than the max_len "
+                               "the bundle was built for")
+        out, start, n = [], 0, ids.shape[1]
+        while start < n:
+            fn, size = (PREFILL, self.chunk) if n - start >= self.chunk else (DECODE, 1)
+            feeds = {self.ids["mil_name"]: ids[:, start:start + size].astype(np.int32),
+                     self.positions["mil_name"]: positions[:, start:start + size].astype(np.int32)}
+            out.append(np.asarray(self.engine.call(state, fn, feeds)[self.logits], np.float32))
+            start += size
+        return np.concatenate(out, axis=1)
+
+    def resident(self, state_pairs, tokens, logits):
+        return _Resident(self)
+
+
+class _Resident(ResidentState):
+    def __init__(self, runner: StatefulRunner):
+        self.runner, self.state = runner, None
+        self.names = {s["input"]: s["mil_name"] for s in runner.state}
+
+    def reset(self, shapes):
+        batch = {int(s[0]) for s in shapes.values()}
+        if batch != {1}:
+            raise BackendError(f"batch {sorted(batch)}: {self.runner.fixed_sizes}")
+        self.state = self.runner.engine.new_state()
+
+    def run(self, token_ids, positions):
+        return self.runner.tokens(self.state, np.asarray(token_ids), np.asarray(positions))
+
+    def read(self, name):
+        return np.asarray(self.runner.engine.read(self.state, self.names[name]))
+
+
+class CoremlEngine:
+    """Core ML predictions of the package's functions (macOS): one model per function, each with
+    its own state object, the cache copied across when the calls switch function."""
+
+    def __init__(self, path: Path, entry: dict, units):
+        import coremltools as ct
+        try:
+            self.models = {fn: ct.models.MLModel(str(path), compute_units=units, function_name=fn)
+                           for fn in entry["functions"]}
+        except Exception as e:
+            raise BackendError(f"{path}: Core ML cannot load it: {str(e).splitlines()[0]}") from None
+        self.names = [s["mil_name"] for s in entry["state"]]
+
+    def new_state(self):
+        return {"states": {fn: m.make_state() for fn, m in self.models.items()}, "current": DECODE}
+
+    def _switch(self, state, fn):
+        if state["current"] != fn:
+            old, new = state["states"][state["current"]], state["states"][fn]
+            for name in self.names:
+                new.write_state(name, old.read_state(name))
+            state["current"] = fn
+
+    def write(self, state, name, value):
+        state["states"][state["current"]].write_state(name, np.asarray(value, np.float16))
+
+    def read(self, state, name):
+        return state["states"][state["current"]].read_state(name)
+
+    def call(self, state, fn, feeds):
+        self._switch(state, fn)
+        try:
+            return self.models[fn].predict(feeds, state=state["states"][fn])
+        except Exception as e:
+            raise BackendError(f"Core ML failed in function {fn} on inputs "
+                               f"{', '.join(f'{k} {list(v.shape)}' for k, v in feeds.items())}: "
+                               f"{str(e).splitlines()[0]}") from None
+
+
+def load_stateful(path: Path, entry: dict, device: str | None) -> StatefulRunner:
+    """The Core ML runner of a stateful package (macOS only)."""
+    import coremltools as ct
+    units = {None: ct.ComputeUnit.ALL, "all": ct.ComputeUnit.ALL, "cpu": ct.ComputeUnit.CPU_ONLY,
+             "gpu": ct.ComputeUnit.CPU_AND_GPU, "ane": ct.ComputeUnit.CPU_AND_NE}
+    if device not in units:
+        raise BackendError(f"the coreml backend runs on devices {', '.join(k for k in units if k)}; got {device!r}")
+    return StatefulRunner(CoremlEngine(path, entry, units[device]), entry)
+
+
+__all__ = ["DECODE", "PREFILL", "StatefulRunner", "CoremlEngine", "is_decoder", "load_stateful", "lower_decoder",
+           "step_bindings"]
