@@ -125,8 +125,9 @@ def _recipe(manifest: dict, graph) -> list[str]:
     preset = isinstance(name, str) and (name in PRESETS or any(re.fullmatch(p, name) for p, _, _ in PARAMETRIC.values()))
     if preset:
         try:
-            defaults = (manifest.get("target") or {}).get("options", {}).get("pass_defaults")
-            _, passes = resolve_recipe(name, defaults)
+            options = (manifest.get("target") or {}).get("options", {})
+            defaults = options.get("pass_defaults")
+            _, passes = resolve_recipe(name, defaults, options.get("preset_scales"))
             head = ((manifest.get("decoder") or {}).get("head") or {}).get("format")
             if head is not None:                # a decoder's LM head format joins the preset
                 passes = with_head_format(passes, head, HEAD_LAYER, defaults)

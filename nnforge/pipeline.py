@@ -62,7 +62,7 @@ def compile(model, target: str | Target, recipe=None, *, example_inputs=None, ca
     start = time.perf_counter()
     tgt = get_target(target)
     backend = get_backend(tgt.backend)
-    recipe_name, passes = resolve_recipe(recipe, tgt.options.get("pass_defaults"))
+    recipe_name, passes = resolve_recipe(recipe, tgt.options.get("pass_defaults"), tgt.options.get("preset_scales"))
     decoding = is_causal_lm(model)
     if decoding and isinstance(model, torch.nn.Module):
         wrapped = stateless_lm(model, example_inputs)

@@ -284,11 +284,33 @@ def describe_recipes() -> str:
     return "\n".join(lines)
 
 
-def resolve_recipe(recipe, defaults: dict | None = None) -> tuple[str, list[Pass]]:
+PRESET_SCALES = ("per_channel",)
+
+
+def per_channel_scales(configs: list[dict], how: str) -> list[dict]:
+    """A preset's pass configs with each weight grid that sets a ``group_size`` (a quantiser's
+    codes, a pruner's quantised kept values) at one scale per output channel instead: what a target whose
+    runtime runs per-block scales badly asks for (Core ML on the Neural Engine, docs/targets.md).
+    Formats whose blocks are part of the format (MXFP4, NVFP4) set no group size and keep them.
+
+        >>> per_channel_scales([{"pass": "quantize_rtn", "format": "uint4", "group_size": 128}], "per_channel")
+        [{'pass': 'quantize_rtn', 'format': 'uint4', 'group_size': None}]
+    """
+    if how not in PRESET_SCALES:
+        raise PassError(f"target option preset_scales must be one of {', '.join(PRESET_SCALES)}, got {how!r}")
+    # a grid format with a group size: the quantisers' and a pruner's quantised kept values (a
+    # palette's group_size counts rows per LUT, and palettes give no format)
+    out = [{**c, "group_size": None} if "group_size" in c and "format" in c else c for c in configs]
+    return out
+
+
+def resolve_recipe(recipe, defaults: dict | None = None, preset_scales: str | None = None) -> tuple[str, list[Pass]]:
     """(recipe name, passes) for a preset name, TOML path, list of configs/passes, or None.
     ``defaults`` (a target's ``pass_defaults`` option, e.g. ``{"scale_dtype": "float16"}`` for Core
     ML, whose quantised constants hold fp16 scales) fill the options a pass config has and the
-    recipe leaves unset; Pass objects are taken as they are."""
+    recipe leaves unset; Pass objects are taken as they are. ``preset_scales`` (a target's option
+    of that name): ``"per_channel"`` gives a preset's grouped weight quantisers one scale per output
+    channel (:func:`per_channel_scales`); a recipe that lists its own pass configs keeps its groups."""
     if recipe is None:
         return "fp32", []
     if isinstance(recipe, str) and recipe.lstrip().startswith("["):
@@ -303,6 +325,8 @@ def resolve_recipe(recipe, defaults: dict | None = None) -> tuple[str, list[Pass
         text = str(recipe)
         configs = _preset_configs(text)
         if configs is not None:
+            if preset_scales is not None:
+                configs = per_channel_scales(configs, preset_scales)
             return text, [_build(e, f"preset {text}", defaults) for e in configs]
         if text.endswith(".toml") or Path(text).exists():
             return load_recipe_file(text, defaults)
