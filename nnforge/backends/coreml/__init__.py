@@ -165,6 +165,7 @@ class CoremlBackend(Backend):
                  "mil_ops": dict(sorted(mil_ops.items()))}
         entry["verify"] = self._verify(path, graph, op_signature(graph, lw), lw.weight_names, set(lw.perms),
                                        lw.plain)
+        entry["weight_forms"] = entry["verify"].pop("weight_forms")
         return Artifact(files=files, entry=entry, fallbacks=lw.fallbacks, toolchain=self.toolchain())
 
     @staticmethod
@@ -210,6 +211,8 @@ class CoremlBackend(Backend):
             raise BackendError(f"core ml backend: checking the saved {MODEL_DIR} of graph {graph.name} failed: "
                                f"{type(e).__name__}: {e}") from e
         out = dataclasses.asdict(report) if dataclasses.is_dataclass(report) else dict(report)
+        from .capabilities import weight_forms
+        out["weight_forms"] = weight_forms(report.weights)     # lifted into the entry by lower
         out["op_map"] = {k: list(v) for k, v in sorted(op_map.items())}
         return json.loads(json.dumps(out, default=str))       # the manifest is JSON
 

@@ -88,4 +88,34 @@ CAPABILITIES = Capabilities([row for op in WEIGHT_OPS for mil in (LAYER_MIL[op],
     Capability(op, "sparse", f"constexpr_sparse_to_dense: uint1 mask + fp16 kept values + {mil}", kept_fp16),
 )])
 
-__all__ = ["CAPABILITIES", "LAYER_MIL"]
+# The compute units each stored weight form is meant for (the manifest's weight_forms). Per-block
+# scales or LUTs (blocks along a row's input columns) are reported to fall back off the Neural
+# Engine or misbehave there (coremltools #2510, apple/coreai-models #279), which is why the apple
+# targets' presets quantise per output channel (their preset_scales option).
+ALL_UNITS = ["cpu", "gpu", "ane"]
+OFF_ANE = "per-block scales or LUTs are reported to fall back off the Neural Engine or misbehave there " \
+          "(coremltools #2510, apple/coreai-models #279)"
+
+
+def weight_form(types_: list[str], blocked: bool) -> dict:
+    """The form of a stored weight (its constexpr chain, outermost first, and whether its scales
+    or LUTs come in blocks along the input columns) and the compute units it is meant for."""
+    chain = [t for t in types_ if t != "const"] or ["const"]
+    form = " of ".join(dict.fromkeys(chain)) + (" (per-block)" if blocked else "")
+    return {"form": form, "compute_units": ["cpu", "gpu"] if blocked else ALL_UNITS,
+            **({"why": OFF_ANE} if blocked else {})}
+
+
+def weight_forms(checks) -> list[dict]:
+    """The manifest's weight_forms: one row per stored form of the verified weights
+    (``verify.WeightCheck``), with how many weights and bytes it holds and its compute units."""
+    rows: dict[str, dict] = {}
+    for w in checks:
+        f = weight_form(w.op_types, w.blocked)
+        row = rows.setdefault(f["form"], {**f, "weights": 0, "bytes": 0})
+        row["weights"] += 1
+        row["bytes"] += w.nbytes
+    return sorted(rows.values(), key=lambda r: -r["bytes"])
+
+
+__all__ = ["ALL_UNITS", "CAPABILITIES", "LAYER_MIL", "weight_form", "weight_forms"]

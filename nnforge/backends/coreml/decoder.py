@@ -124,6 +124,7 @@ def lower_decoder(backend, graph: Graph, target: Target, ctx: LowerContext, depl
              "renamed": {k: v for k, v in lw.renamed.items() if v}, "weights": lw.weight_names}
     entry["verify"] = backend._verify(path, graph, op_signature(graph, lw), lw.weight_names, set(lw.perms), lw.plain,
                                       functions={fn: op_signature(graph, lowered[fn]) for fn in binds})
+    entry["weight_forms"] = entry["verify"].pop("weight_forms")
     return Artifact(files=files, entry=entry, fallbacks=list(fallbacks or []), toolchain=backend.toolchain())
 
 

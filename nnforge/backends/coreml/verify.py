@@ -41,6 +41,7 @@ class WeightCheck:
     op_types: list[str]         # the chain, outermost first
     nbytes: int                 # bytes of the stored tensors of the chain
     dense_fp16_bytes: int
+    blocked: bool = False       # scales or LUTs in blocks along the input columns (capabilities.weight_form)
 
 
 @dataclass
@@ -94,14 +95,16 @@ def _dtype_bits(var) -> int:
 
 
 def _chain(op):
-    """(op types, stored bytes) of the constexpr chain ending at ``op``."""
-    types_, nbytes, todo, seen = [], 0, [op], set()
+    """(op types, stored bytes, whether its scales or LUTs come in blocks along the input
+    columns) of the constexpr chain ending at ``op``."""
+    types_, nbytes, todo, seen, blocked = [], 0, [op], set(), False
     while todo:
         o = todo.pop()
         if id(o) in seen:
             continue
         seen.add(id(o))
         types_.append(o.op_type)
+        blocked = blocked or _blocked(o)
         if o.op_type == "const":
             v = o.outputs[0]
             nbytes += -(-int(np.asarray(v.val).size) * _dtype_bits(v) // 8)
@@ -109,7 +112,16 @@ def _chain(op):
         for var in o.inputs.values():
             if var.op is not None:
                 todo.append(var.op)
-    return types_, nbytes
+    return types_, nbytes, blocked
+
+
+def _blocked(op) -> bool:
+    """A shift-scale whose scale, or a LUT op whose table, has more than one block along axis 1
+    (a 2-D weight's input columns)."""
+    key = {"constexpr_blockwise_shift_scale": "scale", "constexpr_lut_to_dense": "lut"}.get(op.op_type)
+    var = op.inputs.get(key) if key else None
+    shape = getattr(var, "shape", None) or ()
+    return len(shape) >= 2 and isinstance(shape[1], int) and shape[1] > 1
 
 
 def _same_bits(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -166,8 +178,8 @@ def check_weights(prog, graph, names: dict | None = None, permuted: set | None =
                 f"{float(got[tuple(idx)])!r} vs graph {float(want[tuple(idx)])!r}"
             raise CoreMLVerifyError(f"weight {wname!r} ({enc.describe()}, MIL {op.op_type} {op.name!r}): {bad} of "
                                     f"{want.size} values differ from the graph's fp16 decode{where}")
-        types_, nbytes = _chain(op)
-        checks.append(WeightCheck(wname, op.outputs[0].name, types_, nbytes, enc.numel * 2))
+        types_, nbytes, blocked = _chain(op)
+        checks.append(WeightCheck(wname, op.outputs[0].name, types_, nbytes, enc.numel * 2, blocked))
     return checks, missing
 
 
