@@ -84,19 +84,20 @@ def lower_decoder(backend, graph: Graph, target: Target, ctx: LowerContext, depl
                 raise BackendError(f"core ml backend: coremltools could not convert function {fn} of graph "
                                    f"{graph.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
             model.save(f"{tmp}/{fn}.mlpackage")
+            lw.values.clear()           # (the program's vars: what is kept of a lowering is its names and op map)
+            del prog, model
             desc.add_function(f"{tmp}/{fn}.mlpackage", src_function_name="main", target_function_name=fn)
             lowered[fn] = lw
             fallbacks = fallbacks if fallbacks is not None else lw.fallbacks     # the same graph: reported once
         desc.default_function_name = DECODE
         with contextlib.redirect_stderr(io.StringIO()):
             ct.utils.save_multifunction(desc, f"{tmp}/joined.mlpackage")
-        # save_multifunction keeps no metadata: it is added to the joined package, then saved in place
+        # save_multifunction keeps no metadata: it is added to the joined package, saved into the bundle
         model = ct.models.MLModel(f"{tmp}/joined.mlpackage", skip_model_load=True)
         lw = lowered[DECODE]
         inputs = [v for v in graph.inputs if v.name not in held]
         entry_inputs = [{"name": v.name, "mil_name": lw.name_of_input(v), "dtype": _np_name(v.dtype),
-                         "io_dtype": input_type(v), "dims": [1 if d == v.shape[0] else d for d in v.shape]}
-                        for v in inputs]
+                         "io_dtype": input_type(v), "dims": list(v.shape)} for v in inputs]
         by_name = {v.name: v for v in graph.inputs}
         state = [{"input": i, "output": o, "mil_name": lw.name_of_input(by_name[i]),
                   "shape": [binds[DECODE].get(d, d) for d in by_name[i].shape], "dtype": "float16"} for i, o in pairs]
@@ -125,19 +126,20 @@ def lower_decoder(backend, graph: Graph, target: Target, ctx: LowerContext, depl
     entry["verify"] = backend._verify(path, graph, op_signature(graph, lw), lw.weight_names, set(lw.perms), lw.plain,
                                       functions={fn: op_signature(graph, lowered[fn]) for fn in binds})
     entry["weight_forms"] = entry["verify"].pop("weight_forms")
+    if ctx.reference is not None:
+        from .mil_numpy import program_check
+        entry["verify"]["program_check"] = program_check(path, entry, graph, ctx.reference)
     return Artifact(files=files, entry=entry, fallbacks=list(fallbacks or []), toolchain=backend.toolchain())
 
 
 # --- running it ------------------------------------------------------------------------------------
 class StatefulRunner(Runner):
     """A stateful decoder package run by ``engine`` (Core ML, or the numpy MIL evaluator): called
-    with the graph's inputs (token ids, positions, every cache) it writes the caches into a fresh
-    state, runs the tokens through ``prefill`` in whole chunks and the rest through ``decode``, and
-    returns the logits and the caches as the graph's outputs. :meth:`resident` keeps the state in
-    the engine between decode steps."""
-
-    fixed_sizes = ("the stateful Core ML package holds one sequence: its KV cache is state of a fixed shape at "
-                   "batch 1; run the sequences of a batch one at a time")
+    with the graph's inputs (token ids, positions, every cache) it writes each sequence's caches
+    into a fresh state, runs its tokens through ``prefill`` in whole chunks and the rest through
+    ``decode``, and returns the logits and the caches as the graph's outputs. The state holds one
+    sequence (a fixed shape at batch 1), so the sequences of a batch run one after another, each in
+    its own state. :meth:`resident` keeps the states in the engine between decode steps."""
 
     def __init__(self, engine, entry: dict):
         try:
@@ -147,26 +149,27 @@ class StatefulRunner(Runner):
             self.ids, self.positions = (next(i for i in entry["inputs"] if i["name"] == n) for n in (INPUT_IDS,
                                                                                                      POSITIONS))
             self.logits = entry["outputs"][0]["mil_name"]
-        except (KeyError, TypeError, ValueError, StopIteration) as e:
+            self.max_len = int(self.state[0]["shape"][2])
+        except (KeyError, TypeError, ValueError, StopIteration, IndexError) as e:
             raise BackendError(f"coreml backend entry of a stateful decoder is malformed ({e!r}): it needs "
                                "functions.prefill.tokens, inputs input_ids and positions, outputs and state") from None
-        self.max_len = int(self.state[0]["shape"][2])
-        self.inputs = [InputSpec(i["name"], np.dtype(i["dtype"]), tuple(i["dims"])) for i in entry["inputs"]] + \
-            [InputSpec(s["input"], np.dtype("float32"), tuple(s["shape"])) for s in self.state]
+        self.inputs = [InputSpec(i["name"], np.dtype(i["dtype"]), ("batch", *i["dims"][1:])) for i in entry["inputs"]] \
+            + [InputSpec(s["input"], np.dtype("float32"), ("batch", *s["shape"][1:])) for s in self.state]
         self.output_names = [LOGITS] + [s["output"] for s in self.state]
 
     def run_numpy(self, inputs: list) -> list:
         named = dict(zip(self.input_names, inputs))
-        state = self.engine.new_state()
-        for s in self.state:
-            self.engine.write(state, s["mil_name"], named[s["input"]])
-        logits = self.tokens(state, named[INPUT_IDS], named[POSITIONS])
-        return [logits] + [np.asarray(self.engine.read(state, s["mil_name"]), np.float32) for s in self.state]
+        logits, caches = [], []
+        for row in range(named[INPUT_IDS].shape[0]):
+            state = self.engine.new_state()
+            for s in self.state:
+                self.engine.write(state, s["mil_name"], named[s["input"]][row:row + 1])
+            logits.append(self.tokens(state, named[INPUT_IDS][row:row + 1], named[POSITIONS][row:row + 1]))
+            caches.append([np.asarray(self.engine.read(state, s["mil_name"]), np.float32) for s in self.state])
+        return [np.concatenate(logits)] + [np.concatenate(parts) for parts in zip(*caches)]
 
     def tokens(self, state, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """The logits [1, n, vocab] of ``ids`` at ``positions`` ([1, n]), the state updated."""
-        if ids.shape[0] != 1:
-            raise BackendError(f"input {INPUT_IDS}: batch {ids.shape[0]}; {self.fixed_sizes}")
+        """The logits [1, n, vocab] of one sequence's ``ids`` at ``positions`` ([1, n]), its state updated."""
         if positions.size and (positions.min() < 0 or positions.max() >= self.max_len):
             raise BackendError(f"input {POSITIONS}: positions {int(positions.min())}..{int(positions.max())} reach "
                                f"outside the cache's {self.max_len} slots: the sequence is longer than the max_len "
@@ -185,21 +188,23 @@ class StatefulRunner(Runner):
 
 
 class _Resident(ResidentState):
+    """One engine state per sequence of the batch, kept between calls."""
+
     def __init__(self, runner: StatefulRunner):
-        self.runner, self.state = runner, None
+        self.runner, self.states = runner, []
         self.names = {s["input"]: s["mil_name"] for s in runner.state}
 
     def reset(self, shapes):
-        batch = {int(s[0]) for s in shapes.values()}
-        if batch != {1}:
-            raise BackendError(f"batch {sorted(batch)}: {self.runner.fixed_sizes}")
-        self.state = self.runner.engine.new_state()
+        batch = next(iter(shapes.values()))[0]
+        self.states = [self.runner.engine.new_state() for _ in range(int(batch))]
 
     def run(self, token_ids, positions):
-        return self.runner.tokens(self.state, np.asarray(token_ids), np.asarray(positions))
+        ids, pos = np.asarray(token_ids), np.asarray(positions)
+        return np.concatenate([self.runner.tokens(state, ids[b:b + 1], pos[b:b + 1])
+                               for b, state in enumerate(self.states)])
 
     def read(self, name):
-        return np.asarray(self.runner.engine.read(self.state, self.names[name]))
+        return np.concatenate([np.asarray(self.runner.engine.read(state, self.names[name])) for state in self.states])
 
 
 class CoremlEngine:

@@ -289,6 +289,44 @@ class NumpyEngine:
         return self.evaluator.run(function, feeds, state)
 
 
+# What the fp16 program evaluated here is held to against the fp32 interpreter: every op rounds
+# its result to fp16, so agreement is to fp16 rounding over the whole depth (not the 0.9999 a
+# runtime computing in fp32 is held to); a wrong lowering (a dropped rope, a misplaced cache
+# write, a wrong mask) is far below it.
+FP16_PROGRAM_TOLERANCE = {"cosine_min": 0.999}
+DECODE_STEPS = 3            # decode calls after the prefill chunk in the compile-time check
+
+
+def program_check(path, entry: dict, graph, reference: list) -> dict:
+    """The saved decoder program against the reference interpreter at compile time: the first
+    held-out sequence's first tokens (one ``prefill`` chunk when it is that long, then
+    :data:`DECODE_STEPS` ``decode`` calls, each step through the state) evaluated here in numpy,
+    and the graph run by the interpreter on the same inputs; the logits compared. A BackendError
+    when they disagree beyond :data:`FP16_PROGRAM_TOLERANCE`."""
+    import torch
+    from ...ir import Interpreter
+    from ...numerics import compare, json_safe, within
+    from ..base import BackendError
+    from .decoder import PREFILL, StatefulRunner
+    runner = StatefulRunner(NumpyEngine(path, entry), entry)
+    names = [v.name for v in graph.inputs]
+    given = {n: torch.as_tensor(x)[:1] for n, x in zip(names, reference)}
+    chunk = runner.chunk if given["input_ids"].shape[1] >= runner.chunk else 0
+    n = min(given["input_ids"].shape[1], chunk + DECODE_STEPS)
+    inputs = [given[v][:, :n] if v in ("input_ids", "positions") else given[v] for v in names]
+    got = runner.run_numpy(runner.check_inputs([x.numpy() for x in inputs]))[0]
+    want = Interpreter(graph).run(*inputs)[0]
+    metrics = compare([torch.from_numpy(got)], [torch.as_tensor(want)])
+    agree = float((torch.from_numpy(got).argmax(-1) == torch.as_tensor(want).argmax(-1)).double().mean())
+    if not within(metrics, FP16_PROGRAM_TOLERANCE):
+        raise BackendError(f"core ml backend: the saved program of graph {graph.name}, evaluated in numpy over {n} "
+                           f"tokens ({PREFILL} {chunk}, then decode), disagrees with the reference interpreter: "
+                           f"cosine {metrics['cosine_min']:.6f} (at least {FP16_PROGRAM_TOLERANCE['cosine_min']})")
+    return {"tokens": n, "prefill_tokens": chunk, "decode_steps": n - chunk, "argmax_equal": agree,
+            "tolerance": FP16_PROGRAM_TOLERANCE, "evaluated": "the saved MIL program in numpy, each op rounded to "
+            "its fp16 output (nnforge.backends.coreml.mil_numpy)", **json_safe(metrics)}
+
+
 def program_runner(bundle_dir):
     """A stateful coreml bundle's runner that decodes its saved MIL program in numpy: a
     :class:`~nnforge.generation.DecoderRunner` whose ``generate`` and ``decoder()`` run the
@@ -313,4 +351,5 @@ def program_runner(bundle_dir):
     return DecoderRunner(runner, manifest["decoder"], runner.input_names, runner.output_names)
 
 
-__all__ = ["NumpyEngine", "OPS", "ProgramEvaluator", "program_runner"]
+__all__ = ["DECODE_STEPS", "FP16_PROGRAM_TOLERANCE", "NumpyEngine", "OPS", "ProgramEvaluator", "program_check",
+           "program_runner"]

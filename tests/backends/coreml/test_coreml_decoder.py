@@ -54,6 +54,9 @@ def test_w4_gptq_decoder_is_a_stateful_package_that_generates_like_the_interpret
     assert all(f["compute_units"] == ["cpu", "gpu", "ane"] for f in forms)
     assert entry["verify"]["shared_blobs"] >= 15        # both functions read each quantised layer's blobs
     assert nf.verify(w4_bundle.path)["passed"]
+    check = entry["verify"]["program_check"]        # at compile time: a prefill chunk, then decode steps
+    assert (check["prefill_tokens"], check["decode_steps"], check["argmax_equal"]) == (32, 3, 1.0)
+    assert check["cosine_min"] >= check["tolerance"]["cosine_min"]
     lm, reference = program_runner(w4_bundle.path), _reference(w4_bundle)
     prompt = torch.randint(4, 128, (40,), generator=torch.Generator().manual_seed(3))
     for ids in (prompt[:6], prompt):                    # decode steps alone; one prefill chunk, then decode
@@ -72,13 +75,40 @@ def test_w4_gptq_decoder_is_a_stateful_package_that_generates_like_the_interpret
     assert not outs[1][:, :, 34:].any()
 
 
-def test_the_stateful_runner_refuses_a_batch_and_positions_past_the_cache(w4_bundle):
+def test_a_batch_runs_a_state_per_sequence_and_positions_past_the_cache_are_refused(w4_bundle):
     lm = program_runner(w4_bundle.path)
-    with pytest.raises(BackendError, match=r"batch \[2\]: the stateful Core ML package holds one sequence"):
-        lm.decoder().prefill(torch.tensor([[5, 6], [7, 8]]))
+    decoder = lm.decoder()
+    both = decoder.prefill(torch.tensor([[5, 6, 7], [9, 10, 11]]))
+    assert torch.equal(decoder.step(torch.tensor([12, 13]))[1], _alone(lm, [9, 10, 11, 13]))
+    assert torch.equal(both[0], lm.decoder().prefill(torch.tensor([[5, 6, 7]]))[0])
+    assert list(decoder.cache["cache.0.k"].shape) == [2, 2, 64, 16]
     state = lm.runner.engine.new_state()
     with pytest.raises(BackendError, match="positions 63..64 reach outside the cache's 64 slots"):
         lm.runner.tokens(state, np.array([[5, 6]]), np.array([[63, 64]]))
+
+
+def test_the_compile_time_program_check_catches_a_program_that_computes_something_else(w4_bundle, monkeypatch):
+    from nnforge.backends.coreml import mil_numpy
+    entry = w4_bundle.manifest["backend"]["entry"]
+    inputs = w4_bundle.reference()[0]
+    path = w4_bundle.path / entry["model"]
+    assert mil_numpy.program_check(path, entry, w4_bundle.graph(), inputs)["argmax_equal"] == 1.0
+    monkeypatch.setitem(mil_numpy.OPS._entries, "silu", lambda a: a["x"])     # the MLP's gate without its silu
+    with pytest.raises(BackendError, match=r"the saved program of graph model, evaluated in numpy over 35 tokens "
+                                           r"\(prefill 32, then decode\), disagrees with the reference interpreter"):
+        mil_numpy.program_check(path, entry, w4_bundle.graph(), inputs)
+
+
+def _alone(lm, ids):
+    decoder = lm.decoder()
+    decoder.prefill(torch.tensor([ids[:-1]]))
+    return decoder.step(torch.tensor([ids[-1]]))[0]
+
+
+def test_a_malformed_stateful_entry_is_refused():
+    from nnforge.backends.coreml.decoder import StatefulRunner
+    with pytest.raises(BackendError, match="coreml backend entry of a stateful decoder is malformed"):
+        StatefulRunner(None, {"state": [], "functions": {}})
 
 
 def test_program_runner_refuses_a_bundle_that_is_not_a_stateful_coreml_decoder(tmp_path):
@@ -114,3 +144,60 @@ def test_a_per_block_recipe_is_reported_off_the_neural_engine(tmp_path):
     blocked = forms["constexpr_blockwise_shift_scale (per-block)"]
     assert blocked["compute_units"] == ["cpu", "gpu"] and blocked["why"] == OFF_ANE and blocked["weights"] >= 14
     assert "#2510" in OFF_ANE
+
+
+@pytest.mark.parametrize("recipe,message", [
+    ("kv8", "the coreml backend cannot run the encoded KV cache of 4 cache(s) on apple-a17: cache.0.k of layer "
+            "model.layers.0.self_attn (kv8: the coreml capability table has no kv_cache_write row for kv8)"),
+    ("kv-evict-8", "the coreml backend's stateful decoder takes input_ids, positions and the KV cache; graph llama "
+                   "has input(s) slots"),
+])
+def test_what_the_stateful_package_cannot_hold_is_refused_before_a_bundle_is_written(tmp_path, recipe, message):
+    with pytest.raises(BackendError) as e:
+        nf.compile(tiny_model("llama"), "apple-a17", recipe, out=tmp_path / "b", max_len=16)
+    assert message in str(e.value)
+    assert not (tmp_path / "b").exists()
+
+
+def _two_functions(tmp_path, same: bool):
+    """A multifunction package whose functions read a weight named w: one blob, or two that differ."""
+    import coremltools as ct
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import Function, Program, types
+    for fn, value in (("a", 1.0), ("b", 1.0 if same else 2.0)):
+        with Function({"x": mb.placeholder(shape=(1, 8), dtype=types.fp16)}, ct.target.iOS18) as f:
+            w = mb.const(val=np.full((8, 8), value, np.float16), name="w")
+            f.set_outputs([mb.linear(x=f.inputs["x"], weight=w, name="y")])
+        prog = Program()
+        prog.add_function("main", f)
+        ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
+                   skip_model_load=True).save(str(tmp_path / f"{fn}.mlpackage"))
+    desc = ct.utils.MultiFunctionDescriptor()
+    for fn in "ab":
+        desc.add_function(str(tmp_path / f"{fn}.mlpackage"), src_function_name="main", target_function_name=fn)
+    desc.default_function_name = "a"
+    ct.utils.save_multifunction(desc, str(tmp_path / "m.mlpackage"))
+    return tmp_path / "m.mlpackage"
+
+
+def test_functions_that_hold_a_weight_twice_are_caught(tmp_path):
+    from nnforge.backends.coreml.verify import CoreMLVerifyError, check_shared
+    assert check_shared(_two_functions(tmp_path / "same", True), ["w"], ["a", "b"]) == 1
+    with pytest.raises(CoreMLVerifyError, match=r"functions a and b read 1 stored tensor\(s\) from different blobs "
+                                                r"\(first: w\); the package holds the weights twice"):
+        check_shared(_two_functions(tmp_path / "apart", False), ["w"], ["a", "b"])
+
+
+def test_the_numpy_evaluator_names_what_it_cannot_run(tmp_path, monkeypatch):
+    from nnforge.backends.coreml import mil_numpy
+    from nnforge.backends.coreml.verify import CoreMLVerifyError, load_program
+    evaluator = mil_numpy.ProgramEvaluator(load_program(_two_functions(tmp_path, True)))
+    x = np.ones((1, 8), np.float16)
+    assert np.array_equal(evaluator.run("a", {"x": x}, {})["y"], np.full((1, 8), 8, np.float16))
+    with pytest.raises(CoreMLVerifyError, match=r"the program has no function 'c' \(it has a, b\)"):
+        evaluator.run("c", {"x": x}, {})
+    with pytest.raises(CoreMLVerifyError, match="function a: input x not given"):
+        evaluator.run("a", {}, {})
+    monkeypatch.delitem(mil_numpy.OPS._entries, "linear")       # as if the lowering emitted an op it has no rule for
+    with pytest.raises(CoreMLVerifyError, match=r"function a: the numpy MIL evaluator has no rule for op linear \(y\)"):
+        evaluator.run("a", {"x": x}, {})
