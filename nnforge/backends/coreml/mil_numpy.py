@@ -208,12 +208,13 @@ class ProgramEvaluator:
     def __init__(self, prog):
         self.prog = prog
         self.weights: dict[str, np.ndarray] = {}
+        self.first_overflow: str | None = None      # the first op to make inf/NaN from finite inputs
 
     def run(self, function: str, feeds: dict, state: dict) -> dict:
         """The outputs of ``function`` by name on ``feeds`` (inputs by MIL name); ``state``
         (state input name -> array) is read and written in place."""
         if function not in self.prog.functions:
-            raise CoreMLVerifyError(f"the program has no function {function!r} (it has {', '.join(self.prog.functions)})")
+            raise CoreMLVerifyError(f"the program has no function {function!r} (it has {', '.join(sorted(self.prog.functions))})")
         fn = self.prog.functions[function]
         env: dict[str, object] = {}
         for name, var in fn.inputs.items():
@@ -255,6 +256,19 @@ class ProgramEvaluator:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             result = OPS.lookup(t)(args)
             env[out.name] = np.asarray(result).astype(_np_of(out))
+        if self.first_overflow is None and env[out.name].dtype.kind == "f" and not np.isfinite(env[out.name]).all() \
+                and all(np.isfinite(a).all() for a in _floats(args)):
+            big = max((float(np.abs(a).max()) for a in _floats(args) if a.size), default=0.0)
+            self.first_overflow = f"{t} {op.name} in function {function} (its inputs reach {big:.4g})"
+
+
+def _floats(args: dict) -> list[np.ndarray]:
+    out = []
+    for v in args.values():
+        for a in (v if isinstance(v, list) else [v]):
+            if isinstance(a, (np.ndarray, np.generic)) and a.dtype.kind == "f":
+                out.append(np.asarray(a))
+    return out
 
 
 def _is_state(var) -> bool:
@@ -318,11 +332,15 @@ def program_check(path, entry: dict, graph, reference: list) -> dict:
     want = Interpreter(graph).run(*inputs)[0]
     metrics = compare([torch.from_numpy(got)], [torch.as_tensor(want)])
     agree = float((torch.from_numpy(got).argmax(-1) == torch.as_tensor(want).argmax(-1)).double().mean())
+    overflow = runner.engine.evaluator.first_overflow
     if not within(metrics, FP16_PROGRAM_TOLERANCE):
+        why = (f"; the fp16 program first overflows at {overflow}: the model's activations pass fp16's range "
+               "(+-65504), which Core ML's fp16 compute units cannot hold; this backend computes in fp16 only, so "
+               "compile this model for another target" if overflow else "")
         raise BackendError(f"core ml backend: the saved program of graph {graph.name}, evaluated in numpy over {n} "
                            f"tokens ({PREFILL} {chunk}, then decode), disagrees with the reference interpreter: "
-                           f"cosine {metrics['cosine_min']:.6f} (at least {FP16_PROGRAM_TOLERANCE['cosine_min']})")
-    return {"tokens": n, "prefill_tokens": chunk, "decode_steps": n - chunk, "argmax_equal": agree,
+                           f"cosine {metrics['cosine_min']:.6f} (at least {FP16_PROGRAM_TOLERANCE['cosine_min']}){why}")
+    return {**({"first_overflow": overflow} if overflow else {}), "tokens": n, "prefill_tokens": chunk, "decode_steps": n - chunk, "argmax_equal": agree,
             "tolerance": FP16_PROGRAM_TOLERANCE, "evaluated": "the saved MIL program in numpy, each op rounded to "
             "its fp16 output (nnforge.backends.coreml.mil_numpy)", **json_safe(metrics)}
 

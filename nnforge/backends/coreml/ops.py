@@ -198,6 +198,26 @@ def _layer_norm(lw, node):
                             if node.attrs["eps"] >= 6e-8 else np.float16(6e-8), **kw)
 
 
+@rule("rms_norm")
+def _rms_norm(lw, node):
+    # x * rsqrt(mean(x^2) + eps) taken on y = x / max|x| per row, as y * rsqrt(mean(y^2) + eps / m^2):
+    # the program computes in fp16, where the square of an activation past 256 is past the range
+    # (Gemma's hidden states pass it), while y's squares are at most 1
+    mb = _mb()
+    x = _x(lw, node)
+    top = mb.maximum(x=mb.reduce_max(x=mb.abs(x=x), axes=[-1], keep_dims=True), y=np.float16(2 ** -14))
+    y = mb.real_div(x=x, y=top)
+    mean_sq = mb.reduce_mean(x=mb.mul(x=y, y=y), axes=[-1], keep_dims=True)
+    eps = mb.real_div(x=mb.real_div(x=np.float16(node.attrs["eps"]), y=top), y=top)     # (top^2 may pass the range)
+    h = mb.mul(x=y, y=mb.rsqrt(x=mb.add(x=mean_sq, y=eps)))
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        w = lw.arg(node.inputs[1])
+        if node.attrs["offset"]:
+            w = mb.add(x=lw.const(node.attrs["offset"], "fp16"), y=w)
+        h = mb.mul(x=h, y=w)
+    return h
+
+
 @rule("batch_norm")
 def _batch_norm(lw, node):
     x, mean, var, w, b = (list(node.inputs) + [None, None])[:5]

@@ -227,7 +227,7 @@ def verify_package(path, graph, op_map: dict, *, names: dict | None = None,
         missing = sorted(set(functions) - set(prog.functions))
         if missing:
             raise CoreMLVerifyError(f"{path}: the package has no function(s) {', '.join(missing)} (it has "
-                                    f"{', '.join(prog.functions)})")
+                                    f"{', '.join(sorted(prog.functions))})")
         report.ops_checked = sum(check_ops(prog, graph, m, fn) for fn, m in functions.items())
         report.shared_blobs = check_shared(path, [w.mil_name for w in report.weights], list(functions))
     else:
@@ -257,8 +257,12 @@ def check_shared(path, weights: list[str], functions: list[str]) -> int:
             for attr in op.attributes.values():
                 if attr.HasField("blobFileValue"):
                     blobs[op.outputs[0].name] = attr.blobFileValue.offset
-            for arg in op.inputs.values():
-                todo.extend(a.name for a in arg.arguments if a.HasField("name"))
+            for key, arg in op.inputs.items():
+                for a in arg.arguments:     # a named value, or a constant inlined as the op's argument
+                    if a.HasField("name"):
+                        todo.append(a.name)
+                    elif a.value.HasField("blobFileValue"):
+                        blobs[f"{op.outputs[0].name}.{key}"] = a.value.blobFileValue.offset
         offsets[fn] = blobs
     first, *others = functions
     for fn in others:

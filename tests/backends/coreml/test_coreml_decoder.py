@@ -198,6 +198,23 @@ def test_the_numpy_evaluator_names_what_it_cannot_run(tmp_path, monkeypatch):
         evaluator.run("c", {"x": x}, {})
     with pytest.raises(CoreMLVerifyError, match="function a: input x not given"):
         evaluator.run("a", {}, {})
+    assert evaluator.first_overflow is None
+    evaluator.run("a", {"x": np.full((1, 8), 3e4, np.float16)}, {})        # 8 x 3e4 is past fp16's range
+    assert evaluator.first_overflow == "linear y in function a (its inputs reach 3e+04)"
     monkeypatch.delitem(mil_numpy.OPS._entries, "linear")       # as if the lowering emitted an op it has no rule for
     with pytest.raises(CoreMLVerifyError, match=r"function a: the numpy MIL evaluator has no rule for op linear \(y\)"):
         evaluator.run("a", {"x": x}, {})
+
+
+def test_hidden_states_past_fp16s_square_root_range_are_normalised_without_overflow(tmp_path):
+    """An fp16 RMS norm that squares its input overflows once a hidden state passes 256 (Gemma 3
+    270M's do); the coreml rule normalises by the row's largest value first, so the program
+    check (the saved program in numpy against the interpreter) passes and sees no overflow."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(300)
+        hidden = model(torch.tensor([[5, 6, 7, 8]]), output_hidden_states=True).hidden_states[1]
+    assert hidden.abs().max() > 256
+    bundle = nf.compile(model, "apple-a17", out=tmp_path / "b", max_len=48)
+    check = bundle.manifest["backend"]["entry"]["verify"]["program_check"]
+    assert "first_overflow" not in check and check["cosine_min"] >= check["tolerance"]["cosine_min"]
