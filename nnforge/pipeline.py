@@ -160,14 +160,15 @@ def prepare(graph: Graph, backend: Backend, target: Target, shapes: dict) -> tup
 
 
 def lower_into(root: Path, graph: Graph, target: Target, backend: Backend, *, recipe: str, shapes: dict,
-               speed: list | None = None, reference: list | None = None, steps: list | None = None) -> Artifact:
+               speed: list | None = None, reference: list | None = None, steps: list | None = None,
+               expected: list | None = None) -> Artifact:
     """Write ``graph`` and its weights into ``root`` (the bundle format: a backend may read weights
     in place), run the backend's prepare passes and lower the result for ``target``."""
     backend.check_cache_encodings(graph, target)
     save_graph(graph, root / GRAPH_FILE, root / WEIGHTS_FILE)
     prepared, symbols = prepare(graph, backend, target, shapes)
     ctx = LowerContext(recipe=recipe, files=ArtifactWriter(root), shapes=shapes, speed_shapes=list(speed or []),
-                       reference=reference, symbols=symbols, steps=list(steps or []))
+                       reference=reference, expected=expected, symbols=symbols, steps=list(steps or []))
     return backend.lower(prepared, target, ctx)
 
 
@@ -236,6 +237,7 @@ def build(out: Path, *, graph: Graph, original: Graph, source: str, target: Targ
         artifact = lower_into(tmp, graph, target, backend, recipe=recipe_name, shapes=shapes,
                               speed=speed_shapes(graph, check_inputs, batch_sizes) if timed else [],
                               reference=[torch.as_tensor(x) for x in check_inputs],
+                              expected=[torch.as_tensor(x) for x in expected],
                               steps=[decoder.step_symbols()] if decoder is not None else [])
         timings["lower_s"] = time.perf_counter() - t0
         numerics = {"inputs": [list(torch.as_tensor(x).shape) for x in check_inputs],

@@ -81,6 +81,9 @@ class LowerContext:
         ``[{"label", "batch", "inputs": {name: shape}}]``; empty when no timing is asked for.
     reference: the first held-out batch (a list of tensors in input order), for a backend that
         measures its kernels in the model; None when there is none.
+    expected: the bundle graph's outputs on ``reference`` as the reference interpreter computes
+        them (before the prepare passes), for a backend that checks what it wrote against them
+        where its runtime cannot run (coreml's decoder program check); None with no reference.
     symbols: the dimension sizes the ``prepare`` passes fixed (a pass records them as its
         ``symbols`` figure); empty when none ran.
     steps: bindings of dimension symbols the bundle will run at far more often than any other
@@ -92,6 +95,7 @@ class LowerContext:
     shapes: dict[str, list[int]] = field(default_factory=dict)
     speed_shapes: list[dict] = field(default_factory=list)
     reference: list | None = None
+    expected: list | None = None
     symbols: dict[str, int] = field(default_factory=dict)
     steps: list[dict[str, int]] = field(default_factory=list)
 

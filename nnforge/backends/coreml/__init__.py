@@ -115,6 +115,12 @@ class CoremlBackend(Backend):
         from .ops import LOWERINGS             # (imported when asked: the rules import coremltools lazily)
         return LOWERINGS
 
+    def prepare(self, target: Target, shapes: dict[str, list[int]]) -> list[dict]:
+        """The decompositions, and with the target's ``residual_scale`` option the residual stream
+        scaled by it (passes/residual_scale.py): the program computes in fp16."""
+        scale = target.options.get("residual_scale")
+        return self.decompositions() + ([{"pass": "scale_residual", "factor": scale}] if scale is not None else [])
+
     def lower(self, graph: Graph, target: Target, ctx: LowerContext) -> Artifact:
         """Write ``model.mlpackage`` for ``graph``. Example:
 

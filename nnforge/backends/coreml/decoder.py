@@ -128,7 +128,7 @@ def lower_decoder(backend, graph: Graph, target: Target, ctx: LowerContext, depl
     entry["weight_forms"] = entry["verify"].pop("weight_forms")
     if ctx.reference is not None:
         from .mil_numpy import program_check
-        entry["verify"]["program_check"] = program_check(path, entry, graph, ctx.reference)
+        entry["verify"]["program_check"] = program_check(path, entry, graph, ctx.reference, ctx.expected)
     return Artifact(files=files, entry=entry, fallbacks=list(fallbacks or []), toolchain=backend.toolchain())
 
 

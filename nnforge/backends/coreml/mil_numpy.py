@@ -311,12 +311,14 @@ FP16_PROGRAM_TOLERANCE = {"cosine_min": 0.999}
 DECODE_STEPS = 3            # decode calls after the prefill chunk in the compile-time check
 
 
-def program_check(path, entry: dict, graph, reference: list) -> dict:
+def program_check(path, entry: dict, graph, reference: list, expected: list | None = None) -> dict:
     """The saved decoder program against the reference interpreter at compile time: the first
     held-out sequence's first tokens (one ``prefill`` chunk when it is that long, then
     :data:`DECODE_STEPS` ``decode`` calls, each step through the state) evaluated here in numpy,
-    and the graph run by the interpreter on the same inputs; the logits compared. A BackendError
-    when they disagree beyond :data:`FP16_PROGRAM_TOLERANCE`."""
+    against ``expected`` (the bundle graph's outputs on ``reference``, LowerContext.expected: the
+    first tokens' logits of a causal model are those of the whole sequence), or without it the
+    interpreter's run of ``graph`` on those tokens; the logits compared. A BackendError when they
+    disagree beyond :data:`FP16_PROGRAM_TOLERANCE`."""
     import torch
     from ...ir import Interpreter
     from ...numerics import compare, json_safe, within
@@ -329,7 +331,7 @@ def program_check(path, entry: dict, graph, reference: list) -> dict:
     n = min(given["input_ids"].shape[1], chunk + DECODE_STEPS)
     inputs = [given[v][:, :n] if v in ("input_ids", "positions") else given[v] for v in names]
     got = runner.run_numpy(runner.check_inputs([x.numpy() for x in inputs]))[0]
-    want = Interpreter(graph).run(*inputs)[0]
+    want = torch.as_tensor(expected[0])[:1, :n] if expected is not None else Interpreter(graph).run(*inputs)[0]
     metrics = compare([torch.from_numpy(got)], [torch.as_tensor(want)])
     agree = float((torch.from_numpy(got).argmax(-1) == torch.as_tensor(want).argmax(-1)).double().mean())
     overflow = runner.engine.evaluator.first_overflow
@@ -341,7 +343,10 @@ def program_check(path, entry: dict, graph, reference: list) -> dict:
                            f"tokens ({PREFILL} {chunk}, then decode), disagrees with the reference interpreter: "
                            f"cosine {metrics['cosine_min']:.6f} (at least {FP16_PROGRAM_TOLERANCE['cosine_min']}){why}")
     return {**({"first_overflow": overflow} if overflow else {}), "tokens": n, "prefill_tokens": chunk, "decode_steps": n - chunk, "argmax_equal": agree,
-            "tolerance": FP16_PROGRAM_TOLERANCE, "evaluated": "the saved MIL program in numpy, each op rounded to "
+            "tolerance": FP16_PROGRAM_TOLERANCE,
+            "against": ("the bundle graph's outputs on the held-out batch (the reference interpreter, before the "
+                        "prepare passes)" if expected is not None else "the reference interpreter on the lowered graph"),
+            "evaluated": "the saved MIL program in numpy, each op rounded to "
             "its fp16 output (nnforge.backends.coreml.mil_numpy)", **json_safe(metrics)}
 
 

@@ -208,7 +208,9 @@ def _rms_norm(lw, node):
     top = mb.maximum(x=mb.reduce_max(x=mb.abs(x=x), axes=[-1], keep_dims=True), y=np.float16(2 ** -14))
     y = mb.real_div(x=x, y=top)
     mean_sq = mb.reduce_mean(x=mb.mul(x=y, y=y), axes=[-1], keep_dims=True)
-    eps = mb.real_div(x=mb.real_div(x=np.float16(node.attrs["eps"]), y=top), y=top)     # (top^2 may pass the range)
+    # eps / top^2 as (sqrt(eps) / top)^2: top^2 may pass the range, and a small eps is below fp16's
+    root = mb.real_div(x=np.float16(np.sqrt(node.attrs["eps"])), y=top)
+    eps = mb.mul(x=root, y=root)
     h = mb.mul(x=y, y=mb.rsqrt(x=mb.add(x=mean_sq, y=eps)))
     if len(node.inputs) > 1 and node.inputs[1] is not None:
         w = lw.arg(node.inputs[1])

@@ -57,6 +57,7 @@ def test_w4_gptq_decoder_is_a_stateful_package_that_generates_like_the_interpret
     check = entry["verify"]["program_check"]        # at compile time: a prefill chunk, then decode steps
     assert (check["prefill_tokens"], check["decode_steps"], check["argmax_equal"]) == (32, 3, 1.0)
     assert check["cosine_min"] >= check["tolerance"]["cosine_min"]
+    assert check["against"].startswith("the bundle graph's outputs on the held-out batch")
     lm, reference = program_runner(w4_bundle.path), _reference(w4_bundle)
     prompt = torch.randint(4, 128, (40,), generator=torch.Generator().manual_seed(3))
     for ids in (prompt[:6], prompt):                    # decode steps alone; one prefill chunk, then decode
@@ -90,13 +91,14 @@ def test_a_batch_runs_a_state_per_sequence_and_positions_past_the_cache_are_refu
 def test_the_compile_time_program_check_catches_a_program_that_computes_something_else(w4_bundle, monkeypatch):
     from nnforge.backends.coreml import mil_numpy
     entry = w4_bundle.manifest["backend"]["entry"]
-    inputs = w4_bundle.reference()[0]
+    inputs, expected, _ = w4_bundle.reference()
     path = w4_bundle.path / entry["model"]
     assert mil_numpy.program_check(path, entry, w4_bundle.graph(), inputs)["argmax_equal"] == 1.0
     monkeypatch.setitem(mil_numpy.OPS._entries, "silu", lambda a: a["x"])     # the MLP's gate without its silu
-    with pytest.raises(BackendError, match=r"the saved program of graph model, evaluated in numpy over 35 tokens "
-                                           r"\(prefill 32, then decode\), disagrees with the reference interpreter"):
-        mil_numpy.program_check(path, entry, w4_bundle.graph(), inputs)
+    for given in (None, expected):          # the interpreter run here, or the compile's expected outputs
+        with pytest.raises(BackendError, match=r"the saved program of graph model, evaluated in numpy over 35 tokens "
+                                               r"\(prefill 32, then decode\), disagrees with the reference interpreter"):
+            mil_numpy.program_check(path, entry, w4_bundle.graph(), inputs, given)
 
 
 def _alone(lm, ids):
@@ -215,6 +217,7 @@ def test_hidden_states_past_fp16s_square_root_range_are_normalised_without_overf
         model.model.layers[0].mlp.down_proj.weight.mul_(300)
         hidden = model(torch.tensor([[5, 6, 7, 8]]), output_hidden_states=True).hidden_states[1]
     assert hidden.abs().max() > 256
-    bundle = nf.compile(model, "apple-a17", out=tmp_path / "b", max_len=48)
+    unscaled = nf.target("apple-a17").with_options(residual_scale=None)      # the rule alone, the stream as it is
+    bundle = nf.compile(model, unscaled, out=tmp_path / "b", max_len=48)
     check = bundle.manifest["backend"]["entry"]["verify"]["program_check"]
     assert "first_overflow" not in check and check["cosine_min"] >= check["tolerance"]["cosine_min"]
