@@ -84,6 +84,8 @@ def test_the_real_llm_compiles_for_mlir_with_w4_gptq(tmp_path):
     assert entry["functions"] == ["prefill", "decode"] and m["numerics"]["runtime_checked"]
     assert entry["integer_constant_bytes"] > entry["float_constant_bytes"]
 
+
+@pytest.mark.slow
 def test_the_real_llm_compiles_for_apple_a17_and_its_program_generates_the_interpreters_tokens(tmp_path):
     """The real model as a stateful Core ML package (w8: no calibration text needed): the compile's
     program check holds (Gemma 3's residual stream passes fp16's range unless carried scaled), both
