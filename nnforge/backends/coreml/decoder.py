@@ -206,6 +206,13 @@ class _Resident(ResidentState):
     def read(self, name):
         return np.concatenate([np.asarray(self.runner.engine.read(state, self.names[name])) for state in self.states])
 
+    def write(self, values):
+        batch = next(iter(values.values())).shape[0]
+        self.states = [self.runner.engine.new_state() for _ in range(int(batch))]
+        for b, state in enumerate(self.states):
+            for name, mil in self.names.items():
+                self.runner.engine.write(state, mil, np.asarray(values[name])[b:b + 1])
+
 
 class CoremlEngine:
     """Core ML predictions of the package's functions (macOS): one model per function, each with

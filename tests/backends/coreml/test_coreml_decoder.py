@@ -83,6 +83,9 @@ def test_a_batch_runs_a_state_per_sequence_and_positions_past_the_cache_are_refu
     assert torch.equal(decoder.step(torch.tensor([12, 13]))[1], _alone(lm, [9, 10, 11, 13]))
     assert torch.equal(both[0], lm.decoder().prefill(torch.tensor([[5, 6, 7]]))[0])
     assert list(decoder.cache["cache.0.k"].shape) == [2, 2, 64, 16]
+    # a fork writes each copy's state: sequence 1's copies step as it would alone
+    decoder.fork(2)
+    assert torch.equal(decoder.step(torch.tensor([1, 2, 3, 14]))[3], _alone(lm, [9, 10, 11, 13, 14]))
     state = lm.runner.engine.new_state()
     with pytest.raises(BackendError, match="positions 63..64 reach outside the cache's 64 slots"):
         lm.runner.tokens(state, np.array([[5, 6]]), np.array([[63, 64]]))
