@@ -508,8 +508,8 @@ def write_tables(saved: dict) -> None:
         docs_table.write("measured/kv_cache.md", "kv_cache_speed", scols, srows, source=str(OUT / "kv_cache.json"),
                          notes=[f"Greedy, {args['new_tokens']} steps timed one by one after a prefill of the "
                                 f"context, the bundles taking turns step by step (so that the machine's load falls "
-                                f"on all alike); at batch B the prefilled sequence is forked into B copies "
-                                f"(Decoder.fork: the same work per step as B different texts). Tokens/s count every "
+                                f"on all alike); at batch B the prefilled sequence is restored as B copies "
+                                f"(Decoder.restore: the same work per step as B different texts). Tokens/s count every "
                                 f"sequence's tokens. The weights int8 (w8) in every row, so that only the cache "
                                 f"differs; the cache resident in the backend between steps. Attention share: the "
                                 f"attention kernels' part of the kernel time of a step (they read the cache and "
