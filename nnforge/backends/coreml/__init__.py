@@ -26,11 +26,10 @@ import numpy as np
 from ...ir import Graph
 from ...targets import Target
 from ..base import Artifact, Backend, BackendError, Fallback, InputSpec, LowerContext, Runner, RuntimeSpec
+from .mil_types import IO_NP as _IO_NP, MODEL_DIR, np_name as _np_name
 from .capabilities import CAPABILITIES
 
-MODEL_DIR = "model.mlpackage"
 DEFAULT_MAX_DIM = 512           # upper bound of a flexible dim when the target gives none
-_IO_NP = {"fp32": np.float32, "fp16": np.float16, "int32": np.int32}
 
 
 def _bounds(target: Target, symbol: str) -> tuple[int, int]:
@@ -57,13 +56,6 @@ def _deployment(target: Target):
         raise BackendError(f"target {target.name}: deployment_target {name!r} is not one this backend builds for "
                            "(iOS18 / macOS15 or later: the compressed-weight ops are iOS 18 opset)")
     return name, found
-
-
-def _np_name(dt) -> str:
-    """The numpy dtype a runner hands over for an IR dtype (floats other than fp16 as float32)."""
-    if dt.is_float:
-        return "float16" if dt.name == "float16" else "float32"
-    return "bool" if dt.name == "bool" else np.dtype(dt.name).name
 
 
 def _summary(graph: Graph) -> str:
@@ -231,7 +223,7 @@ class CoremlBackend(Backend):
                 not isinstance(entry.get("outputs"), list):
             raise BackendError("coreml backend entry is missing or malformed (needs model, inputs, outputs)")
         if entry.get("stateful"):
-            from .decoder import load_stateful
+            from .stateful import load_stateful
             return load_stateful(safe_join(Path(bundle_dir), entry.get("model")), entry, device)
         return CoremlRunner(safe_join(Path(bundle_dir), entry.get("model")), entry, device)
 

@@ -323,7 +323,7 @@ def program_check(path, entry: dict, graph, reference: list, expected: list | No
     from ...ir import Interpreter
     from ...numerics import compare, json_safe, within
     from ..base import BackendError
-    from .decoder import PREFILL, StatefulRunner
+    from .stateful import PREFILL, StatefulRunner
     runner = StatefulRunner(NumpyEngine(path, entry), entry)
     names = [v.name for v in graph.inputs]
     given = {n: torch.as_tensor(x)[:1] for n, x in zip(names, reference)}
@@ -362,7 +362,7 @@ def program_runner(bundle_dir):
     from ...bundle import safe_join
     from ...generation import DecoderRunner
     from ..base import BackendError
-    from .decoder import StatefulRunner
+    from .stateful import StatefulRunner
     import json
     root = Path(bundle_dir)
     manifest = json.loads((root / "manifest.json").read_text())

@@ -19,3 +19,13 @@ def mil_dtype(dt: DType) -> str:
 
 
 NP_OF = {"fp16": np.float16, "fp32": np.float32, "int32": np.int32, "bool": np.bool_}
+
+MODEL_DIR = "model.mlpackage"
+IO_NP = {"fp32": np.float32, "fp16": np.float16, "int32": np.int32}     # the package's I/O dtypes
+
+
+def np_name(dt) -> str:
+    """The numpy dtype a runner hands over for an IR dtype (floats other than fp16 as float32)."""
+    if dt.is_float:
+        return "float16" if dt.name == "float16" else "float32"
+    return "bool" if dt.name == "bool" else np.dtype(dt.name).name

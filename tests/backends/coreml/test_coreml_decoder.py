@@ -111,7 +111,7 @@ def _alone(lm, ids):
 
 
 def test_a_malformed_stateful_entry_is_refused():
-    from nnforge.backends.coreml.decoder import StatefulRunner
+    from nnforge.backends.coreml.stateful import StatefulRunner
     with pytest.raises(BackendError, match="coreml backend entry of a stateful decoder is malformed"):
         StatefulRunner(None, {"state": [], "functions": {}})
 
