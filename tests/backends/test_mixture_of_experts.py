@@ -30,7 +30,7 @@ def _compile(model, target, out):
                       batch_sizes=())
 
 
-@pytest.mark.parametrize("target", [t if t in ("onnx", "cpu") else pytest.param(t, marks=pytest.mark.slow)
+@pytest.mark.parametrize("target", [t if t == "onnx" else pytest.param(t, marks=pytest.mark.slow)
                                     for t in sorted(RUNS_HERE)])
 def test_mixtral_compiles_verifies_and_matches_torch(model, tmp_path, target):
     if target in ("cpu", "mlir"):

@@ -46,7 +46,8 @@ def _builds_verifies_and_simulates_bit_exactly(name, out, **kwargs):
     return runner
 
 
-@pytest.mark.parametrize("name", [pytest.param("llama", marks=pytest.mark.slow), "gpt2"])
+# both under -m slow: a decoder's attention, cache and rope run on hls in tests/backends/hls/test_decoder.py
+@pytest.mark.parametrize("name", [pytest.param("llama", marks=pytest.mark.slow), pytest.param("gpt2", marks=pytest.mark.slow)])
 def test_language_models_build_verify_and_simulate_bit_exactly(name, tmp_path, hls_cache):
     runner = _builds_verifies_and_simulates_bit_exactly(name, tmp_path / name)
     kinds = {type(layer).__name__ for layer in runner.plan.layers}
