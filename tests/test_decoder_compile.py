@@ -14,17 +14,14 @@ import nnforge as nf
 from nnforge.cli import main
 from nnforge.frontend import FrontendError
 from nnforge.passes import PassError
-from tests.frontend.decoders.families import tiny_model, tiny_tokenizer
+from tests.frontend.decoders.families import llama_directory, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny Llama saved as a transformers model directory with a word-level tokenizer, and text."""
-    root = tmp_path_factory.mktemp("llm")
-    tiny_model("llama").save_pretrained(root / "model")
-    tiny_tokenizer().save_pretrained(root / "model")
-    r = random.Random(0)
-    (root / "calib.txt").write_text(" ".join(f"w{r.randrange(4, 128)}" for _ in range(1200)))
+    root = llama_directory(tmp_path_factory.mktemp("llm"))
+    r = random.Random(1)
     (root / "check.txt").write_text(" ".join(f"w{r.randrange(4, 128)}" for _ in range(300)))
     return root
 

@@ -5,7 +5,6 @@ manifest gives each weight form, and generation through the saved MIL program ev
 from __future__ import annotations
 
 import json
-import random
 
 import numpy as np
 import pytest
@@ -18,16 +17,12 @@ from nnforge.backends.coreml.mil_numpy import program_runner
 from nnforge.generation import DecoderRunner, generate
 from nnforge.ir import Interpreter
 from nnforge.passes.recipes import per_channel_scales
-from tests.frontend.decoders.families import tiny_model, tiny_tokenizer
+from tests.frontend.decoders.families import llama_directory, tiny_model
 
 
 @pytest.fixture(scope="module")
 def w4_bundle(tmp_path_factory):
-    root = tmp_path_factory.mktemp("coreml-llm")
-    tiny_model("llama").save_pretrained(root / "model")
-    tiny_tokenizer().save_pretrained(root / "model")
-    r = random.Random(0)
-    (root / "calib.txt").write_text(" ".join(f"w{r.randrange(4, 128)}" for _ in range(600)))
+    root = llama_directory(tmp_path_factory.mktemp("coreml-llm"), words=600)
     return nf.compile(root / "model", "apple-a17", "w4-gptq", calibration=root / "calib.txt", out=root / "b",
                       max_len=64)
 

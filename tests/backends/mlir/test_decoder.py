@@ -8,7 +8,6 @@ function shapes; a one-layer module runs under the JIT through both functions, a
 interpreter."""
 from __future__ import annotations
 
-import random
 
 import pytest
 import torch
@@ -22,7 +21,7 @@ from nnforge.generation import DecoderRunner, generate, perplexity
 from nnforge.ir import Interpreter
 from nnforge.passes import resolve_recipe
 from nnforge.passes.decompose import DecomposeOps
-from tests.frontend.decoders.families import tiny_model, tiny_tokenizer
+from tests.frontend.decoders.families import llama_directory, tiny_model
 
 MAX_LEN = 24
 
@@ -137,12 +136,7 @@ def test_a_decoder_is_refused_in_stablehlo_before_a_bundle_is_written(tmp_path):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("llm")
-    tiny_model("llama").save_pretrained(root / "model")
-    tiny_tokenizer().save_pretrained(root / "model")
-    r = random.Random(0)
-    (root / "calib.txt").write_text(" ".join(f"w{r.randrange(4, 128)}" for _ in range(1200)))
-    return root
+    return llama_directory(tmp_path_factory.mktemp("llm"))
 
 
 @pytest.mark.slow
