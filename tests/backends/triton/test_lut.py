@@ -55,7 +55,9 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("m", [1, 5, 16, 33])
+# m = 1: the weight-streaming path (M <= SMALL_M, a decode step); 33: the tiled path with a partial last
+# tile. 5 and 16 (a partial stream, its largest M) under -m slow.
+@pytest.mark.parametrize("m", [1, pytest.param(5, marks=pytest.mark.slow), pytest.param(16, marks=pytest.mark.slow), 33])
 def test_matches_decode(case, m):
     enc = CASES[case]()
     pw = lk.pack(enc, "h100")

@@ -88,8 +88,16 @@ def test_the_written_state_equals_the_interpreters_bit_for_bit(tmp_path, kind, o
         start += seq
 
 
-@pytest.mark.parametrize("window,softcap,heads,threads", [(0, 0.0, H, 1), (5, 20.0, 16, 8)])
-@pytest.mark.parametrize("kind, options", ENCODINGS, ids=lambda x: x if isinstance(x, str) else str(x))
+# Every encoding with a window, a softcap and 8 threads over 16 heads; the plain form (no window, one
+# thread, the graph's heads) for kv8 and kv4 in the default run and for the rest under -m slow.
+PLAIN, WINDOWED = (0, 0.0, H, 1), (5, 20.0, 16, 8)
+ATTENTION_CASES = [pytest.param(kind, options, *config, id=f"{kind}-{options}-{config[0]}-{config[1]}-{config[2]}-"
+                                f"{config[3]}", marks=pytest.mark.slow if config == PLAIN and kind not in ("kv8", "kv4")
+                                else ())
+                   for config in (PLAIN, WINDOWED) for kind, options in ENCODINGS]
+
+
+@pytest.mark.parametrize("kind, options, window, softcap, heads, threads", ATTENTION_CASES)
 def test_attention_reads_the_stored_encoding(tmp_path, monkeypatch, kind, options, window, softcap, heads, threads):
     """One kernel reads the codes (no dequantised cache is made; kv-gear4, which has no fused
     kernel: its reads dequantised for the float kernel), prefill then decode steps, the state fed
