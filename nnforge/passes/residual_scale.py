@@ -17,7 +17,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 from ..ir import Graph, Node, Value
+from ..ir.encodings import Dense
 from .base import Pass, PassContext, PassError, register_pass
 
 
@@ -83,13 +86,41 @@ class ScaleResidual(Pass):
             scaled = self._times(graph, first, factor)
         for node, slot in readers:
             node.inputs[slot] = scaled
+        folded = 0
         for add, other in zip(adds, others):
+            if self._fold(graph, add.inputs[other], factor):
+                folded += 1
+                continue
             with graph.inserting_before(add):
                 add.inputs[other] = self._times(graph, add.inputs[other], factor)
         for norm in norms:
             norm.attrs["eps"] = norm.attrs["eps"] * factor * factor
-        ctx.record("scaled", {"factor": factor, "adds": len(adds), "rms_norms": len(norms)})
+        ctx.record("scaled", {"factor": factor, "adds": len(adds), "rms_norms": len(norms),
+                              "folded_into_norms": folded})
         return graph
+
+    @staticmethod
+    def _fold(graph: Graph, v: Value, factor: float) -> bool:
+        """Scale a block output made by an RMS norm (a post-norm, as Gemma 2 and 3 have) through
+        its weight, when nothing else reads the output or the weight: the unscaled output then never
+        exists, which matters to a fixed-point design whose range it would pass. Exact: the factor
+        is a power of two and the reference forms ``offset + weight`` in float32 first."""
+        node = v.producer
+        if node is None or node.op != "rms_norm" or len(node.inputs) < 2 or v in graph.outputs:
+            return False
+        weight = node.inputs[1]
+        uses = graph.uses()
+        if len(uses.get(v, [])) != 1 or len(uses.get(weight, [])) != 1 or not weight.is_weight \
+                or type(weight.encoding) is not Dense:
+            return False
+        data = weight.encoding.data
+        if node.attrs["offset"] != 0.0 and data.dtype != torch.float32:
+            return False                # offset + weight would round in the weight's own dtype
+        scaled = ((node.attrs["offset"] + data.to(torch.float32)) * factor).to(data.dtype)
+        node.inputs[1] = graph.add_weight(graph.fresh_name(f"{weight.name}.scaled"), Dense(scaled))
+        node.attrs["offset"] = 0.0
+        graph.remove_unused_weights()
+        return True
 
     @staticmethod
     def _times(graph: Graph, v: Value, factor: float) -> Value:

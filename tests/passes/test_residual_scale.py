@@ -27,13 +27,20 @@ def test_the_scaled_stream_computes_what_the_graph_did(family):
     eps = {n.name: n.attrs["eps"] for n in graph.nodes if n.op == "rms_norm"}
     scaled, figures = _run(graph.copy())
     layers = len([n for n in graph.nodes if n.op == "attention"])
-    assert figures["scaled"] == {"factor": 0.125, "adds": 2 * layers,
-                                 "rms_norms": 2 * layers + 1}       # (Gemma's post-norms read block outputs)
+    folded = 2 * layers if family == "gemma3" else 0       # Gemma's post-norms make every block output
+    assert figures["scaled"] == {"factor": 0.125, "adds": 2 * layers, "rms_norms": 2 * layers + 1,
+                                 "folded_into_norms": folded}
+    muls = [len([n for n in g.nodes if n.op == "mul"]) for g in (graph, scaled)]
+    assert muls[1] - muls[0] == 1 + 2 * layers - folded
     streamed = [n for n in scaled.nodes if n.op == "rms_norm" and n.attrs["eps"] != eps[n.name]]
     assert len(streamed) == figures["scaled"]["rms_norms"]
     assert all(n.attrs["eps"] == eps[n.name] / 64 for n in streamed)
     for got, ref in zip(Interpreter(scaled).run(*inputs), want):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    for norm in (n for n in scaled.nodes if n.op == "rms_norm" and n.inputs[1].name.endswith(".scaled")):
+        before = graph.node(norm.name)
+        assert norm.attrs["offset"] == 0.0 and torch.equal(
+            norm.inputs[1].encoding.data, (before.attrs["offset"] + before.inputs[1].encoding.data) * 0.125)
 
 
 def test_a_stream_something_else_reads_is_left_as_it_is():

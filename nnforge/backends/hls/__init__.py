@@ -30,23 +30,26 @@ from ...ir.simplify import static_form
 from ...targets import Target
 from ..base import Artifact, Backend, BackendError, InputSpec, LowerContext, ResidentState, Runner
 from . import emulate as E
-from . import conv, csim, decoder, logic, pointwise, render, resources, routing  # noqa: F401  (conv, decoder, logic, pointwise, routing register lowering rules)
+from . import conv, csim, decoder, logic, pointwise, ranges, render, resources, routing  # noqa: F401  (conv, decoder, logic, pointwise, routing register lowering rules)
 from .capabilities import CAPABILITIES
 from .project import LOWERINGS, PROJECT, HlsOptions, Plan, build_plan
 
 TB_SEED = 0
 
 
-def static_graph(graph: Graph, dims: dict | None, shapes: dict | None = None) -> tuple[Graph, dict]:
+def static_graph(graph: Graph, dims: dict | None, shapes: dict | None = None,
+                 residual_scale: float | None = None) -> tuple[Graph, dict]:
     """``graph`` with its dimension symbols fixed (see the module docstring) and the sizes used: the
     same static form the ``specialize_shapes`` pass gives at compile time (nnforge.ir.simplify), so
-    a runner building a design for new sizes generates what a compile for them would."""
+    a runner building a design for new sizes generates what a compile for them would; with
+    ``residual_scale``, the stream scaled as the compile's activation fit chose (ranges.py)."""
     try:
         env = bind_symbols(graph, dims, shapes)
-        return static_form(graph, env), env
+        static = static_form(graph, env)
     except GraphError as e:
         raise BackendError(f"the hls backend generates fixed-size hardware and needs every dimension fixed: {e} "
                            f"(give sizes with the target option dims, e.g. with_options(dims={{'seq': 128}}))") from None
+    return (static if residual_scale is None else ranges.scale_residual(static, residual_scale)), env
 
 
 def make_sim(plan: Plan, srcs: dict, defines: tuple[str, ...] = ()) -> csim.CSim:
@@ -65,8 +68,10 @@ class HlsRunner(Runner):
     decoder's KV cache is the design's off-chip memory: a call through numpy loads the caches given
     into it and reads them back as the ``.next`` outputs; :meth:`resident` keeps it between steps."""
 
-    def __init__(self, graph: Graph, opts: HlsOptions, env: dict, plan: Plan, sim: csim.CSim | None):
+    def __init__(self, graph: Graph, opts: HlsOptions, env: dict, plan: Plan, sim: csim.CSim | None,
+                 residual_scale: float | None = None):
         self.graph, self.opts, self.plan, self.sim = graph, opts, plan, sim
+        self.residual_scale = residual_scale
         self.dims = dict(env)
         self._plans = {tuple(sorted(env.items())): plan}
         self._sims = {tuple(sorted(env.items())): sim} if sim is not None else {}
@@ -75,7 +80,7 @@ class HlsRunner(Runner):
 
     def plan_for(self, shapes: dict) -> tuple[tuple, Plan]:
         """The design's key and plan for the input sizes ``shapes`` ({input: shape})."""
-        static, env = static_graph(self.graph, None, shapes)
+        static, env = static_graph(self.graph, None, shapes, self.residual_scale)
         key = tuple(sorted(env.items()))
         if key not in self._plans:
             self._plans[key] = build_plan(static, self.opts)
@@ -256,7 +261,8 @@ class HlsBackend(Backend):
             raise BackendError(f"the hls backend generates fixed-size hardware: graph {graph.name} still has "
                                f"dimension symbols ({', '.join(str(list(v.shape)) for v in graph.inputs)}); lower it "
                                "after its prepare passes")
-        static, env = graph, dict(ctx.symbols)
+        static, opts, activation_fit = ranges.fit(graph, opts, ctx.reference)
+        env = dict(ctx.symbols)
         plan = build_plan(static, opts)
         files = render.render(plan, tb_inputs(plan))
         files.update(simulation_report(static, target, plan))
@@ -269,6 +275,8 @@ class HlsBackend(Backend):
                  "onchip_activation_bytes": plan.onchip_bytes,
                  "resource_estimate": {k: est["total"][k] for k in ("dsp", "bram36", "lut", "ff")}, "weight_memory_bytes": len(plan.mem.image()),
                  "sources": {rel: hashlib.sha256(data).hexdigest() for rel, data in render.sources(plan).items()}}
+        if activation_fit is not None:
+            entry["activation_fit"] = activation_fit
         sim = json.loads(files[f"{REPORT_DIR}/simulation.json"])
         if "skipped" not in sim:      # the accelerator model's estimate (nnforge.fpga), not a measurement
             entry["simulation"] = {"estimated_by": "nnforge.fpga simulator", **{k: sim[k] for k in (
@@ -289,7 +297,8 @@ class HlsBackend(Backend):
         dims = entry.get("dims", {})
         if not isinstance(dims, dict):
             raise BackendError(f"{bundle_dir}: hls backend entry dims must be a table, got {dims!r}")
-        static, env = static_graph(graph, dims)
+        scale = (entry.get("activation_fit") or {}).get("residual_scale")
+        static, env = static_graph(graph, dims, residual_scale=scale)
         plan = build_plan(static, opts)
         srcs = render.sources(plan)
         for rel, data in srcs.items():
@@ -297,7 +306,7 @@ class HlsBackend(Backend):
             if not path.is_file() or path.read_bytes() != data:
                 raise BackendError(f"{bundle_dir}: {rel} differs from the project nnforge generates from the bundle's "
                                    f"graph; the bundle was edited or made by another nnforge version: recompile it")
-        return HlsRunner(graph, opts, env, plan, make_sim(plan, srcs))
+        return HlsRunner(graph, opts, env, plan, make_sim(plan, srcs), residual_scale=scale)
 
     def toolchain(self) -> dict[str, str]:
         out = {}
