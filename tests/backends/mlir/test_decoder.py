@@ -1,7 +1,8 @@
 """A decoder on the mlir backend: one module with ``prefill`` and ``decode`` functions that share
 their weights and take the KV cache as arguments, parsed back and run under torch-mlir's reference
-JIT, generating the reference interpreter's greedy tokens (fp32, w4-gptq and w4-gptq+kv8, under
--m slow: each compiles and JIT-compiles a module). In the default run, the runner's chunking and
+JIT, generating the reference interpreter's greedy tokens (a one-layer w4-gptq+kv8 module in the
+default run; two layers with fp32, w4-gptq and w4-gptq+kv8 under -m slow: each compiles and
+JIT-compiles a module). In the default run also the runner's chunking and
 padding (nnforge.backends.mlir.decoder) and the kv8 cache's write and read kernels are checked on
 the torch module the backend exports, against the interpreter, and the errors of the decoder's
 function shapes; a one-layer module runs under the JIT through both functions, against the
@@ -137,6 +138,18 @@ def test_a_decoder_is_refused_in_stablehlo_before_a_bundle_is_written(tmp_path):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return llama_directory(tmp_path_factory.mktemp("llm"))
+
+
+@pytest.fixture(scope="module")
+def one_layer_dir(tmp_path_factory):
+    return llama_directory(tmp_path_factory.mktemp("llm1"), num_hidden_layers=1)
+
+
+def test_a_one_layer_w4_gptq_kv8_module_generates_the_interpreters_tokens(one_layer_dir, tmp_path):
+    """The default run's share of the test below: the tiny Llama cut to one layer, w4-gptq with a
+    kv8 cache (each function JIT-compiled once; the two-layer cases, fp32 and w4-gptq alone, under
+    -m slow)."""
+    test_a_decoder_module_generates_the_interpreters_tokens(one_layer_dir, tmp_path, "w4-gptq+kv8")
 
 
 @pytest.mark.slow

@@ -108,13 +108,14 @@ def tiny_tokenizer():
                                    unk_token="<unk>")
 
 
-def llama_directory(root, words: int = 1200, seed: int = 0):
-    """``root`` holding the tiny Llama and its tokenizer as a transformers model directory
-    (``model/``) and ``calib.txt``: ``words`` seeded random words of its vocabulary."""
+def llama_directory(root, words: int = 1200, seed: int = 0, **changes):
+    """``root`` holding the tiny Llama (its config with ``changes``) and its tokenizer as a
+    transformers model directory (``model/``) and ``calib.txt``: ``words`` seeded random words of
+    its vocabulary."""
     import random
     from pathlib import Path
     root = Path(root)
-    tiny_model("llama").save_pretrained(root / "model")
+    tiny_model("llama", **changes).save_pretrained(root / "model")
     tiny_tokenizer().save_pretrained(root / "model")
     r = random.Random(seed)
     (root / "calib.txt").write_text(" ".join(f"w{r.randrange(4, 128)}" for _ in range(words)))
