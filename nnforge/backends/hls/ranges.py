@@ -7,9 +7,10 @@ few hundred times its largest linear output. A saturated stream does not fail lo
 come out as noise. So before planning a design, the compile runs the reference interpreter on its
 first held-out batch and, where any activation passes the format's range:
 
-1. The residual stream is carried divided by a power of two (the ``scale_residual`` pass: the same
-   function in real arithmetic; RMS norms do not see a common factor), small enough that the
-   stream fits in the integer bits the other activations need.
+1. The residual stream is carried divided by a power of two (``nnforge.ir.residual``, the rewrite
+   the ``scale_residual`` pass runs: the same function in real arithmetic; RMS norms do not see a
+   common factor), small enough that the stream fits in the integer bits the other activations
+   need.
 2. ``act_int`` rises to the bits those activations need, with one spare bit for inputs larger than
    the batch seen, and ``act_width`` rises with it to keep the fractional bits, as far as the
    design's 64-bit sums allow (a norm or attention sums squares or products of two activations).
@@ -25,7 +26,7 @@ from dataclasses import replace
 
 import torch
 
-from ...ir import Graph, Interpreter
+from ...ir import Graph, Interpreter, residual
 from ..base import BackendError
 from .project import HlsOptions
 
@@ -85,10 +86,9 @@ def magnitudes(graph: Graph, inputs: list) -> dict[str, float]:
 
 
 def scale_residual(graph: Graph, factor: float) -> Graph:
-    """``graph`` with its residual stream times ``factor`` (passes/residual_scale.py), in place."""
-    from ...passes import PassContext, PassManager
-    from ...passes.residual_scale import ScaleResidual
-    return PassManager([ScaleResidual(factor=factor)]).run(graph, PassContext())
+    """``graph`` with its residual stream times ``factor`` (nnforge.ir.residual), in place."""
+    residual.scale_residual(graph, factor)
+    return graph
 
 
 def fit(graph: Graph, opts: HlsOptions, reference: list | None) -> tuple[Graph, HlsOptions, dict | None]:
@@ -106,8 +106,7 @@ def fit(graph: Graph, opts: HlsOptions, reference: list | None) -> tuple[Graph, 
               "largest": {"value": top, "magnitude": seen[top]},
               "target_format": [opts.act_width, opts.act_int]}
     factor = 1.0
-    from ...passes.residual_scale import residual_stream
-    found = residual_stream(graph)
+    found = residual.residual_stream(graph)
     if not isinstance(found, str):
         values, adds, _ = found
         stream = {v.name for v in values}
