@@ -30,9 +30,9 @@ from ...ir.simplify import static_form
 from ...targets import Target
 from ..base import Artifact, Backend, BackendError, InputSpec, LowerContext, ResidentState, Runner
 from . import emulate as E
-from . import conv, csim, decoder, logic, pointwise, ranges, render, resources, routing  # noqa: F401  (conv, decoder, logic, pointwise, routing register lowering rules)
+from . import conv, csim, decoder, decoder_kv8, logic, pointwise, ranges, render, resources, routing  # noqa: F401  (conv, decoder, decoder_kv8, logic, pointwise, routing register lowering rules)
 from .capabilities import CAPABILITIES
-from .project import LOWERINGS, PROJECT, HlsOptions, Plan, build_plan
+from .project import LOWERINGS, PROJECT, HlsOptions, Plan, build_plan, kv_layout, kv_words, pack_state, unpack_state
 
 TB_SEED = 0
 
@@ -102,14 +102,14 @@ class HlsRunner(Runner):
         plan, sim = (self.plan_for(shapes)[1], None) if emulated else self.design_for(shapes)
         given = dict(zip(self.input_names, inputs))
         check_positions(plan, given)
-        act, ports = plan.opts.act, [given[v] for v in plan.inputs]
+        ports = [given[v] for v in plan.inputs]
         kv = np.zeros(plan.kv_words, np.int64 if emulated else np.int32)
         for inp, _ in plan.state:
-            plan.kv_region(kv, inp)[...] = E.from_float(given[inp], act).reshape(plan.kv[inp][1])
+            plan.load_state(kv, inp, given[inp])
         outs = plan.emulate(ports, kv) if emulated else sim.run(ports, kv if plan.kv_words else None)
         # the C-simulation writes every output as floats; int and bool outputs get their own dtype back
         got = {v: y.reshape(plan.shapes[v]).astype(DTYPES[plan.kinds[v]], copy=False) for y, v in zip(outs, plan.outputs)}
-        got.update({out: E.to_float(plan.kv_region(kv, inp), act) for inp, out in plan.state})
+        got.update({out: plan.read_state(kv, inp) for inp, out in plan.state})
         return [got[v] for v in self.output_names]
 
     def run_numpy(self, inputs: list) -> list:
@@ -133,7 +133,7 @@ class HlsRunner(Runner):
         given = dict(zip(self.input_names, feeds))
         kv = np.zeros(plan.kv_words, np.int64)
         for inp, _ in plan.state:
-            plan.kv_region(kv, inp)[...] = E.from_float(given[inp], plan.opts.act).reshape(plan.kv[inp][1])
+            plan.load_state(kv, inp, given[inp])
         names = {v.name for v in wanted}
         act, env, values = plan.opts.act, plan.emulate_env([given[v] for v in plan.inputs], kv), {}
         for layer in plan.layers:
@@ -150,8 +150,9 @@ def check_positions(plan: Plan, given: dict) -> None:
     """A decoder's positions must be slots of its cache: the design would read its last slot for a
     later one (and write none), so the runner refuses them before anything runs."""
     from .decoder import KvWrite
+    from .decoder_kv8 import Kv8Write
     for layer in plan.layers:
-        if isinstance(layer, KvWrite):
+        if isinstance(layer, (KvWrite, Kv8Write)):
             pos = np.asarray(given[layer.inputs[1]])
             if pos.size and (pos.min() < 0 or pos.max() >= layer.max_len):
                 raise BackendError(f"input {layer.inputs[1]}: positions {int(pos.min())}..{int(pos.max())} are outside "
@@ -170,10 +171,12 @@ class ResidentKv(ResidentState):
     def reset(self, shapes: dict) -> None:
         # the regions in the graph's state order, as project._kv_state lays them out
         self.shapes = {inp: list(shapes[inp]) for inp, _ in self.runner.graph.state_pairs()}
-        self.offsets, n = {}, 0
-        for inp, shape in self.shapes.items():
-            self.offsets[inp], n = n, n + int(np.prod(shape))
+        self.regions, n = kv_layout(self.runner.plan.kv_forms, self.shapes)
         self.kv = np.zeros(n, np.int32)
+
+    def _words(self, name: str) -> np.ndarray:
+        off, shape = self.regions[name]
+        return self.kv[off:off + kv_words(self.runner.plan.kv_forms.get(name, "act"), int(np.prod(shape)))]
 
     def run(self, token_ids, positions):
         given = {self.tokens[0]: np.asarray(token_ids), self.tokens[1]: np.asarray(positions)}
@@ -183,15 +186,14 @@ class ResidentKv(ResidentState):
         return outs[plan.outputs.index(self.logits)].reshape(plan.shapes[self.logits])
 
     def read(self, name: str):
-        off, shape = self.offsets[name], self.shapes[name]
-        return E.to_float(self.kv[off:off + int(np.prod(shape))], self.runner.opts.act).reshape(shape)
+        return unpack_state(self.runner.plan.kv_forms.get(name, "act"), self._words(name), self.shapes[name],
+                            self.runner.opts.act)
 
     def write(self, values: dict) -> None:
         self.reset({inp: list(np.shape(values[inp])) for inp, _ in self.runner.graph.state_pairs()})
-        for inp in self.shapes:          # the values held before were fixed-point already: exact
-            off = self.offsets[inp]
-            self.kv[off:off + int(np.prod(self.shapes[inp]))] = E.from_float(
-                np.asarray(values[inp], np.float32), self.runner.opts.act).reshape(-1)
+        for inp in self.shapes:          # the values held before were as the design stores them: exact
+            self._words(inp)[...] = pack_state(self.runner.plan.kv_forms.get(inp, "act"), values[inp],
+                                               self.runner.opts.act)
 
 
 def tb_inputs(plan: Plan) -> list[np.ndarray]:

@@ -6,8 +6,9 @@ int codes as stored, minifloat codes through an integer decoding table, N:M spar
 with their in-group indices, float weights quantised per output channel. A convolution's weight,
 flattened to [out, in/groups * kernel], takes the same rows. A linear or conv weight no row takes
 is decoded and stored like a float one (a reported fallback); an act-order int weight is an
-error, as is an encoded matmul constant. Every FPGA target runs the same templates, so no row
-reads the target (a runner rebuilds its design from the bundle's options).
+error, as is an encoded matmul constant. A decoder's KV cache is float or kv8 (kept encoded in
+off-chip memory, :mod:`.decoder_kv8`); other cache encodings are refused. Every FPGA target runs
+the same templates, so no row reads the target (a runner rebuilds its design from the bundle's options).
 
     >>> cap, why = CAPABILITIES.find("linear", weight.encoding)
 """
@@ -83,6 +84,12 @@ CAPABILITIES = Capabilities([
     Capability("matmul", "dense", "matrix unit on the constant operand's transpose, quantised like a dense linear "
                                   "(reported)"),
     Capability("embedding", "dense", "table rows in weight memory, in the activation fixed-point format"),
+    Capability("kv_cache_write", "kv8", "nf::kv8_write: each new row quantised in the design (group max, float16 "
+                                        "scale in integers, codes by a per-group reciprocal) into the cache in "
+                                        "off-chip memory as stored: int8 codes 4 to a word, float16 scales 2 to a word"),
+    Capability("kv_cache_read", "kv8", "nf::kv8_attention reads the codes and scales in off-chip memory, each value "
+                                       "multiplied out to the activation format as it streams; only as attention's "
+                                       "k and v, no float cache is made"),
 ])
 
 __all__ = ["ACT_ORDER", "CAPABILITIES", "float_data", "int_codes", "minifloat_codes", "nm_sparse", "refused"]

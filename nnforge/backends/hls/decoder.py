@@ -187,17 +187,29 @@ def _attention(plan, node, name):
     if node.attrs["softcap"]:
         raise BackendError(f"node {node.name} (attention): a score softcap (tanh) is not supported by the hls "
                            f"backend")
+    shape = _shape4(node, q, "q")
+    scale_m = int(math.floor(node.attrs["scale"] * 2 ** SCALE_SHIFT + 0.5))
+    if any(c.producer is not None and c.producer.op == "kv_cache_read" for c in (k, v)):
+        from .decoder_kv8 import kv8_attention
+        layer = kv8_attention(plan, node, name, shape, scale_m)
+        if layer is None:
+            raise BackendError(f"node {node.name} (attention): its k and v must both be kv8 kv_cache_read outputs at "
+                               f"the attention's positions for the hls design to read the encoded cache in place")
+        _check_act_width(plan, node, shape[3])
+        return [layer]
     for c in (k, v):
         if c.name not in plan.kv:
             raise BackendError(f"node {node.name} (attention): {c.name} is not a KV cache the design keeps in "
                                f"off-chip memory (the hls attention reads the cache a cache_update wrote)")
-    shape = _shape4(node, q, "q")
-    W, d = plan.opts.act_width, shape[3]
+    _check_act_width(plan, node, shape[3])
+    (k_off, k_shape), (v_off, _) = plan.kv[k.name], plan.kv[v.name]
+    return [Attention(name, node.name, [q.name, positions.name], node.output.name, shape=shape, kv_heads=k_shape[1],
+                      max_len=k_shape[2], window=node.attrs["window"], k_off=k_off, v_off=v_off, scale_m=scale_m,
+                      rows=0, n=0, step_log2=plan.opts.lut_step_log2, e_frac=plan.opts.exp_frac, act=plan.opts.act)]
+
+
+def _check_act_width(plan, node, d: int) -> None:
+    W = plan.opts.act_width
     if 2 * W + math.ceil(math.log2(max(d, 2))) > 62:
         raise BackendError(f"node {node.name}: act_width {W} is too wide for a 64-bit sum over {d} products; "
                            f"lower act_width")
-    (k_off, k_shape), (v_off, _) = plan.kv[k.name], plan.kv[v.name]
-    return [Attention(name, node.name, [q.name, positions.name], node.output.name, shape=shape, kv_heads=k_shape[1],
-                      max_len=k_shape[2], window=node.attrs["window"], k_off=k_off, v_off=v_off,
-                      scale_m=int(math.floor(node.attrs["scale"] * 2 ** SCALE_SHIFT + 0.5)),
-                      rows=0, n=0, step_log2=plan.opts.lut_step_log2, e_frac=plan.opts.exp_frac, act=plan.opts.act)]

@@ -393,3 +393,84 @@ def scatter_rows(x, v, idx, n_rows: int, row: int, v_si: int, v_sc: int, accumul
         else:
             y[r] = val
     return y.reshape(-1)
+
+
+# --- the kv8 KV-cache encoding (nf_kv8.h) ----------------------------------------------------------
+KV8_RCP_SHIFT = 40
+
+
+def kv8_scale_bits(n: int, F: int) -> int:
+    """nf::kv8_scale_bits: the float16 bit pattern nearest n * 2^-F / 127 (ties to even), saturated."""
+    if n == 0:
+        return 0
+    L = n.bit_length() - 1
+    e = L - 6 if (n << 6) >= (127 << L) else L - 7
+    ev = e - F
+    if ev > 15:
+        return 0x7BFF
+    lsb = max(ev, -14) - 10
+    s = -lsb - F
+    if s >= 0:
+        q, r = divmod(n << s, 127)
+        q += 2 * r > 127
+    else:
+        b = 127 << -s
+        q, r = divmod(n, b)
+        q += 2 * r > b or (2 * r == b and q & 1)
+    if q >= 2048:
+        q, lsb = q >> 1, lsb + 1
+    if q < 1024:
+        return q
+    return 0x7BFF if lsb + 25 > 30 else ((lsb + 25) << 10) | (q - 1024)
+
+
+def kv8_scale_parts(bits):
+    """(m, e) with scale = m * 2^e, of float16 bit patterns (nf::kv8_scale_parts)."""
+    bits = np.asarray(bits, np.int64)
+    ef, mant = (bits >> 10) & 31, bits & 1023
+    return np.where(ef == 0, mant, mant | 1024), np.where(ef == 0, -24, ef - 25)
+
+
+def kv8_quantize(x, group: int, F: int) -> tuple[np.ndarray, np.ndarray]:
+    """nf::kv8_write's arithmetic on raw rows x [..., d]: (int8 codes [..., d], float16 bit patterns
+    [..., d / group] as uint16)."""
+    x = np.asarray(x, np.int64)
+    groups = x.reshape(-1, group)
+    codes = np.zeros(groups.shape, np.int64)
+    bits = np.zeros(len(groups), np.int64)
+    for i, g in enumerate(groups):
+        a = np.abs(g)
+        bits[i] = kv8_scale_bits(int(a.max(initial=0)), F)
+        m, e = (int(v) for v in kv8_scale_parts(bits[i]))
+        if m == 0:
+            continue
+        while m < 1024:
+            m, e = m << 1, e - 1
+        rcp = ((1 << KV8_RCP_SHIFT) + m // 2) // m
+        codes[i] = np.sign(g) * np.minimum(round_shift(a * rcp, KV8_RCP_SHIFT + e + F), 127)
+    return codes.reshape(x.shape).astype(np.int8), bits.reshape(*x.shape[:-1], -1).astype(np.uint16)
+
+
+def kv8_values(codes, bits, fmt: Fixed) -> np.ndarray:
+    """nf::kv8_value over a cache: raw codes * scale at ``fmt`` (codes [..., d], bits [..., d / group])."""
+    c = np.asarray(codes, np.int64)
+    m, e = kv8_scale_parts(bits)
+    g = c.shape[-1] // m.shape[-1]
+    m, e = np.repeat(m, g, axis=-1), np.repeat(e, g, axis=-1)
+    s = -(e + fmt.frac)
+    v = c * m
+    up = v << np.clip(-s, 0, None)
+    down = (v + (np.int64(1) << np.clip(s - 1, 0, None))) >> np.clip(s, 0, None)
+    return saturate(np.where(s > 0, down, up), fmt)
+
+
+def pack_words(data: np.ndarray) -> np.ndarray:
+    """The little-endian bytes of ``data`` as int32 words (int64 values), zero-padded to a whole word."""
+    raw = np.ascontiguousarray(data).tobytes()
+    raw += b"\0" * (-len(raw) % 4)
+    return np.frombuffer(raw, "<i4").astype(np.int64)
+
+
+def unpack_words(words, dtype, n: int) -> np.ndarray:
+    """The first ``n`` elements of ``dtype`` in the bytes of int32 ``words`` (inverse of pack_words)."""
+    return np.frombuffer(np.asarray(words).astype("<i4").tobytes(), dtype)[:n].copy()

@@ -46,7 +46,11 @@ LOWERINGS = Registry("hls lowering")
 # Ops whose rule handles int / bool operands; every other op takes and gives activations only.
 MIXED_OPS = {"full", "embedding", "permute", "reshape", "slice", "expand", "eq", "ne", "lt", "le", "gt", "ge", "and", "or",
              "not", "where", "cast", "reduce_sum", "reduce_any", "index", "gather_elements", "concat", "topk_indices",
-             "cumsum", "index_put", "minimum", "maximum", "div", "rope", "cache_update", "attention"}
+             "cumsum", "index_put", "minimum", "maximum", "div", "rope", "cache_update", "attention", "kv_cache_write",
+             "kv_cache_read"}
+# How a state tensor lies in the kv memory's int32 words (``Plan.kv_forms``): a float cache as raw
+# activations, one a word; a kv8 cache as its tensors' own bytes, little-endian (nf_kv8.h).
+KV_FORMS = {"act": 1, "int8": 4, "f16": 2}      # form -> elements per word
 
 
 def value_kind(v) -> str:
@@ -161,11 +165,14 @@ class Plan:
     pool: dict = field(default_factory=dict)         # on-chip buffer -> elements (shared by values)
     kinds: dict = field(default_factory=dict)        # value name -> "act" | "int" | "bool"
     buf_kinds: dict = field(default_factory=dict)    # pool buffer -> kind
-    # the KV cache in off-chip memory (the kv_mem port, int32 raw activations): each state value and
-    # the cache_update outputs that write it -> (word offset, shape); state: (input, output) pairs
+    # the KV cache in off-chip memory (the kv_mem port, int32 words): each state value and the
+    # cache_update outputs that write it -> (word offset, shape), and its form (KV_FORMS) by state
+    # value; state: (input, output) pairs
     kv: dict = field(default_factory=dict)
+    kv_forms: dict = field(default_factory=dict)
     state: list = field(default_factory=list)
     kv_words: int = 0
+    graph: Graph | None = None                       # the static graph lowered (its uses, for lowering rules)
 
     @property
     def onchip_bytes(self) -> int:
@@ -206,15 +213,61 @@ class Plan:
         return env
 
     def kv_region(self, kv: np.ndarray, value: str) -> np.ndarray:
-        """The view of the KV-cache memory ``kv`` that holds ``value`` (a state value), in its shape."""
+        """The words of the KV-cache memory ``kv`` that hold ``value`` (a state value): a view, in
+        its shape for a float cache (one raw activation a word), flat for a packed form."""
         off, shape = self.kv[value]
-        return kv[off:off + math.prod(shape)].reshape(shape)
+        form = self.kv_forms.get(value, "act")
+        n = kv_words(form, math.prod(shape))
+        return kv[off:off + n].reshape(shape) if form == "act" else kv[off:off + n]
+
+    def load_state(self, kv: np.ndarray, value: str, x) -> None:
+        """State tensor ``x`` (the graph's ``value``) into its words of ``kv``."""
+        self.kv_region(kv, value)[...] = pack_state(self.kv_forms.get(value, "act"), x, self.opts.act).reshape(
+            self.kv_region(kv, value).shape)
+
+    def read_state(self, kv: np.ndarray, value: str) -> np.ndarray:
+        """The state tensor ``value`` as its words of ``kv`` hold it, in the graph's dtype."""
+        return unpack_state(self.kv_forms.get(value, "act"), self.kv_region(kv, value), self.kv[value][1],
+                            self.opts.act)
 
     def emulate(self, inputs: list, kv: np.ndarray | None = None) -> list[np.ndarray]:
         """Float outputs of the bit-accurate emulation (what the C-simulation returns)."""
         act, env = self.opts.act, self.emulate_env(inputs, kv)
         return [(E.to_float(env[v], act) if self.kinds.get(v, "act") == "act" else env[v].astype(np.float32))
                 .reshape(self.shapes[v]) for v in self.outputs]
+
+
+def kv_words(form: str, n: int) -> int:
+    """Words of kv memory that ``n`` elements of state in ``form`` take."""
+    return -(-n // KV_FORMS[form])
+
+
+def kv_layout(forms: dict, shapes: dict) -> tuple[dict, int]:
+    """({state value: (word offset, shape)}, words in all): regions one after another, in the order
+    of ``shapes`` (the graph's state order), as the design addresses them."""
+    out, n = {}, 0
+    for name, shape in shapes.items():
+        out[name] = (n, tuple(shape))
+        n += kv_words(forms.get(name, "act"), math.prod(shape))
+    return out, n
+
+
+def pack_state(form: str, x, act: E.Fixed) -> np.ndarray:
+    """The kv-memory words (int64 values of int32 words) of state tensor ``x`` in ``form``."""
+    if form == "act":
+        return E.from_float(np.asarray(x, np.float32), act).reshape(-1)
+    if form == "int8":
+        return E.pack_words(np.asarray(x).astype(np.int8))
+    return E.pack_words(np.asarray(x, np.float32).astype(np.float16))
+
+
+def unpack_state(form: str, words, shape, act: E.Fixed) -> np.ndarray:
+    """State tensor ``shape`` from its kv-memory ``words`` (inverse of :func:`pack_state`): float32
+    for a float cache, int8 codes, float16 scales."""
+    n = math.prod(shape)
+    if form == "act":
+        return E.to_float(np.asarray(words).reshape(-1), act).reshape(shape)
+    return E.unpack_words(words, np.int8 if form == "int8" else np.float16, n).reshape(shape)
 
 
 # --- lowering rules: (plan, node, names) -> layers --------------------------------------------------
@@ -551,7 +604,7 @@ def build_plan(graph: Graph, opts: HlsOptions) -> Plan:
     if len({v.name for v in graph.outputs}) != len(graph.outputs):
         raise BackendError("the hls backend needs distinct graph outputs")
     names = Names()
-    plan = Plan(names("nf_", graph.name, "graph", "_top"), opts)
+    plan = Plan(names("nf_", graph.name, "graph", "_top"), opts, graph=graph)
     _kv_state(graph, plan)
     stateful = {v for pair in plan.state for v in pair}
     outs = {v.name for v in graph.outputs}
@@ -616,29 +669,50 @@ def build_plan(graph: Graph, opts: HlsOptions) -> Plan:
 
 def _kv_state(graph: Graph, plan: Plan) -> None:
     """The KV cache: every state input (``X`` with a graph output ``X.next``) gets a region of the
-    off-chip kv memory, which the cache_update writing ``X.next`` updates in place; the value is
-    then no port of the top function, and only cache_update and attention may read it."""
+    off-chip kv memory, which the node writing ``X.next`` updates in place: a cache_update of a
+    float cache, or a kv_cache_write of a kv8 cache (its codes and scales, each a region in its
+    stored form). The value is then no port of the top function, and only those writers,
+    attention and kv_cache_read may read it."""
     from ...ir.graph import STATE_NEXT
+    from ...ir.ops.kvcache import encoding_of
     values = {v.name: v for v in list(graph.inputs) + list(graph.outputs)}
+    shapes = {}
     for name, out in graph.state_pairs():
         v, nxt = values[name], values[out]
         p = nxt.producer
-        if p is None or p.op != "cache_update" or p.inputs[0] is not v:
+        if p is not None and p.op == "kv_cache_write" and any(s is v for s in p.inputs[2:]):
+            kind = encoding_of(p.attrs).kind
+            if CAPABILITIES.find("kv_cache_write", kind)[0] is None:
+                raise BackendError(f"node {p.name} (kv_cache_write): the {kind} KV-cache encoding is not supported by "
+                                   f"the hls backend, which keeps kv8 caches (int8 codes, float16 scales) or float "
+                                   f"ones in off-chip memory; encode the cache with kv8, or leave it float")
+            plan.kv_forms[v.name] = plan.kv_forms[nxt.name] = "int8" if v.dtype.name == "int8" else "f16"
+        elif p is None or p.op != "cache_update" or p.inputs[0] is not v:
             raise BackendError(f"state {v.name}: the hls backend keeps a KV cache in off-chip memory and needs "
-                               f"{nxt.name} written by a cache_update of {v.name}; it is made by "
-                               f"{f'node {p.name} ({p.op})' if p is not None else 'no node'}")
-        plan.kv[v.name] = plan.kv[nxt.name] = (plan.kv_words, tuple(v.shape))
-        plan.kv_words += math.prod(v.shape)
+                               f"{nxt.name} written by a cache_update of {v.name} (or a kv8 kv_cache_write); it is "
+                               f"made by {f'node {p.name} ({p.op})' if p is not None else 'no node'}")
+        else:
+            plan.kv_forms[v.name] = plan.kv_forms[nxt.name] = "act"
+        shapes[v.name] = tuple(v.shape)
         plan.state.append((v.name, nxt.name))
+    regions, plan.kv_words = kv_layout(plan.kv_forms, shapes)
+    for inp, out in plan.state:
+        plan.kv[inp] = plan.kv[out] = regions[inp]
+    readers = {"act": ("cache_update", "attention"), "int8": ("kv_cache_write", "kv_cache_read"),
+               "f16": ("kv_cache_write", "kv_cache_read")}
     for n in graph.nodes:
         for v in n.inputs:
-            if v is not None and v.name in plan.kv and n.op not in ("cache_update", "attention"):
+            if v is not None and v.name in plan.kv and n.op not in readers[plan.kv_forms[v.name]]:
                 raise BackendError(f"node {n.name} ({n.op}) reads the KV cache {v.name}; in the hls design only "
-                                   f"cache_update and attention reach the cache in off-chip memory")
+                                   f"{' and '.join(readers[plan.kv_forms[v.name]])} reach that cache in off-chip "
+                                   f"memory")
         if n.op == "cache_update" and n.inputs[0].name not in plan.kv:
             raise BackendError(f"node {n.name} (cache_update): its cache {n.inputs[0].name} is not a state input "
                                f"with a {n.inputs[0].name}{STATE_NEXT} output; the hls design updates only the KV "
                                f"cache it keeps in off-chip memory")
+        if n.op == "kv_cache_write" and any(v.name not in plan.kv for v in n.inputs[2:]):
+            raise BackendError(f"node {n.name} (kv_cache_write): its state is not state inputs with .next outputs "
+                               f"it writes; the hls design updates only the KV cache it keeps in off-chip memory")
         if n.op == "cache_update":
             plan.kv.setdefault(n.output.name, plan.kv[n.inputs[0].name])
 

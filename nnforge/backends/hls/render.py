@@ -33,13 +33,14 @@ def parameters_h(plan: Plan) -> str:
              "#ifndef NF_PARAMETERS_H_", "#define NF_PARAMETERS_H_", "",
              '#include "nf/nf_types.h"', '#include "nf/nf_matvec.h"', '#include "nf/nf_activation.h"',
              '#include "nf/nf_softmax.h"', '#include "nf/nf_norm.h"', '#include "nf/nf_elementwise.h"', '#include "nf/nf_index.h"', '#include "nf/nf_logic.h"', '#include "nf/nf_reduce.h"',
-             '#include "nf/nf_conv.h"', '#include "nf/nf_route.h"', '#include "nf/nf_attention.h"', "",
+             '#include "nf/nf_conv.h"', '#include "nf/nf_route.h"', '#include "nf/nf_attention.h"', '#include "nf/nf_kv8.h"', "",
              "using nf::int_t;   // integer values (ids, masks): ap_int<32>",
              "using nf::bool_t;  // booleans: ap_uint<1>", "",
              f"// activations between layers: {o.act_width} bits, {o.act_int} integer, round half up, saturate",
              f"typedef {o.act.cpp()} act_t;",
              f"#define NF_WMEM_BYTES {len(plan.mem.image())}",
-             *([f"// the KV cache in off-chip memory: {len(plan.state)} caches of raw activations in int32 words",
+             *([f"// the KV cache in off-chip memory: {len(plan.state)} state tensors in int32 words (raw "
+                f"activations, or a kv8 cache's packed codes and float16 scales: nf_kv8.h)",
                 f"#define NF_KV_WORDS {plan.kv_words}"] if plan.kv_words else []),
              "#ifdef __SYNTHESIS__", "#define NF_BUF", "#else",
              "#define NF_BUF static  // C-simulation: activation buffers off the stack", "#endif", ""]
