@@ -57,6 +57,7 @@ class Workload:
     hidden: int = 0
     heads: int = 0
     kv_dim: int = 0               # K (and V) width per token per layer
+    kv_token_bytes: float = 0.0   # K and V bytes of one token, one layer, as an encoded cache stores them (0: kv_bits)
     ffn: int = 0
     misc_per_token: int = 0       # elementwise/norm/activation elements per token per block
     source: str = ""
@@ -195,10 +196,17 @@ def graph_workload(graph, name: str | None = None) -> Workload:
     q, k = attention[0].inputs[0], attention[0].inputs[1]
     heads, head_dim, kv_heads = q.shape[1], q.shape[3], k.shape[1]
     misc = sum(_per_token(n.output) for n in graph.nodes if n.op in MISC_OPS)
+    notes = [f"decoder structure from the graph: {len(attention)} attention layers of {heads} heads over {kv_heads} "
+             f"kv heads of {head_dim}"]
+    kv_token_bytes = 0.0
+    writes = [n for n in graph.nodes if n.op == "kv_cache_write"]
+    if writes:      # an encoded cache: the bytes its state takes (codes and scales), not the target's kv_bits
+        from ..passes.kvcache import cache_report
+        kv_token_bytes = cache_report(graph, writes[0].attrs["max_len"])["bytes_per_token"] / len(attention)
+        notes.append(f"KV cache as encoded in the graph: {kv_token_bytes:g} bytes per token and layer (K and V)")
     return Workload(name or graph.name, tuple(linears), layers=len(attention), hidden=heads * head_dim, heads=heads,
-                    kv_dim=kv_heads * head_dim, misc_per_token=misc // len(attention), source="graph",
-                    notes=(f"decoder structure from the graph: {len(attention)} attention layers of {heads} heads "
-                           f"over {kv_heads} kv heads of {head_dim}",),
+                    kv_dim=kv_heads * head_dim, kv_token_bytes=kv_token_bytes, misc_per_token=misc // len(attention),
+                    source="graph", notes=tuple(notes),
                     compression=f"the weight encodings of {name or graph.name}: {describe_layers(linears)}")
 
 

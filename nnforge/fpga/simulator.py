@@ -110,11 +110,17 @@ def _linear_cost(p: FpgaParams, layer: Linear, tokens: int, engine_macs: float) 
     return OpCost(layer.name, "linear", macs, hbm + spill, compute, (hbm + spill) / bw, spill)
 
 
+def _kv_token_bytes(p: FpgaParams, w: Workload) -> float:
+    """K and V bytes of one token, one layer: as the graph's encoded cache stores them, else at the
+    design's kv_bits."""
+    return w.kv_token_bytes or 2 * w.kv_dim * p.kv_bits / 8
+
+
 def _attention_cost(p: FpgaParams, w: Workload, tokens: int, past: int, engine_macs: float) -> OpCost:
     """QK^T and PV for `tokens` new tokens attending to `past` cached ones plus themselves (causal)."""
     keys = tokens * past + tokens * (tokens + 1) / 2           # sum over new tokens of visible keys
     macs = 2 * w.layers * keys * w.hidden
-    kv_token_bytes = 2 * w.kv_dim * p.kv_bits / 8              # K and V of one token, one layer
+    kv_token_bytes = _kv_token_bytes(p, w)
     # the cache of the past is read once per step; the new tokens' K/V are written
     hbm = w.layers * (past + tokens) * kv_token_bytes + w.layers * tokens * kv_token_bytes
     softmax = 2 * w.layers * w.heads * keys                     # two passes (max, then exp/sum)
@@ -179,7 +185,7 @@ def simulate_workload(w: Workload, target, *, prompt: int = 128, generate: int =
         decode_s += buckets[ctx]
     mid = _align(prompt + max(generate, 1) // 2, p.decode_align)
     dec = phase_ops(p, w, 1, mid - 1, p.mv_macs_per_cycle)
-    kv = 2 * w.layers * (prompt + generate) * w.kv_dim * p.kv_bits / 8
+    kv = w.layers * (prompt + generate) * _kv_token_bytes(p, w)
     if w.weight_bytes + kv > p.hbm_capacity_bytes:
         notes.append(f"weights {w.weight_bytes / 1e9:.2f} GB + KV cache {kv / 1e9:.2f} GB exceed the "
                      f"{p.hbm_capacity_bytes / 1e9:.0f} GB of HBM ({p.path})")

@@ -70,6 +70,7 @@ from dataclasses import dataclass, field
 
 from . import conv as C
 from . import decoder as D
+from . import decoder_kv8 as K
 from . import layers as L
 from . import logic as G
 from . import pointwise as P
@@ -324,8 +325,31 @@ def _attention(layer: D.Attention, ctx: Ctx) -> Cost:
     return c
 
 
+def _kv8_write(layer: K.Kv8Write, ctx: Ctx) -> Cost:
+    """A channel a cycle: its |x| into the group max, then its code by the group's reciprocal; per
+    group the float16 scale (a leading-one count and a division by 127) and the reciprocal."""
+    c, fam = Cost(), ctx.family
+    c.mult(1, ctx.act_width, 31, fam, "|x| x the group's reciprocal", keep=WIDE)
+    c.divider(1, WIDE, "the scale's mantissa: n 2^s / 127, once per group")
+    c.divider(1, 41, "2^40 / m, the group's reciprocal")
+    c.logic(2 * WIDE, 2 * WIDE, "group max and leading-one count")
+    c.array("a row's codes", layer.shape[3], 8)
+    return c
+
+
+def _kv8_attention(layer: K.Kv8Attention, ctx: Ctx) -> Cost:
+    """nf::attention's datapath, each key and value first multiplied out of its code and its
+    group's float16 mantissa (8 x 11 bits) and shifted by the exponent."""
+    c, d = _attention(layer, ctx), layer.shape[3]
+    c.mult(d, 8, 11, ctx.family, "code x scale mantissa, every channel of a key row")
+    c.mult(1, 8, 11, ctx.family, "code x scale mantissa, a value a cycle")
+    c.logic(2 * (d + 1) * WIDE, 0, "a shifter per dequantised value (the scale's exponent)")
+    return c
+
+
 RESOURCE_COSTS = {
-    D.Rope: _rope, D.KvWrite: _moves, D.Attention: _attention,
+    D.Rope: _rope, D.KvWrite: _moves, D.Attention: _attention, K.Kv8Write: _kv8_write,
+    K.Kv8Attention: _kv8_attention,
     L.MatMat: _matmat, L.Matmul: _matmul, L.Lut: _lut, L.Softmax: _softmax, L.Norm: _norm, L.Binary: _binary,
     L.Relu: _moves, L.Clamp: _moves, L.Strided: _moves, L.Copy: _moves, L.Fanout2: _moves,
     L.Embedding: _moves, L.Fill: _moves, L.Const: _moves, G.Ewise: _moves, G.Reduce: _moves, G.Gather: _moves, G.Sqrt: _sqrt,

@@ -118,12 +118,13 @@ def test_a_cache_that_is_not_state_and_a_softcap_are_named(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", [None, "w4-gptq"])
+@pytest.mark.parametrize("recipe", [None, "w4-gptq", "w4-gptq+kv8"])
 def test_csim_generates_token_by_token_as_the_emulation(tmp_path, monkeypatch, recipe):
     """nf.compile for alveo-u280; the C-simulation generates 16 tokens after the prompt (the prefill
     design, then the one-token decode design), the cache resident in the design's kv memory between
     calls and equal to the cache fed back through numpy; the tokens are the bit-accurate
-    emulation's, and with fp32 weights the interpreter's."""
+    emulation's, and with fp32 weights the interpreter's. With kv8 the resident cache (packed codes
+    and float16 scales) is the emulation's bit for bit."""
     monkeypatch.setenv("NNFORGE_HLS_CACHE", str(tmp_path / "hls-cache"))
     tiny_model("llama").save_pretrained(tmp_path / "model")
     tiny_tokenizer().save_pretrained(tmp_path / "model")
@@ -139,10 +140,16 @@ def test_csim_generates_token_by_token_as_the_emulation(tmp_path, monkeypatch, r
     assert got == generate(lm.decoder(resident=False), PROMPT, 16, stop_tokens=[]).tokens
     emulated_runner = DecoderRunner(lambda *xs: lm.runner.emulate([np.asarray(x) for x in xs]), bundle.manifest["decoder"],
                                     [v.name for v in graph.inputs], [v.name for v in graph.outputs])
-    assert got == generate(emulated_runner.decoder(resident=False), PROMPT, 16, stop_tokens=[]).tokens
+    emulated_decoder = emulated_runner.decoder(resident=False)
+    assert got == generate(emulated_decoder, PROMPT, 16, stop_tokens=[]).tokens
     if recipe is None:
         assert got == generate(reference.decoder(resident=False), PROMPT, 16, stop_tokens=[]).tokens
-    cache = resident.cache["cache.1.v"]
+    kv8 = recipe is not None and recipe.endswith("+kv8")
+    if kv8:
+        assert set(resident.cache) == set(emulated_decoder.cache)
+        for name, state in emulated_decoder.cache.items():
+            assert resident.cache[name].dtype == state.dtype and torch.equal(resident.cache[name], state), name
+    cache = resident.cache["cache.1.v.codes" if kv8 else "cache.1.v"]
     assert cache.shape == (1, 2, MAX_LEN, 16) and bool(cache[:, :, :len(PROMPT) + 15].abs().sum(-1).gt(0).all())
     # a fork writes the fixed-point cache back into the design's kv memory, exactly
     plain = lm.decoder(resident=False)
