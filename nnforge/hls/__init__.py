@@ -12,6 +12,8 @@ repeats each kernel's fixed-point arithmetic bit for bit:
     nf_norm.h         layer norm / RMS norm (integer square root)
     nf_elementwise.h  broadcasting add / sub / mul, strided copies (permute, slice, expand)
     nf_attention.h    batch-1 decode attention with the KV cache in off-chip memory
+    nf_kv8.h          the kv8 KV-cache encoding kept in off-chip memory as stored: the quantising
+                      write and attention on the codes and float16 scales
     nf_conv.h         1-D / 2-D convolution through a line buffer on the matrix unit's weight rows
                       (stride, padding, dilation, groups, depthwise), max pooling
 """
