@@ -65,7 +65,7 @@ def kv8_llama():
     return PassManager([EncodeKVCache(encoding="kv8", exclude=["cache.1.*"])]).run(graph, PassContext())
 
 
-@pytest.mark.parametrize("backend,target", [("coreml", "apple-a17"), ("hls", "alveo-u280")])
+@pytest.mark.parametrize("backend,target", [("coreml", "apple-a17")])
 def test_a_backend_without_kv8_refuses_an_encoded_kv_cache_naming_the_layer_and_encoding(kv8_llama, backend, target):
     from nnforge.backends.base import BackendError, get_backend
     from nnforge.targets import get_target
@@ -77,7 +77,8 @@ def test_a_backend_without_kv8_refuses_an_encoded_kv_cache_naming_the_layer_and_
     assert "cache.1" not in msg and "without the KV-cache encoding" in msg
 
 
-@pytest.mark.parametrize("backend,target", [("onnx", "onnx"), ("tvm", "cpu"), ("triton", "h100"), ("mlir", "mlir")])
+@pytest.mark.parametrize("backend,target", [("onnx", "onnx"), ("tvm", "cpu"), ("triton", "h100"), ("mlir", "mlir"),
+                                            ("hls", "alveo-u280"), ("hls", "versal-vhk158")])
 def test_the_backends_that_run_encoded_caches_take_them(kv8_llama, backend, target):
     from nnforge.backends.base import get_backend
     from nnforge.targets import get_target

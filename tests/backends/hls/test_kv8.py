@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import nnforge as nf
-from nnforge.backends.base import BackendError
+from nnforge.backends.base import BackendError, get_backend
 from nnforge.backends.hls import emulate as E
 from nnforge.backends.hls import static_graph
 from nnforge.backends.hls.decoder_kv8 import Kv8Write
@@ -25,6 +25,7 @@ from nnforge.ir import Interpreter
 from nnforge.ir.kvcache import KV8
 from nnforge.passes.base import PassContext
 from nnforge.passes.kvcache import EncodeKVCache
+from nnforge.targets import get_target
 from tests.frontend.decoders.families import tiny_model, tiny_tokenizer
 
 MAX_LEN = 32
@@ -140,8 +141,13 @@ def _loaded(plan, graph, feeds):
 
 @pytest.mark.parametrize("encoding, options", [("kv4", {"group_size": 16, "residual": 16}), ("kv-fp8", {})])
 def test_other_cache_encodings_are_refused_naming_the_node(encoding, options):
+    """Before a bundle is written (the capability table, as nf.compile checks it), and by the
+    lowering itself."""
     graph = import_decoder(tiny_model("llama"), max_len=MAX_LEN).graph
     graph = EncodeKVCache(encoding=encoding, **options).run(graph, PassContext())
+    with pytest.raises(BackendError, match=rf"cache\.0\.k of layer model\.layers\.0\.self_attn \({encoding}: the hls "
+                                           rf"capability table has no kv_cache_write row for {encoding}\)"):
+        get_backend("hls").check_cache_encodings(graph, get_target("versal-vhk158"))
     static, _ = static_graph(graph, None, {v.name: [1, *v.shape[1:]] if v.name.startswith("cache") else [1, 1]
                                            for v in graph.inputs})
     with pytest.raises(BackendError, match=rf"node model\.layers\.0\.self_attn\.k_cache\.write \(kv_cache_write\): the "
