@@ -27,6 +27,10 @@ from .layers import Layer, Softmax, struct
 from .project import KV_PORT, LOWERINGS, _dense, value_kind
 
 SCALE_SHIFT = 16       # attention's scale is a mantissa times 2^-SCALE_SHIFT (as nf::softmax's inputs)
+# Lowerings of an attention over an encoded cache's kv_cache_read outputs, registered by the modules
+# of those encodings (decoder_kv8): each (plan, node, name, q shape, scale_m) -> a layer, or None
+# where the reads are not its encoding's.
+ENCODED_ATTENTION: list = []
 
 
 def _shape4(node, v, what: str) -> tuple[int, int, int, int]:
@@ -190,8 +194,7 @@ def _attention(plan, node, name):
     shape = _shape4(node, q, "q")
     scale_m = int(math.floor(node.attrs["scale"] * 2 ** SCALE_SHIFT + 0.5))
     if any(c.producer is not None and c.producer.op == "kv_cache_read" for c in (k, v)):
-        from .decoder_kv8 import kv8_attention
-        layer = kv8_attention(plan, node, name, shape, scale_m)
+        layer = next((lay for lower in ENCODED_ATTENTION if (lay := lower(plan, node, name, shape, scale_m))), None)
         if layer is None:
             raise BackendError(f"node {node.name} (attention): its k and v must both be kv8 kv_cache_read outputs at "
                                f"the attention's positions for the hls design to read the encoded cache in place")

@@ -19,7 +19,7 @@ import numpy as np
 from ...ir.ops.kvcache import attention_cache_reads, encoding_of
 from ..base import BackendError
 from . import emulate as E
-from .decoder import SCALE_SHIFT, Attention, _positions, _shape4
+from .decoder import ENCODED_ATTENTION, SCALE_SHIFT, Attention, _positions, _shape4
 from .layers import Layer, struct
 from .project import KV_PORT, LOWERINGS, kv_words
 
@@ -166,3 +166,6 @@ def kv8_attention(plan, node, name, shape, scale_m: int):
                         v_off=v_off, scale_m=scale_m, k_scale=k_scale, v_scale=v_scale, group=_group(kr),
                         scale_shapes=(ks_shape, vs_shape), rows=0, n=0, step_log2=plan.opts.lut_step_log2,
                         e_frac=plan.opts.exp_frac, act=plan.opts.act)
+
+
+ENCODED_ATTENTION.append(kv8_attention)
