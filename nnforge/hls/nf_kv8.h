@@ -27,6 +27,7 @@
 #ifndef NF_KV8_H_
 #define NF_KV8_H_
 
+#include "nf_attention.h"
 #include "nf_types.h"
 
 namespace nf {
@@ -184,7 +185,6 @@ void kv8_attention(const x_T q[CONFIG_T::n_batch * CONFIG_T::n_heads * CONFIG_T:
     const unsigned D = CONFIG_T::head_dim, L = CONFIG_T::max_len, S = CONFIG_T::n_rows, G = CONFIG_T::group;
     const unsigned NG = D / G;
     const unsigned group = CONFIG_T::n_heads / CONFIG_T::kv_heads;
-    const wide_t mask = (wide_t(1) << CONFIG_T::step_shift) - 1;
     wide_t s[CONFIG_T::max_len];
     wide_t p[CONFIG_T::max_len];
     wide_t qh[CONFIG_T::head_dim];
@@ -215,26 +215,7 @@ Queries:
                     s[t] = round_shift<wide_t>(round_shift<wide_t>(acc, F) * wide_t(CONFIG_T::scale_m), CONFIG_T::scale_shift);
                     mx = (t == lo || s[t] > mx) ? s[t] : mx;
                 }
-                uwide_t sum = 0;
-            Exp:
-                for (unsigned t = lo; t <= hi; t++) {
-                    #pragma HLS PIPELINE II=1
-                    wide_t dd = s[t] - mx - wide_t(CONFIG_T::lut_lo);
-                    if (dd < 0) {
-                        p[t] = 0;
-                    } else {
-                        unsigned k = (unsigned)(dd >> CONFIG_T::step_shift).to_uint64();
-                        wide_t f = dd & mask, t0 = table[k], t1 = k < CONFIG_T::lut_n ? wide_t(table[k + 1]) : t0;
-                        p[t] = t0 + round_shift<wide_t>((t1 - t0) * f, CONFIG_T::step_shift);
-                    }
-                    sum += uwide_t(p[t]);
-                }
-                const wide_t recip = wide_t((uwide_t(1) << 62) / sum);
-            Probs:
-                for (unsigned t = lo; t <= hi; t++) {
-                    #pragma HLS PIPELINE II=1
-                    p[t] = round_shift<wide_t>(p[t] * recip, 62 - F);
-                }
+                attention_probs<CONFIG_T>(s, p, lo, hi, mx, table, F);
             Context:
                 for (unsigned d = 0; d < D; d++) {
                     wide_t acc = 0;

@@ -9,7 +9,8 @@ mixture-of-experts layers; constant buffers
 (IR full, weights read as values); convolutions (1-D, 2-D, depthwise, dense, int4, minifloat and
 2:4 weights), max pooling and batch norm); four option sets vary the activation format (9, 16, 24 and 32
 bits), two MACs per DSP (pack2) on and off, the dataflow form and the scale width; one more project
-has ports no kernel reads, and tests/hls/test_attention.py's harness brings in the templates no IR op
+has ports no kernel reads, one is the tiny Llama's decode step with kv8 caches (rope, the kv8 write
+and attention over kv_mem), and tests/hls/test_attention.py's harness brings in the templates no IR op
 reaches yet (decode attention, RMS norm). Each project is one translation unit (the top function,
 the C-simulation entry and the testbench) compiled with
 -fsyntax-only (which still instantiates every template the project uses) both in the host form and
@@ -235,12 +236,26 @@ PARAMETER_SETS = {
                      dict(formats="few", wide_sums=False, ints=True)),
     "unread_ports": (HlsOptions(), "ports"),
     "attention_rms_harness": (None, "attention"),
+    "decoder_kv8": (HlsOptions(), "decoder_kv8"),
 }
 DEFINES = {"host_mac": [], "ap_mac": ["-DNF_AP_MAC"]}
 # (parameter set, define set): NF_AP_MAC changes only the matrix unit's inner products (nf_matvec.h),
-# which the last two sets do not use
+# which the ports and attention sets do not use
 JOBS = [(key, d) for key, (_, spec) in PARAMETER_SETS.items() for d in DEFINES
-        if isinstance(spec, dict) or d == "host_mac"]
+        if isinstance(spec, dict) or spec == "decoder_kv8" or d == "host_mac"]
+
+
+def decoder_graph():
+    """The tiny Llama's one-token step with kv8 caches, at fixed sizes: rope, nf::kv8_write and
+    nf::kv8_attention with the cache in kv_mem."""
+    from nnforge.backends.hls import static_graph
+    from nnforge.frontend.decoders.importer import import_decoder
+    from nnforge.passes.base import PassContext
+    from nnforge.passes.kvcache import EncodeKVCache
+    from tests.frontend.decoders.families import tiny_model
+    graph = EncodeKVCache(encoding="kv8").run(import_decoder(tiny_model("llama"), max_len=16).graph, PassContext())
+    return static_graph(graph, None, {v.name: [1, *v.shape[1:]] if v.name.startswith("cache") else [1, 1]
+                                      for v in graph.inputs})[0]
 
 
 def _project(key: str, root: Path):
@@ -253,8 +268,9 @@ def _project(key: str, root: Path):
         files["hls/unity.cpp"] = b'#include "src/att.cpp"\n'
         plan = None
     else:
-        plan = build_plan(ports_graph(f"warn_{key}") if spec == "ports" else warnings_graph(f"warn_{key}", **spec),
-                          opts)
+        graph = ports_graph(f"warn_{key}") if spec == "ports" else decoder_graph() if spec == "decoder_kv8" else \
+            warnings_graph(f"warn_{key}", **spec)
+        plan = build_plan(graph, opts)
         files = render.render(plan, tb_inputs(plan))
         files["hls/unity.cpp"] = "".join(f'#include "{f}"\n' for f in (f"src/{plan.name}.cpp", "src/host.cpp",
                                                                        "tb/tb.cpp")).encode()
@@ -312,7 +328,8 @@ def test_parameter_sets_cover_the_kernel_variants(compiled):
     kinds = {type(l).__name__ for p in plans.values() for l in p.layers}
     assert kinds >= {"MatMat", "Matmul", "Lut", "Relu", "Clamp", "Softmax", "Norm", "Binary", "Strided", "Copy",
                      "Alias", "Fanout2", "Embedding", "Ewise", "Reduce", "Sqrt", "Gather", "Fill", "Const", "Conv",
-                     "MaxPool", "Pad", "TopK", "Cumsum", "Floor", "TakeRows", "GatherAxis", "ScatterRows"}
+                     "MaxPool", "Pad", "TopK", "Cumsum", "Floor", "TakeRows", "GatherAxis", "ScatterRows",
+                     "Rope", "Kv8Write", "Kv8Attention"}
     conv_units = [l for p in plans.values() for l in p.layers if type(l).__name__ == "Conv"]
     assert {l.w.lut is not None for l in conv_units} == {True, False} and {l.w.sp_m for l in conv_units} == {1, 4}
     consts = {l.ctype for p in plans.values() for l in p.layers if type(l).__name__ in ("Fill", "Const")}
