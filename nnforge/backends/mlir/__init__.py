@@ -12,7 +12,7 @@ fixed sizes too, over the same weight constants, the KV cache passed in and retu
 After writing, the module is parsed back and verified with the MLIR Python bindings torch-mlir
 ships and its constants are counted by element type into the bundle entry. ``load`` compiles it
 for this CPU with torch-mlir's reference JIT (:mod:`.runtime`), so the bundle's numerics check
-runs the module itself.
+runs the module itself; ``load(..., device="iree")`` compiles it with IREE instead (:mod:`.iree`).
 
 Target option (nnforge/targets/mlir.toml): ``dialect`` = "linalg-on-tensors" | "tosa" | "stablehlo".
 
@@ -97,11 +97,16 @@ class MlirBackend(Backend):
         return Artifact(files=[MODEL_FILE], entry=entry, fallbacks=fallbacks, toolchain=self.toolchain())
 
     def load(self, bundle_dir: Path, entry: dict, device: str | None = None) -> Runner:
-        if device not in (None, "cpu"):
-            raise BackendError(f"the mlir backend's runner is a CPU JIT; device {device!r} is not supported "
-                               "(compile model.mlir with an MLIR compiler such as IREE for other devices)")
         from ...bundle import safe_join
-        return MlirRunner(safe_join(Path(bundle_dir), entry.get("model")), entry)
+        path = safe_join(Path(bundle_dir), entry.get("model"))
+        if device is not None and device.startswith("iree"):
+            from .iree import IreeRunner
+            return IreeRunner(path, entry, device)
+        if device not in (None, "cpu"):
+            raise BackendError(f"the mlir backend runs its module on this CPU under torch-mlir's reference JIT "
+                               f"(device 'cpu') or compiled by IREE (device 'iree'); device {device!r} is not "
+                               "supported (compile model.mlir with an MLIR compiler such as IREE for other devices)")
+        return MlirRunner(path, entry)
 
     def toolchain(self) -> dict[str, str]:
         try:

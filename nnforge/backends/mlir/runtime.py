@@ -103,15 +103,15 @@ def signature(module, where: str, function: str = "main") -> tuple[list[tuple[ty
 
 
 class MlirRunner(Runner):
-    """A module compiled for this CPU by torch-mlir's reference JIT."""
+    """A module compiled for this CPU by torch-mlir's reference JIT. The module is parsed, checked
+    and its functions' signatures read here; :meth:`_compile` and :meth:`invoke` are the compiler's
+    (the IREE runner, :mod:`.iree`, shares the rest)."""
     fixed_sizes = ("the mlir backend compiles the sizes of the bundle's check inputs (torch-mlir miscompiles dynamic "
                    "ones, see nnforge.backends.mlir.export): compile with check_inputs of the size you will run")
 
     def __init__(self, path: Path, entry: dict):
         try:
             import torch_mlir.dialects.torch  # noqa: F401  (registers torch-mlir's passes, refback-* among them)
-            from torch_mlir import ir, passmanager
-            from torch_mlir.execution_engine import ExecutionEngine
         except ImportError:
             raise BackendError("running an mlir bundle needs torch-mlir: pip install 'nnforge[mlir]'") from None
         dialect = entry.get("dialect", "linalg-on-tensors")
@@ -142,6 +142,11 @@ class MlirRunner(Runner):
             self._calls = DecoderCalls(entry, names, self.output_names, batch=args[0][1][0])
             self.fixed_sizes = ("the mlir backend compiles a decoder's KV cache at the bundle's max_len: compile "
                                 "with max_len of the cache you will run")
+        self._compile(module, text, path, dialect)
+
+    def _compile(self, module, text: str, path: Path, dialect: str) -> None:
+        from torch_mlir import ir, passmanager
+        from torch_mlir.execution_engine import ExecutionEngine
         with self.context:
             try:
                 if TO_LINALG[dialect]:
