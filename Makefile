@@ -26,8 +26,9 @@ demo: $(STAMP)
 demo-llm: $(STAMP)
 	$(VENV)/bin/nnforge demo --llm
 
+# one worker per core, each test file on one worker (its module fixtures built once)
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow

@@ -15,7 +15,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # the suite compiles hundreds of bundles, so that is off here and on in tests/test_speed.py.
 os.environ.setdefault("NNFORGE_BATCH_SIZES", "none")
 warnings.filterwarnings("ignore", category=FutureWarning)
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# `make test` runs the suite in one pytest-xdist worker per core (PYTEST_XDIST_WORKER_COUNT): each
+# worker then takes its share of the cores, so two workers on two cores do not fight over four threads
+# (TVM's pool follows the load by itself: nnforge.backends.tvm.threads)
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_threads = max(1, min(2, os.cpu_count() or 1) // _workers)
+torch.set_num_threads(_threads)
 
 
 @pytest.fixture(scope="session")

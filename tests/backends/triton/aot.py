@@ -2,8 +2,10 @@
 (:func:`nnforge.backends.triton.kernels.compile_many`): tensor-core instructions, cp.async
 pipelining and shared memory within the architecture's per-block limit; and the architectures
 they build for: every GPU architecture file nnforge ships (nnforge/targets/gpu/), each with its
-own tile candidates."""
+own tile candidates, in two groups (ARCH_GROUPS)."""
 import re
+
+import pytest
 
 from nnforge.backends.triton.kernels.common import TileConfig
 from nnforge.targets.architectures import gpu_archs
@@ -33,3 +35,10 @@ def check_build(k, *, wgmma: bool = False, cp_async: bool = True) -> None:
     assert 0 < k.shared <= SHARED_LIMIT[k.capability], f"{k.name} sm_{k.capability}: {k.shared} bytes of shared memory"
     assert not cp_async or "cp.async.c" in k.ptx, f"{k.name} sm_{k.capability}: no cp.async in the PTX"
     assert k.cubin
+
+
+# The default run builds for the a100 and h100 targets' architectures; the other architecture files
+# (each build takes seconds, and CI starts with Triton's cache empty) build under -m slow.
+MAIN = ("sm_80", "sm_90")
+ARCH_GROUPS = [pytest.param(tuple(a for a in ARCHS if a.name in MAIN), id="sm_80+sm_90"),
+               pytest.param(tuple(a for a in ARCHS if a.name not in MAIN), id="other-archs", marks=pytest.mark.slow)]

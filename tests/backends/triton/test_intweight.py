@@ -26,7 +26,7 @@ from nnforge.ir.encodings import IntQuant                                       
 from nnforge.passes.quantize.formats import parse_format, quantize_rtn                    # noqa: E402
 from nnforge.passes.quantize.gptq import gptq_quantize                                    # noqa: E402
 
-from .aot import ARCHS, check_build, tiles                                                # noqa: E402
+from .aot import ARCHS, MAIN, check_build, tiles                                                # noqa: E402
 
 N, K = 100, 256
 RTOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -228,25 +228,37 @@ def _config(arch_name, bucket, index):
     return tiles(next(a for a in ARCHS if a.name == arch_name), "intweight")[bucket][index]
 
 
+def _build(case) -> Build:
+    arch_name, capability, bucket, index, variant = case
+    cfg = _config(arch_name, bucket, index)
+    split = 4 if bucket == "decode" else 1
+    if variant == "whole-tile":
+        spec = iw.compile_spec(cfg, bits=4, group=128 if cfg.block_k <= 128 else 0, split_k=split)
+    else:
+        spec = iw.compile_spec(cfg, bits=8, group=32, dtype="bf16", split_k=split, has_zero=True, has_perm=True)
+    return Build(*spec, capability, cfg.num_warps, cfg.num_stages, DIVISIBLE)
+
+
 @pytest.fixture(scope="module")
 def aot():
-    builds = []
-    for arch_name, capability, bucket, index, variant in AOT:
-        cfg = _config(arch_name, bucket, index)
-        split = 4 if bucket == "decode" else 1
-        if variant == "whole-tile":
-            spec = iw.compile_spec(cfg, bits=4, group=128 if cfg.block_k <= 128 else 0, split_k=split)
-        else:
-            spec = iw.compile_spec(cfg, bits=8, group=32, dtype="bf16", split_k=split, has_zero=True, has_perm=True)
-        builds.append(Build(*spec, capability, cfg.num_warps, cfg.num_stages, DIVISIBLE))
-    return dict(zip(AOT, compile_many(builds)))
+    """The build of a case: the cases of the a100 and h100 architectures are compiled together on
+    first use, those of the other architectures (under -m slow) together too."""
+    built = {}
+
+    def get(case):
+        if case not in built:
+            group = [c for c in AOT if (c[0] in MAIN) == (case[0] in MAIN)]
+            built.update(zip(group, compile_many([_build(c) for c in group])))
+        return built[case]
+    return get
 
 
-@pytest.mark.parametrize("case", AOT, ids=[f"{a}-{b}-cfg{i}-{v}" for a, _, b, i, v in AOT])
+@pytest.mark.parametrize("case", [pytest.param(c, marks=() if c[0] in MAIN else pytest.mark.slow) for c in AOT],
+                         ids=[f"{a}-{b}-cfg{i}-{v}" for a, _, b, i, v in AOT])
 def test_compiles_for_architecture(aot, case):
     arch_name, capability, bucket, index, _ = case
     # sm_90's tiles of 64+ rows run on wgmma; the 16-row decode tile stays on mma.sync
-    check_build(aot[case], wgmma=capability >= 90 and _config(arch_name, bucket, index).block_m >= 64)
+    check_build(aot(case), wgmma=capability >= 90 and _config(arch_name, bucket, index).block_m >= 64)
 
 
 def test_every_bucket_of_every_architecture_is_built():

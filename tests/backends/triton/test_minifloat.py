@@ -21,7 +21,7 @@ from nnforge.ir.dtypes import dtype  # noqa: E402
 from nnforge.ir.ops.quant import fake_quantize  # noqa: E402
 from nnforge.passes.quantize.formats import parse_format, quantize_rtn  # noqa: E402
 
-from .aot import ARCHS, check_build, mma_ops, tiles  # noqa: E402
+from .aot import ARCH_GROUPS, ARCHS, check_build, mma_ops, tiles  # noqa: E402
 
 TOL = {torch.float16: 3e-3, torch.bfloat16: 2.5e-2}
 N, K = 72, 256                      # N not a multiple of any tile
@@ -189,7 +189,7 @@ FP8 = {"x_ptr": "*fp8e4nv", "w_ptr": "*u8", "s_ptr": "*fp32", "perm_ptr": "*i32"
 NO_FP8 = next(a for a in ARCHS if not a.fp8_tensor_cores)
 
 
-def _builds():
+def _builds(archs):
     labels, builds = [], []
 
     def add(label, kernel, sig, consts, cap, cfg):
@@ -200,7 +200,7 @@ def _builds():
                            ("nvfp4", "nvfp4", None)):
         pw = mk.pack(quantize_rtn(torch.randn(64, 256), parse_format(spec, group_size=gs)), "h100")
         sig = dict(BASE, s_ptr="*u8" if pw.meta["scale_format"] in ("e8m0", "e4m3") else "*fp32")
-        for arch in ARCHS:
+        for arch in archs:
             for cname, cands in tiles(arch, "minifloat").items():
                 for i, cfg in enumerate(cands):
                     split = 2 if cname == "decode" else 1
@@ -214,7 +214,7 @@ def _builds():
                         c = mk.kernel_args(pw, cfg, has_bias=True, native_fp8=native, split=split)
                         add(f"{name}/{arch.name}/{cname}/native={native}/{i}", mk._minifloat_kernel,
                             dict(sig, y_ptr="*fp32" if split > 1 else "*fp16"), c, arch.sm, cfg)
-    for arch in ARCHS:
+    for arch in archs:
         for cname, cands in tiles(arch, "fp8act").items():
             for i, cfg in enumerate(cands):
                 c = dict(HAS_PERM=False, HAS_BIAS=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
@@ -224,27 +224,29 @@ def _builds():
     return labels, builds
 
 
-@pytest.fixture(scope="module")
-def aot():
-    labels, builds = _builds()
-    return list(zip(labels, compile_many(builds)))
+@pytest.fixture(scope="module", params=ARCH_GROUPS)
+def aot(request):
+    labels, builds = _builds(request.param)
+    return request.param, list(zip(labels, compile_many(builds)))
 
 
 def test_aot_weight_only_configs_compile(aot):
-    rows = [(label, cap, cfg, k) for (label, cap, cfg), k in aot if not label.startswith("fp8act")]
+    archs, built = aot
+    rows = [(label, cap, cfg, k) for (label, cap, cfg), k in built if not label.startswith("fp8act")]
     # every autotuning candidate of every architecture is built for it
     cands = {(label.split("/")[1], label.split("/")[2], int(label.split("/")[4])) for label, *_ in rows}
-    assert cands == {(a.name, c, i) for a in ARCHS for c, cs in tiles(a, "minifloat").items() for i in range(len(cs))}
+    assert cands == {(a.name, c, i) for a in archs for c, cs in tiles(a, "minifloat").items() for i in range(len(cs))}
     assert {(label.split("/")[1], label.split("/")[2]) for label, *_ in rows if "native=True" in label} == \
-        {(a.name, c) for a in ARCHS if a.fp8_tensor_cores for c in tiles(a, "minifloat")}
+        {(a.name, c) for a in archs if a.fp8_tensor_cores for c in tiles(a, "minifloat")}
     for label, cap, cfg, k in rows:
         check_build(k, wgmma=cap >= 90 and cfg.block_m >= 64)
         assert ("cvt.rn.f16x2.e4m3x2" in k.ptx) == ("native=True" in label), label
 
 
 def test_aot_fp8_dot_is_e4m3_mma_only_with_fp8_tensor_cores(aot):
-    rows = [(label, cap, cfg, k) for (label, cap, cfg), k in aot if label.startswith("fp8act")]
-    fp8_archs = [a for a in ARCHS if a.fp8_tensor_cores]
+    archs, built = aot
+    rows = [(label, cap, cfg, k) for (label, cap, cfg), k in built if label.startswith("fp8act")]
+    fp8_archs = [a for a in archs if a.fp8_tensor_cores]
     assert fp8_archs and len(rows) == sum(len(cs) for a in fp8_archs for cs in tiles(a, "fp8act").values()) + \
         len(fp8_archs)
     for label, cap, cfg, k in rows:

@@ -23,7 +23,7 @@ from nnforge.ir import Dense, IntQuant, MiniFloat, Sparse  # noqa: E402
 from nnforge.passes.prune.sparsity import nm_keep, sparsegpt_prune  # noqa: E402
 from nnforge.passes.quantize.formats import parse_format  # noqa: E402
 
-from .aot import ARCHS, check_build, tiles  # noqa: E402
+from .aot import ARCH_GROUPS, ARCHS, check_build, tiles  # noqa: E402
 
 N, K = 72, 256                   # N not a multiple of the interpreter's BN = 32
 RTOL = {torch.float16: 4e-3, torch.bfloat16: 2e-2}
@@ -249,10 +249,10 @@ def test_matmul_errors(sparsegpt_int4):
 DIVISIBLE = ("N", "K", "KP", "stride_xm", "stride_ym")
 
 
-@pytest.fixture(scope="module")
-def aot():
+@pytest.fixture(scope="module", params=ARCH_GROUPS)
+def aot(request):
     labels, builds = [], []
-    for arch in ARCHS:
+    for arch in request.param:
         for tile, cands in tiles(arch, "sparse24").items():
             for i, cfg in enumerate(cands):
                 variants = [("i32", dict(GS=64, IS_INT=True, HAS_PERM=True, HAS_RS=True, HAS_BIAS=True,
@@ -266,18 +266,19 @@ def aot():
                     labels.append((arch.name, f"{tile}-{vdt}-{i}", cfg))
                     builds.append(Build(s24.sparse24_kernel, sig, consts, arch.sm, cfg.num_warps, cfg.num_stages,
                                         DIVISIBLE))
-    return list(zip(labels, compile_many(builds)))
+    return request.param, list(zip(labels, compile_many(builds)))
 
 
-@pytest.mark.parametrize("arch", ARCHS, ids=[a.name for a in ARCHS])
-def test_compiles_for_gpu(aot, arch):
+def test_compiles_for_gpu(aot):
     """Every autotuning candidate compiles for its architecture, uses tensor cores and fits in its
     shared memory."""
-    built = {name: (cfg, k) for (a, name, cfg), k in aot if a == arch.name}
-    assert set(built) == {f"{t}-i32-{i}" for t, cs in tiles(arch, "sparse24").items() for i in range(len(cs))} \
-        | {"decode-fp16-0"}
-    for name, (cfg, k) in built.items():          # sm_90's tiles of 64+ rows run on wgmma
-        check_build(k, wgmma=arch.sm >= 90 and cfg.block_m >= 64)
+    archs, builds = aot
+    for arch in archs:
+        built = {name: (cfg, k) for (a, name, cfg), k in builds if a == arch.name}
+        assert set(built) == {f"{t}-i32-{i}" for t, cs in tiles(arch, "sparse24").items() for i in range(len(cs))} \
+            | {"decode-fp16-0"}
+        for name, (cfg, k) in built.items():          # sm_90's tiles of 64+ rows run on wgmma
+            check_build(k, wgmma=arch.sm >= 90 and cfg.block_m >= 64)
 
 
 def test_default_config_is_the_first_candidate():
