@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/coreml.py
 	$(PY) benchmarks/fpga_flightllm.py
 	$(PY) benchmarks/hls4ml_compare.py
+	$(PY) benchmarks/llm_targets.py
 
 clean:
 	rm -rf bundles build *.egg-info .pytest_cache
