@@ -75,6 +75,7 @@ EXAMPLES: dict[str, list] = {
            dilation=[2, 1, 1]),
     ],
     "embedding": [ex(ints(0, 10, 2, 3), randn(10, 4, seed=1)), ex(ints(0, 10, 5, dtype=torch.int32), randn(10, 4))],
+    "hadamard": [ex(randn(2, 3, 24), block=24), ex(randn(5, 40), block=20), ex(randn(4, 64), block=16)],
     # nn
     "softmax": [ex(randn(2, 3, 4), axis=-1), ex(randn(2, 3, 4), axis=1)],
     "log_softmax": [ex(randn(2, 3, 4), axis=0)],

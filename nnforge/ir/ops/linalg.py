@@ -124,3 +124,27 @@ def _embedding_infer(indices, weight):
 defop("embedding", ["indices", "weight"], infer=_embedding_infer,
       ref=lambda ctx, idx, w: F.embedding(idx, w), family="linalg",
       doc="Row lookup: out[..., :] = weight[indices[...], :].")
+
+
+def _hadamard_infer(x, *, block):
+    from ..hadamard import check_block
+    if not x.dtype.is_float or x.rank < 1:
+        raise ValueError(f"hadamard needs a float input of rank >= 1, got {x}")
+    n = x.shape[-1]
+    if not isinstance(n, int):
+        raise ValueError(f"hadamard needs a static last dim, got {x}")
+    check_block(block, "hadamard")
+    if n % block:
+        raise ValueError(f"hadamard block {block} does not divide the last dim of {x}")
+    return x
+
+
+def _hadamard_ref(ctx, x, *, block):
+    from ..hadamard import hadamard_transform
+    h = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return hadamard_transform(h, block).to(x.dtype)
+
+
+defop("hadamard", ["x"], {"block": Attr("int")}, infer=_hadamard_infer, ref=_hadamard_ref, family="linalg",
+      doc="x @ M along the last axis, M = kron(H_m, H_p) / sqrt(block) down the diagonal "
+          "(nnforge.ir.hadamard): the online rotation QuaRot puts where a rotation cannot fold.")
