@@ -124,7 +124,8 @@ def _attention(e: _Emitter, x: Value, layer: LayerSpec, positions: Value, inv_fr
     s, names, i = e.spec, e.spec.names, layer.index
     prefix = names.module("o", i).rsplit(".", 1)[0]           # model.layers.{i}.self_attn
     if "qkv" in names.layer:
-        q, k, v = (e.split(e.linear(x, "qkv", i), "qkv", i)[p] for p in ("q", "k", "v"))
+        parts = e.split(e.linear(x, "qkv", i), "qkv", i)          # one product, sliced three ways
+        q, k, v = parts["q"], parts["k"], parts["v"]
     else:
         q, k, v = (e.linear(x, role, i) for role in ("q", "k", "v"))
     q, k, v = _heads(e, q, s.heads, f"{prefix}.q"), _heads(e, k, s.kv_heads, f"{prefix}.k"), \
