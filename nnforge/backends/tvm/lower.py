@@ -203,6 +203,21 @@ class Lowering:
             self._panels[key] = self.made(f"{v.name}.panels", ttype, lambda: pack_panels(raw, n, k, nb, transposed))
         return self._panels[key]
 
+    def matrix_panels(self, name: str, matrix: np.ndarray):
+        """A constant float32 ``[k, n]`` ``matrix`` (the product ``x @ matrix``, not a graph weight:
+        a hadamard factor) as the dense kernel's panels, packed when the bundle loads; one per
+        ``name``."""
+        from .kernels.dense import pack_panels, panel_width, vector_lanes
+        key = (name, "matrix")
+        if key not in self._panels:
+            k, n = matrix.shape
+            const = self.relax.const(np.ascontiguousarray(matrix, np.float32))
+            nb = panel_width(vector_lanes(self.target), self.dense_config(n, k))
+            ttype = self.relax.TensorType([-(-n // nb), k, nb], "float32")
+            self._panels[key] = self.made(f"{name}.panels", ttype,
+                                          lambda: pack_panels(const, n, k, nb, transposed=True))
+        return self._panels[key]
+
     def stored(self, v: Value, field: str, array: np.ndarray):
         """A ``prepare`` parameter (``main`` never sees it): tensor ``field`` of weight ``v``'s
         encoding as the bundle stores it (``array``: that tensor, for its shape and dtype), for

@@ -264,6 +264,51 @@ def _matmul(lw, node):
     return op.matmul(lw.arg(a), lw.layer_weight(node.op, b) if b.is_weight else lw.arg(b))
 
 
+ONE_PRODUCT = 64       # blocks up to this size: one product, cheaper than two with transposes between
+
+
+def hadamard_split(block: int) -> int:
+    """The power of two ``c`` dividing ``block``'s Sylvester factor that costs fewest multiply-adds
+    a value (``block // c + c``) when ``x @ H_block`` runs on x viewed ``[..., block // c, c]`` as
+    ``H_a^T X H_c``, ``H_a = hadamard_matrix(block // c)``, ``H_c = hadamard_matrix(c)`` (the
+    Kronecker factors of ``H_block``, each orthonormal)."""
+    from ...ir.hadamard import check_block
+    _, p = check_block(block, "hadamard")
+    return min((1 << i for i in range(p.bit_length())), key=lambda c: (block // c + c, -c))
+
+
+def _hadamard_product(lw, x2, rows, size: int, name: str):
+    """``x2 @ hadamard_matrix(size)`` for ``x2`` float32 ``[rows, size]`` on the dense kernel."""
+    from ...ir.hadamard import hadamard_matrix
+    kernel = lw.dense_kernel(size, size)
+    panels = lw.matrix_panels(f"hadamard{size}", hadamard_matrix(size).numpy())
+    return _dense_call(lw, lw.func(kernel.name, kernel.func), x2, rows, [panels, lw.zeros(size)], size, name)
+
+
+@rule("hadamard")
+def _hadamard(lw, node):
+    from tvm.relax import op
+    from ...ir.hadamard import hadamard_matrix
+    x = node.inputs[0]
+    block, dt = node.attrs["block"], x.dtype.name
+    groups = lw.dim(sym.prod(x.shape[:-1])) * (x.shape[-1] // block)
+    xe = lw.arg(x)
+    if dt == "float64":        # the dense kernel is float32: one Relax product a block
+        h = lw.relax.const(hadamard_matrix(block).numpy(), "float64")
+        return op.reshape(lw.emit(op.matmul(lw.emit(op.reshape(xe, [groups, block])), h)), lw.shape(x.shape))
+    if dt != "float32":        # computed in float32, as the reference kernel does
+        xe = lw.emit(op.astype(xe, "float32"))
+    c = block if block <= ONE_PRODUCT else hadamard_split(block)
+    a = block // c
+    y = _hadamard_product(lw, lw.emit(op.reshape(xe, [groups * a, c])), groups * a, c, node.name)
+    if a > 1:                  # H_a^T X_g is (X_g^T H_a)^T: the small factor on the transposed groups
+        t = lw.emit(op.reshape(op.permute_dims(op.reshape(y, [groups, a, c]), [0, 2, 1]), [groups * c, a]))
+        t = _hadamard_product(lw, t, groups * c, a, node.name)
+        y = lw.emit(op.permute_dims(op.reshape(t, [groups, c, a]), [0, 2, 1]))
+    y = op.reshape(y, lw.shape(x.shape))
+    return y if dt == "float32" else op.astype(lw.emit(y), dt)
+
+
 _CONV = {1: "conv1d", 2: "conv2d", 3: "conv3d"}
 
 

@@ -227,7 +227,8 @@ def linalg_graph() -> Graph:
     scores = g.op("matmul", q, k)                            # [batch, 3, seq, seq]: symbolic n and k below
     outs = [g.op("linear", x2, wa, ba), g.op("linear", x3, wb, None), g.op("linear", x3, wa, ba),
             scores, g.op("matmul", scores, q), g.op("matmul", q, wm),
-            g.op("matmul", q, g.op("reshape", wm, shape=[1, 1, 8, 5]))]     # broadcast batch: Relax matmul
+            g.op("matmul", q, g.op("reshape", wm, shape=[1, 1, 8, 5])),     # broadcast batch: Relax matmul
+            g.op("linear", g.op("hadamard", x3, block=24), wb, None)]        # as the rotate pass leaves it
     g.set_outputs(outs)
     return g
 
