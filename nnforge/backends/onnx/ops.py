@@ -173,6 +173,51 @@ def _embedding(b, node, fb):
     b.node("Gather", [table, idx], _out(node), axis=0)
 
 
+# --- rotations ----------------------------------------------------------------------------------
+ONE_PRODUCT = 64       # blocks up to this size: one MatMul with the block's matrix
+
+
+def hadamard_split(block: int) -> int:
+    """The power of two ``c`` dividing ``block``'s Sylvester factor that costs fewest multiply-adds
+    a value (``block // c + c``) when ``x @ H_block`` runs on x viewed ``[..., block // c, c]`` as
+    ``H_a^T X H_c``, ``H_a = hadamard_matrix(block // c)``, ``H_c = hadamard_matrix(c)`` (the
+    Kronecker factors of ``H_block``, each orthonormal)."""
+    from ...ir.hadamard import check_block
+    _, p = check_block(block, "hadamard")
+    return min((1 << i for i in range(p.bit_length())), key=lambda c: (block // c + c, -c))
+
+
+def _hadamard_factor(b, size: int, dtype, transposed: bool) -> str:
+    """The initializer of ``hadamard_matrix(size)`` (or its transpose) in ``dtype``, one a graph."""
+    from ...ir.hadamard import hadamard_matrix
+    transposed = transposed and size & (size - 1) != 0       # a power of two's matrix is symmetric
+    key = ("hadamard", size, dtype, transposed)
+    if key not in b.memo:
+        h = hadamard_matrix(size, dtype=dtype)
+        b.memo[key] = b.const((h.T if transposed else h).numpy(), f"hadamard{size}")
+    return b.memo[key]
+
+
+@rule("hadamard")
+def _hadamard(b, node, fb):
+    import torch
+    x = node.inputs[0]
+    block, dt = node.attrs["block"], x.dtype
+    compute = torch.float64 if dt.name == "float64" else torch.float32   # float32, as the reference kernel
+    y = operand(b, x, fb)
+    if dt.name not in ("float32", "float64"):
+        y = b.node("Cast", [y], to=onnx_type(float32))
+    c = block if block <= ONE_PRODUCT else hadamard_split(block)
+    a = block // c
+    y = b.node("MatMul", [b.node("Reshape", [y, b.ints([-1, a, c])]), _hadamard_factor(b, c, compute, False)])
+    if a > 1:              # H_a^T on the left, broadcast over the groups
+        y = b.node("MatMul", [_hadamard_factor(b, a, compute, True), y])
+    if dt.name in ("float32", "float64"):
+        b.node("Reshape", [y, b.dims_1d(x.shape)], _out(node))
+        return
+    b.node("Cast", [b.node("Reshape", [y, b.dims_1d(x.shape)])], _out(node), to=onnx_type(dt))
+
+
 # --- normalisation, softmax, pooling -----------------------------------------------------------
 @rule("softmax", "log_softmax")
 def _softmax(b, node, fb):
