@@ -193,12 +193,12 @@ def bucket_of(family: str, m: int) -> str:
     raise AssertionError(f"BUCKETS[{family!r}] must end with an open bucket")
 
 
-def unsupported(enc, target, cls: type, fmt: str) -> str | None:
-    """Why a module cannot take ``enc`` for ``target`` on the grounds every module checks first:
-    Triton missing, a target that is not a Triton GPU, an encoding of another class; else None.
-    A Triton GPU target whose files lack what the kernels need raises (KernelError)."""
+def unsupported_target(target, what: str) -> str | None:
+    """Why no Triton kernel (``what``, for the message) runs for ``target``: Triton missing, or a
+    target that is not a Triton GPU; else None. A Triton GPU target whose files lack what the
+    kernels need raises (KernelError)."""
     if triton is None:
-        return f"Triton is not installed (the {fmt} GEMM is a Triton kernel)"
+        return f"Triton is not installed (the {what} is a Triton kernel)"
     if not isinstance(target, GpuTarget) and target != INTERP:
         from ....targets import TargetError, get_target
         try:
@@ -208,6 +208,15 @@ def unsupported(enc, target, cls: type, fmt: str) -> str | None:
         if backend != "triton":
             return f"target {getattr(target, 'name', target)!r} is not a Triton GPU target (its backend is {backend!r})"
     gpu_target(target)
+    return None
+
+
+def unsupported(enc, target, cls: type, fmt: str) -> str | None:
+    """Why a module cannot take ``enc`` for ``target`` on the grounds every module checks first:
+    :func:`unsupported_target`, or an encoding of another class; else None."""
+    why = unsupported_target(target, f"{fmt} GEMM")
+    if why is not None:
+        return why
     if not isinstance(enc, cls):
         return f"{fmt} kernels take {cls.__name__} encodings, got a {getattr(enc, 'kind', type(enc).__name__)} encoding"
     return None
@@ -441,6 +450,7 @@ if triton is not None:
 
 __all__ = ["TileConfig", "GpuTarget", "INTERP", "INTERP_GPU", "INTERP_SMS", "SMALL_M", "BUCKETS", "gpu_target",
            "device_gpu", "check_tiles", "target_sms", "runtime_target", "tiles_for", "bucket_of", "unsupported",
+           "unsupported_target",
            "check_weight", "check_bias", "check_operands", "check_split_k", "m_class", "tune_key", "Autotuner",
            "TUNER", "AUTOTUNE_ENV", "autotune",
            "choose_split", "k_per_split", "launch_out", "SplitLaunch", "split_launch"]
