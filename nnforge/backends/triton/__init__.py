@@ -1,5 +1,5 @@
-"""The triton backend: encoded linear weights run by the Triton kernels of :mod:`.kernels`, the
-rest of the graph by torch, on one NVIDIA GPU (targets ``h100`` and ``a100``).
+"""The triton backend: encoded linear weights and the ``hadamard`` op run by the Triton kernels of
+:mod:`.kernels`, the rest of the graph by torch, on one NVIDIA GPU (targets ``h100`` and ``a100``).
 
 Files it adds to a bundle (the graph itself is the bundle's ``graph.json`` + ``weights.safetensors``,
 read in place, so dense weights are stored once):
@@ -178,7 +178,8 @@ class TritonRunner(Runner):
         self.device = device
         self.inputs = [InputSpec(v.name, np.dtype(v.dtype.name), _dims(v.shape)) for v in graph.inputs]
         self.output_names = [v.name for v in graph.outputs]
-        plan = Plan(graph, dense_weights(graph, packed, cdt, device), packed, cdt, entry.get("fp8_linears"))
+        plan = Plan(graph, dense_weights(graph, packed, cdt, device), packed, cdt, entry.get("fp8_linears"),
+                    entry.get("hadamards") or ())
         if cuda_graphs is None:
             cuda_graphs = bool(entry.get("cuda_graphs", True)) and os.environ.get("NNFORGE_CUDA_GRAPHS", "1") != "0"
         self.launcher = Launcher(plan, device, cuda_graphs)

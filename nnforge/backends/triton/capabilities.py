@@ -4,6 +4,8 @@
 Dense weights of the matmul-like ops run as stored through the op's reference kernel in torch;
 an encoded ``linear`` weight runs in the kernel module of its row when that module's
 ``supports(enc, target)`` takes it (the row's ``accepts`` is a :class:`Kernel`, which asks it).
+The ``hadamard`` row has no weight: its "dense" is the float activation it transforms, and the
+lowering asks ``kernels.hadamard.supports(block, target)`` node by node.
 Whether a GPU has a format (fp8 tensor cores, say) comes from the target's architecture file,
 which the modules read. Any other encoded weight is decoded at load, a reported fallback.
 
@@ -67,6 +69,9 @@ CAPABILITIES = Capabilities([
                                        "tensor or per group of rows", Kernel("lut")),
     Capability("linear", "sparse", "kernels.sparse24: 2:4 sparse GEMM with int4 or float kept values",
                Kernel("sparse24")),
+    Capability("hadamard", "dense", "kernels.hadamard: butterflies over the power-of-two factor in registers, "
+                                    "the Paley factor as a dense product, fp32 inside; blocks of up to 16384 values "
+                                    "with m padded to a power of two"),
     *[Capability("kv_cache_write", kind, "the encoding's rows of each token scattered into the state in place "
                                          "(backends/triton/decoder.py)") for kind in IN_PLACE],
     *[Capability("kv_cache_read", kind, f"kernels.attention reads the {codes} state in registers, no float "

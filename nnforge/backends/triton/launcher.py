@@ -12,6 +12,8 @@ activations; activations are freed after their last use, as in the reference int
   cores; the fake_quant step itself is dropped when nothing else reads its output.
 - ``linear`` / ``matmul`` / ``conv`` / ``embedding`` with a dense or decoded weight: the op's
   reference kernel on compute-dtype operands.
+- ``hadamard`` listed in the entry's ``hadamards`` (lowering put it there): ``kernels.hadamard``
+  on the fp32 activation.
 - every other op: its reference kernel as it is, on fp32 activations.
 
 Activations travel in fp32 and only the matmul-like ops drop to the compute dtype: norms,
@@ -52,10 +54,11 @@ class Plan:
     dense tensor (already on the device) and ``packed`` to ``(kernel module, PackedWeight)``."""
 
     def __init__(self, graph: Graph, weights: dict[str, torch.Tensor], packed: dict[str, tuple],
-                 compute_dtype: torch.dtype, fp8_linears: dict | None = None):
+                 compute_dtype: torch.dtype, fp8_linears: dict | None = None, hadamards: Collection[str] = ()):
         self.graph = graph
         self.compute_dtype = compute_dtype
         self.fp8_linears = dict(fp8_linears or {})
+        self.hadamards = set(hadamards)
         self._converted: dict[str, torch.Tensor] = {}     # one compute-dtype copy per weight
         reads = {n: self._reads(n, packed) for n in graph.nodes}
         read = {v for ins in reads.values() for v in ins} | set(graph.outputs)
@@ -148,6 +151,12 @@ class Plan:
             return kernel_linear
         if node.op == "attention":
             return decoder.attention_step(self.graph, node)
+        if node.name in self.hadamards:
+            if node.op != "hadamard":
+                raise BackendError(f"entry lists {node.name} ({node.op}) as a hadamard for the kernel; recompile")
+            from .kernels.hadamard import hadamard
+            block = attrs["block"]
+            return lambda ctx, x: [hadamard(x, block)]
         if node.op in MATMUL_LIKE:
             def compute(ctx, *args):
                 args = [a.to(cdt) if a is not None and a.is_floating_point() else a for a in args]

@@ -3,7 +3,9 @@ that takes it names its kernel module), its packed tensors, and the kernel sourc
 
 Only ``linear`` weights go to kernels: the kernel contract computes ``x @ W.T`` with W stored
 [out, in], which is how a linear weight is encoded; a ``matmul`` weight operand is [in, out], so
-an encoded one is decoded instead (a reported fallback, like every weight no row takes).
+an encoded one is decoded instead (a reported fallback, like every weight no row takes). Of the
+weightless ops, ``hadamard`` nodes go to ``kernels.hadamard`` (the entry's ``hadamards``), each
+block too large for it a reported fallback to the op's reference kernel.
 
     >>> artifact = lower_graph(graph, get_target("h100"), ctx.files, toolchain)
     >>> lowered.entry["linears"]["fc.weight"]["module"]
@@ -97,6 +99,27 @@ def fp8_linears(graph: Graph, target: Target, linears: dict) -> dict[str, dict]:
     return out
 
 
+def kernel_hadamards(graph: Graph, target: Target) -> tuple[list[str], list[Fallback]]:
+    """The ``hadamard`` nodes that :mod:`.kernels.hadamard` runs on ``target`` (its capability
+    row, then the module's ``supports`` of the node's block), and a fallback naming each other one,
+    which the op's reference kernel runs in torch."""
+    names, fallbacks = [], []
+    for node in graph.nodes:
+        if node.op != "hadamard":
+            continue
+        block = node.attrs["block"]
+        _, why = CAPABILITIES.find(node.op, "dense", target)
+        if not why:
+            module, why = kernel_module("hadamard")
+            why = why or module.supports(block, target)
+        if why:
+            fallbacks.append(Fallback(node.name, f"hadamard of block {block} (node {node.name})",
+                                      f"run by torch, the op's reference kernel (no Triton kernel takes it: {why})"))
+        else:
+            names.append(node.name)
+    return names, fallbacks
+
+
 def check_gpu(target: Target) -> None:
     """BackendError naming the file at fault unless ``target``'s TOML and its GPU architecture
     file hold everything the kernels read (SM count, tile candidates of every kernel family)."""
@@ -111,8 +134,9 @@ def check_gpu(target: Target) -> None:
 def lower_graph(graph: Graph, target: Target, files_out, toolchain: dict) -> Artifact:
     """Pack every linear weight a kernel takes into ``triton_weights.safetensors``, copy the
     kernel sources used into ``kernels/`` (both through ``files_out``, the bundle's
-    :class:`~nnforge.bundle.format.ArtifactWriter`), and describe the rest of the graph for the
-    launcher, which reads the bundle's graph and weights files."""
+    :class:`~nnforge.bundle.format.ArtifactWriter`), list the ``hadamard`` nodes the kernel runs,
+    and describe the rest of the graph for the launcher, which reads the bundle's graph and
+    weights files."""
     from safetensors.torch import save_file
     cdt = compute_dtype(target)
     check_gpu(target)
@@ -151,6 +175,7 @@ def lower_graph(graph: Graph, target: Target, files_out, toolchain: dict) -> Art
     if packed:
         save_file(packed, os.fspath(files_out.path(PACKED_FILE)), metadata={"producer": "nnforge triton backend"})
         files.append(PACKED_FILE)
+    hadamards, torch_hadamards = kernel_hadamards(graph, target)
     kernels = {}
     if used:
         package = importlib.import_module(KERNEL_PACKAGE)
@@ -171,10 +196,10 @@ def lower_graph(graph: Graph, target: Target, files_out, toolchain: dict) -> Art
         "inputs": [{"name": v.name, "dtype": v.dtype.name, "dims": list(v.shape)} for v in graph.inputs],
         "outputs": [v.name for v in graph.outputs],
         "kernels": kernels, "linears": linears, "fp8_linears": fp8_linears(graph, target, linears),
-        "decoded": sorted({f.where for f in fallbacks}),
+        "hadamards": hadamards, "decoded": sorted({f.where for f in fallbacks}),
     }
-    return Artifact(files=files, entry=entry, fallbacks=fallbacks, toolchain=toolchain)
+    return Artifact(files=files, entry=entry, fallbacks=fallbacks + torch_hadamards, toolchain=toolchain)
 
 
-__all__ = ["lower_graph", "sha256_of", "PACKED_FILE", "KERNEL_DIR", "KERNEL_PACKAGE", "fp8_linears", "GRAPH_FILE",
-           "WEIGHTS_FILE"]
+__all__ = ["lower_graph", "sha256_of", "PACKED_FILE", "KERNEL_DIR", "KERNEL_PACKAGE", "fp8_linears", "kernel_hadamards",
+           "GRAPH_FILE", "WEIGHTS_FILE"]

@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 from nnforge.backends.base import get_backend                                      # noqa: E402
 from nnforge.backends.triton import TritonBackend                                  # noqa: E402
 from nnforge.backends.triton.capabilities import CAPABILITIES, Kernel              # noqa: E402
-from nnforge.backends.triton.kernels import lut, minifloat                          # noqa: E402
+from nnforge.backends.triton.kernels import hadamard, lut, minifloat                # noqa: E402
 from nnforge.backends.triton.launcher import MATMUL_LIKE                           # noqa: E402
 from nnforge.cli import explain_target                                             # noqa: E402
 from nnforge.ir import Graph, IntQuant, tensor                                     # noqa: E402
@@ -50,17 +50,23 @@ def test_table_agrees_with_lowering(tmp_path, target, op, label, graph):
 
 
 CACHE_OPS = ("kv_cache_write", "kv_cache_read")
+# ops that read no weight: their "dense" row is the float activation (test_hadamard.py lowers them)
+WEIGHTLESS = {"hadamard": "kernels.hadamard"}
 
 
 def test_every_row_is_covered():
     """The cases reach every weight row, and kinds no row takes; the cache rows are the encodings
-    the decoder steps run (backends/triton/decoder.py), one write and one read row each."""
+    the decoder steps run (backends/triton/decoder.py), one write and one read row each; each
+    weightless op has one dense row naming its kernel module."""
     from nnforge.backends.triton.decoder import IN_PLACE
     reached = {id(CAPABILITIES.find(op, g.weights["layer.weight"].encoding, get_target(t))[0])
                for t, op, _, g in CASES}
-    assert {id(r) for r in CAPABILITIES if r.op not in CACHE_OPS} | {id(None)} <= reached
+    assert {id(r) for r in CAPABILITIES if r.op not in (*CACHE_OPS, *WEIGHTLESS)} | {id(None)} <= reached
     for op in CACHE_OPS:
         assert sorted(r.encoding for r in CAPABILITIES if r.op == op) == sorted(IN_PLACE)
+    for op, module in WEIGHTLESS.items():
+        assert [(r.encoding, r.how.split(":")[0], r.accepts) for r in CAPABILITIES if r.op == op] == \
+            [("dense", module, None)]
 
 
 def test_a_tied_weight_packed_for_its_linear_is_decoded_for_its_embedding(tmp_path):
@@ -78,16 +84,17 @@ def test_a_tied_weight_packed_for_its_linear_is_decoded_for_its_embedding(tmp_pa
 
 def test_every_row_of_an_encoded_kind_names_a_kernel_module():
     """Lowering packs through the row's kernel module and the launcher calls kernels for linears
-    only; dense rows are the launcher's matmul-like ops, run by torch."""
+    and the weightless ops only; the other dense rows are the launcher's matmul-like ops, run by
+    torch."""
     for row in CAPABILITIES:
-        if row.op in CACHE_OPS:         # the decoder steps' rows: no weight module packs them
+        if row.op in (*CACHE_OPS, *WEIGHTLESS):     # no weight module packs these
             continue
         if row.encoding == "dense":
             assert row.op in MATMUL_LIKE and row.accepts is None
         else:
             assert row.op == "linear" and isinstance(row.accepts, Kernel), row
             assert row.how.startswith(f"kernels.{row.accepts.module}:")
-    assert {r.op for r in CAPABILITIES if r.encoding == "dense"} == set(MATMUL_LIKE)
+    assert {r.op for r in CAPABILITIES if r.encoding == "dense"} == {*MATMUL_LIKE, *WEIGHTLESS}
 
 
 def test_rows_say_what_their_kernels_take():
@@ -95,6 +102,8 @@ def test_rows_say_what_their_kernels_take():
     rows = {r.encoding: r.how for r in CAPABILITIES if r.op == "linear"}
     assert all(f in rows["minifloat"] for f in [*minifloat.ELEMENTS, *minifloat.SCALE_FORMATS])
     assert lut.BITS == (1, 2, 3, 4, 5, 6, 8) and "1..6- or 8-bit indices" in rows["palettized"]
+    [had] = [r.how for r in CAPABILITIES if r.op == "hadamard"]
+    assert f"up to {hadamard.MAX_BLOCK_ELEMENTS} values" in had
 
 
 def test_fp8_tensor_cores_come_from_the_architecture():

@@ -1,6 +1,6 @@
 """The ``hadamard`` kernel under Triton's CPU interpreter against the op's reference
-(``nnforge.ir.hadamard.hadamard_transform`` in fp32), and compiled ahead of time for sm_80 and
-sm_90.
+(``nnforge.ir.hadamard.hadamard_transform`` in fp32), compiled ahead of time for sm_80 and sm_90,
+and end to end: a graph with a ``hadamard`` compiled for ``h100`` runs it in the kernel.
 
 Tolerance: one rounding of the output dtype relative to each value (the interpreter truncates
 fp32 to bf16 where a GPU rounds to nearest, a whole bf16 step at most), plus fp32 rounding
@@ -15,10 +15,15 @@ os.environ["TRITON_INTERPRET"] = "1"      # before triton is imported, anywhere
 import pytest                             # noqa: E402
 import torch                              # noqa: E402
 
+from tests import conftest                # noqa: E402
+
 pytest.importorskip("triton")
 
+from nnforge.backends.base import BackendError                             # noqa: E402
+from nnforge.backends.triton import TritonBackend                          # noqa: E402
 from nnforge.backends.triton.kernels import Build, KernelError, compile_many  # noqa: E402
 from nnforge.backends.triton.kernels import hadamard as hk                 # noqa: E402
+from nnforge.ir import Dense, Graph, run_graph, tensor                     # noqa: E402
 from nnforge.ir.hadamard import hadamard_transform                         # noqa: E402
 
 from .aot import ARCHS, MAIN, SHARED_LIMIT                                 # noqa: E402
@@ -95,3 +100,49 @@ def test_aot_compiles():
     for (sm, dt, block), k in zip(labels, compile_many(builds)):
         assert not isinstance(k, Exception), (sm, dt, block, k)
         assert k.cubin and k.shared <= SHARED_LIMIT[sm], (sm, dt, block, k.shared)
+
+
+# --- end to end ------------------------------------------------------------------------------------
+D = 128
+
+
+def _graph(block: int, width: int = D) -> Graph:
+    g = Graph("rotated")
+    x = g.add_input("x", tensor("f32", "batch", "seq", width))
+    w = Dense(torch.randn(16, width, generator=torch.Generator().manual_seed(3)))
+    r = g.op("hadamard", x, block=block, name="rotate")
+    g.set_outputs([g.op("linear", r, g.add_weight("down.weight", w), None, name="down")])
+    return g
+
+
+def test_compiled_graph_runs_the_kernel(tmp_path, monkeypatch):
+    """hadamard then a linear, lowered for h100 and run in the interpreter: the kernel takes the
+    node, and the output is the reference interpreter's (the linear on fp16 operands)."""
+    g = _graph(32)
+    lowered = conftest.lower_into(TritonBackend(), g, "h100", tmp_path)
+    assert lowered.entry["hadamards"] == ["rotate"] and lowered.fallbacks == []
+    calls = []
+    kernel = hk.hadamard
+    monkeypatch.setattr(hk, "hadamard", lambda x, block: calls.append(block) or kernel(x, block))
+    x = torch.randn(2, 3, D, generator=torch.Generator().manual_seed(4))
+    got, ref = TritonBackend().load(tmp_path, lowered.entry, "cpu")(x), run_graph(g, [x])[0]
+    assert calls == [32]
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    torch.testing.assert_close(got, ref, rtol=0, atol=2e-2)
+    cos = torch.nn.functional.cosine_similarity(got.reshape(-1), ref.reshape(-1), dim=0)
+    assert float(cos) >= 0.9999
+
+
+def test_a_block_the_kernel_cannot_hold_is_a_reported_fallback(tmp_path):
+    g = _graph(12 * 4096, 12 * 4096)
+    lowered = conftest.lower_into(TritonBackend(), g, "a100", tmp_path)
+    [f] = lowered.fallbacks
+    assert lowered.entry["hadamards"] == [] and f.where == "rotate"
+    assert "reference kernel" in f.action and f"over the {hk.MAX_BLOCK_ELEMENTS}" in f.action
+
+
+def test_an_entry_naming_another_op_is_refused(tmp_path):
+    g = _graph(32)
+    lowered = conftest.lower_into(TritonBackend(), g, "h100", tmp_path)
+    with pytest.raises(BackendError, match=r"down \(linear\) as a hadamard.*recompile"):
+        TritonBackend().load(tmp_path, dict(lowered.entry, hadamards=["down"]), "cpu")
