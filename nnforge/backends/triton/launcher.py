@@ -130,6 +130,12 @@ class Plan:
     def _callable(self, node, packed) -> Callable:
         opdef, attrs, cdt = get_op(node.op), node.attrs, self.compute_dtype
         w = node.inputs[1] if len(node.inputs) > 1 else None
+        if node.name in self.hadamards:
+            if node.op != "hadamard":
+                raise BackendError(f"entry lists {node.name} ({node.op}) as a hadamard for the kernel; recompile")
+            from .kernels.hadamard import hadamard
+            block = attrs["block"]
+            return lambda ctx, x: [hadamard(x, block)]
         if node.name in self.fp8_linears:
             module, pw = packed[w.name]
             scale = float(node.inputs[0].producer.attrs["scale"])
@@ -151,12 +157,6 @@ class Plan:
             return kernel_linear
         if node.op == "attention":
             return decoder.attention_step(self.graph, node)
-        if node.name in self.hadamards:
-            if node.op != "hadamard":
-                raise BackendError(f"entry lists {node.name} ({node.op}) as a hadamard for the kernel; recompile")
-            from .kernels.hadamard import hadamard
-            block = attrs["block"]
-            return lambda ctx, x: [hadamard(x, block)]
         if node.op in MATMUL_LIKE:
             def compute(ctx, *args):
                 args = [a.to(cdt) if a is not None and a.is_floating_point() else a for a in args]
