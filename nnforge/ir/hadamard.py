@@ -102,6 +102,16 @@ def hadamard_matrix(block: int, n: int | None = None, dtype: torch.dtype = torch
     return torch.block_diag(*[h] * (n // block)).to(dtype) if n > block else h.to(dtype)
 
 
+def hadamard_split(block: int) -> int:
+    """How a kernel splits a block into two products: the power of two ``c`` dividing its Sylvester
+    factor with the fewest multiply-adds a value (``block // c + c``) when ``x @ H_block`` runs on x
+    viewed ``[..., block // c, c]`` as ``H_a^T X H_c`` with ``H_a = hadamard_matrix(block // c)`` and
+    ``H_c = hadamard_matrix(c)``: the Kronecker factors of ``H_block``, each orthonormal, because
+    :func:`factors` splits ``block // c`` with the same ``m``."""
+    _, p = check_block(block, "hadamard")
+    return min((1 << i for i in range(p.bit_length())), key=lambda c: (block // c + c, -c))
+
+
 def hadamard_transform(x: torch.Tensor, block: int) -> torch.Tensor:
     """``x @ hadamard_matrix(block, x.shape[-1])`` in ``x``'s dtype, in ``O(n log n)``: butterflies
     over the power-of-two factor, then the small factor as a dense product."""
@@ -123,4 +133,5 @@ def hadamard_transform(x: torch.Tensor, block: int) -> torch.Tensor:
     return (y * (1.0 / math.sqrt(block))).reshape(*lead, n)
 
 
-__all__ = ["factors", "largest_block", "small_matrix", "check_block", "hadamard_matrix", "hadamard_transform"]
+__all__ = ["factors", "largest_block", "small_matrix", "check_block", "hadamard_matrix", "hadamard_split",
+           "hadamard_transform"]

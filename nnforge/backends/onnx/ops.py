@@ -177,16 +177,6 @@ def _embedding(b, node, fb):
 ONE_PRODUCT = 64       # blocks up to this size: one MatMul with the block's matrix
 
 
-def hadamard_split(block: int) -> int:
-    """The power of two ``c`` dividing ``block``'s Sylvester factor that costs fewest multiply-adds
-    a value (``block // c + c``) when ``x @ H_block`` runs on x viewed ``[..., block // c, c]`` as
-    ``H_a^T X H_c``, ``H_a = hadamard_matrix(block // c)``, ``H_c = hadamard_matrix(c)`` (the
-    Kronecker factors of ``H_block``, each orthonormal)."""
-    from ...ir.hadamard import check_block
-    _, p = check_block(block, "hadamard")
-    return min((1 << i for i in range(p.bit_length())), key=lambda c: (block // c + c, -c))
-
-
 def _hadamard_factor(b, size: int, dtype, transposed: bool) -> str:
     """The initializer of ``hadamard_matrix(size)`` (or its transpose) in ``dtype``, one a graph."""
     from ...ir.hadamard import hadamard_matrix
@@ -201,6 +191,7 @@ def _hadamard_factor(b, size: int, dtype, transposed: bool) -> str:
 @rule("hadamard")
 def _hadamard(b, node, fb):
     import torch
+    from ...ir.hadamard import hadamard_split
     x = node.inputs[0]
     block, dt = node.attrs["block"], x.dtype
     compute = torch.float64 if dt.name == "float64" else torch.float32   # float32, as the reference kernel

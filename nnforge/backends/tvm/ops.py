@@ -267,16 +267,6 @@ def _matmul(lw, node):
 ONE_PRODUCT = 64       # blocks up to this size: one product, cheaper than two with transposes between
 
 
-def hadamard_split(block: int) -> int:
-    """The power of two ``c`` dividing ``block``'s Sylvester factor that costs fewest multiply-adds
-    a value (``block // c + c``) when ``x @ H_block`` runs on x viewed ``[..., block // c, c]`` as
-    ``H_a^T X H_c``, ``H_a = hadamard_matrix(block // c)``, ``H_c = hadamard_matrix(c)`` (the
-    Kronecker factors of ``H_block``, each orthonormal)."""
-    from ...ir.hadamard import check_block
-    _, p = check_block(block, "hadamard")
-    return min((1 << i for i in range(p.bit_length())), key=lambda c: (block // c + c, -c))
-
-
 def _hadamard_product(lw, x2, rows, size: int, name: str):
     """``x2 @ hadamard_matrix(size)`` for ``x2`` float32 ``[rows, size]`` on the dense kernel."""
     from ...ir.hadamard import hadamard_matrix
@@ -288,7 +278,7 @@ def _hadamard_product(lw, x2, rows, size: int, name: str):
 @rule("hadamard")
 def _hadamard(lw, node):
     from tvm.relax import op
-    from ...ir.hadamard import hadamard_matrix
+    from ...ir.hadamard import hadamard_matrix, hadamard_split
     x = node.inputs[0]
     block, dt = node.attrs["block"], x.dtype.name
     groups = lw.dim(sym.prod(x.shape[:-1])) * (x.shape[-1] // block)
