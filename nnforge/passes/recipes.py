@@ -81,6 +81,11 @@ PRESETS: dict[str, tuple[str, list[dict]]] = {
     "palettize-3": ("3-bit palettes (k-means++ with Hessian-diagonal weights), one fp16 LUT per output "
                     "channel (needs calibration)",
                     [{"pass": "palettize", "bits": 3, "group_size": 1, "weighting": "hessian"}]),
+    # QuaRot's rotations (passes/rotate.py): the same function in fp32 with flatter weights and
+    # activations; joined before a weight preset ('rot+w4-gptq'), which then sees the rotated weights
+    "rot": ("rotations, QuaRot style: a randomised Hadamard folded into the residual stream and per attention "
+            "head, online Hadamards before the linears still unrotated (the MLP down projections) and on queries "
+            "and keys; the fp32 function unchanged", [{"pass": "rotate"}]),
     # KV-cache encodings (docs/kv_cache.md): alone they leave the weights as they are; after a
     # weight preset with '+' they run after its passes (w4-gptq+kv4)
     "kv8": ("int8 KV cache, symmetric, a float16 scale per token and group of 64 channels",
