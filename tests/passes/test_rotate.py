@@ -178,3 +178,29 @@ def test_options_and_the_preset():
     assert [p.name for p in passes] == ["rotate", "quantize_gptq"]
     with pytest.raises(PassError, match="KV-cache preset goes after"):
         resolve_recipe("kv8+rot")
+
+
+@pytest.mark.parametrize("target", ["onnx", "cpu"])
+def test_a_rotated_bundle_generates_as_the_original_model(target, tmp_path):
+    """Gemma 3 (post-norms and a tied head rotated online, hadamards on Q/K and the down
+    projections) through nf.compile: the bundle verifies, and its perplexity and greedy tokens on
+    the target's runtime are the original model's on the interpreter (head kept fp32: the default
+    int8 head would differ from the original by its own rounding)."""
+    import nnforge as nf
+    from nnforge.generation import DecoderRunner, generate, perplexity
+    from nnforge.ir import Interpreter
+    model = tiny_model("gemma3")
+    bundle = nf.compile(model, target, "rot", out=tmp_path / "b", max_len=32, head="fp32")
+    assert nf.verify(bundle.path)["passed"]
+    # the stream: 9 writers rotated and the final norm reading it back; Q and K; the down projections
+    assert sum(n.op == "hadamard" for n in bundle.graph().nodes) == 9 + 1 + 2 * 4 + 4
+    m, graph = bundle.manifest, import_decoder(model, max_len=32).graph
+    original = DecoderRunner(lambda *xs: Interpreter(graph).run(*xs), m["decoder"],
+                             [i["name"] for i in m["signature"]["inputs"]],
+                             [o["name"] for o in m["signature"]["outputs"]])
+    ids = torch.randint(3, 128, (24,), generator=torch.Generator().manual_seed(3)).tolist()
+    lm = bundle.load()
+    assert lm.perplexity(ids).perplexity == pytest.approx(
+        perplexity(original.decoder(resident=False), ids).perplexity, rel=1e-5)
+    assert lm.generate(ids[:5], 12, stop_tokens=[]).tokens == \
+        generate(original.decoder(resident=False), ids[:5], 12, stop_tokens=[]).tokens
