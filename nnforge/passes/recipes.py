@@ -32,6 +32,10 @@ from .base import PASSES, Pass, PassError
 
 # Presets: name -> (description, list of pass configs)
 _GPTQ = {"pass": "quantize_gptq", "act_order": True}
+_ROT = [{"pass": "rotate"}]
+_W4A4 = [{**_GPTQ, "static_groups": True, "format": "int4", "group_size": 128, "ragged_groups": True},
+         {"pass": "quantize_activations", "format": "int4", "dynamic": True, "clip": 0.9}]
+_NVFP4_A4 = [{**_GPTQ, "format": "nvfp4"}, {"pass": "quantize_activations", "format": "nvfp4"}]
 PRESETS: dict[str, tuple[str, list[dict]]] = {
     "fp32": ("no compression", []),
     "w8": ("int8 weights, per-channel scales, round-to-nearest",
@@ -64,6 +68,17 @@ PRESETS: dict[str, tuple[str, list[dict]]] = {
     "fp8-w8a8": ("FP8 E4M3 weights (per-channel) and FP8 E4M3 activations (static per-tensor) "
                  "(needs calibration)",
                  [{"pass": "quantize_rtn", "format": "e4m3"}, {"pass": "quantize_activations", "format": "e4m3"}]),
+    # dynamic activations (passes/quantize/activations.py); a decoder's LM head keeps float inputs, as
+    # every pass that selects layers leaves the head to its own format (with_head_format)
+    "w4a8": ("w4-gptq's int4 weights and int8 activations, dynamic per token (needs calibration)",
+             [{**_GPTQ, "static_groups": True, "format": "uint4", "group_size": 128, "ragged_groups": True},
+              {"pass": "quantize_activations", "format": "int8", "dynamic": True}]),
+    "w4a4": ("int4 weights (symmetric, groups of 128, GPTQ) and int4 activations, dynamic per token with "
+             "ranges clipped to 0.9 (needs calibration; made for rotated models: w4a4-rot)",
+             _W4A4),
+    "nvfp4-a4": ("NVFP4 weights (GPTQ) and NVFP4 activations (blocks of 16 scaled at run time, the tensor "
+                 "scale calibrated) (needs calibration; made for rotated models: nvfp4-a4-rot)",
+                 _NVFP4_A4),
     "sparse24": ("2:4 sparsity (2-bit in-group indices), SparseGPT mask and update (needs calibration)",
                  [{"pass": "prune_sparsegpt", "pattern": "2:4"}]),
     "sparse24-w4": ("2:4 sparsity with the kept values in int4 (zero points, groups of 128), SparseGPT with "
@@ -85,7 +100,9 @@ PRESETS: dict[str, tuple[str, list[dict]]] = {
     # activations; joined before a weight preset ('rot+w4-gptq'), which then sees the rotated weights
     "rot": ("rotations, QuaRot style: a randomised Hadamard folded into the residual stream and per attention "
             "head, online Hadamards before the linears still unrotated (the MLP down projections) and on queries "
-            "and keys; the fp32 function unchanged", [{"pass": "rotate"}]),
+            "and keys; the fp32 function unchanged", _ROT),
+    "w4a4-rot": ("rot, then w4a4: QuaRot's W4A4 (needs calibration)", _ROT + _W4A4),
+    "nvfp4-a4-rot": ("rot, then nvfp4-a4 (needs calibration)", _ROT + _NVFP4_A4),
     # KV-cache encodings (docs/kv_cache.md): alone they leave the weights as they are; after a
     # weight preset with '+' they run after its passes (w4-gptq+kv4)
     "kv8": ("int8 KV cache, symmetric, a float16 scale per token and group of 64 channels",

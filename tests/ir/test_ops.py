@@ -76,6 +76,9 @@ EXAMPLES: dict[str, list] = {
     ],
     "embedding": [ex(ints(0, 10, 2, 3), randn(10, 4, seed=1)), ex(ints(0, 10, 5, dtype=torch.int32), randn(10, 4))],
     "hadamard": [ex(randn(2, 3, 24), block=24), ex(randn(5, 40), block=20), ex(randn(4, 64), block=16)],
+    "dynamic_quant": [ex(randn(2, 3, 64), format="int8"), ex(randn(5, 64), format="int4", group=16, clip=0.9),
+                      ex(randn(4, 64), format="nvfp4"), ex(randn(4, 64), format="nvfp4", global_scale=0.01),
+                      ex(randn(2, 64), format="mxfp4"), ex(randn(2, 2, 64), format="e4m3")],
     # nn
     "softmax": [ex(randn(2, 3, 4), axis=-1), ex(randn(2, 3, 4), axis=1)],
     "log_softmax": [ex(randn(2, 3, 4), axis=0)],

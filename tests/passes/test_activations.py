@@ -115,8 +115,17 @@ def test_w8a8_presets_compile_and_run_in_onnx_runtime(tmp_path, recipe):
 
 
 def test_errors_are_clear():
-    with pytest.raises(PassError, match="unknown activation format 'int4'"):
+    with pytest.raises(PassError, match="unknown activation format 'int3'"):
+        QuantizeActivations(format="int3")
+    with pytest.raises(PassError, match=r"int4 activations take scales computed per token or block at run time: "
+                                        r"set dynamic = true"):
         QuantizeActivations(format="int4")
+    with pytest.raises(PassError, match="nvfp4 scales blocks of 16 channels, not 32"):
+        QuantizeActivations(format="nvfp4", group_size=32)
+    with pytest.raises(PassError, match="group_size and clip shape dynamic scales; static int8"):
+        QuantizeActivations(format="int8", clip=0.9)
+    with pytest.raises(PassError, match=r"clip must be in \(0, 1\], got 1.5"):
+        QuantizeActivations(format="int4", dynamic=True, clip=1.5)
     with pytest.raises(PassError, match="alpha must be in"):
         SmoothQuant(alpha=1.5)
     with pytest.raises(PassError, match="needs calibration"):
@@ -209,3 +218,29 @@ def test_runtime_drift_beyond_rounding_is_an_error(tmp_path, monkeypatch):
     with pytest.raises(BackendError, match="drifts from fp32 further than rounding explains"):
         nf.compile(model, "onnx", "w8a8", example_inputs=calib[0], calibration=calib, out=tmp_path / "b")
     assert not (tmp_path / "b").exists()
+
+
+def test_dynamic_activations_need_no_calibration_and_share_one_quantiser_per_value():
+    g = attention_like(post_ln_residual=False)
+    out = QuantizeActivations(format="int8", dynamic=True)(g.copy(), PassContext())
+    quants = [n for n in out.nodes if n.op == "dynamic_quant"]
+    assert len(quants) == 1 and quants[0].attrs == {"format": "int8", "group": 0, "clip": 1.0, "global_scale": 0.0}
+    assert all(n.inputs[0] is quants[0].output for n in out.nodes if n.op == "linear")
+    x = outlier_batches(1)[0][0]
+    got, want = run_graph(out, [x])[0], run_graph(g, [x])[0]
+    assert float((got - want).norm() / want.norm()) < 0.02
+
+
+def test_nvfp4_activations_calibrate_their_tensor_scale():
+    g = attention_like(post_ln_residual=False)
+    with pytest.raises(PassError, match="quantize_activations needs calibration data"):
+        QuantizeActivations(format="nvfp4")(g.copy(), PassContext())
+    ctx = PassContext(calibration=outlier_batches())
+    ctx.current = "quantize_activations"
+    out = QuantizeActivations(format="nvfp4")(g.copy(), ctx)
+    (quant,) = [n for n in out.nodes if n.op == "dynamic_quant"]
+    scale = ctx.figures["quantize_activations"]["scales"]["q"]
+    assert quant.attrs["global_scale"] == pytest.approx(scale) and 0 < scale
+    dynamic = QuantizeActivations(format="nvfp4", dynamic=True)
+    assert not dynamic.needs_calibration
+    assert dynamic(g.copy(), PassContext()).nodes[1].attrs["global_scale"] == 0.0

@@ -46,3 +46,23 @@ def _ref(ctx, x, *, format, scale, zero_point):
 defop("fake_quant", ["x"], {"format": Attr("dtype"), "scale": Attr("float"), "zero_point": Attr("int", 0)},
       infer=_infer, ref=_ref, family="quant",
       doc="Round x onto a static int8/uint8/FP8 grid (x/scale + zero_point, saturating) and back.")
+
+
+def _dynamic_infer(x, *, format, group, clip, global_scale):
+    from ..actquant import check
+    if not x.dtype.is_float or x.dtype.kind == "minifloat" or x.rank < 1:
+        raise TypeError(f"dynamic_quant needs a float input of rank >= 1, got {x}")
+    check(format, group, clip, global_scale, x.shape[-1], "dynamic_quant")
+    return x
+
+
+def _dynamic_ref(ctx, x, *, format, group, clip, global_scale):
+    from ..actquant import act_quantize
+    return act_quantize(x, format, group, clip, global_scale).to(x.dtype)
+
+
+defop("dynamic_quant", ["x"], {"format": Attr("str"), "group": Attr("int", 0), "clip": Attr("float", 1.0),
+                               "global_scale": Attr("float", 0.0)},
+      infer=_dynamic_infer, ref=_dynamic_ref, family="quant",
+      doc="Round x onto an int8/int4/FP8/MX/NVFP4 grid with scales computed from x per token or per block "
+          "of channels (nnforge.ir.actquant), and back: dynamic activation quantisation.")

@@ -1,8 +1,10 @@
-"""Activation quantisation (W8A8 with int8 or FP8 E4M3 activations) and SmoothQuant.
+"""Activation quantisation (W8A8, W4A8, W4A4, NVFP4) and SmoothQuant.
 
 ``quantize_activations`` puts a ``fake_quant`` with a static per-tensor scale, calibrated on the
-calibration set, in front of every selected layer's input (layers reading the same value share
-one). Run it after the weight quantiser: the calibration then sees the quantised model.
+calibration set, or a ``dynamic_quant`` whose scales each token computes from its own values (per
+token, per group of channels, MX and NVFP4 blocks), in front of every selected layer's input
+(layers reading the same value share one). Run it after the weight quantiser: the calibration then
+sees the quantised model.
 
 ``smooth_quant`` (Xiao et al., 2023) moves activation outliers into the weights before both:
 per input channel j, s_j = max|X_j|^alpha / max|W_:j|^(1-alpha); the layer computes
@@ -22,12 +24,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...ir import Dense, Graph, Node, Value, dtype
+from ...ir import Dense, Graph, GraphError, Node, Value, dtype
+from ...ir.actquant import ACT_FORMATS, check as check_dynamic
 from ...ir.ops.quant import fake_quantize
 from ..base import LayerSelection, Pass, PassContext, PassError, register_pass
 from .calibrate import run_calibration
 from .formats import FormatError, parse_format, quantize_rtn
 
+_BLOCK_FORMATS = ("mxfp8", "mxfp4", "nvfp4")      # block scales: dynamic whatever ``dynamic`` says
 _ACT_FORMATS = {"int8": "int8", "uint8": "uint8", "e4m3": "float8_e4m3fn", "fp8": "float8_e4m3fn",
                 "float8_e4m3fn": "float8_e4m3fn", "e5m2": "float8_e5m2", "float8_e5m2": "float8_e5m2"}
 
@@ -77,7 +81,10 @@ def _collect(graph: Graph, inputs: set, ctx: PassContext, who: str, sample_rows:
     return stats
 
 
-def act_format(name: str, who: str):
+def act_format(name: str, who: str, dynamic_hint: bool = False):
+    if dynamic_hint and name not in _ACT_FORMATS and name in ACT_FORMATS:
+        raise PassError(f"{who}: {name} activations take scales computed per token or block at run time: set "
+                        f"dynamic = true (static per-tensor formats: {', '.join(sorted(_ACT_FORMATS))})")
     if name not in _ACT_FORMATS:
         raise PassError(f"{who}: unknown activation format {name!r}; known: {', '.join(sorted(_ACT_FORMATS))}")
     return dtype(_ACT_FORMATS[name])
@@ -97,32 +104,76 @@ def act_grid(fmt, lo: float, hi: float) -> tuple[float, int]:
 @register_pass
 @dataclass
 class QuantizeActivations(LayerSelection, Pass):
-    """Static per-tensor quantisation of the inputs of linear layers: ``format`` int8 (symmetric),
-    uint8 (with a zero point), e4m3 or e5m2; scales from the calibration set's range."""
+    """Quantisation of the inputs of linear layers (readers of one value share it).
+
+    Static (the default for int8, uint8, e4m3, e5m2): one per-tensor scale from the calibration
+    set's range, a ``fake_quant``. Dynamic (``dynamic=True``, or a block format): a
+    ``dynamic_quant`` whose scales come from each token's own values at run time
+    (nnforge.ir.actquant): int8, int4 and e4m3 per token (or per ``group_size`` channels, with
+    ``clip`` scaling each range), mxfp8 / mxfp4 per block of 32, nvfp4 per block of 16 with its
+    tensor scale calibrated (static) or, with ``dynamic=True``, taken per token."""
     name = "quantize_activations"
-    needs_calibration = True
     format: str = "int8"
+    dynamic: bool = False
+    group_size: int = 0
+    clip: float = 1.0
 
     def __post_init__(self):
         super().__post_init__()
-        act_format(self.format, self.name)
         if set(self.ops) - {"linear", "conv"}:
             raise PassError(f"{self.name}: activation quantisation covers linear layers")
+        if not isinstance(self.dynamic, bool):
+            raise PassError(f"{self.name}: dynamic must be true or false, got {self.dynamic!r}")
+        if self._runs_dynamic:
+            if self.format not in ACT_FORMATS:
+                raise PassError(f"{self.name}: unknown dynamic activation format {self.format!r}; known: "
+                                f"{', '.join(ACT_FORMATS)}")
+            try:
+                check_dynamic(self.format, self.group_size, self.clip, 0.0,
+                              self.group_size or ACT_FORMATS[self.format][2] or 1, self.name)
+            except ValueError as e:
+                raise PassError(str(e)) from None
+        else:
+            act_format(self.format, self.name, dynamic_hint=True)
+            if self.group_size or self.clip != 1.0:
+                raise PassError(f"{self.name}: group_size and clip shape dynamic scales; static {self.format} "
+                                "activations have one scale per tensor (set dynamic = true)")
+
+    @property
+    def _runs_dynamic(self) -> bool:
+        return self.dynamic or self.format in _BLOCK_FORMATS
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Static scales (and nvfp4's static tensor scale) come from calibration data."""
+        return not self._runs_dynamic or (self.format == "nvfp4" and not self.dynamic)
 
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
-        fmt = act_format(self.format, self.name)
         groups = _linear_groups(graph, self)
-        stats = _collect(graph, set(groups), ctx, self.name)
+        stats = _collect(graph, set(groups), ctx, self.name) if self.needs_calibration else {}
         scales = {}
         for x, nodes in groups.items():
-            scale, zp = act_grid(fmt, float(stats[x].lo.min()), float(stats[x].hi.max()))
             first = min(nodes, key=graph.nodes.index)
+            name = graph.fresh_name(f"{first.name}_act_quant", node=True)
             with graph.inserting_before(first):
-                q = graph.op("fake_quant", x, format=fmt, scale=scale, zero_point=zp,
-                             name=graph.fresh_name(f"{first.name}_act_quant", node=True))
+                if self._runs_dynamic:
+                    gs = 0.0
+                    if self.format == "nvfp4" and not self.dynamic:
+                        amax = max(float(stats[x].lo.abs().max()), float(stats[x].hi.abs().max()))
+                        gs = max(amax, 1e-12) / (6.0 * 448.0)
+                    try:
+                        q = graph.op("dynamic_quant", x, format=self.format, group=self.group_size, clip=self.clip,
+                                     global_scale=gs, name=name)
+                    except GraphError as e:
+                        raise PassError(f"{self.name}: layer {first.name}: {e}") from None
+                    scales[first.name] = round(gs, 10) if gs else "dynamic"
+                else:
+                    fmt = act_format(self.format, self.name)
+                    scale, zp = act_grid(fmt, float(stats[x].lo.min()), float(stats[x].hi.max()))
+                    q = graph.op("fake_quant", x, format=fmt, scale=scale, zero_point=zp, name=name)
+                    scales[first.name] = round(scale, 8)
             for n in nodes:
                 n.inputs[0] = q
-            scales[first.name] = round(scale, 8)
         ctx.record("activations", len(scales))
         ctx.record("scales", scales)
         return graph
