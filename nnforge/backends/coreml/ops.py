@@ -157,6 +157,27 @@ def _matmul(lw, node):
     return _mb().matmul(x=_x(lw, node, 0), y=_x(lw, node, 1))
 
 
+ONE_PRODUCT = 64       # blocks up to this size: one product with the block's matrix, as onnx and tvm
+
+
+@rule("hadamard")
+def _hadamard(lw, node):
+    # x viewed [groups, a, c] becomes H_a^T X H_c: the Kronecker factors of the block's matrix, so the
+    # constants stay small however wide the block is
+    from ...ir.hadamard import hadamard_matrix, hadamard_split
+    mb, x = _mb(), _x(lw, node)
+    block = node.attrs["block"]
+    c = block if block <= ONE_PRODUCT else hadamard_split(block)
+    a = block // c
+
+    def factor(size):
+        return mb.const(val=hadamard_matrix(size).numpy().astype(np.float16), name=lw.name(f"{node.name}_h{size}"))
+    y = mb.matmul(x=mb.reshape(x=x, shape=np.asarray([-1, a, c], np.int32)), y=factor(c))
+    if a > 1:
+        y = mb.matmul(x=factor(a), y=y, transpose_x=True)
+    return mb.reshape(x=y, shape=mb.shape(x=x))
+
+
 def _pads(padding):
     """IR padding (all begins, then all ends) -> MIL's (begin, end) per spatial axis."""
     nd = len(padding) // 2

@@ -154,7 +154,8 @@ def linalg_graph() -> Graph:
     wa, ba = w(g, "a.weight", torch.randn(19, 24) * 0.2), w(g, "a.bias", torch.randn(19))
     scores = g.op("matmul", q, k)
     outs = [g.op("linear", x3, wa, ba), g.op("linear", x3, w(g, "b.weight", torch.randn(40, 24) * 0.2), None),
-            scores, g.op("matmul", scores, q), g.op("matmul", q, w(g, "m.weight", torch.randn(8, 5)))]
+            scores, g.op("matmul", scores, q), g.op("matmul", q, w(g, "m.weight", torch.randn(8, 5))),
+            g.op("hadamard", x3, block=24)]
     g.set_outputs(outs)
     return g
 
