@@ -8,7 +8,10 @@ An encoded KV cache's write and read (kv8: codes and scales per token, docs/kv_c
 run here too: their reference kernels refuse out-of-cache positions by reading the positions'
 values, which torch.export cannot trace, and scatter the step's rows. Here the encoding quantises
 as the reference does and each slot gathers the row of the token written there; a position outside
-the cache writes nothing, as the decompose pass's cache update (the decoder runner pads with one)."""
+the cache writes nothing, as the decompose pass's cache update (the decoder runner pads with one).
+
+``hadamard`` runs in :class:`Hadamard`: two products with constant factors, not the reference's
+butterfly stages, whose matrices export would trace (see the class)."""
 from __future__ import annotations
 
 import torch
@@ -87,6 +90,43 @@ def kv_cache_write(ctx, new, positions, *parts, **attrs):
 
 def kv_cache_read(ctx, positions, *parts, **attrs):
     return encoding_of(attrs).read(list(parts), positions, attrs["head_dim"]).to(ctx.float_dtype)
+
+
+ONE_PRODUCT = 64       # blocks up to this size: one product with the block's matrix, as onnx and tvm
+
+
+class Hadamard(torch.nn.Module):
+    """The ``hadamard`` blocks of a graph as ``H_a^T X H_c`` on x viewed ``[groups, a, c]`` (the
+    block's Kronecker factors, ``ir.hadamard.hadamard_split``), which torch-mlir lowers to matmuls
+    with constant operands. The factors are fp32 buffers made here, not tensors made in
+    ``forward``: torch.export would trace their construction, and ir.hadamard's caches would keep
+    the fake tensors it traces with."""
+
+    def __init__(self, blocks):
+        super().__init__()
+        from ...ir.hadamard import hadamard_matrix
+        for block in sorted(set(blocks)):
+            c, a = self.split(block)
+            self._factor(f"h{c}", hadamard_matrix(c, dtype=torch.float32))
+            if a > 1:          # H_a on the left, transposed: a Paley matrix is not symmetric
+                self._factor(f"t{a}", hadamard_matrix(a, dtype=torch.float32).T)
+
+    def _factor(self, name, h):
+        if not hasattr(self, name):
+            self.register_buffer(name, h.contiguous())
+
+    @staticmethod
+    def split(block: int) -> tuple[int, int]:
+        from ...ir.hadamard import hadamard_split
+        c = block if block <= ONE_PRODUCT else hadamard_split(block)
+        return c, block // c
+
+    def forward(self, x, block):
+        c, a = self.split(block)
+        y = x.to(torch.float32).reshape(-1, a, c) @ getattr(self, f"h{c}")
+        if a > 1:
+            y = getattr(self, f"t{a}") @ y
+        return y.reshape(x.shape).to(x.dtype)
 
 
 KERNELS = {"topk_indices": topk_indices, "index_put": index_put, "cumsum": cumsum,

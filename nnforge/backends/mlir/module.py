@@ -16,7 +16,7 @@ from torch.fx.traceback import annotate
 from ...ir import Graph, WEIGHT_OPS, symbolic as sym
 from ...ir.ops import WEIGHT_SLOT, RunContext, get_op
 from ..base import Fallback
-from .linalg_kernels import KERNELS, MULTI_OUTPUT
+from .linalg_kernels import KERNELS, MULTI_OUTPUT, Hadamard
 from .weights import Site, weight_module
 
 # The keys under which every traced op carries the IR node it came from (torch.export keeps them in
@@ -51,6 +51,7 @@ class GraphModule(torch.nn.Module):
             self.weight_slots[name] = slot
             self.decoders[slot] = weight_module(graph.weights[name].encoding, name,
                                                 Site(layers.get(name), target, fallbacks))
+        self.hadamard = Hadamard(n.attrs["block"] for n in graph.nodes if n.op == "hadamard")
         # the inputs' symbolic axes, bound from the actual sizes on every call
         self.symbol_axes = [(i, axis, d) for i, v in enumerate(graph.inputs) for axis, d in enumerate(v.shape)
                             if isinstance(d, str) and sym.is_symbol(d)]
@@ -79,7 +80,9 @@ class GraphModule(torch.nn.Module):
         for node in g.nodes:
             with annotate({NODE_KEY: node.name, OP_KEY: node.op}):
                 args = [None if v is None else weight(v.name) if v.is_weight else vals[v] for v in node.inputs]
-                if node.op in KERNELS:
+                if node.op == "hadamard":
+                    outs = [self.hadamard(*args, **node.attrs)]
+                elif node.op in KERNELS:
                     outs = KERNELS[node.op](ctx, *args, **node.attrs)
                     outs = outs if node.op in MULTI_OUTPUT else [outs]
                 else:
