@@ -30,7 +30,7 @@ from ...ir.simplify import static_form
 from ...targets import Target
 from ..base import Artifact, Backend, BackendError, InputSpec, LowerContext, ResidentState, Runner
 from . import emulate as E
-from . import conv, csim, decoder, decoder_kv8, logic, pointwise, ranges, render, resources, routing  # noqa: F401  (conv, decoder, decoder_kv8, logic, pointwise, routing register lowering rules)
+from . import conv, csim, decoder, decoder_kv8, hadamard, logic, pointwise, ranges, render, resources, routing  # noqa: F401  (conv, decoder, decoder_kv8, hadamard, logic, pointwise, routing register lowering rules)
 from .capabilities import CAPABILITIES
 from .project import LOWERINGS, PROJECT, HlsOptions, Plan, build_plan, kv_layout, kv_words, pack_state, unpack_state
 
