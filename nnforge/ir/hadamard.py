@@ -102,13 +102,19 @@ def hadamard_matrix(block: int, n: int | None = None, dtype: torch.dtype = torch
     return torch.block_diag(*[h] * (n // block)).to(dtype) if n > block else h.to(dtype)
 
 
+ONE_PRODUCT = 64       # blocks up to this size: one product with the block's matrix, cheaper than two
+
+
 def hadamard_split(block: int) -> int:
-    """How a kernel splits a block into two products: the power of two ``c`` dividing its Sylvester
-    factor with the fewest multiply-adds a value (``block // c + c``) when ``x @ H_block`` runs on x
-    viewed ``[..., block // c, c]`` as ``H_a^T X H_c`` with ``H_a = hadamard_matrix(block // c)`` and
+    """How a kernel splits a block into products: ``block`` itself (one product) up to
+    ``ONE_PRODUCT``, else the power of two ``c`` dividing its Sylvester factor with the fewest
+    multiply-adds a value (``block // c + c``) when ``x @ H_block`` runs on x viewed
+    ``[..., block // c, c]`` as ``H_a^T X H_c`` with ``H_a = hadamard_matrix(block // c)`` and
     ``H_c = hadamard_matrix(c)``: the Kronecker factors of ``H_block``, each orthonormal, because
     :func:`factors` splits ``block // c`` with the same ``m``."""
     _, p = check_block(block, "hadamard")
+    if block <= ONE_PRODUCT:
+        return block
     return min((1 << i for i in range(p.bit_length())), key=lambda c: (block // c + c, -c))
 
 
@@ -134,4 +140,4 @@ def hadamard_transform(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 __all__ = ["factors", "largest_block", "small_matrix", "check_block", "hadamard_matrix", "hadamard_split",
-           "hadamard_transform"]
+           "hadamard_transform", "ONE_PRODUCT"]

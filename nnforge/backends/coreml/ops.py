@@ -157,7 +157,6 @@ def _matmul(lw, node):
     return _mb().matmul(x=_x(lw, node, 0), y=_x(lw, node, 1))
 
 
-ONE_PRODUCT = 64       # blocks up to this size: one product with the block's matrix, as onnx and tvm
 
 
 @rule("hadamard")
@@ -167,7 +166,7 @@ def _hadamard(lw, node):
     from ...ir.hadamard import hadamard_matrix, hadamard_split
     mb, x = _mb(), _x(lw, node)
     block = node.attrs["block"]
-    c = block if block <= ONE_PRODUCT else hadamard_split(block)
+    c = hadamard_split(block)
     a = block // c
 
     def factor(size):

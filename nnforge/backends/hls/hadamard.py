@@ -17,7 +17,6 @@ from . import layers as L
 from .project import LOWERINGS
 from .weights import mat_weights
 
-ONE_PRODUCT = 64       # blocks up to this size: one product with the block's matrix, as onnx and tvm
 
 
 def _product(plan, node, name: str, size: int, src: str, dst: str, rows: int) -> L.MatMat:
@@ -35,7 +34,7 @@ def _product(plan, node, name: str, size: int, src: str, dst: str, rows: int) ->
 def _hadamard(plan, node, name):
     x, out = node.inputs[0], node.output
     block = node.attrs["block"]
-    c = block if block <= ONE_PRODUCT else hadamard_split(block)
+    c = hadamard_split(block)
     a, n = block // c, math.prod(x.shape)
     if a == 1:
         return [_product(plan, node, name, c, x.name, out.name, n // c)]

@@ -92,7 +92,6 @@ def kv_cache_read(ctx, positions, *parts, **attrs):
     return encoding_of(attrs).read(list(parts), positions, attrs["head_dim"]).to(ctx.float_dtype)
 
 
-ONE_PRODUCT = 64       # blocks up to this size: one product with the block's matrix, as onnx and tvm
 
 
 class Hadamard(torch.nn.Module):
@@ -118,7 +117,7 @@ class Hadamard(torch.nn.Module):
     @staticmethod
     def split(block: int) -> tuple[int, int]:
         from ...ir.hadamard import hadamard_split
-        c = block if block <= ONE_PRODUCT else hadamard_split(block)
+        c = hadamard_split(block)
         return c, block // c
 
     def forward(self, x, block):

@@ -174,7 +174,6 @@ def _embedding(b, node, fb):
 
 
 # --- rotations ----------------------------------------------------------------------------------
-ONE_PRODUCT = 64       # blocks up to this size: one MatMul with the block's matrix
 
 
 def _hadamard_factor(b, size: int, dtype, transposed: bool) -> str:
@@ -198,7 +197,7 @@ def _hadamard(b, node, fb):
     y = operand(b, x, fb)
     if dt.name not in ("float32", "float64"):
         y = b.node("Cast", [y], to=onnx_type(float32))
-    c = block if block <= ONE_PRODUCT else hadamard_split(block)
+    c = hadamard_split(block)
     a = block // c
     y = b.node("MatMul", [b.node("Reshape", [y, b.ints([-1, a, c])]), _hadamard_factor(b, c, compute, False)])
     if a > 1:              # H_a^T on the left, broadcast over the groups

@@ -264,7 +264,6 @@ def _matmul(lw, node):
     return op.matmul(lw.arg(a), lw.layer_weight(node.op, b) if b.is_weight else lw.arg(b))
 
 
-ONE_PRODUCT = 64       # blocks up to this size: one product, cheaper than two with transposes between
 
 
 def _hadamard_product(lw, x2, rows, size: int, name: str):
@@ -288,7 +287,7 @@ def _hadamard(lw, node):
         return op.reshape(lw.emit(op.matmul(lw.emit(op.reshape(xe, [groups, block])), h)), lw.shape(x.shape))
     if dt != "float32":        # computed in float32, as the reference kernel does
         xe = lw.emit(op.astype(xe, "float32"))
-    c = block if block <= ONE_PRODUCT else hadamard_split(block)
+    c = hadamard_split(block)
     a = block // c
     y = _hadamard_product(lw, lw.emit(op.reshape(xe, [groups * a, c])), groups * a, c, node.name)
     if a > 1:                  # H_a^T X_g is (X_g^T H_a)^T: the small factor on the transposed groups

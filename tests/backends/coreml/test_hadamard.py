@@ -13,7 +13,7 @@ pytest.importorskip("coremltools")
 
 from nnforge.backends.coreml import MODEL_DIR, CoremlBackend       # noqa: E402
 from nnforge.backends.coreml.mil_numpy import ProgramEvaluator     # noqa: E402
-from nnforge.backends.coreml.ops import ONE_PRODUCT                # noqa: E402
+from nnforge.ir.hadamard import ONE_PRODUCT                # noqa: E402
 from nnforge.backends.coreml.verify import load_program            # noqa: E402
 from nnforge.ir import run_graph                                   # noqa: E402
 

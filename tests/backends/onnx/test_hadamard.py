@@ -11,7 +11,7 @@ from tests import conftest
 from tests.backends.hadamard_cases import CASES, check, hadamard_graph
 
 from nnforge.backends.onnx import MODEL_FILE, OnnxBackend
-from nnforge.backends.onnx.ops import ONE_PRODUCT
+from nnforge.ir.hadamard import ONE_PRODUCT
 
 
 def test_hadamard_matches_the_interpreter(tmp_path):
