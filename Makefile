@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/fpga_flightllm.py
 	$(PY) benchmarks/hls4ml_compare.py
 	$(PY) benchmarks/llm_targets.py
+	$(PY) benchmarks/outliers.py
 
 clean:
 	rm -rf bundles build *.egg-info .pytest_cache
