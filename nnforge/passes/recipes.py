@@ -50,6 +50,11 @@ PRESETS: dict[str, tuple[str, list[dict]]] = {
                 [{**_GPTQ, "static_groups": True, "format": "uint4", "group_size": 128, "ragged_groups": True}]),
     # groups of 32 with fp16 scales (as llama.cpp's 3-bit formats): at 3 bits a group of 128 spans
     # too wide a range for eight levels, and half-width scales pay for most of the finer groups
+    # AWQ's search simulates the grid the quantiser after it uses: w4-rtn's
+    "w4-awq": ("int4 weights with zero points, groups of 128: AWQ's activation-aware channel scales and clipping "
+               "ranges, then round-to-nearest (needs calibration)",
+               [{"pass": "awq", "format": "uint4", "group_size": 128},
+                {"pass": "quantize_rtn", "format": "uint4", "group_size": 128, "ragged_groups": True}]),
     "w3-gptq": ("int3 weights with zero points, groups of 32 with fp16 scales, GPTQ with act-order "
                 "(needs calibration)",
                 [{**_GPTQ, "format": "uint3", "group_size": 32, "scale_dtype": "float16", "ragged_groups": True}]),

@@ -1,9 +1,10 @@
-"""Quantisation passes: weight formats, round-to-nearest, GPTQ, activation quantisation, SmoothQuant."""
+"""Quantisation passes: weight formats, round-to-nearest, GPTQ, AWQ, activation quantisation, SmoothQuant."""
 from .activations import QuantizeActivations, SmoothQuant
+from .awq import AWQ
 from .formats import FormatError, WeightFormat, parse_format
 from .gptq import QuantizeGPTQ, gptq_quantize
 from .mixed import MixedPrecision, knapsack
 from .rtn import QuantizeRTN
 
-__all__ = ["FormatError", "WeightFormat", "parse_format", "QuantizeActivations", "SmoothQuant", "QuantizeGPTQ",
+__all__ = ["AWQ", "FormatError", "WeightFormat", "parse_format", "QuantizeActivations", "SmoothQuant", "QuantizeGPTQ",
            "gptq_quantize", "MixedPrecision", "knapsack", "QuantizeRTN"]
