@@ -1,0 +1,88 @@
+"""One graph of ``dynamic_quant`` nodes for every backend that lowers the op: each format per token
+and in groups, with a clip, NVFP4 with a static and with each row's tensor scale, ranks 2 and 3
+with symbolic dims, a float16 input, and a ``linear`` after one (as quantize_activations places it);
+and the comparison of a loaded bundle with the interpreter.
+
+Inputs are normal with an outlier channel, at several magnitudes (every other row's largest a
+power of two), with an all-zero row and a row
+of ties: a scale of exactly 1 (the row's amax is the grid's top) and values halfway between grid
+points, where rounding half to even and saturation show."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from nnforge.ir import Dense, Graph, run_graph, tensor
+
+SIZES = [{"batch": 2, "seq": 3}, {"batch": 3, "seq": 5}]
+LINEAR_RTOL = 1e-5      # of the largest output: float32 sums in another order
+
+_E4M3_TIES = [448.0, 1.0625, 1.1875, 17.0, 19.0, 1.5 * 2 ** -9, 2.0 ** -10, 232.0,
+              -440.0, -1.0625, 0.0029296875, 3.0 * 2 ** -10, 460.0, -500.0, 0.0, 2.0 ** -12]
+_E2M1_TIES = [6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -0.75, -2.5, -5.0, 4.9, 0.1, 0.0, 7.0]
+TIES = {"int8": [127.0, 0.5, 1.5, 2.5, -0.5, -1.5, 126.5, -127.5, 3.5, 4.5, -2.5, 0.0, 63.5, -64.5, 1.0, -1.0],
+        "int4": [7.0, 0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5, -0.5, -1.5, -2.5, -6.5, -7.5, 0.25, 0.75, 0.0],
+        "e4m3": _E4M3_TIES, "mxfp8": _E4M3_TIES, "mxfp4": _E2M1_TIES, "nvfp4": _E2M1_TIES}
+
+# (input name, dtype, dims before the last, width, attrs); nvfp4's static scale 0.25 makes the
+# ties row's block scale 6 / 6 / 0.25 = 4, exactly, and so its scale 1
+CASES = [("i8", "f32", ["batch", "seq"], 64, dict(format="int8")),
+         ("i8g", "f32", ["batch", "seq"], 64, dict(format="int8", group=16, clip=0.9)),
+         ("i4", "f32", ["batch", "seq"], 64, dict(format="int4", clip=0.9)),
+         ("i4g", "f32", ["batch"], 64, dict(format="int4", group=32)),
+         ("f8", "f32", ["batch", "seq"], 64, dict(format="e4m3")),
+         ("mx8", "f32", ["batch"], 64, dict(format="mxfp8")),
+         ("mx4", "f32", ["batch", "seq"], 96, dict(format="mxfp4")),
+         ("nv", "f32", ["batch", "seq"], 64, dict(format="nvfp4", global_scale=0.25)),
+         ("nvrow", "f32", ["batch", "seq"], 64, dict(format="nvfp4")),
+         ("nvclip", "f32", ["batch"], 32, dict(format="nvfp4", group=16, clip=0.9)),
+         ("h8", "f16", ["batch", "seq"], 32, dict(format="int8"))]
+
+
+def dynamic_quant_graph() -> Graph:
+    g = Graph("dynamic_quant")
+    outs = {name: g.op("dynamic_quant", g.add_input(name, tensor(dt, *lead, width)), name=f"{name}.quant", **attrs)
+            for name, dt, lead, width, attrs in CASES}
+    fc = g.add_weight("fc.weight", Dense(torch.randn(24, 64, generator=torch.Generator().manual_seed(0)) * 0.05))
+    g.set_outputs([*outs.values(), g.op("linear", outs["i8"], fc, None, name="fc")])
+    return g
+
+
+def inputs(graph: Graph, env: dict, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for v, (_, _, _, width, attrs) in zip(graph.inputs, CASES):
+        shape = [d if isinstance(d, int) else env[d] for d in v.shape]
+        x = torch.randn(shape, generator=gen).reshape(-1, width)
+        x *= 10.0 ** torch.randint(-3, 3, (len(x), 1), generator=gen)      # rows of several magnitudes
+        x[:, 3] *= 40.0                                                      # an outlier channel
+        # every other row's amax a power of two, where a scale's exponent is easiest to get wrong
+        x[::2] *= 2.0 ** torch.randint(-10, 10, (len(x[::2]), 1), generator=gen) / x[::2].abs().amax(-1, keepdim=True)
+        x[0] = torch.tensor(TIES[attrs["format"]]).repeat(width // 16)
+        x[-1] = 0.0
+        out.append(x.reshape(shape).to(v.dtype.torch_dtype))
+    return out
+
+
+def check(graph: Graph, runner, sizes=SIZES) -> None:
+    """Run ``runner`` and the interpreter at every size: each quantiser's output equal bit for bit
+    (float16 ones to the interpreter's float32 result rounded to float16), the linear after one
+    within :data:`LINEAR_RTOL`."""
+    for i, env in enumerate(sizes):
+        xs = inputs(graph, env, seed=i)
+        ref = run_graph(graph, xs)
+        got = runner(*[x.numpy() for x in xs])
+        got = list(got) if isinstance(got, tuple) else [got]
+        assert len(got) == len(ref)
+        for v, g, r in zip(graph.outputs, got, ref):
+            g = np.asarray(g)
+            assert g.dtype == np.dtype(v.dtype.name) and g.shape == tuple(r.shape), (v.name, g.dtype, g.shape)
+            g = torch.from_numpy(g)
+            if v.producer.op == "dynamic_quant":
+                r = r.to(g.dtype)       # the interpreter computes float16 graphs in float32
+                bad = (g != r).nonzero()
+                assert not len(bad), (f"{v.producer.name} at {env}: {len(bad)} of {r.numel()} values differ, first "
+                                      f"at {bad[0].tolist()}: {float(g[tuple(bad[0])])} != {float(r[tuple(bad[0])])}")
+            else:
+                err = float((g.double() - r.double()).abs().max())
+                assert err <= LINEAR_RTOL * float(r.abs().max()), f"{v.name} at {env}: max abs error {err:.3g}"
