@@ -11,11 +11,18 @@ as the reference does and each slot gathers the row of the token written there; 
 the cache writes nothing, as the decompose pass's cache update (the decoder runner pads with one).
 
 ``hadamard`` runs in :class:`Hadamard`: two products with constant factors, not the reference's
-butterfly stages, whose matrices export would trace (see the class)."""
+butterfly stages, whose matrices export would trace (see the class).
+
+``dynamic_quant``'s minifloat formats (E4M3, MX, NVFP4) find exponents with log2 corrected by
+exact powers of two: the reference's ``torch.frexp`` has no torch-mlir lowering, and its E8M0
+scales are decoded through a cached table that export would trace (as hadamard's matrices)."""
 from __future__ import annotations
 
 import torch
 
+from ...ir import minifloat as mf
+from ...ir.actquant import ACT_FORMATS, TINY, act_quantize, check
+from ...ir.dtypes import dtype
 from ...ir.ops.kvcache import encoding_of
 
 
@@ -92,6 +99,55 @@ def kv_cache_read(ctx, positions, *parts, **attrs):
     return encoding_of(attrs).read(list(parts), positions, attrs["head_dim"]).to(ctx.float_dtype)
 
 
+def _pow2(e):
+    """2^e, exactly, for integral float32 ``e`` in [-127, 127]: 2^-127 doubled along e + 127's
+    binary digits (torch.pow and exp2 round through libm; torch-mlir lowers no bit casts)."""
+    n, p = e + 127, torch.full_like(e, 2.0 ** -127)
+    for i in reversed(range(8)):
+        take = n >= 2 ** i
+        n = torch.where(take, n - 2 ** i, n)
+        p = torch.where(take, p * 2.0 ** (2 ** i - 1) * 2.0, p)      # 2^128 is past float32
+    return p
+
+
+def _exponent(a):
+    """floor(log2(a)) of float32 ``a`` >= 0, as an integral float32 clamped to [-127, 127]:
+    log2 may miss by one next to a power of two, which the exact power corrects."""
+    e = torch.floor(torch.log2(a)).clamp(-127, 127)
+    p = _pow2(e)
+    return torch.where(a < p, e - 1, torch.where(a >= 2 * p, e + 1, e)).clamp(-127, 127)
+
+
+def round_to(x, fmt):
+    """``minifloat.round_to(x, fmt)`` (nearest, ties to even, saturating) of float32 ``x``, in
+    float32: the quantum of x's binade (the subnormals' below the format's smallest normal), a
+    power of two, so the division and product are exact."""
+    a = x.abs()
+    quantum = _pow2(_exponent(a).clamp(min=mf.min_exponent(fmt)) - fmt.man_bits)
+    r = (torch.round(a / quantum) * quantum).clamp(max=fmt.max_value)
+    return torch.where(x < 0, -r, r)
+
+
+def dynamic_quant(ctx, x, *, format, group, clip, global_scale):
+    """``actquant.act_quantize``: the integer formats as the reference computes them, the
+    minifloat ones through :func:`round_to` and exact powers of two, in the same float32 order."""
+    kind, element, _, scale_kind = ACT_FORMATS[format]
+    if kind == "int":
+        return act_quantize(x, format, group, clip, global_scale)
+    size = check(format, group, clip, global_scale, x.shape[-1], "dynamic_quant")
+    el, e4m3 = dtype(element), dtype("e4m3")
+    g = x.to(torch.float32).reshape(*x.shape[:-1], x.shape[-1] // size, size)
+    amax = g.abs().amax(-1, keepdim=True) * clip
+    if scale_kind == "e8m0":
+        scale = _pow2((_exponent(amax) - mf.max_exponent(el)).clamp(-127, 127))
+    elif scale_kind == "e4m3":
+        gs = global_scale or (g.abs().amax((-2, -1), keepdim=True) / (el.max_value * e4m3.max_value)).clamp(min=TINY)
+        scale = round_to(amax / el.max_value / gs, e4m3) * gs
+    else:
+        scale = (amax / el.max_value).clamp(min=TINY)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = round_to(g / safe, el) * safe
+    return torch.where(scale > 0, q, torch.zeros_like(q)).reshape(x.shape)
 
 
 class Hadamard(torch.nn.Module):
@@ -129,6 +185,6 @@ class Hadamard(torch.nn.Module):
 
 
 KERNELS = {"topk_indices": topk_indices, "index_put": index_put, "cumsum": cumsum,
-           "kv_cache_write": kv_cache_write, "kv_cache_read": kv_cache_read}
+           "kv_cache_write": kv_cache_write, "kv_cache_read": kv_cache_read, "dynamic_quant": dynamic_quant}
 # ops whose kernel returns a list of outputs (one per state part), not one tensor
 MULTI_OUTPUT = {"kv_cache_write"}

@@ -26,6 +26,11 @@ CASES = {
                   ((torch.empty(6, dtype=torch.int64), torch.arange(6), torch.tensor([3, 0, 5, 1, 4, 2])),
                    {"accumulate": False})],
     "cumsum": [((torch.randn(2, 6, generator=GEN),), {"axis": 1}), ((torch.randint(0, 5, (4, 3), generator=GEN),), {"axis": 0})],
+    # rows from 1e-38 to 1e30 (E8M0 scales at both ends, subnormal elements) and an all-zero row
+    "dynamic_quant": [((torch.randn(4, 64, generator=GEN) * torch.tensor([[1e-38], [1e-3], [1e30], [0.0]]),),
+                       {"format": fmt, "group": 0, "clip": 1.0, "global_scale": gs})
+                      for fmt, gs in (("e4m3", 0.0), ("mxfp8", 0.0), ("mxfp4", 0.0), ("nvfp4", 0.0), ("nvfp4", 0.5),
+                                      ("int4", 0.0))],
 }
 
 
@@ -36,3 +41,5 @@ def test_kernel_equals_the_reference(op, inputs, attrs):
     got = KERNELS[op](CTX, *inputs, **attrs)
     assert got.dtype == want.dtype and got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    if op == "dynamic_quant":
+        assert torch.equal(got, want)
