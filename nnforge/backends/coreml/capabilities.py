@@ -6,7 +6,8 @@ each has the same rows: an fp16 const, or an iOS 18 constexpr op holding the enc
 stored, which Core ML decodes exactly when the model loads. A weight no row takes is stored in the
 smallest other exact form (codes widened, per-block LUTs of the decoded values, fp16 kept values,
 a dense fp16 const; :func:`.weights.emit_weight`) and reported as a Fallback with the table's
-reason. The deployment target (iOS 18 / macOS 15 or later, checked before lowering) has every op
+reason. ``dynamic_quant`` has a row per activation format it computes (int8, int4); the others
+are an error naming the node. The deployment target (iOS 18 / macOS 15 or later, checked before lowering) has every op
 of the table.
 
     >>> cap, why = CAPABILITIES.find("linear", weight.encoding, get_target("apple-a17"))
@@ -78,6 +79,14 @@ def _int(op: str):
     return lambda enc, target: in_column_order(enc, target) or shift_scale(enc, target)
 
 
+# Dynamic activation quantisation (the dynamic_quant op; no weight: the "encoding" is the activation
+# format). Integer codes come from fp16 ops with torch's rounding; minifloat grids are refused.
+MINIFLOAT_ACTIVATIONS = ("MIL has no FP8/FP4 type with run-time scales (quantize takes constant scales and "
+                         "integer outputs) and no bit cast to read an exponent, so this backend does not round "
+                         "to minifloat grids; quantise activations to int8 or int4")
+DYNAMIC_QUANT = {fmt: Capability("dynamic_quant", fmt, f"reduce_max(abs) per token or group (clip applied), "
+                                 f"real_div, round half to even from floor/select, clamp, mul: {fmt} codes in fp16")
+                 for fmt in ("int8", "int4")}
 CAPABILITIES = Capabilities([row for op in WEIGHT_OPS for mil in (LAYER_MIL[op],) for row in (
     Capability(op, "dense", f"const fp16 (fp32/bf16 cast) + {mil}", fp16_range),
     Capability(op, "int", "constexpr_blockwise_shift_scale: int4/uint4/int8/uint8 codes, fp16 block scales, "
@@ -86,7 +95,7 @@ CAPABILITIES = Capabilities([row for op in WEIGHT_OPS for mil in (LAYER_MIL[op],
     Capability(op, "palettized", f"constexpr_lut_to_dense: 1/2/3/4/6/8-bit indices, fp16 LUT per tensor or group "
                                  f"+ {mil}", lut),
     Capability(op, "sparse", f"constexpr_sparse_to_dense: uint1 mask + fp16 kept values + {mil}", kept_fp16),
-)])
+)] + list(DYNAMIC_QUANT.values()))
 
 # The compute units each stored weight form is meant for (the manifest's weight_forms). Per-block
 # scales or LUTs (blocks along a row's input columns) are reported to fall back off the Neural
@@ -118,4 +127,5 @@ def weight_forms(checks) -> list[dict]:
     return sorted(rows.values(), key=lambda r: -r["bytes"])
 
 
-__all__ = ["ALL_UNITS", "CAPABILITIES", "LAYER_MIL", "weight_form", "weight_forms"]
+__all__ = ["ALL_UNITS", "CAPABILITIES", "DYNAMIC_QUANT", "LAYER_MIL", "MINIFLOAT_ACTIVATIONS", "weight_form",
+           "weight_forms"]

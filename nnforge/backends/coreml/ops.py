@@ -475,3 +475,40 @@ def _fake_quant(lw, node):
     scale = np.float16(a["scale"])
     q = mb.quantize(input=_x(lw, node), scale=scale, zero_point=zp, output_dtype=fmt)
     return mb.dequantize(input=q, scale=scale, zero_point=zp)
+
+
+def _round_half_even(mb, v):
+    # MIL's round leaves x.5 to the compute unit (webmachinelearning/webnn#817: ANE and GPU differ),
+    # torch rounds it to even: floor, then up past the half or at it from an odd floor. Exact in
+    # fp16, where the quotients (at most 2^(b-1)/clip) keep their fraction bits.
+    f = mb.floor(x=v)
+    d = mb.sub(x=v, y=f)
+    odd = mb.equal(x=mb.sub(x=f, y=mb.mul(x=mb.floor(x=mb.mul(x=f, y=np.float16(0.5))), y=np.float16(2))),
+                   y=np.float16(1))
+    up = mb.logical_or(x=mb.greater(x=d, y=np.float16(0.5)),
+                       y=mb.logical_and(x=mb.equal(x=d, y=np.float16(0.5)), y=odd))
+    return mb.select(cond=up, a=mb.add(x=f, y=np.float16(1)), b=f)
+
+
+@rule("dynamic_quant")
+def _dynamic_quant(lw, node):
+    # codes from the row's (or group's) own amax, in the program's fp16; quantize takes const scales
+    from ...ir.actquant import ACT_FORMATS, check
+    from .capabilities import DYNAMIC_QUANT, MINIFLOAT_ACTIVATIONS
+    a = node.attrs
+    if a["format"] not in DYNAMIC_QUANT:
+        raise no_equivalent(node, f": {a['format']} activations ({MINIFLOAT_ACTIVATIONS})")
+    mb, x = _mb(), _x(lw, node)
+    width = node.inputs[0].shape[-1]
+    size = check(a["format"], a["group"], a["clip"], a["global_scale"], width, f"node {node.name}")
+    top = (1 << (ACT_FORMATS[a["format"]][1] - 1)) - 1
+    g = x if size == width else mb.reshape(x=x, shape=np.asarray([-1, size], np.int32))
+    amax = mb.reduce_max(x=mb.abs(x=g), axes=[-1], keep_dims=True)
+    if a["clip"] != 1:
+        amax = mb.mul(x=amax, y=np.float16(a["clip"]))
+    # the smallest fp16 subnormal stands for the reference's tiny floor: an all-zero row's codes are 0
+    scale = mb.maximum(x=mb.real_div(x=amax, y=np.float16(top)), y=np.float16(2.0 ** -24))
+    q = _round_half_even(mb, mb.real_div(x=g, y=scale))
+    q = mb.minimum(x=mb.maximum(x=q, y=np.float16(-top - 1)), y=np.float16(top))
+    y = mb.mul(x=q, y=scale)
+    return y if size == width else mb.reshape(x=y, shape=mb.shape(x=x))

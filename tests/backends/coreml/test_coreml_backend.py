@@ -167,7 +167,8 @@ def creation_quant_graph() -> Graph:
             g.op("full", shape=["batch", 2, "seq"], value=2.5, dtype="float32"),
             g.op("full", shape=[3, "seq"], value=7, dtype="int64"),
             g.op("fake_quant", x, format=dtype("int8"), scale=0.05, zero_point=0),
-            g.op("fake_quant", x, format=dtype("uint8"), scale=0.03, zero_point=128)]
+            g.op("fake_quant", x, format=dtype("uint8"), scale=0.03, zero_point=128),
+            g.op("dynamic_quant", x, format="int4", group=8, clip=0.9)]
     g.set_outputs(outs)
     return g
 
@@ -202,7 +203,7 @@ EXPECTED_MIL = {
     "nn": {"softmax", "reduce_log_sum_exp", "layer_norm", "batch_norm", "gather"},
     "conv": {"conv", "max_pool", "avg_pool", "reduce_mean"},
     "linalg": {"linear", "matmul"},
-    "creation_quant": {"fill", "quantize", "dequantize"},
+    "creation_quant": {"fill", "quantize", "dequantize", "reduce_max", "floor", "select"},
     "routing": {"topk", "argsort", "scatter_nd"},
 }
 
