@@ -178,6 +178,16 @@ def test_unsupported_ops_are_named():
         build_plan(g, HlsOptions())
 
 
+def test_dynamic_quant_is_refused_naming_the_node():
+    # per-token scales need a division per row and rounding per element in float32, which the
+    # fixed-point dataflow cannot reproduce: its activations are ap_fixed, not the float32 quotients
+    g = Graph("g")
+    x = g.add_input("x", tensor("f32", 2, 64))
+    g.set_outputs([g.op("dynamic_quant", x, format="int8", name="act")])
+    with pytest.raises(BackendError, match=r"no lowering for op\(s\) dynamic_quant \(nodes act\)"):
+        build_plan(g, HlsOptions())
+
+
 def test_name_collision_is_an_error():
     g = Graph("g")
     x = g.add_input("a.b", tensor("f32", 2, 8))
