@@ -71,7 +71,7 @@ def test_without_clipping_the_float_model_is_unchanged_on_a_decoder():
                                               for v in graph.inputs[2:]]) for s in range(3)]
     ctx = PassContext(calibration=calibration)
     ctx.current = "awq"
-    scaled = AWQ(clip=False, layers=["model.layers.*"])(graph.copy(), ctx)
+    scaled = AWQ(clip=False, grid=5, layers=["model.layers.*"])(graph.copy(), ctx)
     feed = [ids, torch.arange(8)[None], *calibration[0][2:]]
     want, got = run_graph(graph, feed)[0], run_graph(scaled, feed)[0]
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
