@@ -24,6 +24,7 @@ from .capabilities import CAPABILITIES
 from .ops import LOWERINGS
 from . import attention  # noqa: E402,F401  (registers the decoder ops' rules in LOWERINGS: attention, cache_update)
 from . import kvcache  # noqa: E402,F401  (registers kv_cache_write and kv_cache_read in LOWERINGS)
+from . import actquant  # noqa: E402,F401  (registers dynamic_quant in LOWERINGS)
 from .state import METADATA_KEY as KV_METADATA, KvCache, Resident, spec_of
 
 OPSET = 21
