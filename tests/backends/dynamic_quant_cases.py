@@ -17,12 +17,15 @@ from nnforge.ir import Dense, Graph, run_graph, tensor
 SIZES = [{"batch": 2, "seq": 3}, {"batch": 3, "seq": 5}]
 LINEAR_RTOL = 1e-5      # of the largest output: float32 sums in another order
 
-_E4M3_TIES = [448.0, 1.0625, 1.1875, 17.0, 19.0, 1.5 * 2 ** -9, 2.0 ** -10, 232.0,
-              -440.0, -1.0625, 0.0029296875, 3.0 * 2 ** -10, 460.0, -500.0, 0.0, 2.0 ** -12]
-_E2M1_TIES = [6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -0.75, -2.5, -5.0, 4.9, 0.1, 0.0, 7.0]
-TIES = {"int8": [127.0, 0.5, 1.5, 2.5, -0.5, -1.5, 126.5, -127.5, 3.5, 4.5, -2.5, 0.0, 63.5, -64.5, 1.0, -1.0],
-        "int4": [7.0, 0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5, -0.5, -1.5, -2.5, -6.5, -7.5, 0.25, 0.75, 0.0],
-        "e4m3": _E4M3_TIES, "mxfp8": _E4M3_TIES, "mxfp4": _E2M1_TIES, "nvfp4": _E2M1_TIES}
+# per format, 16 values tiled along the row: each block's amax makes its scale exactly 1 (int8's
+# 127, E4M3's 448, E2M1's 6; MX's scale is 1 for any amax up to twice the grid's top, so their rows
+# also saturate), the rest ties between grid points
+_E4M3 = [448.0, 1.0625, 1.1875, 17.0, 19.0, 1.5 * 2 ** -9, 2.0 ** -10, 232.0,
+         432.0, -1.0625, -1.5 * 2 ** -9, 2.5 * 2 ** -9, -232.0, -17.0, 0.0, 2.0 ** -12]
+_E2M1 = [6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -0.75, -2.5, -5.0, 4.9, 0.1, 0.0, -3.0]
+TIES = {"int8": [127.0, 0.5, 1.5, 2.5, -0.5, -1.5, 126.5, -126.5, 3.5, 4.5, -2.5, 0.0, 63.5, -64.5, 1.0, -1.0],
+        "int4": [7.0, 0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5, -0.5, -1.5, -2.5, -6.5, -3.5, 0.25, 0.75, 0.0],
+        "e4m3": _E4M3, "mxfp8": _E4M3[:-2] + [460.0, -500.0], "nvfp4": _E2M1, "mxfp4": _E2M1[:-2] + [7.0, -6.5]}
 
 # (input name, dtype, dims before the last, width, attrs); nvfp4's static scale 0.25 makes the
 # ties row's block scale 6 / 6 / 0.25 = 4, exactly, and so its scale 1

@@ -657,5 +657,6 @@ def _minifloat_round(fmt: DType):
 
 
 from . import ops_kvcache  # noqa: E402,F401  (registers the encoded KV-cache rules)
+from . import ops_actquant  # noqa: E402,F401  (registers dynamic_quant)
 
 __all__ = ["LOWERINGS", "rule"]

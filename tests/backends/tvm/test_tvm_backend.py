@@ -242,7 +242,9 @@ def creation_quant_graph() -> Graph:
             g.op("fake_quant", x, format=dtype("int8"), scale=0.05, zero_point=0),
             g.op("fake_quant", x, format=dtype("uint8"), scale=0.03, zero_point=128),
             g.op("fake_quant", x, format=dtype("float8_e4m3fn"), scale=0.02),      # saturates past 8.96
-            g.op("fake_quant", x, format=dtype("float8_e5m2"), scale=0.001)]
+            g.op("fake_quant", x, format=dtype("float8_e5m2"), scale=0.001),
+            # every format bit for bit, ties and saturation: test_dynamic_quant.py
+            g.op("dynamic_quant", x, format="int8"), g.op("dynamic_quant", x, format="nvfp4")]
     g.set_outputs(outs)
     return g
 

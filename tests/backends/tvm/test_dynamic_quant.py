@@ -1,0 +1,31 @@
+"""The tvm backend's ``dynamic_quant`` against the interpreter, bit for bit, on
+tests/backends/dynamic_quant_cases.py's graph (one build); and a w4a8 decoder for ``cpu`` end to end."""
+from __future__ import annotations
+
+import pytest
+
+from tests import conftest
+from tests.backends.dynamic_quant_cases import check, dynamic_quant_graph
+
+pytest.importorskip("tvm")
+
+from nnforge.backends.tvm import TvmBackend      # noqa: E402
+
+
+def test_dynamic_quant_matches_the_interpreter(tmp_path):
+    g = dynamic_quant_graph()
+    backend = TvmBackend()
+    lowered = conftest.lower_into(backend, g, "cpu", tmp_path)
+    assert not lowered.fallbacks
+    check(g, backend.load(tmp_path, lowered.entry))
+
+
+def test_a_w4a8_decoder_compiles_runs_and_verifies(tmp_path):
+    import nnforge as nf
+    from tests.frontend.decoders.families import llama_directory
+    root = llama_directory(tmp_path / "llm", words=300)
+    bundle = nf.compile(root / "model", "cpu", "w4a8", calibration=root / "calib.txt", out=tmp_path / "b", max_len=32)
+    assert sum(n.op == "dynamic_quant" for n in bundle.graph().nodes) > 0
+    numerics = bundle.manifest["numerics"]
+    assert numerics["runtime_checked"] and numerics["backend_vs_reference"]["cosine_min"] >= 0.9999
+    assert nf.verify(bundle.path)["passed"]
