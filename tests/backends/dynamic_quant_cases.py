@@ -6,7 +6,8 @@ and the comparison of a loaded bundle with the interpreter.
 Inputs are normal with an outlier channel, at several magnitudes (every other row's largest a
 power of two), with an all-zero row and a row
 of ties: a scale of exactly 1 (the row's amax is the grid's top) and values halfway between grid
-points, where rounding half to even and saturation show."""
+points, where rounding half to even and saturation show; and MXFP4 rows whose amax runs over the
+whole float32 range."""
 from __future__ import annotations
 
 import numpy as np
@@ -39,7 +40,18 @@ CASES = [("i8", "f32", ["batch", "seq"], 64, dict(format="int8")),
          ("nv", "f32", ["batch", "seq"], 64, dict(format="nvfp4", global_scale=0.25)),
          ("nvrow", "f32", ["batch", "seq"], 64, dict(format="nvfp4")),
          ("nvclip", "f32", ["batch"], 32, dict(format="nvfp4", group=16, clip=0.9)),
-         ("h8", "f16", ["batch", "seq"], 32, dict(format="int8"))]
+         ("h8", "f16", ["batch", "seq"], 32, dict(format="int8")),
+         ("mxrange", "f32", [4 * 277], 32, dict(format="mxfp4"))]
+
+
+def _amax_range() -> torch.Tensor:
+    """Rows whose amax is each power of two of float32 (subnormals included), one ulp either side
+    of it, or 1.5 times it: every E8M0 exponent, and the edges where log2 rounds the wrong way."""
+    p = (2.0 ** torch.arange(-149, 128, dtype=torch.float64)).float()
+    amax = torch.cat([p, p.nextafter(torch.zeros(())), p.nextafter(torch.tensor(float("inf"))), p * 1.5])
+    rows = amax[:, None] * torch.linspace(-1, 1, 32)
+    rows[:, 0] = amax
+    return rows
 
 
 def dynamic_quant_graph() -> Graph:
@@ -54,7 +66,10 @@ def dynamic_quant_graph() -> Graph:
 def inputs(graph: Graph, env: dict, seed: int) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     out = []
-    for v, (_, _, _, width, attrs) in zip(graph.inputs, CASES):
+    for v, (name, _, _, width, attrs) in zip(graph.inputs, CASES):
+        if name == "mxrange":
+            out.append(_amax_range())
+            continue
         shape = [d if isinstance(d, int) else env[d] for d in v.shape]
         x = torch.randn(shape, generator=gen).reshape(-1, width)
         x *= 10.0 ** torch.randint(-3, 3, (len(x), 1), generator=gen)      # rows of several magnitudes

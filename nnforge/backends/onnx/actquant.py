@@ -6,7 +6,7 @@ then quantise in a blocked QuantizeLinear / DequantizeLinear pair (the scale one
 opset 21 allows at run time); MXFP4 and NVFP4 round their E2M1 elements in elementwise ops, since
 opset 21 has no 4-bit float type. E8M0 scales come from Log and a correction to the exact power of
 two, E4M3 block scales from a saturating Cast to FLOAT8E4M3FN and back (round to nearest even).
-Every result equals the interpreter's bit for bit.
+Every result equals the interpreter's bit for bit (a float16 input's, its float32 result rounded).
 """
 from __future__ import annotations
 
