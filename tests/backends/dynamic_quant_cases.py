@@ -4,10 +4,9 @@ with symbolic dims, a float16 input, and a ``linear`` after one (as quantize_act
 and the comparison of a loaded bundle with the interpreter.
 
 Inputs are normal with an outlier channel, at several magnitudes (every other row's largest a
-power of two), with an all-zero row and a row
-of ties: a scale of exactly 1 (the row's amax is the grid's top) and values halfway between grid
-points, where rounding half to even and saturation show; and MXFP4 rows whose amax runs over the
-whole float32 range."""
+power of two), with an all-zero row and a row of ties: a scale of exactly 1 (the row's amax is the
+grid's top) and values halfway between grid points, where rounding half to even and saturation
+show; and MXFP4 rows whose amax runs over the whole float32 range."""
 from __future__ import annotations
 
 import numpy as np

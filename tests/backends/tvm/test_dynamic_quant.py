@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests import conftest
-from tests.backends.dynamic_quant_cases import check, dynamic_quant_graph
+from tests.backends.dynamic_quant_cases import SIZES, check, dynamic_quant_graph
 
 pytest.importorskip("tvm")
 
@@ -13,11 +13,13 @@ from nnforge.backends.tvm import TvmBackend      # noqa: E402
 
 
 def test_dynamic_quant_matches_the_interpreter(tmp_path):
+    """Also in a copy of ``main`` specialised to one token, as a decoder's step runs (specialise.py)."""
     g = dynamic_quant_graph()
     backend = TvmBackend()
-    lowered = conftest.lower_into(backend, g, "cpu", tmp_path)
-    assert not lowered.fallbacks
-    check(g, backend.load(tmp_path, lowered.entry))
+    step = {"batch": 1, "seq": 1}
+    lowered = conftest.lower_into(backend, g, "cpu", tmp_path, steps=[step])
+    assert not lowered.fallbacks and lowered.entry["specialised"][0]["symbols"] == step
+    check(g, backend.load(tmp_path, lowered.entry), SIZES + [step])
 
 
 def test_a_w4a8_decoder_compiles_runs_and_verifies(tmp_path):
