@@ -48,8 +48,8 @@ def _quantiser(fmt: str, size: int, clip: float, global_scale: float):
         if scale_kind == "e4m3" and not global_scale:       # nvfp4's tensor scale: each row's own
             j = te.reduce_axis((0, peak.shape[-1]), "j")
             row = te.compute(lead, lambda *i: te.max(peak(*i, j), axis=j), name="row_peak")
-            e2688 = f32(el.max_value * dtype("e4m3").max_value)
-            tensor_scale = te.compute(lead, lambda *i: tirx.max(row(*i) / e2688, f32(TINY)), name="tensor_scale")
+            top = f32(el.max_value * dtype("e4m3").max_value)      # a row peak maps to the top of both grids
+            tensor_scale = te.compute(lead, lambda *i: tirx.max(row(*i) / top, f32(TINY)), name="tensor_scale")
 
         def block_scale(*i):
             amax = peak(*i) if clip == 1.0 else peak(*i) * f32(clip)
