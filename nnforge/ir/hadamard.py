@@ -39,11 +39,11 @@ def factors(block: int) -> tuple[int, int] | None:
     return None
 
 
-def largest_block(n: int) -> int:
-    """The largest divisor of ``n`` that :func:`factors` splits (at least 1): the block size the
-    ``rotate`` pass transforms a width of ``n`` in."""
+def largest_block(n: int, limit: int = 0) -> int:
+    """The largest divisor of ``n`` (at most ``limit``, when given) that :func:`factors` splits (at
+    least 1): the block size the ``rotate`` pass transforms a width of ``n`` in."""
     for b in sorted((d for d in range(1, math.isqrt(n) + 1) if n % d == 0 for d in (d, n // d)), reverse=True):
-        if factors(b) is not None:
+        if (not limit or b <= limit) and factors(b) is not None:
             return b
     return 1
 

@@ -171,7 +171,8 @@ def _norm_plan(graph: Graph, node: Node, uses) -> list[Node] | None:
     return linears
 
 
-def rotate_residual(graph: Graph, generator: torch.Generator, weights: _Weights, rotated: set) -> dict | str:
+def rotate_residual(graph: Graph, generator: torch.Generator, weights: _Weights, rotated: set,
+                    limit: int = 0) -> dict | str:
     """Carry the residual stream rotated (module docstring, 1); what was done, or why nothing was."""
     stream = _find_stream(graph)
     if isinstance(stream, str):
@@ -191,6 +192,8 @@ def rotate_residual(graph: Graph, generator: torch.Generator, weights: _Weights,
     if not isinstance(width, int):
         return f"the stream's width {width} is not static"
     block = width & -width
+    while limit and block > limit:
+        block //= 2
     m = hadamard_matrix(block, width)
     signs = torch.randint(0, 2, (width,), generator=generator).to(torch.float64) * 2 - 1
     q = signs[:, None] * m                                          # Q = diag(s) M
@@ -295,7 +298,7 @@ def _forward(uses, graph: Graph, v: Value, *ops: str) -> Node | None:
     return node
 
 
-def rotate_heads(graph: Graph, weights: _Weights, rotated: set) -> int:
+def rotate_heads(graph: Graph, weights: _Weights, rotated: set, limit: int = 0) -> int:
     """Rotate V and the output projection per head (module docstring, 2); the layers done."""
     uses = graph.uses()
     done = 0
@@ -309,7 +312,7 @@ def rotate_heads(graph: Graph, weights: _Weights, rotated: set) -> int:
         if rows is None or out is None or _weight(graph, out) is None:
             continue
         head_dim = att.inputs[2].shape[-1]
-        h = hadamard_matrix(largest_block(head_dim), head_dim)
+        h = hadamard_matrix(largest_block(head_dim, limit), head_dim)
         lin, start, end = rows
         w = weights.get(lin.inputs[1]).clone()
         for s in range(start, end, head_dim):
@@ -330,7 +333,7 @@ def rotate_heads(graph: Graph, weights: _Weights, rotated: set) -> int:
 
 # --- 3. online ---------------------------------------------------------------------------------
 
-def rotate_qk(graph: Graph) -> int:
+def rotate_qk(graph: Graph, limit: int = 0) -> int:
     """A ``hadamard`` per head on the queries and on the keys written to the cache; the layers done."""
     done = 0
     for att in [n for n in graph.nodes if n.op == "attention"]:
@@ -338,7 +341,7 @@ def rotate_qk(graph: Graph) -> int:
         if cache is None or cache.op != "cache_update":
             continue
         head_dim = att.inputs[0].shape[-1]
-        block = largest_block(head_dim)
+        block = largest_block(head_dim, limit)
         if block == 1:
             continue
         q, k = att.inputs[0], cache.inputs[1]
@@ -348,7 +351,7 @@ def rotate_qk(graph: Graph) -> int:
     return done
 
 
-def rotate_inputs(graph: Graph, weights: _Weights, rotated: set) -> dict:
+def rotate_inputs(graph: Graph, weights: _Weights, rotated: set, limit: int = 0) -> dict:
     """A ``hadamard`` before each linear input not rotated yet, shared by the linears reading it,
     and the same matrix in their weights; counts, and the linears left out (shared weights)."""
     groups: dict[Value, list[Node]] = {}
@@ -363,7 +366,7 @@ def rotate_inputs(graph: Graph, weights: _Weights, rotated: set) -> dict:
     ops = done = 0
     for x, linears in groups.items():
         width = x.shape[-1]
-        block = largest_block(width) if isinstance(width, int) else 1
+        block = largest_block(width, limit) if isinstance(width, int) else 1
         if block == 1:
             skipped += [n.name for n in linears]
             continue
@@ -382,12 +385,16 @@ def rotate_inputs(graph: Graph, weights: _Weights, rotated: set) -> dict:
 class Rotate(Pass):
     """Rotate the model's bases (module docstring): ``residual`` and ``heads`` fold rotations into
     the weights, ``online`` ("inputs", "qk") adds ``hadamard`` ops where they cannot fold; the
-    residual signs come from ``seed``."""
+    residual signs come from ``seed``. ``block`` caps every rotation's block (0: as wide as the
+    width allows): FP4 formats with small scale blocks keep more with rotations of their own block
+    size (MR-GPTQ, Egiazarian et al. 2025), a whole-width rotation mixing every block's outliers
+    into every other block."""
     name = "rotate"
     residual: bool = True
     heads: bool = True
     online: tuple = ONLINE
     seed: int = 0
+    block: int = 0
 
     def __post_init__(self):
         online = (self.online,) if isinstance(self.online, str) else tuple(self.online or ())
@@ -396,6 +403,9 @@ class Rotate(Pass):
             raise PassError(f"{self.name}: unknown online rotation(s) {', '.join(map(repr, unknown))}; "
                             f"choose from {', '.join(ONLINE)}")
         self.online = online
+        if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 0 \
+                or (self.block and self.block & (self.block - 1)):
+            raise PassError(f"{self.name}: block must be 0 (whole width) or a power of two, got {self.block!r}")
 
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
         for node in graph.nodes:
@@ -406,7 +416,7 @@ class Rotate(Pass):
         weights, rotated = _Weights(graph), set()
         generator = torch.Generator().manual_seed(self.seed)
         if self.residual:
-            done = rotate_residual(graph, generator, weights, rotated)
+            done = rotate_residual(graph, generator, weights, rotated, self.block)
             if isinstance(done, str):
                 ctx.record("residual", {"unchanged": done})
                 if "inputs" not in self.online:
@@ -415,11 +425,11 @@ class Rotate(Pass):
             else:
                 ctx.record("residual", done)
         if self.heads:
-            ctx.record("heads", rotate_heads(graph, weights, rotated))
+            ctx.record("heads", rotate_heads(graph, weights, rotated, self.block))
         if "qk" in self.online:
-            ctx.record("qk", rotate_qk(graph))
+            ctx.record("qk", rotate_qk(graph, self.block))
         if "inputs" in self.online:
-            ctx.record("inputs", rotate_inputs(graph, weights, rotated))
+            ctx.record("inputs", rotate_inputs(graph, weights, rotated, self.block))
         weights.write()
         graph.remove_unused_weights()
         return graph

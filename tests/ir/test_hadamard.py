@@ -37,7 +37,7 @@ def test_factors_and_largest_block():
     assert factors(640) == (20, 32) and factors(384) == (12, 32) and factors(2048) == (1, 2048)
     assert factors(30) is None and factors(0) is None
     assert largest_block(11008) == 256          # 43 * 256: no Paley matrix of order 172 here
-    assert largest_block(7) == 1 and largest_block(640) == 640
+    assert largest_block(7) == 1 and largest_block(640) == 640 and largest_block(640, 64) == 64
 
 
 @pytest.mark.parametrize("block", [128, 384, 640, 2048, 5632])

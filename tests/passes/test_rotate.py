@@ -204,3 +204,16 @@ def test_a_rotated_bundle_generates_as_the_original_model(target, tmp_path):
         perplexity(original.decoder(resident=False), ids).perplexity, rel=1e-5)
     assert lm.generate(ids[:5], 12, stop_tokens=[]).tokens == \
         generate(original.decoder(resident=False), ids[:5], 12, stop_tokens=[]).tokens
+
+
+def test_block_caps_every_rotation(ids):
+    """block=16 (an NVFP4 scale block): every hadamard op and the residual's block are 16 wide, and
+    the function is still the original's."""
+    graph = import_decoder(tiny_model("gemma3"), max_len=MAX_LEN).graph
+    rotated, figures, _ = _rotate(graph, block=16)
+    assert figures["residual"]["block"] == 16
+    assert {n.attrs["block"] for n in rotated.nodes if n.op == "hadamard"} == {16}
+    want, got = _steps(graph, ids), _steps(rotated, ids)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    with pytest.raises(PassError, match="rotate: block must be 0 \\(whole width\\) or a power of two, got 24"):
+        Rotate(block=24)
