@@ -293,6 +293,22 @@ def _fake_quant(gen):
     return [x], {"format": fmt, "scale": scale, "zero_point": zp}
 
 
+@proposer("dynamic_quant")
+def _dynamic_quant(gen):
+    rng = gen.rng
+    x = gen.pick(lambda v: v.dtype.name == "float32" and isinstance(v.shape[-1], int) if v.type.rank else False)
+    if x is None:
+        return None
+    width = x.shape[-1]
+    fixed = {"mxfp8": 32, "mxfp4": 32, "nvfp4": 16}
+    formats = ["int8", "int4", "e4m3"] + [f for f, b in fixed.items() if width % b == 0]
+    fmt = rng.choice(formats)
+    if fmt in fixed:
+        return [x], {"format": fmt}
+    groups = [g for g in (0, 2, 4, 8) if g == 0 or (width % g == 0 and g < width)]
+    return [x], {"format": fmt, "group": rng.choice(groups), "clip": rng.choice([1.0, 1.0, 0.9])}
+
+
 @proposer("arange")
 def _arange(gen):
     rng = gen.rng

@@ -2,7 +2,7 @@
 
 The judgement is the bundle check of :func:`nnforge.pipeline.runtime_check`: the backend's outputs
 must be within ``BACKEND_TOLERANCE`` of the interpreter on the same (compressed) graph; a graph
-that rounds activations at run time (``fake_quant``) may instead be no further from the fp32
+that rounds activations at run time (``fake_quant``, ``dynamic_quant``) may instead be no further from the fp32
 original than ``within_rounding`` allows. Integer and boolean outputs must match exactly, and
 every output must have the dtype and shape the graph declares.
 
@@ -25,6 +25,7 @@ import torch
 from ..backends.base import BackendError, get_backend
 from ..ir import Graph, Interpreter
 from ..numerics import BACKEND_TOLERANCE, compare, within, within_rounding
+from .stability import ROUNDING_OPS
 from ..targets import get_target
 
 def fuzz_target(backend: str):
@@ -122,7 +123,7 @@ def judge(graph: Graph, original: Graph | None, inputs: list[torch.Tensor], got:
     if within(metrics, BACKEND_TOLERANCE):
         return Verdict(True, metrics)
     worst = _worst_output(got, expected)
-    if any(n.op == "fake_quant" for n in graph.nodes):
+    if any(n.op in ROUNDING_OPS for n in graph.nodes):
         fp32 = Interpreter(original if original is not None else without_fake_quant(graph)).run(*inputs)
         fidelity = compare(expected, fp32)
         vs_fp32 = compare(got, fp32)
@@ -138,7 +139,7 @@ def without_fake_quant(graph: Graph) -> Graph:
     for a graph whose original (before quantize_activations) is not at hand."""
     from .reduce import bypass
     g = graph
-    for node in [n for n in graph.nodes if n.op == "fake_quant"]:
+    for node in [n for n in graph.nodes if n.op in ROUNDING_OPS]:
         g = bypass(g, node.name, 0) or g
     return g
 

@@ -31,7 +31,7 @@ DEFAULT = object()      # a hint's answer "leave this attribute at its default"
 # compression passes have something to compress.
 OP_WEIGHTS = {"linear": 5.0, "matmul": 2.0, "conv": 1.5, "embedding": 1.0, "layer_norm": 1.5, "softmax": 1.5,
               "add": 2.0, "mul": 1.5, "reshape": 2.0, "permute": 1.5, "slice": 1.5, "concat": 1.5, "gelu": 1.5,
-              "silu": 1.0, "relu": 1.5, "full": 0.3, "arange": 0.3, "fake_quant": 0.5, "not": 0.5, "and": 0.5,
+              "silu": 1.0, "relu": 1.5, "full": 0.3, "arange": 0.3, "fake_quant": 0.5, "dynamic_quant": 0.4, "not": 0.5, "and": 0.5,
               "or": 0.5, "xor": 0.5, "reduce_any": 0.5, "reduce_all": 0.5}
 
 

@@ -39,8 +39,10 @@ EXACT_OPS = frozenset({
     "eq", "ne", "lt", "le", "gt", "ge", "reduce_any", "reduce_all", "argmax",
 })
 COMPARE_OPS = frozenset({"eq", "ne", "lt", "le", "gt", "ge"})
-# Ops whose output jumps as an input crosses a point; fake_quant is handled by the rounding rule.
+# Ops whose output jumps as an input crosses a point; the activation quantisers are handled by
+# the rounding rule.
 DISCONTINUOUS = COMPARE_OPS | {"floor", "ceil", "argmax", "cast"}
+ROUNDING_OPS = frozenset({"fake_quant", "dynamic_quant"})
 
 
 def node_is_exact(node: Node, inputs_exact: list[bool]) -> bool:
@@ -165,14 +167,14 @@ def downstream_of(graph: Graph, ops: set[str]) -> set:
 
 def check_stable(graph: Graph, inputs) -> list[str]:
     """Every reason why comparing a backend with the reference on ``inputs`` would not be fair
-    (empty: a fair test). Graphs that round activations (fake_quant) are judged by the rounding
+    (empty: a fair test). Graphs that round activations (ROUNDING_OPS) are judged by the rounding
     rule of the bundle check instead of fp64 agreement, and must not feed a rounded value into a
     discontinuous op."""
     out32, values = capture_all(graph, inputs)
     problems = margin_problems(graph, values)
-    rounded = downstream_of(graph, {"fake_quant"})
+    rounded = downstream_of(graph, ROUNDING_OPS)
     if rounded:
-        problems += [f"node {n.name} ({n.op}) reads a value rounded by fake_quant" for n in graph.nodes
+        problems += [f"node {n.name} ({n.op}) reads a value rounded by an activation quantiser" for n in graph.nodes
                      if n.op in DISCONTINUOUS and any(v in rounded for v in n.inputs if v is not None)]
         problems += [f"output {i} is not finite" for i, t in enumerate(out32)
                      if t.is_floating_point() and not bool(torch.isfinite(t).all())]

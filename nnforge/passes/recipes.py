@@ -58,6 +58,12 @@ PRESETS: dict[str, tuple[str, list[dict]]] = {
     "w3-gptq": ("int3 weights with zero points, groups of 32 with fp16 scales, GPTQ with act-order "
                 "(needs calibration)",
                 [{**_GPTQ, "format": "uint3", "group_size": 32, "scale_dtype": "float16", "ragged_groups": True}]),
+    # SpQR: at 3 bits the few weights a group cannot hold are most of the error; kept exact (CSR,
+    # fp32 values, about 1% of each layer) they no longer widen their group's range
+    "w3-spqr": ("int3 weights with zero points, groups of 32 with fp16 scales, GPTQ with act-order, 1% of each "
+                "layer's weights (the costliest to round) kept exact in a sparse linear beside it (needs calibration)",
+                [{**_GPTQ, "format": "uint3", "group_size": 32, "scale_dtype": "float16", "ragged_groups": True,
+                  "outliers": 0.01}]),
     "fp8": ("FP8 E4M3 weights, per-channel scales, round-to-nearest",
             [{"pass": "quantize_rtn", "format": "e4m3"}]),
     "mxfp4": ("OCP MXFP4 weights (E2M1, blocks of 32 with E8M0 scales), GPTQ (needs calibration)",
@@ -107,7 +113,10 @@ PRESETS: dict[str, tuple[str, list[dict]]] = {
             "head, online Hadamards before the linears still unrotated (the MLP down projections) and on queries "
             "and keys; the fp32 function unchanged", _ROT),
     "w4a4-rot": ("rot, then w4a4: QuaRot's W4A4 (needs calibration)", _ROT + _W4A4),
-    "nvfp4-a4-rot": ("rot, then nvfp4-a4 (needs calibration)", _ROT + _NVFP4_A4),
+    # rotations of NVFP4's own scale block (MR-GPTQ): a whole-width one spreads a block's outliers
+    # into every block
+    "nvfp4-a4-rot": ("rot in blocks of 16, then nvfp4-a4 (needs calibration)",
+                     [{"pass": "rotate", "block": 16}] + _NVFP4_A4),
     # KV-cache encodings (docs/kv_cache.md): alone they leave the weights as they are; after a
     # weight preset with '+' they run after its passes (w4-gptq+kv4)
     "kv8": ("int8 KV cache, symmetric, a float16 scale per token and group of 64 channels",
