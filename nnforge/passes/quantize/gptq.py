@@ -20,13 +20,14 @@ that read the same input (Q, K and V) share one Hessian.
 """
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ...ir import Graph, Node
+from ...ir import Dense, Graph, Node
 from ...ir.encodings import Encoding, rows_cols
 from ..base import Pass, PassContext, PassError, register_pass
 from .calibrate import run_calibration
@@ -37,11 +38,17 @@ from .formats import WeightFormat, grouped, quantize_rtn
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: WeightFormat, *, act_order: bool = True,
                   static_groups: bool = False, damp: float = 0.01, block_size: int = 128,
-                  out_dtype="float32", layer: str = "") -> tuple[Encoding, dict]:
+                  out_dtype="float32", layer: str = "", outliers: float = 0.0) -> tuple[Encoding, dict]:
     """GPTQ of weight ``w`` (any shape; columns are all but the first axis) with Hessian ``h``
     [cols, cols]. Returns the encoding and figures: the Hessian-weighted error (``loss``) and the
     damping used (``damp``: above the one asked for when the Hessian needed more, see
-    :func:`upper_inverse`). ``layer`` names the layer in errors."""
+    :func:`upper_inverse`). ``layer`` names the layer in errors.
+
+    ``outliers`` (SpQR, Dettmers et al. 2023): about that fraction of the weights, those whose
+    rounding would cost most (``((w - q) / d)^2`` over the layer's threshold, ``d`` the inverse
+    Hessian's Cholesky diagonal), are kept exact and left out of their group's scale fit; the
+    figures then hold ``outlier_delta``, the [rows, cols] corrections (original column order, zero
+    elsewhere) that the grid's values need to become them. Needs groups fitted during the sweep."""
     shape = tuple(w.shape)
     rows, cols = rows_cols(shape)
     W, H = obs_problem(w, h, "gptq")
@@ -59,6 +66,12 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: WeightFormat, *, act_or
     Hinv, damp = upper_inverse(H, damp, f"gptq: {_layer(layer)}the Hessian of a {rows}x{cols} weight")
 
     orig_col = perm if perm is not None else torch.arange(cols)
+    if outliers and groups_fixed:
+        raise PassError(f"gptq: {_layer(layer)}outliers need groups fitted during the sweep (a group size smaller "
+                        "than the row, static_groups off)")
+    tau = _outlier_threshold(W, Hinv, fmt, g, gs, outliers) if outliers else None
+    delta = torch.zeros_like(W) if outliers else None
+    kept = torch.zeros(W.shape, dtype=torch.bool) if outliers else None
     if not groups_fixed:
         n_groups = -(-cols // gs)
         scale = torch.zeros(rows, n_groups)
@@ -77,7 +90,13 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: WeightFormat, *, act_or
             j = i1 + i
             if not groups_fixed and j % gs == 0:
                 grp = j // gs
-                s, z = fmt.fit(W1[:, i:i + gs].unsqueeze(1), g)
+                wg = W1[:, i:i + gs]
+                if outliers:
+                    s0, z0 = fmt.fit(wg.unsqueeze(1), g)
+                    sens = ((wg - fmt.snap(wg, s0, z0)) / torch.diag(Hinv1)[i:i + gs]) ** 2
+                    kept[:, j:j + wg.shape[1]] = sens > tau
+                    wg = torch.where(kept[:, j:j + wg.shape[1]], torch.zeros_like(wg), wg)
+                s, z = fmt.fit(wg.unsqueeze(1), g)
                 scale[:, grp] = s[:, 0]
                 if zp is not None:
                     zp[:, grp] = z[:, 0]
@@ -87,6 +106,9 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: WeightFormat, *, act_or
             w_col = W1[:, i]
             q = fmt.snap(w_col, s_col, z_col)
             Q1[:, i] = q
+            if outliers:
+                delta[:, j] = torch.where(kept[:, j], w_col - q, torch.zeros_like(q))
+                q = torch.where(kept[:, j], w_col, q)
             d = Hinv1[i, i]
             err = (w_col - q) / d
             losses += (w_col - q) ** 2 / d ** 2 / 2
@@ -103,7 +125,25 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: WeightFormat, *, act_or
         enc = fmt.encode(Q, scale, zp, shape=shape, group_size=gs, global_scale=g, out_dtype=out_dtype)
     else:
         enc = fmt.encode(Q, scale, zp, shape=shape, group_size=gs, perm=perm, global_scale=g, out_dtype=out_dtype)
-    return enc, {"loss": float(losses.sum()), "damp": damp}
+    figures = {"loss": float(losses.sum()), "damp": damp}
+    if outliers:
+        if perm is not None:
+            delta = torch.empty_like(delta).index_copy_(1, perm, delta)
+        figures["outlier_delta"] = delta
+    return enc, figures
+
+
+def _outlier_threshold(W: torch.Tensor, Hinv: torch.Tensor, fmt: WeightFormat, g, gs: int, fraction: float) -> float:
+    """The sensitivity above which a ``fraction`` of the weights count as outliers, from their
+    round-to-nearest errors in groups of ``gs`` along the sweep's column order."""
+    rows, cols = W.shape
+    pad = -cols % gs
+    groups = F.pad(W, (0, pad)).reshape(rows, -1, gs)
+    scale, zp = fmt.fit(groups, g)
+    q = fmt.snap(groups, scale[..., None], None if zp is None else zp[..., None]).reshape(rows, -1)[:, :cols]
+    sens = (((W - q) / torch.diag(Hinv)) ** 2).flatten()
+    k = max(1, min(sens.numel(), round((1 - fraction) * sens.numel())))
+    return float(torch.kthvalue(sens, k).values)
 
 
 def _layer(name: str) -> str:
@@ -191,13 +231,16 @@ def hessian_of(x: torch.Tensor, node: Node) -> tuple[torch.Tensor, int]:
 @register_pass
 @dataclass
 class QuantizeGPTQ(WeightQuantConfig, Pass):
-    """GPTQ weight quantisation to any format (see :func:`gptq_quantize`); needs calibration."""
+    """GPTQ weight quantisation to any format (see :func:`gptq_quantize`); needs calibration.
+    ``outliers`` (SpQR): the fraction of each linear's weights kept exact beside the grid, as a
+    sparse linear (1x1 blocks, fp32 values: CSR) added to the quantised one's output."""
     name = "quantize_gptq"
     needs_calibration = True
     act_order: bool = True
     static_groups: bool = False
     damp: float = 0.01
     block_size: int = 128
+    outliers: float = 0.0
 
     def __post_init__(self):
         super().__post_init__()
@@ -205,6 +248,13 @@ class QuantizeGPTQ(WeightQuantConfig, Pass):
             raise PassError(f"{self.name}: damp must be in [0, 1), got {self.damp!r}")
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise PassError(f"{self.name}: block_size must be a positive integer, got {self.block_size!r}")
+        if isinstance(self.outliers, bool) or not isinstance(self.outliers, (int, float)) or \
+                not 0 <= self.outliers < 0.5:
+            raise PassError(f"{self.name}: outliers must be a fraction in [0, 0.5), got {self.outliers!r}")
+        if self.outliers and (self.static_groups or self.weight_format.group_size is None
+                              or self.weight_format.per_tensor):
+            raise PassError(f"{self.name}: outliers are left out of their group's scale fit, which needs groups "
+                            "(group_size) fitted during the sweep (static_groups off)")
 
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
         targets = {}
@@ -220,10 +270,11 @@ class QuantizeGPTQ(WeightQuantConfig, Pass):
         losses = {}
         coverage = CalibrationCoverage()
         raised: dict[str, float] = {}
+        deltas: dict[str, torch.Tensor] = {}
 
         def before(node: Node, args):
             w = targets.get(node.name)
-            if w is None or not _is_dense(graph, w.name):
+            if w is None or not _is_dense(graph, w.name) or node.name in deltas:
                 return
             # conv attrs hold lists (stride, padding, ...): made hashable for the key
             attrs = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in node.attrs.items()))
@@ -239,8 +290,15 @@ class QuantizeGPTQ(WeightQuantConfig, Pass):
             coverage.note(node.name, n, H.shape[0])
             enc, figs = gptq_quantize(graph.weights[w.name].encoding.data, H, self.weight_format,
                                       act_order=self.act_order, static_groups=self.static_groups, damp=self.damp,
-                                      block_size=self.block_size, out_dtype=w.dtype, layer=node.name)
-            graph.set_encoding(w.name, enc)
+                                      block_size=self.block_size, out_dtype=w.dtype, layer=node.name,
+                                      outliers=self.outliers if _outliers_fit(graph, node) else 0.0)
+            if "outlier_delta" in figs:
+                # later layers calibrate on what this one will compute: the grid plus its outliers
+                deltas[node.name] = (enc, figs["outlier_delta"])
+                graph.set_encoding(w.name, Dense((enc.decode(torch.float32) + figs["outlier_delta"].reshape(
+                    enc.shape)).to(w.encoding.data.dtype)))
+            else:
+                graph.set_encoding(w.name, enc)
             kinds[enc.describe()] += 1
             losses[node.name] = round(figs["loss"], 6)
             if figs["damp"] != self.damp:
@@ -251,6 +309,10 @@ class QuantizeGPTQ(WeightQuantConfig, Pass):
                     del hessians[k]
 
         run_calibration(graph, ctx.calibration, before, who=self.name, progress=ctx.progress, until=targets)
+        if deltas:
+            for name, (enc, _) in deltas.items():
+                graph.set_encoding(targets[name].name, enc)
+            ctx.record("outliers", add_outlier_linears(graph, {k: d for k, (_, d) in deltas.items()}))
         ctx.record("layers", sum(kinds.values()))
         ctx.record("encodings", dict(kinds))
         ctx.record("hessian_weighted_error", losses)
@@ -261,8 +323,42 @@ class QuantizeGPTQ(WeightQuantConfig, Pass):
         return graph
 
 
+def add_outlier_linears(graph: Graph, deltas: dict[str, torch.Tensor]) -> dict:
+    """Beside each linear named in ``deltas``, a linear with its outliers' corrections as a CSR
+    weight (``Sparse`` in 1x1 blocks, fp32 values) on the same input, added to its output; the
+    share of the layer's weights each holds."""
+    from ...ir.sparse import Sparse
+    shares = {}
+    for name, delta in deltas.items():
+        node = graph.node(name)
+        keep = delta != 0
+        if not bool(keep.any()):
+            continue
+        w = node.inputs[1]
+        stem = w.name[:-len(".weight")] if w.name.endswith(".weight") else w.name
+        sparse = graph.add_weight(graph.fresh_name(f"{stem}.outliers.weight"),
+                                  Sparse.from_mask(delta.reshape(w.shape), keep.reshape(w.shape), "block1x1",
+                                                   lambda v: Dense(v.to(torch.float32))))
+        out = node.output
+        readers = [(n, i) for n, i in graph.uses().get(out, [])]
+        at = graph.nodes.index(node) + 1
+        with graph.inserting_before(graph.nodes[at]) if at < len(graph.nodes) else contextlib.nullcontext():
+            d = graph.op("linear", node.inputs[0], sparse, None, name=graph.fresh_name(f"{name}.outliers", node=True),
+                         meta=dict(node.meta))
+            y = graph.op("add", out, d, name=graph.fresh_name(f"{name}.outliers_add", node=True), meta=dict(node.meta))
+        for reader, i in readers:
+            reader.inputs[i] = y
+        shares[name] = round(float(keep.float().mean()), 5)
+    return shares
+
+
+def _outliers_fit(graph: Graph, node: Node) -> bool:
+    """Whether a linear can take a parallel outlier linear: its output is not a graph output (whose
+    name the added sum would have to take over)."""
+    return node.op == "linear" and node.output not in graph.outputs
+
+
 def _is_dense(graph: Graph, name: str) -> bool:
-    from ...ir import Dense
     return isinstance(graph.weights[name].encoding, Dense)
 
 
