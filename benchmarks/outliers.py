@@ -41,12 +41,25 @@ from nnforge.passes import PassContext, PassManager, cleanup_passes, resolve_rec
 
 OUT = HERE / "out"
 PRESETS = ["w4-gptq", "w4a8", "w4a4", "nvfp4-a4"]
+# weight-only methods for outliers, each beside the GPTQ preset on its grid
+WEIGHT_PRESETS = ["w4-gptq", "w4-awq", "w3-gptq", "w3-spqr"]
 ROTATED_FORM = {"w4a4": "w4a4-rot", "nvfp4-a4": "nvfp4-a4-rot"}     # presets with a -rot name
 
 
 def variants(presets: list[str]) -> list[str]:
     """Each preset, then its rotated form."""
     return [name for p in presets for name in (p, ROTATED_FORM.get(p, f"rot+{p}"))]
+
+
+def linear_bits(graph, numel: int) -> float:
+    """Bits per weight of the linear layers (their outlier linears included), over ``numel``, the
+    original linear weights' count."""
+    seen = {n.inputs[1].name: n.inputs[1].encoding for n in graph.nodes if n.op == "linear" and n.inputs[1].is_weight}
+    return 8 * sum(e.nbytes for e in seen.values()) / numel
+
+
+def _linear_numel(graph) -> int:
+    return sum(n.inputs[1].encoding.numel for n in graph.nodes if n.op == "linear" and n.inputs[1].is_weight)
 
 
 def _figures(pm: PassManager) -> dict:
@@ -66,6 +79,7 @@ def default_model_rows(recipes: list[str]) -> list[dict]:
     with torch.no_grad():
         reference = torch.cat([model(*b) for b in eval_batches])
     calibration = dm.calibration_batches(tok, calib, 32)
+    numel = _linear_numel(graph)
     rows = []
     for recipe in recipes:
         pm = PassManager(cleanup_passes() + resolve_recipe(recipe)[1])
@@ -76,7 +90,7 @@ def default_model_rows(recipes: list[str]) -> list[dict]:
         fid = dm.evaluate_embeddings(reference, torch.cat([interp.run(*b)[0] for b in eval_batches]))
         row = {"model": "all-MiniLM-L6-v2", "recipe": recipe, "cosine_mean": fid.cosine_mean,
                "cosine_min": fid.cosine_min, "nn_agreement": fid.nn_agreement, "passes_s": round(seconds, 1),
-               "figures": _figures(pm)}
+               "linear_bits": linear_bits(q, numel), "figures": _figures(pm)}
         print(json.dumps(row, default=str), flush=True)
         rows.append(row)
     return rows
@@ -95,6 +109,7 @@ def llm_rows(recipes: list[str], eval_tokens: int, window: int, stride: int, max
     ids = imported.tokenize(held)[:eval_tokens].tolist()
     calibration = imported.text_batches(calib_text)
     spec = imported.spec
+    numel = _linear_numel(imported.graph)
     rows = []
     for recipe in ["fp32", *recipes]:
         passes = [] if recipe == "fp32" else with_head_format(resolve_recipe(recipe)[1], "w8", HEAD_LAYER)
@@ -110,7 +125,7 @@ def llm_rows(recipes: list[str], eval_tokens: int, window: int, stride: int, max
         t1 = time.perf_counter()
         result = perplexity(decoder, ids, window=window, stride=stride)
         row = {"model": "Gemma 3 270M", "recipe": recipe, "perplexity": result.perplexity,
-               "tokens_scored": result.tokens, "passes_s": round(seconds, 1),
+               "tokens_scored": result.tokens, "passes_s": round(seconds, 1), "linear_bits": linear_bits(graph, numel),
                "perplexity_s": round(time.perf_counter() - t1, 1), "figures": _figures(pm)}
         print(json.dumps(row, default=str), flush=True)
         rows.append(row)
@@ -158,10 +173,31 @@ def write_tables(report: dict) -> None:
                                 "(the default head format) in every compressed row; its inputs stay float."])
 
 
+def write_weight_table(report: dict) -> None:
+    by = {(r["model"], r["recipe"]): r for r in report["rows"]}
+    fp32 = by.get(("Gemma 3 270M", "fp32"), {}).get("perplexity")
+    rows = []
+    for p in report["args"].get("weights", []):
+        d, l = by.get(("all-MiniLM-L6-v2", p)), by.get(("Gemma 3 270M", p))
+        ppl = l and l["perplexity"]
+        rows.append([p, docs_table.fmt((d or l or {}).get("linear_bits"), ".2f"), docs_table.fmt(d and d["cosine_mean"]),
+                     docs_table.fmt(d and d["nn_agreement"], ".1%"), docs_table.fmt(l and l.get("linear_bits"), ".2f"),
+                     docs_table.fmt(ppl, ".2f"),
+                     None if ppl is None or fp32 is None else f"{(ppl / fp32 - 1) * 100:+.1f}%"])
+    if rows:
+        docs_table.write("measured/outliers.md", "outliers-weights",
+                         ["preset", "bits/weight (MiniLM)", "cosine", "NN agreement", "bits/weight (Gemma)",
+                          "perplexity", "vs fp32"], rows, source="benchmarks/out/outliers.json",
+                         notes=["Weight-only: AWQ beside GPTQ on the int4 grid, SpQR outliers beside GPTQ on the int3 "
+                                "grid. Bits per weight: the linear layers' stored bytes (scales, zero points and "
+                                "outlier linears included) over their weights' count. Same data as the tables above."])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="default,llm")
     p.add_argument("--presets", default=",".join(PRESETS))
+    p.add_argument("--weights", default=",".join(WEIGHT_PRESETS), help="weight-only presets, not rotated")
     p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--stride", type=int, default=256)
@@ -169,21 +205,26 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     path = OUT / "outliers.json"
     if args.from_json:
-        write_tables(json.loads(path.read_text()))
+        report = json.loads(path.read_text())
+        write_tables(report)
+        write_weight_table(report)
         return 0
     presets = [x for x in args.presets.split(",") if x]
+    weights = [x for x in args.weights.split(",") if x]
     models = [m for m in args.models.split(",") if m]
+    recipes = variants(presets) + [w for w in weights if w not in variants(presets)]
     rows = []
     if "default" in models:
-        rows += default_model_rows(variants(presets))
+        rows += default_model_rows(recipes)
     if "llm" in models:
-        rows += llm_rows(variants(presets), args.eval_tokens, args.window, args.stride, args.window)
+        rows += llm_rows(recipes, args.eval_tokens, args.window, args.stride, args.window)
     from nnforge.timing import machine
-    report = {"rows": rows, "args": {**vars(args), "presets": presets}, "machine": machine(),
+    report = {"rows": rows, "args": {**vars(args), "presets": presets, "weights": weights}, "machine": machine(),
               "command": docs_table.command()}
     OUT.mkdir(exist_ok=True)
     path.write_text(json.dumps(report, indent=1, default=str))
     write_tables(report)
+    write_weight_table(report)
     return 0
 
 
