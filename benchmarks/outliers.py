@@ -9,8 +9,10 @@ against), with the peers' W4A8 / W4A4 schemes beside them when their environment
   (nnforge.models.llm.text_split: calibration and evaluation never share a topic), Hugging Face's
   sliding-window recipe, the LM head at its default format (int8) in every compressed row.
 
-Each preset runs as itself and rotated (``rot+<preset>``, or its ``-rot`` form): rotation is what
-makes 4-bit activations usable, and the table says by how much on each model.
+Each activation preset runs as itself and rotated (``rot+<preset>``, or its ``-rot`` form):
+rotation is what makes 4-bit activations usable, and the tables say by how much on each model.
+The weight-only methods for outliers run beside the GPTQ preset on their grid (``w4-awq`` /
+``w4-gptq``, ``w3-spqr`` / ``w3-gptq``), with the linear layers' bits per weight.
 
     python benchmarks/outliers.py                                   # both models, every preset
     python benchmarks/outliers.py --models default --presets w4a8,w4a4
