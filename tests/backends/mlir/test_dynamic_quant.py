@@ -43,12 +43,14 @@ def lowered(tmp_path, dialect):
     return g, backend.load(tmp_path, low.entry)
 
 
-@pytest.mark.parametrize("dialect", ["linalg-on-tensors", "stablehlo"])
+# one dialect in the default run: each build of the whole case graph takes tens of seconds
+@pytest.mark.parametrize("dialect", ["linalg-on-tensors", pytest.param("stablehlo", marks=pytest.mark.slow)])
 def test_module_equals_the_interpreter(tmp_path, dialect):
     g, runner = lowered(tmp_path, dialect)
     C.check(g, runner, sizes=[ENV])
 
 
+@pytest.mark.slow
 def test_tosa_is_within_one_grid_step(tmp_path):
     g, runner = lowered(tmp_path, "tosa")
     xs = C.inputs(g, ENV, seed=0)
