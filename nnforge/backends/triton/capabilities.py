@@ -69,6 +69,8 @@ CAPABILITIES = Capabilities([
                                        "tensor or per group of rows", Kernel("lut")),
     Capability("linear", "sparse", "kernels.sparse24: 2:4 sparse GEMM with int4 or float kept values",
                Kernel("sparse24")),
+    Capability("linear", "sparse", "kernels.csr: CSR (block1x1) SpMM gathering x's columns per kept fp32, fp16 or "
+                                   "bf16 value, fp32 accumulation (SpQR's outliers)", Kernel("csr")),
     Capability("hadamard", "dense", "kernels.hadamard: butterflies over the power-of-two factor in registers, "
                                     "the Paley factor as a dense product, fp32 inside; blocks of up to 16384 values "
                                     "with m padded to a power of two"),

@@ -239,17 +239,21 @@ def check_bias(bias, n: int) -> None:
         raise KernelError(f"bias must be a float tensor of shape ({n},), got {got}")
 
 
+X_DTYPES = (torch.float16, torch.bfloat16)
+
+
 def check_operands(x, w, bias, fmt: str, need: tuple[str, ...] = (), meta: tuple[str, ...] = (), *,
-                   leading_dims: bool = False) -> None:
+                   leading_dims: bool = False, dtypes: tuple[torch.dtype, ...] = X_DTYPES) -> None:
     """KernelError naming what is wrong with the operands of a weight GEMM: the packed weight
-    (:func:`check_weight`), x (2-D [M, K], or [..., K] with ``leading_dims``; fp16/bf16; K
-    columns), the bias, and every tensor on x's device."""
+    (:func:`check_weight`), x (2-D [M, K], or [..., K] with ``leading_dims``; one of ``dtypes``,
+    fp16/bf16 unless the kernel takes more; K columns), the bias, and every tensor on x's device."""
     check_weight(w, fmt, need, meta)
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or (x.dim() != 2 and not leading_dims):
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise KernelError(f"x must be a {'[..., K]' if leading_dims else '2-D [M, K]'} tensor, got {got}")
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        raise KernelError(f"x must be float16 or bfloat16, got {x.dtype}")
+    if x.dtype not in dtypes:
+        names = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise KernelError(f"x must be {names}, got {x.dtype}")
     if x.shape[-1] != w.k:
         raise KernelError(f"x has {x.shape[-1]} columns but the weight has K={w.k} (weight is [{w.n}, {w.k}])")
     check_bias(bias, w.n)
