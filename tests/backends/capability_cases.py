@@ -1,7 +1,7 @@
 """A backend's capability table against what its lowering did: one small graph per layer op
 (linear, matmul, conv, embedding) and a representative set of weight encodings for it, some of
 which a backend runs natively and some it must widen or decode (odd code widths, act-order,
-FP4/FP6 codes, palettes, N:M, 1:8 and block sparsity, low-rank factors)."""
+FP4/FP6 codes, palettes, N:M, 1:8, block and 1x1 (CSR) sparsity, low-rank factors)."""
 from __future__ import annotations
 
 import dataclasses
@@ -68,6 +68,8 @@ def encodings(shape, seed: int = 0) -> dict[str, object]:
         "sparse-2:4-int3": Sparse.from_mask(w, _nm_mask(w, 2, 4), "2:4", lambda v: rtn(v, "int3")),
         "sparse-1:8": Sparse.from_mask(w, _nm_mask(w, 1, 8), "1:8"),
         "sparse-block1x4": Sparse.from_mask(w, _block_mask(w), "block1x4"),
+        # CSR with a few values kept, as SpQR's outliers beside a quantised layer
+        "sparse-block1x1": Sparse.from_mask(w, w.abs() > 0.2, "block1x1"),
         "lowrank": LowRank(tuple(shape), Dense(torch.randn(rank, cols, generator=gen)),
                            Dense(torch.randn(rows, rank, generator=gen))),
         "lowrank-int3": LowRank(tuple(shape), rtn(torch.randn(rank, cols, generator=gen), "int3"),
