@@ -134,6 +134,7 @@ def matmul(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None) -
         return y.reshape(*lead, n)
     bm = block_m(m)
     t = w.tensors
+    # a decode tile is one warp's worth of lanes; more warps would only idle
     csr_kernel[(n, triton.cdiv(m, bm))](x2, t["values"], t["col"], t["row_ptr"], bias if bias is not None else y, y,
                                         m, x2.stride(0), x2.stride(1), y.stride(0),
                                         BM=bm, BNZ=BLOCK_NZ, HAS_BIAS=bias is not None,
