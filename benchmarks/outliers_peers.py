@@ -1,0 +1,209 @@
+"""The peers of benchmarks/outliers.py: llm-compressor (GPTQ with its W4A8 / W4A4 schemes, plain and
+after its QuIP Hadamard transform) and auto-round (SignRound with W4A8 / W4A4 integer schemes and its
+MXFP4 scheme, plain and with its Hadamard rotation) on Gemma 3 270M, calibrated on nnforge's
+calibration windows and scored on the same held-out token ids by nnforge.generation.perplexity's
+recipe, float32 on CPU through each peer's fake-quantised (QDQ) forward.
+
+    >>> rows = peer_results(model_dir, windows, eval_ids, RUNS, Path("benchmarks/out"))
+    >>> print(table(rows))
+
+    python benchmarks/outliers_peers.py --smoke      # 4 windows, one short window scored, 2 SignRound steps
+
+The peers live in their own virtual environment (``outlier-peers-venv`` under ``--work``, built on
+first use, reused while its pins hold) and run as a subprocess (benchmarks/outliers_peers_worker.py,
+a JSON request in and a JSON result out): llmcompressor 0.14 requires transformers<=5.17 and
+auto-round<=0.15.1, older than the transformers nnforge is tested with. torch is pinned to the CPU
+build, as the Makefile installs it.
+
+Every compressed row has the LM head as nnforge's rows have it (int8 per output channel, round to
+nearest, applied by the worker after the peer's recipe, which leaves the head out as the peers'
+examples do); a run the peer cannot do on this model or on CPU is a row with its reason.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "outliers_peers_worker.py"
+# torch first in the same command so that pip never resolves the peers' torch ranges to a CUDA build;
+# llmcompressor 0.14.0.1 pins auto-round and transformers to these (the newest that fit together)
+PINS = ["torch==2.13.0", "llmcompressor==0.14.0.1", "auto-round==0.15.1", "transformers==5.17.0"]
+RUNS = [{"peer": "llm-compressor", "scheme": s, "rotation": r} for s in ("W4A8", "W4A4") for r in (None, "quip")] + \
+       [{"peer": "auto-round", "scheme": s, "rotation": r} for s in ("W4A8", "W4A4", "MXFP4")
+        for r in (None, "hadamard")]
+_STAMP = ".outlier-peers-installed"
+_VENV = "outlier-peers-venv"
+
+
+class OutlierPeerError(RuntimeError):
+    """The peers' environment or worker failed; the message names the step and ends with its output."""
+
+
+def _run_step(what: str, cmd: list[str], venv: Path) -> None:
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        tail = (done.stdout[-2000:] + "\n" + done.stderr[-3000:]).strip()
+        raise OutlierPeerError(f"outlier peers' environment {venv}: {what} failed (exit {done.returncode}): "
+                               f"{' '.join(cmd)}\n{tail}")
+
+
+def ensure_venv(work: Path, python: str = sys.executable) -> Path:
+    """The python of the peers' virtual environment under ``work``, created and installed once (a
+    stamp with the pins marks it done; a venv whose install broke off or whose pins changed is
+    installed again)."""
+    venv = Path(work) / _VENV
+    py = venv / "bin" / "python"
+    stamp = venv / _STAMP
+    if py.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == PINS:
+        return py
+    started = time.perf_counter()
+    print(f"outliers_peers: installing into {venv} ({' '.join(PINS)})", file=sys.stderr, flush=True)
+    if not py.is_file():
+        _run_step("creating the virtual environment", [python, "-m", "venv", str(venv)], venv)
+    _run_step("pip install", [str(py), "-m", "pip", "install", "--disable-pip-version-check", "-q", *PINS], venv)
+    _run_step("importing the peers", [str(py), "-c", "import llmcompressor, auto_round, transformers, torch"], venv)
+    stamp.write_text(json.dumps(PINS))
+    print(f"outliers_peers: environment ready in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    return py
+
+
+def peer_results(model_dir: Path, calibration: list[list[int]], eval_ids: list[int], runs: list[dict], work: Path, *,
+                 window: int = 512, stride: int = 256, head: str = "w8", autoround_iters: int = 200,
+                 threads: int = 2) -> list[dict]:
+    """One row per run (``{"peer", "scheme", "rotation"}``), after a ``transformers fp32`` row: the
+    peer's recipe calibrated on ``calibration`` (token-id windows) and scored on ``eval_ids`` by the
+    sliding window (``window``, ``stride``). The peers run in their environment under ``work``,
+    built on first use."""
+    model_dir = Path(model_dir).resolve()
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} has no config.json: give a transformers model directory "
+                                "(nnforge.models.llm.small_llm_directory writes one)")
+    if not calibration or any(len(w) < 2 for w in calibration):
+        raise ValueError("give calibration windows of at least 2 token ids each")
+    if len(eval_ids) < 2:
+        raise ValueError(f"{len(eval_ids)} evaluation token(s): perplexity needs at least 2")
+    if head not in ("w8", "float"):
+        raise ValueError(f"head {head!r}: give 'w8' (nnforge's default head format) or 'float'")
+    for r in runs:
+        if r.get("peer") not in ("llm-compressor", "auto-round") or not r.get("scheme"):
+            raise ValueError(f"run {r}: give peer 'llm-compressor' or 'auto-round' and a scheme")
+    work = Path(work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    py = ensure_venv(work)
+    request, result = work / "outlier-peers-request.json", work / "outlier-peers-result.json"
+    request.write_text(json.dumps({"model_dir": str(model_dir), "calibration": [[int(t) for t in w] for w in calibration],
+                                   "eval_ids": [int(t) for t in eval_ids], "window": window, "stride": stride,
+                                   "head": head, "autoround_iters": autoround_iters, "threads": threads,
+                                   "runs": list(runs)}))
+    result.unlink(missing_ok=True)
+    # torch's OpenMP threads spin at barriers by default, which stalls them on shared cores
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+           "TQDM_DISABLE": "1", "PYTHONPATH": ""}
+    tail: deque[str] = deque(maxlen=60)
+    log = work / "outlier-peers-worker.log"
+    # the peers log every layer they quantise on stdout: kept in a file, not on the caller's screen
+    with open(log, "w") as out, subprocess.Popen([str(py), str(WORKER), str(request), str(result)], stdout=out,
+                                                 stderr=subprocess.PIPE, text=True, env=env) as proc:
+        for line in proc.stderr:
+            tail.append(line)
+            if line.startswith("outlier peers worker:"):
+                print(line, end="", file=sys.stderr, flush=True)
+    if proc.returncode != 0 or not result.is_file():
+        raise OutlierPeerError(f"the peers' worker ({WORKER.name}, request {request}, its stdout in {log}) failed "
+                               f"(exit {proc.returncode}):\n" + "".join(tail))
+    out = json.loads(result.read_text())
+    label = {"llm-compressor": f"llm-compressor {out['versions']['llmcompressor']}",
+             "auto-round": f"auto-round {out['versions']['auto-round']}",
+             "transformers": f"transformers {out['versions']['transformers']}"}
+    return [{**row, "peer": label.get(row["peer"], row["peer"]), "model": "Gemma 3 270M",
+             "versions": out["versions"], "threads": out["threads"]} for row in out["rows"]]
+
+
+def parse_runs(spec: str) -> list[dict]:
+    """``"peer:scheme[:rotation],..."`` as runs: ``"llm-compressor:W4A4:quip,auto-round:MXFP4"``."""
+    runs = []
+    for item in (x for x in spec.split(",") if x):
+        parts = item.split(":")
+        if len(parts) not in (2, 3):
+            raise ValueError(f"run {item!r}: write peer:scheme or peer:scheme:rotation")
+        runs.append({"peer": parts[0], "scheme": parts[1], "rotation": parts[2] if len(parts) == 3 else None})
+    return runs
+
+
+def calibration_windows(tokenizer, text: str, window: int = 128, limit: int = 128) -> list[list[int]]:
+    """``text``'s token ids in consecutive ``window``-token windows (at most ``limit``, none under 2
+    tokens): the windows DecoderImport.text_batches makes, for callers without nnforge's import."""
+    ids = list(tokenizer(text)["input_ids"])
+    starts = list(range(0, max(1, len(ids) - 1), window))[:limit]
+    return [ids[s:s + window] for s in starts if len(ids[s:s + window]) > 1]
+
+
+def table(rows: list[dict], fp32: float | None = None) -> str:
+    """The rows as a Markdown table (perplexity against ``fp32``, default the rows' own fp32)."""
+    if fp32 is None:
+        fp32 = next((r["perplexity"] for r in rows if r["scheme"] == "fp32"), None)
+    head = ["peer", "scheme", "rotation", "perplexity", "vs fp32", "quantise s", "error"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        ppl = r.get("perplexity")
+        cells = [r["peer"], r["scheme"], r.get("rotation") or "-", f"{ppl:.3f}" if ppl is not None else "-",
+                 f"{(ppl / fp32 - 1) * 100:+.1f}%" if ppl is not None and fp32 else "-",
+                 f"{r['quantize_s']:.0f}" if r.get("quantize_s") is not None else "-",
+                 (r.get("error") or "")[:160].replace("|", "/").replace("\n", " ")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true", help="4 calibration windows, 300 tokens scored, 2 SignRound steps")
+    p.add_argument("--work", type=Path, default=HERE / "out", help="the peers' environment and the model live here")
+    p.add_argument("--model-dir", type=Path, help="a transformers model directory (default: Gemma 3 270M, "
+                   "written once under WORK/models)")
+    p.add_argument("--runs", help="peer:scheme[:rotation],... (default: every run in RUNS)")
+    p.add_argument("--calibration-windows", type=int, default=128)
+    p.add_argument("--eval-tokens", type=int, default=4096)
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--stride", type=int, default=256)
+    p.add_argument("--autoround-iters", type=int, default=200)
+    p.add_argument("--head", default="w8", choices=["w8", "float"])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, help="write the rows as JSON here")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.calibration_windows, args.eval_tokens, args.autoround_iters = 4, 300, 2
+    sys.path.insert(0, str(HERE.parent))
+    from transformers import AutoTokenizer
+
+    from nnforge.models.llm import small_llm_directory, text_split
+    if args.model_dir is None:
+        args.model_dir = small_llm_directory(args.work / "models")
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    calib_text, held = text_split()
+    windows = calibration_windows(tokenizer, calib_text, limit=args.calibration_windows)
+    eval_ids = list(tokenizer(held)["input_ids"])[:args.eval_tokens]
+    runs = parse_runs(args.runs) if args.runs else RUNS
+    started = time.perf_counter()
+    rows = peer_results(args.model_dir, windows, eval_ids, runs, args.work, window=args.window, stride=args.stride,
+                        head=args.head, autoround_iters=args.autoround_iters, threads=args.threads)
+    print(table(rows))
+    v = rows[0]["versions"]
+    print(f"\n{len(windows)} calibration windows, {rows[0].get('tokens_scored')} tokens scored, {len(rows)} rows in "
+          f"{time.perf_counter() - started:.0f} s; llmcompressor {v['llmcompressor']} (compressed-tensors "
+          f"{v['compressed-tensors']}), auto-round {v['auto-round']}, transformers {v['transformers']}, torch "
+          f"{v['torch']}, {rows[0]['threads']} threads")
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
