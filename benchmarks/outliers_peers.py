@@ -8,6 +8,7 @@ recipe, float32 on CPU through each peer's fake-quantised (QDQ) forward.
     >>> print(table(rows))
 
     python benchmarks/outliers_peers.py --smoke      # 4 windows, one short window scored, 2 SignRound steps
+    python benchmarks/outliers_peers.py --model default --smoke   # llm-compressor on all-MiniLM-L6-v2
 
 The peers live in their own virtual environment (``outlier-peers-venv`` under ``--work``, built on
 first use, reused while its pins hold) and run as a subprocess (benchmarks/outliers_peers_worker.py,
@@ -35,9 +36,10 @@ WORKER = HERE / "outliers_peers_worker.py"
 # torch first in the same command so that pip never resolves the peers' torch ranges to a CUDA build;
 # llmcompressor 0.14.0.1 pins auto-round and transformers to these (the newest that fit together)
 PINS = ["torch==2.13.0", "llmcompressor==0.14.0.1", "auto-round==0.15.1", "transformers==5.17.0"]
-RUNS = [{"peer": "llm-compressor", "scheme": s, "rotation": r} for s in ("W4A8", "W4A4") for r in (None, "quip")] + \
-       [{"peer": "auto-round", "scheme": s, "rotation": r} for s in ("W4A8", "W4A4", "MXFP4")
-        for r in (None, "hadamard")]
+LLMCOMPRESSOR_RUNS = [{"peer": "llm-compressor", "scheme": s, "rotation": r} for s in ("W4A8", "W4A4")
+                      for r in (None, "quip")]
+RUNS = LLMCOMPRESSOR_RUNS + [{"peer": "auto-round", "scheme": s, "rotation": r} for s in ("W4A8", "W4A4", "MXFP4")
+                             for r in (None, "hadamard")]
 _STAMP = ".outlier-peers-installed"
 _VENV = "outlier-peers-venv"
 
@@ -94,14 +96,46 @@ def peer_results(model_dir: Path, calibration: list[list[int]], eval_ids: list[i
     for r in runs:
         if r.get("peer") not in ("llm-compressor", "auto-round") or not r.get("scheme"):
             raise ValueError(f"run {r}: give peer 'llm-compressor' or 'auto-round' and a scheme")
+    out = _call_worker({"model_dir": str(model_dir), "calibration": [[int(t) for t in w] for w in calibration],
+                        "eval_ids": [int(t) for t in eval_ids], "window": window, "stride": stride, "head": head,
+                        "autoround_iters": autoround_iters, "threads": threads, "runs": list(runs)}, work)
+    return _label(out, "Gemma 3 270M")
+
+
+def encoder_results(model_dir: Path, calibration: list[tuple], evaluation: list[tuple], runs: list[dict], work: Path,
+                    *, threads: int = 2) -> list[dict]:
+    """One row per run, after a ``transformers fp32`` row, on a BERT encoder (the default model):
+    the peer's recipe calibrated on the sentences of ``calibration`` (padded (input_ids,
+    attention_mask) batches, as nnforge.models.default makes them), and each row's ``embeddings``:
+    the mean-pooled, normalised embeddings of ``evaluation``'s sentences, in order."""
+    model_dir = Path(model_dir).resolve()
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} has no config.json: give the encoder's model directory "
+                                "(nnforge.models.default.model_dir())")
+
+    def jsonable(batches):
+        return [{"input_ids": ids.tolist(), "attention_mask": mask.tolist()} for ids, mask in batches]
+    out = _call_worker({"task": "encoder", "model_dir": str(model_dir), "calibration": jsonable(calibration),
+                        "eval": jsonable(evaluation), "threads": threads, "runs": list(runs)}, work)
+    return _label(out, "all-MiniLM-L6-v2")
+
+
+def _label(out: dict, model: str) -> list[dict]:
+    label = {"llm-compressor": f"llm-compressor {out['versions']['llmcompressor']}",
+             "auto-round": f"auto-round {out['versions']['auto-round']}",
+             "transformers": f"transformers {out['versions']['transformers']}"}
+    return [{**row, "peer": label.get(row["peer"], row["peer"]), "model": model, "versions": out["versions"],
+             "threads": out["threads"]} for row in out["rows"]]
+
+
+def _call_worker(req: dict, work: Path) -> dict:
+    """The worker's result for ``req``, run in the peers' environment under ``work``."""
     work = Path(work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     py = ensure_venv(work)
-    request, result = work / "outlier-peers-request.json", work / "outlier-peers-result.json"
-    request.write_text(json.dumps({"model_dir": str(model_dir), "calibration": [[int(t) for t in w] for w in calibration],
-                                   "eval_ids": [int(t) for t in eval_ids], "window": window, "stride": stride,
-                                   "head": head, "autoround_iters": autoround_iters, "threads": threads,
-                                   "runs": list(runs)}))
+    # per process, so that two runs sharing the environment never read each other's result
+    request, result = work / f"outlier-peers-request-{os.getpid()}.json", work / f"outlier-peers-result-{os.getpid()}.json"
+    request.write_text(json.dumps(req))
     result.unlink(missing_ok=True)
     # torch's OpenMP threads spin at barriers by default, which stalls them on shared cores
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -119,12 +153,7 @@ def peer_results(model_dir: Path, calibration: list[list[int]], eval_ids: list[i
     if proc.returncode != 0 or not result.is_file():
         raise OutlierPeerError(f"the peers' worker ({WORKER.name}, request {request}, its stdout in {log}) failed "
                                f"(exit {proc.returncode}):\n" + "".join(tail))
-    out = json.loads(result.read_text())
-    label = {"llm-compressor": f"llm-compressor {out['versions']['llmcompressor']}",
-             "auto-round": f"auto-round {out['versions']['auto-round']}",
-             "transformers": f"transformers {out['versions']['transformers']}"}
-    return [{**row, "peer": label.get(row["peer"], row["peer"]), "model": "Gemma 3 270M",
-             "versions": out["versions"], "threads": out["threads"]} for row in out["rows"]]
+    return json.loads(result.read_text())
 
 
 def parse_runs(spec: str) -> list[dict]:
@@ -162,9 +191,40 @@ def table(rows: list[dict], fp32: float | None = None) -> str:
     return "\n".join(lines)
 
 
+def default_model_main(args) -> int:
+    """The encoder rows on the default model: llm-compressor's runs (auto-round's one reason row),
+    scored against nnforge's fp32 torch embeddings as benchmarks/outliers.py scores them."""
+    import torch
+
+    from nnforge.models import default as dm
+    model, tok = dm.load_default_model()
+    calib, evals = dm.sentence_splits()
+    n_eval, n_calib = (64, 64) if args.smoke else (500, len(calib))
+    evaluation = dm.batches(tok, evals[:n_eval], 32)
+    with torch.no_grad():
+        reference = torch.cat([model(*b) for b in evaluation])
+    runs = parse_runs(args.runs) if args.runs else LLMCOMPRESSOR_RUNS + [{"peer": "auto-round", "scheme": "W4A8"}]
+    started = time.perf_counter()
+    rows = encoder_results(dm.model_dir(), dm.calibration_batches(tok, calib[:n_calib], 32), evaluation, runs,
+                           args.work, threads=args.threads)
+    for r in rows:
+        emb = r.pop("embeddings")
+        fid = dm.evaluate_embeddings(reference, torch.tensor(emb)) if emb is not None else None
+        print(f"{r['peer']:24} {r['scheme']:5} {r.get('rotation') or '-':5} "
+              f"{'cosine %.4f (min %.4f), NN agreement %.1f%%' % (fid.cosine_mean, fid.cosine_min, 100 * fid.nn_agreement) if fid else r['error']}")
+    print(f"\n{n_calib} calibration and {n_eval} evaluation sentences, {len(rows)} rows in "
+          f"{time.perf_counter() - started:.0f} s")
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--smoke", action="store_true", help="4 calibration windows, 300 tokens scored, 2 SignRound steps")
+    p.add_argument("--smoke", action="store_true", help="4 calibration windows, 300 tokens scored, 2 SignRound steps "
+                   "(default model: 64 calibration and 64 evaluation sentences)")
+    p.add_argument("--model", choices=["llm", "default"], default="llm",
+                   help="Gemma 3 270M (perplexity) or the default model, all-MiniLM-L6-v2 (cosine)")
     p.add_argument("--work", type=Path, default=HERE / "out", help="the peers' environment and the model live here")
     p.add_argument("--model-dir", type=Path, help="a transformers model directory (default: Gemma 3 270M, "
                    "written once under WORK/models)")
@@ -181,6 +241,8 @@ def main(argv=None) -> int:
     if args.smoke:
         args.calibration_windows, args.eval_tokens, args.autoround_iters = 4, 300, 2
     sys.path.insert(0, str(HERE.parent))
+    if args.model == "default":
+        return default_model_main(args)
     from transformers import AutoTokenizer
 
     from nnforge.models.llm import small_llm_directory, text_split

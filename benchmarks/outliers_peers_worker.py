@@ -10,6 +10,10 @@ the ones nnforge calibrates on), ``eval_ids``, ``window``, ``stride``, ``threads
 the peer's transform) and the peers' options (``autoround_iters``). The result: ``{"versions",
 "threads", "rows"}``, one row per run after a ``transformers fp32`` row; a run the peer cannot do
 keeps its row, with the error and no figure.
+
+With ``"task": "encoder"`` the model is a BERT encoder (the default model), ``calibration`` and
+``eval`` are padded batches (``{"input_ids", "attention_mask"}`` each) and each row carries the
+mean-pooled, normalised sentence embeddings of ``eval`` instead of a perplexity.
 """
 from __future__ import annotations
 
@@ -100,10 +104,11 @@ def activation_quantisers(model) -> int:
 
 # --- llm-compressor ------------------------------------------------------------------------------
 
-def llmcompressor_run(model, windows: list[list[int]], scheme: str, rotation: str | None) -> str:
-    """GPTQ with llm-compressor's preset ``scheme`` on every linear but the LM head, after its QuIP
-    transform when ``rotation`` is ``"quip"``; the model is left with its fake-quantised forward
-    (compressed-tensors' QDQ of weights and dynamic activations, online transforms as hooks)."""
+def llmcompressor_run(model, samples: list[dict], scheme: str, rotation: str | None, ignore: list[str]) -> str:
+    """GPTQ with llm-compressor's preset ``scheme`` on every linear but ``ignore``, calibrated on
+    ``samples`` (``{"input_ids", "attention_mask"}`` each, in order), after its QuIP transform when
+    ``rotation`` is ``"quip"``; the model is left with its fake-quantised forward (compressed-tensors'
+    QDQ of weights and dynamic activations, online transforms as hooks)."""
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.core import active_session
@@ -112,11 +117,11 @@ def llmcompressor_run(model, windows: list[list[int]], scheme: str, rotation: st
     if rotation not in (None, "quip"):
         raise ValueError(f"llm-compressor rotation {rotation!r}: this worker runs None or 'quip'")
     recipe = [QuIPModifier(**QUIP)] if rotation else []
-    recipe.append(GPTQModifier(targets="Linear", scheme=scheme, ignore=["lm_head"]))
-    data = Dataset.from_list([{"input_ids": w, "attention_mask": [1] * len(w)} for w in windows])
+    recipe.append(GPTQModifier(targets="Linear", scheme=scheme, ignore=ignore))
     active_session().reset()
-    oneshot(model=model, dataset=data, recipe=recipe, max_seq_length=max(map(len, windows)),
-            num_calibration_samples=len(windows), shuffle_calibration_samples=False, batch_size=1)
+    oneshot(model=model, dataset=Dataset.from_list(samples), recipe=recipe,
+            max_seq_length=max(len(x["input_ids"]) for x in samples), num_calibration_samples=len(samples),
+            shuffle_calibration_samples=False, batch_size=1)
     return "; ".join(repr(m) for m in recipe)
 
 
@@ -175,7 +180,8 @@ def run_one(request: dict, peer: str, scheme: str, rotation: str | None) -> dict
     try:
         t0 = time.perf_counter()
         if peer == "llm-compressor":
-            row["recipe"] = llmcompressor_run(model, windows, scheme, rotation)
+            row["recipe"] = llmcompressor_run(model, [{"input_ids": w, "attention_mask": [1] * len(w)} for w in windows],
+                                              scheme, rotation, ["lm_head"])
         elif peer == "auto-round":
             tokenizer = AutoTokenizer.from_pretrained(request["model_dir"])
             row["recipe"] = autoround_run(model, tokenizer, windows, scheme, rotation,
@@ -200,6 +206,59 @@ def run_one(request: dict, peer: str, scheme: str, rotation: str | None) -> dict
     return row
 
 
+# --- the default model: a BERT encoder with mean pooling ------------------------------------------
+
+# the pooler's dense layer feeds nothing the sentence embedding reads (nnforge's graph has none)
+ENCODER_IGNORE = ["re:.*pooler.*"]
+# auto-round keeps only calibration samples at least ``seqlen`` tokens long (calibration/llm.py), and
+# the default model calibrates on single sentences of every length: it would see a filtered subset
+AUTOROUND_ENCODER = ("auto-round calibrates on samples of one fixed length (it drops those shorter than seqlen); "
+                     "the default model's calibration set is single sentences of varied length")
+
+
+def embed(model, batches: list[dict]) -> list[list[float]]:
+    """Sentence embeddings as nnforge.models.default.DefaultModel makes them: the encoder's last
+    hidden state, mean-pooled over the attention mask, L2-normalised."""
+    out = []
+    with torch.inference_mode():
+        for b in batches:
+            ids, mask = torch.tensor(b["input_ids"]), torch.tensor(b["attention_mask"])
+            hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            m = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+            out += (pooled / pooled.norm(dim=-1, keepdim=True).clamp(min=1e-12)).tolist()
+    return out
+
+
+def run_encoder_one(request: dict, peer: str, scheme: str, rotation: str | None) -> dict:
+    from transformers import AutoModel
+    row = {"peer": peer, "scheme": scheme, "rotation": rotation, "recipe": None, "quantize_s": None,
+           "embeddings": None, "error": None}
+    # one sample per sentence, padding dropped: the sentences nnforge calibrates on, each as it is
+    samples = [{"input_ids": ids[:sum(mask)], "attention_mask": mask[:sum(mask)]}
+               for b in request["calibration"] for ids, mask in zip(b["input_ids"], b["attention_mask"])]
+    row["calibration_sentences"] = len(samples)
+    model = AutoModel.from_pretrained(request["model_dir"], dtype=torch.float32).eval()
+    try:
+        t0 = time.perf_counter()
+        if peer == "llm-compressor":
+            row["recipe"] = llmcompressor_run(model, samples, scheme, rotation, ENCODER_IGNORE)
+        elif peer == "auto-round":
+            raise NotImplementedError(AUTOROUND_ENCODER)
+        elif (peer, scheme, rotation) != FP32:
+            raise ValueError(f"peer {peer!r}: this worker runs llm-compressor and auto-round")
+        row["quantize_s"] = round(time.perf_counter() - t0, 1)
+        model.eval()
+        row["activation_quantisers"] = activation_quantisers(model)
+        row["embeddings"] = embed(model, request["eval"])
+    except Exception as exc:   # the peer could not do it: the row says why, the other runs go on
+        row["error"] = f"{type(exc).__name__}: {exc}"
+        row["traceback"] = traceback.format_exc()[-3000:]
+    del model
+    gc.collect()
+    return row
+
+
 def _version(dist: str) -> str | None:
     from importlib.metadata import PackageNotFoundError, version
     try:
@@ -214,12 +273,13 @@ def run(request: dict) -> dict:
     rows = []
     for spec in [dict(zip(("peer", "scheme", "rotation"), FP32)), *request["runs"]]:
         t0 = time.perf_counter()
-        rows.append(run_one(request, spec["peer"], spec["scheme"], spec.get("rotation")))
+        one = run_encoder_one if request.get("task") == "encoder" else run_one
+        rows.append(one(request, spec["peer"], spec["scheme"], spec.get("rotation")))
         rows[-1]["wall_s"] = round(time.perf_counter() - t0, 1)
         r = rows[-1]
+        figure = "error" if r["error"] else format(r["perplexity"], ".3f") if "perplexity" in r else "done"
         print(f"outlier peers worker: {r['peer']} {r['scheme']}{' + ' + r['rotation'] if r['rotation'] else ''}: "
-              f"{'error' if r['error'] else format(r['perplexity'], '.3f')} in {r['wall_s']:.0f} s",
-              file=sys.stderr, flush=True)
+              f"{figure} in {r['wall_s']:.0f} s", file=sys.stderr, flush=True)
     return {"versions": {d: _version(d) for d in ("llmcompressor", "compressed-tensors", "auto-round", "transformers",
                                                    "torch")},
             "threads": torch.get_num_threads(), "rows": rows}
