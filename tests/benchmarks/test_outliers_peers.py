@@ -128,3 +128,25 @@ def test_a_stamped_venv_with_the_same_pins_is_reused(tmp_path):
     (tmp_path / peers._VENV / peers._STAMP).write_text(json.dumps(peers.PINS))
     assert peers.ensure_venv(tmp_path, python="/nonexistent/python") == py
     assert peers.PINS[0] == "torch==2.13.0"       # first, so pip never resolves a CUDA torch
+
+
+def test_outliers_writes_the_peer_tables_per_model(tmp_path, monkeypatch):
+    outliers = _load("outliers")
+    monkeypatch.setattr(outliers.docs_table, "DOCS", tmp_path)
+    versions = {"llmcompressor": "0.14.0.1", "compressed-tensors": "0.19.0", "auto-round": "0.15.1",
+                "transformers": "5.17.0", "torch": "2.13.0+cpu"}
+    llm = [{"model": "Gemma 3 270M", "peer": "transformers 5.17.0", "scheme": "fp32", "rotation": None,
+            "perplexity": 20.0, "calibration_windows": 128, "tokens_scored": 4095, "versions": versions},
+           {"model": "Gemma 3 270M", "peer": "llm-compressor 0.14.0.1", "scheme": "W4A4", "rotation": "quip",
+            "perplexity": 25.0, "versions": versions},
+           {"model": "Gemma 3 270M", "peer": "auto-round 0.15.1", "scheme": "W4A4", "rotation": "hadamard",
+            "perplexity": None, "error": "NotImplementedError: no layout", "versions": versions}]
+    default = [{"model": "all-MiniLM-L6-v2", "peer": "llm-compressor 0.14.0.1", "scheme": "W4A8", "rotation": None,
+                "cosine_mean": 0.98, "nn_agreement": 0.9, "calibration_sentences": 480, "versions": versions}]
+    outliers.write_tables({"rows": [], "peers": llm + default,
+                           "args": {"presets": ["w4a8"], "window": 512, "stride": 256, "autoround_iters": 200}})
+    text = (tmp_path / "measured" / "outliers.md").read_text()
+    assert "| llm-compressor 0.14.0.1 | W4A4 | QuIP (v, u; Hadamard blocks of 128) | 25.00 | +25.0% | - |" in text
+    assert "| auto-round 0.15.1 | W4A4 | Hadamard | - | - | NotImplementedError: no layout |" in text
+    assert "| llm-compressor 0.14.0.1 | W4A8 | - | 0.9800 | 90.0% | - |" in text
+    assert text.count("<!-- table:outliers-peers") == 2 and "table:outliers-llm" not in text
