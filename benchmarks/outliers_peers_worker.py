@@ -38,7 +38,7 @@ QUIP = {"rotations": ["v", "u"], "transform_block_size": 128, "transform_type": 
 
 # auto-round's integer schemes with dynamic per-token activations (act_group_size -1 is a row of
 # the flattened [tokens, channels] input); it has no W4A8/W4A4 preset, so these are written out as
-# its INT8/INT4 presets are, with w4-gptq's weight grid (int4, symmetric, groups of 128)
+# its INT8/INT4 presets are, with llm-compressor's W4A8/W4A4 weight grid (int4, symmetric, groups of 128)
 AUTOROUND_SCHEMES = {
     "W4A8": {"bits": 4, "group_size": 128, "sym": True, "data_type": "int", "act_bits": 8,
              "act_group_size": -1, "act_data_type": "int", "act_dynamic": True, "act_sym": True},
@@ -158,8 +158,9 @@ def autoround_run(model, tokenizer, windows: list[list[int]], scheme: str, rotat
     if spec is None and scheme not in PRESET_SCHEMES:
         raise ValueError(f"auto-round scheme {scheme!r}: not one of {sorted(AUTOROUND_SCHEMES)} or its presets")
     chosen = QuantizationScheme.from_dict(spec) if spec else scheme
-    seqlen = min(map(len, windows))
-    # auto-round skips samples shorter than seqlen; every full window is kept
+    # auto-round takes samples of one length (it skips shorter ones): the full windows, which are all
+    # of text_batches' windows but a short last one
+    seqlen = max(map(len, windows))
     data = [{"input_ids": torch.tensor([w]), "attention_mask": torch.ones(1, len(w), dtype=torch.int64)}
             for w in windows if len(w) == seqlen]
     if rotation:
