@@ -1,6 +1,6 @@
 """Outliers and activations: the activation presets with and without rotation, on the default model
 and on the small real LLM, through the reference interpreter (what every backend is checked
-against), with the peers' W4A8 / W4A4 schemes beside them when their environment is there.
+against), and with ``--peers`` the peers' W4A8 / W4A4 schemes beside them.
 
 - Default model (all-MiniLM-L6-v2 + mean pooling): mean / min cosine and nearest-neighbour
   agreement against fp32 torch on 500 held-out sentences, calibrated on the other 480
