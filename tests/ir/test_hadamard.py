@@ -8,8 +8,9 @@ from nnforge.ir import Graph, GraphError, tensor
 from nnforge.ir.hadamard import (factors, hadamard_matrix, hadamard_split, hadamard_transform, largest_block,
                                  small_matrix)
 
-# real widths: MiniLM (384, 1536), Gemma 3 270M (640, 2048), TinyLlama's MLP (5632)
-BLOCKS = [1, 2, 12, 20, 24, 44, 64, 96, 384, 640, 1536, 2048, 5632]
+# real widths: MiniLM (384, 1536), Gemma 3 270M (640); the split test below takes 2048 and 5632
+# (TinyLlama's MLP) without building their dense matrices
+BLOCKS = [1, 2, 12, 20, 24, 44, 64, 96, 384, 640, 1536]
 
 
 @pytest.mark.parametrize("block", BLOCKS)

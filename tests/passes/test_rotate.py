@@ -180,7 +180,8 @@ def test_options_and_the_preset():
         resolve_recipe("kv8+rot")
 
 
-@pytest.mark.parametrize("target", ["onnx", "cpu"])
+# cpu's build takes most of a minute here; its hadamard kernel is checked in tests/backends/tvm
+@pytest.mark.parametrize("target", ["onnx", pytest.param("cpu", marks=pytest.mark.slow)])
 def test_a_rotated_bundle_generates_as_the_original_model(target, tmp_path):
     """Gemma 3 (post-norms and a tied head rotated online, hadamards on Q/K and the down
     projections) through nf.compile: the bundle verifies, and its perplexity and greedy tokens on

@@ -48,7 +48,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: WeightFormat, *, act_or
     rounding would cost most (``((w - q) / d)^2`` over the layer's threshold, ``d`` the inverse
     Hessian's Cholesky diagonal), are kept exact and left out of their group's scale fit; the
     figures then hold ``outlier_delta``, the [rows, cols] corrections (original column order, zero
-    elsewhere) that the grid's values need to become them. Needs groups fitted during the sweep."""
+    elsewhere) that the grid's values need to become them. Needs groups fitted during the sweep; a
+    layer no wider than one group keeps none."""
     shape = tuple(w.shape)
     rows, cols = rows_cols(shape)
     W, H = obs_problem(w, h, "gptq")
@@ -66,9 +67,10 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: WeightFormat, *, act_or
     Hinv, damp = upper_inverse(H, damp, f"gptq: {_layer(layer)}the Hessian of a {rows}x{cols} weight")
 
     orig_col = perm if perm is not None else torch.arange(cols)
-    if outliers and groups_fixed:
-        raise PassError(f"gptq: {_layer(layer)}outliers need groups fitted during the sweep (a group size smaller "
-                        "than the row, static_groups off)")
+    if outliers and static_groups:
+        raise PassError(f"gptq: {_layer(layer)}outliers need groups fitted during the sweep (static_groups off)")
+    if groups_fixed:            # a layer no wider than one group: its scales are fitted up front, outliers and all
+        outliers = 0.0
     tau = _outlier_threshold(W, Hinv, fmt, g, gs, outliers) if outliers else None
     delta = torch.zeros_like(W) if outliers else None
     kept = torch.zeros(W.shape, dtype=torch.bool) if outliers else None

@@ -22,6 +22,8 @@ def test_dynamic_quant_matches_the_interpreter(tmp_path):
     check(g, backend.load(tmp_path, lowered.entry), SIZES + [step])
 
 
+# the TVM build of a whole decoder: under -m slow; the case graph above covers the lowering
+@pytest.mark.slow
 def test_a_w4a8_decoder_compiles_runs_and_verifies(tmp_path):
     import nnforge as nf
     from tests.frontend.decoders.families import llama_directory
