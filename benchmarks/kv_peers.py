@@ -33,43 +33,22 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "kv_peers_worker.py"
+sys.path.insert(0, str(HERE))            # benchmarks/peer_venv.py, when imported from elsewhere
+import peer_venv  # noqa: E402
 # torch first in the same command so that pip never resolves kvpress's torch<3 to a CUDA build
 PINS = ["torch==2.13.0", "kvpress==0.5.5", "transformers>=4.56,<5.3"]
 PRESSES = ["SnapKVPress", "StreamingLLMPress", "ExpectedAttentionPress", "KnormPress", "TOVAPress",
            "ObservedAttentionPress"]
-_STAMP = ".kv-peers-installed"
 
 
 class KvPeerError(RuntimeError):
     """kvpress's environment or worker failed; the message names the step and ends with its output."""
 
 
-def _run_step(what: str, cmd: list[str], venv: Path) -> None:
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        tail = (done.stdout[-2000:] + "\n" + done.stderr[-3000:]).strip()
-        raise KvPeerError(f"kvpress environment {venv}: {what} failed (exit {done.returncode}): "
-                          f"{' '.join(cmd)}\n{tail}")
-
-
 def ensure_venv(work: Path, python: str = sys.executable) -> Path:
-    """The python of kvpress's virtual environment under ``work``, created and installed once (a
-    stamp with the pins marks it done; a venv whose install broke off or whose pins changed is
-    installed again)."""
-    venv = Path(work) / "kvpress-venv"
-    py = venv / "bin" / "python"
-    stamp = venv / _STAMP
-    if py.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == PINS:
-        return py
-    started = time.perf_counter()
-    print(f"kv_peers: installing kvpress into {venv} ({' '.join(PINS)})", file=sys.stderr, flush=True)
-    if not py.is_file():
-        _run_step("creating the virtual environment", [python, "-m", "venv", str(venv)], venv)
-    _run_step("pip install", [str(py), "-m", "pip", "install", "--disable-pip-version-check", "-q", *PINS], venv)
-    _run_step("importing kvpress", [str(py), "-c", "import kvpress, transformers, torch"], venv)
-    stamp.write_text(json.dumps(PINS))
-    print(f"kv_peers: kvpress environment ready in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
-    return py
+    """The python of the peers' virtual environment under ``work`` (benchmarks/peer_venv.py)."""
+    return peer_venv.ensure_venv(Path(work) / "kvpress-venv", PINS, "import kvpress, transformers, torch", KvPeerError, "kv_peers",
+                                 python)
 
 
 def _request_cases(cases: dict) -> tuple[list[dict], list[dict]]:

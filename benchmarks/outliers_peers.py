@@ -33,6 +33,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "outliers_peers_worker.py"
+sys.path.insert(0, str(HERE))            # benchmarks/peer_venv.py, when imported from elsewhere
+import peer_venv  # noqa: E402
 # torch first in the same command so that pip never resolves the peers' torch ranges to a CUDA build;
 # llmcompressor 0.14.0.1 pins auto-round and transformers to these (the newest that fit together)
 PINS = ["torch==2.13.0", "llmcompressor==0.14.0.1", "auto-round==0.15.1", "transformers==5.17.0"]
@@ -40,7 +42,6 @@ LLMCOMPRESSOR_RUNS = [{"peer": "llm-compressor", "scheme": s, "rotation": r} for
                       for r in (None, "quip")]
 RUNS = LLMCOMPRESSOR_RUNS + [{"peer": "auto-round", "scheme": s, "rotation": r} for s in ("W4A8", "W4A4", "MXFP4")
                              for r in (None, "hadamard")]
-_STAMP = ".outlier-peers-installed"
 _VENV = "outlier-peers-venv"
 
 
@@ -48,32 +49,10 @@ class OutlierPeerError(RuntimeError):
     """The peers' environment or worker failed; the message names the step and ends with its output."""
 
 
-def _run_step(what: str, cmd: list[str], venv: Path) -> None:
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        tail = (done.stdout[-2000:] + "\n" + done.stderr[-3000:]).strip()
-        raise OutlierPeerError(f"outlier peers' environment {venv}: {what} failed (exit {done.returncode}): "
-                               f"{' '.join(cmd)}\n{tail}")
-
-
 def ensure_venv(work: Path, python: str = sys.executable) -> Path:
-    """The python of the peers' virtual environment under ``work``, created and installed once (a
-    stamp with the pins marks it done; a venv whose install broke off or whose pins changed is
-    installed again)."""
-    venv = Path(work) / _VENV
-    py = venv / "bin" / "python"
-    stamp = venv / _STAMP
-    if py.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == PINS:
-        return py
-    started = time.perf_counter()
-    print(f"outliers_peers: installing into {venv} ({' '.join(PINS)})", file=sys.stderr, flush=True)
-    if not py.is_file():
-        _run_step("creating the virtual environment", [python, "-m", "venv", str(venv)], venv)
-    _run_step("pip install", [str(py), "-m", "pip", "install", "--disable-pip-version-check", "-q", *PINS], venv)
-    _run_step("importing the peers", [str(py), "-c", "import llmcompressor, auto_round, transformers, torch"], venv)
-    stamp.write_text(json.dumps(PINS))
-    print(f"outliers_peers: environment ready in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
-    return py
+    """The python of the peers' virtual environment under ``work`` (benchmarks/peer_venv.py)."""
+    return peer_venv.ensure_venv(Path(work) / _VENV, PINS, "import llmcompressor, auto_round, transformers, torch", OutlierPeerError, "outliers_peers",
+                                 python)
 
 
 def peer_results(model_dir: Path, calibration: list[list[int]], eval_ids: list[int], runs: list[dict], work: Path, *,

@@ -27,6 +27,11 @@ from pathlib import Path
 
 import torch
 
+
+class PeerRefusal(Exception):
+    """A run the peer cannot do as asked (a model or scheme it has no support for): its row holds
+    the reason instead of a figure."""
+
 # rows of logits taken to float64 at a time: a window of a 262k-token vocabulary in float64 is a
 # gigabyte, and the same sum over slices gives the same figure
 _ROWS = 64
@@ -140,7 +145,7 @@ def _check_rotation_mapping(model, scheme) -> None:
         return                                       # the per-linear "transform" backend, no table
     keys = (getattr(model.config, "model_type", ""), type(model).__name__)
     if not any(k in MAPPING_REGISTRY for k in keys):
-        raise NotImplementedError(
+        raise PeerRefusal(
             f"auto-round's residual-stream Hadamard rotation (inplace backend, used for {data_type} schemes) "
             f"has no layout for {keys[1]} ({keys[0]}): it knows {sorted(MAPPING_REGISTRY)} and would fall back "
             "to LLaMA's, whose MLP input norm (post_attention_layernorm) is an output norm in Gemma 3")
@@ -199,7 +204,9 @@ def run_one(request: dict, peer: str, scheme: str, rotation: str | None) -> dict
         row["perplexity_s"] = round(time.perf_counter() - t1, 1)
         if not math.isfinite(row["perplexity"]):
             row["error"], row["perplexity"] = "the quantised model's perplexity is not finite", None
-    except Exception as exc:   # the peer could not do it: the row says why, the other runs go on
+    except PeerRefusal as exc:
+        row["error"] = str(exc)
+    except Exception as exc:   # the peer failed: the row says how, the other runs go on
         row["error"] = f"{type(exc).__name__}: {exc}"
         row["traceback"] = traceback.format_exc()[-3000:]
     del model
@@ -245,14 +252,16 @@ def run_encoder_one(request: dict, peer: str, scheme: str, rotation: str | None)
         if peer == "llm-compressor":
             row["recipe"] = llmcompressor_run(model, samples, scheme, rotation, ENCODER_IGNORE)
         elif peer == "auto-round":
-            raise NotImplementedError(AUTOROUND_ENCODER)
+            raise PeerRefusal(AUTOROUND_ENCODER)
         elif (peer, scheme, rotation) != FP32:
             raise ValueError(f"peer {peer!r}: this worker runs llm-compressor and auto-round")
         row["quantize_s"] = round(time.perf_counter() - t0, 1)
         model.eval()
         row["activation_quantisers"] = activation_quantisers(model)
         row["embeddings"] = embed(model, request["eval"])
-    except Exception as exc:   # the peer could not do it: the row says why, the other runs go on
+    except PeerRefusal as exc:
+        row["error"] = str(exc)
+    except Exception as exc:   # the peer failed: the row says how, the other runs go on
         row["error"] = f"{type(exc).__name__}: {exc}"
         row["traceback"] = traceback.format_exc()[-3000:]
     del model

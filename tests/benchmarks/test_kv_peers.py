@@ -126,9 +126,9 @@ def test_a_venv_with_its_stamp_is_reused_and_a_failed_step_is_named(tmp_path):
     venv = tmp_path / "kvpress-venv"
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "python").write_text("")
-    (venv / ".kv-peers-installed").write_text(json.dumps(peers.PINS))
+    (venv / peers.peer_venv.STAMP).write_text(json.dumps(peers.PINS))
     assert peers.ensure_venv(tmp_path, python="/nonexistent/python") == venv / "bin" / "python"
-    with pytest.raises(peers.KvPeerError, match=r"kvpress environment .*other-venv-root/kvpress-venv: creating the "
+    with pytest.raises(peers.KvPeerError, match=r"peer environment .*other-venv-root/kvpress-venv: creating the "
                                                 r"virtual environment failed \(exit 1\)"):
         peers.ensure_venv(tmp_path / "other-venv-root", python="false")
 
