@@ -78,16 +78,14 @@ def _figures(pm: PassManager) -> dict:
 def default_model_rows(recipes: list[str], peers: dict | None = None) -> tuple[list[dict], list[dict]]:
     """(nnforge's rows, the peers' rows): the peers' only when ``peers`` gives outliers_peers'
     options (``runs``)."""
+    from quantization import load_setup          # the protocol of benchmarks/presets.py and quantization.py
+
     from nnforge.frontend import import_model
     from nnforge.models import default as dm
-    model, tok = dm.load_default_model()
-    calib, evals = dm.sentence_splits()
-    graph, _ = import_model(model, dm.encode(tok, evals[:8]), dynamic_shapes=dm.dynamic_shapes(),
+    setup = load_setup()
+    graph, _ = import_model(setup.model, setup.example, dynamic_shapes=dm.dynamic_shapes(),
                             input_names=["input_ids", "attention_mask"])
-    eval_batches = dm.batches(tok, evals[:500], 32)
-    with torch.no_grad():
-        reference = torch.cat([model(*b) for b in eval_batches])
-    calibration = dm.calibration_batches(tok, calib, 32)
+    eval_batches, reference, calibration = setup.evals, setup.reference, setup.calib
     numel = _linear_numel(graph)
     rows = []
     for recipe in recipes:
