@@ -268,6 +268,21 @@ def write_weight_table(report: dict) -> None:
                                 "outlier linears included) over their weights' count. Same data as the tables above."])
 
 
+def merged(before: dict, now: dict) -> dict:
+    """``now`` with ``before``'s rows for the models this run did not measure (one model at a time is
+    an hour's run: the other model's tables stay written from the JSON), and its peers' rows where
+    this run ran none for that model."""
+    ran = {r["model"] for r in now["rows"]}
+    peers_ran = {r.get("model") for r in now["peers"]}
+    kept = [r for r in before.get("rows", []) if r["model"] not in ran]
+    kept_peers = [r for r in before.get("peers", []) if r.get("model") not in peers_ran]
+    out = {**now, "rows": kept + now["rows"], "peers": kept_peers + now["peers"]}
+    if kept or kept_peers:
+        out["earlier"] = {"command": before.get("command"), "args": before.get("args"),
+                          "models": sorted({r["model"] for r in kept} | {r.get("model") for r in kept_peers})}
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="default,llm")
@@ -309,6 +324,8 @@ def main(argv=None) -> int:
     report = {"rows": rows, "peers": peer_rows, "args": {**vars(args), "presets": presets, "weights": weights},
               "machine": machine(),
               "command": docs_table.command()}
+    if path.exists():
+        report = merged(json.loads(path.read_text()), report)
     OUT.mkdir(exist_ok=True)
     path.write_text(json.dumps(report, indent=1, default=str))
     write_tables(report)

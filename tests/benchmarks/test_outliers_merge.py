@@ -1,0 +1,42 @@
+"""benchmarks/outliers.py keeps the rows of the model a run did not measure (each model's run is long,
+so the LLM and the default model are measured in separate runs that write one JSON)."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def outliers():
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("outliers_bench", BENCH / "outliers.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_a_run_of_one_model_keeps_the_others_rows(outliers):
+    before = {"rows": [{"model": "A", "recipe": "w4a8"}, {"model": "B", "recipe": "w4a8", "old": True}],
+              "peers": [{"model": "A", "peer": "llmc"}], "command": "old", "args": {"presets": ["w4a8"]}}
+    now = {"rows": [{"model": "B", "recipe": "w4a8"}], "peers": [], "command": "new", "args": {}}
+    out = outliers.merged(before, now)
+    assert out["rows"] == [{"model": "A", "recipe": "w4a8"}, {"model": "B", "recipe": "w4a8"}]
+    assert out["peers"] == [{"model": "A", "peer": "llmc"}]          # this run ran no peers for A
+    assert out["command"] == "new" and out["earlier"]["command"] == "old"
+    assert out["earlier"]["models"] == ["A"]
+
+
+def test_a_run_with_peers_replaces_that_models_peers(outliers):
+    before = {"rows": [], "peers": [{"model": "B", "peer": "old"}]}
+    now = {"rows": [{"model": "B"}], "peers": [{"model": "B", "peer": "new"}]}
+    out = outliers.merged(before, now)
+    assert out["peers"] == [{"model": "B", "peer": "new"}] and "earlier" not in out
