@@ -171,6 +171,11 @@ PARAMETRIC: dict[str, tuple[str, str, object]] = {
                           "keys and their values, weighted by attention (KVMerger), the budget/2 most recent "
                           "tokens kept as they are",
                           lambda v: [{"pass": "kv_reduce", "method": "merge", "budget": int(v)}]),
+    # SliceGPT (passes/prune/slicegpt.py): a smaller residual stream on RMS-norm decoders
+    "slice-<pct>": (r"slice-(\d+)", "SliceGPT: the residual stream rotated onto its principal components (one "
+                    "basis per layer) and <pct>% of its width deleted: every hidden dimension shrinks (needs "
+                    "calibration; RMS-norm decoders)",
+                    lambda v: [{"pass": "slicegpt", "fraction": int(v) / 100}]),
     "prune-heads-<pct>": (r"prune-heads-(\d+)", "<pct>% of each attention layer's heads removed (the weights "
                           "shrink), OBS choice and least-squares update of the output projection (needs "
                           "calibration)",
