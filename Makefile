@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/hls4ml_compare.py
 	$(PY) benchmarks/llm_targets.py
 	$(PY) benchmarks/outliers.py
+	$(PY) benchmarks/slicing.py
 
 clean:
 	rm -rf bundles build *.egg-info .pytest_cache
