@@ -69,7 +69,7 @@ def _projected(graph, calibration, kept: int, tied: bool):
     principal components (and the tied head's input onto the embedding's)."""
     g = graph.copy()
     stream = _find_stream(g)
-    cov, _ = slicegpt._covariances(g, stream, calibration, "test")
+    cov, _ = slicegpt._covariances(g, stream, calibration, "test", project=kept)   # sequential, as the pass
     vecs, _ = slicegpt._bases(cov, shared=False)
     uses = g.uses()
 

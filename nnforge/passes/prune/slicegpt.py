@@ -66,8 +66,14 @@ def _embedding_behind(graph: Graph, v: Value, uses) -> Node | None:
     return node if node is not None and node.op == "embedding" else None
 
 
-def _covariances(graph: Graph, stream, batches, who: str) -> tuple[list[torch.Tensor], int]:
-    """``Σ xᵀx`` (float64) of each stream value over every calibration token, and the tokens' count."""
+def _covariances(graph: Graph, stream, batches, who: str, normalise: bool = False,
+                 project: int = 0) -> tuple[list[torch.Tensor], int]:
+    """``Σ xᵀx`` (float64) of each stream value over every calibration token, and the tokens' count;
+    with ``normalise``, of each token's unit vector ``x / |x|``. With ``project`` (a kept width),
+    each value is projected onto its ``project`` principal components as soon as they are known,
+    so that every later value is seen as the sliced model computes it (SliceGPT's sequential
+    calibration: a layer's basis then fits the inputs it will get, errors of the earlier slicing
+    included)."""
     uses = graph.uses()
     index = {v: i for i, v in enumerate(stream.values)}
     # one node reading each value, the first in graph order, sees it for every batch
@@ -86,9 +92,17 @@ def _covariances(graph: Graph, stream, batches, who: str) -> tuple[list[torch.Te
         for slot, i in watch.get(node, ()):
             for batch in args:
                 x = batch[slot].reshape(-1, width).to(torch.float64)
+                if normalise:
+                    x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-300)
                 cov[i] += x.T @ x
                 if i == 0:
                     tokens[0] += x.shape[0]
+            if project:
+                q = _bases([cov[i]], False)[0][0][:, :project]
+                for batch in args:
+                    t = batch[slot]          # the very tensor every later reader reads
+                    x = t.reshape(-1, width).to(torch.float64)
+                    t.copy_(((x @ q) @ q.T).reshape(t.shape).to(t.dtype))
 
     run_calibration(graph, batches, before, who=who, until=[n.name for n in watch])
     return cov, tokens[0]
@@ -119,6 +133,8 @@ class SliceGPT(Pass):
     fraction: float = 0.25
     basis: str = "layer"
     multiple: int = 8
+    weighting: str = "energy"
+    sequential: bool = True
 
     def __post_init__(self):
         if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) \
@@ -153,7 +169,8 @@ class SliceGPT(Pass):
             raise PassError(f"{self.name}: slicing {self.fraction:.0%} of width {d} in multiples of "
                             f"{self.multiple} leaves nothing")
 
-        cov, tokens = _covariances(graph, stream, ctx.calibration, self.name)
+        cov, tokens = _covariances(graph, stream, ctx.calibration, self.name, self.weighting == "token",
+                                   project=k if self.sequential and self.basis == "layer" and k < d else 0)
         vecs, vals = _bases(cov, self.basis == "shared")
         q = [v[:, :k] for v in vecs]
         kept = [float(e[:k].sum() / e.sum().clamp_min(1e-300)) for e in vals]
