@@ -286,7 +286,7 @@ def _fake_quant(gen):
     if x is None:
         return None
     fmt = rng.choice(FAKE_QUANT_FORMATS)
-    top = {"int8": 127, "uint8": 127, "float8_e4m3fn": 448.0, "float8_e5m2": 57344.0}[fmt]
+    top = {"int8": 127, "uint8": 127, "float8_e4m3fn": 448.0, "float8_e5m2": 57344.0, "int4": 7}[fmt]
     amax = float(gen.c32[x].abs().max()) or 1.0
     scale = amax / top * rng.uniform(0.5, 1.5)
     zp = rng.choice([0, 0, 3, -5]) if fmt == "int8" else rng.choice([128, 120, 0]) if fmt == "uint8" else 0

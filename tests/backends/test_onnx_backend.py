@@ -553,3 +553,16 @@ def test_manifest_session_config_is_checked(tmp_path, config, match):
     backend, lowered = lower(_single_linear(Dense(torch.randn(8, 16)), 16), tmp_path)
     with pytest.raises(BundleError, match=match):
         backend.load(tmp_path, {**lowered.entry, "session_config": config})
+
+
+def test_static_int4_activations_are_an_int4_qdq_pair_rounding_ties_to_even(tmp_path):
+    g = Graph("int4_act")
+    x = g.add_input("x", tensor("f32", "n"))
+    g.set_outputs([g.op("fake_quant", x, format=dtype("int4"), scale=0.5, zero_point=0)])
+    backend, lowered = lower(g, tmp_path)
+    xs = torch.tensor([0.25, 0.75, -1.25, 1.75, 3.25, -3.75, 100.0, -100.0, 0.0])
+    got = backend.load(tmp_path, lowered.entry)(xs.numpy())
+    got = got[0] if isinstance(got, (list, tuple)) else got
+    assert torch.equal(torch.as_tensor(got), run_graph(g, [xs])[0])
+    assert torch.as_tensor(got).tolist() == [0.0, 1.0, -1.0, 2.0, 3.0, -4.0, 3.5, -4.0, 0.0]
+    assert "QuantizeLinear" in op_types(tmp_path)

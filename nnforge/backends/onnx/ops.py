@@ -446,6 +446,10 @@ def _fake_quant(b, node, fb):
     a = node.attrs
     fmt = a["format"].name
     scale = b.scalar(a["scale"], node.inputs[0].dtype)
+    if fmt == "int4":       # symmetric: the output type alone names the grid (opset 21)
+        q = b.node("QuantizeLinear", [_ins(b, node, fb)[0], scale], output_dtype=TensorProto.INT4)
+        b.node("DequantizeLinear", [q, scale], _out(node))
+        return
     if fmt in _QTYPES:
         zp = b.const(np.asarray(a["zero_point"], dtype=_QTYPES[fmt][1]), "zero_point")
     else:       # float8: the zero point only carries the type (its value is 0)

@@ -90,7 +90,7 @@ def _int8_activation(x: Value):
     float32 tensor: the int8 SpMM kernel quantises that input itself, on the same grid (an int8
     grid is the uint8 grid shifted by 128)."""
     node = x.producer
-    if node is None or node.op != "fake_quant" or not node.attrs["format"].is_integer:
+    if node is None or node.op != "fake_quant" or node.attrs["format"].name not in ("int8", "uint8"):
         return None
     src = node.inputs[0]
     if src.dtype.name != "float32":

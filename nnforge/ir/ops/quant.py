@@ -11,7 +11,7 @@ import torch
 from .. import minifloat
 from .registry import Attr, defop
 
-FAKE_QUANT_FORMATS = ("int8", "uint8", "float8_e4m3fn", "float8_e5m2")
+FAKE_QUANT_FORMATS = ("int8", "uint8", "float8_e4m3fn", "float8_e5m2", "int4")
 
 
 def _infer(x, *, format, scale, zero_point):
@@ -23,6 +23,8 @@ def _infer(x, *, format, scale, zero_point):
         raise ValueError(f"fake_quant scale must be positive, got {scale}")
     if format.kind == "minifloat" and zero_point != 0:
         raise ValueError("float8 activations take no zero point")
+    if format.name == "int4" and zero_point != 0:
+        raise ValueError("int4 activations are symmetric: zero point must be 0")
     if format.is_integer:
         lo, hi = format.int_range
         if not lo <= zero_point <= hi:
@@ -45,7 +47,7 @@ def _ref(ctx, x, *, format, scale, zero_point):
 
 defop("fake_quant", ["x"], {"format": Attr("dtype"), "scale": Attr("float"), "zero_point": Attr("int", 0)},
       infer=_infer, ref=_ref, family="quant",
-      doc="Round x onto a static int8/uint8/FP8 grid (x/scale + zero_point, saturating) and back.")
+      doc="Round x onto a static int8/uint8/int4/FP8 grid (x/scale + zero_point, saturating) and back.")
 
 
 def _dynamic_infer(x, *, format, group, clip, global_scale):

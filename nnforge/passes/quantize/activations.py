@@ -32,7 +32,7 @@ from .calibrate import run_calibration
 from .formats import FormatError, parse_format, quantize_rtn
 
 _BLOCK_FORMATS = ("mxfp8", "mxfp4", "nvfp4")      # block scales: dynamic whatever ``dynamic`` says
-_ACT_FORMATS = {"int8": "int8", "uint8": "uint8", "e4m3": "float8_e4m3fn", "fp8": "float8_e4m3fn",
+_ACT_FORMATS = {"int8": "int8", "uint8": "uint8", "int4": "int4", "e4m3": "float8_e4m3fn", "fp8": "float8_e4m3fn",
                 "float8_e4m3fn": "float8_e4m3fn", "e5m2": "float8_e5m2", "float8_e5m2": "float8_e5m2"}
 
 
@@ -81,10 +81,7 @@ def _collect(graph: Graph, inputs: set, ctx: PassContext, who: str, sample_rows:
     return stats
 
 
-def act_format(name: str, who: str, dynamic_hint: bool = False):
-    if dynamic_hint and name not in _ACT_FORMATS and name in ACT_FORMATS:
-        raise PassError(f"{who}: {name} activations take scales computed per token or block at run time: set "
-                        f"dynamic = true (static per-tensor formats: {', '.join(sorted(_ACT_FORMATS))})")
+def act_format(name: str, who: str):
     if name not in _ACT_FORMATS:
         raise PassError(f"{who}: unknown activation format {name!r}; known: {', '.join(sorted(_ACT_FORMATS))}")
     return dtype(_ACT_FORMATS[name])
@@ -97,7 +94,7 @@ def act_grid(fmt, lo: float, hi: float) -> tuple[float, int]:
         lo, hi = min(lo, 0.0), max(hi, 0.0)
         scale = max(hi - lo, 1e-12) / 255.0
         return scale, int(round(-lo / scale))
-    top = 127.0 if fmt.is_integer else fmt.max_value
+    top = float(fmt.int_range[1]) if fmt.is_integer else fmt.max_value
     return max(abs(lo), abs(hi), 1e-12) / top, 0
 
 
@@ -106,7 +103,7 @@ def act_grid(fmt, lo: float, hi: float) -> tuple[float, int]:
 class QuantizeActivations(LayerSelection, Pass):
     """Quantisation of the inputs of linear layers (readers of one value share it).
 
-    Static (the default for int8, uint8, e4m3, e5m2): one per-tensor scale from the calibration
+    Static (the default for int8, uint8, int4, e4m3, e5m2): one per-tensor scale from the calibration
     set's range, a ``fake_quant``. Dynamic (``dynamic=True``, or a block format): a
     ``dynamic_quant`` whose scales come from each token's own values at run time
     (nnforge.ir.actquant): int8, int4 and e4m3 per token (or per ``group_size`` channels, with
@@ -134,7 +131,7 @@ class QuantizeActivations(LayerSelection, Pass):
             except ValueError as e:
                 raise PassError(str(e)) from None
         else:
-            act_format(self.format, self.name, dynamic_hint=True)
+            act_format(self.format, self.name)
             if self.group_size or self.clip != 1.0:
                 raise PassError(f"{self.name}: group_size and clip shape dynamic scales; static {self.format} "
                                 "activations have one scale per tensor (set dynamic = true)")

@@ -290,7 +290,8 @@ def test_fake_quant_rounds_ties_to_even_and_saturates(tmp_path):
     g = Graph("ties")
     x = g.add_input("x", tensor("f32", "n"))
     g.set_outputs([g.op("fake_quant", x, format=dtype("int8"), scale=0.5, zero_point=0),
-                   g.op("fake_quant", x, format=dtype("float8_e4m3fn"), scale=1.0)])
+                   g.op("fake_quant", x, format=dtype("float8_e4m3fn"), scale=1.0),
+                   g.op("fake_quant", x, format=dtype("int4"), scale=0.5, zero_point=0)])
     backend, lowered = lower(g, tmp_path)
     runner = backend.load(tmp_path, lowered.entry)
     # halves of the int grid, fp8 midpoints (1.0625 lies between 1.0 and 1.125), overflow, NaN
@@ -298,7 +299,7 @@ def test_fake_quant_rounds_ties_to_even_and_saturates(tmp_path):
     got = runner(xs)
     for o, r in zip(got, run_graph(g, [xs])):
         assert torch.equal(torch.as_tensor(o).nan_to_num(123.0), r.nan_to_num(123.0)), (o, r)
-    assert float(got[1][5]) == 448.0 and float(got[0][6]) == -64.0
+    assert float(got[1][5]) == 448.0 and float(got[0][6]) == -64.0 and float(got[2][6]) == -4.0
 
 
 def test_fp16_graph_runs_on_relax_ops(tmp_path):
