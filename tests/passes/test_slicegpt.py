@@ -147,6 +147,10 @@ def test_refusals():
             SliceGPT(fraction=bad)
     with pytest.raises(PassError, match="basis must be one of layer, shared"):
         SliceGPT(basis="block")
+    with pytest.raises(PassError, match="weighting must be one of energy, token"):
+        SliceGPT(weighting="norm")
+    with pytest.raises(PassError, match="sequential must be true or false"):
+        SliceGPT(sequential="yes")
     with pytest.raises(PassError, match="leaves nothing"):
         _slice(imported.graph, _windows(imported, range(2)), fraction=0.9, multiple=64)
 

@@ -42,6 +42,7 @@ from ..rotate import _find_stream, _insert, _norm_plan, _only_reader, _weight, _
 from .structures import reinfer
 
 BASES = ("layer", "shared")
+WEIGHTINGS = ("energy", "token")
 
 
 class _Resized(_Weights):
@@ -127,7 +128,10 @@ class SliceGPT(Pass):
     """Delete ``fraction`` of the residual stream's width along its least principal components
     (module docstring). ``basis``: "layer" (one basis per stream value, ``k × k`` shortcut linears
     between them) or "shared" (one basis, no shortcut linears). The kept width is rounded down to a
-    multiple of ``multiple`` (kernels' vector widths)."""
+    multiple of ``multiple`` (kernels' vector widths). ``weighting``: the principal components of
+    the tokens as they are ("energy", SliceGPT's) or of each token's direction ("token": the norms
+    that read the stream see only directions, and a few massive-activation tokens would otherwise
+    choose the basis). ``sequential``: each layer's basis from the already-sliced model's values."""
     name = "slicegpt"
     needs_calibration: ClassVar[bool] = True
     fraction: float = 0.25
@@ -143,6 +147,10 @@ class SliceGPT(Pass):
                             f"got {self.fraction!r}")
         if self.basis not in BASES:
             raise PassError(f"{self.name}: basis must be one of {', '.join(BASES)}, got {self.basis!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise PassError(f"{self.name}: weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
+        if not isinstance(self.sequential, bool):
+            raise PassError(f"{self.name}: sequential must be true or false, got {self.sequential!r}")
         if isinstance(self.multiple, bool) or not isinstance(self.multiple, int) or self.multiple < 1:
             raise PassError(f"{self.name}: multiple must be a positive integer, got {self.multiple!r}")
 
