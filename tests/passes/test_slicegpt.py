@@ -60,7 +60,7 @@ def test_nothing_deleted_is_the_original_function(family, ids):  # noqa: F811
         layers = sum(n.op == "attention" for n in out.nodes)
         writers, tied = FAMILIES[family]
         assert figures["kept_width"] == WIDTH and figures["writer_linears"] == writers
-        assert figures["tied_head"] is tied and figures["readers_projected_back"] == 0
+        assert figures["tied_head"] == ("tied" if tied else False) and figures["readers_projected_back"] == 0
         assert figures["shortcut_linears"] == (2 * layers if basis == "layer" else 0)
 
 
@@ -88,13 +88,17 @@ def _projected(graph, calibration, kept: int, tied: bool):
     return g
 
 
-@pytest.mark.parametrize("family", ["llama", "llama-linear", "gemma3"])
-def test_slicing_is_projecting_each_stream_value_onto_its_principal_components(family):
+@pytest.mark.parametrize("family, head", [("llama", "tied"), ("llama", "untie"), ("llama-linear", "tied"),
+                                          ("gemma3", "tied")])
+def test_slicing_is_projecting_each_stream_value_onto_its_principal_components(family, head):
+    """With the head untied, the head reads the last value's components exactly; tied, it reads
+    them projected onto the embedding's."""
     imported = _imported(family)
     calibration, held = _windows(imported, range(16)), _windows(imported, range(100, 104))
-    out, figures = _slice(imported.graph, calibration, fraction=0.25)
+    out, figures = _slice(imported.graph, calibration, fraction=0.25, head=head)
     assert figures["kept_width"] == KEPT and 0.9 < figures["variance_kept_min"] <= figures["variance_kept_mean"] < 1
-    want = _logits(_projected(imported.graph, calibration, KEPT, FAMILIES[family][1]), held)
+    tied = FAMILIES[family][1] and head == "tied"
+    want = _logits(_projected(imported.graph, calibration, KEPT, tied), held)
     assert _error(out, want, held) < 1e-5
 
 
@@ -149,6 +153,8 @@ def test_refusals():
         SliceGPT(basis="block")
     with pytest.raises(PassError, match="weighting must be one of energy, token"):
         SliceGPT(weighting="norm")
+    with pytest.raises(PassError, match="head must be one of tied, untie"):
+        SliceGPT(head="share")
     with pytest.raises(PassError, match="sequential must be true or false"):
         SliceGPT(sequential="yes")
     with pytest.raises(PassError, match="leaves nothing"):

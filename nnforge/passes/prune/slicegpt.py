@@ -43,6 +43,7 @@ from .structures import reinfer
 
 BASES = ("layer", "shared")
 WEIGHTINGS = ("energy", "token")
+HEADS = ("tied", "untie")
 
 
 class _Resized(_Weights):
@@ -131,7 +132,11 @@ class SliceGPT(Pass):
     multiple of ``multiple`` (kernels' vector widths). ``weighting``: the principal components of
     the tokens as they are ("energy", SliceGPT's) or of each token's direction ("token": the norms
     that read the stream see only directions, and a few massive-activation tokens would otherwise
-    choose the basis). ``sequential``: each layer's basis from the already-sliced model's values."""
+    choose the basis). ``sequential``: each layer's basis from the already-sliced model's values.
+    ``head`` (an LM head tied to the embedding): "tied" keeps one vocabulary matrix, the sliced
+    embedding, which the head reads through a ``k × k`` linear (every token's logit then sees only
+    the embedding's kept components); "untie" gives the head its own sliced matrix (SliceGPT's
+    way: exact on the head's side, one more vocabulary-sized matrix)."""
     name = "slicegpt"
     needs_calibration: ClassVar[bool] = True
     fraction: float = 0.25
@@ -139,6 +144,7 @@ class SliceGPT(Pass):
     multiple: int = 8
     weighting: str = "energy"
     sequential: bool = True
+    head: str = "tied"
 
     def __post_init__(self):
         if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) \
@@ -149,6 +155,8 @@ class SliceGPT(Pass):
             raise PassError(f"{self.name}: basis must be one of {', '.join(BASES)}, got {self.basis!r}")
         if self.weighting not in WEIGHTINGS:
             raise PassError(f"{self.name}: weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
+        if self.head not in HEADS:
+            raise PassError(f"{self.name}: head must be one of {', '.join(HEADS)}, got {self.head!r}")
         if not isinstance(self.sequential, bool):
             raise PassError(f"{self.name}: sequential must be true or false, got {self.sequential!r}")
         if isinstance(self.multiple, bool) or not isinstance(self.multiple, int) or self.multiple < 1:
@@ -290,12 +298,19 @@ class SliceGPT(Pass):
                 node.inputs[1:] = []
                 node.attrs["offset"] = 0.0
                 node.attrs["eps"] = node.attrs["eps"] * ratio
-                m = math.sqrt(ratio) * (q[0].T * g[None, :]) @ qi          # (k_out = Q_0 side, k_in = Q_L side)
-                turned = linear(node.output, m, f"{node.name}.slice")
-                for lin in head:
-                    lin.inputs[0] = turned
-                    lin.inputs[1] = tied[1]
-                counts["tied_head"] = True
+                if self.head == "untie":
+                    old = tied[0]
+                    data = (old.encoding.data.to(torch.float64) * g[None, :]) @ (math.sqrt(ratio) * qi)
+                    own = graph.add_weight(graph.fresh_name(f"{old.name}.head"), Dense(data.to(old.dtype.torch_dtype)))
+                    for lin in head:
+                        lin.inputs[1] = own
+                else:
+                    m = math.sqrt(ratio) * (q[0].T * g[None, :]) @ qi      # (k_out = Q_0 side, k_in = Q_L side)
+                    turned = linear(node.output, m, f"{node.name}.slice")
+                    for lin in head:
+                        lin.inputs[0] = turned
+                        lin.inputs[1] = tied[1]
+                counts["tied_head"] = self.head
                 continue
             if r in carried:            # the first value, not sliced in place: read as it was
                 continue
