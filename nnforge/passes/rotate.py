@@ -14,7 +14,8 @@ Three kinds, in this order, each exact in real arithmetic:
    writer that is not a linear (Gemma's post-norms, an embedding tied to the LM head) is rotated
    after it, and a reader that is not such a norm (the final norm of a tied head, a LayerNorm)
    reads the stream rotated back. A stream that LayerNorms read (their mean subtraction does not
-   commute with ``Q``) or that no RMS norm reads is left as it is, and the linears it feeds are
+   commute with ``Q``), whose RMS norms nearly mute some channels (Gemma's: ``SILENCE``) or that no
+   RMS norm reads is left as it is, and the linears it feeds are
    rotated online (3).
 2. **Attention heads** (``heads``): per head, V's rows and the output projection's columns take a
    Hadamard matrix of the head width: the attention-weighted sum commutes with it, and the cache
@@ -171,6 +172,22 @@ def _norm_plan(graph: Graph, node: Node, uses) -> list[Node] | None:
     return linears
 
 
+# A norm weight this small against its median marks a channel the model mutes (Gemma sets the
+# weights of its massive-activation channels near zero): the fused, rotated weight then has to
+# cancel that channel's huge normalised value exactly, which quantised weights do not.
+SILENCE = 0.1
+
+
+def _silenced(node: Node) -> float:
+    """The smallest |scale| of an RMS norm's channels over their median (1 without a weight)."""
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    if weight is None:
+        return 1.0
+    scale = (node.attrs["offset"] + weight.encoding.data.to(torch.float64)).abs()
+    median = float(scale.median())
+    return float(scale.min()) / median if median > 0 else 0.0
+
+
 def rotate_residual(graph: Graph, generator: torch.Generator, weights: _Weights, rotated: set,
                     limit: int = 0) -> dict | str:
     """Carry the residual stream rotated (module docstring, 1); what was done, or why nothing was."""
@@ -184,6 +201,13 @@ def rotate_residual(graph: Graph, generator: torch.Generator, weights: _Weights,
             plan = _norm_plan(graph, node, uses)
             if plan is not None:
                 norms[node] = plan
+    silencing = [(n, f) for n in norms if (f := _silenced(n)) < SILENCE]
+    if silencing:
+        node, f = min(silencing, key=lambda t: t[1])
+        return (f"the weight of {len(silencing)} of the stream's {len(norms)} RMS norms nearly silences channels ({node.name}: "
+                f"smallest |weight| {f:.3g} of the median; Gemma's way of muting its massive-activation channels): fused "
+                "into rotated linears, those channels' huge normalised values would leak through the weights' "
+                "quantisation error")
     if not norms:
         kinds = sorted({n.op for n, _, _ in stream.readers if n is not None})
         return (f"no RMS norm on the stream feeds only linears (the stream's readers: {', '.join(kinds)}; a "

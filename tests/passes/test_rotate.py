@@ -218,3 +218,19 @@ def test_block_caps_every_rotation(ids):
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
     with pytest.raises(PassError, match="rotate: block must be 0 \\(whole width\\) or a power of two, got 24"):
         Rotate(block=24)
+
+
+def test_a_stream_whose_norms_mute_channels_is_rotated_online_per_linear(ids):
+    """Gemma mutes its massive-activation channels with near-zero norm weights: fused into rotated
+    linears, those channels' huge values would leak through the weights' quantisation error, so the
+    stream stays as it is and each linear gets its own online rotation."""
+    graph = import_decoder(tiny_model("llama"), max_len=MAX_LEN).graph
+    norm = next(n for n in graph.nodes if n.op == "rms_norm" and n.name.endswith("post_attention_layernorm"))
+    w = norm.inputs[1].encoding.data.clone()
+    w[3] = 0.01 * w.abs().median()
+    graph.set_encoding(norm.inputs[1].name, Dense(w))
+    rotated, figures, _ = _rotate(graph)
+    assert "nearly silences channels" in figures["residual"]["unchanged"] and norm.name in figures["residual"]["unchanged"]
+    assert figures["inputs"]["linears"] > 0
+    want, got = _steps(graph, ids), _steps(rotated, ids)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
