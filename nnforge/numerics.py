@@ -22,10 +22,11 @@ ROUNDED_ACTIVATIONS_SLACK = 2.0
 ROUNDED_ACTIVATIONS_FLOOR = 1e-4
 
 
-# The ops that round activations at run time: fake-quantised activations, and an encoded KV cache,
-# which rounds every key and value it stores and feeds them back to later layers and steps (a deep
-# decoder's codes flip in cascade as a W8A8 encoder's do).
-ROUNDING_OPS = ("fake_quant", "kv_cache_write")
+# The ops that round activations at run time: fake-quantised activations (static or dynamic
+# scales: a dynamic_quant's codes flip as a fake_quant's do, and its scale moves with the row's
+# largest value too), and an encoded KV cache, which rounds every key and value it stores and feeds
+# them back to later layers and steps (a deep decoder's codes flip in cascade as a W8A8 encoder's do).
+ROUNDING_OPS = ("fake_quant", "dynamic_quant", "kv_cache_write")
 
 
 def rounds_at_run_time(graph) -> bool:

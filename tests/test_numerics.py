@@ -24,3 +24,14 @@ def test_within_rounding_allows_twice_the_reference_distance(ref_cos, backend_co
     passed, allowed = within_rounding({"cosine_min": backend_cos}, {"cosine_min": ref_cos})
     assert passed is ok
     assert allowed == pytest.approx(1 - (2 * (1 - ref_cos) + 1e-4))
+
+
+def test_quantised_activations_count_as_rounding_at_run_time():
+    from nnforge.ir import Graph, tensor
+    from nnforge.numerics import rounds_at_run_time
+    g = Graph("dq")
+    x = g.add_input("x", tensor("f32", 2, 32))
+    g.set_outputs([g.op("relu", x)])
+    assert not rounds_at_run_time(g)
+    g.set_outputs([g.op("dynamic_quant", x, format="int8")])      # scales from each token: still a rounding
+    assert rounds_at_run_time(g)
