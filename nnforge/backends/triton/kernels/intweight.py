@@ -60,8 +60,8 @@ import triton
 import triton.language as tl
 
 from . import KernelError, PackedWeight
-from .common import (INTERP, TileConfig, autotune, bucket_of, check_operands, check_split_k, gpu_target,
-                     runtime_target, tiles_for, tune_key, unsupported)
+from .common import (INTERP, TileConfig, autotune, bucket_of, check_operands, check_split_k, check_weight,
+                     gpu_target, runtime_target, tiles_for, tune_key, unsupported)
 
 FORMAT = "int-weight"
 PANEL = 64                      # output channels per panel of ``qweight``
@@ -253,6 +253,17 @@ def intweight_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, y_ptr, part
             else:
                 acc = tl.dot(x, w, acc)
 
+    finish_tile(acc, y_ptr, part_ptr, lock_ptr, bias_ptr, offs_m, offs_n, m_ok, n_ok, M, N, pid, pid_k,
+                HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def finish_tile(acc, y_ptr, part_ptr, lock_ptr, bias_ptr, offs_m, offs_n, m_ok, n_ok, M, N, pid, pid_k,
+                HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The epilogue of an fp32 output tile (this module's and intact's kernels): the bias and a
+    store in y's dtype; with SPLIT_K > 1 the partial goes to ``part_ptr`` and the last split of the
+    tile to arrive sums all of them in split order (deterministic), adds the bias, stores y and
+    resets the tile's counter."""
     y_ptrs = y_ptr + offs_m[:, None] * N + offs_n[None, :]
     y_mask = m_ok[:, None] & n_ok[None, :]
     if SPLIT_K == 1:
@@ -306,13 +317,15 @@ def _split_k(tiles_mn: int, k_tiles: int, m: int, sms: int) -> int:
     return max(1, min(want, k_tiles // 2, _MAX_SPLIT))
 
 
-def _check(x, w, bias) -> None:
+def check_packed(w) -> None:
+    """KernelError unless ``w`` is an int-weight PackedWeight holding every tensor its meta asks
+    for, in the shapes of the layout (the weight half of the operand checks; intact's too)."""
     need = ["qweight", "scale"]
     if isinstance(w, PackedWeight) and w.meta.get("zero_const", 0) is None:
         need.append("zero")
     if isinstance(w, PackedWeight) and w.meta.get("act_order"):
         need.append("perm")
-    check_operands(x, w, bias, FORMAT, tuple(need), _REQUIRED_META)
+    check_weight(w, FORMAT, tuple(need), _REQUIRED_META)
     bits, per_word = w.meta["bits"], 32 // max(w.meta["bits"], 1)
     want = (-(-w.n // PANEL), -(-w.k // per_word), PANEL)
     q = w.tensors["qweight"]
@@ -321,6 +334,11 @@ def _check(x, w, bias) -> None:
                           f"{q.dtype} {tuple(q.shape)}")
     if tuple(w.tensors["scale"].shape) != (w.meta["groups"], w.n):
         raise KernelError(f"scale must be [{w.meta['groups']}, {w.n}], got {tuple(w.tensors['scale'].shape)}")
+
+
+def _check(x, w, bias) -> None:
+    check_packed(w)
+    check_operands(x, w, bias, FORMAT)
 
 
 def matmul(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, *,
@@ -401,4 +419,4 @@ def compile_spec(cfg: TileConfig, *, bits: int = 4, group: int = 128, dtype: str
 
 
 __all__ = ["FORMAT", "INTERPRETER_CONFIG", "candidates_for", "config_for", "supports", "pack", "matmul",
-           "compile_spec"]
+           "check_packed", "finish_tile", "compile_spec"]
