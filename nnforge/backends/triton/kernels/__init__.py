@@ -31,7 +31,8 @@ autotuned per GPU: the architecture file lists the candidates per kernel family 
 on disk); under the interpreter, or with ``NNFORGE_TRITON_AUTOTUNE=0``, the default runs untimed.
 
 What the modules share (tile config type, the GPU view, operand checks, split-K plumbing, the
-autotuner) is in :mod:`.common`. :mod:`.attention` and :mod:`.hadamard` run ops that read no
+autotuner) is in :mod:`.common`. :mod:`.intact` packs nothing either: it runs intweight's packed
+weights on int8 activation codes (its ``supports``, ``quantize`` and ``matmul`` take them). :mod:`.attention` and :mod:`.hadamard` run ops that read no
 weight: they keep none of the contract above but the interpreter rule, and pack nothing.
 """
 from __future__ import annotations

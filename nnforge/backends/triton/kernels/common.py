@@ -34,6 +34,7 @@ SMALL_M = 16                   # rows up to which a GEMM is a weight stream ("de
 # (nnforge/targets/gpu/); "fp8act" (minifloat's fp8 x fp8 path) only where there are fp8 tensor cores.
 BUCKETS = {
     "intweight": (("decode", SMALL_M), ("prefill", 64), ("gemm", None)),
+    "intact": (("decode", SMALL_M), ("prefill", 64), ("gemm", None)),
     "minifloat": (("decode", SMALL_M), ("gemm", None)),
     "fp8act": (("decode", SMALL_M), ("gemm", None)),
     "lut": (("decode", SMALL_M), ("gemm", None)),
