@@ -178,8 +178,11 @@ class TritonRunner(Runner):
         self.device = device
         self.inputs = [InputSpec(v.name, np.dtype(v.dtype.name), _dims(v.shape)) for v in graph.inputs]
         self.output_names = [v.name for v in graph.outputs]
+        if entry.get("act_linears") and "intact" not in modules:
+            raise BackendError(f"{bundle_dir}: the entry lists int8 x int8 linears but records no intact kernel "
+                               "source; recompile")
         plan = Plan(graph, dense_weights(graph, packed, cdt, device), packed, cdt, entry.get("fp8_linears"),
-                    entry.get("hadamards") or ())
+                    entry.get("hadamards") or (), entry.get("act_linears"))
         if cuda_graphs is None:
             cuda_graphs = bool(entry.get("cuda_graphs", True)) and os.environ.get("NNFORGE_CUDA_GRAPHS", "1") != "0"
         self.launcher = Launcher(plan, device, cuda_graphs)

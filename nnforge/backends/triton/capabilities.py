@@ -60,7 +60,8 @@ CAPABILITIES = Capabilities([
                               "target option compute_dtype") for op in MATMUL_LIKE],
     Capability("linear", "int", "kernels.intweight: weight-only GEMM on 4- or 8-bit codes, per-tensor, channel or "
                                 "group scales in fp16 (groups a multiple of 16 dividing K), zero points, act-order "
-                                "applied in the kernel", Kernel("intweight")),
+                                "applied in the kernel; int8 x int8 on tensor cores (kernels.intact) behind a "
+                                "per-token int8/int4 dynamic_quant, for groups a multiple of 32", Kernel("intweight")),
     Capability("linear", "minifloat", "kernels.minifloat: weight GEMM on e4m3, e5m2, e3m2, e2m3 or e2m1 codes with "
                                       "float32/float16/bfloat16, e8m0 (MX) or e4m3 scales; fp8 x fp8 on tensor cores "
                                       "behind a static E4M3 fake_quant where the architecture has them",

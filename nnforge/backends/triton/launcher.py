@@ -10,6 +10,12 @@ activations; activations are freed after their last use, as in the reference int
   input and an e4m3 weight, on H100): the fake_quant's *input* quantised by the kernel module's
   ``quantize_fp8`` (the same rounding as the fake_quant) and ``matmul_fp8act`` on fp8 tensor
   cores; the fake_quant step itself is dropped when nothing else reads its output.
+- ``dynamic_quant`` and ``linear`` listed in the entry's ``act_linears`` (lowering put them there:
+  a per-token int8/int4 dynamic_quant whose every reader is a linear with an intweight-packed
+  weight): the dynamic_quant step becomes ``kernels.intact.quantize`` of its float input, whose
+  slot then holds int8 codes and per-row scales (:class:`~.kernels.intact.ActCodes`) instead of the
+  rounded float activation, quantised once for all its linears; each linear is
+  ``intact.matmul`` on those codes, int8 x int8 on tensor cores.
 - ``linear`` / ``matmul`` / ``conv`` / ``embedding`` with a dense or decoded weight: the op's
   reference kernel on compute-dtype operands.
 - ``hadamard`` listed in the entry's ``hadamards`` (lowering put it there): ``kernels.hadamard``
@@ -54,11 +60,15 @@ class Plan:
     dense tensor (already on the device) and ``packed`` to ``(kernel module, PackedWeight)``."""
 
     def __init__(self, graph: Graph, weights: dict[str, torch.Tensor], packed: dict[str, tuple],
-                 compute_dtype: torch.dtype, fp8_linears: dict | None = None, hadamards: Collection[str] = ()):
+                 compute_dtype: torch.dtype, fp8_linears: dict | None = None, hadamards: Collection[str] = (),
+                 act_linears: dict | None = None):
         self.graph = graph
         self.compute_dtype = compute_dtype
         self.fp8_linears = dict(fp8_linears or {})
         self.hadamards = set(hadamards)
+        self.act_linears = dict(act_linears or {})
+        self.act_quants = {rec.get("quant") for rec in self.act_linears.values()}
+        self._check_act_linears(packed)
         self._converted: dict[str, torch.Tensor] = {}     # one compute-dtype copy per weight
         reads = {n: self._reads(n, packed) for n in graph.nodes}
         read = {v for ins in reads.values() for v in ins} | set(graph.outputs)
@@ -118,6 +128,28 @@ class Plan:
                                f"{rec.get('quant')!r}, which the graph and packed weights do not match; recompile")
         return [q.inputs[0], *node.inputs[1:]]
 
+    def _check_act_linears(self, packed) -> None:
+        """BackendError unless the entry's ``act_linears`` match the graph: each a linear reading a
+        per-token int8/int4 dynamic_quant, its weight packed for intweight, and every reader of
+        that dynamic_quant listed (nothing else may see its slot's codes)."""
+        if not self.act_linears:
+            return
+        from .kernels.intact import ACT_BITS
+        uses, nodes = self.graph.uses(), {n.name: n for n in self.graph.nodes}
+        for name, rec in self.act_linears.items():
+            node = nodes.get(name)
+            q = node.inputs[0].producer if node is not None and node.op == "linear" else None
+            w = node.inputs[1] if node is not None and len(node.inputs) > 1 else None
+            per_token = (q is not None and q.name == rec.get("quant") and q.op == "dynamic_quant"
+                         and q.attrs["format"] in ACT_BITS and not q.attrs["group"])
+            only_fused = per_token and q.outputs[0] not in self.graph.outputs and \
+                {n.name for n, _ in uses.get(q.outputs[0], [])} <= set(self.act_linears)
+            packed_int = (w is not None and w.name == rec.get("weight") and w.name in packed
+                          and packed[w.name][1].format == "int-weight")
+            if not (only_fused and packed_int):
+                raise BackendError(f"entry lists {name} as an int8 x int8 linear fed by dynamic_quant "
+                                   f"{rec.get('quant')!r}, which the graph and packed weights do not match; recompile")
+
     def _weight(self, node, k: int, v, weights) -> torch.Tensor | None:
         if v.name not in weights:
             return None      # packed: the step's callable holds it
@@ -146,6 +178,17 @@ class Plan:
                 y = module.matmul_fp8act(xq, scale, pw, None if bias is None else bias.to(cdt), out_dtype=cdt)
                 return [y.reshape(*shape[:-1], pw.n).float()]
             return fp8_linear
+        if node.name in self.act_quants:
+            from .kernels import intact
+            bits, clip = intact.ACT_BITS[attrs["format"]], attrs["clip"]
+            return lambda ctx, x: [intact.quantize(x, bits, clip)]
+        if node.name in self.act_linears:
+            from .kernels import intact
+            pw = packed[w.name][1]
+
+            def int_linear(ctx, a, _w, bias=None):
+                return [intact.matmul(a, pw, None if bias is None else bias.to(cdt), out_dtype=cdt).float()]
+            return int_linear
         if node.op == "linear" and w is not None and w.is_weight and w.name in packed:
             module, pw = packed[w.name]
 

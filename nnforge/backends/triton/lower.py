@@ -5,7 +5,9 @@ Only ``linear`` weights go to kernels: the kernel contract computes ``x @ W.T`` 
 [out, in], which is how a linear weight is encoded; a ``matmul`` weight operand is [in, out], so
 an encoded one is decoded instead (a reported fallback, like every weight no row takes). Of the
 weightless ops, ``hadamard`` nodes go to ``kernels.hadamard`` (the entry's ``hadamards``), each
-block too large for it a reported fallback to the op's reference kernel.
+block too large for it a reported fallback to the op's reference kernel. A per-token int8/int4
+``dynamic_quant`` read only by linears whose weights intweight packed runs with them in
+``kernels.intact`` (the entry's ``act_linears``); any other runs as the op's reference kernel.
 
     >>> artifact = lower_graph(graph, get_target("h100"), ctx.files, toolchain)
     >>> lowered.entry["linears"]["fc.weight"]["module"]
@@ -30,9 +32,10 @@ WEIGHTS_FILE = "weights.safetensors"
 PACKED_FILE = "triton_weights.safetensors"
 KERNEL_DIR = "kernels"
 # Sources a bundle records besides the modules its weights use: the package, the helpers every
-# module imports, and the kernel modules a module borrows from (lut unpacks minifloat's bit planes).
+# module imports, and the kernel modules a module borrows from (lut unpacks minifloat's bit planes,
+# intact reads intweight's packed weights and shares its epilogue).
 SHARED_SOURCES = ("__init__", "common")
-BORROWS = {"lut": ("minifloat",)}
+BORROWS = {"lut": ("minifloat",), "intact": ("intweight",)}
 COMPUTE_DTYPES = ("float16", "bfloat16")
 
 
@@ -97,6 +100,36 @@ def fp8_linears(graph: Graph, target: Target, linears: dict) -> dict[str, dict]:
         if kernel_module("minifloat")[0].supports(w.encoding, target, activations="e4m3") is None:
             out[node.name] = {"weight": w.name, "quant": q.name, "scale": float(q.attrs["scale"])}
     return out
+
+
+def act_linears(graph: Graph, target: Target, linears: dict) -> dict[str, dict]:
+    """Linear nodes that run int8 x int8 (``intact.matmul``): the input is a per-token int8 or
+    int4 ``dynamic_quant`` (not a graph output) whose every reader is such a linear, each with a
+    weight intweight packed and ``intact.supports`` takes on ``target``. Node name -> its weight and
+    the dynamic_quant, which the launcher then runs as ``intact.quantize`` (codes and scales; the
+    float activation it would round is never made). A dynamic_quant with any other reader runs as
+    before, and so do its linears."""
+    module, _ = kernel_module("intact")
+    if module is None:
+        return {}
+    readers = graph.uses()
+    out = {}
+    for q in graph.nodes:
+        if q.op != "dynamic_quant" or q.attrs["format"] not in module.ACT_BITS or q.attrs["group"] \
+                or q.outputs[0] in graph.outputs:
+            continue
+        users = readers.get(q.outputs[0], [])
+        if users and all(slot == 0 and _int_weight(node, linears) is not None
+                         and module.supports(_int_weight(node, linears).encoding, target, q.attrs["format"]) is None
+                         for node, slot in users):
+            out.update({node.name: {"weight": node.inputs[1].name, "quant": q.name} for node, _ in users})
+    return out
+
+
+def _int_weight(node, linears: dict):
+    """``node``'s weight when it is a linear whose weight intweight packed, else None."""
+    w = node.inputs[1] if node.op == "linear" and len(node.inputs) > 1 else None
+    return w if w is not None and w.name in linears and linears[w.name]["module"] == "intweight" else None
 
 
 def kernel_hadamards(graph: Graph, target: Target) -> tuple[list[str], list[Fallback]]:
@@ -176,6 +209,9 @@ def lower_graph(graph: Graph, target: Target, files_out, toolchain: dict) -> Art
         save_file(packed, os.fspath(files_out.path(PACKED_FILE)), metadata={"producer": "nnforge triton backend"})
         files.append(PACKED_FILE)
     hadamards, torch_hadamards = kernel_hadamards(graph, target)
+    int_linears = act_linears(graph, target, linears)
+    if int_linears:
+        used.add("intact")
     kernels = {}
     if used:
         package = importlib.import_module(KERNEL_PACKAGE)
@@ -196,10 +232,11 @@ def lower_graph(graph: Graph, target: Target, files_out, toolchain: dict) -> Art
         "inputs": [{"name": v.name, "dtype": v.dtype.name, "dims": list(v.shape)} for v in graph.inputs],
         "outputs": [v.name for v in graph.outputs],
         "kernels": kernels, "linears": linears, "fp8_linears": fp8_linears(graph, target, linears),
+        "act_linears": int_linears,
         "hadamards": hadamards, "decoded": sorted({f.where for f in fallbacks}),
     }
     return Artifact(files=files, entry=entry, fallbacks=fallbacks + torch_hadamards, toolchain=toolchain)
 
 
-__all__ = ["lower_graph", "sha256_of", "PACKED_FILE", "KERNEL_DIR", "KERNEL_PACKAGE", "fp8_linears", "kernel_hadamards",
-           "GRAPH_FILE", "WEIGHTS_FILE"]
+__all__ = ["lower_graph", "sha256_of", "PACKED_FILE", "KERNEL_DIR", "KERNEL_PACKAGE", "fp8_linears", "act_linears",
+           "kernel_hadamards", "GRAPH_FILE", "WEIGHTS_FILE"]

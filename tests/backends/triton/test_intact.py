@@ -1,8 +1,9 @@
 """The integer W4A8 / W4A4 Triton path (kernels/intact.py) under the CPU interpreter: the quantiser
 bit for bit against ``act_quantize``; the GEMM against the reference interpreter on the graph it
-replaces (a per-token ``dynamic_quant`` and a ``linear`` with the decoded weight); and the
-kernels compiled ahead of time for the a100 and h100 architectures (every architecture and tile
-candidate under -m slow).
+replaces (a per-token ``dynamic_quant`` and a ``linear`` with the decoded weight); the lowering
+that marks such linears (``entry["act_linears"]``) and the launcher that runs them; a tiny Llama
+compiled with the w4a8 preset end to end; and the kernels compiled ahead of time for the a100 and
+h100 architectures (every architecture and tile candidate under -m slow).
 
 Weights are test_intweight's (RTN, GPTQ with act-order, hand-made codes); N = 100 masks columns.
 Tolerance of the GEMM, on the largest |reference| output: 2e-3, as test_intweight's fp16 one (fp16
@@ -21,8 +22,11 @@ import torch                                  # noqa: E402
 
 pytest.importorskip("triton", reason="the intact kernels need triton")
 
+from tests import conftest                                                                # noqa: E402
 from tests.backends.dynamic_quant_cases import TIES                                      # noqa: E402
 
+from nnforge.backends.base import BackendError                                           # noqa: E402
+from nnforge.backends.triton import TritonBackend                                        # noqa: E402
 from nnforge.backends.triton.kernels import Build, KernelError, PackedWeight, compile_many  # noqa: E402
 from nnforge.backends.triton.kernels import intact, intweight as iw                      # noqa: E402
 from nnforge.ir import Dense, Graph, IntQuant, Interpreter, tensor                       # noqa: E402
@@ -194,6 +198,87 @@ def test_matmul_errors_name_the_problem(make, why):
     a, w, kw = make()
     with pytest.raises(KernelError, match=why):
         intact.matmul(a, w, **kw)
+
+
+# --- lowering and the launcher ------------------------------------------------------------------
+def lowering_graph() -> Graph:
+    """Four dynamic_quants: ``qk`` (int8, read by two int4 linears: fused, quantised once), ``a4``
+    (int4, clip 0.9, read by one: fused), ``also_relu`` (another reader is a relu: not fused) and
+    ``g16`` (its linear's weight has groups of 16: not fused)."""
+    g = Graph("lowering")
+    x = g.add_input("x", tensor("f32", "batch", "seq", 64))
+    gen = torch.Generator().manual_seed(0)
+
+    def linear(inp, name, spec, group, n=64):
+        w = rtn(spec, group, seed=len(g.nodes), n=n, k=64)
+        b = g.add_weight(f"{name}.bias", Dense(torch.randn(n, generator=gen)))
+        return g.op("linear", inp, g.add_weight(f"{name}.weight", w), b, name=name)
+
+    qk = g.op("dynamic_quant", x, format="int8", name="qk")
+    h = g.op("add", linear(qk, "q", "int4", 32), linear(qk, "k", "uint4", None))
+    a4 = g.op("dynamic_quant", h, format="int4", clip=0.9, name="a4")
+    h = linear(a4, "o", "uint8", None)
+    r = g.op("dynamic_quant", h, format="int8", name="also_relu")
+    h = g.op("add", linear(r, "up", "int4", 32), g.op("relu", r))
+    s = g.op("dynamic_quant", h, format="int8", name="g16")
+    g.set_outputs([linear(s, "down", "int4", 16, n=24)])
+    return g
+
+
+@pytest.mark.parametrize("target", ["h100", "a100"])
+def test_lowering_marks_the_fused_linears_and_the_launcher_runs_them(tmp_path, target, monkeypatch):
+    g = lowering_graph()
+    backend = TritonBackend()
+    lowered = conftest.lower_into(backend, g, target, tmp_path)
+    entry = lowered.entry
+    assert entry["act_linears"] == {"q": {"weight": "q.weight", "quant": "qk"},
+                                    "k": {"weight": "k.weight", "quant": "qk"},
+                                    "o": {"weight": "o.weight", "quant": "a4"}}
+    assert set(entry["linears"]) == {"q.weight", "k.weight", "o.weight", "up.weight", "down.weight"}
+    assert {"intact", "intweight", "common", "__init__"} <= set(entry["kernels"]) and lowered.fallbacks == []
+    assert all(f"kernels/{n}.py" in lowered.files for n in entry["kernels"])
+    quantised, fused = [], []
+    real_q, real_mm = intact.quantize, intact.matmul
+    monkeypatch.setattr(intact, "quantize", lambda x, *a: quantised.append(tuple(x.shape)) or real_q(x, *a))
+    monkeypatch.setattr(intact, "matmul", lambda a, w, *r, **kw: fused.append(w.n) or real_mm(a, w, *r, **kw))
+    runner = backend.load(tmp_path, entry, "cpu")
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(3))
+    got, ref = runner(x), Interpreter(g).run(x)[0]
+    assert quantised == [(2, 5, 64), (2, 5, 64)] and fused == [64, 64, 64]     # qk once for q and k
+    # rounding upstream can flip a code downstream (the numerics check's rule); the chain is short
+    cos = float(torch.nn.functional.cosine_similarity(got.reshape(-1).double(), ref.reshape(-1).double(), dim=0))
+    assert got.dtype == torch.float32 and cos >= 0.999, cos
+
+
+def test_an_entry_that_does_not_match_the_graph_is_refused(tmp_path):
+    g = lowering_graph()
+    lowered = conftest.lower_into(TritonBackend(), g, "h100", tmp_path)
+    for bad in ({"up": {"weight": "up.weight", "quant": "also_relu"}},       # the relu reads it too
+                {"q": {"weight": "q.weight", "quant": "a4"}},                  # not q's dynamic_quant
+                {"down": {"weight": "down.weight", "quant": "g16"}, "q": {"weight": "k.weight", "quant": "qk"}}):
+        entry = {**lowered.entry, "act_linears": {**lowered.entry["act_linears"], **bad}}
+        with pytest.raises(BackendError, match="int8 x int8 linear fed by dynamic_quant .*recompile"):
+            TritonBackend().load(tmp_path, entry, "cpu")
+    entry = {**lowered.entry, "kernels": {k: v for k, v in lowered.entry["kernels"].items() if k != "intact"}}
+    with pytest.raises(BackendError, match="records no intact kernel source"):
+        TritonBackend().load(tmp_path, entry, "cpu")
+
+
+def test_a_w4a8_decoder_fuses_its_linears_and_verifies(tmp_path):
+    """The w4a8 preset on a tiny Llama (hidden 64): every linear behind a dynamic_quant runs in
+    intact, and the compile-time check and nf.verify pass (held, as rounded activations are, to no
+    further from fp32 than the reference: nnforge.numerics)."""
+    import nnforge as nf
+    from tests.frontend.decoders.families import llama_directory
+    root = llama_directory(tmp_path / "llm", words=300)
+    bundle = nf.compile(root / "model", "h100", "w4a8", calibration=root / "calib.txt", out=tmp_path / "b", max_len=32)
+    entry, graph = bundle.manifest["backend"]["entry"], bundle.graph()
+    behind = {n.name for q in graph.nodes if q.op == "dynamic_quant" for n, _ in graph.uses()[q.outputs[0]]}
+    assert len(behind) == 14 and set(entry["act_linears"]) == behind          # 2 layers x 7 projections
+    assert "intact" in entry["kernels"] and "kernels/intact.py" in bundle.manifest["files"]
+    numerics = bundle.manifest["numerics"]
+    assert numerics["runtime_checked"] and numerics["backend_vs_reference"]["cosine_min"] >= 0.999
+    assert nf.verify(bundle.path)["passed"]
 
 
 # --- ahead-of-time builds -----------------------------------------------------------------------
