@@ -8,7 +8,7 @@ text and scored on the other half (llm.py's protocol: the same token ids, window
 prefill tokens/s of a 512-token prompt and decode tokens/s after 128 tokens at batch 1, the median
 of rounds that time every row in turn; "x fp32" is each row's rate over the fp32 row's.
 
-    python benchmarks/slicing.py                             # fp32, slice-10/20/25/30 on cpu
+    python benchmarks/slicing.py                             # fp32, slice-10/20/25/30, slice-untie-25 on cpu
     python benchmarks/slicing.py --fractions 25 --targets cpu,onnx --rounds 5
 
 Writes benchmarks/out/slicing.json and the table in docs/measured/slicing.md.
@@ -71,9 +71,10 @@ def write_table(saved: dict) -> None:
              f"{args['new_tokens']} greedy decode steps after 128 tokens, batch 1, median of {args['rounds']} "
              "rounds that time every row in turn.",
              "SliceGPT (passes/prune/slicegpt.py): one principal basis per residual-stream value, k x k shortcut "
-             "linears between them; Gemma's post-norms become d -> k linears and the tied LM head reads the sliced "
-             "embedding through a k x k linear, so the blocks shrink less than the fraction says and the "
-             "vocabulary-wide head and embedding shrink by it."]
+             "linears between them; Gemma's post-norms become d -> k linears, so the blocks shrink less than the "
+             "fraction says. slice-<pct>: the tied LM head reads the sliced embedding through a k x k linear (one "
+             "vocabulary matrix, shrunk by the fraction); slice-untie-<pct>: the head has its own sliced matrix "
+             "(more parameters, the head exact on its side)."]
     docs_table.write("measured/slicing.md", "slicing", columns, rows, source=str(OUT / "slicing.json"), notes=notes,
                      timed=True, machine=saved["machine"], cmd=saved.get("command"))
 
@@ -81,6 +82,7 @@ def write_table(saved: dict) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--fractions", default="10,20,25,30", help="percent of the hidden width deleted")
+    p.add_argument("--untie", default="25", help="fractions also run with the LM head untied (slice-untie-<pct>)")
     p.add_argument("--targets", default="cpu")
     p.add_argument("--max-len", type=int, default=640)
     p.add_argument("--eval-tokens", type=int, default=4096)
@@ -106,7 +108,8 @@ def main(argv=None) -> int:
     hf = llm_peers.hf_directory(load_causal_lm(Path(package.assemble())), work / "peers")
     ids = AutoTokenizer.from_pretrained(hf, local_files_only=True)(held)["input_ids"][: args.eval_tokens]
     prompt = ids[:512]
-    presets = ["fp32"] + [f"slice-{int(f)}@fp32" for f in args.fractions.split(",") if f]
+    presets = ["fp32"] + [f"slice-{int(f)}@fp32" for f in args.fractions.split(",") if f] + \
+        [f"slice-untie-{int(f)}@fp32" for f in args.untie.split(",") if f]
     results, timed = [], []
     for target in [t for t in args.targets.split(",") if t]:
         for preset in presets:

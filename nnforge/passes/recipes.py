@@ -176,6 +176,9 @@ PARAMETRIC: dict[str, tuple[str, str, object]] = {
                     "basis per layer) and <pct>% of its width deleted: every hidden dimension shrinks (needs "
                     "calibration; RMS-norm decoders)",
                     lambda v: [{"pass": "slicegpt", "fraction": int(v) / 100}]),
+    "slice-untie-<pct>": (r"slice-untie-(\d+)", "slice-<pct> with a tied LM head given its own sliced matrix "
+                          "(SliceGPT's way: closer to the original, one more vocabulary-sized matrix)",
+                          lambda v: [{"pass": "slicegpt", "fraction": int(v) / 100, "head": "untie"}]),
     "prune-heads-<pct>": (r"prune-heads-(\d+)", "<pct>% of each attention layer's heads removed (the weights "
                           "shrink), OBS choice and least-squares update of the output projection (needs "
                           "calibration)",

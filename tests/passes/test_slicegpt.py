@@ -164,6 +164,7 @@ def test_refusals():
 def test_the_preset():
     name, passes = resolve_recipe("slice-30")
     assert name == "slice-30" and passes == [SliceGPT(fraction=0.3)]
+    assert resolve_recipe("slice-untie-25")[1] == [SliceGPT(fraction=0.25, head="untie")]
 
 
 def test_a_sliced_bundle_runs_as_the_sliced_graph(tmp_path):
