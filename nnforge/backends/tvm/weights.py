@@ -170,18 +170,44 @@ def lowbit_consts_at_load(lw, parts: list[Value], built, args: dict) -> list | N
     loads (kernels/lowbit_layout.py), so the bundle stores each weight once, in nnforge's encoding;
     None where a stored tensor is not what the kernel reads as is (bfloat16 scales), which then go
     to tvm_params.safetensors as made here."""
-    from tvm.relax import op
     from .kernels.lowbit import make_plan
-    from .kernels.lowbit_layout import relax_dot_layout, relax_interleave_rows, relax_widened_codes
+    from .kernels.lowbit_layout import relax_dot_layout, relax_interleave_rows
+    stored = stored_int_arrays(lw, parts, args)
+    if stored is None:
+        return None
+    codes, scales, zero_points, scale_dtype = stored
+    n, k, bits, zp = args["n"], args["k"], args["bits"], args["zero_point"]
+    plan = make_plan(bits, n, k, args["group_size"], zp is not None, lw.llvm_target, scale_dtype)
+    lanes, blocks, groups = plan.lanes, plan.padded_blocks, plan.groups
+
+    def layout():
+        return relax_dot_layout(codes(), n, bits, k, lanes, blocks) if plan.dot else \
+            relax_interleave_rows(codes(), n, k * bits // 8, "uint8", lanes, blocks)
+
+    builds = [layout, lambda: relax_interleave_rows(scales(), n, groups, scale_dtype, lanes, blocks)]
+    if zp is not None:
+        builds.append(lambda: relax_interleave_rows(zero_points(), n, groups, "uint8", lanes, blocks))
+    return [lw.made(f"{parts[0].name}.{built.name}.{i}", lw.relax.TensorType(list(c.shape), c.dtype.name), make)
+            for i, (c, make) in enumerate(zip(built.consts, builds))]
+
+
+def stored_int_arrays(lw, parts: list[Value], args: dict) -> tuple | None:
+    """Relax builders, for ``prepare``, of what kernels.lowbit and kernels.intact read of the IntQuant
+    weights ``parts`` (stacked along their rows), from the tensors the bundle stores: (codes at the
+    kernel's width ``[n, k * bits / 8]``, scales as stored ``[n, groups]``, zero points in the
+    stored-code domain, uint8 ``[n, groups]`` (``args["zero_point"]`` None: unused), the scales'
+    dtype); ``args`` is :func:`int_args` of the stack. None where a stored tensor is not what the
+    kernels read as is (bfloat16 scales, which numpy lacks)."""
+    from tvm.relax import op
+    from .kernels.lowbit_layout import relax_widened_codes
     encs = [w.encoding for w in parts]
     if any(str(e.scale.dtype) not in ("torch.float32", "torch.float16") for e in encs):
         return None
     scales_np = [numpy_of(e.scale) for e in encs]
     if any(s.dtype != args["scale"].dtype for s in scales_np):
         return None
-    n, k, bits, zp = args["n"], args["k"], args["bits"], args["zero_point"]
-    plan = make_plan(bits, n, k, args["group_size"], zp is not None, lw.llvm_target, scales_np[0].dtype.name)
-    lanes, blocks, groups = plan.lanes, plan.padded_blocks, plan.groups
+    k, bits, zp = args["k"], args["bits"], args["zero_point"]
+    groups = -(-k // args["group_size"])
     # prepare's parameters exist before its body is built: every stored tensor is asked for here
     stored = [(lw.stored(w, "codes", numpy_of(e.codes)), lw.stored(w, "scale", s),
                lw.stored(w, "zero_point", numpy_of(e.zero_point)) if e.zero_point is not None else None)
@@ -209,20 +235,8 @@ def lowbit_consts_at_load(lw, parts: list[Value], built, args: dict) -> list | N
         z = op.astype(op.add(z, lw.relax.const(offset, "int32")) if offset else z, "uint8")
         return z if e.zero_point.shape[0] == rows else op.broadcast_to(z, [rows, groups])
 
-    def layout():
-        codes = stacked(codes_of)
-        return relax_dot_layout(codes, n, bits, k, lanes, blocks) if plan.dot else \
-            relax_interleave_rows(codes, n, k * bits // 8, "uint8", lanes, blocks)
-
-    def scales():
-        return relax_interleave_rows(stacked(scale_of), n, groups, scales_np[0].dtype.name, lanes, blocks)
-
-    def zero_points():
-        return relax_interleave_rows(stacked(zero_point_of), n, groups, "uint8", lanes, blocks)
-
-    builds = [layout, scales] + ([zero_points] if zp is not None else [])      # built.consts' order
-    return [lw.made(f"{parts[0].name}.{built.name}.{i}", lw.relax.TensorType(list(c.shape), c.dtype.name), make)
-            for i, (c, make) in enumerate(zip(built.consts, builds))]
+    return (lambda: stacked(codes_of), lambda: stacked(scale_of), lambda: stacked(zero_point_of),
+            scales_np[0].dtype.name)
 
 
 def fusable_siblings(lw, node, kernel) -> list:
