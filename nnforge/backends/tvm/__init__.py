@@ -463,6 +463,7 @@ def _write(graph: Graph, target: Target, low, tvm_target, tuner: Tuner, out_dir:
         "params": [p.to_dict() for p in low.params],
         "kernels": low.kernels,
         "dispatch": low.dispatch,
+        "act_linears": low.act_linears,
         "threads": threads.configure(),     # the thread pool the timings of this build ran on
         "tuning": {"file": TUNING_FILE, "tune": tuner.enabled,
                    "choices": {src: sum(r.source == src for r in tuner.records.values())

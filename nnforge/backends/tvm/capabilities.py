@@ -167,7 +167,10 @@ CAPABILITIES = Capabilities([
                                          "head's arrays); columns in order", MINIFLOAT_ROWS),
     Capability("linear", "int", "kernels.lowbit: fp32 GEMM reading 8- or 4-bit codes (4-bit: even K and group "
                                 "size; 3-bit codes widened to 4-bit when the bundle loads, K a multiple of 8) with "
-                                "per-tensor, channel or group scales and zero points; act-order by permuting x",
+                                "per-tensor, channel or group scales and zero points; act-order by permuting x; "
+                                "behind a per-token int8/int4 dynamic_quant (groups of whole 32-bit dot lanes: 4 "
+                                "columns at 8 bits, 8 at 4), kernels.intact: int8 codes x weight codes, int32 sums "
+                                "per group (vpmaddubsw/vpmaddwd on AVX2, vpdpbusd with VNNI)",
                LOWBIT),
     Capability("linear", "minifloat", "kernels.lowbit_minifloat: the lowbit GEMM reading FP4 (e2m1: MXFP4, NVFP4; "
                                       "even K and group size; the VNNI dot GEMV through a vpshufb table) or FP8 (e4m3, "

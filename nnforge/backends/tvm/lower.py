@@ -6,7 +6,8 @@ and length. Weights become parameters after the graph inputs, in first-use order
 (:class:`ParamSpec` says where each one's array lives). Whether a layer's weight runs natively is
 the capability table's answer (:mod:`.capabilities`, asked by :meth:`Lowering.native`): dense
 weights as stored, encoded linear weights on the kernel of their row; any other weight is decoded
-here and reported as a Fallback with the table's reason.
+here and reported as a Fallback with the table's reason. Linears behind a per-token int8 / int4
+``dynamic_quant`` run an integer kernel on its codes (weights_intact.py, ``Lowered.act_linears``).
 
 The module has two functions: ``main(inputs..., params...)`` and ``prepare(stored...)``, which
 makes ``main``'s parameters from the arrays as stored, once, when a bundle loads (the dense
@@ -62,6 +63,7 @@ class Lowered:
     fallbacks: list[Fallback]
     kernels: dict[str, dict] = field(default_factory=dict)
     dispatch: dict = field(default_factory=dict)
+    act_linears: dict[str, dict] = field(default_factory=dict)   # weights_intact.act_linears
 
 
 class Lowering:
@@ -100,6 +102,8 @@ class Lowering:
         self._zeros: dict[int, object] = {}
         self._stored: dict[tuple, object] = {}      # (weight, field) -> prepare param of that stored tensor
         self._uses: dict | None = None
+        self.act_linears: dict | None = None        # integer linears (weights_intact.act_linears), once asked
+        self.act_codes: dict[Value, tuple] = {}     # their quantisers' (codes, row scales, rows)
 
     # --- dims and types -----------------------------------------------------------------------
     def dim(self, d):
@@ -366,7 +370,8 @@ class Lowering:
         for layer in dispatch["layers"]:
             if layer["weight"] in self.dispatch_params:
                 layer["threshold_param"] = self.dispatch_params[layer["weight"]]
-        return Lowered(mod, self.specs, self.arrays, self.fallbacks, self.kernel_notes, dispatch)
+        from .weights_intact import act_linears
+        return Lowered(mod, self.specs, self.arrays, self.fallbacks, self.kernel_notes, dispatch, act_linears(self))
 
     def lower_node(self, node: Node) -> None:
         """Emit ``node`` by its rule. A rule returns the expression of the node's output (a tuple

@@ -16,6 +16,7 @@ from ..base import BackendError
 from . import threads
 from .weight_arrays import _jsonable, c_name
 from .weights import fusable_siblings, fused_linear_kernel, int8_bsr_kernel, linear_kernel
+from .weights_intact import act_linears, int_act_linear
 
 LOWERINGS = Registry("tvm lowering")
 rule = LOWERINGS.register
@@ -178,6 +179,8 @@ def _linear(lw, node):
     out = node.outputs[0]
     if not w.is_weight:        # a computed weight
         return op.linear(lw.arg(x), lw.arg(w), lw.arg(bias))
+    if node.name in act_linears(lw):    # int8 codes of a per-token dynamic_quant x int codes
+        return int_act_linear(lw, node)
     cap, why = lw.native(node.op, w)
     kernel = cap.accepts if cap is not None else None         # a capabilities.Kernel, or None: dense GEMM
     if x.dtype.name != "float32":       # fp16 graphs: Relax linear (no kernel row takes their weights)

@@ -4,6 +4,9 @@ float32 order, then the elementwise rounding (``nearbyint``: half to even; minif
 kernels/minifloat_codes.round_value, exact). E8M0 scales are built from the exponent field of the
 block's amax, so they are exact powers of two. Bit for bit the interpreter's.
 
+A per-token int8 / int4 node read only by integer linears (weights_intact.py) becomes its codes and
+row scales instead (:func:`act_codes`, the same float32 operations).
+
 The PrimFunc is opaque to FuseOps: fused with ops Relax legalises later, its symbolic shapes would
 clash with the static ones of a copy of ``main`` specialised to fixed sizes (specialise.py).
 """
@@ -28,14 +31,49 @@ def _e8m0(amax, emax: int):
                        tirx.const(2.0 ** -127, "float32"))
 
 
+def _f32(v):
+    from tvm import tirx
+    return tirx.const(float(v), "float32")
+
+
+def _int_scale(amax, bits: int):
+    """A block's scale on the ``bits``-bit integer grid: ``max(amax / (2^(b-1) - 1), TINY)``."""
+    from tvm import tirx
+    return tirx.max(amax / _f32((1 << (bits - 1)) - 1), _f32(TINY))
+
+
+def _int_code(v, scale, bits: int):
+    """``v``'s code on that grid as a float32: ``clamp(round_half_even(v / scale))``."""
+    from tvm import tirx
+    top = (1 << (bits - 1)) - 1
+    return tirx.min(tirx.max(tirx.nearbyint(v / scale), _f32(-top - 1)), _f32(top))
+
+
+def act_codes(fmt: str, clip: float):
+    """A TE function of ``x`` (float32 ``[rows, width]``): the per-token int8 / int4 ``dynamic_quant``
+    of ``x`` as [int8 codes ``[rows, width]``, float32 scale ``[rows]``], with :func:`_quantiser`'s
+    float32 operations, so ``codes * scale`` is bit for bit the node's output (the integer linears
+    of weights_intact.py read them)."""
+    from tvm import te, tirx
+    bits = ACT_FORMATS[fmt][1]
+
+    def fn(x):
+        rows, width = x.shape
+        k = te.reduce_axis((0, width), "k")
+        peak = te.compute((rows,), lambda i: te.max(tirx.abs(x[i, k]), axis=k), name="peak")
+        scale = te.compute((rows,), lambda i: _int_scale(peak[i] if clip == 1.0 else peak[i] * _f32(clip), bits),
+                           name="scale")
+        codes = te.compute(x.shape, lambda i, j: _int_code(x[i, j], scale[i], bits).astype("int8"), name="codes")
+        return [codes, scale]
+    return fn
+
+
 def _quantiser(fmt: str, size: int, clip: float, global_scale: float):
     """A TE function of ``x`` (float, ``[..., width]``): ``act_quantize(x, fmt, ...)`` in x's dtype."""
     from tvm import te, tirx
     kind, element, _, scale_kind = ACT_FORMATS[fmt]
     el = None if kind == "int" else dtype(element)
-
-    def f32(v):
-        return tirx.const(float(v), "float32")
+    f32 = _f32
 
     def fn(x):
         *lead, width = x.shape
@@ -54,7 +92,7 @@ def _quantiser(fmt: str, size: int, clip: float, global_scale: float):
         def block_scale(*i):
             amax = peak(*i) if clip == 1.0 else peak(*i) * f32(clip)
             if kind == "int":
-                return tirx.max(amax / f32((1 << (element - 1)) - 1), f32(TINY))
+                return _int_scale(amax, element)
             if scale_kind == "float32":
                 return tirx.max(amax / f32(el.max_value), f32(TINY))
             if scale_kind == "e8m0":
@@ -66,8 +104,7 @@ def _quantiser(fmt: str, size: int, clip: float, global_scale: float):
         def quantised(*i):
             s = scale(*i[:-1], tirx.floordiv(i[-1], size))
             if kind == "int":
-                top = (1 << (element - 1)) - 1
-                q = tirx.min(tirx.max(tirx.nearbyint(value(*i) / s), f32(-top - 1)), f32(top)) * s
+                q = _int_code(value(*i), s, element) * s
             else:       # an NVFP4 block scale may round to 0: its block is then 0
                 safe = tirx.Select(s > f32(0), s, f32(1))
                 q = tirx.Select(s > f32(0), round_value(value(*i) / safe, el) * safe, f32(0))
@@ -79,6 +116,9 @@ def _quantiser(fmt: str, size: int, clip: float, global_scale: float):
 @rule("dynamic_quant")
 def _dynamic_quant(lw, node):
     from .lower import OPAQUE
+    from .weights_intact import act_quantizers, int_act_codes
+    if node.name in act_quantizers(lw):     # read only by integer linears: codes and row scales
+        return int_act_codes(lw, node)
     x = node.inputs[0]
     a = node.attrs
     size = check(a["format"], a["group"], a["clip"], a["global_scale"], x.shape[-1], node.name)
