@@ -219,6 +219,11 @@ def describe_bundle(bundle, layers: bool = False) -> list[str]:
         out.append(f"  calibration: {calib['source']}; {calib['rows']} rows in {calib['batches']} batch(es); {used}")
     for fb in m["fallbacks"]:
         out.append(f"  fallback: {fb['where']}: {fb['what']} -> {fb['action']}")
+    fused = (m.get("backend", {}).get("entry") or {}).get("act_linears") or {}
+    if fused:
+        quants = {f["quant"] for f in fused.values()}
+        out.append(f"  integer linears: {len(fused)} run on the int8 codes of their {len(quants)} per-token "
+                   "dynamic_quant(s) (backend.entry.act_linears)")
     out += pass_warnings(m)
     out += describe(m, layers=layers)
     if layers:

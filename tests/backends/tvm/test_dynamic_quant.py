@@ -25,8 +25,9 @@ def test_dynamic_quant_matches_the_interpreter(tmp_path):
 
 def test_a_w4a8_decoder_compiles_runs_and_verifies(tmp_path):
     """Every linear behind a dynamic_quant (2 layers x 7 projections) runs on kernels.intact, the
-    q/k/v projections of a layer as one stacked call."""
+    q/k/v projections of a layer as one stacked call, and nnforge inspect says so."""
     import nnforge as nf
+    from nnforge.cli import describe_bundle
     from tests.frontend.decoders.families import llama_directory
     root = llama_directory(tmp_path / "llm", words=300)
     bundle = nf.compile(root / "model", "cpu", "w4a8", calibration=root / "calib.txt", out=tmp_path / "b", max_len=32)
@@ -36,6 +37,7 @@ def test_a_w4a8_decoder_compiles_runs_and_verifies(tmp_path):
     kernels = [entry["kernels"][entry["act_linears"][n]["weight"]] for n in behind]
     assert all(k["kernel"] == "int_act_matmul" for k in kernels)
     assert sum(len(k.get("stacked_with", [])) == 2 for k in kernels) == 2 * 3      # q, k, v of each layer
+    assert any(line.startswith("  integer linears: 14 run on the int8 codes") for line in describe_bundle(bundle))
     numerics = bundle.manifest["numerics"]
     assert numerics["runtime_checked"] and numerics["backend_vs_reference"]["cosine_min"] >= 0.9999
     assert nf.verify(bundle.path)["passed"]
