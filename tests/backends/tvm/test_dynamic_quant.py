@@ -23,6 +23,9 @@ def test_dynamic_quant_matches_the_interpreter(tmp_path):
     check(g, backend.load(tmp_path, lowered.entry), SIZES + [step])
 
 
+# a whole decoder's TVM build: under -m slow for the default suite's budget; test_intact.py's
+# lowered graph covers the path in the default run
+@pytest.mark.slow
 def test_a_w4a8_decoder_compiles_runs_and_verifies(tmp_path):
     """Every linear behind a dynamic_quant (2 layers x 7 projections) runs on kernels.intact, the
     q/k/v projections of a layer as one stacked call, and nnforge inspect says so."""
