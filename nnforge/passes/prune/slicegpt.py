@@ -194,8 +194,7 @@ class SliceGPT(Pass):
         reinfer(graph, graph.nodes)
         graph.remove_unused_weights()
         ctx.record("slice", {"width": d, "kept_width": k, "calibration_tokens": tokens,
-                                "variance_kept_mean": sum(kept) / len(kept), "variance_kept_min": min(kept),
-                                **figures})
+                             "variance_kept_mean": sum(kept) / len(kept), "variance_kept_min": min(kept), **figures})
         return graph
 
     def _slice(self, graph: Graph, stream, q: list[torch.Tensor], d: int, k: int) -> dict:
@@ -214,6 +213,18 @@ class SliceGPT(Pass):
             weights.set(weight, w)
             return _insert(graph, x, "linear", x, weight, name=name)
 
+        def fold(plan: list[Node], qn: torch.Tensor) -> None:
+            """The writers' output side into the sliced basis ``qn``: embedding columns, linear rows."""
+            for node in plan:
+                w = node.inputs[1]
+                if node.op == "embedding":
+                    weights.set(w, weights.get(w) @ qn)
+                    continue
+                weights.set(w, qn.T @ weights.get(w))
+                if len(node.inputs) > 2 and node.inputs[2] is not None:
+                    weights.set(node.inputs[2], weights.get(node.inputs[2]) @ qn)
+            counts["writers_folded"] += 1
+
         # which norms fuse: decided before any edit (their plans read the graph as it was)
         norms = {node: _norm_plan(graph, node, uses) for node, slot, _ in stream.readers
                  if node is not None and slot == 0 and node.op == "rms_norm"}
@@ -225,12 +236,7 @@ class SliceGPT(Pass):
         plan = _writer_plan(graph, v0, uses)
         emb = _embedding_behind(graph, v0, uses) if plan is None else None
         if plan is not None:
-            for node in plan:
-                w = node.inputs[1]
-                weights.set(w, weights.get(w) @ q[0] if node.op == "embedding" else q[0].T @ weights.get(w))
-                if node.op == "linear" and len(node.inputs) > 2 and node.inputs[2] is not None:
-                    weights.set(node.inputs[2], weights.get(node.inputs[2]) @ q[0])
-            counts["writers_folded"] += 1
+            fold(plan, q[0])
         elif emb is not None and emb.inputs[1].is_weight and type(emb.inputs[1].encoding) is Dense:
             # the weight is shared (an LM head tied to it): the embedding reads a sliced copy, which
             # the head then reads too (below)
@@ -253,15 +259,7 @@ class SliceGPT(Pass):
             qn = q[i + 1]
             plan = _writer_plan(graph, other, uses) if _only_reader(uses, other, graph) is add else None
             if plan is not None:
-                for node in plan:
-                    w = node.inputs[1]
-                    if node.op == "embedding":
-                        weights.set(w, weights.get(w) @ qn)
-                    else:
-                        weights.set(w, qn.T @ weights.get(w))
-                        if len(node.inputs) > 2 and node.inputs[2] is not None:
-                            weights.set(node.inputs[2], weights.get(node.inputs[2]) @ qn)
-                counts["writers_folded"] += 1
+                fold(plan, qn)
             else:
                 post = other.producer
                 m = qn.T
