@@ -91,6 +91,16 @@ def _insert(graph: Graph, v: Value, op: str, *inputs, name: str, **attrs) -> Val
         return graph.op(op, *inputs, name=name, **attrs)
 
 
+def require_plain_weights(graph: Graph, who: str, verb: str) -> None:
+    """PassError naming the first linear or embedding whose weight is already encoded: a change of
+    basis needs the weights as they are."""
+    for node in graph.nodes:
+        if node.op in ("linear", "embedding") and node.inputs[1].is_weight \
+                and type(node.inputs[1].encoding) is not Dense:
+            raise PassError(f"{who}: layer {node.name}'s weight is already encoded "
+                            f"({type(node.inputs[1].encoding).__name__}); {verb} before compressing weights")
+
+
 # --- 1. the residual stream --------------------------------------------------------------------
 
 @dataclass
@@ -432,11 +442,7 @@ class Rotate(Pass):
             raise PassError(f"{self.name}: block must be 0 (whole width) or a power of two, got {self.block!r}")
 
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
-        for node in graph.nodes:
-            if node.op in ("linear", "embedding") and node.inputs[1].is_weight \
-                    and type(node.inputs[1].encoding) is not Dense:
-                raise PassError(f"{self.name}: layer {node.name}'s weight is already encoded "
-                                f"({type(node.inputs[1].encoding).__name__}); rotate before compressing weights")
+        require_plain_weights(graph, self.name, "rotate")
         weights, rotated = _Weights(graph), set()
         generator = torch.Generator().manual_seed(self.seed)
         if self.residual:

@@ -3,32 +3,19 @@ character tokenizer and a stand-in decoder whose logits depend on every token it
 model is built)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+from tests.benchmarks.bench_modules import load
 
 
-def _load(name):
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module            # dataclasses look their module up while it loads
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
 
 
-kv_tasks = _load("kv_tasks")
-kv_cache = _load("kv_cache")
+kv_tasks = load("kv_tasks")
+kv_cache = load("kv_cache")
 
 
 class CharTokenizer:

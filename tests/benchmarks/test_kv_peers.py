@@ -4,33 +4,21 @@ Gemma 3; the rows' arithmetic; the venv's stamp and errors. kvpress itself is no
 (python benchmarks/kv_peers.py --smoke runs it end to end)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+from tests.benchmarks.bench_modules import load
 
 
-def _load(name: str):
-    sys.path.insert(0, str(BENCH))      # the worker imports kv_tasks from beside it
-    try:
-        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
 
 
-worker = _load("kv_peers_worker")
-peers = _load("kv_peers")
+worker = load("kv_peers_worker")
+peers = load("kv_peers")
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +101,7 @@ def test_a_row_pools_the_continuation_tokens_and_counts_bytes_per_context_token(
 
 
 def test_cases_become_the_requests_json():
-    tasks = _load("kv_tasks")
+    tasks = load("kv_tasks")
     case = tasks.PasskeyCase(ids=[2, 5, 6], answer="12345", depth=0.25, context=3)
     passkey, continuation = peers._request_cases({"passkey": [case], "continuation": [([2, 5], (6, 7))]})
     assert json.loads(json.dumps(passkey)) == [{"ids": [2, 5, 6], "answer": "12345", "depth": 0.25, "context": 3}]

@@ -2,26 +2,15 @@
 so the LLM and the default model are measured in separate runs that write one JSON)."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("torch")
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+from tests.benchmarks.bench_modules import load  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def outliers():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("outliers_bench", BENCH / "outliers.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
+    return load("outliers")
 
 
 def test_a_run_of_one_model_keeps_the_others_rows(outliers):

@@ -4,32 +4,20 @@ and the venv's stamp. llm-compressor and auto-round are not installed here (pyth
 benchmarks/outliers_peers.py --smoke runs them end to end)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+from tests.benchmarks.bench_modules import load
 
 
-def _load(name: str):
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
 
 
-worker = _load("outliers_peers_worker")
-peers = _load("outliers_peers")
+worker = load("outliers_peers_worker")
+peers = load("outliers_peers")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +33,7 @@ def model():
 
 @pytest.mark.parametrize("n,window,stride", [(50, 16, 8), (34, 16, 16), (17, 32, 8)])
 def test_the_workers_perplexity_is_the_shared_sliding_window_recipe(model, n, window, stride):
-    llm_peers = _load("llm_peers")
+    llm_peers = load("llm_peers")
     ids = [int(t) for t in torch.randint(0, 96, (n,), generator=torch.Generator().manual_seed(n))]
 
     def logits_of(chunk):
@@ -131,7 +119,7 @@ def test_a_stamped_venv_with_the_same_pins_is_reused(tmp_path):
 
 
 def test_outliers_writes_the_peer_tables_per_model(tmp_path, monkeypatch):
-    outliers = _load("outliers")
+    outliers = load("outliers")
     monkeypatch.setattr(outliers.docs_table, "DOCS", tmp_path)
     versions = {"llmcompressor": "0.14.0.1", "compressed-tensors": "0.19.0", "auto-round": "0.15.1",
                 "transformers": "5.17.0", "torch": "2.13.0+cpu"}

@@ -2,26 +2,15 @@
 target, measured in the same run."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("torch")
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+from tests.benchmarks.bench_modules import load  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def slicing():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("slicing_bench", BENCH / "slicing.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
+    return load("slicing")
 
 
 def test_each_row_is_compared_with_the_fp32_row_of_its_target(slicing):

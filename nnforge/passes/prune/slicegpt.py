@@ -38,7 +38,8 @@ import torch
 from ...ir import Dense, Graph, Node, TensorType, Value
 from ..base import Pass, PassContext, PassError, register_pass
 from ..quantize.calibrate import run_calibration
-from ..rotate import _find_stream, _insert, _norm_plan, _only_reader, _weight, _Weights, _writer_plan
+from ..rotate import (_find_stream, _insert, _norm_plan, _only_reader, _weight, _Weights, _writer_plan,
+                      require_plain_weights)
 from .structures import reinfer
 
 BASES = ("layer", "shared")
@@ -163,11 +164,7 @@ class SliceGPT(Pass):
             raise PassError(f"{self.name}: multiple must be a positive integer, got {self.multiple!r}")
 
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
-        for node in graph.nodes:
-            if node.op in ("linear", "embedding") and node.inputs[1].is_weight \
-                    and type(node.inputs[1].encoding) is not Dense:
-                raise PassError(f"{self.name}: layer {node.name}'s weight is already encoded "
-                                f"({type(node.inputs[1].encoding).__name__}); slice before compressing weights")
+        require_plain_weights(graph, self.name, "slice")
         stream = _find_stream(graph)
         if isinstance(stream, str):
             raise PassError(f"{self.name}: no residual stream to slice: {stream}")
