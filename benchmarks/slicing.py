@@ -10,6 +10,7 @@ of rounds that time every row in turn; "x fp32" is each row's rate over the fp32
 
     python benchmarks/slicing.py                             # fp32, slice-10/20/25/30, slice-untie-25 on cpu
     python benchmarks/slicing.py --fractions 25 --targets cpu,onnx --rounds 5
+    python benchmarks/slicing.py --quality-from old.json          # time again, perplexity as scored before
 
 Writes benchmarks/out/slicing.json and the table in docs/measured/slicing.md.
 """
@@ -92,6 +93,9 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--work", default=str(OUT / "slicing"))
     p.add_argument("--recompile", action="store_true")
+    p.add_argument("--quality-from", help="a slicing.json whose perplexity rows (same target, preset and bundle bytes) "
+                   "are taken instead of scoring again: perplexity does not depend on what else the machine runs, "
+                   "speed does, so the timing can be rerun alone on a quiet machine")
     p.add_argument("--from-json", action="store_true", help="rewrite the table from benchmarks/out/slicing.json")
     args = p.parse_args(argv)
     if args.from_json:
@@ -110,12 +114,24 @@ def main(argv=None) -> int:
     prompt = ids[:512]
     presets = ["fp32"] + [f"slice-{int(f)}@fp32" for f in args.fractions.split(",") if f] + \
         [f"slice-untie-{int(f)}@fp32" for f in args.untie.split(",") if f]
+    earlier = {}
+    if args.quality_from:
+        saved = json.loads(Path(args.quality_from).read_text())
+        if saved["args"]["eval_tokens_scored"] != len(ids) or saved["args"]["window"] != args.window \
+                or saved["args"]["stride"] != args.stride:
+            p.error(f"{args.quality_from} scored other tokens or windows than this run would")
+        earlier = {(r["target"], r["preset"], r["bytes"]): r for r in saved["results"]}
     results, timed = [], []
     for target in [t for t in args.targets.split(",") if t]:
         for preset in presets:
             bundle = llm.compile_row(hf, target, preset, calib, args.max_len, work, args.recompile)
             row = llm.BundleRow(bundle)
-            r = llm.quality(row, ids, args.window, args.stride)
+            before = earlier.get((target, preset.partition("@")[0], row.bytes))
+            if before is not None:
+                r = {k: before[k] for k in ("name", "bytes", "perplexity", "tokens_scored", "perplexity_s",
+                                            "streamed_bytes")}
+            else:
+                r = llm.quality(row, ids, args.window, args.stride)
             row.release()
             figures = slicing_figures(bundle)
             r.update(target=target, preset=preset.partition("@")[0], parameters=parameters(bundle),
