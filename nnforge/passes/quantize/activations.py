@@ -77,7 +77,10 @@ def _collect(graph: Graph, inputs: set, ctx: PassContext, who: str, sample_rows:
                     st.folds.append((rows, lows[part].amin(0), highs[part].amax(0)))
         stats[x_val] = st
 
-    run_calibration(graph, ctx.calibration, before, who=who, progress=ctx.progress)
+    # stop after the last reader: what follows (a decoder's LM head over the whole vocabulary, for
+    # every batch) is neither needed nor held
+    readers = [n.name for n in graph.nodes if n.inputs and n.inputs[0] in inputs]
+    run_calibration(graph, ctx.calibration, before, who=who, progress=ctx.progress, until=readers)
     return stats
 
 
