@@ -270,14 +270,19 @@ def write_weight_table(report: dict) -> None:
 
 
 def merged(before: dict, now: dict) -> dict:
-    """``now`` with ``before``'s rows for the models this run did not measure (one model at a time is
-    an hour's run: the other model's tables stay written from the JSON), and its peers' rows where
-    this run ran none for that model."""
-    ran = {r["model"] for r in now["rows"]}
+    """``now`` with ``before``'s rows for the (model, recipe) pairs this run did not measure (one
+    model's presets are an hour's run: the rest stay as the JSON holds them), its peers' rows where
+    this run ran none for that model, and the preset lists of both."""
+    ran = {(r["model"], r["recipe"]) for r in now["rows"]}
     peers_ran = {r.get("model") for r in now["peers"]}
-    kept = [r for r in before.get("rows", []) if r["model"] not in ran]
+    kept = [r for r in before.get("rows", []) if (r["model"], r["recipe"]) not in ran]
     kept_peers = [r for r in before.get("peers", []) if r.get("model") not in peers_ran]
     out = {**now, "rows": kept + now["rows"], "peers": kept_peers + now["peers"]}
+    args = dict(now.get("args") or {})
+    for key in ("presets", "weights"):
+        if key in args or key in (before.get("args") or {}):
+            args[key] = list(dict.fromkeys([*(before.get("args") or {}).get(key, []), *args.get(key, [])]))
+    out["args"] = args
     if kept or kept_peers:
         out["earlier"] = {"command": before.get("command"), "args": before.get("args"),
                           "models": sorted({r["model"] for r in kept} | {r.get("model") for r in kept_peers})}

@@ -19,6 +19,7 @@ def test_a_run_of_one_model_keeps_the_others_rows(outliers):
     now = {"rows": [{"model": "B", "recipe": "w4a8"}], "peers": [], "command": "new", "args": {}}
     out = outliers.merged(before, now)
     assert out["rows"] == [{"model": "A", "recipe": "w4a8"}, {"model": "B", "recipe": "w4a8"}]
+    assert out["args"]["presets"] == ["w4a8"]
     assert out["peers"] == [{"model": "A", "peer": "llmc"}]          # this run ran no peers for A
     assert out["command"] == "new" and out["earlier"]["command"] == "old"
     assert out["earlier"]["models"] == ["A"]
@@ -26,6 +27,17 @@ def test_a_run_of_one_model_keeps_the_others_rows(outliers):
 
 def test_a_run_with_peers_replaces_that_models_peers(outliers):
     before = {"rows": [], "peers": [{"model": "B", "peer": "old"}]}
-    now = {"rows": [{"model": "B"}], "peers": [{"model": "B", "peer": "new"}]}
+    now = {"rows": [{"model": "B", "recipe": "fp32"}], "peers": [{"model": "B", "peer": "new"}]}
     out = outliers.merged(before, now)
     assert out["peers"] == [{"model": "B", "peer": "new"}] and "earlier" not in out
+
+
+def test_a_run_of_some_presets_keeps_the_models_other_rows(outliers):
+    before = {"rows": [{"model": "B", "recipe": "w4a8"}, {"model": "B", "recipe": "fp32", "old": True}],
+              "peers": [], "args": {"presets": ["w4a8"], "weights": []}}
+    now = {"rows": [{"model": "B", "recipe": "fp32"}, {"model": "B", "recipe": "w4-awq"}], "peers": [],
+           "args": {"presets": [], "weights": ["w4-awq"]}}
+    out = outliers.merged(before, now)
+    assert out["rows"] == [{"model": "B", "recipe": "w4a8"}, {"model": "B", "recipe": "fp32"},
+                           {"model": "B", "recipe": "w4-awq"}]
+    assert out["args"]["presets"] == ["w4a8"] and out["args"]["weights"] == ["w4-awq"]
