@@ -270,13 +270,9 @@ def fusable_siblings(lw, node, kernel) -> list:
     return group if len(group) > 1 else [node]
 
 
-def fused_linear_kernel(lw, parts: list[Value], kernel) -> tuple:
-    """(GlobalVar, const param vars, rows of each part, act-order perm var or None) of one lowbit
-    GEMM over the weights ``parts`` stacked along their output rows (:func:`fusable_siblings`)."""
-    if kernel.module == "lowbit_minifloat":
-        from .weights_minifloat import fused_minifloat_kernel
-        return fused_minifloat_kernel(lw, parts)
-    mod = importlib.import_module(f"{__package__}.kernels.lowbit")
+def stacked_int_args(parts: list[Value]) -> tuple[dict, list[int]]:
+    """:func:`int_args` of linears with alike IntQuant weights stacked along their rows (one call
+    computes them all; a per-tensor scale or zero point repeated per row), and each one's rows."""
     each = [int_args(w.encoding) for w in parts]
     sizes = [a["n"] for a in each]
     groups = -(-each[0]["k"] // each[0]["group_size"])
@@ -288,6 +284,17 @@ def fused_linear_kernel(lw, parts: list[Value], kernel) -> tuple:
                 scale=np.concatenate([rows(a, "scale") for a in each]),
                 zero_point=None if each[0]["zero_point"] is None else
                 np.concatenate([rows(a, "zero_point") for a in each]))
+    return args, sizes
+
+
+def fused_linear_kernel(lw, parts: list[Value], kernel) -> tuple:
+    """(GlobalVar, const param vars, rows of each part, act-order perm var or None) of one lowbit
+    GEMM over the weights ``parts`` stacked along their output rows (:func:`fusable_siblings`)."""
+    if kernel.module == "lowbit_minifloat":
+        from .weights_minifloat import fused_minifloat_kernel
+        return fused_minifloat_kernel(lw, parts)
+    mod = importlib.import_module(f"{__package__}.kernels.lowbit")
+    args, sizes = stacked_int_args(parts)
     config = lw.kernel_config(mod, "int_weight_matmul", args)
     built = mod.int_weight_matmul(c_name(f"nf_int_{parts[0].name}_and_{len(parts) - 1}"), **args,
                                   target=lw.llvm_target, **({} if config is None else {"config": config}))

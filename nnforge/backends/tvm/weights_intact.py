@@ -10,12 +10,11 @@ the :class:`~.lower.Lowering` in progress.
 """
 from __future__ import annotations
 
-import numpy as np
 
 from ...ir import Value
 from .capabilities import LOWBIT
 from .weight_arrays import _jsonable, c_name, perm_key, stacked_perm
-from .weights import int_args, kernel_bits, stored_int_arrays
+from .weights import kernel_bits, stacked_int_args, stored_int_arrays
 
 ACT_FORMATS = ("int8", "int4")      # the dynamic_quant formats whose codes are int8
 
@@ -106,17 +105,7 @@ def intact_kernel(lw, parts: list[Value]) -> tuple:
     key = ("intact", *(w.name for w in parts))
     if key in lw._linear:
         return lw._linear[key]
-    each = [int_args(w.encoding) for w in parts]
-    sizes = [a["n"] for a in each]
-    groups = -(-each[0]["k"] // each[0]["group_size"])
-
-    def rows(a, name):
-        x = a[name]
-        return x if x is None or x.shape[0] == a["n"] else np.broadcast_to(x, (a["n"], groups))
-    args = dict(each[0], n=sum(sizes), codes=np.concatenate([a["codes"] for a in each]),
-                scale=np.concatenate([rows(a, "scale") for a in each]),
-                zero_point=None if each[0]["zero_point"] is None else
-                np.concatenate([rows(a, "zero_point") for a in each]))
+    args, sizes = stacked_int_args(parts)
     label = parts[0].name if len(parts) == 1 else f"{parts[0].name}_and_{len(parts) - 1}"
     built = intact.int_act_matmul(c_name(label), **args, target=lw.llvm_target)
     consts = _consts_at_load(lw, parts, built, args) or \
