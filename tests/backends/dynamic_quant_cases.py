@@ -43,6 +43,19 @@ CASES = [("i8", "f32", ["batch", "seq"], 64, dict(format="int8")),
          ("h8", "f16", ["batch", "seq"], 32, dict(format="int8"))]        # last: backends that compute in f32 drop it
 
 
+def quantiser_rows(k: int, fmt: str, seed: int = 0) -> torch.Tensor:
+    """12 rows of ``k`` for a per-token quantiser: several magnitudes with an outlier channel, every
+    other row's amax a power of two, a row of ties (its scale exactly 1: the grid's top is its
+    amax) and a zero row."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(12, k, generator=gen) * 10.0 ** torch.randint(-3, 3, (12, 1), generator=gen)
+    x[:, 3] *= 40.0
+    x[::2] *= 2.0 ** torch.randint(-10, 10, (6, 1), generator=gen) / x[::2].abs().amax(-1, keepdim=True)
+    x[0] = torch.tensor(TIES[fmt]).repeat(-(-k // 16))[:k]
+    x[-1] = 0.0
+    return x
+
+
 def _amax_range() -> torch.Tensor:
     """Rows whose amax is each power of two of float32 (subnormals included), one ulp either side
     of it, or 1.5 times it: every E8M0 exponent, and the edges where log2 rounds the wrong way."""

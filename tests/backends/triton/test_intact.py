@@ -23,7 +23,7 @@ import torch                                  # noqa: E402
 pytest.importorskip("triton", reason="the intact kernels need triton")
 
 from tests import conftest                                                                # noqa: E402
-from tests.backends.dynamic_quant_cases import TIES                                      # noqa: E402
+from tests.backends.dynamic_quant_cases import quantiser_rows                                      # noqa: E402
 
 from nnforge.backends.base import BackendError                                           # noqa: E402
 from nnforge.backends.triton import TritonBackend                                        # noqa: E402
@@ -41,23 +41,13 @@ TOP = {"int8": 127, "int4": 7}
 
 
 # --- the quantiser ------------------------------------------------------------------------------
-def rows(k: int, seed: int = 0, fmt: str = "int8") -> torch.Tensor:
-    """Rows at several magnitudes with an outlier channel, every other row's amax a power of two,
-    a row of ties (its scale exactly 1: the grid's top is its amax) and a zero row."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(12, k, generator=gen) * 10.0 ** torch.randint(-3, 3, (12, 1), generator=gen)
-    x[:, 3] *= 40.0
-    x[::2] *= 2.0 ** torch.randint(-10, 10, (6, 1), generator=gen) / x[::2].abs().amax(-1, keepdim=True)
-    x[0] = torch.tensor(TIES[fmt]).repeat(-(-k // 16))[:k]
-    x[-1] = 0.0
-    return x
 
 
 @pytest.mark.parametrize("fmt,clip,dtype,k", [
     ("int8", 1.0, torch.float32, 64), ("int4", 1.0, torch.float32, 96), ("int8", 0.9, torch.float32, 1500),
     ("int4", 0.9, torch.float16, 64), ("int8", 1.0, torch.bfloat16, 48)], ids=lambda v: str(v).removeprefix("torch."))
 def test_codes_and_scales_equal_act_quantize(fmt, clip, dtype, k):
-    x = rows(k, fmt=fmt).to(dtype)
+    x = quantiser_rows(k, fmt).to(dtype)
     a = intact.quantize(x.reshape(3, 4, k), intact.ACT_BITS[fmt], clip)
     assert a.codes.shape == (3, 4, k) and a.codes.dtype == torch.int8 and a.scale.shape == (3, 4)
     codes, scale = a.codes.reshape(12, k), a.scale.reshape(12)

@@ -17,7 +17,7 @@ import torch
 tvm = pytest.importorskip("tvm")
 
 from tests import conftest                                                       # noqa: E402
-from tests.backends.dynamic_quant_cases import TIES                              # noqa: E402
+from tests.backends.dynamic_quant_cases import quantiser_rows                              # noqa: E402
 
 from nnforge.backends.tvm import TvmBackend                                      # noqa: E402
 from nnforge.backends.tvm.kernels import KernelError, intact                     # noqa: E402
@@ -35,16 +35,6 @@ HAS_AVX2 = "avx2" in {str(f) for f in tvm.target.codegen.llvm_get_cpu_features(l
 
 
 # --- the quantiser ------------------------------------------------------------------------------
-def rows(k: int, fmt: str, seed: int = 0) -> torch.Tensor:
-    """Rows at several magnitudes with an outlier channel, every other row's amax a power of two,
-    a row of ties (scale exactly 1) and a zero row (test_dynamic_quant's cases)."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(12, k, generator=gen) * 10.0 ** torch.randint(-3, 3, (12, 1), generator=gen)
-    x[:, 3] *= 40.0
-    x[::2] *= 2.0 ** torch.randint(-10, 10, (6, 1), generator=gen) / x[::2].abs().amax(-1, keepdim=True)
-    x[0] = torch.tensor(TIES[fmt]).repeat(-(-k // 16))[:k]
-    x[-1] = 0.0
-    return x
 
 
 def test_codes_and_scales_equal_act_quantize():
@@ -64,7 +54,7 @@ def test_codes_and_scales_equal_act_quantize():
         bb.emit_func_output(out)
     target = resolve_target(NATIVE)
     vm = relax.VirtualMachine(tvm.compile(bb.get(), target=target, relax_pipeline=cpu_pipeline(target)), tvm.cpu())
-    inputs = [rows(k, fmt, seed) for seed, (fmt, _, k) in enumerate(cases)]
+    inputs = [quantiser_rows(k, fmt, seed) for seed, (fmt, _, k) in enumerate(cases)]
     got = vm["main"](*[tvm.runtime.tensor(x.numpy()) for x in inputs])
     for (fmt, clip, _), x, pair in zip(cases, inputs, got):
         codes, scale = (torch.from_numpy(t.numpy()) for t in pair)
