@@ -14,7 +14,7 @@ from nnforge.ir import Dense, Graph, IntQuant, MiniFloat, run_graph, tensor
 from nnforge.ir import minifloat as mf
 from nnforge.ir.serialize import save_graph
 from nnforge.passes import PassContext, PassError, PassManager, QuantizeGPTQ, QuantizeRTN, resolve_recipe
-from nnforge.passes.quantize.formats import FormatError, parse_format, quantize_rtn
+from nnforge.passes.quantize.formats import MSE_NORM, FormatError, parse_format, quantize_rtn
 from nnforge.passes.quantize.gptq import gptq_quantize
 from nnforge.targets import get_target
 
@@ -70,6 +70,41 @@ def test_nvfp4_has_two_level_scales():
     assert "e4m3 scales + fp32 tensor scale" in enc.describe()
 
 
+@pytest.mark.parametrize("spec,gs", [("int4", 32), ("uint4", 32), ("uint3", 16), ("e2m1", 32), ("nvfp4", None)])
+def test_the_mse_observer_never_does_worse_than_minmax_and_clips_heavy_tails(spec, gs):
+    """Per group, the searched range leaves no more of the error it minimises (its candidates
+    include the full range) and, on heavy-tailed weights, less squared error; the codes still lie
+    on the grid."""
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(24, 128, generator=gen) ** 3 * 0.05            # heavy tails: a few weights set each range
+    plain, mse = parse_format(spec, group_size=gs), parse_format(spec, group_size=gs, observer="mse")
+    n = plain.group_size or 128
+
+    def group_error(fmt, p):
+        d = quantize_rtn(w, fmt).decode()
+        return ((d - w).abs() ** p).reshape(24, -1, n).sum(-1)
+    assert bool((group_error(mse, MSE_NORM) <= group_error(plain, MSE_NORM) * (1 + 1e-5)).all())
+    assert float(group_error(mse, 2).sum()) < 0.97 * float(group_error(plain, 2).sum())
+    enc = quantize_rtn(w, mse)
+    idx = torch.arange(128) // enc.group_size
+    if isinstance(enc, MiniFloat):
+        assert torch.equal(mse.codes(enc.decode(), enc.scale_values()[:, idx]), enc.fields())
+    else:
+        zp = None if enc.zero_point is None else enc.zero_point.to(torch.int64)[:, idx]
+        assert torch.equal(mse.codes(enc.decode(), enc.scale.float()[:, idx], zp), enc.int_codes())
+
+
+def test_gptq_with_the_mse_observer_beats_minmax_on_held_out_inputs():
+    g = mlp()
+    calib, held = correlated_batches(6), correlated_batches(3, seed=9)
+    for w in g.weights.values():                                   # heavy-tailed weights, as trained LLMs have
+        w.encoding = Dense(w.encoding.data ** 3 * 400)
+    errs = {obs: out_error(QuantizeGPTQ(format="int4", group_size=16, observer=obs)(g.copy(),
+                                                                                   PassContext(calibration=calib)),
+                           g, held) for obs in ("minmax", "mse")}
+    assert errs["mse"] < errs["minmax"]
+
+
 @pytest.mark.parametrize("spec,msg", [("int9", "2..8"), ("int1", "2..8"), ("uint12", "2..8"),
                                       ("fp5", "unknown weight format 'fp5'"), ("", "unknown weight format")])
 def test_bad_formats_are_named(spec, msg):
@@ -85,7 +120,8 @@ def test_block_formats_refuse_another_group_size():
 @pytest.mark.parametrize("opts,msg", [({"bits": 9}, "bits must be an integer in 2..8"),
                                       ({"format": "int4", "bits": 4}, "format or bits"),
                                       ({"format": "float3"}, "unknown weight format"),
-                                      ({"format": "int4", "group_size": 0}, "group_size")])
+                                      ({"format": "int4", "group_size": 0}, "group_size"),
+                                      ({"format": "int4", "observer": "max"}, "observer must be one of minmax, mse")])
 def test_pass_options_are_checked(opts, msg):
     with pytest.raises(PassError, match=msg):
         QuantizeRTN(**opts)

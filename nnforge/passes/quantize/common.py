@@ -17,7 +17,8 @@ class WeightQuantConfig(LayerSelection):
     for ``int<bits>`` / ``uint<bits>``. ``group_size`` None means one scale per output channel.
     A group size that does not divide a layer's input columns is an error naming the layer,
     unless ``ragged_groups`` lets that layer's last group be shorter (MX and NVFP4 blocks always
-    may be, as their specs say)."""
+    may be, as their specs say). ``observer`` fits the scales: ``minmax`` spans each group's range,
+    ``mse`` searches the clipped range with the least weight error (see :meth:`.formats.WeightFormat.fit`)."""
     format: str | None = None
     bits: int | None = None
     symmetric: bool = True
@@ -25,6 +26,7 @@ class WeightQuantConfig(LayerSelection):
     per_tensor: bool = False
     scale_dtype: str = "float32"
     ragged_groups: bool = False
+    observer: str = "minmax"
 
     def __post_init__(self):
         super().__post_init__()
@@ -39,7 +41,8 @@ class WeightQuantConfig(LayerSelection):
         spec = self.format or f"{'int' if self.symmetric else 'uint'}{self.bits or 8}"
         try:
             self.weight_format: WeightFormat = parse_format(spec, group_size=self.group_size,
-                                                            per_tensor=self.per_tensor, scale_dtype=self.scale_dtype)
+                                                            per_tensor=self.per_tensor, scale_dtype=self.scale_dtype,
+                                                            observer=self.observer)
         except FormatError as e:
             raise PassError(f"{self.name}: {e}") from None
 
