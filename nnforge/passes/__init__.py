@@ -2,7 +2,7 @@
 from .base import PASSES, LayerSelection, Pass, PassContext, PassError, PassManager, PassRecord, register_pass
 from .cleanup import (DeadCodeElimination, FoldConstants, FuseLinear, Simplify, cleanup_passes,
                       eliminate_dead_code, rewrite)
-from . import cluster, decompose, kvcache, kvreduce, lowrank, prune, residual_scale, rotate, specialize  # noqa: F401  (registration side effects)
+from . import cluster, decompose, kvcache, kvreduce, lowrank, prune, recover, residual_scale, rotate, specialize  # noqa: F401  (registration side effects)
 from .quantize import QuantizeGPTQ, QuantizeRTN
 from .recipes import PRESETS, resolve_recipe
 

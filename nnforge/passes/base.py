@@ -41,6 +41,9 @@ class PassContext:
     figures: dict[str, dict] = field(default_factory=dict)
     warnings: dict[str, list[str]] = field(default_factory=dict)
     current: str = ""
+    # the graph as it was before the first pass that changed its function (see Pass.exact): what
+    # recovery passes tune the compressed model towards; the PassManager keeps it
+    reference: Any = None
 
     def record(self, key: str, value) -> None:
         self.figures.setdefault(self.current, {})[key] = value
@@ -66,6 +69,9 @@ class Pass(ABC):
     # inputs and outputs (fnmatch patterns) a pass that rewrites the state may also add: the
     # token-reduction pass's slots input and query outputs
     adds_io: ClassVar[tuple[str, ...]] = ()
+    # a pass that leaves the graph's function as it was (up to float rounding): cleanups, rotations;
+    # the PassManager keeps the graph from before the first pass that is not (PassContext.reference)
+    exact: ClassVar[bool] = False
 
     @abstractmethod
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
@@ -208,7 +214,10 @@ class PassManager:
             verify(graph)                 # a malformed input is reported as such, not as a pass failure
         g = graph.copy()
         signature = g.signature()
+        ctx.reference = None
         for p in self.passes:
+            if not p.exact and ctx.reference is None:
+                ctx.reference = g.copy()        # weights are shared, not copied: encodings are immutable
             before = len(g.nodes)
             ctx.current = p.name
             # a recipe may run one pass twice (a decoder's head format): each record keeps its own warnings
@@ -230,4 +239,5 @@ class PassManager:
                     raise GraphError(f"pass {p.name} changed the graph's signature: {signature} -> {g.signature()}")
             self.records.append(PassRecord(p.name, seconds, before, len(g.nodes), dict(ctx.figures.get(p.name, {})),
                                            ctx.warnings.get(p.name, [])[warned:]))
+        ctx.reference = None
         return g

@@ -19,6 +19,7 @@ from .base import Pass, register_pass
 @dataclass
 class DeadCodeElimination(Pass):
     name = "dce"
+    exact = True
 
     def run(self, graph, ctx):
         ctx.record("nodes_removed", eliminate_dead_code(graph))
@@ -33,6 +34,7 @@ class FoldConstants(Pass):
     ``max_growth`` times their inputs (expanding a constant, say) are not folded, and encoded
     (compressed) weights are never decoded here."""
     name = "fold_constants"
+    exact = True
     max_growth: float = 1.0
     min_elements: int = 1 << 16
 
@@ -46,6 +48,7 @@ class FoldConstants(Pass):
 class Simplify(Pass):
     """The IR's algebraic identities (:data:`nnforge.ir.simplify.SIMPLIFY_RULES`)."""
     name = "simplify"
+    exact = True
 
     def run(self, graph, ctx):
         ctx.record("rewrites", simplify(graph))
@@ -96,6 +99,7 @@ class FuseLinear(Pass):
     """Turn matmuls by constant matrices (with a following bias add) into ``linear`` nodes, the
     form every weight pass and backend expects (ONNX files arrive as MatMul + Add)."""
     name = "fuse_linear"
+    exact = True
 
     def run(self, graph, ctx):
         count = rewrite(graph, [(("add",), _fuse_add)]) + rewrite(graph, [(("matmul",), _fuse_matmul)])

@@ -181,6 +181,7 @@ class DecomposeOps(Pass):
     replaced by its primitive form, except those whose output is of a dtype in ``keep_dtypes`` (the
     ones a backend's own kernel takes); the pass records how many of each it rewrote."""
     name = "decompose"
+    exact = True
     ops: list | None = None
     keep_dtypes: list | None = None
 

@@ -424,6 +424,7 @@ class Rotate(Pass):
     size (MR-GPTQ, Egiazarian et al. 2025), a whole-width rotation mixing every block's outliers
     into every other block."""
     name = "rotate"
+    exact = True
     residual: bool = True
     heads: bool = True
     online: tuple = ONLINE

@@ -21,6 +21,7 @@ class SpecializeShapes(Pass):
     .static_form`). Records the sizes as its ``symbols`` figure, which the pipeline hands to the
     backend (``LowerContext.symbols``)."""
     name = "specialize_shapes"
+    exact = True
     keeps_signature = False
     dims: dict | None = None
     shapes: dict | None = None

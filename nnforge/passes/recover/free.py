@@ -1,0 +1,119 @@
+"""The parameters a weight's encoding leaves free, as tensors an optimiser can tune.
+
+A compressed weight is fixed in its discrete choices (integer or minifloat codes, palette
+indices, which values sparsity keeps) and free in its continuous ones: scales, LUT entries, kept
+sparse values, low-rank factors, per-row scales; a block's 1-D weights (norm weights, biases) are
+free too. Recovery (reconstruction, distillation) tunes exactly these, so a tuned weight is stored
+in the encoding it had, at the same size, and every backend runs it as before.
+
+:class:`Tunable` holds one weight's free tensors as zero-initialised deltas: a positive tensor
+(a scale) is tuned as ``init * (1 + d)``, any other as ``init + rms(init) * d``, so one learning
+rate moves every tensor by about the same relative amount. The forward pass rounds each tensor to
+the dtype it is stored in (a float16 scale, a float16 LUT) with a straight-through gradient, so
+what is tuned is what will be stored. Codes are never touched; scales stored as minifloat codes
+(MX's E8M0 exponents, NVFP4's E4M3 block scales) stay as they are (NVFP4's fp32 tensor scale is
+free).
+
+    >>> t = Tunable(enc, top=True)
+    >>> w = t.weight()              # the decoded weight, differentiable in t.deltas
+    >>> enc2 = t.encoding()         # the same encoding with the tuned tensors stored
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+
+from ...ir import Dense, IntQuant, MiniFloat
+from ...ir.encodings import Encoding
+from ...ir.lowrank import LowRank
+from ...ir.palette import Palettized
+from ...ir.sparse import Sparse
+
+# per encoding: its own float fields that are free, and the fields holding encodings (nested)
+_OWN = {Dense: ("data",), IntQuant: ("scale",), MiniFloat: ("scale", "global_scale"), Palettized: ("lut",),
+        Sparse: ("row_scale",), LowRank: ()}
+_NESTED = {Sparse: ("values",), LowRank: ("a", "b", "base")}
+_ROUNDED = (torch.float16, torch.bfloat16)
+
+
+def free_fields(enc: Encoding, top: bool = True) -> list[tuple[tuple[str, ...], torch.Tensor]]:
+    """(path of field names from ``enc`` down, stored tensor) for each free float tensor. A dense
+    weight of two or more dimensions at the top is not free: it was left uncompressed, and tuning
+    it would be fine-tuning the layer, not recovering its encoding."""
+    if isinstance(enc, Dense) and top and enc.data.dim() > 1:
+        return []
+    out = []
+    for name in _OWN.get(type(enc), ()):
+        t = getattr(enc, name)
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            out.append(((name,), t))
+    for name in _NESTED.get(type(enc), ()):
+        part = getattr(enc, name)
+        if part is not None:
+            out += [((name, *path), t) for path, t in free_fields(part, top=False)]
+    return out
+
+
+def _replaced(enc: Encoding, path: tuple[str, ...], value, validate: bool) -> Encoding:
+    """``enc`` with the tensor at ``path`` replaced: checked by the encoding's constructor when
+    ``validate``, else a shallow copy (a live tensor must keep its autograd history, which Dense's
+    constructor detaches)."""
+    head, rest = path[0], path[1:]
+    if rest:
+        value = _replaced(getattr(enc, head), rest, value, validate)
+    if validate:
+        return dataclasses.replace(enc, **{head: value})
+    out = copy.copy(enc)
+    object.__setattr__(out, head, value)
+    return out
+
+
+class Tunable:
+    """One weight's free tensors (see the module docstring); ``deltas`` are the parameters."""
+
+    def __init__(self, enc: Encoding, top: bool = True):
+        self.enc = enc
+        self.fields = free_fields(enc, top)
+        self.deltas = [torch.zeros(t.shape, dtype=torch.float32, requires_grad=True) for _, t in self.fields]
+        self._base = []
+        for _, t in self.fields:
+            init = t.detach().to(torch.float32)
+            positive = bool((init > 0).all()) if init.numel() else False
+            spread = init.pow(2).mean().sqrt().clamp(min=1e-12) if init.numel() else torch.tensor(1.0)
+            self._base.append((init, positive, spread))
+
+    @property
+    def size(self) -> int:
+        """Free numbers this weight has."""
+        return sum(t.numel() for _, t in self.fields)
+
+    def _values(self, live: bool) -> list[torch.Tensor]:
+        out = []
+        for (_, stored), d, (init, positive, spread) in zip(self.fields, self.deltas, self._base):
+            x = init * (1 + d) if positive else init + spread * d
+            if positive:
+                x = x.clamp(min=torch.finfo(torch.float32).tiny)
+            if stored.dtype in _ROUNDED:
+                rounded = x.detach().to(stored.dtype).to(torch.float32)
+                x = x + (rounded - x.detach()) if live else rounded
+            out.append(x if live else x.detach())
+        return out
+
+    def weight(self) -> torch.Tensor:
+        """The decoded weight (float32) with the current deltas, differentiable in them."""
+        enc = self.enc
+        for (path, _), x in zip(self.fields, self._values(live=True)):
+            enc = _replaced(enc, path, x, validate=False)
+        return enc.decode(torch.float32)
+
+    def encoding(self) -> Encoding:
+        """The encoding with the tuned tensors stored in their dtypes (checked as any encoding)."""
+        enc = self.enc
+        for (path, stored), x in zip(self.fields, self._values(live=False)):
+            enc = _replaced(enc, path, x.to(stored.dtype).contiguous(), validate=True)
+        return enc
+
+
+__all__ = ["Tunable", "free_fields"]

@@ -1,0 +1,266 @@
+"""Block reconstruction: after compression, tune each block's free parameters (see :mod:`.free`)
+so that its outputs match the uncompressed model's, one block at a time (BRECQ, OmniQuant, and
+GPTQ's sequential mode for where the inputs come from).
+
+The teacher is the graph as it was before the first pass of the recipe that changed the model's
+function (``PassContext.reference``, kept by the PassManager), so a recipe such as
+``rot+w3-gptq+rec`` reconstructs towards the rotated fp32 model, which computes what the original
+does. Both graphs run over the calibration set block by block: a block's inputs come from the
+compressed model's own upstream blocks, already reconstructed; its targets are the teacher's values
+of the same names, computed from the teacher's own inputs, so a block may also take back error that
+came from upstream. The loss is each output's squared error over the teacher output's mean square,
+summed over the block's outputs. Adam tunes the deltas, one calibration batch per step; a part of
+the calibration batches (``held_out``) is never trained on and chooses the step whose parameters
+are kept, so a block whose held-out error does not fall keeps its encoding as it was. Activation
+rounding (``fake_quant``, ``dynamic_quant``) passes gradients straight through while tuning.
+
+Memory stays one block deep: the block's inputs and targets for every calibration batch, and one
+batch's activations for the backward pass.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ...ir import Dense, Graph, Node, Value
+from ...ir.ops import RunContext, get_op
+from ..base import Pass, PassContext, PassError, register_pass
+from ..quantize.calibrate import check_calibration, last_uses
+from .blocks import Block, cut
+from .free import Tunable
+
+STRAIGHT_THROUGH = ("fake_quant", "dynamic_quant")
+FEW_VALUES_PER_PARAMETER = 10     # calibration output values per tuned number under which the pass warns
+
+
+class _Run:
+    """One graph run over every calibration batch, node by node, as far as asked."""
+
+    def __init__(self, graph: Graph, batches, who: str):
+        bound = check_calibration(graph, batches, who)
+        self.graph, self.who = graph, who
+        self.ctxs = [RunContext(env=env) for _, env in bound]
+        self.vals: list[dict] = [dict(zip(graph.inputs, [t.float() if t.is_floating_point() else t for t in tensors]))
+                                 for tensors, _ in bound]
+        self.last = last_uses(graph, outputs=False)
+        self.index = {n: i for i, n in enumerate(graph.nodes)}
+        self.made = {o.name: (o, i) for i, n in enumerate(graph.nodes) for o in n.outputs}
+        self.pos = 0
+        self._decoded: dict[str, tuple[object, torch.Tensor]] = {}
+
+    def weight(self, v: Value) -> torch.Tensor:
+        enc = v.encoding
+        hit = self._decoded.get(v.name)
+        if hit is None or hit[0] is not enc:
+            data = enc.decode(torch.float32 if enc.dtype.is_float else None)
+            hit = self._decoded[v.name] = (enc, data.float() if data.is_floating_point() else data)
+        return hit[1]
+
+    def upto(self, stop: int, keep: set | None = None) -> None:
+        """Run nodes ``pos..stop-1`` over every batch (no gradients); values are freed after their
+        last reader, except those in ``keep``."""
+        keep = keep or set()
+        with torch.no_grad():
+            for i in range(self.pos, stop):
+                node = self.graph.nodes[i]
+                op = get_op(node.op)
+                for b, vals in enumerate(self.vals):
+                    args = [None if v is None else self.weight(v) if v.is_weight else vals[v] for v in node.inputs]
+                    try:
+                        outs = op.run(self.ctxs[b], args, node.attrs)
+                    except Exception as e:
+                        raise PassError(f"{self.who}: node {node.name} ({node.op}) failed on calibration batch {b}: "
+                                        f"{e}") from e
+                    vals.update(zip(node.outputs, outs))
+                    for v in node.inputs:
+                        if v is not None and not v.is_weight and self.last.get(v, -1) <= i and v not in keep:
+                            vals.pop(v, None)
+                for v in node.inputs:
+                    if v is not None and v.is_weight and self.last.get(v, -1) <= i:
+                        self._decoded.pop(v.name, None)
+        self.pos = max(self.pos, stop)
+
+
+@register_pass
+@dataclass
+class Reconstruct(Pass):
+    """Tune each block's free parameters to match the model before compression (see the module
+    docstring). ``steps``: optimiser steps per block (one calibration batch each); ``lr``: Adam's
+    learning rate on the relative deltas; ``budget_s``: wall-clock seconds for the whole pass, shared
+    out over the blocks still to do (a block stops at its steps or its share, whichever comes
+    first); ``held_out``: the fraction of calibration batches kept out to choose the parameters
+    kept; ``eval_every``: steps between held-out evaluations."""
+    name = "reconstruct"
+    needs_calibration = True
+    steps: int = 200
+    lr: float = 1e-3
+    budget_s: float | None = None
+    held_out: float = 0.2
+    eval_every: int = 20
+
+    def __post_init__(self):
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise PassError(f"{self.name}: steps must be a non-negative integer, got {self.steps!r}")
+        if self.steps == 0:
+            raise PassError(f"{self.name}: steps=0 is a budget of zero: nothing would be tuned; give steps >= 1 "
+                            "(or leave the pass out)")
+        if self.budget_s is not None and (isinstance(self.budget_s, bool) or not isinstance(self.budget_s, (int, float))
+                                          or not self.budget_s > 0):
+            raise PassError(f"{self.name}: budget_s must be a positive number of seconds, got {self.budget_s!r} "
+                            "(a budget of zero tunes nothing; leave the pass out instead)")
+        if not isinstance(self.lr, (int, float)) or not self.lr > 0:
+            raise PassError(f"{self.name}: lr must be positive, got {self.lr!r}")
+        if not isinstance(self.held_out, (int, float)) or not 0 <= self.held_out < 1:
+            raise PassError(f"{self.name}: held_out must be a fraction in [0, 1), got {self.held_out!r}")
+        if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 1:
+            raise PassError(f"{self.name}: eval_every must be a positive integer, got {self.eval_every!r}")
+
+    def run(self, graph: Graph, ctx: PassContext) -> Graph:
+        teacher = ctx.reference
+        if teacher is None or teacher is graph:
+            raise PassError(f"{self.name}: no model before compression to reconstruct towards; run it in a recipe "
+                            "after a compression pass (e.g. 'w3-gptq+rec')")
+        c = cut(graph)
+        tunables = {b.name: {w.name: Tunable(w.encoding) for w in b.weights} for b in c.blocks}
+        compressed = [w for b in c.blocks for w in b.weights if not isinstance(w.encoding, Dense)]
+        if not compressed:
+            raise PassError(f"{self.name}: no weight of graph {graph.name}'s blocks is compressed, so there is nothing "
+                            "to recover; run it after a compression pass (e.g. 'w3-gptq+rec')")
+        if not any(tunables[b.name][w.name].size for b in c.blocks for w in b.weights if w in compressed):
+            kinds = sorted({w.encoding.describe() for w in compressed})
+            raise PassError(f"{self.name}: the compressed weights' encodings ({', '.join(kinds)}) leave no parameter "
+                            "free (codes and minifloat-coded scales are fixed): nothing to tune")
+        batches = list(ctx.calibration)
+        n_held = min(len(batches) - 1, max(1, round(self.held_out * len(batches)))) if self.held_out else 0
+        if n_held <= 0 and self.held_out:
+            ctx.warn(f"{self.name}: one calibration batch: the parameters kept are chosen on the batch they were "
+                     "tuned on; give more batches")
+        student, ref = _Run(graph, batches, self.name), _Run(teacher, batches, f"{self.name} (teacher)")
+        order = torch.Generator().manual_seed(ctx.seed)
+        train = list(range(len(batches) - n_held)) if n_held else list(range(len(batches)))
+        held = list(range(len(batches) - n_held, len(batches))) if n_held else train
+        curves, summary, few = {}, {}, {}
+        started = time.perf_counter()
+        from tqdm import tqdm
+        student.upto(student.index[c.blocks[0].nodes[0]])
+        for k, block in enumerate(tqdm(c.blocks, desc=self.name, unit="block", leave=False,
+                                       disable=None if ctx.progress else True)):
+            targets = self._targets(block, student, ref)
+            tune = {name: t for name, t in tunables[block.name].items() if t.size}
+            share = None
+            if self.budget_s is not None:
+                share = max(0.0, self.budget_s - (time.perf_counter() - started)) / (len(c.blocks) - k)
+            if tune:
+                n_params = sum(t.size for t in tune.values())
+                n_values = sum(targets[b][o].numel() for b in train for o in targets[b])
+                if n_values < FEW_VALUES_PER_PARAMETER * n_params:
+                    few[block.name] = round(n_values / n_params, 2)
+                curve, chosen = self._tune(block, tune, student, targets, train, held, order, share)
+                curves[block.name] = curve
+                summary[block.name] = chosen
+                for name, t in tune.items():
+                    graph.set_encoding(name, t.encoding())
+            end = student.index[block.nodes[-1]] + 1
+            student.upto(end)
+            del targets
+        ctx.record("blocks", len(c.blocks))
+        ctx.record("tuned_parameters", sum(t.size for b in tunables.values() for t in b.values()))
+        ctx.record("held_out_error", summary)
+        ctx.record("loss_curve", curves)
+        ctx.record("seconds", round(time.perf_counter() - started, 1))
+        if few:
+            worst = sorted(few.items(), key=lambda kv: kv[1])[:5]
+            ctx.warn(f"{self.name}: calibration too small for the parameters tuned: "
+                     + ", ".join(f"{b} has {r} calibration output values per tuned parameter" for b, r in worst)
+                     + f" (under {FEW_VALUES_PER_PARAMETER}); the tuned parameters may fit the calibration set "
+                       "rather than the model: give more calibration data")
+            ctx.record("values_per_parameter", few)
+        return graph
+
+    # --- one block -------------------------------------------------------------------------------
+    def _targets(self, block: Block, student: _Run, ref: _Run) -> list[dict]:
+        """The teacher's values of the block's float outputs, per batch, by output name."""
+        names = [o.name for o in block.outputs if o.dtype.is_float]
+        missing = [n for n in names if n not in ref.made]
+        if missing:
+            raise PassError(f"{self.name}: block {block.name}'s output {missing[0]} is not in the model before "
+                            "compression (a pass between them changed the graph's structure, not only its weights); "
+                            "run reconstruct right after the passes that compress weights")
+        want = {ref.made[n][0] for n in names}
+        ref.upto(max(ref.made[n][1] for n in names) + 1 if names else ref.pos, keep=want)
+        out = []
+        for vals in ref.vals:
+            out.append({n: vals[ref.made[n][0]] for n in names})
+        for vals in ref.vals:             # held by the targets now; the teacher reads them no more
+            for v in want:
+                if ref.last.get(v, -1) < ref.pos:
+                    vals.pop(v, None)
+        return out
+
+    def _forward(self, block: Block, student: _Run, b: int, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        env = {v: student.vals[b][v] for v in block.inputs}
+        for node in block.nodes:
+            args = [None if v is None else weights[v.name] if v.name in weights else student.weight(v) if v.is_weight
+                    else env[v] for v in node.inputs]
+            outs = get_op(node.op).run(student.ctxs[b], args, node.attrs)
+            if node.op in STRAIGHT_THROUGH and outs[0].is_floating_point():
+                outs = [args[0] + (outs[0] - args[0]).detach(), *outs[1:]]
+            env.update(zip(node.outputs, outs))
+        return {o.name: env[o] for o in block.outputs if o.dtype.is_float}
+
+    def _loss(self, outs: dict, targets: dict) -> torch.Tensor:
+        total = 0.0
+        for name, want in targets.items():
+            got = outs[name]
+            total = total + (got - want).pow(2).mean() / want.pow(2).mean().clamp(min=1e-30)
+        return total
+
+    def _held_out(self, block, tune, student, targets, held) -> float:
+        with torch.no_grad():
+            weights = {name: t.weight() for name, t in tune.items()}
+            return sum(float(self._loss(self._forward(block, student, b, weights), targets[b])) for b in held) / len(held)
+
+    def _tune(self, block: Block, tune: dict[str, Tunable], student: _Run, targets: list[dict], train: list[int],
+              held: list[int], order: torch.Generator, share: float | None) -> tuple[list, dict]:
+        deltas = [d for t in tune.values() for d in t.deltas]
+        opt = torch.optim.Adam(deltas, lr=self.lr)
+        t0 = time.perf_counter()
+        first = best = self._held_out(block, tune, student, targets, held)
+        best_step, kept = 0, [d.detach().clone() for d in deltas]
+        curve = [{"step": 0, "held_out": round(first, 6)}]
+        seq: list[int] = []
+        running, counted, step = 0.0, 0, 0
+        for step in range(1, self.steps + 1):
+            if not seq:
+                seq = [train[i] for i in torch.randperm(len(train), generator=order).tolist()]
+            b = seq.pop()
+            opt.zero_grad(set_to_none=True)
+            weights = {name: t.weight() for name, t in tune.items()}
+            loss = self._loss(self._forward(block, student, b, weights), targets[b])
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise PassError(f"{self.name}: block {block.name}'s loss is {value} at step {step}: lower lr "
+                                f"(now {self.lr})")
+            loss.backward()
+            opt.step()
+            running, counted = running + value, counted + 1
+            out_of_time = share is not None and time.perf_counter() - t0 >= share
+            if step % self.eval_every == 0 or step == self.steps or out_of_time:
+                now = self._held_out(block, tune, student, targets, held)
+                curve.append({"step": step, "train": round(running / counted, 6), "held_out": round(now, 6)})
+                running, counted = 0.0, 0
+                if now < best:
+                    best, best_step, kept = now, step, [d.detach().clone() for d in deltas]
+            if out_of_time:
+                break
+        with torch.no_grad():
+            for d, k in zip(deltas, kept):
+                d.copy_(k)
+        return curve, {"before": round(first, 6), "after": round(best, 6), "step_kept": best_step, "steps": step,
+                       "seconds": round(time.perf_counter() - t0, 2)}
+
+
+__all__ = ["Reconstruct"]

@@ -1,0 +1,209 @@
+"""Block reconstruction (passes/recover): free parameters per encoding, the cut into blocks, and
+the pass on a residual stack imported from torch, checked on inputs it never saw."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from nnforge.frontend import import_model
+from nnforge.ir import Dense, IntQuant, run_graph
+from nnforge.ir.lowrank import LowRank
+from nnforge.ir.palette import Palettized
+from nnforge.ir.sparse import Sparse
+from nnforge.passes import PassContext, PassError, PassManager, QuantizeRTN, resolve_recipe
+from nnforge.passes.cleanup import cleanup_passes
+from nnforge.passes.quantize.formats import parse_format, quantize_rtn
+from nnforge.passes.recover import Reconstruct, Tunable, free_fields
+from nnforge.passes.recover.blocks import cut, layer_key
+
+
+class _Layer(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(d), nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.norm(x))))
+
+
+class _Stack(nn.Module):
+    def __init__(self, d=32, n=3):
+        super().__init__()
+        self.embed = nn.Linear(8, d)
+        self.layers = nn.ModuleList([_Layer(d) for _ in range(n)])
+        self.head = nn.Linear(d, 4)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def _data(n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(64, 8, generator=gen),) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def stack():
+    torch.manual_seed(0)
+    graph, _ = import_model(_Stack().eval(), _data(1, 0)[0])
+    return PassManager(cleanup_passes()).run(graph)
+
+
+def _error(g, ref, batches):
+    num = sum(float((run_graph(g, b)[0] - run_graph(ref, b)[0]).pow(2).sum()) for b in batches)
+    return num / sum(float(run_graph(ref, b)[0].pow(2).sum()) for b in batches)
+
+
+def _w(rows=16, cols=64, seed=0):
+    return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 0.05
+
+
+# --- free parameters ------------------------------------------------------------------------------
+@pytest.mark.parametrize("enc, want", [
+    (lambda: Dense(_w()), []),
+    (lambda: Dense(torch.ones(16)), [("data",)]),
+    (lambda: quantize_rtn(_w(), parse_format("uint4", group_size=32)), [("scale",)]),
+    (lambda: quantize_rtn(_w(), parse_format("e2m1", group_size=32)), [("scale",)]),
+    (lambda: quantize_rtn(_w(), parse_format("nvfp4")), [("global_scale",)]),
+    (lambda: quantize_rtn(_w(), parse_format("mxfp4")), []),
+    (lambda: Palettized.from_indices(torch.randint(0, 8, (16, 64)), torch.randn(16, 8).half(), bits=3,
+                                     shape=(16, 64), group_size=1), [("lut",)]),
+    (lambda: LowRank((16, 64), Dense(_w(4, 64)), Dense(_w(16, 4)), base=quantize_rtn(_w(), parse_format("int4"))),
+     [("a", "data"), ("b", "data"), ("base", "scale")]),
+])
+def test_free_fields_are_the_continuous_parts_of_each_encoding(enc, want):
+    assert [p for p, _ in free_fields(enc())] == want
+
+
+def test_sparse_values_are_free_and_the_mask_is_not():
+    from nnforge.passes.prune.sparsity import PruneMagnitude
+    g = PruneMagnitude(pattern="2:4")(_single_linear())
+    enc = g.weights["fc.weight"].encoding
+    assert isinstance(enc, Sparse) and [p for p, _ in free_fields(enc)] == [("values", "data")]
+    t = Tunable(enc)
+    with torch.no_grad():
+        t.deltas[0].add_(0.1)
+    w = t.weight()
+    assert torch.equal(w == 0, enc.decode() == 0)                  # the kept positions stay the kept positions
+    assert torch.equal(t.encoding().mask(), enc.mask())
+
+
+def _single_linear():
+    from nnforge.ir import Graph, tensor
+    g = Graph("one")
+    x = g.add_input("x", tensor("f32", "batch", 64))
+    w = g.add_weight("fc.weight", Dense(_w()))
+    g.set_outputs([g.op("linear", x, w, None, name="fc")])
+    return g
+
+
+@pytest.mark.parametrize("spec, gs, scale_dtype", [("uint4", 32, "float16"), ("int3", 16, "float32"),
+                                                   ("e2m1", 32, "float32"), ("nvfp4", None, "float32")])
+def test_a_tunable_decodes_as_its_encoding_stores_what_it_tunes_and_passes_gradients(spec, gs, scale_dtype):
+    enc = quantize_rtn(_w(), parse_format(spec, group_size=gs, scale_dtype=scale_dtype))
+    t = Tunable(enc)
+    assert torch.equal(t.weight(), enc.decode())                   # zero deltas: the encoding as it was
+    assert torch.equal(t.encoding().decode(), enc.decode())
+    target = enc.decode() * 1.1
+    (t.weight() - target).pow(2).sum().backward()
+    assert all(d.grad is not None and float(d.grad.abs().sum()) > 0 for d in t.deltas)
+    with torch.no_grad():
+        for d in t.deltas:
+            d.add_(0.05)
+    tuned = t.encoding()
+    assert type(tuned) is type(enc) and tuned.nbytes == enc.nbytes
+    # the forward pass sees what will be stored (float16 scales rounded, straight through)
+    assert torch.equal(t.weight().detach(), tuned.decode())
+    if isinstance(enc, IntQuant):
+        assert torch.equal(tuned.int_codes(), enc.int_codes()) and tuned.scale.dtype == enc.scale.dtype
+
+
+# --- blocks ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, key", [("model.layers.3.self_attn.q_proj", "model.layers.3"),
+                                       ("bert.encoder.layer.11.output.dense", "bert.encoder.layer.11"),
+                                       ("/model/layers.0/attn/MatMul", "/model/layers.0"), ("layer2.1.conv1", "layer2.1"),
+                                       ("add_14", None), ("bert.embeddings.word_embeddings", None)])
+def test_layer_keys(name, key):
+    assert layer_key(name) == key
+
+
+def test_a_stack_is_cut_into_its_layers_with_embeddings_and_head_outside(stack):
+    c = cut(stack)
+    assert [b.name for b in c.blocks] == ["layers.0", "layers.1", "layers.2"]
+    assert any(n.name == "embed" for n in c.prologue) and any(n.name == "head" for n in c.epilogue)
+    for b in c.blocks:
+        assert {w.name.rsplit(".", 2)[-2] for w in b.weights} == {"norm", "fc1", "fc2"}
+        assert len(b.outputs) == 1 and len(b.inputs) == 1          # the residual stream in, and out
+
+
+# --- the pass -------------------------------------------------------------------------------------
+def _compressed(stack, recipe, calibration):
+    return PassManager(recipe).run(stack, PassContext(calibration=calibration))
+
+
+def test_reconstruction_brings_int3_back_towards_the_model_on_inputs_it_never_saw(stack):
+    calibration, fresh = _data(8, 1), _data(4, 99)
+    rtn = [QuantizeRTN(format="int3", group_size=16, ragged_groups=True)]
+    one_shot = _compressed(stack, rtn, calibration)
+    pm = PassManager(rtn + [Reconstruct(steps=150, lr=3e-3)])
+    ctx = PassContext(calibration=calibration)
+    recovered = pm.run(stack, ctx)
+    assert _error(recovered, stack, fresh) < 0.6 * _error(one_shot, stack, fresh)
+    for name, v in one_shot.weights.items():                     # same encodings, same bytes, same codes
+        r = recovered.weights[name].encoding
+        assert type(r) is type(v.encoding) and r.nbytes == v.encoding.nbytes
+        if isinstance(r, IntQuant):
+            assert torch.equal(r.int_codes(), v.encoding.int_codes())
+    figs = pm.records[-1].figures
+    assert figs["blocks"] == 3 and set(figs["loss_curve"]) == {"layers.0", "layers.1", "layers.2"}
+    assert all(s["after"] < s["before"] for s in figs["held_out_error"].values())
+    assert ctx.reference is None                                  # the PassManager lets go of the teacher
+
+
+def test_reconstruction_is_deterministic_with_a_seed(stack):
+    calibration = _data(4, 1)
+    runs = [PassManager([QuantizeRTN(format="int3", group_size=16, ragged_groups=True), Reconstruct(steps=20, lr=3e-3)]).run(
+        stack, PassContext(calibration=calibration, seed=5)) for _ in range(2)]
+    for name, v in runs[0].weights.items():
+        for part, t in v.encoding.tensors().items():
+            assert torch.equal(t, runs[1].weights[name].encoding.tensors()[part]), (name, part)
+
+
+def test_a_sparse_then_reconstructed_stack_keeps_its_mask(stack):
+    calibration = _data(6, 1)
+    pm = PassManager(resolve_recipe("sparse24")[1] + [Reconstruct(steps=30, lr=3e-3)])
+    g = pm.run(stack, PassContext(calibration=calibration))
+    one_shot = _compressed(stack, resolve_recipe("sparse24")[1], calibration)
+    for name, v in g.weights.items():
+        if isinstance(v.encoding, Sparse):
+            assert torch.equal(v.encoding.mask(), one_shot.weights[name].encoding.mask())
+    assert _error(g, stack, _data(3, 50)) < _error(one_shot, stack, _data(3, 50))
+
+
+@pytest.mark.parametrize("opts, msg", [({"steps": 0}, "budget of zero"), ({"budget_s": 0}, "budget of zero"),
+                                       ({"lr": 0}, "lr must be positive"), ({"held_out": 1.0}, "held_out")])
+def test_options_are_checked(opts, msg):
+    with pytest.raises(PassError, match=msg):
+        Reconstruct(**opts)
+
+
+def test_an_uncompressed_model_is_refused(stack):
+    with pytest.raises(PassError, match="nothing to recover.*after a compression pass"):
+        PassManager([Reconstruct(steps=5)]).run(stack, PassContext(calibration=_data(2, 1)))
+
+
+def test_encodings_with_nothing_free_are_refused_naming_them(stack):
+    with pytest.raises(PassError, match=r"\(e2m1 block 32 e8m0 scales\) leave no parameter free"):
+        PassManager([QuantizeRTN(format="mxfp4"), Reconstruct(steps=5)]).run(stack, PassContext(calibration=_data(2, 1)))
+
+
+def test_too_little_calibration_is_a_warning_naming_the_ratio(stack):
+    pm = PassManager([QuantizeRTN(format="int3", group_size=16, ragged_groups=True), Reconstruct(steps=2)])
+    ctx = PassContext(calibration=[(torch.randn(2, 8),), (torch.randn(2, 8),)])
+    pm.run(stack, ctx)
+    (warning,) = [w for w in pm.records[-1].warnings if "calibration too small" in w]
+    assert "layers.0 has" in warning and "calibration output values per tuned parameter" in warning
