@@ -117,6 +117,10 @@ PRESETS: dict[str, tuple[str, list[dict]]] = {
     # into every block
     "nvfp4-a4-rot": ("rot in blocks of 16, then nvfp4-a4 (needs calibration)",
                      [{"pass": "rotate", "block": 16}] + _NVFP4_A4),
+    # recovery (passes/recover): after the presets it recovers, joined with '+' ('w3-gptq+rec')
+    "rec": ("block reconstruction after the presets before it: each transformer block's free parameters (scales, "
+            "LUT entries, kept sparse values, low-rank factors, norms and biases) tuned to match the model before "
+            "compression, codes and masks kept (needs calibration)", [{"pass": "reconstruct"}]),
     # KV-cache encodings (docs/kv_cache.md): alone they leave the weights as they are; after a
     # weight preset with '+' they run after its passes (w4-gptq+kv4)
     "kv8": ("int8 KV cache, symmetric, a float16 scale per token and group of 64 channels",
@@ -220,8 +224,25 @@ def _preset_configs(name: str) -> list[dict] | None:
             return None
         configs = [c for p in parts for c in p]
         _check_state_last(configs, name)
+        _check_recovery_after(configs, name)
         return configs
     return None
+
+
+RECOVERY_PASSES = ("reconstruct",)
+
+
+def _check_recovery_after(configs: list[dict], name: str) -> None:
+    """A recovery pass tunes what the passes before it compressed: a compression pass after it
+    would undo its work, and one with nothing before it has nothing to recover."""
+    at = [i for i, c in enumerate(configs) if c["pass"] in RECOVERY_PASSES]
+    if not at:
+        return
+    later = [c["pass"] for c in configs[at[0] + 1:] if c["pass"] not in RECOVERY_PASSES
+             and not getattr(PASSES.get(c["pass"]), "rewrites_state", False)]
+    if at[0] == 0 or later:
+        raise PassError(f"recipe {name!r}: a recovery preset goes after the presets it recovers (e.g. "
+                        f"'w3-gptq+rec'){': ' + ', '.join(later) + ' would come after it' if later else ''}")
 
 
 def _check_state_last(configs: list[dict], name: str) -> None:

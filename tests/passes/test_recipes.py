@@ -31,6 +31,10 @@ def test_every_preset_resolves_and_runs(preset):
         with pytest.raises(PassError, match="has no KV cache"):
             PassManager(passes).run(g, ctx)
         return
+    if preset == "rec":                   # recovery alone: nothing before it compressed the model
+        with pytest.raises(PassError, match="nothing to recover"):
+            PassManager(passes).run(g, ctx)
+        return
     if preset == "w4-gptq+eora":          # rank 32 is for real layers; this MLP's are 16 wide
         with pytest.raises(PassError, match="rank 32 exceeds the rank of layer fc1"):
             PassManager(passes).run(g, ctx)

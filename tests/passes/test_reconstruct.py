@@ -207,3 +207,19 @@ def test_too_little_calibration_is_a_warning_naming_the_ratio(stack):
     pm.run(stack, ctx)
     (warning,) = [w for w in pm.records[-1].warnings if "calibration too small" in w]
     assert "layers.0 has" in warning and "calibration output values per tuned parameter" in warning
+
+
+@pytest.mark.parametrize("recipe", ["w3-gptq+rec", "sparse24+rec", "palettize-3+rec", "rot+w4-gptq+rec",
+                                    "w4-gptq+rec+kv4"])
+def test_recovery_presets_resolve_with_reconstruct_after_the_compression(recipe):
+    passes = resolve_recipe(recipe)[1]
+    names = [p.name for p in passes]
+    assert "reconstruct" in names and names.index("reconstruct") > 0
+    assert all(p.rewrites_state for p in passes[names.index("reconstruct") + 1:])
+
+
+@pytest.mark.parametrize("recipe, msg", [("rec+w3-gptq", "quantize_gptq would come after it"),
+                                         ("w3-gptq+rec+sparse24", "prune_sparsegpt would come after it")])
+def test_a_recovery_preset_before_what_it_recovers_is_refused(recipe, msg):
+    with pytest.raises(PassError, match=f"a recovery preset goes after the presets it recovers.*{msg}"):
+        resolve_recipe(recipe)
