@@ -2,6 +2,8 @@
 the pass on a residual stack imported from torch, checked on inputs it never saw."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -223,3 +225,19 @@ def test_recovery_presets_resolve_with_reconstruct_after_the_compression(recipe)
 def test_a_recovery_preset_before_what_it_recovers_is_refused(recipe, msg):
     with pytest.raises(PassError, match=f"a recovery preset goes after the presets it recovers.*{msg}"):
         resolve_recipe(recipe)
+
+
+@pytest.mark.parametrize("pattern, fmt", [("2:4", None), ("block4x1", None), ("unstructured", None), ("2:4", "int4")])
+def test_sparse_tunables_decode_as_the_encoding_with_and_without_row_scales(pattern, fmt):
+    from nnforge.passes.prune.sparsity import PruneMagnitude
+    opts = {"pattern": pattern, **({"sparsity": 0.75} if pattern != "2:4" else {})}
+    enc = PruneMagnitude(**opts)(_single_linear()).weights["fc.weight"].encoding
+    if fmt:                                                        # kept values quantised, as sparse24-w4 stores them
+        enc = dataclasses.replace(enc, values=quantize_rtn(enc.values.decode(), parse_format(fmt, group_size=16)))
+    for e in (enc, dataclasses.replace(enc, row_scale=torch.rand(16) + 0.5)):
+        t = Tunable(e)
+        assert torch.equal(t.weight(), e.decode())
+        with torch.no_grad():
+            for d in t.deltas:
+                d.add_(0.03)
+        assert torch.allclose(t.weight().detach(), t.encoding().decode(), rtol=1e-6, atol=1e-9)

@@ -26,7 +26,7 @@ import dataclasses
 import torch
 
 from ...ir import Dense, IntQuant, MiniFloat
-from ...ir.encodings import Encoding
+from ...ir.encodings import Encoding, _apply_groups, rows_cols
 from ...ir.lowrank import LowRank
 from ...ir.palette import Palettized
 from ...ir.sparse import Sparse
@@ -70,6 +70,44 @@ def _replaced(enc: Encoding, path: tuple[str, ...], value, validate: bool) -> En
     return out
 
 
+def _decoder(enc: Encoding, free: list[tuple[str, ...]]):
+    """A function from the free tensors (in ``free``'s order) to the decoded float32 weight. The
+    parts that never change are unpacked once: an IntQuant's centred codes, where a Sparse weight's
+    kept values go; any other encoding decodes a shallow copy holding the live tensors."""
+    if isinstance(enc, IntQuant) and free == [("scale",)]:
+        rows, cols = rows_cols(enc.shape)
+        q = enc.int_codes().to(torch.float32)
+        if enc.zero_point is not None:
+            q = q - enc.zero_point.to(torch.float32)[:, torch.arange(cols) // enc.group_size]
+        return lambda xs: _apply_groups(q, xs[0], enc.group_size, enc.perm).reshape(enc.shape)
+    if isinstance(enc, Sparse) and all(p[0] in ("values", "row_scale") for p in free):
+        numbered = Dense(torch.arange(1, enc.values.numel + 1, dtype=torch.float64).reshape(enc.values.shape))
+        placed = dataclasses.replace(enc, values=numbered, row_scale=None).decode(torch.float64).reshape(-1)
+        at = torch.nonzero(placed).reshape(-1)
+        at = at[torch.argsort(placed[at])]                          # the flat position of each kept value
+        vi = [i for i, p in enumerate(free) if p[0] == "values"]
+        ri = free.index(("row_scale",)) if ("row_scale",) in free else None
+        inner = [free[i][1:] for i in vi]
+        values = _decoder(enc.values, inner) if inner else (lambda xs, v=enc.values.decode(torch.float32): v)
+        fixed_rs = None if enc.row_scale is None or ri is not None else enc.row_scale.to(torch.float32)
+
+        def sparse(xs):
+            vals = values([xs[i] for i in vi]).reshape(-1)
+            w = torch.zeros(enc.numel, dtype=torch.float32).index_put((at,), vals).reshape(enc.shape[0], -1)
+            rs = xs[ri] if ri is not None else fixed_rs
+            if rs is not None:
+                w = w * rs[:, None]
+            return w.reshape(enc.shape)
+        return sparse
+
+    def generic(xs):
+        live = enc
+        for path, x in zip(free, xs):
+            live = _replaced(live, path, x, validate=False)
+        return live.decode(torch.float32)
+    return generic
+
+
 class Tunable:
     """One weight's free tensors (see the module docstring); ``deltas`` are the parameters."""
 
@@ -83,6 +121,7 @@ class Tunable:
             positive = bool((init > 0).all()) if init.numel() else False
             spread = init.pow(2).mean().sqrt().clamp(min=1e-12) if init.numel() else torch.tensor(1.0)
             self._base.append((init, positive, spread))
+        self._decode = _decoder(enc, [p for p, _ in self.fields])
 
     @property
     def size(self) -> int:
@@ -103,10 +142,7 @@ class Tunable:
 
     def weight(self) -> torch.Tensor:
         """The decoded weight (float32) with the current deltas, differentiable in them."""
-        enc = self.enc
-        for (path, _), x in zip(self.fields, self._values(live=True)):
-            enc = _replaced(enc, path, x, validate=False)
-        return enc.decode(torch.float32)
+        return self._decode(self._values(live=True))
 
     def encoding(self) -> Encoding:
         """The encoding with the tuned tensors stored in their dtypes (checked as any encoding)."""
