@@ -33,9 +33,12 @@ from .base import PASSES, Pass, PassError
 # Presets: name -> (description, list of pass configs)
 _GPTQ = {"pass": "quantize_gptq", "act_order": True}
 _ROT = [{"pass": "rotate"}]
-_W4A4 = [{**_GPTQ, "static_groups": True, "format": "int4", "group_size": 128, "ragged_groups": True},
+# the activation presets' weights fit their scales by the MSE search (formats.WeightFormat.fit): with
+# 4-bit activations on top, the weights' own error is most of what is left
+_W4A4 = [{**_GPTQ, "static_groups": True, "format": "int4", "group_size": 128, "ragged_groups": True,
+          "observer": "mse"},
          {"pass": "quantize_activations", "format": "int4", "dynamic": True, "clip": 0.9}]
-_NVFP4_A4 = [{**_GPTQ, "format": "nvfp4"}, {"pass": "quantize_activations", "format": "nvfp4"}]
+_NVFP4_A4 = [{**_GPTQ, "format": "nvfp4", "observer": "mse"}, {"pass": "quantize_activations", "format": "nvfp4"}]
 PRESETS: dict[str, tuple[str, list[dict]]] = {
     "fp32": ("no compression", []),
     "w8": ("int8 weights, per-channel scales, round-to-nearest",
@@ -81,13 +84,15 @@ PRESETS: dict[str, tuple[str, list[dict]]] = {
                  [{"pass": "quantize_rtn", "format": "e4m3"}, {"pass": "quantize_activations", "format": "e4m3"}]),
     # dynamic activations (passes/quantize/activations.py); a decoder's LM head keeps float inputs, as
     # every pass that selects layers leaves the head to its own format (with_head_format)
-    "w4a8": ("w4-gptq's int4 weights and int8 activations, dynamic per token (needs calibration)",
-             [{**_GPTQ, "static_groups": True, "format": "uint4", "group_size": 128, "ragged_groups": True},
+    "w4a8": ("w4-gptq's int4 grid with scales searched for the least error (observer mse) and int8 activations, "
+             "dynamic per token (needs calibration)",
+             [{**_GPTQ, "static_groups": True, "format": "uint4", "group_size": 128, "ragged_groups": True,
+               "observer": "mse"},
               {"pass": "quantize_activations", "format": "int8", "dynamic": True}]),
-    "w4a4": ("int4 weights (symmetric, groups of 128, GPTQ) and int4 activations, dynamic per token with "
+    "w4a4": ("int4 weights (symmetric, groups of 128, GPTQ, observer mse) and int4 activations, dynamic per token with "
              "ranges clipped to 0.9 (needs calibration; made for rotated models: w4a4-rot)",
              _W4A4),
-    "nvfp4-a4": ("NVFP4 weights (GPTQ) and NVFP4 activations (blocks of 16 scaled at run time, the tensor "
+    "nvfp4-a4": ("NVFP4 weights (GPTQ, observer mse) and NVFP4 activations (blocks of 16 scaled at run time, the tensor "
                  "scale calibrated) (needs calibration; made for rotated models: nvfp4-a4-rot)",
                  _NVFP4_A4),
     "sparse24": ("2:4 sparsity (2-bit in-group indices), SparseGPT mask and update (needs calibration)",
