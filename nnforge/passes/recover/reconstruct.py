@@ -19,18 +19,19 @@ batch's activations for the backward pass.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
 import torch
 
-from ...ir import Dense, Graph, Node, Value
+from ...ir import Graph, Value
 from ...ir.ops import RunContext, get_op
 from ..base import Pass, PassContext, PassError, register_pass
 from ..quantize.calibrate import check_calibration, last_uses
 from .blocks import Block, cut
 from .free import Tunable
+from .train import RecoveryOptions, check_free, relative_error, teacher_of
+from .train import tune as tune_deltas
 
 STRAIGHT_THROUGH = ("fake_quant", "dynamic_quant")
 FEW_VALUES_PER_PARAMETER = 10     # calibration output values per tuned number under which the pass warns
@@ -86,62 +87,23 @@ class _Run:
 
 @register_pass
 @dataclass
-class Reconstruct(Pass):
+class Reconstruct(RecoveryOptions, Pass):
     """Tune each block's free parameters to match the model before compression (see the module
-    docstring). ``steps``: optimiser steps per block (one calibration batch each); ``lr``: Adam's
-    learning rate on the relative deltas; ``budget_s``: wall-clock seconds for the whole pass, shared
-    out over the blocks still to do (a block stops at its steps or its share, whichever comes
-    first); ``held_out``: the fraction of calibration batches kept out to choose the parameters
-    kept; ``eval_every``: steps between held-out evaluations."""
+    docstring); the options are :class:`.train.RecoveryOptions`'s: ``steps`` per block,
+    ``budget_s`` shared out over the blocks still to do (a block stops at its steps or its share of
+    the seconds left, whichever comes first)."""
     name = "reconstruct"
     needs_calibration = True
-    steps: int = 200
-    lr: float = 1e-3
-    budget_s: float | None = None
-    held_out: float = 0.2
-    eval_every: int = 20
-
-    def __post_init__(self):
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
-            raise PassError(f"{self.name}: steps must be a non-negative integer, got {self.steps!r}")
-        if self.steps == 0:
-            raise PassError(f"{self.name}: steps=0 is a budget of zero: nothing would be tuned; give steps >= 1 "
-                            "(or leave the pass out)")
-        if self.budget_s is not None and (isinstance(self.budget_s, bool) or not isinstance(self.budget_s, (int, float))
-                                          or not self.budget_s > 0):
-            raise PassError(f"{self.name}: budget_s must be a positive number of seconds, got {self.budget_s!r} "
-                            "(a budget of zero tunes nothing; leave the pass out instead)")
-        if not isinstance(self.lr, (int, float)) or not self.lr > 0:
-            raise PassError(f"{self.name}: lr must be positive, got {self.lr!r}")
-        if not isinstance(self.held_out, (int, float)) or not 0 <= self.held_out < 1:
-            raise PassError(f"{self.name}: held_out must be a fraction in [0, 1), got {self.held_out!r}")
-        if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 1:
-            raise PassError(f"{self.name}: eval_every must be a positive integer, got {self.eval_every!r}")
 
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
-        teacher = ctx.reference
-        if teacher is None or teacher is graph:
-            raise PassError(f"{self.name}: no model before compression to reconstruct towards; run it in a recipe "
-                            "after a compression pass (e.g. 'w3-gptq+rec')")
+        teacher = teacher_of(ctx, graph, self.name)
         c = cut(graph)
         tunables = {b.name: {w.name: Tunable(w.encoding) for w in b.weights} for b in c.blocks}
-        compressed = [w for b in c.blocks for w in b.weights if not isinstance(w.encoding, Dense)]
-        if not compressed:
-            raise PassError(f"{self.name}: no weight of graph {graph.name}'s blocks is compressed, so there is nothing "
-                            "to recover; run it after a compression pass (e.g. 'w3-gptq+rec')")
-        if not any(tunables[b.name][w.name].size for b in c.blocks for w in b.weights if w in compressed):
-            kinds = sorted({w.encoding.describe() for w in compressed})
-            raise PassError(f"{self.name}: the compressed weights' encodings ({', '.join(kinds)}) leave no parameter "
-                            "free (codes and minifloat-coded scales are fixed): nothing to tune")
+        check_free(graph, {name: t for b in tunables.values() for name, t in b.items()}, self.name)
         batches = list(ctx.calibration)
-        n_held = min(len(batches) - 1, max(1, round(self.held_out * len(batches)))) if self.held_out else 0
-        if n_held <= 0 and self.held_out:
-            ctx.warn(f"{self.name}: one calibration batch: the parameters kept are chosen on the batch they were "
-                     "tuned on; give more batches")
         student, ref = _Run(graph, batches, self.name), _Run(teacher, batches, f"{self.name} (teacher)")
         order = torch.Generator().manual_seed(ctx.seed)
-        train = list(range(len(batches) - n_held)) if n_held else list(range(len(batches)))
-        held = list(range(len(batches) - n_held, len(batches))) if n_held else train
+        train, held = self.split(len(batches), ctx, self.name)
         curves, summary, few = {}, {}, {}
         started = time.perf_counter()
         from tqdm import tqdm
@@ -158,7 +120,14 @@ class Reconstruct(Pass):
                 n_values = sum(targets[b][o].numel() for b in train for o in targets[b])
                 if n_values < FEW_VALUES_PER_PARAMETER * n_params:
                     few[block.name] = round(n_values / n_params, 2)
-                curve, chosen = self._tune(block, tune, student, targets, train, held, order, share)
+                deltas = [d for t in tune.values() for d in t.deltas]
+
+                def loss(b, block=block, tune=tune, targets=targets):
+                    weights = {name: t.weight() for name, t in tune.items()}
+                    return self._loss(self._forward(block, student, b, weights), targets[b])
+                curve, chosen = tune_deltas(deltas, loss, train, held, steps=self.steps, lr=self.lr,
+                                            eval_every=self.eval_every, order=order, seconds=share,
+                                            who=f"{self.name}: block {block.name}")
                 curves[block.name] = curve
                 summary[block.name] = chosen
                 for name, t in tune.items():
@@ -212,55 +181,7 @@ class Reconstruct(Pass):
         return {o.name: env[o] for o in block.outputs if o.dtype.is_float}
 
     def _loss(self, outs: dict, targets: dict) -> torch.Tensor:
-        total = 0.0
-        for name, want in targets.items():
-            got = outs[name]
-            total = total + (got - want).pow(2).mean() / want.pow(2).mean().clamp(min=1e-30)
-        return total
-
-    def _held_out(self, block, tune, student, targets, held) -> float:
-        with torch.no_grad():
-            weights = {name: t.weight() for name, t in tune.items()}
-            return sum(float(self._loss(self._forward(block, student, b, weights), targets[b])) for b in held) / len(held)
-
-    def _tune(self, block: Block, tune: dict[str, Tunable], student: _Run, targets: list[dict], train: list[int],
-              held: list[int], order: torch.Generator, share: float | None) -> tuple[list, dict]:
-        deltas = [d for t in tune.values() for d in t.deltas]
-        opt = torch.optim.Adam(deltas, lr=self.lr)
-        t0 = time.perf_counter()
-        first = best = self._held_out(block, tune, student, targets, held)
-        best_step, kept = 0, [d.detach().clone() for d in deltas]
-        curve = [{"step": 0, "held_out": round(first, 6)}]
-        seq: list[int] = []
-        running, counted, step = 0.0, 0, 0
-        for step in range(1, self.steps + 1):
-            if not seq:
-                seq = [train[i] for i in torch.randperm(len(train), generator=order).tolist()]
-            b = seq.pop()
-            opt.zero_grad(set_to_none=True)
-            weights = {name: t.weight() for name, t in tune.items()}
-            loss = self._loss(self._forward(block, student, b, weights), targets[b])
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise PassError(f"{self.name}: block {block.name}'s loss is {value} at step {step}: lower lr "
-                                f"(now {self.lr})")
-            loss.backward()
-            opt.step()
-            running, counted = running + value, counted + 1
-            out_of_time = share is not None and time.perf_counter() - t0 >= share
-            if step % self.eval_every == 0 or step == self.steps or out_of_time:
-                now = self._held_out(block, tune, student, targets, held)
-                curve.append({"step": step, "train": round(running / counted, 6), "held_out": round(now, 6)})
-                running, counted = 0.0, 0
-                if now < best:
-                    best, best_step, kept = now, step, [d.detach().clone() for d in deltas]
-            if out_of_time:
-                break
-        with torch.no_grad():
-            for d, k in zip(deltas, kept):
-                d.copy_(k)
-        return curve, {"before": round(first, 6), "after": round(best, 6), "step_kept": best_step, "steps": step,
-                       "seconds": round(time.perf_counter() - t0, 2)}
+        return sum(relative_error(outs[name], want) for name, want in targets.items())
 
 
 __all__ = ["Reconstruct"]
