@@ -126,6 +126,10 @@ PRESETS: dict[str, tuple[str, list[dict]]] = {
     "rec": ("block reconstruction after the presets before it: each transformer block's free parameters (scales, "
             "LUT entries, kept sparse values, low-rank factors, norms and biases) tuned to match the model before "
             "compression, codes and masks kept (needs calibration)", [{"pass": "reconstruct"}]),
+    "distill": ("knowledge distillation after the presets before it: the free parameters tuned end to end to match "
+                "the model before compression (outputs, or a decoder's logits, and every block's hidden states); "
+                "sparsity in blocks reached gradually from the dense weights, oBERT style (needs calibration)",
+                [{"pass": "distill", "gradual": 4}]),
     # KV-cache encodings (docs/kv_cache.md): alone they leave the weights as they are; after a
     # weight preset with '+' they run after its passes (w4-gptq+kv4)
     "kv8": ("int8 KV cache, symmetric, a float16 scale per token and group of 64 channels",
@@ -234,7 +238,7 @@ def _preset_configs(name: str) -> list[dict] | None:
     return None
 
 
-RECOVERY_PASSES = ("reconstruct",)
+RECOVERY_PASSES = ("reconstruct", "distill")
 
 
 def _check_recovery_after(configs: list[dict], name: str) -> None:

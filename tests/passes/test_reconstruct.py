@@ -16,7 +16,7 @@ from nnforge.ir.sparse import Sparse
 from nnforge.passes import PassContext, PassError, PassManager, QuantizeRTN, resolve_recipe
 from nnforge.passes.cleanup import cleanup_passes
 from nnforge.passes.quantize.formats import parse_format, quantize_rtn
-from nnforge.passes.recover import Reconstruct, Tunable, free_fields
+from nnforge.passes.recover import Distill, Reconstruct, Tunable, free_fields
 from nnforge.passes.recover.blocks import cut, layer_key
 
 
@@ -212,12 +212,12 @@ def test_too_little_calibration_is_a_warning_naming_the_ratio(stack):
 
 
 @pytest.mark.parametrize("recipe", ["w3-gptq+rec", "sparse24+rec", "palettize-3+rec", "rot+w4-gptq+rec",
-                                    "w4-gptq+rec+kv4"])
-def test_recovery_presets_resolve_with_reconstruct_after_the_compression(recipe):
+                                    "w4-gptq+rec+kv4", "block-sparse-80+distill", "sparse24+rec+distill"])
+def test_recovery_presets_resolve_after_the_compression(recipe):
     passes = resolve_recipe(recipe)[1]
     names = [p.name for p in passes]
-    assert "reconstruct" in names and names.index("reconstruct") > 0
-    assert all(p.rewrites_state for p in passes[names.index("reconstruct") + 1:])
+    first = min(names.index(n) for n in ("reconstruct", "distill") if n in names)
+    assert first > 0 and all(p.rewrites_state or p.name in ("reconstruct", "distill") for p in passes[first:])
 
 
 @pytest.mark.parametrize("recipe, msg", [("rec+w3-gptq", "quantize_gptq would come after it"),
@@ -241,3 +241,57 @@ def test_sparse_tunables_decode_as_the_encoding_with_and_without_row_scales(patt
             for d in t.deltas:
                 d.add_(0.03)
         assert torch.allclose(t.weight().detach(), t.encoding().decode(), rtol=1e-6, atol=1e-9)
+
+
+# --- distillation ---------------------------------------------------------------------------------
+def test_distillation_brings_int3_back_on_inputs_it_never_saw(stack):
+    calibration, fresh = _data(8, 1), _data(4, 99)
+    rtn = [QuantizeRTN(format="int3", group_size=16, ragged_groups=True)]
+    one_shot = _compressed(stack, rtn, calibration)
+    pm = PassManager(rtn + [Distill(steps=120, lr=3e-3)])
+    recovered = pm.run(stack, PassContext(calibration=calibration))
+    assert _error(recovered, stack, fresh) < 0.6 * _error(one_shot, stack, fresh)
+    figs = pm.records[-1].figures
+    assert figs["held_out_error"]["after"] < figs["held_out_error"]["before"] and len(figs["loss_curve"]) > 2
+
+
+def test_gradual_pruning_ends_at_the_recipes_sparsity_and_pattern(stack):
+    from nnforge.passes.prune.sparsity import PruneMagnitude
+    calibration, fresh = _data(8, 1), _data(4, 99)
+    prune = [PruneMagnitude(pattern="block4x1", sparsity=0.8)]
+    one_shot = _compressed(stack, prune, calibration)
+    pm = PassManager(prune + [Distill(steps=90, lr=3e-3, gradual=3, gradual_steps=45)])
+    g = pm.run(stack, PassContext(calibration=calibration))
+    sparse = [n for n, v in one_shot.weights.items() if isinstance(v.encoding, Sparse)]
+    assert sparse
+    for n in sparse:
+        a, b = one_shot.weights[n].encoding, g.weights[n].encoding
+        assert isinstance(b, Sparse) and b.pattern == a.pattern and b.values.numel == a.values.numel
+    in_blocks = [n for n in sparse if n.startswith("layers.")]   # embed and head lie outside the blocks
+    assert pm.records[-1].figures["gradual"] == {"stages": 3, "steps": 45, "weights": len(in_blocks)}
+    assert pm.records[-1].figures["held_out_error"]["step_kept"] >= 31       # never from before the last stage
+    assert _error(g, stack, fresh) < _error(one_shot, stack, fresh)
+
+
+def test_gradual_pruning_without_block_sparsity_is_left_out_with_a_warning(stack):
+    pm = PassManager([QuantizeRTN(format="int3", group_size=16, ragged_groups=True), Distill(steps=4, gradual=2,
+                                                                                             gradual_steps=2)])
+    pm.run(stack, PassContext(calibration=_data(3, 1)))
+    assert any("gradual=2 left out" in w for w in pm.records[-1].warnings)
+
+
+@pytest.mark.parametrize("opts, msg", [({"steps": 0}, "budget of zero"), ({"hidden": -1}, "hidden"),
+                                       ({"temperature": 0}, "temperature"),
+                                       ({"steps": 10, "gradual": 4, "gradual_steps": 10}, "gradual_steps must leave"),
+                                       ({"steps": 10, "gradual": 4, "gradual_steps": 2}, "between 4 and steps - 1")])
+def test_distill_options_are_checked(opts, msg):
+    with pytest.raises(PassError, match=msg):
+        Distill(**opts)
+
+
+def test_logits_are_distilled_by_kl_divergence():
+    d = Distill()
+    logits = torch.randn(2, 5, 11)
+    assert float(d._output_loss("logits", logits, logits)) == pytest.approx(0.0, abs=1e-6)
+    assert float(d._output_loss("logits", logits, logits + 3.0)) == pytest.approx(0.0, abs=1e-5)   # shift-invariant
+    assert float(d._output_loss("logits", logits, logits * 2)) > 0
