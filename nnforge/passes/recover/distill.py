@@ -35,7 +35,7 @@ from ..prune.sparsity import magnitude_keep
 from .blocks import cut
 from .free import Tunable
 from .reconstruct import STRAIGHT_THROUGH
-from .train import RecoveryOptions, check_free, relative_error, teacher_of
+from .train import Decoded, RecoveryOptions, check_free, relative_error, teacher_of
 from .train import tune as tune_deltas
 
 
@@ -160,22 +160,7 @@ class Distill(RecoveryOptions, Pass):
             except (ValueError, TypeError) as e:
                 raise PassError(f"{self.name}: calibration batch {i} does not fit the model's inputs: {e}") from None
         train, held = self.split(len(batches), ctx, self.name)
-        decoded: dict = {}
-
-        def fixed(v):
-            hit = decoded.get(v.name)
-            if hit is None:
-                data = v.encoding.decode(torch.float32 if v.encoding.dtype.is_float else None)
-                hit = decoded[v.name] = data.float() if data.is_floating_point() else data
-            return hit
-        teacher_w: dict = {}
-
-        def teacher_weight(v):
-            hit = teacher_w.get(v.name)
-            if hit is None:
-                data = v.encoding.decode(torch.float32 if v.encoding.dtype.is_float else None)
-                hit = teacher_w[v.name] = data.float() if data.is_floating_point() else data
-            return hit
+        fixed, teacher_weight = Decoded(), Decoded()
         want = hidden | outputs
 
         def loss(b: int) -> torch.Tensor:

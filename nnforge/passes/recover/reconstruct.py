@@ -24,13 +24,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ...ir import Graph, Value
+from ...ir import Graph
 from ...ir.ops import RunContext, get_op
 from ..base import Pass, PassContext, PassError, register_pass
 from ..quantize.calibrate import check_calibration, last_uses
 from .blocks import Block, cut
 from .free import Tunable
-from .train import RecoveryOptions, check_free, relative_error, teacher_of
+from .train import Decoded, RecoveryOptions, check_free, relative_error, teacher_of
 from .train import tune as tune_deltas
 
 STRAIGHT_THROUGH = ("fake_quant", "dynamic_quant")
@@ -50,15 +50,7 @@ class _Run:
         self.index = {n: i for i, n in enumerate(graph.nodes)}
         self.made = {o.name: (o, i) for i, n in enumerate(graph.nodes) for o in n.outputs}
         self.pos = 0
-        self._decoded: dict[str, tuple[object, torch.Tensor]] = {}
-
-    def weight(self, v: Value) -> torch.Tensor:
-        enc = v.encoding
-        hit = self._decoded.get(v.name)
-        if hit is None or hit[0] is not enc:
-            data = enc.decode(torch.float32 if enc.dtype.is_float else None)
-            hit = self._decoded[v.name] = (enc, data.float() if data.is_floating_point() else data)
-        return hit[1]
+        self.weight = Decoded()
 
     def upto(self, stop: int, keep: set | None = None) -> None:
         """Run nodes ``pos..stop-1`` over every batch (no gradients); values are freed after their
@@ -81,7 +73,7 @@ class _Run:
                             vals.pop(v, None)
                 for v in node.inputs:
                     if v is not None and v.is_weight and self.last.get(v, -1) <= i:
-                        self._decoded.pop(v.name, None)
+                        self.weight.drop(v.name)
         self.pos = max(self.pos, stop)
 
 

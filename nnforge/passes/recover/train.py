@@ -126,9 +126,28 @@ def tune(deltas: list[torch.Tensor], loss: Callable[[int], torch.Tensor], train:
                    "seconds": round(time.perf_counter() - t0, 2)}
 
 
+class Decoded:
+    """Weights decoded once (float ones as float32), again only when their encoding is replaced;
+    ``drop(name)`` frees one."""
+
+    def __init__(self):
+        self._cache: dict[str, tuple[object, torch.Tensor]] = {}
+
+    def __call__(self, v) -> torch.Tensor:
+        enc = v.encoding
+        hit = self._cache.get(v.name)
+        if hit is None or hit[0] is not enc:
+            data = enc.decode(torch.float32 if enc.dtype.is_float else None)
+            hit = self._cache[v.name] = (enc, data.float() if data.is_floating_point() else data)
+        return hit[1]
+
+    def drop(self, name: str) -> None:
+        self._cache.pop(name, None)
+
+
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
     """Squared error over the target's mean square: every output weighs the same whatever its scale."""
     return (got - want).pow(2).mean() / want.pow(2).mean().clamp(min=1e-30)
 
 
-__all__ = ["RecoveryOptions", "relative_error", "tune"]
+__all__ = ["Decoded", "RecoveryOptions", "check_free", "relative_error", "teacher_of", "tune"]
