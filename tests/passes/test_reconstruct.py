@@ -295,3 +295,19 @@ def test_logits_are_distilled_by_kl_divergence():
     assert float(d._output_loss("logits", logits, logits)) == pytest.approx(0.0, abs=1e-6)
     assert float(d._output_loss("logits", logits, logits + 3.0)) == pytest.approx(0.0, abs=1e-5)   # shift-invariant
     assert float(d._output_loss("logits", logits, logits * 2)) > 0
+
+
+def test_a_recovered_recipe_compiles_verifies_and_runs_as_the_interpreter(tmp_path):
+    import nnforge as nf
+    torch.manual_seed(0)
+    model = _Stack().eval()
+    calibration = _data(6, 1)
+    recipe = [{"preset": "w3-gptq"}, {"preset": "rec", "steps": 10, "lr": 0.003}]
+    bundle = nf.compile(model, "onnx", recipe, example_inputs=calibration[0], calibration=calibration,
+                        out=tmp_path / "b")
+    nf.verify(bundle.path)
+    (rec,) = [p for p in bundle.manifest["passes"] if p["name"] == "reconstruct"]
+    assert set(rec["figures"]["loss_curve"]) == {"layers.0", "layers.1", "layers.2"}
+    x = _data(1, 77)[0][0]
+    got = torch.as_tensor(nf.load(bundle.path)(x.numpy()))
+    torch.testing.assert_close(got, run_graph(bundle.graph(), [x])[0], rtol=1e-4, atol=1e-5)
