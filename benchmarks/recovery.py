@@ -198,8 +198,8 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="default,llm")
     p.add_argument("--recipes", help=f"default: {','.join(DEFAULT_RECIPES)} on the default model, "
                                      f"{','.join(LLM_RECIPES)} on the LLM")
-    p.add_argument("--steps", type=int, default=Reconstruct.steps)
-    p.add_argument("--lr", type=float, default=Reconstruct.lr)
+    p.add_argument("--steps", type=int, help="the recovery pass's steps (default: its own)")
+    p.add_argument("--lr", type=float, help="the recovery pass's learning rate (default: its own)")
     p.add_argument("--budget-s", type=float)
     p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--window", type=int, default=512)
@@ -210,7 +210,7 @@ def main(argv=None) -> int:
     if args.from_json:
         write_tables(json.loads(path.read_text()))
         return 0
-    options = {"steps": args.steps, "lr": args.lr, **({"budget_s": args.budget_s} if args.budget_s else {})}
+    options = {k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("budget_s", args.budget_s)) if v}
     chosen = [x for x in (args.recipes or "").split(",") if x]
     for r in chosen:
         split(r)

@@ -105,6 +105,7 @@ class Distill(RecoveryOptions, Pass):
     0 for none) and ``gradual_steps`` (the steps the schedule takes; default half of ``steps``)."""
     name = "distill"
     needs_calibration = True
+    lr: float = 5e-3
     hidden: float = 1.0
     temperature: float = 1.0
     gradual: int = 0

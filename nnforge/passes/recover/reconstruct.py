@@ -86,6 +86,7 @@ class Reconstruct(RecoveryOptions, Pass):
     the seconds left, whichever comes first)."""
     name = "reconstruct"
     needs_calibration = True
+    lr: float = 1e-2
 
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
         teacher = teacher_of(ctx, graph, self.name)
