@@ -311,3 +311,19 @@ def test_a_recovered_recipe_compiles_verifies_and_runs_as_the_interpreter(tmp_pa
     x = _data(1, 77)[0][0]
     got = torch.as_tensor(nf.load(bundle.path)(x.numpy()))
     torch.testing.assert_close(got, run_graph(bundle.graph(), [x])[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_decoder_with_dynamic_activations_is_reconstructed_per_layer_and_compiles(tmp_path):
+    """A tiny Llama through nf.compile with w4a8+rec: the blocks are its layers (their caches among
+    the outputs matched), activation rounding passes gradients straight through, and the bundle runs."""
+    import nnforge as nf
+    from tests.frontend.decoders.families import llama_directory
+    root = llama_directory(tmp_path / "llm", words=300)
+    recipe = [{"preset": "w4a8"}, {"preset": "rec", "steps": 12, "eval_every": 4, "lr": 0.001}]
+    bundle = nf.compile(root / "model", "onnx", recipe, calibration=root / "calib.txt", out=tmp_path / "b", max_len=32)
+    (rec,) = [p for p in bundle.manifest["passes"] if p["name"] == "reconstruct"]
+    errors = rec["figures"]["held_out_error"]
+    assert list(errors) == [f"model.layers.{i}" for i in range(len(errors))] and len(errors) >= 2
+    assert all(e["after"] <= e["before"] for e in errors.values())
+    assert any(e["after"] < e["before"] for e in errors.values())
+    assert nf.verify(bundle.path)["passed"]
