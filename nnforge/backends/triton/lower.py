@@ -209,6 +209,8 @@ def lower_graph(graph: Graph, target: Target, files_out, toolchain: dict) -> Art
         save_file(packed, os.fspath(files_out.path(PACKED_FILE)), metadata={"producer": "nnforge triton backend"})
         files.append(PACKED_FILE)
     hadamards, torch_hadamards = kernel_hadamards(graph, target)
+    if hadamards:                          # the bundle carries every kernel it runs, the rotation's too
+        used.add("hadamard")
     int_linears = act_linears(graph, target, linears)
     if int_linears:
         used.add("intact")

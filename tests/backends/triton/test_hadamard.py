@@ -121,6 +121,7 @@ def test_compiled_graph_runs_the_kernel(tmp_path, monkeypatch):
     g = _graph(32)
     lowered = conftest.lower_into(TritonBackend(), g, "h100", tmp_path)
     assert lowered.entry["hadamards"] == ["rotate"] and lowered.fallbacks == []
+    assert "hadamard" in lowered.entry["kernels"] and "kernels/hadamard.py" in lowered.files
     calls = []
     kernel = hk.hadamard
     monkeypatch.setattr(hk, "hadamard", lambda x, block: calls.append(block) or kernel(x, block))
