@@ -54,6 +54,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/llm_targets.py
 	$(PY) benchmarks/outliers.py
 	$(PY) benchmarks/slicing.py
+	$(PY) benchmarks/recovery.py
 
 clean:
 	rm -rf bundles build *.egg-info .pytest_cache
