@@ -23,6 +23,7 @@ examples do); a run the peer cannot do on this model or on CPU is a row with its
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -114,7 +115,10 @@ def _call_worker(req: dict, work: Path) -> dict:
     py = ensure_venv(work)
     # per process, so that two runs sharing the environment never read each other's result
     request, result = work / f"outlier-peers-request-{os.getpid()}.json", work / f"outlier-peers-result-{os.getpid()}.json"
-    request.write_text(json.dumps(req))
+    # the rows of a run that was stopped, by what was asked (runs aside): a rerun only runs the rest
+    asked = hashlib.sha256(json.dumps({k: v for k, v in req.items() if k != "runs"}, sort_keys=True).encode())
+    done = work / f"outlier-peers-done-{asked.hexdigest()[:16]}.jsonl"
+    request.write_text(json.dumps({**req, "done_file": str(done)}))
     result.unlink(missing_ok=True)
     # torch's OpenMP threads spin at barriers by default, which stalls them on shared cores
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -131,7 +135,9 @@ def _call_worker(req: dict, work: Path) -> dict:
                 print(line, end="", file=sys.stderr, flush=True)
     if proc.returncode != 0 or not result.is_file():
         raise OutlierPeerError(f"the peers' worker ({WORKER.name}, request {request}, its stdout in {log}) failed "
-                               f"(exit {proc.returncode}):\n" + "".join(tail))
+                               f"(exit {proc.returncode}; the runs it finished are kept in {done.name} for the "
+                               "next run):\n" + "".join(tail))
+    done.unlink(missing_ok=True)          # complete: a later run measures again
     return json.loads(result.read_text())
 
 

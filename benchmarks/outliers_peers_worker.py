@@ -277,16 +277,38 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def _spec_key(spec: dict) -> str:
+    return f"{spec['peer']}:{spec['scheme']}:{spec.get('rotation') or ''}"
+
+
 def run(request: dict) -> dict:
+    """Every run of ``request`` (the fp32 row first). With ``done_file``, each finished row is
+    appended to it as it ends, and rows it already holds (a run that was stopped) are not run again."""
     torch.set_num_threads(int(request.get("threads", 2)))
     torch.manual_seed(0)
+    done_file = Path(request["done_file"]) if request.get("done_file") else None
+    done = {}
+    if done_file is not None and done_file.is_file():
+        for line in done_file.read_text().splitlines():
+            if line.strip():
+                entry = json.loads(line)
+                done[entry["key"]] = entry["row"]
     rows = []
     for spec in [dict(zip(("peer", "scheme", "rotation"), FP32)), *request["runs"]]:
+        key = _spec_key(spec)
+        if key in done:
+            rows.append(done[key])
+            print(f"outlier peers worker: {key}: kept from the stopped run in {done_file.name}", file=sys.stderr,
+                  flush=True)
+            continue
         t0 = time.perf_counter()
         one = run_encoder_one if request.get("task") == "encoder" else run_one
         rows.append(one(request, spec["peer"], spec["scheme"], spec.get("rotation")))
         rows[-1]["wall_s"] = round(time.perf_counter() - t0, 1)
         r = rows[-1]
+        if done_file is not None:
+            with open(done_file, "a") as f:
+                f.write(json.dumps({"key": key, "row": r}) + "\n")
         figure = "error" if r["error"] else format(r["perplexity"], ".3f") if "perplexity" in r else "done"
         print(f"outlier peers worker: {r['peer']} {r['scheme']}{' + ' + r['rotation'] if r['rotation'] else ''}: "
               f"{figure} in {r['wall_s']:.0f} s", file=sys.stderr, flush=True)

@@ -138,3 +138,25 @@ def test_outliers_writes_the_peer_tables_per_model(tmp_path, monkeypatch):
     assert "| auto-round 0.15.1 | W4A4 | Hadamard | - | - | no layout |" in text
     assert "| llm-compressor 0.14.0.1 | W4A8 | - | 0.9800 | 90.0% | - |" in text
     assert text.count("<!-- table:outliers-peers") == 2 and "table:outliers-llm" not in text
+
+
+def test_a_stopped_run_keeps_its_finished_rows_and_a_rerun_runs_only_the_rest(tmp_path, monkeypatch):
+    ran = []
+
+    def one(request, peer, scheme, rotation):
+        ran.append((peer, scheme, rotation))
+        if scheme == "W4A4":
+            raise KeyboardInterrupt                  # the run is stopped here
+        return {"peer": peer, "scheme": scheme, "rotation": rotation, "error": None, "perplexity": 1.0}
+    monkeypatch.setattr(worker, "run_one", one)
+    done = tmp_path / "done.jsonl"
+    request = {"done_file": str(done), "runs": [{"peer": "llm-compressor", "scheme": "W4A8", "rotation": None},
+                                                {"peer": "llm-compressor", "scheme": "W4A4", "rotation": None}]}
+    with pytest.raises(KeyboardInterrupt):
+        worker.run(request)
+    assert len(done.read_text().splitlines()) == 2 and len(ran) == 3  # fp32 and W4A8 kept
+    monkeypatch.setattr(worker, "run_one", lambda r, p, s, rot: one(r, p, "W4A4b" if s == "W4A4" else s, rot))
+    ran.clear()
+    out = worker.run(request)
+    assert ran == [("llm-compressor", "W4A4b", None)]
+    assert [r["scheme"] for r in out["rows"]] == ["fp32", "W4A8", "W4A4b"]
