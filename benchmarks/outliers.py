@@ -51,12 +51,13 @@ OUT = HERE / "out"
 PRESETS = ["w4-gptq", "w4a8", "w4a4", "nvfp4-a4"]
 # weight-only methods for outliers, each beside the GPTQ preset on its grid
 WEIGHT_PRESETS = ["w4-gptq", "w4-awq", "w3-gptq", "w3-spqr"]
-ROTATED_FORM = {"w4a4": "w4a4-rot", "nvfp4-a4": "nvfp4-a4-rot"}     # presets with a -rot name
+ROTATED_FORM = {"w4a8": "w4a8-rot", "w4a4": "w4a4-rot", "nvfp4-a4": "nvfp4-a4-rot"}     # presets with a -rot name
 
 
-def variants(presets: list[str]) -> list[str]:
-    """Each preset, then its rotated form."""
-    return [name for p in presets for name in (p, ROTATED_FORM.get(p, f"rot+{p}"))]
+def variants(presets: list[str], which: str = "both") -> list[str]:
+    """Each preset, then its rotated form (``which``: "both", "plain" or "rotated")."""
+    return [name for p in presets for name, rotated in ((p, False), (ROTATED_FORM.get(p, f"rot+{p}"), True))
+            if which == "both" or (which == "rotated") == rotated]
 
 
 def linear_bits(graph, numel: int) -> float:
@@ -314,6 +315,8 @@ def main(argv=None) -> int:
     p.add_argument("--autoround-iters", type=int, default=200, help="auto-round's SignRound steps per block")
     p.add_argument("--peers-only", action="store_true", help="only the peers' rows (with --peers): nnforge's rows "
                    "stay as benchmarks/out/outliers.json holds them")
+    p.add_argument("--variants", choices=("both", "plain", "rotated"), default="both",
+                   help="which forms of --presets to run (the others' rows stay as outliers.json holds them)")
     p.add_argument("--from-json", action="store_true", help="rewrite the tables from benchmarks/out/outliers.json")
     args = p.parse_args(argv)
     path = OUT / "outliers.json"
@@ -325,7 +328,7 @@ def main(argv=None) -> int:
     presets = [x for x in args.presets.split(",") if x]
     weights = [x for x in args.weights.split(",") if x]
     models = [m for m in args.models.split(",") if m]
-    recipes = variants(presets) + [w for w in weights if w not in variants(presets)]
+    recipes = variants(presets, args.variants) + [w for w in weights if w not in variants(presets)]
     if args.peers_only:
         if not args.peers:
             p.error("--peers-only needs --peers")

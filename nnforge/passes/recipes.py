@@ -33,12 +33,19 @@ from .base import PASSES, Pass, PassError
 # Presets: name -> (description, list of pass configs)
 _GPTQ = {"pass": "quantize_gptq", "act_order": True}
 _ROT = [{"pass": "rotate"}]
-# the activation presets' weights fit their scales by the MSE search (formats.WeightFormat.fit): with
-# 4-bit activations on top, the weights' own error is most of what is left
-_W4A4 = [{**_GPTQ, "static_groups": True, "format": "int4", "group_size": 128, "ragged_groups": True,
-          "observer": "mse"},
+_W4A4 = [{**_GPTQ, "static_groups": True, "format": "int4", "group_size": 128, "ragged_groups": True},
          {"pass": "quantize_activations", "format": "int4", "dynamic": True, "clip": 0.9}]
-_NVFP4_A4 = [{**_GPTQ, "format": "nvfp4", "observer": "mse"}, {"pass": "quantize_activations", "format": "nvfp4"}]
+_NVFP4_A4 = [{**_GPTQ, "format": "nvfp4"}, {"pass": "quantize_activations", "format": "nvfp4"}]
+_W4A8 = [{**_GPTQ, "static_groups": True, "format": "uint4", "group_size": 128, "ragged_groups": True},
+         {"pass": "quantize_activations", "format": "int8", "dynamic": True}]
+
+
+def _mse(configs: list[dict]) -> list[dict]:
+    """``configs`` with the weight quantiser's scales fitted by the MSE search (formats.WeightFormat.fit).
+    The rotated presets use it: rotated weights are near Gaussian, and clipping their few large
+    values pays; unrotated LLM weights keep outliers that matter (on Gemma 3 270M the MSE search made
+    plain w4a8 worse and rotated w4a8 better)."""
+    return [{**c, "observer": "mse"} if c["pass"] == "quantize_gptq" else c for c in configs]
 PRESETS: dict[str, tuple[str, list[dict]]] = {
     "fp32": ("no compression", []),
     "w8": ("int8 weights, per-channel scales, round-to-nearest",
@@ -84,15 +91,11 @@ PRESETS: dict[str, tuple[str, list[dict]]] = {
                  [{"pass": "quantize_rtn", "format": "e4m3"}, {"pass": "quantize_activations", "format": "e4m3"}]),
     # dynamic activations (passes/quantize/activations.py); a decoder's LM head keeps float inputs, as
     # every pass that selects layers leaves the head to its own format (with_head_format)
-    "w4a8": ("w4-gptq's int4 grid with scales searched for the least error (observer mse) and int8 activations, "
-             "dynamic per token (needs calibration)",
-             [{**_GPTQ, "static_groups": True, "format": "uint4", "group_size": 128, "ragged_groups": True,
-               "observer": "mse"},
-              {"pass": "quantize_activations", "format": "int8", "dynamic": True}]),
-    "w4a4": ("int4 weights (symmetric, groups of 128, GPTQ, observer mse) and int4 activations, dynamic per token with "
+    "w4a8": ("w4-gptq's int4 weights and int8 activations, dynamic per token (needs calibration)", _W4A8),
+    "w4a4": ("int4 weights (symmetric, groups of 128, GPTQ) and int4 activations, dynamic per token with "
              "ranges clipped to 0.9 (needs calibration; made for rotated models: w4a4-rot)",
              _W4A4),
-    "nvfp4-a4": ("NVFP4 weights (GPTQ, observer mse) and NVFP4 activations (blocks of 16 scaled at run time, the tensor "
+    "nvfp4-a4": ("NVFP4 weights (GPTQ) and NVFP4 activations (blocks of 16 scaled at run time, the tensor "
                  "scale calibrated) (needs calibration; made for rotated models: nvfp4-a4-rot)",
                  _NVFP4_A4),
     "sparse24": ("2:4 sparsity (2-bit in-group indices), SparseGPT mask and update (needs calibration)",
@@ -117,11 +120,14 @@ PRESETS: dict[str, tuple[str, list[dict]]] = {
     "rot": ("rotations, QuaRot style: a randomised Hadamard folded into the residual stream and per attention "
             "head, online Hadamards before the linears still unrotated (the MLP down projections) and on queries "
             "and keys; the fp32 function unchanged", _ROT),
-    "w4a4-rot": ("rot, then w4a4: QuaRot's W4A4 (needs calibration)", _ROT + _W4A4),
+    "w4a8-rot": ("rot, then w4a8 with the weight scales fitted by the MSE search (observer mse) (needs calibration)",
+                 _ROT + _mse(_W4A8)),
+    "w4a4-rot": ("rot, then w4a4 with the weight scales fitted by the MSE search: QuaRot's W4A4 (needs calibration)",
+                 _ROT + _mse(_W4A4)),
     # rotations of NVFP4's own scale block (MR-GPTQ): a whole-width one spreads a block's outliers
     # into every block
-    "nvfp4-a4-rot": ("rot in blocks of 16, then nvfp4-a4 (needs calibration)",
-                     [{"pass": "rotate", "block": 16}] + _NVFP4_A4),
+    "nvfp4-a4-rot": ("rot in blocks of 16, then nvfp4-a4 with the weight scales fitted by the MSE search "
+                     "(needs calibration)", [{"pass": "rotate", "block": 16}] + _mse(_NVFP4_A4)),
     # recovery (passes/recover): after the presets it recovers, joined with '+' ('w3-gptq+rec')
     "rec": ("block reconstruction after the presets before it: each transformer block's free parameters (scales, "
             "LUT entries, kept sparse values, low-rank factors, norms and biases) tuned to match the model before "

@@ -41,3 +41,9 @@ def test_a_run_of_some_presets_keeps_the_models_other_rows(outliers):
     assert out["rows"] == [{"model": "B", "recipe": "w4a8"}, {"model": "B", "recipe": "fp32"},
                            {"model": "B", "recipe": "w4-awq"}]
     assert out["args"]["presets"] == ["w4a8"] and out["args"]["weights"] == ["w4-awq"]
+
+
+def test_variants_give_each_preset_and_its_rotated_form(outliers):
+    assert outliers.variants(["w4a8", "w4-gptq"]) == ["w4a8", "w4a8-rot", "w4-gptq", "rot+w4-gptq"]
+    assert outliers.variants(["w4a8", "w4-gptq"], "rotated") == ["w4a8-rot", "rot+w4-gptq"]
+    assert outliers.variants(["w4a4"], "plain") == ["w4a4"]
