@@ -178,6 +178,27 @@ def pass_warnings(manifest: dict) -> list[str]:
     return [f"  warning: {w}" for r in manifest.get("passes", []) for w in r.get("warnings", [])]
 
 
+def recovery_lines(manifest: dict) -> list[str]:
+    """What the recovery passes (reconstruct, distill) did: the held-out error before and after."""
+    out = []
+    for r in manifest.get("passes", []):
+        f = r.get("figures") or {}
+        err = f.get("held_out_error")
+        if not isinstance(err, dict) or not err:
+            continue
+        tuned = f"{f.get('tuned_parameters')} parameters tuned in {f.get('seconds')} s"
+        if r.get("name") == "reconstruct":
+            mean = {k: sum(e[k] for e in err.values()) / len(err) for k in ("before", "after")}
+            worst = max(err, key=lambda b: err[b]["after"])
+            out.append(f"  reconstruct: {len(err)} blocks, held-out error {mean['before']:.4g} -> {mean['after']:.4g} "
+                       f"on average, the worst block {worst} {err[worst]['before']:.4g} -> {err[worst]['after']:.4g}; "
+                       f"{tuned}")
+        elif r.get("name") == "distill" and "before" in err:
+            out.append(f"  distill: held-out loss {err['before']:.4g} -> {err['after']:.4g} (step {err['step_kept']} "
+                       f"of {err['steps']} kept); {tuned}")
+    return out
+
+
 def _db(x) -> str:
     return x if isinstance(x, str) else f"{x:.1f}"
 
@@ -224,6 +245,7 @@ def describe_bundle(bundle, layers: bool = False) -> list[str]:
         quants = {f["quant"] for f in fused.values()}
         out.append(f"  integer linears: {len(fused)} run on the int8 codes of their {len(quants)} per-token "
                    "dynamic_quant(s) (backend.entry.act_linears)")
+    out += recovery_lines(m)
     out += pass_warnings(m)
     out += describe(m, layers=layers)
     if layers:

@@ -308,6 +308,9 @@ def test_a_recovered_recipe_compiles_verifies_and_runs_as_the_interpreter(tmp_pa
     nf.verify(bundle.path)
     (rec,) = [p for p in bundle.manifest["passes"] if p["name"] == "reconstruct"]
     assert set(rec["figures"]["loss_curve"]) == {"layers.0", "layers.1", "layers.2"}
+    from nnforge.cli import describe_bundle                       # nnforge inspect BUNDLE
+    (line,) = [x for x in describe_bundle(bundle) if x.startswith("  reconstruct:")]
+    assert "3 blocks, held-out error" in line and "the worst block layers." in line and "parameters tuned" in line
     x = _data(1, 77)[0][0]
     got = torch.as_tensor(nf.load(bundle.path)(x.numpy()))
     torch.testing.assert_close(got, run_graph(bundle.graph(), [x])[0], rtol=1e-4, atol=1e-5)
@@ -327,3 +330,13 @@ def test_a_decoder_with_dynamic_activations_is_reconstructed_per_layer_and_compi
     assert all(e["after"] <= e["before"] for e in errors.values())
     assert any(e["after"] < e["before"] for e in errors.values())
     assert nf.verify(bundle.path)["passed"]
+
+
+def test_inspect_says_what_distillation_did():
+    from nnforge.cli import recovery_lines
+    m = {"passes": [{"name": "distill", "figures": {"tuned_parameters": 1200, "seconds": 3.5,
+                                                    "held_out_error": {"before": 0.28, "after": 0.18,
+                                                                       "step_kept": 260, "steps": 300}}},
+                    {"name": "quantize_gptq", "figures": {}}]}
+    assert recovery_lines(m) == ["  distill: held-out loss 0.28 -> 0.18 (step 260 of 300 kept); 1200 parameters "
+                                 "tuned in 3.5 s"]
