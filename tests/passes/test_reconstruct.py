@@ -340,3 +340,16 @@ def test_inspect_says_what_distillation_did():
                     {"name": "quantize_gptq", "figures": {}}]}
     assert recovery_lines(m) == ["  distill: held-out loss 0.28 -> 0.18 (step 260 of 300 kept); 1200 parameters "
                                  "tuned in 3.5 s"]
+
+
+@pytest.mark.parametrize("recovery", [Reconstruct(steps=2), Distill(steps=2)])
+def test_a_teacher_without_the_students_block_outputs_is_refused_naming_the_value(stack, recovery):
+    student = QuantizeRTN(format="int3", group_size=16, ragged_groups=True)(stack.copy())
+    teacher = stack.copy()
+    out = cut(teacher).blocks[0].outputs[0]
+    name = out.name
+    teacher.rename(out, f"{name}_moved")                         # as a structural pass in between would
+    ctx = PassContext(calibration=_data(3, 1))
+    ctx.reference = teacher
+    with pytest.raises(PassError, match=f"{name} is not in the model before compression"):
+        recovery.run(student, ctx)

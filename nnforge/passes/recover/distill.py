@@ -27,36 +27,24 @@ import torch.nn.functional as F
 
 from ...ir import Dense, Graph
 from ...ir.encodings import rows_cols
-from ...ir.interpreter import bind_inputs
-from ...ir.ops import RunContext, get_op
+from ...ir.ops import RunContext
 from ...ir.sparse import Sparse
 from ..base import Pass, PassContext, PassError, register_pass
 from ..prune.sparsity import magnitude_keep
+from ..quantize.calibrate import check_calibration
 from .blocks import cut
 from .free import Tunable
-from .reconstruct import STRAIGHT_THROUGH
-from .train import Decoded, RecoveryOptions, check_free, relative_error, teacher_of
+from .train import Decoded, RecoveryOptions, check_free, relative_error, run_live, teacher_of
 from .train import tune as tune_deltas
 
 
-def _forward(graph: Graph, inputs, env: dict, weight, want: set, live: bool) -> dict:
-    """The values named in ``want`` from one run of ``graph`` (to the last node making one);
-    ``weight(value)`` gives each weight's tensor. With ``live``, activation rounding passes
-    gradients straight through."""
-    ctx = RunContext(env=env)
-    vals = dict(zip(graph.inputs, [t.float() if t.is_floating_point() else t for t in inputs]))
-    out = {}
+def _forward(graph: Graph, tensors, env: dict, weight, want: set) -> dict:
+    """The values named in ``want`` from one run of ``graph`` on a bound calibration batch, as far
+    as the last node making one (see :func:`.train.run_live`)."""
     stop = max((i for i, n in enumerate(graph.nodes) if any(o.name in want for o in n.outputs)), default=-1)
-    for node in graph.nodes[:stop + 1]:
-        args = [None if v is None else weight(v) if v.is_weight else vals[v] for v in node.inputs]
-        outs = get_op(node.op).run(ctx, args, node.attrs)
-        if live and node.op in STRAIGHT_THROUGH and outs[0].is_floating_point():
-            outs = [args[0] + (outs[0] - args[0]).detach(), *outs[1:]]
-        vals.update(zip(node.outputs, outs))
-        for o in node.outputs:
-            if o.name in want:
-                out[o.name] = vals[o]
-    return out
+    vals = dict(zip(graph.inputs, [t.float() if t.is_floating_point() else t for t in tensors]))
+    vals = run_live(graph.nodes[:stop + 1], vals, RunContext(env=dict(env)), weight)
+    return {v.name: t for v, t in vals.items() if v.name in want}
 
 
 class _Gradual:
@@ -145,21 +133,15 @@ class Distill(RecoveryOptions, Pass):
             tunables.update(gradual)
         tunables = {n: t for n, t in tunables.items() if t.size}
         hidden = {o.name for b in c.blocks for o in b.outputs if o.dtype.is_float}
-        states = {out for _, out in graph.state_pairs()} if hasattr(graph, "state_pairs") else set()
+        states = {out for _, out in graph.state_pairs()}
         outputs = {v.name for v in graph.outputs if v.dtype.is_float and v.name not in states}
-        missing = sorted(n for n in hidden | outputs if n not in {o.name for nd in teacher.nodes for o in nd.outputs}
-                         and n not in {v.name for v in teacher.inputs})
+        known = {o.name for nd in teacher.nodes for o in nd.outputs} | {v.name for v in teacher.inputs}
+        missing = sorted((hidden | outputs) - known)
         if missing:
             raise PassError(f"{self.name}: {missing[0]} is not in the model before compression (a pass between them "
                             "changed the graph's structure, not only its weights); run distill right after the "
                             "passes that compress weights")
-        batches = []
-        for i, b in enumerate(ctx.calibration):
-            b = list(b) if isinstance(b, (list, tuple)) else [b]
-            try:
-                batches.append(bind_inputs(graph, b))
-            except (ValueError, TypeError) as e:
-                raise PassError(f"{self.name}: calibration batch {i} does not fit the model's inputs: {e}") from None
+        batches = check_calibration(graph, ctx.calibration, self.name)
         train, held = self.split(len(batches), ctx, self.name)
         fixed, teacher_weight = Decoded(), Decoded()
         want = hidden | outputs
@@ -167,10 +149,9 @@ class Distill(RecoveryOptions, Pass):
         def loss(b: int) -> torch.Tensor:
             tensors, env = batches[b]
             with torch.no_grad():
-                target = _forward(teacher, tensors, dict(env), teacher_weight, want, live=False)
+                target = _forward(teacher, tensors, env, teacher_weight, want)
             live = {n: t.weight() for n, t in tunables.items()}
-            got = _forward(graph, tensors, dict(env), lambda v: live[v.name] if v.name in live else fixed(v), want,
-                           live=True)
+            got = _forward(graph, tensors, env, lambda v: live[v.name] if v.name in live else fixed(v), want)
             total = sum(self._output_loss(name, got[name], target[name]) for name in outputs)
             if self.hidden and hidden:
                 total = total + self.hidden * sum(relative_error(got[n], target[n]) for n in hidden) / len(hidden)

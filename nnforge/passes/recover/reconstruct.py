@@ -30,10 +30,9 @@ from ..base import Pass, PassContext, PassError, register_pass
 from ..quantize.calibrate import check_calibration, last_uses
 from .blocks import Block, cut
 from .free import Tunable
-from .train import Decoded, RecoveryOptions, check_free, relative_error, teacher_of
+from .train import Decoded, RecoveryOptions, check_free, relative_error, run_live, teacher_of
 from .train import tune as tune_deltas
 
-STRAIGHT_THROUGH = ("fake_quant", "dynamic_quant")
 FEW_VALUES_PER_PARAMETER = 10     # calibration output values per tuned number under which the pass warns
 
 
@@ -163,14 +162,8 @@ class Reconstruct(RecoveryOptions, Pass):
         return out
 
     def _forward(self, block: Block, student: _Run, b: int, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        env = {v: student.vals[b][v] for v in block.inputs}
-        for node in block.nodes:
-            args = [None if v is None else weights[v.name] if v.name in weights else student.weight(v) if v.is_weight
-                    else env[v] for v in node.inputs]
-            outs = get_op(node.op).run(student.ctxs[b], args, node.attrs)
-            if node.op in STRAIGHT_THROUGH and outs[0].is_floating_point():
-                outs = [args[0] + (outs[0] - args[0]).detach(), *outs[1:]]
-            env.update(zip(node.outputs, outs))
+        env = run_live(block.nodes, {v: student.vals[b][v] for v in block.inputs}, student.ctxs[b],
+                       lambda v: weights[v.name] if v.name in weights else student.weight(v))
         return {o.name: env[o] for o in block.outputs if o.dtype.is_float}
 
     def _loss(self, outs: dict, targets: dict) -> torch.Tensor:

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from ...ir import Dense
+from ...ir.ops import RunContext, get_op
 from ..base import PassContext, PassError
 
 
@@ -126,6 +127,23 @@ def tune(deltas: list[torch.Tensor], loss: Callable[[int], torch.Tensor], train:
                    "seconds": round(time.perf_counter() - t0, 2)}
 
 
+# activation rounding: its gradient is zero almost everywhere, so tuning passes it straight through
+STRAIGHT_THROUGH = ("fake_quant", "dynamic_quant")
+
+
+def run_live(nodes, env: dict, ctx: RunContext, weight: Callable) -> dict:
+    """Run ``nodes`` in order on ``env`` (value -> tensor; updated and returned) with gradients:
+    ``weight(value)`` gives each weight's tensor (live ones for those being tuned), and activation
+    rounding passes gradients straight through."""
+    for node in nodes:
+        args = [None if v is None else weight(v) if v.is_weight else env[v] for v in node.inputs]
+        outs = get_op(node.op).run(ctx, args, node.attrs)
+        if node.op in STRAIGHT_THROUGH and outs[0].is_floating_point():
+            outs = [args[0] + (outs[0] - args[0]).detach(), *outs[1:]]
+        env.update(zip(node.outputs, outs))
+    return env
+
+
 class Decoded:
     """Weights decoded once (float ones as float32), again only when their encoding is replaced;
     ``drop(name)`` frees one."""
@@ -150,4 +168,5 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
     return (got - want).pow(2).mean() / want.pow(2).mean().clamp(min=1e-30)
 
 
-__all__ = ["Decoded", "RecoveryOptions", "check_free", "relative_error", "teacher_of", "tune"]
+__all__ = ["STRAIGHT_THROUGH", "Decoded", "RecoveryOptions", "check_free", "relative_error", "run_live", "teacher_of",
+           "tune"]
