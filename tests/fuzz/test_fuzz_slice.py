@@ -8,7 +8,7 @@ import importlib.util
 
 from nnforge.fuzz.runner import Fuzzer
 
-GRAPHS = 12            # the default run's share; make fuzz runs for longer
+GRAPHS = 8             # the default run's share; make fuzz runs for longer
 BACKENDS = ["onnx"] + (["tvm"] if importlib.util.find_spec("tvm") else [])
 
 

@@ -316,8 +316,8 @@ def test_native_assembly_uses_fma_and_pmaddwd():
 
 @pytest.mark.parametrize("cpu,r,c,dot,register", [
     ("sapphirerapids", 4, 1, "vpdpbusd", "zmm"),
-    ("sapphirerapids", 1, 4, "vpdpbusd", "zmm"),
-    ("skylake-avx512", 4, 1, "vpmaddwd", "zmm"),       # AVX-512 without VNNI
+    pytest.param("sapphirerapids", 1, 4, "vpdpbusd", "zmm", marks=pytest.mark.slow),
+    pytest.param("skylake-avx512", 4, 1, "vpmaddwd", "zmm", marks=pytest.mark.slow),    # AVX-512 without VNNI
     ("alderlake", 4, 1, "vpdpbusd", "ymm"),            # AVX-VNNI without AVX-512
 ])
 def test_cross_compiled_assembly(cpu, r, c, dot, register):

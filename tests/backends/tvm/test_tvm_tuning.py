@@ -50,7 +50,9 @@ def test_every_dense_config_computes_the_product(config):
                                    err_msg=f"m={m}")
 
 
-@pytest.mark.parametrize("r,c", [(4, 1), (1, 4), (16, 1)])
+# one block shape in the default run; the others under -m slow
+@pytest.mark.parametrize("r,c", [(4, 1), pytest.param(1, 4, marks=pytest.mark.slow),
+                                 pytest.param(16, 1, marks=pytest.mark.slow)])
 def test_every_bsr_config_computes_the_product(r, c):
     n, k = 64, 96
     row_ptr, cols, blocks = random_bsr(n, k, r, c, 0.3)
