@@ -75,22 +75,61 @@ def encode(tokenizer, texts: list[str], max_len: int = MAX_LEN) -> tuple[torch.T
 _BAD = re.compile(r"[<>{}\[\]=|*`#@\\]|::|\.\.\.|__|\(\)")
 
 
+def _sentences_of(text: str):
+    """The sentences of ``text`` that read as plain English prose: 6 to 40 words, a capital first and a
+    full stop last, ASCII, no code-like characters."""
+    for para in re.split(r"\n\s*\n", text):
+        para = " ".join(para.split())
+        for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", para):
+            words = s.split()
+            if 6 <= len(words) <= 40 and s[0].isupper() and s.endswith(".") and s.isascii() and not _BAD.search(s):
+                yield s
+
+
 @lru_cache(maxsize=1)
 def sentences() -> tuple[str, ...]:
     """Real English sentences from Python's bundled reference text, in a fixed shuffled order."""
     from pydoc_data.topics import topics
-    found = set()
-    for text in topics.values():
-        for para in re.split(r"\n\s*\n", text):
-            para = " ".join(para.split())
-            for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", para):
-                words = s.split()
-                if 6 <= len(words) <= 40 and s[0].isupper() and s.endswith(".") and s.isascii() \
-                        and not _BAD.search(s):
-                    found.add(s)
+    found = {s for text in topics.values() for s in _sentences_of(text)}
     ordered = sorted(found)
     random.Random(0).shuffle(ordered)
     return tuple(ordered)
+
+
+@lru_cache(maxsize=4)
+def docstring_sentences(n: int) -> tuple[str, ...]:
+    """``n`` more sentences of the same kind, none of :func:`sentences`: from the docstrings of the
+    running Python's standard library (its modules read in sorted order, parsed, never imported),
+    in a fixed shuffled order. Unlabelled text for the passes that learn from the model's own
+    outputs (recovery): the evaluation sentences stay out of it. Raises if the library holds fewer."""
+    import ast
+    import sysconfig
+    from pathlib import Path
+    if n <= 0:
+        return ()
+    known = set(sentences())
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idlelib", "site-packages", "dist-packages"}
+    found: set[str] = set()
+    for path in sorted(root.rglob("*.py")):
+        if skip & set(path.relative_to(root).parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue                  # a few library files are templates or in other encodings
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc:
+                    found.update(s for s in _sentences_of(doc) if s not in known)
+        if len(found) >= 2 * n:       # enough to draw n from without reading the whole library
+            break
+    if len(found) < n:
+        raise RuntimeError(f"only {len(found)} docstring sentences found in {root}; asked for {n}")
+    ordered = sorted(found)
+    random.Random(0).shuffle(ordered)
+    return tuple(ordered[:n])
 
 
 def sentence_splits(n_calibration: int = 480) -> tuple[list[str], list[str]]:

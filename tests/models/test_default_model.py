@@ -13,7 +13,8 @@ import torch
 
 import nnforge as nf
 from nnforge.models import default as dm
-from nnforge.models import encode, evaluate_embeddings, load_default_model, sentence_splits, sentences
+from nnforge.models import (docstring_sentences, encode, evaluate_embeddings, load_default_model, sentence_splits,
+                            sentences)
 
 N_EVAL = 128
 INPUT_NAMES = ["input_ids", "attention_mask"]
@@ -53,6 +54,16 @@ def test_splits_are_disjoint_and_cover_the_sentences():
 
 
 # --- evaluate_embeddings ----------------------------------------------------------------------------
+def test_docstring_sentences_are_more_sentences_none_of_the_evaluation_ones():
+    more = docstring_sentences(60)
+    assert len(more) == len(set(more)) == 60
+    assert not set(more) & set(sentences())          # the evaluation sentences never leak into training text
+    assert all(6 <= len(s.split()) <= 40 and s.endswith(".") and s.isascii() for s in more)
+    docstring_sentences.cache_clear()
+    assert docstring_sentences(60) == more           # deterministic
+    assert docstring_sentences(0) == ()
+
+
 def test_evaluate_embeddings_identical():
     ref = torch.randn(20, 16, generator=torch.Generator().manual_seed(0))
     f = evaluate_embeddings(ref, ref.clone())

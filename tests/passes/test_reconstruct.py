@@ -193,6 +193,16 @@ def test_options_are_checked(opts, msg):
         Reconstruct(**opts)
 
 
+@pytest.mark.parametrize("n", [2, 5, 10, 109])
+def test_held_out_batches_are_spread_over_the_calibration_set(n):
+    """Length-sorted calibration sets would otherwise choose the step kept on their longest inputs."""
+    train, held = Reconstruct().split(n, PassContext(), "reconstruct")
+    assert sorted(train + held) == list(range(n)) and not set(train) & set(held)
+    assert len(held) == max(1, round(0.2 * n))
+    if len(held) > 1:
+        assert held[0] <= n // 4 and held[-1] >= 3 * n // 4
+
+
 def test_an_uncompressed_model_is_refused(stack):
     with pytest.raises(PassError, match="nothing to recover.*after a compression pass"):
         PassManager([Reconstruct(steps=5)]).run(stack, PassContext(calibration=_data(2, 1)))

@@ -45,15 +45,17 @@ class RecoveryOptions:
             raise PassError(f"{name}: eval_every must be a positive integer, got {self.eval_every!r}")
 
     def split(self, n: int, ctx: PassContext, who: str) -> tuple[list[int], list[int]]:
-        """(training batches, held-out batches) of ``n`` calibration batches: the last ones held
-        out; with one batch, both are it (and the pass warns)."""
+        """(training batches, held-out batches) of ``n`` calibration batches, the held-out ones spread
+        evenly over the list (calibration sets are often sorted by length: the last ones alone would
+        choose on the longest inputs); with one batch, both are it (and the pass warns)."""
         n_held = min(n - 1, max(1, round(self.held_out * n))) if self.held_out else 0
         if n_held <= 0:
             if self.held_out:
                 ctx.warn(f"{who}: one calibration batch: the parameters kept are chosen on the batch they were "
                          "tuned on; give more batches")
             return list(range(n)), list(range(n))
-        return list(range(n - n_held)), list(range(n - n_held, n))
+        held = sorted({min(n - 1, int((j + 0.5) * n / n_held)) for j in range(n_held)})
+        return [i for i in range(n) if i not in held], held
 
 
 def teacher_of(ctx: PassContext, graph, who: str):
