@@ -166,6 +166,49 @@ def test_reconstruction_brings_int3_back_towards_the_model_on_inputs_it_never_sa
     assert ctx.reference is None                                  # the PassManager lets go of the teacher
 
 
+def test_learned_rounding_moves_codes_one_step_on_the_grid_and_beats_scales_alone(stack):
+    calibration, fresh = _data(8, 1), _data(4, 99)
+    rtn = [QuantizeRTN(format="int3", group_size=16, ragged_groups=True)]
+    one_shot = _compressed(stack, rtn, calibration)
+    scales = _compressed(stack, rtn + [Reconstruct(steps=150, lr=3e-3)], calibration)
+    pm = PassManager(rtn + [Reconstruct(steps=150, lr=3e-3, rounding=True)])
+    learned = pm.run(stack, PassContext(calibration=calibration))
+    assert _error(learned, stack, fresh) < _error(scales, stack, fresh)
+    moved = 0
+    for name, v in one_shot.weights.items():
+        r = learned.weights[name].encoding
+        assert type(r) is type(v.encoding) and r.nbytes == v.encoding.nbytes
+        if isinstance(r, IntQuant):
+            step = r.int_codes() - v.encoding.int_codes()
+            assert int(step.abs().max()) <= 1 and int(r.int_codes().abs().max()) <= 3   # int3's grid: -3..3
+            moved += int(step.ne(0).sum())
+    assert moved == pm.records[-1].figures["codes_moved"] > 0
+
+
+def test_learned_rounding_keeps_zero_points_and_act_order_permutation():
+    from nnforge.passes.recover.free import Tunable
+    w = _w(16, 64)
+    x = torch.randn(256, 64, generator=torch.Generator().manual_seed(1))
+    rtn = IntQuant.quantize(w, 3, group_size=16, symmetric=False)
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(2))
+    enc = IntQuant.from_codes(rtn.int_codes()[:, perm], rtn.scale, bits=3, signed=False, shape=(16, 64), group_size=16,
+                              zero_point=rtn.zero_point, perm=perm)      # columns stored in another order
+    t = Tunable(enc, rounding=True)
+    assert torch.allclose(t.weight(), enc.decode(torch.float32)) and t.size == enc.scale.numel() + w.numel()
+
+    def err(v):
+        return float(((x @ (v - w).T) ** 2).mean())
+    opt = torch.optim.Adam(t.deltas, lr=2e-2)
+    for _ in range(60):
+        opt.zero_grad()
+        ((x @ (t.weight() - w).T) ** 2).mean().backward()
+        opt.step()
+    tuned = t.encoding()
+    assert torch.equal(tuned.zero_point, enc.zero_point) and torch.equal(tuned.perm, perm) and tuned.bits == 3
+    assert torch.allclose(tuned.decode(torch.float32), t.weight().detach(), atol=1e-3)
+    assert t.rounding.moved() > 0 and err(tuned.decode(torch.float32)) < err(enc.decode(torch.float32))
+
+
 def test_reconstruction_is_deterministic_with_a_seed(stack):
     calibration = _data(4, 1)
     runs = [PassManager([QuantizeRTN(format="int3", group_size=16, ragged_groups=True), Reconstruct(steps=20, lr=3e-3)]).run(
@@ -187,7 +230,8 @@ def test_a_sparse_then_reconstructed_stack_keeps_its_mask(stack):
 
 
 @pytest.mark.parametrize("opts, msg", [({"steps": 0}, "budget of zero"), ({"budget_s": 0}, "budget of zero"),
-                                       ({"lr": 0}, "lr must be positive"), ({"held_out": 1.0}, "held_out")])
+                                       ({"lr": 0}, "lr must be positive"), ({"held_out": 1.0}, "held_out"),
+                                       ({"rounding": "yes"}, "rounding must be true or false")])
 def test_options_are_checked(opts, msg):
     with pytest.raises(PassError, match=msg):
         Reconstruct(**opts)

@@ -117,7 +117,7 @@ class Distill(RecoveryOptions, Pass):
         teacher = teacher_of(ctx, graph, self.name)
         c = cut(graph)
         names = {w.name for b in c.blocks for w in b.weights}
-        tunables: dict = {n: Tunable(graph.weights[n].encoding) for n in names}
+        tunables: dict = {n: Tunable(graph.weights[n].encoding, rounding=self.rounding) for n in names}
         check_free(graph, tunables, self.name)
         gradual = {}
         if self.gradual:
@@ -181,6 +181,8 @@ class Distill(RecoveryOptions, Pass):
             graph.set_encoding(n, t.encoding())
         ctx.record("tuned_parameters", sum(t.size for t in tunables.values()))
         ctx.record("held_out_error", summary)
+        if self.rounding:
+            ctx.record("codes_moved", sum(t.rounding.moved() for t in tunables.values() if t.rounding is not None))
         ctx.record("loss_curve", curve)
         if gradual:
             ctx.record("gradual", {"stages": self.gradual, "steps": span, "weights": len(gradual)})

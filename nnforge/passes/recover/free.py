@@ -14,6 +14,12 @@ what is tuned is what will be stored. Codes are never touched; scales stored as 
 (MX's E8M0 exponents, NVFP4's E4M3 block scales) stay as they are (NVFP4's fp32 tensor scale is
 free).
 
+With ``rounding``, an integer-coded weight (IntQuant) learns its rounding too: each code may move
+one step up or down from its one-shot value, through a latent offset in [-1, 1] that is rounded in
+the forward pass with a straight-through gradient (SignRound's parametrisation, started from the
+one-shot codes so that tuning begins where GPTQ or RTN left the weight). Codes stay on the
+format's grid, so the encoding keeps its type and size.
+
     >>> t = Tunable(enc, top=True)
     >>> w = t.weight()              # the decoded weight, differentiable in t.deltas
     >>> enc2 = t.encoding()         # the same encoding with the tuned tensors stored
@@ -108,13 +114,54 @@ def _decoder(enc: Encoding, free: list[tuple[str, ...]]):
     return generic
 
 
+def _grid(enc: IntQuant) -> tuple[int, int]:
+    """The codes an IntQuant's format uses: symmetric signed grids leave out -2^(b-1)."""
+    half = 1 << (enc.bits - 1)
+    return (1 - half, half - 1) if enc.signed else (0, (1 << enc.bits) - 1)
+
+
+class _Rounding:
+    """An IntQuant's codes as the one-shot codes plus a latent offset (see the module docstring)."""
+
+    def __init__(self, enc: IntQuant):
+        self.enc = enc
+        self.codes = enc.int_codes().to(torch.float32)
+        self.lo, self.hi = _grid(enc)
+        self.offset = torch.zeros_like(self.codes, requires_grad=True)
+
+    def __call__(self, live: bool) -> torch.Tensor:
+        x = self.codes + self.offset.clamp(-1, 1)
+        q = x.detach().round().clamp(self.lo, self.hi)
+        return x + (q - x.detach()) if live else q
+
+    def weight(self, scale: torch.Tensor) -> torch.Tensor:
+        enc = self.enc
+        q = self(live=True)
+        if enc.zero_point is not None:
+            q = q - enc.zero_point.to(torch.float32)[:, torch.arange(q.shape[1]) // enc.group_size]
+        return _apply_groups(q, scale, enc.group_size, enc.perm).reshape(enc.shape)
+
+    def encoding(self, scale: torch.Tensor) -> IntQuant:
+        enc = self.enc
+        return IntQuant.from_codes(self(live=False).to(torch.int64), scale, bits=enc.bits, signed=enc.signed,
+                                   shape=enc.shape, group_size=enc.group_size, zero_point=enc.zero_point,
+                                   perm=enc.perm, out_dtype=enc.out_dtype)
+
+    def moved(self) -> int:
+        """Codes that differ from their one-shot value."""
+        return int((self(live=False) != self.codes).sum())
+
+
 class Tunable:
     """One weight's free tensors (see the module docstring); ``deltas`` are the parameters."""
 
-    def __init__(self, enc: Encoding, top: bool = True):
+    def __init__(self, enc: Encoding, top: bool = True, rounding: bool = False):
         self.enc = enc
         self.fields = free_fields(enc, top)
         self.deltas = [torch.zeros(t.shape, dtype=torch.float32, requires_grad=True) for _, t in self.fields]
+        self.rounding = _Rounding(enc) if rounding and isinstance(enc, IntQuant) else None
+        if self.rounding is not None:
+            self.deltas.append(self.rounding.offset)
         self._base = []
         for _, t in self.fields:
             init = t.detach().to(torch.float32)
@@ -125,8 +172,8 @@ class Tunable:
 
     @property
     def size(self) -> int:
-        """Free numbers this weight has."""
-        return sum(t.numel() for _, t in self.fields)
+        """Free numbers this weight has (its codes too when their rounding is learned)."""
+        return sum(t.numel() for _, t in self.fields) + (self.rounding.codes.numel() if self.rounding else 0)
 
     def _values(self, live: bool) -> list[torch.Tensor]:
         out = []
@@ -142,10 +189,15 @@ class Tunable:
 
     def weight(self) -> torch.Tensor:
         """The decoded weight (float32) with the current deltas, differentiable in them."""
+        if self.rounding is not None:
+            return self.rounding.weight(self._values(live=True)[0])
         return self._decode(self._values(live=True))
 
     def encoding(self) -> Encoding:
         """The encoding with the tuned tensors stored in their dtypes (checked as any encoding)."""
+        if self.rounding is not None:
+            scale = self._values(live=False)[0].to(self.fields[0][1].dtype).contiguous()
+            return self.rounding.encoding(scale)
         enc = self.enc
         for (path, stored), x in zip(self.fields, self._values(live=False)):
             enc = _replaced(enc, path, x.to(stored.dtype).contiguous(), validate=True)

@@ -90,7 +90,8 @@ class Reconstruct(RecoveryOptions, Pass):
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
         teacher = teacher_of(ctx, graph, self.name)
         c = cut(graph)
-        tunables = {b.name: {w.name: Tunable(w.encoding) for w in b.weights} for b in c.blocks}
+        tunables = {b.name: {w.name: Tunable(w.encoding, rounding=self.rounding) for w in b.weights}
+                    for b in c.blocks}
         check_free(graph, {name: t for b in tunables.values() for name, t in b.items()}, self.name)
         batches = list(ctx.calibration)
         student, ref = _Run(graph, batches, self.name), _Run(teacher, batches, f"{self.name} (teacher)")
@@ -130,6 +131,9 @@ class Reconstruct(RecoveryOptions, Pass):
         ctx.record("blocks", len(c.blocks))
         ctx.record("tuned_parameters", sum(t.size for b in tunables.values() for t in b.values()))
         ctx.record("held_out_error", summary)
+        if self.rounding:
+            ctx.record("codes_moved", sum(t.rounding.moved() for b in tunables.values() for t in b.values()
+                                          if t.rounding is not None))
         ctx.record("loss_curve", curves)
         ctx.record("seconds", round(time.perf_counter() - started, 1))
         if few:

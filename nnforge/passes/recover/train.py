@@ -19,12 +19,14 @@ class RecoveryOptions:
     """``steps``: optimiser steps (one calibration batch each); ``lr``: Adam's learning rate on the
     relative deltas (see :mod:`.free`); ``budget_s``: wall-clock seconds; ``held_out``: the fraction
     of calibration batches kept out to choose the parameters kept; ``eval_every``: steps between
-    held-out evaluations."""
+    held-out evaluations; ``rounding``: integer codes learn their rounding too (each may move one
+    step from its one-shot value; see :mod:`.free`)."""
     steps: int = 200
     lr: float = 1e-3
     budget_s: float | None = None
     held_out: float = 0.2
     eval_every: int = 20
+    rounding: bool = False
 
     def __post_init__(self):
         name = getattr(self, "name", "recovery")
@@ -41,6 +43,8 @@ class RecoveryOptions:
             raise PassError(f"{name}: lr must be positive, got {self.lr!r}")
         if not isinstance(self.held_out, (int, float)) or not 0 <= self.held_out < 1:
             raise PassError(f"{name}: held_out must be a fraction in [0, 1), got {self.held_out!r}")
+        if not isinstance(self.rounding, bool):
+            raise PassError(f"{name}: rounding must be true or false, got {self.rounding!r}")
         if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 1:
             raise PassError(f"{name}: eval_every must be a positive integer, got {self.eval_every!r}")
 
