@@ -439,8 +439,21 @@ def _inspect_compare(args, path: Path) -> int:
         original, example, dyn, ins, outs = _model_and_inputs(args.model, _parse_dims(args.dim))
         from .frontend import import_model
         original, _ = import_model(original, example, dynamic_shapes=dyn, input_names=ins, output_names=outs)
+    before = None
+    if args.before:
+        before = _bundle_before(args.before, bundle)
+        if inputs is None:
+            inputs = bundle.reference()[0]
     report = compare_layers(bundle, inputs, original=original, backends=not args.no_runtime,
                             attribute=not args.no_shares)
+    if before is not None:
+        from .divergence.report import format_before_after
+        earlier = compare_layers(before, inputs, original=original, backends=False, attribute=False)
+        try:
+            print(format_before_after(earlier, report, args.top))
+        except ValueError as e:
+            raise UsageError(f"--before {args.before}: {e}") from None
+        return 0
     if args.json is True:
         print(json.dumps(report.to_dict(), indent=1))
     else:
@@ -451,6 +464,18 @@ def _inspect_compare(args, path: Path) -> int:
         for written in report.write_plot(args.plot):
             print(f"wrote {written}")
     return 0
+
+
+def _bundle_before(path: str, bundle):
+    """The bundle ``--before`` names, checked to be of the same target and model inputs as ``bundle``."""
+    from .bundle import Bundle
+    if not Path(path).is_dir():
+        raise UsageError(f"--before needs a bundle directory, got {path}")
+    before = Bundle.open(path)
+    if before.target != bundle.target:
+        raise UsageError(f"--before {path}: a bundle for {before.target}, not {bundle.target}; compare bundles of "
+                         "one model and target")
+    return before
 
 
 def cmd_simulate(args) -> int:
@@ -645,6 +670,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--plot", default=None, metavar="FILE",
                    help="with --compare: draw SQNR by layer into FILE (.svg or .png; the other format is written "
                         "beside it)")
+    i.add_argument("--before", default=None, metavar="BUNDLE",
+                   help="with --compare: a bundle of the same model and target before a change (e.g. one-shot, "
+                        "beside its '+rec' recovered bundle): each layer's error before and after, on the same inputs")
     i.add_argument("--top", type=int, default=10, help="with --compare: weight layers listed (default 10)")
     i.add_argument("--no-shares", action="store_true",
                    help="with --compare: skip each weight's share of the end-to-end error (one graph run per weight)")

@@ -255,6 +255,42 @@ def test_cli_compare_needs_the_fp32_model(capsys, cli_case):
     assert rc == 2 and len(err) == 1 and err[0].startswith("nnforge: error: ") and "--model MODEL" in err[0]
 
 
+def test_cli_compare_before_and_after_recovery(capsys, cli_case, tmp_path):
+    """A one-shot bundle and its recovered one, layer by layer on the same inputs."""
+    from nnforge.cli import main
+    _, model = cli_case
+    calibration = [(torch.randn(16, 16, generator=torch.Generator().manual_seed(i)),) for i in range(6)]
+    kw = {"calibration": calibration, "example_inputs": calibration[0]}
+    one = nf.compile(str(model), "onnx", "w3-gptq", **kw, out=tmp_path / "one")
+    rec = nf.compile(str(model), "onnx", [{"preset": "w3-gptq"}, {"preset": "rec", "steps": 40, "lr": 3e-3}],
+                     **kw, out=tmp_path / "rec")
+    capsys.readouterr()
+    rc = main(["inspect", str(rec.path), "--compare", "--model", str(model), "--before", str(one.path)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "-> " + str(rec.path) in out and "end to end: cosine" in out
+    assert "weight layers," in out and "own before" in out and "own after" in out
+    before, after = (float(x) for x in out.split("SQNR ")[1].split(" dB")[0].split(" -> "))
+    assert after > before                           # reconstruction took error back on these inputs too
+    rc = main(["inspect", str(rec.path), "--compare", "--model", str(model), "--before", str(tmp_path / "none")])
+    assert rc != 0 and f"--before needs a bundle directory, got {tmp_path / 'none'}" in capsys.readouterr().err
+    from types import SimpleNamespace
+
+    from nnforge.cli import UsageError, _bundle_before
+    with pytest.raises(UsageError, match="a bundle for onnx, not cpu; compare bundles of one model and target"):
+        _bundle_before(str(one.path), SimpleNamespace(target="cpu"))
+
+
+def test_before_and_after_of_different_graphs_is_refused_naming_the_layer():
+    from types import SimpleNamespace
+
+    from nnforge.divergence.report import format_before_after
+    layer = SimpleNamespace(node="fc2", own_sqnr_db=10.0, sqnr_db=9.0, encoding="u3")
+    after = SimpleNamespace(bundle="b/rec", layers=[layer])
+    before = SimpleNamespace(bundle="b/one", layers=[SimpleNamespace(node="fc1")])
+    with pytest.raises(ValueError, match="weight layer fc2 of b/rec is not in b/one; compare bundles of the same"):
+        format_before_after(before, after)
+
+
 def test_fpga_design_layer_by_layer(tmp_path):
     """An FPGA bundle: every activation of the design, from its bit-accurate emulation (checked equal
     to the C-simulation on the outputs), against the reference interpreter."""

@@ -43,3 +43,36 @@ def format_table(report, top: int = 10) -> str:
         if b.get("outputs_only"):
             lines.append(f"    ({b['outputs_only']})")
     return "\n".join(lines)
+
+
+def format_before_after(before, after, top: int = 10) -> str:
+    """Two reports of the same model on the same inputs side by side (``inspect --compare
+    --before``): end to end, then the ``top`` weight layers that moved the most (by their own SQNR,
+    the loss the layer adds on the inputs it got), e.g. a one-shot bundle and its recovered one."""
+    mine = {r.node: r for r in after.layers}
+    theirs = {r.node: r for r in before.layers}
+    missing = [n for n in mine if n not in theirs]
+    if missing:
+        raise ValueError(f"the bundles' graphs differ: weight layer {missing[0]} of {after.bundle} is not in "
+                         f"{before.bundle}; compare bundles of the same model")
+    e0, e1 = before.end_to_end, after.end_to_end
+    lines = [f"{before.bundle} ({before.recipe}) -> {after.bundle} ({after.recipe}), target {after.target}, inputs "
+             f"{after.inputs}",
+             f"  end to end: cosine {e0['cosine_min']:.6f} -> {e1['cosine_min']:.6f}, SQNR {_db(e0['sqnr_db'])} -> "
+             f"{_db(e1['sqnr_db'])} dB"]
+    pairs = [(theirs[n], r) for n, r in mine.items()]
+
+    def moved(pair):
+        b, a = pair
+        if math.isinf(b.own_sqnr_db) and math.isinf(a.own_sqnr_db):
+            return 0.0
+        return abs(a.own_sqnr_db - b.own_sqnr_db)
+    better = sum(1 for b, a in pairs if a.own_sqnr_db > b.own_sqnr_db)
+    lines.append(f"  {len(pairs)} weight layers, {better} with less loss of their own after; the {min(top, len(pairs))} "
+                 "that moved the most (SQNR in dB, before -> after):")
+    lines.append(f"  {'node':<44} {'encoding':<24} {'own before':>10} {'own after':>10} {'SQNR before':>11} "
+                 f"{'SQNR after':>10}")
+    for b, a in sorted(pairs, key=moved, reverse=True)[:top]:
+        lines.append(f"  {a.node[:44]:<44} {(a.encoding or '')[:24]:<24} {_db(b.own_sqnr_db):>10} "
+                     f"{_db(a.own_sqnr_db):>10} {_db(b.sqnr_db):>11} {_db(a.sqnr_db):>10}")
+    return "\n".join(lines)
