@@ -170,6 +170,7 @@ class PassRecord:
     nodes_after: int
     figures: dict
     warnings: list[str] = field(default_factory=list)
+    cpu_seconds: float | None = None        # the process's CPU time over the pass, every thread counted
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -222,9 +223,9 @@ class PassManager:
             ctx.current = p.name
             # a recipe may run one pass twice (a decoder's head format): each record keeps its own warnings
             warned = len(ctx.warnings.get(p.name, []))
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             g = p(g, ctx)
-            seconds = time.perf_counter() - t0
+            seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
             if self.verify_each:
                 try:
                     verify(g)
@@ -238,6 +239,6 @@ class PassManager:
                 elif g.signature() != signature and (p.keeps_signature or not _same_but_sizes(g, graph)):
                     raise GraphError(f"pass {p.name} changed the graph's signature: {signature} -> {g.signature()}")
             self.records.append(PassRecord(p.name, seconds, before, len(g.nodes), dict(ctx.figures.get(p.name, {})),
-                                           ctx.warnings.get(p.name, [])[warned:]))
+                                           ctx.warnings.get(p.name, [])[warned:], round(cpu, 2)))
         ctx.reference = None
         return g

@@ -73,7 +73,8 @@ def test_pass_manager_runs_on_a_copy_and_records():
     assert all(r.nodes_before == r.nodes_after == 3 and r.seconds >= 0 for r in pm.records)
     assert pm.records[0].to_dict() == {"name": "recorder", "seconds": pm.records[0].seconds, "nodes_before": 3,
                                        "nodes_after": 3, "figures": {"value": 3, "calibration_batches": 2},
-                                       "warnings": []}
+                                       "warnings": [], "cpu_seconds": pm.records[0].cpu_seconds}
+    assert all(r.cpu_seconds >= 0 for r in pm.records)
     assert ctx.figures["quantize_rtn"]["layers"] == 2
 
 
