@@ -209,6 +209,20 @@ def test_learned_rounding_keeps_zero_points_and_act_order_permutation():
     assert t.rounding.moved() > 0 and err(tuned.decode(torch.float32)) < err(enc.decode(torch.float32))
 
 
+def test_learned_rounding_starts_where_the_float_weight_falls_on_the_grid():
+    """From RTN codes the latent offset starts at each weight's rounding residual, so the weight is
+    the one-shot one and codes near a boundary are a small push from flipping."""
+    from nnforge.passes.recover.free import Tunable
+    w = _w(16, 64)
+    enc = IntQuant.quantize(w, 3, group_size=16)
+    t = Tunable(enc, rounding=True, start=w)
+    scale = enc.scale[:, torch.arange(64) // 16]
+    residual = w / scale - enc.int_codes()
+    assert torch.allclose(t.rounding.offset.detach(), residual.clamp(-0.49, 0.49), atol=1e-5)
+    assert float(residual.abs().max()) > 0.4 and torch.allclose(t.weight(), enc.decode(torch.float32))
+    assert t.rounding.moved() == 0
+
+
 def test_reconstruction_is_deterministic_with_a_seed(stack):
     calibration = _data(4, 1)
     runs = [PassManager([QuantizeRTN(format="int3", group_size=16, ragged_groups=True), Reconstruct(steps=20, lr=3e-3)]).run(

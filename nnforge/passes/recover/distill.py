@@ -34,7 +34,7 @@ from ..prune.sparsity import magnitude_keep
 from ..quantize.calibrate import check_calibration
 from .blocks import cut
 from .free import Tunable
-from .train import Decoded, RecoveryOptions, check_free, relative_error, run_live, teacher_of
+from .train import Decoded, RecoveryOptions, check_free, dense_weight, relative_error, run_live, teacher_of
 from .train import tune as tune_deltas
 
 
@@ -117,7 +117,8 @@ class Distill(RecoveryOptions, Pass):
         teacher = teacher_of(ctx, graph, self.name)
         c = cut(graph)
         names = {w.name for b in c.blocks for w in b.weights}
-        tunables: dict = {n: Tunable(graph.weights[n].encoding, rounding=self.rounding) for n in names}
+        tunables: dict = {n: Tunable(graph.weights[n].encoding, rounding=self.rounding,
+                                     start=dense_weight(teacher, n) if self.rounding else None) for n in names}
         check_free(graph, tunables, self.name)
         gradual = {}
         if self.gradual:

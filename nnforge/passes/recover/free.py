@@ -16,9 +16,11 @@ free).
 
 With ``rounding``, an integer-coded weight (IntQuant) learns its rounding too: each code may move
 one step up or down from its one-shot value, through a latent offset in [-1, 1] that is rounded in
-the forward pass with a straight-through gradient (SignRound's parametrisation, started from the
-one-shot codes so that tuning begins where GPTQ or RTN left the weight). Codes stay on the
-format's grid, so the encoding keeps its type and size.
+the forward pass with a straight-through gradient (SignRound's parametrisation). Given the weight
+before compression (``start``), the offset starts where that weight falls on the code grid, kept
+inside the one-shot code's rounding interval: tuning begins at the one-shot codes (GPTQ's or
+RTN's), and a code whose float value lay near a rounding boundary needs only a small push to
+flip. Codes stay on the format's grid, so the encoding keeps its type and size.
 
     >>> t = Tunable(enc, top=True)
     >>> w = t.weight()              # the decoded weight, differentiable in t.deltas
@@ -42,6 +44,7 @@ _OWN = {Dense: ("data",), IntQuant: ("scale",), MiniFloat: ("scale", "global_sca
         Sparse: ("row_scale",), LowRank: ()}
 _NESTED = {Sparse: ("values",), LowRank: ("a", "b", "base")}
 _ROUNDED = (torch.float16, torch.bfloat16)
+_INSIDE = 0.49        # a latent offset's start stays inside its code's rounding interval
 
 
 def free_fields(enc: Encoding, top: bool = True) -> list[tuple[tuple[str, ...], torch.Tensor]]:
@@ -123,11 +126,26 @@ def _grid(enc: IntQuant) -> tuple[int, int]:
 class _Rounding:
     """An IntQuant's codes as the one-shot codes plus a latent offset (see the module docstring)."""
 
-    def __init__(self, enc: IntQuant):
+    def __init__(self, enc: IntQuant, start: torch.Tensor | None = None):
         self.enc = enc
         self.codes = enc.int_codes().to(torch.float32)
         self.lo, self.hi = _grid(enc)
-        self.offset = torch.zeros_like(self.codes, requires_grad=True)
+        offset = torch.zeros_like(self.codes)
+        if start is not None and start.numel() == self.codes.numel():
+            offset = (self._position(start) - self.codes).clamp(-_INSIDE, _INSIDE).nan_to_num(0.0)
+        self.offset = offset.requires_grad_(True)
+
+    def _position(self, w: torch.Tensor) -> torch.Tensor:
+        """Where the float weight ``w`` falls on the code grid (stored column order)."""
+        enc = self.enc
+        w = w.detach().to(torch.float32).reshape(self.codes.shape)
+        if enc.perm is not None:
+            w = w[:, enc.perm]
+        idx = torch.arange(w.shape[1]) // enc.group_size
+        x = w / enc.scale.to(torch.float32)[:, idx]
+        if enc.zero_point is not None:
+            x = x + enc.zero_point.to(torch.float32)[:, idx]
+        return x
 
     def __call__(self, live: bool) -> torch.Tensor:
         x = self.codes + self.offset.clamp(-1, 1)
@@ -153,13 +171,14 @@ class _Rounding:
 
 
 class Tunable:
-    """One weight's free tensors (see the module docstring); ``deltas`` are the parameters."""
+    """One weight's free tensors (see the module docstring); ``deltas`` are the parameters;
+    ``start``: the weight before compression, where learned rounding starts from."""
 
-    def __init__(self, enc: Encoding, top: bool = True, rounding: bool = False):
+    def __init__(self, enc: Encoding, top: bool = True, rounding: bool = False, start: torch.Tensor | None = None):
         self.enc = enc
         self.fields = free_fields(enc, top)
         self.deltas = [torch.zeros(t.shape, dtype=torch.float32, requires_grad=True) for _, t in self.fields]
-        self.rounding = _Rounding(enc) if rounding and isinstance(enc, IntQuant) else None
+        self.rounding = _Rounding(enc, start) if rounding and isinstance(enc, IntQuant) else None
         if self.rounding is not None:
             self.deltas.append(self.rounding.offset)
         self._base = []

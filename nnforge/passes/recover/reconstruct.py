@@ -30,7 +30,7 @@ from ..base import Pass, PassContext, PassError, register_pass
 from ..quantize.calibrate import check_calibration, last_uses
 from .blocks import Block, cut
 from .free import Tunable
-from .train import Decoded, RecoveryOptions, check_free, relative_error, run_live, teacher_of
+from .train import Decoded, RecoveryOptions, check_free, dense_weight, relative_error, run_live, teacher_of
 from .train import tune as tune_deltas
 
 FEW_VALUES_PER_PARAMETER = 10     # calibration output values per tuned number under which the pass warns
@@ -90,8 +90,9 @@ class Reconstruct(RecoveryOptions, Pass):
     def run(self, graph: Graph, ctx: PassContext) -> Graph:
         teacher = teacher_of(ctx, graph, self.name)
         c = cut(graph)
-        tunables = {b.name: {w.name: Tunable(w.encoding, rounding=self.rounding) for w in b.weights}
-                    for b in c.blocks}
+        tunables = {b.name: {w.name: Tunable(w.encoding, rounding=self.rounding,
+                                             start=dense_weight(teacher, w.name) if self.rounding else None)
+                             for w in b.weights} for b in c.blocks}
         check_free(graph, {name: t for b in tunables.values() for name, t in b.items()}, self.name)
         batches = list(ctx.calibration)
         student, ref = _Run(graph, batches, self.name), _Run(teacher, batches, f"{self.name} (teacher)")

@@ -87,12 +87,16 @@ def check_free(graph, tunables: dict, who: str) -> None:
 def tune(deltas: list[torch.Tensor], loss: Callable[[int], torch.Tensor], train: list[int], held: list[int], *,
          steps: int, lr: float, eval_every: int, order: torch.Generator, seconds: float | None, who: str,
          every: Callable[[int], None] | None = None, keep_from: int = 0) -> tuple[list[dict], dict]:
-    """Adam on ``deltas`` for ``steps`` steps (or ``seconds``), ``loss(batch)`` on one training
-    batch per step in a seeded random order; every ``eval_every`` steps the mean held-out loss, and
+    """Adam on ``deltas`` for ``steps`` steps (or ``seconds``; the rate falls linearly to zero over
+    ``steps``), ``loss(batch)`` on one training batch per step in a seeded random order; every
+    ``eval_every`` steps the mean held-out loss, and
     the deltas of the best held-out step (step 0, the start, included) are left in place. ``every``
     is called before each step with its number (a schedule's hook); the steps before ``keep_from``
     (a schedule not yet in its final form) are never kept. Returns the curve and a summary."""
     opt = torch.optim.Adam(deltas, lr=lr)
+    # the rate falls linearly to zero over the steps (auto-round's schedule): late steps settle
+    # rather than hop between rounding decisions, so the held-out best is rarely mid-run noise
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / steps))
     t0 = time.perf_counter()
 
     def held_out() -> float:
@@ -116,6 +120,7 @@ def tune(deltas: list[torch.Tensor], loss: Callable[[int], torch.Tensor], train:
             raise PassError(f"{who}: the loss is {value} at step {step}: lower lr (now {lr})")
         value_t.backward()
         opt.step()
+        decay.step()
         running, counted = running + value, counted + 1
         out_of_time = seconds is not None and time.perf_counter() - t0 >= seconds
         if step % eval_every == 0 or step == steps or out_of_time:
@@ -169,10 +174,17 @@ class Decoded:
         self._cache.pop(name, None)
 
 
+def dense_weight(teacher, name: str) -> torch.Tensor | None:
+    """The teacher's float weight of ``name`` (where learned rounding starts), if it has one."""
+    v = teacher.weights.get(name)
+    return v.encoding.data if v is not None and isinstance(v.encoding, Dense) and v.encoding.data.is_floating_point() \
+        else None
+
+
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
     """Squared error over the target's mean square: every output weighs the same whatever its scale."""
     return (got - want).pow(2).mean() / want.pow(2).mean().clamp(min=1e-30)
 
 
-__all__ = ["STRAIGHT_THROUGH", "Decoded", "RecoveryOptions", "check_free", "relative_error", "run_live", "teacher_of",
-           "tune"]
+__all__ = ["STRAIGHT_THROUGH", "Decoded", "RecoveryOptions", "check_free", "dense_weight", "relative_error", "run_live",
+           "teacher_of", "tune"]
