@@ -356,6 +356,8 @@ def main(argv=None) -> int:
     path.write_text(json.dumps(report, indent=1, default=str))
     write_tables(report)
     write_weight_table(report)
+    if peers is not None:
+        outliers_peers.clear_done(OUT)
     return 0
 
 

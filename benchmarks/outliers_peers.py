@@ -137,8 +137,15 @@ def _call_worker(req: dict, work: Path) -> dict:
         raise OutlierPeerError(f"the peers' worker ({WORKER.name}, request {request}, its stdout in {log}) failed "
                                f"(exit {proc.returncode}; the runs it finished are kept in {done.name} for the "
                                "next run):\n" + "".join(tail))
-    done.unlink(missing_ok=True)          # complete: a later run measures again
+    # kept until the caller's report is written (clear_done): a run stopped after this model's
+    # rows but before its report reuses them
     return json.loads(result.read_text())
+
+
+def clear_done(work: Path) -> None:
+    """Forget the peers' finished rows once a report holds them: a later run measures again."""
+    for f in Path(work).glob("outlier-peers-done-*.jsonl"):
+        f.unlink(missing_ok=True)
 
 
 def parse_runs(spec: str) -> list[dict]:
