@@ -182,8 +182,16 @@ def dense_weight(teacher, name: str) -> torch.Tensor | None:
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
-    """Squared error over the target's mean square: every output weighs the same whatever its scale."""
-    return (got - want).pow(2).mean() / want.pow(2).mean().clamp(min=1e-30)
+    """Each position's squared error over the target's square at that position (the last axis is
+    the feature axis), averaged: every output and every token weighs the same whatever its scale.
+    Transformers read each token through a norm, and a decoder's first token (the attention sink)
+    carries activations far larger than the rest: over the whole tensor, its error would be all
+    that is fitted. Scalars and vectors are compared whole."""
+    if want.dim() < 2 or want.shape[-1] < 2:
+        return (got - want).pow(2).mean() / want.pow(2).mean().clamp(min=1e-30)
+    scale = want.pow(2).sum(-1)
+    floor = scale.mean().clamp(min=1e-30) * 1e-6       # positions of (near) zeros, e.g. padding, add nothing
+    return ((got - want).pow(2).sum(-1) / (scale + floor)).mean()
 
 
 __all__ = ["STRAIGHT_THROUGH", "Decoded", "RecoveryOptions", "check_free", "dense_weight", "relative_error", "run_live",
