@@ -223,6 +223,20 @@ def test_learned_rounding_starts_where_the_float_weight_falls_on_the_grid():
     assert t.rounding.moved() == 0
 
 
+def test_the_loss_weighs_each_token_by_its_own_size():
+    """A decoder's attention-sink token is far larger than the rest: the same relative error on it
+    and on an ordinary token must cost the same."""
+    from nnforge.passes.recover.train import relative_error
+    want = torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(0))
+    want[0, 0] *= 100.0                                          # the sink
+    sink, ordinary = want.clone(), want.clone()
+    sink[0, 0] *= 1.1
+    ordinary[0, 3] *= 1.1
+    assert float(relative_error(sink, want)) == pytest.approx(float(relative_error(ordinary, want)), rel=1e-3)
+    assert float(relative_error(want, want)) == 0.0
+    assert float(relative_error(torch.tensor([2.0]), torch.tensor([1.0]))) == pytest.approx(1.0)
+
+
 def test_reconstruction_is_deterministic_with_a_seed(stack):
     calibration = _data(4, 1)
     runs = [PassManager([QuantizeRTN(format="int3", group_size=16, ragged_groups=True), Reconstruct(steps=20, lr=3e-3)]).run(
