@@ -190,7 +190,7 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
     if want.dim() < 2 or want.shape[-1] < 2:
         return (got - want).pow(2).mean() / want.pow(2).mean().clamp(min=1e-30)
     scale = want.pow(2).sum(-1)
-    floor = scale.mean().clamp(min=1e-30) * 1e-6       # positions of (near) zeros, e.g. padding, add nothing
+    floor = scale.mean().clamp(min=1e-30) * 1e-8       # positions of (near) zeros, e.g. padding, add nothing
     return ((got - want).pow(2).sum(-1) / (scale + floor)).mean()
 
 
