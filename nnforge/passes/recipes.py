@@ -131,7 +131,8 @@ PRESETS: dict[str, tuple[str, list[dict]]] = {
     # recovery (passes/recover): after the presets it recovers, joined with '+' ('w3-gptq+rec')
     "rec": ("block reconstruction after the presets before it: each transformer block's free parameters (scales, "
             "LUT entries, kept sparse values, low-rank factors, norms and biases) tuned to match the model before "
-            "compression, codes and masks kept (needs calibration)", [{"pass": "reconstruct"}]),
+            "compression for 400 steps, integer codes moving at most one step (learned rounding), masks kept "
+            "(needs calibration)", [{"pass": "reconstruct", "steps": 400, "rounding": True}]),
     "distill": ("knowledge distillation after the presets before it: the free parameters tuned end to end to match "
                 "the model before compression (outputs, or a decoder's logits, and every block's hidden states); "
                 "sparsity in blocks reached gradually from the dense weights, oBERT style (needs calibration)",
