@@ -84,8 +84,13 @@ def check_int8(kern, codes_dense, row_scale, x_scale, zero_point, ms=MS, target=
 # --- fp32 ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("r,c,density", [(r, c, d) for r, c in FAST_BLOCKS for d in (0.0, 0.15, 0.6)]
-                         + [(2, 2, 0.3), (3, 5, 0.3)])
+def _densities(densities, default):
+    """(r, c, density) per fast block shape: ``default`` in the default run, the others under -m slow."""
+    return [pytest.param(r, c, d, marks=() if d == default else pytest.mark.slow)
+            for r, c in FAST_BLOCKS for d in densities]
+
+
+@pytest.mark.parametrize("r,c,density", _densities((0.0, 0.15, 0.6), 0.15) + [(2, 2, 0.0), (3, 5, 0.6)])
 def test_fp32_matches_numpy(r, c, density):
     n, k = 48 // r * r, 80 // c * c
     row_ptr, col_idx, blocks = random_bsr(n, k, r, c, density)
@@ -129,8 +134,7 @@ def test_fp32_avx512_tiling_runs_here(r, c, monkeypatch):
 # --- int8 ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("r,c,density", [(r, c, d) for r, c in FAST_BLOCKS for d in (0.0, 0.3)]
-                         + [(2, 2, 0.3), (3, 5, 0.3), (1, 8, 0.3)])
+@pytest.mark.parametrize("r,c,density", _densities((0.0, 0.3), 0.3) + [(2, 2, 0.0), (3, 5, 0.3), (1, 8, 0.3)])
 def test_int8_matches_the_integer_formula(r, c, density):
     n, k = 48 // r * r, 80 // c * c
     row_ptr, col_idx, codes = random_bsr(n, k, r, c, density, values=np.int8)
