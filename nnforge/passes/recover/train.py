@@ -87,16 +87,18 @@ def check_free(graph, tunables: dict, who: str) -> None:
 def tune(deltas: list[torch.Tensor], loss: Callable[[int], torch.Tensor], train: list[int], held: list[int], *,
          steps: int, lr: float, eval_every: int, order: torch.Generator, seconds: float | None, who: str,
          every: Callable[[int], None] | None = None, keep_from: int = 0) -> tuple[list[dict], dict]:
-    """Adam on ``deltas`` for ``steps`` steps (or ``seconds``; the rate falls linearly to zero over
-    ``steps``), ``loss(batch)`` on one training batch per step in a seeded random order; every
-    ``eval_every`` steps the mean held-out loss, and
-    the deltas of the best held-out step (step 0, the start, included) are left in place. ``every``
+    """Adam on ``deltas`` for ``steps`` steps (or ``seconds``; the rate falls linearly to zero from
+    ``keep_from`` to ``steps``), ``loss(batch)`` on one training batch per step in a seeded random
+    order; every ``eval_every`` steps the mean held-out loss, and the deltas of the best held-out
+    step (step 0, the start, included) are left in place. ``every``
     is called before each step with its number (a schedule's hook); the steps before ``keep_from``
     (a schedule not yet in its final form) are never kept. Returns the curve and a summary."""
     opt = torch.optim.Adam(deltas, lr=lr)
-    # the rate falls linearly to zero over the steps (auto-round's schedule): late steps settle
-    # rather than hop between rounding decisions, so the held-out best is rarely mid-run noise
-    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / steps))
+    # the rate falls linearly to zero over the steps that can be kept (auto-round's schedule; a
+    # gradual schedule's stages run at the full rate): late steps settle rather than hop between
+    # rounding decisions, so the held-out best is rarely mid-run noise
+    decay = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 1.0 if s < keep_from else max(0.0, 1 - (s - keep_from) / max(1, steps - keep_from)))
     t0 = time.perf_counter()
 
     def held_out() -> float:
