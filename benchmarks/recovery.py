@@ -89,7 +89,7 @@ def _variants(recipes: list[str], options: dict):
         yield base, "recovered", resolve_recipe([{"preset": base}, {"preset": how, **options}])[1]
 
 
-def default_rows(recipes: list[str], options: dict, more_sentences: int) -> list[dict]:
+def default_rows(recipes: list[str], options: dict, more_sentences: int, save) -> None:
     from quantization import load_setup
 
     from nnforge.frontend import import_model
@@ -99,7 +99,6 @@ def default_rows(recipes: list[str], options: dict, more_sentences: int) -> list
     calib_batches = dm.calibration_batches(setup.tok, calib + list(dm.docstring_sentences(more_sentences)), 32)
     graph, _ = import_model(setup.model, setup.example, dynamic_shapes=dm.dynamic_shapes(),
                             input_names=["input_ids", "attention_mask"])
-    rows = []
     for preset, kind, passes in _variants(recipes, options):
         pm = PassManager(cleanup_passes() + passes)
         t0 = time.perf_counter()
@@ -112,21 +111,20 @@ def default_rows(recipes: list[str], options: dict, more_sentences: int) -> list
                "calibration_sentences": len(calib) + more_sentences,
                **_recovery(pm)}
         print(json.dumps(row, default=str), flush=True)
-        rows.append(row)
-    return rows
+        save(row)
 
 
-def llm_rows(recipes: list[str], options: dict, eval_tokens: int, window: int, stride: int) -> list[dict]:
+def llm_rows(recipes: list[str], options: dict, eval_tokens: int, window: int, stride: int, save) -> None:
     from outliers import gemma_perplexity, gemma_setup
 
     from nnforge.frontend.decoders.builder import HEAD_LAYER
     from nnforge.passes.recipes import with_head_format
     imported, ids, calibration = gemma_setup(eval_tokens, window)
-    rows = []
     fp32 = gemma_perplexity(imported.graph, imported.spec, ids, window, stride, window)
-    rows.append({"model": MODELS["llm"], "preset": "fp32", "kind": "-", "perplexity": fp32.perplexity,
-                 "tokens_scored": fp32.tokens})
-    print(json.dumps(rows[-1]), flush=True)
+    row = {"model": MODELS["llm"], "preset": "fp32", "kind": "-", "perplexity": fp32.perplexity,
+           "tokens_scored": fp32.tokens}
+    print(json.dumps(row), flush=True)
+    save(row)
     for preset, kind, passes in _variants(recipes, options):
         pm = PassManager(cleanup_passes() + with_head_format(passes, "w8", HEAD_LAYER))
         t0 = time.perf_counter()
@@ -136,9 +134,8 @@ def llm_rows(recipes: list[str], options: dict, eval_tokens: int, window: int, s
         row = {"model": MODELS["llm"], "preset": preset, "kind": kind, "perplexity": result.perplexity,
                "tokens_scored": result.tokens, "passes_s": round(seconds, 1), **_recovery(pm)}
         print(json.dumps(row, default=str), flush=True)
-        rows.append(row)
+        save(row)
         del graph
-    return rows
 
 
 def merged(before: dict, now: dict) -> dict:
@@ -232,20 +229,26 @@ def main(argv=None) -> int:
     chosen = [x for x in (args.recipes or "").split(",") if x]
     for r in chosen:
         split(r)
-    rows = []
     models = [m for m in args.models.split(",") if m]
-    if "default" in models:
-        rows += default_rows(chosen or DEFAULT_RECIPES, options, args.more_sentences)
-    if "llm" in models:
-        rows += llm_rows(chosen or LLM_RECIPES, options, args.eval_tokens, args.window, args.stride)
     from nnforge.timing import machine
-    report = {"rows": rows, "args": {**vars(args), "budget_s": args.budget_s}, "machine": machine(),
-              "command": docs_table.command()}
-    if path.exists():
-        report = merged(json.loads(path.read_text()), report)
-    OUT.mkdir(exist_ok=True)
-    path.write_text(json.dumps(report, indent=1, default=str))
-    write_tables(report)
+    before = json.loads(path.read_text()) if path.exists() else {}
+    rows: list[dict] = []
+
+    def save(row: dict) -> None:
+        """Each row into the report and the tables as it is measured: a run stopped part way keeps
+        the presets it finished."""
+        rows.append(row)
+        report = {"rows": rows, "args": {**vars(args), "budget_s": args.budget_s}, "machine": machine(),
+                  "command": docs_table.command()}
+        if before:
+            report = merged(before, report)
+        OUT.mkdir(exist_ok=True)
+        path.write_text(json.dumps(report, indent=1, default=str))
+        write_tables(report)
+    if "default" in models:
+        default_rows(chosen or DEFAULT_RECIPES, options, args.more_sentences, save)
+    if "llm" in models:
+        llm_rows(chosen or LLM_RECIPES, options, args.eval_tokens, args.window, args.stride, save)
     return 0
 
 
