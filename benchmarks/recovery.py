@@ -59,7 +59,7 @@ def _recovery(pm: PassManager) -> dict:
         return {}
     opts = next(p for p in pm.passes if p.name in names).options()
     return {"recovery": rec.name, "recovery_s": round(rec.seconds, 1), "recovery_cpu_s": rec.cpu_seconds,
-            "options": {k: opts[k] for k in ("steps", "lr", "budget_s", "gradual") if k in opts},
+            "options": {k: opts[k] for k in ("steps", "lr", "budget_s", "gradual", "rounding") if k in opts},
             "blocks": rec.figures.get("blocks"), "tuned_parameters": rec.figures.get("tuned_parameters"),
             "held_out_error": rec.figures.get("held_out_error", {}), "warnings": rec.warnings}
 
@@ -70,6 +70,7 @@ def _how(row: dict | None) -> str | None:
     o = row["options"]
     return (f"{row.get('recovery', 'reconstruct')}: {o['steps']} steps, lr {o['lr']:g}"
             + (f", {o['gradual']} gradual stages" if o.get("gradual") else "")
+            + (", learned rounding" if o.get("rounding") else "")
             + (f", budget {o['budget_s']:g} s" if o.get("budget_s") else ""))
 
 
