@@ -191,7 +191,7 @@ def _rotation(row: dict) -> str:
 
 
 def write_tables(report: dict) -> None:
-    presets, notes = report["args"]["presets"], []
+    presets = report["args"]["presets"]
     default = [r for r in report["rows"] if r["model"] == "all-MiniLM-L6-v2"]
     if default:
         rows = []
