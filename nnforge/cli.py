@@ -427,6 +427,8 @@ def _inspect_compare(args, path: Path) -> int:
     from .divergence import compare_layers
     if not path.is_dir():
         raise UsageError(f"--compare needs a bundle directory, got {path}")
+    if args.before and (args.json or args.plot):
+        raise UsageError("--before prints a table; --json and --plot go with --compare on one bundle")
     if args.plot:
         from .plots import paths
         paths(args.plot)                # a file name it cannot write is refused before the long comparison
@@ -439,21 +441,10 @@ def _inspect_compare(args, path: Path) -> int:
         original, example, dyn, ins, outs = _model_and_inputs(args.model, _parse_dims(args.dim))
         from .frontend import import_model
         original, _ = import_model(original, example, dynamic_shapes=dyn, input_names=ins, output_names=outs)
-    before = None
     if args.before:
-        before = _bundle_before(args.before, bundle)
-        if inputs is None:
-            inputs = bundle.reference()[0]
+        return _inspect_before_after(args, bundle, inputs, original)
     report = compare_layers(bundle, inputs, original=original, backends=not args.no_runtime,
                             attribute=not args.no_shares)
-    if before is not None:
-        from .divergence.report import format_before_after
-        earlier = compare_layers(before, inputs, original=original, backends=False, attribute=False)
-        try:
-            print(format_before_after(earlier, report, args.top))
-        except ValueError as e:
-            raise UsageError(f"--before {args.before}: {e}") from None
-        return 0
     if args.json is True:
         print(json.dumps(report.to_dict(), indent=1))
     else:
@@ -466,8 +457,24 @@ def _inspect_compare(args, path: Path) -> int:
     return 0
 
 
+def _inspect_before_after(args, bundle, inputs, original) -> int:
+    """``inspect BUNDLE --compare --before OTHER``: both bundles layer by layer on the same inputs
+    (the reference interpreter only: the per-layer error is what is compared, not the runtime)."""
+    from .divergence import compare_layers
+    from .divergence.report import format_before_after
+    before = _bundle_before(args.before, bundle)
+    if inputs is None:
+        inputs = bundle.reference()[0]
+    reports = [compare_layers(b, inputs, original=original, backends=False, attribute=False) for b in (before, bundle)]
+    try:
+        print(format_before_after(*reports, args.top))
+    except ValueError as e:
+        raise UsageError(f"--before {args.before}: {e}") from None
+    return 0
+
+
 def _bundle_before(path: str, bundle):
-    """The bundle ``--before`` names, checked to be of the same target and model inputs as ``bundle``."""
+    """The bundle ``--before`` names, checked to be for ``bundle``'s target."""
     from .bundle import Bundle
     if not Path(path).is_dir():
         raise UsageError(f"--before needs a bundle directory, got {path}")

@@ -271,6 +271,9 @@ def test_cli_compare_before_and_after_recovery(capsys, cli_case, tmp_path):
     assert "weight layers," in out and "own before" in out and "own after" in out
     before, after = (float(x) for x in out.split("SQNR ")[1].split(" dB")[0].split(" -> "))
     assert after > before                           # reconstruction took error back on these inputs too
+    rc = main(["inspect", str(rec.path), "--compare", "--before", str(one.path), "--json", str(tmp_path / "r.json")])
+    assert rc != 0 and "--before prints a table; --json and --plot go with --compare" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
     rc = main(["inspect", str(rec.path), "--compare", "--model", str(model), "--before", str(tmp_path / "none")])
     assert rc != 0 and f"--before needs a bundle directory, got {tmp_path / 'none'}" in capsys.readouterr().err
     from types import SimpleNamespace

@@ -34,7 +34,7 @@ import dataclasses
 import torch
 
 from ...ir import Dense, IntQuant, MiniFloat
-from ...ir.encodings import Encoding, _apply_groups, rows_cols
+from ...ir.encodings import Encoding, _apply_groups
 from ...ir.lowrank import LowRank
 from ...ir.palette import Palettized
 from ...ir.sparse import Sparse
@@ -84,11 +84,8 @@ def _decoder(enc: Encoding, free: list[tuple[str, ...]]):
     parts that never change are unpacked once: an IntQuant's centred codes, where a Sparse weight's
     kept values go; any other encoding decodes a shallow copy holding the live tensors."""
     if isinstance(enc, IntQuant) and free == [("scale",)]:
-        rows, cols = rows_cols(enc.shape)
         q = enc.int_codes().to(torch.float32)
-        if enc.zero_point is not None:
-            q = q - enc.zero_point.to(torch.float32)[:, torch.arange(cols) // enc.group_size]
-        return lambda xs: _apply_groups(q, xs[0], enc.group_size, enc.perm).reshape(enc.shape)
+        return lambda xs: _int_weight(enc, q, xs[0])
     if isinstance(enc, Sparse) and all(p[0] in ("values", "row_scale") for p in free):
         numbered = Dense(torch.arange(1, enc.values.numel + 1, dtype=torch.float64).reshape(enc.values.shape))
         placed = dataclasses.replace(enc, values=numbered, row_scale=None).decode(torch.float64).reshape(-1)
@@ -115,6 +112,14 @@ def _decoder(enc: Encoding, free: list[tuple[str, ...]]):
             live = _replaced(live, path, x, validate=False)
         return live.decode(torch.float32)
     return generic
+
+
+def _int_weight(enc: IntQuant, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``enc``'s float32 weight from its codes (stored column order, as floats: fixed or live) and
+    its scales (live while tuning)."""
+    if enc.zero_point is not None:
+        codes = codes - enc.zero_point.to(torch.float32)[:, torch.arange(codes.shape[1]) // enc.group_size]
+    return _apply_groups(codes, scale, enc.group_size, enc.perm).reshape(enc.shape)
 
 
 def _grid(enc: IntQuant) -> tuple[int, int]:
@@ -153,11 +158,7 @@ class _Rounding:
         return x + (q - x.detach()) if live else q
 
     def weight(self, scale: torch.Tensor) -> torch.Tensor:
-        enc = self.enc
-        q = self(live=True)
-        if enc.zero_point is not None:
-            q = q - enc.zero_point.to(torch.float32)[:, torch.arange(q.shape[1]) // enc.group_size]
-        return _apply_groups(q, scale, enc.group_size, enc.perm).reshape(enc.shape)
+        return _int_weight(self.enc, self(live=True), scale)
 
     def encoding(self, scale: torch.Tensor) -> IntQuant:
         enc = self.enc

@@ -90,9 +90,9 @@ def tune(deltas: list[torch.Tensor], loss: Callable[[int], torch.Tensor], train:
     """Adam on ``deltas`` for ``steps`` steps (or ``seconds``; the rate falls linearly to zero from
     ``keep_from`` to ``steps``), ``loss(batch)`` on one training batch per step in a seeded random
     order; every ``eval_every`` steps the mean held-out loss, and the deltas of the best held-out
-    step (step 0, the start, included) are left in place. ``every``
-    is called before each step with its number (a schedule's hook); the steps before ``keep_from``
-    (a schedule not yet in its final form) are never kept. Returns the curve and a summary."""
+    step (step 0, the start, included) are left in place. ``every`` is called before each step with
+    its number (a schedule's hook); the steps before ``keep_from`` (a schedule not yet in its final
+    form) are never kept. Returns the curve and a summary."""
     opt = torch.optim.Adam(deltas, lr=lr)
     # the rate falls linearly to zero over the steps that can be kept (auto-round's schedule; a
     # gradual schedule's stages run at the full rate): late steps settle rather than hop between
@@ -187,8 +187,9 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
     """Each position's squared error over the target's square at that position (the last axis is
     the feature axis), averaged: every output and every token weighs the same whatever its scale.
     Transformers read each token through a norm, and a decoder's first token (the attention sink)
-    carries activations far larger than the rest: over the whole tensor, its error would be all
-    that is fitted. Scalars and vectors are compared whole."""
+    carries activations far larger than the rest: over the whole tensor, its error would dominate
+    what is fitted. Positions where the target is zero (unwritten cache slots) add no error but
+    count in the mean. Scalars and vectors are compared whole."""
     if want.dim() < 2 or want.shape[-1] < 2:
         return (got - want).pow(2).mean() / want.pow(2).mean().clamp(min=1e-30)
     scale = want.pow(2).sum(-1)
